@@ -1,0 +1,1 @@
+//! End-to-end test fixtures: find the guest image and the binaries under test, boot microVMs.

@@ -1,0 +1,3 @@
+//! vpod-sidecar: PID 1 in the guest.
+
+fn main() {}
