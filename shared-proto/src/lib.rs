@@ -1,5 +1,29 @@
 //! The wire between `vpod-sidecar` (guest), `host-agent` (host) and `vault-device` (the user's
 //! device).
 //!
-//! This crate will hold the length-prefixed CBOR framing, one message enum per direction, the
-//! version handshake, the vsock port constants and the crypto envelope types. It does no I/O.
+//! This crate does no I/O: no sockets, no files, no clock. Callers feed it bytes and the current
+//! time and get typed values or typed errors back. Every decoder here treats its input as hostile
+//! (the guest is untrusted) and never panics; `fuzz/` holds the fuzz targets.
+//!
+//! # Layout
+//!
+//! - [`ports`]: the vsock CIDs and port numbers, one constant per channel. No port number is
+//!   written anywhere else in the workspace.
+//! - [`frame`]: length-prefixed CBOR framing (4-byte big-endian length, then a CBOR body), the
+//!   size cap, and the incremental [`frame::FrameDecoder`].
+//! - [`message`]: one message enum per direction, [`message::HostToGuest`] and
+//!   [`message::GuestToHost`], and the types they carry.
+//! - [`handshake`]: [`handshake::PROTOCOL_VERSION`], the host's check of a `Hello` and the
+//!   guest's check of the answer.
+//! - [`envelope`]: the ECDH secret-delivery envelope (X25519, HKDF-SHA256, ChaCha20-Poly1305)
+//!   that the device seals and the sidecar opens.
+
+pub mod envelope;
+pub mod frame;
+pub mod handshake;
+pub mod message;
+pub mod ports;
+
+pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, encode_frame};
+pub use handshake::{HandshakeError, PROTOCOL_VERSION};
+pub use message::{GuestToHost, HostToGuest};

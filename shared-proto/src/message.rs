@@ -1,0 +1,236 @@
+//! The messages of the control channel, one enum per direction.
+//!
+//! [`GuestToHost`] is what the sidecar sends; [`HostToGuest`] is what the host sends. Both are
+//! internally tagged (`{"type": "hello", ...}` in CBOR) so that a hex dump names the message, and
+//! byte payloads are CBOR byte strings (`serde_bytes`), not arrays of integers.
+//!
+//! The host must treat every [`GuestToHost`] value as hostile input: it may come from a guest
+//! that skipped the sidecar.
+
+use serde::{Deserialize, Serialize};
+
+/// A message from the sidecar (guest) to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestToHost {
+    /// The first message on a control connection.
+    Hello {
+        /// The sidecar's [`crate::PROTOCOL_VERSION`].
+        protocol_version: u32,
+        /// The sidecar's crate version, for logs.
+        sidecar_version: String,
+        /// Random per boot; tells a reconnect apart from a reboot.
+        #[serde(with = "serde_bytes")]
+        boot_id: [u8; 16],
+        /// The sidecar's X25519 public key, generated at boot, for [`crate::envelope`].
+        #[serde(with = "serde_bytes")]
+        ephemeral_public_key: [u8; 32],
+    },
+    /// The agent process started.
+    AgentStarted {
+        /// Its pid inside the guest.
+        pid: u32,
+    },
+    /// A chunk of the agent's output.
+    AgentOutput {
+        /// Which stream it came from.
+        stream: OutputStream,
+        /// The bytes, as read.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The agent process ended.
+    AgentExited {
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// The sidecar could not do what the host asked.
+    Error {
+        /// A short human-readable reason.
+        message: String,
+    },
+}
+
+/// A message from the host to the sidecar (guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostToGuest {
+    /// The host accepts the sidecar's `Hello`.
+    HelloAck {
+        /// The host's [`crate::PROTOCOL_VERSION`].
+        protocol_version: u32,
+    },
+    /// The host refuses the sidecar's `Hello`; the sidecar resets the VM.
+    HelloReject {
+        /// Why.
+        reason: String,
+        /// The host's [`crate::PROTOCOL_VERSION`].
+        host_protocol_version: u32,
+    },
+    /// Start the agent.
+    RunAgent(AgentSpec),
+    /// Bytes for the agent's standard input.
+    AgentStdin {
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Send a signal to the agent.
+    Signal {
+        /// The signal number.
+        signo: i32,
+    },
+    /// Diagnostic: the sidecar connects to host port `port` (a guest-initiated vsock
+    /// connection) and echoes every byte back until EOF.
+    EchoConnect {
+        /// The host port to connect to.
+        port: u32,
+    },
+    /// Flush and reset the VM.
+    Shutdown,
+}
+
+/// What to run as the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    /// The program (a path inside the guest).
+    pub command: String,
+    /// Its arguments, without `argv[0]`.
+    pub args: Vec<String>,
+    /// Its whole environment, in order.
+    pub env: Vec<(String, String)>,
+    /// Its working directory.
+    pub cwd: String,
+    /// The user it runs as.
+    pub uid: u32,
+    /// The group it runs as.
+    pub gid: u32,
+}
+
+/// One of the agent's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exit(i32),
+    /// A signal with this number killed it.
+    Signal(i32),
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::frame::{decode_frame, encode_frame};
+    use proptest::prelude::*;
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..64)
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,16}"
+    }
+
+    pub(crate) fn any_guest_to_host() -> impl Strategy<Value = GuestToHost> {
+        let status = prop_oneof![
+            any::<i32>().prop_map(ExitStatus::Exit),
+            any::<i32>().prop_map(ExitStatus::Signal),
+        ];
+        let stream = prop_oneof![Just(OutputStream::Stdout), Just(OutputStream::Stderr)];
+        prop_oneof![
+            (any::<u32>(), text(), any::<[u8; 16]>(), any::<[u8; 32]>()).prop_map(
+                |(protocol_version, sidecar_version, boot_id, ephemeral_public_key)| {
+                    GuestToHost::Hello {
+                        protocol_version,
+                        sidecar_version,
+                        boot_id,
+                        ephemeral_public_key,
+                    }
+                }
+            ),
+            any::<u32>().prop_map(|pid| GuestToHost::AgentStarted { pid }),
+            (stream, bytes()).prop_map(|(stream, data)| GuestToHost::AgentOutput { stream, data }),
+            status.prop_map(|status| GuestToHost::AgentExited { status }),
+            text().prop_map(|message| GuestToHost::Error { message }),
+        ]
+    }
+
+    pub(crate) fn any_host_to_guest() -> impl Strategy<Value = HostToGuest> {
+        let spec = (
+            text(),
+            proptest::collection::vec(text(), 0..4),
+            proptest::collection::vec((text(), text()), 0..4),
+            text(),
+            any::<u32>(),
+            any::<u32>(),
+        )
+            .prop_map(|(command, args, env, cwd, uid, gid)| AgentSpec {
+                command,
+                args,
+                env,
+                cwd,
+                uid,
+                gid,
+            });
+        prop_oneof![
+            any::<u32>().prop_map(|protocol_version| HostToGuest::HelloAck { protocol_version }),
+            (text(), any::<u32>()).prop_map(|(reason, host_protocol_version)| {
+                HostToGuest::HelloReject {
+                    reason,
+                    host_protocol_version,
+                }
+            }),
+            spec.prop_map(HostToGuest::RunAgent),
+            bytes().prop_map(|data| HostToGuest::AgentStdin { data }),
+            any::<i32>().prop_map(|signo| HostToGuest::Signal { signo }),
+            any::<u32>().prop_map(|port| HostToGuest::EchoConnect { port }),
+            Just(HostToGuest::Shutdown),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn guest_to_host_round_trips(msg in any_guest_to_host()) {
+            let frame = encode_frame(&msg).unwrap();
+            let (back, used) = decode_frame::<GuestToHost>(&frame).unwrap().unwrap();
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn host_to_guest_round_trips(msg in any_host_to_guest()) {
+            let frame = encode_frame(&msg).unwrap();
+            let (back, used) = decode_frame::<HostToGuest>(&frame).unwrap().unwrap();
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn byte_fields_are_cbor_byte_strings() {
+        let hello = GuestToHost::Hello {
+            protocol_version: 1,
+            sidecar_version: "0.1.0".into(),
+            boot_id: [0xab; 16],
+            ephemeral_public_key: [0xcd; 32],
+        };
+        let frame = encode_frame(&hello).unwrap();
+        // Major type 2 (byte string) with a one-byte length: 0x58 0x20 for 32 bytes, and
+        // 0x50 for 16 bytes.
+        let body = &frame[4..];
+        assert!(body.windows(2).any(|w| w == [0x58, 0x20]));
+        assert!(body.contains(&0x50));
+        // And the tag names the message.
+        assert!(body.windows(5).any(|w| w == b"hello"));
+    }
+}
