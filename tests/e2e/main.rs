@@ -1,0 +1,7 @@
+//! The end-to-end tier: real KVM, real guests.
+//!
+//! Every test here is `#[ignore]`d for a plain `cargo test`, because our machines' own
+//! `/dev/kvm` cannot boot Linux. `scripts/e2e` builds the guest image and this binary, then runs
+//! it with `--ignored` through `scripts/nested-run`, inside one L1 VM with nested KVM.
+
+mod kvm_selftest;

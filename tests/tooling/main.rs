@@ -1,0 +1,205 @@
+//! Component tests of our own tooling: `guest-image/build` and `scripts/nested-run`.
+//!
+//! They check the bad-input paths a user meets first: a corrupt kernel cache, a missing Debian
+//! package, and a stage that hangs. Each must end in one clear line naming the cause, and the
+//! runner must leave nothing running.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("nanoclaw-tooling-")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// Builds a fake cached kernel under `cache` for the builder's current key, with a valid
+/// SHA256SUMS, and returns its directory.
+fn fake_kernel_cache(cache: &Path) -> PathBuf {
+    let out = Command::new(repo().join("guest-image/build"))
+        .arg("--print-kernel-key")
+        .env("NANOCLAW_CACHE", cache)
+        .output()
+        .expect("run guest-image/build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(key.len(), 16, "kernel key {key:?}");
+    let dir = cache.join("kernel").join(&key);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["bzImage", "vmlinux", "config", "gen_init_cpio"] {
+        std::fs::write(dir.join(f), format!("fake {f}\n")).unwrap();
+    }
+    let sums = Command::new("sh")
+        .arg("-c")
+        .arg("sha256sum bzImage vmlinux config gen_init_cpio > SHA256SUMS")
+        .current_dir(&dir)
+        .status()
+        .unwrap();
+    assert!(sums.success());
+    dir
+}
+
+#[test]
+fn cached_kernel_is_used_without_a_rebuild() {
+    let tmp = tempdir();
+    let cache = tmp.path();
+    let kdir = fake_kernel_cache(cache);
+    let out = Command::new(repo().join("guest-image/build"))
+        .args(["--kernel-only", "--out"])
+        .arg(cache.join("out"))
+        .env("NANOCLAW_CACHE", cache)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("cached at"), "{err}");
+    assert!(
+        !err.contains("extracting"),
+        "a cached kernel must not be rebuilt: {err}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("{}", kdir.join("bzImage").display())),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn corrupt_cached_kernel_is_a_one_line_error() {
+    let tmp = tempdir();
+    let cache = tmp.path();
+    let kdir = fake_kernel_cache(cache);
+    std::fs::write(kdir.join("bzImage"), b"flipped bytes\n").unwrap();
+    let out = Command::new(repo().join("guest-image/build"))
+        .args(["--kernel-only", "--out"])
+        .arg(cache.join("out"))
+        .env("NANOCLAW_CACHE", cache)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let errors: Vec<_> = stderr_lines(&out)
+        .into_iter()
+        .filter(|l| l.contains("error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("is corrupt: sha256 of bzImage is")
+            && errors[0].contains("remove")
+            && errors[0].contains(&kdir.display().to_string()),
+        "{}",
+        errors[0]
+    );
+}
+
+/// A PATH (inside `tmp`) holding every tool of the usual bin folders except `without`.
+fn path_without(tmp: &Path, without: &str) -> PathBuf {
+    let bin = tmp.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for dir in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let link = bin.join(&name);
+            if name != without && !link.exists() {
+                std::os::unix::fs::symlink(e.path(), link).ok();
+            }
+        }
+    }
+    bin
+}
+
+#[test]
+fn runner_names_a_missing_package() {
+    let tmp = tempdir();
+    let bin = path_without(tmp.path(), "qemu-system-x86_64");
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/nested-run"))
+        .args(["--", "true"])
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("missing tool 'qemu-system-x86_64'")
+            && lines[0].contains("Debian package 'qemu-system-x86'"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn runner_command_timeout_names_the_stage() {
+    let start = Instant::now();
+    let out = Command::new(repo().join("scripts/nested-run"))
+        .args(["--mode", "direct", "--timeout", "1", "--", "sleep", "30"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124));
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timeout in stage 'command' after 1 s"),
+        "{err}"
+    );
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn runner_boot_timeout_names_the_stage_and_leaves_nothing_running() {
+    let tmp = tempdir();
+    let out = Command::new(repo().join("scripts/nested-run"))
+        .args(["--mode", "l1", "--boot-timeout", "1", "--", "true"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timeout in stage 'L1 boot' after 1 s"),
+        "{err}"
+    );
+    let left = processes_mentioning(&tmp.path().display().to_string());
+    assert!(left.is_empty(), "left running: {left:?}");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "work dir not removed"
+    );
+}
