@@ -6,7 +6,7 @@
 //! the L1 VM really offers a working KVM.
 
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const GUEST_CODE_ADDR: u64 = 0x1000;
 const COM1: u16 = 0x3f8;
