@@ -1,1 +1,293 @@
 //! Virtio devices over the virtio-mmio transport.
+//!
+//! # Layout
+//! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`]).
+//! - [`vsock`]: the virtio-vsock device with the hybrid (Unix socket) backend.
+//!
+//! # Integration
+//! The VMM calls [`attach_vsock`] once, after creating the in-kernel irqchip and guest memory and
+//! before starting the vCPUs, then adds [`VsockHandle::cmdline_arg`] to the kernel command line.
+//!
+//! Thread model: the transport runs on whichever vCPU thread takes the MMIO exit (behind the
+//! bus's per-device mutex). Queue work runs on one dedicated thread (`vsock-dev`), which owns
+//! the device and all host sockets; the two share no lock. The guest's queue notifications
+//! reach that thread through KVM ioeventfds and its interrupts leave through a KVM irqfd, so the
+//! data path never takes a vCPU exit to userspace. [`VsockHandle::stop`] (or dropping the
+//! handle) stops and joins the thread and removes the socket file.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::mmio::{IrqTrigger, MMIO_WINDOW_LEN, MmioTransport, regs};
+use self::vsock::{VsockDevice, VsockError, VsockFrontend, VsockMuxer, VsockWorker};
+use crate::vmm::devices::bus::{Bus, BusError};
+
+pub use self::vsock::VsockMetrics;
+
+/// Where a virtio-mmio device lives: its MMIO window and its interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Guest physical base address of the window.
+    pub base: u64,
+    /// Window length; must be 0x1000.
+    pub len: u64,
+    /// The GSI the device interrupts on.
+    pub gsi: u32,
+}
+
+/// Configuration of the vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u64,
+    /// The host listener path; guest connections to port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// Callbacks into the VMM.
+#[derive(Default)]
+pub struct VsockHooks {
+    /// Fires once, on the device thread, when the guest first sends `OP_REQUEST`, with the host
+    /// port it connects to. Keep it short: it runs on the device thread.
+    pub on_first_guest_connect: Option<Box<dyn FnOnce(u32) + Send>>,
+}
+
+impl std::fmt::Debug for VsockHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockHooks")
+            .field(
+                "on_first_guest_connect",
+                &self.on_first_guest_connect.is_some(),
+            )
+            .finish()
+    }
+}
+
+/// Errors from attaching a virtio device.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The slot is not a 4 KiB window.
+    #[error("virtio-mmio slot length must be 0x1000, got {0:#x}")]
+    SlotLen(u64),
+    /// The guest CID is reserved.
+    #[error("guest CID {0} is reserved")]
+    GuestCid(u64),
+    /// Creating an eventfd failed.
+    #[error("cannot create eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// Registering the irqfd failed.
+    #[error("cannot register irqfd for GSI {gsi}")]
+    RegisterIrqfd {
+        /// The GSI.
+        gsi: u32,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Registering a queue-notify ioeventfd failed.
+    #[error("cannot register ioeventfd for queue {queue}")]
+    RegisterIoevent {
+        /// The queue index.
+        queue: usize,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Inserting the transport on the MMIO bus failed.
+    #[error("cannot insert virtio-mmio device on the bus")]
+    Bus(#[source] BusError),
+    /// Building the vsock device failed.
+    #[error("cannot build the vsock device")]
+    Vsock(#[source] VsockError),
+}
+
+/// A running vsock device.
+#[derive(Debug)]
+pub struct VsockHandle {
+    slot: MmioSlot,
+    uds_path: PathBuf,
+    metrics: Arc<VsockMetrics>,
+    stop_evt: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VsockHandle {
+    /// The kernel command-line argument declaring the device, e.g.
+    /// `virtio_mmio.device=4K@0xd0000000:5`.
+    pub fn cmdline_arg(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.slot.len / 1024,
+            self.slot.base,
+            self.slot.gsi
+        )
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops the device thread, waits for it, and removes the socket file. Open host streams
+    /// are closed. The transport stays on the bus: later guest accesses still get answers, but
+    /// queue notifications go nowhere.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if let Err(e) = self.stop_evt.write(1) {
+            tracing::error!(error = %e, "vsock: cannot signal the device thread");
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!("vsock: device thread panicked");
+        }
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl Drop for VsockHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Creates the virtio-mmio transport and the vsock device, inserts the transport on `mmio_bus`
+/// at `slot`, registers the irqfd (`slot.gsi`) and one ioeventfd per queue (on `QueueNotify`,
+/// datamatch = queue index) with `vm`, binds the Unix listener at `cfg.uds_path`, and spawns
+/// the device thread. The VMM must already have created the in-kernel irqchip.
+pub fn attach_vsock(
+    vm: &VmFd,
+    mem: GuestMemoryMmap<()>,
+    mmio_bus: &mut Bus,
+    slot: MmioSlot,
+    cfg: VsockConfig,
+    hooks: VsockHooks,
+) -> Result<VsockHandle, VirtioError> {
+    if slot.len != MMIO_WINDOW_LEN {
+        return Err(VirtioError::SlotLen(slot.len));
+    }
+    if cfg.guest_cid <= 2 || cfg.guest_cid >= u64::from(u32::MAX) {
+        return Err(VirtioError::GuestCid(cfg.guest_cid));
+    }
+    let metrics = Arc::new(VsockMetrics::default());
+    let muxer = VsockMuxer::new(
+        cfg.guest_cid,
+        cfg.uds_path.clone(),
+        metrics.clone(),
+        hooks.on_first_guest_connect,
+    )
+    .map_err(VirtioError::Vsock)?;
+
+    let new_evt = || {
+        EventFd::new(libc::EFD_NONBLOCK)
+            .map(Arc::new)
+            .map_err(VirtioError::EventFd)
+    };
+    let command_evt = new_evt()?;
+    let stop_evt = new_evt()?;
+    let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+    let frontend = VsockFrontend::new(cfg.guest_cid, commands_tx, command_evt.clone());
+    let interrupt = IrqTrigger::new().map_err(VirtioError::EventFd)?;
+    let transport = MmioTransport::new(mem, Box::new(frontend), interrupt.clone())
+        .map_err(VirtioError::EventFd)?;
+
+    vm.register_irqfd(interrupt.irq_evt(), slot.gsi)
+        .map_err(|source| VirtioError::RegisterIrqfd {
+            gsi: slot.gsi,
+            source,
+        })?;
+    let notify = IoEventAddress::Mmio(slot.base + regs::QUEUE_NOTIFY);
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        vm.register_ioevent(evt, &notify, queue as u32)
+            .map_err(|source| VirtioError::RegisterIoevent { queue, source })?;
+    }
+    let queue_evts = transport.queue_evts().to_vec();
+    mmio_bus
+        .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
+        .map_err(VirtioError::Bus)?;
+
+    let device = VsockDevice::new(cfg.guest_cid, muxer, interrupt, metrics.clone());
+    let worker = VsockWorker::new(
+        device,
+        queue_evts,
+        commands_rx,
+        command_evt,
+        stop_evt.clone(),
+    )
+    .map_err(VirtioError::Vsock)?;
+    let thread = std::thread::Builder::new()
+        .name("vsock-dev".into())
+        .spawn(move || {
+            if let Err(e) = worker.run() {
+                tracing::error!(error = %e, "vsock device thread failed");
+            }
+        })
+        .map_err(|e| VirtioError::Vsock(VsockError::Spawn(e)))?;
+
+    Ok(VsockHandle {
+        slot,
+        uds_path: cfg.uds_path,
+        metrics,
+        stop_evt,
+        thread: Some(thread),
+    })
+}
+
+/// Rate limit for log lines a guest can trigger: the first [`RateLimitedLog::BURST`] pass,
+/// then one in every [`RateLimitedLog::EVERY`].
+#[derive(Debug)]
+pub struct RateLimitedLog {
+    count: AtomicU64,
+}
+
+impl RateLimitedLog {
+    /// Lines always logged.
+    pub const BURST: u64 = 10;
+    /// After the burst, log one line in this many.
+    pub const EVERY: u64 = 1000;
+
+    /// A fresh limiter (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this occurrence may be logged.
+    pub fn allow(&self) -> bool {
+        let n = self.count.fetch_add(1, Ordering::Relaxed);
+        n < Self::BURST || n.is_multiple_of(Self::EVERY)
+    }
+}
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limited_log_passes_burst_then_one_in_every() {
+        let l = RateLimitedLog::new();
+        let passed = (0..5000).filter(|_| l.allow()).count() as u64;
+        assert_eq!(passed, RateLimitedLog::BURST + 4); // 1000, 2000, 3000, 4000
+    }
+}

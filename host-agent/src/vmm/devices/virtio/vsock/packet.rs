@@ -1,0 +1,93 @@
+//! The packet header as plain data.
+//!
+//! Parsing a descriptor chain is `virtio_vsock::packet::VsockPacket`'s job; the device copies the
+//! header out of guest memory into a [`VsockHeader`] once, so the backend never touches guest
+//! memory and a guest cannot change a field after it was checked.
+
+use virtio_vsock::packet::VsockPacket;
+
+use super::defs;
+
+/// A vsock packet header (virtio spec 1.2 §5.10.6), host-endian.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VsockHeader {
+    /// Source CID.
+    pub src_cid: u64,
+    /// Destination CID.
+    pub dst_cid: u64,
+    /// Source port.
+    pub src_port: u32,
+    /// Destination port.
+    pub dst_port: u32,
+    /// Payload length.
+    pub len: u32,
+    /// Socket type.
+    pub type_: u16,
+    /// Operation.
+    pub op: u16,
+    /// Operation flags.
+    pub flags: u32,
+    /// The sender's receive buffer size.
+    pub buf_alloc: u32,
+    /// Bytes the sender has consumed from its receive buffer.
+    pub fwd_cnt: u32,
+}
+
+impl VsockHeader {
+    /// Copies the header out of a parsed packet.
+    pub fn from_packet(pkt: &VsockPacket<'_, ()>) -> Self {
+        Self {
+            src_cid: pkt.src_cid(),
+            dst_cid: pkt.dst_cid(),
+            src_port: pkt.src_port(),
+            dst_port: pkt.dst_port(),
+            len: pkt.len(),
+            type_: pkt.type_(),
+            op: pkt.op(),
+            flags: pkt.flags(),
+            buf_alloc: pkt.buf_alloc(),
+            fwd_cnt: pkt.fwd_cnt(),
+        }
+    }
+
+    /// Writes every field into the packet's header in guest memory.
+    pub fn write_to(&self, pkt: &mut VsockPacket<'_, ()>) {
+        pkt.set_src_cid(self.src_cid)
+            .set_dst_cid(self.dst_cid)
+            .set_src_port(self.src_port)
+            .set_dst_port(self.dst_port)
+            .set_len(self.len)
+            .set_type(self.type_)
+            .set_op(self.op)
+            .set_flags(self.flags)
+            .set_buf_alloc(self.buf_alloc)
+            .set_fwd_cnt(self.fwd_cnt);
+    }
+
+    /// A host-to-guest stream packet from host port `src_port` to guest port `dst_port`.
+    /// The caller fills in the CIDs' guest side, credit and length.
+    pub fn host_to_guest(guest_cid: u64, src_port: u32, dst_port: u32, op: u16) -> Self {
+        Self {
+            src_cid: defs::HOST_CID,
+            dst_cid: guest_cid,
+            src_port,
+            dst_port,
+            type_: defs::TYPE_STREAM,
+            op,
+            ..Self::default()
+        }
+    }
+
+    /// The reset answering `self` (a guest packet): ports swapped, no credit.
+    pub fn reset_reply(&self) -> Self {
+        Self {
+            src_cid: self.dst_cid,
+            dst_cid: self.src_cid,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            type_: defs::TYPE_STREAM,
+            op: defs::OP_RST,
+            ..Self::default()
+        }
+    }
+}
