@@ -5,3 +5,4 @@
 //! it with `--ignored` through `scripts/nested-run`, inside one L1 VM with nested KVM.
 
 mod kvm_selftest;
+mod vmm;
