@@ -1,3 +1,141 @@
-//! vpod-sidecar: PID 1 in the guest.
+//! vpod-sidecar: PID 1 in the guest. The boot sequence is documented in the library
+//! (`vpod_sidecar`); this file only wires its parts together.
 
-fn main() {}
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use rand_core::{OsRng, RngCore};
+use shared_proto::handshake::PROTOCOL_VERSION;
+use shared_proto::message::GuestToHost;
+use shared_proto::ports::{CONTROL_PORT, ECHO_PORT, HOST_CID};
+use tracing::Level;
+use vpod_sidecar::ErrorChain;
+use vpod_sidecar::console::ConsoleLog;
+use vpod_sidecar::control::{self, Backoff, SessionEnd};
+use vpod_sidecar::echo;
+use vpod_sidecar::init;
+use vpod_sidecar::vsock::{VsockListener, VsockStream};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize_bytes::random_secret;
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    let mount_failures = if pid1 {
+        init::mount_basics()
+    } else {
+        Vec::new()
+    };
+    let console: Box<dyn Write + Send> = match init::open_console() {
+        Ok(file) if pid1 => Box::new(file),
+        _ => Box::new(std::io::stderr()),
+    };
+    // Installing fails only if a subscriber is already set, which nothing else does.
+    let _ = tracing::subscriber::set_global_default(ConsoleLog::new(console, Level::INFO));
+    for failure in &mount_failures {
+        tracing::warn!(error = %ErrorChain(failure), "init");
+    }
+
+    // A PID 1 that unwinds out of main panics the kernel; reset the VM instead.
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run(pid1)));
+    if outcome.is_err() {
+        tracing::error!("panic in the sidecar");
+    }
+    finish(pid1);
+}
+
+/// Ends the sidecar: resets the VM when PID 1, exits otherwise (a developer run on a host).
+fn finish(pid1: bool) -> ! {
+    if !pid1 {
+        std::process::exit(0);
+    }
+    let err = init::reset_vm();
+    tracing::error!(error = %ErrorChain(&err), "cannot reset");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn run(pid1: bool) {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), pid1, "starting");
+    if pid1 && let Err(e) = init::spawn_reaper() {
+        tracing::error!(error = %ErrorChain(&e), "init");
+    }
+
+    let boot_id = random_bytes::<16>();
+    let secret = random_secret();
+    let hello = GuestToHost::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id,
+        ephemeral_public_key: PublicKey::from(&secret).to_bytes(),
+    };
+    // The secret stays alive (and in memory only) for the whole boot; the envelope opener of a
+    // later stage takes it over.
+    let _secret: StaticSecret = secret;
+
+    if let Err(e) = std::thread::Builder::new()
+        .name("echo-listener".into())
+        .spawn(serve_echo)
+    {
+        tracing::error!(error = %e, "cannot start the echo listener");
+    }
+
+    let mut echo_connect = |port: u32| -> Result<(), String> {
+        let stream =
+            VsockStream::connect(HOST_CID, port).map_err(|e| ErrorChain(&e).to_string())?;
+        echo::spawn_echo(stream, "echo-connect").map_err(|e| e.to_string())
+    };
+    let connect = || VsockStream::connect(HOST_CID, CONTROL_PORT).map_err(std::io::Error::other);
+    let end = control::run(connect, &hello, &mut Backoff::default(), &mut echo_connect);
+    match end {
+        SessionEnd::Shutdown => tracing::info!("shutdown requested"),
+        SessionEnd::Rejected(e) => tracing::error!(error = %e, "host refused hello"),
+    }
+}
+
+/// Binds the echo port (retrying with backoff if vsock is not ready) and serves it forever.
+fn serve_echo() {
+    let mut backoff = Backoff::default();
+    loop {
+        match VsockListener::bind(ECHO_PORT) {
+            Ok(listener) => {
+                tracing::info!(port = ECHO_PORT, "echo listening");
+                echo::serve(&listener)
+            }
+            Err(e) => {
+                if backoff.worth_logging() {
+                    tracing::warn!(error = %ErrorChain(&e), "echo");
+                }
+                std::thread::sleep(backoff.next_delay());
+            }
+        }
+    }
+}
+
+/// The pause before retrying `getrandom`, which fails only in exotic setups.
+const RANDOM_RETRY: Duration = Duration::from_millis(100);
+
+/// Fills an array from the kernel's CSPRNG, retrying instead of panicking on failure.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    while let Err(e) = OsRng.try_fill_bytes(&mut out) {
+        tracing::warn!(error = %e, "getrandom");
+        std::thread::sleep(RANDOM_RETRY);
+    }
+    out
+}
+
+mod zeroize_bytes {
+    //! The boot X25519 secret, drawn without leaving copies of its bytes behind.
+
+    use x25519_dalek::StaticSecret;
+
+    /// A fresh X25519 secret from the kernel's CSPRNG.
+    pub fn random_secret() -> StaticSecret {
+        let mut bytes = super::random_bytes::<32>();
+        let secret = StaticSecret::from(bytes);
+        zeroize::Zeroize::zeroize(&mut bytes);
+        secret
+    }
+}

@@ -1,0 +1,126 @@
+//! AF_VSOCK stream sockets on raw file descriptors.
+//!
+//! The standard library has no vsock types, and tokio-vsock would bring an async runtime, so
+//! this module wraps the few calls the sidecar needs: connect, bind + listen, accept, read,
+//! write and a half close.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use nix::sys::socket::{self, AddressFamily, Backlog, Shutdown, SockFlag, SockType, VsockAddr};
+
+use crate::HalfClose;
+
+/// The CID that binds a listener to every local CID (`VMADDR_CID_ANY`).
+const CID_ANY: u32 = nix::libc::VMADDR_CID_ANY;
+
+/// The listen backlog.
+const BACKLOG: i32 = 16;
+
+/// Errors of vsock calls.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// `socket(AF_VSOCK)` failed (no vsock device or driver).
+    #[error("cannot create vsock socket")]
+    Socket(#[source] nix::Error),
+    /// `connect` failed.
+    #[error("cannot connect to vsock {cid}:{port}")]
+    Connect {
+        /// The peer CID.
+        cid: u32,
+        /// The peer port.
+        port: u32,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// `bind` failed.
+    #[error("cannot bind vsock port {port}")]
+    Bind {
+        /// The local port.
+        port: u32,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// `listen` failed.
+    #[error("cannot listen on vsock")]
+    Listen(#[source] nix::Error),
+    /// `accept` failed.
+    #[error("cannot accept a vsock connection")]
+    Accept(#[source] nix::Error),
+}
+
+fn new_socket() -> Result<OwnedFd, VsockError> {
+    socket::socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(VsockError::Socket)
+}
+
+/// A connected vsock stream.
+#[derive(Debug)]
+pub struct VsockStream(OwnedFd);
+
+impl VsockStream {
+    /// Connects to `(cid, port)`.
+    pub fn connect(cid: u32, port: u32) -> Result<Self, VsockError> {
+        let fd = new_socket()?;
+        socket::connect(fd.as_raw_fd(), &VsockAddr::new(cid, port))
+            .map_err(|source| VsockError::Connect { cid, port, source })?;
+        Ok(Self(fd))
+    }
+}
+
+impl Read for VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        nix::unistd::read(&self.0, buf).map_err(io::Error::from)
+    }
+}
+
+impl Write for VsockStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        nix::unistd::write(&self.0, buf).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl HalfClose for VsockStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        socket::shutdown(self.0.as_raw_fd(), Shutdown::Write).map_err(io::Error::from)
+    }
+}
+
+/// A listening vsock socket.
+#[derive(Debug)]
+pub struct VsockListener(OwnedFd);
+
+impl VsockListener {
+    /// Listens on `port` for connections to any local CID.
+    pub fn bind(port: u32) -> Result<Self, VsockError> {
+        let fd = new_socket()?;
+        socket::bind(fd.as_raw_fd(), &VsockAddr::new(CID_ANY, port))
+            .map_err(|source| VsockError::Bind { port, source })?;
+        // BACKLOG is a small positive constant, within what Backlog::new accepts.
+        let backlog = Backlog::new(BACKLOG).map_err(VsockError::Listen)?;
+        socket::listen(&fd, backlog).map_err(VsockError::Listen)?;
+        Ok(Self(fd))
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> Result<VsockStream, VsockError> {
+        let raw = socket::accept4(self.0.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+            .map_err(VsockError::Accept)?;
+        // SAFETY: `raw` was just returned by a successful accept4, so it is an open file
+        // descriptor that nothing else in this process owns; the OwnedFd takes sole ownership
+        // and closes it exactly once.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(VsockStream(fd))
+    }
+}
