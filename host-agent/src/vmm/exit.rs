@@ -1,0 +1,222 @@
+//! How a VM ends: the events that can end it, the rule that picks the exit reason from them, the
+//! process exit code of each reason, and the `exit.json` record.
+//!
+//! | reason | exit code | cause |
+//! | --- | --- | --- |
+//! | `reset` | 0 | i8042 reset, triple fault (`KVM_EXIT_SHUTDOWN`), `KVM_SYSTEM_EVENT_RESET` |
+//! | `poweroff` | 10 | `reboot: Power down` / `reboot: System halted` on the console, a halted vCPU |
+//! | `panic` | 11 | `Kernel panic - not syncing` on the console, whatever follows it |
+//! | `vcpu_error` | 12 | failed entry, internal error, an unexpected exit or ioctl error |
+//! | `signal` | 13 | SIGTERM or SIGINT to the VMM |
+//! | (setup error) | 1 | the VM never ran; no `exit.json` reason applies |
+
+use std::path::Path;
+use std::time::Duration;
+
+/// Exit code for a VM that could not be set up.
+pub const SETUP_ERROR_EXIT_CODE: i32 = 1;
+/// How long to wait, after the console shows a panic, for the reset that `panic=-1` causes.
+pub const PANIC_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest reset the machine.
+    Reset,
+    /// The guest powered off or halted.
+    #[serde(rename = "poweroff")]
+    PowerOff,
+    /// The guest kernel panicked.
+    Panic,
+    /// A vCPU failed.
+    VcpuError,
+    /// The VMM was told to stop.
+    Signal,
+}
+
+impl ExitReason {
+    /// The VMM process exit code for this reason.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ExitReason::Reset => 0,
+            ExitReason::PowerOff => 10,
+            ExitReason::Panic => 11,
+            ExitReason::VcpuError => 12,
+            ExitReason::Signal => 13,
+        }
+    }
+
+    /// The reason as written in `exit.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Reset => "reset",
+            ExitReason::PowerOff => "poweroff",
+            ExitReason::Panic => "panic",
+            ExitReason::VcpuError => "vcpu_error",
+            ExitReason::Signal => "signal",
+        }
+    }
+}
+
+/// Something that happened to the VM, sent to the thread that waits for its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest asked for a reset (or triple-faulted).
+    Reset,
+    /// The guest powered off or halted.
+    PowerOff,
+    /// The console showed a kernel panic; the reset usually follows.
+    PanicSeen,
+    /// vCPU `cpu` failed; `detail` says how.
+    VcpuError {
+        /// vCPU index.
+        cpu: u8,
+        /// What failed.
+        detail: String,
+    },
+    /// The VMM received this signal.
+    Signal(i32),
+}
+
+/// Folds events into an exit reason. A panic seen on the console wins over whatever ends the VM
+/// after it; a signal always wins.
+#[derive(Debug, Default)]
+pub struct ExitDecider {
+    panic_seen: bool,
+}
+
+impl ExitDecider {
+    /// Whether a panic has been seen (the caller then bounds its wait by [`PANIC_GRACE`]).
+    pub fn panic_seen(&self) -> bool {
+        self.panic_seen
+    }
+
+    /// Takes one event; returns the exit reason once the VM is over.
+    pub fn on_event(&mut self, event: &VmEvent) -> Option<ExitReason> {
+        let ending = match event {
+            VmEvent::PanicSeen => {
+                self.panic_seen = true;
+                return None;
+            }
+            VmEvent::Signal(_) => return Some(ExitReason::Signal),
+            VmEvent::Reset => ExitReason::Reset,
+            VmEvent::PowerOff => ExitReason::PowerOff,
+            VmEvent::VcpuError { .. } => ExitReason::VcpuError,
+        };
+        Some(if self.panic_seen {
+            ExitReason::Panic
+        } else {
+            ending
+        })
+    }
+
+    /// The reason when the grace period after a panic ran out with nothing else happening.
+    pub fn on_panic_grace_expired(&self) -> ExitReason {
+        ExitReason::Panic
+    }
+}
+
+/// The final record of a VM run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExitReport {
+    /// Why the VM ended.
+    pub reason: ExitReason,
+    /// The process exit code.
+    pub exit_code: i32,
+    /// Milliseconds from VMM start to the guest's first vsock connection, if it made one.
+    pub boot_to_ready_ms: Option<u64>,
+}
+
+impl ExitReport {
+    /// A report for `reason`.
+    pub fn new(reason: ExitReason, boot_to_ready_ms: Option<u64>) -> Self {
+        Self {
+            reason,
+            exit_code: reason.exit_code(),
+            boot_to_ready_ms,
+        }
+    }
+
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> String {
+        // Serializing plain fields into a string cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Writes `exit.json` into `vm_dir` (through a temporary file and a rename, so a reader never
+    /// sees half a record).
+    pub fn write(&self, vm_dir: &Path) -> std::io::Result<()> {
+        let tmp = vm_dir.join("exit.json.tmp");
+        std::fs::write(&tmp, format!("{}\n", self.to_json()))?;
+        std::fs::rename(&tmp, vm_dir.join("exit.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_stable() {
+        let all = [
+            (ExitReason::Reset, 0, "reset"),
+            (ExitReason::PowerOff, 10, "poweroff"),
+            (ExitReason::Panic, 11, "panic"),
+            (ExitReason::VcpuError, 12, "vcpu_error"),
+            (ExitReason::Signal, 13, "signal"),
+        ];
+        for (reason, code, name) in all {
+            assert_eq!(reason.exit_code(), code);
+            assert_eq!(reason.as_str(), name);
+            assert_eq!(
+                serde_json::to_string(&reason).unwrap(),
+                format!("\"{name}\"")
+            );
+        }
+    }
+
+    #[test]
+    fn events_map_to_reasons() {
+        let mut d = ExitDecider::default();
+        assert_eq!(d.on_event(&VmEvent::Reset), Some(ExitReason::Reset));
+        assert_eq!(d.on_event(&VmEvent::PowerOff), Some(ExitReason::PowerOff));
+        let err = VmEvent::VcpuError {
+            cpu: 1,
+            detail: "KVM_EXIT_FAIL_ENTRY".into(),
+        };
+        assert_eq!(d.on_event(&err), Some(ExitReason::VcpuError));
+        assert_eq!(d.on_event(&VmEvent::Signal(15)), Some(ExitReason::Signal));
+        assert!(!d.panic_seen());
+    }
+
+    #[test]
+    fn a_panic_colours_the_reset_that_follows_it_but_not_a_signal() {
+        let mut d = ExitDecider::default();
+        assert_eq!(d.on_event(&VmEvent::PanicSeen), None);
+        assert!(d.panic_seen());
+        assert_eq!(d.on_event(&VmEvent::Reset), Some(ExitReason::Panic));
+        assert_eq!(d.on_event(&VmEvent::PowerOff), Some(ExitReason::Panic));
+        assert_eq!(d.on_event(&VmEvent::Signal(15)), Some(ExitReason::Signal));
+        assert_eq!(d.on_panic_grace_expired(), ExitReason::Panic);
+    }
+
+    #[test]
+    fn report_json_and_file() {
+        let r = ExitReport::new(ExitReason::Panic, Some(1234));
+        assert_eq!(
+            r.to_json(),
+            r#"{"reason":"panic","exit_code":11,"boot_to_ready_ms":1234}"#
+        );
+        let none = ExitReport::new(ExitReason::Reset, None);
+        assert_eq!(
+            none.to_json(),
+            r#"{"reason":"reset","exit_code":0,"boot_to_ready_ms":null}"#
+        );
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("exit.json")).unwrap();
+        assert_eq!(text.trim_end(), r.to_json());
+        assert!(!dir.path().join("exit.json.tmp").exists());
+    }
+}

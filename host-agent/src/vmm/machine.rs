@@ -1,0 +1,461 @@
+//! [`Vmm`]: builds a microVM from a [`VmConfig`] and runs it until it ends.
+//!
+//! Setup order matters to KVM: the TSS and identity-map addresses and the in-kernel irqchip and
+//! PIT come before any vCPU; memory slots before the kernel is loaded; the irqchip before irqfds
+//! and before each vCPU's LAPIC is written.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::signal::Killable;
+
+use super::console::{ConsoleEvent, ConsoleSink};
+use super::devices::bus::{Bus, BusError};
+use super::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use super::devices::serial::{COM1_PORT, SerialDevice, UART_PORT_LEN};
+use super::devices::virtio::{
+    MmioSlot, VirtioError, VsockConfig, VsockHandle, VsockHooks, attach_vsock,
+};
+use super::exit::{ExitDecider, ExitReason, ExitReport, PANIC_GRACE, VmEvent};
+use super::layout::{
+    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, SERIAL_GSI, VIRTIO_MMIO_SLOT_LEN, e820_map,
+    virtio_mmio_slot,
+};
+use super::vcpu::{VcpuError, VcpuRunner};
+use super::x86_64::mptable::{self, MptableError};
+use super::x86_64::regs::{self, RegsError};
+use super::{ConfigError, ConsoleTarget, EXIT_RECORD_NAME, VmConfig, boot, memory, signals, vcpu};
+
+/// How long to keep kicking a vCPU thread that has not stopped.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between kicks.
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Errors from building or starting the VM. Each is a setup error (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error("invalid configuration")]
+    Config(#[source] ConfigError),
+    /// Signal handling could not be set up.
+    #[error("set up signal handling")]
+    Signals(#[source] signals::SignalError),
+    /// Creating or clearing the VM directory failed.
+    #[error("prepare vm-dir {path}")]
+    VmDir {
+        /// The VM directory.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening the console file failed.
+    #[error("open console file {path}")]
+    Console {
+        /// The console path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening `/dev/kvm` failed.
+    #[error("open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability the VMM needs.
+    #[error("KVM lacks the {0} capability")]
+    MissingCapability(&'static str),
+    /// `KVM_CREATE_VM` failed.
+    #[error("create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_TSS_ADDR` failed.
+    #[error("set the TSS address")]
+    SetTssAddress(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_IDENTITY_MAP_ADDR` failed.
+    #[error("set the identity map address")]
+    SetIdentityMapAddress(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_IRQCHIP` failed.
+    #[error("create the in-kernel irqchip")]
+    CreateIrqChip(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_PIT2` failed.
+    #[error("create the in-kernel PIT")]
+    CreatePit(#[source] kvm_ioctls::Error),
+    /// Guest memory could not be set up.
+    #[error("set up guest memory")]
+    Memory(#[source] memory::MemoryError),
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("create vCPU {0}")]
+    CreateVcpu(u8, #[source] kvm_ioctls::Error),
+    /// `KVM_GET_SUPPORTED_CPUID` failed.
+    #[error("get supported CPUID")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// Creating the serial interrupt eventfd failed.
+    #[error("create the serial interrupt eventfd")]
+    SerialEventFd(#[source] std::io::Error),
+    /// Registering the serial irqfd failed.
+    #[error("register the serial irqfd on GSI {gsi}")]
+    SerialIrqfd {
+        /// The serial GSI.
+        gsi: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Putting a legacy device on the port-I/O bus failed.
+    #[error("insert {0} on the port-I/O bus")]
+    PioBus(&'static str, #[source] BusError),
+    /// No virtio-mmio slot is left.
+    #[error("no virtio-mmio slot {0}")]
+    NoMmioSlot(u32),
+    /// Attaching the vsock device failed.
+    #[error("attach the vsock device")]
+    Vsock(#[source] VirtioError),
+    /// Loading the guest failed.
+    #[error("load the guest")]
+    Boot(#[source] boot::BootError),
+    /// Writing the boot page tables or GDT failed.
+    #[error("write boot tables")]
+    BootTables(#[source] RegsError),
+    /// Writing the MP table failed.
+    #[error("write the MP table")]
+    Mptable(#[source] MptableError),
+    /// Configuring a vCPU failed.
+    #[error("configure vCPUs")]
+    Vcpu(#[source] VcpuError),
+    /// Writing `exit.json` failed.
+    #[error("write {EXIT_RECORD_NAME}")]
+    WriteExitRecord(#[source] std::io::Error),
+}
+
+/// A built microVM, ready to run.
+pub struct Vmm {
+    // Field order is drop order: vCPU files and devices go before the VM file, and guest
+    // memory is dropped last, after every KVM object that maps it.
+    vcpus: Vec<VcpuFd>,
+    vsock: Option<VsockHandle>,
+    serial: Arc<Mutex<SerialDevice<ConsoleSink>>>,
+    pio: Bus,
+    mmio: Bus,
+    events: Sender<VmEvent>,
+    ready_ms: Arc<OnceLock<u64>>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestMemoryMmap<()>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_capabilities(kvm: &Kvm) -> Result<(), VmmError> {
+    let needed = [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ];
+    for (cap, name) in needed {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::MissingCapability(name));
+        }
+    }
+    Ok(())
+}
+
+fn open_console(target: &ConsoleTarget) -> Result<Box<dyn Write + Send>, VmmError> {
+    match target {
+        ConsoleTarget::Stdout => Ok(Box::new(std::io::stdout())),
+        ConsoleTarget::File(path) => File::create(path)
+            .map(|f| Box::new(f) as Box<dyn Write + Send>)
+            .map_err(|source| VmmError::Console {
+                path: path.display().to_string(),
+                source,
+            }),
+    }
+}
+
+/// Removes `path` if it exists (a stale socket or exit record from an earlier run).
+fn remove_stale(path: &std::path::Path) -> Result<(), VmmError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(VmmError::VmDir {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+impl Vmm {
+    /// Builds the VM: everything up to, not including, starting the vCPUs. `events` receives
+    /// every event that can end the VM; [`Vmm::run`] takes the matching receiver.
+    pub fn new(
+        config: &VmConfig,
+        process_start: Instant,
+        events: Sender<VmEvent>,
+    ) -> Result<Self, VmmError> {
+        let vm_dir_err = |source| VmmError::VmDir {
+            path: config.vm_dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&config.vm_dir).map_err(vm_dir_err)?;
+        remove_stale(&config.vm_dir.join(EXIT_RECORD_NAME))?;
+        remove_stale(&config.vsock_path())?;
+
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        check_capabilities(&kvm)?;
+        let vm = kvm.create_vm().map_err(VmmError::CreateVm)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(VmmError::SetTssAddress)?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(VmmError::SetIdentityMapAddress)?;
+        vm.create_irq_chip().map_err(VmmError::CreateIrqChip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(VmmError::CreatePit)?;
+
+        let mem_size = config.memory_bytes();
+        let mem = memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?;
+        memory::register_guest_memory(&vm, &mem).map_err(VmmError::Memory)?;
+
+        let vcpus = (0..config.vcpus)
+            .map(|i| {
+                vm.create_vcpu(u64::from(i))
+                    .map_err(|e| VmmError::CreateVcpu(i, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::SupportedCpuid)?;
+
+        // Legacy devices on the port-I/O bus.
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::SerialEventFd)?;
+        vm.register_irqfd(&serial_irq, SERIAL_GSI)
+            .map_err(|source| VmmError::SerialIrqfd {
+                gsi: SERIAL_GSI,
+                source,
+            })?;
+        let console_events = events.clone();
+        let sink = ConsoleSink::new(
+            open_console(&config.console)?,
+            config.console_cap,
+            Box::new(move |event| {
+                let event = match event {
+                    ConsoleEvent::Panic => VmEvent::PanicSeen,
+                    ConsoleEvent::PowerOff => VmEvent::PowerOff,
+                };
+                let _ = console_events.send(event);
+            }),
+        );
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+        pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)
+            .map_err(|e| VmmError::PioBus("serial", e))?;
+        let reset_events = events.clone();
+        let i8042 = I8042::new(Box::new(move || {
+            let _ = reset_events.send(VmEvent::Reset);
+        }));
+        pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT_BASE, I8042_PORT_LEN)
+            .map_err(|e| VmmError::PioBus("i8042", e))?;
+
+        // virtio-vsock in the first virtio-mmio slot.
+        let mut mmio = Bus::new();
+        let (base, gsi) = virtio_mmio_slot(0).ok_or(VmmError::NoMmioSlot(0))?;
+        let ready_ms = Arc::new(OnceLock::new());
+        let ready = ready_ms.clone();
+        let hooks = VsockHooks {
+            on_first_guest_connect: Some(Box::new(move |port| {
+                let ms = u64::try_from(process_start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if ready.set(ms).is_ok() {
+                    tracing::info!(
+                        boot_to_ready_ms = ms,
+                        port,
+                        "guest is ready (first vsock connection)"
+                    );
+                    eprintln!("nanoclaw-vmm: boot_to_ready_ms={ms}");
+                }
+            })),
+        };
+        let vsock = attach_vsock(
+            &vm,
+            mem.clone(),
+            &mut mmio,
+            MmioSlot {
+                base,
+                len: VIRTIO_MMIO_SLOT_LEN,
+                gsi,
+            },
+            VsockConfig {
+                guest_cid: config.cid,
+                uds_path: config.vsock_path(),
+            },
+            hooks,
+        )
+        .map_err(VmmError::Vsock)?;
+
+        // The guest image and boot structures.
+        let kernel = boot::load_kernel(&mem, &config.kernel).map_err(VmmError::Boot)?;
+        let initrd =
+            boot::load_initrd(&mem, &config.initrd, mem_size, &kernel).map_err(VmmError::Boot)?;
+        let cmdline = boot::build_cmdline(&[vsock.cmdline_arg()], config.cmdline_extra.as_deref())
+            .map_err(VmmError::Boot)?;
+        let cmdline_size = boot::write_cmdline(&mem, &cmdline).map_err(VmmError::Boot)?;
+        let params =
+            boot::build_boot_params(&kernel, cmdline_size, Some(initrd), &e820_map(mem_size))
+                .map_err(VmmError::Boot)?;
+        boot::write_boot_params(&mem, &params).map_err(VmmError::Boot)?;
+        mptable::setup_mptable(&mem, config.vcpus).map_err(VmmError::Mptable)?;
+        regs::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
+        for (i, fd) in (0u8..).zip(&vcpus) {
+            vcpu::configure(fd, i, config.vcpus, &supported_cpuid, kernel.entry)
+                .map_err(VmmError::Vcpu)?;
+        }
+        tracing::info!(
+            format = ?kernel.format,
+            entry = format_args!("{:#x}", kernel.entry),
+            initrd_addr = format_args!("{:#x}", initrd.0),
+            initrd_size = initrd.1,
+            memory_mib = config.memory_mib,
+            vcpus = config.vcpus,
+            cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
+            "VM built"
+        );
+
+        Ok(Self {
+            vcpus,
+            vsock: Some(vsock),
+            serial,
+            pio,
+            mmio,
+            events,
+            ready_ms,
+            _vm: vm,
+            _kvm: kvm,
+            mem,
+        })
+    }
+
+    /// Runs the vCPUs until the VM ends, stops everything, and reports why it ended. `events` is
+    /// the receiver paired with the sender given to [`Vmm::new`].
+    pub fn run(mut self, events: Receiver<VmEvent>) -> ExitReport {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_failed = None;
+        for (index, fd) in (0u8..).zip(std::mem::take(&mut self.vcpus)) {
+            let runner = VcpuRunner {
+                index,
+                vcpu: fd,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                stop: stop.clone(),
+                events: self.events.clone(),
+                mem: self.mem.clone(),
+            };
+            match std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || runner.run())
+            {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    spawn_failed = Some(VmEvent::VcpuError {
+                        cpu: index,
+                        detail: format!("spawn vCPU thread: {e}"),
+                    });
+                    break;
+                }
+            }
+        }
+        if let Some(event) = spawn_failed {
+            let _ = self.events.send(event);
+        }
+
+        let reason = wait_for_end(&events);
+        tracing::info!(reason = reason.as_str(), "VM ended; stopping");
+        stop_vcpus(&stop, threads);
+        if let Some(vsock) = self.vsock.take() {
+            vsock.stop();
+        }
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        if serial.errors() > 0 {
+            tracing::warn!(errors = serial.errors(), "serial: register writes failed");
+        }
+        serial.sink_mut().finish();
+        drop(serial);
+        ExitReport::new(reason, self.ready_ms.get().copied())
+    }
+}
+
+/// Waits for the event that ends the VM and logs what it is.
+fn wait_for_end(events: &Receiver<VmEvent>) -> ExitReason {
+    let mut decider = ExitDecider::default();
+    let mut panic_deadline: Option<Instant> = None;
+    loop {
+        let event = match panic_deadline {
+            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(deadline) => {
+                events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            }
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => return decider.on_panic_grace_expired(),
+            // Every sender lives in the Vmm, which outlives this loop; treat it as a failure.
+            Err(RecvTimeoutError::Disconnected) => return ExitReason::VcpuError,
+        };
+        match &event {
+            VmEvent::VcpuError { cpu, detail } => tracing::error!(cpu, %detail, "vCPU failed"),
+            VmEvent::PanicSeen => tracing::warn!("guest kernel panicked"),
+            other => tracing::info!(event = ?other, "VM event"),
+        }
+        if let Some(reason) = decider.on_event(&event) {
+            return reason;
+        }
+        if decider.panic_seen() && panic_deadline.is_none() {
+            panic_deadline = Some(Instant::now() + PANIC_GRACE);
+        }
+    }
+}
+
+/// Sets the stop flag and kicks every vCPU thread until it returns (or the timeout passes).
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    for (index, handle) in threads.into_iter().enumerate() {
+        while !handle.is_finished() && Instant::now() < deadline {
+            // ESRCH when the thread is already gone; either way keep polling.
+            let _ = handle.kill(signals::kick_signal());
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        if handle.is_finished() {
+            if handle.join().is_err() {
+                tracing::error!(cpu = index, "vCPU thread panicked");
+            }
+        } else {
+            tracing::error!(
+                cpu = index,
+                "vCPU thread did not stop; leaving it to process exit"
+            );
+        }
+    }
+}

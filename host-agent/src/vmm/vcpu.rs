@@ -1,0 +1,273 @@
+//! vCPUs: per-vCPU register setup and the run loop each vCPU thread executes.
+//!
+//! The loop dispatches port I/O and MMIO exits to the buses and turns every exit that ends the VM
+//! (reset, triple fault, system events, failures) into a [`VmEvent`] for the thread that waits for
+//! the VM's end. It stops when the shared stop flag is set and a kick (see
+//! [`super::signals`]) interrupts `KVM_RUN`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+
+use kvm_bindings::{
+    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+use super::devices::bus::Bus;
+use super::exit::VmEvent;
+use super::signals;
+use super::x86_64::{cpuid, lapic, msr, regs};
+
+/// Errors from configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// Building the CPUID table failed.
+    #[error("build CPUID for vCPU {0}")]
+    BuildCpuid(u8, #[source] vmm_sys_util::fam::Error),
+    /// `KVM_SET_CPUID2` failed.
+    #[error("set CPUID of vCPU {0}")]
+    SetCpuid(u8, #[source] kvm_ioctls::Error),
+    /// Building the MSR list failed.
+    #[error("build boot MSRs")]
+    BuildMsrs(#[source] vmm_sys_util::fam::Error),
+    /// `KVM_SET_MSRS` failed.
+    #[error("set MSRs of vCPU {0}")]
+    SetMsrs(u8, #[source] kvm_ioctls::Error),
+    /// `KVM_SET_MSRS` set fewer MSRs than asked.
+    #[error("vCPU {cpu}: KVM set {set} of {wanted} boot MSRs")]
+    PartialMsrs {
+        /// vCPU index.
+        cpu: u8,
+        /// MSRs set.
+        set: usize,
+        /// MSRs asked for.
+        wanted: usize,
+    },
+    /// `KVM_SET_FPU` failed.
+    #[error("set FPU of vCPU {0}")]
+    SetFpu(u8, #[source] kvm_ioctls::Error),
+    /// `KVM_GET_LAPIC` failed.
+    #[error("get LAPIC of vCPU {0}")]
+    GetLapic(u8, #[source] kvm_ioctls::Error),
+    /// `KVM_SET_LAPIC` failed.
+    #[error("set LAPIC of vCPU {0}")]
+    SetLapic(u8, #[source] kvm_ioctls::Error),
+    /// `KVM_GET_SREGS` failed.
+    #[error("get special registers of vCPU {0}")]
+    GetSregs(u8, #[source] kvm_ioctls::Error),
+    /// `KVM_SET_SREGS` failed.
+    #[error("set special registers of vCPU {0}")]
+    SetSregs(u8, #[source] kvm_ioctls::Error),
+    /// `KVM_SET_REGS` failed.
+    #[error("set registers of vCPU {0}")]
+    SetRegs(u8, #[source] kvm_ioctls::Error),
+}
+
+/// Configures vCPU `index` of `count`: CPUID, MSRs, FPU and LAPIC for every vCPU; on the boot
+/// vCPU (index 0) also the long-mode registers that enter the kernel at `entry`. The other vCPUs
+/// wait for INIT/SIPI in the in-kernel LAPIC.
+pub fn configure(
+    vcpu: &VcpuFd,
+    index: u8,
+    count: u8,
+    supported_cpuid: &CpuId,
+    entry: u64,
+) -> Result<(), VcpuError> {
+    let mut entries = supported_cpuid.as_slice().to_vec();
+    cpuid::fixup_cpuid(&mut entries, index, count);
+    let cpuid = CpuId::from_entries(&entries).map_err(|e| VcpuError::BuildCpuid(index, e))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| VcpuError::SetCpuid(index, e))?;
+
+    let msrs = msr::boot_msrs().map_err(VcpuError::BuildMsrs)?;
+    let wanted = msrs.as_slice().len();
+    let set = vcpu
+        .set_msrs(&msrs)
+        .map_err(|e| VcpuError::SetMsrs(index, e))?;
+    if set != wanted {
+        return Err(VcpuError::PartialMsrs {
+            cpu: index,
+            set,
+            wanted,
+        });
+    }
+
+    vcpu.set_fpu(&regs::boot_fpu())
+        .map_err(|e| VcpuError::SetFpu(index, e))?;
+
+    let mut klapic = vcpu
+        .get_lapic()
+        .map_err(|e| VcpuError::GetLapic(index, e))?;
+    lapic::configure_lint(&mut klapic);
+    vcpu.set_lapic(&klapic)
+        .map_err(|e| VcpuError::SetLapic(index, e))?;
+
+    if index == 0 {
+        let mut sregs = vcpu
+            .get_sregs()
+            .map_err(|e| VcpuError::GetSregs(index, e))?;
+        regs::configure_long_mode_sregs(&mut sregs);
+        vcpu.set_sregs(&sregs)
+            .map_err(|e| VcpuError::SetSregs(index, e))?;
+        vcpu.set_regs(&regs::boot_regs(entry))
+            .map_err(|e| VcpuError::SetRegs(index, e))?;
+    }
+    Ok(())
+}
+
+/// What one `KVM_RUN` exit means for the loop.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Continue,
+    End(VmEvent),
+}
+
+/// Maps a system event (`KVM_EXIT_SYSTEM_EVENT`) to the VM's end.
+fn system_event(cpu: u8, kind: u32) -> VmEvent {
+    match kind {
+        KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
+        KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
+        KVM_SYSTEM_EVENT_CRASH => VmEvent::VcpuError {
+            cpu,
+            detail: "KVM_SYSTEM_EVENT_CRASH".into(),
+        },
+        other => VmEvent::VcpuError {
+            cpu,
+            detail: format!("unexpected KVM system event {other}"),
+        },
+    }
+}
+
+/// Everything a vCPU thread needs.
+#[derive(Debug)]
+pub struct VcpuRunner {
+    /// vCPU index (its APIC id).
+    pub index: u8,
+    /// The vCPU.
+    pub vcpu: VcpuFd,
+    /// Port-I/O devices.
+    pub pio: Bus,
+    /// MMIO devices.
+    pub mmio: Bus,
+    /// Set when the VM is stopping.
+    pub stop: Arc<AtomicBool>,
+    /// Where the VM's end is reported.
+    pub events: Sender<VmEvent>,
+    /// Guest memory, held so the mappings outlive the vCPU.
+    pub mem: GuestMemoryMmap<()>,
+}
+
+impl VcpuRunner {
+    /// Runs the vCPU until the VM ends or [`VcpuRunner::stop`] is set and a kick arrives.
+    pub fn run(mut self) {
+        let run_page: *mut kvm_bindings::kvm_run = self.vcpu.get_kvm_run();
+        // SAFETY: `run_page` is the kvm_run mapping of `self.vcpu`, owned by this thread; it is
+        // cleared below before `self.vcpu` is dropped at the end of this function.
+        unsafe { signals::set_thread_kvm_run(run_page) };
+        let mut unhandled: u64 = 0;
+        while !self.stop.load(Ordering::Acquire) {
+            match self.step(&mut unhandled) {
+                Step::Continue => {}
+                Step::End(event) => {
+                    // The waiter may have gone already (another vCPU ended the VM first).
+                    let _ = self.events.send(event);
+                    break;
+                }
+            }
+        }
+        signals::clear_thread_kvm_run();
+    }
+
+    fn step(&mut self, unhandled: &mut u64) -> Step {
+        let cpu = self.index;
+        match self.vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio.read(u64::from(port), data) {
+                    // Nothing decodes the port: the bus floats high.
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                // Writes to unclaimed ports (other COM ports, POST codes) are dropped.
+                self.pio.write(u64::from(port), data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio.write(addr, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::Shutdown) => Step::End(VmEvent::Reset),
+            Ok(VcpuExit::Hlt) => Step::End(VmEvent::PowerOff),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Step::End(system_event(cpu, kind)),
+            Ok(VcpuExit::FailEntry(reason, on_cpu)) => Step::End(VmEvent::VcpuError {
+                cpu,
+                detail: format!(
+                    "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host cpu {on_cpu}"
+                ),
+            }),
+            Ok(VcpuExit::InternalError) => {
+                let suberror = self.internal_suberror();
+                Step::End(VmEvent::VcpuError {
+                    cpu,
+                    detail: format!("KVM_EXIT_INTERNAL_ERROR: suberror {suberror}"),
+                })
+            }
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,
+            Ok(other) => {
+                *unhandled += 1;
+                let detail = format!("unexpected vCPU exit {other:?}");
+                if *unhandled <= 3 {
+                    tracing::error!(cpu, "{detail}");
+                }
+                Step::End(VmEvent::VcpuError { cpu, detail })
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (or a stray signal): clear immediate_exit and re-check the stop flag.
+                self.vcpu.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) => Step::End(VmEvent::VcpuError {
+                cpu,
+                detail: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+
+    fn internal_suberror(&mut self) -> u32 {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: KVM set exit_reason to KVM_EXIT_INTERNAL_ERROR, which makes `internal` the
+        // active member of the exit union; it is plain old data.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_events_map_to_vm_events() {
+        assert_eq!(system_event(0, KVM_SYSTEM_EVENT_RESET), VmEvent::Reset);
+        assert_eq!(
+            system_event(0, KVM_SYSTEM_EVENT_SHUTDOWN),
+            VmEvent::PowerOff
+        );
+        assert!(matches!(
+            system_event(1, KVM_SYSTEM_EVENT_CRASH),
+            VmEvent::VcpuError { cpu: 1, .. }
+        ));
+        assert!(matches!(
+            system_event(2, 99),
+            VmEvent::VcpuError { cpu: 2, .. }
+        ));
+    }
+}
