@@ -22,6 +22,11 @@ pub mod event_handler;
 pub mod packet;
 pub mod unix;
 
+#[cfg(test)]
+mod test_utils;
+#[cfg(test)]
+mod tests;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use device::VsockDevice;

@@ -34,6 +34,44 @@ pub struct VsockHeader {
 }
 
 impl VsockHeader {
+    /// Size of the header on the wire.
+    pub const SIZE: usize = virtio_vsock::packet::PKT_HEADER_SIZE;
+
+    /// The header's wire form (little endian, [`VsockHeader::SIZE`] bytes).
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    /// Parses the wire form.
+    pub fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| u64::from(u32_at(o)) | (u64::from(u32_at(o + 4)) << 32);
+        Self {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
     /// Copies the header out of a parsed packet.
     pub fn from_packet(pkt: &VsockPacket<'_, ()>) -> Self {
         Self {

@@ -56,6 +56,8 @@ pub(super) struct Connection {
     tx_buf: VecDeque<u8>,
     /// Bytes at the front of `tx_buf` that are our own `OK <port>\n` line, not guest data.
     ctrl_bytes: usize,
+    /// Guest-to-host bytes received.
+    recv_cnt: Wrapping<u32>,
     /// Guest-to-host bytes written to the stream (our `fwd_cnt`).
     fwd_cnt: Wrapping<u32>,
     /// The `fwd_cnt` the guest last heard from us.
@@ -123,6 +125,7 @@ impl Connection {
             state,
             tx_buf: VecDeque::new(),
             ctrl_bytes: 0,
+            recv_cnt: Wrapping(0),
             fwd_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
             rx_cnt: Wrapping(0),
@@ -300,10 +303,13 @@ impl Connection {
                 if self.peer_shutdown & SHUTDOWN_F_SEND != 0 || self.host_gone {
                     return Verdict::Reset;
                 }
-                let held = self.tx_buf.len() - self.ctrl_bytes;
-                if held + payload.len() > CONN_BUF_ALLOC as usize {
+                // What the guest may have in flight is what we advertised: buf_alloc minus
+                // what it sent and has not yet heard us forward.
+                let unacked = (self.recv_cnt - self.last_fwd_cnt_sent).0 as usize;
+                if unacked + payload.len() > CONN_BUF_ALLOC as usize {
                     return Verdict::CreditViolation;
                 }
+                self.recv_cnt += Wrapping(payload.len() as u32);
                 self.tx_buf.extend(payload);
                 self.flush()
             }

@@ -71,6 +71,7 @@ pub struct VsockMuxer {
     resets: VecDeque<VsockHeader>,
     metrics: Arc<VsockMetrics>,
     on_first_guest_connect: Option<FirstConnectHook>,
+    max_connections: usize,
 }
 
 impl std::fmt::Debug for VsockMuxer {
@@ -126,7 +127,13 @@ impl VsockMuxer {
             resets: VecDeque::new(),
             metrics,
             on_first_guest_connect,
+            max_connections: MAX_CONNECTIONS,
         })
+    }
+
+    /// Lowers the connection cap (default [`MAX_CONNECTIONS`]); it cannot be raised above it.
+    pub fn set_max_connections(&mut self, max: usize) {
+        self.max_connections = max.min(MAX_CONNECTIONS);
     }
 
     /// The host listener's path.
@@ -281,7 +288,7 @@ impl VsockMuxer {
         if let Some(hook) = self.on_first_guest_connect.take() {
             hook(hdr.dst_port);
         }
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             VsockMetrics::inc(&self.metrics.conn_limit_hits);
             self.queue_reset(hdr.reset_reply());
             return;
@@ -383,7 +390,7 @@ impl VsockMuxer {
             VsockMetrics::inc(&self.metrics.handshake_failures);
             return;
         };
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             VsockMetrics::inc(&self.metrics.conn_limit_hits);
             return;
         }
