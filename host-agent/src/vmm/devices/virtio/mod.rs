@@ -1,7 +1,7 @@
 //! Virtio devices over the virtio-mmio transport.
 //!
 //! # Layout
-//! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`]).
+//! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`](crate::vmm::devices::bus::BusDevice)).
 //! - [`vsock`]: the virtio-vsock device with the hybrid (Unix socket) backend.
 //!
 //! # Integration

@@ -2,7 +2,7 @@
 //!
 //! This is the code that touches guest-controlled descriptors. It parses every chain with
 //! `virtio_vsock::packet::VsockPacket` (which bounds-checks addresses against guest memory and
-//! the payload length against [`MAX_PKT_PAYLOAD`](super::defs::MAX_PKT_PAYLOAD)), copies the
+//! the payload length against 64 KiB (`MAX_PKT_PAYLOAD`)), copies the
 //! header and payload out once, checks the CIDs, and only then calls the backend. Descriptor
 //! loops are cut by `virtio-queue`'s chain iterator, and a bogus available index ends the walk.
 //!

@@ -4,7 +4,7 @@
 //! owns epoll and the connection table. Host-to-guest bytes are never buffered: they are read
 //! from the Unix stream straight into the packet being built, and only while the guest has
 //! credit and an rx buffer. Guest-to-host bytes are buffered only up to the credit we advertise
-//! ([`CONN_BUF_ALLOC`]); a guest sending more is a credit violation.
+//! (`CONN_BUF_ALLOC`, 256 KiB); a guest sending more is a credit violation.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};

@@ -4,9 +4,9 @@
 //! The muxer owns a private epoll instance holding the listener, the streams still sending their
 //! `CONNECT` line, and every connection's stream; the device thread polls its fd and calls
 //! [`VsockBackend::process_events`]. Everything is bounded:
-//! - live connections by [`MAX_CONNECTIONS`] (overflow: `OP_RST`, `conn_limit_hits`);
-//! - half-open host streams by [`MAX_PENDING_HANDSHAKES`] (overflow: closed);
-//! - resets for packets matching no connection by [`MAX_PENDING_RESETS`] (overflow: dropped,
+//! - live connections by `MAX_CONNECTIONS` = 1024 (overflow: `OP_RST`, `conn_limit_hits`);
+//! - half-open host streams by `MAX_PENDING_HANDSHAKES` = 64 (overflow: closed);
+//! - resets for packets matching no connection by `MAX_PENDING_RESETS` = 256 (overflow: dropped,
 //!   `rst_queue_overflows`);
 //! - control packets owed by a live connection are flags on it, and the rx-ready list holds
 //!   each live connection at most once.
@@ -131,7 +131,7 @@ impl VsockMuxer {
         })
     }
 
-    /// Lowers the connection cap (default [`MAX_CONNECTIONS`]); it cannot be raised above it.
+    /// Lowers the connection cap (default 1024); it cannot be raised above it.
     pub fn set_max_connections(&mut self, max: usize) {
         self.max_connections = max.min(MAX_CONNECTIONS);
     }
