@@ -465,6 +465,56 @@ mod tests {
         }
     }
 
+    /// The host side of the end-to-end boot test, over Unix sockets instead of vsock: hello,
+    /// ack, a guest-initiated echo connection carrying 1 MiB, then shutdown.
+    #[test]
+    fn serves_the_host_end_to_end_sequence() {
+        use crate::echo::tests::{pattern, push_and_read_back};
+        use shared_proto::handshake::answer_hello;
+        use std::os::unix::net::UnixListener;
+
+        let dir = tempfile::tempdir().unwrap();
+        let port = 5000u32;
+        let echo_listener =
+            UnixListener::bind(dir.path().join(format!("vsock.sock_{port}"))).unwrap();
+        let (mut guest, mut h) = UnixStream::pair().unwrap();
+        let host = std::thread::spawn(move || {
+            let mut d = FrameDecoder::<GuestToHost>::new();
+            let mut buf = [0u8; 4096];
+            let first = loop {
+                if let Some(m) = d.decode_next().unwrap() {
+                    break m;
+                }
+                let n = h.read(&mut buf).unwrap();
+                assert_ne!(n, 0, "guest closed before hello");
+                d.push(&buf[..n]);
+            };
+            let verdict = answer_hello(&first);
+            assert_eq!(verdict.outcome, Ok(()));
+            h.write_all(&encode_frame(&verdict.reply).unwrap()).unwrap();
+            h.write_all(&encode_frame(&HostToGuest::EchoConnect { port }).unwrap())
+                .unwrap();
+            let (conn, _) = echo_listener.accept().unwrap();
+            let data = pattern(1 << 20, 42);
+            assert!(
+                push_and_read_back(conn, data.clone()) == data,
+                "echo differs"
+            );
+            h.write_all(&encode_frame(&HostToGuest::Shutdown).unwrap())
+                .unwrap();
+        });
+        let hello = hello();
+        let dir_path = dir.path().to_owned();
+        let mut echo = move |port: u32| -> Result<(), String> {
+            let s = UnixStream::connect(dir_path.join(format!("vsock.sock_{port}")))
+                .map_err(|e| e.to_string())?;
+            crate::echo::spawn_echo(s, "test").map_err(|e| e.to_string())
+        };
+        let end = Session::new(&hello).run(&mut guest, &mut echo).unwrap();
+        assert_eq!(end, SessionEnd::Shutdown);
+        host.join().unwrap();
+    }
+
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));

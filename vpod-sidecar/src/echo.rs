@@ -145,12 +145,12 @@ pub fn serve<L: Listener>(listener: &L) -> ! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
     /// Pushes `data` into `stream` on one thread while reading the echo on this one.
-    fn push_and_read_back(stream: UnixStream, data: Vec<u8>) -> Vec<u8> {
+    pub(crate) fn push_and_read_back(stream: UnixStream, data: Vec<u8>) -> Vec<u8> {
         let mut writer = stream.try_clone().unwrap();
         let sent = data.clone();
         let w = std::thread::spawn(move || {
@@ -164,7 +164,7 @@ mod tests {
         back
     }
 
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
