@@ -4,7 +4,6 @@
 //! returned for logging and the sidecar carries on.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
@@ -175,11 +174,6 @@ pub fn reset_vm() -> InitError {
     match nix::sys::reboot::reboot(RebootMode::RB_AUTOBOOT) {
         Err(e) => InitError::Reset(e),
     }
-}
-
-/// Logs `failure` to stderr when there is no console logger yet.
-pub fn early_log(failure: &dyn std::fmt::Display) {
-    let _ = writeln!(std::io::stderr(), "vpod-sidecar: {failure}");
 }
 
 #[cfg(test)]

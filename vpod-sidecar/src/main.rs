@@ -5,6 +5,7 @@ use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use boot_key::random_secret;
 use rand_core::{OsRng, RngCore};
 use shared_proto::handshake::PROTOCOL_VERSION;
 use shared_proto::message::GuestToHost;
@@ -17,7 +18,6 @@ use vpod_sidecar::echo;
 use vpod_sidecar::init;
 use vpod_sidecar::vsock::{VsockListener, VsockStream};
 use x25519_dalek::{PublicKey, StaticSecret};
-use zeroize_bytes::random_secret;
 
 fn main() {
     let pid1 = std::process::id() == 1;
@@ -26,13 +26,14 @@ fn main() {
     } else {
         Vec::new()
     };
-    let console: Box<dyn Write + Send> = match init::open_console() {
-        Ok(file) if pid1 => Box::new(file),
-        _ => Box::new(std::io::stderr()),
+    let (console, console_failure): (Box<dyn Write + Send>, _) = match init::open_console() {
+        Ok(file) if pid1 => (Box::new(file), None),
+        Ok(_) => (Box::new(std::io::stderr()), None),
+        Err(e) => (Box::new(std::io::stderr()), pid1.then_some(e)),
     };
     // Installing fails only if a subscriber is already set, which nothing else does.
     let _ = tracing::subscriber::set_global_default(ConsoleLog::new(console, Level::INFO));
-    for failure in &mount_failures {
+    for failure in mount_failures.iter().chain(&console_failure) {
         tracing::warn!(error = %ErrorChain(failure), "init");
     }
 
@@ -126,7 +127,7 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     out
 }
 
-mod zeroize_bytes {
+mod boot_key {
     //! The boot X25519 secret, drawn without leaving copies of its bytes behind.
 
     use x25519_dalek::StaticSecret;
