@@ -177,6 +177,33 @@ pub fn attach_vsock(
     cfg: VsockConfig,
     hooks: VsockHooks,
 ) -> Result<VsockHandle, VirtioError> {
+    // On any error below, dropping `handle` stops the thread and removes the socket.
+    let (transport, handle) = spawn_vsock(mem, slot, cfg, hooks)?;
+    vm.register_irqfd(transport.interrupt().irq_evt(), slot.gsi)
+        .map_err(|source| VirtioError::RegisterIrqfd {
+            gsi: slot.gsi,
+            source,
+        })?;
+    let notify = IoEventAddress::Mmio(slot.base + regs::QUEUE_NOTIFY);
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        vm.register_ioevent(evt, &notify, queue as u32)
+            .map_err(|source| VirtioError::RegisterIoevent { queue, source })?;
+    }
+    mmio_bus
+        .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
+        .map_err(VirtioError::Bus)?;
+    Ok(handle)
+}
+
+/// The KVM-free half of [`attach_vsock`]: builds the transport and the device, binds the
+/// listener and spawns the device thread. The caller puts the transport on a bus and wires its
+/// interrupt and queue eventfds (tests drive it directly).
+pub fn spawn_vsock(
+    mem: GuestMemoryMmap<()>,
+    slot: MmioSlot,
+    cfg: VsockConfig,
+    hooks: VsockHooks,
+) -> Result<(MmioTransport, VsockHandle), VirtioError> {
     if slot.len != MMIO_WINDOW_LEN {
         return Err(VirtioError::SlotLen(slot.len));
     }
@@ -205,25 +232,10 @@ pub fn attach_vsock(
     let transport = MmioTransport::new(mem, Box::new(frontend), interrupt.clone())
         .map_err(VirtioError::EventFd)?;
 
-    vm.register_irqfd(interrupt.irq_evt(), slot.gsi)
-        .map_err(|source| VirtioError::RegisterIrqfd {
-            gsi: slot.gsi,
-            source,
-        })?;
-    let notify = IoEventAddress::Mmio(slot.base + regs::QUEUE_NOTIFY);
-    for (queue, evt) in transport.queue_evts().iter().enumerate() {
-        vm.register_ioevent(evt, &notify, queue as u32)
-            .map_err(|source| VirtioError::RegisterIoevent { queue, source })?;
-    }
-    let queue_evts = transport.queue_evts().to_vec();
-    mmio_bus
-        .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
-        .map_err(VirtioError::Bus)?;
-
     let device = VsockDevice::new(cfg.guest_cid, muxer, interrupt, metrics.clone());
     let worker = VsockWorker::new(
         device,
-        queue_evts,
+        transport.queue_evts().to_vec(),
         commands_rx,
         command_evt,
         stop_evt.clone(),
@@ -238,13 +250,14 @@ pub fn attach_vsock(
         })
         .map_err(|e| VirtioError::Vsock(VsockError::Spawn(e)))?;
 
-    Ok(VsockHandle {
+    let handle = VsockHandle {
         slot,
         uds_path: cfg.uds_path,
         metrics,
         stop_evt,
         thread: Some(thread),
-    })
+    };
+    Ok((transport, handle))
 }
 
 /// Rate limit for log lines a guest can trigger: the first [`RateLimitedLog::BURST`] pass,
@@ -282,12 +295,126 @@ impl Default for RateLimitedLog {
 
 #[cfg(test)]
 mod tests {
+    use super::mmio::{INT_VRING, status};
+    use super::vsock::test_utils::{GUEST_CID, GuestDriver, Harness, MEM_SIZE, QSIZE, RxPkt};
     use super::*;
+    use crate::vmm::devices::bus::BusDevice;
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::AtomicU32;
+    use std::time::{Duration, Instant};
+    use vm_memory::GuestAddress;
 
     #[test]
     fn rate_limited_log_passes_burst_then_one_in_every() {
         let l = RateLimitedLog::new();
         let passed = (0..5000).filter(|_| l.allow()).count() as u64;
         assert_eq!(passed, RateLimitedLog::BURST + 4); // 1000, 2000, 3000, 4000
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Waits (on the device thread) for the guest to receive one packet.
+    fn wait_rx(drv: &mut GuestDriver, t: &mut MmioTransport) -> RxPkt {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if drv.outstanding_rx() == 0 {
+                drv.add_rx_buffers(1);
+                w(t, regs::QUEUE_NOTIFY, 0);
+            }
+            if let Some(p) = drv.recv().pop() {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no packet from the device thread"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn device_thread_serves_a_driver_through_the_transport() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let uds_path = dir.path().join("vsock.sock");
+        let fired = Arc::new(AtomicU32::new(0));
+        let f = fired.clone();
+        let slot = MmioSlot {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        };
+        let cfg = VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds_path.clone(),
+        };
+        let hooks = VsockHooks {
+            on_first_guest_connect: Some(Box::new(move |p| f.store(p, Ordering::SeqCst))),
+        };
+        let (mut t, handle) = spawn_vsock(mem.clone(), slot, cfg, hooks).unwrap();
+        assert_eq!(handle.cmdline_arg(), "virtio_mmio.device=4K@0xd0000000:5");
+        let mut cid = [0u8; 8];
+        t.read(regs::CONFIG, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
+
+        // Driver initialisation, all through the MMIO registers.
+        let (mut drv, _) = GuestDriver::new(mem.clone());
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        w(&mut t, regs::STATUS, status::ACKNOWLEDGE);
+        w(&mut t, regs::STATUS, s);
+        w(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, regs::DRIVER_FEATURES, 1);
+        w(&mut t, regs::STATUS, s | status::FEATURES_OK);
+        for q in 0..3 {
+            let (d, a, u) = drv.ring_addrs(q);
+            w(&mut t, regs::QUEUE_SEL, q as u32);
+            w(&mut t, regs::QUEUE_NUM, u32::from(QSIZE));
+            w(&mut t, regs::QUEUE_DESC_LOW, d as u32);
+            w(&mut t, regs::QUEUE_AVAIL_LOW, a as u32);
+            w(&mut t, regs::QUEUE_USED_LOW, u as u32);
+            w(&mut t, regs::QUEUE_READY, 1);
+        }
+        w(
+            &mut t,
+            regs::STATUS,
+            s | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert!(t.is_activated());
+
+        // Guest-initiated: connect to host port 5000.
+        let listener = UnixListener::bind(dir.path().join("vsock.sock_5000")).unwrap();
+        drv.put_tx(Harness::guest_hdr(1000, 5000, 1 /* OP_REQUEST */), &[]);
+        w(&mut t, regs::QUEUE_NOTIFY, 1);
+        let resp = wait_rx(&mut drv, &mut t);
+        assert_eq!(
+            (resp.hdr.op, resp.hdr.dst_port),
+            (2 /* OP_RESPONSE */, 1000)
+        );
+        assert_eq!(fired.load(Ordering::SeqCst), 5000);
+        assert_ne!(t.interrupt().status() & INT_VRING, 0);
+        assert!(t.interrupt().irq_evt().read().unwrap() >= 1);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(b"hi").unwrap();
+        let data = wait_rx(&mut drv, &mut t);
+        assert_eq!(data.data, b"hi");
+
+        // Host-initiated: CONNECT 77 becomes an OP_REQUEST to guest port 77.
+        let mut hs = UnixStream::connect(&uds_path).unwrap();
+        hs.write_all(b"CONNECT 77\n").unwrap();
+        let req = wait_rx(&mut drv, &mut t);
+        assert_eq!((req.hdr.op, req.hdr.dst_port), (1, 77));
+
+        // Stop: the thread exits, host streams close, the socket file goes away.
+        let metrics = handle.metrics();
+        handle.stop();
+        assert!(!uds_path.exists());
+        hs.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(hs.read_to_end(&mut rest).unwrap(), 0);
+        assert_eq!(VsockMetrics::get(&metrics.conns_opened), 2);
     }
 }

@@ -23,7 +23,7 @@ pub mod packet;
 pub mod unix;
 
 #[cfg(test)]
-mod test_utils;
+pub(crate) mod test_utils;
 #[cfg(test)]
 mod tests;
 

@@ -46,14 +46,9 @@ pub struct RxPkt {
     pub data: Vec<u8>,
 }
 
-/// The device plus a fake guest driver.
-pub struct Harness {
+/// A fake guest driver: owns the rings of the three queues and the buffers it posts.
+pub struct GuestDriver {
     pub mem: GuestMemoryMmap<()>,
-    pub dev: VsockDevice<VsockMuxer, CountingIrq>,
-    pub metrics: Arc<VsockMetrics>,
-    /// Interrupts raised so far.
-    pub irqs: Arc<AtomicU32>,
-    pub dir: tempfile::TempDir,
     /// (descriptor table, available ring, used ring) of each queue.
     rings: [(GuestAddress, GuestAddress, GuestAddress); 3],
     next_desc: [u16; 3],
@@ -63,26 +58,32 @@ pub struct Harness {
     rx_bufs: HashMap<u16, (u64, u64)>,
 }
 
-impl Harness {
-    pub fn new() -> Self {
-        Self::with_hook(None)
-    }
+/// The device plus a fake guest driver.
+pub struct Harness {
+    pub drv: GuestDriver,
+    pub dev: VsockDevice<VsockMuxer, CountingIrq>,
+    pub metrics: Arc<VsockMetrics>,
+    /// Interrupts raised so far.
+    pub irqs: Arc<AtomicU32>,
+    pub dir: tempfile::TempDir,
+}
 
-    pub fn with_hook(hook: Option<FirstConnectHook>) -> Self {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(VsockMetrics::default());
-        let muxer = VsockMuxer::new(
-            GUEST_CID,
-            dir.path().join("vsock.sock"),
-            metrics.clone(),
-            hook,
-        )
-        .unwrap();
-        let irqs = Arc::new(AtomicU32::new(0));
-        let mut dev =
-            VsockDevice::new(GUEST_CID, muxer, CountingIrq(irqs.clone()), metrics.clone());
+impl std::ops::Deref for Harness {
+    type Target = GuestDriver;
+    fn deref(&self) -> &GuestDriver {
+        &self.drv
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut GuestDriver {
+        &mut self.drv
+    }
+}
+
+impl GuestDriver {
+    /// Lays out the three queues' rings in `mem`; returns the driver and the matching queues.
+    pub fn new(mem: GuestMemoryMmap<()>) -> (Self, Vec<Queue>) {
         // The mock zeroes its rings when created, so build each once and keep the addresses.
         let mut rings = [(GuestAddress(0), GuestAddress(0), GuestAddress(0)); 3];
         let mut queues: Vec<Queue> = Vec::new();
@@ -91,32 +92,29 @@ impl Harness {
             rings[i] = (mock.desc_table_addr(), mock.avail_addr(), mock.used_addr());
             queues.push(mock.create_queue().unwrap());
         }
-        dev.activate(mem.clone(), queues).unwrap();
-        Self {
+        let drv = Self {
             mem,
-            dev,
-            metrics,
-            irqs,
-            dir,
             rings,
             next_desc: [0; 3],
             used_seen: [0; 3],
             buf_next: BUF_BASE,
             rx_bufs: HashMap::new(),
-        }
+        };
+        (drv, queues)
     }
 
-    /// The host listener path.
-    pub fn uds_path(&self) -> PathBuf {
-        self.dir.path().join("vsock.sock")
+    /// (descriptor table, available ring, used ring) of queue `q`.
+    pub fn ring_addrs(&self, q: usize) -> (u64, u64, u64) {
+        let (d, a, u) = self.rings[q];
+        (d.0, a.0, u.0)
     }
 
-    /// Where guest connections to `port` go.
-    pub fn port_path(&self, port: u32) -> PathBuf {
-        self.dir.path().join(format!("vsock.sock_{port}"))
+    /// Rx buffers posted and not yet used.
+    pub fn outstanding_rx(&self) -> usize {
+        self.rx_bufs.len()
     }
 
-    fn alloc(&mut self, len: u64) -> u64 {
+    pub fn alloc(&mut self, len: u64) -> u64 {
         if self.buf_next + len > MEM_SIZE {
             self.buf_next = BUF_BASE;
         }
@@ -167,50 +165,6 @@ impl Harness {
             .unwrap();
     }
 
-    /// Puts a guest packet on the tx queue (header and payload in separate descriptors) and runs
-    /// the device.
-    pub fn send(&mut self, hdr: VsockHeader, payload: &[u8]) {
-        let h = self.alloc(VsockHeader::SIZE as u64);
-        self.mem
-            .write_slice(&hdr.to_bytes(), GuestAddress(h))
-            .unwrap();
-        if payload.is_empty() {
-            self.add_chain(TXQ, &[(h, VsockHeader::SIZE as u32, 0)]);
-        } else {
-            let d = self.alloc(payload.len() as u64);
-            self.mem.write_slice(payload, GuestAddress(d)).unwrap();
-            self.add_chain(
-                TXQ,
-                &[
-                    (h, VsockHeader::SIZE as u32, 0),
-                    (d, payload.len() as u32, 0),
-                ],
-            );
-        }
-        self.run();
-    }
-
-    /// A guest packet header from guest port `src` to host port `dst`.
-    pub fn guest_hdr(src: u32, dst: u32, op: u16) -> VsockHeader {
-        VsockHeader {
-            src_cid: GUEST_CID,
-            dst_cid: defs::HOST_CID,
-            src_port: src,
-            dst_port: dst,
-            type_: defs::TYPE_STREAM,
-            op,
-            buf_alloc: 64 * 1024,
-            ..VsockHeader::default()
-        }
-    }
-
-    /// Sends a guest RW packet.
-    pub fn send_data(&mut self, src: u32, dst: u32, payload: &[u8]) {
-        let mut h = Self::guest_hdr(src, dst, defs::OP_RW);
-        h.len = payload.len() as u32;
-        self.send(h, payload);
-    }
-
     /// Offers `n` rx buffers (44-byte header descriptor plus a 4 KiB data descriptor).
     pub fn add_rx_buffers(&mut self, n: usize) {
         let w = VRING_DESC_F_WRITE as u16;
@@ -229,14 +183,6 @@ impl Harness {
     pub fn top_up_rx(&mut self, n: usize) {
         let have = self.rx_bufs.len();
         self.add_rx_buffers(n.saturating_sub(have));
-    }
-
-    /// Runs the device: host events, then tx, then rx.
-    pub fn run(&mut self) {
-        use super::VsockBackend;
-        self.dev.backend_mut().process_events();
-        self.dev.process_tx();
-        self.dev.process_rx();
     }
 
     /// New used entries of queue `q`: (head index, used length).
@@ -271,13 +217,111 @@ impl Harness {
             .collect()
     }
 
+    /// Puts a guest packet on the tx queue (header and payload in separate descriptors).
+    pub fn put_tx(&mut self, hdr: VsockHeader, payload: &[u8]) {
+        let h = self.alloc(VsockHeader::SIZE as u64);
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(h))
+            .unwrap();
+        if payload.is_empty() {
+            self.add_chain(TXQ, &[(h, VsockHeader::SIZE as u32, 0)]);
+        } else {
+            let d = self.alloc(payload.len() as u64);
+            self.mem.write_slice(payload, GuestAddress(d)).unwrap();
+            self.add_chain(
+                TXQ,
+                &[
+                    (h, VsockHeader::SIZE as u32, 0),
+                    (d, payload.len() as u32, 0),
+                ],
+            );
+        }
+    }
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with_hook(None)
+    }
+
+    pub fn with_hook(hook: Option<FirstConnectHook>) -> Self {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(VsockMetrics::default());
+        let muxer = VsockMuxer::new(
+            GUEST_CID,
+            dir.path().join("vsock.sock"),
+            metrics.clone(),
+            hook,
+        )
+        .unwrap();
+        let irqs = Arc::new(AtomicU32::new(0));
+        let mut dev =
+            VsockDevice::new(GUEST_CID, muxer, CountingIrq(irqs.clone()), metrics.clone());
+        let (drv, queues) = GuestDriver::new(mem.clone());
+        dev.activate(mem, queues).unwrap();
+        Self {
+            drv,
+            dev,
+            metrics,
+            irqs,
+            dir,
+        }
+    }
+
+    /// The host listener path.
+    pub fn uds_path(&self) -> PathBuf {
+        self.dir.path().join("vsock.sock")
+    }
+
+    /// Where guest connections to `port` go.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        self.dir.path().join(format!("vsock.sock_{port}"))
+    }
+
+    /// Puts a guest packet on the tx queue and runs the device.
+    pub fn send(&mut self, hdr: VsockHeader, payload: &[u8]) {
+        self.drv.put_tx(hdr, payload);
+        self.run();
+    }
+
+    /// A guest packet header from guest port `src` to host port `dst`.
+    pub fn guest_hdr(src: u32, dst: u32, op: u16) -> VsockHeader {
+        VsockHeader {
+            src_cid: GUEST_CID,
+            dst_cid: defs::HOST_CID,
+            src_port: src,
+            dst_port: dst,
+            type_: defs::TYPE_STREAM,
+            op,
+            buf_alloc: 64 * 1024,
+            ..VsockHeader::default()
+        }
+    }
+
+    /// Sends a guest RW packet.
+    pub fn send_data(&mut self, src: u32, dst: u32, payload: &[u8]) {
+        let mut h = Self::guest_hdr(src, dst, defs::OP_RW);
+        h.len = payload.len() as u32;
+        self.send(h, payload);
+    }
+
+    /// Runs the device: host events, then tx, then rx.
+    pub fn run(&mut self) {
+        use super::VsockBackend;
+        self.dev.backend_mut().process_events();
+        self.dev.process_tx();
+        self.dev.process_rx();
+    }
+
     /// Runs the device, offering one rx buffer at a time, until the guest has received `n`
     /// packets or 100 rounds passed; returns what arrived. When it returns `n` packets, no rx
     /// buffer is left outstanding.
     pub fn recv_n(&mut self, n: usize) -> Vec<RxPkt> {
         let mut got = Vec::new();
         for _ in 0..100 {
-            if self.rx_bufs.is_empty() {
+            if self.drv.rx_bufs.is_empty() {
                 self.add_rx_buffers(1);
             }
             self.run();
