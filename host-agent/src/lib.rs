@@ -8,5 +8,12 @@
 //!   itself in VMM mode), built on the rust-vmm crates: KVM, guest memory, the Linux loader, the
 //!   8250 serial console, i8042 reset and a userspace virtio-vsock device with a hybrid
 //!   (Unix-socket) backend.
+//! - [`daemon`]: `host-agent serve`, the daemon that starts one VMM per agent, relays its
+//!   control channel, keeps per-VM state on disk across restarts and serves the API.
+//! - [`api`]: the daemon's HTTP/JSON API types, shared by the daemon and the CLI.
+//! - [`cli`]: the `nanoclaw` command-line client of that API.
 
+pub mod api;
+pub mod cli;
+pub mod daemon;
 pub mod vmm;

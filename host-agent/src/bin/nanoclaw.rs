@@ -1,0 +1,41 @@
+//! The `nanoclaw` CLI: parses arguments, runs [`host_agent::cli::run`] and maps the outcome to
+//! an exit code. Errors are one line on stderr: `nanoclaw: error: <the whole cause chain>`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use host_agent::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_run = matches!(cli.command, cli::Command::Run(_));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nanoclaw: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("nanoclaw: error: {}", error_chain(&e));
+            ExitCode::from(if is_run { cli::RUN_FAILED_EXIT } else { 1 })
+        }
+    }
+}
+
+/// The error and its whole `source()` chain on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
