@@ -70,6 +70,10 @@ pub const E820_RAM: u32 = 1;
 /// e820 type: reserved.
 pub const E820_RESERVED: u32 = 2;
 
+// The boot stack grows down from between the zero page and the page tables.
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+
 /// One e820 map entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct E820Entry {
@@ -230,10 +234,5 @@ mod tests {
                 w[1].0
             );
         }
-        const {
-            assert!(
-                BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000
-            )
-        };
     }
 }

@@ -22,6 +22,8 @@ const COMMAND_OFFSET: u64 = 4;
 const STATUS_OUTPUT_FULL: u8 = 1 << 0;
 const STATUS_SYSTEM_FLAG: u8 = 1 << 2;
 const STATUS_LAST_WAS_COMMAND: u8 = 1 << 3;
+/// Keyboard not inhibited (the key lock is off).
+const STATUS_UNLOCKED: u8 = 1 << 4;
 
 const CMD_READ_CONTROL: u8 = 0x20;
 const CMD_WRITE_CONTROL: u8 = 0x60;
@@ -76,7 +78,7 @@ impl I8042 {
     /// A controller that calls `on_reset` when the guest resets the CPU through it.
     pub fn new(on_reset: Box<dyn FnMut() + Send>) -> Self {
         Self {
-            status: STATUS_SYSTEM_FLAG,
+            status: STATUS_SYSTEM_FLAG | STATUS_UNLOCKED,
             control: CONTROL_DEFAULT,
             output_port: OUTPUT_PORT_DEFAULT,
             pending: PendingWrite::None,
@@ -181,8 +183,10 @@ mod tests {
     #[test]
     fn pulse_reset_command_resets() {
         let (mut dev, resets) = device();
-        // kb_wait(): the input buffer is never full.
-        assert_eq!(read(&mut dev, 4) & 0x02, 0);
+        // kb_wait(): the input buffer is never full; the key lock is off.
+        let status = read(&mut dev, 4);
+        assert_eq!(status & 0x02, 0);
+        assert_ne!(status & STATUS_UNLOCKED, 0);
         dev.write(4, &[0xfe]);
         assert_eq!(resets.load(Ordering::SeqCst), 1);
     }
