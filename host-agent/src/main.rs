@@ -1,6 +1,6 @@
-//! The `host-agent` binary. Today it has one command, `vmm`, which runs one microVM in this
-//! process (the daemon will re-execute this binary in that mode). All logic lives in the library;
-//! this file parses arguments, sets up logging and maps the outcome to an exit code.
+//! The `host-agent` binary: `serve` runs the daemon, and `vmm` runs one microVM in this process
+//! (the daemon re-executes this binary in that mode). All logic lives in the library; this file
+//! parses arguments, sets up logging and maps the outcome to an exit code.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: the API socket and one VMM process per agent VM.
+    Serve(host_agent::daemon::ServeArgs),
     /// Boot one microVM in this process and run it until it ends.
     ///
     /// Exit status: 0 guest reset, 10 power-off/halt, 11 kernel panic, 12 vCPU failure,
@@ -94,6 +96,18 @@ fn main() -> ExitCode {
     // The boot timer starts here, before anything else.
     let process_start = Instant::now();
     let cli = Cli::parse();
+    let args = match cli.command {
+        Command::Serve(args) => {
+            return match host_agent::daemon::serve_main(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("host-agent: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Vmm(args) => args,
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -103,24 +117,20 @@ fn main() -> ExitCode {
         )
         .init();
 
-    match cli.command {
-        Command::Vmm(args) => {
-            let config = args.into_config();
-            match vmm::run(&config, process_start) {
-                Ok(report) => {
-                    tracing::info!(
-                        reason = report.reason.as_str(),
-                        exit_code = report.exit_code,
-                        boot_to_ready_ms = report.boot_to_ready_ms,
-                        "VMM exiting"
-                    );
-                    ExitCode::from(report.exit_code as u8)
-                }
-                Err(e) => {
-                    eprintln!("nanoclaw-vmm: error: {}", error_chain(&e));
-                    ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8)
-                }
-            }
+    let config = args.into_config();
+    match vmm::run(&config, process_start) {
+        Ok(report) => {
+            tracing::info!(
+                reason = report.reason.as_str(),
+                exit_code = report.exit_code,
+                boot_to_ready_ms = report.boot_to_ready_ms,
+                "VMM exiting"
+            );
+            ExitCode::from(report.exit_code as u8)
+        }
+        Err(e) => {
+            eprintln!("nanoclaw-vmm: error: {}", error_chain(&e));
+            ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8)
         }
     }
 }
