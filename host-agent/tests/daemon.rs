@@ -61,10 +61,26 @@ struct Conn {
 
 impl Conn {
     /// Connects (retrying while the daemon is away) and says hello.
+    /// Like the real sidecar, a connection that drops before the answer is retried (a dying
+    /// daemon may still accept one).
     fn open(vm_dir: &Path, boot_id: [u8; 16]) -> Conn {
-        let stream = connect_retry(&vm_dir.join(CONTROL_SOCKET));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (answer, conn) = Conn::try_open(vm_dir, boot_id);
+            match answer {
+                Some(HostToGuest::HelloAck { .. }) => return conn,
+                None if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => fake_fail(vm_dir, &format!("hello answered with {other:?}")),
+            }
+        }
+    }
+
+    /// Connects and says hello; the answer and the connection.
+    fn try_open(vm_dir: &Path, boot_id: [u8; 16]) -> (Option<HostToGuest>, Conn) {
         let mut conn = Conn {
-            stream,
+            stream: connect_retry(&vm_dir.join(CONTROL_SOCKET)),
             decoder: FrameDecoder::new(),
         };
         conn.send(&GuestToHost::Hello {
@@ -73,10 +89,7 @@ impl Conn {
             boot_id,
             ephemeral_public_key: [7; 32],
         });
-        match conn.recv(Duration::from_secs(10)) {
-            Some(HostToGuest::HelloAck { .. }) => conn,
-            other => fake_fail(vm_dir, &format!("hello answered with {other:?}")),
-        }
+        (conn.recv(Duration::from_secs(10)), conn)
     }
 
     fn send(&mut self, msg: &GuestToHost) {
@@ -191,7 +204,9 @@ fn output(conn: &mut Conn, stream: OutputStream, text: &str) {
 /// - `wait`: starts, prints `waiting`, and runs until a `Shutdown` (agent killed by signal 15),
 ///   reconnecting whenever the daemon goes away;
 /// - `garbage N`: after `RunAgent`, sends a bad frame, then N-1 connections of raw garbage
-///   (no hello), checking each is closed, then reconnects properly and behaves like the default;
+///   (no hello), checking each is closed, then a hello with another boot id (refused), then
+///   reconnects properly and behaves like the default;
+/// - `deaf`: starts, prints `deaf`, and ignores everything until killed;
 /// - anything else: prints `hello ARGS ENV` on stdout and `to stderr` on stderr, exits 3.
 fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: Conn, spec: AgentSpec) {
     match spec.command.as_str() {
@@ -203,6 +218,15 @@ fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: Conn, spec: AgentSpec)
                     Some(HostToGuest::Shutdown) => shutdown(vm_dir, &mut conn),
                     Some(_) => {}
                     None => conn = reconnect(vm_dir, boot_id),
+                }
+            }
+        }
+        "deaf" => {
+            conn.send(&GuestToHost::AgentStarted { pid: 8 });
+            output(&mut conn, OutputStream::Stdout, "deaf\n");
+            loop {
+                if conn.recv(Duration::from_secs(3600)).is_none() {
+                    conn = reconnect(vm_dir, boot_id);
                 }
             }
         }
@@ -219,6 +243,11 @@ fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: Conn, spec: AgentSpec)
                 };
                 raw.stream.write_all(&garbage).unwrap();
                 raw.expect_closed(vm_dir);
+            }
+            // Another boot id on this VM is refused.
+            match Conn::try_open(vm_dir, [0xee; 16]).0 {
+                Some(HostToGuest::HelloReject { .. }) => {}
+                other => fake_fail(vm_dir, &format!("impostor hello answered {other:?}")),
             }
             let conn = reconnect(vm_dir, boot_id);
             normal_agent(vm_dir, conn, &spec);
@@ -266,6 +295,10 @@ fn run_tests(filters: &[String]) {
             a_restarted_daemon_reports_a_vanished_vmm_as_lost,
         ),
         (
+            "stop_escalates_to_sigterm_and_ends_followers",
+            stop_escalates_to_sigterm_and_ends_followers,
+        ),
+        (
             "ctrl_c_during_run_stops_the_vm",
             ctrl_c_during_run_stops_the_vm,
         ),
@@ -299,16 +332,43 @@ fn run_tests(filters: &[String]) {
 struct TestDaemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl TestDaemon {
     fn start() -> TestDaemon {
+        TestDaemon::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("kernel"), "k").unwrap();
         std::fs::write(dir.path().join("initrd"), "i").unwrap();
-        let mut d = TestDaemon { dir, child: None };
+        let mut d = TestDaemon {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         d.spawn();
         d
+    }
+
+    /// Runs a second daemon on the same state directory and another socket; its output.
+    fn second_daemon(&self) -> Output {
+        let me = std::env::current_exe().unwrap();
+        let p = self.dir.path();
+        Command::new(&me)
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(p.join("state"))
+            .arg("--socket")
+            .arg(p.join("other.sock"))
+            .arg("--kernel")
+            .arg(p.join("kernel"))
+            .arg("--initrd")
+            .arg(p.join("initrd"))
+            .output()
+            .unwrap()
     }
 
     fn socket(&self) -> PathBuf {
@@ -340,7 +400,8 @@ impl TestDaemon {
             .arg("--vmm-bin")
             .arg(&me)
             .arg("--stop-grace-secs")
-            .arg("3")
+            .arg("1")
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -430,6 +491,17 @@ fn cli_says_when_the_daemon_is_not_running() {
 
 fn run_relays_output_and_exits_with_the_agent_code() {
     let d = TestDaemon::start();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let second = d.second_daemon();
+    assert!(!second.status.success());
+    assert!(
+        text(&second.stderr).contains("another daemon already uses the state directory"),
+        "{}",
+        text(&second.stderr)
+    );
+
     let out = d.nanoclaw(&["run", "-e", "A=1", "--", "/bin/agent", "x", "y"]);
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello x y A=1\n");
@@ -479,7 +551,7 @@ fn run_relays_output_and_exits_with_the_agent_code() {
 }
 
 fn a_garbage_guest_is_cut_off_and_logged_within_budget() {
-    let d = TestDaemon::start();
+    let d = TestDaemon::start_with(&["--log-json"]);
     let out = d.nanoclaw(&["run", "--", "garbage", "25"]);
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello 25 \n");
@@ -488,18 +560,25 @@ fn a_garbage_guest_is_cut_off_and_logged_within_budget() {
     assert!(ps.status.success(), "the daemon stopped answering");
     let vms: Vec<VmInfo> = serde_json::from_slice(&ps.stdout).unwrap();
     let vm = &vms[0];
-    assert_eq!(vm.guest_protocol_errors, 25);
+    // 25 garbage connections and one impostor hello.
+    assert_eq!(vm.guest_protocol_errors, 26);
     assert_eq!(vm.control_reconnects, 1);
     assert_eq!(vm.status, VmStatus::Exited);
 
     let log = d.log();
-    let lines = log
+    let lines: Vec<serde_json::Value> = log
         .lines()
         .filter(|l| l.contains("guest protocol error"))
-        .count();
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .collect();
     assert!(
-        (1..=10).contains(&lines),
-        "{lines} guest error lines:\n{log}"
+        (1..=10).contains(&lines.len()),
+        "{} lines:\n{log}",
+        lines.len()
+    );
+    assert!(
+        lines.iter().all(|l| l["fields"]["vm"] == vm.id.as_str()),
+        "{log}"
     );
 }
 
@@ -549,6 +628,32 @@ fn a_restarted_daemon_reports_a_vanished_vmm_as_lost() {
     // A follower is not left hanging on a lost VM.
     let logs = d.nanoclaw(&["logs", "--follow", &id]);
     assert_eq!(text(&logs.stdout), "waiting\n");
+}
+
+fn stop_escalates_to_sigterm_and_ends_followers() {
+    let d = TestDaemon::start();
+    let out = d.nanoclaw(&["run", "-d", "--", "deaf"]);
+    let id = text(&out.stdout).trim().to_owned();
+    d.wait_status(&id, |i| i.status == VmStatus::Running);
+    let follower = Command::new(NANOCLAW)
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["logs", "--follow", &id])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let stop = d.nanoclaw(&["stop", &id]);
+    assert_eq!(text(&stop.stdout), format!("{id} stopped\n"));
+    // The sidecar ignored Shutdown: the VMM got SIGTERM after the 1 s grace.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let info = d.inspect(&id);
+    assert_eq!(info.status, VmStatus::Stopped);
+    assert_eq!(info.agent_exit, None);
+    assert_eq!(info.vmm_exit.map(|e| e.signal), Some(Some(15)));
+    let followed = follower.wait_with_output().unwrap();
+    assert!(followed.status.success());
+    assert_eq!(text(&followed.stdout), "deaf\n");
 }
 
 fn ctrl_c_during_run_stops_the_vm() {

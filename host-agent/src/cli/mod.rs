@@ -36,6 +36,9 @@ pub enum CliError {
     /// Writing our own output failed.
     #[error("cannot write the output")]
     Write(#[source] std::io::Error),
+    /// Installing the Ctrl-C handler failed.
+    #[error("cannot handle Ctrl-C")]
+    Signal(#[source] std::io::Error),
     /// An event line from the daemon does not parse.
     #[error("bad event from the daemon")]
     Event(#[source] serde_json::Error),
@@ -189,6 +192,9 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     spec.cwd = args.cwd;
     spec.memory_mib = args.memory;
     spec.vcpus = args.vcpus;
+    // Catch Ctrl-C from before the VM exists, so that it can never leave a VM behind.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(CliError::Signal)?;
     let info: VmInfo = client.json(Method::POST, "/v1/vms", Some(&spec)).await?;
     if args.detach {
         print_out(&format!("{}\n", info.id))?;
@@ -208,7 +214,7 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     loop {
         let line = tokio::select! {
             line = lines.next_line() => line?,
-            _ = tokio::signal::ctrl_c() => {
+            _ = sigint.recv() => {
                 if stopping.is_some() {
                     return Ok(130);
                 }

@@ -33,6 +33,9 @@ use self::state::{StateError, VmRecord};
 use self::vm::{Vm, VmError, VmmLaunch, error_chain};
 use crate::api::{self, CreateVm};
 
+/// How long open API responses may take to finish once the daemon is told to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -392,10 +395,23 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),
         vms = daemon.lock_vms().len(), "daemon listening");
     let app = routes::router(Arc::clone(&daemon));
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(DaemonError::Serve);
+    // Graceful shutdown waits for open responses, and a followed stream may never end: give
+    // them a moment, then go.
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let stopping = Arc::clone(&stopping);
+        async move {
+            shutdown_signal().await;
+            stopping.notify_one();
+        }
+    });
+    let result = tokio::select! {
+        r = server => r.map_err(DaemonError::Serve),
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    };
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("daemon stopped; VMs keep running");
     result

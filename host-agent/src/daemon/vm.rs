@@ -22,7 +22,7 @@ use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest, OutputStream};
 use shared_proto::{FrameDecoder, encode_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
 
 use super::ratelimit::LogBudget;
 use super::state::{self, StateError, VmRecord};
@@ -36,6 +36,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// The longest guest error message kept, in bytes.
 const GUEST_MESSAGE_MAX: usize = 512;
+/// Control connections served at once per VM (one current, a few being replaced or refused).
+const MAX_CONTROL_CONNECTIONS: usize = 4;
 /// Events buffered per live subscriber before it lags.
 const EVENT_CHANNEL: usize = 1024;
 
@@ -129,15 +131,24 @@ impl Vm {
     /// Wraps `record` for the VM in `dir`, opening its event log for appending.
     pub fn open(dir: PathBuf, record: VmRecord, output_cap: u64) -> Result<Arc<Self>, VmError> {
         let path = dir.join(state::OUTPUT_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| VmError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        // An ended VM's log is only read from now on; keep no descriptor for it.
+        let file = if record.status.is_terminal() {
+            None
+        } else {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| VmError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(file)
+        };
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
         let next_seq = last_seq(&path).map_or(0, |s| s + 1);
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
         let (ended, _) = watch::channel(record.status.is_terminal());
@@ -146,7 +157,7 @@ impl Vm {
             dir,
             record: Mutex::new(record),
             log: Mutex::new(EventLog {
-                file: Some(file),
+                file,
                 size,
                 cap: output_cap,
                 next_seq,
@@ -210,6 +221,12 @@ impl Vm {
         out
     }
 
+    /// Changes the record in memory only; the next [`Vm::update`] saves it. For counters a
+    /// guest can drive, so that it cannot turn its misbehaviour into disk writes.
+    fn update_quiet<R>(&self, f: impl FnOnce(&mut VmRecord) -> R) -> R {
+        f(&mut lock(&self.record))
+    }
+
     /// Appends `event` to the log (output events only while under the cap) and broadcasts it.
     fn emit(&self, event: Event) {
         let mut log = lock(&self.log);
@@ -227,7 +244,7 @@ impl Vm {
                 _ => 0,
             };
             drop(log);
-            self.update(|r| r.output_dropped_bytes += dropped);
+            self.update_quiet(|r| r.output_dropped_bytes += dropped);
             log = lock(&self.log);
         } else if let Some(file) = log.file.as_mut() {
             match file.write_all(&line) {
@@ -245,7 +262,7 @@ impl Vm {
 
     /// Logs a guest-triggered problem within this VM's budget and counts it.
     fn guest_fault(&self, what: &str, detail: &str) {
-        self.update(|r| r.guest_protocol_errors += 1);
+        self.update_quiet(|r| r.guest_protocol_errors += 1);
         if let Some(suppressed) = lock(&self.budget).admit(Instant::now()) {
             tracing::warn!(vm = %self.id, suppressed, detail, "guest protocol error: {what}");
         }
@@ -320,12 +337,21 @@ impl Vm {
     /// Accepts control connections until the VM ends.
     pub async fn accept_control(self: Arc<Self>, listener: UnixListener) {
         let mut ended = self.ended();
+        let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                            drop(stream);
+                            self.guest_fault("too many control connections", "");
+                            continue;
+                        };
                         let vm = Arc::clone(&self);
-                        tokio::spawn(async move { vm.serve_control(stream).await });
+                        tokio::spawn(async move {
+                            vm.serve_control(stream).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::error!(vm = %self.id, error = %e, "control accept failed");
@@ -409,8 +435,8 @@ impl Vm {
             old.kick.notify_one();
         }
         let (send_agent, stop) = self.update(|r| {
-            let send = !r.agent_sent;
-            r.agent_sent = true;
+            let send = !r.agent_sent && !r.stop_requested;
+            r.agent_sent |= send;
             (send.then(|| r.spec.clone()), r.stop_requested)
         });
         if let Some(spec) = send_agent {
@@ -607,6 +633,7 @@ impl Vm {
         });
         tracing::info!(vm = %self.id, status = status.as_str(), ?vmm_exit, "VM ended");
         self.emit(Event::Ended { status, vmm_exit });
+        lock(&self.log).file = None;
         self.ended.send_replace(true);
     }
 
