@@ -390,11 +390,13 @@ impl Vmm {
             let _ = self.events.send(event);
         }
 
-        let reason = wait_for_end(&events);
+        let reason = wait_for_end(&events, PANIC_GRACE);
         tracing::info!(reason = reason.as_str(), "VM ended; stopping");
         stop_vcpus(&stop, threads);
+        tracing::debug!("vCPUs stopped");
         if let Some(vsock) = self.vsock.take() {
             vsock.stop();
+            tracing::debug!("vsock stopped");
         }
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         if serial.errors() > 0 {
@@ -406,8 +408,9 @@ impl Vmm {
     }
 }
 
-/// Waits for the event that ends the VM and logs what it is.
-fn wait_for_end(events: &Receiver<VmEvent>) -> ExitReason {
+/// Waits for the event that ends the VM and logs what it is. After a panic shows on the console,
+/// waits at most `panic_grace` for whatever ends the VM next.
+fn wait_for_end(events: &Receiver<VmEvent>, panic_grace: Duration) -> ExitReason {
     let mut decider = ExitDecider::default();
     let mut panic_deadline: Option<Instant> = None;
     loop {
@@ -432,7 +435,7 @@ fn wait_for_end(events: &Receiver<VmEvent>) -> ExitReason {
             return reason;
         }
         if decider.panic_seen() && panic_deadline.is_none() {
-            panic_deadline = Some(Instant::now() + PANIC_GRACE);
+            panic_deadline = Some(Instant::now() + panic_grace);
         }
     }
 }
@@ -457,5 +460,46 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
                 "vCPU thread did not stop; leaving it to process exit"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    #[test]
+    fn the_first_ending_event_decides() {
+        let (tx, rx) = channel();
+        tx.send(VmEvent::PowerOff).unwrap();
+        tx.send(VmEvent::Reset).unwrap();
+        assert_eq!(wait_for_end(&rx, PANIC_GRACE), ExitReason::PowerOff);
+        let err = VmEvent::VcpuError {
+            cpu: 0,
+            detail: "x".into(),
+        };
+        tx.send(err).unwrap();
+        assert_eq!(wait_for_end(&rx, PANIC_GRACE), ExitReason::Reset);
+        assert_eq!(wait_for_end(&rx, PANIC_GRACE), ExitReason::VcpuError);
+    }
+
+    #[test]
+    fn a_panic_ends_the_vm_even_without_the_reset() {
+        let (tx, rx) = channel();
+        tx.send(VmEvent::PanicSeen).unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            wait_for_end(&rx, Duration::from_millis(20)),
+            ExitReason::Panic
+        );
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        tx.send(VmEvent::PanicSeen).unwrap();
+        tx.send(VmEvent::Reset).unwrap();
+        assert_eq!(
+            wait_for_end(&rx, Duration::from_secs(60)),
+            ExitReason::Panic
+        );
+        drop(tx);
+        assert_eq!(wait_for_end(&rx, PANIC_GRACE), ExitReason::VcpuError);
     }
 }

@@ -191,6 +191,7 @@ pub fn run(config: &VmConfig, process_start: Instant) -> Result<ExitReport, VmmE
     signals::spawn_termination_waiter(events_tx.clone()).map_err(VmmError::Signals)?;
     let vmm = Vmm::new(config, process_start, events_tx)?;
     let report = vmm.run(events_rx);
+    tracing::debug!("VM torn down");
     report
         .write(&config.vm_dir)
         .map_err(VmmError::WriteExitRecord)?;
