@@ -30,8 +30,12 @@ pub enum WorkerCommand {
         /// rx, tx and event queues.
         queues: Vec<Queue>,
     },
-    /// The driver reset the device.
-    Reset,
+    /// The driver reset the device; the worker answers on `done` once it let go of the
+    /// queues.
+    Reset {
+        /// Acknowledgement channel.
+        done: Sender<()>,
+    },
 }
 
 /// The transport-facing half of the vsock device: identity, features and config space.
@@ -100,10 +104,20 @@ impl VirtioDevice for VsockFrontend {
     }
 
     fn reset(&mut self) {
-        // If the worker is gone the device is dead anyway; nothing to undo.
-        let _ = self.send(WorkerCommand::Reset);
+        // The driver may reuse the rings' memory as soon as it reads back status 0, so wait
+        // (briefly) until the worker has dropped the queues. If the worker is gone the device
+        // is dead anyway.
+        let (done, ack) = std::sync::mpsc::channel();
+        if self.send(WorkerCommand::Reset { done }).is_ok()
+            && ack.recv_timeout(RESET_ACK_TIMEOUT).is_err()
+        {
+            tracing::error!("vsock: device thread did not acknowledge the reset");
+        }
     }
 }
+
+/// How long a vCPU waits for the device thread to confirm a reset.
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 const TOKEN_STOP: u64 = 10;
 const TOKEN_COMMAND: u64 = 11;
@@ -215,7 +229,10 @@ impl<B: VsockBackend> VsockWorker<B> {
                         tracing::error!(error = %e, "vsock: activation failed");
                     }
                 }
-                Ok(WorkerCommand::Reset) => self.device.reset(),
+                Ok(WorkerCommand::Reset { done }) => {
+                    self.device.reset();
+                    let _ = done.send(());
+                }
                 Err(TryRecvError::Empty) => return true,
                 Err(TryRecvError::Disconnected) => return false,
             }

@@ -135,7 +135,8 @@ pub struct VsockMetrics {
     pub tx_unsupported: AtomicU64,
     /// Rx descriptor chains that did not parse; the buffer is returned unused.
     pub rx_malformed: AtomicU64,
-    /// Connections set up (either side initiated).
+    /// Connections established (guest-initiated: when we connected to the host listener;
+    /// host-initiated: when the guest accepted).
     pub conns_opened: AtomicU64,
     /// Connections ended by a reset (ours or the guest's).
     pub conns_reset: AtomicU64,

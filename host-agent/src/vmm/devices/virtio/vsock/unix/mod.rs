@@ -276,9 +276,11 @@ impl VsockMuxer {
         }
         let mut conn = conn;
         conn.interest = Some(interest);
+        if conn.state == ConnState::Established {
+            VsockMetrics::inc(&self.metrics.conns_opened);
+        }
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
-        VsockMetrics::inc(&self.metrics.conns_opened);
         self.refresh(key);
         true
     }
@@ -499,8 +501,12 @@ impl VsockBackend for VsockMuxer {
         }
         let awaiting = conn.state == ConnState::AwaitingGuestResponse;
         let verdict = conn.on_guest_pkt(hdr, payload, Instant::now());
-        if verdict == Verdict::Forget && awaiting {
-            VsockMetrics::inc(&self.metrics.conns_refused);
+        if awaiting {
+            if verdict == Verdict::Forget {
+                VsockMetrics::inc(&self.metrics.conns_refused);
+            } else if conn.state == ConnState::Established {
+                VsockMetrics::inc(&self.metrics.conns_opened);
+            }
         }
         self.apply(key, verdict);
     }
