@@ -584,9 +584,21 @@ fn a_garbage_guest_is_cut_off_and_logged_within_budget() {
 
 fn a_restarted_daemon_reattaches_a_running_vm() {
     let mut d = TestDaemon::start();
-    let out = d.nanoclaw(&["run", "-d", "--", "wait"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let id = text(&out.stdout).trim().to_owned();
+    // A foreground `run` relays across the restart.
+    let mut run = Command::new(NANOCLAW)
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["run", "--", "wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = run.stdout.take().unwrap();
+    let mut first = [0u8; 8];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"waiting\n");
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.nanoclaw(&["ps", "--json"]).stdout).unwrap();
+    let id = vms[0].id.clone();
     let before = d.wait_status(&id, |i| {
         i.status == VmStatus::Running && i.control_connected
     });
@@ -606,6 +618,13 @@ fn a_restarted_daemon_reattaches_a_running_vm() {
     // Output from before the restart is still there.
     let logs = d.nanoclaw(&["logs", &id]);
     assert_eq!(text(&logs.stdout), "waiting\n");
+
+    // The foreground run saw the end, relayed nothing twice, and passed on 128 + SIGTERM.
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(text(&rest), "");
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
 }
 
 fn a_restarted_daemon_reports_a_vanished_vmm_as_lost() {

@@ -2,7 +2,8 @@
 //!
 //! - `run` creates a VM, relays the agent's stdout and stderr as they arrive and exits with the
 //!   agent's code (128 + signal when a signal killed it). Ctrl-C stops the VM; a second Ctrl-C
-//!   leaves at once.
+//!   leaves at once. If the daemon restarts meanwhile, `run` reconnects (for up to 30 s) and
+//!   resumes after the last event it relayed.
 //! - `ps`, `inspect`, `logs`, `stop` are thin views of the API.
 //!
 //! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
@@ -15,11 +16,17 @@ pub mod client;
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use hyper::Method;
 
 use self::client::{Client, ClientError, CopyError, Lines};
 use crate::api::{self, AgentExit, CreateVm, Event, EventRecord, VmInfo, VmStatus};
+
+/// How long `run` keeps trying to get the event stream back after losing the daemon.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+/// The pause between those tries.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
 /// The exit code of `run` when there is no agent exit status to pass on.
 pub const RUN_FAILED_EXIT: u8 = 125;
@@ -48,9 +55,6 @@ pub enum CliError {
     /// `--env` without `=`.
     #[error("--env {0:?} is not NAME=VALUE")]
     EnvSyntax(String),
-    /// The event stream ended before the VM did.
-    #[error("the daemon closed the event stream early")]
-    StreamEnded,
     /// The VM ended without an agent exit status.
     #[error("VM {id} ended {status} without an agent exit status{detail}")]
     NoAgentExit {
@@ -201,19 +205,39 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
         return Ok(0);
     }
     let id = info.id;
-    let resp = client
-        .send(
-            Method::GET,
-            &format!("/v1/vms/{id}/events?follow=true"),
-            None,
-        )
-        .await?;
-    let mut lines = Lines::new(resp.into_body());
+    let events_path = format!("/v1/vms/{id}/events?follow=true");
+    let mut lines: Option<Lines> = None;
+    // When the event stream was lost (a daemon restart), and the last event relayed.
+    let mut outage: Option<Instant> = None;
+    let mut last_seq: Option<u64> = None;
     let mut agent_exit = None;
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     loop {
+        let Some(current) = lines.as_mut() else {
+            match client.send(Method::GET, &events_path, None).await {
+                Ok(resp) => {
+                    lines = Some(Lines::new(resp.into_body()));
+                    outage = None;
+                }
+                Err(e) => {
+                    let since = *outage.get_or_insert_with(Instant::now);
+                    let transient = matches!(e, ClientError::NotRunning(_) | ClientError::Http(_));
+                    if !transient || since.elapsed() > RECONNECT_FOR {
+                        return Err(e.into());
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                        _ = sigint.recv() => {
+                            eprintln!("nanoclaw: the daemon is unreachable; VM {id} keeps running");
+                            return Ok(130);
+                        }
+                    }
+                }
+            }
+            continue;
+        };
         let line = tokio::select! {
-            line = lines.next_line() => line?,
+            line = current.next_line() => line,
             _ = sigint.recv() => {
                 if stopping.is_some() {
                     return Ok(130);
@@ -228,10 +252,24 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
                 continue;
             }
         };
-        let Some(line) = line else {
-            return Err(CliError::StreamEnded);
+        let line = match line {
+            Ok(Some(line)) => line,
+            // The daemon went away mid-stream (a restart): reconnect and resume after `last_seq`.
+            Ok(None) | Err(ClientError::Http(_)) => {
+                lines = None;
+                if outage.is_none() {
+                    eprintln!("nanoclaw: lost the daemon's event stream; reconnecting");
+                    outage = Some(Instant::now());
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         let rec: EventRecord = serde_json::from_slice(&line).map_err(CliError::Event)?;
+        if last_seq.is_some_and(|l| rec.seq <= l) {
+            continue;
+        }
+        last_seq = Some(rec.seq);
         if args.json {
             let mut out = std::io::stdout().lock();
             out.write_all(&line)
