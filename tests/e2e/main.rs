@@ -4,5 +4,6 @@
 //! `/dev/kvm` cannot boot Linux. `scripts/e2e` builds the guest image and this binary, then runs
 //! it with `--ignored` through `scripts/nested-run`, inside one L1 VM with nested KVM.
 
+mod agent;
 mod kvm_selftest;
 mod vmm;

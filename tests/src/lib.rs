@@ -369,3 +369,180 @@ pub fn echo_round_trip(stream: UnixStream, data: &[u8], timeout: Duration) -> Re
     }
     Ok(start.elapsed())
 }
+
+/// The `nanoclaw` CLI next to the `host-agent` binary under test.
+pub fn nanoclaw_bin() -> PathBuf {
+    host_agent_bin().with_file_name("nanoclaw")
+}
+
+/// A `host-agent serve` daemon with its own state directory and API socket. Dropping it kills the
+/// daemon and every VMM it started (they run in their own sessions, so they would outlive it).
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon that boots `kernel` with `initrd`, and waits until it answers.
+    pub fn start(kernel: &Path, initrd: &Path) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("ncd-").tempdir()?;
+        let mut daemon = Self {
+            child: None,
+            dir,
+            kernel: kernel.to_owned(),
+            initrd: initrd.to_owned(),
+        };
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+
+    /// The daemon's log (stderr of every daemon process started here, appended).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Starts (or restarts) the daemon process and waits until `nanoclaw ps` succeeds.
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))?;
+        let child = Command::new(host_agent_bin())
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--initrd")
+            .arg(&self.initrd)
+            .args(["--stop-grace-secs", "5"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn host-agent serve")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.nanoclaw(&["ps"]).output()?.status.success() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("daemon exited ({status}); log:\n{}", self.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "daemon not answering; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the daemon process with SIGKILL (its VMs keep running).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// A `nanoclaw` command aimed at this daemon.
+    pub fn nanoclaw(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(nanoclaw_bin());
+        cmd.arg("--socket").arg(self.socket()).args(args);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// `nanoclaw inspect ID --json`, parsed.
+    pub fn inspect(&self, id: &str) -> Result<serde_json::Value> {
+        let out = self.nanoclaw(&["inspect", id, "--json"]).output()?;
+        ensure!(
+            out.status.success(),
+            "inspect {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Polls `inspect` until `done` holds for the VM's JSON, or `timeout` passes.
+    pub fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.inspect(id)?;
+            if done(&info) {
+                return Ok(info);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "VM {id}: not {what} within {timeout:?}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Processes (other than the daemon) whose command line mentions this daemon's state dir:
+    /// its VMMs.
+    pub fn vmm_processes(&self) -> Vec<u32> {
+        let needle = self.dir.path().join("state").display().to_string();
+        let mut pids = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains(&needle) && cmdline.contains("\0vmm\0") {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        for pid in self.vmm_processes() {
+            // SAFETY: kill(2) with a pid read from /proc and SIGKILL has no memory-safety
+            // preconditions; at worst the process is already gone (ESRCH).
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}

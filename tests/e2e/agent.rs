@@ -1,0 +1,172 @@
+//! `nanoclaw run` end to end: the daemon, the CLI, our VMM and the sidecar as PID 1.
+
+use std::process::Output;
+use std::time::Duration;
+
+use nanoclaw_tests::{Daemon, GuestImage, workspace_root};
+
+const AGENT: Duration = Duration::from_secs(240);
+
+fn daemon() -> Daemon {
+    let image = GuestImage::from_env().expect("guest image");
+    Daemon::start(&image.vmlinux, &image.initramfs).expect("start the daemon")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn run_ok(out: &Output) -> (String, String) {
+    (text(&out.stdout), text(&out.stderr))
+}
+
+fn detach(d: &Daemon, cmd: &[&str]) -> String {
+    let mut args = vec!["run", "--detach", "--"];
+    args.extend_from_slice(cmd);
+    let out = d.nanoclaw(&args).output().expect("nanoclaw run --detach");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    assert!(
+        !id.is_empty() && !id.contains(char::is_whitespace),
+        "id {id:?}"
+    );
+    id
+}
+
+fn logs(d: &Daemon, id: &str) -> String {
+    let out = d.nanoclaw(&["logs", id]).output().expect("nanoclaw logs");
+    text(&out.stdout)
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn run_prints_the_output_and_exits_with_the_agent_code() {
+    let d = daemon();
+    let out = d
+        .nanoclaw(&[
+            "run",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo hi; echo oops >&2; exit 3",
+        ])
+        .output()
+        .expect("nanoclaw run");
+    let (stdout, stderr) = run_ok(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout {stdout:?} stderr {stderr:?}"
+    );
+    assert_eq!(stdout, "hi\n");
+    assert!(stderr.contains("oops"), "{stderr:?}");
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn two_agents_do_not_see_each_others_files_or_processes() {
+    let d = daemon();
+    // A leaves a file and a distinctive process behind and keeps running.
+    let a = detach(
+        &d,
+        &[
+            "/bin/sh",
+            "-c",
+            "echo a > /tmp/left-by-a; echo a-ready; exec sleep 4242",
+        ],
+    );
+    d.wait_for(&a, AGENT, "running with output", |_| {
+        logs(&d, &a).contains("a-ready")
+    })
+    .expect("agent A runs");
+    // B runs while A does, and looks for both.
+    let out = d
+        .nanoclaw(&["run", "--", "/bin/sh", "-c", "ls -a /tmp; ps; echo b-done"])
+        .output()
+        .expect("nanoclaw run B");
+    let (stdout, stderr) = run_ok(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    assert!(stdout.contains("b-done"), "{stdout}");
+    assert!(
+        stdout.contains(" ps"),
+        "B's own ps sees B's processes: {stdout}"
+    );
+    assert!(!stdout.contains("left-by-a"), "B sees A's file: {stdout}");
+    assert!(!stdout.contains("4242"), "B sees A's process: {stdout}");
+    let info = d.inspect(&a).expect("inspect A");
+    assert_eq!(
+        info["status"], "running",
+        "A still runs while B ran: {info}"
+    );
+    let stop = d.nanoclaw(&["stop", &a]).output().expect("nanoclaw stop");
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    d.wait_for(&a, AGENT, "stopped", |i| i["status"] == "stopped")
+        .expect("A stops");
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn a_daemon_restart_keeps_the_running_vm() {
+    let mut d = daemon();
+    let id = detach(
+        &d,
+        &["/bin/sh", "-c", "echo before; sleep 15; echo after; exit 5"],
+    );
+    d.wait_for(&id, AGENT, "running with output", |_| {
+        logs(&d, &id).contains("before")
+    })
+    .expect("agent runs");
+    let vmms = d.vmm_processes();
+    assert_eq!(vmms.len(), 1, "one VMM: {vmms:?}");
+
+    d.kill().expect("kill the daemon");
+    assert_eq!(d.vmm_processes(), vmms, "the VMM outlives the daemon");
+    d.spawn().expect("restart the daemon");
+
+    let info = d
+        .wait_for(&id, AGENT, "exited", |i| i["status"] == "exited")
+        .expect("the re-attached VM finishes");
+    assert_eq!(info["agent_exit"]["exit"], 5, "{info}");
+    assert!(info["control_reconnects"].as_u64() >= Some(1), "{info}");
+    let output = logs(&d, &id);
+    assert!(
+        output.contains("before") && output.contains("after"),
+        "no output lost across the restart: {output:?}"
+    );
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn a_guest_sending_garbage_is_cut_off_and_the_daemon_stays_healthy() {
+    let image = GuestImage::from_env().expect("guest image");
+    let garbage_initrd = workspace_root().join("target/guest-image-garbage/initramfs.cpio.gz");
+    let mut d = Daemon::start(&image.vmlinux, &garbage_initrd).expect("start the daemon");
+    let id = detach(&d, &["/bin/true"]);
+    let info = d
+        .wait_for(&id, AGENT, "ended", |i| {
+            matches!(
+                i["status"].as_str(),
+                Some("failed" | "exited" | "stopped" | "lost")
+            )
+        })
+        .expect("the garbage guest's VM ends");
+    let errors = info["guest_protocol_errors"].as_u64().unwrap_or(0);
+    assert!(errors >= 60, "every garbage connection is counted: {info}");
+
+    let console = d.nanoclaw(&["logs", &id, "--console"]).output().unwrap();
+    let console = text(&console.stdout);
+    assert!(
+        console.contains("done: 60 of 60 connections closed by the host"),
+        "the host closed every garbage connection:\n{console}"
+    );
+    let log = d.log();
+    let warned = log.matches("guest protocol error").count();
+    assert!(warned >= 1, "the error is logged:\n{log}");
+    assert!(
+        warned < 60,
+        "the log is rate-limited ({warned} lines):\n{log}"
+    );
+    assert!(d.is_running(), "the daemon survives");
+    let ps = d.nanoclaw(&["ps"]).output().unwrap();
+    assert!(ps.status.success(), "the daemon still answers");
+}
