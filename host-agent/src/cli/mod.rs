@@ -291,7 +291,7 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
                         id,
                         status: status.as_str(),
                         detail: vmm_exit
-                            .map(|e| format!(" (VMM: {}, exit code {:?})", e.reason, e.exit_code))
+                            .map(|e| format!(" (VMM: {})", e.reason))
                             .unwrap_or_default(),
                     }),
                 };
@@ -358,10 +358,11 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         AgentExit::Exit(c) => format!("exit {c}"),
         AgentExit::Signal(s) => format!("signal {s}"),
     });
-    let vmm_exit = vm
-        .vmm_exit
-        .as_ref()
-        .map(|e| format!("{} (code {:?})", e.reason, e.exit_code));
+    let vmm_exit = vm.vmm_exit.as_ref().map(|e| match (e.exit_code, e.signal) {
+        (Some(c), _) => format!("{} (exit code {c})", e.reason),
+        (None, Some(s)) => format!("{} (signal {s})", e.reason),
+        (None, None) => e.reason.clone(),
+    });
     format!(
         "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes\ndirectory:      {}\n",
         vm.id,

@@ -12,6 +12,7 @@
 //! only if both match.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -212,7 +213,7 @@ pub fn create_vm_dir(vms: &Path) -> Result<(String, PathBuf), StateError> {
     for _ in 0..16 {
         let id = random_id().map_err(fail)?;
         let dir = vms.join(&id);
-        match std::fs::create_dir(&dir) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok((id, dir)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(fail(e)),
@@ -262,6 +263,11 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let (id, dir) = create_vm_dir(root.path()).unwrap();
         assert_eq!(id.len(), 8);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
         let rec = VmRecord::new(id, CreateVm::new("/bin/sh", vec!["-c".into()]), 5);
         rec.save(&dir).unwrap();

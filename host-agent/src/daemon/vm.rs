@@ -240,7 +240,10 @@ impl Vm {
         let is_output = matches!(rec.event, Event::Output { .. });
         if is_output && log.size + line.len() as u64 > log.cap {
             let dropped = match &rec.event {
-                Event::Output { data, .. } => (data.len() as u64 / 4) * 3,
+                Event::Output { data, .. } => {
+                    let pad = data.bytes().rev().take_while(|&b| b == b'=').count();
+                    (data.len() / 4 * 3 - pad) as u64
+                }
                 _ => 0,
             };
             drop(log);
@@ -741,4 +744,88 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cause = c.source();
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{AgentExit, CreateVm};
+    use shared_proto::message::ExitStatus;
+
+    fn vm(cap: u64) -> (tempfile::TempDir, Arc<Vm>) {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = VmRecord::new("abcd0123".into(), CreateVm::new("/bin/a", vec![]), 1);
+        let vm = Vm::open(dir.path().to_path_buf(), rec, cap).unwrap();
+        (dir, vm)
+    }
+
+    fn out(data: &[u8]) -> GuestToHost {
+        GuestToHost::AgentOutput {
+            stream: OutputStream::Stdout,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn guest_messages_must_come_in_order() {
+        let (_dir, vm) = vm(1 << 20);
+        // Nothing before RunAgent was sent.
+        assert!(
+            vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+                .is_err()
+        );
+        vm.update(|r| r.agent_sent = true);
+        assert!(vm.on_guest_message(out(b"early")).is_err());
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 9 })
+            .unwrap();
+        assert!(
+            vm.on_guest_message(GuestToHost::AgentStarted { pid: 9 })
+                .is_err()
+        );
+        vm.on_guest_message(out(b"hi")).unwrap();
+        vm.on_guest_message(GuestToHost::AgentExited {
+            status: ExitStatus::Signal(9),
+        })
+        .unwrap();
+        assert!(vm.on_guest_message(out(b"late")).is_err());
+        assert!(
+            vm.on_guest_message(GuestToHost::AgentExited {
+                status: ExitStatus::Exit(0),
+            })
+            .is_err()
+        );
+        let info = vm.info();
+        assert_eq!(info.status, VmStatus::Running);
+        assert_eq!(info.agent_exit, Some(AgentExit::Signal(9)));
+        // The record on disk follows.
+        let saved = VmRecord::load(&vm.dir).unwrap();
+        assert_eq!(saved.agent_pid, Some(9));
+    }
+
+    #[test]
+    fn output_over_the_cap_is_counted_not_written_and_seq_resumes() {
+        let (dir, vm) = vm(200);
+        vm.update(|r| r.agent_sent = true);
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+            .unwrap();
+        vm.on_guest_message(out(&[b'x'; 30])).unwrap();
+        vm.on_guest_message(out(&[b'y'; 301])).unwrap();
+        vm.conclude(None, false);
+        assert_eq!(vm.info().output_dropped_bytes, 301);
+        assert_eq!(vm.status(), VmStatus::Failed);
+        let text = std::fs::read_to_string(vm.output_path()).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<EventRecord>(l).unwrap().seq)
+            .collect();
+        // started, the first chunk, (the dropped chunk), ended.
+        assert_eq!(seqs, [0, 1, 3]);
+        let reopened = Vm::open(
+            dir.path().to_path_buf(),
+            VmRecord::load(dir.path()).unwrap(),
+            200,
+        )
+        .unwrap();
+        assert_eq!(lock(&reopened.log).next_seq, 4);
+    }
 }
