@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::Queue;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::Address;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -26,6 +26,9 @@ pub const MEM_SIZE: u64 = 0x100_0000;
 /// Queue size used by the tests.
 pub const QSIZE: u16 = 256;
 const QUEUE_BASE: [u64; 3] = [0x0, 0x1_0000, 0x2_0000];
+/// Offset of each queue's used ring from its base, clear of the descriptor table and the
+/// available ring.
+const USED_OFFSET: u64 = 0x8000;
 const BUF_BASE: u64 = 0x10_0000;
 const RX_DATA_LEN: u32 = 4096;
 
@@ -85,12 +88,19 @@ impl GuestDriver {
     /// Lays out the three queues' rings in `mem`; returns the driver and the matching queues.
     pub fn new(mem: GuestMemoryMmap<()>) -> (Self, Vec<Queue>) {
         // The mock zeroes its rings when created, so build each once and keep the addresses.
+        // Its used ring is placed `QSIZE` bytes (not `2 * QSIZE`) after the available ring's
+        // entries, overlapping their upper half (virtio-queue 0.18 `SplitQueueRing::end`
+        // ignores the element size), so the used ring goes at `USED_OFFSET` instead.
         let mut rings = [(GuestAddress(0), GuestAddress(0), GuestAddress(0)); 3];
         let mut queues: Vec<Queue> = Vec::new();
         for (i, &b) in QUEUE_BASE.iter().enumerate() {
             let mock = MockSplitQueue::create(&mem, GuestAddress(b), QSIZE);
-            rings[i] = (mock.desc_table_addr(), mock.avail_addr(), mock.used_addr());
-            queues.push(mock.create_queue().unwrap());
+            let used = GuestAddress(b + USED_OFFSET);
+            mem.write_slice(&[0u8; 4], used).unwrap();
+            rings[i] = (mock.desc_table_addr(), mock.avail_addr(), used);
+            let mut q: Queue = mock.create_queue().unwrap();
+            q.set_used_ring_address(Some(used.0 as u32), Some((used.0 >> 32) as u32));
+            queues.push(q);
         }
         let drv = Self {
             mem,
@@ -209,7 +219,11 @@ impl GuestDriver {
                 let mut raw = [0u8; VsockHeader::SIZE];
                 self.mem.read_slice(&mut raw, GuestAddress(h)).unwrap();
                 let hdr = VsockHeader::from_bytes(&raw);
-                assert_eq!(len as usize, VsockHeader::SIZE + hdr.len as usize);
+                assert_eq!(
+                    len as usize,
+                    VsockHeader::SIZE + hdr.len as usize,
+                    "rx head {head} at {h:#x}/{d:#x}"
+                );
                 let mut data = vec![0u8; hdr.len as usize];
                 self.mem.read_slice(&mut data, GuestAddress(d)).unwrap();
                 RxPkt { hdr, data }

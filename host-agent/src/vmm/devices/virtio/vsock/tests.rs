@@ -537,3 +537,53 @@ fn device_reset_drops_every_connection() {
     assert!(!h.dev.process_tx());
     assert!(!h.dev.process_rx());
 }
+
+#[test]
+fn many_concurrent_connections_up_to_the_default_cap() {
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(7001)).unwrap();
+    let acceptor = std::thread::spawn(move || {
+        (0..defs::MAX_CONNECTIONS)
+            .map(|_| listener.accept().unwrap().0)
+            .collect::<Vec<_>>()
+    });
+    let n = defs::MAX_CONNECTIONS as u32 + 1;
+    let mut pkts = Vec::new();
+    for port in 0..n {
+        h.send(
+            Harness::guest_hdr(10_000 + port, 7001, defs::OP_REQUEST),
+            &[],
+        );
+        h.top_up_rx(32);
+        h.run();
+        pkts.extend(h.recv());
+    }
+    for _ in 0..100 {
+        if pkts.len() == n as usize {
+            break;
+        }
+        h.top_up_rx(32);
+        h.run();
+        pkts.extend(h.recv());
+    }
+    let responses = pkts
+        .iter()
+        .filter(|p| p.hdr.op == defs::OP_RESPONSE)
+        .count();
+    assert_eq!(responses, defs::MAX_CONNECTIONS);
+    let rst: Vec<&RxPkt> = pkts.iter().filter(|p| p.hdr.op == defs::OP_RST).collect();
+    assert_eq!(rst.len(), 1);
+    assert_eq!(rst[0].hdr.dst_port, 10_000 + n - 1);
+    assert_eq!(get(&h.metrics.conn_limit_hits), 1);
+
+    // Each guest port is relayed to its own host stream (accepted in connect order).
+    let mut hosts = acceptor.join().unwrap();
+    for i in [0usize, 1, 500, defs::MAX_CONNECTIONS - 1] {
+        let msg = format!("conn {i}");
+        h.send_data(10_000 + i as u32, 7001, msg.as_bytes());
+        hosts[i]
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(read_exact_timeout(&mut hosts[i], msg.len()), msg.as_bytes());
+    }
+}
