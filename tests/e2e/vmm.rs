@@ -94,3 +94,18 @@ fn guest_kernel_panic_ends_the_vmm_with_the_panic_status() {
     assert_eq!(exit.code, Some(11), "{exit:?}");
     assert_eq!(exit.report["reason"], "panic", "{exit:?}");
 }
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn sigterm_stops_a_running_vm_cleanly() {
+    let mut vm = TestVm::boot(&VmSpec::default()).expect("boot");
+    let _control = vm.accept_control(BOOT).expect("sidecar hello");
+    vm.signal(libc::SIGTERM).expect("SIGTERM the VMM");
+    let exit = vm.wait_exit(Duration::from_secs(30)).expect("VMM exit");
+    assert_eq!(exit.code, Some(13), "{exit:?}");
+    assert_eq!(exit.report["reason"], "signal", "{exit:?}");
+    assert!(
+        !vm.dir().join("vsock.sock").exists(),
+        "the vsock socket is removed on a clean stop"
+    );
+}

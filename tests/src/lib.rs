@@ -172,6 +172,16 @@ impl TestVm {
             .unwrap_or_default()
     }
 
+    /// Sends `signo` to the VMM process.
+    pub fn signal(&self, signo: i32) -> Result<()> {
+        let child = self.child.as_ref().context("the VMM has already exited")?;
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions; the child
+        // has not been reaped yet (we hold it), so the pid cannot have been reused.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, signo) };
+        ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+
     fn vmm_exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child
             .as_mut()
