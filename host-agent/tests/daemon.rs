@@ -542,6 +542,12 @@ fn run_relays_output_and_exits_with_the_agent_code() {
     let console = d.nanoclaw(&["logs", "--console", &vm.id]);
     assert_eq!(text(&console.stdout), "fake console: booted\n");
 
+    let rm = d.nanoclaw(&["rm", &vm.id]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert!(!Path::new(&info.vm_dir).exists());
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.nanoclaw(&["ps", "--json"]).stdout).unwrap();
+    assert!(vms.is_empty());
+
     let missing = d.nanoclaw(&["inspect", "nosuchvm"]);
     assert_eq!(missing.status.code(), Some(1));
     assert_eq!(
@@ -661,6 +667,12 @@ fn stop_escalates_to_sigterm_and_ends_followers() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let busy = d.nanoclaw(&["rm", &id]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert_eq!(
+        text(&busy.stderr),
+        format!("nanoclaw: error: VM {id} is running; stop it first\n")
+    );
     let started = Instant::now();
     let stop = d.nanoclaw(&["stop", &id]);
     assert_eq!(text(&stop.stdout), format!("{id} stopped\n"));

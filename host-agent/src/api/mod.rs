@@ -7,6 +7,7 @@
 //! | `POST /v1/vms` | [`CreateVm`] | `201` and [`VmInfo`] |
 //! | `GET /v1/vms` | | `[`[`VmInfo`]`, ...]` |
 //! | `GET /v1/vms/{id}` | | [`VmInfo`] |
+//! | `DELETE /v1/vms/{id}` | | `204`; `409` unless the VM has ended |
 //! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended |
 //! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
 //! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |

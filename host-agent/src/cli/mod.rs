@@ -4,7 +4,7 @@
 //!   agent's code (128 + signal when a signal killed it). Ctrl-C stops the VM; a second Ctrl-C
 //!   leaves at once. If the daemon restarts meanwhile, `run` reconnects (for up to 30 s) and
 //!   resumes after the last event it relayed.
-//! - `ps`, `inspect`, `logs`, `stop` are thin views of the API.
+//! - `ps`, `inspect`, `logs`, `stop`, `rm` are thin views of the API.
 //!
 //! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
 //! exit status (the VM failed, was lost or stopped before the agent started).
@@ -110,6 +110,11 @@ pub enum Command {
         /// The VM id.
         id: String,
     },
+    /// Forget an ended VM and delete its state.
+    Rm {
+        /// The VM id.
+        id: String,
+    },
     /// Show everything the daemon knows about a VM.
     Inspect {
         /// The VM id.
@@ -162,6 +167,12 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 .json(Method::POST, &format!("/v1/vms/{id}/stop"), None::<&()>)
                 .await?;
             println!("{} {}", info.id, info.status.as_str());
+            Ok(0)
+        }
+        Command::Rm { id } => {
+            client
+                .send(Method::DELETE, &format!("/v1/vms/{id}"), None)
+                .await?;
             Ok(0)
         }
         Command::Inspect { id, json } => {

@@ -144,6 +144,26 @@ pub struct ServeArgs {
     pub log_json: bool,
 }
 
+/// Errors of removing a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    /// No such VM.
+    #[error("no such VM")]
+    NotFound,
+    /// The VM has not ended.
+    #[error("the VM is {}", .0.as_str())]
+    NotEnded(api::VmStatus),
+    /// Deleting its directory failed.
+    #[error("cannot delete {}", .path.display())]
+    Delete {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// The daemon's shared state.
 #[derive(Debug)]
 pub struct Daemon {
@@ -165,6 +185,25 @@ impl Daemon {
     /// The VM with this id.
     pub fn get(&self, id: &str) -> Option<Arc<Vm>> {
         self.lock_vms().get(id).cloned()
+    }
+
+    /// Forgets an ended VM and deletes its directory.
+    pub fn remove(&self, id: &str) -> Result<(), RemoveError> {
+        let vm = {
+            let mut vms = self.lock_vms();
+            let vm = vms.get(id).ok_or(RemoveError::NotFound)?;
+            let status = vm.status();
+            if !status.is_terminal() {
+                return Err(RemoveError::NotEnded(status));
+            }
+            vms.remove(id).ok_or(RemoveError::NotFound)?
+        };
+        std::fs::remove_dir_all(&vm.dir).map_err(|source| RemoveError::Delete {
+            path: vm.dir.clone(),
+            source,
+        })?;
+        tracing::info!(vm = %id, "VM removed");
+        Ok(())
     }
 
     /// How long a stop waits at each step.

@@ -18,8 +18,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
-use super::Daemon;
 use super::vm::{Vm, error_chain};
+use super::{Daemon, RemoveError};
 use crate::api::{ApiError, CreateVm, Event, EventRecord, VmInfo};
 
 /// Highest accepted guest RAM, in MiB.
@@ -35,7 +35,7 @@ const CONSOLE_POLL: Duration = Duration::from_millis(200);
 pub fn router(daemon: Arc<Daemon>) -> axum::Router {
     axum::Router::new()
         .route("/v1/vms", post(create).get(list))
-        .route("/v1/vms/{id}", get(inspect))
+        .route("/v1/vms/{id}", get(inspect).delete(remove))
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/events", get(events))
         .route("/v1/vms/{id}/console", get(console))
@@ -116,6 +116,26 @@ async fn inspect(
     Path(id): Path<String>,
 ) -> Result<Json<VmInfo>, Failure> {
     Ok(Json(find(&daemon, &id)?.info()))
+}
+
+async fn remove(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
+    match daemon.remove(&id) {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(RemoveError::NotFound) => Err(Failure(
+            StatusCode::NOT_FOUND,
+            format!("no VM with id {id}"),
+        )),
+        Err(RemoveError::NotEnded(status)) => Err(Failure(
+            StatusCode::CONFLICT,
+            format!("VM {id} is {}; stop it first", status.as_str()),
+        )),
+        Err(e @ RemoveError::Delete { .. }) => {
+            Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)))
+        }
+    }
 }
 
 async fn stop(
