@@ -23,8 +23,8 @@ use host_agent::vmm::devices::virtio::vsock::{
     VsockBackend, VsockDevice, VsockHeader, VsockMetrics, VsockMuxer,
 };
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::Queue;
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 0x4_0000;
@@ -32,6 +32,7 @@ const QSIZE: u16 = 16;
 const TX_BASE: u64 = 0x0;
 const RX_BASE: u64 = 0x1000;
 const EV_BASE: u64 = 0x2000;
+const USED_OFFSET: u64 = 0x800;
 const RX_BUFS: u64 = 0x3000;
 const DATA_BASE: u64 = 0x1_0000;
 const DATA_LEN: u64 = 0x2_0000;
@@ -92,7 +93,12 @@ fuzz_target!(|data: &[u8]| {
         } else if base == RX_BASE {
             rx_rings = (mock.desc_table_addr(), mock.avail_addr());
         }
-        queues.push(mock.create_queue().unwrap());
+        // The mock's used ring overlaps the upper half of its available ring (virtio-queue
+        // 0.18 sizes the ring in elements, not bytes); move it clear.
+        let mut q: Queue = mock.create_queue().unwrap();
+        let used = base + USED_OFFSET;
+        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        queues.push(q);
     }
 
     let mut input = Input(data);
