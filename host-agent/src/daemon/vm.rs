@@ -30,6 +30,8 @@ use crate::api::{self, Event, EventRecord, VmInfo, VmStatus, VmmExit};
 
 /// How long a new control connection has to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one frame to the guest may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the VMM watcher waits for the control connection to drain after the VMM ended.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often an adopted VMM (not our child) is checked in `/proc`.
@@ -567,13 +569,12 @@ impl Vm {
         }
     }
 
-    /// Sends a message on the current control connection; `false` when there is none.
-    pub async fn send_to_guest(&self, msg: HostToGuest) -> bool {
-        let tx = lock(&self.control).as_ref().map(|c| c.to_guest.clone());
-        match tx {
-            Some(tx) => tx.send(msg).await.is_ok(),
-            None => false,
-        }
+    /// Queues a message on the current control connection; `false` when there is none or its
+    /// queue is full (a guest that stopped reading must not stall the caller).
+    pub fn send_to_guest(&self, msg: HostToGuest) -> bool {
+        lock(&self.control)
+            .as_ref()
+            .is_some_and(|c| c.to_guest.try_send(msg).is_ok())
     }
 
     /// Waits for our child VMM to end, then records the end.
@@ -655,7 +656,7 @@ impl Vm {
             return;
         }
         tracing::info!(vm = %self.id, "stopping");
-        self.send_to_guest(HostToGuest::Shutdown).await;
+        self.send_to_guest(HostToGuest::Shutdown);
         let mut ended = self.ended();
         for signal in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGKILL] {
             if tokio::time::timeout(grace, wait_ended(&mut ended))
@@ -712,9 +713,12 @@ async fn read_frame(
     }
 }
 
+/// Writes one frame, giving up after [`WRITE_TIMEOUT`] (a guest that does not read).
 async fn write_msg(stream: &mut UnixStream, msg: &HostToGuest) -> std::io::Result<()> {
     let frame = encode_frame(msg).map_err(std::io::Error::other)?;
-    stream.write_all(&frame).await
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&frame))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 /// The last `seq` in an event log, if any line parses.
