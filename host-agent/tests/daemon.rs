@@ -118,10 +118,14 @@ impl Conn {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut buf = [0u8; 256];
-        match self.stream.read(&mut buf) {
-            Ok(0) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            other => fake_fail(vm_dir, &format!("daemon kept a bad connection: {other:?}")),
+        // Frames already queued for us (such as stdin's EOF) may come first.
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => fake_fail(vm_dir, &format!("daemon kept a bad connection: {e}")),
+            }
         }
     }
 }
@@ -167,6 +171,11 @@ fn fake_vmm(args: &[String]) {
         Some(HostToGuest::RunAgent(spec)) => spec,
         other => fake_fail(&vm_dir, &format!("expected RunAgent, got {other:?}")),
     };
+    // The agent gets no stdin: EOF right away.
+    match conn.recv(Duration::from_secs(10)) {
+        Some(HostToGuest::AgentStdin { data }) if data.is_empty() => {}
+        other => fake_fail(&vm_dir, &format!("expected stdin EOF, got {other:?}")),
+    }
     fake_agent(&vm_dir, boot_id, conn, spec);
 }
 

@@ -455,6 +455,10 @@ impl Vm {
                     gid: spec.gid,
                 }))
                 .await;
+            // The API has no stdin for the agent yet: it reads EOF, never blocks on it.
+            let _ = to_guest
+                .send(HostToGuest::AgentStdin { data: Vec::new() })
+                .await;
             tracing::info!(vm = %self.id, "agent requested");
         } else {
             tracing::info!(vm = %self.id, "sidecar reconnected");
