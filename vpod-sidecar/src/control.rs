@@ -1,18 +1,23 @@
 //! The control connection to the host.
 //!
 //! [`run`] connects (with [`Backoff`]), runs a [`Session`] and reconnects when the session
-//! fails, until the host asks for a shutdown or refuses the hello. A session sends `Hello`, waits
-//! for `HelloAck` and then dispatches `HostToGuest` messages. Everything is generic over the
-//! stream, so the tests drive it over Unix sockets.
+//! fails, until the host asks for a shutdown, refuses the hello, or the agent's end was
+//! delivered. A session sends `Hello`, waits for `HelloAck`, then dispatches `HostToGuest`
+//! messages to a [`HostRequests`] on this thread while a writer thread sends the
+//! [`Outbox`]'s frames. Everything is generic over the stream, so the tests drive it over Unix
+//! sockets.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Write};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use shared_proto::frame::{FrameDecoder, FrameError, encode_frame};
 use shared_proto::handshake::{HandshakeError, check_hello_answer};
-use shared_proto::message::{GuestToHost, HostToGuest};
+use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest};
 
-use crate::ErrorChain;
+use crate::outbox::Outbox;
+use crate::{ControlStream, ErrorChain};
 
 /// The first retry delay.
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(50);
@@ -43,6 +48,12 @@ pub enum ControlError {
     /// The host sent bytes that are not a valid frame.
     #[error("malformed frame from the host")]
     Frame(#[source] FrameError),
+    /// Duplicating the socket for the writer thread failed.
+    #[error("cannot clone the control socket")]
+    Clone(#[source] io::Error),
+    /// Starting the writer thread failed.
+    #[error("cannot start the control writer")]
+    Writer(#[source] io::Error),
     /// The host sent something other than the handshake answer first.
     #[error("handshake out of order")]
     Handshake(#[source] HandshakeError),
@@ -107,26 +118,39 @@ pub enum SessionEnd {
     Shutdown,
     /// The host refused our hello.
     Rejected(HandshakeError),
+    /// The agent's final `AgentExited` was written, and the host then closed the connection
+    /// (or did not within [`FLUSH_TIMEOUT`]).
+    AgentDone,
 }
 
-/// What the session asks of its owner when the host sends `EchoConnect`.
-pub trait EchoConnector {
-    /// Connects to host port `port` and starts echoing on it; returns a short reason on
-    /// failure, which is sent back to the host.
+/// What the session asks of its owner for each host request.
+pub trait HostRequests {
+    /// `EchoConnect`: connects to host port `port` and starts echoing on it; returns a short
+    /// reason on failure, which is sent back to the host.
     fn echo_connect(&mut self, port: u32) -> Result<(), String>;
+    /// `RunAgent`.
+    fn run_agent(&mut self, spec: AgentSpec);
+    /// `AgentStdin` (empty `data` is EOF).
+    fn agent_stdin(&mut self, data: Vec<u8>);
+    /// `Signal`.
+    fn signal(&mut self, signo: i32);
 }
 
-impl<F: FnMut(u32) -> Result<(), String>> EchoConnector for F {
-    fn echo_connect(&mut self, port: u32) -> Result<(), String> {
-        self(port)
-    }
-}
+/// How long the sidecar waits, after writing the final frame and half-closing, for the host
+/// to close the connection before it gives up and closes it itself.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One control connection.
 #[derive(Debug)]
 pub struct Session<'a> {
     hello: &'a GuestToHost,
     acked: bool,
+}
+
+/// The writer thread of an acknowledged session.
+struct Writer {
+    generation: u64,
+    thread: JoinHandle<()>,
 }
 
 impl<'a> Session<'a> {
@@ -144,12 +168,39 @@ impl<'a> Session<'a> {
     }
 
     /// Runs the session on `stream` until it ends or fails.
-    pub fn run<S: Read + Write>(
+    ///
+    /// The hello is written here; once the host acknowledges it, a writer thread sends the
+    /// frames of `outbox` (on a clone of the stream) while this thread reads and dispatches
+    /// the host's messages. When either side fails, both stop and the unsent frames stay
+    /// queued for the next session.
+    pub fn run<S: ControlStream>(
+        &mut self,
+        mut stream: S,
+        outbox: &Arc<Outbox>,
+        host: &mut dyn HostRequests,
+    ) -> Result<SessionEnd, ControlError> {
+        send(&mut stream, self.hello)?;
+        let mut writer = None;
+        let result = self.read_loop(&mut stream, outbox, host, &mut writer);
+        if let Some(w) = writer {
+            outbox.end_session(w.generation);
+            // Wakes a writer blocked in `write`; the socket is done with either way.
+            let _ = stream.shutdown_both();
+            let _ = w.thread.join();
+        }
+        match result {
+            Err(_) if outbox.final_written() => Ok(SessionEnd::AgentDone),
+            r => r,
+        }
+    }
+
+    fn read_loop<S: ControlStream>(
         &mut self,
         stream: &mut S,
-        echo: &mut dyn EchoConnector,
+        outbox: &Arc<Outbox>,
+        host: &mut dyn HostRequests,
+        writer: &mut Option<Writer>,
     ) -> Result<SessionEnd, ControlError> {
-        send(stream, self.hello)?;
         let mut decoder = FrameDecoder::<HostToGuest>::new();
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
@@ -161,69 +212,47 @@ impl<'a> Session<'a> {
             };
             decoder.push(&buf[..n]);
             while let Some(msg) = decoder.decode_next().map_err(ControlError::Frame)? {
-                if let Some(end) = self.handle(stream, msg, echo)? {
+                if !self.acked {
+                    match check_hello_answer(&msg) {
+                        Ok(()) => {
+                            self.acked = true;
+                            tracing::info!("control: hello acknowledged");
+                            *writer = Some(start_writer(stream, outbox)?);
+                        }
+                        Err(e @ HandshakeError::UnexpectedMessage { .. }) => {
+                            return Err(ControlError::Handshake(e));
+                        }
+                        Err(e) => return Ok(SessionEnd::Rejected(e)),
+                    }
+                } else if let Some(end) = handle(msg, outbox, host) {
                     return Ok(end);
                 }
             }
         }
     }
-
-    fn handle<S: Write>(
-        &mut self,
-        stream: &mut S,
-        msg: HostToGuest,
-        echo: &mut dyn EchoConnector,
-    ) -> Result<Option<SessionEnd>, ControlError> {
-        if !self.acked {
-            return match check_hello_answer(&msg) {
-                Ok(()) => {
-                    self.acked = true;
-                    tracing::info!("control: hello acknowledged");
-                    Ok(None)
-                }
-                Err(e @ HandshakeError::UnexpectedMessage { .. }) => {
-                    Err(ControlError::Handshake(e))
-                }
-                Err(e) => Ok(Some(SessionEnd::Rejected(e))),
-            };
-        }
-        match msg {
-            HostToGuest::Shutdown => Ok(Some(SessionEnd::Shutdown)),
-            HostToGuest::EchoConnect { port } => {
-                if let Err(reason) = echo.echo_connect(port) {
-                    tracing::warn!(port, %reason, "echo connect failed");
-                    send(
-                        stream,
-                        &GuestToHost::Error {
-                            message: format!("echo connect to port {port}: {reason}"),
-                        },
-                    )?;
-                }
-                Ok(None)
-            }
-            HostToGuest::HelloAck { .. } | HostToGuest::HelloReject { .. } => {
-                reply_error(stream, "handshake already done")
-            }
-            HostToGuest::RunAgent(_)
-            | HostToGuest::AgentStdin { .. }
-            | HostToGuest::Signal { .. } => {
-                reply_error(stream, "agent control is not supported by this sidecar yet")
-            }
-        }
-    }
 }
 
-fn reply_error<S: Write>(
-    stream: &mut S,
-    message: &str,
-) -> Result<Option<SessionEnd>, ControlError> {
-    send(
-        stream,
-        &GuestToHost::Error {
-            message: message.to_owned(),
-        },
-    )?;
-    Ok(None)
+fn handle(msg: HostToGuest, outbox: &Outbox, host: &mut dyn HostRequests) -> Option<SessionEnd> {
+    match msg {
+        HostToGuest::Shutdown => return Some(SessionEnd::Shutdown),
+        HostToGuest::EchoConnect { port } => {
+            if let Err(reason) = host.echo_connect(port) {
+                tracing::warn!(port, %reason, "echo connect failed");
+                reply_error(outbox, format!("echo connect to port {port}: {reason}"));
+            }
+        }
+        HostToGuest::HelloAck { .. } | HostToGuest::HelloReject { .. } => {
+            reply_error(outbox, "handshake already done".to_owned());
+        }
+        HostToGuest::RunAgent(spec) => host.run_agent(spec),
+        HostToGuest::AgentStdin { data } => host.agent_stdin(data),
+        HostToGuest::Signal { signo } => host.signal(signo),
+    }
+    None
+}
+
+fn reply_error(outbox: &Outbox, message: String) {
+    outbox.push(&GuestToHost::Error { message });
 }
 
 fn send<S: Write>(stream: &mut S, msg: &GuestToHost) -> Result<(), ControlError> {
@@ -232,29 +261,72 @@ fn send<S: Write>(stream: &mut S, msg: &GuestToHost) -> Result<(), ControlError>
     stream.flush().map_err(ControlError::Write)
 }
 
-/// Connects and runs sessions until one ends with a shutdown or a reject. Between attempts it
-/// sleeps for `backoff`'s next delay; the backoff starts over after each acknowledged hello.
+fn start_writer<S: ControlStream>(
+    stream: &S,
+    outbox: &Arc<Outbox>,
+) -> Result<Writer, ControlError> {
+    let clone = stream.try_clone().map_err(ControlError::Clone)?;
+    let generation = outbox.begin_session();
+    let ob = Arc::clone(outbox);
+    let spawned = std::thread::Builder::new()
+        .name("control-writer".into())
+        .spawn(move || write_frames(clone, &ob, generation));
+    match spawned {
+        Ok(thread) => Ok(Writer { generation, thread }),
+        Err(e) => {
+            outbox.end_session(generation);
+            Err(ControlError::Writer(e))
+        }
+    }
+}
+
+/// Writes the outbox's frames in order until the session ends. After the final frame it
+/// half-closes the stream and waits (at most [`FLUSH_TIMEOUT`]) for the host to close, which
+/// ends the session; then it closes the stream itself.
+fn write_frames<S: ControlStream>(mut stream: S, outbox: &Outbox, generation: u64) {
+    while let Some(q) = outbox.take(generation) {
+        if let Err(e) = stream.write_all(&q.frame).and_then(|()| stream.flush()) {
+            tracing::debug!(error = %e, "control write failed");
+            outbox.restore(q);
+            let _ = stream.shutdown_both();
+            return;
+        }
+        let is_final = q.is_final;
+        outbox.commit(q);
+        if is_final {
+            let _ = stream.shutdown_write();
+            if !outbox.wait_session_end(generation, FLUSH_TIMEOUT) {
+                tracing::warn!("the host did not close the control connection; closing it");
+                let _ = stream.shutdown_both();
+            }
+            return;
+        }
+    }
+}
+
+/// Connects and runs sessions until one ends with a shutdown, a reject or the agent's end.
+/// Between attempts it sleeps for `backoff`'s next delay; the backoff starts over after each
+/// acknowledged hello. Every session opens with the same `hello` (so the same boot id).
 pub fn run<S, C>(
     mut connect: C,
     hello: &GuestToHost,
     backoff: &mut Backoff,
-    echo: &mut dyn EchoConnector,
+    outbox: &Arc<Outbox>,
+    host: &mut dyn HostRequests,
 ) -> SessionEnd
 where
-    S: Read + Write,
+    S: ControlStream,
     C: FnMut() -> io::Result<S>,
 {
     loop {
-        let result = connect()
-            .map_err(ControlError::Connect)
-            .and_then(|mut stream| {
-                let mut session = Session::new(hello);
-                let result = session.run(&mut stream, echo);
-                if session.acked() {
-                    backoff.reset();
-                }
-                result
-            });
+        let result = connect().map_err(ControlError::Connect).and_then(|stream| {
+            let mut session = Session::new(hello);
+            let result = session.run(stream, outbox, host);
+            if session.acked() {
+                backoff.reset();
+            }
+            result
+        });
         match result {
             Ok(end) => return end,
             Err(e) => {
@@ -271,8 +343,8 @@ where
 mod tests {
     use super::*;
     use shared_proto::PROTOCOL_VERSION;
+    use std::io::Read;
     use std::os::unix::net::UnixStream;
-    use std::thread::JoinHandle;
 
     fn hello() -> GuestToHost {
         GuestToHost::Hello {
@@ -311,18 +383,50 @@ mod tests {
         }
     }
 
+    /// Records echo connects (refusing them when `refuse`) and agent requests.
+    #[derive(Default)]
+    struct Recorder {
+        refuse: bool,
+        ports: Vec<u32>,
+        signals: Vec<i32>,
+    }
+
+    impl HostRequests for Recorder {
+        fn echo_connect(&mut self, port: u32) -> Result<(), String> {
+            self.ports.push(port);
+            if self.refuse {
+                Err("refused".into())
+            } else {
+                Ok(())
+            }
+        }
+        fn run_agent(&mut self, _spec: AgentSpec) {}
+        fn agent_stdin(&mut self, _data: Vec<u8>) {}
+        fn signal(&mut self, signo: i32) {
+            self.signals.push(signo);
+        }
+    }
+
+    /// Serves echo connects with a closure; ignores agent requests.
+    struct EchoOnly<'a>(&'a mut dyn FnMut(u32) -> Result<(), String>);
+
+    impl HostRequests for EchoOnly<'_> {
+        fn echo_connect(&mut self, port: u32) -> Result<(), String> {
+            (self.0)(port)
+        }
+        fn run_agent(&mut self, _spec: AgentSpec) {}
+        fn agent_stdin(&mut self, _data: Vec<u8>) {}
+        fn signal(&mut self, _signo: i32) {}
+    }
+
     fn run_one(script: Vec<u8>) -> (Result<SessionEnd, ControlError>, Vec<u32>, Vec<GuestToHost>) {
-        let (mut guest, h) = UnixStream::pair().unwrap();
+        let (guest, h) = UnixStream::pair().unwrap();
         let host = host(h, script);
         let hello = hello();
-        let mut ports = Vec::new();
-        let mut echo = |port| {
-            ports.push(port);
-            Ok(())
-        };
-        let result = Session::new(&hello).run(&mut guest, &mut echo);
-        drop(guest);
-        (result, ports, host.join().unwrap())
+        let mut rec = Recorder::default();
+        let outbox = Arc::new(Outbox::default());
+        let result = Session::new(&hello).run(guest, &outbox, &mut rec);
+        (result, rec.ports, host.join().unwrap())
     }
 
     #[test]
@@ -408,27 +512,52 @@ mod tests {
     }
 
     #[test]
-    fn agent_commands_and_failed_echo_connects_are_answered_with_errors() {
+    fn agent_commands_are_dispatched_and_failed_echo_connects_answered_with_errors() {
+        let (guest, mut h) = UnixStream::pair().unwrap();
+        h.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let session = std::thread::spawn(move || {
+            let hello = hello();
+            let mut rec = Recorder {
+                refuse: true,
+                ..Recorder::default()
+            };
+            let outbox = Arc::new(Outbox::default());
+            let end = Session::new(&hello).run(guest, &outbox, &mut rec);
+            (end, rec)
+        });
+        let mut d = FrameDecoder::<GuestToHost>::new();
+        let mut next = |h: &mut UnixStream| loop {
+            if let Some(m) = d.decode_next().unwrap() {
+                return m;
+            }
+            let mut buf = [0u8; 4096];
+            let n = h.read(&mut buf).unwrap();
+            assert_ne!(n, 0, "the guest closed early");
+            d.push(&buf[..n]);
+        };
+        assert_eq!(next(&mut h), hello());
         let script = frames(&[
             ack(),
             HostToGuest::Signal { signo: 9 },
             HostToGuest::EchoConnect { port: 9 },
-            HostToGuest::Shutdown,
+            ack(),
         ]);
-        let (mut guest, h) = UnixStream::pair().unwrap();
-        let host = host(h, script);
-        let hello = hello();
-        let mut echo = |_| Err("refused".to_owned());
-        let result = Session::new(&hello).run(&mut guest, &mut echo);
-        drop(guest);
-        assert_eq!(result.unwrap(), SessionEnd::Shutdown);
-        let sent = host.join().unwrap();
-        assert_eq!(sent.len(), 3);
-        assert_eq!(sent[0], hello);
+        h.write_all(&script).unwrap();
+        let first = next(&mut h);
         assert!(
-            matches!(&sent[1], GuestToHost::Error { message } if message.contains("not supported"))
+            matches!(&first, GuestToHost::Error { message } if message.contains("refused")),
+            "{first:?}"
         );
-        assert!(matches!(&sent[2], GuestToHost::Error { message } if message.contains("refused")));
+        let second = next(&mut h);
+        assert!(
+            matches!(&second, GuestToHost::Error { message } if message.contains("handshake")),
+            "{second:?}"
+        );
+        h.write_all(&frames(&[HostToGuest::Shutdown])).unwrap();
+        let (end, rec) = session.join().unwrap();
+        assert_eq!(end.unwrap(), SessionEnd::Shutdown);
+        assert_eq!(rec.ports, vec![9]);
+        assert_eq!(rec.signals, vec![9]);
     }
 
     #[test]
@@ -456,8 +585,14 @@ mod tests {
             }
         };
         let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(4));
-        let mut echo = |_| Ok(());
-        let end = run(connect, &hello(), &mut backoff, &mut echo);
+        let outbox = Arc::new(Outbox::default());
+        let end = run(
+            connect,
+            &hello(),
+            &mut backoff,
+            &outbox,
+            &mut Recorder::default(),
+        );
         assert_eq!(end, SessionEnd::Shutdown);
         assert_eq!(attempt, 4);
         for h in hosts {
@@ -477,7 +612,7 @@ mod tests {
         let port = 5000u32;
         let echo_listener =
             UnixListener::bind(dir.path().join(format!("vsock.sock_{port}"))).unwrap();
-        let (mut guest, mut h) = UnixStream::pair().unwrap();
+        let (guest, mut h) = UnixStream::pair().unwrap();
         let host = std::thread::spawn(move || {
             let mut d = FrameDecoder::<GuestToHost>::new();
             let mut buf = [0u8; 4096];
@@ -510,7 +645,10 @@ mod tests {
                 .map_err(|e| e.to_string())?;
             crate::echo::spawn_echo(s, "test").map_err(|e| e.to_string())
         };
-        let end = Session::new(&hello).run(&mut guest, &mut echo).unwrap();
+        let outbox = Arc::new(Outbox::default());
+        let end = Session::new(&hello)
+            .run(guest, &outbox, &mut EchoOnly(&mut echo))
+            .unwrap();
         assert_eq!(end, SessionEnd::Shutdown);
         host.join().unwrap();
     }

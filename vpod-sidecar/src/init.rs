@@ -1,17 +1,22 @@
-//! PID 1 duties: the basic mounts, the console, reaping zombies and resetting the VM.
+//! PID 1 duties: the basic mounts, the console, `lo`, the entropy check, reaping zombies (and
+//! handing the agent's status over) and resetting the VM.
 //!
 //! Nothing here is fatal: a PID 1 that exits or panics panics the guest kernel, so failures are
 //! returned for logging and the sidecar carries on.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::mount::MsFlags;
 use nix::sys::reboot::RebootMode;
-use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::Pid;
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use shared_proto::message::ExitStatus;
 
 /// Errors of the PID 1 duties.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,12 @@ pub enum InitError {
     /// Starting the reaper thread failed.
     #[error("cannot start the reaper")]
     Reaper(#[source] std::io::Error),
+    /// Opening a socket to configure `lo` failed.
+    #[error("cannot open a socket to configure lo")]
+    LoopbackSocket(#[source] Errno),
+    /// Reading or setting `lo`'s flags failed.
+    #[error("cannot bring lo up")]
+    LoopbackFlags(#[source] Errno),
     /// The reset syscall failed.
     #[error("reboot(RB_AUTOBOOT) failed")]
     Reset(#[source] Errno),
@@ -139,33 +150,141 @@ pub fn open_console() -> Result<File, InitError> {
         .map_err(InitError::Console)
 }
 
-/// The pause when there is no child to wait for.
+/// The longest pause when there is no child to wait for (a spawn wakes the reaper sooner).
 const NO_CHILD_PAUSE: Duration = Duration::from_secs(1);
 
-/// Starts a thread that reaps every exited child, so none stays a zombie.
+/// The reaper: one thread collects every exited child with `waitpid(-1)` and hands the status
+/// of a watched child (the agent) to whoever watches it, over a channel.
 ///
-/// When the agent runner arrives, it will take the agent's status from here (a channel keyed
-/// by pid) rather than calling `waitpid` itself, since this thread collects every child.
-pub fn spawn_reaper() -> Result<(), InitError> {
-    std::thread::Builder::new()
-        .name("reaper".into())
-        .spawn(|| {
-            loop {
-                match waitpid(Pid::from_raw(-1), None) {
-                    Ok(WaitStatus::Exited(pid, code)) => {
-                        tracing::debug!(pid = pid.as_raw(), code, "reaped");
-                    }
-                    Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                        tracing::debug!(pid = pid.as_raw(), ?signal, "reaped");
-                    }
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    // No children: wait for some to appear without spinning.
-                    Err(_) => std::thread::sleep(NO_CHILD_PAUSE),
+/// Children are registered in [`Reaper::spawn_watched`] while its lock is held, so a child that
+/// exits at once is still matched: the reaper takes the same lock before it looks a pid up.
+/// The statuses of unwatched children (orphans re-parented to PID 1) are dropped.
+#[derive(Debug, Default)]
+pub struct Reaper {
+    watched: Mutex<HashMap<i32, mpsc::Sender<ExitStatus>>>,
+    spawned: Condvar,
+}
+
+impl Reaper {
+    /// Starts the reaper thread.
+    pub fn start() -> Result<Arc<Self>, InitError> {
+        let reaper = Arc::new(Self::default());
+        let r = Arc::clone(&reaper);
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || r.reap_forever())
+            .map_err(InitError::Reaper)?;
+        Ok(reaper)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i32, mpsc::Sender<ExitStatus>>> {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reap_forever(&self) -> ! {
+        loop {
+            // Peek at an exited child without reaping it (WNOWAIT), then reap it under the
+            // lock. A spawn in progress holds the lock, and std's `Command::spawn` itself
+            // reaps a child whose exec failed; reaping that child first would make std panic.
+            let peeked = waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
+            let pid = match peeked {
+                Ok(status) => match status.pid() {
+                    Some(pid) => pid,
+                    None => continue,
+                },
+                Err(Errno::EINTR) => continue,
+                // No children: wait for a spawn (or the pause) without spinning.
+                Err(_) => {
+                    let guard = self.lock();
+                    drop(
+                        self.spawned
+                            .wait_timeout(guard, NO_CHILD_PAUSE)
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
+                    continue;
                 }
+            };
+            let mut watched = self.lock();
+            let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => ExitStatus::Exit(code),
+                Ok(WaitStatus::Signaled(_, signal, _)) => ExitStatus::Signal(signal as i32),
+                // Already reaped (by a failed spawn) or not an exit.
+                Ok(_) | Err(_) => continue,
+            };
+            match watched.remove(&pid.as_raw()) {
+                Some(tx) => {
+                    // The watcher may have gone; then nobody needs the status.
+                    let _ = tx.send(status);
+                }
+                None => tracing::debug!(pid = pid.as_raw(), ?status, "reaped"),
             }
-        })
-        .map(drop)
-        .map_err(InitError::Reaper)
+        }
+    }
+
+    /// Runs `spawn` (which starts a child and returns it with its pid) and watches the child:
+    /// its exit status arrives on the returned channel.
+    pub fn spawn_watched<T, E>(
+        &self,
+        spawn: impl FnOnce() -> Result<(T, u32), E>,
+    ) -> Result<(T, u32, mpsc::Receiver<ExitStatus>), E> {
+        let mut watched = self.lock();
+        let (child, pid) = spawn()?;
+        let (tx, rx) = mpsc::channel();
+        // Pids fit in i32 (pid_max is at most 2^22).
+        watched.insert(pid as i32, tx);
+        drop(watched);
+        self.spawned.notify_all();
+        Ok((child, pid, rx))
+    }
+}
+
+/// Brings the loopback interface up (`SIOCSIFFLAGS` with `IFF_UP`), so that the agent can
+/// reach local servers on 127.0.0.1.
+pub fn bring_up_loopback() -> Result<(), InitError> {
+    use nix::libc;
+    let sock = socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(InitError::LoopbackSocket)?;
+    // SAFETY: ifreq is a plain C struct (a name array and a union of integers and sockaddrs)
+    // for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `sock` is an open socket; `req` is a valid, NUL-terminated ifreq that outlives
+    // the call, which is what SIOCGIFFLAGS reads and fills in.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    Errno::result(rc).map_err(InitError::LoopbackFlags)?;
+    // SAFETY: SIOCGIFFLAGS just filled the `ifru_flags` member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    Errno::result(rc).map_err(InitError::LoopbackFlags)?;
+    Ok(())
+}
+
+/// Whether the kernel's CSPRNG is initialised (`getrandom(GRND_NONBLOCK)` succeeds).
+///
+/// When it is not, nothing is credited: the initramfs holds no secret seed, and crediting a
+/// fixed or guessable one would only hide the problem. A blocking `getrandom` then waits for
+/// the kernel's own jitter entropy (6.1 generates it within about a second on first use), so
+/// the boot id and the X25519 key are never drawn from an unseeded pool.
+pub fn crng_ready() -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: the buffer is valid for writes of its length for the whole call.
+    let rc = unsafe {
+        nix::libc::getrandom(
+            byte.as_mut_ptr().cast(),
+            byte.len(),
+            nix::libc::GRND_NONBLOCK,
+        )
+    };
+    rc == 1
 }
 
 /// Flushes file systems and resets the VM. Returns only if the reset failed.
@@ -174,6 +293,14 @@ pub fn reset_vm() -> InitError {
     match nix::sys::reboot::reboot(RebootMode::RB_AUTOBOOT) {
         Err(e) => InitError::Reset(e),
     }
+}
+
+/// The one reaper of a test process: every test that spawns children shares it, since two
+/// `waitpid(-1)` loops would steal each other's children.
+#[cfg(test)]
+pub(crate) fn test_reaper() -> Arc<Reaper> {
+    static REAPER: std::sync::OnceLock<Arc<Reaper>> = std::sync::OnceLock::new();
+    Arc::clone(REAPER.get_or_init(|| Reaper::start().expect("reaper thread")))
 }
 
 #[cfg(test)]

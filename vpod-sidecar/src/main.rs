@@ -3,23 +3,30 @@
 
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use boot_key::random_secret;
+use nix::sys::signal::{SigSet, Signal};
 use rand_core::{OsRng, RngCore};
 use shared_proto::handshake::PROTOCOL_VERSION;
-use shared_proto::message::GuestToHost;
+use shared_proto::message::{AgentSpec, GuestToHost};
 use shared_proto::ports::{CONTROL_PORT, ECHO_PORT, HOST_CID};
 use tracing::Level;
 use vpod_sidecar::ErrorChain;
+use vpod_sidecar::agent::{AgentRunner, IdPolicy};
 use vpod_sidecar::console::ConsoleLog;
-use vpod_sidecar::control::{self, Backoff, SessionEnd};
+use vpod_sidecar::control::{self, Backoff, HostRequests, SessionEnd};
 use vpod_sidecar::echo;
 use vpod_sidecar::init;
+use vpod_sidecar::outbox::Outbox;
 use vpod_sidecar::vsock::{VsockListener, VsockStream};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 fn main() {
+    // Block SIGTERM before any thread starts, so every thread inherits the mask and only the
+    // forwarder's sigwait sees it. (std's spawn clears the mask in the agent.)
+    let sigterm_blocked = SigSet::from(Signal::SIGTERM).thread_block();
     let pid1 = std::process::id() == 1;
     let mount_failures = if pid1 {
         init::mount_basics()
@@ -35,6 +42,9 @@ fn main() {
     let _ = tracing::subscriber::set_global_default(ConsoleLog::new(console, Level::INFO));
     for failure in mount_failures.iter().chain(&console_failure) {
         tracing::warn!(error = %ErrorChain(failure), "init");
+    }
+    if let Err(e) = sigterm_blocked {
+        tracing::warn!(error = %e, "cannot block SIGTERM");
     }
 
     // A PID 1 that unwinds out of main panics the kernel; reset the VM instead.
@@ -59,9 +69,22 @@ fn finish(pid1: bool) -> ! {
 
 fn run(pid1: bool) {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), pid1, "starting");
-    if pid1 && let Err(e) = init::spawn_reaper() {
-        tracing::error!(error = %ErrorChain(&e), "init");
+    if pid1 {
+        if let Err(e) = init::bring_up_loopback() {
+            tracing::warn!(error = %ErrorChain(&e), "init");
+        }
+        if !init::crng_ready() {
+            tracing::info!("crng not ready yet; getrandom waits for the kernel's jitter entropy");
+        }
     }
+    let reaper = match init::Reaper::start() {
+        Ok(r) => r,
+        Err(e) => {
+            // Without a reaper no agent exit would be seen; ending the VM says so clearly.
+            tracing::error!(error = %ErrorChain(&e), "init");
+            return;
+        }
+    };
 
     let boot_id = random_bytes::<16>();
     let secret = random_secret();
@@ -82,16 +105,78 @@ fn run(pid1: bool) {
         tracing::error!(error = %e, "cannot start the echo listener");
     }
 
-    let mut echo_connect = |port: u32| -> Result<(), String> {
-        let stream =
-            VsockStream::connect(HOST_CID, port).map_err(|e| ErrorChain(&e).to_string())?;
-        echo::spawn_echo(stream, "echo-connect").map_err(|e| e.to_string())
-    };
+    let outbox = Arc::new(Outbox::default());
+    let runner = AgentRunner::new(Arc::clone(&outbox), reaper, IdPolicy::Switch);
+    let forwarder = runner.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("sigterm".into())
+        .spawn(move || forward_sigterm(&forwarder, pid1))
+    {
+        tracing::error!(error = %e, "cannot start the SIGTERM forwarder");
+    }
+
+    let mut guest = Guest { runner };
     let connect = || VsockStream::connect(HOST_CID, CONTROL_PORT).map_err(std::io::Error::other);
-    let end = control::run(connect, &hello, &mut Backoff::default(), &mut echo_connect);
+    let end = control::run(
+        connect,
+        &hello,
+        &mut Backoff::default(),
+        &outbox,
+        &mut guest,
+    );
     match end {
         SessionEnd::Shutdown => tracing::info!("shutdown requested"),
         SessionEnd::Rejected(e) => tracing::error!(error = %e, "host refused hello"),
+        SessionEnd::AgentDone => tracing::info!("agent done, exit delivered"),
+    }
+}
+
+/// The production answers to host requests.
+struct Guest {
+    runner: AgentRunner,
+}
+
+impl HostRequests for Guest {
+    fn echo_connect(&mut self, port: u32) -> Result<(), String> {
+        let stream =
+            VsockStream::connect(HOST_CID, port).map_err(|e| ErrorChain(&e).to_string())?;
+        echo::spawn_echo(stream, "echo-connect").map_err(|e| e.to_string())
+    }
+
+    fn run_agent(&mut self, spec: AgentSpec) {
+        self.runner.run(spec);
+    }
+
+    fn agent_stdin(&mut self, data: Vec<u8>) {
+        self.runner.stdin(data);
+    }
+
+    fn signal(&mut self, signo: i32) {
+        self.runner.signal(signo);
+    }
+}
+
+/// Waits for SIGTERM (blocked in every thread by `main`) and forwards it to the agent's
+/// process group; with no agent running, it ends the VM.
+fn forward_sigterm(runner: &AgentRunner, pid1: bool) {
+    let set = SigSet::from(Signal::SIGTERM);
+    loop {
+        match set.wait() {
+            Ok(_) if runner.is_running() => {
+                tracing::info!("SIGTERM: forwarding to the agent");
+                if let Err(e) = runner.try_signal(Signal::SIGTERM as i32) {
+                    tracing::warn!(error = %ErrorChain(&e), "SIGTERM");
+                }
+            }
+            Ok(_) => {
+                tracing::info!("SIGTERM with no agent running: ending");
+                finish(pid1);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sigwait");
+                return;
+            }
+        }
     }
 }
 

@@ -97,6 +97,16 @@ impl HalfClose for VsockStream {
     }
 }
 
+impl crate::ControlStream for VsockStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        self.0.try_clone().map(Self)
+    }
+
+    fn shutdown_both(&self) -> io::Result<()> {
+        socket::shutdown(self.0.as_raw_fd(), Shutdown::Both).map_err(io::Error::from)
+    }
+}
+
 /// A listening vsock socket.
 #[derive(Debug)]
 pub struct VsockListener(OwnedFd);
