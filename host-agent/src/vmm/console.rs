@@ -128,9 +128,7 @@ impl ConsoleSink {
         if result.is_err() {
             self.write_errors += 1;
             if self.write_errors == 1 {
-                tracing::warn!(
-                    "console: writing guest output failed; further failures are counted"
-                );
+                tracing::warn!("writing guest console output failed; further failures are counted");
             }
         }
     }
@@ -148,7 +146,7 @@ impl ConsoleSink {
             tracing::info!(
                 dropped = self.dropped,
                 cap = self.cap,
-                "console: output was capped"
+                "guest console output was capped"
             );
         }
     }
@@ -167,7 +165,7 @@ impl Write for ConsoleSink {
             if self.dropped == 0 {
                 tracing::warn!(
                     cap = self.cap,
-                    "console: byte cap reached; dropping further guest output"
+                    "console byte cap reached; dropping further guest output"
                 );
                 self.pending.extend_from_slice(
                     format!("\n[nanoclaw-vmm: console cap of {} bytes reached; dropping further output]\n", self.cap)
