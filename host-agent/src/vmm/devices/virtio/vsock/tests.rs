@@ -185,6 +185,9 @@ fn credit_violation_resets_the_connection() {
         h.send_data(901, 5002, &chunk);
     }
     assert_eq!(get(&h.metrics.credit_violations), 0);
+    // The host is not reading: what its socket does not take is held, within the credit.
+    let held = h.dev.backend().held_guest_bytes();
+    assert!(held <= defs::CONN_BUF_ALLOC as usize, "held {held}");
     // ...and one byte more is a violation (no credit update was delivered in between).
     h.send_data(901, 5002, b"!");
     assert_eq!(get(&h.metrics.credit_violations), 1);
@@ -263,6 +266,8 @@ fn guest_that_never_reads_stops_the_host_reads() {
         "the host writer must eventually block"
     );
     assert_eq!(get(&h.metrics.rx_bytes), 8 * 1024);
+    // Host-to-guest bytes are never buffered by the device: they wait in the host's socket.
+    assert_eq!(h.dev.backend().held_guest_bytes(), 0);
 
     // Once the guest reports it consumed the data, 8 KiB more flow.
     let mut upd = Harness::guest_hdr(903, 5004, defs::OP_CREDIT_UPDATE);
