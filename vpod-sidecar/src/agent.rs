@@ -339,16 +339,17 @@ impl AgentRunner {
 
     /// Handles `AgentStdin`: queues `data` for the agent's stdin; empty `data` closes it.
     /// Blocks while [`STDIN_QUEUE`] messages wait for the agent.
+    ///
+    /// An EOF for an agent whose stdin is closed, that failed to start or that has ended is a
+    /// no-op (the host may send EOF right after `RunAgent`); bytes after an EOF, or before any
+    /// `RunAgent`, are answered with an `Error`; bytes after the agent ended are discarded.
     pub fn stdin(&self, data: Vec<u8>) {
         let tx = {
             let mut state = self.lock();
             match &mut *state {
                 State::Running { stdin, .. } if data.is_empty() => {
                     // Dropping the sender lets the stdin thread finish the queue, then close.
-                    if stdin.take().is_none() {
-                        drop(state);
-                        self.report(&AgentError::StdinClosed);
-                    }
+                    *stdin = None;
                     return;
                 }
                 State::Running {
@@ -358,7 +359,11 @@ impl AgentRunner {
                     drop(state);
                     return self.report(&AgentError::StdinClosed);
                 }
-                State::Idle | State::Exited => {
+                State::Exited => {
+                    tracing::debug!(len = data.len(), "stdin after the agent ended");
+                    return;
+                }
+                State::Idle => {
                     drop(state);
                     return self.report(&AgentError::NotRunning);
                 }
@@ -678,6 +683,38 @@ mod tests {
         let errs = errors(&got);
         assert!(errs[0].contains("/no/such/agent"), "{errs:?}");
         assert_eq!(exit_of(&got), ExitStatus::Exit(127));
+    }
+
+    #[test]
+    fn the_daemons_immediate_eof_is_quiet_and_bytes_after_eof_are_refused() {
+        // A failed spawn followed by the EOF the daemon sends right after RunAgent.
+        let (tx, sidecar) = guest(IdPolicy::Inherit);
+        let mut host = Host::connect(&tx);
+        host.send(&HostToGuest::RunAgent(spec("/no/such/agent", &[])));
+        host.send(&HostToGuest::AgentStdin { data: Vec::new() });
+        let got = host.recv_to_exit();
+        drop(host);
+        assert_eq!(errors(&got).len(), 1, "{got:?}");
+        assert_eq!(sidecar.join().unwrap(), SessionEnd::AgentDone);
+
+        // A running agent: EOF, a second EOF (quiet), then bytes (refused).
+        let (tx, sidecar) = guest(IdPolicy::Inherit);
+        let mut host = Host::connect(&tx);
+        host.send(&HostToGuest::RunAgent(sh(
+            "read -r x; echo \"[$x]\"; sleep 0.3",
+        )));
+        host.send(&HostToGuest::AgentStdin { data: Vec::new() });
+        host.send(&HostToGuest::AgentStdin { data: Vec::new() });
+        host.send(&HostToGuest::AgentStdin {
+            data: b"late\n".to_vec(),
+        });
+        let got = host.recv_to_exit();
+        drop(host);
+        assert_eq!(output(&got, OutputStream::Stdout), b"[]\n");
+        let errs = errors(&got);
+        assert_eq!(errs.len(), 1, "{got:?}");
+        assert!(errs[0].contains("stdin is already closed"), "{errs:?}");
+        assert_eq!(sidecar.join().unwrap(), SessionEnd::AgentDone);
     }
 
     #[test]
