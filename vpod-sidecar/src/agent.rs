@@ -268,11 +268,13 @@ impl AgentRunner {
             IdPolicy::Inherit => None,
         };
         // SAFETY: the closure runs in the forked child before exec. It only makes raw
-        // syscalls (setsid, setgroups, setgid, setuid, prctl) through nix, which neither
-        // allocate nor take locks, so it is async-signal-safe; it touches no memory shared
-        // with the parent's other threads beyond the copied `ids`.
+        // syscalls (sigprocmask, setsid, setgroups, setgid, setuid, prctl) through nix, which
+        // neither allocate nor take locks, so it is async-signal-safe; it touches no memory
+        // shared with the parent's other threads beyond the copied `ids`.
         unsafe {
             cmd.pre_exec(move || {
+                // The sidecar blocks SIGTERM in every thread; the agent starts with none blocked.
+                nix::sys::signal::SigSet::empty().thread_set_mask()?;
                 nix::unistd::setsid()?;
                 if let Some((uid, gid)) = ids {
                     nix::unistd::setgroups(&[])?;
@@ -481,6 +483,10 @@ mod tests {
     fn guest(ids: IdPolicy) -> (std::sync::mpsc::Sender<UnixStream>, JoinHandle<SessionEnd>) {
         let (tx, rx) = std::sync::mpsc::channel::<UnixStream>();
         let handle = std::thread::spawn(move || {
+            // As in production, where main blocks SIGTERM for every thread.
+            nix::sys::signal::SigSet::from(Signal::SIGTERM)
+                .thread_block()
+                .unwrap();
             let outbox = Arc::new(Outbox::default());
             let runner = AgentRunner::new(Arc::clone(&outbox), crate::init::test_reaper(), ids);
             let connect = || {
@@ -631,6 +637,22 @@ mod tests {
         assert_eq!(ids[0], ids[1], "pgid is the pid: {out}");
         assert_eq!(ids[0], ids[2], "sid is the pid: {out}");
         assert_eq!(lines.next().unwrap().split_whitespace().nth(1), Some("1"));
+    }
+
+    #[test]
+    fn the_agent_starts_with_no_blocked_signals_and_default_sigpipe() {
+        let got = run_to_exit(spec("grep", &["-E", "^Sig(Blk|Ign)", "/proc/self/status"]));
+        let out = String::from_utf8(output(&got, OutputStream::Stdout)).unwrap();
+        let mask = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("no {name} in {out}"))
+        };
+        // Bit n-1 stands for signal n.
+        assert_eq!(mask("SigBlk:"), 0, "{out}");
+        let sigpipe = 1 << (Signal::SIGPIPE as u32 - 1);
+        assert_eq!(mask("SigIgn:") & sigpipe, 0, "{out}");
     }
 
     #[test]
@@ -825,6 +847,51 @@ mod tests {
         assert_eq!(out.len(), data.len());
         assert!(out == data, "output differs");
         assert_eq!(exit_of(&got), ExitStatus::Exit(0));
+    }
+
+    #[test]
+    fn output_over_the_cap_waits_for_the_next_connection_without_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let data: Vec<u8> = (0..6u32 << 20).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let (tx, sidecar) = guest(IdPolicy::Inherit);
+        let mut first = Host::connect(&tx);
+        let script = format!("sleep 0.5; cat {}; exit 6", path.display());
+        first.send(&HostToGuest::RunAgent(sh(&script)));
+        assert!(matches!(
+            first.recv(),
+            Some(GuestToHost::AgentStarted { .. })
+        ));
+        drop(first);
+        // 6 MiB with nobody connected: 4 MiB wait in the outbox, the rest in the pipe.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut second = Host::connect(&tx);
+        let got = second.recv_to_exit();
+        drop(second);
+        let out = output(&got, OutputStream::Stdout);
+        assert_eq!(out.len(), data.len());
+        assert!(out == data, "output differs");
+        assert_eq!(exit_of(&got), ExitStatus::Exit(6));
+        assert_eq!(sidecar.join().unwrap(), SessionEnd::AgentDone);
+    }
+
+    #[test]
+    fn a_host_that_never_closes_is_given_up_on_after_the_flush_timeout() {
+        let (tx, sidecar) = guest(IdPolicy::Inherit);
+        let mut host = Host::connect(&tx);
+        host.send(&HostToGuest::RunAgent(sh("exit 2")));
+        let got = host.recv_to_exit();
+        assert_eq!(exit_of(&got), ExitStatus::Exit(2));
+        // The guest half-closed (recv_to_exit saw EOF); the host keeps its end open.
+        let start = std::time::Instant::now();
+        assert_eq!(sidecar.join().unwrap(), SessionEnd::AgentDone);
+        let waited = start.elapsed();
+        assert!(
+            waited >= control::FLUSH_TIMEOUT - Duration::from_millis(500),
+            "{waited:?}"
+        );
+        drop(host);
     }
 
     #[test]

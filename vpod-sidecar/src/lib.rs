@@ -8,7 +8,7 @@
 //! # Boot sequence
 //!
 //! 1. `main` blocks SIGTERM in its thread before any other thread starts, so every thread
-//!    inherits the mask (the agent does not: std's spawn clears it).
+//!    inherits the mask (the agent does not: it clears its mask before `exec`).
 //! 2. [`init::mount_basics`]: `/proc` (proc), `/sys` (sysfs), `/dev` (devtmpfs), `/tmp` and
 //!    `/run` (tmpfs), each skipped when already mounted. Failures are logged, not fatal.
 //! 3. Logs go to `/dev/console` (the guest's serial port), one short line per event, through

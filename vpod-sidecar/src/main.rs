@@ -25,7 +25,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 fn main() {
     // Block SIGTERM before any thread starts, so every thread inherits the mask and only the
-    // forwarder's sigwait sees it. (std's spawn clears the mask in the agent.)
+    // forwarder's sigwait sees it. (The agent clears its mask before exec.)
     let sigterm_blocked = SigSet::from(Signal::SIGTERM).thread_block();
     let pid1 = std::process::id() == 1;
     let mount_failures = if pid1 {
