@@ -31,7 +31,8 @@ pub enum GuestToHost {
         /// Its pid inside the guest.
         pid: u32,
     },
-    /// A chunk of the agent's output.
+    /// A chunk of the agent's output (at most 64 KiB), between `AgentStarted` and
+    /// `AgentExited`, in the order read from each stream.
     AgentOutput {
         /// Which stream it came from.
         stream: OutputStream,
@@ -39,7 +40,9 @@ pub enum GuestToHost {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// The agent process ended.
+    /// The agent process ended and its output was drained; the last message of a boot. The
+    /// sidecar then half-closes the connection, waits for the host to close it and resets the
+    /// VM.
     AgentExited {
         /// How it ended.
         status: ExitStatus,
@@ -67,17 +70,23 @@ pub enum HostToGuest {
         /// The host's [`crate::PROTOCOL_VERSION`].
         host_protocol_version: u32,
     },
-    /// Start the agent.
+    /// Start the agent (once per boot; a second one is answered with `Error`). A command that
+    /// cannot be started is answered with `Error` (why) and `AgentExited` with `Exit(127)`
+    /// (missing program or directory) or `Exit(126)` (anything else).
     RunAgent(AgentSpec),
-    /// Bytes for the agent's standard input.
+    /// Bytes for the agent's standard input, written in order.
+    ///
+    /// **Empty `data` is EOF**: the sidecar closes the agent's stdin. An EOF for an agent that
+    /// ended or never started is a no-op; bytes after EOF are answered with `Error`.
     AgentStdin {
-        /// The bytes.
+        /// The bytes; empty for EOF.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// Send a signal to the agent.
+    /// Send a signal to the agent's process group.
     Signal {
-        /// The signal number.
+        /// The signal number: a standard signal, 1 to 31 (Linux numbering). Others, and a
+        /// signal when no agent runs, are answered with `Error`.
         signo: i32,
     },
     /// Diagnostic: the sidecar connects to host port `port` (a guest-initiated vsock
