@@ -203,3 +203,33 @@ fn runner_boot_timeout_names_the_stage_and_leaves_nothing_running() {
         "work dir not removed"
     );
 }
+
+#[test]
+fn runner_in_l1_sees_a_working_directory_under_tmp() {
+    // L1 puts a fresh tmpfs on /tmp; a clone under the host's /tmp must still be visible there.
+    let dir = tempfile::Builder::new()
+        .prefix("nanoclaw-cwd-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::write(dir.path().join("marker"), "seen from L1\n").unwrap();
+    let out = Command::new(repo().join("scripts/nested-run"))
+        .args(["--mode", "l1", "--timeout", "120", "--"])
+        .args([
+            "sh",
+            "-c",
+            "cat marker && pwd && touch /tmp/writable && echo tmp-ok",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        format!("seen from L1\n{}\ntmp-ok\n", dir.path().display())
+    );
+}
