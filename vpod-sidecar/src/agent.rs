@@ -236,21 +236,13 @@ impl AgentRunner {
 
         let threads = self.spawn_threads(stdin, stdin_rx, stdout, stderr, exit, pgid);
         if let Err(e) = threads {
-            // Without its threads the agent cannot be served: end it; the exit is still
-            // reported if the exit thread started, and here if not.
+            // Without its threads the agent cannot be served: end it. The exit thread starts
+            // last, so it is not running either; report the end here.
             let _ = killpg(pgid, Signal::SIGKILL);
             self.report(&e);
-            if matches!(
-                e,
-                AgentError::Thread {
-                    name: "agent-exit",
-                    ..
-                }
-            ) {
-                *self.lock() = State::Exited;
-                self.outbox
-                    .push_final(ExitStatus::Signal(Signal::SIGKILL as i32));
-            }
+            *self.lock() = State::Exited;
+            self.outbox
+                .push_final(ExitStatus::Signal(Signal::SIGKILL as i32));
         }
     }
 
