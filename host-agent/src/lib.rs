@@ -17,3 +17,16 @@ pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod vmm;
+
+/// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the
+/// binaries print errors and how the daemon logs them.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}

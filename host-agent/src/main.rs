@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+use host_agent::error_chain;
 use host_agent::vmm::{self, ConsoleTarget, VmConfig};
 
 #[derive(Debug, Parser)]
@@ -78,18 +79,6 @@ impl VmmArgs {
             console_cap: self.console_cap,
         }
     }
-}
-
-/// The error and its whole `source()` chain on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
 }
 
 fn main() -> ExitCode {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use host_agent::cli::{self, Cli};
+use host_agent::error_chain;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -26,16 +27,4 @@ fn main() -> ExitCode {
             ExitCode::from(if is_run { cli::RUN_FAILED_EXIT } else { 1 })
         }
     }
-}
-
-/// The error and its whole `source()` chain on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
 }

@@ -30,8 +30,9 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 
 use self::state::{StateError, VmRecord};
-use self::vm::{Vm, VmError, VmmLaunch, error_chain};
+use self::vm::{Vm, VmError, VmmLaunch};
 use crate::api::{self, CreateVm};
+use crate::error_chain;
 
 /// How long open API responses may take to finish once the daemon is told to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

@@ -18,9 +18,10 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
-use super::vm::{Vm, error_chain};
+use super::vm::Vm;
 use super::{Daemon, RemoveError};
 use crate::api::{ApiError, CreateVm, Event, EventRecord, VmInfo};
+use crate::error_chain;
 
 /// Highest accepted guest RAM, in MiB.
 const MAX_MEMORY_MIB: u64 = 64 * 1024;

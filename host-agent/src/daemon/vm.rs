@@ -27,6 +27,7 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
 use super::ratelimit::LogBudget;
 use super::state::{self, StateError, VmRecord};
 use crate::api::{self, Event, EventRecord, VmInfo, VmStatus, VmmExit};
+use crate::error_chain;
 
 /// How long a new control connection has to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -740,18 +741,6 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_owned()
-}
-
-/// An error and its `source()` chain on one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
 }
 
 #[cfg(test)]
