@@ -14,10 +14,9 @@
 //!
 //! Errors are a non-2xx status with an [`ApiError`] body. An event stream with `follow=true`
 //! ends after the VM's [`Event::Ended`] event; without it, it ends after the events recorded so
-//! far. Output bytes travel base64-encoded ([`base64`]) so that binary output survives JSON.
+//! far. Output bytes travel base64-encoded (standard alphabet, padded) so that binary output
+//! survives JSON.
 //! The agent's standard input is empty: it reads EOF at once.
-
-pub mod base64;
 
 use serde::{Deserialize, Serialize};
 

@@ -18,6 +18,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use hyper::Method;
 
 use self::client::{Client, ClientError, CopyError, Lines};
@@ -51,7 +53,7 @@ pub enum CliError {
     Event(#[source] serde_json::Error),
     /// An output chunk is not valid base64.
     #[error("bad output chunk from the daemon")]
-    Base64(#[source] api::base64::Base64Error),
+    Base64(#[source] base64::DecodeError),
     /// `--env` without `=`.
     #[error("--env {0:?} is not NAME=VALUE")]
     EnvSyntax(String),
@@ -313,7 +315,7 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
 }
 
 fn write_output(stream: api::Stream, data: &str) -> Result<(), CliError> {
-    let bytes = api::base64::decode(data).map_err(CliError::Base64)?;
+    let bytes = BASE64.decode(data).map_err(CliError::Base64)?;
     let result = match stream {
         api::Stream::Stdout => {
             let mut out = std::io::stdout().lock();

@@ -28,6 +28,8 @@ use super::ratelimit::LogBudget;
 use super::state::{self, StateError, VmRecord};
 use crate::api::{self, Event, EventRecord, VmInfo, VmStatus, VmmExit};
 use crate::error_chain;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 
 /// How long a new control connection has to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -546,7 +548,7 @@ impl Vm {
                 };
                 self.emit(Event::Output {
                     stream,
-                    data: api::base64::encode(&data),
+                    data: BASE64.encode(&data),
                 });
                 Ok(())
             }
