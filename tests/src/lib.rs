@@ -442,7 +442,9 @@ impl Daemon {
             .spawn()
             .context("spawn host-agent serve")?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: inside L1 (software emulation) the debug daemon and CLI binaries are read
+        // over 9p before they run, which takes tens of seconds on a loaded machine.
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if self.nanoclaw(&["ps"]).output()?.status.success() {
                 return Ok(());
