@@ -597,9 +597,9 @@ fn a_garbage_guest_is_cut_off_and_logged_within_budget() {
     );
 }
 
-fn a_restarted_daemon_reattaches_a_running_vm() {
-    let mut d = TestDaemon::start();
-    // A foreground `run` relays across the restart.
+/// Starts a foreground `nanoclaw run -- wait` (the fake agent prints `waiting` and blocks) and
+/// returns once the agent's first line has arrived, with the rest of its stdout.
+fn start_waiting_run(d: &TestDaemon) -> (std::process::Child, std::process::ChildStdout) {
     let mut run = Command::new(NANOCLAW)
         .arg("--socket")
         .arg(d.socket())
@@ -612,6 +612,13 @@ fn a_restarted_daemon_reattaches_a_running_vm() {
     let mut first = [0u8; 8];
     stdout.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"waiting\n");
+    (run, stdout)
+}
+
+fn a_restarted_daemon_reattaches_a_running_vm() {
+    let mut d = TestDaemon::start();
+    // A foreground `run` relays across the restart.
+    let (run, mut stdout) = start_waiting_run(&d);
     let vms: Vec<VmInfo> = serde_json::from_slice(&d.nanoclaw(&["ps", "--json"]).stdout).unwrap();
     let id = vms[0].id.clone();
     let before = d.wait_status(&id, |i| {
@@ -698,18 +705,8 @@ fn stop_escalates_to_sigterm_and_ends_followers() {
 
 fn ctrl_c_during_run_stops_the_vm() {
     let d = TestDaemon::start();
-    let mut run = Command::new(NANOCLAW)
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["run", "--", "wait"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = run.stdout.take().unwrap();
-    let mut first = [0u8; 8];
-    stdout.read_exact(&mut first).unwrap();
-    assert_eq!(&first, b"waiting\n");
+    // `_stdout` keeps the pipe open until the end, as a terminal would.
+    let (run, _stdout) = start_waiting_run(&d);
     signal(run.id() as i32, Signal::SIGINT);
     let out = run.wait_with_output().unwrap();
     // The fake agent dies of SIGTERM when the VM shuts down: 128 + 15.

@@ -113,12 +113,7 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::Http)?
-            .to_bytes();
+        let bytes = body_bytes(resp).await?;
         let message = serde_json::from_slice::<ApiError>(&bytes)
             .map(|e| e.error)
             .unwrap_or_else(|_| format!("the daemon answered {status}"));
@@ -137,14 +132,19 @@ impl Client {
             .transpose()
             .map_err(ClientError::Encode)?;
         let resp = self.send(method, path, body).await?;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(ClientError::Http)?
-            .to_bytes();
+        let bytes = body_bytes(resp).await?;
         serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
+}
+
+/// Reads a whole (small, JSON) response body.
+async fn body_bytes(resp: hyper::Response<Incoming>) -> Result<Bytes, ClientError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(ClientError::Http)?
+        .to_bytes())
 }
 
 /// Splits a streamed body into lines.
