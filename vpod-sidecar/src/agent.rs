@@ -332,7 +332,7 @@ impl AgentRunner {
     }
 
     /// Handles `AgentStdin`: queues `data` for the agent's stdin; empty `data` closes it.
-    /// Blocks while [`STDIN_QUEUE`] messages wait for the agent.
+    /// Blocks while `STDIN_QUEUE` (64) messages wait for the agent.
     ///
     /// An EOF for an agent whose stdin is closed, that failed to start or that has ended is a
     /// no-op (the host may send EOF right after `RunAgent`); bytes after an EOF, or before any
