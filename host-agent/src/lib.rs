@@ -12,10 +12,13 @@
 //!   control channel, keeps per-VM state on disk across restarts and serves the API.
 //! - [`api`]: the daemon's HTTP/JSON API types, shared by the daemon and the CLI.
 //! - [`cli`]: the `nanoclaw` command-line client of that API.
+//! - [`tokenize`]: format-preserving surrogates (FF1) for card numbers, SSNs, emails and API
+//!   keys in what flows to an agent, restored in what leaves it; a library with no I/O.
 
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod tokenize;
 pub mod vmm;
 
 /// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the
