@@ -156,6 +156,8 @@ pub struct Tokenizer {
     mode: Mode,
     issued: HashMap<String, Issued>,
     order: VecDeque<String>,
+    /// [`MAX_ISSUED`]; smaller in tests.
+    capacity: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -188,6 +190,7 @@ impl Tokenizer {
             mode,
             issued: HashMap::new(),
             order: VecDeque::new(),
+            capacity: MAX_ISSUED,
         })
     }
 
@@ -363,7 +366,7 @@ impl Tokenizer {
         if self.issued.contains_key(&surrogate) {
             return;
         }
-        if self.order.len() >= MAX_ISSUED
+        if self.order.len() >= self.capacity
             && let Some(old) = self.order.pop_front()
         {
             self.issued.remove(&old);

@@ -156,6 +156,16 @@ proptest! {
     }
 
     #[test]
+    fn values_glued_to_anything_round_trip(parts in prop::collection::vec(
+        prop_oneof![card(), ssn(), email(), api_key(), "[-_ .@+:=/a-zA-Z0-9]{0,3}"], 1..8,
+    )) {
+        let text = format!("token: {}", parts.concat());
+        let mut t = enforce(6);
+        let (tok, _) = t.tokenize_text(&text).expect("tokenize");
+        prop_assert_eq!(t.detokenize_text(&tok).expect("detokenize").0, text);
+    }
+
+    #[test]
     fn tokenizing_twice_keeps_surrogates((text, _) in text()) {
         let mut t = enforce(5);
         let once = t.tokenize_text(&text).expect("once").0;
@@ -274,4 +284,20 @@ fn reports_and_errors_carry_no_values() {
         .tokenize_text(&"4".repeat(MAX_INPUT_BYTES + 1))
         .expect_err("too large");
     assert!(!err.to_string().contains("4444"));
+}
+
+#[test]
+fn oldest_surrogates_are_forgotten_past_the_bound() {
+    let mut t = enforce(1);
+    t.capacity = 2;
+    let cards = ["4111111111111111", "5555555555554444", "378282246310005"];
+    let toks: Vec<String> = cards
+        .iter()
+        .map(|c| t.tokenize_text(c).expect("tokenize").0)
+        .collect();
+    assert_eq!(t.issued_count(), 2);
+    // The first surrogate is no longer restored (fails closed); the last two are.
+    assert_eq!(t.detokenize_text(&toks[0]).expect("detokenize").0, toks[0]);
+    assert_eq!(t.detokenize_text(&toks[1]).expect("detokenize").0, cards[1]);
+    assert_eq!(t.detokenize_text(&toks[2]).expect("detokenize").0, cards[2]);
 }
