@@ -17,6 +17,18 @@
 //! - Input over [`MAX_INPUT_BYTES`] is refused with [`TokenizeError::TooLarge`]. In bytes, only
 //!   the valid UTF-8 runs are scanned; invalid bytes pass through unchanged and split runs.
 //!
+//! # Why the round trip holds
+//! Tokenizing scans the text for candidates by shape (emails, then runs of digits, then tokens)
+//! and replaces the ones that pass the strict validators. Every surrogate keeps its value's
+//! length and, byte for byte, which positions hold a digit, which a letter and which any other
+//! byte, so the same scan of the tokenized text finds each surrogate as a candidate with the same
+//! bounds. Detokenizing acts only on candidates found in the issued set, and each construction
+//! is a bijection, so decrypting gives the real value back (see `surrogate`). The one case
+//! where it could not: two API keys with the same prefix but different letter alphabets whose
+//! surrogates (20 or more letters and digits) come out equal; the first issued then wins.
+//!
+//! A tokenizer takes `&mut self` (it records what it issues); share one per agent behind a lock.
+//!
 //! # Layout
 //! - `detect`: linear-time detectors and validators (Luhn and IIN, SSN ranges, email
 //!   shape, key prefixes and the entropy-with-keyword rule).

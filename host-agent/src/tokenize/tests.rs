@@ -301,3 +301,23 @@ fn oldest_surrogates_are_forgotten_past_the_bound() {
     assert_eq!(t.detokenize_text(&toks[1]).expect("detokenize").0, cards[1]);
     assert_eq!(t.detokenize_text(&toks[2]).expect("detokenize").0, cards[2]);
 }
+
+/// Shapes that would make a careless scanner quadratic; each must finish (and round-trip).
+#[test]
+fn adversarial_shapes_finish() {
+    let n = 1 << 18;
+    let inputs = [
+        "a@".repeat(n / 2),
+        "1 ".repeat(n / 2),
+        "1-".repeat(n / 2),
+        format!("{}@{}", "a".repeat(n / 2), "b.".repeat(n / 4)),
+        "a.b@".repeat(n / 4),
+        format!("token {}", "aZ9_".repeat(n / 4)),
+        "key 4111111111111111 ".repeat(n / 64),
+    ];
+    let mut t = enforce(1);
+    for text in inputs {
+        let (tok, _) = t.tokenize_text(&text).expect("tokenize");
+        assert_eq!(t.detokenize_text(&tok).expect("detokenize").0, text);
+    }
+}
