@@ -526,24 +526,29 @@ impl Daemon {
     /// its VMMs.
     pub fn vmm_processes(&self) -> Vec<u32> {
         let needle = self.dir.path().join("state").display().to_string();
-        let mut pids = Vec::new();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return pids;
-        };
-        for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains(&needle) && cmdline.contains("\0vmm\0") {
-                pids.push(pid);
-            }
-        }
-        pids
+        processes_mentioning(&needle)
+            .into_iter()
+            .filter(|(_, argv)| argv.contains("\0vmm\0"))
+            .map(|(pid, _)| pid)
+            .collect()
     }
+}
+
+/// Every process whose command line (NUL-separated argv) contains `needle`, with that command
+/// line.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let argv = std::fs::read(e.path().join("cmdline")).ok()?;
+            let argv = String::from_utf8_lossy(&argv).into_owned();
+            argv.contains(needle).then_some((pid, argv))
+        })
+        .collect()
 }
 
 impl Drop for Daemon {

@@ -29,14 +29,19 @@ fn tempdir() -> tempfile::TempDir {
         .expect("create temp dir")
 }
 
+/// Runs `guest-image/build ARGS` against the kernel cache `cache`.
+fn guest_image_build(cache: &Path, args: &[&str]) -> Output {
+    Command::new(repo().join("guest-image/build"))
+        .args(args)
+        .env("NANOCLAW_CACHE", cache)
+        .output()
+        .expect("run guest-image/build")
+}
+
 /// Builds a fake cached kernel under `cache` for the builder's current key, with a valid
 /// SHA256SUMS, and returns its directory.
 fn fake_kernel_cache(cache: &Path) -> PathBuf {
-    let out = Command::new(repo().join("guest-image/build"))
-        .arg("--print-kernel-key")
-        .env("NANOCLAW_CACHE", cache)
-        .output()
-        .expect("run guest-image/build");
+    let out = guest_image_build(cache, &["--print-kernel-key"]);
     assert!(
         out.status.success(),
         "{}",
@@ -64,12 +69,11 @@ fn cached_kernel_is_used_without_a_rebuild() {
     let tmp = tempdir();
     let cache = tmp.path();
     let kdir = fake_kernel_cache(cache);
-    let out = Command::new(repo().join("guest-image/build"))
-        .args(["--kernel-only", "--out"])
-        .arg(cache.join("out"))
-        .env("NANOCLAW_CACHE", cache)
-        .output()
-        .unwrap();
+    let out_dir = cache.join("out");
+    let out = guest_image_build(
+        cache,
+        &["--kernel-only", "--out", out_dir.to_str().unwrap()],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("cached at"), "{err}");
@@ -90,12 +94,11 @@ fn corrupt_cached_kernel_is_a_one_line_error() {
     let cache = tmp.path();
     let kdir = fake_kernel_cache(cache);
     std::fs::write(kdir.join("bzImage"), b"flipped bytes\n").unwrap();
-    let out = Command::new(repo().join("guest-image/build"))
-        .args(["--kernel-only", "--out"])
-        .arg(cache.join("out"))
-        .env("NANOCLAW_CACHE", cache)
-        .output()
-        .unwrap();
+    let out_dir = cache.join("out");
+    let out = guest_image_build(
+        cache,
+        &["--kernel-only", "--out", out_dir.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(1));
     let errors: Vec<_> = stderr_lines(&out)
         .into_iter()
@@ -167,20 +170,6 @@ fn runner_command_timeout_names_the_stage() {
     );
 }
 
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) {
-                found.push(cmdline);
-            }
-        }
-    }
-    found
-}
-
 #[test]
 fn runner_boot_timeout_names_the_stage_and_leaves_nothing_running() {
     let tmp = tempdir();
@@ -195,7 +184,7 @@ fn runner_boot_timeout_names_the_stage_and_leaves_nothing_running() {
         err.contains("timeout in stage 'L1 boot' after 1 s"),
         "{err}"
     );
-    let left = processes_mentioning(&tmp.path().display().to_string());
+    let left = nanoclaw_tests::processes_mentioning(&tmp.path().display().to_string());
     assert!(left.is_empty(), "left running: {left:?}");
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),
