@@ -10,12 +10,15 @@
 //!   (Unix-socket) backend.
 //! - [`daemon`]: `host-agent serve`, the daemon that starts one VMM per agent, relays its
 //!   control channel, keeps per-VM state on disk across restarts and serves the API.
+//! - [`audit`]: the append-only, hash-chained audit log of decisions, approvals, grants and
+//!   credential uses, and its verifier.
 //! - [`api`]: the daemon's HTTP/JSON API types, shared by the daemon and the CLI.
 //! - [`cli`]: the `nanoclaw` command-line client of that API.
 //! - [`tokenize`]: format-preserving surrogates (FF1) for card numbers, SSNs, emails and API
 //!   keys in what flows to an agent, restored in what leaves it; a library with no I/O.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod daemon;
 pub mod tokenize;
