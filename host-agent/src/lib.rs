@@ -10,6 +10,8 @@
 //!   (Unix-socket) backend.
 //! - [`daemon`]: `host-agent serve`, the daemon that starts one VMM per agent, relays its
 //!   control channel, keeps per-VM state on disk across restarts and serves the API.
+//! - [`approval`]: sensitive actions wait for the user's passkey: the subject of an approval
+//!   and the [`approval::Approver`] the MCP gateway and the credential relay ask.
 //! - [`audit`]: the append-only, hash-chained audit log of decisions, approvals, grants and
 //!   credential uses, and its verifier.
 //! - [`api`]: the daemon's HTTP/JSON API types, shared by the daemon and the CLI.
@@ -18,6 +20,7 @@
 //!   keys in what flows to an agent, restored in what leaves it; a library with no I/O.
 
 pub mod api;
+pub mod approval;
 pub mod audit;
 pub mod cli;
 pub mod daemon;

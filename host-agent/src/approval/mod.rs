@@ -1,0 +1,144 @@
+//! Approvals: sensitive actions wait for the user's passkey.
+//!
+//! When a profile says a call needs approval (a destructive tool, elevated permissions, a new
+//! external service, a credential from the vault), or a spawn or grant exceeds the caller's
+//! rights, the caller builds an [`ApprovalSubject`] and asks an [`Approver`]. The action runs
+//! only on [`ApprovalOutcome::Approved`]; anything else, including no answer before the
+//! deadline, means no action.
+//!
+//! # Layout
+//! - this file: the subject of an approval, the outcome, the [`Approver`] trait and
+//!   [`DenyAll`], the approver used until passkey approvals are configured.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+/// What is to be approved, as the user must see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalSubject {
+    /// The agent asking (its VM's agent name or id).
+    pub agent: String,
+    /// The VM it runs in.
+    pub vm_id: String,
+    /// The agent's profile name.
+    pub profile: String,
+    /// The action.
+    pub action: ApprovalAction,
+    /// The full arguments, exactly as they will be used.
+    pub arguments: serde_json::Value,
+    /// The rule that asked for approval.
+    pub rule: String,
+    /// Why, in words for the user.
+    pub reason: String,
+}
+
+/// The kinds of action that can need approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ApprovalAction {
+    /// An MCP tool call.
+    ToolCall {
+        /// The upstream MCP server.
+        server: String,
+        /// The tool.
+        tool: String,
+    },
+    /// Spawning an agent with a profile beyond the caller's own rights.
+    Spawn {
+        /// The profile asked for.
+        profile: String,
+    },
+    /// Releasing a credential from the vault for a target host.
+    Credential {
+        /// The credential's name.
+        name: String,
+        /// Where it would be sent.
+        target_host: String,
+    },
+}
+
+/// How an approval ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ApprovalOutcome {
+    /// The user approved with a verified passkey assertion over this exact request.
+    Approved {
+        /// The approval's id (in the audit log).
+        approval_id: String,
+    },
+    /// Refused: by the user, or because approvals are not available.
+    Denied {
+        /// Why.
+        reason: String,
+    },
+    /// No answer before the request expired.
+    Expired,
+}
+
+impl ApprovalOutcome {
+    /// Whether the action may run.
+    pub fn is_approved(&self) -> bool {
+        matches!(self, Self::Approved { .. })
+    }
+}
+
+/// Asks the user. Implementations never approve on their own.
+pub trait Approver: Send + Sync + std::fmt::Debug {
+    /// Waits for the user's answer to `subject` (bounded by the approver's expiry).
+    fn request(
+        &self,
+        subject: ApprovalSubject,
+    ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + '_>>;
+}
+
+/// The approver when no passkey approvals are configured: every request is denied with
+/// "requires approval".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenyAll;
+
+impl Approver for DenyAll {
+    fn request(
+        &self,
+        subject: ApprovalSubject,
+    ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + '_>> {
+        Box::pin(async move {
+            ApprovalOutcome::Denied {
+                reason: format!(
+                    "requires approval (rule {}): no passkey approvals are configured",
+                    subject.rule
+                ),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn deny_all_denies_with_requires_approval() {
+        let subject = ApprovalSubject {
+            agent: "a".into(),
+            vm_id: "v".into(),
+            profile: "worker".into(),
+            action: ApprovalAction::ToolCall {
+                server: "fs".into(),
+                tool: "delete".into(),
+            },
+            arguments: serde_json::json!({"path": "/x"}),
+            rule: "destructive".into(),
+            reason: "deletes files".into(),
+        };
+        let out = DenyAll.request(subject).await;
+        assert!(!out.is_approved());
+        match out {
+            ApprovalOutcome::Denied { reason } => {
+                assert!(reason.starts_with("requires approval"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
