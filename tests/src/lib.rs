@@ -189,11 +189,50 @@ impl TestVm {
     }
 
     /// Waits for the sidecar's control connection, checks its `Hello` and acknowledges it.
+    ///
+    /// A connection that closes before its `Hello` (the guest gave up on a slow connect and
+    /// the sidecar retries with backoff, as it does under heavy nested emulation) is dropped
+    /// and the next one is awaited, until `timeout`.
     pub fn accept_control(&mut self, timeout: Duration) -> Result<Control> {
         let deadline = Instant::now() + timeout;
-        let stream = loop {
+        loop {
+            let stream = self.accept_control_stream(deadline, timeout)?;
+            stream.set_nonblocking(false)?;
+            let mut control = Control {
+                stream,
+                decoder: FrameDecoder::new(),
+                closed: false,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let hello = match control.recv(left) {
+                Ok(hello) => hello,
+                Err(e) if control.closed && Instant::now() < deadline => {
+                    println!("control connection closed before its hello ({e}); awaiting a retry");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e.context(format!("sidecar hello; console:\n{}", self.console())));
+                }
+            };
+            let verdict = answer_hello(&hello);
+            control.send(&verdict.reply)?;
+            verdict.outcome.context("handshake")?;
+            println!(
+                "sidecar said hello {:.2} s after the VMM started",
+                self.started.elapsed().as_secs_f64()
+            );
+            return Ok(control);
+        }
+    }
+
+    fn accept_control_stream(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<UnixStream> {
+        loop {
             match self.control.accept() {
-                Ok((s, _)) => break s,
+                Ok((s, _)) => return Ok(s),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e).context("accept the control connection"),
             }
@@ -209,21 +248,7 @@ impl TestVm {
                 self.console()
             );
             std::thread::sleep(Duration::from_millis(20));
-        };
-        stream.set_nonblocking(false)?;
-        let mut control = Control {
-            stream,
-            decoder: FrameDecoder::new(),
-        };
-        let hello = control.recv(timeout)?;
-        let verdict = answer_hello(&hello);
-        control.send(&verdict.reply)?;
-        verdict.outcome.context("handshake")?;
-        println!(
-            "sidecar said hello {:.2} s after the VMM started",
-            self.started.elapsed().as_secs_f64()
-        );
-        Ok(control)
+        }
     }
 
     /// Opens a host-initiated vsock connection to guest `port` (hybrid vsock `CONNECT`).
@@ -294,6 +319,8 @@ impl Drop for TestVm {
 pub struct Control {
     stream: UnixStream,
     decoder: FrameDecoder<GuestToHost>,
+    /// The sidecar closed the connection (read EOF).
+    closed: bool,
 }
 
 impl Control {
@@ -321,7 +348,10 @@ impl Control {
                 .stream
                 .read(&mut buf)
                 .context("read from the sidecar")?;
-            ensure!(n > 0, "the sidecar closed the control connection");
+            if n == 0 {
+                self.closed = true;
+                bail!("the sidecar closed the control connection");
+            }
             self.decoder.push(&buf[..n]);
         }
     }

@@ -51,6 +51,39 @@ pub enum VsockError {
     Accept(#[source] nix::Error),
 }
 
+/// How long a connect waits for the host's answer. The kernel's default is 2 s, which a guest
+/// under nested emulation on a loaded host can exceed: the connect then times out after the host
+/// already accepted it, and the host sees a connection that closes before its first byte.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `SO_VM_SOCKETS_CONNECT_TIMEOUT` (`<linux/vm_sockets.h>`; the `_OLD` value, which is the one
+/// on 64-bit targets, takes a `struct timeval`). The `libc` crate does not define it.
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+
+fn set_connect_timeout(fd: &OwnedFd, timeout: std::time::Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: `fd` is an open AF_VSOCK socket owned by the caller for the duration of the
+    // call; the option value points at a live, initialised `timeval` whose exact size is
+    // passed as the option length, and the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn new_socket() -> Result<OwnedFd, VsockError> {
     socket::socket(
         AddressFamily::Vsock,
@@ -66,9 +99,13 @@ fn new_socket() -> Result<OwnedFd, VsockError> {
 pub struct VsockStream(OwnedFd);
 
 impl VsockStream {
-    /// Connects to `(cid, port)`.
+    /// Connects to `(cid, port)`, waiting at most [`CONNECT_TIMEOUT`] for the host's answer.
     pub fn connect(cid: u32, port: u32) -> Result<Self, VsockError> {
         let fd = new_socket()?;
+        // Best effort: without it the kernel's 2 s default applies and the caller retries.
+        if let Err(e) = set_connect_timeout(&fd, CONNECT_TIMEOUT) {
+            tracing::debug!(error = %e, "vsock: cannot set the connect timeout");
+        }
         socket::connect(fd.as_raw_fd(), &VsockAddr::new(cid, port))
             .map_err(|source| VsockError::Connect { cid, port, source })?;
         Ok(Self(fd))
