@@ -28,6 +28,8 @@
 //! surrogates (20 or more letters and digits) come out equal; the first issued then wins.
 //!
 //! A tokenizer takes `&mut self` (it records what it issues); share one per agent behind a lock.
+//! [`detect_spans`] runs the same detectors without a tokenizer and says where each value is
+//! (for scoring detections against labelled text, as `benches/tokenize.rs` does).
 //!
 //! # Layout
 //! - `detect`: linear-time detectors and validators (Luhn and IIN, SSN ranges, email
@@ -40,6 +42,7 @@ mod json;
 mod surrogate;
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
 use serde::Serialize;
 
@@ -152,6 +155,30 @@ impl Report {
     pub fn total(&self) -> u64 {
         self.cards + self.ssns + self.emails + self.api_keys
     }
+}
+
+/// Where the detectors find a sensitive value in `text`: its kind and byte span, in order,
+/// not overlapping.
+///
+/// These are the values a [`Mode::Enforce`] tokenizer with nothing issued yet replaces in
+/// [`Tokenizer::tokenize_text`], and that a [`Mode::Monitor`] one counts, plus the ones it
+/// detects but finds too short to encrypt (counted as [`Report::skipped`]). Linear in the
+/// length of `text`; every span starts and ends on a character boundary.
+pub fn detect_spans(text: &str) -> Vec<(Kind, Range<usize>)> {
+    let b = text.as_bytes();
+    detect::scan(text, |_, c| {
+        let s = &b[c.start..c.end];
+        match c.kind {
+            Kind::Card => detect::valid_card(s),
+            Kind::Ssn => detect::valid_ssn(s),
+            Kind::Email => true,
+            Kind::ApiKey => false,
+        }
+    })
+    .into_iter()
+    .filter(|c| c.kind != Kind::ApiKey || detect::key_prefix_len(b, *c, "").is_some())
+    .map(|c| (c.kind, c.start..c.end))
+    .collect()
 }
 
 /// What is remembered about an issued surrogate: enough to decrypt it, no real value.
