@@ -419,6 +419,11 @@ pub(crate) fn key_prefix_len(text: &[u8], c: Candidate, context: &str) -> Option
     if let Some(p) = known_prefix(tok) {
         return Some(p);
     }
+    // A UUID is an identifier (request, trace and object ids fill logs and JSON, and a keyword
+    // such as a service called `api` is often near one), not a secret of unknown format.
+    if is_uuid(tok) {
+        return None;
+    }
     let len_ok = (ENTROPY_MIN_LEN..=ENTROPY_MAX_LEN).contains(&tok.len());
     let classes_ok = tok.iter().any(u8::is_ascii_alphabetic) && tok.iter().any(u8::is_ascii_digit);
     if !(len_ok && classes_ok) {
@@ -448,6 +453,18 @@ pub(crate) fn known_prefix(tok: &[u8]) -> Option<usize> {
                 .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()));
         ok.then_some(k.prefix.len())
     })
+}
+
+/// Whether `tok` is a UUID in its canonical form: 8-4-4-4-12 hex digits.
+fn is_uuid(tok: &[u8]) -> bool {
+    tok.len() == 36
+        && tok.iter().enumerate().all(|(i, c)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                *c == b'-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
 }
 
 fn has_keyword(window: &[u8]) -> bool {
@@ -561,6 +578,13 @@ mod tests {
         assert_eq!(kinds(&format!("api_key = {tok}")).len(), 1);
         // Low entropy is not a secret even next to a keyword.
         assert!(kinds("token aaaaaaaaaaaaaaaaaaaaaaaa1").is_empty());
+        // Nor is a UUID (an identifier); a token of the same length and alphabet still is.
+        let uuid = "14bdba4a-3779-4113-9076-029a694a531e";
+        assert!(is_uuid(uuid.as_bytes()));
+        assert!(kinds(&format!("INFO auth GET /v1/orders req_id={uuid}")).is_empty());
+        let not_uuid = "14bdba4a3-779-4113-9076-029a694a531e";
+        assert!(!is_uuid(not_uuid.as_bytes()));
+        assert_eq!(kinds(&format!("auth_token={not_uuid}")).len(), 1);
     }
 
     #[test]
