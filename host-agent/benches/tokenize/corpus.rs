@@ -61,12 +61,12 @@ impl Rng {
             .collect()
     }
 
-    fn from_alphabet(&mut self, alphabet: &[u8], n: usize) -> String {
+    fn string_over(&mut self, alphabet: &[u8], n: usize) -> String {
         (0..n).map(|_| char::from(*self.pick(alphabet))).collect()
     }
 
     fn hex(&mut self, n: usize) -> String {
-        self.from_alphabet(b"0123456789abcdef", n)
+        self.string_over(b"0123456789abcdef", n)
     }
 }
 
@@ -356,7 +356,8 @@ fn decoy(rng: &mut Rng) -> String {
             let mut d = card_digits(rng, "4", 16);
             let last = d.pop().map_or(0, |c| c - b'0');
             d.push(b'0' + (last + rng.range(1, 9) as u8) % 10);
-            group(&d, &[4, 4, 4, 4], *rng.pick(&["", " ", "-"]))
+            let sep = *rng.pick(&["", " ", "-"]);
+            group(&d, &[4, 4, 4, 4], sep)
         }
         2 => {
             // Never-issued SSN ranges.
@@ -519,7 +520,8 @@ pub fn card(rng: &mut Rng) -> String {
         _ => (&jcb, 16, &[4, 4, 4, 4]),
     };
     let d = card_digits(rng, iin, len);
-    group(&d, sizes, *rng.pick(&["", "", " ", "-"]))
+    let sep = *rng.pick(&["", "", " ", "-"]);
+    group(&d, sizes, sep)
 }
 
 /// A US SSN in an issued range, `ddd-dd-dddd`.
@@ -576,17 +578,17 @@ pub fn api_key(rng: &mut Rng) -> (&'static str, String, bool) {
     match rng.below(8) {
         0 => (
             "openai_key",
-            format!("sk-{}", rng.from_alphabet(ALNUM, 48)),
+            format!("sk-{}", rng.string_over(ALNUM, 48)),
             true,
         ),
         1 => (
             "openai_key",
-            format!("sk-proj-{}", rng.from_alphabet(ALNUM, 56)),
+            format!("sk-proj-{}", rng.string_over(ALNUM, 56)),
             true,
         ),
         2 => (
             "github_token",
-            format!("ghp_{}", rng.from_alphabet(ALNUM, 36)),
+            format!("ghp_{}", rng.string_over(ALNUM, 36)),
             true,
         ),
         3 => (
@@ -595,20 +597,20 @@ pub fn api_key(rng: &mut Rng) -> (&'static str, String, bool) {
                 "xoxb-{}-{}-{}",
                 rng.digits(12),
                 rng.digits(13),
-                rng.from_alphabet(ALNUM, 24)
+                rng.string_over(ALNUM, 24)
             ),
             true,
         ),
         4 => (
             "aws_access_key_id",
-            format!("AKIA{}", rng.from_alphabet(UPPER_DIGITS, 16)),
+            format!("AKIA{}", rng.string_over(UPPER_DIGITS, 16)),
             true,
         ),
         n => {
             let name = *rng.pick(&["api_key", "client_secret", "auth_token"]);
             let len = if n == 5 { 32 } else { 40 };
             loop {
-                let k = rng.from_alphabet(ALNUM, len);
+                let k = rng.string_over(ALNUM, len);
                 let b = k.as_bytes();
                 if b.iter().any(u8::is_ascii_digit) && b.iter().any(u8::is_ascii_alphabetic) {
                     return (name, k, false);
