@@ -5,7 +5,8 @@
 //! [`Tokenizer`] holds the FF1 keys derived from it and the set of surrogates it has issued.
 //!
 //! - [`Mode::Monitor`] changes nothing and reports the kind and count of what would have been
-//!   tokenized. [`Mode::Enforce`] replaces it.
+//!   tokenized (the same counts as enforce mode, without running FF1). [`Mode::Enforce`]
+//!   replaces it.
 //! - A [`Report`] holds counts per kind, never a value; neither does any error.
 //! - Only surrogates this tokenizer issued are restored: it remembers up to [`MAX_ISSUED`] of
 //!   them (the surrogate strings only, not the real values; the real value is recomputed by
@@ -341,6 +342,17 @@ impl Tokenizer {
                 },
                 _ => (0, Alphabet::Alpha52),
             };
+            if self.mode == Mode::Monitor {
+                // Count what enforce mode would replace, without encrypting: cards and SSNs
+                // always get a surrogate, emails that could not were left out above.
+                if c.kind != Kind::ApiKey || surrogate::api_key_encryptable(s, prefix_len, alphabet)
+                {
+                    report.count(c.kind);
+                } else {
+                    report.skipped += 1;
+                }
+                continue;
+            }
             let issued = Issued {
                 kind: c.kind,
                 prefix_len,
@@ -351,9 +363,6 @@ impl Tokenizer {
                 continue;
             };
             report.count(c.kind);
-            if self.mode == Mode::Monitor {
-                continue;
-            }
             out.push_str(&text[at..c.start]);
             out.push_str(&sur);
             at = c.end;

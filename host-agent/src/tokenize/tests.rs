@@ -122,6 +122,16 @@ proptest! {
     }
 
     #[test]
+    fn monitor_counts_what_enforce_replaces((text, _) in text(), key in api_key()) {
+        // Monitor mode does not encrypt; its counts must still be enforce mode's, skipped too.
+        let text = format!("{text} key {key} and token=ab12");
+        let mut m = Tokenizer::new([1; 32], Mode::Monitor).expect("tokenizer");
+        let (_, monitored) = m.tokenize_text(&text).expect("monitor");
+        let (_, enforced) = enforce(1).tokenize_text(&text).expect("enforce");
+        prop_assert_eq!(monitored, enforced);
+    }
+
+    #[test]
     fn detect_spans_agree_with_the_tokenizer((text, values) in text()) {
         let spans = detect_spans(&text);
         for v in &values {
@@ -286,6 +296,21 @@ fn json_depth_is_bounded() {
         enforce(1).tokenize_json(&v),
         Err(TokenizeError::TooDeep { .. })
     ));
+}
+
+#[test]
+fn monitor_skips_a_key_too_short_to_encrypt_like_enforce() {
+    // 4 digits and 6 hex letters after the prefix: too few of either class for FF1.
+    let text = "slack xoxb-1234abcdef and card 4111111111111111";
+    let mut m = Tokenizer::new([1; 32], Mode::Monitor).expect("tokenizer");
+    let (_, monitored) = m.tokenize_text(text).expect("monitor");
+    let (out, enforced) = enforce(1).tokenize_text(text).expect("enforce");
+    assert_eq!(monitored, enforced);
+    assert_eq!(
+        (monitored.skipped, monitored.api_keys, monitored.cards),
+        (1, 0, 1)
+    );
+    assert!(out.contains("xoxb-1234abcdef"));
 }
 
 #[test]
