@@ -102,6 +102,23 @@ const KEY_PREFIXES: &[KeyPrefix] = &[
     },
 ];
 
+/// The shortest token that can be a key: the shortest vendor prefix plus its letters and digits,
+/// or the entropy rule's minimum. Shorter token runs are not candidates (most words), which
+/// keeps the scan fast; an API-key surrogate is as long as its key, so none is missed on the way
+/// out either.
+const MIN_KEY_LEN: usize = {
+    let mut m = ENTROPY_MIN_LEN;
+    let mut i = 0;
+    while i < KEY_PREFIXES.len() {
+        let n = KEY_PREFIXES[i].prefix.len() + KEY_PREFIXES[i].min_rest;
+        if n < m {
+            m = n;
+        }
+        i += 1;
+    }
+    m
+};
+
 fn is_local(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-')
 }
@@ -124,7 +141,7 @@ fn blocks_digit_run(b: u8) -> bool {
 /// SSN shaped) outside emails that `claim` keeps, then token runs outside both.
 ///
 /// `claim(text, candidate)` says whether the caller acts on an email or digit-run candidate
-/// (acted-on candidates hide their bytes from the later steps). Token runs are all returned.
+/// (acted-on candidates hide their bytes from the later steps). Token runs long enough to be a key are all returned.
 pub(crate) fn scan(text: &str, mut claim: impl FnMut(&str, Candidate) -> bool) -> Vec<Candidate> {
     let b = text.as_bytes();
     let mut taken = vec![false; b.len()];
@@ -257,8 +274,9 @@ fn digit_run_candidates(b: &[u8], taken: &[bool]) -> Vec<Candidate> {
     out
 }
 
-/// Maximal runs of token bytes outside `taken` that contain a letter, not touching `@` or a `.`
-/// that joins them to more token bytes (those belong to hostnames and addresses).
+/// Maximal runs of token bytes outside `taken`, at least [`MIN_KEY_LEN`] long, that contain a
+/// letter, not touching `@` or a `.` that joins them to more token bytes (those belong to
+/// hostnames and addresses).
 fn token_candidates(b: &[u8], taken: &[bool]) -> Vec<Candidate> {
     let mut out = Vec::new();
     let free_token = |i: usize| !taken[i] && is_token(b[i]);
@@ -282,7 +300,7 @@ fn token_candidates(b: &[u8], taken: &[bool]) -> Vec<Candidate> {
         if left || right {
             continue;
         }
-        if b[start..end].iter().any(u8::is_ascii_alphabetic) {
+        if end - start >= MIN_KEY_LEN && b[start..end].iter().any(u8::is_ascii_alphabetic) {
             out.push(Candidate {
                 start,
                 end,
@@ -419,6 +437,11 @@ pub(crate) fn key_prefix_len(text: &[u8], c: Candidate, context: &str) -> Option
     if let Some(p) = known_prefix(tok) {
         return Some(p);
     }
+    // A UUID is an identifier (request, trace and object ids fill logs and JSON, and a keyword
+    // such as a service called `api` is often near one), not a secret of unknown format.
+    if is_uuid(tok) {
+        return None;
+    }
     let len_ok = (ENTROPY_MIN_LEN..=ENTROPY_MAX_LEN).contains(&tok.len());
     let classes_ok = tok.iter().any(u8::is_ascii_alphabetic) && tok.iter().any(u8::is_ascii_digit);
     if !(len_ok && classes_ok) {
@@ -448,6 +471,18 @@ pub(crate) fn known_prefix(tok: &[u8]) -> Option<usize> {
                 .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()));
         ok.then_some(k.prefix.len())
     })
+}
+
+/// Whether `tok` is a UUID in its canonical form: 8-4-4-4-12 hex digits.
+fn is_uuid(tok: &[u8]) -> bool {
+    tok.len() == 36
+        && tok.iter().enumerate().all(|(i, c)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                *c == b'-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
 }
 
 fn has_keyword(window: &[u8]) -> bool {
@@ -561,6 +596,24 @@ mod tests {
         assert_eq!(kinds(&format!("api_key = {tok}")).len(), 1);
         // Low entropy is not a secret even next to a keyword.
         assert!(kinds("token aaaaaaaaaaaaaaaaaaaaaaaa1").is_empty());
+        // Nor is a UUID (an identifier); a token of the same length and alphabet still is.
+        let uuid = "14bdba4a-3779-4113-9076-029a694a531e";
+        assert!(is_uuid(uuid.as_bytes()));
+        assert!(kinds(&format!("INFO auth GET /v1/orders req_id={uuid}")).is_empty());
+        let not_uuid = "14bdba4a3-779-4113-9076-029a694a531e";
+        assert!(!is_uuid(not_uuid.as_bytes()));
+        assert_eq!(kinds(&format!("auth_token={not_uuid}")).len(), 1);
+    }
+
+    #[test]
+    fn short_tokens_are_not_candidates() {
+        assert_eq!(MIN_KEY_LEN, 15);
+        let key = "xoxb-0123456789";
+        assert_eq!(known_prefix(key.as_bytes()), Some(5));
+        let b = format!("x {key} {}", &key[..14]);
+        let c = token_candidates(b.as_bytes(), &vec![false; b.len()]);
+        assert_eq!(c.len(), 1);
+        assert_eq!(&b[c[0].start..c[0].end], key);
     }
 
     #[test]

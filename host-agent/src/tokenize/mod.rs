@@ -5,7 +5,8 @@
 //! [`Tokenizer`] holds the FF1 keys derived from it and the set of surrogates it has issued.
 //!
 //! - [`Mode::Monitor`] changes nothing and reports the kind and count of what would have been
-//!   tokenized. [`Mode::Enforce`] replaces it.
+//!   tokenized (the same counts as enforce mode, without running FF1). [`Mode::Enforce`]
+//!   replaces it.
 //! - A [`Report`] holds counts per kind, never a value; neither does any error.
 //! - Only surrogates this tokenizer issued are restored: it remembers up to [`MAX_ISSUED`] of
 //!   them (the surrogate strings only, not the real values; the real value is recomputed by
@@ -28,6 +29,8 @@
 //! surrogates (20 or more letters and digits) come out equal; the first issued then wins.
 //!
 //! A tokenizer takes `&mut self` (it records what it issues); share one per agent behind a lock.
+//! [`detect_spans`] runs the same detectors without a tokenizer and says where each value is
+//! (for scoring detections against labelled text, as `benches/tokenize.rs` does).
 //!
 //! # Layout
 //! - `detect`: linear-time detectors and validators (Luhn and IIN, SSN ranges, email
@@ -40,6 +43,7 @@ mod json;
 mod surrogate;
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
 use serde::Serialize;
 
@@ -152,6 +156,30 @@ impl Report {
     pub fn total(&self) -> u64 {
         self.cards + self.ssns + self.emails + self.api_keys
     }
+}
+
+/// Where the detectors find a sensitive value in `text`: its kind and byte span, in order,
+/// not overlapping.
+///
+/// These are the values a [`Mode::Enforce`] tokenizer with nothing issued yet replaces in
+/// [`Tokenizer::tokenize_text`], and that a [`Mode::Monitor`] one counts, plus the ones it
+/// detects but finds too short to encrypt (counted as [`Report::skipped`]). Linear in the
+/// length of `text`; every span starts and ends on a character boundary.
+pub fn detect_spans(text: &str) -> Vec<(Kind, Range<usize>)> {
+    let b = text.as_bytes();
+    detect::scan(text, |_, c| {
+        let s = &b[c.start..c.end];
+        match c.kind {
+            Kind::Card => detect::valid_card(s),
+            Kind::Ssn => detect::valid_ssn(s),
+            Kind::Email => true,
+            Kind::ApiKey => false,
+        }
+    })
+    .into_iter()
+    .filter(|c| c.kind != Kind::ApiKey || detect::key_prefix_len(b, *c, "").is_some())
+    .map(|c| (c.kind, c.start..c.end))
+    .collect()
 }
 
 /// What is remembered about an issued surrogate: enough to decrypt it, no real value.
@@ -314,6 +342,17 @@ impl Tokenizer {
                 },
                 _ => (0, Alphabet::Alpha52),
             };
+            if self.mode == Mode::Monitor {
+                // Count what enforce mode would replace, without encrypting: cards and SSNs
+                // always get a surrogate, emails that could not were left out above.
+                if c.kind != Kind::ApiKey || surrogate::api_key_encryptable(s, prefix_len, alphabet)
+                {
+                    report.count(c.kind);
+                } else {
+                    report.skipped += 1;
+                }
+                continue;
+            }
             let issued = Issued {
                 kind: c.kind,
                 prefix_len,
@@ -324,9 +363,6 @@ impl Tokenizer {
                 continue;
             };
             report.count(c.kind);
-            if self.mode == Mode::Monitor {
-                continue;
-            }
             out.push_str(&text[at..c.start]);
             out.push_str(&sur);
             at = c.end;

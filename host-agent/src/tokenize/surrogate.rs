@@ -411,6 +411,13 @@ pub(crate) fn api_key(
     encrypt_classes(keys.for_kind(Kind::ApiKey), b, &pos, letters, &tweak, dir)
 }
 
+/// Whether [`api_key`] gives a surrogate (`Some`) for this key, without encrypting.
+pub(crate) fn api_key_encryptable(s: &str, prefix_len: usize, letters: Alphabet) -> bool {
+    let b = s.as_bytes();
+    let pos = positions(b, prefix_len..b.len(), |c| c.is_ascii_alphanumeric());
+    encryptable(b, &pos, letters)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,33 @@ proptest! {
     }
 
     #[test]
+    fn monitor_counts_what_enforce_replaces((text, _) in text(), key in api_key()) {
+        // Monitor mode does not encrypt; its counts must still be enforce mode's, skipped too.
+        let text = format!("{text} key {key} and token=ab12");
+        let mut m = Tokenizer::new([1; 32], Mode::Monitor).expect("tokenizer");
+        let (_, monitored) = m.tokenize_text(&text).expect("monitor");
+        let (_, enforced) = enforce(1).tokenize_text(&text).expect("enforce");
+        prop_assert_eq!(monitored, enforced);
+    }
+
+    #[test]
+    fn detect_spans_agree_with_the_tokenizer((text, values) in text()) {
+        let spans = detect_spans(&text);
+        for v in &values {
+            prop_assert!(
+                spans.iter().any(|(_, r)| &text[r.clone()] == v.as_str()),
+                "{} not found in {:?}", v, spans
+            );
+        }
+        let report = monitor_report(&text);
+        let count = |k: Kind| spans.iter().filter(|(kind, _)| *kind == k).count() as u64;
+        prop_assert_eq!(count(Kind::Card), report.cards);
+        prop_assert_eq!(count(Kind::Ssn), report.ssns);
+        prop_assert_eq!(spans.len() as u64, report.total() + report.skipped);
+        prop_assert!(spans.windows(2).all(|w| w[0].1.end <= w[1].1.start));
+    }
+
+    #[test]
     fn deterministic_per_key_and_different_across_keys(c in card(), k in api_key()) {
         let text = format!("pay {c} with {k}");
         let a = enforce(1).tokenize_text(&text).expect("a").0;
@@ -269,6 +296,42 @@ fn json_depth_is_bounded() {
         enforce(1).tokenize_json(&v),
         Err(TokenizeError::TooDeep { .. })
     ));
+}
+
+#[test]
+fn monitor_skips_a_key_too_short_to_encrypt_like_enforce() {
+    // 4 digits and 6 hex letters after the prefix: too few of either class for FF1.
+    let text = "slack xoxb-1234abcdef and card 4111111111111111";
+    let mut m = Tokenizer::new([1; 32], Mode::Monitor).expect("tokenizer");
+    let (_, monitored) = m.tokenize_text(text).expect("monitor");
+    let (out, enforced) = enforce(1).tokenize_text(text).expect("enforce");
+    assert_eq!(monitored, enforced);
+    assert_eq!(
+        (monitored.skipped, monitored.api_keys, monitored.cards),
+        (1, 0, 1)
+    );
+    assert!(out.contains("xoxb-1234abcdef"));
+}
+
+#[test]
+fn detect_spans_gives_kinds_and_byte_spans() {
+    let text = "née – card 4111 1111 1111 1111, ssn 078-05-1120, mail jane.doe@example.com, \
+                api_key = q8Zr2LmX0pW7vT4kN9sB1yH6; not: 4111 1111 1111 1112, 666-12-3456, \
+                order 1234567890123456, id 550e8400-e29b-41d4-a716-446655440000.";
+    let got: Vec<(Kind, &str)> = detect_spans(text)
+        .into_iter()
+        .map(|(k, r)| (k, &text[r]))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Kind::Card, "4111 1111 1111 1111"),
+            (Kind::Ssn, "078-05-1120"),
+            (Kind::Email, "jane.doe@example.com"),
+            (Kind::ApiKey, "q8Zr2LmX0pW7vT4kN9sB1yH6"),
+        ]
+    );
+    assert!(detect_spans("").is_empty());
 }
 
 #[test]
