@@ -110,6 +110,8 @@ pub struct PendingView {
     pub request: ApprovalRequest,
     /// Its challenge, base64url: SHA-256 of its canonical encoding.
     pub challenge: String,
+    /// Its approval page.
+    pub url: String,
 }
 
 #[derive(Debug)]
@@ -196,17 +198,17 @@ impl PasskeyApprover {
         self.lock().passkeys.clone()
     }
 
+    fn view(&self, p: &Pending) -> PendingView {
+        PendingView {
+            request: p.request.clone(),
+            challenge: B64URL.encode(p.challenge),
+            url: self.approval_url(&p.request.id),
+        }
+    }
+
     /// The pending requests, oldest first.
     pub fn pending(&self) -> Vec<PendingView> {
-        let mut v: Vec<_> = self
-            .lock()
-            .pending
-            .values()
-            .map(|p| PendingView {
-                request: p.request.clone(),
-                challenge: B64URL.encode(p.challenge),
-            })
-            .collect();
+        let mut v: Vec<_> = self.lock().pending.values().map(|p| self.view(p)).collect();
         v.sort_by(|a, b| {
             (a.request.created_unix_ms, &a.request.id)
                 .cmp(&(b.request.created_unix_ms, &b.request.id))
@@ -216,10 +218,7 @@ impl PasskeyApprover {
 
     /// One pending request.
     pub fn get(&self, id: &str) -> Option<PendingView> {
-        self.lock().pending.get(id).map(|p| PendingView {
-            request: p.request.clone(),
-            challenge: B64URL.encode(p.challenge),
-        })
+        self.lock().pending.get(id).map(|p| self.view(p))
     }
 
     /// The approval page of request `id`.

@@ -213,3 +213,92 @@ async fn deny(
     approver.deny(&id)?;
     Ok(Json(serde_json::json!({})))
 }
+
+/// Errors of starting the approval server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Opening the audit log failed.
+    #[error("cannot open the audit log")]
+    Audit(#[source] crate::audit::AuditError),
+    /// Setting up the approver failed.
+    #[error("cannot set up passkey approvals")]
+    Approver(#[source] PasskeyError),
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The origin is not `http(s)://HOST[:PORT]`.
+    #[error("bad approvals origin {0:?} (expected http://localhost:PORT or https://HOST)")]
+    Origin(String),
+}
+
+/// Where and how the daemon serves approvals.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The TCP address of the pages (e.g. `127.0.0.1:8443`).
+    pub listen: std::net::SocketAddr,
+    /// The pages' origin as the browser sees it (default `http://localhost:PORT`); its host is
+    /// the rp id.
+    pub origin: Option<String>,
+    /// How long a request waits.
+    pub ttl: std::time::Duration,
+    /// The audit log.
+    pub audit: std::sync::Arc<crate::audit::AuditLog>,
+    /// Where passkeys are kept.
+    pub passkeys_file: std::path::PathBuf,
+    /// Who to notify of new requests.
+    pub notifiers: Vec<std::sync::Arc<dyn crate::notify::Notifier>>,
+}
+
+/// Binds the approval pages' listener, builds the approver and serves in the background.
+pub async fn start(config: ServeConfig) -> Result<PasskeyApprover, ServerError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?
+        .port();
+    let origin = config
+        .origin
+        .unwrap_or_else(|| format!("http://localhost:{port}"));
+    let rp_id = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host))
+        .filter(|h| !h.is_empty() && !h.contains('/'))
+        .ok_or_else(|| ServerError::Origin(origin.clone()))?
+        .to_owned();
+    let approver = PasskeyApprover::new(
+        super::passkey::ApprovalConfig {
+            rp: shared_proto::approval::RelyingParty {
+                rp_id,
+                origin: origin.clone(),
+            },
+            ttl: config.ttl,
+            passkeys_file: Some(config.passkeys_file),
+        },
+        config.audit,
+        config.notifiers,
+    )
+    .map_err(ServerError::Approver)?;
+    let app = router(approver.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "approval server failed");
+        }
+    });
+    tracing::info!(%origin, "approval pages listening");
+    Ok(approver)
+}
