@@ -597,3 +597,229 @@ fn now_unix_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use p256::ecdsa::signature::Signer;
+    use p256::ecdsa::{Signature, SigningKey};
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    const ORIGIN: &str = "http://localhost:8443";
+
+    fn approver(dir: &std::path::Path, ttl: Duration) -> PasskeyApprover {
+        PasskeyApprover::new(
+            ApprovalConfig {
+                rp: RelyingParty {
+                    rp_id: "localhost".into(),
+                    origin: ORIGIN.into(),
+                },
+                ttl,
+                passkeys_file: Some(dir.join("passkeys.json")),
+            },
+            Arc::new(AuditLog::open(dir.join("audit.ndjson")).unwrap()),
+            Vec::new(),
+        )
+        .unwrap()
+    }
+
+    fn subject() -> ApprovalSubject {
+        ApprovalSubject {
+            agent: "coder".into(),
+            vm_id: "vm-1".into(),
+            profile: "worker".into(),
+            action: ApprovalAction::ToolCall {
+                server: "fs".into(),
+                tool: "delete".into(),
+            },
+            arguments: serde_json::json!({"z": 1, "a": {"y": [true, null], "b": "x"}}),
+            rule: "destructive".into(),
+            reason: "deletes files".into(),
+        }
+    }
+
+    /// A software passkey whose counter stays 0, like many platform passkeys: replay
+    /// protection must then come from the approver's one-approval-per-request rule.
+    struct ZeroCounterKey(SigningKey);
+
+    impl ZeroCounterKey {
+        fn passkey(&self) -> Passkey {
+            Passkey {
+                credential_id: b"cred".to_vec(),
+                public_key: self
+                    .0
+                    .verifying_key()
+                    .to_encoded_point(false)
+                    .as_bytes()
+                    .to_vec(),
+                counter: 0,
+            }
+        }
+
+        fn assert(&self, challenge: &str) -> Assertion {
+            let mut auth_data = Sha256::digest(b"localhost").to_vec();
+            auth_data.extend_from_slice(&[0x05, 0, 0, 0, 0]);
+            let client_data_json = format!(
+                r#"{{"type":"webauthn.get","challenge":"{challenge}","origin":"{ORIGIN}"}}"#
+            )
+            .into_bytes();
+            let mut msg = auth_data.clone();
+            msg.extend_from_slice(&Sha256::digest(&client_data_json));
+            let sig: Signature = self.0.sign(&msg);
+            Assertion {
+                credential_id: b"cred".to_vec(),
+                authenticator_data: auth_data,
+                client_data_json,
+                signature: sig.to_der().as_bytes().to_vec(),
+            }
+        }
+    }
+
+    async fn pending_one(a: &PasskeyApprover) -> PendingView {
+        for _ in 0..200 {
+            if let Some(p) = a.pending().into_iter().next() {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("nothing pending");
+    }
+
+    #[tokio::test]
+    async fn one_assertion_approves_one_request_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = approver(dir.path(), Duration::from_secs(30));
+        let key = ZeroCounterKey(SigningKey::random(&mut rand_core::OsRng));
+        a.lock().passkeys.push(key.passkey());
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.request(subject()).await })
+        };
+        let p = pending_one(&a).await;
+        assert_eq!(
+            p.request.arguments,
+            r#"{"a":{"b":"x","y":[true,null]},"z":1}"#
+        );
+        assert_eq!(p.url, format!("{ORIGIN}/approve/{}", p.request.id));
+        let assertion = key.assert(&p.challenge);
+        assert_eq!(a.approve(&p.request.id, &assertion).unwrap(), p.request.id);
+        assert_eq!(
+            waiter.await.unwrap(),
+            ApprovalOutcome::Approved {
+                approval_id: p.request.id.clone()
+            }
+        );
+        // The same assertion again: nothing is pending under that id any more.
+        assert!(matches!(
+            a.approve(&p.request.id, &assertion),
+            Err(PasskeyError::NoSuchRequest(_))
+        ));
+        // Nor does it approve a second, identical-looking request (new nonce, new challenge).
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.request(subject()).await })
+        };
+        let q = pending_one(&a).await;
+        assert_ne!(q.challenge, p.challenge);
+        assert!(matches!(
+            a.approve(&q.request.id, &assertion),
+            Err(PasskeyError::Verify(ApprovalError::ChallengeMismatch))
+        ));
+        assert!(
+            a.get(&q.request.id).is_some(),
+            "a failed check leaves it pending"
+        );
+        a.deny(&q.request.id).unwrap();
+        assert!(matches!(
+            waiter.await.unwrap(),
+            ApprovalOutcome::Denied { .. }
+        ));
+        let kinds: Vec<String> = crate::audit::tail(&dir.path().join("audit.ndjson"), 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.record.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "approval_request",
+                "approval",
+                "approval_request",
+                "approval_rejected",
+                "denial"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn no_answer_expires_and_an_abandoned_request_is_withdrawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = approver(dir.path(), Duration::from_millis(50));
+        assert_eq!(a.request(subject()).await, ApprovalOutcome::Expired);
+        assert!(a.pending().is_empty());
+        // Without a registered passkey nothing can be approved.
+        let a = approver(dir.path(), Duration::from_secs(30));
+        let fut = a.request(subject());
+        let a2 = a.clone();
+        let check = async move {
+            let p = pending_one(&a2).await;
+            let key = ZeroCounterKey(SigningKey::random(&mut rand_core::OsRng));
+            assert!(matches!(
+                a2.approve(&p.request.id, &key.assert(&p.challenge)),
+                Err(PasskeyError::NoPasskey)
+            ));
+        };
+        tokio::select! {
+            _ = fut => panic!("resolved without an answer"),
+            () = check => {}
+        }
+        // The future was dropped: its request is gone.
+        assert!(a.pending().is_empty());
+        let kinds: Vec<String> = crate::audit::tail(&dir.path().join("audit.ndjson"), 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.record.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "approval_request",
+                "expiry",
+                "approval_request",
+                "withdrawn"
+            ]
+        );
+    }
+
+    #[test]
+    fn registration_links_work_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = approver(dir.path(), Duration::from_secs(30));
+        let link = a.registration_link().unwrap();
+        let token = link.strip_prefix(&format!("{ORIGIN}/register#")).unwrap();
+        let (challenge, exclude) = a.begin_registration(token).unwrap();
+        assert!(exclude.is_empty());
+        assert!(matches!(
+            a.begin_registration(token),
+            Err(PasskeyError::BadToken)
+        ));
+        assert!(matches!(
+            a.begin_registration("guess"),
+            Err(PasskeyError::BadToken)
+        ));
+        let junk = Registration {
+            attestation_object: vec![0xa0],
+            client_data_json: b"{}".to_vec(),
+        };
+        assert!(matches!(
+            a.finish_registration(&challenge, &junk),
+            Err(PasskeyError::Verify(_))
+        ));
+        // The challenge was used up by that attempt.
+        assert!(matches!(
+            a.finish_registration(&challenge, &junk),
+            Err(PasskeyError::NoSuchRegistration)
+        ));
+    }
+}
