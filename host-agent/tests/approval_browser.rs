@@ -233,7 +233,7 @@ async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
         audit,
         Vec::new(),
     )?;
-    let app = host_agent::approval::server::router(approver.clone());
+    let app = host_agent::approval::server::router(approver.clone(), None);
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let (_browser, mut cdp) = launch(&bin).await?;

@@ -6,11 +6,15 @@
 //! | `GET /register` | | the registration page (the link's token is in the fragment) |
 //! | `GET /approve/{id}` | | the approval page |
 //! | `GET /static/webauthn.js` | | the pages' script |
-//! | `POST /api/register/begin` | `{"token"}` | `{"challenge","rp_id","user_id","exclude"}` |
-//! | `POST /api/register/finish` | `{"challenge","attestation_object","client_data_json"}` | `{"credential_id"}` |
+//! | `GET /sw.js` | | the service worker that shows push notifications |
+//! | `POST /api/register/begin` | `{"token"}` | `{"challenge","rp_id","user_id","exclude","push_key"}` |
+//! | `POST /api/register/finish` | `{"challenge","attestation_object","client_data_json","push"}` | `{"credential_id","push_error"}` |
 //! | `GET /api/approvals/{id}` | | a [`PendingView`] plus the rp id and credential ids |
 //! | `POST /api/approvals/{id}/approve` | an [`Assertion`] | `{"approval_id"}` |
 //! | `POST /api/approvals/{id}/deny` | | `{}` |
+//!
+//! A browser subscribes to Web Push (`push`, its `PushSubscription`) only while registering its
+//! passkey, so that only the holder of a registration link can add a receiver of notices.
 //!
 //! Errors are a 4xx status with `{"error": "..."}`. Every request must carry the expected
 //! `Host` (the origin's host and port), which keeps a DNS-rebinding page from talking to it,
@@ -31,35 +35,44 @@ use shared_proto::approval::{Assertion, Registration};
 
 use super::passkey::{PasskeyApprover, PasskeyError, PendingView};
 use crate::error_chain;
+use crate::notify::webpush::{Subscription, WebPush};
 
 const REGISTER_HTML: &str = include_str!("pages/register.html");
 const APPROVE_HTML: &str = include_str!("pages/approve.html");
 const WEBAUTHN_JS: &str = include_str!("pages/webauthn.js");
+const SERVICE_WORKER_JS: &str = include_str!("pages/sw.js");
 
 /// The user handle given to the authenticator (one user: the owner of this host).
 const USER_NAME: &str = "nanoclaw-owner";
 
-/// The router of the pages and API over `approver`.
-pub fn router(approver: PasskeyApprover) -> axum::Router {
+/// What the handlers share.
+#[derive(Debug, Clone)]
+struct Pages {
+    approver: PasskeyApprover,
+    push: Option<WebPush>,
+}
+
+/// The router of the pages and API over `approver`, offering Web Push subscriptions through
+/// `push` when it is given.
+pub fn router(approver: PasskeyApprover, push: Option<WebPush>) -> axum::Router {
+    let pages = Pages { approver, push };
     axum::Router::new()
         .route("/register", get(|| page(REGISTER_HTML)))
         .route("/approve/{id}", get(|| page(APPROVE_HTML)))
-        .route("/static/webauthn.js", get(script))
+        .route("/static/webauthn.js", get(|| script(WEBAUTHN_JS)))
+        .route("/sw.js", get(|| script(SERVICE_WORKER_JS)))
         .route("/api/register/begin", post(register_begin))
         .route("/api/register/finish", post(register_finish))
         .route("/api/approvals/{id}", get(show))
         .route("/api/approvals/{id}/approve", post(approve))
         .route("/api/approvals/{id}/deny", post(deny))
-        .layer(axum::middleware::from_fn_with_state(
-            approver.clone(),
-            guard,
-        ))
-        .with_state(approver)
+        .layer(axum::middleware::from_fn_with_state(pages.clone(), guard))
+        .with_state(pages)
 }
 
 /// Refuses a wrong `Host` and sets the security headers on every answer.
-async fn guard(State(approver): State<PasskeyApprover>, req: Request, next: Next) -> Response {
-    let origin = &approver.relying_party().origin;
+async fn guard(State(pages): State<Pages>, req: Request, next: Next) -> Response {
+    let origin = &pages.approver.relying_party().origin;
     let expected = origin.split_once("://").map_or(origin.as_str(), |(_, h)| h);
     let host = req
         .headers()
@@ -119,10 +132,10 @@ async fn page(html: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
-async fn script() -> Response {
+async fn script(js: &'static str) -> Response {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        WEBAUTHN_JS,
+        js,
     )
         .into_response()
 }
@@ -139,20 +152,22 @@ struct BeginAnswer {
     user_id: String,
     user_name: &'static str,
     exclude: Vec<String>,
+    push_key: Option<String>,
 }
 
 async fn register_begin(
-    State(approver): State<PasskeyApprover>,
+    State(pages): State<Pages>,
     body: Result<Json<BeginBody>, JsonRejection>,
 ) -> Result<Json<BeginAnswer>, Failure> {
     let Json(body) = body.map_err(bad_json)?;
-    let (challenge, exclude) = approver.begin_registration(&body.token)?;
+    let (challenge, exclude) = pages.approver.begin_registration(&body.token)?;
     Ok(Json(BeginAnswer {
         challenge,
-        rp_id: approver.relying_party().rp_id.clone(),
+        rp_id: pages.approver.relying_party().rp_id.clone(),
         user_id: B64URL.encode(USER_NAME),
         user_name: USER_NAME,
         exclude,
+        push_key: pages.push.as_ref().map(WebPush::public_key),
     }))
 }
 
@@ -161,15 +176,27 @@ struct FinishBody {
     challenge: String,
     #[serde(flatten)]
     registration: Registration,
+    #[serde(default)]
+    push: Option<Subscription>,
 }
 
 async fn register_finish(
-    State(approver): State<PasskeyApprover>,
+    State(pages): State<Pages>,
     body: Result<Json<FinishBody>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, Failure> {
     let Json(body) = body.map_err(bad_json)?;
-    let id = approver.finish_registration(&body.challenge, &body.registration)?;
-    Ok(Json(serde_json::json!({"credential_id": id})))
+    let id = pages
+        .approver
+        .finish_registration(&body.challenge, &body.registration)?;
+    // The passkey is registered either way; a refused subscription is reported, not fatal.
+    let push_error = match (body.push, &pages.push) {
+        (Some(sub), Some(push)) => push.subscribe(sub).err().map(|e| error_chain(&e)),
+        (Some(_), None) => Some("Web Push is not configured".to_owned()),
+        (None, _) => None,
+    };
+    Ok(Json(
+        serde_json::json!({"credential_id": id, "push_error": push_error}),
+    ))
 }
 
 #[derive(Serialize)]
@@ -181,7 +208,7 @@ struct ShowAnswer {
 }
 
 async fn show(
-    State(approver): State<PasskeyApprover>,
+    State(Pages { approver, .. }): State<Pages>,
     Path(id): Path<String>,
 ) -> Result<Json<ShowAnswer>, Failure> {
     let view = approver.get(&id).ok_or(PasskeyError::NoSuchRequest(id))?;
@@ -197,7 +224,7 @@ async fn show(
 }
 
 async fn approve(
-    State(approver): State<PasskeyApprover>,
+    State(Pages { approver, .. }): State<Pages>,
     Path(id): Path<String>,
     body: Result<Json<Assertion>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, Failure> {
@@ -207,7 +234,7 @@ async fn approve(
 }
 
 async fn deny(
-    State(approver): State<PasskeyApprover>,
+    State(Pages { approver, .. }): State<Pages>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, Failure> {
     approver.deny(&id)?;
@@ -220,6 +247,9 @@ pub enum ServerError {
     /// Opening the audit log failed.
     #[error("cannot open the audit log")]
     Audit(#[source] crate::audit::AuditError),
+    /// Setting up Web Push failed.
+    #[error("cannot set up Web Push")]
+    Push(#[source] crate::notify::NotifyError),
     /// Setting up the approver failed.
     #[error("cannot set up passkey approvals")]
     Approver(#[source] PasskeyError),
@@ -253,6 +283,8 @@ pub struct ServeConfig {
     pub passkeys_file: std::path::PathBuf,
     /// Who to notify of new requests.
     pub notifiers: Vec<std::sync::Arc<dyn crate::notify::Notifier>>,
+    /// Web Push, if configured: a notifier and the subscriptions browsers make on the pages.
+    pub push: Option<WebPush>,
 }
 
 /// Binds the approval pages' listener, builds the approver and serves in the background.
@@ -290,10 +322,16 @@ pub async fn start(config: ServeConfig) -> Result<PasskeyApprover, ServerError> 
             passkeys_file: Some(config.passkeys_file),
         },
         config.audit,
-        config.notifiers,
+        {
+            let mut n = config.notifiers;
+            if let Some(push) = &config.push {
+                n.push(std::sync::Arc::new(push.clone()));
+            }
+            n
+        },
     )
     .map_err(ServerError::Approver)?;
-    let app = router(approver.clone());
+    let app = router(approver.clone(), config.push);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "approval server failed");

@@ -10,7 +10,7 @@ use shared_proto::approval::RequestAction;
 
 use super::client::Client;
 use super::{CliError, print_out};
-use crate::api::PendingApproval;
+use crate::api::{PendingApproval, RegistrationLink};
 
 /// Lists the pending requests.
 pub async fn list(client: &Client, json: bool) -> Result<u8, CliError> {
@@ -51,5 +51,17 @@ pub async fn list(client: &Client, json: bool) -> Result<u8, CliError> {
         );
     }
     print_out(&text)?;
+    Ok(0)
+}
+
+/// Prints a one-time passkey registration link.
+pub async fn register_link(client: &Client) -> Result<u8, CliError> {
+    let link: RegistrationLink = client
+        .json(Method::POST, "/v1/approvals/registration", None::<&()>)
+        .await?;
+    print_out(&format!(
+        "Open this link in the browser that holds your passkey (valid for 10 minutes, once):\n{}\n",
+        link.url
+    ))?;
     Ok(0)
 }

@@ -140,6 +140,9 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Print a one-time link (valid 10 minutes) to register a passkey, instead of listing.
+        #[arg(long)]
+        register_link: bool,
     },
     /// Check or show the audit log.
     #[command(subcommand)]
@@ -196,7 +199,11 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 .await?;
             Ok(0)
         }
-        Command::Approvals { json } => approvals::list(&client, json).await,
+        Command::Approvals {
+            register_link: true,
+            ..
+        } => approvals::register_link(&client).await,
+        Command::Approvals { json, .. } => approvals::list(&client, json).await,
         Command::Audit(command) => audit::run(command),
         Command::Inspect { id, json } => {
             let info: VmInfo = client

@@ -163,6 +163,10 @@ pub struct ServeArgs {
     /// POST a JSON notice ({approval_id, summary, url}) here for each new approval request.
     #[arg(long, value_name = "URL", requires = "approvals_listen")]
     pub approvals_webhook: Option<String>,
+    /// Send Web Push notifications to browsers that subscribe while registering a passkey;
+    /// the value is the VAPID contact push services may use (mailto:you@example.com).
+    #[arg(long, value_name = "MAILTO", requires = "approvals_listen")]
+    pub approvals_push_contact: Option<String>,
 }
 
 /// Errors of removing a VM.
@@ -460,6 +464,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             let audit = crate::audit::AuditLog::open(args.state_dir.join("audit.ndjson"))
                 .map_err(DaemonError::Audit)?;
             let notifiers = crate::notify::from_flags(args.approvals_webhook.as_deref());
+            let push = args
+                .approvals_push_contact
+                .clone()
+                .map(|contact| {
+                    crate::notify::webpush::WebPush::open(
+                        &args.state_dir.join("vapid.key"),
+                        args.state_dir.join("push-subscriptions.json"),
+                        contact,
+                    )
+                })
+                .transpose()
+                .map_err(|e| {
+                    DaemonError::Approvals(crate::approval::server::ServerError::Push(e))
+                })?;
             let config = crate::approval::server::ServeConfig {
                 listen,
                 origin: args.approvals_origin.clone(),
@@ -467,6 +485,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
                 audit: Arc::new(audit),
                 passkeys_file: args.state_dir.join("passkeys.json"),
                 notifiers,
+                push,
             };
             Some(
                 crate::approval::server::start(config)

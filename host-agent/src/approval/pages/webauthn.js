@@ -30,6 +30,24 @@ async function call(method, path, body) {
   return j;
 }
 
+// Subscribes this browser to Web Push (best effort: registration goes on without it).
+async function subscribePush(key) {
+  if (!("serviceWorker" in navigator) || !("PushManager" in window)) return null;
+  try {
+    const reg = await navigator.serviceWorker.register("/sw.js");
+    await navigator.serviceWorker.ready;
+    if ((await Notification.requestPermission()) !== "granted") return null;
+    const sub = await reg.pushManager.subscribe({
+      userVisibleOnly: true,
+      applicationServerKey: b64u.dec(key),
+    });
+    return sub.toJSON();
+  } catch (e) {
+    console.warn("push subscription failed", e);
+    return null;
+  }
+}
+
 // Registers a passkey with the one-time token in the URL fragment. Resolves to a status word.
 async function nanoclawRegister() {
   try {
@@ -47,12 +65,15 @@ async function nanoclawRegister() {
         timeout: 60000,
       },
     });
-    await call("POST", "/api/register/finish", {
+    const push = o.push_key ? await subscribePush(o.push_key) : null;
+    const done = await call("POST", "/api/register/finish", {
       challenge: o.challenge,
       attestation_object: b64u.enc(cred.response.attestationObject),
       client_data_json: b64u.enc(cred.response.clientDataJSON),
+      push,
     });
-    setStatus("registered", "Passkey registered.");
+    setStatus("registered", "Passkey registered." +
+      (done.push_error ? " Notifications are off: " + done.push_error : push ? " Notifications are on." : ""));
     return "registered";
   } catch (e) {
     setStatus("error", "Registration failed: " + e.message);
