@@ -42,6 +42,9 @@ use crate::notify::{Notice, Notifier};
 /// How long a registration link and a registration challenge stay valid.
 pub const REGISTRATION_TTL: Duration = Duration::from_secs(600);
 
+/// The longest error text recorded for a refused assertion.
+const MAX_ERROR_CHARS: usize = 200;
+
 /// The most requests pending at once; more are denied (a flooding agent cannot grow memory).
 pub const MAX_PENDING: usize = 256;
 
@@ -319,9 +322,11 @@ impl PasskeyApprover {
         let verified = match checked {
             Ok(v) => v,
             Err(e) => {
+                // The error may quote browser-supplied text (an origin): keep it short.
+                let error: String = e.to_string().chars().take(MAX_ERROR_CHARS).collect();
                 let _ = self.record(
                     "approval_rejected",
-                    serde_json::json!({"approval_id": id, "error": e.to_string()}),
+                    serde_json::json!({"approval_id": id, "error": error}),
                 );
                 tracing::warn!(approval = %id, error = %e, "approval assertion refused");
                 return Err(PasskeyError::Verify(e));
