@@ -18,6 +18,11 @@
 //!   which browsers do not send to the server or put in logs.
 //! - Passkeys (public keys, credential ids and counters: nothing secret) are kept in a JSON
 //!   file, written atomically after each registration and each counter change.
+//! - For a credential release the vault-device checks the approval itself: the credential
+//!   relay takes the [`ApprovalEvidence`] of an approved request
+//!   ([`PasskeyApprover::take_evidence`]: the canonical request bytes and the assertion) and
+//!   forwards it; the device decodes the request, checks it names the credential and target it
+//!   is asked for, and verifies the assertion with the passkey it stored at pairing.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -44,6 +49,9 @@ pub const REGISTRATION_TTL: Duration = Duration::from_secs(600);
 
 /// The longest error text recorded for a refused assertion.
 const MAX_ERROR_CHARS: usize = 200;
+
+/// How many approvals' evidence is kept for [`PasskeyApprover::take_evidence`].
+pub const MAX_EVIDENCE: usize = 256;
 
 /// The most requests pending at once; more are denied (a flooding agent cannot grow memory).
 pub const MAX_PENDING: usize = 256;
@@ -124,9 +132,22 @@ struct Pending {
     answer: oneshot::Sender<ApprovalOutcome>,
 }
 
+/// What proves an approval to a third party (vault-device): the request exactly as signed,
+/// and the user's assertion over its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ApprovalEvidence {
+    /// [`ApprovalRequest::encode`] of the approved request.
+    #[serde(with = "shared_proto::approval::b64url")]
+    pub request: Vec<u8>,
+    /// The verified assertion.
+    pub assertion: Assertion,
+}
+
 #[derive(Debug, Default)]
 struct State {
     passkeys: Vec<Passkey>,
+    /// Evidence of recent approvals, oldest first, at most [`MAX_EVIDENCE`].
+    evidence: std::collections::VecDeque<(String, ApprovalEvidence)>,
     pending: HashMap<String, Pending>,
     /// Registration link tokens and when they lapse.
     tokens: HashMap<String, Instant>,
@@ -353,6 +374,18 @@ impl PasskeyApprover {
         );
         match recorded {
             Ok(()) => {
+                if let Ok(request) = pending.request.encode() {
+                    if st.evidence.len() == MAX_EVIDENCE {
+                        st.evidence.pop_front();
+                    }
+                    st.evidence.push_back((
+                        id.to_owned(),
+                        ApprovalEvidence {
+                            request,
+                            assertion: assertion.clone(),
+                        },
+                    ));
+                }
                 let _ = pending.answer.send(ApprovalOutcome::Approved {
                     approval_id: id.to_owned(),
                 });
@@ -366,6 +399,14 @@ impl PasskeyApprover {
                 Err(e)
             }
         }
+    }
+
+    /// The evidence of approval `approval_id`, once (it is removed): what the credential relay
+    /// forwards to vault-device for its own check.
+    pub fn take_evidence(&self, approval_id: &str) -> Option<ApprovalEvidence> {
+        let mut st = self.lock();
+        let at = st.evidence.iter().position(|(id, _)| id == approval_id)?;
+        st.evidence.remove(at).map(|(_, e)| e)
     }
 
     /// Denies pending request `id` (no passkey needed: refusing is always safe).
@@ -715,6 +756,19 @@ mod tests {
                 approval_id: p.request.id.clone()
             }
         );
+        // The evidence a vault-device would check: the exact request and the assertion.
+        let evidence = a.take_evidence(&p.request.id).unwrap();
+        let request = ApprovalRequest::decode(&evidence.request).unwrap();
+        assert_eq!(request, p.request);
+        shared_proto::approval::verify_approval(
+            &a.relying_party().clone(),
+            &request,
+            now_unix_ms(),
+            &[key.passkey()],
+            &evidence.assertion,
+        )
+        .unwrap();
+        assert!(a.take_evidence(&p.request.id).is_none(), "taken once");
         // The same assertion again: nothing is pending under that id any more.
         assert!(matches!(
             a.approve(&p.request.id, &assertion),
