@@ -278,8 +278,37 @@ async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
     );
     assert_eq!(cdp.eval("nanoclawApprove()").await?, json!("approved"));
     let outcome = tokio::time::timeout(Duration::from_secs(10), task).await??;
-    assert_eq!(outcome, ApprovalOutcome::Approved { approval_id: id });
+    assert_eq!(
+        outcome,
+        ApprovalOutcome::Approved {
+            approval_id: id.clone()
+        }
+    );
     assert!(approver.passkeys()[0].counter > 0);
+    // Replaying that assertion over HTTP: not for the same request again, nor for a new one.
+    let replay = |id: &str| {
+        format!(
+            "fetch('/api/approvals/{id}/approve', {{method: 'POST', \
+             headers: {{'content-type': 'application/json'}}, \
+             body: JSON.stringify(window.nanoclawLastAssertion)}}) \
+             .then(async r => r.status + ' ' + (await r.json()).error)"
+        )
+    };
+    let r = cdp.eval(&replay(&id)).await?;
+    assert!(r.as_str().is_some_and(|s| s.starts_with("404 ")), "{r}");
+    let (next, task) = start_request(&approver, "delete").await?;
+    let r = cdp.eval(&replay(&next)).await?;
+    assert!(
+        r.as_str()
+            .is_some_and(|s| s.starts_with("403 ") && s.contains("challenge is not this request's")),
+        "{r}"
+    );
+    approver.deny(&next)?;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), task).await??;
+    assert!(
+        matches!(outcome, ApprovalOutcome::Denied { .. }),
+        "{outcome:?}"
+    );
 
     // User not verified: the approval fails and the request stays pending.
     cdp.call(
@@ -344,10 +373,10 @@ async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
     ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "approval_request").count(),
-        3
-    );
+    let count = |kind: &str| kinds.iter().filter(|k| **k == kind).count();
+    assert_eq!(count("approval_request"), 4);
+    assert_eq!(count("approval"), 1, "one approval, however often replayed");
+    assert_eq!(count("denial"), 3);
     let text = std::fs::read_to_string(&audit_path)?;
     assert!(
         !text.contains("/home/u/project"),

@@ -130,12 +130,15 @@ async function nanoclawApprove() {
         timeout: 60000,
       },
     });
-    const a = await call("POST", "/api/approvals/" + encodeURIComponent(approvalId()) + "/approve", {
+    const assertion = {
       credential_id: b64u.enc(cred.rawId),
       authenticator_data: b64u.enc(cred.response.authenticatorData),
       client_data_json: b64u.enc(cred.response.clientDataJSON),
       signature: b64u.enc(cred.response.signature),
-    });
+    };
+    // Kept for inspection (the browser test replays it to check that replays are refused).
+    window.nanoclawLastAssertion = assertion;
+    const a = await call("POST", "/api/approvals/" + encodeURIComponent(approvalId()) + "/approve", assertion);
     setStatus("approved", "Approved (" + a.approval_id + ").");
     return "approved";
   } catch (e) {
