@@ -14,6 +14,8 @@
 //!   and the [`approval::Approver`] the MCP gateway and the credential relay ask.
 //! - [`audit`]: the append-only, hash-chained audit log of decisions, approvals, grants and
 //!   credential uses, and its verifier.
+//! - [`notify`]: notifications of pending approvals (Web Push, webhook): an id and a
+//!   summary, never secrets.
 //! - [`api`]: the daemon's HTTP/JSON API types, shared by the daemon and the CLI.
 //! - [`cli`]: the `nanoclaw` command-line client of that API.
 //! - [`tokenize`]: format-preserving surrogates (FF1) for card numbers, SSNs, emails and API
@@ -24,6 +26,7 @@ pub mod approval;
 pub mod audit;
 pub mod cli;
 pub mod daemon;
+pub mod notify;
 pub mod tokenize;
 pub mod vmm;
 

@@ -17,7 +17,10 @@
 //!   guest's check of the answer.
 //! - [`envelope`]: the ECDH secret-delivery envelope (X25519, HKDF-SHA256, ChaCha20-Poly1305)
 //!   that the device seals and the sidecar opens.
+//! - [`approval`]: the canonical approval request (its SHA-256 is the WebAuthn challenge) and
+//!   the passkey registration and assertion verifier, shared by host-agent and vault-device.
 
+pub mod approval;
 pub mod envelope;
 pub mod frame;
 pub mod handshake;

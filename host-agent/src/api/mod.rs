@@ -11,6 +11,8 @@
 //! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended |
 //! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
 //! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |
+//! | `GET /v1/approvals` | | `[`[`PendingApproval`]`, ...]`; `[]` when approvals are off |
+//! | `POST /v1/approvals/registration` | | [`RegistrationLink`]; `409` when approvals are off |
 //!
 //! Errors are a non-2xx status with an [`ApiError`] body. An event stream with `follow=true`
 //! ends after the VM's [`Event::Ended`] event; without it, it ends after the events recorded so
@@ -19,6 +21,16 @@
 //! The agent's standard input is empty: it reads EOF at once.
 
 use serde::{Deserialize, Serialize};
+
+/// A pending approval request, as `GET /v1/approvals` lists it.
+pub use crate::approval::passkey::PendingView as PendingApproval;
+
+/// A one-time link to register a passkey.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationLink {
+    /// Open it in the browser that holds (or will hold) the passkey.
+    pub url: String,
+}
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/nanoclaw/api.sock";

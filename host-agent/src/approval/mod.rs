@@ -9,6 +9,14 @@
 //! # Layout
 //! - this file: the subject of an approval, the outcome, the [`Approver`] trait and
 //!   [`DenyAll`], the approver used until passkey approvals are configured.
+//! - [`passkey`]: [`passkey::PasskeyApprover`], the real approver: pending requests, one
+//!   approval per request, expiry, registered passkeys and the audit records.
+//! - [`server`]: the registration and approval pages (`pages/`) and their JSON API (axum).
+//! - The canonical request encoding and the WebAuthn verifier are in
+//!   [`shared_proto::approval`], so that vault-device runs the same checks.
+
+pub mod passkey;
+pub mod server;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -5,13 +5,19 @@
 //!   leaves at once. If the daemon restarts meanwhile, `run` reconnects (for up to 30 s) and
 //!   resumes after the last event it relayed.
 //! - `ps`, `inspect`, `logs`, `stop`, `rm` are thin views of the API.
+//! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
+//! - `audit verify|tail` read the audit log file itself.
 //!
 //! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
 //! exit status (the VM failed, was lost or stopped before the agent started).
 //!
 //! # Layout
 //! - [`client`]: the HTTP/1.1 client over the Unix socket.
+//! - [`approvals`]: `nanoclaw approvals`.
+//! - [`audit`]: `nanoclaw audit verify|tail`.
 
+pub mod approvals;
+pub mod audit;
 pub mod client;
 
 use std::io::Write;
@@ -57,6 +63,9 @@ pub enum CliError {
     /// `--env` without `=`.
     #[error("--env {0:?} is not NAME=VALUE")]
     EnvSyntax(String),
+    /// The audit log is unreadable or its chain is broken.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The VM ended without an agent exit status.
     #[error("VM {id} ended {status} without an agent exit status{detail}")]
     NoAgentExit {
@@ -125,6 +134,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List pending approval requests. Approving from the CLI is not possible: open the
+    /// request's approval page and approve with your passkey (the biometric is the point).
+    Approvals {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print a one-time link (valid 10 minutes) to register a passkey, instead of listing.
+        #[arg(long)]
+        register_link: bool,
+    },
+    /// Check or show the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// `nanoclaw run`.
@@ -177,6 +199,12 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 .await?;
             Ok(0)
         }
+        Command::Approvals {
+            register_link: true,
+            ..
+        } => approvals::register_link(&client).await,
+        Command::Approvals { json, .. } => approvals::list(&client, json).await,
+        Command::Audit(command) => audit::run(command),
         Command::Inspect { id, json } => {
             let info: VmInfo = client
                 .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)

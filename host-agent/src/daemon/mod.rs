@@ -111,6 +111,12 @@ pub enum DaemonError {
     /// The state of a VM failed.
     #[error("VM state")]
     State(#[source] StateError),
+    /// Starting passkey approvals failed.
+    #[error("passkey approvals")]
+    Approvals(#[source] crate::approval::server::ServerError),
+    /// Opening the audit log failed.
+    #[error("audit log")]
+    Audit(#[source] crate::audit::AuditError),
 }
 
 /// `host-agent serve`: run the daemon.
@@ -143,6 +149,24 @@ pub struct ServeArgs {
     /// Log JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+    /// Serve the passkey registration and approval pages on this TCP address (e.g.
+    /// 127.0.0.1:8443). Without it every approval request is denied.
+    #[arg(long, value_name = "ADDR")]
+    pub approvals_listen: Option<std::net::SocketAddr>,
+    /// The approval pages' origin as the browser sees it (default http://localhost:PORT); its
+    /// host is the passkeys' rp id.
+    #[arg(long, requires = "approvals_listen")]
+    pub approvals_origin: Option<String>,
+    /// Seconds an approval request waits for the user before it is denied as expired.
+    #[arg(long, default_value_t = 300)]
+    pub approvals_ttl_secs: u64,
+    /// POST a JSON notice ({approval_id, summary, url}) here for each new approval request.
+    #[arg(long, value_name = "URL", requires = "approvals_listen")]
+    pub approvals_webhook: Option<String>,
+    /// Send Web Push notifications to browsers that subscribe while registering a passkey;
+    /// the value is the VAPID contact push services may use (mailto:you@example.com).
+    #[arg(long, value_name = "MAILTO", requires = "approvals_listen")]
+    pub approvals_push_contact: Option<String>,
 }
 
 /// Errors of removing a VM.
@@ -173,9 +197,24 @@ pub struct Daemon {
     stop_grace: Duration,
     output_cap: u64,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
+    approvals: Option<crate::approval::passkey::PasskeyApprover>,
 }
 
 impl Daemon {
+    /// The approver gated actions ask: passkeys when `--approvals-listen` is set, else
+    /// [`crate::approval::DenyAll`].
+    pub fn approver(&self) -> Arc<dyn crate::approval::Approver> {
+        match &self.approvals {
+            Some(a) => Arc::new(a.clone()),
+            None => Arc::new(crate::approval::DenyAll),
+        }
+    }
+
+    /// The passkey approver, when approvals are served.
+    pub fn approvals(&self) -> Option<&crate::approval::passkey::PasskeyApprover> {
+        self.approvals.as_ref()
+    }
+
     /// Every VM, oldest first.
     pub fn list(&self) -> Vec<Arc<Vm>> {
         let mut vms: Vec<_> = self.lock_vms().values().cloned().collect();
@@ -420,7 +459,44 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&args.state_dir)?;
     let vms_dir = args.state_dir.join("vms");
     create_dir(&vms_dir, 0o700)?;
+    let approvals = match args.approvals_listen {
+        Some(listen) => {
+            let audit = crate::audit::AuditLog::open(args.state_dir.join("audit.ndjson"))
+                .map_err(DaemonError::Audit)?;
+            let notifiers = crate::notify::from_flags(args.approvals_webhook.as_deref());
+            let push = args
+                .approvals_push_contact
+                .clone()
+                .map(|contact| {
+                    crate::notify::webpush::WebPush::open(
+                        &args.state_dir.join("vapid.key"),
+                        args.state_dir.join("push-subscriptions.json"),
+                        contact,
+                    )
+                })
+                .transpose()
+                .map_err(|e| {
+                    DaemonError::Approvals(crate::approval::server::ServerError::Push(e))
+                })?;
+            let config = crate::approval::server::ServeConfig {
+                listen,
+                origin: args.approvals_origin.clone(),
+                ttl: Duration::from_secs(args.approvals_ttl_secs),
+                audit: Arc::new(audit),
+                passkeys_file: args.state_dir.join("passkeys.json"),
+                notifiers,
+                push,
+            };
+            Some(
+                crate::approval::server::start(config)
+                    .await
+                    .map_err(DaemonError::Approvals)?,
+            )
+        }
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
+        approvals,
         vms_dir,
         launch: VmmLaunch {
             bin,

@@ -40,6 +40,8 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/events", get(events))
         .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/approvals", get(approvals))
+        .route("/v1/approvals/registration", post(registration_link))
         .with_state(daemon)
 }
 
@@ -106,6 +108,25 @@ async fn create(
         Failure(StatusCode::INTERNAL_SERVER_ERROR, line)
     })?;
     Ok((StatusCode::CREATED, Json(vm.info())))
+}
+
+async fn approvals(State(daemon): State<Arc<Daemon>>) -> Json<Vec<crate::api::PendingApproval>> {
+    Json(daemon.approvals().map(|a| a.pending()).unwrap_or_default())
+}
+
+async fn registration_link(
+    State(daemon): State<Arc<Daemon>>,
+) -> Result<Json<crate::api::RegistrationLink>, Failure> {
+    let approvals = daemon.approvals().ok_or_else(|| {
+        Failure(
+            StatusCode::CONFLICT,
+            "approvals are off (start the daemon with --approvals-listen)".into(),
+        )
+    })?;
+    let url = approvals
+        .registration_link()
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)))?;
+    Ok(Json(crate::api::RegistrationLink { url }))
 }
 
 async fn list(State(daemon): State<Arc<Daemon>>) -> Json<Vec<VmInfo>> {
