@@ -17,7 +17,10 @@
 //!   guest's check of the answer.
 //! - [`envelope`]: the ECDH secret-delivery envelope (X25519, HKDF-SHA256, ChaCha20-Poly1305)
 //!   that the device seals and the sidecar opens.
+//! - [`credential`]: the credential channels: Noise records, the device <-> host link messages,
+//!   the relay greeting, and the proxy messages inside the sidecar <-> device session.
 
+pub mod credential;
 pub mod envelope;
 pub mod frame;
 pub mod handshake;
