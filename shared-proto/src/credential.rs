@@ -67,6 +67,10 @@ pub const MAX_NAME_LEN: usize = 256;
 /// The longest URL, path or header value accepted.
 pub const MAX_VALUE_LEN: usize = 8 * 1024;
 
+/// The guest-local TCP port (on `127.0.0.1`) of the sidecar's credential proxy for the agent.
+/// It is not a vsock port: the agent reaches it over the guest's loopback.
+pub const GUEST_PROXY_PORT: u16 = 8377;
+
 /// The first byte of a link connection that starts pairing.
 pub const LINK_MODE_PAIR: u8 = b'P';
 /// The first byte of a link connection that starts the pinned link.
