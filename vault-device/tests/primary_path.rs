@@ -13,11 +13,12 @@ use common::*;
 async fn the_device_makes_the_call_and_only_to_allowed_hosts() {
     let dir = tempfile::tempdir().unwrap();
     let ca = make_ca(dir.path());
-    let upstream = start_upstream(&ca, &["api.test", "other.test"]).await;
+    let secret = random_secret();
+    let upstream = start_upstream(&ca, &["api.test", "other.test"], &secret).await;
     let port = upstream.addr.port();
     let api = format!("api.test:{port}");
     let other = format!("other.test:{port}");
-    let vault = make_vault(dir.path(), &api, &other);
+    let vault = make_vault(dir.path(), &api, &other, &secret);
 
     let relay = host_agent::relay::Relay::open(&dir.path().join("host"), "test-host").unwrap();
     let (relay_addr, _listener) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -122,7 +123,7 @@ async fn the_device_makes_the_call_and_only_to_allowed_hosts() {
     let seen = upstream.seen.lock().unwrap();
     assert_eq!(seen.requests.len(), 3);
     for (host, _, auth) in &seen.requests {
-        assert_eq!(auth.as_deref(), Some(format!("Bearer {SECRET}").as_str()));
+        assert_eq!(auth.as_deref(), Some(format!("Bearer {secret}").as_str()));
         assert_eq!(host, &api);
     }
 }
@@ -131,9 +132,10 @@ async fn the_device_makes_the_call_and_only_to_allowed_hosts() {
 async fn a_host_that_announces_the_wrong_sidecar_key_gets_no_session() {
     let dir = tempfile::tempdir().unwrap();
     let ca = make_ca(dir.path());
-    let upstream = start_upstream(&ca, &["api.test"]).await;
+    let secret = random_secret();
+    let upstream = start_upstream(&ca, &["api.test"], &secret).await;
     let api = format!("api.test:{}", upstream.addr.port());
-    let vault = make_vault(dir.path(), &api, &api);
+    let vault = make_vault(dir.path(), &api, &api, &secret);
     let relay = host_agent::relay::Relay::open(&dir.path().join("host"), "test-host").unwrap();
     let (relay_addr, _listener) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
     pair(&vault, &relay, relay_addr).await;

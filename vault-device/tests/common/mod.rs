@@ -23,8 +23,14 @@ use vpod_sidecar::proxy::{self, ProxyIdentity};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
-/// The credential the HTTPS server demands.
-pub const SECRET: &str = "sk-live-7fQ2x9ZpL0cWv3NbT8rYhJ4mKd6sA1uE";
+/// A fresh credential for one test. It is drawn at run time, never a constant: the test
+/// binary also runs as the daemon and the agent, and a constant would sit in their mapped
+/// executable and defeat the memory scans.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 24];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    format!("sk-live-{}", hex::encode(bytes))
+}
 /// A second credential that has no grant.
 pub const UNGRANTED_SECRET: &str = "sk-ungranted-Qm3Zr8Tn5Wb2Xc7Vy4Ud9Ke1";
 /// The VM id.
@@ -78,7 +84,8 @@ pub fn make_ca(dir: &Path) -> Ca {
     }
 }
 
-pub async fn start_upstream(ca: &Ca, names: &[&str]) -> Upstream {
+pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
+    let expected = format!("Bearer {secret}");
     let leaf_key = KeyPair::generate().unwrap();
     let params =
         CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
@@ -99,6 +106,7 @@ pub async fn start_upstream(ca: &Ca, names: &[&str]) -> Upstream {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let release = Arc::new(Notify::new());
     let (s, r) = (Arc::clone(&seen), Arc::clone(&release));
+    let expected = Arc::new(expected);
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -106,6 +114,7 @@ pub async fn start_upstream(ca: &Ca, names: &[&str]) -> Upstream {
             };
             let acceptor = acceptor.clone();
             let (seen, release) = (Arc::clone(&s), Arc::clone(&r));
+            let expected = Arc::clone(&expected);
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -141,7 +150,7 @@ pub async fn start_upstream(ca: &Ca, names: &[&str]) -> Upstream {
                     .unwrap()
                     .requests
                     .push((host, path.clone(), auth.clone()));
-                let authorized = auth.as_deref() == Some(&format!("Bearer {SECRET}"));
+                let authorized = auth.as_deref() == Some(expected.as_str());
                 if !authorized {
                     let _ = tls
                         .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 13\r\nconnection: close\r\n\r\nunauthorized\n")
@@ -197,13 +206,13 @@ pub async fn start_upstream(ca: &Ca, names: &[&str]) -> Upstream {
 
 /// A vault with the granted credential `svc` (to `api.test:PORT`) and the ungranted `other`
 /// (to `api.test:PORT` and `other.test:PORT`).
-pub fn make_vault(dir: &Path, api: &str, other: &str) -> PathBuf {
+pub fn make_vault(dir: &Path, api: &str, other: &str, secret: &str) -> PathBuf {
     let path = dir.join("device.vault");
     let mut vault = Vault::create(&path, PASSPHRASE, KdfParams::FAST_FOR_TESTS).unwrap();
     vault
         .add(Entry {
             name: "svc".into(),
-            secret: Secret::new(SECRET.as_bytes().to_vec()),
+            secret: Secret::new(secret.as_bytes().to_vec()),
             hosts: vec![api.to_owned()],
             header: "Authorization".into(),
             format: "Bearer {}".into(),
