@@ -327,12 +327,10 @@ pub enum SidecarToDevice {
     Body(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The end of the body.
     End,
-    /// The fallback path: seal credential `name` for a call to `authority`.
+    /// The fallback path: seal the credential for a call to `target` (its path is not used).
     Seal {
-        /// The credential name.
-        name: String,
-        /// The host (`host` or `host:port`) the sidecar will call.
-        authority: String,
+        /// Which credential and host, as for a request.
+        target: ProxyTarget,
     },
 }
 
@@ -360,6 +358,8 @@ pub enum DeviceToSidecar {
     },
     /// The fallback path: the secret sealed to the sidecar's boot key, and how to inject it.
     Sealed {
+        /// The authority (`host` or `host:port`) the secret may be sent to.
+        authority: String,
         /// The envelope (request id, VM id, expiry bound in).
         envelope: Envelope,
         /// The header to set.
@@ -518,10 +518,7 @@ impl Validate for SidecarToDevice {
             }
             Self::Body(b) => check_chunk(b, MAX_CHUNK),
             Self::End => Ok(()),
-            Self::Seal { name, authority } => {
-                check_name(name, "name")?;
-                check_authority(authority)
-            }
+            Self::Seal { target } => target.validate(),
         }
     }
 }
@@ -543,7 +540,13 @@ impl Validate for DeviceToSidecar {
                 }
                 check_value(reason.as_bytes(), "reason")
             }
-            Self::Sealed { header, format, .. } => {
+            Self::Sealed {
+                authority,
+                header,
+                format,
+                ..
+            } => {
+                check_authority(authority)?;
                 check_name(header, "header")?;
                 check_value(format.as_bytes(), "format")
             }
@@ -638,8 +641,10 @@ mod tests {
         assert!(decode_message::<SidecarToDevice>(&bytes).is_err());
         for authority in ["", "a b", "host:99999", "host:", "h/x", "user@host"] {
             let seal = SidecarToDevice::Seal {
-                name: "n".into(),
-                authority: authority.into(),
+                target: ProxyTarget::Absolute {
+                    authority: authority.into(),
+                    path_and_query: "/".into(),
+                },
             };
             let bytes = encode_message(&seal).unwrap();
             assert!(

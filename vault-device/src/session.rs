@@ -159,8 +159,8 @@ pub async fn run(
     };
     match session.recv().await? {
         SidecarToDevice::Request(head) => proxy(&device, &peer, &mut session, head).await,
-        SidecarToDevice::Seal { name, authority } => {
-            let answer = seal(&device, &peer, &name, &authority);
+        SidecarToDevice::Seal { target } => {
+            let answer = seal(&device, &peer, &target);
             session.send(&answer).await
         }
         SidecarToDevice::Body(_) | SidecarToDevice::End => {
@@ -337,8 +337,8 @@ async fn proxy(
     session.send(&DeviceToSidecar::End).await
 }
 
-/// The fallback path: seal the secret to the sidecar's boot key.
-fn seal(device: &Device, peer: &SessionPeer, name: &str, authority: &str) -> DeviceToSidecar {
+/// The fallback path: seal the secret to the sidecar's boot key, under a grant that allows it.
+fn seal(device: &Device, peer: &SessionPeer, target: &ProxyTarget) -> DeviceToSidecar {
     let data = match device.snapshot() {
         Ok(d) => d,
         Err(e) => {
@@ -346,27 +346,13 @@ fn seal(device: &Device, peer: &SessionPeer, name: &str, authority: &str) -> Dev
             return refused(503, "the vault is unavailable");
         }
     };
-    let Some(entry) = data.entries.iter().find(|e| e.name == name) else {
-        return refused(404, format!("no credential named {name:?}"));
+    let (entry, authority) = match resolve(&data, &peer.vm_id, target, Release::Seal) {
+        Ok(r) => r,
+        Err(answer) => {
+            tracing::info!(vm = %peer.vm_id, ?target, "seal refused");
+            return answer;
+        }
     };
-    if !entry.allows(authority) {
-        return refused(403, format!("{name} may not be sent to {authority}"));
-    }
-    if find_grant(
-        &data.grants,
-        name,
-        authority,
-        &peer.vm_id,
-        Release::Seal,
-        now(),
-    )
-    .is_none()
-    {
-        return refused(
-            403,
-            format!("no live fallback grant for {name} to {authority}"),
-        );
-    }
     let mut request_id = [0u8; 16];
     OsRng.fill_bytes(&mut request_id);
     let recipient = PublicKey::from(peer.sidecar_public_key);
@@ -379,8 +365,9 @@ fn seal(device: &Device, peer: &SessionPeer, name: &str, authority: &str) -> Dev
         entry.secret.expose(),
     ) {
         Ok(envelope) => {
-            tracing::info!(vm = %peer.vm_id, credential = %name, %authority, "sealed");
+            tracing::info!(vm = %peer.vm_id, credential = %entry.name, %authority, "sealed");
             DeviceToSidecar::Sealed {
+                authority,
                 envelope,
                 header: entry.header.clone(),
                 format: entry.format.clone(),

@@ -25,6 +25,7 @@
 //! carries none.
 
 pub mod channel;
+pub mod fallback;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -100,9 +101,23 @@ impl std::fmt::Debug for ProxyIdentity {
     }
 }
 
-/// Serves `listener` forever, one thread per agent connection.
+/// Serves `listener` forever on the primary path, one thread per agent connection.
 pub fn serve<S, F>(listener: &TcpListener, identity: Arc<ProxyIdentity>, connect: Arc<F>)
 where
+    S: Read + Write + Send + 'static,
+    F: Fn() -> std::io::Result<S> + Send + Sync + 'static,
+{
+    serve_with(listener, identity, connect, None);
+}
+
+/// Serves `listener` forever, on the fallback path when `fallback` is given (see
+/// [`fallback`]), else on the primary path.
+pub fn serve_with<S, F>(
+    listener: &TcpListener,
+    identity: Arc<ProxyIdentity>,
+    connect: Arc<F>,
+    fallback: Option<Arc<fallback::Fallback>>,
+) where
     S: Read + Write + Send + 'static,
     F: Fn() -> std::io::Result<S> + Send + Sync + 'static,
 {
@@ -117,11 +132,12 @@ where
         active.fetch_add(1, Ordering::AcqRel);
         let identity = Arc::clone(&identity);
         let connect = Arc::clone(&connect);
+        let fallback = fallback.clone();
         let done = Arc::clone(&active);
         let spawned = std::thread::Builder::new()
             .name("proxy-conn".into())
             .spawn(move || {
-                if let Err(e) = handle(agent, &identity, &*connect) {
+                if let Err(e) = handle(agent, &identity, &*connect, fallback.as_deref()) {
                     tracing::debug!(error = %crate::ErrorChain(&e), "proxy connection");
                 }
                 done.fetch_sub(1, Ordering::AcqRel);
@@ -271,7 +287,12 @@ fn write_simple<W: Write>(w: &mut W, status: u16, msg: &str) -> std::io::Result<
 }
 
 /// Serves one agent connection.
-fn handle<S, F>(agent: TcpStream, identity: &ProxyIdentity, connect: &F) -> Result<(), ProxyError>
+fn handle<S, F>(
+    agent: TcpStream,
+    identity: &ProxyIdentity,
+    connect: &F,
+    fallback: Option<&fallback::Fallback>,
+) -> Result<(), ProxyError>
 where
     S: Read + Write,
     F: Fn() -> std::io::Result<S>,
@@ -285,6 +306,9 @@ where
             return write_simple(&mut writer, status, &msg).map_err(ProxyError::Agent);
         }
     };
+    if let Some(fallback) = fallback {
+        return fallback::handle(request, identity, connect, fallback, &mut writer);
+    }
     let head_only = request.head.method == "HEAD";
     let mut session = match open_and_send(request, identity, connect) {
         Ok(s) => s,
