@@ -235,11 +235,11 @@ fn scan_dir(dir: &Path, needle: &[u8]) -> (usize, usize) {
             let (h, f) = scan_dir(&path, needle);
             hits += h;
             files += f;
-        } else if ft.is_file() {
-            if let Ok(bytes) = std::fs::read(&path) {
-                hits += count(&bytes, needle);
-                files += 1;
-            }
+        } else if ft.is_file()
+            && let Ok(bytes) = std::fs::read(&path)
+        {
+            hits += count(&bytes, needle);
+            files += 1;
         }
     }
     (hits, files)

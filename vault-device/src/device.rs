@@ -4,7 +4,7 @@
 //! # The link
 //!
 //! The device dials the host (so a phone behind NAT works), writes
-//! [`LINK_MODE_LINK`](shared_proto::credential::LINK_MODE_LINK) and runs Noise KK as initiator
+//! [`LINK_MODE_LINK`] and runs Noise KK as initiator
 //! with its identity key and the host key pinned at pairing: a host without that key, or a
 //! device the host has not paired, fails the handshake. Then one reader loop decodes
 //! `HostToDevice` messages and hands each session's bytes to its task ([`crate::session`]); one

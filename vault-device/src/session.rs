@@ -191,7 +191,7 @@ fn resolve<'a>(
     vm: &str,
     target: &ProxyTarget,
     release: Release,
-) -> Result<(&'a Entry, String), DeviceToSidecar> {
+) -> Result<(&'a Entry, String), (u16, String)> {
     let now = now();
     match target {
         ProxyTarget::Service { name, .. } => {
@@ -199,10 +199,10 @@ fn resolve<'a>(
                 .entries
                 .iter()
                 .find(|e| &e.name == name)
-                .ok_or_else(|| refused(404, format!("no credential named {name:?}")))?;
+                .ok_or_else(|| (404, format!("no credential named {name:?}")))?;
             let authority = entry.hosts[0].clone();
             find_grant(&data.grants, name, &authority, vm, release, now)
-                .ok_or_else(|| refused(403, format!("no live grant for {name} to {authority}")))?;
+                .ok_or_else(|| (403, format!("no live grant for {name} to {authority}")))?;
             Ok((entry, authority))
         }
         ProxyTarget::Absolute { authority, .. } => {
@@ -212,15 +212,12 @@ fn resolve<'a>(
                 .filter(|e| e.allows(authority))
                 .peekable();
             if allowed.peek().is_none() {
-                return Err(refused(
-                    403,
-                    format!("no credential may be sent to {authority}"),
-                ));
+                return Err((403, format!("no credential may be sent to {authority}")));
             }
             allowed
                 .find(|e| find_grant(&data.grants, &e.name, authority, vm, release, now).is_some())
                 .map(|e| (e, authority.clone()))
-                .ok_or_else(|| refused(403, format!("no live grant for {authority}")))
+                .ok_or_else(|| (403, format!("no live grant for {authority}")))
         }
     }
 }
@@ -256,9 +253,9 @@ async fn proxy(
     };
     let (entry, authority) = match resolve(&data, &peer.vm_id, &head.target, Release::Call) {
         Ok(r) => r,
-        Err(answer) => {
+        Err((status, reason)) => {
             tracing::info!(vm = %peer.vm_id, target = ?head.target, "refused");
-            return session.send(&answer).await;
+            return session.send(&refused(status, reason)).await;
         }
     };
     let path = match &head.target {
@@ -348,9 +345,9 @@ fn seal(device: &Device, peer: &SessionPeer, target: &ProxyTarget) -> DeviceToSi
     };
     let (entry, authority) = match resolve(&data, &peer.vm_id, target, Release::Seal) {
         Ok(r) => r,
-        Err(answer) => {
+        Err((status, reason)) => {
             tracing::info!(vm = %peer.vm_id, ?target, "seal refused");
-            return answer;
+            return refused(status, reason);
         }
     };
     let mut request_id = [0u8; 16];
