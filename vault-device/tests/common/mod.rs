@@ -46,9 +46,9 @@ pub struct Seen {
     pub sse_released_by_client: Option<bool>,
 }
 
-/// The test HTTPS server: `/hello` answers 200 `hello` with the right bearer token, 401
-/// otherwise; `/sse` sends one event, waits until [`Upstream::release`] (or 10 s), sends a
-/// second and ends.
+/// The test HTTPS server: `/hello` answers 200 `hello <body>` with the right bearer token,
+/// 401 otherwise; `/big/N` answers N bytes; `/sse` sends one event, waits until
+/// [`Upstream::release`] (or 10 s), sends a second and ends.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Seen>>,
@@ -181,6 +181,23 @@ pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
                     let _ = tls.write_all(last).await;
                     let _ = tls.write_all(b"\r\n0\r\n\r\n").await;
                     let _ = tls.flush().await;
+                } else if let Some(size) = path.strip_prefix("/big/") {
+                    let size: usize = size.parse().unwrap_or(0).min(64 << 20);
+                    let _ = tls
+                        .write_all(
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n")
+                                .as_bytes(),
+                        )
+                        .await;
+                    let block = vec![b'x'; 64 * 1024];
+                    let mut left = size;
+                    while left > 0 {
+                        let n = left.min(block.len());
+                        if tls.write_all(&block[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
                 } else {
                     let reply = format!("hello {}", String::from_utf8_lossy(&body));
                     let _ = tls
