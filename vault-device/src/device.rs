@@ -43,6 +43,8 @@ use crate::vault::{Pairing, Vault, VaultData, VaultError};
 
 /// Sessions one link may hold at once; an `Open` beyond it is closed at once.
 pub const MAX_SESSIONS: usize = 256;
+/// How long a session may leave relayed bytes unread before it is dropped.
+const SLOW_SESSION: Duration = Duration::from_secs(5);
 /// The longest pause between redials.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -282,8 +284,10 @@ impl Device {
                 }
                 HostToDevice::Data { session, bytes } => {
                     if let Some(tx) = sessions.get(&session) {
-                        // A full queue means a session that does not read: drop it.
-                        if tx.try_send(bytes).is_err() {
+                        // Backpressure, bounded: a session stuck for SLOW_SESSION is dropped
+                        // rather than stalling the whole link.
+                        let sent = tokio::time::timeout(SLOW_SESSION, tx.send(bytes)).await;
+                        if !matches!(sent, Ok(Ok(()))) {
                             sessions.remove(&session);
                         }
                     }

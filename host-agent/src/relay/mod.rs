@@ -26,7 +26,9 @@
 //! Records of the end-to-end Noise session, which it neither decrypts nor parses: it has no
 //! key for them. It does learn sizes and timing. A hostile guest can open connections and send
 //! garbage: each VM has at most [`MAX_SESSIONS_PER_VM`] sessions, bytes are passed on in
-//! bounded pieces, and nothing per connection is logged above `debug`.
+//! bounded pieces through bounded queues (backpressure, so nothing is dropped), a sidecar that
+//! leaves its bytes unread for 5 s has its session cut so it cannot stall the link for other
+//! VMs, and nothing per connection is logged above `debug`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -53,6 +55,8 @@ use zeroize::Zeroizing;
 pub const MAX_PAIRING_FAILURES: u32 = 5;
 /// Concurrent sidecar sessions per VM.
 pub const MAX_SESSIONS_PER_VM: usize = 64;
+/// How long a sidecar may leave relayed bytes unread before its session is cut.
+const SLOW_PEER: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a device has to finish a handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -470,21 +474,29 @@ impl Relay {
                 Ok(m) => m,
                 Err(e) => break Err(e),
             };
-            let mut state = self.lock();
-            let Some(link) = state.link.as_mut().filter(|l| l.generation == generation) else {
-                break Ok(());
+            let (session, bytes) = match msg {
+                DeviceToHost::Data { session, bytes } => (session, Some(bytes)),
+                DeviceToHost::Close { session } => (session, None),
             };
-            match msg {
-                DeviceToHost::Data { session, bytes } => {
-                    if let Some(tx) = link.sessions.get(&session)
-                        && tx.try_send(bytes).is_err()
-                    {
-                        // A sidecar that does not read is cut off.
+            let tx = {
+                let mut state = self.lock();
+                let Some(link) = state.link.as_mut().filter(|l| l.generation == generation) else {
+                    break Ok(());
+                };
+                match bytes {
+                    Some(_) => link.sessions.get(&session).cloned(),
+                    None => {
                         link.sessions.remove(&session);
+                        None
                     }
                 }
-                DeviceToHost::Close { session } => {
-                    link.sessions.remove(&session);
+            };
+            if let (Some(tx), Some(bytes)) = (tx, bytes) {
+                // Backpressure: wait for a slow sidecar, but not forever, since a sidecar that
+                // does not read would stall every session on the link.
+                let sent = tokio::time::timeout(SLOW_PEER, tx.send(bytes)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    self.forget(session);
                 }
             }
         };
