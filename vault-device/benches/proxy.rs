@@ -90,9 +90,10 @@ fn main() {
     let auth = format!("Bearer {secret}");
     let direct = |path: String| {
         let (client, auth) = (client.clone(), auth.clone());
+        let url = format!("https://{api}{path}");
         rt.block_on(async move {
             let r = client
-                .get(format!("https://{api}{path}", api = api))
+                .get(url)
                 .header("authorization", auth)
                 .send()
                 .await
