@@ -150,6 +150,10 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 #[ignore = "e2e: run through scripts/e2e"]
 fn an_agent_in_a_microvm_calls_https_through_the_device() {
     let image = GuestImage::from_env().expect("guest image");
+    // L1's init leaves `lo` down; the daemon, the device and the server talk over loopback.
+    let _ = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
     let dir = tempfile::Builder::new().prefix("nce2e-").tempdir().unwrap();
     let p = dir.path();
     make_certs(p);
