@@ -20,6 +20,9 @@
 //! - [`cli`]: the `nanoclaw` command-line client of that API.
 //! - [`tokenize`]: format-preserving surrogates (FF1) for card numbers, SSNs, emails and API
 //!   keys in what flows to an agent, restored in what leaves it; a library with no I/O.
+//! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
+//!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
+//!   sessions it carries to the device as ciphertext.
 
 pub mod api;
 pub mod approval;
@@ -27,6 +30,7 @@ pub mod audit;
 pub mod cli;
 pub mod daemon;
 pub mod notify;
+pub mod relay;
 pub mod tokenize;
 pub mod vmm;
 

@@ -19,8 +19,11 @@
 //!   that the device seals and the sidecar opens.
 //! - [`approval`]: the canonical approval request (its SHA-256 is the WebAuthn challenge) and
 //!   the passkey registration and assertion verifier, shared by host-agent and vault-device.
+//! - [`credential`]: the credential channels: Noise records, the device <-> host link messages,
+//!   the relay greeting, and the proxy messages inside the sidecar <-> device session.
 
 pub mod approval;
+pub mod credential;
 pub mod envelope;
 pub mod frame;
 pub mod handshake;

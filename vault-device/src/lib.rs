@@ -1,7 +1,40 @@
 //! `vault-device`: the user's device.
 //!
-//! This crate will hold the sealed secret vault, the device identity key, pairing with a host,
-//! the primary credential path (the device performs the authenticated API call) and the fallback
-//! path (sealing a secret to a sidecar's ephemeral X25519 key), and the check of grants and
-//! passkey approvals before any credential is released. Credentials never leave this crate's
-//! process.
+//! It holds the sealed secret vault and the device identity key, pairs with one host, keeps an
+//! outbound link to it, and answers the sidecars' end-to-end sessions: it makes the
+//! authenticated HTTPS call itself (the primary path) or seals the secret to the sidecar's boot
+//! key (the fallback path), in both cases only under a live grant. Credentials never leave this
+//! crate's process except inside the upstream TLS connection or a sealed envelope.
+//!
+//! # Layout
+//!
+//! - [`vault`]: the vault file (Argon2id + ChaCha20-Poly1305, 0600, atomic writes, a `.prev`
+//!   generation), credential entries and the identity key.
+//! - [`grant`]: grants (credential x host x VM x expiry) and the release check.
+//! - [`noise`]: Noise records on async streams and the builders of the device's patterns.
+//! - [`device`]: the running device: pairing, the outbound link to the host and its session
+//!   multiplexing, the HTTPS client.
+//! - [`session`]: one end-to-end session with a sidecar: the IK responder, the proxied call or
+//!   the sealed secret.
+
+pub mod device;
+pub mod grant;
+pub mod noise;
+pub mod session;
+pub mod vault;
+
+/// Displays an error with its whole `source()` chain, `outer: inner: ...`.
+#[derive(Debug)]
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}

@@ -97,6 +97,8 @@
 //! - [`outbox`]: the frames waiting for the host, kept across reconnects, with backpressure.
 //! - [`agent`]: the agent runner.
 //! - [`echo`]: the echo diagnostic.
+//! - [`proxy`]: the agent's local credential proxy on `127.0.0.1` and the sidecar's end of the
+//!   end-to-end Noise session with the user's device.
 //!
 //! [`CONTROL_PORT`]: shared_proto::ports::CONTROL_PORT
 //! [`ECHO_PORT`]: shared_proto::ports::ECHO_PORT
@@ -107,6 +109,7 @@ pub mod control;
 pub mod echo;
 pub mod init;
 pub mod outbox;
+pub mod proxy;
 pub mod vsock;
 
 /// A stream whose write side can be closed while its read side stays open.

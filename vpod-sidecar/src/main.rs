@@ -96,7 +96,17 @@ fn run(pid1: bool) {
     };
     // The secret stays alive (and in memory only) for the whole boot; the envelope opener of a
     // later stage takes it over.
+    let identity = Arc::new(vpod_sidecar::proxy::ProxyIdentity {
+        boot_secret: zeroize::Zeroizing::new(secret.to_bytes()),
+        boot_id,
+    });
     let _secret: StaticSecret = secret;
+    if let Err(e) = std::thread::Builder::new()
+        .name("credential-proxy".into())
+        .spawn(move || serve_credential_proxy(identity))
+    {
+        tracing::error!(error = %e, "cannot start the credential proxy");
+    }
 
     if let Err(e) = std::thread::Builder::new()
         .name("echo-listener".into())
@@ -197,6 +207,30 @@ fn serve_echo() {
             }
         }
     }
+}
+
+/// Binds the agent's credential proxy on `127.0.0.1` and serves it forever; each request opens
+/// a vsock connection to the host's credential relay.
+fn serve_credential_proxy(identity: Arc<vpod_sidecar::proxy::ProxyIdentity>) {
+    use shared_proto::credential::GUEST_PROXY_PORT;
+    use shared_proto::ports::CREDENTIAL_PROXY_PORT;
+    let mut backoff = Backoff::default();
+    let listener = loop {
+        match std::net::TcpListener::bind(("127.0.0.1", GUEST_PROXY_PORT)) {
+            Ok(l) => break l,
+            Err(e) => {
+                if backoff.worth_logging() {
+                    tracing::warn!(error = %e, "credential proxy");
+                }
+                std::thread::sleep(backoff.next_delay());
+            }
+        }
+    };
+    tracing::info!(port = GUEST_PROXY_PORT, "credential proxy listening");
+    let connect = Arc::new(|| {
+        VsockStream::connect(HOST_CID, CREDENTIAL_PROXY_PORT).map_err(std::io::Error::other)
+    });
+    vpod_sidecar::proxy::serve(&listener, identity, connect);
 }
 
 /// The pause before retrying `getrandom`, which fails only in exotic setups.

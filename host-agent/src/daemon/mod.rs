@@ -105,6 +105,9 @@ pub enum DaemonError {
     /// Building the async runtime failed.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    /// The credential relay could not start.
+    #[error("credential relay")]
+    Relay(#[source] crate::relay::RelayError),
     /// Creating a VM failed.
     #[error("cannot create the VM")]
     Vm(#[source] VmError),
@@ -167,6 +170,10 @@ pub struct ServeArgs {
     /// the value is the VAPID contact push services may use (mailto:you@example.com).
     #[arg(long, value_name = "MAILTO", requires = "approvals_listen")]
     pub approvals_push_contact: Option<String>,
+    /// Listen for the user's device (`vault-device`) on this TCP address and relay the VMs'
+    /// credential sessions to it (see [`crate::relay`]).
+    #[arg(long)]
+    pub device_listen: Option<std::net::SocketAddr>,
 }
 
 /// Errors of removing a VM.
@@ -198,6 +205,7 @@ pub struct Daemon {
     output_cap: u64,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     approvals: Option<crate::approval::passkey::PasskeyApprover>,
+    relay: Option<Arc<crate::relay::Relay>>,
 }
 
 impl Daemon {
@@ -261,6 +269,7 @@ impl Daemon {
         let record = VmRecord::new(id.clone(), spec, state::now_unix_ms());
         record.save(&dir).map_err(DaemonError::State)?;
         let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
+        vm.set_relay(self.relay.clone());
         self.lock_vms().insert(id, Arc::clone(&vm));
         // The listener exists before the VMM, so the sidecar's first connect finds it.
         let started = vm
@@ -308,6 +317,7 @@ impl Daemon {
         let record = VmRecord::load(&dir).map_err(DaemonError::State)?;
         let terminal = record.status.is_terminal();
         let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
+        vm.set_relay(self.relay.clone());
         self.lock_vms().insert(vm.id.clone(), Arc::clone(&vm));
         if terminal {
             return Ok(());
@@ -495,6 +505,21 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let relay = match args.device_listen {
+        Some(addr) => {
+            let relay = crate::relay::Relay::open(&args.state_dir, "host-agent")
+                .map_err(DaemonError::Relay)?;
+            relay.listen(addr).await.map_err(DaemonError::Relay)?;
+            if relay.pairing_code().is_some() {
+                tracing::info!(
+                    file = %args.state_dir.join("relay/pairing-code").display(),
+                    "no device paired: give the pairing code in this file to `vault-device pair`"
+                );
+            }
+            Some(relay)
+        }
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
         approvals,
         vms_dir,
@@ -506,6 +531,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         output_cap: args.output_cap_bytes,
         vms: Mutex::new(HashMap::new()),
+        relay,
     });
     daemon.recover();
     let listener = bind_api_socket(&args.socket)?;

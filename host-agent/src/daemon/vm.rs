@@ -6,7 +6,10 @@
 //!   connections (the first one and every reconnect) and serves each on its own task;
 //! - the VMM watcher, which waits for the VMM to end (as its parent, or by polling `/proc` for
 //!   a VMM adopted after a daemon restart) and then records the final status;
-//! - the API's event streams, fed from the output log and a broadcast channel.
+//! - the API's event streams, fed from the output log and a broadcast channel;
+//! - with a credential relay (`--device-listen`), the VM's credential proxy listener, bound
+//!   after the first admitted `Hello` with the boot id and key it carried, and closed when the
+//!   VM ends.
 //!
 //! Everything the guest sends is hostile: a bad frame or a message out of order closes that
 //! connection (the sidecar may reconnect), is counted, and is logged within a [`LogBudget`].
@@ -125,6 +128,10 @@ pub struct Vm {
     next_conn: Mutex<u64>,
     budget: Mutex<LogBudget>,
     ended: watch::Sender<bool>,
+    /// The credential relay, when the daemon has one.
+    relay: Mutex<Option<Arc<crate::relay::Relay>>>,
+    /// This VM's credential proxy listener, from the first admitted `Hello` to the end.
+    credential_listener: Mutex<Option<crate::relay::VmRelay>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -172,6 +179,8 @@ impl Vm {
             next_conn: Mutex::new(0),
             budget: Mutex::new(LogBudget::new()),
             ended,
+            relay: Mutex::new(None),
+            credential_listener: Mutex::new(None),
         }))
     }
 
@@ -273,6 +282,31 @@ impl Vm {
         self.update_quiet(|r| r.guest_protocol_errors += 1);
         if let Some(suppressed) = lock(&self.budget).admit(Instant::now()) {
             tracing::warn!(vm = %self.id, suppressed, detail, "guest protocol error: {what}");
+        }
+    }
+
+    /// Gives this VM the daemon's credential relay (or none).
+    pub fn set_relay(&self, relay: Option<Arc<crate::relay::Relay>>) {
+        *lock(&self.relay) = relay;
+    }
+
+    /// Binds this VM's credential proxy listener for the admitted boot, once.
+    fn attach_credentials(&self, boot_id: [u8; 16], sidecar_public_key: [u8; 32]) {
+        let Some(relay) = lock(&self.relay).clone() else {
+            return;
+        };
+        let mut listener = lock(&self.credential_listener);
+        if listener.is_some() {
+            return;
+        }
+        let identity = crate::relay::VmIdentity {
+            vm_id: self.id.clone(),
+            boot_id,
+            sidecar_public_key,
+        };
+        match relay.attach_vm(&self.dir, identity) {
+            Ok(l) => *listener = Some(l),
+            Err(e) => tracing::warn!(vm = %self.id, error = %error_chain(&e), "credential relay"),
         }
     }
 
@@ -393,7 +427,12 @@ impl Vm {
             let _ = write_msg(&mut stream, &reply).await;
             return self.guest_fault("hello refused", &e.to_string());
         }
-        let GuestToHost::Hello { boot_id, .. } = first else {
+        let GuestToHost::Hello {
+            boot_id,
+            ephemeral_public_key,
+            ..
+        } = first
+        else {
             return;
         };
         let boot_hex: String = boot_id.iter().map(|b| format!("{b:02x}")).collect();
@@ -425,6 +464,7 @@ impl Vm {
         if write_msg(&mut stream, &reply).await.is_err() {
             return;
         }
+        self.attach_credentials(boot_id, ephemeral_public_key);
 
         // This connection becomes the current one; a previous one is dropped.
         let (to_guest, mut outgoing) = mpsc::channel::<HostToGuest>(64);
@@ -629,6 +669,7 @@ impl Vm {
     /// Sets the final status (`lost`: [`VmStatus::Lost`] unless a stop was asked for) and emits
     /// [`Event::Ended`].
     pub fn conclude(&self, vmm_exit: Option<VmmExit>, lost: bool) {
+        lock(&self.credential_listener).take();
         let status = self.update(|r| {
             r.status = if r.stop_requested {
                 VmStatus::Stopped

@@ -1,0 +1,283 @@
+//! The credential proxy end to end: an agent in a microVM calls a local HTTPS server through
+//! the sidecar's proxy and gets 200, with the credential injected by the user's device.
+//!
+//! Everything runs inside L1 with the test: the daemon (`host-agent serve --device-listen`),
+//! `vault-device` (its binary: `init`, `add`, `grant`, `pair` with the code the daemon wrote,
+//! then `serve`), and an HTTPS server (Python's `ssl` and `http.server`, with a CA made by
+//! `openssl` that only the device trusts) that answers 401 without the right bearer token. The
+//! agent is busybox `wget` against `http://127.0.0.1:<GUEST_PROXY_PORT>/svc/hello`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nanoclaw_tests::{GuestImage, host_agent_bin, nanoclaw_bin};
+use shared_proto::credential::GUEST_PROXY_PORT;
+
+/// Kills the processes it holds when dropped.
+struct Reaper(Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn make_certs(dir: &Path) {
+    let ssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nanoclaw e2e CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=api.test",
+    ]);
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:api.test\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+}
+
+const SERVER: &str = r#"
+import http.server, ssl, sys
+secret = open(sys.argv[3]).read().strip()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        ok = self.headers.get("Authorization") == "Bearer " + secret
+        body = b"hello from upstream\n" if ok else b"unauthorized\n"
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+fn random_hex() -> String {
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn an_agent_in_a_microvm_calls_https_through_the_device() {
+    let image = GuestImage::from_env().expect("guest image");
+    // L1's init leaves `lo` down; the daemon, the device and the server talk over loopback.
+    let _ = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    let dir = tempfile::Builder::new().prefix("nce2e-").tempdir().unwrap();
+    let p = dir.path();
+    make_certs(p);
+    let secret = format!("sk-e2e-{}", random_hex());
+    std::fs::write(p.join("secret"), &secret).unwrap();
+    let mut reaper = Reaper(Vec::new());
+
+    let mut server = Command::new("python3")
+        .arg("-c")
+        .arg(SERVER)
+        .arg(p.join("leaf.pem"))
+        .arg(p.join("leaf.key"))
+        .arg(p.join("secret"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    reaper.0.push(server);
+    let https_port: u16 = line.trim().parse().expect("the server's port");
+    let api = format!("api.test:{https_port}");
+
+    let device_port = free_port();
+    let state = p.join("state");
+    let socket = p.join("api.sock");
+    let log = std::fs::File::create(p.join("daemon.log")).unwrap();
+    let daemon = Command::new(host_agent_bin())
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--kernel")
+        .arg(&image.vmlinux)
+        .arg("--initrd")
+        .arg(&image.initramfs)
+        .arg("--device-listen")
+        .arg(format!("127.0.0.1:{device_port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("host-agent serve");
+    reaper.0.push(daemon);
+    let code_file = state.join("relay/pairing-code");
+    wait_for("the pairing code", Duration::from_secs(120), || {
+        code_file.exists()
+    });
+    let code = std::fs::read_to_string(&code_file).unwrap();
+
+    let vault_bin: PathBuf = host_agent_bin().with_file_name("vault-device");
+    let vault = p.join("device.vault");
+    let vd = || {
+        let mut c = Command::new(&vault_bin);
+        c.arg("--vault")
+            .arg(&vault)
+            .env("VAULT_DEVICE_PASSPHRASE", "e2e passphrase");
+        c
+    };
+    run(vd().args(["init", "--kdf-memory-kib", "1024", "--kdf-iterations", "1"]));
+    let mut add = vd()
+        .args(["add", "svc", "--host", &api, "--header", "Authorization"])
+        .args(["--format", "Bearer {}"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut add.stdin.take().unwrap(), secret.as_bytes()).unwrap();
+    assert!(add.wait().unwrap().success());
+    run(vd().args(["grant", "svc", "--host", &api, "--vm", "*", "--ttl", "600"]));
+    run(vd()
+        .args([
+            "pair",
+            "--host",
+            &format!("127.0.0.1:{device_port}"),
+            "--code",
+        ])
+        .arg(code.trim()));
+    let device = vd()
+        .arg("serve")
+        .arg("--ca-file")
+        .arg(p.join("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("api.test=127.0.0.1:{https_port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(p.join("device.log")).unwrap())
+        .spawn()
+        .unwrap();
+    reaper.0.push(device);
+
+    // The agent retries while the proxy starts and the device links up (503).
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do \
+           busybox wget -q -O - http://127.0.0.1:{GUEST_PROXY_PORT}/svc/hello && exit 0; \
+           sleep 2; done; exit 1"
+    );
+    let out = Command::new(nanoclaw_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["run", "--", "/bin/sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("nanoclaw run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let logs = || {
+        format!(
+            "daemon log:\n{}\ndevice log:\n{}",
+            std::fs::read_to_string(p.join("daemon.log")).unwrap_or_default(),
+            std::fs::read_to_string(p.join("device.log")).unwrap_or_default()
+        )
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {stdout:?} stderr {:?}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    assert!(
+        stdout.contains("hello from upstream"),
+        "{stdout:?}\n{}",
+        logs()
+    );
+    assert!(!stdout.contains(&secret));
+}

@@ -1,0 +1,160 @@
+//! The credential proxy's cost on loopback (a benchmark that prints figures; not a test).
+//!
+//! It sets up the primary path as the component tests do (the sidecar's proxy code on a Unix
+//! socket in place of vsock, the host relay, the device's link, a local HTTPS server that
+//! demands the credential) and compares, for the same HTTPS server:
+//! - **direct**: a client making the HTTPS call itself (reqwest + rustls, the same client the
+//!   device uses), the way an agent holding the key would;
+//! - **proxied**: the agent's plain HTTP request to the sidecar proxy, relayed to the device,
+//!   which makes the same HTTPS call.
+//!
+//! It prints p50/p99 latency per request, the added latency (proxied minus direct), requests
+//! per second one at a time, and download throughput for a large body.
+//!
+//! Run: `cargo bench -p vault-device --bench proxy` (set `BENCH_REQUESTS` to change the count).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn proxied(proxy: std::net::SocketAddr, path: &str) -> usize {
+    let mut s = TcpStream::connect(proxy).expect("connect to the proxy");
+    s.set_nodelay(true).ok();
+    write!(s, "GET /svc{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw[..raw.len().min(200)])
+    );
+    raw.len()
+}
+
+fn main() {
+    let n: usize = std::env::var("BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let big: usize = 16 << 20;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = common::random_secret();
+    let ca = common::make_ca(dir.path());
+    let upstream = rt.block_on(common::start_upstream(&ca, &["api.test"], &secret));
+    let api = format!("api.test:{}", upstream.addr.port());
+    let vault = common::make_vault(dir.path(), &api, &api, &secret);
+    let relay =
+        host_agent::relay::Relay::open(&dir.path().join("host"), "bench-host").expect("relay");
+    let (addr, _listener) = rt
+        .block_on(relay.listen("127.0.0.1:0".parse().expect("addr")))
+        .expect("listen");
+    rt.block_on(common::pair(&vault, &relay, addr));
+    let _device = rt.block_on(common::start_device(
+        &vault,
+        &ca,
+        vec![("api.test".into(), upstream.addr)],
+    ));
+    rt.block_on(relay.wait_linked());
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir(&vm_dir).expect("vm dir");
+    let sc = common::sidecar();
+    let _vm = rt.block_on(async { common::attach(&relay, &vm_dir, &sc, sc.public) });
+    let proxy = common::start_proxy(&vm_dir, &sc);
+
+    let cert =
+        reqwest::Certificate::from_pem(&std::fs::read(&ca.pem_path).expect("ca")).expect("pem");
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(cert)
+        .resolve("api.test", upstream.addr)
+        .build()
+        .expect("client");
+    let auth = format!("Bearer {secret}");
+    let direct = |path: String| {
+        let (client, auth) = (client.clone(), auth.clone());
+        let url = format!("https://{api}{path}");
+        rt.block_on(async move {
+            let r = client
+                .get(url)
+                .header("authorization", auth)
+                .send()
+                .await
+                .expect("direct call");
+            assert_eq!(r.status(), 200);
+            r.bytes().await.expect("body").len()
+        })
+    };
+
+    // Warm up both paths.
+    for _ in 0..20 {
+        direct("/hello".into());
+        proxied(proxy, "/hello");
+    }
+    let mut d = Vec::with_capacity(n);
+    let mut p = Vec::with_capacity(n);
+    // Interleave, so drifts in machine load hit both alike.
+    for _ in 0..n {
+        let t = Instant::now();
+        direct("/hello".into());
+        d.push(t.elapsed());
+        let t = Instant::now();
+        proxied(proxy, "/hello");
+        p.push(t.elapsed());
+    }
+    let (dt, pt): (Duration, Duration) = (d.iter().sum(), p.iter().sum());
+    d.sort();
+    p.sort();
+    println!(
+        "credential proxy on loopback, {n} sequential requests per path (one HTTPS connection each)"
+    );
+    println!(
+        "  direct   p50 {:7.3} ms  p99 {:7.3} ms  {:7.1} req/s",
+        ms(percentile(&d, 0.5)),
+        ms(percentile(&d, 0.99)),
+        n as f64 / dt.as_secs_f64()
+    );
+    println!(
+        "  proxied  p50 {:7.3} ms  p99 {:7.3} ms  {:7.1} req/s",
+        ms(percentile(&p, 0.5)),
+        ms(percentile(&p, 0.99)),
+        n as f64 / pt.as_secs_f64()
+    );
+    println!(
+        "  added    p50 {:7.3} ms  p99 {:7.3} ms",
+        ms(percentile(&p, 0.5)) - ms(percentile(&d, 0.5)),
+        ms(percentile(&p, 0.99)) - ms(percentile(&d, 0.99))
+    );
+    let rounds = 5;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        assert!(direct(format!("/big/{big}")) >= big);
+    }
+    let direct_mbs = (rounds * big) as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        assert!(proxied(proxy, &format!("/big/{big}")) >= big);
+    }
+    let proxied_mbs = (rounds * big) as f64 / t.elapsed().as_secs_f64() / 1e6;
+    println!(
+        "  download of {} MiB: direct {direct_mbs:.0} MB/s, proxied {proxied_mbs:.0} MB/s",
+        big >> 20
+    );
+}

@@ -1,0 +1,375 @@
+//! One end-to-end session with a sidecar: the Noise IK responder, then one proxied call
+//! (primary path) or one sealed secret (fallback path).
+//!
+//! # What the device checks
+//!
+//! - The handshake: the prologue binds the VM id and boot id the host announced in `Open`, and
+//!   the sidecar's static key (learned in the handshake) must equal the boot key the host
+//!   relayed from the sidecar's `Hello`.
+//! - The target: base-URL mode names a credential and goes to its first allowed host;
+//!   `HTTP_PROXY` mode names an authority, and the credential is the first entry that allows it
+//!   and has a live grant. The call goes out over HTTPS to exactly that authority, never
+//!   following redirects (a redirect could carry the header elsewhere).
+//! - A live grant for credential x authority x VM ([`crate::grant::find_grant`]); without one
+//!   the answer is `Refused` 403 and nothing is sent upstream.
+//! - The agent's own copy of the credential header, `Host` and hop-by-hop headers are dropped
+//!   before the secret is injected.
+//!
+//! # What the host could still do
+//!
+//! The host relays every byte and it hands the guest the device's public key and the device the
+//! sidecar's boot key. It cannot read or alter a session (Noise IK: the device authenticates
+//! with its pinned identity key, the sidecar with its boot key). A host that lies about the
+//! sidecar's key can run a session of its own in place of the sidecar: on the primary path that
+//! gives it what the agent could get, calls to granted hosts with the secret injected by the
+//! device, never the secret itself. On the fallback path it would get the secret sealed to its
+//! own key, which is why the fallback needs a grant that says so explicitly; binding the boot
+//! key to the VM (attestation) is what would close this.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use rand_core::{OsRng, RngCore};
+use serde_bytes::ByteBuf;
+use shared_proto::credential::{
+    self, DeviceToSidecar, HeaderLine, MAX_CHUNK, ProxyRequest, ProxyTarget, SidecarToDevice,
+};
+use shared_proto::envelope;
+use tokio::sync::mpsc;
+use x25519_dalek::PublicKey;
+
+use crate::device::Device;
+use crate::grant::{Release, find_grant};
+use crate::noise::{self, NoiseError};
+use crate::vault::{Entry, VaultData};
+
+/// The largest request body the device forwards.
+pub const MAX_REQUEST_BODY: usize = 16 << 20;
+/// How long a sealed envelope is valid.
+pub const SEAL_TTL_SECS: u64 = 60;
+
+/// Headers never forwarded in either direction (hop-by-hop, or set by the device itself).
+const DROPPED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// What the host announced about a sidecar in `Open`.
+#[derive(Debug, Clone)]
+pub struct SessionPeer {
+    /// The VM id.
+    pub vm_id: String,
+    /// The sidecar's boot id.
+    pub boot_id: [u8; 16],
+    /// The sidecar's boot public key.
+    pub sidecar_public_key: [u8; 32],
+}
+
+/// The channel of one session to the link writer: ciphertext records to send to the sidecar.
+pub type Outbound = mpsc::Sender<Vec<u8>>;
+
+/// Reassembles records from the relayed byte runs.
+struct Inbound {
+    rx: mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Inbound {
+    async fn next_record(&mut self) -> Result<Vec<u8>, NoiseError> {
+        loop {
+            if let Some((body, used)) = credential::split_record(&self.buf)? {
+                let body = body.to_vec();
+                self.buf.drain(..used);
+                return Ok(body);
+            }
+            if self.buf.len() > credential::MAX_NOISE_MESSAGE + credential::RECORD_PREFIX {
+                return Err(NoiseError::Wire(
+                    credential::CredentialError::RecordTooLarge(self.buf.len()),
+                ));
+            }
+            match self.rx.recv().await {
+                Some(bytes) => self.buf.extend_from_slice(&bytes),
+                None => return Err(NoiseError::Closed),
+            }
+        }
+    }
+}
+
+/// The established session.
+struct Session {
+    inbound: Inbound,
+    out: Outbound,
+    transport: snow::TransportState,
+}
+
+impl Session {
+    async fn recv(&mut self) -> Result<SidecarToDevice, NoiseError> {
+        let record = self.inbound.next_record().await?;
+        let plain = noise::open(&mut self.transport, &record)?;
+        Ok(credential::decode_message(&plain)?)
+    }
+
+    async fn send(&mut self, msg: &DeviceToSidecar) -> Result<(), NoiseError> {
+        let plain = credential::encode_message(msg)?;
+        let sealed = noise::seal(&mut self.transport, &plain)?;
+        let mut record = Vec::with_capacity(sealed.len() + 2);
+        credential::encode_record(&sealed, &mut record)?;
+        self.out.send(record).await.map_err(|_| NoiseError::Closed)
+    }
+}
+
+/// Runs one session to its end. Errors end the session; the link stays up.
+pub async fn run(
+    device: Arc<Device>,
+    peer: SessionPeer,
+    rx: mpsc::Receiver<Vec<u8>>,
+    out: Outbound,
+) -> Result<(), NoiseError> {
+    let mut inbound = Inbound {
+        rx,
+        buf: Vec::new(),
+    };
+    let prologue = credential::session_prologue(&peer.vm_id, &peer.boot_id)?;
+    let identity = device.identity_secret();
+    let mut hs = noise::session_responder(&identity, &prologue)?;
+    let first = inbound.next_record().await?;
+    let mut scratch = vec![0u8; credential::MAX_NOISE_MESSAGE];
+    hs.read_message(&first, &mut scratch)?;
+    if hs.get_remote_static() != Some(&peer.sidecar_public_key[..]) {
+        return Err(NoiseError::UnexpectedPeer);
+    }
+    let n = hs.write_message(&[], &mut scratch)?;
+    let mut record = Vec::with_capacity(n + 2);
+    credential::encode_record(&scratch[..n], &mut record)?;
+    out.send(record).await.map_err(|_| NoiseError::Closed)?;
+    let transport = hs.into_transport_mode()?;
+    let mut session = Session {
+        inbound,
+        out,
+        transport,
+    };
+    match session.recv().await? {
+        SidecarToDevice::Request(head) => proxy(&device, &peer, &mut session, head).await,
+        SidecarToDevice::Seal { target } => {
+            let answer = seal(&device, &peer, &target);
+            session.send(&answer).await
+        }
+        SidecarToDevice::Body(_) | SidecarToDevice::End => {
+            session
+                .send(&refused(400, "a session opens with a request or a seal"))
+                .await
+        }
+    }
+}
+
+fn refused(status: u16, reason: impl Into<String>) -> DeviceToSidecar {
+    DeviceToSidecar::Refused {
+        status,
+        reason: reason.into(),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The credential and authority a request resolves to, or the refusal.
+fn resolve<'a>(
+    data: &'a VaultData,
+    vm: &str,
+    target: &ProxyTarget,
+    release: Release,
+) -> Result<(&'a Entry, String), (u16, String)> {
+    let now = now();
+    match target {
+        ProxyTarget::Service { name, .. } => {
+            let entry = data
+                .entries
+                .iter()
+                .find(|e| &e.name == name)
+                .ok_or_else(|| (404, format!("no credential named {name:?}")))?;
+            let authority = entry.hosts[0].clone();
+            find_grant(&data.grants, name, &authority, vm, release, now)
+                .ok_or_else(|| (403, format!("no live grant for {name} to {authority}")))?;
+            Ok((entry, authority))
+        }
+        ProxyTarget::Absolute { authority, .. } => {
+            let mut allowed = data
+                .entries
+                .iter()
+                .filter(|e| e.allows(authority))
+                .peekable();
+            if allowed.peek().is_none() {
+                return Err((403, format!("no credential may be sent to {authority}")));
+            }
+            allowed
+                .find(|e| find_grant(&data.grants, &e.name, authority, vm, release, now).is_some())
+                .map(|e| (e, authority.clone()))
+                .ok_or_else(|| (403, format!("no live grant for {authority}")))
+        }
+    }
+}
+
+/// The primary path.
+async fn proxy(
+    device: &Device,
+    peer: &SessionPeer,
+    session: &mut Session,
+    head: ProxyRequest,
+) -> Result<(), NoiseError> {
+    let mut body = Vec::new();
+    loop {
+        match session.recv().await? {
+            SidecarToDevice::Body(chunk) => {
+                if body.len() + chunk.len() > MAX_REQUEST_BODY {
+                    return session.send(&refused(413, "request body too large")).await;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            SidecarToDevice::End => break,
+            _ => return session.send(&refused(400, "unexpected message")).await,
+        }
+    }
+    let data = match device.snapshot() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %crate::ErrorChain(&e), "vault");
+            return session
+                .send(&refused(503, "the vault is unavailable"))
+                .await;
+        }
+    };
+    let (entry, authority) = match resolve(&data, &peer.vm_id, &head.target, Release::Call) {
+        Ok(r) => r,
+        Err((status, reason)) => {
+            tracing::info!(vm = %peer.vm_id, target = ?head.target, "refused");
+            return session.send(&refused(status, reason)).await;
+        }
+    };
+    let path = match &head.target {
+        ProxyTarget::Service { path_and_query, .. } => path_and_query,
+        ProxyTarget::Absolute { path_and_query, .. } => path_and_query,
+    };
+    let url = format!("https://{authority}{path}");
+    let Ok(method) = reqwest::Method::from_bytes(head.method.as_bytes()) else {
+        return session.send(&refused(400, "bad method")).await;
+    };
+    let mut request = device.http().request(method, &url);
+    for (name, value) in &head.headers {
+        let lower = name.to_ascii_lowercase();
+        if DROPPED_HEADERS.contains(&lower.as_str()) || lower.eq_ignore_ascii_case(&entry.header) {
+            continue;
+        }
+        request = request.header(name.as_str(), value.as_slice());
+    }
+    let value = entry.header_value();
+    let mut header_value = match reqwest::header::HeaderValue::from_bytes(&value) {
+        Ok(v) => v,
+        Err(_) => {
+            return session
+                .send(&refused(500, "the credential is not a valid header"))
+                .await;
+        }
+    };
+    header_value.set_sensitive(true);
+    request = request
+        .header(entry.header.as_str(), header_value)
+        .body(body);
+    drop(value);
+    tracing::info!(vm = %peer.vm_id, credential = %entry.name, %authority, "call");
+    drop(data);
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %crate::ErrorChain(&e), %authority, "upstream");
+            return session
+                .send(&refused(502, format!("upstream {authority} failed")))
+                .await;
+        }
+    };
+    let mut headers: Vec<HeaderLine> = Vec::new();
+    for (name, value) in response.headers() {
+        if DROPPED_HEADERS.contains(&name.as_str()) || headers.len() >= credential::MAX_HEADERS {
+            continue;
+        }
+        if value.len() <= credential::MAX_VALUE_LEN {
+            headers.push((
+                name.as_str().to_owned(),
+                ByteBuf::from(value.as_bytes().to_vec()),
+            ));
+        }
+    }
+    session
+        .send(&DeviceToSidecar::Head {
+            status: response.status().as_u16(),
+            headers,
+        })
+        .await?;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %crate::ErrorChain(&e), "upstream body");
+                // The head went out; ending without `End` tells the sidecar the body is cut.
+                return Ok(());
+            }
+        };
+        for piece in chunk.chunks(MAX_CHUNK) {
+            session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
+        }
+    }
+    session.send(&DeviceToSidecar::End).await
+}
+
+/// The fallback path: seal the secret to the sidecar's boot key, under a grant that allows it.
+fn seal(device: &Device, peer: &SessionPeer, target: &ProxyTarget) -> DeviceToSidecar {
+    let data = match device.snapshot() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %crate::ErrorChain(&e), "vault");
+            return refused(503, "the vault is unavailable");
+        }
+    };
+    let (entry, authority) = match resolve(&data, &peer.vm_id, target, Release::Seal) {
+        Ok(r) => r,
+        Err((status, reason)) => {
+            tracing::info!(vm = %peer.vm_id, ?target, "seal refused");
+            return refused(status, reason);
+        }
+    };
+    let mut request_id = [0u8; 16];
+    OsRng.fill_bytes(&mut request_id);
+    let recipient = PublicKey::from(peer.sidecar_public_key);
+    match envelope::seal(
+        &mut OsRng,
+        &recipient,
+        request_id,
+        &peer.vm_id,
+        now() + SEAL_TTL_SECS,
+        entry.secret.expose(),
+    ) {
+        Ok(envelope) => {
+            tracing::info!(vm = %peer.vm_id, credential = %entry.name, %authority, "sealed");
+            DeviceToSidecar::Sealed {
+                authority,
+                envelope,
+                header: entry.header.clone(),
+                format: entry.format.clone(),
+            }
+        }
+        Err(e) => refused(500, format!("cannot seal: {e}")),
+    }
+}
