@@ -97,6 +97,8 @@
 //! - [`outbox`]: the frames waiting for the host, kept across reconnects, with backpressure.
 //! - [`agent`]: the agent runner.
 //! - [`echo`]: the echo diagnostic.
+//! - [`mcp`]: the agent's local MCP endpoint (streamable HTTP on 127.0.0.1, and the
+//!   `mcp-stdio` shim), forwarding to the host's gateway with an early filter.
 //!
 //! [`CONTROL_PORT`]: shared_proto::ports::CONTROL_PORT
 //! [`ECHO_PORT`]: shared_proto::ports::ECHO_PORT
@@ -106,6 +108,7 @@ pub mod console;
 pub mod control;
 pub mod echo;
 pub mod init;
+pub mod mcp;
 pub mod outbox;
 pub mod vsock;
 

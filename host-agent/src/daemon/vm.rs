@@ -456,6 +456,7 @@ impl Vm {
                     cwd: spec.cwd,
                     uid: spec.uid,
                     gid: spec.gid,
+                    mcp: None,
                 }))
                 .await;
             // The API has no stdin for the agent yet: it reads EOF, never blocks on it.
