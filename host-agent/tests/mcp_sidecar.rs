@@ -361,3 +361,47 @@ fn http_endpoint_refuses_bad_requests() {
     );
     assert!(ask(&req).starts_with("HTTP/1.1 502"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_wget_speaks_to_the_sidecars_endpoint() {
+    // The e2e agent's client: busybox wget (Debian's busybox-static, as in the guest image).
+    if !Path::new("/bin/busybox").exists() {
+        panic!("/bin/busybox is missing: run scripts/setup (busybox-static)");
+    }
+    let host = host().await;
+    let listener = http::bind(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let socket = host.socket.clone();
+    let endpoint = http::Endpoint::new(EarlyFilter::new(&host.tools), move || {
+        UnixStream::connect(&socket)
+    });
+    std::thread::spawn(move || endpoint.serve(&listener));
+    let script = format!(
+        r#"
+H='Content-Type: application/json'
+U=http://127.0.0.1:{port}/mcp
+INIT='{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{{"protocolVersion":"2025-11-25","capabilities":{{}},"clientInfo":{{"name":"sh","version":"0"}}}}}}'
+busybox wget -q -S -O /dev/null --header "$H" --post-data "$INIT" $U 2>"$TMPDIR/headers"
+SID=$(grep -i 'mcp-session-id' "$TMPDIR/headers" | sed 's/.*: *//' | tr -d '\r ')
+busybox wget -q -O - --header "$H" --header "Mcp-Session-Id: $SID" --post-data '{{"jsonrpc":"2.0","id":1,"method":"tools/list"}}' $U
+"#
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .env("TMPDIR", tmp.path())
+            .output(),
+    )
+    .await
+    .expect("wget hung")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\"read_file\""),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

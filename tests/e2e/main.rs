@@ -6,4 +6,5 @@
 
 mod agent;
 mod kvm_selftest;
+mod mcp;
 mod vmm;

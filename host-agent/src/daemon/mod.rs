@@ -169,6 +169,8 @@ pub enum RemoveError {
 #[derive(Debug)]
 pub struct Daemon {
     vms_dir: PathBuf,
+    /// The MCP gateways of VMs created with a profile.
+    mcp: crate::mcp::VmGateways,
     launch: VmmLaunch,
     stop_grace: Duration,
     output_cap: u64,
@@ -223,7 +225,8 @@ impl Daemon {
         record.save(&dir).map_err(DaemonError::State)?;
         let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
         self.lock_vms().insert(id, Arc::clone(&vm));
-        // The listener exists before the VMM, so the sidecar's first connect finds it.
+        // The listeners exist before the VMM, so the sidecar's first connect finds them.
+        self.start_mcp(&vm);
         let started = vm
             .bind_control()
             .and_then(|l| Ok((l, vm.spawn_vmm(&self.launch)?)));
@@ -245,6 +248,16 @@ impl Daemon {
                 );
                 Err(DaemonError::Vm(e))
             }
+        }
+    }
+
+    /// Starts the VM's MCP gateway when it was created with a profile. A failure is logged: the
+    /// agent then finds no MCP endpoint (nothing runs unchecked).
+    fn start_mcp(&self, vm: &Arc<Vm>) {
+        if let Some(profile) = vm.info().spec.profile
+            && let Err(e) = self.mcp.start(&vm.id, &vm.dir, &profile, vm.ended())
+        {
+            tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway");
         }
     }
 
@@ -276,6 +289,7 @@ impl Daemon {
         if vm.vmm_alive() {
             let listener = vm.bind_control().map_err(DaemonError::Vm)?;
             tracing::info!(vm = %vm.id, "re-attached to a running VMM");
+            self.start_mcp(&vm);
             tokio::spawn(Arc::clone(&vm).accept_control(listener));
             tokio::spawn(Arc::clone(&vm).watch_adopted());
             if vm.status() == api::VmStatus::Stopping {
@@ -421,6 +435,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     let vms_dir = args.state_dir.join("vms");
     create_dir(&vms_dir, 0o700)?;
     let daemon = Arc::new(Daemon {
+        mcp: crate::mcp::VmGateways::new(&args.state_dir),
         vms_dir,
         launch: VmmLaunch {
             bin,

@@ -91,6 +91,9 @@ fn validate(spec: &CreateVm) -> Result<(), String> {
     if !(1..=MAX_VCPUS).contains(&spec.vcpus) {
         return Err(format!("vcpus must be 1 to {MAX_VCPUS}"));
     }
+    if let Some(text) = &spec.profile {
+        crate::policy::AccessPolicy::from_toml(text).map_err(|e| error_chain(&e))?;
+    }
     Ok(())
 }
 

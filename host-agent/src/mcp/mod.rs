@@ -32,10 +32,12 @@
 //! # Layout
 //! - `upstream`: rmcp clients of the upstream servers (stdio child processes, streamable HTTP).
 //! - `endpoint`: the agent-facing JSON-RPC session and its socket loop.
+//! - `vm`: [`VmGateways`], how the daemon starts one gateway per VM that has a profile.
 //! - this file: the error, the gateway and the call path.
 
 mod endpoint;
 mod upstream;
+mod vm;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -53,6 +55,7 @@ use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier, Tok
 use crate::tokenize::{Mode, Report, Tokenizer};
 
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
+pub use vm::{MCP_LOCAL_PORT, VmGateways};
 
 /// JSON-RPC error code of a call the profile denied (or whose approval was refused).
 pub const DENIED: i64 = -32003;
@@ -88,6 +91,9 @@ pub enum McpError {
         #[source]
         source: std::io::Error,
     },
+    /// The VM's profile does not load.
+    #[error("profile")]
+    Profile(#[source] crate::policy::PolicyError),
     /// Creating the agent's tokenizer failed.
     #[error("tokenizer")]
     Tokenizer(#[source] crate::tokenize::TokenizeError),

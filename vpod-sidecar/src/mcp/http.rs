@@ -100,10 +100,14 @@ where
         };
         let mut read = BufReader::new(stream);
         while let Ok(Some(req)) = read_request(&mut read) {
-            let (status, headers, body) = self.answer(req);
+            let close = req.close;
+            let (status, mut headers, body) = self.answer(req);
+            if close {
+                headers.push(("Connection", "close".into()));
+            }
             let headers: Vec<(&str, &str)> =
                 headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            if respond(&mut write, status, &headers, &body).is_err() {
+            if respond(&mut write, status, &headers, &body).is_err() || close {
                 return;
             }
         }
@@ -239,6 +243,8 @@ struct Request {
     path: String,
     session: Option<String>,
     body: Option<Vec<u8>>,
+    /// The client asked to close the connection after the answer.
+    close: bool,
 }
 
 /// Reads one request; `Ok(None)` at a clean EOF, `Err` on anything malformed (the connection
@@ -267,6 +273,7 @@ fn read_request<R: BufRead>(r: &mut R) -> std::io::Result<Option<Request>> {
     let path = path.split('?').next().unwrap_or("").to_owned();
     let mut length = 0usize;
     let mut session = None;
+    let mut close = false;
     loop {
         if next_line(r, &mut line)? == 0 {
             return Err(bad("request head cut short"));
@@ -281,6 +288,8 @@ fn read_request<R: BufRead>(r: &mut R) -> std::io::Result<Option<Request>> {
             length = value.parse().map_err(|_| bad("bad content-length"))?;
         } else if name.eq_ignore_ascii_case("mcp-session-id") {
             session = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(bad("chunked bodies are not supported"));
         }
@@ -292,6 +301,7 @@ fn read_request<R: BufRead>(r: &mut R) -> std::io::Result<Option<Request>> {
             path,
             session,
             body: None,
+            close: true,
         }));
     }
     let mut body = vec![0u8; length];
@@ -301,6 +311,7 @@ fn read_request<R: BufRead>(r: &mut R) -> std::io::Result<Option<Request>> {
         path,
         session,
         body: Some(body),
+        close,
     }))
 }
 

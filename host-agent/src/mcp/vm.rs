@@ -1,0 +1,93 @@
+//! The daemon's use of the gateway: one [`Gateway`] per VM whose create request carries a
+//! profile, listening on the VM's `vsock.sock_<MCP_PORT>` from before the VMM starts until the
+//! VM ends.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use shared_proto::message::McpSummary;
+use tokio::sync::watch;
+
+use super::{Gateway, GatewayConfig, McpError};
+use crate::approval::{Approver, DenyAll};
+use crate::audit::AuditLog;
+use crate::policy::AccessPolicy;
+
+/// The TCP port of the agent's local MCP endpoint on 127.0.0.1 in the guest.
+pub const MCP_LOCAL_PORT: u16 = 8931;
+
+/// Starts gateways for the daemon's VMs; they share the daemon's audit log and approver.
+#[derive(Debug)]
+pub struct VmGateways {
+    audit_path: PathBuf,
+    audit: OnceLock<Arc<AuditLog>>,
+    approver: Arc<dyn Approver>,
+}
+
+impl VmGateways {
+    /// Gateways that record in `<state_dir>/audit.ndjson` and ask [`DenyAll`] for approvals.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            audit_path: state_dir.join("audit.ndjson"),
+            audit: OnceLock::new(),
+            approver: Arc::new(DenyAll),
+        }
+    }
+
+    /// The summary the sidecar gets for a profile's TOML text (`None` without a profile, or
+    /// for a profile that does not compile: such a VM is refused at create).
+    pub fn summary(profile: Option<&str>) -> Option<McpSummary> {
+        let policy = AccessPolicy::from_toml(profile?).ok()?;
+        Some(McpSummary {
+            tools: policy.visible_tools(),
+            local_port: MCP_LOCAL_PORT,
+        })
+    }
+
+    /// Binds the VM's MCP listener now and serves it (after connecting the upstreams) until
+    /// `ended` turns true; then closes the upstreams.
+    pub fn start(
+        &self,
+        vm_id: &str,
+        vm_dir: &Path,
+        profile: &str,
+        mut ended: watch::Receiver<bool>,
+    ) -> Result<(), McpError> {
+        let policy = Arc::new(AccessPolicy::from_toml(profile).map_err(McpError::Profile)?);
+        let audit = match self.audit.get() {
+            Some(a) => Arc::clone(a),
+            None => {
+                let log = Arc::new(AuditLog::open(&self.audit_path).map_err(McpError::Audit)?);
+                Arc::clone(self.audit.get_or_init(|| log))
+            }
+        };
+        let listener = Gateway::bind(vm_dir)?;
+        let config = GatewayConfig {
+            agent: format!("{}@{vm_id}", policy.profile().name),
+            vm_id: vm_id.to_owned(),
+            policy,
+            audit,
+            approver: Arc::clone(&self.approver),
+            spawner: None,
+        };
+        let vm = vm_id.to_owned();
+        tokio::spawn(async move {
+            let gateway = match Gateway::connect(config).await {
+                Ok(g) => Arc::new(g),
+                Err(e) => {
+                    tracing::error!(vm = %vm, error = %crate::error_chain(&e), "mcp gateway");
+                    return;
+                }
+            };
+            tracing::info!(vm = %vm, tools = gateway.tools().len(), "mcp gateway up");
+            tokio::select! {
+                () = Arc::clone(&gateway).serve(listener) => {}
+                () = crate::daemon::vm::wait_ended(&mut ended) => {}
+            }
+            if let Ok(g) = Arc::try_unwrap(gateway) {
+                g.close().await;
+            }
+        });
+        Ok(())
+    }
+}
