@@ -247,7 +247,7 @@ impl Gateway {
         name: &str,
         args: Map<String, Value>,
     ) -> Result<Value, (i64, String, Value)> {
-        let digest = audit::digest(&serde_json::to_vec(&args).unwrap_or_default());
+        let digest = args_digest(&args);
         if name == SPAWN_AGENT_TOOL && self.config.policy.profile().tier == Tier::Orchestrator {
             return self.spawn_agent(args, &digest).await;
         }
@@ -505,6 +505,28 @@ impl Gateway {
     }
 }
 
+/// The digest of arguments in canonical form: object keys sorted at every level, no spaces
+/// (serde_json keeps insertion order here, so the agent's key order must not change it).
+pub fn args_digest(args: &Map<String, Value>) -> String {
+    fn canonical(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), canonical(&m[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+    let value = canonical(&Value::Object(args.clone()));
+    audit::digest(&serde_json::to_vec(&value).unwrap_or_default())
+}
+
 fn denied(rule: &str, reason: &str) -> (i64, String, Value) {
     (
         DENIED,
@@ -538,4 +560,23 @@ fn spawn_agent_tool() -> Tool {
     );
     tool.title = Some("Spawn agent".into());
     tool
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_argument_digest_ignores_key_order() {
+        let a: Map<String, Value> =
+            serde_json::from_str(r#"{"b": 1, "a": {"y": [1, {"q": 2, "p": 3}], "x": "s"}}"#)
+                .unwrap();
+        let b: Map<String, Value> =
+            serde_json::from_str(r#"{"a": {"x": "s", "y": [1, {"p": 3, "q": 2}]}, "b": 1}"#)
+                .unwrap();
+        assert_eq!(args_digest(&a), args_digest(&b));
+        let c: Map<String, Value> = serde_json::from_str(r#"{"a": 1}"#).unwrap();
+        assert_ne!(args_digest(&a), args_digest(&c));
+        assert_eq!(args_digest(&c), audit::digest(br#"{"a":1}"#));
+    }
 }
