@@ -722,3 +722,39 @@ async fn orchestrator_spawns_only_within_its_rights() {
     assert_eq!(beyond, 6, "three decisions and three approval outcomes");
     fx.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_over_the_limit_are_closed_and_the_gateway_goes_on() {
+    let fx = Fixture::start(
+        |log| worker_profile(log, "off", "worker"),
+        Arc::new(DenyAll),
+        None,
+    )
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..host_agent::mcp::MAX_SESSIONS {
+        open.push(Raw::initialized(&fx.socket).await);
+    }
+    let mut extra = Raw::connect(&fx.socket).await;
+    // The gateway may have closed it already (a broken pipe): either way no answer comes.
+    let _ = extra
+        .write
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n")
+        .await;
+    let mut line = String::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), extra.read.read_line(&mut line))
+        .await
+        .expect("the extra session should be closed, not left hanging")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{line}");
+    // Closing one frees its place.
+    drop(open.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = Raw::initialized(&fx.socket).await;
+    let r = again
+        .request(json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+        .await;
+    assert_eq!(r["result"], json!({}));
+    drop(open);
+    fx.stop().await;
+}

@@ -57,6 +57,9 @@ use crate::tokenize::{Mode, Report, Tokenizer};
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
 pub use vm::{MCP_LOCAL_PORT, VmGateways};
 
+/// The most MCP sessions (connections) one agent may hold open at once.
+pub const MAX_SESSIONS: usize = 64;
+
 /// JSON-RPC error code of a call the profile denied (or whose approval was refused).
 pub const DENIED: i64 = -32003;
 /// JSON-RPC error code of an upstream that failed.
@@ -210,13 +213,24 @@ impl Gateway {
         tokio::net::UnixListener::bind(&path).map_err(|source| McpError::Listen { path, source })
     }
 
-    /// Serves every connection on `listener` until the task is dropped.
+    /// Serves every connection on `listener` until the task is dropped, at most
+    /// [`MAX_SESSIONS`] at once (a guest cannot exhaust the host with connections; one over the
+    /// limit is closed at once).
     pub async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(permit) = Arc::clone(&sessions).try_acquire_owned() else {
+                        tracing::debug!("mcp: session limit reached; closing a connection");
+                        drop(stream);
+                        continue;
+                    };
                     let gw = Arc::clone(&self);
-                    tokio::spawn(async move { gw.serve_connection(stream).await });
+                    tokio::spawn(async move {
+                        gw.serve_connection(stream).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "mcp: accept failed");
