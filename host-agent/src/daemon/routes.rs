@@ -319,8 +319,15 @@ mod tests {
         let mut s = ok.clone();
         s.vcpus = 0;
         assert!(validate(&s).is_err());
-        let mut s = ok;
+        let mut s = ok.clone();
         s.memory_mib = 1;
         assert!(validate(&s).is_err());
+        let mut s = ok.clone();
+        s.profile = Some("name = \"p\"\ntier = \"worker\"\n".into());
+        assert_eq!(validate(&s), Ok(()));
+        let mut s = ok;
+        s.profile = Some("name = \"p\"\ntier = \"wroker\"\n".into());
+        let e = validate(&s).unwrap_err();
+        assert!(e.contains("profile"), "{e}");
     }
 }
