@@ -3,7 +3,9 @@
 //! `mcp-stdio` shim); the host's gateway checks each call against the profile and calls the
 //! Python upstream (the official `mcp` SDK) running beside the daemon. The tool returns a card
 //! number and an email: the agent sees only surrogates, passes the email's surrogate back, and
-//! the upstream receives the real value. One VM boot.
+//! the upstream receives the real value. The agent's profile is orchestrator-tier: it also
+//! spawns a worker with a narrower profile through the host's `spawn_agent`, which the daemon
+//! creates as a second VM. Two VM boots.
 
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ echo "HIDDEN $(post '{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"na
 MAIL=$(grep -o 'customer [^ ]*' /tmp/read | head -n 1 | cut -d' ' -f2)
 CALL="{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"write_file\",\"arguments\":{\"path\":\"/data/out.txt\",\"content\":\"$MAIL\"}}}"
 printf '%s\n%s\n' "$INIT" "$CALL" | /init mcp-stdio | sed 's/^/STDIO /'
+echo "SPAWN $(post "$SPAWN")"
 echo "AGENT-DONE"
 "#;
 
@@ -47,7 +50,7 @@ fn an_agent_calls_tools_through_the_sidecar_and_sees_only_surrogates() {
     let profile = format!(
         r#"
 name = "e2e-worker"
-tier = "worker"
+tier = "orchestrator"
 tokenize = "enforce"
 [servers.files]
 command = ["{python}", "{upstream}"]
@@ -66,6 +69,26 @@ args.path = {{ prefix = "/data/" }}
             .display(),
         log = peer_log.display(),
     );
+    // The child: the same server, one tool, a narrower prefix (within the parent's rights).
+    let server_block = profile
+        .split("[[tools]]")
+        .next()
+        .unwrap_or_default()
+        .replace("name = \"e2e-worker\"", "name = \"e2e-child\"")
+        .replace("tier = \"orchestrator\"", "tier = \"worker\"");
+    let child = format!(
+        "{server_block}[[tools]]\nserver = \"files\"\nname = \"read_file\"\n\
+         args.path = {{ prefix = \"/data/sub/\" }}\n"
+    );
+    let spawn = serde_json::json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "spawn_agent", "arguments": {"profile": child,
+            "command": ["/bin/sh", "-c", "echo child-ran"]}}})
+    .to_string();
+    assert!(
+        !spawn.contains('\''),
+        "the spawn request must fit in single quotes"
+    );
+    let agent = format!("SPAWN='{spawn}'\n{AGENT}");
     let profile_path = dir.path().join("profile.toml");
     std::fs::write(&profile_path, profile).expect("write the profile");
     let profile_arg = profile_path.to_string_lossy().into_owned();
@@ -77,7 +100,7 @@ args.path = {{ prefix = "/data/" }}
             "--",
             "/bin/sh",
             "-c",
-            AGENT,
+            &agent,
         ])
         .output()
         .expect("nanoclaw run");
@@ -125,4 +148,31 @@ args.path = {{ prefix = "/data/" }}
         calls[1]["args"]["content"], EMAIL,
         "the upstream got the real value"
     );
+
+    // The spawned worker ran in its own VM, created by the daemon.
+    let spawn = line("SPAWN ");
+    let child_id = spawn
+        .split("spawned agent in VM ")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no VM id in {spawn}: {context}"))
+        .to_owned();
+    let info = d
+        .wait_for(
+            &child_id,
+            Duration::from_secs(240),
+            "the child's exit",
+            |i| {
+                ["exited", "stopped", "failed", "lost"]
+                    .contains(&i["status"].as_str().unwrap_or(""))
+            },
+        )
+        .expect("the spawned VM ends");
+    assert!(info["spec"]["profile"].is_string(), "{info}");
+    let logs = d
+        .nanoclaw(&["logs", &child_id])
+        .output()
+        .expect("nanoclaw logs");
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("child-ran"), "child logs: {logs} {info}");
 }

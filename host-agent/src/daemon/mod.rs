@@ -446,6 +446,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         output_cap: args.output_cap_bytes,
         vms: Mutex::new(HashMap::new()),
     });
+    daemon
+        .mcp
+        .set_spawner(Arc::new(crate::mcp::DaemonSpawner::new(&daemon)));
     daemon.recover();
     let listener = bind_api_socket(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),

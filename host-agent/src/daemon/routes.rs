@@ -60,7 +60,7 @@ fn find(daemon: &Daemon, id: &str) -> Result<Arc<Vm>, Failure> {
 }
 
 /// Checks a create request; the daemon, not the CLI, is authoritative.
-fn validate(spec: &CreateVm) -> Result<(), String> {
+pub(crate) fn validate(spec: &CreateVm) -> Result<(), String> {
     let no_nul = |what: &str, s: &str| {
         if s.contains('\0') {
             Err(format!("{what} contains a NUL byte"))

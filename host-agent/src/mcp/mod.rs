@@ -55,7 +55,7 @@ use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier, Tok
 use crate::tokenize::{Mode, Report, Tokenizer};
 
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
-pub use vm::{MCP_LOCAL_PORT, VmGateways};
+pub use vm::{DaemonSpawner, MCP_LOCAL_PORT, VmGateways};
 
 /// The most MCP sessions (connections) one agent may hold open at once.
 pub const MAX_SESSIONS: usize = 64;

@@ -8,10 +8,17 @@ use std::sync::{Arc, OnceLock};
 use shared_proto::message::McpSummary;
 use tokio::sync::watch;
 
-use super::{Gateway, GatewayConfig, McpError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Weak;
+
+use super::{Gateway, GatewayConfig, McpError, Spawner};
+use crate::api::CreateVm;
 use crate::approval::{Approver, DenyAll};
 use crate::audit::AuditLog;
+use crate::daemon::Daemon;
 use crate::policy::AccessPolicy;
+use crate::policy::Profile;
 
 /// The TCP port of the agent's local MCP endpoint on 127.0.0.1 in the guest.
 pub const MCP_LOCAL_PORT: u16 = 8931;
@@ -22,6 +29,7 @@ pub struct VmGateways {
     audit_path: PathBuf,
     audit: OnceLock<Arc<AuditLog>>,
     approver: Arc<dyn Approver>,
+    spawner: OnceLock<Arc<dyn Spawner>>,
 }
 
 impl VmGateways {
@@ -31,7 +39,13 @@ impl VmGateways {
             audit_path: state_dir.join("audit.ndjson"),
             audit: OnceLock::new(),
             approver: Arc::new(DenyAll),
+            spawner: OnceLock::new(),
         }
+    }
+
+    /// Sets who creates agents for orchestrators' `spawn_agent` (the daemon, once it exists).
+    pub fn set_spawner(&self, spawner: Arc<dyn Spawner>) {
+        let _ = self.spawner.set(spawner);
     }
 
     /// The summary the sidecar gets for a profile's TOML text (`None` without a profile, or
@@ -68,7 +82,7 @@ impl VmGateways {
             policy,
             audit,
             approver: Arc::clone(&self.approver),
-            spawner: None,
+            spawner: self.spawner.get().cloned(),
         };
         let vm = vm_id.to_owned();
         tokio::spawn(async move {
@@ -89,5 +103,39 @@ impl VmGateways {
             }
         });
         Ok(())
+    }
+}
+
+/// Spawns agents through the daemon's own create path: the child's profile (already checked to
+/// be within the caller's rights, or approved) becomes the new VM's `profile`, validated like
+/// any create request.
+#[derive(Debug)]
+pub struct DaemonSpawner(Weak<Daemon>);
+
+impl DaemonSpawner {
+    /// A spawner for `daemon` (held weakly: the daemon owns the gateways).
+    pub fn new(daemon: &Arc<Daemon>) -> Self {
+        Self(Arc::downgrade(daemon))
+    }
+}
+
+impl Spawner for DaemonSpawner {
+    fn spawn(
+        &self,
+        parent_vm: String,
+        profile: Profile,
+        command: Vec<String>,
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+        Box::pin(async move {
+            let daemon = self.0.upgrade().ok_or("the daemon is stopping")?;
+            let text = toml::to_string(&profile).map_err(|e| format!("profile: {e}"))?;
+            let mut argv = command.into_iter();
+            let mut spec = CreateVm::new(argv.next().unwrap_or_default(), argv.collect());
+            spec.profile = Some(text);
+            crate::daemon::routes::validate(&spec)?;
+            let vm = daemon.create(spec).map_err(|e| crate::error_chain(&e))?;
+            tracing::info!(parent = %parent_vm, vm = %vm.id, "spawned an agent");
+            Ok(vm.id.clone())
+        })
     }
 }

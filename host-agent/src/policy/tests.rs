@@ -270,3 +270,13 @@ args.path = { prefix = "/data/" }
     weaker.tokenize = TokenizeMode::Off;
     assert!(orch.spawn_excess(&weaker)[0].contains("tokenize"));
 }
+
+#[test]
+fn a_profile_survives_a_toml_round_trip() {
+    // How a spawned agent's profile travels to the daemon's create path.
+    for name in ["worker.toml", "orchestrator.toml"] {
+        let p = example(name).profile().clone();
+        let text = toml::to_string(&p).unwrap();
+        assert_eq!(Profile::from_toml(&text).unwrap(), p, "{text}");
+    }
+}
