@@ -18,6 +18,12 @@
 //!   summary, never secrets.
 //! - [`api`]: the daemon's HTTP/JSON API types, shared by the daemon and the CLI.
 //! - [`cli`]: the `nanoclaw` command-line client of that API.
+//! - [`mcp`]: the MCP gateway: rmcp clients of the upstream servers a profile names, and the
+//!   per-VM endpoint that checks every tool call against the profile, asks for approvals,
+//!   tokenizes results, restores arguments and records each decision in the audit log.
+//! - [`policy`]: access profiles (TOML the user writes) compiled to Cedar and decided by
+//!   `cedar-policy`: visible tools, argument constraints, approval rules, tiers, and the
+//!   comparison that keeps a spawned agent within its orchestrator's rights.
 //! - [`tokenize`]: format-preserving surrogates (FF1) for card numbers, SSNs, emails and API
 //!   keys in what flows to an agent, restored in what leaves it; a library with no I/O.
 //! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
@@ -29,7 +35,9 @@ pub mod approval;
 pub mod audit;
 pub mod cli;
 pub mod daemon;
+pub mod mcp;
 pub mod notify;
+pub mod policy;
 pub mod relay;
 pub mod tokenize;
 pub mod vmm;

@@ -114,6 +114,19 @@ pub struct AgentSpec {
     pub uid: u32,
     /// The group it runs as.
     pub gid: u32,
+    /// The agent's MCP endpoint, when its profile names tools (absent in older hosts' frames).
+    #[serde(default)]
+    pub mcp: Option<McpSummary>,
+}
+
+/// What the sidecar needs to serve the agent its local MCP endpoint and filter early. The host
+/// re-checks every call; this summary only lets the sidecar refuse the obvious ones itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpSummary {
+    /// The names of the tools the agent sees.
+    pub tools: Vec<String>,
+    /// The TCP port of the local streamable-HTTP endpoint on 127.0.0.1 in the guest.
+    pub local_port: u16,
 }
 
 /// One of the agent's output streams.
@@ -182,14 +195,19 @@ pub(crate) mod tests {
             text(),
             any::<u32>(),
             any::<u32>(),
+            proptest::option::of(
+                (proptest::collection::vec(text(), 0..4), any::<u16>())
+                    .prop_map(|(tools, local_port)| McpSummary { tools, local_port }),
+            ),
         )
-            .prop_map(|(command, args, env, cwd, uid, gid)| AgentSpec {
+            .prop_map(|(command, args, env, cwd, uid, gid, mcp)| AgentSpec {
                 command,
                 args,
                 env,
                 cwd,
                 uid,
                 gid,
+                mcp,
             });
         prop_oneof![
             any::<u32>().prop_map(|protocol_version| HostToGuest::HelloAck { protocol_version }),

@@ -7,4 +7,5 @@
 mod agent;
 mod credentials;
 mod kvm_selftest;
+mod mcp;
 mod vmm;

@@ -446,6 +446,7 @@ mod tests {
             cwd: "/".into(),
             uid: 1000,
             gid: 1000,
+            mcp: None,
         }
     }
 

@@ -99,6 +99,8 @@
 //! - [`echo`]: the echo diagnostic.
 //! - [`proxy`]: the agent's local credential proxy on `127.0.0.1` and the sidecar's end of the
 //!   end-to-end Noise session with the user's device.
+//! - [`mcp`]: the agent's local MCP endpoint (streamable HTTP on 127.0.0.1, and the
+//!   `mcp-stdio` shim), forwarding to the host's gateway with an early filter.
 //!
 //! [`CONTROL_PORT`]: shared_proto::ports::CONTROL_PORT
 //! [`ECHO_PORT`]: shared_proto::ports::ECHO_PORT
@@ -108,6 +110,7 @@ pub mod console;
 pub mod control;
 pub mod echo;
 pub mod init;
+pub mod mcp;
 pub mod outbox;
 pub mod proxy;
 pub mod vsock;

@@ -24,6 +24,9 @@ use vpod_sidecar::vsock::{VsockListener, VsockStream};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("mcp-stdio") {
+        std::process::exit(vpod_sidecar::mcp::stdio_main());
+    }
     // Block SIGTERM before any thread starts, so every thread inherits the mask and only the
     // forwarder's sigwait sees it. (The agent clears its mask before exec.)
     let sigterm_blocked = SigSet::from(Signal::SIGTERM).thread_block();
@@ -154,6 +157,11 @@ impl HostRequests for Guest {
     }
 
     fn run_agent(&mut self, spec: AgentSpec) {
+        if let Some(summary) = &spec.mcp
+            && let Err(e) = vpod_sidecar::mcp::start(summary)
+        {
+            tracing::warn!(error = %ErrorChain(&e), "mcp");
+        }
         self.runner.run(spec);
     }
 

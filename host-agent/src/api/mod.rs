@@ -73,6 +73,10 @@ pub struct CreateVm {
     /// The agent's group id.
     #[serde(default = "default_id")]
     pub gid: u32,
+    /// The agent's access profile, as TOML text (see `examples/profiles/`): the host serves
+    /// it an MCP gateway checked against it. Without one the agent has no MCP endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 fn default_cwd() -> String {
@@ -100,6 +104,7 @@ impl CreateVm {
             vcpus: DEFAULT_VCPUS,
             uid: DEFAULT_AGENT_ID,
             gid: DEFAULT_AGENT_ID,
+            profile: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::audit;
 
 /// The daemon's audit log unless `--file` says otherwise.
 pub fn default_file() -> PathBuf {
-    PathBuf::from(api::DEFAULT_STATE_DIR).join("audit.ndjson")
+    PathBuf::from(api::DEFAULT_STATE_DIR).join(crate::daemon::AUDIT_FILE)
 }
 
 /// `nanoclaw audit ...`.

@@ -51,6 +51,15 @@ pub enum CliError {
     /// Writing our own output failed.
     #[error("cannot write the output")]
     Write(#[source] std::io::Error),
+    /// Reading the `--profile` file failed.
+    #[error("cannot read the profile {}", .path.display())]
+    Profile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Installing the Ctrl-C handler failed.
     #[error("cannot handle Ctrl-C")]
     Signal(#[source] std::io::Error),
@@ -170,6 +179,10 @@ pub struct RunArgs {
     /// Print the daemon's events as JSON lines instead of relaying the output.
     #[arg(long)]
     pub json: bool,
+    /// The agent's access profile (TOML, see `examples/profiles/`): its tools are served
+    /// through the host's MCP gateway and checked against it.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<std::path::PathBuf>,
     /// The agent's command and arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -237,6 +250,13 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     spec.cwd = args.cwd;
     spec.memory_mib = args.memory;
     spec.vcpus = args.vcpus;
+    if let Some(path) = &args.profile {
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::Profile {
+            path: path.clone(),
+            source,
+        })?;
+        spec.profile = Some(text);
+    }
     // Catch Ctrl-C from before the VM exists, so that it can never leave a VM behind.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(CliError::Signal)?;

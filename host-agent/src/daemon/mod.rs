@@ -176,6 +176,20 @@ pub struct ServeArgs {
     pub device_listen: Option<std::net::SocketAddr>,
 }
 
+/// The daemon's audit log, in the state directory.
+pub const AUDIT_FILE: &str = "audit.ndjson";
+
+/// The approver for `approvals`: the passkey approver when approvals are served, else
+/// [`crate::approval::DenyAll`].
+fn approver_of(
+    approvals: Option<&crate::approval::passkey::PasskeyApprover>,
+) -> Arc<dyn crate::approval::Approver> {
+    match approvals {
+        Some(a) => Arc::new(a.clone()),
+        None => Arc::new(crate::approval::DenyAll),
+    }
+}
+
 /// Errors of removing a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoveError {
@@ -200,6 +214,8 @@ pub enum RemoveError {
 #[derive(Debug)]
 pub struct Daemon {
     vms_dir: PathBuf,
+    /// The MCP gateways of VMs created with a profile.
+    mcp: crate::mcp::VmGateways,
     launch: VmmLaunch,
     stop_grace: Duration,
     output_cap: u64,
@@ -212,10 +228,7 @@ impl Daemon {
     /// The approver gated actions ask: passkeys when `--approvals-listen` is set, else
     /// [`crate::approval::DenyAll`].
     pub fn approver(&self) -> Arc<dyn crate::approval::Approver> {
-        match &self.approvals {
-            Some(a) => Arc::new(a.clone()),
-            None => Arc::new(crate::approval::DenyAll),
-        }
+        approver_of(self.approvals.as_ref())
     }
 
     /// The passkey approver, when approvals are served.
@@ -271,7 +284,8 @@ impl Daemon {
         let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
         vm.set_relay(self.relay.clone());
         self.lock_vms().insert(id, Arc::clone(&vm));
-        // The listener exists before the VMM, so the sidecar's first connect finds it.
+        // The listeners exist before the VMM, so the sidecar's first connect finds them.
+        self.start_mcp(&vm);
         let started = vm
             .bind_control()
             .and_then(|l| Ok((l, vm.spawn_vmm(&self.launch)?)));
@@ -293,6 +307,16 @@ impl Daemon {
                 );
                 Err(DaemonError::Vm(e))
             }
+        }
+    }
+
+    /// Starts the VM's MCP gateway when it was created with a profile. A failure is logged: the
+    /// agent then finds no MCP endpoint (nothing runs unchecked).
+    fn start_mcp(&self, vm: &Arc<Vm>) {
+        if let Some(profile) = vm.info().spec.profile
+            && let Err(e) = self.mcp.start(&vm.id, &vm.dir, &profile, vm.ended())
+        {
+            tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway");
         }
     }
 
@@ -325,6 +349,7 @@ impl Daemon {
         if vm.vmm_alive() {
             let listener = vm.bind_control().map_err(DaemonError::Vm)?;
             tracing::info!(vm = %vm.id, "re-attached to a running VMM");
+            self.start_mcp(&vm);
             tokio::spawn(Arc::clone(&vm).accept_control(listener));
             tokio::spawn(Arc::clone(&vm).watch_adopted());
             if vm.status() == api::VmStatus::Stopping {
@@ -469,10 +494,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&args.state_dir)?;
     let vms_dir = args.state_dir.join("vms");
     create_dir(&vms_dir, 0o700)?;
+    // One audit log for the whole daemon: two writers of one file would fork its chain.
+    let audit = Arc::new(
+        crate::audit::AuditLog::open(args.state_dir.join(AUDIT_FILE))
+            .map_err(DaemonError::Audit)?,
+    );
     let approvals = match args.approvals_listen {
         Some(listen) => {
-            let audit = crate::audit::AuditLog::open(args.state_dir.join("audit.ndjson"))
-                .map_err(DaemonError::Audit)?;
             let notifiers = crate::notify::from_flags(args.approvals_webhook.as_deref());
             let push = args
                 .approvals_push_contact
@@ -492,7 +520,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
                 listen,
                 origin: args.approvals_origin.clone(),
                 ttl: Duration::from_secs(args.approvals_ttl_secs),
-                audit: Arc::new(audit),
+                audit: Arc::clone(&audit),
                 passkeys_file: args.state_dir.join("passkeys.json"),
                 notifiers,
                 push,
@@ -521,6 +549,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         None => None,
     };
     let daemon = Arc::new(Daemon {
+        mcp: crate::mcp::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),
         approvals,
         vms_dir,
         launch: VmmLaunch {
@@ -533,6 +562,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         vms: Mutex::new(HashMap::new()),
         relay,
     });
+    daemon
+        .mcp
+        .set_spawner(Arc::new(crate::mcp::DaemonSpawner::new(&daemon)));
     daemon.recover();
     let listener = bind_api_socket(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),

@@ -62,7 +62,7 @@ fn find(daemon: &Daemon, id: &str) -> Result<Arc<Vm>, Failure> {
 }
 
 /// Checks a create request; the daemon, not the CLI, is authoritative.
-fn validate(spec: &CreateVm) -> Result<(), String> {
+pub(crate) fn validate(spec: &CreateVm) -> Result<(), String> {
     let no_nul = |what: &str, s: &str| {
         if s.contains('\0') {
             Err(format!("{what} contains a NUL byte"))
@@ -92,6 +92,9 @@ fn validate(spec: &CreateVm) -> Result<(), String> {
     }
     if !(1..=MAX_VCPUS).contains(&spec.vcpus) {
         return Err(format!("vcpus must be 1 to {MAX_VCPUS}"));
+    }
+    if let Some(text) = &spec.profile {
+        crate::policy::AccessPolicy::from_toml(text).map_err(|e| error_chain(&e))?;
     }
     Ok(())
 }
@@ -337,8 +340,15 @@ mod tests {
         let mut s = ok.clone();
         s.vcpus = 0;
         assert!(validate(&s).is_err());
-        let mut s = ok;
+        let mut s = ok.clone();
         s.memory_mib = 1;
         assert!(validate(&s).is_err());
+        let mut s = ok.clone();
+        s.profile = Some("name = \"p\"\ntier = \"worker\"\n".into());
+        assert_eq!(validate(&s), Ok(()));
+        let mut s = ok;
+        s.profile = Some("name = \"p\"\ntier = \"wroker\"\n".into());
+        let e = validate(&s).unwrap_err();
+        assert!(e.contains("profile"), "{e}");
     }
 }

@@ -496,6 +496,7 @@ impl Vm {
                     cwd: spec.cwd,
                     uid: spec.uid,
                     gid: spec.gid,
+                    mcp: crate::mcp::VmGateways::summary(spec.profile.as_deref()),
                 }))
                 .await;
             // The API has no stdin for the agent yet: it reads EOF, never blocks on it.

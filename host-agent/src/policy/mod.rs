@@ -1,0 +1,249 @@
+//! Access profiles: which MCP servers and tools an agent may use, with which arguments, which
+//! calls need the user's approval, and the agent's tier; decided by `cedar-policy`.
+//!
+//! A profile is a TOML file the user writes ([`Profile`], see `examples/profiles/`). Loading it
+//! ([`AccessPolicy::load`]) parses it strictly (unknown keys are errors), checks it, compiles it
+//! to a Cedar schema and policy set, and validates the set against the schema, so a typo is a
+//! load error and never a silent allow. [`AccessPolicy::decide`] then answers each call with a
+//! [`Decision`] that names the rule behind it.
+//!
+//! Privilege never escalates: [`AccessPolicy::spawn_excess`] lists everything a profile asked
+//! for by an orchestrator's `spawn_agent` holds beyond the orchestrator's own rights; an empty
+//! list is the only way a spawn proceeds without the user's approval.
+//!
+//! # Layout
+//! - `profile`: the TOML types and their load-time checks.
+//! - `cedar`: compiling a profile to Cedar and asking the authorizer.
+//! - this file: the error, [`Decision`], [`AccessPolicy`] and the spawn comparison.
+
+mod cedar;
+mod profile;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+pub use cedar::DEFAULT_DENY;
+pub use profile::{
+    ArgConstraint, Profile, SPAWN_AGENT_TOOL, ServerSpec, Tier, TokenizeMode, ToolRule,
+};
+
+/// Errors of loading a profile.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Reading the file failed.
+    #[error("profile {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not fit the profile's shape.
+    #[error("profile does not parse")]
+    Parse(#[source] toml::de::Error),
+    /// A check failed.
+    #[error("profile is invalid: {0}")]
+    Invalid(String),
+    /// Cedar refused the schema, a policy or a request.
+    #[error("cedar: {0}")]
+    Cedar(String),
+}
+
+/// The answer to one tool call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The call may run.
+    Allow {
+        /// The policy that permitted it.
+        rule: String,
+    },
+    /// The call may not run.
+    Deny {
+        /// The policy (or [`DEFAULT_DENY`]) that denied it.
+        rule: String,
+        /// Why, in words for the agent.
+        reason: String,
+    },
+    /// The call runs only if the user approves it.
+    NeedsApproval {
+        /// The policy that asks for approval.
+        rule: String,
+        /// Why, in words for the user.
+        reason: String,
+    },
+}
+
+impl Decision {
+    /// `allow`, `deny` or `needs_approval`, as the audit log records it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Allow { .. } => "allow",
+            Self::Deny { .. } => "deny",
+            Self::NeedsApproval { .. } => "needs_approval",
+        }
+    }
+
+    /// The rule behind the decision.
+    pub fn rule(&self) -> &str {
+        match self {
+            Self::Allow { rule } | Self::Deny { rule, .. } | Self::NeedsApproval { rule, .. } => {
+                rule
+            }
+        }
+    }
+}
+
+/// A loaded, checked and compiled profile.
+#[derive(Debug)]
+pub struct AccessPolicy {
+    profile: Profile,
+    cedar: cedar::CedarProfile,
+}
+
+impl AccessPolicy {
+    /// Reads, parses, checks and compiles the profile at `path`.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses, checks and compiles a profile's TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        Self::new(Profile::from_toml(text)?)
+    }
+
+    /// Checks and compiles a parsed profile.
+    pub fn new(profile: Profile) -> Result<Self, PolicyError> {
+        profile.check()?;
+        let cedar = cedar::CedarProfile::compile(&profile)?;
+        Ok(Self { profile, cedar })
+    }
+
+    /// The profile.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// The generated Cedar policies, as text.
+    pub fn cedar_source(&self) -> &str {
+        self.cedar.source()
+    }
+
+    /// Whether the agent sees the tool it knows as `name` (`spawn_agent` for orchestrators).
+    pub fn visible(&self, name: &str) -> bool {
+        self.profile.tool(name).is_some()
+            || (name == SPAWN_AGENT_TOOL && self.profile.tier == Tier::Orchestrator)
+    }
+
+    /// The names of every tool the agent sees.
+    pub fn visible_tools(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.profile.tools.iter().map(|t| t.name.clone()).collect();
+        if self.profile.tier == Tier::Orchestrator {
+            names.push(SPAWN_AGENT_TOOL.into());
+        }
+        names
+    }
+
+    /// Decides a call by `agent` of the tool it knows as `tool` with `args`. A tool outside the
+    /// profile is denied by [`DEFAULT_DENY`] (it reaches Cedar under an unknown server, so no
+    /// rule can match it by accident).
+    pub fn decide(
+        &self,
+        agent: &str,
+        tool: &str,
+        args: &serde_json::Map<String, serde_json::Value>,
+        approved: bool,
+    ) -> Result<Decision, PolicyError> {
+        let server = self
+            .profile
+            .tool(tool)
+            .map(|t| t.server.as_str())
+            .unwrap_or("?");
+        self.cedar.decide(agent, server, tool, args, approved)
+    }
+
+    /// What `child` would hold beyond this profile's own rights, in words (empty: nothing).
+    ///
+    /// A child is within its parent when it is a worker; every server it names is one of the
+    /// parent's, defined the same way; every tool it lists is the parent's, on the same server,
+    /// with every argument constraint of the parent's present and at least as narrow; and no tool
+    /// that needs approval in the parent is free of approval in the child. Only a worker can be
+    /// spawned without approval: orchestrator-tier tools are never granted onward.
+    pub fn spawn_excess(&self, child: &Profile) -> Vec<String> {
+        let parent = &self.profile;
+        let mut out = Vec::new();
+        if child.tier != Tier::Worker {
+            out.push(format!(
+                "tier {:?}: only workers can be spawned (no orchestrator tools are granted)",
+                child.tier
+            ));
+        }
+        if (child.tokenize as u8) < (parent.tokenize as u8) {
+            out.push(format!(
+                "tokenize {:?} is weaker than the parent's {:?}",
+                child.tokenize, parent.tokenize
+            ));
+        }
+        for (name, spec) in &child.servers {
+            if parent.servers.get(name) != Some(spec) {
+                out.push(format!("server `{name}` is not the parent's"));
+            }
+        }
+        for tool in &child.tools {
+            let Some(mine) = parent.tool(&tool.name).filter(|t| t.server == tool.server) else {
+                out.push(format!("tool `{}` is not the parent's", tool.name));
+                continue;
+            };
+            if mine.approval.is_some() && tool.approval.is_none() {
+                out.push(format!(
+                    "tool `{}` drops the parent's approval requirement",
+                    tool.name
+                ));
+            }
+            for (arg, bound) in &mine.args {
+                match tool.args.get(arg) {
+                    Some(c) if narrower(c, bound) => {}
+                    _ => out.push(format!(
+                        "tool `{}` argument `{arg}` is wider than the parent's",
+                        tool.name
+                    )),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether constraint `c` admits no value that `bound` refuses.
+fn narrower(c: &ArgConstraint, bound: &ArgConstraint) -> bool {
+    if c.arg_type() != bound.arg_type() {
+        return false;
+    }
+    let prefix_ok = match (&bound.prefix, &c.prefix, &c.one_of) {
+        (None, _, _) => true,
+        (Some(p), Some(q), _) if q.starts_with(p.as_str()) => true,
+        (Some(p), _, Some(set)) => set.iter().all(|s| s.starts_with(p.as_str())),
+        _ => false,
+    };
+    let set_ok = match (&bound.one_of, &c.one_of) {
+        (None, _) => true,
+        (Some(set), Some(mine)) => mine.iter().all(|s| set.contains(s)),
+        (Some(_), None) => false,
+    };
+    let min_ok = match (bound.min, c.min) {
+        (None, _) => true,
+        (Some(b), Some(m)) => m >= b,
+        (Some(_), None) => false,
+    };
+    let max_ok = match (bound.max, c.max) {
+        (None, _) => true,
+        (Some(b), Some(m)) => m <= b,
+        (Some(_), None) => false,
+    };
+    prefix_ok && set_ok && min_ok && max_ok
+}
