@@ -256,6 +256,11 @@ pub enum HostToDevice {
     },
 }
 
+/// The key, in the approval request's arguments, of the device's request id (hex): the
+/// approval the user signs names the very ask it answers, so the device can refuse evidence
+/// made for any other.
+pub const APPROVAL_REQUEST_ARG: &str = "device_request";
+
 /// The host's answer to an approval the device asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApprovalAnswer {
