@@ -450,7 +450,8 @@ impl Device {
                         Some(tx) => {
                             let _ = tx.send(answer);
                         }
-                        None => tracing::warn!(
+                        // The host can send these at will: not above debug.
+                        None => tracing::debug!(
                             request = %hex::encode(request),
                             "an approval answer for no pending ask (unknown or already answered)"
                         ),

@@ -303,10 +303,7 @@ async fn proxy(
                 data.grants.push(grant);
                 resolve(&data, &peer.vm_id, &head.target, Release::Call)
             }
-            Err(e) => Err(refusal(
-                403,
-                format!("{reason}: {}", crate::ErrorChain(&e)),
-            )),
+            Err(e) => Err(refusal(403, format!("{reason}: {}", crate::ErrorChain(&e)))),
         };
     }
     let (index, authority) = match resolved {

@@ -29,9 +29,7 @@ use p256::ecdsa::{Signature, SigningKey};
 use sha2::{Digest, Sha256};
 use shared_proto::approval::{ApprovalRequest, Assertion, Passkey, RelyingParty, RequestAction};
 use shared_proto::credential::APPROVAL_REQUEST_ARG;
-use vault_device::approval::{
-    ApprovalCheckError, Ask, GrantRecord, PasskeyFile, check_evidence,
-};
+use vault_device::approval::{ApprovalCheckError, Ask, GrantRecord, PasskeyFile, check_evidence};
 use vault_device::device::{Device, DeviceConfig};
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
 use zeroize::Zeroizing;
@@ -115,7 +113,11 @@ fn make_ungranted_vault(dir: &Path, api: &str, other: &str, secret: &str) -> Pat
     let mut vault = Vault::create(&path, PASSPHRASE, KdfParams::FAST_FOR_TESTS).unwrap();
     for (name, secret, hosts) in [
         ("svc", secret, vec![api.to_owned()]),
-        ("other", UNGRANTED_SECRET, vec![api.to_owned(), other.to_owned()]),
+        (
+            "other",
+            UNGRANTED_SECRET,
+            vec![api.to_owned(), other.to_owned()],
+        ),
     ] {
         vault
             .add(Entry {
@@ -372,7 +374,11 @@ impl std::fmt::Debug for ForgingApprover {
 }
 
 /// The approval request a host would build for `subject`, then altered by `forgery`.
-fn forged_request(subject: &ApprovalSubject, forgery: Forgery, other_host: &str) -> ApprovalRequest {
+fn forged_request(
+    subject: &ApprovalSubject,
+    forgery: Forgery,
+    other_host: &str,
+) -> ApprovalRequest {
     let ApprovalAction::Credential { name, target_host } = &subject.action else {
         panic!("the relay asks about credentials");
     };
@@ -407,7 +413,12 @@ fn forged_request(subject: &ApprovalSubject, forgery: Forgery, other_host: &str)
 impl ForgingApprover {
     fn forge(&self, subject: &ApprovalSubject) -> ApprovalEvidence {
         if self.forgery == Forgery::Replay {
-            return self.last.lock().unwrap().clone().expect("an earlier approval");
+            return self
+                .last
+                .lock()
+                .unwrap()
+                .clone()
+                .expect("an earlier approval");
         }
         let request = forged_request(subject, self.forgery, &self.other_host);
         let challenge = request.challenge().unwrap();
@@ -480,7 +491,10 @@ async fn a_compromised_host_cannot_mint_grants() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
 
     let cases = [
-        (Forgery::OtherCredential, "for credential \"other\", not \"svc\""),
+        (
+            Forgery::OtherCredential,
+            "for credential \"other\", not \"svc\"",
+        ),
         (Forgery::OtherHost, "for target host"),
         (Forgery::OtherVm, "for VM \"vm-someone-else\""),
         (Forgery::UnregisteredKey, "the signature does not verify"),
@@ -492,7 +506,11 @@ async fn a_compromised_host_cannot_mint_grants() {
         let (status, body) = f.call("GET /svc/hello HTTP/1.1\r\n\r\n".into()).await;
         assert_eq!(status, 403, "{forgery:?}: {body}");
         assert!(body.contains(expected), "{forgery:?}: {body}");
-        assert_eq!(f.upstream_requests(), 1, "{forgery:?}: the credential was sent");
+        assert_eq!(
+            f.upstream_requests(),
+            1,
+            "{forgery:?}: the credential was sent"
+        );
     }
     // Only the genuine approval created a grant.
     assert_eq!(f.grant_log().len(), 1);
@@ -656,5 +674,8 @@ async fn denied_expired_and_unanswered_approvals_are_clear_refusals() {
     assert_eq!(f.upstream_requests(), 0);
     assert!(f.grant_log().is_empty());
     let audit = std::fs::read_to_string(f.host_dir.join("audit.ndjson")).unwrap();
-    assert!(audit.contains("\"denial\"") && audit.contains("\"expiry\""), "{audit}");
+    assert!(
+        audit.contains("\"denial\"") && audit.contains("\"expiry\""),
+        "{audit}"
+    );
 }

@@ -50,8 +50,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use shared_proto::credential::{
-    self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR, MAX_LINK_DATA,
-    MAX_NOISE_MESSAGE, PairingOffer, RECORD_PREFIX, RelayGreeting,
+    self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
+    MAX_LINK_DATA, MAX_NOISE_MESSAGE, PairingOffer, RECORD_PREFIX, RelayGreeting,
 };
 use shared_proto::ports::CREDENTIAL_PROXY_PORT;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
