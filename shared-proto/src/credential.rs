@@ -628,7 +628,8 @@ pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, CredentialError>
 
 /// Decodes and validates one message from the plaintext of a Noise transport message.
 pub fn decode_message<T: DeserializeOwned + Validate>(bytes: &[u8]) -> Result<T, CredentialError> {
-    if bytes.len() > MAX_NOISE_MESSAGE {
+    // Every message is the plaintext of one Noise message: whatever decodes must also encode.
+    if bytes.len() + NOISE_TAG > MAX_NOISE_MESSAGE {
         return Err(CredentialError::RecordTooLarge(bytes.len()));
     }
     let mut rest = bytes;
@@ -701,6 +702,38 @@ mod tests {
         assert!(matches!(
             decode_message::<DeviceToHost>(&bad),
             Err(CredentialError::InvalidField { field: "authority" })
+        ));
+    }
+
+    #[test]
+    fn whatever_decodes_encodes_again() {
+        let approval = |n: usize| HostToDevice::Approval {
+            request: [1; 16],
+            answer: ApprovalAnswer::Approved {
+                canonical_request: vec![0; n],
+                assertion: crate::approval::Assertion {
+                    credential_id: vec![],
+                    authenticator_data: vec![],
+                    client_data_json: vec![],
+                    signature: vec![],
+                },
+            },
+        };
+        let raw = |msg: &HostToDevice| {
+            let mut out = Vec::new();
+            ciborium::into_writer(msg, &mut out).unwrap();
+            out
+        };
+        let base = raw(&approval(1000)).len();
+        let fits = 1000 + (MAX_NOISE_MESSAGE - NOISE_TAG) - base;
+        let bytes = raw(&approval(fits));
+        assert_eq!(bytes.len(), MAX_NOISE_MESSAGE - NOISE_TAG);
+        let msg = decode_message::<HostToDevice>(&bytes).unwrap();
+        assert_eq!(encode_message(&msg).unwrap(), bytes);
+        let bytes = raw(&approval(fits + 1));
+        assert!(matches!(
+            decode_message::<HostToDevice>(&bytes),
+            Err(CredentialError::RecordTooLarge(_))
         ));
     }
 

@@ -889,6 +889,89 @@ mod tests {
         assert!(matches!(greeting, RelayGreeting::Unavailable { .. }));
     }
 
+    /// Approves everything at once but keeps no evidence.
+    #[derive(Debug)]
+    struct NoEvidence;
+
+    impl Approver for NoEvidence {
+        fn request(
+            &self,
+            _subject: ApprovalSubject,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApprovalOutcome> + Send + '_>>
+        {
+            Box::pin(async {
+                ApprovalOutcome::Approved {
+                    approval_id: "x".into(),
+                }
+            })
+        }
+    }
+
+    /// Never answers.
+    #[derive(Debug)]
+    struct Silent;
+
+    impl Approver for Silent {
+        fn request(
+            &self,
+            _subject: ApprovalSubject,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApprovalOutcome> + Send + '_>>
+        {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    async fn answer(rx: &mut mpsc::Receiver<HostToDevice>) -> ([u8; 16], ApprovalAnswer) {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(HostToDevice::Approval { request, answer })) => (request, answer),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn approval_asks_without_evidence_or_beyond_the_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = Relay::open(dir.path(), "h").unwrap();
+        let (tx, mut rx) = mpsc::channel(MAX_PENDING_APPROVALS + 8);
+        let ask = |relay: &Relay, n: u8| {
+            relay.ask_user(
+                tx.clone(),
+                [n; 16],
+                "vm-1".into(),
+                "svc".into(),
+                "api.test:443".into(),
+            )
+        };
+        // The default approver is DenyAll.
+        ask(&relay, 1);
+        let (id, a) = answer(&mut rx).await;
+        assert_eq!(id, [1; 16]);
+        assert!(
+            matches!(&a, ApprovalAnswer::Refused { reason } if reason.starts_with("requires approval")),
+            "{a:?}"
+        );
+        // "Approved" with nothing the device could check is a refusal.
+        relay.set_approver(Arc::new(NoEvidence));
+        ask(&relay, 2);
+        let (_, a) = answer(&mut rx).await;
+        assert!(
+            matches!(&a, ApprovalAnswer::Refused { reason } if reason.contains("no evidence")),
+            "{a:?}"
+        );
+        // Asks that wait are bounded; one more is refused at once.
+        relay.set_approver(Arc::new(Silent));
+        for n in 0..MAX_PENDING_APPROVALS {
+            ask(&relay, u8::try_from(n % 200).unwrap());
+        }
+        ask(&relay, 255);
+        let (id, a) = answer(&mut rx).await;
+        assert_eq!(id, [255; 16]);
+        assert!(
+            matches!(&a, ApprovalAnswer::Refused { reason } if reason.contains("too many")),
+            "{a:?}"
+        );
+    }
+
     #[tokio::test]
     async fn garbage_on_the_device_listener_is_refused() {
         let dir = tempfile::tempdir().unwrap();
