@@ -308,7 +308,8 @@ pub fn grant_for(ask: &Ask, request: &ApprovalRequest, now_unix: u64) -> Grant {
         credential: ask.credential.clone(),
         host: ask.target_host.clone(),
         vm: ask.vm_id.clone(),
-        expires_at: (request.expires_unix_ms / 1000).min(cap),
+        // Rounded up: a request approved before its expiry gets a grant live now.
+        expires_at: request.expires_unix_ms.div_ceil(1000).min(cap),
         fallback: false,
     }
 }

@@ -299,10 +299,12 @@ async fn proxy(
             .request_approval(credential, authority, &peer.vm_id)
             .await
         {
-            Ok(grant) => {
-                data.grants.push(grant);
-                resolve(&data, &peer.vm_id, &head.target, Release::Call)
-            }
+            // The verified approval releases this held request itself (its grant covers the
+            // ones that follow).
+            Ok(grant) => match data.entries.iter().position(|e| e.name == grant.credential) {
+                Some(index) => Ok((index, grant.host)),
+                None => Err(refusal(404, format!("no credential named {credential:?}"))),
+            },
             Err(e) => Err(refusal(403, format!("{reason}: {}", crate::ErrorChain(&e)))),
         };
     }

@@ -488,7 +488,8 @@ async fn a_compromised_host_cannot_mint_grants() {
     let (status, body) = f.call("GET /svc/hello HTTP/1.1\r\n\r\n".into()).await;
     assert_eq!((status, body.as_str()), (200, "hello "), "{body}");
     assert_eq!(f.upstream_requests(), 1);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // (The grant's expiry is the approval's, rounded up to a whole second.)
+    tokio::time::sleep(Duration::from_millis(3100)).await;
 
     let cases = [
         (
