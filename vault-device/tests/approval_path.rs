@@ -9,6 +9,8 @@
 //! and the HTTPS server must see nothing.
 
 mod common;
+#[path = "common/soft_authenticator.rs"]
+mod soft_authenticator;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,24 +19,18 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use common::*;
 use host_agent::approval::passkey::{ApprovalConfig, ApprovalEvidence, PasskeyApprover};
 use host_agent::approval::{ApprovalAction, ApprovalOutcome, ApprovalSubject, Approver, DenyAll};
 use host_agent::audit::AuditLog;
 use host_agent::relay::{Relay, VmRelay};
-use p256::ecdsa::signature::Signer;
-use p256::ecdsa::{Signature, SigningKey};
-use sha2::{Digest, Sha256};
-use shared_proto::approval::{ApprovalRequest, Assertion, Passkey, RelyingParty, RequestAction};
+use shared_proto::approval::{ApprovalRequest, RelyingParty, RequestAction};
 use shared_proto::credential::APPROVAL_REQUEST_ARG;
+use soft_authenticator::{ORIGIN, SoftAuthenticator, UP, UV};
 use vault_device::approval::{ApprovalCheckError, Ask, GrantRecord, PasskeyFile, check_evidence};
 use vault_device::device::{Device, DeviceConfig};
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
 use zeroize::Zeroizing;
-
-const ORIGIN: &str = "http://localhost:8443";
 
 fn rp() -> RelyingParty {
     RelyingParty {
@@ -48,63 +44,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-/// A software authenticator: one ES256 key, a counter and the flags it sets.
-struct SoftAuthenticator {
-    key: SigningKey,
-    id: Vec<u8>,
-    counter: u32,
-    flags: u8,
-}
-
-const UP: u8 = 0x01;
-const UV: u8 = 0x04;
-
-impl SoftAuthenticator {
-    fn new() -> Self {
-        Self {
-            key: SigningKey::random(&mut rand_core::OsRng),
-            id: b"soft-passkey-1".to_vec(),
-            counter: 0,
-            flags: UP | UV,
-        }
-    }
-
-    fn passkey(&self) -> Passkey {
-        Passkey {
-            credential_id: self.id.clone(),
-            public_key: self
-                .key
-                .verifying_key()
-                .to_encoded_point(false)
-                .as_bytes()
-                .to_vec(),
-            counter: 0,
-        }
-    }
-
-    /// What the browser returns for `navigator.credentials.get` with this challenge.
-    fn assert(&mut self, challenge: &[u8; 32]) -> Assertion {
-        self.counter += 1;
-        let mut auth_data = Sha256::digest(b"localhost").to_vec();
-        auth_data.push(self.flags);
-        auth_data.extend_from_slice(&self.counter.to_be_bytes());
-        let client_data_json = format!(
-            r#"{{"type":"webauthn.get","challenge":"{}","origin":"{ORIGIN}","crossOrigin":false}}"#,
-            B64URL.encode(challenge)
-        )
-        .into_bytes();
-        let mut signed = auth_data.clone();
-        signed.extend_from_slice(&Sha256::digest(&client_data_json));
-        let sig: Signature = self.key.sign(&signed);
-        Assertion {
-            credential_id: self.id.clone(),
-            authenticator_data: auth_data,
-            client_data_json,
-            signature: sig.to_der().as_bytes().to_vec(),
-        }
-    }
 }
 
 /// A vault with `svc` (to `api`) and `other` (to `api` and `other`), and no grants at all.
