@@ -246,6 +246,38 @@ pub enum HostToDevice {
         /// The session.
         session: u64,
     },
+    /// The answer to the device's [`DeviceToHost::ApprovalNeeded`].
+    Approval {
+        /// The device's request id, as it sent it.
+        #[serde(with = "serde_bytes")]
+        request: [u8; 16],
+        /// The user's answer.
+        answer: ApprovalAnswer,
+    },
+}
+
+/// The key, in the approval request's arguments, of the device's request id (hex): the
+/// approval the user signs names the very ask it answers, so the device can refuse evidence
+/// made for any other.
+pub const APPROVAL_REQUEST_ARG: &str = "device_request";
+
+/// The host's answer to an approval the device asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApprovalAnswer {
+    /// Approved: the evidence, which the device checks itself before creating any grant.
+    Approved {
+        /// The approval request exactly as signed
+        /// ([`crate::approval::ApprovalRequest::encode`]).
+        #[serde(with = "serde_bytes")]
+        canonical_request: Vec<u8>,
+        /// The user's passkey assertion over its SHA-256.
+        assertion: crate::approval::Assertion,
+    },
+    /// Not approved (denied, expired, or approvals are not available), and why.
+    Refused {
+        /// Why, for the agent's error message.
+        reason: String,
+    },
 }
 
 /// Device -> host, inside the link.
@@ -263,6 +295,19 @@ pub enum DeviceToHost {
     Close {
         /// The session.
         session: u64,
+    },
+    /// The device holds `credential` but no live grant to send it to `target_host` for `vm_id`:
+    /// it asks the user, through the host, to approve. Never carries the secret.
+    ApprovalNeeded {
+        /// The device's random id for this ask; the approved request must name it.
+        #[serde(with = "serde_bytes")]
+        request: [u8; 16],
+        /// The VM whose agent asked.
+        vm_id: String,
+        /// The credential's name.
+        credential: String,
+        /// The authority the call would go to.
+        target_host: String,
     },
 }
 
@@ -460,6 +505,12 @@ impl Validate for HostToDevice {
             Self::Open { vm_id, .. } => check_name(vm_id, "vm_id"),
             Self::Data { bytes, .. } => check_chunk(bytes, MAX_LINK_DATA),
             Self::Close { .. } => Ok(()),
+            Self::Approval { answer, .. } => match answer {
+                ApprovalAnswer::Approved {
+                    canonical_request, ..
+                } => check_chunk(canonical_request, crate::approval::MAX_REQUEST_LEN),
+                ApprovalAnswer::Refused { reason } => check_value(reason.as_bytes(), "reason"),
+            },
         }
     }
 }
@@ -469,6 +520,16 @@ impl Validate for DeviceToHost {
         match self {
             Self::Data { bytes, .. } => check_chunk(bytes, MAX_LINK_DATA),
             Self::Close { .. } => Ok(()),
+            Self::ApprovalNeeded {
+                vm_id,
+                credential,
+                target_host,
+                ..
+            } => {
+                check_name(vm_id, "vm_id")?;
+                check_name(credential, "credential")?;
+                check_authority(target_host)
+            }
         }
     }
 }
@@ -567,7 +628,8 @@ pub fn encode_message<T: Serialize>(msg: &T) -> Result<Vec<u8>, CredentialError>
 
 /// Decodes and validates one message from the plaintext of a Noise transport message.
 pub fn decode_message<T: DeserializeOwned + Validate>(bytes: &[u8]) -> Result<T, CredentialError> {
-    if bytes.len() > MAX_NOISE_MESSAGE {
+    // Every message is the plaintext of one Noise message: whatever decodes must also encode.
+    if bytes.len() + NOISE_TAG > MAX_NOISE_MESSAGE {
         return Err(CredentialError::RecordTooLarge(bytes.len()));
     }
     let mut rest = bytes;
@@ -608,6 +670,71 @@ mod tests {
         };
         let bytes = encode_message(&open).unwrap();
         assert_eq!(decode_message::<HostToDevice>(&bytes).unwrap(), open);
+        let ask = DeviceToHost::ApprovalNeeded {
+            request: [4; 16],
+            vm_id: "vm-1".into(),
+            credential: "openai".into(),
+            target_host: "api.openai.com:443".into(),
+        };
+        let bytes = encode_message(&ask).unwrap();
+        assert_eq!(decode_message::<DeviceToHost>(&bytes).unwrap(), ask);
+        let answer = HostToDevice::Approval {
+            request: [4; 16],
+            answer: ApprovalAnswer::Approved {
+                canonical_request: vec![1, 2, 3],
+                assertion: crate::approval::Assertion {
+                    credential_id: vec![5; 16],
+                    authenticator_data: vec![6; 37],
+                    client_data_json: b"{}".to_vec(),
+                    signature: vec![7; 70],
+                },
+            },
+        };
+        let bytes = encode_message(&answer).unwrap();
+        assert_eq!(decode_message::<HostToDevice>(&bytes).unwrap(), answer);
+        let bad = encode_message(&DeviceToHost::ApprovalNeeded {
+            request: [4; 16],
+            vm_id: "vm-1".into(),
+            credential: "openai".into(),
+            target_host: "evil.com/x".into(),
+        })
+        .unwrap();
+        assert!(matches!(
+            decode_message::<DeviceToHost>(&bad),
+            Err(CredentialError::InvalidField { field: "authority" })
+        ));
+    }
+
+    #[test]
+    fn whatever_decodes_encodes_again() {
+        let approval = |n: usize| HostToDevice::Approval {
+            request: [1; 16],
+            answer: ApprovalAnswer::Approved {
+                canonical_request: vec![0; n],
+                assertion: crate::approval::Assertion {
+                    credential_id: vec![],
+                    authenticator_data: vec![],
+                    client_data_json: vec![],
+                    signature: vec![],
+                },
+            },
+        };
+        let raw = |msg: &HostToDevice| {
+            let mut out = Vec::new();
+            ciborium::into_writer(msg, &mut out).unwrap();
+            out
+        };
+        let base = raw(&approval(1000)).len();
+        let fits = 1000 + (MAX_NOISE_MESSAGE - NOISE_TAG) - base;
+        let bytes = raw(&approval(fits));
+        assert_eq!(bytes.len(), MAX_NOISE_MESSAGE - NOISE_TAG);
+        let msg = decode_message::<HostToDevice>(&bytes).unwrap();
+        assert_eq!(encode_message(&msg).unwrap(), bytes);
+        let bytes = raw(&approval(fits + 1));
+        assert!(matches!(
+            decode_message::<HostToDevice>(&bytes),
+            Err(CredentialError::RecordTooLarge(_))
+        ));
     }
 
     #[test]

@@ -17,6 +17,15 @@
 //! the code the host showed; each side sends a `PairingOffer` with its static key inside the
 //! handshake, and the device pins the host's key in the vault.
 //!
+//! # Approvals
+//!
+//! When a call lacks a grant and a passkey is stored, [`Device::request_approval`] sends the
+//! host `ApprovalNeeded` on the current link and waits (at most
+//! [`DeviceConfig::approval_wait`]) for the matching `Approval`; the evidence is checked by
+//! [`crate::approval::check_evidence`] before a grant is created. Approved grants live in
+//! memory (they last minutes) and are recorded in the grant log. Asks still waiting when the
+//! link drops fail at once.
+//!
 //! # Reloading
 //!
 //! `vault-device grant` and `add` change the vault file while `serve` runs; [`Device::snapshot`]
@@ -29,14 +38,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use rand_core::{OsRng, RngCore};
 use shared_proto::credential::{
-    self, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR, MAX_LINK_DATA, PairingOffer,
+    self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
+    MAX_LINK_DATA, PairingOffer,
 };
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
+use crate::approval::{
+    ApprovalCheckError, Ask, GrantLog, GrantRecord, PasskeyFile, check_evidence, grant_for,
+};
+use crate::grant::Grant;
 use crate::noise::{self, NoiseError};
 use crate::session::{self, SessionPeer};
 use crate::vault::{Pairing, Vault, VaultData, VaultError};
@@ -45,6 +60,11 @@ use crate::vault::{Pairing, Vault, VaultData, VaultError};
 pub const MAX_SESSIONS: usize = 256;
 /// How long a session may leave relayed bytes unread before it is dropped.
 const SLOW_SESSION: Duration = Duration::from_secs(5);
+/// Approval asks waiting at once; more are refused at once.
+pub const MAX_PENDING_ASKS: usize = 64;
+/// The default of [`DeviceConfig::approval_wait`]: a little over the host's default approval
+/// expiry (300 s), so that the host's own expiry answers first.
+pub const DEFAULT_APPROVAL_WAIT: Duration = Duration::from_secs(310);
 /// The longest pause between redials.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -94,6 +114,16 @@ pub struct DeviceConfig {
     pub ca_files: Vec<PathBuf>,
     /// Fixed name resolutions (`host` to address), for tests and split-horizon setups.
     pub resolve: Vec<(String, SocketAddr)>,
+    /// How long a call without a grant waits for the user's approval.
+    pub approval_wait: Duration,
+}
+
+#[derive(Default)]
+struct Approvals {
+    /// Asks sent to the host and not yet answered.
+    pending: HashMap<[u8; 16], oneshot::Sender<ApprovalAnswer>>,
+    /// Grants created by verified approvals.
+    grants: Vec<Grant>,
 }
 
 struct Cached {
@@ -106,6 +136,12 @@ pub struct Device {
     config: DeviceConfig,
     cached: Mutex<Cached>,
     http: reqwest::Client,
+    /// The current link's outgoing queue.
+    link: Mutex<Option<mpsc::Sender<DeviceToHost>>>,
+    approvals: Mutex<Approvals>,
+    /// Serializes the read-check-write of the passkey file.
+    passkey_file: tokio::sync::Mutex<PathBuf>,
+    grant_log: GrantLog,
 }
 
 impl std::fmt::Debug for Device {
@@ -150,6 +186,10 @@ impl Device {
                 modified: modified(&config.vault),
                 vault,
             }),
+            link: Mutex::new(None),
+            approvals: Mutex::new(Approvals::default()),
+            passkey_file: tokio::sync::Mutex::new(PasskeyFile::path_for(&config.vault)),
+            grant_log: GrantLog::for_vault(&config.vault),
             config,
             http,
         }))
@@ -168,6 +208,114 @@ impl Device {
             cached.modified = now;
         }
         Ok(cached.vault.data.clone())
+    }
+
+    fn approvals(&self) -> MutexGuard<'_, Approvals> {
+        self.approvals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live grants that verified approvals created.
+    pub fn approved_grants(&self, now_unix: u64) -> Vec<Grant> {
+        let mut a = self.approvals();
+        a.grants.retain(|g| g.expires_at > now_unix);
+        a.grants.clone()
+    }
+
+    /// Whether a passkey is stored, so that asking for an approval can succeed.
+    pub fn can_ask(&self) -> bool {
+        let path = PasskeyFile::path_for(&self.config.vault);
+        PasskeyFile::load(&path).is_ok_and(|f| !f.passkeys.is_empty())
+    }
+
+    /// Asks the user, through the host, to approve releasing `credential` to `target_host`
+    /// for `vm_id`; on a verified approval creates, records and answers the grant (see the
+    /// module doc of [`crate::approval`]).
+    pub async fn request_approval(
+        &self,
+        credential: &str,
+        target_host: &str,
+        vm_id: &str,
+    ) -> Result<Grant, ApprovalCheckError> {
+        let mut request = [0u8; 16];
+        OsRng.fill_bytes(&mut request);
+        let ask = Ask {
+            request,
+            credential: credential.to_owned(),
+            target_host: target_host.to_owned(),
+            vm_id: vm_id.to_owned(),
+        };
+        let link = self
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(ApprovalCheckError::LinkDown)?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut a = self.approvals();
+            if a.pending.len() >= MAX_PENDING_ASKS {
+                return Err(ApprovalCheckError::TooMany(MAX_PENDING_ASKS));
+            }
+            a.pending.insert(request, tx);
+        }
+        let _guard = AskGuard {
+            device: self,
+            request,
+        };
+        link.send(DeviceToHost::ApprovalNeeded {
+            request,
+            vm_id: ask.vm_id.clone(),
+            credential: ask.credential.clone(),
+            target_host: ask.target_host.clone(),
+        })
+        .await
+        .map_err(|_| ApprovalCheckError::LinkDown)?;
+        tracing::info!(vm = %vm_id, %credential, %target_host, "asked for an approval");
+        let wait = self.config.approval_wait;
+        let answer = match tokio::time::timeout(wait, rx).await {
+            Err(_) => return Err(ApprovalCheckError::Timeout(wait)),
+            Ok(Err(_)) => return Err(ApprovalCheckError::LinkDown),
+            Ok(Ok(answer)) => answer,
+        };
+        let (canonical_request, assertion) = match answer {
+            ApprovalAnswer::Refused { reason } => return Err(ApprovalCheckError::Refused(reason)),
+            ApprovalAnswer::Approved {
+                canonical_request,
+                assertion,
+            } => (canonical_request, assertion),
+        };
+        let path = self.passkey_file.lock().await;
+        let mut store = PasskeyFile::load(&path)?;
+        let checked = check_evidence(
+            &mut store,
+            &ask,
+            &canonical_request,
+            &assertion,
+            now_unix_ms(),
+        );
+        let approved = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(vm = %vm_id, %credential, error = %crate::ErrorChain(&e),
+                    "approval evidence refused");
+                return Err(e);
+            }
+        };
+        // The counter and the used id are stored before the grant exists.
+        store.save(&path)?;
+        drop(path);
+        let now = now_unix_ms() / 1000;
+        let grant = grant_for(&ask, &approved, now);
+        self.grant_log.append(&GrantRecord {
+            at: now,
+            approval_id: approved.id.clone(),
+            request: hex::encode(request),
+            grant: grant.clone(),
+        })?;
+        tracing::info!(vm = %vm_id, %credential, %target_host, approval = %approved.id,
+            expires_at = grant.expires_at, "grant created by a verified approval");
+        self.approvals().grants.push(grant.clone());
+        Ok(grant)
     }
 
     /// The identity secret.
@@ -226,6 +374,7 @@ impl Device {
         tracing::info!(host = %pairing.address, "link up");
 
         let (to_host, mut outgoing) = mpsc::channel::<DeviceToHost>(256);
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(to_host.clone());
         let writer_transport = Arc::clone(&transport);
         let writer = tokio::spawn(async move {
             while let Some(msg) = outgoing.recv().await {
@@ -295,13 +444,48 @@ impl Device {
                 HostToDevice::Close { session } => {
                     sessions.remove(&session);
                 }
+                HostToDevice::Approval { request, answer } => {
+                    let waiter = self.approvals().pending.remove(&request);
+                    match waiter {
+                        Some(tx) => {
+                            let _ = tx.send(answer);
+                        }
+                        // The host can send these at will: not above debug.
+                        None => tracing::debug!(
+                            request = %hex::encode(request),
+                            "an approval answer for no pending ask (unknown or already answered)"
+                        ),
+                    }
+                }
             }
         };
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Asks on this link will get no answer: their waiters fail now.
+        self.approvals().pending.clear();
         drop(to_host);
         drop(sessions);
         writer.abort();
         result.map_err(DeviceError::Link)
     }
+}
+
+/// Removes an ask whose waiter is gone (answered, timed out or dropped).
+struct AskGuard<'a> {
+    device: &'a Device,
+    request: [u8; 16],
+}
+
+impl Drop for AskGuard<'_> {
+    fn drop(&mut self) {
+        self.device.approvals().pending.remove(&self.request);
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Runs one session, cutting its output into link `Data` messages, then closes it.

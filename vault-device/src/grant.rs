@@ -3,9 +3,9 @@
 //! A [`Grant`] names a credential, one target authority (`host` or `host:port`), one VM (or
 //! `*` for any VM of the paired host) and an expiry. Releasing a credential, either by making
 //! the call (primary path) or by sealing it (fallback path, only when the grant says
-//! `fallback`), needs a live grant that matches all of them; [`find_grant`] is that check. The
-//! approval issue will add grants created by a passkey prompt; until then `vault-device grant`
-//! creates them.
+//! `fallback`), needs a live grant that matches all of them; [`find_grant`] is that check.
+//! Grants come from `vault-device grant` (kept in the vault) or from a passkey approval the
+//! device verified itself ([`crate::approval`]: kept in memory for minutes, call path only).
 
 use serde::{Deserialize, Serialize};
 

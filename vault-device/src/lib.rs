@@ -10,6 +10,8 @@
 //!
 //! - [`vault`]: the vault file (Argon2id + ChaCha20-Poly1305, 0600, atomic writes, a `.prev`
 //!   generation), credential entries and the identity key.
+//! - [`approval`]: device-side approvals: the passkey file, the check of the host's evidence
+//!   before any grant, the grant log.
 //! - [`grant`]: grants (credential x host x VM x expiry) and the release check.
 //! - [`noise`]: Noise records on async streams and the builders of the device's patterns.
 //! - [`device`]: the running device: pairing, the outbound link to the host and its session
@@ -17,6 +19,7 @@
 //! - [`session`]: one end-to-end session with a sidecar: the IK responder, the proxied call or
 //!   the sealed secret.
 
+pub mod approval;
 pub mod device;
 pub mod grant;
 pub mod noise;

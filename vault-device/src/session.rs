@@ -10,8 +10,12 @@
 //!   `HTTP_PROXY` mode names an authority, and the credential is the first entry that allows it
 //!   and has a live grant. The call goes out over HTTPS to exactly that authority, never
 //!   following redirects (a redirect could carry the header elsewhere).
-//! - A live grant for credential x authority x VM ([`crate::grant::find_grant`]); without one
-//!   the answer is `Refused` 403 and nothing is sent upstream.
+//! - A live grant for credential x authority x VM ([`crate::grant::find_grant`]): one from
+//!   the vault or one a verified approval created. Without one, on the primary path and when
+//!   a passkey is stored, the device asks the user through the host and holds the request
+//!   ([`crate::device::Device::request_approval`], which checks the host's evidence itself);
+//!   if that fails, or on the fallback path, the answer is `Refused` 403 with the reason and
+//!   nothing is sent upstream.
 //! - The agent's own copy of the credential header, `Host` and hop-by-hop headers are dropped
 //!   before the secret is injected.
 //!
@@ -42,7 +46,7 @@ use x25519_dalek::PublicKey;
 use crate::device::Device;
 use crate::grant::{Release, find_grant};
 use crate::noise::{self, NoiseError};
-use crate::vault::{Entry, VaultData};
+use crate::vault::VaultData;
 
 /// The largest request body the device forwards.
 pub const MAX_REQUEST_BODY: usize = 16 << 20;
@@ -185,39 +189,70 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The credential and authority a request resolves to, or the refusal.
-fn resolve<'a>(
-    data: &'a VaultData,
+/// Why a request does not resolve.
+struct Refusal {
+    status: u16,
+    reason: String,
+    /// The credential and authority an approval could grant, when only the grant is missing.
+    ask: Option<(String, String)>,
+}
+
+fn refusal(status: u16, reason: String) -> Refusal {
+    Refusal {
+        status,
+        reason,
+        ask: None,
+    }
+}
+
+/// The credential (its index in `data.entries`) and authority a request resolves to, or the
+/// refusal.
+fn resolve(
+    data: &VaultData,
     vm: &str,
     target: &ProxyTarget,
     release: Release,
-) -> Result<(&'a Entry, String), (u16, String)> {
+) -> Result<(usize, String), Refusal> {
     let now = now();
     match target {
         ProxyTarget::Service { name, .. } => {
-            let entry = data
+            let index = data
                 .entries
                 .iter()
-                .find(|e| &e.name == name)
-                .ok_or_else(|| (404, format!("no credential named {name:?}")))?;
-            let authority = entry.hosts[0].clone();
-            find_grant(&data.grants, name, &authority, vm, release, now)
-                .ok_or_else(|| (403, format!("no live grant for {name} to {authority}")))?;
-            Ok((entry, authority))
+                .position(|e| &e.name == name)
+                .ok_or_else(|| refusal(404, format!("no credential named {name:?}")))?;
+            let authority = data.entries[index].hosts[0].clone();
+            if find_grant(&data.grants, name, &authority, vm, release, now).is_none() {
+                return Err(Refusal {
+                    status: 403,
+                    reason: format!("no live grant for {name} to {authority}"),
+                    ask: Some((name.clone(), authority)),
+                });
+            }
+            Ok((index, authority))
         }
         ProxyTarget::Absolute { authority, .. } => {
-            let mut allowed = data
-                .entries
-                .iter()
-                .filter(|e| e.allows(authority))
-                .peekable();
-            if allowed.peek().is_none() {
-                return Err((403, format!("no credential may be sent to {authority}")));
-            }
+            let allowed: Vec<usize> = (0..data.entries.len())
+                .filter(|&i| data.entries[i].allows(authority))
+                .collect();
+            let Some(&first) = allowed.first() else {
+                return Err(refusal(
+                    403,
+                    format!("no credential may be sent to {authority}"),
+                ));
+            };
             allowed
-                .find(|e| find_grant(&data.grants, &e.name, authority, vm, release, now).is_some())
-                .map(|e| (e, authority.clone()))
-                .ok_or_else(|| (403, format!("no live grant for {authority}")))
+                .into_iter()
+                .find(|&i| {
+                    let name = &data.entries[i].name;
+                    find_grant(&data.grants, name, authority, vm, release, now).is_some()
+                })
+                .map(|i| (i, authority.clone()))
+                .ok_or_else(|| Refusal {
+                    status: 403,
+                    reason: format!("no live grant for {authority}"),
+                    ask: Some((data.entries[first].name.clone(), authority.clone())),
+                })
         }
     }
 }
@@ -242,7 +277,7 @@ async fn proxy(
             _ => return session.send(&refused(400, "unexpected message")).await,
         }
     }
-    let data = match device.snapshot() {
+    let mut data = match device.snapshot() {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %crate::ErrorChain(&e), "vault");
@@ -251,13 +286,36 @@ async fn proxy(
                 .await;
         }
     };
-    let (entry, authority) = match resolve(&data, &peer.vm_id, &head.target, Release::Call) {
+    data.grants.extend(device.approved_grants(now()));
+    let mut resolved = resolve(&data, &peer.vm_id, &head.target, Release::Call);
+    if let Err(Refusal {
+        ask: Some((credential, authority)),
+        reason,
+        ..
+    }) = &resolved
+        && device.can_ask()
+    {
+        resolved = match device
+            .request_approval(credential, authority, &peer.vm_id)
+            .await
+        {
+            // The verified approval releases this held request itself (its grant covers the
+            // ones that follow).
+            Ok(grant) => match data.entries.iter().position(|e| e.name == grant.credential) {
+                Some(index) => Ok((index, grant.host)),
+                None => Err(refusal(404, format!("no credential named {credential:?}"))),
+            },
+            Err(e) => Err(refusal(403, format!("{reason}: {}", crate::ErrorChain(&e)))),
+        };
+    }
+    let (index, authority) = match resolved {
         Ok(r) => r,
-        Err((status, reason)) => {
+        Err(Refusal { status, reason, .. }) => {
             tracing::info!(vm = %peer.vm_id, target = ?head.target, "refused");
             return session.send(&refused(status, reason)).await;
         }
     };
+    let entry = &data.entries[index];
     let path = match &head.target {
         ProxyTarget::Service { path_and_query, .. } => path_and_query,
         ProxyTarget::Absolute { path_and_query, .. } => path_and_query,
@@ -344,8 +402,8 @@ fn seal(device: &Device, peer: &SessionPeer, target: &ProxyTarget) -> DeviceToSi
         }
     };
     let (entry, authority) = match resolve(&data, &peer.vm_id, target, Release::Seal) {
-        Ok(r) => r,
-        Err((status, reason)) => {
+        Ok((index, authority)) => (&data.entries[index], authority),
+        Err(Refusal { status, reason, .. }) => {
             tracing::info!(vm = %peer.vm_id, ?target, "seal refused");
             return refused(status, reason);
         }

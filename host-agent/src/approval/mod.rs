@@ -99,6 +99,13 @@ pub trait Approver: Send + Sync + std::fmt::Debug {
         &self,
         subject: ApprovalSubject,
     ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + '_>>;
+
+    /// The evidence of an approval this approver gave (the canonical request and the
+    /// assertion), once, for a third party that checks it itself (vault-device). `None` when
+    /// the approver keeps none.
+    fn take_evidence(&self, _approval_id: &str) -> Option<passkey::ApprovalEvidence> {
+        None
+    }
 }
 
 /// The approver when no passkey approvals are configured: every request is denied with

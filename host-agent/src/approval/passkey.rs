@@ -578,6 +578,10 @@ impl Approver for PasskeyApprover {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApprovalOutcome> + Send + '_>> {
         Box::pin(self.wait(subject))
     }
+
+    fn take_evidence(&self, approval_id: &str) -> Option<ApprovalEvidence> {
+        PasskeyApprover::take_evidence(self, approval_id)
+    }
 }
 
 /// A one-line summary for notifications: who wants what, never argument values.

@@ -538,6 +538,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             let relay = crate::relay::Relay::open(&args.state_dir, "host-agent")
                 .map_err(DaemonError::Relay)?;
             relay.listen(addr).await.map_err(DaemonError::Relay)?;
+            // The device's asks for credential approvals go to the same approver as every
+            // other gated action.
+            relay.set_approver(match &approvals {
+                Some(a) => Arc::new(a.clone()),
+                None => Arc::new(crate::approval::DenyAll),
+            });
             if relay.pairing_code().is_some() {
                 tracing::info!(
                     file = %args.state_dir.join("relay/pairing-code").display(),

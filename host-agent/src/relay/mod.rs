@@ -21,6 +21,16 @@
 //!   announces the session to the device with the VM id, boot id and boot key it learned from
 //!   the sidecar's `Hello`, which the device binds into the end-to-end handshake.
 //!
+//! - **Approvals** ([`Relay::set_approver`]). When the device holds a credential but no live
+//!   grant for the call, it sends `ApprovalNeeded` (credential, target host, VM, its request
+//!   id). The relay turns it into an [`ApprovalAction::Credential`] request to the daemon's
+//!   [`Approver`] (the passkey approver when approvals are served, else [`DenyAll`]: refused
+//!   "requires approval"), with the device's request id in the signed arguments. On
+//!   `Approved` it forwards the approver's evidence (the canonical request bytes and the
+//!   assertion, [`Approver::take_evidence`]); otherwise it tells the device no. The device
+//!   verifies the evidence itself before it creates a grant, so the relay cannot mint one. At
+//!   most [`MAX_PENDING_APPROVALS`] asks wait at once; more are refused at once.
+//!
 //! # What the relay sees
 //!
 //! Records of the end-to-end Noise session, which it neither decrypts nor parses: it has no
@@ -40,16 +50,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use shared_proto::credential::{
-    self, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR, MAX_LINK_DATA,
-    MAX_NOISE_MESSAGE, PairingOffer, RECORD_PREFIX, RelayGreeting,
+    self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
+    MAX_LINK_DATA, MAX_NOISE_MESSAGE, PairingOffer, RECORD_PREFIX, RelayGreeting,
 };
 use shared_proto::ports::CREDENTIAL_PROXY_PORT;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
+
+use crate::approval::{ApprovalAction, ApprovalOutcome, ApprovalSubject, Approver, DenyAll};
 
 /// Wrong pairing codes tolerated before the code is replaced.
 pub const MAX_PAIRING_FAILURES: u32 = 5;
@@ -57,6 +69,10 @@ pub const MAX_PAIRING_FAILURES: u32 = 5;
 pub const MAX_SESSIONS_PER_VM: usize = 64;
 /// How long a sidecar may leave relayed bytes unread before its session is cut.
 const SLOW_PEER: std::time::Duration = std::time::Duration::from_secs(5);
+/// Approval asks from the device waiting for the user at once.
+pub const MAX_PENDING_APPROVALS: usize = 64;
+/// The rule named in the approval requests the relay makes.
+pub const CREDENTIAL_RULE: &str = "credential_without_grant";
 /// How long a device has to finish a handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -171,6 +187,8 @@ pub struct Relay {
     name: String,
     state: Mutex<State>,
     linked: watch::Sender<bool>,
+    approver: Mutex<Arc<dyn Approver>>,
+    approval_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -272,6 +290,8 @@ impl Relay {
                 next_generation: 1,
             }),
             linked: watch::channel(false).0,
+            approver: Mutex::new(Arc::new(DenyAll)),
+            approval_slots: Arc::new(Semaphore::new(MAX_PENDING_APPROVALS)),
         });
         if relay.lock().device.is_none() {
             relay.new_code()?;
@@ -292,6 +312,46 @@ impl Relay {
         state.code = Some(code);
         state.failures = 0;
         Ok(())
+    }
+
+    /// Sets the approver the device's approval asks go to (default [`DenyAll`]).
+    pub fn set_approver(&self, approver: Arc<dyn Approver>) {
+        *self.approver.lock().unwrap_or_else(|p| p.into_inner()) = approver;
+    }
+
+    fn approver(&self) -> Arc<dyn Approver> {
+        Arc::clone(&self.approver.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Asks the user to approve releasing `credential` to `target_host` for `vm_id`, in a task,
+    /// and sends the device the answer on `to_device`.
+    fn ask_user(
+        &self,
+        to_device: mpsc::Sender<HostToDevice>,
+        request: [u8; 16],
+        vm_id: String,
+        credential: String,
+        target_host: String,
+    ) {
+        let Ok(slot) = Arc::clone(&self.approval_slots).try_acquire_owned() else {
+            let _ = to_device.try_send(HostToDevice::Approval {
+                request,
+                answer: ApprovalAnswer::Refused {
+                    reason: format!("too many pending approvals (limit {MAX_PENDING_APPROVALS})"),
+                },
+            });
+            return;
+        };
+        let approver = self.approver();
+        tokio::spawn(ask_user(
+            approver,
+            slot,
+            to_device,
+            request,
+            vm_id,
+            credential,
+            target_host,
+        ));
     }
 
     /// The pending pairing code, while no device is paired.
@@ -477,6 +537,25 @@ impl Relay {
             let (session, bytes) = match msg {
                 DeviceToHost::Data { session, bytes } => (session, Some(bytes)),
                 DeviceToHost::Close { session } => (session, None),
+                DeviceToHost::ApprovalNeeded {
+                    request,
+                    vm_id,
+                    credential,
+                    target_host,
+                } => {
+                    let tx = self
+                        .lock()
+                        .link
+                        .as_ref()
+                        .filter(|l| l.generation == generation)
+                        .map(|l| l.tx.clone());
+                    let Some(tx) = tx else {
+                        break Ok(());
+                    };
+                    tracing::debug!(%vm_id, %credential, %target_host, "device asks for approval");
+                    self.ask_user(tx, request, vm_id, credential, target_host);
+                    continue;
+                }
             };
             let tx = {
                 let mut state = self.lock();
@@ -650,6 +729,66 @@ impl Drop for VmRelay {
     }
 }
 
+/// The task behind [`Relay::ask_user`].
+async fn ask_user(
+    approver: Arc<dyn Approver>,
+    slot: OwnedSemaphorePermit,
+    to_device: mpsc::Sender<HostToDevice>,
+    request: [u8; 16],
+    vm_id: String,
+    credential: String,
+    target_host: String,
+) {
+    let subject = ApprovalSubject {
+        agent: format!("the agent in {vm_id}"),
+        vm_id: vm_id.clone(),
+        profile: "-".into(),
+        action: ApprovalAction::Credential {
+            name: credential.clone(),
+            target_host: target_host.clone(),
+        },
+        arguments: serde_json::json!({
+            "credential": credential,
+            "target_host": target_host,
+            credential::APPROVAL_REQUEST_ARG: hex::encode(request),
+        }),
+        rule: CREDENTIAL_RULE.into(),
+        reason: format!(
+            "the device holds no live grant to send {credential} to {target_host} for {vm_id}"
+        ),
+    };
+    let outcome = approver.request(subject).await;
+    let answer = match outcome {
+        ApprovalOutcome::Approved { approval_id } => match approver.take_evidence(&approval_id) {
+            Some(evidence) => ApprovalAnswer::Approved {
+                canonical_request: evidence.request,
+                assertion: evidence.assertion,
+            },
+            None => ApprovalAnswer::Refused {
+                reason: "approved, but the approver kept no evidence the device can check".into(),
+            },
+        },
+        ApprovalOutcome::Denied { reason } => ApprovalAnswer::Refused {
+            reason: one_line(&reason),
+        },
+        ApprovalOutcome::Expired => ApprovalAnswer::Refused {
+            reason: "the approval request expired".into(),
+        },
+    };
+    let _ = to_device
+        .send(HostToDevice::Approval { request, answer })
+        .await;
+    drop(slot);
+}
+
+/// `text` as one bounded line (it goes into a header-like wire field).
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(512)
+        .collect()
+}
+
 fn noise_params(pattern: &str) -> Result<snow::params::NoiseParams, RelayError> {
     pattern.parse().map_err(RelayError::Noise)
 }
@@ -748,6 +887,89 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(matches!(greeting, RelayGreeting::Unavailable { .. }));
+    }
+
+    /// Approves everything at once but keeps no evidence.
+    #[derive(Debug)]
+    struct NoEvidence;
+
+    impl Approver for NoEvidence {
+        fn request(
+            &self,
+            _subject: ApprovalSubject,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApprovalOutcome> + Send + '_>>
+        {
+            Box::pin(async {
+                ApprovalOutcome::Approved {
+                    approval_id: "x".into(),
+                }
+            })
+        }
+    }
+
+    /// Never answers.
+    #[derive(Debug)]
+    struct Silent;
+
+    impl Approver for Silent {
+        fn request(
+            &self,
+            _subject: ApprovalSubject,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApprovalOutcome> + Send + '_>>
+        {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    async fn answer(rx: &mut mpsc::Receiver<HostToDevice>) -> ([u8; 16], ApprovalAnswer) {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(HostToDevice::Approval { request, answer })) => (request, answer),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn approval_asks_without_evidence_or_beyond_the_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = Relay::open(dir.path(), "h").unwrap();
+        let (tx, mut rx) = mpsc::channel(MAX_PENDING_APPROVALS + 8);
+        let ask = |relay: &Relay, n: u8| {
+            relay.ask_user(
+                tx.clone(),
+                [n; 16],
+                "vm-1".into(),
+                "svc".into(),
+                "api.test:443".into(),
+            )
+        };
+        // The default approver is DenyAll.
+        ask(&relay, 1);
+        let (id, a) = answer(&mut rx).await;
+        assert_eq!(id, [1; 16]);
+        assert!(
+            matches!(&a, ApprovalAnswer::Refused { reason } if reason.starts_with("requires approval")),
+            "{a:?}"
+        );
+        // "Approved" with nothing the device could check is a refusal.
+        relay.set_approver(Arc::new(NoEvidence));
+        ask(&relay, 2);
+        let (_, a) = answer(&mut rx).await;
+        assert!(
+            matches!(&a, ApprovalAnswer::Refused { reason } if reason.contains("no evidence")),
+            "{a:?}"
+        );
+        // Asks that wait are bounded; one more is refused at once.
+        relay.set_approver(Arc::new(Silent));
+        for n in 0..MAX_PENDING_APPROVALS {
+            ask(&relay, u8::try_from(n % 200).unwrap());
+        }
+        ask(&relay, 255);
+        let (id, a) = answer(&mut rx).await;
+        assert_eq!(id, [255; 16]);
+        assert!(
+            matches!(&a, ApprovalAnswer::Refused { reason } if reason.contains("too many")),
+            "{a:?}"
+        );
     }
 
     #[tokio::test]

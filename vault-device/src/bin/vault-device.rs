@@ -9,11 +9,13 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use shared_proto::approval::RelyingParty;
 use vault_device::ErrorChain;
+use vault_device::approval::{PasskeyFile, fingerprint};
 use vault_device::device::{self, Device, DeviceConfig};
 use vault_device::grant::Grant;
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
@@ -115,7 +117,34 @@ enum Command {
         /// Log JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Seconds a call without a grant waits for the user's passkey approval.
+        #[arg(long, default_value_t = device::DEFAULT_APPROVAL_WAIT.as_secs())]
+        approval_wait_secs: u64,
     },
+    /// The passkeys whose approvals the device accepts (`<vault>.passkeys.json`).
+    Passkey {
+        #[command(subcommand)]
+        command: PasskeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PasskeyCommand {
+    /// Store the host's registered passkeys (a copy of its `passkeys.json`) and the origin of
+    /// its approval pages. The host is trusted for this once: compare the fingerprints that
+    /// `list` prints with the passkey you registered.
+    Import {
+        /// The host's passkeys file.
+        file: PathBuf,
+        /// The rp id of the approval pages (their domain).
+        #[arg(long)]
+        rp_id: String,
+        /// The exact origin of the approval pages, e.g. `https://host.example:8443`.
+        #[arg(long)]
+        origin: String,
+    },
+    /// List the stored passkeys (credential id, key fingerprint, counter).
+    List,
 }
 
 fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
@@ -294,6 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ca_files,
             resolve,
             log_json,
+            approval_wait_secs,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -314,12 +344,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 passphrase: pass,
                 ca_files,
                 resolve,
+                approval_wait: Duration::from_secs(approval_wait_secs),
             })?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
             rt.block_on(device.serve())?;
+        }
+        Command::Passkey { command } => {
+            // The passphrase proves the vault is the user's.
+            Vault::open(&cli.vault, &pass)?;
+            let path = PasskeyFile::path_for(&cli.vault);
+            let mut store = PasskeyFile::load(&path)?;
+            match command {
+                PasskeyCommand::Import {
+                    file,
+                    rp_id,
+                    origin,
+                } => {
+                    let json = std::fs::read(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    store.import(&json, &RelyingParty { rp_id, origin }, &file)?;
+                    store.save(&path)?;
+                    println!(
+                        "stored {} passkey(s) for {} in {}",
+                        store.passkeys.len(),
+                        store.origin,
+                        path.display()
+                    );
+                }
+                PasskeyCommand::List => {
+                    println!("rp {} origin {}", store.rp_id, store.origin);
+                    for p in &store.passkeys {
+                        println!(
+                            "passkey {} key {} counter {}",
+                            hex::encode(&p.credential_id),
+                            fingerprint(p),
+                            p.counter
+                        );
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -276,6 +276,7 @@ pub async fn start_device(
         passphrase: Zeroizing::new(PASSPHRASE.to_vec()),
         ca_files: vec![ca.pem_path.clone()],
         resolve,
+        approval_wait: device::DEFAULT_APPROVAL_WAIT,
     })
     .unwrap();
     tokio::spawn(Arc::clone(&device).serve());

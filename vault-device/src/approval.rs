@@ -1,0 +1,366 @@
+//! Device-side approvals: the device checks the user's passkey assertion itself before it
+//! creates a grant, so a compromised host cannot mint one.
+//!
+//! When a call needs a credential the device holds but has no live grant for (credential x
+//! target host x VM), the device sends the host `ApprovalNeeded` with a fresh random request
+//! id and holds the agent's request ([`crate::device::Device::request_approval`], bounded by
+//! `DeviceConfig::approval_wait`). The host asks the user; on approval it sends back the
+//! canonical approval request and the assertion. [`check_evidence`] then:
+//!
+//! 1. decodes the request ([`ApprovalRequest::decode`] refuses any non-canonical encoding);
+//! 2. checks its action is `Credential` for exactly the credential and target host asked about,
+//!    its VM is the VM asked about, and its arguments name the device's request id
+//!    ([`shared_proto::credential::APPROVAL_REQUEST_ARG`]);
+//! 3. refuses an approval id it has already used (kept in the passkey file);
+//! 4. calls [`verify_approval`] with the stored passkeys and relying party (challenge =
+//!    SHA-256 of the request, origin, rpIdHash, UP and UV, the ES256 signature, the counter,
+//!    the expiry);
+//! 5. stores the new signature counter and the used approval id.
+//!
+//! The grant it leads to lasts until the approval's own expiry, capped at
+//! [`MAX_APPROVED_GRANT`], is for the call path only (never the fallback path, which puts the
+//! secret in the guest), lives in the device's memory and is recorded in the grant log
+//! ([`GrantLog`], `<vault>.grants.log`, JSON lines, 0600).
+//!
+//! # The passkey file
+//!
+//! `<vault>.passkeys.json` (0600, written atomically): the relying party (rp id and origin of
+//! the host's approval pages), the passkeys (credential id, public key, counter: nothing
+//! secret) and the last [`MAX_USED_APPROVALS`] approval ids used. `vault-device passkey import`
+//! fills it from the host's registered passkeys (the host's `passkeys.json`).
+//!
+//! # Limit: the passkey is trusted on first use
+//!
+//! The device learns the passkey's public key from the host, once, when the user imports it.
+//! A host that is already compromised at that moment can hand over a key of its own, and then
+//! mint approvals; the check protects against a host compromised after the import. Registering
+//! the passkey on the device itself (a WebAuthn ceremony whose origin the device controls), or
+//! the user comparing the key's fingerprint on both sides (`vault-device passkey list` prints
+//! it), closes that gap.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shared_proto::approval::{
+    ApprovalError, ApprovalRequest, Assertion, Passkey, RelyingParty, RequestAction,
+    verify_approval,
+};
+use shared_proto::credential::APPROVAL_REQUEST_ARG;
+
+use crate::grant::Grant;
+use crate::vault::{VaultError, write_atomically};
+
+/// The longest a grant created by an approval lasts.
+pub const MAX_APPROVED_GRANT: Duration = Duration::from_secs(300);
+/// How many used approval ids the passkey file remembers (older ones are expired anyway).
+pub const MAX_USED_APPROVALS: usize = 4096;
+
+/// Errors of device-side approvals. Each names the check that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalCheckError {
+    /// No passkey is stored, so nothing can be approved.
+    #[error("no passkey is stored on the device (run `vault-device passkey import`)")]
+    NoPasskey,
+    /// The passkey file could not be read or written.
+    #[error("passkey file {}", .path.display())]
+    Store {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The grant log could not be written (nothing is released unrecorded).
+    #[error("grant log {}", .path.display())]
+    Log {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request bytes are not a canonical approval request.
+    #[error("the approval request does not decode")]
+    Decode(#[source] ApprovalError),
+    /// The approved action is not a credential release.
+    #[error("the approval is not for a credential release")]
+    NotCredential,
+    /// The approval is for another credential.
+    #[error("the approval is for credential {found:?}, not {expected:?}")]
+    WrongCredential {
+        /// What the device asked about.
+        expected: String,
+        /// What the approval names.
+        found: String,
+    },
+    /// The approval is for another target host.
+    #[error("the approval is for target host {found:?}, not {expected:?}")]
+    WrongHost {
+        /// What the device asked about.
+        expected: String,
+        /// What the approval names.
+        found: String,
+    },
+    /// The approval is for another VM.
+    #[error("the approval is for VM {found:?}, not {expected:?}")]
+    WrongVm {
+        /// What the device asked about.
+        expected: String,
+        /// What the approval names.
+        found: String,
+    },
+    /// The approval does not name this ask's request id (evidence made for another ask).
+    #[error("the approval does not answer this request")]
+    WrongRequest,
+    /// The approval was already used for a grant.
+    #[error("approval {0} was already used")]
+    AlreadyUsed(String),
+    /// The passkey check failed (signature, flags, challenge, origin, counter, expiry).
+    #[error("the passkey assertion does not verify")]
+    Verify(#[source] ApprovalError),
+    /// The host says no (denied, expired, approvals unavailable).
+    #[error("not approved: {0}")]
+    Refused(String),
+    /// No answer in time.
+    #[error("no approval within {0:?}")]
+    Timeout(Duration),
+    /// No link to the host, or it dropped while waiting.
+    #[error("the link to the host is down")]
+    LinkDown,
+    /// Too many asks are waiting.
+    #[error("too many approvals pending (limit {0})")]
+    TooMany(usize),
+}
+
+/// What the device asked the user to approve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    /// The device's request id.
+    pub request: [u8; 16],
+    /// The credential.
+    pub credential: String,
+    /// The target authority.
+    pub target_host: String,
+    /// The VM.
+    pub vm_id: String,
+}
+
+/// The contents of the passkey file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasskeyFile {
+    /// The rp id of the host's approval pages.
+    pub rp_id: String,
+    /// Their exact origin.
+    pub origin: String,
+    /// The user's passkeys.
+    pub passkeys: Vec<Passkey>,
+    /// Approval ids already used, oldest first.
+    #[serde(default)]
+    pub used_approvals: Vec<String>,
+}
+
+impl PasskeyFile {
+    /// The passkey file of the vault at `vault`: `<vault>.passkeys.json`.
+    pub fn path_for(vault: &Path) -> PathBuf {
+        sibling(vault, "passkeys.json")
+    }
+
+    /// Loads it; a missing file is an empty store.
+    pub fn load(path: &Path) -> Result<Self, ApprovalCheckError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| ApprovalCheckError::Store {
+            path: path.to_owned(),
+            source,
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(Box::new(e))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(err(Box::new(e))),
+        }
+    }
+
+    /// Writes it atomically, mode 0600.
+    pub fn save(&self, path: &Path) -> Result<(), ApprovalCheckError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| ApprovalCheckError::Store {
+            path: path.to_owned(),
+            source,
+        };
+        let body = serde_json::to_vec_pretty(self).map_err(|e| err(Box::new(e)))?;
+        write_atomically(path, &body).map_err(|e: VaultError| err(Box::new(e)))
+    }
+
+    /// Replaces the passkeys and relying party with the host's (`passkeys_json`: the host's
+    /// `passkeys.json`, a JSON array of passkeys), keeping the used approval ids. This is the
+    /// trust-on-first-use step of the module doc.
+    pub fn import(
+        &mut self,
+        passkeys_json: &[u8],
+        rp: &RelyingParty,
+        path: &Path,
+    ) -> Result<(), ApprovalCheckError> {
+        let passkeys: Vec<Passkey> =
+            serde_json::from_slice(passkeys_json).map_err(|e| ApprovalCheckError::Store {
+                path: path.to_owned(),
+                source: Box::new(e),
+            })?;
+        if passkeys.is_empty() {
+            return Err(ApprovalCheckError::NoPasskey);
+        }
+        self.rp_id = rp.rp_id.clone();
+        self.origin = rp.origin.clone();
+        self.passkeys = passkeys;
+        Ok(())
+    }
+
+    /// The relying party the assertions must be for.
+    pub fn relying_party(&self) -> RelyingParty {
+        RelyingParty {
+            rp_id: self.rp_id.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+}
+
+/// A short fingerprint of a passkey's public key, for comparing with the host's.
+pub fn fingerprint(passkey: &Passkey) -> String {
+    hex::encode(&Sha256::digest(&passkey.public_key)[..8])
+}
+
+fn sibling(vault: &Path, suffix: &str) -> PathBuf {
+    let mut p = vault.as_os_str().to_owned();
+    p.push(".");
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Checks the host's evidence for `ask` at `now_unix_ms` (see the module doc) and, when it
+/// holds, records the new counter and the used approval id in `store` (the caller saves it).
+/// Answers the verified request.
+pub fn check_evidence(
+    store: &mut PasskeyFile,
+    ask: &Ask,
+    canonical_request: &[u8],
+    assertion: &Assertion,
+    now_unix_ms: u64,
+) -> Result<ApprovalRequest, ApprovalCheckError> {
+    if store.passkeys.is_empty() {
+        return Err(ApprovalCheckError::NoPasskey);
+    }
+    let request = ApprovalRequest::decode(canonical_request).map_err(ApprovalCheckError::Decode)?;
+    let RequestAction::Credential { name, target_host } = &request.action else {
+        return Err(ApprovalCheckError::NotCredential);
+    };
+    if name != &ask.credential {
+        return Err(ApprovalCheckError::WrongCredential {
+            expected: ask.credential.clone(),
+            found: name.clone(),
+        });
+    }
+    if !target_host.eq_ignore_ascii_case(&ask.target_host) {
+        return Err(ApprovalCheckError::WrongHost {
+            expected: ask.target_host.clone(),
+            found: target_host.clone(),
+        });
+    }
+    if request.vm_id != ask.vm_id {
+        return Err(ApprovalCheckError::WrongVm {
+            expected: ask.vm_id.clone(),
+            found: request.vm_id.clone(),
+        });
+    }
+    let named = serde_json::from_str::<serde_json::Value>(&request.arguments)
+        .ok()
+        .and_then(|v| {
+            v.get(APPROVAL_REQUEST_ARG)
+                .and_then(|r| r.as_str())
+                .map(str::to_owned)
+        });
+    if named.as_deref() != Some(hex::encode(ask.request).as_str()) {
+        return Err(ApprovalCheckError::WrongRequest);
+    }
+    if store.used_approvals.iter().any(|id| id == &request.id) {
+        return Err(ApprovalCheckError::AlreadyUsed(request.id.clone()));
+    }
+    let verified = verify_approval(
+        &store.relying_party(),
+        &request,
+        now_unix_ms,
+        &store.passkeys,
+        assertion,
+    )
+    .map_err(ApprovalCheckError::Verify)?;
+    store.passkeys[verified.passkey].counter = verified.counter;
+    if store.used_approvals.len() >= MAX_USED_APPROVALS {
+        store.used_approvals.remove(0);
+    }
+    store.used_approvals.push(request.id.clone());
+    Ok(request)
+}
+
+/// The grant an approved `request` for `ask` leads to: call path only, until the approval's
+/// expiry capped at [`MAX_APPROVED_GRANT`] from `now_unix` (seconds).
+pub fn grant_for(ask: &Ask, request: &ApprovalRequest, now_unix: u64) -> Grant {
+    let cap = now_unix.saturating_add(MAX_APPROVED_GRANT.as_secs());
+    Grant {
+        credential: ask.credential.clone(),
+        host: ask.target_host.clone(),
+        vm: ask.vm_id.clone(),
+        // Rounded up: a request approved before its expiry gets a grant live now.
+        expires_at: request.expires_unix_ms.div_ceil(1000).min(cap),
+        fallback: false,
+    }
+}
+
+/// The device's append-only record of the grants approvals created (JSON lines, 0600).
+#[derive(Debug, Clone)]
+pub struct GrantLog {
+    path: PathBuf,
+}
+
+/// One line of the grant log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// The approval id the user signed.
+    pub approval_id: String,
+    /// The device's request id (hex).
+    pub request: String,
+    /// The grant.
+    pub grant: Grant,
+}
+
+impl GrantLog {
+    /// The grant log of the vault at `vault`: `<vault>.grants.log`.
+    pub fn for_vault(vault: &Path) -> Self {
+        Self {
+            path: sibling(vault, "grants.log"),
+        }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `record` and syncs it.
+    pub fn append(&self, record: &GrantRecord) -> Result<(), ApprovalCheckError> {
+        let err = |source| ApprovalCheckError::Log {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(record).map_err(|e| err(e.into()))?;
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(err)?;
+        f.write_all(&line).map_err(err)?;
+        f.sync_data().map_err(err)
+    }
+}

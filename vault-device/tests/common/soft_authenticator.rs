@@ -1,0 +1,77 @@
+//! A software authenticator for tests: one ES256 (`p256`) key that answers a WebAuthn `get`
+//! as a browser would (authenticatorData, clientDataJSON, a DER signature over
+//! authenticatorData || SHA-256(clientDataJSON)), for origin [`ORIGIN`] unless told otherwise.
+
+#![allow(dead_code)]
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use sha2::{Digest, Sha256};
+use shared_proto::approval::{Assertion, Passkey};
+
+/// The approval pages' origin the tests use by default.
+pub const ORIGIN: &str = "http://localhost:8443";
+
+/// A software authenticator: one ES256 key, a counter and the flags it sets.
+pub struct SoftAuthenticator {
+    pub key: SigningKey,
+    pub id: Vec<u8>,
+    pub counter: u32,
+    pub flags: u8,
+}
+
+pub const UP: u8 = 0x01;
+pub const UV: u8 = 0x04;
+
+impl SoftAuthenticator {
+    pub fn new() -> Self {
+        Self {
+            key: SigningKey::random(&mut rand_core::OsRng),
+            id: b"soft-passkey-1".to_vec(),
+            counter: 0,
+            flags: UP | UV,
+        }
+    }
+
+    pub fn passkey(&self) -> Passkey {
+        Passkey {
+            credential_id: self.id.clone(),
+            public_key: self
+                .key
+                .verifying_key()
+                .to_encoded_point(false)
+                .as_bytes()
+                .to_vec(),
+            counter: 0,
+        }
+    }
+
+    /// What the browser returns for `navigator.credentials.get` with this challenge.
+    pub fn assert(&mut self, challenge: &[u8; 32]) -> Assertion {
+        self.assert_for(challenge, ORIGIN)
+    }
+
+    /// The same, on the page at `origin`.
+    pub fn assert_for(&mut self, challenge: &[u8; 32], origin: &str) -> Assertion {
+        self.counter += 1;
+        let mut auth_data = Sha256::digest(b"localhost").to_vec();
+        auth_data.push(self.flags);
+        auth_data.extend_from_slice(&self.counter.to_be_bytes());
+        let client_data_json = format!(
+            r#"{{"type":"webauthn.get","challenge":"{}","origin":"{origin}","crossOrigin":false}}"#,
+            B64URL.encode(challenge)
+        )
+        .into_bytes();
+        let mut signed = auth_data.clone();
+        signed.extend_from_slice(&Sha256::digest(&client_data_json));
+        let sig: Signature = self.key.sign(&signed);
+        Assertion {
+            credential_id: self.id.clone(),
+            authenticator_data: auth_data,
+            client_data_json,
+            signature: sig.to_der().as_bytes().to_vec(),
+        }
+    }
+}
