@@ -540,10 +540,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             relay.listen(addr).await.map_err(DaemonError::Relay)?;
             // The device's asks for credential approvals go to the same approver as every
             // other gated action.
-            relay.set_approver(match &approvals {
-                Some(a) => Arc::new(a.clone()),
-                None => Arc::new(crate::approval::DenyAll),
-            });
+            relay.set_approver(approver_of(approvals.as_ref()));
             if relay.pairing_code().is_some() {
                 tracing::info!(
                     file = %args.state_dir.join("relay/pairing-code").display(),
