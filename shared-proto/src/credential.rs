@@ -62,6 +62,21 @@ pub const MAX_CHUNK: usize = 32 * 1024;
 pub const MAX_LINK_DATA: usize = 48 * 1024;
 /// The most header lines one proxied request or response may carry.
 pub const MAX_HEADERS: usize = 128;
+/// Headers that never cross the proxy in either direction, lower case: hop-by-hop headers,
+/// proxy credentials, and those the far side sets itself (`host`, framing). The sidecar drops
+/// them from the agent's request and the device from the request and the response.
+pub const HOP_BY_HOP_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
 /// The longest name (credential, service, VM id, header name, host) accepted.
 pub const MAX_NAME_LEN: usize = 256;
 /// The longest URL, path or header value accepted.

@@ -53,20 +53,6 @@ pub const MAX_REQUEST_BODY: usize = 16 << 20;
 /// How long a sealed envelope is valid.
 pub const SEAL_TTL_SECS: u64 = 60;
 
-/// Headers never forwarded in either direction (hop-by-hop, or set by the device itself).
-const DROPPED_HEADERS: &[&str] = &[
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
-
 /// What the host announced about a sidecar in `Open`.
 #[derive(Debug, Clone)]
 pub struct SessionPeer {
@@ -327,7 +313,9 @@ async fn proxy(
     let mut request = device.http().request(method, &url);
     for (name, value) in &head.headers {
         let lower = name.to_ascii_lowercase();
-        if DROPPED_HEADERS.contains(&lower.as_str()) || lower.eq_ignore_ascii_case(&entry.header) {
+        if credential::HOP_BY_HOP_HEADERS.contains(&lower.as_str())
+            || lower.eq_ignore_ascii_case(&entry.header)
+        {
             continue;
         }
         request = request.header(name.as_str(), value.as_slice());
@@ -359,7 +347,9 @@ async fn proxy(
     };
     let mut headers: Vec<HeaderLine> = Vec::new();
     for (name, value) in response.headers() {
-        if DROPPED_HEADERS.contains(&name.as_str()) || headers.len() >= credential::MAX_HEADERS {
+        if credential::HOP_BY_HOP_HEADERS.contains(&name.as_str())
+            || headers.len() >= credential::MAX_HEADERS
+        {
             continue;
         }
         if value.len() <= credential::MAX_VALUE_LEN {

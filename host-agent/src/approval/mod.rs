@@ -42,30 +42,9 @@ pub struct ApprovalSubject {
     pub reason: String,
 }
 
-/// The kinds of action that can need approval.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ApprovalAction {
-    /// An MCP tool call.
-    ToolCall {
-        /// The upstream MCP server.
-        server: String,
-        /// The tool.
-        tool: String,
-    },
-    /// Spawning an agent with a profile beyond the caller's own rights.
-    Spawn {
-        /// The profile asked for.
-        profile: String,
-    },
-    /// Releasing a credential from the vault for a target host.
-    Credential {
-        /// The credential's name.
-        name: String,
-        /// Where it would be sent.
-        target_host: String,
-    },
-}
+/// The kinds of action that can need approval: the action of the canonical request the
+/// passkey signs, so what the caller asks for is exactly what the user sees.
+pub use shared_proto::approval::RequestAction as ApprovalAction;
 
 /// How an approval ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,7 +39,7 @@ use shared_proto::approval::{
 };
 use tokio::sync::oneshot;
 
-use super::{ApprovalAction, ApprovalOutcome, ApprovalSubject, Approver};
+use super::{ApprovalOutcome, ApprovalSubject, Approver};
 use crate::audit::{self, AuditLog};
 use crate::error_chain;
 use crate::notify::{Notice, Notifier};
@@ -460,19 +460,7 @@ impl PasskeyApprover {
             agent: subject.agent.clone(),
             vm_id: subject.vm_id.clone(),
             profile: subject.profile.clone(),
-            action: match &subject.action {
-                ApprovalAction::ToolCall { server, tool } => RequestAction::ToolCall {
-                    server: server.clone(),
-                    tool: tool.clone(),
-                },
-                ApprovalAction::Spawn { profile } => RequestAction::Spawn {
-                    profile: profile.clone(),
-                },
-                ApprovalAction::Credential { name, target_host } => RequestAction::Credential {
-                    name: name.clone(),
-                    target_host: target_host.clone(),
-                },
-            },
+            action: subject.action.clone(),
             arguments: canonical_json(&subject.arguments),
             rule: subject.rule.clone(),
             reason: subject.reason.clone(),
@@ -655,6 +643,7 @@ mod tests {
     use sha2::{Digest, Sha256};
 
     use super::*;
+    use crate::approval::ApprovalAction;
 
     const ORIGIN: &str = "http://localhost:8443";
 

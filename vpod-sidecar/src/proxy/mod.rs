@@ -48,20 +48,6 @@ pub const MAX_BODY: usize = 16 << 20;
 /// The most request headers.
 const MAX_REQUEST_HEADERS: usize = 96;
 
-/// Request headers not forwarded to the device.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "host",
-];
-
 /// Errors of the proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -235,7 +221,7 @@ fn read_request<R: BufRead>(r: &mut R) -> Result<AgentRequest, Reject> {
             }
             content_length = Some(len);
         }
-        if HOP_BY_HOP.contains(&lower.as_str()) {
+        if shared_proto::credential::HOP_BY_HOP_HEADERS.contains(&lower.as_str()) {
             continue;
         }
         lines.push((h.name.to_owned(), ByteBuf::from(h.value.to_vec())));
