@@ -19,6 +19,8 @@ use shared_proto::handshake::answer_hello;
 use shared_proto::ports::CONTROL_PORT;
 use shared_proto::{FrameDecoder, GuestToHost, HostToGuest, encode_frame};
 
+pub mod browser;
+
 /// The guest kernel images and initramfs that `guest-image/build` produced.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
@@ -423,20 +425,33 @@ pub struct Daemon {
     dir: tempfile::TempDir,
     kernel: PathBuf,
     initrd: PathBuf,
+    extra_args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts a daemon that boots `kernel` with `initrd`, and waits until it answers.
     pub fn start(kernel: &Path, initrd: &Path) -> Result<Self> {
+        Self::start_with(kernel, initrd, &[])
+    }
+
+    /// Like [`Daemon::start`], with `extra_args` appended to `host-agent serve`'s (e.g.
+    /// `--approvals-listen 127.0.0.1:PORT`).
+    pub fn start_with(kernel: &Path, initrd: &Path, extra_args: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("ncd-").tempdir()?;
         let mut daemon = Self {
             child: None,
             dir,
             kernel: kernel.to_owned(),
             initrd: initrd.to_owned(),
+            extra_args: extra_args.iter().map(|&a| a.to_owned()).collect(),
         };
         daemon.spawn()?;
         Ok(daemon)
+    }
+
+    /// The daemon's state directory (holds `audit.ndjson`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// The API socket.
@@ -466,6 +481,7 @@ impl Daemon {
             .arg("--initrd")
             .arg(&self.initrd)
             .args(["--stop-grace-secs", "5"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
