@@ -5,153 +5,19 @@
 //! Skips (loudly) only when Chromium is missing and `CI` is unset; under CI a missing Chromium
 //! fails the test. `NANOCLAW_CHROMIUM` names the binary (default `chromium`).
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use futures_util::{SinkExt, StreamExt};
+use anyhow::{Result, bail};
 use host_agent::approval::passkey::{ApprovalConfig, PasskeyApprover};
 use host_agent::approval::{ApprovalAction, ApprovalOutcome, ApprovalSubject, Approver};
 use host_agent::audit::{self, AuditLog};
-use serde_json::{Value, json};
+use nanoclaw_tests::browser;
+use serde_json::json;
 use shared_proto::approval::RelyingParty;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A minimal DevTools Protocol client: one command at a time, events ignored.
-struct Cdp {
-    ws: Ws,
-    next_id: u64,
-    session: Option<String>,
-}
-
-impl Cdp {
-    async fn call(&mut self, method: &str, params: Value) -> Result<Value> {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut msg = json!({"id": id, "method": method, "params": params});
-        if let Some(s) = &self.session {
-            msg["sessionId"] = json!(s);
-        }
-        self.ws.send(Message::text(msg.to_string())).await?;
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(60), self.ws.next())
-                .await
-                .with_context(|| format!("{method}: no answer"))?
-                .ok_or_else(|| anyhow!("DevTools connection closed"))??;
-            let Message::Text(text) = frame else { continue };
-            let v: Value = serde_json::from_str(&text)?;
-            if v["id"] == json!(id) {
-                if let Some(e) = v.get("error") {
-                    bail!("{method}: {e}");
-                }
-                return Ok(v["result"].clone());
-            }
-        }
-    }
-
-    /// Evaluates `expr` in the page (awaiting a promise, as if the user clicked).
-    async fn eval(&mut self, expr: &str) -> Result<Value> {
-        let r = self
-            .call(
-                "Runtime.evaluate",
-                json!({"expression": expr, "awaitPromise": true, "userGesture": true,
-                       "returnByValue": true}),
-            )
-            .await?;
-        if let Some(e) = r.get("exceptionDetails") {
-            bail!("{expr}: {e}");
-        }
-        Ok(r["result"]["value"].clone())
-    }
-
-    async fn open(&mut self, url: &str, ready: &str) -> Result<()> {
-        self.call("Page.navigate", json!({"url": url})).await?;
-        for _ in 0..100 {
-            if self.eval(ready).await.unwrap_or(Value::Null) == json!(true) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("{url}: page not ready ({ready})")
-    }
-}
-
-struct Browser {
-    child: tokio::process::Child,
-    _profile: tempfile::TempDir,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-async fn launch(bin: &str) -> Result<(Browser, Cdp)> {
-    let profile = tempfile::tempdir()?;
-    let mut child = tokio::process::Command::new(bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {bin}"))?;
-    let stderr = child.stderr.take().context("no stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let ws_url = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(url) = line.strip_prefix("DevTools listening on ") {
-                return Ok(url.trim().to_owned());
-            }
-        }
-        bail!("chromium exited before listening")
-    })
-    .await
-    .context("chromium did not start")??;
-    // Keep draining its stderr so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await?;
-    let mut cdp = Cdp {
-        ws,
-        next_id: 0,
-        session: None,
-    };
-    let target = cdp
-        .call("Target.createTarget", json!({"url": "about:blank"}))
-        .await?;
-    let attached = cdp
-        .call(
-            "Target.attachToTarget",
-            json!({"targetId": target["targetId"], "flatten": true}),
-        )
-        .await?;
-    cdp.session = attached["sessionId"].as_str().map(str::to_owned);
-    Ok((
-        Browser {
-            child,
-            _profile: profile,
-        },
-        cdp,
-    ))
-}
+/// How long a page may take to become ready.
+const PAGE: Duration = Duration::from_secs(10);
 
 fn subject(tool: &str) -> ApprovalSubject {
     ApprovalSubject {
@@ -200,12 +66,8 @@ const APPROVE_READY: &str = "document.readyState === 'complete' && \
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
-    let bin = std::env::var("NANOCLAW_CHROMIUM").unwrap_or_else(|_| "chromium".into());
-    let found = std::process::Command::new(&bin)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
+    let bin = browser::chromium_bin();
+    if !browser::chromium_available(&bin) {
         if std::env::var_os("CI").is_some() {
             panic!("{bin} is missing under CI: scripts/setup installs the chromium package");
         }
@@ -236,24 +98,15 @@ async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
     let app = host_agent::approval::server::router(approver.clone(), None);
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let (_browser, mut cdp) = launch(&bin).await?;
-    cdp.call("WebAuthn.enable", json!({"enableUI": false}))
-        .await?;
-    let auth = cdp
-        .call(
-            "WebAuthn.addVirtualAuthenticator",
-            json!({"options": {"protocol": "ctap2", "transport": "internal",
-                   "hasResidentKey": true, "hasUserVerification": true,
-                   "isUserVerified": true}}),
-        )
-        .await?;
-    let auth_id = auth["authenticatorId"].clone();
+    let (_browser, mut cdp) = browser::launch(&bin, Duration::from_secs(60)).await?;
+    let auth_id = cdp.add_virtual_authenticator(true).await?;
 
     // Register, through a one-time link.
     let link = approver.registration_link()?;
     cdp.open(
         &link,
         "document.readyState === 'complete' && typeof nanoclawRegister === 'function'",
+        PAGE,
     )
     .await?;
     assert_eq!(cdp.eval("nanoclawRegister()").await?, json!("registered"));
@@ -269,7 +122,8 @@ async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
 
     // Approve a pending request: the waiting future resolves Approved.
     let (id, task) = start_request(&approver, "delete").await?;
-    cdp.open(&approver.approval_url(&id), APPROVE_READY).await?;
+    cdp.open(&approver.approval_url(&id), APPROVE_READY, PAGE)
+        .await?;
     assert_eq!(
         cdp.eval("document.getElementById('arguments').textContent")
             .await?,
@@ -317,7 +171,8 @@ async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
     )
     .await?;
     let (id, task) = start_request(&approver, "delete").await?;
-    cdp.open(&approver.approval_url(&id), APPROVE_READY).await?;
+    cdp.open(&approver.approval_url(&id), APPROVE_READY, PAGE)
+        .await?;
     let r = cdp.eval("nanoclawApprove()").await?;
     eprintln!("user not verified: {r}");
     assert!(r.as_str().is_some_and(|s| s.starts_with("error")), "{r}");
@@ -341,7 +196,8 @@ async fn chromium_registers_a_passkey_and_approves() -> Result<()> {
     )
     .await?;
     let (id, task) = start_request(&approver, "delete").await?;
-    cdp.open(&approver.approval_url(&id), APPROVE_READY).await?;
+    cdp.open(&approver.approval_url(&id), APPROVE_READY, PAGE)
+        .await?;
     let r = cdp.eval("nanoclawApprove()").await?;
     // Chromium's bogus signature is not even DER; either way our check refuses it.
     eprintln!("bogus signature: {r}");
