@@ -5,7 +5,6 @@
 //! it with `--ignored` through `scripts/nested-run`, inside one L1 VM with nested KVM.
 
 mod agent;
-mod approval;
 mod credentials;
 mod kvm_selftest;
 mod mcp;
