@@ -39,7 +39,7 @@ pub mod mcp;
 pub mod notify;
 pub mod policy;
 pub mod relay;
-pub mod tokenize;
+pub use nanoclaw_tokenize as tokenize;
 pub mod vmm;
 
 /// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the

@@ -1,8 +1,3 @@
-// NOT YET IN THE E2E TIER: this file is not compiled (no `mod approval;` in `main.rs`). It was
-// written at the end of a session and its one run under nested TCG did not finish in time
-// (Chromium took 170 s to start in L1 on a loaded host), so it has never been seen to pass.
-// To finish it: add `mod approval;` to `tests/e2e/main.rs`, run `scripts/e2e approval`, and fix
-// what it shows.
 //! Passkey approvals end to end: an agent in a microVM, loaded with the example worker profile,
 //! calls the destructive `delete_file` twice through the sidecar's MCP endpoint. Each call waits
 //! for the user: it is listed by `nanoclaw approvals --json` while the upstream has not been
@@ -13,8 +8,6 @@
 //! requests and outcomes without argument values; flipping one byte of the approval's record
 //! makes `nanoclaw audit verify` fail at that record's line. One VM boot.
 
-use std::io::Read;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -92,8 +85,38 @@ fn upstream_calls(peer_log: &std::path::Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The agent's run: the `nanoclaw run` child and where its output goes.
+struct Agent {
+    child: std::process::Child,
+    stdout: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+}
+
+impl Agent {
+    fn output(&self) -> (String, String) {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        (read(&self.stdout), read(&self.stderr))
+    }
+
+    /// What a failure shows: the agent's output, the daemon's log and the audit log's tail.
+    fn context(&self, d: &Daemon) -> String {
+        let (stdout, stderr) = self.output();
+        let audit = d.state_dir().join("audit.ndjson");
+        let tail = d
+            .nanoclaw(&["audit", "tail", "-n", "40", "--file", &audit.to_string_lossy()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "agent stdout:\n{stdout}\nagent stderr:\n{stderr}\ndaemon:\n{}\naudit:\n{tail}",
+            d.log()
+        )
+    }
+}
+
 /// Polls `nanoclaw approvals --json` until a `delete_file` request other than `seen` is pending.
-fn next_pending(d: &Daemon, seen: &[String], timeout: Duration) -> Result<Value> {
+/// Fails at once if the agent has exited meanwhile (its calls did not wait).
+fn next_pending(d: &Daemon, agent: &mut Agent, seen: &[String], timeout: Duration) -> Result<Value> {
     let deadline = Instant::now() + timeout;
     loop {
         let out = d.nanoclaw(&["approvals", "--json"]).output()?;
@@ -109,10 +132,16 @@ fn next_pending(d: &Daemon, seen: &[String], timeout: Duration) -> Result<Value>
         }) {
             return Ok(p);
         }
+        if let Some(status) = agent.child.try_wait()? {
+            bail!(
+                "the agent exited ({status}) with no new delete_file request pending; {}",
+                agent.context(d)
+            );
+        }
         ensure!(
             Instant::now() < deadline,
-            "no new pending delete_file request within {timeout:?}; daemon:\n{}",
-            d.log()
+            "no new pending delete_file request within {timeout:?}; {}",
+            agent.context(d)
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -197,7 +226,9 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     let profile_path = dir.path().join("worker.toml");
     std::fs::write(&profile_path, worker_profile(&peer_log)).expect("write the profile");
     let profile_arg = profile_path.to_string_lossy().into_owned();
-    let mut run = d
+    let stdout_path = dir.path().join("agent.stdout");
+    let stderr_path = dir.path().join("agent.stderr");
+    let child = d
         .nanoclaw(&[
             "run",
             "--profile",
@@ -207,25 +238,18 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
             "-c",
             AGENT,
         ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(std::fs::File::create(&stdout_path).expect("agent stdout file"))
+        .stderr(std::fs::File::create(&stderr_path).expect("agent stderr file"))
         .spawn()
         .expect("nanoclaw run");
-    let mut stdout_pipe = run.stdout.take().expect("stdout");
-    let mut stderr_pipe = run.stderr.take().expect("stderr");
-    let stdout_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout_pipe.read_to_string(&mut s);
-        s
-    });
-    let stderr_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr_pipe.read_to_string(&mut s);
-        s
-    });
+    let mut agent = Agent {
+        child,
+        stdout: stdout_path,
+        stderr: stderr_path,
+    };
 
     // The first call waits for the user; the upstream has not been called.
-    let first = next_pending(&d, &[], Duration::from_secs(600)).expect("the first request");
+    let first = next_pending(&d, &mut agent, &[], Duration::from_secs(600)).expect("the first request");
     println!(
         "first request pending {:.1} s into the test",
         started.elapsed().as_secs_f64()
@@ -257,6 +281,7 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     // The second call waits too; deny it with the page's Deny button.
     let second = next_pending(
         &d,
+        &mut agent,
         std::slice::from_ref(&first_id),
         Duration::from_secs(600),
     )
@@ -281,18 +306,17 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     // 4. The agent saw the first call's result and the second's denial.
     let deadline = Instant::now() + Duration::from_secs(600);
     let status = loop {
-        if let Some(status) = run.try_wait().expect("wait for nanoclaw run") {
+        if let Some(status) = agent.child.try_wait().expect("wait for nanoclaw run") {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = run.kill();
-            panic!("the agent did not finish; daemon:\n{}", d.log());
+            let _ = agent.child.kill();
+            panic!("the agent did not finish; {}", agent.context(&d));
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    let stdout = stdout_reader.join().expect("stdout reader");
-    let stderr = stderr_reader.join().expect("stderr reader");
-    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}\ndaemon:\n{}", d.log());
+    let (stdout, _) = agent.output();
+    let context = agent.context(&d);
     assert_eq!(status.code(), Some(0), "{context}");
     assert!(stdout.contains("AGENT-DONE"), "{context}");
     let line = |tag: &str| {

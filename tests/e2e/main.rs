@@ -5,6 +5,7 @@
 //! it with `--ignored` through `scripts/nested-run`, inside one L1 VM with nested KVM.
 
 mod agent;
+mod approval;
 mod credentials;
 mod kvm_selftest;
 mod mcp;

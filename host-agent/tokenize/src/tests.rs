@@ -122,6 +122,25 @@ proptest! {
     }
 
     #[test]
+    fn another_holder_of_the_key_restores_adopted_surrogates((text, _) in text()) {
+        // The host tokenizes; the device, with the same key, adopts what the host issued and
+        // restores it. A holder of another key refuses to adopt (or cannot restore) it.
+        let mut host = enforce(3);
+        let (tok, _) = host.tokenize_text(&text).expect("tokenize");
+        let (issued, next) = host.issued_since(0);
+        prop_assert_eq!(issued.len(), host.issued_count());
+        prop_assert_eq!(next, issued.len() as u64);
+        let mut device = enforce(3);
+        for i in &issued {
+            device.adopt(i).expect("adopt");
+        }
+        let (back, _) = device.detokenize_text(&tok).expect("detokenize");
+        prop_assert_eq!(&back, &text);
+        // Nothing new since `next`.
+        prop_assert!(host.issued_since(next).0.is_empty());
+    }
+
+    #[test]
     fn monitor_counts_what_enforce_replaces((text, _) in text(), key in api_key()) {
         // Monitor mode does not encrypt; its counts must still be enforce mode's, skipped too.
         let text = format!("{text} key {key} and token=ab12");
@@ -383,4 +402,59 @@ fn adversarial_shapes_finish() {
         let (tok, _) = t.tokenize_text(&text).expect("tokenize");
         assert_eq!(t.detokenize_text(&tok).expect("detokenize").0, text);
     }
+}
+
+#[test]
+fn issued_since_lists_only_newer_surrogates_and_adopt_checks_shape() {
+    let mut host = enforce(4);
+    host.tokenize_text("card 4111 1111 1111 1111").expect("first");
+    let (first, seq) = host.issued_since(0);
+    assert_eq!(first.len(), 1);
+    host.tokenize_text("mail jane.doe@example.com, ssn 123-45-6789")
+        .expect("second");
+    let (newer, next) = host.issued_since(seq);
+    assert_eq!(newer.len(), 2);
+    assert_eq!(next, 3);
+    assert!(newer.iter().all(|i| i.surrogate != first[0].surrogate));
+    assert_eq!(
+        newer.iter().map(|i| i.kind).collect::<Vec<_>>(),
+        [Kind::Email, Kind::Ssn]
+    );
+
+    let mut device = enforce(4);
+    let bad_card = IssuedSurrogate {
+        surrogate: "4111 1111 1111 1112".into(), // Luhn-invalid
+        kind: Kind::Card,
+        prefix_len: 0,
+        alphabet: 0,
+    };
+    assert!(matches!(device.adopt(&bad_card), Err(TokenizeError::BadIssued)));
+    let bad_ssn = IssuedSurrogate {
+        surrogate: "666-12-3456".into(),
+        kind: Kind::Ssn,
+        prefix_len: 0,
+        alphabet: 0,
+    };
+    assert!(matches!(device.adopt(&bad_ssn), Err(TokenizeError::BadIssued)));
+    let bad_key = IssuedSurrogate {
+        surrogate: "sk-abcdefabcdefabcdefabcdef".into(),
+        kind: Kind::ApiKey,
+        prefix_len: 99,
+        alphabet: 52,
+    };
+    assert!(matches!(device.adopt(&bad_key), Err(TokenizeError::BadIssued)));
+    let bad_alphabet = IssuedSurrogate {
+        prefix_len: 3,
+        alphabet: 200,
+        ..bad_key
+    };
+    assert!(matches!(device.adopt(&bad_alphabet), Err(TokenizeError::BadIssued)));
+    assert_eq!(device.issued_count(), 0);
+    // A surrogate never issued nor adopted stays as it is on the way out.
+    let (out, report) = device.detokenize_text(&first[0].surrogate).expect("detokenize");
+    assert_eq!(out, first[0].surrogate);
+    assert_eq!(report.total(), 0);
+    device.adopt(&first[0]).expect("adopt");
+    let (out, _) = device.detokenize_text(&first[0].surrogate).expect("detokenize");
+    assert_eq!(out, "4111 1111 1111 1111");
 }

@@ -28,6 +28,14 @@
 //! where it could not: two API keys with the same prefix but different letter alphabets whose
 //! surrogates (20 or more letters and digits) come out equal; the first issued then wins.
 //!
+//! # Sharing issued surrogates
+//! The user's device tokenizes the credential path with the same agent key (the host hands it
+//! over the paired link; the host cannot see that traffic). So that the device restores
+//! surrogates the host issued in MCP results, [`Tokenizer::issued_since`] lists what was issued
+//! after a point, as [`IssuedSurrogate`]s (the surrogate and what decrypting it needs, never
+//! the real value), and [`Tokenizer::adopt`] takes one into another tokenizer after checking
+//! that it decrypts under that tokenizer's key.
+//!
 //! A tokenizer takes `&mut self` (it records what it issues); share one per agent behind a lock.
 //! [`detect_spans`] runs the same detectors without a tokenizer and says where each value is
 //! (for scoring detections against labelled text, as `benches/tokenize.rs` does).
@@ -86,6 +94,10 @@ pub enum TokenizeError {
     /// FF1 decryption failed.
     #[error("FF1 decryption failed")]
     Decrypt(#[source] fpe::ff1::NumeralStringError),
+    /// An [`IssuedSurrogate`] to adopt does not decrypt under this key, or its fields are out
+    /// of range.
+    #[error("an issued surrogate to adopt is not valid under this key")]
+    BadIssued,
     /// Cycle walking found no valid value in its step limit.
     #[error("cycle walking found no valid value")]
     CycleWalk,
@@ -188,6 +200,22 @@ struct Issued {
     kind: Kind,
     prefix_len: usize,
     alphabet: Alphabet,
+    /// When it was issued, in this tokenizer's own count ([`Tokenizer::issued_since`]).
+    seq: u64,
+}
+
+/// An issued surrogate as it goes to another tokenizer with the same key: the surrogate and
+/// what decrypting it needs, never the real value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedSurrogate {
+    /// The surrogate as the agent sees it.
+    pub surrogate: String,
+    /// Its kind.
+    pub kind: Kind,
+    /// For API keys, the length of the prefix kept in clear; 0 for the other kinds.
+    pub prefix_len: usize,
+    /// For API keys, the letter alphabet encrypted over (an opaque id); ignored otherwise.
+    pub alphabet: u8,
 }
 
 /// Tokenizes and detokenizes for one agent.
@@ -196,6 +224,8 @@ pub struct Tokenizer {
     mode: Mode,
     issued: HashMap<String, Issued>,
     order: VecDeque<String>,
+    /// The `seq` of the next surrogate remembered.
+    next_seq: u64,
     /// [`MAX_ISSUED`]; smaller in tests.
     capacity: usize,
 }
@@ -230,6 +260,7 @@ impl Tokenizer {
             mode,
             issued: HashMap::new(),
             order: VecDeque::new(),
+            next_seq: 0,
             capacity: MAX_ISSUED,
         })
     }
@@ -242,6 +273,65 @@ impl Tokenizer {
     /// How many issued surrogates are remembered.
     pub fn issued_count(&self) -> usize {
         self.issued.len()
+    }
+
+    /// The surrogates issued (or adopted) since `seq` that are still remembered, oldest first,
+    /// and the `seq` to ask from next time. `issued_since(0)` lists all of them.
+    pub fn issued_since(&self, seq: u64) -> (Vec<IssuedSurrogate>, u64) {
+        let newer = self
+            .order
+            .iter()
+            .rev()
+            .map_while(|s| {
+                let i = self.issued.get(s)?;
+                (i.seq >= seq).then(|| IssuedSurrogate {
+                    surrogate: s.clone(),
+                    kind: i.kind,
+                    prefix_len: i.prefix_len,
+                    alphabet: i.alphabet.id(),
+                })
+            })
+            .collect::<Vec<_>>();
+        (newer.into_iter().rev().collect(), self.next_seq)
+    }
+
+    /// Remembers a surrogate another tokenizer with the same key issued, so that it is restored
+    /// here too. Refused ([`TokenizeError::BadIssued`]) unless it has its kind's shape (a card
+    /// or an SSN must pass the validators) and decrypts under this key. FF1 is a permutation, so
+    /// this cannot tell a surrogate from any other value of that shape: adopt only from the
+    /// tokenizer's other holder (the host, over the paired link).
+    pub fn adopt(&mut self, issued: &IssuedSurrogate) -> Result<(), TokenizeError> {
+        let s = issued.surrogate.as_str();
+        check_len(s.len())?;
+        let alphabet = match issued.kind {
+            Kind::ApiKey => Alphabet::from_id(issued.alphabet).ok_or(TokenizeError::BadIssued)?,
+            _ => Alphabet::Alpha52,
+        };
+        let prefix_len = match issued.kind {
+            Kind::ApiKey => issued.prefix_len,
+            _ => 0,
+        };
+        let shaped = match issued.kind {
+            Kind::Card => detect::valid_card(s.as_bytes()),
+            Kind::Ssn => detect::valid_ssn(s.as_bytes()),
+            Kind::Email | Kind::ApiKey => true,
+        };
+        if !shaped || prefix_len > s.len() || !s.is_char_boundary(prefix_len) {
+            return Err(TokenizeError::BadIssued);
+        }
+        let entry = Issued {
+            kind: issued.kind,
+            prefix_len,
+            alphabet,
+            seq: 0,
+        };
+        match self.surrogate(s, entry, Direction::Decrypt) {
+            Ok(Some(_)) => {
+                self.remember(s.to_owned(), entry);
+                Ok(())
+            }
+            _ => Err(TokenizeError::BadIssued),
+        }
     }
 
     /// Replace sensitive values in text flowing to the agent.
@@ -357,6 +447,7 @@ impl Tokenizer {
                 kind: c.kind,
                 prefix_len,
                 alphabet,
+                seq: 0,
             };
             let Some(sur) = self.surrogate(s, issued, Direction::Encrypt)? else {
                 report.skipped += 1;
@@ -410,10 +501,12 @@ impl Tokenizer {
         }
     }
 
-    fn remember(&mut self, surrogate: String, issued: Issued) {
+    fn remember(&mut self, surrogate: String, mut issued: Issued) {
         if self.issued.contains_key(&surrogate) {
             return;
         }
+        issued.seq = self.next_seq;
+        self.next_seq += 1;
         if self.order.len() >= self.capacity
             && let Some(old) = self.order.pop_front()
         {

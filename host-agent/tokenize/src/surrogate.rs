@@ -89,7 +89,21 @@ impl Alphabet {
         }
     }
 
-    fn id(self) -> u8 {
+    /// The inverse of [`Alphabet::id`].
+    pub(crate) fn from_id(id: u8) -> Option<Alphabet> {
+        [
+            Alphabet::Digits,
+            Alphabet::HexLower,
+            Alphabet::HexUpper,
+            Alphabet::Lower26,
+            Alphabet::Upper26,
+            Alphabet::Alpha52,
+        ]
+        .into_iter()
+        .find(|a| a.id() == id)
+    }
+
+    pub(crate) fn id(self) -> u8 {
         match self {
             Alphabet::Digits => 10,
             Alphabet::HexLower => 6,
