@@ -140,6 +140,7 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
             audit: Arc::new(AuditLog::open(dir.path().join("audit.ndjson"))?),
             approver: Arc::new(DenyAll),
             spawner: None,
+            tokens: None,
         })
         .await?,
     );

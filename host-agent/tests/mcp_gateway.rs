@@ -107,6 +107,7 @@ impl Fixture {
             audit: Arc::new(AuditLog::open(&audit).unwrap()),
             approver,
             spawner,
+            tokens: None,
         })
         .await
         .unwrap_or_else(|e| panic!("{}", host_agent::error_chain(&e)));

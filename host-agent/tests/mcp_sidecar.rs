@@ -82,6 +82,7 @@ async fn host() -> Host {
         audit: Arc::new(AuditLog::open(dir.path().join("audit.ndjson")).unwrap()),
         approver: Arc::new(DenyAll),
         spawner: None,
+        tokens: None,
     })
     .await
     .unwrap_or_else(|e| panic!("{}", host_agent::error_chain(&e)));

@@ -261,6 +261,18 @@ pub enum HostToDevice {
         /// The session.
         session: u64,
     },
+    /// How the device tokenizes the credential-path traffic of `vm_id`, and surrogates the
+    /// host issued for it since the last such message on this link (so the device restores
+    /// them too). Sent before an `Open` of a tokenizing VM; several may follow one another when
+    /// the surrogates do not fit one message.
+    Tokenize {
+        /// The VM.
+        vm_id: String,
+        /// The agent's tokenization settings and key.
+        spec: TokenizeSpec,
+        /// Surrogates the host issued (at most [`MAX_ISSUED_PER_MESSAGE`]).
+        issued: Vec<IssuedToken>,
+    },
     /// The answer to the device's [`DeviceToHost::ApprovalNeeded`].
     Approval {
         /// The device's request id, as it sent it.
@@ -269,6 +281,91 @@ pub enum HostToDevice {
         /// The user's answer.
         answer: ApprovalAnswer,
     },
+}
+
+/// The most [`IssuedToken`]s one [`HostToDevice::Tokenize`] carries.
+pub const MAX_ISSUED_PER_MESSAGE: usize = 256;
+/// The longest surrogate carried.
+pub const MAX_SURROGATE_LEN: usize = 160;
+/// The most LLM hosts a [`TokenizeSpec`] names.
+pub const MAX_LLM_HOSTS: usize = 32;
+
+/// How the device tokenizes one agent's credential-path traffic: the same key and mode as the
+/// host's MCP gateway for that agent, so both give the same surrogates. A request to one of
+/// `llm_hosts` has its body tokenized (the model sees surrogates); a request to any other host
+/// has issued surrogates in its body restored (the service gets the real values). Responses are
+/// tokenized on their way to the agent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizeSpec {
+    /// Enforce (replace) or monitor (only count).
+    pub enforce: bool,
+    /// The agent's tokenization key. Travels only inside the Noise KK link.
+    #[serde(with = "serde_bytes")]
+    pub key: [u8; 32],
+    /// Authorities (`host` or `host:port`) whose request bodies are tokenized.
+    pub llm_hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenizeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizeSpec")
+            .field("enforce", &self.enforce)
+            .field("key", &"<redacted>")
+            .field("llm_hosts", &self.llm_hosts)
+            .finish()
+    }
+}
+
+/// The kinds of value tokenized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenKind {
+    /// A payment card number.
+    Card,
+    /// A US SSN.
+    Ssn,
+    /// An email address.
+    Email,
+    /// An API key or token.
+    ApiKey,
+}
+
+/// A surrogate the host issued, with what decrypting it needs; never the real value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedToken {
+    /// The surrogate.
+    pub surrogate: String,
+    /// Its kind.
+    pub kind: TokenKind,
+    /// For API keys, the clear prefix's length.
+    pub prefix_len: u16,
+    /// For API keys, the alphabet's id.
+    pub alphabet: u8,
+}
+
+/// Which part of a proxied call a [`DeviceToHost::Tokenized`] report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyPart {
+    /// The request body, tokenized (to an LLM host).
+    RequestTokenized,
+    /// The request body, surrogates restored (to any other host).
+    RequestRestored,
+    /// The response body, tokenized on its way to the agent.
+    Response,
+}
+
+/// Counts per kind; never a value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCounts {
+    /// Card numbers.
+    pub cards: u64,
+    /// SSNs.
+    pub ssns: u64,
+    /// Email addresses.
+    pub emails: u64,
+    /// API keys.
+    pub api_keys: u64,
+    /// Detected but left unchanged (too short to encrypt).
+    pub skipped: u64,
 }
 
 /// The key, in the approval request's arguments, of the device's request id (hex): the
@@ -323,6 +420,22 @@ pub enum DeviceToHost {
         credential: String,
         /// The authority the call would go to.
         target_host: String,
+    },
+    /// What the device tokenized (or in monitor mode, would have) in one part of a proxied
+    /// call, for the host's audit log: kinds and counts only.
+    Tokenized {
+        /// The VM whose agent made the call.
+        vm_id: String,
+        /// The authority called.
+        target_host: String,
+        /// Which part.
+        part: BodyPart,
+        /// Whether values were replaced (enforce) or only counted (monitor).
+        enforce: bool,
+        /// The counts.
+        counts: TokenCounts,
+        /// Why the part was left as it was, when it was not scanned (a binary or encoded body).
+        unscanned: Option<String>,
     },
 }
 
@@ -520,6 +633,29 @@ impl Validate for HostToDevice {
             Self::Open { vm_id, .. } => check_name(vm_id, "vm_id"),
             Self::Data { bytes, .. } => check_chunk(bytes, MAX_LINK_DATA),
             Self::Close { .. } => Ok(()),
+            Self::Tokenize {
+                vm_id,
+                spec,
+                issued,
+            } => {
+                check_name(vm_id, "vm_id")?;
+                if spec.llm_hosts.len() > MAX_LLM_HOSTS {
+                    return Err(CredentialError::InvalidField { field: "llm_hosts" });
+                }
+                for host in &spec.llm_hosts {
+                    check_authority(host)?;
+                }
+                if issued.len() > MAX_ISSUED_PER_MESSAGE
+                    || issued.iter().any(|i| {
+                        i.surrogate.is_empty()
+                            || i.surrogate.len() > MAX_SURROGATE_LEN
+                            || usize::from(i.prefix_len) > i.surrogate.len()
+                    })
+                {
+                    return Err(CredentialError::InvalidField { field: "issued" });
+                }
+                Ok(())
+            }
             Self::Approval { answer, .. } => match answer {
                 ApprovalAnswer::Approved {
                     canonical_request, ..
@@ -544,6 +680,19 @@ impl Validate for DeviceToHost {
                 check_name(vm_id, "vm_id")?;
                 check_name(credential, "credential")?;
                 check_authority(target_host)
+            }
+            Self::Tokenized {
+                vm_id,
+                target_host,
+                unscanned,
+                ..
+            } => {
+                check_name(vm_id, "vm_id")?;
+                check_authority(target_host)?;
+                match unscanned {
+                    Some(why) => check_name(why, "unscanned"),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -670,6 +819,55 @@ mod tests {
             method: "POST".into(),
             headers: vec![("content-type".into(), ByteBuf::from(b"text/plain".to_vec()))],
         })
+    }
+
+    fn tokenize_message(issued: usize, len: usize) -> HostToDevice {
+        HostToDevice::Tokenize {
+            vm_id: "v".repeat(MAX_NAME_LEN),
+            spec: TokenizeSpec {
+                enforce: true,
+                key: [0xff; 32],
+                llm_hosts: (0..MAX_LLM_HOSTS)
+                    .map(|i| format!("{}{i}:65535", "h".repeat(MAX_NAME_LEN - 9)))
+                    .collect(),
+            },
+            issued: (0..issued)
+                .map(|_| IssuedToken {
+                    surrogate: "x".repeat(len),
+                    kind: TokenKind::ApiKey,
+                    prefix_len: u16::try_from(len).unwrap_or(u16::MAX),
+                    alphabet: 0xff,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_largest_tokenize_message_fits_and_a_larger_one_is_refused() {
+        let msg = tokenize_message(MAX_ISSUED_PER_MESSAGE, MAX_SURROGATE_LEN);
+        let bytes = encode_message(&msg).unwrap();
+        assert!(
+            bytes.len() + NOISE_TAG <= MAX_NOISE_MESSAGE,
+            "{}",
+            bytes.len()
+        );
+        assert_eq!(decode_message::<HostToDevice>(&bytes).unwrap(), msg);
+        for bad in [
+            tokenize_message(MAX_ISSUED_PER_MESSAGE + 1, 8),
+            tokenize_message(1, MAX_SURROGATE_LEN + 1),
+            tokenize_message(1, 0),
+        ] {
+            let bytes = encode_message(&bad).unwrap();
+            assert!(matches!(
+                decode_message::<HostToDevice>(&bytes),
+                Err(CredentialError::InvalidField { field: "issued" })
+            ));
+        }
+        // The key never shows in a debug print.
+        let HostToDevice::Tokenize { spec, .. } = msg else {
+            unreachable!()
+        };
+        assert!(!format!("{spec:?}").contains("255"));
     }
 
     #[test]

@@ -15,14 +15,16 @@ use nanoclaw_tests::browser::{self, Cdp};
 use nanoclaw_tests::{Daemon, GuestImage, workspace_root};
 use serde_json::{Value, json};
 
-/// The agent: a busybox shell script that deletes two files through the MCP endpoint.
+/// The agent: a busybox shell script that deletes two files through the MCP endpoint. (No
+/// `wget -T`: the guest's busybox wget crashes with it; its default read timeout, 900 s, is
+/// longer than the test waits for an answer.)
 const AGENT: &str = r#"
 H='Content-Type: application/json'
 U=http://127.0.0.1:8931/mcp
 INIT='{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"sh","version":"0"}}}'
 wget -q -S -O /tmp/init.json --header "$H" --post-data "$INIT" $U 2>/tmp/headers || echo "INIT-FAILED"
 SID=$(grep -i 'mcp-session-id' /tmp/headers | sed 's/.*: *//' | tr -d '\r ')
-post() { wget -q -T 1800 -O - --header "$H" --header "Mcp-Session-Id: $SID" --post-data "$1" $U; echo; }
+post() { wget -q -O - --header "$H" --header "Mcp-Session-Id: $SID" --post-data "$1" $U; echo; }
 echo "FIRST $(post '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/data/first.txt"}}}')"
 echo "SECOND $(post '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/data/second.txt"}}}')"
 echo "AGENT-DONE"
@@ -103,7 +105,14 @@ impl Agent {
         let (stdout, stderr) = self.output();
         let audit = d.state_dir().join("audit.ndjson");
         let tail = d
-            .nanoclaw(&["audit", "tail", "-n", "40", "--file", &audit.to_string_lossy()])
+            .nanoclaw(&[
+                "audit",
+                "tail",
+                "-n",
+                "40",
+                "--file",
+                &audit.to_string_lossy(),
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
@@ -116,7 +125,12 @@ impl Agent {
 
 /// Polls `nanoclaw approvals --json` until a `delete_file` request other than `seen` is pending.
 /// Fails at once if the agent has exited meanwhile (its calls did not wait).
-fn next_pending(d: &Daemon, agent: &mut Agent, seen: &[String], timeout: Duration) -> Result<Value> {
+fn next_pending(
+    d: &Daemon,
+    agent: &mut Agent,
+    seen: &[String],
+    timeout: Duration,
+) -> Result<Value> {
     let deadline = Instant::now() + timeout;
     loop {
         let out = d.nanoclaw(&["approvals", "--json"]).output()?;
@@ -249,7 +263,8 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     };
 
     // The first call waits for the user; the upstream has not been called.
-    let first = next_pending(&d, &mut agent, &[], Duration::from_secs(600)).expect("the first request");
+    let first =
+        next_pending(&d, &mut agent, &[], Duration::from_secs(600)).expect("the first request");
     println!(
         "first request pending {:.1} s into the test",
         started.elapsed().as_secs_f64()

@@ -142,6 +142,8 @@ pub struct Device {
     /// Serializes the read-check-write of the passkey file.
     passkey_file: tokio::sync::Mutex<PathBuf>,
     grant_log: GrantLog,
+    /// The tokenizers of the VMs the host said tokenize.
+    tokens: crate::tokenize::Registry,
 }
 
 impl std::fmt::Debug for Device {
@@ -190,6 +192,7 @@ impl Device {
             approvals: Mutex::new(Approvals::default()),
             passkey_file: tokio::sync::Mutex::new(PasskeyFile::path_for(&config.vault)),
             grant_log: GrantLog::for_vault(&config.vault),
+            tokens: crate::tokenize::Registry::default(),
             config,
             http,
         }))
@@ -328,6 +331,21 @@ impl Device {
         &self.http
     }
 
+    /// The tokenizers of the VMs the host announced ([`crate::tokenize`]).
+    pub fn tokens(&self) -> &crate::tokenize::Registry {
+        &self.tokens
+    }
+
+    /// Sends the host a message on the current link without waiting (a report: dropped, and
+    /// logged, when the link is down or its queue is full).
+    pub fn notify_host(&self, msg: DeviceToHost) {
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sent = link.is_some_and(|l| l.try_send(msg).is_ok());
+        if !sent {
+            tracing::warn!("a report to the host was dropped (link down or busy)");
+        }
+    }
+
     /// Keeps the link up: dials, serves until it drops, waits, dials again. Returns only when
     /// the device is not paired.
     pub async fn serve(self: Arc<Self>) -> Result<(), DeviceError> {
@@ -444,6 +462,18 @@ impl Device {
                 HostToDevice::Close { session } => {
                     sessions.remove(&session);
                 }
+                HostToDevice::Tokenize {
+                    vm_id,
+                    spec,
+                    issued,
+                } => match self.tokens.apply(&vm_id, &spec, &issued) {
+                    Ok(adopted) => {
+                        tracing::debug!(vm = %vm_id, adopted, enforce = spec.enforce, "tokenize settings");
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm_id, error = %crate::ErrorChain(&e), "tokenize settings");
+                    }
+                },
                 HostToDevice::Approval { request, answer } => {
                     let waiter = self.approvals().pending.remove(&request);
                     match waiter {

@@ -18,12 +18,15 @@
 //!   multiplexing, the HTTPS client.
 //! - [`session`]: one end-to-end session with a sidecar: the IK responder, the proxied call or
 //!   the sealed secret.
+//! - [`tokenize`]: tokenization of the credential path (which only the device sees in clear),
+//!   with the agent key and the surrogates the host hands over.
 
 pub mod approval;
 pub mod device;
 pub mod grant;
 pub mod noise;
 pub mod session;
+pub mod tokenize;
 pub mod vault;
 
 /// Displays an error with its whole `source()` chain, `outer: inner: ...`.

@@ -34,10 +34,12 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
+use nanoclaw_tokenize::Report;
 use rand_core::{OsRng, RngCore};
 use serde_bytes::ByteBuf;
 use shared_proto::credential::{
-    self, DeviceToSidecar, HeaderLine, MAX_CHUNK, ProxyRequest, ProxyTarget, SidecarToDevice,
+    self, BodyPart, DeviceToHost, DeviceToSidecar, HeaderLine, MAX_CHUNK, ProxyRequest,
+    ProxyTarget, SidecarToDevice,
 };
 use shared_proto::envelope;
 use tokio::sync::mpsc;
@@ -46,6 +48,7 @@ use x25519_dalek::PublicKey;
 use crate::device::Device;
 use crate::grant::{Release, find_grant};
 use crate::noise::{self, NoiseError};
+use crate::tokenize::{self, BodyError, BodyType, Way};
 use crate::vault::VaultData;
 
 /// The largest request body the device forwards.
@@ -302,6 +305,14 @@ async fn proxy(
         }
     };
     let entry = &data.entries[index];
+    let tokens = device.tokens().get(&peer.vm_id);
+    let body = match &tokens {
+        Some(vm) => match tokenize_request(device, peer, vm, &authority, &head.headers, body) {
+            Ok(body) => body,
+            Err(refusal) => return session.send(&refusal).await,
+        },
+        None => body,
+    };
     let path = match &head.target {
         ProxyTarget::Service { path_and_query, .. } => path_and_query,
         ProxyTarget::Absolute { path_and_query, .. } => path_and_query,
@@ -315,10 +326,15 @@ async fn proxy(
         let lower = name.to_ascii_lowercase();
         if credential::HOP_BY_HOP_HEADERS.contains(&lower.as_str())
             || lower.eq_ignore_ascii_case(&entry.header)
+            || (tokens.is_some() && lower == "accept-encoding")
         {
             continue;
         }
         request = request.header(name.as_str(), value.as_slice());
+    }
+    if tokens.is_some() {
+        // A compressed answer could not be scanned.
+        request = request.header("accept-encoding", "identity");
     }
     let value = entry.header_value();
     let mut header_value = match reqwest::header::HeaderValue::from_bytes(&value) {
@@ -359,27 +375,248 @@ async fn proxy(
             ));
         }
     }
-    session
-        .send(&DeviceToSidecar::Head {
-            status: response.status().as_u16(),
-            headers,
-        })
-        .await?;
+    let status = response.status().as_u16();
+    let Some(vm) = tokens else {
+        session
+            .send(&DeviceToSidecar::Head { status, headers })
+            .await?;
+        return stream_body(session, response, |c| Ok(c.to_vec()), || Ok(Vec::new())).await;
+    };
+    let report = Reporter {
+        device,
+        vm_id: &peer.vm_id,
+        authority: &authority,
+        part: BodyPart::Response,
+        enforce: tokenize::lock(&vm).enforce(),
+    };
+    let ty = BodyType::of(header(&headers, "content-type"));
+    if ty != BodyType::Other && tokenize::is_encoded(header(&headers, "content-encoding")) {
+        report.send(&Report::default(), Some(BodyError::Encoded.to_string()));
+        if report.enforce {
+            return session
+                .send(&refused(
+                    502,
+                    format!(
+                        "{authority} answered with a compressed body, which cannot be tokenized"
+                    ),
+                ))
+                .await;
+        }
+        session
+            .send(&DeviceToSidecar::Head { status, headers })
+            .await?;
+        return stream_body(session, response, |c| Ok(c.to_vec()), || Ok(Vec::new())).await;
+    }
+    match ty {
+        BodyType::Other => {
+            session
+                .send(&DeviceToSidecar::Head { status, headers })
+                .await?;
+            stream_body(session, response, |c| Ok(c.to_vec()), || Ok(Vec::new())).await
+        }
+        BodyType::Json => {
+            // Read whole (bounded), then tokenized structurally, before the head goes out.
+            let mut body = Vec::new();
+            let mut stream = response.bytes_stream();
+            let mut over = false;
+            while let Some(chunk) = stream.next().await {
+                let Ok(chunk) = chunk else {
+                    return session
+                        .send(&refused(502, format!("upstream {authority} body failed")))
+                        .await;
+                };
+                if body.len() + chunk.len() > nanoclaw_tokenize::MAX_INPUT_BYTES {
+                    over = true;
+                    body.extend_from_slice(&chunk);
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let result = if over {
+                Err(BodyError::TooLarge {
+                    max: nanoclaw_tokenize::MAX_INPUT_BYTES,
+                })
+            } else {
+                tokenize::whole(&mut tokenize::lock(&vm), ty, Way::Tokenize, &body)
+            };
+            let out = match result {
+                Ok((out, r)) => {
+                    report.send(&r, None);
+                    out
+                }
+                Err(e) => {
+                    report.send(&Report::default(), Some(e.to_string()));
+                    if report.enforce {
+                        return session
+                            .send(&refused(502, format!("the response of {authority}: {e}")))
+                            .await;
+                    }
+                    body
+                }
+            };
+            session
+                .send(&DeviceToSidecar::Head { status, headers })
+                .await?;
+            for piece in out.chunks(MAX_CHUNK) {
+                session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
+            }
+            if over {
+                // Monitor mode: the rest passes unscanned.
+                while let Some(chunk) = stream.next().await {
+                    let Ok(chunk) = chunk else { return Ok(()) };
+                    for piece in chunk.chunks(MAX_CHUNK) {
+                        session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
+                    }
+                }
+            }
+            session.send(&DeviceToSidecar::End).await
+        }
+        BodyType::Text | BodyType::EventStream => {
+            session
+                .send(&DeviceToSidecar::Head { status, headers })
+                .await?;
+            let lines = std::sync::Mutex::new(tokenize::Lines::new(ty, Way::Tokenize));
+            let lines_of = || lines.lock().unwrap_or_else(|p| p.into_inner());
+            let result = stream_body(
+                session,
+                response,
+                |c| lines_of().push(&mut tokenize::lock(&vm), c),
+                || lines_of().finish(&mut tokenize::lock(&vm)),
+            )
+            .await;
+            let report_of_lines = lines_of().report;
+            report.send(&report_of_lines, None);
+            result
+        }
+    }
+}
+
+/// The value of the first header `name` (lowercase) among `headers`.
+fn header<'a>(headers: &'a [HeaderLine], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Streams the upstream body through `filter` (and `finish` at its end), then `End`. A
+/// failing upstream or filter ends the body without `End`, which tells the sidecar it is cut.
+async fn stream_body(
+    session: &mut Session,
+    response: reqwest::Response,
+    mut filter: impl FnMut(&[u8]) -> Result<Vec<u8>, BodyError>,
+    finish: impl FnOnce() -> Result<Vec<u8>, BodyError>,
+) -> Result<(), NoiseError> {
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %crate::ErrorChain(&e), "upstream body");
-                // The head went out; ending without `End` tells the sidecar the body is cut.
                 return Ok(());
             }
         };
-        for piece in chunk.chunks(MAX_CHUNK) {
+        let out = match filter(&chunk) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!(error = %e, "the response cannot be tokenized: cut");
+                return Ok(());
+            }
+        };
+        for piece in out.chunks(MAX_CHUNK) {
             session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
         }
     }
+    match finish() {
+        Ok(out) => {
+            for piece in out.chunks(MAX_CHUNK) {
+                session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the response cannot be tokenized: cut");
+            return Ok(());
+        }
+    }
     session.send(&DeviceToSidecar::End).await
+}
+
+/// Sends the host what was tokenized in one part of a call (kinds and counts; nothing when
+/// there was nothing to say).
+struct Reporter<'a> {
+    device: &'a Device,
+    vm_id: &'a str,
+    authority: &'a str,
+    part: BodyPart,
+    enforce: bool,
+}
+
+impl Reporter<'_> {
+    fn send(&self, report: &Report, unscanned: Option<String>) {
+        if report.total() == 0 && report.skipped == 0 && unscanned.is_none() {
+            return;
+        }
+        self.device.notify_host(DeviceToHost::Tokenized {
+            vm_id: self.vm_id.to_owned(),
+            target_host: self.authority.to_owned(),
+            part: self.part,
+            enforce: self.enforce,
+            counts: tokenize::counts(report),
+            unscanned,
+        });
+    }
+}
+
+/// The request body as it goes upstream: tokenized to an LLM host, surrogates restored to any
+/// other; or the refusal (enforce mode) when it cannot be scanned.
+fn tokenize_request(
+    device: &Device,
+    peer: &SessionPeer,
+    vm: &std::sync::Mutex<tokenize::VmTokens>,
+    authority: &str,
+    headers: &[HeaderLine],
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Box<DeviceToSidecar>> {
+    let (llm, enforce) = {
+        let v = tokenize::lock(vm);
+        (v.is_llm(authority), v.enforce())
+    };
+    let (part, way) = if llm {
+        (BodyPart::RequestTokenized, Way::Tokenize)
+    } else {
+        (BodyPart::RequestRestored, Way::Restore)
+    };
+    let report = Reporter {
+        device,
+        vm_id: &peer.vm_id,
+        authority,
+        part,
+        enforce,
+    };
+    let ty = BodyType::of(header(headers, "content-type"));
+    let result = if body.is_empty() || ty == BodyType::Other {
+        Ok((body, Report::default()))
+    } else if tokenize::is_encoded(header(headers, "content-encoding")) {
+        Err((BodyError::Encoded, body))
+    } else {
+        let result = tokenize::whole(&mut tokenize::lock(vm), ty, way, &body);
+        result.map_err(|e| (e, body))
+    };
+    match result {
+        Ok((out, r)) => {
+            report.send(&r, None);
+            Ok(out)
+        }
+        Err((e, body)) => {
+            report.send(&Report::default(), Some(e.to_string()));
+            if enforce {
+                let status = if e == BodyError::Encoded { 415 } else { 413 };
+                Err(Box::new(refused(status, format!("the request body: {e}"))))
+            } else {
+                Ok(body)
+            }
+        }
+    }
 }
 
 /// The fallback path: seal the secret to the sidecar's boot key, under a grant that allows it.
@@ -391,6 +628,18 @@ fn seal(device: &Device, peer: &SessionPeer, target: &ProxyTarget) -> DeviceToSi
             return refused(503, "the vault is unavailable");
         }
     };
+    if device
+        .tokens()
+        .get(&peer.vm_id)
+        .is_some_and(|vm| tokenize::lock(&vm).enforce())
+    {
+        tracing::info!(vm = %peer.vm_id, "seal refused: the VM's calls are tokenized");
+        return refused(
+            403,
+            "this agent's calls are tokenized, which the fallback path would bypass; \
+             use the primary path",
+        );
+    }
     let (entry, authority) = match resolve(&data, &peer.vm_id, target, Release::Seal) {
         Ok((index, authority)) => (&data.entries[index], authority),
         Err(Refusal { status, reason, .. }) => {

@@ -313,10 +313,11 @@ impl Daemon {
     /// Starts the VM's MCP gateway when it was created with a profile. A failure is logged: the
     /// agent then finds no MCP endpoint (nothing runs unchecked).
     fn start_mcp(&self, vm: &Arc<Vm>) {
-        if let Some(profile) = vm.info().spec.profile
-            && let Err(e) = self.mcp.start(&vm.id, &vm.dir, &profile, vm.ended())
-        {
-            tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway");
+        if let Some(profile) = vm.info().spec.profile {
+            match self.mcp.start(&vm.id, &vm.dir, &profile, vm.ended()) {
+                Ok(tokens) => vm.set_tokens(tokens),
+                Err(e) => tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway"),
+            }
         }
     }
 
@@ -541,6 +542,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             // The device's asks for credential approvals go to the same approver as every
             // other gated action.
             relay.set_approver(approver_of(approvals.as_ref()));
+            relay.set_audit(Arc::clone(&audit));
             if relay.pairing_code().is_some() {
                 tracing::info!(
                     file = %args.state_dir.join("relay/pairing-code").display(),

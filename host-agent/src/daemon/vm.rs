@@ -132,6 +132,8 @@ pub struct Vm {
     relay: Mutex<Option<Arc<crate::relay::Relay>>>,
     /// This VM's credential proxy listener, from the first admitted `Hello` to the end.
     credential_listener: Mutex<Option<crate::relay::VmRelay>>,
+    /// The agent's tokenizer, shared by its MCP gateway and (for the device) the relay.
+    tokens: Mutex<Option<Arc<crate::mcp::AgentTokens>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,6 +183,7 @@ impl Vm {
             ended,
             relay: Mutex::new(None),
             credential_listener: Mutex::new(None),
+            tokens: Mutex::new(None),
         }))
     }
 
@@ -290,6 +293,11 @@ impl Vm {
         *lock(&self.relay) = relay;
     }
 
+    /// Gives this VM its agent's tokenizer (before the VMM starts).
+    pub fn set_tokens(&self, tokens: Option<Arc<crate::mcp::AgentTokens>>) {
+        *lock(&self.tokens) = tokens;
+    }
+
     /// Binds this VM's credential proxy listener for the admitted boot, once.
     fn attach_credentials(&self, boot_id: [u8; 16], sidecar_public_key: [u8; 32]) {
         let Some(relay) = lock(&self.relay).clone() else {
@@ -303,6 +311,7 @@ impl Vm {
             vm_id: self.id.clone(),
             boot_id,
             sidecar_public_key,
+            tokens: lock(&self.tokens).clone(),
         };
         match relay.attach_vm(&self.dir, identity) {
             Ok(l) => *listener = Some(l),

@@ -32,10 +32,12 @@
 //! # Layout
 //! - `upstream`: rmcp clients of the upstream servers (stdio child processes, streamable HTTP).
 //! - `endpoint`: the agent-facing JSON-RPC session and its socket loop.
+//! - `tokens`: [`AgentTokens`], the agent's tokenizer, shared with the credential relay.
 //! - `vm`: [`VmGateways`], how the daemon starts one gateway per VM that has a profile.
 //! - this file: the error, the gateway and the call path.
 
 mod endpoint;
+mod tokens;
 mod upstream;
 mod vm;
 
@@ -43,18 +45,18 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use rand_core::{OsRng, RngCore};
 use rmcp::model::Tool;
 use serde_json::{Map, Value, json};
 
 use crate::approval::{ApprovalAction, ApprovalSubject, Approver};
 use crate::audit::{self, AuditLog};
-use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier, TokenizeMode};
+use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier};
 use crate::tokenize::{Mode, Report, Tokenizer};
 
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
+pub use tokens::AgentTokens;
 pub use vm::{DaemonSpawner, MCP_LOCAL_PORT, VmGateways};
 
 /// The most MCP sessions (connections) one agent may hold open at once.
@@ -131,6 +133,9 @@ pub struct GatewayConfig {
     pub approver: Arc<dyn Approver>,
     /// Who creates agents for `spawn_agent` (`None`: spawning is unavailable).
     pub spawner: Option<Arc<dyn Spawner>>,
+    /// The agent's tokenizer when the daemon shares it with the credential relay (`None`: the
+    /// gateway makes its own from the profile).
+    pub tokens: Option<Arc<AgentTokens>>,
 }
 
 /// The gateway of one agent.
@@ -141,8 +146,9 @@ pub struct Gateway {
     upstreams: BTreeMap<String, upstream::Upstream>,
     /// The tools the agent sees, as the upstreams define them (and `spawn_agent`), in order.
     tools: Vec<Tool>,
-    /// The agent's tokenizer and its random key (held only here), or `None` when off.
-    tokenizer: Option<Mutex<Tokenizer>>,
+    /// The agent's tokenizer (its random key is held only on the host and, for the credential
+    /// path, on the user's device), or `None` when off.
+    tokenizer: Option<Arc<AgentTokens>>,
     /// The tokenizer's mode.
     mode: Option<Mode>,
 }
@@ -176,21 +182,13 @@ impl Gateway {
         if profile.tier == Tier::Orchestrator {
             tools.push(spawn_agent_tool());
         }
-        let mode = match profile.tokenize {
-            TokenizeMode::Off => None,
-            TokenizeMode::Monitor => Some(Mode::Monitor),
-            TokenizeMode::Enforce => Some(Mode::Enforce),
+        let tokenizer = match &config.tokens {
+            Some(t) => Some(Arc::clone(t)),
+            None => AgentTokens::for_profile(profile)
+                .map_err(McpError::Tokenizer)?
+                .map(Arc::new),
         };
-        let tokenizer = match mode {
-            None => None,
-            Some(mode) => {
-                let mut key = [0u8; 32];
-                OsRng.fill_bytes(&mut key);
-                let t = Tokenizer::new(key, mode).map_err(McpError::Tokenizer)?;
-                zeroize::Zeroize::zeroize(&mut key);
-                Some(Mutex::new(t))
-            }
-        };
+        let mode = tokenizer.as_ref().map(|t| t.mode());
         Ok(Self {
             config,
             upstreams,
@@ -469,7 +467,7 @@ impl Gateway {
         let Some(t) = self.tokenizer.as_ref() else {
             return Err(internal("no tokenizer".into()));
         };
-        let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = t.lock();
         f(&mut t).map_err(|e| internal(format!("tokenize: {}", crate::error_chain(&e))))
     }
 

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Weak;
 
-use super::{Gateway, GatewayConfig, McpError, Spawner};
+use super::{AgentTokens, Gateway, GatewayConfig, McpError, Spawner};
 use crate::api::CreateVm;
 use crate::approval::Approver;
 use crate::audit::AuditLog;
@@ -57,15 +57,19 @@ impl VmGateways {
     }
 
     /// Binds the VM's MCP listener now and serves it (after connecting the upstreams) until
-    /// `ended` turns true; then closes the upstreams.
+    /// `ended` turns true; then closes the upstreams. Answers the agent's tokenizer (`None`
+    /// when the profile turns it off), which the daemon also gives the credential relay.
     pub fn start(
         &self,
         vm_id: &str,
         vm_dir: &Path,
         profile: &str,
         mut ended: watch::Receiver<bool>,
-    ) -> Result<(), McpError> {
+    ) -> Result<Option<Arc<AgentTokens>>, McpError> {
         let policy = Arc::new(AccessPolicy::from_toml(profile).map_err(McpError::Profile)?);
+        let tokens = AgentTokens::for_profile(policy.profile())
+            .map_err(McpError::Tokenizer)?
+            .map(Arc::new);
         let audit = Arc::clone(&self.audit);
         let listener = Gateway::bind(vm_dir)?;
         let config = GatewayConfig {
@@ -75,6 +79,7 @@ impl VmGateways {
             audit,
             approver: Arc::clone(&self.approver),
             spawner: self.spawner.get().cloned(),
+            tokens: tokens.clone(),
         };
         let vm = vm_id.to_owned();
         tokio::spawn(async move {
@@ -94,7 +99,7 @@ impl VmGateways {
                 g.close().await;
             }
         });
-        Ok(())
+        Ok(tokens)
     }
 }
 

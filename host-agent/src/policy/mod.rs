@@ -189,6 +189,13 @@ impl AccessPolicy {
                 child.tokenize, parent.tokenize
             ));
         }
+        for host in &parent.llm_hosts {
+            if !child.llm_hosts.contains(host) {
+                out.push(format!(
+                    "llm host `{host}` is missing: bodies to it would carry real values"
+                ));
+            }
+        }
         for (name, spec) in &child.servers {
             if parent.servers.get(name) != Some(spec) {
                 out.push(format!("server `{name}` is not the parent's"));

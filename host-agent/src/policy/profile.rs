@@ -48,6 +48,11 @@ pub struct Profile {
     /// What the host does with sensitive values in tool results and arguments.
     #[serde(default)]
     pub tokenize: TokenizeMode,
+    /// Hosts (`host` or `host:port`) of the model APIs the agent calls through the credential
+    /// proxy: request bodies to these are tokenized (the model sees surrogates), while bodies
+    /// to any other host have surrogates restored (the service gets the real values).
+    #[serde(default)]
+    pub llm_hosts: Vec<String>,
     /// The upstream MCP servers, by name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerSpec>,
@@ -174,6 +179,26 @@ impl Profile {
     pub fn check(&self) -> Result<(), PolicyError> {
         let bad = |what: String| Err(PolicyError::Invalid(what));
         check_name("profile name", &self.name)?;
+        if self.llm_hosts.len() > shared_proto::credential::MAX_LLM_HOSTS {
+            return bad(format!(
+                "`llm_hosts` names more than {} hosts",
+                shared_proto::credential::MAX_LLM_HOSTS
+            ));
+        }
+        for host in &self.llm_hosts {
+            let (name, port) = host.rsplit_once(':').unwrap_or((host, "443"));
+            let name_ok = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !name_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
+                return bad(format!(
+                    "`llm_hosts` entry `{}` must be a host name, optionally with :port",
+                    host.escape_debug()
+                ));
+            }
+        }
         for (name, server) in &self.servers {
             check_name("server name", name)?;
             match (&server.command, &server.url) {

@@ -203,12 +203,31 @@ fn typos_and_bad_shapes_are_load_errors() {
             format!("{SMALL}\n[[tools]]\nserver = \"s\"\nname = \"read\"\n"),
         ),
         (
+            "llm host with a path",
+            SMALL.replace("tier =", "llm_hosts = [\"api.test/v1\"]\ntier ="),
+        ),
+        (
+            "llm host with a bad port",
+            SMALL.replace("tier =", "llm_hosts = [\"api.test:0\"]\ntier ="),
+        ),
+        (
             "type conflict",
             format!(
                 "{SMALL}\n[[tools]]\nserver = \"s\"\nname = \"b\"\nargs.path = {{ max = 3 }}\n"
             ),
         ),
     ];
+    let good = SMALL.replace(
+        "tier =",
+        "llm_hosts = [\"api.test\", \"llm.test:8443\"]\ntier =",
+    );
+    assert_eq!(
+        AccessPolicy::from_toml(&good)
+            .expect("llm_hosts")
+            .profile()
+            .llm_hosts,
+        ["api.test", "llm.test:8443"]
+    );
     for (what, text) in bad {
         assert_ne!(text, SMALL, "{what}: the replacement did not apply");
         match AccessPolicy::from_toml(&text) {
@@ -269,6 +288,26 @@ args.path = { prefix = "/data/" }
     let mut weaker = Profile::from_toml(narrower).unwrap();
     weaker.tokenize = TokenizeMode::Off;
     assert!(orch.spawn_excess(&weaker)[0].contains("tokenize"));
+    // Dropping one of the parent's LLM hosts would send real values to it.
+    let mut parent = orch.profile().clone();
+    parent.llm_hosts = vec!["llm.test".into()];
+    let parent = AccessPolicy::new(parent).expect("compiles");
+    let mut child = Profile::from_toml(narrower).unwrap();
+    assert!(
+        parent
+            .spawn_excess(&child)
+            .iter()
+            .any(|e| e.contains("llm host `llm.test`")),
+        "{:?}",
+        parent.spawn_excess(&child)
+    );
+    child.llm_hosts = vec!["llm.test".into(), "other.test".into()];
+    assert!(
+        parent
+            .spawn_excess(&child)
+            .iter()
+            .all(|e| !e.contains("llm host"))
+    );
 }
 
 #[test]

@@ -146,6 +146,17 @@ pub struct VmIdentity {
     pub boot_id: [u8; 16],
     /// The sidecar's boot X25519 public key.
     pub sidecar_public_key: [u8; 32],
+    /// The agent's tokenizer, whose settings and issued surrogates the device gets before each
+    /// session (`None`: the device does not tokenize this VM's calls).
+    pub tokens: Option<Arc<crate::mcp::AgentTokens>>,
+}
+
+/// How far the device has been told a VM's issued surrogates: the link generation and the
+/// tokenizer's `seq` to send from.
+#[derive(Debug, Default)]
+struct TokenCursor {
+    generation: Option<u64>,
+    seq: u64,
 }
 
 /// The pinned device, as stored in `device.json`.
@@ -189,6 +200,8 @@ pub struct Relay {
     linked: watch::Sender<bool>,
     approver: Mutex<Arc<dyn Approver>>,
     approval_slots: Arc<Semaphore>,
+    /// Where the device's tokenization reports go (the daemon's audit log).
+    audit: Mutex<Option<Arc<crate::audit::AuditLog>>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -292,6 +305,7 @@ impl Relay {
             linked: watch::channel(false).0,
             approver: Mutex::new(Arc::new(DenyAll)),
             approval_slots: Arc::new(Semaphore::new(MAX_PENDING_APPROVALS)),
+            audit: Mutex::new(None),
         });
         if relay.lock().device.is_none() {
             relay.new_code()?;
@@ -312,6 +326,55 @@ impl Relay {
         state.code = Some(code);
         state.failures = 0;
         Ok(())
+    }
+
+    /// Sets the audit log the device's tokenization reports go to (default: none, they are
+    /// logged at debug only).
+    pub fn set_audit(&self, audit: Arc<crate::audit::AuditLog>) {
+        *self.audit.lock().unwrap_or_else(|p| p.into_inner()) = Some(audit);
+    }
+
+    /// Records a device's tokenization report (kinds and counts only).
+    fn record_tokenized(&self, report: DeviceToHost) {
+        let DeviceToHost::Tokenized {
+            vm_id,
+            target_host,
+            part,
+            enforce,
+            counts,
+            unscanned,
+        } = report
+        else {
+            return;
+        };
+        let audit = self.audit.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(audit) = audit else {
+            tracing::debug!(%vm_id, %target_host, ?part, "tokenization report (no audit log)");
+            return;
+        };
+        let part = match part {
+            credential::BodyPart::RequestTokenized => "request_tokenized",
+            credential::BodyPart::RequestRestored => "request_restored",
+            credential::BodyPart::Response => "response",
+        };
+        let data = serde_json::json!({
+            "path": "credential",
+            "vm_id": vm_id,
+            "target_host": target_host,
+            "direction": part,
+            "mode": if enforce { "enforce" } else { "monitor" },
+            "counts": {
+                "cards": counts.cards,
+                "ssns": counts.ssns,
+                "emails": counts.emails,
+                "api_keys": counts.api_keys,
+                "skipped": counts.skipped,
+            },
+            "unscanned": unscanned,
+        });
+        if let Err(e) = audit.append("tokenize", data) {
+            tracing::error!(error = %crate::error_chain(&e), "audit: a device tokenization report");
+        }
     }
 
     /// Sets the approver the device's approval asks go to (default [`DenyAll`]).
@@ -556,6 +619,10 @@ impl Relay {
                     self.ask_user(tx, request, vm_id, credential, target_host);
                     continue;
                 }
+                report @ DeviceToHost::Tokenized { .. } => {
+                    self.record_tokenized(report);
+                    continue;
+                }
             };
             let tx = {
                 let mut state = self.lock();
@@ -612,6 +679,7 @@ impl Relay {
         let relay = Arc::clone(self);
         let identity = Arc::new(identity);
         let slots = Arc::new(Semaphore::new(MAX_SESSIONS_PER_VM));
+        let cursor = Arc::new(tokio::sync::Mutex::new(TokenCursor::default()));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -623,8 +691,9 @@ impl Relay {
                 };
                 let relay = Arc::clone(&relay);
                 let identity = Arc::clone(&identity);
+                let cursor = Arc::clone(&cursor);
                 tokio::spawn(async move {
-                    if let Err(e) = relay.serve_sidecar(stream, &identity).await {
+                    if let Err(e) = relay.serve_sidecar(stream, &identity, &cursor).await {
                         tracing::debug!(vm = %identity.vm_id, error = %crate::error_chain(&e), "sidecar session");
                     }
                     drop(slot);
@@ -638,6 +707,7 @@ impl Relay {
         &self,
         mut stream: UnixStream,
         identity: &VmIdentity,
+        cursor: &tokio::sync::Mutex<TokenCursor>,
     ) -> Result<(), RelayError> {
         let registered = {
             let mut state = self.lock();
@@ -648,12 +718,12 @@ impl Relay {
                 (Some(link), Some(key)) => {
                     let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
                     link.sessions.insert(session, tx);
-                    Some((session, key, link.tx.clone(), rx))
+                    Some((session, key, link.tx.clone(), rx, link.generation))
                 }
                 _ => None,
             }
         };
-        let Some((session, device_key, to_device, mut from_device)) = registered else {
+        let Some((session, device_key, to_device, mut from_device, generation)) = registered else {
             let frame = shared_proto::encode_frame(&RelayGreeting::Unavailable {
                 reason: "no device is linked to this host".into(),
             })
@@ -667,6 +737,36 @@ impl Relay {
         })
         .map_err(|e| RelayError::Io(std::io::Error::other(e)))?;
         stream.write_all(&frame).await.map_err(RelayError::Io)?;
+        if let Some(tokens) = &identity.tokens {
+            // The device learns the agent's key and the surrogates issued so far before the
+            // session opens; the cursor's lock keeps two sessions' messages in order.
+            let mut cursor = cursor.lock().await;
+            if cursor.generation != Some(generation) {
+                *cursor = TokenCursor {
+                    generation: Some(generation),
+                    seq: 0,
+                };
+            }
+            let (issued, next) = tokens.issued_since(cursor.seq);
+            let mut chunks: Vec<Vec<credential::IssuedToken>> = issued
+                .chunks(credential::MAX_ISSUED_PER_MESSAGE)
+                .map(<[_]>::to_vec)
+                .collect();
+            if chunks.is_empty() {
+                chunks.push(Vec::new());
+            }
+            for issued in chunks {
+                to_device
+                    .send(HostToDevice::Tokenize {
+                        vm_id: identity.vm_id.clone(),
+                        spec: tokens.spec().clone(),
+                        issued,
+                    })
+                    .await
+                    .map_err(|_| RelayError::Closed)?;
+            }
+            cursor.seq = next;
+        }
         to_device
             .send(HostToDevice::Open {
                 session,
@@ -875,6 +975,7 @@ mod tests {
                     vm_id: "vm-1".into(),
                     boot_id: [1; 16],
                     sidecar_public_key: [2; 32],
+                    tokens: None,
                 },
             )
             .unwrap();

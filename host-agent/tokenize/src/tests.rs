@@ -407,7 +407,8 @@ fn adversarial_shapes_finish() {
 #[test]
 fn issued_since_lists_only_newer_surrogates_and_adopt_checks_shape() {
     let mut host = enforce(4);
-    host.tokenize_text("card 4111 1111 1111 1111").expect("first");
+    host.tokenize_text("card 4111 1111 1111 1111")
+        .expect("first");
     let (first, seq) = host.issued_since(0);
     assert_eq!(first.len(), 1);
     host.tokenize_text("mail jane.doe@example.com, ssn 123-45-6789")
@@ -428,33 +429,49 @@ fn issued_since_lists_only_newer_surrogates_and_adopt_checks_shape() {
         prefix_len: 0,
         alphabet: 0,
     };
-    assert!(matches!(device.adopt(&bad_card), Err(TokenizeError::BadIssued)));
+    assert!(matches!(
+        device.adopt(&bad_card),
+        Err(TokenizeError::BadIssued)
+    ));
     let bad_ssn = IssuedSurrogate {
         surrogate: "666-12-3456".into(),
         kind: Kind::Ssn,
         prefix_len: 0,
         alphabet: 0,
     };
-    assert!(matches!(device.adopt(&bad_ssn), Err(TokenizeError::BadIssued)));
+    assert!(matches!(
+        device.adopt(&bad_ssn),
+        Err(TokenizeError::BadIssued)
+    ));
     let bad_key = IssuedSurrogate {
         surrogate: "sk-abcdefabcdefabcdefabcdef".into(),
         kind: Kind::ApiKey,
         prefix_len: 99,
         alphabet: 52,
     };
-    assert!(matches!(device.adopt(&bad_key), Err(TokenizeError::BadIssued)));
+    assert!(matches!(
+        device.adopt(&bad_key),
+        Err(TokenizeError::BadIssued)
+    ));
     let bad_alphabet = IssuedSurrogate {
         prefix_len: 3,
         alphabet: 200,
         ..bad_key
     };
-    assert!(matches!(device.adopt(&bad_alphabet), Err(TokenizeError::BadIssued)));
+    assert!(matches!(
+        device.adopt(&bad_alphabet),
+        Err(TokenizeError::BadIssued)
+    ));
     assert_eq!(device.issued_count(), 0);
     // A surrogate never issued nor adopted stays as it is on the way out.
-    let (out, report) = device.detokenize_text(&first[0].surrogate).expect("detokenize");
+    let (out, report) = device
+        .detokenize_text(&first[0].surrogate)
+        .expect("detokenize");
     assert_eq!(out, first[0].surrogate);
     assert_eq!(report.total(), 0);
     device.adopt(&first[0]).expect("adopt");
-    let (out, _) = device.detokenize_text(&first[0].surrogate).expect("detokenize");
+    let (out, _) = device
+        .detokenize_text(&first[0].surrogate)
+        .expect("detokenize");
     assert_eq!(out, "4111 1111 1111 1111");
 }

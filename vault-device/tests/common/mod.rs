@@ -44,11 +44,19 @@ pub struct Seen {
     pub requests: Vec<(String, String, Option<String>)>,
     /// Whether the SSE handler's pause was ended by the client (not by its timeout).
     pub sse_released_by_client: Option<bool>,
+    /// The body of each request, in order.
+    pub bodies: Vec<Vec<u8>>,
+    /// The `accept-encoding` of each request.
+    pub accept_encodings: Vec<Option<String>>,
 }
+
+/// The email address the `/json` route answers with.
+pub const RESPONSE_EMAIL: &str = "ops.lead@corp.example";
 
 /// The test HTTPS server: `/hello` answers 200 `hello <body>` with the right bearer token,
 /// 401 otherwise; `/big/N` answers N bytes; `/sse` sends one event, waits until
-/// [`Upstream::release`] (or 10 s), sends a second and ends.
+/// [`Upstream::release`] (or 10 s), sends a second and ends; `/json` answers JSON holding the
+/// request body as a string and [`RESPONSE_EMAIL`].
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Seen>>,
@@ -146,10 +154,12 @@ pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
                     .unwrap_or(0);
                 let mut body = vec![0u8; len];
                 let _ = tls.read_exact(&mut body).await;
-                seen.lock()
-                    .unwrap()
-                    .requests
-                    .push((host, path.clone(), auth.clone()));
+                {
+                    let mut seen = seen.lock().unwrap();
+                    seen.requests.push((host, path.clone(), auth.clone()));
+                    seen.bodies.push(body.clone());
+                    seen.accept_encodings.push(get("accept-encoding"));
+                }
                 let authorized = auth.as_deref() == Some(expected.as_str());
                 if !authorized {
                     let _ = tls
@@ -181,6 +191,21 @@ pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
                     let _ = tls.write_all(last).await;
                     let _ = tls.write_all(b"\r\n0\r\n\r\n").await;
                     let _ = tls.flush().await;
+                } else if path == "/json" {
+                    let reply = serde_json::json!({
+                        "got": String::from_utf8_lossy(&body),
+                        "contact": RESPONSE_EMAIL,
+                    })
+                    .to_string();
+                    let _ = tls
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                                reply.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
                 } else if let Some(size) = path.strip_prefix("/big/") {
                     let size: usize = size.parse().unwrap_or(0).min(64 << 20);
                     let _ = tls
@@ -313,6 +338,27 @@ pub fn attach(
                 vm_id: VM.into(),
                 boot_id: sidecar.boot_id,
                 sidecar_public_key: announced,
+                tokens: None,
+            },
+        )
+        .unwrap()
+}
+
+/// [`attach`] for an agent whose tokenizer the host shares with the device.
+pub fn attach_tokenized(
+    relay: &Arc<Relay>,
+    vm_dir: &Path,
+    sidecar: &Sidecar,
+    tokens: Arc<host_agent::mcp::AgentTokens>,
+) -> VmRelay {
+    relay
+        .attach_vm(
+            vm_dir,
+            VmIdentity {
+                vm_id: VM.into(),
+                boot_id: sidecar.boot_id,
+                sidecar_public_key: sidecar.public,
+                tokens: Some(tokens),
             },
         )
         .unwrap()
