@@ -25,7 +25,10 @@
 //!   `cedar-policy`: visible tools, argument constraints, approval rules, tiers, and the
 //!   comparison that keeps a spawned agent within its orchestrator's rights.
 //! - [`tokenize`]: format-preserving surrogates (FF1) for card numbers, SSNs, emails and API
-//!   keys in what flows to an agent, restored in what leaves it; a library with no I/O.
+//!   keys in what flows to an agent, restored in what leaves it; a library with no I/O, kept
+//!   in its own crate (`host-agent/tokenize/`, `nanoclaw-tokenize`) because the user's device
+//!   runs it too, on the credential path the host sees only as ciphertext
+//!   ([`mcp::AgentTokens`] is the agent's tokenizer both share).
 //! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
 //!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
 //!   sessions it carries to the device as ciphertext.
