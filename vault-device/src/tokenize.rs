@@ -422,6 +422,8 @@ impl Lines {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     const CARD: &str = "4111 1111 1111 1111";
@@ -581,5 +583,50 @@ mod tests {
         assert_eq!(BodyType::of(Some(b"image/png")), BodyType::Other);
         assert_eq!(BodyType::of(None), BodyType::Text);
         assert!(is_encoded(Some(b"gzip")) && !is_encoded(Some(b"identity")) && !is_encoded(None));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// However a stream is cut into chunks, the agent gets the same bytes as from the
+        /// whole body, every value is replaced, and arbitrary bytes never panic.
+        #[test]
+        fn streamed_lines_do_not_depend_on_chunking(
+            lines in prop::collection::vec(
+                prop_oneof![
+                    Just(format!("data: {{\"card\":\"{CARD}\"}}")),
+                    Just(format!("mail {EMAIL} now")),
+                    Just("id: 7".to_owned()),
+                    "[ -~]{0,40}",
+                ],
+                1..8,
+            ),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            noise in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let body = lines.join("\n").into_bytes();
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(body.len() + 1)).collect();
+            points.sort_unstable();
+            let reg = Registry::default();
+            reg.apply("vm-1", &spec(true), &[]).unwrap();
+            let vm = vm(&reg);
+            let mut v = lock(&vm);
+            let (expected, _) = whole(&mut v, BodyType::EventStream, Way::Tokenize, &body).unwrap();
+            let mut lines = Lines::new(BodyType::EventStream, Way::Tokenize);
+            let mut got = Vec::new();
+            let mut at = 0;
+            for p in points.into_iter().chain([body.len()]) {
+                got.extend(lines.push(&mut v, &body[at..p]).unwrap());
+                at = p;
+            }
+            got.extend(lines.finish(&mut v).unwrap());
+            prop_assert_eq!(&got, &expected);
+            let text = String::from_utf8_lossy(&got);
+            prop_assert!(!text.contains(CARD) && !text.contains(EMAIL), "{}", text);
+            let mut lines = Lines::new(BodyType::Text, Way::Restore);
+            let _ = lines.push(&mut v, &noise);
+            let _ = lines.finish(&mut v);
+            let _ = whole(&mut v, BodyType::Json, Way::Tokenize, &noise);
+        }
     }
 }
