@@ -484,8 +484,14 @@ async fn proxy(
                 || lines_of().finish(&mut tokenize::lock(&vm)),
             )
             .await;
-            let report_of_lines = lines_of().report;
-            report.send(&report_of_lines, None);
+            let (counted, unscanned) = {
+                let lines = lines_of();
+                (
+                    lines.report,
+                    lines.unscanned.as_ref().map(ToString::to_string),
+                )
+            };
+            report.send(&counted, unscanned);
             result
         }
     }

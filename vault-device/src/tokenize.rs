@@ -18,8 +18,8 @@
 //!   response is read whole (at most [`nanoclaw_tokenize::MAX_INPUT_BYTES`]) before its head
 //!   goes to the sidecar. Server-sent events and other text are handled a line at a time (a
 //!   `data:` line holding JSON is walked structurally), so streams still stream; a value split
-//!   across two events is not seen. Lines longer than [`MAX_LINE`] end the stream in enforce
-//!   mode.
+//!   across two events is not seen. A line longer than [`MAX_LINE`] ends the stream in
+//!   enforce mode; in monitor mode the rest of the body passes unscanned.
 //! - A body that cannot be scanned (compressed, or over the limits) is refused in enforce mode
 //!   (the value could pass unseen) and passed on, reported as unscanned, in monitor mode.
 //!   Other bodies (images, archives) pass unchanged. The device asks upstreams for
@@ -336,8 +336,12 @@ pub struct Lines {
     ty: BodyType,
     way: Way,
     pending: Vec<u8>,
+    /// Monitor mode met a line too long to scan: the rest passes as it is.
+    bypass: bool,
     /// What was counted so far.
     pub report: Report,
+    /// Why part of the body went unscanned (monitor mode) or the stream was cut (enforce).
+    pub unscanned: Option<BodyError>,
 }
 
 impl Lines {
@@ -347,29 +351,42 @@ impl Lines {
             ty,
             way,
             pending: Vec::new(),
+            bypass: false,
             report: Report::default(),
+            unscanned: None,
         }
     }
 
-    /// Takes the next chunk; answers what can go on now (every complete line).
+    /// Takes the next chunk; answers what can go on now (every complete line). A line over
+    /// [`MAX_LINE`] is an error in enforce mode; in monitor mode the rest of the body passes
+    /// unscanned (and [`Lines::unscanned`] says why).
     pub fn push(&mut self, v: &mut VmTokens, chunk: &[u8]) -> Result<Vec<u8>, BodyError> {
-        self.pending.extend_from_slice(chunk);
-        let Some(end) = self.pending.iter().rposition(|&b| b == b'\n') else {
-            if self.pending.len() > MAX_LINE {
-                return Err(BodyError::LineTooLong { max: MAX_LINE });
-            }
-            return Ok(Vec::new());
-        };
-        let rest = self.pending.split_off(end + 1);
-        let complete = std::mem::replace(&mut self.pending, rest);
-        if self.pending.len() > MAX_LINE {
-            return Err(BodyError::LineTooLong { max: MAX_LINE });
+        if self.bypass {
+            return Ok(chunk.to_vec());
         }
-        let mut out = Vec::with_capacity(complete.len());
-        for line in complete.split_inclusive(|&b| b == b'\n') {
-            if line.len() > MAX_LINE {
-                return Err(BodyError::LineTooLong { max: MAX_LINE });
+        self.pending.extend_from_slice(chunk);
+        let complete = self
+            .pending
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |end| end + 1);
+        let too_long = self.pending.len() - complete > MAX_LINE
+            || self.pending[..complete]
+                .split_inclusive(|&b| b == b'\n')
+                .any(|line| line.len() > MAX_LINE);
+        if too_long {
+            let e = BodyError::LineTooLong { max: MAX_LINE };
+            self.unscanned = Some(e.clone());
+            if v.enforce {
+                return Err(e);
             }
+            self.bypass = true;
+            return Ok(std::mem::take(&mut self.pending));
+        }
+        let rest = self.pending.split_off(complete);
+        let lines = std::mem::replace(&mut self.pending, rest);
+        let mut out = Vec::with_capacity(lines.len());
+        for line in lines.split_inclusive(|&b| b == b'\n') {
             out.extend(self.line(v, line)?);
         }
         Ok(out)
@@ -552,6 +569,28 @@ mod tests {
         assert_eq!(
             lines.push(&mut v, &vec![b'1'; MAX_LINE + 1]),
             Err(BodyError::LineTooLong { max: MAX_LINE })
+        );
+        // In monitor mode the same line, and everything after it, passes as it is.
+        reg.apply("vm-2", &spec(false), &[]).unwrap();
+        let monitor = reg.get("vm-2").unwrap();
+        let mut m = lock(&monitor);
+        let mut lines = Lines::new(BodyType::Text, Way::Tokenize);
+        let first = format!("{CARD}\n");
+        assert_eq!(
+            lines.push(&mut m, first.as_bytes()).unwrap(),
+            first.as_bytes()
+        );
+        assert_eq!(lines.report.cards, 1);
+        let long = vec![b'x'; MAX_LINE + 2];
+        assert_eq!(lines.push(&mut m, &long).unwrap(), long);
+        assert_eq!(
+            lines.push(&mut m, CARD.as_bytes()).unwrap(),
+            CARD.as_bytes()
+        );
+        assert!(lines.finish(&mut m).unwrap().is_empty());
+        assert_eq!(
+            lines.unscanned,
+            Some(BodyError::LineTooLong { max: MAX_LINE })
         );
         // Invalid UTF-8 around a value: the bytes stay, the value is replaced.
         let mut body = vec![0xff, 0xfe, b' '];

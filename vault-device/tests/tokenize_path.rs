@@ -170,13 +170,25 @@ async fn services_get_real_values_llms_and_the_agent_get_surrogates() {
         format!(r#"{{"reply_to":"{RESPONSE_EMAIL}","card":"{stranger}"}}"#)
     );
 
+    // More surrogates than one link message carries: the relay sends them in several, and the
+    // device restores the last one.
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("user{i:03}@example.org"))
+        .collect();
+    let (tool_result, _) = tokens.lock().tokenize_text(&many.join(" ")).unwrap();
+    let last_surrogate = tool_result.split(' ').next_back().unwrap().to_owned();
+    assert_ne!(last_surrogate, many[299]);
+    let (status, _) = post(proxy, format!(r#"{{"to":"{last_surrogate}"}}"#)).await;
+    assert_eq!(status, 200);
+    assert_eq!(last_body(&w), format!(r#"{{"to":"{}"}}"#, many[299]));
+
     // The audit log holds kinds and counts, never a value.
-    let records = wait_records(&w, 4).await;
+    let records = wait_records(&w, 5).await;
     let restored: Vec<&Value> = records
         .iter()
         .filter(|r| r["direction"] == "request_restored")
         .collect();
-    assert_eq!(restored.len(), 2, "{records:?}");
+    assert_eq!(restored.len(), 3, "{records:?}");
     assert_eq!(restored[0]["counts"]["cards"], 1);
     assert_eq!(restored[1]["counts"]["emails"], 1);
     assert!(
