@@ -331,17 +331,7 @@ pub fn attach(
     sidecar: &Sidecar,
     announced: [u8; 32],
 ) -> VmRelay {
-    relay
-        .attach_vm(
-            vm_dir,
-            VmIdentity {
-                vm_id: VM.into(),
-                boot_id: sidecar.boot_id,
-                sidecar_public_key: announced,
-                tokens: None,
-            },
-        )
-        .unwrap()
+    attach_with(relay, vm_dir, sidecar, announced, None)
 }
 
 /// [`attach`] for an agent whose tokenizer the host shares with the device.
@@ -351,14 +341,24 @@ pub fn attach_tokenized(
     sidecar: &Sidecar,
     tokens: Arc<host_agent::mcp::AgentTokens>,
 ) -> VmRelay {
+    attach_with(relay, vm_dir, sidecar, sidecar.public, Some(tokens))
+}
+
+fn attach_with(
+    relay: &Arc<Relay>,
+    vm_dir: &Path,
+    sidecar: &Sidecar,
+    announced: [u8; 32],
+    tokens: Option<Arc<host_agent::mcp::AgentTokens>>,
+) -> VmRelay {
     relay
         .attach_vm(
             vm_dir,
             VmIdentity {
                 vm_id: VM.into(),
                 boot_id: sidecar.boot_id,
-                sidecar_public_key: sidecar.public,
-                tokens: Some(tokens),
+                sidecar_public_key: announced,
+                tokens,
             },
         )
         .unwrap()
