@@ -30,14 +30,21 @@ fn boot_echo_and_reset(spec: VmSpec, len: usize) -> String {
     println!("host-initiated echo: {len} bytes each way in {took:?}");
 
     // Guest-initiated: the sidecar connects to our listener on vsock.sock_<port>.
+    // Bounded: a connection that never comes is a failure with the sidecar's answer and the
+    // console, not a hang until the tier's timeout.
     let listener = vm.listen(GUEST_INITIATED_PORT).expect("listen");
     control
         .send(&HostToGuest::EchoConnect {
             port: GUEST_INITIATED_PORT,
         })
         .expect("send EchoConnect");
-    listener.set_nonblocking(false).unwrap();
-    let (stream, _) = listener.accept().expect("guest-initiated connection");
+    let stream = match vm.accept_within(&listener, BOOT) {
+        Ok(stream) => stream,
+        Err(e) => panic!(
+            "guest-initiated connection: {e:#}\nthe sidecar's next control message: {:?}",
+            control.recv(Duration::from_secs(2))
+        ),
+    };
     let took = echo_round_trip(stream, &pattern(len, 2), IO).expect("guest-initiated echo");
     println!("guest-initiated echo: {len} bytes each way in {took:?}");
 

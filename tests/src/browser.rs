@@ -120,7 +120,8 @@ impl Cdp {
     }
 }
 
-/// The Chromium process (killed on drop) and its throwaway profile directory.
+/// The Chromium process group (killed on drop: the browser and every helper process it
+/// started, so none lingers to slow the tests that follow) and its throwaway profile directory.
 #[derive(Debug)]
 pub struct Browser {
     child: tokio::process::Child,
@@ -129,6 +130,13 @@ pub struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) with a negative pid signals that process group; the group is the
+            // one `launch` created for this child (`process_group(0)`), so nothing else is hit.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
         let _ = self.child.start_kill();
     }
 }
@@ -155,6 +163,7 @@ pub async fn launch(bin: &str, timeout: Duration) -> Result<(Browser, Cdp)> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
+        .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {bin}"))?;
     let stderr = child.stderr.take().context("no stderr")?;

@@ -280,6 +280,29 @@ impl TestVm {
         )?)
     }
 
+    /// Accepts the next connection on `listener` (from [`TestVm::listen`]) within `timeout`.
+    pub fn accept_within(&self, listener: &UnixListener, timeout: Duration) -> Result<UnixStream> {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "no connection within {timeout:?}; console:\n{}",
+                        self.console()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Waits for the VMM process to exit and collects its report.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<VmExit> {
         let deadline = Instant::now() + timeout;
