@@ -236,15 +236,6 @@ pub fn counts(r: &Report) -> TokenCounts {
     }
 }
 
-/// Adds `more` to `to`.
-pub fn add(to: &mut Report, more: &Report) {
-    to.cards += more.cards;
-    to.ssns += more.ssns;
-    to.emails += more.emails;
-    to.api_keys += more.api_keys;
-    to.skipped += more.skipped;
-}
-
 /// Why a body could not be tokenized.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
@@ -416,7 +407,7 @@ impl Lines {
                     Way::Restore => v.tokenizer.detokenize_json(&value),
                 }
                 .map_err(tok_err)?;
-                add(&mut self.report, &report);
+                self.report.merge(report);
                 if !v.enforce || report.total() == 0 {
                     return Ok(line.to_vec());
                 }
@@ -432,7 +423,7 @@ impl Lines {
             Way::Restore => v.tokenizer.detokenize_bytes(line),
         }
         .map_err(tok_err)?;
-        add(&mut self.report, &report);
+        self.report.merge(report);
         Ok(if v.enforce { out } else { line.to_vec() })
     }
 }

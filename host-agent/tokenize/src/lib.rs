@@ -156,7 +156,8 @@ impl Report {
         *n += 1;
     }
 
-    fn merge(&mut self, other: Report) {
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: Report) {
         self.cards += other.cards;
         self.ssns += other.ssns;
         self.emails += other.emails;
