@@ -3,7 +3,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use nanoclaw_tests::{Daemon, GuestImage, workspace_root};
+use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, RUN_TIMEOUT, workspace_root};
 
 const AGENT: Duration = Duration::from_secs(240);
 
@@ -20,10 +20,17 @@ fn run_ok(out: &Output) -> (String, String) {
     (text(&out.stdout), text(&out.stderr))
 }
 
+/// `nanoclaw ARGS`, waited for up to `timeout`; a failure to finish shows the daemon's log.
+fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
+    d.nanoclaw(args)
+        .output_within(timeout)
+        .unwrap_or_else(|e| panic!("nanoclaw {args:?}: {e:#}\ndaemon log:\n{}", d.log()))
+}
+
 fn detach(d: &Daemon, cmd: &[&str]) -> String {
     let mut args = vec!["run", "--detach", "--"];
     args.extend_from_slice(cmd);
-    let out = d.nanoclaw(&args).output().expect("nanoclaw run --detach");
+    let out = nanoclaw(d, &args, RUN_TIMEOUT);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_owned();
     assert!(
@@ -34,7 +41,7 @@ fn detach(d: &Daemon, cmd: &[&str]) -> String {
 }
 
 fn logs(d: &Daemon, id: &str) -> String {
-    let out = d.nanoclaw(&["logs", id]).output().expect("nanoclaw logs");
+    let out = nanoclaw(d, &["logs", id], CLI_TIMEOUT);
     text(&out.stdout)
 }
 
@@ -42,16 +49,17 @@ fn logs(d: &Daemon, id: &str) -> String {
 #[ignore = "e2e: run through scripts/e2e"]
 fn run_prints_the_output_and_exits_with_the_agent_code() {
     let d = daemon();
-    let out = d
-        .nanoclaw(&[
+    let out = nanoclaw(
+        &d,
+        &[
             "run",
             "--",
             "/bin/sh",
             "-c",
             "echo hi; echo oops >&2; exit 3",
-        ])
-        .output()
-        .expect("nanoclaw run");
+        ],
+        RUN_TIMEOUT,
+    );
     let (stdout, stderr) = run_ok(&out);
     assert_eq!(
         out.status.code(),
@@ -80,10 +88,11 @@ fn two_agents_do_not_see_each_others_files_or_processes() {
     })
     .expect("agent A runs");
     // B runs while A does, and looks for both.
-    let out = d
-        .nanoclaw(&["run", "--", "/bin/sh", "-c", "ls -a /tmp; ps; echo b-done"])
-        .output()
-        .expect("nanoclaw run B");
+    let out = nanoclaw(
+        &d,
+        &["run", "--", "/bin/sh", "-c", "ls -a /tmp; ps; echo b-done"],
+        RUN_TIMEOUT,
+    );
     let (stdout, stderr) = run_ok(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
     assert!(stdout.contains("b-done"), "{stdout}");
@@ -98,7 +107,7 @@ fn two_agents_do_not_see_each_others_files_or_processes() {
         info["status"], "running",
         "A still runs while B ran: {info}"
     );
-    let stop = d.nanoclaw(&["stop", &a]).output().expect("nanoclaw stop");
+    let stop = nanoclaw(&d, &["stop", &a], CLI_TIMEOUT);
     assert!(stop.status.success(), "{}", text(&stop.stderr));
     d.wait_for(&a, AGENT, "stopped", |i| i["status"] == "stopped")
         .expect("A stops");
@@ -153,7 +162,7 @@ fn a_guest_sending_garbage_is_cut_off_and_the_daemon_stays_healthy() {
     let errors = info["guest_protocol_errors"].as_u64().unwrap_or(0);
     assert!(errors >= 60, "every garbage connection is counted: {info}");
 
-    let console = d.nanoclaw(&["logs", &id, "--console"]).output().unwrap();
+    let console = nanoclaw(&d, &["logs", &id, "--console"], CLI_TIMEOUT);
     let console = text(&console.stdout);
     assert!(
         console.contains("done: 60 of 60 connections closed by the host"),
@@ -167,6 +176,6 @@ fn a_guest_sending_garbage_is_cut_off_and_the_daemon_stays_healthy() {
         "the log is rate-limited ({warned} lines):\n{log}"
     );
     assert!(d.is_running(), "the daemon survives");
-    let ps = d.nanoclaw(&["ps"]).output().unwrap();
+    let ps = nanoclaw(&d, &["ps"], CLI_TIMEOUT);
     assert!(ps.status.success(), "the daemon still answers");
 }

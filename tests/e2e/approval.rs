@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nanoclaw_tests::browser::{self, Cdp};
-use nanoclaw_tests::{Daemon, GuestImage, workspace_root};
+use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, workspace_root};
 use serde_json::{Value, json};
 
 /// The agent: a busybox shell script that deletes two files through the MCP endpoint. (No
@@ -113,7 +113,7 @@ impl Agent {
                 "--file",
                 &audit.to_string_lossy(),
             ])
-            .output()
+            .output_within(CLI_TIMEOUT)
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         format!(
@@ -133,7 +133,9 @@ fn next_pending(
 ) -> Result<Value> {
     let deadline = Instant::now() + timeout;
     loop {
-        let out = d.nanoclaw(&["approvals", "--json"]).output()?;
+        let out = d
+            .nanoclaw(&["approvals", "--json"])
+            .output_within(CLI_TIMEOUT)?;
         ensure!(
             out.status.success(),
             "nanoclaw approvals: {}",
@@ -213,7 +215,7 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     // 1. A passkey (user verification on), registered through the one-time link.
     let out = d
         .nanoclaw(&["approvals", "--register-link"])
-        .output()
+        .output_within(CLI_TIMEOUT)
         .expect("nanoclaw approvals --register-link");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}");
@@ -363,7 +365,7 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     let audit_arg = audit.to_string_lossy().into_owned();
     let out = d
         .nanoclaw(&["audit", "verify", "--file", &audit_arg])
-        .output()
+        .output_within(CLI_TIMEOUT)
         .expect("nanoclaw audit verify");
     let verified = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -373,7 +375,7 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     );
     let out = d
         .nanoclaw(&["audit", "tail", "-n", "1000", "--file", &audit_arg])
-        .output()
+        .output_within(CLI_TIMEOUT)
         .expect("nanoclaw audit tail");
     let tail = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{tail}");
@@ -411,7 +413,7 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     std::fs::write(&audit, tampered).expect("write the tampered log");
     let out = d
         .nanoclaw(&["audit", "verify", "--file", &audit_arg])
-        .output()
+        .output_within(CLI_TIMEOUT)
         .expect("nanoclaw audit verify");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "a tampered log verified: {stderr}");

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nanoclaw_tests::{GuestImage, host_agent_bin, nanoclaw_bin};
+use nanoclaw_tests::{
+    CLI_TIMEOUT, GuestImage, OutputWithin, RUN_TIMEOUT, host_agent_bin, nanoclaw_bin,
+};
 use shared_proto::credential::GUEST_PROXY_PORT;
 
 /// Kills the processes it holds when dropped.
@@ -28,7 +30,7 @@ impl Drop for Reaper {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
+    let out = cmd.output_within(CLI_TIMEOUT).expect("run");
     assert!(
         out.status.success(),
         "{cmd:?}: {}{}",
@@ -256,10 +258,7 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
         .arg("--socket")
         .arg(&socket)
         .args(["run", "--", "/bin/sh", "-c", &script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("nanoclaw run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .output_within(RUN_TIMEOUT);
     let logs = || {
         format!(
             "daemon log:\n{}\ndevice log:\n{}",
@@ -267,6 +266,8 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
             std::fs::read_to_string(p.join("device.log")).unwrap_or_default()
         )
     };
+    let out = out.unwrap_or_else(|e| panic!("nanoclaw run: {e:#}\n{}", logs()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
         Some(0),

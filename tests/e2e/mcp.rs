@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use nanoclaw_tests::{Daemon, GuestImage, workspace_root};
+use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, RUN_TIMEOUT, workspace_root};
 
 const CARD: &str = "4111 1111 1111 1111";
 const EMAIL: &str = "alice.smith@example.com";
@@ -102,8 +102,8 @@ args.path = {{ prefix = "/data/" }}
             "-c",
             &agent,
         ])
-        .output()
-        .expect("nanoclaw run");
+        .output_within(RUN_TIMEOUT)
+        .unwrap_or_else(|e| panic!("nanoclaw run: {e:#}\ndaemon:\n{}", d.log()));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}\ndaemon:\n{}", d.log());
@@ -171,7 +171,7 @@ args.path = {{ prefix = "/data/" }}
     assert!(info["spec"]["profile"].is_string(), "{info}");
     let logs = d
         .nanoclaw(&["logs", &child_id])
-        .output()
+        .output_within(CLI_TIMEOUT)
         .expect("nanoclaw logs");
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("child-ran"), "child logs: {logs} {info}");

@@ -11,7 +11,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -435,6 +436,78 @@ pub fn echo_round_trip(stream: UnixStream, data: &[u8], timeout: Duration) -> Re
     Ok(start.elapsed())
 }
 
+/// How long a quick CLI call (`nanoclaw ps`, `inspect`, `audit verify`) may take. Generous: in L1
+/// (software emulation) a debug binary is first read over 9p, which takes tens of seconds on a
+/// loaded machine.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How long a command that boots a microVM and runs an agent in it (`nanoclaw run`) may take.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// [`Command::output`] with a deadline. An e2e test that waits on a stuck program must fail with
+/// that program's output, never hang the tier.
+pub trait OutputWithin {
+    /// Runs the command with stdin from /dev/null and its stdout and stderr collected, like
+    /// [`Command::output`]. If it has not exited within `timeout`, kills it and fails with what
+    /// it had printed.
+    fn output_within(&mut self, timeout: Duration) -> Result<Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, timeout: Duration) -> Result<Output> {
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {self:?}"))?;
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // A grandchild that kept the pipes open must not hold us here either.
+        let collect = |rx: mpsc::Receiver<Vec<u8>>| {
+            rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+        };
+        let (stdout, stderr) = (collect(stdout), collect(stderr));
+        match status {
+            Some(status) => Ok(Output {
+                status,
+                stdout,
+                stderr,
+            }),
+            None => bail!(
+                "{self:?} still running after {timeout:?}, killed; its stdout so far:\n{}\nits stderr so far:\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            ),
+        }
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own; the receiver gets everything read.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        let _ = tx.send(buf);
+    });
+    rx
+}
+
 /// The `nanoclaw` CLI next to the `host-agent` binary under test.
 pub fn nanoclaw_bin() -> PathBuf {
     host_agent_bin().with_file_name("nanoclaw")
@@ -515,7 +588,12 @@ impl Daemon {
         // over 9p before they run, which takes tens of seconds on a loaded machine.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if self.nanoclaw(&["ps"]).output()?.status.success() {
+            if self
+                .nanoclaw(&["ps"])
+                .output_within(CLI_TIMEOUT)?
+                .status
+                .success()
+            {
                 return Ok(());
             }
             if let Some(status) = self
@@ -560,7 +638,9 @@ impl Daemon {
 
     /// `nanoclaw inspect ID --json`, parsed.
     pub fn inspect(&self, id: &str) -> Result<serde_json::Value> {
-        let out = self.nanoclaw(&["inspect", id, "--json"]).output()?;
+        let out = self
+            .nanoclaw(&["inspect", id, "--json"])
+            .output_within(CLI_TIMEOUT)?;
         ensure!(
             out.status.success(),
             "inspect {id}: {}",
