@@ -222,3 +222,40 @@ fn runner_in_l1_sees_a_working_directory_under_tmp() {
         format!("seen from L1\n{}\ntmp-ok\n", dir.path().display())
     );
 }
+
+#[test]
+fn runner_ends_a_hung_l1_as_an_l1_death_and_shows_what_it_last_said() {
+    // Once the heartbeat has listed its `sleep 601`, the command stops the heartbeat (a child of
+    // L1's /init, named like it), which is what a hung L1 looks like from outside.
+    let start = Instant::now();
+    let out = Command::new(repo().join("scripts/nested-run"))
+        .args(["--mode", "l1", "--timeout", "300", "--"])
+        .args([
+            "sh",
+            "-c",
+            "sleep 601 & \
+             until grep -q ' sleep 601$' /tmp/scratch/.l1-status 2>/dev/null; do sleep 1; done; \
+             for p in $(pgrep -P 1 -x init); do kill -STOP $p; done; echo stopped; wait",
+        ])
+        .env("NANOCLAW_L1_SILENT_AFTER", "20")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(200),
+        "not stopped early"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "stopped\n");
+    assert!(
+        err.contains("L1 is hung during stage 'command' (no heartbeat for 20 s)"),
+        "{err}"
+    );
+    // The last heartbeat lists the command; QMP names where the vCPUs are and shows the clock.
+    assert!(err.contains("L1's last heartbeat"), "{err}");
+    assert!(err.lines().any(|l| l.ends_with(" sleep 601")), "{err}");
+    assert!(
+        err.contains("sample 0: cpu0 ") && err.contains("jiffies "),
+        "{err}"
+    );
+}
