@@ -27,6 +27,25 @@ fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
         .unwrap_or_else(|e| panic!("nanoclaw {args:?}: {e:#}\ndaemon log:\n{}", d.log()))
 }
 
+/// What a failure shows: the daemon's log, then each VM's console and VMM log.
+fn vm_records(d: &Daemon) -> String {
+    let mut out = format!("daemon log:\n{}", d.log());
+    let mut dirs: Vec<_> = std::fs::read_dir(d.state_dir().join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        for file in ["console.log", "vmm.log"] {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            out += &format!("\n{} {file}:\n{text}", dir.display());
+        }
+    }
+    out
+}
+
 fn detach(d: &Daemon, cmd: &[&str]) -> String {
     let mut args = vec!["run", "--detach", "--"];
     args.extend_from_slice(cmd);
@@ -94,7 +113,12 @@ fn two_agents_do_not_see_each_others_files_or_processes() {
         RUN_TIMEOUT,
     );
     let (stdout, stderr) = run_ok(&out);
-    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {stderr}\n{}",
+        vm_records(&d)
+    );
     assert!(stdout.contains("b-done"), "{stdout}");
     assert!(
         stdout.contains(" ps"),
