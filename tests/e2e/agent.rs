@@ -20,30 +20,11 @@ fn run_ok(out: &Output) -> (String, String) {
     (text(&out.stdout), text(&out.stderr))
 }
 
-/// `nanoclaw ARGS`, waited for up to `timeout`; a failure to finish shows the daemon's log.
+/// `nanoclaw ARGS`, waited for up to `timeout`; a failure to finish shows [`Daemon::records`].
 fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
     d.nanoclaw(args)
         .output_within(timeout)
-        .unwrap_or_else(|e| panic!("nanoclaw {args:?}: {e:#}\ndaemon log:\n{}", d.log()))
-}
-
-/// What a failure shows: the daemon's log, then each VM's console and VMM log.
-fn vm_records(d: &Daemon) -> String {
-    let mut out = format!("daemon log:\n{}", d.log());
-    let mut dirs: Vec<_> = std::fs::read_dir(d.state_dir().join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    dirs.sort();
-    for dir in dirs {
-        for file in ["console.log", "vmm.log"] {
-            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-            out += &format!("\n{} {file}:\n{text}", dir.display());
-        }
-    }
-    out
+        .unwrap_or_else(|e| panic!("nanoclaw {args:?}: {e:#}\n{}", d.records()))
 }
 
 fn detach(d: &Daemon, cmd: &[&str]) -> String {
@@ -117,7 +98,7 @@ fn two_agents_do_not_see_each_others_files_or_processes() {
         out.status.code(),
         Some(0),
         "{stdout} {stderr}\n{}",
-        vm_records(&d)
+        d.records()
     );
     assert!(stdout.contains("b-done"), "{stdout}");
     assert!(

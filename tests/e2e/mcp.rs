@@ -103,7 +103,7 @@ args.path = {{ prefix = "/data/" }}
             &agent,
         ])
         .output_within(RUN_TIMEOUT)
-        .unwrap_or_else(|e| panic!("nanoclaw run: {e:#}\ndaemon:\n{}", d.log()));
+        .unwrap_or_else(|e| panic!("nanoclaw run: {e:#}\n{}", d.records()));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}\ndaemon:\n{}", d.log());

@@ -550,6 +550,25 @@ impl Daemon {
         self.dir.path().join("state")
     }
 
+    /// What a failure shows: the daemon's log, then each VM's console and VMM log.
+    pub fn records(&self) -> String {
+        let mut out = format!("daemon log:\n{}", self.log());
+        let mut dirs: Vec<_> = std::fs::read_dir(self.state_dir().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            for file in ["console.log", "vmm.log"] {
+                let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                out += &format!("\n{} {file}:\n{text}", dir.display());
+            }
+        }
+        out
+    }
+
     /// The API socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("api.sock")
