@@ -22,7 +22,7 @@ TIMEOUT = 120.0
 
 
 def ours(args, kernel, vm_dir, extra=""):
-    return [args.host_agent, "vmm", "--kernel", kernel, "--initrd", args.initrd,
+    return [args.vmm, "--kernel", kernel, "--initrd", args.initrd,
             "--vm-dir", vm_dir, "--memory-mib", str(MEM_MIB), "--vcpus", "1",
             "--console", "-", "--cmdline-extra", (CMDLINE + " " + extra).strip()]
 
@@ -109,7 +109,7 @@ def sample_rss(args, kernel):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--host-agent", required=True)
+    p.add_argument("--vmm", required=True)
     p.add_argument("--bzimage", required=True)
     p.add_argument("--vmlinux", required=True)
     p.add_argument("--initrd", required=True)

@@ -1,5 +1,5 @@
 """Presidio half of scripts/bench-tokenize: runs Microsoft Presidio's AnalyzerEngine on the
-corpus files that `cargo bench -p host-agent --bench tokenize -- gen DIR` wrote, one analyze()
+corpus files that `cargo bench -p nanoclaw-tokenize --bench tokenize -- gen DIR` wrote, one analyze()
 call per document, and writes its detections and timings to a JSON file that the Rust bench's
 `run DIR PRESIDIO_JSON` puts in the comparison table.
 

@@ -4,11 +4,8 @@
 //! byte from a guest as hostile and re-checks every decision the sidecar makes.
 //!
 //! # Layout
-//! - [`vmm`]: the virtual machine monitor. One VMM process per microVM (the daemon re-executes
-//!   itself in VMM mode), built on the rust-vmm crates: KVM, guest memory, the Linux loader, the
-//!   8250 serial console, i8042 reset and a userspace virtio-vsock device with a hybrid
-//!   (Unix-socket) backend.
-//! - [`daemon`]: `host-agent serve`, the daemon that starts one VMM per agent, relays its
+//! - [`daemon`]: `host-agent serve`, the daemon that starts one VMM process (`nanoclaw-vmm`,
+//!   its own crate under `host-agent/vmm/`) per agent, relays its
 //!   control channel, keeps per-VM state on disk across restarts and serves the API.
 //! - [`approval`]: sensitive actions wait for the user's passkey: the subject of an approval
 //!   and the [`approval::Approver`] the MCP gateway and the credential relay ask.
@@ -24,11 +21,6 @@
 //! - [`policy`]: access profiles (TOML the user writes) compiled to Cedar and decided by
 //!   `cedar-policy`: visible tools, argument constraints, approval rules, tiers, and the
 //!   comparison that keeps a spawned agent within its orchestrator's rights.
-//! - [`tokenize`]: format-preserving surrogates (FF1) for card numbers, SSNs, emails and API
-//!   keys in what flows to an agent, restored in what leaves it; a library with no I/O, kept
-//!   in its own crate (`host-agent/tokenize/`, `nanoclaw-tokenize`) because the user's device
-//!   runs it too, on the credential path the host sees only as ciphertext
-//!   ([`mcp::AgentTokens`] is the agent's tokenizer both share).
 //! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
 //!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
 //!   sessions it carries to the device as ciphertext.
@@ -42,8 +34,6 @@ pub mod mcp;
 pub mod notify;
 pub mod policy;
 pub mod relay;
-pub use nanoclaw_tokenize as tokenize;
-pub mod vmm;
 
 /// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the
 /// binaries print errors and how the daemon logs them.

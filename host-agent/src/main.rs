@@ -1,15 +1,10 @@
-//! The `host-agent` binary: `serve` runs the daemon, and `vmm` runs one microVM in this process
-//! (the daemon re-executes this binary in that mode). All logic lives in the library; this file
-//! parses arguments, sets up logging and maps the outcome to an exit code.
+//! The `host-agent` binary: `serve` runs the daemon, which starts one `nanoclaw-vmm` process per
+//! agent VM. All logic lives in the library; this file parses arguments and maps the outcome to
+//! an exit code.
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand};
-use host_agent::error_chain;
-use host_agent::vmm::{self, ConsoleTarget, VmConfig};
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "host-agent", about = "The Nanoclaw host agent", version)]
@@ -22,104 +17,17 @@ struct Cli {
 enum Command {
     /// Run the daemon: the API socket and one VMM process per agent VM.
     Serve(host_agent::daemon::ServeArgs),
-    /// Boot one microVM in this process and run it until it ends.
-    ///
-    /// Exit status: 0 guest reset, 10 power-off/halt, 11 kernel panic, 12 vCPU failure,
-    /// 13 stopped by SIGTERM/SIGINT, 1 setup error.
-    Vmm(VmmArgs),
-}
-
-#[derive(Debug, Args)]
-struct VmmArgs {
-    /// Guest kernel: a bzImage or an ELF vmlinux.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Guest initramfs.
-    #[arg(long)]
-    initrd: PathBuf,
-    /// The VM's directory (vsock.sock, exit.json, console.log by default). Created if missing.
-    #[arg(long)]
-    vm_dir: PathBuf,
-    /// Extra kernel command-line arguments, appended last.
-    #[arg(long)]
-    cmdline_extra: Option<String>,
-    /// Guest RAM in MiB (at least 64).
-    #[arg(long, default_value_t = 128)]
-    memory_mib: u64,
-    /// Number of vCPUs (1 to 32).
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// The guest's vsock CID.
-    #[arg(long, default_value_t = 3)]
-    cid: u64,
-    /// Console destination: a file path, or `-` for standard output. Default: <vm-dir>/console.log.
-    #[arg(long)]
-    console: Option<PathBuf>,
-    /// Console bytes kept; later output is dropped and counted.
-    #[arg(long, default_value_t = vmm::DEFAULT_CONSOLE_CAP)]
-    console_cap: u64,
-}
-
-impl VmmArgs {
-    fn into_config(self) -> VmConfig {
-        let console = match self.console {
-            Some(p) if p.as_os_str() == "-" => ConsoleTarget::Stdout,
-            Some(p) => ConsoleTarget::File(p),
-            None => ConsoleTarget::File(self.vm_dir.join("console.log")),
-        };
-        VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            vm_dir: self.vm_dir,
-            cmdline_extra: self.cmdline_extra,
-            memory_mib: self.memory_mib,
-            vcpus: self.vcpus,
-            cid: self.cid,
-            console,
-            console_cap: self.console_cap,
-        }
-    }
 }
 
 fn main() -> ExitCode {
-    // The boot timer starts here, before anything else.
-    let process_start = Instant::now();
     let cli = Cli::parse();
-    let args = match cli.command {
-        Command::Serve(args) => {
-            return match host_agent::daemon::serve_main(args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("host-agent: error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Command::Vmm(args) => args,
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-
-    let config = args.into_config();
-    match vmm::run(&config, process_start) {
-        Ok(report) => {
-            tracing::info!(
-                reason = report.reason.as_str(),
-                exit_code = report.exit_code,
-                boot_to_ready_ms = report.boot_to_ready_ms,
-                "VMM exiting"
-            );
-            ExitCode::from(report.exit_code as u8)
-        }
-        Err(e) => {
-            eprintln!("nanoclaw-vmm: error: {}", error_chain(&e));
-            ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8)
-        }
+    match cli.command {
+        Command::Serve(args) => match host_agent::daemon::serve_main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("host-agent: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

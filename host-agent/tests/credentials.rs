@@ -6,7 +6,7 @@
 //! This test binary plays four roles, chosen by its first argument (it runs without libtest's
 //! harness so that it can):
 //! - `serve ...`: the real daemon, through `host_agent::daemon::serve_main`;
-//! - `vmm ...`: a FAKE VMM passed as `--vmm-bin`: it plays the sidecar, saying `Hello` with a
+//! - `--kernel ...`: a FAKE VMM passed as `--vmm-bin`: it plays the sidecar, saying `Hello` with a
 //!   real boot key and then running the sidecar's real proxy code (`vpod_sidecar::proxy`) with
 //!   the VM's `vsock.sock_1025` in place of vsock, and starts the agent;
 //! - `agent PORT DIR`: the agent, a separate process that calls the proxy;
@@ -35,7 +35,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(&args[1..]),
-        Some("vmm") => fake_vmm(&args[2..]),
+        // The daemon runs its VMM binary as `BIN --kernel ...`.
+        Some("--kernel") => fake_vmm(&args[1..]),
         Some("agent") => agent(&args[2], Path::new(&args[3])),
         _ => {
             // `cargo test` passes libtest flags; a name filter that is not ours skips the test.

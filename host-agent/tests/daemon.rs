@@ -4,7 +4,7 @@
 //! This test binary plays three roles, chosen by its first argument (it runs without libtest's
 //! harness so that it can):
 //! - `serve ...`: the real daemon, through `host_agent::daemon::serve_main`;
-//! - `vmm ...`: a FAKE VMM, passed to the daemon as `--vmm-bin`. It plays the sidecar: it
+//! - `--kernel ...`: a FAKE VMM, passed to the daemon as `--vmm-bin`. It plays the sidecar: it
 //!   connects to `<vm-dir>/vsock.sock_<CONTROL_PORT>`, speaks `shared-proto`, acts out the
 //!   agent named in `RunAgent` (see [`fake_agent`]), writes `exit.json` and exits;
 //! - no role: run the tests below, each against its own daemon and state directory.
@@ -28,7 +28,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(&args[1..]),
-        Some("vmm") => fake_vmm(&args[2..]),
+        // The daemon runs its VMM binary as `BIN --kernel ...`.
+        Some("--kernel") => fake_vmm(&args[1..]),
         _ => run_tests(&args[1..]),
     }
 }

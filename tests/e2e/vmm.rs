@@ -1,6 +1,6 @@
 //! Our VMM boots the guest image and carries vsock traffic both ways.
 //!
-//! Each test boots one microVM with `host-agent vmm`; the sidecar (PID 1) says hello on the
+//! Each test boots one microVM with the `nanoclaw-vmm` binary; the sidecar (PID 1) says hello on the
 //! control port, then the host pushes 1 MiB through a host-initiated connection (hybrid
 //! `CONNECT`) and 1 MiB through a guest-initiated one (`EchoConnect`), checking the echo byte for
 //! byte. `Shutdown` makes the sidecar reset the guest, which must end the VMM with status 0.

@@ -1,7 +1,7 @@
 //! End-to-end test fixtures: find the guest image and `host-agent`, boot a microVM with our VMM,
 //! and talk to its sidecar the way the host does.
 //!
-//! `TestVm::boot(&spec)` spawns `host-agent vmm` in a fresh VM directory after binding the host
+//! `TestVm::boot(&spec)` spawns the `nanoclaw-vmm` binary in a fresh VM directory after binding the host
 //! control listener (`vsock.sock_<CONTROL_PORT>`), so the sidecar's first connection finds it.
 //! Everything it starts is killed when it is dropped.
 //!
@@ -136,9 +136,8 @@ impl TestVm {
             Kernel::BzImage => &image.bzimage,
             Kernel::Vmlinux => &image.vmlinux,
         };
-        let mut cmd = Command::new(host_agent_bin());
-        cmd.arg("vmm")
-            .arg("--kernel")
+        let mut cmd = Command::new(vmm_bin());
+        cmd.arg("--kernel")
             .arg(kernel)
             .arg("--initrd")
             .arg(&image.initramfs)
@@ -154,7 +153,7 @@ impl TestVm {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("spawn {}", host_agent_bin().display()))?;
+            .with_context(|| format!("spawn {}", vmm_bin().display()))?;
         Ok(Self {
             child: Some(child),
             dir,
@@ -506,6 +505,11 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>> {
         let _ = tx.send(buf);
     });
     rx
+}
+
+/// The `nanoclaw-vmm` binary beside the `host-agent` binary under test.
+pub fn vmm_bin() -> PathBuf {
+    host_agent_bin().with_file_name("nanoclaw-vmm")
 }
 
 /// The `nanoclaw` CLI next to the `host-agent` binary under test.

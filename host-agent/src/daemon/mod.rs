@@ -2,7 +2,7 @@
 //! relays the agent's control channel, and serves the HTTP/JSON API of [`crate::api`] on a Unix
 //! socket.
 //!
-//! - Each VM is one VMM process (this binary re-executed as `vmm ...`, or `--vmm-bin`), started
+//! - Each VM is one VMM process (the `nanoclaw-vmm` binary beside this one, or `--vmm-bin`), started
 //!   in its own session with its stdio in `<vm-dir>/vmm.log`, so it outlives the daemon.
 //! - The state of each VM lives in `<state-dir>/vms/<id>/` ([`state`]). On start the daemon
 //!   re-attaches every VM whose VMM still runs (same pid and start time): it re-binds the
@@ -63,8 +63,8 @@ pub enum DaemonError {
     /// A guest image file is missing.
     #[error("guest image file {} is missing", .0.display())]
     MissingImage(PathBuf),
-    /// Finding our own executable failed.
-    #[error("cannot find the host-agent executable for --vmm-bin")]
+    /// Finding our own executable (whose sibling is the VMM binary) failed.
+    #[error("cannot find the host-agent executable, whose sibling is the default --vmm-bin")]
     CurrentExe(#[source] std::io::Error),
     /// Creating a directory failed.
     #[error("cannot create {}", .path.display())]
@@ -140,7 +140,8 @@ pub struct ServeArgs {
     /// A `guest-image/build` manifest (KERNEL_VMLINUX or KERNEL_BZIMAGE, and INITRAMFS).
     #[arg(long)]
     pub guest_manifest: Option<PathBuf>,
-    /// The VMM binary, run as `BIN vmm ...` (default: this executable).
+    /// The VMM binary, run as `BIN --kernel ... --vm-dir ...` (default: `nanoclaw-vmm` beside this
+    /// executable).
     #[arg(long)]
     pub vmm_bin: Option<PathBuf>,
     /// Seconds between the Shutdown request and SIGTERM (and between SIGTERM and SIGKILL).
@@ -175,6 +176,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub device_listen: Option<std::net::SocketAddr>,
 }
+
+/// The VMM binary's file name; the daemon runs the one beside its own executable by default.
+pub const VMM_BIN_NAME: &str = "nanoclaw-vmm";
 
 /// The daemon's audit log, in the state directory.
 pub const AUDIT_FILE: &str = "audit.ndjson";
@@ -489,7 +493,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     }
     let bin = match args.vmm_bin {
         Some(b) => b,
-        None => std::env::current_exe().map_err(DaemonError::CurrentExe)?,
+        None => std::env::current_exe()
+            .map_err(DaemonError::CurrentExe)?
+            .with_file_name(VMM_BIN_NAME),
     };
     create_dir(&args.state_dir, 0o700)?;
     let _lock = lock_state_dir(&args.state_dir)?;

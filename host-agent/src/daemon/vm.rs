@@ -87,7 +87,7 @@ pub enum VmError {
 /// How to start a VMM.
 #[derive(Debug, Clone)]
 pub struct VmmLaunch {
-    /// The binary, run as `BIN vmm --kernel ... --initrd ... --vm-dir ...`.
+    /// The binary, run as `BIN --kernel ... --initrd ... --vm-dir ...`.
     pub bin: PathBuf,
     /// The guest kernel.
     pub kernel: PathBuf,
@@ -338,8 +338,7 @@ impl Vm {
         let err = out.try_clone().map_err(open_err)?;
         let spec = lock(&self.record).spec.clone();
         let mut cmd = tokio::process::Command::new(&launch.bin);
-        cmd.arg("vmm")
-            .arg("--kernel")
+        cmd.arg("--kernel")
             .arg(&launch.kernel)
             .arg("--initrd")
             .arg(&launch.initrd)

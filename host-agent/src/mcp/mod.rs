@@ -53,7 +53,7 @@ use serde_json::{Map, Value, json};
 use crate::approval::{ApprovalAction, ApprovalSubject, Approver};
 use crate::audit::{self, AuditLog};
 use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier};
-use crate::tokenize::{Mode, Report, Tokenizer};
+use nanoclaw_tokenize::{Mode, Report, Tokenizer};
 
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
 pub use tokens::AgentTokens;
@@ -101,7 +101,7 @@ pub enum McpError {
     Profile(#[source] crate::policy::PolicyError),
     /// Creating the agent's tokenizer failed.
     #[error("tokenizer")]
-    Tokenizer(#[source] crate::tokenize::TokenizeError),
+    Tokenizer(#[source] nanoclaw_tokenize::TokenizeError),
     /// Appending to the audit log failed: the call does not run unrecorded.
     #[error("audit")]
     Audit(#[source] crate::audit::AuditError),
@@ -462,7 +462,7 @@ impl Gateway {
 
     fn with_tokenizer<T>(
         &self,
-        f: impl FnOnce(&mut Tokenizer) -> Result<T, crate::tokenize::TokenizeError>,
+        f: impl FnOnce(&mut Tokenizer) -> Result<T, nanoclaw_tokenize::TokenizeError>,
     ) -> Result<T, (i64, String, Value)> {
         let Some(t) = self.tokenizer.as_ref() else {
             return Err(internal("no tokenizer".into()));

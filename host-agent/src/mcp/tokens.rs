@@ -12,7 +12,7 @@ use rand_core::{OsRng, RngCore};
 use shared_proto::credential::{IssuedToken, MAX_SURROGATE_LEN, TokenKind, TokenizeSpec};
 
 use crate::policy::{Profile, TokenizeMode};
-use crate::tokenize::{Kind, Mode, TokenizeError, Tokenizer};
+use nanoclaw_tokenize::{Kind, Mode, TokenizeError, Tokenizer};
 
 /// An agent's tokenizer and the settings the device gets.
 pub struct AgentTokens {

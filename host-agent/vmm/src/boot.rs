@@ -1,0 +1,423 @@
+//! Loading the guest: the kernel (bzImage or ELF `vmlinux`), the initramfs, the command line and
+//! the zero page (`struct boot_params`) that the 64-bit boot protocol hands the kernel in `rsi`.
+//!
+//! A bzImage is entered at its 64-bit entry (load address + 0x200) and decompresses itself. An ELF
+//! `vmlinux` is entered at its ELF entry point (`startup_64`, a physical address), skipping
+//! decompression; its PVH note is ignored. Both get the same zero page.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, load_cmdline};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestUsize};
+
+use super::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, E820Entry, HIMEM_START, ZERO_PAGE_START, low_ram_end,
+};
+
+/// The fixed part of the guest command line.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Offset of the 64-bit entry point from a bzImage's protected-mode load address.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// `xloadflags`: the kernel has a 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// Boot sector signature.
+const BOOT_FLAG: u16 = 0xaa55;
+/// `HdrS`.
+const HDR_MAGIC: u32 = 0x5372_6448;
+/// "Undefined" boot loader id.
+const LOADER_TYPE_UNDEFINED: u8 = 0xff;
+/// Kernel alignment used for an ELF kernel's synthesised header.
+const ELF_KERNEL_ALIGNMENT: u32 = 0x0100_0000;
+/// Highest initramfs address for kernels that do not say (`initrd_addr_max` default).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
+const PAGE_SIZE: u64 = 0x1000;
+/// `boot_params.e820_table` capacity.
+const E820_MAX_ENTRIES: usize = 128;
+
+/// Errors from loading the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Opening or reading the kernel image failed.
+    #[error("read kernel image {path}")]
+    ReadKernel {
+        /// The kernel path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel is neither an ELF file nor a bzImage.
+    #[error("kernel image {0} is neither an ELF vmlinux nor a bzImage")]
+    UnknownKernelFormat(String),
+    /// The bzImage has no 64-bit entry point.
+    #[error("bzImage {0} has no 64-bit entry point (xloadflags.XLF_KERNEL_64 is clear)")]
+    No64BitEntry(String),
+    /// The linux-loader crate failed to load the kernel.
+    #[error("load kernel {path}")]
+    LoadKernel {
+        /// The kernel path.
+        path: String,
+        /// The loader error.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// Opening or reading the initramfs failed.
+    #[error("read initramfs {path}")]
+    ReadInitrd {
+        /// The initramfs path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initramfs does not fit between the kernel and the top of low RAM.
+    #[error(
+        "initramfs of {size} bytes does not fit in guest RAM above the kernel (end {kernel_end:#x})"
+    )]
+    InitrdTooLarge {
+        /// Initramfs size.
+        size: u64,
+        /// End of the kernel image in guest memory.
+        kernel_end: u64,
+    },
+    /// Copying the initramfs into guest memory failed.
+    #[error("copy initramfs into guest memory")]
+    WriteInitrd(#[source] vm_memory::GuestMemoryError),
+    /// The command line is invalid or too long.
+    #[error("build kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// Copying the command line into guest memory failed.
+    #[error("write kernel command line")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    /// The e820 map has more entries than the zero page holds.
+    #[error("e820 map has {0} entries, more than the zero page holds")]
+    TooManyE820Entries(usize),
+    /// Writing the zero page failed.
+    #[error("write zero page")]
+    WriteZeroPage(#[source] vm_memory::GuestMemoryError),
+}
+
+/// The two kernel image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A compressed bzImage, entered at its 64-bit entry.
+    BzImage,
+    /// An uncompressed ELF `vmlinux`, entered at its ELF entry point.
+    Elf,
+}
+
+/// Tells the format from the first 0x206 bytes of an image.
+pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
+    if head.starts_with(b"\x7fELF") {
+        Some(KernelFormat::Elf)
+    } else if head.get(0x202..0x206) == Some(b"HdrS".as_slice()) {
+        Some(KernelFormat::BzImage)
+    } else {
+        None
+    }
+}
+
+/// Where the kernel landed and how to enter it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// The image format.
+    pub format: KernelFormat,
+    /// The 64-bit entry point (guest physical).
+    pub entry: u64,
+    /// First guest address above everything the kernel occupies while it boots.
+    pub end: u64,
+    /// The bzImage setup header, to be completed into the zero page.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Loads the kernel at `path` into `mem`.
+pub fn load_kernel(mem: &GuestMemoryMmap<()>, path: &Path) -> Result<LoadedKernel, BootError> {
+    let name = path.display().to_string();
+    let read_err = |source| BootError::ReadKernel {
+        path: name.clone(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let mut head = vec![0u8; 0x206];
+    let n = read_up_to(&mut file, &mut head).map_err(read_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let format =
+        detect_format(&head[..n]).ok_or_else(|| BootError::UnknownKernelFormat(name.clone()))?;
+    let load_err = |source| BootError::LoadKernel {
+        path: name.clone(),
+        source,
+    };
+    let himem = Some(GuestAddress(HIMEM_START));
+    match format {
+        KernelFormat::BzImage => {
+            let result = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let hdr = result
+                .setup_header
+                .ok_or_else(|| BootError::UnknownKernelFormat(name.clone()))?;
+            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::No64BitEntry(name));
+            }
+            let load = result.kernel_load.0;
+            // The decompressor needs `init_size` bytes from the (aligned) load address.
+            let end = (load + GuestUsize::from(hdr.init_size)).max(result.kernel_end);
+            Ok(LoadedKernel {
+                format,
+                entry: load + BZIMAGE_64BIT_ENTRY_OFFSET,
+                end,
+                setup_header: Some(hdr),
+            })
+        }
+        KernelFormat::Elf => {
+            let result = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+            Ok(LoadedKernel {
+                format,
+                entry: result.kernel_load.0,
+                end: result.kernel_end,
+                setup_header: None,
+            })
+        }
+    }
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// The highest page-aligned address for an initramfs of `size` bytes that ends below both the top
+/// of low RAM and `addr_max`, and starts above `kernel_end`.
+pub fn initrd_placement(
+    low_ram_end: u64,
+    addr_max: u64,
+    size: u64,
+    kernel_end: u64,
+) -> Option<u64> {
+    let limit = low_ram_end.min(addr_max.saturating_add(1));
+    let start = limit.checked_sub(size)? & !(PAGE_SIZE - 1);
+    let kernel_end = kernel_end.checked_add(PAGE_SIZE - 1)? & !(PAGE_SIZE - 1);
+    (start >= kernel_end).then_some(start)
+}
+
+/// Copies the initramfs at `path` as high as the kernel allows. Returns its address and size.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap<()>,
+    path: &Path,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+) -> Result<(u64, u32), BootError> {
+    let name = path.display().to_string();
+    let read_err = |source| BootError::ReadInitrd {
+        path: name.clone(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let addr_max = kernel
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|&m| m != 0)
+        .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
+    let too_large = BootError::InitrdTooLarge {
+        size,
+        kernel_end: kernel.end,
+    };
+    let size32 = u32::try_from(size).map_err(|_| BootError::InitrdTooLarge {
+        size,
+        kernel_end: kernel.end,
+    })?;
+    let addr =
+        initrd_placement(low_ram_end(mem_size), addr_max, size, kernel.end).ok_or(too_large)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(BootError::WriteInitrd)?;
+    Ok((addr, size32))
+}
+
+/// Assembles the command line: the fixed part, then the virtio-mmio device arguments, then the
+/// user's extra arguments.
+pub fn build_cmdline(device_args: &[String], extra: Option<&str>) -> Result<Cmdline, BootError> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    cmdline
+        .insert_str(BASE_CMDLINE)
+        .map_err(BootError::Cmdline)?;
+    for arg in device_args {
+        cmdline.insert_str(arg).map_err(BootError::Cmdline)?;
+    }
+    if let Some(extra) = extra.map(str::trim).filter(|e| !e.is_empty()) {
+        cmdline.insert_str(extra).map_err(BootError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+/// Copies `cmdline` to its fixed address. Returns its size including the terminating NUL.
+pub fn write_cmdline(mem: &GuestMemoryMmap<()>, cmdline: &Cmdline) -> Result<u32, BootError> {
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::WriteCmdline)?;
+    let len = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .as_bytes_with_nul()
+        .len();
+    Ok(len as u32)
+}
+
+/// Builds the zero page for `kernel` with the command line at [`CMDLINE_START`], the optional
+/// initramfs `(address, size)` and the e820 map.
+pub fn build_boot_params(
+    kernel: &LoadedKernel,
+    cmdline_size: u32,
+    initrd: Option<(u64, u32)>,
+    e820: &[E820Entry],
+) -> Result<boot_params, BootError> {
+    if e820.len() > E820_MAX_ENTRIES {
+        return Err(BootError::TooManyE820Entries(e820.len()));
+    }
+    let hdr = kernel.setup_header.unwrap_or_else(|| setup_header {
+        boot_flag: BOOT_FLAG,
+        header: HDR_MAGIC,
+        kernel_alignment: ELF_KERNEL_ALIGNMENT,
+        ..Default::default()
+    });
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
+    };
+    params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_size;
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size;
+        params.ext_ramdisk_image = (addr >> 32) as u32;
+    }
+    for (slot, entry) in params.e820_table.iter_mut().zip(e820) {
+        slot.addr = entry.addr;
+        slot.size = entry.size;
+        slot.r#type = entry.kind;
+    }
+    params.e820_entries = e820.len() as u8;
+    Ok(params)
+}
+
+/// Writes the zero page.
+pub fn write_boot_params(mem: &GuestMemoryMmap<()>, params: &boot_params) -> Result<(), BootError> {
+    mem.write_obj(*params, GuestAddress(ZERO_PAGE_START))
+        .map_err(BootError::WriteZeroPage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::e820_map;
+
+    #[test]
+    fn cmdline_has_base_then_devices_then_extra() {
+        let c = build_cmdline(
+            &["virtio_mmio.device=4K@0xd0000000:5".to_string()],
+            Some("  init=/bin/sh quiet "),
+        )
+        .unwrap();
+        let s = c.as_cstring().unwrap().into_string().unwrap();
+        assert_eq!(
+            s,
+            format!("{BASE_CMDLINE} virtio_mmio.device=4K@0xd0000000:5 init=/bin/sh quiet")
+        );
+        let plain = build_cmdline(&[], Some("   ")).unwrap();
+        assert_eq!(plain.as_cstring().unwrap().to_str().unwrap(), BASE_CMDLINE);
+        let huge = "x".repeat(CMDLINE_MAX_SIZE);
+        assert!(matches!(
+            build_cmdline(&[], Some(&huge)),
+            Err(BootError::Cmdline(_))
+        ));
+    }
+
+    #[test]
+    fn formats_are_detected_by_magic() {
+        assert_eq!(detect_format(b"\x7fELF\x02\x01"), Some(KernelFormat::Elf));
+        let mut bz = vec![0u8; 0x206];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(detect_format(&bz), Some(KernelFormat::BzImage));
+        assert_eq!(detect_format(&bz[..0x204]), None);
+        assert_eq!(detect_format(b"MZ"), None);
+    }
+
+    #[test]
+    fn initrd_goes_high_and_never_over_the_kernel() {
+        let mib = 1u64 << 20;
+        assert_eq!(
+            initrd_placement(128 * mib, 0x7fff_ffff, 0x1800, 20 * mib),
+            Some(128 * mib - 0x2000)
+        );
+        // Capped by initrd_addr_max on a large guest.
+        assert_eq!(
+            initrd_placement(0xd000_0000, 0x7fff_ffff, mib, 20 * mib),
+            Some(0x8000_0000 - mib)
+        );
+        assert_eq!(
+            initrd_placement(64 * mib, 0x7fff_ffff, 60 * mib, 20 * mib),
+            None
+        );
+        assert_eq!(initrd_placement(64 * mib, 0x7fff_ffff, 65 * mib, 0), None);
+    }
+
+    #[test]
+    fn zero_page_carries_cmdline_initrd_and_e820() {
+        let kernel = LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: 0x100_0000,
+            end: 0x200_0000,
+            setup_header: None,
+        };
+        let map = e820_map(128 << 20);
+        let p = build_boot_params(&kernel, 120, Some((0x7f0_0000, 0x1234)), &map).unwrap();
+        let hdr = p.hdr;
+        assert_eq!({ hdr.boot_flag }, 0xaa55);
+        assert_eq!({ hdr.header }, 0x5372_6448);
+        assert_eq!({ hdr.type_of_loader }, 0xff);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ hdr.cmdline_size }, 120);
+        assert_eq!({ hdr.ramdisk_image }, 0x7f0_0000);
+        assert_eq!({ hdr.ramdisk_size }, 0x1234);
+        assert_eq!(p.e820_entries, 3);
+        let e2 = p.e820_table[2];
+        assert_eq!(
+            ({ e2.addr }, { e2.size }, { e2.r#type }),
+            (0x10_0000, (128 << 20) - 0x10_0000, 1)
+        );
+
+        let bz_hdr = setup_header {
+            version: 0x20f,
+            initrd_addr_max: 0x7fff_ffff,
+            loadflags: 1,
+            ..Default::default()
+        };
+        let bz = LoadedKernel {
+            format: KernelFormat::BzImage,
+            entry: 0x10_0200,
+            end: 0x100_0000,
+            setup_header: Some(bz_hdr),
+        };
+        let p = build_boot_params(&bz, 10, None, &map).unwrap();
+        assert_eq!(
+            ({ p.hdr.version }, { p.hdr.loadflags }, {
+                p.hdr.ramdisk_image
+            }),
+            (0x20f, 1, 0)
+        );
+        let too_many = vec![map[0]; 129];
+        assert!(matches!(
+            build_boot_params(&bz, 10, None, &too_many),
+            Err(BootError::TooManyE820Entries(129))
+        ));
+    }
+}

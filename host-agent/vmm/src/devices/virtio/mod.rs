@@ -1,0 +1,429 @@
+//! Virtio devices over the virtio-mmio transport.
+//!
+//! # Layout
+//! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`](crate::devices::bus::BusDevice)).
+//! - [`vsock`]: the virtio-vsock device with the hybrid (Unix socket) backend.
+//!
+//! # Integration
+//! The VMM calls [`attach_vsock`] once, after creating the in-kernel irqchip and guest memory and
+//! before starting the vCPUs, then adds [`VsockHandle::cmdline_arg`] to the kernel command line.
+//!
+//! Thread model: the transport runs on whichever vCPU thread takes the MMIO exit (behind the
+//! bus's per-device mutex). Queue work runs on one dedicated thread (`vsock-dev`), which owns
+//! the device and all host sockets; the two share no lock. The guest's queue notifications
+//! reach that thread through KVM ioeventfds and its interrupts leave through a KVM irqfd, so the
+//! data path never takes a vCPU exit to userspace. [`VsockHandle::stop`] (or dropping the
+//! handle) stops and joins the thread and removes the socket file.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::mmio::{IrqTrigger, MMIO_WINDOW_LEN, MmioTransport, regs};
+use self::vsock::{VsockDevice, VsockError, VsockFrontend, VsockMuxer, VsockWorker};
+use crate::devices::bus::{Bus, BusError};
+
+pub use self::vsock::VsockMetrics;
+
+/// Where a virtio-mmio device lives: its MMIO window and its interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Guest physical base address of the window.
+    pub base: u64,
+    /// Window length; must be 0x1000.
+    pub len: u64,
+    /// The GSI the device interrupts on.
+    pub gsi: u32,
+}
+
+/// Configuration of the vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u64,
+    /// The host listener path; guest connections to port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// Callbacks into the VMM.
+#[derive(Default)]
+pub struct VsockHooks {
+    /// Fires once, on the device thread, when the guest first sends `OP_REQUEST`, with the host
+    /// port it connects to. Keep it short: it runs on the device thread.
+    pub on_first_guest_connect: Option<Box<dyn FnOnce(u32) + Send>>,
+}
+
+impl std::fmt::Debug for VsockHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockHooks")
+            .field(
+                "on_first_guest_connect",
+                &self.on_first_guest_connect.is_some(),
+            )
+            .finish()
+    }
+}
+
+/// Errors from attaching a virtio device.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The slot is not a 4 KiB window.
+    #[error("virtio-mmio slot length must be 0x1000, got {0:#x}")]
+    SlotLen(u64),
+    /// The guest CID is reserved.
+    #[error("guest CID {0} is reserved")]
+    GuestCid(u64),
+    /// Creating an eventfd failed.
+    #[error("cannot create eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// Registering the irqfd failed.
+    #[error("cannot register irqfd for GSI {gsi}")]
+    RegisterIrqfd {
+        /// The GSI.
+        gsi: u32,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Registering a queue-notify ioeventfd failed.
+    #[error("cannot register ioeventfd for queue {queue}")]
+    RegisterIoevent {
+        /// The queue index.
+        queue: usize,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Inserting the transport on the MMIO bus failed.
+    #[error("cannot insert virtio-mmio device on the bus")]
+    Bus(#[source] BusError),
+    /// Building the vsock device failed.
+    #[error("cannot build the vsock device")]
+    Vsock(#[source] VsockError),
+}
+
+/// A running vsock device.
+#[derive(Debug)]
+pub struct VsockHandle {
+    slot: MmioSlot,
+    uds_path: PathBuf,
+    metrics: Arc<VsockMetrics>,
+    stop_evt: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VsockHandle {
+    /// The kernel command-line argument declaring the device, e.g.
+    /// `virtio_mmio.device=4K@0xd0000000:5`.
+    pub fn cmdline_arg(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.slot.len / 1024,
+            self.slot.base,
+            self.slot.gsi
+        )
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops the device thread, waits for it, and removes the socket file. Open host streams
+    /// are closed. The transport stays on the bus: later guest accesses still get answers, but
+    /// queue notifications go nowhere.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if let Err(e) = self.stop_evt.write(1) {
+            tracing::error!(error = %e, "vsock: cannot signal the device thread");
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!("vsock: device thread panicked");
+        }
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl Drop for VsockHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Creates the virtio-mmio transport and the vsock device, inserts the transport on `mmio_bus`
+/// at `slot`, registers the irqfd (`slot.gsi`) and one ioeventfd per queue (on `QueueNotify`,
+/// datamatch = queue index) with `vm`, binds the Unix listener at `cfg.uds_path`, and spawns
+/// the device thread. The VMM must already have created the in-kernel irqchip.
+pub fn attach_vsock(
+    vm: &VmFd,
+    mem: GuestMemoryMmap<()>,
+    mmio_bus: &mut Bus,
+    slot: MmioSlot,
+    cfg: VsockConfig,
+    hooks: VsockHooks,
+) -> Result<VsockHandle, VirtioError> {
+    // On any error below, dropping `handle` stops the thread and removes the socket.
+    let (transport, handle) = spawn_vsock(mem, slot, cfg, hooks)?;
+    vm.register_irqfd(transport.interrupt().irq_evt(), slot.gsi)
+        .map_err(|source| VirtioError::RegisterIrqfd {
+            gsi: slot.gsi,
+            source,
+        })?;
+    let notify = IoEventAddress::Mmio(slot.base + regs::QUEUE_NOTIFY);
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        vm.register_ioevent(evt, &notify, queue as u32)
+            .map_err(|source| VirtioError::RegisterIoevent { queue, source })?;
+    }
+    mmio_bus
+        .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
+        .map_err(VirtioError::Bus)?;
+    Ok(handle)
+}
+
+/// The KVM-free half of [`attach_vsock`]: builds the transport and the device, binds the
+/// listener and spawns the device thread. The caller puts the transport on a bus and wires its
+/// interrupt and queue eventfds (tests drive it directly).
+pub fn spawn_vsock(
+    mem: GuestMemoryMmap<()>,
+    slot: MmioSlot,
+    cfg: VsockConfig,
+    hooks: VsockHooks,
+) -> Result<(MmioTransport, VsockHandle), VirtioError> {
+    if slot.len != MMIO_WINDOW_LEN {
+        return Err(VirtioError::SlotLen(slot.len));
+    }
+    if cfg.guest_cid <= 2 || cfg.guest_cid >= u64::from(u32::MAX) {
+        return Err(VirtioError::GuestCid(cfg.guest_cid));
+    }
+    let metrics = Arc::new(VsockMetrics::default());
+    let muxer = VsockMuxer::new(
+        cfg.guest_cid,
+        cfg.uds_path.clone(),
+        metrics.clone(),
+        hooks.on_first_guest_connect,
+    )
+    .map_err(VirtioError::Vsock)?;
+
+    let new_evt = || {
+        EventFd::new(libc::EFD_NONBLOCK)
+            .map(Arc::new)
+            .map_err(VirtioError::EventFd)
+    };
+    let command_evt = new_evt()?;
+    let stop_evt = new_evt()?;
+    let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+    let frontend = VsockFrontend::new(cfg.guest_cid, commands_tx, command_evt.clone());
+    let interrupt = IrqTrigger::new().map_err(VirtioError::EventFd)?;
+    let transport = MmioTransport::new(mem, Box::new(frontend), interrupt.clone())
+        .map_err(VirtioError::EventFd)?;
+
+    let device = VsockDevice::new(cfg.guest_cid, muxer, interrupt, metrics.clone());
+    let worker = VsockWorker::new(
+        device,
+        transport.queue_evts().to_vec(),
+        commands_rx,
+        command_evt,
+        stop_evt.clone(),
+    )
+    .map_err(VirtioError::Vsock)?;
+    let thread = std::thread::Builder::new()
+        .name("vsock-dev".into())
+        .spawn(move || {
+            if let Err(e) = worker.run() {
+                tracing::error!(error = %e, "vsock device thread failed");
+            }
+        })
+        .map_err(|e| VirtioError::Vsock(VsockError::Spawn(e)))?;
+
+    let handle = VsockHandle {
+        slot,
+        uds_path: cfg.uds_path,
+        metrics,
+        stop_evt,
+        thread: Some(thread),
+    };
+    Ok((transport, handle))
+}
+
+/// Rate limit for log lines a guest can trigger: the first [`RateLimitedLog::BURST`] pass,
+/// then one in every [`RateLimitedLog::EVERY`].
+#[derive(Debug)]
+pub struct RateLimitedLog {
+    count: AtomicU64,
+}
+
+impl RateLimitedLog {
+    /// Lines always logged.
+    pub const BURST: u64 = 10;
+    /// After the burst, log one line in this many.
+    pub const EVERY: u64 = 1000;
+
+    /// A fresh limiter (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this occurrence may be logged.
+    pub fn allow(&self) -> bool {
+        let n = self.count.fetch_add(1, Ordering::Relaxed);
+        n < Self::BURST || n.is_multiple_of(Self::EVERY)
+    }
+}
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mmio::{INT_VRING, status};
+    use super::vsock::test_utils::{GUEST_CID, GuestDriver, Harness, MEM_SIZE, QSIZE, RxPkt};
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::AtomicU32;
+    use std::time::{Duration, Instant};
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn rate_limited_log_passes_burst_then_one_in_every() {
+        let l = RateLimitedLog::new();
+        let passed = (0..5000).filter(|_| l.allow()).count() as u64;
+        assert_eq!(passed, RateLimitedLog::BURST + 4); // 1000, 2000, 3000, 4000
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Waits (on the device thread) for the guest to receive one packet.
+    fn wait_rx(drv: &mut GuestDriver, t: &mut MmioTransport) -> RxPkt {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if drv.outstanding_rx() == 0 {
+                drv.add_rx_buffers(1);
+                w(t, regs::QUEUE_NOTIFY, 0);
+            }
+            if let Some(p) = drv.recv().pop() {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no packet from the device thread"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn device_thread_serves_a_driver_through_the_transport() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let uds_path = dir.path().join("vsock.sock");
+        let fired = Arc::new(AtomicU32::new(0));
+        let f = fired.clone();
+        let slot = MmioSlot {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        };
+        let cfg = VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds_path.clone(),
+        };
+        let hooks = VsockHooks {
+            on_first_guest_connect: Some(Box::new(move |p| f.store(p, Ordering::SeqCst))),
+        };
+        let (mut t, handle) = spawn_vsock(mem.clone(), slot, cfg, hooks).unwrap();
+        assert_eq!(handle.cmdline_arg(), "virtio_mmio.device=4K@0xd0000000:5");
+        let mut cid = [0u8; 8];
+        t.read(regs::CONFIG, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
+
+        // Driver initialisation, all through the MMIO registers.
+        let (mut drv, _) = GuestDriver::new(mem.clone());
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        w(&mut t, regs::STATUS, status::ACKNOWLEDGE);
+        w(&mut t, regs::STATUS, s);
+        w(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, regs::DRIVER_FEATURES, 1);
+        w(&mut t, regs::STATUS, s | status::FEATURES_OK);
+        for q in 0..3 {
+            let (d, a, u) = drv.ring_addrs(q);
+            w(&mut t, regs::QUEUE_SEL, q as u32);
+            w(&mut t, regs::QUEUE_NUM, u32::from(QSIZE));
+            w(&mut t, regs::QUEUE_DESC_LOW, d as u32);
+            w(&mut t, regs::QUEUE_AVAIL_LOW, a as u32);
+            w(&mut t, regs::QUEUE_USED_LOW, u as u32);
+            w(&mut t, regs::QUEUE_READY, 1);
+        }
+        w(
+            &mut t,
+            regs::STATUS,
+            s | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert!(t.is_activated());
+
+        // Guest-initiated: connect to host port 5000.
+        let listener = UnixListener::bind(dir.path().join("vsock.sock_5000")).unwrap();
+        drv.put_tx(Harness::guest_hdr(1000, 5000, 1 /* OP_REQUEST */), &[]);
+        w(&mut t, regs::QUEUE_NOTIFY, 1);
+        let resp = wait_rx(&mut drv, &mut t);
+        assert_eq!(
+            (resp.hdr.op, resp.hdr.dst_port),
+            (2 /* OP_RESPONSE */, 1000)
+        );
+        assert_eq!(fired.load(Ordering::SeqCst), 5000);
+        assert_ne!(t.interrupt().status() & INT_VRING, 0);
+        assert!(t.interrupt().irq_evt().read().unwrap() >= 1);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(b"hi").unwrap();
+        let data = wait_rx(&mut drv, &mut t);
+        assert_eq!(data.data, b"hi");
+
+        // Host-initiated: CONNECT 77 becomes an OP_REQUEST to guest port 77.
+        let mut hs = UnixStream::connect(&uds_path).unwrap();
+        hs.write_all(b"CONNECT 77\n").unwrap();
+        let req = wait_rx(&mut drv, &mut t);
+        assert_eq!((req.hdr.op, req.hdr.dst_port), (1, 77));
+
+        // A driver reset drops every connection before the status reads back 0.
+        w(&mut t, regs::STATUS, 0);
+        let mut st = [0u8; 4];
+        t.read(regs::STATUS, &mut st);
+        assert_eq!(u32::from_le_bytes(st), 0);
+        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(host.read_to_end(&mut rest).unwrap(), 0);
+
+        // Stop: the thread exits, host streams close, the socket file goes away.
+        let metrics = handle.metrics();
+        handle.stop();
+        assert!(!uds_path.exists());
+        hs.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(hs.read_to_end(&mut rest).unwrap(), 0);
+        // Only the guest-initiated connection was established; the guest never answered ours.
+        assert_eq!(VsockMetrics::get(&metrics.conns_opened), 1);
+    }
+}

@@ -1,0 +1,244 @@
+//! Thin epoll glue: the vsock device thread, and the front end the transport talks to.
+//!
+//! The transport (on a vCPU thread) owns a [`VsockFrontend`]; on `DRIVER_OK` or reset it sends a
+//! command to the [`VsockWorker`] thread and wakes it. The worker owns the [`VsockDevice`] and
+//! its backend outright, so the two threads share no lock. The worker waits on: the three
+//! queue-notify eventfds, the backend's fd, the command eventfd, and a stop eventfd.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::defs;
+use super::{VsockBackend, VsockDevice, VsockError};
+use crate::devices::virtio::mmio::{ActivateError, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
+
+/// A command from the transport to the device thread.
+#[derive(Debug)]
+pub enum WorkerCommand {
+    /// The driver set `DRIVER_OK`: here are the validated queues.
+    Activate {
+        /// Guest memory.
+        mem: GuestMemoryMmap<()>,
+        /// rx, tx and event queues.
+        queues: Vec<Queue>,
+    },
+    /// The driver reset the device; the worker answers on `done` once it let go of the
+    /// queues.
+    Reset {
+        /// Acknowledgement channel.
+        done: Sender<()>,
+    },
+}
+
+/// The transport-facing half of the vsock device: identity, features and config space.
+#[derive(Debug)]
+pub struct VsockFrontend {
+    guest_cid: u64,
+    commands: Sender<WorkerCommand>,
+    wake: Arc<EventFd>,
+}
+
+impl VsockFrontend {
+    /// A front end sending commands on `commands` and waking the worker through `wake`.
+    pub fn new(guest_cid: u64, commands: Sender<WorkerCommand>, wake: Arc<EventFd>) -> Self {
+        Self {
+            guest_cid,
+            commands,
+            wake,
+        }
+    }
+
+    fn send(&self, cmd: WorkerCommand) -> Result<(), ActivateError> {
+        self.commands
+            .send(cmd)
+            .map_err(|_| ActivateError::WorkerGone)?;
+        self.wake.write(1).map_err(|_| ActivateError::WorkerGone)
+    }
+}
+
+impl VirtioDevice for VsockFrontend {
+    fn device_type(&self) -> u32 {
+        defs::DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[defs::QUEUE_SIZE; defs::NUM_QUEUES]
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let cfg = self.guest_cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| cfg.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The vsock config space is read-only.
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        _acked_features: u64,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.send(WorkerCommand::Activate { mem, queues })
+    }
+
+    fn reset(&mut self) {
+        // The driver may reuse the rings' memory as soon as it reads back status 0, so wait
+        // (briefly) until the worker has dropped the queues. If the worker is gone the device
+        // is dead anyway.
+        let (done, ack) = std::sync::mpsc::channel();
+        if self.send(WorkerCommand::Reset { done }).is_ok()
+            && ack.recv_timeout(RESET_ACK_TIMEOUT).is_err()
+        {
+            tracing::error!("vsock: device thread did not acknowledge the reset");
+        }
+    }
+}
+
+/// How long a vCPU waits for the device thread to confirm a reset.
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+
+const TOKEN_STOP: u64 = 10;
+const TOKEN_COMMAND: u64 = 11;
+const TOKEN_BACKEND: u64 = 12;
+
+/// The device thread's state.
+pub struct VsockWorker<B> {
+    device: VsockDevice<B, IrqTrigger>,
+    queue_evts: Vec<Arc<EventFd>>,
+    commands: Receiver<WorkerCommand>,
+    command_evt: Arc<EventFd>,
+    stop_evt: Arc<EventFd>,
+    epoll: Epoll,
+}
+
+impl<B> std::fmt::Debug for VsockWorker<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockWorker")
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl<B: VsockBackend> VsockWorker<B> {
+    /// Builds the worker and registers every fd with its epoll.
+    pub fn new(
+        device: VsockDevice<B, IrqTrigger>,
+        queue_evts: Vec<Arc<EventFd>>,
+        commands: Receiver<WorkerCommand>,
+        command_evt: Arc<EventFd>,
+        stop_evt: Arc<EventFd>,
+    ) -> Result<Self, VsockError> {
+        use std::os::fd::AsRawFd;
+        let epoll = Epoll::new().map_err(VsockError::Epoll)?;
+        let mut fds: Vec<(i32, u64)> = queue_evts
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.as_raw_fd(), i as u64))
+            .collect();
+        fds.push((stop_evt.as_raw_fd(), TOKEN_STOP));
+        fds.push((command_evt.as_raw_fd(), TOKEN_COMMAND));
+        fds.push((device.backend().as_raw_fd(), TOKEN_BACKEND));
+        for (fd, token) in fds {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(VsockError::EpollCtl)?;
+        }
+        Ok(Self {
+            device,
+            queue_evts,
+            commands,
+            command_evt,
+            stop_evt,
+            epoll,
+        })
+    }
+
+    /// Runs until the stop eventfd fires (or the transport is dropped).
+    pub fn run(mut self) -> Result<(), VsockError> {
+        let mut events = [EpollEvent::default(); 16];
+        let tick = Duration::from_millis(250);
+        let mut last_tick = Instant::now();
+        loop {
+            let n = match self.epoll.wait(tick.as_millis() as i32, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(VsockError::EpollWait(e)),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => return Ok(()),
+                    TOKEN_COMMAND => {
+                        let _ = self.command_evt.read();
+                        if !self.drain_commands() {
+                            return Ok(());
+                        }
+                    }
+                    TOKEN_BACKEND => self.device.backend_mut().process_events(),
+                    // A queue notification: rx (new buffers) and tx (new packets) are both
+                    // served below; the event queue needs nothing.
+                    q => {
+                        if let Some(evt) = self.queue_evts.get(q as usize) {
+                            let _ = evt.read();
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(last_tick) >= tick {
+                last_tick = now;
+                self.device.backend_mut().tick(now);
+            }
+            // Cheap when idle: each walk stops at the first empty ring.
+            self.device.process_tx();
+            self.device.process_rx();
+        }
+    }
+
+    /// Applies queued commands. Returns `false` once the transport is gone.
+    fn drain_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(WorkerCommand::Activate { mem, queues }) => {
+                    if let Err(e) = self.device.activate(mem, queues) {
+                        tracing::error!(error = %e, "vsock: activation failed");
+                    }
+                }
+                Ok(WorkerCommand::Reset { done }) => {
+                    self.device.reset();
+                    let _ = done.send(());
+                }
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// The stop eventfd this worker watches.
+    pub fn stop_evt(&self) -> &Arc<EventFd> {
+        &self.stop_evt
+    }
+}

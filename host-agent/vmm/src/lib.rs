@@ -1,0 +1,323 @@
+//! The virtual machine monitor: one process per microVM.
+//!
+//! [`run`] takes a validated [`VmConfig`], builds the VM ([`Vmm::new`]: KVM, guest memory, the
+//! in-kernel irqchip and PIT, the serial console, the i8042 reset line, virtio-vsock, the kernel,
+//! initramfs, zero page and MP table, every vCPU's registers), runs it on one thread per vCPU
+//! ([`Vmm::run`]) until the guest resets, powers off or panics, a vCPU fails or a signal arrives,
+//! and records the outcome in `<vm-dir>/exit.json`. The `nanoclaw-vmm` binary is a thin shell
+//! around it.
+//!
+//! # Layout
+//! - [`devices`]: the emulated devices and the buses that route guest I/O to them.
+//! - [`layout`]: the guest physical address map and the e820 map.
+//! - [`memory`]: guest RAM and its KVM memory slots.
+//! - [`boot`]: kernel, initramfs, command line and zero page.
+//! - [`x86_64`]: GDT, page tables, registers, CPUID, MSRs, LAPIC and the MP table.
+//! - [`vcpu`]: per-vCPU setup and the vCPU run loop.
+//! - [`console`]: the capped console sink that also spots panics and power-offs.
+//! - [`exit`]: exit reasons, exit codes and `exit.json`.
+//! - [`signals`]: termination signals and vCPU kicks.
+//! - [`machine`]: [`Vmm`], which puts the parts together.
+
+pub mod boot;
+pub mod console;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod signals;
+pub mod vcpu;
+pub mod x86_64;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub use exit::{ExitReason, ExitReport};
+pub use machine::{Vmm, VmmError};
+
+/// Fewest MiB of guest RAM accepted.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Most MiB of guest RAM accepted (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Most vCPUs accepted.
+pub const MAX_VCPUS: u8 = 32;
+/// Default console byte cap (4 MiB).
+pub const DEFAULT_CONSOLE_CAP: u64 = 4 << 20;
+/// Name of the hybrid vsock socket inside the VM directory.
+pub const VSOCK_SOCKET_NAME: &str = "vsock.sock";
+/// Name of the exit record inside the VM directory.
+pub const EXIT_RECORD_NAME: &str = "exit.json";
+
+/// Where the guest console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+}
+
+/// Everything needed to boot one microVM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image: a bzImage or an ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// Initramfs (a cpio archive, possibly compressed).
+    pub initrd: PathBuf,
+    /// The VM's directory: holds `vsock.sock`, `exit.json` and by default the console log.
+    pub vm_dir: PathBuf,
+    /// Extra kernel command-line arguments, appended last.
+    pub cmdline_extra: Option<String>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The guest's vsock CID.
+    pub cid: u64,
+    /// Where the console goes.
+    pub console: ConsoleTarget,
+    /// Console bytes kept before further output is dropped.
+    pub console_cap: u64,
+}
+
+/// Invalid [`VmConfig`] values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The vCPU count is out of range.
+    #[error("vcpus must be between 1 and {max}, got {got}")]
+    Vcpus {
+        /// The requested count.
+        got: u8,
+        /// The largest count accepted.
+        max: u8,
+    },
+    /// The memory size is out of range.
+    #[error("memory must be between {min} and {max} MiB, got {got} MiB")]
+    Memory {
+        /// The requested MiB.
+        got: u64,
+        /// Fewest MiB accepted.
+        min: u64,
+        /// Most MiB accepted.
+        max: u64,
+    },
+    /// The CID is reserved or too large.
+    #[error("guest CID must be between 3 and {max}, got {got}")]
+    Cid {
+        /// The requested CID.
+        got: u64,
+        /// Largest CID accepted.
+        max: u64,
+    },
+    /// A required file is missing or is not a regular file.
+    #[error("{what} {path} does not exist or is not a regular file")]
+    MissingFile {
+        /// Which input.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The VM directory exists but is not a directory.
+    #[error("vm-dir {0} is not a directory")]
+    VmDirNotDirectory(PathBuf),
+    /// The console cap is zero.
+    #[error("console cap must be at least 1 byte")]
+    ConsoleCap,
+}
+
+impl VmConfig {
+    /// Checks ranges and that the kernel and initramfs exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ConfigError::Vcpus {
+                got: self.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory {
+                got: self.memory_mib,
+                min: MIN_MEMORY_MIB,
+                max: MAX_MEMORY_MIB,
+            });
+        }
+        let max_cid = u64::from(u32::MAX) - 1;
+        if !(3..=max_cid).contains(&self.cid) {
+            return Err(ConfigError::Cid {
+                got: self.cid,
+                max: max_cid,
+            });
+        }
+        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        if self.vm_dir.exists() && !self.vm_dir.is_dir() {
+            return Err(ConfigError::VmDirNotDirectory(self.vm_dir.clone()));
+        }
+        if self.console_cap == 0 {
+            return Err(ConfigError::ConsoleCap);
+        }
+        Ok(())
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+
+    /// The hybrid vsock socket path.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.vm_dir.join(VSOCK_SOCKET_NAME)
+    }
+}
+
+/// Boots the VM described by `config` and runs it to its end. `process_start` is when the VMM
+/// process started (the "boot to ready" timer's origin). Writes `<vm-dir>/exit.json` and returns
+/// the same report; the caller exits with [`ExitReport::exit_code`].
+///
+/// Call this from the process's main thread before spawning other threads: it blocks SIGTERM
+/// and SIGINT process-wide and takes them on its own waiter thread.
+pub fn run(config: &VmConfig, process_start: Instant) -> Result<ExitReport, VmmError> {
+    config.validate().map_err(VmmError::Config)?;
+    signals::block_termination_signals().map_err(VmmError::Signals)?;
+    signals::install_kick_handler().map_err(VmmError::Signals)?;
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    signals::spawn_termination_waiter(events_tx.clone()).map_err(VmmError::Signals)?;
+    let vmm = Vmm::new(config, process_start, events_tx)?;
+    let report = vmm.run(events_rx);
+    tracing::debug!("VM torn down");
+    report
+        .write(&config.vm_dir)
+        .map_err(VmmError::WriteExitRecord)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> VmConfig {
+        let kernel = dir.join("bzImage");
+        let initrd = dir.join("initramfs.cpio.gz");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        VmConfig {
+            kernel,
+            initrd,
+            vm_dir: dir.join("vm"),
+            cmdline_extra: None,
+            memory_mib: 128,
+            vcpus: 1,
+            cid: 3,
+            console: ConsoleTarget::Stdout,
+            console_cap: DEFAULT_CONSOLE_CAP,
+        }
+    }
+
+    #[test]
+    fn validation_accepts_the_defaults_and_rejects_each_bad_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = config(dir.path());
+        assert_eq!(good.validate(), Ok(()));
+        assert_eq!(good.memory_bytes(), 128 << 20);
+        assert_eq!(good.vsock_path(), dir.path().join("vm/vsock.sock"));
+
+        let bad = VmConfig {
+            vcpus: 0,
+            ..good.clone()
+        };
+        assert_eq!(bad.validate(), Err(ConfigError::Vcpus { got: 0, max: 32 }));
+        let bad = VmConfig {
+            vcpus: 33,
+            ..good.clone()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Vcpus { got: 33, .. })
+        ));
+        assert_eq!(
+            VmConfig {
+                vcpus: 32,
+                ..good.clone()
+            }
+            .validate(),
+            Ok(())
+        );
+
+        let bad = VmConfig {
+            memory_mib: 63,
+            ..good.clone()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Memory { got: 63, .. })
+        ));
+        assert_eq!(
+            VmConfig {
+                memory_mib: 64,
+                ..good.clone()
+            }
+            .validate(),
+            Ok(())
+        );
+
+        let bad = VmConfig {
+            cid: 2,
+            ..good.clone()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Cid { got: 2, .. })
+        ));
+
+        let bad = VmConfig {
+            kernel: dir.path().join("nope"),
+            ..good.clone()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::MissingFile { what: "kernel", .. })
+        ));
+        let bad = VmConfig {
+            initrd: dir.path().to_path_buf(),
+            ..good.clone()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::MissingFile { what: "initrd", .. })
+        ));
+
+        let bad = VmConfig {
+            vm_dir: good.kernel.clone(),
+            ..good.clone()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::VmDirNotDirectory(_))
+        ));
+        let bad = VmConfig {
+            console_cap: 0,
+            ..good
+        };
+        assert_eq!(bad.validate(), Err(ConfigError::ConsoleCap));
+    }
+}
+
+/// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the VMM
+/// binary prints a setup error.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
