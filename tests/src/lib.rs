@@ -64,11 +64,23 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `host-agent` binary under test: `NANOCLAW_HOST_AGENT`, or the workspace's debug build.
+/// The `host-agent` binary under test: `NANOCLAW_HOST_AGENT`, or the one cargo built beside the
+/// running test (`cargo test --workspace` builds every package's binaries before it runs a test).
 pub fn host_agent_bin() -> PathBuf {
     std::env::var_os("NANOCLAW_HOST_AGENT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/debug/host-agent"))
+        .unwrap_or_else(|| built_bin("host-agent"))
+}
+
+/// A workspace binary that cargo built into the same profile folder as the running test
+/// executable (`<target>/<profile>/deps/TEST` beside `<target>/<profile>/NAME`).
+pub fn built_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test executable lives in <target>/<profile>/deps");
+    profile_dir.join(name)
 }
 
 /// Which kernel image to boot.

@@ -8,9 +8,9 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use host_agent::audit::AuditLog;
 use host_agent::mcp::AgentTokens;
 use host_agent::policy::Profile;
+use nanoclaw_audit::AuditLog;
 use serde_json::Value;
 
 const CARD: &str = "4111 1111 1111 1111";
@@ -94,7 +94,7 @@ fn last_body(w: &World) -> String {
 }
 
 fn tokenize_records(w: &World) -> Vec<Value> {
-    host_agent::audit::tail(&w.audit, 1000)
+    nanoclaw_audit::tail(&w.audit, 1000)
         .unwrap_or_default()
         .into_iter()
         .filter(|r| r.record.kind == "tokenize")
@@ -201,7 +201,7 @@ async fn services_get_real_values_llms_and_the_agent_get_surrogates() {
     for value in [CARD, RESPONSE_EMAIL, &card_surrogate, &email_surrogate] {
         assert!(!log.contains(value), "{value} reached the audit log");
     }
-    host_agent::audit::verify(&w.audit).expect("the chain verifies");
+    nanoclaw_audit::verify(&w.audit).expect("the chain verifies");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -95,7 +95,7 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit_code as u8)
         }
         Err(e) => {
-            eprintln!("nanoclaw-vmm: error: {}", vmm::error_chain(&e));
+            eprintln!("nanoclaw-vmm: error: {:#}", anyhow::Error::new(e));
             ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8)
         }
     }

@@ -1,0 +1,337 @@
+//! The daemon's HTTP/JSON API, as types shared by the daemon and the `nanoclaw` CLI.
+//!
+//! The daemon serves HTTP/1.1 on a Unix socket (mode 0600). Routes:
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `POST /v1/vms` | [`CreateVm`] | `201` and [`VmInfo`] |
+//! | `GET /v1/vms` | | `[`[`VmInfo`]`, ...]` |
+//! | `GET /v1/vms/{id}` | | [`VmInfo`] |
+//! | `DELETE /v1/vms/{id}` | | `204`; `409` unless the VM has ended |
+//! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended |
+//! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
+//! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |
+//! | `GET /v1/approvals` | | `[`[`PendingApproval`]`, ...]`; `[]` when approvals are off |
+//! | `POST /v1/approvals/registration` | | [`RegistrationLink`]; `409` when approvals are off |
+//!
+//! Errors are a non-2xx status with an [`ApiError`] body. An event stream with `follow=true`
+//! ends after the VM's [`Event::Ended`] event; without it, it ends after the events recorded so
+//! far. Output bytes travel base64-encoded (standard alphabet, padded) so that binary output
+//! survives JSON.
+//! The agent's standard input is empty: it reads EOF at once.
+
+use serde::{Deserialize, Serialize};
+
+/// A pending approval request, as `GET /v1/approvals` lists it.
+/// The daemon's audit log's file name, in the state directory.
+pub const AUDIT_FILE: &str = "audit.ndjson";
+
+/// A pending approval request, as the CLI and the approval page show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingApproval {
+    /// The request (everything the passkey signs).
+    pub request: shared_proto::approval::ApprovalRequest,
+    /// Its challenge, base64url: SHA-256 of its canonical encoding.
+    pub challenge: String,
+    /// Its approval page.
+    pub url: String,
+}
+
+/// A one-time link to register a passkey.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationLink {
+    /// Open it in the browser that holds (or will hold) the passkey.
+    pub url: String,
+}
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/nanoclaw/api.sock";
+
+/// Where the daemon keeps its state unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/nanoclaw";
+
+/// The default user and group the agent runs as inside the guest.
+pub const DEFAULT_AGENT_ID: u32 = 1000;
+
+/// The default guest RAM, in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// The default number of vCPUs.
+pub const DEFAULT_VCPUS: u8 = 1;
+
+/// A request to create a VM that runs one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVm {
+    /// The program, a path inside the guest.
+    pub command: String,
+    /// Its arguments, without `argv[0]`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Its environment, in order, as `[name, value]` pairs.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Its working directory (default `/`).
+    #[serde(default = "default_cwd")]
+    pub cwd: String,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// The agent's user id.
+    #[serde(default = "default_id")]
+    pub uid: u32,
+    /// The agent's group id.
+    #[serde(default = "default_id")]
+    pub gid: u32,
+    /// The agent's access profile, as TOML text (see `examples/profiles/`): the host serves
+    /// it an MCP gateway checked against it. Without one the agent has no MCP endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+fn default_cwd() -> String {
+    "/".to_owned()
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_vcpus() -> u8 {
+    DEFAULT_VCPUS
+}
+fn default_id() -> u32 {
+    DEFAULT_AGENT_ID
+}
+
+impl CreateVm {
+    /// A request for `command args...` with every other field at its default.
+    pub fn new(command: impl Into<String>, args: Vec<String>) -> Self {
+        Self {
+            command: command.into(),
+            args,
+            env: Vec::new(),
+            cwd: default_cwd(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            vcpus: DEFAULT_VCPUS,
+            uid: DEFAULT_AGENT_ID,
+            gid: DEFAULT_AGENT_ID,
+            profile: None,
+        }
+    }
+}
+
+/// The life of a VM as the daemon sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    /// The VMM runs; the agent has not started yet.
+    Starting,
+    /// The agent runs.
+    Running,
+    /// A stop was requested and the VMM has not ended yet.
+    Stopping,
+    /// The VMM ended after the agent exited ([`VmInfo::agent_exit`] holds how).
+    Exited,
+    /// The VMM ended because of a stop request.
+    Stopped,
+    /// The VMM ended before the agent exited (see [`VmInfo::vmm_exit`]).
+    Failed,
+    /// The VMM vanished without a recorded exit while the daemon was not watching it.
+    Lost,
+}
+
+impl VmStatus {
+    /// Whether the VM has ended for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Exited | Self::Stopped | Self::Failed | Self::Lost
+        )
+    }
+
+    /// The lowercase name used on the wire and in tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Exited => "exited",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+/// How the agent process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentExit {
+    /// It exited with this code.
+    Exit(i32),
+    /// A signal with this number killed it.
+    Signal(i32),
+}
+
+impl AgentExit {
+    /// The shell convention: the code, or 128 plus the signal number (clamped to 0..=255).
+    pub fn shell_code(self) -> u8 {
+        let code = match self {
+            Self::Exit(c) => c,
+            Self::Signal(s) => 128i32.saturating_add(s),
+        };
+        code.clamp(0, 255) as u8
+    }
+}
+
+impl From<shared_proto::message::ExitStatus> for AgentExit {
+    fn from(s: shared_proto::message::ExitStatus) -> Self {
+        match s {
+            shared_proto::message::ExitStatus::Exit(c) => Self::Exit(c),
+            shared_proto::message::ExitStatus::Signal(s) => Self::Signal(s),
+        }
+    }
+}
+
+/// How the VMM process ended: its `exit.json` when it wrote one, else its wait status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmExit {
+    /// The VMM's reason (`reset`, `power_off`, `panic`, ...), or `unknown`.
+    pub reason: String,
+    /// The VMM's exit code, when known.
+    pub exit_code: Option<i32>,
+    /// The signal that killed the VMM, when one did.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// Milliseconds from VMM start to the guest being ready, when reported.
+    #[serde(default)]
+    pub boot_to_ready_ms: Option<u64>,
+}
+
+/// Everything the daemon knows about one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The VM's id (short random hex).
+    pub id: String,
+    /// Where it stands.
+    pub status: VmStatus,
+    /// What it was created with.
+    pub spec: CreateVm,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The VMM's pid on the host, once spawned.
+    pub vmm_pid: Option<u32>,
+    /// The agent's pid inside the guest, once started.
+    pub agent_pid: Option<u32>,
+    /// How the agent ended, once it has.
+    pub agent_exit: Option<AgentExit>,
+    /// How the VMM ended, once it has.
+    pub vmm_exit: Option<VmmExit>,
+    /// Whether a sidecar control connection is up right now.
+    pub control_connected: bool,
+    /// Accepted control connections after the first one for this boot (sidecar reconnects).
+    pub control_reconnects: u64,
+    /// Guest messages refused (bad frames, out-of-order messages, failed hellos).
+    pub guest_protocol_errors: u64,
+    /// Output bytes not written to the output log because it reached its cap.
+    pub output_dropped_bytes: u64,
+    /// The VM's state directory on the host.
+    pub vm_dir: String,
+}
+
+/// One agent event, as streamed by `GET /v1/vms/{id}/events` and kept in the output log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Position in this VM's event sequence, from 0; gaps mean events not kept.
+    pub seq: u64,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The agent started with this pid inside the guest.
+    Started {
+        /// Its pid.
+        pid: u32,
+    },
+    /// A chunk of agent output.
+    Output {
+        /// `stdout` or `stderr`.
+        stream: Stream,
+        /// The bytes, base64.
+        data: String,
+    },
+    /// The sidecar reported an error.
+    GuestError {
+        /// Its message (guest-controlled text, truncated).
+        message: String,
+    },
+    /// The agent exited.
+    Exited {
+        /// How.
+        status: AgentExit,
+    },
+    /// The VM ended; the last event of a VM.
+    Ended {
+        /// The final status.
+        status: VmStatus,
+        /// How the VMM ended, when known.
+        vmm_exit: Option<VmmExit>,
+    },
+}
+
+/// An agent output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// One line saying what went wrong.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_vm_fills_defaults() {
+        let req: CreateVm = serde_json::from_str(r#"{"command":"/bin/true"}"#).unwrap();
+        assert_eq!(req, CreateVm::new("/bin/true", vec![]));
+        assert_eq!(req.uid, 1000);
+        assert_eq!(req.cwd, "/");
+    }
+
+    #[test]
+    fn events_are_tagged_and_flat() {
+        let rec = EventRecord {
+            seq: 4,
+            event: Event::Exited {
+                status: AgentExit::Exit(3),
+            },
+        };
+        let line = serde_json::to_string(&rec).unwrap();
+        assert_eq!(line, r#"{"seq":4,"event":"exited","status":{"exit":3}}"#);
+        assert_eq!(serde_json::from_str::<EventRecord>(&line).unwrap(), rec);
+    }
+
+    #[test]
+    fn shell_codes_follow_the_shell() {
+        assert_eq!(AgentExit::Exit(3).shell_code(), 3);
+        assert_eq!(AgentExit::Signal(9).shell_code(), 137);
+        assert_eq!(AgentExit::Exit(-1).shell_code(), 0);
+        assert_eq!(AgentExit::Exit(999).shell_code(), 255);
+    }
+}

@@ -1,0 +1,495 @@
+//! The `nanoclaw` command-line client of the daemon's API.
+//!
+//! - `run` creates a VM, relays the agent's stdout and stderr as they arrive and exits with the
+//!   agent's code (128 + signal when a signal killed it). Ctrl-C stops the VM; a second Ctrl-C
+//!   leaves at once. If the daemon restarts meanwhile, `run` reconnects (for up to 30 s) and
+//!   resumes after the last event it relayed.
+//! - `ps`, `inspect`, `logs`, `stop`, `rm` are thin views of the API.
+//! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
+//! - `audit verify|tail` read the audit log file itself.
+//!
+//! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
+//! exit status (the VM failed, was lost or stopped before the agent started).
+//!
+//! # Layout
+//! - [`client`]: the HTTP/1.1 client over the Unix socket.
+//! - [`approvals`]: `nanoclaw approvals`.
+//! - [`audit`]: `nanoclaw audit verify|tail`.
+
+pub mod approvals;
+pub mod audit;
+pub mod client;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hyper::Method;
+
+use self::client::{Client, ClientError, CopyError, Lines};
+use nanoclaw_api::{self as api, AgentExit, CreateVm, Event, EventRecord, VmInfo, VmStatus};
+
+/// How long `run` keeps trying to get the event stream back after losing the daemon.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+/// The pause between those tries.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// The exit code of `run` when there is no agent exit status to pass on.
+pub const RUN_FAILED_EXIT: u8 = 125;
+
+/// Errors of the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Talking to the daemon failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Copying a streamed body failed.
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    /// Writing our own output failed.
+    #[error("cannot write the output")]
+    Write(#[source] std::io::Error),
+    /// Reading the `--profile` file failed.
+    #[error("cannot read the profile {}", .path.display())]
+    Profile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Installing the Ctrl-C handler failed.
+    #[error("cannot handle Ctrl-C")]
+    Signal(#[source] std::io::Error),
+    /// An event line from the daemon does not parse.
+    #[error("bad event from the daemon")]
+    Event(#[source] serde_json::Error),
+    /// An output chunk is not valid base64.
+    #[error("bad output chunk from the daemon")]
+    Base64(#[source] base64::DecodeError),
+    /// `--env` without `=`.
+    #[error("--env {0:?} is not NAME=VALUE")]
+    EnvSyntax(String),
+    /// The audit log is unreadable or its chain is broken.
+    #[error(transparent)]
+    Audit(#[from] nanoclaw_audit::AuditError),
+    /// The VM ended without an agent exit status.
+    #[error("VM {id} ended {status} without an agent exit status{detail}")]
+    NoAgentExit {
+        /// The VM.
+        id: String,
+        /// Its final status.
+        status: &'static str,
+        /// What the VMM said, if anything.
+        detail: String,
+    },
+}
+
+/// `nanoclaw`: run AI agents in microVMs.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "nanoclaw",
+    version,
+    about = "Run AI agents in Nanoclaw microVMs"
+)]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run an agent in a new microVM and relay its output; exits with the agent's code.
+    Run(RunArgs),
+    /// List VMs.
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's agent output (or its serial console).
+    Logs {
+        /// The VM id.
+        id: String,
+        /// Keep following until the VM ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// The serial console instead of the agent's output.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Stop a VM (shutdown request, then SIGTERM to its VMM after a grace period).
+    Stop {
+        /// The VM id.
+        id: String,
+    },
+    /// Forget an ended VM and delete its state.
+    Rm {
+        /// The VM id.
+        id: String,
+    },
+    /// Show everything the daemon knows about a VM.
+    Inspect {
+        /// The VM id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List pending approval requests. Approving from the CLI is not possible: open the
+    /// request's approval page and approve with your passkey (the biometric is the point).
+    Approvals {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print a one-time link (valid 10 minutes) to register a passkey, instead of listing.
+        #[arg(long)]
+        register_link: bool,
+    },
+    /// Check or show the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+}
+
+/// `nanoclaw run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = api::DEFAULT_MEMORY_MIB)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = api::DEFAULT_VCPUS)]
+    pub vcpus: u8,
+    /// An environment variable for the agent (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// The agent's working directory in the guest.
+    #[arg(long, default_value = "/")]
+    pub cwd: String,
+    /// Print the VM id and return at once instead of relaying the output.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// Print the daemon's events as JSON lines instead of relaying the output.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent's access profile (TOML, see `examples/profiles/`): its tools are served
+    /// through the host's MCP gateway and checked against it.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<std::path::PathBuf>,
+    /// The agent's command and arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Runs the CLI; the answer is the process exit code.
+pub async fn run(cli: Cli) -> Result<u8, CliError> {
+    let client = Client::new(cli.socket);
+    match cli.command {
+        Command::Run(args) => run_agent(&client, args).await,
+        Command::Ps { json } => ps(&client, json).await.map(|()| 0),
+        Command::Logs {
+            id,
+            follow,
+            console,
+        } => logs(&client, &id, follow, console).await.map(|()| 0),
+        Command::Stop { id } => {
+            let info: VmInfo = client
+                .json(Method::POST, &format!("/v1/vms/{id}/stop"), None::<&()>)
+                .await?;
+            println!("{} {}", info.id, info.status.as_str());
+            Ok(0)
+        }
+        Command::Rm { id } => {
+            client
+                .send(Method::DELETE, &format!("/v1/vms/{id}"), None)
+                .await?;
+            Ok(0)
+        }
+        Command::Approvals {
+            register_link: true,
+            ..
+        } => approvals::register_link(&client).await,
+        Command::Approvals { json, .. } => approvals::list(&client, json).await,
+        Command::Audit(command) => audit::run(command),
+        Command::Inspect { id, json } => {
+            let info: VmInfo = client
+                .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)
+                .await?;
+            print_out(&inspect_text(&info, json))?;
+            Ok(0)
+        }
+    }
+}
+
+fn print_out(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).map_err(CliError::Write)?;
+    out.flush().map_err(CliError::Write)
+}
+
+fn parse_env(env: &[String]) -> Result<Vec<(String, String)>, CliError> {
+    env.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(CliError::EnvSyntax(kv.clone())),
+        })
+        .collect()
+}
+
+async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
+    let mut command = args.command.into_iter();
+    let mut spec = CreateVm::new(command.next().unwrap_or_default(), command.collect());
+    spec.env = parse_env(&args.env)?;
+    spec.cwd = args.cwd;
+    spec.memory_mib = args.memory;
+    spec.vcpus = args.vcpus;
+    if let Some(path) = &args.profile {
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::Profile {
+            path: path.clone(),
+            source,
+        })?;
+        spec.profile = Some(text);
+    }
+    // Catch Ctrl-C from before the VM exists, so that it can never leave a VM behind.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(CliError::Signal)?;
+    let info: VmInfo = client.json(Method::POST, "/v1/vms", Some(&spec)).await?;
+    if args.detach {
+        print_out(&format!("{}\n", info.id))?;
+        return Ok(0);
+    }
+    let id = info.id;
+    let events_path = format!("/v1/vms/{id}/events?follow=true");
+    let mut lines: Option<Lines> = None;
+    // When the event stream was lost (a daemon restart), and the last event relayed.
+    let mut outage: Option<Instant> = None;
+    let mut last_seq: Option<u64> = None;
+    let mut agent_exit = None;
+    let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let Some(current) = lines.as_mut() else {
+            match client.send(Method::GET, &events_path, None).await {
+                Ok(resp) => {
+                    lines = Some(Lines::new(resp.into_body()));
+                    outage = None;
+                }
+                Err(e) => {
+                    let since = *outage.get_or_insert_with(Instant::now);
+                    let transient = matches!(e, ClientError::NotRunning(_) | ClientError::Http(_));
+                    if !transient || since.elapsed() > RECONNECT_FOR {
+                        return Err(e.into());
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                        _ = sigint.recv() => {
+                            eprintln!("nanoclaw: the daemon is unreachable; VM {id} keeps running");
+                            return Ok(130);
+                        }
+                    }
+                }
+            }
+            continue;
+        };
+        let line = tokio::select! {
+            line = current.next_line() => line,
+            _ = sigint.recv() => {
+                if stopping.is_some() {
+                    return Ok(130);
+                }
+                eprintln!("nanoclaw: stopping VM {id} (Ctrl-C again to leave now)");
+                let (client, path) = (client.clone(), format!("/v1/vms/{id}/stop"));
+                stopping = Some(tokio::spawn(async move {
+                    if let Err(e) = client.json::<(), VmInfo>(Method::POST, &path, None).await {
+                        eprintln!("nanoclaw: error: {e}");
+                    }
+                }));
+                continue;
+            }
+        };
+        let line = match line {
+            Ok(Some(line)) => line,
+            // The daemon went away mid-stream (a restart): reconnect and resume after `last_seq`.
+            Ok(None) | Err(ClientError::Http(_)) => {
+                lines = None;
+                if outage.is_none() {
+                    eprintln!("nanoclaw: lost the daemon's event stream; reconnecting");
+                    outage = Some(Instant::now());
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let rec: EventRecord = serde_json::from_slice(&line).map_err(CliError::Event)?;
+        if last_seq.is_some_and(|l| rec.seq <= l) {
+            continue;
+        }
+        last_seq = Some(rec.seq);
+        if args.json {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&line)
+                .and_then(|()| out.write_all(b"\n"))
+                .and_then(|()| out.flush())
+                .map_err(CliError::Write)?;
+        }
+        match rec.event {
+            Event::Output { stream, data } if !args.json => write_output(stream, &data)?,
+            Event::Exited { status } => agent_exit = Some(status),
+            Event::Ended { status, vmm_exit } => {
+                if let Some(task) = stopping {
+                    let _ = task.await;
+                }
+                return match agent_exit {
+                    Some(exit) => Ok(exit.shell_code()),
+                    None if status == VmStatus::Stopped => Ok(130),
+                    None => Err(CliError::NoAgentExit {
+                        id,
+                        status: status.as_str(),
+                        detail: vmm_exit
+                            .map(|e| format!(" (VMM: {})", e.reason))
+                            .unwrap_or_default(),
+                    }),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+fn write_output(stream: api::Stream, data: &str) -> Result<(), CliError> {
+    let bytes = BASE64.decode(data).map_err(CliError::Base64)?;
+    let result = match stream {
+        api::Stream::Stdout => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes).and_then(|()| out.flush())
+        }
+        api::Stream::Stderr => {
+            let mut err = std::io::stderr().lock();
+            err.write_all(&bytes).and_then(|()| err.flush())
+        }
+    };
+    result.map_err(CliError::Write)
+}
+
+async fn ps(client: &Client, json: bool) -> Result<(), CliError> {
+    let vms: Vec<VmInfo> = client.json(Method::GET, "/v1/vms", None::<&()>).await?;
+    if json {
+        let text = serde_json::to_string_pretty(&vms).map_err(CliError::Event)?;
+        return print_out(&format!("{text}\n"));
+    }
+    let mut text = format!(
+        "{:<10} {:<9} {:>8} {:<6} COMMAND\n",
+        "ID", "STATUS", "PID", "EXIT"
+    );
+    for vm in &vms {
+        let exit = match vm.agent_exit {
+            Some(AgentExit::Exit(c)) => c.to_string(),
+            Some(AgentExit::Signal(s)) => format!("sig{s}"),
+            None => "-".to_owned(),
+        };
+        let pid = vm.vmm_pid.map_or("-".to_owned(), |p| p.to_string());
+        let cmd = std::iter::once(vm.spec.command.as_str())
+            .chain(vm.spec.args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ");
+        text.push_str(&format!(
+            "{:<10} {:<9} {:>8} {:<6} {}\n",
+            vm.id,
+            vm.status.as_str(),
+            pid,
+            exit,
+            cmd
+        ));
+    }
+    print_out(&text)
+}
+
+fn inspect_text(vm: &VmInfo, json: bool) -> String {
+    if json {
+        return serde_json::to_string_pretty(vm).unwrap_or_default() + "\n";
+    }
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    let exit = vm.agent_exit.map(|e| match e {
+        AgentExit::Exit(c) => format!("exit {c}"),
+        AgentExit::Signal(s) => format!("signal {s}"),
+    });
+    let vmm_exit = vm.vmm_exit.as_ref().map(|e| match (e.exit_code, e.signal) {
+        (Some(c), _) => format!("{} (exit code {c})", e.reason),
+        (None, Some(s)) => format!("{} (signal {s})", e.reason),
+        (None, None) => e.reason.clone(),
+    });
+    format!(
+        "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes\ndirectory:      {}\n",
+        vm.id,
+        vm.status.as_str(),
+        vm.spec.command,
+        vm.spec.args.join(" "),
+        vm.spec.memory_mib,
+        vm.spec.vcpus,
+        opt(vm.vmm_pid.map(|p| p.to_string())),
+        opt(vm.agent_pid.map(|p| p.to_string())),
+        opt(exit),
+        opt(vmm_exit),
+        if vm.control_connected {
+            "connected"
+        } else {
+            "not connected"
+        },
+        vm.control_reconnects,
+        vm.guest_protocol_errors,
+        vm.output_dropped_bytes,
+        vm.vm_dir,
+    )
+}
+
+async fn logs(client: &Client, id: &str, follow: bool, console: bool) -> Result<(), CliError> {
+    let what = if console { "console" } else { "events" };
+    let resp = client
+        .send(
+            Method::GET,
+            &format!("/v1/vms/{id}/{what}?follow={follow}"),
+            None,
+        )
+        .await?;
+    if console {
+        return Ok(client::copy_body(resp.into_body(), &mut std::io::stdout()).await?);
+    }
+    let mut lines = Lines::new(resp.into_body());
+    while let Some(line) = lines.next_line().await? {
+        let rec: EventRecord = serde_json::from_slice(&line).map_err(CliError::Event)?;
+        if let Event::Output { stream, data } = rec.event {
+            write_output(stream, &data)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn run_takes_the_command_after_the_double_dash() {
+        let cli = Cli::try_parse_from([
+            "nanoclaw", "run", "--memory", "512", "-e", "A=1", "--", "/bin/sh", "-c", "exit 3",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(args.memory, 512);
+        assert_eq!(args.command, ["/bin/sh", "-c", "exit 3"]);
+        assert_eq!(parse_env(&args.env).unwrap(), [("A".into(), "1".into())]);
+        assert!(matches!(
+            parse_env(&["NOEQUALS".into()]),
+            Err(CliError::EnvSyntax(_))
+        ));
+    }
+}

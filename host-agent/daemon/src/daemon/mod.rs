@@ -1,0 +1,660 @@
+//! The host-agent daemon (`host-agent serve`): it creates microVMs that each run one agent,
+//! relays the agent's control channel, and serves the HTTP/JSON API of [`nanoclaw_api`] on a Unix
+//! socket.
+//!
+//! - Each VM is one VMM process (the `nanoclaw-vmm` binary beside this one, or `--vmm-bin`), started
+//!   in its own session with its stdio in `<vm-dir>/vmm.log`, so it outlives the daemon.
+//! - The state of each VM lives in `<state-dir>/vms/<id>/` ([`state`]). On start the daemon
+//!   re-attaches every VM whose VMM still runs (same pid and start time): it re-binds the
+//!   control listener and waits for the sidecar to reconnect. A VM whose VMM vanished without
+//!   the daemon seeing it end becomes `failed` if the VMM left an `exit.json`, else `lost`.
+//! - One daemon per state directory: it holds an exclusive lock on `<state-dir>/daemon.lock`.
+//!
+//! # Layout
+//! - [`state`]: the on-disk record and process checks.
+//! - [`vm`]: one VM at run time (VMM, control connection, events, stop).
+//! - [`routes`]: the HTTP handlers.
+//! - [`ratelimit`]: the log budget for guest-triggered lines.
+
+pub mod ratelimit;
+pub mod routes;
+pub mod state;
+pub mod vm;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+
+use self::state::{StateError, VmRecord};
+use self::vm::{Vm, VmError, VmmLaunch};
+use crate::error_chain;
+use nanoclaw_api::{self as api, CreateVm};
+
+/// How long open API responses may take to finish once the daemon is told to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Neither `--kernel`/`--initrd` nor `--guest-manifest` was given.
+    #[error("no guest image: pass --kernel and --initrd, or --guest-manifest")]
+    NoGuestImage,
+    /// The guest manifest cannot be read.
+    #[error("cannot read the guest manifest {}", .path.display())]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest manifest lacks a key.
+    #[error("the guest manifest {} has no {key}", .path.display())]
+    ManifestKey {
+        /// The manifest.
+        path: PathBuf,
+        /// The missing key.
+        key: &'static str,
+    },
+    /// A guest image file is missing.
+    #[error("guest image file {} is missing", .0.display())]
+    MissingImage(PathBuf),
+    /// Finding our own executable (whose sibling is the VMM binary) failed.
+    #[error("cannot find the host-agent executable, whose sibling is the default --vmm-bin")]
+    CurrentExe(#[source] std::io::Error),
+    /// Creating a directory failed.
+    #[error("cannot create {}", .path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another daemon holds the state directory.
+    #[error("another daemon already uses the state directory {}", .0.display())]
+    StateLocked(PathBuf),
+    /// Locking the state directory failed.
+    #[error("cannot lock {}", .path.display())]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A daemon already answers on the API socket.
+    #[error("a daemon already listens on {}", .0.display())]
+    SocketInUse(PathBuf),
+    /// Binding the API socket failed.
+    #[error("cannot listen on {}", .path.display())]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving the API failed.
+    #[error("API server failed")]
+    Serve(#[source] std::io::Error),
+    /// Building the async runtime failed.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The credential relay could not start.
+    #[error("credential relay")]
+    Relay(#[source] crate::relay::RelayError),
+    /// Creating a VM failed.
+    #[error("cannot create the VM")]
+    Vm(#[source] VmError),
+    /// The state of a VM failed.
+    #[error("VM state")]
+    State(#[source] StateError),
+    /// Starting passkey approvals failed.
+    #[error("passkey approvals")]
+    Approvals(#[source] crate::approval::server::ServerError),
+    /// Opening the audit log failed.
+    #[error("audit log")]
+    Audit(#[source] nanoclaw_audit::AuditError),
+}
+
+/// `host-agent serve`: run the daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Where VM state lives (`<dir>/vms/<id>/`).
+    #[arg(long, default_value = api::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The API socket (created with mode 0600).
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Guest kernel (bzImage or ELF vmlinux).
+    #[arg(long, requires = "initrd", conflicts_with = "guest_manifest")]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// A `guest-image/build` manifest (KERNEL_VMLINUX or KERNEL_BZIMAGE, and INITRAMFS).
+    #[arg(long)]
+    pub guest_manifest: Option<PathBuf>,
+    /// The VMM binary, run as `BIN --kernel ... --vm-dir ...` (default: `nanoclaw-vmm` beside this
+    /// executable).
+    #[arg(long)]
+    pub vmm_bin: Option<PathBuf>,
+    /// Seconds between the Shutdown request and SIGTERM (and between SIGTERM and SIGKILL).
+    #[arg(long, default_value_t = 10)]
+    pub stop_grace_secs: u64,
+    /// Largest agent-output.ndjson per VM, in bytes; further output is dropped and counted.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub output_cap_bytes: u64,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Serve the passkey registration and approval pages on this TCP address (e.g.
+    /// 127.0.0.1:8443). Without it every approval request is denied.
+    #[arg(long, value_name = "ADDR")]
+    pub approvals_listen: Option<std::net::SocketAddr>,
+    /// The approval pages' origin as the browser sees it (default http://localhost:PORT); its
+    /// host is the passkeys' rp id.
+    #[arg(long, requires = "approvals_listen")]
+    pub approvals_origin: Option<String>,
+    /// Seconds an approval request waits for the user before it is denied as expired.
+    #[arg(long, default_value_t = 300)]
+    pub approvals_ttl_secs: u64,
+    /// POST a JSON notice ({approval_id, summary, url}) here for each new approval request.
+    #[arg(long, value_name = "URL", requires = "approvals_listen")]
+    pub approvals_webhook: Option<String>,
+    /// Send Web Push notifications to browsers that subscribe while registering a passkey;
+    /// the value is the VAPID contact push services may use (mailto:you@example.com).
+    #[arg(long, value_name = "MAILTO", requires = "approvals_listen")]
+    pub approvals_push_contact: Option<String>,
+    /// Listen for the user's device (`vault-device`) on this TCP address and relay the VMs'
+    /// credential sessions to it (see [`crate::relay`]).
+    #[arg(long)]
+    pub device_listen: Option<std::net::SocketAddr>,
+}
+
+/// The VMM binary's file name; the daemon runs the one beside its own executable by default.
+pub const VMM_BIN_NAME: &str = "nanoclaw-vmm";
+
+/// The daemon's audit log, in the state directory.
+pub use nanoclaw_api::AUDIT_FILE;
+
+/// The approver for `approvals`: the passkey approver when approvals are served, else
+/// [`crate::approval::DenyAll`].
+fn approver_of(
+    approvals: Option<&crate::approval::passkey::PasskeyApprover>,
+) -> Arc<dyn crate::approval::Approver> {
+    match approvals {
+        Some(a) => Arc::new(a.clone()),
+        None => Arc::new(crate::approval::DenyAll),
+    }
+}
+
+/// Errors of removing a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    /// No such VM.
+    #[error("no such VM")]
+    NotFound,
+    /// The VM has not ended.
+    #[error("the VM is {}", .0.as_str())]
+    NotEnded(api::VmStatus),
+    /// Deleting its directory failed.
+    #[error("cannot delete {}", .path.display())]
+    Delete {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The daemon's shared state.
+#[derive(Debug)]
+pub struct Daemon {
+    vms_dir: PathBuf,
+    /// The MCP gateways of VMs created with a profile.
+    mcp: crate::mcp::VmGateways,
+    launch: VmmLaunch,
+    stop_grace: Duration,
+    output_cap: u64,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+    approvals: Option<crate::approval::passkey::PasskeyApprover>,
+    relay: Option<Arc<crate::relay::Relay>>,
+}
+
+impl Daemon {
+    /// The approver gated actions ask: passkeys when `--approvals-listen` is set, else
+    /// [`crate::approval::DenyAll`].
+    pub fn approver(&self) -> Arc<dyn crate::approval::Approver> {
+        approver_of(self.approvals.as_ref())
+    }
+
+    /// The passkey approver, when approvals are served.
+    pub fn approvals(&self) -> Option<&crate::approval::passkey::PasskeyApprover> {
+        self.approvals.as_ref()
+    }
+
+    /// Every VM, oldest first.
+    pub fn list(&self) -> Vec<Arc<Vm>> {
+        let mut vms: Vec<_> = self.lock_vms().values().cloned().collect();
+        vms.sort_by_key(|v| (v.info().created_unix_ms, v.id.clone()));
+        vms
+    }
+
+    /// The VM with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<Vm>> {
+        self.lock_vms().get(id).cloned()
+    }
+
+    /// Forgets an ended VM and deletes its directory.
+    pub fn remove(&self, id: &str) -> Result<(), RemoveError> {
+        let vm = {
+            let mut vms = self.lock_vms();
+            let vm = vms.get(id).ok_or(RemoveError::NotFound)?;
+            let status = vm.status();
+            if !status.is_terminal() {
+                return Err(RemoveError::NotEnded(status));
+            }
+            vms.remove(id).ok_or(RemoveError::NotFound)?
+        };
+        std::fs::remove_dir_all(&vm.dir).map_err(|source| RemoveError::Delete {
+            path: vm.dir.clone(),
+            source,
+        })?;
+        tracing::info!(vm = %id, "VM removed");
+        Ok(())
+    }
+
+    /// How long a stop waits at each step.
+    pub fn stop_grace(&self) -> Duration {
+        self.stop_grace
+    }
+
+    fn lock_vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Vm>>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates a VM for `spec` and starts its VMM.
+    pub fn create(&self, spec: CreateVm) -> Result<Arc<Vm>, DaemonError> {
+        let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(DaemonError::State)?;
+        let record = VmRecord::new(id.clone(), spec, state::now_unix_ms());
+        record.save(&dir).map_err(DaemonError::State)?;
+        let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
+        vm.set_relay(self.relay.clone());
+        self.lock_vms().insert(id, Arc::clone(&vm));
+        // The listeners exist before the VMM, so the sidecar's first connect finds them.
+        self.start_mcp(&vm);
+        let started = vm
+            .bind_control()
+            .and_then(|l| Ok((l, vm.spawn_vmm(&self.launch)?)));
+        match started {
+            Ok((listener, child)) => {
+                tokio::spawn(Arc::clone(&vm).accept_control(listener));
+                tokio::spawn(Arc::clone(&vm).watch_child(child));
+                Ok(vm)
+            }
+            Err(e) => {
+                vm.conclude(
+                    Some(api::VmmExit {
+                        reason: "spawn_failed".to_owned(),
+                        exit_code: None,
+                        signal: None,
+                        boot_to_ready_ms: None,
+                    }),
+                    false,
+                );
+                Err(DaemonError::Vm(e))
+            }
+        }
+    }
+
+    /// Starts the VM's MCP gateway when it was created with a profile. A failure is logged: the
+    /// agent then finds no MCP endpoint (nothing runs unchecked).
+    fn start_mcp(&self, vm: &Arc<Vm>) {
+        if let Some(profile) = vm.info().spec.profile {
+            match self.mcp.start(&vm.id, &vm.dir, &profile, vm.ended()) {
+                Ok(tokens) => vm.set_tokens(tokens),
+                Err(e) => tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway"),
+            }
+        }
+    }
+
+    /// Loads every VM under the state directory, re-attaching live ones and concluding dead
+    /// ones (see the module doc).
+    fn recover(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.vms_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !dir.join(state::RECORD_FILE).exists() {
+                continue;
+            }
+            if let Err(e) = self.recover_one(dir.clone()) {
+                tracing::error!(dir = %dir.display(), error = %error_chain(&e), "cannot load VM");
+            }
+        }
+    }
+
+    fn recover_one(&self, dir: PathBuf) -> Result<(), DaemonError> {
+        let record = VmRecord::load(&dir).map_err(DaemonError::State)?;
+        let terminal = record.status.is_terminal();
+        let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
+        vm.set_relay(self.relay.clone());
+        self.lock_vms().insert(vm.id.clone(), Arc::clone(&vm));
+        if terminal {
+            return Ok(());
+        }
+        if vm.vmm_alive() {
+            let listener = vm.bind_control().map_err(DaemonError::Vm)?;
+            tracing::info!(vm = %vm.id, "re-attached to a running VMM");
+            self.start_mcp(&vm);
+            tokio::spawn(Arc::clone(&vm).accept_control(listener));
+            tokio::spawn(Arc::clone(&vm).watch_adopted());
+            if vm.status() == api::VmStatus::Stopping {
+                let (vm, grace) = (Arc::clone(&vm), self.stop_grace);
+                tokio::spawn(async move { vm.stop(grace).await });
+            }
+        } else {
+            match state::read_vmm_exit(&vm.dir) {
+                Some(exit) => vm.conclude(Some(exit), false),
+                None => {
+                    tracing::warn!(vm = %vm.id, "VMM vanished without an exit record: lost");
+                    vm.conclude(None, true);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads `KEY=VALUE` lines (shell syntax, optional quotes) of a guest-image manifest.
+fn read_manifest(path: &Path) -> Result<(PathBuf, PathBuf), DaemonError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DaemonError::Manifest {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut vars = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim().trim_matches(|c| c == '"' || c == '\'');
+            vars.insert(k.trim().to_owned(), v.to_owned());
+        }
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let get = |key: &'static str| vars.get(key).map(|v| base.join(v));
+    let kernel = get("KERNEL_VMLINUX")
+        .or_else(|| get("KERNEL_BZIMAGE"))
+        .ok_or_else(|| DaemonError::ManifestKey {
+            path: path.to_path_buf(),
+            key: "KERNEL_VMLINUX or KERNEL_BZIMAGE",
+        })?;
+    let initrd = get("INITRAMFS").ok_or_else(|| DaemonError::ManifestKey {
+        path: path.to_path_buf(),
+        key: "INITRAMFS",
+    })?;
+    Ok((kernel, initrd))
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|source| DaemonError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Takes the state directory's exclusive lock for the life of the daemon.
+fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let path = state_dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| DaemonError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                DaemonError::StateLocked(state_dir.to_path_buf())
+            } else {
+                DaemonError::Lock {
+                    path,
+                    source: errno.into(),
+                }
+            }
+        },
+    )
+}
+
+/// Binds the API socket with mode 0600, refusing to steal it from a live daemon.
+fn bind_api_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.exists()
+    {
+        create_dir(parent, 0o700)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(DaemonError::SocketInUse(path.to_path_buf()));
+    }
+    let _ = std::fs::remove_file(path);
+    let bind_err = |source| DaemonError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Installs the tracing subscriber, unless the binary already did.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. VMs keep running after it returns.
+pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
+    let (kernel, initrd) = match (&args.kernel, &args.initrd, &args.guest_manifest) {
+        (Some(k), Some(i), _) => (k.clone(), i.clone()),
+        (_, _, Some(m)) => read_manifest(m)?,
+        _ => return Err(DaemonError::NoGuestImage),
+    };
+    for f in [&kernel, &initrd] {
+        if !f.is_file() {
+            return Err(DaemonError::MissingImage(f.clone()));
+        }
+    }
+    let bin = match args.vmm_bin {
+        Some(b) => b,
+        None => std::env::current_exe()
+            .map_err(DaemonError::CurrentExe)?
+            .with_file_name(VMM_BIN_NAME),
+    };
+    create_dir(&args.state_dir, 0o700)?;
+    let _lock = lock_state_dir(&args.state_dir)?;
+    let vms_dir = args.state_dir.join("vms");
+    create_dir(&vms_dir, 0o700)?;
+    // One audit log for the whole daemon: two writers of one file would fork its chain.
+    let audit = Arc::new(
+        nanoclaw_audit::AuditLog::open(args.state_dir.join(AUDIT_FILE))
+            .map_err(DaemonError::Audit)?,
+    );
+    let approvals = match args.approvals_listen {
+        Some(listen) => {
+            let notifiers = crate::notify::from_flags(args.approvals_webhook.as_deref());
+            let push = args
+                .approvals_push_contact
+                .clone()
+                .map(|contact| {
+                    crate::notify::webpush::WebPush::open(
+                        &args.state_dir.join("vapid.key"),
+                        args.state_dir.join("push-subscriptions.json"),
+                        contact,
+                    )
+                })
+                .transpose()
+                .map_err(|e| {
+                    DaemonError::Approvals(crate::approval::server::ServerError::Push(e))
+                })?;
+            let config = crate::approval::server::ServeConfig {
+                listen,
+                origin: args.approvals_origin.clone(),
+                ttl: Duration::from_secs(args.approvals_ttl_secs),
+                audit: Arc::clone(&audit),
+                passkeys_file: args.state_dir.join("passkeys.json"),
+                notifiers,
+                push,
+            };
+            Some(
+                crate::approval::server::start(config)
+                    .await
+                    .map_err(DaemonError::Approvals)?,
+            )
+        }
+        None => None,
+    };
+    let relay = match args.device_listen {
+        Some(addr) => {
+            let relay = crate::relay::Relay::open(&args.state_dir, "host-agent")
+                .map_err(DaemonError::Relay)?;
+            relay.listen(addr).await.map_err(DaemonError::Relay)?;
+            // The device's asks for credential approvals go to the same approver as every
+            // other gated action.
+            relay.set_approver(approver_of(approvals.as_ref()));
+            relay.set_audit(Arc::clone(&audit));
+            if relay.pairing_code().is_some() {
+                tracing::info!(
+                    file = %args.state_dir.join("relay/pairing-code").display(),
+                    "no device paired: give the pairing code in this file to `vault-device pair`"
+                );
+            }
+            Some(relay)
+        }
+        None => None,
+    };
+    let daemon = Arc::new(Daemon {
+        mcp: crate::mcp::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),
+        approvals,
+        vms_dir,
+        launch: VmmLaunch {
+            bin,
+            kernel,
+            initrd,
+        },
+        stop_grace: Duration::from_secs(args.stop_grace_secs),
+        output_cap: args.output_cap_bytes,
+        vms: Mutex::new(HashMap::new()),
+        relay,
+    });
+    daemon
+        .mcp
+        .set_spawner(Arc::new(crate::mcp::DaemonSpawner::new(&daemon)));
+    daemon.recover();
+    let listener = bind_api_socket(&args.socket)?;
+    tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),
+        vms = daemon.lock_vms().len(), "daemon listening");
+    let app = routes::router(Arc::clone(&daemon));
+    // Graceful shutdown waits for open responses, and a followed stream may never end: give
+    // them a moment, then go.
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let stopping = Arc::clone(&stopping);
+        async move {
+            shutdown_signal().await;
+            stopping.notify_one();
+        }
+    });
+    let result = tokio::select! {
+        r = server => r.map_err(DaemonError::Serve),
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    };
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("daemon stopped; VMs keep running");
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// The blocking entry point for `host-agent serve`: logging, a runtime, [`serve`].
+pub fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(serve(args))?;
+    // VM tasks may still be waiting on sockets; do not wait for them.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_paths_resolve_and_prefer_vmlinux() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("manifest");
+        std::fs::write(
+            &m,
+            "# comment\nKERNEL_BZIMAGE=/k/bzImage\nKERNEL_VMLINUX=\"/k/vmlinux\"\nINITRAMFS=rel/initramfs.cpio.gz\n",
+        )
+        .unwrap();
+        let (k, i) = read_manifest(&m).unwrap();
+        assert_eq!(k, PathBuf::from("/k/vmlinux"));
+        assert_eq!(i, dir.path().join("rel/initramfs.cpio.gz"));
+        std::fs::write(&m, "KERNEL_BZIMAGE=/k/bzImage\n").unwrap();
+        assert!(matches!(
+            read_manifest(&m),
+            Err(DaemonError::ManifestKey {
+                key: "INITRAMFS",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,354 @@
+//! The HTTP handlers of the daemon's API (the routes are listed in [`nanoclaw_api`]).
+//!
+//! Event streams replay `agent-output.ndjson` first and then follow the live broadcast,
+//! skipping by sequence number what the replay already sent; a subscriber that falls behind
+//! the broadcast re-reads the log from where it was.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+
+use super::vm::Vm;
+use super::{Daemon, RemoveError};
+use crate::error_chain;
+use nanoclaw_api::{ApiError, CreateVm, Event, EventRecord, VmInfo};
+
+/// Highest accepted guest RAM, in MiB.
+const MAX_MEMORY_MIB: u64 = 64 * 1024;
+/// Lowest accepted guest RAM, in MiB (the VMM's floor).
+const MIN_MEMORY_MIB: u64 = 64;
+/// Highest accepted vCPU count.
+const MAX_VCPUS: u8 = 32;
+/// How often a followed console log is polled for growth.
+const CONSOLE_POLL: Duration = Duration::from_millis(200);
+
+/// The API router over `daemon`.
+pub fn router(daemon: Arc<Daemon>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/vms", post(create).get(list))
+        .route("/v1/vms/{id}", get(inspect).delete(remove))
+        .route("/v1/vms/{id}/stop", post(stop))
+        .route("/v1/vms/{id}/events", get(events))
+        .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/approvals", get(approvals))
+        .route("/v1/approvals/registration", post(registration_link))
+        .with_state(daemon)
+}
+
+/// An error answer: a status and one line.
+#[derive(Debug)]
+pub struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+fn find(daemon: &Daemon, id: &str) -> Result<Arc<Vm>, Failure> {
+    daemon
+        .get(id)
+        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no VM with id {id}")))
+}
+
+/// Checks a create request; the daemon, not the CLI, is authoritative.
+pub(crate) fn validate(spec: &CreateVm) -> Result<(), String> {
+    let no_nul = |what: &str, s: &str| {
+        if s.contains('\0') {
+            Err(format!("{what} contains a NUL byte"))
+        } else {
+            Ok(())
+        }
+    };
+    if spec.command.is_empty() {
+        return Err("command is empty".into());
+    }
+    no_nul("command", &spec.command)?;
+    no_nul("cwd", &spec.cwd)?;
+    for a in &spec.args {
+        no_nul("an argument", a)?;
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') {
+            return Err(format!("bad environment variable name {k:?}"));
+        }
+        no_nul("an environment variable", k)?;
+        no_nul("an environment value", v)?;
+    }
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&spec.memory_mib) {
+        return Err(format!(
+            "memory_mib must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"
+        ));
+    }
+    if !(1..=MAX_VCPUS).contains(&spec.vcpus) {
+        return Err(format!("vcpus must be 1 to {MAX_VCPUS}"));
+    }
+    if let Some(text) = &spec.profile {
+        crate::policy::AccessPolicy::from_toml(text).map_err(|e| error_chain(&e))?;
+    }
+    Ok(())
+}
+
+async fn create(
+    State(daemon): State<Arc<Daemon>>,
+    body: Result<Json<CreateVm>, JsonRejection>,
+) -> Result<(StatusCode, Json<VmInfo>), Failure> {
+    let Json(spec) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    validate(&spec).map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
+    let vm = daemon.create(spec).map_err(|e| {
+        let line = error_chain(&e);
+        tracing::error!(error = %line, "create failed");
+        Failure(StatusCode::INTERNAL_SERVER_ERROR, line)
+    })?;
+    Ok((StatusCode::CREATED, Json(vm.info())))
+}
+
+async fn approvals(State(daemon): State<Arc<Daemon>>) -> Json<Vec<nanoclaw_api::PendingApproval>> {
+    Json(daemon.approvals().map(|a| a.pending()).unwrap_or_default())
+}
+
+async fn registration_link(
+    State(daemon): State<Arc<Daemon>>,
+) -> Result<Json<nanoclaw_api::RegistrationLink>, Failure> {
+    let approvals = daemon.approvals().ok_or_else(|| {
+        Failure(
+            StatusCode::CONFLICT,
+            "approvals are off (start the daemon with --approvals-listen)".into(),
+        )
+    })?;
+    let url = approvals
+        .registration_link()
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)))?;
+    Ok(Json(nanoclaw_api::RegistrationLink { url }))
+}
+
+async fn list(State(daemon): State<Arc<Daemon>>) -> Json<Vec<VmInfo>> {
+    Json(daemon.list().iter().map(|v| v.info()).collect())
+}
+
+async fn inspect(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    Ok(Json(find(&daemon, &id)?.info()))
+}
+
+async fn remove(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
+    match daemon.remove(&id) {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(RemoveError::NotFound) => Err(Failure(
+            StatusCode::NOT_FOUND,
+            format!("no VM with id {id}"),
+        )),
+        Err(RemoveError::NotEnded(status)) => Err(Failure(
+            StatusCode::CONFLICT,
+            format!("VM {id} is {}; stop it first", status.as_str()),
+        )),
+        Err(e @ RemoveError::Delete { .. }) => {
+            Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)))
+        }
+    }
+}
+
+async fn stop(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    let vm = find(&daemon, &id)?;
+    // The stop runs in its own task so that a client hanging up does not abandon it halfway.
+    let grace = daemon.stop_grace();
+    let task = tokio::spawn({
+        let vm = Arc::clone(&vm);
+        async move { vm.stop(grace).await }
+    });
+    let _ = task.await;
+    Ok(Json(vm.info()))
+}
+
+/// `?follow=true|false`.
+#[derive(Debug, Deserialize)]
+struct FollowQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+type Chunks = mpsc::Sender<Result<Bytes, Infallible>>;
+
+fn streaming(
+    content_type: &'static str,
+    rx: mpsc::Receiver<Result<Bytes, Infallible>>,
+) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn events(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Query(q): Query<FollowQuery>,
+) -> Result<Response, Failure> {
+    let vm = find(&daemon, &id)?;
+    let was_ended = *vm.ended().borrow();
+    let live = vm.subscribe();
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut last = None;
+        let ended = replay(&vm, &mut last, &tx).await;
+        if q.follow && !was_ended && ended == Some(false) {
+            follow(&vm, live, last, &tx).await;
+        }
+    });
+    Ok(streaming("application/x-ndjson", rx))
+}
+
+/// Sends the logged events after `last`. `Some(true)` when the end event was among them,
+/// `None` when the client went away.
+async fn replay(vm: &Vm, last: &mut Option<u64>, tx: &Chunks) -> Option<bool> {
+    let text = tokio::fs::read(vm.output_path()).await.unwrap_or_default();
+    let mut ended = false;
+    for line in text.split(|&b| b == b'\n') {
+        let Ok(rec) = serde_json::from_slice::<EventRecord>(line) else {
+            continue;
+        };
+        if last.is_some_and(|l| rec.seq <= l) {
+            continue;
+        }
+        *last = Some(rec.seq);
+        ended |= matches!(rec.event, Event::Ended { .. });
+        let mut chunk = line.to_vec();
+        chunk.push(b'\n');
+        tx.send(Ok(chunk.into())).await.ok()?;
+    }
+    Some(ended)
+}
+
+async fn follow(
+    vm: &Vm,
+    mut live: broadcast::Receiver<EventRecord>,
+    mut last: Option<u64>,
+    tx: &Chunks,
+) {
+    loop {
+        match live.recv().await {
+            Ok(rec) => {
+                if last.is_some_and(|l| rec.seq <= l) {
+                    continue;
+                }
+                last = Some(rec.seq);
+                let mut line = serde_json::to_vec(&rec).unwrap_or_default();
+                line.push(b'\n');
+                if tx.send(Ok(line.into())).await.is_err() {
+                    return;
+                }
+                if matches!(rec.event, Event::Ended { .. }) {
+                    return;
+                }
+            }
+            // Too slow for the live feed: catch up from the log (which lacks only output dropped
+            // over its cap).
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                if replay(vm, &mut last, tx).await != Some(false) {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn console(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Query(q): Query<FollowQuery>,
+) -> Result<Response, Failure> {
+    let vm = find(&daemon, &id)?;
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = vm.dir.join(super::state::CONSOLE_FILE);
+        let ended = vm.ended();
+        let mut offset = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // Read the state first so the final read after the end sees everything.
+            let was_ended = *ended.borrow();
+            if let Ok(mut f) = tokio::fs::File::open(&path).await
+                && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
+            {
+                while let Ok(n) = f.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    offset += n as u64;
+                    if tx
+                        .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            if !q.follow || was_ended {
+                return;
+            }
+            tokio::time::sleep(CONSOLE_POLL).await;
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    Ok(streaming("application/octet-stream", rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_refuses_bad_specs() {
+        let ok = CreateVm::new("/bin/sh", vec![]);
+        assert_eq!(validate(&ok), Ok(()));
+        let mut s = ok.clone();
+        s.command.clear();
+        assert!(validate(&s).is_err());
+        let mut s = ok.clone();
+        s.env.push(("A=B".into(), "x".into()));
+        assert!(validate(&s).is_err());
+        let mut s = ok.clone();
+        s.args.push("a\0b".into());
+        assert!(validate(&s).is_err());
+        let mut s = ok.clone();
+        s.vcpus = 0;
+        assert!(validate(&s).is_err());
+        let mut s = ok.clone();
+        s.memory_mib = 1;
+        assert!(validate(&s).is_err());
+        let mut s = ok.clone();
+        s.profile = Some("name = \"p\"\ntier = \"worker\"\n".into());
+        assert_eq!(validate(&s), Ok(()));
+        let mut s = ok;
+        s.profile = Some("name = \"p\"\ntier = \"wroker\"\n".into());
+        let e = validate(&s).unwrap_err();
+        assert!(e.contains("profile"), "{e}");
+    }
+}

@@ -1,0 +1,291 @@
+//! What the daemon keeps on disk about each VM, and the process facts it checks on restart.
+//!
+//! Each VM owns `<state-dir>/vms/<id>/`:
+//! - `vm.json`: its [`VmRecord`] (spec, VMM pid and start time, status, agent exit), written
+//!   through a temporary file and a rename so a crash never leaves half a record;
+//! - `agent-output.ndjson`: its events, one JSON line each, capped in size;
+//! - `exit.json`, `console.log`: written by the VMM; `vmm.log`: the VMM's own stdout/stderr;
+//! - `vsock.sock`, `vsock.sock_<port>`: the hybrid vsock sockets.
+//!
+//! A pid alone does not identify a process across a daemon restart (pids are reused), so the
+//! record also keeps the process start time from `/proc/<pid>/stat` and a VMM counts as alive
+//! only if both match.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use nanoclaw_api::{AgentExit, CreateVm, VmStatus, VmmExit};
+
+/// The record's file name inside a VM's directory.
+pub const RECORD_FILE: &str = "vm.json";
+/// The VMM's exit record, written by the VMM.
+pub const EXIT_FILE: &str = "exit.json";
+/// The agent event log.
+pub const OUTPUT_FILE: &str = "agent-output.ndjson";
+/// The serial console log, written by the VMM.
+pub const CONSOLE_FILE: &str = "console.log";
+/// The VMM's own stdout and stderr.
+pub const VMM_LOG_FILE: &str = "vmm.log";
+
+/// Errors of the on-disk state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading a file failed.
+    #[error("cannot read {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a file failed.
+    #[error("cannot write {}", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record does not parse.
+    #[error("cannot parse {}", .path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Creating a VM directory failed.
+    #[error("cannot create a VM directory under {}", .path.display())]
+    CreateDir {
+        /// The parent directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The persistent record of one VM (`vm.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM id.
+    pub id: String,
+    /// What it was created with.
+    pub spec: CreateVm,
+    /// Creation time, ms since the epoch.
+    pub created_unix_ms: u64,
+    /// Where it stands.
+    pub status: VmStatus,
+    /// The VMM's host pid.
+    pub vmm_pid: Option<u32>,
+    /// The VMM's start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub vmm_start_ticks: Option<u64>,
+    /// The sidecar's boot id (hex) from its first accepted hello.
+    pub boot_id: Option<String>,
+    /// Whether `RunAgent` was sent for that boot.
+    pub agent_sent: bool,
+    /// The agent's pid in the guest.
+    pub agent_pid: Option<u32>,
+    /// How the agent ended.
+    pub agent_exit: Option<AgentExit>,
+    /// How the VMM ended.
+    pub vmm_exit: Option<VmmExit>,
+    /// Whether someone asked to stop the VM.
+    pub stop_requested: bool,
+    /// Control reconnects accepted for this boot.
+    pub control_reconnects: u64,
+    /// Guest protocol errors seen.
+    pub guest_protocol_errors: u64,
+    /// Output bytes dropped from the output log.
+    pub output_dropped_bytes: u64,
+}
+
+impl VmRecord {
+    /// A fresh record for a VM about to start.
+    pub fn new(id: String, spec: CreateVm, created_unix_ms: u64) -> Self {
+        Self {
+            id,
+            spec,
+            created_unix_ms,
+            status: VmStatus::Starting,
+            vmm_pid: None,
+            vmm_start_ticks: None,
+            boot_id: None,
+            agent_sent: false,
+            agent_pid: None,
+            agent_exit: None,
+            vmm_exit: None,
+            stop_requested: false,
+            control_reconnects: 0,
+            guest_protocol_errors: 0,
+            output_dropped_bytes: 0,
+        }
+    }
+
+    /// Loads `<dir>/vm.json`.
+    pub fn load(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(RECORD_FILE);
+        let text = std::fs::read(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| StateError::Parse { path, source })
+    }
+
+    /// Writes `<dir>/vm.json` atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        let path = dir.join(RECORD_FILE);
+        let tmp = dir.join("vm.json.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+            text.push(b'\n');
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|source| StateError::Write { path, source })
+    }
+}
+
+/// Reads the VMM's `exit.json` in `dir`, if it wrote one. Tolerates missing fields; a file that
+/// is not a JSON object is treated as absent.
+pub fn read_vmm_exit(dir: &Path) -> Option<VmmExit> {
+    #[derive(Deserialize)]
+    struct ExitJson {
+        reason: Option<String>,
+        exit_code: Option<i32>,
+        boot_to_ready_ms: Option<u64>,
+    }
+    let mut text = Vec::new();
+    std::fs::File::open(dir.join(EXIT_FILE))
+        .ok()?
+        .take(64 * 1024)
+        .read_to_end(&mut text)
+        .ok()?;
+    let e: ExitJson = serde_json::from_slice(&text).ok()?;
+    Some(VmmExit {
+        reason: e.reason.unwrap_or_else(|| "unknown".to_owned()),
+        exit_code: e.exit_code,
+        signal: None,
+        boot_to_ready_ms: e.boot_to_ready_ms,
+    })
+}
+
+/// The start time (clock ticks since boot) of process `pid`, or `None` when it does not exist
+/// or is a zombie.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+/// Parses a `/proc/<pid>/stat` line: `None` for a zombie or a malformed line, else field 22.
+fn parse_stat(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    // Field 3 is the state.
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // Fields 4..=21 precede the start time (field 22).
+    fields.nth(18)?.parse().ok()
+}
+
+/// Whether the process recorded as (`pid`, `start_ticks`) still runs.
+pub fn process_matches(pid: u32, start_ticks: u64) -> bool {
+    process_start_ticks(pid) == Some(start_ticks)
+}
+
+/// Creates a fresh VM directory under `vms` with a random 8-hex-digit id.
+pub fn create_vm_dir(vms: &Path) -> Result<(String, PathBuf), StateError> {
+    let fail = |source| StateError::CreateDir {
+        path: vms.to_path_buf(),
+        source,
+    };
+    for _ in 0..16 {
+        let id = random_id().map_err(fail)?;
+        let dir = vms.join(&id);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok((id, dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    Err(fail(std::io::Error::other("no free id after 16 tries")))
+}
+
+/// Eight lowercase hex digits from the kernel's random source.
+fn random_id() -> std::io::Result<String> {
+    let mut bytes = [0u8; 4];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_start_time_survives_odd_names() {
+        let line = "42 (a b) c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_stat(line), Some(987_654));
+        let zombie = "42 (x) Z 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_stat(zombie), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_matches_itself_only() {
+        let me = std::process::id();
+        let ticks = process_start_ticks(me).unwrap();
+        assert!(process_matches(me, ticks));
+        assert!(!process_matches(me, ticks + 1));
+    }
+
+    #[test]
+    fn records_round_trip_and_ids_are_hex() {
+        let root = tempfile::tempdir().unwrap();
+        let (id, dir) = create_vm_dir(root.path()).unwrap();
+        assert_eq!(id.len(), 8);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        let rec = VmRecord::new(id, CreateVm::new("/bin/sh", vec!["-c".into()]), 5);
+        rec.save(&dir).unwrap();
+        assert_eq!(VmRecord::load(&dir).unwrap(), rec);
+    }
+
+    #[test]
+    fn exit_json_is_read_leniently() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_vmm_exit(dir.path()), None);
+        std::fs::write(
+            dir.path().join(EXIT_FILE),
+            r#"{"reason":"reset","exit_code":0,"boot_to_ready_ms":null}"#,
+        )
+        .unwrap();
+        let e = read_vmm_exit(dir.path()).unwrap();
+        assert_eq!((e.reason.as_str(), e.exit_code), ("reset", Some(0)));
+        std::fs::write(dir.path().join(EXIT_FILE), "[1,2]").unwrap();
+        assert_eq!(read_vmm_exit(dir.path()), None);
+    }
+}

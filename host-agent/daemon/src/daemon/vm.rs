@@ -1,0 +1,880 @@
+//! One VM as the daemon runs it: the VMM process, the sidecar's control connection, the event
+//! log and the stop sequence.
+//!
+//! A [`Vm`] is shared (`Arc`) between the API handlers and three kinds of task:
+//! - the control listener on `<vm-dir>/vsock.sock_<CONTROL_PORT>`, which accepts the sidecar's
+//!   connections (the first one and every reconnect) and serves each on its own task;
+//! - the VMM watcher, which waits for the VMM to end (as its parent, or by polling `/proc` for
+//!   a VMM adopted after a daemon restart) and then records the final status;
+//! - the API's event streams, fed from the output log and a broadcast channel;
+//! - with a credential relay (`--device-listen`), the VM's credential proxy listener, bound
+//!   after the first admitted `Hello` with the boot id and key it carried, and closed when the
+//!   VM ends.
+//!
+//! Everything the guest sends is hostile: a bad frame or a message out of order closes that
+//! connection (the sidecar may reconnect), is counted, and is logged within a [`LogBudget`].
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use shared_proto::handshake::answer_hello;
+use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest, OutputStream};
+use shared_proto::{FrameDecoder, encode_frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
+
+use super::ratelimit::LogBudget;
+use super::state::{self, StateError, VmRecord};
+use crate::error_chain;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use nanoclaw_api::{self as api, Event, EventRecord, VmInfo, VmStatus, VmmExit};
+
+/// How long a new control connection has to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one frame to the guest may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the VMM watcher waits for the control connection to drain after the VMM ended.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an adopted VMM (not our child) is checked in `/proc`.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+/// The longest guest error message kept, in bytes.
+const GUEST_MESSAGE_MAX: usize = 512;
+/// Control connections served at once per VM (one current, a few being replaced or refused).
+const MAX_CONTROL_CONNECTIONS: usize = 4;
+/// Events buffered per live subscriber before it lags.
+const EVENT_CHANNEL: usize = 1024;
+
+/// Errors of one VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Binding the control listener failed.
+    #[error("cannot listen on {}", .path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Spawning the VMM failed.
+    #[error("cannot start the VMM {}", .bin.display())]
+    Spawn {
+        /// The VMM binary.
+        bin: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening a file in the VM directory failed.
+    #[error("cannot open {}", .path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The on-disk record failed.
+    #[error("VM state")]
+    State(#[source] StateError),
+}
+
+/// How to start a VMM.
+#[derive(Debug, Clone)]
+pub struct VmmLaunch {
+    /// The binary, run as `BIN --kernel ... --initrd ... --vm-dir ...`.
+    pub bin: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The guest initramfs.
+    pub initrd: PathBuf,
+}
+
+/// The agent event log: `agent-output.ndjson` with a size cap on output events.
+#[derive(Debug)]
+struct EventLog {
+    file: Option<File>,
+    size: u64,
+    cap: u64,
+    next_seq: u64,
+}
+
+/// The current control connection.
+#[derive(Debug)]
+struct Control {
+    /// Distinguishes connections, so a closing one does not clear its successor.
+    conn: u64,
+    to_guest: mpsc::Sender<HostToGuest>,
+    /// Tells the connection's task to close it (superseded, or the VM ended).
+    kick: Arc<Notify>,
+}
+
+/// One VM (see the module doc).
+#[derive(Debug)]
+pub struct Vm {
+    /// The id.
+    pub id: String,
+    /// `<state-dir>/vms/<id>`.
+    pub dir: PathBuf,
+    record: Mutex<VmRecord>,
+    log: Mutex<EventLog>,
+    events: broadcast::Sender<EventRecord>,
+    control: Mutex<Option<Control>>,
+    next_conn: Mutex<u64>,
+    budget: Mutex<LogBudget>,
+    ended: watch::Sender<bool>,
+    /// The credential relay, when the daemon has one.
+    relay: Mutex<Option<Arc<crate::relay::Relay>>>,
+    /// This VM's credential proxy listener, from the first admitted `Hello` to the end.
+    credential_listener: Mutex<Option<crate::relay::VmRelay>>,
+    /// The agent's tokenizer, shared by its MCP gateway and (for the device) the relay.
+    tokens: Mutex<Option<Arc<crate::mcp::AgentTokens>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Vm {
+    /// Wraps `record` for the VM in `dir`, opening its event log for appending.
+    pub fn open(dir: PathBuf, record: VmRecord, output_cap: u64) -> Result<Arc<Self>, VmError> {
+        let path = dir.join(state::OUTPUT_FILE);
+        // An ended VM's log is only read from now on; keep no descriptor for it.
+        let file = if record.status.is_terminal() {
+            None
+        } else {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| VmError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(file)
+        };
+        let size = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        let next_seq = last_seq(&path).map_or(0, |s| s + 1);
+        let (events, _) = broadcast::channel(EVENT_CHANNEL);
+        let (ended, _) = watch::channel(record.status.is_terminal());
+        Ok(Arc::new(Self {
+            id: record.id.clone(),
+            dir,
+            record: Mutex::new(record),
+            log: Mutex::new(EventLog {
+                file,
+                size,
+                cap: output_cap,
+                next_seq,
+            }),
+            events,
+            control: Mutex::new(None),
+            next_conn: Mutex::new(0),
+            budget: Mutex::new(LogBudget::new()),
+            ended,
+            relay: Mutex::new(None),
+            credential_listener: Mutex::new(None),
+            tokens: Mutex::new(None),
+        }))
+    }
+
+    /// The API view of this VM.
+    pub fn info(&self) -> VmInfo {
+        let r = lock(&self.record).clone();
+        VmInfo {
+            id: r.id,
+            status: r.status,
+            spec: r.spec,
+            created_unix_ms: r.created_unix_ms,
+            vmm_pid: r.vmm_pid,
+            agent_pid: r.agent_pid,
+            agent_exit: r.agent_exit,
+            vmm_exit: r.vmm_exit,
+            control_connected: lock(&self.control).is_some(),
+            control_reconnects: r.control_reconnects,
+            guest_protocol_errors: r.guest_protocol_errors,
+            output_dropped_bytes: r.output_dropped_bytes,
+            vm_dir: self.dir.display().to_string(),
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> VmStatus {
+        lock(&self.record).status
+    }
+
+    /// A receiver that turns `true` once the VM has ended.
+    pub fn ended(&self) -> watch::Receiver<bool> {
+        self.ended.subscribe()
+    }
+
+    /// Subscribes to live events. Subscribe before reading the log, then skip what was read.
+    pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
+        self.events.subscribe()
+    }
+
+    /// The event log's path.
+    pub fn output_path(&self) -> PathBuf {
+        self.dir.join(state::OUTPUT_FILE)
+    }
+
+    /// Changes the record under its lock and saves it; a failed save is logged (the in-memory
+    /// record stays authoritative while the daemon lives).
+    fn update<R>(&self, f: impl FnOnce(&mut VmRecord) -> R) -> R {
+        let mut rec = lock(&self.record);
+        let out = f(&mut rec);
+        if let Err(e) = rec.save(&self.dir) {
+            tracing::error!(vm = %self.id, error = %error_chain(&e), "cannot save the VM record");
+        }
+        out
+    }
+
+    /// Changes the record in memory only; the next [`Vm::update`] saves it. For counters a
+    /// guest can drive, so that it cannot turn its misbehaviour into disk writes.
+    fn update_quiet<R>(&self, f: impl FnOnce(&mut VmRecord) -> R) -> R {
+        f(&mut lock(&self.record))
+    }
+
+    /// Appends `event` to the log (output events only while under the cap) and broadcasts it.
+    fn emit(&self, event: Event) {
+        let mut log = lock(&self.log);
+        let rec = EventRecord {
+            seq: log.next_seq,
+            event,
+        };
+        log.next_seq += 1;
+        let mut line = serde_json::to_vec(&rec).unwrap_or_default();
+        line.push(b'\n');
+        let is_output = matches!(rec.event, Event::Output { .. });
+        if is_output && log.size + line.len() as u64 > log.cap {
+            let dropped = match &rec.event {
+                Event::Output { data, .. } => {
+                    let pad = data.bytes().rev().take_while(|&b| b == b'=').count();
+                    (data.len() / 4 * 3 - pad) as u64
+                }
+                _ => 0,
+            };
+            drop(log);
+            self.update_quiet(|r| r.output_dropped_bytes += dropped);
+            log = lock(&self.log);
+        } else if let Some(file) = log.file.as_mut() {
+            match file.write_all(&line) {
+                Ok(()) => log.size += line.len() as u64,
+                Err(e) => {
+                    tracing::error!(vm = %self.id, error = %e, "cannot append to the output log");
+                    log.file = None;
+                }
+            }
+        }
+        // Sent under the log lock so that subscribers see events in sequence order.
+        let _ = self.events.send(rec);
+        drop(log);
+    }
+
+    /// Logs a guest-triggered problem within this VM's budget and counts it.
+    fn guest_fault(&self, what: &str, detail: &str) {
+        self.update_quiet(|r| r.guest_protocol_errors += 1);
+        if let Some(suppressed) = lock(&self.budget).admit(Instant::now()) {
+            tracing::warn!(vm = %self.id, suppressed, detail, "guest protocol error: {what}");
+        }
+    }
+
+    /// Gives this VM the daemon's credential relay (or none).
+    pub fn set_relay(&self, relay: Option<Arc<crate::relay::Relay>>) {
+        *lock(&self.relay) = relay;
+    }
+
+    /// Gives this VM its agent's tokenizer (before the VMM starts).
+    pub fn set_tokens(&self, tokens: Option<Arc<crate::mcp::AgentTokens>>) {
+        *lock(&self.tokens) = tokens;
+    }
+
+    /// Binds this VM's credential proxy listener for the admitted boot, once.
+    fn attach_credentials(&self, boot_id: [u8; 16], sidecar_public_key: [u8; 32]) {
+        let Some(relay) = lock(&self.relay).clone() else {
+            return;
+        };
+        let mut listener = lock(&self.credential_listener);
+        if listener.is_some() {
+            return;
+        }
+        let identity = crate::relay::VmIdentity {
+            vm_id: self.id.clone(),
+            boot_id,
+            sidecar_public_key,
+            tokens: lock(&self.tokens).clone(),
+        };
+        match relay.attach_vm(&self.dir, identity) {
+            Ok(l) => *listener = Some(l),
+            Err(e) => tracing::warn!(vm = %self.id, error = %error_chain(&e), "credential relay"),
+        }
+    }
+
+    /// Binds `<vm-dir>/vsock.sock_<CONTROL_PORT>`, replacing a stale socket file.
+    pub fn bind_control(&self) -> Result<UnixListener, VmError> {
+        let path = control_socket_path(&self.dir);
+        let _ = std::fs::remove_file(&path);
+        UnixListener::bind(&path).map_err(|source| VmError::Listen { path, source })
+    }
+
+    /// Spawns the VMM in its own session, with stdio going to `vmm.log`, and records its pid and
+    /// start time. Returns the child so the caller can wait for it.
+    pub fn spawn_vmm(&self, launch: &VmmLaunch) -> Result<tokio::process::Child, VmError> {
+        let log_path = self.dir.join(state::VMM_LOG_FILE);
+        let open_err = |source| VmError::Open {
+            path: log_path.clone(),
+            source,
+        };
+        let out = File::create(&log_path).map_err(open_err)?;
+        let err = out.try_clone().map_err(open_err)?;
+        let spec = lock(&self.record).spec.clone();
+        let mut cmd = tokio::process::Command::new(&launch.bin);
+        cmd.arg("--kernel")
+            .arg(&launch.kernel)
+            .arg("--initrd")
+            .arg(&launch.initrd)
+            .arg("--vm-dir")
+            .arg(&self.dir)
+            .arg("--memory-mib")
+            .arg(spec.memory_mib.to_string())
+            .arg("--vcpus")
+            .arg(spec.vcpus.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(false);
+        // SAFETY: the closure runs in the forked child before exec and calls only setsid(2),
+        // which is async-signal-safe; it touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn().map_err(|source| VmError::Spawn {
+            bin: launch.bin.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let ticks = pid.and_then(state::process_start_ticks);
+        self.update(|r| {
+            r.vmm_pid = pid;
+            r.vmm_start_ticks = ticks;
+        });
+        tracing::info!(vm = %self.id, pid, "VMM started");
+        Ok(child)
+    }
+
+    /// Whether the recorded VMM process still runs (same pid and start time).
+    pub fn vmm_alive(&self) -> bool {
+        let r = lock(&self.record);
+        match (r.vmm_pid, r.vmm_start_ticks) {
+            (Some(pid), Some(ticks)) => state::process_matches(pid, ticks),
+            _ => false,
+        }
+    }
+
+    /// Accepts control connections until the VM ends.
+    pub async fn accept_control(self: Arc<Self>, listener: UnixListener) {
+        let mut ended = self.ended();
+        let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                            drop(stream);
+                            self.guest_fault("too many control connections", "");
+                            continue;
+                        };
+                        let vm = Arc::clone(&self);
+                        tokio::spawn(async move {
+                            vm.serve_control(stream).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(vm = %self.id, error = %e, "control accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                () = wait_ended(&mut ended) => break,
+            }
+        }
+        let _ = std::fs::remove_file(control_socket_path(&self.dir));
+    }
+
+    /// Runs one control connection: hello, then relay until it closes or misbehaves.
+    async fn serve_control(self: Arc<Self>, mut stream: UnixStream) {
+        let mut decoder = FrameDecoder::<GuestToHost>::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let first = match tokio::time::timeout(
+            HELLO_TIMEOUT,
+            read_frame(&mut stream, &mut decoder, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(Some(msg))) => msg,
+            Ok(Ok(None)) => return,
+            Ok(Err(detail)) => return self.guest_fault("bad hello frame", &detail),
+            Err(_) => return self.guest_fault("no hello in time", ""),
+        };
+        let verdict = answer_hello(&first);
+        let mut reply = verdict.reply;
+        if let Err(e) = verdict.outcome {
+            let _ = write_msg(&mut stream, &reply).await;
+            return self.guest_fault("hello refused", &e.to_string());
+        }
+        let GuestToHost::Hello {
+            boot_id,
+            ephemeral_public_key,
+            ..
+        } = first
+        else {
+            return;
+        };
+        let boot_hex: String = boot_id.iter().map(|b| format!("{b:02x}")).collect();
+        // Admit the boot: the first hello sets it; a reconnect must repeat it.
+        let admitted = self.update(|r| {
+            if r.status.is_terminal() {
+                return Err("the VM has ended");
+            }
+            match &r.boot_id {
+                None => {
+                    r.boot_id = Some(boot_hex.clone());
+                    Ok(())
+                }
+                Some(b) if *b == boot_hex => {
+                    r.control_reconnects += 1;
+                    Ok(())
+                }
+                Some(_) => Err("unknown boot id"),
+            }
+        });
+        if let Err(reason) = admitted {
+            reply = HostToGuest::HelloReject {
+                reason: reason.to_owned(),
+                host_protocol_version: shared_proto::PROTOCOL_VERSION,
+            };
+            let _ = write_msg(&mut stream, &reply).await;
+            return self.guest_fault("hello refused", reason);
+        }
+        if write_msg(&mut stream, &reply).await.is_err() {
+            return;
+        }
+        self.attach_credentials(boot_id, ephemeral_public_key);
+
+        // This connection becomes the current one; a previous one is dropped.
+        let (to_guest, mut outgoing) = mpsc::channel::<HostToGuest>(64);
+        let conn = {
+            let mut n = lock(&self.next_conn);
+            *n += 1;
+            *n
+        };
+        let kick = Arc::new(Notify::new());
+        let old = lock(&self.control).replace(Control {
+            conn,
+            to_guest: to_guest.clone(),
+            kick: Arc::clone(&kick),
+        });
+        if let Some(old) = old {
+            old.kick.notify_one();
+        }
+        let (send_agent, stop) = self.update(|r| {
+            let send = !r.agent_sent && !r.stop_requested;
+            r.agent_sent |= send;
+            (send.then(|| r.spec.clone()), r.stop_requested)
+        });
+        if let Some(spec) = send_agent {
+            let _ = to_guest
+                .send(HostToGuest::RunAgent(AgentSpec {
+                    command: spec.command,
+                    args: spec.args,
+                    env: spec.env,
+                    cwd: spec.cwd,
+                    uid: spec.uid,
+                    gid: spec.gid,
+                    mcp: crate::mcp::VmGateways::summary(spec.profile.as_deref()),
+                }))
+                .await;
+            // The API has no stdin for the agent yet: it reads EOF, never blocks on it.
+            let _ = to_guest
+                .send(HostToGuest::AgentStdin { data: Vec::new() })
+                .await;
+            tracing::info!(vm = %self.id, "agent requested");
+        } else {
+            tracing::info!(vm = %self.id, "sidecar reconnected");
+        }
+        if stop {
+            let _ = to_guest.send(HostToGuest::Shutdown).await;
+        }
+        drop(to_guest);
+
+        let result = self
+            .relay(&mut stream, &mut decoder, &mut buf, &mut outgoing, &kick)
+            .await;
+        if let Err(detail) = result {
+            self.guest_fault("connection closed", &detail);
+        }
+        let mut control = lock(&self.control);
+        if control.as_ref().is_some_and(|c| c.conn == conn) {
+            *control = None;
+        }
+    }
+
+    /// Relays frames both ways. `Ok` on a clean EOF; `Err` with a reason on a protocol error.
+    async fn relay(
+        &self,
+        stream: &mut UnixStream,
+        decoder: &mut FrameDecoder<GuestToHost>,
+        buf: &mut [u8],
+        outgoing: &mut mpsc::Receiver<HostToGuest>,
+        kick: &Notify,
+    ) -> Result<(), String> {
+        loop {
+            while let Some(msg) = decoder.decode_next().map_err(|e| error_chain(&e))? {
+                self.on_guest_message(msg)?;
+            }
+            tokio::select! {
+                n = stream.read(buf) => match n {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => decoder.push(&buf[..n]),
+                    Err(e) => return Err(format!("read: {e}")),
+                },
+                msg = outgoing.recv() => match msg {
+                    Some(msg) => {
+                        if let Err(e) = write_msg(stream, &msg).await {
+                            tracing::debug!(vm = %self.id, error = %e, "control write failed");
+                            return Ok(());
+                        }
+                    }
+                    // Cannot happen while `control` holds a sender; treat as closed.
+                    None => return Ok(()),
+                },
+                () = kick.notified() => return Ok(()),
+            }
+        }
+    }
+
+    /// Applies one message from the guest, or says why it is out of order.
+    fn on_guest_message(&self, msg: GuestToHost) -> Result<(), String> {
+        match msg {
+            GuestToHost::Hello { .. } => Err("hello on an established connection".into()),
+            GuestToHost::AgentStarted { pid } => {
+                self.update(|r| {
+                    if !r.agent_sent || r.agent_pid.is_some() {
+                        return Err("unexpected agent_started".to_owned());
+                    }
+                    r.agent_pid = Some(pid);
+                    if r.status == VmStatus::Starting {
+                        r.status = VmStatus::Running;
+                    }
+                    Ok(())
+                })?;
+                self.emit(Event::Started { pid });
+                Ok(())
+            }
+            GuestToHost::AgentOutput { stream, data } => {
+                {
+                    let r = lock(&self.record);
+                    if r.agent_pid.is_none() || r.agent_exit.is_some() {
+                        return Err("agent_output while no agent runs".into());
+                    }
+                }
+                let stream = match stream {
+                    OutputStream::Stdout => api::Stream::Stdout,
+                    OutputStream::Stderr => api::Stream::Stderr,
+                };
+                self.emit(Event::Output {
+                    stream,
+                    data: BASE64.encode(&data),
+                });
+                Ok(())
+            }
+            GuestToHost::AgentExited { status } => {
+                let status = api::AgentExit::from(status);
+                self.update(|r| {
+                    if !r.agent_sent || r.agent_exit.is_some() {
+                        return Err("unexpected agent_exited".to_owned());
+                    }
+                    r.agent_exit = Some(status);
+                    Ok(())
+                })?;
+                tracing::info!(vm = %self.id, ?status, "agent exited");
+                self.emit(Event::Exited { status });
+                Ok(())
+            }
+            GuestToHost::Error { message } => {
+                let message = truncate(&message, GUEST_MESSAGE_MAX);
+                if let Some(suppressed) = lock(&self.budget).admit(Instant::now()) {
+                    tracing::warn!(vm = %self.id, suppressed, message, "sidecar error");
+                }
+                self.emit(Event::GuestError { message });
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a message on the current control connection; `false` when there is none or its
+    /// queue is full (a guest that stopped reading must not stall the caller).
+    pub fn send_to_guest(&self, msg: HostToGuest) -> bool {
+        lock(&self.control)
+            .as_ref()
+            .is_some_and(|c| c.to_guest.try_send(msg).is_ok())
+    }
+
+    /// Waits for our child VMM to end, then records the end.
+    pub async fn watch_child(self: Arc<Self>, mut child: tokio::process::Child) {
+        let status = child.wait().await.ok();
+        self.finish(status).await;
+    }
+
+    /// Polls an adopted VMM (not our child) until it ends, then records the end.
+    pub async fn watch_adopted(self: Arc<Self>) {
+        while self.vmm_alive() {
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+        self.finish(None).await;
+    }
+
+    /// Records how the VM ended: lets the control connection drain, reads `exit.json` (else
+    /// the wait status `wait` of our child), sets the final status and emits [`Event::Ended`].
+    /// Without either the VM is [`VmStatus::Lost`].
+    pub async fn finish(&self, wait: Option<std::process::ExitStatus>) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while lock(&self.control).is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(c) = lock(&self.control).take() {
+            c.kick.notify_one();
+        }
+        let from_file = state::read_vmm_exit(&self.dir);
+        // An adopted VMM has no wait status: gone without exit.json, it is lost.
+        let lost = from_file.is_none() && wait.is_none();
+        let vmm_exit = from_file.or_else(|| {
+            wait.map(|w| {
+                use std::os::unix::process::ExitStatusExt;
+                VmmExit {
+                    reason: "unknown".to_owned(),
+                    exit_code: w.code(),
+                    signal: w.signal(),
+                    boot_to_ready_ms: None,
+                }
+            })
+        });
+        self.conclude(vmm_exit, lost);
+    }
+
+    /// Sets the final status (`lost`: [`VmStatus::Lost`] unless a stop was asked for) and emits
+    /// [`Event::Ended`].
+    pub fn conclude(&self, vmm_exit: Option<VmmExit>, lost: bool) {
+        lock(&self.credential_listener).take();
+        let status = self.update(|r| {
+            r.status = if r.stop_requested {
+                VmStatus::Stopped
+            } else if lost {
+                VmStatus::Lost
+            } else if r.agent_exit.is_some() {
+                VmStatus::Exited
+            } else {
+                VmStatus::Failed
+            };
+            r.vmm_exit = vmm_exit.clone();
+            r.status
+        });
+        tracing::info!(vm = %self.id, status = status.as_str(), ?vmm_exit, "VM ended");
+        self.emit(Event::Ended { status, vmm_exit });
+        lock(&self.log).file = None;
+        self.ended.send_replace(true);
+    }
+
+    /// Stops the VM: asks the sidecar to shut down, then after `grace` sends SIGTERM to the VMM,
+    /// and SIGKILL after as long again. Returns once the VM has ended (or gave up waiting).
+    pub async fn stop(&self, grace: Duration) {
+        let already = self.update(|r| {
+            if r.status.is_terminal() {
+                return true;
+            }
+            r.stop_requested = true;
+            r.status = VmStatus::Stopping;
+            false
+        });
+        if already {
+            return;
+        }
+        tracing::info!(vm = %self.id, "stopping");
+        self.send_to_guest(HostToGuest::Shutdown);
+        let mut ended = self.ended();
+        for signal in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGKILL] {
+            if tokio::time::timeout(grace, wait_ended(&mut ended))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            self.signal_vmm(signal);
+        }
+        let _ = tokio::time::timeout(grace, wait_ended(&mut ended)).await;
+    }
+
+    /// Signals the VMM, if the recorded process is still the same one.
+    fn signal_vmm(&self, signal: nix::sys::signal::Signal) {
+        let pid = lock(&self.record).vmm_pid;
+        if let Some(pid) = pid.filter(|_| self.vmm_alive()) {
+            tracing::warn!(vm = %self.id, pid, %signal, "signalling the VMM");
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        }
+    }
+}
+
+/// Returns once `ended` turns `true` (or its sender is gone).
+pub async fn wait_ended(ended: &mut watch::Receiver<bool>) {
+    loop {
+        let done = *ended.borrow_and_update();
+        if done || ended.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The path of the control listener in `dir`.
+pub fn control_socket_path(dir: &Path) -> PathBuf {
+    dir.join(format!("vsock.sock_{}", shared_proto::ports::CONTROL_PORT))
+}
+
+/// Reads until one whole frame is decoded. `Ok(None)` on EOF before it.
+async fn read_frame(
+    stream: &mut UnixStream,
+    decoder: &mut FrameDecoder<GuestToHost>,
+    buf: &mut [u8],
+) -> Result<Option<GuestToHost>, String> {
+    loop {
+        if let Some(msg) = decoder.decode_next().map_err(|e| error_chain(&e))? {
+            return Ok(Some(msg));
+        }
+        match stream.read(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// Writes one frame, giving up after [`WRITE_TIMEOUT`] (a guest that does not read).
+async fn write_msg(stream: &mut UnixStream, msg: &HostToGuest) -> std::io::Result<()> {
+    let frame = encode_frame(msg).map_err(std::io::Error::other)?;
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&frame))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// The last `seq` in an event log, if any line parses.
+fn last_seq(path: &Path) -> Option<u64> {
+    let text = std::fs::read(path).ok()?;
+    text.split(|&b| b == b'\n')
+        .rev()
+        .find_map(|line| serde_json::from_slice::<EventRecord>(line).ok())
+        .map(|r| r.seq)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nanoclaw_api::{AgentExit, CreateVm};
+    use shared_proto::message::ExitStatus;
+
+    fn vm(cap: u64) -> (tempfile::TempDir, Arc<Vm>) {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = VmRecord::new("abcd0123".into(), CreateVm::new("/bin/a", vec![]), 1);
+        let vm = Vm::open(dir.path().to_path_buf(), rec, cap).unwrap();
+        (dir, vm)
+    }
+
+    fn out(data: &[u8]) -> GuestToHost {
+        GuestToHost::AgentOutput {
+            stream: OutputStream::Stdout,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn guest_messages_must_come_in_order() {
+        let (_dir, vm) = vm(1 << 20);
+        // Nothing before RunAgent was sent.
+        assert!(
+            vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+                .is_err()
+        );
+        vm.update(|r| r.agent_sent = true);
+        assert!(vm.on_guest_message(out(b"early")).is_err());
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 9 })
+            .unwrap();
+        assert!(
+            vm.on_guest_message(GuestToHost::AgentStarted { pid: 9 })
+                .is_err()
+        );
+        vm.on_guest_message(out(b"hi")).unwrap();
+        vm.on_guest_message(GuestToHost::AgentExited {
+            status: ExitStatus::Signal(9),
+        })
+        .unwrap();
+        assert!(vm.on_guest_message(out(b"late")).is_err());
+        assert!(
+            vm.on_guest_message(GuestToHost::AgentExited {
+                status: ExitStatus::Exit(0),
+            })
+            .is_err()
+        );
+        let info = vm.info();
+        assert_eq!(info.status, VmStatus::Running);
+        assert_eq!(info.agent_exit, Some(AgentExit::Signal(9)));
+        // The record on disk follows.
+        let saved = VmRecord::load(&vm.dir).unwrap();
+        assert_eq!(saved.agent_pid, Some(9));
+    }
+
+    #[test]
+    fn output_over_the_cap_is_counted_not_written_and_seq_resumes() {
+        let (dir, vm) = vm(200);
+        vm.update(|r| r.agent_sent = true);
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+            .unwrap();
+        vm.on_guest_message(out(&[b'x'; 30])).unwrap();
+        vm.on_guest_message(out(&[b'y'; 301])).unwrap();
+        vm.conclude(None, false);
+        assert_eq!(vm.info().output_dropped_bytes, 301);
+        assert_eq!(vm.status(), VmStatus::Failed);
+        let text = std::fs::read_to_string(vm.output_path()).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<EventRecord>(l).unwrap().seq)
+            .collect();
+        // started, the first chunk, (the dropped chunk), ended.
+        assert_eq!(seqs, [0, 1, 3]);
+        let reopened = Vm::open(
+            dir.path().to_path_buf(),
+            VmRecord::load(dir.path()).unwrap(),
+            200,
+        )
+        .unwrap();
+        assert_eq!(lock(&reopened.log).next_seq, 4);
+    }
+}

@@ -1,0 +1,47 @@
+//! `host-agent`: the Nanoclaw host.
+//!
+//! The host is trusted with isolation and policy, never with a raw credential. It treats every
+//! byte from a guest as hostile and re-checks every decision the sidecar makes.
+//!
+//! Beside it, each in its own crate under `host-agent/`: `nanoclaw-vmm` (`vmm/`, one process per
+//! microVM), `nanoclaw-api` (`api/`, the HTTP/JSON API types and default paths),
+//! `nanoclaw-audit` (`audit/`, the hash-chained audit log and its verifier) and `nanoclaw-cli`
+//! (`cli/`, the `nanoclaw` client).
+//!
+//! # Layout
+//! - [`daemon`]: `host-agent serve`, the daemon that starts one VMM process (`nanoclaw-vmm`,
+//!   its own crate under `host-agent/vmm/`) per agent, relays its
+//!   control channel, keeps per-VM state on disk across restarts and serves the API.
+//! - [`approval`]: sensitive actions wait for the user's passkey: the subject of an approval
+//!   and the [`approval::Approver`] the MCP gateway and the credential relay ask.
+//! - [`notify`]: notifications of pending approvals (Web Push, webhook): an id and a
+//!   summary, never secrets.
+//! - [`mcp`]: the MCP gateway: rmcp clients of the upstream servers a profile names, and the
+//!   per-VM endpoint that checks every tool call against the profile, asks for approvals,
+//!   tokenizes results, restores arguments and records each decision in the audit log.
+//! - [`policy`]: access profiles (TOML the user writes) compiled to Cedar and decided by
+//!   `cedar-policy`: visible tools, argument constraints, approval rules, tiers, and the
+//!   comparison that keeps a spawned agent within its orchestrator's rights.
+//! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
+//!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
+//!   sessions it carries to the device as ciphertext.
+
+pub mod approval;
+pub mod daemon;
+pub mod mcp;
+pub mod notify;
+pub mod policy;
+pub mod relay;
+
+/// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the
+/// binaries print errors and how the daemon logs them.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}

@@ -1,0 +1,594 @@
+//! The MCP gateway: the host's authoritative check of every tool call an agent makes.
+//!
+//! One [`Gateway`] per agent. It connects to the upstream MCP servers the agent's profile names
+//! (rmcp clients, see `upstream`) and serves the agent one MCP endpoint: newline-delimited
+//! JSON-RPC on the hybrid-vsock listener `<vm-dir>/vsock.sock_<MCP_PORT>`, which the sidecar
+//! forwards the agent's local endpoint to. The guest is hostile, so the gateway re-checks every
+//! call whatever the sidecar did; a guest that skips the sidecar gets the same answers.
+//!
+//! For each `tools/call`:
+//! 1. arguments are restored (the agent's surrogates become the real values, profile mode
+//!    `enforce`);
+//! 2. the profile decides ([`AccessPolicy::decide`]); the decision is appended to the audit log
+//!    (kind `policy_decision`: decision, rule, agent, tool, the digest of the canonical
+//!    arguments as the agent sent them, never a value);
+//! 3. a needs-approval decision goes to the [`Approver`] and proceeds only on `Approved`;
+//! 4. a denial is a JSON-RPC error ([`DENIED`]) naming the rule;
+//! 5. an allowed call goes upstream and its result is tokenized before it reaches the agent
+//!    (`monitor` records the kind and count of what would have been, kind `tokenize`).
+//!
+//! Orchestrators also get the host-served tool `spawn_agent`: a spawn whose profile is within
+//! the caller's own ([`AccessPolicy::spawn_excess`]) goes to the [`Spawner`]; anything beyond it
+//! goes to the [`Approver`] first.
+//!
+//! # Why the agent side is not rmcp's server
+//! The upstream side uses rmcp's client. The agent side is a small JSON-RPC loop of our own
+//! (`endpoint`) because it faces a hostile peer and must answer every malformed frame, batch,
+//! replayed request id, oversized message and unserved method with a typed JSON-RPC error and
+//! go on serving, with limits we set; rmcp's server has no hooks for those answers. It serves
+//! only `initialize`, `ping`, `tools/list` and `tools/call` (protocol revisions up to
+//! 2025-11-25, the initialize handshake).
+//!
+//! # Layout
+//! - `upstream`: rmcp clients of the upstream servers (stdio child processes, streamable HTTP).
+//! - `endpoint`: the agent-facing JSON-RPC session and its socket loop.
+//! - `tokens`: [`AgentTokens`], the agent's tokenizer, shared with the credential relay.
+//! - `vm`: [`VmGateways`], how the daemon starts one gateway per VM that has a profile.
+//! - this file: the error, the gateway and the call path.
+
+mod endpoint;
+mod tokens;
+mod upstream;
+mod vm;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use rmcp::model::Tool;
+use serde_json::{Map, Value, json};
+
+use crate::approval::{ApprovalAction, ApprovalSubject, Approver};
+use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier};
+use nanoclaw_audit::{self as audit, AuditLog};
+use nanoclaw_tokenize::{Mode, Report, Tokenizer};
+
+pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
+pub use tokens::AgentTokens;
+pub use vm::{DaemonSpawner, MCP_LOCAL_PORT, VmGateways};
+
+/// The most MCP sessions (connections) one agent may hold open at once.
+pub const MAX_SESSIONS: usize = 64;
+
+/// JSON-RPC error code of a call the profile denied (or whose approval was refused).
+pub const DENIED: i64 = -32003;
+/// JSON-RPC error code of an upstream that failed.
+pub const UPSTREAM_FAILED: i64 = -32004;
+
+/// Errors of the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum McpError {
+    /// Starting an upstream's child process failed.
+    #[error("upstream `{server}`: cannot start its command")]
+    Spawn {
+        /// The server's name in the profile.
+        server: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An upstream failed (handshake, listing, connection).
+    #[error("upstream `{server}`: {what}")]
+    Upstream {
+        /// The server's name in the profile.
+        server: String,
+        /// What failed (rmcp's error, in words).
+        what: String,
+    },
+    /// Binding the per-VM listener failed.
+    #[error("MCP listener {}", .path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM's profile does not load.
+    #[error("profile")]
+    Profile(#[source] crate::policy::PolicyError),
+    /// Creating the agent's tokenizer failed.
+    #[error("tokenizer")]
+    Tokenizer(#[source] nanoclaw_tokenize::TokenizeError),
+    /// Appending to the audit log failed: the call does not run unrecorded.
+    #[error("audit")]
+    Audit(#[source] nanoclaw_audit::AuditError),
+}
+
+/// Spawns an agent for an orchestrator's `spawn_agent` (the daemon's create path).
+pub trait Spawner: Send + Sync + std::fmt::Debug {
+    /// Creates and starts a VM running `command` under `profile`; returns the new VM's id.
+    fn spawn(
+        &self,
+        parent_vm: String,
+        profile: Profile,
+        command: Vec<String>,
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
+}
+
+/// Who the gateway serves, and with what.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The agent's name (the Cedar principal, in every record).
+    pub agent: String,
+    /// The VM it runs in.
+    pub vm_id: String,
+    /// Its compiled profile.
+    pub policy: Arc<AccessPolicy>,
+    /// Where decisions go.
+    pub audit: Arc<AuditLog>,
+    /// Who answers needs-approval decisions ([`crate::approval::DenyAll`] by default).
+    pub approver: Arc<dyn Approver>,
+    /// Who creates agents for `spawn_agent` (`None`: spawning is unavailable).
+    pub spawner: Option<Arc<dyn Spawner>>,
+    /// The agent's tokenizer when the daemon shares it with the credential relay (`None`: the
+    /// gateway makes its own from the profile).
+    pub tokens: Option<Arc<AgentTokens>>,
+}
+
+/// The gateway of one agent.
+#[derive(Debug)]
+pub struct Gateway {
+    config: GatewayConfig,
+    /// Upstreams by server name.
+    upstreams: BTreeMap<String, upstream::Upstream>,
+    /// The tools the agent sees, as the upstreams define them (and `spawn_agent`), in order.
+    tools: Vec<Tool>,
+    /// The agent's tokenizer (its random key is held only on the host and, for the credential
+    /// path, on the user's device), or `None` when off.
+    tokenizer: Option<Arc<AgentTokens>>,
+    /// The tokenizer's mode.
+    mode: Option<Mode>,
+}
+
+impl Gateway {
+    /// Connects to every upstream the profile names and lists their tools, keeping those the
+    /// profile lets the agent see. A tool the profile lists but its server does not is left
+    /// out (and logged).
+    pub async fn connect(config: GatewayConfig) -> Result<Self, McpError> {
+        let profile = config.policy.profile();
+        let mut upstreams = BTreeMap::new();
+        let mut tools = Vec::new();
+        for (name, spec) in &profile.servers {
+            let up = upstream::Upstream::connect(name, spec).await?;
+            for tool in up.list_tools().await? {
+                let listed = profile
+                    .tool(&tool.name)
+                    .is_some_and(|rule| rule.server == *name);
+                if listed {
+                    tools.push(tool);
+                }
+            }
+            upstreams.insert(name.clone(), up);
+        }
+        for rule in &profile.tools {
+            if !tools.iter().any(|t| t.name == rule.name) {
+                tracing::warn!(server = %rule.server, tool = %rule.name,
+                    "mcp: the profile lists a tool its server does not offer");
+            }
+        }
+        if profile.tier == Tier::Orchestrator {
+            tools.push(spawn_agent_tool());
+        }
+        let tokenizer = match &config.tokens {
+            Some(t) => Some(Arc::clone(t)),
+            None => AgentTokens::for_profile(profile)
+                .map_err(McpError::Tokenizer)?
+                .map(Arc::new),
+        };
+        let mode = tokenizer.as_ref().map(|t| t.mode());
+        Ok(Self {
+            config,
+            upstreams,
+            tools,
+            tokenizer,
+            mode,
+        })
+    }
+
+    /// The tools the agent sees.
+    pub fn tools(&self) -> &[Tool] {
+        &self.tools
+    }
+
+    /// Binds the agent's endpoint at `<vm_dir>/vsock.sock_<MCP_PORT>` (replacing a stale
+    /// socket file).
+    pub fn bind(vm_dir: &Path) -> Result<tokio::net::UnixListener, McpError> {
+        let path = vm_dir.join(format!("vsock.sock_{}", shared_proto::ports::MCP_PORT));
+        let _ = std::fs::remove_file(&path);
+        tokio::net::UnixListener::bind(&path).map_err(|source| McpError::Listen { path, source })
+    }
+
+    /// Serves every connection on `listener` until the task is dropped, at most
+    /// [`MAX_SESSIONS`] at once (a guest cannot exhaust the host with connections; one over the
+    /// limit is closed at once).
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let Ok(permit) = Arc::clone(&sessions).try_acquire_owned() else {
+                        tracing::debug!("mcp: session limit reached; closing a connection");
+                        drop(stream);
+                        continue;
+                    };
+                    let gw = Arc::clone(&self);
+                    tokio::spawn(async move {
+                        gw.serve_connection(stream).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "mcp: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves one connection (one MCP session) until the peer closes it or breaks framing.
+    pub async fn serve_connection<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        endpoint::serve(self, stream).await
+    }
+
+    /// Closes every upstream.
+    pub async fn close(self) {
+        for (_, up) in self.upstreams {
+            up.close().await;
+        }
+    }
+
+    /// Answers one `tools/call`: `Ok(result)` or `Err((code, message, data))`.
+    async fn call(
+        &self,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> Result<Value, (i64, String, Value)> {
+        let digest = args_digest(&args);
+        if name == SPAWN_AGENT_TOOL && self.config.policy.profile().tier == Tier::Orchestrator {
+            return self.spawn_agent(args, &digest).await;
+        }
+        let real = match self.mode {
+            Some(Mode::Enforce) => {
+                let value = Value::Object(args.clone());
+                let (restored, report) = self.with_tokenizer(|t| t.detokenize_json(&value))?;
+                self.record_tokenize(name, "arguments", report)?;
+                match restored {
+                    Value::Object(m) => m,
+                    _ => args.clone(),
+                }
+            }
+            _ => args.clone(),
+        };
+        let policy = &self.config.policy;
+        let decision = policy
+            .decide(&self.config.agent, name, &real, false)
+            .map_err(|e| internal(format!("policy: {}", crate::error_chain(&e))))?;
+        self.record_decision(name, &decision, &digest)?;
+        match decision {
+            Decision::Allow { .. } => {}
+            Decision::Deny { rule, reason } => return Err(denied(&rule, &reason)),
+            Decision::NeedsApproval { rule, reason } => {
+                let server = policy
+                    .profile()
+                    .tool(name)
+                    .map(|t| t.server.clone())
+                    .unwrap_or_default();
+                let subject = self.subject(
+                    ApprovalAction::ToolCall {
+                        server,
+                        tool: name.into(),
+                    },
+                    Value::Object(real.clone()),
+                    &rule,
+                    &reason,
+                );
+                self.ask_approval(subject, name, &rule, &digest).await?;
+                let again = policy
+                    .decide(&self.config.agent, name, &real, true)
+                    .map_err(|e| internal(format!("policy: {}", crate::error_chain(&e))))?;
+                self.record_decision(name, &again, &digest)?;
+                if let Decision::Deny { rule, reason } | Decision::NeedsApproval { rule, reason } =
+                    again
+                {
+                    return Err(denied(&rule, &reason));
+                }
+            }
+        }
+        let server = policy
+            .profile()
+            .tool(name)
+            .map(|t| t.server.as_str())
+            .unwrap_or("");
+        let Some(up) = self.upstreams.get(server) else {
+            return Err(internal(format!("no upstream `{server}`")));
+        };
+        let answer = up.call_tool(name, real).await.map_err(|e| {
+            (
+                UPSTREAM_FAILED,
+                crate::error_chain(&e),
+                json!({"server": server}),
+            )
+        })?;
+        match answer {
+            Ok(result) => {
+                let value = serde_json::to_value(&result)
+                    .map_err(|e| internal(format!("encoding the result: {e}")))?;
+                self.tokenize_out(name, value)
+            }
+            Err(e) => {
+                let message = self.tokenize_out(name, Value::String(e.message.to_string()))?;
+                Err((
+                    i64::from(e.code.0),
+                    message.as_str().unwrap_or("upstream error").to_owned(),
+                    json!({"server": server}),
+                ))
+            }
+        }
+    }
+
+    /// The host-served `spawn_agent`.
+    async fn spawn_agent(
+        &self,
+        args: Map<String, Value>,
+        digest: &str,
+    ) -> Result<Value, (i64, String, Value)> {
+        let bad = |m: String| (endpoint::INVALID_PARAMS, m, Value::Null);
+        let Some(Value::String(text)) = args.get("profile") else {
+            return Err(bad("spawn_agent: `profile` (TOML text) is required".into()));
+        };
+        let command: Vec<String> = match args.get("command") {
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("spawn_agent: `command` must be strings".into()))?,
+            _ => return Err(bad("spawn_agent: `command` (a list) is required".into())),
+        };
+        let child = Profile::from_toml(text)
+            .map_err(|e| bad(format!("spawn_agent: {}", crate::error_chain(&e))))?;
+        let excess = self.config.policy.spawn_excess(&child);
+        let decision = if excess.is_empty() {
+            Decision::Allow {
+                rule: "spawn:within-own-rights".into(),
+            }
+        } else {
+            Decision::NeedsApproval {
+                rule: "spawn:beyond-own-rights".into(),
+                reason: excess.join("; "),
+            }
+        };
+        self.record_decision(SPAWN_AGENT_TOOL, &decision, digest)?;
+        if let Decision::NeedsApproval { rule, reason } = &decision {
+            let subject = self.subject(
+                ApprovalAction::Spawn {
+                    profile: child.name.clone(),
+                },
+                Value::Object(args.clone()),
+                rule,
+                reason,
+            );
+            self.ask_approval(subject, SPAWN_AGENT_TOOL, rule, digest)
+                .await?;
+        }
+        let Some(spawner) = self.config.spawner.as_ref() else {
+            return Err(internal("spawning is not available on this host".into()));
+        };
+        let vm = spawner
+            .spawn(self.config.vm_id.clone(), child, command)
+            .await
+            .map_err(|e| internal(format!("spawn_agent: {e}")))?;
+        self.record(
+            "spawn",
+            json!({"agent": self.config.agent, "vm_id": self.config.vm_id,
+            "spawned_vm": vm}),
+        )?;
+        Ok(json!({
+            "content": [{"type": "text", "text": format!("spawned agent in VM {vm}")}],
+            "isError": false,
+        }))
+    }
+
+    fn subject(
+        &self,
+        action: ApprovalAction,
+        arguments: Value,
+        rule: &str,
+        reason: &str,
+    ) -> ApprovalSubject {
+        ApprovalSubject {
+            agent: self.config.agent.clone(),
+            vm_id: self.config.vm_id.clone(),
+            profile: self.config.policy.profile().name.clone(),
+            action,
+            arguments,
+            rule: rule.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Asks the approver; `Ok` only on `Approved`. The outcome is recorded.
+    async fn ask_approval(
+        &self,
+        subject: ApprovalSubject,
+        tool: &str,
+        rule: &str,
+        digest: &str,
+    ) -> Result<(), (i64, String, Value)> {
+        let asked_because = subject.reason.clone();
+        let outcome = self.config.approver.request(subject).await;
+        self.record(
+            "approval_outcome",
+            json!({"agent": self.config.agent, "vm_id": self.config.vm_id, "tool": tool,
+                "rule": rule, "args_digest": digest, "outcome": outcome}),
+        )?;
+        match outcome {
+            crate::approval::ApprovalOutcome::Approved { .. } => Ok(()),
+            crate::approval::ApprovalOutcome::Denied { reason } => Err(denied(
+                rule,
+                &format!("{reason} (approval was asked because: {asked_because})"),
+            )),
+            crate::approval::ApprovalOutcome::Expired => Err(denied(
+                rule,
+                "requires approval: no answer before the request expired",
+            )),
+        }
+    }
+
+    /// Tokenizes a value going to the agent (enforce) or records what would have been (monitor).
+    fn tokenize_out(&self, tool: &str, value: Value) -> Result<Value, (i64, String, Value)> {
+        if self.tokenizer.is_none() {
+            return Ok(value);
+        }
+        let (out, report) = self.with_tokenizer(|t| t.tokenize_json(&value))?;
+        self.record_tokenize(tool, "result", report)?;
+        Ok(out)
+    }
+
+    fn with_tokenizer<T>(
+        &self,
+        f: impl FnOnce(&mut Tokenizer) -> Result<T, nanoclaw_tokenize::TokenizeError>,
+    ) -> Result<T, (i64, String, Value)> {
+        let Some(t) = self.tokenizer.as_ref() else {
+            return Err(internal("no tokenizer".into()));
+        };
+        let mut t = t.lock();
+        f(&mut t).map_err(|e| internal(format!("tokenize: {}", crate::error_chain(&e))))
+    }
+
+    fn record_tokenize(
+        &self,
+        tool: &str,
+        direction: &str,
+        report: Report,
+    ) -> Result<(), (i64, String, Value)> {
+        if report.total() == 0 && report.skipped == 0 {
+            return Ok(());
+        }
+        let mode = self.mode;
+        self.record(
+            "tokenize",
+            json!({"agent": self.config.agent, "vm_id": self.config.vm_id, "tool": tool,
+                "direction": direction, "mode": mode, "counts": report}),
+        )
+    }
+
+    fn record_decision(
+        &self,
+        tool: &str,
+        decision: &Decision,
+        digest: &str,
+    ) -> Result<(), (i64, String, Value)> {
+        self.record(
+            "policy_decision",
+            json!({
+                "decision": decision.kind(),
+                "rule": decision.rule(),
+                "agent": self.config.agent,
+                "vm_id": self.config.vm_id,
+                "profile": self.config.policy.profile().name,
+                "tool": tool,
+                "args_digest": digest,
+            }),
+        )
+    }
+
+    fn record(&self, kind: &str, data: Value) -> Result<(), (i64, String, Value)> {
+        self.config
+            .audit
+            .append(kind, data)
+            .map(|_| ())
+            .map_err(|e| internal(format!("audit log: {}", crate::error_chain(&e))))
+    }
+}
+
+/// The digest of arguments in canonical form: object keys sorted at every level, no spaces
+/// (serde_json keeps insertion order here, so the agent's key order must not change it).
+pub fn args_digest(args: &Map<String, Value>) -> String {
+    fn canonical(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), canonical(&m[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+    let value = canonical(&Value::Object(args.clone()));
+    audit::digest(&serde_json::to_vec(&value).unwrap_or_default())
+}
+
+fn denied(rule: &str, reason: &str) -> (i64, String, Value) {
+    (
+        DENIED,
+        format!("denied by rule `{rule}`: {reason}"),
+        json!({"rule": rule}),
+    )
+}
+
+fn internal(message: String) -> (i64, String, Value) {
+    (endpoint::INTERNAL_ERROR, message, Value::Null)
+}
+
+fn spawn_agent_tool() -> Tool {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "profile": {"type": "string", "description": "the new agent's profile, as TOML"},
+            "command": {"type": "array", "items": {"type": "string"},
+                "description": "the command the new agent runs"},
+        },
+        "required": ["profile", "command"],
+    });
+    let schema = match schema {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let mut tool = Tool::new(
+        SPAWN_AGENT_TOOL,
+        "Spawn a worker agent in its own microVM, with a profile no more privileged than yours.",
+        Arc::new(schema),
+    );
+    tool.title = Some("Spawn agent".into());
+    tool
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_argument_digest_ignores_key_order() {
+        let a: Map<String, Value> =
+            serde_json::from_str(r#"{"b": 1, "a": {"y": [1, {"q": 2, "p": 3}], "x": "s"}}"#)
+                .unwrap();
+        let b: Map<String, Value> =
+            serde_json::from_str(r#"{"a": {"x": "s", "y": [1, {"p": 3, "q": 2}]}, "b": 1}"#)
+                .unwrap();
+        assert_eq!(args_digest(&a), args_digest(&b));
+        let c: Map<String, Value> = serde_json::from_str(r#"{"a": 1}"#).unwrap();
+        assert_ne!(args_digest(&a), args_digest(&c));
+        assert_eq!(args_digest(&c), audit::digest(br#"{"a":1}"#));
+    }
+}

@@ -1,0 +1,405 @@
+//! The secret never touches the host: the real daemon (`host-agent serve --device-listen`)
+//! relays a primary-path call between a sidecar and the user's device, and afterwards its
+//! memory, its log and its state directory hold zero copies of the secret, and neither do the
+//! sidecar's or the agent's memory.
+//!
+//! This test binary plays four roles, chosen by its first argument (it runs without libtest's
+//! harness so that it can):
+//! - `serve ...`: the real daemon, through `host_agent::daemon::serve_main`;
+//! - `--kernel ...`: a FAKE VMM passed as `--vmm-bin`: it plays the sidecar, saying `Hello` with a
+//!   real boot key and then running the sidecar's real proxy code (`vpod_sidecar::proxy`) with
+//!   the VM's `vsock.sock_1025` in place of vsock, and starts the agent;
+//! - `agent PORT DIR`: the agent, a separate process that calls the proxy;
+//! - no role: the test. The device and the HTTPS server run in this process, which is also the
+//!   scanner's positive control (it holds the secret, so the scan must find it here).
+//!
+//! The secret is drawn at run time in the test process, so it is in no executable mapping.
+
+#[path = "../../../vault-device/tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use shared_proto::message::{GuestToHost, HostToGuest};
+use shared_proto::{FrameDecoder, PROTOCOL_VERSION, encode_frame};
+use vpod_sidecar::proxy::{self, ProxyIdentity};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        // The daemon runs its VMM binary as `BIN --kernel ...`.
+        Some("--kernel") => fake_vmm(&args[1..]),
+        Some("agent") => agent(&args[2], Path::new(&args[3])),
+        _ => {
+            // `cargo test` passes libtest flags; a name filter that is not ours skips the test.
+            if let Some(filter) = args.iter().skip(1).find(|a| !a.starts_with('-'))
+                && !"secret_never_touches_the_host".contains(filter.as_str())
+            {
+                return;
+            }
+            secret_never_touches_the_host();
+            println!("test secret_never_touches_the_host ... ok");
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+struct ServeCli {
+    #[command(flatten)]
+    args: host_agent::daemon::ServeArgs,
+}
+
+fn serve(args: &[String]) {
+    let cli = ServeCli::parse_from(args);
+    if let Err(e) = host_agent::daemon::serve_main(cli.args) {
+        eprintln!("serve: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: the fake VMM, playing the sidecar.
+
+fn fake_vmm(args: &[String]) {
+    let vm_dir = args
+        .iter()
+        .position(|a| a == "--vm-dir")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .expect("--vm-dir");
+    std::fs::write(vm_dir.join("vmm.pid"), std::process::id().to_string()).unwrap();
+    let sc = common::sidecar();
+    let control = vm_dir.join("vsock.sock_1024");
+    wait_for("the control socket", Duration::from_secs(10), || {
+        control.exists()
+    });
+    let mut stream = UnixStream::connect(&control).unwrap();
+    stream
+        .write_all(
+            &encode_frame(&GuestToHost::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                sidecar_version: "fake".into(),
+                boot_id: sc.boot_id,
+                ephemeral_public_key: sc.public,
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    let mut decoder = FrameDecoder::<HostToGuest>::new();
+    let mut buf = [0u8; 4096];
+    let mut acked = false;
+    while !acked {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "daemon closed the control connection");
+        decoder.push(&buf[..n]);
+        while let Some(msg) = decoder.decode_next().unwrap() {
+            if matches!(msg, HostToGuest::HelloAck { .. }) {
+                acked = true;
+            }
+        }
+    }
+    let relay_socket = vm_dir.join("vsock.sock_1025");
+    wait_for("the credential socket", Duration::from_secs(10), || {
+        relay_socket.exists()
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let identity = Arc::new(ProxyIdentity {
+        boot_secret: zeroize::Zeroizing::new(sc.secret),
+        boot_id: sc.boot_id,
+    });
+    let connect = Arc::new(move || UnixStream::connect(&relay_socket));
+    std::thread::spawn(move || proxy::serve(&listener, identity, connect));
+    let me = std::env::current_exe().unwrap();
+    let mut agent = Command::new(me)
+        .arg("agent")
+        .arg(port.to_string())
+        .arg(&vm_dir)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(vm_dir.join("agent.pid"), agent.id().to_string()).unwrap();
+    let _ = agent.wait();
+    // Keep the control connection open until the test is done scanning.
+    let done = vm_dir.join("scan-done");
+    wait_for("the scan", Duration::from_secs(120), || done.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: the agent.
+
+fn agent(port: &str, vm_dir: &Path) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let request = std::fs::read_to_string(vm_dir.join("agent-request"))
+        .unwrap_or_else(|_| "GET /svc/hello HTTP/1.1\r\n\r\n".into());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, body) = loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let (status, body) = common::parse_response(&raw);
+        // 503: the device has not linked up yet.
+        if status != 503 || Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::fs::write(vm_dir.join("agent-result"), format!("{status} {body}")).unwrap();
+    let done = vm_dir.join("scan-done");
+    wait_for("the scan", Duration::from_secs(120), || done.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scanners.
+
+/// Occurrences of `needle` in `hay`.
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    let first = needle[0];
+    let mut n = 0;
+    let mut i = 0;
+    while let Some(p) = hay[i..].iter().position(|&b| b == first) {
+        let at = i + p;
+        if hay[at..].starts_with(needle) {
+            n += 1;
+        }
+        i = at + 1;
+    }
+    n
+}
+
+/// Occurrences of `needle` in the readable mappings of process `pid`, and the bytes read.
+fn scan_memory(pid: u32, needle: &[u8]) -> (usize, u64) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let (mut hits, mut read) = (0, 0u64);
+    const CHUNK: u64 = 4 << 20;
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let mut at = start;
+        let mut carry: Vec<u8> = Vec::new();
+        while at < end {
+            let len = CHUNK.min(end - at);
+            let mut buf = vec![0u8; len as usize];
+            if mem.seek(SeekFrom::Start(at)).is_err() || mem.read_exact(&mut buf).is_err() {
+                break;
+            }
+            read += len;
+            let mut joined = std::mem::take(&mut carry);
+            joined.extend_from_slice(&buf);
+            hits += count(&joined, needle);
+            let keep = needle.len() - 1;
+            carry = joined[joined.len().saturating_sub(keep)..].to_vec();
+            at += len;
+        }
+    }
+    (hits, read)
+}
+
+/// Occurrences of `needle` in every regular file under `dir`, with the files read.
+fn scan_dir(dir: &Path, needle: &[u8]) -> (usize, usize) {
+    let (mut hits, mut files) = (0, 0);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            let (h, f) = scan_dir(&path, needle);
+            hits += h;
+            files += f;
+        } else if ft.is_file()
+            && let Ok(bytes) = std::fs::read(&path)
+        {
+            hits += count(&bytes, needle);
+            files += 1;
+        }
+    }
+    (hits, files)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test.
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn api_create_vm(socket: &Path) -> String {
+    let body = serde_json::to_string(&nanoclaw_api::CreateVm::new("/agent", vec![])).unwrap();
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "POST /v1/vms HTTP/1.1\r\nHost: daemon\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let (status, body) = common::parse_response(&raw);
+    assert!((200..300).contains(&status), "create: {status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+fn secret_never_touches_the_host() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::write(p.join("kernel"), "k").unwrap();
+    std::fs::write(p.join("initrd"), "i").unwrap();
+    let secret = common::random_secret();
+    let needle = secret.as_bytes().to_vec();
+
+    let ca = common::make_ca(p);
+    let upstream = rt.block_on(common::start_upstream(&ca, &["api.test"], &secret));
+    let api = format!("api.test:{}", upstream.addr.port());
+    let vault = common::make_vault(p, &api, &api, &secret);
+    // Grants are per VM: this one names any VM (the id is the daemon's to choose).
+    {
+        let mut v = vault_device::vault::Vault::open(&vault, common::PASSPHRASE).unwrap();
+        v.data.grants[0].vm = vault_device::grant::ANY_VM.into();
+        v.save().unwrap();
+    }
+
+    let device_port = free_port();
+    let state = p.join("state");
+    let socket = p.join("api.sock");
+    let log_path = p.join("daemon.log");
+    let me = std::env::current_exe().unwrap();
+    let mut daemon = Command::new(&me)
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--kernel")
+        .arg(p.join("kernel"))
+        .arg("--initrd")
+        .arg(p.join("initrd"))
+        .arg("--vmm-bin")
+        .arg(&me)
+        .arg("--device-listen")
+        .arg(format!("127.0.0.1:{device_port}"))
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon_pid = daemon.id();
+    wait_for("the daemon", Duration::from_secs(20), || {
+        UnixStream::connect(&socket).is_ok()
+    });
+
+    // Pair with the code the daemon wrote, then keep the device's link up from this process.
+    let code = std::fs::read_to_string(state.join("relay/pairing-code")).unwrap();
+    let addr = format!("127.0.0.1:{device_port}");
+    rt.block_on(async {
+        let mut v = vault_device::vault::Vault::open(&vault, common::PASSPHRASE).unwrap();
+        vault_device::device::pair(&mut v, &addr, &code, "test-phone")
+            .await
+            .unwrap();
+    });
+    let _device = rt.block_on(common::start_device(
+        &vault,
+        &ca,
+        vec![("api.test".into(), upstream.addr)],
+    ));
+
+    let id = api_create_vm(&socket);
+    let vm_dir = state.join("vms").join(&id);
+    let result = vm_dir.join("agent-result");
+    wait_for("the agent's call", Duration::from_secs(60), || {
+        result.exists()
+    });
+    let outcome = std::fs::read_to_string(&result).unwrap();
+    assert_eq!(
+        outcome,
+        "200 hello ",
+        "daemon log:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    assert_eq!(upstream.seen.lock().unwrap().requests.len(), 1);
+
+    let pid_of = |f: &str| -> u32 {
+        std::fs::read_to_string(vm_dir.join(f))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (vmm_pid, agent_pid) = (pid_of("vmm.pid"), pid_of("agent.pid"));
+
+    // Positive controls: the scanners find the secret where it is.
+    let (own_hits, own_read) = scan_memory(std::process::id(), &needle);
+    assert!(
+        own_hits > 0,
+        "the memory scanner missed the device's copy ({own_read} bytes read)"
+    );
+    let planted = p.join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::write(planted.join("x"), format!("log line {secret} end")).unwrap();
+    assert_eq!(scan_dir(&planted, &needle), (1, 1));
+
+    // The host: the daemon's memory, log and state directory.
+    for (what, pid) in [
+        ("daemon", daemon_pid),
+        ("sidecar", vmm_pid),
+        ("agent", agent_pid),
+    ] {
+        let (hits, read) = scan_memory(pid, &needle);
+        assert!(read > 1 << 20, "{what}: only {read} bytes of memory read");
+        assert_eq!(hits, 0, "{what}'s memory holds the secret");
+        println!("scanned {what} (pid {pid}): {read} bytes of memory, 0 hits");
+    }
+    let log = std::fs::read(&log_path).unwrap();
+    assert!(!log.is_empty());
+    assert_eq!(count(&log, &needle), 0, "the daemon log holds the secret");
+    let (hits, files) = scan_dir(&state, &needle);
+    assert!(files >= 3, "only {files} state files");
+    assert_eq!(hits, 0, "the state directory holds the secret");
+    println!(
+        "scanned the daemon log ({} bytes) and {files} state files: 0 hits",
+        log.len()
+    );
+
+    std::fs::write(vm_dir.join("scan-done"), "").unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
