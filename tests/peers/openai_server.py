@@ -12,9 +12,10 @@ Every request must carry `Authorization: Bearer <key>`, the key being the conten
 --key-file (never given on the command line); otherwise the answer is 401 with an
 OpenAI-style error body.
 
-The script (--script) is a JSON list of turns. The turn served is the number of assistant
-messages in the request, so the server keeps no conversation state and one server can serve
-several runs of the same conversation. A turn is either
+The script (--script) is a JSON list of turns (or {"turns": [...]}), counted from 1. The turn
+served is one more than the number of assistant messages in the request, so the server keeps
+no conversation state and one server can serve several runs of the same conversation. A turn
+is either
   {"tool_calls": [{"name": "read_file", "arguments": {"path": "/data/x"}}, ...]}
 or
   {"content": "the answer"}
@@ -53,10 +54,11 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 Json = dict[str, Any]
 
@@ -110,9 +112,9 @@ def load_script(path: Path) -> list[Json]:
     if isinstance(turns, dict):
         turns = turns.get("turns")
     if not isinstance(turns, list) or not turns:
-        raise ScriptError("the script must be a non-empty list of turns (or {\"turns\": [...]})")
+        raise ScriptError('the script must be a non-empty list of turns (or {"turns": [...]})')
     for n, turn in enumerate(turns):
-        where = f"turn {n}"
+        where = f"turn {n + 1}"
         if not isinstance(turn, dict):
             raise ScriptError(f"{where} must be an object")
         unknown = set(turn) - TURN_KEYS
@@ -169,7 +171,7 @@ def tool_results(messages: list[Json]) -> list[str]:
     return results
 
 
-def check(turn_no: int, turn: Json, messages: list[Json], tools: list[str]) -> list[str]:
+def check(turn_no: int, total: int, turn: Json, messages: list[Json], tools: list[str]) -> list[str]:
     """The failed expectations of `turn` for this request, each as a sentence."""
     failures: list[str] = []
     user = "\n".join(text_of(m.get("content")) for m in messages if m.get("role") == "user")
@@ -196,7 +198,7 @@ def check(turn_no: int, turn: Json, messages: list[Json], tools: list[str]) -> l
     for name, pattern in turn.get("capture", {}).items():
         if results and not re.search(pattern, joined):
             failures.append(f"nothing in the tool results matches /{pattern}/ to capture {name!r}")
-    return [f"script turn {turn_no}: {f}" for f in failures]
+    return [f"script turn {turn_no} of {total}: {f}" for f in failures]
 
 
 def substitute(value: Any, captured: dict[str, str]) -> Any:
@@ -284,7 +286,12 @@ def stream_chunks(
         yield chunk(
             {
                 "tool_calls": [
-                    {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+                    {
+                        "index": index,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }
                 ]
             }
         )
@@ -478,18 +485,18 @@ class Handler(BaseHTTPRequestHandler):
             for t in request.get("tools") or []
             if isinstance(t, dict) and isinstance(t.get("function"), dict) and "name" in t["function"]
         ]
-        turn_no = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
+        turn_no = 1 + sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")
         record.update(model=model, stream=stream, turn=turn_no, tools=tools, messages=messages)
         script = self.server.script
-        if turn_no >= len(script):
+        if turn_no > len(script):
             message = f"the script has {len(script)} turns; the request asks for turn {turn_no}"
             record.update(status=400, expectation_failures=[message])
             self.server.recorder.write(record)
             log(message)
             self.send_error_body(400, message, "invalid_request_error", "script_exhausted")
             return
-        turn = script[turn_no]
-        failures = check(turn_no, turn, messages, tools)
+        turn = script[turn_no - 1]
+        failures = check(turn_no, len(script), turn, messages, tools)
         if failures:
             record.update(status=400, expectation_failures=failures)
             self.server.recorder.write(record)
@@ -554,7 +561,8 @@ def main(argv: list[str]) -> int:
         context = tls_context(args.tls_cert, args.tls_key)
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         server.tls = True
-    host, port = server.server_address[:2]
+    port = int(server.server_address[1])
+    host = args.host
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.port_file is not None:
         write_atomically(args.port_file, f"{port}\n")
