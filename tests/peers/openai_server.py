@@ -26,7 +26,8 @@ and may carry expectations, checked against the request before answering:
   "expect_tool_result_not_contains": S    contain / do not contain S,
   "expect_tool_result_matches": RE        or match the regular expression RE
 (S and RE may also be lists: each item must hold). A failed expectation is answered 400 with
-a message naming the turn and what was expected, and is recorded.
+a message naming the turn and what was expected, and is recorded. A "comment" key (in a turn,
+or beside "turns") is ignored; any other unknown key is an error when the script loads.
 A tool-call turn may also take values from those tool results:
   "capture": {"email": RE}   the first match of RE (its group 1 if it has groups) is put in
                              place of "{{email}}" in the strings of the calls' arguments.
