@@ -14,22 +14,29 @@
 //! point at digests. Nothing reaches the store unless the whole operation succeeds.
 //!
 //! # Layout
+//! - [`source`]: reading docker and OCI sources, media types, digests of JSON documents.
 //! - [`layer`]: applying layer tar streams to a tree: whiteouts, opaque directories, refusals.
 //! - [`limits`]: the size and entry limits, enforced while streaming.
 //! - [`digest`]: sha256 digests and the hashing reader.
 //! - [`tree`]: walking a staged tree, counting it, clamping its times.
+//! - [`ext4`]: `mkfs.ext4` for the root file system and the scratch disk.
 //! - [`config`]: the image config, [`ImageConfig`].
 //! - [`name`]: image names, [`ImageName`].
+//! - [`tool`]: running external tools and naming their Debian packages.
 
 pub mod config;
 pub mod digest;
+pub mod ext4;
 pub mod layer;
 pub mod limits;
 pub mod name;
+pub mod source;
+pub mod tool;
 pub mod tree;
 
 pub use config::ImageConfig;
 pub use digest::Digest;
+pub use ext4::{Ext4Error, create_scratch_disk};
 pub use limits::ImportLimits;
 pub use name::ImageName;
 
