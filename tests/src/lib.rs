@@ -80,7 +80,13 @@ pub fn built_bin(name: &str) -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("a test executable lives in <target>/<profile>/deps");
-    profile_dir.join(name)
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace's binaries first (cargo build --workspace --bins)",
+        bin.display()
+    );
+    bin
 }
 
 /// Which kernel image to boot.

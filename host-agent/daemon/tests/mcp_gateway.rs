@@ -24,7 +24,7 @@ const CARD: &str = "4111 1111 1111 1111";
 const EMAIL: &str = "alice.smith@example.com";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn python() -> PathBuf {

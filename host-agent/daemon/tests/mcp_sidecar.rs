@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use vpod_sidecar::mcp::{EarlyFilter, http, stdio};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn python() -> PathBuf {

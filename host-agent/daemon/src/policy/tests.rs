@@ -11,7 +11,7 @@ fn args(v: Value) -> Map<String, Value> {
 
 fn example(name: &str) -> AccessPolicy {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/profiles")
+        .join("../../examples/profiles")
         .join(name);
     AccessPolicy::load(&path).unwrap_or_else(|e| panic!("{name}: {}", crate::error_chain(&e)))
 }
