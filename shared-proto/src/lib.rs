@@ -21,10 +21,14 @@
 //!   the passkey registration and assertion verifier, shared by host-agent and vault-device.
 //! - [`credential`]: the credential channels: Noise records, the device <-> host link messages,
 //!   the relay greeting, and the proxy messages inside the sidecar <-> device session.
+//! - [`files`]: the file copy channel: tar streams in and out of the agent's root, one message
+//!   enum per direction ([`files::FilesRequest`], [`files::FilesReply`]) and their checked
+//!   decoder.
 
 pub mod approval;
 pub mod credential;
 pub mod envelope;
+pub mod files;
 pub mod frame;
 pub mod handshake;
 pub mod message;

@@ -117,6 +117,26 @@ pub struct AgentSpec {
     /// The agent's MCP endpoint, when its profile names tools (absent in older hosts' frames).
     #[serde(default)]
     pub mcp: Option<McpSummary>,
+    /// The agent's root file system, built from an image disk and a scratch disk. Absent (and
+    /// in older hosts' frames): the agent runs in the sidecar's initramfs as before.
+    #[serde(default)]
+    pub root: Option<RootFs>,
+    /// The user the agent runs as, OCI style: `name`, `uid`, `name:group` or `uid:gid`,
+    /// resolved against the agent root's `/etc/passwd` and `/etc/group`. A user that resolves
+    /// to uid 0, and an absent one, run as `uid`/`gid` above.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// The block devices the agent's root file system is built from. The sidecar mounts the image
+/// read-only, keeps its changes on the scratch disk and joins both with overlayfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootFs {
+    /// The read-only ext4 image disk, such as `/dev/vda`.
+    pub image_device: String,
+    /// The writable ext4 disk for the agent's changes, formatted by the host, such as
+    /// `/dev/vdb`.
+    pub scratch_device: String,
 }
 
 /// What the sidecar needs to serve the agent its local MCP endpoint and filter early. The host
@@ -199,16 +219,27 @@ pub(crate) mod tests {
                 (proptest::collection::vec(text(), 0..4), any::<u16>())
                     .prop_map(|(tools, local_port)| McpSummary { tools, local_port }),
             ),
+            proptest::option::of((text(), text()).prop_map(|(image_device, scratch_device)| {
+                RootFs {
+                    image_device,
+                    scratch_device,
+                }
+            })),
+            proptest::option::of(text()),
         )
-            .prop_map(|(command, args, env, cwd, uid, gid, mcp)| AgentSpec {
-                command,
-                args,
-                env,
-                cwd,
-                uid,
-                gid,
-                mcp,
-            });
+            .prop_map(
+                |(command, args, env, cwd, uid, gid, mcp, root, user)| AgentSpec {
+                    command,
+                    args,
+                    env,
+                    cwd,
+                    uid,
+                    gid,
+                    mcp,
+                    root,
+                    user,
+                },
+            );
         prop_oneof![
             any::<u32>().prop_map(|protocol_version| HostToGuest::HelloAck { protocol_version }),
             (text(), any::<u32>()).prop_map(|(reason, host_protocol_version)| {
@@ -241,6 +272,45 @@ pub(crate) mod tests {
             prop_assert_eq!(used, frame.len());
             prop_assert_eq!(back, msg);
         }
+    }
+
+    /// `RunAgent` as hosts before image roots encoded it: no `root`, no `user`.
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum OldHostToGuest {
+        RunAgent(OldAgentSpec),
+    }
+
+    #[derive(Serialize)]
+    struct OldAgentSpec {
+        command: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: String,
+        uid: u32,
+        gid: u32,
+    }
+
+    #[test]
+    fn an_older_hosts_run_agent_decodes_without_root_or_user() {
+        let old = OldHostToGuest::RunAgent(OldAgentSpec {
+            command: "/bin/agent".into(),
+            args: vec!["-v".into()],
+            env: vec![("PATH".into(), "/bin".into())],
+            cwd: "/".into(),
+            uid: 1000,
+            gid: 1000,
+        });
+        let frame = encode_frame(&old).unwrap();
+        let (back, _) = decode_frame::<HostToGuest>(&frame).unwrap().unwrap();
+        let HostToGuest::RunAgent(spec) = back else {
+            panic!("not a RunAgent: {back:?}");
+        };
+        assert_eq!(spec.command, "/bin/agent");
+        assert_eq!((spec.uid, spec.gid), (1000, 1000));
+        assert_eq!(spec.mcp, None);
+        assert_eq!(spec.root, None);
+        assert_eq!(spec.user, None);
     }
 
     #[test]

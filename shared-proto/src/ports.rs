@@ -28,6 +28,11 @@ pub const LOG_PORT: u32 = 1027;
 /// `CONNECT 1028\n` and every byte it sends comes back until it closes its write side.
 pub const ECHO_PORT: u32 = 1028;
 
+/// File copy channel. The guest listens on it (any CID); the host connects with
+/// `CONNECT 1029\n` and runs one transfer per connection, in and out of the agent's root, with
+/// the messages of [`crate::files`].
+pub const FILES_PORT: u32 = 1029;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,6 +45,7 @@ mod tests {
             MCP_PORT,
             LOG_PORT,
             ECHO_PORT,
+            FILES_PORT,
         ];
         for (i, a) in ports.iter().enumerate() {
             assert!(*a >= 1024, "port {a} is below 1024");

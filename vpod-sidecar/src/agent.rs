@@ -15,6 +15,13 @@
 //!   [`IdPolicy::Inherit`], which keeps the caller's ids and ignores the spec's.
 //! - **Environment.** Exactly the spec's `env` (the sidecar's own is cleared), `argv[0]` is the
 //!   command, the working directory is `cwd`.
+//! - **Image root.** With `root` in the spec, the root is built first ([`crate::rootfs`]: the
+//!   disks mounted and joined, the user resolved, `cwd` made) and published for the file copy
+//!   server; the child then `chroot`s into it and `chdir`s to `cwd` before it drops its ids,
+//!   so `command` and `PATH` are looked up inside the image. A root that cannot be built is a
+//!   start failure (`Error`, then `Exit(126)`). Without `root` nothing of this happens; a
+//!   `user` then resolves against the sidecar's own `/etc` (numbers only, in the initramfs).
+//!   uid 0 from the user's resolution falls back to the spec's ids, which are never 0.
 //! - **Start failures.** A command that cannot be started is reported with an `Error` naming
 //!   the cause, then `AgentExited{Exit(127)}` when the program or the directory does not exist
 //!   and `Exit(126)` for any other failure (permission, identity switch), as shells do.
@@ -34,11 +41,14 @@
 //!   keep them from reaching EOF), both pipes are drained to EOF, and only then is
 //!   `AgentExited{Exit(code) | Signal(n)}` queued as the final frame.
 
+use std::ffi::CString;
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid};
@@ -46,6 +56,7 @@ use shared_proto::message::{AgentSpec, ExitStatus, GuestToHost, OutputStream};
 
 use crate::init::Reaper;
 use crate::outbox::Outbox;
+use crate::rootfs::{self, KernelRoot, PreparedRoot, RootDir, RootSetup, RootfsError};
 
 /// The largest `AgentOutput` chunk, in bytes.
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
@@ -111,6 +122,12 @@ pub enum AgentError {
     /// `killpg` failed.
     #[error("cannot signal the agent")]
     Kill(#[source] nix::Error),
+    /// The agent's image root cannot be built, or its user resolved.
+    #[error("cannot prepare the agent's root file system")]
+    RootFs(#[source] RootfsError),
+    /// A path for the child holds a NUL byte.
+    #[error("{0} holds a NUL byte")]
+    NulInPath(&'static str),
 }
 
 /// Whose ids the agent runs with.
@@ -139,17 +156,42 @@ pub struct AgentRunner {
     reaper: Arc<Reaper>,
     ids: IdPolicy,
     state: Arc<Mutex<State>>,
+    rootfs: Arc<dyn RootSetup>,
+    published: Arc<OnceLock<PreparedRoot>>,
+}
+
+/// How the child is started: where, and as whom.
+#[derive(Debug)]
+struct Launch {
+    /// The image root to chroot into, and `cwd` inside it, ready for the child.
+    confine: Option<(CString, CString)>,
+    uid: u32,
+    gid: u32,
 }
 
 impl AgentRunner {
-    /// A runner that reports to `outbox` and learns exits from `reaper`.
+    /// A runner that reports to `outbox`, learns exits from `reaper` and builds image roots
+    /// with real mounts ([`KernelRoot`]).
     pub fn new(outbox: Arc<Outbox>, reaper: Arc<Reaper>, ids: IdPolicy) -> Self {
         Self {
             outbox,
             reaper,
             ids,
             state: Arc::new(Mutex::new(State::Idle)),
+            rootfs: Arc::new(KernelRoot::default()),
+            published: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The same runner, building image roots with `setup` instead.
+    pub fn with_root_setup(mut self, setup: Arc<dyn RootSetup>) -> Self {
+        self.rootfs = setup;
+        self
+    }
+
+    /// Where the agent's image root is published once built (for the file copy server).
+    pub fn published_root(&self) -> Arc<OnceLock<PreparedRoot>> {
+        Arc::clone(&self.published)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -185,7 +227,15 @@ impl AgentRunner {
             let (uid, gid) = (spec.uid, spec.gid);
             return fail(AgentError::Root { uid, gid }, EXIT_CANNOT_RUN);
         }
-        let mut cmd = self.command(&spec);
+        let launch = match self.launch(&spec) {
+            Ok(launch) => launch,
+            Err(e) => {
+                *state = State::Exited;
+                return fail(e, EXIT_CANNOT_RUN);
+            }
+        };
+        let in_image = launch.confine.is_some();
+        let mut cmd = self.command(&spec, launch);
         let spawned = self.reaper.spawn_watched(|| {
             let child = cmd.spawn()?;
             let pid = child.id();
@@ -196,7 +246,8 @@ impl AgentRunner {
             Err(source) => {
                 *state = State::Exited;
                 let not_found = source.kind() == ErrorKind::NotFound;
-                let e = if not_found && !std::path::Path::new(&spec.cwd).is_dir() {
+                // In an image root the working directory was just made.
+                let e = if not_found && !in_image && !Path::new(&spec.cwd).is_dir() {
                     AgentError::NoCwd {
                         command: spec.command,
                         cwd: spec.cwd,
@@ -246,28 +297,75 @@ impl AgentRunner {
         }
     }
 
-    fn command(&self, spec: &AgentSpec) -> Command {
+    /// Builds the image root of `spec` (publishing it) or resolves its user, and checks the
+    /// ids it ends up with.
+    fn launch(&self, spec: &AgentSpec) -> Result<Launch, AgentError> {
+        let (confine, uid, gid) = if spec.root.is_some() {
+            let prepared = rootfs::build(&*self.rootfs, spec).map_err(AgentError::RootFs)?;
+            let root = CString::new(prepared.path.as_os_str().as_bytes())
+                .map_err(|_| AgentError::NulInPath("the root"))?;
+            let cwd =
+                CString::new(spec.cwd.as_bytes()).map_err(|_| AgentError::NulInPath("cwd"))?;
+            tracing::info!(
+                root = %prepared.path.display(),
+                uid = prepared.owner.uid,
+                gid = prepared.owner.gid,
+                "agent root ready"
+            );
+            let (uid, gid) = (prepared.owner.uid, prepared.owner.gid);
+            // Only one agent per boot, so the cell is empty.
+            let _ = self.published.set(prepared);
+            (Some((root, cwd)), uid, gid)
+        } else if spec.user.is_some() {
+            let own = RootDir::open(Path::new("/")).map_err(|source| {
+                AgentError::RootFs(RootfsError::OpenRoot {
+                    path: PathBuf::from("/"),
+                    source,
+                })
+            })?;
+            let id = rootfs::resolve_user(&own, spec).map_err(AgentError::RootFs)?;
+            (None, id.uid, id.gid)
+        } else {
+            (None, spec.uid, spec.gid)
+        };
+        if self.ids == IdPolicy::Switch && (uid == 0 || gid == 0) {
+            return Err(AgentError::Root { uid, gid });
+        }
+        Ok(Launch { confine, uid, gid })
+    }
+
+    fn command(&self, spec: &AgentSpec, launch: Launch) -> Command {
         let mut cmd = Command::new(&spec.command);
         cmd.args(&spec.args)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&spec.cwd)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if launch.confine.is_none() {
+            cmd.current_dir(&spec.cwd);
+        }
         let ids = match self.ids {
-            IdPolicy::Switch => Some((Uid::from_raw(spec.uid), Gid::from_raw(spec.gid))),
+            IdPolicy::Switch => Some((Uid::from_raw(launch.uid), Gid::from_raw(launch.gid))),
             IdPolicy::Inherit => None,
         };
+        let confine = launch.confine;
         // SAFETY: the closure runs in the forked child before exec. It only makes raw
-        // syscalls (sigprocmask, setsid, setgroups, setgid, setuid, prctl) through nix, which
-        // neither allocate nor take locks, so it is async-signal-safe; it touches no memory
-        // shared with the parent's other threads beyond the copied `ids`.
+        // syscalls (sigprocmask, setsid, chroot, chdir, setgroups, setgid, setuid, prctl)
+        // through nix, which neither allocate nor take locks (the paths are `CStr`s made
+        // before the fork, which nix passes on without copying), so it is async-signal-safe;
+        // it touches no memory shared with the parent's other threads beyond the moved
+        // `confine` and `ids`.
         unsafe {
             cmd.pre_exec(move || {
                 // The sidecar blocks SIGTERM in every thread; the agent starts with none blocked.
                 nix::sys::signal::SigSet::empty().thread_set_mask()?;
                 nix::unistd::setsid()?;
+                // Into the image while still privileged; exec then finds the program in it.
+                if let Some((root, cwd)) = &confine {
+                    nix::unistd::chroot(root.as_c_str())?;
+                    nix::unistd::chdir(cwd.as_c_str())?;
+                }
                 if let Some((uid, gid)) = ids {
                     nix::unistd::setgroups(&[])?;
                     nix::unistd::setgid(gid)?;
@@ -447,6 +545,8 @@ mod tests {
             uid: 1000,
             gid: 1000,
             mcp: None,
+            root: None,
+            user: None,
         }
     }
 
@@ -474,6 +574,20 @@ mod tests {
     /// The sidecar's control loop on a thread; each connection attempt takes the next stream
     /// sent on the returned channel (and fails once the channel is closed).
     fn guest(ids: IdPolicy) -> (std::sync::mpsc::Sender<UnixStream>, JoinHandle<SessionEnd>) {
+        guest_with(
+            ids,
+            Arc::new(KernelRoot::default()),
+            Arc::new(OnceLock::new()),
+        )
+    }
+
+    /// [`guest`] with image roots built by `setup`; the runner publishes its root to
+    /// `published`.
+    fn guest_with(
+        ids: IdPolicy,
+        setup: Arc<dyn RootSetup>,
+        published: Arc<OnceLock<PreparedRoot>>,
+    ) -> (std::sync::mpsc::Sender<UnixStream>, JoinHandle<SessionEnd>) {
         let (tx, rx) = std::sync::mpsc::channel::<UnixStream>();
         let handle = std::thread::spawn(move || {
             // As in production, where main blocks SIGTERM for every thread.
@@ -481,7 +595,11 @@ mod tests {
                 .thread_block()
                 .unwrap();
             let outbox = Arc::new(Outbox::default());
-            let runner = AgentRunner::new(Arc::clone(&outbox), crate::init::test_reaper(), ids);
+            let runner = AgentRunner {
+                published,
+                ..AgentRunner::new(Arc::clone(&outbox), crate::init::test_reaper(), ids)
+                    .with_root_setup(setup)
+            };
             let connect = || {
                 rx.recv()
                     .map_err(|_| std::io::Error::from(ErrorKind::ConnectionRefused))
@@ -892,5 +1010,192 @@ mod tests {
         let got = run_to_exit(sh("sleep 100 & echo started; exit 5"));
         assert_eq!(output(&got, OutputStream::Stdout), b"started\n");
         assert_eq!(exit_of(&got), ExitStatus::Exit(5));
+    }
+
+    /// A root setup that fails like a corrupt image disk.
+    #[derive(Debug)]
+    struct CorruptImage;
+
+    impl RootSetup for CorruptImage {
+        fn mount(&self, root: &shared_proto::message::RootFs) -> Result<PathBuf, RootfsError> {
+            Err(RootfsError::Mount {
+                fstype: "ext4",
+                device: root.image_device.clone(),
+                target: PathBuf::from("/run/nanoclaw/image"),
+                source: nix::errno::Errno::EUCLEAN,
+            })
+        }
+    }
+
+    fn image_spec(command: &str, args: &[&str]) -> AgentSpec {
+        AgentSpec {
+            root: Some(shared_proto::message::RootFs {
+                image_device: "/dev/vda".into(),
+                scratch_device: "/dev/vdb".into(),
+            }),
+            ..spec(command, args)
+        }
+    }
+
+    #[test]
+    fn a_root_that_cannot_be_mounted_ends_the_run_with_126_and_the_reason() {
+        let published = Arc::new(OnceLock::new());
+        let (tx, guest) = guest_with(
+            IdPolicy::Switch,
+            Arc::new(CorruptImage),
+            Arc::clone(&published),
+        );
+        let mut host = Host::connect(&tx);
+        host.send(&HostToGuest::RunAgent(image_spec("/bin/true", &[])));
+        let got = host.recv_to_exit();
+        drop(host);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            errors(&got),
+            [
+                "cannot prepare the agent's root file system: cannot mount ext4 /dev/vda on \
+              /run/nanoclaw/image: EUCLEAN: Structure needs cleaning"
+            ]
+        );
+        assert_eq!(exit_of(&got), ExitStatus::Exit(126));
+        assert!(published.get().is_none());
+        assert_eq!(guest.join().unwrap(), SessionEnd::AgentDone);
+    }
+
+    #[test]
+    fn an_unknown_image_user_ends_the_run_with_126() {
+        let tmp = tempfile::tempdir().unwrap();
+        let setup = Arc::new(crate::rootfs::tests::ReadyDir(tmp.path().to_owned()));
+        let (tx, guest) = guest_with(IdPolicy::Switch, setup, Arc::new(OnceLock::new()));
+        let mut host = Host::connect(&tx);
+        let mut s = image_spec("/bin/true", &[]);
+        s.user = Some("ghost".into());
+        host.send(&HostToGuest::RunAgent(s));
+        let got = host.recv_to_exit();
+        drop(host);
+        assert!(
+            errors(&got)[0].contains("\"ghost\" is not in the image's /etc/passwd"),
+            "{got:?}"
+        );
+        assert_eq!(exit_of(&got), ExitStatus::Exit(126));
+        assert_eq!(guest.join().unwrap(), SessionEnd::AgentDone);
+    }
+
+    /// A root holding only a static busybox (as `/bin/busybox` and `/bin/sh`), a passwd with
+    /// `agent` (4242:4343) and `root`, and a marker file.
+    fn busybox_root() -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nagent:x:4242:4343::/home/agent:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("image-marker"), "from the image\n").unwrap();
+        tmp
+    }
+
+    /// Runs `script` with busybox's sh in [`busybox_root`] under the production id policy and
+    /// answers the messages and the root.
+    fn run_in_image(
+        user: Option<&str>,
+        cwd: &str,
+        script: &str,
+    ) -> (Vec<GuestToHost>, tempfile::TempDir, Option<PreparedRoot>) {
+        let tmp = busybox_root();
+        let setup = Arc::new(crate::rootfs::tests::ReadyDir(tmp.path().to_owned()));
+        let published = Arc::new(OnceLock::new());
+        let (tx, guest) = guest_with(IdPolicy::Switch, setup, Arc::clone(&published));
+        let mut host = Host::connect(&tx);
+        let mut s = image_spec("sh", &["-c", script]);
+        s.env = vec![("PATH".into(), "/bin".into())];
+        s.cwd = cwd.into();
+        s.user = user.map(str::to_owned);
+        host.send(&HostToGuest::RunAgent(s));
+        let got = host.recv_to_exit();
+        drop(host);
+        assert_eq!(guest.join().unwrap(), SessionEnd::AgentDone);
+        (got, tmp, published.get().cloned())
+    }
+
+    #[test]
+    fn an_image_agent_runs_chrooted_in_its_cwd_as_the_resolved_user() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: chroot and the id switch need root");
+            return;
+        }
+        let (got, tmp, published) = run_in_image(
+            Some("agent"),
+            "/home/agent/work",
+            "pwd; busybox id -u; busybox id -g; busybox id -G; busybox cat /image-marker; \
+             busybox ls /; busybox grep NoNewPrivs /proc/self/status || echo no-proc",
+        );
+        let out = String::from_utf8(output(&got, OutputStream::Stdout)).unwrap();
+        assert!(errors(&got).is_empty(), "{got:?}");
+        assert_eq!(exit_of(&got), ExitStatus::Exit(0), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "/home/agent/work");
+        assert_eq!(
+            lines[1..4],
+            ["4242", "4343", "4343"],
+            "no supplementary groups"
+        );
+        assert_eq!(lines[4], "from the image");
+        // Only the image's files are visible: the root the agent sees is the temp dir.
+        assert_eq!(lines[5..9], ["bin", "etc", "home", "image-marker"]);
+        // The test root has no /proc mounted; the guest's has.
+        assert_eq!(lines[9], "no-proc");
+        let meta = std::fs::metadata(tmp.path().join("home/agent/work")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
+        let published = published.expect("root published for the file copy server");
+        assert_eq!(published.path, tmp.path());
+        assert_eq!(
+            published.owner,
+            crate::rootfs::Owner {
+                uid: 4242,
+                gid: 4343
+            }
+        );
+    }
+
+    #[test]
+    fn an_image_user_that_is_root_runs_as_the_specs_ids() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: chroot and the id switch need root");
+            return;
+        }
+        let (got, _tmp, _) = run_in_image(Some("root"), "/", "busybox id -u; busybox id -g");
+        assert_eq!(output(&got, OutputStream::Stdout), b"1000\n1000\n");
+        assert_eq!(exit_of(&got), ExitStatus::Exit(0));
+    }
+
+    #[test]
+    fn a_program_missing_from_the_image_is_127() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: chroot and the id switch need root");
+            return;
+        }
+        // `sh` is found through PATH inside the image; /usr/bin/env exists on the build host
+        // but not in the image.
+        let (got, _tmp, _) = run_in_image(None, "/", "exit 0");
+        assert_eq!(exit_of(&got), ExitStatus::Exit(0));
+        let tmp = busybox_root();
+        let setup = Arc::new(crate::rootfs::tests::ReadyDir(tmp.path().to_owned()));
+        let (tx, guest) = guest_with(IdPolicy::Switch, setup, Arc::new(OnceLock::new()));
+        let mut host = Host::connect(&tx);
+        host.send(&HostToGuest::RunAgent(image_spec("/usr/bin/env", &[])));
+        let got = host.recv_to_exit();
+        drop(host);
+        assert_eq!(exit_of(&got), ExitStatus::Exit(127), "{got:?}");
+        assert!(
+            errors(&got)[0].contains("cannot start /usr/bin/env"),
+            "{got:?}"
+        );
+        assert_eq!(guest.join().unwrap(), SessionEnd::AgentDone);
     }
 }

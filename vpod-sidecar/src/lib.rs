@@ -96,6 +96,8 @@
 //! - [`control`]: the host connection: backoff, handshake, message dispatch, the writer.
 //! - [`outbox`]: the frames waiting for the host, kept across reconnects, with backpressure.
 //! - [`agent`]: the agent runner.
+//! - [`rootfs`]: the agent's image root (image and scratch disks joined by overlayfs, with
+//!   `/proc`, `/sys`, a small `/dev` and `/tmp` inside) and who the agent runs as in it.
 //! - [`echo`]: the echo diagnostic.
 //! - [`proxy`]: the agent's local credential proxy on `127.0.0.1` and the sidecar's end of the
 //!   end-to-end Noise session with the user's device.
@@ -113,6 +115,7 @@ pub mod init;
 pub mod mcp;
 pub mod outbox;
 pub mod proxy;
+pub mod rootfs;
 pub mod vsock;
 
 /// A stream whose write side can be closed while its read side stays open.
