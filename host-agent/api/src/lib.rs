@@ -11,6 +11,11 @@
 //! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended |
 //! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
 //! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |
+//! | `GET /v1/images` | | `[`[`ImageInfo`]`, ...]` |
+//! | `GET /v1/images/{name}` | | [`ImageInfo`] |
+//! | `DELETE /v1/images/{name}` | | `204` |
+//! | `POST /v1/images/import` | [`ImportImage`] | [`ImageInfo`] |
+//! | `POST /v1/images/build` | [`BuildImage`] | newline-delimited [`BuildProgress`], the last one `Done` or `Failed` |
 //! | `GET /v1/approvals` | | `[`[`PendingApproval`]`, ...]`; `[]` when approvals are off |
 //! | `POST /v1/approvals/registration` | | [`RegistrationLink`]; `409` when approvals are off |
 //!
@@ -89,6 +94,29 @@ pub struct CreateVm {
     /// it an MCP gateway checked against it. Without one the agent has no MCP endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// The image whose root file system the agent runs in (a name from `/v1/images`). Without
+    /// one, the agent runs in the guest's initramfs. With one, an empty `command` runs the
+    /// image's entrypoint and command, its environment comes first (the request's variables
+    /// override it), and the default working directory and user are the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The size of the VM's writable disk in MiB (with an image).
+    #[serde(default = "default_disk")]
+    pub disk_size_mib: u64,
+    /// The user in the image (`name`, `uid`, `name:group` or `uid:gid`); default the image's.
+    /// The agent never runs as root: root, or no user, means the unprivileged `uid`/`gid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// The default size of a VM's writable disk, in MiB.
+pub const DEFAULT_DISK_MIB: u64 = 2048;
+
+/// The largest writable disk a VM may ask for, in MiB (1 TiB).
+pub const MAX_DISK_MIB: u64 = 1 << 20;
+
+fn default_disk() -> u64 {
+    DEFAULT_DISK_MIB
 }
 
 fn default_cwd() -> String {
@@ -117,6 +145,9 @@ impl CreateVm {
             uid: DEFAULT_AGENT_ID,
             gid: DEFAULT_AGENT_ID,
             profile: None,
+            image: None,
+            disk_size_mib: DEFAULT_DISK_MIB,
+            user: None,
         }
     }
 }
@@ -334,4 +365,46 @@ mod tests {
         assert_eq!(AgentExit::Exit(-1).shell_code(), 0);
         assert_eq!(AgentExit::Exit(999).shell_code(), 255);
     }
+}
+
+pub use nanoclaw_image::{ImageConfig, ImageInfo};
+
+/// A request to import a `docker save` tarball or an OCI image layout (a folder or a tar) that
+/// lies on the daemon's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportImage {
+    /// The name to give it.
+    pub name: String,
+    /// The source's path on the daemon's host.
+    pub source: String,
+}
+
+/// A request to build a Debian image with debootstrap (and pip), cached by its recipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildImage {
+    /// The name to give it.
+    pub name: String,
+    /// The Debian suite, such as `bookworm`.
+    pub suite: String,
+    /// Debian packages besides the minimal base.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// pip requirements, installed from PyPI.
+    #[serde(default)]
+    pub pip: Vec<String>,
+    /// The Debian mirror (default: the daemon's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+}
+
+/// One line of a build's progress stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildProgress {
+    /// A step's output.
+    Line(String),
+    /// The image is built (or was found in the cache).
+    Done(Box<ImageInfo>),
+    /// The build failed; nothing was stored.
+    Failed(String),
 }

@@ -7,6 +7,7 @@
 //! - `ps`, `inspect`, `logs`, `stop`, `rm` are thin views of the API.
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
+//! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
 //!
 //! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
 //! exit status (the VM failed, was lost or stopped before the agent started).
@@ -15,10 +16,12 @@
 //! - [`client`]: the HTTP/1.1 client over the Unix socket.
 //! - [`approvals`]: `nanoclaw approvals`.
 //! - [`audit`]: `nanoclaw audit verify|tail`.
+//! - [`image`]: `nanoclaw image build|import|ls|inspect|rm`.
 
 pub mod approvals;
 pub mod audit;
 pub mod client;
+pub mod image;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -69,6 +72,18 @@ pub enum CliError {
     /// An output chunk is not valid base64.
     #[error("bad output chunk from the daemon")]
     Base64(#[source] base64::DecodeError),
+    /// A path could not be made absolute.
+    #[error("cannot resolve {}", .path.display())]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An image build failed.
+    #[error("image build failed: {0}")]
+    ImageBuild(String),
     /// `--env` without `=`.
     #[error("--env {0:?} is not NAME=VALUE")]
     EnvSyntax(String),
@@ -156,6 +171,9 @@ pub enum Command {
     /// Check or show the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Build, import, list and remove images (agents' root file systems).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// `nanoclaw run`.
@@ -170,9 +188,19 @@ pub struct RunArgs {
     /// An environment variable for the agent (repeatable).
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     pub env: Vec<String>,
-    /// The agent's working directory in the guest.
-    #[arg(long, default_value = "/")]
-    pub cwd: String,
+    /// The agent's working directory in the guest (default `/`, or the image's).
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Run in this image's root file system (see `nanoclaw image`); without `-- CMD` the
+    /// image's entrypoint and command run.
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
+    /// The size of the VM's writable disk, with an image: MiB, or with a K, M, G or T suffix.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_mib, requires = "image")]
+    pub disk_size: Option<u64>,
+    /// The user in the image (`name`, `uid`, `name:group`, `uid:gid`); default the image's.
+    #[arg(long, requires = "image")]
+    pub user: Option<String>,
     /// Print the VM id and return at once instead of relaying the output.
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -183,9 +211,34 @@ pub struct RunArgs {
     /// through the host's MCP gateway and checked against it.
     #[arg(long, value_name = "FILE")]
     pub profile: Option<std::path::PathBuf>,
-    /// The agent's command and arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The agent's command and arguments (required without `--image`).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `--disk-size`: `2048`, `512M`, `2G`, `1T` (MiB when there is no suffix).
+fn parse_size_mib(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], -10i32),
+        Some((i, 'M' | 'm')) => (&text[..i], 0),
+        Some((i, 'G' | 'g')) => (&text[..i], 10),
+        Some((i, 'T' | 't')) => (&text[..i], 20),
+        _ => (text, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 512M or 2G"))?;
+    let mib = if shift < 0 {
+        n >> 10
+    } else {
+        n.checked_mul(1 << shift)
+            .ok_or_else(|| format!("{text:?} is too large"))?
+    };
+    if mib == 0 {
+        return Err(format!("{text:?} is less than 1 MiB"));
+    }
+    Ok(mib)
 }
 
 /// Runs the CLI; the answer is the process exit code.
@@ -218,6 +271,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         } => approvals::register_link(&client).await,
         Command::Approvals { json, .. } => approvals::list(&client, json).await,
         Command::Audit(command) => audit::run(command),
+        Command::Image(command) => image::run(&client, command).await,
         Command::Inspect { id, json } => {
             let info: VmInfo = client
                 .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)
@@ -247,7 +301,17 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     let mut command = args.command.into_iter();
     let mut spec = CreateVm::new(command.next().unwrap_or_default(), command.collect());
     spec.env = parse_env(&args.env)?;
-    spec.cwd = args.cwd;
+    spec.cwd = match (args.cwd, &args.image) {
+        (Some(cwd), _) => cwd,
+        // The daemon takes the image's working directory.
+        (None, Some(_)) => String::new(),
+        (None, None) => "/".to_owned(),
+    };
+    spec.image = args.image;
+    spec.user = args.user;
+    if let Some(mib) = args.disk_size {
+        spec.disk_size_mib = mib;
+    }
     spec.memory_mib = args.memory;
     spec.vcpus = args.vcpus;
     if let Some(path) = &args.profile {
@@ -491,5 +555,42 @@ mod tests {
             parse_env(&["NOEQUALS".into()]),
             Err(CliError::EnvSyntax(_))
         ));
+    }
+
+    #[test]
+    fn run_with_an_image_needs_no_command_and_sizes_parse() {
+        let cli = Cli::try_parse_from([
+            "nanoclaw",
+            "run",
+            "--image",
+            "py",
+            "--disk-size",
+            "2G",
+            "--user",
+            "agent",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(args.image.as_deref(), Some("py"));
+        assert_eq!(args.disk_size, Some(2048));
+        assert!(args.command.is_empty());
+        assert!(
+            Cli::try_parse_from(["nanoclaw", "run"]).is_err(),
+            "no image, no command"
+        );
+        assert!(
+            Cli::try_parse_from(["nanoclaw", "run", "--disk-size", "1G", "--", "true"]).is_err(),
+            "--disk-size needs --image"
+        );
+        assert_eq!(parse_size_mib("512"), Ok(512));
+        assert_eq!(parse_size_mib("512M"), Ok(512));
+        assert_eq!(parse_size_mib("1t"), Ok(1 << 20));
+        assert_eq!(parse_size_mib("4096K"), Ok(4));
+        assert!(parse_size_mib("1K").is_err());
+        assert!(parse_size_mib("lots").is_err());
+        assert!(parse_size_mib("99999999999999999999G").is_err());
+        assert!(parse_size_mib(&format!("{}T", u64::MAX)).is_err());
     }
 }

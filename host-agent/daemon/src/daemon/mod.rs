@@ -15,7 +15,9 @@
 //! - [`vm`]: one VM at run time (VMM, control connection, events, stop).
 //! - [`routes`]: the HTTP handlers.
 //! - [`ratelimit`]: the log budget for guest-triggered lines.
+//! - [`images`]: the image routes, and what a VM created with an image gets.
 
+pub mod images;
 pub mod ratelimit;
 pub mod routes;
 pub mod state;
@@ -120,6 +122,12 @@ pub enum DaemonError {
     /// Opening the audit log failed.
     #[error("audit log")]
     Audit(#[source] nanoclaw_audit::AuditError),
+    /// The VM's image could not be set up (no such image, a bad config, no writable disk).
+    #[error("image: {0}")]
+    Image(String),
+    /// Opening the image store failed.
+    #[error("image store")]
+    ImageStore(#[source] nanoclaw_image::StoreError),
 }
 
 /// `host-agent serve`: run the daemon.
@@ -175,6 +183,10 @@ pub struct ServeArgs {
     /// credential sessions to it (see [`crate::relay`]).
     #[arg(long)]
     pub device_listen: Option<std::net::SocketAddr>,
+    /// Where images live (`<dir>/images/`); default the state directory. Images are
+    /// content-addressed, so several daemons may share one store.
+    #[arg(long, value_name = "DIR")]
+    pub image_store: Option<PathBuf>,
 }
 
 /// The VMM binary's file name; the daemon runs the one beside its own executable by default.
@@ -226,9 +238,15 @@ pub struct Daemon {
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     approvals: Option<crate::approval::passkey::PasskeyApprover>,
     relay: Option<Arc<crate::relay::Relay>>,
+    images: nanoclaw_image::ImageStore,
 }
 
 impl Daemon {
+    /// The image store.
+    pub fn images(&self) -> &nanoclaw_image::ImageStore {
+        &self.images
+    }
+
     /// The approver gated actions ask: passkeys when `--approvals-listen` is set, else
     /// [`crate::approval::DenyAll`].
     pub fn approver(&self) -> Arc<dyn crate::approval::Approver> {
@@ -283,7 +301,20 @@ impl Daemon {
     /// Creates a VM for `spec` and starts its VMM.
     pub fn create(&self, spec: CreateVm) -> Result<Arc<Vm>, DaemonError> {
         let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(DaemonError::State)?;
-        let record = VmRecord::new(id.clone(), spec, state::now_unix_ms());
+        let record = match spec.image.is_some() {
+            false => VmRecord::new(id.clone(), spec, state::now_unix_ms()),
+            true => match images::resolve(&self.images, spec, &dir) {
+                Ok((spec, image)) => {
+                    let mut record = VmRecord::new(id.clone(), spec, state::now_unix_ms());
+                    record.image = Some(image);
+                    record
+                }
+                Err(why) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(DaemonError::Image(why));
+                }
+            },
+        };
         record.save(&dir).map_err(DaemonError::State)?;
         let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
         vm.set_relay(self.relay.clone());
@@ -559,7 +590,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let images =
+        nanoclaw_image::ImageStore::open(args.image_store.as_deref().unwrap_or(&args.state_dir))
+            .map_err(DaemonError::ImageStore)?;
     let daemon = Arc::new(Daemon {
+        images,
         mcp: crate::mcp::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),
         approvals,
         vms_dir,

@@ -40,6 +40,13 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/events", get(events))
         .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/images", get(super::images::list))
+        .route(
+            "/v1/images/{name}",
+            get(super::images::inspect).delete(super::images::remove),
+        )
+        .route("/v1/images/import", post(super::images::import))
+        .route("/v1/images/build", post(super::images::build))
         .route("/v1/approvals", get(approvals))
         .route("/v1/approvals/registration", post(registration_link))
         .with_state(daemon)
@@ -47,7 +54,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
 
 /// An error answer: a status and one line.
 #[derive(Debug)]
-pub struct Failure(StatusCode, String);
+pub struct Failure(pub StatusCode, pub String);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -70,8 +77,20 @@ pub(crate) fn validate(spec: &CreateVm) -> Result<(), String> {
             Ok(())
         }
     };
-    if spec.command.is_empty() {
+    if spec.command.is_empty() && spec.image.is_none() {
         return Err("command is empty".into());
+    }
+    if spec.image.is_some() && !(16..=nanoclaw_api::MAX_DISK_MIB).contains(&spec.disk_size_mib) {
+        return Err(format!(
+            "disk_size_mib must be 16 to {}",
+            nanoclaw_api::MAX_DISK_MIB
+        ));
+    }
+    if spec.image.is_none() && spec.cwd.is_empty() {
+        return Err("cwd is empty".into());
+    }
+    if let Some(user) = &spec.user {
+        no_nul("user", user)?;
     }
     no_nul("command", &spec.command)?;
     no_nul("cwd", &spec.cwd)?;
@@ -108,7 +127,11 @@ async fn create(
     let vm = daemon.create(spec).map_err(|e| {
         let line = error_chain(&e);
         tracing::error!(error = %line, "create failed");
-        Failure(StatusCode::INTERNAL_SERVER_ERROR, line)
+        let status = match e {
+            super::DaemonError::Image(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Failure(status, line)
     })?;
     Ok((StatusCode::CREATED, Json(vm.info())))
 }
@@ -187,7 +210,7 @@ struct FollowQuery {
 
 type Chunks = mpsc::Sender<Result<Bytes, Infallible>>;
 
-fn streaming(
+pub(crate) fn streaming(
     content_type: &'static str,
     rx: mpsc::Receiver<Result<Bytes, Infallible>>,
 ) -> Response {

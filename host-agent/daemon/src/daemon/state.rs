@@ -104,6 +104,9 @@ pub struct VmRecord {
     pub guest_protocol_errors: u64,
     /// Output bytes dropped from the output log.
     pub output_dropped_bytes: u64,
+    /// The image the VM runs, with its disks (absent for initramfs-only VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<super::images::VmImage>,
 }
 
 impl VmRecord {
@@ -125,6 +128,7 @@ impl VmRecord {
             control_reconnects: 0,
             guest_protocol_errors: 0,
             output_dropped_bytes: 0,
+            image: None,
         }
     }
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shared_proto::handshake::answer_hello;
-use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest, OutputStream};
+use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest, OutputStream, RootFs};
 use shared_proto::{FrameDecoder, encode_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -93,6 +93,14 @@ pub struct VmmLaunch {
     pub kernel: PathBuf,
     /// The guest initramfs.
     pub initrd: PathBuf,
+}
+
+/// A `--disk` value for the VMM: the path, then its options. A path holding a comma would be
+/// read as options, so the daemon's paths never do (it names them itself).
+fn disk_arg(path: &Path, options: &str) -> std::ffi::OsString {
+    let mut arg = path.as_os_str().to_owned();
+    arg.push(options);
+    arg
 }
 
 /// The agent event log: `agent-output.ndjson` with a size cap on output events.
@@ -336,8 +344,18 @@ impl Vm {
         };
         let out = File::create(&log_path).map_err(open_err)?;
         let err = out.try_clone().map_err(open_err)?;
-        let spec = lock(&self.record).spec.clone();
+        let (spec, image) = {
+            let record = lock(&self.record);
+            (record.spec.clone(), record.image.clone())
+        };
         let mut cmd = tokio::process::Command::new(&launch.bin);
+        if let Some(image) = &image {
+            // The order makes the image /dev/vda and the writable disk /dev/vdb.
+            cmd.arg("--disk")
+                .arg(disk_arg(&image.rootfs, ",ro,id=image"))
+                .arg("--disk")
+                .arg(disk_arg(&image.scratch, ",id=scratch"));
+        }
         cmd.arg("--kernel")
             .arg(&launch.kernel)
             .arg("--initrd")
@@ -493,9 +511,12 @@ impl Vm {
         let (send_agent, stop) = self.update(|r| {
             let send = !r.agent_sent && !r.stop_requested;
             r.agent_sent |= send;
-            (send.then(|| r.spec.clone()), r.stop_requested)
+            (
+                send.then(|| (r.spec.clone(), r.image.clone())),
+                r.stop_requested,
+            )
         });
-        if let Some(spec) = send_agent {
+        if let Some((spec, image)) = send_agent {
             let _ = to_guest
                 .send(HostToGuest::RunAgent(AgentSpec {
                     command: spec.command,
@@ -505,6 +526,11 @@ impl Vm {
                     uid: spec.uid,
                     gid: spec.gid,
                     mcp: crate::mcp::VmGateways::summary(spec.profile.as_deref()),
+                    root: image.as_ref().map(|_| RootFs {
+                        image_device: super::images::IMAGE_DEVICE.to_owned(),
+                        scratch_device: super::images::SCRATCH_DEVICE.to_owned(),
+                    }),
+                    user: image.and_then(|i| i.user),
                 }))
                 .await;
             // The API has no stdin for the agent yet: it reads EOF, never blocks on it.
