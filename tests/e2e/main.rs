@@ -7,6 +7,7 @@
 mod agent;
 mod approval;
 mod credentials;
+mod image;
 mod kvm_selftest;
 mod mcp;
 mod vmm;

@@ -21,6 +21,7 @@ use shared_proto::ports::CONTROL_PORT;
 use shared_proto::{FrameDecoder, GuestToHost, HostToGuest, encode_frame};
 
 pub mod browser;
+pub mod oci;
 
 /// The guest kernel images and initramfs that `guest-image/build` produced.
 #[derive(Debug, Clone)]
