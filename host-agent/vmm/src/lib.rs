@@ -198,6 +198,19 @@ pub fn run(config: &VmConfig, process_start: Instant) -> Result<ExitReport, VmmE
     Ok(report)
 }
 
+/// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the VMM
+/// binary prints a setup error.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,17 +320,4 @@ mod tests {
         };
         assert_eq!(bad.validate(), Err(ConfigError::ConsoleCap));
     }
-}
-
-/// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the VMM
-/// binary prints a setup error.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
 }
