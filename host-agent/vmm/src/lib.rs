@@ -17,6 +17,7 @@
 //! - [`console`]: the capped console sink that also spots panics and power-offs.
 //! - [`exit`]: exit reasons, exit codes and `exit.json`.
 //! - [`signals`]: termination signals and vCPU kicks.
+//! - [`log_limit`]: per-site rate limiting of every log line, the dependencies' included.
 //! - [`machine`]: [`Vmm`], which puts the parts together.
 
 pub mod boot;
@@ -24,6 +25,7 @@ pub mod console;
 pub mod devices;
 pub mod exit;
 pub mod layout;
+pub mod log_limit;
 pub mod machine;
 pub mod memory;
 pub mod signals;

@@ -11,7 +11,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use nanoclaw_vmm::log_limit::RateLimited;
 use nanoclaw_vmm::{self as vmm, ConsoleTarget, VmConfig};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Boot one microVM in this process and run it until it ends.
 ///
@@ -74,13 +77,17 @@ fn main() -> ExitCode {
     // The boot timer starts here, before anything else.
     let process_start = Instant::now();
     let args = VmmArgs::parse();
-    tracing_subscriber::fmt()
+    // Every line, `log` records from the rust-vmm crates included, goes through the per-site
+    // rate limit: a guest must not be able to flood the VMM log.
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry()
+        .with(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with(RateLimited::new(lines))
         .init();
 
     let config = args.into_config();
