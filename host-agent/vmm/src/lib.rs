@@ -44,6 +44,14 @@ pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// Most vCPUs accepted.
 pub const MAX_VCPUS: u8 = 32;
+/// Most disks accepted (`/dev/vda` to `/dev/vdh`); see [`layout::FIRST_DISK_MMIO_SLOT`].
+pub const MAX_DISKS: usize = 8;
+/// Longest disk id, in bytes (virtio-blk `VIRTIO_BLK_ID_BYTES`).
+pub const MAX_DISK_ID_LEN: usize = 20;
+/// Disk id a read-only disk reports when none is configured.
+pub const DEFAULT_IMAGE_DISK_ID: &str = "nanoclaw-image";
+/// Disk id a writable disk reports when none is configured.
+pub const DEFAULT_SCRATCH_DISK_ID: &str = "nanoclaw-scratch";
 /// Default console byte cap (4 MiB).
 pub const DEFAULT_CONSOLE_CAP: u64 = 4 << 20;
 /// Name of the hybrid vsock socket inside the VM directory.
@@ -58,6 +66,98 @@ pub enum ConsoleTarget {
     Stdout,
     /// A file, created or truncated.
     File(PathBuf),
+}
+
+/// A host file the guest sees as a virtio-blk disk.
+///
+/// Disks are attached in [`VmConfig::disks`] order: the first is the guest's `/dev/vda`, the
+/// second `/dev/vdb`, and so on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The backing file: a regular file whose size is a multiple of 512 bytes.
+    pub path: PathBuf,
+    /// Opened `O_RDONLY` and offered with `VIRTIO_BLK_F_RO`; guest writes fail.
+    pub read_only: bool,
+    /// The id the guest reads with `VIRTIO_BLK_T_GET_ID` (its `serial` in sysfs): 1 to 20 ASCII
+    /// letters, digits, `-`, `_` or `.`. Default: [`DEFAULT_IMAGE_DISK_ID`] for a read-only
+    /// disk, [`DEFAULT_SCRATCH_DISK_ID`] for a writable one.
+    pub id: Option<String>,
+}
+
+impl DiskConfig {
+    /// The id the guest sees: the configured one or the default for the disk's mode.
+    pub fn device_id(&self) -> &str {
+        match (&self.id, self.read_only) {
+            (Some(id), _) => id,
+            (None, true) => DEFAULT_IMAGE_DISK_ID,
+            (None, false) => DEFAULT_SCRATCH_DISK_ID,
+        }
+    }
+
+    /// Whether `id` is acceptable as a disk id.
+    pub fn is_valid_id(id: &str) -> bool {
+        (1..=MAX_DISK_ID_LEN).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    }
+}
+
+/// A `--disk` value that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskSpecError {
+    /// The path before the first comma is empty.
+    #[error("disk spec has an empty path")]
+    EmptyPath,
+    /// An option is neither `ro`, `rw` nor `id=ID`.
+    #[error("unknown disk option {0:?} (expected ro, rw or id=ID)")]
+    UnknownOption(String),
+    /// An option was given twice (or both `ro` and `rw`).
+    #[error("disk option {0:?} given twice")]
+    Repeated(String),
+    /// The id is empty, too long or has other characters than ASCII letters, digits, `-_.`.
+    #[error("disk id {0:?} must be 1 to 20 ASCII letters, digits, '-', '_' or '.'")]
+    BadId(String),
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = DiskSpecError;
+
+    /// Parses `PATH[,ro|,rw][,id=ID]`. The path cannot hold a comma.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut parts = spec.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(DiskSpecError::EmptyPath);
+        }
+        let mut mode = None;
+        let mut id = None;
+        for opt in parts {
+            match opt {
+                "ro" | "rw" => {
+                    if mode.replace(opt == "ro").is_some() {
+                        return Err(DiskSpecError::Repeated(opt.to_owned()));
+                    }
+                }
+                _ => {
+                    let Some(value) = opt.strip_prefix("id=") else {
+                        return Err(DiskSpecError::UnknownOption(opt.to_owned()));
+                    };
+                    if !DiskConfig::is_valid_id(value) {
+                        return Err(DiskSpecError::BadId(value.to_owned()));
+                    }
+                    if id.replace(value.to_owned()).is_some() {
+                        return Err(DiskSpecError::Repeated("id".to_owned()));
+                    }
+                }
+            }
+        }
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            read_only: mode.unwrap_or(false),
+            id,
+        })
+    }
 }
 
 /// Everything needed to boot one microVM.
