@@ -1,14 +1,17 @@
 //! The virtual machine monitor: one process per microVM.
 //!
 //! [`run`] takes a validated [`VmConfig`], builds the VM ([`Vmm::new`]: KVM, guest memory, the
-//! in-kernel irqchip and PIT, the serial console, the i8042 reset line, virtio-vsock, the kernel,
-//! initramfs, zero page and MP table, every vCPU's registers), runs it on one thread per vCPU
+//! in-kernel irqchip and PIT, the serial console, the i8042 reset line, virtio-vsock, one
+//! virtio-blk device per disk, the kernel, initramfs, zero page and MP table, every vCPU's
+//! registers), runs it on one thread per vCPU
 //! ([`Vmm::run`]) until the guest resets, powers off or panics, a vCPU fails or a signal arrives,
 //! and records the outcome in `<vm-dir>/exit.json`. The `nanoclaw-vmm` binary is a thin shell
 //! around it.
 //!
 //! # Layout
-//! - [`devices`]: the emulated devices and the buses that route guest I/O to them.
+//! - [`devices`]: the emulated devices and the buses that route guest I/O to them: serial,
+//!   i8042, and over virtio-mmio, vsock ([`devices::virtio::vsock`]) and the file-backed
+//!   block device ([`devices::virtio::block`]).
 //! - [`layout`]: the guest physical address map and the e820 map.
 //! - [`memory`]: guest RAM and its KVM memory slots.
 //! - [`boot`]: kernel, initramfs, command line and zero page.
@@ -181,6 +184,8 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// Console bytes kept before further output is dropped.
     pub console_cap: u64,
+    /// Disks, in the order the guest enumerates them (`/dev/vda` first).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Invalid [`VmConfig`] values.
@@ -226,6 +231,17 @@ pub enum ConfigError {
     /// The console cap is zero.
     #[error("console cap must be at least 1 byte")]
     ConsoleCap,
+    /// More disks than there are virtio-mmio slots for them.
+    #[error("at most {max} disks are supported, got {got}")]
+    TooManyDisks {
+        /// The number of disks given.
+        got: usize,
+        /// The most accepted.
+        max: usize,
+    },
+    /// A disk id is empty, too long or has characters other than ASCII letters, digits, `-_.`.
+    #[error("disk id {0:?} must be 1 to 20 ASCII letters, digits, '-', '_' or '.'")]
+    DiskId(String),
 }
 
 impl VmConfig {
@@ -264,6 +280,23 @@ impl VmConfig {
         }
         if self.console_cap == 0 {
             return Err(ConfigError::ConsoleCap);
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks {
+                got: self.disks.len(),
+                max: MAX_DISKS,
+            });
+        }
+        for disk in &self.disks {
+            if !disk.path.is_file() {
+                return Err(ConfigError::MissingFile {
+                    what: "disk",
+                    path: disk.path.clone(),
+                });
+            }
+            if let Some(id) = disk.id.as_ref().filter(|id| !DiskConfig::is_valid_id(id)) {
+                return Err(ConfigError::DiskId(id.clone()));
+            }
         }
         Ok(())
     }
@@ -332,6 +365,7 @@ mod tests {
             cid: 3,
             console: ConsoleTarget::Stdout,
             console_cap: DEFAULT_CONSOLE_CAP,
+            disks: Vec::new(),
         }
     }
 
@@ -418,8 +452,81 @@ mod tests {
         ));
         let bad = VmConfig {
             console_cap: 0,
-            ..good
+            ..good.clone()
         };
         assert_eq!(bad.validate(), Err(ConfigError::ConsoleCap));
+    }
+
+    #[test]
+    fn validation_checks_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = config(dir.path());
+        let image = dir.path().join("image.ext4");
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let disk = DiskConfig {
+            path: image,
+            read_only: true,
+            id: None,
+        };
+        let with = |disks: Vec<DiskConfig>| VmConfig {
+            disks,
+            ..good.clone()
+        };
+        assert_eq!(with(vec![disk.clone(); MAX_DISKS]).validate(), Ok(()));
+        assert_eq!(
+            with(vec![disk.clone(); MAX_DISKS + 1]).validate(),
+            Err(ConfigError::TooManyDisks { got: 9, max: 8 })
+        );
+        let missing = DiskConfig {
+            path: dir.path().join("nope"),
+            ..disk.clone()
+        };
+        assert!(matches!(
+            with(vec![disk.clone(), missing]).validate(),
+            Err(ConfigError::MissingFile { what: "disk", .. })
+        ));
+        let bad_id = DiskConfig {
+            id: Some("has space".into()),
+            ..disk
+        };
+        assert_eq!(
+            with(vec![bad_id]).validate(),
+            Err(ConfigError::DiskId("has space".into()))
+        );
+    }
+
+    #[test]
+    fn disk_specs_parse_into_configs_or_typed_errors() {
+        let parse = |s: &str| s.parse::<DiskConfig>();
+        let d = parse("/images/base.ext4,ro").unwrap();
+        assert_eq!(d.path, PathBuf::from("/images/base.ext4"));
+        assert!(d.read_only);
+        assert_eq!(d.device_id(), DEFAULT_IMAGE_DISK_ID);
+        let d = parse("scratch.img").unwrap();
+        assert!(!d.read_only);
+        assert_eq!(d.device_id(), DEFAULT_SCRATCH_DISK_ID);
+        let d = parse("s.img,id=work-1,rw").unwrap();
+        assert_eq!((d.read_only, d.device_id()), (false, "work-1"));
+        let d = parse("s.img,id=abcdefghijklmnopqrst,ro").unwrap();
+        assert_eq!(d.id.as_deref(), Some("abcdefghijklmnopqrst"));
+
+        assert_eq!(parse(""), Err(DiskSpecError::EmptyPath));
+        assert_eq!(parse(",ro"), Err(DiskSpecError::EmptyPath));
+        assert_eq!(
+            parse("a,readonly"),
+            Err(DiskSpecError::UnknownOption("readonly".into()))
+        );
+        assert_eq!(parse("a,"), Err(DiskSpecError::UnknownOption("".into())));
+        assert_eq!(parse("a,ro,rw"), Err(DiskSpecError::Repeated("rw".into())));
+        assert_eq!(
+            parse("a,id=x,id=y"),
+            Err(DiskSpecError::Repeated("id".into()))
+        );
+        assert_eq!(parse("a,id="), Err(DiskSpecError::BadId("".into())));
+        assert_eq!(
+            parse("a,id=abcdefghijklmnopqrstu"),
+            Err(DiskSpecError::BadId("abcdefghijklmnopqrstu".into()))
+        );
+        assert_eq!(parse("a,id=a/b"), Err(DiskSpecError::BadId("a/b".into())));
     }
 }
