@@ -13,6 +13,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::devices::virtio::BlockMetricsSnapshot;
+
 /// Exit code for a VM that could not be set up.
 pub const SETUP_ERROR_EXIT_CODE: i32 = 1;
 /// How long to wait, after the console shows a panic, for the reset that `panic=-1` causes.
@@ -117,6 +119,17 @@ impl ExitDecider {
     }
 }
 
+/// One disk's counters at the end of the run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DiskRecord {
+    /// The id the guest read.
+    pub id: String,
+    /// Whether the disk was read-only.
+    pub read_only: bool,
+    /// The device's counters.
+    pub metrics: BlockMetricsSnapshot,
+}
+
 /// The final record of a VM run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ExitReport {
@@ -126,16 +139,25 @@ pub struct ExitReport {
     pub exit_code: i32,
     /// Milliseconds from VMM start to the guest's first vsock connection, if it made one.
     pub boot_to_ready_ms: Option<u64>,
+    /// Each disk's counters, in attach order (`/dev/vda` first); left out with no disks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskRecord>,
 }
 
 impl ExitReport {
-    /// A report for `reason`.
+    /// A report for `reason`, with no disk records.
     pub fn new(reason: ExitReason, boot_to_ready_ms: Option<u64>) -> Self {
         Self {
             reason,
             exit_code: reason.exit_code(),
             boot_to_ready_ms,
+            disks: Vec::new(),
         }
+    }
+
+    /// The report with `disks` as its disk records.
+    pub fn with_disks(self, disks: Vec<DiskRecord>) -> Self {
+        Self { disks, ..self }
     }
 
     /// The report as one JSON object.
@@ -218,5 +240,27 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join("exit.json")).unwrap();
         assert_eq!(text.trim_end(), r.to_json());
         assert!(!dir.path().join("exit.json.tmp").exists());
+    }
+
+    #[test]
+    fn disk_records_follow_the_report() {
+        let metrics = BlockMetricsSnapshot {
+            reads: 3,
+            read_bytes: 1536,
+            ..BlockMetricsSnapshot::default()
+        };
+        let r = ExitReport::new(ExitReason::PowerOff, None).with_disks(vec![DiskRecord {
+            id: "nanoclaw-image".into(),
+            read_only: true,
+            metrics,
+        }]);
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["reason"], "poweroff");
+        let disk = &v["disks"][0];
+        assert_eq!(disk["id"], "nanoclaw-image");
+        assert_eq!(disk["read_only"], true);
+        assert_eq!(disk["metrics"]["reads"], 3);
+        assert_eq!(disk["metrics"]["read_bytes"], 1536);
+        assert_eq!(disk["metrics"]["dropped_chains"], 0);
     }
 }

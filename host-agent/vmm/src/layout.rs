@@ -62,6 +62,26 @@ pub const VIRTIO_MMIO_SLOT_LEN: u64 = 0x1000;
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 /// Highest GSI the in-kernel IOAPIC routes (24 pins).
 pub const MAX_GSI: u32 = 23;
+/// Number of virtio-mmio slots: one per GSI from [`VIRTIO_FIRST_GSI`] to [`MAX_GSI`].
+pub const VIRTIO_MMIO_SLOTS: u32 = MAX_GSI - VIRTIO_FIRST_GSI + 1;
+
+/// The virtio-mmio slot plan. Slot order is address order and kernel command-line order, which
+/// is the order Linux probes the devices in:
+///
+/// | slot | device |
+/// | --- | --- |
+/// | 0 | virtio-vsock |
+/// | 1 ..= [`MAX_DISKS`](crate::MAX_DISKS) | virtio-blk, in `VmConfig::disks` order (`/dev/vda` first) |
+/// | [`NIC_MMIO_SLOT`] | reserved for a network device |
+/// | the rest | free |
+pub const VSOCK_MMIO_SLOT: u32 = 0;
+/// First block-device slot; disk `i` uses `FIRST_DISK_MMIO_SLOT + i`.
+pub const FIRST_DISK_MMIO_SLOT: u32 = 1;
+/// Slot kept for a future network device, past the last disk.
+pub const NIC_MMIO_SLOT: u32 = FIRST_DISK_MMIO_SLOT + crate::MAX_DISKS as u32;
+
+// Every planned slot has a routable GSI.
+const _: () = assert!(NIC_MMIO_SLOT < VIRTIO_MMIO_SLOTS);
 /// GSI of the COM1 serial port.
 pub const SERIAL_GSI: u32 = 4;
 
@@ -212,6 +232,29 @@ mod tests {
         assert_eq!(virtio_mmio_slot(2), Some((0xd000_2000, 7)));
         assert_eq!(virtio_mmio_slot(18), Some((0xd001_2000, 23)));
         assert_eq!(virtio_mmio_slot(19), None);
+        assert_eq!(VIRTIO_MMIO_SLOTS, 19);
+    }
+
+    #[test]
+    fn slot_plan_gives_each_device_its_own_window_and_gsi_in_order() {
+        let vsock = virtio_mmio_slot(VSOCK_MMIO_SLOT).unwrap();
+        let disks: Vec<_> = (0..crate::MAX_DISKS as u32)
+            .map(|i| virtio_mmio_slot(FIRST_DISK_MMIO_SLOT + i).unwrap())
+            .collect();
+        let nic = virtio_mmio_slot(NIC_MMIO_SLOT).unwrap();
+        let mut all = vec![vsock];
+        all.extend(&disks);
+        all.push(nic);
+        // Ascending addresses and GSIs, no two devices sharing either.
+        for w in all.windows(2) {
+            assert!(w[0].0 + VIRTIO_MMIO_SLOT_LEN <= w[1].0);
+            assert!(w[0].1 < w[1].1);
+        }
+        assert_eq!(disks[0], (0xd000_1000, 6));
+        assert!(
+            all.iter()
+                .all(|&(base, gsi)| base < IOAPIC_DEFAULT_BASE as u64 && gsi <= MAX_GSI)
+        );
     }
 
     #[test]

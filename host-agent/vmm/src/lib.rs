@@ -1,14 +1,17 @@
 //! The virtual machine monitor: one process per microVM.
 //!
 //! [`run`] takes a validated [`VmConfig`], builds the VM ([`Vmm::new`]: KVM, guest memory, the
-//! in-kernel irqchip and PIT, the serial console, the i8042 reset line, virtio-vsock, the kernel,
-//! initramfs, zero page and MP table, every vCPU's registers), runs it on one thread per vCPU
+//! in-kernel irqchip and PIT, the serial console, the i8042 reset line, virtio-vsock, one
+//! virtio-blk device per disk, the kernel, initramfs, zero page and MP table, every vCPU's
+//! registers), runs it on one thread per vCPU
 //! ([`Vmm::run`]) until the guest resets, powers off or panics, a vCPU fails or a signal arrives,
 //! and records the outcome in `<vm-dir>/exit.json`. The `nanoclaw-vmm` binary is a thin shell
 //! around it.
 //!
 //! # Layout
-//! - [`devices`]: the emulated devices and the buses that route guest I/O to them.
+//! - [`devices`]: the emulated devices and the buses that route guest I/O to them: serial,
+//!   i8042, and over virtio-mmio, vsock ([`devices::virtio::vsock`]) and the file-backed
+//!   block device ([`devices::virtio::block`]).
 //! - [`layout`]: the guest physical address map and the e820 map.
 //! - [`memory`]: guest RAM and its KVM memory slots.
 //! - [`boot`]: kernel, initramfs, command line and zero page.
@@ -17,6 +20,7 @@
 //! - [`console`]: the capped console sink that also spots panics and power-offs.
 //! - [`exit`]: exit reasons, exit codes and `exit.json`.
 //! - [`signals`]: termination signals and vCPU kicks.
+//! - [`log_limit`]: per-site rate limiting of every log line, the dependencies' included.
 //! - [`machine`]: [`Vmm`], which puts the parts together.
 
 pub mod boot;
@@ -24,6 +28,7 @@ pub mod console;
 pub mod devices;
 pub mod exit;
 pub mod layout;
+pub mod log_limit;
 pub mod machine;
 pub mod memory;
 pub mod signals;
@@ -42,6 +47,14 @@ pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// Most vCPUs accepted.
 pub const MAX_VCPUS: u8 = 32;
+/// Most disks accepted (`/dev/vda` to `/dev/vdh`); see [`layout::FIRST_DISK_MMIO_SLOT`].
+pub const MAX_DISKS: usize = 8;
+/// Longest disk id, in bytes (virtio-blk `VIRTIO_BLK_ID_BYTES`).
+pub const MAX_DISK_ID_LEN: usize = 20;
+/// Disk id a read-only disk reports when none is configured.
+pub const DEFAULT_IMAGE_DISK_ID: &str = "nanoclaw-image";
+/// Disk id a writable disk reports when none is configured.
+pub const DEFAULT_SCRATCH_DISK_ID: &str = "nanoclaw-scratch";
 /// Default console byte cap (4 MiB).
 pub const DEFAULT_CONSOLE_CAP: u64 = 4 << 20;
 /// Name of the hybrid vsock socket inside the VM directory.
@@ -56,6 +69,98 @@ pub enum ConsoleTarget {
     Stdout,
     /// A file, created or truncated.
     File(PathBuf),
+}
+
+/// A host file the guest sees as a virtio-blk disk.
+///
+/// Disks are attached in [`VmConfig::disks`] order: the first is the guest's `/dev/vda`, the
+/// second `/dev/vdb`, and so on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The backing file: a regular file whose size is a multiple of 512 bytes.
+    pub path: PathBuf,
+    /// Opened `O_RDONLY` and offered with `VIRTIO_BLK_F_RO`; guest writes fail.
+    pub read_only: bool,
+    /// The id the guest reads with `VIRTIO_BLK_T_GET_ID` (its `serial` in sysfs): 1 to 20 ASCII
+    /// letters, digits, `-`, `_` or `.`. Default: [`DEFAULT_IMAGE_DISK_ID`] for a read-only
+    /// disk, [`DEFAULT_SCRATCH_DISK_ID`] for a writable one.
+    pub id: Option<String>,
+}
+
+impl DiskConfig {
+    /// The id the guest sees: the configured one or the default for the disk's mode.
+    pub fn device_id(&self) -> &str {
+        match (&self.id, self.read_only) {
+            (Some(id), _) => id,
+            (None, true) => DEFAULT_IMAGE_DISK_ID,
+            (None, false) => DEFAULT_SCRATCH_DISK_ID,
+        }
+    }
+
+    /// Whether `id` is acceptable as a disk id.
+    pub fn is_valid_id(id: &str) -> bool {
+        (1..=MAX_DISK_ID_LEN).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    }
+}
+
+/// A `--disk` value that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskSpecError {
+    /// The path before the first comma is empty.
+    #[error("disk spec has an empty path")]
+    EmptyPath,
+    /// An option is neither `ro`, `rw` nor `id=ID`.
+    #[error("unknown disk option {0:?} (expected ro, rw or id=ID)")]
+    UnknownOption(String),
+    /// An option was given twice (or both `ro` and `rw`).
+    #[error("disk option {0:?} given twice")]
+    Repeated(String),
+    /// The id is empty, too long or has other characters than ASCII letters, digits, `-_.`.
+    #[error("disk id {0:?} must be 1 to 20 ASCII letters, digits, '-', '_' or '.'")]
+    BadId(String),
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = DiskSpecError;
+
+    /// Parses `PATH[,ro|,rw][,id=ID]`. The path cannot hold a comma.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut parts = spec.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(DiskSpecError::EmptyPath);
+        }
+        let mut mode = None;
+        let mut id = None;
+        for opt in parts {
+            match opt {
+                "ro" | "rw" => {
+                    if mode.replace(opt == "ro").is_some() {
+                        return Err(DiskSpecError::Repeated(opt.to_owned()));
+                    }
+                }
+                _ => {
+                    let Some(value) = opt.strip_prefix("id=") else {
+                        return Err(DiskSpecError::UnknownOption(opt.to_owned()));
+                    };
+                    if !DiskConfig::is_valid_id(value) {
+                        return Err(DiskSpecError::BadId(value.to_owned()));
+                    }
+                    if id.replace(value.to_owned()).is_some() {
+                        return Err(DiskSpecError::Repeated("id".to_owned()));
+                    }
+                }
+            }
+        }
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            read_only: mode.unwrap_or(false),
+            id,
+        })
+    }
 }
 
 /// Everything needed to boot one microVM.
@@ -79,6 +184,8 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// Console bytes kept before further output is dropped.
     pub console_cap: u64,
+    /// Disks, in the order the guest enumerates them (`/dev/vda` first).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Invalid [`VmConfig`] values.
@@ -124,6 +231,17 @@ pub enum ConfigError {
     /// The console cap is zero.
     #[error("console cap must be at least 1 byte")]
     ConsoleCap,
+    /// More disks than there are virtio-mmio slots for them.
+    #[error("at most {max} disks are supported, got {got}")]
+    TooManyDisks {
+        /// The number of disks given.
+        got: usize,
+        /// The most accepted.
+        max: usize,
+    },
+    /// A disk id is empty, too long or has characters other than ASCII letters, digits, `-_.`.
+    #[error("disk id {0:?} must be 1 to 20 ASCII letters, digits, '-', '_' or '.'")]
+    DiskId(String),
 }
 
 impl VmConfig {
@@ -163,6 +281,23 @@ impl VmConfig {
         if self.console_cap == 0 {
             return Err(ConfigError::ConsoleCap);
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks {
+                got: self.disks.len(),
+                max: MAX_DISKS,
+            });
+        }
+        for disk in &self.disks {
+            if !disk.path.is_file() {
+                return Err(ConfigError::MissingFile {
+                    what: "disk",
+                    path: disk.path.clone(),
+                });
+            }
+            if let Some(id) = disk.id.as_ref().filter(|id| !DiskConfig::is_valid_id(id)) {
+                return Err(ConfigError::DiskId(id.clone()));
+            }
+        }
         Ok(())
     }
 
@@ -198,6 +333,19 @@ pub fn run(config: &VmConfig, process_start: Instant) -> Result<ExitReport, VmmE
     Ok(report)
 }
 
+/// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the VMM
+/// binary prints a setup error.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +365,7 @@ mod tests {
             cid: 3,
             console: ConsoleTarget::Stdout,
             console_cap: DEFAULT_CONSOLE_CAP,
+            disks: Vec::new(),
         }
     }
 
@@ -303,8 +452,81 @@ mod tests {
         ));
         let bad = VmConfig {
             console_cap: 0,
-            ..good
+            ..good.clone()
         };
         assert_eq!(bad.validate(), Err(ConfigError::ConsoleCap));
+    }
+
+    #[test]
+    fn validation_checks_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = config(dir.path());
+        let image = dir.path().join("image.ext4");
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let disk = DiskConfig {
+            path: image,
+            read_only: true,
+            id: None,
+        };
+        let with = |disks: Vec<DiskConfig>| VmConfig {
+            disks,
+            ..good.clone()
+        };
+        assert_eq!(with(vec![disk.clone(); MAX_DISKS]).validate(), Ok(()));
+        assert_eq!(
+            with(vec![disk.clone(); MAX_DISKS + 1]).validate(),
+            Err(ConfigError::TooManyDisks { got: 9, max: 8 })
+        );
+        let missing = DiskConfig {
+            path: dir.path().join("nope"),
+            ..disk.clone()
+        };
+        assert!(matches!(
+            with(vec![disk.clone(), missing]).validate(),
+            Err(ConfigError::MissingFile { what: "disk", .. })
+        ));
+        let bad_id = DiskConfig {
+            id: Some("has space".into()),
+            ..disk
+        };
+        assert_eq!(
+            with(vec![bad_id]).validate(),
+            Err(ConfigError::DiskId("has space".into()))
+        );
+    }
+
+    #[test]
+    fn disk_specs_parse_into_configs_or_typed_errors() {
+        let parse = |s: &str| s.parse::<DiskConfig>();
+        let d = parse("/images/base.ext4,ro").unwrap();
+        assert_eq!(d.path, PathBuf::from("/images/base.ext4"));
+        assert!(d.read_only);
+        assert_eq!(d.device_id(), DEFAULT_IMAGE_DISK_ID);
+        let d = parse("scratch.img").unwrap();
+        assert!(!d.read_only);
+        assert_eq!(d.device_id(), DEFAULT_SCRATCH_DISK_ID);
+        let d = parse("s.img,id=work-1,rw").unwrap();
+        assert_eq!((d.read_only, d.device_id()), (false, "work-1"));
+        let d = parse("s.img,id=abcdefghijklmnopqrst,ro").unwrap();
+        assert_eq!(d.id.as_deref(), Some("abcdefghijklmnopqrst"));
+
+        assert_eq!(parse(""), Err(DiskSpecError::EmptyPath));
+        assert_eq!(parse(",ro"), Err(DiskSpecError::EmptyPath));
+        assert_eq!(
+            parse("a,readonly"),
+            Err(DiskSpecError::UnknownOption("readonly".into()))
+        );
+        assert_eq!(parse("a,"), Err(DiskSpecError::UnknownOption("".into())));
+        assert_eq!(parse("a,ro,rw"), Err(DiskSpecError::Repeated("rw".into())));
+        assert_eq!(
+            parse("a,id=x,id=y"),
+            Err(DiskSpecError::Repeated("id".into()))
+        );
+        assert_eq!(parse("a,id="), Err(DiskSpecError::BadId("".into())));
+        assert_eq!(
+            parse("a,id=abcdefghijklmnopqrstu"),
+            Err(DiskSpecError::BadId("abcdefghijklmnopqrstu".into()))
+        );
+        assert_eq!(parse("a,id=a/b"), Err(DiskSpecError::BadId("a/b".into())));
     }
 }

@@ -23,12 +23,13 @@ use super::devices::bus::{Bus, BusError};
 use super::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use super::devices::serial::{COM1_PORT, SerialDevice, UART_PORT_LEN};
 use super::devices::virtio::{
-    MmioSlot, VirtioError, VsockConfig, VsockHandle, VsockHooks, attach_vsock,
+    BlockConfig, BlockHandle, MmioSlot, VirtioError, VsockConfig, VsockHandle, VsockHooks,
+    attach_block, attach_vsock,
 };
-use super::exit::{ExitDecider, ExitReason, ExitReport, PANIC_GRACE, VmEvent};
+use super::exit::{DiskRecord, ExitDecider, ExitReason, ExitReport, PANIC_GRACE, VmEvent};
 use super::layout::{
-    KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, SERIAL_GSI, VIRTIO_MMIO_SLOT_LEN, e820_map,
-    virtio_mmio_slot,
+    FIRST_DISK_MMIO_SLOT, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, SERIAL_GSI,
+    VIRTIO_MMIO_SLOT_LEN, VSOCK_MMIO_SLOT, e820_map, virtio_mmio_slot,
 };
 use super::vcpu::{VcpuError, VcpuRunner};
 use super::x86_64::mptable::{self, MptableError};
@@ -118,6 +119,17 @@ pub enum VmmError {
     /// Attaching the vsock device failed.
     #[error("attach the vsock device")]
     Vsock(#[source] VirtioError),
+    /// Attaching a disk failed.
+    #[error("attach disk {index} ({path})")]
+    Disk {
+        /// Its place in `VmConfig::disks` (0 is `/dev/vda`).
+        index: usize,
+        /// Its backing file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: VirtioError,
+    },
     /// Loading the guest failed.
     #[error("load the guest")]
     Boot(#[source] boot::BootError),
@@ -141,6 +153,7 @@ pub struct Vmm {
     // memory is dropped last, after every KVM object that maps it.
     vcpus: Vec<VcpuFd>,
     vsock: Option<VsockHandle>,
+    disks: Vec<BlockHandle>,
     serial: Arc<Mutex<SerialDevice<ConsoleSink>>>,
     pio: Bus,
     mmio: Bus,
@@ -281,7 +294,8 @@ impl Vmm {
 
         // virtio-vsock in the first virtio-mmio slot.
         let mut mmio = Bus::new();
-        let (base, gsi) = virtio_mmio_slot(0).ok_or(VmmError::NoMmioSlot(0))?;
+        let (base, gsi) =
+            virtio_mmio_slot(VSOCK_MMIO_SLOT).ok_or(VmmError::NoMmioSlot(VSOCK_MMIO_SLOT))?;
         let ready_ms = Arc::new(OnceLock::new());
         let ready = ready_ms.clone();
         let hooks = VsockHooks {
@@ -314,11 +328,55 @@ impl Vmm {
         )
         .map_err(VmmError::Vsock)?;
 
+        // One virtio-blk device per disk, in config order, in the slots after vsock. Their
+        // `virtio_mmio.device=` arguments follow vsock's in the same order: Linux registers the
+        // devices in command-line order and virtio-blk names disks in probe order, so disk 0 is
+        // /dev/vda, disk 1 /dev/vdb, ...
+        let mut disks = Vec::with_capacity(config.disks.len());
+        for (index, disk) in config.disks.iter().enumerate() {
+            let slot_index = FIRST_DISK_MMIO_SLOT + index as u32;
+            let (base, gsi) =
+                virtio_mmio_slot(slot_index).ok_or(VmmError::NoMmioSlot(slot_index))?;
+            let handle = attach_block(
+                &vm,
+                mem.clone(),
+                &mut mmio,
+                MmioSlot {
+                    base,
+                    len: VIRTIO_MMIO_SLOT_LEN,
+                    gsi,
+                },
+                BlockConfig {
+                    path: disk.path.clone(),
+                    read_only: disk.read_only,
+                    id: disk.device_id().to_owned(),
+                },
+                format!("blk-dev{index}"),
+            )
+            .map_err(|source| VmmError::Disk {
+                index,
+                path: disk.path.display().to_string(),
+                source,
+            })?;
+            tracing::info!(
+                index,
+                path = %disk.path.display(),
+                read_only = disk.read_only,
+                id = handle.id(),
+                device = %handle.cmdline_arg(),
+                "disk attached"
+            );
+            disks.push(handle);
+        }
+
         // The guest image and boot structures.
         let kernel = boot::load_kernel(&mem, &config.kernel).map_err(VmmError::Boot)?;
         let initrd =
             boot::load_initrd(&mem, &config.initrd, mem_size, &kernel).map_err(VmmError::Boot)?;
-        let cmdline = boot::build_cmdline(&[vsock.cmdline_arg()], config.cmdline_extra.as_deref())
+        let device_args: Vec<String> = std::iter::once(vsock.cmdline_arg())
+            .chain(disks.iter().map(BlockHandle::cmdline_arg))
+            .collect();
+        let cmdline = boot::build_cmdline(&device_args, config.cmdline_extra.as_deref())
             .map_err(VmmError::Boot)?;
         let cmdline_size = boot::write_cmdline(&mem, &cmdline).map_err(VmmError::Boot)?;
         let params =
@@ -345,6 +403,7 @@ impl Vmm {
         Ok(Self {
             vcpus,
             vsock: Some(vsock),
+            disks,
             serial,
             pio,
             mmio,
@@ -398,13 +457,26 @@ impl Vmm {
             vsock.stop();
             tracing::debug!("vsock stopped");
         }
+        let disks: Vec<DiskRecord> = std::mem::take(&mut self.disks)
+            .into_iter()
+            .map(|disk| {
+                let (id, read_only, metrics) =
+                    (disk.id().to_owned(), disk.read_only(), disk.metrics());
+                disk.stop();
+                DiskRecord {
+                    id,
+                    read_only,
+                    metrics: metrics.snapshot(),
+                }
+            })
+            .collect();
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         if serial.errors() > 0 {
             tracing::warn!(errors = serial.errors(), "serial: register writes failed");
         }
         serial.sink_mut().finish();
         drop(serial);
-        ExitReport::new(reason, self.ready_ms.get().copied())
+        ExitReport::new(reason, self.ready_ms.get().copied()).with_disks(disks)
     }
 }
 

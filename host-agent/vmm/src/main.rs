@@ -11,7 +11,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use nanoclaw_vmm::{self as vmm, ConsoleTarget, VmConfig};
+use nanoclaw_vmm::log_limit::RateLimited;
+use nanoclaw_vmm::{self as vmm, ConsoleTarget, DiskConfig, VmConfig};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Boot one microVM in this process and run it until it ends.
 ///
@@ -47,6 +50,11 @@ struct VmmArgs {
     /// Console bytes kept; later output is dropped and counted.
     #[arg(long, default_value_t = vmm::DEFAULT_CONSOLE_CAP)]
     console_cap: u64,
+    /// A virtio-blk disk backed by a host file (size a multiple of 512 bytes), read-only with
+    /// `ro`, with the id the guest reads (its serial) set by `id=`. Repeat for more disks, at
+    /// most 8: the first is the guest's /dev/vda, the second /dev/vdb, and so on.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=ID]")]
+    disks: Vec<DiskConfig>,
 }
 
 impl VmmArgs {
@@ -66,6 +74,7 @@ impl VmmArgs {
             cid: self.cid,
             console,
             console_cap: self.console_cap,
+            disks: self.disks,
         }
     }
 }
@@ -74,13 +83,17 @@ fn main() -> ExitCode {
     // The boot timer starts here, before anything else.
     let process_start = Instant::now();
     let args = VmmArgs::parse();
-    tracing_subscriber::fmt()
+    // Every line, `log` records from the rust-vmm crates included, goes through the per-site
+    // rate limit: a guest must not be able to flood the VMM log.
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry()
+        .with(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with(RateLimited::new(lines))
         .init();
 
     let config = args.into_config();
@@ -95,8 +108,53 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit_code as u8)
         }
         Err(e) => {
-            eprintln!("nanoclaw-vmm: error: {:#}", anyhow::Error::new(e));
+            eprintln!("nanoclaw-vmm: error: {}", vmm::error_chain(&e));
             ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<VmmArgs, clap::Error> {
+        let base = [
+            "nanoclaw-vmm",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--vm-dir",
+            "d",
+        ];
+        VmmArgs::try_parse_from(base.iter().chain(args))
+    }
+
+    #[test]
+    fn disks_keep_their_command_line_order() {
+        let config = parse(&["--disk", "/img/base.ext4,ro", "--disk", "/vm/s.img,id=work"])
+            .unwrap()
+            .into_config();
+        let disks: Vec<_> = config
+            .disks
+            .iter()
+            .map(|d| (d.path.to_str().unwrap(), d.read_only, d.device_id()))
+            .collect();
+        assert_eq!(
+            disks,
+            [
+                ("/img/base.ext4", true, "nanoclaw-image"),
+                ("/vm/s.img", false, "work")
+            ]
+        );
+        assert!(parse(&[]).unwrap().into_config().disks.is_empty());
+    }
+
+    #[test]
+    fn a_bad_disk_spec_is_a_usage_error() {
+        let err = parse(&["--disk", "x.img,readonly"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("unknown disk option"), "{err}");
     }
 }

@@ -3,18 +3,22 @@
 //! # Layout
 //! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`](crate::devices::bus::BusDevice)).
 //! - [`vsock`]: the virtio-vsock device with the hybrid (Unix socket) backend.
+//! - [`block`]: the virtio-blk device backed by a host file.
 //!
 //! # Integration
-//! The VMM calls [`attach_vsock`] once, after creating the in-kernel irqchip and guest memory and
-//! before starting the vCPUs, then adds [`VsockHandle::cmdline_arg`] to the kernel command line.
+//! The VMM calls [`attach_vsock`] once and [`attach_block`] once per disk, after creating the
+//! in-kernel irqchip and guest memory and before starting the vCPUs, then adds each handle's
+//! `cmdline_arg` to the kernel command line, in slot order.
 //!
 //! Thread model: the transport runs on whichever vCPU thread takes the MMIO exit (behind the
-//! bus's per-device mutex). Queue work runs on one dedicated thread (`vsock-dev`), which owns
-//! the device and all host sockets; the two share no lock. The guest's queue notifications
-//! reach that thread through KVM ioeventfds and its interrupts leave through a KVM irqfd, so the
-//! data path never takes a vCPU exit to userspace. [`VsockHandle::stop`] (or dropping the
-//! handle) stops and joins the thread and removes the socket file.
+//! bus's per-device mutex). Queue work runs on one dedicated thread per device (`vsock-dev`,
+//! `blk-dev<N>`), which owns the device and its host resources (sockets, the backing file); the
+//! two share no lock. The guest's queue notifications reach that thread through KVM ioeventfds
+//! and its interrupts leave through a KVM irqfd, so the data path never takes a vCPU exit to
+//! userspace. [`VsockHandle::stop`] and [`BlockHandle::stop`] (or dropping the handle) stop and
+//! join the thread; the vsock one also removes the socket file.
 
+pub mod block;
 pub mod mmio;
 pub mod vsock;
 
@@ -27,10 +31,12 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use self::block::{BlockDevice, BlockError, BlockFrontend, BlockWorker, DiskFile, DiskInfo};
 use self::mmio::{IrqTrigger, MMIO_WINDOW_LEN, MmioTransport, regs};
 use self::vsock::{VsockDevice, VsockError, VsockFrontend, VsockMuxer, VsockWorker};
 use crate::devices::bus::{Bus, BusError};
 
+pub use self::block::{BlockMetrics, BlockMetricsSnapshot};
 pub use self::vsock::VsockMetrics;
 
 /// Where a virtio-mmio device lives: its MMIO window and its interrupt line.
@@ -42,6 +48,19 @@ pub struct MmioSlot {
     pub len: u64,
     /// The GSI the device interrupts on.
     pub gsi: u32,
+}
+
+impl MmioSlot {
+    /// The kernel command-line argument declaring a device in this slot, e.g.
+    /// `virtio_mmio.device=4K@0xd0000000:5`.
+    pub fn cmdline_arg(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.len / 1024,
+            self.base,
+            self.gsi
+        )
+    }
 }
 
 /// Configuration of the vsock device.
@@ -108,6 +127,9 @@ pub enum VirtioError {
     /// Building the vsock device failed.
     #[error("cannot build the vsock device")]
     Vsock(#[source] VsockError),
+    /// Building a block device failed.
+    #[error("cannot build the block device")]
+    Block(#[source] BlockError),
 }
 
 /// A running vsock device.
@@ -124,12 +146,7 @@ impl VsockHandle {
     /// The kernel command-line argument declaring the device, e.g.
     /// `virtio_mmio.device=4K@0xd0000000:5`.
     pub fn cmdline_arg(&self) -> String {
-        format!(
-            "virtio_mmio.device={}K@{:#x}:{}",
-            self.slot.len / 1024,
-            self.slot.base,
-            self.slot.gsi
-        )
+        self.slot.cmdline_arg()
     }
 
     /// The device's counters.
@@ -179,6 +196,18 @@ pub fn attach_vsock(
 ) -> Result<VsockHandle, VirtioError> {
     // On any error below, dropping `handle` stops the thread and removes the socket.
     let (transport, handle) = spawn_vsock(mem, slot, cfg, hooks)?;
+    wire_transport(vm, mmio_bus, slot, transport)?;
+    Ok(handle)
+}
+
+/// Registers the transport's irqfd (`slot.gsi`) and one ioeventfd per queue (on `QueueNotify`,
+/// datamatch = queue index) with `vm`, and inserts the transport on `mmio_bus` at `slot`.
+fn wire_transport(
+    vm: &VmFd,
+    mmio_bus: &mut Bus,
+    slot: MmioSlot,
+    transport: MmioTransport,
+) -> Result<(), VirtioError> {
     vm.register_irqfd(transport.interrupt().irq_evt(), slot.gsi)
         .map_err(|source| VirtioError::RegisterIrqfd {
             gsi: slot.gsi,
@@ -191,8 +220,7 @@ pub fn attach_vsock(
     }
     mmio_bus
         .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
-        .map_err(VirtioError::Bus)?;
-    Ok(handle)
+        .map_err(VirtioError::Bus)
 }
 
 /// The KVM-free half of [`attach_vsock`]: builds the transport and the device, binds the
@@ -260,6 +288,162 @@ pub fn spawn_vsock(
     Ok((transport, handle))
 }
 
+/// Configuration of one block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The backing file: a non-empty regular file whose size is a multiple of 512 bytes.
+    pub path: PathBuf,
+    /// Open the file read-only and offer `VIRTIO_BLK_F_RO`.
+    pub read_only: bool,
+    /// The `GET_ID` answer: 1 to 20 ASCII letters, digits, `-`, `_` or `.`.
+    pub id: String,
+}
+
+/// A running block device.
+#[derive(Debug)]
+pub struct BlockHandle {
+    slot: MmioSlot,
+    id: String,
+    read_only: bool,
+    metrics: Arc<BlockMetrics>,
+    stop_evt: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BlockHandle {
+    /// The kernel command-line argument declaring the device, e.g.
+    /// `virtio_mmio.device=4K@0xd0001000:6`.
+    pub fn cmdline_arg(&self) -> String {
+        self.slot.cmdline_arg()
+    }
+
+    /// The id the guest reads with `GET_ID`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether the disk is read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops the device thread and waits for it; the backing file is closed (and unlocked).
+    /// The transport stays on the bus: later guest accesses still get answers, but queue
+    /// notifications go nowhere.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if let Err(e) = self.stop_evt.write(1) {
+            tracing::error!(error = %e, id = %self.id, "block: cannot signal the device thread");
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!(id = %self.id, "block: device thread panicked");
+        }
+    }
+}
+
+impl Drop for BlockHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Opens and locks the backing file, creates the virtio-mmio transport and the block device,
+/// inserts the transport on `mmio_bus` at `slot`, registers the irqfd (`slot.gsi`) and the
+/// queue's ioeventfd with `vm`, and spawns the device thread (`thread_name`). The VMM must
+/// already have created the in-kernel irqchip.
+pub fn attach_block(
+    vm: &VmFd,
+    mem: GuestMemoryMmap<()>,
+    mmio_bus: &mut Bus,
+    slot: MmioSlot,
+    cfg: BlockConfig,
+    thread_name: String,
+) -> Result<BlockHandle, VirtioError> {
+    // On any error below, dropping `handle` stops the thread.
+    let (transport, handle) = spawn_block(mem, slot, cfg, thread_name)?;
+    wire_transport(vm, mmio_bus, slot, transport)?;
+    Ok(handle)
+}
+
+/// The KVM-free half of [`attach_block`]: opens the file, builds the transport and the device
+/// and spawns the device thread. The caller puts the transport on a bus and wires its interrupt
+/// and queue eventfd (tests drive it directly).
+pub fn spawn_block(
+    mem: GuestMemoryMmap<()>,
+    slot: MmioSlot,
+    cfg: BlockConfig,
+    thread_name: String,
+) -> Result<(MmioTransport, BlockHandle), VirtioError> {
+    if slot.len != MMIO_WINDOW_LEN {
+        return Err(VirtioError::SlotLen(slot.len));
+    }
+    if !crate::DiskConfig::is_valid_id(&cfg.id) {
+        return Err(VirtioError::Block(BlockError::Id(cfg.id)));
+    }
+    let disk = DiskFile::open(&cfg.path, cfg.read_only).map_err(VirtioError::Block)?;
+    let info = DiskInfo {
+        sectors: disk.sectors(),
+        read_only: cfg.read_only,
+        id: cfg.id.clone().into_bytes(),
+    };
+    let metrics = Arc::new(BlockMetrics::default());
+
+    let new_evt = || {
+        EventFd::new(libc::EFD_NONBLOCK)
+            .map(Arc::new)
+            .map_err(VirtioError::EventFd)
+    };
+    let command_evt = new_evt()?;
+    let stop_evt = new_evt()?;
+    let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+    let frontend = BlockFrontend::new(&info, commands_tx, command_evt.clone());
+    let interrupt = IrqTrigger::new().map_err(VirtioError::EventFd)?;
+    let transport = MmioTransport::new(mem, Box::new(frontend), interrupt.clone())
+        .map_err(VirtioError::EventFd)?;
+    // The block frontend has exactly one queue.
+    let queue_evt = transport.queue_evts()[0].clone();
+
+    let device = BlockDevice::new(disk, info, interrupt, metrics.clone());
+    let worker = BlockWorker::new(
+        device,
+        queue_evt,
+        commands_rx,
+        command_evt,
+        stop_evt.clone(),
+    )
+    .map_err(VirtioError::Block)?;
+    let thread = std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(move || {
+            if let Err(e) = worker.run() {
+                tracing::error!(error = %e, "block device thread failed");
+            }
+        })
+        .map_err(|e| VirtioError::Block(BlockError::Spawn(e)))?;
+
+    let handle = BlockHandle {
+        slot,
+        id: cfg.id,
+        read_only: cfg.read_only,
+        metrics,
+        stop_evt,
+        thread: Some(thread),
+    };
+    Ok((transport, handle))
+}
+
 /// Rate limit for log lines a guest can trigger: the first [`RateLimitedLog::BURST`] pass,
 /// then one in every [`RateLimitedLog::EVERY`].
 #[derive(Debug)]
@@ -285,6 +469,14 @@ impl RateLimitedLog {
         let n = self.count.fetch_add(1, Ordering::Relaxed);
         n < Self::BURST || n.is_multiple_of(Self::EVERY)
     }
+
+    /// How many occurrences [`RateLimitedLog::allow`] let through so far.
+    pub fn passed(&self) -> u64 {
+        let n = self.count.load(Ordering::Relaxed);
+        let burst = n.min(Self::BURST);
+        // Occurrences 0..n that are multiples of EVERY, less those already in the burst.
+        burst + n.div_ceil(Self::EVERY) - burst.div_ceil(Self::EVERY)
+    }
 }
 
 impl Default for RateLimitedLog {
@@ -308,8 +500,13 @@ mod tests {
     #[test]
     fn rate_limited_log_passes_burst_then_one_in_every() {
         let l = RateLimitedLog::new();
-        let passed = (0..5000).filter(|_| l.allow()).count() as u64;
+        let mut passed = 0;
+        for i in 1..=5000u64 {
+            passed += u64::from(l.allow());
+            assert_eq!(l.passed(), passed, "after {i}");
+        }
         assert_eq!(passed, RateLimitedLog::BURST + 4); // 1000, 2000, 3000, 4000
+        assert_eq!(RateLimitedLog::new().passed(), 0);
     }
 
     fn w(t: &mut MmioTransport, off: u64, v: u32) {
@@ -333,6 +530,133 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn block_device_thread_serves_a_driver_through_the_transport() {
+        use super::block::test_utils::{BlockDriver, QSIZE};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scratch.img");
+        let contents: Vec<u8> = (0..64 * 512).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &contents).unwrap();
+        let slot = MmioSlot {
+            base: 0xd000_1000,
+            len: 0x1000,
+            gsi: 6,
+        };
+        let cfg = BlockConfig {
+            path: path.clone(),
+            read_only: false,
+            id: "scratch-1".into(),
+        };
+        let (mut t, handle) = spawn_block(mem.clone(), slot, cfg, "blk-test".into()).unwrap();
+        assert_eq!(handle.cmdline_arg(), "virtio_mmio.device=4K@0xd0001000:6");
+        assert_eq!((handle.id(), handle.read_only()), ("scratch-1", false));
+        let mut word = [0u8; 4];
+        t.read(regs::DEVICE_ID, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 2);
+        t.read(regs::CONFIG, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 64);
+
+        // Driver initialisation: VERSION_1 and FLUSH, SEG_MAX, SIZE_MAX.
+        let (mut drv, _) = BlockDriver::new(mem.clone(), QSIZE);
+        let s = status::ACKNOWLEDGE | status::DRIVER;
+        w(&mut t, regs::STATUS, status::ACKNOWLEDGE);
+        w(&mut t, regs::STATUS, s);
+        w(&mut t, regs::DRIVER_FEATURES_SEL, 0);
+        w(
+            &mut t,
+            regs::DRIVER_FEATURES,
+            (1 << 9) | (1 << 2) | (1 << 1),
+        );
+        w(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, regs::DRIVER_FEATURES, 1);
+        w(&mut t, regs::STATUS, s | status::FEATURES_OK);
+        assert_ne!(t.device_status() & status::FEATURES_OK, 0);
+        let (d, a, u) = drv.ring_addrs();
+        w(&mut t, regs::QUEUE_SEL, 0);
+        w(&mut t, regs::QUEUE_NUM, u32::from(QSIZE));
+        w(&mut t, regs::QUEUE_DESC_LOW, d as u32);
+        w(&mut t, regs::QUEUE_AVAIL_LOW, a as u32);
+        w(&mut t, regs::QUEUE_USED_LOW, u as u32);
+        w(&mut t, regs::QUEUE_READY, 1);
+        w(
+            &mut t,
+            regs::STATUS,
+            s | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert!(t.is_activated());
+
+        // A read served by the device thread.
+        let p = drv.post_read(2, 1024);
+        w(&mut t, regs::QUEUE_NOTIFY, 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let used = loop {
+            let used = drv.take_used();
+            if !used.is_empty() {
+                break used;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no answer from the device thread"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        assert_eq!(used, vec![(p.head, 1025)]);
+        assert_eq!(drv.read_status(p.status), 0);
+        assert_eq!(drv.data(&p), contents[1024..2048]);
+        assert_ne!(t.interrupt().status() & INT_VRING, 0);
+        assert!(t.interrupt().irq_evt().read().unwrap() >= 1);
+
+        // A reset is acknowledged by the thread before the status reads back 0.
+        w(&mut t, regs::STATUS, 0);
+        t.read(regs::STATUS, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 0);
+
+        // Stopping closes the file and drops its exclusive lock.
+        let metrics = handle.metrics();
+        handle.stop();
+        assert_eq!(BlockMetrics::get(&metrics.reads), 1);
+        assert!(block::DiskFile::open(&path, false).is_ok());
+    }
+
+    #[test]
+    fn block_setup_refuses_bad_files_and_ids() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.img");
+        std::fs::write(&path, [0u8; 700]).unwrap();
+        let slot = MmioSlot {
+            base: 0xd000_1000,
+            len: 0x1000,
+            gsi: 6,
+        };
+        let cfg = |id: &str| BlockConfig {
+            path: path.clone(),
+            read_only: true,
+            id: id.into(),
+        };
+        let err = spawn_block(mem.clone(), slot, cfg("ok"), "t".into()).unwrap_err();
+        assert!(matches!(
+            err,
+            VirtioError::Block(BlockError::UnalignedSize { len: 700, .. })
+        ));
+        assert_eq!(
+            crate::error_chain(&err),
+            format!(
+                "cannot build the block device: disk {} is 700 bytes, not a multiple of 512",
+                path.display()
+            )
+        );
+        let err = spawn_block(mem.clone(), slot, cfg("no spaces"), "t".into()).unwrap_err();
+        assert!(matches!(err, VirtioError::Block(BlockError::Id(_))));
+        let bad_slot = MmioSlot {
+            len: 0x2000,
+            ..slot
+        };
+        let err = spawn_block(mem, bad_slot, cfg("ok"), "t".into()).unwrap_err();
+        assert!(matches!(err, VirtioError::SlotLen(0x2000)));
     }
 
     #[test]
