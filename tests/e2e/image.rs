@@ -78,9 +78,17 @@ fn an_imported_oci_image_runs_its_cmd_with_its_env_and_workdir_on_an_overlay() {
     );
     assert!(out.status.success(), "import: {}", text(&out.stderr));
 
-    let out = nanoclaw(&d, &["run", "--image", "oci-test", "--disk-size", "64M"], RUN);
+    let out = nanoclaw(
+        &d,
+        &["run", "--image", "oci-test", "--disk-size", "64M"],
+        RUN,
+    );
     let stdout = text(&out.stdout);
-    let all = format!("stdout:\n{stdout}\nstderr:\n{}\n{}", text(&out.stderr), d.records());
+    let all = format!(
+        "stdout:\n{stdout}\nstderr:\n{}\n{}",
+        text(&out.stderr),
+        d.records()
+    );
     assert_eq!(out.status.code(), Some(0), "{all}");
     for want in [
         "greeting=hello from oci",
@@ -93,14 +101,26 @@ fn an_imported_oci_image_runs_its_cmd_with_its_env_and_workdir_on_an_overlay() {
     ] {
         assert!(stdout.contains(want), "missing {want:?} in {all}");
     }
-    assert!(!stdout.contains("old.txt"), "the whiteout hid old.txt: {all}");
+    assert!(
+        !stdout.contains("old.txt"),
+        "the whiteout hid old.txt: {all}"
+    );
 
     // The request's command and environment win over the image's.
     let out = nanoclaw(
         &d,
         &[
-            "run", "--image", "oci-test", "--disk-size", "64M", "-e", "GREETING=override", "--",
-            "/bin/sh", "-c", "echo $GREETING; cat /data/keep.txt",
+            "run",
+            "--image",
+            "oci-test",
+            "--disk-size",
+            "64M",
+            "-e",
+            "GREETING=override",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $GREETING; cat /data/keep.txt",
         ],
         RUN,
     );
@@ -145,21 +165,39 @@ fn hostile_images_and_a_full_disk_give_clear_errors_and_the_daemon_keeps_serving
     // and the run ends with its exit code.
     let layout = work.path().join("layout");
     test_image(&layout);
-    let out = nanoclaw(&d, &["image", "import", "oci-test", layout.to_str().unwrap()], RUN);
+    let out = nanoclaw(
+        &d,
+        &["image", "import", "oci-test", layout.to_str().unwrap()],
+        RUN,
+    );
     assert!(out.status.success(), "import: {}", text(&out.stderr));
     let out = nanoclaw(
         &d,
         &[
-            "run", "--image", "oci-test", "--disk-size", "32M", "--",
-            "/bin/sh", "-c",
+            "run",
+            "--image",
+            "oci-test",
+            "--disk-size",
+            "32M",
+            "--",
+            "/bin/sh",
+            "-c",
             "dd if=/dev/zero of=/data/fill bs=1M count=64; echo dd=$?; sync; exit 0",
         ],
         RUN,
     );
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}\n{}", d.records());
-    assert!(stdout.contains("dd=1"), "dd failed as the disk filled: {stdout}\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{stderr}\n{}",
+        d.records()
+    );
+    assert!(
+        stdout.contains("dd=1"),
+        "dd failed as the disk filled: {stdout}\n{stderr}"
+    );
     assert!(
         stderr.contains("No space left on device"),
         "the guest saw ENOSPC: {stderr}"

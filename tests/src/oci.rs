@@ -82,10 +82,7 @@ fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> Result<Value> {
 /// config's `config` object.
 pub fn write_layout(dir: &Path, layers: &[Vec<u8>], process: Value) -> Result<()> {
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
-    std::fs::write(
-        dir.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let mut layer_descs = Vec::new();
     let mut diff_ids = Vec::new();
     for l in layers {
@@ -148,8 +145,25 @@ pub fn busybox_layer(extra: &[Entry]) -> Result<Vec<u8>> {
         Entry::Dir("tmp".into(), 0o1777),
     ];
     for applet in [
-        "sh", "echo", "cat", "ls", "id", "pwd", "env", "dd", "df", "sync", "rm", "mkdir", "sha256sum",
-        "head", "grep", "wc", "sleep", "true", "false",
+        "sh",
+        "echo",
+        "cat",
+        "ls",
+        "id",
+        "pwd",
+        "env",
+        "dd",
+        "df",
+        "sync",
+        "rm",
+        "mkdir",
+        "sha256sum",
+        "head",
+        "grep",
+        "wc",
+        "sleep",
+        "true",
+        "false",
     ] {
         entries.push(Entry::Symlink(format!("bin/{applet}"), "busybox".into()));
     }

@@ -107,7 +107,15 @@ pub struct CreateVm {
     /// The agent never runs as root: root, or no user, means the unprivileged `uid`/`gid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Files copied into the VM before it boots (with an image): an uncompressed tar, base64,
+    /// whose entry names are paths in the guest relative to its root. They land on the VM's
+    /// writable disk, owned as the tar says; at most [`MAX_COPY_IN_BYTES`] of tar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_in_tar: Option<String>,
 }
+
+/// The most tar bytes a create request may copy in (larger trees: `nanoclaw cp` once it runs).
+pub const MAX_COPY_IN_BYTES: usize = 64 << 20;
 
 /// The default size of a VM's writable disk, in MiB.
 pub const DEFAULT_DISK_MIB: u64 = 2048;
@@ -148,6 +156,7 @@ impl CreateVm {
             image: None,
             disk_size_mib: DEFAULT_DISK_MIB,
             user: None,
+            copy_in_tar: None,
         }
     }
 }

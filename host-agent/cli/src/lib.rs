@@ -17,10 +17,12 @@
 //! - [`approvals`]: `nanoclaw approvals`.
 //! - [`audit`]: `nanoclaw audit verify|tail`.
 //! - [`image`]: `nanoclaw image build|import|ls|inspect|rm`.
+//! - [`copy_in`]: `nanoclaw run --copy HOSTPATH:GUESTPATH`.
 
 pub mod approvals;
 pub mod audit;
 pub mod client;
+pub mod copy_in;
 pub mod image;
 
 use std::io::Write;
@@ -81,6 +83,23 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// Reading a file or folder to copy in failed.
+    #[error("cannot copy {}", .path.display())]
+    CopyIn {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `--copy` source is neither a file, a folder nor a symlink.
+    #[error("cannot copy {}: only files, folders and symlinks can be copied", .0.display())]
+    CopyKind(PathBuf),
+    /// The files to copy in are over the limit.
+    #[error(
+        "the files to copy in come to {0} MiB, over the limit: copy them with `nanoclaw cp` once the VM runs"
+    )]
+    CopyTooLarge(usize),
     /// An image build failed.
     #[error("image build failed: {0}")]
     ImageBuild(String),
@@ -201,6 +220,9 @@ pub struct RunArgs {
     /// The user in the image (`name`, `uid`, `name:group`, `uid:gid`); default the image's.
     #[arg(long, requires = "image")]
     pub user: Option<String>,
+    /// Copy a host file or folder into the VM before it boots (repeatable, with an image).
+    #[arg(long, value_name = "HOSTPATH:GUESTPATH", requires = "image")]
+    pub copy: Vec<copy_in::Copy>,
     /// Print the VM id and return at once instead of relaying the output.
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -311,6 +333,13 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     spec.user = args.user;
     if let Some(mib) = args.disk_size {
         spec.disk_size_mib = mib;
+    }
+    if !args.copy.is_empty() {
+        let tar = copy_in::pack(&args.copy, spec.uid, spec.gid)?;
+        if tar.len() > api::MAX_COPY_IN_BYTES {
+            return Err(CliError::CopyTooLarge(tar.len() >> 20));
+        }
+        spec.copy_in_tar = Some(BASE64.encode(tar));
     }
     spec.memory_mib = args.memory;
     spec.vcpus = args.vcpus;

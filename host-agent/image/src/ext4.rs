@@ -166,6 +166,16 @@ pub fn make_rootfs(
 /// Makes an empty, sparse ext4 file system of `size_bytes` at `path` (which must not exist),
 /// for a VM's writable layer. The file is removed again if formatting fails.
 pub fn create_scratch_disk(path: &Path, size_bytes: u64) -> Result<(), Ext4Error> {
+    create_scratch_disk_with(path, size_bytes, None)
+}
+
+/// Like [`create_scratch_disk`], with the disk holding a copy of the folder `contents` (files
+/// copied into a VM before it boots: the guest sees them in the overlay's upper layer).
+pub fn create_scratch_disk_with(
+    path: &Path,
+    size_bytes: u64,
+    contents: Option<&Path>,
+) -> Result<(), Ext4Error> {
     if !(MIN_SCRATCH_BYTES..=MAX_SCRATCH_BYTES).contains(&size_bytes)
         || !size_bytes.is_multiple_of(BLOCK)
     {
@@ -188,8 +198,11 @@ pub fn create_scratch_disk(path: &Path, size_bytes: u64) -> Result<(), Ext4Error
         "-L",
         "scratch",
     ])
-    .args(["-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"])
-    .arg(path);
+    .args(["-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]);
+    if let Some(dir) = contents {
+        cmd.arg("-d").arg(dir);
+    }
+    cmd.arg(path);
     let result = MKFS_EXT4
         .run(cmd, "mkfs", &mut |line| {
             tracing::debug!(line, "scratch disk")

@@ -45,7 +45,7 @@ pub mod tree;
 pub use config::ImageConfig;
 pub use debian::{DebianError, DebianRecipe, build_debian};
 pub use digest::Digest;
-pub use ext4::{Ext4Error, create_scratch_disk};
+pub use ext4::{Ext4Error, create_scratch_disk, create_scratch_disk_with};
 pub use import::{ImageError, StagedImage, import, stage_image};
 pub use limits::ImportLimits;
 pub use name::ImageName;

@@ -94,7 +94,16 @@ pub fn resolve(
     });
     let scratch = vm_dir.join(SCRATCH_DISK_FILE);
     let size = spec.disk_size_mib.saturating_mul(1 << 20);
-    nanoclaw_image::create_scratch_disk(&scratch, size).map_err(|e| error_chain(&e))?;
+    match spec.copy_in_tar.take() {
+        None => nanoclaw_image::create_scratch_disk(&scratch, size),
+        Some(b64) => {
+            let staged = stage_copy_in(&b64, vm_dir)?;
+            let made = nanoclaw_image::create_scratch_disk_with(&scratch, size, Some(&staged));
+            let _ = std::fs::remove_dir_all(&staged);
+            made
+        }
+    }
+    .map_err(|e| error_chain(&e))?;
     Ok((
         spec,
         VmImage {
@@ -105,6 +114,41 @@ pub fn resolve(
             user,
         },
     ))
+}
+
+/// Most entries a copy-in tar may hold.
+const MAX_COPY_IN_ENTRIES: u64 = 100_000;
+/// The folder under the VM directory where copied-in files are laid out before they go onto the
+/// writable disk, and the overlay's upper folder inside it.
+const COPY_IN_DIR: &str = "copy-in";
+
+/// Unpacks a create request's copy-in tar into `<vm-dir>/copy-in/upper/` with the image
+/// store's layer rules (no `..`, no absolute paths, no writes through symlinks, no device
+/// nodes, bounded), and returns `<vm-dir>/copy-in`, the writable disk's initial contents.
+fn stage_copy_in(b64: &str, vm_dir: &FsPath) -> Result<PathBuf, String> {
+    use base64::Engine as _;
+    if b64.len() / 4 * 3 > nanoclaw_api::MAX_COPY_IN_BYTES + 3 {
+        return Err(format!(
+            "the files to copy in are over {} MiB: copy them with `nanoclaw cp` once the VM runs",
+            nanoclaw_api::MAX_COPY_IN_BYTES >> 20
+        ));
+    }
+    let tar = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("copy-in tar: bad base64: {e}"))?;
+    let staged = vm_dir.join(COPY_IN_DIR);
+    let upper = staged.join("upper");
+    std::fs::create_dir_all(&upper).map_err(|e| format!("{}: {e}", upper.display()))?;
+    let mut tree = nanoclaw_image::layer::RootTree::new(&upper, MAX_COPY_IN_ENTRIES, 0);
+    let applied = tree
+        .apply_layer(tar.as_slice())
+        .and_then(|_| tree.finish())
+        .map_err(|e| format!("copy-in: {}", error_chain(&e)));
+    if let Err(why) = applied {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(why);
+    }
+    Ok(staged)
 }
 
 fn store_failure(e: StoreError) -> Failure {
@@ -290,6 +334,61 @@ mod tests {
         );
         assert_eq!(run.cwd, "/tmp");
         assert_eq!(image.user.as_deref(), Some("1000:1000"));
+    }
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> String {
+        use base64::Engine as _;
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(1000);
+            h.set_gid(1000);
+            if path.contains("..") {
+                // The tar crate refuses `..` names; a hostile client would not.
+                h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+                h.set_cksum();
+                tar.append(&h, *data).unwrap();
+            } else {
+                tar.append_data(&mut h, path, *data).unwrap();
+            }
+        }
+        base64::engine::general_purpose::STANDARD.encode(tar.into_inner().unwrap())
+    }
+
+    #[test]
+    fn copied_in_files_go_onto_the_writable_disk_and_escapes_are_refused() {
+        let (dir, store) = store_with(nanoclaw_image::ImageConfig {
+            cmd: vec!["/bin/true".into()],
+            ..Default::default()
+        });
+        let vm_dir = dir.path().join("vm");
+        std::fs::create_dir(&vm_dir).unwrap();
+        let mut spec = CreateVm::new("", Vec::new());
+        spec.image = Some("app".into());
+        spec.disk_size_mib = 64;
+        spec.copy_in_tar = Some(tar_of(&[("opt/agent/agent.py", b"print('hi')\n")]));
+        let (run, image) = resolve(&store, spec.clone(), &vm_dir).unwrap();
+        assert_eq!(
+            run.copy_in_tar, None,
+            "the tar is not kept in the VM's record"
+        );
+        assert!(
+            !vm_dir.join(COPY_IN_DIR).exists(),
+            "the staging folder is gone"
+        );
+        // The file is inside the ext4 image (its bytes are in the disk file).
+        let disk = std::fs::read(&image.scratch).unwrap();
+        assert!(disk.windows(11).any(|w| w == b"print('hi')"));
+
+        let vm_dir = dir.path().join("vm2");
+        std::fs::create_dir(&vm_dir).unwrap();
+        spec.copy_in_tar = Some(tar_of(&[("../../etc/evil", b"x")]));
+        let err = resolve(&store, spec, &vm_dir).unwrap_err();
+        assert!(err.contains(".."), "{err}");
+        assert!(!vm_dir.join(SCRATCH_DISK_FILE).exists(), "no disk was made");
+        assert!(!dir.path().join("etc/evil").exists());
     }
 
     #[test]
