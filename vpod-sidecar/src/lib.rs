@@ -25,10 +25,13 @@
 //!    own thread and echoes every byte of every accepted connection (up to
 //!    [`echo::MAX_CONNECTIONS`] at once, one thread each) until EOF, then shuts down its write
 //!    side.
-//! 9. A `sigterm` thread waits for SIGTERM (the VMM or host asking the guest to stop): with an
-//!    agent running it forwards SIGTERM to the agent's process group (the agent's exit then
-//!    ends the VM as below); with none, it syncs and resets the VM.
-//! 10. [`control::run`] connects to `(HOST_CID, CONTROL_PORT)`, retrying with capped
+//! 9. [`files::serve`] listens on vsock port [`shared_proto::ports::FILES_PORT`] (any CID) on
+//!    its own thread and serves the host's file copies into and out of the agent's image root,
+//!    one connection at a time; before that root exists every request is answered `NotReady`.
+//! 10. A `sigterm` thread waits for SIGTERM (the VMM or host asking the guest to stop): with an
+//!     agent running it forwards SIGTERM to the agent's process group (the agent's exit then
+//!     ends the VM as below); with none, it syncs and resets the VM.
+//! 11. [`control::run`] connects to `(HOST_CID, CONTROL_PORT)`, retrying with capped
 //!     exponential backoff ([`control::Backoff`], 50 ms doubling to 2 s), and runs a session:
 //!     - send `GuestToHost::Hello { protocol_version, sidecar_version, boot_id,
 //!       ephemeral_public_key }` (the same boot id on every reconnect);
@@ -39,7 +42,7 @@
 //!     - `EchoConnect { port }`: connect to `(HOST_CID, port)`; on success echo on a new thread
 //!       until EOF, on failure answer `GuestToHost::Error`;
 //!     - `RunAgent`, `AgentStdin`, `Signal`: handled by [`agent::AgentRunner`] (see [`agent`]
-//!       for the uid policy, the stdin EOF convention and signal checks);
+//!       for the uid policy, the image root, the stdin EOF convention and signal checks);
 //!     - `Shutdown`: sync the file systems and reset the VM with `reboot(RB_AUTOBOOT)`; the VMM
 //!       sees the reset and exits 0.
 //!
@@ -47,7 +50,7 @@
 //!     session; it is logged and the sidecar reconnects with backoff. The agent keeps running
 //!     meanwhile; its frames wait in the outbox (output under backpressure, see [`outbox`]) and
 //!     go out, in order, on the next connection.
-//! 11. **The agent's end.** When the agent exits, the runner kills what is left of its process
+//! 12. **The agent's end.** When the agent exits, the runner kills what is left of its process
 //!     group, drains both pipes to EOF and queues `AgentExited`. The writer sends it, half-closes
 //!     the connection (`shutdown(SHUT_WR)`) and waits until the host closes its side (at most
 //!     [`control::FLUSH_TIMEOUT`], 5 s), so the frame has reached the host; then the session
@@ -99,6 +102,7 @@
 //! - [`rootfs`]: the agent's image root (image and scratch disks joined by overlayfs, with
 //!   `/proc`, `/sys`, a small `/dev` and `/tmp` inside) and who the agent runs as in it.
 //! - [`echo`]: the echo diagnostic.
+//! - [`files`]: the file copy server (tar streams in and out of the agent's image root).
 //! - [`proxy`]: the agent's local credential proxy on `127.0.0.1` and the sidecar's end of the
 //!   end-to-end Noise session with the user's device.
 //! - [`mcp`]: the agent's local MCP endpoint (streamable HTTP on 127.0.0.1, and the
@@ -111,6 +115,7 @@ pub mod agent;
 pub mod console;
 pub mod control;
 pub mod echo;
+pub mod files;
 pub mod init;
 pub mod mcp;
 pub mod outbox;

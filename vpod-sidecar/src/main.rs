@@ -11,13 +11,14 @@ use nix::sys::signal::{SigSet, Signal};
 use rand_core::{OsRng, RngCore};
 use shared_proto::handshake::PROTOCOL_VERSION;
 use shared_proto::message::{AgentSpec, GuestToHost};
-use shared_proto::ports::{CONTROL_PORT, ECHO_PORT, HOST_CID};
+use shared_proto::ports::{CONTROL_PORT, ECHO_PORT, FILES_PORT, HOST_CID};
 use tracing::Level;
 use vpod_sidecar::ErrorChain;
 use vpod_sidecar::agent::{AgentRunner, IdPolicy};
 use vpod_sidecar::console::ConsoleLog;
 use vpod_sidecar::control::{self, Backoff, HostRequests, SessionEnd};
 use vpod_sidecar::echo;
+use vpod_sidecar::files;
 use vpod_sidecar::init;
 use vpod_sidecar::outbox::Outbox;
 use vpod_sidecar::vsock::{VsockListener, VsockStream};
@@ -120,6 +121,13 @@ fn run(pid1: bool) {
 
     let outbox = Arc::new(Outbox::default());
     let runner = AgentRunner::new(Arc::clone(&outbox), reaper, IdPolicy::Switch);
+    let agent_root = runner.published_root();
+    if let Err(e) = std::thread::Builder::new()
+        .name("files-listener".into())
+        .spawn(move || serve_files(&agent_root))
+    {
+        tracing::error!(error = %e, "cannot start the file copy listener");
+    }
     let forwarder = runner.clone();
     if let Err(e) = std::thread::Builder::new()
         .name("sigterm".into())
@@ -210,6 +218,26 @@ fn serve_echo() {
             Err(e) => {
                 if backoff.worth_logging() {
                     tracing::warn!(error = %ErrorChain(&e), "echo");
+                }
+                std::thread::sleep(backoff.next_delay());
+            }
+        }
+    }
+}
+
+/// Binds the file copy port (retrying with backoff if vsock is not ready) and serves it
+/// forever; requests before the agent's image root is built are answered `NotReady`.
+fn serve_files(agent_root: &std::sync::OnceLock<vpod_sidecar::rootfs::PreparedRoot>) {
+    let mut backoff = Backoff::default();
+    loop {
+        match VsockListener::bind(FILES_PORT) {
+            Ok(listener) => {
+                tracing::info!(port = FILES_PORT, "file copy listening");
+                files::serve(&listener, agent_root, &files::Limits::default())
+            }
+            Err(e) => {
+                if backoff.worth_logging() {
+                    tracing::warn!(error = %ErrorChain(&e), "files");
                 }
                 std::thread::sleep(backoff.next_delay());
             }

@@ -112,6 +112,19 @@ impl VsockStream {
     }
 }
 
+impl VsockStream {
+    /// Makes a read or write that waits longer than `timeout` fail (`SO_RCVTIMEO`,
+    /// `SO_SNDTIMEO`).
+    pub fn set_timeouts(&self, timeout: std::time::Duration) -> Result<(), nix::Error> {
+        let tv = nix::sys::time::TimeVal::new(
+            libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            libc::suseconds_t::from(timeout.subsec_micros()),
+        );
+        socket::setsockopt(&self.0, socket::sockopt::ReceiveTimeout, &tv)?;
+        socket::setsockopt(&self.0, socket::sockopt::SendTimeout, &tv)
+    }
+}
+
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         nix::unistd::read(&self.0, buf).map_err(io::Error::from)
