@@ -28,6 +28,7 @@
 //! - [`config`]: the image config, [`ImageConfig`].
 //! - [`name`]: image names, [`ImageName`].
 //! - [`tool`]: running external tools and naming their Debian packages.
+//! - [`mounts`]: the mount table, so no delete crosses into a mount.
 
 pub mod config;
 pub mod debian;
@@ -36,6 +37,7 @@ pub mod ext4;
 pub mod import;
 pub mod layer;
 pub mod limits;
+pub mod mounts;
 pub mod name;
 pub mod source;
 pub mod store;
