@@ -9,11 +9,18 @@ use super::tidy::{add_agent_user, clean, create_dir, remove_any, tree_path, writ
 use super::{AGENT_HOME, AGENT_ID, AGENT_USER, DebianError, DebianRecipe, IMAGE_PATH};
 use crate::config::ImageConfig;
 use crate::ext4::{RootfsParams, make_rootfs};
-use crate::import::rootfs_label;
+use crate::import::{remove_tree, rootfs_label};
 use crate::name::ImageName;
 use crate::store::{ImageInfo, ImageMeta, ImageOrigin, ImageStore, now_unix};
 use crate::tool::{CHROOT, DEBOOTSTRAP};
 use crate::tree;
+
+/// The host's resolver configuration, copied into the chroot while pip runs.
+const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
+/// The host's CA bundle (Debian's path), which pip in the chroot verifies PyPI with.
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Where the host's CA bundle sits in the chroot while pip runs.
+const CHROOT_CA_BUNDLE: &str = "/tmp/nanoclaw-host-ca.crt";
 
 /// The config of images built here: user `agent`, working directory its home.
 pub fn agent_config() -> ImageConfig {
@@ -74,6 +81,7 @@ pub fn build_debian(
         epoch: recipe.epoch,
     };
     let rootfs_bytes = make_rootfs(&root, &staging.rootfs(), &stats, &params, progress)?;
+    remove_tree(&root);
     let meta = ImageMeta {
         digest,
         origin: ImageOrigin::Debian {
@@ -124,13 +132,19 @@ fn install_pip(
     recipe: &DebianRecipe,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), DebianError> {
+    // The host's network settings, in the chroot only for this step: its resolver, and its
+    // trust roots (a host behind a TLS-inspecting proxy trusts a CA the image does not have).
     let resolv = tree_path(root, "etc/resolv.conf")?;
-    let host_resolv = fs::read("/etc/resolv.conf").map_err(|source| DebianError::Io {
-        path: "/etc/resolv.conf".into(),
-        source,
-    })?;
     remove_any(&resolv)?;
-    write_new(&resolv, &host_resolv, 0o644)?;
+    write_new(&resolv, &read_host(HOST_RESOLV_CONF)?, 0o644)?;
+    let host_ca = Path::new(HOST_CA_BUNDLE)
+        .exists()
+        .then(|| tree_path(root, CHROOT_CA_BUNDLE.trim_start_matches('/')))
+        .transpose()?;
+    if let Some(ca) = &host_ca {
+        remove_any(ca)?;
+        write_new(ca, &read_host(HOST_CA_BUNDLE)?, 0o644)?;
+    }
     let mut cmd = CHROOT.command().map_err(DebianError::Pip)?;
     cmd.env("HOME", "/root")
         .env("SOURCE_DATE_EPOCH", recipe.epoch.to_string())
@@ -147,11 +161,24 @@ fn install_pip(
             "--no-input",
             "--disable-pip-version-check",
         ])
-        .args(["--root-user-action=ignore", "--progress-bar=off"])
-        .args(&recipe.pip_packages);
+        .args(["--root-user-action=ignore", "--progress-bar=off"]);
+    if host_ca.is_some() {
+        cmd.args(["--cert", CHROOT_CA_BUNDLE]);
+    }
+    cmd.args(&recipe.pip_packages);
     let result = CHROOT.run(cmd, "pip", progress).map_err(DebianError::Pip);
     remove_any(&resolv)?;
+    if let Some(ca) = &host_ca {
+        remove_any(ca)?;
+    }
     result
+}
+
+fn read_host(path: &str) -> Result<Vec<u8>, DebianError> {
+    fs::read(path).map_err(|source| DebianError::Io {
+        path: path.into(),
+        source,
+    })
 }
 
 #[cfg(test)]
