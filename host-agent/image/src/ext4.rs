@@ -2,22 +2,26 @@
 //! `mkfs.ext4 -d` from a staged tree, and a VM's empty writable scratch disk (the overlay's
 //! upper layer).
 //!
-//! The root file system is made as reproducible as `mke2fs` allows: its UUID and directory hash
-//! seed derive from the image digest, every time it writes is `E2FSPROGS_FAKE_TIME` /
-//! `SOURCE_DATE_EPOCH`, and it has no journal (the guest mounts it read-only) and no reserved
-//! blocks. Its size comes from the tree: file blocks plus inode tables, with headroom for
+//! The root file system is made reproducible: its UUID and directory hash seed derive from the
+//! image digest, every time mke2fs writes is `E2FSPROGS_FAKE_TIME` / `SOURCE_DATE_EPOCH`, and it
+//! has no journal (the guest mounts it read-only) and no reserved blocks. mke2fs copies each
+//! file's change time (ctime) from the staged tree, where it is the time of the import and
+//! cannot be set, and its access time, which reading the tree moves; so a `debugfs` pass then
+//! sets every inode's ctime to the epoch and its atime to its mtime. The same tree
+//! then gives the same bytes (with the same e2fsprogs and `mke2fs.conf`). Its size comes from the tree: file blocks plus inode tables, with headroom for
 //! ext4's own metadata.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
-use crate::tool::{MKFS_EXT4, ToolError};
-use crate::tree::TreeStats;
+use crate::tool::{DEBUGFS, MKFS_EXT4, ToolError};
+use crate::tree::{self, TreeError, TreeStats};
 
 /// Smallest scratch disk (ext4 with a journal needs a few MiB; less is a mistake).
 pub const MIN_SCRATCH_BYTES: u64 = 16 << 20;
@@ -65,6 +69,26 @@ pub enum Ext4Error {
         #[source]
         source: ToolError,
     },
+    /// Walking the staged tree failed.
+    #[error("listing the staged tree")]
+    Walk(#[source] TreeError),
+    /// Writing the debugfs script failed.
+    #[error("writing the debugfs script {path:?}")]
+    Script {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `debugfs` is missing or failed.
+    #[error("setting change times in {path:?}")]
+    Debugfs {
+        path: PathBuf,
+        #[source]
+        source: ToolError,
+    },
+    /// `debugfs` ran but some of its commands failed; `output` is what they printed.
+    #[error("setting change times in {path:?}: {output}")]
+    DebugfsCommands { path: PathBuf, output: String },
     /// Syncing the disk file failed.
     #[error("syncing disk file {path:?}")]
     Sync {
@@ -159,8 +183,72 @@ pub fn make_rootfs(
         params.label
     ));
     MKFS_EXT4.run(cmd, "mkfs", progress).map_err(mkfs_err)?;
+    progress("mkfs: setting change times");
+    pin_change_times(tree, out, params.epoch)?;
     sync(out)?;
     Ok(size)
+}
+
+/// Sets the ctime of every inode of `image` (made from `tree`) to `epoch`, and its atime to its
+/// mtime (walking the tree to size and check it read its directories, which moved their
+/// atimes), with debugfs `set_inode_field` commands. Paths are double-quoted (a `"` doubled, as debugfs's parser
+/// wants); a name with a newline cannot be said in a debugfs script, so it keeps its ctime.
+fn pin_change_times(tree: &Path, image: &Path, epoch: u64) -> Result<(), Ext4Error> {
+    let mut script = Vec::new();
+    tree::walk(tree, &mut |rel, meta| {
+        let path = rel.as_os_str().as_bytes();
+        if path.contains(&b'\n') {
+            tracing::warn!(path = %rel.display(), "name with a newline keeps its ctime");
+            return Ok(());
+        }
+        let mut quoted = b"\"/".to_vec();
+        for &b in path {
+            if b == b'"' {
+                quoted.push(b'"');
+            }
+            quoted.push(b);
+        }
+        quoted.push(b'"');
+        let mtime = meta.mtime().max(0);
+        for (field, time) in [("ctime", epoch), ("atime", mtime.unsigned_abs())] {
+            script.extend_from_slice(b"set_inode_field ");
+            script.extend_from_slice(&quoted);
+            script.extend_from_slice(format!(" {field} @{time}\n").as_bytes());
+        }
+        Ok(())
+    })
+    .map_err(Ext4Error::Walk)?;
+    let script_path = image.with_extension("debugfs");
+    let script_err = |source| Ext4Error::Script {
+        path: script_path.clone(),
+        source,
+    };
+    std::fs::write(&script_path, &script).map_err(script_err)?;
+    let debugfs_err = |source| Ext4Error::Debugfs {
+        path: image.to_owned(),
+        source,
+    };
+    let mut cmd = DEBUGFS.command().map_err(debugfs_err)?;
+    cmd.arg("-w").arg("-f").arg(&script_path).arg(image);
+    // debugfs echoes each command as "debugfs: ..." and exits 0 even when one fails; any other
+    // line is a failure.
+    let mut failures = Vec::new();
+    let ran = DEBUGFS.run(cmd, "debugfs", &mut |line| {
+        let line = line.strip_prefix("debugfs: ").unwrap_or(line);
+        if !line.starts_with("debugfs") && failures.len() < 10 {
+            failures.push(line.to_owned());
+        }
+    });
+    std::fs::remove_file(&script_path).map_err(script_err)?;
+    ran.map_err(debugfs_err)?;
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Ext4Error::DebugfsCommands {
+            path: image.to_owned(),
+            output: failures.join("\n"),
+        })
+    }
 }
 
 /// Makes an empty, sparse ext4 file system of `size_bytes` at `path` (which must not exist),

@@ -110,6 +110,7 @@ pub fn import(
         &params,
         &mut |line| tracing::debug!(line, "import"),
     )?;
+    remove_tree(&staging.tree());
     let meta = ImageMeta {
         digest: staged.digest,
         origin: ImageOrigin::Import {
@@ -157,6 +158,15 @@ pub fn stage_image(
         layers: plan.layers.len(),
         stats,
     })
+}
+
+/// Deletes a staged tree once its disk is made, so an import needs the disk space of the tree
+/// and the disk at once only briefly. Best effort: the staging directory goes anyway when the
+/// operation ends.
+pub(crate) fn remove_tree(tree: &Path) {
+    if let Err(error) = fs::remove_dir_all(tree) {
+        tracing::warn!(tree = %tree.display(), %error, "cannot remove the staged tree yet");
+    }
 }
 
 /// The volume label of an image's root file system: `nc-` and the digest's first 12 hex.

@@ -5,7 +5,7 @@
 //! read-only plus a per-VM writable disk ([`create_scratch_disk`]); the guest's PID 1 stacks
 //! them with overlayfs. Images come from two places:
 //!
-//! - [`import`]: a `docker save` tarball, an OCI image layout directory or a tar of one; every
+//! - [`import()`]: a `docker save` tarball, an OCI image layout directory or a tar of one; every
 //!   blob is checked against its sha256 while it streams, layers are applied with their
 //!   whiteouts into a private staging tree that nothing in a layer can escape, and the tree
 //!   becomes the disk;
@@ -17,7 +17,7 @@
 //!
 //! # Layout
 //! - [`store`]: the store on disk, names, atomic commits, list, inspect, remove.
-//! - [`import`]: the import pipeline ([`import()`], [`stage_image`]) and its [`ImageError`].
+//! - [`mod@import`]: the import pipeline ([`import()`], [`stage_image`]) and its [`ImageError`].
 //! - [`source`]: reading docker and OCI sources, media types, digests of JSON documents.
 //! - [`layer`]: applying layer tar streams to a tree: whiteouts, opaque directories, refusals.
 //! - [`limits`]: the size and entry limits, enforced while streaming.
@@ -28,6 +28,7 @@
 //! - [`config`]: the image config, [`ImageConfig`].
 //! - [`name`]: image names, [`ImageName`].
 //! - [`tool`]: running external tools and naming their Debian packages.
+//! - [`mounts`]: the mount table, so no delete crosses into a mount.
 
 pub mod config;
 pub mod debian;
@@ -36,6 +37,7 @@ pub mod ext4;
 pub mod import;
 pub mod layer;
 pub mod limits;
+pub mod mounts;
 pub mod name;
 pub mod source;
 pub mod store;

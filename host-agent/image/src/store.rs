@@ -34,11 +34,16 @@ use crate::digest::Digest;
 use crate::name::{ImageName, NameError};
 use crate::source::SourceKind;
 
+/// Prefix of staging directory names.
+const STAGING_PREFIX: &str = "op-";
+/// Age after which a lock-less staging directory or temporary file counts as abandoned.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// File names inside the store.
 mod paths {
     /// The store's directory under the state directory.
     pub const IMAGES: &str = "images";
-    /// The lock file.
+    /// The store's lock file, and each staging directory's.
     pub const LOCK: &str = "lock";
     /// Name files.
     pub const NAMES: &str = "names";
@@ -182,10 +187,14 @@ pub struct ImageStore {
     root: PathBuf,
 }
 
-/// An operation's private staging directory under the store's `tmp/`; removed on drop.
+/// An operation's private staging directory under the store's `tmp/`; removed on drop. Its
+/// `lock` file is flock'd while the operation lives, which tells a later [`ImageStore::open`]
+/// that a staging directory it finds is not abandoned.
 #[derive(Debug)]
 pub struct Staging {
+    // Declared first, so dropped first: the directory goes while the lock is still held.
     dir: tempfile::TempDir,
+    _lock: Flock<File>,
 }
 
 impl Staging {
@@ -210,21 +219,25 @@ impl Staging {
     }
 
     /// Leaves the directory in place (when deleting it could reach below a mount that would
-    /// not go away); returns its path.
+    /// not go away); returns its path. A later [`ImageStore::open`] deletes it once nothing
+    /// is mounted below it.
     pub fn keep(self) -> PathBuf {
         self.dir.keep()
     }
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) the store under `state_dir`.
+    /// Opens (creating if needed) the store under `state_dir`, and deletes what crashed
+    /// operations left in `tmp/`.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let root = state_dir.join(paths::IMAGES);
         for dir in [paths::NAMES, paths::BLOBS, paths::TMP] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(|source| StoreError::CreateDir { path, source })?;
         }
-        Ok(Self { root })
+        let store = Self { root };
+        store.sweep_tmp();
+        Ok(store)
     }
 
     /// The store's directory (`<state>/images`).
@@ -269,10 +282,73 @@ impl ImageStore {
     pub fn staging(&self) -> Result<Staging, StoreError> {
         let tmp = self.root.join(paths::TMP);
         let dir = tempfile::Builder::new()
-            .prefix("op-")
+            .prefix(STAGING_PREFIX)
             .tempdir_in(&tmp)
             .map_err(|source| StoreError::Staging { path: tmp, source })?;
-        Ok(Staging { dir })
+        let lock_path = dir.path().join(paths::LOCK);
+        let staging_err = |source| StoreError::Staging {
+            path: lock_path.clone(),
+            source,
+        };
+        let file = File::create(&lock_path).map_err(staging_err)?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| staging_err(errno.into()))?;
+        Ok(Staging { dir, _lock: lock })
+    }
+
+    /// Deletes staging directories whose operation is gone (their lock is free, or they never
+    /// got one and are old) and old temporary files. A directory with a mount below it is left
+    /// alone: deleting it would cross into the mount. Failures are logged, not returned: a
+    /// leftover costs disk space, not correctness.
+    fn sweep_tmp(&self) {
+        let tmp = self.root.join(paths::TMP);
+        let Ok(entries) = fs::read_dir(&tmp) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > STALE_AFTER);
+            let abandoned = if meta.is_dir() {
+                match File::open(path.join(paths::LOCK)) {
+                    Ok(file) => Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok(),
+                    Err(_) => old,
+                }
+            } else {
+                old
+            };
+            if !abandoned {
+                continue;
+            }
+            match crate::mounts::mounts_under(&path) {
+                Ok(mounts) if mounts.is_empty() => {}
+                Ok(mounts) => {
+                    tracing::warn!(path = %path.display(), ?mounts, "abandoned staging directory has mounts below it; left in place");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the mount table; leaving tmp/ alone");
+                    return;
+                }
+            }
+            let removed = if meta.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => tracing::info!(path = %path.display(), "removed abandoned staging data"),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot remove abandoned staging data")
+                }
+            }
+        }
     }
 
     /// Writes the config and meta into the staging blob directory (whose `rootfs.ext4` is
@@ -570,6 +646,28 @@ mod tests {
         drop((staging, staging2));
         assert_eq!(
             fs::read_dir(store.root().join(paths::TMP)).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn open_sweeps_abandoned_staging_but_not_live_ones() {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(state.path()).unwrap();
+        let live = store.staging().unwrap();
+        let abandoned = store.staging().unwrap().keep();
+        fs::write(abandoned.join("partial"), b"x").unwrap();
+        let reopened = ImageStore::open(state.path()).unwrap();
+        assert!(live.path().exists(), "a live staging directory was swept");
+        assert!(
+            !abandoned.exists(),
+            "an abandoned staging directory was kept"
+        );
+        drop(live);
+        assert_eq!(
+            fs::read_dir(reopened.root().join(paths::TMP))
+                .unwrap()
+                .count(),
             0
         );
     }

@@ -12,6 +12,15 @@ use std::sync::mpsc;
 const TAIL_LINES: usize = 30;
 /// Longest line passed on (longer ones are cut).
 const MAX_LINE: usize = 2000;
+/// Environment variables passed on to tools.
+const PROXY_VARS: [&str; 6] = [
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+];
 /// Where tools are looked for besides `$PATH` (a daemon's PATH often lacks the sbin ones).
 const EXTRA_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
@@ -61,6 +70,11 @@ pub const MKFS_EXT4: Tool = Tool {
     name: "mkfs.ext4",
     package: "e2fsprogs",
 };
+/// `debugfs`.
+pub const DEBUGFS: Tool = Tool {
+    name: "debugfs",
+    package: "e2fsprogs",
+};
 /// `debootstrap`.
 pub const DEBOOTSTRAP: Tool = Tool {
     name: "debootstrap",
@@ -86,7 +100,8 @@ impl Tool {
             })
     }
 
-    /// A command for the tool, with a clean environment except `PATH` and `LANG=C`.
+    /// A command for the tool, with a clean environment: a fixed `PATH`, `LANG=C.UTF-8`, and
+    /// the caller's proxy settings (debootstrap and pip download through them).
     pub fn command(&self) -> Result<Command, ToolError> {
         let mut cmd = Command::new(self.find()?);
         cmd.env_clear()
@@ -96,6 +111,11 @@ impl Tool {
             )
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null());
+        for var in PROXY_VARS {
+            if let Some(value) = std::env::var_os(var) {
+                cmd.env(var, value);
+            }
+        }
         Ok(cmd)
     }
 

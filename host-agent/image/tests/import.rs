@@ -231,6 +231,31 @@ fn import_makes_an_ext4_disk_and_a_store_entry() {
 }
 
 #[test]
+fn the_same_image_gives_the_same_disk_bytes() {
+    let src = tempfile::tempdir().unwrap();
+    two_layer_image().write_docker_tar(&src.path().join("image.tar"));
+    let mut disks = Vec::new();
+    for _ in 0..2 {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(state.path()).unwrap();
+        let info = import(
+            &store,
+            "app",
+            &src.path().join("image.tar"),
+            &ImportLimits::default(),
+        )
+        .unwrap();
+        disks.push(fs::read(&info.rootfs).unwrap());
+        // The next import's staged files get another change time.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert!(
+        disks[0] == disks[1],
+        "two imports of one image made different disks"
+    );
+}
+
+#[test]
 fn list_inspect_remove_share_and_drop_blobs() {
     let state = tempfile::tempdir().unwrap();
     let store = ImageStore::open(state.path()).unwrap();
