@@ -164,7 +164,7 @@ def demo(a, w: Path, bins: Path, procs: Processes) -> int:
     device_port = free_port()
     state = w / "state"
     socket = w / "api.sock"
-    procs.start([str(bins / "host-agent"), "serve", "--state-dir", str(state), "--socket", str(socket),
+    daemon = procs.start([str(bins / "host-agent"), "serve", "--state-dir", str(state), "--socket", str(socket),
                  "--guest-manifest", str(a.guest_manifest), "--image-store", str(a.image_store),
                  "--device-listen", f"127.0.0.1:{device_port}",
                  "--approvals-listen", f"127.0.0.1:{free_port()}",
@@ -200,14 +200,55 @@ def demo(a, w: Path, bins: Path, procs: Processes) -> int:
     sys.stdout.write(agent.stdout.decode(errors="replace"))
     (w / "agent.exit").write_text(str(agent.returncode))
     say(f"the agent exited with status {agent.returncode} after {time.monotonic() - started:.0f} s")
-    summarize(w, key, llm_host)
+    scan = key_scan(w, key, daemon.pid)
+    (w / "key-scan.json").write_text(json.dumps(scan, indent=2))
+    summarize(w, key, scan)
     verify = subprocess.run([str(bins / "nanoclaw"), "audit", "verify", "--file", str(state / "audit.ndjson")],
                             capture_output=True, text=True)
     say(f"audit log: {(verify.stdout + verify.stderr).strip()}")
     return agent.returncode
 
 
-def summarize(w: Path, key: str, llm_host: str) -> None:
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of process `pid` holds `needle` (root reads /proc/PID/mem)."""
+    found = False
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in addr.split("-"))
+            tail = b""
+            # Bounded reads; the tail carried over finds a needle that straddles two of them.
+            for at in range(start, end, 16 << 20):
+                try:
+                    mem.seek(at)
+                    chunk = tail + mem.read(min(16 << 20, end - at))
+                except (OSError, ValueError, OverflowError):
+                    break
+                if needle in chunk:
+                    found = True
+                    break
+                tail = chunk[-len(needle):]
+            if found:
+                break
+    return found
+
+
+def key_scan(w: Path, key: str, daemon_pid: int) -> dict:
+    """Where the API key's bytes are on the host side: the daemon's memory, its log and every
+    file of its state (the VM's writable disk included), checked while the daemon still runs."""
+    needle = key.encode()
+    files = [p for p in (w / "state").rglob("*") if p.is_file() and not p.is_symlink()]
+    return {
+        "daemon_memory": memory_holds(daemon_pid, needle),
+        "daemon_log": needle in (w / "daemon.log").read_bytes(),
+        "state_files_scanned": len(files),
+        "state_files_holding_it": [str(p) for p in files if needle in p.read_bytes()],
+    }
+
+
+def summarize(w: Path, key: str, scan: dict) -> None:
     """What happened along the path, from the peers' own records."""
     try:
         requests = [json.loads(l) for l in (w / "llm-record.jsonl").read_text().splitlines() if l.strip()]
@@ -227,8 +268,9 @@ def summarize(w: Path, key: str, llm_host: str) -> None:
     audit = (w / "state/audit.ndjson").read_text() if (w / "state/audit.ndjson").exists() else ""
     if '"expired"' in audit:
         say(f"delete_file waited {APPROVAL_WAIT_SECS} s for your passkey, got no answer, and was denied")
-    leaked = [str(p) for p in (w / "state").rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
-    say("the API key is nowhere in the daemon's state" if not leaked else f"WARNING: the key is in {leaked}")
+    clean = not (scan["daemon_memory"] or scan["daemon_log"] or scan["state_files_holding_it"])
+    say(f"the API key is nowhere in the daemon's memory, log or state ({scan['state_files_scanned']} files, "
+        "the VM's disk included)" if clean else f"WARNING: the key was found on the host: {scan}")
 
 
 if __name__ == "__main__":
