@@ -222,8 +222,9 @@ pub struct BlockMetrics {
     /// Chains with no usable status byte (or too long, or cut short): returned with used
     /// length 0 and no status.
     pub dropped_chains: AtomicU64,
-    /// Times the queue itself was unusable (an available index too far ahead, a used ring
-    /// write that failed).
+    /// Times the queue itself was unusable: an available index too far ahead (nothing is
+    /// taken), or a chain whose head index is outside the queue (taken and counted in
+    /// `requests`, but it cannot go into the used ring).
     pub queue_errors: AtomicU64,
 }
 
