@@ -170,12 +170,14 @@ impl<D: DiskBackend, I: Interrupt> BlockDevice<D, I> {
             BlockMetrics::inc(&metrics.requests);
             let done = request::process_chain(chain, &*mem, disk, info, buffers, *write_through);
             account(metrics, logs, &done);
+            // Fails only for a head index outside the queue (the transport checked the used
+            // ring): there is no descriptor to give back, so go on with the next chain.
             if let Err(e) = queue.add_used(&*mem, head, done.used_len) {
                 BlockMetrics::inc(&metrics.queue_errors);
                 if logs.queue.allow() {
-                    tracing::warn!(error = %e, "block: add_used failed");
+                    tracing::warn!(error = %e, head, "block: add_used failed");
                 }
-                break false;
+                continue;
             }
             used_any = true;
         };

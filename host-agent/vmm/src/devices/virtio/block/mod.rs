@@ -7,8 +7,9 @@
 //! `VIRTIO_BLK_F_RO`, and answers writes with `VIRTIO_BLK_S_IOERR` without touching the file.
 //!
 //! # Layout
-//! - [`request`]: turns one descriptor chain into a [`request::Request`] and executes it
-//!   against a [`DiskBackend`]. Every bound a guest could break is checked here.
+//! - [`request`]: turns one descriptor chain into a request and executes it against a
+//!   [`DiskBackend`] ([`request::process_chain`]). Every bound a guest could break is checked
+//!   here.
 //! - [`device`]: the virtio device: walks the queue, completes each chain in the used ring and
 //!   interrupts the guest. Generic over the backend and the [`Interrupt`](super::mmio::Interrupt),
 //!   so tests and the fuzzer drive it on a mock queue.
@@ -222,8 +223,9 @@ pub struct BlockMetrics {
     /// Chains with no usable status byte (or too long, or cut short): returned with used
     /// length 0 and no status.
     pub dropped_chains: AtomicU64,
-    /// Times the queue itself was unusable (an available index too far ahead, a used ring
-    /// write that failed).
+    /// Times the queue itself was unusable: an available index too far ahead (nothing is
+    /// taken), or a chain whose head index is outside the queue (taken and counted in
+    /// `requests`, but it cannot go into the used ring).
     pub queue_errors: AtomicU64,
 }
 

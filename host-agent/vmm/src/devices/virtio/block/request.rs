@@ -1,5 +1,5 @@
-//! One block request: a descriptor chain parsed into a [`Request`], executed against a
-//! [`DiskBackend`], and completed with a status byte.
+//! One block request: a descriptor chain parsed into a request, executed against a
+//! [`DiskBackend`], and completed with a status byte ([`process_chain`]).
 //!
 //! Expected layout (what Linux sends, and the spec's "legacy" layout): a 16-byte device-readable
 //! header (`type`, `reserved`, `sector`), zero or more data descriptors (device-writable for
@@ -219,11 +219,11 @@ where
 
 /// A parsed, checked request, ready to run.
 #[derive(Debug)]
-pub struct Request<'a> {
+struct Request<'a> {
     /// The request type.
-    pub request_type: RequestType,
+    request_type: RequestType,
     /// The first sector (meaningful for `IN` and `OUT`).
-    pub sector: u64,
+    sector: u64,
     data: &'a [Descriptor],
     data_len: u64,
 }

@@ -561,6 +561,17 @@ fn a_bogus_available_index_is_counted_and_the_pass_ends() {
 }
 
 #[test]
+fn a_head_index_outside_the_queue_is_skipped_and_the_next_chain_served() {
+    let (mut h, _) = mem_harness(false);
+    h.drv.add_raw(QSIZE + 3, &[]);
+    let p = h.drv.post_read(0, 512);
+    assert_eq!(h.run(), vec![(p.head, 513)]);
+    assert_eq!(h.get(|m| &m.requests), 2);
+    assert_eq!(h.get(|m| &m.queue_errors), 1);
+    assert_eq!(h.get(|m| &m.dropped_chains), 1);
+}
+
+#[test]
 fn one_pass_serves_a_bounded_number_of_chains() {
     let (mut h, _) = mem_harness(false);
     for _ in 0..defs::MAX_CHAINS_PER_PASS {
