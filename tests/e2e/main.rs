@@ -8,7 +8,7 @@ mod agent;
 mod approval;
 mod credentials;
 mod image;
-mod real_agent;
 mod kvm_selftest;
 mod mcp;
+mod real_agent;
 mod vmm;

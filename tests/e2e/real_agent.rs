@@ -37,7 +37,10 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
             .expect("NANOCLAW_E2E_IMAGE_STORE (scripts/e2e builds the agent image there)"),
     );
     let manifest = std::env::var_os("NANOCLAW_GUEST_MANIFEST").expect("NANOCLAW_GUEST_MANIFEST");
-    let work = tempfile::Builder::new().prefix("ncdemo-").tempdir().unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("ncdemo-")
+        .tempdir()
+        .unwrap();
     let w = work.path();
     let bin_dir = host_agent_bin().parent().unwrap().to_owned();
     let out = Command::new("python3")
@@ -55,7 +58,11 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
     let read = |name: &str| std::fs::read_to_string(w.join(name)).unwrap_or_default();
     let context = || {
         let mut vms = String::new();
-        for dir in std::fs::read_dir(w.join("state/vms")).into_iter().flatten().flatten() {
+        for dir in std::fs::read_dir(w.join("state/vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             for f in ["console.log", "vmm.log"] {
                 vms += &format!(
                     "\n{} {f}:\n{}",
@@ -73,7 +80,12 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
             read("llm-server.log"),
         )
     };
-    assert_eq!(read("agent.exit").trim(), "0", "the agent failed\n{}", context());
+    assert_eq!(
+        read("agent.exit").trim(),
+        "0",
+        "the agent failed\n{}",
+        context()
+    );
     assert!(
         read("agent.out").contains("final answer"),
         "no final answer\n{}",
@@ -83,7 +95,12 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
     // The LLM server: every call carried the real key (the agent only ever had a placeholder),
     // every scripted expectation held, and no message held the real card or email.
     let requests = lines(&w.join("llm-record.jsonl"));
-    assert!(requests.len() >= 4, "{} LLM calls\n{}", requests.len(), context());
+    assert!(
+        requests.len() >= 4,
+        "{} LLM calls\n{}",
+        requests.len(),
+        context()
+    );
     for r in &requests {
         assert_eq!(r["key_matched"], Value::Bool(true), "{r}");
         let failures = r.get("expectation_failures");
@@ -93,8 +110,14 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
         );
     }
     let seen = serde_json::to_string(&requests).unwrap();
-    assert!(!seen.contains("4111 1111 1111 1111"), "the model saw the real card");
-    assert!(!seen.contains("alice.smith@example.com"), "the model saw the real email");
+    assert!(
+        !seen.contains("4111 1111 1111 1111"),
+        "the model saw the real card"
+    );
+    assert!(
+        !seen.contains("alice.smith@example.com"),
+        "the model saw the real email"
+    );
 
     // The MCP upstream: the read and the write ran, the write got the real email back, the
     // delete never reached it.
@@ -116,7 +139,9 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
     // The delete waited for the user's passkey and was denied when nobody answered.
     let audit = read("state/audit.ndjson");
     assert!(
-        audit.lines().any(|l| l.contains("approval_outcome") && l.contains("expired")),
+        audit
+            .lines()
+            .any(|l| l.contains("approval_outcome") && l.contains("expired")),
         "no expired approval in the audit log:\n{audit}"
     );
     let verify = Command::new(host_agent_bin().with_file_name("nanoclaw"))
@@ -124,13 +149,21 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
         .arg(w.join("state/audit.ndjson"))
         .output()
         .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 
     // The key's bytes: nowhere on the host side.
     let scan: Value = serde_json::from_str(&read("key-scan.json")).expect("key-scan.json");
     assert_eq!(scan["daemon_memory"], Value::Bool(false), "{scan}");
     assert_eq!(scan["daemon_log"], Value::Bool(false), "{scan}");
-    assert_eq!(scan["state_files_holding_it"], serde_json::json!([]), "{scan}");
+    assert_eq!(
+        scan["state_files_holding_it"],
+        serde_json::json!([]),
+        "{scan}"
+    );
     assert!(
         scan["state_files_scanned"].as_u64().unwrap_or(0) > 3,
         "the scan saw the state: {scan}"

@@ -4,7 +4,9 @@
 //! share one image; a writable disk is opened `O_RDWR` and holds an exclusive one, so a scratch
 //! disk cannot be attached to two VMs at once (or written while a VM reads it as an image). The
 //! capacity is fixed when the file is opened: a file that later shrinks answers reads past its
-//! end with `IOERR`.
+//! end with `IOERR`. A file system that has no locks at all (`ENOLCK`, `EOPNOTSUPP`), such as
+//! some network shares, still serves read-only images: a shared lock only guards against a
+//! writer, and such images are never opened writable; writable disks always need their lock.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -15,10 +17,30 @@ use nix::fcntl::{Flock, FlockArg};
 use super::defs::SECTOR_SIZE;
 use super::{BlockError, DiskBackend};
 
+/// The backing file and its lock.
+#[derive(Debug)]
+enum Locked {
+    /// Holding the `flock`.
+    Held(Flock<File>),
+    /// A read-only file on a file system without locks.
+    Unlockable(File),
+}
+
+impl std::ops::Deref for Locked {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        match self {
+            Self::Held(f) => f,
+            Self::Unlockable(f) => f,
+        }
+    }
+}
+
 /// An open, locked backing file.
 #[derive(Debug)]
 pub struct DiskFile {
-    file: Flock<File>,
+    file: Locked,
     sectors: u64,
     read_only: bool,
 }
@@ -59,10 +81,19 @@ impl DiskFile {
         } else {
             FlockArg::LockExclusiveNonblock
         };
-        let file = Flock::lock(file, lock).map_err(|(_, errno)| BlockError::Lock {
-            path: path.to_path_buf(),
-            source: errno,
-        })?;
+        let file = match Flock::lock(file, lock) {
+            Ok(held) => Locked::Held(held),
+            Err((file, nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP)) if read_only => {
+                tracing::warn!(path = %path.display(), "the image's file system has no locks; serving it unlocked");
+                Locked::Unlockable(file)
+            }
+            Err((_, errno)) => {
+                return Err(BlockError::Lock {
+                    path: path.to_path_buf(),
+                    source: errno,
+                });
+            }
+        };
         Ok(Self {
             file,
             sectors: len / SECTOR_SIZE,
