@@ -6,6 +6,7 @@
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use host_agent::relay::{Relay, VmIdentity, VmRelay, proxy_socket_path};
 use vault_device::device::{self, Device, DeviceConfig};
@@ -66,14 +67,23 @@ pub fn make_vault(dir: &Path, api: &str, other: &str, secret: &str) -> PathBuf {
     path
 }
 
-/// Pairs the vault with the relay listening at `addr`.
+/// Pairs the vault with the relay listening at `addr`, and waits (at most 10 s) until the relay
+/// has recorded the device: it does so just after it sends its last handshake message, so the
+/// device's side may finish first.
 pub async fn pair(vault: &Path, relay: &Relay, addr: SocketAddr) {
     let mut v = Vault::open(vault, PASSPHRASE).unwrap();
     let code = relay.pairing_code().unwrap();
     device::pair(&mut v, &addr.to_string(), &code, "test-phone")
         .await
         .unwrap();
-    assert!(relay.paired_device().is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.paired_device().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not record the paired device"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Starts the device's link (in this process) and waits until the relay sees it.

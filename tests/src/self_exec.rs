@@ -7,7 +7,7 @@
 //! `--list`, `--ignored` (no test here is ignored) and `--include-ignored`; other options are
 //! accepted and have no effect. Tests run one at a time, in order.
 //!
-//! ```ignore
+//! ```text
 //! fn main() {
 //!     nanoclaw_tests::self_exec::main(
 //!         &[self_exec::SERVE, ("--kernel", fake_vmm)],
