@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nanoclaw_tests::browser::{self, Cdp};
-use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, workspace_root};
+use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, free_port, workspace_root};
 use serde_json::{Value, json};
 
 /// The agent: a busybox shell script that deletes two files through the MCP endpoint. (No
@@ -36,14 +36,6 @@ const APPROVE_READY: &str = "document.readyState === 'complete' && \
 
 /// Chromium and page loads under nested software emulation: minutes, not seconds.
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// A free TCP port on 127.0.0.1 (bound and released; the daemon binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// The example worker profile, with its upstream started from the test venv's Python and its
 /// calls recorded in `peer_log`.

@@ -8,12 +8,13 @@
 //! agent is busybox `wget` against `http://127.0.0.1:<GUEST_PROXY_PORT>/svc/hello`.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nanoclaw_tests::{
-    CLI_TIMEOUT, GuestImage, OutputWithin, RUN_TIMEOUT, host_agent_bin, nanoclaw_bin,
+    CLI_TIMEOUT, GuestImage, OutputWithin, RUN_TIMEOUT, free_port, host_agent_bin, nanoclaw_bin,
+    vault_device_bin, wait_for,
 };
 use shared_proto::credential::GUEST_PROXY_PORT;
 
@@ -132,22 +133,6 @@ fn random_hex() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 #[ignore = "e2e: run through scripts/e2e"]
 fn an_agent_in_a_microvm_calls_https_through_the_device() {
@@ -208,7 +193,7 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
     });
     let code = std::fs::read_to_string(&code_file).unwrap();
 
-    let vault_bin: PathBuf = host_agent_bin().with_file_name("vault-device");
+    let vault_bin = vault_device_bin();
     let vault = p.join("device.vault");
     let vd = || {
         let mut c = Command::new(&vault_bin);

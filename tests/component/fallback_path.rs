@@ -3,11 +3,13 @@
 //! makes the HTTPS call itself. Envelopes the device really sealed are then replayed, tampered
 //! with, aged and sent to another VM's opener: each is refused.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use nanoclaw_tests::credential::{
+    PASSPHRASE, Sidecar, VM, attach, make_vault, pair, random_secret, sidecar, start_device,
+};
+use nanoclaw_tests::http::http;
+use nanoclaw_tests::upstream::{Upstream, make_ca, start_upstream};
 use shared_proto::credential::{DeviceToSidecar, ProxyTarget, SidecarToDevice};
 use shared_proto::envelope::EnvelopeError;
 use vpod_sidecar::proxy::channel::DeviceSession;

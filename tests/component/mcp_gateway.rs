@@ -16,31 +16,14 @@ use host_agent::approval::{ApprovalOutcome, ApprovalSubject, Approver, DenyAll};
 use host_agent::mcp::{DENIED, Gateway, GatewayConfig, MAX_ARGUMENT_BYTES, Spawner};
 use host_agent::policy::{AccessPolicy, Profile};
 use nanoclaw_audit::AuditLog;
+use nanoclaw_tests::free_port;
+use nanoclaw_tests::peers::{mcp_python as python, peer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 const CARD: &str = "4111 1111 1111 1111";
 const EMAIL: &str = "alice.smith@example.com";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    let path = std::env::var_os("NANOCLAW_MCP_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/nanoclaw/mcp-venv/bin/python3")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/setup --test (it installs the pinned Python mcp SDK)",
-        path.display()
-    );
-    path
-}
 
 /// A worker profile over the Python upstream; `{mode}` is the tokenize mode.
 fn worker_profile(log: &Path, mode: &str, tier: &str) -> String {
@@ -76,7 +59,7 @@ name = "transfer"
 args.amount = {{ min = 1, max = 100 }}
 "#,
         python = python().display(),
-        upstream = repo().join("tests/peers/mcp_upstream.py").display(),
+        upstream = peer("mcp_upstream.py").display(),
         log = log.display(),
     )
 }
@@ -132,7 +115,7 @@ impl Fixture {
         let out = tokio::time::timeout(
             Duration::from_secs(60),
             tokio::process::Command::new(python())
-                .arg(repo().join("tests/peers/mcp_agent.py"))
+                .arg(peer("mcp_agent.py"))
                 .arg(&self.socket)
                 .arg(steps.to_string())
                 .output(),
@@ -380,12 +363,9 @@ async fn monitor_mode_changes_nothing_and_records_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamable_http_upstream() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut child = tokio::process::Command::new(python())
-        .arg(repo().join("tests/peers/mcp_upstream.py"))
+        .arg(peer("mcp_upstream.py"))
         .args(["--http", &port.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -654,7 +634,7 @@ async fn orchestrator_spawns_only_within_its_rights() {
         format!(
             "[servers.files]\ncommand = [\"{}\", \"{}\"]\nenv = {{ NANOCLAW_PEER_LOG = \"{}\" }}\n",
             python().display(),
-            repo().join("tests/peers/mcp_upstream.py").display(),
+            peer("mcp_upstream.py").display(),
             log.display()
         )
     };

@@ -1,41 +1,17 @@
-//! The component fixture shared by the credential tests: a real HTTPS server that demands the
-//! credential (its CA trusted by the device only), a paired device and host relay on loopback,
-//! and the sidecar's proxy code running on the host over a Unix socket in place of vsock.
+//! The test HTTPS server that demands the credential: a CA of its own ([`make_ca`], trusted by the
+//! device only) and a server ([`start_upstream`]) that answers only requests carrying the right
+//! bearer token, recording what it saw.
 
-#![allow(dead_code)]
-
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use host_agent::relay::{Relay, VmIdentity, VmRelay, proxy_socket_path};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use vault_device::device::{self, Device, DeviceConfig};
-use vault_device::grant::Grant;
-use vault_device::vault::{Entry, KdfParams, Secret, Vault};
-use vpod_sidecar::proxy::{self, ProxyIdentity};
-use x25519_dalek::{PublicKey, StaticSecret};
-use zeroize::Zeroizing;
-
-/// A fresh credential for one test. It is drawn at run time, never a constant: the test
-/// binary also runs as the daemon and the agent, and a constant would sit in their mapped
-/// executable and defeat the memory scans.
-pub fn random_secret() -> String {
-    let mut bytes = [0u8; 24];
-    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    format!("sk-live-{}", hex::encode(bytes))
-}
-/// A second credential that has no grant.
-pub const UNGRANTED_SECRET: &str = "sk-ungranted-Qm3Zr8Tn5Wb2Xc7Vy4Ud9Ke1";
-/// The VM id.
-pub const VM: &str = "vm-test-1";
-pub const PASSPHRASE: &[u8] = b"correct horse battery staple";
 
 /// What the HTTPS server saw.
 #[derive(Debug, Default)]
@@ -57,24 +33,40 @@ pub const RESPONSE_EMAIL: &str = "ops.lead@corp.example";
 /// 401 otherwise; `/big/N` answers N bytes; `/sse` sends one event, waits until
 /// [`Upstream::release`] (or 10 s), sends a second and ends; `/json` answers JSON holding the
 /// request body as a string and [`RESPONSE_EMAIL`].
+#[derive(Debug)]
 pub struct Upstream {
+    /// Where it listens (on 127.0.0.1); clients resolve the test's names to it.
     pub addr: SocketAddr,
+    /// What it saw.
     pub seen: Arc<Mutex<Seen>>,
     release: Arc<Notify>,
 }
 
 impl Upstream {
+    /// Lets the pending `/sse` response send its last event.
     pub fn release(&self) {
         self.release.notify_one();
     }
 }
 
+/// The test CA: its certificate (as PEM at `pem_path`) and key, which sign the server's
+/// certificate.
 pub struct Ca {
+    /// The CA certificate, PEM: the device's (or a client's) only trusted root.
     pub pem_path: PathBuf,
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("pem_path", &self.pem_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes a CA and writes its certificate to `dir/ca.pem`.
 pub fn make_ca(dir: &Path) -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -92,6 +84,8 @@ pub fn make_ca(dir: &Path) -> Ca {
     }
 }
 
+/// Starts the server on 127.0.0.1 with a certificate from `ca` for `names`, accepting the bearer
+/// token `secret`.
 pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
     let expected = format!("Bearer {secret}");
     let leaf_key = KeyPair::generate().unwrap();
@@ -243,175 +237,5 @@ pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
         addr,
         seen,
         release,
-    }
-}
-
-/// A vault with the granted credential `svc` (to `api.test:PORT`) and the ungranted `other`
-/// (to `api.test:PORT` and `other.test:PORT`).
-pub fn make_vault(dir: &Path, api: &str, other: &str, secret: &str) -> PathBuf {
-    let path = dir.join("device.vault");
-    let mut vault = Vault::create(&path, PASSPHRASE, KdfParams::FAST_FOR_TESTS).unwrap();
-    vault
-        .add(Entry {
-            name: "svc".into(),
-            secret: Secret::new(secret.as_bytes().to_vec()),
-            hosts: vec![api.to_owned()],
-            header: "Authorization".into(),
-            format: "Bearer {}".into(),
-        })
-        .unwrap();
-    vault
-        .add(Entry {
-            name: "other".into(),
-            secret: Secret::new(UNGRANTED_SECRET.as_bytes().to_vec()),
-            hosts: vec![other.to_owned()],
-            header: "Authorization".into(),
-            format: "Bearer {}".into(),
-        })
-        .unwrap();
-    vault.data.grants.push(Grant {
-        credential: "svc".into(),
-        host: api.to_owned(),
-        vm: VM.into(),
-        expires_at: u64::MAX,
-        fallback: true,
-    });
-    vault.save().unwrap();
-    path
-}
-
-/// Pairs the vault with the relay listening at `addr`.
-pub async fn pair(vault: &Path, relay: &Relay, addr: SocketAddr) {
-    let mut v = Vault::open(vault, PASSPHRASE).unwrap();
-    let code = relay.pairing_code().unwrap();
-    device::pair(&mut v, &addr.to_string(), &code, "test-phone")
-        .await
-        .unwrap();
-    assert!(relay.paired_device().is_some());
-}
-
-/// Starts the device's link (in this process) and waits until the relay sees it.
-pub async fn start_device(
-    vault: &Path,
-    ca: &Ca,
-    resolve: Vec<(String, SocketAddr)>,
-) -> Arc<Device> {
-    let device = Device::open(DeviceConfig {
-        vault: vault.to_owned(),
-        passphrase: Zeroizing::new(PASSPHRASE.to_vec()),
-        ca_files: vec![ca.pem_path.clone()],
-        resolve,
-        approval_wait: device::DEFAULT_APPROVAL_WAIT,
-    })
-    .unwrap();
-    tokio::spawn(Arc::clone(&device).serve());
-    device
-}
-
-/// The sidecar's boot identity.
-pub struct Sidecar {
-    pub secret: [u8; 32],
-    pub public: [u8; 32],
-    pub boot_id: [u8; 16],
-}
-
-pub fn sidecar() -> Sidecar {
-    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-    Sidecar {
-        public: PublicKey::from(&secret).to_bytes(),
-        secret: secret.to_bytes(),
-        boot_id: [0x5a; 16],
-    }
-}
-
-/// Attaches the VM to the relay with the given announced sidecar key.
-pub fn attach(
-    relay: &Arc<Relay>,
-    vm_dir: &Path,
-    sidecar: &Sidecar,
-    announced: [u8; 32],
-) -> VmRelay {
-    attach_with(relay, vm_dir, sidecar, announced, None)
-}
-
-/// [`attach`] for an agent whose tokenizer the host shares with the device.
-pub fn attach_tokenized(
-    relay: &Arc<Relay>,
-    vm_dir: &Path,
-    sidecar: &Sidecar,
-    tokens: Arc<host_agent::mcp::AgentTokens>,
-) -> VmRelay {
-    attach_with(relay, vm_dir, sidecar, sidecar.public, Some(tokens))
-}
-
-fn attach_with(
-    relay: &Arc<Relay>,
-    vm_dir: &Path,
-    sidecar: &Sidecar,
-    announced: [u8; 32],
-    tokens: Option<Arc<host_agent::mcp::AgentTokens>>,
-) -> VmRelay {
-    relay
-        .attach_vm(
-            vm_dir,
-            VmIdentity {
-                vm_id: VM.into(),
-                boot_id: sidecar.boot_id,
-                sidecar_public_key: announced,
-                tokens,
-            },
-        )
-        .unwrap()
-}
-
-/// Runs the sidecar's proxy on a thread, connecting to the VM's relay socket; returns its
-/// address.
-pub fn start_proxy(vm_dir: &Path, sidecar: &Sidecar) -> SocketAddr {
-    let listener = StdTcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let identity = Arc::new(ProxyIdentity {
-        boot_secret: Zeroizing::new(sidecar.secret),
-        boot_id: sidecar.boot_id,
-    });
-    let socket = proxy_socket_path(vm_dir);
-    let connect = Arc::new(move || std::os::unix::net::UnixStream::connect(&socket));
-    std::thread::spawn(move || proxy::serve(&listener, identity, connect));
-    addr
-}
-
-/// A raw HTTP/1.1 exchange with the proxy: the status and the body (chunked decoding done).
-pub fn http(proxy: SocketAddr, request: &str) -> (u16, String) {
-    let mut s = StdTcpStream::connect(proxy).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    parse_response(&raw)
-}
-
-pub fn parse_response(raw: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status");
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            rest = &tail[n + 2..];
-        }
-        (status, out)
-    } else {
-        (status, body.to_owned())
     }
 }

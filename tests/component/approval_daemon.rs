@@ -2,83 +2,24 @@
 //! `--register-link` hands out a one-time link to the pages, which are served on TCP with their
 //! security headers and refuse a foreign `Host`; without the flag approvals are off.
 
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &Path, extra: &[&str]) -> Daemon {
-    std::fs::write(dir.join("kernel"), "k").unwrap();
-    std::fs::write(dir.join("initrd"), "i").unwrap();
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_host-agent"))
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--socket")
-        .arg(dir.join("api.sock"))
-        .arg("--kernel")
-        .arg(dir.join("kernel"))
-        .arg("--initrd")
-        .arg(dir.join("initrd"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(dir.join("api.sock")).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not start: {}",
-            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon(child)
-}
-
-fn nanoclaw(dir: &Path, args: &[&str]) -> Output {
-    Command::new(nanoclaw_tests::built_bin("nanoclaw"))
-        .arg("--socket")
-        .arg(dir.join("api.sock"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use nanoclaw_tests::{DaemonOptions, free_port, text};
 
 #[tokio::test]
 async fn the_daemon_serves_approvals_when_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let _d = start(dir.path(), &["--approvals-listen", &listen]);
+    let d = DaemonOptions::without_vms()
+        .args(["--approvals-listen", &listen])
+        .start()
+        .expect("start the daemon");
 
-    let out = nanoclaw(dir.path(), &["approvals"]);
+    let out = d.cli(&["approvals"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "no pending approval requests\n");
-    let out = nanoclaw(dir.path(), &["approvals", "--json"]);
+    let out = d.cli(&["approvals", "--json"]);
     assert_eq!(text(&out.stdout).trim(), "[]");
 
-    let out = nanoclaw(dir.path(), &["approvals", "--register-link"]);
+    let out = d.cli(&["approvals", "--register-link"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let link = stdout.lines().last().unwrap();
@@ -133,17 +74,18 @@ async fn the_daemon_serves_approvals_when_asked() {
         .unwrap();
     assert_eq!(resp.status(), 400);
     // Every approval-related event lands in the state directory's audit log.
-    assert!(dir.path().join("state/audit.ndjson").exists());
+    assert!(d.state_dir().join("audit.ndjson").exists());
 }
 
 #[test]
 fn without_the_flag_approvals_are_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let _d = start(dir.path(), &[]);
-    let out = nanoclaw(dir.path(), &["approvals"]);
+    let d = DaemonOptions::without_vms()
+        .start()
+        .expect("start the daemon");
+    let out = d.cli(&["approvals"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "no pending approval requests\n");
-    let out = nanoclaw(dir.path(), &["approvals", "--register-link"]);
+    let out = d.cli(&["approvals", "--register-link"]);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("approvals are off"),

@@ -2,12 +2,14 @@
 //! of vsock) -> host relay -> device link -> the device's HTTPS call to a real server that
 //! answers 401 without the right credential.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 
-use common::*;
+use nanoclaw_tests::credential::{
+    attach, make_vault, pair, random_secret, sidecar, start_device, start_proxy,
+};
+use nanoclaw_tests::http::http;
+use nanoclaw_tests::upstream::{make_ca, start_upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_device_makes_the_call_and_only_to_allowed_hosts() {

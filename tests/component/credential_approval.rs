@@ -4,78 +4,30 @@
 //! would); the device verifies the evidence itself and creates the grant. Without
 //! `--approvals-listen` the device's ask is refused "requires approval".
 
-#[path = "../../../vault-device/tests/common/soft_authenticator.rs"]
-mod soft_authenticator;
-
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use host_agent::approval::passkey::PendingView;
+use nanoclaw_tests::authenticator::SoftAuthenticator;
+use nanoclaw_tests::credential::PASSPHRASE;
+use nanoclaw_tests::{Daemon, DaemonOptions, free_port};
 use shared_proto::approval::{RelyingParty, RequestAction};
-use soft_authenticator::SoftAuthenticator;
 use vault_device::approval::{ApprovalCheckError, PasskeyFile};
 use vault_device::device::{Device, DeviceConfig};
 use vault_device::grant::Grant;
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
 use zeroize::Zeroizing;
 
-const PASSPHRASE: &[u8] = b"correct horse battery staple";
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(dir: &Path, extra: &[String]) -> Daemon {
-    std::fs::write(dir.join("kernel"), "k").unwrap();
-    std::fs::write(dir.join("initrd"), "i").unwrap();
-    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_host-agent"))
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--socket")
-        .arg(dir.join("api.sock"))
-        .arg("--kernel")
-        .arg(dir.join("kernel"))
-        .arg("--initrd")
-        .arg(dir.join("initrd"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(dir.join("api.sock")).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not start: {}",
-            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon(child)
-}
-
-/// A vault with `svc` and no grants, paired with the daemon at `device_port`, its device
+/// A vault with `svc` and no grants (in `dir`), paired with `daemon` at `device_port`, its device
 /// linked (in this process) and trusting `passkeys_json` for `origin`.
-async fn device(dir: &Path, device_port: u16, passkeys_json: &[u8], origin: &str) -> Arc<Device> {
+async fn device(
+    dir: &Path,
+    daemon: &Daemon,
+    device_port: u16,
+    passkeys_json: &[u8],
+    origin: &str,
+) -> Arc<Device> {
     let vault_path = dir.join("device.vault");
     let mut vault = Vault::create(&vault_path, PASSPHRASE, KdfParams::FAST_FOR_TESTS).unwrap();
     vault
@@ -88,7 +40,7 @@ async fn device(dir: &Path, device_port: u16, passkeys_json: &[u8], origin: &str
         })
         .unwrap();
     vault.save().unwrap();
-    let code = std::fs::read_to_string(dir.join("state/relay/pairing-code")).unwrap();
+    let code = std::fs::read_to_string(daemon.state_dir().join("relay/pairing-code")).unwrap();
     vault_device::device::pair(
         &mut vault,
         &format!("127.0.0.1:{device_port}"),
@@ -130,13 +82,8 @@ async fn ask(device: &Device) -> Result<Grant, ApprovalCheckError> {
     }
 }
 
-fn pending(dir: &Path) -> Vec<PendingView> {
-    let out = Command::new(nanoclaw_tests::built_bin("nanoclaw"))
-        .arg("--socket")
-        .arg(dir.join("api.sock"))
-        .args(["approvals", "--json"])
-        .output()
-        .unwrap();
+fn pending(daemon: &Daemon) -> Vec<PendingView> {
+    let out = daemon.cli(&["approvals", "--json"]);
     assert!(out.status.success());
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -147,20 +94,21 @@ async fn the_daemon_asks_its_passkey_approver_and_the_device_verifies() {
     let (approvals_port, device_port) = (free_port(), free_port());
     let origin = format!("http://localhost:{approvals_port}");
     let mut auth = SoftAuthenticator::new();
-    // The passkey the user registered earlier, as the daemon keeps it.
-    std::fs::create_dir_all(dir.path().join("state")).unwrap();
-    let passkeys_json = serde_json::to_vec(&vec![auth.passkey()]).unwrap();
-    std::fs::write(dir.path().join("state/passkeys.json"), &passkeys_json).unwrap();
-    let _daemon = start(
-        dir.path(),
-        &[
+    let mut daemon = DaemonOptions::without_vms()
+        .args([
             "--approvals-listen".into(),
             format!("127.0.0.1:{approvals_port}"),
             "--device-listen".into(),
             format!("127.0.0.1:{device_port}"),
-        ],
-    );
-    let device = device(dir.path(), device_port, &passkeys_json, &origin).await;
+        ])
+        .prepare()
+        .expect("the daemon's directory");
+    // The passkey the user registered earlier, as the daemon keeps it.
+    std::fs::create_dir_all(daemon.state_dir()).unwrap();
+    let passkeys_json = serde_json::to_vec(&vec![auth.passkey()]).unwrap();
+    std::fs::write(daemon.state_dir().join("passkeys.json"), &passkeys_json).unwrap();
+    daemon.spawn().expect("start the daemon");
+    let device = device(dir.path(), &daemon, device_port, &passkeys_json, &origin).await;
     let asked = tokio::spawn({
         let device = Arc::clone(&device);
         async move { ask(&device).await }
@@ -168,7 +116,7 @@ async fn the_daemon_asks_its_passkey_approver_and_the_device_verifies() {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let view = loop {
-        if let Some(v) = pending(dir.path()).into_iter().next() {
+        if let Some(v) = pending(&daemon).into_iter().next() {
             break v;
         }
         assert!(
@@ -210,7 +158,7 @@ async fn the_daemon_asks_its_passkey_approver_and_the_device_verifies() {
         ),
         ("svc", "api.test:443", "vm-7")
     );
-    let audit = std::fs::read_to_string(dir.path().join("state/audit.ndjson")).unwrap();
+    let audit = std::fs::read_to_string(daemon.state_dir().join("audit.ndjson")).unwrap();
     assert!(audit.contains("\"approval_request\"") && audit.contains("\"approval\""));
 }
 
@@ -218,13 +166,14 @@ async fn the_daemon_asks_its_passkey_approver_and_the_device_verifies() {
 async fn without_approvals_the_device_is_told_requires_approval() {
     let dir = tempfile::tempdir().unwrap();
     let device_port = free_port();
-    let _daemon = start(
-        dir.path(),
-        &["--device-listen".into(), format!("127.0.0.1:{device_port}")],
-    );
+    let daemon = DaemonOptions::without_vms()
+        .args(["--device-listen".into(), format!("127.0.0.1:{device_port}")])
+        .start()
+        .expect("start the daemon");
     let passkeys_json = serde_json::to_vec(&vec![SoftAuthenticator::new().passkey()]).unwrap();
     let device = device(
         dir.path(),
+        &daemon,
         device_port,
         &passkeys_json,
         "http://localhost:1",

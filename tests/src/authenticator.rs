@@ -2,8 +2,6 @@
 //! as a browser would (authenticatorData, clientDataJSON, a DER signature over
 //! authenticatorData || SHA-256(clientDataJSON)), for origin [`ORIGIN`] unless told otherwise.
 
-#![allow(dead_code)]
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use p256::ecdsa::signature::Signer;
@@ -15,17 +13,31 @@ use shared_proto::approval::{Assertion, Passkey};
 pub const ORIGIN: &str = "http://localhost:8443";
 
 /// A software authenticator: one ES256 key, a counter and the flags it sets.
+#[derive(Debug)]
 pub struct SoftAuthenticator {
+    /// The credential's private key.
     pub key: SigningKey,
+    /// The credential id.
     pub id: Vec<u8>,
+    /// The signature counter, raised before each assertion.
     pub counter: u32,
+    /// The authenticatorData flags it sets ([`UP`] | [`UV`] unless a test clears one).
     pub flags: u8,
 }
 
+/// The authenticatorData flag "user present".
 pub const UP: u8 = 0x01;
+/// The authenticatorData flag "user verified".
 pub const UV: u8 = 0x04;
 
+impl Default for SoftAuthenticator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SoftAuthenticator {
+    /// A new credential with a fresh key, id `soft-passkey-1`, counter 0, flags UP and UV.
     pub fn new() -> Self {
         Self {
             key: SigningKey::random(&mut rand_core::OsRng),
@@ -35,6 +47,7 @@ impl SoftAuthenticator {
         }
     }
 
+    /// The passkey as the approval server stores it after registration.
     pub fn passkey(&self) -> Passkey {
         Passkey {
             credential_id: self.id.clone(),

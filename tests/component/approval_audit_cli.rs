@@ -1,20 +1,18 @@
 //! `nanoclaw audit verify` and `nanoclaw audit tail` on a real audit file: a sound chain
 //! verifies and prints its head; flipping one byte makes `verify` fail at that record.
 
-use std::process::Command;
-
 use nanoclaw_audit::AuditLog;
+use nanoclaw_tests::{CLI_TIMEOUT, OutputWithin, text};
 use serde_json::json;
 
 fn nanoclaw(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(nanoclaw_tests::built_bin("nanoclaw"))
-        .args(args)
-        .output()
+    let out = nanoclaw_tests::nanoclaw(args)
+        .output_within(CLI_TIMEOUT)
         .expect("run nanoclaw");
     (
         out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        text(&out.stdout),
+        text(&out.stderr),
     )
 }
 

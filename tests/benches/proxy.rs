@@ -11,14 +11,14 @@
 //! It prints p50/p99 latency per request, the added latency (proxied minus direct), requests
 //! per second one at a time, and download throughput for a large body.
 //!
-//! Run: `cargo bench -p vault-device --bench proxy` (set `BENCH_REQUESTS` to change the count).
-
-#[path = "../tests/common/mod.rs"]
-mod common;
+//! Run: `cargo bench -p nanoclaw-tests --bench proxy` (set `BENCH_REQUESTS` to change the count).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+
+use nanoclaw_tests::credential;
+use nanoclaw_tests::upstream::{make_ca, start_upstream};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -55,18 +55,18 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let secret = common::random_secret();
-    let ca = common::make_ca(dir.path());
-    let upstream = rt.block_on(common::start_upstream(&ca, &["api.test"], &secret));
+    let secret = credential::random_secret();
+    let ca = make_ca(dir.path());
+    let upstream = rt.block_on(start_upstream(&ca, &["api.test"], &secret));
     let api = format!("api.test:{}", upstream.addr.port());
-    let vault = common::make_vault(dir.path(), &api, &api, &secret);
+    let vault = credential::make_vault(dir.path(), &api, &api, &secret);
     let relay =
         host_agent::relay::Relay::open(&dir.path().join("host"), "bench-host").expect("relay");
     let (addr, _listener) = rt
         .block_on(relay.listen("127.0.0.1:0".parse().expect("addr")))
         .expect("listen");
-    rt.block_on(common::pair(&vault, &relay, addr));
-    let _device = rt.block_on(common::start_device(
+    rt.block_on(credential::pair(&vault, &relay, addr));
+    let _device = rt.block_on(credential::start_device(
         &vault,
         &ca,
         vec![("api.test".into(), upstream.addr)],
@@ -74,9 +74,9 @@ fn main() {
     rt.block_on(relay.wait_linked());
     let vm_dir = dir.path().join("vm");
     std::fs::create_dir(&vm_dir).expect("vm dir");
-    let sc = common::sidecar();
-    let _vm = rt.block_on(async { common::attach(&relay, &vm_dir, &sc, sc.public) });
-    let proxy = common::start_proxy(&vm_dir, &sc);
+    let sc = credential::sidecar();
+    let _vm = rt.block_on(async { credential::attach(&relay, &vm_dir, &sc, sc.public) });
+    let proxy = credential::start_proxy(&vm_dir, &sc);
 
     let cert =
         reqwest::Certificate::from_pem(&std::fs::read(&ca.pem_path).expect("ca")).expect("pem");

@@ -4,7 +4,7 @@
 //! sidecar's or the agent's memory.
 //!
 //! This test binary plays four roles, chosen by its first argument (it runs without libtest's
-//! harness so that it can):
+//! harness so that it can, see `nanoclaw_tests::self_exec`):
 //! - `serve ...`: the real daemon, through `host_agent::daemon::serve_main`;
 //! - `--kernel ...`: a FAKE VMM passed as `--vmm-bin`: it plays the sidecar, saying `Hello` with a
 //!   real boot key and then running the sidecar's real proxy code (`vpod_sidecar::proxy`) with
@@ -15,105 +15,38 @@
 //!
 //! The secret is drawn at run time in the test process, so it is in no executable mapping.
 
-#[path = "../../../vault-device/tests/common/mod.rs"]
-mod common;
-
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use shared_proto::message::{GuestToHost, HostToGuest};
-use shared_proto::{FrameDecoder, PROTOCOL_VERSION, encode_frame};
+use nanoclaw_tests::credential::{self, PASSPHRASE};
+use nanoclaw_tests::fake_vmm::{self, ControlConn};
+use nanoclaw_tests::http::parse_response;
+use nanoclaw_tests::self_exec::{self, SERVE};
+use nanoclaw_tests::upstream::{make_ca, start_upstream};
+use nanoclaw_tests::{DaemonOptions, free_port, wait_for};
 use vpod_sidecar::proxy::{self, ProxyIdentity};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some("serve") => serve(&args[1..]),
-        // The daemon runs its VMM binary as `BIN --kernel ...`.
-        Some("--kernel") => fake_vmm(&args[1..]),
-        Some("agent") => agent(&args[2], Path::new(&args[3])),
-        _ => {
-            // `cargo test` passes libtest flags; a name filter that is not ours skips the test.
-            if let Some(filter) = args.iter().skip(1).find(|a| !a.starts_with('-'))
-                && !"secret_never_touches_the_host".contains(filter.as_str())
-            {
-                return;
-            }
-            secret_never_touches_the_host();
-            println!("test secret_never_touches_the_host ... ok");
-        }
-    }
-}
-
-#[derive(Debug, Parser)]
-struct ServeCli {
-    #[command(flatten)]
-    args: host_agent::daemon::ServeArgs,
-}
-
-fn serve(args: &[String]) {
-    let cli = ServeCli::parse_from(args);
-    if let Err(e) = host_agent::daemon::serve_main(cli.args) {
-        eprintln!("serve: error: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    self_exec::main(
+        &[SERVE, ("--kernel", fake_vmm), ("agent", agent)],
+        nanoclaw_tests::tests![secret_never_touches_the_host],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // Role: the fake VMM, playing the sidecar.
 
 fn fake_vmm(args: &[String]) {
-    let vm_dir = args
-        .iter()
-        .position(|a| a == "--vm-dir")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .expect("--vm-dir");
+    let vm_dir = fake_vmm::vm_dir(args);
     std::fs::write(vm_dir.join("vmm.pid"), std::process::id().to_string()).unwrap();
-    let sc = common::sidecar();
-    let control = vm_dir.join("vsock.sock_1024");
-    wait_for("the control socket", Duration::from_secs(10), || {
-        control.exists()
-    });
-    let mut stream = UnixStream::connect(&control).unwrap();
-    stream
-        .write_all(
-            &encode_frame(&GuestToHost::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                sidecar_version: "fake".into(),
-                boot_id: sc.boot_id,
-                ephemeral_public_key: sc.public,
-            })
-            .unwrap(),
-        )
-        .unwrap();
-    let mut decoder = FrameDecoder::<HostToGuest>::new();
-    let mut buf = [0u8; 4096];
-    let mut acked = false;
-    while !acked {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "daemon closed the control connection");
-        decoder.push(&buf[..n]);
-        while let Some(msg) = decoder.decode_next().unwrap() {
-            if matches!(msg, HostToGuest::HelloAck { .. }) {
-                acked = true;
-            }
-        }
-    }
+    let sc = credential::sidecar();
+    // Kept open until the scan is done, at the end of this function.
+    let _control = ControlConn::open(&vm_dir, sc.boot_id, sc.public);
     let relay_socket = vm_dir.join("vsock.sock_1025");
     wait_for("the credential socket", Duration::from_secs(10), || {
         relay_socket.exists()
@@ -144,7 +77,9 @@ fn fake_vmm(args: &[String]) {
 // ---------------------------------------------------------------------------------------------
 // Role: the agent.
 
-fn agent(port: &str, vm_dir: &Path) {
+/// `agent PORT VM-DIR`.
+fn agent(args: &[String]) {
+    let (port, vm_dir) = (&args[1], Path::new(&args[2]));
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let request = std::fs::read_to_string(vm_dir.join("agent-request"))
         .unwrap_or_else(|_| "GET /svc/hello HTTP/1.1\r\n\r\n".into());
@@ -154,7 +89,7 @@ fn agent(port: &str, vm_dir: &Path) {
         s.write_all(request.as_bytes()).unwrap();
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).unwrap();
-        let (status, body) = common::parse_response(&raw);
+        let (status, body) = parse_response(&raw);
         // 503: the device has not linked up yet.
         if status != 503 || Instant::now() > deadline {
             break (status, body);
@@ -249,14 +184,6 @@ fn scan_dir(dir: &Path, needle: &[u8]) -> (usize, usize) {
 // ---------------------------------------------------------------------------------------------
 // The test.
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn api_create_vm(socket: &Path) -> String {
     let body = serde_json::to_string(&nanoclaw_api::CreateVm::new("/agent", vec![])).unwrap();
     let mut s = UnixStream::connect(socket).unwrap();
@@ -268,7 +195,7 @@ fn api_create_vm(socket: &Path) -> String {
     .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
-    let (status, body) = common::parse_response(&raw);
+    let (status, body) = parse_response(&raw);
     assert!((200..300).contains(&status), "create: {status} {body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["id"].as_str().unwrap().to_owned()
@@ -282,62 +209,41 @@ fn secret_never_touches_the_host() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    std::fs::write(p.join("kernel"), "k").unwrap();
-    std::fs::write(p.join("initrd"), "i").unwrap();
-    let secret = common::random_secret();
+    let secret = credential::random_secret();
     let needle = secret.as_bytes().to_vec();
 
-    let ca = common::make_ca(p);
-    let upstream = rt.block_on(common::start_upstream(&ca, &["api.test"], &secret));
+    let ca = make_ca(p);
+    let upstream = rt.block_on(start_upstream(&ca, &["api.test"], &secret));
     let api = format!("api.test:{}", upstream.addr.port());
-    let vault = common::make_vault(p, &api, &api, &secret);
+    let vault = credential::make_vault(p, &api, &api, &secret);
     // Grants are per VM: this one names any VM (the id is the daemon's to choose).
     {
-        let mut v = vault_device::vault::Vault::open(&vault, common::PASSPHRASE).unwrap();
+        let mut v = vault_device::vault::Vault::open(&vault, PASSPHRASE).unwrap();
         v.data.grants[0].vm = vault_device::grant::ANY_VM.into();
         v.save().unwrap();
     }
 
     let device_port = free_port();
-    let state = p.join("state");
-    let socket = p.join("api.sock");
-    let log_path = p.join("daemon.log");
-    let me = std::env::current_exe().unwrap();
-    let mut daemon = Command::new(&me)
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--kernel")
-        .arg(p.join("kernel"))
-        .arg("--initrd")
-        .arg(p.join("initrd"))
-        .arg("--vmm-bin")
-        .arg(&me)
+    let mut daemon = DaemonOptions::self_exec()
         .arg("--device-listen")
         .arg(format!("127.0.0.1:{device_port}"))
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let daemon_pid = daemon.id();
-    wait_for("the daemon", Duration::from_secs(20), || {
-        UnixStream::connect(&socket).is_ok()
-    });
+        .rust_log("debug")
+        .start()
+        .expect("start the daemon");
+    let (state, socket) = (daemon.state_dir(), daemon.socket());
+    let log_path = daemon.dir().join("daemon.log");
+    let daemon_pid = daemon.pid().expect("the daemon runs");
 
     // Pair with the code the daemon wrote, then keep the device's link up from this process.
     let code = std::fs::read_to_string(state.join("relay/pairing-code")).unwrap();
     let addr = format!("127.0.0.1:{device_port}");
     rt.block_on(async {
-        let mut v = vault_device::vault::Vault::open(&vault, common::PASSPHRASE).unwrap();
+        let mut v = vault_device::vault::Vault::open(&vault, PASSPHRASE).unwrap();
         vault_device::device::pair(&mut v, &addr, &code, "test-phone")
             .await
             .unwrap();
     });
-    let _device = rt.block_on(common::start_device(
+    let _device = rt.block_on(credential::start_device(
         &vault,
         &ca,
         vec![("api.test".into(), upstream.addr)],
@@ -401,5 +307,4 @@ fn secret_never_touches_the_host() {
 
     std::fs::write(vm_dir.join("scan-done"), "").unwrap();
     let _ = daemon.kill();
-    let _ = daemon.wait();
 }

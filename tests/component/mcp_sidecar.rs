@@ -13,27 +13,9 @@ use host_agent::approval::DenyAll;
 use host_agent::mcp::{Gateway, GatewayConfig, MAX_ARGUMENT_BYTES};
 use host_agent::policy::AccessPolicy;
 use nanoclaw_audit::AuditLog;
+use nanoclaw_tests::peers::{mcp_python as python, peer};
 use serde_json::{Value, json};
 use vpod_sidecar::mcp::{EarlyFilter, http, stdio};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    let path = std::env::var_os("NANOCLAW_MCP_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/nanoclaw/mcp-venv/bin/python3")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/setup --test",
-        path.display()
-    );
-    path
-}
 
 fn profile(log: &Path) -> String {
     format!(
@@ -58,7 +40,7 @@ name = "delete_file"
 approval = "deletes a file"
 "#,
         python = python().display(),
-        upstream = repo().join("tests/peers/mcp_upstream.py").display(),
+        upstream = peer("mcp_upstream.py").display(),
         log = log.display(),
     )
 }
@@ -278,7 +260,7 @@ async fn python_agent_over_the_sidecars_streamable_http_endpoint() {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(python())
-            .arg(repo().join("tests/peers/mcp_agent.py"))
+            .arg(peer("mcp_agent.py"))
             .arg(format!("http://127.0.0.1:{port}/mcp"))
             .arg(steps.to_string())
             .output(),

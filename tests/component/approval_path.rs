@@ -8,10 +8,6 @@
 //! with evidence it made up: each forgery must be refused by the device with its typed error
 //! and the HTTPS server must see nothing.
 
-mod common;
-#[path = "common/soft_authenticator.rs"]
-mod soft_authenticator;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,14 +15,18 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
 use host_agent::approval::passkey::{ApprovalConfig, ApprovalEvidence, PasskeyApprover};
 use host_agent::approval::{ApprovalAction, ApprovalOutcome, ApprovalSubject, Approver, DenyAll};
 use host_agent::relay::{Relay, VmRelay};
 use nanoclaw_audit::AuditLog;
+use nanoclaw_tests::authenticator::{ORIGIN, SoftAuthenticator, UP, UV};
+use nanoclaw_tests::credential::{
+    PASSPHRASE, UNGRANTED_SECRET, VM, attach, pair, random_secret, sidecar, start_proxy,
+};
+use nanoclaw_tests::http::http;
+use nanoclaw_tests::upstream::{Upstream, make_ca, start_upstream};
 use shared_proto::approval::{ApprovalRequest, RelyingParty, RequestAction};
 use shared_proto::credential::APPROVAL_REQUEST_ARG;
-use soft_authenticator::{ORIGIN, SoftAuthenticator, UP, UV};
 use vault_device::approval::{ApprovalCheckError, Ask, GrantRecord, PasskeyFile, check_evidence};
 use vault_device::device::{Device, DeviceConfig};
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};

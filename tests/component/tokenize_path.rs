@@ -3,14 +3,16 @@
 //! it issued; the device restores them in calls to services, tokenizes calls to the profile's
 //! LLM hosts and the responses, and reports kinds and counts to the host's audit log.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
 use host_agent::mcp::AgentTokens;
 use host_agent::policy::Profile;
 use nanoclaw_audit::AuditLog;
+use nanoclaw_tests::credential::{
+    Sidecar, attach_tokenized, make_vault, pair, random_secret, sidecar, start_device, start_proxy,
+};
+use nanoclaw_tests::http::http;
+use nanoclaw_tests::upstream::{RESPONSE_EMAIL, Upstream, make_ca, start_upstream};
 use serde_json::Value;
 
 const CARD: &str = "4111 1111 1111 1111";

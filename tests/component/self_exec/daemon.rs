@@ -1,0 +1,427 @@
+//! Component tests of the daemon (`host-agent serve`) and the `nanoclaw` CLI, with real peers
+//! on Unix sockets and no KVM.
+//!
+//! This test binary plays three roles, chosen by its first argument (it runs without libtest's
+//! harness so that it can, see `nanoclaw_tests::self_exec`):
+//! - `serve ...`: the real daemon, through `host_agent::daemon::serve_main`;
+//! - `--kernel ...`: a FAKE VMM, passed to the daemon as `--vmm-bin`. It plays the sidecar: it
+//!   connects to `<vm-dir>/vsock.sock_<CONTROL_PORT>`, speaks `shared-proto`, acts out the
+//!   agent named in `RunAgent` (see [`fake_agent`]), writes `exit.json` and exits;
+//! - no role: run the tests below, each against its own daemon and state directory. They need
+//!   the `nanoclaw` binary built (`cargo build -p nanoclaw-cli`).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nanoclaw_api::{AgentExit, VmInfo, VmStatus};
+use nanoclaw_tests::fake_vmm::{self, ControlConn};
+use nanoclaw_tests::self_exec::{self, SERVE};
+use nanoclaw_tests::{
+    CLI_TIMEOUT, Daemon, DaemonOptions, OutputWithin, nanoclaw_at, text, wait_for,
+};
+use nix::sys::signal::Signal;
+use shared_proto::message::{AgentSpec, ExitStatus, GuestToHost, HostToGuest, OutputStream};
+
+fn main() {
+    self_exec::main(
+        &[SERVE, ("--kernel", fake_vmm)],
+        nanoclaw_tests::tests![
+            cli_says_when_the_daemon_is_not_running,
+            run_relays_output_and_exits_with_the_agent_code,
+            a_garbage_guest_is_cut_off_and_logged_within_budget,
+            a_restarted_daemon_reattaches_a_running_vm,
+            a_restarted_daemon_reports_a_vanished_vmm_as_lost,
+            stop_escalates_to_sigterm_and_ends_followers,
+            ctrl_c_during_run_stops_the_vm,
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: the fake VMM and sidecar.
+
+/// The boot key the fake sidecar announces (the daemon has no device here, so none checks it).
+const BOOT_KEY: [u8; 32] = [7; 32];
+
+/// The fake VMM: `vmm --kernel K --initrd I --vm-dir DIR ...`.
+fn fake_vmm(args: &[String]) {
+    let vm_dir = fake_vmm::vm_dir(args);
+    std::fs::write(vm_dir.join("console.log"), "fake console: booted\n").unwrap();
+    let mut boot_id = [0u8; 16];
+    boot_id[..4].copy_from_slice(&std::process::id().to_be_bytes());
+    let mut conn = ControlConn::open(&vm_dir, boot_id, BOOT_KEY);
+    let spec = match conn.recv(Duration::from_secs(10)) {
+        Some(HostToGuest::RunAgent(spec)) => spec,
+        other => fake_vmm::fail(&vm_dir, &format!("expected RunAgent, got {other:?}")),
+    };
+    // The agent gets no stdin: EOF right away.
+    match conn.recv(Duration::from_secs(10)) {
+        Some(HostToGuest::AgentStdin { data }) if data.is_empty() => {}
+        other => fake_vmm::fail(&vm_dir, &format!("expected stdin EOF, got {other:?}")),
+    }
+    fake_agent(&vm_dir, boot_id, conn, spec);
+}
+
+/// Reconnects after the daemon dropped us: hello again with the same boot id, and check that
+/// the daemon does not start the agent a second time.
+fn reconnect(vm_dir: &Path, boot_id: [u8; 16]) -> ControlConn {
+    let mut conn = ControlConn::open(vm_dir, boot_id, BOOT_KEY);
+    if let Some(msg) = conn.recv(Duration::from_millis(300)) {
+        match msg {
+            HostToGuest::RunAgent(_) => fake_vmm::fail(vm_dir, "RunAgent sent twice for one boot"),
+            // Keep a Shutdown for the caller by answering it right here.
+            HostToGuest::Shutdown => shutdown(vm_dir, &mut conn),
+            _ => {}
+        }
+    }
+    conn
+}
+
+fn shutdown(vm_dir: &Path, conn: &mut ControlConn) -> ! {
+    conn.send(&GuestToHost::AgentExited {
+        status: ExitStatus::Signal(15),
+    });
+    fake_vmm::write_exit(vm_dir, "reset", 0);
+    std::process::exit(0);
+}
+
+fn output(conn: &mut ControlConn, stream: OutputStream, text: &str) {
+    conn.send(&GuestToHost::AgentOutput {
+        stream,
+        data: text.as_bytes().to_vec(),
+    });
+}
+
+/// Acts out the agent by its command:
+/// - `wait`: starts, prints `waiting`, and runs until a `Shutdown` (agent killed by signal 15),
+///   reconnecting whenever the daemon goes away;
+/// - `garbage N`: after `RunAgent`, sends a bad frame, then N-1 connections of raw garbage
+///   (no hello), checking each is closed, then a hello with another boot id (refused), then
+///   reconnects properly and behaves like the default;
+/// - `deaf`: starts, prints `deaf`, and ignores everything until killed;
+/// - anything else: prints `hello ARGS ENV` on stdout and `to stderr` on stderr, exits 3.
+fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn, spec: AgentSpec) {
+    match spec.command.as_str() {
+        "wait" => {
+            conn.send(&GuestToHost::AgentStarted { pid: 7 });
+            output(&mut conn, OutputStream::Stdout, "waiting\n");
+            loop {
+                match conn.recv(Duration::from_secs(3600)) {
+                    Some(HostToGuest::Shutdown) => shutdown(vm_dir, &mut conn),
+                    Some(_) => {}
+                    None => conn = reconnect(vm_dir, boot_id),
+                }
+            }
+        }
+        "deaf" => {
+            conn.send(&GuestToHost::AgentStarted { pid: 8 });
+            output(&mut conn, OutputStream::Stdout, "deaf\n");
+            loop {
+                if conn.recv(Duration::from_secs(3600)).is_none() {
+                    conn = reconnect(vm_dir, boot_id);
+                }
+            }
+        }
+        "garbage" => {
+            let n: u32 = spec.args.first().and_then(|a| a.parse().ok()).unwrap_or(1);
+            // A frame whose body is not CBOR.
+            let garbage = [0u8, 0, 0, 4, 0xff, 0xfe, 0xfd, 0xfc];
+            conn.send_raw(&garbage);
+            conn.expect_closed();
+            for _ in 1..n {
+                let mut raw = ControlConn::connect(vm_dir);
+                raw.send_raw(&garbage);
+                raw.expect_closed();
+            }
+            // Another boot id on this VM is refused.
+            match ControlConn::try_open(vm_dir, [0xee; 16], BOOT_KEY).0 {
+                Some(HostToGuest::HelloReject { .. }) => {}
+                other => fake_vmm::fail(vm_dir, &format!("impostor hello answered {other:?}")),
+            }
+            let conn = reconnect(vm_dir, boot_id);
+            normal_agent(vm_dir, conn, &spec);
+        }
+        _ => normal_agent(vm_dir, conn, &spec),
+    }
+}
+
+fn normal_agent(vm_dir: &Path, mut conn: ControlConn, spec: &AgentSpec) {
+    conn.send(&GuestToHost::AgentStarted { pid: 42 });
+    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let line = format!("hello {} {}\n", spec.args.join(" "), env.join(" "));
+    output(&mut conn, OutputStream::Stdout, &line);
+    output(&mut conn, OutputStream::Stderr, "to stderr\n");
+    conn.send(&GuestToHost::AgentExited {
+        status: ExitStatus::Exit(3),
+    });
+    fake_vmm::write_exit(vm_dir, "reset", 0);
+    drop(conn);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Role: the tests.
+
+/// A daemon in this executable with the fake VMM, a 1 s stop grace and `extra` arguments.
+fn daemon_with(extra: &[&str]) -> Daemon {
+    DaemonOptions::self_exec()
+        .stop_grace_secs(1)
+        .rust_log("info")
+        .args(extra.iter().copied())
+        .start()
+        .expect("start the daemon")
+}
+
+fn daemon() -> Daemon {
+    daemon_with(&[])
+}
+
+/// `nanoclaw --socket SOCKET ARGS`, run to its end.
+fn nanoclaw(socket: &Path, args: &[&str]) -> Output {
+    nanoclaw_at(socket, args)
+        .output_within(CLI_TIMEOUT)
+        .expect("run nanoclaw")
+}
+
+/// Polls the VM until `f` holds (at most 20 s).
+fn wait_status(d: &Daemon, id: &str, f: impl Fn(&VmInfo) -> bool) -> VmInfo {
+    d.wait_vm(id, Duration::from_secs(20), f)
+}
+
+fn cli_says_when_the_daemon_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("api.sock");
+    let expected = format!(
+        "nanoclaw: error: the host-agent daemon is not running at {} (start it with: host-agent serve)\n",
+        missing.display()
+    );
+    let out = nanoclaw(&missing, &["ps"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stderr), expected);
+    // A stale socket file that nobody listens on: connection refused, same line.
+    drop(std::os::unix::net::UnixListener::bind(&missing).unwrap());
+    let out = nanoclaw(&missing, &["run", "--", "/bin/true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(text(&out.stderr), expected);
+}
+
+fn run_relays_output_and_exits_with_the_agent_code() {
+    let d = daemon();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let second = d
+        .serve_command(&d.dir().join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        text(&second.stderr).contains("another daemon already uses the state directory"),
+        "{}",
+        text(&second.stderr)
+    );
+
+    let out = d.cli(&["run", "-e", "A=1", "--", "/bin/agent", "x", "y"]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello x y A=1\n");
+    assert_eq!(text(&out.stderr), "to stderr\n");
+
+    let ps = d.cli(&["ps", "--json"]);
+    assert!(ps.status.success());
+    let vms: Vec<VmInfo> = serde_json::from_slice(&ps.stdout).unwrap();
+    assert_eq!(vms.len(), 1);
+    let vm = &vms[0];
+    assert_eq!(vm.status, VmStatus::Exited);
+    assert_eq!(vm.agent_exit, Some(AgentExit::Exit(3)));
+    assert_eq!(vm.agent_pid, Some(42));
+    assert_eq!(vm.spec.command, "/bin/agent");
+    assert_eq!((vm.spec.uid, vm.spec.gid), (1000, 1000));
+    assert_eq!(vm.guest_protocol_errors, 0);
+
+    let info = d.vm(&vm.id);
+    let vmm_exit = info.vmm_exit.clone().expect("vmm exit");
+    assert_eq!(
+        (vmm_exit.reason.as_str(), vmm_exit.exit_code),
+        ("reset", Some(0))
+    );
+    assert!(Path::new(&info.vm_dir).join("vm.json").is_file());
+
+    let table = d.cli(&["ps"]);
+    let table = text(&table.stdout);
+    assert!(
+        table.contains(&vm.id) && table.contains("exited"),
+        "{table}"
+    );
+
+    // The output is kept after the fact.
+    let logs = d.cli(&["logs", &vm.id]);
+    assert!(logs.status.success());
+    assert_eq!(text(&logs.stdout), "hello x y A=1\n");
+    assert_eq!(text(&logs.stderr), "to stderr\n");
+    let console = d.cli(&["logs", "--console", &vm.id]);
+    assert_eq!(text(&console.stdout), "fake console: booted\n");
+
+    let rm = d.cli(&["rm", &vm.id]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+    assert!(!Path::new(&info.vm_dir).exists());
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
+    assert!(vms.is_empty());
+
+    let missing = d.cli(&["inspect", "nosuchvm"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        text(&missing.stderr),
+        "nanoclaw: error: no VM with id nosuchvm\n"
+    );
+}
+
+fn a_garbage_guest_is_cut_off_and_logged_within_budget() {
+    let d = daemon_with(&["--log-json"]);
+    let out = d.cli(&["run", "--", "garbage", "25"]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello 25 \n");
+
+    let ps = d.cli(&["ps", "--json"]);
+    assert!(ps.status.success(), "the daemon stopped answering");
+    let vms: Vec<VmInfo> = serde_json::from_slice(&ps.stdout).unwrap();
+    let vm = &vms[0];
+    // 25 garbage connections and one impostor hello.
+    assert_eq!(vm.guest_protocol_errors, 26);
+    assert_eq!(vm.control_reconnects, 1);
+    assert_eq!(vm.status, VmStatus::Exited);
+
+    let log = d.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.contains("guest protocol error"))
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .collect();
+    assert!(
+        (1..=10).contains(&lines.len()),
+        "{} lines:\n{log}",
+        lines.len()
+    );
+    assert!(
+        lines.iter().all(|l| l["fields"]["vm"] == vm.id.as_str()),
+        "{log}"
+    );
+}
+
+/// Starts a foreground `nanoclaw run -- wait` (the fake agent prints `waiting` and blocks) and
+/// returns once the agent's first line has arrived, with the rest of its stdout.
+fn start_waiting_run(d: &Daemon) -> (std::process::Child, std::process::ChildStdout) {
+    let mut run = nanoclaw_at(&d.socket(), &["run", "--", "wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = run.stdout.take().unwrap();
+    let mut first = [0u8; 8];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"waiting\n");
+    (run, stdout)
+}
+
+fn a_restarted_daemon_reattaches_a_running_vm() {
+    let mut d = daemon();
+    // A foreground `run` relays across the restart.
+    let (run, mut stdout) = start_waiting_run(&d);
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
+    let id = vms[0].id.clone();
+    let before = wait_status(&d, &id, |i| {
+        i.status == VmStatus::Running && i.control_connected
+    });
+
+    d.kill().unwrap();
+    d.spawn().unwrap();
+    let after = wait_status(&d, &id, |i| {
+        i.control_connected && i.control_reconnects == 1
+    });
+    assert_eq!(after.status, VmStatus::Running);
+    assert_eq!(after.vmm_pid, before.vmm_pid);
+
+    let stop = d.cli(&["stop", &id]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(text(&stop.stdout), format!("{id} stopped\n"));
+    let info = d.vm(&id);
+    assert_eq!(info.status, VmStatus::Stopped);
+    assert_eq!(info.agent_exit, Some(AgentExit::Signal(15)));
+    // Output from before the restart is still there.
+    let logs = d.cli(&["logs", &id]);
+    assert_eq!(text(&logs.stdout), "waiting\n");
+
+    // The foreground run saw the end, relayed nothing twice, and passed on 128 + SIGTERM.
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(text(&rest), "");
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
+}
+
+fn a_restarted_daemon_reports_a_vanished_vmm_as_lost() {
+    let mut d = daemon();
+    let out = d.cli(&["run", "-d", "--", "wait"]);
+    let id = text(&out.stdout).trim().to_owned();
+    let info = wait_status(&d, &id, |i| i.status == VmStatus::Running);
+    d.kill().unwrap();
+    let pid = info.vmm_pid.unwrap() as i32;
+    signal(pid, Signal::SIGKILL);
+    wait_for("the fake VMM to be gone", Duration::from_secs(20), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    d.spawn().unwrap();
+    let info = d.vm(&id);
+    assert_eq!(info.status, VmStatus::Lost, "{info:?}\n{}", d.log());
+    assert_eq!(info.vmm_exit, None);
+    // A follower is not left hanging on a lost VM.
+    let logs = d.cli(&["logs", "--follow", &id]);
+    assert_eq!(text(&logs.stdout), "waiting\n");
+}
+
+fn stop_escalates_to_sigterm_and_ends_followers() {
+    let d = daemon();
+    let out = d.cli(&["run", "-d", "--", "deaf"]);
+    let id = text(&out.stdout).trim().to_owned();
+    wait_status(&d, &id, |i| i.status == VmStatus::Running);
+    let follower = nanoclaw_at(&d.socket(), &["logs", "--follow", &id])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let busy = d.cli(&["rm", &id]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert_eq!(
+        text(&busy.stderr),
+        format!("nanoclaw: error: VM {id} is running; stop it first\n")
+    );
+    let started = Instant::now();
+    let stop = d.cli(&["stop", &id]);
+    assert_eq!(text(&stop.stdout), format!("{id} stopped\n"));
+    // The sidecar ignored Shutdown: the VMM got SIGTERM after the 1 s grace.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let info = d.vm(&id);
+    assert_eq!(info.status, VmStatus::Stopped);
+    assert_eq!(info.agent_exit, None);
+    assert_eq!(info.vmm_exit.map(|e| e.signal), Some(Some(15)));
+    let followed = follower.wait_with_output().unwrap();
+    assert!(followed.status.success());
+    assert_eq!(text(&followed.stdout), "deaf\n");
+}
+
+fn ctrl_c_during_run_stops_the_vm() {
+    let d = daemon();
+    // `_stdout` keeps the pipe open until the end, as a terminal would.
+    let (run, _stdout) = start_waiting_run(&d);
+    signal(run.id() as i32, Signal::SIGINT);
+    let out = run.wait_with_output().unwrap();
+    // The fake agent dies of SIGTERM when the VM shuts down: 128 + 15.
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
+    assert_eq!(vms[0].status, VmStatus::Stopped);
+}
+
+fn signal(pid: i32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}

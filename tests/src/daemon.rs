@@ -1,0 +1,425 @@
+//! The daemon harness: a `host-agent serve` with its own directory (state, API socket, log), started
+//! as [`DaemonOptions`] say and stopped when dropped.
+//!
+//! Three kinds of daemon:
+//! - [`DaemonOptions::guest`]: the `host-agent` binary under test booting real guests through the
+//!   real VMM (the e2e tier; [`Daemon::start`] is the short form);
+//! - [`DaemonOptions::without_vms`]: the `host-agent` binary with placeholder kernel files, for
+//!   tests of what the daemon serves without a VM;
+//! - [`DaemonOptions::self_exec`]: the running test executable as the daemon and as its VMM, for
+//!   the tests that run under [`crate::self_exec::main`] and play a fake VMM
+//!   ([`crate::fake_vmm`]).
+//!
+//! Dropping a [`Daemon`] kills it and every VMM it started (they run in their own sessions, so
+//! they would outlive it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nanoclaw_api::VmInfo;
+
+use crate::process::{CLI_TIMEOUT, OutputWithin, processes_mentioning};
+use crate::workspace::{host_agent_bin, nanoclaw_at};
+
+/// How to start a [`Daemon`].
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The executable, run as `PROGRAM serve ...`.
+    program: PathBuf,
+    /// `--vmm-bin` (default: the daemon's own, `nanoclaw-vmm` beside it).
+    vmm_bin: Option<PathBuf>,
+    /// The kernel and initrd; `None`: placeholder files in the daemon's directory.
+    guest: Option<(PathBuf, PathBuf)>,
+    /// `--stop-grace-secs`.
+    stop_grace_secs: Option<u32>,
+    /// Appended to the `serve` arguments.
+    args: Vec<String>,
+    /// `RUST_LOG` for the daemon (default: inherited).
+    rust_log: Option<String>,
+    /// When the daemon counts as started.
+    ready: Ready,
+}
+
+/// When a daemon counts as started.
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    /// `nanoclaw ps` succeeds, within the duration.
+    Cli(Duration),
+    /// Its API socket accepts a connection, within the duration.
+    Socket(Duration),
+}
+
+impl DaemonOptions {
+    /// The `host-agent` binary under test, booting `kernel` with `initrd` through the real VMM;
+    /// started once `nanoclaw ps` answers. Generous: inside L1 (software emulation) the debug
+    /// daemon and CLI binaries are read over 9p before they run, which takes tens of seconds on a
+    /// loaded machine.
+    pub fn guest(kernel: &Path, initrd: &Path) -> Self {
+        Self {
+            program: host_agent_bin(),
+            vmm_bin: None,
+            guest: Some((kernel.to_owned(), initrd.to_owned())),
+            stop_grace_secs: Some(5),
+            args: Vec::new(),
+            rust_log: None,
+            ready: Ready::Cli(Duration::from_secs(120)),
+        }
+    }
+
+    /// The `host-agent` binary under test with placeholder kernel files (no VM boots); started
+    /// once its API socket accepts.
+    pub fn without_vms() -> Self {
+        Self {
+            program: host_agent_bin(),
+            vmm_bin: None,
+            guest: None,
+            stop_grace_secs: None,
+            args: Vec::new(),
+            rust_log: None,
+            ready: Ready::Socket(Duration::from_secs(20)),
+        }
+    }
+
+    /// The running test executable as the daemon (role `serve`) and as its VMM (role
+    /// `--kernel`), with placeholder kernel files; started once its API socket accepts. The test
+    /// runs under [`crate::self_exec::main`] with both roles.
+    pub fn self_exec() -> Self {
+        let me = std::env::current_exe().expect("the test executable's path");
+        Self {
+            program: me.clone(),
+            vmm_bin: Some(me),
+            guest: None,
+            stop_grace_secs: None,
+            args: Vec::new(),
+            rust_log: None,
+            ready: Ready::Socket(Duration::from_secs(20)),
+        }
+    }
+
+    /// Appends `arg` to the `serve` arguments.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Appends `args` to the `serve` arguments.
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets `--stop-grace-secs`.
+    pub fn stop_grace_secs(mut self, secs: u32) -> Self {
+        self.stop_grace_secs = Some(secs);
+        self
+    }
+
+    /// Sets the daemon's `RUST_LOG`.
+    pub fn rust_log(mut self, filter: &str) -> Self {
+        self.rust_log = Some(filter.to_owned());
+        self
+    }
+
+    /// Makes the daemon's directory (with the placeholder kernel files, if any) without starting
+    /// it, so that a test can put files in its state directory first; [`Daemon::spawn`] starts it.
+    pub fn prepare(self) -> Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("ncd-").tempdir()?;
+        if self.guest.is_none() {
+            std::fs::write(dir.path().join("kernel"), "k")?;
+            std::fs::write(dir.path().join("initrd"), "i")?;
+        }
+        Ok(Daemon {
+            child: None,
+            dir,
+            options: self,
+        })
+    }
+
+    /// Starts the daemon and waits until it has started.
+    pub fn start(self) -> Result<Daemon> {
+        let mut daemon = self.prepare()?;
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+}
+
+/// A `host-agent serve` daemon with its own state directory and API socket. Dropping it kills the
+/// daemon and every VMM it started.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    options: DaemonOptions,
+}
+
+impl Daemon {
+    /// Starts a daemon that boots `kernel` with `initrd` ([`DaemonOptions::guest`]), and waits
+    /// until it answers.
+    pub fn start(kernel: &Path, initrd: &Path) -> Result<Self> {
+        DaemonOptions::guest(kernel, initrd).start()
+    }
+
+    /// Like [`Daemon::start`], with `extra_args` appended to `host-agent serve`'s (e.g.
+    /// `--approvals-listen 127.0.0.1:PORT`).
+    pub fn start_with(kernel: &Path, initrd: &Path, extra_args: &[&str]) -> Result<Self> {
+        DaemonOptions::guest(kernel, initrd)
+            .args(extra_args.iter().copied())
+            .start()
+    }
+
+    /// The daemon's directory: `state/`, `api.sock`, `daemon.log` (and the placeholder kernel
+    /// files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's state directory (holds `audit.ndjson` and `vms/`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+
+    /// The daemon's log (stdout and stderr of every daemon process started here, appended).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// What a failure shows: the daemon's log, then each VM's console and VMM log.
+    pub fn records(&self) -> String {
+        let mut out = format!("daemon log:\n{}", self.log());
+        let mut dirs: Vec<_> = std::fs::read_dir(self.state_dir().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            for file in ["console.log", "vmm.log"] {
+                let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                out += &format!("\n{} {file}:\n{text}", dir.display());
+            }
+        }
+        out
+    }
+
+    /// The daemon process's pid, while this harness holds it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The daemon's full command line, serving the API on `socket` (a second daemon on the same
+    /// state directory takes another socket).
+    pub fn serve_command(&self, socket: &Path) -> Command {
+        let o = &self.options;
+        let (kernel, initrd) = match &o.guest {
+            Some((kernel, initrd)) => (kernel.clone(), initrd.clone()),
+            None => (
+                self.dir.path().join("kernel"),
+                self.dir.path().join("initrd"),
+            ),
+        };
+        let mut cmd = Command::new(&o.program);
+        cmd.arg("serve")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(socket)
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(initrd);
+        if let Some(vmm) = &o.vmm_bin {
+            cmd.arg("--vmm-bin").arg(vmm);
+        }
+        if let Some(secs) = o.stop_grace_secs {
+            cmd.args(["--stop-grace-secs", &secs.to_string()]);
+        }
+        cmd.args(&o.args).stdin(Stdio::null());
+        if let Some(filter) = &o.rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        cmd
+    }
+
+    /// Starts (or restarts) the daemon process and waits until it has started.
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))?;
+        let child = self
+            .serve_command(&self.socket())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {} serve", self.options.program.display()))?;
+        self.child = Some(child);
+        let within = match self.options.ready {
+            Ready::Cli(within) | Ready::Socket(within) => within,
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if self.answers()? {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("daemon exited ({status}); log:\n{}", self.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "daemon not answering within {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(match self.options.ready {
+                Ready::Cli(_) => Duration::from_millis(100),
+                Ready::Socket(_) => Duration::from_millis(20),
+            });
+        }
+    }
+
+    /// Whether the daemon has started, as its options define it.
+    fn answers(&self) -> Result<bool> {
+        Ok(match self.options.ready {
+            Ready::Cli(_) => self
+                .nanoclaw(&["ps"])
+                .output_within(CLI_TIMEOUT)?
+                .status
+                .success(),
+            Ready::Socket(_) => std::os::unix::net::UnixStream::connect(self.socket()).is_ok(),
+        })
+    }
+
+    /// Kills the daemon process with SIGKILL (its VMs keep running).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// A `nanoclaw` command aimed at this daemon.
+    pub fn nanoclaw(&self, args: &[&str]) -> Command {
+        nanoclaw_at(&self.socket(), args)
+    }
+
+    /// `nanoclaw ARGS` aimed at this daemon, run to its end (at most [`CLI_TIMEOUT`]).
+    ///
+    /// # Panics
+    ///
+    /// If it cannot be run or does not end in time.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.nanoclaw(args)
+            .output_within(CLI_TIMEOUT)
+            .unwrap_or_else(|e| panic!("nanoclaw {args:?}: {e:#}\n{}", self.log()))
+    }
+
+    /// `nanoclaw inspect ID --json`, parsed.
+    pub fn inspect(&self, id: &str) -> Result<serde_json::Value> {
+        let out = self
+            .nanoclaw(&["inspect", id, "--json"])
+            .output_within(CLI_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "inspect {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Polls `inspect` until `done` holds for the VM's JSON, or `timeout` passes.
+    pub fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.inspect(id)?;
+            if done(&info) {
+                return Ok(info);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "VM {id}: not {what} within {timeout:?}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `nanoclaw inspect ID --json` as the API's type.
+    ///
+    /// # Panics
+    ///
+    /// If the call fails.
+    pub fn vm(&self, id: &str) -> VmInfo {
+        let out = self.cli(&["inspect", id, "--json"]);
+        assert!(
+            out.status.success(),
+            "inspect {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("inspect's JSON")
+    }
+
+    /// Polls [`Daemon::vm`] every 50 ms until `done` holds.
+    ///
+    /// # Panics
+    ///
+    /// If it does not within `timeout`.
+    pub fn wait_vm(&self, id: &str, timeout: Duration, done: impl Fn(&VmInfo) -> bool) -> VmInfo {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.vm(id);
+            if done(&info) {
+                return info;
+            }
+            assert!(Instant::now() < deadline, "VM never got there: {info:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The VMM processes of this daemon's VMs (run as `VMM --kernel ... --vm-dir STATE/vms/ID`),
+    /// whether or not the daemon is still running.
+    pub fn vmm_processes(&self) -> Vec<u32> {
+        let needle = self.state_dir().display().to_string();
+        processes_mentioning(&needle)
+            .into_iter()
+            .filter(|(_, argv)| argv.contains("\0--vm-dir\0"))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        for pid in self.vmm_processes() {
+            // SAFETY: kill(2) with a pid read from /proc and SIGKILL has no memory-safety
+            // preconditions; at worst the process is already gone (ESRCH).
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The pieces of a fake VMM. A daemon started with `--vmm-bin <the test executable>` (see
+//! [`crate::DaemonOptions::self_exec`]) runs it as `BIN --kernel K --initrd I --vm-dir DIR ...`
+//! for each VM; the test plays the VMM and the sidecar in that process: it connects to
+//! `<vm-dir>/vsock.sock_<CONTROL_PORT>` as the sidecar would over vsock ([`ControlConn`]), speaks
+//! `shared-proto`, and finally writes `exit.json` ([`write_exit`]) as the VMM would.
+//!
+//! What the fake guest then does (its agent) is the test's own.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shared_proto::message::{GuestToHost, HostToGuest};
+use shared_proto::ports::CONTROL_PORT;
+use shared_proto::{FrameDecoder, PROTOCOL_VERSION, encode_frame};
+
+/// How long the fake sidecar keeps trying to reach a daemon that is away.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// The VM directory of a fake VMM's command line (`--vm-dir DIR`).
+///
+/// # Panics
+///
+/// If there is none.
+pub fn vm_dir(args: &[String]) -> PathBuf {
+    args.windows(2)
+        .find(|w| w[0] == "--vm-dir")
+        .map(|w| PathBuf::from(&w[1]))
+        .expect("--vm-dir")
+}
+
+/// The host end of the control port in `vm_dir`.
+fn control_socket(vm_dir: &Path) -> PathBuf {
+    vm_dir.join(format!("vsock.sock_{CONTROL_PORT}"))
+}
+
+/// Writes `<vm-dir>/exit.json` as the VMM does when it ends.
+pub fn write_exit(vm_dir: &Path, reason: &str, code: i32) {
+    let text = format!(r#"{{"reason":"{reason}","exit_code":{code},"boot_to_ready_ms":5}}"#);
+    std::fs::write(vm_dir.join("exit.json"), text).unwrap();
+}
+
+/// Ends the fake VMM because the daemon did not behave as the test expects: says why on stderr
+/// (the VM's `vmm.log`) and in `exit.json`'s reason (`fake_failure: WHY`), and exits 1.
+pub fn fail(vm_dir: &Path, why: &str) -> ! {
+    eprintln!("fake vmm: {why}");
+    write_exit(
+        vm_dir,
+        &format!("fake_failure: {}", why.replace('"', "'")),
+        1,
+    );
+    std::process::exit(1);
+}
+
+/// The fake sidecar's control connection to the daemon.
+#[derive(Debug)]
+pub struct ControlConn {
+    stream: UnixStream,
+    decoder: FrameDecoder<HostToGuest>,
+    vm_dir: PathBuf,
+}
+
+impl ControlConn {
+    /// Connects, retrying while the daemon is away (for up to 30 s), and says nothing yet.
+    ///
+    /// # Panics
+    ///
+    /// If no daemon listens within that time.
+    pub fn connect(vm_dir: &Path) -> ControlConn {
+        let path = control_socket(vm_dir);
+        let deadline = Instant::now() + RECONNECT_FOR;
+        let stream = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        ControlConn {
+            stream,
+            decoder: FrameDecoder::new(),
+            vm_dir: vm_dir.to_owned(),
+        }
+    }
+
+    /// Connects and says `Hello` as a sidecar of boot `boot_id` with the boot key `public_key`;
+    /// the daemon's answer (`None` if it closed or said nothing within 10 s) and the connection.
+    pub fn try_open(
+        vm_dir: &Path,
+        boot_id: [u8; 16],
+        public_key: [u8; 32],
+    ) -> (Option<HostToGuest>, ControlConn) {
+        let mut conn = ControlConn::connect(vm_dir);
+        conn.send(&GuestToHost::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            sidecar_version: "fake".into(),
+            boot_id,
+            ephemeral_public_key: public_key,
+        });
+        (conn.recv(Duration::from_secs(10)), conn)
+    }
+
+    /// Connects and says `Hello` until the daemon acknowledges it. Like the real sidecar, a
+    /// connection that drops before the answer is retried (a dying daemon may still accept one),
+    /// for up to 30 s; any other answer ends the fake VMM ([`fail`]).
+    pub fn open(vm_dir: &Path, boot_id: [u8; 16], public_key: [u8; 32]) -> ControlConn {
+        let deadline = Instant::now() + RECONNECT_FOR;
+        loop {
+            let (answer, conn) = ControlConn::try_open(vm_dir, boot_id, public_key);
+            match answer {
+                Some(HostToGuest::HelloAck { .. }) => return conn,
+                None if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => fail(vm_dir, &format!("hello answered with {other:?}")),
+            }
+        }
+    }
+
+    /// Sends one message. A write may fail if the daemon died; the next read notices.
+    pub fn send(&mut self, msg: &GuestToHost) {
+        let _ = self.stream.write_all(&encode_frame(msg).unwrap());
+    }
+
+    /// Sends `bytes` as they are (garbage, for the daemon to refuse).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next message, or `None` on EOF, error or timeout.
+    pub fn recv(&mut self, timeout: Duration) -> Option<HostToGuest> {
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(msg) = self.decoder.decode_next().ok()? {
+                return Some(msg);
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.decoder.push(&buf[..n]),
+            }
+        }
+    }
+
+    /// Waits until the daemon closes the connection (after the fake misbehaved); [`fail`]s if it
+    /// has not within 10 s.
+    pub fn expect_closed(&mut self) {
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        // Frames already queued for us (such as stdin's EOF) may come first.
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => fail(&self.vm_dir, &format!("daemon kept a bad connection: {e}")),
+            }
+        }
+    }
+}
