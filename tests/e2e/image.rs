@@ -203,6 +203,42 @@ fn hostile_images_and_a_full_disk_give_clear_errors_and_the_daemon_keeps_serving
         "the guest saw ENOSPC: {stderr}"
     );
 
+    // A corrupt image disk: its ext4 superblock (at byte 1024) is overwritten in the store. The
+    // guest cannot mount it, the run ends with 126 and says why.
+    let info = nanoclaw(&d, &["image", "inspect", "oci-test"], CLI_TIMEOUT);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("inspect JSON");
+    let rootfs = info["rootfs"]
+        .as_str()
+        .expect("the image's disk path")
+        .to_owned();
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&rootfs)
+            .unwrap();
+        disk.write_all_at(&[0xa5; 1024], 1024).unwrap();
+    }
+    let out = nanoclaw(
+        &d,
+        &[
+            "run",
+            "--image",
+            "oci-test",
+            "--disk-size",
+            "32M",
+            "--",
+            "/bin/true",
+        ],
+        RUN,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{stderr}\n{}", d.records());
+    assert!(
+        stderr.contains("root file system"),
+        "the error names the root file system: {stderr}"
+    );
+
     // The daemon still serves: a plain run works.
     let out = nanoclaw(&d, &["run", "--", "/bin/sh", "-c", "echo still here"], RUN);
     assert_eq!(text(&out.stdout), "still here\n", "{}", d.records());

@@ -433,6 +433,10 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
         }
         match rec.event {
             Event::Output { stream, data } if !args.json => write_output(stream, &data)?,
+            // Guest text: control characters could drive the terminal, so they are escaped.
+            Event::GuestError { message } if !args.json => {
+                eprintln!("nanoclaw: the guest reports: {}", message.escape_debug());
+            }
             Event::Exited { status } => agent_exit = Some(status),
             Event::Ended { status, vmm_exit } => {
                 if let Some(task) = stopping {
