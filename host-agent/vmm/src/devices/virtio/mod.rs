@@ -4,6 +4,7 @@
 //! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`](crate::devices::bus::BusDevice)).
 //! - [`vsock`]: the virtio-vsock device with the hybrid (Unix socket) backend.
 //! - [`block`]: the virtio-blk device backed by a host file.
+//! - [`worker_link`]: the front end's command channel to a device thread, shared by both.
 //!
 //! # Integration
 //! The VMM calls [`attach_vsock`] once and [`attach_block`] once per disk, after creating the
@@ -21,6 +22,7 @@
 pub mod block;
 pub mod mmio;
 pub mod vsock;
+pub mod worker_link;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::time::Duration;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -17,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs;
 use super::{BlockDevice, BlockError, DiskBackend, DiskInfo};
 use crate::devices::virtio::mmio::{ActivateError, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::worker_link::{WorkerLink, read_config_bytes};
 
 /// A command from the transport to the device thread.
 #[derive(Debug)]
@@ -42,8 +42,7 @@ pub enum BlockCommand {
 pub struct BlockFrontend {
     features: u64,
     config: [u8; defs::CONFIG_LEN],
-    commands: Sender<BlockCommand>,
-    wake: Arc<EventFd>,
+    link: WorkerLink<BlockCommand>,
 }
 
 impl BlockFrontend {
@@ -65,16 +64,8 @@ impl BlockFrontend {
         Self {
             features,
             config,
-            commands,
-            wake,
+            link: WorkerLink::new(commands, wake),
         }
-    }
-
-    fn send(&self, cmd: BlockCommand) -> Result<(), ActivateError> {
-        self.commands
-            .send(cmd)
-            .map_err(|_| ActivateError::WorkerGone)?;
-        self.wake.write(1).map_err(|_| ActivateError::WorkerGone)
     }
 }
 
@@ -92,14 +83,7 @@ impl VirtioDevice for BlockFrontend {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -113,7 +97,7 @@ impl VirtioDevice for BlockFrontend {
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        self.send(BlockCommand::Activate {
+        self.link.send(BlockCommand::Activate {
             mem,
             acked_features,
             queues,
@@ -121,20 +105,11 @@ impl VirtioDevice for BlockFrontend {
     }
 
     fn reset(&mut self) {
-        // The driver may reuse the ring's memory as soon as it reads back status 0, so wait
-        // (briefly) until the worker has dropped the queue. If the worker is gone the device
-        // is dead anyway.
-        let (done, ack) = std::sync::mpsc::channel();
-        if self.send(BlockCommand::Reset { done }).is_ok()
-            && ack.recv_timeout(RESET_ACK_TIMEOUT).is_err()
-        {
-            tracing::error!("block: device thread did not acknowledge the reset");
-        }
+        // Waits (briefly) until the worker has dropped the queue.
+        self.link
+            .reset("block", |done| BlockCommand::Reset { done });
     }
 }
-
-/// How long a vCPU waits for the device thread to confirm a reset.
-const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_STOP: u64 = 10;

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs;
 use super::{VsockBackend, VsockDevice, VsockError};
 use crate::devices::virtio::mmio::{ActivateError, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::worker_link::{WorkerLink, read_config_bytes};
 
 /// A command from the transport to the device thread.
 #[derive(Debug)]
@@ -40,8 +41,7 @@ pub enum WorkerCommand {
 #[derive(Debug)]
 pub struct VsockFrontend {
     guest_cid: u64,
-    commands: Sender<WorkerCommand>,
-    wake: Arc<EventFd>,
+    link: WorkerLink<WorkerCommand>,
 }
 
 impl VsockFrontend {
@@ -49,16 +49,8 @@ impl VsockFrontend {
     pub fn new(guest_cid: u64, commands: Sender<WorkerCommand>, wake: Arc<EventFd>) -> Self {
         Self {
             guest_cid,
-            commands,
-            wake,
+            link: WorkerLink::new(commands, wake),
         }
-    }
-
-    fn send(&self, cmd: WorkerCommand) -> Result<(), ActivateError> {
-        self.commands
-            .send(cmd)
-            .map_err(|_| ActivateError::WorkerGone)?;
-        self.wake.write(1).map_err(|_| ActivateError::WorkerGone)
     }
 }
 
@@ -77,15 +69,7 @@ impl VirtioDevice for VsockFrontend {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let cfg = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -98,24 +82,15 @@ impl VirtioDevice for VsockFrontend {
         _acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        self.send(WorkerCommand::Activate { mem, queues })
+        self.link.send(WorkerCommand::Activate { mem, queues })
     }
 
     fn reset(&mut self) {
-        // The driver may reuse the rings' memory as soon as it reads back status 0, so wait
-        // (briefly) until the worker has dropped the queues. If the worker is gone the device
-        // is dead anyway.
-        let (done, ack) = std::sync::mpsc::channel();
-        if self.send(WorkerCommand::Reset { done }).is_ok()
-            && ack.recv_timeout(RESET_ACK_TIMEOUT).is_err()
-        {
-            tracing::error!("vsock: device thread did not acknowledge the reset");
-        }
+        // Waits (briefly) until the worker has dropped the queues.
+        self.link
+            .reset("vsock", |done| WorkerCommand::Reset { done });
     }
 }
-
-/// How long a vCPU waits for the device thread to confirm a reset.
-const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 const TOKEN_STOP: u64 = 10;
 const TOKEN_COMMAND: u64 = 11;
