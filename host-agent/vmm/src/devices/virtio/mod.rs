@@ -26,6 +26,7 @@ pub mod worker_link;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -202,6 +203,55 @@ pub fn attach_vsock(
     Ok(handle)
 }
 
+/// The device-independent half of `spawn_vsock` and `spawn_block`: creates the command and
+/// stop eventfds, the command channel, the front end (`frontend`), the interrupt and the
+/// virtio-mmio transport, then has `worker` build the device thread's body from the interrupt,
+/// the transport's queue eventfds, the command receiver, the command eventfd and the stop
+/// eventfd, and spawns it as `thread_name` (`spawn_err` maps a spawn failure). Returns the
+/// transport, the stop eventfd and the thread.
+fn spawn_device_thread<C, F, R>(
+    mem: GuestMemoryMmap<()>,
+    thread_name: String,
+    frontend: impl FnOnce(Sender<C>, Arc<EventFd>) -> F,
+    worker: impl FnOnce(
+        IrqTrigger,
+        &[Arc<EventFd>],
+        Receiver<C>,
+        Arc<EventFd>,
+        Arc<EventFd>,
+    ) -> Result<R, VirtioError>,
+    spawn_err: impl FnOnce(std::io::Error) -> VirtioError,
+) -> Result<(MmioTransport, Arc<EventFd>, JoinHandle<()>), VirtioError>
+where
+    F: mmio::VirtioDevice + 'static,
+    R: FnOnce() + Send + 'static,
+{
+    let new_evt = || {
+        EventFd::new(libc::EFD_NONBLOCK)
+            .map(Arc::new)
+            .map_err(VirtioError::EventFd)
+    };
+    let command_evt = new_evt()?;
+    let stop_evt = new_evt()?;
+    let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+    let frontend = frontend(commands_tx, command_evt.clone());
+    let interrupt = IrqTrigger::new().map_err(VirtioError::EventFd)?;
+    let transport = MmioTransport::new(mem, Box::new(frontend), interrupt.clone())
+        .map_err(VirtioError::EventFd)?;
+    let body = worker(
+        interrupt,
+        transport.queue_evts(),
+        commands_rx,
+        command_evt,
+        stop_evt.clone(),
+    )?;
+    let thread = std::thread::Builder::new()
+        .name(thread_name)
+        .spawn(body)
+        .map_err(spawn_err)?;
+    Ok((transport, stop_evt, thread))
+}
+
 /// Registers the transport's irqfd (`slot.gsi`) and one ioeventfd per queue (on `QueueNotify`,
 /// datamatch = queue index) with `vm`, and inserts the transport on `mmio_bus` at `slot`.
 fn wire_transport(
@@ -249,36 +299,23 @@ pub fn spawn_vsock(
     )
     .map_err(VirtioError::Vsock)?;
 
-    let new_evt = || {
-        EventFd::new(libc::EFD_NONBLOCK)
-            .map(Arc::new)
-            .map_err(VirtioError::EventFd)
-    };
-    let command_evt = new_evt()?;
-    let stop_evt = new_evt()?;
-    let (commands_tx, commands_rx) = std::sync::mpsc::channel();
-    let frontend = VsockFrontend::new(cfg.guest_cid, commands_tx, command_evt.clone());
-    let interrupt = IrqTrigger::new().map_err(VirtioError::EventFd)?;
-    let transport = MmioTransport::new(mem, Box::new(frontend), interrupt.clone())
-        .map_err(VirtioError::EventFd)?;
-
-    let device = VsockDevice::new(cfg.guest_cid, muxer, interrupt, metrics.clone());
-    let worker = VsockWorker::new(
-        device,
-        transport.queue_evts().to_vec(),
-        commands_rx,
-        command_evt,
-        stop_evt.clone(),
-    )
-    .map_err(VirtioError::Vsock)?;
-    let thread = std::thread::Builder::new()
-        .name("vsock-dev".into())
-        .spawn(move || {
-            if let Err(e) = worker.run() {
-                tracing::error!(error = %e, "vsock device thread failed");
-            }
-        })
-        .map_err(|e| VirtioError::Vsock(VsockError::Spawn(e)))?;
+    let (transport, stop_evt, thread) = spawn_device_thread(
+        mem,
+        "vsock-dev".into(),
+        |commands, command_evt| VsockFrontend::new(cfg.guest_cid, commands, command_evt),
+        |interrupt, queue_evts, commands, command_evt, stop_evt| {
+            let device = VsockDevice::new(cfg.guest_cid, muxer, interrupt, metrics.clone());
+            let worker =
+                VsockWorker::new(device, queue_evts.to_vec(), commands, command_evt, stop_evt)
+                    .map_err(VirtioError::Vsock)?;
+            Ok(move || {
+                if let Err(e) = worker.run() {
+                    tracing::error!(error = %e, "vsock device thread failed");
+                }
+            })
+        },
+        |e| VirtioError::Vsock(VsockError::Spawn(e)),
+    )?;
 
     let handle = VsockHandle {
         slot,
@@ -402,38 +439,28 @@ pub fn spawn_block(
     };
     let metrics = Arc::new(BlockMetrics::default());
 
-    let new_evt = || {
-        EventFd::new(libc::EFD_NONBLOCK)
-            .map(Arc::new)
-            .map_err(VirtioError::EventFd)
-    };
-    let command_evt = new_evt()?;
-    let stop_evt = new_evt()?;
-    let (commands_tx, commands_rx) = std::sync::mpsc::channel();
-    let frontend = BlockFrontend::new(&info, commands_tx, command_evt.clone());
-    let interrupt = IrqTrigger::new().map_err(VirtioError::EventFd)?;
-    let transport = MmioTransport::new(mem, Box::new(frontend), interrupt.clone())
-        .map_err(VirtioError::EventFd)?;
-    // The block frontend has exactly one queue.
-    let queue_evt = transport.queue_evts()[0].clone();
-
-    let device = BlockDevice::new(disk, info, interrupt, metrics.clone());
-    let worker = BlockWorker::new(
-        device,
-        queue_evt,
-        commands_rx,
-        command_evt,
-        stop_evt.clone(),
-    )
-    .map_err(VirtioError::Block)?;
-    let thread = std::thread::Builder::new()
-        .name(thread_name)
-        .spawn(move || {
-            if let Err(e) = worker.run() {
-                tracing::error!(error = %e, "block device thread failed");
-            }
-        })
-        .map_err(|e| VirtioError::Block(BlockError::Spawn(e)))?;
+    let (transport, stop_evt, thread) = spawn_device_thread(
+        mem,
+        thread_name,
+        {
+            // The front end's features and config space come from its own copy of `info`.
+            let info = info.clone();
+            move |commands, command_evt| BlockFrontend::new(&info, commands, command_evt)
+        },
+        |interrupt, queue_evts, commands, command_evt, stop_evt| {
+            // The block frontend has exactly one queue.
+            let queue_evt = queue_evts[0].clone();
+            let device = BlockDevice::new(disk, info, interrupt, metrics.clone());
+            let worker = BlockWorker::new(device, queue_evt, commands, command_evt, stop_evt)
+                .map_err(VirtioError::Block)?;
+            Ok(move || {
+                if let Err(e) = worker.run() {
+                    tracing::error!(error = %e, "block device thread failed");
+                }
+            })
+        },
+        |e| VirtioError::Block(BlockError::Spawn(e)),
+    )?;
 
     let handle = BlockHandle {
         slot,
