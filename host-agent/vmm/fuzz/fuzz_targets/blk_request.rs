@@ -27,6 +27,12 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+// The input reader and the hostile-queue writer, shared with the other fuzz target.
+#[path = "../common/rings.rs"]
+mod rings;
+
+use rings::{Input, Rings, write_hostile_queue};
+
 const MEM_SIZE: usize = 0x4_0000;
 const QSIZE: u16 = 16;
 const QUEUE_BASE: u64 = 0x0;
@@ -85,27 +91,6 @@ impl DiskBackend for MemDisk {
     }
 }
 
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn take(&mut self, n: usize) -> Vec<u8> {
-        let n = n.min(self.0.len());
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        head.to_vec()
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.take(1).first().copied().unwrap_or(0)
-    }
-}
-
-fn le<const N: usize>(b: &[u8]) -> [u8; N] {
-    let mut out = [0u8; N];
-    out[..b.len().min(N)].copy_from_slice(&b[..b.len().min(N)]);
-    out
-}
-
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mock = MockSplitQueue::create(&mem, GuestAddress(QUEUE_BASE), QSIZE);
@@ -121,38 +106,15 @@ fuzz_target!(|data: &[u8]| {
     let read_only = switches & 1 != 0;
     let acked = VERSION_1 | if switches & 2 != 0 { FLUSH } else { 0 };
 
-    let n_desc = usize::from(input.byte() % (QSIZE as u8 + 1));
-    for i in 0..n_desc {
-        let raw = le::<16>(&input.take(16));
-        let mut addr = u64::from_le_bytes(le::<8>(&raw[..8]));
-        if addr >> 63 == 0 {
-            addr = DATA_BASE + addr % DATA_LEN;
-        }
-        let mut len = u32::from_le_bytes(le::<4>(&raw[8..12]));
-        if len >> 31 == 0 {
-            len %= DATA_LEN as u32;
-        }
-        let mut d = raw;
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&d, GuestAddress(desc_table.0 + 16 * i as u64))
-            .unwrap();
-    }
-    let n_avail = input.byte() % 33;
-    let mut heads = vec![0u16; usize::from(QSIZE)];
-    for i in 0..usize::from(n_avail) {
-        let head = u16::from(input.byte());
-        heads[i % usize::from(QSIZE)] = head;
-        mem.write_obj(
-            head,
-            GuestAddress(avail.0 + 4 + 2 * (i as u64 % u64::from(QSIZE))),
-        )
-        .unwrap();
-    }
-    mem.write_obj(u16::from(n_avail), GuestAddress(avail.0 + 2))
-        .unwrap();
-    let rest = input.take(DATA_LEN as usize);
-    mem.write_slice(&rest, GuestAddress(DATA_BASE)).unwrap();
+    let rings = Rings {
+        desc_table,
+        avail,
+        qsize: QSIZE,
+        data_base: DATA_BASE,
+        data_len: DATA_LEN,
+        fold_len: true,
+    };
+    let (n_avail, heads) = write_hostile_queue(&mem, &mut input, &rings);
 
     // A filled vector rather than a pattern: a per-byte loop would dominate the run time under
     // the fuzzer's instrumentation.

@@ -27,6 +27,12 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+// The input reader and the hostile-queue writer, shared with the other fuzz target.
+#[path = "../common/rings.rs"]
+mod rings;
+
+use rings::{Input, Rings, write_hostile_queue};
+
 const MEM_SIZE: usize = 0x4_0000;
 const QSIZE: u16 = 16;
 const TX_BASE: u64 = 0x0;
@@ -60,27 +66,6 @@ fn sock_path() -> &'static (PathBuf, UnixListener) {
     })
 }
 
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn take(&mut self, n: usize) -> Vec<u8> {
-        let n = n.min(self.0.len());
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        head.to_vec()
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.take(1).first().copied().unwrap_or(0)
-    }
-}
-
-fn le<const N: usize>(b: &[u8]) -> [u8; N] {
-    let mut out = [0u8; N];
-    out[..b.len().min(N)].copy_from_slice(&b[..b.len().min(N)]);
-    out
-}
-
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut queues: Vec<Queue> = Vec::new();
@@ -103,31 +88,15 @@ fuzz_target!(|data: &[u8]| {
 
     let mut input = Input(data);
     let (desc_table, avail) = tx_rings;
-    let n_desc = usize::from(input.byte() % (QSIZE as u8 + 1));
-    for i in 0..n_desc {
-        let raw = input.take(16);
-        let mut addr = u64::from_le_bytes(le::<8>(&raw[..raw.len().min(8)]));
-        if addr >> 63 == 0 {
-            addr = DATA_BASE + addr % DATA_LEN;
-        }
-        let mut d = [0u8; 16];
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        if raw.len() > 8 {
-            d[8..raw.len()].copy_from_slice(&raw[8..]);
-        }
-        mem.write_slice(&d, GuestAddress(desc_table.0 + 16 * i as u64))
-            .unwrap();
-    }
-    let n_avail = input.byte() % 33;
-    for i in 0..u64::from(n_avail) {
-        let head = u16::from(input.byte());
-        mem.write_obj(head, GuestAddress(avail.0 + 4 + 2 * (i % u64::from(QSIZE))))
-            .unwrap();
-    }
-    mem.write_obj(u16::from(n_avail), GuestAddress(avail.0 + 2))
-        .unwrap();
-    let rest = input.take(DATA_LEN as usize);
-    mem.write_slice(&rest, GuestAddress(DATA_BASE)).unwrap();
+    let rings = Rings {
+        desc_table,
+        avail,
+        qsize: QSIZE,
+        data_base: DATA_BASE,
+        data_len: DATA_LEN,
+        fold_len: false,
+    };
+    write_hostile_queue(&mem, &mut input, &rings);
 
     // Well-formed rx buffers so replies (resets, responses) get written.
     let (rx_desc, rx_avail) = rx_rings;
