@@ -186,7 +186,7 @@ impl FilesError {
     }
 
     /// Whether the guest's behaviour caused this error (its log lines are rate-limited).
-    fn from_guest(&self) -> bool {
+    fn guest_caused(&self) -> bool {
         matches!(
             self,
             Self::Guest { .. }
@@ -251,7 +251,7 @@ static GUEST_LOG: LazyLock<Mutex<LogBudget>> = LazyLock::new(|| Mutex::new(LogBu
 
 /// Logs a failed transfer; within [`GUEST_LOG`]'s budget when the guest caused it.
 fn log_failure(vm: &str, what: &str, e: &FilesError) {
-    if e.from_guest() {
+    if e.guest_caused() {
         let admitted = GUEST_LOG
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -408,10 +408,12 @@ pub async fn get_running(
         };
         match archive::sanitize(ChannelReader::new(in_rx), &mut out, &limits) {
             Ok(_) => {}
-            // The relay logs the guest's own errors; this logs what the re-write refused.
-            Err(e @ (ArchiveError::Read(_) | ArchiveError::Write(_))) => {
+            // The client went away: nothing to tell anyone.
+            Err(e @ ArchiveError::Write(_)) => {
                 out.fail(std::io::Error::other(error_chain(&e)));
             }
+            // What the re-write refused, or a stream that is not a tar (the relay logs the
+            // guest's error replies too, within the same budget).
             Err(e) => {
                 let e = FilesError::Archive(e);
                 log_failure(&id, &format!("get of {path}"), &e);

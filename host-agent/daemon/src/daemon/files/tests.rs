@@ -157,7 +157,8 @@ fn a_guest_archive_is_rewritten_with_the_same_files_and_no_set_id_bits() {
 #[test]
 fn hostile_guest_archives_are_refused_and_never_end_like_whole_ones() {
     type Build = fn(&mut tar::Builder<Vec<u8>>);
-    let cases: Vec<(&str, Build, fn(&ArchiveError) -> bool)> = vec![
+    type Expected = fn(&ArchiveError) -> bool;
+    let cases: Vec<(&str, Build, Expected)> = vec![
         (
             "dot-dot",
             |t| raw_entry(t, "out/../../etc/passwd", EntryType::Regular, b"x"),
