@@ -7,7 +7,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use nanoclaw_tests::oci::{Entry, busybox_layer, layer, write_layout};
+use nanoclaw_tests::oci::{test_image, write_layout};
 use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin};
 use serde_json::json;
 
@@ -24,44 +24,6 @@ fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
         .unwrap_or_else(|e| panic!("nanoclaw {args:?}: {e:#}\n{}", d.records()))
 }
 
-/// The run script of the test image: what the agent sees of its image.
-const RUN_SH: &str = r#"echo "greeting=$GREETING"
-echo "cwd=$(pwd)"
-echo "uid=$(id -u) gid=$(id -g)"
-echo "data=$(ls /data | tr '\n' ' ')"
-echo "args=$*"
-echo written > /tmp/scratch-file && echo "tmp=ok"
-echo changed > /data/keep.txt && echo "overlay=$(cat /data/keep.txt)"
-"#;
-
-fn test_image(dir: &std::path::Path) {
-    let base = busybox_layer(&[
-        Entry::Dir("data".into(), 0o777),
-        Entry::File("data/keep.txt".into(), b"keep\n".to_vec(), 0o666),
-        Entry::File("data/old.txt".into(), b"old\n".to_vec(), 0o644),
-        Entry::Symlink("bin/tr".into(), "busybox".into()),
-    ])
-    .expect("base layer");
-    let top = layer(&[
-        Entry::Whiteout("data/old.txt".into()),
-        Entry::Dir("app".into(), 0o755),
-        Entry::File("app/run.sh".into(), RUN_SH.as_bytes().to_vec(), 0o755),
-    ])
-    .expect("top layer");
-    write_layout(
-        dir,
-        &[base, top],
-        json!({
-            "Env": ["PATH=/bin", "GREETING=hello from oci"],
-            "WorkingDir": "/app",
-            "User": "agent",
-            "Entrypoint": ["/bin/sh", "/app/run.sh"],
-            "Cmd": ["first", "second"],
-        }),
-    )
-    .expect("write the layout");
-}
-
 #[test]
 #[ignore = "e2e: run through scripts/e2e"]
 fn an_imported_oci_image_runs_its_cmd_with_its_env_and_workdir_on_an_overlay() {
@@ -69,7 +31,7 @@ fn an_imported_oci_image_runs_its_cmd_with_its_env_and_workdir_on_an_overlay() {
     let d = Daemon::start(&guest.vmlinux, &guest.initramfs).expect("start the daemon");
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
-    test_image(&layout);
+    test_image(&layout).expect("the test image");
 
     let out = nanoclaw(
         &d,
@@ -164,7 +126,7 @@ fn hostile_images_and_a_full_disk_give_clear_errors_and_the_daemon_keeps_serving
     // A good image, then a guest that fills its writable disk: the writer fails with ENOSPC
     // and the run ends with its exit code.
     let layout = work.path().join("layout");
-    test_image(&layout);
+    test_image(&layout).expect("the test image");
     let out = nanoclaw(
         &d,
         &["image", "import", "oci-test", layout.to_str().unwrap()],

@@ -6,6 +6,7 @@
 
 mod agent;
 mod approval;
+mod cp;
 mod credentials;
 mod image;
 mod kvm_selftest;

@@ -170,3 +170,49 @@ pub fn busybox_layer(extra: &[Entry]) -> Result<Vec<u8>> {
     entries.extend_from_slice(extra);
     layer(&entries)
 }
+
+/// The run script of [`test_image`]: what the agent sees of its image.
+pub const TEST_IMAGE_RUN_SH: &str = r#"echo "greeting=$GREETING"
+echo "cwd=$(pwd)"
+echo "uid=$(id -u) gid=$(id -g)"
+echo "data=$(ls /data | tr '\n' ' ')"
+echo "args=$*"
+echo written > /tmp/scratch-file && echo "tmp=ok"
+echo changed > /data/keep.txt && echo "overlay=$(cat /data/keep.txt)"
+"#;
+
+/// Writes the e2e tier's test image at `dir`: [`busybox_layer`] with a folder `/data` (mode
+/// 0777) holding `keep.txt`, a top layer that deletes `/data/old.txt` with a whiteout and adds
+/// `/app/run.sh` ([`TEST_IMAGE_RUN_SH`]); it runs as `agent` in `/app` with
+/// `PATH=/bin`, `GREETING`, and `first second` as its Cmd.
+pub fn test_image(dir: &Path) -> Result<()> {
+    let base = busybox_layer(&[
+        Entry::Dir("data".into(), 0o777),
+        Entry::File("data/keep.txt".into(), b"keep\n".to_vec(), 0o666),
+        Entry::File("data/old.txt".into(), b"old\n".to_vec(), 0o644),
+        Entry::Symlink("bin/tr".into(), "busybox".into()),
+    ])
+    .context("base layer")?;
+    let top = layer(&[
+        Entry::Whiteout("data/old.txt".into()),
+        Entry::Dir("app".into(), 0o755),
+        Entry::File(
+            "app/run.sh".into(),
+            TEST_IMAGE_RUN_SH.as_bytes().to_vec(),
+            0o755,
+        ),
+    ])
+    .context("top layer")?;
+    write_layout(
+        dir,
+        &[base, top],
+        json!({
+            "Env": ["PATH=/bin", "GREETING=hello from oci"],
+            "WorkingDir": "/app",
+            "User": "agent",
+            "Entrypoint": ["/bin/sh", "/app/run.sh"],
+            "Cmd": ["first", "second"],
+        }),
+    )
+    .context("write the layout")
+}

@@ -11,6 +11,8 @@
 //! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended |
 //! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
 //! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |
+//! | `PUT /v1/vms/{id}/files?path=DIR` | a tar stream | [`FilesCopied`] once the guest unpacked it under the folder `DIR` |
+//! | `GET /v1/vms/{id}/files?path=PATH` | | a tar stream of the file or folder `PATH` (its entries named from its last component) |
 //! | `GET /v1/images` | | `[`[`ImageInfo`]`, ...]` |
 //! | `GET /v1/images/{name}` | | [`ImageInfo`] |
 //! | `DELETE /v1/images/{name}` | | `204` |
@@ -24,6 +26,12 @@
 //! far. Output bytes travel base64-encoded (standard alphabet, padded) so that binary output
 //! survives JSON.
 //! The agent's standard input is empty: it reads EOF at once.
+//!
+//! `/files` copies need a VM with an image; a `PUT` needs it running, a `GET` also reads an
+//! ended VM's writable disk (what the agent wrote, symlinks not followed). Tar streams are
+//! capped at 2 GiB and 100 000 entries (`413`); a refused path or archive is `422`, a VM that
+//! is not running or not ready `409`, a missing path `404`. Once a `GET`'s tar has started, a
+//! failure cuts the body short: a body that does not end cleanly is not a whole archive.
 
 use serde::{Deserialize, Serialize};
 
@@ -112,6 +120,15 @@ pub struct CreateVm {
     /// writable disk, owned as the tar says; at most [`MAX_COPY_IN_BYTES`] of tar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_in_tar: Option<String>,
+}
+
+/// What `PUT /v1/vms/{id}/files` copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesCopied {
+    /// The length of the tar stream the guest received.
+    pub bytes: u64,
+    /// The archive entries it unpacked.
+    pub entries: u64,
 }
 
 /// The most tar bytes a create request may copy in (larger trees: `nanoclaw cp` once it runs).

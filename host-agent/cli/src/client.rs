@@ -79,6 +79,23 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let content_type = body.as_ref().map(|_| "application/json");
+        let body = Full::new(Bytes::from(body.unwrap_or_default()));
+        self.send_body(method, path, content_type, body).await
+    }
+
+    /// Like [`Client::send`], with any body (such as a stream) of `content_type`.
+    pub async fn send_body<B>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: B,
+    ) -> Result<hyper::Response<Incoming>, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| match source.kind() {
@@ -102,12 +119,10 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "nanoclaw");
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(content_type) = content_type {
+            req = req.header(hyper::header::CONTENT_TYPE, content_type);
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(ClientError::Request)?;
+        let req = req.body(body).map_err(ClientError::Request)?;
         let resp = sender.send_request(req).await.map_err(ClientError::Http)?;
         if resp.status().is_success() {
             return Ok(resp);

@@ -1,8 +1,9 @@
 //! `nanoclaw run --copy HOSTPATH:GUESTPATH`: the files and folders to copy into a VM before it
 //! boots, packed as one tar whose entry names are guest paths (relative to the guest's root),
-//! owned by the agent's user. The daemon unpacks it with the image store's rules (no `..`, no
+//! owned by the agent's user. [`pack_into`] packs one of them as a stream, for `nanoclaw cp`. The daemon unpacks it with the image store's rules (no `..`, no
 //! absolute names, no writes through symlinks, no device nodes) onto the VM's writable disk.
 
+use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use super::CliError;
@@ -62,8 +63,27 @@ pub fn pack(copies: &[Copy], uid: u32, gid: u32) -> Result<Vec<u8>, CliError> {
     })
 }
 
-fn add(
-    tar: &mut tar::Builder<Vec<u8>>,
+/// Packs the file, folder or symlink `host` into a tar written to `out` as it is read, its
+/// entry named `name` (its children below `name/`), every entry owned by `uid:gid`. Symlinks
+/// are packed as links, never followed. Answers `out` after the end of the archive.
+pub fn pack_into<W: Write>(
+    out: W,
+    host: &Path,
+    name: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<W, CliError> {
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    add(&mut tar, host, name, uid, gid)?;
+    tar.into_inner().map_err(|source| CliError::CopyIn {
+        path: host.to_owned(),
+        source,
+    })
+}
+
+fn add<W: Write>(
+    tar: &mut tar::Builder<W>,
     host: &Path,
     guest: &Path,
     uid: u32,
@@ -97,11 +117,43 @@ fn add(
         tar.append_link(&mut header, guest, target).map_err(err)?;
     } else if ft.is_file() {
         let file = std::fs::File::open(host).map_err(err)?;
-        tar.append_data(&mut header, guest, file).map_err(err)?;
+        // Exactly the size in the header: a file that grows or shrinks meanwhile fails the
+        // copy instead of breaking the archive.
+        let data = SizedRead {
+            inner: file,
+            left: meta.len(),
+        };
+        tar.append_data(&mut header, guest, data).map_err(err)?;
     } else {
         return Err(CliError::CopyKind(host.to_owned()));
     }
     Ok(())
+}
+
+/// Reads exactly `left` bytes: an early end is an error, and nothing past `left` is read.
+struct SizedRead<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for SizedRead<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = out
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut out[..want])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was copied",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

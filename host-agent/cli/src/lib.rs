@@ -8,6 +8,7 @@
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
 //! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
+//! - `cp` copies a file or folder into or out of a VM.
 //!
 //! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
 //! exit status (the VM failed, was lost or stopped before the agent started).
@@ -18,11 +19,13 @@
 //! - [`audit`]: `nanoclaw audit verify|tail`.
 //! - [`image`]: `nanoclaw image build|import|ls|inspect|rm`.
 //! - [`copy_in`]: `nanoclaw run --copy HOSTPATH:GUESTPATH`.
+//! - [`cp`]: `nanoclaw cp SRC DST`.
 
 pub mod approvals;
 pub mod audit;
 pub mod client;
 pub mod copy_in;
+pub mod cp;
 pub mod image;
 
 use std::io::Write;
@@ -100,6 +103,9 @@ pub enum CliError {
         "the files to copy in come to {0} MiB, over the limit: copy them with `nanoclaw cp` once the VM runs"
     )]
     CopyTooLarge(usize),
+    /// `nanoclaw cp` failed.
+    #[error(transparent)]
+    Cp(#[from] cp::CpError),
     /// An image build failed.
     #[error("image build failed: {0}")]
     ImageBuild(String),
@@ -193,6 +199,9 @@ pub enum Command {
     /// Build, import, list and remove images (agents' root file systems).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Copy a file or folder into or out of a VM: `cp HOSTPATH ID:DIR` or `cp ID:PATH HOSTDIR`
+    /// (the destination is a folder; out of an ended VM, what the agent wrote is copied).
+    Cp(cp::CpArgs),
 }
 
 /// `nanoclaw run`.
@@ -294,6 +303,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Approvals { json, .. } => approvals::list(&client, json).await,
         Command::Audit(command) => audit::run(command),
         Command::Image(command) => image::run(&client, command).await,
+        Command::Cp(args) => cp::run(&client, args).await,
         Command::Inspect { id, json } => {
             let info: VmInfo = client
                 .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)

@@ -16,7 +16,9 @@
 //! - [`routes`]: the HTTP handlers.
 //! - [`ratelimit`]: the log budget for guest-triggered lines.
 //! - [`images`]: the image routes, and what a VM created with an image gets.
+//! - [`files`]: copying files into and out of a VM (`nanoclaw cp`).
 
+pub mod files;
 pub mod images;
 pub mod ratelimit;
 pub mod routes;

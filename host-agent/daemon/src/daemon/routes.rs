@@ -40,6 +40,10 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/events", get(events))
         .route("/v1/vms/{id}/console", get(console))
+        .route(
+            "/v1/vms/{id}/files",
+            get(super::files::get).put(super::files::put),
+        )
         .route("/v1/images", get(super::images::list))
         .route(
             "/v1/images/{name}",
