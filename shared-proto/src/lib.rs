@@ -21,6 +21,8 @@
 //!   the passkey registration and assertion verifier, shared by host-agent and vault-device.
 //! - [`credential`]: the credential channels: Noise records, the device <-> host link messages,
 //!   the relay greeting, and the proxy messages inside the sidecar <-> device session.
+//! - [`ErrorChain`]: an error and its `source()` chain on one line, the one printer every
+//!   process uses at its edge.
 //! - [`files`]: the file copy channel: tar streams in and out of the agent's root, one message
 //!   enum per direction ([`files::FilesRequest`], [`files::FilesReply`]) and their checked
 //!   decoder.
@@ -28,12 +30,14 @@
 pub mod approval;
 pub mod credential;
 pub mod envelope;
+mod error_chain;
 pub mod files;
 pub mod frame;
 pub mod handshake;
 pub mod message;
 pub mod ports;
 
+pub use error_chain::{ErrorChain, error_chain};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, encode_frame};
 pub use handshake::{HandshakeError, PROTOCOL_VERSION};
 pub use message::{GuestToHost, HostToGuest};

@@ -35,13 +35,4 @@ pub mod relay;
 
 /// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the
 /// binaries print errors and how the daemon logs them.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
+pub use shared_proto::error_chain;
