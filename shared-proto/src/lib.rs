@@ -19,6 +19,8 @@
 //!   that the device seals and the sidecar opens.
 //! - [`approval`]: the canonical approval request (its SHA-256 is the WebAuthn challenge) and
 //!   the passkey registration and assertion verifier, shared by host-agent and vault-device.
+//! - [`canonical_json`]: JSON text with sorted keys, the one rendering of a value that is signed
+//!   (approval arguments) or digested (the MCP gateway's audit records).
 //! - [`credential`]: the credential channels: Noise records, the device <-> host link messages,
 //!   the relay greeting, and the proxy messages inside the sidecar <-> device session.
 //! - [`ErrorChain`]: an error and its `source()` chain on one line, the one printer every
@@ -28,6 +30,7 @@
 //!   decoder.
 
 pub mod approval;
+mod canonical_json;
 pub mod credential;
 pub mod envelope;
 mod error_chain;
@@ -37,6 +40,7 @@ pub mod handshake;
 pub mod message;
 pub mod ports;
 
+pub use canonical_json::canonical_json;
 pub use error_chain::{ErrorChain, error_chain};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, encode_frame};
 pub use handshake::{HandshakeError, PROTOCOL_VERSION};

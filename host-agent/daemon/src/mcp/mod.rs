@@ -517,26 +517,11 @@ impl Gateway {
     }
 }
 
-/// The digest of arguments in canonical form: object keys sorted at every level, no spaces
-/// (serde_json keeps insertion order here, so the agent's key order must not change it).
+/// The digest of arguments as canonical JSON ([`shared_proto::canonical_json`]: object keys
+/// sorted at every level, no spaces), so the agent's key order does not change it.
 pub fn args_digest(args: &Map<String, Value>) -> String {
-    fn canonical(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                Value::Object(
-                    keys.into_iter()
-                        .map(|k| (k.clone(), canonical(&m[k])))
-                        .collect(),
-                )
-            }
-            Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
-            other => other.clone(),
-        }
-    }
-    let value = canonical(&Value::Object(args.clone()));
-    audit::digest(&serde_json::to_vec(&value).unwrap_or_default())
+    let text = shared_proto::canonical_json(&Value::Object(args.clone()));
+    audit::digest(text.as_bytes())
 }
 
 fn denied(rule: &str, reason: &str) -> (i64, String, Value) {
