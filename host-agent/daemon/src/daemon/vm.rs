@@ -775,7 +775,7 @@ pub async fn wait_ended(ended: &mut watch::Receiver<bool>) {
 
 /// The path of the control listener in `dir`.
 pub fn control_socket_path(dir: &Path) -> PathBuf {
-    dir.join(format!("vsock.sock_{}", shared_proto::ports::CONTROL_PORT))
+    shared_proto::ports::host_listener_path(dir, shared_proto::ports::CONTROL_PORT)
 }
 
 /// Reads until one whole frame is decoded. `Ok(None)` on EOF before it.

@@ -206,7 +206,7 @@ impl Gateway {
     /// Binds the agent's endpoint at `<vm_dir>/vsock.sock_<MCP_PORT>` (replacing a stale
     /// socket file).
     pub fn bind(vm_dir: &Path) -> Result<tokio::net::UnixListener, McpError> {
-        let path = vm_dir.join(format!("vsock.sock_{}", shared_proto::ports::MCP_PORT));
+        let path = shared_proto::ports::host_listener_path(vm_dir, shared_proto::ports::MCP_PORT);
         let _ = std::fs::remove_file(&path);
         tokio::net::UnixListener::bind(&path).map_err(|source| McpError::Listen { path, source })
     }

@@ -233,7 +233,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), RelayError> {
 
 /// The path of a VM's credential proxy listener.
 pub fn proxy_socket_path(vm_dir: &Path) -> PathBuf {
-    vm_dir.join(format!("vsock.sock_{CREDENTIAL_PROXY_PORT}"))
+    shared_proto::ports::host_listener_path(vm_dir, CREDENTIAL_PROXY_PORT)
 }
 
 impl Relay {
