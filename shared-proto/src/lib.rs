@@ -1,9 +1,11 @@
 //! The wire between `vpod-sidecar` (guest), `host-agent` (host) and `vault-device` (the user's
 //! device).
 //!
-//! This crate does no I/O: no sockets, no files, no clock. Callers feed it bytes and the current
-//! time and get typed values or typed errors back. Every decoder here treats its input as hostile
-//! (the guest is untrusted) and never panics; `fuzz/` holds the fuzz targets.
+//! This crate does no I/O: no sockets, no clock, and no files except in [`fs`] (the durable
+//! file replacement every process needs, kept apart from the wire; its module doc says why it
+//! lives here). Callers feed it bytes and the current time and get typed values or typed errors
+//! back. Every decoder here treats its input as hostile (the guest is untrusted) and never
+//! panics; `fuzz/` holds the fuzz targets.
 //!
 //! # Layout
 //!
@@ -28,6 +30,8 @@
 //! - [`files`]: the file copy channel: tar streams in and out of the agent's root, one message
 //!   enum per direction ([`files::FilesRequest`], [`files::FilesReply`]) and their checked
 //!   decoder.
+//! - [`fs`]: the durable replacement of a small file (temporary file, fsync, rename, fsync of
+//!   the folder) for the state files of the daemon and the device.
 
 pub mod approval;
 mod canonical_json;
@@ -36,6 +40,7 @@ pub mod envelope;
 mod error_chain;
 pub mod files;
 pub mod frame;
+pub mod fs;
 pub mod handshake;
 pub mod message;
 pub mod ports;

@@ -443,9 +443,10 @@ impl PasskeyApprover {
             source,
         };
         let body = serde_json::to_vec_pretty(passkeys).map_err(|e| fail(e.into()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body).map_err(fail)?;
-        std::fs::rename(&tmp, path).map_err(fail)
+        // The signature counters must survive a crash: a counter that goes back would let an
+        // older counter value pass the clone check again.
+        shared_proto::fs::replace_file(path, &body, shared_proto::fs::DEFAULT_MODE)
+            .map_err(|e| fail(e.into()))
     }
 
     fn build_request(&self, subject: &ApprovalSubject) -> Result<ApprovalRequest, PasskeyError> {

@@ -41,9 +41,7 @@
 //! VMs, and nothing per connection is logged above `debug`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -213,22 +211,15 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// Writes a state file durably, 0600 ([`shared_proto::fs`]).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), RelayError> {
-    let err = |op| {
-        let path = path.to_owned();
-        move |source| RelayError::File { op, path, source }
-    };
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err("create"))?;
-    f.write_all(bytes).map_err(err("write"))?;
-    f.sync_all().map_err(err("fsync"))?;
-    std::fs::rename(&tmp, path).map_err(err("rename"))
+    shared_proto::fs::replace_file(path, bytes, shared_proto::fs::PRIVATE_MODE).map_err(|e| {
+        RelayError::File {
+            op: e.step,
+            path: e.path,
+            source: e.source,
+        }
+    })
 }
 
 /// The path of a VM's credential proxy listener.
