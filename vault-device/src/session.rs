@@ -39,7 +39,7 @@ use rand_core::{OsRng, RngCore};
 use serde_bytes::ByteBuf;
 use shared_proto::credential::{
     self, BodyPart, DeviceToHost, DeviceToSidecar, HeaderLine, MAX_CHUNK, ProxyRequest,
-    ProxyTarget, SidecarToDevice,
+    ProxyTarget, RECORD_PREFIX, RecordDecoder, SidecarToDevice,
 };
 use shared_proto::envelope;
 use tokio::sync::mpsc;
@@ -73,24 +73,17 @@ pub type Outbound = mpsc::Sender<Vec<u8>>;
 /// Reassembles records from the relayed byte runs.
 struct Inbound {
     rx: mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
+    records: RecordDecoder,
 }
 
 impl Inbound {
     async fn next_record(&mut self) -> Result<Vec<u8>, NoiseError> {
         loop {
-            if let Some((body, used)) = credential::split_record(&self.buf)? {
-                let body = body.to_vec();
-                self.buf.drain(..used);
-                return Ok(body);
-            }
-            if self.buf.len() > credential::MAX_NOISE_MESSAGE + credential::RECORD_PREFIX {
-                return Err(NoiseError::Wire(
-                    credential::CredentialError::RecordTooLarge(self.buf.len()),
-                ));
+            if let Some(record) = self.records.decode_next()? {
+                return Ok(record);
             }
             match self.rx.recv().await {
-                Some(bytes) => self.buf.extend_from_slice(&bytes),
+                Some(bytes) => self.records.push(&bytes),
                 None => return Err(NoiseError::Closed),
             }
         }
@@ -114,10 +107,15 @@ impl Session {
     async fn send(&mut self, msg: &DeviceToSidecar) -> Result<(), NoiseError> {
         let plain = credential::encode_message(msg)?;
         let sealed = noise::seal(&mut self.transport, &plain)?;
-        let mut record = Vec::with_capacity(sealed.len() + 2);
-        credential::encode_record(&sealed, &mut record)?;
-        self.out.send(record).await.map_err(|_| NoiseError::Closed)
+        send_record(&self.out, &sealed).await
     }
+}
+
+/// Sends `body` to the sidecar as one record.
+async fn send_record(out: &Outbound, body: &[u8]) -> Result<(), NoiseError> {
+    let mut record = Vec::with_capacity(body.len() + RECORD_PREFIX);
+    credential::encode_record(body, &mut record)?;
+    out.send(record).await.map_err(|_| NoiseError::Closed)
 }
 
 /// Runs one session to its end. Errors end the session; the link stays up.
@@ -129,21 +127,18 @@ pub async fn run(
 ) -> Result<(), NoiseError> {
     let mut inbound = Inbound {
         rx,
-        buf: Vec::new(),
+        records: RecordDecoder::new(),
     };
     let prologue = credential::session_prologue(&peer.vm_id, &peer.boot_id)?;
     let identity = device.identity_secret();
     let mut hs = noise::session_responder(&identity, &prologue)?;
     let first = inbound.next_record().await?;
-    let mut scratch = vec![0u8; credential::MAX_NOISE_MESSAGE];
-    hs.read_message(&first, &mut scratch)?;
+    credential::noise::read_handshake(&mut hs, &first)?;
     if hs.get_remote_static() != Some(&peer.sidecar_public_key[..]) {
         return Err(NoiseError::UnexpectedPeer);
     }
-    let n = hs.write_message(&[], &mut scratch)?;
-    let mut record = Vec::with_capacity(n + 2);
-    credential::encode_record(&scratch[..n], &mut record)?;
-    out.send(record).await.map_err(|_| NoiseError::Closed)?;
+    let answer = credential::noise::write_handshake(&mut hs, &[])?;
+    send_record(&out, &answer).await?;
     let transport = hs.into_transport_mode()?;
     let mut session = Session {
         inbound,
