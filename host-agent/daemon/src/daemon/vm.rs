@@ -141,7 +141,7 @@ pub struct Vm {
     /// This VM's credential proxy listener, from the first admitted `Hello` to the end.
     credential_listener: Mutex<Option<crate::relay::VmRelay>>,
     /// The agent's tokenizer, shared by its MCP gateway and (for the device) the relay.
-    tokens: Mutex<Option<Arc<crate::mcp::AgentTokens>>>,
+    tokens: Mutex<Option<Arc<crate::agent_tokens::AgentTokens>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -302,7 +302,7 @@ impl Vm {
     }
 
     /// Gives this VM its agent's tokenizer (before the VMM starts).
-    pub fn set_tokens(&self, tokens: Option<Arc<crate::mcp::AgentTokens>>) {
+    pub fn set_tokens(&self, tokens: Option<Arc<crate::agent_tokens::AgentTokens>>) {
         *lock(&self.tokens) = tokens;
     }
 

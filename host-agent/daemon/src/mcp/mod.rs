@@ -32,12 +32,12 @@
 //! # Layout
 //! - `upstream`: rmcp clients of the upstream servers (stdio child processes, streamable HTTP).
 //! - `endpoint`: the agent-facing JSON-RPC session and its socket loop.
-//! - `tokens`: [`AgentTokens`], the agent's tokenizer, shared with the credential relay.
+//! - [`AgentTokens`] (`crate::agent_tokens`): the agent's tokenizer, shared with the credential
+//!   relay; re-exported here.
 //! - `vm`: [`VmGateways`], how the daemon starts one gateway per VM that has a profile.
 //! - this file: the error, the gateway and the call path.
 
 mod endpoint;
-mod tokens;
 mod upstream;
 mod vm;
 
@@ -55,8 +55,8 @@ use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier};
 use nanoclaw_audit::{self as audit, AuditLog};
 use nanoclaw_tokenize::{Mode, Report, Tokenizer};
 
+pub use crate::agent_tokens::AgentTokens;
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
-pub use tokens::AgentTokens;
 pub use vm::{DaemonSpawner, MCP_LOCAL_PORT, VmGateways};
 
 /// The most MCP sessions (connections) one agent may hold open at once.

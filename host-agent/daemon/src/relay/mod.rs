@@ -148,7 +148,7 @@ pub struct VmIdentity {
     pub sidecar_public_key: [u8; 32],
     /// The agent's tokenizer, whose settings and issued surrogates the device gets before each
     /// session (`None`: the device does not tokenize this VM's calls).
-    pub tokens: Option<Arc<crate::mcp::AgentTokens>>,
+    pub tokens: Option<Arc<crate::agent_tokens::AgentTokens>>,
 }
 
 /// How far the device has been told a VM's issued surrogates: the link generation and the
