@@ -525,7 +525,7 @@ impl Vm {
                     cwd: spec.cwd,
                     uid: spec.uid,
                     gid: spec.gid,
-                    mcp: crate::mcp::VmGateways::summary(spec.profile.as_deref()),
+                    mcp: super::gateways::VmGateways::summary(spec.profile.as_deref()),
                     root: image.as_ref().map(|_| RootFs {
                         image_device: super::images::IMAGE_DEVICE.to_owned(),
                         scratch_device: super::images::SCRATCH_DEVICE.to_owned(),

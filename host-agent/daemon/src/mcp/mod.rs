@@ -34,12 +34,12 @@
 //! - `endpoint`: the agent-facing JSON-RPC session and its socket loop.
 //! - [`AgentTokens`] (`crate::agent_tokens`): the agent's tokenizer, shared with the credential
 //!   relay; re-exported here.
-//! - `vm`: [`VmGateways`], how the daemon starts one gateway per VM that has a profile.
+//! - How the daemon starts one gateway per VM is the daemon's own (`crate::daemon::gateways`):
+//!   nothing here reaches into the daemon.
 //! - this file: the error, the gateway and the call path.
 
 mod endpoint;
 mod upstream;
-mod vm;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -57,7 +57,6 @@ use nanoclaw_tokenize::{Mode, Report, Tokenizer};
 
 pub use crate::agent_tokens::AgentTokens;
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
-pub use vm::{DaemonSpawner, MCP_LOCAL_PORT, VmGateways};
 
 /// The most MCP sessions (connections) one agent may hold open at once.
 pub const MAX_SESSIONS: usize = 64;
