@@ -53,7 +53,7 @@ use crate::approval::{
 };
 use crate::grant::Grant;
 use crate::noise::{self, NoiseError};
-use crate::session::{self, SessionPeer};
+use crate::session::{self, SessionContext, SessionPeer};
 use crate::vault::{Pairing, Vault, VaultData, VaultError};
 
 /// Sessions one link may hold at once; an `Open` beyond it is closed at once.
@@ -497,6 +497,46 @@ impl Device {
         drop(sessions);
         writer.abort();
         result.map_err(DeviceError::Link)
+    }
+}
+
+/// What a session reaches of the device ([`crate::session`] depends on this view only).
+impl SessionContext for Device {
+    fn identity_secret(&self) -> Zeroizing<[u8; 32]> {
+        Device::identity_secret(self)
+    }
+
+    fn snapshot(&self) -> Result<VaultData, VaultError> {
+        Device::snapshot(self)
+    }
+
+    fn approved_grants(&self, now_unix: u64) -> Vec<Grant> {
+        Device::approved_grants(self, now_unix)
+    }
+
+    fn can_ask(&self) -> bool {
+        Device::can_ask(self)
+    }
+
+    fn request_approval(
+        &self,
+        credential: &str,
+        target_host: &str,
+        vm_id: &str,
+    ) -> impl std::future::Future<Output = Result<Grant, ApprovalCheckError>> + Send {
+        Device::request_approval(self, credential, target_host, vm_id)
+    }
+
+    fn tokens(&self) -> &crate::tokenize::Registry {
+        Device::tokens(self)
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        Device::http(self)
+    }
+
+    fn notify_host(&self, msg: DeviceToHost) {
+        Device::notify_host(self, msg)
     }
 }
 

@@ -17,7 +17,8 @@
 //! - [`device`]: the running device: pairing, the outbound link to the host and its session
 //!   multiplexing, the HTTPS client.
 //! - [`session`]: one end-to-end session with a sidecar: the IK responder, the proxied call or
-//!   the sealed secret.
+//!   the sealed secret. It reaches the device only through [`session::SessionContext`], which
+//!   [`device::Device`] implements.
 //! - [`tokenize`]: tokenization of the credential path (which only the device sees in clear),
 //!   with the agent key and the surrogates the host hands over.
 
