@@ -41,6 +41,8 @@
 
 mod fallback;
 mod proxy;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
