@@ -216,7 +216,7 @@ impl Entry {
 
     /// Whether `authority` is one of the allowed hosts (ASCII case-insensitive, exact).
     pub fn allows(&self, authority: &str) -> bool {
-        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(authority))
+        crate::grant::host_allowed(&self.hosts, authority)
     }
 
     /// The header value with the secret in place, zeroed on drop.
