@@ -12,8 +12,10 @@
 //!   generation), credential entries and the identity key.
 //! - [`approval`]: device-side approvals: the passkey file, the check of the host's evidence
 //!   before any grant, the grant log.
-//! - [`grant`]: grants (credential x host x VM x expiry) and the release check.
-//! - [`noise`]: Noise records on async streams and the builders of the device's patterns.
+//! - [`grant`]: grants (credential x host x VM x expiry), the rules of issuing one and the
+//!   release check.
+//! - [`noise`]: the device's Noise layer: records on its async streams, read with the shared
+//!   decoder, and the shared builders of its handshakes (`shared_proto::credential`).
 //! - [`device`]: the running device: pairing, the outbound link to the host and its session
 //!   multiplexing, the HTTPS client.
 //! - [`session`]: one end-to-end session with a sidecar: the IK responder, the proxied call or
