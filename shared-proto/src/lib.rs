@@ -23,8 +23,10 @@
 //!   the passkey registration and assertion verifier, shared by host-agent and vault-device.
 //! - [`canonical_json`]: JSON text with sorted keys, the one rendering of a value that is signed
 //!   (approval arguments) or digested (the MCP gateway's audit records).
-//! - [`credential`]: the credential channels: Noise records, the device <-> host link messages,
-//!   the relay greeting, and the proxy messages inside the sidecar <-> device session.
+//! - [`credential`]: the credential channels: Noise records and their incremental
+//!   [`credential::RecordDecoder`], the handshake builders of every end ([`credential::noise`]),
+//!   the device <-> host link messages, the relay greeting, and the proxy messages inside the
+//!   sidecar <-> device session.
 //! - [`ErrorChain`]: an error and its `source()` chain on one line, the one printer every
 //!   process uses at its edge.
 //! - [`files`]: the file copy channel: tar streams in and out of the agent's root, one message
