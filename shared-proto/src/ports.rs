@@ -4,6 +4,14 @@
 //! host port `P` reaches the listener at `<vm>/vsock.sock_<P>`, and a host connection into the
 //! guest opens `<vm>/vsock.sock` and writes `CONNECT <port>\n`. All ports are at or above 1024
 //! and grouped in one block so that they are easy to spot in a trace.
+//!
+//! [`host_listener_path`] is the one place that spells the listener path rule.
+
+use std::path::{Path, PathBuf};
+
+/// The file name of the VM's hybrid vsock socket; a host listener for guest port `P` adds
+/// `_<P>` to it.
+const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// The well-known CID of the host (`VMADDR_CID_HOST`). The guest connects to this CID.
 pub const HOST_CID: u32 = 2;
@@ -33,9 +41,28 @@ pub const ECHO_PORT: u32 = 1028;
 /// the messages of [`crate::files`].
 pub const FILES_PORT: u32 = 1029;
 
+/// Where a host listener for guest connections to host `port` binds, in the VM's directory:
+/// `<vm_dir>/vsock.sock_<port>` (the hybrid vsock rule). A path computation only; nothing is
+/// touched.
+pub fn host_listener_path(vm_dir: &Path, port: u32) -> PathBuf {
+    vm_dir.join(format!("{VSOCK_SOCKET}_{port}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_listener_path_is_the_hybrid_vsock_rule() {
+        assert_eq!(
+            host_listener_path(Path::new("/run/vm-1"), CONTROL_PORT),
+            Path::new("/run/vm-1/vsock.sock_1024")
+        );
+        assert_eq!(
+            host_listener_path(Path::new("d"), MCP_PORT),
+            Path::new("d/vsock.sock_1026")
+        );
+    }
 
     #[test]
     fn ports_are_distinct_and_unprivileged() {

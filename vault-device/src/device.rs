@@ -43,7 +43,7 @@ use shared_proto::credential::{
     self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
     MAX_LINK_DATA, PairingOffer,
 };
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
@@ -53,7 +53,7 @@ use crate::approval::{
 };
 use crate::grant::Grant;
 use crate::noise::{self, NoiseError};
-use crate::session::{self, SessionPeer};
+use crate::session::{self, SessionContext, SessionPeer};
 use crate::vault::{Pairing, Vault, VaultData, VaultError};
 
 /// Sessions one link may hold at once; an `Open` beyond it is closed at once.
@@ -380,10 +380,11 @@ impl Device {
             .await
             .map_err(|e| DeviceError::Link(NoiseError::Io(e)))?;
         let identity = self.identity_secret();
-        let mut hs = noise::link_initiator(&identity, &pairing.host_public_key)?;
+        let mut hs =
+            noise::link_initiator(&identity, &pairing.host_public_key).map_err(NoiseError::from)?;
         drop(identity);
         let (read, mut write) = stream.into_split();
-        let mut read = BufReader::new(read);
+        let mut read = noise::RecordReader::new(read);
         noise::write_handshake(&mut write, &mut hs, &[]).await?;
         noise::read_handshake(&mut read, &mut hs).await?;
         let transport = Arc::new(Mutex::new(
@@ -408,14 +409,14 @@ impl Device {
 
         let mut sessions: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
         let result = loop {
-            let record = match noise::read_record(&mut read).await {
+            let record = match read.next().await {
                 Ok(Some(r)) => r,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
             let plain = {
                 let mut t = transport.lock().unwrap_or_else(|p| p.into_inner());
-                noise::open(&mut t, &record)
+                noise::open(&mut t, &record).map_err(NoiseError::from)
             };
             let msg = match plain.and_then(|p| Ok(credential::decode_message::<HostToDevice>(&p)?))
             {
@@ -499,6 +500,46 @@ impl Device {
     }
 }
 
+/// What a session reaches of the device ([`crate::session`] depends on this view only).
+impl SessionContext for Device {
+    fn identity_secret(&self) -> Zeroizing<[u8; 32]> {
+        Device::identity_secret(self)
+    }
+
+    fn snapshot(&self) -> Result<VaultData, VaultError> {
+        Device::snapshot(self)
+    }
+
+    fn approved_grants(&self, now_unix: u64) -> Vec<Grant> {
+        Device::approved_grants(self, now_unix)
+    }
+
+    fn can_ask(&self) -> bool {
+        Device::can_ask(self)
+    }
+
+    fn request_approval(
+        &self,
+        credential: &str,
+        target_host: &str,
+        vm_id: &str,
+    ) -> impl std::future::Future<Output = Result<Grant, ApprovalCheckError>> + Send {
+        Device::request_approval(self, credential, target_host, vm_id)
+    }
+
+    fn tokens(&self) -> &crate::tokenize::Registry {
+        Device::tokens(self)
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        Device::http(self)
+    }
+
+    fn notify_host(&self, msg: DeviceToHost) {
+        Device::notify_host(self, msg)
+    }
+}
+
 /// Removes an ask whose waiter is gone (answered, timed out or dropped).
 struct AskGuard<'a> {
     device: &'a Device,
@@ -567,14 +608,14 @@ pub async fn pair(
         .write_all(&[LINK_MODE_PAIR])
         .await
         .map_err(|e| DeviceError::Link(NoiseError::Io(e)))?;
-    let mut hs = noise::pair_initiator(&psk)?;
+    let mut hs = noise::pair_initiator(&psk).map_err(NoiseError::from)?;
     let offer = PairingOffer {
         static_public_key: vault.identity_public(),
         name: name.to_owned(),
     };
     let payload = credential::encode_message(&offer).map_err(NoiseError::from)?;
     noise::write_handshake(&mut stream, &mut hs, &payload).await?;
-    let answer = noise::read_handshake(&mut stream, &mut hs).await?;
+    let answer = noise::read_handshake(&mut noise::RecordReader::new(&mut stream), &mut hs).await?;
     let host: PairingOffer = credential::decode_message(&answer).map_err(NoiseError::from)?;
     let pairing = Pairing {
         address: address.to_owned(),

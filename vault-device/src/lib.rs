@@ -12,12 +12,15 @@
 //!   generation), credential entries and the identity key.
 //! - [`approval`]: device-side approvals: the passkey file, the check of the host's evidence
 //!   before any grant, the grant log.
-//! - [`grant`]: grants (credential x host x VM x expiry) and the release check.
-//! - [`noise`]: Noise records on async streams and the builders of the device's patterns.
+//! - [`grant`]: grants (credential x host x VM x expiry), the rules of issuing one and the
+//!   release check.
+//! - [`noise`]: the device's Noise layer: records on its async streams, read with the shared
+//!   decoder, and the shared builders of its handshakes (`shared_proto::credential`).
 //! - [`device`]: the running device: pairing, the outbound link to the host and its session
 //!   multiplexing, the HTTPS client.
 //! - [`session`]: one end-to-end session with a sidecar: the IK responder, the proxied call or
-//!   the sealed secret.
+//!   the sealed secret. It reaches the device only through [`session::SessionContext`], which
+//!   [`device::Device`] implements.
 //! - [`tokenize`]: tokenization of the credential path (which only the device sees in clear),
 //!   with the agent key and the surrogates the host hands over.
 
@@ -29,18 +32,4 @@ pub mod session;
 pub mod tokenize;
 pub mod vault;
 
-/// Displays an error with its whole `source()` chain, `outer: inner: ...`.
-#[derive(Debug)]
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
-    }
-}
+pub use shared_proto::ErrorChain;

@@ -1,8 +1,16 @@
-//! Noise records on async byte streams, and the builders of the three Noise patterns the
-//! device speaks (see `shared_proto::credential` for the layout).
+//! The device's Noise layer: records on its async byte streams (the link to the host and
+//! pairing), over the shared record decoder, and the shared builders of its three handshakes
+//! (see `shared_proto::credential` for the layout).
 
-use shared_proto::credential::{self, MAX_NOISE_MESSAGE, RECORD_PREFIX};
+use shared_proto::credential::{self, RECORD_PREFIX, RecordDecoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use shared_proto::credential::noise::{
+    link_initiator, open, pair_initiator, seal, session_responder,
+};
+
+/// How much is read from a stream at once.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Errors of the Noise layer.
 #[derive(Debug, thiserror::Error)]
@@ -36,22 +44,44 @@ impl From<credential::CredentialError> for NoiseError {
     }
 }
 
-/// Reads one record; `Ok(None)` on a clean end of stream before its first byte.
-pub async fn read_record<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, NoiseError> {
-    let mut prefix = [0u8; RECORD_PREFIX];
-    match r.read(&mut prefix[..1]).await.map_err(NoiseError::Io)? {
-        0 => return Ok(None),
-        _ => r
-            .read_exact(&mut prefix[1..])
-            .await
-            .map_err(|_| NoiseError::Closed)?,
-    };
-    let len = usize::from(u16::from_be_bytes(prefix));
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|_| NoiseError::Closed)?;
-    Ok(Some(body))
+/// The records arriving on one stream: the shared decoder over an async reader.
+#[derive(Debug)]
+pub struct RecordReader<R> {
+    inner: R,
+    decoder: RecordDecoder,
+    scratch: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> RecordReader<R> {
+    /// Reads records from `inner`.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            decoder: RecordDecoder::new(),
+            scratch: vec![0u8; READ_CHUNK],
+        }
+    }
+
+    /// The next record; `Ok(None)` on a clean end of stream between records.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, NoiseError> {
+        loop {
+            if let Some(record) = self.decoder.decode_next()? {
+                return Ok(Some(record));
+            }
+            let n = self
+                .inner
+                .read(&mut self.scratch)
+                .await
+                .map_err(NoiseError::Io)?;
+            if n == 0 {
+                return match self.decoder.pending() {
+                    0 => Ok(None),
+                    _ => Err(NoiseError::Closed),
+                };
+            }
+            self.decoder.push(&self.scratch[..n]);
+        }
+    }
 }
 
 /// Writes one record.
@@ -68,70 +98,15 @@ pub async fn write_handshake<W: AsyncWrite + Unpin>(
     hs: &mut snow::HandshakeState,
     payload: &[u8],
 ) -> Result<(), NoiseError> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-    let n = hs.write_message(payload, &mut buf)?;
-    write_record(w, &buf[..n]).await
+    let message = credential::noise::write_handshake(hs, payload)?;
+    write_record(w, &message).await
 }
 
 /// Reads the next handshake message and returns its payload.
 pub async fn read_handshake<R: AsyncRead + Unpin>(
-    r: &mut R,
+    r: &mut RecordReader<R>,
     hs: &mut snow::HandshakeState,
 ) -> Result<Vec<u8>, NoiseError> {
-    let record = read_record(r).await?.ok_or(NoiseError::Closed)?;
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-    let n = hs.read_message(&record, &mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
-}
-
-/// Encrypts one plaintext into a transport message.
-pub fn seal(t: &mut snow::TransportState, plaintext: &[u8]) -> Result<Vec<u8>, NoiseError> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-    let n = t.write_message(plaintext, &mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
-}
-
-/// Decrypts one transport message.
-pub fn open(t: &mut snow::TransportState, message: &[u8]) -> Result<Vec<u8>, NoiseError> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-    let n = t.read_message(message, &mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
-}
-
-fn params(pattern: &str) -> Result<snow::params::NoiseParams, NoiseError> {
-    pattern.parse().map_err(NoiseError::Noise)
-}
-
-/// The link initiator (the device): KK with the host's pinned key.
-pub fn link_initiator(
-    local: &[u8; 32],
-    host: &[u8; 32],
-) -> Result<snow::HandshakeState, NoiseError> {
-    Ok(snow::Builder::new(params(credential::NOISE_LINK)?)
-        .local_private_key(local)?
-        .remote_public_key(host)?
-        .prologue(credential::LINK_PROLOGUE)?
-        .build_initiator()?)
-}
-
-/// The pairing initiator (the device): NNpsk0 with the code's PSK.
-pub fn pair_initiator(psk: &[u8; 32]) -> Result<snow::HandshakeState, NoiseError> {
-    Ok(snow::Builder::new(params(credential::NOISE_PAIR)?)
-        .psk(0, psk)?
-        .prologue(credential::PAIR_PROLOGUE)?
-        .build_initiator()?)
-}
-
-/// The session responder (the device): IK, the prologue binding the VM.
-pub fn session_responder(
-    local: &[u8; 32],
-    prologue: &[u8],
-) -> Result<snow::HandshakeState, NoiseError> {
-    Ok(snow::Builder::new(params(credential::NOISE_SESSION)?)
-        .local_private_key(local)?
-        .prologue(prologue)?
-        .build_responder()?)
+    let record = r.next().await?.ok_or(NoiseError::Closed)?;
+    Ok(credential::noise::read_handshake(hs, &record)?)
 }

@@ -24,9 +24,7 @@
 //! The device identity key (its static X25519 key in every Noise session), the credential
 //! [`Entry`]s, the [`Grant`]s and the [`Pairing`] with a host. Secrets are zeroed when dropped.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -218,7 +216,7 @@ impl Entry {
 
     /// Whether `authority` is one of the allowed hosts (ASCII case-insensitive, exact).
     pub fn allows(&self, authority: &str) -> bool {
-        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(authority))
+        crate::grant::host_allowed(&self.hosts, authority)
     }
 
     /// The header value with the secret in place, zeroed on drop.
@@ -473,58 +471,26 @@ pub fn prev_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Writes `bytes` to `path` through a temporary file, keeping the old file as `.prev`.
+/// Writes `bytes` to `path` durably and 0600 ([`shared_proto::fs`]), keeping the old file as
+/// `.prev`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), VaultError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "vault".to_owned());
-    let mut suffix = [0u8; 6];
-    OsRng.fill_bytes(&mut suffix);
-    let tmp = dir.join(format!(".{name}.tmp-{}", hex::encode(suffix)));
-    let io = |op, p: &Path| {
-        let path = p.to_owned();
-        move |source| VaultError::Io { op, path, source }
-    };
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        file.write_all(bytes).map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("fsync", &tmp))?;
-        drop(file);
-        if path.exists() {
-            let prev = prev_path(path);
-            match fs::remove_file(&prev) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove", &prev)(e)),
-            }
-            fs::hard_link(path, &prev).map_err(io("link", &prev))?;
-            fs::set_permissions(&prev, fs::Permissions::from_mode(0o600))
-                .map_err(io("chmod", &prev))?;
-        }
-        fs::rename(&tmp, path).map_err(io("rename", path))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync", &dir))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    shared_proto::fs::replace_file_keeping_previous(
+        path,
+        bytes,
+        shared_proto::fs::PRIVATE_MODE,
+        &prev_path(path),
+    )
+    .map_err(|e| VaultError::Io {
+        op: e.step,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn entry(name: &str) -> Entry {
         Entry {

@@ -611,7 +611,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let port = 5000u32;
         let echo_listener =
-            UnixListener::bind(dir.path().join(format!("vsock.sock_{port}"))).unwrap();
+            UnixListener::bind(shared_proto::ports::host_listener_path(dir.path(), port)).unwrap();
         let (guest, mut h) = UnixStream::pair().unwrap();
         let host = std::thread::spawn(move || {
             let mut d = FrameDecoder::<GuestToHost>::new();
@@ -641,7 +641,7 @@ mod tests {
         let hello = hello();
         let dir_path = dir.path().to_owned();
         let mut echo = move |port: u32| -> Result<(), String> {
-            let s = UnixStream::connect(dir_path.join(format!("vsock.sock_{port}")))
+            let s = UnixStream::connect(shared_proto::ports::host_listener_path(&dir_path, port))
                 .map_err(|e| e.to_string())?;
             crate::echo::spawn_echo(s, "test").map_err(|e| e.to_string())
         };

@@ -155,18 +155,4 @@ impl ControlStream for std::os::unix::net::UnixStream {
     }
 }
 
-/// Displays an error with its whole `source()` chain on one line.
-#[derive(Debug)]
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
-    }
-}
+pub use shared_proto::ErrorChain;

@@ -16,6 +16,8 @@
 //!   and the [`approval::Approver`] the MCP gateway and the credential relay ask.
 //! - [`notify`]: notifications of pending approvals (Web Push, webhook): an id and a
 //!   summary, never secrets.
+//! - [`agent_tokens`]: one agent's tokenizer, shared by the MCP gateway and the credential
+//!   relay.
 //! - [`mcp`]: the MCP gateway: rmcp clients of the upstream servers a profile names, and the
 //!   per-VM endpoint that checks every tool call against the profile, asks for approvals,
 //!   tokenizes results, restores arguments and records each decision in the audit log.
@@ -26,6 +28,7 @@
 //!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
 //!   sessions it carries to the device as ciphertext.
 
+pub mod agent_tokens;
 pub mod approval;
 pub mod daemon;
 pub mod mcp;
@@ -35,13 +38,4 @@ pub mod relay;
 
 /// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the
 /// binaries print errors and how the daemon logs them.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
+pub use shared_proto::error_chain;

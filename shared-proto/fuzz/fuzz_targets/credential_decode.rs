@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use shared_proto::credential::{
     DeviceToHost, DeviceToSidecar, HostToDevice, PairingOffer, RelayGreeting, SidecarToDevice,
-    Validate, decode_message, encode_message, split_record,
+    RecordDecoder, Validate, decode_message, encode_message,
 };
 
 fn round_trip<T>(data: &[u8])
@@ -20,10 +20,9 @@ where
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut rest = data;
-    while let Ok(Some((_, used))) = split_record(rest) {
-        rest = &rest[used..];
-    }
+    let mut records = RecordDecoder::new();
+    records.push(data);
+    while let Ok(Some(_)) = records.decode_next() {}
     round_trip::<HostToDevice>(data);
     round_trip::<DeviceToHost>(data);
     round_trip::<RelayGreeting>(data);

@@ -7,7 +7,7 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +17,7 @@ use shared_proto::approval::RelyingParty;
 use vault_device::ErrorChain;
 use vault_device::approval::{PasskeyFile, fingerprint};
 use vault_device::device::{self, Device, DeviceConfig};
-use vault_device::grant::Grant;
+use vault_device::grant::{self, GrantRequest};
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
 use zeroize::Zeroizing;
 
@@ -180,211 +180,253 @@ fn parse_resolve(s: &str) -> anyhow::Result<(String, SocketAddr)> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let pass = passphrase(&cli)?;
+    let path = cli.vault;
     match cli.command {
         Command::Init {
             kdf_memory_kib,
             kdf_iterations,
-        } => {
-            let mut params = KdfParams::default();
-            if let Some(m) = kdf_memory_kib {
-                params.m_cost = m;
-            }
-            if let Some(t) = kdf_iterations {
-                params.t_cost = t;
-            }
-            let vault = Vault::create(&cli.vault, &pass, params)?;
-            println!("created {}", cli.vault.display());
-            println!("identity {}", hex::encode(vault.identity_public()));
-        }
+        } => init(&path, &pass, kdf_memory_kib, kdf_iterations),
         Command::Add {
             name,
             hosts,
             header,
             format,
-        } => {
-            let mut vault = Vault::open(&cli.vault, &pass)?;
-            let mut secret = Zeroizing::new(Vec::new());
-            std::io::stdin()
-                .read_to_end(&mut secret)
-                .context("reading the secret from standard input")?;
-            while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                secret.pop();
-            }
-            if secret.is_empty() {
-                bail!("empty secret on standard input");
-            }
-            vault.add(Entry {
-                name: name.clone(),
-                secret: Secret::new(secret.to_vec()),
-                hosts,
-                header,
-                format,
-            })?;
-            vault.save()?;
-            println!("added {name}");
-        }
+        } => add(&path, &pass, name, hosts, header, format),
         Command::Remove { name } => {
-            let mut vault = Vault::open(&cli.vault, &pass)?;
+            let mut vault = Vault::open(&path, &pass)?;
             vault.remove(&name)?;
             vault.save()?;
             println!("removed {name}");
+            Ok(())
         }
-        Command::List => {
-            let vault = Vault::open(&cli.vault, &pass)?;
-            println!("identity {}", hex::encode(vault.identity_public()));
-            match &vault.data.pairing {
-                Some(p) => println!(
-                    "paired {} at {} key {}",
-                    p.host_name,
-                    p.address,
-                    hex::encode(p.host_public_key)
-                ),
-                None => println!("not paired"),
-            }
-            for e in &vault.data.entries {
-                println!(
-                    "credential {} hosts {} header {} format {:?}",
-                    e.name,
-                    e.hosts.join(","),
-                    e.header,
-                    e.format
-                );
-            }
-            let now = now();
-            for g in &vault.data.grants {
-                let left = g.expires_at.saturating_sub(now);
-                println!(
-                    "grant {} host {} vm {} {}{}",
-                    g.credential,
-                    g.host,
-                    g.vm,
-                    if left == 0 {
-                        "expired".to_owned()
-                    } else {
-                        format!("{left}s left")
-                    },
-                    if g.fallback { " fallback" } else { "" }
-                );
-            }
-        }
+        Command::List => list(&Vault::open(&path, &pass)?),
         Command::Grant {
             credential,
             host,
             vm,
             ttl,
             fallback,
-        } => {
-            let mut vault = Vault::open(&cli.vault, &pass)?;
-            let Some(entry) = vault.entry(&credential) else {
-                bail!("no credential named {credential:?}");
-            };
-            if !entry.allows(&host) {
-                bail!(
-                    "{credential} may not be sent to {host} (its hosts: {})",
-                    entry.hosts.join(",")
-                );
-            }
-            let now = now();
-            vault.data.grants.retain(|g| g.expires_at > now);
-            vault.data.grants.push(Grant {
-                credential: credential.clone(),
-                host: host.clone(),
-                vm: vm.clone(),
-                expires_at: now.saturating_add(ttl),
+        } => grant(
+            &path,
+            &pass,
+            GrantRequest {
+                credential,
+                host,
+                vm,
+                ttl_secs: ttl,
                 fallback,
-            });
-            vault.save()?;
-            println!("granted {credential} to {host} for vm {vm} for {ttl}s");
-        }
+            },
+        ),
         Command::Revoke { credential } => {
-            let mut vault = Vault::open(&cli.vault, &pass)?;
-            vault.data.grants.retain(|g| g.credential != credential);
+            let mut vault = Vault::open(&path, &pass)?;
+            grant::revoke(&mut vault.data.grants, &credential);
             vault.save()?;
             println!("revoked {credential}");
+            Ok(())
         }
         Command::Identity => {
-            let vault = Vault::open(&cli.vault, &pass)?;
+            let vault = Vault::open(&path, &pass)?;
             println!("{}", hex::encode(vault.identity_public()));
+            Ok(())
         }
-        Command::Pair { host, code, name } => {
-            let mut vault = Vault::open(&cli.vault, &pass)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let pairing = rt.block_on(device::pair(&mut vault, &host, &code, &name))?;
-            println!(
-                "paired with {} at {} key {}",
-                pairing.host_name,
-                pairing.address,
-                hex::encode(pairing.host_public_key)
-            );
-        }
+        Command::Pair { host, code, name } => pair(&path, &pass, &host, &code, &name),
         Command::Serve {
             ca_files,
             resolve,
             log_json,
             approval_wait_secs,
+        } => serve(
+            path,
+            pass,
+            ca_files,
+            &resolve,
+            log_json,
+            Duration::from_secs(approval_wait_secs),
+        ),
+        Command::Passkey { command } => passkey(&path, &pass, command),
+    }
+}
+
+/// `init`: a new vault with a fresh identity key.
+fn init(
+    path: &Path,
+    pass: &[u8],
+    kdf_memory_kib: Option<u32>,
+    kdf_iterations: Option<u32>,
+) -> anyhow::Result<()> {
+    let mut params = KdfParams::default();
+    if let Some(m) = kdf_memory_kib {
+        params.m_cost = m;
+    }
+    if let Some(t) = kdf_iterations {
+        params.t_cost = t;
+    }
+    let vault = Vault::create(path, pass, params)?;
+    println!("created {}", path.display());
+    println!("identity {}", hex::encode(vault.identity_public()));
+    Ok(())
+}
+
+/// `add`: a credential whose secret comes from standard input.
+fn add(
+    path: &Path,
+    pass: &[u8],
+    name: String,
+    hosts: Vec<String>,
+    header: String,
+    format: String,
+) -> anyhow::Result<()> {
+    let mut vault = Vault::open(path, pass)?;
+    let mut secret = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut secret)
+        .context("reading the secret from standard input")?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    if secret.is_empty() {
+        bail!("empty secret on standard input");
+    }
+    vault.add(Entry {
+        name: name.clone(),
+        secret: Secret::new(secret.to_vec()),
+        hosts,
+        header,
+        format,
+    })?;
+    vault.save()?;
+    println!("added {name}");
+    Ok(())
+}
+
+/// `list`: the identity, the pairing, the credentials (never their secrets) and the grants.
+fn list(vault: &Vault) -> anyhow::Result<()> {
+    println!("identity {}", hex::encode(vault.identity_public()));
+    match &vault.data.pairing {
+        Some(p) => println!(
+            "paired {} at {} key {}",
+            p.host_name,
+            p.address,
+            hex::encode(p.host_public_key)
+        ),
+        None => println!("not paired"),
+    }
+    for e in &vault.data.entries {
+        println!(
+            "credential {} hosts {} header {} format {:?}",
+            e.name,
+            e.hosts.join(","),
+            e.header,
+            e.format
+        );
+    }
+    let now = now();
+    for g in &vault.data.grants {
+        println!("grant {}", g.describe(now));
+    }
+    Ok(())
+}
+
+/// `grant`: a grant under the rules of [`grant::issue`].
+fn grant(path: &Path, pass: &[u8], request: GrantRequest) -> anyhow::Result<()> {
+    let mut vault = Vault::open(path, pass)?;
+    let hosts = vault.entry(&request.credential).map(|e| e.hosts.clone());
+    let ttl = request.ttl_secs;
+    let issued = grant::issue(&mut vault.data.grants, hosts.as_deref(), request, now())?;
+    vault.save()?;
+    println!(
+        "granted {} to {} for vm {} for {ttl}s",
+        issued.credential, issued.host, issued.vm
+    );
+    Ok(())
+}
+
+/// `pair`: pairs with the host and pins its key.
+fn pair(path: &Path, pass: &[u8], host: &str, code: &str, name: &str) -> anyhow::Result<()> {
+    let mut vault = Vault::open(path, pass)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let pairing = rt.block_on(device::pair(&mut vault, host, code, name))?;
+    println!(
+        "paired with {} at {} key {}",
+        pairing.host_name,
+        pairing.address,
+        hex::encode(pairing.host_public_key)
+    );
+    Ok(())
+}
+
+/// `serve`: logging, then the device's link until it is no longer paired.
+fn serve(
+    vault: PathBuf,
+    passphrase: Zeroizing<Vec<u8>>,
+    ca_files: Vec<PathBuf>,
+    resolve: &[String],
+    log_json: bool,
+    approval_wait: Duration,
+) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if log_json {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    let resolve = resolve
+        .iter()
+        .map(|s| parse_resolve(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let device = Device::open(DeviceConfig {
+        vault,
+        passphrase,
+        ca_files,
+        resolve,
+        approval_wait,
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(device.serve())?;
+    Ok(())
+}
+
+/// `passkey import` and `passkey list`.
+fn passkey(path: &Path, pass: &[u8], command: PasskeyCommand) -> anyhow::Result<()> {
+    // The passphrase proves the vault is the user's.
+    Vault::open(path, pass)?;
+    let store_path = PasskeyFile::path_for(path);
+    let mut store = PasskeyFile::load(&store_path)?;
+    match command {
+        PasskeyCommand::Import {
+            file,
+            rp_id,
+            origin,
         } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let sub = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr);
-            if log_json {
-                sub.json().init();
-            } else {
-                sub.init();
-            }
-            let resolve = resolve
-                .iter()
-                .map(|s| parse_resolve(s))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let device = Device::open(DeviceConfig {
-                vault: cli.vault.clone(),
-                passphrase: pass,
-                ca_files,
-                resolve,
-                approval_wait: Duration::from_secs(approval_wait_secs),
-            })?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(device.serve())?;
+            let json =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            store.import(&json, &RelyingParty { rp_id, origin }, &file)?;
+            store.save(&store_path)?;
+            println!(
+                "stored {} passkey(s) for {} in {}",
+                store.passkeys.len(),
+                store.origin,
+                store_path.display()
+            );
         }
-        Command::Passkey { command } => {
-            // The passphrase proves the vault is the user's.
-            Vault::open(&cli.vault, &pass)?;
-            let path = PasskeyFile::path_for(&cli.vault);
-            let mut store = PasskeyFile::load(&path)?;
-            match command {
-                PasskeyCommand::Import {
-                    file,
-                    rp_id,
-                    origin,
-                } => {
-                    let json = std::fs::read(&file)
-                        .with_context(|| format!("reading {}", file.display()))?;
-                    store.import(&json, &RelyingParty { rp_id, origin }, &file)?;
-                    store.save(&path)?;
-                    println!(
-                        "stored {} passkey(s) for {} in {}",
-                        store.passkeys.len(),
-                        store.origin,
-                        path.display()
-                    );
-                }
-                PasskeyCommand::List => {
-                    println!("rp {} origin {}", store.rp_id, store.origin);
-                    for p in &store.passkeys {
-                        println!(
-                            "passkey {} key {} counter {}",
-                            hex::encode(&p.credential_id),
-                            fingerprint(p),
-                            p.counter
-                        );
-                    }
-                }
+        PasskeyCommand::List => {
+            println!("rp {} origin {}", store.rp_id, store.origin);
+            for p in &store.passkeys {
+                println!(
+                    "passkey {} key {} counter {}",
+                    hex::encode(&p.credential_id),
+                    fingerprint(p),
+                    p.counter
+                );
             }
         }
     }

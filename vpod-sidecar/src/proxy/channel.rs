@@ -11,18 +11,21 @@
 use std::io::{Read, Write};
 
 use shared_proto::credential::{
-    self, DeviceToSidecar, MAX_NOISE_MESSAGE, RECORD_PREFIX, RelayGreeting, SidecarToDevice,
-    Validate,
+    self, DeviceToSidecar, RECORD_PREFIX, RecordDecoder, RelayGreeting, SidecarToDevice, Validate,
+    noise,
 };
 
 use super::ProxyError;
 
 /// The largest greeting frame read before the handshake.
 const MAX_GREETING: usize = 4096;
+/// How much is read from the relay at once.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// An established session.
 pub struct DeviceSession<S> {
     stream: S,
+    records: RecordReader,
     transport: snow::TransportState,
     vm_id: String,
 }
@@ -69,16 +72,35 @@ fn read_greeting<S: Read>(stream: &mut S) -> Result<RelayGreeting, ProxyError> {
     }
 }
 
-fn read_record<S: Read>(stream: &mut S) -> Result<Vec<u8>, ProxyError> {
-    let mut prefix = [0u8; RECORD_PREFIX];
-    stream
-        .read_exact(&mut prefix)
-        .map_err(|_| ProxyError::Protocol("the session ended"))?;
-    let mut body = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
-    stream
-        .read_exact(&mut body)
-        .map_err(|_| ProxyError::Protocol("the session ended mid-record"))?;
-    Ok(body)
+/// The records arriving from the relay: the shared decoder over the blocking stream.
+struct RecordReader {
+    decoder: RecordDecoder,
+    scratch: Vec<u8>,
+}
+
+impl RecordReader {
+    fn new() -> Self {
+        Self {
+            decoder: RecordDecoder::new(),
+            scratch: vec![0u8; READ_CHUNK],
+        }
+    }
+
+    fn next<S: Read>(&mut self, stream: &mut S) -> Result<Vec<u8>, ProxyError> {
+        loop {
+            if let Some(record) = self.decoder.decode_next().map_err(ProxyError::Wire)? {
+                return Ok(record);
+            }
+            match stream.read(&mut self.scratch) {
+                Ok(n) if n > 0 => self.decoder.push(&self.scratch[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ if self.decoder.pending() == 0 => {
+                    return Err(ProxyError::Protocol("the session ended"));
+                }
+                _ => return Err(ProxyError::Protocol("the session ended mid-record")),
+            }
+        }
+    }
 }
 
 fn write_record<S: Write>(stream: &mut S, body: &[u8]) -> Result<(), ProxyError> {
@@ -103,24 +125,17 @@ impl<S: Read + Write> DeviceSession<S> {
             RelayGreeting::Unavailable { reason } => return Err(ProxyError::Unavailable(reason)),
         };
         let prologue = credential::session_prologue(&vm_id, boot_id).map_err(ProxyError::Wire)?;
-        let params = credential::NOISE_SESSION
-            .parse()
+        let mut hs = noise::session_initiator(boot_secret, &device_key, &prologue)
             .map_err(ProxyError::Noise)?;
-        let mut hs = snow::Builder::new(params)
-            .local_private_key(boot_secret)
-            .and_then(|b| b.remote_public_key(&device_key))
-            .and_then(|b| b.prologue(&prologue))
-            .and_then(|b| b.build_initiator())
-            .map_err(ProxyError::Noise)?;
-        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-        let n = hs.write_message(&[], &mut buf).map_err(ProxyError::Noise)?;
-        write_record(&mut stream, &buf[..n])?;
-        let answer = read_record(&mut stream)?;
-        hs.read_message(&answer, &mut buf)
-            .map_err(ProxyError::Noise)?;
+        let first = noise::write_handshake(&mut hs, &[]).map_err(ProxyError::Noise)?;
+        write_record(&mut stream, &first)?;
+        let mut records = RecordReader::new();
+        let answer = records.next(&mut stream)?;
+        noise::read_handshake(&mut hs, &answer).map_err(ProxyError::Noise)?;
         let transport = hs.into_transport_mode().map_err(ProxyError::Noise)?;
         Ok(Self {
             stream,
+            records,
             transport,
             vm_id,
         })
@@ -134,22 +149,14 @@ impl<S: Read + Write> DeviceSession<S> {
     /// Sends one message.
     pub fn send(&mut self, msg: &SidecarToDevice) -> Result<(), ProxyError> {
         let plain = credential::encode_message(msg).map_err(ProxyError::Wire)?;
-        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-        let n = self
-            .transport
-            .write_message(&plain, &mut buf)
-            .map_err(ProxyError::Noise)?;
-        write_record(&mut self.stream, &buf[..n])
+        let sealed = noise::seal(&mut self.transport, &plain).map_err(ProxyError::Noise)?;
+        write_record(&mut self.stream, &sealed)
     }
 
     /// Receives one message.
     pub fn recv(&mut self) -> Result<DeviceToSidecar, ProxyError> {
-        let record = read_record(&mut self.stream)?;
-        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-        let n = self
-            .transport
-            .read_message(&record, &mut buf)
-            .map_err(ProxyError::Noise)?;
-        credential::decode_message(&buf[..n]).map_err(ProxyError::Wire)
+        let record = self.records.next(&mut self.stream)?;
+        let plain = noise::open(&mut self.transport, &record).map_err(ProxyError::Noise)?;
+        credential::decode_message(&plain).map_err(ProxyError::Wire)
     }
 }

@@ -44,6 +44,10 @@ use crate::error_chain;
 use crate::notify::{Notice, Notifier};
 use nanoclaw_audit::{self as audit, AuditLog};
 
+/// JSON text with object keys sorted at every level: the one rendering of the arguments that
+/// the page shows and the passkey signs.
+pub use shared_proto::canonical_json;
+
 /// How long a registration link and a registration challenge stay valid.
 pub const REGISTRATION_TTL: Duration = Duration::from_secs(600);
 
@@ -439,9 +443,10 @@ impl PasskeyApprover {
             source,
         };
         let body = serde_json::to_vec_pretty(passkeys).map_err(|e| fail(e.into()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, body).map_err(fail)?;
-        std::fs::rename(&tmp, path).map_err(fail)
+        // The signature counters must survive a crash: a counter that goes back would let an
+        // older counter value pass the clone check again.
+        shared_proto::fs::replace_file(path, &body, shared_proto::fs::DEFAULT_MODE)
+            .map_err(|e| fail(e.into()))
     }
 
     fn build_request(&self, subject: &ApprovalSubject) -> Result<ApprovalRequest, PasskeyError> {
@@ -574,43 +579,6 @@ pub fn summary(request: &ApprovalRequest) -> String {
         }
     };
     format!("{} wants to {what} (rule {})", request.agent, request.rule)
-}
-
-/// JSON text with object keys sorted at every level: the one rendering of the arguments that
-/// the page shows and the passkey signs.
-pub fn canonical_json(value: &serde_json::Value) -> String {
-    fn write(v: &serde_json::Value, out: &mut String) {
-        match v {
-            serde_json::Value::Object(map) => {
-                let mut keys: Vec<_> = map.keys().collect();
-                keys.sort();
-                out.push('{');
-                for (i, k) in keys.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
-                    out.push(':');
-                    write(&map[k], out);
-                }
-                out.push('}');
-            }
-            serde_json::Value::Array(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    write(item, out);
-                }
-                out.push(']');
-            }
-            scalar => out.push_str(&scalar.to_string()),
-        }
-    }
-    let mut out = String::new();
-    write(value, &mut out);
-    out
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], PasskeyError> {

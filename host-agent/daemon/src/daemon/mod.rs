@@ -17,8 +17,10 @@
 //! - [`ratelimit`]: the log budget for guest-triggered lines.
 //! - [`images`]: the image routes, and what a VM created with an image gets.
 //! - [`files`]: copying files into and out of a VM (`nanoclaw cp`).
+//! - [`gateways`]: the MCP gateway of each VM that has a profile, and agent spawning.
 
 pub mod files;
+pub mod gateways;
 pub mod images;
 pub mod ratelimit;
 pub mod routes;
@@ -233,7 +235,7 @@ pub enum RemoveError {
 pub struct Daemon {
     vms_dir: PathBuf,
     /// The MCP gateways of VMs created with a profile.
-    mcp: crate::mcp::VmGateways,
+    mcp: gateways::VmGateways,
     launch: VmmLaunch,
     stop_grace: Duration,
     output_cap: u64,
@@ -597,7 +599,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             .map_err(DaemonError::ImageStore)?;
     let daemon = Arc::new(Daemon {
         images,
-        mcp: crate::mcp::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),
+        mcp: gateways::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),
         approvals,
         vms_dir,
         launch: VmmLaunch {
@@ -612,7 +614,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     });
     daemon
         .mcp
-        .set_spawner(Arc::new(crate::mcp::DaemonSpawner::new(&daemon)));
+        .set_spawner(Arc::new(gateways::DaemonSpawner::new(&daemon)));
     daemon.recover();
     let listener = bind_api_socket(&args.socket)?;
     tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),

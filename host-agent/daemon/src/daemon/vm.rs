@@ -141,7 +141,7 @@ pub struct Vm {
     /// This VM's credential proxy listener, from the first admitted `Hello` to the end.
     credential_listener: Mutex<Option<crate::relay::VmRelay>>,
     /// The agent's tokenizer, shared by its MCP gateway and (for the device) the relay.
-    tokens: Mutex<Option<Arc<crate::mcp::AgentTokens>>>,
+    tokens: Mutex<Option<Arc<crate::agent_tokens::AgentTokens>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -302,7 +302,7 @@ impl Vm {
     }
 
     /// Gives this VM its agent's tokenizer (before the VMM starts).
-    pub fn set_tokens(&self, tokens: Option<Arc<crate::mcp::AgentTokens>>) {
+    pub fn set_tokens(&self, tokens: Option<Arc<crate::agent_tokens::AgentTokens>>) {
         *lock(&self.tokens) = tokens;
     }
 
@@ -525,7 +525,7 @@ impl Vm {
                     cwd: spec.cwd,
                     uid: spec.uid,
                     gid: spec.gid,
-                    mcp: crate::mcp::VmGateways::summary(spec.profile.as_deref()),
+                    mcp: super::gateways::VmGateways::summary(spec.profile.as_deref()),
                     root: image.as_ref().map(|_| RootFs {
                         image_device: super::images::IMAGE_DEVICE.to_owned(),
                         scratch_device: super::images::SCRATCH_DEVICE.to_owned(),
@@ -775,7 +775,7 @@ pub async fn wait_ended(ended: &mut watch::Receiver<bool>) {
 
 /// The path of the control listener in `dir`.
 pub fn control_socket_path(dir: &Path) -> PathBuf {
-    dir.join(format!("vsock.sock_{}", shared_proto::ports::CONTROL_PORT))
+    shared_proto::ports::host_listener_path(dir, shared_proto::ports::CONTROL_PORT)
 }
 
 /// Reads until one whole frame is decoded. `Ok(None)` on EOF before it.

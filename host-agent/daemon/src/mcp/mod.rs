@@ -32,14 +32,14 @@
 //! # Layout
 //! - `upstream`: rmcp clients of the upstream servers (stdio child processes, streamable HTTP).
 //! - `endpoint`: the agent-facing JSON-RPC session and its socket loop.
-//! - `tokens`: [`AgentTokens`], the agent's tokenizer, shared with the credential relay.
-//! - `vm`: [`VmGateways`], how the daemon starts one gateway per VM that has a profile.
+//! - [`AgentTokens`] (`crate::agent_tokens`): the agent's tokenizer, shared with the credential
+//!   relay; re-exported here.
+//! - How the daemon starts one gateway per VM is the daemon's own (`crate::daemon::gateways`):
+//!   nothing here reaches into the daemon.
 //! - this file: the error, the gateway and the call path.
 
 mod endpoint;
-mod tokens;
 mod upstream;
-mod vm;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -55,9 +55,8 @@ use crate::policy::{AccessPolicy, Decision, Profile, SPAWN_AGENT_TOOL, Tier};
 use nanoclaw_audit::{self as audit, AuditLog};
 use nanoclaw_tokenize::{Mode, Report, Tokenizer};
 
+pub use crate::agent_tokens::AgentTokens;
 pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
-pub use tokens::AgentTokens;
-pub use vm::{DaemonSpawner, MCP_LOCAL_PORT, VmGateways};
 
 /// The most MCP sessions (connections) one agent may hold open at once.
 pub const MAX_SESSIONS: usize = 64;
@@ -206,7 +205,7 @@ impl Gateway {
     /// Binds the agent's endpoint at `<vm_dir>/vsock.sock_<MCP_PORT>` (replacing a stale
     /// socket file).
     pub fn bind(vm_dir: &Path) -> Result<tokio::net::UnixListener, McpError> {
-        let path = vm_dir.join(format!("vsock.sock_{}", shared_proto::ports::MCP_PORT));
+        let path = shared_proto::ports::host_listener_path(vm_dir, shared_proto::ports::MCP_PORT);
         let _ = std::fs::remove_file(&path);
         tokio::net::UnixListener::bind(&path).map_err(|source| McpError::Listen { path, source })
     }
@@ -517,26 +516,11 @@ impl Gateway {
     }
 }
 
-/// The digest of arguments in canonical form: object keys sorted at every level, no spaces
-/// (serde_json keeps insertion order here, so the agent's key order must not change it).
+/// The digest of arguments as canonical JSON ([`shared_proto::canonical_json`]: object keys
+/// sorted at every level, no spaces), so the agent's key order does not change it.
 pub fn args_digest(args: &Map<String, Value>) -> String {
-    fn canonical(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                Value::Object(
-                    keys.into_iter()
-                        .map(|k| (k.clone(), canonical(&m[k])))
-                        .collect(),
-                )
-            }
-            Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
-            other => other.clone(),
-        }
-    }
-    let value = canonical(&Value::Object(args.clone()));
-    audit::digest(&serde_json::to_vec(&value).unwrap_or_default())
+    let text = shared_proto::canonical_json(&Value::Object(args.clone()));
+    audit::digest(text.as_bytes())
 }
 
 fn denied(rule: &str, reason: &str) -> (i64, String, Value) {

@@ -232,9 +232,12 @@ impl WebPush {
             source,
         };
         let body = serde_json::to_vec_pretty(&all).map_err(|e| store(e.into()))?;
-        let tmp = self.subscriptions_file.with_extension("tmp");
-        std::fs::write(&tmp, body).map_err(store)?;
-        std::fs::rename(&tmp, &self.subscriptions_file).map_err(store)
+        shared_proto::fs::replace_file(
+            &self.subscriptions_file,
+            &body,
+            shared_proto::fs::DEFAULT_MODE,
+        )
+        .map_err(|e| store(e.into()))
     }
 
     /// Encrypts and sends one notice to one subscription; answers the push service's status.

@@ -41,9 +41,7 @@
 //! VMs, and nothing per connection is logged above `debug`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -51,7 +49,7 @@ use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use shared_proto::credential::{
     self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
-    MAX_LINK_DATA, MAX_NOISE_MESSAGE, PairingOffer, RECORD_PREFIX, RelayGreeting,
+    MAX_LINK_DATA, PairingOffer, RECORD_PREFIX, RecordDecoder, RelayGreeting, noise,
 };
 use shared_proto::ports::CREDENTIAL_PROXY_PORT;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -73,6 +71,8 @@ const SLOW_PEER: std::time::Duration = std::time::Duration::from_secs(5);
 pub const MAX_PENDING_APPROVALS: usize = 64;
 /// The rule named in the approval requests the relay makes.
 pub const CREDENTIAL_RULE: &str = "credential_without_grant";
+/// How much is read from a device connection at once.
+const READ_CHUNK: usize = 16 * 1024;
 /// How long a device has to finish a handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -148,7 +148,7 @@ pub struct VmIdentity {
     pub sidecar_public_key: [u8; 32],
     /// The agent's tokenizer, whose settings and issued surrogates the device gets before each
     /// session (`None`: the device does not tokenize this VM's calls).
-    pub tokens: Option<Arc<crate::mcp::AgentTokens>>,
+    pub tokens: Option<Arc<crate::agent_tokens::AgentTokens>>,
 }
 
 /// How far the device has been told a VM's issued surrogates: the link generation and the
@@ -213,27 +213,20 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// Writes a state file durably, 0600 ([`shared_proto::fs`]).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), RelayError> {
-    let err = |op| {
-        let path = path.to_owned();
-        move |source| RelayError::File { op, path, source }
-    };
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err("create"))?;
-    f.write_all(bytes).map_err(err("write"))?;
-    f.sync_all().map_err(err("fsync"))?;
-    std::fs::rename(&tmp, path).map_err(err("rename"))
+    shared_proto::fs::replace_file(path, bytes, shared_proto::fs::PRIVATE_MODE).map_err(|e| {
+        RelayError::File {
+            op: e.step,
+            path: e.path,
+            source: e.source,
+        }
+    })
 }
 
 /// The path of a VM's credential proxy listener.
 pub fn proxy_socket_path(vm_dir: &Path) -> PathBuf {
-    vm_dir.join(format!("vsock.sock_{CREDENTIAL_PROXY_PORT}"))
+    shared_proto::ports::host_listener_path(vm_dir, CREDENTIAL_PROXY_PORT)
 }
 
 impl Relay {
@@ -492,14 +485,11 @@ impl Relay {
             return Err(RelayError::Refused("already paired"));
         };
         let psk = Zeroizing::new(credential::pairing_psk(&code)?);
-        let mut hs = snow::Builder::new(noise_params(credential::NOISE_PAIR)?)
-            .psk(0, &psk)?
-            .prologue(credential::PAIR_PROLOGUE)?
-            .build_responder()?;
-        let first = timed(read_record(&mut stream)).await??;
-        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-        let n = match hs.read_message(&first, &mut buf) {
-            Ok(n) => n,
+        let mut hs = noise::pair_responder(&psk)?;
+        // The device sends nothing more before the answer: no byte is left behind.
+        let first = timed(RecordReader::new(&mut stream).next()).await??;
+        let payload = match noise::read_handshake(&mut hs, &first) {
+            Ok(payload) => payload,
             Err(e) => {
                 let void = {
                     let mut state = self.lock();
@@ -513,13 +503,13 @@ impl Relay {
                 return Err(RelayError::Noise(e));
             }
         };
-        let offer: PairingOffer = credential::decode_message(&buf[..n])?;
+        let offer: PairingOffer = credential::decode_message(&payload)?;
         let answer = credential::encode_message(&PairingOffer {
             static_public_key: self.public,
             name: self.name.clone(),
         })?;
-        let n = hs.write_message(&answer, &mut buf)?;
-        write_record(&mut stream, &buf[..n]).await?;
+        let message = noise::write_handshake(&mut hs, &answer)?;
+        write_record(&mut stream, &message).await?;
         let device = PairedDevice {
             public_key: hex::encode(offer.static_public_key),
             name: offer.name,
@@ -542,17 +532,13 @@ impl Relay {
         let Some(device_key) = self.lock().device.as_ref().map(|(_, k)| *k) else {
             return Err(RelayError::Refused("no device is paired"));
         };
-        let mut hs = snow::Builder::new(noise_params(credential::NOISE_LINK)?)
-            .local_private_key(&self.identity[..])?
-            .remote_public_key(&device_key)?
-            .prologue(credential::LINK_PROLOGUE)?
-            .build_responder()?;
-        let (mut read, mut write) = stream.into_split();
-        let first = timed(read_record(&mut read)).await??;
-        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-        hs.read_message(&first, &mut buf)?;
-        let n = hs.write_message(&[], &mut buf)?;
-        write_record(&mut write, &buf[..n]).await?;
+        let mut hs = noise::link_responder(&self.identity, &device_key)?;
+        let (read, mut write) = stream.into_split();
+        let mut read = RecordReader::new(read);
+        let first = timed(read.next()).await??;
+        noise::read_handshake(&mut hs, &first)?;
+        let message = noise::write_handshake(&mut hs, &[])?;
+        write_record(&mut write, &message).await?;
         let transport = Arc::new(Mutex::new(hs.into_transport_mode()?));
 
         let (tx, mut outgoing) = mpsc::channel::<HostToDevice>(256);
@@ -576,21 +562,22 @@ impl Relay {
                 let sealed = {
                     let plain = credential::encode_message(&msg)?;
                     let mut t = lock_transport(&writer_transport);
-                    seal(&mut t, &plain)?
+                    noise::seal(&mut t, &plain)?
                 };
                 write_record(&mut write, &sealed).await?;
             }
             Ok::<(), RelayError>(())
         });
         let result = loop {
-            let record = match read_record(&mut read).await {
+            let record = match read.next().await {
                 Ok(r) => r,
                 Err(RelayError::Closed) => break Ok(()),
                 Err(e) => break Err(e),
             };
             let msg = {
                 let mut t = lock_transport(&transport);
-                open(&mut t, &record)
+                noise::open(&mut t, &record)
+                    .map_err(RelayError::from)
                     .and_then(|p| Ok(credential::decode_message::<DeviceToHost>(&p)?))
             };
             let msg = match msg {
@@ -889,26 +876,8 @@ fn one_line(text: &str) -> String {
         .collect()
 }
 
-fn noise_params(pattern: &str) -> Result<snow::params::NoiseParams, RelayError> {
-    pattern.parse().map_err(RelayError::Noise)
-}
-
 fn lock_transport(t: &Mutex<snow::TransportState>) -> MutexGuard<'_, snow::TransportState> {
     t.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn seal(t: &mut snow::TransportState, plain: &[u8]) -> Result<Vec<u8>, RelayError> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-    let n = t.write_message(plain, &mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
-}
-
-fn open(t: &mut snow::TransportState, message: &[u8]) -> Result<Vec<u8>, RelayError> {
-    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
-    let n = t.read_message(message, &mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
 }
 
 async fn timed<F: std::future::Future>(f: F) -> Result<F::Output, RelayError> {
@@ -917,17 +886,34 @@ async fn timed<F: std::future::Future>(f: F) -> Result<F::Output, RelayError> {
         .map_err(|_| RelayError::Timeout)
 }
 
-/// Reads one record; [`RelayError::Closed`] at the end of the stream.
-async fn read_record<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, RelayError> {
-    let mut prefix = [0u8; RECORD_PREFIX];
-    r.read_exact(&mut prefix)
-        .await
-        .map_err(|_| RelayError::Closed)?;
-    let mut body = vec![0u8; usize::from(u16::from_be_bytes(prefix))];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|_| RelayError::Closed)?;
-    Ok(body)
+/// The records arriving on one device connection: the shared decoder over an async reader.
+struct RecordReader<R> {
+    inner: R,
+    decoder: RecordDecoder,
+    scratch: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> RecordReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            decoder: RecordDecoder::new(),
+            scratch: vec![0u8; READ_CHUNK],
+        }
+    }
+
+    /// The next record; [`RelayError::Closed`] when the stream ends or fails.
+    async fn next(&mut self) -> Result<Vec<u8>, RelayError> {
+        loop {
+            if let Some(record) = self.decoder.decode_next()? {
+                return Ok(record);
+            }
+            match self.inner.read(&mut self.scratch).await {
+                Ok(n) if n > 0 => self.decoder.push(&self.scratch[..n]),
+                _ => return Err(RelayError::Closed),
+            }
+        }
+    }
 }
 
 async fn write_record<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> Result<(), RelayError> {

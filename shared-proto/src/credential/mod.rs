@@ -5,7 +5,8 @@
 //!
 //! 1. **Records.** Every Noise message on a byte stream is a *record*: a 2-byte big-endian
 //!    length, then that many bytes (at most [`MAX_NOISE_MESSAGE`], the Noise limit).
-//!    [`split_record`] cuts one off a buffer; [`encode_record`] makes one.
+//!    [`RecordDecoder`] reads them from whatever bytes arrive; [`encode_record`] makes one
+//!    (`record`). The handshakes of every channel are built in [`noise`].
 //! 2. **The link** (device <-> host, TCP, the device dials out). A first byte says what the
 //!    connection is for ([`LINK_MODE_PAIR`] or [`LINK_MODE_LINK`]). Pairing runs
 //!    [`NOISE_PAIR`] with [`pairing_psk`] of the short code as PSK and exchanges one
@@ -30,8 +31,8 @@
 //! sidecar from its own boot id and the VM id in [`RelayGreeting::Ready`]; if the host lies to
 //! either side about the VM, the handshake fails.
 //!
-//! Every decoder here checks sizes and shapes ([`decode_message`]) and never panics; the fuzz
-//! target `credential_decode` feeds it arbitrary bytes.
+//! Every decoder here checks sizes and shapes ([`decode_message`], [`RecordDecoder`]) and never
+//! panics; the fuzz targets `credential_decode` and `record_decoder` feed them arbitrary bytes.
 
 use hkdf::Hkdf;
 use serde::de::DeserializeOwned;
@@ -39,6 +40,11 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::envelope::Envelope;
+
+pub mod noise;
+mod record;
+
+pub use record::{RECORD_PREFIX, RecordDecoder, encode_record};
 
 /// The Noise pattern of the device <-> host link: both static keys are pinned at pairing.
 pub const NOISE_LINK: &str = "Noise_KK_25519_ChaChaPoly_BLAKE2s";
@@ -53,8 +59,6 @@ pub const NOISE_SESSION: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 pub const MAX_NOISE_MESSAGE: usize = 65535;
 /// The Noise AEAD tag added to every transport message.
 pub const NOISE_TAG: usize = 16;
-/// The size of a record's length prefix.
-pub const RECORD_PREFIX: usize = 2;
 /// The largest body chunk in one proxy message, so that the CBOR message plus the Noise tag fits
 /// a Noise message with room to spare.
 pub const MAX_CHUNK: usize = 32 * 1024;
@@ -131,26 +135,6 @@ pub enum CredentialError {
     /// A pairing code is not [`PAIRING_CODE_SYMBOLS`] symbols of the code alphabet.
     #[error("pairing code is not {PAIRING_CODE_SYMBOLS} base32 symbols")]
     BadPairingCode,
-}
-
-/// Cuts the first record off `buf`: `Ok(None)` when it is not whole yet, otherwise its body and
-/// the number of bytes it used.
-pub fn split_record(buf: &[u8]) -> Result<Option<(&[u8], usize)>, CredentialError> {
-    let Some(prefix) = buf.first_chunk::<RECORD_PREFIX>() else {
-        return Ok(None);
-    };
-    let len = usize::from(u16::from_be_bytes(*prefix));
-    Ok(buf[RECORD_PREFIX..]
-        .get(..len)
-        .map(|body| (body, RECORD_PREFIX + len)))
-}
-
-/// Appends `body` as one record to `out`.
-pub fn encode_record(body: &[u8], out: &mut Vec<u8>) -> Result<(), CredentialError> {
-    let len = u16::try_from(body.len()).map_err(|_| CredentialError::RecordTooLarge(body.len()))?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(body);
-    Ok(())
 }
 
 /// The Noise prologue of the session of VM `vm_id` whose sidecar drew `boot_id`:
@@ -1014,21 +998,6 @@ mod tests {
         assert!(matches!(
             decode_message::<SidecarToDevice>(&[0xff, 0x00]),
             Err(CredentialError::Malformed(_))
-        ));
-    }
-
-    #[test]
-    fn records_split_and_join() {
-        let mut out = Vec::new();
-        encode_record(b"hello", &mut out).unwrap();
-        encode_record(b"", &mut out).unwrap();
-        assert_eq!(split_record(&out[..3]).unwrap(), None);
-        let (body, used) = split_record(&out).unwrap().unwrap();
-        assert_eq!((body, used), (&b"hello"[..], 7));
-        assert_eq!(split_record(&out[used..]).unwrap(), Some((&b""[..], 2)));
-        assert!(matches!(
-            encode_record(&vec![0; MAX_NOISE_MESSAGE + 1], &mut out),
-            Err(CredentialError::RecordTooLarge(_))
         ));
     }
 

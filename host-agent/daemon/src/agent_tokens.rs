@@ -1,4 +1,5 @@
-//! One agent's tokenizer, shared by its MCP gateway and the credential relay.
+//! One agent's tokenizer, shared by its MCP gateway and the credential relay (so it sits below
+//! both: neither reaches into the other for it).
 //!
 //! The gateway tokenizes tool results with it. The relay hands its key, mode and the profile's
 //! LLM hosts to the user's device (inside the Noise KK link: the device is the only party that

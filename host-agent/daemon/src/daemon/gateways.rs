@@ -1,22 +1,23 @@
-//! The daemon's use of the gateway: one [`Gateway`] per VM whose create request carries a
+//! The daemon's use of the MCP gateway: one [`Gateway`] per VM whose create request carries a
 //! profile, listening on the VM's `vsock.sock_<MCP_PORT>` from before the VMM starts until the
-//! VM ends.
+//! VM ends, and the [`Spawner`] that creates orchestrators' agents through the daemon.
+//!
+//! It lives with the daemon, not in `mcp`, so that the gateway knows nothing of the daemon:
+//! the daemon uses `mcp`, never the reverse.
 
+use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock, Weak};
 
 use shared_proto::message::McpSummary;
 use tokio::sync::watch;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Weak;
-
-use super::{AgentTokens, Gateway, GatewayConfig, McpError, Spawner};
+use super::Daemon;
+use crate::agent_tokens::AgentTokens;
 use crate::approval::Approver;
-use crate::daemon::Daemon;
-use crate::policy::AccessPolicy;
-use crate::policy::Profile;
+use crate::mcp::{Gateway, GatewayConfig, McpError, Spawner};
+use crate::policy::{AccessPolicy, Profile};
 use nanoclaw_api::CreateVm;
 use nanoclaw_audit::AuditLog;
 
@@ -93,7 +94,7 @@ impl VmGateways {
             tracing::info!(vm = %vm, tools = gateway.tools().len(), "mcp gateway up");
             tokio::select! {
                 () = Arc::clone(&gateway).serve(listener) => {}
-                () = crate::daemon::vm::wait_ended(&mut ended) => {}
+                () = super::vm::wait_ended(&mut ended) => {}
             }
             if let Ok(g) = Arc::try_unwrap(gateway) {
                 g.close().await;
@@ -129,7 +130,7 @@ impl Spawner for DaemonSpawner {
             let mut argv = command.into_iter();
             let mut spec = CreateVm::new(argv.next().unwrap_or_default(), argv.collect());
             spec.profile = Some(text);
-            crate::daemon::routes::validate(&spec)?;
+            super::routes::validate(&spec)?;
             let vm = daemon.create(spec).map_err(|e| crate::error_chain(&e))?;
             tracing::info!(parent = %parent_vm, vm = %vm.id, "spawned an agent");
             Ok(vm.id.clone())

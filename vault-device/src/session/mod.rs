@@ -1,0 +1,279 @@
+//! One end-to-end session with a sidecar: the Noise IK responder, then one proxied call
+//! (primary path) or one sealed secret (fallback path).
+//!
+//! # What the device checks
+//!
+//! - The handshake: the prologue binds the VM id and boot id the host announced in `Open`, and
+//!   the sidecar's static key (learned in the handshake) must equal the boot key the host
+//!   relayed from the sidecar's `Hello`.
+//! - The target: base-URL mode names a credential and goes to its first allowed host;
+//!   `HTTP_PROXY` mode names an authority, and the credential is the first entry that allows it
+//!   and has a live grant. The call goes out over HTTPS to exactly that authority, never
+//!   following redirects (a redirect could carry the header elsewhere).
+//! - A live grant for credential x authority x VM ([`crate::grant::find_grant`]): one from
+//!   the vault or one a verified approval created. Without one, on the primary path and when
+//!   a passkey is stored, the device asks the user through the host and holds the request
+//!   ([`SessionContext::request_approval`]: the device checks the host's evidence itself);
+//!   if that fails, or on the fallback path, the answer is `Refused` 403 with the reason and
+//!   nothing is sent upstream.
+//! - The agent's own copy of the credential header, `Host` and hop-by-hop headers are dropped
+//!   before the secret is injected.
+//!
+//! # What the host could still do
+//!
+//! The host relays every byte and it hands the guest the device's public key and the device the
+//! sidecar's boot key. It cannot read or alter a session (Noise IK: the device authenticates
+//! with its pinned identity key, the sidecar with its boot key). A host that lies about the
+//! sidecar's key can run a session of its own in place of the sidecar: on the primary path that
+//! gives it what the agent could get, calls to granted hosts with the secret injected by the
+//! device, never the secret itself. On the fallback path it would get the secret sealed to its
+//! own key, which is why the fallback needs a grant that says so explicitly; binding the boot
+//! key to the VM (attestation) is what would close this.
+//!
+//! # Layout
+//!
+//! - this file: [`run`] (the handshake and the dispatch of the first message), the
+//!   [`SessionContext`] through which a session reaches the device, the encrypted message
+//!   channel, and the resolution of a target to a credential under a live grant;
+//! - `proxy`: the primary path, step by step (read the body, resolve or ask, build the
+//!   upstream request, relay the answer, tokenized or not);
+//! - `fallback`: the fallback path (the sealed secret).
+
+mod fallback;
+mod proxy;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use shared_proto::credential::{
+    self, DeviceToHost, DeviceToSidecar, ProxyTarget, RECORD_PREFIX, RecordDecoder, SidecarToDevice,
+};
+use tokio::sync::mpsc;
+use zeroize::Zeroizing;
+
+use crate::approval::ApprovalCheckError;
+use crate::grant::{Grant, Release, find_grant};
+use crate::noise::{self, NoiseError};
+use crate::tokenize::Registry;
+use crate::vault::{VaultData, VaultError};
+
+/// The largest request body the device forwards.
+pub const MAX_REQUEST_BODY: usize = 16 << 20;
+/// How long a sealed envelope is valid.
+pub const SEAL_TTL_SECS: u64 = 60;
+
+/// What the host announced about a sidecar in `Open`.
+#[derive(Debug, Clone)]
+pub struct SessionPeer {
+    /// The VM id.
+    pub vm_id: String,
+    /// The sidecar's boot id.
+    pub boot_id: [u8; 16],
+    /// The sidecar's boot public key.
+    pub sidecar_public_key: [u8; 32],
+}
+
+/// The channel of one session to the link writer: ciphertext records to send to the sidecar.
+pub type Outbound = mpsc::Sender<Vec<u8>>;
+
+/// What a session needs from the running device, and nothing more: the running device
+/// ([`crate::device::Device`]) implements it, and the unit tests a fake. The device depends on
+/// sessions, not the reverse.
+pub trait SessionContext: Send + Sync {
+    /// The device identity secret, the session's static key.
+    fn identity_secret(&self) -> Zeroizing<[u8; 32]>;
+    /// The vault's contents, current.
+    fn snapshot(&self) -> Result<VaultData, VaultError>;
+    /// The live grants that verified approvals created.
+    fn approved_grants(&self, now_unix: u64) -> Vec<Grant>;
+    /// Whether asking the user for an approval can succeed (a passkey is stored).
+    fn can_ask(&self) -> bool;
+    /// Asks the user, through the host, to approve releasing `credential` to `target_host` for
+    /// `vm_id`; answers the grant a verified approval created.
+    fn request_approval(
+        &self,
+        credential: &str,
+        target_host: &str,
+        vm_id: &str,
+    ) -> impl Future<Output = Result<Grant, ApprovalCheckError>> + Send;
+    /// The tokenizers of the VMs the host announced.
+    fn tokens(&self) -> &Registry;
+    /// The HTTPS client for upstream calls.
+    fn http(&self) -> &reqwest::Client;
+    /// Sends the host a report without waiting (dropped when the link is down or busy).
+    fn notify_host(&self, msg: DeviceToHost);
+}
+
+/// Reassembles records from the relayed byte runs.
+struct Inbound {
+    rx: mpsc::Receiver<Vec<u8>>,
+    records: RecordDecoder,
+}
+
+impl Inbound {
+    async fn next_record(&mut self) -> Result<Vec<u8>, NoiseError> {
+        loop {
+            if let Some(record) = self.records.decode_next()? {
+                return Ok(record);
+            }
+            match self.rx.recv().await {
+                Some(bytes) => self.records.push(&bytes),
+                None => return Err(NoiseError::Closed),
+            }
+        }
+    }
+}
+
+/// The established session: one encrypted message at a time each way.
+struct Session {
+    inbound: Inbound,
+    out: Outbound,
+    transport: snow::TransportState,
+}
+
+impl Session {
+    async fn recv(&mut self) -> Result<SidecarToDevice, NoiseError> {
+        let record = self.inbound.next_record().await?;
+        let plain = noise::open(&mut self.transport, &record)?;
+        Ok(credential::decode_message(&plain)?)
+    }
+
+    async fn send(&mut self, msg: &DeviceToSidecar) -> Result<(), NoiseError> {
+        let plain = credential::encode_message(msg)?;
+        let sealed = noise::seal(&mut self.transport, &plain)?;
+        send_record(&self.out, &sealed).await
+    }
+}
+
+/// Sends `body` to the sidecar as one record.
+async fn send_record(out: &Outbound, body: &[u8]) -> Result<(), NoiseError> {
+    let mut record = Vec::with_capacity(body.len() + RECORD_PREFIX);
+    credential::encode_record(body, &mut record)?;
+    out.send(record).await.map_err(|_| NoiseError::Closed)
+}
+
+/// Runs one session to its end. Errors end the session; the link stays up.
+pub async fn run<C: SessionContext>(
+    ctx: Arc<C>,
+    peer: SessionPeer,
+    rx: mpsc::Receiver<Vec<u8>>,
+    out: Outbound,
+) -> Result<(), NoiseError> {
+    let mut inbound = Inbound {
+        rx,
+        records: RecordDecoder::new(),
+    };
+    let prologue = credential::session_prologue(&peer.vm_id, &peer.boot_id)?;
+    let identity = ctx.identity_secret();
+    let mut hs = noise::session_responder(&identity, &prologue)?;
+    let first = inbound.next_record().await?;
+    credential::noise::read_handshake(&mut hs, &first)?;
+    if hs.get_remote_static() != Some(&peer.sidecar_public_key[..]) {
+        return Err(NoiseError::UnexpectedPeer);
+    }
+    let answer = credential::noise::write_handshake(&mut hs, &[])?;
+    send_record(&out, &answer).await?;
+    let transport = hs.into_transport_mode()?;
+    let mut session = Session {
+        inbound,
+        out,
+        transport,
+    };
+    match session.recv().await? {
+        SidecarToDevice::Request(head) => proxy::proxy(&*ctx, &peer, &mut session, head).await,
+        SidecarToDevice::Seal { target } => {
+            let answer = fallback::seal(&*ctx, &peer, &target);
+            session.send(&answer).await
+        }
+        SidecarToDevice::Body(_) | SidecarToDevice::End => {
+            session
+                .send(&refused(400, "a session opens with a request or a seal"))
+                .await
+        }
+    }
+}
+
+fn refused(status: u16, reason: impl Into<String>) -> DeviceToSidecar {
+    DeviceToSidecar::Refused {
+        status,
+        reason: reason.into(),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why a request does not resolve.
+struct Refusal {
+    status: u16,
+    reason: String,
+    /// The credential and authority an approval could grant, when only the grant is missing.
+    ask: Option<(String, String)>,
+}
+
+fn refusal(status: u16, reason: String) -> Refusal {
+    Refusal {
+        status,
+        reason,
+        ask: None,
+    }
+}
+
+/// The credential (its index in `data.entries`) and authority a request resolves to, or the
+/// refusal.
+fn resolve(
+    data: &VaultData,
+    vm: &str,
+    target: &ProxyTarget,
+    release: Release,
+) -> Result<(usize, String), Refusal> {
+    let now = now();
+    match target {
+        ProxyTarget::Service { name, .. } => {
+            let index = data
+                .entries
+                .iter()
+                .position(|e| &e.name == name)
+                .ok_or_else(|| refusal(404, format!("no credential named {name:?}")))?;
+            let authority = data.entries[index].hosts[0].clone();
+            if find_grant(&data.grants, name, &authority, vm, release, now).is_none() {
+                return Err(Refusal {
+                    status: 403,
+                    reason: format!("no live grant for {name} to {authority}"),
+                    ask: Some((name.clone(), authority)),
+                });
+            }
+            Ok((index, authority))
+        }
+        ProxyTarget::Absolute { authority, .. } => {
+            let allowed: Vec<usize> = (0..data.entries.len())
+                .filter(|&i| data.entries[i].allows(authority))
+                .collect();
+            let Some(&first) = allowed.first() else {
+                return Err(refusal(
+                    403,
+                    format!("no credential may be sent to {authority}"),
+                ));
+            };
+            allowed
+                .into_iter()
+                .find(|&i| {
+                    let name = &data.entries[i].name;
+                    find_grant(&data.grants, name, authority, vm, release, now).is_some()
+                })
+                .map(|i| (i, authority.clone()))
+                .ok_or_else(|| Refusal {
+                    status: 403,
+                    reason: format!("no live grant for {authority}"),
+                    ask: Some((data.entries[first].name.clone(), authority.clone())),
+                })
+        }
+    }
+}
