@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use nanoclaw_tests::oci::test_image;
+use nanoclaw_tests::oci::import_test_image;
 use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, RUN_TIMEOUT, pattern};
 
 /// Boot and agent start under nested virtualization.
@@ -147,14 +147,7 @@ fn files_go_in_and_out_of_a_vm_escapes_are_refused_and_a_stopped_vms_disk_is_rea
     let guest = GuestImage::from_env().expect("guest image");
     let d = Daemon::start(&guest.vmlinux, &guest.initramfs).expect("start the daemon");
     let work = tempfile::tempdir().unwrap();
-    let layout = work.path().join("layout");
-    test_image(&layout).expect("the test image");
-    let out = nanoclaw(
-        &d,
-        &["image", "import", "cp-test", layout.to_str().unwrap()],
-        RUN_TIMEOUT,
-    );
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    import_test_image(&d, "cp-test", RUN_TIMEOUT).expect("import the test image");
 
     let out = nanoclaw(
         &d,

@@ -7,7 +7,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use nanoclaw_tests::oci::{test_image, write_layout};
+use nanoclaw_tests::oci::{import_test_image, write_layout};
 use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin};
 use serde_json::json;
 
@@ -29,16 +29,7 @@ fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
 fn an_imported_oci_image_runs_its_cmd_with_its_env_and_workdir_on_an_overlay() {
     let guest = GuestImage::from_env().expect("guest image");
     let d = Daemon::start(&guest.vmlinux, &guest.initramfs).expect("start the daemon");
-    let work = tempfile::tempdir().unwrap();
-    let layout = work.path().join("layout");
-    test_image(&layout).expect("the test image");
-
-    let out = nanoclaw(
-        &d,
-        &["image", "import", "oci-test", layout.to_str().unwrap()],
-        RUN,
-    );
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    import_test_image(&d, "oci-test", RUN).expect("import the test image");
 
     let out = nanoclaw(
         &d,
@@ -125,14 +116,7 @@ fn hostile_images_and_a_full_disk_give_clear_errors_and_the_daemon_keeps_serving
 
     // A good image, then a guest that fills its writable disk: the writer fails with ENOSPC
     // and the run ends with its exit code.
-    let layout = work.path().join("layout");
-    test_image(&layout).expect("the test image");
-    let out = nanoclaw(
-        &d,
-        &["image", "import", "oci-test", layout.to_str().unwrap()],
-        RUN,
-    );
-    assert!(out.status.success(), "import: {}", text(&out.stderr));
+    import_test_image(&d, "oci-test", RUN).expect("import the test image");
     let out = nanoclaw(
         &d,
         &[

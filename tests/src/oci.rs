@@ -216,3 +216,28 @@ pub fn test_image(dir: &Path) -> Result<()> {
     )
     .context("write the layout")
 }
+
+/// Writes [`test_image`] into a scratch folder and imports it into `daemon` as `name` with
+/// `nanoclaw image import`, waiting up to `timeout`; an import that fails is an error holding
+/// its output and the daemon's records.
+pub fn import_test_image(
+    daemon: &crate::Daemon,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    use crate::OutputWithin as _;
+    let work = tempfile::tempdir()?;
+    let layout = work.path().join("layout");
+    test_image(&layout)?;
+    let layout = layout.to_str().context("a UTF-8 temporary path")?;
+    let out = daemon
+        .nanoclaw(&["image", "import", name, layout])
+        .output_within(timeout)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nanoclaw image import {name}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.records()
+    );
+    Ok(())
+}
