@@ -345,7 +345,8 @@ impl Daemon {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Polls `inspect` until `done` holds for the VM's JSON, or `timeout` passes.
+    /// Polls `inspect` until `done` holds for the VM's JSON, or `timeout` passes (the error then
+    /// carries the daemon's log and every VM's console and VMM log).
     pub fn wait_for(
         &self,
         id: &str,
@@ -361,7 +362,8 @@ impl Daemon {
             }
             ensure!(
                 Instant::now() < deadline,
-                "VM {id}: not {what} within {timeout:?}: {info}"
+                "VM {id}: not {what} within {timeout:?}: {info}\n{}",
+                self.records()
             );
             std::thread::sleep(Duration::from_millis(250));
         }

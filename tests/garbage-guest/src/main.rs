@@ -4,10 +4,11 @@
 //! It skips the sidecar protocol and opens the host control port again and again, each time
 //! sending a different kind of garbage: an oversized length prefix, random bytes, a truncated
 //! frame, CBOR of the wrong direction, a `Hello` with a wrong protocol version, a flood of zeros.
-//! After each attempt it waits for the host to close the connection. When every attempt has been
-//! closed by the host it prints a summary on the console and resets the VM.
+//! After each attempt it waits for the host to close the connection, at most `WAIT` (a host that
+//! never closes is reported by attempt and kind, not left as a silent hang). When every attempt is
+//! done it prints a summary on the console and resets the VM.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::time::Instant;
 
 use shared_proto::ports::{CONTROL_PORT, HOST_CID};
@@ -17,6 +18,9 @@ use vpod_sidecar::vsock::VsockStream;
 
 /// How many connections to open (several rounds of every kind of garbage).
 const ATTEMPTS: usize = 60;
+
+/// How long one attempt waits for the host to close (the host's hello timeout is 10 s).
+const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn garbage(kind: usize, seed: &mut u64) -> Vec<u8> {
     let mut random = |n: usize| -> Vec<u8> {
@@ -73,16 +77,37 @@ fn main() {
                 continue;
             }
         };
-        let _ = stream.write_all(&garbage(attempt, &mut seed));
+        if let Err(e) = stream.set_timeouts(WAIT) {
+            say(&format!("attempt {attempt}: cannot set timeouts: {e}"));
+        }
+        let sent = Instant::now();
+        if let Err(e) = stream.write_all(&garbage(attempt, &mut seed)) {
+            say(&format!(
+                "attempt {attempt} (kind {}): write: {e}",
+                attempt % 6
+            ));
+        }
         // Wait for the host to close the connection; whatever it answers is drained.
         let mut sink = [0u8; 4096];
-        loop {
+        let closed = loop {
             match stream.read(&mut sink) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break true,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    break false;
+                }
+                Err(_) => break true,
                 Ok(_) => {}
             }
+        };
+        if closed {
+            closed_by_host += 1;
+        } else {
+            say(&format!(
+                "attempt {attempt} (kind {}): the host did not close within {} s",
+                attempt % 6,
+                sent.elapsed().as_secs()
+            ));
         }
-        closed_by_host += 1;
     }
     say(&format!(
         "done: {closed_by_host} of {ATTEMPTS} connections closed by the host in {} ms",
