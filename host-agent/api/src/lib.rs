@@ -252,7 +252,7 @@ impl From<shared_proto::message::ExitStatus> for AgentExit {
 }
 
 /// How the VMM process ended: its `exit.json` when it wrote one, else its wait status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmmExit {
     /// The VMM's reason (`reset`, `power_off`, `panic`, ...), or `unknown`.
     pub reason: String,
@@ -264,6 +264,24 @@ pub struct VmmExit {
     /// Milliseconds from VMM start to the guest being ready, when reported.
     #[serde(default)]
     pub boot_to_ready_ms: Option<u64>,
+    /// The vsock device's counters at the end (connections, resets, malformed packets, ...),
+    /// by name, when the VMM reported them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub vsock: std::collections::BTreeMap<String, u64>,
+    /// Each disk's counters at the end, in attach order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskCounters>,
+}
+
+/// One virtio-blk disk's counters, as the VMM reported them when it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCounters {
+    /// The id the guest read (`nanoclaw-image`, `nanoclaw-scratch`, ...).
+    pub id: String,
+    /// Whether the disk was read-only.
+    pub read_only: bool,
+    /// Requests, bytes, refusals and errors, by name.
+    pub metrics: std::collections::BTreeMap<String, u64>,
 }
 
 /// Everything the daemon knows about one VM.

@@ -552,7 +552,39 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.guest_protocol_errors,
         vm.output_dropped_bytes,
         vm.vm_dir,
-    )
+    ) + &device_counters_text(vm.vmm_exit.as_ref())
+}
+
+/// The VMM's final device counters, one line per device, nonzero counters only.
+fn device_counters_text(exit: Option<&nanoclaw_api::VmmExit>) -> String {
+    let Some(exit) = exit else {
+        return String::new();
+    };
+    let nonzero = |m: &std::collections::BTreeMap<String, u64>| {
+        let parts: Vec<String> = m
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if parts.is_empty() {
+            "(all zero)".to_owned()
+        } else {
+            parts.join(" ")
+        }
+    };
+    let mut text = String::new();
+    if !exit.vsock.is_empty() {
+        text += &format!("vsock:          {}\n", nonzero(&exit.vsock));
+    }
+    for disk in &exit.disks {
+        let mode = if disk.read_only { "ro" } else { "rw" };
+        text += &format!(
+            "disk {} ({mode}): {}\n",
+            disk.id.escape_debug(),
+            nonzero(&disk.metrics)
+        );
+    }
+    text
 }
 
 async fn logs(client: &Client, id: &str, follow: bool, console: bool) -> Result<(), CliError> {
@@ -581,6 +613,38 @@ async fn logs(client: &Client, id: &str, follow: bool, console: bool) -> Result<
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn device_counters_show_nonzero_values_and_escape_disk_ids() {
+        assert_eq!(device_counters_text(None), "");
+        let exit = nanoclaw_api::VmmExit {
+            reason: "reset".into(),
+            vsock: [
+                ("conns_opened".to_owned(), 3),
+                ("conns_reset".to_owned(), 0),
+            ]
+            .into(),
+            disks: vec![
+                nanoclaw_api::DiskCounters {
+                    id: "nanoclaw-image".into(),
+                    read_only: true,
+                    metrics: [("reads".to_owned(), 12)].into(),
+                },
+                nanoclaw_api::DiskCounters {
+                    id: "evil\u{1b}[2J".into(),
+                    read_only: false,
+                    metrics: [("writes".to_owned(), 0)].into(),
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            device_counters_text(Some(&exit)),
+            "vsock:          conns_opened=3\n\
+             disk nanoclaw-image (ro): reads=12\n\
+             disk evil\\u{1b}[2J (rw): (all zero)\n"
+        );
+    }
 
     #[test]
     fn run_takes_the_command_after_the_double_dash() {

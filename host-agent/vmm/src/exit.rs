@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::devices::virtio::BlockMetricsSnapshot;
+use crate::devices::virtio::{BlockMetricsSnapshot, VsockMetricsSnapshot};
 
 /// Exit code for a VM that could not be set up.
 pub const SETUP_ERROR_EXIT_CODE: i32 = 1;
@@ -142,6 +142,9 @@ pub struct ExitReport {
     /// Each disk's counters, in attach order (`/dev/vda` first); left out with no disks.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskRecord>,
+    /// The vsock device's counters; left out when the VM had no vsock device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockMetricsSnapshot>,
 }
 
 impl ExitReport {
@@ -152,12 +155,21 @@ impl ExitReport {
             exit_code: reason.exit_code(),
             boot_to_ready_ms,
             disks: Vec::new(),
+            vsock: None,
         }
     }
 
     /// The report with `disks` as its disk records.
     pub fn with_disks(self, disks: Vec<DiskRecord>) -> Self {
         Self { disks, ..self }
+    }
+
+    /// The report with the vsock device's counters.
+    pub fn with_vsock(self, vsock: VsockMetricsSnapshot) -> Self {
+        Self {
+            vsock: Some(vsock),
+            ..self
+        }
     }
 
     /// The report as one JSON object.
@@ -262,5 +274,20 @@ mod tests {
         assert_eq!(disk["metrics"]["reads"], 3);
         assert_eq!(disk["metrics"]["read_bytes"], 1536);
         assert_eq!(disk["metrics"]["dropped_chains"], 0);
+    }
+
+    #[test]
+    fn vsock_counters_follow_the_report() {
+        let vsock = VsockMetricsSnapshot {
+            conns_opened: 4,
+            credit_violations: 1,
+            ..VsockMetricsSnapshot::default()
+        };
+        let r = ExitReport::new(ExitReason::Reset, Some(7)).with_vsock(vsock);
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["vsock"]["conns_opened"], 4);
+        assert_eq!(v["vsock"]["credit_violations"], 1);
+        assert_eq!(v["vsock"]["rst_queue_overflows"], 0);
+        assert!(v.get("disks").is_none(), "no disks, no disk records: {v}");
     }
 }

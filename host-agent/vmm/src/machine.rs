@@ -453,10 +453,12 @@ impl Vmm {
         tracing::info!(reason = reason.as_str(), "VM ended; stopping");
         stop_vcpus(&stop, threads);
         tracing::debug!("vCPUs stopped");
-        if let Some(vsock) = self.vsock.take() {
+        let vsock_metrics = self.vsock.take().map(|vsock| {
+            let metrics = vsock.metrics();
             vsock.stop();
             tracing::debug!("vsock stopped");
-        }
+            metrics.snapshot()
+        });
         let disks: Vec<DiskRecord> = std::mem::take(&mut self.disks)
             .into_iter()
             .map(|disk| {
@@ -476,7 +478,11 @@ impl Vmm {
         }
         serial.sink_mut().finish();
         drop(serial);
-        ExitReport::new(reason, self.ready_ms.get().copied()).with_disks(disks)
+        let report = ExitReport::new(reason, self.ready_ms.get().copied()).with_disks(disks);
+        match vsock_metrics {
+            Some(m) => report.with_vsock(m),
+            None => report,
+        }
     }
 }
 

@@ -341,6 +341,7 @@ impl Daemon {
                         exit_code: None,
                         signal: None,
                         boot_to_ready_ms: None,
+                        ..Default::default()
                     }),
                     false,
                 );

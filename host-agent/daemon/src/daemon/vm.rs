@@ -695,6 +695,7 @@ impl Vm {
                     exit_code: w.code(),
                     signal: w.signal(),
                     boot_to_ready_ms: None,
+                    ..Default::default()
                 }
             })
         });

@@ -40,7 +40,7 @@ use self::vsock::{VsockDevice, VsockError, VsockFrontend, VsockMuxer, VsockWorke
 use crate::devices::bus::{Bus, BusError};
 
 pub use self::block::{BlockMetrics, BlockMetricsSnapshot};
-pub use self::vsock::VsockMetrics;
+pub use self::vsock::{VsockMetrics, VsockMetricsSnapshot};
 
 /// Where a virtio-mmio device lives: its MMIO window and its interrupt line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -167,6 +167,49 @@ impl VsockMetrics {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// The counters' current values.
+    pub fn snapshot(&self) -> VsockMetricsSnapshot {
+        let g = Self::get;
+        VsockMetricsSnapshot {
+            rx_packets: g(&self.rx_packets),
+            rx_bytes: g(&self.rx_bytes),
+            tx_packets: g(&self.tx_packets),
+            tx_bytes: g(&self.tx_bytes),
+            tx_malformed: g(&self.tx_malformed),
+            tx_bad_cid: g(&self.tx_bad_cid),
+            tx_unsupported: g(&self.tx_unsupported),
+            rx_malformed: g(&self.rx_malformed),
+            conns_opened: g(&self.conns_opened),
+            conns_reset: g(&self.conns_reset),
+            conns_refused: g(&self.conns_refused),
+            conn_limit_hits: g(&self.conn_limit_hits),
+            credit_violations: g(&self.credit_violations),
+            handshake_failures: g(&self.handshake_failures),
+            rst_queue_overflows: g(&self.rst_queue_overflows),
+        }
+    }
+}
+
+/// [`VsockMetrics`] at one moment, as written into `exit.json`. Each field is the counter of
+/// the same name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VsockMetricsSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_malformed: u64,
+    pub tx_bad_cid: u64,
+    pub tx_unsupported: u64,
+    pub rx_malformed: u64,
+    pub conns_opened: u64,
+    pub conns_reset: u64,
+    pub conns_refused: u64,
+    pub conn_limit_hits: u64,
+    pub credit_violations: u64,
+    pub handshake_failures: u64,
+    pub rst_queue_overflows: u64,
 }
 
 /// The host side of the device: where guest streams go. The device hands it validated guest
