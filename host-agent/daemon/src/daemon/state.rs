@@ -11,7 +11,7 @@
 //! record also keeps the process start time from `/proc/<pid>/stat` and a VMM counts as alive
 //! only if both match.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -142,19 +142,21 @@ impl VmRecord {
         serde_json::from_slice(&text).map_err(|source| StateError::Parse { path, source })
     }
 
-    /// Writes `<dir>/vm.json` atomically.
+    /// Replaces `<dir>/vm.json` durably (`shared_proto::fs::replace_file`: a crash leaves the
+    /// old record or the new one, never a mix).
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
         let path = dir.join(RECORD_FILE);
-        let tmp = dir.join("vm.json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-            text.push(b'\n');
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().map_err(|source| StateError::Write { path, source })
+        let mut text = serde_json::to_vec_pretty(self).map_err(|e| StateError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        text.push(b'\n');
+        shared_proto::fs::replace_file(&path, &text, shared_proto::fs::DEFAULT_MODE).map_err(|e| {
+            StateError::Write {
+                path,
+                source: e.into(),
+            }
+        })
     }
 }
 
@@ -166,6 +168,10 @@ pub fn read_vmm_exit(dir: &Path) -> Option<VmmExit> {
         reason: Option<String>,
         exit_code: Option<i32>,
         boot_to_ready_ms: Option<u64>,
+        #[serde(default)]
+        vsock: std::collections::BTreeMap<String, u64>,
+        #[serde(default)]
+        disks: Vec<nanoclaw_api::DiskCounters>,
     }
     let mut text = Vec::new();
     std::fs::File::open(dir.join(EXIT_FILE))
@@ -179,6 +185,8 @@ pub fn read_vmm_exit(dir: &Path) -> Option<VmmExit> {
         exit_code: e.exit_code,
         signal: None,
         boot_to_ready_ms: e.boot_to_ready_ms,
+        vsock: e.vsock,
+        disks: e.disks,
     })
 }
 
