@@ -146,9 +146,7 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
     );
     let listener = Gateway::bind(dir.path())?;
     let server = tokio::spawn(Arc::clone(&gateway).serve(listener));
-    let socket = dir
-        .path()
-        .join(format!("vsock.sock_{}", shared_proto::ports::MCP_PORT));
+    let socket = shared_proto::ports::host_listener_path(dir.path(), shared_proto::ports::MCP_PORT);
     let (read, mut write) = tokio::net::UnixStream::connect(&socket).await?.into_split();
     let mut read = BufReader::new(read);
     let mut line = String::new();

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 
 use nanoclaw_vmm::devices::virtio::mmio::Interrupt;
+use nanoclaw_vmm::devices::virtio::vsock::unix::port_listener_path;
 use nanoclaw_vmm::devices::virtio::vsock::{
     VsockBackend, VsockDevice, VsockHeader, VsockMetrics, VsockMuxer,
 };
@@ -58,11 +59,12 @@ fn sock_path() -> &'static (PathBuf, UnixListener) {
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("vsock-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("fuzz temp dir");
-        let listener = UnixListener::bind(dir.join("vsock.sock_0")).expect("fuzz listener");
+        let uds_path = dir.join("vsock.sock");
+        let listener = UnixListener::bind(port_listener_path(&uds_path, 0)).expect("fuzz listener");
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
-        (dir.join("vsock.sock"), listener)
+        (uds_path, listener)
     })
 }
 

@@ -739,7 +739,11 @@ mod tests {
         assert!(t.is_activated());
 
         // Guest-initiated: connect to host port 5000.
-        let listener = UnixListener::bind(dir.path().join("vsock.sock_5000")).unwrap();
+        let listener = UnixListener::bind(super::vsock::unix::port_listener_path(
+            &dir.path().join("vsock.sock"),
+            5000,
+        ))
+        .unwrap();
         drv.put_tx(Harness::guest_hdr(1000, 5000, 1 /* OP_REQUEST */), &[]);
         w(&mut t, regs::QUEUE_NOTIFY, 1);
         let resp = wait_rx(&mut drv, &mut t);

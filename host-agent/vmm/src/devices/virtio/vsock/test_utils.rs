@@ -291,7 +291,7 @@ impl Harness {
 
     /// Where guest connections to `port` go.
     pub fn port_path(&self, port: u32) -> PathBuf {
-        self.dir.path().join(format!("vsock.sock_{port}"))
+        super::unix::port_listener_path(&self.uds_path(), port)
     }
 
     /// Puts a guest packet on the tx queue and runs the device.

@@ -295,9 +295,8 @@ impl VsockMuxer {
             self.queue_reset(hdr.reset_reply());
             return;
         }
-        let mut path = self.uds_path.as_os_str().to_owned();
-        path.push(format!("_{}", hdr.dst_port));
-        let stream = match connect_nonblocking(Path::new(&path)) {
+        let path = port_listener_path(&self.uds_path, hdr.dst_port);
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(_) => {
                 VsockMetrics::inc(&self.metrics.conns_refused);
@@ -595,6 +594,16 @@ impl Drop for VsockMuxer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.uds_path);
     }
+}
+
+/// Where a guest connection to host `port` goes: `<uds_path>_<port>` (Firecracker's hybrid vsock
+/// rule). The daemon's `shared_proto::ports::host_listener_path` is the same rule for our own
+/// `uds_path`, `<vm-dir>/vsock.sock`; the VMM takes any `uds_path` and does not link the wire
+/// crate.
+pub fn port_listener_path(uds_path: &Path, port: u32) -> PathBuf {
+    let mut path = uds_path.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
 }
 
 /// Parses `CONNECT <port>` (the newline already stripped).
