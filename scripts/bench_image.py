@@ -51,7 +51,7 @@ def copy_rates(cli: list[str], work: Path, mib: int = 100) -> None:
             for _ in range(mib):
                 f.write(os.urandom(1 << 20))
         size_mb = src.stat().st_size / 1e6
-        into = timed(cli + ["cp", str(src), f"{vm}:/root/payload.bin"], expect="copied")
+        into = timed(cli + ["cp", str(src), f"{vm}:/root"], expect="copied")
         back = work / "back"
         back.mkdir()
         out_of = timed(cli + ["cp", f"{vm}:/root/payload.bin", str(back)], expect="copied")
