@@ -1,0 +1,251 @@
+//! The device link: the TCP listener, the Noise KK link and the record reader and writer it
+//! and pairing use.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use shared_proto::credential::{
+    self, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR, RECORD_PREFIX, RecordDecoder,
+    noise,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Link, Relay, RelayError};
+
+/// How long a sidecar may leave relayed bytes unread before its session is cut.
+const SLOW_PEER: std::time::Duration = std::time::Duration::from_secs(5);
+/// How much is read from a device connection at once.
+const READ_CHUNK: usize = 16 * 1024;
+/// How long a device has to finish a handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Relay {
+    /// Whether a device link is up.
+    pub fn is_linked(&self) -> bool {
+        self.lock().link.is_some()
+    }
+
+    /// Waits until a device link is up.
+    pub async fn wait_linked(&self) {
+        let mut rx = self.linked.subscribe();
+        let _ = rx.wait_for(|up| *up).await;
+    }
+
+    /// Binds the device listener and serves it in a task. Returns the bound address.
+    pub async fn listen(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<(SocketAddr, JoinHandle<()>), RelayError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RelayError::Listen {
+                what: addr.to_string(),
+                source,
+            })?;
+        let local = listener.local_addr().map_err(RelayError::Io)?;
+        let relay = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let relay = Arc::clone(&relay);
+                tokio::spawn(async move {
+                    if let Err(e) = relay.serve_device(stream).await {
+                        tracing::warn!(%peer, error = %crate::error_chain(&e), "device connection");
+                    }
+                });
+            }
+        });
+        tracing::info!(%local, "device listener");
+        Ok((local, task))
+    }
+
+    async fn serve_device(self: Arc<Self>, mut stream: TcpStream) -> Result<(), RelayError> {
+        let _ = stream.set_nodelay(true);
+        let mut mode = [0u8; 1];
+        stream
+            .read_exact(&mut mode)
+            .await
+            .map_err(|_| RelayError::Closed)?;
+        match mode[0] {
+            LINK_MODE_PAIR => self.pair(stream).await,
+            LINK_MODE_LINK => self.link(stream).await,
+            other => Err(RelayError::UnknownMode(other)),
+        }
+    }
+
+    async fn link(self: Arc<Self>, stream: TcpStream) -> Result<(), RelayError> {
+        let Some(device_key) = self.lock().device.as_ref().map(|(_, k)| *k) else {
+            return Err(RelayError::Refused("no device is paired"));
+        };
+        let mut hs = noise::link_responder(&self.identity, &device_key)?;
+        let (read, mut write) = stream.into_split();
+        let mut read = RecordReader::new(read);
+        let first = timed(read.next()).await??;
+        noise::read_handshake(&mut hs, &first)?;
+        let message = noise::write_handshake(&mut hs, &[])?;
+        write_record(&mut write, &message).await?;
+        let transport = Arc::new(Mutex::new(hs.into_transport_mode()?));
+
+        let (tx, mut outgoing) = mpsc::channel::<HostToDevice>(256);
+        let generation = {
+            let mut state = self.lock();
+            let generation = state.next_generation;
+            state.next_generation += 1;
+            // Replacing an older link drops its sessions' senders, which ends them.
+            state.link = Some(Link {
+                generation,
+                tx,
+                sessions: HashMap::new(),
+            });
+            generation
+        };
+        self.linked.send_replace(true);
+        tracing::info!(generation, "device link up");
+        let writer_transport = Arc::clone(&transport);
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = outgoing.recv().await {
+                let sealed = {
+                    let plain = credential::encode_message(&msg)?;
+                    let mut t = lock_transport(&writer_transport);
+                    noise::seal(&mut t, &plain)?
+                };
+                write_record(&mut write, &sealed).await?;
+            }
+            Ok::<(), RelayError>(())
+        });
+        let result = loop {
+            let record = match read.next().await {
+                Ok(r) => r,
+                Err(RelayError::Closed) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            let msg = {
+                let mut t = lock_transport(&transport);
+                noise::open(&mut t, &record)
+                    .map_err(RelayError::from)
+                    .and_then(|p| Ok(credential::decode_message::<DeviceToHost>(&p)?))
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => break Err(e),
+            };
+            let (session, bytes) = match msg {
+                DeviceToHost::Data { session, bytes } => (session, Some(bytes)),
+                DeviceToHost::Close { session } => (session, None),
+                DeviceToHost::ApprovalNeeded {
+                    request,
+                    vm_id,
+                    credential,
+                    target_host,
+                } => {
+                    let tx = self
+                        .lock()
+                        .link
+                        .as_ref()
+                        .filter(|l| l.generation == generation)
+                        .map(|l| l.tx.clone());
+                    let Some(tx) = tx else {
+                        break Ok(());
+                    };
+                    tracing::debug!(%vm_id, %credential, %target_host, "device asks for approval");
+                    self.ask_user(tx, request, vm_id, credential, target_host);
+                    continue;
+                }
+                report @ DeviceToHost::Tokenized { .. } => {
+                    self.record_tokenized(report);
+                    continue;
+                }
+            };
+            let tx = {
+                let mut state = self.lock();
+                let Some(link) = state.link.as_mut().filter(|l| l.generation == generation) else {
+                    break Ok(());
+                };
+                match bytes {
+                    Some(_) => link.sessions.get(&session).cloned(),
+                    None => {
+                        link.sessions.remove(&session);
+                        None
+                    }
+                }
+            };
+            if let (Some(tx), Some(bytes)) = (tx, bytes) {
+                // Backpressure: wait for a slow sidecar, but not forever, since a sidecar that
+                // does not read would stall every session on the link.
+                let sent = tokio::time::timeout(SLOW_PEER, tx.send(bytes)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    self.forget(session);
+                }
+            }
+        };
+        writer.abort();
+        {
+            let mut state = self.lock();
+            if state
+                .link
+                .as_ref()
+                .is_some_and(|l| l.generation == generation)
+            {
+                state.link = None;
+                self.linked.send_replace(false);
+            }
+        }
+        tracing::info!(generation, "device link down");
+        result
+    }
+}
+
+fn lock_transport(t: &Mutex<snow::TransportState>) -> MutexGuard<'_, snow::TransportState> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(super) async fn timed<F: std::future::Future>(f: F) -> Result<F::Output, RelayError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, f)
+        .await
+        .map_err(|_| RelayError::Timeout)
+}
+
+/// The records arriving on one device connection: the shared decoder over an async reader.
+pub(super) struct RecordReader<R> {
+    inner: R,
+    decoder: RecordDecoder,
+    scratch: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> RecordReader<R> {
+    pub(super) fn new(inner: R) -> Self {
+        Self {
+            inner,
+            decoder: RecordDecoder::new(),
+            scratch: vec![0u8; READ_CHUNK],
+        }
+    }
+
+    /// The next record; [`RelayError::Closed`] when the stream ends or fails.
+    pub(super) async fn next(&mut self) -> Result<Vec<u8>, RelayError> {
+        loop {
+            if let Some(record) = self.decoder.decode_next()? {
+                return Ok(record);
+            }
+            match self.inner.read(&mut self.scratch).await {
+                Ok(n) if n > 0 => self.decoder.push(&self.scratch[..n]),
+                _ => return Err(RelayError::Closed),
+            }
+        }
+    }
+}
+
+pub(super) async fn write_record<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    body: &[u8],
+) -> Result<(), RelayError> {
+    let mut out = Vec::with_capacity(body.len() + RECORD_PREFIX);
+    credential::encode_record(body, &mut out)?;
+    w.write_all(&out).await.map_err(RelayError::Io)
+}

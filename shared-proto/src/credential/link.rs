@@ -1,0 +1,277 @@
+//! The messages of the device <-> host link, among them the tokenizer settings and issued
+//! surrogates the host hands the device, the device's tokenization reports, and approval asks
+//! and answers.
+
+use serde::{Deserialize, Serialize};
+
+use super::checks::{check_authority, check_chunk, check_name, check_value};
+use super::{
+    CredentialError, MAX_ISSUED_PER_MESSAGE, MAX_LINK_DATA, MAX_LLM_HOSTS, MAX_SURROGATE_LEN,
+    Validate,
+};
+
+/// Host -> device, inside the link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostToDevice {
+    /// A sidecar connected: a new session, with what the host knows about it from its `Hello`.
+    Open {
+        /// The host's number for this session.
+        session: u64,
+        /// The VM the sidecar runs in.
+        vm_id: String,
+        /// The sidecar's boot id.
+        #[serde(with = "serde_bytes")]
+        boot_id: [u8; 16],
+        /// The sidecar's boot X25519 public key, its static key in the session.
+        #[serde(with = "serde_bytes")]
+        sidecar_public_key: [u8; 32],
+    },
+    /// Bytes from the sidecar (records of the end-to-end session, cut anywhere).
+    Data {
+        /// The session.
+        session: u64,
+        /// At most [`MAX_LINK_DATA`] bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The sidecar closed its end.
+    Close {
+        /// The session.
+        session: u64,
+    },
+    /// How the device tokenizes the credential-path traffic of `vm_id`, and surrogates the
+    /// host issued for it since the last such message on this link (so the device restores
+    /// them too). Sent before an `Open` of a tokenizing VM; several may follow one another when
+    /// the surrogates do not fit one message.
+    Tokenize {
+        /// The VM.
+        vm_id: String,
+        /// The agent's tokenization settings and key.
+        spec: TokenizeSpec,
+        /// Surrogates the host issued (at most [`MAX_ISSUED_PER_MESSAGE`]).
+        issued: Vec<IssuedToken>,
+    },
+    /// The answer to the device's [`DeviceToHost::ApprovalNeeded`].
+    Approval {
+        /// The device's request id, as it sent it.
+        #[serde(with = "serde_bytes")]
+        request: [u8; 16],
+        /// The user's answer.
+        answer: ApprovalAnswer,
+    },
+}
+
+/// How the device tokenizes one agent's credential-path traffic: the same key and mode as the
+/// host's MCP gateway for that agent, so both give the same surrogates. A request to one of
+/// `llm_hosts` has its body tokenized (the model sees surrogates); a request to any other host
+/// has issued surrogates in its body restored (the service gets the real values). Responses are
+/// tokenized on their way to the agent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizeSpec {
+    /// Enforce (replace) or monitor (only count).
+    pub enforce: bool,
+    /// The agent's tokenization key. Travels only inside the Noise KK link.
+    #[serde(with = "serde_bytes")]
+    pub key: [u8; 32],
+    /// Authorities (`host` or `host:port`) whose request bodies are tokenized.
+    pub llm_hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenizeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizeSpec")
+            .field("enforce", &self.enforce)
+            .field("key", &"<redacted>")
+            .field("llm_hosts", &self.llm_hosts)
+            .finish()
+    }
+}
+
+/// The kinds of value tokenized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenKind {
+    /// A payment card number.
+    Card,
+    /// A US SSN.
+    Ssn,
+    /// An email address.
+    Email,
+    /// An API key or token.
+    ApiKey,
+}
+
+/// A surrogate the host issued, with what decrypting it needs; never the real value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedToken {
+    /// The surrogate.
+    pub surrogate: String,
+    /// Its kind.
+    pub kind: TokenKind,
+    /// For API keys, the clear prefix's length.
+    pub prefix_len: u16,
+    /// For API keys, the alphabet's id.
+    pub alphabet: u8,
+}
+
+/// Which part of a proxied call a [`DeviceToHost::Tokenized`] report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyPart {
+    /// The request body, tokenized (to an LLM host).
+    RequestTokenized,
+    /// The request body, surrogates restored (to any other host).
+    RequestRestored,
+    /// The response body, tokenized on its way to the agent.
+    Response,
+}
+
+/// Counts per kind; never a value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCounts {
+    /// Card numbers.
+    pub cards: u64,
+    /// SSNs.
+    pub ssns: u64,
+    /// Email addresses.
+    pub emails: u64,
+    /// API keys.
+    pub api_keys: u64,
+    /// Detected but left unchanged (too short to encrypt).
+    pub skipped: u64,
+}
+
+/// The host's answer to an approval the device asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApprovalAnswer {
+    /// Approved: the evidence, which the device checks itself before creating any grant.
+    Approved {
+        /// The approval request exactly as signed
+        /// ([`crate::approval::ApprovalRequest::encode`]).
+        #[serde(with = "serde_bytes")]
+        canonical_request: Vec<u8>,
+        /// The user's passkey assertion over its SHA-256.
+        assertion: crate::approval::Assertion,
+    },
+    /// Not approved (denied, expired, or approvals are not available), and why.
+    Refused {
+        /// Why, for the agent's error message.
+        reason: String,
+    },
+}
+
+/// Device -> host, inside the link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceToHost {
+    /// Bytes for the sidecar.
+    Data {
+        /// The session.
+        session: u64,
+        /// At most [`MAX_LINK_DATA`] bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The device ended the session (after its last `Data`).
+    Close {
+        /// The session.
+        session: u64,
+    },
+    /// The device holds `credential` but no live grant to send it to `target_host` for `vm_id`:
+    /// it asks the user, through the host, to approve. Never carries the secret.
+    ApprovalNeeded {
+        /// The device's random id for this ask; the approved request must name it.
+        #[serde(with = "serde_bytes")]
+        request: [u8; 16],
+        /// The VM whose agent asked.
+        vm_id: String,
+        /// The credential's name.
+        credential: String,
+        /// The authority the call would go to.
+        target_host: String,
+    },
+    /// What the device tokenized (or in monitor mode, would have) in one part of a proxied
+    /// call, for the host's audit log: kinds and counts only.
+    Tokenized {
+        /// The VM whose agent made the call.
+        vm_id: String,
+        /// The authority called.
+        target_host: String,
+        /// Which part.
+        part: BodyPart,
+        /// Whether values were replaced (enforce) or only counted (monitor).
+        enforce: bool,
+        /// The counts.
+        counts: TokenCounts,
+        /// Why the part was left as it was, when it was not scanned (a binary or encoded body).
+        unscanned: Option<String>,
+    },
+}
+
+impl Validate for HostToDevice {
+    fn validate(&self) -> Result<(), CredentialError> {
+        match self {
+            Self::Open { vm_id, .. } => check_name(vm_id, "vm_id"),
+            Self::Data { bytes, .. } => check_chunk(bytes, MAX_LINK_DATA),
+            Self::Close { .. } => Ok(()),
+            Self::Tokenize {
+                vm_id,
+                spec,
+                issued,
+            } => {
+                check_name(vm_id, "vm_id")?;
+                if spec.llm_hosts.len() > MAX_LLM_HOSTS {
+                    return Err(CredentialError::InvalidField { field: "llm_hosts" });
+                }
+                for host in &spec.llm_hosts {
+                    check_authority(host)?;
+                }
+                if issued.len() > MAX_ISSUED_PER_MESSAGE
+                    || issued.iter().any(|i| {
+                        i.surrogate.is_empty()
+                            || i.surrogate.len() > MAX_SURROGATE_LEN
+                            || usize::from(i.prefix_len) > i.surrogate.len()
+                    })
+                {
+                    return Err(CredentialError::InvalidField { field: "issued" });
+                }
+                Ok(())
+            }
+            Self::Approval { answer, .. } => match answer {
+                ApprovalAnswer::Approved {
+                    canonical_request, ..
+                } => check_chunk(canonical_request, crate::approval::MAX_REQUEST_LEN),
+                ApprovalAnswer::Refused { reason } => check_value(reason.as_bytes(), "reason"),
+            },
+        }
+    }
+}
+
+impl Validate for DeviceToHost {
+    fn validate(&self) -> Result<(), CredentialError> {
+        match self {
+            Self::Data { bytes, .. } => check_chunk(bytes, MAX_LINK_DATA),
+            Self::Close { .. } => Ok(()),
+            Self::ApprovalNeeded {
+                vm_id,
+                credential,
+                target_host,
+                ..
+            } => {
+                check_name(vm_id, "vm_id")?;
+                check_name(credential, "credential")?;
+                check_authority(target_host)
+            }
+            Self::Tokenized {
+                vm_id,
+                target_host,
+                unscanned,
+                ..
+            } => {
+                check_name(vm_id, "vm_id")?;
+                check_authority(target_host)?;
+                match unscanned {
+                    Some(why) => check_name(why, "unscanned"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
