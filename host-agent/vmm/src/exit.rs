@@ -178,12 +178,22 @@ impl ExitReport {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Writes `exit.json` into `vm_dir` (through a temporary file and a rename, so a reader never
-    /// sees half a record).
+    /// Writes `exit.json` into `vm_dir` durably: a temporary file, fsynced, renamed over the
+    /// record, then the folder fsynced. A reader never sees half a record, and a host crash
+    /// right after the VMM exits does not lose how the VM ended.
+    ///
+    /// The rest of the workspace does this with `shared_proto::fs::replace_file`; the VMM links
+    /// no wire crate (it would bring the credential channels' crypto into every VMM process),
+    /// so these few lines are its own. The temporary name is fixed: one VMM owns a VM folder.
     pub fn write(&self, vm_dir: &Path) -> std::io::Result<()> {
+        use std::io::Write as _;
         let tmp = vm_dir.join("exit.json.tmp");
-        std::fs::write(&tmp, format!("{}\n", self.to_json()))?;
-        std::fs::rename(&tmp, vm_dir.join("exit.json"))
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(format!("{}\n", self.to_json()).as_bytes())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, vm_dir.join("exit.json"))?;
+        std::fs::File::open(vm_dir)?.sync_all()
     }
 }
 

@@ -15,8 +15,7 @@ mod connection;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -618,41 +617,14 @@ fn parse_connect_line(line: &[u8]) -> Option<u32> {
 /// Connects to a Unix stream listener without blocking: a listener whose backlog is full
 /// refuses (`EAGAIN`) instead of stalling the device thread.
 fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: `sockaddr_un` is plain old data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(std::io::Error::from(ErrorKind::InvalidInput));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain syscall with constant arguments; the result is checked below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a freshly created socket that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-    // SAFETY: `addr` is an initialised `sockaddr_un` that outlives the call, `len` does not
-    // exceed its size (checked above), and `owned` is a valid socket fd.
-    let rc = unsafe {
-        libc::connect(
-            owned.as_raw_fd(),
-            (&raw const addr).cast::<libc::sockaddr>(),
-            len,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(owned))
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let addr = UnixAddr::new(path)?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &addr)?;
+    Ok(UnixStream::from(fd))
 }
