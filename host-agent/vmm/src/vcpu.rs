@@ -197,6 +197,13 @@ impl VcpuRunner {
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !self.mmio.read(addr, data) {
+                    // Neither RAM nor a device: reads as zeros. (Every VMM log line is rate-limited
+                    // per call site, see `log_limit`.)
+                    tracing::debug!(
+                        cpu,
+                        addr = format_args!("{addr:#x}"),
+                        "MMIO read of nothing"
+                    );
                     data.fill(0);
                 }
                 Step::Continue
@@ -205,7 +212,15 @@ impl VcpuRunner {
                 self.mmio.write(addr, data);
                 Step::Continue
             }
-            Ok(VcpuExit::Shutdown) => Step::End(VmEvent::Reset),
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault: Linux resets through the keyboard controller (`reboot=k`), which
+                // the i8042 device reports itself, so this is a guest that crashed hard.
+                tracing::warn!(
+                    cpu,
+                    "KVM_EXIT_SHUTDOWN: the guest triple-faulted; ending it as a reset"
+                );
+                Step::End(VmEvent::Reset)
+            }
             Ok(VcpuExit::Hlt) => Step::End(VmEvent::PowerOff),
             Ok(VcpuExit::SystemEvent(kind, _)) => Step::End(system_event(cpu, kind)),
             Ok(VcpuExit::FailEntry(reason, on_cpu)) => Step::End(VmEvent::VcpuError {
