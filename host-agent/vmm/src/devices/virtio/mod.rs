@@ -20,6 +20,7 @@
 //! join the thread; the vsock one also removes the socket file.
 
 pub mod block;
+pub mod metrics;
 pub mod mmio;
 pub mod vsock;
 pub mod worker_link;

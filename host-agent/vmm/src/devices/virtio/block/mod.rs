@@ -31,7 +31,6 @@ pub(crate) mod test_utils;
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use device::BlockDevice;
 pub use disk_file::DiskFile;
@@ -191,98 +190,41 @@ pub trait DiskBackend: Send {
     fn sync_data(&self) -> std::io::Result<()>;
 }
 
-/// Counters for one block device. Every failure a guest can cause is counted here rather than
-/// logged each time.
-#[derive(Debug, Default)]
-pub struct BlockMetrics {
-    /// Descriptor chains taken from the queue, valid or not.
-    pub requests: AtomicU64,
-    /// `IN` requests completed with `OK`.
-    pub reads: AtomicU64,
-    /// `OUT` requests completed with `OK`.
-    pub writes: AtomicU64,
-    /// Bytes read from the disk into guest memory.
-    pub read_bytes: AtomicU64,
-    /// Bytes written from guest memory to the disk.
-    pub write_bytes: AtomicU64,
-    /// `FLUSH` requests completed with `OK`.
-    pub flushes: AtomicU64,
-    /// `GET_ID` requests completed with `OK`.
-    pub get_ids: AtomicU64,
-    /// Requests answered `UNSUPP` (discard, write-zeroes, unknown types).
-    pub unsupported: AtomicU64,
-    /// Requests answered `IOERR` for a bad layout: header, data direction, alignment, size,
-    /// memory.
-    pub malformed: AtomicU64,
-    /// Requests answered `IOERR` for reaching past the end of the disk.
-    pub out_of_range: AtomicU64,
-    /// Writes to a read-only disk, answered `IOERR`.
-    pub read_only_writes: AtomicU64,
-    /// Host I/O failures (short file, `ENOSPC`, `EIO`, ...), answered `IOERR`.
-    pub io_errors: AtomicU64,
-    /// Chains with no usable status byte (or too long, or cut short): returned with used
-    /// length 0 and no status.
-    pub dropped_chains: AtomicU64,
-    /// Times the queue itself was unusable: an available index too far ahead (nothing is
-    /// taken), or a chain whose head index is outside the queue (taken and counted in
-    /// `requests`, but it cannot go into the used ring).
-    pub queue_errors: AtomicU64,
-}
-
-impl BlockMetrics {
-    /// Adds one to `counter`.
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+crate::devices::virtio::metrics::device_metrics! {
+    /// Counters for one block device. Every failure a guest can cause is counted here rather than
+    /// logged each time.
+    pub struct BlockMetrics => BlockMetricsSnapshot {
+        /// Descriptor chains taken from the queue, valid or not.
+        requests,
+        /// `IN` requests completed with `OK`.
+        reads,
+        /// `OUT` requests completed with `OK`.
+        writes,
+        /// Bytes read from the disk into guest memory.
+        read_bytes,
+        /// Bytes written from guest memory to the disk.
+        write_bytes,
+        /// `FLUSH` requests completed with `OK`.
+        flushes,
+        /// `GET_ID` requests completed with `OK`.
+        get_ids,
+        /// Requests answered `UNSUPP` (discard, write-zeroes, unknown types).
+        unsupported,
+        /// Requests answered `IOERR` for a bad layout: header, data direction, alignment, size,
+        /// memory.
+        malformed,
+        /// Requests answered `IOERR` for reaching past the end of the disk.
+        out_of_range,
+        /// Writes to a read-only disk, answered `IOERR`.
+        read_only_writes,
+        /// Host I/O failures (short file, `ENOSPC`, `EIO`, ...), answered `IOERR`.
+        io_errors,
+        /// Chains with no usable status byte (or too long, or cut short): returned with used
+        /// length 0 and no status.
+        dropped_chains,
+        /// Times the queue itself was unusable: an available index too far ahead (nothing is
+        /// taken), or a chain whose head index is outside the queue (taken and counted in
+        /// `requests`, but it cannot go into the used ring).
+        queue_errors,
     }
-
-    /// Adds `n` to `counter`.
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Reads `counter`.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    /// The counters' current values.
-    pub fn snapshot(&self) -> BlockMetricsSnapshot {
-        let g = Self::get;
-        BlockMetricsSnapshot {
-            requests: g(&self.requests),
-            reads: g(&self.reads),
-            writes: g(&self.writes),
-            read_bytes: g(&self.read_bytes),
-            write_bytes: g(&self.write_bytes),
-            flushes: g(&self.flushes),
-            get_ids: g(&self.get_ids),
-            unsupported: g(&self.unsupported),
-            malformed: g(&self.malformed),
-            out_of_range: g(&self.out_of_range),
-            read_only_writes: g(&self.read_only_writes),
-            io_errors: g(&self.io_errors),
-            dropped_chains: g(&self.dropped_chains),
-            queue_errors: g(&self.queue_errors),
-        }
-    }
-}
-
-/// [`BlockMetrics`] at one moment, as written into `exit.json`. Each field is the counter of
-/// the same name.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct BlockMetricsSnapshot {
-    pub requests: u64,
-    pub reads: u64,
-    pub writes: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub flushes: u64,
-    pub get_ids: u64,
-    pub unsupported: u64,
-    pub malformed: u64,
-    pub out_of_range: u64,
-    pub read_only_writes: u64,
-    pub io_errors: u64,
-    pub dropped_chains: u64,
-    pub queue_errors: u64,
 }

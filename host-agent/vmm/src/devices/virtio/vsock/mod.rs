@@ -27,8 +27,6 @@ pub(crate) mod test_utils;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 pub use device::VsockDevice;
 pub use event_handler::{VsockFrontend, VsockWorker};
 pub use packet::VsockHeader;
@@ -115,101 +113,42 @@ pub enum VsockError {
     Spawn(#[source] std::io::Error),
 }
 
-/// Counters for the vsock device. Every failure a guest can cause is counted here rather than
-/// logged each time.
-#[derive(Debug, Default)]
-pub struct VsockMetrics {
-    /// Packets delivered to the guest (rx queue).
-    pub rx_packets: AtomicU64,
-    /// Payload bytes delivered to the guest.
-    pub rx_bytes: AtomicU64,
-    /// Packets taken from the guest (tx queue), valid or not.
-    pub tx_packets: AtomicU64,
-    /// Payload bytes accepted from the guest.
-    pub tx_bytes: AtomicU64,
-    /// Tx descriptor chains that did not parse (bad addresses, lengths, flags, loops).
-    pub tx_malformed: AtomicU64,
-    /// Packets with a wrong source or destination CID.
-    pub tx_bad_cid: AtomicU64,
-    /// Packets with an unknown socket type or operation.
-    pub tx_unsupported: AtomicU64,
-    /// Rx descriptor chains that did not parse; the buffer is returned unused.
-    pub rx_malformed: AtomicU64,
-    /// Connections established (guest-initiated: when we connected to the host listener;
-    /// host-initiated: when the guest accepted).
-    pub conns_opened: AtomicU64,
-    /// Connections ended by a reset (ours or the guest's).
-    pub conns_reset: AtomicU64,
-    /// Guest connection requests with no host listener.
-    pub conns_refused: AtomicU64,
-    /// Connection requests refused because of the connection cap.
-    pub conn_limit_hits: AtomicU64,
-    /// Guest packets that exceeded the credit we advertised.
-    pub credit_violations: AtomicU64,
-    /// Host streams closed for a bad, late or oversized `CONNECT` line.
-    pub handshake_failures: AtomicU64,
-    /// Resets for unknown connections dropped because their queue was full.
-    pub rst_queue_overflows: AtomicU64,
-}
-
-impl VsockMetrics {
-    /// Adds one to `counter`.
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+crate::devices::virtio::metrics::device_metrics! {
+    /// Counters for the vsock device. Every failure a guest can cause is counted here rather than
+    /// logged each time.
+    pub struct VsockMetrics => VsockMetricsSnapshot {
+        /// Packets delivered to the guest (rx queue).
+        rx_packets,
+        /// Payload bytes delivered to the guest.
+        rx_bytes,
+        /// Packets taken from the guest (tx queue), valid or not.
+        tx_packets,
+        /// Payload bytes accepted from the guest.
+        tx_bytes,
+        /// Tx descriptor chains that did not parse (bad addresses, lengths, flags, loops).
+        tx_malformed,
+        /// Packets with a wrong source or destination CID.
+        tx_bad_cid,
+        /// Packets with an unknown socket type or operation.
+        tx_unsupported,
+        /// Rx descriptor chains that did not parse; the buffer is returned unused.
+        rx_malformed,
+        /// Connections established (guest-initiated: when we connected to the host listener;
+        /// host-initiated: when the guest accepted).
+        conns_opened,
+        /// Connections ended by a reset (ours or the guest's).
+        conns_reset,
+        /// Guest connection requests with no host listener.
+        conns_refused,
+        /// Connection requests refused because of the connection cap.
+        conn_limit_hits,
+        /// Guest packets that exceeded the credit we advertised.
+        credit_violations,
+        /// Host streams closed for a bad, late or oversized `CONNECT` line.
+        handshake_failures,
+        /// Resets for unknown connections dropped because their queue was full.
+        rst_queue_overflows,
     }
-
-    /// Adds `n` to `counter`.
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Reads `counter`.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    /// The counters' current values.
-    pub fn snapshot(&self) -> VsockMetricsSnapshot {
-        let g = Self::get;
-        VsockMetricsSnapshot {
-            rx_packets: g(&self.rx_packets),
-            rx_bytes: g(&self.rx_bytes),
-            tx_packets: g(&self.tx_packets),
-            tx_bytes: g(&self.tx_bytes),
-            tx_malformed: g(&self.tx_malformed),
-            tx_bad_cid: g(&self.tx_bad_cid),
-            tx_unsupported: g(&self.tx_unsupported),
-            rx_malformed: g(&self.rx_malformed),
-            conns_opened: g(&self.conns_opened),
-            conns_reset: g(&self.conns_reset),
-            conns_refused: g(&self.conns_refused),
-            conn_limit_hits: g(&self.conn_limit_hits),
-            credit_violations: g(&self.credit_violations),
-            handshake_failures: g(&self.handshake_failures),
-            rst_queue_overflows: g(&self.rst_queue_overflows),
-        }
-    }
-}
-
-/// [`VsockMetrics`] at one moment, as written into `exit.json`. Each field is the counter of
-/// the same name.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct VsockMetricsSnapshot {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub tx_malformed: u64,
-    pub tx_bad_cid: u64,
-    pub tx_unsupported: u64,
-    pub rx_malformed: u64,
-    pub conns_opened: u64,
-    pub conns_reset: u64,
-    pub conns_refused: u64,
-    pub conn_limit_hits: u64,
-    pub credit_violations: u64,
-    pub handshake_failures: u64,
-    pub rst_queue_overflows: u64,
 }
 
 /// The host side of the device: where guest streams go. The device hands it validated guest
