@@ -178,6 +178,16 @@ impl<B: VsockBackend, I: Interrupt> VsockDevice<B, I> {
             let head = chain.head_index();
             let used_len =
                 match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PKT_PAYLOAD) {
+                    // A buffer with no room for data is unusable: it goes back empty. (Linux
+                    // never offers one; serving control packets in it while data waits would
+                    // leave the data behind it forever.)
+                    Ok(pkt) if pkt.data_slice().is_none_or(|d| d.is_empty()) => {
+                        VsockMetrics::inc(&self.metrics.rx_malformed);
+                        if RX_MALFORMED_LOG.allow() {
+                            tracing::warn!("vsock: rx buffer with no data room");
+                        }
+                        0
+                    }
                     Ok(mut pkt) => {
                         let cap = pkt
                             .data_slice()

@@ -592,3 +592,52 @@ fn many_concurrent_connections_up_to_the_default_cap() {
         assert_eq!(read_exact_timeout(&mut hosts[i], msg.len()), msg.as_bytes());
     }
 }
+
+/// Review finding M1: an rx buffer with no room for data (a zero-length data descriptor), offered while a connection has host
+/// bytes pending, must not spin the device thread. The buffer goes back to the guest unused
+/// and counted; the bytes wait for a real buffer and then arrive whole.
+#[test]
+fn an_rx_buffer_with_no_data_room_is_returned_and_does_not_spin() {
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    // Before the fix the device looped forever here; a watchdog turns that into a failure.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            eprintln!("the device thread spun on an rx buffer with no data room");
+            std::process::exit(101);
+        }
+    });
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(7100)).unwrap();
+    let mut host = guest_connect(&mut h, &listener, 5100, 7100);
+    host.write_all(b"pending host bytes").unwrap();
+    // Let the muxer see the stream readable, with no rx buffer yet.
+    for _ in 0..50 {
+        h.run();
+        if h.dev.backend().has_pending_rx() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(h.dev.backend().has_pending_rx());
+    // An rx buffer whose data descriptor has length zero.
+    let w = VRING_DESC_F_WRITE as u16;
+    let at = h.drv.alloc(VsockHeader::SIZE as u64);
+    let data = h.drv.alloc(64);
+    let head = h
+        .drv
+        .add_chain(RXQ, &[(at, VsockHeader::SIZE as u32, w), (data, 0, w)]);
+    h.run();
+    let used = h.drv.take_used(RXQ);
+    assert_eq!(used, vec![(head, 0)], "returned unused");
+    assert_eq!(get(&h.metrics.rx_malformed), 1);
+    // The backend asked directly for a packet with no room: it visits the connection once and
+    // answers nothing, instead of going round its ready list forever.
+    assert!(h.dev.backend_mut().recv_pkt(&mut []).is_none());
+    assert!(h.dev.backend().has_pending_rx(), "the bytes still wait");
+    // A real buffer then carries the bytes.
+    let pkts = h.recv_n(1);
+    assert_eq!(ops(&pkts), vec![defs::OP_RW]);
+    assert_eq!(pkts[0].data, b"pending host bytes");
+    done_tx.send(()).unwrap();
+}

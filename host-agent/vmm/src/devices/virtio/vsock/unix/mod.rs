@@ -513,7 +513,12 @@ impl VsockBackend for VsockMuxer {
         if let Some(h) = self.resets.pop_front() {
             return Some(h);
         }
-        while let Some(key) = self.rx_ready.pop_front() {
+        // Each connection is visited at most once per call: one that has nothing for this
+        // buffer (say, data but no room) goes back to the end of the list, not round again.
+        for _ in 0..self.rx_ready.len() {
+            let Some(key) = self.rx_ready.pop_front() else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
