@@ -739,3 +739,39 @@ async fn sessions_over_the_limit_are_closed_and_the_gateway_goes_on() {
     drop(open);
     fx.stop().await;
 }
+
+/// Review finding H2: a session stored each request id whole, so 65,536 ids of up to 1 MiB
+/// each could sit in the daemon's memory per session. Ids over `MAX_ID_BYTES` are refused (and
+/// not echoed), and the session keeps a fixed-size digest of each id it accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_request_ids_are_refused_and_the_session_goes_on() {
+    let fx = Fixture::start(
+        |log| worker_profile(log, "off", "worker"),
+        Arc::new(DenyAll),
+        None,
+    )
+    .await;
+    let mut raw = Raw::initialized(&fx.socket).await;
+    let huge = "x".repeat(512 << 10);
+    for i in 0..100 {
+        let id = format!("{i}{huge}");
+        let r = raw
+            .request(json!({"jsonrpc": "2.0", "id": id, "method": "ping"}))
+            .await;
+        assert_eq!(r["error"]["code"], -32600, "ping {i} was not refused");
+        assert_eq!(r["id"], Value::Null, "the id is not echoed back");
+        let message = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("`id` is over"), "{message}");
+    }
+    // The session goes on; an id at the limit is fine, and a replay of it is refused.
+    let at_limit = "y".repeat(host_agent::mcp::MAX_ID_BYTES);
+    let r = raw
+        .request(json!({"jsonrpc": "2.0", "id": at_limit, "method": "ping"}))
+        .await;
+    assert_eq!(r["result"], json!({}), "{r}");
+    let r = raw
+        .request(json!({"jsonrpc": "2.0", "id": at_limit, "method": "ping"}))
+        .await;
+    assert_eq!(r["error"]["code"], -32600, "{r}");
+    fx.stop().await;
+}

@@ -25,6 +25,9 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub const MAX_ARGUMENT_BYTES: usize = 256 << 10;
 /// How many request ids one session may use (a replay check needs them all).
 pub const MAX_REQUEST_IDS: usize = 1 << 16;
+/// The longest request id accepted, in bytes of its text. SDKs send integers or UUIDs; a longer
+/// id is refused, and the session remembers each id as a 32-byte digest whatever its length.
+pub const MAX_ID_BYTES: usize = 256;
 
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
@@ -39,7 +42,9 @@ const PROTOCOL_VERSIONS: [&str; 4] = ["2024-11-05", "2025-03-26", "2025-06-18", 
 #[derive(Debug, Default)]
 pub struct Session {
     initialized: bool,
-    seen_ids: std::collections::HashSet<String>,
+    /// SHA-256 of each request id used (kind-tagged), so that a replay is refused in fixed
+    /// memory per id.
+    seen_ids: std::collections::HashSet<[u8; 32]>,
 }
 
 /// Serves one connection.
@@ -153,6 +158,18 @@ impl Gateway {
                     "`id` must be a string or an integer",
                 ));
             }
+        };
+        if id_key.len() > MAX_ID_BYTES + 2 {
+            // Not echoed back: the reply would be as large as the id.
+            return Some(error(
+                Value::Null,
+                INVALID_REQUEST,
+                &format!("`id` is over {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        let id_key: [u8; 32] = {
+            use sha2::Digest as _;
+            sha2::Sha256::digest(id_key.as_bytes()).into()
         };
         if session.seen_ids.contains(&id_key) {
             return Some(error(

@@ -56,7 +56,7 @@ use nanoclaw_audit::{self as audit, AuditLog};
 use nanoclaw_tokenize::{Mode, Report, Tokenizer};
 
 pub use crate::agent_tokens::AgentTokens;
-pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
+pub use endpoint::{MAX_ARGUMENT_BYTES, MAX_ID_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_IDS, Session};
 
 /// The most MCP sessions (connections) one agent may hold open at once.
 pub const MAX_SESSIONS: usize = 64;
