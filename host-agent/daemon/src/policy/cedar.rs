@@ -7,8 +7,8 @@
 //!
 //! - `permit` with id `tool:S/T` on `Tool::"S/T"`: the tool is in the profile;
 //! - per constrained argument `a`, `forbid` with id `arg:S/T/a.<bound>` *unless* the argument is
-//!   present and within its bound (`like "prefix*"` with no `/../` segment, a set's `contains`,
-//!   `>=`, `<=`);
+//!   present and within its bound (`like "prefix*"` with no `..` segment, encoded or not, and
+//!   no backslash; a set's `contains`; `>=`, `<=`);
 //! - with `approval`, `forbid` with id `approval:S/T` and annotation `@approval("why")`
 //!   *unless* `context.approved`.
 //!
@@ -27,6 +27,13 @@ use cedar_policy::{
 
 use super::profile::{ArgType, Profile};
 use super::{Decision, PolicyError};
+
+/// `like` patterns (already escaped for Cedar) that a prefix-constrained argument must not
+/// match: a `..` segment, and what an upstream might decode into one (`%2e`, `%2f`, `%5c` in
+/// either case, and a backslash).
+const PREFIX_ESCAPES: &[&str] = &[
+    "*/../*", "*/..", "*%2e*", "*%2E*", "*%2f*", "*%2F*", "*%5c*", "*%5C*", "*\\\\*",
+];
 
 /// The rule reported when no policy permits the call.
 pub const DEFAULT_DENY: &str = "default-deny";
@@ -92,14 +99,16 @@ impl CedarProfile {
                 let has = format!("context.args has {}", quote(arg));
                 let mut bounds = Vec::new();
                 if let Some(prefix) = &c.prefix {
-                    // A `..` path segment would step out from under the prefix.
+                    // A `..` path segment would step out from under the prefix, and so would
+                    // one that an upstream decodes: percent-encoded dots, slashes and
+                    // backslashes, and backslashes themselves.
+                    let escapes: String = PREFIX_ESCAPES
+                        .iter()
+                        .map(|p| format!(" && !({attr} like \"{p}\")"))
+                        .collect();
                     bounds.push((
                         "prefix",
-                        format!(
-                            "{attr} like \"{}*\" && !({attr} like \"*/../*\") && \
-                             !({attr} like \"*/..\")",
-                            like_escape(prefix)
-                        ),
+                        format!("{attr} like \"{}*\"{escapes}", like_escape(prefix)),
                     ));
                 }
                 if let Some(set) = &c.one_of {

@@ -82,6 +82,33 @@ fn denies_outside_constraints_with_the_rule() {
             json!({"path": "/data/x/.."}),
             "arg:files/read_file/path.prefix",
         ),
+        // Review finding M9: encoded dot segments, encoded slashes and backslashes, which an
+        // upstream may decode into a `..` step out of the prefix.
+        (
+            "read_file",
+            json!({"path": "/data/%2e%2e/etc/passwd"}),
+            "arg:files/read_file/path.prefix",
+        ),
+        (
+            "read_file",
+            json!({"path": "/data/%2E%2E/etc/passwd"}),
+            "arg:files/read_file/path.prefix",
+        ),
+        (
+            "read_file",
+            json!({"path": "/data/..%2fetc/passwd"}),
+            "arg:files/read_file/path.prefix",
+        ),
+        (
+            "read_file",
+            json!({"path": "/data/..%5Cetc"}),
+            "arg:files/read_file/path.prefix",
+        ),
+        (
+            "read_file",
+            json!({"path": "/data/..\\etc\\passwd"}),
+            "arg:files/read_file/path.prefix",
+        ),
         (
             "read_file",
             json!({"path": 7}),
