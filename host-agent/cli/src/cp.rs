@@ -50,6 +50,9 @@ pub enum CpError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The VM runs in the initramfs guest, which has no disk to copy into.
+    #[error("VM {0} runs without an image; files can be copied only with an image VM")]
+    NoImage(String),
     /// The host source has no name to copy it under (`.`, `/`).
     #[error("cannot tell the name of {}: name the file or folder itself", .0.display())]
     NoName(PathBuf),
@@ -296,6 +299,15 @@ async fn copy_in(client: &Client, host: &Path, id: &str, dir: &str) -> Result<()
         path: host.to_owned(),
         source,
     })?;
+    // Ask for the VM first. The daemon refuses a copy into an unknown or image-less VM before
+    // it reads the archive, and a refusal that arrives while the archive is still streaming
+    // can be lost to the broken pipe it causes. The daemon stays the one that decides.
+    let vm: nanoclaw_api::VmInfo = client
+        .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)
+        .await?;
+    if vm.spec.image.is_none() {
+        return Err(CpError::NoImage(id.to_owned()).into());
+    }
     let (tx, rx) = mpsc::channel(QUEUE);
     let packer = tokio::task::spawn_blocking({
         let host = host.to_owned();
