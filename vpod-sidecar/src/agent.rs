@@ -650,7 +650,11 @@ mod tests {
                 if let Some(m) = self.d.decode_next().unwrap() {
                     return Some(m);
                 }
-                let n = self.s.read(&mut buf).expect("the guest went quiet");
+                // The test process reaps children, so a SIGCHLD may interrupt the read.
+                let n = match self.s.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    read => read.expect("the guest went quiet"),
+                };
                 if n == 0 {
                     return None;
                 }

@@ -531,7 +531,10 @@ mod tests {
                 return m;
             }
             let mut buf = [0u8; 4096];
-            let n = h.read(&mut buf).unwrap();
+            let n = match h.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                read => read.unwrap(),
+            };
             assert_ne!(n, 0, "the guest closed early");
             d.push(&buf[..n]);
         };
@@ -620,7 +623,10 @@ mod tests {
                 if let Some(m) = d.decode_next().unwrap() {
                     break m;
                 }
-                let n = h.read(&mut buf).unwrap();
+                let n = match h.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    read => read.unwrap(),
+                };
                 assert_ne!(n, 0, "guest closed before hello");
                 d.push(&buf[..n]);
             };
