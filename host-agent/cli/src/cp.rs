@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use http_body_util::BodyExt;
 use hyper::Method;
 use hyper::body::{Bytes, Frame};
-use nanoclaw_api::FilesCopied;
+use nanoclaw_api::{FilesCopied, VmStatus};
 use nanoclaw_image::layer::{LayerError, RootTree};
 use tar::{Builder, EntryType, Header};
 use tokio::sync::mpsc;
@@ -53,6 +53,14 @@ pub enum CpError {
     /// The VM runs in the initramfs guest, which has no disk to copy into.
     #[error("VM {0} runs without an image; files can be copied only with an image VM")]
     NoImage(String),
+    /// The VM is not running, so nothing can be unpacked in it.
+    #[error("VM {id} is {status}; files can be copied into a running VM only")]
+    NotRunning {
+        /// The VM.
+        id: String,
+        /// Its status.
+        status: &'static str,
+    },
     /// The host source has no name to copy it under (`.`, `/`).
     #[error("cannot tell the name of {}: name the file or folder itself", .0.display())]
     NoName(PathBuf),
@@ -299,15 +307,10 @@ async fn copy_in(client: &Client, host: &Path, id: &str, dir: &str) -> Result<()
         path: host.to_owned(),
         source,
     })?;
-    // Ask for the VM first. The daemon refuses a copy into an unknown or image-less VM before
-    // it reads the archive, and a refusal that arrives while the archive is still streaming
-    // can be lost to the broken pipe it causes. The daemon stays the one that decides.
-    let vm: nanoclaw_api::VmInfo = client
-        .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)
-        .await?;
-    if vm.spec.image.is_none() {
-        return Err(CpError::NoImage(id.to_owned()).into());
-    }
+    // Ask for the VM first. The daemon refuses a copy into an unknown, image-less or stopped
+    // VM before it reads the archive, and a refusal that arrives while the archive is still
+    // streaming can be lost to the broken pipe it causes. The daemon stays the one that decides.
+    can_copy_into(client, id).await?;
     let (tx, rx) = mpsc::channel(QUEUE);
     let packer = tokio::task::spawn_blocking({
         let host = host.to_owned();
@@ -344,8 +347,11 @@ async fn copy_in(client: &Client, host: &Path, id: &str, dir: &str) -> Result<()
         (Ok(resp), Ok(())) => resp,
         // The daemon's refusal says more than our side's broken pipe.
         (Err(e @ ClientError::Api { .. }), _) => return Err(e.into()),
-        (_, Err(e)) => return Err(e),
-        (Err(e), Ok(())) => return Err(e.into()),
+        // The VM may have stopped while the archive streamed: say so if it did.
+        (_, Err(e)) => return Err(can_copy_into(client, id).await.err().unwrap_or(e)),
+        (Err(e), Ok(())) => {
+            return Err(can_copy_into(client, id).await.err().unwrap_or(e.into()));
+        }
     };
     let body = resp
         .into_body()
@@ -359,6 +365,24 @@ async fn copy_in(client: &Client, host: &Path, id: &str, dir: &str) -> Result<()
         "copied {} entries ({} bytes of tar) to {id}:{shown}\n",
         copied.entries, copied.bytes
     ))
+}
+
+/// Whether VM `id` can take files now: it exists, has an image and runs.
+async fn can_copy_into(client: &Client, id: &str) -> Result<(), CliError> {
+    let vm: nanoclaw_api::VmInfo = client
+        .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)
+        .await?;
+    if vm.spec.image.is_none() {
+        return Err(CpError::NoImage(id.to_owned()).into());
+    }
+    if !matches!(vm.status, VmStatus::Running | VmStatus::Starting) {
+        return Err(CpError::NotRunning {
+            id: id.to_owned(),
+            status: vm.status.as_str(),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// The destination folder on the host, made if missing.
