@@ -15,6 +15,7 @@
 //!   its approver), [`approval_path`] (releases approved with a passkey, re-checked by the
 //!   device).
 //! - The credential path: [`primary_path`], [`fallback_path`], [`tokenize_path`].
+//! - The VMM's jail: [`jail`] (entered for real, as root, without booting).
 //! - MCP: [`mcp_gateway`] (the gateway with the Python SDK as upstream and agent),
 //!   [`mcp_sidecar`] (the sidecar's endpoint and shim against the gateway).
 
@@ -24,6 +25,7 @@ mod approval_daemon;
 mod approval_path;
 mod credential_approval;
 mod fallback_path;
+mod jail;
 mod mcp_gateway;
 mod mcp_sidecar;
 mod primary_path;

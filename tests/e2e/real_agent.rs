@@ -63,7 +63,7 @@ fn a_python_agent_in_a_debian_image_completes_its_conversation_along_the_whole_p
             .flatten()
             .flatten()
         {
-            for f in ["console.log", "vmm.log"] {
+            for f in ["vmm/console.log", "vmm.log"] {
                 vms += &format!(
                     "\n{} {f}:\n{}",
                     dir.path().display(),

@@ -85,6 +85,9 @@ impl DaemonOptions {
     /// The running test executable as the daemon (role `serve`) and as its VMM (role
     /// `--kernel`), with placeholder kernel files; started once its API socket accepts. The test
     /// runs under [`crate::self_exec::main`] with both roles.
+    ///
+    /// The fake VMM does not jail itself, so the daemon runs with `--jail off`: it makes no
+    /// cgroups on the host for VMs that would never join them.
     pub fn self_exec() -> Self {
         let me = std::env::current_exe().expect("the test executable's path");
         Self {
@@ -92,7 +95,7 @@ impl DaemonOptions {
             vmm_bin: Some(me),
             guest: None,
             stop_grace_secs: None,
-            args: Vec::new(),
+            args: vec!["--jail".into(), "off".into()],
             rust_log: None,
             ready: Ready::Socket(Duration::from_secs(20)),
         }
@@ -201,7 +204,7 @@ impl Daemon {
             .collect();
         dirs.sort();
         for dir in dirs {
-            for file in ["console.log", "vmm.log"] {
+            for file in ["vmm/console.log", "vmm.log"] {
                 let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
                 out += &format!("\n{} {file}:\n{text}", dir.display());
             }

@@ -27,6 +27,7 @@ pub mod boot;
 pub mod console;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod layout;
 pub mod log_limit;
 pub mod machine;

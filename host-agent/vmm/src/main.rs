@@ -55,9 +55,32 @@ struct VmmArgs {
     /// most 8: the first is the guest's /dev/vda, the second /dev/vdb, and so on.
     #[arg(long = "disk", value_name = "PATH[,ro][,id=ID]")]
     disks: Vec<DiskConfig>,
+    /// Run jailed as this uid (needs root to start; see the `jail` module). With `--jail-gid`.
+    #[arg(long, requires = "jail_gid")]
+    jail_uid: Option<u32>,
+    /// Run jailed with this gid. With `--jail-uid`.
+    #[arg(long, requires = "jail_uid")]
+    jail_gid: Option<u32>,
+    /// A cgroup folder the jailed VMM joins before anything else. Repeat for each hierarchy.
+    #[arg(long = "jail-cgroup", value_name = "DIR", requires = "jail_uid")]
+    jail_cgroups: Vec<PathBuf>,
+    /// Test hook: after entering the jail, try to open each of these paths (or connect to
+    /// `tcp:HOST:PORT`), print one line per try (`PROBE <target> ok|<error>`) and exit 0
+    /// without booting. It shows what a VMM taken over by its guest could reach.
+    #[arg(long = "jail-probe", hide = true, requires = "jail_uid")]
+    jail_probes: Vec<String>,
 }
 
 impl VmmArgs {
+    /// The jail asked for, if any.
+    fn jail(&self) -> Option<vmm::jail::JailConfig> {
+        Some(vmm::jail::JailConfig {
+            uid: self.jail_uid?,
+            gid: self.jail_gid?,
+            cgroups: self.jail_cgroups.clone(),
+        })
+    }
+
     fn into_config(self) -> VmConfig {
         let console = match self.console {
             Some(p) if p.as_os_str() == "-" => ConsoleTarget::Stdout,
@@ -82,7 +105,7 @@ impl VmmArgs {
 fn main() -> ExitCode {
     // The boot timer starts here, before anything else.
     let process_start = Instant::now();
-    let args = VmmArgs::parse();
+    let mut args = VmmArgs::parse();
     // Every line, `log` records from the rust-vmm crates included, goes through the per-site
     // rate limit: a guest must not be able to flood the VMM log.
     let lines = tracing_subscriber::fmt::layer()
@@ -96,7 +119,30 @@ fn main() -> ExitCode {
         .with(RateLimited::new(lines))
         .init();
 
-    let config = args.into_config();
+    let jail = args.jail();
+    let probes = std::mem::take(&mut args.jail_probes);
+    let mut config = args.into_config();
+    if let Some(jail) = &jail {
+        // Bad paths are reported as the daemon gave them, before they move into the jail.
+        if let Err(e) = config.validate() {
+            eprintln!("nanoclaw-vmm: error: {}", vmm::error_chain(&e));
+            return ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8);
+        }
+        if let Err(e) = vmm::jail::enter(jail, &mut config) {
+            eprintln!(
+                "nanoclaw-vmm: error: cannot enter the jail: {}",
+                vmm::error_chain(&e)
+            );
+            return ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8);
+        }
+        tracing::info!(uid = jail.uid, gid = jail.gid, "VMM jailed");
+        if !probes.is_empty() {
+            for target in &probes {
+                println!("PROBE {target} {}", vmm::jail::probe(target));
+            }
+            return ExitCode::SUCCESS;
+        }
+    }
     match vmm::run(&config, process_start) {
         Ok(report) => {
             tracing::info!(

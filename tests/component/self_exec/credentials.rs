@@ -250,7 +250,8 @@ fn secret_never_touches_the_host() {
     ));
 
     let id = api_create_vm(&socket);
-    let vm_dir = state.join("vms").join(&id);
+    // The fake VMM works in the VMM's folder, as the real one does (the jail's root).
+    let vm_dir = state.join("vms").join(&id).join("vmm");
     let result = vm_dir.join("agent-result");
     wait_for("the agent's call", Duration::from_secs(60), || {
         result.exists()

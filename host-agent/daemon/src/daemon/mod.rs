@@ -19,9 +19,11 @@
 //! - [`files`]: copying files into and out of a VM (`nanoclaw cp`).
 //! - [`gateways`]: the MCP gateway of each VM that has a profile, and agent spawning.
 
+pub mod cgroup;
 pub mod files;
 pub mod gateways;
 pub mod images;
+pub mod jail;
 pub mod ratelimit;
 pub mod routes;
 pub mod state;
@@ -46,6 +48,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The jail's settings are unusable.
+    #[error("jail")]
+    Jail(#[source] jail::JailError),
     /// Neither `--kernel`/`--initrd` nor `--guest-manifest` was given.
     #[error("no guest image: pass --kernel and --initrd, or --guest-manifest")]
     NoGuestImage,
@@ -191,6 +196,19 @@ pub struct ServeArgs {
     /// content-addressed, so several daemons may share one store.
     #[arg(long, value_name = "DIR")]
     pub image_store: Option<PathBuf>,
+    /// Jail every VMM (own namespaces, root, uid, cgroups): `auto` does when the daemon runs as
+    /// root, `on` refuses to start otherwise, `off` never does (development only).
+    #[arg(long, value_enum, default_value_t = jail::JailMode::Auto)]
+    pub jail: jail::JailMode,
+    /// The first uid (and gid) given to a jailed VMM; each running VM has its own.
+    #[arg(long, default_value_t = 1_000_000_000)]
+    pub jail_uid_base: u32,
+    /// How many uids from --jail-uid-base there are: at most this many VMs run at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub jail_uid_count: u32,
+    /// The parent of each VM's cgroup, relative to each cgroup hierarchy's root.
+    #[arg(long, default_value = "nanoclaw")]
+    pub cgroup_parent: String,
 }
 
 /// The VMM binary's file name; the daemon runs the one beside its own executable by default.
@@ -319,10 +337,32 @@ impl Daemon {
                 }
             },
         };
-        record.save(&dir).map_err(DaemonError::State)?;
-        let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
+        let mut record = record;
+        // The uid is picked and the VM listed under one lock, so two VMs never share one.
+        let mut vms = self.lock_vms();
+        if let Some(jail) = &self.launch.jail {
+            let in_use = vms
+                .values()
+                .filter(|v| !v.status().is_terminal())
+                .filter_map(|v| v.jail_uid())
+                .collect();
+            match jail.pick_uid(&in_use) {
+                Ok(uid) => record.jail_uid = Some(uid),
+                Err(e) => {
+                    drop(vms);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(DaemonError::Vm(vm::VmError::Jail(e)));
+                }
+            }
+        }
+        let opened = record
+            .save(&dir)
+            .map_err(DaemonError::State)
+            .and_then(|()| Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm));
+        let vm = opened?;
         vm.set_relay(self.relay.clone());
-        self.lock_vms().insert(id, Arc::clone(&vm));
+        vms.insert(id, Arc::clone(&vm));
+        drop(vms);
         // The listeners exist before the VMM, so the sidecar's first connect finds them.
         self.start_mcp(&vm);
         let started = vm
@@ -354,7 +394,7 @@ impl Daemon {
     /// agent then finds no MCP endpoint (nothing runs unchecked).
     fn start_mcp(&self, vm: &Arc<Vm>) {
         if let Some(profile) = vm.info().spec.profile {
-            match self.mcp.start(&vm.id, &vm.dir, &profile, vm.ended()) {
+            match self.mcp.start(&vm.id, &vm.vmm_dir, &profile, vm.ended()) {
                 Ok(tokens) => vm.set_tokens(tokens),
                 Err(e) => tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway"),
             }
@@ -398,7 +438,7 @@ impl Daemon {
                 tokio::spawn(async move { vm.stop(grace).await });
             }
         } else {
-            match state::read_vmm_exit(&vm.dir) {
+            match state::read_vmm_exit(&vm.vmm_dir) {
                 Some(exit) => vm.conclude(Some(exit), false),
                 None => {
                     tracing::warn!(vm = %vm.id, "VMM vanished without an exit record: lost");
@@ -533,6 +573,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             .map_err(DaemonError::CurrentExe)?
             .with_file_name(VMM_BIN_NAME),
     };
+    let jail = jail::JailSettings::new(
+        args.jail,
+        args.jail_uid_base,
+        args.jail_uid_count,
+        &args.cgroup_parent,
+    )
+    .map_err(DaemonError::Jail)?;
     create_dir(&args.state_dir, 0o700)?;
     let _lock = lock_state_dir(&args.state_dir)?;
     let vms_dir = args.state_dir.join("vms");
@@ -607,6 +654,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             bin,
             kernel,
             initrd,
+            jail,
         },
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         output_cap: args.output_cap_bytes,

@@ -311,7 +311,7 @@ async fn console(
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let path = vm.dir.join(super::state::CONSOLE_FILE);
+        let path = vm.vmm_dir.join(super::state::CONSOLE_FILE);
         let ended = vm.ended();
         let mut offset = 0u64;
         let mut buf = vec![0u8; 64 * 1024];

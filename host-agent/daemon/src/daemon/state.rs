@@ -4,8 +4,9 @@
 //! - `vm.json`: its [`VmRecord`] (spec, VMM pid and start time, status, agent exit), written
 //!   through a temporary file and a rename so a crash never leaves half a record;
 //! - `agent-output.ndjson`: its events, one JSON line each, capped in size;
-//! - `exit.json`, `console.log`: written by the VMM; `vmm.log`: the VMM's own stdout/stderr;
-//! - `vsock.sock`, `vsock.sock_<port>`: the hybrid vsock sockets.
+//! - `vmm.log`: the VMM's own stdout/stderr;
+//! - `vmm/`: the VMM's folder, the root of its jail: `exit.json` and `console.log`, written by
+//!   the VMM, and `vsock.sock`, `vsock.sock_<port>`, the hybrid vsock sockets.
 //!
 //! A pid alone does not identify a process across a daemon restart (pids are reused), so the
 //! record also keeps the process start time from `/proc/<pid>/stat` and a VMM counts as alive
@@ -23,6 +24,10 @@ use nanoclaw_api::{AgentExit, CreateVm, VmStatus, VmmExit};
 pub const RECORD_FILE: &str = "vm.json";
 /// The VMM's exit record, written by the VMM.
 pub const EXIT_FILE: &str = "exit.json";
+
+/// The VMM's own folder inside a VM's directory: the jail's root (sockets, console log, exit
+/// record). See [`super::jail`].
+pub const VMM_DIR: &str = "vmm";
 /// The agent event log.
 pub const OUTPUT_FILE: &str = "agent-output.ndjson";
 /// The serial console log, written by the VMM.
@@ -107,6 +112,16 @@ pub struct VmRecord {
     /// The image the VM runs, with its disks (absent for initramfs-only VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<super::images::VmImage>,
+    /// Whether the VMM's files live in `<dir>/vmm/` ([`VMM_DIR`]); records written before that
+    /// folder existed have them in `<dir>` itself.
+    #[serde(default)]
+    pub vmm_subdir: bool,
+    /// The uid (and gid) of the VM's jailed VMM, when it is jailed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_uid: Option<u32>,
+    /// The VM's cgroup folders, removed when it has ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jail_cgroups: Vec<PathBuf>,
 }
 
 impl VmRecord {
@@ -129,6 +144,9 @@ impl VmRecord {
             guest_protocol_errors: 0,
             output_dropped_bytes: 0,
             image: None,
+            vmm_subdir: true,
+            jail_uid: None,
+            jail_cgroups: Vec::new(),
         }
     }
 

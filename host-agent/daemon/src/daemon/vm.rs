@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
 
+use super::cgroup;
 use super::ratelimit::LogBudget;
 use super::state::{self, StateError, VmRecord};
 use crate::error_chain;
@@ -82,6 +84,9 @@ pub enum VmError {
     /// The on-disk record failed.
     #[error("VM state")]
     State(#[source] StateError),
+    /// The VMM's jail could not be prepared.
+    #[error("jail")]
+    Jail(#[source] super::jail::JailError),
 }
 
 /// How to start a VMM.
@@ -93,6 +98,19 @@ pub struct VmmLaunch {
     pub kernel: PathBuf,
     /// The guest initramfs.
     pub initrd: PathBuf,
+    /// The jail's settings, when VMMs are jailed.
+    pub jail: Option<super::jail::JailSettings>,
+}
+
+/// The reason for a VMM that ended without an exit record: what the jail did to it, when
+/// the wait status or its memory cgroup shows it (`oom_killed`).
+pub fn jail_reason(signal: Option<i32>, oom_killed: bool) -> &'static str {
+    match signal {
+        Some(nix::libc::SIGSYS) => "seccomp",
+        Some(nix::libc::SIGXFSZ) => "file_size_limit",
+        Some(nix::libc::SIGKILL) if oom_killed => "memory_limit",
+        _ => "unknown",
+    }
 }
 
 /// A `--disk` value for the VMM: the path, then its options. A path holding a comma would be
@@ -129,6 +147,8 @@ pub struct Vm {
     pub id: String,
     /// `<state-dir>/vms/<id>`.
     pub dir: PathBuf,
+    /// The VMM's folder (`<dir>/vmm`, the jail's root; `<dir>` for VMs of older daemons).
+    pub vmm_dir: PathBuf,
     record: Mutex<VmRecord>,
     log: Mutex<EventLog>,
     events: broadcast::Sender<EventRecord>,
@@ -174,8 +194,23 @@ impl Vm {
         let next_seq = last_seq(&path).map_or(0, |s| s + 1);
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
         let (ended, _) = watch::channel(record.status.is_terminal());
+        let vmm_dir = match record.vmm_subdir {
+            true => dir.join(state::VMM_DIR),
+            false => dir.clone(),
+        };
+        if !record.status.is_terminal() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(&vmm_dir)
+                .map_err(|source| VmError::Open {
+                    path: vmm_dir.clone(),
+                    source,
+                })?;
+        }
         Ok(Arc::new(Self {
             id: record.id.clone(),
+            vmm_dir,
             dir,
             record: Mutex::new(record),
             log: Mutex::new(EventLog {
@@ -296,6 +331,11 @@ impl Vm {
         }
     }
 
+    /// The uid of this VM's jailed VMM, when it is jailed.
+    pub fn jail_uid(&self) -> Option<u32> {
+        lock(&self.record).jail_uid
+    }
+
     /// Gives this VM the daemon's credential relay (or none).
     pub fn set_relay(&self, relay: Option<Arc<crate::relay::Relay>>) {
         *lock(&self.relay) = relay;
@@ -321,7 +361,7 @@ impl Vm {
             sidecar_public_key,
             tokens: lock(&self.tokens).clone(),
         };
-        match relay.attach_vm(&self.dir, identity) {
+        match relay.attach_vm(&self.vmm_dir, identity) {
             Ok(l) => *listener = Some(l),
             Err(e) => tracing::warn!(vm = %self.id, error = %error_chain(&e), "credential relay"),
         }
@@ -329,9 +369,14 @@ impl Vm {
 
     /// Binds `<vm-dir>/vsock.sock_<CONTROL_PORT>`, replacing a stale socket file.
     pub fn bind_control(&self) -> Result<UnixListener, VmError> {
-        let path = control_socket_path(&self.dir);
+        let path = control_socket_path(&self.vmm_dir);
         let _ = std::fs::remove_file(&path);
-        UnixListener::bind(&path).map_err(|source| VmError::Listen { path, source })
+        let listener = UnixListener::bind(&path).map_err(|source| VmError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        super::jail::open_to_vmm(&path).map_err(|source| VmError::Listen { path, source })?;
+        Ok(listener)
     }
 
     /// Spawns the VMM in its own session, with stdio going to `vmm.log`, and records its pid and
@@ -348,6 +393,31 @@ impl Vm {
             let record = lock(&self.record);
             (record.spec.clone(), record.image.clone())
         };
+        // The jail's arguments go last: a VMM's first argument is --kernel or --disk.
+        let mut jail_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(jail) = &launch.jail {
+            let (uid, old_cgroups) = {
+                let r = lock(&self.record);
+                (r.jail_uid, r.jail_cgroups.clone())
+            };
+            let uid = uid.ok_or(VmError::Jail(super::jail::JailError::NoUid(0)))?;
+            cgroup::remove(&old_cgroups);
+            let cgroups = jail
+                .prepare(
+                    &self.id,
+                    uid,
+                    spec.vcpus,
+                    spec.memory_mib,
+                    image.as_ref().map(|i| i.scratch.as_path()),
+                )
+                .map_err(VmError::Jail)?;
+            jail_args.extend(["--jail-uid".into(), uid.to_string().into()]);
+            jail_args.extend(["--jail-gid".into(), uid.to_string().into()]);
+            for cg in &cgroups {
+                jail_args.extend(["--jail-cgroup".into(), cg.clone().into_os_string()]);
+            }
+            self.update(|r| r.jail_cgroups = cgroups);
+        }
         let mut cmd = tokio::process::Command::new(&launch.bin);
         if let Some(image) = &image {
             // The order makes the image /dev/vda and the writable disk /dev/vdb.
@@ -361,11 +431,12 @@ impl Vm {
             .arg("--initrd")
             .arg(&launch.initrd)
             .arg("--vm-dir")
-            .arg(&self.dir)
+            .arg(&self.vmm_dir)
             .arg("--memory-mib")
             .arg(spec.memory_mib.to_string())
             .arg("--vcpus")
             .arg(spec.vcpus.to_string())
+            .args(&jail_args)
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -429,7 +500,7 @@ impl Vm {
                 () = wait_ended(&mut ended) => break,
             }
         }
-        let _ = std::fs::remove_file(control_socket_path(&self.dir));
+        let _ = std::fs::remove_file(control_socket_path(&self.vmm_dir));
     }
 
     /// Runs one control connection: hello, then relay until it closes or misbehaves.
@@ -684,14 +755,15 @@ impl Vm {
         if let Some(c) = lock(&self.control).take() {
             c.kick.notify_one();
         }
-        let from_file = state::read_vmm_exit(&self.dir);
+        let from_file = state::read_vmm_exit(&self.vmm_dir);
         // An adopted VMM has no wait status: gone without exit.json, it is lost.
         let lost = from_file.is_none() && wait.is_none();
+        let cgroups = lock(&self.record).jail_cgroups.clone();
         let vmm_exit = from_file.or_else(|| {
             wait.map(|w| {
                 use std::os::unix::process::ExitStatusExt;
                 VmmExit {
-                    reason: "unknown".to_owned(),
+                    reason: jail_reason(w.signal(), cgroup::oom_killed(&cgroups)).to_owned(),
                     exit_code: w.code(),
                     signal: w.signal(),
                     boot_to_ready_ms: None,
@@ -706,6 +778,8 @@ impl Vm {
     /// [`Event::Ended`].
     pub fn conclude(&self, vmm_exit: Option<VmmExit>, lost: bool) {
         lock(&self.credential_listener).take();
+        let cgroups = std::mem::take(&mut lock(&self.record).jail_cgroups);
+        cgroup::remove(&cgroups);
         let status = self.update(|r| {
             r.status = if r.stop_requested {
                 VmStatus::Stopped

@@ -207,7 +207,14 @@ impl Gateway {
     pub fn bind(vm_dir: &Path) -> Result<tokio::net::UnixListener, McpError> {
         let path = shared_proto::ports::host_listener_path(vm_dir, shared_proto::ports::MCP_PORT);
         let _ = std::fs::remove_file(&path);
-        tokio::net::UnixListener::bind(&path).map_err(|source| McpError::Listen { path, source })
+        let listener =
+            tokio::net::UnixListener::bind(&path).map_err(|source| McpError::Listen {
+                path: path.clone(),
+                source,
+            })?;
+        crate::daemon::jail::open_to_vmm(&path)
+            .map_err(|source| McpError::Listen { path, source })?;
+        Ok(listener)
     }
 
     /// Serves every connection on `listener` until the task is dropped, at most

@@ -33,6 +33,10 @@ impl Relay {
             what: path.display().to_string(),
             source,
         })?;
+        crate::daemon::jail::open_to_vmm(&path).map_err(|source| RelayError::Listen {
+            what: path.display().to_string(),
+            source,
+        })?;
         let relay = Arc::clone(self);
         let identity = Arc::new(identity);
         let slots = Arc::new(Semaphore::new(MAX_SESSIONS_PER_VM));

@@ -321,7 +321,7 @@ pub async fn put(
         .into());
     }
     let copied = async {
-        GuestFiles::connect(&vm.dir)
+        GuestFiles::connect(&vm.vmm_dir)
             .await?
             .put(&dest, body, MAX_TAR_BYTES)
             .await
@@ -352,7 +352,7 @@ pub async fn get(
     let (vm, path) = target(&daemon, &id, query)?;
     let status = vm.status();
     let rx = match status {
-        VmStatus::Running | VmStatus::Starting => get_running(&vm.dir, &id, &path).await,
+        VmStatus::Running | VmStatus::Starting => get_running(&vm.vmm_dir, &id, &path).await,
         s if s.is_terminal() => get_ended(&vm.dir, &id, &path).await,
         s => Err(FilesError::NotRunning {
             id: id.clone(),

@@ -1,0 +1,227 @@
+//! Jailing the VMMs: the daemon's side.
+//!
+//! With the jail on (the default when the daemon runs as root), every VMM is started with
+//! `--jail-uid`/`--jail-gid` and its cgroups, and enters its jail itself before it touches the
+//! guest (see the VMM's `jail` module and `docs/security/jail.md`). The daemon:
+//! - gives each running VM a uid (and the same gid) of its own from the configured range;
+//! - makes the VM's cgroups with cpu, memory and pids limits taken from its config
+//!   ([`super::cgroup`]) and removes them when the VM has ended;
+//! - hands the VM's writable disk to that uid, and lets it reach the listener sockets the
+//!   daemon binds in the VMM's folder ([`open_to_vmm`]).
+//!
+//! The VMM's folder is `<vm-dir>/vmm/`: the jail's root. It holds the VMM's sockets, console log
+//! and exit record, and the mount points of the kernel, initramfs, disks and `/dev/kvm`; the
+//! daemon's own files for the VM (its record, the agent's output) stay one level up, out of reach.
+
+use std::path::{Path, PathBuf};
+
+use super::cgroup::{self, Hierarchies, Limits};
+
+/// Whether VMMs are jailed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum JailMode {
+    /// Jail when the daemon runs as root; otherwise run unjailed and say so at startup.
+    #[default]
+    Auto,
+    /// Always jail; the daemon refuses to start without root.
+    On,
+    /// Never jail (development only: a VMM taken over by its guest acts as the daemon's user).
+    Off,
+}
+
+/// The VMM's memory beside guest RAM, allowed by the memory cgroup: measured at about 20 MiB
+/// of resident memory for a running VMM with vsock and two disks (`scripts/bench-jail`), plus
+/// room for the page cache of disk writes, which the kernel charges to the cgroup.
+pub const MEMORY_OVERHEAD_MIB: u64 = 96;
+
+/// The jail's settings, when the jail is on.
+#[derive(Debug, Clone)]
+pub struct JailSettings {
+    /// The first uid (and gid) given to a VMM.
+    pub uid_base: u32,
+    /// How many uids there are from `uid_base`: at most this many VMs run at once.
+    pub uid_count: u32,
+    /// The parent of every VM's cgroup, in each hierarchy.
+    pub cgroup_parent: String,
+    /// Where the cgroup controllers are.
+    pub hierarchies: Hierarchies,
+}
+
+/// Errors of setting up the jail.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// `--jail on` without root.
+    #[error("--jail on needs the daemon to run as root (it runs as uid {0})")]
+    NotRoot(u32),
+    /// A bad range of uids.
+    #[error("the jail's uid range {base}..+{count} must be above 0 and fit in 32 bits")]
+    Range {
+        /// The first uid.
+        base: u32,
+        /// How many.
+        count: u32,
+    },
+    /// A bad cgroup parent name.
+    #[error("the cgroup parent {0:?} must be a plain relative path (no `..`, not absolute)")]
+    Parent(String),
+    /// Every uid of the range is taken by a running VM.
+    #[error("all {0} jail uids are in use by running VMs")]
+    NoUid(u32),
+    /// The VM's cgroups could not be made.
+    #[error("cgroups")]
+    Cgroup(#[from] cgroup::CgroupError),
+    /// The writable disk could not be handed to the VM's uid.
+    #[error("cannot hand {} to the VM's uid", .path.display())]
+    Chown {
+        /// The disk.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl JailSettings {
+    /// The settings for `mode`, or `None` when VMMs run unjailed.
+    pub fn new(
+        mode: JailMode,
+        uid_base: u32,
+        uid_count: u32,
+        cgroup_parent: &str,
+    ) -> Result<Option<Self>, JailError> {
+        let root = nix::unistd::geteuid().is_root();
+        match (mode, root) {
+            (JailMode::Off, _) => {
+                tracing::warn!("VMMs run unjailed (--jail off)");
+                return Ok(None);
+            }
+            (JailMode::Auto, false) => {
+                tracing::warn!(
+                    "VMMs run unjailed: jailing them needs the daemon to run as root \
+                     (--jail on makes this an error)"
+                );
+                return Ok(None);
+            }
+            (JailMode::On, false) => {
+                return Err(JailError::NotRoot(nix::unistd::geteuid().as_raw()));
+            }
+            (_, true) => {}
+        }
+        if uid_base == 0 || uid_count == 0 || uid_base.checked_add(uid_count).is_none() {
+            return Err(JailError::Range {
+                base: uid_base,
+                count: uid_count,
+            });
+        }
+        let parent = Path::new(cgroup_parent);
+        if cgroup_parent.is_empty()
+            || parent.is_absolute()
+            || parent
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(JailError::Parent(cgroup_parent.to_owned()));
+        }
+        let hierarchies = Hierarchies::detect();
+        tracing::info!(uid_base, uid_count, ?hierarchies, "VMMs are jailed");
+        Ok(Some(JailSettings {
+            uid_base,
+            uid_count,
+            cgroup_parent: cgroup_parent.to_owned(),
+            hierarchies,
+        }))
+    }
+
+    /// The lowest uid of the range that no running VM holds.
+    pub fn pick_uid(&self, in_use: &std::collections::HashSet<u32>) -> Result<u32, JailError> {
+        (self.uid_base..self.uid_base + self.uid_count)
+            .find(|u| !in_use.contains(u))
+            .ok_or(JailError::NoUid(self.uid_count))
+    }
+
+    /// Prepares VM `id`'s jail for uid `uid`: its cgroups (returned, to be joined by the VMM
+    /// and removed when it ends) and the ownership of its writable disk.
+    pub fn prepare(
+        &self,
+        id: &str,
+        uid: u32,
+        vcpus: u8,
+        memory_mib: u64,
+        writable: Option<&Path>,
+    ) -> Result<Vec<PathBuf>, JailError> {
+        if let Some(disk) = writable {
+            std::os::unix::fs::chown(disk, Some(uid), Some(uid)).map_err(|source| {
+                JailError::Chown {
+                    path: disk.to_owned(),
+                    source,
+                }
+            })?;
+        }
+        let limits = Limits::for_vm(vcpus, memory_mib, MEMORY_OVERHEAD_MIB);
+        Ok(self.hierarchies.create(&self.cgroup_parent, id, limits)?)
+    }
+}
+
+/// Lets the jailed VMM connect to a listener socket the daemon bound in the VMM's folder: the
+/// folder itself (mode 0700, owned by the VM's uid) is what keeps everyone else out.
+pub fn open_to_vmm(socket: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(base: u32, count: u32) -> JailSettings {
+        JailSettings {
+            uid_base: base,
+            uid_count: count,
+            cgroup_parent: "nanoclaw".to_owned(),
+            hierarchies: Hierarchies::default(),
+        }
+    }
+
+    #[test]
+    fn uids_are_the_lowest_free_and_run_out_with_a_clear_error() {
+        let s = settings(1000, 3);
+        let mut used = std::collections::HashSet::new();
+        assert_eq!(s.pick_uid(&used).unwrap(), 1000);
+        used.insert(1000);
+        used.insert(1002);
+        assert_eq!(s.pick_uid(&used).unwrap(), 1001);
+        used.insert(1001);
+        let err = s.pick_uid(&used).unwrap_err();
+        assert_eq!(err.to_string(), "all 3 jail uids are in use by running VMs");
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: the checks run only where the jail can be on");
+            return;
+        }
+        assert!(matches!(
+            JailSettings::new(JailMode::On, 0, 10, "nanoclaw"),
+            Err(JailError::Range { .. })
+        ));
+        assert!(matches!(
+            JailSettings::new(JailMode::On, u32::MAX, 10, "nanoclaw"),
+            Err(JailError::Range { .. })
+        ));
+        for parent in ["", "/abs", "../up", "a/../b"] {
+            assert!(
+                matches!(
+                    JailSettings::new(JailMode::On, 1000, 10, parent),
+                    Err(JailError::Parent(_))
+                ),
+                "{parent:?}"
+            );
+        }
+        assert!(
+            JailSettings::new(JailMode::Off, 0, 0, "")
+                .unwrap()
+                .is_none()
+        );
+    }
+}

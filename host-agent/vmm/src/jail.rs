@@ -1,0 +1,539 @@
+//! The VMM's jail: what a guest that escapes into the VMM process finds around it.
+//!
+//! The daemon starts `nanoclaw-vmm` as root with `--jail-uid`/`--jail-gid` (and `--jail-cgroup`
+//! for each cgroup it made for the VM). Before the VMM opens `/dev/kvm`, reads the kernel or
+//! accepts any guest input, [`enter`] does, in this order:
+//!
+//! 1. joins the given cgroups (cpu, memory and pids limits the daemon wrote there);
+//! 2. unshares the mount, pid, ipc, uts and network namespaces (the new network namespace has
+//!    only a loopback device that is down, so no host TCP port can be reached);
+//! 3. makes every mount private, bind-mounts the VM's folder onto itself, and inside it:
+//!    the kernel, the initramfs and each disk (read-only unless the disk is writable), and a
+//!    small tmpfs on `dev/` holding one `kvm` node owned by the jail's uid;
+//! 4. forks: the child is pid 1 of the new pid namespace and becomes the VMM; the parent stays
+//!    outside as a supervisor that forwards SIGTERM and SIGINT, and ends the way the child ended
+//!    (the same exit code, or the same signal), so the daemon's wait status is the VMM's;
+//! 5. in the child: `pivot_root` into the VM's folder and detach the old root, so nothing of the
+//!    host's tree (no `/etc`, no daemon state, no other VM) is reachable by path;
+//! 6. rlimits on open files, file size, locked memory, core dumps and processes;
+//! 7. no supplementary groups, the jail's gid and uid (which drops every capability),
+//!    `PR_SET_NO_NEW_PRIVS`, and a check that no capability is left; then the parent-death
+//!    signal, so the VMM dies with its supervisor.
+//!
+//! The VMM then runs with its paths rewritten into the jail ([`JailedPaths`]).
+//!
+//! **Why the VMM jails itself instead of a separate jailer binary.** Firecracker's jailer execs
+//! a statically linked VMM inside the new root. Our VMM is linked dynamically: exec'd inside a
+//! root that holds only the VM's files, it would find no loader and no libc. Entering the jail
+//! at the top of `main`, after the loader has done its work and before the VMM touches anything
+//! the guest controls, gives the same confinement without putting host libraries in the jail.
+//! The price is that the first milliseconds of the process run as root; they parse the daemon's
+//! arguments and nothing else. Seccomp filters are installed later, per thread, by the VMM.
+//!
+//! A user namespace is not used: the uid drop already leaves the VMM without capabilities,
+//! and a user namespace would need a uid map per VM for no extra isolation of files the jail
+//! does not contain. See `docs/security/jail.md`.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::resource::Resource;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::stat::{Mode, SFlag};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+/// The kernel as seen inside the jail.
+pub const KERNEL: &str = "/kernel";
+/// The initramfs as seen inside the jail.
+pub const INITRD: &str = "/initrd";
+/// Open files the jailed VMM may hold: every guest vsock connection is one, and there are at
+/// most a few thousand of those before the device refuses more.
+pub const MAX_OPEN_FILES: u64 = 4096;
+/// Processes (threads included) the jail's uid may have: one per vCPU (at most 32), one per
+/// disk (at most 8) and a handful more.
+pub const MAX_PROCESSES: u64 = 128;
+/// Locked memory: the VMM locks none.
+pub const MAX_LOCKED_BYTES: u64 = 64 * 1024;
+/// The tmpfs on the jail's `/dev` holds one device node.
+const DEV_TMPFS_OPTIONS: &str = "size=4k,nr_inodes=16,mode=755";
+/// `/dev/kvm`'s device numbers (a misc device: major 10, minor 232).
+const KVM_MAJOR: u64 = 10;
+const KVM_MINOR: u64 = 232;
+
+/// Who the jailed VMM runs as, and the cgroups it joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailConfig {
+    /// The VMM's uid: not 0, and unique to this VM among running VMs.
+    pub uid: u32,
+    /// The VMM's gid: not 0.
+    pub gid: u32,
+    /// Cgroup folders to join (`cgroup.procs` in each), made and limited by the daemon.
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// Why the jail could not be entered. The VMM then exits with a setup error: it never runs
+/// unjailed when a jail was asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// The jail needs root to set up.
+    #[error("the jail needs root to set up (running as uid {0})")]
+    NotRoot(u32),
+    /// uid or gid 0 would not drop anything.
+    #[error("the jail's uid and gid must not be 0")]
+    RootIds,
+    /// A path given to the VMM is not absolute or has no usable name.
+    #[error("{what} {path:?} must be an absolute path")]
+    Relative {
+        /// Which path.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Joining a cgroup failed.
+    #[error("cannot join the cgroup {}", .path.display())]
+    Cgroup {
+        /// The cgroup folder.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step of the setup failed.
+    #[error("cannot {what} {}", .path.display())]
+    Step {
+        /// The step.
+        what: &'static str,
+        /// The path it was about.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// A step of the setup about a file failed.
+    #[error("cannot {what} {}", .path.display())]
+    File {
+        /// The step.
+        what: &'static str,
+        /// The path it was about.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A process-wide step failed.
+    #[error("cannot {what}")]
+    Process {
+        /// The step.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// Capabilities were left after the uid drop.
+    #[error("capabilities left after dropping to uid {uid}: effective {effective:#x}")]
+    CapsLeft {
+        /// The uid.
+        uid: u32,
+        /// The effective set.
+        effective: u64,
+    },
+}
+
+/// The paths a jailed VMM uses, all inside the jail, in the order of the VM config's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailedPaths {
+    /// The jail's root on the host (the VM folder), where everything below is mounted.
+    pub root: PathBuf,
+    /// The kernel: `/kernel`.
+    pub kernel: PathBuf,
+    /// The initramfs: `/initrd`.
+    pub initrd: PathBuf,
+    /// Each disk: `/disk0`, `/disk1`, ...
+    pub disks: Vec<PathBuf>,
+}
+
+impl JailedPaths {
+    /// Where each of `config`'s files appears inside the jail.
+    pub fn of(config: &crate::VmConfig) -> Result<Self, JailError> {
+        let absolute = |what, p: &Path| {
+            if p.is_absolute() {
+                Ok(())
+            } else {
+                Err(JailError::Relative {
+                    what,
+                    path: p.to_owned(),
+                })
+            }
+        };
+        absolute("the VM folder", &config.vm_dir)?;
+        absolute("the kernel", &config.kernel)?;
+        absolute("the initramfs", &config.initrd)?;
+        for d in &config.disks {
+            absolute("a disk", &d.path)?;
+        }
+        Ok(JailedPaths {
+            root: config.vm_dir.clone(),
+            kernel: PathBuf::from(KERNEL),
+            initrd: PathBuf::from(INITRD),
+            disks: (0..config.disks.len())
+                .map(|i| PathBuf::from(format!("/disk{i}")))
+                .collect(),
+        })
+    }
+
+    /// `config` as the VMM sees it inside the jail.
+    pub fn apply(&self, config: &mut crate::VmConfig) {
+        config.kernel = self.kernel.clone();
+        config.initrd = self.initrd.clone();
+        for (disk, path) in config.disks.iter_mut().zip(&self.disks) {
+            disk.path = path.clone();
+        }
+        if let crate::ConsoleTarget::File(p) = &mut config.console
+            && let Ok(inside) = p.strip_prefix(&self.root)
+        {
+            *p = Path::new("/").join(inside);
+        }
+        config.vm_dir = PathBuf::from("/");
+    }
+}
+
+/// The file-size limit: the largest file the VMM writes is a disk (written in place) or the
+/// console log (capped at `console_cap`); `exit.json` is small.
+pub fn file_size_limit(config: &crate::VmConfig) -> u64 {
+    let disks = config
+        .disks
+        .iter()
+        .filter(|d| !d.read_only)
+        .filter_map(|d| std::fs::metadata(&d.path).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0);
+    disks.max(config.console_cap).saturating_add(1 << 20)
+}
+
+fn step(what: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> JailError {
+    let path = path.to_owned();
+    move |source| JailError::Step { what, path, source }
+}
+
+fn file(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JailError {
+    let path = path.to_owned();
+    move |source| JailError::File { what, path, source }
+}
+
+fn process(what: &'static str) -> impl FnOnce(nix::Error) -> JailError {
+    move |source| JailError::Process { what, source }
+}
+
+/// Creates an empty file at `target` (a mount point) and bind-mounts `source` on it, read-only
+/// when `read_only`, never with set-uid or device files.
+fn bind_file(source: &Path, target: &Path, read_only: bool) -> Result<(), JailError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(target)
+        .map_err(file("create the mount point", target))?;
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(step("bind-mount", source))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    flags |= MsFlags::MS_NOEXEC;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(step("restrict the bind mount of", target))
+}
+
+/// Builds the jail's tree under `paths.root` (in the new mount namespace).
+fn build_tree(
+    jail: &JailConfig,
+    config: &crate::VmConfig,
+    paths: &JailedPaths,
+) -> Result<(), JailError> {
+    let root = &paths.root;
+    std::fs::create_dir_all(root).map_err(file("create the jail folder", root))?;
+    // The VMM creates its sockets, console log and exit record here.
+    nix::unistd::chown(
+        root,
+        Some(Uid::from_raw(jail.uid)),
+        Some(Gid::from_raw(jail.gid)),
+    )
+    .map_err(step("hand over the jail folder", root))?;
+    std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(file("restrict the jail folder", root))?;
+    nix::mount::mount(
+        Some(root.as_path()),
+        root.as_path(),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(step("bind-mount the jail folder onto itself", root))?;
+    nix::mount::mount(
+        None::<&str>,
+        root.as_path(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(step("restrict the jail folder's mount", root))?;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    bind_file(&config.kernel, &inside(&paths.kernel), true)?;
+    bind_file(&config.initrd, &inside(&paths.initrd), true)?;
+    for (disk, path) in config.disks.iter().zip(&paths.disks) {
+        bind_file(&disk.path, &inside(path), disk.read_only)?;
+    }
+    let dev = root.join("dev");
+    std::fs::create_dir_all(&dev).map_err(file("create", &dev))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(DEV_TMPFS_OPTIONS),
+    )
+    .map_err(step("mount a tmpfs on", &dev))?;
+    let kvm = dev.join("kvm");
+    nix::sys::stat::mknod(
+        &kvm,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(KVM_MAJOR, KVM_MINOR),
+    )
+    .map_err(step("create the device node", &kvm))?;
+    nix::unistd::chown(
+        &kvm,
+        Some(Uid::from_raw(jail.uid)),
+        Some(Gid::from_raw(jail.gid)),
+    )
+    .map_err(step("hand over", &kvm))?;
+    nix::mount::mount(
+        None::<&str>,
+        &dev,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        Some(DEV_TMPFS_OPTIONS),
+    )
+    .map_err(step("make read-only", &dev))
+}
+
+/// Joins each cgroup by writing our pid to its `cgroup.procs`.
+fn join_cgroups(cgroups: &[PathBuf]) -> Result<(), JailError> {
+    let pid = std::process::id().to_string();
+    for cg in cgroups {
+        std::fs::write(cg.join("cgroup.procs"), &pid).map_err(|source| JailError::Cgroup {
+            path: cg.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Switches the root to the current directory's mount and detaches the old one.
+fn pivot_into(root: &Path) -> Result<(), JailError> {
+    nix::unistd::chdir(root).map_err(step("enter", root))?;
+    // pivot_root(".", "."): the old root ends up mounted on top of the new one at "/", where
+    // a lazy unmount takes it away. No folder for the old root is needed.
+    nix::unistd::pivot_root(".", ".").map_err(step("pivot_root into", root))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root", root))?;
+    nix::unistd::chdir("/").map_err(step("enter", Path::new("/")))
+}
+
+/// Sets the rlimits (soft and hard).
+fn limit(fsize: u64) -> Result<(), JailError> {
+    for (resource, value, what) in [
+        (Resource::RLIMIT_NOFILE, MAX_OPEN_FILES, "limit open files"),
+        (Resource::RLIMIT_FSIZE, fsize, "limit file size"),
+        (
+            Resource::RLIMIT_MEMLOCK,
+            MAX_LOCKED_BYTES,
+            "limit locked memory",
+        ),
+        (Resource::RLIMIT_CORE, 0, "turn off core dumps"),
+        (Resource::RLIMIT_NPROC, MAX_PROCESSES, "limit processes"),
+    ] {
+        nix::sys::resource::setrlimit(resource, value, value).map_err(process(what))?;
+    }
+    Ok(())
+}
+
+/// Drops to `uid`/`gid` with no supplementary groups and no way to gain privileges back.
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    nix::unistd::setgroups(&[]).map_err(process("clear the supplementary groups"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(process("set the gid"))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(process("set the uid"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(process("set no_new_privs"))?;
+    let effective = effective_caps();
+    if effective != 0 {
+        return Err(JailError::CapsLeft {
+            uid: uid.as_raw(),
+            effective,
+        });
+    }
+    Ok(())
+}
+
+/// The effective capability set of this thread (`capget(2)`; all bits set if the call fails).
+fn effective_caps() -> u64 {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget(2) with a v3 header reads two data structs, which `data` holds; both
+    // pointers are valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut Header,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return u64::MAX;
+    }
+    u64::from(data[0].effective) | (u64::from(data[1].effective) << 32)
+}
+
+/// Enters the jail; see the module doc. Returns in the jailed child with `config` rewritten
+/// to the jail's paths. The supervising parent never returns: it exits the way the child did.
+pub fn enter(jail: &JailConfig, config: &mut crate::VmConfig) -> Result<(), JailError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0 {
+        return Err(JailError::NotRoot(euid));
+    }
+    if jail.uid == 0 || jail.gid == 0 {
+        return Err(JailError::RootIds);
+    }
+    let paths = JailedPaths::of(config)?;
+    let fsize = file_size_limit(config);
+    join_cgroups(&jail.cgroups)?;
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET,
+    )
+    .map_err(process("unshare the namespaces"))?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("make private the mounts under", Path::new("/")))?;
+    build_tree(jail, config, &paths)?;
+    // The supervisor takes SIGTERM, SIGINT and SIGCHLD synchronously; the child gets the
+    // mask it had back.
+    let mut waited = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        waited.add(s);
+    }
+    let old_mask = waited
+        .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+        .map_err(process("block the supervisor's signals"))?;
+    // SAFETY: the process is single-threaded here (enter runs first thing in main, before any
+    // thread is spawned), so the child may run any code after fork.
+    match unsafe { nix::unistd::fork() }.map_err(process("fork into the pid namespace"))? {
+        ForkResult::Parent { child } => supervise(child, &waited, jail),
+        ForkResult::Child => {
+            old_mask
+                .thread_set_mask()
+                .map_err(process("restore the signal mask"))?;
+            pivot_into(&paths.root)?;
+            limit(fsize)?;
+            drop_privileges(jail.uid, jail.gid)?;
+            // After the uid change, which clears it: die with the supervisor.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(process("set the parent-death signal"))?;
+            paths.apply(config);
+            Ok(())
+        }
+    }
+}
+
+/// The supervisor: drops to the jail's ids too, forwards SIGTERM/SIGINT to `child`, and ends
+/// the way the child ended.
+fn supervise(child: Pid, waited: &SigSet, jail: &JailConfig) -> ! {
+    // Same uid as the child, so that it may still signal it; nothing else is needed here.
+    if let Err(e) = drop_privileges(jail.uid, jail.gid) {
+        eprintln!("nanoclaw-vmm: jail supervisor: {e}");
+        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+    }
+    let _ = nix::sys::resource::setrlimit(Resource::RLIMIT_CORE, 0, 0);
+    loop {
+        match waited.wait() {
+            Ok(Signal::SIGCHLD) => loop {
+                match waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+                    Ok(WaitStatus::Signaled(_, signal, _)) => end_like(signal),
+                    Ok(WaitStatus::StillAlive) => break,
+                    Ok(_) => continue,
+                    Err(nix::Error::EINTR) => continue,
+                    Err(_) => std::process::exit(crate::exit::SETUP_ERROR_EXIT_CODE),
+                }
+            },
+            Ok(signal) => {
+                let _ = nix::sys::signal::kill(child, signal);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Ends this process by `signal`, as the child ended, so the daemon sees the same status.
+fn end_like(signal: Signal) -> ! {
+    // SAFETY: resetting a disposition to the default has no memory effects.
+    let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) };
+    let mut only = SigSet::empty();
+    only.add(signal);
+    let _ = only.thread_unblock();
+    let _ = nix::sys::signal::raise(signal);
+    // SIGSTOP-like or ignored signals do not end us: say so with the shell's convention.
+    std::process::exit(128 + signal as i32)
+}
+
+/// Tries to reach `target` from inside the jail: a path to open for reading, or
+/// `tcp:HOST:PORT` to connect to. Returns `ok` or the error. Used by the VMM's test hook.
+pub fn probe(target: &str) -> String {
+    let outcome = match target.strip_prefix("tcp:") {
+        Some(addr) => std::net::TcpStream::connect_timeout(
+            &match addr.parse() {
+                Ok(a) => a,
+                Err(e) => return format!("bad address: {e}"),
+            },
+            std::time::Duration::from_secs(2),
+        )
+        .map(drop),
+        None => std::fs::File::open(target).map(drop),
+    };
+    match outcome {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => e.to_string(),
+    }
+}

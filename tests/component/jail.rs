@@ -1,0 +1,142 @@
+//! The VMM's jail, entered for real on this host (as root; no KVM boot is needed): the VMM's
+//! test hook `--jail-probe` reports what a VMM taken over by its guest could reach from inside.
+
+use std::process::Command;
+
+use nanoclaw_tests::vmm_bin;
+
+/// Runs the jailed VMM's probe of `targets` with `dir/vm` as the jail; returns its lines.
+fn probe(
+    dir: &std::path::Path,
+    disk_mode: u32,
+    targets: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["bzImage", "initramfs"] {
+        std::fs::write(dir.join(f), b"not booted").unwrap();
+    }
+    let disk = dir.join("scratch.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(disk_mode)).unwrap();
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("--kernel")
+        .arg(dir.join("bzImage"))
+        .arg("--initrd")
+        .arg(dir.join("initramfs"))
+        .arg("--vm-dir")
+        .arg(dir.join("vm"))
+        .arg("--disk")
+        .arg(&disk)
+        .args(["--jail-uid", "1000777", "--jail-gid", "1000777"]);
+    for t in targets {
+        cmd.arg("--jail-probe").arg(t);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_jailed_vmm_reaches_its_own_files_and_nothing_of_the_host() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: entering the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let other_vm = tempfile::tempdir().unwrap();
+    std::fs::write(other_vm.path().join("secret"), b"another VM's file").unwrap();
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let other = other_vm.path().join("secret").display().to_string();
+    let own_kernel = dir.path().join("bzImage").display().to_string();
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let refs = [
+        "/etc/shadow",
+        "/var/lib/nanoclaw",
+        other.as_str(),
+        own_kernel.as_str(),
+        tcp.as_str(),
+        "/kernel",
+        "/initrd",
+        "/disk0",
+        "/dev/kvm",
+    ];
+    let (status, out, err) = probe(dir.path(), 0o644, &refs);
+    assert!(status.success(), "{status}: {err}");
+    let result = |t: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("PROBE {t} ")))
+            .unwrap_or_else(|| panic!("no probe line for {t}: {out}"))
+            .to_owned()
+    };
+    for outside in &refs[..4] {
+        assert!(
+            result(outside).contains("No such file"),
+            "{outside}: {}",
+            result(outside)
+        );
+    }
+    // The jail's network namespace has no route anywhere.
+    assert!(result(&tcp).contains("unreachable"), "{}", result(&tcp));
+    for inside in ["/kernel", "/initrd", "/disk0", "/dev/kvm"] {
+        assert_eq!(result(inside), "ok", "{inside}");
+    }
+    // The jail's folder now belongs to the VMM's uid, and nobody else may enter it.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir.path().join("vm")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (1000777, 1000777, 0o700)
+    );
+}
+
+#[test]
+fn a_jailed_vmm_runs_as_its_uid_without_privileges() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: entering the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A disk only root may write: the jailed VMM (its own uid, no capabilities) cannot open it
+    // for writing, which shows that root's powers are gone.
+    std::fs::create_dir(dir.path().join("vm")).unwrap();
+    let (status, out, err) = probe(dir.path(), 0o600, &["/disk0"]);
+    assert!(status.success(), "{status}: {err}");
+    assert!(out.contains("PROBE /disk0 Permission denied"), "{out}");
+}
+
+#[test]
+fn without_root_the_jail_is_refused_and_nothing_runs() {
+    // The VMM run as a plain user (through setpriv when we are root) refuses to run unjailed.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["bzImage", "initramfs"] {
+        std::fs::write(dir.path().join(f), b"x").unwrap();
+    }
+    let mut cmd = if nix::unistd::geteuid().is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(vmm_bin());
+        c
+    } else {
+        Command::new(vmm_bin())
+    };
+    let out = cmd
+        .arg("--kernel")
+        .arg(dir.path().join("bzImage"))
+        .arg("--initrd")
+        .arg(dir.path().join("initramfs"))
+        .arg("--vm-dir")
+        .arg(dir.path().join("vm"))
+        .args(["--jail-uid", "1000778", "--jail-gid", "1000778"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot enter the jail: the jail needs root"),
+        "{err}"
+    );
+}
