@@ -95,7 +95,7 @@ impl Fixture {
         .await
         .unwrap_or_else(|e| panic!("{}", host_agent::error_chain(&e)));
         let gateway = Arc::new(gateway);
-        let listener = Gateway::bind(dir.path()).unwrap();
+        let listener = Gateway::bind(dir.path(), None).unwrap();
         let socket = dir
             .path()
             .join(format!("vsock.sock_{}", shared_proto::ports::MCP_PORT));

@@ -68,7 +68,7 @@ async fn host() -> Host {
     })
     .await
     .unwrap_or_else(|e| panic!("{}", host_agent::error_chain(&e)));
-    let listener = Gateway::bind(dir.path()).unwrap();
+    let listener = Gateway::bind(dir.path(), None).unwrap();
     let socket = dir
         .path()
         .join(format!("vsock.sock_{}", shared_proto::ports::MCP_PORT));

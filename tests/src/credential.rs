@@ -160,6 +160,7 @@ fn attach_with(
                 boot_id: sidecar.boot_id,
                 sidecar_public_key: announced,
                 tokens,
+                vmm_uid: None,
             },
         )
         .unwrap()

@@ -64,6 +64,7 @@ impl VmGateways {
         &self,
         vm_id: &str,
         vm_dir: &Path,
+        vmm_uid: Option<u32>,
         profile: &str,
         mut ended: watch::Receiver<bool>,
     ) -> Result<Option<Arc<AgentTokens>>, McpError> {
@@ -72,7 +73,7 @@ impl VmGateways {
             .map_err(McpError::Tokenizer)?
             .map(Arc::new);
         let audit = Arc::clone(&self.audit);
-        let listener = Gateway::bind(vm_dir)?;
+        let listener = Gateway::bind(vm_dir, vmm_uid)?;
         let config = GatewayConfig {
             agent: format!("{}@{vm_id}", policy.profile().name),
             vm_id: vm_id.to_owned(),

@@ -162,11 +162,15 @@ impl JailSettings {
     }
 }
 
-/// Lets the jailed VMM connect to a listener socket the daemon bound in the VMM's folder: the
-/// folder itself (mode 0700, owned by the VM's uid) is what keeps everyone else out.
-pub fn open_to_vmm(socket: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
+/// Lets the jailed VMM (uid `owner`; `None` when unjailed) connect to a listener socket the
+/// daemon bound in the VMM's folder, by giving the socket to that uid. `lchown` never follows
+/// a link: the folder is the VMM's, which could have swapped the socket for a link to a host
+/// file after the bind.
+pub fn open_to_vmm(socket: &Path, owner: Option<u32>) -> std::io::Result<()> {
+    match owner {
+        Some(uid) => std::os::unix::fs::lchown(socket, Some(uid), Some(uid)),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -394,7 +394,10 @@ impl Daemon {
     /// agent then finds no MCP endpoint (nothing runs unchecked).
     fn start_mcp(&self, vm: &Arc<Vm>) {
         if let Some(profile) = vm.info().spec.profile {
-            match self.mcp.start(&vm.id, &vm.vmm_dir, &profile, vm.ended()) {
+            match self
+                .mcp
+                .start(&vm.id, &vm.vmm_dir, vm.jail_uid(), &profile, vm.ended())
+            {
                 Ok(tokens) => vm.set_tokens(tokens),
                 Err(e) => tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway"),
             }

@@ -318,7 +318,12 @@ async fn console(
         loop {
             // Read the state first so the final read after the end sees everything.
             let was_ended = *ended.borrow();
-            if let Ok(mut f) = tokio::fs::File::open(&path).await
+            // The VMM's folder is the (possibly hostile) VMM's: never follow a link out of it.
+            if let Ok(mut f) = tokio::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .await
                 && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
             {
                 while let Ok(n) = f.read(&mut buf).await {

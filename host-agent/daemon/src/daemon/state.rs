@@ -13,7 +13,7 @@
 //! only if both match.
 
 use std::io::Read;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -192,7 +192,11 @@ pub fn read_vmm_exit(dir: &Path) -> Option<VmmExit> {
         disks: Vec<nanoclaw_api::DiskCounters>,
     }
     let mut text = Vec::new();
-    std::fs::File::open(dir.join(EXIT_FILE))
+    // Written by the VMM in its own folder: a link there is the VMM's, never followed.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(dir.join(EXIT_FILE))
         .ok()?
         .take(64 * 1024)
         .read_to_end(&mut text)
@@ -316,6 +320,12 @@ mod tests {
         let e = read_vmm_exit(dir.path()).unwrap();
         assert_eq!((e.reason.as_str(), e.exit_code), ("reset", Some(0)));
         std::fs::write(dir.path().join(EXIT_FILE), "[1,2]").unwrap();
+        assert_eq!(read_vmm_exit(dir.path()), None);
+        // A hostile VMM's link out of its folder is not followed.
+        let elsewhere = dir.path().join("elsewhere.json");
+        std::fs::write(&elsewhere, r#"{"reason":"reset","exit_code":0}"#).unwrap();
+        std::fs::remove_file(dir.path().join(EXIT_FILE)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(EXIT_FILE)).unwrap();
         assert_eq!(read_vmm_exit(dir.path()), None);
     }
 }

@@ -360,6 +360,7 @@ impl Vm {
             boot_id,
             sidecar_public_key,
             tokens: lock(&self.tokens).clone(),
+            vmm_uid: self.jail_uid(),
         };
         match relay.attach_vm(&self.vmm_dir, identity) {
             Ok(l) => *listener = Some(l),
@@ -375,7 +376,8 @@ impl Vm {
             path: path.clone(),
             source,
         })?;
-        super::jail::open_to_vmm(&path).map_err(|source| VmError::Listen { path, source })?;
+        super::jail::open_to_vmm(&path, self.jail_uid())
+            .map_err(|source| VmError::Listen { path, source })?;
         Ok(listener)
     }
 

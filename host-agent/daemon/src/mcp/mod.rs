@@ -204,7 +204,8 @@ impl Gateway {
 
     /// Binds the agent's endpoint at `<vm_dir>/vsock.sock_<MCP_PORT>` (replacing a stale
     /// socket file).
-    pub fn bind(vm_dir: &Path) -> Result<tokio::net::UnixListener, McpError> {
+    /// A jailed VMM's uid `owner` is given the socket so that it may connect.
+    pub fn bind(vm_dir: &Path, owner: Option<u32>) -> Result<tokio::net::UnixListener, McpError> {
         let path = shared_proto::ports::host_listener_path(vm_dir, shared_proto::ports::MCP_PORT);
         let _ = std::fs::remove_file(&path);
         let listener =
@@ -212,7 +213,7 @@ impl Gateway {
                 path: path.clone(),
                 source,
             })?;
-        crate::daemon::jail::open_to_vmm(&path)
+        crate::daemon::jail::open_to_vmm(&path, owner)
             .map_err(|source| McpError::Listen { path, source })?;
         Ok(listener)
     }

@@ -163,6 +163,8 @@ pub struct VmIdentity {
     /// The agent's tokenizer, whose settings and issued surrogates the device gets before each
     /// session (`None`: the device does not tokenize this VM's calls).
     pub tokens: Option<Arc<crate::agent_tokens::AgentTokens>>,
+    /// The uid of the VM's jailed VMM, given the listener socket so that it may connect.
+    pub vmm_uid: Option<u32>,
 }
 
 /// How far the device has been told a VM's issued surrogates: the link generation and the

@@ -33,9 +33,11 @@ impl Relay {
             what: path.display().to_string(),
             source,
         })?;
-        crate::daemon::jail::open_to_vmm(&path).map_err(|source| RelayError::Listen {
-            what: path.display().to_string(),
-            source,
+        crate::daemon::jail::open_to_vmm(&path, identity.vmm_uid).map_err(|source| {
+            RelayError::Listen {
+                what: path.display().to_string(),
+                source,
+            }
         })?;
         let relay = Arc::clone(self);
         let identity = Arc::new(identity);

@@ -44,6 +44,7 @@ async fn a_sidecar_without_a_device_gets_unavailable() {
                 boot_id: [1; 16],
                 sidecar_public_key: [2; 32],
                 tokens: None,
+                vmm_uid: None,
             },
         )
         .unwrap();

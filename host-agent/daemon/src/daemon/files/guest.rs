@@ -34,12 +34,25 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Opens a host-initiated connection to guest `port` through the VMM's hybrid vsock socket
 /// `<vm_dir>/vsock.sock`: writes `CONNECT <port>\n` and reads the VMM's `OK <n>\n`.
-pub async fn connect_vsock(vm_dir: &Path, port: u32) -> Result<UnixStream, FilesError> {
+///
+/// A jailed VMM (uid `vmm_uid`) owns its folder and could replace `vsock.sock` with a link to
+/// another VM's socket; the peer's uid, which the kernel vouches for, must be its own.
+pub async fn connect_vsock(
+    vm_dir: &Path,
+    port: u32,
+    vmm_uid: Option<u32>,
+) -> Result<UnixStream, FilesError> {
     let socket = vm_dir.join(VSOCK_SOCKET);
     let handshake = async {
         let mut stream = UnixStream::connect(&socket)
             .await
             .map_err(FilesError::Connect)?;
+        if let Some(expected) = vmm_uid {
+            let peer = stream.peer_cred().map_err(FilesError::Connect)?.uid();
+            if peer != expected {
+                return Err(FilesError::NotTheVmm { expected, peer });
+            }
+        }
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .await
@@ -117,9 +130,10 @@ pub struct GuestFiles {
 }
 
 impl GuestFiles {
-    /// Connects to the file copy server of the VM in `vm_dir`.
-    pub async fn connect(vm_dir: &Path) -> Result<Self, FilesError> {
-        let stream = connect_vsock(vm_dir, FILES_PORT).await?;
+    /// Connects to the file copy server of the VM whose VMM's folder is `vm_dir` (and whose
+    /// jailed VMM runs as `vmm_uid`).
+    pub async fn connect(vm_dir: &Path, vmm_uid: Option<u32>) -> Result<Self, FilesError> {
+        let stream = connect_vsock(vm_dir, FILES_PORT, vmm_uid).await?;
         Ok(Self::over(stream))
     }
 

@@ -89,6 +89,14 @@ pub enum FilesError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The VMM's vsock socket is served by another uid than the VM's jailed VMM.
+    #[error("the VM's vsock socket is served by uid {peer}, not by its VMM (uid {expected})")]
+    NotTheVmm {
+        /// The VMM's uid.
+        expected: u32,
+        /// The peer's.
+        peer: u32,
+    },
     /// Connecting to the VMM's vsock socket failed.
     #[error("cannot reach the VM's file channel")]
     Connect(#[source] std::io::Error),
@@ -176,6 +184,7 @@ impl FilesError {
             Self::Archive(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Disk(e) => e.status(),
             Self::ConnectAnswer(_)
+            | Self::NotTheVmm { .. }
             | Self::Wire(_)
             | Self::Read(_)
             | Self::Write(_)
@@ -321,7 +330,7 @@ pub async fn put(
         .into());
     }
     let copied = async {
-        GuestFiles::connect(&vm.vmm_dir)
+        GuestFiles::connect(&vm.vmm_dir, vm.jail_uid())
             .await?
             .put(&dest, body, MAX_TAR_BYTES)
             .await
@@ -352,7 +361,9 @@ pub async fn get(
     let (vm, path) = target(&daemon, &id, query)?;
     let status = vm.status();
     let rx = match status {
-        VmStatus::Running | VmStatus::Starting => get_running(&vm.vmm_dir, &id, &path).await,
+        VmStatus::Running | VmStatus::Starting => {
+            get_running(&vm.vmm_dir, vm.jail_uid(), &id, &path).await
+        }
         s if s.is_terminal() => get_ended(&vm.dir, &id, &path).await,
         s => Err(FilesError::NotRunning {
             id: id.clone(),
@@ -380,10 +391,14 @@ fn tar_response(rx: mpsc::Receiver<Piece>) -> Response {
 /// relay and the re-write run on their own and the answer's body is returned.
 pub async fn get_running(
     vm_dir: &FsPath,
+    vmm_uid: Option<u32>,
     id: &str,
     path: &str,
 ) -> Result<mpsc::Receiver<Piece>, FilesError> {
-    let (first, replies) = GuestFiles::connect(vm_dir).await?.get(path).await?;
+    let (first, replies) = GuestFiles::connect(vm_dir, vmm_uid)
+        .await?
+        .get(path)
+        .await?;
     let (in_tx, in_rx) = mpsc::channel::<Piece>(QUEUE);
     let (out_tx, out_rx) = mpsc::channel::<Piece>(QUEUE);
     let (id, path) = (id.to_owned(), path.to_owned());

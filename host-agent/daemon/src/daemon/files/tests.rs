@@ -458,7 +458,7 @@ async fn a_folder_goes_in_and_comes_back_out_byte_for_byte() {
     let vm = sidecar_vm(Some(root.path().to_owned()));
     let tar = upload();
 
-    let conn = GuestFiles::connect(vm.path()).await.unwrap();
+    let conn = GuestFiles::connect(vm.path(), None).await.unwrap();
     let put = conn
         .put("/work", body_of(tar.clone(), 10_000), MAX_TAR_BYTES)
         .await
@@ -470,7 +470,9 @@ async fn a_folder_goes_in_and_comes_back_out_byte_for_byte() {
         pattern(70_001, 5)
     );
 
-    let rx = get_running(vm.path(), "vm", "/work/in").await.unwrap();
+    let rx = get_running(vm.path(), None, "vm", "/work/in")
+        .await
+        .unwrap();
     let got = listing(&collect(rx).await.unwrap());
     let want = listing(&tar);
     assert_eq!(got.len(), want.len());
@@ -485,7 +487,7 @@ async fn the_guests_refusals_come_back_with_their_status() {
     std::fs::create_dir(root.path().join("work")).unwrap();
     let vm = sidecar_vm(Some(root.path().to_owned()));
 
-    let e = get_running(vm.path(), "vm", "/work/missing")
+    let e = get_running(vm.path(), None, "vm", "/work/missing")
         .await
         .unwrap_err();
     assert_eq!(e.status(), StatusCode::NOT_FOUND, "{e:?}");
@@ -494,7 +496,7 @@ async fn the_guests_refusals_come_back_with_their_status() {
     let mut tar = tar::Builder::new(Vec::new());
     file(&mut tar, "ok", b"fine", 0o644);
     raw_entry(&mut tar, "../../escaped", EntryType::Regular, b"evil");
-    let conn = GuestFiles::connect(vm.path()).await.unwrap();
+    let conn = GuestFiles::connect(vm.path(), None).await.unwrap();
     let e = conn
         .put(
             "/work",
@@ -508,7 +510,7 @@ async fn the_guests_refusals_come_back_with_their_status() {
     assert!(!root.path().parent().unwrap().join("escaped").exists());
 
     // Over the cap: the daemon stops sending.
-    let conn = GuestFiles::connect(vm.path()).await.unwrap();
+    let conn = GuestFiles::connect(vm.path(), None).await.unwrap();
     let e = conn
         .put("/work", body_of(upload(), 4096), 10_000)
         .await
@@ -518,7 +520,7 @@ async fn the_guests_refusals_come_back_with_their_status() {
 
     // A guest whose root is not built yet.
     let not_ready = sidecar_vm(None);
-    let conn = GuestFiles::connect(not_ready.path()).await.unwrap();
+    let conn = GuestFiles::connect(not_ready.path(), None).await.unwrap();
     let e = conn
         .put("/work", body_of(upload(), 4096), MAX_TAR_BYTES)
         .await
@@ -529,17 +531,30 @@ async fn the_guests_refusals_come_back_with_their_status() {
 #[tokio::test]
 async fn a_vm_without_the_channel_is_a_conflict() {
     let nobody = tempfile::tempdir().unwrap();
-    let e = GuestFiles::connect(nobody.path()).await.unwrap_err();
+    let e = GuestFiles::connect(nobody.path(), None).await.unwrap_err();
     assert!(matches!(e, FilesError::Connect(_)), "{e:?}");
     assert_eq!(e.status(), StatusCode::CONFLICT);
 
     // The VMM accepts, then closes: no guest listens on the port.
     let closed = FakeVm::with_answer(b"", |_| {});
-    let e = GuestFiles::connect(closed.path()).await.unwrap_err();
+    let e = GuestFiles::connect(closed.path(), None).await.unwrap_err();
     assert!(matches!(e, FilesError::NotListening), "{e:?}");
 
+    // A socket served by another uid than the VM's jailed VMM (another VM's, behind a link the
+    // hostile VMM put in its folder) is refused before anything is sent.
+    let other = FakeVm::with_answer(b"OK 1\n", |_| {});
+    let me = nix::unistd::getuid().as_raw();
+    let e = GuestFiles::connect(other.path(), Some(me.wrapping_add(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, FilesError::NotTheVmm { peer, .. } if peer == me),
+        "{e:?}"
+    );
+    assert!(GuestFiles::connect(other.path(), Some(me)).await.is_ok());
+
     let odd = FakeVm::with_answer(b"NO\x1b[31m\n", |_| {});
-    let e = GuestFiles::connect(odd.path()).await.unwrap_err();
+    let e = GuestFiles::connect(odd.path(), None).await.unwrap_err();
     assert_eq!(
         error_chain(&e),
         "the VMM refused the connection: \"NO[31m\""
@@ -594,7 +609,7 @@ async fn a_hostile_guests_get_is_cut_short_before_it_reaches_the_client() {
             entries: 2,
         },
     ]);
-    let rx = get_running(vm.path(), "vm", "/out").await.unwrap();
+    let rx = get_running(vm.path(), None, "vm", "/out").await.unwrap();
     let cut = collect(rx).await;
     assert!(cut.is_err(), "the body fails instead of ending");
 
@@ -606,17 +621,19 @@ async fn a_hostile_guests_get_is_cut_short_before_it_reaches_the_client() {
         },
         FilesReply::error(FilesErrorKind::Io, "disk on fire"),
     ]);
-    let rx = get_running(vm.path(), "vm", "/out").await.unwrap();
+    let rx = get_running(vm.path(), None, "vm", "/out").await.unwrap();
     assert!(collect(rx).await.is_err());
 
     // A guest that sends a whole archive and then closes without `Done`.
     let vm = hostile_vm(vec![FilesReply::Chunk { data: good }]);
-    let rx = get_running(vm.path(), "vm", "/out").await.unwrap();
+    let rx = get_running(vm.path(), None, "vm", "/out").await.unwrap();
     assert!(collect(rx).await.is_err());
 
     // A refusal before any chunk is an answer with its status.
     let vm = hostile_vm(vec![FilesReply::error(FilesErrorKind::NotReady, "later")]);
-    let e = get_running(vm.path(), "vm", "/out").await.unwrap_err();
+    let e = get_running(vm.path(), None, "vm", "/out")
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), StatusCode::CONFLICT);
 }
 
