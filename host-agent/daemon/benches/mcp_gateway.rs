@@ -144,7 +144,7 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
         })
         .await?,
     );
-    let listener = Gateway::bind(dir.path())?;
+    let listener = Gateway::bind(dir.path(), None)?;
     let server = tokio::spawn(Arc::clone(&gateway).serve(listener));
     let socket = shared_proto::ports::host_listener_path(dir.path(), shared_proto::ports::MCP_PORT);
     let (read, mut write) = tokio::net::UnixStream::connect(&socket).await?.into_split();
