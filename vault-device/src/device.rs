@@ -393,6 +393,8 @@ impl Device {
         tracing::info!(host = %pairing.address, "link up");
 
         let (to_host, mut outgoing) = mpsc::channel::<DeviceToHost>(256);
+        // First on the link: the host switches to it only after this (see `DeviceToHost::Ready`).
+        let _ = to_host.send(DeviceToHost::Ready).await;
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(to_host.clone());
         let writer_transport = Arc::clone(&transport);
         let writer = tokio::spawn(async move {

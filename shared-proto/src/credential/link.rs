@@ -161,6 +161,11 @@ pub enum ApprovalAnswer {
 /// Device -> host, inside the link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceToHost {
+    /// The device's first message on a new link, sent as soon as the handshake is done. The
+    /// host takes a new link (and drops an older one) only once this arrives: a recorded first
+    /// handshake message, replayed, completes no handshake the replayer can speak on, so it
+    /// can no longer cut the live link.
+    Ready,
     /// Bytes for the sidecar.
     Data {
         /// The session.
@@ -248,7 +253,7 @@ impl Validate for DeviceToHost {
     fn validate(&self) -> Result<(), CredentialError> {
         match self {
             Self::Data { bytes, .. } => check_chunk(bytes, MAX_LINK_DATA),
-            Self::Close { .. } => Ok(()),
+            Self::Ready | Self::Close { .. } => Ok(()),
             Self::ApprovalNeeded {
                 vm_id,
                 credential,

@@ -90,7 +90,19 @@ impl Relay {
         noise::read_handshake(&mut hs, &first)?;
         let message = noise::write_handshake(&mut hs, &[])?;
         write_record(&mut write, &message).await?;
-        let transport = Arc::new(Mutex::new(hs.into_transport_mode()?));
+        let mut transport = hs.into_transport_mode()?;
+        // Only a device that holds the handshake's keys can say Ready: a replayed first message
+        // gets no further, and the live link stays (review finding M6).
+        let ready = timed(read.next()).await??;
+        let ready = noise::open(&mut transport, &ready)
+            .map_err(RelayError::from)
+            .and_then(|p| Ok(credential::decode_message::<DeviceToHost>(&p)?))?;
+        if ready != DeviceToHost::Ready {
+            return Err(RelayError::Refused(
+                "the device's first message was not Ready",
+            ));
+        }
+        let transport = Arc::new(Mutex::new(transport));
 
         let (tx, mut outgoing) = mpsc::channel::<HostToDevice>(256);
         let generation = {
@@ -138,6 +150,7 @@ impl Relay {
             let (session, bytes) = match msg {
                 DeviceToHost::Data { session, bytes } => (session, Some(bytes)),
                 DeviceToHost::Close { session } => (session, None),
+                DeviceToHost::Ready => break Err(RelayError::Refused("Ready twice")),
                 DeviceToHost::ApprovalNeeded {
                     request,
                     vm_id,

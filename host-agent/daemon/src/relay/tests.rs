@@ -156,3 +156,64 @@ async fn garbage_on_the_device_listener_is_refused() {
     assert!(!relay.is_linked());
     assert!(relay.paired_device().is_none());
 }
+
+/// Review finding M6: a recording of the device's first handshake message, replayed, must not
+/// take the link over from the live device (before the fix, the host switched links as soon as
+/// it had answered the replay, dropping the live link and every session on it).
+#[tokio::test]
+async fn a_replayed_first_handshake_message_does_not_drop_the_live_link() {
+    use shared_proto::credential::{DeviceToHost, LINK_MODE_LINK, noise};
+    let dir = tempfile::tempdir().unwrap();
+    let device = x25519_dalek::StaticSecret::from([7u8; 32]);
+    let device_public = x25519_dalek::PublicKey::from(&device).to_bytes();
+    std::fs::create_dir_all(dir.path().join("relay")).unwrap();
+    std::fs::write(
+        dir.path().join("relay/device.json"),
+        format!(
+            r#"{{"public_key":"{}","name":"phone"}}"#,
+            hex::encode(device_public)
+        ),
+    )
+    .unwrap();
+    let relay = Relay::open(dir.path(), "h").unwrap();
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+
+    // The device links up: its first message, the host's answer, then Ready.
+    let mut hs = noise::link_initiator(&device.to_bytes(), &relay.public_key()).unwrap();
+    let first = noise::write_handshake(&mut hs, &[]).unwrap();
+    let live = TcpStream::connect(addr).await.unwrap();
+    let (read, mut write) = live.into_split();
+    let mut read = link::RecordReader::new(read);
+    write.write_all(&[LINK_MODE_LINK]).await.unwrap();
+    link::write_record(&mut write, &first).await.unwrap();
+    noise::read_handshake(&mut hs, &read.next().await.unwrap()).unwrap();
+    let mut transport = hs.into_transport_mode().unwrap();
+    let ready = shared_proto::credential::encode_message(&DeviceToHost::Ready).unwrap();
+    let sealed = noise::seal(&mut transport, &ready).unwrap();
+    link::write_record(&mut write, &sealed).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), relay.wait_linked())
+        .await
+        .unwrap();
+    let generation = relay.lock().link.as_ref().unwrap().generation;
+
+    // The replay: the same first message on a new connection; the host answers it, and the
+    // replayer, who holds none of the keys, can say nothing more and hangs up.
+    let replay = TcpStream::connect(addr).await.unwrap();
+    let (replay_read, mut replay_write) = replay.into_split();
+    let mut replay_read = link::RecordReader::new(replay_read);
+    replay_write.write_all(&[LINK_MODE_LINK]).await.unwrap();
+    link::write_record(&mut replay_write, &first).await.unwrap();
+    assert!(
+        replay_read.next().await.is_ok(),
+        "the host answers the replay"
+    );
+    drop((replay_read, replay_write));
+
+    // However long the host takes over the replay, the live link stays the link.
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = relay.lock().link.as_ref().map(|l| l.generation);
+        assert_eq!(now, Some(generation), "the replay took the link over");
+    }
+    drop((read, write));
+}
