@@ -406,12 +406,29 @@ impl Daemon {
 
     /// The VMM processes of this daemon's VMs (run as `VMM --kernel ... --vm-dir STATE/vms/ID`),
     /// whether or not the daemon is still running.
+    ///
+    /// A jailed VMM is two processes with the same command line: the supervisor the daemon
+    /// started and, as its child, the VMM inside the jail. Only the first counts.
     pub fn vmm_processes(&self) -> Vec<u32> {
         let needle = self.state_dir().display().to_string();
-        processes_mentioning(&needle)
+        let all: Vec<u32> = processes_mentioning(&needle)
             .into_iter()
             .filter(|(_, argv)| argv.contains("\0--vm-dir\0"))
             .map(|(pid, _)| pid)
+            .collect();
+        let parent = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command name in parentheses: state, then the parent's pid.
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        all.iter()
+            .copied()
+            .filter(|pid| parent(*pid).is_none_or(|p| !all.contains(&p)))
             .collect()
     }
 }

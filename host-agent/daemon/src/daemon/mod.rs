@@ -485,6 +485,21 @@ fn read_manifest(path: &Path) -> Result<(PathBuf, PathBuf), DaemonError> {
     Ok((kernel, initrd))
 }
 
+/// Raises the soft limit on open files to the hard one: every VM holds a few listeners and
+/// every agent session a connection, and the default soft limit (often 1024) is reached long
+/// before memory or CPU are.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(error = %e, soft, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 fn create_dir(path: &Path, mode: u32) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -576,6 +591,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             .map_err(DaemonError::CurrentExe)?
             .with_file_name(VMM_BIN_NAME),
     };
+    raise_open_file_limit();
     let jail = jail::JailSettings::new(
         args.jail,
         args.jail_uid_base,

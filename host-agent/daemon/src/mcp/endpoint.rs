@@ -25,6 +25,12 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 pub const MAX_ARGUMENT_BYTES: usize = 256 << 10;
 /// How many request ids one session may use (a replay check needs them all).
 pub const MAX_REQUEST_IDS: usize = 1 << 16;
+/// How long a session may stay silent before it is closed (an agent between two steps of its
+/// work is silent for seconds to minutes; a connection held open for nothing is not kept).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+/// How long one reply may take to be written before the session is closed: an agent that does
+/// not read its answers must not hold the gateway's task.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The longest request id accepted, in bytes of its text. SDKs send integers or UUIDs; a longer
 /// id is refused, and the session remembers each id as a 32-byte digest whatever its length.
 pub const MAX_ID_BYTES: usize = 256;
@@ -59,10 +65,15 @@ where
     loop {
         line.clear();
         let mut limited = (&mut read).take(MAX_MESSAGE_BYTES as u64 + 1);
-        let n = match limited.read_until(b'\n', &mut line).await {
-            Ok(n) => n,
-            Err(e) => {
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)).await
+        {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "mcp: read failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("mcp: session idle; closing");
                 return;
             }
         };
@@ -92,8 +103,13 @@ where
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, reply: &Value) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec(reply).unwrap_or_default();
     bytes.push(b'\n');
-    w.write_all(&bytes).await?;
-    w.flush().await
+    let write = async {
+        w.write_all(&bytes).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 fn error(id: Value, code: i64, message: &str) -> Value {

@@ -223,9 +223,11 @@ impl Gateway {
     /// limit is closed at once).
     pub async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
         let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
+        let mut backoff = crate::relay::AcceptBackoff::new("mcp");
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    backoff.ok();
                     let Ok(permit) = Arc::clone(&sessions).try_acquire_owned() else {
                         tracing::debug!("mcp: session limit reached; closing a connection");
                         drop(stream);
@@ -237,10 +239,7 @@ impl Gateway {
                         drop(permit);
                     });
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "mcp: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                Err(e) => backoff.failed(&e).await,
             }
         }
     }
@@ -582,5 +581,70 @@ mod tests {
         let c: Map<String, Value> = serde_json::from_str(r#"{"a": 1}"#).unwrap();
         assert_ne!(args_digest(&a), args_digest(&c));
         assert_eq!(args_digest(&c), audit::digest(br#"{"a":1}"#));
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn gateway(dir: &std::path::Path) -> Arc<Gateway> {
+        let policy = AccessPolicy::from_toml("name = \"t\"\ntier = \"worker\"\n").unwrap();
+        let config = GatewayConfig {
+            agent: "t@vm".into(),
+            vm_id: "vm".into(),
+            policy: Arc::new(policy),
+            audit: Arc::new(AuditLog::open(dir.join("audit.ndjson")).unwrap()),
+            approver: Arc::new(crate::approval::DenyAll),
+            spawner: None,
+            tokens: None,
+        };
+        Arc::new(Gateway::connect(config).await.unwrap())
+    }
+
+    /// Review finding H4: a session that says nothing is closed after the idle timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_session_is_closed_after_the_idle_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path()).await;
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let served = tokio::spawn(async move { gw.serve_connection(theirs).await });
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(endpoint::IDLE_TIMEOUT * 2, served)
+            .await
+            .expect("the silent session is closed")
+            .unwrap();
+        assert!(start.elapsed() >= endpoint::IDLE_TIMEOUT);
+        drop(ours);
+    }
+
+    /// Review finding L6: an agent that sends requests but never reads the answers does not
+    /// hold the session's task: the blocked reply times out and the session ends.
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_never_reads_its_answers_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = gateway(dir.path()).await;
+        let (mut ours, theirs) = tokio::io::duplex(1024);
+        let served = tokio::spawn(async move { gw.serve_connection(theirs).await });
+        // Each line is answered with a parse error longer than the line; the small pipe fills.
+        let writer = tokio::spawn(async move {
+            for _ in 0..10_000 {
+                if ours.write_all(b"x\n").await.is_err() {
+                    break;
+                }
+            }
+            ours
+        });
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(endpoint::IDLE_TIMEOUT, served)
+            .await
+            .expect("the session is cut before it would idle out")
+            .unwrap();
+        assert!(start.elapsed() >= endpoint::WRITE_TIMEOUT);
+        assert!(start.elapsed() < endpoint::IDLE_TIMEOUT);
+        let mut ours = writer.await.unwrap();
+        let mut rest = Vec::new();
+        let _ = ours.read_to_end(&mut rest).await;
     }
 }

@@ -20,8 +20,46 @@ use super::{Link, Relay, RelayError};
 const SLOW_PEER: std::time::Duration = std::time::Duration::from_secs(5);
 /// How much is read from a device connection at once.
 const READ_CHUNK: usize = 16 * 1024;
-/// How long a device has to finish a handshake.
+/// How long a device has to finish a handshake (and to send its first byte).
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Device connections served at once. One device links and, at times, pairs: the rest is
+/// somebody else, and is closed at once.
+pub const MAX_DEVICE_CONNECTIONS: usize = 32;
+/// Device connections served at once from one address.
+pub const MAX_DEVICE_CONNECTIONS_PER_PEER: usize = 4;
+
+/// Waits after a failed `accept` (out of file descriptors, say), longer each time it fails in
+/// a row, so that an accept loop never spins; logs the first failure of a run.
+pub(crate) struct AcceptBackoff {
+    delay: std::time::Duration,
+    what: &'static str,
+}
+
+impl AcceptBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+    const MOST: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub(crate) fn new(what: &'static str) -> Self {
+        Self {
+            delay: Self::FIRST,
+            what,
+        }
+    }
+
+    /// After a failure: logs it if it starts a run, then sleeps.
+    pub(crate) async fn failed(&mut self, error: &std::io::Error) {
+        if self.delay == Self::FIRST {
+            tracing::warn!(listener = self.what, %error, "accept failed; backing off");
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Self::MOST);
+    }
+
+    /// After a success.
+    pub(crate) fn ok(&mut self) {
+        self.delay = Self::FIRST;
+    }
+}
 
 impl Relay {
     /// Whether a device link is up.
@@ -49,8 +87,26 @@ impl Relay {
         let local = listener.local_addr().map_err(RelayError::Io)?;
         let relay = Arc::clone(self);
         let task = tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_DEVICE_CONNECTIONS));
+            let per_peer: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+            let mut backoff = AcceptBackoff::new("device");
+            let mut refused = crate::daemon::ratelimit::LogBudget::default();
             loop {
-                let Ok((stream, peer)) = listener.accept().await else {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => {
+                        backoff.ok();
+                        accepted
+                    }
+                    Err(e) => {
+                        backoff.failed(&e).await;
+                        continue;
+                    }
+                };
+                let Some(slot) = PeerSlot::take(&slots, &per_peer, peer.ip()) else {
+                    if let Some(suppressed) = refused.admit(std::time::Instant::now()) {
+                        tracing::warn!(%peer, suppressed, "device listener: too many connections; closing");
+                    }
+                    drop(stream);
                     continue;
                 };
                 let relay = Arc::clone(&relay);
@@ -58,6 +114,7 @@ impl Relay {
                     if let Err(e) = relay.serve_device(stream).await {
                         tracing::warn!(%peer, error = %crate::error_chain(&e), "device connection");
                     }
+                    drop(slot);
                 });
             }
         });
@@ -68,9 +125,8 @@ impl Relay {
     async fn serve_device(self: Arc<Self>, mut stream: TcpStream) -> Result<(), RelayError> {
         let _ = stream.set_nodelay(true);
         let mut mode = [0u8; 1];
-        stream
-            .read_exact(&mut mode)
-            .await
+        timed(stream.read_exact(&mut mode))
+            .await?
             .map_err(|_| RelayError::Closed)?;
         match mode[0] {
             LINK_MODE_PAIR => self.pair(stream).await,
@@ -211,6 +267,47 @@ impl Relay {
         }
         tracing::info!(generation, "device link down");
         result
+    }
+}
+
+/// A device connection's place: one of [`MAX_DEVICE_CONNECTIONS`], and one of its address's
+/// [`MAX_DEVICE_CONNECTIONS_PER_PEER`]; both are given back on drop.
+struct PeerSlot {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    peers: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        slots: &Arc<tokio::sync::Semaphore>,
+        peers: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let slot = Arc::clone(slots).try_acquire_owned().ok()?;
+        let mut map = peers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_DEVICE_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            _slot: slot,
+            peers: Arc::clone(peers),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -79,6 +79,7 @@ use zeroize::Zeroizing;
 
 use crate::approval::Approver;
 
+pub(crate) use link::AcceptBackoff;
 pub use sidecar::{VmRelay, proxy_socket_path};
 
 /// Wrong pairing codes tolerated before the code is replaced.

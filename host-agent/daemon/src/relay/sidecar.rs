@@ -13,6 +13,10 @@ use tokio::task::JoinHandle;
 
 use super::{MAX_SESSIONS_PER_VM, Relay, RelayError, TokenCursor, VmIdentity};
 
+/// How long a credential session may carry no bytes either way before it is cut (a proxied
+/// call that waits on a slow upstream still sees bytes well within this).
+pub const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
 /// The path of a VM's credential proxy listener.
 pub fn proxy_socket_path(vm_dir: &Path) -> PathBuf {
     shared_proto::ports::host_listener_path(vm_dir, CREDENTIAL_PROXY_PORT)
@@ -44,9 +48,17 @@ impl Relay {
         let slots = Arc::new(Semaphore::new(MAX_SESSIONS_PER_VM));
         let cursor = Arc::new(tokio::sync::Mutex::new(TokenCursor::default()));
         let task = tokio::spawn(async move {
+            let mut backoff = super::link::AcceptBackoff::new("credential");
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => {
+                        backoff.ok();
+                        stream
+                    }
+                    Err(e) => {
+                        backoff.failed(&e).await;
+                        continue;
+                    }
                 };
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                     drop(stream);
@@ -140,6 +152,14 @@ impl Relay {
             .await
             .map_err(|_| RelayError::Closed)?;
         let (mut read, mut write) = stream.into_split();
+        let start = tokio::time::Instant::now();
+        let last_activity = std::sync::atomic::AtomicU64::new(0);
+        let touch = || {
+            last_activity.store(
+                start.elapsed().as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        };
         let up = async {
             let mut buf = vec![0u8; MAX_LINK_DATA];
             loop {
@@ -147,6 +167,7 @@ impl Relay {
                 if n == 0 {
                     break;
                 }
+                touch();
                 to_device
                     .send(HostToDevice::Data {
                         session,
@@ -160,15 +181,33 @@ impl Relay {
         };
         let down = async {
             while let Some(bytes) = from_device.recv().await {
+                touch();
                 write.write_all(&bytes).await.map_err(RelayError::Io)?;
             }
             let _ = write.shutdown().await;
             Ok::<(), RelayError>(())
         };
         // The session ends when the device closes it; the sidecar's half-close only ends `up`.
-        let (up, down) = tokio::join!(up, down);
+        // A session with no traffic either way for SESSION_IDLE is cut.
+        let idle = async {
+            loop {
+                tokio::time::sleep(SESSION_IDLE / 8).await;
+                let quiet = start.elapsed().as_millis() as u64
+                    - last_activity.load(std::sync::atomic::Ordering::Relaxed);
+                if quiet >= SESSION_IDLE.as_millis() as u64 {
+                    break;
+                }
+            }
+        };
+        let result = tokio::select! {
+            (up, down) = async { tokio::join!(up, down) } => up.and(down),
+            () = idle => {
+                let _ = to_device.send(HostToDevice::Close { session }).await;
+                Err(RelayError::Timeout)
+            }
+        };
         self.forget(session);
-        up.and(down)
+        result
     }
 
     pub(super) fn forget(&self, session: u64) {

@@ -157,29 +157,37 @@ async fn garbage_on_the_device_listener_is_refused() {
     assert!(relay.paired_device().is_none());
 }
 
-/// Review finding M6: a recording of the device's first handshake message, replayed, must not
-/// take the link over from the live device (before the fix, the host switched links as soon as
-/// it had answered the replay, dropping the live link and every session on it).
-#[tokio::test]
-async fn a_replayed_first_handshake_message_does_not_drop_the_live_link() {
-    use shared_proto::credential::{DeviceToHost, LINK_MODE_LINK, noise};
-    let dir = tempfile::tempdir().unwrap();
-    let device = x25519_dalek::StaticSecret::from([7u8; 32]);
+/// A relay in `dir` whose paired device is pinned as [`DEVICE_KEY`]'s public key.
+fn pinned_relay(dir: &std::path::Path) -> Arc<Relay> {
+    let device = x25519_dalek::StaticSecret::from(DEVICE_KEY);
     let device_public = x25519_dalek::PublicKey::from(&device).to_bytes();
-    std::fs::create_dir_all(dir.path().join("relay")).unwrap();
+    std::fs::create_dir_all(dir.join("relay")).unwrap();
     std::fs::write(
-        dir.path().join("relay/device.json"),
+        dir.join("relay/device.json"),
         format!(
             r#"{{"public_key":"{}","name":"phone"}}"#,
             hex::encode(device_public)
         ),
     )
     .unwrap();
-    let relay = Relay::open(dir.path(), "h").unwrap();
-    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    Relay::open(dir, "h").unwrap()
+}
 
-    // The device links up: its first message, the host's answer, then Ready.
-    let mut hs = noise::link_initiator(&device.to_bytes(), &relay.public_key()).unwrap();
+/// The pinned device's static key.
+const DEVICE_KEY: [u8; 32] = [7; 32];
+
+/// Links the pinned device to the relay at `addr` (its first message `first`, the host's
+/// answer, then Ready) and waits until the relay has taken the link. Returns the connection.
+async fn link_device(
+    relay: &Relay,
+    addr: std::net::SocketAddr,
+) -> (
+    Vec<u8>,
+    link::RecordReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    use shared_proto::credential::{DeviceToHost, LINK_MODE_LINK, noise};
+    let mut hs = noise::link_initiator(&DEVICE_KEY, &relay.public_key()).unwrap();
     let first = noise::write_handshake(&mut hs, &[]).unwrap();
     let live = TcpStream::connect(addr).await.unwrap();
     let (read, mut write) = live.into_split();
@@ -194,6 +202,19 @@ async fn a_replayed_first_handshake_message_does_not_drop_the_live_link() {
     tokio::time::timeout(std::time::Duration::from_secs(10), relay.wait_linked())
         .await
         .unwrap();
+    (first, read, write)
+}
+
+/// Review finding M6: a recording of the device's first handshake message, replayed, must not
+/// take the link over from the live device (before the fix, the host switched links as soon as
+/// it had answered the replay, dropping the live link and every session on it).
+#[tokio::test]
+async fn a_replayed_first_handshake_message_does_not_drop_the_live_link() {
+    use shared_proto::credential::LINK_MODE_LINK;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (first, read, write) = link_device(&relay, addr).await;
     let generation = relay.lock().link.as_ref().unwrap().generation;
 
     // The replay: the same first message on a new connection; the host answers it, and the
@@ -216,4 +237,61 @@ async fn a_replayed_first_handshake_message_does_not_drop_the_live_link() {
         assert_eq!(now, Some(generation), "the replay took the link over");
     }
     drop((read, write));
+}
+
+/// Review finding H4: 2,000 idle connections to the device listener. All but a few are closed
+/// at once, the relay holds a bounded number of descriptors, and the device still links once
+/// the idle ones are gone.
+#[tokio::test]
+async fn two_thousand_idle_device_connections_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    // This test's own 2,000 ends need descriptors too.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = open_fds();
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        match TcpStream::connect(addr).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    // Every connection over the per-address cap is closed by the relay: reading it ends.
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), s.read(&mut b)).await
+        {
+            closed += 1;
+        }
+        if closed >= 2000 - link::MAX_DEVICE_CONNECTIONS_PER_PEER {
+            break;
+        }
+    }
+    assert_eq!(closed, 2000 - link::MAX_DEVICE_CONNECTIONS_PER_PEER);
+    // Our 2,000 ends are ours; the relay's side holds at most its cap.
+    let held_by_relay = open_fds() - before - idle.len();
+    assert!(
+        held_by_relay <= link::MAX_DEVICE_CONNECTIONS_PER_PEER + 8,
+        "the relay holds {held_by_relay} descriptors"
+    );
+    drop(idle);
+    // The idle ones gone, the device links.
+    let _link = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            let linked =
+                tokio::time::timeout(std::time::Duration::from_secs(2), link_device(&relay, addr))
+                    .await;
+            if let Ok(link) = linked {
+                break link;
+            }
+        }
+    })
+    .await
+    .expect("the device links after the flood");
 }
