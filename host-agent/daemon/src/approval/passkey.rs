@@ -59,6 +59,10 @@ pub const MAX_EVIDENCE: usize = 256;
 
 /// The most requests pending at once; more are denied (a flooding agent cannot grow memory).
 pub const MAX_PENDING: usize = 256;
+/// The most requests one VM's agent may have pending at once; more are denied, so that one
+/// agent can neither crowd out the others nor flood the user with notifications (each
+/// notification goes out for an admitted request only).
+pub const MAX_PENDING_PER_AGENT: usize = 8;
 
 /// Errors of the passkey approver.
 #[derive(Debug, thiserror::Error)]
@@ -484,6 +488,16 @@ impl PasskeyApprover {
             if st.pending.len() >= MAX_PENDING {
                 return denied(format!("too many pending approvals (limit {MAX_PENDING})"));
             }
+            let mine = st
+                .pending
+                .values()
+                .filter(|p| p.request.vm_id == request.vm_id)
+                .count();
+            if mine >= MAX_PENDING_PER_AGENT {
+                return denied(format!(
+                    "too many pending approvals for this agent (limit {MAX_PENDING_PER_AGENT})"
+                ));
+            }
             // Recorded before anyone can approve it.
             let recorded = self.record(
                 "approval_request",
@@ -683,6 +697,53 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("nothing pending");
+    }
+
+    /// Review finding L2: one agent's flood of asks stops at its own cap, and another agent
+    /// can still ask.
+    #[tokio::test]
+    async fn one_agent_cannot_hold_more_than_its_share_of_pending_approvals() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = approver(dir.path(), Duration::from_secs(30));
+        let mut waiters = Vec::new();
+        for _ in 0..MAX_PENDING_PER_AGENT {
+            let a = a.clone();
+            waiters.push(tokio::spawn(async move { a.request(subject()).await }));
+        }
+        for _ in 0..200 {
+            if a.pending().len() == MAX_PENDING_PER_AGENT {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(a.pending().len(), MAX_PENDING_PER_AGENT);
+        match a.request(subject()).await {
+            ApprovalOutcome::Denied { reason } => {
+                assert!(reason.contains("for this agent"), "{reason}")
+            }
+            other => panic!("over the cap: {other:?}"),
+        }
+        let other = {
+            let a = a.clone();
+            let mut s = subject();
+            s.vm_id = "vm-2".into();
+            tokio::spawn(async move { a.request(s).await })
+        };
+        for _ in 0..200 {
+            if a.pending().len() == MAX_PENDING_PER_AGENT + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            a.pending().len(),
+            MAX_PENDING_PER_AGENT + 1,
+            "another agent may ask"
+        );
+        other.abort();
+        for w in waiters {
+            w.abort();
+        }
     }
 
     #[tokio::test]
