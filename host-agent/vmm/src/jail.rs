@@ -83,8 +83,8 @@ pub enum JailError {
     /// uid or gid 0 would not drop anything.
     #[error("the jail's uid and gid must not be 0")]
     RootIds,
-    /// A path given to the VMM is not absolute or has no usable name.
-    #[error("{what} {path:?} must be an absolute path")]
+    /// A path given to the VMM cannot be made absolute.
+    #[error("cannot make {what} {path:?} an absolute path")]
     Relative {
         /// Which path.
         what: &'static str,
@@ -197,6 +197,28 @@ impl JailedPaths {
         }
         config.vm_dir = PathBuf::from("/");
     }
+}
+
+/// Makes every host path of `config` absolute (from the current directory), since the jail
+/// binds them by path before it leaves the host's tree.
+fn absolutize(config: &mut crate::VmConfig) -> Result<(), JailError> {
+    let abs = |what, p: &mut PathBuf| -> Result<(), JailError> {
+        *p = std::path::absolute(&*p).map_err(|_| JailError::Relative {
+            what,
+            path: p.clone(),
+        })?;
+        Ok(())
+    };
+    abs("the VM folder", &mut config.vm_dir)?;
+    abs("the kernel", &mut config.kernel)?;
+    abs("the initramfs", &mut config.initrd)?;
+    for d in &mut config.disks {
+        abs("a disk", &mut d.path)?;
+    }
+    if let crate::ConsoleTarget::File(p) = &mut config.console {
+        abs("the console log", p)?;
+    }
+    Ok(())
 }
 
 /// The file-size limit: the largest file the VMM writes is a disk (written in place) or the
@@ -428,6 +450,7 @@ pub fn enter(jail: &JailConfig, config: &mut crate::VmConfig) -> Result<(), Jail
     if jail.uid == 0 || jail.gid == 0 {
         return Err(JailError::RootIds);
     }
+    absolutize(config)?;
     let paths = JailedPaths::of(config)?;
     let fsize = file_size_limit(config);
     join_cgroups(&jail.cgroups)?;
