@@ -171,9 +171,16 @@ impl AccessPolicy {
     ///
     /// A child is within its parent when it is a worker; every server it names is one of the
     /// parent's, defined the same way; every tool it lists is the parent's, on the same server,
-    /// with every argument constraint of the parent's present and at least as narrow; and no tool
-    /// that needs approval in the parent is free of approval in the child. Only a worker can be
-    /// spawned without approval: orchestrator-tier tools are never granted onward.
+    /// with every argument constraint of the parent's present and at least as narrow (under a
+    /// parent's `prefix`, every `one_of` value of the child must start with it and hold no `..`
+    /// segment or encoding of one, see `wider`); and no tool that needs approval in the parent
+    /// is free of approval in the child. Only a worker can be spawned without approval:
+    /// orchestrator-tier tools are never granted onward.
+    ///
+    /// The guard holds down a chain of spawns: each child is compared with its parent, whose own
+    /// bounds were compared with its parent's, so a set value under an ancestor's prefix is
+    /// checked at every generation. Only the user's approval of a spawn breaks the chain, and
+    /// then the approval request names the escaping value.
     pub fn spawn_excess(&self, child: &Profile) -> Vec<String> {
         let parent = &self.profile;
         let mut out = Vec::new();
@@ -213,12 +220,15 @@ impl AccessPolicy {
                 ));
             }
             for (arg, bound) in &mine.args {
-                match tool.args.get(arg) {
-                    Some(c) if narrower(c, bound) => {}
-                    _ => out.push(format!(
-                        "tool `{}` argument `{arg}` is wider than the parent's",
+                let why = match tool.args.get(arg) {
+                    Some(c) => wider(c, bound),
+                    None => Some("it is unconstrained".into()),
+                };
+                if let Some(why) = why {
+                    out.push(format!(
+                        "tool `{}` argument `{arg}` is wider than the parent's: {why}",
                         tool.name
-                    )),
+                    ));
                 }
             }
         }
@@ -226,31 +236,72 @@ impl AccessPolicy {
     }
 }
 
-/// Whether constraint `c` admits no value that `bound` refuses.
-fn narrower(c: &ArgConstraint, bound: &ArgConstraint) -> bool {
+/// Why constraint `c` admits a value that `bound` refuses, or `None` when it admits none.
+///
+/// Under a parent's `prefix`, every string bound of the child must stay under it: each `one_of`
+/// value, and the child's own prefix when it has no set, must start with the parent's prefix
+/// and must not step out of it (a `..` segment, an encoded dot, slash or backslash, or a
+/// backslash: what the compiled `prefix` rule refuses). An escaping set value is refused even
+/// when the child's own prefix would deny it at call time: the spawn is plainly asking for it.
+fn wider(c: &ArgConstraint, bound: &ArgConstraint) -> Option<String> {
     if c.arg_type() != bound.arg_type() {
-        return false;
+        return Some("it has another type".into());
     }
-    let prefix_ok = match (&bound.prefix, &c.prefix, &c.one_of) {
-        (None, _, _) => true,
-        (Some(p), Some(q), _) if q.starts_with(p.as_str()) => true,
-        (Some(p), _, Some(set)) => set.iter().all(|s| s.starts_with(p.as_str())),
-        _ => false,
-    };
-    let set_ok = match (&bound.one_of, &c.one_of) {
-        (None, _) => true,
-        (Some(set), Some(mine)) => mine.iter().all(|s| set.contains(s)),
-        (Some(_), None) => false,
-    };
-    let min_ok = match (bound.min, c.min) {
-        (None, _) => true,
-        (Some(b), Some(m)) => m >= b,
-        (Some(_), None) => false,
-    };
-    let max_ok = match (bound.max, c.max) {
-        (None, _) => true,
-        (Some(b), Some(m)) => m <= b,
-        (Some(_), None) => false,
-    };
-    prefix_ok && set_ok && min_ok && max_ok
+    if let Some(p) = &bound.prefix {
+        let outside = |s: &str| {
+            if !s.starts_with(p.as_str()) {
+                Some(format!(
+                    "`{}` is not under the prefix `{}`",
+                    s.escape_debug(),
+                    p.escape_debug()
+                ))
+            } else if cedar::steps_out(s) {
+                Some(format!(
+                    "`{}` steps out of the prefix `{}` (a `..` segment, an encoded dot, slash or \
+                     backslash, or a backslash)",
+                    s.escape_debug(),
+                    p.escape_debug()
+                ))
+            } else {
+                None
+            }
+        };
+        match (&c.one_of, &c.prefix) {
+            (Some(set), _) => {
+                if let Some(why) = set.iter().find_map(|s| outside(s)) {
+                    return Some(format!("`one_of` value {why}"));
+                }
+            }
+            (None, Some(q)) => {
+                if let Some(why) = outside(q) {
+                    return Some(format!("prefix {why}"));
+                }
+            }
+            (None, None) => return Some(format!("it has no prefix under `{}`", p.escape_debug())),
+        }
+    }
+    if let Some(set) = &bound.one_of {
+        match &c.one_of {
+            Some(mine) => {
+                if let Some(v) = mine.iter().find(|s| !set.contains(s)) {
+                    return Some(format!(
+                        "`one_of` value `{}` is not the parent's",
+                        v.escape_debug()
+                    ));
+                }
+            }
+            None => return Some("it has no `one_of` within the parent's".into()),
+        }
+    }
+    match (bound.min, c.min) {
+        (Some(b), Some(m)) if m < b => return Some(format!("min {m} is below the parent's {b}")),
+        (Some(b), None) => return Some(format!("it has no min (the parent's is {b})")),
+        _ => {}
+    }
+    match (bound.max, c.max) {
+        (Some(b), Some(m)) if m > b => return Some(format!("max {m} is over the parent's {b}")),
+        (Some(b), None) => return Some(format!("it has no max (the parent's is {b})")),
+        _ => {}
+    }
+    None
 }

@@ -124,7 +124,8 @@ pub struct ArgConstraint {
     /// The string must start with this.
     #[serde(default)]
     pub prefix: Option<String>,
-    /// The string must be one of these.
+    /// The string must be one of these (and, for an argument some tool bounds by `prefix`, hold
+    /// no `..` segment or encoding of one).
     #[serde(default)]
     pub one_of: Option<Vec<String>>,
     /// The integer must be at least this.

@@ -346,3 +346,146 @@ fn a_profile_survives_a_toml_round_trip() {
         assert_eq!(Profile::from_toml(&text).unwrap(), p, "{text}");
     }
 }
+
+/// Values that step out from under a prefix: a `..` segment, what an upstream may decode into
+/// one (encoded dots, slashes, backslashes) and a backslash.
+const ESCAPING: &[&str] = &[
+    "/data/../etc/shadow",
+    "/data/x/..",
+    "/data/%2e%2e/etc/shadow",
+    "/data/%2E%2E/etc/shadow",
+    "/data/..%2fetc/shadow",
+    "/data/..%2Fetc/shadow",
+    "/data/..%5cetc",
+    "/data/..%5Cetc",
+    "/data/..\\etc\\shadow",
+];
+
+/// A worker holding `read_file` with `path` bound as given (TOML inline table).
+fn reader(bound: &str) -> Profile {
+    let text = format!(
+        "name = \"reader\"\ntier = \"worker\"\n[servers.files]\n\
+         command = [\"python3\", \"tests/peers/mcp_upstream.py\"]\n[[tools]]\n\
+         server = \"files\"\nname = \"read_file\"\nargs.path = {bound}\n"
+    );
+    Profile::from_toml(&text).unwrap_or_else(|e| panic!("{bound}: {}", crate::error_chain(&e)))
+}
+
+/// Review finding H1: a child's `one_of` values under the parent's `prefix` skipped the `..`
+/// guard, so an orchestrator bound to `/data/` could spawn, with no approval, a worker allowed
+/// to read `/data/../etc/shadow`.
+#[test]
+fn spawn_refuses_one_of_values_that_step_out_of_the_parents_prefix() {
+    let orch = example("orchestrator.toml");
+    for value in ESCAPING {
+        let quoted = toml::Value::String((*value).into()).to_string();
+        for bound in [
+            format!("{{ one_of = [{quoted}] }}"),
+            format!("{{ one_of = [\"/data/a\", {quoted}] }}"),
+            // A prefix of the child's own does not excuse an escaping value next to it.
+            format!("{{ prefix = \"/data/\", one_of = [{quoted}] }}"),
+        ] {
+            let excess = orch.spawn_excess(&reader(&bound));
+            assert!(
+                excess
+                    .iter()
+                    .any(|e| e.contains("read_file") && e.contains("wider")),
+                "{bound}: {excess:?}"
+            );
+        }
+    }
+    // A value outside the prefix, and a child prefix that itself steps out.
+    for bound in [
+        "{ one_of = [\"/etc/shadow\"] }",
+        "{ prefix = \"/data/../etc/\" }",
+        "{ prefix = \"/data/%2e%2e/\" }",
+    ] {
+        assert!(!orch.spawn_excess(&reader(bound)).is_empty(), "{bound}");
+    }
+    // Values safely under the prefix still spawn without approval (`..` inside a name is not a
+    // segment).
+    for bound in [
+        "{ one_of = [\"/data/a.txt\", \"/data/x..y/z\"] }",
+        "{ prefix = \"/data/reports/\" }",
+        "{ prefix = \"/etc/\", one_of = [\"/data/a\"] }",
+    ] {
+        assert_eq!(
+            orch.spawn_excess(&reader(bound)),
+            Vec::<String>::new(),
+            "{bound}"
+        );
+    }
+}
+
+/// Review finding H1, evaluation: a `one_of` rule of an argument the profile bounds by a prefix
+/// carries the same escape guard, so an escaping value in the set never matches.
+#[test]
+fn one_of_values_of_a_prefix_bounded_argument_cannot_step_out() {
+    for value in ESCAPING {
+        let quoted = toml::Value::String((*value).into()).to_string();
+        let text = format!(
+            "name = \"t\"\ntier = \"worker\"\n[servers.files]\ncommand = [\"true\"]\n\
+             [[tools]]\nserver = \"files\"\nname = \"read_file\"\n\
+             args.path = {{ prefix = \"/data/\" }}\n\
+             [[tools]]\nserver = \"files\"\nname = \"stat\"\n\
+             args.path = {{ one_of = [\"/data/ok\", {quoted}] }}\n"
+        );
+        let p = AccessPolicy::from_toml(&text).unwrap();
+        let d = p
+            .decide("a", "stat", &args(json!({ "path": value })), false)
+            .unwrap();
+        assert_eq!(d.rule(), "arg:files/stat/path.one_of", "{value}: {d:?}");
+        assert_eq!(d.kind(), "deny", "{value}");
+        let ok = p
+            .decide("a", "stat", &args(json!({"path": "/data/ok"})), false)
+            .unwrap();
+        assert_eq!(ok.kind(), "allow", "{value}");
+        // The orchestrator the worker would have been spawned by refuses the call too.
+        let orch = example("orchestrator.toml");
+        let d = orch
+            .decide("a", "read_file", &args(json!({ "path": value })), false)
+            .unwrap();
+        assert_eq!(d.kind(), "deny", "{value}");
+    }
+    // An argument no tool bounds by a prefix keeps its literal set.
+    let p = example("worker.toml");
+    let d = p
+        .decide(
+            "a",
+            "transfer",
+            &args(json!({"amount": 5, "account": "acct-ops"})),
+            false,
+        )
+        .unwrap();
+    assert_eq!(d.kind(), "allow");
+}
+
+/// The Rust test the spawn comparison uses (`cedar::steps_out`) and the compiled `prefix` rule
+/// agree: a value under the prefix is denied exactly when the Rust test says it steps out.
+#[test]
+fn the_spawn_escape_test_agrees_with_the_compiled_prefix_rule() {
+    let p = AccessPolicy::new(reader("{ prefix = \"/data/\" }")).unwrap();
+    let safe = [
+        "/data/a",
+        "/data/x..y",
+        "/data/..x/y",
+        "/data/x/...",
+        "/data/x/.../y",
+        "/data/%41",
+        "/data/2e/2f",
+        "/data/",
+    ];
+    for value in ESCAPING.iter().chain(&safe) {
+        let d = p
+            .decide("a", "read_file", &args(json!({ "path": value })), false)
+            .unwrap();
+        assert_eq!(
+            d.kind() == "deny",
+            cedar::steps_out(value),
+            "{value}: {d:?}"
+        );
+    }
+    for value in safe {
+        assert!(!cedar::steps_out(value), "{value}");
+    }
+}
