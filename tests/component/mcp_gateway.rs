@@ -46,6 +46,7 @@ args.path = {{ prefix = "/data/" }}
 server = "files"
 name = "write_file"
 args.path = {{ prefix = "/data/out/" }}
+other_args = "allow"
 
 [[tools]]
 server = "files"
@@ -393,6 +394,7 @@ url = "http://127.0.0.1:{port}/mcp"
 server = "web"
 name = "transfer"
 args.amount = {{ max = 10 }}
+args.account = {{ one_of = ["a"] }}
 "#
             )
         },
