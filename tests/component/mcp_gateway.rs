@@ -46,6 +46,7 @@ args.path = {{ prefix = "/data/" }}
 server = "files"
 name = "write_file"
 args.path = {{ prefix = "/data/out/" }}
+other_args = "allow"
 
 [[tools]]
 server = "files"
@@ -393,6 +394,7 @@ url = "http://127.0.0.1:{port}/mcp"
 server = "web"
 name = "transfer"
 args.amount = {{ max = 10 }}
+args.account = {{ one_of = ["a"] }}
 "#
             )
         },
@@ -412,6 +414,67 @@ args.amount = {{ max = 10 }}
     assert_eq!(out[2]["error"]["code"], DENIED);
     fx.stop().await;
     let _ = child.kill().await;
+}
+
+/// Review finding M8: a `transfer` call with an argument the profile does not name (`memo`)
+/// was allowed and the upstream received it. Now it is denied, naming the argument, and never
+/// reaches the upstream; `other_args = "allow"` on the tool lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_arguments_reach_the_upstream_only_when_the_tool_opts_out() {
+    let profile = |log: &Path, opt_out: &str| {
+        format!(
+            r#"
+name = "payer"
+tier = "worker"
+tokenize = "off"
+
+[servers.files]
+command = ["{python}", "{upstream}"]
+env = {{ NANOCLAW_PEER_LOG = "{log}" }}
+
+[[tools]]
+server = "files"
+name = "transfer"
+args.amount = {{ min = 1, max = 100 }}
+args.account = {{ one_of = ["acct-ops"] }}
+{opt_out}
+"#,
+            python = python().display(),
+            upstream = peer("mcp_upstream.py").display(),
+            log = log.display(),
+        )
+    };
+    let with_memo = json!({"amount": 50, "account": "acct-ops", "memo": "x"});
+    let named = json!({"amount": 50, "account": "acct-ops"});
+
+    let fx = Fixture::start(|log| profile(log, ""), Arc::new(DenyAll), None).await;
+    let mut raw = Raw::initialized(&fx.socket).await;
+    let r = raw.call(1, "transfer", with_memo.clone()).await;
+    assert_error(&r, DENIED, "other_args:files/transfer");
+    assert_error(&r, DENIED, "`memo`");
+    let r = raw.call(2, "transfer", named.clone()).await;
+    assert_eq!(text_of(&r["result"]), "moved 50 to acct-ops", "{r}");
+    assert_eq!(
+        fx.peer_calls(),
+        [json!({"tool": "transfer", "args": named})],
+        "only the call with the named arguments reached the upstream"
+    );
+    fx.stop().await;
+
+    let fx = Fixture::start(
+        |log| profile(log, "other_args = \"allow\""),
+        Arc::new(DenyAll),
+        None,
+    )
+    .await;
+    let mut raw = Raw::initialized(&fx.socket).await;
+    let r = raw.call(1, "transfer", with_memo.clone()).await;
+    assert_eq!(text_of(&r["result"]), "moved 50 to acct-ops", "{r}");
+    assert_eq!(
+        fx.peer_calls(),
+        [json!({"tool": "transfer", "args": with_memo})]
+    );
+    fx.stop().await;
 }
 
 /// Records what it was asked to spawn (the daemon's create path stands behind this trait).

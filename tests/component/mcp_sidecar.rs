@@ -34,6 +34,7 @@ args.path = {{ prefix = "/data/" }}
 server = "files"
 name = "write_file"
 args.path = {{ prefix = "/data/" }}
+other_args = "allow"
 [[tools]]
 server = "files"
 name = "delete_file"

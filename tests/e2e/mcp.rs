@@ -63,6 +63,7 @@ args.path = {{ prefix = "/data/" }}
 server = "files"
 name = "write_file"
 args.path = {{ prefix = "/data/" }}
+other_args = "allow"
 "#,
         upstream = workspace_root()
             .join("tests/peers/mcp_upstream.py")

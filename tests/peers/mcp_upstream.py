@@ -1,7 +1,7 @@
 """An upstream MCP server for Nanoclaw's gateway tests, built on the official Python `mcp` SDK.
 
 Tools: read_file (returns text holding a card number and an email), write_file (records what
-it received), delete_file (destructive), transfer. Every call's arguments are appended, one JSON
+it received), delete_file (destructive), transfer (with an optional memo, recorded only when sent). Every call's arguments are appended, one JSON
 line each, to the file named by NANOCLAW_PEER_LOG (if set), so a test can see exactly what the
 upstream received.
 
@@ -50,9 +50,12 @@ def delete_file(path: str) -> str:
 
 
 @server.tool()
-def transfer(amount: int, account: str) -> str:
+def transfer(amount: int, account: str, memo: str | None = None) -> str:
     """Move money."""
-    record("transfer", amount=amount, account=account)
+    if memo is None:
+        record("transfer", amount=amount, account=account)
+    else:
+        record("transfer", amount=amount, account=account, memo=memo)
     return f"moved {amount} to {account}"
 
 

@@ -9,6 +9,9 @@
 //! - per constrained argument `a`, `forbid` with id `arg:S/T/a.<bound>` *unless* the argument is
 //!   present and within its bound (`like "prefix*"` with no `..` segment, encoded or not, and
 //!   no backslash; a set's `contains`; `>=`, `<=`);
+//! - an argument that any tool of the profile bounds by a `prefix` is a path everywhere in it:
+//!   its `one_of` rules carry the same escape guard as its `prefix` rules, so a set value
+//!   holding a `..` segment (or an encoding of one) never matches;
 //! - with `approval`, `forbid` with id `approval:S/T` and annotation `@approval("why")`
 //!   *unless* `context.approved`.
 //!
@@ -16,7 +19,7 @@
 //! [`DEFAULT_DENY`]. The set is validated against the schema (strict mode) when it is built, so
 //! a generator bug is a load error, not a silent allow.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::str::FromStr;
 
@@ -34,6 +37,15 @@ use super::{Decision, PolicyError};
 const PREFIX_ESCAPES: &[&str] = &[
     "*/../*", "*/..", "*%2e*", "*%2E*", "*%2f*", "*%2F*", "*%5c*", "*%5C*", "*\\\\*",
 ];
+
+/// The literal pieces behind [`PREFIX_ESCAPES`]' `*piece*` patterns.
+const ESCAPE_PIECES: &[&str] = &["/../", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "\\"];
+
+/// Whether `value` matches one of [`PREFIX_ESCAPES`]: the same test in Rust, for comparing
+/// profiles (`spawn_excess`) without asking Cedar.
+pub(super) fn steps_out(value: &str) -> bool {
+    value.ends_with("/..") || ESCAPE_PIECES.iter().any(|piece| value.contains(piece))
+}
 
 /// The rule reported when no policy permits the call.
 pub const DEFAULT_DENY: &str = "default-deny";
@@ -57,10 +69,14 @@ impl CedarProfile {
     /// Compiles and validates.
     pub fn compile(profile: &Profile) -> Result<Self, PolicyError> {
         let mut arg_types = BTreeMap::new();
+        let mut paths = BTreeSet::new();
         for tool in &profile.tools {
             for (arg, c) in &tool.args {
                 if let Some(ty) = c.arg_type() {
                     arg_types.insert(arg.clone(), ty);
+                }
+                if c.prefix.is_some() {
+                    paths.insert(arg.as_str());
                 }
             }
         }
@@ -97,15 +113,15 @@ impl CedarProfile {
             for (arg, c) in &tool.args {
                 let attr = format!("context.args[{}]", quote(arg));
                 let has = format!("context.args has {}", quote(arg));
+                // A `..` path segment would step out from under a prefix, and so would one
+                // that an upstream decodes: percent-encoded dots, slashes and backslashes, and
+                // backslashes themselves.
+                let escapes: String = PREFIX_ESCAPES
+                    .iter()
+                    .map(|p| format!(" && !({attr} like \"{p}\")"))
+                    .collect();
                 let mut bounds = Vec::new();
                 if let Some(prefix) = &c.prefix {
-                    // A `..` path segment would step out from under the prefix, and so would
-                    // one that an upstream decodes: percent-encoded dots, slashes and
-                    // backslashes, and backslashes themselves.
-                    let escapes: String = PREFIX_ESCAPES
-                        .iter()
-                        .map(|p| format!(" && !({attr} like \"{p}\")"))
-                        .collect();
                     bounds.push((
                         "prefix",
                         format!("{attr} like \"{}*\"{escapes}", like_escape(prefix)),
@@ -113,7 +129,17 @@ impl CedarProfile {
                 }
                 if let Some(set) = &c.one_of {
                     let items: Vec<String> = set.iter().map(|s| quote(s)).collect();
-                    bounds.push(("one_of", format!("[{}].contains({attr})", items.join(", "))));
+                    // A set of paths gets the guard too (review finding H1): a value such as
+                    // `/data/../etc/shadow` is no safer for being spelt out.
+                    let guard = if paths.contains(arg.as_str()) {
+                        escapes.as_str()
+                    } else {
+                        ""
+                    };
+                    bounds.push((
+                        "one_of",
+                        format!("[{}].contains({attr}){guard}", items.join(", ")),
+                    ));
                 }
                 if let Some(min) = c.min {
                     bounds.push(("min", format!("{attr} >= {min}")));

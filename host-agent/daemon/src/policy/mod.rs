@@ -5,7 +5,8 @@
 //! ([`AccessPolicy::load`]) parses it strictly (unknown keys are errors), checks it, compiles it
 //! to a Cedar schema and policy set, and validates the set against the schema, so a typo is a
 //! load error and never a silent allow. [`AccessPolicy::decide`] then answers each call with a
-//! [`Decision`] that names the rule behind it.
+//! [`Decision`] that names the rule behind it. A tool that names arguments admits only those
+//! unless it says `other_args = "allow"` (see `profile`'s module doc).
 //!
 //! Privilege never escalates: [`AccessPolicy::spawn_excess`] lists everything a profile asked
 //! for by an orchestrator's `spawn_agent` holds beyond the orchestrator's own rights; an empty
@@ -25,8 +26,13 @@ use std::path::Path;
 
 pub use cedar::DEFAULT_DENY;
 pub use profile::{
-    ArgConstraint, Profile, SPAWN_AGENT_TOOL, ServerSpec, Tier, TokenizeMode, ToolRule,
+    ArgConstraint, OtherArgs, Profile, SPAWN_AGENT_TOOL, ServerSpec, Tier, TokenizeMode, ToolRule,
 };
+
+/// The most unexpected argument names a denial lists.
+const MAX_NAMED_ARGS: usize = 8;
+/// The most characters of one unexpected argument name a denial shows.
+const MAX_SHOWN_NAME: usize = 64;
 
 /// Errors of loading a profile.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +157,9 @@ impl AccessPolicy {
 
     /// Decides a call by `agent` of the tool it knows as `tool` with `args`. A tool outside the
     /// profile is denied by [`DEFAULT_DENY`] (it reaches Cedar under an unknown server, so no
-    /// rule can match it by accident).
+    /// rule can match it by accident). A call carrying an argument its tool's rule does not name
+    /// is denied by the rule `other_args:S/T` unless the tool admits other arguments
+    /// ([`ToolRule::admits_other_args`]); the reason names each such argument.
     pub fn decide(
         &self,
         agent: &str,
@@ -159,21 +167,41 @@ impl AccessPolicy {
         args: &serde_json::Map<String, serde_json::Value>,
         approved: bool,
     ) -> Result<Decision, PolicyError> {
-        let server = self
-            .profile
-            .tool(tool)
-            .map(|t| t.server.as_str())
-            .unwrap_or("?");
-        self.cedar.decide(agent, server, tool, args, approved)
+        let Some(rule) = self.profile.tool(tool) else {
+            return self.cedar.decide(agent, "?", tool, args, approved);
+        };
+        if !rule.admits_other_args() {
+            let mut unnamed: Vec<&str> = args
+                .keys()
+                .map(String::as_str)
+                .filter(|name| !rule.args.contains_key(*name))
+                .collect();
+            if !unnamed.is_empty() {
+                unnamed.sort_unstable();
+                return Ok(Decision::Deny {
+                    rule: format!("other_args:{}/{tool}", rule.server),
+                    reason: unnamed_reason(rule, &unnamed),
+                });
+            }
+        }
+        self.cedar.decide(agent, &rule.server, tool, args, approved)
     }
 
     /// What `child` would hold beyond this profile's own rights, in words (empty: nothing).
     ///
     /// A child is within its parent when it is a worker; every server it names is one of the
     /// parent's, defined the same way; every tool it lists is the parent's, on the same server,
-    /// with every argument constraint of the parent's present and at least as narrow; and no tool
+    /// with every argument constraint of the parent's present and at least as narrow (under a
+    /// parent's `prefix`, every `one_of` value of the child must start with it and hold no `..`
+    /// segment or encoding of one, see `wider`); where the parent's tool denies arguments it
+    /// does not name, the child's does too and names none the parent's does not; and no tool
     /// that needs approval in the parent is free of approval in the child. Only a worker can be
     /// spawned without approval: orchestrator-tier tools are never granted onward.
+    ///
+    /// The guard holds down a chain of spawns: each child is compared with its parent, whose own
+    /// bounds were compared with its parent's, so a set value under an ancestor's prefix is
+    /// checked at every generation. Only the user's approval of a spawn breaks the chain, and
+    /// then the approval request names the escaping value.
     pub fn spawn_excess(&self, child: &Profile) -> Vec<String> {
         let parent = &self.profile;
         let mut out = Vec::new();
@@ -213,12 +241,29 @@ impl AccessPolicy {
                 ));
             }
             for (arg, bound) in &mine.args {
-                match tool.args.get(arg) {
-                    Some(c) if narrower(c, bound) => {}
-                    _ => out.push(format!(
-                        "tool `{}` argument `{arg}` is wider than the parent's",
+                let why = match tool.args.get(arg) {
+                    Some(c) => wider(c, bound),
+                    None => Some("it is unconstrained".into()),
+                };
+                if let Some(why) = why {
+                    out.push(format!(
+                        "tool `{}` argument `{arg}` is wider than the parent's: {why}",
                         tool.name
-                    )),
+                    ));
+                }
+            }
+            if !mine.admits_other_args() {
+                if tool.admits_other_args() {
+                    out.push(format!(
+                        "tool `{}` admits arguments the parent's does not name (other_args)",
+                        tool.name
+                    ));
+                }
+                for arg in tool.args.keys().filter(|a| !mine.args.contains_key(*a)) {
+                    out.push(format!(
+                        "tool `{}` argument `{arg}` is not one the parent's admits",
+                        tool.name
+                    ));
                 }
             }
         }
@@ -226,31 +271,109 @@ impl AccessPolicy {
     }
 }
 
-/// Whether constraint `c` admits no value that `bound` refuses.
-fn narrower(c: &ArgConstraint, bound: &ArgConstraint) -> bool {
-    if c.arg_type() != bound.arg_type() {
-        return false;
+/// Words for the agent naming the arguments of a call that `rule` does not name (sorted), and
+/// those it does. The names come from the agent, so each is escaped and cut short.
+fn unnamed_reason(rule: &ToolRule, unnamed: &[&str]) -> String {
+    let show = |name: &str| {
+        let escaped: Vec<char> = name.escape_debug().collect();
+        let mut shown: String = escaped.iter().take(MAX_SHOWN_NAME).collect();
+        if escaped.len() > MAX_SHOWN_NAME {
+            shown.push_str("...");
+        }
+        format!("`{shown}`")
+    };
+    let mut listed: Vec<String> = unnamed
+        .iter()
+        .take(MAX_NAMED_ARGS)
+        .map(|n| show(n))
+        .collect();
+    if unnamed.len() > MAX_NAMED_ARGS {
+        listed.push(format!("and {} more", unnamed.len() - MAX_NAMED_ARGS));
     }
-    let prefix_ok = match (&bound.prefix, &c.prefix, &c.one_of) {
-        (None, _, _) => true,
-        (Some(p), Some(q), _) if q.starts_with(p.as_str()) => true,
-        (Some(p), _, Some(set)) => set.iter().all(|s| s.starts_with(p.as_str())),
-        _ => false,
+    let (noun, verb) = if unnamed.len() == 1 {
+        ("argument", "is")
+    } else {
+        ("arguments", "are")
     };
-    let set_ok = match (&bound.one_of, &c.one_of) {
-        (None, _) => true,
-        (Some(set), Some(mine)) => mine.iter().all(|s| set.contains(s)),
-        (Some(_), None) => false,
+    let named: Vec<String> = rule.args.keys().map(|a| format!("`{a}`")).collect();
+    let admits = if named.is_empty() {
+        "no arguments".to_owned()
+    } else {
+        format!("only {}", named.join(", "))
     };
-    let min_ok = match (bound.min, c.min) {
-        (None, _) => true,
-        (Some(b), Some(m)) => m >= b,
-        (Some(_), None) => false,
-    };
-    let max_ok = match (bound.max, c.max) {
-        (None, _) => true,
-        (Some(b), Some(m)) => m <= b,
-        (Some(_), None) => false,
-    };
-    prefix_ok && set_ok && min_ok && max_ok
+    format!(
+        "{noun} {} {verb} not named by the profile for tool `{}`, which admits {admits}",
+        listed.join(", "),
+        rule.name,
+    )
+}
+
+/// Why constraint `c` admits a value that `bound` refuses, or `None` when it admits none.
+///
+/// Under a parent's `prefix`, every string bound of the child must stay under it: each `one_of`
+/// value, and the child's own prefix when it has no set, must start with the parent's prefix
+/// and must not step out of it (a `..` segment, an encoded dot, slash or backslash, or a
+/// backslash: what the compiled `prefix` rule refuses). An escaping set value is refused even
+/// when the child's own prefix would deny it at call time: the spawn is plainly asking for it.
+fn wider(c: &ArgConstraint, bound: &ArgConstraint) -> Option<String> {
+    if c.arg_type() != bound.arg_type() {
+        return Some("it has another type".into());
+    }
+    if let Some(p) = &bound.prefix {
+        let outside = |s: &str| {
+            if !s.starts_with(p.as_str()) {
+                Some(format!(
+                    "`{}` is not under the prefix `{}`",
+                    s.escape_debug(),
+                    p.escape_debug()
+                ))
+            } else if cedar::steps_out(s) {
+                Some(format!(
+                    "`{}` steps out of the prefix `{}` (a `..` segment, an encoded dot, slash or \
+                     backslash, or a backslash)",
+                    s.escape_debug(),
+                    p.escape_debug()
+                ))
+            } else {
+                None
+            }
+        };
+        match (&c.one_of, &c.prefix) {
+            (Some(set), _) => {
+                if let Some(why) = set.iter().find_map(|s| outside(s)) {
+                    return Some(format!("`one_of` value {why}"));
+                }
+            }
+            (None, Some(q)) => {
+                if let Some(why) = outside(q) {
+                    return Some(format!("prefix {why}"));
+                }
+            }
+            (None, None) => return Some(format!("it has no prefix under `{}`", p.escape_debug())),
+        }
+    }
+    if let Some(set) = &bound.one_of {
+        match &c.one_of {
+            Some(mine) => {
+                if let Some(v) = mine.iter().find(|s| !set.contains(s)) {
+                    return Some(format!(
+                        "`one_of` value `{}` is not the parent's",
+                        v.escape_debug()
+                    ));
+                }
+            }
+            None => return Some("it has no `one_of` within the parent's".into()),
+        }
+    }
+    match (bound.min, c.min) {
+        (Some(b), Some(m)) if m < b => return Some(format!("min {m} is below the parent's {b}")),
+        (Some(b), None) => return Some(format!("it has no min (the parent's is {b})")),
+        _ => {}
+    }
+    match (bound.max, c.max) {
+        (Some(b), Some(m)) if m > b => return Some(format!("max {m} is over the parent's {b}")),
+        (Some(b), None) => return Some(format!("it has no max (the parent's is {b})")),
+        _ => {}
+    }
+    None
 }

@@ -6,6 +6,18 @@
 //! declare, two tools the agent would see under the same name, a constraint with no bound or with
 //! bounds of two types, an argument used as a string by one tool and as an integer by another.
 //!
+//! # Arguments a profile does not name
+//! A tool whose `args` names arguments admits only those: a call with any other argument is
+//! denied (rule `other_args:S/T`, the reason naming each unexpected argument) before Cedar is
+//! asked, so the upstream never sees it. `other_args = "allow"` on the tool opts out: other
+//! arguments then pass unchecked (for free text such as a file's `content`).
+//!
+//! A tool listed with no `args` at all admits any arguments, as before: listing a tool bare is
+//! an explicit grant of the whole tool, and there the profile claims no bound an unnamed
+//! argument could get round. Denying every argument instead would leave most bare-listed tools
+//! unusable and push writers to `other_args = "allow"`, which reads the same. A bare tool that
+//! must take no arguments says `other_args = "deny"`.
+//!
 //! ```toml
 //! name = "worker"
 //! tier = "worker"
@@ -18,6 +30,12 @@
 //! server = "files"
 //! name = "read_file"
 //! args.path = { prefix = "/data/" }
+//!
+//! [[tools]]
+//! server = "files"
+//! name = "write_file"
+//! args.path = { prefix = "/data/out/" }
+//! other_args = "allow"    # `content`, unchecked
 //!
 //! [[tools]]
 //! server = "files"
@@ -111,9 +129,35 @@ pub struct ToolRule {
     /// Constraints on arguments, by argument name. An argument named here must be present.
     #[serde(default)]
     pub args: BTreeMap<String, ArgConstraint>,
+    /// Whether a call may carry arguments `args` does not name. Unset, a tool that names
+    /// arguments denies the others, and a tool with no `args` admits any (see the module doc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_args: Option<OtherArgs>,
     /// If set, every call needs the user's approval; the text says why, for the user.
     #[serde(default)]
     pub approval: Option<String>,
+}
+
+/// What a tool admits besides the arguments its `args` names (`other_args`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherArgs {
+    /// A call carrying any other argument is denied (rule `other_args:S/T`).
+    Deny,
+    /// Other arguments pass to the upstream as the agent sent them, unchecked.
+    Allow,
+}
+
+impl ToolRule {
+    /// Whether a call may carry arguments `args` does not name: as `other_args` says, and when
+    /// it is unset, only for a tool with no `args`.
+    pub fn admits_other_args(&self) -> bool {
+        match self.other_args {
+            Some(OtherArgs::Allow) => true,
+            Some(OtherArgs::Deny) => false,
+            None => self.args.is_empty(),
+        }
+    }
 }
 
 /// A constraint on one argument: string bounds (`prefix`, `one_of`) or integer bounds
@@ -124,7 +168,8 @@ pub struct ArgConstraint {
     /// The string must start with this.
     #[serde(default)]
     pub prefix: Option<String>,
-    /// The string must be one of these.
+    /// The string must be one of these (and, for an argument some tool bounds by `prefix`, hold
+    /// no `..` segment or encoding of one).
     #[serde(default)]
     pub one_of: Option<Vec<String>>,
     /// The integer must be at least this.

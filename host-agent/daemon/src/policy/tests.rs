@@ -346,3 +346,314 @@ fn a_profile_survives_a_toml_round_trip() {
         assert_eq!(Profile::from_toml(&text).unwrap(), p, "{text}");
     }
 }
+
+/// Values that step out from under a prefix: a `..` segment, what an upstream may decode into
+/// one (encoded dots, slashes, backslashes) and a backslash.
+const ESCAPING: &[&str] = &[
+    "/data/../etc/shadow",
+    "/data/x/..",
+    "/data/%2e%2e/etc/shadow",
+    "/data/%2E%2E/etc/shadow",
+    "/data/..%2fetc/shadow",
+    "/data/..%2Fetc/shadow",
+    "/data/..%5cetc",
+    "/data/..%5Cetc",
+    "/data/..\\etc\\shadow",
+];
+
+/// A worker holding `read_file` with `path` bound as given (TOML inline table).
+fn reader(bound: &str) -> Profile {
+    let text = format!(
+        "name = \"reader\"\ntier = \"worker\"\n[servers.files]\n\
+         command = [\"python3\", \"tests/peers/mcp_upstream.py\"]\n[[tools]]\n\
+         server = \"files\"\nname = \"read_file\"\nargs.path = {bound}\n"
+    );
+    Profile::from_toml(&text).unwrap_or_else(|e| panic!("{bound}: {}", crate::error_chain(&e)))
+}
+
+/// Review finding H1: a child's `one_of` values under the parent's `prefix` skipped the `..`
+/// guard, so an orchestrator bound to `/data/` could spawn, with no approval, a worker allowed
+/// to read `/data/../etc/shadow`.
+#[test]
+fn spawn_refuses_one_of_values_that_step_out_of_the_parents_prefix() {
+    let orch = example("orchestrator.toml");
+    for value in ESCAPING {
+        let quoted = toml::Value::String((*value).into()).to_string();
+        for bound in [
+            format!("{{ one_of = [{quoted}] }}"),
+            format!("{{ one_of = [\"/data/a\", {quoted}] }}"),
+            // A prefix of the child's own does not excuse an escaping value next to it.
+            format!("{{ prefix = \"/data/\", one_of = [{quoted}] }}"),
+        ] {
+            let excess = orch.spawn_excess(&reader(&bound));
+            assert!(
+                excess
+                    .iter()
+                    .any(|e| e.contains("read_file") && e.contains("wider")),
+                "{bound}: {excess:?}"
+            );
+        }
+    }
+    // A value outside the prefix, and a child prefix that itself steps out.
+    for bound in [
+        "{ one_of = [\"/etc/shadow\"] }",
+        "{ prefix = \"/data/../etc/\" }",
+        "{ prefix = \"/data/%2e%2e/\" }",
+    ] {
+        assert!(!orch.spawn_excess(&reader(bound)).is_empty(), "{bound}");
+    }
+    // Values safely under the prefix still spawn without approval (`..` inside a name is not a
+    // segment).
+    for bound in [
+        "{ one_of = [\"/data/a.txt\", \"/data/x..y/z\"] }",
+        "{ prefix = \"/data/reports/\" }",
+        "{ prefix = \"/etc/\", one_of = [\"/data/a\"] }",
+    ] {
+        assert_eq!(
+            orch.spawn_excess(&reader(bound)),
+            Vec::<String>::new(),
+            "{bound}"
+        );
+    }
+}
+
+/// Review finding H1, evaluation: a `one_of` rule of an argument the profile bounds by a prefix
+/// carries the same escape guard, so an escaping value in the set never matches.
+#[test]
+fn one_of_values_of_a_prefix_bounded_argument_cannot_step_out() {
+    for value in ESCAPING {
+        let quoted = toml::Value::String((*value).into()).to_string();
+        let text = format!(
+            "name = \"t\"\ntier = \"worker\"\n[servers.files]\ncommand = [\"true\"]\n\
+             [[tools]]\nserver = \"files\"\nname = \"read_file\"\n\
+             args.path = {{ prefix = \"/data/\" }}\n\
+             [[tools]]\nserver = \"files\"\nname = \"stat\"\n\
+             args.path = {{ one_of = [\"/data/ok\", {quoted}] }}\n"
+        );
+        let p = AccessPolicy::from_toml(&text).unwrap();
+        let d = p
+            .decide("a", "stat", &args(json!({ "path": value })), false)
+            .unwrap();
+        assert_eq!(d.rule(), "arg:files/stat/path.one_of", "{value}: {d:?}");
+        assert_eq!(d.kind(), "deny", "{value}");
+        let ok = p
+            .decide("a", "stat", &args(json!({"path": "/data/ok"})), false)
+            .unwrap();
+        assert_eq!(ok.kind(), "allow", "{value}");
+        // The orchestrator the worker would have been spawned by refuses the call too.
+        let orch = example("orchestrator.toml");
+        let d = orch
+            .decide("a", "read_file", &args(json!({ "path": value })), false)
+            .unwrap();
+        assert_eq!(d.kind(), "deny", "{value}");
+    }
+    // An argument no tool bounds by a prefix keeps its literal set.
+    let p = example("worker.toml");
+    let d = p
+        .decide(
+            "a",
+            "transfer",
+            &args(json!({"amount": 5, "account": "acct-ops"})),
+            false,
+        )
+        .unwrap();
+    assert_eq!(d.kind(), "allow");
+}
+
+/// The Rust test the spawn comparison uses (`cedar::steps_out`) and the compiled `prefix` rule
+/// agree: a value under the prefix is denied exactly when the Rust test says it steps out.
+#[test]
+fn the_spawn_escape_test_agrees_with_the_compiled_prefix_rule() {
+    let p = AccessPolicy::new(reader("{ prefix = \"/data/\" }")).unwrap();
+    let safe = [
+        "/data/a",
+        "/data/x..y",
+        "/data/..x/y",
+        "/data/x/...",
+        "/data/x/.../y",
+        "/data/%41",
+        "/data/2e/2f",
+        "/data/",
+    ];
+    for value in ESCAPING.iter().chain(&safe) {
+        let d = p
+            .decide("a", "read_file", &args(json!({ "path": value })), false)
+            .unwrap();
+        assert_eq!(
+            d.kind() == "deny",
+            cedar::steps_out(value),
+            "{value}: {d:?}"
+        );
+    }
+    for value in safe {
+        assert!(!cedar::steps_out(value), "{value}");
+    }
+}
+
+/// Review finding M8: a call to `transfer` (bounds on `amount` and `account`) with an extra
+/// `memo` was allowed and reached the upstream. A tool that names arguments admits only those.
+#[test]
+fn arguments_the_profile_does_not_name_are_denied_and_named() {
+    let p = example("worker.toml");
+    let d = p
+        .decide(
+            "a",
+            "transfer",
+            &args(json!({"amount": 50, "account": "acct-ops", "memo": "x"})),
+            false,
+        )
+        .unwrap();
+    match &d {
+        Decision::Deny { rule, reason } => {
+            assert_eq!(rule, "other_args:files/transfer");
+            assert!(reason.contains("`memo`"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Every unexpected argument is named, in order.
+    let d = p
+        .decide(
+            "a",
+            "read_file",
+            &args(json!({"path": "/data/x", "mode": "w", "follow": true})),
+            false,
+        )
+        .unwrap();
+    match &d {
+        Decision::Deny { rule, reason } => {
+            assert_eq!(rule, "other_args:files/read_file");
+            assert!(
+                reason.contains("`follow`, `mode`") && reason.contains("`path`"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The names come from the agent: escaped, cut short, and counted past a few.
+    let mut many = args(json!({"amount": 5, "account": "acct-ops"}));
+    many.insert(format!("{}\n", "k".repeat(1000)), json!(1));
+    for i in 0..20 {
+        many.insert(format!("x{i:02}"), json!(1));
+    }
+    let d = p.decide("a", "transfer", &many, false).unwrap();
+    let Decision::Deny { reason, .. } = &d else {
+        panic!("{d:?}")
+    };
+    assert!(
+        reason.len() < 400
+            && reason.contains(&format!("`{}...`", "k".repeat(64)))
+            && reason.contains("`x06`, and 13 more")
+            && !reason.contains('\n'),
+        "{reason}"
+    );
+    // An extra argument is refused outright, not put to the user, approved or not.
+    let extra = args(json!({"path": "/data/x", "recursive": true}));
+    for approved in [false, true] {
+        let d = p.decide("a", "delete_file", &extra, approved).unwrap();
+        assert_eq!(d.rule(), "other_args:files/delete_file", "{d:?}");
+        assert_eq!(d.kind(), "deny");
+    }
+    // The named arguments alone still pass.
+    let d = p
+        .decide(
+            "a",
+            "transfer",
+            &args(json!({"amount": 50, "account": "acct-ops"})),
+            false,
+        )
+        .unwrap();
+    assert_eq!(d.kind(), "allow");
+}
+
+/// `other_args = "allow"` opts one tool out; a tool listed with no `args` keeps admitting any
+/// arguments unless it says `other_args = "deny"`, which then admits none.
+#[test]
+fn other_args_opts_a_tool_out_and_bare_tools_keep_any_arguments() {
+    let text = r#"
+name = "t"
+tier = "worker"
+[servers.s]
+command = ["true"]
+[[tools]]
+server = "s"
+name = "transfer"
+args.amount = { min = 1, max = 100 }
+args.account = { one_of = ["acct-ops"] }
+other_args = "allow"
+[[tools]]
+server = "s"
+name = "search"
+[[tools]]
+server = "s"
+name = "now"
+other_args = "deny"
+"#;
+    let p = AccessPolicy::from_toml(text).unwrap();
+    let decide = |tool: &str, a: Value| p.decide("a", tool, &args(a), false).unwrap();
+    let memo = json!({"amount": 50, "account": "acct-ops", "memo": "x"});
+    assert_eq!(decide("transfer", memo).kind(), "allow");
+    // The opt-out admits other arguments, not wider named ones.
+    let d = decide(
+        "transfer",
+        json!({"amount": 500, "account": "acct-ops", "memo": "x"}),
+    );
+    assert_eq!(d.rule(), "arg:s/transfer/amount.max");
+    assert_eq!(
+        decide("search", json!({"query": "q", "limit": 3})).kind(),
+        "allow"
+    );
+    assert_eq!(decide("now", json!({})).kind(), "allow");
+    assert_eq!(
+        decide("now", json!({"tz": "UTC"})).rule(),
+        "other_args:s/now"
+    );
+    // The key survives the trip a spawned profile takes.
+    let back = Profile::from_toml(&toml::to_string(p.profile()).unwrap()).unwrap();
+    assert_eq!(&back, p.profile());
+    for bad in ["other_args = \"alow\"", "other_args = true"] {
+        let text = text.replace("other_args = \"allow\"", bad);
+        assert!(
+            matches!(AccessPolicy::from_toml(&text), Err(PolicyError::Parse(_))),
+            "{bad}"
+        );
+    }
+}
+
+/// A spawned child cannot admit arguments its parent's tool does not.
+#[test]
+fn spawn_cannot_admit_arguments_the_parent_does_not() {
+    let parent = example("worker.toml");
+    let child = |extra: &str| {
+        let text = format!(
+            "name = \"payer\"\ntier = \"worker\"\nllm_hosts = [\"api.anthropic.com\"]\n\
+             [servers.files]\ncommand = [\"python3\", \"tests/peers/mcp_upstream.py\"]\n\
+             [[tools]]\nserver = \"files\"\nname = \"transfer\"\n\
+             args.amount = {{ min = 1, max = 10 }}\nargs.account = {{ one_of = [\"acct-ops\"] }}\n\
+             {extra}"
+        );
+        Profile::from_toml(&text).unwrap()
+    };
+    assert_eq!(parent.spawn_excess(&child("")), Vec::<String>::new());
+    let excess = parent.spawn_excess(&child("other_args = \"allow\"\n"));
+    assert!(
+        excess.iter().any(|e| e.contains("other_args")),
+        "{excess:?}"
+    );
+    let excess = parent.spawn_excess(&child("args.memo = { one_of = [\"x\"] }\n"));
+    assert!(excess.iter().any(|e| e.contains("`memo`")), "{excess:?}");
+    // Under a parent that opts out, the child may name (and bound) more arguments.
+    let text = r#"
+name = "writer"
+tier = "worker"
+llm_hosts = ["api.anthropic.com"]
+[servers.files]
+command = ["python3", "tests/peers/mcp_upstream.py"]
+[[tools]]
+server = "files"
+name = "write_file"
+args.path = { prefix = "/data/out/" }
+args.content = { prefix = "" }
+"#;
+    let writer = Profile::from_toml(text).unwrap();
+    assert_eq!(parent.spawn_excess(&writer), Vec::<String>::new());
+}
