@@ -16,7 +16,9 @@
 //! a call. So the order is fixed:
 //! 1. [`prepare`], on the main thread before any other thread exists: opens the `SIGSYS` record
 //!    (`<vm-dir>/exit.json`), installs the `SIGSYS` handler and compiles every filter to BPF, so
-//!    a failure is a setup error and later steps cannot fail on a bad filter.
+//!    a failure is a setup error and later steps cannot fail on a bad filter. It also keeps
+//!    glibc's malloc to one arena, so that no thread opens a `/proc` file when it frees memory
+//!    (see `single_malloc_arena`).
 //! 2. Every thread the VMM spawns calls [`confine_current_thread`] with its kind as the first
 //!    thing it does. It was spawned by the still unfiltered main thread, so its own filter is the
 //!    only one it has.
@@ -450,6 +452,7 @@ pub fn prepare(vm_dir: &Path) -> Result<(), SeccompError> {
         .into_iter()
         .map(|kind| compile(kind).map(|bpf| (kind, bpf)))
         .collect::<Result<Vec<_>, _>>()?;
+    single_malloc_arena();
     std::fs::create_dir_all(vm_dir).map_err(SeccompError::VmDir)?;
     let record = std::fs::OpenOptions::new()
         .write(true)
@@ -512,6 +515,23 @@ pub fn fire_test_hook() {
         );
         // SAFETY: getppid takes no arguments and touches no memory.
         unsafe { libc::syscall(TEST_FORBIDDEN_SYSCALL.id() as libc::c_long) };
+    }
+}
+
+/// Makes glibc's malloc use its main arena for every thread.
+///
+/// By default each thread may get an arena of its own, carved from `mmap`ed heaps. The first
+/// time such a heap shrinks, glibc opens `/proc/sys/vm/overcommit_memory` to choose how
+/// (`check_may_shrink_heap`), from whichever thread frees the memory: seen in the nested runs
+/// as an `openat` on the vsock thread at the end of a 1 MiB echo. No device thread should be
+/// allowed to open files, so the VMM keeps one arena (`M_ARENA_MAX` = 1), as a musl-linked VMM
+/// such as Firecracker effectively does. Its threads allocate little, so the shared arena's lock
+/// costs nothing measurable.
+fn single_malloc_arena() {
+    // SAFETY: mallopt only sets a malloc tunable; it is called before any other thread exists.
+    let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    if ok != 1 {
+        tracing::warn!("mallopt(M_ARENA_MAX, 1) failed; a thread may trap on glibc's heap trim");
     }
 }
 
