@@ -4,6 +4,8 @@
 //! control port, then the host pushes 1 MiB through a host-initiated connection (hybrid
 //! `CONNECT`) and 1 MiB through a guest-initiated one (`EchoConnect`), checking the echo byte for
 //! byte. `Shutdown` makes the sidecar reset the guest, which must end the VMM with status 0.
+//! The seccomp test boots two side by side: one whose VMM makes a forbidden syscall through its
+//! test hook (it must end with status 14 and say which call), and one that must run on.
 
 use std::time::Duration;
 
@@ -115,4 +117,41 @@ fn sigterm_stops_a_running_vm_cleanly() {
         !vm.dir().join("vsock.sock").exists(),
         "the vsock socket is removed on a clean stop"
     );
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn a_forbidden_syscall_ends_only_its_own_vmm_with_the_seccomp_status() {
+    // `--test-forbidden-syscall`: once its guest is ready (the sidecar's first vsock connection),
+    // the VMM's vsock thread makes a syscall that no seccomp filter allows (getppid).
+    let hooked = VmSpec {
+        vmm_args: vec!["--test-forbidden-syscall".into()],
+        ..VmSpec::default()
+    };
+    let mut doomed = TestVm::boot(&hooked).expect("boot the hooked VM");
+    let mut bystander = TestVm::boot(&VmSpec::default()).expect("boot the bystander VM");
+
+    let exit = doomed.wait_exit(BOOT).expect("the hooked VMM exits");
+    assert_eq!(exit.code, Some(14), "{exit:?}");
+    assert_eq!(exit.report["reason"], "seccomp", "{exit:?}");
+    assert_eq!(exit.report["exit_code"], 14, "{exit:?}");
+    assert_eq!(exit.report["syscall"], "getppid", "{exit:?}");
+    assert_eq!(exit.report["syscall_nr"], libc::SYS_getppid, "{exit:?}");
+
+    // The other VM runs on: its sidecar says hello and its vsock still carries an echo.
+    let _control = bystander
+        .accept_control(BOOT)
+        .expect("the bystander's sidecar hello");
+    let stream = bystander
+        .connect(ECHO_PORT, BOOT)
+        .expect("CONNECT to the bystander's echo port");
+    echo_round_trip(stream, &pattern(64 * 1024, 3), IO).expect("the bystander still echoes");
+    bystander
+        .signal(libc::SIGTERM)
+        .expect("SIGTERM the bystander");
+    let exit = bystander
+        .wait_exit(Duration::from_secs(30))
+        .expect("the bystander's VMM exits");
+    assert_eq!(exit.code, Some(13), "{exit:?}");
+    assert_eq!(exit.report["reason"], "signal", "{exit:?}");
 }

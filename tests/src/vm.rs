@@ -73,6 +73,8 @@ pub struct VmSpec {
     pub memory_mib: u32,
     /// Appended to the VMM's kernel command line.
     pub cmdline_extra: Option<String>,
+    /// More `nanoclaw-vmm` arguments, after the ones the spec implies (test hooks).
+    pub vmm_args: Vec<String>,
 }
 
 impl Default for VmSpec {
@@ -82,6 +84,7 @@ impl Default for VmSpec {
             vcpus: 1,
             memory_mib: 128,
             cmdline_extra: None,
+            vmm_args: Vec::new(),
         }
     }
 }
@@ -133,6 +136,7 @@ impl TestVm {
         if let Some(extra) = &spec.cmdline_extra {
             cmd.args(["--cmdline-extra", extra]);
         }
+        cmd.args(&spec.vmm_args);
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", vmm_bin().display()))?;

@@ -271,6 +271,10 @@ pub struct VmmExit {
     /// Each disk's counters at the end, in attach order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskCounters>,
+    /// The syscall a VMM thread was stopped for, by name, when its seccomp filter ended it
+    /// (reason `seccomp` with an exit record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<String>,
 }
 
 /// One virtio-blk disk's counters, as the VMM reported them when it ended.

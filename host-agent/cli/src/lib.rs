@@ -526,11 +526,7 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         AgentExit::Exit(c) => format!("exit {c}"),
         AgentExit::Signal(s) => format!("signal {s}"),
     });
-    let vmm_exit = vm.vmm_exit.as_ref().map(|e| match (e.exit_code, e.signal) {
-        (Some(c), _) => format!("{} (exit code {c})", e.reason),
-        (None, Some(s)) => format!("{} (signal {s})", e.reason),
-        (None, None) => e.reason.clone(),
-    });
+    let vmm_exit = vm.vmm_exit.as_ref().map(vmm_exit_text);
     format!(
         "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes\ndirectory:      {}\n",
         vm.id,
@@ -553,6 +549,20 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.output_dropped_bytes,
         vm.vm_dir,
     ) + &device_counters_text(vm.vmm_exit.as_ref())
+}
+
+/// How the VMM ended, for `inspect`: the reason, its exit code or signal, and the syscall its
+/// seccomp filter stopped (escaped: the VMM wrote it, and a guest may own the VMM).
+fn vmm_exit_text(e: &nanoclaw_api::VmmExit) -> String {
+    let mut text = match (e.exit_code, e.signal) {
+        (Some(c), _) => format!("{} (exit code {c})", e.reason.escape_debug()),
+        (None, Some(s)) => format!("{} (signal {s})", e.reason.escape_debug()),
+        (None, None) => e.reason.escape_debug().to_string(),
+    };
+    if let Some(syscall) = &e.syscall {
+        text.push_str(&format!(", syscall {}", syscall.escape_debug()));
+    }
+    text
 }
 
 /// The VMM's final device counters, one line per device, nonzero counters only.
@@ -613,6 +623,36 @@ async fn logs(client: &Client, id: &str, follow: bool, console: bool) -> Result<
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn the_vmm_exit_names_the_forbidden_syscall() {
+        let exit = nanoclaw_api::VmmExit {
+            reason: "seccomp".into(),
+            exit_code: Some(14),
+            syscall: Some("getppid".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            vmm_exit_text(&exit),
+            "seccomp (exit code 14), syscall getppid"
+        );
+        let exit = nanoclaw_api::VmmExit {
+            reason: "seccomp".into(),
+            signal: Some(31),
+            syscall: Some("x\u{1b}[2J".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            vmm_exit_text(&exit),
+            "seccomp (signal 31), syscall x\\u{1b}[2J"
+        );
+        let exit = nanoclaw_api::VmmExit {
+            reason: "reset".into(),
+            exit_code: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(vmm_exit_text(&exit), "reset (exit code 0)");
+    }
 
     #[test]
     fn device_counters_show_nonzero_values_and_escape_disk_ids() {

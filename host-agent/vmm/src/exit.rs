@@ -8,6 +8,7 @@
 //! | `panic` | 11 | `Kernel panic - not syncing` on the console, whatever follows it |
 //! | `vcpu_error` | 12 | failed entry, internal error, an unexpected exit or ioctl error |
 //! | `signal` | 13 | SIGTERM or SIGINT to the VMM |
+//! | `seccomp` | 14 | a VMM thread made a syscall its seccomp filter forbids; the `SIGSYS` handler writes `exit.json` (with `syscall` and `syscall_nr`) and exits at once (see [`crate::seccomp`]) |
 //! | (setup error) | 1 | the VM never ran; no `exit.json` reason applies |
 
 use std::path::Path;
@@ -35,6 +36,9 @@ pub enum ExitReason {
     VcpuError,
     /// The VMM was told to stop.
     Signal,
+    /// A VMM thread made a syscall outside its seccomp allowlist. Only the `SIGSYS` handler
+    /// writes this reason ([`crate::seccomp`]); no event leads to it.
+    Seccomp,
 }
 
 impl ExitReason {
@@ -46,6 +50,7 @@ impl ExitReason {
             ExitReason::Panic => 11,
             ExitReason::VcpuError => 12,
             ExitReason::Signal => 13,
+            ExitReason::Seccomp => crate::seccomp::SECCOMP_EXIT_CODE,
         }
     }
 
@@ -57,6 +62,7 @@ impl ExitReason {
             ExitReason::Panic => "panic",
             ExitReason::VcpuError => "vcpu_error",
             ExitReason::Signal => "signal",
+            ExitReason::Seccomp => "seccomp",
         }
     }
 }
@@ -209,6 +215,7 @@ mod tests {
             (ExitReason::Panic, 11, "panic"),
             (ExitReason::VcpuError, 12, "vcpu_error"),
             (ExitReason::Signal, 13, "signal"),
+            (ExitReason::Seccomp, 14, "seccomp"),
         ];
         for (reason, code, name) in all {
             assert_eq!(reason.exit_code(), code);

@@ -20,6 +20,8 @@
 //! - [`console`]: the capped console sink that also spots panics and power-offs.
 //! - [`exit`]: exit reasons, exit codes and `exit.json`.
 //! - [`signals`]: termination signals and vCPU kicks.
+//! - [`seccomp`]: the per-thread syscall allowlists and the `SIGSYS` handler that reports a
+//!   forbidden call.
 //! - [`log_limit`]: per-site rate limiting of every log line, the dependencies' included.
 //! - [`machine`]: [`Vmm`], which puts the parts together.
 
@@ -32,6 +34,7 @@ pub mod layout;
 pub mod log_limit;
 pub mod machine;
 pub mod memory;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod x86_64;
@@ -318,9 +321,13 @@ impl VmConfig {
 /// the same report; the caller exits with [`ExitReport::exit_code`].
 ///
 /// Call this from the process's main thread before spawning other threads: it blocks SIGTERM
-/// and SIGINT process-wide and takes them on its own waiter thread.
+/// and SIGINT process-wide and takes them on its own waiter thread, and every thread it starts
+/// (and the main thread itself, once it has started them all) runs under its seccomp filter
+/// ([`seccomp`]). A stale `exit.json` is truncated here: the `SIGSYS` handler's record is opened
+/// before any thread exists.
 pub fn run(config: &VmConfig, process_start: Instant) -> Result<ExitReport, VmmError> {
     config.validate().map_err(VmmError::Config)?;
+    seccomp::prepare(&config.vm_dir).map_err(VmmError::Seccomp)?;
     signals::block_termination_signals().map_err(VmmError::Signals)?;
     signals::install_kick_handler().map_err(VmmError::Signals)?;
     let (events_tx, events_rx) = std::sync::mpsc::channel();

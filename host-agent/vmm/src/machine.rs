@@ -31,6 +31,7 @@ use super::layout::{
     FIRST_DISK_MMIO_SLOT, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, SERIAL_GSI,
     VIRTIO_MMIO_SLOT_LEN, VSOCK_MMIO_SLOT, e820_map, virtio_mmio_slot,
 };
+use super::seccomp::{self, ThreadKind};
 use super::vcpu::{VcpuError, VcpuRunner};
 use super::x86_64::mptable::{self, MptableError};
 use super::x86_64::regs::{self, RegsError};
@@ -50,6 +51,9 @@ pub enum VmmError {
     /// Signal handling could not be set up.
     #[error("set up signal handling")]
     Signals(#[source] signals::SignalError),
+    /// The seccomp filters or the `SIGSYS` handler could not be set up.
+    #[error("set up seccomp")]
+    Seccomp(#[source] seccomp::SeccompError),
     /// Creating or clearing the VM directory failed.
     #[error("prepare vm-dir {path}")]
     VmDir {
@@ -231,7 +235,8 @@ impl Vmm {
             source,
         };
         std::fs::create_dir_all(&config.vm_dir).map_err(vm_dir_err)?;
-        remove_stale(&config.vm_dir.join(EXIT_RECORD_NAME))?;
+        // A stale exit.json is not removed here: `seccomp::prepare` (called by `run` before any
+        // thread exists) truncated it and holds it open for the SIGSYS handler.
         remove_stale(&config.vsock_path())?;
 
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
@@ -309,6 +314,7 @@ impl Vmm {
                     );
                     eprintln!("nanoclaw-vmm: boot_to_ready_ms={ms}");
                 }
+                seccomp::fire_test_hook();
             })),
         };
         let vsock = attach_vsock(
@@ -448,6 +454,9 @@ impl Vmm {
         if let Some(event) = spawn_failed {
             let _ = self.events.send(event);
         }
+        // Every other thread is running now (the signal waiter, the device threads, the vCPUs),
+        // each under its own filter; the main thread's comes last, so nothing inherits it.
+        seccomp::confine_or_exit(ThreadKind::Vmm);
 
         let reason = wait_for_end(&events, PANIC_GRACE);
         tracing::info!(reason = reason.as_str(), "VM ended; stopping");

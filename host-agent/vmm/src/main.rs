@@ -3,7 +3,7 @@
 //! logging and maps the outcome to an exit code.
 //!
 //! Exit status: 0 guest reset, 10 power-off/halt, 11 kernel panic, 12 vCPU failure, 13 stopped by
-//! SIGTERM/SIGINT, 1 setup error.
+//! SIGTERM/SIGINT, 14 a forbidden syscall (seccomp), 1 setup error.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -19,19 +19,19 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Boot one microVM in this process and run it until it ends.
 ///
 /// Exit status: 0 guest reset, 10 power-off/halt, 11 kernel panic, 12 vCPU failure,
-/// 13 stopped by SIGTERM/SIGINT, 1 setup error.
+/// 13 stopped by SIGTERM/SIGINT, 14 a forbidden syscall (seccomp), 1 setup error.
 #[derive(Debug, Parser)]
 #[command(name = "nanoclaw-vmm", version)]
 struct VmmArgs {
     /// Guest kernel: a bzImage or an ELF vmlinux.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "print_seccomp")]
+    kernel: Option<PathBuf>,
     /// Guest initramfs.
-    #[arg(long)]
-    initrd: PathBuf,
+    #[arg(long, required_unless_present = "print_seccomp")]
+    initrd: Option<PathBuf>,
     /// The VM's directory (vsock.sock, exit.json, console.log by default). Created if missing.
-    #[arg(long)]
-    vm_dir: PathBuf,
+    #[arg(long, required_unless_present = "print_seccomp")]
+    vm_dir: Option<PathBuf>,
     /// Extra kernel command-line arguments, appended last.
     #[arg(long)]
     cmdline_extra: Option<String>,
@@ -69,6 +69,15 @@ struct VmmArgs {
     /// without booting. It shows what a VMM taken over by its guest could reach.
     #[arg(long = "jail-probe", hide = true, requires = "jail_uid")]
     jail_probes: Vec<String>,
+    /// Print every seccomp filter (each thread kind's allowed syscalls and their argument
+    /// conditions) and exit; needs no other argument.
+    #[arg(long)]
+    print_seccomp: bool,
+    /// Test hook: once the guest is ready (its first vsock connection), the vsock device thread
+    /// makes a syscall that no seccomp filter allows (`getppid`), so the VMM ends through its
+    /// SIGSYS handler with exit code 14. For the end-to-end tests only.
+    #[arg(long, hide = true)]
+    test_forbidden_syscall: bool,
 }
 
 impl VmmArgs {
@@ -82,15 +91,17 @@ impl VmmArgs {
     }
 
     fn into_config(self) -> VmConfig {
+        // clap requires these three unless --print-seccomp is given, which exits before this.
+        let vm_dir = self.vm_dir.unwrap_or_default();
         let console = match self.console {
             Some(p) if p.as_os_str() == "-" => ConsoleTarget::Stdout,
             Some(p) => ConsoleTarget::File(p),
-            None => ConsoleTarget::File(self.vm_dir.join("console.log")),
+            None => ConsoleTarget::File(vm_dir.join("console.log")),
         };
         VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            vm_dir: self.vm_dir,
+            kernel: self.kernel.unwrap_or_default(),
+            initrd: self.initrd.unwrap_or_default(),
+            vm_dir,
             cmdline_extra: self.cmdline_extra,
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
@@ -106,6 +117,13 @@ fn main() -> ExitCode {
     // The boot timer starts here, before anything else.
     let process_start = Instant::now();
     let mut args = VmmArgs::parse();
+    if args.print_seccomp {
+        print!("{}", vmm::seccomp::describe());
+        return ExitCode::SUCCESS;
+    }
+    if args.test_forbidden_syscall {
+        vmm::seccomp::arm_test_hook();
+    }
     // Every line, `log` records from the rust-vmm crates included, goes through the per-site
     // rate limit: a guest must not be able to flood the VMM log.
     let lines = tracing_subscriber::fmt::layer()
@@ -195,6 +213,19 @@ mod tests {
             ]
         );
         assert!(parse(&[]).unwrap().into_config().disks.is_empty());
+    }
+
+    #[test]
+    fn print_seccomp_needs_no_other_argument() {
+        let args = VmmArgs::try_parse_from(["nanoclaw-vmm", "--print-seccomp"]).unwrap();
+        assert!(args.print_seccomp);
+        let err = VmmArgs::try_parse_from(["nanoclaw-vmm"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(
+            parse(&["--test-forbidden-syscall"])
+                .unwrap()
+                .test_forbidden_syscall
+        );
     }
 
     #[test]

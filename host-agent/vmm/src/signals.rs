@@ -111,6 +111,7 @@ pub fn spawn_termination_waiter(events: Sender<VmEvent>) -> Result<(), SignalErr
     std::thread::Builder::new()
         .name("vmm-signals".into())
         .spawn(move || {
+            crate::seccomp::confine_or_exit(crate::seccomp::ThreadKind::Signals);
             loop {
                 let mut signal: libc::c_int = 0;
                 // SAFETY: `set` is an initialised signal set and `signal` a valid out-pointer;

@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::devices::bus::Bus;
 use super::exit::VmEvent;
+use super::seccomp::{self, ThreadKind};
 use super::signals;
 use super::x86_64::{cpuid, lapic, msr, regs};
 
@@ -162,6 +163,7 @@ pub struct VcpuRunner {
 impl VcpuRunner {
     /// Runs the vCPU until the VM ends or [`VcpuRunner::stop`] is set and a kick arrives.
     pub fn run(mut self) {
+        seccomp::confine_or_exit(ThreadKind::Vcpu);
         let run_page: *mut kvm_bindings::kvm_run = self.vcpu.get_kvm_run();
         // SAFETY: `run_page` is the kvm_run mapping of `self.vcpu`, owned by this thread; it is
         // cleared below before `self.vcpu` is dropped at the end of this function.

@@ -190,6 +190,8 @@ pub fn read_vmm_exit(dir: &Path) -> Option<VmmExit> {
         vsock: std::collections::BTreeMap<String, u64>,
         #[serde(default)]
         disks: Vec<nanoclaw_api::DiskCounters>,
+        #[serde(default)]
+        syscall: Option<String>,
     }
     let mut text = Vec::new();
     // Written by the VMM in its own folder: a link there is the VMM's, never followed.
@@ -209,6 +211,7 @@ pub fn read_vmm_exit(dir: &Path) -> Option<VmmExit> {
         boot_to_ready_ms: e.boot_to_ready_ms,
         vsock: e.vsock,
         disks: e.disks,
+        syscall: e.syscall,
     })
 }
 
@@ -319,7 +322,21 @@ mod tests {
         .unwrap();
         let e = read_vmm_exit(dir.path()).unwrap();
         assert_eq!((e.reason.as_str(), e.exit_code), ("reset", Some(0)));
+        assert_eq!(e.syscall, None);
         std::fs::write(dir.path().join(EXIT_FILE), "[1,2]").unwrap();
+        assert_eq!(read_vmm_exit(dir.path()), None);
+        // What the VMM's SIGSYS handler writes.
+        std::fs::write(
+            dir.path().join(EXIT_FILE),
+            r#"{"reason":"seccomp","exit_code":14,"syscall":"getppid","syscall_nr":110}"#,
+        )
+        .unwrap();
+        let e = read_vmm_exit(dir.path()).unwrap();
+        assert_eq!(e.reason, "seccomp");
+        assert_eq!(e.exit_code, Some(14));
+        assert_eq!(e.syscall.as_deref(), Some("getppid"));
+        // The record the handler pre-creates, still empty: absent.
+        std::fs::write(dir.path().join(EXIT_FILE), "").unwrap();
         assert_eq!(read_vmm_exit(dir.path()), None);
         // A hostile VMM's link out of its folder is not followed.
         let elsewhere = dir.path().join("elsewhere.json");

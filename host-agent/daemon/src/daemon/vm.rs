@@ -904,6 +904,17 @@ mod tests {
     use nanoclaw_api::{AgentExit, CreateVm};
     use shared_proto::message::ExitStatus;
 
+    #[test]
+    fn a_vmm_killed_without_an_exit_record_is_named_by_its_signal() {
+        use nix::libc::{SIGKILL, SIGSEGV, SIGSYS, SIGXFSZ};
+        assert_eq!(jail_reason(Some(SIGSYS), false), "seccomp");
+        assert_eq!(jail_reason(Some(SIGXFSZ), false), "file_size_limit");
+        assert_eq!(jail_reason(Some(SIGKILL), false), "unknown");
+        assert_eq!(jail_reason(Some(SIGKILL), true), "memory_limit");
+        assert_eq!(jail_reason(Some(SIGSEGV), true), "unknown");
+        assert_eq!(jail_reason(None, false), "unknown");
+    }
+
     fn vm(cap: u64) -> (tempfile::TempDir, Arc<Vm>) {
         let dir = tempfile::tempdir().unwrap();
         let rec = VmRecord::new("abcd0123".into(), CreateVm::new("/bin/a", vec![]), 1);

@@ -39,6 +39,7 @@ use self::block::{BlockDevice, BlockError, BlockFrontend, BlockWorker, DiskFile,
 use self::mmio::{IrqTrigger, MMIO_WINDOW_LEN, MmioTransport, regs};
 use self::vsock::{VsockDevice, VsockError, VsockFrontend, VsockMuxer, VsockWorker};
 use crate::devices::bus::{Bus, BusError};
+use crate::seccomp::{self, ThreadKind};
 
 pub use self::block::{BlockMetrics, BlockMetricsSnapshot};
 pub use self::vsock::{VsockMetrics, VsockMetricsSnapshot};
@@ -208,11 +209,13 @@ pub fn attach_vsock(
 /// stop eventfds, the command channel, the front end (`frontend`), the interrupt and the
 /// virtio-mmio transport, then has `worker` build the device thread's body from the interrupt,
 /// the transport's queue eventfds, the command receiver, the command eventfd and the stop
-/// eventfd, and spawns it as `thread_name` (`spawn_err` maps a spawn failure). Returns the
-/// transport, the stop eventfd and the thread.
+/// eventfd, and spawns it as `thread_name` (`spawn_err` maps a spawn failure). The thread
+/// installs the seccomp filter of `kind` before it runs the body. Returns the transport, the
+/// stop eventfd and the thread.
 fn spawn_device_thread<C, F, R>(
     mem: GuestMemoryMmap<()>,
     thread_name: String,
+    kind: ThreadKind,
     frontend: impl FnOnce(Sender<C>, Arc<EventFd>) -> F,
     worker: impl FnOnce(
         IrqTrigger,
@@ -248,7 +251,10 @@ where
     )?;
     let thread = std::thread::Builder::new()
         .name(thread_name)
-        .spawn(body)
+        .spawn(move || {
+            seccomp::confine_or_exit(kind);
+            body()
+        })
         .map_err(spawn_err)?;
     Ok((transport, stop_evt, thread))
 }
@@ -303,6 +309,7 @@ pub fn spawn_vsock(
     let (transport, stop_evt, thread) = spawn_device_thread(
         mem,
         "vsock-dev".into(),
+        ThreadKind::Vsock,
         |commands, command_evt| VsockFrontend::new(cfg.guest_cid, commands, command_evt),
         |interrupt, queue_evts, commands, command_evt, stop_evt| {
             let device = VsockDevice::new(cfg.guest_cid, muxer, interrupt, metrics.clone());
@@ -443,6 +450,7 @@ pub fn spawn_block(
     let (transport, stop_evt, thread) = spawn_device_thread(
         mem,
         thread_name,
+        ThreadKind::Block,
         {
             // The front end's features and config space come from its own copy of `info`.
             let info = info.clone();
