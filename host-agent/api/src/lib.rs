@@ -311,6 +311,10 @@ pub struct VmInfo {
     pub guest_protocol_errors: u64,
     /// Output bytes not written to the output log because it reached its cap.
     pub output_dropped_bytes: u64,
+    /// Other guest-triggered events (guest errors, ...) not written to the output log because it
+    /// reached its cap.
+    #[serde(default)]
+    pub events_dropped: u64,
     /// The VM's state directory on the host.
     pub vm_dir: String,
 }

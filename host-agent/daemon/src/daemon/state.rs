@@ -3,7 +3,8 @@
 //! Each VM owns `<state-dir>/vms/<id>/`:
 //! - `vm.json`: its [`VmRecord`] (spec, VMM pid and start time, status, agent exit), written
 //!   through a temporary file and a rename so a crash never leaves half a record;
-//! - `agent-output.ndjson`: its events, one JSON line each, capped in size;
+//! - `agent-output.ndjson`: its events, one JSON line each, capped in size (every event the
+//!   guest triggers counts against the cap);
 //! - `vmm.log`: the VMM's own stdout/stderr;
 //! - `vmm/`: the VMM's folder, the root of its jail: `exit.json` and `console.log`, written by
 //!   the VMM, and `vsock.sock`, `vsock.sock_<port>`, the hybrid vsock sockets.
@@ -109,6 +110,9 @@ pub struct VmRecord {
     pub guest_protocol_errors: u64,
     /// Output bytes dropped from the output log.
     pub output_dropped_bytes: u64,
+    /// Other guest-triggered events not written to the output log because it was full.
+    #[serde(default)]
+    pub events_dropped: u64,
     /// The image the VM runs, with its disks (absent for initramfs-only VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<super::images::VmImage>,
@@ -143,6 +147,7 @@ impl VmRecord {
             control_reconnects: 0,
             guest_protocol_errors: 0,
             output_dropped_bytes: 0,
+            events_dropped: 0,
             image: None,
             vmm_subdir: true,
             jail_uid: None,

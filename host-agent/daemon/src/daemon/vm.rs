@@ -50,6 +50,9 @@ const GUEST_MESSAGE_MAX: usize = 512;
 const MAX_CONTROL_CONNECTIONS: usize = 4;
 /// Events buffered per live subscriber before it lags.
 const EVENT_CHANNEL: usize = 1024;
+/// Room above the event log's cap kept for the daemon's own events (`Ended`, whose VMM exit
+/// record is read from at most 64 KiB of `exit.json`): guest-triggered events stop at the cap.
+const DAEMON_EVENT_HEADROOM: u64 = 128 << 10;
 
 /// Errors of one VM.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +124,8 @@ fn disk_arg(path: &Path, options: &str) -> std::ffi::OsString {
     arg
 }
 
-/// The agent event log: `agent-output.ndjson` with a size cap on output events.
+/// The agent event log: `agent-output.ndjson`. Every event the guest triggers counts against
+/// its cap; the daemon's own `Ended` may use [`DAEMON_EVENT_HEADROOM`] above it.
 #[derive(Debug)]
 struct EventLog {
     file: Option<File>,
@@ -246,6 +250,7 @@ impl Vm {
             control_reconnects: r.control_reconnects,
             guest_protocol_errors: r.guest_protocol_errors,
             output_dropped_bytes: r.output_dropped_bytes,
+            events_dropped: r.events_dropped,
             vm_dir: self.dir.display().to_string(),
         }
     }
@@ -287,7 +292,8 @@ impl Vm {
         f(&mut lock(&self.record))
     }
 
-    /// Appends `event` to the log (output events only while under the cap) and broadcasts it.
+    /// Appends `event` to the log and broadcasts it. Guest-triggered events (all but `Ended`)
+    /// are written only while the log is under its cap; the rest are counted.
     fn emit(&self, event: Event) {
         let mut log = lock(&self.log);
         let rec = EventRecord {
@@ -297,17 +303,20 @@ impl Vm {
         log.next_seq += 1;
         let mut line = serde_json::to_vec(&rec).unwrap_or_default();
         line.push(b'\n');
-        let is_output = matches!(rec.event, Event::Output { .. });
-        if is_output && log.size + line.len() as u64 > log.cap {
-            let dropped = match &rec.event {
+        let limit = match rec.event {
+            Event::Ended { .. } => log.cap.saturating_add(DAEMON_EVENT_HEADROOM),
+            _ => log.cap,
+        };
+        if log.size.saturating_add(line.len() as u64) > limit {
+            drop(log);
+            match &rec.event {
                 Event::Output { data, .. } => {
                     let pad = data.bytes().rev().take_while(|&b| b == b'=').count();
-                    (data.len() / 4 * 3 - pad) as u64
+                    let dropped = (data.len() / 4 * 3).saturating_sub(pad) as u64;
+                    self.update_quiet(|r| r.output_dropped_bytes += dropped);
                 }
-                _ => 0,
-            };
-            drop(log);
-            self.update_quiet(|r| r.output_dropped_bytes += dropped);
+                _ => self.update_quiet(|r| r.events_dropped += 1),
+            }
             log = lock(&self.log);
         } else if let Some(file) = log.file.as_mut() {
             match file.write_all(&line) {
@@ -980,4 +989,38 @@ mod tests {
         .unwrap();
         assert_eq!(lock(&reopened.log).next_seq, 4);
     }
+
+    /// The log's lines, parsed.
+    fn logged(vm: &Vm) -> Vec<EventRecord> {
+        std::fs::read_to_string(vm.output_path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn guest_errors_count_against_the_cap_and_ended_is_still_written() {
+        let (_dir, vm) = vm(200);
+        vm.update(|r| r.agent_sent = true);
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+            .unwrap();
+        for _ in 0..50 {
+            vm.on_guest_message(GuestToHost::Error {
+                message: "e".repeat(100),
+            })
+            .unwrap();
+        }
+        vm.conclude(None, false);
+        let text = std::fs::read_to_string(vm.output_path()).unwrap();
+        let (guest, ended) = text.trim_end().rsplit_once('\n').unwrap();
+        // The guest's lines stay under the cap; the daemon's final event is still written.
+        assert!(guest.len() < 200, "{} bytes of guest events", guest.len());
+        assert!(ended.contains(r#""event":"ended""#), "{ended}");
+        assert_eq!(logged(&vm).last().unwrap().seq, 51);
+        let info = vm.info();
+        assert_eq!(info.events_dropped as usize, 51 - (logged(&vm).len() - 1));
+        assert!(info.events_dropped >= 49, "{info:?}");
+    }
+
 }
