@@ -50,6 +50,9 @@ const GUEST_MESSAGE_MAX: usize = 512;
 const MAX_CONTROL_CONNECTIONS: usize = 4;
 /// Events buffered per live subscriber before it lags.
 const EVENT_CHANNEL: usize = 1024;
+/// How much of the event log's end is read for its last `seq` on a restart: more than its
+/// longest line (a 1 MiB frame of output is about 1.4 MiB of base64 in JSON).
+const LAST_SEQ_TAIL: u64 = 4 << 20;
 /// Room above the event log's cap kept for the daemon's own events (`Ended`, whose VMM exit
 /// record is read from at most 64 KiB of `exit.json`): guest-triggered events stop at the cap.
 const DAEMON_EVENT_HEADROOM: u64 = 128 << 10;
@@ -890,10 +893,22 @@ async fn write_msg(stream: &mut UnixStream, msg: &HostToGuest) -> std::io::Resul
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
-/// The last `seq` in an event log, if any line parses.
+/// The last `seq` in an event log, if any line in its last [`LAST_SEQ_TAIL`] bytes parses.
+/// Only that tail is read: the log may be as large as its cap.
 fn last_seq(path: &Path) -> Option<u64> {
-    let text = std::fs::read(path).ok()?;
-    text.split(|&b| b == b'\n')
+    use std::io::{Read, Seek};
+    let mut file = File::open(path).ok()?;
+    let start = file.metadata().ok()?.len().saturating_sub(LAST_SEQ_TAIL);
+    file.seek(std::io::SeekFrom::Start(start)).ok()?;
+    let mut text = Vec::new();
+    file.take(LAST_SEQ_TAIL).read_to_end(&mut text).ok()?;
+    // A tail that starts inside the file starts inside a line: skip that part line.
+    let lines = match start {
+        0 => &text[..],
+        _ => &text[text.iter().position(|&b| b == b'\n')? + 1..],
+    };
+    lines
+        .split(|&b| b == b'\n')
         .rev()
         .find_map(|line| serde_json::from_slice::<EventRecord>(line).ok())
         .map(|r| r.seq)
@@ -1021,6 +1036,40 @@ mod tests {
         let info = vm.info();
         assert_eq!(info.events_dropped as usize, 51 - (logged(&vm).len() - 1));
         assert!(info.events_dropped >= 49, "{info:?}");
+    }
+
+    /// Bytes this thread has read through read(2) and friends so far.
+    fn thread_read_bytes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn last_seq_reads_only_the_tail_of_a_huge_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(state::OUTPUT_FILE);
+        let mut file = File::create(&path).unwrap();
+        // 128 MiB of hole (no disk used), then two records.
+        file.set_len(128 << 20).unwrap();
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        for seq in [40, 41] {
+            let rec = EventRecord {
+                seq,
+                event: Event::GuestError {
+                    message: "x".into(),
+                },
+            };
+            writeln!(file, "\n{}", serde_json::to_string(&rec).unwrap()).unwrap();
+        }
+        let before = thread_read_bytes();
+        assert_eq!(last_seq(&path), Some(41));
+        let read = thread_read_bytes() - before;
+        assert!(read <= 8 << 20, "read {read} bytes");
     }
 
 }
