@@ -623,8 +623,9 @@ impl Vm {
                 .send(HostToGuest::AgentStdin { data: Vec::new() })
                 .await;
             tracing::info!(vm = %self.id, "agent requested");
-        } else {
-            tracing::info!(vm = %self.id, "sidecar reconnected");
+        } else if let Some(suppressed) = lock(&self.budget).admit(Instant::now()) {
+            // A guest can reconnect as often as it likes: this line is within its budget.
+            tracing::info!(vm = %self.id, suppressed, "sidecar reconnected");
         }
         if stop {
             let _ = to_guest.send(HostToGuest::Shutdown).await;
@@ -1070,6 +1071,55 @@ mod tests {
         assert_eq!(last_seq(&path), Some(41));
         let read = thread_read_bytes() - before;
         assert!(read <= 8 << 20, "read {read} bytes");
+    }
+
+    /// A `tracing` writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn reconnects_are_counted_and_logged_within_the_budget() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (_dir, vm) = vm(1 << 20);
+        let hello = encode_frame(&GuestToHost::Hello {
+            protocol_version: shared_proto::PROTOCOL_VERSION,
+            sidecar_version: "test".into(),
+            boot_id: [1; 16],
+            ephemeral_public_key: [7; 32],
+        })
+        .unwrap();
+        for _ in 0..30 {
+            let (mut guest, host) = UnixStream::pair().unwrap();
+            let served = tokio::spawn(Arc::clone(&vm).serve_control(host));
+            guest.write_all(&hello).await.unwrap();
+            let mut ack = [0u8; 1];
+            guest.read_exact(&mut ack).await.unwrap();
+            drop(guest);
+            served.await.unwrap();
+        }
+        assert_eq!(vm.info().control_reconnects, 29);
+        let text = String::from_utf8(lock(&captured.0).clone()).unwrap();
+        let lines = text.matches("sidecar reconnected").count();
+        assert!(
+            (1..=LogBudget::PER_WINDOW as usize).contains(&lines),
+            "{lines} lines:\n{text}"
+        );
     }
 
 }
