@@ -13,6 +13,7 @@
 //! # Layout
 //! - [`state`]: the on-disk record and process checks.
 //! - [`vm`]: one VM at run time (VMM, control connection, events, stop).
+//! - [`event_feed`]: a VM's live events for the API's streams, bounded in bytes.
 //! - [`routes`]: the HTTP handlers.
 //! - [`ratelimit`]: the log budget for guest-triggered lines.
 //! - [`images`]: the image routes, and what a VM created with an image gets.
@@ -20,6 +21,7 @@
 //! - [`gateways`]: the MCP gateway of each VM that has a profile, and agent spawning.
 
 pub mod cgroup;
+pub mod event_feed;
 pub mod files;
 pub mod gateways;
 pub mod images;

@@ -6,7 +6,8 @@
 //!   connections (the first one and every reconnect) and serves each on its own task;
 //! - the VMM watcher, which waits for the VMM to end (as its parent, or by polling `/proc` for
 //!   a VMM adopted after a daemon restart) and then records the final status;
-//! - the API's event streams, fed from the output log and a broadcast channel;
+//! - the API's event streams, fed from the output log and the live feed ([`EventRing`], bounded
+//!   in bytes);
 //! - with a credential relay (`--device-listen`), the VM's credential proxy listener, bound
 //!   after the first admitted `Hello` with the boot id and key it carried, and closed when the
 //!   VM ends.
@@ -26,9 +27,10 @@ use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest, OutputStream, R
 use shared_proto::{FrameDecoder, encode_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::cgroup;
+use super::event_feed::{EventFeed, EventRing};
 use super::ratelimit::LogBudget;
 use super::state::{self, StateError, VmRecord};
 use crate::error_chain;
@@ -48,8 +50,6 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 const GUEST_MESSAGE_MAX: usize = 512;
 /// Control connections served at once per VM (one current, a few being replaced or refused).
 const MAX_CONTROL_CONNECTIONS: usize = 4;
-/// Events buffered per live subscriber before it lags.
-const EVENT_CHANNEL: usize = 1024;
 /// How much of the event log's end is read for its last `seq` on a restart: more than its
 /// longest line (a 1 MiB frame of output is about 1.4 MiB of base64 in JSON).
 const LAST_SEQ_TAIL: u64 = 4 << 20;
@@ -158,7 +158,8 @@ pub struct Vm {
     pub vmm_dir: PathBuf,
     record: Mutex<VmRecord>,
     log: Mutex<EventLog>,
-    events: broadcast::Sender<EventRecord>,
+    /// The recent events, for live subscribers (bounded in bytes).
+    events: Arc<Mutex<EventRing>>,
     control: Mutex<Option<Control>>,
     next_conn: Mutex<u64>,
     budget: Mutex<LogBudget>,
@@ -199,7 +200,7 @@ impl Vm {
             .and_then(|f| f.metadata().ok())
             .map_or(0, |m| m.len());
         let next_seq = last_seq(&path).map_or(0, |s| s + 1);
-        let (events, _) = broadcast::channel(EVENT_CHANNEL);
+        let events = EventRing::new(next_seq);
         let (ended, _) = watch::channel(record.status.is_terminal());
         let vmm_dir = match record.vmm_subdir {
             true => dir.join(state::VMM_DIR),
@@ -269,8 +270,8 @@ impl Vm {
     }
 
     /// Subscribes to live events. Subscribe before reading the log, then skip what was read.
-    pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
-        self.events.subscribe()
+    pub fn subscribe(&self) -> EventFeed {
+        EventRing::subscribe(&self.events)
     }
 
     /// The event log's path.
@@ -330,8 +331,8 @@ impl Vm {
                 }
             }
         }
-        // Sent under the log lock so that subscribers see events in sequence order.
-        let _ = self.events.send(rec);
+        // Pushed under the log lock so that subscribers see events in sequence order.
+        lock(&self.events).push(rec, line.len());
         drop(log);
     }
 
@@ -928,6 +929,7 @@ mod tests {
     use super::*;
     use nanoclaw_api::{AgentExit, CreateVm};
     use shared_proto::message::ExitStatus;
+    use tokio::sync::broadcast;
 
     fn vm(cap: u64) -> (tempfile::TempDir, Arc<Vm>) {
         let dir = tempfile::tempdir().unwrap();
@@ -1120,6 +1122,35 @@ mod tests {
             (1..=LogBudget::PER_WINDOW as usize).contains(&lines),
             "{lines} lines:\n{text}"
         );
+    }
+
+    #[test]
+    fn a_lagging_subscriber_holds_a_bounded_number_of_bytes() {
+        use super::super::event_feed::EVENT_BUFFER_BYTES;
+        let (_dir, vm) = vm(1000);
+        vm.update(|r| r.agent_sent = true);
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+            .unwrap();
+        let mut live = vm.subscribe();
+        for _ in 0..1100 {
+            vm.on_guest_message(out(&[b'z'; 32 << 10])).unwrap();
+        }
+        let mut lagged = false;
+        let mut held = 0;
+        loop {
+            match live.try_recv() {
+                Ok(rec) => {
+                    if let Event::Output { data, .. } = &rec.event {
+                        held += data.len();
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
+                Err(_) => break,
+            }
+        }
+        assert!(lagged);
+        assert!(held <= EVENT_BUFFER_BYTES, "{held} bytes held");
+        assert!(lock(&vm.events).bytes() <= EVENT_BUFFER_BYTES);
     }
 
 }
