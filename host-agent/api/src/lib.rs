@@ -315,6 +315,9 @@ pub struct VmInfo {
     /// reached its cap.
     #[serde(default)]
     pub events_dropped: u64,
+    /// Bytes of the VMM's own output not written to its `vmm.log` because it reached its cap.
+    #[serde(default)]
+    pub vmm_log_dropped_bytes: u64,
     /// The VM's state directory on the host.
     pub vm_dir: String,
 }

@@ -532,7 +532,7 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         (None, None) => e.reason.clone(),
     });
     format!(
-        "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes, {} other events\ndirectory:      {}\n",
+        "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes, {} other events ({} bytes of VMM log)\ndirectory:      {}\n",
         vm.id,
         vm.status.as_str(),
         vm.spec.command,
@@ -552,6 +552,7 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.guest_protocol_errors,
         vm.output_dropped_bytes,
         vm.events_dropped,
+        vm.vmm_log_dropped_bytes,
         vm.vm_dir,
     ) + &device_counters_text(vm.vmm_exit.as_ref())
 }

@@ -274,12 +274,7 @@ async fn replay(vm: &Vm, last: &mut Option<u64>, tx: &Chunks) -> Option<bool> {
     Some(ended)
 }
 
-async fn follow(
-    vm: &Vm,
-    mut live: EventFeed,
-    mut last: Option<u64>,
-    tx: &Chunks,
-) {
+async fn follow(vm: &Vm, mut live: EventFeed, mut last: Option<u64>, tx: &Chunks) {
     loop {
         match live.recv().await {
             Ok(rec) => {

@@ -93,6 +93,9 @@ pub enum VmError {
     /// The VMM's jail could not be prepared.
     #[error("jail")]
     Jail(#[source] super::jail::JailError),
+    /// The VMM's log could not be set up.
+    #[error("VMM log")]
+    VmmLog(#[source] super::vmm_log::VmmLogError),
 }
 
 /// How to start a VMM.
@@ -170,6 +173,8 @@ pub struct Vm {
     credential_listener: Mutex<Option<crate::relay::VmRelay>>,
     /// The agent's tokenizer, shared by its MCP gateway and (for the device) the relay.
     tokens: Mutex<Option<Arc<crate::agent_tokens::AgentTokens>>>,
+    /// The task copying the VMM's output into `vmm.log` ([`super::vmm_log`]).
+    vmm_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,6 +240,7 @@ impl Vm {
             relay: Mutex::new(None),
             credential_listener: Mutex::new(None),
             tokens: Mutex::new(None),
+            vmm_log: Mutex::new(None),
         }))
     }
 
@@ -255,6 +261,7 @@ impl Vm {
             guest_protocol_errors: r.guest_protocol_errors,
             output_dropped_bytes: r.output_dropped_bytes,
             events_dropped: r.events_dropped,
+            vmm_log_dropped_bytes: r.vmm_log_dropped_bytes,
             vm_dir: self.dir.display().to_string(),
         }
     }
@@ -394,16 +401,18 @@ impl Vm {
         Ok(listener)
     }
 
-    /// Spawns the VMM in its own session, with stdio going to `vmm.log`, and records its pid and
-    /// start time. Returns the child so the caller can wait for it.
-    pub fn spawn_vmm(&self, launch: &VmmLaunch) -> Result<tokio::process::Child, VmError> {
-        let log_path = self.dir.join(state::VMM_LOG_FILE);
-        let open_err = |source| VmError::Open {
-            path: log_path.clone(),
+    /// Spawns the VMM in its own session, with its stdout and stderr copied into `vmm.log` up to
+    /// a cap ([`super::vmm_log`]), and records its pid and start time. Returns the child so the
+    /// caller can wait for it.
+    pub fn spawn_vmm(
+        self: &Arc<Self>,
+        launch: &VmmLaunch,
+    ) -> Result<tokio::process::Child, VmError> {
+        let (fifo, out, log) = super::vmm_log::create(&self.dir).map_err(VmError::VmmLog)?;
+        let err = out.try_clone().map_err(|source| VmError::Open {
+            path: self.dir.join(super::vmm_log::VMM_PIPE_FILE),
             source,
-        };
-        let out = File::create(&log_path).map_err(open_err)?;
-        let err = out.try_clone().map_err(open_err)?;
+        })?;
         let (spec, image) = {
             let record = lock(&self.record);
             (record.spec.clone(), record.image.clone())
@@ -469,6 +478,10 @@ impl Vm {
             bin: launch.bin.clone(),
             source,
         })?;
+        // Our copies of the FIFO's write end go with `cmd`: the VMM (and its jail's supervisor)
+        // then hold the only ones, and the copy ends when they have exited.
+        drop(cmd);
+        self.copy_vmm_log(fifo, log);
         let pid = child.id();
         let ticks = pid.and_then(state::process_start_ticks);
         self.update(|r| {
@@ -477,6 +490,30 @@ impl Vm {
         });
         tracing::info!(vm = %self.id, pid, "VMM started");
         Ok(child)
+    }
+
+    /// Copies the VMM's output into `vmm.log` on a task of its own, counting what is dropped.
+    fn copy_vmm_log(self: &Arc<Self>, fifo: tokio::net::unix::pipe::Receiver, log: File) {
+        let vm = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            super::vmm_log::copy(fifo, log, |n| {
+                vm.update_quiet(|r| r.vmm_log_dropped_bytes += n);
+            })
+            .await;
+        });
+        *lock(&self.vmm_log) = Some(task);
+    }
+
+    /// After a daemon restart: resumes copying a running VMM's output into `vmm.log`, when its
+    /// daemon gave it a FIFO (see [`super::vmm_log`]). A failure is logged.
+    pub fn reattach_vmm_log(self: &Arc<Self>) {
+        match super::vmm_log::reattach(&self.dir) {
+            Ok(Some((fifo, log))) => self.copy_vmm_log(fifo, log),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(vm = %self.id, error = %error_chain(&e), "cannot reattach vmm.log")
+            }
+        }
     }
 
     /// Whether the recorded VMM process still runs (same pid and start time).
@@ -770,6 +807,14 @@ impl Vm {
         }
         if let Some(c) = lock(&self.control).take() {
             c.kick.notify_one();
+        }
+        // The copy ends when the VMM's side of the FIFO is closed; wait so that its count is
+        // final (a process that inherited the FIFO and lives on only delays the count).
+        let copy = lock(&self.vmm_log).take();
+        if let Some(copy) = copy
+            && tokio::time::timeout(DRAIN_TIMEOUT, copy).await.is_ok()
+        {
+            let _ = std::fs::remove_file(self.dir.join(super::vmm_log::VMM_PIPE_FILE));
         }
         let from_file = state::read_vmm_exit(&self.vmm_dir);
         // An adopted VMM has no wait status: gone without exit.json, it is lost.
@@ -1153,4 +1198,35 @@ mod tests {
         assert!(lock(&vm.events).bytes() <= EVENT_BUFFER_BYTES);
     }
 
+    #[tokio::test]
+    async fn vmm_log_is_capped_and_the_vmm_is_never_blocked() {
+        use super::super::vmm_log::VMM_LOG_CAP;
+        let (dir, vm) = vm(1 << 20);
+        // A "VMM" that writes 8 MiB to stderr and exits.
+        let bin = dir.path().join("noisy-vmm");
+        std::fs::write(&bin, "#!/bin/sh\nhead -c 8388608 /dev/zero >&2\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let launch = VmmLaunch {
+            bin,
+            kernel: "k".into(),
+            initrd: "i".into(),
+            jail: None,
+        };
+        let child = vm.spawn_vmm(&launch).unwrap();
+        Arc::clone(&vm).watch_child(child).await;
+        assert_eq!(vm.info().vmm_exit.unwrap().exit_code, Some(0));
+        let log = std::fs::read(dir.path().join(state::VMM_LOG_FILE)).unwrap();
+        assert!(
+            log.len() as u64 <= VMM_LOG_CAP + 4096,
+            "{} bytes",
+            log.len()
+        );
+        assert!(log.starts_with(&[0; 64]));
+        assert_eq!(
+            vm.info().vmm_log_dropped_bytes,
+            (8 << 20) - VMM_LOG_CAP,
+            "every byte past the cap is counted"
+        );
+    }
 }
