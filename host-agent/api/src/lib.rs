@@ -315,6 +315,13 @@ pub struct VmInfo {
     pub guest_protocol_errors: u64,
     /// Output bytes not written to the output log because it reached its cap.
     pub output_dropped_bytes: u64,
+    /// Other guest-triggered events (guest errors, ...) not written to the output log because it
+    /// reached its cap.
+    #[serde(default)]
+    pub events_dropped: u64,
+    /// Bytes of the VMM's own output not written to its `vmm.log` because it reached its cap.
+    #[serde(default)]
+    pub vmm_log_dropped_bytes: u64,
     /// The VM's state directory on the host.
     pub vm_dir: String,
 }

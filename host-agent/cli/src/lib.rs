@@ -528,7 +528,7 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
     });
     let vmm_exit = vm.vmm_exit.as_ref().map(vmm_exit_text);
     format!(
-        "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes\ndirectory:      {}\n",
+        "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes, {} other events ({} bytes of VMM log)\ndirectory:      {}\n",
         vm.id,
         vm.status.as_str(),
         vm.spec.command,
@@ -547,6 +547,8 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.control_reconnects,
         vm.guest_protocol_errors,
         vm.output_dropped_bytes,
+        vm.events_dropped,
+        vm.vmm_log_dropped_bytes,
         vm.vm_dir,
     ) + &device_counters_text(vm.vmm_exit.as_ref())
 }

@@ -505,7 +505,11 @@ pub fn enter(jail: &JailConfig, config: &mut crate::VmConfig) -> Result<(), Jail
 fn supervise(child: Pid, waited: &SigSet, jail: &JailConfig) -> ! {
     // Same uid as the child, so that it may still signal it; nothing else is needed here.
     if let Err(e) = drop_privileges(jail.uid, jail.gid) {
-        eprintln!("nanoclaw-vmm: jail supervisor: {e}");
+        // Never a panic when the daemon's end of stderr is gone (see main).
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("nanoclaw-vmm: jail supervisor: {e}\n"),
+        );
         let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
     }
     let _ = nix::sys::resource::setrlimit(Resource::RLIMIT_CORE, 0, 0);

@@ -312,7 +312,8 @@ impl Vmm {
                         port,
                         "guest is ready (first vsock connection)"
                     );
-                    eprintln!("nanoclaw-vmm: boot_to_ready_ms={ms}");
+                    // Never a panic when the daemon's end of stderr is gone (see main).
+                    let _ = writeln!(std::io::stderr(), "nanoclaw-vmm: boot_to_ready_ms={ms}");
                 }
                 seccomp::fire_test_hook();
             })),

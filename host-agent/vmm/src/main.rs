@@ -5,7 +5,7 @@
 //! Exit status: 0 guest reset, 10 power-off/halt, 11 kernel panic, 12 vCPU failure, 13 stopped by
 //! SIGTERM/SIGINT, 14 a forbidden syscall (seccomp), 1 setup error.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -126,9 +126,15 @@ fn main() -> ExitCode {
     }
     // Every line, `log` records from the rust-vmm crates included, goes through the per-site
     // rate limit: a guest must not be able to flood the VMM log.
+    //
+    // Our stderr is a FIFO the daemon reads (and caps). While no daemon runs it has no reader:
+    // SIGPIPE is ignored (Rust's runtime sets that before `main`), so a write fails with EPIPE,
+    // and every write to stderr ignores the failure (no `eprintln!`, which would panic, and no
+    // report of the failure by tracing-subscriber, which would use `eprintln!`).
     let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false);
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -143,11 +149,16 @@ fn main() -> ExitCode {
     if let Some(jail) = &jail {
         // Bad paths are reported as the daemon gave them, before they move into the jail.
         if let Err(e) = config.validate() {
-            eprintln!("nanoclaw-vmm: error: {}", vmm::error_chain(&e));
+            let _ = writeln!(
+                std::io::stderr(),
+                "nanoclaw-vmm: error: {}",
+                vmm::error_chain(&e)
+            );
             return ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8);
         }
         if let Err(e) = vmm::jail::enter(jail, &mut config) {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "nanoclaw-vmm: error: cannot enter the jail: {}",
                 vmm::error_chain(&e)
             );
@@ -156,7 +167,11 @@ fn main() -> ExitCode {
         tracing::info!(uid = jail.uid, gid = jail.gid, "VMM jailed");
         if !probes.is_empty() {
             for target in &probes {
-                println!("PROBE {target} {}", vmm::jail::probe(target));
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "PROBE {target} {}",
+                    vmm::jail::probe(target)
+                );
             }
             return ExitCode::SUCCESS;
         }
@@ -172,7 +187,11 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit_code as u8)
         }
         Err(e) => {
-            eprintln!("nanoclaw-vmm: error: {}", vmm::error_chain(&e));
+            let _ = writeln!(
+                std::io::stderr(),
+                "nanoclaw-vmm: error: {}",
+                vmm::error_chain(&e)
+            );
             ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8)
         }
     }

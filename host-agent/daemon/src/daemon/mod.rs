@@ -3,7 +3,8 @@
 //! socket.
 //!
 //! - Each VM is one VMM process (the `nanoclaw-vmm` binary beside this one, or `--vmm-bin`), started
-//!   in its own session with its stdio in `<vm-dir>/vmm.log`, so it outlives the daemon.
+//!   in its own session, so it outlives the daemon; its stdio is copied into `<vm-dir>/vmm.log`
+//!   up to a cap ([`vmm_log`]).
 //! - The state of each VM lives in `<state-dir>/vms/<id>/` ([`state`]). On start the daemon
 //!   re-attaches every VM whose VMM still runs (same pid and start time): it re-binds the
 //!   control listener and waits for the sidecar to reconnect. A VM whose VMM vanished without
@@ -13,13 +14,16 @@
 //! # Layout
 //! - [`state`]: the on-disk record and process checks.
 //! - [`vm`]: one VM at run time (VMM, control connection, events, stop).
+//! - [`event_feed`]: a VM's live events for the API's streams, bounded in bytes.
 //! - [`routes`]: the HTTP handlers.
 //! - [`ratelimit`]: the log budget for guest-triggered lines.
+//! - [`vmm_log`]: the VMM's stdout and stderr, copied into `vmm.log` up to a cap.
 //! - [`images`]: the image routes, and what a VM created with an image gets.
 //! - [`files`]: copying files into and out of a VM (`nanoclaw cp`).
 //! - [`gateways`]: the MCP gateway of each VM that has a profile, and agent spawning.
 
 pub mod cgroup;
+pub mod event_feed;
 pub mod files;
 pub mod gateways;
 pub mod images;
@@ -28,6 +32,7 @@ pub mod ratelimit;
 pub mod routes;
 pub mod state;
 pub mod vm;
+pub mod vmm_log;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -433,6 +438,7 @@ impl Daemon {
         if vm.vmm_alive() {
             let listener = vm.bind_control().map_err(DaemonError::Vm)?;
             tracing::info!(vm = %vm.id, "re-attached to a running VMM");
+            vm.reattach_vmm_log();
             self.start_mcp(&vm);
             tokio::spawn(Arc::clone(&vm).accept_control(listener));
             tokio::spawn(Arc::clone(&vm).watch_adopted());

@@ -1,8 +1,10 @@
 //! The HTTP handlers of the daemon's API (the routes are listed in [`nanoclaw_api`]).
 //!
-//! Event streams replay `agent-output.ndjson` first and then follow the live broadcast,
-//! skipping by sequence number what the replay already sent; a subscriber that falls behind
-//! the broadcast re-reads the log from where it was.
+//! Event streams replay `agent-output.ndjson` first and then follow the VM's live feed
+//! ([`super::event_feed`]), skipping by sequence number what the replay already sent; a
+//! subscriber that falls behind the feed re-reads the log from where it was. Each stream queues
+//! at most [`EVENT_STREAM_QUEUE`] lines for its client (a line is at most one event, about
+//! 1.4 MiB for a 1 MiB output frame).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,8 +18,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 
+use super::event_feed::EventFeed;
 use super::vm::Vm;
 use super::{Daemon, RemoveError};
 use crate::error_chain;
@@ -29,6 +33,8 @@ const MAX_MEMORY_MIB: u64 = 64 * 1024;
 const MIN_MEMORY_MIB: u64 = 64;
 /// Highest accepted vCPU count.
 const MAX_VCPUS: u8 = 32;
+/// Lines an event stream queues for a slow client.
+const EVENT_STREAM_QUEUE: usize = 8;
 /// How often a followed console log is polled for growth.
 const CONSOLE_POLL: Duration = Duration::from_millis(200);
 
@@ -236,7 +242,7 @@ async fn events(
     let vm = find(&daemon, &id)?;
     let was_ended = *vm.ended().borrow();
     let live = vm.subscribe();
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(EVENT_STREAM_QUEUE);
     tokio::spawn(async move {
         let mut last = None;
         let ended = replay(&vm, &mut last, &tx).await;
@@ -268,12 +274,7 @@ async fn replay(vm: &Vm, last: &mut Option<u64>, tx: &Chunks) -> Option<bool> {
     Some(ended)
 }
 
-async fn follow(
-    vm: &Vm,
-    mut live: broadcast::Receiver<EventRecord>,
-    mut last: Option<u64>,
-    tx: &Chunks,
-) {
+async fn follow(vm: &Vm, mut live: EventFeed, mut last: Option<u64>, tx: &Chunks) {
     loop {
         match live.recv().await {
             Ok(rec) => {
@@ -281,7 +282,7 @@ async fn follow(
                     continue;
                 }
                 last = Some(rec.seq);
-                let mut line = serde_json::to_vec(&rec).unwrap_or_default();
+                let mut line = serde_json::to_vec(&*rec).unwrap_or_default();
                 line.push(b'\n');
                 if tx.send(Ok(line.into())).await.is_err() {
                     return;

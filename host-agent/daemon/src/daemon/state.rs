@@ -3,8 +3,10 @@
 //! Each VM owns `<state-dir>/vms/<id>/`:
 //! - `vm.json`: its [`VmRecord`] (spec, VMM pid and start time, status, agent exit), written
 //!   through a temporary file and a rename so a crash never leaves half a record;
-//! - `agent-output.ndjson`: its events, one JSON line each, capped in size;
-//! - `vmm.log`: the VMM's own stdout/stderr;
+//! - `agent-output.ndjson`: its events, one JSON line each, capped in size (every event the
+//!   guest triggers counts against the cap);
+//! - `vmm.log`: the VMM's own stdout/stderr, capped in size, and `vmm.pipe`, the FIFO the
+//!   daemon copies it from (see [`super::vmm_log`]);
 //! - `vmm/`: the VMM's folder, the root of its jail: `exit.json` and `console.log`, written by
 //!   the VMM, and `vsock.sock`, `vsock.sock_<port>`, the hybrid vsock sockets.
 //!
@@ -109,6 +111,12 @@ pub struct VmRecord {
     pub guest_protocol_errors: u64,
     /// Output bytes dropped from the output log.
     pub output_dropped_bytes: u64,
+    /// Other guest-triggered events not written to the output log because it was full.
+    #[serde(default)]
+    pub events_dropped: u64,
+    /// Bytes of the VMM's output not written to `vmm.log` because it reached its cap.
+    #[serde(default)]
+    pub vmm_log_dropped_bytes: u64,
     /// The image the VM runs, with its disks (absent for initramfs-only VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<super::images::VmImage>,
@@ -143,6 +151,8 @@ impl VmRecord {
             control_reconnects: 0,
             guest_protocol_errors: 0,
             output_dropped_bytes: 0,
+            events_dropped: 0,
+            vmm_log_dropped_bytes: 0,
             image: None,
             vmm_subdir: true,
             jail_uid: None,

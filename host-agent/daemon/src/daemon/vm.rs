@@ -6,7 +6,8 @@
 //!   connections (the first one and every reconnect) and serves each on its own task;
 //! - the VMM watcher, which waits for the VMM to end (as its parent, or by polling `/proc` for
 //!   a VMM adopted after a daemon restart) and then records the final status;
-//! - the API's event streams, fed from the output log and a broadcast channel;
+//! - the API's event streams, fed from the output log and the live feed ([`EventRing`], bounded
+//!   in bytes);
 //! - with a credential relay (`--device-listen`), the VM's credential proxy listener, bound
 //!   after the first admitted `Hello` with the boot id and key it carried, and closed when the
 //!   VM ends.
@@ -26,9 +27,10 @@ use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest, OutputStream, R
 use shared_proto::{FrameDecoder, encode_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::cgroup;
+use super::event_feed::{EventFeed, EventRing};
 use super::ratelimit::LogBudget;
 use super::state::{self, StateError, VmRecord};
 use crate::error_chain;
@@ -48,8 +50,12 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 const GUEST_MESSAGE_MAX: usize = 512;
 /// Control connections served at once per VM (one current, a few being replaced or refused).
 const MAX_CONTROL_CONNECTIONS: usize = 4;
-/// Events buffered per live subscriber before it lags.
-const EVENT_CHANNEL: usize = 1024;
+/// How much of the event log's end is read for its last `seq` on a restart: more than its
+/// longest line (a 1 MiB frame of output is about 1.4 MiB of base64 in JSON).
+const LAST_SEQ_TAIL: u64 = 4 << 20;
+/// Room above the event log's cap kept for the daemon's own events (`Ended`, whose VMM exit
+/// record is read from at most 64 KiB of `exit.json`): guest-triggered events stop at the cap.
+const DAEMON_EVENT_HEADROOM: u64 = 128 << 10;
 
 /// Errors of one VM.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +93,9 @@ pub enum VmError {
     /// The VMM's jail could not be prepared.
     #[error("jail")]
     Jail(#[source] super::jail::JailError),
+    /// The VMM's log could not be set up.
+    #[error("VMM log")]
+    VmmLog(#[source] super::vmm_log::VmmLogError),
 }
 
 /// How to start a VMM.
@@ -121,7 +130,8 @@ fn disk_arg(path: &Path, options: &str) -> std::ffi::OsString {
     arg
 }
 
-/// The agent event log: `agent-output.ndjson` with a size cap on output events.
+/// The agent event log: `agent-output.ndjson`. Every event the guest triggers counts against
+/// its cap; the daemon's own `Ended` may use [`DAEMON_EVENT_HEADROOM`] above it.
 #[derive(Debug)]
 struct EventLog {
     file: Option<File>,
@@ -151,7 +161,8 @@ pub struct Vm {
     pub vmm_dir: PathBuf,
     record: Mutex<VmRecord>,
     log: Mutex<EventLog>,
-    events: broadcast::Sender<EventRecord>,
+    /// The recent events, for live subscribers (bounded in bytes).
+    events: Arc<Mutex<EventRing>>,
     control: Mutex<Option<Control>>,
     next_conn: Mutex<u64>,
     budget: Mutex<LogBudget>,
@@ -162,6 +173,8 @@ pub struct Vm {
     credential_listener: Mutex<Option<crate::relay::VmRelay>>,
     /// The agent's tokenizer, shared by its MCP gateway and (for the device) the relay.
     tokens: Mutex<Option<Arc<crate::agent_tokens::AgentTokens>>>,
+    /// The task copying the VMM's output into `vmm.log` ([`super::vmm_log`]).
+    vmm_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,7 +205,7 @@ impl Vm {
             .and_then(|f| f.metadata().ok())
             .map_or(0, |m| m.len());
         let next_seq = last_seq(&path).map_or(0, |s| s + 1);
-        let (events, _) = broadcast::channel(EVENT_CHANNEL);
+        let events = EventRing::new(next_seq);
         let (ended, _) = watch::channel(record.status.is_terminal());
         let vmm_dir = match record.vmm_subdir {
             true => dir.join(state::VMM_DIR),
@@ -227,6 +240,7 @@ impl Vm {
             relay: Mutex::new(None),
             credential_listener: Mutex::new(None),
             tokens: Mutex::new(None),
+            vmm_log: Mutex::new(None),
         }))
     }
 
@@ -246,6 +260,8 @@ impl Vm {
             control_reconnects: r.control_reconnects,
             guest_protocol_errors: r.guest_protocol_errors,
             output_dropped_bytes: r.output_dropped_bytes,
+            events_dropped: r.events_dropped,
+            vmm_log_dropped_bytes: r.vmm_log_dropped_bytes,
             vm_dir: self.dir.display().to_string(),
         }
     }
@@ -261,8 +277,8 @@ impl Vm {
     }
 
     /// Subscribes to live events. Subscribe before reading the log, then skip what was read.
-    pub fn subscribe(&self) -> broadcast::Receiver<EventRecord> {
-        self.events.subscribe()
+    pub fn subscribe(&self) -> EventFeed {
+        EventRing::subscribe(&self.events)
     }
 
     /// The event log's path.
@@ -287,7 +303,8 @@ impl Vm {
         f(&mut lock(&self.record))
     }
 
-    /// Appends `event` to the log (output events only while under the cap) and broadcasts it.
+    /// Appends `event` to the log and broadcasts it. Guest-triggered events (all but `Ended`)
+    /// are written only while the log is under its cap; the rest are counted.
     fn emit(&self, event: Event) {
         let mut log = lock(&self.log);
         let rec = EventRecord {
@@ -297,17 +314,20 @@ impl Vm {
         log.next_seq += 1;
         let mut line = serde_json::to_vec(&rec).unwrap_or_default();
         line.push(b'\n');
-        let is_output = matches!(rec.event, Event::Output { .. });
-        if is_output && log.size + line.len() as u64 > log.cap {
-            let dropped = match &rec.event {
+        let limit = match rec.event {
+            Event::Ended { .. } => log.cap.saturating_add(DAEMON_EVENT_HEADROOM),
+            _ => log.cap,
+        };
+        if log.size.saturating_add(line.len() as u64) > limit {
+            drop(log);
+            match &rec.event {
                 Event::Output { data, .. } => {
                     let pad = data.bytes().rev().take_while(|&b| b == b'=').count();
-                    (data.len() / 4 * 3 - pad) as u64
+                    let dropped = (data.len() / 4 * 3).saturating_sub(pad) as u64;
+                    self.update_quiet(|r| r.output_dropped_bytes += dropped);
                 }
-                _ => 0,
-            };
-            drop(log);
-            self.update_quiet(|r| r.output_dropped_bytes += dropped);
+                _ => self.update_quiet(|r| r.events_dropped += 1),
+            }
             log = lock(&self.log);
         } else if let Some(file) = log.file.as_mut() {
             match file.write_all(&line) {
@@ -318,8 +338,8 @@ impl Vm {
                 }
             }
         }
-        // Sent under the log lock so that subscribers see events in sequence order.
-        let _ = self.events.send(rec);
+        // Pushed under the log lock so that subscribers see events in sequence order.
+        lock(&self.events).push(rec, line.len());
         drop(log);
     }
 
@@ -381,16 +401,18 @@ impl Vm {
         Ok(listener)
     }
 
-    /// Spawns the VMM in its own session, with stdio going to `vmm.log`, and records its pid and
-    /// start time. Returns the child so the caller can wait for it.
-    pub fn spawn_vmm(&self, launch: &VmmLaunch) -> Result<tokio::process::Child, VmError> {
-        let log_path = self.dir.join(state::VMM_LOG_FILE);
-        let open_err = |source| VmError::Open {
-            path: log_path.clone(),
+    /// Spawns the VMM in its own session, with its stdout and stderr copied into `vmm.log` up to
+    /// a cap ([`super::vmm_log`]), and records its pid and start time. Returns the child so the
+    /// caller can wait for it.
+    pub fn spawn_vmm(
+        self: &Arc<Self>,
+        launch: &VmmLaunch,
+    ) -> Result<tokio::process::Child, VmError> {
+        let (fifo, out, log) = super::vmm_log::create(&self.dir).map_err(VmError::VmmLog)?;
+        let err = out.try_clone().map_err(|source| VmError::Open {
+            path: self.dir.join(super::vmm_log::VMM_PIPE_FILE),
             source,
-        };
-        let out = File::create(&log_path).map_err(open_err)?;
-        let err = out.try_clone().map_err(open_err)?;
+        })?;
         let (spec, image) = {
             let record = lock(&self.record);
             (record.spec.clone(), record.image.clone())
@@ -456,6 +478,10 @@ impl Vm {
             bin: launch.bin.clone(),
             source,
         })?;
+        // Our copies of the FIFO's write end go with `cmd`: the VMM (and its jail's supervisor)
+        // then hold the only ones, and the copy ends when they have exited.
+        drop(cmd);
+        self.copy_vmm_log(fifo, log);
         let pid = child.id();
         let ticks = pid.and_then(state::process_start_ticks);
         self.update(|r| {
@@ -464,6 +490,30 @@ impl Vm {
         });
         tracing::info!(vm = %self.id, pid, "VMM started");
         Ok(child)
+    }
+
+    /// Copies the VMM's output into `vmm.log` on a task of its own, counting what is dropped.
+    fn copy_vmm_log(self: &Arc<Self>, fifo: tokio::net::unix::pipe::Receiver, log: File) {
+        let vm = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            super::vmm_log::copy(fifo, log, |n| {
+                vm.update_quiet(|r| r.vmm_log_dropped_bytes += n);
+            })
+            .await;
+        });
+        *lock(&self.vmm_log) = Some(task);
+    }
+
+    /// After a daemon restart: resumes copying a running VMM's output into `vmm.log`, when its
+    /// daemon gave it a FIFO (see [`super::vmm_log`]). A failure is logged.
+    pub fn reattach_vmm_log(self: &Arc<Self>) {
+        match super::vmm_log::reattach(&self.dir) {
+            Ok(Some((fifo, log))) => self.copy_vmm_log(fifo, log),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(vm = %self.id, error = %error_chain(&e), "cannot reattach vmm.log")
+            }
+        }
     }
 
     /// Whether the recorded VMM process still runs (same pid and start time).
@@ -611,8 +661,9 @@ impl Vm {
                 .send(HostToGuest::AgentStdin { data: Vec::new() })
                 .await;
             tracing::info!(vm = %self.id, "agent requested");
-        } else {
-            tracing::info!(vm = %self.id, "sidecar reconnected");
+        } else if let Some(suppressed) = lock(&self.budget).admit(Instant::now()) {
+            // A guest can reconnect as often as it likes: this line is within its budget.
+            tracing::info!(vm = %self.id, suppressed, "sidecar reconnected");
         }
         if stop {
             let _ = to_guest.send(HostToGuest::Shutdown).await;
@@ -757,6 +808,14 @@ impl Vm {
         if let Some(c) = lock(&self.control).take() {
             c.kick.notify_one();
         }
+        // The copy ends when the VMM's side of the FIFO is closed; wait so that its count is
+        // final (a process that inherited the FIFO and lives on only delays the count).
+        let copy = lock(&self.vmm_log).take();
+        if let Some(copy) = copy
+            && tokio::time::timeout(DRAIN_TIMEOUT, copy).await.is_ok()
+        {
+            let _ = std::fs::remove_file(self.dir.join(super::vmm_log::VMM_PIPE_FILE));
+        }
         let from_file = state::read_vmm_exit(&self.vmm_dir);
         // An adopted VMM has no wait status: gone without exit.json, it is lost.
         let lost = from_file.is_none() && wait.is_none();
@@ -881,10 +940,22 @@ async fn write_msg(stream: &mut UnixStream, msg: &HostToGuest) -> std::io::Resul
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
-/// The last `seq` in an event log, if any line parses.
+/// The last `seq` in an event log, if any line in its last [`LAST_SEQ_TAIL`] bytes parses.
+/// Only that tail is read: the log may be as large as its cap.
 fn last_seq(path: &Path) -> Option<u64> {
-    let text = std::fs::read(path).ok()?;
-    text.split(|&b| b == b'\n')
+    use std::io::{Read, Seek};
+    let mut file = File::open(path).ok()?;
+    let start = file.metadata().ok()?.len().saturating_sub(LAST_SEQ_TAIL);
+    file.seek(std::io::SeekFrom::Start(start)).ok()?;
+    let mut text = Vec::new();
+    file.take(LAST_SEQ_TAIL).read_to_end(&mut text).ok()?;
+    // A tail that starts inside the file starts inside a line: skip that part line.
+    let lines = match start {
+        0 => &text[..],
+        _ => &text[text.iter().position(|&b| b == b'\n')? + 1..],
+    };
+    lines
+        .split(|&b| b == b'\n')
         .rev()
         .find_map(|line| serde_json::from_slice::<EventRecord>(line).ok())
         .map(|r| r.seq)
@@ -903,6 +974,7 @@ mod tests {
     use super::*;
     use nanoclaw_api::{AgentExit, CreateVm};
     use shared_proto::message::ExitStatus;
+    use tokio::sync::broadcast;
 
     #[test]
     fn a_vmm_killed_without_an_exit_record_is_named_by_its_signal() {
@@ -990,5 +1062,182 @@ mod tests {
         )
         .unwrap();
         assert_eq!(lock(&reopened.log).next_seq, 4);
+    }
+
+    /// The log's lines, parsed.
+    fn logged(vm: &Vm) -> Vec<EventRecord> {
+        std::fs::read_to_string(vm.output_path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn guest_errors_count_against_the_cap_and_ended_is_still_written() {
+        let (_dir, vm) = vm(200);
+        vm.update(|r| r.agent_sent = true);
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+            .unwrap();
+        for _ in 0..50 {
+            vm.on_guest_message(GuestToHost::Error {
+                message: "e".repeat(100),
+            })
+            .unwrap();
+        }
+        vm.conclude(None, false);
+        let text = std::fs::read_to_string(vm.output_path()).unwrap();
+        let (guest, ended) = text.trim_end().rsplit_once('\n').unwrap();
+        // The guest's lines stay under the cap; the daemon's final event is still written.
+        assert!(guest.len() < 200, "{} bytes of guest events", guest.len());
+        assert!(ended.contains(r#""event":"ended""#), "{ended}");
+        assert_eq!(logged(&vm).last().unwrap().seq, 51);
+        let info = vm.info();
+        assert_eq!(info.events_dropped as usize, 51 - (logged(&vm).len() - 1));
+        assert!(info.events_dropped >= 49, "{info:?}");
+    }
+
+    /// Bytes this thread has read through read(2) and friends so far.
+    fn thread_read_bytes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn last_seq_reads_only_the_tail_of_a_huge_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(state::OUTPUT_FILE);
+        let mut file = File::create(&path).unwrap();
+        // 128 MiB of hole (no disk used), then two records.
+        file.set_len(128 << 20).unwrap();
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        for seq in [40, 41] {
+            let rec = EventRecord {
+                seq,
+                event: Event::GuestError {
+                    message: "x".into(),
+                },
+            };
+            writeln!(file, "\n{}", serde_json::to_string(&rec).unwrap()).unwrap();
+        }
+        let before = thread_read_bytes();
+        assert_eq!(last_seq(&path), Some(41));
+        let read = thread_read_bytes() - before;
+        assert!(read <= 8 << 20, "read {read} bytes");
+    }
+
+    /// A `tracing` writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn reconnects_are_counted_and_logged_within_the_budget() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let (_dir, vm) = vm(1 << 20);
+        let hello = encode_frame(&GuestToHost::Hello {
+            protocol_version: shared_proto::PROTOCOL_VERSION,
+            sidecar_version: "test".into(),
+            boot_id: [1; 16],
+            ephemeral_public_key: [7; 32],
+        })
+        .unwrap();
+        for _ in 0..30 {
+            let (mut guest, host) = UnixStream::pair().unwrap();
+            let served = tokio::spawn(Arc::clone(&vm).serve_control(host));
+            guest.write_all(&hello).await.unwrap();
+            let mut ack = [0u8; 1];
+            guest.read_exact(&mut ack).await.unwrap();
+            drop(guest);
+            served.await.unwrap();
+        }
+        assert_eq!(vm.info().control_reconnects, 29);
+        let text = String::from_utf8(lock(&captured.0).clone()).unwrap();
+        let lines = text.matches("sidecar reconnected").count();
+        assert!(
+            (1..=LogBudget::PER_WINDOW as usize).contains(&lines),
+            "{lines} lines:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_lagging_subscriber_holds_a_bounded_number_of_bytes() {
+        use super::super::event_feed::EVENT_BUFFER_BYTES;
+        let (_dir, vm) = vm(1000);
+        vm.update(|r| r.agent_sent = true);
+        vm.on_guest_message(GuestToHost::AgentStarted { pid: 1 })
+            .unwrap();
+        let mut live = vm.subscribe();
+        for _ in 0..1100 {
+            vm.on_guest_message(out(&[b'z'; 32 << 10])).unwrap();
+        }
+        let mut lagged = false;
+        let mut held = 0;
+        loop {
+            match live.try_recv() {
+                Ok(rec) => {
+                    if let Event::Output { data, .. } = &rec.event {
+                        held += data.len();
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
+                Err(_) => break,
+            }
+        }
+        assert!(lagged);
+        assert!(held <= EVENT_BUFFER_BYTES, "{held} bytes held");
+        assert!(lock(&vm.events).bytes() <= EVENT_BUFFER_BYTES);
+    }
+
+    #[tokio::test]
+    async fn vmm_log_is_capped_and_the_vmm_is_never_blocked() {
+        use super::super::vmm_log::VMM_LOG_CAP;
+        let (dir, vm) = vm(1 << 20);
+        // A "VMM" that writes 8 MiB to stderr and exits.
+        let bin = dir.path().join("noisy-vmm");
+        std::fs::write(&bin, "#!/bin/sh\nhead -c 8388608 /dev/zero >&2\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let launch = VmmLaunch {
+            bin,
+            kernel: "k".into(),
+            initrd: "i".into(),
+            jail: None,
+        };
+        let child = vm.spawn_vmm(&launch).unwrap();
+        Arc::clone(&vm).watch_child(child).await;
+        assert_eq!(vm.info().vmm_exit.unwrap().exit_code, Some(0));
+        let log = std::fs::read(dir.path().join(state::VMM_LOG_FILE)).unwrap();
+        assert!(
+            log.len() as u64 <= VMM_LOG_CAP + 4096,
+            "{} bytes",
+            log.len()
+        );
+        assert!(log.starts_with(&[0; 64]));
+        assert_eq!(
+            vm.info().vmm_log_dropped_bytes,
+            (8 << 20) - VMM_LOG_CAP,
+            "every byte past the cap is counted"
+        );
     }
 }
