@@ -660,7 +660,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             if relay.pairing_code().is_some() {
                 tracing::info!(
                     file = %args.state_dir.join("relay/pairing-code").display(),
-                    "no device paired: give the pairing code in this file to `vault-device pair`"
+                    "no device paired: give the pairing code in this file to `vault-device pair` \
+                     (it is valid for an hour; a new one is drawn after that)"
                 );
             }
             Some(relay)

@@ -10,8 +10,9 @@
 //!   ([`Relay::pairing_code`], also written to `<state>/relay/pairing-code`, mode 0600) that
 //!   the user types into `vault-device pair`. The code's PSK keys a Noise NNpsk0 handshake in
 //!   which both sides send their static key; the relay pins the device's in
-//!   `<state>/relay/device.json`. A wrong code costs one of [`MAX_PAIRING_FAILURES`] attempts,
-//!   after which the code is void and a new one is drawn.
+//!   `<state>/relay/device.json`. A code lives [`pairing::CODE_LIFETIME`]; each wrong code
+//!   makes the next attempt wait (1 s, doubling to a minute), which rate-limits guessing
+//!   without letting a guesser void the user's code.
 //! - **The link.** Noise KK with both pinned keys (the host's static key lives in
 //!   `<state>/relay/host.key`, 0600). A newer link replaces an older one. Over it the relay
 //!   multiplexes one session per sidecar connection.
@@ -61,7 +62,7 @@
 
 mod approvals;
 mod link;
-mod pairing;
+pub mod pairing;
 mod reports;
 mod sidecar;
 mod state;
@@ -82,8 +83,6 @@ use crate::approval::Approver;
 pub(crate) use link::AcceptBackoff;
 pub use sidecar::{VmRelay, proxy_socket_path};
 
-/// Wrong pairing codes tolerated before the code is replaced.
-pub const MAX_PAIRING_FAILURES: u32 = 5;
 /// Concurrent sidecar sessions per VM.
 pub const MAX_SESSIONS_PER_VM: usize = 64;
 /// Approval asks from the device waiting for the user at once.
@@ -138,6 +137,9 @@ pub enum RelayError {
     /// A link was attempted with no paired device, or pairing while one is paired.
     #[error("{0}")]
     Refused(&'static str),
+    /// A pairing attempt came too soon after a wrong code.
+    #[error("pairing is rate-limited after a wrong code: try again in {0} s")]
+    PairingWait(u64),
 }
 
 impl From<snow::Error> for RelayError {
@@ -201,7 +203,7 @@ struct Link {
 struct State {
     device: Option<(PairedDevice, [u8; 32])>,
     code: Option<String>,
-    failures: u32,
+    gate: pairing::PairingGate,
     link: Option<Link>,
     next_session: u64,
     next_generation: u64,

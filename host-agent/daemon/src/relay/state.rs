@@ -85,7 +85,7 @@ impl Relay {
             state: Mutex::new(State {
                 device,
                 code: None,
-                failures: 0,
+                gate: super::pairing::PairingGate::new(std::time::Instant::now()),
                 link: None,
                 next_session: 1,
                 next_generation: 1,
@@ -108,7 +108,7 @@ impl Relay {
         write_private(&self.dir.join("pairing-code"), code.as_bytes())?;
         let mut state = self.lock();
         state.code = Some(code);
-        state.failures = 0;
+        state.gate = super::pairing::PairingGate::new(std::time::Instant::now());
         Ok(())
     }
 }
