@@ -34,7 +34,7 @@ const MIN_MEMORY_MIB: u64 = 64;
 /// Highest accepted vCPU count.
 const MAX_VCPUS: u8 = 32;
 /// Lines an event stream queues for a slow client.
-const EVENT_STREAM_QUEUE: usize = 8;
+pub const EVENT_STREAM_QUEUE: usize = 8;
 /// How often a followed console log is polled for growth.
 const CONSOLE_POLL: Duration = Duration::from_millis(200);
 

@@ -11,7 +11,7 @@
 //! Why a FIFO and not an anonymous pipe: the VMM outlives the daemon. While no daemon runs,
 //! the FIFO has no reader, so the VMM's writes fail with `EPIPE` and are lost (they do not
 //! block it, and they do not kill it: see below). A restarted daemon opens the FIFO by name
-//! again ([`VmmLog::reattach`]) and the copy resumes where `vmm.log` stands; an anonymous pipe
+//! again ([`reattach`]) and the copy resumes where `vmm.log` stands; an anonymous pipe
 //! could never be found again. The FIFO lives in `<vm-dir>`, outside a jailed VMM's root
 //! (`<vm-dir>/vmm/`), so a jailed VMM holds only the descriptor it was given.
 //!
