@@ -83,21 +83,29 @@ def rss_excluding_guest_kib(pid):
     return total
 
 
+def hold(cmd):
+    """Starts `cmd` (a guest told to hold), waits for its ready marker; returns the Popen."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    buf = b""
+    start = time.monotonic()
+    while MARKER not in buf and time.monotonic() - start < TIMEOUT:
+        r, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if r:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf = (buf + chunk)[-4096:]
+    if MARKER not in buf:
+        proc.kill()
+        raise RuntimeError("the held guest never became ready")
+    time.sleep(0.5)
+    return proc
+
+
 def sample_rss(args, kernel):
     with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.Popen(ours(args, kernel, d, "nanoclaw.bench=hold"),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-        buf = b""
-        start = time.monotonic()
-        while MARKER not in buf and time.monotonic() - start < TIMEOUT:
-            r, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if r:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                buf = (buf + chunk)[-4096:]
-        time.sleep(0.5)
+        proc = hold(ours(args, kernel, d, "nanoclaw.bench=hold"))
         rss = rss_excluding_guest_kib(proc.pid)
         with open(f"/proc/{proc.pid}/status") as f:
             total = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))

@@ -8,14 +8,11 @@ jailed VMM that is the VMM inside the jail, and the supervisor outside it is sho
 
 import argparse
 import os
-import select
 import signal
 import statistics
-import subprocess
 import tempfile
-import time
 
-from bench_boot import MARKER, TIMEOUT, boot_once, ours, rss_excluding_guest_kib
+from bench_boot import boot_once, hold, ours, rss_excluding_guest_kib
 
 JAIL_UID = 1_999_000_000
 
@@ -36,26 +33,6 @@ def children(pid):
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
-
-
-def hold(cmd):
-    """Boots `cmd` with the hold marker, waits for ready; returns the Popen."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    buf = b""
-    start = time.monotonic()
-    while MARKER not in buf and time.monotonic() - start < TIMEOUT:
-        r, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if r:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buf = (buf + chunk)[-4096:]
-    if MARKER not in buf:
-        proc.kill()
-        raise RuntimeError("the held guest never became ready")
-    time.sleep(0.5)
-    return proc
 
 
 def main():
