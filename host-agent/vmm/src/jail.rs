@@ -155,32 +155,17 @@ pub struct JailedPaths {
 }
 
 impl JailedPaths {
-    /// Where each of `config`'s files appears inside the jail.
-    pub fn of(config: &crate::VmConfig) -> Result<Self, JailError> {
-        let absolute = |what, p: &Path| {
-            if p.is_absolute() {
-                Ok(())
-            } else {
-                Err(JailError::Relative {
-                    what,
-                    path: p.to_owned(),
-                })
-            }
-        };
-        absolute("the VM folder", &config.vm_dir)?;
-        absolute("the kernel", &config.kernel)?;
-        absolute("the initramfs", &config.initrd)?;
-        for d in &config.disks {
-            absolute("a disk", &d.path)?;
-        }
-        Ok(JailedPaths {
+    /// Where each of `config`'s files appears inside the jail; the jail's root is `config`'s
+    /// VM folder, which [`enter`] has made absolute by then.
+    pub fn of(config: &crate::VmConfig) -> Self {
+        JailedPaths {
             root: config.vm_dir.clone(),
             kernel: PathBuf::from(KERNEL),
             initrd: PathBuf::from(INITRD),
             disks: (0..config.disks.len())
                 .map(|i| PathBuf::from(format!("/disk{i}")))
                 .collect(),
-        })
+        }
     }
 
     /// `config` as the VMM sees it inside the jail.
@@ -266,8 +251,11 @@ fn bind_file(source: &Path, target: &Path, read_only: bool) -> Result<(), JailEr
         None::<&str>,
     )
     .map_err(step("bind-mount", source))?;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    flags |= MsFlags::MS_NOEXEC;
+    let mut flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
     if read_only {
         flags |= MsFlags::MS_RDONLY;
     }
@@ -451,7 +439,7 @@ pub fn enter(jail: &JailConfig, config: &mut crate::VmConfig) -> Result<(), Jail
         return Err(JailError::RootIds);
     }
     absolutize(config)?;
-    let paths = JailedPaths::of(config)?;
+    let paths = JailedPaths::of(config);
     let fsize = file_size_limit(config);
     join_cgroups(&jail.cgroups)?;
     nix::sched::unshare(

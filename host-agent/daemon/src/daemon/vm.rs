@@ -420,12 +420,10 @@ impl Vm {
         // The jail's arguments go last: a VMM's first argument is --kernel or --disk.
         let mut jail_args: Vec<std::ffi::OsString> = Vec::new();
         if let Some(jail) = &launch.jail {
-            let (uid, old_cgroups) = {
-                let r = lock(&self.record);
-                (r.jail_uid, r.jail_cgroups.clone())
-            };
-            let uid = uid.ok_or(VmError::Jail(super::jail::JailError::NoUid(0)))?;
-            cgroup::remove(&old_cgroups);
+            // Picked when the VM was created (a VMM is spawned once per VM, right after).
+            let uid = self
+                .jail_uid()
+                .ok_or(VmError::Jail(super::jail::JailError::NoUid(0)))?;
             let cgroups = jail
                 .prepare(
                     &self.id,
