@@ -34,6 +34,8 @@
 //!   decoder.
 //! - [`fs`]: the durable replacement of a small file (temporary file, fsync, rename, fsync of
 //!   the folder) for the state files of the daemon and the device.
+//! - [`ratelimit`]: the budget for log lines a guest (or an agent's requests) can trigger, used by
+//!   the daemon and the device alike.
 
 pub mod approval;
 mod canonical_json;
@@ -46,6 +48,7 @@ pub mod fs;
 pub mod handshake;
 pub mod message;
 pub mod ports;
+pub mod ratelimit;
 
 pub use canonical_json::canonical_json;
 pub use error_chain::{ErrorChain, error_chain};

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use nanoclaw_tests::credential::{
     attach, make_vault, pair, random_secret, sidecar, start_device, start_proxy,
 };
-use nanoclaw_tests::http::http;
+use nanoclaw_tests::http::{http, http_with_head};
 use nanoclaw_tests::upstream::{make_ca, start_upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -43,6 +43,7 @@ async fn the_device_makes_the_call_and_only_to_allowed_hosts() {
     let seen = std::sync::Arc::clone(&upstream.seen);
     let api2 = api.clone();
     let other2 = other.clone();
+    let secret2 = secret.clone();
     tokio::task::spawn_blocking(move || {
         // Base-URL mode, with a body.
         let (status, body) = http(
@@ -79,6 +80,15 @@ async fn the_device_makes_the_call_and_only_to_allowed_hosts() {
         let (status, body) = http(proxy, "GET /nosuch/hello HTTP/1.1\r\n\r\n");
         assert_eq!(status, 404, "{body}");
         assert_eq!(seen.lock().unwrap().requests.len(), before);
+
+        // An upstream that echoes the credential: every copy is redacted, in the headers and in
+        // a body that arrives a byte at a time.
+        let (status, head, body) = http_with_head(proxy, "GET /svc/echo HTTP/1.1\r\n\r\n");
+        assert_eq!(status, 200, "{body}");
+        let redacted = "[credential redacted by vault-device]";
+        assert_eq!(body, format!("you sent: Bearer {redacted}\n"));
+        assert!(head.contains(&format!("x-echo: Bearer {redacted}")), "{head}");
+        assert!(!head.contains(&secret2) && !body.contains(&secret2));
 
         // HTTPS and CONNECT are refused with a hint.
         let (status, body) = http(proxy, "CONNECT api.test:443 HTTP/1.1\r\n\r\n");
@@ -123,7 +133,7 @@ async fn the_device_makes_the_call_and_only_to_allowed_hosts() {
     // Every request that reached the server carried the right credential, and no request ever
     // carried the ungranted one.
     let seen = upstream.seen.lock().unwrap();
-    assert_eq!(seen.requests.len(), 3);
+    assert_eq!(seen.requests.len(), 4);
     for (host, _, auth) in &seen.requests {
         assert_eq!(auth.as_deref(), Some(format!("Bearer {secret}").as_str()));
         assert_eq!(host, &api);

@@ -7,11 +7,20 @@ use std::net::{SocketAddr, TcpStream};
 /// Sends `request` (raw HTTP/1.1) to `addr` and reads the answer to its end: the status and the
 /// body (chunked decoding done).
 pub fn http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let (status, _, body) = http_with_head(addr, request);
+    (status, body)
+}
+
+/// [`http`], with the response head (status line and headers) as well.
+pub fn http_with_head(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
-    parse_response(&raw)
+    let text = String::from_utf8_lossy(&raw);
+    let head = text.split_once("\r\n\r\n").expect("a response head").0;
+    let (status, body) = parse_response(&raw);
+    (status, head.to_owned(), body)
 }
 
 /// The status and the body (chunked decoding done) of a whole HTTP/1.1 response.

@@ -32,7 +32,9 @@ pub const RESPONSE_EMAIL: &str = "ops.lead@corp.example";
 /// The test HTTPS server: `/hello` answers 200 `hello <body>` with the right bearer token,
 /// 401 otherwise; `/big/N` answers N bytes; `/sse` sends one event, waits until
 /// [`Upstream::release`] (or 10 s), sends a second and ends; `/json` answers JSON holding the
-/// request body as a string and [`RESPONSE_EMAIL`].
+/// request body as a string and [`RESPONSE_EMAIL`]; `/echo` answers the request's
+/// `authorization` back, in an `x-echo` header and (octet-stream, a byte at a time in chunks)
+/// the body, as a careless debugging endpoint would.
 #[derive(Debug)]
 pub struct Upstream {
     /// Where it listens (on 127.0.0.1); clients resolve the test's names to it.
@@ -200,6 +202,22 @@ pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
                             .as_bytes(),
                         )
                         .await;
+                } else if path == "/echo" {
+                    let auth = auth.unwrap_or_default();
+                    let _ = tls
+                        .write_all(
+                            format!("HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\nx-echo: {auth}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                                .as_bytes(),
+                        )
+                        .await;
+                    let body = format!("you sent: {auth}\n");
+                    for byte in body.as_bytes() {
+                        let _ = tls.write_all(b"1\r\n").await;
+                        let _ = tls.write_all(&[*byte]).await;
+                        let _ = tls.write_all(b"\r\n").await;
+                        let _ = tls.flush().await;
+                    }
+                    let _ = tls.write_all(b"0\r\n\r\n").await;
                 } else if let Some(size) = path.strip_prefix("/big/") {
                     let size: usize = size.parse().unwrap_or(0).min(64 << 20);
                     let _ = tls

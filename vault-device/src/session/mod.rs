@@ -37,10 +37,12 @@
 //!   channel, and the resolution of a target to a credential under a live grant;
 //! - `proxy`: the primary path, step by step (read the body, resolve or ask, build the
 //!   upstream request, relay the answer, tokenized or not);
-//! - `fallback`: the fallback path (the sealed secret).
+//! - `fallback`: the fallback path (the sealed secret);
+//! - `redact`: every copy of the injected secret taken out of the upstream's answer.
 
 mod fallback;
 mod proxy;
+mod redact;
 #[cfg(test)]
 mod tests;
 

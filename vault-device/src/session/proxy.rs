@@ -9,9 +9,10 @@
 //!    when the VM tokenizes;
 //! 4. [`upstream_request`]: the HTTPS request, the agent's headers filtered and the
 //!    credential's header set;
-//! 5. [`response_headers`], then [`relay_response`]: the answer passed through, or tokenized
+//! 5. [`response_headers`], then [`relay_unchanged`]: the answer passed through, or tokenized
 //!    on its way to the agent ([`relay_tokenized`]: JSON whole, text and event streams a line
-//!    at a time).
+//!    at a time). Either way every copy of the injected secret is redacted first
+//!    ([`super::redact`]), and a compressed answer, which could hide one, is refused.
 //!
 //! A step that refuses answers the sidecar with `Refused` and nothing goes upstream.
 
@@ -25,6 +26,7 @@ use shared_proto::credential::{
     ProxyTarget, SidecarToDevice,
 };
 
+use super::redact::Redactor;
 use super::{
     MAX_REQUEST_BODY, Refusal, Session, SessionContext, SessionPeer, now, refusal, refused, resolve,
 };
@@ -70,10 +72,11 @@ pub(super) async fn proxy<C: SessionContext>(
         },
         None => body,
     };
-    let request = match upstream_request(ctx, entry, &authority, &head, body, tokens.is_some()) {
+    let request = match upstream_request(ctx, entry, &authority, &head, body) {
         Ok(request) => request,
         Err(refusal) => return session.send(&refusal).await,
     };
+    let mut redactor = Redactor::new(entry.secret.expose());
     tracing::info!(vm = %peer.vm_id, credential = %entry.name, %authority, "call");
     drop(data);
     let response = match request.send().await {
@@ -85,9 +88,56 @@ pub(super) async fn proxy<C: SessionContext>(
                 .await;
         }
     };
-    match tokens {
-        None => relay_response(session, response).await,
-        Some(vm) => relay_tokenized(ctx, peer, session, &authority, &vm, response).await,
+    let status = response.status().as_u16();
+    let headers = response_headers(&response, &mut redactor);
+    if tokenize::is_encoded(header(&headers, "content-encoding")) {
+        // Asked for `identity`, answered compressed: the secret could hide in it.
+        return session
+            .send(&refused(
+                502,
+                format!("{authority} answered with a compressed body, which cannot be checked"),
+            ))
+            .await;
+    }
+    let answer = Answer {
+        status,
+        headers,
+        body: response,
+    };
+    let result = match tokens {
+        None => relay_unchanged(session, answer, &mut redactor).await,
+        Some(vm) => {
+            relay_tokenized(ctx, peer, session, &authority, &vm, answer, &mut redactor).await
+        }
+    };
+    log_redacted(&peer.vm_id, &authority, &redactor);
+    result
+}
+
+/// The upstream's answer on its way to the agent: the head (already redacted) and the body,
+/// which goes through the [`Redactor`] as it streams.
+struct Answer {
+    status: u16,
+    headers: Vec<HeaderLine>,
+    body: reqwest::Response,
+}
+
+/// Logs (within a budget: the agent chooses what it calls) that an answer held the secret.
+fn log_redacted(vm_id: &str, authority: &str, redactor: &Redactor) {
+    static BUDGET: Mutex<Option<shared_proto::ratelimit::LogBudget>> = Mutex::new(None);
+    if redactor.redacted == 0 {
+        return;
+    }
+    let mut budget = BUDGET.lock().unwrap_or_else(|p| p.into_inner());
+    let budget = budget.get_or_insert_with(Default::default);
+    if let Some(suppressed) = budget.admit(std::time::Instant::now()) {
+        tracing::warn!(
+            vm = %vm_id,
+            %authority,
+            copies = redactor.redacted,
+            suppressed,
+            "the upstream's answer held the injected credential: redacted"
+        );
     }
 }
 
@@ -146,16 +196,16 @@ async fn resolve_or_ask<C: SessionContext>(
 }
 
 /// Step 4: the upstream request, `https://<authority><path>`: the agent's headers without
-/// hop-by-hop ones, its own copy of the credential's header and (when tokenizing, so the
-/// answer can be scanned) its `accept-encoding`; then the credential's header, marked
-/// sensitive. Or the refusal (a bad method, a credential that is no valid header value).
+/// hop-by-hop ones, its own copy of the credential's header and its `accept-encoding` (the
+/// answer must come uncompressed, so it can be scanned for the secret and tokenized); then the
+/// credential's header, marked sensitive. Or the refusal (a bad method, a credential that is no
+/// valid header value).
 fn upstream_request<C: SessionContext>(
     ctx: &C,
     entry: &Entry,
     authority: &str,
     head: &ProxyRequest,
     body: Vec<u8>,
-    tokenizing: bool,
 ) -> Result<reqwest::RequestBuilder, Box<DeviceToSidecar>> {
     let path = match &head.target {
         ProxyTarget::Service { path_and_query, .. } => path_and_query,
@@ -170,16 +220,14 @@ fn upstream_request<C: SessionContext>(
         let lower = name.to_ascii_lowercase();
         if credential::HOP_BY_HOP_HEADERS.contains(&lower.as_str())
             || lower.eq_ignore_ascii_case(&entry.header)
-            || (tokenizing && lower == "accept-encoding")
+            || lower == "accept-encoding"
         {
             continue;
         }
         request = request.header(name.as_str(), value.as_slice());
     }
-    if tokenizing {
-        // A compressed answer could not be scanned.
-        request = request.header("accept-encoding", "identity");
-    }
+    // A compressed answer could not be scanned.
+    request = request.header("accept-encoding", "identity");
     let value = entry.header_value();
     let Ok(mut header_value) = reqwest::header::HeaderValue::from_bytes(&value) else {
         return Err(Box::new(refused(
@@ -194,8 +242,9 @@ fn upstream_request<C: SessionContext>(
 }
 
 /// Step 5: the response's headers that go to the agent: no hop-by-hop ones, at most
-/// [`credential::MAX_HEADERS`], none longer than [`credential::MAX_VALUE_LEN`].
-fn response_headers(response: &reqwest::Response) -> Vec<HeaderLine> {
+/// [`credential::MAX_HEADERS`], none longer than [`credential::MAX_VALUE_LEN`], the secret
+/// redacted from each value.
+fn response_headers(response: &reqwest::Response, redactor: &mut Redactor) -> Vec<HeaderLine> {
     let mut headers: Vec<HeaderLine> = Vec::new();
     for (name, value) in response.headers() {
         if credential::HOP_BY_HOP_HEADERS.contains(&name.as_str())
@@ -206,7 +255,7 @@ fn response_headers(response: &reqwest::Response) -> Vec<HeaderLine> {
         if value.len() <= credential::MAX_VALUE_LEN {
             headers.push((
                 name.as_str().to_owned(),
-                ByteBuf::from(value.as_bytes().to_vec()),
+                ByteBuf::from(redactor.header(value.as_bytes())),
             ));
         }
     }
@@ -214,40 +263,40 @@ fn response_headers(response: &reqwest::Response) -> Vec<HeaderLine> {
 }
 
 /// Step 5, untokenized: the head, then the body as it arrives.
-async fn relay_response(
-    session: &mut Session,
-    response: reqwest::Response,
-) -> Result<(), NoiseError> {
-    let status = response.status().as_u16();
-    let headers = response_headers(&response);
-    relay_unchanged(session, status, headers, response).await
-}
-
 async fn relay_unchanged(
     session: &mut Session,
-    status: u16,
-    headers: Vec<HeaderLine>,
-    response: reqwest::Response,
+    answer: Answer,
+    redactor: &mut Redactor,
 ) -> Result<(), NoiseError> {
+    let Answer {
+        status,
+        headers,
+        body,
+    } = answer;
     session
         .send(&DeviceToSidecar::Head { status, headers })
         .await?;
-    stream_body(session, response, |c| Ok(c.to_vec()), || Ok(Vec::new())).await
+    stream_body(
+        session,
+        body,
+        redactor,
+        |c| Ok(c.to_vec()),
+        || Ok(Vec::new()),
+    )
+    .await
 }
 
-/// Step 5 for a tokenizing VM: the answer tokenized on its way to the agent, by body type.
-/// A compressed body that would need scanning is refused in enforce mode and passed on,
-/// reported unscanned, in monitor mode.
+/// Step 5 for a tokenizing VM: the answer tokenized on its way to the agent, by body type
+/// (a compressed one never gets here).
 async fn relay_tokenized<C: SessionContext>(
     ctx: &C,
     peer: &SessionPeer,
     session: &mut Session,
     authority: &str,
     vm: &Mutex<VmTokens>,
-    response: reqwest::Response,
+    answer: Answer,
+    redactor: &mut Redactor,
 ) -> Result<(), NoiseError> {
-    let status = response.status().as_u16();
-    let headers = response_headers(&response);
     let report = Reporter {
         ctx,
         vm_id: &peer.vm_id,
@@ -255,26 +304,11 @@ async fn relay_tokenized<C: SessionContext>(
         part: BodyPart::Response,
         enforce: tokenize::lock(vm).enforce(),
     };
-    let ty = BodyType::of(header(&headers, "content-type"));
-    if ty != BodyType::Other && tokenize::is_encoded(header(&headers, "content-encoding")) {
-        report.send(&Report::default(), Some(BodyError::Encoded.to_string()));
-        if report.enforce {
-            return session
-                .send(&refused(
-                    502,
-                    format!(
-                        "{authority} answered with a compressed body, which cannot be tokenized"
-                    ),
-                ))
-                .await;
-        }
-        return relay_unchanged(session, status, headers, response).await;
-    }
-    match ty {
-        BodyType::Other => relay_unchanged(session, status, headers, response).await,
-        BodyType::Json => relay_json(session, &report, vm, status, headers, response).await,
-        BodyType::Text | BodyType::EventStream => {
-            relay_lines(session, &report, vm, ty, status, headers, response).await
+    match BodyType::of(header(&answer.headers, "content-type")) {
+        BodyType::Other => relay_unchanged(session, answer, redactor).await,
+        BodyType::Json => relay_json(session, &report, vm, answer, redactor).await,
+        ty @ (BodyType::Text | BodyType::EventStream) => {
+            relay_lines(session, &report, vm, ty, answer, redactor).await
         }
     }
 }
@@ -285,10 +319,14 @@ async fn relay_json<C: SessionContext>(
     session: &mut Session,
     report: &Reporter<'_, C>,
     vm: &Mutex<VmTokens>,
-    status: u16,
-    headers: Vec<HeaderLine>,
-    response: reqwest::Response,
+    answer: Answer,
+    redactor: &mut Redactor,
 ) -> Result<(), NoiseError> {
+    let Answer {
+        status,
+        headers,
+        body: response,
+    } = answer;
     let authority = report.authority;
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
@@ -299,12 +337,14 @@ async fn relay_json<C: SessionContext>(
                 .send(&refused(502, format!("upstream {authority} body failed")))
                 .await;
         };
-        if body.len() + chunk.len() > nanoclaw_tokenize::MAX_INPUT_BYTES {
+        body.extend(redactor.push(&chunk));
+        if body.len() > nanoclaw_tokenize::MAX_INPUT_BYTES {
             over = true;
-            body.extend_from_slice(&chunk);
             break;
         }
-        body.extend_from_slice(&chunk);
+    }
+    if !over {
+        body.extend(redactor.finish());
     }
     let result = if over {
         Err(BodyError::TooLarge {
@@ -343,9 +383,12 @@ async fn relay_json<C: SessionContext>(
         // Monitor mode: the rest passes unscanned.
         while let Some(chunk) = stream.next().await {
             let Ok(chunk) = chunk else { return Ok(()) };
-            for piece in chunk.chunks(MAX_CHUNK) {
+            for piece in redactor.push(&chunk).chunks(MAX_CHUNK) {
                 session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
             }
+        }
+        for piece in redactor.finish().chunks(MAX_CHUNK) {
+            session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
         }
     }
     session.send(&DeviceToSidecar::End).await
@@ -358,10 +401,14 @@ async fn relay_lines<C: SessionContext>(
     report: &Reporter<'_, C>,
     vm: &Mutex<VmTokens>,
     ty: BodyType,
-    status: u16,
-    headers: Vec<HeaderLine>,
-    response: reqwest::Response,
+    answer: Answer,
+    redactor: &mut Redactor,
 ) -> Result<(), NoiseError> {
+    let Answer {
+        status,
+        headers,
+        body: response,
+    } = answer;
     session
         .send(&DeviceToSidecar::Head { status, headers })
         .await?;
@@ -370,6 +417,7 @@ async fn relay_lines<C: SessionContext>(
     let result = stream_body(
         session,
         response,
+        redactor,
         |c| lines_of().push(&mut tokenize::lock(vm), c),
         || lines_of().finish(&mut tokenize::lock(vm)),
     )
@@ -393,11 +441,13 @@ fn header<'a>(headers: &'a [HeaderLine], name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| v.as_slice())
 }
 
-/// Streams the upstream body through `filter` (and `finish` at its end), then `End`. A
-/// failing upstream or filter ends the body without `End`, which tells the sidecar it is cut.
+/// Streams the upstream body through the redactor and then `filter` (and `finish` at its end),
+/// then `End`. A failing upstream or filter ends the body without `End`, which tells the
+/// sidecar it is cut.
 async fn stream_body(
     session: &mut Session,
     response: reqwest::Response,
+    redactor: &mut Redactor,
     mut filter: impl FnMut(&[u8]) -> Result<Vec<u8>, BodyError>,
     finish: impl FnOnce() -> Result<Vec<u8>, BodyError>,
 ) -> Result<(), NoiseError> {
@@ -410,7 +460,7 @@ async fn stream_body(
                 return Ok(());
             }
         };
-        let out = match filter(&chunk) {
+        let out = match filter(&redactor.push(&chunk)) {
             Ok(out) => out,
             Err(e) => {
                 tracing::warn!(error = %e, "the response cannot be tokenized: cut");
@@ -421,7 +471,11 @@ async fn stream_body(
             session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
         }
     }
-    match finish() {
+    let last = filter(&redactor.finish()).and_then(|mut out| {
+        out.extend(finish()?);
+        Ok(out)
+    });
+    match last {
         Ok(out) => {
             for piece in out.chunks(MAX_CHUNK) {
                 session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
