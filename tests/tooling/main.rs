@@ -254,3 +254,40 @@ fn runner_ends_a_hung_l1_as_an_l1_death_and_shows_what_it_last_said() {
         "{err}"
     );
 }
+
+/// Creates and destroys KVM VMs (one vCPU each) in a loop while two pipe ping-pongs keep both of
+/// L1's CPUs context-switching. Each first-VM-created and last-VM-destroyed live-patches L1's
+/// scheduler; with a host thread per L1 vCPU (TCG `thread=multi`), L1 hung here within 200
+/// cycles (see scripts/nested-run).
+const KVM_CHURN: &str = r#"
+import fcntl, os
+def pingpong():
+    r1, w1 = os.pipe(); r2, w2 = os.pipe()
+    if os.fork() == 0:
+        while True: os.read(r1, 1); os.write(w2, b"x")
+    if os.fork() == 0:
+        while True: os.write(w1, b"x"); os.read(r2, 1)
+pingpong(); pingpong()
+for i in range(500):
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    vm = fcntl.ioctl(kvm, 0xAE01, 0)   # KVM_CREATE_VM
+    fcntl.ioctl(vm, 0xAE60, 0)         # KVM_CREATE_IRQCHIP
+    vcpu = fcntl.ioctl(vm, 0xAE41, 0)  # KVM_CREATE_VCPU
+    for fd in (vcpu, vm, kvm): os.close(fd)
+print("500 cycles", flush=True)
+os.killpg(0, 9)
+"#;
+
+#[test]
+fn runner_l1_survives_vms_coming_and_going() {
+    let out = Command::new(repo().join("scripts/nested-run"))
+        .args(["--mode", "l1", "--timeout", "600", "--"])
+        .args(["setsid", "python3", "-c", KVM_CHURN])
+        .env("NANOCLAW_L1_SILENT_AFTER", "60")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The churn ends by killing its own process group (SIGKILL): 137.
+    assert_eq!(out.status.code(), Some(137), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "500 cycles\n", "{err}");
+}
