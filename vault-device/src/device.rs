@@ -58,8 +58,10 @@ use crate::vault::{Pairing, Vault, VaultData, VaultError};
 
 /// Sessions one link may hold at once; an `Open` beyond it is closed at once.
 pub const MAX_SESSIONS: usize = 256;
-/// How long a session may leave relayed bytes unread before it is dropped.
-const SLOW_SESSION: Duration = Duration::from_secs(5);
+/// Link messages a session may leave unread (at most [`credential::MAX_LINK_DATA`] bytes each,
+/// so about 4.5 MiB): one more and it is dropped at once, so that no session ever holds up the
+/// link the others share (see [`deliver`]).
+pub const SESSION_BACKLOG: usize = 96;
 /// Approval asks waiting at once; more are refused at once.
 pub const MAX_PENDING_ASKS: usize = 64;
 /// The default of [`DeviceConfig::approval_wait`]: a little over the host's default approval
@@ -437,7 +439,7 @@ impl Device {
                         let _ = to_host.send(DeviceToHost::Close { session }).await;
                         continue;
                     }
-                    let (tx, rx) = mpsc::channel(64);
+                    let (tx, rx) = mpsc::channel(SESSION_BACKLOG);
                     sessions.insert(session, tx);
                     let peer = SessionPeer {
                         vm_id,
@@ -453,13 +455,8 @@ impl Device {
                     ));
                 }
                 HostToDevice::Data { session, bytes } => {
-                    if let Some(tx) = sessions.get(&session) {
-                        // Backpressure, bounded: a session stuck for SLOW_SESSION is dropped
-                        // rather than stalling the whole link.
-                        let sent = tokio::time::timeout(SLOW_SESSION, tx.send(bytes)).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            sessions.remove(&session);
-                        }
+                    if deliver(&mut sessions, session, bytes) == Delivery::Dropped {
+                        tracing::debug!(session, "a session left its backlog unread: dropped");
                     }
                 }
                 HostToDevice::Close { session } => {
@@ -499,6 +496,37 @@ impl Device {
         drop(sessions);
         writer.abort();
         result.map_err(DeviceError::Link)
+    }
+}
+
+/// What became of one `Data` message for a session.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    /// Queued for the session.
+    Queued,
+    /// No such session (never opened, or already gone): the bytes are dropped.
+    NoSession,
+    /// The session had [`SESSION_BACKLOG`] messages unread, or had ended: it is dropped (its
+    /// task sees its input end, and the host gets its `Close`).
+    Dropped,
+}
+
+/// Hands `bytes` to `session` without waiting: the link's reader serves every session, so a
+/// session that does not keep up is dropped rather than waited for.
+fn deliver(
+    sessions: &mut HashMap<u64, mpsc::Sender<Vec<u8>>>,
+    session: u64,
+    bytes: Vec<u8>,
+) -> Delivery {
+    let Some(tx) = sessions.get(&session) else {
+        return Delivery::NoSession;
+    };
+    match tx.try_send(bytes) {
+        Ok(()) => Delivery::Queued,
+        Err(_) => {
+            sessions.remove(&session);
+            Delivery::Dropped
+        }
     }
 }
 
@@ -627,4 +655,42 @@ pub async fn pair(
     vault.data.pairing = Some(pairing.clone());
     vault.save()?;
     Ok(pairing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_session_that_stops_reading_is_dropped_without_holding_up_the_others() {
+        let mut sessions = HashMap::new();
+        let (slow_tx, _slow_rx) = mpsc::channel(SESSION_BACKLOG);
+        let (fast_tx, mut fast_rx) = mpsc::channel(SESSION_BACKLOG);
+        sessions.insert(1, slow_tx);
+        sessions.insert(2, fast_tx);
+        // The slow session reads nothing: its backlog fills, and the next message drops it.
+        for _ in 0..SESSION_BACKLOG {
+            assert_eq!(deliver(&mut sessions, 1, vec![0; 16]), Delivery::Queued);
+        }
+        // `deliver` does not wait: this returns at once, however long the reader sleeps.
+        assert_eq!(deliver(&mut sessions, 1, vec![0; 16]), Delivery::Dropped);
+        assert!(!sessions.contains_key(&1));
+        assert_eq!(deliver(&mut sessions, 1, vec![0; 16]), Delivery::NoSession);
+        // The other session is served throughout.
+        assert_eq!(
+            deliver(&mut sessions, 2, b"hello".to_vec()),
+            Delivery::Queued
+        );
+        assert_eq!(fast_rx.recv().await.as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ended_is_dropped_on_its_next_message() {
+        let mut sessions = HashMap::new();
+        let (tx, rx) = mpsc::channel(SESSION_BACKLOG);
+        sessions.insert(7, tx);
+        drop(rx);
+        assert_eq!(deliver(&mut sessions, 7, vec![1]), Delivery::Dropped);
+        assert!(sessions.is_empty());
+    }
 }
