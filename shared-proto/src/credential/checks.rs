@@ -9,6 +9,16 @@ pub(super) fn check_name(s: &str, field: &'static str) -> Result<(), CredentialE
     Ok(())
 }
 
+/// A VM id: a name, and never `*`, which a grant uses to mean every VM; a host that could name
+/// `*` as the VM of a session would have the user approve a grant for all of them.
+pub(super) fn check_vm_id(s: &str) -> Result<(), CredentialError> {
+    check_name(s, "vm_id")?;
+    if s == "*" {
+        return Err(CredentialError::InvalidField { field: "vm_id" });
+    }
+    Ok(())
+}
+
 pub(super) fn check_value(s: &[u8], field: &'static str) -> Result<(), CredentialError> {
     if s.len() > MAX_VALUE_LEN || s.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
         return Err(CredentialError::InvalidField { field });

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::checks::{check_authority, check_chunk, check_name, check_value};
+use super::checks::{check_authority, check_chunk, check_name, check_value, check_vm_id};
 use super::{
     CredentialError, MAX_ISSUED_PER_MESSAGE, MAX_LINK_DATA, MAX_LLM_HOSTS, MAX_SURROGATE_LEN,
     Validate,
@@ -213,7 +213,7 @@ pub enum DeviceToHost {
 impl Validate for HostToDevice {
     fn validate(&self) -> Result<(), CredentialError> {
         match self {
-            Self::Open { vm_id, .. } => check_name(vm_id, "vm_id"),
+            Self::Open { vm_id, .. } => check_vm_id(vm_id),
             Self::Data { bytes, .. } => check_chunk(bytes, MAX_LINK_DATA),
             Self::Close { .. } => Ok(()),
             Self::Tokenize {
@@ -221,7 +221,7 @@ impl Validate for HostToDevice {
                 spec,
                 issued,
             } => {
-                check_name(vm_id, "vm_id")?;
+                check_vm_id(vm_id)?;
                 if spec.llm_hosts.len() > MAX_LLM_HOSTS {
                     return Err(CredentialError::InvalidField { field: "llm_hosts" });
                 }
@@ -260,7 +260,7 @@ impl Validate for DeviceToHost {
                 target_host,
                 ..
             } => {
-                check_name(vm_id, "vm_id")?;
+                check_vm_id(vm_id)?;
                 check_name(credential, "credential")?;
                 check_authority(target_host)
             }
@@ -270,7 +270,7 @@ impl Validate for DeviceToHost {
                 unscanned,
                 ..
             } => {
-                check_name(vm_id, "vm_id")?;
+                check_vm_id(vm_id)?;
                 check_authority(target_host)?;
                 match unscanned {
                     Some(why) => check_name(why, "unscanned"),

@@ -196,6 +196,31 @@ fn oversize_and_bad_fields_are_refused() {
 }
 
 #[test]
+fn the_wildcard_is_no_vm_id_on_the_wire() {
+    let open = |vm_id: &str| HostToDevice::Open {
+        session: 1,
+        vm_id: vm_id.into(),
+        boot_id: [0; 16],
+        sidecar_public_key: [0; 32],
+    };
+    let bytes = encode_message(&open("*")).unwrap();
+    assert!(matches!(
+        decode_message::<HostToDevice>(&bytes),
+        Err(CredentialError::InvalidField { field: "vm_id" })
+    ));
+    let bytes = encode_message(&open("vm-1")).unwrap();
+    assert!(decode_message::<HostToDevice>(&bytes).is_ok());
+    let ask = DeviceToHost::ApprovalNeeded {
+        request: [0; 16],
+        vm_id: "*".into(),
+        credential: "openai".into(),
+        target_host: "api.openai.com".into(),
+    };
+    let bytes = encode_message(&ask).unwrap();
+    assert!(decode_message::<DeviceToHost>(&bytes).is_err());
+}
+
+#[test]
 fn trailing_and_garbage_are_refused() {
     let mut bytes = encode_message(&SidecarToDevice::End).unwrap();
     bytes.push(0);
