@@ -289,5 +289,9 @@ fn runner_l1_survives_vms_coming_and_going() {
     let err = String::from_utf8_lossy(&out.stderr);
     // The churn ends by killing its own process group (SIGKILL): 137.
     assert_eq!(out.status.code(), Some(137), "{err}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "500 cycles\n", "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "500 cycles\n",
+        "{err}"
+    );
 }
