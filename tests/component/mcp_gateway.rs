@@ -47,6 +47,7 @@ server = "files"
 name = "write_file"
 args.path = {{ prefix = "/data/out/" }}
 other_args = "allow"
+restore = true
 
 [[tools]]
 server = "files"
@@ -230,6 +231,30 @@ fn text_of(result: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// Real values go only into the tools the profile marks `restore = true`: without the mark, the
+/// surrogate the agent passes on reaches the upstream as the surrogate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_not_marked_restore_gets_the_surrogate_not_the_real_value() {
+    let fx = Fixture::start(
+        |log| worker_profile(log, "enforce", "worker").replace("restore = true\n", ""),
+        Arc::new(DenyAll),
+        None,
+    )
+    .await;
+    let out = fx
+        .python_agent(json!([
+            {"call": "read_file", "args": {"path": "/data/report.txt"}},
+            {"call": "write_file", "args": {"path": "/data/out/r.txt"}, "call_with": [0, "content"]},
+        ]))
+        .await;
+    assert!(out[1]["ok"].is_object(), "{}", out[1]);
+    let calls = fx.peer_calls();
+    let content = calls[1]["args"]["content"].as_str().unwrap_or_default();
+    assert!(!content.is_empty() && content != EMAIL, "{calls:?}");
+    assert!(content.contains('@'), "a surrogate email: {content}");
+    assert!(text_of(&out[0]["ok"]).contains(content), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,7 @@ server = "files"
 name = "write_file"
 args.path = {{ prefix = "/data/" }}
 other_args = "allow"
+restore = true
 [[tools]]
 server = "files"
 name = "delete_file"

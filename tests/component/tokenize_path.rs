@@ -61,11 +61,17 @@ async fn world() -> World {
     }
 }
 
-fn tokens(mode: &str, llm_hosts: &[&str]) -> Arc<AgentTokens> {
-    let hosts: Vec<String> = llm_hosts.iter().map(|h| format!("{h:?}")).collect();
+/// The agent's tokenizer under a profile with `mode`, `llm_hosts` and `restore_hosts`.
+fn tokens(mode: &str, llm_hosts: &[&str], restore_hosts: &[&str]) -> Arc<AgentTokens> {
+    let list = |hosts: &[&str]| {
+        let quoted: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
+        quoted.join(", ")
+    };
     let profile = Profile::from_toml(&format!(
-        "name = \"t\"\ntier = \"worker\"\ntokenize = \"{mode}\"\nllm_hosts = [{}]\n",
-        hosts.join(", ")
+        "name = \"t\"\ntier = \"worker\"\ntokenize = \"{mode}\"\nllm_hosts = [{}]\n\
+         restore_hosts = [{}]\n",
+        list(llm_hosts),
+        list(restore_hosts)
     ))
     .unwrap();
     Arc::new(
@@ -119,7 +125,7 @@ async fn wait_records(w: &World, n: usize) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn services_get_real_values_llms_and_the_agent_get_surrogates() {
     let w = world().await;
-    let tokens = tokens("enforce", &[]);
+    let tokens = tokens("enforce", &[], &[&w.api]);
     // The gateway tokenized a tool result: the agent holds the card's surrogate.
     let (tool_result, _) = tokens
         .lock()
@@ -206,10 +212,31 @@ async fn services_get_real_values_llms_and_the_agent_get_surrogates() {
     nanoclaw_audit::verify(&w.audit).expect("the chain verifies");
 }
 
+/// Real values go only to the hosts the profile lists in `restore_hosts`: to any other, the
+/// agent's surrogate leaves as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_not_in_restore_hosts_gets_the_surrogate() {
+    let w = world().await;
+    let tokens = tokens("enforce", &[], &[]);
+    let (tool_result, _) = tokens
+        .lock()
+        .tokenize_text(&format!("card {CARD}"))
+        .unwrap();
+    let card_surrogate = tool_result.strip_prefix("card ").unwrap().to_owned();
+    let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, Arc::clone(&tokens));
+    let proxy = start_proxy(&w.vm_dir, &w.sc);
+    let (status, answer) = post(proxy, format!(r#"{{"pay":"{card_surrogate}"}}"#)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(last_body(&w), format!(r#"{{"pay":"{card_surrogate}"}}"#));
+    // The answer is still tokenized on its way to the agent.
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_ne!(answer["contact"], RESPONSE_EMAIL);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_to_an_llm_host_is_tokenized_with_the_hosts_surrogates() {
     let w = world().await;
-    let tokens = tokens("enforce", &[&w.api]);
+    let tokens = tokens("enforce", &[&w.api], &[]);
     let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, Arc::clone(&tokens));
     let proxy = start_proxy(&w.vm_dir, &w.sc);
     let (status, _) = post(proxy, format!(r#"{{"prompt":"ssn {SSN}, card {CARD}"}}"#)).await;
@@ -237,7 +264,7 @@ async fn a_call_to_an_llm_host_is_tokenized_with_the_hosts_surrogates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn monitor_mode_changes_nothing_and_reports_counts() {
     let w = world().await;
-    let tokens = tokens("monitor", &[&w.api]);
+    let tokens = tokens("monitor", &[&w.api], &[]);
     let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, tokens);
     let proxy = start_proxy(&w.vm_dir, &w.sc);
     let body = format!(r#"{{"prompt":"card {CARD}"}}"#);
@@ -262,7 +289,8 @@ async fn monitor_mode_changes_nothing_and_reports_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compressed_bodies_are_refused_in_enforce_mode_and_event_streams_still_stream() {
     let w = world().await;
-    let tokens = tokens("enforce", &[]);
+    // A service that gets real values: its request bodies must be scanned.
+    let tokens = tokens("enforce", &[], &[&w.api]);
     let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, tokens);
     let proxy = start_proxy(&w.vm_dir, &w.sc);
     let before = w.upstream.seen.lock().unwrap().requests.len();
@@ -315,7 +343,7 @@ async fn the_fallback_path_is_refused_when_calls_are_tokenized() {
     use vpod_sidecar::proxy::fallback::{Fallback, FallbackTls};
     use vpod_sidecar::proxy::{self, ProxyIdentity};
     let w = world().await;
-    let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, tokens("enforce", &[]));
+    let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, tokens("enforce", &[], &[]));
     // A sidecar that asks for the sealed secret to make the call itself, in the guest, where
     // the agent key never is.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -64,6 +64,7 @@ server = "files"
 name = "write_file"
 args.path = {{ prefix = "/data/" }}
 other_args = "allow"
+restore = true
 "#,
         upstream = workspace_root()
             .join("tests/peers/mcp_upstream.py")

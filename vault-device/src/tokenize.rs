@@ -48,6 +48,7 @@ pub struct VmTokens {
     key_digest: [u8; 32],
     enforce: bool,
     llm_hosts: Vec<String>,
+    restore_hosts: Vec<String>,
     tokenizer: Tokenizer,
 }
 
@@ -56,6 +57,7 @@ impl std::fmt::Debug for VmTokens {
         f.debug_struct("VmTokens")
             .field("enforce", &self.enforce)
             .field("llm_hosts", &self.llm_hosts)
+            .field("restore_hosts", &self.restore_hosts)
             .field("tokenizer", &self.tokenizer)
             .finish_non_exhaustive()
     }
@@ -69,10 +71,21 @@ impl VmTokens {
 
     /// Whether `authority` (`host` or `host:port`) is one of the profile's LLM hosts.
     pub fn is_llm(&self, authority: &str) -> bool {
-        let host = |a: &str| -> String { a.strip_suffix(":443").unwrap_or(a).to_ascii_lowercase() };
-        let authority = host(authority);
-        self.llm_hosts.iter().any(|h| host(h) == authority)
+        listed(&self.llm_hosts, authority)
     }
+
+    /// Whether request bodies to `authority` get the real values back (the profile's
+    /// `restore_hosts`); a body to a host neither here nor an LLM's leaves unchanged.
+    pub fn restores(&self, authority: &str) -> bool {
+        listed(&self.restore_hosts, authority)
+    }
+}
+
+/// Whether `authority` is in `hosts` (ASCII case-insensitive; `:443` is the same as none).
+fn listed(hosts: &[String], authority: &str) -> bool {
+    let host = |a: &str| -> String { a.strip_suffix(":443").unwrap_or(a).to_ascii_lowercase() };
+    let authority = host(authority);
+    hosts.iter().any(|h| host(h) == authority)
 }
 
 /// Errors of applying the host's settings.
@@ -123,7 +136,10 @@ impl Registry {
             match current {
                 Some(v) => {
                     let v = Arc::clone(v);
-                    lock(&v).llm_hosts = spec.llm_hosts.clone();
+                    let mut t = lock(&v);
+                    t.llm_hosts = spec.llm_hosts.clone();
+                    t.restore_hosts = spec.restore_hosts.clone();
+                    drop(t);
                     v
                 }
                 None => {
@@ -144,6 +160,7 @@ impl Registry {
                         key_digest: digest,
                         enforce: spec.enforce,
                         llm_hosts: spec.llm_hosts.clone(),
+                        restore_hosts: spec.restore_hosts.clone(),
                         tokenizer,
                     }));
                     vms.insert(vm_id.to_owned(), Arc::clone(&v));
@@ -442,6 +459,7 @@ mod tests {
             enforce,
             key: [7; 32],
             llm_hosts: vec!["llm.test".into()],
+            restore_hosts: vec!["svc.test".into()],
         }
     }
 
@@ -482,6 +500,8 @@ mod tests {
             format!(r#"{{"prompt":"pay with {surrogate}"}}"#)
         );
         assert!(v.is_llm("llm.test:443") && v.is_llm("LLM.test") && !v.is_llm("api.test"));
+        assert!(v.restores("svc.test:443") && v.restores("SVC.test") && !v.restores("llm.test"));
+        assert!(!v.restores("api.test"));
     }
 
     #[test]

@@ -56,6 +56,7 @@ impl AgentTokens {
                 enforce: mode == Mode::Enforce,
                 key: *key,
                 llm_hosts: profile.llm_hosts.clone(),
+                restore_hosts: profile.restore_hosts.clone(),
             },
             mode,
             tokenizer: Mutex::new(tokenizer),

@@ -75,6 +75,10 @@ pub struct TokenizeSpec {
     pub key: [u8; 32],
     /// Authorities (`host` or `host:port`) whose request bodies are tokenized.
     pub llm_hosts: Vec<String>,
+    /// Authorities whose request bodies have surrogates restored to the real values; a body to
+    /// any other authority leaves as the agent wrote it.
+    #[serde(default)]
+    pub restore_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for TokenizeSpec {
@@ -83,6 +87,7 @@ impl std::fmt::Debug for TokenizeSpec {
             .field("enforce", &self.enforce)
             .field("key", &"<redacted>")
             .field("llm_hosts", &self.llm_hosts)
+            .field("restore_hosts", &self.restore_hosts)
             .finish()
     }
 }
@@ -222,10 +227,10 @@ impl Validate for HostToDevice {
                 issued,
             } => {
                 check_vm_id(vm_id)?;
-                if spec.llm_hosts.len() > MAX_LLM_HOSTS {
+                if spec.llm_hosts.len() + spec.restore_hosts.len() > MAX_LLM_HOSTS {
                     return Err(CredentialError::InvalidField { field: "llm_hosts" });
                 }
-                for host in &spec.llm_hosts {
+                for host in spec.llm_hosts.iter().chain(&spec.restore_hosts) {
                     check_authority(host)?;
                 }
                 if issued.len() > MAX_ISSUED_PER_MESSAGE

@@ -138,7 +138,7 @@ pub const PAIRING_CODE_SYMBOLS: usize = 10;
 pub const MAX_ISSUED_PER_MESSAGE: usize = 256;
 /// The longest surrogate carried.
 pub const MAX_SURROGATE_LEN: usize = 160;
-/// The most LLM hosts a [`TokenizeSpec`] names.
+/// The most hosts a [`TokenizeSpec`] names, `llm_hosts` and `restore_hosts` together.
 pub const MAX_LLM_HOSTS: usize = 32;
 
 /// The key, in the approval request's arguments, of the device's request id (hex): the

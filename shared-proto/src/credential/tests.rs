@@ -19,8 +19,11 @@ fn tokenize_message(issued: usize, len: usize) -> HostToDevice {
         spec: TokenizeSpec {
             enforce: true,
             key: [0xff; 32],
-            llm_hosts: (0..MAX_LLM_HOSTS)
+            llm_hosts: (0..MAX_LLM_HOSTS / 2)
                 .map(|i| format!("{}{i}:65535", "h".repeat(MAX_NAME_LEN - 9)))
+                .collect(),
+            restore_hosts: (MAX_LLM_HOSTS / 2..MAX_LLM_HOSTS)
+                .map(|i| format!("{}{i}:65535", "r".repeat(MAX_NAME_LEN - 9)))
                 .collect(),
         },
         issued: (0..issued)

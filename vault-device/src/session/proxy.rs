@@ -5,8 +5,8 @@
 //! 1. [`read_body`]: the request body, bounded by [`MAX_REQUEST_BODY`];
 //! 2. [`resolve_or_ask`]: the credential and authority under a live grant, asking the user for
 //!    an approval when only the grant is missing and a passkey is stored;
-//! 3. [`tokenize_request`]: the body tokenized (to an LLM host) or restored (to any other),
-//!    when the VM tokenizes;
+//! 3. [`tokenize_request`]: the body tokenized (to an LLM host) or restored (to a host the
+//!    profile's `restore_hosts` lists), when the VM tokenizes;
 //! 4. [`upstream_request`]: the HTTPS request, the agent's headers filtered and the
 //!    credential's header set;
 //! 5. [`response_headers`], then [`relay_unchanged`]: the answer passed through, or tokenized
@@ -516,7 +516,8 @@ impl<C: SessionContext> Reporter<'_, C> {
 }
 
 /// Step 3: the request body as it goes upstream: tokenized to an LLM host, surrogates
-/// restored to any other; or the refusal (enforce mode) when it cannot be scanned.
+/// restored to a host the profile lists in `restore_hosts`, unchanged to any other; or the
+/// refusal (enforce mode) when it cannot be scanned.
 fn tokenize_request<C: SessionContext>(
     ctx: &C,
     peer: &SessionPeer,
@@ -525,14 +526,18 @@ fn tokenize_request<C: SessionContext>(
     headers: &[HeaderLine],
     body: Vec<u8>,
 ) -> Result<Vec<u8>, Box<DeviceToSidecar>> {
-    let (llm, enforce) = {
+    let (llm, restores, enforce) = {
         let v = tokenize::lock(vm);
-        (v.is_llm(authority), v.enforce())
+        (v.is_llm(authority), v.restores(authority), v.enforce())
     };
     let (part, way) = if llm {
         (BodyPart::RequestTokenized, Way::Tokenize)
-    } else {
+    } else if restores {
         (BodyPart::RequestRestored, Way::Restore)
+    } else {
+        // Neither a model API nor a host the profile gives real values: the body leaves as
+        // the agent wrote it, surrogates and all.
+        return Ok(body);
     };
     let report = Reporter {
         ctx,

@@ -8,7 +8,8 @@
 //!
 //! For each `tools/call`:
 //! 1. arguments are restored (the agent's surrogates become the real values, profile mode
-//!    `enforce`);
+//!    `enforce`), for a tool the profile marks `restore = true` only: any other gets the
+//!    surrogates, so an agent cannot send a real value wherever it likes;
 //! 2. the profile decides ([`AccessPolicy::decide`]); the decision is appended to the audit log
 //!    (kind `policy_decision`: decision, rule, agent, tool, the digest of the canonical
 //!    arguments as the agent sent them, never a value);
@@ -269,8 +270,14 @@ impl Gateway {
         if name == SPAWN_AGENT_TOOL && self.config.policy.profile().tier == Tier::Orchestrator {
             return self.spawn_agent(args, &digest).await;
         }
+        let restores = self
+            .config
+            .policy
+            .profile()
+            .tool(name)
+            .is_some_and(|t| t.restore);
         let real = match self.mode {
-            Some(Mode::Enforce) => {
+            Some(Mode::Enforce) if restores => {
                 let value = Value::Object(args.clone());
                 let (restored, report) = self.with_tokenizer(|t| t.detokenize_json(&value))?;
                 self.record_tokenize(name, "arguments", report)?;

@@ -224,6 +224,13 @@ impl AccessPolicy {
                 ));
             }
         }
+        for host in &child.restore_hosts {
+            if !parent.restore_hosts.contains(host) {
+                out.push(format!(
+                    "restore host `{host}` is not the parent's: bodies to it would get real values"
+                ));
+            }
+        }
         for (name, spec) in &child.servers {
             if parent.servers.get(name) != Some(spec) {
                 out.push(format!("server `{name}` is not the parent's"));
@@ -234,6 +241,12 @@ impl AccessPolicy {
                 out.push(format!("tool `{}` is not the parent's", tool.name));
                 continue;
             };
+            if tool.restore && !mine.restore {
+                out.push(format!(
+                    "tool `{}` gets real values in its arguments, which the parent's does not",
+                    tool.name
+                ));
+            }
             if mine.approval.is_some() && tool.approval.is_none() {
                 out.push(format!(
                     "tool `{}` drops the parent's approval requirement",

@@ -52,6 +52,32 @@ use super::PolicyError;
 /// The name of the host-served tool an orchestrator spawns agents with.
 pub const SPAWN_AGENT_TOOL: &str = "spawn_agent";
 
+/// Checks a list of hosts (`llm_hosts`, `restore_hosts`): at most
+/// [`shared_proto::credential::MAX_LLM_HOSTS`], each a host name, optionally with `:port`.
+fn check_hosts(field: &str, hosts: &[String]) -> Result<(), PolicyError> {
+    let max = shared_proto::credential::MAX_LLM_HOSTS;
+    if hosts.len() > max {
+        return Err(PolicyError::Invalid(format!(
+            "`{field}` names more than {max} hosts"
+        )));
+    }
+    for host in hosts {
+        let (name, port) = host.rsplit_once(':').unwrap_or((host, "443"));
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !name_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(PolicyError::Invalid(format!(
+                "`{field}` entry `{}` must be a host name, optionally with :port",
+                host.escape_debug()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The longest name (profile, server, tool, argument) accepted.
 const MAX_NAME: usize = 64;
 
@@ -67,10 +93,14 @@ pub struct Profile {
     #[serde(default)]
     pub tokenize: TokenizeMode,
     /// Hosts (`host` or `host:port`) of the model APIs the agent calls through the credential
-    /// proxy: request bodies to these are tokenized (the model sees surrogates), while bodies
-    /// to any other host have surrogates restored (the service gets the real values).
+    /// proxy: request bodies to these are tokenized (the model sees surrogates).
     #[serde(default)]
     pub llm_hosts: Vec<String>,
+    /// Hosts (`host` or `host:port`) whose request bodies, through the credential proxy, get
+    /// the real values back in place of surrogates. A body to a host in neither list leaves as
+    /// the agent wrote it, surrogates and all: real values go only where the profile says.
+    #[serde(default)]
+    pub restore_hosts: Vec<String>,
     /// The upstream MCP servers, by name.
     #[serde(default)]
     pub servers: BTreeMap<String, ServerSpec>,
@@ -136,6 +166,11 @@ pub struct ToolRule {
     /// If set, every call needs the user's approval; the text says why, for the user.
     #[serde(default)]
     pub approval: Option<String>,
+    /// Whether the call's arguments get the real values back in place of the agent's
+    /// surrogates (mode `enforce`). Unset, the upstream gets the surrogates: real values go only
+    /// into the tools the profile marks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore: bool,
 }
 
 /// What a tool admits besides the arguments its `args` names (`other_args`).
@@ -224,25 +259,22 @@ impl Profile {
     pub fn check(&self) -> Result<(), PolicyError> {
         let bad = |what: String| Err(PolicyError::Invalid(what));
         check_name("profile name", &self.name)?;
-        if self.llm_hosts.len() > shared_proto::credential::MAX_LLM_HOSTS {
+        check_hosts("llm_hosts", &self.llm_hosts)?;
+        check_hosts("restore_hosts", &self.restore_hosts)?;
+        let max = shared_proto::credential::MAX_LLM_HOSTS;
+        if self.llm_hosts.len() + self.restore_hosts.len() > max {
             return bad(format!(
-                "`llm_hosts` names more than {} hosts",
-                shared_proto::credential::MAX_LLM_HOSTS
+                "`llm_hosts` and `restore_hosts` name more than {max} hosts together"
             ));
         }
-        for host in &self.llm_hosts {
-            let (name, port) = host.rsplit_once(':').unwrap_or((host, "443"));
-            let name_ok = !name.is_empty()
-                && name.len() <= 253
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-            if !name_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
-                return bad(format!(
-                    "`llm_hosts` entry `{}` must be a host name, optionally with :port",
-                    host.escape_debug()
-                ));
-            }
+        if let Some(host) = self.restore_hosts.iter().find(|h| {
+            self.llm_hosts
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(h.as_str()))
+        }) {
+            return bad(format!(
+                "`{host}` is in both `llm_hosts` and `restore_hosts`: a model API never gets real values"
+            ));
         }
         for (name, server) in &self.servers {
             check_name("server name", name)?;

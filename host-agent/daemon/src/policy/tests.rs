@@ -657,3 +657,43 @@ args.content = { prefix = "" }
     let writer = Profile::from_toml(text).unwrap();
     assert_eq!(parent.spawn_excess(&writer), Vec::<String>::new());
 }
+
+/// Real values go only where the profile says (`restore` on a tool, `restore_hosts`); a spawned
+/// child cannot add either, and a model API can never be a restore host.
+#[test]
+fn restore_marks_are_checked_and_cannot_grow_in_a_spawn() {
+    let parent = example("worker.toml");
+    assert!(parent.profile().tool("write_file").unwrap().restore);
+    assert!(!parent.profile().tool("read_file").unwrap().restore);
+    let child = |extra_tool: &str, restore_hosts: &str| {
+        let text = format!(
+            "name = \"c\"\ntier = \"worker\"\nllm_hosts = [\"api.anthropic.com\"]\n\
+             restore_hosts = [{restore_hosts}]\n\
+             [servers.files]\ncommand = [\"python3\", \"tests/peers/mcp_upstream.py\"]\n\
+             [[tools]]\nserver = \"files\"\nname = \"read_file\"\n\
+             args.path = {{ prefix = \"/data/\" }}\n{extra_tool}"
+        );
+        Profile::from_toml(&text).unwrap()
+    };
+    assert_eq!(parent.spawn_excess(&child("", "")), Vec::<String>::new());
+    let excess = parent.spawn_excess(&child("restore = true\n", ""));
+    assert!(
+        excess.iter().any(|e| e.contains("real values")),
+        "{excess:?}"
+    );
+    let excess = parent.spawn_excess(&child("", "\"pay.example\""));
+    assert!(
+        excess
+            .iter()
+            .any(|e| e.contains("restore host `pay.example`")),
+        "{excess:?}"
+    );
+    // A model API in both lists, or a bad host, is a load error.
+    let both = "name = \"x\"\ntier = \"worker\"\nllm_hosts = [\"llm.example\"]\n\
+                restore_hosts = [\"LLM.example\"]\n";
+    let err = Profile::from_toml(both).unwrap_err().to_string();
+    assert!(err.contains("both"), "{err}");
+    let bad = "name = \"x\"\ntier = \"worker\"\nrestore_hosts = [\"a b\"]\n";
+    let err = Profile::from_toml(bad).unwrap_err().to_string();
+    assert!(err.contains("restore_hosts"), "{err}");
+}
