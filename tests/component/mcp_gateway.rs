@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use host_agent::approval::{ApprovalOutcome, ApprovalSubject, Approver, DenyAll};
-use host_agent::mcp::{DENIED, Gateway, GatewayConfig, MAX_ARGUMENT_BYTES, Spawner};
+use host_agent::mcp::{DENIED, Gateway, GatewayConfig, MAX_ARGUMENT_BYTES, SpawnError, Spawner};
 use host_agent::policy::{AccessPolicy, Profile};
 use nanoclaw_audit::AuditLog;
 use nanoclaw_tests::free_port;
@@ -487,7 +487,7 @@ impl Spawner for RecordingSpawner {
         _parent_vm: String,
         profile: Profile,
         command: Vec<String>,
-    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<String, SpawnError>> + Send + '_>> {
         self.0.lock().unwrap().push((profile.name, command));
         Box::pin(async { Ok("vm-child".to_string()) })
     }
