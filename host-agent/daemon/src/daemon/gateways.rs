@@ -107,9 +107,10 @@ impl VmGateways {
 
 /// Spawns agents through the daemon's own create path: the child's profile (already checked to
 /// be within the caller's rights, or approved) becomes the new VM's `profile`, validated like
-/// any create request. The spawn is paced per parent ([`Daemon::pace_spawn`]) and the new VM is
-/// the parent's child ([`Daemon::create_child`]: within `--max-children` and `--max-vms`,
-/// stopped with its parent).
+/// any create request. Each call is paced per parent ([`Daemon::pace_spawn`], asked by the
+/// gateway before anything else) and the new VM is the parent's child
+/// ([`Daemon::create_child`]: within `--max-children` and `--max-vms`, stopped with its
+/// parent).
 #[derive(Debug)]
 pub struct DaemonSpawner(Weak<Daemon>);
 
@@ -121,6 +122,18 @@ impl DaemonSpawner {
 }
 
 impl Spawner for DaemonSpawner {
+    fn pace(&self, parent_vm: &str) -> Result<(), SpawnError> {
+        let daemon = self
+            .0
+            .upgrade()
+            .ok_or_else(|| SpawnError::Failed("the daemon is stopping".into()))?;
+        daemon
+            .pace_spawn(parent_vm, std::time::Instant::now())
+            .map_err(|wait| SpawnError::RateLimited {
+                retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            })
+    }
+
     fn spawn(
         &self,
         parent_vm: String,
@@ -132,11 +145,6 @@ impl Spawner for DaemonSpawner {
                 .0
                 .upgrade()
                 .ok_or_else(|| SpawnError::Failed("the daemon is stopping".into()))?;
-            daemon
-                .pace_spawn(&parent_vm, std::time::Instant::now())
-                .map_err(|wait| SpawnError::RateLimited {
-                    retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                })?;
             let text = toml::to_string(&profile)
                 .map_err(|e| SpawnError::Failed(format!("profile: {e}")))?;
             let mut argv = command.into_iter();

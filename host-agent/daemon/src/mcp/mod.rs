@@ -155,6 +155,11 @@ impl SpawnError {
 /// Spawns an agent for an orchestrator's `spawn_agent` (the daemon's create path), within the
 /// host's limits on spawning.
 pub trait Spawner: Send + Sync + std::fmt::Debug {
+    /// Takes one of `parent_vm`'s spawns ([`SpawnError::RateLimited`] when it has none left).
+    /// The gateway asks first, before any approval, so that calls that would ask the user are
+    /// paced too.
+    fn pace(&self, parent_vm: &str) -> Result<(), SpawnError>;
+
     /// Creates and starts a VM running `command` under `profile` as a child of `parent_vm`;
     /// returns the new VM's id.
     fn spawn(
@@ -416,6 +421,11 @@ impl Gateway {
         };
         let child = Profile::from_toml(text)
             .map_err(|e| bad(format!("spawn_agent: {}", crate::error_chain(&e))))?;
+        if let Some(spawner) = self.config.spawner.as_ref()
+            && let Err(e) = spawner.pace(&self.config.vm_id)
+        {
+            return Err(self.refuse_spawn(e, digest)?);
+        }
         let excess = self.config.policy.spawn_excess(&child);
         let decision = if excess.is_empty() {
             Decision::Allow {
@@ -448,18 +458,7 @@ impl Gateway {
             .await
         {
             Ok(vm) => vm,
-            Err(e) => match e.limit_rule() {
-                // A refusal is a decision like the others: recorded, and a denial to the agent.
-                Some(rule) => {
-                    let refused = Decision::Deny {
-                        rule: rule.into(),
-                        reason: e.to_string(),
-                    };
-                    self.record_decision(SPAWN_AGENT_TOOL, &refused, digest)?;
-                    return Err(denied(rule, &e.to_string()));
-                }
-                None => return Err(internal(format!("spawn_agent: {e}"))),
-            },
+            Err(e) => return Err(self.refuse_spawn(e, digest)?),
         };
         self.record(
             "spawn",
@@ -470,6 +469,24 @@ impl Gateway {
             "content": [{"type": "text", "text": format!("spawned agent in VM {vm}")}],
             "isError": false,
         }))
+    }
+
+    /// The error for a spawn the spawner refused. A refusal by a limit is a decision like the
+    /// others: recorded as a denial, and a [`DENIED`] error to the agent.
+    fn refuse_spawn(
+        &self,
+        e: SpawnError,
+        digest: &str,
+    ) -> Result<(i64, String, Value), (i64, String, Value)> {
+        let Some(rule) = e.limit_rule() else {
+            return Ok(internal(format!("spawn_agent: {e}")));
+        };
+        let refused = Decision::Deny {
+            rule: rule.into(),
+            reason: e.to_string(),
+        };
+        self.record_decision(SPAWN_AGENT_TOOL, &refused, digest)?;
+        Ok(denied(rule, &e.to_string()))
     }
 
     fn subject(
