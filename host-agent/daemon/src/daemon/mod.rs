@@ -433,11 +433,6 @@ impl Daemon {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The daemon's limits.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Takes one of `parent`'s spawns at `now` (`--spawn-burst`, `--spawn-interval-secs`):
     /// `Err(wait)` when it has none left, with how long until the next.
     pub fn pace_spawn(&self, parent: &str, now: std::time::Instant) -> Result<(), Duration> {
