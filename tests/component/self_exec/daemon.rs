@@ -39,6 +39,7 @@ fn main() {
             spawns_beyond_the_daemons_vm_cap_are_refused,
             spawns_faster_than_the_rate_are_refused,
             children_stop_with_their_parent_unless_detached,
+            a_stop_reaches_the_children_of_children,
         ],
     );
 }
@@ -598,4 +599,38 @@ fn children_stop_with_their_parent_unless_detached() {
     let survivor = d.vm(&detached);
     assert_eq!(survivor.status, VmStatus::Running, "{survivor:?}");
     assert!(d.log().contains("stopping: its parent ended"));
+}
+
+/// A chain of three VMs, linked as spawns link them (in their records, while the daemon is
+/// away: a worker cannot spawn, so a real chain needs an approved orchestrator child). Stopping
+/// the first stops the other two.
+fn a_stop_reaches_the_children_of_children() {
+    let mut d = daemon();
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            text(&d.cli(&["run", "-d", "--", "wait"]).stdout)
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    for id in &ids {
+        wait_status(&d, id, |i| i.status == VmStatus::Running);
+    }
+    d.kill().unwrap();
+    for (child, parent) in [(1, 0), (2, 1)] {
+        let path = d.state_dir().join("vms").join(&ids[child]).join("vm.json");
+        let mut record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        record["parent"] = serde_json::json!(ids[parent]);
+        std::fs::write(&path, record.to_string()).unwrap();
+    }
+    d.spawn().unwrap();
+    assert_eq!(d.vm(&ids[2]).parent.as_deref(), Some(ids[1].as_str()));
+    wait_status(&d, &ids[0], |i| i.control_connected);
+    let stop = d.cli(&["stop", &ids[0]]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    for id in &ids[1..] {
+        let info = wait_status(&d, id, |i| i.status.is_terminal());
+        assert_eq!(info.status, VmStatus::Stopped, "{info:?}");
+    }
 }
