@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use host_agent::approval::{ApprovalOutcome, ApprovalSubject, Approver, DenyAll};
-use host_agent::mcp::{DENIED, Gateway, GatewayConfig, MAX_ARGUMENT_BYTES, Spawner};
+use host_agent::mcp::{DENIED, Gateway, GatewayConfig, MAX_ARGUMENT_BYTES, SpawnError, Spawner};
 use host_agent::policy::{AccessPolicy, Profile};
 use nanoclaw_audit::AuditLog;
 use nanoclaw_tests::free_port;
@@ -507,12 +507,16 @@ args.account = {{ one_of = ["acct-ops"] }}
 struct RecordingSpawner(Mutex<Vec<(String, Vec<String>)>>);
 
 impl Spawner for RecordingSpawner {
+    fn pace(&self, _parent_vm: &str) -> Result<(), SpawnError> {
+        Ok(())
+    }
+
     fn spawn(
         &self,
         _parent_vm: String,
         profile: Profile,
         command: Vec<String>,
-    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<String, SpawnError>> + Send + '_>> {
         self.0.lock().unwrap().push((profile.name, command));
         Box::pin(async { Ok("vm-child".to_string()) })
     }
@@ -789,6 +793,87 @@ async fn orchestrator_spawns_only_within_its_rights() {
         .filter(|r| r["data"]["rule"] == "spawn:beyond-own-rights")
         .count();
     assert_eq!(beyond, 6, "three decisions and three approval outcomes");
+    fx.stop().await;
+}
+
+/// Refuses every spawn as too fast, and counts what reached it.
+#[derive(Debug, Default)]
+struct PacedOut {
+    paced: Mutex<u32>,
+    spawned: Mutex<u32>,
+}
+
+impl Spawner for PacedOut {
+    fn pace(&self, _parent_vm: &str) -> Result<(), SpawnError> {
+        *self.paced.lock().unwrap() += 1;
+        Err(SpawnError::RateLimited {
+            retry_after_ms: 5000,
+        })
+    }
+
+    fn spawn(
+        &self,
+        _parent_vm: String,
+        _profile: Profile,
+        _command: Vec<String>,
+    ) -> Pin<Box<dyn Future<Output = Result<String, SpawnError>> + Send + '_>> {
+        *self.spawned.lock().unwrap() += 1;
+        Box::pin(async { Ok("vm-child".to_string()) })
+    }
+}
+
+/// Counts the approval requests it gets, and approves them.
+#[derive(Debug, Default)]
+struct CountingApprover(Mutex<u32>);
+
+impl Approver for CountingApprover {
+    fn request(
+        &self,
+        _subject: ApprovalSubject,
+    ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + '_>> {
+        *self.0.lock().unwrap() += 1;
+        Box::pin(async {
+            ApprovalOutcome::Approved {
+                approval_id: "ap-1".into(),
+            }
+        })
+    }
+}
+
+/// A spawn over the caller's pace is refused before anything else: an orchestrator cannot
+/// flood the user with approval requests for spawns beyond its rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawn_over_the_pace_is_refused_before_any_approval_is_asked() {
+    let spawner = Arc::new(PacedOut::default());
+    let approver = Arc::new(CountingApprover::default());
+    let fx = Fixture::start(
+        |log| worker_profile(log, "enforce", "orchestrator"),
+        approver.clone(),
+        Some(spawner.clone()),
+    )
+    .await;
+    let mut raw = Raw::initialized(&fx.socket).await;
+    // An orchestrator child is beyond the caller's rights: it would need approval.
+    let beyond = "name = \"sub\"\ntier = \"orchestrator\"\n";
+    let r = raw
+        .call(
+            1,
+            "spawn_agent",
+            json!({"profile": beyond, "command": ["/bin/agent"]}),
+        )
+        .await;
+    assert_error(&r, DENIED, "spawning too fast");
+    assert_eq!(r["error"]["data"]["rule"], "spawn:limit:rate", "{r}");
+    assert_eq!(*spawner.paced.lock().unwrap(), 1);
+    assert_eq!(*spawner.spawned.lock().unwrap(), 0);
+    assert_eq!(*approver.0.lock().unwrap(), 0, "an approval was asked");
+    let decisions: Vec<(Value, Value)> = fx
+        .audit_records()
+        .iter()
+        .filter(|r| r["kind"] == "policy_decision")
+        .map(|r| (r["data"]["decision"].clone(), r["data"]["rule"].clone()))
+        .collect();
+    assert_eq!(decisions, [(json!("deny"), json!("spawn:limit:rate"))]);
     fx.stop().await;
 }
 

@@ -4,7 +4,9 @@
 //! `<vm-dir>/vsock.sock_<CONTROL_PORT>` as the sidecar would over vsock ([`ControlConn`]), speaks
 //! `shared-proto`, and finally writes `exit.json` ([`write_exit`]) as the VMM would.
 //!
-//! What the fake guest then does (its agent) is the test's own.
+//! What the fake guest then does (its agent) is the test's own; an agent with a profile can
+//! call its MCP tools over `<vm-dir>/vsock.sock_<MCP_PORT>` as the sidecar would forward them
+//! ([`McpClient`]).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shared_proto::message::{GuestToHost, HostToGuest};
-use shared_proto::ports::CONTROL_PORT;
+use shared_proto::ports::{CONTROL_PORT, MCP_PORT};
 use shared_proto::{FrameDecoder, PROTOCOL_VERSION, encode_frame};
 
 /// How long the fake sidecar keeps trying to reach a daemon that is away.
@@ -159,5 +161,79 @@ impl ControlConn {
                 Err(e) => fail(&self.vm_dir, &format!("daemon kept a bad connection: {e}")),
             }
         }
+    }
+}
+
+/// A fake agent's MCP session with the host's gateway: newline-delimited JSON-RPC on
+/// `<vm-dir>/vsock.sock_<MCP_PORT>`, initialized.
+#[derive(Debug)]
+pub struct McpClient {
+    stream: std::io::BufReader<UnixStream>,
+    next_id: u64,
+}
+
+impl McpClient {
+    /// Connects (retrying for up to 30 s while the gateway is not listening yet) and runs the
+    /// `initialize` handshake.
+    ///
+    /// # Panics
+    ///
+    /// If the gateway does not answer, or refuses the handshake.
+    pub fn connect(vm_dir: &Path) -> McpClient {
+        let path = vm_dir.join(format!("vsock.sock_{MCP_PORT}"));
+        let deadline = Instant::now() + RECONNECT_FOR;
+        let stream = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut client = McpClient {
+            stream: std::io::BufReader::new(stream),
+            next_id: 0,
+        };
+        let init = client.request(
+            "initialize",
+            serde_json::json!({"protocolVersion": "2025-11-25", "capabilities": {},
+                "clientInfo": {"name": "fake-agent", "version": "0"}}),
+        );
+        assert!(init.get("result").is_some(), "initialize: {init}");
+        client.send(&serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        client
+    }
+
+    fn send(&mut self, msg: &serde_json::Value) {
+        let mut line = msg.to_string().into_bytes();
+        line.push(b'\n');
+        self.stream.get_mut().write_all(&line).unwrap();
+    }
+
+    /// Sends one request and returns the whole answer (`result` or `error`).
+    ///
+    /// # Panics
+    ///
+    /// If no answer comes within 30 s, or it is not JSON.
+    pub fn request(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(
+            &serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method,
+            "params": params}),
+        );
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stream, &mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// Calls the tool `name` with `arguments`; the whole answer.
+    pub fn call(&mut self, name: &str, arguments: serde_json::Value) -> serde_json::Value {
+        self.request(
+            "tools/call",
+            serde_json::json!({"name": name, "arguments": arguments}),
+        )
     }
 }

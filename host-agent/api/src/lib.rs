@@ -4,11 +4,12 @@
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
-//! | `POST /v1/vms` | [`CreateVm`] | `201` and [`VmInfo`] |
+//! | `POST /v1/vms` | [`CreateVm`] | `201` and [`VmInfo`]; `429` when the daemon already runs its most VMs (`--max-vms`) |
 //! | `GET /v1/vms` | | `[`[`VmInfo`]`, ...]` |
 //! | `GET /v1/vms/{id}` | | [`VmInfo`] |
 //! | `DELETE /v1/vms/{id}` | | `204`; `409` unless the VM has ended |
-//! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended |
+//! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended; the VMs it spawned that are not detached are stopped too |
+//! | `POST /v1/vms/{id}/detach` | | [`VmInfo`]: the VM no longer stops with the VM that spawned it; `409` if none did |
 //! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
 //! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |
 //! | `PUT /v1/vms/{id}/files?path=DIR` | a tar stream | [`FilesCopied`] once the guest unpacked it under the folder `DIR` |
@@ -324,6 +325,13 @@ pub struct VmInfo {
     pub vmm_log_dropped_bytes: u64,
     /// The VM's state directory on the host.
     pub vm_dir: String,
+    /// The orchestrator VM that spawned this one, if one did. It is stopped when that VM
+    /// ends, unless detached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Whether the user detached it from its parent (`POST /v1/vms/{id}/detach`).
+    #[serde(default)]
+    pub detached: bool,
 }
 
 /// One agent event, as streamed by `GET /v1/vms/{id}/events` and kept in the output log.

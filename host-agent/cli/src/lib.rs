@@ -4,7 +4,7 @@
 //!   agent's code (128 + signal when a signal killed it). Ctrl-C stops the VM; a second Ctrl-C
 //!   leaves at once. If the daemon restarts meanwhile, `run` reconnects (for up to 30 s) and
 //!   resumes after the last event it relayed.
-//! - `ps`, `inspect`, `logs`, `stop`, `rm` are thin views of the API.
+//! - `ps`, `inspect`, `logs`, `stop`, `detach`, `rm` are thin views of the API.
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
 //! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
@@ -170,6 +170,11 @@ pub enum Command {
         /// The VM id.
         id: String,
     },
+    /// Let a VM that another VM spawned outlive it (by default it stops when its parent ends).
+    Detach {
+        /// The VM id.
+        id: String,
+    },
     /// Forget an ended VM and delete its state.
     Rm {
         /// The VM id.
@@ -288,6 +293,13 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 .json(Method::POST, &format!("/v1/vms/{id}/stop"), None::<&()>)
                 .await?;
             println!("{} {}", info.id, info.status.as_str());
+            Ok(0)
+        }
+        Command::Detach { id } => {
+            let info: VmInfo = client
+                .json(Method::POST, &format!("/v1/vms/{id}/detach"), None::<&()>)
+                .await?;
+            println!("{} detached", info.id);
             Ok(0)
         }
         Command::Rm { id } => {
@@ -550,7 +562,17 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.events_dropped,
         vm.vmm_log_dropped_bytes,
         vm.vm_dir,
-    ) + &device_counters_text(vm.vmm_exit.as_ref())
+    ) + &parent_text(vm)
+        + &device_counters_text(vm.vmm_exit.as_ref())
+}
+
+/// For `inspect`: the VM that spawned this one, if one did.
+fn parent_text(vm: &VmInfo) -> String {
+    match (&vm.parent, vm.detached) {
+        (None, _) => String::new(),
+        (Some(p), false) => format!("parent:         {p} (stops with it)\n"),
+        (Some(p), true) => format!("parent:         {p} (detached)\n"),
+    }
 }
 
 /// How the VMM ended, for `inspect`: the reason, its exit code or signal, and the syscall its

@@ -16,7 +16,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nanoclaw_api::{AgentExit, VmInfo, VmStatus};
-use nanoclaw_tests::fake_vmm::{self, ControlConn};
+use nanoclaw_tests::fake_vmm::{self, ControlConn, McpClient};
 use nanoclaw_tests::self_exec::{self, SERVE};
 use nanoclaw_tests::{
     CLI_TIMEOUT, Daemon, DaemonOptions, OutputWithin, nanoclaw_at, text, wait_for,
@@ -35,6 +35,11 @@ fn main() {
             a_restarted_daemon_reports_a_vanished_vmm_as_lost,
             stop_escalates_to_sigterm_and_ends_followers,
             ctrl_c_during_run_stops_the_vm,
+            spawns_beyond_the_parents_children_cap_are_refused,
+            spawns_beyond_the_daemons_vm_cap_are_refused,
+            spawns_faster_than_the_rate_are_refused,
+            children_stop_with_their_parent_unless_detached,
+            a_stop_reaches_the_children_of_children,
         ],
     );
 }
@@ -101,19 +106,28 @@ fn output(conn: &mut ControlConn, stream: OutputStream, text: &str) {
 ///   (no hello), checking each is closed, then a hello with another boot id (refused), then
 ///   reconnects properly and behaves like the default;
 /// - `deaf`: starts, prints `deaf`, and ignores everything until killed;
+/// - `orchestrate N`: starts, calls `spawn_agent` N times over its MCP endpoint (a worker that
+///   runs `wait`), prints each answer as one JSON line, then behaves like `wait`;
 /// - anything else: prints `hello ARGS ENV` on stdout and `to stderr` on stderr, exits 3.
 fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn, spec: AgentSpec) {
     match spec.command.as_str() {
         "wait" => {
             conn.send(&GuestToHost::AgentStarted { pid: 7 });
             output(&mut conn, OutputStream::Stdout, "waiting\n");
-            loop {
-                match conn.recv(Duration::from_secs(3600)) {
-                    Some(HostToGuest::Shutdown) => shutdown(vm_dir, &mut conn),
-                    Some(_) => {}
-                    None => conn = reconnect(vm_dir, boot_id),
-                }
+            wait_for_shutdown(vm_dir, boot_id, conn);
+        }
+        "orchestrate" => {
+            conn.send(&GuestToHost::AgentStarted { pid: 9 });
+            let n: u32 = spec.args.first().and_then(|a| a.parse().ok()).unwrap_or(1);
+            let mut mcp = McpClient::connect(vm_dir);
+            for _ in 0..n {
+                let answer = mcp.call(
+                    "spawn_agent",
+                    serde_json::json!({"profile": WORKER_PROFILE, "command": ["wait"]}),
+                );
+                output(&mut conn, OutputStream::Stdout, &format!("{answer}\n"));
             }
+            wait_for_shutdown(vm_dir, boot_id, conn);
         }
         "deaf" => {
             conn.send(&GuestToHost::AgentStarted { pid: 8 });
@@ -144,6 +158,18 @@ fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn, spec: Age
             normal_agent(vm_dir, conn, &spec);
         }
         _ => normal_agent(vm_dir, conn, &spec),
+    }
+}
+
+/// Runs until a `Shutdown` (the agent killed by signal 15), reconnecting whenever the daemon
+/// goes away.
+fn wait_for_shutdown(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn) -> ! {
+    loop {
+        match conn.recv(Duration::from_secs(3600)) {
+            Some(HostToGuest::Shutdown) => shutdown(vm_dir, &mut conn),
+            Some(_) => {}
+            None => conn = reconnect(vm_dir, boot_id),
+        }
     }
 }
 
@@ -424,4 +450,187 @@ fn ctrl_c_during_run_stops_the_vm() {
 
 fn signal(pid: i32, sig: Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spawning: the limits on `spawn_agent`, and children that stop with their parent.
+
+/// The profile of the orchestrators below: no tools but `spawn_agent`.
+const ORCHESTRATOR_PROFILE: &str = "name = \"boss\"\ntier = \"orchestrator\"\n";
+/// The profile the fake orchestrator spawns its workers with (within its own rights).
+const WORKER_PROFILE: &str = "name = \"helper\"\ntier = \"worker\"\n";
+
+/// Starts `orchestrate N` with the orchestrator profile; returns its id and, once all N are
+/// answered, the answers to its `spawn_agent` calls.
+fn orchestrate(d: &Daemon, n: u32) -> (String, Vec<serde_json::Value>) {
+    let profile = d.dir().join("boss.toml");
+    std::fs::write(&profile, ORCHESTRATOR_PROFILE).unwrap();
+    let out = d.cli(&[
+        "run",
+        "-d",
+        "--profile",
+        profile.to_str().unwrap(),
+        "--",
+        "orchestrate",
+        &n.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    let mut answers = Vec::new();
+    wait_for("the spawn answers", Duration::from_secs(30), || {
+        answers = text(&d.cli(&["logs", &id]).stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an answer"))
+            .collect();
+        answers.len() == n as usize
+    });
+    (id, answers)
+}
+
+/// The VM id a successful `spawn_agent` answer names.
+fn spawned(answer: &serde_json::Value) -> String {
+    let said = answer["result"]["content"][0]["text"].as_str();
+    let said = said.unwrap_or_else(|| panic!("not a spawn: {answer}"));
+    said.strip_prefix("spawned agent in VM ")
+        .unwrap_or_else(|| panic!("{said}"))
+        .to_owned()
+}
+
+/// Checks that `answer` is a denial by `rule`, and that the audit log records it as one.
+fn assert_refused(d: &Daemon, answer: &serde_json::Value, rule: &str, says: &str) {
+    assert_eq!(answer["error"]["code"], host_agent::mcp::DENIED, "{answer}");
+    assert_eq!(answer["error"]["data"]["rule"], rule, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(says), "`{says}` not in {message}");
+    let audit = d.state_dir().join(nanoclaw_api::AUDIT_FILE);
+    let recorded = std::fs::read_to_string(audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .any(|r| {
+            r["kind"] == "policy_decision"
+                && r["data"]["decision"] == "deny"
+                && r["data"]["rule"] == rule
+                && r["data"]["tool"] == "spawn_agent"
+        });
+    assert!(recorded, "no deny decision by {rule} in the audit log");
+}
+
+fn spawns_beyond_the_parents_children_cap_are_refused() {
+    let d = daemon_with(&["--max-children", "2", "--spawn-burst", "10"]);
+    let (parent, answers) = orchestrate(&d, 3);
+    let children: Vec<String> = answers[..2].iter().map(spawned).collect();
+    for child in &children {
+        let info = wait_status(&d, child, |i| i.status == VmStatus::Running);
+        assert_eq!(info.parent.as_deref(), Some(parent.as_str()));
+        assert!(!info.detached);
+    }
+    assert_refused(
+        &d,
+        &answers[2],
+        "spawn:limit:children-per-vm",
+        "already has 2 live",
+    );
+    // Refused means not made: the parent and its two children only.
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
+    assert_eq!(vms.len(), 3, "{vms:?}");
+}
+
+fn spawns_beyond_the_daemons_vm_cap_are_refused() {
+    let d = daemon_with(&["--max-vms", "2"]);
+    let (_parent, answers) = orchestrate(&d, 2);
+    let child = spawned(&answers[0]);
+    wait_status(&d, &child, |i| i.status == VmStatus::Running);
+    assert_refused(
+        &d,
+        &answers[1],
+        "spawn:limit:vms-per-host",
+        "already runs 2 VMs",
+    );
+    // The cap holds for the user's own creates too, with a clear error.
+    let out = d.cli(&["run", "-d", "--", "wait"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("already runs 2 VMs (--max-vms)"),
+        "{}",
+        text(&out.stderr)
+    );
+    // An ended VM does not count.
+    let stop = d.cli(&["stop", &child]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let out = d.cli(&["run", "-d", "--", "wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn spawns_faster_than_the_rate_are_refused() {
+    let d = daemon_with(&["--spawn-burst", "2", "--spawn-interval-secs", "3600"]);
+    let (_parent, answers) = orchestrate(&d, 3);
+    spawned(&answers[0]);
+    spawned(&answers[1]);
+    assert_refused(&d, &answers[2], "spawn:limit:rate", "spawning too fast");
+}
+
+fn children_stop_with_their_parent_unless_detached() {
+    let mut d = daemon();
+    let (parent, answers) = orchestrate(&d, 2);
+    let (attached, detached) = (spawned(&answers[0]), spawned(&answers[1]));
+    for child in [&attached, &detached] {
+        wait_status(&d, child, |i| i.status == VmStatus::Running);
+    }
+    let out = d.cli(&["detach", &detached]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{detached} detached\n"));
+    // Only a spawned VM has something to detach from.
+    let out = d.cli(&["detach", &parent]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not spawned by another VM"));
+    // The link and the detach survive a daemon restart.
+    d.kill().unwrap();
+    d.spawn().unwrap();
+    assert!(d.vm(&detached).detached);
+    assert_eq!(d.vm(&attached).parent.as_deref(), Some(parent.as_str()));
+    wait_status(&d, &parent, |i| i.control_connected);
+
+    let stop = d.cli(&["stop", &parent]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let info = wait_status(&d, &attached, |i| i.status.is_terminal());
+    assert_eq!(info.status, VmStatus::Stopped);
+    assert_eq!(info.agent_exit, Some(AgentExit::Signal(15)));
+    let survivor = d.vm(&detached);
+    assert_eq!(survivor.status, VmStatus::Running, "{survivor:?}");
+    assert!(d.log().contains("stopping: its parent ended"));
+}
+
+/// A chain of three VMs, linked as spawns link them (in their records, while the daemon is
+/// away: a worker cannot spawn, so a real chain needs an approved orchestrator child). Stopping
+/// the first stops the other two.
+fn a_stop_reaches_the_children_of_children() {
+    let mut d = daemon();
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            text(&d.cli(&["run", "-d", "--", "wait"]).stdout)
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    for id in &ids {
+        wait_status(&d, id, |i| i.status == VmStatus::Running);
+    }
+    d.kill().unwrap();
+    for (child, parent) in [(1, 0), (2, 1)] {
+        let path = d.state_dir().join("vms").join(&ids[child]).join("vm.json");
+        let mut record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        record["parent"] = serde_json::json!(ids[parent]);
+        std::fs::write(&path, record.to_string()).unwrap();
+    }
+    d.spawn().unwrap();
+    assert_eq!(d.vm(&ids[2]).parent.as_deref(), Some(ids[1].as_str()));
+    wait_status(&d, &ids[0], |i| i.control_connected);
+    let stop = d.cli(&["stop", &ids[0]]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    for id in &ids[1..] {
+        let info = wait_status(&d, id, |i| i.status.is_terminal());
+        assert_eq!(info.status, VmStatus::Stopped, "{info:?}");
+    }
 }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use super::Daemon;
 use crate::agent_tokens::AgentTokens;
 use crate::approval::Approver;
-use crate::mcp::{Gateway, GatewayConfig, McpError, Spawner};
+use crate::mcp::{Gateway, GatewayConfig, McpError, SpawnError, Spawner};
 use crate::policy::{AccessPolicy, Profile};
 use nanoclaw_api::CreateVm;
 use nanoclaw_audit::AuditLog;
@@ -107,7 +107,10 @@ impl VmGateways {
 
 /// Spawns agents through the daemon's own create path: the child's profile (already checked to
 /// be within the caller's rights, or approved) becomes the new VM's `profile`, validated like
-/// any create request.
+/// any create request. Each call is paced per parent ([`Daemon::pace_spawn`], asked by the
+/// gateway before anything else) and the new VM is the parent's child
+/// ([`Daemon::create_child`]: within `--max-children` and `--max-vms`, stopped with its
+/// parent).
 #[derive(Debug)]
 pub struct DaemonSpawner(Weak<Daemon>);
 
@@ -119,22 +122,52 @@ impl DaemonSpawner {
 }
 
 impl Spawner for DaemonSpawner {
+    fn pace(&self, parent_vm: &str) -> Result<(), SpawnError> {
+        let daemon = self
+            .0
+            .upgrade()
+            .ok_or_else(|| SpawnError::Failed("the daemon is stopping".into()))?;
+        daemon
+            .pace_spawn(parent_vm, std::time::Instant::now())
+            .map_err(|wait| SpawnError::RateLimited {
+                retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            })
+    }
+
     fn spawn(
         &self,
         parent_vm: String,
         profile: Profile,
         command: Vec<String>,
-    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = Result<String, SpawnError>> + Send + '_>> {
         Box::pin(async move {
-            let daemon = self.0.upgrade().ok_or("the daemon is stopping")?;
-            let text = toml::to_string(&profile).map_err(|e| format!("profile: {e}"))?;
+            let daemon = self
+                .0
+                .upgrade()
+                .ok_or_else(|| SpawnError::Failed("the daemon is stopping".into()))?;
+            let text = toml::to_string(&profile)
+                .map_err(|e| SpawnError::Failed(format!("profile: {e}")))?;
             let mut argv = command.into_iter();
             let mut spec = CreateVm::new(argv.next().unwrap_or_default(), argv.collect());
             spec.profile = Some(text);
-            super::routes::validate(&spec)?;
-            let vm = daemon.create(spec).map_err(|e| crate::error_chain(&e))?;
+            super::routes::validate(&spec).map_err(SpawnError::Failed)?;
+            let vm = daemon.create_child(spec, &parent_vm).map_err(|e| match e {
+                super::DaemonError::Limit(limit) => spawn_refusal(limit),
+                e => SpawnError::Failed(crate::error_chain(&e)),
+            })?;
             tracing::info!(parent = %parent_vm, vm = %vm.id, "spawned an agent");
             Ok(vm.id.clone())
         })
+    }
+}
+
+/// The gateway's name for a refusal by the daemon's limits.
+fn spawn_refusal(limit: super::LimitError) -> SpawnError {
+    match limit {
+        super::LimitError::TooManyVms { limit } => SpawnError::TooManyVms { limit },
+        super::LimitError::TooManyChildren { parent, limit } => {
+            SpawnError::TooManyChildren { parent, limit }
+        }
+        super::LimitError::ParentEnding(parent) => SpawnError::ParentEnding(parent),
     }
 }

@@ -10,6 +10,11 @@
 //!   control listener and waits for the sidecar to reconnect. A VM whose VMM vanished without
 //!   the daemon seeing it end becomes `failed` if the VMM left an `exit.json`, else `lost`.
 //! - One daemon per state directory: it holds an exclusive lock on `<state-dir>/daemon.lock`.
+//! - At most `--max-vms` VMs are unended at once. A VM an orchestrator spawned
+//!   ([`gateways::DaemonSpawner`]) records its parent; each parent has at most
+//!   `--max-children` attached children and spawns at the pace of a [`ratelimit::TokenBucket`].
+//!   When a VM ends (stopped, killed, failed, or found ended on a restart), its attached
+//!   children are stopped, and theirs in turn; `POST /v1/vms/{id}/detach` exempts one.
 //!
 //! # Layout
 //! - [`state`]: the on-disk record and process checks.
@@ -139,6 +144,9 @@ pub enum DaemonError {
     /// The VM's image could not be set up (no such image, a bad config, no writable disk).
     #[error("image: {0}")]
     Image(String),
+    /// A limit of the daemon refused the VM.
+    #[error(transparent)]
+    Limit(LimitError),
     /// Opening the image store failed.
     #[error("image store")]
     ImageStore(#[source] nanoclaw_image::StoreError),
@@ -214,6 +222,92 @@ pub struct ServeArgs {
     /// The parent of each VM's cgroup, relative to each cgroup hierarchy's root.
     #[arg(long, default_value = "nanoclaw")]
     pub cgroup_parent: String,
+    /// At most this many VMs exist unended at once, whether the user created them or an
+    /// orchestrator spawned them; one more is refused.
+    #[arg(long, default_value_t = 64)]
+    pub max_vms: usize,
+    /// At most this many live agents one orchestrator VM has spawned (detached ones do not
+    /// count); one more is refused.
+    #[arg(long, default_value_t = 8)]
+    pub max_children: usize,
+    /// How many agents an orchestrator VM may spawn at once before --spawn-interval-secs
+    /// paces it.
+    #[arg(long, default_value_t = 4)]
+    pub spawn_burst: u32,
+    /// Once its burst is used, an orchestrator VM may spawn one agent per this many seconds.
+    #[arg(long, default_value_t = 5)]
+    pub spawn_interval_secs: u64,
+}
+
+/// The daemon's limits on how many VMs there are and how fast orchestrators spawn them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Unended VMs at once (`--max-vms`).
+    pub max_vms: usize,
+    /// Live, attached children of one VM (`--max-children`).
+    pub max_children: usize,
+    /// Spawns one VM may make at once (`--spawn-burst`).
+    pub spawn_burst: u32,
+    /// Then one spawn per this long (`--spawn-interval-secs`).
+    pub spawn_interval: Duration,
+}
+
+impl Limits {
+    /// Checks a create against the VMs there are: `vms` are every VM the daemon knows of,
+    /// `parent` the VM that spawns this one (if one does). Counts only unended VMs, and for the
+    /// parent only the children still attached to it.
+    fn admit(
+        &self,
+        vms: &HashMap<String, Arc<Vm>>,
+        parent: Option<&str>,
+    ) -> Result<(), LimitError> {
+        let live = || vms.values().filter(|v| !v.status().is_terminal());
+        if let Some(parent) = parent {
+            let ending = vms
+                .get(parent)
+                .is_none_or(|p| p.status().is_terminal() || p.status() == api::VmStatus::Stopping);
+            if ending {
+                return Err(LimitError::ParentEnding(parent.to_owned()));
+            }
+            let children = live()
+                .filter(|v| v.attached_parent().as_deref() == Some(parent))
+                .count();
+            if children >= self.max_children {
+                return Err(LimitError::TooManyChildren {
+                    parent: parent.to_owned(),
+                    limit: self.max_children,
+                });
+            }
+        }
+        if live().count() >= self.max_vms {
+            return Err(LimitError::TooManyVms {
+                limit: self.max_vms,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a create was refused by the daemon's [`Limits`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// `--max-vms` unended VMs exist already.
+    #[error("the daemon already runs {limit} VMs (--max-vms)")]
+    TooManyVms {
+        /// The cap.
+        limit: usize,
+    },
+    /// The parent has `--max-children` live children already.
+    #[error("VM {parent} already has {limit} live children (--max-children)")]
+    TooManyChildren {
+        /// The parent.
+        parent: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// The parent is ending (or gone): a child made now would outlive it.
+    #[error("VM {0} is ending")]
+    ParentEnding(String),
 }
 
 /// The VMM binary's file name; the daemon runs the one beside its own executable by default.
@@ -231,6 +325,17 @@ fn approver_of(
         Some(a) => Arc::new(a.clone()),
         None => Arc::new(crate::approval::DenyAll),
     }
+}
+
+/// Errors of detaching a VM from its parent.
+#[derive(Debug, thiserror::Error)]
+pub enum DetachError {
+    /// No such VM.
+    #[error("no such VM")]
+    NotFound,
+    /// No VM spawned it.
+    #[error("no VM spawned it")]
+    NoParent,
 }
 
 /// Errors of removing a VM.
@@ -266,6 +371,9 @@ pub struct Daemon {
     approvals: Option<crate::approval::passkey::PasskeyApprover>,
     relay: Option<Arc<crate::relay::Relay>>,
     images: nanoclaw_image::ImageStore,
+    limits: Limits,
+    /// Each orchestrator VM's spawn pace, from its first spawn until it ends.
+    spawn_pace: Mutex<HashMap<String, ratelimit::TokenBucket>>,
 }
 
 impl Daemon {
@@ -325,8 +433,80 @@ impl Daemon {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes one of `parent`'s spawns at `now` (`--spawn-burst`, `--spawn-interval-secs`):
+    /// `Err(wait)` when it has none left, with how long until the next.
+    pub fn pace_spawn(&self, parent: &str, now: std::time::Instant) -> Result<(), Duration> {
+        let mut pace = self.spawn_pace.lock().unwrap_or_else(|p| p.into_inner());
+        pace.entry(parent.to_owned())
+            .or_insert_with(|| {
+                ratelimit::TokenBucket::new(self.limits.spawn_burst, self.limits.spawn_interval)
+            })
+            .take(now)
+    }
+
+    /// Detaches a spawned VM from its parent: it no longer stops when the parent ends.
+    pub fn detach(&self, id: &str) -> Result<Arc<Vm>, DetachError> {
+        let vm = self.get(id).ok_or(DetachError::NotFound)?;
+        if !vm.detach() {
+            return Err(DetachError::NoParent);
+        }
+        tracing::info!(vm = %id, "VM detached from its parent");
+        Ok(vm)
+    }
+
+    /// Once `vm` has ended, stops the VMs it spawned that are still attached to it (and so on
+    /// down: each of those does the same for its own when it ends).
+    fn stop_children_when_ended(self: &Arc<Self>, vm: &Arc<Vm>) {
+        let (daemon, id, mut ended) = (Arc::downgrade(self), vm.id.clone(), vm.ended());
+        tokio::spawn(async move {
+            vm::wait_ended(&mut ended).await;
+            let Some(daemon) = daemon.upgrade() else {
+                return;
+            };
+            daemon
+                .spawn_pace
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            let children: Vec<Arc<Vm>> = daemon
+                .lock_vms()
+                .values()
+                .filter(|v| !v.status().is_terminal())
+                .filter(|v| v.attached_parent().as_deref() == Some(id.as_str()))
+                .cloned()
+                .collect();
+            let grace = daemon.stop_grace;
+            for child in children {
+                tracing::info!(vm = %child.id, parent = %id, "stopping: its parent ended");
+                tokio::spawn(async move { child.stop(grace).await });
+            }
+        });
+    }
+
     /// Creates a VM for `spec` and starts its VMM.
-    pub fn create(&self, spec: CreateVm) -> Result<Arc<Vm>, DaemonError> {
+    pub fn create(self: &Arc<Self>, spec: CreateVm) -> Result<Arc<Vm>, DaemonError> {
+        self.create_as(spec, None)
+    }
+
+    /// Creates a VM for `spec` spawned by the VM `parent` (within `--max-children`), and starts
+    /// its VMM. It stops when `parent` ends unless the user detaches it.
+    pub fn create_child(
+        self: &Arc<Self>,
+        spec: CreateVm,
+        parent: &str,
+    ) -> Result<Arc<Vm>, DaemonError> {
+        self.create_as(spec, Some(parent))
+    }
+
+    fn create_as(
+        self: &Arc<Self>,
+        spec: CreateVm,
+        parent: Option<&str>,
+    ) -> Result<Arc<Vm>, DaemonError> {
+        // A cheap early refusal; the check that counts is made again under the lock below.
+        self.limits
+            .admit(&self.lock_vms(), parent)
+            .map_err(DaemonError::Limit)?;
         let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(DaemonError::State)?;
         let record = match spec.image.is_some() {
             false => VmRecord::new(id.clone(), spec, state::now_unix_ms()),
@@ -343,8 +523,15 @@ impl Daemon {
             },
         };
         let mut record = record;
-        // The uid is picked and the VM listed under one lock, so two VMs never share one.
+        record.parent = parent.map(str::to_owned);
+        // The limits are checked, the uid is picked and the VM listed under one lock, so two
+        // VMs never share a uid nor pass a limit together.
         let mut vms = self.lock_vms();
+        if let Err(e) = self.limits.admit(&vms, parent) {
+            drop(vms);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(DaemonError::Limit(e));
+        }
         if let Some(jail) = &self.launch.jail {
             let in_use = vms
                 .values()
@@ -368,6 +555,7 @@ impl Daemon {
         vm.set_relay(self.relay.clone());
         vms.insert(id, Arc::clone(&vm));
         drop(vms);
+        self.stop_children_when_ended(&vm);
         // The listeners exist before the VMM, so the sidecar's first connect finds them.
         self.start_mcp(&vm);
         let started = vm
@@ -411,7 +599,9 @@ impl Daemon {
 
     /// Loads every VM under the state directory, re-attaching live ones and concluding dead
     /// ones (see the module doc).
-    fn recover(&self) {
+    /// Then, once all are loaded, every VM stops its attached children when it ends (at once
+    /// for one that ended while the daemon was away).
+    fn recover(self: &Arc<Self>) {
         let Ok(entries) = std::fs::read_dir(&self.vms_dir) else {
             return;
         };
@@ -423,6 +613,9 @@ impl Daemon {
             if let Err(e) = self.recover_one(dir.clone()) {
                 tracing::error!(dir = %dir.display(), error = %error_chain(&e), "cannot load VM");
             }
+        }
+        for vm in self.list() {
+            self.stop_children_when_ended(&vm);
         }
     }
 
@@ -686,6 +879,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         output_cap: args.output_cap_bytes,
         vms: Mutex::new(HashMap::new()),
         relay,
+        limits: Limits {
+            max_vms: args.max_vms,
+            max_children: args.max_children,
+            spawn_burst: args.spawn_burst,
+            spawn_interval: Duration::from_secs(args.spawn_interval_secs),
+        },
+        spawn_pace: Mutex::new(HashMap::new()),
     });
     daemon
         .mcp
@@ -749,6 +949,71 @@ pub fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// VMs as the daemon lists them: `(id, status, parent, detached)`.
+    fn vms(
+        root: &Path,
+        specs: &[(&str, api::VmStatus, Option<&str>, bool)],
+    ) -> HashMap<String, Arc<Vm>> {
+        specs
+            .iter()
+            .map(|&(id, status, parent, detached)| {
+                let mut rec = VmRecord::new(id.into(), CreateVm::new("/bin/a", vec![]), 1);
+                rec.status = status;
+                rec.parent = parent.map(str::to_owned);
+                rec.detached = detached;
+                std::fs::create_dir(root.join(id)).unwrap();
+                let vm = Vm::open(root.join(id), rec, 1 << 20).unwrap();
+                (id.to_owned(), vm)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn limits_count_live_vms_and_attached_live_children() {
+        use api::VmStatus::{Exited, Running, Starting, Stopped, Stopping};
+        let root = tempfile::tempdir().unwrap();
+        let all = vms(
+            root.path(),
+            &[
+                ("p", Running, None, false),
+                ("c1", Running, Some("p"), false),
+                ("c2", Starting, Some("p"), false),
+                // Detached, and ended: neither counts against the parent.
+                ("c3", Running, Some("p"), true),
+                ("c4", Exited, Some("p"), false),
+                ("q", Stopping, None, false),
+                ("r", Stopped, None, false),
+            ],
+        );
+        let limits = |max_vms, max_children| Limits {
+            max_vms,
+            max_children,
+            spawn_burst: 1,
+            spawn_interval: Duration::from_secs(1),
+        };
+        // Live: p, c1, c2, c3, q.
+        assert_eq!(limits(6, 3).admit(&all, Some("p")), Ok(()));
+        assert_eq!(limits(6, 3).admit(&all, None), Ok(()));
+        assert_eq!(
+            limits(5, 3).admit(&all, None),
+            Err(LimitError::TooManyVms { limit: 5 })
+        );
+        assert_eq!(
+            limits(6, 2).admit(&all, Some("p")),
+            Err(LimitError::TooManyChildren {
+                parent: "p".into(),
+                limit: 2
+            })
+        );
+        // A parent that is ending, has ended or is unknown spawns nothing.
+        for parent in ["q", "r", "nope"] {
+            assert_eq!(
+                limits(60, 8).admit(&all, Some(parent)),
+                Err(LimitError::ParentEnding(parent.into()))
+            );
+        }
+    }
 
     #[test]
     fn manifest_paths_resolve_and_prefer_vmlinux() {

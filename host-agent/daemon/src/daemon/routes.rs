@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::event_feed::EventFeed;
 use super::vm::Vm;
-use super::{Daemon, RemoveError};
+use super::{Daemon, DetachError, RemoveError};
 use crate::error_chain;
 use nanoclaw_api::{ApiError, CreateVm, Event, EventRecord, VmInfo};
 
@@ -44,6 +44,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms", post(create).get(list))
         .route("/v1/vms/{id}", get(inspect).delete(remove))
         .route("/v1/vms/{id}/stop", post(stop))
+        .route("/v1/vms/{id}/detach", post(detach))
         .route("/v1/vms/{id}/events", get(events))
         .route("/v1/vms/{id}/console", get(console))
         .route(
@@ -139,6 +140,7 @@ async fn create(
         tracing::error!(error = %line, "create failed");
         let status = match e {
             super::DaemonError::Image(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            super::DaemonError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Failure(status, line)
@@ -209,6 +211,23 @@ async fn stop(
     });
     let _ = task.await;
     Ok(Json(vm.info()))
+}
+
+async fn detach(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    match daemon.detach(&id) {
+        Ok(vm) => Ok(Json(vm.info())),
+        Err(DetachError::NotFound) => Err(Failure(
+            StatusCode::NOT_FOUND,
+            format!("no VM with id {id}"),
+        )),
+        Err(DetachError::NoParent) => Err(Failure(
+            StatusCode::CONFLICT,
+            format!("VM {id} was not spawned by another VM; there is nothing to detach"),
+        )),
+    }
 }
 
 /// `?follow=true|false`.

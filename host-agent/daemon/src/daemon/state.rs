@@ -130,6 +130,14 @@ pub struct VmRecord {
     /// The VM's cgroup folders, removed when it has ended.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jail_cgroups: Vec<PathBuf>,
+    /// The orchestrator VM that spawned this one (`spawn_agent`); `None` for a VM the user
+    /// created. A child is stopped when its parent ends, unless [`VmRecord::detached`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Whether the user detached this VM from its parent: it then outlives the parent and no
+    /// longer counts against the parent's children.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
 }
 
 impl VmRecord {
@@ -157,6 +165,8 @@ impl VmRecord {
             vmm_subdir: true,
             jail_uid: None,
             jail_cgroups: Vec::new(),
+            parent: None,
+            detached: false,
         }
     }
 
@@ -316,9 +326,25 @@ mod tests {
             0o700
         );
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
-        let rec = VmRecord::new(id, CreateVm::new("/bin/sh", vec!["-c".into()]), 5);
+        let mut rec = VmRecord::new(id, CreateVm::new("/bin/sh", vec!["-c".into()]), 5);
         rec.save(&dir).unwrap();
         assert_eq!(VmRecord::load(&dir).unwrap(), rec);
+        rec.parent = Some("0badc0de".into());
+        rec.detached = true;
+        rec.save(&dir).unwrap();
+        assert_eq!(VmRecord::load(&dir).unwrap(), rec);
+    }
+
+    #[test]
+    fn records_without_a_parent_link_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = VmRecord::new("abcd0123".into(), CreateVm::new("/bin/a", vec![]), 5);
+        let mut json = serde_json::to_value(&rec).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        assert!(!fields.contains_key("parent") && !fields.contains_key("detached"));
+        std::fs::write(dir.path().join(RECORD_FILE), json.to_string()).unwrap();
+        let loaded = VmRecord::load(dir.path()).unwrap();
+        assert_eq!((loaded.parent, loaded.detached), (None, false));
     }
 
     #[test]

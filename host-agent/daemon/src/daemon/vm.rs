@@ -263,7 +263,23 @@ impl Vm {
             events_dropped: r.events_dropped,
             vmm_log_dropped_bytes: r.vmm_log_dropped_bytes,
             vm_dir: self.dir.display().to_string(),
+            parent: r.parent,
+            detached: r.detached,
         }
+    }
+
+    /// The VM that spawned this one, unless the user detached it (or none did).
+    pub fn attached_parent(&self) -> Option<String> {
+        let r = lock(&self.record);
+        r.parent.clone().filter(|_| !r.detached)
+    }
+
+    /// Detaches this VM from the VM that spawned it, durably; `false` when none did.
+    pub fn detach(&self) -> bool {
+        self.update(|r| {
+            r.detached |= r.parent.is_some();
+            r.parent.is_some()
+        })
     }
 
     /// The current status.

@@ -20,7 +20,9 @@
 //!
 //! Orchestrators also get the host-served tool `spawn_agent`: a spawn whose profile is within
 //! the caller's own ([`AccessPolicy::spawn_excess`]) goes to the [`Spawner`]; anything beyond it
-//! goes to the [`Approver`] first.
+//! goes to the [`Approver`] first. The spawner may still refuse by the host's limits (children
+//! per VM, VMs per host, spawn rate, see [`SpawnError`]): the refusal is recorded as a `deny`
+//! decision with a `spawn:limit:*` rule and reaches the agent as a [`DENIED`] error.
 //!
 //! # Why the agent side is not rmcp's server
 //! The upstream side uses rmcp's client. The agent side is a small JSON-RPC loop of our own
@@ -107,15 +109,66 @@ pub enum McpError {
     Audit(#[source] nanoclaw_audit::AuditError),
 }
 
-/// Spawns an agent for an orchestrator's `spawn_agent` (the daemon's create path).
+/// Why a [`Spawner`] did not spawn.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpawnError {
+    /// The caller already has as many live children as one VM may have.
+    #[error("VM {parent} already has {limit} live spawned agents, the most one VM may have")]
+    TooManyChildren {
+        /// The calling VM.
+        parent: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// The host already runs as many VMs as it may.
+    #[error("the host already runs {limit} VMs, the most it may")]
+    TooManyVms {
+        /// The cap.
+        limit: usize,
+    },
+    /// The caller spawns faster than its rate allows.
+    #[error("spawning too fast: the next spawn is allowed in {retry_after_ms} ms")]
+    RateLimited {
+        /// How long until the next spawn is allowed.
+        retry_after_ms: u64,
+    },
+    /// The calling VM is ending: nothing it spawns now would be stopped with it.
+    #[error("VM {0} is ending")]
+    ParentEnding(String),
+    /// Creating the VM failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl SpawnError {
+    /// The audit rule of a refusal by a limit (`None` for a failure).
+    pub fn limit_rule(&self) -> Option<&'static str> {
+        match self {
+            Self::TooManyChildren { .. } => Some("spawn:limit:children-per-vm"),
+            Self::TooManyVms { .. } => Some("spawn:limit:vms-per-host"),
+            Self::RateLimited { .. } => Some("spawn:limit:rate"),
+            Self::ParentEnding(_) => Some("spawn:parent-ending"),
+            Self::Failed(_) => None,
+        }
+    }
+}
+
+/// Spawns an agent for an orchestrator's `spawn_agent` (the daemon's create path), within the
+/// host's limits on spawning.
 pub trait Spawner: Send + Sync + std::fmt::Debug {
-    /// Creates and starts a VM running `command` under `profile`; returns the new VM's id.
+    /// Takes one of `parent_vm`'s spawns ([`SpawnError::RateLimited`] when it has none left).
+    /// The gateway asks first, before any approval, so that calls that would ask the user are
+    /// paced too.
+    fn pace(&self, parent_vm: &str) -> Result<(), SpawnError>;
+
+    /// Creates and starts a VM running `command` under `profile` as a child of `parent_vm`;
+    /// returns the new VM's id.
     fn spawn(
         &self,
         parent_vm: String,
         profile: Profile,
         command: Vec<String>,
-    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
+    ) -> Pin<Box<dyn Future<Output = Result<String, SpawnError>> + Send + '_>>;
 }
 
 /// Who the gateway serves, and with what.
@@ -375,6 +428,11 @@ impl Gateway {
         };
         let child = Profile::from_toml(text)
             .map_err(|e| bad(format!("spawn_agent: {}", crate::error_chain(&e))))?;
+        if let Some(spawner) = self.config.spawner.as_ref()
+            && let Err(e) = spawner.pace(&self.config.vm_id)
+        {
+            return Err(self.refuse_spawn(e, digest)?);
+        }
         let excess = self.config.policy.spawn_excess(&child);
         let decision = if excess.is_empty() {
             Decision::Allow {
@@ -402,10 +460,13 @@ impl Gateway {
         let Some(spawner) = self.config.spawner.as_ref() else {
             return Err(internal("spawning is not available on this host".into()));
         };
-        let vm = spawner
+        let vm = match spawner
             .spawn(self.config.vm_id.clone(), child, command)
             .await
-            .map_err(|e| internal(format!("spawn_agent: {e}")))?;
+        {
+            Ok(vm) => vm,
+            Err(e) => return Err(self.refuse_spawn(e, digest)?),
+        };
         self.record(
             "spawn",
             json!({"agent": self.config.agent, "vm_id": self.config.vm_id,
@@ -415,6 +476,24 @@ impl Gateway {
             "content": [{"type": "text", "text": format!("spawned agent in VM {vm}")}],
             "isError": false,
         }))
+    }
+
+    /// The error for a spawn the spawner refused. A refusal by a limit is a decision like the
+    /// others: recorded as a denial, and a [`DENIED`] error to the agent.
+    fn refuse_spawn(
+        &self,
+        e: SpawnError,
+        digest: &str,
+    ) -> Result<(i64, String, Value), (i64, String, Value)> {
+        let Some(rule) = e.limit_rule() else {
+            return Ok(internal(format!("spawn_agent: {e}")));
+        };
+        let refused = Decision::Deny {
+            rule: rule.into(),
+            reason: e.to_string(),
+        };
+        self.record_decision(SPAWN_AGENT_TOOL, &refused, digest)?;
+        Ok(denied(rule, &e.to_string()))
     }
 
     fn subject(
