@@ -153,7 +153,10 @@ struct AgentConn(Arc<tokio::sync::Mutex<(BufReader<OwnedReadHalf>, OwnedWriteHal
 impl AgentConn {
     async fn open(socket: &Path) -> anyhow::Result<Self> {
         let (read, write) = tokio::net::UnixStream::connect(socket).await?.into_split();
-        let conn = Self(Arc::new(tokio::sync::Mutex::new((BufReader::new(read), write))));
+        let conn = Self(Arc::new(tokio::sync::Mutex::new((
+            BufReader::new(read),
+            write,
+        ))));
         conn.rpc(json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
             "params": {"protocolVersion": "2025-11-25", "capabilities": {},
                 "clientInfo": {"name": "bench", "version": "0"}}}))
@@ -223,8 +226,7 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
             }
         };
         measure(peers.clone(), level * 4, direct_call.clone()).await?;
-        let (direct_p50, direct_p99) =
-            percentiles(measure(peers, calls, direct_call).await?);
+        let (direct_p50, direct_p99) = percentiles(measure(peers, calls, direct_call).await?);
 
         let mut conns = Vec::with_capacity(level);
         for _ in 0..level {
@@ -248,7 +250,9 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
             move |conn: AgentConn, i: usize| call(conn, calls + 1 + i)
         };
         measure(conns.clone(), level * 4, warm).await?;
+        let before = audit.stats();
         let (gw_p50, gw_p99) = percentiles(measure(conns, calls, gateway_call).await?);
+        let after = audit.stats();
 
         let added = ms(gw_p50.saturating_sub(direct_p50));
         met &= added <= TARGET_ADDED_MS;
@@ -266,12 +270,25 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
         println!(
             "    added by the gateway (p50)  {added:>7.3} ms   ratio {:.2}   (target ≤ {TARGET_ADDED_MS} ms: {})",
             gw_p50.as_secs_f64() / direct_p50.as_secs_f64().max(1e-9),
-            if added <= TARGET_ADDED_MS { "met" } else { "NOT met" }
+            if added <= TARGET_ADDED_MS {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        println!(
+            "    audit log                   {} records in {} fdatasyncs",
+            after.records - before.records,
+            after.syncs - before.syncs
         );
     }
     println!(
         "  (added = policy + tokenize + the audit records' fdatasync + the JSON-RPC hop; {})",
-        if met { "target met at every level" } else { "target not met at every level" }
+        if met {
+            "target met at every level"
+        } else {
+            "target not met at every level"
+        }
     );
     server.abort();
     direct.cancel().await?;
