@@ -948,3 +948,82 @@ async fn huge_request_ids_are_refused_and_the_session_goes_on() {
     assert_eq!(r["error"]["code"], -32600, "{r}");
     fx.stop().await;
 }
+
+/// An agent that repeats a denied call gets one full `policy_decision` record for the first
+/// denial and one `denial_summary` counting the rest of the window (written here when the
+/// gateway goes), while every allowed call between them is recorded on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_denials_are_summarised_and_allowed_calls_each_recorded() {
+    let fx = Fixture::start(
+        |log| worker_profile(log, "enforce", "worker"),
+        Arc::new(DenyAll),
+        None,
+    )
+    .await;
+    let mut raw = Raw::initialized(&fx.socket).await;
+    for i in 0..10 {
+        let r = raw
+            .call(i, "read_file", json!({"path": format!("/etc/x{i}")}))
+            .await;
+        assert_error(&r, DENIED, "arg:files/read_file/path.prefix");
+        if i == 4 {
+            let r = raw
+                .call(100, "read_file", json!({"path": "/data/report.txt"}))
+                .await;
+            assert!(r.get("result").is_some(), "{r}");
+        }
+    }
+    let r = raw
+        .call(101, "read_file", json!({"path": "/data/report.txt"}))
+        .await;
+    assert!(r.get("result").is_some(), "{r}");
+    drop(raw);
+
+    // Stop the gateway (its session task lets go of it once the connection is closed).
+    let Fixture {
+        _dir: dir,
+        audit,
+        gateway,
+        server,
+        ..
+    } = fx;
+    server.abort();
+    let _ = server.await;
+    let mut gateway = gateway;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let gw = loop {
+        match Arc::try_unwrap(gateway) {
+            Ok(gw) => break gw,
+            Err(g) if tokio::time::Instant::now() < deadline => {
+                gateway = g;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => panic!("the session still holds the gateway"),
+        }
+    };
+    gw.close().await;
+
+    nanoclaw_audit::verify(&audit).unwrap();
+    let records: Vec<Value> = nanoclaw_audit::tail(&audit, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|r| json!({"kind": r.record.kind, "data": r.record.data}))
+        .collect();
+    let decisions: Vec<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "policy_decision")
+        .map(|r| r["data"]["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["deny", "allow", "allow"], "{records:?}");
+    let summaries: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "denial_summary")
+        .collect();
+    assert_eq!(summaries.len(), 1, "{records:?}");
+    let s = &summaries[0]["data"];
+    assert_eq!(s["repeats"], 9);
+    assert_eq!(s["tool"], "read_file");
+    assert_eq!(s["rule"], "arg:files/read_file/path.prefix");
+    assert_eq!(s["vm_id"], "vm-1");
+    drop(dir);
+}

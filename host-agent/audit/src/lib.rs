@@ -20,16 +20,44 @@
 //! **Never put a secret value in a record.** Records name agents, tools, rule ids and kinds of
 //! data, and carry digests ([`digest`]) of arguments, never the arguments themselves.
 //!
-//! Appends are serialised by a mutex, written with one `write` on an `O_APPEND` descriptor and
-//! `fdatasync`ed before [`AuditLog::append`] returns, so an action that waits for its record
-//! never runs unrecorded. A line torn by a crash mid-write (no final newline) was never
-//! acknowledged; opening the log cuts it off and says so.
+//! # The write path: group commit on a writer thread
+//!
+//! One writer thread per open log (a plain OS thread, named `audit-writer`, never a task of an
+//! async runtime) owns the file. Callers queue records ([`AuditLog::submit`], or the blocking
+//! [`AuditLog::append`]) and wait for their acknowledgement. The writer takes every record
+//! waiting in the queue (up to [`MAX_BATCH`]), gives them their `seq`, `prev` and `hash` in
+//! queue order, writes the whole batch with one `write` on an `O_APPEND` descriptor,
+//! `fdatasync`s once, and only then acknowledges each record of the batch with its seq. So:
+//!
+//! - an action that waits for its record never runs unrecorded: a record is acknowledged only
+//!   once it is on disk;
+//! - concurrent callers share one `fdatasync` instead of queueing for one each (a record that
+//!   arrives while a batch is being synced goes into the next batch);
+//! - an async caller awaits a [`Pending`] and holds no lock and blocks no runtime thread while
+//!   the disk syncs.
+//!
+//! When writing or syncing a batch fails, every record of the batch fails with
+//! [`AuditError::Write`] (none is acknowledged), the file is cut back to its length before the
+//! batch and synced, and the next batch reuses the failed batch's seqs, so the chain on disk has
+//! neither a gap nor a record nobody was told about. If even cutting back fails, the log cannot
+//! know what is on disk: every later record fails with [`AuditError::Unusable`] until the log
+//! is opened again (opening checks the last record and cuts off a torn line, as after a crash).
+//! A record that cannot be encoded or is over [`MAX_LINE`] fails alone and takes no seq.
+//!
+//! A line torn by a crash mid-write (no final newline) was never acknowledged; opening the log
+//! cuts it off and says so. Records queued but not yet acknowledged when the process dies were
+//! never acknowledged either: their callers never went on.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +69,9 @@ pub const GENESIS: [u8; 32] = [0; 32];
 /// The longest record line accepted, in bytes (a bigger one is refused on append and reported
 /// as broken on verify).
 pub const MAX_LINE: usize = 64 * 1024;
+
+/// The most records one batch (one write, one `fdatasync`) holds.
+pub const MAX_BATCH: usize = 256;
 
 /// The frame around each record: `{"hash":"` + 64 hex digits + `","record":` ... `}`.
 const HEAD: &str = "{\"hash\":\"";
@@ -58,6 +89,31 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing or syncing a batch of records failed: none of them is recorded (the file was
+    /// cut back to where it was before the batch).
+    #[error("audit log {}: writing a batch of {records} records failed; none is recorded", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// How many records the batch held (each of them fails with this error).
+        records: usize,
+        /// The cause, shared by every record of the batch.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// A failed batch could not be cut back off the file, so what is on disk is unknown: the
+    /// log refuses every record until it is opened again.
+    #[error("audit log {} is unusable after a failed write; open it again", .path.display())]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// Why cutting the failed batch back off failed.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The log's writer thread is gone (it panicked): nothing can be recorded.
+    #[error("the audit log's writer thread is gone")]
+    WriterGone,
     /// A record could not be encoded.
     #[error("cannot encode an audit record")]
     Encode(#[source] serde_json::Error),
@@ -142,25 +198,126 @@ pub struct ChainSummary {
     pub head: String,
 }
 
-#[derive(Debug)]
-struct Head {
-    file: File,
-    next_seq: u64,
-    hash: [u8; 32],
+/// How many records and `fdatasync`s a log has done since it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditStats {
+    /// Records written, synced and acknowledged.
+    pub records: u64,
+    /// Batches written and synced (one `fdatasync` each).
+    pub syncs: u64,
 }
 
-/// An audit log open for appending.
+#[derive(Debug, Default)]
+struct Counters {
+    records: AtomicU64,
+    syncs: AtomicU64,
+}
+
+/// A record waiting in the queue, and who waits for it.
+struct Job {
+    kind: String,
+    data: serde_json::Value,
+    reply: Reply,
+}
+
+/// Where a record's outcome goes.
+enum Reply {
+    /// A thread blocked in [`AuditLog::append`].
+    Blocking(mpsc::SyncSender<Result<u64, AuditError>>),
+    /// A [`Pending`] future.
+    Async(tokio::sync::oneshot::Sender<Result<u64, AuditError>>),
+}
+
+impl Reply {
+    fn send(self, outcome: Result<u64, AuditError>) {
+        // A caller that stopped waiting does not want the answer; the record's fate is the
+        // same either way.
+        match self {
+            Self::Blocking(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Self::Async(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
+
+/// A step of writing a batch, where a test may inject a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before the batch is written (the hook may write part of it itself, as a short write
+    /// would).
+    Write,
+    /// Before the batch is synced.
+    Sync,
+    /// Before a failed batch is cut back off the file.
+    Rollback,
+}
+
+/// A test's fault injection: called with the file before each [`Stage`]; an error fails that
+/// step as the system call would.
+type FaultHook = Box<dyn FnMut(Stage, &File) -> std::io::Result<()> + Send>;
+
+/// The writer thread's state: the file and the head of the chain.
+struct Writer {
+    path: PathBuf,
+    file: File,
+    /// The length of the file up to the last acknowledged record.
+    len: u64,
+    next_seq: u64,
+    hash: [u8; 32],
+    /// Set when a failed batch could not be cut back off.
+    unusable: Option<Arc<std::io::Error>>,
+    counters: Arc<Counters>,
+    fault: Option<FaultHook>,
+}
+
+/// An audit log open for appending. Dropping it waits for the records already queued to be
+/// written.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
-    head: Mutex<Head>,
+    /// The writer's queue (`None` only while dropping).
+    queue: Option<mpsc::Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+}
+
+/// A queued record: resolves to its seq once it is on disk, or to the error that kept it off.
+#[derive(Debug)]
+#[must_use = "a record is on disk only once its Pending resolves to Ok"]
+pub struct Pending(PendingState);
+
+#[derive(Debug)]
+enum PendingState {
+    Queued(tokio::sync::oneshot::Receiver<Result<u64, AuditError>>),
+    /// Refused before it was queued (taken when polled).
+    Failed(Option<AuditError>),
+}
+
+impl Future for Pending {
+    type Output = Result<u64, AuditError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            PendingState::Queued(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(AuditError::WriterGone))),
+            PendingState::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(AuditError::WriterGone))),
+        }
+    }
 }
 
 impl AuditLog {
-    /// Opens (creating, mode 0600) the log at `path` to append to it. The last record is
-    /// checked so the chain continues from a sound head; a torn last line is cut off.
+    /// Opens (creating, mode 0600) the log at `path` to append to it, and starts its writer
+    /// thread. The last record is checked so the chain continues from a sound head; a torn last
+    /// line is cut off.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, AuditError> {
-        let path = path.into();
+        Self::open_with(path.into(), None)
+    }
+
+    fn open_with(path: PathBuf, fault: Option<FaultHook>) -> Result<Self, AuditError> {
         let io = |source| AuditError::Io {
             path: path.clone(),
             source,
@@ -186,16 +343,31 @@ impl AuditLog {
                 tracing::warn!(path = %path.display(), "audit log: cutting off a torn final line");
                 file.set_len(keep).map_err(io)?;
                 file.sync_data().map_err(io)?;
-                return Self::open(path);
+                return Self::open_with(path, fault);
             }
         };
+        let len = file.metadata().map_err(io)?.len();
+        let counters = Arc::new(Counters::default());
+        let writer = Writer {
+            path: path.clone(),
+            file,
+            len,
+            next_seq,
+            hash,
+            unusable: None,
+            counters: Arc::clone(&counters),
+            fault,
+        };
+        let (queue, jobs) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(jobs))
+            .map_err(io)?;
         Ok(Self {
             path,
-            head: Mutex::new(Head {
-                file,
-                next_seq,
-                hash,
-            }),
+            queue: Some(queue),
+            writer: Some(handle),
+            counters,
         })
     }
 
@@ -204,32 +376,187 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends a record of `kind` with `data` and returns its seq once it is on disk.
+    /// Queues a record of `kind` with `data` at once and returns a future that resolves to
+    /// its seq once it is on disk. Records queued one after another (by one caller, or by
+    /// callers that ordered themselves) are chained in that order. Dropping the future does
+    /// not withdraw the record.
+    pub fn submit(&self, kind: &str, data: serde_json::Value) -> Pending {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.enqueue(kind, data, Reply::Async(tx)) {
+            Ok(()) => Pending(PendingState::Queued(rx)),
+            Err(e) => Pending(PendingState::Failed(Some(e))),
+        }
+    }
+
+    /// Appends a record of `kind` with `data` and returns its seq once it is on disk, blocking
+    /// the calling thread meanwhile (async code awaits [`AuditLog::submit`] instead).
     pub fn append(&self, kind: &str, data: serde_json::Value) -> Result<u64, AuditError> {
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        let record = AuditRecord {
-            seq: head.next_seq,
-            ts_unix_ms: now_unix_ms(),
-            prev: hex::encode(head.hash),
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.enqueue(kind, data, Reply::Blocking(tx))?;
+        rx.recv().unwrap_or(Err(AuditError::WriterGone))
+    }
+
+    /// How many records and syncs this log has done since it was opened.
+    pub fn stats(&self) -> AuditStats {
+        AuditStats {
+            records: self.counters.records.load(Ordering::Relaxed),
+            syncs: self.counters.syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    fn enqueue(&self, kind: &str, data: serde_json::Value, reply: Reply) -> Result<(), AuditError> {
+        let job = Job {
             kind: kind.to_owned(),
             data,
+            reply,
         };
-        let body = serde_json::to_string(&record).map_err(AuditError::Encode)?;
-        let hash = chain_hash(&head.hash, body.as_bytes());
-        let line = format!("{HEAD}{}{MID}{body}}}\n", hex::encode(hash));
-        if line.len() > MAX_LINE {
-            return Err(AuditError::TooLarge { len: line.len() });
-        }
-        let io = |source| AuditError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        head.file.write_all(line.as_bytes()).map_err(io)?;
-        head.file.sync_data().map_err(io)?;
-        head.next_seq += 1;
-        head.hash = hash;
-        Ok(record.seq)
+        self.queue
+            .as_ref()
+            .ok_or(AuditError::WriterGone)?
+            .send(job)
+            .map_err(|_| AuditError::WriterGone)
     }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and stop.
+        drop(self.queue.take());
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "audit log: the writer thread panicked");
+        }
+    }
+}
+
+impl Writer {
+    /// Commits batches until every [`AuditLog`] handle is gone and the queue is empty.
+    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = Vec::with_capacity(8);
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    /// Writes and syncs one batch, then answers each of its records.
+    fn commit(&mut self, batch: Vec<Job>) {
+        if let Some(cause) = &self.unusable {
+            for job in batch {
+                job.reply.send(Err(AuditError::Unusable {
+                    path: self.path.clone(),
+                    source: Arc::clone(cause),
+                }));
+            }
+            return;
+        }
+        let ts_unix_ms = now_unix_ms();
+        let mut bytes = Vec::new();
+        let mut hash = self.hash;
+        let mut written = Vec::with_capacity(batch.len());
+        for job in batch {
+            let seq = self.next_seq + written.len() as u64;
+            match encode_line(seq, ts_unix_ms, &hash, job.kind, job.data) {
+                Ok((line, line_hash)) => {
+                    bytes.extend_from_slice(line.as_bytes());
+                    hash = line_hash;
+                    written.push((seq, job.reply));
+                }
+                // This record alone fails and takes no seq.
+                Err(e) => job.reply.send(Err(e)),
+            }
+        }
+        if written.is_empty() {
+            return;
+        }
+        match self.write_and_sync(&bytes) {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                self.next_seq += written.len() as u64;
+                self.hash = hash;
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .records
+                    .fetch_add(written.len() as u64, Ordering::Relaxed);
+                for (seq, reply) in written {
+                    reply.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                let source = Arc::new(e);
+                tracing::error!(path = %self.path.display(), records = written.len(),
+                    error = %source, "audit log: writing a batch failed; none of it is recorded");
+                self.roll_back();
+                let records = written.len();
+                for (_, reply) in written {
+                    reply.send(Err(AuditError::Write {
+                        path: self.path.clone(),
+                        records,
+                        source: Arc::clone(&source),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn write_and_sync(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.fault(Stage::Write)?;
+        self.file.write_all(bytes)?;
+        self.fault(Stage::Sync)?;
+        self.file.sync_data()
+    }
+
+    /// Cuts a failed batch (whatever of it reached the file) back off, so the next batch
+    /// continues the chain from the last acknowledged record.
+    fn roll_back(&mut self) {
+        let cut = self
+            .fault(Stage::Rollback)
+            .and_then(|()| self.file.set_len(self.len))
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = cut {
+            tracing::error!(path = %self.path.display(), error = %e,
+                "audit log: cannot cut a failed batch back off; refusing every record until reopened");
+            self.unusable = Some(Arc::new(e));
+        }
+    }
+
+    fn fault(&mut self, stage: Stage) -> std::io::Result<()> {
+        match self.fault.as_mut() {
+            Some(hook) => hook(stage, &self.file),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One framed line (with its newline) of the record `seq` chained to `prev`, and its hash.
+fn encode_line(
+    seq: u64,
+    ts_unix_ms: u64,
+    prev: &[u8; 32],
+    kind: String,
+    data: serde_json::Value,
+) -> Result<(String, [u8; 32]), AuditError> {
+    let record = AuditRecord {
+        seq,
+        ts_unix_ms,
+        prev: hex::encode(prev),
+        kind,
+        data,
+    };
+    let body = serde_json::to_string(&record).map_err(AuditError::Encode)?;
+    let hash = chain_hash(prev, body.as_bytes());
+    let line = format!("{HEAD}{}{MID}{body}}}\n", hex::encode(hash));
+    if line.len() > MAX_LINE {
+        return Err(AuditError::TooLarge { len: line.len() });
+    }
+    Ok((line, hash))
 }
 
 /// Checks the whole chain of the log at `path` and returns its summary, or the first broken

@@ -12,7 +12,10 @@
 //!    surrogates, so an agent cannot send a real value wherever it likes;
 //! 2. the profile decides ([`AccessPolicy::decide`]); the decision is appended to the audit log
 //!    (kind `policy_decision`: decision, rule, agent, tool, the digest of the canonical
-//!    arguments as the agent sent them, never a value);
+//!    arguments as the agent sent them, never a value) and the call waits until it is on disk
+//!    (awaiting the log's writer thread, which syncs concurrent calls' records together; the
+//!    runtime is never blocked). The same denial repeated within a short window is counted
+//!    into one `denial_summary` record instead (`denials`);
 //! 3. a needs-approval decision goes to the [`Approver`] and proceeds only on `Approved`;
 //! 4. a denial is a JSON-RPC error ([`DENIED`]) naming the rule;
 //! 5. an allowed call goes upstream and its result is tokenized before it reaches the agent
@@ -35,12 +38,14 @@
 //! # Layout
 //! - `upstream`: rmcp clients of the upstream servers (stdio child processes, streamable HTTP).
 //! - `endpoint`: the agent-facing JSON-RPC session and its socket loop.
+//! - `denials`: the windows that summarise one VM's repeated denials.
 //! - [`AgentTokens`] (`crate::agent_tokens`): the agent's tokenizer, shared with the credential
 //!   relay; re-exported here.
 //! - How the daemon starts one gateway per VM is the daemon's own (`crate::daemon::gateways`):
 //!   nothing here reaches into the daemon.
 //! - this file: the error, the gateway and the call path.
 
+mod denials;
 mod endpoint;
 mod upstream;
 
@@ -49,6 +54,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rmcp::model::Tool;
 use serde_json::{Map, Value, json};
@@ -204,6 +210,8 @@ pub struct Gateway {
     tokenizer: Option<Arc<AgentTokens>>,
     /// The tokenizer's mode.
     mode: Option<Mode>,
+    /// The windows in which repeats of a denial are counted rather than recorded one by one.
+    denials: denials::Denials,
 }
 
 impl Gateway {
@@ -242,12 +250,19 @@ impl Gateway {
                 .map(Arc::new),
         };
         let mode = tokenizer.as_ref().map(|t| t.mode());
+        let denials = denials::Denials::new(
+            Arc::clone(&config.audit),
+            &config.agent,
+            &config.vm_id,
+            &profile.name,
+        );
         Ok(Self {
             config,
             upstreams,
             tools,
             tokenizer,
             mode,
+            denials,
         })
     }
 
@@ -320,6 +335,9 @@ impl Gateway {
         args: Map<String, Value>,
     ) -> Result<Value, (i64, String, Value)> {
         let digest = args_digest(&args);
+        for summary in self.denials.take_expired(Instant::now()) {
+            self.record(denials::SUMMARY_KIND, summary).await?;
+        }
         if name == SPAWN_AGENT_TOOL && self.config.policy.profile().tier == Tier::Orchestrator {
             return self.spawn_agent(args, &digest).await;
         }
@@ -333,7 +351,7 @@ impl Gateway {
             Some(Mode::Enforce) if restores => {
                 let value = Value::Object(args.clone());
                 let (restored, report) = self.with_tokenizer(|t| t.detokenize_json(&value))?;
-                self.record_tokenize(name, "arguments", report)?;
+                self.record_tokenize(name, "arguments", report).await?;
                 match restored {
                     Value::Object(m) => m,
                     _ => args.clone(),
@@ -345,7 +363,13 @@ impl Gateway {
         let decision = policy
             .decide(&self.config.agent, name, &real, false)
             .map_err(|e| internal(format!("policy: {}", crate::error_chain(&e))))?;
-        self.record_decision(name, &decision, &digest)?;
+        // A plain deny repeated within its window is counted, not recorded again (see
+        // `denials`); every other decision is on disk before anything else happens.
+        let counted = matches!(&decision, Decision::Deny { rule, .. }
+            if self.denials.note(name, rule, Instant::now()) == denials::Note::Counted);
+        if !counted {
+            self.record_decision(name, &decision, &digest).await?;
+        }
         match decision {
             Decision::Allow { .. } => {}
             Decision::Deny { rule, reason } => return Err(denied(&rule, &reason)),
@@ -368,7 +392,7 @@ impl Gateway {
                 let again = policy
                     .decide(&self.config.agent, name, &real, true)
                     .map_err(|e| internal(format!("policy: {}", crate::error_chain(&e))))?;
-                self.record_decision(name, &again, &digest)?;
+                self.record_decision(name, &again, &digest).await?;
                 if let Decision::Deny { rule, reason } | Decision::NeedsApproval { rule, reason } =
                     again
                 {
@@ -395,10 +419,12 @@ impl Gateway {
             Ok(result) => {
                 let value = serde_json::to_value(&result)
                     .map_err(|e| internal(format!("encoding the result: {e}")))?;
-                self.tokenize_out(name, value)
+                self.tokenize_out(name, value).await
             }
             Err(e) => {
-                let message = self.tokenize_out(name, Value::String(e.message.to_string()))?;
+                let message = self
+                    .tokenize_out(name, Value::String(e.message.to_string()))
+                    .await?;
                 Err((
                     i64::from(e.code.0),
                     message.as_str().unwrap_or("upstream error").to_owned(),
@@ -444,7 +470,8 @@ impl Gateway {
                 reason: excess.join("; "),
             }
         };
-        self.record_decision(SPAWN_AGENT_TOOL, &decision, digest)?;
+        self.record_decision(SPAWN_AGENT_TOOL, &decision, digest)
+            .await?;
         if let Decision::NeedsApproval { rule, reason } = &decision {
             let subject = self.subject(
                 ApprovalAction::Spawn {
@@ -471,7 +498,8 @@ impl Gateway {
             "spawn",
             json!({"agent": self.config.agent, "vm_id": self.config.vm_id,
             "spawned_vm": vm}),
-        )?;
+        )
+        .await?;
         Ok(json!({
             "content": [{"type": "text", "text": format!("spawned agent in VM {vm}")}],
             "isError": false,
@@ -528,7 +556,8 @@ impl Gateway {
             "approval_outcome",
             json!({"agent": self.config.agent, "vm_id": self.config.vm_id, "tool": tool,
                 "rule": rule, "args_digest": digest, "outcome": outcome}),
-        )?;
+        )
+        .await?;
         match outcome {
             crate::approval::ApprovalOutcome::Approved { .. } => Ok(()),
             crate::approval::ApprovalOutcome::Denied { reason } => Err(denied(
@@ -543,12 +572,12 @@ impl Gateway {
     }
 
     /// Tokenizes a value going to the agent (enforce) or records what would have been (monitor).
-    fn tokenize_out(&self, tool: &str, value: Value) -> Result<Value, (i64, String, Value)> {
+    async fn tokenize_out(&self, tool: &str, value: Value) -> Result<Value, (i64, String, Value)> {
         if self.tokenizer.is_none() {
             return Ok(value);
         }
         let (out, report) = self.with_tokenizer(|t| t.tokenize_json(&value))?;
-        self.record_tokenize(tool, "result", report)?;
+        self.record_tokenize(tool, "result", report).await?;
         Ok(out)
     }
 
@@ -563,7 +592,7 @@ impl Gateway {
         f(&mut t).map_err(|e| internal(format!("tokenize: {}", crate::error_chain(&e))))
     }
 
-    fn record_tokenize(
+    async fn record_tokenize(
         &self,
         tool: &str,
         direction: &str,
@@ -578,9 +607,10 @@ impl Gateway {
             json!({"agent": self.config.agent, "vm_id": self.config.vm_id, "tool": tool,
                 "direction": direction, "mode": mode, "counts": report}),
         )
+        .await
     }
 
-    fn record_decision(
+    async fn record_decision(
         &self,
         tool: &str,
         decision: &Decision,
@@ -598,12 +628,16 @@ impl Gateway {
                 "args_digest": digest,
             }),
         )
+        .await
     }
 
-    fn record(&self, kind: &str, data: Value) -> Result<(), (i64, String, Value)> {
+    /// Appends a record and waits (without blocking the runtime) until it is on disk: the
+    /// audit log's writer thread syncs concurrent calls' records together.
+    async fn record(&self, kind: &str, data: Value) -> Result<(), (i64, String, Value)> {
         self.config
             .audit
-            .append(kind, data)
+            .submit(kind, data)
+            .await
             .map(|_| ())
             .map_err(|e| internal(format!("audit log: {}", crate::error_chain(&e))))
     }
