@@ -457,7 +457,7 @@ impl Gateway {
         if let Some(spawner) = self.config.spawner.as_ref()
             && let Err(e) = spawner.pace(&self.config.vm_id)
         {
-            return Err(self.refuse_spawn(e, digest)?);
+            return Err(self.refuse_spawn(e, digest).await?);
         }
         let excess = self.config.policy.spawn_excess(&child);
         let decision = if excess.is_empty() {
@@ -492,7 +492,7 @@ impl Gateway {
             .await
         {
             Ok(vm) => vm,
-            Err(e) => return Err(self.refuse_spawn(e, digest)?),
+            Err(e) => return Err(self.refuse_spawn(e, digest).await?),
         };
         self.record(
             "spawn",
@@ -508,7 +508,7 @@ impl Gateway {
 
     /// The error for a spawn the spawner refused. A refusal by a limit is a decision like the
     /// others: recorded as a denial, and a [`DENIED`] error to the agent.
-    fn refuse_spawn(
+    async fn refuse_spawn(
         &self,
         e: SpawnError,
         digest: &str,
@@ -520,7 +520,8 @@ impl Gateway {
             rule: rule.into(),
             reason: e.to_string(),
         };
-        self.record_decision(SPAWN_AGENT_TOOL, &refused, digest)?;
+        self.record_decision(SPAWN_AGENT_TOOL, &refused, digest)
+            .await?;
         Ok(denied(rule, &e.to_string()))
     }
 
