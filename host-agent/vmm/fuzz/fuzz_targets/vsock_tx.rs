@@ -18,12 +18,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::OnceLock;
 
+use libfuzzer_sys::fuzz_target;
 use nanoclaw_vmm::devices::virtio::mmio::Interrupt;
 use nanoclaw_vmm::devices::virtio::vsock::unix::port_listener_path;
 use nanoclaw_vmm::devices::virtio::vsock::{
     VsockBackend, VsockDevice, VsockHeader, VsockMetrics, VsockMuxer,
 };
-use libfuzzer_sys::fuzz_target;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
