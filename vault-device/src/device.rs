@@ -60,7 +60,7 @@ use crate::vault::{Pairing, Vault, VaultData, VaultError};
 pub const MAX_SESSIONS: usize = 256;
 /// Link messages a session may leave unread (at most [`credential::MAX_LINK_DATA`] bytes each,
 /// so about 4.5 MiB): one more and it is dropped at once, so that no session ever holds up the
-/// link the others share (see [`deliver`]).
+/// link the others share.
 pub const SESSION_BACKLOG: usize = 96;
 /// Approval asks waiting at once; more are refused at once.
 pub const MAX_PENDING_ASKS: usize = 64;

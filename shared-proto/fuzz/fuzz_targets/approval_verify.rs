@@ -13,7 +13,10 @@ use shared_proto::approval::{
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(request) = ApprovalRequest::decode(data) {
-        assert_eq!(request.encode().expect("a decoded request re-encodes"), data);
+        assert_eq!(
+            request.encode().expect("a decoded request re-encodes"),
+            data
+        );
     }
     let rp = RelyingParty {
         rp_id: "localhost".into(),

@@ -5,8 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use shared_proto::credential::{
-    DeviceToHost, DeviceToSidecar, HostToDevice, PairingOffer, RelayGreeting, SidecarToDevice,
-    RecordDecoder, Validate, decode_message, encode_message,
+    DeviceToHost, DeviceToSidecar, HostToDevice, PairingOffer, RecordDecoder, RelayGreeting,
+    SidecarToDevice, Validate, decode_message, encode_message,
 };
 
 fn round_trip<T>(data: &[u8])

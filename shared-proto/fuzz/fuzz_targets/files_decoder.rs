@@ -47,7 +47,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let chunk = usize::from(first % 16) + 1;
-    let chunk = if first >= 128 { rest.len().max(1) } else { chunk };
+    let chunk = if first >= 128 {
+        rest.len().max(1)
+    } else {
+        chunk
+    };
     drive::<FilesRequest>(chunk, rest);
     drive::<FilesReply>(chunk, rest);
 });

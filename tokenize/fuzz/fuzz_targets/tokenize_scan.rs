@@ -3,8 +3,8 @@
 
 #![no_main]
 
-use nanoclaw_tokenize::{Mode, Tokenizer};
 use libfuzzer_sys::fuzz_target;
+use nanoclaw_tokenize::{Mode, Tokenizer};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(mut t) = Tokenizer::new([0x5a; 32], Mode::Enforce) else {
@@ -13,6 +13,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok((tokenized, _)) = t.tokenize_bytes(data) else {
         return;
     };
-    let (restored, _) = t.detokenize_bytes(&tokenized).expect("detokenize what was tokenized");
+    let (restored, _) = t
+        .detokenize_bytes(&tokenized)
+        .expect("detokenize what was tokenized");
     assert_eq!(restored, data, "round trip");
 });
