@@ -286,6 +286,25 @@ async fn monitor_mode_changes_nothing_and_reports_counts() {
     assert!(!std::fs::read_to_string(&w.audit).unwrap().contains(CARD));
 }
 
+/// In enforce mode an answer of any other content type (here `application/octet-stream`) is
+/// scanned as text too, so a value in it reaches the agent as a surrogate; monitor mode leaves
+/// it as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_content_types_are_scanned_in_enforce_mode() {
+    for (mode, tokenized) in [("enforce", true), ("monitor", false)] {
+        let w = world().await;
+        let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, tokens(mode, &[], &[]));
+        let proxy = start_proxy(&w.vm_dir, &w.sc);
+        let (status, body) =
+            tokio::task::spawn_blocking(move || http(proxy, "GET /svc/octet HTTP/1.1\r\n\r\n"))
+                .await
+                .unwrap();
+        assert_eq!(status, 200, "{mode}: {body}");
+        assert!(body.starts_with("contact ") && body.contains('@'), "{body}");
+        assert_eq!(body.contains(RESPONSE_EMAIL), !tokenized, "{mode}: {body}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compressed_bodies_are_refused_in_enforce_mode_and_event_streams_still_stream() {
     let w = world().await;

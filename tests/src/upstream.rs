@@ -32,7 +32,8 @@ pub const RESPONSE_EMAIL: &str = "ops.lead@corp.example";
 /// The test HTTPS server: `/hello` answers 200 `hello <body>` with the right bearer token,
 /// 401 otherwise; `/big/N` answers N bytes; `/sse` sends one event, waits until
 /// [`Upstream::release`] (or 10 s), sends a second and ends; `/json` answers JSON holding the
-/// request body as a string and [`RESPONSE_EMAIL`]; `/echo` answers the request's
+/// request body as a string and [`RESPONSE_EMAIL`]; `/octet` answers `contact
+/// <RESPONSE_EMAIL>` as `application/octet-stream`; `/echo` answers the request's
 /// `authorization` back, in an `x-echo` header and (octet-stream, a byte at a time in chunks)
 /// the body, as a careless debugging endpoint would.
 #[derive(Debug)]
@@ -197,6 +198,17 @@ pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
                         .write_all(
                             format!(
                                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                                reply.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                } else if path == "/octet" {
+                    let reply = format!("contact {RESPONSE_EMAIL}\n");
+                    let _ = tls
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
                                 reply.len()
                             )
                             .as_bytes(),

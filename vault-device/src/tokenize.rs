@@ -205,7 +205,8 @@ pub enum BodyType {
     EventStream,
     /// Other text (or no content type): a line at a time.
     Text,
-    /// Anything else: passed unchanged.
+    /// Anything else: passed unchanged in monitor mode, scanned as text in enforce mode (see
+    /// the session's `relay_tokenized`).
     Other,
 }
 

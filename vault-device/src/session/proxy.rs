@@ -305,6 +305,11 @@ async fn relay_tokenized<C: SessionContext>(
         enforce: tokenize::lock(vm).enforce(),
     };
     match BodyType::of(header(&answer.headers, "content-type")) {
+        // Enforce mode scans any other content type as text (a binary body's long lines are
+        // refused like any other line over the bound); monitor mode passes it on.
+        BodyType::Other if report.enforce => {
+            relay_lines(session, &report, vm, BodyType::Text, answer, redactor).await
+        }
         BodyType::Other => relay_unchanged(session, answer, redactor).await,
         BodyType::Json => relay_json(session, &report, vm, answer, redactor).await,
         ty @ (BodyType::Text | BodyType::EventStream) => {
