@@ -24,39 +24,25 @@
 #![no_main]
 
 use std::io::Write;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::OnceLock;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use nanoclaw_vmm::devices::virtio::mmio::Interrupt;
-use nanoclaw_vmm::devices::virtio::vsock::unix::port_listener_path;
-use nanoclaw_vmm::devices::virtio::vsock::{
-    VsockBackend, VsockDevice, VsockHeader, VsockMetrics, VsockMuxer,
-};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use nanoclaw_vmm::devices::virtio::vsock::{VsockBackend, VsockHeader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-// The input reader and the hostile-queue writer, shared with the other fuzz targets.
+// The input reader and the hostile-queue writer, and the vsock setup, shared with the other
+// fuzz targets.
 #[path = "../common/rings.rs"]
 mod rings;
+#[path = "../common/vsock.rs"]
+mod vsock;
 
 use rings::{Input, Rings, write_hostile_queue};
+use vsock::{DATA_BASE, DATA_LEN, GUEST_CID, QSIZE};
 
-const MEM_SIZE: usize = 0x4_0000;
-const QSIZE: u16 = 16;
-const TX_BASE: u64 = 0x0;
-const RX_BASE: u64 = 0x1000;
-const EV_BASE: u64 = 0x2000;
-const USED_OFFSET: u64 = 0x800;
 /// Where the well-formed tx packet headers go, one 0x40 slot per descriptor.
 const TX_HDRS: u64 = 0x3000;
-const DATA_BASE: u64 = 0x1_0000;
-const DATA_LEN: u64 = 0x2_0000;
-const GUEST_CID: u64 = 3;
 const HOST_CID: u64 = 2;
 /// The host port with a listener (guest-initiated connections go there).
 const HOST_PORT: u32 = 5000;
@@ -70,29 +56,6 @@ const OP_REQUEST: u16 = 1;
 const OP_RESPONSE: u16 = 2;
 const OP_RW: u16 = 5;
 const BUF_ALLOC: u32 = 256 * 1024;
-
-struct NoIrq;
-
-impl Interrupt for NoIrq {
-    fn trigger(&self, _kind: u32) {}
-}
-
-/// A per-process directory for the backend's listener, and the host listener for
-/// [`HOST_PORT`].
-fn sock_path() -> &'static (PathBuf, UnixListener) {
-    static DIR: OnceLock<(PathBuf, UnixListener)> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("vsock-rx-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("fuzz temp dir");
-        let uds_path = dir.join("vsock.sock");
-        let listener =
-            UnixListener::bind(port_listener_path(&uds_path, HOST_PORT)).expect("fuzz listener");
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        (uds_path, listener)
-    })
-}
 
 /// The guest's side of the tx queue: well-formed single-descriptor chains.
 struct TxQueue {
@@ -142,24 +105,12 @@ fn host_data(n: usize) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let mut queues: Vec<Queue> = Vec::new();
-    let mut tx_rings = (GuestAddress(0), GuestAddress(0));
-    let mut rx_rings = (GuestAddress(0), GuestAddress(0));
-    for base in [RX_BASE, TX_BASE, EV_BASE] {
-        let mock = MockSplitQueue::create(&mem, GuestAddress(base), QSIZE);
-        if base == TX_BASE {
-            tx_rings = (mock.desc_table_addr(), mock.avail_addr());
-        } else if base == RX_BASE {
-            rx_rings = (mock.desc_table_addr(), mock.avail_addr());
-        }
-        // The mock's used ring overlaps the upper half of its available ring (virtio-queue
-        // 0.18 sizes the ring in elements, not bytes); move it clear.
-        let mut q: Queue = mock.create_queue().unwrap();
-        let used = base + USED_OFFSET;
-        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-        queues.push(q);
-    }
+    let vsock::Machine {
+        mem,
+        queues,
+        tx: tx_rings,
+        rx: rx_rings,
+    } = vsock::machine();
 
     let mut input = Input(data);
     let scenario = input.byte();
@@ -186,12 +137,8 @@ fuzz_target!(|data: &[u8]| {
         next: 0,
     };
 
-    let (path, listener) = sock_path();
-    let metrics = Arc::new(VsockMetrics::default());
-    let muxer =
-        VsockMuxer::new(GUEST_CID, path.clone(), metrics.clone(), None).expect("vsock backend");
-    let mut dev = VsockDevice::new(GUEST_CID, muxer, NoIrq, metrics);
-    dev.activate(mem.clone(), queues).unwrap();
+    let (path, listener) = vsock::sock_path("vsock-rx-fuzz", HOST_PORT);
+    let mut dev = vsock::device(&mem, queues, path);
 
     // The guest's requests: to the host listener (answered with a response, then data), and
     // ones the backend answers with a reset (a refused port, data on no connection).

@@ -13,80 +13,31 @@
 
 #![no_main]
 
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
-use nanoclaw_vmm::devices::virtio::mmio::Interrupt;
-use nanoclaw_vmm::devices::virtio::vsock::unix::port_listener_path;
-use nanoclaw_vmm::devices::virtio::vsock::{
-    VsockBackend, VsockDevice, VsockHeader, VsockMetrics, VsockMuxer,
-};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use nanoclaw_vmm::devices::virtio::vsock::{VsockBackend, VsockHeader};
+use vm_memory::{Bytes, GuestAddress};
 
-// The input reader and the hostile-queue writer, shared with the other fuzz target.
+// The input reader and the hostile-queue writer, and the vsock setup, shared with the other
+// fuzz targets.
 #[path = "../common/rings.rs"]
 mod rings;
+#[path = "../common/vsock.rs"]
+mod vsock;
 
 use rings::{Input, Rings, write_hostile_queue};
+use vsock::{DATA_BASE, DATA_LEN, QSIZE};
 
-const MEM_SIZE: usize = 0x4_0000;
-const QSIZE: u16 = 16;
-const TX_BASE: u64 = 0x0;
-const RX_BASE: u64 = 0x1000;
-const EV_BASE: u64 = 0x2000;
-const USED_OFFSET: u64 = 0x800;
 const RX_BUFS: u64 = 0x3000;
-const DATA_BASE: u64 = 0x1_0000;
-const DATA_LEN: u64 = 0x2_0000;
-const GUEST_CID: u64 = 3;
-
-struct NoIrq;
-
-impl Interrupt for NoIrq {
-    fn trigger(&self, _kind: u32) {}
-}
-
-/// A per-process directory for the backend's listener, plus a host listener for guest port 0
-/// (the port a zeroed header names) so the fuzzer reaches the connected states; any other
-/// port is refused.
-fn sock_path() -> &'static (PathBuf, UnixListener) {
-    static DIR: OnceLock<(PathBuf, UnixListener)> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("vsock-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("fuzz temp dir");
-        let uds_path = dir.join("vsock.sock");
-        let listener = UnixListener::bind(port_listener_path(&uds_path, 0)).expect("fuzz listener");
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        (uds_path, listener)
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let mut queues: Vec<Queue> = Vec::new();
-    let mut tx_rings = (GuestAddress(0), GuestAddress(0));
-    let mut rx_rings = (GuestAddress(0), GuestAddress(0));
-    for base in [RX_BASE, TX_BASE, EV_BASE] {
-        let mock = MockSplitQueue::create(&mem, GuestAddress(base), QSIZE);
-        if base == TX_BASE {
-            tx_rings = (mock.desc_table_addr(), mock.avail_addr());
-        } else if base == RX_BASE {
-            rx_rings = (mock.desc_table_addr(), mock.avail_addr());
-        }
-        // The mock's used ring overlaps the upper half of its available ring (virtio-queue
-        // 0.18 sizes the ring in elements, not bytes); move it clear.
-        let mut q: Queue = mock.create_queue().unwrap();
-        let used = base + USED_OFFSET;
-        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-        queues.push(q);
-    }
+    // A host listener on guest port 0 (the port a zeroed header names) lets the fuzzer reach
+    // the connected states; any other port is refused.
+    let vsock::Machine {
+        mem,
+        queues,
+        tx: tx_rings,
+        rx: rx_rings,
+    } = vsock::machine();
 
     let mut input = Input(data);
     let (desc_table, avail) = tx_rings;
@@ -129,12 +80,8 @@ fuzz_target!(|data: &[u8]| {
     }
     mem.write_obj(4u16, GuestAddress(rx_avail.0 + 2)).unwrap();
 
-    let (path, listener) = sock_path();
-    let metrics = Arc::new(VsockMetrics::default());
-    let muxer =
-        VsockMuxer::new(GUEST_CID, path.clone(), metrics.clone(), None).expect("vsock backend");
-    let mut dev = VsockDevice::new(GUEST_CID, muxer, NoIrq, metrics);
-    dev.activate(mem.clone(), queues).unwrap();
+    let (path, listener) = vsock::sock_path("vsock-fuzz", 0);
+    let mut dev = vsock::device(&mem, queues, path);
     dev.process_tx();
     dev.process_rx();
     dev.backend_mut().process_events();
