@@ -522,16 +522,17 @@ impl Spawner for RecordingSpawner {
     }
 }
 
-/// Approves everything: stands in for a user who always taps yes, to show that the gateway
-/// proceeds on `Approved` only after the policy is asked again.
-#[derive(Debug)]
-struct ApproveAll;
+/// Approves everything, counting the requests: stands in for a user who always taps yes, to
+/// show that the gateway proceeds on `Approved` only after the policy is asked again.
+#[derive(Debug, Default)]
+struct ApproveAll(Mutex<u32>);
 
 impl Approver for ApproveAll {
     fn request(
         &self,
         _subject: ApprovalSubject,
     ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + '_>> {
+        *self.0.lock().unwrap() += 1;
         Box::pin(async {
             ApprovalOutcome::Approved {
                 approval_id: "ap-1".into(),
@@ -544,7 +545,7 @@ impl Approver for ApproveAll {
 async fn approved_calls_run_and_are_recorded() {
     let fx = Fixture::start(
         |log| worker_profile(log, "off", "worker"),
-        Arc::new(ApproveAll),
+        Arc::new(ApproveAll::default()),
         None,
     )
     .await;
@@ -822,30 +823,12 @@ impl Spawner for PacedOut {
     }
 }
 
-/// Counts the approval requests it gets, and approves them.
-#[derive(Debug, Default)]
-struct CountingApprover(Mutex<u32>);
-
-impl Approver for CountingApprover {
-    fn request(
-        &self,
-        _subject: ApprovalSubject,
-    ) -> Pin<Box<dyn Future<Output = ApprovalOutcome> + Send + '_>> {
-        *self.0.lock().unwrap() += 1;
-        Box::pin(async {
-            ApprovalOutcome::Approved {
-                approval_id: "ap-1".into(),
-            }
-        })
-    }
-}
-
 /// A spawn over the caller's pace is refused before anything else: an orchestrator cannot
 /// flood the user with approval requests for spawns beyond its rights.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spawn_over_the_pace_is_refused_before_any_approval_is_asked() {
     let spawner = Arc::new(PacedOut::default());
-    let approver = Arc::new(CountingApprover::default());
+    let approver = Arc::new(ApproveAll::default());
     let fx = Fixture::start(
         |log| worker_profile(log, "enforce", "orchestrator"),
         approver.clone(),
