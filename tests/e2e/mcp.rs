@@ -31,6 +31,8 @@ MAIL=$(grep -o 'customer [^ ]*' /tmp/read | head -n 1 | cut -d' ' -f2)
 CALL="{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"write_file\",\"arguments\":{\"path\":\"/data/out.txt\",\"content\":\"$MAIL\"}}}"
 printf '%s\n%s\n' "$INIT" "$CALL" | /init mcp-stdio | sed 's/^/STDIO /'
 echo "SPAWN $(post "$SPAWN")"
+# A spawned worker stops with its parent: stay up while the child boots and runs.
+sleep 60
 echo "AGENT-DONE"
 "#;
 
@@ -151,7 +153,8 @@ restore = true
         "the upstream got the real value"
     );
 
-    // The spawned worker ran in its own VM, created by the daemon.
+    // The spawned worker ran in its own VM, created by the daemon, while its parent was still
+    // up (a child stops with its parent unless the user detached it).
     let spawn = line("SPAWN ");
     let child_id = spawn
         .split("spawned agent in VM ")
