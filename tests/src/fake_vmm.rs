@@ -71,14 +71,7 @@ impl ControlConn {
     /// If no daemon listens within that time.
     pub fn connect(vm_dir: &Path) -> ControlConn {
         let path = control_socket(vm_dir);
-        let deadline = Instant::now() + RECONNECT_FOR;
-        let stream = loop {
-            match UnixStream::connect(&path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
+        let stream = connect_retrying(&path);
         ControlConn {
             stream,
             decoder: FrameDecoder::new(),
@@ -181,14 +174,7 @@ impl McpClient {
     /// If the gateway does not answer, or refuses the handshake.
     pub fn connect(vm_dir: &Path) -> McpClient {
         let path = vm_dir.join(format!("vsock.sock_{MCP_PORT}"));
-        let deadline = Instant::now() + RECONNECT_FOR;
-        let stream = loop {
-            match UnixStream::connect(&path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
+        let stream = connect_retrying(&path);
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
@@ -235,5 +221,22 @@ impl McpClient {
             "tools/call",
             serde_json::json!({"name": name, "arguments": arguments}),
         )
+    }
+}
+
+/// Connects to the Unix socket at `path`, retrying for [`RECONNECT_FOR`] while nothing listens
+/// there yet.
+///
+/// # Panics
+///
+/// If nothing listens within that time.
+fn connect_retrying(path: &Path) -> UnixStream {
+    let deadline = Instant::now() + RECONNECT_FOR;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
     }
 }
