@@ -18,6 +18,7 @@ use host_agent::policy::{AccessPolicy, Profile};
 use nanoclaw_audit::AuditLog;
 use nanoclaw_tests::free_port;
 use nanoclaw_tests::peers::{mcp_python as python, peer};
+use nanoclaw_tests::profiles;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -25,45 +26,16 @@ use tokio::net::UnixStream;
 const CARD: &str = "4111 1111 1111 1111";
 const EMAIL: &str = "alice.smith@example.com";
 
-/// A worker profile over the Python upstream; `{mode}` is the tokenize mode.
+/// A worker profile over the Python upstream; `mode` is the tokenize mode.
 fn worker_profile(log: &Path, mode: &str, tier: &str) -> String {
-    format!(
-        r#"
-name = "test-worker"
-tier = "{tier}"
-tokenize = "{mode}"
-
-[servers.files]
-command = ["{python}", "{upstream}"]
-env = {{ NANOCLAW_PEER_LOG = "{log}" }}
-
-[[tools]]
-server = "files"
-name = "read_file"
-args.path = {{ prefix = "/data/" }}
-
-[[tools]]
-server = "files"
-name = "write_file"
-args.path = {{ prefix = "/data/out/" }}
-other_args = "allow"
-restore = true
-
-[[tools]]
-server = "files"
-name = "delete_file"
-args.path = {{ prefix = "/data/" }}
-approval = "deletes a file"
-
-[[tools]]
-server = "files"
-name = "transfer"
-args.amount = {{ min = 1, max = 100 }}
-"#,
-        python = python().display(),
-        upstream = peer("mcp_upstream.py").display(),
-        log = log.display(),
-    )
+    [
+        profiles::header("test-worker", tier, mode, &python(), log),
+        profiles::read_file("/data/"),
+        profiles::write_file("/data/out/"),
+        profiles::delete_file(Some("/data/")),
+        profiles::transfer(1, 100),
+    ]
+    .concat()
 }
 
 struct Fixture {
@@ -447,27 +419,12 @@ args.account = {{ one_of = ["a"] }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unnamed_arguments_reach_the_upstream_only_when_the_tool_opts_out() {
     let profile = |log: &Path, opt_out: &str| {
-        format!(
-            r#"
-name = "payer"
-tier = "worker"
-tokenize = "off"
-
-[servers.files]
-command = ["{python}", "{upstream}"]
-env = {{ NANOCLAW_PEER_LOG = "{log}" }}
-
-[[tools]]
-server = "files"
-name = "transfer"
-args.amount = {{ min = 1, max = 100 }}
-args.account = {{ one_of = ["acct-ops"] }}
-{opt_out}
-"#,
-            python = python().display(),
-            upstream = peer("mcp_upstream.py").display(),
-            log = log.display(),
-        )
+        [
+            profiles::header("payer", "worker", "off", &python(), log),
+            profiles::transfer(1, 100),
+            format!("args.account = {{ one_of = [\"acct-ops\"] }}\n{opt_out}\n"),
+        ]
+        .concat()
     };
     let with_memo = json!({"amount": 50, "account": "acct-ops", "memo": "x"});
     let named = json!({"amount": 50, "account": "acct-ops"});
@@ -723,19 +680,11 @@ async fn orchestrator_spawns_only_within_its_rights() {
         Some(spawner.clone()),
     )
     .await;
-    let server_line = |log: &Path| {
-        format!(
-            "[servers.files]\ncommand = [\"{}\", \"{}\"]\nenv = {{ NANOCLAW_PEER_LOG = \"{}\" }}\n",
-            python().display(),
-            peer("mcp_upstream.py").display(),
-            log.display()
-        )
-    };
-    let within = format!(
-        "name = \"reader\"\ntier = \"worker\"\n{}\n[[tools]]\nserver = \"files\"\n\
-         name = \"read_file\"\nargs.path = {{ prefix = \"/data/reports/\" }}\n",
-        server_line(&fx.peer_log)
-    );
+    let within = [
+        profiles::header("reader", "worker", "enforce", &python(), &fx.peer_log),
+        profiles::read_file("/data/reports/"),
+    ]
+    .concat();
     let as_orchestrator = within.replace("tier = \"worker\"", "tier = \"orchestrator\"");
     let wider = within.replace("/data/reports/", "/");
     let new_tool = format!("{within}\n[[tools]]\nserver = \"files\"\nname = \"exec_shell\"\n");

@@ -14,37 +14,18 @@ use host_agent::mcp::{Gateway, GatewayConfig, MAX_ARGUMENT_BYTES};
 use host_agent::policy::AccessPolicy;
 use nanoclaw_audit::AuditLog;
 use nanoclaw_tests::peers::{mcp_python as python, peer};
+use nanoclaw_tests::profiles;
 use serde_json::{Value, json};
 use vpod_sidecar::mcp::{EarlyFilter, http, stdio};
 
 fn profile(log: &Path) -> String {
-    format!(
-        r#"
-name = "sidecar-test"
-tier = "worker"
-tokenize = "enforce"
-[servers.files]
-command = ["{python}", "{upstream}"]
-env = {{ NANOCLAW_PEER_LOG = "{log}" }}
-[[tools]]
-server = "files"
-name = "read_file"
-args.path = {{ prefix = "/data/" }}
-[[tools]]
-server = "files"
-name = "write_file"
-args.path = {{ prefix = "/data/" }}
-other_args = "allow"
-restore = true
-[[tools]]
-server = "files"
-name = "delete_file"
-approval = "deletes a file"
-"#,
-        python = python().display(),
-        upstream = peer("mcp_upstream.py").display(),
-        log = log.display(),
-    )
+    [
+        profiles::header("sidecar-test", "worker", "enforce", &python(), log),
+        profiles::read_file("/data/"),
+        profiles::write_file("/data/"),
+        profiles::delete_file(None),
+    ]
+    .concat()
 }
 
 struct Host {

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, RUN_TIMEOUT, workspace_root};
+use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, RUN_TIMEOUT, profiles};
 
 const CARD: &str = "4111 1111 1111 1111";
 const EMAIL: &str = "alice.smith@example.com";
@@ -49,41 +49,19 @@ fn an_agent_calls_tools_through_the_sidecar_and_sees_only_surrogates() {
             std::env::var("HOME").unwrap_or_default()
         )
     });
-    let profile = format!(
-        r#"
-name = "e2e-worker"
-tier = "orchestrator"
-tokenize = "enforce"
-[servers.files]
-command = ["{python}", "{upstream}"]
-env = {{ NANOCLAW_PEER_LOG = "{log}" }}
-[[tools]]
-server = "files"
-name = "read_file"
-args.path = {{ prefix = "/data/" }}
-[[tools]]
-server = "files"
-name = "write_file"
-args.path = {{ prefix = "/data/" }}
-other_args = "allow"
-restore = true
-"#,
-        upstream = workspace_root()
-            .join("tests/peers/mcp_upstream.py")
-            .display(),
-        log = peer_log.display(),
-    );
+    let python = std::path::PathBuf::from(python);
+    let profile = [
+        profiles::header("e2e-worker", "orchestrator", "enforce", &python, &peer_log),
+        profiles::read_file("/data/"),
+        profiles::write_file("/data/"),
+    ]
+    .concat();
     // The child: the same server, one tool, a narrower prefix (within the parent's rights).
-    let server_block = profile
-        .split("[[tools]]")
-        .next()
-        .unwrap_or_default()
-        .replace("name = \"e2e-worker\"", "name = \"e2e-child\"")
-        .replace("tier = \"orchestrator\"", "tier = \"worker\"");
-    let child = format!(
-        "{server_block}[[tools]]\nserver = \"files\"\nname = \"read_file\"\n\
-         args.path = {{ prefix = \"/data/sub/\" }}\n"
-    );
+    let child = [
+        profiles::header("e2e-child", "worker", "enforce", &python, &peer_log),
+        profiles::read_file("/data/sub/"),
+    ]
+    .concat();
     let spawn = serde_json::json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
         "params": {"name": "spawn_agent", "arguments": {"profile": child,
             "command": ["/bin/sh", "-c", "echo child-ran"]}}})

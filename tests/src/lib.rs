@@ -24,7 +24,8 @@
 //!   [`http`]: HTTP/1.1 by hand, as an agent speaks to the proxy.
 //! - [`authenticator`]: a software WebAuthn authenticator (an ES256 passkey).
 //! - [`browser`]: headless Chromium over the DevTools Protocol, with a virtual authenticator.
-//! - [`peers`]: the Python MCP peers (`tests/peers/`) and the Python that runs them.
+//! - [`peers`]: the Python MCP peers (`tests/peers/`) and the Python that runs them;
+//!   [`profiles`]: access profiles over the Python upstream.
 //! - [`oci`]: small OCI image layouts built by the test (layers, whiteouts, a process config).
 
 pub mod authenticator;
@@ -36,6 +37,7 @@ pub mod http;
 pub mod oci;
 pub mod peers;
 pub mod process;
+pub mod profiles;
 pub mod self_exec;
 pub mod upstream;
 pub mod vm;
