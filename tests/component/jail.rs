@@ -11,6 +11,16 @@ fn probe(
     disk_mode: u32,
     targets: &[&str],
 ) -> (std::process::ExitStatus, String, String) {
+    probe_with(dir, disk_mode, targets, &[])
+}
+
+/// [`probe`] with more VMM arguments.
+fn probe_with(
+    dir: &std::path::Path,
+    disk_mode: u32,
+    targets: &[&str],
+    extra: &[&str],
+) -> (std::process::ExitStatus, String, String) {
     use std::os::unix::fs::PermissionsExt;
     for f in ["bzImage", "initramfs"] {
         std::fs::write(dir.join(f), b"not booted").unwrap();
@@ -27,7 +37,8 @@ fn probe(
         .arg(dir.join("vm"))
         .arg("--disk")
         .arg(&disk)
-        .args(["--jail-uid", "1000777", "--jail-gid", "1000777"]);
+        .args(["--jail-uid", "1000777", "--jail-gid", "1000777"])
+        .args(extra);
     for t in targets {
         cmd.arg("--jail-probe").arg(t);
     }
@@ -106,6 +117,39 @@ fn a_jailed_vmm_runs_as_its_uid_without_privileges() {
     let (status, out, err) = probe(dir.path(), 0o600, &["/disk0"]);
     assert!(status.success(), "{status}: {err}");
     assert!(out.contains("PROBE /disk0 Permission denied"), "{out}");
+}
+
+#[test]
+fn in_its_user_namespace_the_vmm_keeps_its_files_and_root_is_nobody() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: entering the jail needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let targets = ["owner:/kernel", "owner:/dev/kvm", "/kernel", "/dev/kvm"];
+    let line = |out: &str, t: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("PROBE {t} ")))
+            .unwrap_or_else(|| panic!("no probe line for {t}: {out}"))
+            .to_owned()
+    };
+    // Without the namespace, root's files read as root's.
+    let (status, out, err) = probe(dir.path(), 0o600, &targets);
+    assert!(status.success(), "{status}: {err}");
+    assert_eq!(line(&out, "owner:/kernel"), "uid 0");
+    // With it, root is unmapped and reads as the overflow uid; the jail's own /dev/kvm node is
+    // still the VMM's uid, and everything it needs still opens.
+    let (status, out, err) = probe_with(dir.path(), 0o600, &targets, &["--jail-userns"]);
+    assert!(status.success(), "{status}: {err}");
+    let overflow = std::fs::read_to_string("/proc/sys/kernel/overflowuid").unwrap();
+    assert_eq!(
+        line(&out, "owner:/kernel"),
+        format!("uid {}", overflow.trim())
+    );
+    assert_eq!(line(&out, "owner:/dev/kvm"), "uid 1000777");
+    for inside in ["/kernel", "/dev/kvm"] {
+        assert_eq!(line(&out, inside), "ok", "{inside}");
+    }
 }
 
 #[test]

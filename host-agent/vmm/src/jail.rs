@@ -16,7 +16,9 @@
 //! 5. in the child: `pivot_root` into the VM's folder and detach the old root, so nothing of the
 //!    host's tree (no `/etc`, no daemon state, no other VM) is reachable by path;
 //! 6. rlimits on open files, file size, locked memory, core dumps and processes;
-//! 7. no supplementary groups, the jail's gid and uid (which drops every capability),
+//! 7. with `--jail-userns`: a user namespace of its own, whose maps (written by the supervisor,
+//!    still root outside) hold only the jail's uid and gid, each mapped onto itself;
+//! 8. no supplementary groups, the jail's gid and uid (which drops every capability),
 //!    `PR_SET_NO_NEW_PRIVS`, and a check that no capability is left; then the parent-death
 //!    signal, so the VMM dies with its supervisor.
 //!
@@ -30,9 +32,14 @@
 //! The price is that the first milliseconds of the process run as root; they parse the daemon's
 //! arguments and nothing else. Seccomp filters are installed later, per thread, by the VMM.
 //!
-//! A user namespace is not used: the uid drop already leaves the VMM without capabilities,
-//! and a user namespace would need a uid map per VM for no extra isolation of files the jail
-//! does not contain. See `docs/security/jail.md`.
+//! **The user namespace** (step 7) changes no file access: the maps are the identity on the
+//! jail's ids, so the VMM owns what it owned before and sockets and `SO_PEERCRED` read the same
+//! on both sides. What it adds: every namespace of the jail (mounts, pids, network) belongs to
+//! the host's user namespace, so any capability the VMM might regain later is a capability
+//! over a namespace that owns nothing; and root, unmapped, reads as the overflow uid inside.
+//! It comes after `pivot_root`, which needs root in the namespace that owns the mounts. The
+//! daemon asks for it where the host allows user namespaces (`--jail-userns`, see
+//! `docs/security/jail.md`); asked for and refused, the VMM does not run.
 
 use std::path::{Path, PathBuf};
 
@@ -71,6 +78,8 @@ pub struct JailConfig {
     pub gid: u32,
     /// Cgroup folders to join (`cgroup.procs` in each), made and limited by the daemon.
     pub cgroups: Vec<PathBuf>,
+    /// Also enter a user namespace of the VMM's own, which maps only its uid and gid.
+    pub user_namespace: bool,
 }
 
 /// Why the jail could not be entered. The VMM then exits with a setup error: it never runs
@@ -131,6 +140,10 @@ pub enum JailError {
         #[source]
         source: nix::Error,
     },
+    /// The user namespace step failed: the VMM then does not run (it never runs with less
+    /// confinement than was asked for).
+    #[error("cannot set up the user namespace: {0}")]
+    UserNamespace(String),
     /// Capabilities were left after the uid drop.
     #[error("capabilities left after dropping to uid {uid}: effective {effective:#x}")]
     CapsLeft {
@@ -382,6 +395,10 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
     nix::unistd::setgroups(&[]).map_err(process("clear the supplementary groups"))?;
     nix::unistd::setresgid(gid, gid, gid).map_err(process("set the gid"))?;
     nix::unistd::setresuid(uid, uid, uid).map_err(process("set the uid"))?;
+    // Leaving root clears the capabilities only when root is mapped in the caller's user
+    // namespace; in the jail's own one it is not, so they are cleared here by hand (a no-op
+    // outside one).
+    clear_caps().map_err(process("clear the capabilities"))?;
     nix::sys::prctl::set_no_new_privs().map_err(process("set no_new_privs"))?;
     let effective = effective_caps();
     if effective != 0 {
@@ -393,32 +410,64 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), JailError> {
     Ok(())
 }
 
-/// The effective capability set of this thread (`capget(2)`; all bits set if the call fails).
-fn effective_caps() -> u64 {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: VERSION_3,
+/// `capget(2)`/`capset(2)`'s header and data (version 3: two data structs, 64 bits).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Empties this thread's effective, permitted, inheritable and ambient capability sets.
+fn clear_caps() -> nix::Result<()> {
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    nix::errno::Errno::result(rc)?;
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
         pid: 0,
     };
-    let mut data = [Data::default(); 2];
+    let data = [CapData::default(); 2];
+    // SAFETY: capset(2) with a v3 header reads two data structs, which `data` holds; both
+    // pointers are valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// The effective capability set of this thread (`capget(2)`; all bits set if the call fails).
+fn effective_caps() -> u64 {
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
     // SAFETY: capget(2) with a v3 header reads two data structs, which `data` holds; both
     // pointers are valid for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_capget,
-            &mut header as *mut Header,
+            &mut header as *mut CapHeader,
             data.as_mut_ptr(),
         )
     };
@@ -468,22 +517,125 @@ pub fn enter(jail: &JailConfig, config: &mut crate::VmConfig) -> Result<(), Jail
     let old_mask = waited
         .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
         .map_err(process("block the supervisor's signals"))?;
+    let sync = if jail.user_namespace {
+        Some(UsernsSync::new()?)
+    } else {
+        None
+    };
     // SAFETY: the process is single-threaded here (enter runs first thing in main, before any
     // thread is spawned), so the child may run any code after fork.
     match unsafe { nix::unistd::fork() }.map_err(process("fork into the pid namespace"))? {
-        ForkResult::Parent { child } => supervise(child, &waited, jail),
+        ForkResult::Parent { child } => {
+            if let Some(sync) = sync {
+                sync.map_and_pivot(child, jail, &paths.root);
+            }
+            supervise(child, &waited, jail)
+        }
         ForkResult::Child => {
             old_mask
                 .thread_set_mask()
                 .map_err(process("restore the signal mask"))?;
-            pivot_into(&paths.root)?;
-            limit(fsize)?;
+            match sync {
+                // The supervisor pivots: the child, in its user namespace, no longer may.
+                Some(sync) => {
+                    limit(fsize)?;
+                    sync.enter()?;
+                    nix::unistd::chdir("/").map_err(step("enter", Path::new("/")))?;
+                }
+                None => {
+                    pivot_into(&paths.root)?;
+                    limit(fsize)?;
+                }
+            }
             drop_privileges(jail.uid, jail.gid)?;
             // After the uid change, which clears it: die with the supervisor.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
                 .map_err(process("set the parent-death signal"))?;
             paths.apply(config);
             Ok(())
+        }
+    }
+}
+
+/// The handshake around the user namespace. The child unshares it and says so. The
+/// supervisor, still root outside, writes the child's uid and gid maps, then does the
+/// `pivot_root` itself: that needs root in the user namespace that owns the mounts, which the
+/// child has left, and it moves every process of the mount namespace whose root was the old
+/// root, the child included. `/proc` is gone after it, so the maps are written first. Then the
+/// supervisor says so, and only then does the child drop to the jail's ids (the only ones
+/// mapped). Each side keeps the pipe ends it uses.
+struct UsernsSync {
+    /// Child to supervisor: one byte, 1 when the child has unshared, 0 when it could not.
+    up: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    /// Supervisor to child: one byte, 1 when the maps are written and the root pivoted.
+    down: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+}
+
+impl UsernsSync {
+    fn new() -> Result<Self, JailError> {
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(process("make the user namespace's pipes"))
+        };
+        Ok(Self {
+            up: pipe()?,
+            down: pipe()?,
+        })
+    }
+
+    /// In the child: unshares the user namespace and waits for the maps and the pivot.
+    fn enter(self) -> Result<(), JailError> {
+        let Self { up, down } = self;
+        drop((up.0, down.1));
+        let unshared = nix::sched::unshare(CloneFlags::CLONE_NEWUSER);
+        let _ = nix::unistd::write(&up.1, &[u8::from(unshared.is_ok())]);
+        unshared.map_err(|e| JailError::UserNamespace(format!("unshare: {e}")))?;
+        match read_byte(&down.0) {
+            Some(1) => Ok(()),
+            _ => Err(JailError::UserNamespace(
+                "the supervisor could not map the ids or enter the jail's root".into(),
+            )),
+        }
+    }
+
+    /// In the supervisor (still root): maps the jail's uid and gid, and only those, onto
+    /// themselves in the child's new user namespace, and pivots into the jail's root. A
+    /// failure is told to the child, which then ends with a setup error that the supervisor
+    /// passes on as its own exit.
+    fn map_and_pivot(self, child: Pid, jail: &JailConfig, root: &Path) {
+        let Self { up, down } = self;
+        drop((up.1, down.0));
+        let done = read_byte(&up.0) == Some(1) && {
+            let write = |file: &str, id: u32| {
+                std::fs::write(format!("/proc/{child}/{file}"), format!("{id} {id} 1\n"))
+                    .map_err(|e| format!("cannot write the {file}: {e}"))
+            };
+            let outcome = write("uid_map", jail.uid)
+                .and_then(|()| write("gid_map", jail.gid))
+                .and_then(|()| pivot_into(root).map_err(|e| e.to_string()));
+            match outcome {
+                Ok(()) => true,
+                Err(e) => {
+                    let _ = std::io::Write::write_fmt(
+                        &mut std::io::stderr(),
+                        format_args!("nanoclaw-vmm: jail supervisor: {e}\n"),
+                    );
+                    false
+                }
+            }
+        };
+        let _ = nix::unistd::write(&down.1, &[u8::from(done)]);
+    }
+}
+
+/// One byte from `fd`; `None` at its end or on an error.
+fn read_byte(fd: &std::os::fd::OwnedFd) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(fd, &mut byte) {
+            Ok(1) => return Some(byte[0]),
+            Err(nix::Error::EINTR) => continue,
+            _ => return None,
         }
     }
 }
@@ -534,8 +686,17 @@ fn end_like(signal: Signal) -> ! {
 }
 
 /// Tries to reach `target` from inside the jail: a path to open for reading, or
-/// `tcp:HOST:PORT` to connect to. Returns `ok` or the error. Used by the VMM's test hook.
+/// `tcp:HOST:PORT` to connect to. Returns `ok` or the error. `owner:PATH` answers the uid that
+/// owns PATH as the jail sees it (in a user namespace, ids it does not map, root's among them,
+/// read as the overflow uid). Used by the VMM's test hook.
 pub fn probe(target: &str) -> String {
+    if let Some(path) = target.strip_prefix("owner:") {
+        use std::os::unix::fs::MetadataExt;
+        return match std::fs::metadata(path) {
+            Ok(m) => format!("uid {}", m.uid()),
+            Err(e) => e.to_string(),
+        };
+    }
     let outcome = match target.strip_prefix("tcp:") {
         Some(addr) => std::net::TcpStream::connect_timeout(
             &match addr.parse() {

@@ -64,6 +64,9 @@ struct VmmArgs {
     /// A cgroup folder the jailed VMM joins before anything else. Repeat for each hierarchy.
     #[arg(long = "jail-cgroup", value_name = "DIR", requires = "jail_uid")]
     jail_cgroups: Vec<PathBuf>,
+    /// Also enter a user namespace that maps only the jail's uid and gid. With `--jail-uid`.
+    #[arg(long, requires = "jail_uid")]
+    jail_userns: bool,
     /// Test hook: after entering the jail, try to open each of these paths (or connect to
     /// `tcp:HOST:PORT`), print one line per try (`PROBE <target> ok|<error>`) and exit 0
     /// without booting. It shows what a VMM taken over by its guest could reach.
@@ -87,6 +90,7 @@ impl VmmArgs {
             uid: self.jail_uid?,
             gid: self.jail_gid?,
             cgroups: self.jail_cgroups.clone(),
+            user_namespace: self.jail_userns,
         })
     }
 

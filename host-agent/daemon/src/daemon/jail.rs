@@ -29,6 +29,21 @@ pub enum JailMode {
     Off,
 }
 
+/// Whether a jailed VMM also enters a user namespace of its own (which maps only its uid and
+/// gid onto themselves; see the VMM's `jail` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UserNsMode {
+    /// When a child of the daemon may make a user namespace (tried at startup; the sysctl
+    /// `user.max_user_namespaces` or a chroot can forbid it); otherwise without one, said at
+    /// startup.
+    #[default]
+    Auto,
+    /// Always; the daemon refuses to start when the host allows none.
+    On,
+    /// Never.
+    Off,
+}
+
 /// The VMM's memory beside guest RAM, allowed by the memory cgroup: measured at about 20 MiB
 /// of resident memory for a running VMM with vsock and two disks (`scripts/bench-jail`), plus
 /// room for the page cache of disk writes, which the kernel charges to the cgroup.
@@ -45,6 +60,8 @@ pub struct JailSettings {
     pub cgroup_parent: String,
     /// Where the cgroup controllers are.
     pub hierarchies: Hierarchies,
+    /// Whether each VMM also enters a user namespace (`--jail-userns`).
+    pub user_namespace: bool,
 }
 
 /// Errors of setting up the jail.
@@ -64,6 +81,9 @@ pub enum JailError {
     /// A bad cgroup parent name.
     #[error("the cgroup parent {0:?} must be a plain relative path (no `..`, not absolute)")]
     Parent(String),
+    /// `--jail-userns on` on a host that allows no user namespace.
+    #[error("--jail-userns on, but this host allows no user namespace ({0})")]
+    NoUserNamespaces(String),
     /// Every uid of the range is taken by a running VM.
     #[error("all {0} jail uids are in use by running VMs")]
     NoUid(u32),
@@ -129,7 +149,24 @@ impl JailSettings {
             uid_count,
             cgroup_parent: cgroup_parent.to_owned(),
             hierarchies,
+            user_namespace: false,
         }))
+    }
+
+    /// Decides, for `mode`, whether VMMs enter a user namespace too.
+    pub fn with_user_namespace(mut self, mode: UserNsMode) -> Result<Self, JailError> {
+        let allowed = host_allows_user_namespaces();
+        self.user_namespace = match (mode, allowed) {
+            (UserNsMode::Off, _) => false,
+            (_, Ok(())) => true,
+            (UserNsMode::Auto, Err(why)) => {
+                tracing::warn!(%why, "VMMs are jailed without a user namespace");
+                false
+            }
+            (UserNsMode::On, Err(why)) => return Err(JailError::NoUserNamespaces(why)),
+        };
+        tracing::info!(user_namespace = self.user_namespace, "VMM jail");
+        Ok(self)
     }
 
     /// The lowest uid of the range that no running VM holds.
@@ -162,6 +199,45 @@ impl JailSettings {
     }
 }
 
+/// Whether this daemon's children may make a user namespace: `Err` says why not. Tried for
+/// real, in a forked child: the sysctl alone does not tell, since the kernel also refuses one
+/// to a process in a chroot.
+fn host_allows_user_namespaces() -> Result<(), String> {
+    const LIMIT: &str = "/proc/sys/user/max_user_namespaces";
+    let text = std::fs::read_to_string(LIMIT).map_err(|e| format!("{LIMIT}: {e}"))?;
+    match text.trim().parse::<u64>() {
+        Ok(0) => return Err(format!("{LIMIT} is 0")),
+        Ok(_) => {}
+        Err(_) => return Err(format!("{LIMIT} holds {:?}", text.trim())),
+    }
+    // SAFETY: the child makes only async-signal-safe calls (unshare, _exit) before it ends,
+    // so forking a multi-threaded process is sound.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let code = match nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER) {
+                Ok(()) => 0,
+                Err(e) => e as i32,
+            };
+            // SAFETY: _exit ends the child at once, running nothing of the parent's state.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => loop {
+            match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => return Ok(()),
+                Ok(nix::sys::wait::WaitStatus::Exited(_, errno)) => {
+                    return Err(format!(
+                        "a child cannot make one: {}",
+                        nix::errno::Errno::from_raw(errno).desc()
+                    ));
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => return Err(format!("the probe child ended as {other:?}")),
+            }
+        },
+        Err(e) => Err(format!("cannot fork the probe: {e}")),
+    }
+}
+
 /// Lets the jailed VMM (uid `owner`; `None` when unjailed) connect to a listener socket the
 /// daemon bound in the VMM's folder, by giving the socket to that uid. `lchown` never follows
 /// a link: the folder is the VMM's, which could have swapped the socket for a link to a host
@@ -183,6 +259,7 @@ mod tests {
             uid_count: count,
             cgroup_parent: "nanoclaw".to_owned(),
             hierarchies: Hierarchies::default(),
+            user_namespace: false,
         }
     }
 

@@ -213,6 +213,10 @@ pub struct ServeArgs {
     /// root, `on` refuses to start otherwise, `off` never does (development only).
     #[arg(long, value_enum, default_value_t = jail::JailMode::Auto)]
     pub jail: jail::JailMode,
+    /// Also put each jailed VMM in a user namespace that maps only its uid and gid: `auto`
+    /// does where the host allows user namespaces, `on` refuses to start otherwise.
+    #[arg(long, value_enum, default_value_t = jail::UserNsMode::Auto)]
+    pub jail_userns: jail::UserNsMode,
     /// The first uid (and gid) given to a jailed VMM; each running VM has its own.
     #[arg(long, default_value_t = 1_000_000_000)]
     pub jail_uid_base: u32,
@@ -797,6 +801,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         args.jail_uid_count,
         &args.cgroup_parent,
     )
+    .and_then(|j| {
+        j.map(|j| j.with_user_namespace(args.jail_userns))
+            .transpose()
+    })
     .map_err(DaemonError::Jail)?;
     create_dir(&args.state_dir, 0o700)?;
     let _lock = lock_state_dir(&args.state_dir)?;
