@@ -5,17 +5,17 @@ use std::time::Duration;
 
 use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin, RUN_TIMEOUT, workspace_root};
 
-const AGENT: Duration = Duration::from_secs(240);
+pub(crate) const AGENT: Duration = Duration::from_secs(240);
 /// The garbage guest's 60 connections: ten of them send a truncated frame and wait out the
 /// host's 10 s hello timeout, so about 100 s of the run is waiting even on a fast machine.
 const GARBAGE_RUN: Duration = Duration::from_secs(600);
 
-fn daemon() -> Daemon {
+pub(crate) fn daemon() -> Daemon {
     let image = GuestImage::from_env().expect("guest image");
     Daemon::start(&image.vmlinux, &image.initramfs).expect("start the daemon")
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -24,13 +24,13 @@ fn run_ok(out: &Output) -> (String, String) {
 }
 
 /// `nanoclaw ARGS`, waited for up to `timeout`; a failure to finish shows [`Daemon::records`].
-fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
+pub(crate) fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
     d.nanoclaw(args)
         .output_within(timeout)
         .unwrap_or_else(|e| panic!("nanoclaw {args:?}: {e:#}\n{}", d.records()))
 }
 
-fn detach(d: &Daemon, cmd: &[&str]) -> String {
+pub(crate) fn detach(d: &Daemon, cmd: &[&str]) -> String {
     let mut args = vec!["run", "--detach", "--"];
     args.extend_from_slice(cmd);
     let out = nanoclaw(d, &args, RUN_TIMEOUT);
@@ -43,7 +43,7 @@ fn detach(d: &Daemon, cmd: &[&str]) -> String {
     id
 }
 
-fn logs(d: &Daemon, id: &str) -> String {
+pub(crate) fn logs(d: &Daemon, id: &str) -> String {
     let out = nanoclaw(d, &["logs", id], CLI_TIMEOUT);
     text(&out.stdout)
 }

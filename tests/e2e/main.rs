@@ -11,5 +11,6 @@ mod credentials;
 mod image;
 mod kvm_selftest;
 mod mcp;
+mod pause;
 mod real_agent;
 mod vmm;

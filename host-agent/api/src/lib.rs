@@ -10,6 +10,8 @@
 //! | `DELETE /v1/vms/{id}` | | `204`; `409` unless the VM has ended |
 //! | `POST /v1/vms/{id}/stop` | | [`VmInfo`] once the VMM has ended; the VMs it spawned that are not detached are stopped too |
 //! | `POST /v1/vms/{id}/detach` | | [`VmInfo`]: the VM no longer stops with the VM that spawned it; `409` if none did |
+//! | `POST /v1/vms/{id}/pause` | | [`VmInfo`] once every vCPU is parked (`paused: true`); `409` unless the VMM runs; `502` when the VMM refused |
+//! | `POST /v1/vms/{id}/resume` | | [`VmInfo`] once the vCPUs run again; `409` unless the VMM runs; `502` when the VMM refused |
 //! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
 //! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |
 //! | `PUT /v1/vms/{id}/files?path=DIR` | a tar stream | [`FilesCopied`] once the guest unpacked it under the folder `DIR` |
@@ -332,6 +334,9 @@ pub struct VmInfo {
     /// Whether the user detached it from its parent (`POST /v1/vms/{id}/detach`).
     #[serde(default)]
     pub detached: bool,
+    /// Whether its vCPUs are paused (`POST /v1/vms/{id}/pause`; `.../resume` ends it).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// One agent event, as streamed by `GET /v1/vms/{id}/events` and kept in the output log.

@@ -4,7 +4,8 @@
 //!   agent's code (128 + signal when a signal killed it). Ctrl-C stops the VM; a second Ctrl-C
 //!   leaves at once. If the daemon restarts meanwhile, `run` reconnects (for up to 30 s) and
 //!   resumes after the last event it relayed.
-//! - `ps`, `inspect`, `logs`, `stop`, `detach`, `rm` are thin views of the API.
+//! - `ps`, `inspect`, `logs`, `stop`, `detach`, `pause`, `resume`, `rm` are thin views of the
+//!   API.
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
 //! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
@@ -175,6 +176,16 @@ pub enum Command {
         /// The VM id.
         id: String,
     },
+    /// Pause a running VM: its vCPUs stop; memory, disks and connections stay.
+    Pause {
+        /// The VM id.
+        id: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM id.
+        id: String,
+    },
     /// Forget an ended VM and delete its state.
     Rm {
         /// The VM id.
@@ -300,6 +311,20 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
                 .json(Method::POST, &format!("/v1/vms/{id}/detach"), None::<&()>)
                 .await?;
             println!("{} detached", info.id);
+            Ok(0)
+        }
+        Command::Pause { id } => {
+            let info: VmInfo = client
+                .json(Method::POST, &format!("/v1/vms/{id}/pause"), None::<&()>)
+                .await?;
+            println!("{} paused", info.id);
+            Ok(0)
+        }
+        Command::Resume { id } => {
+            let info: VmInfo = client
+                .json(Method::POST, &format!("/v1/vms/{id}/resume"), None::<&()>)
+                .await?;
+            println!("{} {}", info.id, info.status.as_str());
             Ok(0)
         }
         Command::Rm { id } => {
@@ -520,13 +545,23 @@ async fn ps(client: &Client, json: bool) -> Result<(), CliError> {
         text.push_str(&format!(
             "{:<10} {:<9} {:>8} {:<6} {}\n",
             vm.id,
-            vm.status.as_str(),
+            status_text(vm),
             pid,
             exit,
             cmd
         ));
     }
     print_out(&text)
+}
+
+/// A VM's status as `ps` and `inspect` show it: `paused` for a running VM whose vCPUs are
+/// paused.
+fn status_text(vm: &VmInfo) -> &'static str {
+    if vm.paused {
+        "paused"
+    } else {
+        vm.status.as_str()
+    }
 }
 
 fn inspect_text(vm: &VmInfo, json: bool) -> String {
@@ -542,7 +577,7 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
     format!(
         "id:             {}\nstatus:         {}\ncommand:        {} {}\nmemory:         {} MiB\nvcpus:          {}\nvmm pid:        {}\nagent pid:      {}\nagent exit:     {}\nvmm exit:       {}\ncontrol:        {} ({} reconnects, {} protocol errors)\noutput dropped: {} bytes, {} other events ({} bytes of VMM log)\ndirectory:      {}\n",
         vm.id,
-        vm.status.as_str(),
+        status_text(vm),
         vm.spec.command,
         vm.spec.args.join(" "),
         vm.spec.memory_mib,

@@ -20,6 +20,7 @@
 //! - [`console`]: the capped console sink that also spots panics and power-offs.
 //! - [`exit`]: exit reasons, exit codes and `exit.json`.
 //! - [`signals`]: termination signals and vCPU kicks.
+//! - [`control`]: the control socket: pausing and resuming the vCPUs.
 //! - [`seccomp`]: the per-thread syscall allowlists and the `SIGSYS` handler that reports a
 //!   forbidden call.
 //! - [`log_limit`]: per-site rate limiting of every log line, the dependencies' included.
@@ -27,6 +28,7 @@
 
 pub mod boot;
 pub mod console;
+pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod jail;

@@ -32,10 +32,12 @@ use super::layout::{
     VIRTIO_MMIO_SLOT_LEN, VSOCK_MMIO_SLOT, e820_map, virtio_mmio_slot,
 };
 use super::seccomp::{self, ThreadKind};
-use super::vcpu::{VcpuError, VcpuRunner};
+use super::vcpu::{RunGate, VcpuError, VcpuRunner};
 use super::x86_64::mptable::{self, MptableError};
 use super::x86_64::regs::{self, RegsError};
-use super::{ConfigError, ConsoleTarget, EXIT_RECORD_NAME, VmConfig, boot, memory, signals, vcpu};
+use super::{
+    ConfigError, ConsoleTarget, EXIT_RECORD_NAME, VmConfig, boot, control, memory, signals, vcpu,
+};
 
 /// How long to keep kicking a vCPU thread that has not stopped.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -163,6 +165,8 @@ pub struct Vmm {
     mmio: Bus,
     events: Sender<VmEvent>,
     ready_ms: Arc<OnceLock<u64>>,
+    /// The control socket, served from [`Vmm::run`] on (see [`crate::control`]).
+    control: Option<std::os::unix::net::UnixListener>,
     _vm: VmFd,
     _kvm: Kvm,
     mem: GuestMemoryMmap<()>,
@@ -238,6 +242,12 @@ impl Vmm {
         // A stale exit.json is not removed here: `seccomp::prepare` (called by `run` before any
         // thread exists) truncated it and holds it open for the SIGSYS handler.
         remove_stale(&config.vsock_path())?;
+        let control_path = config.vm_dir.join(control::CONTROL_SOCKET_NAME);
+        remove_stale(&control_path)?;
+        let control = control::bind(&control_path).map_err(|source| VmmError::VmDir {
+            path: control_path.display().to_string(),
+            source,
+        })?;
 
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         check_capabilities(&kvm)?;
@@ -416,6 +426,7 @@ impl Vmm {
             mmio,
             events,
             ready_ms,
+            control: Some(control),
             _vm: vm,
             _kvm: kvm,
             mem,
@@ -426,6 +437,7 @@ impl Vmm {
     /// the receiver paired with the sender given to [`Vmm::new`].
     pub fn run(mut self, events: Receiver<VmEvent>) -> ExitReport {
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(RunGate::default());
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let mut spawn_failed = None;
         for (index, fd) in (0u8..).zip(std::mem::take(&mut self.vcpus)) {
@@ -437,6 +449,7 @@ impl Vmm {
                 stop: stop.clone(),
                 events: self.events.clone(),
                 mem: self.mem.clone(),
+                gate: gate.clone(),
             };
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -455,12 +468,26 @@ impl Vmm {
         if let Some(event) = spawn_failed {
             let _ = self.events.send(event);
         }
+        // The control thread may kick the vCPU threads until they are retired below.
+        let kicker = {
+            use std::os::unix::thread::JoinHandleExt;
+            Arc::new(control::Kicker::new(
+                threads.iter().map(|t| t.as_pthread_t()).collect(),
+            ))
+        };
+        if let Some(listener) = self.control.take()
+            && let Err(e) = control::spawn(listener, gate.clone(), kicker.clone())
+        {
+            // The VM runs on; it only cannot be paused.
+            tracing::error!(error = %e, "cannot start the control thread");
+        }
         // Every other thread is running now (the signal waiter, the device threads, the vCPUs),
         // each under its own filter; the main thread's comes last, so nothing inherits it.
         seccomp::confine_or_exit(ThreadKind::Vmm);
 
         let reason = wait_for_end(&events, PANIC_GRACE);
         tracing::info!(reason = reason.as_str(), "VM ended; stopping");
+        kicker.retire();
         stop_vcpus(&stop, threads);
         tracing::debug!("vCPUs stopped");
         let vsock_metrics = self.vsock.take().map(|vsock| {

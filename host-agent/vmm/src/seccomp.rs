@@ -102,16 +102,19 @@ pub enum ThreadKind {
     Block,
     /// The signal waiter thread (`vmm-signals`): `sigwait` for SIGTERM and SIGINT.
     Signals,
+    /// The control thread (`vmm-control`): the control socket, pausing and resuming the vCPUs.
+    Control,
 }
 
 impl ThreadKind {
     /// Every kind, in the order `--print-seccomp` lists them.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Vsock,
         ThreadKind::Block,
         ThreadKind::Signals,
+        ThreadKind::Control,
     ];
 
     /// The kind's name, as printed.
@@ -122,6 +125,7 @@ impl ThreadKind {
             ThreadKind::Vsock => "vsock",
             ThreadKind::Block => "block",
             ThreadKind::Signals => "signals",
+            ThreadKind::Control => "control",
         }
     }
 
@@ -132,6 +136,7 @@ impl ThreadKind {
             ThreadKind::Vsock => 3,
             ThreadKind::Block => 4,
             ThreadKind::Signals => 5,
+            ThreadKind::Control => 6,
         }
     }
 
@@ -166,8 +171,13 @@ impl ThreadKind {
                 Allowed::any(close),
             ]),
             ThreadKind::Vcpu => list.extend([
-                // The only KVM call a running vCPU makes.
-                Allowed::when(ioctl, [[Check::eq(1, KVM_RUN, "KVM_RUN")]]),
+                // The only KVM calls a vCPU makes: running, and after a pause telling the
+                // guest's kvmclock it was stopped.
+                Allowed::when(ioctl, [[Check::eq(1, KVM_RUN, "KVM_RUN")]]).or([Check::eq(
+                    1,
+                    KVM_KVMCLOCK_CTRL,
+                    "KVM_KVMCLOCK_CTRL",
+                )]),
                 // A kick interrupts KVM_RUN through a signal handler.
                 Allowed::any(rt_sigreturn),
                 // The vCPU file, closed when the thread ends (console and eventfd writes are
@@ -207,6 +217,26 @@ impl ThreadKind {
                 // sigwait.
                 Allowed::any(rt_sigtimedwait),
             ]),
+            ThreadKind::Control => list.extend([
+                // One client at a time on control.sock: accept, a read timeout, the request
+                // (recvfrom), the answer (sendto), close.
+                Allowed::any(accept4),
+                Allowed::any(sendto),
+                Allowed::when(
+                    setsockopt,
+                    [[
+                        Check::eq(1, SOL_SOCKET, "SOL_SOCKET"),
+                        Check::eq(2, SO_RCVTIMEO, "SO_RCVTIMEO"),
+                    ]],
+                ),
+                Allowed::any(recvfrom),
+                Allowed::any(close),
+                // Kicking the vCPUs into the pause: pthread_kill is getpid + tgkill.
+                Allowed::any(getpid),
+                Allowed::any(tgkill),
+                // The pause after a failed accept.
+                Allowed::any(clock_nanosleep),
+            ]),
         }
         list.sort_by_key(|a| a.sysno.name());
         list.dedup_by(|b, a| {
@@ -226,6 +256,9 @@ impl ThreadKind {
 }
 
 const KVM_RUN: u64 = 0xae80; // _IO(KVMIO, 0x80)
+const KVM_KVMCLOCK_CTRL: u64 = 0xaead; // _IO(KVMIO, 0xad)
+const SOL_SOCKET: u64 = libc::SOL_SOCKET as u64;
+const SO_RCVTIMEO: u64 = libc::SO_RCVTIMEO as u64;
 const FIONBIO: u64 = libc::FIONBIO;
 const AF_UNIX: u64 = libc::AF_UNIX as u64;
 const LOCK_UN: u64 = libc::LOCK_UN as u64;

@@ -4,10 +4,18 @@
 //! (reset, triple fault, system events, failures) into a [`VmEvent`] for the thread that waits for
 //! the VM's end. It stops when the shared stop flag is set and a kick (see
 //! [`super::signals`]) interrupts `KVM_RUN`.
+//!
+//! **Pausing.** A [`RunGate`] shared by every vCPU thread parks them: the pausing thread closes
+//! the gate and kicks each vCPU; a kicked vCPU sees the gate closed between two `KVM_RUN`s,
+//! counts itself parked and waits. [`RunGate::wait_parked`] returns once all are. On resume each
+//! vCPU tells KVM it was stopped (`KVM_KVMCLOCK_CTRL`) before it runs again, so the guest's
+//! watchdogs do not take the pause for a hung CPU; kvmclock itself keeps counting host time,
+//! so the guest's clocks stay right across the pause.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -141,6 +149,110 @@ fn system_event(cpu: u8, kind: u32) -> VmEvent {
     }
 }
 
+/// Where vCPU threads park while the VM is paused; see the module doc.
+#[derive(Debug, Default)]
+pub struct RunGate {
+    /// Read by the vCPUs between two `KVM_RUN`s, without the lock.
+    closed: AtomicBool,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    parked: usize,
+}
+
+impl RunGate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the gate: each vCPU parks at its next exit from `KVM_RUN` (kick them).
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Opens the gate: parked vCPUs run again.
+    pub fn open(&self) {
+        let mut state = self.lock();
+        state.closed = false;
+        self.closed.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Whether the gate is closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// How many vCPUs are parked.
+    pub fn parked(&self) -> usize {
+        self.lock().parked
+    }
+
+    /// Waits until `count` vCPUs are parked, calling `kick` every `interval` meanwhile (a vCPU
+    /// may have entered `KVM_RUN` between the gate closing and its kick). `false` when the
+    /// deadline passed first.
+    pub fn wait_parked(
+        &self,
+        count: usize,
+        interval: Duration,
+        deadline: Instant,
+        mut kick: impl FnMut(),
+    ) -> bool {
+        let mut state = self.lock();
+        loop {
+            if state.parked >= count {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            drop(state);
+            kick();
+            state = self.lock();
+            if state.parked >= count {
+                return true;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, interval.min(deadline - now))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// On a vCPU thread: parks while the gate is closed and `stop` is not set. `true` when the
+    /// thread did park.
+    pub(crate) fn park(&self, stop: &AtomicBool) -> bool {
+        if !self.is_closed() {
+            return false;
+        }
+        let mut state = self.lock();
+        if !state.closed {
+            return false;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.closed && !stop.load(Ordering::Acquire) {
+            state = self
+                .changed
+                .wait_timeout(state, PARK_RECHECK)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        state.parked -= 1;
+        true
+    }
+}
+
+/// How often a parked vCPU re-checks the stop flag (stopping the VM does not open the gate).
+const PARK_RECHECK: Duration = Duration::from_millis(50);
+
 /// Everything a vCPU thread needs.
 #[derive(Debug)]
 pub struct VcpuRunner {
@@ -158,6 +270,8 @@ pub struct VcpuRunner {
     pub events: Sender<VmEvent>,
     /// Guest memory, held so the mappings outlive the vCPU.
     pub mem: GuestMemoryMmap<()>,
+    /// Where the vCPU parks while the VM is paused.
+    pub gate: Arc<RunGate>,
 }
 
 impl VcpuRunner {
@@ -170,6 +284,16 @@ impl VcpuRunner {
         unsafe { signals::set_thread_kvm_run(run_page) };
         let mut unhandled: u64 = 0;
         while !self.stop.load(Ordering::Acquire) {
+            if self.gate.park(&self.stop) {
+                // Tell the guest's kvmclock it was stopped, so its watchdogs do not report the
+                // pause as a soft lockup. EINVAL: the guest does not use kvmclock.
+                if let Err(e) = self.vcpu.kvmclock_ctrl()
+                    && e.errno() != libc::EINVAL
+                {
+                    tracing::debug!(cpu = self.index, error = %e, "KVM_KVMCLOCK_CTRL failed");
+                }
+                continue;
+            }
             match self.step(&mut unhandled) {
                 Step::Continue => {}
                 Step::End(event) => {

@@ -23,6 +23,7 @@
 //! - [`routes`]: the HTTP handlers.
 //! - [`ratelimit`]: the log budget for guest-triggered lines.
 //! - [`vmm_log`]: the VMM's stdout and stderr, copied into `vmm.log` up to a cap.
+//! - [`vmm_control`]: the VMM's control socket: pausing and resuming its vCPUs.
 //! - [`images`]: the image routes, and what a VM created with an image gets.
 //! - [`files`]: copying files into and out of a VM (`nanoclaw cp`).
 //! - [`gateways`]: the MCP gateway of each VM that has a profile, and agent spawning.
@@ -37,6 +38,7 @@ pub mod ratelimit;
 pub mod routes;
 pub mod state;
 pub mod vm;
+pub mod vmm_control;
 pub mod vmm_log;
 
 use std::collections::HashMap;

@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 
 use super::event_feed::EventFeed;
-use super::vm::Vm;
+use super::vm::{PauseError, Vm};
 use super::{Daemon, DetachError, RemoveError};
 use crate::error_chain;
 use nanoclaw_api::{ApiError, CreateVm, Event, EventRecord, VmInfo};
@@ -45,6 +45,8 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}", get(inspect).delete(remove))
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/detach", post(detach))
+        .route("/v1/vms/{id}/pause", post(pause))
+        .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/events", get(events))
         .route("/v1/vms/{id}/console", get(console))
         .route(
@@ -227,6 +229,39 @@ async fn detach(
             StatusCode::CONFLICT,
             format!("VM {id} was not spawned by another VM; there is nothing to detach"),
         )),
+    }
+}
+
+async fn pause(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    set_paused(&daemon, &id, true).await
+}
+
+async fn resume(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    set_paused(&daemon, &id, false).await
+}
+
+/// Pauses or resumes VM `id`: `409` unless its VMM runs, `502` when the VMM refused or did
+/// not answer.
+async fn set_paused(daemon: &Daemon, id: &str, paused: bool) -> Result<Json<VmInfo>, Failure> {
+    let vm = find(daemon, id)?;
+    // In its own task, so that a client hanging up does not leave the record behind the VMM.
+    let task = tokio::spawn({
+        let vm = Arc::clone(&vm);
+        async move { vm.set_paused(paused).await }
+    });
+    match task.await {
+        Ok(Ok(())) => Ok(Json(vm.info())),
+        Ok(Err(e @ PauseError::NotRunning(_))) => {
+            Err(Failure(StatusCode::CONFLICT, error_chain(&e)))
+        }
+        Ok(Err(e)) => Err(Failure(StatusCode::BAD_GATEWAY, error_chain(&e))),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 

@@ -138,6 +138,10 @@ pub struct VmRecord {
     /// longer counts against the parent's children.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub detached: bool,
+    /// Whether the VM's vCPUs are paused (`POST /v1/vms/{id}/pause`). A daemon that restarts
+    /// finds the VMM still paused: the VMM keeps its own state.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 impl VmRecord {
@@ -167,6 +171,7 @@ impl VmRecord {
             jail_cgroups: Vec::new(),
             parent: None,
             detached: false,
+            paused: false,
         }
     }
 

@@ -175,6 +175,19 @@ pub struct Vm {
     tokens: Mutex<Option<Arc<crate::agent_tokens::AgentTokens>>>,
     /// The task copying the VMM's output into `vmm.log` ([`super::vmm_log`]).
     vmm_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Held across a pause or resume, so that the record says what the VMM last answered.
+    pausing: tokio::sync::Mutex<()>,
+}
+
+/// Why a VM could not be paused or resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The VM is not running (it has not started, is stopping or has ended).
+    #[error("the VM is {0}; only a running VM can be paused or resumed")]
+    NotRunning(&'static str),
+    /// The VMM could not be asked, or refused.
+    #[error("the VMM")]
+    Vmm(#[from] super::vmm_control::VmmControlError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -241,6 +254,7 @@ impl Vm {
             credential_listener: Mutex::new(None),
             tokens: Mutex::new(None),
             vmm_log: Mutex::new(None),
+            pausing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -265,6 +279,7 @@ impl Vm {
             vm_dir: self.dir.display().to_string(),
             parent: r.parent,
             detached: r.detached,
+            paused: r.paused,
         }
     }
 
@@ -280,6 +295,31 @@ impl Vm {
             r.detached |= r.parent.is_some();
             r.parent.is_some()
         })
+    }
+
+    /// Pauses (`true`) or resumes the VM's vCPUs through its VMM, and records the outcome.
+    /// Idempotent. A paused VM keeps its memory and its connections; the guest sees no time
+    /// lost in its clocks, only a gap (see the VMM's `control` and `vcpu` modules).
+    pub async fn set_paused(&self, paused: bool) -> Result<(), PauseError> {
+        let _one_at_a_time = self.pausing.lock().await;
+        let status = self.status();
+        if status.is_terminal() || status == VmStatus::Stopping || !self.vmm_alive() {
+            return Err(PauseError::NotRunning(status.as_str()));
+        }
+        let op = if paused {
+            super::vmm_control::Op::Pause
+        } else {
+            super::vmm_control::Op::Resume
+        };
+        let now = super::vmm_control::request(&self.vmm_dir, self.jail_uid(), op).await?;
+        self.update(|r| r.paused = now);
+        tracing::info!(vm = %self.id, paused = now, "VM {}", if now { "paused" } else { "resumed" });
+        Ok(())
+    }
+
+    /// Whether the VM's vCPUs are paused.
+    pub fn paused(&self) -> bool {
+        lock(&self.record).paused
     }
 
     /// The current status.
@@ -451,6 +491,9 @@ impl Vm {
                 .map_err(VmError::Jail)?;
             jail_args.extend(["--jail-uid".into(), uid.to_string().into()]);
             jail_args.extend(["--jail-gid".into(), uid.to_string().into()]);
+            if jail.user_namespace {
+                jail_args.push("--jail-userns".into());
+            }
             for cg in &cgroups {
                 jail_args.extend(["--jail-cgroup".into(), cg.clone().into_os_string()]);
             }
@@ -866,6 +909,7 @@ impl Vm {
                 VmStatus::Failed
             };
             r.vmm_exit = vmm_exit.clone();
+            r.paused = false;
             r.status
         });
         tracing::info!(vm = %self.id, status = status.as_str(), ?vmm_exit, "VM ended");
@@ -889,6 +933,16 @@ impl Vm {
             return;
         }
         tracing::info!(vm = %self.id, "stopping");
+        if self.paused() {
+            // A paused guest cannot shut down by itself: let it run again first.
+            let op = super::vmm_control::Op::Resume;
+            match super::vmm_control::request(&self.vmm_dir, self.jail_uid(), op).await {
+                Ok(now) => self.update(|r| r.paused = now),
+                Err(e) => {
+                    tracing::warn!(vm = %self.id, error = %error_chain(&e), "resume before stop")
+                }
+            }
+        }
         self.send_to_guest(HostToGuest::Shutdown);
         let mut ended = self.ended();
         for signal in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGKILL] {

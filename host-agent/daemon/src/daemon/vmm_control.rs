@@ -1,0 +1,179 @@
+//! The daemon's side of the VMM's control socket, `<vm-dir>/vmm/control.sock`: pausing and
+//! resuming a VM's vCPUs.
+//!
+//! The VMM serves one JSON line per connection and answers one (its `control` module is the
+//! other side): `{"op":"pause"|"resume"|"state"}` in, `{"ok":true,"state":"running"|"paused"}`
+//! or `{"ok":false,"error":"..."}` out. The VMM links none of the daemon's crates, so the
+//! few fields are written here again; the end-to-end pause test runs both sides.
+//!
+//! A jailed VMM owns its folder and could put a link to another VM's socket in place of its
+//! own, so the peer's uid, as the kernel reports it, must be this VM's. The answer is capped at
+//! [`MAX_ANSWER`] bytes and the whole exchange at [`EXCHANGE_TIMEOUT`].
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// The socket's name in the VMM's folder.
+pub const SOCKET: &str = "control.sock";
+/// The longest answer read.
+pub const MAX_ANSWER: u64 = 4096;
+/// How long one exchange may take: longer than the VMM's own wait for its vCPUs to park.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What to ask the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Park every vCPU.
+    Pause,
+    /// Run them again.
+    Resume,
+}
+
+impl Op {
+    fn request(self) -> &'static [u8] {
+        match self {
+            Op::Pause => b"{\"op\":\"pause\"}\n",
+            Op::Resume => b"{\"op\":\"resume\"}\n",
+        }
+    }
+}
+
+/// Why the VMM could not be asked, or refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmControlError {
+    /// The socket could not be reached (the VMM is gone, or predates pausing).
+    #[error("cannot reach the VMM's control socket")]
+    Connect(#[source] std::io::Error),
+    /// The socket is served by a process of another uid.
+    #[error("the control socket is served by uid {peer}, not the VM's uid {expected}")]
+    NotTheVmm {
+        /// This VM's uid.
+        expected: u32,
+        /// The peer's.
+        peer: u32,
+    },
+    /// No answer in time.
+    #[error("the VMM did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The VMM refused, and why.
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+    /// The answer is not one the VMM gives.
+    #[error("unexpected answer from the VMM: {0}")]
+    BadAnswer(String),
+}
+
+#[derive(Debug, Deserialize)]
+struct Answer {
+    ok: bool,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// Asks the VMM whose folder is `vmm_dir` (jailed as `vmm_uid`) to carry out `op`; answers
+/// whether its vCPUs are now paused.
+pub async fn request(
+    vmm_dir: &Path,
+    vmm_uid: Option<u32>,
+    op: Op,
+) -> Result<bool, VmmControlError> {
+    let exchange = async {
+        let stream = UnixStream::connect(vmm_dir.join(SOCKET))
+            .await
+            .map_err(VmmControlError::Connect)?;
+        if let Some(expected) = vmm_uid {
+            let peer = stream.peer_cred().map_err(VmmControlError::Connect)?.uid();
+            if peer != expected {
+                return Err(VmmControlError::NotTheVmm { expected, peer });
+            }
+        }
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(op.request())
+            .await
+            .map_err(VmmControlError::Connect)?;
+        let mut line = Vec::new();
+        BufReader::new(read.take(MAX_ANSWER))
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(VmmControlError::Connect)?;
+        Ok(line)
+    };
+    let line = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| VmmControlError::Timeout(EXCHANGE_TIMEOUT))??;
+    parse(&line)
+}
+
+/// Reads the VMM's answer: whether the vCPUs are paused.
+fn parse(line: &[u8]) -> Result<bool, VmmControlError> {
+    let shown = || String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+    let answer: Answer =
+        serde_json::from_slice(line).map_err(|_| VmmControlError::BadAnswer(shown()))?;
+    match (answer.ok, answer.state.as_deref(), answer.error) {
+        (true, Some("paused"), _) => Ok(true),
+        (true, Some("running"), _) => Ok(false),
+        (false, _, Some(error)) => Err(VmmControlError::Refused(error.chars().take(200).collect())),
+        _ => Err(VmmControlError::BadAnswer(shown())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_strictly() {
+        assert!(parse(br#"{"ok":true,"state":"paused"}"#).unwrap());
+        assert!(!parse(br#"{"ok":true,"state":"running"}"#).unwrap());
+        assert!(matches!(
+            parse(br#"{"ok":false,"error":"the VM is stopping"}"#),
+            Err(VmmControlError::Refused(e)) if e == "the VM is stopping"
+        ));
+        for bad in [
+            &b""[..],
+            b"{}",
+            br#"{"ok":true,"state":"sleeping"}"#,
+            b"\xff",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(VmmControlError::BadAnswer(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_of_another_uid_or_no_socket_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            request(dir.path(), None, Op::Pause).await,
+            Err(VmmControlError::Connect(_))
+        ));
+        let listener = tokio::net::UnixListener::bind(dir.path().join(SOCKET)).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let server = tokio::spawn(async move {
+            // The first client hangs up on seeing the wrong uid.
+            drop(listener.accept().await.unwrap());
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"{\"op\":\"pause\"}\n");
+            s.write_all(b"{\"ok\":true,\"state\":\"paused\"}\n")
+                .await
+                .unwrap();
+        });
+        assert!(matches!(
+            request(dir.path(), Some(me.wrapping_add(1)), Op::Pause).await,
+            Err(VmmControlError::NotTheVmm { .. })
+        ));
+        assert!(request(dir.path(), Some(me), Op::Pause).await.unwrap());
+        server.await.unwrap();
+    }
+}
