@@ -23,6 +23,14 @@
 //! | `POST /v1/images/build` | [`BuildImage`] | newline-delimited [`BuildProgress`], the last one `Done` or `Failed` |
 //! | `GET /v1/approvals` | | `[`[`PendingApproval`]`, ...]`; `[]` when approvals are off |
 //! | `POST /v1/approvals/registration` | | [`RegistrationLink`]; `409` when approvals are off |
+//! | `POST /v1/tokens` | [`CreateToken`] | `201` and [`CreatedToken`]: the token, shown once |
+//! | `GET /v1/tokens` | | `[`[`TokenInfo`]`, ...]` |
+//! | `DELETE /v1/tokens/{id}` | | `204`; `404` if there is none |
+//!
+//! **Remote access.** With `host-agent serve --listen ADDR`, the same routes are served over
+//! TLS, and every request needs `Authorization: Bearer TOKEN` with a token of enough
+//! [`TokenScope`]: `401` without a valid one, `403` when its scope is too small. The Unix
+//! socket needs no token: access to it is access to the daemon.
 //!
 //! Errors are a non-2xx status with an [`ApiError`] body. An event stream with `follow=true`
 //! ends after the VM's [`Event::Ended`] event; without it, it ends after the events recorded so
@@ -58,6 +66,58 @@ pub struct PendingApproval {
 pub struct RegistrationLink {
     /// Open it in the browser that holds (or will hold) the passkey.
     pub url: String,
+}
+
+/// What a remote API token may do. Scopes nest: each includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenScope {
+    /// List and read: VMs, their events, console and files, images, pending approvals.
+    Read,
+    /// Also create, stop, pause, resume, detach and remove VMs, and copy files into them.
+    Run,
+    /// Also manage images, passkey registration and tokens.
+    Admin,
+}
+
+impl TokenScope {
+    /// The scope's name, as `--scope` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::Read => "read",
+            TokenScope::Run => "run",
+            TokenScope::Admin => "admin",
+        }
+    }
+}
+
+/// `POST /v1/tokens`: make a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// What it may do.
+    pub scope: TokenScope,
+}
+
+/// A token's record: never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its id (`DELETE /v1/tokens/{id}`).
+    pub id: String,
+    /// What it may do.
+    pub scope: TokenScope,
+    /// When it was made, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+}
+
+/// The answer to `POST /v1/tokens`: the token, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    /// The bearer token (`Authorization: Bearer ...`).
+    pub token: String,
+    /// Its record.
+    #[serde(flatten)]
+    pub info: TokenInfo,
 }
 
 /// Where the daemon listens unless told otherwise.

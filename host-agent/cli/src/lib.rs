@@ -19,6 +19,7 @@
 //! - [`approvals`]: `nanoclaw approvals`.
 //! - [`audit`]: `nanoclaw audit verify|tail`.
 //! - [`image`]: `nanoclaw image build|import|ls|inspect|rm`.
+//! - [`token`]: `nanoclaw token create|ls|rm`, the remote API's bearer tokens.
 //! - [`copy_in`]: `nanoclaw run --copy HOSTPATH:GUESTPATH`.
 //! - [`cp`]: `nanoclaw cp SRC DST`.
 
@@ -28,6 +29,7 @@ pub mod client;
 pub mod copy_in;
 pub mod cp;
 pub mod image;
+pub mod token;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -215,6 +217,9 @@ pub enum Command {
     /// Build, import, list and remove images (agents' root file systems).
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Make, list and remove the remote API's bearer tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Copy a file or folder into or out of a VM: `cp HOSTPATH ID:DIR` or `cp ID:PATH HOSTDIR`
     /// (the destination is a folder; out of an ended VM, what the agent wrote is copied).
     Cp(cp::CpArgs),
@@ -340,6 +345,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Approvals { json, .. } => approvals::list(&client, json).await,
         Command::Audit(command) => audit::run(command),
         Command::Image(command) => image::run(&client, command).await,
+        Command::Token(command) => token::run(&client, command).await,
         Command::Cp(args) => cp::run(&client, args).await,
         Command::Inspect { id, json } => {
             let info: VmInfo = client

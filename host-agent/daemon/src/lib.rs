@@ -24,6 +24,7 @@
 //! - [`policy`]: access profiles (TOML the user writes) compiled to Cedar and decided by
 //!   `cedar-policy`: visible tools, argument constraints, approval rules, tiers, and the
 //!   comparison that keeps a spawned agent within its orchestrator's rights.
+//! - [`remote`]: the remote API: the same routes over TLS, behind scoped bearer tokens.
 //! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
 //!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
 //!   sessions it carries to the device as ciphertext.
@@ -35,6 +36,7 @@ pub mod mcp;
 pub mod notify;
 pub mod policy;
 pub mod relay;
+pub mod remote;
 
 /// An error and its whole `source()` chain on one line, `outer: cause: root cause`: how the
 /// binaries print errors and how the daemon logs them.

@@ -40,6 +40,7 @@ fn main() {
             spawns_faster_than_the_rate_are_refused,
             children_stop_with_their_parent_unless_detached,
             a_stop_reaches_the_children_of_children,
+            the_remote_api_needs_a_token_whose_scope_covers_the_route,
         ],
     );
 }
@@ -633,4 +634,89 @@ fn a_stop_reaches_the_children_of_children() {
         let info = wait_status(&d, id, |i| i.status.is_terminal());
         assert_eq!(info.status, VmStatus::Stopped, "{info:?}");
     }
+}
+
+/// The remote API over TLS: no token or an unknown one is 401, a read token reads but cannot
+/// create (403), a run token creates a VM, only admin manages tokens, and a removed token stops
+/// working at once. The token file holds no token.
+fn the_remote_api_needs_a_token_whose_scope_covers_the_route() {
+    let port = nanoclaw_tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = daemon_with(&["--listen", &listen, "--tls-name", "nanoclaw.test"]);
+    let token = |scope: &str| {
+        let out = d.cli(&["token", "create", "--scope", scope]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    let (read, run) = (token("read"), token("run"));
+    let stored = std::fs::read_to_string(d.state_dir().join("tokens.json")).unwrap();
+    assert!(
+        !stored.contains(&read[4..]) && !stored.contains(&run[4..]),
+        "{stored}"
+    );
+
+    // The client trusts the daemon's own certificate and nothing else.
+    let pem = std::fs::read(d.state_dir().join("tls/cert.pem")).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .resolve("nanoclaw.test", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let base = format!("https://nanoclaw.test:{port}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let call = |method: reqwest::Method,
+                path: &str,
+                token: Option<&str>,
+                body: Option<serde_json::Value>| {
+        let mut req = client.request(method, format!("{base}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        rt.block_on(async {
+            let r = req.send().await.expect("send");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        })
+    };
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+    let vm = serde_json::json!({"command": "/bin/sh", "args": ["-c", "echo remote"]});
+    assert_eq!(call(get.clone(), "/v1/vms", None, None).0, 401);
+    assert_eq!(
+        call(get.clone(), "/v1/vms", Some("nct_forged"), None).0,
+        401
+    );
+    assert_eq!(
+        call(get.clone(), "/v1/vms", Some(&read), None),
+        (200, "[]".to_owned())
+    );
+    let (status, body) = call(post.clone(), "/v1/vms", Some(&read), Some(vm.clone()));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("needs run"), "{body}");
+    let (status, body) = call(post.clone(), "/v1/vms", Some(&run), Some(vm));
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<VmInfo>(&body).unwrap().id;
+    wait_status(&d, &id, |i| i.status.is_terminal());
+    assert_eq!(call(get.clone(), "/v1/tokens", Some(&run), None).0, 403);
+    let (status, body) = call(
+        post,
+        "/v1/tokens",
+        Some(&run),
+        Some(serde_json::json!({"scope": "admin"})),
+    );
+    assert_eq!(status, 403, "a run token cannot make an admin one: {body}");
+
+    let ls = text(&d.cli(&["token", "ls"]).stdout);
+    let read_id = ls
+        .lines()
+        .find(|l| l.contains(" read "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the read token is listed")
+        .to_owned();
+    assert!(d.cli(&["token", "rm", &read_id]).status.success());
+    assert_eq!(call(get, "/v1/vms", Some(&read), None).0, 401);
 }

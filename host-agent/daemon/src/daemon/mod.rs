@@ -60,6 +60,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The remote API's token file is unusable.
+    #[error("remote API tokens")]
+    Tokens(#[source] crate::remote::tokens::TokenError),
+    /// The remote API could not be set up.
+    #[error("remote API")]
+    Remote(#[source] crate::remote::RemoteError),
     /// The jail's settings are unusable.
     #[error("jail")]
     Jail(#[source] jail::JailError),
@@ -211,6 +217,21 @@ pub struct ServeArgs {
     /// content-addressed, so several daemons may share one store.
     #[arg(long, value_name = "DIR")]
     pub image_store: Option<PathBuf>,
+    /// Also serve the API over TLS on this address, for remote clients with a bearer token
+    /// (`nanoclaw token create`). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The remote API's certificate chain (PEM); default: one the daemon makes and keeps in
+    /// `<state-dir>/tls/`. With --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The remote API's private key (PEM). With --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Another name for the daemon's own certificate (besides localhost and the host name);
+    /// repeatable.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    pub tls_names: Vec<String>,
     /// Jail every VMM (own namespaces, root, uid, cgroups): `auto` does when the daemon runs as
     /// root, `on` refuses to start otherwise, `off` never does (development only).
     #[arg(long, value_enum, default_value_t = jail::JailMode::Auto)]
@@ -380,9 +401,16 @@ pub struct Daemon {
     limits: Limits,
     /// Each orchestrator VM's spawn pace, from its first spawn until it ends.
     spawn_pace: Mutex<HashMap<String, ratelimit::TokenBucket>>,
+    /// The remote API's bearer tokens (hashed).
+    tokens: Arc<crate::remote::tokens::TokenStore>,
 }
 
 impl Daemon {
+    /// The remote API's token store.
+    pub fn tokens(&self) -> &Arc<crate::remote::tokens::TokenStore> {
+        &self.tokens
+    }
+
     /// The image store.
     pub fn images(&self) -> &nanoclaw_image::ImageStore {
         &self.images
@@ -809,6 +837,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     })
     .map_err(DaemonError::Jail)?;
     create_dir(&args.state_dir, 0o700)?;
+    let tokens = Arc::new(
+        crate::remote::tokens::TokenStore::open(&args.state_dir).map_err(DaemonError::Tokens)?,
+    );
     let _lock = lock_state_dir(&args.state_dir)?;
     let vms_dir = args.state_dir.join("vms");
     create_dir(&vms_dir, 0o700)?;
@@ -896,6 +927,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             spawn_interval: Duration::from_secs(args.spawn_interval_secs),
         },
         spawn_pace: Mutex::new(HashMap::new()),
+        tokens,
     });
     daemon
         .mcp
@@ -905,6 +937,29 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),
         vms = daemon.lock_vms().len(), "daemon listening");
     let app = routes::router(Arc::clone(&daemon));
+    if let Some(addr) = args.listen {
+        let settings = crate::remote::TlsSettings {
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+            names: args.tls_names.clone(),
+        };
+        let (config, fingerprint) =
+            crate::remote::tls_config(&args.state_dir, &settings).map_err(DaemonError::Remote)?;
+        let listener = crate::remote::TlsListener::bind(addr, config)
+            .await
+            .map_err(DaemonError::Remote)?;
+        let local = axum::serve::Listener::local_addr(&listener).unwrap_or(addr);
+        let remote = app.clone().layer(axum::middleware::from_fn_with_state(
+            Arc::clone(daemon.tokens()),
+            crate::remote::authorize,
+        ));
+        tracing::info!(%local, certificate_sha256 = %fingerprint, "remote API listening (TLS)");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, remote).await {
+                tracing::error!(error = %e, "remote API stopped");
+            }
+        });
+    }
     // Graceful shutdown waits for open responses, and a followed stream may never end: give
     // them a moment, then go.
     let stopping = Arc::new(tokio::sync::Notify::new());

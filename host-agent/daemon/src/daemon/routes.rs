@@ -25,7 +25,10 @@ use super::event_feed::EventFeed;
 use super::vm::{PauseError, Vm};
 use super::{Daemon, DetachError, RemoveError};
 use crate::error_chain;
-use nanoclaw_api::{ApiError, CreateVm, Event, EventRecord, VmInfo};
+use crate::remote::tokens::TokenError;
+use nanoclaw_api::{
+    ApiError, CreateToken, CreateVm, CreatedToken, Event, EventRecord, TokenInfo, VmInfo,
+};
 
 /// Highest accepted guest RAM, in MiB.
 const MAX_MEMORY_MIB: u64 = 64 * 1024;
@@ -45,6 +48,8 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}", get(inspect).delete(remove))
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/detach", post(detach))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", axum::routing::delete(remove_token))
         .route("/v1/vms/{id}/pause", post(pause))
         .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/events", get(events))
@@ -229,6 +234,40 @@ async fn detach(
             StatusCode::CONFLICT,
             format!("VM {id} was not spawned by another VM; there is nothing to detach"),
         )),
+    }
+}
+
+async fn create_token(
+    State(daemon): State<Arc<Daemon>>,
+    body: Result<Json<CreateToken>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedToken>), Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let now = super::state::now_unix_ms();
+    match daemon.tokens().create(req.scope, now) {
+        Ok((token, info)) => {
+            tracing::info!(id = %info.id, scope = req.scope.as_str(), "remote API token made");
+            Ok((StatusCode::CREATED, Json(CreatedToken { token, info })))
+        }
+        Err(e @ TokenError::TooMany) => Err(Failure(StatusCode::CONFLICT, error_chain(&e))),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e))),
+    }
+}
+
+async fn list_tokens(State(daemon): State<Arc<Daemon>>) -> Json<Vec<TokenInfo>> {
+    Json(daemon.tokens().list())
+}
+
+async fn remove_token(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
+    match daemon.tokens().remove(&id) {
+        Ok(()) => {
+            tracing::info!(%id, "remote API token removed");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(e @ TokenError::NotFound(_)) => Err(Failure(StatusCode::NOT_FOUND, error_chain(&e))),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e))),
     }
 }
 
