@@ -272,6 +272,7 @@ impl Device {
             vm_id: ask.vm_id.clone(),
             credential: ask.credential.clone(),
             target_host: ask.target_host.clone(),
+            on_device: false,
         })
         .await
         .map_err(|_| ApprovalCheckError::LinkDown)?;
