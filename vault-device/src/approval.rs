@@ -437,3 +437,74 @@ impl GrantLog {
         f.sync_data().map_err(err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passkey(id: u8) -> Passkey {
+        Passkey {
+            credential_id: vec![id; 16],
+            public_key: vec![4; 65],
+            counter: 0,
+        }
+    }
+
+    fn rp(origin: &str) -> RelyingParty {
+        RelyingParty {
+            rp_id: "localhost".into(),
+            origin: origin.into(),
+        }
+    }
+
+    #[test]
+    fn a_passkey_file_written_before_device_registration_loads_as_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.passkeys.json");
+        std::fs::write(
+            &path,
+            br#"{"rp_id":"localhost","origin":"http://localhost:8443","passkeys":[]}"#,
+        )
+        .unwrap();
+        let store = PasskeyFile::load(&path).unwrap();
+        assert!(!store.on_device);
+        assert_eq!(store.origin, "http://localhost:8443");
+    }
+
+    #[test]
+    fn registering_on_the_device_replaces_imported_passkeys_and_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.passkeys.json");
+        let mut store = PasskeyFile::default();
+        let host = rp("http://localhost:8443");
+        let imported = serde_json::to_vec(&[passkey(1)]).unwrap();
+        store.import(&imported, &host, &path).unwrap();
+        store.used_approvals.push("old".into());
+        let device = rp("http://localhost:9444");
+        store.register(passkey(2), &device).unwrap();
+        assert!(store.on_device);
+        assert_eq!(store.relying_party(), device);
+        assert_eq!(store.passkeys, vec![passkey(2)]);
+        // The used ids stay: an old approval id is never accepted again.
+        assert_eq!(store.used_approvals, vec!["old".to_owned()]);
+        // A second passkey for the same page is added; the same one twice is refused.
+        store.register(passkey(3), &device).unwrap();
+        assert_eq!(store.passkeys.len(), 2);
+        assert!(matches!(
+            store.register(passkey(3), &device),
+            Err(ApprovalCheckError::Duplicate)
+        ));
+        store.save(&path).unwrap();
+        assert_eq!(PasskeyFile::load(&path).unwrap(), store);
+        // Registering for another page (another port) starts over: the old origin's passkeys
+        // could only be used there.
+        store
+            .register(passkey(4), &rp("http://localhost:9555"))
+            .unwrap();
+        assert_eq!(store.passkeys, vec![passkey(4)]);
+        // Importing goes back to the host's mode, explicitly.
+        store.import(&imported, &host, &path).unwrap();
+        assert!(!store.on_device);
+        assert_eq!(store.relying_party(), host);
+    }
+}
