@@ -141,7 +141,12 @@ impl PageFixture {
 
     /// Starts a call's ask in the background; answers the task and the ask's page view once it
     /// is listed.
-    async fn ask(&self) -> (tokio::task::JoinHandle<Result<Grant, ApprovalCheckError>>, Value) {
+    async fn ask(
+        &self,
+    ) -> (
+        tokio::task::JoinHandle<Result<Grant, ApprovalCheckError>>,
+        Value,
+    ) {
         let device = Arc::clone(&self.device);
         let task =
             tokio::spawn(async move { device.request_approval(CREDENTIAL, TARGET, VM).await });
@@ -277,7 +282,10 @@ async fn an_assertion_made_for_the_hosts_origin_is_refused() {
     assert!(!task.is_finished());
     let good = auth.assert_for(&challenge_of(&view), &f.origin);
     let (status, _) = f
-        .post(&format!("/api/approvals/{id}/approve"), assertion_json(&good))
+        .post(
+            &format!("/api/approvals/{id}/approve"),
+            assertion_json(&good),
+        )
         .await;
     assert_eq!(status, 200);
     assert!(outcome(task).await.is_ok());
@@ -508,7 +516,10 @@ async fn an_expired_ask_disappears() {
     assert_eq!(f.get("/api/approvals").await.1, json!([]));
     assert_eq!(f.get(&format!("/api/approvals/{id}")).await.0, 404);
     let (status, _) = f
-        .post(&format!("/api/approvals/{id}/approve"), assertion_json(&late))
+        .post(
+            &format!("/api/approvals/{id}/approve"),
+            assertion_json(&late),
+        )
         .await;
     assert_eq!(status, 404);
     let err = outcome(task).await.unwrap_err();
@@ -533,9 +544,7 @@ async fn registration_needs_the_one_time_token_and_the_devices_origin() {
     assert_eq!(status, 403);
     // A registration made on the host's page is refused.
     let token = link.split_once('#').unwrap().1;
-    let (_, begin) = f
-        .post("/api/register/begin", json!({"token": token}))
-        .await;
+    let (_, begin) = f.post("/api/register/begin", json!({"token": token})).await;
     let challenge = begin["challenge"].as_str().unwrap();
     let reg = auth.register_for(&B64URL.decode(challenge).unwrap(), HOST_ORIGIN);
     let (status, body) = f
@@ -552,9 +561,7 @@ async fn registration_needs_the_one_time_token_and_the_devices_origin() {
     assert!(f.passkeys().passkeys.is_empty());
     // The right one works once; the token is then closed.
     f.register(&auth).await;
-    let (status, _) = f
-        .post("/api/register/begin", json!({"token": token}))
-        .await;
+    let (status, _) = f.post("/api/register/begin", json!({"token": token})).await;
     assert_eq!(status, 403);
     assert_eq!(f.passkeys().passkeys.len(), 1);
 }
@@ -610,8 +617,12 @@ async fn chromium_registers_on_the_device_page_and_approves_a_pending_ask() -> R
         json!(format!("/approve/{id}"))
     );
     // Its approval page shows what the device built; the passkey approves it.
-    cdp.open(&format!("{}/approve/{id}", f.origin), APPROVE_READY, page_timeout)
-        .await?;
+    cdp.open(
+        &format!("{}/approve/{id}", f.origin),
+        APPROVE_READY,
+        page_timeout,
+    )
+    .await?;
     assert_eq!(
         cdp.eval("document.getElementById('action').textContent")
             .await?,
@@ -620,7 +631,11 @@ async fn chromium_registers_on_the_device_page_and_approves_a_pending_ask() -> R
     assert_eq!(cdp.eval("nanoclawApprove()").await?, json!("approved"));
     let grant = outcome(task).await?;
     assert_eq!(
-        (grant.credential.as_str(), grant.host.as_str(), grant.vm.as_str()),
+        (
+            grant.credential.as_str(),
+            grant.host.as_str(),
+            grant.vm.as_str()
+        ),
         (CREDENTIAL, TARGET, VM)
     );
     assert!(f.passkeys().used_approvals.contains(&id));

@@ -165,7 +165,9 @@ pub enum ApprovalCheckError {
     TooMany(usize),
     /// The passkeys were registered on the device, but its approval page is not served (or is
     /// served on another origin than they were registered on), so nobody can approve.
-    #[error("the passkeys were registered on the device's approval page at {0}, which is not served (run `vault-device serve --approval-listen`)")]
+    #[error(
+        "the passkeys were registered on the device's approval page at {0}, which is not served (run `vault-device serve --approval-listen`)"
+    )]
     PageNotServed(String),
     /// No ask with this approval id waits on the device's page (unknown, answered or expired).
     #[error("no pending request {0}")]

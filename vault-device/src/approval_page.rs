@@ -66,7 +66,7 @@ use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use shared_proto::approval::pages::{APPROVE_HTML, REGISTER_HTML, WEBAUTHN_JS};
 use shared_proto::approval::{
-    ApprovalError, Assertion, RelyingParty, Registration, verify_registration,
+    ApprovalError, Assertion, Registration, RelyingParty, verify_registration,
 };
 use tokio::sync::watch;
 
@@ -270,7 +270,8 @@ impl ApprovalPage {
             open.challenges.remove(0);
         }
         let challenge = random_b64::<32>();
-        open.challenges.push((challenge.clone(), now + CHALLENGE_TTL));
+        open.challenges
+            .push((challenge.clone(), now + CHALLENGE_TTL));
         Ok(challenge)
     }
 
@@ -358,9 +359,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Why [`guard`] refused a request, if it did.
 fn refusal(page: &ApprovalPage, req: &Request) -> Option<Failure> {
     let headers = req.headers();
-    let text = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     if text(header::HOST) != Some(page.inner.host.as_str()) {
-        return Some(Failure(StatusCode::MISDIRECTED_REQUEST, "wrong Host".into()));
+        return Some(Failure(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong Host".into(),
+        ));
     }
     match text(header::ORIGIN) {
         Some(origin) if origin != page.inner.rp.origin => {
@@ -440,9 +448,7 @@ impl From<PageError> for Failure {
                 | ApprovalCheckError::Build(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::FORBIDDEN,
             },
-            PageError::NotLoopback(_) | PageError::Bind { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            PageError::NotLoopback(_) | PageError::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, crate::ErrorChain(&e).to_string())
     }

@@ -439,13 +439,7 @@ impl Device {
     ) -> Result<Grant, ApprovalCheckError> {
         let path = self.passkey_file.lock().await;
         let mut store = PasskeyFile::load(&path)?;
-        let checked = check_evidence(
-            &mut store,
-            ask,
-            canonical_request,
-            assertion,
-            now_unix_ms(),
-        );
+        let checked = check_evidence(&mut store, ask, canonical_request, assertion, now_unix_ms());
         let approved = match checked {
             Ok(r) => r,
             Err(e) => {
@@ -813,11 +807,7 @@ impl Drop for PageAskGuard<'_> {
 /// The approval request the device shows for `ask`: a credential release naming the ask's
 /// request id in its arguments (as [`check_evidence`] expects), expiring `wait` after
 /// `now_unix_ms`, with a fresh id and nonce.
-pub fn build_request(
-    ask: &Ask,
-    now_unix_ms: u64,
-    wait: Duration,
-) -> ApprovalRequest {
+pub fn build_request(ask: &Ask, now_unix_ms: u64, wait: Duration) -> ApprovalRequest {
     let mut id = [0u8; 16];
     OsRng.fill_bytes(&mut id);
     let mut nonce = [0u8; 32];
