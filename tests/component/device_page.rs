@@ -17,6 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use nanoclaw_tests::authenticator::{ORIGIN as HOST_ORIGIN, SoftAuthenticator};
 use nanoclaw_tests::browser;
 use nanoclaw_tests::credential::PASSPHRASE;
+use nanoclaw_tests::{DaemonOptions, free_port};
 use serde_json::{Value, json};
 use shared_proto::approval::{
     ApprovalError, ApprovalRequest, Assertion, RelyingParty, RequestAction,
@@ -48,6 +49,15 @@ async fn start(approval_wait: Duration) -> PageFixture {
     let dir = tempfile::tempdir().unwrap();
     let vault = dir.path().join("device.vault");
     Vault::create(&vault, PASSPHRASE, KdfParams::FAST_FOR_TESTS).unwrap();
+    start_with(dir, vault, approval_wait).await
+}
+
+/// The same, with the vault at `vault` (in `dir`) already made.
+async fn start_with(
+    dir: tempfile::TempDir,
+    vault: PathBuf,
+    approval_wait: Duration,
+) -> PageFixture {
     let device = Device::open(DeviceConfig {
         vault: vault.clone(),
         passphrase: Zeroizing::new(PASSPHRASE.to_vec()),
@@ -564,6 +574,107 @@ async fn registration_needs_the_one_time_token_and_the_devices_origin() {
     let (status, _) = f.post("/api/register/begin", json!({"token": token})).await;
     assert_eq!(status, 403);
     assert_eq!(f.passkeys().passkeys.len(), 1);
+}
+
+/// With the real daemon: the device's ask reaches the user as a webhook notice only (no
+/// approval on the host's pages), and the device's page approves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_forwards_only_a_notice_of_a_request_waiting_on_the_device() {
+    // The webhook receiver: keeps what it is sent.
+    let notices = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let notices = Arc::clone(&notices);
+            move |axum::Json(v): axum::Json<Value>| async move {
+                notices.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(hook, app).await });
+
+    let device_port = free_port();
+    let mut daemon = DaemonOptions::without_vms()
+        .args([
+            "--approvals-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--device-listen".into(),
+            format!("127.0.0.1:{device_port}"),
+            "--approvals-webhook".into(),
+            format!("http://{hook_addr}/hook"),
+        ])
+        .prepare()
+        .expect("the daemon's directory");
+    daemon.spawn().expect("start the daemon");
+
+    let dir = tempfile::tempdir().unwrap();
+    let vault_path = dir.path().join("device.vault");
+    let mut vault = Vault::create(&vault_path, PASSPHRASE, KdfParams::FAST_FOR_TESTS).unwrap();
+    let code = std::fs::read_to_string(daemon.state_dir().join("relay/pairing-code")).unwrap();
+    vault_device::device::pair(
+        &mut vault,
+        &format!("127.0.0.1:{device_port}"),
+        &code,
+        "test-laptop",
+    )
+    .await
+    .unwrap();
+    drop(vault);
+    let f = start_with(dir, vault_path, Duration::from_secs(60)).await;
+    let mut auth = SoftAuthenticator::new();
+    f.register(&auth).await;
+    tokio::spawn(Arc::clone(&f.device).serve());
+    for _ in 0..400 {
+        if f.device.is_linked() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(f.device.is_linked(), "the device never linked");
+
+    let (task, view) = f.ask().await;
+    let request: ApprovalRequest = serde_json::from_value(view["request"].clone()).unwrap();
+    let args: Value = serde_json::from_str(&request.arguments).unwrap();
+    let ask_id = args[APPROVAL_REQUEST_ARG].as_str().unwrap().to_owned();
+    let mut notice = None;
+    for _ in 0..200 {
+        notice = notices.lock().unwrap().first().cloned();
+        if notice.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let notice = notice.expect("no notice reached the webhook");
+    assert_eq!(notice["approval_id"], json!(ask_id));
+    let summary = notice["summary"].as_str().unwrap();
+    assert!(summary.contains("waits on your device"), "{summary}");
+    assert!(
+        summary.contains(CREDENTIAL) && summary.contains(TARGET),
+        "{summary}"
+    );
+    assert_eq!(notice["url"], json!(""));
+    // The host made no approval of its own: nothing is pending on its pages.
+    let out = daemon.cli(&["approvals", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        json!([])
+    );
+    // The device's page approves it.
+    let a = auth.assert_for(&challenge_of(&view), &f.origin);
+    let (status, body) = f
+        .post(
+            &format!("/api/approvals/{}/approve", request.id),
+            assertion_json(&a),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let grant = outcome(task).await.unwrap();
+    assert_eq!(grant.vm, VM);
+    assert_eq!(notices.lock().unwrap().len(), 1);
 }
 
 const APPROVE_READY: &str = "document.readyState === 'complete' && \

@@ -548,6 +548,14 @@ impl Device {
         &self.tokens
     }
 
+    /// Whether the link to the host is up.
+    pub fn is_linked(&self) -> bool {
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Sends the host a message on the current link without waiting (a report: dropped, and
     /// logged, when the link is down or its queue is full).
     pub fn notify_host(&self, msg: DeviceToHost) {
