@@ -513,6 +513,51 @@ async fn deny_refuses_the_ask_at_once() {
 }
 
 #[tokio::test]
+async fn one_vm_cannot_hold_more_than_its_share_of_the_pages_asks() {
+    let f = start(Duration::from_secs(60)).await;
+    f.register(&SoftAuthenticator::new()).await;
+    let mut tasks = Vec::new();
+    for _ in 0..vault_device::device::MAX_PAGE_ASKS_PER_VM {
+        let device = Arc::clone(&f.device);
+        tasks.push(tokio::spawn(async move {
+            device.request_approval(CREDENTIAL, TARGET, VM).await
+        }));
+    }
+    for _ in 0..200 {
+        if f.get("/api/approvals").await.1.as_array().unwrap().len() == tasks.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        f.get("/api/approvals").await.1.as_array().unwrap().len(),
+        tasks.len()
+    );
+    // One more from that VM is refused at once; another VM still gets through.
+    let err = f
+        .device
+        .request_approval(CREDENTIAL, TARGET, VM)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApprovalCheckError::TooMany(_)), "{err:?}");
+    let other = tokio::spawn({
+        let device = Arc::clone(&f.device);
+        async move { device.request_approval(CREDENTIAL, TARGET, "vm-0002").await }
+    });
+    for _ in 0..200 {
+        if f.get("/api/approvals").await.1.as_array().unwrap().len() == tasks.len() + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        f.get("/api/approvals").await.1.as_array().unwrap().len(),
+        tasks.len() + 1
+    );
+    assert!(!other.is_finished());
+}
+
+#[tokio::test]
 async fn an_expired_ask_disappears() {
     let f = start(Duration::from_millis(800)).await;
     let mut auth = SoftAuthenticator::new();

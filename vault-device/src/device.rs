@@ -55,6 +55,7 @@ use shared_proto::credential::{
     self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
     MAX_LINK_DATA, PairingOffer,
 };
+use shared_proto::ratelimit::LogBudget;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -76,6 +77,10 @@ pub const MAX_SESSIONS: usize = 256;
 pub const SESSION_BACKLOG: usize = 96;
 /// Approval asks waiting at once; more are refused at once.
 pub const MAX_PENDING_ASKS: usize = 64;
+/// Asks from one VM waiting on the device's own page at once (as the host's approver allows
+/// one agent), so that one agent can neither crowd out the others nor flood the user with
+/// notices; more are refused at once.
+pub const MAX_PAGE_ASKS_PER_VM: usize = 8;
 /// The default of [`DeviceConfig::approval_wait`]: a little over the host's default approval
 /// expiry (300 s), so that the host's own expiry answers first.
 pub const DEFAULT_APPROVAL_WAIT: Duration = Duration::from_secs(310);
@@ -190,6 +195,8 @@ pub struct Device {
     approvals: Mutex<Approvals>,
     /// The relying party of the device's own approval page, while it is served.
     page: Mutex<Option<RelyingParty>>,
+    /// The budget of the log lines of asks (an agent makes the device ask at will).
+    ask_log: Mutex<LogBudget>,
     /// Serializes the read-check-write of the passkey file.
     passkey_file: Arc<tokio::sync::Mutex<PathBuf>>,
     grant_log: GrantLog,
@@ -242,6 +249,7 @@ impl Device {
             link: Mutex::new(None),
             approvals: Mutex::new(Approvals::default()),
             page: Mutex::new(None),
+            ask_log: Mutex::new(LogBudget::new()),
             passkey_file: Arc::new(tokio::sync::Mutex::new(PasskeyFile::path_for(
                 &config.vault,
             ))),
@@ -294,6 +302,14 @@ impl Device {
     /// that asks for device-registered passkeys are shown there.
     pub fn set_approval_page(&self, rp: Option<RelyingParty>) {
         *self.page.lock().unwrap_or_else(|p| p.into_inner()) = rp;
+    }
+
+    /// Whether a line about an ask may be logged now (`Some(n)`: yes, `n` were suppressed).
+    fn ask_log(&self) -> Option<u64> {
+        self.ask_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(std::time::Instant::now())
     }
 
     fn approval_page(&self) -> Option<RelyingParty> {
@@ -360,8 +376,10 @@ impl Device {
         })
         .await
         .map_err(|_| ApprovalCheckError::LinkDown)?;
-        tracing::info!(vm = %ask.vm_id, credential = %ask.credential,
-            target_host = %ask.target_host, "asked the host for an approval");
+        if let Some(suppressed) = self.ask_log() {
+            tracing::info!(vm = %ask.vm_id, credential = %ask.credential,
+                target_host = %ask.target_host, suppressed, "asked the host for an approval");
+        }
         let wait = self.config.approval_wait;
         let answer = match tokio::time::timeout(wait, rx).await {
             Err(_) => return Err(ApprovalCheckError::Timeout(wait)),
@@ -393,6 +411,10 @@ impl Device {
             if a.pending.len() + a.on_page.len() >= MAX_PENDING_ASKS {
                 return Err(ApprovalCheckError::TooMany(MAX_PENDING_ASKS));
             }
+            let of_vm = a.on_page.values().filter(|p| p.ask.vm_id == ask.vm_id);
+            if of_vm.count() >= MAX_PAGE_ASKS_PER_VM {
+                return Err(ApprovalCheckError::TooMany(MAX_PAGE_ASKS_PER_VM));
+            }
             a.on_page.insert(
                 id.clone(),
                 PageAsk {
@@ -409,16 +431,22 @@ impl Device {
             id: id.clone(),
         };
         // Best effort: the request waits on the device whether or not the host passes it on.
-        self.notify_host(DeviceToHost::ApprovalNeeded {
-            request: ask.request,
-            vm_id: ask.vm_id.clone(),
-            credential: ask.credential.clone(),
-            target_host: ask.target_host.clone(),
-            on_device: true,
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let noticed = link.is_some_and(|l| {
+            l.try_send(DeviceToHost::ApprovalNeeded {
+                request: ask.request,
+                vm_id: ask.vm_id.clone(),
+                credential: ask.credential.clone(),
+                target_host: ask.target_host.clone(),
+                on_device: true,
+            })
+            .is_ok()
         });
-        tracing::info!(vm = %ask.vm_id, credential = %ask.credential,
-            target_host = %ask.target_host, page = %format!("{}/approve/{id}", rp.origin),
-            "a request waits on the device's approval page");
+        if let Some(suppressed) = self.ask_log() {
+            tracing::info!(vm = %ask.vm_id, credential = %ask.credential,
+                target_host = %ask.target_host, page = %format!("{}/approve/{id}", rp.origin),
+                host_told = noticed, suppressed, "a request waits on the device's approval page");
+        }
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(PageAnswer::Granted(grant))) => Ok(grant),
             Ok(Ok(PageAnswer::Denied)) => Err(ApprovalCheckError::Refused(
@@ -443,8 +471,10 @@ impl Device {
         let approved = match checked {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(vm = %ask.vm_id, credential = %ask.credential,
-                    error = %crate::ErrorChain(&e), "approval evidence refused");
+                if let Some(suppressed) = self.ask_log() {
+                    tracing::warn!(vm = %ask.vm_id, credential = %ask.credential,
+                        error = %crate::ErrorChain(&e), suppressed, "approval evidence refused");
+                }
                 return Err(e);
             }
         };
