@@ -142,7 +142,8 @@ enum PasskeyCommand {
     /// Register a passkey on the device's own approval page: serves the page on a loopback
     /// address, prints a one-time link, and stores the passkey once the ceremony in the browser
     /// succeeds. Approvals are then shown and signed on the device's page only (`serve
-    /// --approval-listen` with the same address).
+    /// --approval-listen` with the same address). Run it while `serve` is stopped (it uses the
+    /// same port), or use `serve --open-registration` instead.
     Register {
         /// The loopback address of the page (`127.0.0.1:PORT`; origin `http://localhost:PORT`).
         #[arg(long)]
