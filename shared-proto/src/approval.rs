@@ -648,5 +648,19 @@ pub fn verify_registration(
     })
 }
 
+/// The browser side of the approval pages: the registration and approval pages and the script
+/// that carries the WebAuthn ceremonies' bytes. The host's approval pages and `vault-device`'s
+/// own approval page serve the same files over the same JSON API (`/api/register/*`,
+/// `/api/approvals/*`); the server checks everything, the script only carries bytes. The
+/// device's page of pending asks (`data-page="list"`) also reads `GET /api/approvals`.
+pub mod pages {
+    /// The approval page (one request, by the id in its path).
+    pub const APPROVE_HTML: &str = include_str!("approval/pages/approve.html");
+    /// The passkey registration page (the one-time token in the URL fragment).
+    pub const REGISTER_HTML: &str = include_str!("approval/pages/register.html");
+    /// The pages' script.
+    pub const WEBAUTHN_JS: &str = include_str!("approval/pages/webauthn.js");
+}
+
 #[cfg(test)]
 mod tests;

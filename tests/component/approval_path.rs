@@ -463,6 +463,7 @@ fn each_forgery_has_its_typed_error() {
     let mut store = PasskeyFile {
         rp_id: "localhost".into(),
         origin: ORIGIN.into(),
+        on_device: false,
         passkeys: vec![auth.passkey()],
         used_approvals: vec![],
     };

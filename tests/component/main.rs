@@ -13,7 +13,8 @@
 //!   [`approval_browser`] (Chromium approves on the passkey pages), [`approval_daemon`] (the
 //!   daemon serves the pages), [`credential_approval`] (the daemon routes the device's asks to
 //!   its approver), [`approval_path`] (releases approved with a passkey, re-checked by the
-//!   device).
+//!   device), [`device_page`] (the device's own approval page: registration and approvals on
+//!   the device's origin, over its API and in Chromium).
 //! - The credential path: [`primary_path`], [`fallback_path`], [`tokenize_path`].
 //! - The VMM's jail: [`jail`] (entered for real, as root, without booting).
 //! - MCP: [`mcp_gateway`] (the gateway with the Python SDK as upstream and agent),
@@ -24,6 +25,7 @@ mod approval_browser;
 mod approval_daemon;
 mod approval_path;
 mod credential_approval;
+mod device_page;
 mod fallback_path;
 mod jail;
 mod mcp_gateway;

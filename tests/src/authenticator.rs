@@ -1,13 +1,14 @@
 //! A software authenticator for tests: one ES256 (`p256`) key that answers a WebAuthn `get`
 //! as a browser would (authenticatorData, clientDataJSON, a DER signature over
-//! authenticatorData || SHA-256(clientDataJSON)), for origin [`ORIGIN`] unless told otherwise.
+//! authenticatorData || SHA-256(clientDataJSON)), for origin [`ORIGIN`] unless told otherwise,
+//! and a WebAuthn `create` with attestation format `none` ([`SoftAuthenticator::register_for`]).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use sha2::{Digest, Sha256};
-use shared_proto::approval::{Assertion, Passkey};
+use shared_proto::approval::{Assertion, Passkey, Registration};
 
 /// The approval pages' origin the tests use by default.
 pub const ORIGIN: &str = "http://localhost:8443";
@@ -85,6 +86,47 @@ impl SoftAuthenticator {
             authenticator_data: auth_data,
             client_data_json,
             signature: sig.to_der().as_bytes().to_vec(),
+        }
+    }
+
+    /// What the browser returns for `navigator.credentials.create` with this challenge on the
+    /// page at `origin` (rp id `localhost`): attestation format `none`, the key as an ES256
+    /// COSE key, the counter as it stands.
+    pub fn register_for(&self, challenge: &[u8], origin: &str) -> Registration {
+        use ciborium::Value;
+        let point = self.key.verifying_key().to_encoded_point(false);
+        let (x, y) = (point.x().unwrap().to_vec(), point.y().unwrap().to_vec());
+        let int = |i: i64| Value::Integer(i.into());
+        let cose_key = Value::Map(vec![
+            (int(1), int(2)),
+            (int(3), int(-7)),
+            (int(-1), int(1)),
+            (int(-2), Value::Bytes(x)),
+            (int(-3), Value::Bytes(y)),
+        ]);
+        let mut auth_data = Sha256::digest(b"localhost").to_vec();
+        // UP, UV and AT (attested credential data).
+        auth_data.push(self.flags | 0x40);
+        auth_data.extend_from_slice(&self.counter.to_be_bytes());
+        auth_data.extend_from_slice(&[0; 16]);
+        auth_data.extend_from_slice(&u16::try_from(self.id.len()).unwrap().to_be_bytes());
+        auth_data.extend_from_slice(&self.id);
+        ciborium::into_writer(&cose_key, &mut auth_data).unwrap();
+        let object = Value::Map(vec![
+            (Value::Text("fmt".into()), Value::Text("none".into())),
+            (Value::Text("attStmt".into()), Value::Map(Vec::new())),
+            (Value::Text("authData".into()), Value::Bytes(auth_data)),
+        ]);
+        let mut attestation_object = Vec::new();
+        ciborium::into_writer(&object, &mut attestation_object).unwrap();
+        let client_data_json = format!(
+            r#"{{"type":"webauthn.create","challenge":"{}","origin":"{origin}","crossOrigin":false}}"#,
+            B64URL.encode(challenge)
+        )
+        .into_bytes();
+        Registration {
+            attestation_object,
+            client_data_json,
         }
     }
 }

@@ -2,10 +2,22 @@
 //! creates a grant, so a compromised host cannot mint one.
 //!
 //! When a call needs a credential the device holds but has no live grant for (credential x
-//! target host x VM), the device sends the host `ApprovalNeeded` with a fresh random request
-//! id and holds the agent's request ([`crate::device::Device::request_approval`], bounded by
-//! `DeviceConfig::approval_wait`). The host asks the user; on approval it sends back the
-//! canonical approval request and the assertion. [`check_evidence`] then:
+//! target host x VM), the device asks the user ([`crate::device::Device::request_approval`],
+//! bounded by `DeviceConfig::approval_wait`), in one of two modes chosen by the passkey file:
+//!
+//! - **On the device** (passkeys registered on the device's own page,
+//!   [`PasskeyFile::on_device`]): the device builds the canonical [`ApprovalRequest`] itself,
+//!   holds it in memory and shows it on its own approval page ([`crate::approval_page`], on
+//!   loopback, origin `http://localhost:PORT`, rp id `localhost`), where the user approves with
+//!   a passkey whose challenge is that request's SHA-256, or denies. The host only gets a
+//!   notice (`ApprovalNeeded` with `on_device` set) so that it can tell the user a request
+//!   waits; it creates no approval of its own, and any evidence it sends is ignored.
+//! - **Through the host** (passkeys imported from the host, the older and weaker mode): the
+//!   device sends the host `ApprovalNeeded` with a fresh random request id; the host shows the
+//!   request on its own pages and, on approval, sends back the canonical request and the
+//!   assertion.
+//!
+//! In both modes [`check_evidence`] then:
 //!
 //! 1. decodes the request ([`ApprovalRequest::decode`] refuses any non-canonical encoding);
 //! 2. checks its action is `Credential` for exactly the credential and target host asked about,
@@ -24,19 +36,36 @@
 //!
 //! # The passkey file
 //!
-//! `<vault>.passkeys.json` (0600, written atomically): the relying party (rp id and origin of
-//! the host's approval pages), the passkeys (credential id, public key, counter: nothing
-//! secret) and the last [`MAX_USED_APPROVALS`] approval ids used. `vault-device passkey import`
-//! fills it from the host's registered passkeys (the host's `passkeys.json`).
+//! `<vault>.passkeys.json` (0600, written atomically): the relying party (rp id and exact
+//! origin of the pages the passkeys sign on), whether they were registered on the device, the
+//! passkeys (credential id, public key, counter: nothing secret) and the last
+//! [`MAX_USED_APPROVALS`] approval ids used. `vault-device passkey register` fills it through a
+//! registration ceremony on the device's own page ([`PasskeyFile::register`]); `vault-device
+//! passkey import` fills it from the host's registered passkeys (the host's `passkeys.json`,
+//! [`PasskeyFile::import`]).
 //!
-//! # Limit: the passkey is trusted on first use
+//! # Why the device shows the request itself
 //!
-//! The device learns the passkey's public key from the host, once, when the user imports it.
-//! A host that is already compromised at that moment can hand over a key of its own, and then
-//! mint approvals; the check protects against a host compromised after the import. Registering
-//! the passkey on the device itself (a WebAuthn ceremony whose origin the device controls), or
-//! the user comparing the key's fingerprint on both sides (`vault-device passkey list` prints
-//! it), closes that gap.
+//! The device is the enforcement point for a credential release. When the host shows the
+//! request, the user reads it on a page the host serves, and that page signs whatever
+//! challenge the host gives it: a compromised host can show one request and have another
+//! signed, and the device, checking the signature, cannot tell. On the device's own page the
+//! request shown and the challenge signed both come from the device. The browser writes the
+//! page's exact origin (scheme, host and port) into the signed clientDataJSON, and the device
+//! accepts only its own origin: an assertion made on any other page, the host's included (even
+//! one served on another port of `localhost`, which shares the rp id), is refused with
+//! [`ApprovalError::OriginMismatch`].
+//!
+//! # Limit of the import mode: the passkey is trusted on first use
+//!
+//! In the import mode the device learns the passkey's public key from the host, once, when the
+//! user imports it. A host that is already compromised at that moment can hand over a key of
+//! its own, and then mint approvals; and since the host shows the request, a compromised host
+//! can also have the user sign a request other than the one shown. Registering the passkey on
+//! the device itself closes both gaps: the device learns the key from a ceremony on its own
+//! page, guarded by a one-time token printed on its terminal. In the import mode, comparing
+//! the key's fingerprint on both sides (`vault-device passkey list` prints it) at least closes
+//! the first.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -134,6 +163,21 @@ pub enum ApprovalCheckError {
     /// Too many asks are waiting.
     #[error("too many approvals pending (limit {0})")]
     TooMany(usize),
+    /// The passkeys were registered on the device, but its approval page is not served (or is
+    /// served on another origin than they were registered on), so nobody can approve.
+    #[error(
+        "the passkeys were registered on the device's approval page at {0}, which is not served (run `vault-device serve --approval-listen`)"
+    )]
+    PageNotServed(String),
+    /// No ask with this approval id waits on the device's page (unknown, answered or expired).
+    #[error("no pending request {0}")]
+    NoSuchAsk(String),
+    /// The device could not build the request it shows.
+    #[error("cannot build the approval request")]
+    Build(#[source] ApprovalError),
+    /// The passkey is already registered.
+    #[error("this passkey is already registered")]
+    Duplicate,
 }
 
 /// What the device asked the user to approve.
@@ -152,10 +196,14 @@ pub struct Ask {
 /// The contents of the passkey file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasskeyFile {
-    /// The rp id of the host's approval pages.
+    /// The rp id of the pages the passkeys sign on (the device's own: `localhost`).
     pub rp_id: String,
-    /// Their exact origin.
+    /// Their exact origin (the device's own: `http://localhost:PORT`).
     pub origin: String,
+    /// Whether the passkeys were registered on the device's own page (approvals are then shown
+    /// and signed there only) rather than imported from the host.
+    #[serde(default)]
+    pub on_device: bool,
     /// The user's passkeys.
     pub passkeys: Vec<Passkey>,
     /// Approval ids already used, oldest first.
@@ -211,7 +259,34 @@ impl PasskeyFile {
         }
         self.rp_id = rp.rp_id.clone();
         self.origin = rp.origin.clone();
+        self.on_device = false;
         self.passkeys = passkeys;
+        Ok(())
+    }
+
+    /// Adds `passkey`, registered on the device's own page at `rp` (its signature already
+    /// checked by [`shared_proto::approval::verify_registration`]), keeping the used approval
+    /// ids. Passkeys imported from the host, or registered for another origin, are dropped:
+    /// from now on only the device's page can approve.
+    pub fn register(
+        &mut self,
+        passkey: Passkey,
+        rp: &RelyingParty,
+    ) -> Result<(), ApprovalCheckError> {
+        if !self.on_device || self.relying_party() != *rp {
+            self.passkeys.clear();
+        }
+        if self
+            .passkeys
+            .iter()
+            .any(|p| p.credential_id == passkey.credential_id)
+        {
+            return Err(ApprovalCheckError::Duplicate);
+        }
+        self.rp_id = rp.rp_id.clone();
+        self.origin = rp.origin.clone();
+        self.on_device = true;
+        self.passkeys.push(passkey);
         Ok(())
     }
 
@@ -362,5 +437,76 @@ impl GrantLog {
             .map_err(err)?;
         f.write_all(&line).map_err(err)?;
         f.sync_data().map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passkey(id: u8) -> Passkey {
+        Passkey {
+            credential_id: vec![id; 16],
+            public_key: vec![4; 65],
+            counter: 0,
+        }
+    }
+
+    fn rp(origin: &str) -> RelyingParty {
+        RelyingParty {
+            rp_id: "localhost".into(),
+            origin: origin.into(),
+        }
+    }
+
+    #[test]
+    fn a_passkey_file_written_before_device_registration_loads_as_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.passkeys.json");
+        std::fs::write(
+            &path,
+            br#"{"rp_id":"localhost","origin":"http://localhost:8443","passkeys":[]}"#,
+        )
+        .unwrap();
+        let store = PasskeyFile::load(&path).unwrap();
+        assert!(!store.on_device);
+        assert_eq!(store.origin, "http://localhost:8443");
+    }
+
+    #[test]
+    fn registering_on_the_device_replaces_imported_passkeys_and_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.passkeys.json");
+        let mut store = PasskeyFile::default();
+        let host = rp("http://localhost:8443");
+        let imported = serde_json::to_vec(&[passkey(1)]).unwrap();
+        store.import(&imported, &host, &path).unwrap();
+        store.used_approvals.push("old".into());
+        let device = rp("http://localhost:9444");
+        store.register(passkey(2), &device).unwrap();
+        assert!(store.on_device);
+        assert_eq!(store.relying_party(), device);
+        assert_eq!(store.passkeys, vec![passkey(2)]);
+        // The used ids stay: an old approval id is never accepted again.
+        assert_eq!(store.used_approvals, vec!["old".to_owned()]);
+        // A second passkey for the same page is added; the same one twice is refused.
+        store.register(passkey(3), &device).unwrap();
+        assert_eq!(store.passkeys.len(), 2);
+        assert!(matches!(
+            store.register(passkey(3), &device),
+            Err(ApprovalCheckError::Duplicate)
+        ));
+        store.save(&path).unwrap();
+        assert_eq!(PasskeyFile::load(&path).unwrap(), store);
+        // Registering for another page (another port) starts over: the old origin's passkeys
+        // could only be used there.
+        store
+            .register(passkey(4), &rp("http://localhost:9555"))
+            .unwrap();
+        assert_eq!(store.passkeys, vec![passkey(4)]);
+        // Importing goes back to the host's mode, explicitly.
+        store.import(&imported, &host, &path).unwrap();
+        assert!(!store.on_device);
+        assert_eq!(store.relying_party(), host);
     }
 }

@@ -19,12 +19,20 @@
 //!
 //! # Approvals
 //!
-//! When a call lacks a grant and a passkey is stored, [`Device::request_approval`] sends the
-//! host `ApprovalNeeded` on the current link and waits (at most
-//! [`DeviceConfig::approval_wait`]) for the matching `Approval`; the evidence is checked by
-//! [`crate::approval::check_evidence`] before a grant is created. Approved grants live in
-//! memory (they last minutes) and are recorded in the grant log. Asks still waiting when the
-//! link drops fail at once.
+//! When a call lacks a grant and a passkey is stored, [`Device::request_approval`] asks the
+//! user and waits (at most [`DeviceConfig::approval_wait`]):
+//!
+//! - passkeys registered on the device: it builds the approval request itself and holds it
+//!   ([`Device::page_pending`]) for its own approval page ([`crate::approval_page`]), which
+//!   approves ([`Device::page_approve`]) or denies ([`Device::page_deny`]) it; the host only
+//!   gets a notice (`ApprovalNeeded` with `on_device` set), best effort;
+//! - passkeys imported from the host: it sends the host `ApprovalNeeded` on the current link
+//!   and waits for the matching `Approval`. Asks still waiting when the link drops fail at
+//!   once.
+//!
+//! Either way the evidence is checked by [`crate::approval::check_evidence`] before a grant is
+//! created. Approved grants live in memory (they last minutes) and are recorded in the grant
+//! log.
 //!
 //! # Reloading
 //!
@@ -38,11 +46,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use rand_core::{OsRng, RngCore};
+use serde::Serialize;
+use shared_proto::approval::{ApprovalRequest, Assertion, RelyingParty, RequestAction};
 use shared_proto::credential::{
     self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
     MAX_LINK_DATA, PairingOffer,
 };
+use shared_proto::ratelimit::LogBudget;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -64,9 +77,15 @@ pub const MAX_SESSIONS: usize = 256;
 pub const SESSION_BACKLOG: usize = 96;
 /// Approval asks waiting at once; more are refused at once.
 pub const MAX_PENDING_ASKS: usize = 64;
+/// Asks from one VM waiting on the device's own page at once (as the host's approver allows
+/// one agent), so that one agent can neither crowd out the others nor flood the user with
+/// notices; more are refused at once.
+pub const MAX_PAGE_ASKS_PER_VM: usize = 8;
 /// The default of [`DeviceConfig::approval_wait`]: a little over the host's default approval
 /// expiry (300 s), so that the host's own expiry answers first.
 pub const DEFAULT_APPROVAL_WAIT: Duration = Duration::from_secs(310);
+/// The rule named in the approval requests the device builds (the host names the same one).
+pub const CREDENTIAL_RULE: &str = "credential_without_grant";
 /// The longest pause between redials.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -124,8 +143,41 @@ pub struct DeviceConfig {
 struct Approvals {
     /// Asks sent to the host and not yet answered.
     pending: HashMap<[u8; 16], oneshot::Sender<ApprovalAnswer>>,
+    /// Asks shown on the device's own page, by approval id.
+    on_page: HashMap<String, PageAsk>,
     /// Grants created by verified approvals.
     grants: Vec<Grant>,
+}
+
+/// An ask waiting on the device's own approval page: the request the device built, exactly as
+/// the passkey must sign it.
+struct PageAsk {
+    ask: Ask,
+    request: ApprovalRequest,
+    canonical: Vec<u8>,
+    challenge: [u8; 32],
+    answer: oneshot::Sender<PageAnswer>,
+}
+
+/// How the page answered an ask.
+#[derive(Debug)]
+enum PageAnswer {
+    /// Approved and verified: the grant it created.
+    Granted(Grant),
+    /// Denied by the user.
+    Denied,
+}
+
+/// A pending ask as the device's approval page shows it (the same shape as the host's pages
+/// use, so that the shared script serves both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PageView {
+    /// The request the device built.
+    pub request: ApprovalRequest,
+    /// Its SHA-256, base64url: the WebAuthn challenge.
+    pub challenge: String,
+    /// Its approval page.
+    pub url: String,
 }
 
 struct Cached {
@@ -141,8 +193,12 @@ pub struct Device {
     /// The current link's outgoing queue.
     link: Mutex<Option<mpsc::Sender<DeviceToHost>>>,
     approvals: Mutex<Approvals>,
+    /// The relying party of the device's own approval page, while it is served.
+    page: Mutex<Option<RelyingParty>>,
+    /// The budget of the log lines of asks (an agent makes the device ask at will).
+    ask_log: Mutex<LogBudget>,
     /// Serializes the read-check-write of the passkey file.
-    passkey_file: tokio::sync::Mutex<PathBuf>,
+    passkey_file: Arc<tokio::sync::Mutex<PathBuf>>,
     grant_log: GrantLog,
     /// The tokenizers of the VMs the host said tokenize.
     tokens: crate::tokenize::Registry,
@@ -192,7 +248,11 @@ impl Device {
             }),
             link: Mutex::new(None),
             approvals: Mutex::new(Approvals::default()),
-            passkey_file: tokio::sync::Mutex::new(PasskeyFile::path_for(&config.vault)),
+            page: Mutex::new(None),
+            ask_log: Mutex::new(LogBudget::new()),
+            passkey_file: Arc::new(tokio::sync::Mutex::new(PasskeyFile::path_for(
+                &config.vault,
+            ))),
             grant_log: GrantLog::for_vault(&config.vault),
             tokens: crate::tokenize::Registry::default(),
             config,
@@ -232,9 +292,33 @@ impl Device {
         PasskeyFile::load(&path).is_ok_and(|f| !f.passkeys.is_empty())
     }
 
-    /// Asks the user, through the host, to approve releasing `credential` to `target_host`
-    /// for `vm_id`; on a verified approval creates, records and answers the grant (see the
-    /// module doc of [`crate::approval`]).
+    /// The lock that serializes every read-check-write of the passkey file (the approval
+    /// page's registrations take it too).
+    pub fn passkey_lock(&self) -> Arc<tokio::sync::Mutex<PathBuf>> {
+        Arc::clone(&self.passkey_file)
+    }
+
+    /// Says that the device's own approval page is served for `rp` (`None`: no longer), so
+    /// that asks for device-registered passkeys are shown there.
+    pub fn set_approval_page(&self, rp: Option<RelyingParty>) {
+        *self.page.lock().unwrap_or_else(|p| p.into_inner()) = rp;
+    }
+
+    /// Whether a line about an ask may be logged now (`Some(n)`: yes, `n` were suppressed).
+    fn ask_log(&self) -> Option<u64> {
+        self.ask_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(std::time::Instant::now())
+    }
+
+    fn approval_page(&self) -> Option<RelyingParty> {
+        self.page.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks the user to approve releasing `credential` to `target_host` for `vm_id`, on the
+    /// device's own page or through the host (see the module doc); on a verified approval
+    /// creates, records and answers the grant (see the module doc of [`crate::approval`]).
     pub async fn request_approval(
         &self,
         credential: &str,
@@ -249,6 +333,22 @@ impl Device {
             target_host: target_host.to_owned(),
             vm_id: vm_id.to_owned(),
         };
+        let store = {
+            let path = self.passkey_file.lock().await;
+            PasskeyFile::load(&path)?
+        };
+        if store.on_device {
+            return match self.approval_page() {
+                Some(rp) if rp == store.relying_party() => self.ask_on_page(ask, &rp).await,
+                _ => Err(ApprovalCheckError::PageNotServed(store.origin)),
+            };
+        }
+        self.ask_host(ask).await
+    }
+
+    /// The import mode: the host shows the request and sends back evidence.
+    async fn ask_host(&self, ask: Ask) -> Result<Grant, ApprovalCheckError> {
+        let request = ask.request;
         let link = self
             .link
             .lock()
@@ -258,7 +358,7 @@ impl Device {
         let (tx, rx) = oneshot::channel();
         {
             let mut a = self.approvals();
-            if a.pending.len() >= MAX_PENDING_ASKS {
+            if a.pending.len() + a.on_page.len() >= MAX_PENDING_ASKS {
                 return Err(ApprovalCheckError::TooMany(MAX_PENDING_ASKS));
             }
             a.pending.insert(request, tx);
@@ -272,10 +372,14 @@ impl Device {
             vm_id: ask.vm_id.clone(),
             credential: ask.credential.clone(),
             target_host: ask.target_host.clone(),
+            on_device: false,
         })
         .await
         .map_err(|_| ApprovalCheckError::LinkDown)?;
-        tracing::info!(vm = %vm_id, %credential, %target_host, "asked for an approval");
+        if let Some(suppressed) = self.ask_log() {
+            tracing::info!(vm = %ask.vm_id, credential = %ask.credential,
+                target_host = %ask.target_host, suppressed, "asked the host for an approval");
+        }
         let wait = self.config.approval_wait;
         let answer = match tokio::time::timeout(wait, rx).await {
             Err(_) => return Err(ApprovalCheckError::Timeout(wait)),
@@ -289,20 +393,88 @@ impl Device {
                 assertion,
             } => (canonical_request, assertion),
         };
+        self.grant_on_evidence(&ask, &canonical_request, &assertion)
+            .await
+    }
+
+    /// The device mode: the device builds the request, shows it on its own page and waits for
+    /// the page's answer; the host only gets a notice.
+    async fn ask_on_page(&self, ask: Ask, rp: &RelyingParty) -> Result<Grant, ApprovalCheckError> {
+        let wait = self.config.approval_wait;
+        let request = build_request(&ask, now_unix_ms(), wait);
+        let canonical = request.encode().map_err(ApprovalCheckError::Build)?;
+        let challenge = request.challenge().map_err(ApprovalCheckError::Build)?;
+        let id = request.id.clone();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut a = self.approvals();
+            if a.pending.len() + a.on_page.len() >= MAX_PENDING_ASKS {
+                return Err(ApprovalCheckError::TooMany(MAX_PENDING_ASKS));
+            }
+            let of_vm = a.on_page.values().filter(|p| p.ask.vm_id == ask.vm_id);
+            if of_vm.count() >= MAX_PAGE_ASKS_PER_VM {
+                return Err(ApprovalCheckError::TooMany(MAX_PAGE_ASKS_PER_VM));
+            }
+            a.on_page.insert(
+                id.clone(),
+                PageAsk {
+                    ask: ask.clone(),
+                    request,
+                    canonical,
+                    challenge,
+                    answer: tx,
+                },
+            );
+        }
+        let _guard = PageAskGuard {
+            device: self,
+            id: id.clone(),
+        };
+        // Best effort: the request waits on the device whether or not the host passes it on.
+        let link = self.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let noticed = link.is_some_and(|l| {
+            l.try_send(DeviceToHost::ApprovalNeeded {
+                request: ask.request,
+                vm_id: ask.vm_id.clone(),
+                credential: ask.credential.clone(),
+                target_host: ask.target_host.clone(),
+                on_device: true,
+            })
+            .is_ok()
+        });
+        if let Some(suppressed) = self.ask_log() {
+            tracing::info!(vm = %ask.vm_id, credential = %ask.credential,
+                target_host = %ask.target_host, page = %format!("{}/approve/{id}", rp.origin),
+                host_told = noticed, suppressed, "a request waits on the device's approval page");
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(PageAnswer::Granted(grant))) => Ok(grant),
+            Ok(Ok(PageAnswer::Denied)) => Err(ApprovalCheckError::Refused(
+                "denied on the device's approval page".into(),
+            )),
+            // The ask expired on the page (its sender dropped) or the wait ran out.
+            Ok(Err(_)) | Err(_) => Err(ApprovalCheckError::Timeout(wait)),
+        }
+    }
+
+    /// Checks `canonical_request` and `assertion` for `ask` against the stored passkeys and
+    /// relying party, then creates, records and answers the grant.
+    async fn grant_on_evidence(
+        &self,
+        ask: &Ask,
+        canonical_request: &[u8],
+        assertion: &Assertion,
+    ) -> Result<Grant, ApprovalCheckError> {
         let path = self.passkey_file.lock().await;
         let mut store = PasskeyFile::load(&path)?;
-        let checked = check_evidence(
-            &mut store,
-            &ask,
-            &canonical_request,
-            &assertion,
-            now_unix_ms(),
-        );
+        let checked = check_evidence(&mut store, ask, canonical_request, assertion, now_unix_ms());
         let approved = match checked {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(vm = %vm_id, %credential, error = %crate::ErrorChain(&e),
-                    "approval evidence refused");
+                if let Some(suppressed) = self.ask_log() {
+                    tracing::warn!(vm = %ask.vm_id, credential = %ask.credential,
+                        error = %crate::ErrorChain(&e), suppressed, "approval evidence refused");
+                }
                 return Err(e);
             }
         };
@@ -310,17 +482,85 @@ impl Device {
         store.save(&path)?;
         drop(path);
         let now = now_unix_ms() / 1000;
-        let grant = grant_for(&ask, &approved, now);
+        let grant = grant_for(ask, &approved, now);
         self.grant_log.append(&GrantRecord {
             at: now,
             approval_id: approved.id.clone(),
-            request: hex::encode(request),
+            request: hex::encode(ask.request),
             grant: grant.clone(),
         })?;
-        tracing::info!(vm = %vm_id, %credential, %target_host, approval = %approved.id,
+        tracing::info!(vm = %ask.vm_id, credential = %ask.credential,
+            target_host = %ask.target_host, approval = %approved.id,
             expires_at = grant.expires_at, "grant created by a verified approval");
         self.approvals().grants.push(grant.clone());
         Ok(grant)
+    }
+
+    /// The asks waiting on the device's page at `now_unix_ms`, oldest first; expired ones are
+    /// dropped (their calls fail).
+    pub fn page_pending(&self, now_unix_ms: u64) -> Vec<PageView> {
+        let origin = self.approval_page().map(|rp| rp.origin).unwrap_or_default();
+        let mut a = self.approvals();
+        a.on_page
+            .retain(|_, p| p.request.expires_unix_ms > now_unix_ms);
+        let mut v: Vec<PageView> = a
+            .on_page
+            .values()
+            .map(|p| PageView {
+                request: p.request.clone(),
+                challenge: B64URL.encode(p.challenge),
+                url: format!("{origin}/approve/{}", p.request.id),
+            })
+            .collect();
+        v.sort_by(|x, y| {
+            (x.request.created_unix_ms, &x.request.id)
+                .cmp(&(y.request.created_unix_ms, &y.request.id))
+        });
+        v
+    }
+
+    /// One ask waiting on the device's page.
+    pub fn page_get(&self, id: &str, now_unix_ms: u64) -> Option<PageView> {
+        self.page_pending(now_unix_ms)
+            .into_iter()
+            .find(|v| v.request.id == id)
+    }
+
+    /// Approves the ask `id` on the device's page with `assertion`: the device checks it
+    /// against the request it built and holds (never one it is given) with
+    /// [`check_evidence`], then creates the grant and answers the waiting call. A failed check
+    /// leaves the ask pending.
+    pub async fn page_approve(
+        &self,
+        id: &str,
+        assertion: &Assertion,
+    ) -> Result<Grant, ApprovalCheckError> {
+        let (ask, canonical) = {
+            let a = self.approvals();
+            let p = a
+                .on_page
+                .get(id)
+                .ok_or_else(|| ApprovalCheckError::NoSuchAsk(id.to_owned()))?;
+            (p.ask.clone(), p.canonical.clone())
+        };
+        let grant = self.grant_on_evidence(&ask, &canonical, assertion).await?;
+        if let Some(p) = self.approvals().on_page.remove(id) {
+            let _ = p.answer.send(PageAnswer::Granted(grant.clone()));
+        }
+        Ok(grant)
+    }
+
+    /// Denies the ask `id` on the device's page: its call fails at once.
+    pub fn page_deny(&self, id: &str) -> Result<(), ApprovalCheckError> {
+        let p = self
+            .approvals()
+            .on_page
+            .remove(id)
+            .ok_or_else(|| ApprovalCheckError::NoSuchAsk(id.to_owned()))?;
+        let _ = p.answer.send(PageAnswer::Denied);
+        tracing::info!(vm = %p.ask.vm_id, credential = %p.ask.credential,
+            target_host = %p.ask.target_host, "request denied on the device's approval page");
+        Ok(())
     }
 
     /// The identity secret.
@@ -336,6 +576,14 @@ impl Device {
     /// The tokenizers of the VMs the host announced ([`crate::tokenize`]).
     pub fn tokens(&self) -> &crate::tokenize::Registry {
         &self.tokens
+    }
+
+    /// Whether the link to the host is up.
+    pub fn is_linked(&self) -> bool {
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Sends the host a message on the current link without waiting (a report: dropped, and
@@ -582,7 +830,56 @@ impl Drop for AskGuard<'_> {
     }
 }
 
-fn now_unix_ms() -> u64 {
+/// Removes an ask from the device's page once its call no longer waits.
+struct PageAskGuard<'a> {
+    device: &'a Device,
+    id: String,
+}
+
+impl Drop for PageAskGuard<'_> {
+    fn drop(&mut self) {
+        self.device.approvals().on_page.remove(&self.id);
+    }
+}
+
+/// The approval request the device shows for `ask`: a credential release naming the ask's
+/// request id in its arguments (as [`check_evidence`] expects), expiring `wait` after
+/// `now_unix_ms`, with a fresh id and nonce.
+pub fn build_request(ask: &Ask, now_unix_ms: u64, wait: Duration) -> ApprovalRequest {
+    let mut id = [0u8; 16];
+    OsRng.fill_bytes(&mut id);
+    let mut nonce = [0u8; 32];
+    OsRng.fill_bytes(&mut nonce);
+    // serde_json's maps are sorted, so this text is the one rendering of the arguments.
+    let arguments = serde_json::json!({
+        "credential": ask.credential,
+        "target_host": ask.target_host,
+        credential::APPROVAL_REQUEST_ARG: hex::encode(ask.request),
+    });
+    ApprovalRequest {
+        id: format!("dev-{}", hex::encode(id)),
+        agent: format!("the agent in {}", ask.vm_id),
+        vm_id: ask.vm_id.clone(),
+        profile: "-".into(),
+        action: RequestAction::Credential {
+            name: ask.credential.clone(),
+            target_host: ask.target_host.clone(),
+        },
+        arguments: arguments.to_string(),
+        rule: CREDENTIAL_RULE.into(),
+        reason: format!(
+            "the device holds no live grant to send {} to {} for {}",
+            ask.credential, ask.target_host, ask.vm_id
+        ),
+        created_unix_ms: now_unix_ms,
+        expires_unix_ms: now_unix_ms
+            .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+        nonce,
+    }
+}
+
+/// The time now, in Unix milliseconds.
+pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -10,8 +10,10 @@
 //!
 //! - [`vault`]: the vault file (Argon2id + ChaCha20-Poly1305, 0600, atomic writes, a `.prev`
 //!   generation), credential entries and the identity key.
-//! - [`approval`]: device-side approvals: the passkey file, the check of the host's evidence
-//!   before any grant, the grant log.
+//! - [`approval`]: device-side approvals: the passkey file, the check of the evidence before
+//!   any grant, the grant log, and why the device shows requests itself.
+//! - [`approval_page`]: the device's own approval page (loopback only): passkey registration
+//!   and the approval of the device's pending credential asks, on the device's own origin.
 //! - [`grant`]: grants (credential x host x VM x expiry), the rules of issuing one and the
 //!   release check.
 //! - [`noise`]: the device's Noise layer: records on its async streams, read with the shared
@@ -25,6 +27,7 @@
 //!   with the agent key and the surrogates the host hands over.
 
 pub mod approval;
+pub mod approval_page;
 pub mod device;
 pub mod grant;
 pub mod noise;

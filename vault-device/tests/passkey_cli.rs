@@ -1,6 +1,7 @@
 //! `vault-device passkey import|list`: the host's passkeys file becomes the device's, 0600,
 //! with the relying party; a malformed or empty file, or a wrong passphrase, is refused and
-//! leaves the stored passkeys as they were.
+//! leaves the stored passkeys as they were. `vault-device passkey register` and `serve
+//! --approval-listen`: the device's own page, on loopback only.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -86,4 +87,60 @@ fn import_and_list_passkeys() {
         assert!(!out.stderr.is_empty());
         assert_eq!(PasskeyFile::load(&path).unwrap(), stored);
     }
+}
+
+#[test]
+fn the_approval_page_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("d.vault");
+    Vault::create(&vault, PASSPHRASE.as_bytes(), KdfParams::FAST_FOR_TESTS).unwrap();
+    for args in [
+        &["passkey", "register", "--listen", "0.0.0.0:0"][..],
+        &["serve", "--approval-listen", "0.0.0.0:0"][..],
+    ] {
+        let out = run(&vault, PASSPHRASE, args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("loopback only"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn passkey_register_prints_a_one_time_link_to_the_devices_page() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("d.vault");
+    Vault::create(&vault, PASSPHRASE.as_bytes(), KdfParams::FAST_FOR_TESTS).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vault-device"))
+        .arg("--vault")
+        .arg(&vault)
+        .args(["passkey", "register", "--listen", "127.0.0.1:0"])
+        .env("VAULT_DEVICE_PASSPHRASE", PASSPHRASE)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let link = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("http://"))
+        .unwrap();
+    let rest = link.strip_prefix("http://localhost:").unwrap();
+    let (port, token) = rest.split_once("/register#").unwrap();
+    assert!(token.len() >= 32, "{link}");
+    // The page is there, on loopback, for the origin it names.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    write!(
+        s,
+        "GET /register HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("/static/webauthn.js"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing registered, nothing stored.
+    assert!(!PasskeyFile::path_for(&vault).exists());
 }

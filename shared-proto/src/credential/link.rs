@@ -185,7 +185,10 @@ pub enum DeviceToHost {
         session: u64,
     },
     /// The device holds `credential` but no live grant to send it to `target_host` for `vm_id`:
-    /// it asks the user, through the host, to approve. Never carries the secret.
+    /// it asks the user to approve. Never carries the secret. With `on_device` clear the host
+    /// shows the request and answers with [`HostToDevice::Approval`]; with it set the request
+    /// waits on the device's own approval page and the host only tells the user so (a
+    /// notification), creating no approval of its own.
     ApprovalNeeded {
         /// The device's random id for this ask; the approved request must name it.
         #[serde(with = "serde_bytes")]
@@ -196,6 +199,10 @@ pub enum DeviceToHost {
         credential: String,
         /// The authority the call would go to.
         target_host: String,
+        /// The request waits on the device's own approval page: the host forwards a notice
+        /// only. Absent (false) from devices that predate it.
+        #[serde(default)]
+        on_device: bool,
     },
     /// What the device tokenized (or in monitor mode, would have) in one part of a proxied
     /// call, for the host's audit log: kinds and counts only.

@@ -83,6 +83,7 @@ fn messages_round_trip() {
         vm_id: "vm-1".into(),
         credential: "openai".into(),
         target_host: "api.openai.com:443".into(),
+        on_device: false,
     };
     let bytes = encode_message(&ask).unwrap();
     assert_eq!(decode_message::<DeviceToHost>(&bytes).unwrap(), ask);
@@ -105,6 +106,7 @@ fn messages_round_trip() {
         vm_id: "vm-1".into(),
         credential: "openai".into(),
         target_host: "evil.com/x".into(),
+        on_device: false,
     })
     .unwrap();
     assert!(matches!(
@@ -218,9 +220,58 @@ fn the_wildcard_is_no_vm_id_on_the_wire() {
         vm_id: "*".into(),
         credential: "openai".into(),
         target_host: "api.openai.com".into(),
+        on_device: false,
     };
     let bytes = encode_message(&ask).unwrap();
     assert!(decode_message::<DeviceToHost>(&bytes).is_err());
+}
+
+/// `ApprovalNeeded` as it was before `on_device`, for the wire compatibility test.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+enum OldDeviceToHost {
+    ApprovalNeeded {
+        #[serde(with = "serde_bytes")]
+        request: [u8; 16],
+        vm_id: String,
+        credential: String,
+        target_host: String,
+    },
+}
+
+#[test]
+fn approval_needed_on_device_is_wire_compatible_both_ways() {
+    // An older device's ask decodes, as an ask the host shows.
+    let old = OldDeviceToHost::ApprovalNeeded {
+        request: [4; 16],
+        vm_id: "vm-1".into(),
+        credential: "openai".into(),
+        target_host: "api.openai.com:443".into(),
+    };
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&old, &mut bytes).unwrap();
+    assert_eq!(
+        decode_message::<DeviceToHost>(&bytes).unwrap(),
+        DeviceToHost::ApprovalNeeded {
+            request: [4; 16],
+            vm_id: "vm-1".into(),
+            credential: "openai".into(),
+            target_host: "api.openai.com:443".into(),
+            on_device: false,
+        }
+    );
+    // A notice that the request waits on the device round-trips, and an older host still
+    // decodes it (the field it does not know is skipped).
+    let notice = DeviceToHost::ApprovalNeeded {
+        request: [4; 16],
+        vm_id: "vm-1".into(),
+        credential: "openai".into(),
+        target_host: "api.openai.com:443".into(),
+        on_device: true,
+    };
+    let bytes = encode_message(&notice).unwrap();
+    assert_eq!(decode_message::<DeviceToHost>(&bytes).unwrap(), notice);
+    let seen_by_old: OldDeviceToHost = ciborium::from_reader(bytes.as_slice()).unwrap();
+    assert_eq!(seen_by_old, old);
 }
 
 #[test]

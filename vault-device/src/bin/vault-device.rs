@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use shared_proto::approval::RelyingParty;
 use vault_device::ErrorChain;
 use vault_device::approval::{PasskeyFile, fingerprint};
+use vault_device::approval_page::{self, ApprovalPage};
 use vault_device::device::{self, Device, DeviceConfig};
 use vault_device::grant::{self, GrantRequest};
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
@@ -120,6 +121,14 @@ enum Command {
         /// Seconds a call without a grant waits for the user's passkey approval.
         #[arg(long, default_value_t = device::DEFAULT_APPROVAL_WAIT.as_secs())]
         approval_wait_secs: u64,
+        /// Serve the device's own approval page on this loopback address (`127.0.0.1:PORT`;
+        /// origin `http://localhost:PORT`). Passkeys registered on the device are approved
+        /// there only, so use the port they were registered on.
+        #[arg(long)]
+        approval_listen: Option<SocketAddr>,
+        /// Also print a one-time link that registers a passkey on the approval page.
+        #[arg(long, requires = "approval_listen")]
+        open_registration: bool,
     },
     /// The passkeys whose approvals the device accepts (`<vault>.passkeys.json`).
     Passkey {
@@ -130,6 +139,16 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum PasskeyCommand {
+    /// Register a passkey on the device's own approval page: serves the page on a loopback
+    /// address, prints a one-time link, and stores the passkey once the ceremony in the browser
+    /// succeeds. Approvals are then shown and signed on the device's page only (`serve
+    /// --approval-listen` with the same address). Run it while `serve` is stopped (it uses the
+    /// same port), or use `serve --open-registration` instead.
+    Register {
+        /// The loopback address of the page (`127.0.0.1:PORT`; origin `http://localhost:PORT`).
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Store the host's registered passkeys (a copy of its `passkeys.json`) and the origin of
     /// its approval pages. The host is trusted for this once: compare the fingerprints that
     /// `list` prints with the passkey you registered.
@@ -235,6 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resolve,
             log_json,
             approval_wait_secs,
+            approval_listen,
+            open_registration,
         } => serve(
             path,
             pass,
@@ -242,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &resolve,
             log_json,
             Duration::from_secs(approval_wait_secs),
+            approval_listen.map(|a| (a, open_registration)),
         ),
         Command::Passkey { command } => passkey(&path, &pass, command),
     }
@@ -357,7 +379,8 @@ fn pair(path: &Path, pass: &[u8], host: &str, code: &str, name: &str) -> anyhow:
     Ok(())
 }
 
-/// `serve`: logging, then the device's link until it is no longer paired.
+/// `serve`: logging, the approval page if asked for, then the device's link until it is no
+/// longer paired.
 fn serve(
     vault: PathBuf,
     passphrase: Zeroizing<Vec<u8>>,
@@ -365,6 +388,7 @@ fn serve(
     resolve: &[String],
     log_json: bool,
     approval_wait: Duration,
+    approval_page: Option<(SocketAddr, bool)>,
 ) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -380,6 +404,7 @@ fn serve(
         .iter()
         .map(|s| parse_resolve(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let store_path = PasskeyFile::path_for(&vault);
     let device = Device::open(DeviceConfig {
         vault,
         passphrase,
@@ -391,8 +416,38 @@ fn serve(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(device.serve())?;
-    Ok(())
+    rt.block_on(async {
+        if let Some((listen, open_registration)) = approval_page {
+            let (listener, rp) = approval_page::bind(listen).await?;
+            let store = PasskeyFile::load(&store_path)?;
+            if store.on_device && store.relying_party() != rp {
+                bail!(
+                    "the passkeys were registered on the approval page at {}, not {}: serve it \
+                     on the same port (or register again)",
+                    store.origin,
+                    rp.origin
+                );
+            }
+            let page = ApprovalPage::for_device(std::sync::Arc::clone(&device), rp.clone());
+            if open_registration {
+                println!("register a passkey: {}", page.open_registration());
+            }
+            if !store.on_device {
+                tracing::warn!(
+                    "no passkey is registered on the device: requests are still approved on \
+                     the host's pages (`vault-device passkey register`, or `--open-registration`)"
+                );
+            }
+            tracing::info!(origin = %rp.origin, "approval page listening");
+            tokio::spawn(async move {
+                if let Err(e) = page.serve(listener).await {
+                    tracing::error!(error = %ErrorChain(&e), "approval page failed");
+                }
+            });
+        }
+        device.serve().await?;
+        Ok(())
+    })
 }
 
 /// `passkey import` and `passkey list`.
@@ -402,6 +457,22 @@ fn passkey(path: &Path, pass: &[u8], command: PasskeyCommand) -> anyhow::Result<
     let store_path = PasskeyFile::path_for(path);
     let mut store = PasskeyFile::load(&store_path)?;
     match command {
+        PasskeyCommand::Register { listen } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(register(listen, store_path.clone()))?;
+            let store = PasskeyFile::load(&store_path)?;
+            if let Some(p) = store.passkeys.last() {
+                println!(
+                    "registered passkey {} key {} for {} in {}",
+                    hex::encode(&p.credential_id),
+                    fingerprint(p),
+                    store.origin,
+                    store_path.display()
+                );
+            }
+        }
         PasskeyCommand::Import {
             file,
             rp_id,
@@ -409,6 +480,13 @@ fn passkey(path: &Path, pass: &[u8], command: PasskeyCommand) -> anyhow::Result<
         } => {
             let json =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            if store.on_device {
+                println!(
+                    "note: this replaces the passkeys registered on the device's own page with \
+                     the host's; requests will be shown and signed on the host's pages (the \
+                     weaker mode)"
+                );
+            }
             store.import(&json, &RelyingParty { rp_id, origin }, &file)?;
             store.save(&store_path)?;
             println!(
@@ -419,7 +497,16 @@ fn passkey(path: &Path, pass: &[u8], command: PasskeyCommand) -> anyhow::Result<
             );
         }
         PasskeyCommand::List => {
-            println!("rp {} origin {}", store.rp_id, store.origin);
+            println!(
+                "rp {} origin {} ({})",
+                store.rp_id,
+                store.origin,
+                if store.on_device {
+                    "registered on the device's approval page"
+                } else {
+                    "imported from the host"
+                }
+            );
             for p in &store.passkeys {
                 println!(
                     "passkey {} key {} counter {}",
@@ -428,6 +515,27 @@ fn passkey(path: &Path, pass: &[u8], command: PasskeyCommand) -> anyhow::Result<
                     p.counter
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// `passkey register`: the registration-only page until one registration succeeds.
+async fn register(listen: SocketAddr, store_path: PathBuf) -> anyhow::Result<()> {
+    let (listener, rp) = approval_page::bind(listen).await?;
+    let page = ApprovalPage::registration_only(rp, store_path);
+    let link = page.open_registration();
+    let done = page.clone();
+    let server = tokio::spawn(page.serve(listener));
+    println!("open this link in a browser on this machine to register a passkey:\n{link}");
+    tokio::select! {
+        () = done.registered() => {}
+        () = tokio::time::sleep(approval_page::REGISTRATION_TTL) => {
+            bail!("no passkey was registered within {:?}", approval_page::REGISTRATION_TTL)
+        }
+        r = server => {
+            r.context("the approval page stopped")?.context("the approval page failed")?;
+            bail!("the approval page stopped");
         }
     }
     Ok(())

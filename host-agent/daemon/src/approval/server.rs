@@ -32,14 +32,14 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde::{Deserialize, Serialize};
 use shared_proto::approval::{Assertion, Registration};
+// The registration and approval pages and their script are shared with vault-device's own
+// approval page (`shared_proto::approval::pages`); the service worker is the host's only.
+use shared_proto::approval::pages::{APPROVE_HTML, REGISTER_HTML, WEBAUTHN_JS};
 
 use super::passkey::{PasskeyApprover, PasskeyError, PendingView};
 use crate::error_chain;
 use crate::notify::webpush::{Subscription, WebPush};
 
-const REGISTER_HTML: &str = include_str!("pages/register.html");
-const APPROVE_HTML: &str = include_str!("pages/approve.html");
-const WEBAUTHN_JS: &str = include_str!("pages/webauthn.js");
 const SERVICE_WORKER_JS: &str = include_str!("pages/sw.js");
 
 /// The user handle given to the authenticator (one user: the owner of this host).

@@ -848,6 +848,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         nanoclaw_audit::AuditLog::open(args.state_dir.join(AUDIT_FILE))
             .map_err(DaemonError::Audit)?,
     );
+    // Who is told that a credential request waits on the device's own approval page: the
+    // same receivers as the host's approval requests.
+    let mut device_notifiers = crate::notify::from_flags(args.approvals_webhook.as_deref());
     let approvals = match args.approvals_listen {
         Some(listen) => {
             let notifiers = crate::notify::from_flags(args.approvals_webhook.as_deref());
@@ -865,6 +868,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
                 .map_err(|e| {
                     DaemonError::Approvals(crate::approval::server::ServerError::Push(e))
                 })?;
+            if let Some(push) = &push {
+                device_notifiers.push(Arc::new(push.clone()));
+            }
             let config = crate::approval::server::ServeConfig {
                 listen,
                 origin: args.approvals_origin.clone(),
@@ -890,6 +896,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             // The device's asks for credential approvals go to the same approver as every
             // other gated action.
             relay.set_approver(approver_of(approvals.as_ref()));
+            relay.set_notifiers(device_notifiers);
             relay.set_audit(Arc::clone(&audit));
             if relay.pairing_code().is_some() {
                 tracing::info!(

@@ -212,6 +212,7 @@ impl Relay {
                     vm_id,
                     credential,
                     target_host,
+                    on_device,
                 } => {
                     let tx = self
                         .lock()
@@ -222,8 +223,7 @@ impl Relay {
                     let Some(tx) = tx else {
                         break Ok(());
                     };
-                    tracing::debug!(%vm_id, %credential, %target_host, "device asks for approval");
-                    self.ask_user(tx, request, vm_id, credential, target_host);
+                    self.device_asks(tx, request, vm_id, credential, target_host, on_device);
                     continue;
                 }
                 report @ DeviceToHost::Tokenized { .. } => {

@@ -34,6 +34,12 @@
 //!   relay cannot mint one. At most [`MAX_PENDING_APPROVALS`] asks wait at once; more are
 //!   refused at once.
 //!
+//!   When the device shows requests on its own approval page (passkeys registered on the
+//!   device), its `ApprovalNeeded` has `on_device` set: the relay then creates no approval and
+//!   sends the device no answer; it only tells the user, through the notifiers
+//!   ([`Relay::set_notifiers`]), that a credential request waits on their device. The
+//!   device would refuse evidence from the host's pages anyway (another origin).
+//!
 //! # What the relay sees
 //!
 //! Records of the end-to-end Noise session, which it neither decrypts nor parses: it has no
@@ -56,7 +62,8 @@
 //! - `sidecar.rs`: the per-VM listeners ([`Relay::attach_vm`], [`VmRelay`],
 //!   [`proxy_socket_path`]), the tokenizer hand-off to the device and the copying of a
 //!   session's bytes.
-//! - `approvals.rs`: the device's approval asks ([`Relay::set_approver`]).
+//! - `approvals.rs`: the device's approval asks ([`Relay::set_approver`]) and notices of
+//!   requests waiting on the device ([`Relay::set_notifiers`]).
 //! - `reports.rs`: the device's tokenization reports, to the audit log ([`Relay::set_audit`]).
 //! - `tests.rs`: the unit tests.
 
@@ -221,6 +228,8 @@ pub struct Relay {
     approval_slots: Arc<Semaphore>,
     /// Where the device's tokenization reports go (the daemon's audit log).
     audit: Mutex<Option<Arc<nanoclaw_audit::AuditLog>>>,
+    /// Who is told that a request waits on the device's own approval page.
+    notifiers: Mutex<Vec<Arc<dyn crate::notify::Notifier>>>,
 }
 
 impl std::fmt::Debug for Relay {

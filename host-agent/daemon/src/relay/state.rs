@@ -94,6 +94,7 @@ impl Relay {
             approver: Mutex::new(Arc::new(DenyAll)),
             approval_slots: Arc::new(Semaphore::new(MAX_PENDING_APPROVALS)),
             audit: Mutex::new(None),
+            notifiers: Mutex::new(Vec::new()),
         });
         if relay.lock().device.is_none() {
             relay.new_code()?;

@@ -140,6 +140,76 @@ async fn approval_asks_without_evidence_or_beyond_the_limit_are_refused() {
     );
 }
 
+/// Counts the requests it is asked (and never answers them).
+#[derive(Debug, Default)]
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl Approver for Counting {
+    fn request(
+        &self,
+        _subject: ApprovalSubject,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApprovalOutcome> + Send + '_>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Keeps the notices it is given.
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<crate::notify::Notice>>);
+
+impl crate::notify::Notifier for Recorder {
+    fn notify(&self, notice: crate::notify::Notice) {
+        self.0.lock().unwrap().push(notice);
+    }
+}
+
+#[tokio::test]
+async fn a_request_waiting_on_the_device_only_becomes_a_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::open(dir.path(), "h").unwrap();
+    let approver = Arc::new(Counting::default());
+    relay.set_approver(approver.clone());
+    let notices = Arc::new(Recorder::default());
+    relay.set_notifiers(vec![notices.clone()]);
+    let (tx, mut rx) = mpsc::channel(8);
+    relay.device_asks(
+        tx.clone(),
+        [7; 16],
+        "vm-1".into(),
+        "svc".into(),
+        "api.test:443".into(),
+        true,
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // No host-side approval (nothing that could produce evidence), no answer to the device.
+    assert_eq!(approver.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(rx.try_recv().is_err());
+    let seen = notices.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].approval_id, hex::encode([7u8; 16]));
+    assert!(seen[0].summary.contains("waits on your device"), "{seen:?}");
+    assert!(seen[0].summary.contains("svc") && seen[0].summary.contains("api.test:443"));
+    assert!(seen[0].url.is_empty());
+    // The same ask without `on_device` goes to the approver, as before.
+    relay.device_asks(
+        tx,
+        [8; 16],
+        "vm-1".into(),
+        "svc".into(),
+        "api.test:443".into(),
+        false,
+    );
+    for _ in 0..100 {
+        if approver.0.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(approver.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(notices.0.lock().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn garbage_on_the_device_listener_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
 // Nanoclaw approval pages: passkey registration and approval (WebAuthn, user verification
-// required). The server checks everything; this script only carries bytes.
+// required), served both by the host and by vault-device's own page. The server checks
+// everything; this script only carries bytes.
 "use strict";
 
 const b64u = {
@@ -158,9 +159,38 @@ async function nanoclawDeny() {
   }
 }
 
+// The device's page of pending asks: one link per ask to its approval page. Resolves to the
+// number of asks shown, or null on an error.
+async function nanoclawList() {
+  try {
+    const list = await call("GET", "/api/approvals");
+    const ul = document.getElementById("pending");
+    ul.replaceChildren();
+    for (const v of list) {
+      const r = v.request;
+      const a = document.createElement("a");
+      a.href = "/approve/" + encodeURIComponent(r.id);
+      a.textContent = describe(r.action) + " (VM " + r.vm_id + "), until " +
+        new Date(r.expires_unix_ms).toLocaleString();
+      const li = document.createElement("li");
+      li.appendChild(a);
+      ul.appendChild(li);
+    }
+    if (list.length) setStatus("pending", list.length + " request(s) wait for your decision.");
+    else setStatus("empty", "Nothing waits for your decision.");
+    return list.length;
+  } catch (e) {
+    setStatus("error", e.message);
+    return null;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   if (document.body.dataset.page === "register") {
     document.getElementById("register").addEventListener("click", nanoclawRegister);
+  } else if (document.body.dataset.page === "list") {
+    document.getElementById("refresh").addEventListener("click", nanoclawList);
+    nanoclawList();
   } else {
     document.getElementById("approve").addEventListener("click", nanoclawApprove);
     document.getElementById("deny").addEventListener("click", nanoclawDeny);
