@@ -24,6 +24,7 @@
 //! - [`policy`]: access profiles (TOML the user writes) compiled to Cedar and decided by
 //!   `cedar-policy`: visible tools, argument constraints, approval rules, tiers, and the
 //!   comparison that keeps a spawned agent within its orchestrator's rights.
+//! - [`metrics`]: `GET /metrics`, the daemon's figures in the Prometheus text format.
 //! - [`remote`]: the remote API: the same routes over TLS, behind scoped bearer tokens.
 //! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
 //!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
@@ -33,6 +34,7 @@ pub mod agent_tokens;
 pub mod approval;
 pub mod daemon;
 pub mod mcp;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod relay;

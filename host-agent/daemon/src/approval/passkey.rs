@@ -575,7 +575,19 @@ impl Approver for PasskeyApprover {
         &self,
         subject: ApprovalSubject,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApprovalOutcome> + Send + '_>> {
-        Box::pin(self.wait(subject))
+        Box::pin(async move {
+            let outcome = self.wait(subject).await;
+            let label = match &outcome {
+                ApprovalOutcome::Approved { .. } => "approved",
+                ApprovalOutcome::Denied { .. } => "denied",
+                ApprovalOutcome::Expired => "expired",
+            };
+            crate::metrics::global()
+                .approvals
+                .get_or_create(&crate::metrics::OutcomeLabel { outcome: label })
+                .inc();
+            outcome
+        })
     }
 
     fn take_evidence(&self, approval_id: &str) -> Option<ApprovalEvidence> {

@@ -48,6 +48,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}", get(inspect).delete(remove))
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/detach", post(detach))
+        .route("/metrics", get(metrics))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", axum::routing::delete(remove_token))
         .route("/v1/vms/{id}/pause", post(pause))
@@ -235,6 +236,23 @@ async fn detach(
             format!("VM {id} was not spawned by another VM; there is nothing to detach"),
         )),
     }
+}
+
+async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
+    let vms: Vec<_> = daemon
+        .list()
+        .iter()
+        .map(|vm| (vm.status(), vm.paused()))
+        .collect();
+    let text = crate::metrics::global().render(vms);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn create_token(

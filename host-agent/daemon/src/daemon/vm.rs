@@ -177,6 +177,8 @@ pub struct Vm {
     vmm_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Held across a pause or resume, so that the record says what the VMM last answered.
     pausing: tokio::sync::Mutex<()>,
+    /// When this daemon started the VMM (for the boot-to-ready figure of `/metrics`).
+    spawned_at: Mutex<Option<Instant>>,
 }
 
 /// Why a VM could not be paused or resumed.
@@ -255,6 +257,7 @@ impl Vm {
             tokens: Mutex::new(None),
             vmm_log: Mutex::new(None),
             pausing: tokio::sync::Mutex::new(()),
+            spawned_at: Mutex::new(None),
         }))
     }
 
@@ -535,6 +538,8 @@ impl Vm {
             bin: launch.bin.clone(),
             source,
         })?;
+        *lock(&self.spawned_at) = Some(Instant::now());
+        crate::metrics::global().boots.inc();
         // Our copies of the FIFO's write end go with `cmd`: the VMM (and its jail's supervisor)
         // then hold the only ones, and the copy ends when they have exited.
         drop(cmd);
@@ -650,15 +655,22 @@ impl Vm {
             match &r.boot_id {
                 None => {
                     r.boot_id = Some(boot_hex.clone());
-                    Ok(())
+                    Ok(true)
                 }
                 Some(b) if *b == boot_hex => {
                     r.control_reconnects += 1;
-                    Ok(())
+                    Ok(false)
                 }
                 Some(_) => Err("unknown boot id"),
             }
         });
+        if let Ok(true) = admitted
+            && let Some(spawned) = *lock(&self.spawned_at)
+        {
+            crate::metrics::global()
+                .boot_to_ready
+                .observe(spawned.elapsed().as_secs_f64());
+        }
         if let Err(reason) = admitted {
             reply = HostToGuest::HelloReject {
                 reason: reason.to_owned(),

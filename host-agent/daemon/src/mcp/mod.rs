@@ -617,6 +617,7 @@ impl Gateway {
         decision: &Decision,
         digest: &str,
     ) -> Result<(), (i64, String, Value)> {
+        crate::metrics::gateway_decision(decision.kind(), tool == SPAWN_AGENT_TOOL);
         self.record(
             "policy_decision",
             json!({

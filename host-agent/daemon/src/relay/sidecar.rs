@@ -168,6 +168,7 @@ impl Relay {
                     break;
                 }
                 touch();
+                proxied("to_device", n);
                 to_device
                     .send(HostToDevice::Data {
                         session,
@@ -182,6 +183,7 @@ impl Relay {
         let down = async {
             while let Some(bytes) = from_device.recv().await {
                 touch();
+                proxied("from_device", bytes.len());
                 write.write_all(&bytes).await.map_err(RelayError::Io)?;
             }
             let _ = write.shutdown().await;
@@ -229,4 +231,12 @@ impl Drop for VmRelay {
         self.task.abort();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Counts `n` proxied bytes for `/metrics`.
+fn proxied(direction: &'static str, n: usize) {
+    crate::metrics::global()
+        .proxy_bytes
+        .get_or_create(&crate::metrics::DirectionLabel { direction })
+        .inc_by(n as u64);
 }
