@@ -97,7 +97,7 @@ impl Metrics {
         let boots = Counter::default();
         registry.register("boots", "VMMs started", boots.clone());
         let boot_to_ready =
-            Histogram::new([0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0].into_iter());
+            Histogram::new([0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0]);
         registry.register_with_unit(
             "boot_to_ready",
             "From starting the VMM to the sidecar's first admitted hello",
