@@ -34,6 +34,12 @@
 //!   relay cannot mint one. At most [`MAX_PENDING_APPROVALS`] asks wait at once; more are
 //!   refused at once.
 //!
+//! - **Audit checkpoints** ([`Relay::spawn_checkpoints`]). While linked, the relay asks the
+//!   device to sign the head of the daemon's audit chain (periodically, after a number of
+//!   records, and at shutdown) and appends the signed checkpoint to the chain, so that a later
+//!   rewrite of the chain before it fails `nanoclaw audit verify --device-key` and the device's
+//!   own `vault-device audit check`.
+//!
 //! # What the relay sees
 //!
 //! Records of the end-to-end Noise session, which it neither decrypts nor parses: it has no
@@ -58,9 +64,11 @@
 //!   session's bytes.
 //! - `approvals.rs`: the device's approval asks ([`Relay::set_approver`]).
 //! - `reports.rs`: the device's tokenization reports, to the audit log ([`Relay::set_audit`]).
+//! - `checkpoints.rs`: the audit checkpoints the device signs ([`CheckpointPolicy`]).
 //! - `tests.rs`: the unit tests.
 
 mod approvals;
+mod checkpoints;
 mod link;
 pub mod pairing;
 mod reports;
@@ -80,6 +88,7 @@ use zeroize::Zeroizing;
 
 use crate::approval::Approver;
 
+pub use checkpoints::{CHECKPOINT_WAIT, CheckpointFailure, CheckpointPolicy};
 pub(crate) use link::AcceptBackoff;
 pub use sidecar::{VmRelay, proxy_socket_path};
 
@@ -221,6 +230,10 @@ pub struct Relay {
     approval_slots: Arc<Semaphore>,
     /// Where the device's tokenization reports go (the daemon's audit log).
     audit: Mutex<Option<Arc<nanoclaw_audit::AuditLog>>>,
+    /// The audit checkpoint in flight and the last one signed.
+    checkpoints: Mutex<checkpoints::Checkpoints>,
+    /// Held by the one checkpoint ask in flight.
+    checkpoint_turn: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Relay {

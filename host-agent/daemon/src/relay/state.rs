@@ -94,6 +94,8 @@ impl Relay {
             approver: Mutex::new(Arc::new(DenyAll)),
             approval_slots: Arc::new(Semaphore::new(MAX_PENDING_APPROVALS)),
             audit: Mutex::new(None),
+            checkpoints: Mutex::default(),
+            checkpoint_turn: tokio::sync::Mutex::new(()),
         });
         if relay.lock().device.is_none() {
             relay.new_code()?;
