@@ -15,11 +15,13 @@
 //!   its approver), [`approval_path`] (releases approved with a passkey, re-checked by the
 //!   device).
 //! - The credential path: [`primary_path`], [`fallback_path`], [`tokenize_path`].
+//! - Audit checkpoints: [`audit_checkpoints`] (the device signs, both verifiers check).
 //! - The VMM's jail: [`jail`] (entered for real, as root, without booting).
 //! - MCP: [`mcp_gateway`] (the gateway with the Python SDK as upstream and agent),
 //!   [`mcp_sidecar`] (the sidecar's endpoint and shim against the gateway).
 
 mod approval_audit_cli;
+mod audit_checkpoints;
 mod approval_browser;
 mod approval_daemon;
 mod approval_path;

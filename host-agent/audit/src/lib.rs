@@ -159,7 +159,6 @@ pub enum AuditError {
         /// The checkpoint record's own seq.
         seq: u64,
         /// What is wrong.
-        #[source]
         reason: CheckpointError,
     },
     /// The chain is sound, but it does not hold what the device signed
@@ -169,7 +168,6 @@ pub enum AuditError {
         /// The seq the device signed.
         seq: u64,
         /// What is wrong.
-        #[source]
         reason: CheckpointError,
     },
 }
