@@ -93,9 +93,10 @@ impl Relay {
         match self.checkpoints().last {
             None => Some(head.seq + 1),
             Some((signed, record)) => {
-                let own = u64::from(record == Some(head.seq));
-                let since = head.seq.saturating_sub(signed);
-                (head.seq > signed && since > own).then_some(since)
+                // The checkpoint's own record comes after the seq it signed.
+                let own = u64::from(record.is_some_and(|r| r > signed && r <= head.seq));
+                let since = head.seq.saturating_sub(signed).saturating_sub(own);
+                (since > 0).then_some(since)
             }
         }
     }

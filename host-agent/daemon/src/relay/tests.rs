@@ -472,3 +472,39 @@ async fn without_a_link_a_checkpoint_fails_with_not_linked() {
         Err(CheckpointFailure::NotLinked)
     ));
 }
+
+#[tokio::test]
+async fn the_relay_asks_at_once_when_linked_then_after_every_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut device = FakeDevice::link(&relay, addr).await;
+    let audit = audit_with(dir.path(), 2);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let task = relay.spawn_checkpoints(
+        Arc::clone(&audit),
+        CheckpointPolicy {
+            every: std::time::Duration::from_secs(3600),
+            every_records: 3,
+        },
+    );
+    let within = |secs| std::time::Duration::from_secs(secs);
+    // The first ask comes at once (nothing was anchored yet).
+    tokio::time::timeout(within(5), device.sign_next(&key, false))
+        .await
+        .expect("a first checkpoint");
+    // Two new records are under the threshold and the hour is not up: no ask.
+    for _ in 0..2 {
+        audit.append("grant", serde_json::json!({})).unwrap();
+    }
+    assert!(
+        tokio::time::timeout(within(2), device.recv()).await.is_err(),
+        "asked under the threshold"
+    );
+    // The third is at it.
+    audit.append("grant", serde_json::json!({})).unwrap();
+    tokio::time::timeout(within(5), device.sign_next(&key, false))
+        .await
+        .expect("a checkpoint after three records");
+    task.abort();
+}
