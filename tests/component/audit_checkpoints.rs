@@ -29,7 +29,10 @@ fn vault_device(vault: &Path, args: &[&str]) -> (i32, String, String) {
         .arg("--vault")
         .arg(vault)
         .args(args)
-        .env("VAULT_DEVICE_PASSPHRASE", std::str::from_utf8(PASSPHRASE).unwrap())
+        .env(
+            "VAULT_DEVICE_PASSPHRASE",
+            std::str::from_utf8(PASSPHRASE).unwrap(),
+        )
         .stdin(std::process::Stdio::null()))
 }
 
@@ -81,11 +84,17 @@ async fn the_device_anchors_the_chain_and_both_checks_catch_a_rewrite_and_a_cut(
     let path = dir.path().join("audit.ndjson");
     let audit = AuditLog::open(&path).unwrap();
     for i in 0..5 {
-        audit.submit("policy_decision", json!({"i": i})).await.unwrap();
+        audit
+            .submit("policy_decision", json!({"i": i}))
+            .await
+            .unwrap();
     }
     assert_eq!(relay.checkpoint(&audit).await.unwrap(), Some(5));
     for i in 5..7 {
-        audit.submit("policy_decision", json!({"i": i})).await.unwrap();
+        audit
+            .submit("policy_decision", json!({"i": i}))
+            .await
+            .unwrap();
     }
     assert_eq!(relay.checkpoint(&audit).await.unwrap(), Some(8));
     drop(audit);

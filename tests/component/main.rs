@@ -21,10 +21,10 @@
 //!   [`mcp_sidecar`] (the sidecar's endpoint and shim against the gateway).
 
 mod approval_audit_cli;
-mod audit_checkpoints;
 mod approval_browser;
 mod approval_daemon;
 mod approval_path;
+mod audit_checkpoints;
 mod credential_approval;
 mod fallback_path;
 mod jail;

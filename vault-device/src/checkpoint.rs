@@ -103,7 +103,9 @@ pub fn audit_signing_key(identity_secret: &[u8; 32]) -> SigningKey {
 
 /// The public half of [`audit_signing_key`], as `audit verify --device-key` takes it.
 pub fn audit_public_key(identity_secret: &[u8; 32]) -> DeviceKey {
-    let public = audit_signing_key(identity_secret).verifying_key().to_bytes();
+    let public = audit_signing_key(identity_secret)
+        .verifying_key()
+        .to_bytes();
     // An Ed25519 public key derived from a secret key is always valid.
     DeviceKey::from_bytes(&public).unwrap_or_else(|_| unreachable!("a derived key is valid"))
 }
@@ -206,7 +208,11 @@ pub fn read_log(path: &Path) -> Result<Vec<SignedCheckpoint>, CheckpointLogError
         path: path.to_path_buf(),
         source,
     };
-    let file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io(e)),

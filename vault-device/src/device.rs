@@ -46,11 +46,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use rand_core::{OsRng, RngCore};
-use shared_proto::ratelimit::LogBudget;
 use shared_proto::credential::{
     self, ApprovalAnswer, DeviceToHost, HostToDevice, LINK_MODE_LINK, LINK_MODE_PAIR,
     MAX_LINK_DATA, PairingOffer,
 };
+use shared_proto::ratelimit::LogBudget;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};

@@ -105,7 +105,12 @@ fn a_rewritten_chain_passes_verify_but_fails_with_the_device_key() {
         AuditError::Checkpoint {
             line: 11,
             seq: 10,
-            reason: CheckpointError::HeadMismatch { seq: 9, signed: named, .. },
+            reason:
+                CheckpointError::HeadMismatch {
+                    seq: 9,
+                    signed: named,
+                    ..
+                },
         } => assert_eq!(named, hex::encode(signed[0].head)),
         other => panic!("{other:?}"),
     }
@@ -327,5 +332,9 @@ fn a_deleted_checkpoint_record_is_caught_by_the_device_check() {
     // The newest checkpoint alone may be unrecorded (the host stopped before writing it).
     let mut only_first = signed[..1].to_vec();
     only_first[0].signature[0] ^= 1;
-    assert!(check_device_log(&path, &only_first).unwrap().newest_unrecorded);
+    assert!(
+        check_device_log(&path, &only_first)
+            .unwrap()
+            .newest_unrecorded
+    );
 }

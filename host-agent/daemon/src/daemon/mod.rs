@@ -882,9 +882,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         nanoclaw_image::ImageStore::open(args.image_store.as_deref().unwrap_or(&args.state_dir))
             .map_err(DaemonError::ImageStore)?;
     // Kept for the last checkpoint at shutdown.
-    let checkpoint_relay = relay
-        .clone()
-        .filter(|_| args.audit_checkpoint_secs > 0);
+    let checkpoint_relay = relay.clone().filter(|_| args.audit_checkpoint_secs > 0);
     let daemon = Arc::new(Daemon {
         images,
         mcp: gateways::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),

@@ -166,7 +166,11 @@ impl Relay {
             .await
             .map_err(CheckpointFailure::Audit)?;
         self.checkpoints().last = Some((asked.seq, Some(record)));
-        tracing::debug!(seq = asked.seq, record, "audit checkpoint signed by the device");
+        tracing::debug!(
+            seq = asked.seq,
+            record,
+            "audit checkpoint signed by the device"
+        );
         Ok(Some(record))
     }
 
@@ -222,7 +226,9 @@ impl Relay {
     ) -> tokio::task::JoinHandle<()> {
         let relay = Arc::clone(self);
         tokio::spawn(async move {
-            let tick = policy.every.clamp(Duration::from_millis(50), Duration::from_secs(1));
+            let tick = policy
+                .every
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
             let mut last_ask: Option<Instant> = None;
             let mut failures = crate::daemon::ratelimit::LogBudget::default();
             loop {

@@ -387,7 +387,9 @@ impl FakeDevice {
 fn audit_with(dir: &std::path::Path, n: u64) -> Arc<nanoclaw_audit::AuditLog> {
     let audit = Arc::new(nanoclaw_audit::AuditLog::open(dir.join("audit.ndjson")).unwrap());
     for i in 0..n {
-        audit.append("policy_decision", serde_json::json!({"i": i})).unwrap();
+        audit
+            .append("policy_decision", serde_json::json!({"i": i}))
+            .unwrap();
     }
     audit
 }
@@ -498,7 +500,9 @@ async fn the_relay_asks_at_once_when_linked_then_after_every_records() {
         audit.append("grant", serde_json::json!({})).unwrap();
     }
     assert!(
-        tokio::time::timeout(within(2), device.recv()).await.is_err(),
+        tokio::time::timeout(within(2), device.recv())
+            .await
+            .is_err(),
         "asked under the threshold"
     );
     // The third is at it.
