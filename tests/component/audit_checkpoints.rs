@@ -162,3 +162,120 @@ async fn the_device_anchors_the_chain_and_both_checks_catch_a_rewrite_and_a_cut(
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("--device-key"), "{err}");
 }
+
+/// The records of kind `audit_checkpoint` in the log at `path`.
+fn checkpoint_records(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"audit_checkpoint\""))
+        .count()
+}
+
+/// A tokenization report from the device: the daemon records it as a `tokenize` record.
+fn report() -> shared_proto::credential::DeviceToHost {
+    shared_proto::credential::DeviceToHost::Tokenized {
+        vm_id: "vm-test-1".into(),
+        target_host: "api.test:443".into(),
+        part: shared_proto::credential::BodyPart::Response,
+        enforce: true,
+        counts: shared_proto::credential::TokenCounts::default(),
+        unscanned: None,
+    }
+}
+
+/// `host-agent serve --device-listen`: the daemon asks the linked device for a checkpoint as
+/// soon as there is something to anchor, and once more when it is stopped (SIGTERM), so that
+/// the records up to its shutdown are anchored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_asks_the_linked_device_and_again_at_shutdown() {
+    use std::time::{Duration, Instant};
+    use vault_device::device::{Device, DeviceConfig};
+    use zeroize::Zeroizing;
+
+    let dir = tempfile::tempdir().unwrap();
+    let device_port = nanoclaw_tests::free_port();
+    let mut daemon = nanoclaw_tests::DaemonOptions::without_vms()
+        .args([
+            "--device-listen".into(),
+            format!("127.0.0.1:{device_port}"),
+            "--audit-checkpoint-secs".into(),
+            "3600".into(),
+        ])
+        .start()
+        .expect("start the daemon");
+    let vault_path = make_vault(dir.path(), "api.test:1", "other.test:1", &random_secret());
+    let mut vault = vault_device::vault::Vault::open(&vault_path, PASSPHRASE).unwrap();
+    let code = std::fs::read_to_string(daemon.state_dir().join("relay/pairing-code")).unwrap();
+    vault_device::device::pair(
+        &mut vault,
+        &format!("127.0.0.1:{device_port}"),
+        &code,
+        "test-phone",
+    )
+    .await
+    .unwrap();
+    let device = Device::open(DeviceConfig {
+        vault: vault_path.clone(),
+        passphrase: Zeroizing::new(PASSPHRASE.to_vec()),
+        ca_files: vec![],
+        resolve: vec![],
+        approval_wait: Duration::from_secs(30),
+    })
+    .unwrap();
+    tokio::spawn(std::sync::Arc::clone(&device).serve());
+
+    let audit = daemon.state_dir().join("audit.ndjson");
+    let wait_for = |n: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while checkpoint_records(&audit) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}; daemon log:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Reports until one lands (the link may still be coming up), then the first checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&audit)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no record; daemon log:\n{}",
+            daemon.log()
+        );
+        device.notify_host(report());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::task::block_in_place(|| wait_for(1, "no checkpoint while linked"));
+
+    // One more record, then SIGTERM: the daemon anchors it before it goes.
+    let before = nanoclaw_audit::verify(&audit).unwrap().records;
+    device.notify_host(report());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nanoclaw_audit::verify(&audit).unwrap().records == before {
+        assert!(Instant::now() < deadline, "the report was not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.is_running() {
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(checkpoint_records(&audit), 2, "{}", daemon.log());
+
+    let key = vault_device::checkpoint::audit_public_key(&vault.identity_secret());
+    let s = nanoclaw_audit::verify_anchored(&audit, &key).unwrap();
+    assert_eq!(s.checkpoints, 2);
+    // Everything but the last checkpoint's own record is anchored.
+    assert_eq!(s.unanchored, 1, "{s:?}");
+    let (code, out, err) = vault_device(&vault_path, &["audit", "check", audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 checkpoints"), "{out}");
+}
