@@ -90,6 +90,20 @@ pub enum CheckpointLogError {
     },
 }
 
+/// `error` as the reason of a `CheckpointRefused`: at most 200 bytes (cut at a character
+/// boundary), control characters replaced, so that it always passes the link's checks.
+pub fn refusal_reason(error: &CheckpointLogError) -> String {
+    let mut reason: String = error
+        .to_string()
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    while reason.len() > 200 {
+        reason.pop();
+    }
+    reason
+}
+
 /// The device's audit signing key, derived from its identity secret (see the module doc).
 pub fn audit_signing_key(identity_secret: &[u8; 32]) -> SigningKey {
     let hk = Hkdf::<Sha256>::new(None, identity_secret);
@@ -351,6 +365,44 @@ mod tests {
         assert!(read_log(&path).unwrap().is_empty());
         // A refused seq did not count: 1 may still be signed.
         log.sign(&key, ask(1, 1000), 1000).unwrap();
+    }
+
+    #[test]
+    fn every_refusal_reason_passes_the_links_checks() {
+        use shared_proto::credential::{DeviceToHost, decode_message, encode_message};
+        let errors = [
+            CheckpointLogError::BadLabel,
+            CheckpointLogError::SeqWentBack {
+                log: "a\nb".repeat(100),
+                seq: 1,
+                last: 2,
+            },
+            CheckpointLogError::ClockSkew {
+                host: 0,
+                device: u64::MAX,
+            },
+            CheckpointLogError::TooManyLogs,
+            CheckpointLogError::Io {
+                path: PathBuf::from(format!("/tmp/{}\n\u{7}é", "ü".repeat(300))),
+                source: std::io::Error::other("x"),
+            },
+            CheckpointLogError::Malformed {
+                path: PathBuf::from("/v\r\n"),
+                line: 3,
+            },
+        ];
+        for e in &errors {
+            let msg = DeviceToHost::CheckpointRefused {
+                seq: 1,
+                reason: refusal_reason(e),
+            };
+            let bytes = encode_message(&msg).unwrap();
+            assert_eq!(
+                decode_message::<DeviceToHost>(&bytes).unwrap(),
+                msg,
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

@@ -382,12 +382,10 @@ impl Device {
                     tracing::warn!(seq, suppressed, error = %crate::ErrorChain(&e),
                         "refused to sign an audit checkpoint");
                 }
-                let mut reason = e.to_string();
-                // The wire bounds a reason; cut at a character boundary.
-                while reason.len() > 200 {
-                    reason.pop();
+                DeviceToHost::CheckpointRefused {
+                    seq,
+                    reason: crate::checkpoint::refusal_reason(&e),
                 }
-                DeviceToHost::CheckpointRefused { seq, reason }
             }
         }
     }
