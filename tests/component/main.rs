@@ -16,6 +16,7 @@
 //!   device), [`device_page`] (the device's own approval page: registration and approvals on
 //!   the device's origin, over its API and in Chromium).
 //! - The credential path: [`primary_path`], [`fallback_path`], [`tokenize_path`].
+//! - Audit checkpoints: [`audit_checkpoints`] (the device signs, both verifiers check).
 //! - The VMM's jail: [`jail`] (entered for real, as root, without booting).
 //! - MCP: [`mcp_gateway`] (the gateway with the Python SDK as upstream and agent),
 //!   [`mcp_sidecar`] (the sidecar's endpoint and shim against the gateway).
@@ -24,6 +25,7 @@ mod approval_audit_cli;
 mod approval_browser;
 mod approval_daemon;
 mod approval_path;
+mod audit_checkpoints;
 mod credential_approval;
 mod device_page;
 mod fallback_path;

@@ -34,6 +34,13 @@
 //! created. Approved grants live in memory (they last minutes) and are recorded in the grant
 //! log.
 //!
+//! # Audit checkpoints
+//!
+//! A `Checkpoint` from the host is checked, signed with the device's audit key and appended to
+//! `<vault>.checkpoints.log` by [`crate::checkpoint::CheckpointLog`] before the answer
+//! (`CheckpointSigned`, or `CheckpointRefused` with the reason) goes back. A refusal is logged
+//! within a [`LogBudget`], since the host can send these at will.
+//!
 //! # Reloading
 //!
 //! `vault-device grant` and `add` change the vault file while `serve` runs; [`Device::snapshot`]
@@ -44,7 +51,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -64,6 +71,7 @@ use zeroize::Zeroizing;
 use crate::approval::{
     ApprovalCheckError, Ask, GrantLog, GrantRecord, PasskeyFile, check_evidence, grant_for,
 };
+use crate::checkpoint::{CheckpointLog, CheckpointLogError};
 use crate::grant::Grant;
 use crate::noise::{self, NoiseError};
 use crate::session::{self, SessionContext, SessionPeer};
@@ -122,6 +130,9 @@ pub enum DeviceError {
     /// The HTTPS client could not be built.
     #[error("cannot build the HTTPS client")]
     Client(#[source] reqwest::Error),
+    /// The audit checkpoint log could not be read.
+    #[error("audit checkpoints")]
+    Checkpoint(#[from] CheckpointLogError),
 }
 
 /// How the device runs.
@@ -202,6 +213,12 @@ pub struct Device {
     grant_log: GrantLog,
     /// The tokenizers of the VMs the host said tokenize.
     tokens: crate::tokenize::Registry,
+    /// The audit signing key ([`crate::checkpoint::audit_signing_key`]).
+    audit_key: ed25519_dalek::SigningKey,
+    /// What the device signed, and the last seq per log.
+    checkpoints: Mutex<CheckpointLog>,
+    /// Refused checkpoints logged (the host can send them at will).
+    checkpoint_budget: Mutex<LogBudget>,
 }
 
 impl std::fmt::Debug for Device {
@@ -241,7 +258,12 @@ impl Device {
             builder = builder.resolve(host, *addr);
         }
         let http = builder.build().map_err(DeviceError::Client)?;
+        let audit_key = crate::checkpoint::audit_signing_key(&vault.identity_secret());
+        let checkpoints = CheckpointLog::open(crate::checkpoint::log_path_for(&config.vault))?;
         Ok(Arc::new(Self {
+            audit_key,
+            checkpoints: Mutex::new(checkpoints),
+            checkpoint_budget: Mutex::new(LogBudget::new()),
             cached: Mutex::new(Cached {
                 modified: modified(&config.vault),
                 vault,
@@ -568,6 +590,45 @@ impl Device {
         self.lock().vault.identity_secret()
     }
 
+    /// Checks, signs and records an audit checkpoint the host asked for (see the module doc),
+    /// and returns the answer for the host.
+    pub fn sign_checkpoint(&self, checkpoint: nanoclaw_audit::Checkpoint) -> DeviceToHost {
+        let seq = checkpoint.seq;
+        let signed = self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sign(&self.audit_key, checkpoint, now_unix_ms() / 1000);
+        match signed {
+            Ok(s) => {
+                tracing::debug!(log = %s.log, seq, "signed an audit checkpoint");
+                DeviceToHost::CheckpointSigned {
+                    log: s.log,
+                    seq: s.seq,
+                    head: s.head,
+                    unix_time: s.unix_time,
+                    device_key: s.device_key,
+                    signature: s.signature,
+                }
+            }
+            Err(e) => {
+                let admitted = self
+                    .checkpoint_budget
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(Instant::now());
+                if let Some(suppressed) = admitted {
+                    tracing::warn!(seq, suppressed, error = %crate::ErrorChain(&e),
+                        "refused to sign an audit checkpoint");
+                }
+                DeviceToHost::CheckpointRefused {
+                    seq,
+                    reason: crate::checkpoint::refusal_reason(&e),
+                }
+            }
+        }
+    }
+
     /// The HTTPS client.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
@@ -722,6 +783,20 @@ impl Device {
                         tracing::warn!(vm = %vm_id, error = %crate::ErrorChain(&e), "tokenize settings");
                     }
                 },
+                HostToDevice::Checkpoint {
+                    log,
+                    seq,
+                    head,
+                    unix_time,
+                } => {
+                    let answer = self.sign_checkpoint(nanoclaw_audit::Checkpoint {
+                        log,
+                        seq,
+                        head,
+                        unix_time,
+                    });
+                    let _ = to_host.send(answer).await;
+                }
                 HostToDevice::Approval { request, answer } => {
                     let waiter = self.approvals().pending.remove(&request);
                     match waiter {

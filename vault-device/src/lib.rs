@@ -23,11 +23,14 @@
 //! - [`session`]: one end-to-end session with a sidecar: the IK responder, the proxied call or
 //!   the sealed secret. It reaches the device only through [`session::SessionContext`], which
 //!   [`device::Device`] implements.
+//! - [`checkpoint`]: audit checkpoints: the device's audit signing key, the checks before it
+//!   signs the host's chain head, and its own log of what it signed.
 //! - [`tokenize`]: tokenization of the credential path (which only the device sees in clear),
 //!   with the agent key and the surrogates the host hands over.
 
 pub mod approval;
 pub mod approval_page;
+pub mod checkpoint;
 pub mod device;
 pub mod grant;
 pub mod noise;

@@ -16,6 +16,12 @@
 //!   first line after it. [`verify`] reports the first broken link.
 //! - Truncating the tail cannot be seen from the file alone (no chain can show that); keep the
 //!   head hash elsewhere (`nanoclaw audit verify` prints it) to detect that.
+//! - Nor can the chain alone show a rewrite: whoever can write the file can change a record and
+//!   recompute every hash after it. [`checkpoint`]s anchor the chain to the linked device's key,
+//!   which the host does not hold: the device signs the head periodically and keeps its own
+//!   copy, and the signed checkpoint goes into the chain as a [`CHECKPOINT_KIND`] record.
+//!   [`verify_anchored`] checks them with the device's key; [`check_device_log`] checks a file
+//!   against the device's copies. Records after the last checkpoint stay unanchored.
 //!
 //! **Never put a secret value in a record.** Records name agents, tools, rule ids and kinds of
 //! data, and carry digests ([`digest`]) of arguments, never the arguments themselves.
@@ -62,6 +68,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub mod checkpoint;
+
+pub use checkpoint::{
+    AnchorSummary, CHECKPOINT_KIND, Checkpoint, CheckpointError, DeviceCheckSummary, DeviceKey,
+    SignedCheckpoint, check_device_log, verify_anchored,
+};
 
 /// The `prev` of the first record.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -137,6 +150,26 @@ pub enum AuditError {
         /// What is wrong.
         reason: BrokenLink,
     },
+    /// The chain is sound, but a checkpoint record in it fails its check
+    /// ([`verify_anchored`]).
+    #[error("checkpoint at line {line} (seq {seq}): {reason}")]
+    Checkpoint {
+        /// The line number, from 1.
+        line: u64,
+        /// The checkpoint record's own seq.
+        seq: u64,
+        /// What is wrong.
+        reason: CheckpointError,
+    },
+    /// The chain is sound, but it does not hold what the device signed
+    /// ([`check_device_log`]).
+    #[error("the device's checkpoint of seq {seq} does not match the file: {reason}")]
+    DeviceCheckpoint {
+        /// The seq the device signed.
+        seq: u64,
+        /// What is wrong.
+        reason: CheckpointError,
+    },
 }
 
 /// Why a line breaks the chain.
@@ -198,6 +231,15 @@ pub struct ChainSummary {
     pub head: String,
 }
 
+/// The last record on disk: its seq and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainHead {
+    /// The last acknowledged record's seq.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: [u8; 32],
+}
+
 /// How many records and `fdatasync`s a log has done since it was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AuditStats {
@@ -211,6 +253,14 @@ pub struct AuditStats {
 struct Counters {
     records: AtomicU64,
     syncs: AtomicU64,
+    /// The last acknowledged record (`None` while the log is empty).
+    head: std::sync::Mutex<Option<ChainHead>>,
+}
+
+impl Counters {
+    fn set_head(&self, head: ChainHead) {
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = Some(head);
+    }
 }
 
 /// A record waiting in the queue, and who waits for it.
@@ -348,6 +398,12 @@ impl AuditLog {
         };
         let len = file.metadata().map_err(io)?.len();
         let counters = Arc::new(Counters::default());
+        if next_seq > 0 {
+            counters.set_head(ChainHead {
+                seq: next_seq - 1,
+                hash,
+            });
+        }
         let writer = Writer {
             path: path.clone(),
             file,
@@ -402,6 +458,12 @@ impl AuditLog {
             records: self.counters.records.load(Ordering::Relaxed),
             syncs: self.counters.syncs.load(Ordering::Relaxed),
         }
+    }
+
+    /// The last record on disk (acknowledged), `None` while the log is empty: what a
+    /// [`Checkpoint`] names.
+    pub fn head(&self) -> Option<ChainHead> {
+        *self.counters.head.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn enqueue(&self, kind: &str, data: serde_json::Value, reply: Reply) -> Result<(), AuditError> {
@@ -481,6 +543,10 @@ impl Writer {
                 self.len += bytes.len() as u64;
                 self.next_seq += written.len() as u64;
                 self.hash = hash;
+                self.counters.set_head(ChainHead {
+                    seq: self.next_seq - 1,
+                    hash,
+                });
                 self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .records

@@ -115,9 +115,12 @@ pub enum CliError {
     /// `--env` without `=`.
     #[error("--env {0:?} is not NAME=VALUE")]
     EnvSyntax(String),
-    /// The audit log is unreadable or its chain is broken.
+    /// The audit log is unreadable, its chain is broken, or a checkpoint fails.
     #[error(transparent)]
     Audit(#[from] nanoclaw_audit::AuditError),
+    /// `--device-key` is not a device audit key.
+    #[error("--device-key")]
+    DeviceKey(#[source] nanoclaw_audit::CheckpointError),
     /// The VM ended without an agent exit status.
     #[error("VM {id} ended {status} without an agent exit status{detail}")]
     NoAgentExit {

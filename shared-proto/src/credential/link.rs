@@ -59,6 +59,20 @@ pub enum HostToDevice {
         /// The user's answer.
         answer: ApprovalAnswer,
     },
+    /// Sign this audit checkpoint: the head of the host's audit chain (see the audit crate's
+    /// `checkpoint` module). The device answers [`DeviceToHost::CheckpointSigned`] or
+    /// [`DeviceToHost::CheckpointRefused`].
+    Checkpoint {
+        /// Names the audit log (at most [`MAX_CHECKPOINT_LABEL`] bytes).
+        log: String,
+        /// The seq of the chain's last record.
+        seq: u64,
+        /// That record's hash.
+        #[serde(with = "serde_bytes")]
+        head: [u8; 32],
+        /// The host's clock (Unix seconds).
+        unix_time: u64,
+    },
 }
 
 /// How the device tokenizes one agent's credential-path traffic: the same key and mode as the
@@ -220,6 +234,42 @@ pub enum DeviceToHost {
         /// Why the part was left as it was, when it was not scanned (a binary or encoded body).
         unscanned: Option<String>,
     },
+    /// The device signed the [`HostToDevice::Checkpoint`] it names (echoed) and kept a copy.
+    CheckpointSigned {
+        /// As asked.
+        log: String,
+        /// As asked.
+        seq: u64,
+        /// As asked.
+        #[serde(with = "serde_bytes")]
+        head: [u8; 32],
+        /// As asked.
+        unix_time: u64,
+        /// The device's Ed25519 audit public key.
+        #[serde(with = "serde_bytes")]
+        device_key: [u8; 32],
+        /// The Ed25519 signature.
+        #[serde(with = "serde_bytes")]
+        signature: [u8; 64],
+    },
+    /// The device refused to sign the checkpoint of `seq` (its seq went back, its time is far
+    /// from the device's clock, ...).
+    CheckpointRefused {
+        /// As asked.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The longest audit log label a [`HostToDevice::Checkpoint`] carries, in bytes.
+pub const MAX_CHECKPOINT_LABEL: usize = 128;
+
+fn check_label(log: &str) -> Result<(), CredentialError> {
+    if log.is_empty() || log.len() > MAX_CHECKPOINT_LABEL || log.chars().any(char::is_control) {
+        return Err(CredentialError::InvalidField { field: "log" });
+    }
+    Ok(())
 }
 
 impl Validate for HostToDevice {
@@ -257,6 +307,7 @@ impl Validate for HostToDevice {
                 } => check_chunk(canonical_request, crate::approval::MAX_REQUEST_LEN),
                 ApprovalAnswer::Refused { reason } => check_value(reason.as_bytes(), "reason"),
             },
+            Self::Checkpoint { log, .. } => check_label(log),
         }
     }
 }
@@ -289,6 +340,8 @@ impl Validate for DeviceToHost {
                     None => Ok(()),
                 }
             }
+            Self::CheckpointSigned { log, .. } => check_label(log),
+            Self::CheckpointRefused { reason, .. } => check_name(reason, "reason"),
         }
     }
 }

@@ -61,8 +61,8 @@ mod record;
 mod tests;
 
 pub use link::{
-    ApprovalAnswer, BodyPart, DeviceToHost, HostToDevice, IssuedToken, TokenCounts, TokenKind,
-    TokenizeSpec,
+    ApprovalAnswer, BodyPart, DeviceToHost, HostToDevice, IssuedToken, MAX_CHECKPOINT_LABEL,
+    TokenCounts, TokenKind, TokenizeSpec,
 };
 pub use pairing::{PairingOffer, pairing_code, pairing_psk};
 pub use proxy::{

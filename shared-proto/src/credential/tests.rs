@@ -315,3 +315,48 @@ fn prologue_binds_vm_and_boot() {
     assert_ne!(a, session_prologue("vm-1", &[2; 16]).unwrap());
     assert!(session_prologue("", &[1; 16]).is_err());
 }
+
+#[test]
+fn checkpoint_messages_round_trip_and_bad_labels_are_refused() {
+    let ask = HostToDevice::Checkpoint {
+        log: "host/audit.ndjson".into(),
+        seq: 41,
+        head: [3; 32],
+        unix_time: 1_700_000_000,
+    };
+    let bytes = encode_message(&ask).unwrap();
+    assert_eq!(decode_message::<HostToDevice>(&bytes).unwrap(), ask);
+    let signed = DeviceToHost::CheckpointSigned {
+        log: "host/audit.ndjson".into(),
+        seq: 41,
+        head: [3; 32],
+        unix_time: 1_700_000_000,
+        device_key: [4; 32],
+        signature: [5; 64],
+    };
+    let bytes = encode_message(&signed).unwrap();
+    assert_eq!(decode_message::<DeviceToHost>(&bytes).unwrap(), signed);
+    for log in [
+        String::new(),
+        "x".repeat(MAX_CHECKPOINT_LABEL + 1),
+        "a\nb".into(),
+    ] {
+        let ask = HostToDevice::Checkpoint {
+            log,
+            seq: 1,
+            head: [0; 32],
+            unix_time: 1,
+        };
+        let bytes = encode_message(&ask).unwrap();
+        assert!(matches!(
+            decode_message::<HostToDevice>(&bytes),
+            Err(CredentialError::InvalidField { field: "log" })
+        ));
+    }
+    let refused = DeviceToHost::CheckpointRefused {
+        seq: 1,
+        reason: "\u{7}".into(),
+    };
+    let bytes = encode_message(&refused).unwrap();
+    assert!(decode_message::<DeviceToHost>(&bytes).is_err());
+}

@@ -17,6 +17,7 @@ use shared_proto::approval::RelyingParty;
 use vault_device::ErrorChain;
 use vault_device::approval::{PasskeyFile, fingerprint};
 use vault_device::approval_page::{self, ApprovalPage};
+use vault_device::checkpoint;
 use vault_device::device::{self, Device, DeviceConfig};
 use vault_device::grant::{self, GrantRequest};
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
@@ -134,6 +135,27 @@ enum Command {
     Passkey {
         #[command(subcommand)]
         command: PasskeyCommand,
+    },
+    /// The host's audit log: the device's checkpoint key and its own checkpoint log
+    /// (`<vault>.checkpoints.log`).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print the device's audit public key (hex), for `nanoclaw audit verify --device-key`.
+    Key,
+    /// Check a copy of the host's audit log against the checkpoints this device signed: each
+    /// must be in it with a matching head, and its record present (exit status 1 otherwise).
+    Check {
+        /// The copy of the host's audit log.
+        file: PathBuf,
+        /// The log label to check (default: the only one the device has signed for).
+        #[arg(long)]
+        log: Option<String>,
     },
 }
 
@@ -266,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             approval_listen.map(|a| (a, open_registration)),
         ),
         Command::Passkey { command } => passkey(&path, &pass, command),
+        Command::Audit { command } => audit(&path, &pass, command),
     }
 }
 
@@ -539,6 +562,60 @@ async fn register(listen: SocketAddr, store_path: PathBuf) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// `audit key` and `audit check`.
+fn audit(path: &Path, pass: &[u8], command: AuditCommand) -> anyhow::Result<()> {
+    let vault = Vault::open(path, pass)?;
+    match command {
+        AuditCommand::Key => {
+            println!(
+                "{}",
+                checkpoint::audit_public_key(&vault.identity_secret()).to_hex()
+            );
+            Ok(())
+        }
+        AuditCommand::Check { file, log } => {
+            let log_path = checkpoint::log_path_for(path);
+            let signed = checkpoint::read_log(&log_path)?;
+            let mut labels: Vec<&str> = signed.iter().map(|s| s.log.as_str()).collect();
+            labels.sort_unstable();
+            labels.dedup();
+            let label = match (log, labels.as_slice()) {
+                (Some(l), _) => l,
+                (None, []) => bail!(
+                    "{} holds no checkpoints: this device never signed one",
+                    log_path.display()
+                ),
+                (None, [one]) => (*one).to_owned(),
+                (None, many) => bail!(
+                    "the device signed checkpoints of several logs ({}); pick one with --log",
+                    many.join(", ")
+                ),
+            };
+            let mine: Vec<_> = signed.into_iter().filter(|s| s.log == label).collect();
+            if mine.is_empty() {
+                bail!("the device signed no checkpoint of log {label:?}");
+            }
+            let summary = nanoclaw_audit::check_device_log(&file, &mine)?;
+            println!(
+                "ok: {} records, head {}; {} checkpoints of {label:?} match, anchoring {} \
+                 records; {} after the last one are unanchored",
+                summary.chain.records,
+                summary.chain.head,
+                summary.checked,
+                summary.anchored,
+                summary.chain.records.saturating_sub(summary.anchored),
+            );
+            if summary.newest_unrecorded {
+                println!(
+                    "note: the newest checkpoint has no record in the file (the host may have \
+                     stopped before writing it)"
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -213,6 +213,14 @@ pub struct ServeArgs {
     /// credential sessions to it (see [`crate::relay`]).
     #[arg(long)]
     pub device_listen: Option<std::net::SocketAddr>,
+    /// While a device is linked, ask it to sign an audit checkpoint at least this often (and
+    /// once more at shutdown); 0 turns checkpoints off.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub audit_checkpoint_secs: u64,
+    /// Also ask as soon as this many audit records were appended since the last checkpoint.
+    #[arg(long, default_value_t = 1000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_checkpoint_records: u64,
     /// Where images live (`<dir>/images/`); default the state directory. Images are
     /// content-addressed, so several daemons may share one store.
     #[arg(long, value_name = "DIR")]
@@ -898,6 +906,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             relay.set_approver(approver_of(approvals.as_ref()));
             relay.set_notifiers(device_notifiers);
             relay.set_audit(Arc::clone(&audit));
+            if args.audit_checkpoint_secs > 0 {
+                relay.spawn_checkpoints(
+                    Arc::clone(&audit),
+                    crate::relay::CheckpointPolicy {
+                        every: Duration::from_secs(args.audit_checkpoint_secs),
+                        every_records: args.audit_checkpoint_records,
+                    },
+                );
+            }
             if relay.pairing_code().is_some() {
                 tracing::info!(
                     file = %args.state_dir.join("relay/pairing-code").display(),
@@ -912,6 +929,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     let images =
         nanoclaw_image::ImageStore::open(args.image_store.as_deref().unwrap_or(&args.state_dir))
             .map_err(DaemonError::ImageStore)?;
+    // Kept for the last checkpoint at shutdown.
+    let checkpoint_relay = relay.clone().filter(|_| args.audit_checkpoint_secs > 0);
     let daemon = Arc::new(Daemon {
         images,
         mcp: gateways::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),
@@ -985,6 +1004,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         } => Ok(()),
     };
     let _ = std::fs::remove_file(&args.socket);
+    if let Some(relay) = checkpoint_relay.filter(|r| r.is_linked()) {
+        // The records up to now anchored before the daemon goes (a bounded wait).
+        match relay.checkpoint(&audit).await {
+            Ok(Some(record)) => tracing::info!(record, "audit checkpoint at shutdown"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %crate::error_chain(&e),
+                "audit checkpoint at shutdown not recorded"),
+        }
+    }
     tracing::info!("daemon stopped; VMs keep running");
     result
 }

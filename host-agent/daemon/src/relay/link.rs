@@ -230,6 +230,11 @@ impl Relay {
                     self.record_tokenized(report);
                     continue;
                 }
+                answer @ (DeviceToHost::CheckpointSigned { .. }
+                | DeviceToHost::CheckpointRefused { .. }) => {
+                    self.checkpoint_answered(answer);
+                    continue;
+                }
             };
             let tx = {
                 let mut state = self.lock();
@@ -263,6 +268,9 @@ impl Relay {
             {
                 state.link = None;
                 self.linked.send_replace(false);
+                drop(state);
+                // A checkpoint asked on this link gets no answer: its waiter fails now.
+                self.drop_checkpoint_waiter();
             }
         }
         tracing::info!(generation, "device link down");

@@ -39,6 +39,11 @@
 //!   sends the device no answer; it only tells the user, through the notifiers
 //!   ([`Relay::set_notifiers`]), that a credential request waits on their device. The
 //!   device would refuse evidence from the host's pages anyway (another origin).
+//! - **Audit checkpoints** ([`Relay::spawn_checkpoints`]). While linked, the relay asks the
+//!   device to sign the head of the daemon's audit chain (periodically, after a number of
+//!   records, and at shutdown) and appends the signed checkpoint to the chain, so that a later
+//!   rewrite of the chain before it fails `nanoclaw audit verify --device-key` and the device's
+//!   own `vault-device audit check`.
 //!
 //! # What the relay sees
 //!
@@ -65,9 +70,11 @@
 //! - `approvals.rs`: the device's approval asks ([`Relay::set_approver`]) and notices of
 //!   requests waiting on the device ([`Relay::set_notifiers`]).
 //! - `reports.rs`: the device's tokenization reports, to the audit log ([`Relay::set_audit`]).
+//! - `checkpoints.rs`: the audit checkpoints the device signs ([`CheckpointPolicy`]).
 //! - `tests.rs`: the unit tests.
 
 mod approvals;
+mod checkpoints;
 mod link;
 pub mod pairing;
 mod reports;
@@ -87,6 +94,7 @@ use zeroize::Zeroizing;
 
 use crate::approval::Approver;
 
+pub use checkpoints::{CHECKPOINT_WAIT, CheckpointFailure, CheckpointPolicy};
 pub(crate) use link::AcceptBackoff;
 pub use sidecar::{VmRelay, proxy_socket_path};
 
@@ -230,6 +238,10 @@ pub struct Relay {
     audit: Mutex<Option<Arc<nanoclaw_audit::AuditLog>>>,
     /// Who is told that a request waits on the device's own approval page.
     notifiers: Mutex<Vec<Arc<dyn crate::notify::Notifier>>>,
+    /// The audit checkpoint in flight and the last one signed.
+    checkpoints: Mutex<checkpoints::Checkpoints>,
+    /// Held by the one checkpoint ask in flight.
+    checkpoint_turn: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Relay {

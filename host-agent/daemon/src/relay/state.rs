@@ -95,6 +95,8 @@ impl Relay {
             approval_slots: Arc::new(Semaphore::new(MAX_PENDING_APPROVALS)),
             audit: Mutex::new(None),
             notifiers: Mutex::new(Vec::new()),
+            checkpoints: Mutex::default(),
+            checkpoint_turn: tokio::sync::Mutex::new(()),
         });
         if relay.lock().device.is_none() {
             relay.new_code()?;

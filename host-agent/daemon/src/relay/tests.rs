@@ -374,3 +374,211 @@ async fn two_thousand_idle_device_connections_are_bounded() {
     .await
     .expect("the device links after the flood");
 }
+
+/// A linked fake device that can read the host's messages and answer.
+struct FakeDevice {
+    read: link::RecordReader<tokio::net::tcp::OwnedReadHalf>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+    transport: snow::TransportState,
+}
+
+impl FakeDevice {
+    async fn link(relay: &Relay, addr: std::net::SocketAddr) -> Self {
+        use shared_proto::credential::{DeviceToHost, LINK_MODE_LINK, noise};
+        let mut hs = noise::link_initiator(&DEVICE_KEY, &relay.public_key()).unwrap();
+        let first = noise::write_handshake(&mut hs, &[]).unwrap();
+        let (read, mut write) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut read = link::RecordReader::new(read);
+        write.write_all(&[LINK_MODE_LINK]).await.unwrap();
+        link::write_record(&mut write, &first).await.unwrap();
+        noise::read_handshake(&mut hs, &read.next().await.unwrap()).unwrap();
+        let transport = hs.into_transport_mode().unwrap();
+        let mut device = Self {
+            read,
+            write,
+            transport,
+        };
+        device.send(&DeviceToHost::Ready).await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), relay.wait_linked())
+            .await
+            .unwrap();
+        device
+    }
+
+    async fn send(&mut self, msg: &shared_proto::credential::DeviceToHost) {
+        use shared_proto::credential::noise;
+        let plain = shared_proto::credential::encode_message(msg).unwrap();
+        let sealed = noise::seal(&mut self.transport, &plain).unwrap();
+        link::write_record(&mut self.write, &sealed).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> HostToDevice {
+        use shared_proto::credential::noise;
+        let record = self.read.next().await.unwrap();
+        let plain = noise::open(&mut self.transport, &record).unwrap();
+        shared_proto::credential::decode_message(&plain).unwrap()
+    }
+
+    /// Answers the next checkpoint ask, signing it with `key` (the signature spoiled when
+    /// `forge`).
+    async fn sign_next(&mut self, key: &ed25519_dalek::SigningKey, forge: bool) {
+        use ed25519_dalek::Signer;
+        let HostToDevice::Checkpoint {
+            log,
+            seq,
+            head,
+            unix_time,
+        } = self.recv().await
+        else {
+            panic!("not a checkpoint ask");
+        };
+        let asked = nanoclaw_audit::Checkpoint {
+            log,
+            seq,
+            head,
+            unix_time,
+        };
+        let mut signature = key.sign(&asked.signed_message()).to_bytes();
+        if forge {
+            signature[0] ^= 1;
+        }
+        self.send(&shared_proto::credential::DeviceToHost::CheckpointSigned {
+            log: asked.log,
+            seq,
+            head,
+            unix_time,
+            device_key: key.verifying_key().to_bytes(),
+            signature,
+        })
+        .await;
+    }
+}
+
+fn audit_with(dir: &std::path::Path, n: u64) -> Arc<nanoclaw_audit::AuditLog> {
+    let audit = Arc::new(nanoclaw_audit::AuditLog::open(dir.join("audit.ndjson")).unwrap());
+    for i in 0..n {
+        audit
+            .append("policy_decision", serde_json::json!({"i": i}))
+            .unwrap();
+    }
+    audit
+}
+
+#[tokio::test]
+async fn a_checkpoint_the_device_signs_is_recorded_and_verifies_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut device = FakeDevice::link(&relay, addr).await;
+    let audit = audit_with(dir.path(), 3);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let (recorded, ()) = tokio::join!(relay.checkpoint(&audit), device.sign_next(&key, false));
+    assert_eq!(recorded.unwrap(), Some(3));
+    let public = nanoclaw_audit::DeviceKey::from_bytes(&key.verifying_key().to_bytes()).unwrap();
+    let s = nanoclaw_audit::verify_anchored(&dir.path().join("audit.ndjson"), &public).unwrap();
+    assert_eq!((s.checkpoints, s.anchored, s.unanchored), (1, 3, 1));
+    // Nothing new but its own record: no second ask.
+    assert_eq!(relay.checkpoint(&audit).await.unwrap(), None);
+    // A new record: a new ask, covering the first checkpoint's record too.
+    audit.append("grant", serde_json::json!({})).unwrap();
+    let (recorded, ()) = tokio::join!(relay.checkpoint(&audit), device.sign_next(&key, false));
+    assert_eq!(recorded.unwrap(), Some(5));
+    let s = nanoclaw_audit::verify_anchored(&dir.path().join("audit.ndjson"), &public).unwrap();
+    assert_eq!((s.checkpoints, s.anchored, s.unanchored), (2, 5, 1));
+}
+
+#[tokio::test]
+async fn a_bad_signature_or_a_refusal_is_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut device = FakeDevice::link(&relay, addr).await;
+    let audit = audit_with(dir.path(), 2);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let (recorded, ()) = tokio::join!(relay.checkpoint(&audit), device.sign_next(&key, true));
+    assert!(
+        matches!(recorded, Err(CheckpointFailure::BadSignature(_))),
+        "{recorded:?}"
+    );
+    let refuse = async {
+        let HostToDevice::Checkpoint { seq, .. } = device.recv().await else {
+            panic!("not a checkpoint ask");
+        };
+        device
+            .send(&shared_proto::credential::DeviceToHost::CheckpointRefused {
+                seq,
+                reason: "seq went back".into(),
+            })
+            .await;
+    };
+    let (recorded, ()) = tokio::join!(relay.checkpoint(&audit), refuse);
+    assert!(
+        matches!(&recorded, Err(CheckpointFailure::Refused(r)) if r == "seq went back"),
+        "{recorded:?}"
+    );
+    // Refused: not asked again until something new is appended.
+    assert_eq!(relay.checkpoint(&audit).await.unwrap(), None);
+    assert_eq!(
+        nanoclaw_audit::verify(&dir.path().join("audit.ndjson"))
+            .unwrap()
+            .records,
+        2
+    );
+    // An answer for nothing in flight is ignored.
+    device
+        .send(&shared_proto::credential::DeviceToHost::CheckpointRefused {
+            seq: 99,
+            reason: "x".into(),
+        })
+        .await;
+    assert!(relay.is_linked());
+}
+
+#[tokio::test]
+async fn without_a_link_a_checkpoint_fails_with_not_linked() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    let audit = audit_with(dir.path(), 1);
+    assert!(matches!(
+        relay.checkpoint(&audit).await,
+        Err(CheckpointFailure::NotLinked)
+    ));
+}
+
+#[tokio::test]
+async fn the_relay_asks_at_once_when_linked_then_after_every_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut device = FakeDevice::link(&relay, addr).await;
+    let audit = audit_with(dir.path(), 2);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let task = relay.spawn_checkpoints(
+        Arc::clone(&audit),
+        CheckpointPolicy {
+            every: std::time::Duration::from_secs(3600),
+            every_records: 3,
+        },
+    );
+    let within = |secs| std::time::Duration::from_secs(secs);
+    // The first ask comes at once (nothing was anchored yet).
+    tokio::time::timeout(within(5), device.sign_next(&key, false))
+        .await
+        .expect("a first checkpoint");
+    // Two new records are under the threshold and the hour is not up: no ask.
+    for _ in 0..2 {
+        audit.append("grant", serde_json::json!({})).unwrap();
+    }
+    assert!(
+        tokio::time::timeout(within(2), device.recv())
+            .await
+            .is_err(),
+        "asked under the threshold"
+    );
+    // The third is at it.
+    audit.append("grant", serde_json::json!({})).unwrap();
+    tokio::time::timeout(within(5), device.sign_next(&key, false))
+        .await
+        .expect("a checkpoint after three records");
+    task.abort();
+}
