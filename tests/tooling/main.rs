@@ -254,3 +254,93 @@ fn runner_ends_a_hung_l1_as_an_l1_death_and_shows_what_it_last_said() {
         "{err}"
     );
 }
+
+/// `scripts/package-deb --debug`: the package holds the daemon, the CLI, the VMM, the guest and
+/// its manifest, the hardened unit and the conffile, with the maintainer scripts that make the
+/// `nanoclaw` group; the manifest names the packaged guest, and the unit passes systemd's check.
+#[test]
+fn the_debian_package_holds_the_binaries_the_guest_and_the_hardened_unit() {
+    let out_dir = tempdir();
+    let out = Command::new(repo().join("scripts/package-deb"))
+        .args(["--debug", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", stderr_lines(&out));
+    let deb = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(deb.is_file(), "{}", deb.display());
+    let contents = Command::new("dpkg-deb")
+        .arg("--contents")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let contents = String::from_utf8_lossy(&contents.stdout).into_owned();
+    for (path, mode) in [
+        ("./usr/bin/host-agent", "-rwxr-xr-x"),
+        ("./usr/bin/nanoclaw", "-rwxr-xr-x"),
+        ("./usr/lib/nanoclaw/nanoclaw-vmm", "-rwxr-xr-x"),
+        ("./usr/lib/nanoclaw/guest/vmlinux", "-rw-r--r--"),
+        ("./usr/lib/nanoclaw/guest/initramfs.cpio.gz", "-rw-r--r--"),
+        ("./usr/lib/nanoclaw/guest/manifest", "-rw-r--r--"),
+        ("./lib/systemd/system/host-agent.service", "-rw-r--r--"),
+        ("./etc/nanoclaw/host-agent.env", "-rw-r--r--"),
+    ] {
+        assert!(
+            contents
+                .lines()
+                .any(|l| l.starts_with(mode) && l.contains(" root/root ") && l.ends_with(path)),
+            "{path} ({mode}, root/root) in\n{contents}"
+        );
+    }
+    let extracted = tempdir();
+    let x = Command::new("dpkg-deb")
+        .arg("--raw-extract")
+        .arg(&deb)
+        .arg(extracted.path())
+        .output()
+        .unwrap();
+    assert!(x.status.success(), "{:?}", stderr_lines(&x));
+    let read = |p: &str| std::fs::read_to_string(extracted.path().join(p)).unwrap();
+    let manifest = read("usr/lib/nanoclaw/guest/manifest");
+    assert!(
+        manifest.contains("KERNEL_VMLINUX=/usr/lib/nanoclaw/guest/vmlinux\n")
+            && manifest.contains("INITRAMFS=/usr/lib/nanoclaw/guest/initramfs.cpio.gz\n"),
+        "{manifest}"
+    );
+    assert_eq!(read("DEBIAN/conffiles"), "/etc/nanoclaw/host-agent.env\n");
+    assert!(read("DEBIAN/postinst").contains("addgroup --system nanoclaw"));
+    let control = read("DEBIAN/control");
+    assert!(control.contains("Package: nanoclaw\n"), "{control}");
+    let unit = read("lib/systemd/system/host-agent.service");
+    for line in [
+        "KillMode=process",
+        "Delegate=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "Restart=on-failure",
+        "DevicePolicy=closed",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} in\n{unit}");
+    }
+    assert!(unit.contains("--socket-group nanoclaw"), "{unit}");
+    // systemd's own check of the unit, where systemd-analyze is installed: no complaint but
+    // the binary, which is not installed here.
+    if let Ok(check) = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(
+            extracted
+                .path()
+                .join("lib/systemd/system/host-agent.service"),
+        )
+        .output()
+    {
+        let said = String::from_utf8_lossy(&check.stderr).into_owned();
+        for line in said.lines() {
+            assert!(
+                line.contains("/usr/bin/host-agent") || line.trim().is_empty(),
+                "systemd-analyze: {said}"
+            );
+        }
+    }
+}

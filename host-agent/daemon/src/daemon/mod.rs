@@ -60,6 +60,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// `--socket-group` names no group.
+    #[error("--socket-group: no group named {0:?}")]
+    NoSuchGroup(String),
     /// The remote API's token file is unusable.
     #[error("remote API tokens")]
     Tokens(#[source] crate::remote::tokens::TokenError),
@@ -166,9 +169,13 @@ pub struct ServeArgs {
     /// Where VM state lives (`<dir>/vms/<id>/`).
     #[arg(long, default_value = api::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// The API socket (created with mode 0600).
+    /// The API socket (created with mode 0600, or 0660 with --socket-group).
     #[arg(long, default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Also let this group's members use the API socket (mode 0660, this group): the package
+    /// makes the group `nanoclaw` for it. Its members can do anything the API does.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Guest kernel (bzImage or ELF vmlinux).
     #[arg(long, requires = "initrd", conflicts_with = "guest_manifest")]
     pub kernel: Option<PathBuf>,
@@ -779,12 +786,35 @@ fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, 
     )
 }
 
-/// Binds the API socket with mode 0600, refusing to steal it from a live daemon.
-fn bind_api_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+/// Binds the API socket with mode 0600 (0660 and `group` when one is given), refusing to
+/// steal it from a live daemon.
+fn bind_api_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, DaemonError> {
+    let gid = match group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .map_err(|e| DaemonError::Bind {
+                    path: path.to_path_buf(),
+                    source: e.into(),
+                })?
+                .ok_or_else(|| DaemonError::NoSuchGroup(name.to_owned()))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.exists()
     {
-        create_dir(parent, 0o700)?;
+        // The group's members must reach the socket through the folder too.
+        create_dir(parent, if gid.is_some() { 0o750 } else { 0o700 })?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::lchown(parent, None, Some(gid)).map_err(|source| {
+                DaemonError::Bind {
+                    path: parent.to_path_buf(),
+                    source,
+                }
+            })?;
+        }
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(DaemonError::SocketInUse(path.to_path_buf()));
@@ -796,6 +826,10 @@ fn bind_api_socket(path: &Path) -> Result<UnixListener, DaemonError> {
     };
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
+    }
     Ok(listener)
 }
 
@@ -959,7 +993,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         .mcp
         .set_spawner(Arc::new(gateways::DaemonSpawner::new(&daemon)));
     daemon.recover();
-    let listener = bind_api_socket(&args.socket)?;
+    let listener = bind_api_socket(&args.socket, args.socket_group.as_deref())?;
     tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),
         vms = daemon.lock_vms().len(), "daemon listening");
     let app = routes::router(Arc::clone(&daemon));
