@@ -207,9 +207,21 @@ fn is_local(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-')
 }
 
+/// Which bytes are token bytes, as a table (the scans ask for every byte).
+const TOKEN_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+        c += 1;
+    }
+    t
+};
+
 /// A byte of an API key or token.
 pub(crate) fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')
+    TOKEN_BYTES[usize::from(b)]
 }
 
 /// All candidates in `text`, sorted and not overlapping: emails first, then provider-shaped
