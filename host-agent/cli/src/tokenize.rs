@@ -189,8 +189,7 @@ mod tests {
         let text = "café order4111111111111111, Zürich ssn:123-45-6789.";
         let out = run_scan(text, false).expect("scan");
         assert_eq!(
-            out,
-            "{\"spans\":[[\"card\",10,26],[\"ssn\",39,50]]}\n",
+            out, "{\"spans\":[[\"card\",10,26],[\"ssn\",39,50]]}\n",
             "{text:?}"
         );
         let chars: Vec<char> = text.chars().collect();

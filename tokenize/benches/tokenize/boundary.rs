@@ -224,11 +224,20 @@ fn ssn(rng: &mut Rng) -> String {
 
 fn email(rng: &mut Rng) -> String {
     let local = match rng.below(3) {
-        0 => format!("{}.{}", rng.pick(&["jane", "omar", "li"]), rng.pick(&["doe", "wei"])),
+        0 => format!(
+            "{}.{}",
+            rng.pick(&["jane", "omar", "li"]),
+            rng.pick(&["doe", "wei"])
+        ),
         1 => format!("{}_{}+x", rng.pick(&["maria", "tom"]), rng.range(1, 99)),
         _ => format!("{}{}", rng.pick(&["aiko", "sven"]), rng.range(1, 999)),
     };
-    let domain = *rng.pick(&["example.com", "mail.example.org", "acme.io", "corp.example.co.uk"]);
+    let domain = *rng.pick(&[
+        "example.com",
+        "mail.example.org",
+        "acme.io",
+        "corp.example.co.uk",
+    ]);
     format!("{local}@{domain}")
 }
 
@@ -236,12 +245,12 @@ fn email(rng: &mut Rng) -> String {
 fn api_key(rng: &mut Rng) -> String {
     match rng.below(16) {
         0 => format!("ghp_{}", rng.over(ALNUM, 36)),
-        1 => format!("{}{}", rng.pick(&["gho_", "ghu_", "ghs_", "ghr_"]), rng.over(ALNUM, 36)),
-        2 => format!(
-            "github_pat_{}_{}",
-            rng.over(ALNUM, 22),
-            rng.over(ALNUM, 59)
+        1 => format!(
+            "{}{}",
+            rng.pick(&["gho_", "ghu_", "ghs_", "ghr_"]),
+            rng.over(ALNUM, 36)
         ),
+        2 => format!("github_pat_{}_{}", rng.over(ALNUM, 22), rng.over(ALNUM, 59)),
         // GitLab: with `_` and `-` inside, as they often are.
         3 => {
             let mut rest = rng.over(BASE64URL, 18);
@@ -391,9 +400,25 @@ fn look_alike(rng: &mut Rng) -> (&'static str, String) {
         14 => (
             "version or address",
             match rng.below(3) {
-                0 => format!("v{}.{}.{}", rng.range(0, 9), rng.range(0, 40), rng.range(0, 99)),
-                1 => format!("10.{}.{}.{}", rng.below(256), rng.below(256), rng.below(256)),
-                _ => format!("{},{:03},{:03}.{:02}", rng.range(1, 999), rng.below(1000), rng.below(1000), rng.below(100)),
+                0 => format!(
+                    "v{}.{}.{}",
+                    rng.range(0, 9),
+                    rng.range(0, 40),
+                    rng.range(0, 99)
+                ),
+                1 => format!(
+                    "10.{}.{}.{}",
+                    rng.below(256),
+                    rng.below(256),
+                    rng.below(256)
+                ),
+                _ => format!(
+                    "{},{:03},{:03}.{:02}",
+                    rng.range(1, 999),
+                    rng.below(1000),
+                    rng.below(1000),
+                    rng.below(100)
+                ),
             },
         ),
         _ => (
@@ -432,11 +457,11 @@ impl Figures {
 
 /// Scores `detect` (kind and byte span of each detection in a text) on `samples` for `kind`,
 /// and lists the samples it missed.
-pub fn score<'a>(
-    samples: &'a [Sample],
+pub fn score(
+    samples: &[Sample],
     kind: Kind,
     detect: impl Fn(&str) -> Vec<(Kind, Range<usize>)>,
-) -> (Figures, Vec<&'a Sample>) {
+) -> (Figures, Vec<&Sample>) {
     let mut f = Figures::default();
     let mut missed = Vec::new();
     for s in samples {
