@@ -24,9 +24,15 @@
 //! length and, byte for byte, which positions hold a digit, which a letter and which any other
 //! byte, so the same scan of the tokenized text finds each surrogate as a candidate with the same
 //! bounds. Detokenizing acts only on candidates found in the issued set, and each construction
-//! is a bijection, so decrypting gives the real value back (see `surrogate`). The one case
-//! where it could not: two API keys with the same prefix but different letter alphabets whose
-//! surrogates (20 or more letters and digits) come out equal; the first issued then wins.
+//! is a bijection, so decrypting gives the real value back (see `surrogate`). Provider keys are
+//! found by their prefix, which surrogates keep, and the classes of the bytes after it; values
+//! run into words are found by the same class rules on both sides. The cases where it could
+//! not: two API keys with the same prefix but different letter alphabets whose surrogates (20 or
+//! more letters and digits) come out equal (the first issued then wins); and, with odds below
+//! one in a million, a surrogate whose new letters change how the scan reads it (a
+//! high-entropy key whose surrogate spells a provider prefix, a mixed-case key without digits
+//! whose surrogate comes out in one case). Such a surrogate is left as it is on the way out,
+//! which fails closed.
 //!
 //! # Sharing issued surrogates
 //! The user's device tokenizes the credential path with the same agent key (the host hands it

@@ -10,6 +10,8 @@
 //! - `audit verify|tail` read the audit log file itself.
 //! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
 //! - `cp` copies a file or folder into or out of a VM.
+//! - `tokenize scan` prints where the tokenizer finds sensitive values in the user's own text
+//!   (a dry run of monitor mode; no daemon needed).
 //!
 //! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
 //! exit status (the VM failed, was lost or stopped before the agent started).
@@ -22,6 +24,7 @@
 //! - [`token`]: `nanoclaw token create|ls|rm`, the remote API's bearer tokens.
 //! - [`copy_in`]: `nanoclaw run --copy HOSTPATH:GUESTPATH`.
 //! - [`cp`]: `nanoclaw cp SRC DST`.
+//! - [`tokenize`]: `nanoclaw tokenize scan [--jsonl] [FILE]`.
 
 pub mod approvals;
 pub mod audit;
@@ -30,6 +33,7 @@ pub mod copy_in;
 pub mod cp;
 pub mod image;
 pub mod token;
+pub mod tokenize;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -109,6 +113,9 @@ pub enum CliError {
     /// `nanoclaw cp` failed.
     #[error(transparent)]
     Cp(#[from] cp::CpError),
+    /// `nanoclaw tokenize scan` failed.
+    #[error(transparent)]
+    Scan(#[from] tokenize::ScanError),
     /// An image build failed.
     #[error("image build failed: {0}")]
     ImageBuild(String),
@@ -226,6 +233,10 @@ pub enum Command {
     /// Copy a file or folder into or out of a VM: `cp HOSTPATH ID:DIR` or `cp ID:PATH HOSTDIR`
     /// (the destination is a folder; out of an ended VM, what the agent wrote is copied).
     Cp(cp::CpArgs),
+    /// Dry-run the tokenizer on your own data: where it finds card numbers, SSNs, emails and
+    /// API keys (JSON lines of spans; no daemon needed).
+    #[command(subcommand)]
+    Tokenize(tokenize::TokenizeCommand),
 }
 
 /// `nanoclaw run`.
@@ -350,6 +361,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Image(command) => image::run(&client, command).await,
         Command::Token(command) => token::run(&client, command).await,
         Command::Cp(args) => cp::run(&client, args).await,
+        Command::Tokenize(command) => tokenize::run(command),
         Command::Inspect { id, json } => {
             let info: VmInfo = client
                 .json(Method::GET, &format!("/v1/vms/{id}"), None::<&()>)
