@@ -6,7 +6,7 @@ import inspect
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Union
 
@@ -177,7 +177,7 @@ class AsyncSandbox:
         self.info = VmInfo.from_json(parse_json(answer, "VM record"))
         return self.info
 
-    async def events(self, follow: bool = True) -> AsyncIterator[Event]:
+    async def events(self, follow: bool = True) -> AsyncGenerator[Event, None]:
         """The VM's events from its first (see :meth:`nanoclaw.Sandbox.events`)."""
         tracker = c.Follow()
         while True:
@@ -193,11 +193,17 @@ class AsyncSandbox:
                 return
             tracker.stream_ended(self.id)
 
-    async def output(self, follow: bool = True) -> AsyncIterator[tuple[StreamName, bytes]]:
+    async def output(
+        self, follow: bool = True
+    ) -> AsyncGenerator[tuple[StreamName, bytes], None]:
         """The agent's output as ``(stream, bytes)`` pairs."""
-        async for event in self.events(follow):
-            if event.kind == "output" and event.stream is not None:
-                yield event.stream, event.data
+        events = self.events(follow)
+        try:
+            async for event in events:
+                if event.kind == "output" and event.stream is not None:
+                    yield event.stream, event.data
+        finally:
+            await events.aclose()
 
     async def wait(
         self,

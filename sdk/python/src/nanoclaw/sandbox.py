@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from types import TracebackType
 
 from . import _common as c
@@ -187,9 +187,9 @@ class Sandbox:
         self.info = VmInfo.from_json(parse_json(answer, "VM record"))
         return self.info
 
-    def events(self, follow: bool = True) -> Iterator[Event]:
+    def events(self, follow: bool = True) -> Generator[Event, None, None]:
         """The VM's events from its first: with ``follow``, as they come until the VM's last
-        (``ended``); without, those recorded so far."""
+        (``ended``); without, those recorded so far. Close the generator to hang up early."""
         tracker = c.Follow()
         while True:
             with self._transport.open(
@@ -204,12 +204,18 @@ class Sandbox:
             # The stream ended before the VM did (the daemon restarted): open it again.
             tracker.stream_ended(self.id)
 
-    def output(self, follow: bool = True) -> Iterator[tuple[StreamName, bytes]]:
+    def output(
+        self, follow: bool = True
+    ) -> Generator[tuple[StreamName, bytes], None, None]:
         """The agent's output as ``(stream, bytes)`` pairs, ``stream`` ``stdout`` or
         ``stderr``."""
-        for event in self.events(follow):
-            if event.kind == "output" and event.stream is not None:
-                yield event.stream, event.data
+        events = self.events(follow)
+        try:
+            for event in events:
+                if event.kind == "output" and event.stream is not None:
+                    yield event.stream, event.data
+        finally:
+            events.close()
 
     def wait(
         self,
