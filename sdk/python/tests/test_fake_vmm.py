@@ -66,6 +66,21 @@ class SyncTest(unittest.TestCase):
         self.assertEqual(cm.exception.status, 404)
         self.assertIn(f"no VM with id {vm}", cm.exception.message)
 
+    def test_a_run_interrupted_stops_its_vm(self) -> None:
+        class Enough(Exception):
+            pass
+
+        def hang_up(data: bytes) -> None:
+            raise Enough
+
+        seen = self._list()
+        with self.assertRaises(Enough):
+            Sandbox.run(["wait"], on_stdout=hang_up)
+        (vm,) = [s for s in self._list() if s not in seen]
+        sandbox = Sandbox.attach(vm)
+        self.assertEqual(sandbox.info.status, "stopped")
+        sandbox.remove()
+
     def test_a_long_lived_sandbox_pauses_refuses_files_and_is_killed(self) -> None:
         with Sandbox.create(command=["wait"]) as sandbox:
             stream = sandbox.output()
