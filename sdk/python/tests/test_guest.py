@@ -17,10 +17,10 @@ from nanoclaw import AsyncSandbox, NanoclawError, NotFound, Sandbox
 GUEST = os.environ.get("NANOCLAW_SDK_DAEMON") == "guest"
 IMAGE = os.environ.get("NANOCLAW_TEST_IMAGE", "")
 
-#: The agent: says it is ready, waits for the file ``go``, prints the file the test wrote,
+#: The agent: says it is ready, waits for the file ``go`` (empty), prints the file the test wrote,
 #: leaves one of its own on the disk and exits 3.
 AGENT = """echo ready; echo to-stderr >&2
-while [ ! -e /data/sdk/go ]; do sleep 1; done
+until cat /data/sdk/go; do sleep 1; done
 cat /data/sdk/hello.txt
 echo agent-wrote > /data/sdk/out.txt
 sync
@@ -33,9 +33,15 @@ class GuestTest(unittest.TestCase):
         with Sandbox.create(
             image=IMAGE, disk_size_mib=64, command=["/bin/sh", "-c", AGENT]
         ) as sandbox:
+            # Its files are there to copy into once it has said so.
+            said = b""
             stream = sandbox.output()
-            self.assertEqual(next(stream), ("stdout", b"ready\n"))
+            for name, data in stream:
+                said += data if name == "stdout" else b""
+                if b"ready\n" in said:
+                    break
             stream.close()
+            self.assertEqual(said, b"ready\n")
 
             # In and back out, byte for byte, while it runs.
             blob = bytes(range(256)) * 1000

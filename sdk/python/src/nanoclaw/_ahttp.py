@@ -17,6 +17,8 @@ from .errors import NanoclawError, error_for
 
 #: The most bytes of the status line and headers.
 MAX_HEAD = 64 * 1024
+#: Seconds a closing connection waits for the peer's TLS close.
+CLOSE_TIMEOUT = 5.0
 
 
 class AsyncResponse:
@@ -118,8 +120,9 @@ class AsyncResponse:
     async def close(self) -> None:
         self._writer.close()
         try:
-            await self._writer.wait_closed()
-        except (OSError, ssl.SSLError):
+            # A peer that never answers the TLS close does not hold us up for long.
+            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError):
             pass
 
 
