@@ -9,7 +9,15 @@ import tarfile
 import unittest
 from unittest import mock
 
-from nanoclaw import AuthError, Conflict, Event, NanoclawError, NotFound, ServerError
+from nanoclaw import (
+    AuthError,
+    Conflict,
+    Event,
+    NanoclawError,
+    NotFound,
+    PermissionDenied,
+    ServerError,
+)
 from nanoclaw._common import create_body
 from nanoclaw._config import resolve
 from nanoclaw._tar import one_file, read_one_file, split_guest_path
@@ -64,11 +72,16 @@ class TarTest(unittest.TestCase):
 
 class ErrorsTest(unittest.TestCase):
     def test_statuses_map_to_typed_errors_with_the_daemons_message(self) -> None:
-        for status, cls in ((401, AuthError), (403, AuthError), (404, NotFound),
+        for status, cls in ((401, AuthError), (403, PermissionDenied), (404, NotFound),
                             (409, Conflict), (502, ServerError)):
             e = error_for(status, json.dumps({"error": "said the daemon"}).encode())
             self.assertIs(type(e), cls)
             self.assertEqual((e.status, e.message), (status, "said the daemon"))
+        # A 403 of the token check, not of the guest.
+        said = "this token's scope is read; POST /v1/vms needs run"
+        e = error_for(403, json.dumps({"error": said}).encode())
+        self.assertIs(type(e), AuthError)
+        self.assertEqual(e.message, said)
 
     def test_a_body_that_is_not_json_is_still_a_typed_error(self) -> None:
         e = error_for(400, b"<html>nope</html>")

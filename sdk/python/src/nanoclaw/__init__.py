@@ -10,6 +10,7 @@ from .errors import (
     Conflict,
     NanoclawError,
     NotFound,
+    PermissionDenied,
     SandboxFailed,
     ServerError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "FilesCopied",
     "NanoclawError",
     "NotFound",
+    "PermissionDenied",
     "Sandbox",
     "SandboxFailed",
     "ServerError",

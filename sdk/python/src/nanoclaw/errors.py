@@ -24,6 +24,11 @@ class AuthError(NanoclawError):
     small for the route (the message says which scope it needs)."""
 
 
+class PermissionDenied(NanoclawError):
+    """``403`` from the guest, not the daemon's token check: the agent's user may not read or
+    write that path in the VM."""
+
+
 class NotFound(NanoclawError):
     """``404``: no such VM, image or path."""
 
@@ -45,6 +50,10 @@ class SandboxFailed(NanoclawError):
         self.vm_status = vm_status
 
 
+#: How the daemon's remote API begins a 403 for a token whose scope is too small.
+SCOPE_REFUSAL = "this token's scope is "
+
+
 def error_for(status: int, body: bytes) -> NanoclawError:
     """The exception for a non-2xx answer with ``body``, the daemon's ``{"error": ...}``."""
     message = ""
@@ -57,8 +66,12 @@ def error_for(status: int, body: bytes) -> NanoclawError:
     if not message:
         message = body.decode("utf-8", "replace").strip()[:512] or "no error message"
     cls: type[NanoclawError]
-    if status in (401, 403):
+    if status == 401:
         cls = AuthError
+    elif status == 403:
+        # The daemon's token check says which scope the route needs; a guest that refuses a
+        # file copy answers 403 too.
+        cls = AuthError if message.startswith(SCOPE_REFUSAL) else PermissionDenied
     elif status == 404:
         cls = NotFound
     elif status == 409:
