@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import unittest
+from contextlib import redirect_stderr, redirect_stdout
 from unittest import mock
 
 from nanoclaw import (
@@ -18,7 +19,7 @@ from nanoclaw import (
     PermissionDenied,
     ServerError,
 )
-from nanoclaw._common import create_body
+from nanoclaw._common import create_body, write_to
 from nanoclaw._config import resolve
 from nanoclaw._tar import one_file, read_one_file, split_guest_path
 from nanoclaw.errors import error_for
@@ -136,6 +137,20 @@ class CreateBodyTest(unittest.TestCase):
             create_body(None, None, None, None, None, None, None, None, None)
         with self.assertRaises(NanoclawError):
             create_body([], None, None, None, None, None, None, None, None)
+
+
+class DefaultOutputTest(unittest.TestCase):
+    def test_output_goes_to_this_process_as_bytes_or_as_text(self) -> None:
+        raw = io.BytesIO()
+        wrapper = io.TextIOWrapper(raw, encoding="utf-8")
+        with redirect_stdout(wrapper):
+            write_to("stdout")(b"\xffbytes\n")
+        self.assertEqual(raw.getvalue(), b"\xffbytes\n")
+        wrapper.detach()
+        text = io.StringIO()
+        with redirect_stderr(text):
+            write_to("stderr")(b"caf\xc3\xa9 \xff\n")
+        self.assertEqual(text.getvalue(), "caf\u00e9 \ufffd\n")
 
 
 if __name__ == "__main__":

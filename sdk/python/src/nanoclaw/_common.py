@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 from ._config import quote, target
@@ -73,6 +74,22 @@ def create_body(
         if value is not None:
             body[name] = value
     return json.dumps(body).encode()
+
+
+def write_to(stream: str) -> Callable[[bytes], None]:
+    """A callback that writes output to this process's ``stdout`` or ``stderr`` (as bytes when
+    it has a binary buffer, else as text with undecodable bytes replaced)."""
+
+    def write(data: bytes) -> None:
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        buffer = getattr(out, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+        else:
+            out.write(data.decode("utf-8", "replace"))
+        out.flush()
+
+    return write
 
 
 JSON = "application/json"

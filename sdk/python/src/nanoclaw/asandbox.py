@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import ssl
-import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Union
@@ -21,13 +20,6 @@ from .types import Event, FilesCopied, StreamName, VmInfo, parse_json
 AsyncOutputCallback = Callable[[bytes], Union[Awaitable[object], object]]
 
 
-def _write_to(stream: StreamName) -> AsyncOutputCallback:
-    def write(data: bytes) -> None:
-        out = sys.stdout if stream == "stdout" else sys.stderr
-        out.buffer.write(data)
-        out.flush()
-
-    return write
 
 
 class AsyncFiles:
@@ -161,8 +153,8 @@ class AsyncSandbox:
         )
         try:
             code = await sandbox.wait(
-                on_stdout=on_stdout or _write_to("stdout"),
-                on_stderr=on_stderr or _write_to("stderr"),
+                on_stdout=on_stdout or c.write_to("stdout"),
+                on_stderr=on_stderr or c.write_to("stderr"),
             )
         except BaseException:
             await sandbox._stop_quietly()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import ssl
-import sys
 from collections.abc import Callable, Generator
 from types import TracebackType
 
@@ -19,13 +18,6 @@ from .types import Event, FilesCopied, StreamName, VmInfo, parse_json
 OutputCallback = Callable[[bytes], object]
 
 
-def _write_to(stream: StreamName) -> OutputCallback:
-    def write(data: bytes) -> None:
-        out = sys.stdout if stream == "stdout" else sys.stderr
-        out.buffer.write(data)
-        out.flush()
-
-    return write
 
 
 class Files:
@@ -171,8 +163,8 @@ class Sandbox:
         )
         try:
             code = sandbox.wait(
-                on_stdout=on_stdout or _write_to("stdout"),
-                on_stderr=on_stderr or _write_to("stderr"),
+                on_stdout=on_stdout or c.write_to("stdout"),
+                on_stderr=on_stderr or c.write_to("stderr"),
             )
         except BaseException:
             sandbox._stop_quietly()
