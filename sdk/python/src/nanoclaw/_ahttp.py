@@ -1,9 +1,4 @@
-"""HTTP/1.1 over TLS with the standard library: asyncio streams.
-
-A small client for the daemon's API only: one request per connection (``Connection:
-close``), a body given whole, and an answer whose body is sized, chunked or ends with the
-connection.
-"""
+"""HTTP/1.1 over TLS with the standard library: asyncio streams (see :mod:`._wire`)."""
 
 from __future__ import annotations
 
@@ -12,11 +7,19 @@ import ssl
 from collections.abc import AsyncIterator
 
 from ._config import Settings
-from ._http import MAX_LINE, connection_error
+from ._http import connection_error
+from ._wire import (
+    CONTINUE_WAIT,
+    MAX_HEAD,
+    PIECE,
+    Framing,
+    chunk_size,
+    parse_head,
+    request_head,
+    split_lines,
+)
 from .errors import NanoclawError, error_for
 
-#: The most bytes of the status line and headers.
-MAX_HEAD = 64 * 1024
 #: Seconds a closing connection waits for the peer's TLS close.
 CLOSE_TIMEOUT = 5.0
 
@@ -30,39 +33,27 @@ class AsyncResponse:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         status: int,
-        headers: dict[str, str],
+        framing: Framing,
     ) -> None:
         self._settings = settings
         self._reader = reader
         self._writer = writer
         self.status = status
-        self.headers = headers
-        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        length = headers.get("content-length")
-        self._left: int | None = None
-        if not self._chunked and length is not None:
-            try:
-                self._left = int(length)
-            except ValueError:
-                raise NanoclawError(f"the daemon sent a bad Content-Length: {length!r}") from None
+        self._framing = framing
         self._chunk_left = 0
         self._done = False
 
     async def _chunk(self) -> bytes:
         r = self._reader
         if self._chunk_left == 0:
-            size_line = await r.readuntil(b"\r\n")
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise NanoclawError("the daemon sent a malformed chunk") from None
+            size = chunk_size(await r.readuntil(b"\r\n"))
             if size == 0:
                 while (await r.readuntil(b"\r\n")) != b"\r\n":
                     pass  # trailers
                 self._done = True
                 return b""
             self._chunk_left = size
-        data = await r.read(min(self._chunk_left, 64 * 1024))
+        data = await r.read(min(self._chunk_left, PIECE))
         if not data:
             raise asyncio.IncompleteReadError(b"", self._chunk_left)
         self._chunk_left -= len(data)
@@ -74,19 +65,20 @@ class AsyncResponse:
         """The next piece of the body; ``b""`` once it has ended."""
         if self._done:
             return b""
+        f = self._framing
         try:
-            if self._chunked:
+            if f.chunked:
                 return await self._chunk()
-            if self._left is not None:
-                if self._left == 0:
+            if f.left is not None:
+                if f.left == 0:
                     self._done = True
                     return b""
-                data = await self._reader.read(min(self._left, 64 * 1024))
+                data = await self._reader.read(min(f.left, PIECE))
                 if not data:
-                    raise asyncio.IncompleteReadError(b"", self._left)
-                self._left -= len(data)
+                    raise asyncio.IncompleteReadError(b"", f.left)
+                f.left -= len(data)
                 return data
-            data = await self._reader.read(64 * 1024)
+            data = await self._reader.read(PIECE)
             if not data:
                 self._done = True
             return data
@@ -109,13 +101,9 @@ class AsyncResponse:
                 if buf.strip():
                     yield buf.strip()
                 return
-            buf += piece
-            *complete, buf = buf.split(b"\n")
+            complete, buf = split_lines(buf, piece)
             for line in complete:
-                if line.strip():
-                    yield line.strip()
-            if len(buf) > MAX_LINE:
-                raise NanoclawError("the daemon sent an event line over 4 MiB")
+                yield line
 
     async def close(self) -> None:
         self._writer.close()
@@ -152,28 +140,18 @@ class AsyncTransport:
         except (OSError, asyncio.TimeoutError) as e:
             raise connection_error(s, e) from None
         try:
-            head = [
-                f"{method} {target} HTTP/1.1",
-                f"Host: {s.netloc}",
-                f"Authorization: Bearer {s.token}",
-                "Accept: application/json",
-                "Connection: close",
-            ]
-            if content_type is not None:
-                head.append(f"Content-Type: {content_type}")
-            if body is not None or method != "GET":
-                head.append(f"Content-Length: {len(body or b'')}")
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-            if body:
-                writer.write(body)
-            status, headers = await asyncio.wait_for(self._head(writer, reader), s.timeout)
+            writer.write(request_head(s, method, target, content_type, body))
+            status, headers = await asyncio.wait_for(self._head(writer, reader, body), s.timeout)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
             writer.close()
             raise connection_error(s, e) from None
+        except asyncio.LimitOverrunError:
+            writer.close()
+            raise NanoclawError("the daemon's answer has headers over 64 KiB") from None
         except BaseException:
             writer.close()
             raise
-        resp = AsyncResponse(s, reader, writer, status, headers)
+        resp = AsyncResponse(s, reader, writer, status, Framing(headers))
         if not 200 <= status < 300:
             try:
                 data = await asyncio.wait_for(resp.read(), s.timeout)
@@ -185,23 +163,24 @@ class AsyncTransport:
         return resp
 
     async def _head(
-        self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader
+        self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, body: bytes | None
     ) -> tuple[int, dict[str, str]]:
+        """The final answer's status and headers; sends ``body`` once asked for it."""
         await writer.drain()
-        try:
-            raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise NanoclawError("the daemon's answer has headers over 64 KiB") from None
-        status_line, *header_lines = raw.decode("latin-1").split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise NanoclawError(f"the daemon sent a malformed status line: {status_line[:100]!r}")
-        headers: dict[str, str] = {}
-        for line in header_lines:
-            if ":" in line:
-                name, value = line.split(":", 1)
-                headers[name.strip().lower()] = value.strip()
-        return int(parts[1]), headers
+        if body:
+            try:
+                raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONTINUE_WAIT)
+                status, headers = parse_head(raw)
+            except asyncio.TimeoutError:
+                status = 100  # no word: send it anyway
+            if status != 100:
+                return status, headers  # answered before the body was needed
+            writer.write(body)
+            await writer.drain()
+        while True:
+            status, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            if status != 100:
+                return status, headers
 
     async def call(
         self,

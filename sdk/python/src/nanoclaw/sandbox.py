@@ -9,7 +9,7 @@ from types import TracebackType
 
 from . import _common as c
 from ._config import Settings, resolve
-from ._http import Transport, lines
+from ._http import Transport
 from ._tar import one_file, read_one_file, split_guest_path
 from .errors import NanoclawError, NotFound
 from .types import Event, FilesCopied, StreamName, VmInfo, parse_json
@@ -187,7 +187,7 @@ class Sandbox:
             with self._transport.open(
                 "GET", c.events_target(self.id, follow), stream=True
             ) as resp:
-                for line in lines(self._transport.settings, resp):
+                for line in resp.lines():
                     event = Event.from_line(line)
                     if tracker.fresh(event):
                         yield event
