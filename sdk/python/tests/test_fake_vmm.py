@@ -27,6 +27,9 @@ from nanoclaw import (
     Sandbox,
     ServerError,
 )
+from nanoclaw._config import resolve
+from nanoclaw._http import Transport
+from nanoclaw.types import parse_json
 
 FAKE = os.environ.get("NANOCLAW_SDK_DAEMON") == "fake"
 
@@ -135,12 +138,13 @@ class SyncTest(unittest.TestCase):
         self.assertIsNone(cm.exception.status)
 
     def _list(self) -> list[str]:
-        from nanoclaw._config import resolve
-        from nanoclaw._http import Transport
-        from nanoclaw.types import parse_json
+        return list_vms()
 
-        vms = parse_json(Transport(resolve()).call("GET", "/v1/vms"), "list")
-        return [vm["id"] for vm in vms]
+
+def list_vms() -> list[str]:
+    """The ids of the daemon's VMs."""
+    vms = parse_json(Transport(resolve()).call("GET", "/v1/vms"), "list")
+    return [vm["id"] for vm in vms]
 
 
 @unittest.skipUnless(FAKE, "needs the fake-VMM daemon (NANOCLAW_SDK_DAEMON=fake)")
@@ -174,6 +178,21 @@ class AsyncTest(unittest.IsolatedAsyncioTestCase):
             info = await sandbox.kill()
             self.assertEqual(info.status, "stopped")
             self.assertEqual(await asyncio.wait_for(waited, 20), 143)
+
+    async def test_a_cancelled_run_stops_its_vm(self) -> None:
+        seen = list_vms()
+        started = asyncio.Event()
+        task = asyncio.ensure_future(
+            AsyncSandbox.run(["wait"], on_stdout=lambda data: started.set())
+        )
+        await asyncio.wait_for(started.wait(), 20)
+        task.cancel()
+        with self.assertRaises(asyncio.CancelledError):
+            await task
+        (vm,) = [s for s in list_vms() if s not in seen]
+        sandbox = await AsyncSandbox.attach(vm)
+        self.assertEqual(sandbox.info.status, "stopped")
+        await sandbox.remove()
 
     async def test_tokens_are_checked(self) -> None:
         with self.assertRaises(AuthError) as cm:
