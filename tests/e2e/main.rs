@@ -13,4 +13,5 @@ mod kvm_selftest;
 mod mcp;
 mod pause;
 mod real_agent;
+mod sdk;
 mod vmm;

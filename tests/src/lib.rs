@@ -27,6 +27,8 @@
 //! - [`peers`]: the Python MCP peers (`tests/peers/`) and the Python that runs them;
 //!   [`profiles`]: access profiles over the Python upstream.
 //! - [`oci`]: small OCI image layouts built by the test (layers, whiteouts, a process config).
+//! - [`sdk`]: the Python SDK's test suite (`sdk/python/tests`), run against a daemon's remote
+//!   API.
 
 pub mod authenticator;
 pub mod browser;
@@ -38,6 +40,7 @@ pub mod oci;
 pub mod peers;
 pub mod process;
 pub mod profiles;
+pub mod sdk;
 pub mod self_exec;
 pub mod upstream;
 pub mod vm;

@@ -8,7 +8,8 @@
 //!   connects to `<vm-dir>/vsock.sock_<CONTROL_PORT>`, speaks `shared-proto`, acts out the
 //!   agent named in `RunAgent` (see [`fake_agent`]), writes `exit.json` and exits;
 //! - no role: run the tests below, each against its own daemon and state directory. They need
-//!   the `nanoclaw` binary built (`cargo build -p nanoclaw-cli`).
+//!   the `nanoclaw` binary built (`cargo build -p nanoclaw-cli`), and the last one the test
+//!   tier's Python (`scripts/setup --test`, or `NANOCLAW_MCP_PYTHON`).
 
 use std::io::Read;
 use std::path::Path;
@@ -17,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use nanoclaw_api::{AgentExit, VmInfo, VmStatus};
 use nanoclaw_tests::fake_vmm::{self, ControlConn, McpClient};
+use nanoclaw_tests::peers::mcp_python;
+use nanoclaw_tests::sdk::{RemoteApi, assert_sdk_tests_passed, sdk_tests};
 use nanoclaw_tests::self_exec::{self, SERVE};
 use nanoclaw_tests::{
     CLI_TIMEOUT, Daemon, DaemonOptions, OutputWithin, nanoclaw_at, text, wait_for,
@@ -41,6 +44,7 @@ fn main() {
             children_stop_with_their_parent_unless_detached,
             a_stop_reaches_the_children_of_children,
             the_remote_api_needs_a_token_whose_scope_covers_the_route,
+            the_python_sdk_drives_the_remote_api,
         ],
     );
 }
@@ -719,4 +723,28 @@ fn the_remote_api_needs_a_token_whose_scope_covers_the_route() {
         .to_owned();
     assert!(d.cli(&["token", "rm", &read_id]).status.success());
     assert_eq!(call(get, "/v1/vms", Some(&read), None).0, 401);
+}
+
+/// The Python SDK (`sdk/python`) over the remote API: its test suite runs against this daemon
+/// (`sdk/python/tests/test_fake_vmm.py` says what it covers: runs streamed to their exit code,
+/// sync and async, a long-lived sandbox killed, the typed errors of a read token, an unknown
+/// token, an untrusted certificate, a pause the fake VMM cannot do and files it has not), with
+/// the offline tests of its tar, error and settings handling.
+fn the_python_sdk_drives_the_remote_api() {
+    let port = nanoclaw_tests::free_port();
+    let d = daemon_with(&["--listen", &format!("127.0.0.1:{port}")]);
+    let api = RemoteApi::of(&d, port);
+    let out = sdk_tests(
+        &mcp_python(),
+        &api,
+        "fake",
+        &["test_offline", "test_fake_vmm"],
+        &[],
+    )
+    .output_within(CLI_TIMEOUT)
+    .expect("run the SDK's tests");
+    assert_sdk_tests_passed(&out, 21, &d.log());
+    // Every sandbox the tests made is gone but the one they kept and removed.
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
+    assert!(vms.is_empty(), "{vms:?}");
 }
