@@ -26,6 +26,8 @@
 //! | `POST /v1/tokens` | [`CreateToken`] | `201` and [`CreatedToken`]: the token, shown once |
 //! | `GET /v1/tokens` | | `[`[`TokenInfo`]`, ...]` |
 //! | `DELETE /v1/tokens/{id}` | | `204`; `404` if there is none |
+//! | `GET /v1/openapi.json` | | this API's OpenAPI 3.1 description ([`openapi`]) |
+//! | `GET /metrics` | | the daemon's figures in the Prometheus text format |
 //!
 //! **Remote access.** With `host-agent serve --listen ADDR`, the same routes are served over
 //! TLS, and every request needs `Authorization: Bearer TOKEN` with a token of enough
@@ -46,14 +48,17 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod openapi;
+
 /// A pending approval request, as `GET /v1/approvals` lists it.
 /// The daemon's audit log's file name, in the state directory.
 pub const AUDIT_FILE: &str = "audit.ndjson";
 
 /// A pending approval request, as the CLI and the approval page show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PendingApproval {
     /// The request (everything the passkey signs).
+    #[schema(value_type = Object)]
     pub request: shared_proto::approval::ApprovalRequest,
     /// Its challenge, base64url: SHA-256 of its canonical encoding.
     pub challenge: String,
@@ -62,14 +67,26 @@ pub struct PendingApproval {
 }
 
 /// A one-time link to register a passkey.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegistrationLink {
     /// Open it in the browser that holds (or will hold) the passkey.
     pub url: String,
 }
 
 /// What a remote API token may do. Scopes nest: each includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenScope {
     /// List and read: VMs, their events, console and files, images, pending approvals.
@@ -92,7 +109,7 @@ impl TokenScope {
 }
 
 /// `POST /v1/tokens`: make a token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// What it may do.
@@ -100,7 +117,7 @@ pub struct CreateToken {
 }
 
 /// A token's record: never the token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     /// Its id (`DELETE /v1/tokens/{id}`).
     pub id: String,
@@ -111,7 +128,7 @@ pub struct TokenInfo {
 }
 
 /// The answer to `POST /v1/tokens`: the token, shown this once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     /// The bearer token (`Authorization: Bearer ...`).
     pub token: String,
@@ -136,7 +153,7 @@ pub const DEFAULT_MEMORY_MIB: u64 = 256;
 pub const DEFAULT_VCPUS: u8 = 1;
 
 /// A request to create a VM that runs one agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateVm {
     /// The program, a path inside the guest.
     pub command: String,
@@ -186,7 +203,7 @@ pub struct CreateVm {
 }
 
 /// What `PUT /v1/vms/{id}/files` copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FilesCopied {
     /// The length of the tar stream the guest received.
     pub bytes: u64,
@@ -242,7 +259,7 @@ impl CreateVm {
 }
 
 /// The life of a VM as the daemon sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmStatus {
     /// The VMM runs; the agent has not started yet.
@@ -285,7 +302,7 @@ impl VmStatus {
 }
 
 /// How the agent process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentExit {
     /// It exited with this code.
@@ -315,7 +332,7 @@ impl From<shared_proto::message::ExitStatus> for AgentExit {
 }
 
 /// How the VMM process ended: its `exit.json` when it wrote one, else its wait status.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmmExit {
     /// The VMM's reason (`reset`, `power_off`, `panic`, ...), or `unknown`.
     pub reason: String,
@@ -341,7 +358,7 @@ pub struct VmmExit {
 }
 
 /// One virtio-blk disk's counters, as the VMM reported them when it ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskCounters {
     /// The id the guest read (`nanoclaw-image`, `nanoclaw-scratch`, ...).
     pub id: String,
@@ -352,7 +369,7 @@ pub struct DiskCounters {
 }
 
 /// Everything the daemon knows about one VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmInfo {
     /// The VM's id (short random hex).
     pub id: String,
@@ -400,7 +417,7 @@ pub struct VmInfo {
 }
 
 /// One agent event, as streamed by `GET /v1/vms/{id}/events` and kept in the output log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Position in this VM's event sequence, from 0; gaps mean events not kept.
     pub seq: u64,
@@ -410,7 +427,7 @@ pub struct EventRecord {
 }
 
 /// What happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The agent started with this pid inside the guest.
@@ -445,7 +462,7 @@ pub enum Event {
 }
 
 /// An agent output stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Stream {
     /// Standard output.
@@ -455,7 +472,7 @@ pub enum Stream {
 }
 
 /// The body of every error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiError {
     /// One line saying what went wrong.
     pub error: String,
@@ -499,7 +516,7 @@ pub use nanoclaw_image::{ImageConfig, ImageInfo};
 
 /// A request to import a `docker save` tarball or an OCI image layout (a folder or a tar) that
 /// lies on the daemon's host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImportImage {
     /// The name to give it.
     pub name: String,
@@ -508,7 +525,7 @@ pub struct ImportImage {
 }
 
 /// A request to build a Debian image with debootstrap (and pip), cached by its recipe.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BuildImage {
     /// The name to give it.
     pub name: String,
@@ -526,12 +543,13 @@ pub struct BuildImage {
 }
 
 /// One line of a build's progress stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildProgress {
     /// A step's output.
     Line(String),
     /// The image is built (or was found in the cache).
+    #[schema(value_type = Object)]
     Done(Box<ImageInfo>),
     /// The build failed; nothing was stored.
     Failed(String),

@@ -698,6 +698,12 @@ fn the_remote_api_needs_a_token_whose_scope_covers_the_route() {
         call(get.clone(), "/v1/vms", Some(&read), None),
         (200, "[]".to_owned())
     );
+    // The API's description and the metrics are reads.
+    let (status, body) = call(get.clone(), "/v1/openapi.json", Some(&read), None);
+    assert_eq!((status, body), (200, nanoclaw_api::openapi::json()));
+    let (status, body) = call(get.clone(), "/metrics", Some(&read), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("nanoclaw_boots_total"), "{body}");
     let (status, body) = call(post.clone(), "/v1/vms", Some(&read), Some(vm.clone()));
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("needs run"), "{body}");

@@ -49,6 +49,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}/stop", post(stop))
         .route("/v1/vms/{id}/detach", post(detach))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", axum::routing::delete(remove_token))
         .route("/v1/vms/{id}/pause", post(pause))
@@ -236,6 +237,14 @@ async fn detach(
             format!("VM {id} was not spawned by another VM; there is nothing to detach"),
         )),
     }
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        nanoclaw_api::openapi::json(),
+    )
+        .into_response()
 }
 
 async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
