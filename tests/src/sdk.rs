@@ -30,13 +30,22 @@ impl RemoteApi {
     ///
     /// If a token cannot be made.
     pub fn of(d: &Daemon, port: u16) -> Self {
+        Self::at(d, &format!("https://localhost:{port}"))
+    }
+
+    /// [`RemoteApi::of`] for a daemon reached at `url` (its certificate must name the host).
+    ///
+    /// # Panics
+    ///
+    /// If a token cannot be made.
+    pub fn at(d: &Daemon, url: &str) -> Self {
         let token = |scope: &str| {
             let out = d.cli(&["token", "create", "--scope", scope]);
             assert!(out.status.success(), "token create: {}", text(&out.stderr));
             text(&out.stdout).trim().to_owned()
         };
         Self {
-            url: format!("https://localhost:{port}"),
+            url: url.to_owned(),
             run_token: token("run"),
             read_token: token("read"),
             ca_file: d.state_dir().join("tls/cert.pem"),
@@ -60,8 +69,20 @@ pub fn sdk_tests(
     modules: &[&str],
     extra: &[(&str, &str)],
 ) -> Command {
+    sdk_tests_in(Command::new(python), api, daemon, modules, extra)
+}
+
+/// [`sdk_tests`] with the Python command given: `python` may run in a client's own network
+/// namespace ([`crate::netns::ClientNetns::command`]).
+pub fn sdk_tests_in(
+    python: Command,
+    api: &RemoteApi,
+    daemon: &str,
+    modules: &[&str],
+    extra: &[(&str, &str)],
+) -> Command {
     let dir = sdk_dir();
-    let mut cmd = Command::new(python);
+    let mut cmd = python;
     cmd.args(["-m", "unittest", "-v"])
         .args(modules)
         .current_dir(dir.join("tests"))

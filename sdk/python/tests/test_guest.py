@@ -12,7 +12,7 @@ import asyncio
 import os
 import unittest
 
-from nanoclaw import AsyncSandbox, NanoclawError, NotFound, Sandbox
+from nanoclaw import AsyncSandbox, AuthError, NanoclawError, NotFound, Sandbox
 
 GUEST = os.environ.get("NANOCLAW_SDK_DAEMON") == "guest"
 IMAGE = os.environ.get("NANOCLAW_TEST_IMAGE", "")
@@ -76,6 +76,12 @@ class GuestTest(unittest.TestCase):
                 return await twin.files.read("/data/sdk/hello.txt")
 
             self.assertEqual(asyncio.run(read_async()), b"hello from the sdk\n")
+
+    def test_a_read_token_cannot_create_a_sandbox(self) -> None:
+        read = os.environ["NANOCLAW_READ_TOKEN"]
+        with self.assertRaises(AuthError) as cm:
+            Sandbox.create(image=IMAGE, command=["/bin/true"], token=read)
+        self.assertEqual(cm.exception.status, 403)
 
 
 if __name__ == "__main__":
