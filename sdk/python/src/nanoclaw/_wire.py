@@ -1,5 +1,10 @@
 """HTTP/1.1 framing shared by the blocking and the asyncio transports.
 
+Why by hand: the SDK depends on nothing but the standard library, whose ``http.client`` has no
+asyncio counterpart and cannot wait for ``100 Continue`` before it sends a body (below). The
+part written here is small: a request head, the status line and headers, and the two body
+framings the daemon uses (a length, or chunks).
+
 Each request goes on its own connection (``Connection: close``). A request with a body says
 ``Expect: 100-continue`` and sends the body only once the daemon asks for it (or has been
 silent for :data:`CONTINUE_WAIT`): a daemon that refuses the request early (a token's scope,
