@@ -12,7 +12,7 @@ import asyncio
 import os
 import unittest
 
-from nanoclaw import AsyncSandbox, AuthError, NanoclawError, NotFound, Sandbox
+from nanoclaw import AsyncSandbox, AuthError, NotFound, Sandbox
 
 GUEST = os.environ.get("NANOCLAW_SDK_DAEMON") == "guest"
 IMAGE = os.environ.get("NANOCLAW_TEST_IMAGE", "")
@@ -51,9 +51,10 @@ class GuestTest(unittest.TestCase):
             self.assertEqual(sandbox.files.read("/data/sdk/blob.bin"), blob)
             with self.assertRaises(NotFound):
                 sandbox.files.read("/data/sdk/missing.txt")
-            # The guest does not overwrite.
-            with self.assertRaises(NanoclawError):
-                sandbox.files.write("/data/sdk/hello.txt", "again\n")
+            # A second write replaces the file (the guest unlinks and creates it anew).
+            sandbox.files.write("/data/sdk/hello.txt", "again\n")
+            self.assertEqual(sandbox.files.read("/data/sdk/hello.txt"), b"again\n")
+            sandbox.files.write("/data/sdk/hello.txt", "hello from the sdk\n")
 
             # Paused and resumed by the real VMM.
             self.assertTrue(sandbox.pause().paused)
