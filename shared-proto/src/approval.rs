@@ -660,6 +660,17 @@ pub mod pages {
     pub const REGISTER_HTML: &str = include_str!("approval/pages/register.html");
     /// The pages' script.
     pub const WEBAUTHN_JS: &str = include_str!("approval/pages/webauthn.js");
+    /// The headers every answer of a server of these pages carries (header name, value): no
+    /// script, style or connection from elsewhere, never in a frame, never cached, no referrer.
+    pub const SECURITY_HEADERS: [(&str, &str); 4] = [
+        (
+            "content-security-policy",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+        ("x-frame-options", "DENY"),
+        ("cache-control", "no-store"),
+        ("referrer-policy", "no-referrer"),
+    ];
 }
 
 #[cfg(test)]
