@@ -4,9 +4,9 @@
 //! commit hashes, dates, phone numbers, never-issued SSNs, words that start like a provider
 //! key) in the same places, of which none may be detected.
 //!
-//! Deterministic: a seed gives the same samples on every machine (a hand-written SplitMix64, as
-//! in `corpus.rs`, so that this file also builds into the crate's tests, which have no access to
-//! the bench's modules). Used by the crate's tests (`src/tests.rs`, which asserts the figures)
+//! Deterministic: a seed gives the same samples on every machine (a hand-written SplitMix64, here
+//! so that this file also builds into the crate's tests, which have no access to the bench's
+//! other modules; the bench's `corpus.rs` uses this `Rng` and `luhn_digits` too). Used by the crate's tests (`src/tests.rs`, which asserts the figures)
 //! and by the bench (which prints them).
 //!
 //! Emails are written after and before punctuation but not run into words: an address's local
@@ -24,7 +24,7 @@ impl Rng {
         Rng(seed)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -32,23 +32,23 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
 
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
 
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+    pub(crate) fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.below(xs.len() as u64) as usize]
     }
 
-    fn over(&mut self, alphabet: &[u8], n: usize) -> String {
+    pub(crate) fn over(&mut self, alphabet: &[u8], n: usize) -> String {
         (0..n).map(|_| char::from(*self.pick(alphabet))).collect()
     }
 
-    fn digits(&mut self, n: usize) -> String {
+    pub(crate) fn digits(&mut self, n: usize) -> String {
         self.over(b"0123456789", n)
     }
 }
@@ -147,7 +147,7 @@ pub fn look_alikes(seed: u64, per_pair: usize) -> Vec<LookAlike> {
 }
 
 /// ASCII digits of a Luhn-valid number starting with `iin`, `len` long.
-fn luhn_digits(rng: &mut Rng, iin: &str, len: usize) -> Vec<u8> {
+pub(crate) fn luhn_digits(rng: &mut Rng, iin: &str, len: usize) -> Vec<u8> {
     let mut d: Vec<u8> = iin.bytes().map(|c| c - b'0').collect();
     while d.len() < len - 1 {
         d.push(rng.below(10) as u8);

@@ -12,7 +12,7 @@
 //! promise for its generators across releases, and nothing here needs more than a few lines.
 //!
 //! # Layout
-//! - `Rng`: SplitMix64 and a few helpers.
+//! - `Rng`: the SplitMix64 of `boundary.rs`, with the draws only this corpus makes.
 //! - `Corpus`, `generate`: documents, ground truth and the generator per `Density`.
 //! - value makers (`card`, `ssn`, `email`, `api_key`) and `decoy`.
 
@@ -20,53 +20,17 @@ use std::ops::Range;
 
 use nanoclaw_tokenize::Kind;
 
-/// SplitMix64 (Steele, Lea, Flood 2014): small, fast, and the same everywhere.
-pub struct Rng(u64);
+pub use super::boundary::Rng;
+use super::boundary::luhn_digits;
 
+/// What only the main corpus draws.
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n > 0`; the modulo bias is irrelevant here).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// A number in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len() as u64) as usize]
-    }
-
-    /// True with probability `per_mille / 1000`.
     pub fn chance(&mut self, per_mille: u64) -> bool {
         self.below(1000) < per_mille
     }
 
-    fn digits(&mut self, n: usize) -> String {
-        (0..n)
-            .map(|_| char::from(b'0' + self.below(10) as u8))
-            .collect()
-    }
-
-    fn string_over(&mut self, alphabet: &[u8], n: usize) -> String {
-        (0..n).map(|_| char::from(*self.pick(alphabet))).collect()
-    }
-
     fn hex(&mut self, n: usize) -> String {
-        self.string_over(b"0123456789abcdef", n)
+        self.over(b"0123456789abcdef", n)
     }
 }
 
@@ -353,7 +317,7 @@ fn decoy(rng: &mut Rng) -> String {
     match rng.below(11) {
         0 | 1 => {
             // A 16-digit number with a card's IIN that fails Luhn.
-            let mut d = card_digits(rng, "4", 16);
+            let mut d = luhn_digits(rng, "4", 16);
             let last = d.pop().map_or(0, |c| c - b'0');
             d.push(b'0' + (last + rng.range(1, 9) as u8) % 10);
             let sep = *rng.pick(&["", " ", "-"]);
@@ -479,31 +443,6 @@ fn group(digits: &[u8], sizes: &[usize], sep: &str) -> String {
     s
 }
 
-/// ASCII digits of a Luhn-valid number starting with `iin`, `len` long.
-fn card_digits(rng: &mut Rng, iin: &str, len: usize) -> Vec<u8> {
-    let mut d: Vec<u8> = iin.bytes().map(|c| c - b'0').collect();
-    while d.len() < len - 1 {
-        d.push(rng.below(10) as u8);
-    }
-    // Luhn check digit, from the right, doubling the payload's last digit.
-    let sum: u32 = d
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &x)| {
-            let x = u32::from(x);
-            if i % 2 == 0 {
-                let y = x * 2;
-                if y > 9 { y - 9 } else { y }
-            } else {
-                x
-            }
-        })
-        .sum();
-    d.push(((10 - sum % 10) % 10) as u8);
-    d.iter().map(|x| b'0' + x).collect()
-}
-
 /// A Luhn-valid card number of a real scheme, with or without spaces or dashes.
 pub fn card(rng: &mut Rng) -> String {
     let mc2 = (2221 + rng.below(500)).to_string();
@@ -519,7 +458,7 @@ pub fn card(rng: &mut Rng) -> String {
         7 => ("6011", 16, &[4, 4, 4, 4]),
         _ => (&jcb, 16, &[4, 4, 4, 4]),
     };
-    let d = card_digits(rng, iin, len);
+    let d = luhn_digits(rng, iin, len);
     let sep = *rng.pick(&["", "", " ", "-"]);
     group(&d, sizes, sep)
 }
@@ -576,41 +515,33 @@ pub fn email(rng: &mut Rng) -> String {
 /// prefix (otherwise it is found by entropy next to a keyword).
 pub fn api_key(rng: &mut Rng) -> (&'static str, String, bool) {
     match rng.below(8) {
-        0 => (
-            "openai_key",
-            format!("sk-{}", rng.string_over(ALNUM, 48)),
-            true,
-        ),
+        0 => ("openai_key", format!("sk-{}", rng.over(ALNUM, 48)), true),
         1 => (
             "openai_key",
-            format!("sk-proj-{}", rng.string_over(ALNUM, 56)),
+            format!("sk-proj-{}", rng.over(ALNUM, 56)),
             true,
         ),
-        2 => (
-            "github_token",
-            format!("ghp_{}", rng.string_over(ALNUM, 36)),
-            true,
-        ),
+        2 => ("github_token", format!("ghp_{}", rng.over(ALNUM, 36)), true),
         3 => (
             "slack_token",
             format!(
                 "xoxb-{}-{}-{}",
                 rng.digits(12),
                 rng.digits(13),
-                rng.string_over(ALNUM, 24)
+                rng.over(ALNUM, 24)
             ),
             true,
         ),
         4 => (
             "aws_access_key_id",
-            format!("AKIA{}", rng.string_over(UPPER_DIGITS, 16)),
+            format!("AKIA{}", rng.over(UPPER_DIGITS, 16)),
             true,
         ),
         n => {
             let name = *rng.pick(&["api_key", "client_secret", "auth_token"]);
             let len = if n == 5 { 32 } else { 40 };
             loop {
-                let k = rng.string_over(ALNUM, len);
+                let k = rng.over(ALNUM, len);
                 let b = k.as_bytes();
                 if b.iter().any(u8::is_ascii_digit) && b.iter().any(u8::is_ascii_alphabetic) {
                     return (name, k, false);
