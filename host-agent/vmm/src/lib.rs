@@ -20,7 +20,8 @@
 //! - [`console`]: the capped console sink that also spots panics and power-offs.
 //! - [`exit`]: exit reasons, exit codes and `exit.json`.
 //! - [`signals`]: termination signals and vCPU kicks.
-//! - [`control`]: the control socket: pausing and resuming the vCPUs.
+//! - [`control`]: the control socket: pausing and resuming the vCPUs, taking snapshots.
+//! - [`snapshot`]: saving a paused VM's vCPUs, irqchip, clock and memory, and restoring them.
 //! - [`seccomp`]: the per-thread syscall allowlists and the `SIGSYS` handler that reports a
 //!   forbidden call.
 //! - [`log_limit`]: per-site rate limiting of every log line, the dependencies' included.
@@ -38,6 +39,7 @@ pub mod machine;
 pub mod memory;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod x86_64;
 

@@ -450,6 +450,7 @@ impl Vmm {
                 events: self.events.clone(),
                 mem: self.mem.clone(),
                 gate: gate.clone(),
+                commands: None,
             };
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))

@@ -1,0 +1,314 @@
+//! The memory file: guest RAM, region after region, as a sparse file.
+//!
+//! Each region of guest RAM takes `len` bytes of the file, in the order of the regions, with
+//! no gaps and no header (the regions and the file's length are in the state file). Writing
+//! copies guest memory out in chunks of [`CHUNK`] bytes and writes only the runs of pages that
+//! hold a non-zero byte, at their offset; a zero page is never written, so on a file system that
+//! supports holes it takes no disk block, and the file's length is set at the end so trailing
+//! zero pages cost nothing either.
+//!
+//! Reading is the mirror: the file is read in chunks into fresh (zero-filled, untouched)
+//! anonymous guest memory, and only the pages that hold a non-zero byte are copied in, so the
+//! restored VM's resident memory grows with what the guest had touched, not with its size.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use super::SnapshotError;
+
+/// The unit of sparseness: a guest page.
+pub const PAGE: usize = 4096;
+/// How much guest memory is copied at a time.
+const CHUNK: usize = 1 << 20;
+
+/// One region of guest RAM, as the state file records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionState {
+    /// Guest physical address of its first byte.
+    pub guest_addr: u64,
+    /// Its length in bytes (a multiple of [`PAGE`]).
+    pub len: u64,
+}
+
+/// Where guest RAM is and how long the memory file is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryState {
+    /// The regions, in file order.
+    pub regions: Vec<RegionState>,
+    /// The memory file's length: the sum of the regions' lengths.
+    pub file_len: u64,
+}
+
+impl MemoryState {
+    /// The layout of `mem`.
+    pub fn of(mem: &GuestMemoryMmap<()>) -> Self {
+        let regions: Vec<RegionState> = mem
+            .iter()
+            .map(|r| RegionState {
+                guest_addr: r.start_addr().raw_value(),
+                len: r.len(),
+            })
+            .collect();
+        let file_len = regions.iter().map(|r| r.len).sum();
+        Self { regions, file_len }
+    }
+
+    /// Guest RAM in bytes.
+    pub fn total(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Checks that `mem` has exactly this layout and that the file length adds up.
+    pub fn check_matches(&self, mem: &GuestMemoryMmap<()>) -> Result<(), SnapshotError> {
+        let ours = Self::of(mem);
+        if self.file_len != self.total() {
+            return Err(SnapshotError::MemoryLayout(format!(
+                "the state says the memory file holds {} bytes but its regions add up to {}",
+                self.file_len,
+                self.total()
+            )));
+        }
+        if ours.total() != self.total() {
+            return Err(SnapshotError::MemorySizeMismatch {
+                snapshot: self.total(),
+                vm: ours.total(),
+            });
+        }
+        if ours.regions != self.regions {
+            return Err(SnapshotError::MemoryLayout(format!(
+                "snapshot regions {:?} differ from the VM's {:?}",
+                self.regions, ours.regions
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Byte runs `[start, end)` of `chunk`, in whole pages, whose pages hold a non-zero byte.
+fn nonzero_runs(chunk: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, page) in chunk.chunks(PAGE).enumerate() {
+        if page.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let start = i * PAGE;
+        let end = start + page.len();
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// What [`write_memory`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryWritten {
+    /// The file's length (guest RAM size).
+    pub file_len: u64,
+    /// Bytes actually written (the non-zero pages).
+    pub data_bytes: u64,
+}
+
+/// Writes guest memory `mem` to a new file at `path` (mode 0600), sparse, and syncs it.
+pub fn write_memory(
+    path: &Path,
+    mem: &GuestMemoryMmap<()>,
+) -> Result<MemoryWritten, SnapshotError> {
+    let io = |source| SnapshotError::io("write the memory file", path, source);
+    let file = super::create_private(path).map_err(io)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut file_off = 0u64;
+    let mut data_bytes = 0u64;
+    for region in mem.iter() {
+        let base = region.start_addr();
+        let len = region.len();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, base.unchecked_add(done))
+                .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+            for (start, end) in nonzero_runs(chunk) {
+                file.write_all_at(&chunk[start..end], file_off + done + start as u64)
+                    .map_err(io)?;
+                data_bytes += (end - start) as u64;
+            }
+            done += n as u64;
+        }
+        file_off += len;
+    }
+    file.set_len(file_off).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(MemoryWritten {
+        file_len: file_off,
+        data_bytes,
+    })
+}
+
+/// Reads the memory file at `path` into `mem`, which must be fresh (all zero) and laid out as
+/// `state` says. The file must be exactly `state.file_len` bytes long.
+pub fn read_memory(
+    path: &Path,
+    state: &MemoryState,
+    mem: &GuestMemoryMmap<()>,
+) -> Result<(), SnapshotError> {
+    state.check_matches(mem)?;
+    let io = |source| SnapshotError::io("read the memory file", path, source);
+    let file = File::open(path).map_err(io)?;
+    let found = file.metadata().map_err(io)?.len();
+    if found < state.file_len {
+        return Err(SnapshotError::MemoryFileTruncated {
+            expected: state.file_len,
+            found,
+        });
+    }
+    if found > state.file_len {
+        return Err(SnapshotError::MemoryFileOversized {
+            expected: state.file_len,
+            found,
+        });
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut file_off = 0u64;
+    for region in &state.regions {
+        let base = GuestAddress(region.guest_addr);
+        let mut done = 0u64;
+        while done < region.len {
+            let n = (region.len - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            file.read_exact_at(chunk, file_off + done).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    // The file shrank after its length was checked.
+                    SnapshotError::MemoryFileTruncated {
+                        expected: state.file_len,
+                        found: file_off + done,
+                    }
+                } else {
+                    io(e)
+                }
+            })?;
+            for (start, end) in nonzero_runs(chunk) {
+                mem.write_slice(&chunk[start..end], base.unchecked_add(done + start as u64))
+                    .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+            }
+            done += n as u64;
+        }
+        file_off += region.len;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn guest(mib: u64) -> GuestMemoryMmap<()> {
+        crate::memory::create_guest_memory(mib << 20).unwrap()
+    }
+
+    #[test]
+    fn runs_cover_exactly_the_nonzero_pages() {
+        let mut chunk = vec![0u8; 6 * PAGE + 100];
+        assert!(nonzero_runs(&chunk).is_empty());
+        chunk[PAGE + 5] = 1;
+        chunk[2 * PAGE] = 1;
+        chunk[4 * PAGE + PAGE - 1] = 9;
+        chunk[6 * PAGE + 99] = 3;
+        assert_eq!(
+            nonzero_runs(&chunk),
+            [
+                (PAGE, 3 * PAGE),
+                (4 * PAGE, 5 * PAGE),
+                (6 * PAGE, 6 * PAGE + 100)
+            ]
+        );
+    }
+
+    /// A 64 MiB guest that touched 1 MiB and a few scattered pages: the file is 64 MiB long but
+    /// takes about what was touched on disk, and reads back byte for byte.
+    #[test]
+    fn a_mostly_zero_memory_is_small_on_disk_and_reads_back() {
+        let mem = guest(64);
+        let touched: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+        mem.write_slice(&touched, GuestAddress(0x10_0000)).unwrap();
+        for addr in [0x0u64, 0x7000, 0x200_0000, (64 << 20) - 8] {
+            mem.write_obj(0xdead_beef_u64, GuestAddress(addr)).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let written = write_memory(&path, &mem).unwrap();
+        assert_eq!(written.file_len, 64 << 20);
+        assert_eq!(written.data_bytes, (1 << 20) + 4 * PAGE as u64);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let on_disk = meta.blocks() * 512;
+        // File systems allocate in blocks and may add some metadata, but nothing near 64 MiB.
+        assert!(
+            on_disk <= 2 << 20,
+            "a 64 MiB memory file with 1 MiB of data takes {on_disk} bytes on disk"
+        );
+
+        let state = MemoryState::of(&mem);
+        let fresh = guest(64);
+        read_memory(&path, &state, &fresh).unwrap();
+        let mut back = vec![0u8; touched.len()];
+        fresh
+            .read_slice(&mut back, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(back, touched);
+        for addr in [0x0u64, 0x7000, 0x200_0000, (64 << 20) - 8] {
+            assert_eq!(
+                fresh.read_obj::<u64>(GuestAddress(addr)).unwrap(),
+                0xdead_beef
+            );
+        }
+        assert_eq!(fresh.read_obj::<u64>(GuestAddress(0x300_0000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_memory_file_of_the_wrong_length_or_a_vm_of_another_size_is_refused() {
+        let mem = guest(64);
+        mem.write_obj(1u64, GuestAddress(0x1000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        write_memory(&path, &mem).unwrap();
+        let state = MemoryState::of(&mem);
+
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len((64 << 20) - PAGE as u64).unwrap();
+        let err = read_memory(&path, &state, &guest(64)).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::MemoryFileTruncated { expected, found }
+                if expected == 64 << 20 && found == (64 << 20) - PAGE as u64),
+            "{err}"
+        );
+        file.set_len((64 << 20) + 1).unwrap();
+        assert!(matches!(
+            read_memory(&path, &state, &guest(64)),
+            Err(SnapshotError::MemoryFileOversized { .. })
+        ));
+        file.set_len(64 << 20).unwrap();
+        let err = read_memory(&path, &state, &guest(128)).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::MemorySizeMismatch { snapshot, vm }
+                if snapshot == 64 << 20 && vm == 128 << 20),
+            "{err}"
+        );
+        let mut lying = state.clone();
+        lying.file_len += 1;
+        assert!(matches!(
+            read_memory(&path, &lying, &guest(64)),
+            Err(SnapshotError::MemoryLayout(_))
+        ));
+        read_memory(&path, &state, &guest(64)).unwrap();
+    }
+}
