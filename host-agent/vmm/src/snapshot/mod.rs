@@ -490,5 +490,34 @@ pub fn restore(
     Ok(())
 }
 
+/// How to start a VM from a snapshot (`nanoclaw-vmm --restore DIR`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The snapshot folder.
+    pub dir: PathBuf,
+    /// Start with every vCPU parked, to be resumed on the control socket.
+    pub paused: bool,
+    /// Restore a snapshot without device state (see "Not yet saved" above): only right for a
+    /// guest that never set up its virtio devices.
+    pub without_devices: bool,
+}
+
+/// Restores the snapshot `restore` names into a fresh VM (see [`restore`]), the clock
+/// included: call it last before the vCPUs start.
+pub fn restore_vm(
+    restore: &RestoreConfig,
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    mem: &GuestMemoryMmap<()>,
+    host: &HostSupport,
+) -> Result<(), SnapshotError> {
+    let state = read_state(&restore.dir, host)?;
+    if state.devices == DeviceStates::NotSaved && !restore.without_devices {
+        return Err(SnapshotError::DeviceStateNotSaved);
+    }
+    self::restore(&restore.dir, &state, vm, vcpus, mem, host)?;
+    state.vm.restore_clock(vm)
+}
+
 #[cfg(test)]
 mod tests;

@@ -18,6 +18,7 @@ use super::*;
 use crate::control::{self, Kicker, Request};
 use crate::devices::bus::Bus;
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::seccomp::ThreadKind;
 use crate::vcpu::{RunGate, VcpuRunner};
 
 /// Where the guest's code is loaded (real mode, CS = 0).
@@ -27,6 +28,13 @@ const COUNTER: u64 = 0x500;
 /// `inc dword [0x500]; inc ebx; jmp short back to the start`.
 const GUEST_LOOP: [u8; 9] = [0x66, 0xff, 0x06, 0x00, 0x05, 0x66, 0x43, 0xeb, 0xf7];
 const MEM_BYTES: u64 = 64 << 20;
+
+/// Installs the VMM's filter of `kind` on this thread (without the VMM's SIGSYS handler: a
+/// call the filter lacks kills the test process with "Bad system call").
+fn confine_for_test(kind: ThreadKind) {
+    let bpf = crate::seccomp::compile(kind).unwrap();
+    seccompiler::apply_filter(&bpf).unwrap();
+}
 
 /// Why the test could not go on: a missing `/dev/kvm` or an ioctl the host refuses.
 struct Unsupported(String);
@@ -136,6 +144,8 @@ fn start(t: TestVm) -> Running {
     let thread = std::thread::spawn(move || {
         // Keep the events receiver alive for the thread's life.
         let _events_rx = _events_rx;
+        // Under the VMM's vCPU filter, so a call it lacks ends the test process with SIGSYS.
+        confine_for_test(ThreadKind::Vcpu);
         runner.run()
     });
     let kicker = {
@@ -191,6 +201,23 @@ impl Running {
         )
     }
 
+    /// A `snapshot` request on the control socket, for folder `name` inside `vm_dir`, served
+    /// as the control thread serves it: on a thread under the control filter.
+    fn snapshot_request(&self, vm_dir: &Path, name: &str) -> control::Answer {
+        let ctx = control::SnapshotContext {
+            vm_dir: vm_dir.to_path_buf(),
+            source: self.source.clone(),
+        };
+        let gate = self.gate.clone();
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            confine_for_test(ThreadKind::Control);
+            control::handle_snapshot(&name, &gate, 1, Some(&ctx), Duration::from_secs(5))
+        })
+        .join()
+        .unwrap()
+    }
+
     fn counter(&self) -> u32 {
         self.source.mem.read_obj(GuestAddress(COUNTER)).unwrap()
     }
@@ -235,13 +262,23 @@ fn snapshot_and_restore() -> Result<(), Unsupported> {
     load_guest(&first);
     let running = start(first);
     wait_for_count(&running, 1000);
-    // Not paused: refused.
+    // Not paused: refused, and nothing is made.
     assert!(matches!(
         running.snapshot(&dir.path().join("early")),
         Err(SnapshotError::NotPaused)
     ));
+    let answer = running.snapshot_request(dir.path(), "early");
+    assert!(
+        matches!(&answer, control::Answer::Err { error, .. } if error.contains("not paused")),
+        "{answer:?}"
+    );
+    assert!(!dir.path().join("early").exists());
     running.pause();
     let summary = running.snapshot(&snap);
+    // Through the control socket's handler too; a folder that exists is not overwritten.
+    if summary.is_ok() {
+        control_snapshots(&running, dir.path());
+    }
     let saved_counter = running.counter();
     // A paused guest does not count.
     std::thread::sleep(Duration::from_millis(20));
@@ -318,6 +355,18 @@ fn snapshot_and_restore() -> Result<(), Unsupported> {
         saved.tsc_khz,
     );
     Ok(())
+}
+
+fn control_snapshots(running: &Running, vm_dir: &Path) {
+    let answer = running.snapshot_request(vm_dir, "via-control");
+    let control::Answer::Snapshot { snapshot: info, .. } = &answer else {
+        panic!("{answer:?}");
+    };
+    assert_eq!((info.vcpus, info.memory_bytes), (1, MEM_BYTES));
+    let answer = running.snapshot_request(vm_dir, "via-control");
+    assert!(matches!(answer, control::Answer::Err { .. }), "{answer:?}");
+    let answer = running.snapshot_request(vm_dir, "../escape");
+    assert!(matches!(answer, control::Answer::Err { .. }), "{answer:?}");
 }
 
 #[test]
