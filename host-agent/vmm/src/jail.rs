@@ -735,3 +735,55 @@ pub fn probe(target: &str) -> String {
         Err(e) => e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vm_dir: &Path, restore: Option<&Path>) -> crate::VmConfig {
+        crate::VmConfig {
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            vm_dir: vm_dir.to_path_buf(),
+            cmdline_extra: None,
+            memory_mib: 256,
+            vcpus: 1,
+            cid: 3,
+            console: crate::ConsoleTarget::Stdout,
+            console_cap: 1 << 20,
+            disks: Vec::new(),
+            restore: restore.map(|dir| crate::snapshot::RestoreConfig {
+                dir: dir.to_path_buf(),
+                paused: false,
+                without_devices: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_restored_vm_finds_its_snapshot_inside_the_jail() {
+        let mut c = config(
+            Path::new("/state/vms/a/vmm"),
+            Some(Path::new("/state/vms/a/vmm/s1")),
+        );
+        absolutize(&mut c).unwrap();
+        JailedPaths::of(&c).apply(&mut c);
+        assert_eq!(c.restore.unwrap().dir, PathBuf::from("/s1"));
+        assert_eq!(c.vm_dir, PathBuf::from("/"));
+
+        let mut c = config(
+            Path::new("/state/vms/a/vmm"),
+            Some(Path::new("/state/vms/b/vmm/s1")),
+        );
+        assert!(matches!(
+            absolutize(&mut c),
+            Err(JailError::SnapshotOutsideJail(_))
+        ));
+    }
+
+    #[test]
+    fn the_file_size_limit_holds_a_snapshot_of_guest_ram() {
+        let c = config(Path::new("/state/vms/a/vmm"), None);
+        assert_eq!(file_size_limit(&c), (256 << 20) + (1 << 20));
+    }
+}

@@ -342,6 +342,8 @@ impl VcpuState {
         }
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(err("KVM_SET_MP_STATE"))?;
         vcpu.set_lapic(&self.lapic).map_err(err("KVM_SET_LAPIC"))?;
         let ordered = restore_order(&self.msrs);
         for batch in ordered.chunks(KVM_MAX_MSR_ENTRIES) {
@@ -355,10 +357,7 @@ impl VcpuState {
             }
         }
         vcpu.set_vcpu_events(&self.vcpu_events)
-            .map_err(err("KVM_SET_VCPU_EVENTS"))?;
-        vcpu.set_mp_state(self.mp_state)
-            .map_err(err("KVM_SET_MP_STATE"))?;
-        Ok(())
+            .map_err(err("KVM_SET_VCPU_EVENTS"))
     }
 }
 

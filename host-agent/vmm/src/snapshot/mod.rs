@@ -52,11 +52,11 @@
 //!    pending events refer to them;
 //! 2. per vCPU: CPUID first (it decides which xsave parts, MSRs and LAPIC features are valid),
 //!    the TSC frequency, sregs (CR0, CR4 and EFER decide the mode the rest is read in), regs,
-//!    fpu, xsave, xcrs (XCR0 needs CR4.OSXSAVE), debug registers, the LAPIC, then the MSRs with
-//!    the TSC first and the TSC deadline last (it is compared with the TSC and only means
-//!    something once the LAPIC timer is in TSC-deadline mode), then vCPU events (pending
-//!    exceptions, interrupts, NMIs, which KVM checks against the LAPIC) and the MP state last
-//!    (a halted or waiting-for-SIPI vCPU must not run before the rest is in place);
+//!    fpu, xsave, xcrs (XCR0 needs CR4.OSXSAVE), debug registers, the MP state (running,
+//!    halted, waiting for SIPI), the LAPIC, then the MSRs with the TSC first and the TSC
+//!    deadline last (it is compared with the TSC and only means something once the LAPIC timer
+//!    is in TSC-deadline mode), and the vCPU events last: pending exceptions, interrupts, NMIs
+//!    and a latched INIT, which KVM checks against the LAPIC and the MP state already set;
 //! 3. the clock, last, just before the vCPUs start, without the saved flags: the guest's
 //!    monotonic clock goes on from the saved value instead of jumping by the time the snapshot
 //!    lay on disk. The guest's wall clock is therefore behind after a restore until something
@@ -75,7 +75,11 @@
 //! would reset with `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`. A VM whose guest had not set up any
 //! virtio device restores whole; one whose guest had would find its devices reset, so
 //! [`crate::machine::Vmm`] refuses to restore a snapshot without device state unless asked to
-//! explicitly ([`SnapshotError::DeviceStateNotSaved`]). Also not yet: quiescing the devices'
+//! explicitly ([`SnapshotError::DeviceStateNotSaved`]).
+//!
+//! Not done here either: moving a snapshot into the folder of the VM that restores it, and
+//! handing its files to that VM's jail uid (each running VM has its own uid, and the files are
+//! 0600), which is the daemon's part. Also not yet: quiescing the devices'
 //! threads while memory is copied, and nested virtualization state (`KVM_GET_NESTED_STATE`;
 //! the VMM does not expose VMX/SVM to its guests).
 //!
