@@ -228,7 +228,7 @@ impl RunGate {
     }
 
     /// Wakes the parked vCPU threads without opening the gate, so each runs the work waiting
-    /// for it (see [`RunGate::park_with`]) and parks again.
+    /// for it (see `RunGate::park_with`) and parks again.
     pub fn notify(&self) {
         let _state = self.lock();
         self.changed.notify_all();

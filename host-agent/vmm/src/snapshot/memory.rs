@@ -2,7 +2,7 @@
 //!
 //! Each region of guest RAM takes `len` bytes of the file, in the order of the regions, with
 //! no gaps and no header (the regions and the file's length are in the state file). Writing
-//! copies guest memory out in chunks of [`CHUNK`] bytes and writes only the runs of pages that
+//! copies guest memory out in chunks of 1 MiB and writes only the runs of pages that
 //! hold a non-zero byte, at their offset; a zero page is never written, so on a file system that
 //! supports holes it takes no disk block, and the file's length is set at the end so trailing
 //! zero pages cost nothing either.

@@ -4,7 +4,7 @@
 //! # The folder
 //! A snapshot is a folder (mode 0700) of two files (mode 0600):
 //! - [`STATE_FILE`] (`state.bin`): a fixed header (magic, format version, body length, SHA-256
-//!   of the body; see [`format`]) and a CBOR body, the [`SnapshotState`]: the VMM version that
+//!   of the body; see [`mod@format`]) and a CBOR body, the [`SnapshotState`]: the VMM version that
 //!   wrote it, the guest RAM layout, every vCPU's state, the VM-wide state, and what was not
 //!   saved ([`NOT_SAVED`]).
 //! - [`MEMORY_FILE`] (`memory.bin`): guest RAM, region after region, sparse: only pages with a
