@@ -250,9 +250,14 @@ fn serve_one(
     let answer = match reader.read_until(b'\n', &mut line) {
         Ok(_) if line.len() as u64 > MAX_REQUEST => Answer::err("request too long"),
         Ok(_) => match serde_json::from_slice::<Request>(&line) {
-            Ok(Request::Snapshot { dir }) => {
-                handle_snapshot(&dir, gate, kicker.count(), snapshots, SNAPSHOT_VCPU_TIMEOUT)
-            }
+            Ok(Request::Snapshot { dir }) => handle_snapshot(
+                &dir,
+                gate,
+                kicker.count(),
+                &mut || kicker.kick_all(),
+                snapshots,
+                SNAPSHOT_VCPU_TIMEOUT,
+            ),
             Ok(request) => handle(
                 request,
                 gate,
@@ -312,11 +317,14 @@ pub fn handle(
 }
 
 /// Takes a snapshot into `<vm_dir>/<dir>` for a VM of `vcpus` vCPU threads (0 once they are
-/// retired); each vCPU has `timeout` to save its state.
+/// retired); `kick` kicks every vCPU out of `KVM_RUN`; each vCPU has `timeout` to park (the
+/// gate may have closed an instant ago, as in a VM restored paused whose threads are still
+/// starting) and then to save its state.
 pub fn handle_snapshot(
     dir: &str,
     gate: &RunGate,
     vcpus: usize,
+    kick: &mut dyn FnMut() -> bool,
     snapshots: Option<&SnapshotContext>,
     timeout: Duration,
 ) -> Answer {
@@ -331,7 +339,10 @@ pub fn handle_snapshot(
         Err(e) => return Answer::err(e.to_string()),
     };
     let path = ctx.vm_dir.join(name);
-    let parked = gate.is_closed() && gate.parked() >= vcpus;
+    let parked = gate.is_closed()
+        && gate.wait_parked(vcpus, KICK_INTERVAL, Instant::now() + timeout, || {
+            kick();
+        });
     let started = Instant::now();
     match snapshot::take(&path, &ctx.source, parked, &|| gate.notify(), timeout) {
         Ok(summary) => {
@@ -461,7 +472,7 @@ mod tests {
     #[test]
     fn a_snapshot_without_the_means_or_on_a_stopping_vm_is_refused() {
         let gate = RunGate::default();
-        let answer = handle_snapshot("s", &gate, 1, None, SNAPSHOT_VCPU_TIMEOUT);
+        let answer = handle_snapshot("s", &gate, 1, &mut || true, None, SNAPSHOT_VCPU_TIMEOUT);
         assert!(matches!(answer, Answer::Err { .. }), "{answer:?}");
         let answer = handle(
             Request::Snapshot { dir: "s".into() },

@@ -209,10 +209,18 @@ impl Running {
             source: self.source.clone(),
         };
         let gate = self.gate.clone();
+        let kicker = self.kicker.clone();
         let name = name.to_owned();
         std::thread::spawn(move || {
             confine_for_test(ThreadKind::Control);
-            control::handle_snapshot(&name, &gate, 1, Some(&ctx), Duration::from_secs(5))
+            control::handle_snapshot(
+                &name,
+                &gate,
+                1,
+                &mut || kicker.kick_all(),
+                Some(&ctx),
+                Duration::from_secs(5),
+            )
         })
         .join()
         .unwrap()
