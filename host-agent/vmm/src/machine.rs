@@ -179,9 +179,11 @@ pub struct Vmm {
     control: Option<std::os::unix::net::UnixListener>,
     /// What snapshots need from KVM; `None` when the probe failed (no snapshots then).
     snapshot_host: Option<Arc<HostSupport>>,
+    /// The i8042, whose state a snapshot saves (the port-I/O bus holds it too).
+    i8042: Arc<Mutex<I8042>>,
     /// The VM's folder, where snapshots are made.
     vm_dir: std::path::PathBuf,
-    /// Whether the vCPUs start parked (`--restore ... --paused`).
+    /// Whether the vCPUs start parked (`--restore-paused`).
     start_paused: bool,
     vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -286,6 +288,14 @@ impl Vmm {
             }
             Err(source) => return Err(restore_err(config, source)),
         };
+        // A snapshot to restore is read and checked before anything is built from it.
+        let restored = match (&config.restore, &snapshot_host) {
+            (Some(restore), Some(host)) => Some(
+                snapshot::open_for_restore(restore, host)
+                    .map_err(|source| restore_err(config, source))?,
+            ),
+            _ => None,
+        };
 
         let mem_size = config.memory_bytes();
         let mem = memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?;
@@ -321,14 +331,35 @@ impl Vmm {
                 let _ = console_events.send(event);
             }),
         );
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+        let serial = match &restored {
+            Some(state) => SerialDevice::with_state(serial_irq, sink, &state.devices.serial)
+                .map_err(|e| {
+                    let source = snapshot::SnapshotError::DeviceState {
+                        device: "serial port",
+                        detail: e.to_string(),
+                    };
+                    restore_err(config, source)
+                })?,
+            None => SerialDevice::new(serial_irq, sink),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)
             .map_err(|e| VmmError::PioBus("serial", e))?;
         let reset_events = events.clone();
-        let i8042 = I8042::new(Box::new(move || {
+        let mut i8042 = I8042::new(Box::new(move || {
             let _ = reset_events.send(VmEvent::Reset);
         }));
-        pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT_BASE, I8042_PORT_LEN)
+        if let Some(state) = &restored {
+            i8042.set_state(&state.devices.i8042).map_err(|e| {
+                let source = snapshot::SnapshotError::DeviceState {
+                    device: "i8042",
+                    detail: e.to_string(),
+                };
+                restore_err(config, source)
+            })?;
+        }
+        let i8042 = Arc::new(Mutex::new(i8042));
+        pio.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)
             .map_err(|e| VmmError::PioBus("i8042", e))?;
 
         // virtio-vsock in the first virtio-mmio slot.
@@ -413,8 +444,9 @@ impl Vmm {
         // With `restore` set, a failed probe has already returned its error.
         if let Some(restore) = &config.restore
             && let Some(host) = snapshot_host.as_deref()
+            && let Some(state) = &restored
         {
-            snapshot::restore_vm(restore, &vm, &vcpus, &mem, host)
+            snapshot::restore_vm(restore, state, &vm, &vcpus, &mem, host)
                 .map_err(|source| restore_err(config, source))?;
             tracing::info!(
                 snapshot = %restore.dir.display(),
@@ -434,6 +466,7 @@ impl Vmm {
                 ready_ms,
                 control: Some(control),
                 snapshot_host,
+                i8042,
                 vm_dir: config.vm_dir.clone(),
                 start_paused: restore.paused,
                 vm: Arc::new(vm),
@@ -484,6 +517,7 @@ impl Vmm {
             ready_ms,
             control: Some(control),
             snapshot_host,
+            i8042,
             vm_dir: config.vm_dir.clone(),
             start_paused: false,
             vm: Arc::new(vm),
@@ -542,6 +576,12 @@ impl Vmm {
                 threads.iter().map(|t| t.as_pthread_t()).collect(),
             ))
         };
+        let (serial, i8042) = (self.serial.clone(), self.i8042.clone());
+        let save_devices: snapshot::SaveDevices = Arc::new(move || snapshot::DeviceStates {
+            serial: serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            i8042: i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            virtio: snapshot::VirtioStates::NotSaved,
+        });
         let snapshots = self
             .snapshot_host
             .clone()
@@ -552,6 +592,7 @@ impl Vmm {
                     mem: self.mem.clone(),
                     vcpus: commands,
                     host,
+                    devices: save_devices,
                 },
             });
         if let Some(listener) = self.control.take()

@@ -127,10 +127,21 @@ fn make_snapshot(dir: &Path) -> Result<Vec<(u32, u64)>, String> {
         memory: MemoryState::of(&mem),
         vcpus: vcpu_states,
         vm: vm_state,
-        devices: DeviceStates::NotSaved,
+        devices: devices(),
     };
     format::write_file(&dir.join(snapshot::STATE_FILE), &state).unwrap();
     Ok(saved)
+}
+
+/// The devices the saved VM had: not at power-on, so the restore has to carry them over.
+fn devices() -> DeviceStates {
+    let mut devices = DeviceStates::power_on();
+    devices.serial.scratch = 0x5a;
+    devices.serial.line_control = 0x03;
+    devices.serial.in_buffer = b"in".to_vec();
+    devices.i8042.control = 0x11;
+    devices.i8042.out = vec![0x55];
+    devices
 }
 
 /// One request on the control socket, one JSON answer back.
@@ -147,6 +158,7 @@ fn control(vm_dir: &Path, request: &str) -> serde_json::Value {
 fn read_back(vm_dir: &Path, name: &str) -> Vec<(u32, u64, u64)> {
     let dir = vm_dir.join(name);
     let state: SnapshotState = format::read_file(&dir.join(snapshot::STATE_FILE)).unwrap();
+    assert_eq!(state.devices, devices(), "the devices changed in {name}");
     let mem = nanoclaw_vmm::memory::create_guest_memory(MEM_MIB << 20).unwrap();
     snapshot::memory::read_memory(&dir.join(snapshot::MEMORY_FILE), &state.memory, &mem).unwrap();
     assert_eq!(state.vcpus.len(), usize::from(VCPUS));
@@ -200,7 +212,7 @@ fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{err}");
-    assert!(err.contains("does not save device state"), "{err}");
+    assert!(err.contains("does not save virtio device state"), "{err}");
     // Nor into a VM of another size.
     let refused = Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
         .arg("--vm-dir")

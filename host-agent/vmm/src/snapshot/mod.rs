@@ -5,8 +5,8 @@
 //! A snapshot is a folder (mode 0700) of two files (mode 0600):
 //! - [`STATE_FILE`] (`state.bin`): a fixed header (magic, format version, body length, SHA-256
 //!   of the body; see [`mod@format`]) and a CBOR body, the [`SnapshotState`]: the VMM version that
-//!   wrote it, the guest RAM layout, every vCPU's state, the VM-wide state, and what was not
-//!   saved ([`NOT_SAVED`]).
+//!   wrote it, the guest RAM layout, every vCPU's state, the VM-wide state, and the state of
+//!   the UART and the i8042 (the virtio devices' is not saved yet: [`NOT_SAVED`]).
 //! - [`MEMORY_FILE`] (`memory.bin`): guest RAM, region after region, sparse: only pages with a
 //!   non-zero byte are written ([`memory`]). A guest of 256 MiB that touched 30 MiB gives a file
 //!   256 MiB long that takes about 30 MiB on disk.
@@ -35,6 +35,10 @@
 //!
 //! Per VM ([`cpu::VmState`]): the master and slave PICs and the IOAPIC (`KVM_GET_IRQCHIP`), the
 //! PIT (`KVM_GET_PIT2`) and the kvmclock base (`KVM_GET_CLOCK`).
+//!
+//! Devices ([`DeviceStates`]): the COM1 UART's registers and receive FIFO, and the i8042's
+//! registers and output queue. Only a vCPU touches these two, so they are still while the
+//! vCPUs are parked. A restored VM's UART and i8042 are built from them before any vCPU runs.
 //!
 //! # Taking a snapshot
 //! The VM must be paused (the control socket's `snapshot` request refuses otherwise). KVM's
@@ -70,18 +74,19 @@
 //! restore, where a mapping would fault pages in lazily.
 //!
 //! # Not yet saved
-//! Device state is not saved (see [`NOT_SAVED`]): the serial port, the i8042, the virtio-mmio
-//! transports and their queues (vsock, each disk), and the vsock connections, which a restore
-//! would reset with `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`. A VM whose guest had not set up any
-//! virtio device restores whole; one whose guest had would find its devices reset, so
-//! [`crate::machine::Vmm`] refuses to restore a snapshot without device state unless asked to
-//! explicitly ([`SnapshotError::DeviceStateNotSaved`]).
+//! Virtio device state is not saved (see [`NOT_SAVED`], [`VirtioStates::NotSaved`]): the
+//! virtio-mmio transports and their queues (vsock, each disk), and the vsock connections, which
+//! a restore would reset with `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`. A VM whose guest had not
+//! set up any virtio device restores whole; one whose guest had would find its devices reset,
+//! so [`crate::machine::Vmm`] refuses to restore a snapshot without virtio state unless asked to
+//! explicitly ([`SnapshotError::DeviceStateNotSaved`]). The virtio devices' threads also keep
+//! running while the vCPUs are parked, so one may still write guest memory while it is copied;
+//! saving their state will have to stop them first.
 //!
 //! Not done here either: moving a snapshot into the folder of the VM that restores it, and
 //! handing its files to that VM's jail uid (each running VM has its own uid, and the files are
-//! 0600), which is the daemon's part. Also not yet: quiescing the devices'
-//! threads while memory is copied, and nested virtualization state (`KVM_GET_NESTED_STATE`;
-//! the VMM does not expose VMX/SVM to its guests).
+//! 0600), which is the daemon's part; and nested virtualization state
+//! (`KVM_GET_NESTED_STATE`; the VMM does not expose VMX/SVM to its guests).
 //!
 //! # Security
 //! A snapshot holds the whole of guest memory, and so whatever secrets the guest held: keys,
@@ -104,6 +109,9 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::devices::i8042::{I8042, I8042State};
+use crate::devices::serial::UartState;
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
@@ -116,7 +124,7 @@ pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
 /// What this format does not save yet.
 pub const NOT_SAVED: &str =
-    "device state (serial, i8042, virtio-mmio transports and queues of vsock and the disks)";
+    "virtio device state (the virtio-mmio transports and queues of vsock and the disks)";
 /// Longest snapshot folder name the control socket accepts.
 pub const MAX_NAME_LEN: usize = 255;
 
@@ -269,10 +277,18 @@ pub enum SnapshotError {
     /// The snapshot folder name is not a plain relative path.
     #[error("snapshot folder {0:?} must be a relative path of plain names (no '..', not absolute)")]
     BadFolderName(String),
-    /// The snapshot holds no device state, and restoring without it was not asked for.
+    /// A device does not take its saved state.
+    #[error("snapshot state of the {device}: {detail}")]
+    DeviceState {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// The snapshot holds no virtio device state, and restoring without it was not asked for.
     #[error(
         "this snapshot format does not save {NOT_SAVED} yet; restoring would reset them under \
-         the guest (restore without device state only for guests that never set them up)"
+         the guest (restore without it only a guest that never set up its virtio devices)"
     )]
     DeviceStateNotSaved,
 }
@@ -296,12 +312,38 @@ pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Which device state a snapshot holds. Version 1 holds none.
+/// The emulated devices' state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// The COM1 UART: registers and receive FIFO.
+    pub serial: UartState,
+    /// The i8042: registers and output queue.
+    pub i8042: I8042State,
+    /// The virtio devices.
+    pub virtio: VirtioStates,
+}
+
+impl DeviceStates {
+    /// The devices as they are at power-on (what a VM without these devices would have).
+    pub fn power_on() -> Self {
+        Self {
+            serial: UartState::default(),
+            i8042: I8042::new(Box::new(|| {})).state(),
+            virtio: VirtioStates::NotSaved,
+        }
+    }
+}
+
+/// Which virtio device state a snapshot holds. This version holds none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DeviceStates {
+pub enum VirtioStates {
     /// Not saved: see [`NOT_SAVED`].
     NotSaved,
 }
+
+/// Reads the emulated devices' state: called by the snapshot thread while the vCPUs are
+/// parked (so no guest access changes a device under it).
+pub type SaveDevices = Arc<dyn Fn() -> DeviceStates + Send + Sync>;
 
 /// The state file's body.
 #[derive(Debug, Serialize, Deserialize)]
@@ -379,7 +421,7 @@ pub fn folder_name(name: &str) -> Result<PathBuf, SnapshotError> {
 }
 
 /// What the VM gives a snapshot: the parts the taking thread reads.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SnapshotSource {
     /// The VM file (irqchip, PIT, clock).
     pub vm: Arc<VmFd>,
@@ -389,6 +431,17 @@ pub struct SnapshotSource {
     pub vcpus: Vec<Sender<VcpuCommand>>,
     /// What the host supports.
     pub host: Arc<HostSupport>,
+    /// The emulated devices' state.
+    pub devices: SaveDevices,
+}
+
+impl std::fmt::Debug for SnapshotSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSource")
+            .field("vcpus", &self.vcpus.len())
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`take`] wrote.
@@ -445,13 +498,14 @@ pub fn take(
         vcpus.push(state);
     }
     let vm = VmState::capture(&source.vm)?;
+    let devices = (source.devices)();
     let written = memory::write_memory(&dir.join(MEMORY_FILE), &source.mem)?;
     let state = SnapshotState {
         vmm_version: env!("CARGO_PKG_VERSION").to_owned(),
         memory: MemoryState::of(&source.mem),
         vcpus,
         vm,
-        devices: DeviceStates::NotSaved,
+        devices,
     };
     format::write_file(&dir.join(STATE_FILE), &state)?;
     Ok(SnapshotSummary {
@@ -501,25 +555,35 @@ pub struct RestoreConfig {
     pub dir: PathBuf,
     /// Start with every vCPU parked, to be resumed on the control socket.
     pub paused: bool,
-    /// Restore a snapshot without device state (see "Not yet saved" above): only right for a
-    /// guest that never set up its virtio devices.
+    /// Restore a snapshot without virtio device state (see "Not yet saved" above): only right
+    /// for a guest that never set up its virtio devices.
     pub without_devices: bool,
 }
 
-/// Restores the snapshot `restore` names into a fresh VM (see [`restore`]), the clock
+/// Reads the snapshot `restore` names and checks it can be restored as asked: what
+/// [`crate::machine::Vmm`] does first, before it builds the devices from the state.
+pub fn open_for_restore(
+    restore: &RestoreConfig,
+    host: &HostSupport,
+) -> Result<SnapshotState, SnapshotError> {
+    let state = read_state(&restore.dir, host)?;
+    if state.devices.virtio == VirtioStates::NotSaved && !restore.without_devices {
+        return Err(SnapshotError::DeviceStateNotSaved);
+    }
+    Ok(state)
+}
+
+/// Restores `state` (from [`open_for_restore`]) into a fresh VM (see [`restore`]), the clock
 /// included: call it last before the vCPUs start.
 pub fn restore_vm(
     restore: &RestoreConfig,
+    state: &SnapshotState,
     vm: &VmFd,
     vcpus: &[VcpuFd],
     mem: &GuestMemoryMmap<()>,
     host: &HostSupport,
 ) -> Result<(), SnapshotError> {
-    let state = read_state(&restore.dir, host)?;
-    if state.devices == DeviceStates::NotSaved && !restore.without_devices {
-        return Err(SnapshotError::DeviceStateNotSaved);
-    }
-    self::restore(&restore.dir, &state, vm, vcpus, mem, host)?;
+    self::restore(&restore.dir, state, vm, vcpus, mem, host)?;
     state.vm.restore_clock(vm)
 }
 

@@ -162,6 +162,7 @@ fn start(t: TestVm) -> Running {
             mem: t.mem,
             vcpus: vec![commands_tx],
             host: t.host,
+            devices: Arc::new(DeviceStates::power_on),
         },
     }
 }
@@ -428,7 +429,7 @@ fn a_state_with_impossible_counts_is_refused() {
         memory: MemoryState::of(&t.mem),
         vcpus: vec![],
         vm: vm_state,
-        devices: DeviceStates::NotSaved,
+        devices: DeviceStates::power_on(),
     };
     assert!(matches!(
         state.validate(&t.host),
