@@ -133,8 +133,7 @@ pub enum Answer {
 }
 
 impl Answer {
-    /// Done; the VM's state now.
-    pub fn ok(state: RunState) -> Self {
+    fn ok(state: RunState) -> Self {
         Answer::Ok { ok: true, state }
     }
 

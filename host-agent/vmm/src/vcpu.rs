@@ -11,6 +11,10 @@
 //! vCPU tells KVM it was stopped (`KVM_KVMCLOCK_CTRL`) before it runs again, so the guest's
 //! watchdogs do not take the pause for a hung CPU; kvmclock itself keeps counting host time,
 //! so the guest's clocks stay right across the pause.
+//!
+//! **Work while parked.** A parked vCPU thread also runs the [`VcpuCommand`]s sent to it, each
+//! time [`RunGate::notify`] wakes it (or at the latest after its periodic re-check): that is how
+//! a snapshot reads each vCPU's state on the vCPU's own thread, outside `KVM_RUN`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
