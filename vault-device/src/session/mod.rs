@@ -174,7 +174,7 @@ impl Session {
         };
         let plain = noise::open(&mut self.transport, &record)?;
         let msg: SidecarToDevice = credential::decode_message(&plain)?;
-        if matches!(msg, SidecarToDevice::End | SidecarToDevice::Seal { .. }) {
+        if matches!(msg, SidecarToDevice::End) {
             self.request_done = true;
         }
         Ok(Some(msg))
@@ -253,6 +253,8 @@ pub async fn run<C: SessionContext>(
                 proxy::proxy(&*ctx, &peer, &mut session, head).await?;
             }
             SidecarToDevice::Seal { target } => {
+                // A seal is its whole request.
+                session.request_done = true;
                 let answer = fallback::seal(&*ctx, &peer, &target);
                 session.send(&answer).await?;
             }

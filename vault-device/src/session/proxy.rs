@@ -18,7 +18,7 @@
 
 use std::sync::Mutex;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use nanoclaw_tokenize::Report;
 use serde_bytes::ByteBuf;
 use shared_proto::credential::{
@@ -457,15 +457,31 @@ async fn stream_body(
     finish: impl FnOnce() -> Result<Vec<u8>, BodyError>,
 ) -> Result<(), NoiseError> {
     let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %ErrorChain(&e), "upstream body");
-                return Ok(());
+    let mut pending: Vec<u8> = Vec::with_capacity(MAX_CHUNK);
+    let mut ended = false;
+    while !ended {
+        // Wait for the next piece, then take whatever else has already arrived (up to a full
+        // record) without waiting: records come out full-sized on a fast download, and a
+        // stream that trickles still goes on at once.
+        match stream.next().await {
+            None => break,
+            Some(Ok(c)) => pending.extend_from_slice(&c),
+            Some(Err(e)) => return upstream_body_failed(&e),
+        }
+        while pending.len() < MAX_CHUNK {
+            match stream.next().now_or_never() {
+                None => break,
+                Some(None) => ended = true,
+                Some(Some(Ok(c))) => pending.extend_from_slice(&c),
+                Some(Some(Err(e))) => return upstream_body_failed(&e),
             }
-        };
-        let out = match filter(&redactor.push(&chunk)) {
+            if ended {
+                break;
+            }
+        }
+        let out = filter(&redactor.push(&pending));
+        pending.clear();
+        let out = match out {
             Ok(out) => out,
             Err(e) => {
                 tracing::warn!(error = %e, "the response cannot be tokenized: cut");
@@ -492,6 +508,12 @@ async fn stream_body(
         }
     }
     session.send(&DeviceToSidecar::End).await
+}
+
+/// An upstream body that failed mid-way: the answer is cut (no `End`).
+fn upstream_body_failed(e: &reqwest::Error) -> Result<(), NoiseError> {
+    tracing::warn!(error = %ErrorChain(e), "upstream body");
+    Ok(())
 }
 
 /// Sends the host what was tokenized in one part of a call (kinds and counts; nothing when

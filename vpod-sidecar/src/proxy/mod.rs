@@ -663,4 +663,89 @@ mod tests {
         assert_eq!(status("garbage\r\n\r\n"), 400);
         assert_eq!(status("GET /s HTTP/1.1\r\n"), 400);
     }
+
+    #[test]
+    fn chunked_bodies_are_decoded_strictly() {
+        let chunked = |body: &str| {
+            parse(&format!(
+                "POST /s/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{body}"
+            ))
+        };
+        let r = chunked("3\r\nabc\r\nA;name=v\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n").unwrap();
+        assert_eq!(r.body, b"abc0123456789");
+        assert!(
+            r.head.headers.is_empty(),
+            "transfer-encoding is not forwarded"
+        );
+        assert_eq!(chunked("0\r\n\r\n").unwrap().body, b"");
+        let status = |body: &str| chunked(body).unwrap_err().0;
+        // Bad sizes, data not followed by CRLF, a bad trailer, an early end.
+        assert_eq!(status("x\r\nabc\r\n0\r\n\r\n"), 400);
+        assert_eq!(status("\r\n0\r\n\r\n"), 400);
+        assert_eq!(status("-1\r\n"), 400);
+        assert_eq!(status("1 1\r\na\r\n0\r\n\r\n"), 400);
+        assert_eq!(status("fffffffffffffffff\r\n"), 400);
+        assert_eq!(status("3\r\nabcd\r\n0\r\n\r\n"), 400);
+        assert_eq!(status("3\r\nabc"), 400);
+        assert_eq!(status("3\r\nabc\r\n0\r\nbroken\r\n\r\n"), 400);
+        assert_eq!(status("3\r\nabc\r\n0\r\n"), 400);
+        assert_eq!(status(&format!("{}\r\n", "1".repeat(MAX_CHUNK_LINE))), 400);
+        // Over the body bound, in one chunk or summed over several.
+        assert_eq!(status(&format!("{:x}\r\n", MAX_BODY + 1)), 413);
+        assert_eq!(status(&format!("{:x}\r\n", u64::MAX >> 8)), 413);
+        let half = "a".repeat(MAX_BODY / 2);
+        let over = format!(
+            "{:x}\r\n{half}\r\n{:x}\r\n{half}\r\n1\r\na\r\n0\r\n\r\n",
+            half.len(),
+            half.len()
+        );
+        assert_eq!(status(&over), 413);
+        // Other codings, two framings.
+        let status = |raw: &str| parse(raw).unwrap_err().0;
+        assert_eq!(
+            status("POST /s/x HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            501
+        );
+        assert_eq!(
+            status(
+                "POST /s/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            501
+        );
+        assert_eq!(
+            status(
+                "POST /s/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"
+            ),
+            400
+        );
+    }
+
+    #[test]
+    fn persistence_follows_the_version_and_connection_header() {
+        assert!(parse("GET /s/x HTTP/1.1\r\n\r\n").unwrap().keep_alive);
+        assert!(
+            !parse("GET /s/x HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
+        assert!(!parse("GET /s/x HTTP/1.0\r\n\r\n").unwrap().keep_alive);
+        // Requests back to back are read one at a time, each whole.
+        let mut raw: &[u8] =
+            b"POST /s/a HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET /s/b HTTP/1.1\r\n\r\n";
+        let first = read_request(&mut raw).unwrap().unwrap();
+        assert_eq!(first.body, b"ab");
+        let second = read_request(&mut raw).unwrap().unwrap();
+        assert_eq!(second.head.method, "GET");
+        // Then the end of the connection: no request, no error.
+        assert!(read_request(&mut raw).unwrap().is_none());
+        // A head that never ends is bounded.
+        let endless = format!("GET /s/x HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD + 10));
+        assert_eq!(parse(&endless).unwrap_err().0, 431);
+        assert_eq!(
+            parse("GET /s HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde")
+                .unwrap_err()
+                .0,
+            400
+        );
+    }
 }
