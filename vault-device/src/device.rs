@@ -982,11 +982,14 @@ async fn run_session(
     let forward_to = to_host.clone();
     let forwarder = tokio::spawn(async move {
         while let Some(record) = records.recv().await {
-            for piece in record.chunks(MAX_LINK_DATA) {
-                let msg = DeviceToHost::Data {
-                    session,
-                    bytes: piece.to_vec(),
-                };
+            // A full record fits one message: moved, not copied.
+            let pieces = if record.len() <= MAX_LINK_DATA {
+                vec![record]
+            } else {
+                record.chunks(MAX_LINK_DATA).map(<[u8]>::to_vec).collect()
+            };
+            for bytes in pieces {
+                let msg = DeviceToHost::Data { session, bytes };
                 if forward_to.send(msg).await.is_err() {
                     return;
                 }

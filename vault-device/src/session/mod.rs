@@ -44,7 +44,7 @@
 //!
 //! # Layout
 //!
-//! - this file: [`run`] (the handshake and the dispatch of the first message), the
+//! - this file: [`run`] (the handshake, then each exchange's dispatch by its first message), the
 //!   [`SessionContext`] through which a session reaches the device, the encrypted message
 //!   channel, and the resolution of a target to a credential under a live grant;
 //! - `proxy`: the primary path, step by step (read the body, resolve or ask, build the
@@ -193,6 +193,17 @@ impl Session {
         Ok(())
     }
 
+    /// Sends `bytes` as `Body` messages of at most [`credential::MAX_CHUNK`] each (nothing
+    /// when empty), encoded straight from the slice.
+    async fn send_body(&mut self, bytes: &[u8]) -> Result<(), NoiseError> {
+        for piece in bytes.chunks(credential::MAX_CHUNK) {
+            let plain = credential::encode_message(&BodyRef::Body(piece))?;
+            let sealed = noise::seal(&mut self.transport, &plain)?;
+            send_record(&self.out, &sealed).await?;
+        }
+        Ok(())
+    }
+
     /// Whether the exchange that just ran left the session in step for the next one; resets
     /// the tracking for it.
     fn exchange_complete(&mut self) -> bool {
@@ -201,6 +212,14 @@ impl Session {
         self.answered = false;
         complete
     }
+}
+
+/// [`DeviceToSidecar::Body`] borrowing its bytes: it encodes to exactly the same CBOR (an
+/// externally tagged variant named `Body` holding a byte string), without copying a body
+/// chunk into a message first.
+#[derive(serde::Serialize)]
+enum BodyRef<'a> {
+    Body(#[serde(with = "serde_bytes")] &'a [u8]),
 }
 
 /// Sends `body` to the sidecar as one record.

@@ -381,20 +381,14 @@ async fn relay_json<C: SessionContext>(
     session
         .send(&DeviceToSidecar::Head { status, headers })
         .await?;
-    for piece in out.chunks(MAX_CHUNK) {
-        session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-    }
+    session.send_body(&out).await?;
     if over {
         // Monitor mode: the rest passes unscanned.
         while let Some(chunk) = stream.next().await {
             let Ok(chunk) = chunk else { return Ok(()) };
-            for piece in redactor.push(&chunk).chunks(MAX_CHUNK) {
-                session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-            }
+            session.send_body(&redactor.push(&chunk)).await?;
         }
-        for piece in redactor.finish().chunks(MAX_CHUNK) {
-            session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-        }
+        session.send_body(&redactor.finish()).await?;
     }
     session.send(&DeviceToSidecar::End).await
 }
@@ -484,13 +478,13 @@ async fn stream_body(
         let out = match out {
             Ok(out) => out,
             Err(e) => {
-                tracing::warn!(error = %e, "the response cannot be tokenized: cut");
+                if let Some(suppressed) = admit_cut_line() {
+                    tracing::warn!(error = %e, suppressed, "the response cannot be tokenized: cut");
+                }
                 return Ok(());
             }
         };
-        for piece in out.chunks(MAX_CHUNK) {
-            session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-        }
+        session.send_body(&out).await?;
     }
     let last = filter(&redactor.finish()).and_then(|mut out| {
         out.extend(finish()?);
@@ -498,12 +492,12 @@ async fn stream_body(
     });
     match last {
         Ok(out) => {
-            for piece in out.chunks(MAX_CHUNK) {
-                session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-            }
+            session.send_body(&out).await?;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "the response cannot be tokenized: cut");
+            if let Some(suppressed) = admit_cut_line() {
+                tracing::warn!(error = %e, suppressed, "the response cannot be tokenized: cut");
+            }
             return Ok(());
         }
     }
@@ -512,8 +506,20 @@ async fn stream_body(
 
 /// An upstream body that failed mid-way: the answer is cut (no `End`).
 fn upstream_body_failed(e: &reqwest::Error) -> Result<(), NoiseError> {
-    tracing::warn!(error = %ErrorChain(e), "upstream body");
+    if let Some(suppressed) = admit_cut_line() {
+        tracing::warn!(error = %ErrorChain(e), suppressed, "upstream body");
+    }
     Ok(())
+}
+
+/// Whether a line about a cut answer may be logged now (the agent chooses what it calls, so
+/// these share one budget), and how many were dropped before it.
+fn admit_cut_line() -> Option<u64> {
+    static BUDGET: Mutex<Option<shared_proto::ratelimit::LogBudget>> = Mutex::new(None);
+    let mut budget = BUDGET.lock().unwrap_or_else(|p| p.into_inner());
+    budget
+        .get_or_insert_with(Default::default)
+        .admit(std::time::Instant::now())
 }
 
 /// Sends the host what was tokenized in one part of a call (kinds and counts; nothing when
