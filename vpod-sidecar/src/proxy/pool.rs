@@ -128,9 +128,4 @@ where
             idle.push(session);
         }
     }
-
-    /// The number of idle sessions (for tests and diagnostics).
-    pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
