@@ -5,19 +5,23 @@
 //! demands the credential) and compares, for the same HTTPS server:
 //! - **direct**: a client making the HTTPS call itself (reqwest + rustls, the same client the
 //!   device uses), the way an agent holding the key would;
-//! - **proxied**: the agent's plain HTTP request to the sidecar proxy, relayed to the device,
-//!   which makes the same HTTPS call.
+//! - **proxied, new conn**: the agent's plain HTTP request to the sidecar proxy on a connection
+//!   of its own (`Connection: close`), relayed to the device, which makes the same HTTPS call;
+//! - **proxied, keep-alive**: the same over one persistent agent connection.
+//!
+//! Both proxied paths reuse the proxy's pooled session to the device, as an agent's would.
 //!
 //! It prints p50/p99 latency per request, the added latency (proxied minus direct), requests
 //! per second one at a time, and download throughput for a large body.
 //!
 //! Run: `cargo bench -p nanoclaw-tests --bench proxy` (set `BENCH_REQUESTS` to change the count).
 
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use nanoclaw_tests::credential;
+use nanoclaw_tests::http::read_response;
 use nanoclaw_tests::upstream::{make_ca, start_upstream};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -29,10 +33,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// One request on a new agent connection that asks to close (no keep-alive).
 fn proxied(proxy: std::net::SocketAddr, path: &str) -> usize {
     let mut s = TcpStream::connect(proxy).expect("connect to the proxy");
     s.set_nodelay(true).ok();
-    write!(s, "GET /svc{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").expect("write");
+    write!(
+        s,
+        "GET /svc{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
     assert!(
@@ -41,6 +50,32 @@ fn proxied(proxy: std::net::SocketAddr, path: &str) -> usize {
         String::from_utf8_lossy(&raw[..raw.len().min(200)])
     );
     raw.len()
+}
+
+/// An agent that keeps its connection to the proxy open across requests.
+struct KeepAlive {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    fn new(proxy: std::net::SocketAddr) -> Self {
+        let writer = TcpStream::connect(proxy).expect("connect to the proxy");
+        writer.set_nodelay(true).ok();
+        let reader = BufReader::with_capacity(256 * 1024, writer.try_clone().expect("clone"));
+        Self { writer, reader }
+    }
+
+    fn get(&mut self, path: &str) -> usize {
+        write!(
+            self.writer,
+            "GET /svc{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        .expect("write");
+        let (status, _, body) = read_response(&mut self.reader).expect("an answer");
+        assert_eq!(status, 200);
+        body.len()
+    }
 }
 
 fn main() {
@@ -103,14 +138,17 @@ fn main() {
         })
     };
 
-    // Warm up both paths.
+    // Warm up every path.
+    let mut kept = KeepAlive::new(proxy);
     for _ in 0..20 {
         direct("/hello".into());
         proxied(proxy, "/hello");
+        kept.get("/hello");
     }
     let mut d = Vec::with_capacity(n);
     let mut p = Vec::with_capacity(n);
-    // Interleave, so drifts in machine load hit both alike.
+    let mut k = Vec::with_capacity(n);
+    // Interleave, so drifts in machine load hit every path alike.
     for _ in 0..n {
         let t = Instant::now();
         direct("/hello".into());
@@ -118,30 +156,37 @@ fn main() {
         let t = Instant::now();
         proxied(proxy, "/hello");
         p.push(t.elapsed());
+        let t = Instant::now();
+        kept.get("/hello");
+        k.push(t.elapsed());
     }
-    let (dt, pt): (Duration, Duration) = (d.iter().sum(), p.iter().sum());
+    let total = |v: &[Duration]| -> Duration { v.iter().sum() };
+    let (dt, pt, kt) = (total(&d), total(&p), total(&k));
     d.sort();
     p.sort();
+    k.sort();
     println!(
-        "credential proxy on loopback, {n} sequential requests per path (one HTTPS connection each)"
+        "credential proxy on loopback, {n} sequential requests per path (the upstream closes each \
+         HTTPS connection, so every path pays a TLS handshake upstream)"
     );
-    println!(
-        "  direct   p50 {:7.3} ms  p99 {:7.3} ms  {:7.1} req/s",
-        ms(percentile(&d, 0.5)),
-        ms(percentile(&d, 0.99)),
-        n as f64 / dt.as_secs_f64()
-    );
-    println!(
-        "  proxied  p50 {:7.3} ms  p99 {:7.3} ms  {:7.1} req/s",
-        ms(percentile(&p, 0.5)),
-        ms(percentile(&p, 0.99)),
-        n as f64 / pt.as_secs_f64()
-    );
-    println!(
-        "  added    p50 {:7.3} ms  p99 {:7.3} ms",
-        ms(percentile(&p, 0.5)) - ms(percentile(&d, 0.5)),
-        ms(percentile(&p, 0.99)) - ms(percentile(&d, 0.99))
-    );
+    let row = |name: &str, v: &[Duration], t: Duration| {
+        println!(
+            "  {name:<22} p50 {:7.3} ms  p99 {:7.3} ms  {:7.1} req/s",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99)),
+            n as f64 / t.as_secs_f64()
+        );
+    };
+    row("direct", &d, dt);
+    row("proxied, new conn", &p, pt);
+    row("proxied, keep-alive", &k, kt);
+    for (name, v) in [("new conn", &p), ("keep-alive", &k)] {
+        println!(
+            "  added, {name:<15} p50 {:7.3} ms  p99 {:7.3} ms",
+            ms(percentile(v, 0.5)) - ms(percentile(&d, 0.5)),
+            ms(percentile(v, 0.99)) - ms(percentile(&d, 0.99))
+        );
+    }
     let rounds = 5;
     let t = Instant::now();
     for _ in 0..rounds {
@@ -153,8 +198,16 @@ fn main() {
         assert!(proxied(proxy, &format!("/big/{big}")) >= big);
     }
     let proxied_mbs = (rounds * big) as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        assert!(kept.get(&format!("/big/{big}")) >= big);
+    }
+    let kept_mbs = (rounds * big) as f64 / t.elapsed().as_secs_f64() / 1e6;
     println!(
-        "  download of {} MiB: direct {direct_mbs:.0} MB/s, proxied {proxied_mbs:.0} MB/s",
-        big >> 20
+        "  download of {} MiB: direct {direct_mbs:.0} MB/s, proxied {proxied_mbs:.0} MB/s \
+         ({:.0}%), keep-alive {kept_mbs:.0} MB/s ({:.0}%)",
+        big >> 20,
+        100.0 * proxied_mbs / direct_mbs,
+        100.0 * kept_mbs / direct_mbs
     );
 }

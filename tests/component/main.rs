@@ -15,7 +15,8 @@
 //!   its approver), [`approval_path`] (releases approved with a passkey, re-checked by the
 //!   device), [`device_page`] (the device's own approval page: registration and approvals on
 //!   the device's origin, over its API and in Chromium).
-//! - The credential path: [`primary_path`], [`fallback_path`], [`tokenize_path`].
+//! - The credential path: [`primary_path`], [`proxy_keepalive`] (persistent agent connections,
+//!   reused sessions, chunked bodies, a broken relay), [`fallback_path`], [`tokenize_path`].
 //! - Audit checkpoints: [`audit_checkpoints`] (the device signs, both verifiers check).
 //! - The VMM's jail: [`jail`] (entered for real, as root, without booting).
 //! - MCP: [`mcp_gateway`] (the gateway with the Python SDK as upstream and agent),
@@ -33,4 +34,5 @@ mod jail;
 mod mcp_gateway;
 mod mcp_sidecar;
 mod primary_path;
+mod proxy_keepalive;
 mod tokenize_path;

@@ -104,8 +104,10 @@ async fn the_device_makes_the_call_and_only_to_allowed_hosts() {
     let up = std::sync::Arc::clone(&upstream);
     tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(proxy).unwrap();
-        s.write_all(b"GET /svc/sse HTTP/1.1\r\nAccept: text/event-stream\r\n\r\n")
-            .unwrap();
+        s.write_all(
+            b"GET /svc/sse HTTP/1.1\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
         let mut r = BufReader::new(s);
         let mut line = String::new();
         let mut got_first = false;

@@ -4,8 +4,9 @@
 //! (a Unix socket in place of vsock). The HTTPS server it calls is [`crate::upstream`].
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use host_agent::relay::{Relay, VmIdentity, VmRelay, proxy_socket_path};
@@ -164,6 +165,47 @@ fn attach_with(
             },
         )
         .unwrap()
+}
+
+/// The relay connections a proxy started by [`start_proxy_watched`] made: each is one
+/// end-to-end session, so one handshake with the device.
+#[derive(Debug, Clone, Default)]
+pub struct RelayConnections {
+    streams: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl RelayConnections {
+    /// How many relay connections (so sessions, so handshakes) the proxy has opened.
+    pub fn opened(&self) -> usize {
+        self.streams.lock().unwrap().len()
+    }
+
+    /// Breaks every relay connection made so far, as a relay that goes away would.
+    pub fn break_all(&self) {
+        for s in self.streams.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// [`start_proxy`], counting the relay connections it makes and able to break them.
+pub fn start_proxy_watched(vm_dir: &Path, sidecar: &Sidecar) -> (SocketAddr, RelayConnections) {
+    let listener = StdTcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let identity = Arc::new(ProxyIdentity {
+        boot_secret: Zeroizing::new(sidecar.secret),
+        boot_id: sidecar.boot_id,
+    });
+    let socket = proxy_socket_path(vm_dir);
+    let watched = RelayConnections::default();
+    let streams = Arc::clone(&watched.streams);
+    let connect = Arc::new(move || {
+        let stream = UnixStream::connect(&socket)?;
+        streams.lock().unwrap().push(stream.try_clone()?);
+        Ok(stream)
+    });
+    std::thread::spawn(move || proxy::serve(&listener, identity, connect));
+    (addr, watched)
 }
 
 /// Runs the sidecar's proxy on a thread, connecting to the VM's relay socket; returns its

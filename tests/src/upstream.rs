@@ -31,7 +31,8 @@ pub const RESPONSE_EMAIL: &str = "ops.lead@corp.example";
 
 /// The test HTTPS server: `/hello` answers 200 `hello <body>` with the right bearer token,
 /// 401 otherwise; `/big/N` answers N bytes; `/sse` sends one event, waits until
-/// [`Upstream::release`] (or 10 s), sends a second and ends; `/json` answers JSON holding the
+/// [`Upstream::release`] (or 10 s), sends a second and ends; `/held` answers nothing until
+/// [`Upstream::release`] (or 10 s), then `held`; `/json` answers JSON holding the
 /// request body as a string and [`RESPONSE_EMAIL`]; `/octet` answers `contact
 /// <RESPONSE_EMAIL>` as `application/octet-stream`; `/echo` answers the request's
 /// `authorization` back, in an `x-echo` header and (octet-stream, a byte at a time in chunks)
@@ -188,6 +189,12 @@ pub async fn start_upstream(ca: &Ca, names: &[&str], secret: &str) -> Upstream {
                     let _ = tls.write_all(last).await;
                     let _ = tls.write_all(b"\r\n0\r\n\r\n").await;
                     let _ = tls.flush().await;
+                } else if path == "/held" {
+                    // Nothing until released (or 10 s): a call in flight.
+                    let _ = tokio::time::timeout(Duration::from_secs(10), release.notified()).await;
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nheld")
+                        .await;
                 } else if path == "/json" {
                     let reply = serde_json::json!({
                         "got": String::from_utf8_lossy(&body),

@@ -79,8 +79,12 @@ use crate::vault::{Pairing, Vault, VaultData, VaultError};
 
 /// Sessions one link may hold at once; an `Open` beyond it is closed at once.
 pub const MAX_SESSIONS: usize = 256;
+/// How long an idle upstream connection is kept for reuse.
+pub const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
+/// The most idle upstream connections kept per host.
+pub const UPSTREAM_IDLE_PER_HOST: usize = 8;
 /// Link messages a session may leave unread (at most [`credential::MAX_LINK_DATA`] bytes each,
-/// so about 4.5 MiB): one more and it is dropped at once, so that no session ever holds up the
+/// so about 6 MiB): one more and it is dropped at once, so that no session ever holds up the
 /// link the others share.
 pub const SESSION_BACKLOG: usize = 96;
 /// Approval asks waiting at once; more are refused at once.
@@ -241,7 +245,12 @@ impl Device {
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10));
+            .connect_timeout(Duration::from_secs(10))
+            // Keep-alive upstream: one client for every session, whose pool keeps a few idle
+            // connections per host, so a VM's calls to the same service reuse its TLS
+            // connection instead of a new handshake each.
+            .pool_idle_timeout(UPSTREAM_IDLE)
+            .pool_max_idle_per_host(UPSTREAM_IDLE_PER_HOST);
         for path in &config.ca_files {
             let ca_err = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::CaFile {
                 path: path.clone(),
@@ -973,11 +982,14 @@ async fn run_session(
     let forward_to = to_host.clone();
     let forwarder = tokio::spawn(async move {
         while let Some(record) = records.recv().await {
-            for piece in record.chunks(MAX_LINK_DATA) {
-                let msg = DeviceToHost::Data {
-                    session,
-                    bytes: piece.to_vec(),
-                };
+            // A full record fits one message: moved, not copied.
+            let pieces = if record.len() <= MAX_LINK_DATA {
+                vec![record]
+            } else {
+                record.chunks(MAX_LINK_DATA).map(<[u8]>::to_vec).collect()
+            };
+            for bytes in pieces {
+                let msg = DeviceToHost::Data { session, bytes };
                 if forward_to.send(msg).await.is_err() {
                     return;
                 }

@@ -9,8 +9,8 @@ pub use shared_proto::credential::noise::{
     link_initiator, open, pair_initiator, seal, session_responder,
 };
 
-/// How much is read from a stream at once.
-const READ_CHUNK: usize = 16 * 1024;
+/// How much is read from a stream at once: a record of the largest size.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Errors of the Noise layer.
 #[derive(Debug, thiserror::Error)]

@@ -125,6 +125,12 @@ impl VsockStream {
     }
 }
 
+impl std::os::fd::AsFd for VsockStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         nix::unistd::read(&self.0, buf).map_err(io::Error::from)

@@ -20,9 +20,12 @@
 //!    `Data` link messages without reading them.
 //!
 //! Inside the end-to-end session, one Noise transport message holds one CBOR
-//! [`SidecarToDevice`] or [`DeviceToSidecar`]. A session carries one exchange: a proxied request
-//! (`Request`, `Body`*, `End` one way; `Head`, `Body`*, `End` or `Refused` the other) or one
-//! fallback seal (`Seal` one way; `Sealed` or `Refused` back).
+//! [`SidecarToDevice`] or [`DeviceToSidecar`]. A session carries a sequence of exchanges, one
+//! at a time (at most [`MAX_SESSION_EXCHANGES`]): each a proxied request (`Request`, `Body`*,
+//! `End` one way; `Head`, `Body`*, `End` or `Refused` the other) or one fallback seal (`Seal`
+//! one way; `Sealed` or `Refused` back). An exchange that cannot end in step (an answer cut
+//! mid-body, a request refused before its `End`) ends the session; closing the session
+//! between exchanges is its normal end.
 //!
 //! # Channel binding
 //!
@@ -85,11 +88,19 @@ pub const NOISE_SESSION: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 pub const MAX_NOISE_MESSAGE: usize = 65535;
 /// The Noise AEAD tag added to every transport message.
 pub const NOISE_TAG: usize = 16;
-/// The largest body chunk in one proxy message, so that the CBOR message plus the Noise tag fits
-/// a Noise message with room to spare.
-pub const MAX_CHUNK: usize = 32 * 1024;
-/// The largest raw byte run in one link `Data` message.
-pub const MAX_LINK_DATA: usize = 48 * 1024;
+/// The largest body chunk in one proxy message: 63 KiB, so that the CBOR message plus the
+/// Noise tag fits a Noise message with room to spare, and its record (prefix included) fits one
+/// link `Data` message ([`MAX_LINK_DATA`]). Records this large keep the per-record costs (a
+/// seal, an open, a CBOR header, a link message) small against the bytes they carry.
+pub const MAX_CHUNK: usize = 63 * 1024;
+/// The largest raw byte run in one link `Data` message (with its CBOR envelope and the link's
+/// Noise tag it still fits one Noise message); a full proxy record travels in one.
+pub const MAX_LINK_DATA: usize = 0xff00;
+/// The most exchanges (request and answer) one end-to-end session carries before the sidecar
+/// retires it and opens a fresh one (a new handshake, new keys). With at most
+/// [`MAX_NOISE_MESSAGE`]-sized messages and a 16 MiB body bound this keeps a session's message
+/// count, and so its nonces, far below any limit; the device refuses to go past it.
+pub const MAX_SESSION_EXCHANGES: u64 = 10_000;
 /// The most header lines one proxied request or response may carry.
 pub const MAX_HEADERS: usize = 128;
 /// Headers that never cross the proxy in either direction, lower case: hop-by-hop headers,

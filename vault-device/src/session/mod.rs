@@ -1,5 +1,17 @@
-//! One end-to-end session with a sidecar: the Noise IK responder, then one proxied call
-//! (primary path) or one sealed secret (fallback path).
+//! One end-to-end session with a sidecar: the Noise IK responder, then a sequence of
+//! exchanges, each one proxied call (primary path) or one sealed secret (fallback path).
+//!
+//! # A session carries many exchanges
+//!
+//! The sidecar keeps a session open across the VM's requests (it pools a few, see
+//! `vpod_sidecar::proxy::pool`), so one handshake serves many calls. The handshake, and so the
+//! binding to the VM id, boot id and boot key below, happens once per session; everything else
+//! happens per exchange, as it did when each call had its own session: the vault is read and
+//! the grant looked up (or the user asked) afresh, the call is logged, and the body is
+//! tokenized or restored with the VM's current tokenizer. Exchanges run one at a time, in
+//! order. One that ends out of step (a request refused before its body was read, an answer
+//! cut mid-body) ends the session, which the sidecar sees as the cut; the sidecar closing the
+//! session between exchanges is its normal end. A session carries at most [`MAX_EXCHANGES`].
 //!
 //! # What the device checks
 //!
@@ -32,7 +44,7 @@
 //!
 //! # Layout
 //!
-//! - this file: [`run`] (the handshake and the dispatch of the first message), the
+//! - this file: [`run`] (the handshake, then each exchange's dispatch by its first message), the
 //!   [`SessionContext`] through which a session reaches the device, the encrypted message
 //!   channel, and the resolution of a target to a credential under a live grant;
 //! - `proxy`: the primary path, step by step (read the body, resolve or ask, build the
@@ -64,6 +76,9 @@ use crate::vault::{VaultData, VaultError};
 
 /// The largest request body the device forwards.
 pub const MAX_REQUEST_BODY: usize = 16 << 20;
+/// The most exchanges one session carries; the sidecar opens a new session (a fresh
+/// handshake, fresh keys) well before this ([`credential::MAX_SESSION_EXCHANGES`]).
+pub const MAX_EXCHANGES: u64 = credential::MAX_SESSION_EXCHANGES;
 /// How long a sealed envelope is valid.
 pub const SEAL_TTL_SECS: u64 = 60;
 
@@ -130,24 +145,81 @@ impl Inbound {
 }
 
 /// The established session: one encrypted message at a time each way.
+///
+/// It also tracks where the current exchange stands, so that [`run`] knows whether the session
+/// can carry the next one: the sidecar's request must have been read to its `End` and the
+/// answer sent to its last message (`End`, `Refused` or `Sealed`). An exchange cut anywhere
+/// else ends the session, which is how the sidecar learns that an answer was cut.
 struct Session {
     inbound: Inbound,
     out: Outbound,
     transport: snow::TransportState,
+    /// The sidecar's request of the current exchange was read whole.
+    request_done: bool,
+    /// The answer of the current exchange was sent whole.
+    answered: bool,
 }
 
 impl Session {
     async fn recv(&mut self) -> Result<SidecarToDevice, NoiseError> {
-        let record = self.inbound.next_record().await?;
+        self.recv_or_end().await?.ok_or(NoiseError::Closed)
+    }
+
+    /// The next message, or `None` when the sidecar ended the session between records.
+    async fn recv_or_end(&mut self) -> Result<Option<SidecarToDevice>, NoiseError> {
+        let record = match self.inbound.next_record().await {
+            Ok(r) => r,
+            Err(NoiseError::Closed) if self.inbound.records.pending() == 0 => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let plain = noise::open(&mut self.transport, &record)?;
-        Ok(credential::decode_message(&plain)?)
+        let msg: SidecarToDevice = credential::decode_message(&plain)?;
+        if matches!(msg, SidecarToDevice::End) {
+            self.request_done = true;
+        }
+        Ok(Some(msg))
     }
 
     async fn send(&mut self, msg: &DeviceToSidecar) -> Result<(), NoiseError> {
         let plain = credential::encode_message(msg)?;
         let sealed = noise::seal(&mut self.transport, &plain)?;
-        send_record(&self.out, &sealed).await
+        send_record(&self.out, &sealed).await?;
+        if matches!(
+            msg,
+            DeviceToSidecar::End | DeviceToSidecar::Refused { .. } | DeviceToSidecar::Sealed { .. }
+        ) {
+            self.answered = true;
+        }
+        Ok(())
     }
+
+    /// Sends `bytes` as `Body` messages of at most [`credential::MAX_CHUNK`] each (nothing
+    /// when empty), encoded straight from the slice.
+    async fn send_body(&mut self, bytes: &[u8]) -> Result<(), NoiseError> {
+        for piece in bytes.chunks(credential::MAX_CHUNK) {
+            let plain = credential::encode_message(&BodyRef::Body(piece))?;
+            let sealed = noise::seal(&mut self.transport, &plain)?;
+            send_record(&self.out, &sealed).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the exchange that just ran left the session in step for the next one; resets
+    /// the tracking for it.
+    fn exchange_complete(&mut self) -> bool {
+        let complete = self.request_done && self.answered;
+        self.request_done = false;
+        self.answered = false;
+        complete
+    }
+}
+
+/// [`DeviceToSidecar::Body`] borrowing its bytes: it encodes to exactly the same CBOR (an
+/// externally tagged variant named `Body` holding a byte string), without copying a body
+/// chunk into a message first.
+#[derive(serde::Serialize)]
+enum BodyRef<'a> {
+    Body(#[serde(with = "serde_bytes")] &'a [u8]),
 }
 
 /// Sends `body` to the sidecar as one record.
@@ -157,7 +229,11 @@ async fn send_record(out: &Outbound, body: &[u8]) -> Result<(), NoiseError> {
     out.send(record).await.map_err(|_| NoiseError::Closed)
 }
 
-/// Runs one session to its end. Errors end the session; the link stays up.
+/// Runs one session to its end: the handshake, then exchanges one after the other until the
+/// sidecar ends the session (or an exchange is cut). Errors end the session; the link stays up.
+///
+/// Every exchange is checked on its own, exactly as if it had its own session: the vault, the
+/// grants and approvals, tokenization and redaction are all taken afresh for each request.
 pub async fn run<C: SessionContext>(
     ctx: Arc<C>,
     peer: SessionPeer,
@@ -183,19 +259,37 @@ pub async fn run<C: SessionContext>(
         inbound,
         out,
         transport,
+        request_done: false,
+        answered: false,
     };
-    match session.recv().await? {
-        SidecarToDevice::Request(head) => proxy::proxy(&*ctx, &peer, &mut session, head).await,
-        SidecarToDevice::Seal { target } => {
-            let answer = fallback::seal(&*ctx, &peer, &target);
-            session.send(&answer).await
+    for _ in 0..MAX_EXCHANGES {
+        let Some(first) = session.recv_or_end().await? else {
+            // The sidecar closed an idle session: the normal end.
+            return Ok(());
+        };
+        match first {
+            SidecarToDevice::Request(head) => {
+                proxy::proxy(&*ctx, &peer, &mut session, head).await?;
+            }
+            SidecarToDevice::Seal { target } => {
+                // A seal is its whole request.
+                session.request_done = true;
+                let answer = fallback::seal(&*ctx, &peer, &target);
+                session.send(&answer).await?;
+            }
+            SidecarToDevice::Body(_) | SidecarToDevice::End => {
+                session
+                    .send(&refused(400, "an exchange opens with a request or a seal"))
+                    .await?;
+                return Ok(());
+            }
         }
-        SidecarToDevice::Body(_) | SidecarToDevice::End => {
-            session
-                .send(&refused(400, "a session opens with a request or a seal"))
-                .await
+        if !session.exchange_complete() {
+            // Cut, or refused before its body was read: the session is out of step.
+            return Ok(());
         }
     }
+    Ok(())
 }
 
 fn refused(status: u16, reason: impl Into<String>) -> DeviceToSidecar {

@@ -18,7 +18,7 @@
 
 use std::sync::Mutex;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use nanoclaw_tokenize::Report;
 use serde_bytes::ByteBuf;
 use shared_proto::credential::{
@@ -381,20 +381,14 @@ async fn relay_json<C: SessionContext>(
     session
         .send(&DeviceToSidecar::Head { status, headers })
         .await?;
-    for piece in out.chunks(MAX_CHUNK) {
-        session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-    }
+    session.send_body(&out).await?;
     if over {
         // Monitor mode: the rest passes unscanned.
         while let Some(chunk) = stream.next().await {
             let Ok(chunk) = chunk else { return Ok(()) };
-            for piece in redactor.push(&chunk).chunks(MAX_CHUNK) {
-                session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-            }
+            session.send_body(&redactor.push(&chunk)).await?;
         }
-        for piece in redactor.finish().chunks(MAX_CHUNK) {
-            session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-        }
+        session.send_body(&redactor.finish()).await?;
     }
     session.send(&DeviceToSidecar::End).await
 }
@@ -457,24 +451,40 @@ async fn stream_body(
     finish: impl FnOnce() -> Result<Vec<u8>, BodyError>,
 ) -> Result<(), NoiseError> {
     let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %ErrorChain(&e), "upstream body");
-                return Ok(());
+    let mut pending: Vec<u8> = Vec::with_capacity(MAX_CHUNK);
+    let mut ended = false;
+    while !ended {
+        // Wait for the next piece, then take whatever else has already arrived (up to a full
+        // record) without waiting: records come out full-sized on a fast download, and a
+        // stream that trickles still goes on at once.
+        match stream.next().await {
+            None => break,
+            Some(Ok(c)) => pending.extend_from_slice(&c),
+            Some(Err(e)) => return upstream_body_failed(&e),
+        }
+        while pending.len() < MAX_CHUNK {
+            match stream.next().now_or_never() {
+                None => break,
+                Some(None) => ended = true,
+                Some(Some(Ok(c))) => pending.extend_from_slice(&c),
+                Some(Some(Err(e))) => return upstream_body_failed(&e),
             }
-        };
-        let out = match filter(&redactor.push(&chunk)) {
+            if ended {
+                break;
+            }
+        }
+        let out = filter(&redactor.push(&pending));
+        pending.clear();
+        let out = match out {
             Ok(out) => out,
             Err(e) => {
-                tracing::warn!(error = %e, "the response cannot be tokenized: cut");
+                if let Some(suppressed) = admit_cut_line() {
+                    tracing::warn!(error = %e, suppressed, "the response cannot be tokenized: cut");
+                }
                 return Ok(());
             }
         };
-        for piece in out.chunks(MAX_CHUNK) {
-            session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-        }
+        session.send_body(&out).await?;
     }
     let last = filter(&redactor.finish()).and_then(|mut out| {
         out.extend(finish()?);
@@ -482,16 +492,34 @@ async fn stream_body(
     });
     match last {
         Ok(out) => {
-            for piece in out.chunks(MAX_CHUNK) {
-                session.send(&DeviceToSidecar::Body(piece.to_vec())).await?;
-            }
+            session.send_body(&out).await?;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "the response cannot be tokenized: cut");
+            if let Some(suppressed) = admit_cut_line() {
+                tracing::warn!(error = %e, suppressed, "the response cannot be tokenized: cut");
+            }
             return Ok(());
         }
     }
     session.send(&DeviceToSidecar::End).await
+}
+
+/// An upstream body that failed mid-way: the answer is cut (no `End`).
+fn upstream_body_failed(e: &reqwest::Error) -> Result<(), NoiseError> {
+    if let Some(suppressed) = admit_cut_line() {
+        tracing::warn!(error = %ErrorChain(e), suppressed, "upstream body");
+    }
+    Ok(())
+}
+
+/// Whether a line about a cut answer may be logged now (the agent chooses what it calls, so
+/// these share one budget), and how many were dropped before it.
+fn admit_cut_line() -> Option<u64> {
+    static BUDGET: Mutex<Option<shared_proto::ratelimit::LogBudget>> = Mutex::new(None);
+    let mut budget = BUDGET.lock().unwrap_or_else(|p| p.into_inner());
+    budget
+        .get_or_insert_with(Default::default)
+        .admit(std::time::Instant::now())
 }
 
 /// Sends the host what was tokenized in one part of a call (kinds and counts; nothing when

@@ -93,23 +93,23 @@ impl Redactor {
 }
 
 /// `haystack` with every non-overlapping copy of `needle` replaced by [`MARKER`], and how many.
+/// The search is `memchr::memmem` (vectorised), so scanning a body costs little more than
+/// copying it.
 fn replace_all(haystack: &[u8], needle: &[u8]) -> (Vec<u8>, usize) {
     if needle.is_empty() || haystack.len() < needle.len() {
         return (haystack.to_vec(), 0);
     }
     let mut out = Vec::with_capacity(haystack.len());
     let mut count = 0;
-    let mut i = 0;
-    while i < haystack.len() {
-        if haystack[i..].starts_with(needle) {
-            out.extend_from_slice(MARKER);
-            i += needle.len();
-            count += 1;
-        } else {
-            out.push(haystack[i]);
-            i += 1;
-        }
+    let mut copied = 0;
+    // Non-overlapping matches, left to right: the same copies the byte-wise scan replaced.
+    for at in memchr::memmem::find_iter(haystack, needle) {
+        out.extend_from_slice(&haystack[copied..at]);
+        out.extend_from_slice(MARKER);
+        copied = at + needle.len();
+        count += 1;
     }
+    out.extend_from_slice(&haystack[copied..]);
     (out, count)
 }
 
@@ -175,6 +175,20 @@ mod tests {
         assert_eq!(r.push(b" sk-live-0123456789"), [&b" "[..], MARKER].concat());
         assert_eq!(r.finish(), b"");
         assert_eq!(r.redacted, 1);
+    }
+
+    #[test]
+    fn overlapping_and_adjacent_copies_are_replaced_left_to_right() {
+        let (out, n) = replace_all(b"aaaa", b"aa");
+        assert_eq!(
+            (out.as_slice(), n),
+            ([MARKER, MARKER].concat().as_slice(), 2)
+        );
+        let (out, n) = replace_all(b"aaa", b"aa");
+        assert_eq!((out.as_slice(), n), ([MARKER, b"a"].concat().as_slice(), 1));
+        let (out, n) = replace_all(b"xsecretsecrety", b"secret");
+        assert_eq!(out, [&b"x"[..], MARKER, MARKER, b"y"].concat());
+        assert_eq!(n, 2);
     }
 
     #[test]

@@ -377,15 +377,46 @@ async fn messages_out_of_order_are_refused() {
     })
     .await;
     assert_refused(&s.recv().await, 400, "unexpected message");
+    // Out of step: the device ends the session itself.
+    assert!(s.next_record().await.is_none());
     s.ended().await.unwrap();
-    // A session that opens with a body.
+    // An exchange that opens with a body.
     let mut s = Sidecar::open(ctx).await;
     s.send(&SidecarToDevice::End).await;
     assert_refused(
         &s.recv().await,
         400,
-        "a session opens with a request or a seal",
+        "an exchange opens with a request or a seal",
     );
+    assert!(s.next_record().await.is_none());
+    s.ended().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_carries_exchanges_one_after_the_other_each_checked_on_its_own() {
+    let mut ctx = fake(
+        vec![
+            entry("svc", "api.test", b"k"),
+            entry("fb", "fb.test", b"sealed-secret"),
+        ],
+        vec![grant("fb", "fb.test", true)],
+    );
+    ctx.can_ask = true;
+    let ctx = Arc::new(ctx);
+    let mut s = Sidecar::open(Arc::clone(&ctx)).await;
+    // The first call has no grant: the user is asked (the fake answers that the link is down).
+    assert_refused(&s.call(service("svc")).await, 403, "no live grant");
+    // The second, on the same session, is checked afresh: asked again.
+    assert_refused(&s.call(service("svc")).await, 403, "no live grant");
+    assert_eq!(ctx.asked.lock().unwrap().len(), 2);
+    // A seal, then a call to an unknown service, on the same session still.
+    s.send(&SidecarToDevice::Seal {
+        target: service("fb"),
+    })
+    .await;
+    assert!(matches!(s.recv().await, DeviceToSidecar::Sealed { .. }));
+    assert_refused(&s.call(service("nosuch")).await, 404, "no credential");
+    // The sidecar closing the idle session is its normal end.
     s.ended().await.unwrap();
 }
 
@@ -436,4 +467,15 @@ async fn a_seal_needs_a_grant_that_allows_the_fallback() {
         other => panic!("expected Sealed, got {other:?}"),
     }
     s.ended().await.unwrap();
+}
+
+#[test]
+fn a_borrowed_body_encodes_as_the_message_does() {
+    for len in [0, 1, 23, 24, 255, 256, credential::MAX_CHUNK] {
+        let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        assert_eq!(
+            credential::encode_message(&BodyRef::Body(&bytes)).unwrap(),
+            credential::encode_message(&DeviceToSidecar::Body(bytes.clone())).unwrap()
+        );
+    }
 }

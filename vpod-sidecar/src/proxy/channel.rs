@@ -7,6 +7,10 @@
 //! key is the device key from the greeting, and the prologue binds the VM id from the greeting
 //! and the sidecar's own boot id. The host relays the records without a key to read them. Then
 //! each Noise transport message carries one CBOR proxy message.
+//!
+//! A session carries exchanges one after the other; [`DeviceSession`] counts them and knows
+//! its age, so that the pool ([`super::pool`]) retires it in time, and whether the last one
+//! ended in step (only then may it carry the next).
 
 use std::io::{Read, Write};
 
@@ -19,8 +23,8 @@ use super::ProxyError;
 
 /// The largest greeting frame read before the handshake.
 const MAX_GREETING: usize = 4096;
-/// How much is read from the relay at once.
-const READ_CHUNK: usize = 16 * 1024;
+/// How much is read from the relay at once: a whole record of the largest size.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// An established session.
 pub struct DeviceSession<S> {
@@ -28,6 +32,16 @@ pub struct DeviceSession<S> {
     records: RecordReader,
     transport: snow::TransportState,
     vm_id: String,
+    /// When the handshake finished.
+    opened: std::time::Instant,
+    /// When the last exchange ended (or the session opened).
+    pub(super) idle_since: std::time::Instant,
+    /// Exchanges begun on this session.
+    exchanges: u64,
+    /// The current exchange's request was sent to its end.
+    request_sent: bool,
+    /// The current exchange's answer was read to its last message.
+    answer_read: bool,
 }
 
 impl<S> std::fmt::Debug for DeviceSession<S> {
@@ -133,12 +147,45 @@ impl<S: Read + Write> DeviceSession<S> {
         let answer = records.next(&mut stream)?;
         noise::read_handshake(&mut hs, &answer).map_err(ProxyError::Noise)?;
         let transport = hs.into_transport_mode().map_err(ProxyError::Noise)?;
+        let now = std::time::Instant::now();
         Ok(Self {
             stream,
             records,
             transport,
             vm_id,
+            opened: now,
+            idle_since: now,
+            exchanges: 0,
+            request_sent: false,
+            answer_read: false,
         })
+    }
+
+    /// Starts an exchange; false when the session has carried its share and must retire.
+    pub fn begin_exchange(&mut self) -> bool {
+        if self.exchanges >= credential::MAX_SESSION_EXCHANGES {
+            return false;
+        }
+        self.exchanges += 1;
+        self.request_sent = false;
+        self.answer_read = false;
+        true
+    }
+
+    /// Whether the exchange that ran left the session in step for another one: the request
+    /// went out to its end and the answer came in to its last message.
+    pub fn exchange_complete(&self) -> bool {
+        self.request_sent && self.answer_read
+    }
+
+    /// How long ago the handshake finished.
+    pub fn age(&self) -> std::time::Duration {
+        self.opened.elapsed()
+    }
+
+    /// The relay stream.
+    pub fn stream(&self) -> &S {
+        &self.stream
     }
 
     /// The VM id the host gave.
@@ -150,13 +197,24 @@ impl<S: Read + Write> DeviceSession<S> {
     pub fn send(&mut self, msg: &SidecarToDevice) -> Result<(), ProxyError> {
         let plain = credential::encode_message(msg).map_err(ProxyError::Wire)?;
         let sealed = noise::seal(&mut self.transport, &plain).map_err(ProxyError::Noise)?;
-        write_record(&mut self.stream, &sealed)
+        write_record(&mut self.stream, &sealed)?;
+        if matches!(msg, SidecarToDevice::End | SidecarToDevice::Seal { .. }) {
+            self.request_sent = true;
+        }
+        Ok(())
     }
 
     /// Receives one message.
     pub fn recv(&mut self) -> Result<DeviceToSidecar, ProxyError> {
         let record = self.records.next(&mut self.stream)?;
         let plain = noise::open(&mut self.transport, &record).map_err(ProxyError::Noise)?;
-        credential::decode_message(&plain).map_err(ProxyError::Wire)
+        let msg = credential::decode_message(&plain).map_err(ProxyError::Wire)?;
+        if matches!(
+            msg,
+            DeviceToSidecar::End | DeviceToSidecar::Refused { .. } | DeviceToSidecar::Sealed { .. }
+        ) {
+            self.answer_read = true;
+        }
+        Ok(msg)
     }
 }

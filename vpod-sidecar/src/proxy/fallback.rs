@@ -27,7 +27,8 @@ use shared_proto::envelope::{Envelope, EnvelopeError, Opener};
 use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
 
-use super::{AgentRequest, ProxyError, ProxyIdentity, channel::DeviceSession, write_simple};
+use super::pool::{RelayStream, SessionPool};
+use super::{AgentRequest, ProxyError, ProxyIdentity, write_simple};
 
 /// Errors of setting up the fallback.
 #[derive(Debug, thiserror::Error)]
@@ -137,26 +138,29 @@ impl Fallback {
     }
 }
 
-/// Serves one request on the fallback path, answering the agent on `agent`.
+/// Serves one request on the fallback path, answering the agent on `agent`. The seal is asked
+/// for over a pooled session, like a primary-path request.
 pub(super) fn handle<S, F>(
     request: AgentRequest,
-    identity: &ProxyIdentity,
-    connect: &F,
+    pool: &SessionPool<S, F>,
     fallback: &Fallback,
     agent: &mut TcpStream,
 ) -> Result<(), ProxyError>
 where
-    S: Read + Write,
+    S: RelayStream,
     F: Fn() -> std::io::Result<S>,
 {
+    let identity = pool.identity();
     let answer = (|| {
-        let stream = connect().map_err(ProxyError::Relay)?;
-        let mut session = DeviceSession::open(stream, &identity.boot_secret, &identity.boot_id)?;
-        session.send(&SidecarToDevice::Seal {
-            target: request.head.target.clone(),
-        })?;
-        let answer = session.recv()?;
-        Ok::<_, ProxyError>((session.vm_id().to_owned(), answer))
+        let mut session = pool.take()?;
+        let answer = session
+            .send(&SidecarToDevice::Seal {
+                target: request.head.target.clone(),
+            })
+            .and_then(|()| session.recv());
+        let vm_id = session.vm_id().to_owned();
+        pool.give_back(session);
+        Ok::<_, ProxyError>((vm_id, answer?))
     })();
     let (vm_id, answer) = match answer {
         Ok(a) => a,
@@ -167,7 +171,7 @@ where
                 502
             };
             let msg = crate::ErrorChain(&e).to_string();
-            return write_simple(agent, status, &msg).map_err(ProxyError::Agent);
+            return write_simple(agent, status, &msg, false).map_err(ProxyError::Agent);
         }
     };
     let (authority, envelope, header, format) = match answer {
@@ -178,17 +182,17 @@ where
             format,
         } => (authority, envelope, header, format),
         DeviceToSidecar::Refused { status, reason } => {
-            return write_simple(agent, status, &reason).map_err(ProxyError::Agent);
+            return write_simple(agent, status, &reason, false).map_err(ProxyError::Agent);
         }
         _ => {
-            return write_simple(agent, 502, "the device answered out of order")
+            return write_simple(agent, 502, "the device answered out of order", false)
                 .map_err(ProxyError::Agent);
         }
     };
     let secret = match fallback.open_envelope(identity, &vm_id, &envelope, now()) {
         Ok(s) => s,
         Err(e) => {
-            return write_simple(agent, 502, &format!("envelope refused: {e}"))
+            return write_simple(agent, 502, &format!("envelope refused: {e}"), false)
                 .map_err(ProxyError::Agent);
         }
     };
@@ -222,7 +226,7 @@ where
             head.extend_from_slice(after.as_bytes());
         }
         None => {
-            return write_simple(agent, 502, "the device sent a bad format")
+            return write_simple(agent, 502, "the device sent a bad format", false)
                 .map_err(ProxyError::Agent);
         }
     }
@@ -238,17 +242,18 @@ where
         .rsplit_once(':')
         .map_or(authority.as_str(), |(h, _)| h);
     let Ok(name) = ServerName::try_from(host.to_owned()) else {
-        return write_simple(agent, 502, "bad upstream host name").map_err(ProxyError::Agent);
+        return write_simple(agent, 502, "bad upstream host name", false)
+            .map_err(ProxyError::Agent);
     };
     let tcp = match fallback.connect(&authority) {
         Ok(t) => t,
         Err(e) => {
-            return write_simple(agent, 502, &format!("cannot reach {authority}: {e}"))
+            return write_simple(agent, 502, &format!("cannot reach {authority}: {e}"), false)
                 .map_err(ProxyError::Agent);
         }
     };
     let Ok(conn) = rustls::ClientConnection::new(Arc::clone(&fallback.tls.config), name) else {
-        return write_simple(agent, 502, "TLS setup failed").map_err(ProxyError::Agent);
+        return write_simple(agent, 502, "TLS setup failed", false).map_err(ProxyError::Agent);
     };
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     let sent = tls
@@ -257,7 +262,7 @@ where
         .and_then(|()| tls.flush());
     drop(head);
     if let Err(e) = sent {
-        return write_simple(agent, 502, &format!("upstream {authority}: {e}"))
+        return write_simple(agent, 502, &format!("upstream {authority}: {e}"), false)
             .map_err(ProxyError::Agent);
     }
     let mut buf = vec![0u8; 16 * 1024];

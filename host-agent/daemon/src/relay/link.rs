@@ -18,8 +18,8 @@ use super::{Link, Relay, RelayError};
 
 /// How long a sidecar may leave relayed bytes unread before its session is cut.
 const SLOW_PEER: std::time::Duration = std::time::Duration::from_secs(5);
-/// How much is read from a device connection at once.
-const READ_CHUNK: usize = 16 * 1024;
+/// How much is read from a device connection at once: a record of the largest size.
+const READ_CHUNK: usize = 64 * 1024;
 /// How long a device has to finish a handshake (and to send its first byte).
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Device connections served at once. One device links and, at times, pairs: the rest is

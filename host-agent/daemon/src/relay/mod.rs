@@ -20,7 +20,12 @@
 //!   Each sidecar connection gets a `RelayGreeting` (the VM id and the device key, or
 //!   `Unavailable`), then its bytes are copied both ways inside link `Data` messages. The relay
 //!   announces the session to the device with the VM id, boot id and boot key it learned from
-//!   the sidecar's `Hello`, which the device binds into the end-to-end handshake.
+//!   the sidecar's `Hello`, which the device binds into the end-to-end handshake. A session
+//!   lives as long as the sidecar keeps it (it pools a few and carries many requests on each),
+//!   so the agent's tokenizer settings and newly issued surrogates go to the device when the
+//!   session opens and again before any byte run from the sidecar that follows new issues
+//!   (so before the request that could carry them). Dropping the [`VmRelay`] (the VM stopped)
+//!   ends the VM's sessions with its listener.
 //!
 //! - **Approvals** ([`Relay::set_approver`]). When the device holds a credential but no live
 //!   grant for the call, it sends `ApprovalNeeded` (credential, target host, VM, its request

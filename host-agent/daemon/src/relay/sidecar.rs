@@ -49,8 +49,15 @@ impl Relay {
         let cursor = Arc::new(tokio::sync::Mutex::new(TokenCursor::default()));
         let task = tokio::spawn(async move {
             let mut backoff = super::link::AcceptBackoff::new("credential");
+            // The VM's sessions: owned here, so that dropping the `VmRelay` (the VM stopped)
+            // ends them too, however long the sidecar would have kept them.
+            let mut sessions = tokio::task::JoinSet::new();
             loop {
-                let stream = match listener.accept().await {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    Some(_) = sessions.join_next() => continue,
+                };
+                let stream = match accepted {
                     Ok((stream, _)) => {
                         backoff.ok();
                         stream
@@ -67,7 +74,7 @@ impl Relay {
                 let relay = Arc::clone(&relay);
                 let identity = Arc::clone(&identity);
                 let cursor = Arc::clone(&cursor);
-                tokio::spawn(async move {
+                sessions.spawn(async move {
                     if let Err(e) = relay.serve_sidecar(stream, &identity, &cursor).await {
                         tracing::debug!(vm = %identity.vm_id, error = %crate::error_chain(&e), "sidecar session");
                     }
@@ -112,36 +119,11 @@ impl Relay {
         })
         .map_err(|e| RelayError::Io(std::io::Error::other(e)))?;
         stream.write_all(&frame).await.map_err(RelayError::Io)?;
-        if let Some(tokens) = &identity.tokens {
-            // The device learns the agent's key and the surrogates issued so far before the
-            // session opens; the cursor's lock keeps two sessions' messages in order.
-            let mut cursor = cursor.lock().await;
-            if cursor.generation != Some(generation) {
-                *cursor = TokenCursor {
-                    generation: Some(generation),
-                    seq: 0,
-                };
-            }
-            let (issued, next) = tokens.issued_since(cursor.seq);
-            let mut chunks: Vec<Vec<credential::IssuedToken>> = issued
-                .chunks(credential::MAX_ISSUED_PER_MESSAGE)
-                .map(<[_]>::to_vec)
-                .collect();
-            if chunks.is_empty() {
-                chunks.push(Vec::new());
-            }
-            for issued in chunks {
-                to_device
-                    .send(HostToDevice::Tokenize {
-                        vm_id: identity.vm_id.clone(),
-                        spec: tokens.spec().clone(),
-                        issued,
-                    })
-                    .await
-                    .map_err(|_| RelayError::Closed)?;
-            }
-            cursor.seq = next;
-        }
+        // The device learns the agent's key and the surrogates issued so far before the
+        // session opens, and those issued since before each later byte run from the sidecar
+        // (so before any request that could use them, on a session that carries many).
+        self.sync_tokens(identity, cursor, generation, &to_device, true)
+            .await?;
         to_device
             .send(HostToDevice::Open {
                 session,
@@ -169,6 +151,8 @@ impl Relay {
                 }
                 touch();
                 proxied("to_device", n);
+                self.sync_tokens(identity, cursor, generation, &to_device, false)
+                    .await?;
                 to_device
                     .send(HostToDevice::Data {
                         session,
@@ -210,6 +194,53 @@ impl Relay {
         };
         self.forget(session);
         result
+    }
+
+    /// Sends the device the VM's tokenizer settings and the surrogates issued since the
+    /// cursor (all of them on a new link generation). With `always` the settings go even when
+    /// nothing new was issued (a session's start); otherwise only when something was.
+    async fn sync_tokens(
+        &self,
+        identity: &VmIdentity,
+        cursor: &tokio::sync::Mutex<TokenCursor>,
+        generation: u64,
+        to_device: &mpsc::Sender<HostToDevice>,
+        always: bool,
+    ) -> Result<(), RelayError> {
+        let Some(tokens) = &identity.tokens else {
+            return Ok(());
+        };
+        // The cursor's lock keeps two sessions' messages in order.
+        let mut cursor = cursor.lock().await;
+        if cursor.generation != Some(generation) {
+            *cursor = TokenCursor {
+                generation: Some(generation),
+                seq: 0,
+            };
+        }
+        let (issued, next) = tokens.issued_since(cursor.seq);
+        if issued.is_empty() && !always {
+            return Ok(());
+        }
+        let mut chunks: Vec<Vec<credential::IssuedToken>> = issued
+            .chunks(credential::MAX_ISSUED_PER_MESSAGE)
+            .map(<[_]>::to_vec)
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        for issued in chunks {
+            to_device
+                .send(HostToDevice::Tokenize {
+                    vm_id: identity.vm_id.clone(),
+                    spec: tokens.spec().clone(),
+                    issued,
+                })
+                .await
+                .map_err(|_| RelayError::Closed)?;
+        }
+        cursor.seq = next;
+        Ok(())
     }
 
     pub(super) fn forget(&self, session: u64) {
