@@ -112,6 +112,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::devices::i8042::{I8042, I8042State};
 use crate::devices::serial::UartState;
+use crate::devices::virtio::state::{QuiesceError, VirtioDeviceState, VirtioStateError};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
@@ -285,6 +286,18 @@ pub enum SnapshotError {
         /// Why.
         detail: String,
     },
+    /// A virtio device's state cannot be saved or restored.
+    #[error("snapshot state of the virtio device in slot {slot}")]
+    VirtioState {
+        /// Its virtio-mmio slot.
+        slot: u32,
+        /// Why.
+        #[source]
+        source: VirtioStateError,
+    },
+    /// A virtio device thread did not pause.
+    #[error("pause the virtio devices")]
+    Quiesce(#[source] QuiesceError),
     /// The snapshot holds no virtio device state, and restoring without it was not asked for.
     #[error(
         "this snapshot format does not save {NOT_SAVED} yet; restoring would reset them under \
@@ -334,16 +347,19 @@ impl DeviceStates {
     }
 }
 
-/// Which virtio device state a snapshot holds. This version holds none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which virtio device state a snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VirtioStates {
-    /// Not saved: see [`NOT_SAVED`].
+    /// Not saved (a state written by hand, for a VM whose guest never set up its virtio
+    /// devices): restored only when asked (`--restore-without-devices`), the devices reset.
     NotSaved,
+    /// Every virtio device of the VM, by slot: what the VMM writes.
+    Saved(Vec<VirtioDeviceState>),
 }
 
 /// Reads the emulated devices' state: called by the snapshot thread while the vCPUs are
-/// parked (so no guest access changes a device under it).
-pub type SaveDevices = Arc<dyn Fn() -> DeviceStates + Send + Sync>;
+/// parked and the virtio devices paused (so nothing changes a device under it).
+pub type SaveDevices = Arc<dyn Fn() -> Result<DeviceStates, SnapshotError> + Send + Sync>;
 
 /// The state file's body.
 #[derive(Debug, Serialize, Deserialize)]
@@ -498,7 +514,7 @@ pub fn take(
         vcpus.push(state);
     }
     let vm = VmState::capture(&source.vm)?;
-    let devices = (source.devices)();
+    let devices = (source.devices)()?;
     let written = memory::write_memory(&dir.join(MEMORY_FILE), &source.mem)?;
     let state = SnapshotState {
         vmm_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -571,6 +587,21 @@ pub fn open_for_restore(
         return Err(SnapshotError::DeviceStateNotSaved);
     }
     Ok(state)
+}
+
+/// Restores the virtio devices' state from `state` into the VM's freshly built `devices`
+/// (nothing for a state without it, restored only when asked: see [`open_for_restore`]). Call
+/// it after [`restore_vm`] and before the vCPUs start.
+pub fn restore_virtio(
+    state: &SnapshotState,
+    devices: &crate::devices::virtio::VirtioDevices,
+) -> Result<(), SnapshotError> {
+    match &state.devices.virtio {
+        VirtioStates::NotSaved => Ok(()),
+        VirtioStates::Saved(saved) => devices
+            .restore(saved)
+            .map_err(|(slot, source)| SnapshotError::VirtioState { slot, source }),
+    }
 }
 
 /// Restores `state` (from [`open_for_restore`]) into a fresh VM (see [`restore`]), the clock
