@@ -33,8 +33,8 @@ use nanoclaw_vmm::devices::virtio::state::{
 };
 use nanoclaw_vmm::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, VSOCK_MMIO_SLOT};
 use nanoclaw_vmm::snapshot::{
-    self, DeviceStates, HostSupport, MemoryState, SnapshotState, VcpuState, VirtioStates,
-    VmState, format,
+    self, DeviceStates, HostSupport, MemoryState, SnapshotState, VcpuState, VirtioStates, VmState,
+    format,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -70,7 +70,8 @@ fn write_vsock_rings(mem: &vm_memory::GuestMemoryMmap<()>) {
     mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap();
     // avail: flags 0, idx 1, ring[0] = 0.
     mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
-    mem.write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUF)).unwrap();
+    mem.write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUF))
+        .unwrap();
 }
 
 /// The vsock transport of that driver.
@@ -334,7 +335,10 @@ fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{err}");
-    assert!(err.contains("queue 1 has a size that is not a power of two"), "{err}");
+    assert!(
+        err.contains("queue 1 has a size that is not a power of two"),
+        "{err}"
+    );
     // Nor into a VM of another size.
     let refused = Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
         .arg("--vm-dir")

@@ -351,7 +351,8 @@ fn bad_saved_state_is_refused_with_a_typed_error() {
     let dir2 = tempfile::tempdir().unwrap();
     let (mut fresh, handle2) = vsock(&mem, dir2.path());
     type Edit = fn(&mut TransportState);
-    let cases: [(&str, Edit, fn(&VirtioStateError) -> bool); 10] = [
+    type Expect = fn(&VirtioStateError) -> bool;
+    let cases: [(&str, Edit, Expect); 10] = [
         (
             "size not a power of two",
             |s| s.queues[0].size = 12,
