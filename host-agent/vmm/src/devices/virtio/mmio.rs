@@ -406,10 +406,10 @@ impl MmioTransport {
     /// be stale by the time guest memory is copied.
     pub fn save_state(&self) -> Result<TransportState, VirtioStateError> {
         let queues = if self.activated {
-            let link = self.device.control().ok_or(VirtioStateError::Slot {
-                slot: u32::MAX,
-                what: "the device cannot report its queues",
-            })?;
+            let link = self
+                .device
+                .control()
+                .ok_or(VirtioStateError::NoControl(self.name()))?;
             let live = link.save_queues(self.name())?;
             if live.len() != self.queues.len() {
                 return Err(VirtioStateError::Queues {

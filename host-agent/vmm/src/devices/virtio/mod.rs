@@ -155,8 +155,9 @@ impl VirtioDevices {
     }
 
     /// Restores `saved` into these freshly built devices: every saved slot must have a device
-    /// here and every device here a saved state. Checks every state before it changes any
-    /// device that has none yet, then restores them in order.
+    /// here and every device here exactly one saved state. Each device checks its state before
+    /// it takes it ([`MmioTransport::restore_state`]); the first refusal ends the restore (and
+    /// the VMM, which does not run a half-restored VM).
     pub fn restore(&self, saved: &[VirtioDeviceState]) -> Result<(), (u32, VirtioStateError)> {
         for s in saved {
             if !self.devices.iter().any(|(slot, _)| *slot == s.slot) {

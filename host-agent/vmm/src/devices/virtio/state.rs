@@ -206,6 +206,9 @@ pub enum VirtioStateError {
     /// The device thread would not take its queues.
     #[error("the device thread would not take its queues")]
     Activate(#[source] super::mmio::ActivateError),
+    /// The activated device has no device thread to report its queues' positions.
+    #[error("the {0} device cannot report its queues")]
+    NoControl(&'static str),
     /// The device thread did not answer.
     #[error(transparent)]
     Worker(#[from] QuiesceError),
