@@ -999,4 +999,46 @@ mod tests {
         assert_eq!(r(&mut t, regs::INTERRUPT_STATUS), INT_CONFIG);
         assert_eq!(r(&mut t, regs::CONFIG_GENERATION), 1);
     }
+
+    /// A transport the driver left half set up (features agreed, one queue ready, no
+    /// `DRIVER_OK`) saves, restores into a fresh one, saves back the same, and the driver can
+    /// finish there: `DRIVER_OK` activates the device with the restored queues.
+    #[test]
+    fn a_half_set_up_transport_round_trips() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x1000);
+        w(&mut t, regs::QUEUE_SEL, 1);
+        w(&mut t, regs::QUEUE_NUM, 8);
+        t.write(regs::CONFIG, &[1]);
+        let saved = t.save_state().unwrap();
+        assert!(!saved.activated);
+        assert_eq!((saved.queue_sel, saved.driver_features_sel), (1, 1));
+        assert!(saved.queues[0].ready && !saved.queues[1].ready);
+        assert_eq!((saved.queues[1].size, saved.config_generation), (8, 1));
+        assert_eq!(&saved.config[..8], &42u64.to_le_bytes());
+
+        let (mut fresh, log) = transport();
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state().unwrap(), saved);
+        assert_eq!(r(&mut fresh, regs::QUEUE_READY), 0);
+        w(&mut fresh, regs::QUEUE_SEL, 0);
+        assert_eq!(r(&mut fresh, regs::QUEUE_READY), 1);
+        setup_queue(&mut fresh, 1, 0x2000);
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        w(&mut fresh, regs::STATUS, all | status::DRIVER_OK);
+        assert!(fresh.is_activated());
+        assert_eq!(
+            log.lock().unwrap().activations,
+            vec![(VIRTIO_F_VERSION_1, 2)]
+        );
+        // Activated, a device without a thread cannot report its queues' positions.
+        assert!(matches!(
+            fresh.save_state(),
+            Err(VirtioStateError::NoControl(_))
+        ));
+        // Pausing it is a no-op.
+        fresh.pause().unwrap();
+        fresh.resume().unwrap();
+    }
 }
