@@ -5,7 +5,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `{"op":"pause"}` | `{"ok":true,"state":"paused"}` once every vCPU is parked |
+//! | `{"op":"pause"}` | `{"ok":true,"state":"paused"}` once every vCPU is parked and every virtio device thread paused |
 //! | `{"op":"resume"}` | `{"ok":true,"state":"running"}` |
 //! | `{"op":"state"}` | `{"ok":true,"state":"running"\|"paused"}` |
 //! | `{"op":"snapshot","dir":"NAME"}` | `{"ok":true,"state":"paused","snapshot":{...}}` once written |

@@ -110,6 +110,11 @@
 //! name without `..`, created inside the VM's folder, so a client cannot make the VMM write
 //! elsewhere. Whoever moves or stores snapshots must keep them as secret as the VM itself.
 //!
+//! A restored virtio state is checked as the transport checks a driver's setup (sizes, ring
+//! alignment, rings inside guest memory, only offered features) before a device thread gets a
+//! queue, so a damaged or forged state file cannot point a device outside guest memory or
+//! panic the VMM; it can only be refused.
+//!
 //! The file-size limit of the jail ([`crate::jail::file_size_limit`]) counts the memory file.
 
 pub mod cpu;
