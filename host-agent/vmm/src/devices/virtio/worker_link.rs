@@ -186,3 +186,79 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
             .unwrap_or(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::QueueT;
+
+    #[derive(Debug)]
+    enum Cmd {
+        Control(WorkerControl),
+    }
+
+    impl From<WorkerControl> for Cmd {
+        fn from(c: WorkerControl) -> Self {
+            Self::Control(c)
+        }
+    }
+
+    fn link() -> (
+        WorkerLink<Cmd>,
+        std::sync::mpsc::Receiver<Cmd>,
+        Arc<EventFd>,
+    ) {
+        let (tx, rx) = channel();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        (WorkerLink::new(tx, wake.clone()), rx, wake)
+    }
+
+    /// A thread that answers pauses and queue requests with [`Quiesce`], as a device worker.
+    #[test]
+    fn a_worker_pauses_resumes_and_reports_its_queues() {
+        let (link, rx, wake) = link();
+        let worker = std::thread::spawn(move || {
+            let mut quiesce = Quiesce::default();
+            let queue = Queue::new(16).unwrap();
+            let mut seen = Vec::new();
+            while let Ok(Cmd::Control(c)) = rx.recv() {
+                quiesce.apply(c, Some(std::slice::from_ref(&queue)));
+                seen.push(quiesce.paused());
+            }
+            seen
+        });
+        link.pause("vsock").unwrap();
+        assert!(wake.read().unwrap() >= 1, "the worker is woken");
+        let queues = link.save_queues("vsock").unwrap();
+        assert_eq!(queues.len(), 1);
+        assert_eq!((queues[0].max_size, queues[0].next_avail), (16, 0));
+        link.resume("vsock").unwrap();
+        drop(link);
+        assert_eq!(worker.join().unwrap(), vec![true, true, false]);
+    }
+
+    /// A worker that never answers times out; one that is gone says so.
+    #[test]
+    fn a_worker_that_does_not_answer_is_a_typed_error() {
+        let (link, rx, _wake) = link();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            link.pause("block"),
+            Err(QuiesceError::Timeout {
+                device: "block",
+                what: "pause",
+                timeout: QUIESCE_TIMEOUT,
+            })
+        );
+        assert!(started.elapsed() >= QUIESCE_TIMEOUT);
+        drop(rx);
+        assert_eq!(
+            link.save_queues("block"),
+            Err(QuiesceError::Gone { device: "block" })
+        );
+        assert_eq!(
+            link.resume("block"),
+            Err(QuiesceError::Gone { device: "block" })
+        );
+    }
+}
