@@ -3,7 +3,9 @@
 //! The transport (on a vCPU thread) owns a [`BlockFrontend`]; on `DRIVER_OK` or reset it sends a
 //! command to the [`BlockWorker`] thread and wakes it. The worker owns the [`BlockDevice`] and
 //! the backing file outright, so the two threads share no lock. The worker waits on the
-//! queue-notify eventfd, the command eventfd and a stop eventfd.
+//! queue-notify eventfd, the command eventfd and a stop eventfd. While paused
+//! ([`WorkerControl::Pause`]) it drains its eventfds but walks no queue; every request is
+//! finished within a pass, so a paused worker has no I/O in flight.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};

@@ -4,6 +4,11 @@
 //! command to the [`VsockWorker`] thread and wakes it. The worker owns the [`VsockDevice`] and
 //! its backend outright, so the two threads share no lock. The worker waits on: the three
 //! queue-notify eventfds, the backend's fd, the command eventfd, and a stop eventfd.
+//!
+//! While paused ([`WorkerControl::Pause`]) the worker still drains its eventfds and serves the
+//! backend's host sockets and timers, which touch no guest memory, but walks no queue; the
+//! first pass after the resume serves whatever was notified meanwhile. Each pass delivers a
+//! pending transport-reset event (after a restore) before it walks tx and rx.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
