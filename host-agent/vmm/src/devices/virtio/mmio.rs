@@ -11,6 +11,11 @@
 //! - guest to device: one `EventFd` per queue. The VMM registers each as a KVM ioeventfd on the
 //!   `QueueNotify` register with the queue index as datamatch; a notify that still arrives through
 //!   [`BusDevice::write`] signals the same `EventFd`, so both paths behave the same.
+//!
+//! Snapshots: [`MmioTransport::save_state`] reads the registers and, for an activated device,
+//! the queues' positions from the device thread; [`MmioTransport::restore_state`] checks a
+//! saved state as strictly as a driver's setup and hands an activated device its queues again
+//! ([`VirtioDevice::activate_restored`]). See [`super::state`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -208,9 +213,9 @@ pub trait VirtioDevice: Send {
         self.activate(mem, acked_features, queues)
     }
     /// The link that pauses the device's thread and reads its queues' state (see
-    /// [`super::worker_link`]). A device with a thread returns its link; `None` (the default)
-    /// is for a device without one, which never holds queues past [`VirtioDevice::activate`],
-    /// and cannot be saved once activated.
+    /// [`super::worker_link`]). A device with a thread returns its link. `None` (the default)
+    /// is for a device without one: it has nothing to pause, and once activated its queues'
+    /// positions cannot be saved ([`VirtioStateError::NoControl`]).
     fn control(&self) -> Option<&dyn ControlLink> {
         None
     }
