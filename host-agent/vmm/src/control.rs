@@ -5,7 +5,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `{"op":"pause"}` | `{"ok":true,"state":"paused"}` once every vCPU is parked |
+//! | `{"op":"pause"}` | `{"ok":true,"state":"paused"}` once every vCPU is parked and every virtio device thread paused |
 //! | `{"op":"resume"}` | `{"ok":true,"state":"running"}` |
 //! | `{"op":"state"}` | `{"ok":true,"state":"running"\|"paused"}` |
 //! | `{"op":"snapshot","dir":"NAME"}` | `{"ok":true,"state":"paused","snapshot":{...}}` once written |
@@ -24,9 +24,11 @@
 //! are served one at a time, and a client that sends nothing is dropped after
 //! [`READ_TIMEOUT`], so a stuck client cannot hold the socket.
 //!
-//! What pausing does to the vCPUs is in [`crate::vcpu`] ([`RunGate`]). The devices keep
-//! running while the vCPUs are parked: the guest sees nothing move, and the host's data waits
-//! in the queues.
+//! What pausing does to the vCPUs is in [`crate::vcpu`] ([`RunGate`]). Once they are parked,
+//! the virtio device threads are paused too ([`DeviceQuiesce`], see
+//! [`crate::devices::virtio::worker_link`]): none touches guest memory until the resume, which
+//! lets the devices run again before the vCPUs. A device thread that does not pause within its
+//! timeout fails the pause, and the VM runs on. Host data waits in the host sockets meanwhile.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -36,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::state::QuiesceError;
 use crate::seccomp::{self, ThreadKind};
 use crate::signals;
 use crate::snapshot;
@@ -190,6 +193,25 @@ impl Kicker {
     }
 }
 
+/// The devices a pause quiesces: the VM's virtio devices
+/// ([`crate::devices::virtio::VirtioDevices`]).
+pub trait DeviceQuiesce: Send + Sync {
+    /// Stops every device touching guest memory; waits for each to acknowledge.
+    fn pause(&self) -> Result<(), QuiesceError>;
+    /// Lets them run again.
+    fn resume(&self);
+}
+
+impl DeviceQuiesce for crate::devices::virtio::VirtioDevices {
+    fn pause(&self) -> Result<(), QuiesceError> {
+        crate::devices::virtio::VirtioDevices::pause(self)
+    }
+
+    fn resume(&self) {
+        crate::devices::virtio::VirtioDevices::resume(self);
+    }
+}
+
 /// Binds the control socket at `path` (a stale one is removed first by the caller).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
@@ -201,13 +223,14 @@ pub fn spawn(
     listener: UnixListener,
     gate: Arc<RunGate>,
     kicker: Arc<Kicker>,
+    devices: Arc<dyn DeviceQuiesce>,
     snapshots: Option<SnapshotContext>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("vmm-control".into())
         .spawn(move || {
             seccomp::confine_or_exit(ThreadKind::Control);
-            serve(&listener, &gate, &kicker, snapshots.as_ref());
+            serve(&listener, &gate, &kicker, &*devices, snapshots.as_ref());
         })
 }
 
@@ -216,6 +239,7 @@ fn serve(
     listener: &UnixListener,
     gate: &RunGate,
     kicker: &Kicker,
+    devices: &dyn DeviceQuiesce,
     snapshots: Option<&SnapshotContext>,
 ) {
     let mut failures = 0u32;
@@ -223,7 +247,7 @@ fn serve(
         match listener.accept() {
             Ok((stream, _)) => {
                 failures = 0;
-                serve_one(stream, gate, kicker, snapshots);
+                serve_one(stream, gate, kicker, devices, snapshots);
             }
             Err(e) => {
                 failures += 1;
@@ -241,6 +265,7 @@ fn serve_one(
     stream: UnixStream,
     gate: &RunGate,
     kicker: &Kicker,
+    devices: &dyn DeviceQuiesce,
     snapshots: Option<&SnapshotContext>,
 ) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
@@ -254,6 +279,7 @@ fn serve_one(
                 gate,
                 kicker.count(),
                 &mut || kicker.kick_all(),
+                devices,
                 snapshots,
                 SNAPSHOT_VCPU_TIMEOUT,
             ),
@@ -262,6 +288,7 @@ fn serve_one(
                 gate,
                 kicker.count(),
                 &mut || kicker.kick_all(),
+                devices,
                 PAUSE_TIMEOUT,
             ),
             Err(e) => Answer::err(format!("bad request: {e}")),
@@ -275,12 +302,13 @@ fn serve_one(
 
 /// Carries out one request for a VM of `vcpus` vCPU threads (0 once they are retired);
 /// `kick` kicks every vCPU out of `KVM_RUN` and says whether it could; a pause waits at most
-/// `timeout` for the vCPUs to park.
+/// `timeout` for the vCPUs to park, then pauses `devices`.
 pub fn handle(
     request: Request,
     gate: &RunGate,
     vcpus: usize,
     kick: &mut dyn FnMut() -> bool,
+    devices: &dyn DeviceQuiesce,
     timeout: Duration,
 ) -> Answer {
     match request {
@@ -290,6 +318,8 @@ pub fn handle(
             RunState::Running
         }),
         Request::Resume => {
+            // The devices first: a vCPU that runs finds them running.
+            devices.resume();
             gate.open();
             tracing::info!("VM resumed");
             Answer::ok(RunState::Running)
@@ -309,6 +339,12 @@ pub fn handle(
                     "the vCPUs did not stop within {timeout:?}; the VM keeps running"
                 ));
             }
+            if let Err(e) = devices.pause() {
+                devices.resume();
+                gate.open();
+                tracing::error!(error = %e, "pause failed: a device did not stop");
+                return Answer::err(format!("{e}; the VM keeps running"));
+            }
             tracing::info!("VM paused");
             Answer::ok(RunState::Paused)
         }
@@ -324,6 +360,7 @@ pub fn handle_snapshot(
     gate: &RunGate,
     vcpus: usize,
     kick: &mut dyn FnMut() -> bool,
+    devices: &dyn DeviceQuiesce,
     snapshots: Option<&SnapshotContext>,
     timeout: Duration,
 ) -> Answer {
@@ -342,6 +379,11 @@ pub fn handle_snapshot(
         && gate.wait_parked(vcpus, KICK_INTERVAL, Instant::now() + timeout, || {
             kick();
         });
+    // Paused already by the pause (or by a restore that started paused); pausing again is
+    // harmless, and makes sure no device writes guest memory while it is copied.
+    if parked && let Err(e) = devices.pause() {
+        return Answer::err(format!("snapshot failed: {e}"));
+    }
     let started = Instant::now();
     match snapshot::take(&path, &ctx.source, parked, &|| gate.notify(), timeout) {
         Ok(summary) => {
@@ -376,6 +418,64 @@ pub fn handle_snapshot(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Devices that pause (or refuse to, with `fail`) and remember whether they are paused.
+    #[derive(Default)]
+    struct MockDevices {
+        paused: AtomicBool,
+        fail: bool,
+    }
+
+    impl DeviceQuiesce for MockDevices {
+        fn pause(&self) -> Result<(), QuiesceError> {
+            if self.fail {
+                return Err(QuiesceError::Timeout {
+                    device: "vsock",
+                    what: "pause",
+                    timeout: Duration::from_secs(2),
+                });
+            }
+            self.paused.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+
+        fn resume(&self) {
+            self.paused.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// A device that does not pause fails the pause: the vCPUs run again and the answer says
+    /// which device.
+    #[test]
+    fn a_device_that_does_not_pause_fails_the_pause() {
+        let gate = Arc::new(RunGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let runner = {
+            let (gate, stop) = (gate.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    gate.park(&stop);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        let devs = MockDevices {
+            fail: true,
+            ..Default::default()
+        };
+        let answer = handle(Request::Pause, &gate, 1, &mut || true, &devs, PAUSE_TIMEOUT);
+        let Answer::Err { error, .. } = answer else {
+            panic!("{answer:?}");
+        };
+        assert!(
+            error.contains("vsock device thread did not pause"),
+            "{error}"
+        );
+        assert!(!gate.is_closed(), "the VM runs on");
+        assert!(!devs.paused.load(Ordering::SeqCst));
+        stop.store(true, Ordering::Release);
+        runner.join().unwrap();
+    }
 
     #[test]
     fn requests_and_answers_have_one_shape() {
@@ -436,30 +536,36 @@ mod tests {
             .collect();
         // The runners check the gate on every pass, so they need no kick.
         let mut kick = || true;
+        let devs = MockDevices::default();
         assert_eq!(
-            handle(Request::Pause, &gate, 3, &mut kick, PAUSE_TIMEOUT),
+            handle(Request::Pause, &gate, 3, &mut kick, &devs, PAUSE_TIMEOUT),
             Answer::ok(RunState::Paused)
         );
         assert_eq!(gate.parked(), 3);
+        assert!(
+            devs.paused.load(Ordering::SeqCst),
+            "the devices are paused too"
+        );
         let frozen: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         std::thread::sleep(Duration::from_millis(50));
         let later: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         assert_eq!(frozen, later, "a paused runner does not run");
         assert_eq!(
-            handle(Request::State, &gate, 3, &mut kick, PAUSE_TIMEOUT),
+            handle(Request::State, &gate, 3, &mut kick, &devs, PAUSE_TIMEOUT),
             Answer::ok(RunState::Paused)
         );
         assert_eq!(
-            handle(Request::Resume, &gate, 3, &mut kick, PAUSE_TIMEOUT),
+            handle(Request::Resume, &gate, 3, &mut kick, &devs, PAUSE_TIMEOUT),
             Answer::ok(RunState::Running)
         );
+        assert!(!devs.paused.load(Ordering::SeqCst), "and resumed");
         std::thread::sleep(Duration::from_millis(50));
         for (c, before) in counts.iter().zip(&later) {
             assert!(c.load(Ordering::Relaxed) > *before, "runners count again");
         }
         // Paused again, then stopped: parked runners end without a resume.
         assert_eq!(
-            handle(Request::Pause, &gate, 3, &mut kick, PAUSE_TIMEOUT),
+            handle(Request::Pause, &gate, 3, &mut kick, &devs, PAUSE_TIMEOUT),
             Answer::ok(RunState::Paused)
         );
         stop.store(true, Ordering::Release);
@@ -471,13 +577,22 @@ mod tests {
     #[test]
     fn a_snapshot_without_the_means_or_on_a_stopping_vm_is_refused() {
         let gate = RunGate::default();
-        let answer = handle_snapshot("s", &gate, 1, &mut || true, None, SNAPSHOT_VCPU_TIMEOUT);
+        let answer = handle_snapshot(
+            "s",
+            &gate,
+            1,
+            &mut || true,
+            &MockDevices::default(),
+            None,
+            SNAPSHOT_VCPU_TIMEOUT,
+        );
         assert!(matches!(answer, Answer::Err { .. }), "{answer:?}");
         let answer = handle(
             Request::Snapshot { dir: "s".into() },
             &gate,
             1,
             &mut || true,
+            &MockDevices::default(),
             PAUSE_TIMEOUT,
         );
         assert!(matches!(answer, Answer::Err { .. }), "{answer:?}");
@@ -486,15 +601,16 @@ mod tests {
     #[test]
     fn a_pause_that_cannot_park_every_vcpu_fails_and_leaves_the_vm_running() {
         let gate = RunGate::default();
+        let devs = MockDevices::default();
         // Two vCPUs, none ever parks: the pause gives up and opens the gate again.
         let started = Instant::now();
         let timeout = Duration::from_millis(100);
-        let answer = handle(Request::Pause, &gate, 2, &mut || true, timeout);
+        let answer = handle(Request::Pause, &gate, 2, &mut || true, &devs, timeout);
         assert!(matches!(answer, Answer::Err { .. }), "{answer:?}");
         assert!(started.elapsed() >= timeout);
         assert!(!gate.is_closed());
         assert!(matches!(
-            handle(Request::Pause, &gate, 0, &mut || false, timeout),
+            handle(Request::Pause, &gate, 0, &mut || false, &devs, timeout),
             Answer::Err { .. }
         ));
     }

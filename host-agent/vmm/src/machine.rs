@@ -23,8 +23,8 @@ use super::devices::bus::{Bus, BusError};
 use super::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use super::devices::serial::{COM1_PORT, SerialDevice, UART_PORT_LEN};
 use super::devices::virtio::{
-    BlockConfig, BlockHandle, MmioSlot, VirtioError, VsockConfig, VsockHandle, VsockHooks,
-    attach_block, attach_vsock,
+    BlockConfig, BlockHandle, MmioSlot, VirtioDevices, VirtioError, VsockConfig, VsockHandle,
+    VsockHooks, attach_block, attach_vsock,
 };
 use super::exit::{DiskRecord, ExitDecider, ExitReason, ExitReport, PANIC_GRACE, VmEvent};
 use super::layout::{
@@ -181,6 +181,8 @@ pub struct Vmm {
     snapshot_host: Option<Arc<HostSupport>>,
     /// The i8042, whose state a snapshot saves (the port-I/O bus holds it too).
     i8042: Arc<Mutex<I8042>>,
+    /// The virtio transports, which a pause quiesces and a snapshot saves.
+    virtio: VirtioDevices,
     /// The VM's folder, where snapshots are made.
     vm_dir: std::path::PathBuf,
     /// Whether the vCPUs start parked (`--restore-paused`).
@@ -399,6 +401,10 @@ impl Vmm {
             hooks,
         )
         .map_err(VmmError::Vsock)?;
+        let mut virtio = VirtioDevices::default();
+        if let Some(t) = vsock.transport() {
+            virtio.add(VSOCK_MMIO_SLOT, t.clone());
+        }
 
         // One virtio-blk device per disk, in config order, in the slots after vsock. Their
         // `virtio_mmio.device=` arguments follow vsock's in the same order: Linux registers the
@@ -438,6 +444,9 @@ impl Vmm {
                 device = %handle.cmdline_arg(),
                 "disk attached"
             );
+            if let Some(t) = handle.transport() {
+                virtio.add(slot_index, t.clone());
+            }
             disks.push(handle);
         }
 
@@ -447,6 +456,15 @@ impl Vmm {
             && let Some(state) = &restored
         {
             snapshot::restore_vm(restore, state, &vm, &vcpus, &mem, host)
+                .map_err(|source| restore_err(config, source))?;
+            // The devices after the irqchip, so that an interrupt a device raises again is not
+            // overwritten by the saved irqchip state; paused first if the VM starts paused.
+            if restore.paused {
+                virtio
+                    .pause()
+                    .map_err(|e| restore_err(config, snapshot::SnapshotError::Quiesce(e)))?;
+            }
+            snapshot::restore_virtio(state, &virtio)
                 .map_err(|source| restore_err(config, source))?;
             tracing::info!(
                 snapshot = %restore.dir.display(),
@@ -467,6 +485,7 @@ impl Vmm {
                 control: Some(control),
                 snapshot_host,
                 i8042,
+                virtio,
                 vm_dir: config.vm_dir.clone(),
                 start_paused: restore.paused,
                 vm: Arc::new(vm),
@@ -518,6 +537,7 @@ impl Vmm {
             control: Some(control),
             snapshot_host,
             i8042,
+            virtio,
             vm_dir: config.vm_dir.clone(),
             start_paused: false,
             vm: Arc::new(vm),
@@ -576,11 +596,16 @@ impl Vmm {
                 threads.iter().map(|t| t.as_pthread_t()).collect(),
             ))
         };
-        let (serial, i8042) = (self.serial.clone(), self.i8042.clone());
-        let save_devices: snapshot::SaveDevices = Arc::new(move || snapshot::DeviceStates {
-            serial: serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            i8042: i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-            virtio: snapshot::VirtioStates::NotSaved,
+        let (serial, i8042, virtio) =
+            (self.serial.clone(), self.i8042.clone(), self.virtio.clone());
+        let save_devices: snapshot::SaveDevices = Arc::new(move || {
+            Ok(snapshot::DeviceStates {
+                serial: serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+                i8042: i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+                virtio: snapshot::VirtioStates::Saved(virtio.save().map_err(
+                    |(slot, source)| snapshot::SnapshotError::VirtioState { slot, source },
+                )?),
+            })
         });
         let snapshots = self
             .snapshot_host
@@ -596,7 +621,13 @@ impl Vmm {
                 },
             });
         if let Some(listener) = self.control.take()
-            && let Err(e) = control::spawn(listener, gate.clone(), kicker.clone(), snapshots)
+            && let Err(e) = control::spawn(
+                listener,
+                gate.clone(),
+                kicker.clone(),
+                Arc::new(self.virtio.clone()),
+                snapshots,
+            )
         {
             // The VM runs on; it only cannot be paused.
             tracing::error!(error = %e, "cannot start the control thread");

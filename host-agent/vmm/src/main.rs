@@ -80,8 +80,9 @@ struct VmmArgs {
     /// With --restore: start with the vCPUs paused (resume on the control socket).
     #[arg(long, requires = "restore", conflicts_with_all = ["kernel", "initrd"])]
     restore_paused: bool,
-    /// With --restore: restore a snapshot that holds no virtio device state (this version
-    /// saves none), which is right only for a guest that never set up its virtio devices.
+    /// With --restore: also restore a snapshot that holds no virtio device state (the VMM
+    /// always saves it; a hand-made state may not), which is right only for a guest that never
+    /// set up its virtio devices.
     #[arg(long, requires = "restore", conflicts_with_all = ["kernel", "initrd"])]
     restore_without_devices: bool,
     /// Print every seccomp filter (each thread kind's allowed syscalls and their argument

@@ -8,6 +8,12 @@
 //! another (the guest must have counted on from the saved count), and stops the VMM with
 //! SIGTERM. The VMM runs with every seccomp filter installed, as in production.
 //!
+//! The saved VM has a live vsock device: its transport state says the driver set it up, with
+//! its rings in guest memory and one buffer on its event queue. The restore takes it without
+//! `--restore-without-devices`; the device stays paused (guest memory untouched) while the VM
+//! is, and once resumed it puts `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` in that buffer. A state
+//! with a bad queue is refused with the queue named.
+//!
 //! Needs `/dev/kvm`; without it, or where the host's KVM refuses an ioctl, the test says which
 //! and stops there.
 
@@ -22,9 +28,13 @@ use kvm_bindings::{
     kvm_pit_config,
 };
 use kvm_ioctls::{Kvm, VcpuExit};
-use nanoclaw_vmm::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use nanoclaw_vmm::devices::virtio::state::{
+    CONFIG_SNAPSHOT_LEN, QueueSnapshot, TransportState, VirtioDeviceState,
+};
+use nanoclaw_vmm::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, VSOCK_MMIO_SLOT};
 use nanoclaw_vmm::snapshot::{
-    self, DeviceStates, HostSupport, MemoryState, SnapshotState, VcpuState, VmState, format,
+    self, DeviceStates, HostSupport, MemoryState, SnapshotState, VcpuState, VirtioStates, VmState,
+    format,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -36,6 +46,70 @@ const VCPUS: u8 = 2;
 const MEM_MIB: u64 = 64;
 /// Passes each vCPU makes before the guest is saved.
 const PASSES: u32 = 2000;
+/// The vsock rings: queue `q`'s descriptor table at `RINGS + q * 0x1000`, its available ring
+/// 0x100 and its used ring 0x200 after it; 16 entries each.
+const RINGS: u64 = 0x10_000;
+const QSIZE: u16 = 16;
+/// The event queue's one buffer.
+const EVENT_BUF: u64 = 0x20_000;
+const EVQ: usize = 2;
+/// The guest CID (the VMM's default).
+const CID: u64 = 3;
+
+fn ring(q: usize) -> (u64, u64, u64) {
+    let desc = RINGS + q as u64 * 0x1000;
+    (desc, desc + 0x100, desc + 0x200)
+}
+
+/// The rings of a vsock driver that set the device up and offered one event buffer.
+fn write_vsock_rings(mem: &vm_memory::GuestMemoryMmap<()>) {
+    let (desc, avail, _) = ring(EVQ);
+    // Descriptor 0: the 8-byte buffer, device-writable (VRING_DESC_F_WRITE).
+    mem.write_obj(EVENT_BUF, GuestAddress(desc)).unwrap();
+    mem.write_obj(8u32, GuestAddress(desc + 8)).unwrap();
+    mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap();
+    // avail: flags 0, idx 1, ring[0] = 0.
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    mem.write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUF))
+        .unwrap();
+}
+
+/// The vsock transport of that driver.
+fn vsock_state() -> TransportState {
+    let mut config = vec![0u8; CONFIG_SNAPSHOT_LEN];
+    config[..8].copy_from_slice(&CID.to_le_bytes());
+    TransportState {
+        device_type: 19,
+        device_features: 1 << 32,
+        config,
+        // ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
+        status: 0xf,
+        acked_features: 1 << 32,
+        features_rejected: false,
+        device_features_sel: 0,
+        driver_features_sel: 1,
+        queue_sel: 2,
+        interrupt_status: 0,
+        config_generation: 0,
+        activated: true,
+        queues: (0..3)
+            .map(|q| {
+                let (desc, avail, used) = ring(q);
+                QueueSnapshot {
+                    max_size: 256,
+                    size: QSIZE,
+                    ready: true,
+                    desc,
+                    avail,
+                    used,
+                    next_avail: 0,
+                    next_used: 0,
+                    event_idx: false,
+                }
+            })
+            .collect(),
+    }
+}
 
 /// `inc dword [counter]; inc ebx; out 0x80, al; jmp short back to the start`.
 fn guest_loop(counter: u64) -> [u8; LOOP_LEN as usize] {
@@ -100,6 +174,7 @@ fn make_snapshot(dir: &Path) -> Result<Vec<(u32, u64)>, String> {
         .map_err(|e| format!("KVM_SET_MP_STATE: {e}"))?;
         vcpus.push(vcpu);
     }
+    write_vsock_rings(&mem);
 
     // Each pass exits once, on the port write; the vCPUs take turns on this thread.
     for _ in 0..PASSES {
@@ -136,6 +211,10 @@ fn make_snapshot(dir: &Path) -> Result<Vec<(u32, u64)>, String> {
 /// The devices the saved VM had: not at power-on, so the restore has to carry them over.
 fn devices() -> DeviceStates {
     let mut devices = DeviceStates::power_on();
+    devices.virtio = VirtioStates::Saved(vec![VirtioDeviceState {
+        slot: VSOCK_MMIO_SLOT,
+        transport: vsock_state(),
+    }]);
     devices.serial.scratch = 0x5a;
     devices.serial.line_control = 0x03;
     devices.serial.in_buffer = b"in".to_vec();
@@ -154,22 +233,54 @@ fn control(vm_dir: &Path, request: &str) -> serde_json::Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"))
 }
 
-/// Each vCPU's counter in memory, EBX and RIP in the snapshot `name` inside `vm_dir`.
-fn read_back(vm_dir: &Path, name: &str) -> Vec<(u32, u64, u64)> {
+/// What the vsock device did in a snapshot: its transport, the event queue's used index and
+/// its first used element, and the event buffer's first word.
+#[derive(Debug)]
+struct VsockSeen {
+    transport: TransportState,
+    used_idx: u16,
+    used_elem: (u32, u32),
+    event: u32,
+}
+
+/// Each vCPU's counter in memory, EBX and RIP in the snapshot `name` inside `vm_dir`, and
+/// what the vsock device did.
+fn read_back(vm_dir: &Path, name: &str) -> (Vec<(u32, u64, u64)>, VsockSeen) {
     let dir = vm_dir.join(name);
     let state: SnapshotState = format::read_file(&dir.join(snapshot::STATE_FILE)).unwrap();
-    assert_eq!(state.devices, devices(), "the devices changed in {name}");
+    let want = devices();
+    assert_eq!(
+        (&state.devices.serial, &state.devices.i8042),
+        (&want.serial, &want.i8042),
+        "the UART or i8042 changed in {name}"
+    );
+    let VirtioStates::Saved(virtio) = &state.devices.virtio else {
+        panic!("no virtio state in {name}");
+    };
+    assert_eq!(virtio.len(), 1, "{name}");
+    assert_eq!(virtio[0].slot, VSOCK_MMIO_SLOT);
     let mem = nanoclaw_vmm::memory::create_guest_memory(MEM_MIB << 20).unwrap();
     snapshot::memory::read_memory(&dir.join(snapshot::MEMORY_FILE), &state.memory, &mem).unwrap();
+    let (_, _, used) = ring(EVQ);
+    let seen = VsockSeen {
+        transport: virtio[0].transport.clone(),
+        used_idx: mem.read_obj(GuestAddress(used + 2)).unwrap(),
+        used_elem: (
+            mem.read_obj(GuestAddress(used + 4)).unwrap(),
+            mem.read_obj(GuestAddress(used + 8)).unwrap(),
+        ),
+        event: mem.read_obj(GuestAddress(EVENT_BUF)).unwrap(),
+    };
     assert_eq!(state.vcpus.len(), usize::from(VCPUS));
-    (0..VCPUS)
+    let counts = (0..VCPUS)
         .zip(&state.vcpus)
         .map(|(cpu, v)| {
             assert_eq!(v.index, cpu);
             let counter: u32 = mem.read_obj(GuestAddress(counter_addr(cpu))).unwrap();
             (counter, v.regs.rbx, v.regs.rip)
         })
-        .collect()
+        .collect();
+    (counts, seen)
 }
 
 struct Vmm(Child);
@@ -195,7 +306,19 @@ fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
         }
     };
 
-    // Without device state, a restore must be asked for as such.
+    // A state with a bad queue is refused, the queue named.
+    let bad = vm_dir.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::copy(
+        snap.join(snapshot::MEMORY_FILE),
+        bad.join(snapshot::MEMORY_FILE),
+    )
+    .unwrap();
+    let mut state: SnapshotState = format::read_file(&snap.join(snapshot::STATE_FILE)).unwrap();
+    if let VirtioStates::Saved(devices) = &mut state.devices.virtio {
+        devices[0].transport.queues[1].size = 12;
+    }
+    format::write_file(&bad.join(snapshot::STATE_FILE), &state).unwrap();
     let refused = Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
         .arg("--vm-dir")
         .arg(&vm_dir)
@@ -206,13 +329,16 @@ fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
             &VCPUS.to_string(),
         ])
         .arg("--restore")
-        .arg(&snap)
+        .arg(&bad)
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{err}");
-    assert!(err.contains("does not save virtio device state"), "{err}");
+    assert!(
+        err.contains("queue 1 has a size that is not a power of two"),
+        "{err}"
+    );
     // Nor into a VM of another size.
     let refused = Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
         .arg("--vm-dir")
@@ -239,7 +365,7 @@ fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
         ])
         .arg("--restore")
         .arg(&snap)
-        .args(["--restore-paused", "--restore-without-devices"])
+        .arg("--restore-paused")
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -260,8 +386,12 @@ fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
     assert_eq!(control(&vm_dir, r#"{"op":"state"}"#)["state"], "paused");
     let answer = control(&vm_dir, r#"{"op":"snapshot","dir":"at-start"}"#);
     assert_eq!(answer["ok"], true, "{answer}");
+    let (at_start, vsock) = read_back(&vm_dir, "at-start");
+    // The device came back as saved and, paused, has not touched its rings.
+    assert_eq!(vsock.transport, vsock_state());
+    assert_eq!((vsock.used_idx, vsock.event), (0, 0xffff_ffff), "{vsock:?}");
     for (cpu, (&(counter, rbx, rip), &(saved_counter, saved_rbx))) in
-        (0..VCPUS).zip(read_back(&vm_dir, "at-start").iter().zip(&saved))
+        (0..VCPUS).zip(at_start.iter().zip(&saved))
     {
         assert_eq!((counter, rbx), (saved_counter, saved_rbx), "vCPU {cpu}");
         assert!(
@@ -277,7 +407,15 @@ fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
     let answer = control(&vm_dir, r#"{"op":"snapshot","dir":"later"}"#);
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["snapshot"]["memory_bytes"], MEM_MIB << 20);
-    let later = read_back(&vm_dir, "later");
+    let (later, vsock) = read_back(&vm_dir, "later");
+    // Resumed, the device told the guest its transport was reset: event id 0 in the buffer,
+    // 4 bytes used, the event queue one on, and the interrupt raised.
+    assert_eq!(vsock.used_idx, 1, "{vsock:?}");
+    assert_eq!(vsock.used_elem, (0, 4), "{vsock:?}");
+    assert_eq!(vsock.event, 0, "{vsock:?}");
+    let evq = vsock.transport.queues[EVQ];
+    assert_eq!((evq.next_avail, evq.next_used), (1, 1));
+    assert_eq!(vsock.transport.interrupt_status, 1);
     for (cpu, (&(counter, rbx, _), &(saved_counter, saved_rbx))) in
         (0..VCPUS).zip(later.iter().zip(&saved))
     {

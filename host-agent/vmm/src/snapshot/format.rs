@@ -27,8 +27,10 @@ use super::SnapshotError;
 
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"NCLAWSNP";
-/// The format this VMM writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this VMM writes and the only one it reads. Version 2 added the virtio devices'
+/// transport and queue state (version 1 files are refused: their device state has another
+/// shape, and a VM restored from one would find its virtio devices reset).
+pub const FORMAT_VERSION: u32 = 2;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 56;
 /// Largest body accepted (16 MiB): 32 vCPUs of state take well under 1 MiB.
@@ -223,19 +225,21 @@ mod tests {
     fn another_version_magic_or_flags_is_refused() {
         let good = encode(&sample()).unwrap();
         let mut bytes = good.clone();
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let err = decode::<Sample>(&bytes).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                SnapshotError::UnsupportedVersion {
-                    found: 2,
-                    supported: 1
-                }
-            ),
-            "{err}"
-        );
-        assert!(err.to_string().contains("version 2"), "{err}");
+        for old_or_new in [1u32, 3] {
+            bytes[8..12].copy_from_slice(&old_or_new.to_le_bytes());
+            let err = decode::<Sample>(&bytes).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    SnapshotError::UnsupportedVersion { found, supported: 2 } if found == old_or_new
+                ),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(&format!("version {old_or_new}")),
+                "{err}"
+            );
+        }
         let mut bytes = good.clone();
         bytes[0] = b'X';
         assert!(matches!(

@@ -6,7 +6,7 @@
 //! - [`STATE_FILE`] (`state.bin`): a fixed header (magic, format version, body length, SHA-256
 //!   of the body; see [`mod@format`]) and a CBOR body, the [`SnapshotState`]: the VMM version that
 //!   wrote it, the guest RAM layout, every vCPU's state, the VM-wide state, and the state of
-//!   the UART and the i8042 (the virtio devices' is not saved yet: [`NOT_SAVED`]).
+//!   the UART and the i8042, and every virtio device's transport and queues.
 //! - [`MEMORY_FILE`] (`memory.bin`): guest RAM, region after region, sparse: only pages with a
 //!   non-zero byte are written ([`memory`]). A guest of 256 MiB that touched 30 MiB gives a file
 //!   256 MiB long that takes about 30 MiB on disk.
@@ -40,14 +40,23 @@
 //! registers and output queue. Only a vCPU touches these two, so they are still while the
 //! vCPUs are parked. A restored VM's UART and i8042 are built from them before any vCPU runs.
 //!
+//! Virtio devices ([`VirtioStates::Saved`], one [`VirtioDeviceState`] per virtio-mmio slot:
+//! vsock and each disk): the transport's registers (status, feature selects, acknowledged
+//! features, queue select, interrupt status, config generation), each queue's size, ready bit,
+//! ring addresses and `next_avail`/`next_used`, and the device's offered features and config
+//! space, which stand for its own state (vsock: the guest CID; block: the capacity and limits;
+//! see [`crate::devices::virtio::state`]). Vsock connections are not saved: the virtio spec
+//! (1.2 §5.10.6.6) has the device reset its transport after a migration, and so does a restore.
+//!
 //! # Taking a snapshot
 //! The VM must be paused (the control socket's `snapshot` request refuses otherwise). KVM's
 //! vCPU ioctls must not race `KVM_RUN` on the same vCPU, so each vCPU saves its own state on its
 //! own thread while it is parked: the control thread sends it a [`VcpuCommand`] and wakes the
 //! parked threads ([`crate::vcpu::RunGate::notify`]); each runs the command and answers on a
-//! channel. The VM-wide state and the memory are then read by the control thread. The devices
-//! keep running while the vCPUs are parked, so a device may still write guest memory while it
-//! is copied (see "Not yet saved").
+//! channel. The VM-wide state and the memory are then read by the control thread. The virtio
+//! device threads were paused with the vCPUs (and are paused again, harmlessly, before the
+//! snapshot): none writes guest memory while it is copied, and each sends its queues' positions
+//! back on its command channel ([`crate::devices::virtio::worker_link`]).
 //!
 //! # Restoring, and in which order
 //! A restored VM is built like a new one (TSS and identity map, irqchip and PIT, memory slots,
@@ -73,17 +82,23 @@
 //! memory grows with what the guest had used. The price is reading the file's data once at
 //! restore, where a mapping would fault pages in lazily.
 //!
-//! # Not yet saved
-//! Virtio device state is not saved (see [`NOT_SAVED`], [`VirtioStates::NotSaved`]): the
-//! virtio-mmio transports and their queues (vsock, each disk), and the vsock connections, which
-//! a restore would reset with `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`. A VM whose guest had not
-//! set up any virtio device restores whole; one whose guest had would find its devices reset,
-//! so [`crate::machine::Vmm`] refuses to restore a snapshot without virtio state unless asked to
-//! explicitly ([`SnapshotError::DeviceStateNotSaved`]). The virtio devices' threads also keep
-//! running while the vCPUs are parked, so one may still write guest memory while it is copied;
-//! saving their state will have to stop them first.
+//! After the clock, the virtio devices, which were built as for a new VM: each transport is
+//! checked against its saved state (same device type, offered features, config space and
+//! queues; a ready queue's size a non-zero power of two, its rings in guest memory) and takes
+//! it, and an activated device's thread gets its queues at their saved positions. A pending
+//! interrupt is raised again (its irqfd edge belonged to the old process). A state that does
+//! not fit is refused with [`SnapshotError::VirtioState`], which names the slot and the fault.
+//! In a VM restored paused the device threads are paused before they get their queues, and
+//! start with the vCPUs' resume. The restored vsock device drops every host connection and sends
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on its event queue, so the guest's driver drops its
+//! sockets and its programs reconnect.
 //!
-//! Not done here either: moving a snapshot into the folder of the VM that restores it, and
+//! A state written without virtio state ([`VirtioStates::NotSaved`]; the VMM never writes one)
+//! is restored only when asked ([`RestoreConfig::without_devices`]), with the devices reset:
+//! right only for a guest that never set up its virtio devices.
+//!
+//! # Not done here
+//! Moving a snapshot into the folder of the VM that restores it, and
 //! handing its files to that VM's jail uid (each running VM has its own uid, and the files are
 //! 0600), which is the daemon's part; and nested virtualization state
 //! (`KVM_GET_NESTED_STATE`; the VMM does not expose VMX/SVM to its guests).
@@ -94,6 +109,11 @@
 //! (jailed) uid, never over an existing file; the control socket takes only a relative folder
 //! name without `..`, created inside the VM's folder, so a client cannot make the VMM write
 //! elsewhere. Whoever moves or stores snapshots must keep them as secret as the VM itself.
+//!
+//! A restored virtio state is checked as the transport checks a driver's setup (sizes, ring
+//! alignment, rings inside guest memory, only offered features) before a device thread gets a
+//! queue, so a damaged or forged state file cannot point a device outside guest memory or
+//! panic the VMM; it can only be refused.
 //!
 //! The file-size limit of the jail ([`crate::jail::file_size_limit`]) counts the memory file.
 
@@ -112,6 +132,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::devices::i8042::{I8042, I8042State};
 use crate::devices::serial::UartState;
+use crate::devices::virtio::state::{QuiesceError, VirtioDeviceState, VirtioStateError};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
@@ -122,7 +143,7 @@ pub use memory::{MemoryState, MemoryWritten};
 pub const STATE_FILE: &str = "state.bin";
 /// The memory file's name inside a snapshot folder.
 pub const MEMORY_FILE: &str = "memory.bin";
-/// What this format does not save yet.
+/// What a state without virtio state lacks.
 pub const NOT_SAVED: &str =
     "virtio device state (the virtio-mmio transports and queues of vsock and the disks)";
 /// Longest snapshot folder name the control socket accepts.
@@ -285,10 +306,22 @@ pub enum SnapshotError {
         /// Why.
         detail: String,
     },
+    /// A virtio device's state cannot be saved or restored.
+    #[error("snapshot state of the virtio device in slot {slot}")]
+    VirtioState {
+        /// Its virtio-mmio slot.
+        slot: u32,
+        /// Why.
+        #[source]
+        source: VirtioStateError,
+    },
+    /// A virtio device thread did not pause.
+    #[error("pause the virtio devices")]
+    Quiesce(#[source] QuiesceError),
     /// The snapshot holds no virtio device state, and restoring without it was not asked for.
     #[error(
-        "this snapshot format does not save {NOT_SAVED} yet; restoring would reset them under \
-         the guest (restore without it only a guest that never set up its virtio devices)"
+        "this snapshot holds no {NOT_SAVED}; restoring would reset them under the guest \
+         (restore without it only a guest that never set up its virtio devices)"
     )]
     DeviceStateNotSaved,
 }
@@ -334,16 +367,19 @@ impl DeviceStates {
     }
 }
 
-/// Which virtio device state a snapshot holds. This version holds none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which virtio device state a snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VirtioStates {
-    /// Not saved: see [`NOT_SAVED`].
+    /// Not saved (a state written by hand, for a VM whose guest never set up its virtio
+    /// devices): restored only when asked (`--restore-without-devices`), the devices reset.
     NotSaved,
+    /// Every virtio device of the VM, by slot: what the VMM writes.
+    Saved(Vec<VirtioDeviceState>),
 }
 
 /// Reads the emulated devices' state: called by the snapshot thread while the vCPUs are
-/// parked (so no guest access changes a device under it).
-pub type SaveDevices = Arc<dyn Fn() -> DeviceStates + Send + Sync>;
+/// parked and the virtio devices paused (so nothing changes a device under it).
+pub type SaveDevices = Arc<dyn Fn() -> Result<DeviceStates, SnapshotError> + Send + Sync>;
 
 /// The state file's body.
 #[derive(Debug, Serialize, Deserialize)]
@@ -498,7 +534,7 @@ pub fn take(
         vcpus.push(state);
     }
     let vm = VmState::capture(&source.vm)?;
-    let devices = (source.devices)();
+    let devices = (source.devices)()?;
     let written = memory::write_memory(&dir.join(MEMORY_FILE), &source.mem)?;
     let state = SnapshotState {
         vmm_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -555,8 +591,9 @@ pub struct RestoreConfig {
     pub dir: PathBuf,
     /// Start with every vCPU parked, to be resumed on the control socket.
     pub paused: bool,
-    /// Restore a snapshot without virtio device state (see "Not yet saved" above): only right
-    /// for a guest that never set up its virtio devices.
+    /// Restore a snapshot without virtio device state ([`VirtioStates::NotSaved`]): only right
+    /// for a guest that never set up its virtio devices. A snapshot with it is restored whole
+    /// either way.
     pub without_devices: bool,
 }
 
@@ -571,6 +608,21 @@ pub fn open_for_restore(
         return Err(SnapshotError::DeviceStateNotSaved);
     }
     Ok(state)
+}
+
+/// Restores the virtio devices' state from `state` into the VM's freshly built `devices`
+/// (nothing for a state without it, restored only when asked: see [`open_for_restore`]). Call
+/// it after [`restore_vm`] and before the vCPUs start.
+pub fn restore_virtio(
+    state: &SnapshotState,
+    devices: &crate::devices::virtio::VirtioDevices,
+) -> Result<(), SnapshotError> {
+    match &state.devices.virtio {
+        VirtioStates::NotSaved => Ok(()),
+        VirtioStates::Saved(saved) => devices
+            .restore(saved)
+            .map_err(|(slot, source)| SnapshotError::VirtioState { slot, source }),
+    }
 }
 
 /// Restores `state` (from [`open_for_restore`]) into a fresh VM (see [`restore`]), the clock

@@ -162,7 +162,7 @@ fn start(t: TestVm) -> Running {
             mem: t.mem,
             vcpus: vec![commands_tx],
             host: t.host,
-            devices: Arc::new(DeviceStates::power_on),
+            devices: Arc::new(|| Ok(DeviceStates::power_on())),
         },
     }
 }
@@ -174,6 +174,7 @@ impl Running {
             &self.gate,
             1,
             &mut || self.kicker.kick_all(),
+            &crate::devices::virtio::VirtioDevices::default(),
             control::PAUSE_TIMEOUT,
         );
         assert!(
@@ -219,6 +220,7 @@ impl Running {
                 &gate,
                 1,
                 &mut || kicker.kick_all(),
+                &crate::devices::virtio::VirtioDevices::default(),
                 Some(&ctx),
                 Duration::from_secs(5),
             )

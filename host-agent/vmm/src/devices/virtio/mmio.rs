@@ -11,6 +11,11 @@
 //! - guest to device: one `EventFd` per queue. The VMM registers each as a KVM ioeventfd on the
 //!   `QueueNotify` register with the queue index as datamatch; a notify that still arrives through
 //!   [`BusDevice::write`] signals the same `EventFd`, so both paths behave the same.
+//!
+//! Snapshots: [`MmioTransport::save_state`] reads the registers and, for an activated device,
+//! the queues' positions from the device thread; [`MmioTransport::restore_state`] checks a
+//! saved state as strictly as a driver's setup and hands an activated device its queues again
+//! ([`VirtioDevice::activate_restored`]). See [`super::state`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,6 +25,10 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::RateLimitedLog;
+use super::state::{
+    CONFIG_SNAPSHOT_LEN, QueueSnapshot, QuiesceError, TransportState, VirtioStateError,
+};
+use super::worker_link::ControlLink;
 use crate::devices::bus::BusDevice;
 
 /// `MagicValue`: "virt" in little endian.
@@ -192,6 +201,34 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Returns the device to its initial state (the driver wrote 0 to `Status`).
     fn reset(&mut self);
+    /// Hands the device queues restored from a snapshot (positions included), before any vCPU
+    /// runs. A device with state that does not survive a restore (vsock connections) tells the
+    /// guest here. By default, the same as [`VirtioDevice::activate`].
+    fn activate_restored(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        acked_features: u64,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.activate(mem, acked_features, queues)
+    }
+    /// The link that pauses the device's thread and reads its queues' state (see
+    /// [`super::worker_link`]). A device with a thread returns its link. `None` (the default)
+    /// is for a device without one: it has nothing to pause, and once activated its queues'
+    /// positions cannot be saved ([`VirtioStateError::NoControl`]).
+    fn control(&self) -> Option<&dyn ControlLink> {
+        None
+    }
+}
+
+/// A name for a device type, for messages.
+pub fn device_name(device_type: u32) -> &'static str {
+    match device_type {
+        1 => "net",
+        2 => "block",
+        19 => "vsock",
+        _ => "virtio",
+    }
 }
 
 /// Per-queue register state kept by the transport until activation.
@@ -214,6 +251,21 @@ impl QueueRegs {
             desc: 0,
             avail: 0,
             used: 0,
+        }
+    }
+
+    /// The registers as a queue snapshot (a queue not yet handed to the device: at position 0).
+    fn snapshot(&self) -> QueueSnapshot {
+        QueueSnapshot {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+            next_avail: 0,
+            next_used: 0,
+            event_idx: false,
         }
     }
 
@@ -331,6 +383,155 @@ impl MmioTransport {
     /// Whether the device was handed its queues.
     pub fn is_activated(&self) -> bool {
         self.activated
+    }
+
+    fn name(&self) -> &'static str {
+        device_name(self.device.device_type())
+    }
+
+    /// Pauses the device thread: it stops walking the queues and touching guest memory until
+    /// [`MmioTransport::resume`]. A device without a thread has nothing to pause.
+    pub fn pause(&self) -> Result<(), QuiesceError> {
+        match self.device.control() {
+            Some(link) => link.pause(self.name()),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets the device thread walk its queues again.
+    pub fn resume(&self) -> Result<(), QuiesceError> {
+        match self.device.control() {
+            Some(link) => link.resume(self.name()),
+            None => Ok(()),
+        }
+    }
+
+    /// The transport's state, with the queues' positions from the device thread. Call it with
+    /// the vCPUs parked and the device paused ([`MmioTransport::pause`]), or the positions may
+    /// be stale by the time guest memory is copied.
+    pub fn save_state(&self) -> Result<TransportState, VirtioStateError> {
+        let queues = if self.activated {
+            let link = self
+                .device
+                .control()
+                .ok_or(VirtioStateError::NoControl(self.name()))?;
+            let live = link.save_queues(self.name())?;
+            if live.len() != self.queues.len() {
+                return Err(VirtioStateError::Queues {
+                    saved: live.iter().map(|q| q.max_size).collect(),
+                    vm: self.queues.iter().map(|q| q.max_size).collect(),
+                });
+            }
+            live
+        } else {
+            self.queues.iter().map(QueueRegs::snapshot).collect()
+        };
+        let mut config = vec![0u8; CONFIG_SNAPSHOT_LEN];
+        self.device.read_config(0, &mut config);
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            device_features: self.device.device_features(),
+            config,
+            status: self.status,
+            acked_features: self.acked_features,
+            features_rejected: self.features_rejected,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            activated: self.activated,
+            queues,
+        })
+    }
+
+    /// Takes `saved` into this freshly built transport (never driven by a guest), checking it
+    /// first: on an error nothing changed. An activated device gets its queues, positions
+    /// included ([`VirtioDevice::activate_restored`]); a pending interrupt is raised again,
+    /// since the irqfd edge that carried it was in the old process.
+    pub fn restore_state(&mut self, saved: &TransportState) -> Result<(), VirtioStateError> {
+        let queues = self.check_state(saved)?;
+        if let Some(queues) = queues {
+            self.device
+                .activate_restored(self.mem.clone(), saved.acked_features, queues)
+                .map_err(VirtioStateError::Activate)?;
+        }
+        self.status = saved.status;
+        self.acked_features = saved.acked_features;
+        self.features_rejected = saved.features_rejected;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.queue_sel = saved.queue_sel;
+        self.config_generation = saved.config_generation;
+        self.activated = saved.activated;
+        for (regs, q) in self.queues.iter_mut().zip(&saved.queues) {
+            regs.size = q.size;
+            regs.ready = q.ready;
+            regs.desc = q.desc;
+            regs.avail = q.avail;
+            regs.used = q.used;
+        }
+        if saved.interrupt_status != 0 {
+            self.interrupt.trigger(saved.interrupt_status);
+        }
+        Ok(())
+    }
+
+    /// Checks `saved` against this device and guest memory; for an activated device, builds
+    /// its queues.
+    fn check_state(&self, saved: &TransportState) -> Result<Option<Vec<Queue>>, VirtioStateError> {
+        use status::*;
+        let vm_type = self.device.device_type();
+        if saved.device_type != vm_type {
+            return Err(VirtioStateError::DeviceType {
+                saved: saved.device_type,
+                vm: vm_type,
+            });
+        }
+        let offered = self.device.device_features();
+        if saved.device_features != offered {
+            return Err(VirtioStateError::DeviceFeatures {
+                saved: saved.device_features,
+                vm: offered,
+            });
+        }
+        let mut config = vec![0u8; CONFIG_SNAPSHOT_LEN];
+        self.device.read_config(0, &mut config);
+        if saved.config != config {
+            return Err(VirtioStateError::Config);
+        }
+        let max: Vec<u16> = self.queues.iter().map(|q| q.max_size).collect();
+        let saved_max: Vec<u16> = saved.queues.iter().map(|q| q.max_size).collect();
+        if max != saved_max {
+            return Err(VirtioStateError::Queues {
+                saved: saved_max,
+                vm: max,
+            });
+        }
+        let bad = |register, value| Err(VirtioStateError::BadRegister { register, value });
+        let known = ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK | DEVICE_NEEDS_RESET | FAILED;
+        if saved.status & !known != 0 {
+            return bad("Status", u64::from(saved.status));
+        }
+        if saved.acked_features & !offered != 0 {
+            return bad("DriverFeatures", saved.acked_features);
+        }
+        if saved.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
+            return bad("InterruptStatus", u64::from(saved.interrupt_status));
+        }
+        if !saved.activated {
+            return Ok(None);
+        }
+        if saved.status & (FEATURES_OK | DRIVER_OK) != FEATURES_OK | DRIVER_OK {
+            return bad("Status", u64::from(saved.status));
+        }
+        let queues = saved
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.to_queue(i, &self.mem))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(queues))
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueRegs> {
@@ -802,5 +1003,47 @@ mod tests {
         assert_ne!(r(&mut t, regs::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(r(&mut t, regs::INTERRUPT_STATUS), INT_CONFIG);
         assert_eq!(r(&mut t, regs::CONFIG_GENERATION), 1);
+    }
+
+    /// A transport the driver left half set up (features agreed, one queue ready, no
+    /// `DRIVER_OK`) saves, restores into a fresh one, saves back the same, and the driver can
+    /// finish there: `DRIVER_OK` activates the device with the restored queues.
+    #[test]
+    fn a_half_set_up_transport_round_trips() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x1000);
+        w(&mut t, regs::QUEUE_SEL, 1);
+        w(&mut t, regs::QUEUE_NUM, 8);
+        t.write(regs::CONFIG, &[1]);
+        let saved = t.save_state().unwrap();
+        assert!(!saved.activated);
+        assert_eq!((saved.queue_sel, saved.driver_features_sel), (1, 1));
+        assert!(saved.queues[0].ready && !saved.queues[1].ready);
+        assert_eq!((saved.queues[1].size, saved.config_generation), (8, 1));
+        assert_eq!(&saved.config[..8], &42u64.to_le_bytes());
+
+        let (mut fresh, log) = transport();
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state().unwrap(), saved);
+        assert_eq!(r(&mut fresh, regs::QUEUE_READY), 0);
+        w(&mut fresh, regs::QUEUE_SEL, 0);
+        assert_eq!(r(&mut fresh, regs::QUEUE_READY), 1);
+        setup_queue(&mut fresh, 1, 0x2000);
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        w(&mut fresh, regs::STATUS, all | status::DRIVER_OK);
+        assert!(fresh.is_activated());
+        assert_eq!(
+            log.lock().unwrap().activations,
+            vec![(VIRTIO_F_VERSION_1, 2)]
+        );
+        // Activated, a device without a thread cannot report its queues' positions.
+        assert!(matches!(
+            fresh.save_state(),
+            Err(VirtioStateError::NoControl(_))
+        ));
+        // Pausing it is a no-op.
+        fresh.pause().unwrap();
+        fresh.resume().unwrap();
     }
 }

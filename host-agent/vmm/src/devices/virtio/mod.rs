@@ -4,7 +4,9 @@
 //! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`](crate::devices::bus::BusDevice)).
 //! - [`vsock`]: the virtio-vsock device with the hybrid (Unix socket) backend.
 //! - [`block`]: the virtio-blk device backed by a host file.
-//! - [`worker_link`]: the front end's command channel to a device thread, shared by both.
+//! - [`worker_link`]: the front end's command channel to a device thread, shared by both, and
+//!   how a device thread is paused.
+//! - [`state`]: a device's saved transport and queue state, for snapshots.
 //!
 //! # Integration
 //! The VMM calls [`attach_vsock`] once and [`attach_block`] once per disk, after creating the
@@ -18,10 +20,20 @@
 //! and its interrupts leave through a KVM irqfd, so the data path never takes a vCPU exit to
 //! userspace. [`VsockHandle::stop`] and [`BlockHandle::stop`] (or dropping the handle) stop and
 //! join the thread; the vsock one also removes the socket file.
+//!
+//! # Pausing and snapshots
+//! [`VirtioDevices`] holds every transport the VMM attached, by slot: the control thread pauses
+//! their threads after the vCPUs park and resumes them before the vCPUs run again (see
+//! [`worker_link`]), and a snapshot saves and a restore takes each transport's state
+//! ([`state`]). A new device kind needs only a [`mmio::VirtioDevice::control`] that returns
+//! its [`worker_link::WorkerLink`] (its command type taking [`worker_link::WorkerControl`]),
+//! a worker that calls [`worker_link::Quiesce::apply`] and skips its queues while paused, and
+//! a [`VirtioDevices::add`] of its transport.
 
 pub mod block;
 pub mod metrics;
 pub mod mmio;
+pub mod state;
 pub mod vsock;
 pub mod worker_link;
 
@@ -37,6 +49,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::block::{BlockDevice, BlockError, BlockFrontend, BlockWorker, DiskFile, DiskInfo};
 use self::mmio::{IrqTrigger, MMIO_WINDOW_LEN, MmioTransport, regs};
+use self::state::{QuiesceError, VirtioDeviceState, VirtioStateError};
 use self::vsock::{VsockDevice, VsockError, VsockFrontend, VsockMuxer, VsockWorker};
 use crate::devices::bus::{Bus, BusError};
 use crate::seccomp::{self, ThreadKind};
@@ -65,6 +78,112 @@ impl MmioSlot {
             self.base,
             self.gsi
         )
+    }
+}
+
+/// A transport as the MMIO bus holds it.
+pub type SharedTransport = Arc<Mutex<MmioTransport>>;
+
+/// Every virtio transport of the VM, by virtio-mmio slot: what pausing and snapshots work on.
+#[derive(Clone, Default)]
+pub struct VirtioDevices {
+    devices: Vec<(u32, SharedTransport)>,
+}
+
+impl std::fmt::Debug for VirtioDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.devices.iter().map(|(slot, _)| slot))
+            .finish()
+    }
+}
+
+fn lock(t: &SharedTransport) -> std::sync::MutexGuard<'_, MmioTransport> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VirtioDevices {
+    /// Adds the transport in virtio-mmio slot `slot`.
+    pub fn add(&mut self, slot: u32, transport: SharedTransport) {
+        self.devices.push((slot, transport));
+    }
+
+    /// How many devices there are.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Pauses every device thread (see [`worker_link`]); call it with the vCPUs parked. If one
+    /// does not pause, those already paused are resumed and its error is returned.
+    pub fn pause(&self) -> Result<(), QuiesceError> {
+        for (i, (_, t)) in self.devices.iter().enumerate() {
+            if let Err(e) = lock(t).pause() {
+                for (_, t) in &self.devices[..i] {
+                    let _ = lock(t).resume();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every device thread walk its queues again. A thread that is gone is logged.
+    pub fn resume(&self) {
+        for (_, t) in &self.devices {
+            if let Err(e) = lock(t).resume() {
+                tracing::error!(error = %e, "cannot resume a virtio device");
+            }
+        }
+    }
+
+    /// Every device's state, in slot order of addition; the devices must be paused.
+    pub fn save(&self) -> Result<Vec<VirtioDeviceState>, (u32, VirtioStateError)> {
+        self.devices
+            .iter()
+            .map(|(slot, t)| {
+                Ok(VirtioDeviceState {
+                    slot: *slot,
+                    transport: lock(t).save_state().map_err(|e| (*slot, e))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Restores `saved` into these freshly built devices: every saved slot must have a device
+    /// here and every device here exactly one saved state. Each device checks its state before
+    /// it takes it ([`MmioTransport::restore_state`]); the first refusal ends the restore (and
+    /// the VMM, which does not run a half-restored VM).
+    pub fn restore(&self, saved: &[VirtioDeviceState]) -> Result<(), (u32, VirtioStateError)> {
+        for s in saved {
+            if !self.devices.iter().any(|(slot, _)| *slot == s.slot) {
+                let what = "the snapshot has a device here, this VM has none";
+                return Err((s.slot, VirtioStateError::Slot { slot: s.slot, what }));
+            }
+        }
+        for (slot, _) in &self.devices {
+            let n = saved.iter().filter(|s| s.slot == *slot).count();
+            if n != 1 {
+                let what = if n == 0 {
+                    "this VM has a device here, the snapshot has none"
+                } else {
+                    "the snapshot has more than one device here"
+                };
+                return Err((*slot, VirtioStateError::Slot { slot: *slot, what }));
+            }
+        }
+        for s in saved {
+            if let Some((_, t)) = self.devices.iter().find(|(slot, _)| *slot == s.slot) {
+                lock(t)
+                    .restore_state(&s.transport)
+                    .map_err(|e| (s.slot, e))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -141,6 +260,7 @@ pub enum VirtioError {
 #[derive(Debug)]
 pub struct VsockHandle {
     slot: MmioSlot,
+    transport: Option<SharedTransport>,
     uds_path: PathBuf,
     metrics: Arc<VsockMetrics>,
     stop_evt: Arc<EventFd>,
@@ -148,6 +268,11 @@ pub struct VsockHandle {
 }
 
 impl VsockHandle {
+    /// The transport on the MMIO bus (set by the attach function).
+    pub fn transport(&self) -> Option<&SharedTransport> {
+        self.transport.as_ref()
+    }
+
     /// The kernel command-line argument declaring the device, e.g.
     /// `virtio_mmio.device=4K@0xd0000000:5`.
     pub fn cmdline_arg(&self) -> String {
@@ -200,8 +325,8 @@ pub fn attach_vsock(
     hooks: VsockHooks,
 ) -> Result<VsockHandle, VirtioError> {
     // On any error below, dropping `handle` stops the thread and removes the socket.
-    let (transport, handle) = spawn_vsock(mem, slot, cfg, hooks)?;
-    wire_transport(vm, mmio_bus, slot, transport)?;
+    let (transport, mut handle) = spawn_vsock(mem, slot, cfg, hooks)?;
+    handle.transport = Some(wire_transport(vm, mmio_bus, slot, transport)?);
     Ok(handle)
 }
 
@@ -266,7 +391,7 @@ fn wire_transport(
     mmio_bus: &mut Bus,
     slot: MmioSlot,
     transport: MmioTransport,
-) -> Result<(), VirtioError> {
+) -> Result<SharedTransport, VirtioError> {
     vm.register_irqfd(transport.interrupt().irq_evt(), slot.gsi)
         .map_err(|source| VirtioError::RegisterIrqfd {
             gsi: slot.gsi,
@@ -277,9 +402,11 @@ fn wire_transport(
         vm.register_ioevent(evt, &notify, queue as u32)
             .map_err(|source| VirtioError::RegisterIoevent { queue, source })?;
     }
+    let transport = Arc::new(Mutex::new(transport));
     mmio_bus
-        .insert(Arc::new(Mutex::new(transport)), slot.base, slot.len)
-        .map_err(VirtioError::Bus)
+        .insert(transport.clone(), slot.base, slot.len)
+        .map_err(VirtioError::Bus)?;
+    Ok(transport)
 }
 
 /// The KVM-free half of [`attach_vsock`]: builds the transport and the device, binds the
@@ -327,6 +454,7 @@ pub fn spawn_vsock(
 
     let handle = VsockHandle {
         slot,
+        transport: None,
         uds_path: cfg.uds_path,
         metrics,
         stop_evt,
@@ -350,6 +478,7 @@ pub struct BlockConfig {
 #[derive(Debug)]
 pub struct BlockHandle {
     slot: MmioSlot,
+    transport: Option<SharedTransport>,
     id: String,
     read_only: bool,
     metrics: Arc<BlockMetrics>,
@@ -358,6 +487,11 @@ pub struct BlockHandle {
 }
 
 impl BlockHandle {
+    /// The transport on the MMIO bus (set by the attach function).
+    pub fn transport(&self) -> Option<&SharedTransport> {
+        self.transport.as_ref()
+    }
+
     /// The kernel command-line argument declaring the device, e.g.
     /// `virtio_mmio.device=4K@0xd0001000:6`.
     pub fn cmdline_arg(&self) -> String {
@@ -419,8 +553,8 @@ pub fn attach_block(
     thread_name: String,
 ) -> Result<BlockHandle, VirtioError> {
     // On any error below, dropping `handle` stops the thread.
-    let (transport, handle) = spawn_block(mem, slot, cfg, thread_name)?;
-    wire_transport(vm, mmio_bus, slot, transport)?;
+    let (transport, mut handle) = spawn_block(mem, slot, cfg, thread_name)?;
+    handle.transport = Some(wire_transport(vm, mmio_bus, slot, transport)?);
     Ok(handle)
 }
 
@@ -473,6 +607,7 @@ pub fn spawn_block(
 
     let handle = BlockHandle {
         slot,
+        transport: None,
         id: cfg.id,
         read_only: cfg.read_only,
         metrics,
@@ -522,6 +657,9 @@ impl Default for RateLimitedLog {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod snapshot_tests;
 
 #[cfg(test)]
 mod tests {

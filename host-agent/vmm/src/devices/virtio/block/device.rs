@@ -101,6 +101,11 @@ impl<D: DiskBackend, I: Interrupt> BlockDevice<D, I> {
         self.active = None;
     }
 
+    /// The live request queue, when activated.
+    pub fn queue(&self) -> Option<&Queue> {
+        self.active.as_ref().map(|a| &a.queue)
+    }
+
     /// Whether the driver activated the device.
     pub fn is_active(&self) -> bool {
         self.active.is_some()

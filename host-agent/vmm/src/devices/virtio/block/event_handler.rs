@@ -3,7 +3,9 @@
 //! The transport (on a vCPU thread) owns a [`BlockFrontend`]; on `DRIVER_OK` or reset it sends a
 //! command to the [`BlockWorker`] thread and wakes it. The worker owns the [`BlockDevice`] and
 //! the backing file outright, so the two threads share no lock. The worker waits on the
-//! queue-notify eventfd, the command eventfd and a stop eventfd.
+//! queue-notify eventfd, the command eventfd and a stop eventfd. While paused
+//! ([`WorkerControl::Pause`]) it drains its eventfds but walks no queue; every request is
+//! finished within a pass, so a paused worker has no I/O in flight.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -16,7 +18,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs;
 use super::{BlockDevice, BlockError, DiskBackend, DiskInfo};
 use crate::devices::virtio::mmio::{ActivateError, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
-use crate::devices::virtio::worker_link::{WorkerLink, read_config_bytes};
+use crate::devices::virtio::worker_link::{
+    ControlLink, Quiesce, WorkerControl, WorkerLink, read_config_bytes,
+};
 
 /// A command from the transport to the device thread.
 #[derive(Debug)]
@@ -35,6 +39,14 @@ pub enum BlockCommand {
         /// Acknowledgement channel.
         done: Sender<()>,
     },
+    /// Pause, resume, save the queue.
+    Control(WorkerControl),
+}
+
+impl From<WorkerControl> for BlockCommand {
+    fn from(c: WorkerControl) -> Self {
+        Self::Control(c)
+    }
 }
 
 /// The transport-facing half of the block device: identity, features and config space.
@@ -109,6 +121,10 @@ impl VirtioDevice for BlockFrontend {
         self.link
             .reset("block", |done| BlockCommand::Reset { done });
     }
+
+    fn control(&self) -> Option<&dyn ControlLink> {
+        Some(&self.link)
+    }
 }
 
 const TOKEN_QUEUE: u64 = 0;
@@ -123,6 +139,7 @@ pub struct BlockWorker<D> {
     command_evt: Arc<EventFd>,
     stop_evt: Arc<EventFd>,
     epoll: Epoll,
+    quiesce: Quiesce,
 }
 
 impl<D> std::fmt::Debug for BlockWorker<D> {
@@ -164,6 +181,7 @@ impl<D: DiskBackend> BlockWorker<D> {
             command_evt,
             stop_evt,
             epoll,
+            quiesce: Quiesce::default(),
         })
     }
 
@@ -193,6 +211,11 @@ impl<D: DiskBackend> BlockWorker<D> {
                     }
                 }
             }
+            // Paused: no guest memory is touched; the first pass after the resume catches up.
+            if self.quiesce.paused() {
+                more = false;
+                continue;
+            }
             more = self.device.process_queue();
         }
     }
@@ -209,6 +232,11 @@ impl<D: DiskBackend> BlockWorker<D> {
                     if let Err(e) = self.device.activate(mem, acked_features, queues) {
                         tracing::error!(error = %e, "block: activation failed");
                     }
+                }
+                Ok(BlockCommand::Control(c)) => {
+                    let queue = self.device.queue().map(std::slice::from_ref);
+                    // After a resume the loop walks the queue before it waits again.
+                    self.quiesce.apply(c, queue);
                 }
                 Ok(BlockCommand::Reset { done }) => {
                     self.device.reset();

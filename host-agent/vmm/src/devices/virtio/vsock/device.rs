@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::defs::{self, EVQ, MAX_PKT_PAYLOAD, RXQ, TXQ};
 use super::{VsockBackend, VsockHeader, VsockMetrics};
@@ -38,6 +38,8 @@ pub struct VsockDevice<B, I> {
     metrics: Arc<VsockMetrics>,
     active: Option<Active>,
     scratch: Vec<u8>,
+    /// A `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` waits for an event-queue buffer.
+    reset_event_pending: bool,
 }
 
 impl<B, I> std::fmt::Debug for VsockDevice<B, I> {
@@ -59,6 +61,7 @@ impl<B: VsockBackend, I: Interrupt> VsockDevice<B, I> {
             metrics,
             active: None,
             scratch: vec![0; MAX_PKT_PAYLOAD as usize],
+            reset_event_pending: false,
         }
     }
 
@@ -78,10 +81,85 @@ impl<B: VsockBackend, I: Interrupt> VsockDevice<B, I> {
         Ok(())
     }
 
+    /// Takes queues restored from a snapshot. No connection survives a restore (virtio spec
+    /// 1.2 §5.10.6.6): the backend drops whatever it holds, and the guest is sent
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue (by
+    /// [`VsockDevice::process_event_queue`], as soon as the guest has a buffer there), so its
+    /// driver resets its sockets and reads the guest CID again.
+    pub fn activate_restored(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.activate(mem, queues)?;
+        self.backend.reset();
+        self.reset_event_pending = true;
+        Ok(())
+    }
+
     /// Drops the queues and every connection.
     pub fn reset(&mut self) {
         self.active = None;
+        self.reset_event_pending = false;
         self.backend.reset();
+    }
+
+    /// The live queues (rx, tx, event), when activated.
+    pub fn queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+
+    /// Whether a transport-reset event still waits for an event-queue buffer.
+    pub fn reset_event_pending(&self) -> bool {
+        self.reset_event_pending
+    }
+
+    /// Delivers a pending transport-reset event: the first event-queue buffer with room for
+    /// `struct virtio_vsock_event` (a le32 id) gets `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`;
+    /// a buffer without room goes back unused. Returns whether a buffer was used.
+    pub fn process_event_queue(&mut self) -> bool {
+        if !self.reset_event_pending {
+            return false;
+        }
+        let Some(Active { mem, queues }) = self.active.as_mut() else {
+            return false;
+        };
+        let queue = &mut queues[EVQ];
+        let mut used_any = false;
+        while self.reset_event_pending {
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let event = defs::EVENT_TRANSPORT_RESET.to_le_bytes();
+            let mut written = 0u32;
+            for desc in chain.writable() {
+                if desc.len() as usize >= event.len()
+                    && mem.write_slice(&event, desc.addr()).is_ok()
+                {
+                    written = event.len() as u32;
+                    break;
+                }
+            }
+            if written == 0 {
+                VsockMetrics::inc(&self.metrics.rx_malformed);
+                if RX_MALFORMED_LOG.allow() {
+                    tracing::warn!("vsock: event buffer without room for an event");
+                }
+            }
+            if let Err(e) = queue.add_used(&*mem, head, written) {
+                if QUEUE_ERROR_LOG.allow() {
+                    tracing::warn!(error = %e, "vsock: event add_used failed");
+                }
+                break;
+            }
+            used_any = true;
+            self.reset_event_pending = written == 0;
+        }
+        if used_any {
+            Self::notify(queue, mem, &self.interrupt);
+        }
+        used_any
     }
 
     /// Whether the driver activated the device.
@@ -230,8 +308,8 @@ impl<B: VsockBackend, I: Interrupt> VsockDevice<B, I> {
         used_any
     }
 
-    /// The event queue only carries transport-reset events, which this device never sends
-    /// (no live migration); its buffers stay with the device. Reports whether it is usable.
+    /// The event queue only carries transport-reset events, which this device sends only after
+    /// a restore; its buffers stay with the device until then. Reports whether it is usable.
     pub fn event_queue_ready(&self) -> bool {
         self.active.as_ref().is_some_and(|a| a.queues[EVQ].ready())
     }

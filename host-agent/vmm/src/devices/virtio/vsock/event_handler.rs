@@ -4,6 +4,11 @@
 //! command to the [`VsockWorker`] thread and wakes it. The worker owns the [`VsockDevice`] and
 //! its backend outright, so the two threads share no lock. The worker waits on: the three
 //! queue-notify eventfds, the backend's fd, the command eventfd, and a stop eventfd.
+//!
+//! While paused ([`WorkerControl::Pause`]) the worker still drains its eventfds and serves the
+//! backend's host sockets and timers, which touch no guest memory, but walks no queue; the
+//! first pass after the resume serves whatever was notified meanwhile. Each pass delivers a
+//! pending transport-reset event (after a restore) before it walks tx and rx.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -17,7 +22,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs;
 use super::{VsockBackend, VsockDevice, VsockError};
 use crate::devices::virtio::mmio::{ActivateError, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
-use crate::devices::virtio::worker_link::{WorkerLink, read_config_bytes};
+use crate::devices::virtio::worker_link::{
+    ControlLink, Quiesce, WorkerControl, WorkerLink, read_config_bytes,
+};
 
 /// A command from the transport to the device thread.
 #[derive(Debug)]
@@ -28,6 +35,9 @@ pub enum WorkerCommand {
         mem: GuestMemoryMmap<()>,
         /// rx, tx and event queues.
         queues: Vec<Queue>,
+        /// The queues come from a snapshot: the connections are gone, so the guest gets
+        /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+        restored: bool,
     },
     /// The driver reset the device; the worker answers on `done` once it let go of the
     /// queues.
@@ -35,6 +45,14 @@ pub enum WorkerCommand {
         /// Acknowledgement channel.
         done: Sender<()>,
     },
+    /// Pause, resume, save the queues.
+    Control(WorkerControl),
+}
+
+impl From<WorkerControl> for WorkerCommand {
+    fn from(c: WorkerControl) -> Self {
+        Self::Control(c)
+    }
 }
 
 /// The transport-facing half of the vsock device: identity, features and config space.
@@ -82,7 +100,28 @@ impl VirtioDevice for VsockFrontend {
         _acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        self.link.send(WorkerCommand::Activate { mem, queues })
+        self.link.send(WorkerCommand::Activate {
+            mem,
+            queues,
+            restored: false,
+        })
+    }
+
+    fn activate_restored(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        _acked_features: u64,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.link.send(WorkerCommand::Activate {
+            mem,
+            queues,
+            restored: true,
+        })
+    }
+
+    fn control(&self) -> Option<&dyn ControlLink> {
+        Some(&self.link)
     }
 
     fn reset(&mut self) {
@@ -104,6 +143,7 @@ pub struct VsockWorker<B> {
     command_evt: Arc<EventFd>,
     stop_evt: Arc<EventFd>,
     epoll: Epoll,
+    quiesce: Quiesce,
 }
 
 impl<B> std::fmt::Debug for VsockWorker<B> {
@@ -149,6 +189,7 @@ impl<B: VsockBackend> VsockWorker<B> {
             command_evt,
             stop_evt,
             epoll,
+            quiesce: Quiesce::default(),
         })
     }
 
@@ -187,7 +228,12 @@ impl<B: VsockBackend> VsockWorker<B> {
                 last_tick = now;
                 self.device.backend_mut().tick(now);
             }
+            // Paused: no guest memory is touched; the first pass after the resume catches up.
+            if self.quiesce.paused() {
+                continue;
+            }
             // Cheap when idle: each walk stops at the first empty ring.
+            self.device.process_event_queue();
             self.device.process_tx();
             self.device.process_rx();
         }
@@ -197,10 +243,22 @@ impl<B: VsockBackend> VsockWorker<B> {
     fn drain_commands(&mut self) -> bool {
         loop {
             match self.commands.try_recv() {
-                Ok(WorkerCommand::Activate { mem, queues }) => {
-                    if let Err(e) = self.device.activate(mem, queues) {
+                Ok(WorkerCommand::Activate {
+                    mem,
+                    queues,
+                    restored,
+                }) => {
+                    let result = if restored {
+                        self.device.activate_restored(mem, queues)
+                    } else {
+                        self.device.activate(mem, queues)
+                    };
+                    if let Err(e) = result {
                         tracing::error!(error = %e, "vsock: activation failed");
                     }
+                }
+                Ok(WorkerCommand::Control(c)) => {
+                    self.quiesce.apply(c, self.device.queues());
                 }
                 Ok(WorkerCommand::Reset { done }) => {
                     self.device.reset();

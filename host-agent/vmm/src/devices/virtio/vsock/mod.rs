@@ -49,6 +49,8 @@ mod defs {
     pub const HOST_CID: u64 = 2;
     /// Largest payload one packet may carry, both ways.
     pub const MAX_PKT_PAYLOAD: u32 = 64 * 1024;
+    /// Event id on the event queue: the transport was reset (after a restore).
+    pub const EVENT_TRANSPORT_RESET: u32 = 0;
     /// Socket type: stream (the only one we support).
     pub const TYPE_STREAM: u16 = 1;
     /// Operations.

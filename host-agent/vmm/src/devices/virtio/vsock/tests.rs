@@ -641,3 +641,75 @@ fn an_rx_buffer_with_no_data_room_is_returned_and_does_not_spin() {
     assert_eq!(pkts[0].data, b"pending host bytes");
     done_tx.send(()).unwrap();
 }
+
+/// A restore drops every connection (no guest port stays mapped to a host stream), the guest
+/// gets exactly one `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue, a packet for an
+/// old connection is answered with `OP_RST`, and new connections work.
+#[test]
+fn a_restored_device_drops_its_connections_and_resets_the_transport() {
+    use crate::devices::virtio::state::QueueSnapshot;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.port_path(6000)).unwrap();
+    let mut host = guest_connect(&mut h, &listener, 1000, 6000);
+    assert_eq!(h.dev.backend().connection_count(), 1);
+
+    // The queues as a restore builds them: from their saved state, positions included.
+    let mem = h.drv.mem.clone();
+    let queues: Vec<_> = (0..defs::NUM_QUEUES)
+        .map(|i| {
+            let saved = QueueSnapshot::of(&h.dev.queues().unwrap()[i]);
+            saved.to_queue(i, &mem).unwrap()
+        })
+        .collect();
+    assert_eq!(h.dev.queues().unwrap()[TXQ].next_avail(), 1);
+    assert_eq!(queues[TXQ].next_avail(), 1);
+    h.dev.activate_restored(mem.clone(), queues).unwrap();
+    assert_eq!(h.dev.backend().connection_count(), 0);
+    assert!(h.dev.reset_event_pending());
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        host.read(&mut byte).unwrap(),
+        0,
+        "the host stream is closed"
+    );
+
+    // No event buffer yet: the event waits.
+    assert!(!h.dev.process_event_queue());
+    assert!(h.dev.reset_event_pending());
+    // A buffer too small for an event goes back unused; the next one gets it.
+    let small = h.drv.alloc(2);
+    let small_head = h
+        .drv
+        .add_chain(defs::EVQ, &[(small, 2, VRING_DESC_F_WRITE as u16)]);
+    let ev = h.drv.alloc(8);
+    mem.write_obj(0xffff_ffffu32, GuestAddress(ev)).unwrap();
+    let head = h
+        .drv
+        .add_chain(defs::EVQ, &[(ev, 8, VRING_DESC_F_WRITE as u16)]);
+    let irqs = h.irqs.load(Ordering::SeqCst);
+    assert!(h.dev.process_event_queue());
+    assert_eq!(h.drv.take_used(defs::EVQ), vec![(small_head, 0), (head, 4)]);
+    let event: u32 = mem.read_obj(GuestAddress(ev)).unwrap();
+    assert_eq!(event, defs::EVENT_TRANSPORT_RESET);
+    assert!(!h.dev.reset_event_pending());
+    assert!(h.irqs.load(Ordering::SeqCst) > irqs);
+    // Exactly once.
+    let ev2 = h.drv.alloc(8);
+    h.drv
+        .add_chain(defs::EVQ, &[(ev2, 8, VRING_DESC_F_WRITE as u16)]);
+    assert!(!h.dev.process_event_queue());
+    assert!(h.drv.take_used(defs::EVQ).is_empty());
+
+    // Data on the old connection finds no mapping: the guest gets a reset.
+    h.send_data(1000, 6000, b"stale");
+    let pkts = h.recv_n(1);
+    assert_eq!(ops(&pkts), vec![defs::OP_RST]);
+    assert_eq!((pkts[0].hdr.dst_port, pkts[0].hdr.src_port), (1000, 6000));
+    // And the guest connects again.
+    let _host = guest_connect(&mut h, &listener, 1001, 6000);
+    assert_eq!(h.dev.backend().connection_count(), 1);
+}
