@@ -4,7 +4,8 @@
 //! starts the VMM in that namespace; the VMM attaches to it by name with [`Tap::open`] before it
 //! enters its jail, while it still sees `/dev/net/tun` and the namespace. The jail then moves the
 //! VMM into an empty network namespace of its own and leaves no `/dev/net/tun` in its root: the
-//! open descriptor is all the VMM keeps, and it stays bound to the TAP's namespace.
+//! open descriptor is all the VMM keeps, and it stays bound to the TAP's namespace. (The jail's
+//! supervisor, forked after the open, holds a copy it never uses until it exits with the VMM.)
 //!
 //! The descriptor is opened `O_NONBLOCK`, with `IFF_TAP | IFF_NO_PI` and **without**
 //! `IFF_VNET_HDR`: each `read` is one Ethernet frame, each `write` sends one, and the host
