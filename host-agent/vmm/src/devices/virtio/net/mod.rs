@@ -29,6 +29,9 @@
 //!   (used length 0) and the device goes on with the next.
 //! - A receive chain too small for the header and the frame: the frame is dropped and the
 //!   chain returned with used length 0 (Linux counts an `rx_length_error` and refills).
+//!   Without `VIRTIO_NET_F_MTU` or mergeable buffers a Linux guest uses an MTU of 1500 and
+//!   posts buffers for frames of up to 1518 bytes, so the host side should keep the TAP's MTU
+//!   at 1500; larger frames from it are dropped this way and counted in `rx_no_room`.
 //! - The device holds at most **one** received frame of its own. When the guest has no receive
 //!   buffer, that frame waits and the device stops reading the TAP; further frames wait in the
 //!   TAP's kernel queue, which the host kernel bounds (`txqueuelen`) and drops beyond. The device
