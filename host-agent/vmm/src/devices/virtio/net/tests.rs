@@ -414,14 +414,22 @@ mod thread {
     use crate::devices::virtio::mmio::{INT_VRING, MmioTransport, regs, status};
     use crate::devices::virtio::{MmioSlot, NetMetrics, VirtioError, spawn_net};
 
-    struct DgramBackend(UnixDatagram);
+    /// One end of a datagram socket pair used as a `File`, so that it makes the calls the TAP
+    /// backend makes (`read` and `write`), one frame per datagram.
+    struct DgramBackend(std::fs::File);
+
+    impl DgramBackend {
+        fn new(end: UnixDatagram) -> Self {
+            Self(std::fs::File::from(std::os::fd::OwnedFd::from(end)))
+        }
+    }
 
     impl NetBackend for DgramBackend {
         fn recv_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.0.recv(buf)
+            std::io::Read::read(&mut self.0, buf)
         }
         fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
-            self.0.send(frame).map(drop)
+            std::io::Write::write(&mut self.0, frame).map(drop)
         }
     }
 
@@ -448,6 +456,52 @@ mod thread {
 
     #[test]
     fn the_device_thread_moves_frames_both_ways_through_the_transport() {
+        drive_the_device_thread();
+    }
+
+    /// Set in the child process of the seccomp test: the VM folder for its `exit.json`.
+    const SECCOMP_CHILD_ENV: &str = "NANOCLAW_NET_SECCOMP_TEST_CHILD";
+
+    /// The child's side of [`the_net_filter_allows_what_the_device_thread_does`]: prepares the
+    /// real seccomp filters, so the device thread installs the `net` one, then drives it. Does
+    /// nothing in a normal test run.
+    #[test]
+    fn net_seccomp_child_process() {
+        let Some(dir) = std::env::var_os(SECCOMP_CHILD_ENV) else {
+            return;
+        };
+        crate::seccomp::prepare(std::path::Path::new(&dir)).unwrap();
+        drive_the_device_thread();
+        eprintln!("NET THREAD DONE UNDER ITS FILTER");
+    }
+
+    /// The device thread under its real seccomp filter: a call outside the `net` list would end
+    /// the child with exit code 14 and name the call in `exit.json`.
+    #[test]
+    fn the_net_filter_allows_what_the_device_thread_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "devices::virtio::net::tests::thread::net_seccomp_child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SECCOMP_CHILD_ENV, dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let record =
+            std::fs::read_to_string(dir.path().join(crate::EXIT_RECORD_NAME)).unwrap_or_default();
+        assert_eq!(out.status.code(), Some(0), "{stderr}\nexit.json: {record}");
+        assert!(
+            stderr.contains("NET THREAD DONE UNDER ITS FILTER"),
+            "{stderr}"
+        );
+        assert!(record.is_empty(), "exit.json: {record}");
+    }
+
+    fn drive_the_device_thread() {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let (ours, host) = UnixDatagram::pair().unwrap();
@@ -459,7 +513,7 @@ mod thread {
             gsi: 14,
         };
         let mac = [2, 0, 0, 0, 0, 0x42];
-        let (mut t, handle) = spawn_net(mem.clone(), slot, mac, DgramBackend(ours)).unwrap();
+        let (mut t, handle) = spawn_net(mem.clone(), slot, mac, DgramBackend::new(ours)).unwrap();
         assert_eq!(handle.cmdline_arg(), "virtio_mmio.device=4K@0xd0009000:14");
         assert_eq!(handle.mac(), mac);
         let mut word = [0u8; 4];
@@ -558,7 +612,7 @@ mod thread {
             len: 0x1000,
             gsi: 14,
         };
-        let backend = || DgramBackend(UnixDatagram::pair().unwrap().0);
+        let backend = || DgramBackend::new(UnixDatagram::pair().unwrap().0);
         let err = spawn_net(mem.clone(), slot, [1, 0, 0, 0, 0, 1], backend()).unwrap_err();
         assert!(matches!(err, VirtioError::Net(super::super::NetError::Mac)));
         let err = spawn_net(
