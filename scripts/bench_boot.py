@@ -1,8 +1,11 @@
 """Inner half of scripts/bench-boot: runs where KVM can boot Linux (normally inside L1).
 
-For each VMM and kernel format, boots N times and records, from process start, the time until
-the guest prints its ready marker on the console and the time until the process exits. Then
-samples our VMM's RSS excluding the guest-memory mapping while a guest holds. Prints medians.
+For each kernel format, boots N rounds, each round one boot per VMM in turn (interleaved, so a
+slow patch of the machine hits them alike), and records, from process start, the time until the
+guest prints its ready marker on the console and the time until the process exits. The VMMs:
+ours, QEMU microvm, and Firecracker when given (`--firecracker PATH`; the ELF vmlinux only, the
+one format it boots). Then samples each VMM's RSS excluding the guest-memory mapping while a
+guest holds. Prints medians and the ratios.
 """
 
 import argparse
@@ -34,6 +37,26 @@ def qemu(args, kernel, _vm_dir, extra=""):
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", "stdio", "-kernel", kernel, "-initrd", args.initrd,
             "-append", ("console=ttyS0 " + CMDLINE + " " + extra).strip()]
+
+
+def firecracker(args, kernel, vm_dir, extra=""):
+    """Firecracker without its API socket, from a config file in `vm_dir`. It stops on the
+    guest's keyboard-controller reset, so its guest reboots with reboot=k."""
+    import json
+    cmdline = CMDLINE.replace("reboot=t", "reboot=k")
+    config = {
+        "boot-source": {
+            "kernel_image_path": kernel,
+            "initrd_path": args.initrd,
+            "boot_args": ("console=ttyS0 " + cmdline + " " + extra).strip(),
+        },
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
+    }
+    path = os.path.join(vm_dir, "firecracker.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return [args.firecracker, "--no-api", "--config-file", path, "--level", "Error"]
 
 
 def boot_once(cmd):
@@ -104,9 +127,9 @@ def hold(cmd):
     return proc
 
 
-def sample_rss(args, kernel):
+def sample_rss(args, kernel, build):
     with tempfile.TemporaryDirectory() as d:
-        proc = hold(ours(args, kernel, d, "nanoclaw.bench=hold"))
+        proc = hold(build(args, kernel, d, "nanoclaw.bench=hold"))
         rss = rss_excluding_guest_kib(proc.pid)
         with open(f"/proc/{proc.pid}/status") as f:
             total = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
@@ -122,32 +145,48 @@ def main():
     p.add_argument("--bzimage", required=True)
     p.add_argument("--vmlinux", required=True)
     p.add_argument("--initrd", required=True)
+    p.add_argument("--firecracker", help="a Firecracker binary, built outside this repository")
     args = p.parse_args()
 
-    print(f"bench-boot: {args.runs} runs each, {MEM_MIB} MiB, 1 vCPU, cmdline '{CMDLINE}'", flush=True)
+    print(f"bench-boot: {args.runs} interleaved rounds, {MEM_MIB} MiB, 1 vCPU, cmdline '{CMDLINE}'"
+          f"{'' if args.firecracker else ' (no --firecracker given: ours and QEMU only)'}", flush=True)
     results = {}
     for kname, kernel in (("bzImage", args.bzimage), ("vmlinux", args.vmlinux)):
-        for vname, build in (("ours", ours), ("qemu-microvm", qemu)):
-            readies, exits = [], []
-            # Interleave nothing: runs of one kind back to back, after one warm-up boot.
+        vmms = [("ours", ours), ("qemu-microvm", qemu)]
+        if args.firecracker and kname == "vmlinux":
+            vmms.append(("firecracker", firecracker))
+        readies = {v: [] for v, _ in vmms}
+        exits = {v: [] for v, _ in vmms}
+        for vname, build in vmms:  # one warm-up boot each (page cache, first KVM VM)
             with tempfile.TemporaryDirectory() as d:
                 boot_once(build(args, kernel, d))
-            for _ in range(args.runs):
+        for _ in range(args.runs):
+            for vname, build in vmms:
                 with tempfile.TemporaryDirectory() as d:
                     ready, done, _code = boot_once(build(args, kernel, d))
-                readies.append(ready)
-                exits.append(done)
-            results[(kname, vname)] = (statistics.median(readies), statistics.median(exits))
+                readies[vname].append(ready)
+                exits[vname].append(done)
+        for vname, _ in vmms:
+            r, e = readies[vname], exits[vname]
+            results[(kname, vname)] = (statistics.median(r), statistics.median(e))
             print(f"  {kname:8} {vname:13} start->ready median {results[(kname, vname)][0]*1000:7.0f} ms"
                   f"   start->exit median {results[(kname, vname)][1]*1000:7.0f} ms"
-                  f"   (ready min {min(readies)*1000:.0f} max {max(readies)*1000:.0f})", flush=True)
+                  f"   (ready min {min(r)*1000:.0f} max {max(r)*1000:.0f})", flush=True)
     print("ratios ours/QEMU microvm (target <= 0.8):")
     for kname in ("bzImage", "vmlinux"):
         o, q = results[(kname, "ours")], results[(kname, "qemu-microvm")]
         print(f"  {kname:8} start->ready {o[0]/q[0]:.2f}   start->exit {o[1]/q[1]:.2f}")
-    rss, total = sample_rss(args, args.vmlinux)
-    print(f"our VMM RSS excluding guest memory: {rss} KiB ({rss/1024:.2f} MiB; target <= 5 MiB); "
+    if args.firecracker:
+        o, f = results[("vmlinux", "ours")], results[("vmlinux", "firecracker")]
+        print("ratios ours/Firecracker (target <= 1.0, then 0.8):")
+        print(f"  vmlinux  start->ready {o[0]/f[0]:.2f}   start->exit {o[1]/f[1]:.2f}")
+    rss, total = sample_rss(args, args.vmlinux, ours)
+    print(f"our VMM RSS excluding guest memory: {rss} KiB ({rss/1024:.2f} MiB; target <= 3 MiB); "
           f"total VmRSS {total} KiB")
+    if args.firecracker:
+        frss, ftotal = sample_rss(args, args.vmlinux, firecracker)
+        print(f"Firecracker RSS excluding guest memory: {frss} KiB ({frss/1024:.2f} MiB); "
+              f"total VmRSS {ftotal} KiB; ours/Firecracker {rss/frss:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@
 //! | `{"op":"pause"}` | `{"ok":true,"state":"paused"}` once every vCPU is parked |
 //! | `{"op":"resume"}` | `{"ok":true,"state":"running"}` |
 //! | `{"op":"state"}` | `{"ok":true,"state":"running"\|"paused"}` |
+//! | `{"op":"snapshot","dir":"NAME"}` | `{"ok":true,"state":"paused","snapshot":{...}}` once written |
+//!
+//! A snapshot ([`crate::snapshot`]) needs a paused VM and is refused otherwise; `NAME` is a
+//! relative path of plain names (no `..`), made as a new folder (mode 0700) inside the VM's
+//! folder, whose parent must exist. The VM stays paused afterwards. The answer says how many
+//! vCPUs were saved, how long the memory file is and how many bytes of it hold data.
 //!
 //! Anything else gets `{"ok":false,"error":"..."}`. Pausing and resuming are idempotent. A
 //! paused VM still ends on SIGTERM (a parked vCPU re-checks the stop flag).
@@ -24,7 +30,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::seccomp::{self, ThreadKind};
 use crate::signals;
+use crate::snapshot;
 use crate::vcpu::RunGate;
 
 /// Name of the control socket inside the VM directory.
@@ -42,11 +49,13 @@ pub const MAX_REQUEST: u64 = 1024;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a pause waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long each vCPU has to save its state for a snapshot.
+pub const SNAPSHOT_VCPU_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between kicks while waiting for the vCPUs to park.
 const KICK_INTERVAL: Duration = Duration::from_millis(5);
 
 /// A request on the control socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Park every vCPU.
@@ -55,6 +64,33 @@ pub enum Request {
     Resume,
     /// Say whether the VM is paused.
     State,
+    /// Save the paused VM into a new folder `dir` inside the VM's folder.
+    Snapshot {
+        /// The folder, relative to the VM's folder (see [`snapshot::folder_name`]).
+        dir: String,
+    },
+}
+
+/// What a snapshot wrote, in its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The folder, as the request named it.
+    pub dir: String,
+    /// vCPUs saved.
+    pub vcpus: usize,
+    /// The memory file's length (guest RAM).
+    pub memory_bytes: u64,
+    /// Bytes of the memory file that hold data (the rest are holes).
+    pub memory_data_bytes: u64,
+}
+
+/// What the control thread needs to take snapshots.
+#[derive(Debug, Clone)]
+pub struct SnapshotContext {
+    /// The VM's folder, where snapshot folders are made (`/` inside the jail).
+    pub vm_dir: PathBuf,
+    /// The VM, its memory and its vCPU threads' command channels.
+    pub source: snapshot::SnapshotSource,
 }
 
 /// Whether the vCPUs run.
@@ -71,6 +107,15 @@ pub enum RunState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Answer {
+    /// A snapshot was written; the VM's state now.
+    Snapshot {
+        /// Always true.
+        ok: bool,
+        /// The state (paused).
+        state: RunState,
+        /// What was written.
+        snapshot: SnapshotInfo,
+    },
     /// Done; the VM's state now.
     Ok {
         /// Always true.
@@ -151,27 +196,34 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Starts the `vmm-control` thread serving `listener`.
+/// `snapshots` is `None` where snapshots cannot be taken (the request is then refused).
 pub fn spawn(
     listener: UnixListener,
     gate: Arc<RunGate>,
     kicker: Arc<Kicker>,
+    snapshots: Option<SnapshotContext>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("vmm-control".into())
         .spawn(move || {
             seccomp::confine_or_exit(ThreadKind::Control);
-            serve(&listener, &gate, &kicker);
+            serve(&listener, &gate, &kicker, snapshots.as_ref());
         })
 }
 
 /// Serves connections one at a time until the listener fails.
-fn serve(listener: &UnixListener, gate: &RunGate, kicker: &Kicker) {
+fn serve(
+    listener: &UnixListener,
+    gate: &RunGate,
+    kicker: &Kicker,
+    snapshots: Option<&SnapshotContext>,
+) {
     let mut failures = 0u32;
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 failures = 0;
-                serve_one(stream, gate, kicker);
+                serve_one(stream, gate, kicker, snapshots);
             }
             Err(e) => {
                 failures += 1;
@@ -185,13 +237,26 @@ fn serve(listener: &UnixListener, gate: &RunGate, kicker: &Kicker) {
     }
 }
 
-fn serve_one(stream: UnixStream, gate: &RunGate, kicker: &Kicker) {
+fn serve_one(
+    stream: UnixStream,
+    gate: &RunGate,
+    kicker: &Kicker,
+    snapshots: Option<&SnapshotContext>,
+) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let mut line = Vec::new();
     let mut reader = BufReader::new((&stream).take(MAX_REQUEST + 1));
     let answer = match reader.read_until(b'\n', &mut line) {
         Ok(_) if line.len() as u64 > MAX_REQUEST => Answer::err("request too long"),
         Ok(_) => match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Snapshot { dir }) => handle_snapshot(
+                &dir,
+                gate,
+                kicker.count(),
+                &mut || kicker.kick_all(),
+                snapshots,
+                SNAPSHOT_VCPU_TIMEOUT,
+            ),
             Ok(request) => handle(
                 request,
                 gate,
@@ -229,6 +294,7 @@ pub fn handle(
             tracing::info!("VM resumed");
             Answer::ok(RunState::Running)
         }
+        Request::Snapshot { .. } => Answer::err("snapshots are not available here"),
         Request::Pause => {
             if vcpus == 0 {
                 return Answer::err("the VM is stopping");
@@ -249,6 +315,63 @@ pub fn handle(
     }
 }
 
+/// Takes a snapshot into `<vm_dir>/<dir>` for a VM of `vcpus` vCPU threads (0 once they are
+/// retired); `kick` kicks every vCPU out of `KVM_RUN`; each vCPU has `timeout` to park (the
+/// gate may have closed an instant ago, as in a VM restored paused whose threads are still
+/// starting) and then to save its state.
+pub fn handle_snapshot(
+    dir: &str,
+    gate: &RunGate,
+    vcpus: usize,
+    kick: &mut dyn FnMut() -> bool,
+    snapshots: Option<&SnapshotContext>,
+    timeout: Duration,
+) -> Answer {
+    let Some(ctx) = snapshots else {
+        return Answer::err("snapshots are not available: this VMM could not probe KVM for them");
+    };
+    if vcpus == 0 {
+        return Answer::err("the VM is stopping");
+    }
+    let name = match snapshot::folder_name(dir) {
+        Ok(name) => name,
+        Err(e) => return Answer::err(e.to_string()),
+    };
+    let path = ctx.vm_dir.join(name);
+    let parked = gate.is_closed()
+        && gate.wait_parked(vcpus, KICK_INTERVAL, Instant::now() + timeout, || {
+            kick();
+        });
+    let started = Instant::now();
+    match snapshot::take(&path, &ctx.source, parked, &|| gate.notify(), timeout) {
+        Ok(summary) => {
+            tracing::info!(
+                dir,
+                vcpus = summary.vcpus,
+                memory_bytes = summary.memory_bytes,
+                memory_data_bytes = summary.memory_data_bytes,
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "snapshot taken"
+            );
+            Answer::Snapshot {
+                ok: true,
+                state: RunState::Paused,
+                snapshot: SnapshotInfo {
+                    dir: dir.to_owned(),
+                    vcpus: summary.vcpus,
+                    memory_bytes: summary.memory_bytes,
+                    memory_data_bytes: summary.memory_data_bytes,
+                },
+            }
+        }
+        Err(e) => {
+            let error = crate::error_chain(&e);
+            tracing::warn!(dir, %error, "snapshot failed");
+            Answer::err(format!("snapshot failed: {error}"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +385,27 @@ mod tests {
         );
         assert!(serde_json::from_str::<Request>(r#"{"verb":"pause"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"snapshot","dir":"s1"}"#).unwrap(),
+            Request::Snapshot { dir: "s1".into() }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"snapshot"}"#).is_err());
+        let answer = Answer::Snapshot {
+            ok: true,
+            state: RunState::Paused,
+            snapshot: SnapshotInfo {
+                dir: "s1".into(),
+                vcpus: 2,
+                memory_bytes: 1 << 28,
+                memory_data_bytes: 30 << 20,
+            },
+        };
+        let line = serde_json::to_string(&answer).unwrap();
+        assert_eq!(
+            line,
+            r#"{"ok":true,"state":"paused","snapshot":{"dir":"s1","vcpus":2,"memory_bytes":268435456,"memory_data_bytes":31457280}}"#
+        );
+        assert_eq!(serde_json::from_str::<Answer>(&line).unwrap(), answer);
         assert_eq!(
             serde_json::to_string(&Answer::ok(RunState::Paused)).unwrap(),
             r#"{"ok":true,"state":"paused"}"#
@@ -322,6 +466,21 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_snapshot_without_the_means_or_on_a_stopping_vm_is_refused() {
+        let gate = RunGate::default();
+        let answer = handle_snapshot("s", &gate, 1, &mut || true, None, SNAPSHOT_VCPU_TIMEOUT);
+        assert!(matches!(answer, Answer::Err { .. }), "{answer:?}");
+        let answer = handle(
+            Request::Snapshot { dir: "s".into() },
+            &gate,
+            1,
+            &mut || true,
+            PAUSE_TIMEOUT,
+        );
+        assert!(matches!(answer, Answer::Err { .. }), "{answer:?}");
     }
 
     #[test]

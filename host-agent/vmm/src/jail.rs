@@ -94,6 +94,9 @@ pub enum JailError {
     /// uid or gid 0 would not drop anything.
     #[error("the jail's uid and gid must not be 0")]
     RootIds,
+    /// A jailed VMM restores only a snapshot inside its VM folder (the jail's root).
+    #[error("the snapshot to restore, {0:?}, must be inside the VM folder to be seen in the jail")]
+    SnapshotOutsideJail(PathBuf),
     /// A path given to the VMM cannot be made absolute.
     #[error("cannot make {what} {path:?} an absolute path")]
     Relative {
@@ -187,6 +190,11 @@ impl JailedPaths {
     pub fn apply(&self, config: &mut crate::VmConfig) {
         config.kernel = self.kernel.clone();
         config.initrd = self.initrd.clone();
+        if let Some(restore) = &mut config.restore
+            && let Ok(inside) = restore.dir.strip_prefix(&self.root)
+        {
+            restore.dir = Path::new("/").join(inside);
+        }
         for (disk, path) in config.disks.iter_mut().zip(&self.disks) {
             disk.path = path.clone();
         }
@@ -210,8 +218,15 @@ fn absolutize(config: &mut crate::VmConfig) -> Result<(), JailError> {
         Ok(())
     };
     abs("the VM folder", &mut config.vm_dir)?;
-    abs("the kernel", &mut config.kernel)?;
-    abs("the initramfs", &mut config.initrd)?;
+    if let Some(restore) = &mut config.restore {
+        abs("the snapshot", &mut restore.dir)?;
+        if !restore.dir.starts_with(&config.vm_dir) {
+            return Err(JailError::SnapshotOutsideJail(restore.dir.clone()));
+        }
+    } else {
+        abs("the kernel", &mut config.kernel)?;
+        abs("the initramfs", &mut config.initrd)?;
+    }
     for d in &mut config.disks {
         abs("a disk", &mut d.path)?;
     }
@@ -221,8 +236,9 @@ fn absolutize(config: &mut crate::VmConfig) -> Result<(), JailError> {
     Ok(())
 }
 
-/// The file-size limit: the largest file the VMM writes is a disk (written in place) or the
-/// console log (capped at `console_cap`); `exit.json` is small.
+/// The file-size limit: the largest file the VMM writes is a disk (written in place), the
+/// console log (capped at `console_cap`) or a snapshot's memory file (guest RAM; see
+/// [`crate::snapshot`]); `exit.json` is small.
 pub fn file_size_limit(config: &crate::VmConfig) -> u64 {
     let disks = config
         .disks
@@ -232,7 +248,10 @@ pub fn file_size_limit(config: &crate::VmConfig) -> u64 {
         .map(|m| m.len())
         .max()
         .unwrap_or(0);
-    disks.max(config.console_cap).saturating_add(1 << 20)
+    disks
+        .max(config.console_cap)
+        .max(config.memory_bytes())
+        .saturating_add(1 << 20)
 }
 
 fn step(what: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> JailError {
@@ -312,8 +331,11 @@ fn build_tree(
     )
     .map_err(step("restrict the jail folder's mount", root))?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    bind_file(&config.kernel, &inside(&paths.kernel), true)?;
-    bind_file(&config.initrd, &inside(&paths.initrd), true)?;
+    // A restored VM reads no kernel; its snapshot is already inside the VM folder.
+    if config.restore.is_none() {
+        bind_file(&config.kernel, &inside(&paths.kernel), true)?;
+        bind_file(&config.initrd, &inside(&paths.initrd), true)?;
+    }
     for (disk, path) in config.disks.iter().zip(&paths.disks) {
         bind_file(&disk.path, &inside(path), disk.read_only)?;
     }
@@ -713,5 +735,58 @@ pub fn probe(target: &str) -> String {
     match outcome {
         Ok(()) => "ok".to_owned(),
         Err(e) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vm_dir: &Path, restore: Option<&Path>) -> crate::VmConfig {
+        crate::VmConfig {
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            vm_dir: vm_dir.to_path_buf(),
+            cmdline_extra: None,
+            memory_mib: 256,
+            vcpus: 1,
+            cid: 3,
+            console: crate::ConsoleTarget::Stdout,
+            console_cap: 1 << 20,
+            disks: Vec::new(),
+            net: None,
+            restore: restore.map(|dir| crate::snapshot::RestoreConfig {
+                dir: dir.to_path_buf(),
+                paused: false,
+                without_devices: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_restored_vm_finds_its_snapshot_inside_the_jail() {
+        let mut c = config(
+            Path::new("/state/vms/a/vmm"),
+            Some(Path::new("/state/vms/a/vmm/s1")),
+        );
+        absolutize(&mut c).unwrap();
+        JailedPaths::of(&c).apply(&mut c);
+        assert_eq!(c.restore.unwrap().dir, PathBuf::from("/s1"));
+        assert_eq!(c.vm_dir, PathBuf::from("/"));
+
+        let mut c = config(
+            Path::new("/state/vms/a/vmm"),
+            Some(Path::new("/state/vms/b/vmm/s1")),
+        );
+        assert!(matches!(
+            absolutize(&mut c),
+            Err(JailError::SnapshotOutsideJail(_))
+        ));
+    }
+
+    #[test]
+    fn the_file_size_limit_holds_a_snapshot_of_guest_ram() {
+        let c = config(Path::new("/state/vms/a/vmm"), None);
+        assert_eq!(file_size_limit(&c), (256 << 20) + (1 << 20));
     }
 }

@@ -21,7 +21,8 @@
 //! - [`console`]: the capped console sink that also spots panics and power-offs.
 //! - [`exit`]: exit reasons, exit codes and `exit.json`.
 //! - [`signals`]: termination signals and vCPU kicks.
-//! - [`control`]: the control socket: pausing and resuming the vCPUs.
+//! - [`control`]: the control socket: pausing and resuming the vCPUs, taking snapshots.
+//! - [`snapshot`]: saving a paused VM's vCPUs, irqchip, clock and memory, and restoring them.
 //! - [`seccomp`]: the per-thread syscall allowlists and the `SIGSYS` handler that reports a
 //!   forbidden call.
 //! - [`log_limit`]: per-site rate limiting of every log line, the dependencies' included.
@@ -39,6 +40,7 @@ pub mod machine;
 pub mod memory;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod x86_64;
 
@@ -306,6 +308,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// The network device, if any.
     pub net: Option<NetConfig>,
+    /// Start from this snapshot instead of booting the kernel (which is then not read).
+    pub restore: Option<snapshot::RestoreConfig>,
 }
 
 /// Invalid [`VmConfig`] values.
@@ -348,6 +352,9 @@ pub enum ConfigError {
     /// The VM directory exists but is not a directory.
     #[error("vm-dir {0} is not a directory")]
     VmDirNotDirectory(PathBuf),
+    /// The snapshot to restore is not a directory.
+    #[error("snapshot {0} is not a directory")]
+    SnapshotNotDirectory(PathBuf),
     /// The console cap is zero.
     #[error("console cap must be at least 1 byte")]
     ConsoleCap,
@@ -393,7 +400,18 @@ impl VmConfig {
                 max: max_cid,
             });
         }
-        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+        if let Some(restore) = &self.restore
+            && !restore.dir.is_dir()
+        {
+            return Err(ConfigError::SnapshotNotDirectory(restore.dir.clone()));
+        }
+        let boot_files = [("kernel", &self.kernel), ("initrd", &self.initrd)];
+        let boot_files = if self.restore.is_some() {
+            &boot_files[..0]
+        } else {
+            &boot_files[..]
+        };
+        for &(what, path) in boot_files {
             if !path.is_file() {
                 return Err(ConfigError::MissingFile {
                     what,
@@ -510,6 +528,7 @@ mod tests {
             console_cap: DEFAULT_CONSOLE_CAP,
             disks: Vec::new(),
             net: None,
+            restore: None,
         }
     }
 

@@ -33,6 +33,7 @@ use super::layout::{
     VIRTIO_MMIO_SLOT_LEN, VSOCK_MMIO_SLOT, e820_map, virtio_mmio_slot,
 };
 use super::seccomp::{self, ThreadKind};
+use super::snapshot::{self, HostSupport};
 use super::vcpu::{RunGate, VcpuError, VcpuRunner};
 use super::x86_64::mptable::{self, MptableError};
 use super::x86_64::regs::{self, RegsError};
@@ -161,6 +162,15 @@ pub enum VmmError {
     /// Writing `exit.json` failed.
     #[error("write {EXIT_RECORD_NAME}")]
     WriteExitRecord(#[source] std::io::Error),
+    /// Restoring the snapshot failed.
+    #[error("restore the snapshot in {path}")]
+    Restore {
+        /// The snapshot folder.
+        path: String,
+        /// The cause.
+        #[source]
+        source: snapshot::SnapshotError,
+    },
 }
 
 /// Host devices the VMM opens before it enters its jail, while it still sees the host's device
@@ -199,7 +209,15 @@ pub struct Vmm {
     ready_ms: Arc<OnceLock<u64>>,
     /// The control socket, served from [`Vmm::run`] on (see [`crate::control`]).
     control: Option<std::os::unix::net::UnixListener>,
-    _vm: VmFd,
+    /// What snapshots need from KVM; `None` when the probe failed (no snapshots then).
+    snapshot_host: Option<Arc<HostSupport>>,
+    /// The i8042, whose state a snapshot saves (the port-I/O bus holds it too).
+    i8042: Arc<Mutex<I8042>>,
+    /// The VM's folder, where snapshots are made.
+    vm_dir: std::path::PathBuf,
+    /// Whether the vCPUs start parked (`--restore-paused`).
+    start_paused: bool,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryMmap<()>,
 }
@@ -296,6 +314,22 @@ impl Vmm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(VmmError::CreatePit)?;
+        let snapshot_host = match HostSupport::probe(&kvm, &vm) {
+            Ok(host) => Some(Arc::new(host)),
+            Err(e) if config.restore.is_none() => {
+                tracing::warn!(error = %crate::error_chain(&e), "snapshots are unavailable");
+                None
+            }
+            Err(source) => return Err(restore_err(config, source)),
+        };
+        // A snapshot to restore is read and checked before anything is built from it.
+        let restored = match (&config.restore, &snapshot_host) {
+            (Some(restore), Some(host)) => Some(
+                snapshot::open_for_restore(restore, host)
+                    .map_err(|source| restore_err(config, source))?,
+            ),
+            _ => None,
+        };
 
         let mem_size = config.memory_bytes();
         let mem = memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?;
@@ -331,14 +365,35 @@ impl Vmm {
                 let _ = console_events.send(event);
             }),
         );
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+        let serial = match &restored {
+            Some(state) => SerialDevice::with_state(serial_irq, sink, &state.devices.serial)
+                .map_err(|e| {
+                    let source = snapshot::SnapshotError::DeviceState {
+                        device: "serial port",
+                        detail: e.to_string(),
+                    };
+                    restore_err(config, source)
+                })?,
+            None => SerialDevice::new(serial_irq, sink),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), COM1_PORT, UART_PORT_LEN)
             .map_err(|e| VmmError::PioBus("serial", e))?;
         let reset_events = events.clone();
-        let i8042 = I8042::new(Box::new(move || {
+        let mut i8042 = I8042::new(Box::new(move || {
             let _ = reset_events.send(VmEvent::Reset);
         }));
-        pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT_BASE, I8042_PORT_LEN)
+        if let Some(state) = &restored {
+            i8042.set_state(&state.devices.i8042).map_err(|e| {
+                let source = snapshot::SnapshotError::DeviceState {
+                    device: "i8042",
+                    detail: e.to_string(),
+                };
+                restore_err(config, source)
+            })?;
+        }
+        let i8042 = Arc::new(Mutex::new(i8042));
+        pio.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)
             .map_err(|e| VmmError::PioBus("i8042", e))?;
 
         // virtio-vsock in the first virtio-mmio slot.
@@ -452,6 +507,41 @@ impl Vmm {
             }
         };
 
+        // With `restore` set, a failed probe has already returned its error.
+        if let Some(restore) = &config.restore
+            && let Some(host) = snapshot_host.as_deref()
+            && let Some(state) = &restored
+        {
+            snapshot::restore_vm(restore, state, &vm, &vcpus, &mem, host)
+                .map_err(|source| restore_err(config, source))?;
+            tracing::info!(
+                snapshot = %restore.dir.display(),
+                memory_mib = config.memory_mib,
+                vcpus = config.vcpus,
+                paused = restore.paused,
+                "VM restored from a snapshot"
+            );
+            return Ok(Self {
+                vcpus,
+                vsock: Some(vsock),
+                disks,
+                net,
+                serial,
+                pio,
+                mmio,
+                events,
+                ready_ms,
+                control: Some(control),
+                snapshot_host,
+                i8042,
+                vm_dir: config.vm_dir.clone(),
+                start_paused: restore.paused,
+                vm: Arc::new(vm),
+                _kvm: kvm,
+                mem,
+            });
+        }
+
         // The guest image and boot structures.
         let kernel = boot::load_kernel(&mem, &config.kernel).map_err(VmmError::Boot)?;
         let initrd =
@@ -495,7 +585,11 @@ impl Vmm {
             events,
             ready_ms,
             control: Some(control),
-            _vm: vm,
+            snapshot_host,
+            i8042,
+            vm_dir: config.vm_dir.clone(),
+            start_paused: false,
+            vm: Arc::new(vm),
             _kvm: kvm,
             mem,
         })
@@ -506,9 +600,16 @@ impl Vmm {
     pub fn run(mut self, events: Receiver<VmEvent>) -> ExitReport {
         let stop = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(RunGate::default());
+        if self.start_paused {
+            // The vCPUs park before their first KVM_RUN.
+            gate.close();
+        }
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let mut spawn_failed = None;
+        let mut commands = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in (0u8..).zip(std::mem::take(&mut self.vcpus)) {
+            let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+            commands.push(commands_tx);
             let runner = VcpuRunner {
                 index,
                 vcpu: fd,
@@ -518,6 +619,7 @@ impl Vmm {
                 events: self.events.clone(),
                 mem: self.mem.clone(),
                 gate: gate.clone(),
+                commands: Some(commands_rx),
             };
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -543,8 +645,27 @@ impl Vmm {
                 threads.iter().map(|t| t.as_pthread_t()).collect(),
             ))
         };
+        let (serial, i8042) = (self.serial.clone(), self.i8042.clone());
+        let save_devices: snapshot::SaveDevices = Arc::new(move || snapshot::DeviceStates {
+            serial: serial.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            i8042: i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            virtio: snapshot::VirtioStates::NotSaved,
+        });
+        let snapshots = self
+            .snapshot_host
+            .clone()
+            .map(|host| control::SnapshotContext {
+                vm_dir: self.vm_dir.clone(),
+                source: snapshot::SnapshotSource {
+                    vm: self.vm.clone(),
+                    mem: self.mem.clone(),
+                    vcpus: commands,
+                    host,
+                    devices: save_devices,
+                },
+            });
         if let Some(listener) = self.control.take()
-            && let Err(e) = control::spawn(listener, gate.clone(), kicker.clone())
+            && let Err(e) = control::spawn(listener, gate.clone(), kicker.clone(), snapshots)
         {
             // The VM runs on; it only cannot be paused.
             tracing::error!(error = %e, "cannot start the control thread");
@@ -597,6 +718,17 @@ impl Vmm {
             report = report.with_net(m);
         }
         report
+    }
+}
+
+fn restore_err(config: &VmConfig, source: snapshot::SnapshotError) -> VmmError {
+    VmmError::Restore {
+        path: config
+            .restore
+            .as_ref()
+            .map(|r| r.dir.display().to_string())
+            .unwrap_or_default(),
+        source,
     }
 }
 

@@ -24,10 +24,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[command(name = "nanoclaw-vmm", version)]
 struct VmmArgs {
     /// Guest kernel: a bzImage or an ELF vmlinux.
-    #[arg(long, required_unless_present = "print_seccomp")]
+    #[arg(long, required_unless_present_any = ["print_seccomp", "restore"])]
     kernel: Option<PathBuf>,
     /// Guest initramfs.
-    #[arg(long, required_unless_present = "print_seccomp")]
+    #[arg(long, required_unless_present_any = ["print_seccomp", "restore"])]
     initrd: Option<PathBuf>,
     /// The VM's directory (vsock.sock, exit.json, console.log by default). Created if missing.
     #[arg(long, required_unless_present = "print_seccomp")]
@@ -77,6 +77,18 @@ struct VmmArgs {
     /// without booting. It shows what a VMM taken over by its guest could reach.
     #[arg(long = "jail-probe", hide = true, requires = "jail_uid")]
     jail_probes: Vec<String>,
+    /// Start from this snapshot folder (made by the control socket's `snapshot`) instead of
+    /// booting a kernel. --memory-mib and --vcpus must match the snapshot's. Jailed, the folder
+    /// must be inside --vm-dir.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd"])]
+    restore: Option<PathBuf>,
+    /// With --restore: start with the vCPUs paused (resume on the control socket).
+    #[arg(long, requires = "restore", conflicts_with_all = ["kernel", "initrd"])]
+    restore_paused: bool,
+    /// With --restore: restore a snapshot that holds no virtio device state (this version
+    /// saves none), which is right only for a guest that never set up its virtio devices.
+    #[arg(long, requires = "restore", conflicts_with_all = ["kernel", "initrd"])]
+    restore_without_devices: bool,
     /// Print every seccomp filter (each thread kind's allowed syscalls and their argument
     /// conditions) and exit; needs no other argument.
     #[arg(long)]
@@ -119,6 +131,11 @@ impl VmmArgs {
             console_cap: self.console_cap,
             disks: self.disks,
             net: self.net,
+            restore: self.restore.map(|dir| vmm::snapshot::RestoreConfig {
+                dir,
+                paused: self.restore_paused,
+                without_devices: self.restore_without_devices,
+            }),
         }
     }
 }
@@ -280,6 +297,27 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn restore_replaces_the_kernel_and_initrd() {
+        let args = VmmArgs::try_parse_from([
+            "nanoclaw-vmm",
+            "--vm-dir",
+            "d",
+            "--restore",
+            "d/snap",
+            "--restore-paused",
+        ])
+        .unwrap();
+        let config = args.into_config();
+        let restore = config.restore.unwrap();
+        assert_eq!(restore.dir, PathBuf::from("d/snap"));
+        assert!(restore.paused && !restore.without_devices);
+        // Not with a kernel, and its options not without it.
+        assert!(parse(&["--restore", "s"]).is_err());
+        assert!(parse(&["--restore-paused"]).is_err());
+        assert!(parse(&[]).unwrap().into_config().restore.is_none());
     }
 
     #[test]

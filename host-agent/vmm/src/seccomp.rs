@@ -177,13 +177,17 @@ impl ThreadKind {
                 Allowed::any(close),
             ]),
             ThreadKind::Vcpu => list.extend([
-                // The only KVM calls a vCPU makes: running, and after a pause telling the
-                // guest's kvmclock it was stopped.
-                Allowed::when(ioctl, [[Check::eq(1, KVM_RUN, "KVM_RUN")]]).or([Check::eq(
-                    1,
-                    KVM_KVMCLOCK_CTRL,
-                    "KVM_KVMCLOCK_CTRL",
-                )]),
+                // The KVM calls a vCPU makes: running, after a pause telling the guest's
+                // kvmclock it was stopped, and while parked for a snapshot reading its own
+                // state (crate::snapshot::cpu; nothing is set on a running VM's vCPU).
+                VCPU_SNAPSHOT_IOCTLS.iter().fold(
+                    Allowed::when(ioctl, [[Check::eq(1, KVM_RUN, "KVM_RUN")]]).or([Check::eq(
+                        1,
+                        KVM_KVMCLOCK_CTRL,
+                        "KVM_KVMCLOCK_CTRL",
+                    )]),
+                    |allowed, &(nr, name)| allowed.or([Check::eq(1, nr, name)]),
+                ),
                 // A kick interrupts KVM_RUN through a signal handler.
                 Allowed::any(rt_sigreturn),
                 // The vCPU file, closed when the thread ends (console and eventfd writes are
@@ -254,6 +258,33 @@ impl ThreadKind {
                 Allowed::any(tgkill),
                 // The pause after a failed accept.
                 Allowed::any(clock_nanosleep),
+                // Snapshots (crate::snapshot): the VM-wide state of the VM file ...
+                VM_SNAPSHOT_IOCTLS.iter().skip(1).fold(
+                    Allowed::when(
+                        ioctl,
+                        [[Check::eq(
+                            1,
+                            VM_SNAPSHOT_IOCTLS[0].0,
+                            VM_SNAPSHOT_IOCTLS[0].1,
+                        )]],
+                    ),
+                    |allowed, &(nr, name)| allowed.or([Check::eq(1, nr, name)]),
+                ),
+                // ... and a new folder and two new files in the VM folder, created write-only
+                // (O_EXCL: never over an existing file), written (pwrite64 is a handler call,
+                // write an everywhere call), sized and synced.
+                Allowed::any(mkdir),
+                Allowed::when(
+                    openat,
+                    [[Check::masked(
+                        2,
+                        O_ACCMODE | O_CREAT | O_EXCL,
+                        O_WRONLY | O_CREAT | O_EXCL,
+                        "O_WRONLY|O_CREAT|O_EXCL",
+                    )]],
+                ),
+                Allowed::any(ftruncate),
+                Allowed::any(fsync),
             ]),
         }
         list.sort_by_key(|a| a.sysno.name());
@@ -275,6 +306,48 @@ impl ThreadKind {
 
 const KVM_RUN: u64 = 0xae80; // _IO(KVMIO, 0x80)
 const KVM_KVMCLOCK_CTRL: u64 = 0xaead; // _IO(KVMIO, 0xad)
+
+/// `_IOC(dir, KVMIO, nr, size)`: a KVM ioctl's number, as `<linux/kvm.h>` builds it.
+const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+/// `_IOR(KVMIO, nr, T)`.
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    kvm_ioc(2, nr, std::mem::size_of::<T>())
+}
+/// `_IOWR(KVMIO, nr, T)`.
+const fn kvm_iowr<T>(nr: u64) -> u64 {
+    kvm_ioc(3, nr, std::mem::size_of::<T>())
+}
+
+/// What a parked vCPU reads of itself for a snapshot (crate::snapshot::cpu::VcpuState).
+const VCPU_SNAPSHOT_IOCTLS: [(u64, &str); 12] = {
+    use kvm_bindings::*;
+    [
+        (kvm_ior::<kvm_regs>(0x81), "KVM_GET_REGS"),
+        (kvm_ior::<kvm_sregs>(0x83), "KVM_GET_SREGS"),
+        (kvm_iowr::<kvm_msrs>(0x88), "KVM_GET_MSRS"),
+        (kvm_ior::<kvm_fpu>(0x8c), "KVM_GET_FPU"),
+        (kvm_ior::<kvm_lapic_state>(0x8e), "KVM_GET_LAPIC"),
+        (kvm_iowr::<kvm_cpuid2>(0x91), "KVM_GET_CPUID2"),
+        (kvm_ior::<kvm_mp_state>(0x98), "KVM_GET_MP_STATE"),
+        (kvm_ior::<kvm_vcpu_events>(0x9f), "KVM_GET_VCPU_EVENTS"),
+        (kvm_ior::<kvm_debugregs>(0xa1), "KVM_GET_DEBUGREGS"),
+        (kvm_ioc(0, 0xa3, 0), "KVM_GET_TSC_KHZ"),
+        (kvm_ior::<kvm_xsave>(0xa4), "KVM_GET_XSAVE"),
+        (kvm_ior::<kvm_xcrs>(0xa6), "KVM_GET_XCRS"),
+    ]
+};
+
+/// What the control thread reads of the VM for a snapshot (crate::snapshot::cpu::VmState).
+const VM_SNAPSHOT_IOCTLS: [(u64, &str); 3] = {
+    use kvm_bindings::*;
+    [
+        (kvm_iowr::<kvm_irqchip>(0x62), "KVM_GET_IRQCHIP"),
+        (kvm_ior::<kvm_clock_data>(0x7c), "KVM_GET_CLOCK"),
+        (kvm_ior::<kvm_pit_state2>(0x9f), "KVM_GET_PIT2"),
+    ]
+};
 const SOL_SOCKET: u64 = libc::SOL_SOCKET as u64;
 const SO_RCVTIMEO: u64 = libc::SO_RCVTIMEO as u64;
 const FIONBIO: u64 = libc::FIONBIO;
@@ -283,6 +356,8 @@ const LOCK_UN: u64 = libc::LOCK_UN as u64;
 const O_ACCMODE: u64 = libc::O_ACCMODE as u64;
 const O_RDONLY: u64 = libc::O_RDONLY as u64;
 const O_WRONLY: u64 = libc::O_WRONLY as u64;
+const O_CREAT: u64 = libc::O_CREAT as u64;
+const O_EXCL: u64 = libc::O_EXCL as u64;
 const F_GETFD: u64 = libc::F_GETFD as u64;
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 
@@ -734,6 +809,40 @@ extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The snapshot ioctls' numbers, as `<linux/kvm.h>` gives them on x86_64.
+    #[test]
+    fn snapshot_ioctl_numbers_match_the_kernel_headers() {
+        let expected = [
+            ("KVM_GET_REGS", 0x8090_ae81),
+            ("KVM_GET_SREGS", 0x8138_ae83),
+            ("KVM_GET_MSRS", 0xc008_ae88),
+            ("KVM_GET_FPU", 0x81a0_ae8c),
+            ("KVM_GET_LAPIC", 0x8400_ae8e),
+            ("KVM_GET_CPUID2", 0xc008_ae91),
+            ("KVM_GET_MP_STATE", 0x8004_ae98),
+            ("KVM_GET_VCPU_EVENTS", 0x8040_ae9f),
+            ("KVM_GET_DEBUGREGS", 0x8080_aea1),
+            ("KVM_GET_TSC_KHZ", 0xaea3),
+            ("KVM_GET_XSAVE", 0x9000_aea4),
+            ("KVM_GET_XCRS", 0x8188_aea6),
+            ("KVM_GET_IRQCHIP", 0xc208_ae62),
+            ("KVM_GET_CLOCK", 0x8030_ae7c),
+            ("KVM_GET_PIT2", 0x8070_ae9f),
+        ];
+        let ours: Vec<(&str, u64)> = VCPU_SNAPSHOT_IOCTLS
+            .iter()
+            .chain(&VM_SNAPSHOT_IOCTLS)
+            .map(|&(nr, name)| (name, nr))
+            .collect();
+        for (name, nr) in expected {
+            assert!(
+                ours.contains(&(name, nr)),
+                "{name} is not {nr:#x} in {ours:x?}"
+            );
+        }
+        assert_eq!(ours.len(), expected.len());
+    }
 
     #[test]
     fn every_filter_compiles_to_bpf() {

@@ -11,9 +11,13 @@
 //! vCPU tells KVM it was stopped (`KVM_KVMCLOCK_CTRL`) before it runs again, so the guest's
 //! watchdogs do not take the pause for a hung CPU; kvmclock itself keeps counting host time,
 //! so the guest's clocks stay right across the pause.
+//!
+//! **Work while parked.** A parked vCPU thread also runs the [`VcpuCommand`]s sent to it, each
+//! time [`RunGate::notify`] wakes it (or at the latest after its periodic re-check): that is how
+//! a snapshot reads each vCPU's state on the vCPU's own thread, outside `KVM_RUN`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +31,7 @@ use super::devices::bus::Bus;
 use super::exit::VmEvent;
 use super::seccomp::{self, ThreadKind};
 use super::signals;
+use super::snapshot::{self, VcpuCommand};
 use super::x86_64::{cpuid, lapic, msr, regs};
 
 /// Errors from configuring a vCPU.
@@ -226,9 +231,23 @@ impl RunGate {
         }
     }
 
+    /// Wakes the parked vCPU threads without opening the gate, so each runs the work waiting
+    /// for it (see `RunGate::park_with`) and parks again.
+    pub fn notify(&self) {
+        let _state = self.lock();
+        self.changed.notify_all();
+    }
+
     /// On a vCPU thread: parks while the gate is closed and `stop` is not set. `true` when the
     /// thread did park.
     pub(crate) fn park(&self, stop: &AtomicBool) -> bool {
+        self.park_with(stop, || {})
+    }
+
+    /// [`RunGate::park`], calling `work` (without the lock) once parked and each time the
+    /// thread wakes while the gate stays closed: how a parked vCPU thread runs commands on its
+    /// own vCPU (see [`crate::snapshot::VcpuCommand`]).
+    pub(crate) fn park_with(&self, stop: &AtomicBool, mut work: impl FnMut()) -> bool {
         if !self.is_closed() {
             return false;
         }
@@ -239,6 +258,12 @@ impl RunGate {
         state.parked += 1;
         self.changed.notify_all();
         while state.closed && !stop.load(Ordering::Acquire) {
+            drop(state);
+            work();
+            state = self.lock();
+            if !state.closed || stop.load(Ordering::Acquire) {
+                break;
+            }
             state = self
                 .changed
                 .wait_timeout(state, PARK_RECHECK)
@@ -272,6 +297,8 @@ pub struct VcpuRunner {
     pub mem: GuestMemoryMmap<()>,
     /// Where the vCPU parks while the VM is paused.
     pub gate: Arc<RunGate>,
+    /// Work for the vCPU's own thread while it is parked (saving its state for a snapshot).
+    pub commands: Option<Receiver<VcpuCommand>>,
 }
 
 impl VcpuRunner {
@@ -284,7 +311,14 @@ impl VcpuRunner {
         unsafe { signals::set_thread_kvm_run(run_page) };
         let mut unhandled: u64 = 0;
         while !self.stop.load(Ordering::Acquire) {
-            if self.gate.park(&self.stop) {
+            let (vcpu, index) = (&self.vcpu, self.index);
+            let parked = match &self.commands {
+                Some(commands) => self
+                    .gate
+                    .park_with(&self.stop, || snapshot::run_pending(commands, vcpu, index)),
+                None => self.gate.park(&self.stop),
+            };
+            if parked {
                 // Tell the guest's kvmclock it was stopped, so its watchdogs do not report the
                 // pause as a soft lockup. EINVAL: the guest does not use kvmclock.
                 if let Err(e) = self.vcpu.kvmclock_ctrl()

@@ -9,6 +9,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use super::bus::BusDevice;
 
 /// First port of the range the device is inserted at.
@@ -55,6 +57,32 @@ enum PendingWrite {
     OutputPort,
 }
 
+/// The controller's registers, for a snapshot ([`crate::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// Status register (without the output-full bit, which follows `out`).
+    pub status: u8,
+    /// Control byte.
+    pub control: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// What the next data-port write means: 0 nothing, 1 the control byte, 2 the output port.
+    pub pending: u8,
+    /// Bytes waiting for the guest to read (at most 16).
+    pub out: Vec<u8>,
+}
+
+/// An [`I8042State`] the controller cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum I8042StateError {
+    /// The pending-write code is not 0, 1 or 2.
+    #[error("i8042 state: pending write {0} is not 0, 1 or 2")]
+    Pending(u8),
+    /// More bytes wait than the controller holds.
+    #[error("i8042 state: {0} bytes wait, more than {FIFO_LIMIT}")]
+    Fifo(usize),
+}
+
 /// The i8042 controller. `on_reset` runs once per reset request the guest makes.
 pub struct I8042 {
     status: u8,
@@ -85,6 +113,40 @@ impl I8042 {
             out: VecDeque::new(),
             on_reset,
         }
+    }
+
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending: match self.pending {
+                PendingWrite::None => 0,
+                PendingWrite::Control => 1,
+                PendingWrite::OutputPort => 2,
+            },
+            out: self.out.iter().copied().collect(),
+        }
+    }
+
+    /// Takes the registers of `state` (a restore); nothing changes when it is refused.
+    pub fn set_state(&mut self, state: &I8042State) -> Result<(), I8042StateError> {
+        let pending = match state.pending {
+            0 => PendingWrite::None,
+            1 => PendingWrite::Control,
+            2 => PendingWrite::OutputPort,
+            other => return Err(I8042StateError::Pending(other)),
+        };
+        if state.out.len() > FIFO_LIMIT {
+            return Err(I8042StateError::Fifo(state.out.len()));
+        }
+        self.status = state.status & !STATUS_OUTPUT_FULL;
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending = pending;
+        self.out = state.out.iter().copied().collect();
+        Ok(())
     }
 
     fn push(&mut self, byte: u8) {
@@ -221,5 +283,34 @@ mod tests {
         }
         assert_eq!(dev.out.len(), FIFO_LIMIT);
         assert_eq!(resets.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_state_carries_over_to_a_new_controller() {
+        let (mut dev, _) = device();
+        dev.write(4, &[0x60]);
+        dev.write(0, &[0x11]);
+        dev.write(4, &[0xaa]);
+        dev.write(4, &[0xd1]);
+        let state = dev.state();
+        assert_eq!((state.pending, state.out.as_slice()), (2, &[0x55][..]));
+        let (mut other, resets) = device();
+        other.set_state(&state).unwrap();
+        assert_eq!(other.state(), state);
+        assert_eq!(read(&mut other, 0), 0x55);
+        // The pending output-port write goes on where it was: clearing the reset line resets.
+        other.write(0, &[0x02]);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+
+        let bad = I8042State {
+            pending: 3,
+            ..state.clone()
+        };
+        assert_eq!(other.set_state(&bad), Err(I8042StateError::Pending(3)));
+        let bad = I8042State {
+            out: vec![0; FIFO_LIMIT + 1],
+            ..state
+        };
+        assert_eq!(other.set_state(&bad), Err(I8042StateError::Fifo(17)));
     }
 }

@@ -1,0 +1,307 @@
+//! A snapshot restored into a fresh `nanoclaw-vmm` process.
+//!
+//! The test runs a real-mode guest of two vCPUs on its own thread (each vCPU a loop that counts
+//! in a memory word of its own and in its EBX and writes port 0x80 each pass, so `KVM_RUN`
+//! returns to the test often), stops it between two runs, saves it with the library, and starts the VMM binary with `--restore` and
+//! `--restore-paused`. Through the control socket it then takes a snapshot of the restored,
+//! still paused VM (which must equal the saved state), resumes it, pauses it again and takes
+//! another (the guest must have counted on from the saved count), and stops the VMM with
+//! SIGTERM. The VMM runs with every seccomp filter installed, as in production.
+//!
+//! Needs `/dev/kvm`; without it, or where the host's KVM refuses an ioctl, the test says which
+//! and stops there.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, kvm_mp_state,
+    kvm_pit_config,
+};
+use kvm_ioctls::{Kvm, VcpuExit};
+use nanoclaw_vmm::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use nanoclaw_vmm::snapshot::{
+    self, DeviceStates, HostSupport, MemoryState, SnapshotState, VcpuState, VmState, format,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+/// vCPU `i`'s loop is at `CODE + i * 0x100` and counts at `COUNTER + 4 * i`.
+const CODE: u64 = 0x1000;
+const COUNTER: u64 = 0x500;
+const LOOP_LEN: u64 = 11;
+const VCPUS: u8 = 2;
+const MEM_MIB: u64 = 64;
+/// Passes each vCPU makes before the guest is saved.
+const PASSES: u32 = 2000;
+
+/// `inc dword [counter]; inc ebx; out 0x80, al; jmp short back to the start`.
+fn guest_loop(counter: u64) -> [u8; LOOP_LEN as usize] {
+    let [lo, hi] = (counter as u16).to_le_bytes();
+    [0x66, 0xff, 0x06, lo, hi, 0x66, 0x43, 0xe6, 0x80, 0xeb, 0xf5]
+}
+
+fn code(cpu: u8) -> u64 {
+    CODE + u64::from(cpu) * 0x100
+}
+
+fn counter_addr(cpu: u8) -> u64 {
+    COUNTER + 4 * u64::from(cpu)
+}
+
+/// Runs the guest for [`PASSES`] passes and writes its snapshot into `dir`. `Err` names what
+/// the host refused.
+fn make_snapshot(dir: &Path) -> Result<Vec<(u32, u64)>, String> {
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(|e| format!("KVM_SET_TSS_ADDR: {e}"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(|e| format!("KVM_SET_IDENTITY_MAP_ADDR: {e}"))?;
+    vm.create_irq_chip()
+        .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(|e| format!("KVM_CREATE_PIT2: {e}"))?;
+    let mem = nanoclaw_vmm::memory::create_guest_memory(MEM_MIB << 20).unwrap();
+    nanoclaw_vmm::memory::register_guest_memory(&vm, &mem).map_err(|e| format!("{e}"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    let host = HostSupport::probe(&kvm, &vm).map_err(|e| e.to_string())?;
+    let mut vcpus = Vec::new();
+    for cpu in 0..VCPUS {
+        let vcpu = vm
+            .create_vcpu(u64::from(cpu))
+            .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+        mem.write_slice(&guest_loop(counter_addr(cpu)), GuestAddress(code(cpu)))
+            .unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
+            seg.base = 0;
+            seg.selector = 0;
+        }
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = code(cpu);
+        regs.rflags = 2;
+        regs.rbx = 0;
+        vcpu.set_regs(&regs).unwrap();
+        // An application processor waits for INIT and SIPI; this one runs at once.
+        vcpu.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(|e| format!("KVM_SET_MP_STATE: {e}"))?;
+        vcpus.push(vcpu);
+    }
+
+    // Each pass exits once, on the port write; the vCPUs take turns on this thread.
+    for _ in 0..PASSES {
+        for vcpu in &mut vcpus {
+            match vcpu.run() {
+                Ok(VcpuExit::IoOut(0x80, _)) => {}
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+    }
+    let mut saved = Vec::new();
+    let mut vcpu_states = Vec::new();
+    for (cpu, vcpu) in (0..VCPUS).zip(&vcpus) {
+        let counter: u32 = mem.read_obj(GuestAddress(counter_addr(cpu))).unwrap();
+        assert_eq!(counter, PASSES);
+        let state = VcpuState::capture(vcpu, cpu, &host).map_err(|e| format!("{e}"))?;
+        saved.push((counter, state.regs.rbx));
+        vcpu_states.push(state);
+    }
+    let vm_state = VmState::capture(&vm).map_err(|e| format!("{e}"))?;
+    std::fs::create_dir(dir).unwrap();
+    snapshot::memory::write_memory(&dir.join(snapshot::MEMORY_FILE), &mem).unwrap();
+    let state = SnapshotState {
+        vmm_version: "test".into(),
+        memory: MemoryState::of(&mem),
+        vcpus: vcpu_states,
+        vm: vm_state,
+        devices: devices(),
+    };
+    format::write_file(&dir.join(snapshot::STATE_FILE), &state).unwrap();
+    Ok(saved)
+}
+
+/// The devices the saved VM had: not at power-on, so the restore has to carry them over.
+fn devices() -> DeviceStates {
+    let mut devices = DeviceStates::power_on();
+    devices.serial.scratch = 0x5a;
+    devices.serial.line_control = 0x03;
+    devices.serial.in_buffer = b"in".to_vec();
+    devices.i8042.control = 0x11;
+    devices.i8042.out = vec![0x55];
+    devices
+}
+
+/// One request on the control socket, one JSON answer back.
+fn control(vm_dir: &Path, request: &str) -> serde_json::Value {
+    let mut stream = UnixStream::connect(vm_dir.join("control.sock")).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"))
+}
+
+/// Each vCPU's counter in memory, EBX and RIP in the snapshot `name` inside `vm_dir`.
+fn read_back(vm_dir: &Path, name: &str) -> Vec<(u32, u64, u64)> {
+    let dir = vm_dir.join(name);
+    let state: SnapshotState = format::read_file(&dir.join(snapshot::STATE_FILE)).unwrap();
+    assert_eq!(state.devices, devices(), "the devices changed in {name}");
+    let mem = nanoclaw_vmm::memory::create_guest_memory(MEM_MIB << 20).unwrap();
+    snapshot::memory::read_memory(&dir.join(snapshot::MEMORY_FILE), &state.memory, &mem).unwrap();
+    assert_eq!(state.vcpus.len(), usize::from(VCPUS));
+    (0..VCPUS)
+        .zip(&state.vcpus)
+        .map(|(cpu, v)| {
+            assert_eq!(v.index, cpu);
+            let counter: u32 = mem.read_obj(GuestAddress(counter_addr(cpu))).unwrap();
+            (counter, v.regs.rbx, v.regs.rip)
+        })
+        .collect()
+}
+
+struct Vmm(Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm_dir = tmp.path().join("vm");
+    std::fs::create_dir(&vm_dir).unwrap();
+    let snap = vm_dir.join("saved");
+    let saved = match make_snapshot(&snap) {
+        Ok(saved) => saved,
+        Err(why) => {
+            eprintln!("SKIPPED a_snapshot_restores_into_a_fresh_vmm_process_and_runs_on: {why}");
+            return;
+        }
+    };
+
+    // Without device state, a restore must be asked for as such.
+    let refused = Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
+        .arg("--vm-dir")
+        .arg(&vm_dir)
+        .args([
+            "--memory-mib",
+            &MEM_MIB.to_string(),
+            "--vcpus",
+            &VCPUS.to_string(),
+        ])
+        .arg("--restore")
+        .arg(&snap)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not save virtio device state"), "{err}");
+    // Nor into a VM of another size.
+    let refused = Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
+        .arg("--vm-dir")
+        .arg(&vm_dir)
+        .args(["--memory-mib", "128", "--vcpus", &VCPUS.to_string()])
+        .arg("--restore-without-devices")
+        .arg("--restore")
+        .arg(&snap)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("guest memory"), "{err}");
+
+    let child = Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
+        .arg("--vm-dir")
+        .arg(&vm_dir)
+        .args([
+            "--memory-mib",
+            &MEM_MIB.to_string(),
+            "--vcpus",
+            &VCPUS.to_string(),
+        ])
+        .arg("--restore")
+        .arg(&snap)
+        .args(["--restore-paused", "--restore-without-devices"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vmm = Vmm(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while control_ready(&vm_dir).is_none() {
+        if let Some(status) = vmm.0.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(vmm.0.stderr.as_mut().unwrap(), &mut err);
+            panic!("the VMM exited with {status}: {err}");
+        }
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Restored paused: the state is the saved one.
+    assert_eq!(control(&vm_dir, r#"{"op":"state"}"#)["state"], "paused");
+    let answer = control(&vm_dir, r#"{"op":"snapshot","dir":"at-start"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    for (cpu, (&(counter, rbx, rip), &(saved_counter, saved_rbx))) in
+        (0..VCPUS).zip(read_back(&vm_dir, "at-start").iter().zip(&saved))
+    {
+        assert_eq!((counter, rbx), (saved_counter, saved_rbx), "vCPU {cpu}");
+        assert!(
+            (code(cpu)..code(cpu) + LOOP_LEN).contains(&rip),
+            "vCPU {cpu}"
+        );
+    }
+
+    // Resumed, it counts on from there.
+    assert_eq!(control(&vm_dir, r#"{"op":"resume"}"#)["state"], "running");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(control(&vm_dir, r#"{"op":"pause"}"#)["state"], "paused");
+    let answer = control(&vm_dir, r#"{"op":"snapshot","dir":"later"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["snapshot"]["memory_bytes"], MEM_MIB << 20);
+    let later = read_back(&vm_dir, "later");
+    for (cpu, (&(counter, rbx, _), &(saved_counter, saved_rbx))) in
+        (0..VCPUS).zip(later.iter().zip(&saved))
+    {
+        assert!(
+            counter > saved_counter && rbx > saved_rbx,
+            "vCPU {cpu} did not count on: {saved_counter} -> {counter}"
+        );
+        assert!(
+            counter == rbx as u32 || counter == rbx as u32 + 1,
+            "vCPU {cpu}: counters out of step: {counter} and {rbx}"
+        );
+    }
+
+    // SIGTERM stops it with exit code 13, and no forbidden syscall on the way.
+    // SAFETY: kill(2) on our own child's pid, which has not been reaped (Vmm's drop reaps it).
+    unsafe { libc::kill(vmm.0.id() as i32, libc::SIGTERM) };
+    let status = vmm.0.wait().unwrap();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(vmm.0.stderr.as_mut().unwrap(), &mut err);
+    assert_eq!(status.code(), Some(13), "{err}");
+    eprintln!("restored process: counts {saved:?} -> {later:?}");
+}
+
+fn control_ready(vm_dir: &Path) -> Option<()> {
+    UnixStream::connect(vm_dir.join("control.sock")).ok()?;
+    Some(())
+}
