@@ -75,7 +75,8 @@
 //!
 //! # Not yet saved
 //! Virtio device state is not saved (see [`NOT_SAVED`], [`VirtioStates::NotSaved`]): the
-//! virtio-mmio transports and their queues (vsock, each disk), and the vsock connections, which
+//! virtio-mmio transports and their queues (vsock, each disk, the network device and a received
+//! frame it holds), and the vsock connections, which
 //! a restore would reset with `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`. A VM whose guest had not
 //! set up any virtio device restores whole; one whose guest had would find its devices reset,
 //! so [`crate::machine::Vmm`] refuses to restore a snapshot without virtio state unless asked to
@@ -123,8 +124,7 @@ pub const STATE_FILE: &str = "state.bin";
 /// The memory file's name inside a snapshot folder.
 pub const MEMORY_FILE: &str = "memory.bin";
 /// What this format does not save yet.
-pub const NOT_SAVED: &str =
-    "virtio device state (the virtio-mmio transports and queues of vsock and the disks)";
+pub const NOT_SAVED: &str = "virtio device state (the virtio-mmio transports and queues of vsock, the disks and the network device)";
 /// Longest snapshot folder name the control socket accepts.
 pub const MAX_NAME_LEN: usize = 255;
 
