@@ -76,8 +76,8 @@
 //! # Not yet saved
 //! Virtio device state is not saved (see [`NOT_SAVED`], [`VirtioStates::NotSaved`]): the
 //! virtio-mmio transports and their queues (vsock, each disk, the network device and a received
-//! frame it holds), and the vsock connections, which
-//! a restore would reset with `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`. A VM whose guest had not
+//! frame it holds), and the vsock connections, which a restore would reset with
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`. A VM whose guest had not
 //! set up any virtio device restores whole; one whose guest had would find its devices reset,
 //! so [`crate::machine::Vmm`] refuses to restore a snapshot without virtio state unless asked to
 //! explicitly ([`SnapshotError::DeviceStateNotSaved`]). The virtio devices' threads also keep
