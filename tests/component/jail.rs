@@ -184,3 +184,68 @@ fn without_root_the_jail_is_refused_and_nothing_runs() {
         "{err}"
     );
 }
+
+#[test]
+fn a_jailed_vmm_attaches_its_tap_before_the_jail_and_keeps_no_tun_device() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: entering the jail needs root");
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: no /dev/net/tun");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["bzImage", "initramfs"] {
+        std::fs::write(dir.path().join(f), b"not booted").unwrap();
+    }
+    // The VMM starts in a network namespace of its own that holds `tap` (as the daemon will
+    // start it in the VM's namespace), made here by `unshare --net` and `ip`.
+    let run = |tap: &str, make_it: bool| {
+        let make = if make_it {
+            format!("ip tuntap add dev {tap} mode tap && ip link set dev {tap} up && ")
+        } else {
+            String::new()
+        };
+        Command::new("unshare")
+            .args([
+                "--net",
+                "--",
+                "sh",
+                "-c",
+                &format!("{make}exec \"$0\" \"$@\""),
+            ])
+            .arg(vmm_bin())
+            .arg("--kernel")
+            .arg(dir.path().join("bzImage"))
+            .arg("--initrd")
+            .arg(dir.path().join("initramfs"))
+            .arg("--vm-dir")
+            .arg(dir.path().join("vm"))
+            .args(["--net", &format!("tap={tap},mac=02:00:00:00:00:01")])
+            .args(["--jail-uid", "1000779", "--jail-gid", "1000779"])
+            .args(["--jail-probe", "/dev/net/tun"])
+            .output()
+            .unwrap()
+    };
+    let out = run("nc-jail-tap0", true);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Attached before the jail; inside it there is no tun device to attach to another TAP.
+    assert!(
+        stdout.contains("PROBE /dev/net/tun No such file"),
+        "{stdout}\n{stderr}"
+    );
+
+    // A TAP that is not there is a setup error, before the jail, and none is created.
+    let out = run("nc-jail-none", false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no network interface \"nc-jail-none\""),
+        "{stderr}"
+    );
+}

@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::devices::virtio::{BlockMetricsSnapshot, VsockMetricsSnapshot};
+use crate::devices::virtio::{BlockMetricsSnapshot, NetMetricsSnapshot, VsockMetricsSnapshot};
 
 /// Exit code for a VM that could not be set up.
 pub const SETUP_ERROR_EXIT_CODE: i32 = 1;
@@ -151,6 +151,9 @@ pub struct ExitReport {
     /// The vsock device's counters; left out when the VM had no vsock device.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockMetricsSnapshot>,
+    /// The network device's counters; left out when the VM had no network device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetMetricsSnapshot>,
 }
 
 impl ExitReport {
@@ -162,6 +165,7 @@ impl ExitReport {
             boot_to_ready_ms,
             disks: Vec::new(),
             vsock: None,
+            net: None,
         }
     }
 
@@ -174,6 +178,14 @@ impl ExitReport {
     pub fn with_vsock(self, vsock: VsockMetricsSnapshot) -> Self {
         Self {
             vsock: Some(vsock),
+            ..self
+        }
+    }
+
+    /// The report with the network device's counters.
+    pub fn with_net(self, net: NetMetricsSnapshot) -> Self {
+        Self {
+            net: Some(net),
             ..self
         }
     }
@@ -306,5 +318,21 @@ mod tests {
         assert_eq!(v["vsock"]["credit_violations"], 1);
         assert_eq!(v["vsock"]["rst_queue_overflows"], 0);
         assert!(v.get("disks").is_none(), "no disks, no disk records: {v}");
+        assert!(v.get("net").is_none(), "no network device, no record: {v}");
+
+        let net = NetMetricsSnapshot {
+            tx_frames: 5,
+            rx_oversized: 2,
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(
+            &ExitReport::new(ExitReason::Reset, None)
+                .with_net(net)
+                .to_json(),
+        )
+        .unwrap();
+        assert_eq!(v["net"]["tx_frames"], 5);
+        assert_eq!(v["net"]["rx_oversized"], 2);
+        assert_eq!(v["net"]["tx_oversized"], 0);
     }
 }

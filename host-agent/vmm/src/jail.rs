@@ -6,7 +6,9 @@
 //!
 //! 1. joins the given cgroups (cpu, memory and pids limits the daemon wrote there);
 //! 2. unshares the mount, pid, ipc, uts and network namespaces (the new network namespace has
-//!    only a loopback device that is down, so no host TCP port can be reached);
+//!    only a loopback device that is down, so no host TCP port can be reached; a network
+//!    device's TAP was attached by `main` before [`enter`], in the namespace the VMM started
+//!    in, and stays reachable only through that one descriptor);
 //! 3. makes every mount private, bind-mounts the VM's folder onto itself, and inside it:
 //!    the kernel, the initramfs and each disk (read-only unless the disk is writable), and a
 //!    small tmpfs on `dev/` holding one `kvm` node owned by the jail's uid;
@@ -752,6 +754,7 @@ mod tests {
             console: crate::ConsoleTarget::Stdout,
             console_cap: 1 << 20,
             disks: Vec::new(),
+            net: None,
             restore: restore.map(|dir| crate::snapshot::RestoreConfig {
                 dir: dir.to_path_buf(),
                 paused: false,

@@ -72,12 +72,12 @@ pub const VIRTIO_MMIO_SLOTS: u32 = MAX_GSI - VIRTIO_FIRST_GSI + 1;
 /// | --- | --- |
 /// | 0 | virtio-vsock |
 /// | 1 ..= [`MAX_DISKS`](crate::MAX_DISKS) | virtio-blk, in `VmConfig::disks` order (`/dev/vda` first) |
-/// | [`NIC_MMIO_SLOT`] | reserved for a network device |
+/// | [`NIC_MMIO_SLOT`] | the network device (`--net`), when there is one |
 /// | the rest | free |
 pub const VSOCK_MMIO_SLOT: u32 = 0;
 /// First block-device slot; disk `i` uses `FIRST_DISK_MMIO_SLOT + i`.
 pub const FIRST_DISK_MMIO_SLOT: u32 = 1;
-/// Slot kept for a future network device, past the last disk.
+/// The network device's slot, past the last disk.
 pub const NIC_MMIO_SLOT: u32 = FIRST_DISK_MMIO_SLOT + crate::MAX_DISKS as u32;
 
 // Every planned slot has a routable GSI.

@@ -2,16 +2,17 @@
 //!
 //! [`run`] takes a validated [`VmConfig`], builds the VM ([`Vmm::new`]: KVM, guest memory, the
 //! in-kernel irqchip and PIT, the serial console, the i8042 reset line, virtio-vsock, one
-//! virtio-blk device per disk, the kernel, initramfs, zero page and MP table, every vCPU's
-//! registers), runs it on one thread per vCPU
+//! virtio-blk device per disk, an optional virtio-net device on a TAP, the kernel, initramfs,
+//! zero page and MP table, every vCPU's registers), runs it on one thread per vCPU
 //! ([`Vmm::run`]) until the guest resets, powers off or panics, a vCPU fails or a signal arrives,
 //! and records the outcome in `<vm-dir>/exit.json`. The `nanoclaw-vmm` binary is a thin shell
 //! around it.
 //!
 //! # Layout
 //! - [`devices`]: the emulated devices and the buses that route guest I/O to them: serial,
-//!   i8042, and over virtio-mmio, vsock ([`devices::virtio::vsock`]) and the file-backed
-//!   block device ([`devices::virtio::block`]).
+//!   i8042, and over virtio-mmio, vsock ([`devices::virtio::vsock`]), the file-backed
+//!   block device ([`devices::virtio::block`]) and the TAP-backed network device
+//!   ([`devices::virtio::net`]).
 //! - [`layout`]: the guest physical address map and the e820 map.
 //! - [`memory`]: guest RAM and its KVM memory slots.
 //! - [`boot`]: kernel, initramfs, command line and zero page.
@@ -47,7 +48,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub use exit::{ExitReason, ExitReport};
-pub use machine::{Vmm, VmmError};
+pub use machine::{HostDevices, Vmm, VmmError};
 
 /// Fewest MiB of guest RAM accepted.
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -171,6 +172,117 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// Longest network interface name, in bytes (`IFNAMSIZ` less the NUL).
+pub const MAX_TAP_NAME_LEN: usize = 15;
+
+/// The VM's network device: a TAP the daemon made, and the MAC address the guest gets.
+///
+/// The VMM opens the TAP by name in the network namespace it was started in, before it enters
+/// its jail (see [`HostDevices::open`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface: 1 to 15 ASCII letters, digits, `-`, `_` or `.`, not `.` or `..`.
+    pub tap: String,
+    /// The guest's MAC address: unicast (bit 0 of the first byte clear) and not all zero.
+    pub mac: [u8; 6],
+}
+
+impl NetConfig {
+    /// Whether `name` is acceptable as a TAP name (a subset of what Linux accepts).
+    pub fn is_valid_tap_name(name: &str) -> bool {
+        (1..=MAX_TAP_NAME_LEN).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    }
+
+    /// Whether `mac` can be a NIC's own address: unicast and not all zero.
+    pub fn is_valid_mac(mac: &[u8; 6]) -> bool {
+        mac[0] & 1 == 0 && mac.iter().any(|&b| b != 0)
+    }
+
+    /// Parses `aa:bb:cc:dd:ee:ff` (hex digits, either case); `None` for anything else.
+    pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut mac {
+            let part = parts.next()?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            *byte = u8::from_str_radix(part, 16).ok()?;
+        }
+        parts.next().is_none().then_some(mac)
+    }
+
+    /// The MAC address as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        let m = self.mac;
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// A `--net` value that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetSpecError {
+    /// An option is neither `tap=NAME` nor `mac=MAC`.
+    #[error("unknown net option {0:?} (expected tap=NAME or mac=MAC)")]
+    UnknownOption(String),
+    /// An option was given twice.
+    #[error("net option {0:?} given twice")]
+    Repeated(&'static str),
+    /// `tap=` is missing.
+    #[error("net spec needs tap=NAME")]
+    MissingTap,
+    /// `mac=` is missing.
+    #[error("net spec needs mac=MAC")]
+    MissingMac,
+    /// The TAP name is not 1 to 15 of ASCII letters, digits, `-_.`.
+    #[error("TAP name {0:?} must be 1 to 15 ASCII letters, digits, '-', '_' or '.'")]
+    BadTapName(String),
+    /// The MAC is not six colon-separated hex bytes, or is multicast or all zero.
+    #[error("MAC {0:?} must be six hex bytes like 02:00:00:00:00:01, unicast and not all zero")]
+    BadMac(String),
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = NetSpecError;
+
+    /// Parses `tap=NAME,mac=MAC` (in either order).
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut tap = None;
+        let mut mac = None;
+        for opt in spec.split(',') {
+            if let Some(name) = opt.strip_prefix("tap=") {
+                if !NetConfig::is_valid_tap_name(name) {
+                    return Err(NetSpecError::BadTapName(name.to_owned()));
+                }
+                if tap.replace(name.to_owned()).is_some() {
+                    return Err(NetSpecError::Repeated("tap"));
+                }
+            } else if let Some(text) = opt.strip_prefix("mac=") {
+                let parsed = NetConfig::parse_mac(text)
+                    .filter(NetConfig::is_valid_mac)
+                    .ok_or_else(|| NetSpecError::BadMac(text.to_owned()))?;
+                if mac.replace(parsed).is_some() {
+                    return Err(NetSpecError::Repeated("mac"));
+                }
+            } else {
+                return Err(NetSpecError::UnknownOption(opt.to_owned()));
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or(NetSpecError::MissingTap)?,
+            mac: mac.ok_or(NetSpecError::MissingMac)?,
+        })
+    }
+}
+
 /// Everything needed to boot one microVM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -194,6 +306,8 @@ pub struct VmConfig {
     pub console_cap: u64,
     /// Disks, in the order the guest enumerates them (`/dev/vda` first).
     pub disks: Vec<DiskConfig>,
+    /// The network device, if any.
+    pub net: Option<NetConfig>,
     /// Start from this snapshot instead of booting the kernel (which is then not read).
     pub restore: Option<snapshot::RestoreConfig>,
 }
@@ -255,6 +369,12 @@ pub enum ConfigError {
     /// A disk id is empty, too long or has characters other than ASCII letters, digits, `-_.`.
     #[error("disk id {0:?} must be 1 to 20 ASCII letters, digits, '-', '_' or '.'")]
     DiskId(String),
+    /// The TAP name is not 1 to 15 of ASCII letters, digits, `-_.`.
+    #[error("TAP name {0:?} must be 1 to 15 ASCII letters, digits, '-', '_' or '.'")]
+    TapName(String),
+    /// The MAC address is multicast or all zero.
+    #[error("MAC address must be unicast and not all zero")]
+    Mac,
 }
 
 impl VmConfig {
@@ -322,6 +442,14 @@ impl VmConfig {
                 return Err(ConfigError::DiskId(id.clone()));
             }
         }
+        if let Some(net) = &self.net {
+            if !NetConfig::is_valid_tap_name(&net.tap) {
+                return Err(ConfigError::TapName(net.tap.clone()));
+            }
+            if !NetConfig::is_valid_mac(&net.mac) {
+                return Err(ConfigError::Mac);
+            }
+        }
         Ok(())
     }
 
@@ -336,8 +464,9 @@ impl VmConfig {
     }
 }
 
-/// Boots the VM described by `config` and runs it to its end. `process_start` is when the VMM
-/// process started (the "boot to ready" timer's origin). Writes `<vm-dir>/exit.json` and returns
+/// Boots the VM described by `config` and runs it to its end. `host` holds the host devices
+/// opened before the jail ([`HostDevices::open`]); `process_start` is when the VMM process
+/// started (the "boot to ready" timer's origin). Writes `<vm-dir>/exit.json` and returns
 /// the same report; the caller exits with [`ExitReport::exit_code`].
 ///
 /// Call this from the process's main thread before spawning other threads: it blocks SIGTERM
@@ -345,14 +474,18 @@ impl VmConfig {
 /// (and the main thread itself, once it has started them all) runs under its seccomp filter
 /// ([`seccomp`]). A stale `exit.json` is truncated here: the `SIGSYS` handler's record is opened
 /// before any thread exists.
-pub fn run(config: &VmConfig, process_start: Instant) -> Result<ExitReport, VmmError> {
+pub fn run(
+    config: &VmConfig,
+    host: HostDevices,
+    process_start: Instant,
+) -> Result<ExitReport, VmmError> {
     config.validate().map_err(VmmError::Config)?;
     seccomp::prepare(&config.vm_dir).map_err(VmmError::Seccomp)?;
     signals::block_termination_signals().map_err(VmmError::Signals)?;
     signals::install_kick_handler().map_err(VmmError::Signals)?;
     let (events_tx, events_rx) = std::sync::mpsc::channel();
     signals::spawn_termination_waiter(events_tx.clone()).map_err(VmmError::Signals)?;
-    let vmm = Vmm::new(config, process_start, events_tx)?;
+    let vmm = Vmm::new(config, host, process_start, events_tx)?;
     let report = vmm.run(events_rx);
     tracing::debug!("VM torn down");
     report
@@ -394,6 +527,7 @@ mod tests {
             console: ConsoleTarget::Stdout,
             console_cap: DEFAULT_CONSOLE_CAP,
             disks: Vec::new(),
+            net: None,
             restore: None,
         }
     }
@@ -557,5 +691,85 @@ mod tests {
             Err(DiskSpecError::BadId("abcdefghijklmnopqrstu".into()))
         );
         assert_eq!(parse("a,id=a/b"), Err(DiskSpecError::BadId("a/b".into())));
+    }
+
+    #[test]
+    fn net_specs_parse_into_configs_or_typed_errors() {
+        let parse = |s: &str| s.parse::<NetConfig>();
+        let n = parse("tap=nc-tap0,mac=02:00:0A:ff:00:01").unwrap();
+        assert_eq!(n.tap, "nc-tap0");
+        assert_eq!(n.mac, [0x02, 0x00, 0x0a, 0xff, 0x00, 0x01]);
+        assert_eq!(n.mac_string(), "02:00:0a:ff:00:01");
+        assert_eq!(parse("mac=02:00:00:00:00:01,tap=t").unwrap().tap, "t");
+        assert_eq!(
+            parse("tap=abcdefghijklmno,mac=02:00:00:00:00:01")
+                .unwrap()
+                .tap
+                .len(),
+            MAX_TAP_NAME_LEN
+        );
+
+        assert_eq!(
+            parse("mac=02:00:00:00:00:01"),
+            Err(NetSpecError::MissingTap)
+        );
+        assert_eq!(parse("tap=t"), Err(NetSpecError::MissingMac));
+        assert_eq!(
+            parse("tap=t,mac=02:00:00:00:00:01,mtu=9000"),
+            Err(NetSpecError::UnknownOption("mtu=9000".into()))
+        );
+        assert_eq!(
+            parse("tap=t,tap=u,mac=02:00:00:00:00:01"),
+            Err(NetSpecError::Repeated("tap"))
+        );
+        for bad in ["", ".", "..", "a/b", "a b", "abcdefghijklmnop", "tap:0"] {
+            assert_eq!(
+                parse(&format!("tap={bad},mac=02:00:00:00:00:01")),
+                Err(NetSpecError::BadTapName(bad.into())),
+                "{bad:?}"
+            );
+        }
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "02:00:00:00:00:1",
+            "02:00:00:00:00:0g",
+            "02-00-00-00-00-01",
+            "+2:00:00:00:00:01",
+            // Multicast, broadcast, all zero.
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "00:00:00:00:00:00",
+        ] {
+            assert_eq!(
+                parse(&format!("tap=t,mac={bad}")),
+                Err(NetSpecError::BadMac(bad.into())),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn validation_checks_the_net_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = config(dir.path());
+        let with = |tap: &str, mac: [u8; 6]| VmConfig {
+            net: Some(NetConfig {
+                tap: tap.into(),
+                mac,
+            }),
+            ..good.clone()
+        };
+        assert_eq!(with("tap0", [2, 0, 0, 0, 0, 1]).validate(), Ok(()));
+        assert_eq!(
+            with("a/b", [2, 0, 0, 0, 0, 1]).validate(),
+            Err(ConfigError::TapName("a/b".into()))
+        );
+        assert_eq!(
+            with("tap0", [1, 0, 0, 0, 0, 1]).validate(),
+            Err(ConfigError::Mac)
+        );
+        assert_eq!(with("tap0", [0; 6]).validate(), Err(ConfigError::Mac));
     }
 }

@@ -22,13 +22,14 @@ use super::console::{ConsoleEvent, ConsoleSink};
 use super::devices::bus::{Bus, BusError};
 use super::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 use super::devices::serial::{COM1_PORT, SerialDevice, UART_PORT_LEN};
+use super::devices::virtio::net::{NetError, Tap};
 use super::devices::virtio::{
-    BlockConfig, BlockHandle, MmioSlot, VirtioDevices, VirtioError, VsockConfig, VsockHandle,
-    VsockHooks, attach_block, attach_vsock,
+    BlockConfig, BlockHandle, MmioSlot, NetHandle, VirtioDevices, VirtioError, VsockConfig,
+    VsockHandle, VsockHooks, attach_block, attach_net, attach_vsock,
 };
 use super::exit::{DiskRecord, ExitDecider, ExitReason, ExitReport, PANIC_GRACE, VmEvent};
 use super::layout::{
-    FIRST_DISK_MMIO_SLOT, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, SERIAL_GSI,
+    FIRST_DISK_MMIO_SLOT, KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, NIC_MMIO_SLOT, SERIAL_GSI,
     VIRTIO_MMIO_SLOT_LEN, VSOCK_MMIO_SLOT, e820_map, virtio_mmio_slot,
 };
 use super::seccomp::{self, ThreadKind};
@@ -137,6 +138,15 @@ pub enum VmmError {
         #[source]
         source: VirtioError,
     },
+    /// Attaching to the TAP failed.
+    #[error("open the network device's TAP")]
+    OpenTap(#[source] NetError),
+    /// The config has a network device but no TAP was opened for it.
+    #[error("the network device's TAP was not opened before the VM was built")]
+    TapNotOpened,
+    /// Attaching the network device failed.
+    #[error("attach the network device")]
+    Net(#[source] VirtioError),
     /// Loading the guest failed.
     #[error("load the guest")]
     Boot(#[source] boot::BootError),
@@ -163,6 +173,27 @@ pub enum VmmError {
     },
 }
 
+/// Host devices the VMM opens before it enters its jail, while it still sees the host's device
+/// nodes and the network namespace it was started in: today the network device's TAP.
+#[derive(Debug, Default)]
+pub struct HostDevices {
+    /// The TAP of [`VmConfig::net`], attached.
+    pub tap: Option<Tap>,
+}
+
+impl HostDevices {
+    /// Opens what `config` needs: attaches to its TAP by name (see [`Tap::open`]).
+    pub fn open(config: &VmConfig) -> Result<Self, VmmError> {
+        let tap = config
+            .net
+            .as_ref()
+            .map(|net| Tap::open(&net.tap))
+            .transpose()
+            .map_err(VmmError::OpenTap)?;
+        Ok(Self { tap })
+    }
+}
+
 /// A built microVM, ready to run.
 pub struct Vmm {
     // Field order is drop order: vCPU files and devices go before the VM file, and guest
@@ -170,6 +201,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuFd>,
     vsock: Option<VsockHandle>,
     disks: Vec<BlockHandle>,
+    net: Option<NetHandle>,
     serial: Arc<Mutex<SerialDevice<ConsoleSink>>>,
     pio: Bus,
     mmio: Bus,
@@ -247,10 +279,12 @@ fn remove_stale(path: &std::path::Path) -> Result<(), VmmError> {
 }
 
 impl Vmm {
-    /// Builds the VM: everything up to, not including, starting the vCPUs. `events` receives
-    /// every event that can end the VM; [`Vmm::run`] takes the matching receiver.
+    /// Builds the VM: everything up to, not including, starting the vCPUs. `host` holds the
+    /// host devices opened before the jail. `events` receives every event that can end the VM;
+    /// [`Vmm::run`] takes the matching receiver.
     pub fn new(
         config: &VmConfig,
+        host: HostDevices,
         process_start: Instant,
         events: Sender<VmEvent>,
     ) -> Result<Self, VmmError> {
@@ -450,6 +484,41 @@ impl Vmm {
             disks.push(handle);
         }
 
+        // The network device, in the slot kept for it past the last disk. Its argument comes
+        // after the disks', so it changes no disk's name.
+        let net = match (&config.net, host.tap) {
+            (None, _) => None,
+            (Some(_), None) => return Err(VmmError::TapNotOpened),
+            (Some(net), Some(tap)) => {
+                let (base, gsi) =
+                    virtio_mmio_slot(NIC_MMIO_SLOT).ok_or(VmmError::NoMmioSlot(NIC_MMIO_SLOT))?;
+                let tap_name = tap.name().to_owned();
+                let handle = attach_net(
+                    &vm,
+                    mem.clone(),
+                    &mut mmio,
+                    MmioSlot {
+                        base,
+                        len: VIRTIO_MMIO_SLOT_LEN,
+                        gsi,
+                    },
+                    net.mac,
+                    tap,
+                )
+                .map_err(VmmError::Net)?;
+                tracing::info!(
+                    tap = %tap_name,
+                    mac = %net.mac_string(),
+                    device = %handle.cmdline_arg(),
+                    "network device attached"
+                );
+                if let Some(t) = handle.transport() {
+                    virtio.add(NIC_MMIO_SLOT, t.clone());
+                }
+                Some(handle)
+            }
+        };
+
         // With `restore` set, a failed probe has already returned its error.
         if let Some(restore) = &config.restore
             && let Some(host) = snapshot_host.as_deref()
@@ -477,6 +546,7 @@ impl Vmm {
                 vcpus,
                 vsock: Some(vsock),
                 disks,
+                net,
                 serial,
                 pio,
                 mmio,
@@ -500,6 +570,7 @@ impl Vmm {
             boot::load_initrd(&mem, &config.initrd, mem_size, &kernel).map_err(VmmError::Boot)?;
         let device_args: Vec<String> = std::iter::once(vsock.cmdline_arg())
             .chain(disks.iter().map(BlockHandle::cmdline_arg))
+            .chain(net.iter().map(NetHandle::cmdline_arg))
             .collect();
         let cmdline = boot::build_cmdline(&device_args, config.cmdline_extra.as_deref())
             .map_err(VmmError::Boot)?;
@@ -529,6 +600,7 @@ impl Vmm {
             vcpus,
             vsock: Some(vsock),
             disks,
+            net,
             serial,
             pio,
             mmio,
@@ -660,17 +732,26 @@ impl Vmm {
                 }
             })
             .collect();
+        let net_metrics = self.net.take().map(|net| {
+            let metrics = net.metrics();
+            net.stop();
+            tracing::debug!("net stopped");
+            metrics.snapshot()
+        });
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         if serial.errors() > 0 {
             tracing::warn!(errors = serial.errors(), "serial: register writes failed");
         }
         serial.sink_mut().finish();
         drop(serial);
-        let report = ExitReport::new(reason, self.ready_ms.get().copied()).with_disks(disks);
-        match vsock_metrics {
-            Some(m) => report.with_vsock(m),
-            None => report,
+        let mut report = ExitReport::new(reason, self.ready_ms.get().copied()).with_disks(disks);
+        if let Some(m) = vsock_metrics {
+            report = report.with_vsock(m);
         }
+        if let Some(m) = net_metrics {
+            report = report.with_net(m);
+        }
+        report
     }
 }
 

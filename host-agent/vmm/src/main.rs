@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use nanoclaw_vmm::log_limit::RateLimited;
-use nanoclaw_vmm::{self as vmm, ConsoleTarget, DiskConfig, VmConfig};
+use nanoclaw_vmm::{self as vmm, ConsoleTarget, DiskConfig, HostDevices, NetConfig, VmConfig};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -55,6 +55,11 @@ struct VmmArgs {
     /// most 8: the first is the guest's /dev/vda, the second /dev/vdb, and so on.
     #[arg(long = "disk", value_name = "PATH[,ro][,id=ID]")]
     disks: Vec<DiskConfig>,
+    /// A virtio-net device on the existing TAP interface NAME (in the network namespace the
+    /// VMM starts in; it is attached before the jail is entered), with the guest's MAC address
+    /// (unicast, e.g. 02:00:00:00:00:01).
+    #[arg(long, value_name = "tap=NAME,mac=MAC")]
+    net: Option<NetConfig>,
     /// Run jailed as this uid (needs root to start; see the `jail` module). With `--jail-gid`.
     #[arg(long, requires = "jail_gid")]
     jail_uid: Option<u32>,
@@ -126,6 +131,7 @@ impl VmmArgs {
             console,
             console_cap: self.console_cap,
             disks: self.disks,
+            net: self.net,
             restore: self.restore.map(|dir| vmm::snapshot::RestoreConfig {
                 dir,
                 paused: self.restore_paused,
@@ -168,23 +174,27 @@ fn main() -> ExitCode {
     let jail = args.jail();
     let probes = std::mem::take(&mut args.jail_probes);
     let mut config = args.into_config();
+    let setup_error = |what: &str, e: &(dyn std::error::Error + 'static)| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "nanoclaw-vmm: error: {what}{}",
+            vmm::error_chain(e)
+        );
+        ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8)
+    };
+    // Bad paths are reported as the daemon gave them, before they move into the jail.
+    if let Err(e) = config.validate() {
+        return setup_error("", &e);
+    }
+    // Host devices are opened here, before the jail: it leaves no /dev/net/tun in the VMM's
+    // root and moves the VMM into an empty network namespace, where the TAP is not.
+    let host = match HostDevices::open(&config) {
+        Ok(host) => host,
+        Err(e) => return setup_error("", &e),
+    };
     if let Some(jail) = &jail {
-        // Bad paths are reported as the daemon gave them, before they move into the jail.
-        if let Err(e) = config.validate() {
-            let _ = writeln!(
-                std::io::stderr(),
-                "nanoclaw-vmm: error: {}",
-                vmm::error_chain(&e)
-            );
-            return ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8);
-        }
         if let Err(e) = vmm::jail::enter(jail, &mut config) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "nanoclaw-vmm: error: cannot enter the jail: {}",
-                vmm::error_chain(&e)
-            );
-            return ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8);
+            return setup_error("cannot enter the jail: ", &e);
         }
         tracing::info!(uid = jail.uid, gid = jail.gid, "VMM jailed");
         if !probes.is_empty() {
@@ -198,7 +208,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-    match vmm::run(&config, process_start) {
+    match vmm::run(&config, host, process_start) {
         Ok(report) => {
             tracing::info!(
                 reason = report.reason.as_str(),
@@ -267,6 +277,27 @@ mod tests {
                 .unwrap()
                 .test_forbidden_syscall
         );
+    }
+
+    #[test]
+    fn the_net_option_parses_into_the_config() {
+        let config = parse(&["--net", "tap=nc-tap0,mac=02:00:00:00:00:07"])
+            .unwrap()
+            .into_config();
+        let net = config.net.unwrap();
+        assert_eq!((net.tap.as_str(), net.mac), ("nc-tap0", [2, 0, 0, 0, 0, 7]));
+        assert!(parse(&[]).unwrap().into_config().net.is_none());
+        let err = parse(&["--net", "tap=t,mac=01:00:00:00:00:07"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("unicast"), "{err}");
+        let err = parse(&[
+            "--net",
+            "tap=a,mac=02:00:00:00:00:07",
+            "--net",
+            "tap=b,mac=02:00:00:00:00:08",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]

@@ -41,11 +41,12 @@
 //! vCPUs are parked. A restored VM's UART and i8042 are built from them before any vCPU runs.
 //!
 //! Virtio devices ([`VirtioStates::Saved`], one [`VirtioDeviceState`] per virtio-mmio slot:
-//! vsock and each disk): the transport's registers (status, feature selects, acknowledged
+//! vsock, each disk and the network device): the transport's registers (status, feature selects, acknowledged
 //! features, queue select, interrupt status, config generation), each queue's size, ready bit,
 //! ring addresses and `next_avail`/`next_used`, and the device's offered features and config
 //! space, which stand for its own state (vsock: the guest CID; block: the capacity and limits;
-//! see [`crate::devices::virtio::state`]). Vsock connections are not saved: the virtio spec
+//! see [`crate::devices::virtio::state`]; net: the MAC). A frame the network device held for
+//! want of a receive buffer is not saved, as a network may drop any frame. Vsock connections are not saved: the virtio spec
 //! (1.2 §5.10.6.6) has the device reset its transport after a migration, and so does a restore.
 //!
 //! # Taking a snapshot
@@ -144,8 +145,7 @@ pub const STATE_FILE: &str = "state.bin";
 /// The memory file's name inside a snapshot folder.
 pub const MEMORY_FILE: &str = "memory.bin";
 /// What a state without virtio state lacks.
-pub const NOT_SAVED: &str =
-    "virtio device state (the virtio-mmio transports and queues of vsock and the disks)";
+pub const NOT_SAVED: &str = "virtio device state (the virtio-mmio transports and queues of vsock, the disks and the network device)";
 /// Longest snapshot folder name the control socket accepts.
 pub const MAX_NAME_LEN: usize = 255;
 

@@ -4,22 +4,25 @@
 //! - [`mmio`]: the virtio-mmio v2 transport ([`mmio::MmioTransport`], a [`BusDevice`](crate::devices::bus::BusDevice)).
 //! - [`vsock`]: the virtio-vsock device with the hybrid (Unix socket) backend.
 //! - [`block`]: the virtio-blk device backed by a host file.
-//! - [`worker_link`]: the front end's command channel to a device thread, shared by both, and
+//! - [`net`]: the virtio-net device backed by a host TAP.
+//! - [`worker_link`]: the front end's command channel to a device thread, shared by all, and
 //!   how a device thread is paused.
 //! - [`state`]: a device's saved transport and queue state, for snapshots.
 //!
 //! # Integration
-//! The VMM calls [`attach_vsock`] once and [`attach_block`] once per disk, after creating the
-//! in-kernel irqchip and guest memory and before starting the vCPUs, then adds each handle's
-//! `cmdline_arg` to the kernel command line, in slot order.
+//! The VMM calls [`attach_vsock`] once, [`attach_block`] once per disk and [`attach_net`] for
+//! the network device, after creating the in-kernel irqchip and guest memory and before
+//! starting the vCPUs, then adds each handle's `cmdline_arg` to the kernel command line, in slot
+//! order.
 //!
 //! Thread model: the transport runs on whichever vCPU thread takes the MMIO exit (behind the
 //! bus's per-device mutex). Queue work runs on one dedicated thread per device (`vsock-dev`,
-//! `blk-dev<N>`), which owns the device and its host resources (sockets, the backing file); the
+//! `blk-dev<N>`, `net-dev`), which owns the device and its host resources (sockets, the backing
+//! file, the TAP); the
 //! two share no lock. The guest's queue notifications reach that thread through KVM ioeventfds
 //! and its interrupts leave through a KVM irqfd, so the data path never takes a vCPU exit to
-//! userspace. [`VsockHandle::stop`] and [`BlockHandle::stop`] (or dropping the handle) stop and
-//! join the thread; the vsock one also removes the socket file.
+//! userspace. [`VsockHandle::stop`], [`BlockHandle::stop`] and [`NetHandle::stop`] (or dropping
+//! the handle) stop and join the thread; the vsock one also removes the socket file.
 //!
 //! # Pausing and snapshots
 //! [`VirtioDevices`] holds every transport the VMM attached, by slot: the control thread pauses
@@ -33,6 +36,7 @@
 pub mod block;
 pub mod metrics;
 pub mod mmio;
+pub mod net;
 pub mod state;
 pub mod vsock;
 pub mod worker_link;
@@ -49,12 +53,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::block::{BlockDevice, BlockError, BlockFrontend, BlockWorker, DiskFile, DiskInfo};
 use self::mmio::{IrqTrigger, MMIO_WINDOW_LEN, MmioTransport, regs};
+use self::net::{NetBackend, NetDevice, NetError, NetFrontend, NetWorker};
 use self::state::{QuiesceError, VirtioDeviceState, VirtioStateError};
 use self::vsock::{VsockDevice, VsockError, VsockFrontend, VsockMuxer, VsockWorker};
 use crate::devices::bus::{Bus, BusError};
 use crate::seccomp::{self, ThreadKind};
 
 pub use self::block::{BlockMetrics, BlockMetricsSnapshot};
+pub use self::net::{NetMetrics, NetMetricsSnapshot};
 pub use self::vsock::{VsockMetrics, VsockMetricsSnapshot};
 
 /// Where a virtio-mmio device lives: its MMIO window and its interrupt line.
@@ -254,6 +260,9 @@ pub enum VirtioError {
     /// Building a block device failed.
     #[error("cannot build the block device")]
     Block(#[source] BlockError),
+    /// Building the network device failed.
+    #[error("cannot build the network device")]
+    Net(#[source] NetError),
 }
 
 /// A running vsock device.
@@ -610,6 +619,136 @@ pub fn spawn_block(
         transport: None,
         id: cfg.id,
         read_only: cfg.read_only,
+        metrics,
+        stop_evt,
+        thread: Some(thread),
+    };
+    Ok((transport, handle))
+}
+
+/// A running network device.
+#[derive(Debug)]
+pub struct NetHandle {
+    slot: MmioSlot,
+    transport: Option<SharedTransport>,
+    mac: [u8; 6],
+    metrics: Arc<NetMetrics>,
+    stop_evt: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NetHandle {
+    /// The transport on the MMIO bus (set by the attach function).
+    pub fn transport(&self) -> Option<&SharedTransport> {
+        self.transport.as_ref()
+    }
+
+    /// The kernel command-line argument declaring the device, e.g.
+    /// `virtio_mmio.device=4K@0xd0009000:14`.
+    pub fn cmdline_arg(&self) -> String {
+        self.slot.cmdline_arg()
+    }
+
+    /// The MAC address the guest reads.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops the device thread and waits for it; the backend (the TAP) is closed and a frame
+    /// still pending is dropped. The transport stays on the bus: later guest accesses still get
+    /// answers, but queue notifications go nowhere.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if let Err(e) = self.stop_evt.write(1) {
+            tracing::error!(error = %e, "net: cannot signal the device thread");
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!("net: device thread panicked");
+        }
+    }
+}
+
+impl Drop for NetHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Creates the virtio-mmio transport and the network device over `backend` (an attached
+/// [`net::Tap`] in the VMM), inserts the transport on `mmio_bus` at `slot`, registers the
+/// irqfd (`slot.gsi`) and both queues' ioeventfds with `vm`, and spawns the device thread
+/// (`net-dev`). The VMM must already have created the in-kernel irqchip.
+pub fn attach_net<B>(
+    vm: &VmFd,
+    mem: GuestMemoryMmap<()>,
+    mmio_bus: &mut Bus,
+    slot: MmioSlot,
+    mac: [u8; 6],
+    backend: B,
+) -> Result<NetHandle, VirtioError>
+where
+    B: NetBackend + std::os::fd::AsRawFd + 'static,
+{
+    // On any error below, dropping `handle` stops the thread.
+    let (transport, mut handle) = spawn_net(mem, slot, mac, backend)?;
+    handle.transport = Some(wire_transport(vm, mmio_bus, slot, transport)?);
+    Ok(handle)
+}
+
+/// The KVM-free half of [`attach_net`]: builds the transport and the device and spawns the
+/// device thread. The caller puts the transport on a bus and wires its interrupt and queue
+/// eventfds (tests drive it directly).
+pub fn spawn_net<B>(
+    mem: GuestMemoryMmap<()>,
+    slot: MmioSlot,
+    mac: [u8; 6],
+    backend: B,
+) -> Result<(MmioTransport, NetHandle), VirtioError>
+where
+    B: NetBackend + std::os::fd::AsRawFd + 'static,
+{
+    if slot.len != MMIO_WINDOW_LEN {
+        return Err(VirtioError::SlotLen(slot.len));
+    }
+    if !crate::NetConfig::is_valid_mac(&mac) {
+        return Err(VirtioError::Net(NetError::Mac));
+    }
+    let metrics = Arc::new(NetMetrics::default());
+    let (transport, stop_evt, thread) = spawn_device_thread(
+        mem,
+        "net-dev".into(),
+        ThreadKind::Net,
+        |commands, command_evt| NetFrontend::new(mac, commands, command_evt),
+        |interrupt, queue_evts, commands, command_evt, stop_evt| {
+            // The net frontend has exactly two queues: receive, then transmit.
+            let queue_evts = [queue_evts[0].clone(), queue_evts[1].clone()];
+            let device = NetDevice::new(backend, interrupt, metrics.clone());
+            let worker = NetWorker::new(device, queue_evts, commands, command_evt, stop_evt)
+                .map_err(VirtioError::Net)?;
+            Ok(move || {
+                if let Err(e) = worker.run() {
+                    tracing::error!(error = %e, "net device thread failed");
+                }
+            })
+        },
+        |e| VirtioError::Net(NetError::Spawn(e)),
+    )?;
+    let handle = NetHandle {
+        slot,
+        transport: None,
+        mac,
         metrics,
         stop_evt,
         thread: Some(thread),
