@@ -13,6 +13,7 @@
 //! | `POST /v1/vms/{id}/pause` | | [`VmInfo`] once every vCPU is parked (`paused: true`); `409` unless the VMM runs; `502` when the VMM refused |
 //! | `POST /v1/vms/{id}/resume` | | [`VmInfo`] once the vCPUs run again; `409` unless the VMM runs; `502` when the VMM refused |
 //! | `POST /v1/vms/{id}/snapshot` | [`CreateSnapshot`] | `201` and [`SnapshotInfo`]: the VM's memory and state saved under the daemon's state folder (a running VM is paused around it); `409` unless the VMM runs or when the name is taken; `502` when the VMM refused |
+//! | `POST /v1/vms/{id}/fork` | [`ForkVm`] | `201` and `[`[`VmInfo`]`, ...]`: `n` new VMs restored from one snapshot of the VM (then removed); `400` unless `n` is 1 to 8; `429` when `n` more would pass `--max-vms`; otherwise as the snapshot and restore routes |
 //! | `GET /v1/snapshots` | | `[`[`SnapshotInfo`]`, ...]`, oldest first |
 //! | `DELETE /v1/snapshots/{name}` | | `204`; `404` if there is none |
 //! | `POST /v1/snapshots/{name}/restore` | [`RestoreSnapshot`] | `201` and the new VM's [`VmInfo`] once its VMM has restored the snapshot; `404` if there is none; `422` when the snapshot is damaged, of another format or the VMM refused it; `429` at `--max-vms` |
@@ -95,7 +96,8 @@ pub struct RegistrationLink {
 pub enum TokenScope {
     /// List and read: VMs, their events, console and files, images, pending approvals.
     Read,
-    /// Also create, stop, pause, resume, detach and remove VMs, and copy files into them.
+    /// Also create, stop, pause, resume, detach and remove VMs, copy files into them, take,
+    /// restore and remove snapshots, and fork VMs.
     Run,
     /// Also manage images, passkey registration and tokens.
     Admin,
@@ -441,6 +443,13 @@ pub struct RestoreSnapshot {
     /// Start the restored VM with its vCPUs paused (resume it with `POST .../resume`).
     #[serde(default)]
     pub paused: bool,
+}
+
+/// `POST /v1/vms/{id}/fork`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ForkVm {
+    /// How many VMs to make: 1 to 8.
+    pub n: u32,
 }
 
 /// A snapshot the daemon keeps (`<state-dir>/snapshots/<name>/`): what it was taken of.

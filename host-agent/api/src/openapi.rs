@@ -14,9 +14,9 @@ use utoipa::OpenApi;
 
 use crate::{
     AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
-    CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ImportImage, PendingApproval,
-    RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo, TokenScope, VmInfo,
-    VmStatus, VmmExit,
+    CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
+    PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
+    TokenScope, VmInfo, VmStatus, VmmExit,
 };
 
 /// The description as JSON text (pretty, with a final newline).
@@ -36,7 +36,7 @@ pub fn json() -> String {
     ),
     paths(
         create_vm, list_vms, inspect_vm, remove_vm, stop_vm, detach_vm, pause_vm, resume_vm,
-        snapshot_vm, list_snapshots, remove_snapshot, restore_snapshot,
+        snapshot_vm, fork_vm, list_snapshots, remove_snapshot, restore_snapshot,
         vm_events, vm_console, put_files, get_files,
         list_images, inspect_image, remove_image, import_image, build_image,
         list_approvals, registration_link,
@@ -45,7 +45,7 @@ pub fn json() -> String {
     ),
     components(schemas(
         AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
-        CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ImportImage,
+        CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
         PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
         TokenScope, VmInfo, VmStatus, VmmExit,
     )),
@@ -157,6 +157,23 @@ fn resume_vm() {}
     ))]
 #[allow(dead_code)]
 fn snapshot_vm() {}
+
+/// Makes `n` new VMs from a VM: one snapshot of it (paused around it), `n` restores, and the
+/// snapshot removed. The copies share the guest's state, entropy and sidecar identity.
+#[utoipa::path(post, path = "/v1/vms/{id}/fork", tag = "snapshots",
+    params(("id" = String, Path, description = "The VM id")),
+    request_body = ForkVm,
+    responses(
+        (status = 201, description = "The new VMs", body = [VmInfo]),
+        (status = 400, description = "n is not 1 to 8", body = ApiError),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 409, description = "The VM is not running", body = ApiError),
+        (status = 422, description = "The VMM refused the snapshot", body = ApiError),
+        (status = 429, description = "n more VMs would pass --max-vms", body = ApiError),
+        (status = 502, description = "The VMM refused or did not answer", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn fork_vm() {}
 
 /// Lists the snapshots, oldest first.
 #[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", responses(

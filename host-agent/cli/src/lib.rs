@@ -8,7 +8,7 @@
 //!   API.
 //! - `snapshot ID [NAME]` saves a VM (memory and state) in the daemon's state folder;
 //!   `snapshot ls|rm` list and delete snapshots; `restore NAME` starts a new VM from one and
-//!   relays its output as `run` does.
+//!   relays its output as `run` does; `fork ID -n N` makes N VMs from one snapshot.
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
 //! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
@@ -208,6 +208,15 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Start a new VM from a snapshot and relay its agent's output (its id with `-d`).
     Restore(snapshot::RestoreArgs),
+    /// Make N new VMs from a running VM (a snapshot restored N times); prints their ids.
+    /// The copies share the guest's state, entropy and identity (no fork safety yet).
+    Fork {
+        /// The VM id.
+        id: String,
+        /// How many: 1 to 8.
+        #[arg(short = 'n', default_value_t = 1)]
+        n: u32,
+    },
     /// Forget an ended VM and delete its state.
     Rm {
         /// The VM id.
@@ -372,6 +381,18 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Token(command) => token::run(&client, command).await,
         Command::Snapshot(args) => snapshot::run(&client, args).await,
         Command::Restore(args) => snapshot::restore(&client, args).await,
+        Command::Fork { id, n } => {
+            let vms: Vec<VmInfo> = client
+                .json(
+                    Method::POST,
+                    &format!("/v1/vms/{id}/fork"),
+                    Some(&api::ForkVm { n }),
+                )
+                .await?;
+            let ids: String = vms.iter().map(|v| format!("{}\n", v.id)).collect();
+            print_out(&ids)?;
+            Ok(0)
+        }
         Command::Cp(args) => cp::run(&client, args).await,
         Command::Tokenize(command) => tokenize::run(command),
         Command::Inspect { id, json } => {

@@ -52,6 +52,7 @@ fn main() {
             snapshots_are_taken_paused_stored_listed_and_removed,
             a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder,
             a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm,
+            a_fork_makes_n_vms_within_the_vm_cap,
         ],
     );
 }
@@ -771,8 +772,9 @@ fn the_remote_api_needs_a_token_whose_scope_covers_the_route() {
 /// The Python SDK (`sdk/python`) over the remote API: its test suite runs against this daemon
 /// (`sdk/python/tests/test_fake_vmm.py` says what it covers: runs streamed to their exit code,
 /// sync and async, a long-lived sandbox killed, the typed errors of a read token, an unknown
-/// token, an untrusted certificate, a pause the fake VMM cannot do and files it has not), with
-/// the offline tests of its tar, error and settings handling.
+/// token, an untrusted certificate, a pause the fake VMM cannot do and files it has not,
+/// snapshots taken, listed, restored and removed), with the offline tests of its tar, error
+/// and settings handling.
 fn the_python_sdk_drives_the_remote_api() {
     let port = nanoclaw_tests::free_port();
     let d = daemon_with(&["--listen", &format!("127.0.0.1:{port}")]);
@@ -786,10 +788,12 @@ fn the_python_sdk_drives_the_remote_api() {
     )
     .output_within(CLI_TIMEOUT)
     .expect("run the SDK's tests");
-    assert_sdk_tests_passed(&out, 21, &d.log());
-    // Every sandbox the tests made is gone but the one they kept and removed.
+    assert_sdk_tests_passed(&out, 23, &d.log());
+    // Every sandbox the tests made is gone but the one they kept and removed, and so is
+    // every snapshot they took.
     let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
     assert!(vms.is_empty(), "{vms:?}");
+    assert!(snapshots(&d).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1021,4 +1025,46 @@ fn a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm() {
         .unwrap()
         .count();
     assert_eq!(vms_after, vms_before);
+}
+
+/// A fork of N makes N new VMs restored from one snapshot of the VM, which is then removed;
+/// N is 1 to 8, and N more VMs than `--max-vms` allows are refused before anything is made.
+fn a_fork_makes_n_vms_within_the_vm_cap() {
+    let d = daemon_with(&["--max-vms", "3"]);
+    let id = start_pausable(&d);
+    refused(
+        &d,
+        &["fork", &id, "-n", "9"],
+        "a fork makes 1 to 8 VMs, not 9",
+    );
+    refused(
+        &d,
+        &["fork", &id, "-n", "0"],
+        "a fork makes 1 to 8 VMs, not 0",
+    );
+    refused(&d, &["fork", &id, "-n", "3"], "--max-vms");
+    assert!(snapshots(&d).is_empty());
+    let out = d.cli(&["fork", &id, "-n", "2"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
+    let made: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert!(made[0] != made[1] && !made.contains(&id), "{made:?}");
+    for vm in &made {
+        let info = wait_status(&d, vm, |i| i.control_connected);
+        assert!(
+            info.restored_from
+                .as_deref()
+                .is_some_and(|s| s.starts_with("fork-")),
+            "{info:?}"
+        );
+        wait_for("the fork's output", Duration::from_secs(20), || {
+            text(&d.cli(&["logs", vm]).stdout) == "restored\n"
+        });
+    }
+    // Each has its own copy; the snapshot itself is gone.
+    assert!(snapshots(&d).is_empty());
+    assert!(!d.vm(&id).paused);
+    for vm in made.iter().chain([&id]) {
+        assert!(d.cli(&["stop", vm]).status.success());
+    }
 }

@@ -422,6 +422,20 @@ pub enum RestoreError {
     Refused(String),
 }
 
+/// The most VMs one fork makes.
+pub const MAX_FORK: u32 = 8;
+
+/// Why a fork failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// `n` out of range.
+    #[error("a fork makes 1 to {MAX_FORK} VMs, not {0}")]
+    BadCount(u32),
+    /// The snapshot or a restore failed (the VMs made before are stopped and removed).
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+}
+
 /// The last line of a VM's `vmm.log` (what a VMM that refused to start said), at most 400
 /// bytes of it.
 fn vmm_log_tail(dir: &Path) -> String {
@@ -764,6 +778,61 @@ impl Daemon {
         // Whatever the VMM left in its folder goes (it is the VMM's, links are not followed).
         let _ = std::fs::remove_dir_all(&jail_dir);
         result
+    }
+
+    /// Makes `n` new VMs from VM `id`: a snapshot of it (paused around it), `n` restores of
+    /// that snapshot, and the snapshot removed (each VM has its own copy). All `n` count
+    /// against `--max-vms`, checked first; when a restore fails, the VMs made before it are
+    /// stopped and removed. The copies share the guest's state: see the security guide on
+    /// what a fork does not do yet.
+    pub async fn fork(self: &Arc<Self>, id: &str, n: u32) -> Result<Vec<Arc<Vm>>, ForkError> {
+        if !(1..=MAX_FORK).contains(&n) {
+            return Err(ForkError::BadCount(n));
+        }
+        {
+            let vms = self.lock_vms();
+            let live = vms.values().filter(|v| !v.status().is_terminal()).count();
+            if live + n as usize > self.limits.max_vms {
+                return Err(
+                    RestoreError::Daemon(DaemonError::Limit(LimitError::TooManyVms {
+                        limit: self.limits.max_vms,
+                    }))
+                    .into(),
+                );
+            }
+        }
+        let name = format!(
+            "fork-{id}-{}",
+            snapshots::fresh_name()
+                .map_err(RestoreError::Snapshot)?
+                .trim_start_matches("snap-")
+        );
+        self.snapshot(id, Some(name.clone()))
+            .await
+            .map_err(RestoreError::Snapshot)?;
+        let mut made: Vec<Arc<Vm>> = Vec::new();
+        let mut failure = None;
+        for _ in 0..n {
+            match self.restore(&name, false).await {
+                Ok(vm) => made.push(vm),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.snapshots.remove(&name) {
+            tracing::warn!(snapshot = %name, error = %error_chain(&e), "fork snapshot left");
+        }
+        if let Some(e) = failure {
+            for vm in made {
+                vm.stop(self.stop_grace).await;
+                let _ = self.remove(&vm.id);
+            }
+            return Err(e.into());
+        }
+        tracing::info!(vm = %id, n, "VM forked");
+        Ok(made)
     }
 
     /// Starts a new VM from snapshot `name`: a copy of its files in the new VM's folder,

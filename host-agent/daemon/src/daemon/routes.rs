@@ -24,11 +24,11 @@ use tokio::sync::mpsc;
 use super::event_feed::EventFeed;
 use super::snapshots::SnapshotError;
 use super::vm::{PauseError, Vm};
-use super::{Daemon, DetachError, RemoveError, RestoreError};
+use super::{Daemon, DetachError, ForkError, RemoveError, RestoreError};
 use crate::error_chain;
 use crate::remote::tokens::TokenError;
 use nanoclaw_api::{
-    ApiError, CreateSnapshot, CreateToken, CreateVm, CreatedToken, Event, EventRecord,
+    ApiError, CreateSnapshot, CreateToken, CreateVm, CreatedToken, Event, EventRecord, ForkVm,
     RestoreSnapshot, SnapshotInfo, TokenInfo, VmInfo,
 };
 
@@ -57,6 +57,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}/pause", post(pause))
         .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/snapshot", post(snapshot))
+        .route("/v1/vms/{id}/fork", post(fork))
         .route("/v1/snapshots", get(list_snapshots))
         .route(
             "/v1/snapshots/{name}",
@@ -399,6 +400,39 @@ async fn remove_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Makes `n` VMs from VM `id` (see [`Daemon::fork`]).
+async fn fork(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    body: Result<Json<ForkVm>, JsonRejection>,
+) -> Result<(StatusCode, Json<Vec<VmInfo>>), Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let task = tokio::spawn(async move { daemon.fork(&id, req.n).await });
+    match task.await {
+        Ok(Ok(vms)) => Ok((
+            StatusCode::CREATED,
+            Json(vms.iter().map(|vm| vm.info()).collect()),
+        )),
+        Ok(Err(e @ ForkError::BadCount(_))) => {
+            Err(Failure(StatusCode::BAD_REQUEST, error_chain(&e)))
+        }
+        Ok(Err(ForkError::Restore(e))) => Err(restore_failure(e)),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// The status of a restore error.
+fn restore_failure(e: RestoreError) -> Failure {
+    match e {
+        RestoreError::Snapshot(e) => snapshot_failure(&e),
+        e @ RestoreError::Refused(_) => Failure(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
+        RestoreError::Daemon(e @ super::DaemonError::Limit(_)) => {
+            Failure(StatusCode::TOO_MANY_REQUESTS, error_chain(&e))
+        }
+        e => Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)),
+    }
+}
+
 /// Starts a new VM from snapshot `name` (see [`Daemon::restore`]).
 async fn restore(
     State(daemon): State<Arc<Daemon>>,
@@ -409,14 +443,7 @@ async fn restore(
     let task = tokio::spawn(async move { daemon.restore(&name, req.paused).await });
     match task.await {
         Ok(Ok(vm)) => Ok((StatusCode::CREATED, Json(vm.info()))),
-        Ok(Err(RestoreError::Snapshot(e))) => Err(snapshot_failure(&e)),
-        Ok(Err(e @ RestoreError::Refused(_))) => {
-            Err(Failure(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)))
-        }
-        Ok(Err(RestoreError::Daemon(e @ super::DaemonError::Limit(_)))) => {
-            Err(Failure(StatusCode::TOO_MANY_REQUESTS, error_chain(&e)))
-        }
-        Ok(Err(e)) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e))),
+        Ok(Err(e)) => Err(restore_failure(e)),
         Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
