@@ -748,14 +748,8 @@ impl Daemon {
         let disk_to = image.as_ref().map(|_| staging.join(snapshots::DISK_FILE));
         let result = async {
             let (written, disk_bytes) = vm.snapshot(&in_jail, disk_to.as_deref()).await?;
-            let state_bytes = snapshots::adopt(
-                &jail_dir.join(snapshots::STATE_FILE),
-                &staging.join(snapshots::STATE_FILE),
-            )?;
-            let memory_bytes = snapshots::adopt(
-                &jail_dir.join(snapshots::MEMORY_FILE),
-                &staging.join(snapshots::MEMORY_FILE),
-            )?;
+            let state_bytes = snapshots::adopt(&jail_dir, staging, snapshots::STATE_FILE)?;
+            let memory_bytes = snapshots::adopt(&jail_dir, staging, snapshots::MEMORY_FILE)?;
             let format_version =
                 snapshots::format_version(name, &staging.join(snapshots::STATE_FILE))?;
             let (boot_id, agent_sent, agent_pid) = vm.guest_facts();

@@ -3,7 +3,8 @@
 //! A snapshot is taken by the VM's own VMM (its control socket's `snapshot`, see
 //! [`super::vmm_control`]) into a new folder inside the VMM's folder, the root of its jail,
 //! where the files belong to the VM's jail uid. The daemon then moves the two files out of the
-//! jail into a staging folder of the store (`.partial-<name>`, root's, mode 0700), checks that
+//! jail into a staging folder of the store (`.partial-<name>`, root's, mode 0700), relative to
+//! a descriptor of the VMM's folder opened without following links (`renameat`), checks that
 //! each is a plain file with one link (a VMM cannot hand over a link to another file), makes
 //! it root's and mode 0600, copies the VM's writable disk beside them (taken while the VM is
 //! paused), writes [`META_FILE`] and renames the staging folder to `<name>`. A folder without
@@ -398,44 +399,45 @@ pub fn format_version(name: &str, path: &Path) -> Result<u32, SnapshotError> {
     ]))
 }
 
-/// Moves the VMM's file `from` (in its jail) to `to` (in a root-only staging folder), then
-/// checks it is a plain file with one link and makes it the daemon's, mode 0600. Answers its
-/// length.
-pub fn adopt(from: &Path, to: &Path) -> Result<u64, SnapshotError> {
-    match std::fs::rename(from, to) {
-        Ok(()) => {}
-        // Another file system: copy, holes kept.
-        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
-            check_plain(from)?;
-            copy_sparse(from, to)?;
-        }
-        Err(e) => return Err(io("move", from)(e)),
-    }
+/// Opens the folder `path` itself, never through a link in its last component.
+fn open_dir(path: &Path) -> Result<File, SnapshotError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|_| SnapshotError::NotPlain(path.to_path_buf()))
+}
+
+/// Moves the VMM's file `name` from its folder `from` (in its jail) to the root-only folder
+/// `to`, then checks it is a plain file with one link and makes it the daemon's, mode 0600.
+/// Answers its length.
+///
+/// `from` is the VMM's to change: it is opened without following a link, and the file is
+/// moved relative to that descriptor (`renameat`), so a VMM that puts a link in place of its
+/// folder cannot make the daemon move a file from elsewhere.
+pub fn adopt(from: &Path, to: &Path, name: &str) -> Result<u64, SnapshotError> {
+    let (from_dir, to_dir) = (open_dir(from)?, open_dir(to)?);
+    nix::fcntl::renameat(&from_dir, name, &to_dir, name)
+        .map_err(|e| io("move", &from.join(name))(e.into()))?;
+    let to = to.join(name);
     // Out of the jail now: the VMM can no longer swap the name; check what it is.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(to)
-        .map_err(|_| SnapshotError::NotPlain(from.to_path_buf()))?;
-    let m = file.metadata().map_err(io("inspect", to))?;
+        .open(&to)
+        .map_err(|_| SnapshotError::NotPlain(from.join(name)))?;
+    let m = file.metadata().map_err(io("inspect", &to))?;
     if !m.file_type().is_file() || m.nlink() != 1 {
-        return Err(SnapshotError::NotPlain(from.to_path_buf()));
+        return Err(SnapshotError::NotPlain(from.join(name)));
     }
     let (uid, gid) = (
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
     );
-    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io("chown", to))?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io("chown", &to))?;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io("chmod", to))?;
+        .map_err(io("chmod", &to))?;
     Ok(m.len())
-}
-
-fn check_plain(path: &Path) -> Result<(), SnapshotError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() && m.nlink() == 1 => Ok(()),
-        _ => Err(SnapshotError::NotPlain(path.to_path_buf())),
-    }
 }
 
 /// Copies `from` to the new file `to` (mode 0600, never over an existing one), keeping holes:
@@ -547,25 +549,41 @@ mod tests {
     }
 
     #[test]
-    fn a_link_is_not_adopted() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("secret");
-        std::fs::write(&target, b"x").unwrap();
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink(&target, &link).unwrap();
+    fn links_are_not_adopted() {
+        let root = tempfile::tempdir().unwrap();
+        let (jail, store, elsewhere) = (
+            root.path().join("jail"),
+            root.path().join("store"),
+            root.path().join("elsewhere"),
+        );
+        for d in [&jail, &store, &elsewhere] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let secret = elsewhere.join(STATE_FILE);
+        std::fs::write(&secret, b"x").unwrap();
+        // A link to the file, a hard link to it, and a link in place of the folder.
+        std::os::unix::fs::symlink(&secret, jail.join(STATE_FILE)).unwrap();
         assert!(matches!(
-            adopt(&link, &dir.path().join("moved")),
+            adopt(&jail, &store, STATE_FILE),
             Err(SnapshotError::NotPlain(_))
         ));
-        let hard = dir.path().join("hard");
-        std::fs::hard_link(&target, &hard).unwrap();
+        std::fs::remove_file(store.join(STATE_FILE)).unwrap();
+        std::fs::hard_link(&secret, jail.join(MEMORY_FILE)).unwrap();
         assert!(matches!(
-            adopt(&hard, &dir.path().join("moved2")),
+            adopt(&jail, &store, MEMORY_FILE),
             Err(SnapshotError::NotPlain(_))
         ));
-        let plain = dir.path().join("plain");
-        std::fs::write(&plain, b"abc").unwrap();
-        assert_eq!(adopt(&plain, &dir.path().join("moved3")).unwrap(), 3);
+        let linked = root.path().join("linked");
+        std::os::unix::fs::symlink(&elsewhere, &linked).unwrap();
+        assert!(matches!(
+            adopt(&linked, &store, STATE_FILE),
+            Err(SnapshotError::NotPlain(_))
+        ));
+        assert!(secret.exists(), "the file elsewhere was not moved");
+        std::fs::write(jail.join("plain"), b"abc").unwrap();
+        assert_eq!(adopt(&jail, &store, "plain").unwrap(), 3);
+        let m = std::fs::metadata(store.join("plain")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
