@@ -4,6 +4,10 @@
 //! `<vm-dir>/vsock.sock_<CONTROL_PORT>` as the sidecar would over vsock ([`ControlConn`]), speaks
 //! `shared-proto`, and finally writes `exit.json` ([`write_exit`]) as the VMM would.
 //!
+//! A fake VMM can also serve the VMM's control socket ([`serve_control`]: pause, resume, state
+//! and snapshots into fake snapshot folders) and restore such a folder ([`restore`], which
+//! refuses a damaged one as the VMM does).
+//!
 //! What the fake guest then does (its agent) is the test's own; an agent with a profile can
 //! call its MCP tools over `<vm-dir>/vsock.sock_<MCP_PORT>` as the sidecar would forward them
 //! ([`McpClient`]).

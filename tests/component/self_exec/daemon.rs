@@ -7,6 +7,7 @@
 //! - `--kernel ...`: a FAKE VMM, passed to the daemon as `--vmm-bin`. It plays the sidecar: it
 //!   connects to `<vm-dir>/vsock.sock_<CONTROL_PORT>`, speaks `shared-proto`, acts out the
 //!   agent named in `RunAgent` (see [`fake_agent`]), writes `exit.json` and exits;
+//! - `--restore ...`: a FAKE VMM restoring a fake snapshot (see [`fake_restored_vmm`]);
 //! - no role: run the tests below, each against its own daemon and state directory. They need
 //!   the `nanoclaw` binary built (`cargo build -p nanoclaw-cli`), and the last one the test
 //!   tier's Python (`scripts/setup --test`, or `NANOCLAW_MCP_PYTHON`).
