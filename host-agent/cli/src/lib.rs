@@ -662,6 +662,11 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.vmm_log_dropped_bytes,
         vm.vm_dir,
     ) + &parent_text(vm)
+        + &vm
+            .restored_from
+            .as_ref()
+            .map(|s| format!("restored from:  snapshot {s}\n"))
+            .unwrap_or_default()
         + &device_counters_text(vm.vmm_exit.as_ref())
 }
 

@@ -930,6 +930,11 @@ fn a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder() {
         "the saved boot reconnected: {info:?}"
     );
     assert_eq!(info.spec.command, "pausable");
+    let inspect = text(&d.cli(&["inspect", &new]).stdout);
+    assert!(
+        inspect.contains("restored from:  snapshot s1\n"),
+        "{inspect}"
+    );
     let copy = Path::new(&info.vm_dir).join("vmm/restore");
     let me = nix::unistd::geteuid().as_raw();
     assert_eq!(mode_and_owner(&copy), (0o700, me));
