@@ -4,6 +4,10 @@
 //! `<vm-dir>/vsock.sock_<CONTROL_PORT>` as the sidecar would over vsock ([`ControlConn`]), speaks
 //! `shared-proto`, and finally writes `exit.json` ([`write_exit`]) as the VMM would.
 //!
+//! A fake VMM can also serve the VMM's control socket ([`serve_control`]: pause, resume, state
+//! and snapshots into fake snapshot folders) and restore such a folder ([`restore`], which
+//! refuses a damaged one as the VMM does).
+//!
 //! What the fake guest then does (its agent) is the test's own; an agent with a profile can
 //! call its MCP tools over `<vm-dir>/vsock.sock_<MCP_PORT>` as the sidecar would forward them
 //! ([`McpClient`]).
@@ -239,4 +243,121 @@ fn connect_retrying(path: &Path) -> UnixStream {
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// The state file's magic and format version the real VMM writes (its `snapshot::format`);
+/// the fake's state files start the same way, so the daemon reads their version.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"NCLAWSNP";
+/// The fake memory file's length.
+pub const FAKE_MEMORY_BYTES: u64 = 4 << 20;
+/// The file in the VM folder where the fake control socket notes each request's `op`.
+pub const CONTROL_OPS_FILE: &str = "control-ops.log";
+
+/// Serves `<vm-dir>/control.sock` as the VMM does, on a thread: `pause`, `resume`, `state`,
+/// and `snapshot` (refused unless paused), which writes `memory.bin` (sparse, with data at
+/// 1 MiB) and then `state.bin`: the real magic, format version 1, `boot_id`, and the memory
+/// file's length and byte sum, which [`restore`] checks. Each request's `op` is appended to
+/// [`CONTROL_OPS_FILE`].
+pub fn serve_control(vm_dir: &Path, boot_id: [u8; 16], paused: bool) {
+    let listener = std::os::unix::net::UnixListener::bind(vm_dir.join("control.sock")).unwrap();
+    let vm_dir = vm_dir.to_owned();
+    std::thread::spawn(move || {
+        let mut paused = paused;
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut line = String::new();
+            let mut reader = std::io::BufReader::new(&stream);
+            if std::io::BufRead::read_line(&mut reader, &mut line).is_err() {
+                continue;
+            }
+            let req: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let op = req["op"].as_str().unwrap_or("").to_owned();
+            let mut ops = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(vm_dir.join(CONTROL_OPS_FILE))
+                .unwrap();
+            writeln!(ops, "{op}").unwrap();
+            let state = |p: bool| if p { "paused" } else { "running" };
+            let answer = match op.as_str() {
+                "pause" => {
+                    paused = true;
+                    serde_json::json!({"ok": true, "state": "paused"})
+                }
+                "resume" => {
+                    paused = false;
+                    serde_json::json!({"ok": true, "state": "running"})
+                }
+                "state" => serde_json::json!({"ok": true, "state": state(paused)}),
+                "snapshot" if !paused => serde_json::json!({"ok": false,
+                    "error": "the VM is not paused: pause it before taking a snapshot"}),
+                "snapshot" => {
+                    let dir = req["dir"].as_str().unwrap_or("").to_owned();
+                    match write_snapshot(&vm_dir.join(&dir), boot_id) {
+                        Ok(data) => serde_json::json!({"ok": true, "state": "paused",
+                            "snapshot": {"dir": dir, "vcpus": 1,
+                                "memory_bytes": FAKE_MEMORY_BYTES, "memory_data_bytes": data}}),
+                        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+                    }
+                }
+                _ => serde_json::json!({"ok": false, "error": "unknown request"}),
+            };
+            let mut stream = &stream;
+            let _ = stream.write_all(format!("{answer}\n").as_bytes());
+        }
+    });
+}
+
+/// A fake snapshot in the new folder `dir`: the memory file, then the state file. Answers the
+/// memory file's data bytes.
+fn write_snapshot(dir: &Path, boot_id: [u8; 16]) -> std::io::Result<u64> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    let new = |name: &str| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(name))
+    };
+    let data = b"guest memory: a secret the guest held";
+    let mut memory = new("memory.bin")?;
+    memory.set_len(FAKE_MEMORY_BYTES)?;
+    std::io::Seek::seek(&mut memory, std::io::SeekFrom::Start(1 << 20))?;
+    memory.write_all(data)?;
+    let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
+    let mut state = SNAPSHOT_MAGIC.to_vec();
+    state.extend(1u32.to_le_bytes());
+    state.extend(boot_id);
+    state.extend(FAKE_MEMORY_BYTES.to_le_bytes());
+    state.extend(sum.to_le_bytes());
+    new("state.bin")?.write_all(&state)?;
+    Ok(data.len() as u64)
+}
+
+/// What a fake restore found in `dir` (`--restore DIR`): the boot id of the snapshot's guest.
+/// A state file of another magic or version, or a memory file whose length or byte sum is not
+/// the state file's, is refused as the VMM refuses: a line on stderr and exit 1.
+pub fn restore(dir: &Path) -> [u8; 16] {
+    let refuse = |why: &str| -> ! {
+        eprintln!(
+            "nanoclaw-vmm: error: restore the snapshot in {}: {why}",
+            dir.display()
+        );
+        std::process::exit(1);
+    };
+    let state = std::fs::read(dir.join("state.bin"))
+        .unwrap_or_else(|e| refuse(&format!("read state.bin: {e}")));
+    if state.len() != 44 || &state[..8] != SNAPSHOT_MAGIC || state[8..12] != 1u32.to_le_bytes() {
+        refuse("state.bin is not a snapshot of format version 1");
+    }
+    let memory = std::fs::read(dir.join("memory.bin"))
+        .unwrap_or_else(|e| refuse(&format!("read memory.bin: {e}")));
+    let sum: u64 = memory.iter().map(|&b| u64::from(b)).sum();
+    let want_len = u64::from_le_bytes(state[28..36].try_into().unwrap());
+    let want_sum = u64::from_le_bytes(state[36..44].try_into().unwrap());
+    if memory.len() as u64 != want_len || sum != want_sum {
+        refuse("the checksum of the memory file does not match the state");
+    }
+    state[12..28].try_into().unwrap()
 }

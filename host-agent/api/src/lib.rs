@@ -12,6 +12,11 @@
 //! | `POST /v1/vms/{id}/detach` | | [`VmInfo`]: the VM no longer stops with the VM that spawned it; `409` if none did |
 //! | `POST /v1/vms/{id}/pause` | | [`VmInfo`] once every vCPU is parked (`paused: true`); `409` unless the VMM runs; `502` when the VMM refused |
 //! | `POST /v1/vms/{id}/resume` | | [`VmInfo`] once the vCPUs run again; `409` unless the VMM runs; `502` when the VMM refused |
+//! | `POST /v1/vms/{id}/snapshot` | [`CreateSnapshot`] | `201` and [`SnapshotInfo`]: the VM's memory and state saved under the daemon's state folder (a running VM is paused around it); `409` unless the VMM runs or when the name is taken; `502` when the VMM refused |
+//! | `POST /v1/vms/{id}/fork` | [`ForkVm`] | `201` and `[`[`VmInfo`]`, ...]`: `n` new VMs restored from one snapshot of the VM (then removed); `400` unless `n` is 1 to 8; `429` when `n` more would pass `--max-vms`; otherwise as the snapshot and restore routes |
+//! | `GET /v1/snapshots` | | `[`[`SnapshotInfo`]`, ...]`, oldest first |
+//! | `DELETE /v1/snapshots/{name}` | | `204`; `404` if there is none |
+//! | `POST /v1/snapshots/{name}/restore` | [`RestoreSnapshot`] | `201` and the new VM's [`VmInfo`] once its VMM has restored the snapshot; `404` if there is none; `422` when the snapshot is damaged, of another format or the VMM refused it; `429` at `--max-vms` |
 //! | `GET /v1/vms/{id}/events?follow=BOOL` | | newline-delimited [`Event`]s |
 //! | `GET /v1/vms/{id}/console?follow=BOOL` | | the raw console bytes |
 //! | `PUT /v1/vms/{id}/files?path=DIR` | a tar stream | [`FilesCopied`] once the guest unpacked it under the folder `DIR` |
@@ -91,7 +96,8 @@ pub struct RegistrationLink {
 pub enum TokenScope {
     /// List and read: VMs, their events, console and files, images, pending approvals.
     Read,
-    /// Also create, stop, pause, resume, detach and remove VMs, and copy files into them.
+    /// Also create, stop, pause, resume, detach and remove VMs, copy files into them, take,
+    /// restore and remove snapshots, and fork VMs.
     Run,
     /// Also manage images, passkey registration and tokens.
     Admin,
@@ -414,6 +420,66 @@ pub struct VmInfo {
     /// Whether its vCPUs are paused (`POST /v1/vms/{id}/pause`; `.../resume` ends it).
     #[serde(default)]
     pub paused: bool,
+    /// The snapshot this VM was restored from, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
+}
+
+/// The longest snapshot name.
+pub const MAX_SNAPSHOT_NAME: usize = 64;
+
+/// `POST /v1/vms/{id}/snapshot`'s body (an empty body is the same as `{}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CreateSnapshot {
+    /// The snapshot's name: 1 to [`MAX_SNAPSHOT_NAME`] of `A-Z a-z 0-9 . _ -`, not starting
+    /// with `.` or `-`. The daemon makes one up when absent (`snap-` and random hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/snapshots/{name}/restore`'s body (an empty body is the same as `{}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RestoreSnapshot {
+    /// Start the restored VM with its vCPUs paused (resume it with `POST .../resume`).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// `POST /v1/vms/{id}/fork`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ForkVm {
+    /// How many VMs to make: 1 to 8.
+    pub n: u32,
+}
+
+/// A snapshot the daemon keeps (`<state-dir>/snapshots/<name>/`): what it was taken of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SnapshotInfo {
+    /// Its name (`DELETE /v1/snapshots/{name}`, `POST /v1/snapshots/{name}/restore`).
+    pub name: String,
+    /// The VM it was taken of.
+    pub source_vm: String,
+    /// What that VM was created with (a restore makes a VM of the same memory, vCPUs,
+    /// image and profile).
+    pub spec: CreateVm,
+    /// The image the VM ran, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// When it was taken, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The VMM's snapshot format version.
+    pub format_version: u32,
+    /// The memory file's length (guest RAM).
+    pub memory_bytes: u64,
+    /// Bytes of the memory file that hold data (the rest are holes).
+    pub memory_data_bytes: u64,
+    /// The state file's length.
+    pub state_bytes: u64,
+    /// The length of the copy of the VM's writable disk, for VMs with an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// Where it lies on the host.
+    pub dir: String,
 }
 
 /// One agent event, as streamed by `GET /v1/vms/{id}/events` and kept in the output log.

@@ -13,9 +13,10 @@
 use utoipa::OpenApi;
 
 use crate::{
-    AgentExit, ApiError, BuildImage, BuildProgress, CreateToken, CreateVm, CreatedToken,
-    DiskCounters, Event, EventRecord, FilesCopied, ImportImage, PendingApproval, RegistrationLink,
-    Stream, TokenInfo, TokenScope, VmInfo, VmStatus, VmmExit,
+    AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
+    CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
+    PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
+    TokenScope, VmInfo, VmStatus, VmmExit,
 };
 
 /// The description as JSON text (pretty, with a final newline).
@@ -35,6 +36,7 @@ pub fn json() -> String {
     ),
     paths(
         create_vm, list_vms, inspect_vm, remove_vm, stop_vm, detach_vm, pause_vm, resume_vm,
+        snapshot_vm, fork_vm, list_snapshots, remove_snapshot, restore_snapshot,
         vm_events, vm_console, put_files, get_files,
         list_images, inspect_image, remove_image, import_image, build_image,
         list_approvals, registration_link,
@@ -42,12 +44,14 @@ pub fn json() -> String {
         metrics, openapi_json,
     ),
     components(schemas(
-        AgentExit, ApiError, BuildImage, BuildProgress, CreateToken, CreateVm, CreatedToken,
-        DiskCounters, Event, EventRecord, FilesCopied, ImportImage, PendingApproval,
-        RegistrationLink, Stream, TokenInfo, TokenScope, VmInfo, VmStatus, VmmExit,
+        AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
+        CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
+        PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
+        TokenScope, VmInfo, VmStatus, VmmExit,
     )),
     tags(
         (name = "vms", description = "Agents and their microVMs"),
+        (name = "snapshots", description = "Saved VMs (memory and state) and their restores"),
         (name = "files", description = "Copying files into and out of a VM, as tar streams"),
         (name = "images", description = "Root file system images"),
         (name = "approvals", description = "Passkey approvals"),
@@ -138,6 +142,70 @@ fn pause_vm() {}
     ))]
 #[allow(dead_code)]
 fn resume_vm() {}
+
+/// Saves a VM's memory and state as a snapshot in the daemon's state folder. A running VM is
+/// paused around it and resumed after; a paused one stays paused.
+#[utoipa::path(post, path = "/v1/vms/{id}/snapshot", tag = "snapshots",
+    params(("id" = String, Path, description = "The VM id")),
+    request_body = CreateSnapshot,
+    responses(
+        (status = 201, description = "Taken", body = SnapshotInfo),
+        (status = 400, description = "A bad name", body = ApiError),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 409, description = "The VM is not running, or the name is taken", body = ApiError),
+        (status = 502, description = "The VMM refused or did not answer", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn snapshot_vm() {}
+
+/// Makes `n` new VMs from a VM: one snapshot of it (paused around it), `n` restores, and the
+/// snapshot removed. The copies share the guest's state, entropy and sidecar identity.
+#[utoipa::path(post, path = "/v1/vms/{id}/fork", tag = "snapshots",
+    params(("id" = String, Path, description = "The VM id")),
+    request_body = ForkVm,
+    responses(
+        (status = 201, description = "The new VMs", body = [VmInfo]),
+        (status = 400, description = "n is not 1 to 8", body = ApiError),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 409, description = "The VM is not running", body = ApiError),
+        (status = 422, description = "The VMM refused the snapshot", body = ApiError),
+        (status = 429, description = "n more VMs would pass --max-vms", body = ApiError),
+        (status = 502, description = "The VMM refused or did not answer", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn fork_vm() {}
+
+/// Lists the snapshots, oldest first.
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", responses(
+    (status = 200, description = "The snapshots", body = [SnapshotInfo]),
+))]
+#[allow(dead_code)]
+fn list_snapshots() {}
+
+/// Deletes a snapshot's files.
+#[utoipa::path(delete, path = "/v1/snapshots/{name}", tag = "snapshots",
+    params(("name" = String, Path, description = "The snapshot's name")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 400, description = "A bad name", body = ApiError),
+        (status = 404, description = "No such snapshot", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn remove_snapshot() {}
+
+/// Starts a new VM (with a new id) from a snapshot; answers once its VMM has restored it.
+#[utoipa::path(post, path = "/v1/snapshots/{name}/restore", tag = "snapshots",
+    params(("name" = String, Path, description = "The snapshot's name")),
+    request_body = RestoreSnapshot,
+    responses(
+        (status = 201, description = "The new VM", body = VmInfo),
+        (status = 400, description = "A bad name", body = ApiError),
+        (status = 404, description = "No such snapshot", body = ApiError),
+        (status = 422, description = "The snapshot is damaged, incomplete, of another format, or the VMM refused it", body = ApiError),
+        (status = 429, description = "The daemon already runs its most VMs", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn restore_snapshot() {}
 
 /// The VM's agent events, newline-delimited; with `follow=true` until the VM has ended.
 #[utoipa::path(get, path = "/v1/vms/{id}/events", tag = "vms",
@@ -328,6 +396,9 @@ mod tests {
         for path in [
             "/v1/vms",
             "/v1/vms/{id}/pause",
+            "/v1/vms/{id}/snapshot",
+            "/v1/snapshots",
+            "/v1/snapshots/{name}/restore",
             "/v1/vms/{id}/files",
             "/v1/tokens/{id}",
             "/metrics",

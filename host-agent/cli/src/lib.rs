@@ -6,6 +6,9 @@
 //!   resumes after the last event it relayed.
 //! - `ps`, `inspect`, `logs`, `stop`, `detach`, `pause`, `resume`, `rm` are thin views of the
 //!   API.
+//! - `snapshot ID [NAME]` saves a VM (memory and state) in the daemon's state folder;
+//!   `snapshot ls|rm` list and delete snapshots; `restore NAME` starts a new VM from one and
+//!   relays its output as `run` does; `fork ID -n N` makes N VMs from one snapshot.
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
 //! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
@@ -22,6 +25,7 @@
 //! - [`audit`]: `nanoclaw audit verify|tail`.
 //! - [`image`]: `nanoclaw image build|import|ls|inspect|rm`.
 //! - [`token`]: `nanoclaw token create|ls|rm`, the remote API's bearer tokens.
+//! - [`snapshot`]: `nanoclaw snapshot ID [NAME]`, `snapshot ls|rm`, `restore NAME`.
 //! - [`copy_in`]: `nanoclaw run --copy HOSTPATH:GUESTPATH`.
 //! - [`cp`]: `nanoclaw cp SRC DST`.
 //! - [`tokenize`]: `nanoclaw tokenize scan [--jsonl] [FILE]`.
@@ -32,6 +36,7 @@ pub mod client;
 pub mod copy_in;
 pub mod cp;
 pub mod image;
+pub mod snapshot;
 pub mod token;
 pub mod tokenize;
 
@@ -198,6 +203,20 @@ pub enum Command {
         /// The VM id.
         id: String,
     },
+    /// Save a VM's memory and state as a snapshot (`snapshot ID [NAME]`), or list or remove
+    /// snapshots (`snapshot ls`, `snapshot rm NAME`). Snapshots hold guest memory: secrets too.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Start a new VM from a snapshot and relay its agent's output (its id with `-d`).
+    Restore(snapshot::RestoreArgs),
+    /// Make N new VMs from a running VM (a snapshot restored N times); prints their ids.
+    /// The copies share the guest's state, entropy and identity (no fork safety yet).
+    Fork {
+        /// The VM id.
+        id: String,
+        /// How many: 1 to 8.
+        #[arg(short = 'n', default_value_t = 1)]
+        n: u32,
+    },
     /// Forget an ended VM and delete its state.
     Rm {
         /// The VM id.
@@ -360,6 +379,20 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Audit(command) => audit::run(command),
         Command::Image(command) => image::run(&client, command).await,
         Command::Token(command) => token::run(&client, command).await,
+        Command::Snapshot(args) => snapshot::run(&client, args).await,
+        Command::Restore(args) => snapshot::restore(&client, args).await,
+        Command::Fork { id, n } => {
+            let vms: Vec<VmInfo> = client
+                .json(
+                    Method::POST,
+                    &format!("/v1/vms/{id}/fork"),
+                    Some(&api::ForkVm { n }),
+                )
+                .await?;
+            let ids: String = vms.iter().map(|v| format!("{}\n", v.id)).collect();
+            print_out(&ids)?;
+            Ok(0)
+        }
         Command::Cp(args) => cp::run(&client, args).await,
         Command::Tokenize(command) => tokenize::run(command),
         Command::Inspect { id, json } => {
@@ -426,7 +459,17 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
         print_out(&format!("{}\n", info.id))?;
         return Ok(0);
     }
-    let id = info.id;
+    relay(client, info.id, args.json, &mut sigint).await
+}
+
+/// Relays VM `id`'s agent output (its events as JSON lines with `json`) until it ends; the
+/// answer is the agent's exit code as `run` gives it. Ctrl-C stops the VM.
+async fn relay(
+    client: &Client,
+    id: String,
+    json: bool,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> Result<u8, CliError> {
     let events_path = format!("/v1/vms/{id}/events?follow=true");
     let mut lines: Option<Lines> = None;
     // When the event stream was lost (a daemon restart), and the last event relayed.
@@ -492,7 +535,7 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
             continue;
         }
         last_seq = Some(rec.seq);
-        if args.json {
+        if json {
             let mut out = std::io::stdout().lock();
             out.write_all(&line)
                 .and_then(|()| out.write_all(b"\n"))
@@ -500,9 +543,9 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
                 .map_err(CliError::Write)?;
         }
         match rec.event {
-            Event::Output { stream, data } if !args.json => write_output(stream, &data)?,
+            Event::Output { stream, data } if !json => write_output(stream, &data)?,
             // Guest text: control characters could drive the terminal, so they are escaped.
-            Event::GuestError { message } if !args.json => {
+            Event::GuestError { message } if !json => {
                 eprintln!("nanoclaw: the guest reports: {}", message.escape_debug());
             }
             Event::Exited { status } => agent_exit = Some(status),
@@ -619,6 +662,11 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.vmm_log_dropped_bytes,
         vm.vm_dir,
     ) + &parent_text(vm)
+        + &vm
+            .restored_from
+            .as_ref()
+            .map(|s| format!("restored from:  snapshot {s}\n"))
+            .unwrap_or_default()
         + &device_counters_text(vm.vmm_exit.as_ref())
 }
 

@@ -6,7 +6,9 @@ the tokens and sets ``NANOCLAW_SDK_DAEMON=fake``, ``NANOCLAW_URL``, ``NANOCLAW_T
 scope), ``NANOCLAW_READ_TOKEN`` and ``NANOCLAW_CA_FILE``. Skipped otherwise.
 
 The fake agent (``fake_agent`` there): the command ``wait`` prints ``waiting`` and runs until
-stopped (then it dies of SIGTERM: 143); any other prints ``hello ARGS ENV`` on stdout and
+stopped (then it dies of SIGTERM: 143); ``pausable`` does the same and serves the VMM's
+control socket (pause, resume, snapshots; a VM restored from its snapshot prints ``restored``
+and runs until stopped); any other prints ``hello ARGS ENV`` on stdout and
 ``to stderr`` on stderr and exits 3. Its VMs have no image (so no files) and no VMM control
 socket (so a pause is the VMM's failure, 502).
 """
@@ -137,6 +139,41 @@ class SyncTest(unittest.TestCase):
         self.assertIn("certificate we do not trust", str(cm.exception))
         self.assertIsNone(cm.exception.status)
 
+    def test_a_sandbox_is_snapshotted_restored_and_its_snapshot_removed(self) -> None:
+        with Sandbox.create(command=["pausable"]) as sandbox:
+            stream = sandbox.output()
+            self.assertEqual(next(stream), ("stdout", b"waiting\n"))
+            stream.close()
+            snap = sandbox.snapshot("sdk-sync")
+            self.assertEqual(
+                (snap.name, snap.source_vm, snap.format_version), ("sdk-sync", sandbox.id, 1)
+            )
+            self.assertGreater(snap.memory_bytes, snap.memory_data_bytes)
+            # Paused around the snapshot, running again after.
+            self.assertFalse(sandbox.refresh().paused)
+            with self.assertRaises(Conflict) as taken:
+                sandbox.snapshot("sdk-sync")
+            self.assertIn("exists already", taken.exception.message)
+            with self.assertRaises(NanoclawError) as bad:
+                sandbox.snapshot("../escape")
+            self.assertEqual(bad.exception.status, 400)
+        read = os.environ["NANOCLAW_READ_TOKEN"]
+        self.assertIn("sdk-sync", [s.name for s in Sandbox.snapshots(token=read)])
+        with self.assertRaises(AuthError):
+            Sandbox.restore("sdk-sync", token=read)
+        with Sandbox.restore("sdk-sync") as restored:
+            self.assertNotEqual(restored.id, snap.source_vm)
+            self.assertEqual(restored.info.raw.get("restored_from"), "sdk-sync")
+            stream = restored.output()
+            self.assertEqual(next(stream), ("stdout", b"restored\n"))
+            stream.close()
+        Sandbox.remove_snapshot("sdk-sync")
+        self.assertNotIn("sdk-sync", [s.name for s in Sandbox.snapshots()])
+        with self.assertRaises(NotFound):
+            Sandbox.restore("sdk-sync")
+        with self.assertRaises(NotFound):
+            Sandbox.remove_snapshot("sdk-sync")
+
     def _list(self) -> list[str]:
         return list_vms()
 
@@ -178,6 +215,28 @@ class AsyncTest(unittest.IsolatedAsyncioTestCase):
             info = await sandbox.kill()
             self.assertEqual(info.status, "stopped")
             self.assertEqual(await asyncio.wait_for(waited, 20), 143)
+
+    async def test_a_sandbox_is_snapshotted_and_restored(self) -> None:
+        async with await AsyncSandbox.create(command=["pausable"]) as sandbox:
+            stream = sandbox.output()
+            self.assertEqual(await stream.__anext__(), ("stdout", b"waiting\n"))
+            await stream.aclose()
+            await sandbox.pause()
+            snap = await sandbox.snapshot()
+            self.assertTrue(snap.name.startswith("snap-"), snap.name)
+            # A paused VM stays paused.
+            self.assertTrue((await sandbox.refresh()).paused)
+            await sandbox.resume()
+        self.assertIn(snap.name, [s.name for s in await AsyncSandbox.snapshots()])
+        async with await AsyncSandbox.restore(snap.name, paused=True) as restored:
+            self.assertTrue(restored.info.paused)
+            await restored.resume()
+            stream = restored.output()
+            self.assertEqual(await stream.__anext__(), ("stdout", b"restored\n"))
+            await stream.aclose()
+        await AsyncSandbox.remove_snapshot(snap.name)
+        with self.assertRaises(NotFound):
+            await AsyncSandbox.remove_snapshot(snap.name)
 
     async def test_a_cancelled_run_stops_its_vm(self) -> None:
         seen = list_vms()

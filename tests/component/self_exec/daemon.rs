@@ -7,6 +7,7 @@
 //! - `--kernel ...`: a FAKE VMM, passed to the daemon as `--vmm-bin`. It plays the sidecar: it
 //!   connects to `<vm-dir>/vsock.sock_<CONTROL_PORT>`, speaks `shared-proto`, acts out the
 //!   agent named in `RunAgent` (see [`fake_agent`]), writes `exit.json` and exits;
+//! - `--restore ...`: a FAKE VMM restoring a fake snapshot (see [`fake_restored_vmm`]);
 //! - no role: run the tests below, each against its own daemon and state directory. They need
 //!   the `nanoclaw` binary built (`cargo build -p nanoclaw-cli`), and the last one the test
 //!   tier's Python (`scripts/setup --test`, or `NANOCLAW_MCP_PYTHON`).
@@ -29,7 +30,11 @@ use shared_proto::message::{AgentSpec, ExitStatus, GuestToHost, HostToGuest, Out
 
 fn main() {
     self_exec::main(
-        &[SERVE, ("--kernel", fake_vmm)],
+        &[
+            SERVE,
+            ("--kernel", fake_vmm),
+            ("--restore", fake_restored_vmm),
+        ],
         nanoclaw_tests::tests![
             cli_says_when_the_daemon_is_not_running,
             run_relays_output_and_exits_with_the_agent_code,
@@ -45,6 +50,10 @@ fn main() {
             a_stop_reaches_the_children_of_children,
             the_remote_api_needs_a_token_whose_scope_covers_the_route,
             the_python_sdk_drives_the_remote_api,
+            snapshots_are_taken_paused_stored_listed_and_removed,
+            a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder,
+            a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm,
+            a_fork_makes_n_vms_within_the_vm_cap,
         ],
     );
 }
@@ -72,6 +81,28 @@ fn fake_vmm(args: &[String]) {
         other => fake_vmm::fail(&vm_dir, &format!("expected stdin EOF, got {other:?}")),
     }
     fake_agent(&vm_dir, boot_id, conn, spec);
+}
+
+/// The fake VMM of a restore: `vmm --restore DIR --vm-dir VMDIR ...`. It checks that DIR is
+/// inside its own folder, reads the fake snapshot there ([`fake_vmm::restore`] refuses a
+/// damaged one as the VMM does), serves its control socket, and goes on as the saved guest:
+/// its sidecar reconnects with the saved boot id (the daemon must not start the agent again),
+/// prints `restored`, and runs until a `Shutdown`.
+fn fake_restored_vmm(args: &[String]) {
+    let vm_dir = fake_vmm::vm_dir(args);
+    let dir = std::path::PathBuf::from(&args[1]);
+    if !dir.starts_with(&vm_dir) {
+        fake_vmm::fail(
+            &vm_dir,
+            &format!("--restore {} is outside the VM folder", dir.display()),
+        );
+    }
+    let boot_id = fake_vmm::restore(&dir);
+    let paused = args.iter().any(|a| a == "--restore-paused");
+    fake_vmm::serve_control(&vm_dir, boot_id, paused);
+    let mut conn = reconnect(&vm_dir, boot_id);
+    output(&mut conn, OutputStream::Stdout, "restored\n");
+    wait_for_shutdown(&vm_dir, boot_id, conn);
 }
 
 /// Reconnects after the daemon dropped us: hello again with the same boot id, and check that
@@ -111,6 +142,8 @@ fn output(conn: &mut ControlConn, stream: OutputStream, text: &str) {
 ///   (no hello), checking each is closed, then a hello with another boot id (refused), then
 ///   reconnects properly and behaves like the default;
 /// - `deaf`: starts, prints `deaf`, and ignores everything until killed;
+/// - `pausable`: serves the VMM's control socket ([`fake_vmm::serve_control`]: pause, resume,
+///   snapshots), then behaves like `wait`;
 /// - `orchestrate N`: starts, calls `spawn_agent` N times over its MCP endpoint (a worker that
 ///   runs `wait`), prints each answer as one JSON line, then behaves like `wait`;
 /// - anything else: prints `hello ARGS ENV` on stdout and `to stderr` on stderr, exits 3.
@@ -118,6 +151,12 @@ fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn, spec: Age
     match spec.command.as_str() {
         "wait" => {
             conn.send(&GuestToHost::AgentStarted { pid: 7 });
+            output(&mut conn, OutputStream::Stdout, "waiting\n");
+            wait_for_shutdown(vm_dir, boot_id, conn);
+        }
+        "pausable" => {
+            fake_vmm::serve_control(vm_dir, boot_id, false);
+            conn.send(&GuestToHost::AgentStarted { pid: 11 });
             output(&mut conn, OutputStream::Stdout, "waiting\n");
             wait_for_shutdown(vm_dir, boot_id, conn);
         }
@@ -734,8 +773,9 @@ fn the_remote_api_needs_a_token_whose_scope_covers_the_route() {
 /// The Python SDK (`sdk/python`) over the remote API: its test suite runs against this daemon
 /// (`sdk/python/tests/test_fake_vmm.py` says what it covers: runs streamed to their exit code,
 /// sync and async, a long-lived sandbox killed, the typed errors of a read token, an unknown
-/// token, an untrusted certificate, a pause the fake VMM cannot do and files it has not), with
-/// the offline tests of its tar, error and settings handling.
+/// token, an untrusted certificate, a pause the fake VMM cannot do and files it has not,
+/// snapshots taken, listed, restored and removed), with the offline tests of its tar, error
+/// and settings handling.
 fn the_python_sdk_drives_the_remote_api() {
     let port = nanoclaw_tests::free_port();
     let d = daemon_with(&["--listen", &format!("127.0.0.1:{port}")]);
@@ -749,8 +789,288 @@ fn the_python_sdk_drives_the_remote_api() {
     )
     .output_within(CLI_TIMEOUT)
     .expect("run the SDK's tests");
-    assert_sdk_tests_passed(&out, 21, &d.log());
-    // Every sandbox the tests made is gone but the one they kept and removed.
+    assert_sdk_tests_passed(&out, 23, &d.log());
+    // Every sandbox the tests made is gone but the one they kept and removed, and so is
+    // every snapshot they took.
     let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
     assert!(vms.is_empty(), "{vms:?}");
+    assert!(snapshots(&d).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots.
+
+/// Starts `run -d -- pausable` (a fake VMM that serves its control socket) and waits for it to
+/// run; its id.
+fn start_pausable(d: &Daemon) -> String {
+    let out = d.cli(&["run", "-d", "--", "pausable"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    wait_status(d, &id, |i| {
+        i.status == VmStatus::Running && i.control_connected
+    });
+    id
+}
+
+fn snapshots(d: &Daemon) -> Vec<nanoclaw_api::SnapshotInfo> {
+    let out = d.cli(&["snapshot", "ls", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Mode bits and owner of `path`.
+fn mode_and_owner(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.mode() & 0o7777, m.uid())
+}
+
+/// `nanoclaw ARGS` fails (exit 1) saying `says`.
+fn refused(d: &Daemon, args: &[&str], says: &str) {
+    let out = d.cli(args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?}: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains(says),
+        "{args:?}: {}",
+        text(&out.stderr)
+    );
+}
+
+/// A running VM is paused around its snapshot and runs again after; the files land in
+/// `state/snapshots/NAME/`, root's, 0700 and 0600, nothing is left in the VM's folder; they
+/// are listed with what they were taken of, and removed. Taken names, bad names and VMs that
+/// do not run are refused.
+fn snapshots_are_taken_paused_stored_listed_and_removed() {
+    let d = daemon();
+    let id = start_pausable(&d);
+    let out = d.cli(&["snapshot", &id, "first"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
+    assert_eq!(text(&out.stdout), "first\n");
+    let vm = d.vm(&id);
+    assert!(!vm.paused && vm.status == VmStatus::Running, "{vm:?}");
+    let vmm_dir = Path::new(&vm.vm_dir).join("vmm");
+    let ops = std::fs::read_to_string(vmm_dir.join(fake_vmm::CONTROL_OPS_FILE)).unwrap();
+    assert_eq!(ops, "state\npause\nsnapshot\nresume\n");
+    assert!(!vmm_dir.join("snapshot-first").exists());
+
+    let me = nix::unistd::geteuid().as_raw();
+    let dir = d.state_dir().join("snapshots/first");
+    assert_eq!(mode_and_owner(&d.state_dir().join("snapshots")).0, 0o700);
+    assert_eq!(mode_and_owner(&dir), (0o700, me));
+    for file in ["state.bin", "memory.bin", "snapshot.json"] {
+        assert_eq!(mode_and_owner(&dir.join(file)), (0o600, me), "{file}");
+    }
+    let listed = snapshots(&d);
+    assert_eq!(listed.len(), 1);
+    let s = &listed[0];
+    assert_eq!(
+        (s.name.as_str(), s.source_vm.as_str()),
+        ("first", id.as_str())
+    );
+    assert_eq!(s.format_version, 1);
+    assert_eq!(s.memory_bytes, fake_vmm::FAKE_MEMORY_BYTES);
+    assert_eq!(s.state_bytes, 44);
+    assert_eq!(s.spec.command, "pausable");
+
+    // A paused VM stays paused; a name made up by the daemon.
+    assert!(d.cli(&["pause", &id]).status.success());
+    let out = d.cli(&["snapshot", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let made_up = text(&out.stdout).trim().to_owned();
+    assert!(made_up.starts_with("snap-"), "{made_up}");
+    assert!(d.vm(&id).paused);
+    assert!(d.cli(&["resume", &id]).status.success());
+
+    refused(&d, &["snapshot", &id, "first"], "exists already");
+    for bad in ["../x", "a/b", ".hidden", "-x"] {
+        refused(&d, &["snapshot", &id, "--", bad], "bad snapshot name");
+    }
+    refused(&d, &["snapshot", "rm", ".hidden"], "bad snapshot name");
+    refused(&d, &["snapshot", "nosuchvm", "x"], "no VM with id nosuchvm");
+    assert!(!d.state_dir().join("snapshots/..").join("x").exists());
+
+    assert!(d.cli(&["stop", &id]).status.success());
+    refused(
+        &d,
+        &["snapshot", &id, "late"],
+        "only a running VM can be snapshotted",
+    );
+    assert_eq!(snapshots(&d).len(), 2);
+
+    assert!(d.cli(&["snapshot", "rm", "first"]).status.success());
+    assert!(!dir.exists());
+    refused(&d, &["snapshot", "rm", "first"], "no snapshot named first");
+    let left: Vec<String> = snapshots(&d).into_iter().map(|s| s.name).collect();
+    assert_eq!(left, vec![made_up]);
+}
+
+/// A restore makes a new VM whose VMM is started with `--restore` on a copy inside its own
+/// folder (0600; the fake VMM checks the folder and the files' checksum), the saved guest's
+/// sidecar reconnects without the agent being started again, and its output flows.
+fn a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder() {
+    let d = daemon();
+    let id = start_pausable(&d);
+    assert!(d.cli(&["snapshot", &id, "s1"]).status.success());
+    assert!(d.cli(&["stop", &id]).status.success());
+
+    let out = d.cli(&["restore", "s1", "-d"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
+    let new = text(&out.stdout).trim().to_owned();
+    assert_ne!(new, id);
+    let info = wait_status(&d, &new, |i| i.control_connected);
+    assert_eq!(info.restored_from.as_deref(), Some("s1"));
+    assert_eq!(info.status, VmStatus::Running);
+    assert_eq!(
+        info.control_reconnects, 1,
+        "the saved boot reconnected: {info:?}"
+    );
+    assert_eq!(info.spec.command, "pausable");
+    let inspect = text(&d.cli(&["inspect", &new]).stdout);
+    assert!(
+        inspect.contains("restored from:  snapshot s1\n"),
+        "{inspect}"
+    );
+    let copy = Path::new(&info.vm_dir).join("vmm/restore");
+    let me = nix::unistd::geteuid().as_raw();
+    assert_eq!(mode_and_owner(&copy), (0o700, me));
+    for file in ["state.bin", "memory.bin"] {
+        assert_eq!(mode_and_owner(&copy.join(file)), (0o600, me), "{file}");
+    }
+    let pid = info.vmm_pid.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let at = args
+        .iter()
+        .position(|a| *a == b"--restore")
+        .expect("--restore");
+    assert_eq!(args[at + 1], copy.as_os_str().as_encoded_bytes());
+    assert!(!args.contains(&&b"--kernel"[..]));
+    wait_for(
+        "the restored guest's output",
+        Duration::from_secs(20),
+        || text(&d.cli(&["logs", &new]).stdout) == "restored\n",
+    );
+    // The stored snapshot is untouched and still the daemon's.
+    assert_eq!(
+        mode_and_owner(&d.state_dir().join("snapshots/s1/memory.bin")),
+        (0o600, me)
+    );
+    let stop = d.cli(&["stop", &new]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(d.vm(&new).status, VmStatus::Stopped);
+
+    // Paused from the start.
+    let out = d.cli(&["restore", "s1", "-d", "--paused"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let paused = text(&out.stdout).trim().to_owned();
+    assert!(d.vm(&paused).paused);
+    assert!(d.cli(&["resume", &paused]).status.success());
+    assert!(!d.vm(&paused).paused);
+    assert!(d.cli(&["stop", &paused]).status.success());
+}
+
+/// A snapshot whose memory file was changed (the VMM refuses it: its words are the error),
+/// whose state file is missing, or of another format version is refused, and no VM is left
+/// listed or on disk.
+fn a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm() {
+    let d = daemon();
+    let id = start_pausable(&d);
+    for name in ["tampered", "incomplete", "future"] {
+        let out = d.cli(&["snapshot", &id, name]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert!(d.cli(&["stop", &id]).status.success());
+    let store = d.state_dir().join("snapshots");
+    let memory = store.join("tampered/memory.bin");
+    let mut bytes = std::fs::read(&memory).unwrap();
+    bytes[(1 << 20) + 3] ^= 0x20;
+    std::fs::write(&memory, bytes).unwrap();
+    std::fs::remove_file(store.join("incomplete/state.bin")).unwrap();
+    let state = store.join("future/state.bin");
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&state, bytes).unwrap();
+
+    let vms_before = std::fs::read_dir(d.state_dir().join("vms"))
+        .unwrap()
+        .count();
+    refused(
+        &d,
+        &["restore", "tampered", "-d"],
+        "the VMM refused the snapshot: nanoclaw-vmm: error: restore the snapshot in",
+    );
+    refused(
+        &d,
+        &["restore", "tampered", "-d"],
+        "checksum of the memory file",
+    );
+    refused(
+        &d,
+        &["restore", "incomplete", "-d"],
+        "snapshot incomplete is incomplete: state.bin is missing",
+    );
+    refused(
+        &d,
+        &["restore", "future", "-d"],
+        "snapshot future is of format version 2; this daemon's VMM reads 1",
+    );
+    refused(
+        &d,
+        &["restore", "nothing", "-d"],
+        "no snapshot named nothing",
+    );
+    refused(&d, &["restore", "../vms", "-d"], "");
+    let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let vms_after = std::fs::read_dir(d.state_dir().join("vms"))
+        .unwrap()
+        .count();
+    assert_eq!(vms_after, vms_before);
+}
+
+/// A fork of N makes N new VMs restored from one snapshot of the VM, which is then removed;
+/// N is 1 to 8, and N more VMs than `--max-vms` allows are refused before anything is made.
+fn a_fork_makes_n_vms_within_the_vm_cap() {
+    let d = daemon_with(&["--max-vms", "3"]);
+    let id = start_pausable(&d);
+    refused(
+        &d,
+        &["fork", &id, "-n", "9"],
+        "a fork makes 1 to 8 VMs, not 9",
+    );
+    refused(
+        &d,
+        &["fork", &id, "-n", "0"],
+        "a fork makes 1 to 8 VMs, not 0",
+    );
+    refused(&d, &["fork", &id, "-n", "3"], "--max-vms");
+    assert!(snapshots(&d).is_empty());
+    let out = d.cli(&["fork", &id, "-n", "2"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
+    let made: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert!(made[0] != made[1] && !made.contains(&id), "{made:?}");
+    for vm in &made {
+        let info = wait_status(&d, vm, |i| i.control_connected);
+        assert!(
+            info.restored_from
+                .as_deref()
+                .is_some_and(|s| s.starts_with("fork-")),
+            "{info:?}"
+        );
+        wait_for("the fork's output", Duration::from_secs(20), || {
+            text(&d.cli(&["logs", vm]).stdout) == "restored\n"
+        });
+    }
+    // Each has its own copy; the snapshot itself is gone.
+    assert!(snapshots(&d).is_empty());
+    assert!(!d.vm(&id).paused);
+    for vm in made.iter().chain([&id]) {
+        assert!(d.cli(&["stop", vm]).status.success());
+    }
 }

@@ -23,7 +23,8 @@
 //! - [`routes`]: the HTTP handlers.
 //! - [`ratelimit`]: the log budget for guest-triggered lines.
 //! - [`vmm_log`]: the VMM's stdout and stderr, copied into `vmm.log` up to a cap.
-//! - [`vmm_control`]: the VMM's control socket: pausing and resuming its vCPUs.
+//! - [`vmm_control`]: the VMM's control socket: pausing and resuming its vCPUs, snapshots.
+//! - [`snapshots`]: the snapshot store (`<state-dir>/snapshots/`), and what a restore copies.
 //! - [`images`]: the image routes, and what a VM created with an image gets.
 //! - [`files`]: copying files into and out of a VM (`nanoclaw cp`).
 //! - [`gateways`]: the MCP gateway of each VM that has a profile, and agent spawning.
@@ -36,6 +37,7 @@ pub mod images;
 pub mod jail;
 pub mod ratelimit;
 pub mod routes;
+pub mod snapshots;
 pub mod state;
 pub mod vm;
 pub mod vmm_control;
@@ -149,6 +151,9 @@ pub enum DaemonError {
     /// Starting passkey approvals failed.
     #[error("passkey approvals")]
     Approvals(#[source] crate::approval::server::ServerError),
+    /// The snapshot store could not be opened.
+    #[error("snapshot store")]
+    Snapshots(#[source] snapshots::SnapshotError),
     /// Opening the audit log failed.
     #[error("audit log")]
     Audit(#[source] nanoclaw_audit::AuditError),
@@ -400,9 +405,56 @@ pub enum RemoveError {
     },
 }
 
+/// How long a restored VMM has to load its snapshot and serve its control socket.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot cannot be used.
+    #[error(transparent)]
+    Snapshot(#[from] snapshots::SnapshotError),
+    /// The VM could not be made or started.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The VMM refused the snapshot (its own words).
+    #[error("the VMM refused the snapshot: {0}")]
+    Refused(String),
+}
+
+/// The most VMs one fork makes.
+pub const MAX_FORK: u32 = 8;
+
+/// Why a fork failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// `n` out of range.
+    #[error("a fork makes 1 to {MAX_FORK} VMs, not {0}")]
+    BadCount(u32),
+    /// The snapshot or a restore failed (the VMs made before are stopped and removed).
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+}
+
+/// The last line of a VM's `vmm.log` (what a VMM that refused to start said), at most 400
+/// bytes of it.
+fn vmm_log_tail(dir: &Path) -> String {
+    let text = std::fs::read(dir.join(state::VMM_LOG_FILE)).unwrap_or_default();
+    let start = text.len().saturating_sub(4096);
+    let text = String::from_utf8_lossy(&text[start..]).into_owned();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("it ended without a word");
+    line.chars().take(400).collect()
+}
+
 /// The daemon's shared state.
 #[derive(Debug)]
 pub struct Daemon {
+    /// The snapshots.
+    snapshots: snapshots::Store,
     vms_dir: PathBuf,
     /// The MCP gateways of VMs created with a profile.
     mcp: gateways::VmGateways,
@@ -573,6 +625,21 @@ impl Daemon {
         };
         let mut record = record;
         record.parent = parent.map(str::to_owned);
+        let (vm, child) = self.start(id, dir, record, parent)?;
+        tokio::spawn(Arc::clone(&vm).watch_child(child));
+        Ok(vm)
+    }
+
+    /// Lists the VM of `record` in `dir` (within the limits, with a uid of its own) and starts
+    /// its VMM: the one path of a created VM and a restored one. On a refusal `dir` is deleted;
+    /// a VMM that cannot be spawned leaves the VM ended (`spawn_failed`).
+    fn start(
+        self: &Arc<Self>,
+        id: String,
+        dir: PathBuf,
+        mut record: VmRecord,
+        parent: Option<&str>,
+    ) -> Result<(Arc<Vm>, tokio::process::Child), DaemonError> {
         // The limits are checked, the uid is picked and the VM listed under one lock, so two
         // VMs never share a uid nor pass a limit together.
         let mut vms = self.lock_vms();
@@ -613,8 +680,7 @@ impl Daemon {
         match started {
             Ok((listener, child)) => {
                 tokio::spawn(Arc::clone(&vm).accept_control(listener));
-                tokio::spawn(Arc::clone(&vm).watch_child(child));
-                Ok(vm)
+                Ok((vm, child))
             }
             Err(e) => {
                 vm.conclude(
@@ -628,6 +694,231 @@ impl Daemon {
                     false,
                 );
                 Err(DaemonError::Vm(e))
+            }
+        }
+    }
+
+    /// The snapshot store.
+    pub fn snapshots(&self) -> &snapshots::Store {
+        &self.snapshots
+    }
+
+    /// Takes a snapshot of VM `id` named `name` (a fresh name when `None`) into the store
+    /// (see [`snapshots`]). A running VM is paused around it.
+    pub async fn snapshot(
+        &self,
+        id: &str,
+        name: Option<String>,
+    ) -> Result<api::SnapshotInfo, snapshots::SnapshotError> {
+        use snapshots::SnapshotError;
+        let name = match name {
+            Some(n) => n,
+            None => snapshots::fresh_name()?,
+        };
+        snapshots::validate_name(&name)?;
+        let vm = self
+            .get(id)
+            .ok_or_else(|| SnapshotError::NoVm(id.to_owned()))?;
+        let staging = self.snapshots.stage(&name)?;
+        let taken = self.snapshot_into(&vm, &name, &staging).await;
+        match taken {
+            Ok(meta) => self
+                .snapshots
+                .commit(&staging, &name, &meta)
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_dir_all(&staging);
+                }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Err(e)
+            }
+        }
+    }
+
+    async fn snapshot_into(
+        &self,
+        vm: &Arc<Vm>,
+        name: &str,
+        staging: &Path,
+    ) -> Result<snapshots::SnapshotMeta, snapshots::SnapshotError> {
+        let (spec, image) = vm.spec_and_image();
+        // The VMM's folder for it, inside its jail: a name the VMM makes anew.
+        let in_jail = format!("snapshot-{name}");
+        let jail_dir = vm.vmm_dir.join(&in_jail);
+        let disk_to = image.as_ref().map(|_| staging.join(snapshots::DISK_FILE));
+        let result = async {
+            let (written, disk_bytes) = vm.snapshot(&in_jail, disk_to.as_deref()).await?;
+            let state_bytes = snapshots::adopt(&jail_dir, staging, snapshots::STATE_FILE)?;
+            let memory_bytes = snapshots::adopt(&jail_dir, staging, snapshots::MEMORY_FILE)?;
+            let format_version =
+                snapshots::format_version(name, &staging.join(snapshots::STATE_FILE))?;
+            let (boot_id, agent_sent, agent_pid) = vm.guest_facts();
+            Ok(snapshots::SnapshotMeta {
+                source_vm: vm.id.clone(),
+                spec,
+                image,
+                created_unix_ms: state::now_unix_ms(),
+                format_version,
+                memory_bytes,
+                memory_data_bytes: written.memory_data_bytes,
+                state_bytes,
+                disk_bytes,
+                boot_id,
+                agent_sent,
+                agent_pid,
+            })
+        }
+        .await;
+        // Whatever the VMM left in its folder goes (it is the VMM's, links are not followed).
+        let _ = std::fs::remove_dir_all(&jail_dir);
+        result
+    }
+
+    /// Makes `n` new VMs from VM `id`: a snapshot of it (paused around it), `n` restores of
+    /// that snapshot, and the snapshot removed (each VM has its own copy). All `n` count
+    /// against `--max-vms`, checked first; when a restore fails, the VMs made before it are
+    /// stopped and removed. The copies share the guest's state: see the security guide on
+    /// what a fork does not do yet.
+    pub async fn fork(self: &Arc<Self>, id: &str, n: u32) -> Result<Vec<Arc<Vm>>, ForkError> {
+        if !(1..=MAX_FORK).contains(&n) {
+            return Err(ForkError::BadCount(n));
+        }
+        {
+            let vms = self.lock_vms();
+            let live = vms.values().filter(|v| !v.status().is_terminal()).count();
+            if live + n as usize > self.limits.max_vms {
+                return Err(
+                    RestoreError::Daemon(DaemonError::Limit(LimitError::TooManyVms {
+                        limit: self.limits.max_vms,
+                    }))
+                    .into(),
+                );
+            }
+        }
+        let name = format!(
+            "fork-{id}-{}",
+            snapshots::fresh_name()
+                .map_err(RestoreError::Snapshot)?
+                .trim_start_matches("snap-")
+        );
+        self.snapshot(id, Some(name.clone()))
+            .await
+            .map_err(RestoreError::Snapshot)?;
+        let mut made: Vec<Arc<Vm>> = Vec::new();
+        let mut failure = None;
+        for _ in 0..n {
+            match self.restore(&name, false).await {
+                Ok(vm) => made.push(vm),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.snapshots.remove(&name) {
+            tracing::warn!(snapshot = %name, error = %error_chain(&e), "fork snapshot left");
+        }
+        if let Some(e) = failure {
+            for vm in made {
+                vm.stop(self.stop_grace).await;
+                let _ = self.remove(&vm.id);
+            }
+            return Err(e.into());
+        }
+        tracing::info!(vm = %id, n, "VM forked");
+        Ok(made)
+    }
+
+    /// Starts a new VM from snapshot `name`: a copy of its files in the new VM's folder,
+    /// given to its uid, and a VMM started with `--restore` on it. Answers once the VMM
+    /// serves its control socket (it has restored the guest); a VMM that refuses the snapshot
+    /// leaves nothing behind, and its error is the answer's.
+    pub async fn restore(
+        self: &Arc<Self>,
+        name: &str,
+        paused: bool,
+    ) -> Result<Arc<Vm>, RestoreError> {
+        let meta = self.snapshots.meta(name)?;
+        self.limits
+            .admit(&self.lock_vms(), None)
+            .map_err(DaemonError::Limit)?;
+        if let Some(image) = &meta.image
+            && !image.rootfs.is_file()
+        {
+            return Err(snapshots::SnapshotError::ImageGone {
+                name: name.to_owned(),
+                path: image.rootfs.clone(),
+            }
+            .into());
+        }
+        let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(DaemonError::State)?;
+        let copy = dir.join(state::VMM_DIR).join("restore");
+        let image = meta.image.clone().map(|mut i| {
+            i.scratch = dir.join(images::SCRATCH_DISK_FILE);
+            i
+        });
+        let disk_to = image.as_ref().map(|i| i.scratch.clone());
+        if let Err(e) = self
+            .snapshots
+            .copy_out(name, &meta, &copy, disk_to.as_deref())
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+        let mut record = VmRecord::new(id.clone(), meta.spec.clone(), state::now_unix_ms());
+        record.image = image;
+        record.boot_id = meta.boot_id.clone();
+        record.agent_sent = meta.agent_sent;
+        record.agent_pid = meta.agent_pid;
+        if meta.agent_pid.is_some() {
+            record.status = api::VmStatus::Running;
+        }
+        record.paused = paused;
+        record.restore = Some(state::Restore {
+            snapshot: name.to_owned(),
+            dir: copy,
+            paused,
+        });
+        let (vm, mut child) = match self.start(id.clone(), dir.clone(), record, None) {
+            Ok(started) => started,
+            Err(e) => {
+                // Nothing half-started is kept: a VMM that could not be spawned is forgotten.
+                self.lock_vms().remove(&id);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
+        let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
+        let ready = loop {
+            tokio::select! {
+                status = child.wait() => break Err(status.ok()),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            let op = vmm_control::Op::State;
+            if vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op)
+                .await
+                .is_ok()
+            {
+                break Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.start_kill();
+                break Err(child.wait().await.ok());
+            }
+        };
+        match ready {
+            Ok(()) => {
+                tokio::spawn(Arc::clone(&vm).watch_child(child));
+                tracing::info!(vm = %vm.id, snapshot = name, "VM restored");
+                Ok(vm)
+            }
+            Err(status) => {
+                vm.finish(status).await;
+                let why = vmm_log_tail(&vm.dir);
+                self.lock_vms().remove(&vm.id);
+                let _ = std::fs::remove_dir_all(&vm.dir);
+                tracing::warn!(snapshot = name, error = %why, "restore refused by the VMM");
+                Err(RestoreError::Refused(why))
             }
         }
     }
@@ -965,7 +1256,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             .map_err(DaemonError::ImageStore)?;
     // Kept for the last checkpoint at shutdown.
     let checkpoint_relay = relay.clone().filter(|_| args.audit_checkpoint_secs > 0);
+    let snapshots = snapshots::Store::open(&args.state_dir).map_err(DaemonError::Snapshots)?;
     let daemon = Arc::new(Daemon {
+        snapshots,
         images,
         mcp: gateways::VmGateways::new(Arc::clone(&audit), approver_of(approvals.as_ref())),
         approvals,

@@ -22,12 +22,14 @@ use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 
 use super::event_feed::EventFeed;
+use super::snapshots::SnapshotError;
 use super::vm::{PauseError, Vm};
-use super::{Daemon, DetachError, RemoveError};
+use super::{Daemon, DetachError, ForkError, RemoveError, RestoreError};
 use crate::error_chain;
 use crate::remote::tokens::TokenError;
 use nanoclaw_api::{
-    ApiError, CreateToken, CreateVm, CreatedToken, Event, EventRecord, TokenInfo, VmInfo,
+    ApiError, CreateSnapshot, CreateToken, CreateVm, CreatedToken, Event, EventRecord, ForkVm,
+    RestoreSnapshot, SnapshotInfo, TokenInfo, VmInfo,
 };
 
 /// Highest accepted guest RAM, in MiB.
@@ -54,6 +56,14 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/tokens/{id}", axum::routing::delete(remove_token))
         .route("/v1/vms/{id}/pause", post(pause))
         .route("/v1/vms/{id}/resume", post(resume))
+        .route("/v1/vms/{id}/snapshot", post(snapshot))
+        .route("/v1/vms/{id}/fork", post(fork))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{name}",
+            axum::routing::delete(remove_snapshot),
+        )
+        .route("/v1/snapshots/{name}/restore", post(restore))
         .route("/v1/vms/{id}/events", get(events))
         .route("/v1/vms/{id}/console", get(console))
         .route(
@@ -327,6 +337,113 @@ async fn set_paused(daemon: &Daemon, id: &str, paused: bool) -> Result<Json<VmIn
             Err(Failure(StatusCode::CONFLICT, error_chain(&e)))
         }
         Ok(Err(e)) => Err(Failure(StatusCode::BAD_GATEWAY, error_chain(&e))),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// The status of a snapshot error.
+fn snapshot_failure(e: &SnapshotError) -> Failure {
+    let status = match e {
+        SnapshotError::BadName(_) => StatusCode::BAD_REQUEST,
+        SnapshotError::NotFound(_) | SnapshotError::NoVm(_) => StatusCode::NOT_FOUND,
+        SnapshotError::Exists(_) | SnapshotError::NotRunning(_) => StatusCode::CONFLICT,
+        SnapshotError::Vmm(_) | SnapshotError::NotPlain(_) => StatusCode::BAD_GATEWAY,
+        SnapshotError::Missing { .. }
+        | SnapshotError::Format { .. }
+        | SnapshotError::Damaged { .. }
+        | SnapshotError::ImageGone { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        SnapshotError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Failure(status, error_chain(e))
+}
+
+/// A JSON body that may be empty (then the default).
+fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Failure> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// Takes a snapshot of VM `id` (see [`Daemon::snapshot`]).
+async fn snapshot(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<SnapshotInfo>), Failure> {
+    let req: CreateSnapshot = optional_body(&body)?;
+    // In its own task, so that a client hanging up does not leave the VM paused.
+    let task = tokio::spawn(async move { daemon.snapshot(&id, req.name).await });
+    match task.await {
+        Ok(Ok(info)) => {
+            tracing::info!(snapshot = %info.name, vm = %info.source_vm, "snapshot stored");
+            Ok((StatusCode::CREATED, Json(info)))
+        }
+        Ok(Err(e)) => Err(snapshot_failure(&e)),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn list_snapshots(State(daemon): State<Arc<Daemon>>) -> Json<Vec<SnapshotInfo>> {
+    Json(daemon.snapshots().list())
+}
+
+async fn remove_snapshot(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    daemon
+        .snapshots()
+        .remove(&name)
+        .map_err(|e| snapshot_failure(&e))?;
+    tracing::info!(snapshot = %name, "snapshot removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Makes `n` VMs from VM `id` (see [`Daemon::fork`]).
+async fn fork(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    body: Result<Json<ForkVm>, JsonRejection>,
+) -> Result<(StatusCode, Json<Vec<VmInfo>>), Failure> {
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let task = tokio::spawn(async move { daemon.fork(&id, req.n).await });
+    match task.await {
+        Ok(Ok(vms)) => Ok((
+            StatusCode::CREATED,
+            Json(vms.iter().map(|vm| vm.info()).collect()),
+        )),
+        Ok(Err(e @ ForkError::BadCount(_))) => {
+            Err(Failure(StatusCode::BAD_REQUEST, error_chain(&e)))
+        }
+        Ok(Err(ForkError::Restore(e))) => Err(restore_failure(e)),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// The status of a restore error.
+fn restore_failure(e: RestoreError) -> Failure {
+    match e {
+        RestoreError::Snapshot(e) => snapshot_failure(&e),
+        e @ RestoreError::Refused(_) => Failure(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
+        RestoreError::Daemon(e @ super::DaemonError::Limit(_)) => {
+            Failure(StatusCode::TOO_MANY_REQUESTS, error_chain(&e))
+        }
+        e => Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)),
+    }
+}
+
+/// Starts a new VM from snapshot `name` (see [`Daemon::restore`]).
+async fn restore(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<VmInfo>), Failure> {
+    let req: RestoreSnapshot = optional_body(&body)?;
+    let task = tokio::spawn(async move { daemon.restore(&name, req.paused).await });
+    match task.await {
+        Ok(Ok(vm)) => Ok((StatusCode::CREATED, Json(vm.info()))),
+        Ok(Err(e)) => Err(restore_failure(e)),
         Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }

@@ -142,6 +142,20 @@ pub struct VmRecord {
     /// finds the VMM still paused: the VMM keeps its own state.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// The snapshot this VM's VMM restores instead of booting, when it was made by a restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Restore>,
+}
+
+/// Where a restored VM's VMM finds its snapshot: a copy in its own folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restore {
+    /// The snapshot's name in the store.
+    pub snapshot: String,
+    /// The copy's folder, inside the VMM's folder (`--restore`).
+    pub dir: PathBuf,
+    /// Whether the vCPUs start paused (`--restore-paused`).
+    pub paused: bool,
 }
 
 impl VmRecord {
@@ -172,6 +186,7 @@ impl VmRecord {
             parent: None,
             detached: false,
             paused: false,
+            restore: None,
         }
     }
 
@@ -285,7 +300,7 @@ pub fn create_vm_dir(vms: &Path) -> Result<(String, PathBuf), StateError> {
 }
 
 /// Eight lowercase hex digits from the kernel's random source.
-fn random_id() -> std::io::Result<String> {
+pub(crate) fn random_id() -> std::io::Result<String> {
     let mut bytes = [0u8; 4];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())

@@ -283,6 +283,7 @@ impl Vm {
             parent: r.parent,
             detached: r.detached,
             paused: r.paused,
+            restored_from: r.restore.map(|r| r.snapshot),
         }
     }
 
@@ -318,6 +319,73 @@ impl Vm {
         self.update(|r| r.paused = now);
         tracing::info!(vm = %self.id, paused = now, "VM {}", if now { "paused" } else { "resumed" });
         Ok(())
+    }
+
+    /// Saves the VM into the new folder `dir` inside its VMM's folder (the VMM's
+    /// `snapshot`), pausing it around the snapshot when it runs; with `disk_to`, copies its
+    /// writable disk there while it is paused. Answers what the VMM wrote and the disk copy's
+    /// length. A VM that was paused stays paused; one that ran runs again, also when the
+    /// snapshot failed.
+    pub async fn snapshot(
+        &self,
+        dir: &str,
+        disk_to: Option<&Path>,
+    ) -> Result<(super::vmm_control::SnapshotWritten, Option<u64>), super::snapshots::SnapshotError>
+    {
+        use super::snapshots::SnapshotError;
+        use super::vmm_control::{Op, request};
+        let _one_at_a_time = self.pausing.lock().await;
+        let status = self.status();
+        if status.is_terminal() || status == VmStatus::Stopping || !self.vmm_alive() {
+            return Err(SnapshotError::NotRunning(status.as_str()));
+        }
+        let uid = self.jail_uid();
+        let was_paused = request(&self.vmm_dir, uid, Op::State)
+            .await
+            .map_err(SnapshotError::Vmm)?;
+        if !was_paused {
+            let now = request(&self.vmm_dir, uid, Op::Pause)
+                .await
+                .map_err(SnapshotError::Vmm)?;
+            self.update(|r| r.paused = now);
+        }
+        let taken = async {
+            let written = super::vmm_control::snapshot(&self.vmm_dir, uid, dir)
+                .await
+                .map_err(SnapshotError::Vmm)?;
+            let scratch = lock(&self.record).image.as_ref().map(|i| i.scratch.clone());
+            let disk = match (disk_to, scratch) {
+                (Some(to), Some(from)) => Some(super::snapshots::copy_sparse(&from, to)?),
+                _ => None,
+            };
+            Ok((written, disk))
+        }
+        .await;
+        if !was_paused {
+            match request(&self.vmm_dir, uid, Op::Resume).await {
+                Ok(now) => self.update(|r| r.paused = now),
+                Err(e) => {
+                    tracing::warn!(vm = %self.id, error = %error_chain(&e), "resume after snapshot")
+                }
+            }
+        }
+        if taken.is_ok() {
+            tracing::info!(vm = %self.id, dir, "snapshot taken");
+        }
+        taken
+    }
+
+    /// The sidecar's boot id, whether the agent was asked to run, and its pid: what a
+    /// snapshot of this VM records for the VM restored from it.
+    pub fn guest_facts(&self) -> (Option<String>, bool, Option<u32>) {
+        let r = lock(&self.record);
+        (r.boot_id.clone(), r.agent_sent, r.agent_pid)
+    }
+
+    /// The record's spec and image.
+    pub fn spec_and_image(&self) -> (api::CreateVm, Option<super::images::VmImage>) {
+        let r = lock(&self.record);
+        (r.spec.clone(), r.image.clone())
     }
 
     /// Whether the VM's vCPUs are paused.
@@ -472,9 +540,13 @@ impl Vm {
             path: self.dir.join(super::vmm_log::VMM_PIPE_FILE),
             source,
         })?;
-        let (spec, image) = {
+        let (spec, image, restore) = {
             let record = lock(&self.record);
-            (record.spec.clone(), record.image.clone())
+            (
+                record.spec.clone(),
+                record.image.clone(),
+                record.restore.clone(),
+            )
         };
         // The jail's arguments go last: a VMM's first argument is --kernel or --disk.
         let mut jail_args: Vec<std::ffi::OsString> = Vec::new();
@@ -501,6 +573,19 @@ impl Vm {
                 jail_args.extend(["--jail-cgroup".into(), cg.clone().into_os_string()]);
             }
             self.update(|r| r.jail_cgroups = cgroups);
+            if let Some(restore) = &restore {
+                // The copy is this VM's alone: its VMM reads it as its own uid.
+                for path in [
+                    restore.dir.clone(),
+                    restore.dir.join(super::snapshots::STATE_FILE),
+                    restore.dir.join(super::snapshots::MEMORY_FILE),
+                ] {
+                    super::snapshots::give_to(&path, uid).map_err(|e| VmError::Open {
+                        path: path.clone(),
+                        source: std::io::Error::other(error_chain(&e)),
+                    })?;
+                }
+            }
         }
         let mut cmd = tokio::process::Command::new(&launch.bin);
         if let Some(image) = &image {
@@ -510,11 +595,22 @@ impl Vm {
                 .arg("--disk")
                 .arg(disk_arg(&image.scratch, ",id=scratch"));
         }
-        cmd.arg("--kernel")
-            .arg(&launch.kernel)
-            .arg("--initrd")
-            .arg(&launch.initrd)
-            .arg("--vm-dir")
+        match &restore {
+            // A restore reads no kernel: the guest is in the snapshot.
+            Some(restore) => {
+                cmd.arg("--restore").arg(&restore.dir);
+                if restore.paused {
+                    cmd.arg("--restore-paused");
+                }
+            }
+            None => {
+                cmd.arg("--kernel")
+                    .arg(&launch.kernel)
+                    .arg("--initrd")
+                    .arg(&launch.initrd);
+            }
+        }
+        cmd.arg("--vm-dir")
             .arg(&self.vmm_dir)
             .arg("--memory-mib")
             .arg(spec.memory_mib.to_string())

@@ -1,9 +1,11 @@
 //! The daemon's side of the VMM's control socket, `<vm-dir>/vmm/control.sock`: pausing and
-//! resuming a VM's vCPUs.
+//! resuming a VM's vCPUs, asking whether they run, and taking snapshots.
 //!
 //! The VMM serves one JSON line per connection and answers one (its `control` module is the
 //! other side): `{"op":"pause"|"resume"|"state"}` in, `{"ok":true,"state":"running"|"paused"}`
-//! or `{"ok":false,"error":"..."}` out. The VMM links none of the daemon's crates, so the
+//! or `{"ok":false,"error":"..."}` out; `{"op":"snapshot","dir":NAME}` in,
+//! `{"ok":true,"state":"paused","snapshot":{"dir":..,"vcpus":..,"memory_bytes":..,
+//! "memory_data_bytes":..}}` out once the folder `NAME` inside the VMM's folder is written. The VMM links none of the daemon's crates, so the
 //! few fields are written here again; the end-to-end pause test runs both sides.
 //!
 //! A jailed VMM owns its folder and could put a link to another VM's socket in place of its
@@ -23,6 +25,8 @@ pub const SOCKET: &str = "control.sock";
 pub const MAX_ANSWER: u64 = 4096;
 /// How long one exchange may take: longer than the VMM's own wait for its vCPUs to park.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a snapshot may take: the VMM writes the whole of guest memory.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What to ask the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +35,8 @@ pub enum Op {
     Pause,
     /// Run them again.
     Resume,
+    /// Only say whether they run (also: whether the VMM serves its socket yet).
+    State,
 }
 
 impl Op {
@@ -38,8 +44,22 @@ impl Op {
         match self {
             Op::Pause => b"{\"op\":\"pause\"}\n",
             Op::Resume => b"{\"op\":\"resume\"}\n",
+            Op::State => b"{\"op\":\"state\"}\n",
         }
     }
+}
+
+/// What the VMM says it wrote for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SnapshotWritten {
+    /// The folder, as named in the request.
+    pub dir: String,
+    /// vCPUs saved.
+    pub vcpus: usize,
+    /// The memory file's length.
+    pub memory_bytes: u64,
+    /// Bytes of it that hold data.
+    pub memory_data_bytes: u64,
 }
 
 /// Why the VMM could not be asked, or refused.
@@ -74,6 +94,8 @@ struct Answer {
     state: Option<String>,
     #[serde(default)]
     error: Option<String>,
+    #[serde(default)]
+    snapshot: Option<SnapshotWritten>,
 }
 
 /// Asks the VMM whose folder is `vmm_dir` (jailed as `vmm_uid`) to carry out `op`; answers
@@ -83,6 +105,36 @@ pub async fn request(
     vmm_uid: Option<u32>,
     op: Op,
 ) -> Result<bool, VmmControlError> {
+    let line = exchange(vmm_dir, vmm_uid, op.request(), EXCHANGE_TIMEOUT).await?;
+    parse(&line).map(|(paused, _)| paused)
+}
+
+/// Asks the paused VMM whose folder is `vmm_dir` to save the VM into the new folder `dir`
+/// (relative to `vmm_dir`); answers what it wrote. Waits up to [`SNAPSHOT_TIMEOUT`].
+pub async fn snapshot(
+    vmm_dir: &Path,
+    vmm_uid: Option<u32>,
+    dir: &str,
+) -> Result<SnapshotWritten, VmmControlError> {
+    let mut request = serde_json::to_vec(&serde_json::json!({"op": "snapshot", "dir": dir}))
+        .map_err(|e| VmmControlError::BadAnswer(e.to_string()))?;
+    request.push(b'\n');
+    let line = exchange(vmm_dir, vmm_uid, &request, SNAPSHOT_TIMEOUT).await?;
+    match parse(&line)? {
+        (_, Some(written)) if written.dir == dir => Ok(written),
+        _ => Err(VmmControlError::BadAnswer(
+            String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
+        )),
+    }
+}
+
+/// Sends `request` and reads one answer line, within `timeout`.
+async fn exchange(
+    vmm_dir: &Path,
+    vmm_uid: Option<u32>,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, VmmControlError> {
     let exchange = async {
         let stream = UnixStream::connect(vmm_dir.join(SOCKET))
             .await
@@ -95,7 +147,7 @@ pub async fn request(
         }
         let (read, mut write) = stream.into_split();
         write
-            .write_all(op.request())
+            .write_all(request)
             .await
             .map_err(VmmControlError::Connect)?;
         let mut line = Vec::new();
@@ -105,20 +157,19 @@ pub async fn request(
             .map_err(VmmControlError::Connect)?;
         Ok(line)
     };
-    let line = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| VmmControlError::Timeout(EXCHANGE_TIMEOUT))??;
-    parse(&line)
+        .map_err(|_| VmmControlError::Timeout(timeout))?
 }
 
-/// Reads the VMM's answer: whether the vCPUs are paused.
-fn parse(line: &[u8]) -> Result<bool, VmmControlError> {
+/// Reads the VMM's answer: whether the vCPUs are paused, and what a snapshot wrote.
+fn parse(line: &[u8]) -> Result<(bool, Option<SnapshotWritten>), VmmControlError> {
     let shown = || String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
     let answer: Answer =
         serde_json::from_slice(line).map_err(|_| VmmControlError::BadAnswer(shown()))?;
     match (answer.ok, answer.state.as_deref(), answer.error) {
-        (true, Some("paused"), _) => Ok(true),
-        (true, Some("running"), _) => Ok(false),
+        (true, Some("paused"), _) => Ok((true, answer.snapshot)),
+        (true, Some("running"), _) => Ok((false, answer.snapshot)),
         (false, _, Some(error)) => Err(VmmControlError::Refused(error.chars().take(200).collect())),
         _ => Err(VmmControlError::BadAnswer(shown())),
     }
@@ -130,8 +181,20 @@ mod tests {
 
     #[test]
     fn answers_are_read_strictly() {
-        assert!(parse(br#"{"ok":true,"state":"paused"}"#).unwrap());
-        assert!(!parse(br#"{"ok":true,"state":"running"}"#).unwrap());
+        assert_eq!(
+            parse(br#"{"ok":true,"state":"paused"}"#).unwrap(),
+            (true, None)
+        );
+        assert_eq!(
+            parse(br#"{"ok":true,"state":"running"}"#).unwrap(),
+            (false, None)
+        );
+        let (paused, written) = parse(
+            br#"{"ok":true,"state":"paused","snapshot":{"dir":"s","vcpus":2,"memory_bytes":8,"memory_data_bytes":4}}"#,
+        )
+        .unwrap();
+        assert!(paused);
+        assert_eq!(written.unwrap().memory_data_bytes, 4);
         assert!(matches!(
             parse(br#"{"ok":false,"error":"the VM is stopping"}"#),
             Err(VmmControlError::Refused(e)) if e == "the VM is stopping"

@@ -101,9 +101,15 @@ pub fn required_scope(method: &Method, path: &str) -> TokenScope {
         ["", "v1", ..] if is_get => TokenScope::Read,
         ["", "v1", "vms"] if method == Method::POST => TokenScope::Run,
         ["", "v1", "vms", _] if method == Method::DELETE => TokenScope::Run,
-        ["", "v1", "vms", _, "stop" | "detach" | "pause" | "resume"] if method == Method::POST => {
-            TokenScope::Run
-        }
+        [
+            "",
+            "v1",
+            "vms",
+            _,
+            "stop" | "detach" | "pause" | "resume" | "snapshot" | "fork",
+        ] if method == Method::POST => TokenScope::Run,
+        ["", "v1", "snapshots", _, "restore"] if method == Method::POST => TokenScope::Run,
+        ["", "v1", "snapshots", _] if method == Method::DELETE => TokenScope::Run,
         ["", "v1", "vms", _, "files"] if method == Method::PUT => TokenScope::Run,
         _ => TokenScope::Admin,
     }
@@ -341,6 +347,11 @@ mod tests {
             (Method::POST, "/v1/vms", TokenScope::Run),
             (Method::POST, "/v1/vms/abc/stop", TokenScope::Run),
             (Method::POST, "/v1/vms/abc/pause", TokenScope::Run),
+            (Method::POST, "/v1/vms/abc/snapshot", TokenScope::Run),
+            (Method::POST, "/v1/vms/abc/fork", TokenScope::Run),
+            (Method::GET, "/v1/snapshots", TokenScope::Read),
+            (Method::POST, "/v1/snapshots/s/restore", TokenScope::Run),
+            (Method::DELETE, "/v1/snapshots/s", TokenScope::Run),
             (Method::PUT, "/v1/vms/abc/files", TokenScope::Run),
             (Method::DELETE, "/v1/vms/abc", TokenScope::Run),
             (Method::GET, "/v1/tokens", TokenScope::Admin),

@@ -7,8 +7,8 @@
 //! by that hash, so no stored value can be replayed and no comparison leaks timing about a
 //! secret. A token made from 256 random bits needs no slow hash: nothing can be guessed.
 //!
-//! Scopes nest: `read` lists and reads; `run` also creates, stops, pauses and copies files into
-//! VMs; `admin` also manages images, approvals registration and tokens.
+//! Scopes nest: `read` lists and reads; `run` also creates, stops, pauses, snapshots, restores
+//! and forks VMs, removes snapshots and copies files into VMs; `admin` also manages images, approvals registration and tokens.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

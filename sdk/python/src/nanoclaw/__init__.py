@@ -15,7 +15,7 @@ from .errors import (
     ServerError,
 )
 from .sandbox import Files, Sandbox
-from .types import AgentExit, Event, FilesCopied, VmInfo
+from .types import AgentExit, Event, FilesCopied, SnapshotInfo, VmInfo
 
 __all__ = [
     "AgentExit",
@@ -32,5 +32,6 @@ __all__ = [
     "Sandbox",
     "SandboxFailed",
     "ServerError",
+    "SnapshotInfo",
     "VmInfo",
 ]

@@ -100,6 +100,18 @@ def vm_path(vm_id: str, action: str = "") -> str:
     return f"/v1/vms/{quote(vm_id)}{'/' + action if action else ''}"
 
 
+def snapshot_path(name: str, action: str = "") -> str:
+    return f"/v1/snapshots/{quote(name)}{'/' + action if action else ''}"
+
+
+def snapshot_body(name: str | None) -> bytes:
+    return json.dumps({} if name is None else {"name": name}).encode()
+
+
+def restore_body(paused: bool) -> bytes:
+    return json.dumps({"paused": paused}).encode()
+
+
 def events_target(vm_id: str, follow: bool) -> str:
     return target(vm_path(vm_id, "events"), {"follow": "true" if follow else "false"})
 

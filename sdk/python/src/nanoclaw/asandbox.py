@@ -14,7 +14,7 @@ from ._ahttp import AsyncTransport
 from ._config import Settings, resolve
 from ._tar import one_file, read_one_file, split_guest_path
 from .errors import NanoclawError, NotFound
-from .types import Event, FilesCopied, StreamName, VmInfo, parse_json
+from .types import Event, FilesCopied, SnapshotInfo, StreamName, VmInfo, parse_json
 
 #: Receives each chunk of the agent's output, as it comes: a function or a coroutine function.
 AsyncOutputCallback = Callable[[bytes], Union[Awaitable[object], object]]
@@ -223,6 +223,67 @@ class AsyncSandbox:
     async def resume(self) -> VmInfo:
         """Lets the paused vCPUs run again."""
         return await self._post("resume")
+
+    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Saves the VM's memory and state as snapshot ``name`` (the daemon makes a name up
+        without one) in the daemon's state folder. A running VM is paused around it and runs
+        again after. ``409`` unless the VMM runs or when the name is taken; ``502`` if the VMM
+        refused. The snapshot holds guest memory: remove it (:meth:`remove_snapshot`) once it
+        is not needed."""
+        answer = await self._transport.call(
+            "POST", c.vm_path(self.id, "snapshot"), c.snapshot_body(name), c.JSON
+        )
+        return SnapshotInfo.from_json(parse_json(answer, "snapshot record"))
+
+    @classmethod
+    async def restore(
+        cls,
+        name: str,
+        *,
+        paused: bool = False,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> AsyncSandbox:
+        """A new VM started from snapshot ``name`` (with its vCPUs paused if ``paused``),
+        once its VMM has restored it. ``404`` if there is no such snapshot; ``422`` (a
+        :class:`NanoclawError`) if it is damaged, incomplete, of another format or the VMM
+        refused it. Needs a ``run`` token."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        answer = await AsyncTransport(settings).call(
+            "POST", c.snapshot_path(name, "restore"), c.restore_body(paused), c.JSON
+        )
+        return cls(settings, VmInfo.from_json(parse_json(answer, "VM record")))
+
+    @staticmethod
+    async def snapshots(
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> list[SnapshotInfo]:
+        """Every snapshot the daemon keeps, oldest first (a ``read`` token suffices)."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        answer = await AsyncTransport(settings).call("GET", "/v1/snapshots")
+        return SnapshotInfo.list_from_json(parse_json(answer, "snapshot list"))
+
+    @staticmethod
+    async def remove_snapshot(
+        name: str,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Deletes snapshot ``name``'s files (``404`` if there is none)."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        await AsyncTransport(settings).call("DELETE", c.snapshot_path(name))
 
     async def kill(self) -> VmInfo:
         """Stops the VM and answers its record once the VMM has ended."""

@@ -91,6 +91,51 @@ class VmInfo:
         )
 
 
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot the daemon keeps (``GET /v1/snapshots``): a VM's memory and state, saved
+    under the daemon's state folder (root's, mode 0600: it holds guest memory)."""
+
+    name: str
+    source_vm: str
+    image: str | None
+    created_unix_ms: int
+    format_version: int
+    memory_bytes: int
+    memory_data_bytes: int
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, value: Any) -> SnapshotInfo:
+        if not isinstance(value, dict):
+            raise _bad("snapshot record", value)
+        name, source = value.get("name"), value.get("source_vm")
+        if not isinstance(name, str) or not isinstance(source, str):
+            raise _bad("snapshot record", value)
+        image = value.get("image")
+
+        def number(key: str) -> int:
+            n = value.get(key)
+            return n if isinstance(n, int) else 0
+
+        return cls(
+            name=name,
+            source_vm=source,
+            image=image if isinstance(image, str) else None,
+            created_unix_ms=number("created_unix_ms"),
+            format_version=number("format_version"),
+            memory_bytes=number("memory_bytes"),
+            memory_data_bytes=number("memory_data_bytes"),
+            raw=value,
+        )
+
+    @classmethod
+    def list_from_json(cls, value: Any) -> list[SnapshotInfo]:
+        if not isinstance(value, list):
+            raise _bad("snapshot list", value)
+        return [cls.from_json(v) for v in value]
+
+
 EventKind = Literal["started", "output", "guest_error", "exited", "ended"]
 
 
