@@ -14,4 +14,5 @@ mod mcp;
 mod pause;
 mod real_agent;
 mod sdk;
+mod snapshot;
 mod vmm;

@@ -255,7 +255,7 @@ pub const CONTROL_OPS_FILE: &str = "control-ops.log";
 
 /// Serves `<vm-dir>/control.sock` as the VMM does, on a thread: `pause`, `resume`, `state`,
 /// and `snapshot` (refused unless paused), which writes `memory.bin` (sparse, with data at
-/// 1 MiB) and then `state.bin`: the real magic, format version 1, `boot_id`, and the memory
+/// 1 MiB) and then `state.bin`: the real magic, the real format version (2), `boot_id`, and the memory
 /// file's length and byte sum, which [`restore`] checks. Each request's `op` is appended to
 /// [`CONTROL_OPS_FILE`].
 pub fn serve_control(vm_dir: &Path, boot_id: [u8; 16], paused: bool) {
@@ -327,7 +327,7 @@ fn write_snapshot(dir: &Path, boot_id: [u8; 16]) -> std::io::Result<u64> {
     memory.write_all(data)?;
     let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
     let mut state = SNAPSHOT_MAGIC.to_vec();
-    state.extend(1u32.to_le_bytes());
+    state.extend(2u32.to_le_bytes());
     state.extend(boot_id);
     state.extend(FAKE_MEMORY_BYTES.to_le_bytes());
     state.extend(sum.to_le_bytes());
@@ -348,8 +348,8 @@ pub fn restore(dir: &Path) -> [u8; 16] {
     };
     let state = std::fs::read(dir.join("state.bin"))
         .unwrap_or_else(|e| refuse(&format!("read state.bin: {e}")));
-    if state.len() != 44 || &state[..8] != SNAPSHOT_MAGIC || state[8..12] != 1u32.to_le_bytes() {
-        refuse("state.bin is not a snapshot of format version 1");
+    if state.len() != 44 || &state[..8] != SNAPSHOT_MAGIC || state[8..12] != 2u32.to_le_bytes() {
+        refuse("state.bin is not a snapshot of format version 2");
     }
     let memory = std::fs::read(dir.join("memory.bin"))
         .unwrap_or_else(|e| refuse(&format!("read memory.bin: {e}")));

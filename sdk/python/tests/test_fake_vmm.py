@@ -146,7 +146,7 @@ class SyncTest(unittest.TestCase):
             stream.close()
             snap = sandbox.snapshot("sdk-sync")
             self.assertEqual(
-                (snap.name, snap.source_vm, snap.format_version), ("sdk-sync", sandbox.id, 1)
+                (snap.name, snap.source_vm, snap.format_version), ("sdk-sync", sandbox.id, 2)
             )
             self.assertGreater(snap.memory_bytes, snap.memory_data_bytes)
             # Paused around the snapshot, running again after.

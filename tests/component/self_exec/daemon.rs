@@ -872,7 +872,7 @@ fn snapshots_are_taken_paused_stored_listed_and_removed() {
         (s.name.as_str(), s.source_vm.as_str()),
         ("first", id.as_str())
     );
-    assert_eq!(s.format_version, 1);
+    assert_eq!(s.format_version, 2);
     assert_eq!(s.memory_bytes, fake_vmm::FAKE_MEMORY_BYTES);
     assert_eq!(s.state_bytes, 44);
     assert_eq!(s.spec.command, "pausable");
@@ -993,7 +993,7 @@ fn a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm() {
     std::fs::remove_file(store.join("incomplete/state.bin")).unwrap();
     let state = store.join("future/state.bin");
     let mut bytes = std::fs::read(&state).unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&state, bytes).unwrap();
 
     let vms_before = std::fs::read_dir(d.state_dir().join("vms"))
@@ -1017,7 +1017,7 @@ fn a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm() {
     refused(
         &d,
         &["restore", "future", "-d"],
-        "snapshot future is of format version 2; this daemon's VMM reads 1",
+        "snapshot future is of format version 3; this daemon's VMM reads 2",
     );
     refused(
         &d,

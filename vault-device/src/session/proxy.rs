@@ -59,7 +59,9 @@ pub(super) async fn proxy<C: SessionContext>(
     let (index, authority) = match resolve_or_ask(ctx, peer, &data, &head.target).await {
         Ok(r) => r,
         Err(Refusal { status, reason, .. }) => {
-            tracing::info!(vm = %peer.vm_id, target = ?head.target, "refused");
+            if let Some(suppressed) = admit_line(Line::Refused) {
+                tracing::info!(vm = %peer.vm_id, target = ?head.target, suppressed, "refused");
+            }
             return session.send(&refused(status, reason)).await;
         }
     };
@@ -77,12 +79,16 @@ pub(super) async fn proxy<C: SessionContext>(
         Err(refusal) => return session.send(&refusal).await,
     };
     let mut redactor = Redactor::new(entry.secret.expose());
-    tracing::info!(vm = %peer.vm_id, credential = %entry.name, %authority, "call");
+    if let Some(suppressed) = admit_line(Line::Call) {
+        tracing::info!(vm = %peer.vm_id, credential = %entry.name, %authority, suppressed, "call");
+    }
     drop(data);
     let response = match request.send().await {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %ErrorChain(&e), %authority, "upstream");
+            if let Some(suppressed) = admit_line(Line::Upstream) {
+                tracing::warn!(error = %ErrorChain(&e), %authority, suppressed, "upstream");
+            }
             return session
                 .send(&refused(502, format!("upstream {authority} failed")))
                 .await;
@@ -478,7 +484,7 @@ async fn stream_body(
         let out = match out {
             Ok(out) => out,
             Err(e) => {
-                if let Some(suppressed) = admit_cut_line() {
+                if let Some(suppressed) = admit_line(Line::Cut) {
                     tracing::warn!(error = %e, suppressed, "the response cannot be tokenized: cut");
                 }
                 return Ok(());
@@ -495,7 +501,7 @@ async fn stream_body(
             session.send_body(&out).await?;
         }
         Err(e) => {
-            if let Some(suppressed) = admit_cut_line() {
+            if let Some(suppressed) = admit_line(Line::Cut) {
                 tracing::warn!(error = %e, suppressed, "the response cannot be tokenized: cut");
             }
             return Ok(());
@@ -506,17 +512,33 @@ async fn stream_body(
 
 /// An upstream body that failed mid-way: the answer is cut (no `End`).
 fn upstream_body_failed(e: &reqwest::Error) -> Result<(), NoiseError> {
-    if let Some(suppressed) = admit_cut_line() {
+    if let Some(suppressed) = admit_line(Line::Cut) {
         tracing::warn!(error = %ErrorChain(e), suppressed, "upstream body");
     }
     Ok(())
 }
 
-/// Whether a line about a cut answer may be logged now (the agent chooses what it calls, so
-/// these share one budget), and how many were dropped before it.
-fn admit_cut_line() -> Option<u64> {
-    static BUDGET: Mutex<Option<shared_proto::ratelimit::LogBudget>> = Mutex::new(None);
-    let mut budget = BUDGET.lock().unwrap_or_else(|p| p.into_inner());
+/// The per-request log lines, each with a budget of its own: the agent chooses what it calls
+/// and how often, so none of them may flood the device's log.
+#[derive(Clone, Copy)]
+enum Line {
+    /// A request the device refused.
+    Refused = 0,
+    /// A call made with a credential.
+    Call = 1,
+    /// An upstream that failed before its answer.
+    Upstream = 2,
+    /// An answer cut mid-way (the body failed or could not be tokenized).
+    Cut = 3,
+}
+
+/// Whether a line of `kind` may be logged now, and how many of that kind were dropped before it.
+fn admit_line(kind: Line) -> Option<u64> {
+    static BUDGETS: [Mutex<Option<shared_proto::ratelimit::LogBudget>>; 4] =
+        [const { Mutex::new(None) }; 4];
+    let mut budget = BUDGETS[kind as usize]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     budget
         .get_or_insert_with(Default::default)
         .admit(std::time::Instant::now())

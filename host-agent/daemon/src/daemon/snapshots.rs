@@ -41,7 +41,7 @@ pub const DISK_FILE: &str = "scratch.img";
 /// The state file's magic (the VMM's `snapshot::format`).
 const MAGIC: &[u8; 8] = b"NCLAWSNP";
 /// The snapshot format version of the VMM this daemon runs.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The longest metadata file read.
 const MAX_META: u64 = 256 << 10;
 
@@ -498,6 +498,18 @@ pub fn give_to(path: &Path, uid: u32) -> Result<(), SnapshotError> {
 
 #[cfg(test)]
 mod tests {
+
+    /// The store reads the VMM's header: the same magic and the format it writes (the daemon
+    /// does not link the VMM, so its copy of the two constants is checked here).
+    #[test]
+    fn the_header_constants_are_the_vmms() {
+        assert_eq!(MAGIC, &nanoclaw_vmm::snapshot::format::MAGIC);
+        assert_eq!(
+            FORMAT_VERSION,
+            nanoclaw_vmm::snapshot::format::FORMAT_VERSION
+        );
+    }
+
     use super::*;
 
     #[test]

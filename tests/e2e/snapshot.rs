@@ -1,0 +1,91 @@
+//! Snapshot and restore of a running agent (`nanoclaw snapshot`, `restore`): a real guest is
+//! saved whole (vCPUs, memory, virtio devices), its VM stopped, and a new VMM process restores
+//! it; the agent counts on from where it was, through a sidecar that reconnected after the
+//! vsock transport reset.
+
+use nanoclaw_tests::CLI_TIMEOUT;
+
+use super::agent::{AGENT, daemon, detach, logs, nanoclaw, text};
+
+/// The agent: counts once a second.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 1; done";
+
+/// Every `count N` in `log`, in order.
+fn counts(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("count ")?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn a_restored_agent_counts_on_from_where_its_snapshot_was_taken() {
+    let d = daemon();
+    let id = detach(&d, &["/bin/sh", "-c", COUNTER]);
+    d.wait_for(&id, AGENT, "counting", |_| {
+        counts(&logs(&d, &id)).last().is_some_and(|&n| n >= 3)
+    })
+    .expect("the agent counts");
+
+    // The snapshot pauses the running VM around itself, then lets it go on.
+    let out = nanoclaw(&d, &["snapshot", &id, "counter"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "counter");
+    let at_snapshot = *counts(&logs(&d, &id)).last().expect("a count");
+    d.wait_for(&id, AGENT, "counting after the snapshot", |_| {
+        counts(&logs(&d, &id))
+            .last()
+            .is_some_and(|&n| n >= at_snapshot + 2)
+    })
+    .expect("the source VM counts on after its snapshot");
+    let listed = text(&nanoclaw(&d, &["snapshot", "ls", "--json"], CLI_TIMEOUT).stdout);
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("snapshot ls --json");
+    let snap = &listed[0];
+    assert_eq!(snap["name"], "counter", "{listed}");
+    assert_eq!(snap["source_vm"], id.as_str(), "{listed}");
+    // Sparse: a 256 MiB guest running busybox touched far less.
+    let data = snap["memory_data_bytes"]
+        .as_u64()
+        .expect("memory_data_bytes");
+    assert!(
+        data < snap["memory_bytes"].as_u64().unwrap_or(0),
+        "{listed}"
+    );
+
+    // One copy at a time: the source ends before its snapshot comes back.
+    let out = nanoclaw(&d, &["stop", &id], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    d.wait_for(&id, AGENT, "stopped", |i| i["status"] == "stopped")
+        .expect("the source stops");
+
+    let out = nanoclaw(&d, &["restore", "counter", "-d"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let restored = text(&out.stdout).trim().to_owned();
+    assert!(
+        !restored.is_empty() && restored != id,
+        "new id: {restored:?}"
+    );
+    // The agent was not started again: its counts go on from the snapshot's, not from 1.
+    d.wait_for(&restored, AGENT, "the restored agent counting", |_| {
+        let c = counts(&logs(&d, &restored));
+        c.len() >= 3
+    })
+    .expect("the restored agent counts");
+    let c = counts(&logs(&d, &restored));
+    let first = c[0];
+    assert!(
+        first > at_snapshot.saturating_sub(2) && first > 1,
+        "the restored agent started over: counts {c:?}, snapshot at {at_snapshot}"
+    );
+    assert!(
+        c.windows(2).all(|w| w[1] == w[0] + 1),
+        "the restored agent's counts are not consecutive: {c:?}"
+    );
+    let info = d.inspect(&restored).expect("inspect");
+    assert_eq!(info["restored_from"], "counter", "{info}");
+
+    let out = nanoclaw(&d, &["stop", &restored], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = nanoclaw(&d, &["snapshot", "rm", "counter"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
