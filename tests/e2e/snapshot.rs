@@ -58,7 +58,9 @@ fn a_restored_agent_counts_on_from_where_its_snapshot_was_taken() {
     d.wait_for(&id, AGENT, "stopped", |i| i["status"] == "stopped")
         .expect("the source stops");
 
+    let restore_started = std::time::Instant::now();
     let out = nanoclaw(&d, &["restore", "counter", "-d"], CLI_TIMEOUT);
+    let restore_answered = restore_started.elapsed();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let restored = text(&out.stdout).trim().to_owned();
     assert!(
@@ -83,6 +85,13 @@ fn a_restored_agent_counts_on_from_where_its_snapshot_was_taken() {
     );
     let info = d.inspect(&restored).expect("inspect");
     assert_eq!(info["restored_from"], "counter", "{info}");
+    eprintln!(
+        "snapshot e2e: the snapshot was taken at count {at_snapshot} ({} of {} MiB of memory \
+         written); the restore answered in {:.1} s and the restored agent counted on from {first}",
+        data >> 20,
+        snap["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+        restore_answered.as_secs_f64()
+    );
 
     let out = nanoclaw(&d, &["stop", &restored], CLI_TIMEOUT);
     assert!(out.status.success(), "{}", text(&out.stderr));
