@@ -301,17 +301,9 @@ impl VsockHandle {
     }
 
     fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        if let Err(e) = self.stop_evt.write(1) {
-            tracing::error!(error = %e, "vsock: cannot signal the device thread");
-            return;
+        if stop_thread(&mut self.thread, &self.stop_evt, "vsock") {
+            let _ = std::fs::remove_file(&self.uds_path);
         }
-        if thread.join().is_err() {
-            tracing::error!("vsock: device thread panicked");
-        }
-        let _ = std::fs::remove_file(&self.uds_path);
     }
 }
 
@@ -530,16 +522,11 @@ impl BlockHandle {
     }
 
     fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        if let Err(e) = self.stop_evt.write(1) {
-            tracing::error!(error = %e, id = %self.id, "block: cannot signal the device thread");
-            return;
-        }
-        if thread.join().is_err() {
-            tracing::error!(id = %self.id, "block: device thread panicked");
-        }
+        stop_thread(
+            &mut self.thread,
+            &self.stop_evt,
+            &format!("block {}", self.id),
+        );
     }
 }
 
@@ -667,17 +654,25 @@ impl NetHandle {
     }
 
     fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        if let Err(e) = self.stop_evt.write(1) {
-            tracing::error!(error = %e, "net: cannot signal the device thread");
-            return;
-        }
-        if thread.join().is_err() {
-            tracing::error!("net: device thread panicked");
-        }
+        stop_thread(&mut self.thread, &self.stop_evt, "net");
     }
+}
+
+/// Stops a device thread (if it still runs) through its stop eventfd and waits for it; shared
+/// by every device handle's `stop` and `drop`. Answers whether the thread was stopped here
+/// (false: it was already, or it could not be signalled, which is logged).
+fn stop_thread(thread: &mut Option<JoinHandle<()>>, stop_evt: &EventFd, device: &str) -> bool {
+    let Some(thread) = thread.take() else {
+        return false;
+    };
+    if let Err(e) = stop_evt.write(1) {
+        tracing::error!(error = %e, device, "cannot signal the device thread");
+        return false;
+    }
+    if thread.join().is_err() {
+        tracing::error!(device, "device thread panicked");
+    }
+    true
 }
 
 impl Drop for NetHandle {
