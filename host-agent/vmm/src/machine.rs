@@ -520,7 +520,7 @@ impl Vmm {
         };
 
         // With `restore` set, a failed probe has already returned its error.
-        if let Some(restore) = &config.restore
+        let start_paused = if let Some(restore) = &config.restore
             && let Some(host) = snapshot_host.as_deref()
             && let Some(state) = &restored
         {
@@ -542,59 +542,41 @@ impl Vmm {
                 paused = restore.paused,
                 "VM restored from a snapshot"
             );
-            return Ok(Self {
-                vcpus,
-                vsock: Some(vsock),
-                disks,
-                net,
-                serial,
-                pio,
-                mmio,
-                events,
-                ready_ms,
-                control: Some(control),
-                snapshot_host,
-                i8042,
-                virtio,
-                vm_dir: config.vm_dir.clone(),
-                start_paused: restore.paused,
-                vm: Arc::new(vm),
-                _kvm: kvm,
-                mem,
-            });
-        }
-
-        // The guest image and boot structures.
-        let kernel = boot::load_kernel(&mem, &config.kernel).map_err(VmmError::Boot)?;
-        let initrd =
-            boot::load_initrd(&mem, &config.initrd, mem_size, &kernel).map_err(VmmError::Boot)?;
-        let device_args: Vec<String> = std::iter::once(vsock.cmdline_arg())
-            .chain(disks.iter().map(BlockHandle::cmdline_arg))
-            .chain(net.iter().map(NetHandle::cmdline_arg))
-            .collect();
-        let cmdline = boot::build_cmdline(&device_args, config.cmdline_extra.as_deref())
-            .map_err(VmmError::Boot)?;
-        let cmdline_size = boot::write_cmdline(&mem, &cmdline).map_err(VmmError::Boot)?;
-        let params =
-            boot::build_boot_params(&kernel, cmdline_size, Some(initrd), &e820_map(mem_size))
+            restore.paused
+        } else {
+            // The guest image and boot structures.
+            let kernel = boot::load_kernel(&mem, &config.kernel).map_err(VmmError::Boot)?;
+            let initrd = boot::load_initrd(&mem, &config.initrd, mem_size, &kernel)
                 .map_err(VmmError::Boot)?;
-        boot::write_boot_params(&mem, &params).map_err(VmmError::Boot)?;
-        mptable::setup_mptable(&mem, config.vcpus).map_err(VmmError::Mptable)?;
-        regs::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
-        for (i, fd) in (0u8..).zip(&vcpus) {
-            vcpu::configure(fd, i, config.vcpus, &supported_cpuid, kernel.entry)
-                .map_err(VmmError::Vcpu)?;
-        }
-        tracing::info!(
-            format = ?kernel.format,
-            entry = format_args!("{:#x}", kernel.entry),
-            initrd_addr = format_args!("{:#x}", initrd.0),
-            initrd_size = initrd.1,
-            memory_mib = config.memory_mib,
-            vcpus = config.vcpus,
-            cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
-            "VM built"
-        );
+            let device_args: Vec<String> = std::iter::once(vsock.cmdline_arg())
+                .chain(disks.iter().map(BlockHandle::cmdline_arg))
+                .chain(net.iter().map(NetHandle::cmdline_arg))
+                .collect();
+            let cmdline = boot::build_cmdline(&device_args, config.cmdline_extra.as_deref())
+                .map_err(VmmError::Boot)?;
+            let cmdline_size = boot::write_cmdline(&mem, &cmdline).map_err(VmmError::Boot)?;
+            let params =
+                boot::build_boot_params(&kernel, cmdline_size, Some(initrd), &e820_map(mem_size))
+                    .map_err(VmmError::Boot)?;
+            boot::write_boot_params(&mem, &params).map_err(VmmError::Boot)?;
+            mptable::setup_mptable(&mem, config.vcpus).map_err(VmmError::Mptable)?;
+            regs::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
+            for (i, fd) in (0u8..).zip(&vcpus) {
+                vcpu::configure(fd, i, config.vcpus, &supported_cpuid, kernel.entry)
+                    .map_err(VmmError::Vcpu)?;
+            }
+            tracing::info!(
+                format = ?kernel.format,
+                entry = format_args!("{:#x}", kernel.entry),
+                initrd_addr = format_args!("{:#x}", initrd.0),
+                initrd_size = initrd.1,
+                memory_mib = config.memory_mib,
+                vcpus = config.vcpus,
+                cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
+                "VM built"
+            );
+            false
+        };
 
         Ok(Self {
             vcpus,
@@ -611,7 +593,7 @@ impl Vmm {
             i8042,
             virtio,
             vm_dir: config.vm_dir.clone(),
-            start_paused: false,
+            start_paused,
             vm: Arc::new(vm),
             _kvm: kvm,
             mem,
