@@ -423,6 +423,13 @@ pub struct VmInfo {
     /// The snapshot this VM was restored from, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// The guest sidecar's boot id (hex) the daemon admitted. A restored copy draws a new one
+    /// (with a new boot key) before it is admitted, so copies of one snapshot never share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// Whether the restored guest still has to take a new identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reidentify_pending: bool,
 }
 
 /// The longest snapshot name.

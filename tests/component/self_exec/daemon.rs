@@ -100,9 +100,25 @@ fn fake_restored_vmm(args: &[String]) {
     let boot_id = fake_vmm::restore(&dir);
     let paused = args.iter().any(|a| a == "--restore-paused");
     fake_vmm::serve_control(&vm_dir, boot_id, paused);
+    let boot_id = reidentify(&vm_dir, boot_id);
     let mut conn = reconnect(&vm_dir, boot_id);
     output(&mut conn, OutputStream::Stdout, "restored\n");
     wait_for_shutdown(&vm_dir, boot_id, conn);
+}
+
+/// A restored sidecar's first hello, with the snapshot's boot id: the daemon must answer it
+/// with `Reidentify` and nothing else before (no agent request). The new boot id is taken from
+/// the host's entropy, so that copies differ as the real sidecar's draws do.
+fn reidentify(vm_dir: &Path, old: [u8; 16]) -> [u8; 16] {
+    let mut conn = ControlConn::open(vm_dir, old, BOOT_KEY);
+    match conn.recv(Duration::from_secs(10)) {
+        Some(HostToGuest::Reidentify { entropy }) if entropy.len() >= 32 => {
+            let mut fresh = [0u8; 16];
+            fresh.copy_from_slice(&entropy[..16]);
+            fresh
+        }
+        other => fake_vmm::fail(vm_dir, &format!("expected Reidentify, got {other:?}")),
+    }
 }
 
 /// Reconnects after the daemon dropped us: hello again with the same boot id, and check that
@@ -211,6 +227,7 @@ fn wait_for_shutdown(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn) ->
     loop {
         match conn.recv(Duration::from_secs(3600)) {
             Some(HostToGuest::Shutdown) => shutdown(vm_dir, &mut conn),
+            Some(HostToGuest::Freeze) => conn.send(&GuestToHost::Frozen),
             Some(_) => {}
             None => conn = reconnect(vm_dir, boot_id),
         }
@@ -922,12 +939,14 @@ fn a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder() {
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
     let new = text(&out.stdout).trim().to_owned();
     assert_ne!(new, id);
-    let info = wait_status(&d, &new, |i| i.control_connected);
+    let info = wait_status(&d, &new, |i| i.control_connected && !i.reidentify_pending);
     assert_eq!(info.restored_from.as_deref(), Some("s1"));
     assert_eq!(info.status, VmStatus::Running);
-    assert_eq!(
-        info.control_reconnects, 1,
-        "the saved boot reconnected: {info:?}"
+    // The saved boot said hello, was asked for a new identity, and came back with one.
+    assert_eq!(info.control_reconnects, 0, "{info:?}");
+    assert!(
+        info.boot_id.is_some() && info.boot_id != d.vm(&id).boot_id,
+        "the restored guest kept the saved boot id: {info:?}"
     );
     assert_eq!(info.spec.command, "pausable");
     let inspect = text(&d.cli(&["inspect", &new]).stdout);
@@ -1049,24 +1068,43 @@ fn a_fork_makes_n_vms_within_the_vm_cap() {
         "a fork makes 1 to 8 VMs, not 0",
     );
     refused(&d, &["fork", &id, "-n", "3"], "--max-vms");
+    // A paused guest cannot freeze its processes for the copies: refused, nothing made.
+    assert!(d.cli(&["pause", &id]).status.success());
+    refused(&d, &["fork", &id, "-n", "1"], "is paused; resume it first");
+    assert!(d.cli(&["resume", &id]).status.success());
     assert!(snapshots(&d).is_empty());
     let out = d.cli(&["fork", &id, "-n", "2"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
     let made: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
     assert_eq!(made.len(), 2, "{made:?}");
     assert!(made[0] != made[1] && !made.contains(&id), "{made:?}");
+    let parent_boot = d.vm(&id).boot_id.expect("the parent's boot id");
+    let mut boots = vec![parent_boot];
     for vm in &made {
-        let info = wait_status(&d, vm, |i| i.control_connected);
+        wait_for("the fork's output", Duration::from_secs(20), || {
+            text(&d.cli(&["logs", vm]).stdout) == "restored\n"
+        });
+        let info = d.vm(vm);
         assert!(
             info.restored_from
                 .as_deref()
                 .is_some_and(|s| s.starts_with("fork-")),
             "{info:?}"
         );
-        wait_for("the fork's output", Duration::from_secs(20), || {
-            text(&d.cli(&["logs", vm]).stdout) == "restored\n"
-        });
+        // Each copy was admitted only with an identity of its own.
+        assert!(
+            info.control_connected && !info.reidentify_pending,
+            "{info:?}"
+        );
+        boots.push(info.boot_id.expect("a copy's boot id"));
     }
+    boots.sort();
+    boots.dedup();
+    assert_eq!(
+        boots.len(),
+        3,
+        "the parent and its copies share a boot id: {boots:?}"
+    );
     // Each has its own copy; the snapshot itself is gone.
     assert!(snapshots(&d).is_empty());
     assert!(!d.vm(&id).paused);

@@ -347,7 +347,9 @@ fn snapshot_failure(e: &SnapshotError) -> Failure {
         SnapshotError::BadName(_) => StatusCode::BAD_REQUEST,
         SnapshotError::NotFound(_) | SnapshotError::NoVm(_) => StatusCode::NOT_FOUND,
         SnapshotError::Exists(_) | SnapshotError::NotRunning(_) => StatusCode::CONFLICT,
-        SnapshotError::Vmm(_) | SnapshotError::NotPlain(_) => StatusCode::BAD_GATEWAY,
+        SnapshotError::Vmm(_) | SnapshotError::NotPlain(_) | SnapshotError::Freeze(_) => {
+            StatusCode::BAD_GATEWAY
+        }
         SnapshotError::Missing { .. }
         | SnapshotError::Format { .. }
         | SnapshotError::Damaged { .. }
@@ -416,6 +418,7 @@ async fn fork(
         Ok(Err(e @ ForkError::BadCount(_))) => {
             Err(Failure(StatusCode::BAD_REQUEST, error_chain(&e)))
         }
+        Ok(Err(e @ ForkError::Paused(_))) => Err(Failure(StatusCode::CONFLICT, error_chain(&e))),
         Ok(Err(ForkError::Restore(e))) => Err(restore_failure(e)),
         Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }

@@ -145,6 +145,30 @@ pub struct VmRecord {
     /// The snapshot this VM's VMM restores instead of booting, when it was made by a restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,
+    /// Set while a restored guest still has its snapshot's identity (see
+    /// [`Reidentify`]); cleared once it said hello with a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reidentify: Option<Reidentify>,
+    /// How many times this VM's guest took a new identity on the daemon's request.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reidentified: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A restored guest that must take a new identity before it is admitted: every restore is
+/// treated as a clone, since a snapshot may be restored any number of times. Its first hello
+/// (with the snapshot's boot id) is acknowledged and answered with `Reidentify`, nothing else:
+/// no agent request and no credential relay. The hello that follows with another boot id is
+/// admitted as the VM's boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reidentify {
+    /// The boot id (hex) the `Reidentify` was sent to; a hello with it again is answered with
+    /// another `Reidentify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_to: Option<String>,
 }
 
 /// Where a restored VM's VMM finds its snapshot: a copy in its own folder.
@@ -187,6 +211,8 @@ impl VmRecord {
             detached: false,
             paused: false,
             restore: None,
+            reidentify: None,
+            reidentified: 0,
         }
     }
 
