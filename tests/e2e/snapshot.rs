@@ -87,8 +87,10 @@ fn a_restored_agent_counts_on_from_where_its_snapshot_was_taken() {
     .expect("the restored agent counts");
     let c = counts(&logs(&d, &restored));
     let first = c[0];
+    // The copy may first deliver a few lines the source had queued, and delivered itself,
+    // before the snapshot: its own log starts a little before `at_snapshot`, never at 1.
     assert!(
-        first > at_snapshot.saturating_sub(2) && first > 1,
+        first > 1 && first + 5 >= at_snapshot,
         "the restored agent started over: counts {c:?}, snapshot at {at_snapshot}"
     );
     assert!(

@@ -444,6 +444,31 @@ pub struct CreateSnapshot {
     pub name: Option<String>,
 }
 
+/// `POST /v1/images/{name}/warm`'s body (an empty body is the same as `{}`): the size of the
+/// VMs the template serves. A `run --image` starts warm only at exactly this size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WarmImage {
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// The size of the writable disk in MiB.
+    #[serde(default = "default_disk")]
+    pub disk_size_mib: u64,
+}
+
+impl Default for WarmImage {
+    fn default() -> Self {
+        Self {
+            memory_mib: default_memory(),
+            vcpus: default_vcpus(),
+            disk_size_mib: default_disk(),
+        }
+    }
+}
+
 /// `POST /v1/snapshots/{name}/restore`'s body (an empty body is the same as `{}`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestoreSnapshot {

@@ -302,7 +302,7 @@ pub struct RunArgs {
 }
 
 /// `--disk-size`: `2048`, `512M`, `2G`, `1T` (MiB when there is no suffix).
-fn parse_size_mib(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_mib(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (digits, shift) = match text.char_indices().last() {
         Some((i, 'K' | 'k')) => (&text[..i], -10i32),

@@ -54,6 +54,7 @@ fn main() {
             a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder,
             a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm,
             a_fork_makes_n_vms_within_the_vm_cap,
+            an_image_template_serves_warm_runs_of_its_size_only,
         ],
     );
 }
@@ -71,9 +72,23 @@ fn fake_vmm(args: &[String]) {
     let mut boot_id = [0u8; 16];
     boot_id[..4].copy_from_slice(&std::process::id().to_be_bytes());
     let mut conn = ControlConn::open(&vm_dir, boot_id, BOOT_KEY);
-    let spec = match conn.recv(Duration::from_secs(10)) {
-        Some(HostToGuest::RunAgent(spec)) => spec,
-        other => fake_vmm::fail(&vm_dir, &format!("expected RunAgent, got {other:?}")),
+    let spec = loop {
+        match conn.recv(Duration::from_secs(10)) {
+            Some(HostToGuest::RunAgent(spec)) => break spec,
+            // A warm template is sent no agent; its snapshot freezes the guest, and the VMM
+            // then serves the snapshot, then the template is stopped.
+            Some(HostToGuest::Freeze) => {
+                fake_vmm::serve_control(&vm_dir, boot_id, false);
+                conn.send(&GuestToHost::Frozen);
+            }
+            Some(HostToGuest::Thaw) => {}
+            Some(HostToGuest::Shutdown) => {
+                fake_vmm::write_exit(&vm_dir, "reset", 0);
+                std::process::exit(0);
+            }
+            None => conn = reconnect(&vm_dir, boot_id),
+            other => fake_vmm::fail(&vm_dir, &format!("expected RunAgent, got {other:?}")),
+        }
     };
     // The agent gets no stdin: EOF right away.
     match conn.recv(Duration::from_secs(10)) {
@@ -101,9 +116,22 @@ fn fake_restored_vmm(args: &[String]) {
     let paused = args.iter().any(|a| a == "--restore-paused");
     fake_vmm::serve_control(&vm_dir, boot_id, paused);
     let boot_id = reidentify(&vm_dir, boot_id);
-    let mut conn = reconnect(&vm_dir, boot_id);
-    output(&mut conn, OutputStream::Stdout, "restored\n");
-    wait_for_shutdown(&vm_dir, boot_id, conn);
+    let mut conn = ControlConn::open(&vm_dir, boot_id, BOOT_KEY);
+    match conn.recv(Duration::from_millis(300)) {
+        // A warm start: the agent is sent to the new identity, as to a booted guest.
+        Some(HostToGuest::RunAgent(spec)) => {
+            match conn.recv(Duration::from_secs(10)) {
+                Some(HostToGuest::AgentStdin { data }) if data.is_empty() => {}
+                other => fake_vmm::fail(&vm_dir, &format!("expected stdin EOF, got {other:?}")),
+            }
+            fake_agent(&vm_dir, boot_id, conn, spec);
+        }
+        Some(HostToGuest::Shutdown) => shutdown(&vm_dir, &mut conn),
+        _ => {
+            output(&mut conn, OutputStream::Stdout, "restored\n");
+            wait_for_shutdown(&vm_dir, boot_id, conn);
+        }
+    }
 }
 
 /// A restored sidecar's first hello, with the snapshot's boot id: the daemon must answer it
@@ -1111,4 +1139,67 @@ fn a_fork_makes_n_vms_within_the_vm_cap() {
     for vm in made.iter().chain([&id]) {
         assert!(d.cli(&["stop", vm]).status.success());
     }
+}
+
+/// `image warm` boots a template VM of the image that is never sent an agent, snapshots it
+/// after its hello and removes it; a run of that image at that size restores the template
+/// (with a new identity, then its own agent), and a run of another size boots.
+fn an_image_template_serves_warm_runs_of_its_size_only() {
+    let d = daemon();
+    nanoclaw_tests::oci::import_test_image(&d, "warm-test", Duration::from_secs(120))
+        .expect("import the test image");
+    let out = d.cli(&["image", "warm", "warm-test"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
+    let template = text(&out.stdout).trim().to_owned();
+    assert!(
+        template.starts_with("warm-") && template.ends_with("-256m-1c-2048d"),
+        "{template}"
+    );
+    let listed: Vec<String> = snapshots(&d).into_iter().map(|s| s.name).collect();
+    assert_eq!(listed, vec![template.clone()]);
+    // The template VM is gone.
+    let vms = d.cli(&["ps", "--json"]);
+    let vms: Vec<VmInfo> = serde_json::from_slice(&vms.stdout).unwrap();
+    assert!(vms.is_empty(), "{vms:?}");
+
+    // A run at the template's size starts from it, and its agent runs as in a booted VM.
+    let out = d.cli(&["run", "--image", "warm-test"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\n{}",
+        text(&out.stderr),
+        d.log()
+    );
+    assert!(
+        text(&out.stdout).starts_with("hello /app/run.sh first second PATH=/bin"),
+        "{}",
+        text(&out.stdout)
+    );
+    let vms = d.cli(&["ps", "--json"]);
+    let vms: Vec<VmInfo> = serde_json::from_slice(&vms.stdout).unwrap();
+    let warm = &vms[0];
+    assert_eq!(
+        warm.restored_from.as_deref(),
+        Some(template.as_str()),
+        "{warm:?}"
+    );
+    assert!(
+        !warm.reidentify_pending && warm.boot_id.is_some(),
+        "{warm:?}"
+    );
+
+    // Another size boots cold.
+    let out = d.cli(&["run", "--image", "warm-test", "--memory", "512"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let vms = d.cli(&["ps", "--json"]);
+    let vms: Vec<VmInfo> = serde_json::from_slice(&vms.stdout).unwrap();
+    assert!(
+        vms.iter()
+            .any(|v| v.restored_from.is_none() && v.spec.memory_mib == 512),
+        "{vms:?}"
+    );
+    // Warming an image that does not exist is refused, and leaves nothing.
+    refused(&d, &["image", "warm", "no-such-image"], "no-such-image");
+    assert_eq!(snapshots(&d).len(), 1);
 }

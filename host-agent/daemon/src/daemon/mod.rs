@@ -42,6 +42,7 @@ pub mod state;
 pub mod vm;
 pub mod vmm_control;
 pub mod vmm_log;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -611,6 +612,9 @@ impl Daemon {
         self.limits
             .admit(&self.lock_vms(), parent)
             .map_err(DaemonError::Limit)?;
+        if let Some(vm) = self.warm_start(&spec, parent)? {
+            return Ok(vm);
+        }
         let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(DaemonError::State)?;
         let record = match spec.image.is_some() {
             false => VmRecord::new(id.clone(), spec, state::now_unix_ms()),

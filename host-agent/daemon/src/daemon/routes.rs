@@ -77,6 +77,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         )
         .route("/v1/images/import", post(super::images::import))
         .route("/v1/images/build", post(super::images::build))
+        .route("/v1/images/{name}/warm", post(warm_image))
         .route("/v1/approvals", get(approvals))
         .route("/v1/approvals/registration", post(registration_link))
         .with_state(daemon)
@@ -433,6 +434,29 @@ fn restore_failure(e: RestoreError) -> Failure {
             Failure(StatusCode::TOO_MANY_REQUESTS, error_chain(&e))
         }
         e => Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)),
+    }
+}
+
+/// Takes image `name`'s warm template (see [`super::warm`]).
+async fn warm_image(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<SnapshotInfo>), Failure> {
+    let req: nanoclaw_api::WarmImage = optional_body(&body)?;
+    // In its own task, so that a client hanging up does not leave the template VM behind.
+    let task = tokio::spawn(async move { daemon.warm_image(&name, req).await });
+    match task.await {
+        Ok(Ok(info)) => Ok((StatusCode::CREATED, Json(info))),
+        Ok(Err(e @ super::warm::WarmError::Create(super::DaemonError::Image(_)))) => {
+            Err(Failure(StatusCode::NOT_FOUND, error_chain(&e)))
+        }
+        Ok(Err(e @ super::warm::WarmError::Create(super::DaemonError::Limit(_)))) => {
+            Err(Failure(StatusCode::TOO_MANY_REQUESTS, error_chain(&e)))
+        }
+        Ok(Err(super::warm::WarmError::Snapshot(e))) => Err(snapshot_failure(&e)),
+        Ok(Err(e)) => Err(Failure(StatusCode::BAD_GATEWAY, error_chain(&e))),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 

@@ -149,6 +149,10 @@ pub struct VmRecord {
     /// [`Reidentify`]); cleared once it said hello with a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reidentify: Option<Reidentify>,
+    /// Whether this VM is an image's warm template being made: its guest is never sent an
+    /// agent (see `super::warm`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub template: bool,
     /// How many times this VM's guest took a new identity on the daemon's request.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reidentified: u32,
@@ -212,6 +216,7 @@ impl VmRecord {
             paused: false,
             restore: None,
             reidentify: None,
+            template: false,
             reidentified: 0,
         }
     }

@@ -861,7 +861,7 @@ impl Vm {
             old.kick.notify_one();
         }
         let (send_agent, stop) = self.update(|r| {
-            let send = !reidentify && !r.agent_sent && !r.stop_requested;
+            let send = !reidentify && !r.template && !r.agent_sent && !r.stop_requested;
             r.agent_sent |= send;
             (
                 send.then(|| (r.spec.clone(), r.image.clone())),
