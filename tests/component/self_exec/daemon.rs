@@ -834,7 +834,7 @@ fn the_python_sdk_drives_the_remote_api() {
     )
     .output_within(CLI_TIMEOUT)
     .expect("run the SDK's tests");
-    assert_sdk_tests_passed(&out, 23, &d.log());
+    assert_sdk_tests_passed(&out, 24, &d.log());
     // Every sandbox the tests made is gone but the one they kept and removed, and so is
     // every snapshot they took.
     let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
