@@ -48,7 +48,7 @@ use tokio::time::timeout;
 
 use super::rules::{EgressPolicy, normalize_name};
 use super::table::{GrantTable, clamp_ttl};
-use super::{EgressEvent, EventSender};
+use super::{EgressEvent, EventSender, transient};
 
 /// How long the upstream resolver has to answer one query.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -632,18 +632,66 @@ fn encode(reply: &Message, max_len: usize) -> Option<Vec<u8>> {
     short.to_vec().ok()
 }
 
-/// Errors after which a server loop carries on: an ICMP error from an earlier UDP reply, a
-/// connection that went away before it was accepted, or a lack of descriptors or memory.
-fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::rdata::CNAME;
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    #[test]
+    fn a_reply_too_long_for_the_client_is_truncated() {
+        let mut reply = Message::response(7, OpCode::Query);
+        reply.add_query(Query::query(name("pypi.org."), RecordType::A));
+        for i in 0..64u8 {
+            let a = RData::A(A(Ipv4Addr::new(192, 0, 2, i)));
+            reply.add_answer(Record::from_rdata(name("pypi.org."), 30, a));
+        }
+        let full = encode(&reply, usize::from(u16::MAX)).unwrap();
+        assert!(full.len() > 512);
+        let short = Message::from_vec(&encode(&reply, 512).unwrap()).unwrap();
+        assert!(short.metadata.truncation);
+        assert_eq!(short.metadata.id, 7);
+        assert!(short.answers.is_empty());
+        assert_eq!(short.queries.len(), 1);
+    }
+
+    #[test]
+    fn cname_loops_end_and_unrelated_records_are_ignored() {
+        let mut reply = Message::response(1, OpCode::Query);
+        let cname = |from: &str, to: &str| {
+            Record::from_rdata(name(from), 60, RData::CNAME(CNAME(name(to))))
+        };
+        reply.add_answer(cname("a.test.", "b.test."));
+        reply.add_answer(cname("b.test.", "a.test."));
+        reply.add_answer(Record::from_rdata(
+            name("B.test."),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+        ));
+        reply.add_answer(Record::from_rdata(
+            name("c.test."),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 2))),
+        ));
+        assert_eq!(
+            addresses(&name("a.test."), &reply),
+            vec![(Ipv4Addr::new(192, 0, 2, 1), 60)]
+        );
+    }
+
+    #[test]
+    fn format_error_needs_a_query_header() {
+        assert_eq!(format_error(&[0; 11]), None);
+        let mut response = [0u8; 12];
+        response[2] = 0x80;
+        assert_eq!(format_error(&response), None);
+        let reply =
+            Message::from_vec(&format_error(&[0xab, 0xcd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap())
+                .unwrap();
+        assert_eq!(reply.metadata.id, 0xabcd);
+        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    }
 }

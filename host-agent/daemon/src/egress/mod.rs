@@ -109,3 +109,20 @@ pub enum EgressEvent {
 /// the daemon hears of an address before the guest does; other events are dropped when the
 /// channel is full, and counted.
 pub type EventSender = tokio::sync::mpsc::Sender<EgressEvent>;
+
+/// Errors after which a server loop carries on: an ICMP error from an earlier UDP reply, a
+/// connection that went away before it was accepted, or a lack of descriptors or memory.
+fn transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::Interrupted
+            | ErrorKind::WouldBlock
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

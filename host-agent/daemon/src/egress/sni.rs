@@ -34,7 +34,7 @@ use tokio::time::timeout;
 use super::client_hello::{self, HelloError, MAX_HELLO_BYTES};
 use super::rules::EgressPolicy;
 use super::table::GrantTable;
-use super::{EgressEvent, EventSender};
+use super::{EgressEvent, EventSender, transient};
 
 /// How long the guest has to send its whole ClientHello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -406,18 +406,4 @@ async fn read_hello(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-}
-
-/// Errors after which the accept loop carries on.
-fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
