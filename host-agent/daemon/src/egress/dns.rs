@@ -11,7 +11,8 @@
 //!   no guest EDNS options), with a [`UPSTREAM_TIMEOUT`] deadline (SERVFAIL when it passes),
 //!   falling back to TCP when the UDP answer is truncated. The answer is flattened: the `A`
 //!   records reached from the name through its CNAME chain are given out under the name asked
-//!   for, at most [`MAX_ANSWERS`], with their TTL clamped to
+//!   for, at most [`MAX_ANSWERS`], non-public addresses (loopback, private, link-local, ...)
+//!   left out, with their TTL clamped to
 //!   [`MIN_TTL`](super::table::MIN_TTL)..=[`MAX_TTL`](super::table::MAX_TTL); each is recorded in
 //!   the [`GrantTable`] and reported as [`EgressEvent::Granted`] before the guest hears of it
 //!   (an address whose event cannot be queued within [`EVENT_TIMEOUT`] is left out, and SERVFAIL
@@ -125,6 +126,8 @@ pub struct ResolverCounters {
     pub dropped: u64,
     /// Upstream failures (SERVFAIL sent).
     pub upstream_failures: u64,
+    /// Addresses left out because they are not public (loopback, private, link-local, ...).
+    pub non_public: u64,
     /// Events dropped because the event channel was full.
     pub events_dropped: u64,
 }
@@ -140,6 +143,7 @@ struct Counts {
     malformed: AtomicU64,
     dropped: AtomicU64,
     upstream_failures: AtomicU64,
+    non_public: AtomicU64,
     events_dropped: AtomicU64,
 }
 
@@ -208,6 +212,7 @@ impl Resolver {
             malformed: get(&c.malformed),
             dropped: get(&c.dropped),
             upstream_failures: get(&c.upstream_failures),
+            non_public: get(&c.non_public),
             events_dropped: get(&c.events_dropped),
         }
     }
@@ -420,6 +425,11 @@ impl Resolver {
         let found = addresses(question.name(), &upstream);
         let mut kept = 0usize;
         for (addr, ttl) in &found {
+            if !is_public(*addr) {
+                bump(&counts.non_public);
+                self.guest_log(|s| tracing::warn!(suppressed = s, name = %name, %addr, "egress dns: upstream answered a non-public address, left out"));
+                continue;
+            }
             let ttl = clamp_ttl(*ttl);
             if !self.inner.table.grant(*addr, &name, ttl) {
                 self.guest_log(|s| tracing::warn!(suppressed = s, name = %name, %addr, "egress dns: grant table full, address left out"));
@@ -603,6 +613,22 @@ fn addresses(name: &Name, reply: &Message) -> Vec<(Ipv4Addr, u32)> {
     out
 }
 
+/// Whether `addr` may be given out: not unspecified, "this network" (0/8), loopback, private
+/// (RFC 1918), shared (100.64/10, RFC 6598), link-local (cloud metadata lives there),
+/// multicast, reserved (240/4) or broadcast. An allowed name that resolves to one of these (by
+/// mistake or on purpose, as in DNS rebinding) would otherwise open the host's own networks to
+/// the guest.
+fn is_public(addr: Ipv4Addr) -> bool {
+    let [a, b, ..] = addr.octets();
+    !(a == 0
+        || addr.is_loopback()
+        || addr.is_private()
+        || (a == 100 && (64..128).contains(&b))
+        || addr.is_link_local()
+        || addr.is_multicast()
+        || a >= 240)
+}
+
 /// FORMERR for a request whose header can be read and that is a query; nothing otherwise.
 fn format_error(request: &[u8]) -> Option<Vec<u8>> {
     let [id_hi, id_lo, flags, ..] = *request else {
@@ -680,6 +706,34 @@ mod tests {
             addresses(&name("a.test."), &reply),
             vec![(Ipv4Addr::new(192, 0, 2, 1), 60)]
         );
+    }
+
+    #[test]
+    fn only_public_addresses_are_given_out() {
+        for private in [
+            [0, 1, 2, 3],
+            [10, 0, 0, 1],
+            [100, 64, 0, 1],
+            [100, 127, 255, 255],
+            [127, 0, 0, 1],
+            [169, 254, 169, 254],
+            [172, 16, 0, 1],
+            [192, 168, 1, 1],
+            [224, 0, 0, 1],
+            [240, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            assert!(!is_public(Ipv4Addr::from(private)), "{private:?}");
+        }
+        for public in [
+            [1, 1, 1, 1],
+            [100, 63, 0, 1],
+            [100, 128, 0, 1],
+            [151, 101, 0, 223],
+            [172, 32, 0, 1],
+        ] {
+            assert!(is_public(Ipv4Addr::from(public)), "{public:?}");
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! 1. **The resolver** ([`dns`]) is the only DNS server the guest can reach (the VM's nftables
 //!    default-deny drops all other DNS). It answers only for allowed names and only `A` queries
 //!    (IPv6 is denied, other types refused with an RFC 8914 Extended DNS Error saying why), and
-//!    reports each address it hands out as an [`EgressEvent::Granted`].
+//!    reports each address it hands out as an [`EgressEvent::Granted`]. It never hands out a
+//!    non-public address (loopback, private, link-local, ...): an allowed name that resolves to
+//!    one, by mistake or by DNS rebinding, must not open the host's own networks to the guest.
 //! 2. **nftables sets** (built elsewhere in the daemon from those events) let the guest open
 //!    connections only to addresses the resolver handed out, on the rule's ports, until the
 //!    grant expires. This stops connections to addresses the guest made up or learnt some other

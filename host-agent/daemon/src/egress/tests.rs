@@ -59,6 +59,14 @@ async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
                     ));
                     reply.add_answer(a("cdn.example.net.", [192, 0, 2, 7], 86400));
                 }
+                "internal.example.com." => {
+                    reply.add_answer(a("internal.example.com.", [10, 0, 0, 1], 60));
+                    reply.add_answer(a("internal.example.com.", [169, 254, 169, 254], 60));
+                    reply.add_answer(a("internal.example.com.", [192, 0, 2, 9], 60));
+                }
+                "metadata.example.com." => {
+                    reply.add_answer(a("metadata.example.com.", [169, 254, 169, 254], 60));
+                }
                 SLOW => continue,
                 _ => reply.metadata.response_code = ResponseCode::NXDomain,
             }
@@ -240,6 +248,34 @@ async fn an_address_whose_grant_cannot_be_queued_is_left_out() {
         Message::from_vec(&resolver.answer_udp(&q.to_vec().unwrap()).await.unwrap()).unwrap();
     assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
     assert!(reply.answers.is_empty());
+}
+
+#[tokio::test]
+async fn non_public_addresses_are_never_given_out() {
+    let mut s = serve().await;
+    let reply = ask_udp(s.udp, &query("internal.example.com.", RecordType::A, false)).await;
+    assert_eq!(
+        addrs(&reply),
+        vec![(
+            "internal.example.com.".to_string(),
+            Ipv4Addr::new(192, 0, 2, 9),
+            60
+        )]
+    );
+    match s.events.recv().await.unwrap() {
+        EgressEvent::Granted { addr, .. } => assert_eq!(addr, Ipv4Addr::new(192, 0, 2, 9)),
+        other => panic!("unexpected event {other:?}"),
+    }
+    // Nothing left: SERVFAIL, not an empty answer the client would cache as "no address".
+    let reply = ask_udp(s.udp, &query("metadata.example.com.", RecordType::A, false)).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+    assert!(reply.answers.is_empty());
+    assert!(
+        !s.resolver
+            .table()
+            .is_granted(Ipv4Addr::new(169, 254, 169, 254), "metadata.example.com")
+    );
+    assert_eq!(s.resolver.counters().non_public, 3);
 }
 
 #[tokio::test]
