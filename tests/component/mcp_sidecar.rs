@@ -371,3 +371,98 @@ busybox wget -q -O - --header "$H" --header "Mcp-Session-Id: $SID" --post-data '
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One HTTP request to the endpoint on a connection of its own: the status code, the
+/// `Mcp-Session-Id` header and the body.
+fn post_mcp(port: u16, session: Option<&str>, body: &Value) -> (u16, Option<String>, Value) {
+    let body = body.to_string();
+    let sid = session.map_or(String::new(), |s| format!("Mcp-Session-Id: {s}\r\n"));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST /mcp HTTP/1.1\r\nContent-Type: application/json\r\n{sid}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let session = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Mcp-Session-Id: "))
+        .map(str::to_owned);
+    (
+        status,
+        session,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// A restored VM's vsock connections are reset and its host gateway is a new one: the agent's
+/// open MCP session goes on, because the endpoint opens a new host connection and replays the
+/// session's `initialize` on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_goes_on_across_a_reset_of_its_host_connection() {
+    let before = host().await;
+    let after = host().await;
+    let socket = Arc::new(std::sync::Mutex::new(before.socket.clone()));
+    let handed_out: Arc<std::sync::Mutex<Vec<UnixStream>>> = Arc::default();
+    let listener = http::bind(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let endpoint = {
+        let (socket, handed_out) = (Arc::clone(&socket), Arc::clone(&handed_out));
+        http::Endpoint::new(EarlyFilter::new(&before.tools), move || {
+            let stream = UnixStream::connect(&*socket.lock().unwrap())?;
+            handed_out.lock().unwrap().push(stream.try_clone()?);
+            Ok(stream)
+        })
+    };
+    std::thread::spawn(move || endpoint.serve(&listener));
+    let call = |id: u64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "read_file", "arguments": {"path": "/data/r.txt"}}})
+    };
+    let steps = tokio::task::spawn_blocking(move || {
+        let (status, sid, init) = post_mcp(
+            port,
+            None,
+            &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                    "clientInfo": {"name": "restored", "version": "0"}}}),
+        );
+        assert_eq!(status, 200, "{init}");
+        let sid = sid.expect("a session id");
+        let (status, _, _) = post_mcp(
+            port,
+            Some(&sid),
+            &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        );
+        assert_eq!(status, 202);
+        let (status, _, first) = post_mcp(port, Some(&sid), &call(1));
+        assert_eq!(status, 200, "{first}");
+        assert!(first["result"].is_object(), "{first}");
+        // The restore: every host connection reset, and a new gateway behind the port.
+        for s in handed_out.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        *socket.lock().unwrap() = after.socket.clone();
+        let (status, same, second) = post_mcp(port, Some(&sid), &call(2));
+        (status, same, second, sid, before, after)
+    })
+    .await
+    .unwrap();
+    let (status, same, second, sid, before, after) = steps;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(same.as_deref(), Some(sid.as_str()));
+    assert!(second["result"].is_object(), "{second}");
+    // The call after the reset reached the new gateway's upstream, not the old one's.
+    let calls = |h: &Host| {
+        std::fs::read_to_string(h.dir.path().join("peer.ndjson"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!((calls(&before), calls(&after)), (1, 1));
+}

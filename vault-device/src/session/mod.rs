@@ -255,6 +255,10 @@ pub async fn run<C: SessionContext>(
     let answer = credential::noise::write_handshake(&mut hs, &[])?;
     send_record(&out, &answer).await?;
     let transport = hs.into_transport_mode()?;
+    if let Some(suppressed) = proxy::admit_line(proxy::Line::Session) {
+        // Which boot key a VM's sessions come from: a restored copy of a VM shows a new one.
+        tracing::info!(vm = %peer.vm_id, sidecar = %proxy::key_id(&peer.sidecar_public_key), suppressed, "session");
+    }
     let mut session = Session {
         inbound,
         out,

@@ -520,14 +520,14 @@ fn upstream_body_failed(e: &reqwest::Error) -> Result<(), NoiseError> {
 
 /// The first 8 bytes of a sidecar's boot key in hex: enough to tell one guest boot (or one
 /// clone of a snapshot) from another in the log.
-fn key_id(key: &[u8; 32]) -> String {
+pub(super) fn key_id(key: &[u8; 32]) -> String {
     key[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The per-request log lines, each with a budget of its own: the agent chooses what it calls
 /// and how often, so none of them may flood the device's log.
 #[derive(Clone, Copy)]
-enum Line {
+pub(super) enum Line {
     /// A request the device refused.
     Refused = 0,
     /// A call made with a credential.
@@ -536,12 +536,14 @@ enum Line {
     Upstream = 2,
     /// An answer cut mid-way (the body failed or could not be tokenized).
     Cut = 3,
+    /// A session opened by a sidecar (its VM and boot key).
+    Session = 4,
 }
 
 /// Whether a line of `kind` may be logged now, and how many of that kind were dropped before it.
-fn admit_line(kind: Line) -> Option<u64> {
-    static BUDGETS: [Mutex<Option<shared_proto::ratelimit::LogBudget>>; 4] =
-        [const { Mutex::new(None) }; 4];
+pub(super) fn admit_line(kind: Line) -> Option<u64> {
+    static BUDGETS: [Mutex<Option<shared_proto::ratelimit::LogBudget>>; 5] =
+        [const { Mutex::new(None) }; 5];
     let mut budget = BUDGETS[kind as usize]
         .lock()
         .unwrap_or_else(|p| p.into_inner());

@@ -8,6 +8,17 @@
 //! carry it. A notification is answered `202 Accepted`; `DELETE /mcp` ends the session; `GET`
 //! is `405` (no server-initiated stream). Bodies over [`MAX_MESSAGE_BYTES`] are `413`.
 //! At most [`MAX_SESSIONS`] sessions and [`MAX_CONNECTIONS`] HTTP connections at once.
+//!
+//! # A session outlives its host connection
+//!
+//! The host connection of a session can go away under it: a VM restored from a snapshot (or a
+//! copy of one) has every vsock connection reset, and its host gateway is a new one. The
+//! session keeps the agent's `initialize` and `notifications/initialized`; when a message
+//! cannot be written to the old connection, or a broken one is found, a new host connection is
+//! opened, the two are replayed on it (the answer to `initialize` is read and dropped), and
+//! the message goes out there. So the agent's session id goes on working across a restore.
+//! A message the host may have received before its connection broke (its answer did not come)
+//! is never sent again: that request answers `502`, and the next one reconnects.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -31,7 +42,15 @@ const MAX_HEAD: usize = 16 << 10;
 struct HostConn<S> {
     write: S,
     read: BufReader<S>,
+    /// The session's `initialize` and `notifications/initialized`, to replay on a new host
+    /// connection (see the module doc).
+    replay: Vec<Vec<u8>>,
+    /// The connection failed while a message was in flight: the next one reconnects first.
+    broken: bool,
 }
+
+/// Most messages a session keeps to replay.
+const MAX_REPLAY: usize = 2;
 
 /// A session's host connection, shared by the HTTP connections that use the session.
 type SharedConn<S> = Arc<Mutex<HostConn<S>>>;
@@ -160,13 +179,28 @@ where
             },
         };
         let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = conn
-            .write
-            .write_all(&body)
-            .and_then(|()| conn.write.write_all(b"\n"));
+        if conn.broken && self.reconnect(&mut conn).is_err() {
+            self.lock_sessions().remove(&session_id);
+            return (502, vec![], b"the host closed the MCP session".to_vec());
+        }
+        let send = |conn: &mut HostConn<S>| {
+            conn.write
+                .write_all(&body)
+                .and_then(|()| conn.write.write_all(b"\n"))
+        };
+        // Nothing of a failed write reached the host: the message may go out again on a new
+        // connection.
+        let sent =
+            send(&mut conn).or_else(|_| self.reconnect(&mut conn).and_then(|()| send(&mut conn)));
         if sent.is_err() {
             self.lock_sessions().remove(&session_id);
             return (502, vec![], b"the host closed the MCP session".to_vec());
+        }
+        if !session_id.is_empty()
+            && matches!(method, Some("initialize" | "notifications/initialized"))
+            && conn.replay.len() < MAX_REPLAY
+        {
+            conn.replay.push(body.clone());
         }
         // A notification or a response gets no answer; a request gets exactly one line back,
         // and so does anything the host could not parse (its error, id null).
@@ -189,10 +223,39 @@ where
                 self.filter.outbound(line),
             ),
             _ => {
-                self.lock_sessions().remove(&session_id);
+                // The host may have acted on it: not sent again. The session reconnects with
+                // its next message.
+                conn.broken = true;
                 (502, vec![], b"the host closed the MCP session".to_vec())
             }
         }
+    }
+
+    /// Opens a new host connection for a session and replays its `initialize` and
+    /// `notifications/initialized` on it (see the module doc).
+    fn reconnect(&self, conn: &mut HostConn<S>) -> std::io::Result<()> {
+        if conn.replay.is_empty() {
+            return Err(std::io::Error::other("nothing to replay: not a session"));
+        }
+        let mut write = (self.connect)()?;
+        let mut read = BufReader::new(write.try_clone()?);
+        for message in &conn.replay {
+            write.write_all(message)?;
+            write.write_all(b"\n")?;
+            let is_request = serde_json::from_slice::<Value>(message)
+                .ok()
+                .is_some_and(|v| v.get("id").is_some());
+            if is_request && read_line(&mut read)?.is_none() {
+                return Err(std::io::Error::other(
+                    "the host closed the replayed session",
+                ));
+            }
+        }
+        conn.write = write;
+        conn.read = read;
+        conn.broken = false;
+        tracing::info!("mcp: a session's host connection was opened again");
+        Ok(())
     }
 
     fn open_session(&self) -> Result<(String, SharedConn<S>), u16> {
@@ -210,6 +273,8 @@ where
         let conn = Arc::new(Mutex::new(HostConn {
             write: stream,
             read: BufReader::new(read),
+            replay: Vec::new(),
+            broken: false,
         }));
         self.lock_sessions().insert(sid.clone(), Arc::clone(&conn));
         Ok((sid, conn))
