@@ -35,6 +35,7 @@ pub mod approval;
 pub mod daemon;
 pub mod mcp;
 pub mod metrics;
+pub mod net;
 pub mod notify;
 pub mod policy;
 pub mod relay;
