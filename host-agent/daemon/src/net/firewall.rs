@@ -186,7 +186,7 @@ pub fn host_ruleset(prefix: &OverlayPrefix) -> String {
          \x20   type filter hook input priority filter; policy accept;\n\
          \x20   iifname \"{veths}\" ct state established,related accept\n\
          \x20   iifname \"{veths}\" meta l4proto tcp counter name \"deny_host_input\" reject with tcp reset\n\
-         \x20   iifname \"{veths}\" counter name \"deny_host_input\" reject with icmpx admin-prohibited\n\
+         \x20   iifname \"{veths}\" counter name \"deny_host_input\" reject with icmp type admin-prohibited\n\
          \x20 }}\n\
          }}\n"
     )
