@@ -126,6 +126,26 @@ pub struct AgentSpec {
     /// to uid 0, and an absent one, run as `uid`/`gid` above.
     #[serde(default)]
     pub user: Option<String>,
+    /// The agent's network, when its profile allows egress: the sidecar configures the
+    /// interface with this MAC before the agent starts. Absent (and in older hosts' frames):
+    /// the VM has no network device.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
+}
+
+/// The guest's side of its point-to-point link to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// The guest's IPv4 address.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length on the link (the gateway is inside it).
+    pub prefix_len: u8,
+    /// The default route's next hop.
+    pub gateway: std::net::Ipv4Addr,
+    /// The resolver the agent's `/etc/resolv.conf` names.
+    pub dns: std::net::Ipv4Addr,
+    /// The MAC address of the interface to configure.
+    pub mac: [u8; 6],
 }
 
 /// The block devices the agent's root file system is built from. The sidecar mounts the image
@@ -226,9 +246,20 @@ pub(crate) mod tests {
                 }
             })),
             proptest::option::of(text()),
+            proptest::option::of(
+                (any::<u32>(), any::<u8>(), any::<u32>(), any::<[u8; 6]>()).prop_map(
+                    |(address, prefix_len, gateway, mac)| GuestNetwork {
+                        address: address.into(),
+                        prefix_len,
+                        gateway: gateway.into(),
+                        dns: gateway.into(),
+                        mac,
+                    },
+                ),
+            ),
         )
             .prop_map(
-                |(command, args, env, cwd, uid, gid, mcp, root, user)| AgentSpec {
+                |(command, args, env, cwd, uid, gid, mcp, root, user, network)| AgentSpec {
                     command,
                     args,
                     env,
@@ -238,6 +269,7 @@ pub(crate) mod tests {
                     mcp,
                     root,
                     user,
+                    network,
                 },
             );
         prop_oneof![
@@ -311,6 +343,7 @@ pub(crate) mod tests {
         assert_eq!(spec.mcp, None);
         assert_eq!(spec.root, None);
         assert_eq!(spec.user, None);
+        assert_eq!(spec.network, None);
     }
 
     #[test]

@@ -547,6 +547,7 @@ mod tests {
             mcp: None,
             root: None,
             user: None,
+            network: None,
         }
     }
 

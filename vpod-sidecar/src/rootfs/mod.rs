@@ -330,6 +330,7 @@ pub(crate) mod tests {
                 scratch_device: "/dev/vdb".into(),
             }),
             user: user.map(str::to_owned),
+            network: None,
         }
     }
 
