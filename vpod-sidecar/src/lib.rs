@@ -118,6 +118,7 @@ pub mod echo;
 pub mod files;
 pub mod init;
 pub mod mcp;
+pub mod net;
 pub mod outbox;
 pub mod proxy;
 pub mod rootfs;
