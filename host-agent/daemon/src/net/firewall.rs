@@ -8,12 +8,14 @@
 //!
 //! In the VM's namespace, table `inet nanoclaw`:
 //! - **forward**, from `tap0`: replies to established connections pass; then, whatever the
-//!   `allowed` set says, IPv6, loopback (`127.0.0.0/8`), link-local and metadata
+//!   `allowed` set says, a source other than the guest's address (so nothing un-masqueraded
+//!   leaves), IPv6, loopback (`127.0.0.0/8`), link-local and metadata
 //!   (`169.254.0.0/16`), the host's own addresses and the overlay prefix (other VMs) are
 //!   refused; then members of `allowed` (`ipv4_addr . inet_service`, each with its own timeout,
 //!   added by [`allow`]) pass, TCP or UDP; everything else is refused. Traffic *to* `tap0` passes
 //!   only as replies.
-//! - **input**, from `tap0`: only DNS (UDP and TCP 53) to the gateway address, and replies.
+//! - **input**, from `tap0`: only DNS (UDP and TCP 53) from the guest's address to the gateway
+//!   address, and replies.
 //!
 //! Every refusal is a reject, never a silent drop: TCP gets a reset, the rest ICMP
 //! administratively-prohibited. Every refusal rule counts into a named counter, which
@@ -44,6 +46,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The named counters of the VM's namespace, one per kind of refusal.
 pub const COUNTERS: &[&str] = &[
     "deny_ipv6",
+    "deny_spoof",
     "deny_loopback",
     "deny_metadata",
     "deny_host",
@@ -127,6 +130,11 @@ pub fn vm_ruleset(link: &VmLink, prefix: &OverlayPrefix, host_addrs: &[Ipv4Addr]
     );
     reject(
         &mut out,
+        &format!("iifname \"{tap}\" ip saddr != {}", link.guest),
+        "deny_spoof",
+    );
+    reject(
+        &mut out,
         &format!("iifname \"{tap}\" ip daddr 127.0.0.0/8"),
         "deny_loopback",
     );
@@ -162,7 +170,8 @@ pub fn vm_ruleset(link: &VmLink, prefix: &OverlayPrefix, host_addrs: &[Ipv4Addr]
     let gw = link.gateway;
     let _ = writeln!(
         out,
-        "    iifname \"{tap}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept"
+        "    iifname \"{tap}\" ip saddr {} ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept",
+        link.guest
     );
     reject(&mut out, &format!("iifname \"{tap}\""), "deny_input");
     let _ = writeln!(out, "  }}");
@@ -394,6 +403,7 @@ mod tests {
         let set = at("@allowed accept");
         for never in [
             "meta nfproto ipv6",
+            "ip saddr != 10.200.0.2",
             "ip daddr 127.0.0.0/8",
             "ip daddr 169.254.0.0/16",
             "ip daddr @host_addrs",
@@ -421,7 +431,7 @@ mod tests {
             accepts,
             [
                 "iifname \"tap0\" ct state established,related accept",
-                "iifname \"tap0\" ip daddr 10.200.0.1 meta l4proto { tcp, udp } th dport 53 accept"
+                "iifname \"tap0\" ip saddr 10.200.0.2 ip daddr 10.200.0.1 meta l4proto { tcp, udp } th dport 53 accept"
             ]
         );
         assert!(input.contains("name \"deny_input\" reject with icmpx admin-prohibited"));
