@@ -355,10 +355,11 @@ pub fn setup(ns: &VmNetns, id: &str, link: &VmLink, tap_uid: u32) -> Result<(), 
 pub fn teardown(path: &Path, id: &str) -> Result<(), NetnsError> {
     let veth = host_veth_name(id)?;
     let mut first = None;
-    if Path::new("/sys/class/net").join(&veth).exists()
-        && let Err(e) = host_ip(&["link", "del", &veth])
-    {
-        first = Some(e);
+    match host_ip(&["link", "del", &veth]) {
+        // Gone already (with its namespace, or never made).
+        Err(NetnsError::Ip(e)) if e.stderr().is_some_and(|s| s.contains("Cannot find device")) => {}
+        Err(e) => first = Some(e),
+        Ok(_) => {}
     }
     if let Err(e) = VmNetns::remove(path) {
         first.get_or_insert(e);
