@@ -1493,7 +1493,7 @@ mod tests {
         assert_eq!(cli.serve.overlay_prefix.to_string(), "10.200.0.0/16");
         let cli =
             Cli::try_parse_from(base.iter().chain(&["--overlay-prefix", "172.31.0.0/20"])).unwrap();
-        assert_eq!(cli.serve.overlay_prefix.len(), 20);
+        assert_eq!(cli.serve.overlay_prefix.prefix_len(), 20);
         assert!(
             Cli::try_parse_from(base.iter().chain(&["--overlay-prefix", "10.0.0.1/16"])).is_err()
         );

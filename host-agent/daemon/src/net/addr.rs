@@ -62,7 +62,7 @@ impl OverlayPrefix {
     }
 
     /// The prefix length.
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -178,7 +178,7 @@ mod tests {
     fn prefixes_parse_and_bad_ones_get_their_error() {
         let p: OverlayPrefix = OverlayPrefix::DEFAULT.parse().unwrap();
         assert_eq!(
-            (p.base(), p.len(), p.slots()),
+            (p.base(), p.prefix_len(), p.slots()),
             ("10.200.0.0".parse().unwrap(), 16, 8192)
         );
         assert_eq!(p.to_string(), "10.200.0.0/16");

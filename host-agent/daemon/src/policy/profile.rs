@@ -562,9 +562,12 @@ mod egress_tests {
         ));
     }
 
+    /// An entry and the check of the error it must get.
+    type Case = (&'static str, fn(&EgressError) -> bool);
+
     #[test]
     fn bad_egress_entries_get_typed_errors() {
-        let cases: &[(&str, fn(&EgressError) -> bool)] = &[
+        let cases: &[Case] = &[
             ("pypi.org", |e| matches!(e, EgressError::NoPort(_))),
             ("pypi.org:0", |e| matches!(e, EgressError::BadPort(_))),
             ("pypi.org:65536", |e| matches!(e, EgressError::BadPort(_))),
