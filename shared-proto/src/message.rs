@@ -137,19 +137,41 @@ pub struct AgentSpec {
     pub network: Option<GuestNetwork>,
 }
 
-/// The guest's side of its point-to-point link to the host.
+/// The guest's side of its point-to-point link to the host. Addresses go on the wire as four
+/// bytes ([`ipv4_octets`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestNetwork {
     /// The guest's IPv4 address.
+    #[serde(with = "ipv4_octets")]
     pub address: std::net::Ipv4Addr,
     /// Its prefix length on the link (the gateway is inside it).
     pub prefix_len: u8,
     /// The default route's next hop.
+    #[serde(with = "ipv4_octets")]
     pub gateway: std::net::Ipv4Addr,
     /// The resolver the agent's `/etc/resolv.conf` names.
+    #[serde(with = "ipv4_octets")]
     pub dns: std::net::Ipv4Addr,
     /// The MAC address of the interface to configure.
     pub mac: [u8; 6],
+}
+
+/// An IPv4 address as its four bytes. Serde's own encoding of `Ipv4Addr` depends on whether
+/// the format says it is human-readable, which the CBOR encoder and decoder answer
+/// differently; four bytes read back the same everywhere.
+pub mod ipv4_octets {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::net::Ipv4Addr;
+
+    /// Writes `addr` as four bytes.
+    pub fn serialize<S: Serializer>(addr: &Ipv4Addr, s: S) -> Result<S::Ok, S::Error> {
+        addr.octets().serialize(s)
+    }
+
+    /// Reads four bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+        <[u8; 4]>::deserialize(d).map(Ipv4Addr::from)
+    }
 }
 
 /// The block devices the agent's root file system is built from. The sidecar mounts the image
