@@ -125,6 +125,22 @@ fn inner() {
     );
     let timeout = find_key(&set, "timeout").unwrap_or_else(|| panic!("no timeout: {text}"));
     assert_eq!(timeout.as_u64(), Some(600), "{text}");
+    // Several at once, in one transaction.
+    let more = [
+        (Ipv4Addr::new(192, 0, 2, 81), 443),
+        (Ipv4Addr::new(192, 0, 2, 82), 8443),
+    ];
+    firewall::allow_all(&ns, &more, Duration::from_secs(60)).unwrap();
+    let text = ns_json(
+        &ns,
+        "nft",
+        &["-j", "list", "set", "inet", "nanoclaw", "allowed"],
+    )
+    .to_string();
+    assert!(
+        text.contains("192.0.2.81") && text.contains("192.0.2.82") && text.contains("8443"),
+        "{text}"
+    );
     assert!(matches!(
         firewall::allow(&ns, dest, 443, Duration::ZERO),
         Err(firewall::FirewallError::BadTtl(_))
