@@ -1459,6 +1459,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_networked_vm_s_vmm_gets_its_tap_and_mac_and_others_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let link = crate::net::addr::VmLink {
+            gateway: "10.200.0.1".parse().unwrap(),
+            guest: "10.200.0.2".parse().unwrap(),
+            host_end: "10.200.0.5".parse().unwrap(),
+            netns_end: "10.200.0.6".parse().unwrap(),
+        };
+        for net in [None, Some(link)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut rec = VmRecord::new("abcd0123".into(), CreateVm::new("/bin/a", vec![]), 1);
+            rec.net = net;
+            let vm = Vm::open(dir.path().to_path_buf(), rec, 1 << 20).unwrap();
+            // A "VMM" that writes its arguments, one a line, and exits.
+            let bin = dir.path().join("args-vmm");
+            let out = dir.path().join("args");
+            std::fs::write(
+                &bin,
+                format!(
+                    "#!/bin/sh
+printf '%s\\n' \"$@\" > {}\n",
+                    out.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let launch = VmmLaunch {
+                bin,
+                kernel: "k".into(),
+                initrd: "i".into(),
+                jail: None,
+            };
+            let child = vm.spawn_vmm(&launch).unwrap();
+            Arc::clone(&vm).watch_child(child).await;
+            let args = std::fs::read_to_string(&out).unwrap();
+            let args: Vec<&str> = args.lines().collect();
+            let net_at = args.iter().position(|a| *a == "--net");
+            match net {
+                None => assert_eq!(net_at, None, "{args:?}"),
+                Some(_) => {
+                    let at = net_at.unwrap_or_else(|| panic!("no --net: {args:?}"));
+                    assert_eq!(args[at + 1], "tap=tap0,mac=02:00:0a:c8:00:02");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn vmm_log_is_capped_and_the_vmm_is_never_blocked() {
         use super::super::vmm_log::VMM_LOG_CAP;
         let (dir, vm) = vm(1 << 20);
