@@ -100,10 +100,21 @@ fn inner() {
     let _guard = Teardown(&path, id);
     assert!(VmNetns::is_mounted(&path));
     netns::setup(&ns, id, &link, uid).unwrap();
-    firewall::install(&ns, &link, &prefix).unwrap();
+    firewall::install(&ns, &link, &prefix, None).unwrap();
     firewall::install_host(&prefix).unwrap();
-    // Loading again replaces, never duplicates.
-    firewall::install(&ns, &link, &prefix).unwrap();
+    // Loading again replaces, never duplicates; nft takes the SNI redirect as written.
+    firewall::install(&ns, &link, &prefix, Some(8443)).unwrap();
+    let text = String::from_utf8(
+        in_ns(
+            &ns,
+            "nft",
+            &["list", "chain", "inet", "nanoclaw", "prerouting"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(text.contains("redirect to :8443"), "{text}");
+    firewall::install(&ns, &link, &prefix, None).unwrap();
     firewall::install_host(&prefix).unwrap();
 
     check_links(&ns, &link, &veth, uid);

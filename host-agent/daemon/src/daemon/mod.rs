@@ -999,7 +999,9 @@ impl Daemon {
             .map_err(vm::NetworkError::Netns)
             .and_then(|ns| {
                 netns::setup(&ns, &vm.id, &link, uid).map_err(vm::NetworkError::Netns)?;
-                firewall::install(&ns, &link, &self.overlay).map_err(vm::NetworkError::Firewall)?;
+                // No SNI check listens yet: port 443 goes by the `allowed` set alone.
+                firewall::install(&ns, &link, &self.overlay, None)
+                    .map_err(vm::NetworkError::Firewall)?;
                 firewall::install_host(&self.overlay).map_err(vm::NetworkError::Firewall)
             });
         if let Err(e) = made {

@@ -16,6 +16,9 @@
 //!   only as replies.
 //! - **input**, from `tap0`: only DNS (UDP and TCP 53) from the guest's address to the gateway
 //!   address, and replies.
+//! - with an SNI port ([`vm_ruleset`]): **prerouting** redirects the guest's TCP 443 to that
+//!   port on the gateway (never-allowed destinations excepted, so they are still refused), and
+//!   input admits those redirected connections only.
 //!
 //! Every refusal is a reject, never a silent drop: TCP gets a reset, the rest ICMP
 //! administratively-prohibited. Every refusal rule counts into a named counter, which
@@ -87,8 +90,17 @@ fn reject(out: &mut String, what: &str, counter: &str) {
 }
 
 /// The ruleset of one VM's namespace (see the module doc). `host_addrs` are the host's own
-/// IPv4 addresses when the rules are written.
-pub fn vm_ruleset(link: &VmLink, prefix: &OverlayPrefix, host_addrs: &[Ipv4Addr]) -> String {
+/// IPv4 addresses when the rules are written. With `sni_port`, the guest's TCP connections to
+/// port 443 of any address that is not never-allowed are redirected to that port on the
+/// gateway, where the SNI check listens (it reads the original destination and splices only
+/// allowed names to addresses the resolver gave out); input admits exactly those redirected
+/// connections, not a direct one to that port.
+pub fn vm_ruleset(
+    link: &VmLink,
+    prefix: &OverlayPrefix,
+    host_addrs: &[Ipv4Addr],
+    sni_port: Option<u16>,
+) -> String {
     let tap = TAP_NAME;
     let mut out = String::new();
     let _ = writeln!(out, "add table inet {TABLE}");
@@ -110,6 +122,15 @@ pub fn vm_ruleset(link: &VmLink, prefix: &OverlayPrefix, host_addrs: &[Ipv4Addr]
         let _ = writeln!(out, "    elements = {{ {} }}", list.join(", "));
     }
     let _ = writeln!(out, "  }}");
+    let guest = link.guest;
+    if let Some(port) = sni_port {
+        let _ = writeln!(
+            out,
+            "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+             iifname \"{tap}\" ip saddr {guest} ip daddr != {{ 127.0.0.0/8, 169.254.0.0/16, {prefix} }} \
+             ip daddr != @host_addrs tcp dport 443 redirect to :{port}\n  }}"
+        );
+    }
     let _ = writeln!(
         out,
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
@@ -173,6 +194,12 @@ pub fn vm_ruleset(link: &VmLink, prefix: &OverlayPrefix, host_addrs: &[Ipv4Addr]
         "    iifname \"{tap}\" ip saddr {} ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 accept",
         link.guest
     );
+    if let Some(port) = sni_port {
+        let _ = writeln!(
+            out,
+            "    iifname \"{tap}\" ip saddr {guest} tcp dport {port} ct status dnat accept"
+        );
+    }
     reject(&mut out, &format!("iifname \"{tap}\""), "deny_input");
     let _ = writeln!(out, "  }}");
     let _ = writeln!(out, "}}");
@@ -242,12 +269,19 @@ pub fn host_addresses() -> Result<Vec<Ipv4Addr>, FirewallError> {
 }
 
 /// Loads the VM's ruleset into its namespace ([`vm_ruleset`], with the host's addresses now).
-pub fn install(ns: &VmNetns, link: &VmLink, prefix: &OverlayPrefix) -> Result<(), FirewallError> {
+/// Loading it again (with an `sni_port` once the SNI check listens) replaces it, but empties
+/// the `allowed` set.
+pub fn install(
+    ns: &VmNetns,
+    link: &VmLink,
+    prefix: &OverlayPrefix,
+    sni_port: Option<u16>,
+) -> Result<(), FirewallError> {
     let host = host_addresses()?;
     nft(
         Some(ns),
         &["-f", "-"],
-        Some(&vm_ruleset(link, prefix, &host)),
+        Some(&vm_ruleset(link, prefix, &host, sni_port)),
     )
     .map(drop)
 }
@@ -366,7 +400,7 @@ mod tests {
 
     fn ruleset() -> String {
         let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
-        vm_ruleset(&link(), &prefix, &[Ipv4Addr::new(192, 0, 2, 7)])
+        vm_ruleset(&link(), &prefix, &[Ipv4Addr::new(192, 0, 2, 7)], None)
     }
 
     fn rules(text: &str) -> Vec<&str> {
@@ -457,7 +491,7 @@ mod tests {
     #[test]
     fn no_host_addresses_leave_an_empty_set_and_loading_twice_replaces() {
         let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
-        let text = vm_ruleset(&link(), &prefix, &[]);
+        let text = vm_ruleset(&link(), &prefix, &[], None);
         assert!(!text.contains("elements"));
         let first: Vec<&str> = text.lines().take(3).collect();
         assert_eq!(
@@ -472,6 +506,39 @@ mod tests {
         assert!(host.contains("ip saddr 10.200.0.0/16 oifname != \"nc-*\" masquerade"));
         assert!(host.starts_with("add table ip nanoclaw\ndelete table ip nanoclaw\n"));
         assert!(!host.split_whitespace().any(|w| w == "drop"));
+    }
+
+    #[test]
+    fn the_sni_redirect_spares_the_never_allowed_and_input_takes_only_redirected() {
+        let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
+        assert!(!ruleset().contains("redirect"));
+        let text = vm_ruleset(&link(), &prefix, &[], Some(8443));
+        let redirect: Vec<&str> = rules(&text)
+            .into_iter()
+            .filter(|r| r.contains("redirect"))
+            .collect();
+        assert_eq!(redirect.len(), 1, "{text}");
+        let r = redirect[0];
+        assert!(
+            r.starts_with("iifname \"tap0\" ip saddr 10.200.0.2 "),
+            "{r}"
+        );
+        for never in [
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "10.200.0.0/16",
+            "!= @host_addrs",
+        ] {
+            assert!(r.contains(never), "{never}: {r}");
+        }
+        assert!(r.ends_with("tcp dport 443 redirect to :8443"), "{r}");
+        let input = &text[text.find("chain input").unwrap()..];
+        assert!(
+            input.contains(
+                "iifname \"tap0\" ip saddr 10.200.0.2 tcp dport 8443 ct status dnat accept"
+            )
+        );
+        assert!(input.find("ct status dnat accept").unwrap() < input.find("deny_input").unwrap());
     }
 
     #[test]
