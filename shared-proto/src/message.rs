@@ -26,6 +26,8 @@ pub enum GuestToHost {
         #[serde(with = "serde_bytes")]
         ephemeral_public_key: [u8; 32],
     },
+    /// The answer to `Freeze`: every other process of the guest is stopped.
+    Frozen,
     /// The agent process started.
     AgentStarted {
         /// Its pid inside the guest.
@@ -101,7 +103,27 @@ pub enum HostToGuest {
     },
     /// Flush and reset the VM.
     Shutdown,
+    /// Stop every process of the guest but the sidecar (`SIGSTOP`), before a snapshot that
+    /// will be forked: a clone's agent must not run before it has fresh entropy. Answered with
+    /// `Frozen` once done, or with `Error`.
+    Freeze,
+    /// Let the processes stopped by `Freeze` go on (`SIGCONT`). A no-op when not frozen.
+    Thaw,
+    /// This guest is a clone of a snapshot (a fork or a warm start): mix `entropy` into the
+    /// kernel's pool and reseed its CRNG, draw a new boot id and boot key, drop every session
+    /// made with the old key, let frozen processes go on, then reconnect with a new `Hello`.
+    Reidentify {
+        /// Fresh random bytes from the host, [`REIDENTIFY_ENTROPY_MIN`] to
+        /// [`REIDENTIFY_ENTROPY_MAX`] of them; any other length is answered with `Error`.
+        #[serde(with = "serde_bytes")]
+        entropy: Vec<u8>,
+    },
 }
+
+/// The fewest entropy bytes a `Reidentify` carries.
+pub const REIDENTIFY_ENTROPY_MIN: usize = 32;
+/// The most entropy bytes a `Reidentify` carries.
+pub const REIDENTIFY_ENTROPY_MAX: usize = 256;
 
 /// What to run as the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +268,7 @@ pub(crate) mod tests {
                     }
                 }
             ),
+            Just(GuestToHost::Frozen),
             any::<u32>().prop_map(|pid| GuestToHost::AgentStarted { pid }),
             (stream, bytes()).prop_map(|(stream, data)| GuestToHost::AgentOutput { stream, data }),
             status.prop_map(|status| GuestToHost::AgentExited { status }),
@@ -311,6 +334,9 @@ pub(crate) mod tests {
             any::<i32>().prop_map(|signo| HostToGuest::Signal { signo }),
             any::<u32>().prop_map(|port| HostToGuest::EchoConnect { port }),
             Just(HostToGuest::Shutdown),
+            Just(HostToGuest::Freeze),
+            Just(HostToGuest::Thaw),
+            bytes().prop_map(|entropy| HostToGuest::Reidentify { entropy }),
         ]
     }
 

@@ -14,7 +14,7 @@ use shared_proto::credential::{DeviceToSidecar, ProxyTarget, SidecarToDevice};
 use shared_proto::envelope::EnvelopeError;
 use vpod_sidecar::proxy::channel::DeviceSession;
 use vpod_sidecar::proxy::fallback::{Fallback, FallbackTls};
-use vpod_sidecar::proxy::{self, ProxyIdentity};
+use vpod_sidecar::proxy::{self, IdentityCell, ProxyIdentity};
 
 struct World {
     _dir: tempfile::TempDir,
@@ -74,7 +74,7 @@ fn start_fallback_proxy(w: &World) -> std::net::SocketAddr {
     let fallback = Arc::new(Fallback::new(tls));
     let socket = host_agent::relay::proxy_socket_path(&w.vm_dir);
     let connect = Arc::new(move || std::os::unix::net::UnixStream::connect(&socket));
-    let id = Arc::new(identity(&w.sc));
+    let id = Arc::new(IdentityCell::from(identity(&w.sc)));
     std::thread::spawn(move || proxy::serve_with(&listener, id, connect, Some(fallback)));
     addr
 }
@@ -152,7 +152,7 @@ async fn bad_envelopes_are_refused() {
     assert_eq!(vm_id, VM);
     let now = first.header.expires_at - 30;
     let fallback = Fallback::new(FallbackTls::from_pem(&w.ca_pem, vec![]).unwrap());
-    let id = identity(&w.sc);
+    let id = Arc::new(identity(&w.sc));
 
     // Tampered (one ciphertext bit, the expiry, the request id): refused, and no id is burned.
     let mut t = first.clone();
@@ -192,7 +192,7 @@ async fn bad_envelopes_are_refused() {
         Err(EnvelopeError::WrongVm)
     );
     // And another sidecar's key cannot open it.
-    let stranger = identity(&sidecar());
+    let stranger = Arc::new(identity(&sidecar()));
     let fresh = Fallback::new(FallbackTls::from_pem(&w.ca_pem, vec![]).unwrap());
     assert_eq!(
         fresh.open_envelope(&stranger, VM, &second, now),

@@ -360,7 +360,7 @@ async fn compressed_bodies_are_refused_in_enforce_mode_and_event_streams_still_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fallback_path_is_refused_when_calls_are_tokenized() {
     use vpod_sidecar::proxy::fallback::{Fallback, FallbackTls};
-    use vpod_sidecar::proxy::{self, ProxyIdentity};
+    use vpod_sidecar::proxy::{self, IdentityCell, ProxyIdentity};
     let w = world().await;
     let _vm = attach_tokenized(&w.relay, &w.vm_dir, &w.sc, tokens("enforce", &[], &[]));
     // A sidecar that asks for the sealed secret to make the call itself, in the guest, where
@@ -371,10 +371,10 @@ async fn the_fallback_path_is_refused_when_calls_are_tokenized() {
     let fallback = Arc::new(Fallback::new(tls));
     let socket = host_agent::relay::proxy_socket_path(&w.vm_dir);
     let connect = Arc::new(move || std::os::unix::net::UnixStream::connect(&socket));
-    let id = Arc::new(ProxyIdentity {
+    let id = Arc::new(IdentityCell::from(ProxyIdentity {
         boot_secret: zeroize::Zeroizing::new(w.sc.secret),
         boot_id: w.sc.boot_id,
-    });
+    }));
     std::thread::spawn(move || proxy::serve_with(&listener, id, connect, Some(fallback)));
     let (status, body) = tokio::task::spawn_blocking(move || {
         http(

@@ -13,7 +13,7 @@ use host_agent::relay::{Relay, VmIdentity, VmRelay, proxy_socket_path};
 use vault_device::device::{self, Device, DeviceConfig};
 use vault_device::grant::Grant;
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
-use vpod_sidecar::proxy::{self, ProxyIdentity};
+use vpod_sidecar::proxy::{self, IdentityCell, ProxyIdentity};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
@@ -192,10 +192,10 @@ impl RelayConnections {
 pub fn start_proxy_watched(vm_dir: &Path, sidecar: &Sidecar) -> (SocketAddr, RelayConnections) {
     let listener = StdTcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let identity = Arc::new(ProxyIdentity {
+    let identity = Arc::new(IdentityCell::from(ProxyIdentity {
         boot_secret: Zeroizing::new(sidecar.secret),
         boot_id: sidecar.boot_id,
-    });
+    }));
     let socket = proxy_socket_path(vm_dir);
     let watched = RelayConnections::default();
     let streams = Arc::clone(&watched.streams);
@@ -213,10 +213,10 @@ pub fn start_proxy_watched(vm_dir: &Path, sidecar: &Sidecar) -> (SocketAddr, Rel
 pub fn start_proxy(vm_dir: &Path, sidecar: &Sidecar) -> SocketAddr {
     let listener = StdTcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let identity = Arc::new(ProxyIdentity {
+    let identity = Arc::new(IdentityCell::from(ProxyIdentity {
         boot_secret: Zeroizing::new(sidecar.secret),
         boot_id: sidecar.boot_id,
-    });
+    }));
     let socket = proxy_socket_path(vm_dir);
     let connect = Arc::new(move || std::os::unix::net::UnixStream::connect(&socket));
     std::thread::spawn(move || proxy::serve(&listener, identity, connect));

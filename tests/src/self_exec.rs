@@ -40,12 +40,18 @@ macro_rules! tests {
 }
 
 /// Plays the role the first argument names, or runs `tests`. Exits 101 if a test failed.
+/// A VMM's command line may open with `--disk FILE` pairs (a VM with an image): the role is
+/// the argument after them, and the role gets the arguments from there.
 pub fn main(roles: &[Role], tests: &[Test]) {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(first) = args.get(1)
+    let mut at = 1;
+    while args.get(at).is_some_and(|a| a == "--disk") {
+        at += 2;
+    }
+    if let Some(first) = args.get(at)
         && let Some((_, role)) = roles.iter().find(|(name, _)| name == first)
     {
-        role(&args[1..]);
+        role(&args[at..]);
         return;
     }
     if !run_tests(&Selection::parse(&args[1..]), tests) {

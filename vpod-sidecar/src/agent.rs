@@ -580,6 +580,13 @@ mod tests {
         fn signal(&mut self, signo: i32) {
             self.0.signal(signo);
         }
+        fn freeze(&mut self) -> Result<(), String> {
+            Err("no freeze in this test".into())
+        }
+        fn thaw(&mut self) {}
+        fn reidentify(&mut self, _entropy: &[u8]) -> Result<GuestToHost, String> {
+            Err("no new identity in this test".into())
+        }
     }
 
     /// The sidecar's control loop on a thread; each connection attempt takes the next stream

@@ -121,6 +121,9 @@ pub enum SessionEnd {
     /// The agent's final `AgentExited` was written, and the host then closed the connection
     /// (or did not within [`FLUSH_TIMEOUT`]).
     AgentDone,
+    /// The sidecar took a new identity on the host's `Reidentify`: the session ends so that
+    /// the next one opens with this `Hello`. [`run`] reconnects at once and never returns it.
+    Reidentified(Box<GuestToHost>),
 }
 
 /// What the session asks of its owner for each host request.
@@ -134,6 +137,13 @@ pub trait HostRequests {
     fn agent_stdin(&mut self, data: Vec<u8>);
     /// `Signal`.
     fn signal(&mut self, signo: i32);
+    /// `Freeze`: stops every other process; a short reason on failure.
+    fn freeze(&mut self) -> Result<(), String>;
+    /// `Thaw`: lets what `freeze` stopped go on.
+    fn thaw(&mut self);
+    /// `Reidentify`: reseeds with `entropy` and takes a new identity (see
+    /// [`crate::identity`]), then thaws; the new identity's `Hello`, or a short reason.
+    fn reidentify(&mut self, entropy: &[u8]) -> Result<GuestToHost, String>;
 }
 
 /// How long the sidecar waits, after writing the final frame and half-closing, for the host
@@ -247,6 +257,15 @@ fn handle(msg: HostToGuest, outbox: &Outbox, host: &mut dyn HostRequests) -> Opt
         HostToGuest::RunAgent(spec) => host.run_agent(spec),
         HostToGuest::AgentStdin { data } => host.agent_stdin(data),
         HostToGuest::Signal { signo } => host.signal(signo),
+        HostToGuest::Freeze => match host.freeze() {
+            Ok(()) => outbox.push(&GuestToHost::Frozen),
+            Err(reason) => reply_error(outbox, format!("freeze: {reason}")),
+        },
+        HostToGuest::Thaw => host.thaw(),
+        HostToGuest::Reidentify { entropy } => match host.reidentify(&entropy) {
+            Ok(hello) => return Some(SessionEnd::Reidentified(Box::new(hello))),
+            Err(reason) => reply_error(outbox, format!("reidentify: {reason}")),
+        },
     }
     None
 }
@@ -306,7 +325,8 @@ fn write_frames<S: ControlStream>(mut stream: S, outbox: &Outbox, generation: u6
 
 /// Connects and runs sessions until one ends with a shutdown, a reject or the agent's end.
 /// Between attempts it sleeps for `backoff`'s next delay; the backoff starts over after each
-/// acknowledged hello. Every session opens with the same `hello` (so the same boot id).
+/// acknowledged hello. Every session opens with the same `hello` (so the same boot id), until
+/// a `Reidentify` gives a new one: then it reconnects at once with that.
 pub fn run<S, C>(
     mut connect: C,
     hello: &GuestToHost,
@@ -318,9 +338,10 @@ where
     S: ControlStream,
     C: FnMut() -> io::Result<S>,
 {
+    let mut hello = hello.clone();
     loop {
         let result = connect().map_err(ControlError::Connect).and_then(|stream| {
-            let mut session = Session::new(hello);
+            let mut session = Session::new(&hello);
             let result = session.run(stream, outbox, host);
             if session.acked() {
                 backoff.reset();
@@ -328,6 +349,11 @@ where
             result
         });
         match result {
+            Ok(SessionEnd::Reidentified(new)) => {
+                tracing::info!("control: new identity, reconnecting");
+                hello = *new;
+                continue;
+            }
             Ok(end) => return end,
             Err(e) => {
                 if backoff.worth_logging() {
@@ -389,6 +415,8 @@ mod tests {
         refuse: bool,
         ports: Vec<u32>,
         signals: Vec<i32>,
+        /// What happened to the guest's processes and identity, in order.
+        lifecycle: Vec<String>,
     }
 
     impl HostRequests for Recorder {
@@ -405,6 +433,29 @@ mod tests {
         fn signal(&mut self, signo: i32) {
             self.signals.push(signo);
         }
+        fn freeze(&mut self) -> Result<(), String> {
+            self.lifecycle.push("freeze".into());
+            if self.refuse {
+                Err("refused".into())
+            } else {
+                Ok(())
+            }
+        }
+        fn thaw(&mut self) {
+            self.lifecycle.push("thaw".into());
+        }
+        fn reidentify(&mut self, entropy: &[u8]) -> Result<GuestToHost, String> {
+            self.lifecycle.push(format!("reidentify {}", entropy.len()));
+            if entropy.is_empty() {
+                return Err("no entropy".into());
+            }
+            Ok(GuestToHost::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                sidecar_version: "test".into(),
+                boot_id: [entropy[0]; 16],
+                ephemeral_public_key: [entropy[0]; 32],
+            })
+        }
     }
 
     /// Serves echo connects with a closure; ignores agent requests.
@@ -417,6 +468,13 @@ mod tests {
         fn run_agent(&mut self, _spec: AgentSpec) {}
         fn agent_stdin(&mut self, _data: Vec<u8>) {}
         fn signal(&mut self, _signo: i32) {}
+        fn freeze(&mut self) -> Result<(), String> {
+            Err("not here".into())
+        }
+        fn thaw(&mut self) {}
+        fn reidentify(&mut self, _entropy: &[u8]) -> Result<GuestToHost, String> {
+            Err("not here".into())
+        }
     }
 
     fn run_one(script: Vec<u8>) -> (Result<SessionEnd, ControlError>, Vec<u32>, Vec<GuestToHost>) {
@@ -601,6 +659,101 @@ mod tests {
         for h in hosts {
             assert_eq!(h.join().unwrap()[0], hello());
         }
+    }
+
+    /// Reads the guest's next message on a host end of the control socket.
+    fn next_msg(h: &mut UnixStream, d: &mut FrameDecoder<GuestToHost>) -> GuestToHost {
+        loop {
+            if let Some(m) = d.decode_next().unwrap() {
+                return m;
+            }
+            let mut buf = [0u8; 4096];
+            let n = match h.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                read => read.unwrap(),
+            };
+            assert_ne!(n, 0, "the guest closed early");
+            d.push(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn freeze_is_answered_and_a_new_identity_reconnects_with_its_hello() {
+        let (hosts_tx, hosts_rx) = std::sync::mpsc::channel::<UnixStream>();
+        let connect = move || {
+            let (guest, h) = UnixStream::pair()?;
+            h.set_read_timeout(Some(Duration::from_secs(20)))?;
+            hosts_tx.send(h).map_err(io::Error::other)?;
+            Ok(guest)
+        };
+        let guest = std::thread::spawn(move || {
+            // A long backoff: the reconnect after a new identity must not wait for it.
+            let mut backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(30));
+            let outbox = Arc::new(Outbox::default());
+            let mut rec = Recorder::default();
+            let end = run(connect, &hello(), &mut backoff, &outbox, &mut rec);
+            (end, rec)
+        });
+        let started = std::time::Instant::now();
+        // Session 1: freeze (answered `Frozen`), a refused reidentify (answered with an
+        // error, same session), then one that succeeds and ends the session.
+        let mut h = hosts_rx.recv().unwrap();
+        let mut d = FrameDecoder::new();
+        assert_eq!(next_msg(&mut h, &mut d), hello());
+        h.write_all(&frames(&[ack(), HostToGuest::Freeze])).unwrap();
+        assert_eq!(next_msg(&mut h, &mut d), GuestToHost::Frozen);
+        h.write_all(&frames(&[HostToGuest::Reidentify { entropy: vec![] }]))
+            .unwrap();
+        let refused = next_msg(&mut h, &mut d);
+        assert!(
+            matches!(&refused, GuestToHost::Error { message } if message.contains("reidentify: no entropy")),
+            "{refused:?}"
+        );
+        h.write_all(&frames(&[HostToGuest::Reidentify {
+            entropy: vec![9; 32],
+        }]))
+        .unwrap();
+        // Session 2 opens at once with the new identity's hello.
+        let mut h2 = hosts_rx.recv().unwrap();
+        let mut d2 = FrameDecoder::new();
+        let again = next_msg(&mut h2, &mut d2);
+        assert!(
+            matches!(&again, GuestToHost::Hello { boot_id, .. } if *boot_id == [9; 16]),
+            "{again:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        h2.write_all(&frames(&[ack(), HostToGuest::Thaw, HostToGuest::Shutdown]))
+            .unwrap();
+        let (end, rec) = guest.join().unwrap();
+        assert_eq!(end, SessionEnd::Shutdown);
+        assert_eq!(
+            rec.lifecycle,
+            ["freeze", "reidentify 0", "reidentify 32", "thaw"]
+        );
+    }
+
+    #[test]
+    fn a_refused_freeze_is_answered_with_an_error_not_frozen() {
+        let (guest, mut h) = UnixStream::pair().unwrap();
+        h.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let session = std::thread::spawn(move || {
+            let mut rec = Recorder {
+                refuse: true,
+                ..Recorder::default()
+            };
+            let outbox = Arc::new(Outbox::default());
+            Session::new(&hello()).run(guest, &outbox, &mut rec)
+        });
+        let mut d = FrameDecoder::new();
+        assert_eq!(next_msg(&mut h, &mut d), hello());
+        h.write_all(&frames(&[ack(), HostToGuest::Freeze])).unwrap();
+        let answer = next_msg(&mut h, &mut d);
+        assert!(
+            matches!(&answer, GuestToHost::Error { message } if message.contains("freeze: refused")),
+            "{answer:?}"
+        );
+        h.write_all(&frames(&[HostToGuest::Shutdown])).unwrap();
+        assert_eq!(session.join().unwrap().unwrap(), SessionEnd::Shutdown);
     }
 
     /// The host side of the end-to-end boot test, over Unix sockets instead of vsock: hello,

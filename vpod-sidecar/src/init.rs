@@ -16,7 +16,7 @@ use nix::mount::MsFlags;
 use nix::sys::reboot::RebootMode;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
-use shared_proto::message::ExitStatus;
+use shared_proto::message::{ExitStatus, REIDENTIFY_ENTROPY_MAX, REIDENTIFY_ENTROPY_MIN};
 
 /// Errors of the PID 1 duties.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,21 @@ pub enum InitError {
     /// The reset syscall failed.
     #[error("reboot(RB_AUTOBOOT) failed")]
     Reset(#[source] Errno),
+    /// The host's entropy has a length outside the protocol's bounds.
+    #[error("{0} entropy bytes (expected {min} to {max})", min = REIDENTIFY_ENTROPY_MIN, max = REIDENTIFY_ENTROPY_MAX)]
+    EntropyLength(usize),
+    /// Opening `/dev/urandom` to add entropy failed.
+    #[error("cannot open /dev/urandom")]
+    Urandom(#[source] std::io::Error),
+    /// `RNDADDENTROPY` failed.
+    #[error("RNDADDENTROPY failed")]
+    AddEntropy(#[source] Errno),
+    /// `RNDRESEEDCRNG` failed.
+    #[error("RNDRESEEDCRNG failed")]
+    Reseed(#[source] Errno),
+    /// Signalling every other process failed.
+    #[error("cannot send {0} to the other processes")]
+    SignalAll(&'static str, #[source] Errno),
 }
 
 /// One mount of [`MOUNTS`].
@@ -287,6 +302,71 @@ pub fn crng_ready() -> bool {
     rc == 1
 }
 
+/// `struct rand_pool_info` of `<linux/random.h>` with room for the most bytes a
+/// `Reidentify` carries (the kernel reads `buf_size` bytes of `buf`).
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: nix::libc::c_int,
+    buf_size: nix::libc::c_int,
+    buf: [u8; REIDENTIFY_ENTROPY_MAX],
+}
+
+// `RNDADDENTROPY` is `_IOW('R', 0x03, int[2])`: the size in its number is that of the header,
+// not of the whole struct, hence the "bad" form with the number spelled out.
+nix::ioctl_write_ptr_bad!(rnd_add_entropy, 0x4008_5203, RandPoolInfo);
+nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
+
+/// Mixes `bytes` from the host into the kernel's input pool, credited in full, then reseeds
+/// the CRNG at once (`RNDADDENTROPY`, then `RNDRESEEDCRNG`; both need `CAP_SYS_ADMIN`, which
+/// PID 1 has). A clone of a snapshot calls it before any of its processes runs again, so that
+/// what `/dev/urandom` and `getrandom` give from then on differs between clones. A userspace
+/// generator seeded before the snapshot keeps its state: that is the agent's to reseed.
+pub fn add_host_entropy(bytes: &[u8]) -> Result<(), InitError> {
+    if !(REIDENTIFY_ENTROPY_MIN..=REIDENTIFY_ENTROPY_MAX).contains(&bytes.len()) {
+        return Err(InitError::EntropyLength(bytes.len()));
+    }
+    let mut info = RandPoolInfo {
+        // Bits credited: the host's bytes come from its own CSPRNG.
+        entropy_count: (bytes.len() * 8) as nix::libc::c_int,
+        buf_size: bytes.len() as nix::libc::c_int,
+        buf: [0; REIDENTIFY_ENTROPY_MAX],
+    };
+    info.buf[..bytes.len()].copy_from_slice(bytes);
+    let urandom = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open("/dev/urandom")
+        .map_err(InitError::Urandom)?;
+    // SAFETY: `urandom` is an open random device; `info` is a valid rand_pool_info whose
+    // `buf_size` bytes of `buf` are initialised, and it outlives the call, which only reads it.
+    let added = unsafe { rnd_add_entropy(urandom.as_raw_fd(), &info) };
+    zeroize::Zeroize::zeroize(&mut info.buf);
+    added.map_err(InitError::AddEntropy)?;
+    // SAFETY: `urandom` is an open random device; RNDRESEEDCRNG takes no argument.
+    unsafe { rnd_reseed_crng(urandom.as_raw_fd()) }.map_err(InitError::Reseed)?;
+    Ok(())
+}
+
+/// Sends `signal` to every process but this one (`kill(-1, …)`; PID 1 is never a target of
+/// it, and kernel threads ignore it). No other process is not a failure.
+fn signal_all_others(signal: nix::sys::signal::Signal) -> Result<(), InitError> {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), signal) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(InitError::SignalAll(signal.as_str(), e)),
+    }
+}
+
+/// Stops every other process of the guest (`SIGSTOP`, which none can catch): the freeze
+/// before a snapshot that is to be forked. Only for PID 1, whose `kill(-1)` is the guest's.
+pub fn stop_all_others() -> Result<(), InitError> {
+    signal_all_others(nix::sys::signal::Signal::SIGSTOP)
+}
+
+/// Lets every other process of the guest go on (`SIGCONT`): the end of a freeze.
+pub fn continue_all_others() -> Result<(), InitError> {
+    signal_all_others(nix::sys::signal::Signal::SIGCONT)
+}
+
 /// Flushes file systems and resets the VM. Returns only if the reset failed.
 pub fn reset_vm() -> InitError {
     nix::unistd::sync();
@@ -317,6 +397,20 @@ mod tests {
         assert!(!is_mounted(mounts, "/run"));
         assert!(!is_mounted(mounts, "/sys"));
         assert!(!is_mounted("", "/proc"));
+    }
+
+    #[test]
+    fn host_entropy_of_a_wrong_length_is_refused_before_any_syscall() {
+        for len in [0, REIDENTIFY_ENTROPY_MIN - 1, REIDENTIFY_ENTROPY_MAX + 1] {
+            let e = add_host_entropy(&vec![7; len]).unwrap_err();
+            assert!(matches!(e, InitError::EntropyLength(n) if n == len), "{e}");
+        }
+    }
+
+    #[test]
+    fn rand_pool_info_has_the_kernels_header() {
+        // Two ints, then the bytes: what the kernel copies from the caller.
+        assert_eq!(std::mem::offset_of!(RandPoolInfo, buf), 8);
     }
 
     #[test]

@@ -116,6 +116,7 @@ pub mod console;
 pub mod control;
 pub mod echo;
 pub mod files;
+pub mod identity;
 pub mod init;
 pub mod mcp;
 pub mod net;

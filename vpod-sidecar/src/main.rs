@@ -4,12 +4,8 @@
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 
-use boot_key::random_secret;
 use nix::sys::signal::{SigSet, Signal};
-use rand_core::{OsRng, RngCore};
-use shared_proto::handshake::PROTOCOL_VERSION;
 use shared_proto::message::{AgentSpec, GuestToHost};
 use shared_proto::ports::{CONTROL_PORT, ECHO_PORT, FILES_PORT, HOST_CID};
 use tracing::Level;
@@ -19,10 +15,10 @@ use vpod_sidecar::console::ConsoleLog;
 use vpod_sidecar::control::{self, Backoff, HostRequests, SessionEnd};
 use vpod_sidecar::echo;
 use vpod_sidecar::files;
+use vpod_sidecar::identity::{self, IdentityCell};
 use vpod_sidecar::init;
 use vpod_sidecar::outbox::Outbox;
 use vpod_sidecar::vsock::{VsockListener, VsockStream};
-use x25519_dalek::{PublicKey, StaticSecret};
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("mcp-stdio") {
@@ -90,24 +86,14 @@ fn run(pid1: bool) {
         }
     };
 
-    let boot_id = random_bytes::<16>();
-    let secret = random_secret();
-    let hello = GuestToHost::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
-        boot_id,
-        ephemeral_public_key: PublicKey::from(&secret).to_bytes(),
-    };
-    // The secret stays alive (and in memory only) for the whole boot; the envelope opener of a
-    // later stage takes it over.
-    let identity = Arc::new(vpod_sidecar::proxy::ProxyIdentity {
-        boot_secret: zeroize::Zeroizing::new(secret.to_bytes()),
-        boot_id,
-    });
-    let _secret: StaticSecret = secret;
+    // The boot key stays in memory only, in the cell, until a clone's new identity replaces it.
+    let first = identity::draw();
+    let hello = identity::hello(&first);
+    let identity = Arc::new(IdentityCell::from(first));
+    let proxy_identity = Arc::clone(&identity);
     if let Err(e) = std::thread::Builder::new()
         .name("credential-proxy".into())
-        .spawn(move || serve_credential_proxy(identity))
+        .spawn(move || serve_credential_proxy(proxy_identity))
     {
         tracing::error!(error = %e, "cannot start the credential proxy");
     }
@@ -136,7 +122,12 @@ fn run(pid1: bool) {
         tracing::error!(error = %e, "cannot start the SIGTERM forwarder");
     }
 
-    let mut guest = Guest { runner };
+    let mut guest = Guest {
+        runner,
+        identity,
+        pid1,
+        frozen: false,
+    };
     let connect = || VsockStream::connect(HOST_CID, CONTROL_PORT).map_err(std::io::Error::other);
     let end = control::run(
         connect,
@@ -149,12 +140,20 @@ fn run(pid1: bool) {
         SessionEnd::Shutdown => tracing::info!("shutdown requested"),
         SessionEnd::Rejected(e) => tracing::error!(error = %e, "host refused hello"),
         SessionEnd::AgentDone => tracing::info!("agent done, exit delivered"),
+        // `control::run` reconnects on a new identity and never returns it.
+        SessionEnd::Reidentified(_) => tracing::error!("control ended on a new identity"),
     }
 }
 
 /// The production answers to host requests.
 struct Guest {
     runner: AgentRunner,
+    /// The boot identity, shared with the credential proxy.
+    identity: Arc<IdentityCell>,
+    /// Whether this is the guest's init (only then may it stop every other process).
+    pid1: bool,
+    /// Whether a `Freeze` stopped the other processes.
+    frozen: bool,
 }
 
 impl HostRequests for Guest {
@@ -179,6 +178,38 @@ impl HostRequests for Guest {
 
     fn signal(&mut self, signo: i32) {
         self.runner.signal(signo);
+    }
+
+    fn freeze(&mut self) -> Result<(), String> {
+        if !self.pid1 {
+            return Err("the sidecar is not the guest's init".into());
+        }
+        init::stop_all_others().map_err(|e| ErrorChain(&e).to_string())?;
+        self.frozen = true;
+        tracing::info!("frozen for a snapshot");
+        Ok(())
+    }
+
+    fn thaw(&mut self) {
+        if !std::mem::take(&mut self.frozen) {
+            return;
+        }
+        match init::continue_all_others() {
+            Ok(()) => tracing::info!("thawed"),
+            Err(e) => tracing::warn!(error = %ErrorChain(&e), "thaw"),
+        }
+    }
+
+    fn reidentify(&mut self, entropy: &[u8]) -> Result<GuestToHost, String> {
+        if !self.pid1 {
+            return Err("the sidecar is not the guest's init".into());
+        }
+        let hello = identity::reidentify(&self.identity, entropy)
+            .map_err(|e| ErrorChain(&e).to_string())?;
+        tracing::info!("reseeded from the host; new boot identity");
+        // Only now may the clone's processes run again.
+        self.thaw();
+        Ok(hello)
     }
 }
 
@@ -247,7 +278,7 @@ fn serve_files(agent_root: &std::sync::OnceLock<vpod_sidecar::rootfs::PreparedRo
 
 /// Binds the agent's credential proxy on `127.0.0.1` and serves it forever; each request opens
 /// a vsock connection to the host's credential relay.
-fn serve_credential_proxy(identity: Arc<vpod_sidecar::proxy::ProxyIdentity>) {
+fn serve_credential_proxy(identity: Arc<IdentityCell>) {
     use shared_proto::credential::GUEST_PROXY_PORT;
     use shared_proto::ports::CREDENTIAL_PROXY_PORT;
     let mut backoff = Backoff::default();
@@ -267,31 +298,4 @@ fn serve_credential_proxy(identity: Arc<vpod_sidecar::proxy::ProxyIdentity>) {
         VsockStream::connect(HOST_CID, CREDENTIAL_PROXY_PORT).map_err(std::io::Error::other)
     });
     vpod_sidecar::proxy::serve(&listener, identity, connect);
-}
-
-/// The pause before retrying `getrandom`, which fails only in exotic setups.
-const RANDOM_RETRY: Duration = Duration::from_millis(100);
-
-/// Fills an array from the kernel's CSPRNG, retrying instead of panicking on failure.
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut out = [0u8; N];
-    while let Err(e) = OsRng.try_fill_bytes(&mut out) {
-        tracing::warn!(error = %e, "getrandom");
-        std::thread::sleep(RANDOM_RETRY);
-    }
-    out
-}
-
-mod boot_key {
-    //! The boot X25519 secret, drawn without leaving copies of its bytes behind.
-
-    use x25519_dalek::StaticSecret;
-
-    /// A fresh X25519 secret from the kernel's CSPRNG.
-    pub fn random_secret() -> StaticSecret {
-        let mut bytes = super::random_bytes::<32>();
-        let secret = StaticSecret::from(bytes);
-        zeroize::Zeroize::zeroize(&mut bytes);
-        secret
-    }
 }

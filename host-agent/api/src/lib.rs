@@ -423,6 +423,13 @@ pub struct VmInfo {
     /// The snapshot this VM was restored from, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// The guest sidecar's boot id (hex) the daemon admitted. A restored copy draws a new one
+    /// (with a new boot key) before it is admitted, so copies of one snapshot never share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// Whether the restored guest still has to take a new identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reidentify_pending: bool,
 }
 
 /// The longest snapshot name.
@@ -435,6 +442,31 @@ pub struct CreateSnapshot {
     /// with `.` or `-`. The daemon makes one up when absent (`snap-` and random hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+/// `POST /v1/images/{name}/warm`'s body (an empty body is the same as `{}`): the size of the
+/// VMs the template serves. A `run --image` starts warm only at exactly this size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WarmImage {
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// The size of the writable disk in MiB.
+    #[serde(default = "default_disk")]
+    pub disk_size_mib: u64,
+}
+
+impl Default for WarmImage {
+    fn default() -> Self {
+        Self {
+            memory_mib: default_memory(),
+            vcpus: default_vcpus(),
+            disk_size_mib: default_disk(),
+        }
+    }
 }
 
 /// `POST /v1/snapshots/{name}/restore`'s body (an empty body is the same as `{}`).

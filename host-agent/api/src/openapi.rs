@@ -16,7 +16,7 @@ use crate::{
     AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
     CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
     PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
-    TokenScope, VmInfo, VmStatus, VmmExit,
+    TokenScope, VmInfo, VmStatus, VmmExit, WarmImage,
 };
 
 /// The description as JSON text (pretty, with a final newline).
@@ -36,7 +36,7 @@ pub fn json() -> String {
     ),
     paths(
         create_vm, list_vms, inspect_vm, remove_vm, stop_vm, detach_vm, pause_vm, resume_vm,
-        snapshot_vm, fork_vm, list_snapshots, remove_snapshot, restore_snapshot,
+        snapshot_vm, fork_vm, warm_image, list_snapshots, remove_snapshot, restore_snapshot,
         vm_events, vm_console, put_files, get_files,
         list_images, inspect_image, remove_image, import_image, build_image,
         list_approvals, registration_link,
@@ -47,7 +47,7 @@ pub fn json() -> String {
         AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
         CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
         PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
-        TokenScope, VmInfo, VmStatus, VmmExit,
+        TokenScope, VmInfo, VmStatus, VmmExit, WarmImage,
     )),
     tags(
         (name = "vms", description = "Agents and their microVMs"),
@@ -143,8 +143,9 @@ fn pause_vm() {}
 #[allow(dead_code)]
 fn resume_vm() {}
 
-/// Saves a VM's memory and state as a snapshot in the daemon's state folder. A running VM is
-/// paused around it and resumed after; a paused one stays paused.
+/// Saves a VM's memory and state as a snapshot in the daemon's state folder. A running VM's
+/// guest first stops its processes (so that none runs in a restored copy before the copy has a
+/// new identity), is paused around it and resumed after; a paused one stays paused.
 #[utoipa::path(post, path = "/v1/vms/{id}/snapshot", tag = "snapshots",
     params(("id" = String, Path, description = "The VM id")),
     request_body = CreateSnapshot,
@@ -153,13 +154,15 @@ fn resume_vm() {}
         (status = 400, description = "A bad name", body = ApiError),
         (status = 404, description = "No such VM", body = ApiError),
         (status = 409, description = "The VM is not running, or the name is taken", body = ApiError),
-        (status = 502, description = "The VMM refused or did not answer", body = ApiError),
+        (status = 502, description = "The VMM refused or did not answer, or the guest did not freeze", body = ApiError),
     ))]
 #[allow(dead_code)]
 fn snapshot_vm() {}
 
-/// Makes `n` new VMs from a VM: one snapshot of it (paused around it), `n` restores, and the
-/// snapshot removed. The copies share the guest's state, entropy and sidecar identity.
+/// Makes `n` new VMs from a running VM: one snapshot of it (its guest frozen and paused around
+/// it), `n` restores, and the snapshot removed. Each copy reseeds its kernel's random generator
+/// from the host and draws a new sidecar boot id and key before any of its processes runs
+/// again; it has its own VM id, so the parent's grants do not serve it.
 #[utoipa::path(post, path = "/v1/vms/{id}/fork", tag = "snapshots",
     params(("id" = String, Path, description = "The VM id")),
     request_body = ForkVm,
@@ -167,13 +170,29 @@ fn snapshot_vm() {}
         (status = 201, description = "The new VMs", body = [VmInfo]),
         (status = 400, description = "n is not 1 to 8", body = ApiError),
         (status = 404, description = "No such VM", body = ApiError),
-        (status = 409, description = "The VM is not running", body = ApiError),
+        (status = 409, description = "The VM is not running, or is paused", body = ApiError),
         (status = 422, description = "The VMM refused the snapshot", body = ApiError),
         (status = 429, description = "n more VMs would pass --max-vms", body = ApiError),
         (status = 502, description = "The VMM refused or did not answer", body = ApiError),
     ))]
 #[allow(dead_code)]
 fn fork_vm() {}
+
+/// Takes (or replaces) the image's warm template: a snapshot of a VM of the image booted up to
+/// its sidecar's hello, with no agent. A later VM of this image at exactly this size, with no
+/// files copied in at creation, is restored from it instead of booted (and takes a new identity
+/// first, like every restored guest). Its name is `warm-`, the image digest and the size.
+#[utoipa::path(post, path = "/v1/images/{name}/warm", tag = "images",
+    params(("name" = String, Path, description = "The image's name")),
+    request_body = WarmImage,
+    responses(
+        (status = 201, description = "The template's snapshot", body = SnapshotInfo),
+        (status = 404, description = "No such image", body = ApiError),
+        (status = 429, description = "The daemon already runs its most VMs", body = ApiError),
+        (status = 502, description = "The template VM did not get ready, or the VMM refused", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn warm_image() {}
 
 /// Lists the snapshots, oldest first.
 #[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", responses(
@@ -193,7 +212,8 @@ fn list_snapshots() {}
 #[allow(dead_code)]
 fn remove_snapshot() {}
 
-/// Starts a new VM (with a new id) from a snapshot; answers once its VMM has restored it.
+/// Starts a new VM (with a new id) from a snapshot; answers once its VMM has restored it. Its
+/// guest takes a new identity (fresh entropy, boot id and key) before it is admitted.
 #[utoipa::path(post, path = "/v1/snapshots/{name}/restore", tag = "snapshots",
     params(("name" = String, Path, description = "The snapshot's name")),
     request_body = RestoreSnapshot,

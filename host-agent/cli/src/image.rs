@@ -1,5 +1,5 @@
-//! `nanoclaw image build|import|ls|inspect|rm`: agents' root file systems, through the daemon's
-//! API (the daemon owns the content-addressed store).
+//! `nanoclaw image build|import|ls|inspect|rm|warm`: agents' root file systems, through the
+//! daemon's API (the daemon owns the content-addressed store), and their warm templates.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use hyper::Method;
 
 use super::client::{Client, Lines};
 use super::{CliError, print_out};
-use nanoclaw_api::{BuildImage, BuildProgress, ImageInfo, ImportImage};
+use nanoclaw_api::{BuildImage, BuildProgress, ImageInfo, ImportImage, SnapshotInfo, WarmImage};
 
 /// `nanoclaw image ...`.
 #[derive(Debug, clap::Subcommand)]
@@ -52,6 +52,22 @@ pub enum ImageCommand {
     Rm {
         /// The image's name.
         name: String,
+    },
+    /// Take the image's warm template: a snapshot of a VM of it booted up to its sidecar's
+    /// hello, which `run --image NAME` at the same size then restores instead of booting.
+    /// Prints the template's snapshot name (`snapshot rm` removes it).
+    Warm {
+        /// The image's name.
+        name: String,
+        /// Guest RAM in MiB of the runs it serves (as `run --memory`).
+        #[arg(long = "memory", default_value_t = nanoclaw_api::DEFAULT_MEMORY_MIB)]
+        memory_mib: u64,
+        /// vCPUs of the runs it serves (as `run --vcpus`).
+        #[arg(long, default_value_t = nanoclaw_api::DEFAULT_VCPUS)]
+        vcpus: u8,
+        /// The writable disk's size of the runs it serves (as `run --disk-size`).
+        #[arg(long = "disk-size", default_value_t = nanoclaw_api::DEFAULT_DISK_MIB, value_name = "SIZE", value_parser = crate::parse_size_mib)]
+        disk_size_mib: u64,
     },
 }
 
@@ -122,6 +138,22 @@ pub async fn run(client: &Client, command: ImageCommand) -> Result<u8, CliError>
                 .send(Method::DELETE, &format!("/v1/images/{name}"), None)
                 .await?;
             Ok(0)
+        }
+        ImageCommand::Warm {
+            name,
+            memory_mib,
+            vcpus,
+            disk_size_mib,
+        } => {
+            let req = WarmImage {
+                memory_mib,
+                vcpus,
+                disk_size_mib,
+            };
+            let info: SnapshotInfo = client
+                .json(Method::POST, &format!("/v1/images/{name}/warm"), Some(&req))
+                .await?;
+            print_out(&format!("{}\n", info.name)).map(|()| 0)
         }
     }
 }

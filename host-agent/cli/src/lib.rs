@@ -11,7 +11,8 @@
 //!   relays its output as `run` does; `fork ID -n N` makes N VMs from one snapshot.
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
-//! - `image` builds, imports, lists and removes images; `run --image NAME` runs in one.
+//! - `image` builds, imports, lists and removes images, and takes their warm templates;
+//!   `run --image NAME` runs in one.
 //! - `cp` copies a file or folder into or out of a VM.
 //! - `tokenize scan` prints where the tokenizer finds sensitive values in the user's own text
 //!   (a dry run of monitor mode; no daemon needed).
@@ -209,7 +210,7 @@ pub enum Command {
     /// Start a new VM from a snapshot and relay its agent's output (its id with `-d`).
     Restore(snapshot::RestoreArgs),
     /// Make N new VMs from a running VM (a snapshot restored N times); prints their ids.
-    /// The copies share the guest's state, entropy and identity (no fork safety yet).
+    /// Each copy reseeds its kernel and takes a new identity before its processes go on.
     Fork {
         /// The VM id.
         id: String,
@@ -302,7 +303,7 @@ pub struct RunArgs {
 }
 
 /// `--disk-size`: `2048`, `512M`, `2G`, `1T` (MiB when there is no suffix).
-fn parse_size_mib(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size_mib(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (digits, shift) = match text.char_indices().last() {
         Some((i, 'K' | 'k')) => (&text[..i], -10i32),

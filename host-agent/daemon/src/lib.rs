@@ -24,6 +24,8 @@
 //! - [`policy`]: access profiles (TOML the user writes) compiled to Cedar and decided by
 //!   `cedar-policy`: visible tools, argument constraints, approval rules, tiers, and the
 //!   comparison that keeps a spawned agent within its orchestrator's rights.
+//! - [`egress`]: one VM's egress enforcers: the allowlist rules, the resolver that hands out
+//!   only allowed names' addresses, and the TLS SNI check on its port-443 connections.
 //! - [`metrics`]: `GET /metrics`, the daemon's figures in the Prometheus text format.
 //! - [`remote`]: the remote API: the same routes over TLS, behind scoped bearer tokens.
 //! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
@@ -33,6 +35,7 @@
 pub mod agent_tokens;
 pub mod approval;
 pub mod daemon;
+pub mod egress;
 pub mod mcp;
 pub mod metrics;
 pub mod net;

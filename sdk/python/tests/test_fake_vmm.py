@@ -174,6 +174,31 @@ class SyncTest(unittest.TestCase):
         with self.assertRaises(NotFound):
             Sandbox.remove_snapshot("sdk-sync")
 
+    def test_a_sandbox_is_forked_into_copies_with_identities_of_their_own(self) -> None:
+        with Sandbox.create(command=["pausable"]) as sandbox:
+            stream = sandbox.output()
+            self.assertEqual(next(stream), ("stdout", b"waiting\n"))
+            stream.close()
+            with self.assertRaises(NanoclawError) as bad:
+                sandbox.fork(0)
+            self.assertEqual(bad.exception.status, 400)
+            copies = sandbox.fork(2)
+            try:
+                self.assertEqual(len(copies), 2)
+                ids = {copy.id for copy in copies}
+                self.assertEqual(len(ids), 2)
+                self.assertNotIn(sandbox.id, ids)
+                for copy in copies:
+                    stream = copy.output()
+                    self.assertEqual(next(stream), ("stdout", b"restored\n"))
+                    stream.close()
+                    boot = copy.refresh().raw.get("boot_id")
+                    self.assertIsNotNone(boot)
+                    self.assertNotEqual(boot, sandbox.refresh().raw.get("boot_id"))
+            finally:
+                for copy in copies:
+                    copy.__exit__(None, None, None)
+
     def _list(self) -> list[str]:
         return list_vms()
 

@@ -29,7 +29,7 @@ use nanoclaw_tests::http::parse_response;
 use nanoclaw_tests::self_exec::{self, SERVE};
 use nanoclaw_tests::upstream::{make_ca, start_upstream};
 use nanoclaw_tests::{DaemonOptions, free_port, wait_for};
-use vpod_sidecar::proxy::{self, ProxyIdentity};
+use vpod_sidecar::proxy::{self, IdentityCell, ProxyIdentity};
 
 fn main() {
     self_exec::main(
@@ -53,10 +53,10 @@ fn fake_vmm(args: &[String]) {
     });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let identity = Arc::new(ProxyIdentity {
+    let identity = Arc::new(IdentityCell::from(ProxyIdentity {
         boot_secret: zeroize::Zeroizing::new(sc.secret),
         boot_id: sc.boot_id,
-    });
+    }));
     let connect = Arc::new(move || UnixStream::connect(&relay_socket));
     std::thread::spawn(move || proxy::serve(&listener, identity, connect));
     let me = std::env::current_exe().unwrap();

@@ -54,6 +54,7 @@ fn main() {
             a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder,
             a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm,
             a_fork_makes_n_vms_within_the_vm_cap,
+            an_image_template_serves_warm_runs_of_its_size_only,
         ],
     );
 }
@@ -71,9 +72,23 @@ fn fake_vmm(args: &[String]) {
     let mut boot_id = [0u8; 16];
     boot_id[..4].copy_from_slice(&std::process::id().to_be_bytes());
     let mut conn = ControlConn::open(&vm_dir, boot_id, BOOT_KEY);
-    let spec = match conn.recv(Duration::from_secs(10)) {
-        Some(HostToGuest::RunAgent(spec)) => spec,
-        other => fake_vmm::fail(&vm_dir, &format!("expected RunAgent, got {other:?}")),
+    let spec = loop {
+        match conn.recv(Duration::from_secs(10)) {
+            Some(HostToGuest::RunAgent(spec)) => break spec,
+            // A warm template is sent no agent; its snapshot freezes the guest, and the VMM
+            // then serves the snapshot, then the template is stopped.
+            Some(HostToGuest::Freeze) => {
+                fake_vmm::serve_control(&vm_dir, boot_id, false);
+                conn.send(&GuestToHost::Frozen);
+            }
+            Some(HostToGuest::Thaw) => {}
+            Some(HostToGuest::Shutdown) => {
+                fake_vmm::write_exit(&vm_dir, "reset", 0);
+                std::process::exit(0);
+            }
+            None => conn = reconnect(&vm_dir, boot_id),
+            other => fake_vmm::fail(&vm_dir, &format!("expected RunAgent, got {other:?}")),
+        }
     };
     // The agent gets no stdin: EOF right away.
     match conn.recv(Duration::from_secs(10)) {
@@ -100,9 +115,38 @@ fn fake_restored_vmm(args: &[String]) {
     let boot_id = fake_vmm::restore(&dir);
     let paused = args.iter().any(|a| a == "--restore-paused");
     fake_vmm::serve_control(&vm_dir, boot_id, paused);
-    let mut conn = reconnect(&vm_dir, boot_id);
-    output(&mut conn, OutputStream::Stdout, "restored\n");
-    wait_for_shutdown(&vm_dir, boot_id, conn);
+    let boot_id = reidentify(&vm_dir, boot_id);
+    let mut conn = ControlConn::open(&vm_dir, boot_id, BOOT_KEY);
+    match conn.recv(Duration::from_millis(300)) {
+        // A warm start: the agent is sent to the new identity, as to a booted guest.
+        Some(HostToGuest::RunAgent(spec)) => {
+            match conn.recv(Duration::from_secs(10)) {
+                Some(HostToGuest::AgentStdin { data }) if data.is_empty() => {}
+                other => fake_vmm::fail(&vm_dir, &format!("expected stdin EOF, got {other:?}")),
+            }
+            fake_agent(&vm_dir, boot_id, conn, spec);
+        }
+        Some(HostToGuest::Shutdown) => shutdown(&vm_dir, &mut conn),
+        _ => {
+            output(&mut conn, OutputStream::Stdout, "restored\n");
+            wait_for_shutdown(&vm_dir, boot_id, conn);
+        }
+    }
+}
+
+/// A restored sidecar's first hello, with the snapshot's boot id: the daemon must answer it
+/// with `Reidentify` and nothing else before (no agent request). The new boot id is taken from
+/// the host's entropy, so that copies differ as the real sidecar's draws do.
+fn reidentify(vm_dir: &Path, old: [u8; 16]) -> [u8; 16] {
+    let mut conn = ControlConn::open(vm_dir, old, BOOT_KEY);
+    match conn.recv(Duration::from_secs(10)) {
+        Some(HostToGuest::Reidentify { entropy }) if entropy.len() >= 32 => {
+            let mut fresh = [0u8; 16];
+            fresh.copy_from_slice(&entropy[..16]);
+            fresh
+        }
+        other => fake_vmm::fail(vm_dir, &format!("expected Reidentify, got {other:?}")),
+    }
 }
 
 /// Reconnects after the daemon dropped us: hello again with the same boot id, and check that
@@ -211,6 +255,7 @@ fn wait_for_shutdown(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn) ->
     loop {
         match conn.recv(Duration::from_secs(3600)) {
             Some(HostToGuest::Shutdown) => shutdown(vm_dir, &mut conn),
+            Some(HostToGuest::Freeze) => conn.send(&GuestToHost::Frozen),
             Some(_) => {}
             None => conn = reconnect(vm_dir, boot_id),
         }
@@ -789,7 +834,7 @@ fn the_python_sdk_drives_the_remote_api() {
     )
     .output_within(CLI_TIMEOUT)
     .expect("run the SDK's tests");
-    assert_sdk_tests_passed(&out, 23, &d.log());
+    assert_sdk_tests_passed(&out, 24, &d.log());
     // Every sandbox the tests made is gone but the one they kept and removed, and so is
     // every snapshot they took.
     let vms: Vec<VmInfo> = serde_json::from_slice(&d.cli(&["ps", "--json"]).stdout).unwrap();
@@ -922,12 +967,14 @@ fn a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder() {
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
     let new = text(&out.stdout).trim().to_owned();
     assert_ne!(new, id);
-    let info = wait_status(&d, &new, |i| i.control_connected);
+    let info = wait_status(&d, &new, |i| i.control_connected && !i.reidentify_pending);
     assert_eq!(info.restored_from.as_deref(), Some("s1"));
     assert_eq!(info.status, VmStatus::Running);
-    assert_eq!(
-        info.control_reconnects, 1,
-        "the saved boot reconnected: {info:?}"
+    // The saved boot said hello, was asked for a new identity, and came back with one.
+    assert_eq!(info.control_reconnects, 0, "{info:?}");
+    assert!(
+        info.boot_id.is_some() && info.boot_id != d.vm(&id).boot_id,
+        "the restored guest kept the saved boot id: {info:?}"
     );
     assert_eq!(info.spec.command, "pausable");
     let inspect = text(&d.cli(&["inspect", &new]).stdout);
@@ -1049,28 +1096,110 @@ fn a_fork_makes_n_vms_within_the_vm_cap() {
         "a fork makes 1 to 8 VMs, not 0",
     );
     refused(&d, &["fork", &id, "-n", "3"], "--max-vms");
+    // A paused guest cannot freeze its processes for the copies: refused, nothing made.
+    assert!(d.cli(&["pause", &id]).status.success());
+    refused(&d, &["fork", &id, "-n", "1"], "is paused; resume it first");
+    assert!(d.cli(&["resume", &id]).status.success());
     assert!(snapshots(&d).is_empty());
     let out = d.cli(&["fork", &id, "-n", "2"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
     let made: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
     assert_eq!(made.len(), 2, "{made:?}");
     assert!(made[0] != made[1] && !made.contains(&id), "{made:?}");
+    let parent_boot = d.vm(&id).boot_id.expect("the parent's boot id");
+    let mut boots = vec![parent_boot];
     for vm in &made {
-        let info = wait_status(&d, vm, |i| i.control_connected);
+        wait_for("the fork's output", Duration::from_secs(20), || {
+            text(&d.cli(&["logs", vm]).stdout) == "restored\n"
+        });
+        let info = d.vm(vm);
         assert!(
             info.restored_from
                 .as_deref()
                 .is_some_and(|s| s.starts_with("fork-")),
             "{info:?}"
         );
-        wait_for("the fork's output", Duration::from_secs(20), || {
-            text(&d.cli(&["logs", vm]).stdout) == "restored\n"
-        });
+        // Each copy was admitted only with an identity of its own.
+        assert!(
+            info.control_connected && !info.reidentify_pending,
+            "{info:?}"
+        );
+        boots.push(info.boot_id.expect("a copy's boot id"));
     }
+    boots.sort();
+    boots.dedup();
+    assert_eq!(
+        boots.len(),
+        3,
+        "the parent and its copies share a boot id: {boots:?}"
+    );
     // Each has its own copy; the snapshot itself is gone.
     assert!(snapshots(&d).is_empty());
     assert!(!d.vm(&id).paused);
     for vm in made.iter().chain([&id]) {
         assert!(d.cli(&["stop", vm]).status.success());
     }
+}
+
+/// `image warm` boots a template VM of the image that is never sent an agent, snapshots it
+/// after its hello and removes it; a run of that image at that size restores the template
+/// (with a new identity, then its own agent), and a run of another size boots.
+fn an_image_template_serves_warm_runs_of_its_size_only() {
+    let d = daemon();
+    nanoclaw_tests::oci::import_test_image(&d, "warm-test", Duration::from_secs(120))
+        .expect("import the test image");
+    let out = d.cli(&["image", "warm", "warm-test"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), d.log());
+    let template = text(&out.stdout).trim().to_owned();
+    assert!(
+        template.starts_with("warm-") && template.ends_with("-256m-1c-2048d"),
+        "{template}"
+    );
+    let listed: Vec<String> = snapshots(&d).into_iter().map(|s| s.name).collect();
+    assert_eq!(listed, vec![template.clone()]);
+    // The template VM is gone.
+    let vms = d.cli(&["ps", "--json"]);
+    let vms: Vec<VmInfo> = serde_json::from_slice(&vms.stdout).unwrap();
+    assert!(vms.is_empty(), "{vms:?}");
+
+    // A run at the template's size starts from it, and its agent runs as in a booted VM.
+    let out = d.cli(&["run", "--image", "warm-test"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\n{}",
+        text(&out.stderr),
+        d.log()
+    );
+    assert!(
+        text(&out.stdout).starts_with("hello /app/run.sh first second PATH=/bin"),
+        "{}",
+        text(&out.stdout)
+    );
+    let vms = d.cli(&["ps", "--json"]);
+    let vms: Vec<VmInfo> = serde_json::from_slice(&vms.stdout).unwrap();
+    let warm = &vms[0];
+    assert_eq!(
+        warm.restored_from.as_deref(),
+        Some(template.as_str()),
+        "{warm:?}"
+    );
+    assert!(
+        !warm.reidentify_pending && warm.boot_id.is_some(),
+        "{warm:?}"
+    );
+
+    // Another size boots cold.
+    let out = d.cli(&["run", "--image", "warm-test", "--memory", "512"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let vms = d.cli(&["ps", "--json"]);
+    let vms: Vec<VmInfo> = serde_json::from_slice(&vms.stdout).unwrap();
+    assert!(
+        vms.iter()
+            .any(|v| v.restored_from.is_none() && v.spec.memory_mib == 512),
+        "{vms:?}"
+    );
+    // Warming an image that does not exist is refused, and leaves nothing.
+    refused(&d, &["image", "warm", "no-such-image"], "no-such-image");
+    assert_eq!(snapshots(&d).len(), 1);
 }

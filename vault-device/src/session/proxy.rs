@@ -60,7 +60,7 @@ pub(super) async fn proxy<C: SessionContext>(
         Ok(r) => r,
         Err(Refusal { status, reason, .. }) => {
             if let Some(suppressed) = admit_line(Line::Refused) {
-                tracing::info!(vm = %peer.vm_id, target = ?head.target, suppressed, "refused");
+                tracing::info!(vm = %peer.vm_id, sidecar = %key_id(&peer.sidecar_public_key), target = ?head.target, suppressed, "refused");
             }
             return session.send(&refused(status, reason)).await;
         }
@@ -80,7 +80,7 @@ pub(super) async fn proxy<C: SessionContext>(
     };
     let mut redactor = Redactor::new(entry.secret.expose());
     if let Some(suppressed) = admit_line(Line::Call) {
-        tracing::info!(vm = %peer.vm_id, credential = %entry.name, %authority, suppressed, "call");
+        tracing::info!(vm = %peer.vm_id, sidecar = %key_id(&peer.sidecar_public_key), credential = %entry.name, %authority, suppressed, "call");
     }
     drop(data);
     let response = match request.send().await {
@@ -516,6 +516,12 @@ fn upstream_body_failed(e: &reqwest::Error) -> Result<(), NoiseError> {
         tracing::warn!(error = %ErrorChain(e), suppressed, "upstream body");
     }
     Ok(())
+}
+
+/// The first 8 bytes of a sidecar's boot key in hex: enough to tell one guest boot (or one
+/// clone of a snapshot) from another in the log.
+fn key_id(key: &[u8; 32]) -> String {
+    key[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The per-request log lines, each with a budget of its own: the agent chooses what it calls

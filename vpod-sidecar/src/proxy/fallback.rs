@@ -75,7 +75,7 @@ impl FallbackTls {
 /// envelope, for the VM id the relay gave).
 pub struct Fallback {
     tls: FallbackTls,
-    opener: Mutex<Option<Opener>>,
+    opener: Mutex<Option<(Arc<ProxyIdentity>, Opener)>>,
 }
 
 impl std::fmt::Debug for Fallback {
@@ -100,17 +100,27 @@ impl Fallback {
         }
     }
 
-    /// Opens an envelope for `vm_id` at `now`: the check every sealed answer goes through.
+    /// Opens an envelope sealed to `identity`'s key for `vm_id` at `now`: the check every
+    /// sealed answer goes through. The opener (and what it remembers of envelopes seen) is
+    /// made anew when the identity changes.
     pub fn open_envelope(
         &self,
-        identity: &ProxyIdentity,
+        identity: &Arc<ProxyIdentity>,
         vm_id: &str,
         envelope: &Envelope,
         now: u64,
     ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
         let mut opener = self.opener.lock().unwrap_or_else(|p| p.into_inner());
-        let opener = opener
-            .get_or_insert_with(|| Opener::new(StaticSecret::from(*identity.boot_secret), vm_id));
+        if !opener
+            .as_ref()
+            .is_some_and(|(made_for, _)| Arc::ptr_eq(made_for, identity))
+        {
+            let fresh = Opener::new(StaticSecret::from(*identity.boot_secret), vm_id);
+            *opener = Some((Arc::clone(identity), fresh));
+        }
+        let Some((_, opener)) = opener.as_mut() else {
+            unreachable!("set just above");
+        };
         opener.open(envelope, now)
     }
 
@@ -150,9 +160,9 @@ where
     S: RelayStream,
     F: Fn() -> std::io::Result<S>,
 {
-    let identity = pool.identity();
     let answer = (|| {
         let mut session = pool.take()?;
+        let identity = Arc::clone(session.identity());
         let answer = session
             .send(&SidecarToDevice::Seal {
                 target: request.head.target.clone(),
@@ -160,9 +170,9 @@ where
             .and_then(|()| session.recv());
         let vm_id = session.vm_id().to_owned();
         pool.give_back(session);
-        Ok::<_, ProxyError>((vm_id, answer?))
+        Ok::<_, ProxyError>((identity, vm_id, answer?))
     })();
-    let (vm_id, answer) = match answer {
+    let (identity, vm_id, answer) = match answer {
         Ok(a) => a,
         Err(e) => {
             let status = if matches!(e, ProxyError::Unavailable(_)) {
@@ -189,7 +199,7 @@ where
                 .map_err(ProxyError::Agent);
         }
     };
-    let secret = match fallback.open_envelope(identity, &vm_id, &envelope, now()) {
+    let secret = match fallback.open_envelope(&identity, &vm_id, &envelope, now()) {
         Ok(s) => s,
         Err(e) => {
             return write_simple(agent, 502, &format!("envelope refused: {e}"), false)

@@ -60,6 +60,8 @@ use shared_proto::credential::{
 use channel::DeviceSession;
 use pool::{RelayStream, SessionPool};
 
+pub use crate::identity::IdentityCell;
+
 /// Agent connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 64;
 /// The largest request head.
@@ -118,8 +120,9 @@ impl std::fmt::Debug for ProxyIdentity {
     }
 }
 
-/// Serves `listener` forever on the primary path, one thread per agent connection.
-pub fn serve<S, F>(listener: &TcpListener, identity: Arc<ProxyIdentity>, connect: Arc<F>)
+/// Serves `listener` forever on the primary path, one thread per agent connection, with the
+/// current identity of `identity` (see [`crate::identity`]).
+pub fn serve<S, F>(listener: &TcpListener, identity: Arc<IdentityCell>, connect: Arc<F>)
 where
     S: RelayStream + 'static,
     F: Fn() -> std::io::Result<S> + Send + Sync + 'static,
@@ -131,7 +134,7 @@ where
 /// [`fallback`]), else on the primary path.
 pub fn serve_with<S, F>(
     listener: &TcpListener,
-    identity: Arc<ProxyIdentity>,
+    identity: Arc<IdentityCell>,
     connect: Arc<F>,
     fallback: Option<Arc<fallback::Fallback>>,
 ) where

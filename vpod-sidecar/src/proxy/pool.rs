@@ -21,6 +21,8 @@
 //! # Retiring sessions
 //!
 //! A session leaves the pool (is closed) when:
+//! - the sidecar took a new identity (a clone of a snapshot, see `crate::identity`): a
+//!   session made with the old boot key is never used again;
 //! - its exchange did not end in step (a relay or device failure, an answer cut, anything
 //!   unexpected): it is dropped, and the request that was in flight answers 502 if nothing had
 //!   reached the agent yet;
@@ -42,6 +44,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::channel::DeviceSession;
 use super::{ProxyError, ProxyIdentity};
+use crate::identity::IdentityCell;
 
 /// The most idle sessions kept.
 pub const MAX_IDLE_SESSIONS: usize = 4;
@@ -58,9 +61,43 @@ impl<T: Read + Write + AsFd + Send> RelayStream for T {}
 
 /// The pool of idle sessions, and how to make a new one.
 pub struct SessionPool<S, F> {
-    identity: Arc<ProxyIdentity>,
+    identity: Arc<IdentityCell>,
     connect: Arc<F>,
-    idle: Mutex<Vec<DeviceSession<S>>>,
+    idle: Mutex<Vec<PooledSession<S>>>,
+}
+
+/// A session and the identity it was made with.
+pub struct PooledSession<S> {
+    session: DeviceSession<S>,
+    identity: Arc<ProxyIdentity>,
+}
+
+impl<S> std::fmt::Debug for PooledSession<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledSession")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> PooledSession<S> {
+    /// The boot identity the session was made with (its key opens the session's envelopes).
+    pub fn identity(&self) -> &Arc<ProxyIdentity> {
+        &self.identity
+    }
+}
+
+impl<S> std::ops::Deref for PooledSession<S> {
+    type Target = DeviceSession<S>;
+    fn deref(&self) -> &DeviceSession<S> {
+        &self.session
+    }
+}
+
+impl<S> std::ops::DerefMut for PooledSession<S> {
+    fn deref_mut(&mut self) -> &mut DeviceSession<S> {
+        &mut self.session
+    }
 }
 
 impl<S, F> std::fmt::Debug for SessionPool<S, F> {
@@ -80,8 +117,9 @@ where
     S: RelayStream,
     F: Fn() -> std::io::Result<S>,
 {
-    /// An empty pool that opens sessions for `identity` over streams from `connect`.
-    pub fn new(identity: Arc<ProxyIdentity>, connect: Arc<F>) -> Self {
+    /// An empty pool that opens sessions for the current identity in `identity` over streams
+    /// from `connect`.
+    pub fn new(identity: Arc<IdentityCell>, connect: Arc<F>) -> Self {
         Self {
             identity,
             connect,
@@ -89,17 +127,15 @@ where
         }
     }
 
-    /// The boot identity sessions are opened with.
-    pub fn identity(&self) -> &ProxyIdentity {
-        &self.identity
-    }
-
-    /// A session for one exchange, already begun: an idle one still fit for use, or a new one.
-    pub fn take(&self) -> Result<DeviceSession<S>, ProxyError> {
+    /// A session for one exchange, already begun: an idle one still fit for use, or a new one,
+    /// always of the current identity.
+    pub fn take(&self) -> Result<PooledSession<S>, ProxyError> {
+        let identity = self.identity.current();
         loop {
             let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let Some(mut session) = next else { break };
-            if session.idle_since.elapsed() < POOL_IDLE
+            if Arc::ptr_eq(&session.identity, &identity)
+                && session.idle_since.elapsed() < POOL_IDLE
                 && session.age() < MAX_SESSION_AGE
                 && quiet(session.stream())
                 && session.begin_exchange()
@@ -108,16 +144,19 @@ where
             }
         }
         let stream = (self.connect)().map_err(ProxyError::Relay)?;
-        let mut session =
-            DeviceSession::open(stream, &self.identity.boot_secret, &self.identity.boot_id)?;
+        let session = DeviceSession::open(stream, &identity.boot_secret, &identity.boot_id)?;
+        let mut session = PooledSession { session, identity };
         session.begin_exchange();
         Ok(session)
     }
 
     /// Hands back a session whose exchange has ended: kept when it ended in step and there is
     /// room, closed otherwise.
-    pub fn give_back(&self, mut session: DeviceSession<S>) {
-        if !session.exchange_complete() || session.age() >= MAX_SESSION_AGE {
+    pub fn give_back(&self, mut session: PooledSession<S>) {
+        if !session.exchange_complete()
+            || session.age() >= MAX_SESSION_AGE
+            || !Arc::ptr_eq(&session.identity, &self.identity.current())
+        {
             return;
         }
         session.idle_since = std::time::Instant::now();

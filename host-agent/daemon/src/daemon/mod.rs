@@ -42,6 +42,7 @@ pub mod state;
 pub mod vm;
 pub mod vmm_control;
 pub mod vmm_log;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -438,6 +439,9 @@ pub enum ForkError {
     /// `n` out of range.
     #[error("a fork makes 1 to {MAX_FORK} VMs, not {0}")]
     BadCount(u32),
+    /// The VM is paused: its guest could not freeze its processes for the fork.
+    #[error("VM {0} is paused; resume it first (a fork freezes the guest's processes)")]
+    Paused(String),
     /// The snapshot or a restore failed (the VMs made before are stopped and removed).
     #[error(transparent)]
     Restore(#[from] RestoreError),
@@ -629,6 +633,9 @@ impl Daemon {
         self.limits
             .admit(&self.lock_vms(), parent)
             .map_err(DaemonError::Limit)?;
+        if let Some(vm) = self.warm_start(&spec, parent)? {
+            return Ok(vm);
+        }
         let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(DaemonError::State)?;
         let record = match spec.image.is_some() {
             false => VmRecord::new(id.clone(), spec, state::now_unix_ms()),
@@ -752,7 +759,18 @@ impl Daemon {
             .get(id)
             .ok_or_else(|| SnapshotError::NoVm(id.to_owned()))?;
         let staging = self.snapshots.stage(&name)?;
-        let taken = self.snapshot_into(&vm, &name, &staging).await;
+        // A running guest stops its processes first, so that none runs in a restored copy
+        // before the copy has its own identity; a paused one cannot answer and is taken as is.
+        let frozen = !vm.paused() && vm.control_connected();
+        if frozen && let Err(e) = vm.freeze().await {
+            vm.thaw();
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(SnapshotError::Freeze(e));
+        }
+        let taken = self.snapshot_into(&vm, &name, &staging, frozen).await;
+        if frozen {
+            vm.thaw();
+        }
         match taken {
             Ok(meta) => self
                 .snapshots
@@ -772,6 +790,7 @@ impl Daemon {
         vm: &Arc<Vm>,
         name: &str,
         staging: &Path,
+        frozen: bool,
     ) -> Result<snapshots::SnapshotMeta, snapshots::SnapshotError> {
         let (spec, image) = vm.spec_and_image();
         // The VMM's folder for it, inside its jail: a name the VMM makes anew.
@@ -798,6 +817,7 @@ impl Daemon {
                 boot_id,
                 agent_sent,
                 agent_pid,
+                frozen,
             })
         }
         .await;
@@ -809,11 +829,15 @@ impl Daemon {
     /// Makes `n` new VMs from VM `id`: a snapshot of it (paused around it), `n` restores of
     /// that snapshot, and the snapshot removed (each VM has its own copy). All `n` count
     /// against `--max-vms`, checked first; when a restore fails, the VMs made before it are
-    /// stopped and removed. The copies share the guest's state: see the security guide on
-    /// what a fork does not do yet.
+    /// stopped and removed. The guest is frozen for the snapshot (see [`Daemon::snapshot`])
+    /// and each copy takes a new identity before its processes run again
+    /// (`state::Reidentify`).
     pub async fn fork(self: &Arc<Self>, id: &str, n: u32) -> Result<Vec<Arc<Vm>>, ForkError> {
         if !(1..=MAX_FORK).contains(&n) {
             return Err(ForkError::BadCount(n));
+        }
+        if self.get(id).is_some_and(|vm| vm.paused()) {
+            return Err(ForkError::Paused(id.to_owned()));
         }
         {
             let vms = self.lock_vms();
@@ -906,6 +930,8 @@ impl Daemon {
             record.status = api::VmStatus::Running;
         }
         record.paused = paused;
+        // Any restore may be one of several copies: each takes its own identity first.
+        record.reidentify = Some(state::Reidentify::default());
         record.restore = Some(state::Restore {
             snapshot: name.to_owned(),
             dir: copy,

@@ -77,6 +77,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         )
         .route("/v1/images/import", post(super::images::import))
         .route("/v1/images/build", post(super::images::build))
+        .route("/v1/images/{name}/warm", post(warm_image))
         .route("/v1/approvals", get(approvals))
         .route("/v1/approvals/registration", post(registration_link))
         .with_state(daemon)
@@ -347,7 +348,9 @@ fn snapshot_failure(e: &SnapshotError) -> Failure {
         SnapshotError::BadName(_) => StatusCode::BAD_REQUEST,
         SnapshotError::NotFound(_) | SnapshotError::NoVm(_) => StatusCode::NOT_FOUND,
         SnapshotError::Exists(_) | SnapshotError::NotRunning(_) => StatusCode::CONFLICT,
-        SnapshotError::Vmm(_) | SnapshotError::NotPlain(_) => StatusCode::BAD_GATEWAY,
+        SnapshotError::Vmm(_) | SnapshotError::NotPlain(_) | SnapshotError::Freeze(_) => {
+            StatusCode::BAD_GATEWAY
+        }
         SnapshotError::Missing { .. }
         | SnapshotError::Format { .. }
         | SnapshotError::Damaged { .. }
@@ -416,6 +419,7 @@ async fn fork(
         Ok(Err(e @ ForkError::BadCount(_))) => {
             Err(Failure(StatusCode::BAD_REQUEST, error_chain(&e)))
         }
+        Ok(Err(e @ ForkError::Paused(_))) => Err(Failure(StatusCode::CONFLICT, error_chain(&e))),
         Ok(Err(ForkError::Restore(e))) => Err(restore_failure(e)),
         Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
@@ -430,6 +434,29 @@ fn restore_failure(e: RestoreError) -> Failure {
             Failure(StatusCode::TOO_MANY_REQUESTS, error_chain(&e))
         }
         e => Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)),
+    }
+}
+
+/// Takes image `name`'s warm template (see [`super::warm`]).
+async fn warm_image(
+    State(daemon): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<SnapshotInfo>), Failure> {
+    let req: nanoclaw_api::WarmImage = optional_body(&body)?;
+    // In its own task, so that a client hanging up does not leave the template VM behind.
+    let task = tokio::spawn(async move { daemon.warm_image(&name, req).await });
+    match task.await {
+        Ok(Ok(info)) => Ok((StatusCode::CREATED, Json(info))),
+        Ok(Err(e @ super::warm::WarmError::Create(super::DaemonError::Image(_)))) => {
+            Err(Failure(StatusCode::NOT_FOUND, error_chain(&e)))
+        }
+        Ok(Err(e @ super::warm::WarmError::Create(super::DaemonError::Limit(_)))) => {
+            Err(Failure(StatusCode::TOO_MANY_REQUESTS, error_chain(&e)))
+        }
+        Ok(Err(super::warm::WarmError::Snapshot(e))) => Err(snapshot_failure(&e)),
+        Ok(Err(e)) => Err(Failure(StatusCode::BAD_GATEWAY, error_chain(&e))),
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
 }
 

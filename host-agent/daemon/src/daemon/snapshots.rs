@@ -66,6 +66,9 @@ pub enum SnapshotError {
     /// The VMM could not be asked, or refused.
     #[error("the VMM")]
     Vmm(#[source] super::vmm_control::VmmControlError),
+    /// The guest did not stop its processes for the snapshot.
+    #[error("cannot freeze the guest")]
+    Freeze(#[source] super::vm::FreezeError),
     /// The VMM left something else than a plain file.
     #[error("the VMM's {} is not a plain file with one link", .0.display())]
     NotPlain(PathBuf),
@@ -154,6 +157,11 @@ pub struct SnapshotMeta {
     /// The agent's pid in the guest, if it had started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_pid: Option<u32>,
+    /// Whether the guest's processes were frozen in it (a running VM with its sidecar
+    /// connected): then none of them runs in a restored copy before it has a new identity.
+    /// A VM snapshotted while paused was not frozen.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 /// Checks a snapshot name: 1 to [`MAX_SNAPSHOT_NAME`] of `A-Z a-z 0-9 . _ -`, not starting

@@ -149,6 +149,34 @@ pub struct VmRecord {
     /// until the VM is removed, so a restarted daemon never hands them to another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::addr::VmLink>,
+    /// Set while a restored guest still has its snapshot's identity (see
+    /// [`Reidentify`]); cleared once it said hello with a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reidentify: Option<Reidentify>,
+    /// Whether this VM is an image's warm template being made: its guest is never sent an
+    /// agent (see `super::warm`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub template: bool,
+    /// How many times this VM's guest took a new identity on the daemon's request.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reidentified: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A restored guest that must take a new identity before it is admitted: every restore is
+/// treated as a clone, since a snapshot may be restored any number of times. Its first hello
+/// (with the snapshot's boot id) is acknowledged and answered with `Reidentify`, nothing else:
+/// no agent request and no credential relay. The hello that follows with another boot id is
+/// admitted as the VM's boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reidentify {
+    /// The boot id (hex) the `Reidentify` was sent to; a hello with it again is answered with
+    /// another `Reidentify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_to: Option<String>,
 }
 
 /// Where a restored VM's VMM finds its snapshot: a copy in its own folder.
@@ -192,6 +220,9 @@ impl VmRecord {
             paused: false,
             restore: None,
             net: None,
+            reidentify: None,
+            template: false,
+            reidentified: 0,
         }
     }
 

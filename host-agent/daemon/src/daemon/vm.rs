@@ -48,6 +48,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// The longest guest error message kept, in bytes.
 const GUEST_MESSAGE_MAX: usize = 512;
+/// How long a snapshot waits for the guest to confirm a freeze.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The entropy bytes a restored guest gets with `Reidentify`.
+const REIDENTIFY_ENTROPY: usize = 64;
 /// Control connections served at once per VM (one current, a few being replaced or refused).
 const MAX_CONTROL_CONNECTIONS: usize = 4;
 /// How much of the event log's end is read for its last `seq` on a restart: more than its
@@ -211,6 +215,20 @@ pub struct Vm {
     pausing: tokio::sync::Mutex<()>,
     /// When this daemon started the VMM (for the boot-to-ready figure of `/metrics`).
     spawned_at: Mutex<Option<Instant>>,
+    /// Wakes a [`Vm::freeze`] waiting for the guest's `Frozen`.
+    frozen: Notify,
+}
+
+/// Why a guest could not be frozen before a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    /// No sidecar is connected to ask.
+    #[error("the guest's sidecar is not connected")]
+    NotConnected,
+    /// The sidecar did not answer in time (or answered with an error, which the VM's events
+    /// show).
+    #[error("the guest did not confirm the freeze within {0:?}")]
+    NoAnswer(Duration),
 }
 
 /// Why a VM could not be paused or resumed.
@@ -222,6 +240,17 @@ pub enum PauseError {
     /// The VMM could not be asked, or refused.
     #[error("the VMM")]
     Vmm(#[from] super::vmm_control::VmmControlError),
+}
+
+/// How a hello was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// A boot id the VM had not had: its first boot, or a restored guest's new identity.
+    NewBoot,
+    /// The current boot, connecting again.
+    Reconnect,
+    /// A restored guest with its snapshot's identity: it is asked for a new one.
+    Reidentify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -290,6 +319,7 @@ impl Vm {
             vmm_log: Mutex::new(None),
             pausing: tokio::sync::Mutex::new(()),
             spawned_at: Mutex::new(None),
+            frozen: Notify::new(),
         }))
     }
 
@@ -316,6 +346,8 @@ impl Vm {
             detached: r.detached,
             paused: r.paused,
             restored_from: r.restore.map(|r| r.snapshot),
+            boot_id: r.boot_id,
+            reidentify_pending: r.reidentify.is_some(),
         }
     }
 
@@ -800,42 +832,74 @@ impl Vm {
             return;
         };
         let boot_hex: String = boot_id.iter().map(|b| format!("{b:02x}")).collect();
-        // Admit the boot: the first hello sets it; a reconnect must repeat it.
+        // Admit the boot: the first hello sets it; a reconnect must repeat it. A restored
+        // guest first takes a new identity (see `state::Reidentify`).
         let admitted = self.update(|r| {
             if r.status.is_terminal() {
                 return Err("the VM has ended");
             }
+            if let Some(pending) = &mut r.reidentify {
+                if pending.sent_to.as_ref().is_none_or(|s| *s == boot_hex) {
+                    pending.sent_to = Some(boot_hex.clone());
+                    return Ok(Admit::Reidentify);
+                }
+                r.reidentify = None;
+                r.reidentified += 1;
+                r.boot_id = Some(boot_hex.clone());
+                return Ok(Admit::NewBoot);
+            }
             match &r.boot_id {
                 None => {
                     r.boot_id = Some(boot_hex.clone());
-                    Ok(true)
+                    Ok(Admit::NewBoot)
                 }
                 Some(b) if *b == boot_hex => {
                     r.control_reconnects += 1;
-                    Ok(false)
+                    Ok(Admit::Reconnect)
                 }
                 Some(_) => Err("unknown boot id"),
             }
         });
-        if let Ok(true) = admitted
+        if let Ok(Admit::NewBoot) = admitted
             && let Some(spawned) = *lock(&self.spawned_at)
         {
             crate::metrics::global()
                 .boot_to_ready
                 .observe(spawned.elapsed().as_secs_f64());
         }
-        if let Err(reason) = admitted {
-            reply = HostToGuest::HelloReject {
-                reason: reason.to_owned(),
-                host_protocol_version: shared_proto::PROTOCOL_VERSION,
-            };
-            let _ = write_msg(&mut stream, &reply).await;
-            return self.guest_fault("hello refused", reason);
-        }
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(reason) => {
+                reply = HostToGuest::HelloReject {
+                    reason: reason.to_owned(),
+                    host_protocol_version: shared_proto::PROTOCOL_VERSION,
+                };
+                let _ = write_msg(&mut stream, &reply).await;
+                return self.guest_fault("hello refused", reason);
+            }
+        };
         if write_msg(&mut stream, &reply).await.is_err() {
             return;
         }
-        self.attach_credentials(boot_id, ephemeral_public_key);
+        let reidentify = admitted == Admit::Reidentify;
+        if reidentify {
+            // The snapshot's identity gets no agent request and no credential relay, only the
+            // request for a new identity; what the guest still had queued is relayed as usual
+            // until it closes this connection and says hello again with its new identity.
+            let mut entropy = vec![0u8; REIDENTIFY_ENTROPY];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut entropy);
+            if write_msg(&mut stream, &HostToGuest::Reidentify { entropy })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let Some(suppressed) = lock(&self.budget).admit(Instant::now()) {
+                tracing::info!(vm = %self.id, suppressed, "restored guest asked for a new identity");
+            }
+        } else {
+            self.attach_credentials(boot_id, ephemeral_public_key);
+        }
 
         // This connection becomes the current one; a previous one is dropped.
         let (to_guest, mut outgoing) = mpsc::channel::<HostToGuest>(64);
@@ -854,7 +918,7 @@ impl Vm {
             old.kick.notify_one();
         }
         let (send_agent, stop) = self.update(|r| {
-            let send = !r.agent_sent && !r.stop_requested;
+            let send = !reidentify && !r.template && !r.agent_sent && !r.stop_requested;
             r.agent_sent |= send;
             (
                 send.then(|| (r.spec.clone(), r.image.clone(), r.net)),
@@ -943,6 +1007,11 @@ impl Vm {
     fn on_guest_message(&self, msg: GuestToHost) -> Result<(), String> {
         match msg {
             GuestToHost::Hello { .. } => Err("hello on an established connection".into()),
+            GuestToHost::Frozen => {
+                // Only a waiting `freeze` cares; an unasked one wakes nobody.
+                self.frozen.notify_waiters();
+                Ok(())
+            }
             GuestToHost::AgentStarted { pid } => {
                 self.update(|r| {
                     if !r.agent_sent || r.agent_pid.is_some() {
@@ -996,6 +1065,31 @@ impl Vm {
                 Ok(())
             }
         }
+    }
+
+    /// Asks the guest to stop every process but its sidecar (`Freeze`) and waits for its
+    /// `Frozen`, at most [`FREEZE_TIMEOUT`]. Before a snapshot, so that no process of a clone
+    /// runs before the clone has a new identity (see `state::Reidentify`).
+    pub async fn freeze(&self) -> Result<(), FreezeError> {
+        let answered = self.frozen.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        if !self.send_to_guest(HostToGuest::Freeze) {
+            return Err(FreezeError::NotConnected);
+        }
+        tokio::time::timeout(FREEZE_TIMEOUT, answered)
+            .await
+            .map_err(|_| FreezeError::NoAnswer(FREEZE_TIMEOUT))
+    }
+
+    /// Lets what [`Vm::freeze`] stopped go on (best effort: a guest that is gone needs none).
+    pub fn thaw(&self) {
+        let _ = self.send_to_guest(HostToGuest::Thaw);
+    }
+
+    /// Whether a sidecar is connected on the control channel.
+    pub fn control_connected(&self) -> bool {
+        lock(&self.control).is_some()
     }
 
     /// Queues a message on the current control connection; `false` when there is none or its

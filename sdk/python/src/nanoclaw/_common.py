@@ -108,6 +108,10 @@ def snapshot_body(name: str | None) -> bytes:
     return json.dumps({} if name is None else {"name": name}).encode()
 
 
+def fork_body(n: int) -> bytes:
+    return json.dumps({"n": n}).encode()
+
+
 def restore_body(paused: bool) -> bytes:
     return json.dumps({"paused": paused}).encode()
 

@@ -90,6 +90,12 @@ class VmInfo:
             raw=value,
         )
 
+    @classmethod
+    def list_from_json(cls, value: Any) -> list[VmInfo]:
+        if not isinstance(value, list):
+            raise _bad("VM list", value)
+        return [cls.from_json(v) for v in value]
+
 
 @dataclass(frozen=True)
 class SnapshotInfo:

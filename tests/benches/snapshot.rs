@@ -1,0 +1,165 @@
+//! Benchmark (prints figures; not a test): snapshots, restores and warm starts against cold
+//! boots, in one daemon on one machine. Run it with `scripts/bench-snapshot [N]`, which builds
+//! the guest and the binaries and runs this inside the nested runner's L1 (or directly where
+//! `/dev/kvm` can boot Linux).
+//!
+//! Figures, each the median of N rounds where it is a time:
+//! 1. **Cold boot to ready**: `nanoclaw run -d` until the daemon has admitted the sidecar's
+//!    hello (`boot_id` set), polled with `nanoclaw inspect`.
+//! 2. **Snapshot size**: a 256 MiB guest whose agent filled 30 MiB of tmpfs with random bytes
+//!    is snapshotted; the memory file's data bytes (it is sparse). Target: at most 40 MiB.
+//! 3. **Restore to ready**: `nanoclaw restore NAME -d` until the restored guest was admitted
+//!    with its new identity. Target: restore ÷ cold boot at most 0.2.
+//! 4. **Warm ÷ cold `run`**: `nanoclaw run --image IMAGE -- /bin/true` to its exit, cold, then
+//!    after `nanoclaw image warm IMAGE`; reported.
+//!
+//! The polling adds a few tens of milliseconds to each "ready" time, the same for cold boots
+//! and restores. Under the nested runner's software-emulated L1 the absolute times are long;
+//! the ratios are the figures to compare.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nanoclaw_tests::{CLI_TIMEOUT, Daemon, GuestImage, OutputWithin};
+
+/// How long any one VM may take to get ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// `nanoclaw ARGS` to its end; its stdout, or an error with its stderr.
+fn cli(d: &Daemon, args: &[&str]) -> Result<String> {
+    let out = d.nanoclaw(args).output_within(Duration::from_secs(300))?;
+    ensure!(
+        out.status.success(),
+        "nanoclaw {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until VM `id`'s sidecar was admitted with an identity of its own; the time since
+/// `from`.
+fn ready(d: &Daemon, id: &str, from: Instant) -> Result<Duration> {
+    loop {
+        let info = d.inspect(id)?;
+        if info["boot_id"].is_string() && info["reidentify_pending"].is_null() {
+            return Ok(from.elapsed());
+        }
+        if info["status"] == "stopped" || info["status"] == "failed" {
+            bail!("VM {id} ended before it was ready: {info}\n{}", d.records());
+        }
+        if from.elapsed() > READY_TIMEOUT {
+            bail!("VM {id} not ready within {READY_TIMEOUT:?}: {info}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stop(d: &Daemon, id: &str) -> Result<()> {
+    cli(d, &["stop", id]).map(drop)
+}
+
+fn main() -> Result<()> {
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
+    let image = GuestImage::from_env().context("the guest image (NANOCLAW_GUEST_MANIFEST)")?;
+    let d = Daemon::start(&image.vmlinux, &image.initramfs)?;
+    println!("snapshot benchmark, {rounds} rounds each (medians)");
+
+    // 1. Cold boots.
+    let mut cold = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let id = cli(&d, &["run", "-d", "--", "/bin/sleep", "600"])?
+            .trim()
+            .to_owned();
+        cold.push(ready(&d, &id, t)?);
+        stop(&d, &id)?;
+    }
+    let cold = median(cold);
+    println!("  cold boot to ready            {:>8.3} s", secs(cold));
+
+    // 2. A guest that touched about 30 MiB, snapshotted.
+    let filler = "dd if=/dev/urandom of=/tmp/fill bs=1M count=30 2>/dev/null; echo filled; \
+                  sleep 600";
+    let id = cli(&d, &["run", "-d", "--", "/bin/sh", "-c", filler])?
+        .trim()
+        .to_owned();
+    let t = Instant::now();
+    while !cli(&d, &["logs", &id])?.contains("filled") {
+        ensure!(t.elapsed() < READY_TIMEOUT, "the filler never finished");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    cli(&d, &["snapshot", &id, "bench"])?;
+    let took = t.elapsed();
+    stop(&d, &id)?;
+    let listed: serde_json::Value = serde_json::from_str(&cli(&d, &["snapshot", "ls", "--json"])?)?;
+    let snap = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "bench"))
+        .context("the snapshot in `snapshot ls`")?;
+    let data = snap["memory_data_bytes"].as_u64().unwrap_or(0);
+    let total = snap["memory_bytes"].as_u64().unwrap_or(0);
+    println!(
+        "  snapshot of a {} MiB guest that filled 30 MiB: {:.1} MiB of memory data (target <= 40 MiB: {}), taken in {:.3} s",
+        total >> 20,
+        data as f64 / f64::from(1 << 20),
+        if data <= 40 << 20 { "met" } else { "NOT met" },
+        secs(took)
+    );
+
+    // 3. Restores of it.
+    let mut restored = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let id = cli(&d, &["restore", "bench", "-d"])?.trim().to_owned();
+        restored.push(ready(&d, &id, t)?);
+        stop(&d, &id)?;
+    }
+    let restored = median(restored);
+    let ratio = secs(restored) / secs(cold).max(1e-9);
+    println!(
+        "  restore to ready              {:>8.3} s   restore / cold boot {ratio:.2} (target <= 0.2: {})",
+        secs(restored),
+        if ratio <= 0.2 { "met" } else { "NOT met" }
+    );
+    cli(&d, &["snapshot", "rm", "bench"])?;
+
+    // 4. Warm and cold `run --image`.
+    nanoclaw_tests::oci::import_test_image(&d, "bench-image", CLI_TIMEOUT * 4)?;
+    let run = |label: &str| -> Result<Duration> {
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let t = Instant::now();
+            cli(&d, &["run", "--image", "bench-image", "--", "/bin/true"])
+                .with_context(|| format!("a {label} run"))?;
+            times.push(t.elapsed());
+        }
+        Ok(median(times))
+    };
+    let cold_run = run("cold")?;
+    let t = Instant::now();
+    let template = cli(&d, &["image", "warm", "bench-image"])?;
+    let warm_took = t.elapsed();
+    let warm_run = run("warm")?;
+    println!(
+        "  run --image to exit: cold {:.3} s, warm {:.3} s   warm / cold {:.2} (template {} taken in {:.3} s)",
+        secs(cold_run),
+        secs(warm_run),
+        secs(warm_run) / secs(cold_run).max(1e-9),
+        template.trim(),
+        secs(warm_took)
+    );
+    Ok(())
+}
