@@ -59,6 +59,10 @@ pub enum GuestToHost {
 /// A message from the host to the sidecar (guest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "RunAgent is sent once per boot; boxing it would change every match for no gain"
+)]
 pub enum HostToGuest {
     /// The host accepts the sidecar's `Hello`.
     HelloAck {
@@ -148,6 +152,48 @@ pub struct AgentSpec {
     /// to uid 0, and an absent one, run as `uid`/`gid` above.
     #[serde(default)]
     pub user: Option<String>,
+    /// The agent's network, when its profile allows egress: the sidecar configures the
+    /// interface with this MAC before the agent starts. Absent (and in older hosts' frames):
+    /// the VM has no network device.
+    #[serde(default)]
+    pub network: Option<GuestNetwork>,
+}
+
+/// The guest's side of its point-to-point link to the host. Addresses go on the wire as four
+/// bytes ([`ipv4_octets`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// The guest's IPv4 address.
+    #[serde(with = "ipv4_octets")]
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length on the link (the gateway is inside it).
+    pub prefix_len: u8,
+    /// The default route's next hop.
+    #[serde(with = "ipv4_octets")]
+    pub gateway: std::net::Ipv4Addr,
+    /// The resolver the agent's `/etc/resolv.conf` names.
+    #[serde(with = "ipv4_octets")]
+    pub dns: std::net::Ipv4Addr,
+    /// The MAC address of the interface to configure.
+    pub mac: [u8; 6],
+}
+
+/// An IPv4 address as its four bytes. Serde's own encoding of `Ipv4Addr` depends on whether
+/// the format says it is human-readable, which the CBOR encoder and decoder answer
+/// differently; four bytes read back the same everywhere.
+pub mod ipv4_octets {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::net::Ipv4Addr;
+
+    /// Writes `addr` as four bytes.
+    pub fn serialize<S: Serializer>(addr: &Ipv4Addr, s: S) -> Result<S::Ok, S::Error> {
+        addr.octets().serialize(s)
+    }
+
+    /// Reads four bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+        <[u8; 4]>::deserialize(d).map(Ipv4Addr::from)
+    }
 }
 
 /// The block devices the agent's root file system is built from. The sidecar mounts the image
@@ -249,9 +295,20 @@ pub(crate) mod tests {
                 }
             })),
             proptest::option::of(text()),
+            proptest::option::of(
+                (any::<u32>(), any::<u8>(), any::<u32>(), any::<[u8; 6]>()).prop_map(
+                    |(address, prefix_len, gateway, mac)| GuestNetwork {
+                        address: address.into(),
+                        prefix_len,
+                        gateway: gateway.into(),
+                        dns: gateway.into(),
+                        mac,
+                    },
+                ),
+            ),
         )
             .prop_map(
-                |(command, args, env, cwd, uid, gid, mcp, root, user)| AgentSpec {
+                |(command, args, env, cwd, uid, gid, mcp, root, user, network)| AgentSpec {
                     command,
                     args,
                     env,
@@ -261,6 +318,7 @@ pub(crate) mod tests {
                     mcp,
                     root,
                     user,
+                    network,
                 },
             );
         prop_oneof![
@@ -337,6 +395,7 @@ pub(crate) mod tests {
         assert_eq!(spec.mcp, None);
         assert_eq!(spec.root, None);
         assert_eq!(spec.user, None);
+        assert_eq!(spec.network, None);
     }
 
     #[test]

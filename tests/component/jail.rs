@@ -249,3 +249,63 @@ fn a_jailed_vmm_attaches_its_tap_before_the_jail_and_keeps_no_tun_device() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_vmm_with_jail_netns_attaches_the_tap_of_the_vms_own_namespace() {
+    use host_agent::net::netns::{NETNS_FILE, VmNetns};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: entering the jail needs root");
+        return;
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: no /dev/net/tun");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["bzImage", "initramfs"] {
+        std::fs::write(dir.path().join(f), b"not booted").unwrap();
+    }
+    // The VM's namespace, made as the daemon makes it, with `tap0` inside it only: the VMM
+    // starts in the test's namespace, where no `tap0` is.
+    let path = dir.path().join(NETNS_FILE);
+    let ns = VmNetns::create(&path).unwrap();
+    let (mut ip, _keep) = ns.command("ip").unwrap();
+    let made = ip
+        .args(["tuntap", "add", "dev", "tap0", "mode", "tap"])
+        .args(["user", "1000781", "group", "1000781"])
+        .status()
+        .unwrap();
+    let run = |netns: bool| {
+        let mut cmd = Command::new(vmm_bin());
+        cmd.arg("--kernel")
+            .arg(dir.path().join("bzImage"))
+            .arg("--initrd")
+            .arg(dir.path().join("initramfs"))
+            .arg("--vm-dir")
+            .arg(dir.path().join("vm"))
+            .args(["--net", "tap=tap0,mac=02:00:0a:c8:00:02"])
+            .args(["--jail-uid", "1000781", "--jail-gid", "1000781"])
+            .args(["--jail-probe", "/dev/net/tun"]);
+        if netns {
+            cmd.arg("--jail-netns").arg(&path);
+        }
+        cmd.output().unwrap()
+    };
+    let with = run(true);
+    let without = run(false);
+    VmNetns::remove(&path).unwrap();
+    assert!(made.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&with.stdout),
+        String::from_utf8_lossy(&with.stderr),
+    );
+    assert!(with.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("PROBE /dev/net/tun No such file"),
+        "{stdout}\n{stderr}"
+    );
+    // Outside the VM's namespace there is no `tap0`: a setup error.
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert_eq!(without.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no network interface \"tap0\""), "{stderr}");
+}

@@ -19,6 +19,8 @@
 //!   reused sessions, chunked bodies, a broken relay), [`fallback_path`], [`tokenize_path`].
 //! - Audit checkpoints: [`audit_checkpoints`] (the device signs, both verifiers check).
 //! - The VMM's jail: [`jail`] (entered for real, as root, without booting).
+//! - A VM's network: [`vm_network`] (its namespace, links and firewall made for real, as root,
+//!   in a network namespace of the test's own).
 //! - MCP: [`mcp_gateway`] (the gateway with the Python SDK as upstream and agent),
 //!   [`mcp_sidecar`] (the sidecar's endpoint and shim against the gateway).
 
@@ -36,3 +38,4 @@ mod mcp_sidecar;
 mod primary_path;
 mod proxy_keepalive;
 mod tokenize_path;
+mod vm_network;

@@ -113,6 +113,9 @@ pub enum AgentError {
     /// No agent runs.
     #[error("no agent is running")]
     NotRunning,
+    /// The VM's network could not be configured.
+    #[error("cannot configure the network")]
+    Network(#[source] crate::net::NetError),
     /// `AgentStdin` after the EOF.
     #[error("the agent's stdin is already closed")]
     StdinClosed,
@@ -300,6 +303,13 @@ impl AgentRunner {
     /// Builds the image root of `spec` (publishing it) or resolves its user, and checks the
     /// ids it ends up with.
     fn launch(&self, spec: &AgentSpec) -> Result<Launch, AgentError> {
+        if let Some(net) = &spec.network {
+            crate::net::configure(net).map_err(AgentError::Network)?;
+            // An image root gets its own resolv.conf when it is built.
+            if spec.root.is_none() {
+                crate::net::write_own_resolv_conf(net.dns).map_err(AgentError::Network)?;
+            }
+        }
         let (confine, uid, gid) = if spec.root.is_some() {
             let prepared = rootfs::build(&*self.rootfs, spec).map_err(AgentError::RootFs)?;
             let root = CString::new(prepared.path.as_os_str().as_bytes())
@@ -547,6 +557,7 @@ mod tests {
             mcp: None,
             root: None,
             user: None,
+            network: None,
         }
     }
 

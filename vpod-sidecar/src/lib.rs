@@ -119,6 +119,7 @@ pub mod files;
 pub mod identity;
 pub mod init;
 pub mod mcp;
+pub mod net;
 pub mod outbox;
 pub mod proxy;
 pub mod rootfs;

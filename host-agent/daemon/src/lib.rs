@@ -38,6 +38,7 @@ pub mod daemon;
 pub mod egress;
 pub mod mcp;
 pub mod metrics;
+pub mod net;
 pub mod notify;
 pub mod policy;
 pub mod relay;

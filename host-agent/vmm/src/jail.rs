@@ -8,7 +8,11 @@
 //! 2. unshares the mount, pid, ipc, uts and network namespaces (the new network namespace has
 //!    only a loopback device that is down, so no host TCP port can be reached; a network
 //!    device's TAP was attached by `main` before [`enter`], in the namespace the VMM started
-//!    in, and stays reachable only through that one descriptor);
+//!    in, and stays reachable only through that one descriptor). With `--jail-netns` the
+//!    network namespace is instead the one the daemon made for the VM, which `main` joined
+//!    ([`join_netns`]) before attaching the TAP: it holds that TAP, a veth to the host and the
+//!    host's firewall for the VM (see `docs/security/network.md`), and the VMM never holds
+//!    `CAP_NET_ADMIN` there to change them;
 //! 3. makes every mount private, bind-mounts the VM's folder onto itself, and inside it:
 //!    the kernel, the initramfs and each disk (read-only unless the disk is writable), and a
 //!    small tmpfs on `dev/` holding one `kvm` node owned by the jail's uid;
@@ -82,6 +86,10 @@ pub struct JailConfig {
     pub cgroups: Vec<PathBuf>,
     /// Also enter a user namespace of the VMM's own, which maps only its uid and gid.
     pub user_namespace: bool,
+    /// A network namespace the daemon made for the VM (a bind-mounted nsfs file): `main`
+    /// joins it with [`join_netns`] before it opens the TAP, and [`enter`] then keeps it
+    /// instead of unsharing an empty one.
+    pub netns: Option<PathBuf>,
 }
 
 /// Why the jail could not be entered. The VMM then exits with a setup error: it never runs
@@ -501,6 +509,14 @@ fn effective_caps() -> u64 {
     u64::from(data[0].effective) | (u64::from(data[1].effective) << 32)
 }
 
+/// Joins the network namespace bind-mounted at `path` (`--jail-netns`). Called by `main` as
+/// root, before the TAP is opened and before [`enter`].
+pub fn join_netns(path: &Path) -> Result<(), JailError> {
+    let file = std::fs::File::open(path).map_err(file("open the network namespace", path))?;
+    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+        .map_err(step("join the network namespace", path))
+}
+
 /// Enters the jail; see the module doc. Returns in the jailed child with `config` rewritten
 /// to the jail's paths. The supervising parent never returns: it exits the way the child did.
 pub fn enter(jail: &JailConfig, config: &mut crate::VmConfig) -> Result<(), JailError> {
@@ -515,14 +531,14 @@ pub fn enter(jail: &JailConfig, config: &mut crate::VmConfig) -> Result<(), Jail
     let paths = JailedPaths::of(config);
     let fsize = file_size_limit(config);
     join_cgroups(&jail.cgroups)?;
-    nix::sched::unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWNET,
-    )
-    .map_err(process("unshare the namespaces"))?;
+    let mut namespaces = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    if jail.netns.is_none() {
+        namespaces |= CloneFlags::CLONE_NEWNET;
+    }
+    nix::sched::unshare(namespaces).map_err(process("unshare the namespaces"))?;
     nix::mount::mount(
         None::<&str>,
         "/",

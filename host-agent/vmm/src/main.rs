@@ -72,6 +72,10 @@ struct VmmArgs {
     /// Also enter a user namespace that maps only the jail's uid and gid. With `--jail-uid`.
     #[arg(long, requires = "jail_uid")]
     jail_userns: bool,
+    /// Join this network namespace (a bind-mounted nsfs file the daemon made for the VM)
+    /// before opening the TAP, and keep it in the jail instead of an empty one.
+    #[arg(long, value_name = "PATH", requires = "jail_uid")]
+    jail_netns: Option<PathBuf>,
     /// Test hook: after entering the jail, try to open each of these paths (or connect to
     /// `tcp:HOST:PORT`), print one line per try (`PROBE <target> ok|<error>`) and exit 0
     /// without booting. It shows what a VMM taken over by its guest could reach.
@@ -109,6 +113,7 @@ impl VmmArgs {
             gid: self.jail_gid?,
             cgroups: self.jail_cgroups.clone(),
             user_namespace: self.jail_userns,
+            netns: self.jail_netns.clone(),
         })
     }
 
@@ -186,8 +191,15 @@ fn main() -> ExitCode {
     if let Err(e) = config.validate() {
         return setup_error("", &e);
     }
+    // The VM's own network namespace, when the daemon made one: its TAP lives there.
+    if let Some(netns) = jail.as_ref().and_then(|j| j.netns.as_deref())
+        && let Err(e) = vmm::jail::join_netns(netns)
+    {
+        return setup_error("cannot enter the jail: ", &e);
+    }
     // Host devices are opened here, before the jail: it leaves no /dev/net/tun in the VMM's
-    // root and moves the VMM into an empty network namespace, where the TAP is not.
+    // root and moves the VMM into an empty network namespace (or keeps the VM's own), where
+    // the TAP is reachable only through this descriptor.
     let host = match HostDevices::open(&config) {
         Ok(host) => host,
         Err(e) => return setup_error("", &e),
@@ -298,6 +310,24 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn the_netns_option_needs_a_jail_and_reaches_its_config() {
+        let err = parse(&["--jail-netns", "/x/netns"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let args = parse(&[
+            "--jail-uid",
+            "1000",
+            "--jail-gid",
+            "1000",
+            "--jail-netns",
+            "/x/netns",
+        ])
+        .unwrap();
+        assert_eq!(args.jail().unwrap().netns, Some(PathBuf::from("/x/netns")));
+        let args = parse(&["--jail-uid", "1000", "--jail-gid", "1000"]).unwrap();
+        assert_eq!(args.jail().unwrap().netns, None);
     }
 
     #[test]

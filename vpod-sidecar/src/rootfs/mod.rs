@@ -44,6 +44,7 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, SFlag, fstat};
 use shared_proto::message::{AgentSpec, RootFs};
 
+use dir::open_beneath;
 pub use dir::{Owner, RootDir};
 use identity::{Identity, IdentityError};
 pub use plan::Step;
@@ -158,6 +159,9 @@ pub enum RootfsError {
         #[source]
         source: Errno,
     },
+    /// `/etc/resolv.conf` cannot be written in the agent's root.
+    #[error("cannot write /etc/resolv.conf in the agent's root")]
+    ResolvConf(#[source] Errno),
 }
 
 /// Carries out one step of a plan.
@@ -251,10 +255,46 @@ pub fn finish(path: &Path, spec: &AgentSpec) -> Result<PreparedRoot, RootfsError
             cwd: spec.cwd.clone(),
             source,
         })?;
+    if let Some(net) = &spec.network {
+        let root = RootDir::open(path).map_err(open_err)?;
+        write_resolv_conf(&root, net.dns).map_err(RootfsError::ResolvConf)?;
+    }
     Ok(PreparedRoot {
         path: path.to_owned(),
         owner,
     })
+}
+
+/// The text of `/etc/resolv.conf` naming `dns` alone.
+pub fn resolv_conf(dns: std::net::Ipv4Addr) -> String {
+    format!(
+        "# Written by the Nanoclaw sidecar: the host's resolver for this VM.\nnameserver {dns}\n"
+    )
+}
+
+/// Replaces `/etc/resolv.conf` of the root `dir` with one naming `dns`. The image's entry may
+/// be a symlink (to a systemd-resolved stub, or anywhere): it is unlinked, never followed, and
+/// a new file (root's, mode 0644) is created in its place.
+pub fn write_resolv_conf(dir: &RootDir, dns: std::net::Ipv4Addr) -> Result<(), Errno> {
+    let etc = dir.create_dir_all(
+        "/etc",
+        Owner { uid: 0, gid: 0 },
+        Mode::from_bits_truncate(0o755),
+    )?;
+    match nix::unistd::unlinkat(&etc, "resolv.conf", nix::unistd::UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(e),
+    }
+    let fd = open_beneath(
+        etc.as_fd(),
+        Path::new("resolv.conf"),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+        Mode::from_bits_truncate(0o644),
+    )?;
+    let text = resolv_conf(dns);
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO)))
 }
 
 /// Resolves `spec.user` against the databases of the root `dir` (see [`identity`]); logs the
@@ -306,6 +346,39 @@ pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    #[test]
+    fn resolv_conf_replaces_a_symlink_without_following_it() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("victim");
+        std::fs::write(&target, "keep").unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(&target, root.path().join("etc/resolv.conf")).unwrap();
+        let dir = RootDir::open(root.path()).unwrap();
+        write_resolv_conf(&dir, "10.200.0.1".parse().unwrap()).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        let path = root.path().join("etc/resolv.conf");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.mode() & 0o777, 0o644);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().any(|l| l == "nameserver 10.200.0.1"), "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("nameserver")).count(),
+            1
+        );
+        // A root without /etc gets one; writing again replaces the file.
+        let bare = tempfile::tempdir().unwrap();
+        let dir = RootDir::open(bare.path()).unwrap();
+        write_resolv_conf(&dir, "10.200.0.9".parse().unwrap()).unwrap();
+        write_resolv_conf(&dir, "10.200.0.9".parse().unwrap()).unwrap();
+        assert!(
+            std::fs::read_to_string(bare.path().join("etc/resolv.conf"))
+                .unwrap()
+                .contains("nameserver 10.200.0.9\n")
+        );
+    }
+
     /// A [`RootSetup`] over a directory prepared by the test: no mounts.
     #[derive(Debug)]
     pub(crate) struct ReadyDir(pub PathBuf);
@@ -330,6 +403,7 @@ pub(crate) mod tests {
                 scratch_device: "/dev/vdb".into(),
             }),
             user: user.map(str::to_owned),
+            network: None,
         }
     }
 

@@ -267,6 +267,10 @@ pub struct ServeArgs {
     /// How many uids from --jail-uid-base there are: at most this many VMs run at once.
     #[arg(long, default_value_t = 10_000)]
     pub jail_uid_count: u32,
+    /// The IPv4 prefix the addresses of VMs with network egress come from (a /29 each; see
+    /// `docs/security/network.md`). It must not overlap a network the host reaches.
+    #[arg(long, default_value = crate::net::addr::OverlayPrefix::DEFAULT, value_name = "A.B.C.D/LEN")]
+    pub overlay_prefix: crate::net::addr::OverlayPrefix,
     /// The parent of each VM's cgroup, relative to each cgroup hierarchy's root.
     #[arg(long, default_value = "nanoclaw")]
     pub cgroup_parent: String,
@@ -395,6 +399,9 @@ pub enum RemoveError {
     /// The VM has not ended.
     #[error("the VM is {}", .0.as_str())]
     NotEnded(api::VmStatus),
+    /// Its network namespace or veth could not be removed (its folder is kept).
+    #[error("cannot remove the VM's network")]
+    Network(#[source] crate::net::netns::NetnsError),
     /// Deleting its directory failed.
     #[error("cannot delete {}", .path.display())]
     Delete {
@@ -463,6 +470,8 @@ pub struct Daemon {
     /// The MCP gateways of VMs created with a profile.
     mcp: gateways::VmGateways,
     launch: VmmLaunch,
+    /// Where networked VMs' addresses come from (`--overlay-prefix`).
+    overlay: crate::net::addr::OverlayPrefix,
     stop_grace: Duration,
     output_cap: u64,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
@@ -512,13 +521,25 @@ impl Daemon {
 
     /// Forgets an ended VM and deletes its directory.
     pub fn remove(&self, id: &str) -> Result<(), RemoveError> {
-        let vm = {
-            let mut vms = self.lock_vms();
+        let ended = |vms: &HashMap<String, Arc<Vm>>| {
             let vm = vms.get(id).ok_or(RemoveError::NotFound)?;
             let status = vm.status();
             if !status.is_terminal() {
                 return Err(RemoveError::NotEnded(status));
             }
+            Ok(Arc::clone(vm))
+        };
+        let vm = ended(&self.lock_vms())?;
+        // Its namespace and veth go first, while the VM still holds its address (a mounted
+        // namespace file would stop the folder's deletion anyway); an ended VM never gets them
+        // back, so doing this outside the lock races with nothing but another removal.
+        if vm.network().is_some() {
+            crate::net::netns::teardown(&vm.dir.join(crate::net::netns::NETNS_FILE), id)
+                .map_err(RemoveError::Network)?;
+        }
+        let vm = {
+            let mut vms = self.lock_vms();
+            ended(&vms)?;
             vms.remove(id).ok_or(RemoveError::NotFound)?
         };
         std::fs::remove_dir_all(&vm.dir).map_err(|source| RemoveError::Delete {
@@ -670,6 +691,16 @@ impl Daemon {
                 }
             }
         }
+        if wants_network(&record.spec) {
+            match self.allocate_link(&vms) {
+                Ok(link) => record.net = Some(link),
+                Err(e) => {
+                    drop(vms);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(DaemonError::Vm(vm::VmError::Network(e)));
+                }
+            }
+        }
         let opened = record
             .save(&dir)
             .map_err(DaemonError::State)
@@ -681,8 +712,9 @@ impl Daemon {
         self.stop_children_when_ended(&vm);
         // The listeners exist before the VMM, so the sidecar's first connect finds them.
         self.start_mcp(&vm);
-        let started = vm
-            .bind_control()
+        let started = self
+            .prepare_network(&vm)
+            .and_then(|()| vm.bind_control())
             .and_then(|l| Ok((l, vm.spawn_vmm(&self.launch)?)));
         match started {
             Ok((listener, child)) => {
@@ -963,6 +995,51 @@ impl Daemon {
         }
     }
 
+    /// Picks the addresses of a networked VM, against those of every VM still listed (`vms`,
+    /// held locked by the caller). Networked VMs need the jail: the TAP is owned by the VMM's
+    /// uid and the VMM joins the namespace as it enters the jail.
+    fn allocate_link(
+        &self,
+        vms: &HashMap<String, Arc<Vm>>,
+    ) -> Result<crate::net::addr::VmLink, vm::NetworkError> {
+        if self.launch.jail.is_none() {
+            return Err(vm::NetworkError::NeedsJail);
+        }
+        let in_use = vms
+            .values()
+            .filter_map(|v| v.network())
+            .map(|link| link.guest)
+            .collect();
+        crate::net::addr::allocate(&self.overlay, &in_use).map_err(vm::NetworkError::Addr)
+    }
+
+    /// Makes the network of a VM that has addresses: its namespace, links, firewall and the
+    /// host's table. What was made is removed again on an error.
+    fn prepare_network(&self, vm: &Arc<Vm>) -> Result<(), vm::VmError> {
+        use crate::net::{firewall, netns};
+        let (Some(link), Some(uid)) = (vm.network(), vm.jail_uid()) else {
+            return Ok(());
+        };
+        let path = vm.dir.join(netns::NETNS_FILE);
+        let made = netns::VmNetns::create(&path)
+            .map_err(vm::NetworkError::Netns)
+            .and_then(|ns| {
+                netns::setup(&ns, &vm.id, &link, uid).map_err(vm::NetworkError::Netns)?;
+                // No SNI check listens yet: port 443 goes by the `allowed` set alone.
+                firewall::install(&ns, &link, &self.overlay, None)
+                    .map_err(vm::NetworkError::Firewall)?;
+                firewall::install_host(&self.overlay).map_err(vm::NetworkError::Firewall)
+            });
+        if let Err(e) = made {
+            if let Err(undo) = netns::teardown(&path, &vm.id) {
+                tracing::warn!(vm = %vm.id, error = %error_chain(&undo), "cannot undo a VM's network");
+            }
+            return Err(vm::VmError::Network(e));
+        }
+        tracing::info!(vm = %vm.id, guest = %link.guest, "VM network ready");
+        Ok(())
+    }
+
     /// Loads every VM under the state directory, re-attaching live ones and concluding dead
     /// ones (see the module doc).
     /// Then, once all are loaded, every VM stops its attached children when it ends (at once
@@ -1016,6 +1093,15 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// Whether `spec`'s profile gives its VM a network (`[network] egress`). A profile that does not
+/// load gives none (its gateway refuses it too).
+fn wants_network(spec: &CreateVm) -> bool {
+    spec.profile
+        .as_deref()
+        .and_then(|text| crate::policy::Profile::from_toml(text).ok())
+        .is_some_and(|p| !p.network.is_empty())
 }
 
 /// Reads `KEY=VALUE` lines (shell syntax, optional quotes) of a guest-image manifest.
@@ -1295,6 +1381,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             initrd,
             jail,
         },
+        overlay: args.overlay_prefix,
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         output_cap: args.output_cap_bytes,
         vms: Mutex::new(HashMap::new()),
@@ -1402,6 +1489,43 @@ pub fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_profile_with_egress_gets_a_network() {
+        let mut spec = CreateVm::new("/bin/agent", vec![]);
+        assert!(!wants_network(&spec));
+        spec.profile = Some("name = \"p\"\ntier = \"worker\"\n".into());
+        assert!(!wants_network(&spec));
+        spec.profile = Some("name = \"p\"\ntier = \"worker\"\n[network]\negress = []\n".into());
+        assert!(!wants_network(&spec));
+        spec.profile = Some(
+            "name = \"p\"\ntier = \"worker\"\n[network]\negress = [\"pypi.org:443\"]\n".into(),
+        );
+        assert!(wants_network(&spec));
+        // A profile that does not load gives no network.
+        spec.profile =
+            Some("name = \"p\"\ntier = \"worker\"\n[network]\negress = [\"pypi.org\"]\n".into());
+        assert!(!wants_network(&spec));
+    }
+
+    #[test]
+    fn the_overlay_prefix_flag_parses_and_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let base = ["host-agent", "--kernel", "k", "--initrd", "i"];
+        let cli = Cli::try_parse_from(base).unwrap();
+        assert_eq!(cli.serve.overlay_prefix.to_string(), "10.200.0.0/16");
+        let cli =
+            Cli::try_parse_from(base.iter().chain(&["--overlay-prefix", "172.31.0.0/20"])).unwrap();
+        assert_eq!(cli.serve.overlay_prefix.prefix_len(), 20);
+        assert!(
+            Cli::try_parse_from(base.iter().chain(&["--overlay-prefix", "10.0.0.1/16"])).is_err()
+        );
+    }
 
     /// VMs as the daemon lists them: `(id, status, parent, detached)`.
     fn vms(

@@ -212,7 +212,7 @@ async fn remove(
             StatusCode::CONFLICT,
             format!("VM {id} is {}; stop it first", status.as_str()),
         )),
-        Err(e @ RemoveError::Delete { .. }) => {
+        Err(e @ (RemoveError::Delete { .. } | RemoveError::Network(_))) => {
             Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, error_chain(&e)))
         }
     }

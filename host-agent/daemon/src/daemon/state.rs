@@ -145,6 +145,10 @@ pub struct VmRecord {
     /// The snapshot this VM's VMM restores instead of booting, when it was made by a restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,
+    /// The VM's addresses, when its profile gives it a network (`[network] egress`): held
+    /// until the VM is removed, so a restarted daemon never hands them to another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::addr::VmLink>,
     /// Set while a restored guest still has its snapshot's identity (see
     /// [`Reidentify`]); cleared once it said hello with a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,6 +219,7 @@ impl VmRecord {
             detached: false,
             paused: false,
             restore: None,
+            net: None,
             reidentify: None,
             template: false,
             reidentified: 0,
@@ -382,6 +387,12 @@ mod tests {
         assert_eq!(VmRecord::load(&dir).unwrap(), rec);
         rec.parent = Some("0badc0de".into());
         rec.detached = true;
+        rec.net = Some(crate::net::addr::VmLink {
+            gateway: "10.200.0.9".parse().unwrap(),
+            guest: "10.200.0.10".parse().unwrap(),
+            host_end: "10.200.0.13".parse().unwrap(),
+            netns_end: "10.200.0.14".parse().unwrap(),
+        });
         rec.save(&dir).unwrap();
         assert_eq!(VmRecord::load(&dir).unwrap(), rec);
     }
@@ -393,6 +404,7 @@ mod tests {
         let mut json = serde_json::to_value(&rec).unwrap();
         let fields = json.as_object_mut().unwrap();
         assert!(!fields.contains_key("parent") && !fields.contains_key("detached"));
+        assert!(!fields.contains_key("net"));
         std::fs::write(dir.path().join(RECORD_FILE), json.to_string()).unwrap();
         let loaded = VmRecord::load(dir.path()).unwrap();
         assert_eq!((loaded.parent, loaded.detached), (None, false));

@@ -100,6 +100,26 @@ pub enum VmError {
     /// The VMM's log could not be set up.
     #[error("VMM log")]
     VmmLog(#[source] super::vmm_log::VmmLogError),
+    /// The VM's network could not be set up.
+    #[error("the VM's network")]
+    Network(#[source] NetworkError),
+}
+
+/// Why a VM whose profile allows egress could not get its network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// VMMs are not jailed (`--jail off`, or the daemon is not root).
+    #[error("a VM with network egress needs the VMM jail")]
+    NeedsJail,
+    /// No address is free.
+    #[error("no address")]
+    Addr(#[source] crate::net::addr::AddrError),
+    /// The namespace or its links could not be made.
+    #[error("the network namespace")]
+    Netns(#[source] crate::net::netns::NetnsError),
+    /// The firewall could not be loaded.
+    #[error("the firewall")]
+    Firewall(#[source] crate::net::firewall::FirewallError),
 }
 
 /// How to start a VMM.
@@ -113,6 +133,18 @@ pub struct VmmLaunch {
     pub initrd: PathBuf,
     /// The jail's settings, when VMMs are jailed.
     pub jail: Option<super::jail::JailSettings>,
+}
+
+/// What the sidecar is told of the VM's link: its address, the gateway (also its resolver) and
+/// the MAC of the device to configure.
+pub fn guest_network(link: &crate::net::addr::VmLink) -> shared_proto::message::GuestNetwork {
+    shared_proto::message::GuestNetwork {
+        address: link.guest,
+        prefix_len: crate::net::addr::VmLink::LINK_PREFIX_LEN,
+        gateway: link.gateway,
+        dns: link.gateway,
+        mac: link.mac(),
+    }
 }
 
 /// The reason for a VMM that ended without an exit record: what the jail did to it, when
@@ -510,6 +542,18 @@ impl Vm {
         }
     }
 
+    /// This VM's addresses, when its profile gives it a network.
+    pub fn network(&self) -> Option<crate::net::addr::VmLink> {
+        lock(&self.record).net
+    }
+
+    /// This VM's network namespace, when its profile gives it a network (the resolver binds
+    /// its socket there with [`crate::net::netns::VmNetns::run_in`], on the gateway address).
+    pub fn netns(&self) -> Option<crate::net::netns::VmNetns> {
+        self.network()
+            .map(|_| crate::net::netns::VmNetns::at(&self.dir.join(crate::net::netns::NETNS_FILE)))
+    }
+
     /// The uid of this VM's jailed VMM, when it is jailed.
     pub fn jail_uid(&self) -> Option<u32> {
         lock(&self.record).jail_uid
@@ -572,12 +616,13 @@ impl Vm {
             path: self.dir.join(super::vmm_log::VMM_PIPE_FILE),
             source,
         })?;
-        let (spec, image, restore) = {
+        let (spec, image, restore, net) = {
             let record = lock(&self.record);
             (
                 record.spec.clone(),
                 record.image.clone(),
                 record.restore.clone(),
+                record.net,
             )
         };
         // The jail's arguments go last: a VMM's first argument is --kernel or --disk.
@@ -600,6 +645,10 @@ impl Vm {
             jail_args.extend(["--jail-gid".into(), uid.to_string().into()]);
             if jail.user_namespace {
                 jail_args.push("--jail-userns".into());
+            }
+            if net.is_some() {
+                jail_args.push("--jail-netns".into());
+                jail_args.push(self.dir.join(crate::net::netns::NETNS_FILE).into());
             }
             for cg in &cgroups {
                 jail_args.extend(["--jail-cgroup".into(), cg.clone().into_os_string()]);
@@ -641,6 +690,14 @@ impl Vm {
                     .arg("--initrd")
                     .arg(&launch.initrd);
             }
+        }
+        if let Some(link) = &net {
+            // In the VM's namespace, which the VMM joins first (`--jail-netns`).
+            cmd.arg("--net").arg(format!(
+                "tap={},mac={}",
+                crate::net::netns::TAP_NAME,
+                link.mac_string()
+            ));
         }
         cmd.arg("--vm-dir")
             .arg(&self.vmm_dir)
@@ -864,11 +921,11 @@ impl Vm {
             let send = !reidentify && !r.template && !r.agent_sent && !r.stop_requested;
             r.agent_sent |= send;
             (
-                send.then(|| (r.spec.clone(), r.image.clone())),
+                send.then(|| (r.spec.clone(), r.image.clone(), r.net)),
                 r.stop_requested,
             )
         });
-        if let Some((spec, image)) = send_agent {
+        if let Some((spec, image, net)) = send_agent {
             let _ = to_guest
                 .send(HostToGuest::RunAgent(AgentSpec {
                     command: spec.command,
@@ -883,6 +940,7 @@ impl Vm {
                         scratch_device: super::images::SCRATCH_DEVICE.to_owned(),
                     }),
                     user: image.and_then(|i| i.user),
+                    network: net.as_ref().map(guest_network),
                 }))
                 .await;
             // The API has no stdin for the agent yet: it reads EOF, never blocks on it.
@@ -1247,6 +1305,21 @@ mod tests {
     use tokio::sync::broadcast;
 
     #[test]
+    fn the_guest_is_told_its_address_gateway_resolver_and_mac() {
+        let link = crate::net::addr::VmLink {
+            gateway: "10.200.0.9".parse().unwrap(),
+            guest: "10.200.0.10".parse().unwrap(),
+            host_end: "10.200.0.13".parse().unwrap(),
+            netns_end: "10.200.0.14".parse().unwrap(),
+        };
+        let net = guest_network(&link);
+        assert_eq!(net.address, link.guest);
+        assert_eq!((net.gateway, net.dns), (link.gateway, link.gateway));
+        assert_eq!(net.prefix_len, 30);
+        assert_eq!(net.mac, [2, 0, 10, 200, 0, 10]);
+    }
+
+    #[test]
     fn a_vmm_killed_without_an_exit_record_is_named_by_its_signal() {
         use nix::libc::{SIGKILL, SIGSEGV, SIGSYS, SIGXFSZ};
         assert_eq!(jail_reason(Some(SIGSYS), false), "seccomp");
@@ -1477,6 +1550,54 @@ mod tests {
         assert!(lagged);
         assert!(held <= EVENT_BUFFER_BYTES, "{held} bytes held");
         assert!(lock(&vm.events).bytes() <= EVENT_BUFFER_BYTES);
+    }
+
+    #[tokio::test]
+    async fn a_networked_vm_s_vmm_gets_its_tap_and_mac_and_others_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let link = crate::net::addr::VmLink {
+            gateway: "10.200.0.1".parse().unwrap(),
+            guest: "10.200.0.2".parse().unwrap(),
+            host_end: "10.200.0.5".parse().unwrap(),
+            netns_end: "10.200.0.6".parse().unwrap(),
+        };
+        for net in [None, Some(link)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut rec = VmRecord::new("abcd0123".into(), CreateVm::new("/bin/a", vec![]), 1);
+            rec.net = net;
+            let vm = Vm::open(dir.path().to_path_buf(), rec, 1 << 20).unwrap();
+            // A "VMM" that writes its arguments, one a line, and exits.
+            let bin = dir.path().join("args-vmm");
+            let out = dir.path().join("args");
+            std::fs::write(
+                &bin,
+                format!(
+                    "#!/bin/sh
+printf '%s\\n' \"$@\" > {}\n",
+                    out.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let launch = VmmLaunch {
+                bin,
+                kernel: "k".into(),
+                initrd: "i".into(),
+                jail: None,
+            };
+            let child = vm.spawn_vmm(&launch).unwrap();
+            Arc::clone(&vm).watch_child(child).await;
+            let args = std::fs::read_to_string(&out).unwrap();
+            let args: Vec<&str> = args.lines().collect();
+            let net_at = args.iter().position(|a| *a == "--net");
+            match net {
+                None => assert_eq!(net_at, None, "{args:?}"),
+                Some(_) => {
+                    let at = net_at.unwrap_or_else(|| panic!("no --net: {args:?}"));
+                    assert_eq!(args[at + 1], "tap=tap0,mac=02:00:0a:c8:00:02");
+                }
+            }
+        }
     }
 
     #[tokio::test]

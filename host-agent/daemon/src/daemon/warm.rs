@@ -155,6 +155,11 @@ impl Daemon {
         if spec.copy_in_tar.is_some() {
             return Ok(None);
         }
+        // A template has no network device: a VM whose profile allows egress boots cold, with
+        // its own network.
+        if super::wants_network(spec) {
+            return Ok(None);
+        }
         let Ok(info) = self.images.inspect(image_name) else {
             // The cold path gives the error.
             return Ok(None);

@@ -26,7 +26,8 @@ use std::path::Path;
 
 pub use cedar::DEFAULT_DENY;
 pub use profile::{
-    ArgConstraint, OtherArgs, Profile, SPAWN_AGENT_TOOL, ServerSpec, Tier, TokenizeMode, ToolRule,
+    ArgConstraint, EgressError, EgressRule, MAX_EGRESS, NetworkSpec, OtherArgs, Profile,
+    SPAWN_AGENT_TOOL, ServerSpec, Tier, TokenizeMode, ToolRule,
 };
 
 /// The most unexpected argument names a denial lists.
@@ -52,6 +53,9 @@ pub enum PolicyError {
     /// A check failed.
     #[error("profile is invalid: {0}")]
     Invalid(String),
+    /// A `[network] egress` entry is refused.
+    #[error("profile is invalid")]
+    Egress(#[source] profile::EgressError),
     /// Cedar refused the schema, a policy or a request.
     #[error("cedar: {0}")]
     Cedar(String),
@@ -228,6 +232,13 @@ impl AccessPolicy {
             if !parent.restore_hosts.contains(host) {
                 out.push(format!(
                     "restore host `{host}` is not the parent's: bodies to it would get real values"
+                ));
+            }
+        }
+        for dest in &child.network.egress {
+            if !parent.network.egress.contains(dest) {
+                out.push(format!(
+                    "egress `{dest}` is not the parent's: the child could reach it"
                 ));
             }
         }

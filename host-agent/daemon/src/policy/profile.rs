@@ -107,6 +107,132 @@ pub struct Profile {
     /// The tools the agent may see and call.
     #[serde(default)]
     pub tools: Vec<ToolRule>,
+    /// The VM's network. With no `egress` the VM gets no network device at all.
+    #[serde(default, skip_serializing_if = "NetworkSpec::is_empty")]
+    pub network: NetworkSpec,
+}
+
+/// The most `[network] egress` entries one profile may hold.
+pub const MAX_EGRESS: usize = 64;
+
+/// `[network]`: where the agent's VM may connect to, besides the host's own services.
+///
+/// ```toml
+/// [network]
+/// egress = ["pypi.org:443", "*.githubusercontent.com:443"]
+/// ```
+///
+/// Each entry is `HOST:PORT`: `HOST` a DNS name, or `*.` and a DNS name for any name below it
+/// (not the name itself); `PORT` 1 to 65535. The strings are kept as written; the resolver
+/// matches names against them and the host's firewall admits only the addresses it resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// The destinations, `HOST:PORT`.
+    #[serde(default)]
+    pub egress: Vec<String>,
+}
+
+impl NetworkSpec {
+    /// Whether the VM gets no network at all.
+    pub fn is_empty(&self) -> bool {
+        self.egress.is_empty()
+    }
+
+    /// The entries, parsed (each was checked when the profile loaded).
+    pub fn destinations(&self) -> Result<Vec<EgressRule>, EgressError> {
+        self.egress.iter().map(|e| EgressRule::parse(e)).collect()
+    }
+}
+
+/// Why a `[network] egress` entry is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EgressError {
+    /// No `:PORT`.
+    #[error("egress entry `{0}` must be HOST:PORT")]
+    NoPort(String),
+    /// The port is not a number from 1 to 65535.
+    #[error("egress entry `{0}`: the port must be 1 to 65535")]
+    BadPort(String),
+    /// The host is not a DNS name (or `*.` and one).
+    #[error("egress entry `{0}`: the host must be a DNS name or `*.` followed by one")]
+    BadHost(String),
+    /// More entries than [`MAX_EGRESS`].
+    #[error("`[network] egress` names more than {MAX_EGRESS} destinations")]
+    TooMany,
+}
+
+/// One parsed `[network] egress` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRule {
+    /// The name, lower case, without the `*.` of a wildcard.
+    pub host: String,
+    /// Whether the entry admits every name below `host` (`*.host`), not `host` itself.
+    pub wildcard: bool,
+    /// The port.
+    pub port: u16,
+}
+
+impl EgressRule {
+    /// Parses and checks one entry.
+    pub fn parse(entry: &str) -> Result<Self, EgressError> {
+        let shown = || entry.escape_debug().to_string();
+        let (host, port) = entry
+            .rsplit_once(':')
+            .ok_or_else(|| EgressError::NoPort(shown()))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0 && !port.starts_with('+'))
+            .ok_or_else(|| EgressError::BadPort(shown()))?;
+        let (wildcard, name) = match host.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, host),
+        };
+        if !is_dns_name(name) {
+            return Err(EgressError::BadHost(shown()));
+        }
+        Ok(Self {
+            host: name.to_ascii_lowercase(),
+            wildcard,
+            port,
+        })
+    }
+
+    /// Whether `name` (a DNS name, any case, no trailing dot) on `port` is admitted.
+    pub fn admits(&self, name: &str, port: u16) -> bool {
+        if port != self.port {
+            return false;
+        }
+        let name = name.to_ascii_lowercase();
+        if self.wildcard {
+            name.strip_suffix(self.host.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+        } else {
+            name == self.host
+        }
+    }
+}
+
+/// A DNS host name: 1 to 253 characters, dot-separated labels of 1 to 63 ASCII letters, digits
+/// and hyphens, no label starting or ending with a hyphen, and not all digits at the end (an
+/// IPv4 address is not a name: egress goes by name only).
+fn is_dns_name(name: &str) -> bool {
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    let labels_ok = name.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    let last_not_numeric = name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| !tld.bytes().all(|b| b.is_ascii_digit()));
+    labels_ok && last_not_numeric
 }
 
 /// An agent's tier.
@@ -261,6 +387,10 @@ impl Profile {
         check_name("profile name", &self.name)?;
         check_hosts("llm_hosts", &self.llm_hosts)?;
         check_hosts("restore_hosts", &self.restore_hosts)?;
+        if self.network.egress.len() > MAX_EGRESS {
+            return Err(PolicyError::Egress(EgressError::TooMany));
+        }
+        self.network.destinations().map_err(PolicyError::Egress)?;
         let max = shared_proto::credential::MAX_LLM_HOSTS;
         if self.llm_hosts.len() + self.restore_hosts.len() > max {
             return bad(format!(
@@ -382,5 +512,103 @@ fn check_name(what: &str, name: &str) -> Result<(), PolicyError> {
             "{what} `{}` must be 1 to {MAX_NAME} of A-Z a-z 0-9 _ - .",
             name.escape_debug()
         )))
+    }
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+
+    fn with_egress(entries: &str) -> Result<Profile, PolicyError> {
+        Profile::from_toml(&format!(
+            "name = \"n\"\ntier = \"worker\"\n[network]\negress = [{entries}]\n"
+        ))
+    }
+
+    #[test]
+    fn egress_entries_keep_their_text_and_parse() {
+        let p = with_egress(r#""pypi.org:443", "*.githubusercontent.com:443""#).unwrap();
+        assert_eq!(
+            p.network.egress,
+            ["pypi.org:443", "*.githubusercontent.com:443"]
+        );
+        let rules = p.network.destinations().unwrap();
+        assert_eq!(
+            rules[1],
+            EgressRule {
+                host: "githubusercontent.com".into(),
+                wildcard: true,
+                port: 443
+            }
+        );
+        assert!(rules[0].admits("PyPI.org", 443));
+        assert!(!rules[0].admits("pypi.org", 80));
+        assert!(!rules[0].admits("evilpypi.org", 443));
+        assert!(rules[1].admits("raw.githubusercontent.com", 443));
+        assert!(!rules[1].admits("githubusercontent.com", 443));
+        assert!(!rules[1].admits("xgithubusercontent.com", 443));
+    }
+
+    #[test]
+    fn a_profile_without_network_has_no_egress() {
+        let p = Profile::from_toml("name = \"n\"\ntier = \"worker\"\n").unwrap();
+        assert!(p.network.is_empty());
+        let p = Profile::from_toml("name = \"n\"\ntier = \"worker\"\n[network]\n").unwrap();
+        assert!(p.network.is_empty());
+        // A misspelt key is refused, never ignored.
+        assert!(matches!(
+            Profile::from_toml("name = \"n\"\ntier = \"worker\"\n[network]\negres = []\n"),
+            Err(PolicyError::Parse(_))
+        ));
+    }
+
+    /// An entry and the check of the error it must get.
+    type Case = (&'static str, fn(&EgressError) -> bool);
+
+    #[test]
+    fn bad_egress_entries_get_typed_errors() {
+        let cases: &[Case] = &[
+            ("pypi.org", |e| matches!(e, EgressError::NoPort(_))),
+            ("pypi.org:0", |e| matches!(e, EgressError::BadPort(_))),
+            ("pypi.org:65536", |e| matches!(e, EgressError::BadPort(_))),
+            ("pypi.org:+443", |e| matches!(e, EgressError::BadPort(_))),
+            ("pypi.org:https", |e| matches!(e, EgressError::BadPort(_))),
+            (":443", |e| matches!(e, EgressError::BadHost(_))),
+            ("*:443", |e| matches!(e, EgressError::BadHost(_))),
+            ("*.:443", |e| matches!(e, EgressError::BadHost(_))),
+            ("a.*.org:443", |e| matches!(e, EgressError::BadHost(_))),
+            ("-a.org:443", |e| matches!(e, EgressError::BadHost(_))),
+            ("a..org:443", |e| matches!(e, EgressError::BadHost(_))),
+            ("10.0.0.1:443", |e| matches!(e, EgressError::BadHost(_))),
+            ("[::1]:443", |e| matches!(e, EgressError::BadHost(_))),
+            ("a_b.org:443", |e| matches!(e, EgressError::BadHost(_))),
+        ];
+        for (entry, want) in cases {
+            match with_egress(&format!("{entry:?}")) {
+                Err(PolicyError::Egress(e)) => assert!(want(&e), "{entry}: {e:?}"),
+                other => panic!("{entry}: {other:?}"),
+            }
+        }
+        let long = format!("{}.org:443", "a".repeat(64));
+        assert!(matches!(
+            with_egress(&format!("{long:?}")),
+            Err(PolicyError::Egress(EgressError::BadHost(_)))
+        ));
+        let many: Vec<String> = (0..=MAX_EGRESS)
+            .map(|i| format!("\"h{i}.test:443\""))
+            .collect();
+        assert!(matches!(
+            with_egress(&many.join(",")),
+            Err(PolicyError::Egress(EgressError::TooMany))
+        ));
+        assert_eq!(
+            with_egress("\"x.test:65535\"")
+                .unwrap()
+                .network
+                .destinations()
+                .unwrap()[0]
+                .port,
+            65535
+        );
     }
 }

@@ -338,6 +338,27 @@ args.path = { prefix = "/data/" }
 }
 
 #[test]
+fn a_spawned_worker_gets_no_egress_its_parent_lacks() {
+    let mut parent = example("orchestrator.toml").profile().clone();
+    parent.network.egress = vec!["pypi.org:443".into()];
+    let parent = AccessPolicy::new(parent).expect("compiles");
+    let mut child = Profile::from_toml("name = \"w\"\ntier = \"worker\"\n").unwrap();
+    assert_eq!(parent.spawn_excess(&child), Vec::<String>::new());
+    child.network.egress = vec!["pypi.org:443".into()];
+    assert_eq!(parent.spawn_excess(&child), Vec::<String>::new());
+    child.network.egress.push("*.example.com:443".into());
+    let excess = parent.spawn_excess(&child);
+    assert_eq!(excess.len(), 1, "{excess:?}");
+    assert!(
+        excess[0].contains("egress `*.example.com:443`"),
+        "{excess:?}"
+    );
+    // The same host on another port is another destination.
+    child.network.egress = vec!["pypi.org:80".into()];
+    assert!(parent.spawn_excess(&child)[0].contains("pypi.org:80"));
+}
+
+#[test]
 fn a_profile_survives_a_toml_round_trip() {
     // How a spawned agent's profile travels to the daemon's create path.
     for name in ["worker.toml", "orchestrator.toml"] {

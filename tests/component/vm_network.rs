@@ -1,0 +1,349 @@
+//! A networked VM's plumbing, made for real by the daemon's own code (as root, with iproute2
+//! and nft; no VM is booted): its network namespace kept by a bind mount, the TAP, the veth
+//! and routes, the firewall with its set and counters, a frame the "guest" writes into the TAP
+//! being refused and counted, and a removal that leaves nothing behind.
+//!
+//! The test re-runs itself under `unshare --net`, so the host's own links, routes, forwarding
+//! setting and nftables are never touched: there, the test's namespace plays the host's.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::Duration;
+
+use host_agent::net::addr::{OverlayPrefix, allocate};
+use host_agent::net::netns::{self, VmNetns};
+use host_agent::net::{addr::VmLink, firewall};
+
+/// Set in the copy of the test that runs in its own network namespace.
+const INNER: &str = "NANOCLAW_TEST_VM_NETWORK_INNER";
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `ip -j ARGS` in the test's namespace (the "host"), parsed.
+fn host_ip_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("ip").arg("-j").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `PROGRAM ARGS` in the VM's namespace: its stdout, or its stderr as the error.
+fn in_ns(ns: &VmNetns, program: &str, args: &[&str]) -> Result<Vec<u8>, String> {
+    let (mut cmd, _keep) = ns.command(program).unwrap();
+    let out = cmd.args(args).output().unwrap();
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn ns_json(ns: &VmNetns, program: &str, args: &[&str]) -> serde_json::Value {
+    let out = in_ns(ns, program, args).unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    serde_json::from_slice(&out).unwrap()
+}
+
+#[test]
+fn a_vm_network_is_built_filtered_counted_and_removed() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: a VM's network namespace needs root");
+        return;
+    }
+    if !have("ip") || !have("nft") || !have("unshare") {
+        eprintln!("skipped: needs iproute2 (ip), nftables (nft) and util-linux (unshare)");
+        return;
+    }
+    if std::env::var_os(INNER).is_none() {
+        let out = Command::new("unshare")
+            .arg("--net")
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "vm_network::a_vm_network_is_built_filtered_counted_and_removed",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(INNER, "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        // The copy ran the test, not nothing.
+        assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
+        return;
+    }
+    inner();
+}
+
+fn inner() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(netns::NETNS_FILE);
+    let prefix: OverlayPrefix = "10.251.0.0/24".parse().unwrap();
+    let link = allocate(&prefix, &[].into()).unwrap();
+    let id = "0de1e7ed";
+    let veth = netns::host_veth_name(id).unwrap();
+    let uid = 1_000_777;
+
+    let ns = VmNetns::create(&path).unwrap();
+    // A failing check still unmounts the namespace, so the temporary folder can go.
+    let _guard = Teardown(&path, id);
+    assert!(VmNetns::is_mounted(&path));
+    netns::setup(&ns, id, &link, uid).unwrap();
+    firewall::install(&ns, &link, &prefix, None).unwrap();
+    firewall::install_host(&prefix).unwrap();
+    // Loading again replaces, never duplicates; nft takes the SNI redirect as written.
+    firewall::install(&ns, &link, &prefix, Some(8443)).unwrap();
+    let text = String::from_utf8(
+        in_ns(
+            &ns,
+            "nft",
+            &["list", "chain", "inet", "nanoclaw", "prerouting"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(text.contains("redirect to :8443"), "{text}");
+    firewall::install(&ns, &link, &prefix, None).unwrap();
+    firewall::install_host(&prefix).unwrap();
+
+    check_links(&ns, &link, &veth, uid);
+    check_ruleset(&ns);
+
+    // The resolver's call: an element with its timeout; a second call refreshes it.
+    let dest = Ipv4Addr::new(192, 0, 2, 80);
+    firewall::allow(&ns, dest, 443, Duration::from_secs(120)).unwrap();
+    firewall::allow(&ns, dest, 443, Duration::from_secs(600)).unwrap();
+    let set = ns_json(
+        &ns,
+        "nft",
+        &["-j", "list", "set", "inet", "nanoclaw", "allowed"],
+    );
+    let text = set.to_string();
+    assert!(
+        text.contains("192.0.2.80") && text.contains("443"),
+        "{text}"
+    );
+    let timeout = find_key(&set, "timeout").unwrap_or_else(|| panic!("no timeout: {text}"));
+    assert_eq!(timeout.as_u64(), Some(600), "{text}");
+    // Several at once, in one transaction.
+    let more = [
+        (Ipv4Addr::new(192, 0, 2, 81), 443),
+        (Ipv4Addr::new(192, 0, 2, 82), 8443),
+    ];
+    firewall::allow_all(&ns, &more, Duration::from_secs(60)).unwrap();
+    let text = ns_json(
+        &ns,
+        "nft",
+        &["-j", "list", "set", "inet", "nanoclaw", "allowed"],
+    )
+    .to_string();
+    assert!(
+        text.contains("192.0.2.81") && text.contains("192.0.2.82") && text.contains("8443"),
+        "{text}"
+    );
+    assert!(matches!(
+        firewall::allow(&ns, dest, 443, Duration::ZERO),
+        Err(firewall::FirewallError::BadTtl(_))
+    ));
+
+    // The counters read back, all of them, at zero.
+    let before = firewall::counters(&ns).unwrap();
+    for name in firewall::COUNTERS {
+        assert_eq!(
+            before.get(*name).map(|c| c.packets),
+            Some(0),
+            "{name}: {before:?}"
+        );
+    }
+    // The "guest" writes a SYN to the metadata address into the TAP: refused and counted.
+    let tap_mac = tap_mac(&ns);
+    let frame = syn_frame(&link, tap_mac, Ipv4Addr::new(169, 254, 169, 254), 80);
+    ns.run_in(|| write_to_tap(&frame)).unwrap();
+    let mut counted = 0;
+    for _ in 0..50 {
+        counted = firewall::counters(&ns).unwrap()["deny_metadata"].packets;
+        if counted > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(counted, 1, "the SYN to 169.254.169.254 was not counted");
+    // Nor did anything else count it.
+    let after = firewall::counters(&ns).unwrap();
+    assert_eq!(after["deny_other"].packets, 0);
+
+    // Removal leaves no veth, no route, no namespace file.
+    drop(ns);
+    netns::teardown(&path, id).unwrap();
+    assert!(!path.exists());
+    let links = host_ip_json(&["link", "show"]);
+    assert!(
+        !links.to_string().contains(&format!("\"{veth}\"")),
+        "{veth} is left: {links}"
+    );
+    let routes = host_ip_json(&["route", "show"]);
+    assert!(!routes.to_string().contains("10.251.0.0"), "{routes}");
+    // Twice is fine.
+    netns::teardown(&path, id).unwrap();
+}
+
+/// Tears the VM's network down when dropped (on a panic too).
+struct Teardown<'a>(&'a std::path::Path, &'a str);
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        let _ = netns::teardown(self.0, self.1);
+    }
+}
+
+fn check_links(ns: &VmNetns, link: &VmLink, veth: &str, uid: u32) {
+    let tap = ns_json(ns, "ip", &["-d", "-j", "link", "show", "tap0"]);
+    let info = &tap[0]["linkinfo"]["info_data"];
+    assert_eq!(info["type"], "tap", "{tap}");
+    assert_eq!(info["pi"], false, "{tap}");
+    assert_eq!(info["persist"], true, "{tap}");
+    assert_eq!(info["user"].as_u64(), Some(u64::from(uid)), "{tap}");
+    let addrs = ns_json(ns, "ip", &["-j", "-4", "addr", "show"]).to_string();
+    assert!(addrs.contains(&link.gateway.to_string()), "{addrs}");
+    assert!(addrs.contains(&link.netns_end.to_string()), "{addrs}");
+    let default = ns_json(ns, "ip", &["-j", "route", "show", "default"]);
+    assert_eq!(
+        default[0]["gateway"],
+        link.host_end.to_string(),
+        "{default}"
+    );
+    assert_eq!(default[0]["dev"], "up0", "{default}");
+
+    let host = host_ip_json(&["-4", "addr", "show", "dev", veth]);
+    assert!(
+        host.to_string().contains(&link.host_end.to_string()),
+        "{host}"
+    );
+    let route = host_ip_json(&["route", "show", &format!("{}/30", link.guest_net())]);
+    assert_eq!(route[0]["gateway"], link.netns_end.to_string(), "{route}");
+    assert_eq!(route[0]["dev"], veth, "{route}");
+    let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    assert_eq!(forwarding.trim(), "1");
+    let inside = ns
+        .run_in(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap())
+        .unwrap();
+    assert_eq!(inside.trim(), "1");
+}
+
+fn check_ruleset(ns: &VmNetns) {
+    let text = String::from_utf8(in_ns(ns, "nft", &["list", "ruleset"]).unwrap()).unwrap();
+    assert_eq!(text.matches("table inet nanoclaw").count(), 1, "{text}");
+    assert!(text.contains("set allowed"), "{text}");
+    assert!(text.contains("flags timeout"), "{text}");
+    let host = Command::new("nft")
+        .args(["list", "table", "ip", "nanoclaw"])
+        .output()
+        .unwrap();
+    let host = String::from_utf8_lossy(&host.stdout);
+    assert!(
+        host.contains("ip saddr 10.251.0.0/24 oifname != \"nc-*\" masquerade"),
+        "{host}"
+    );
+}
+
+/// The first value under `key` anywhere in `v`.
+fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
+
+fn tap_mac(ns: &VmNetns) -> [u8; 6] {
+    let tap = ns_json(ns, "ip", &["-j", "link", "show", "tap0"]);
+    let text = tap[0]["address"].as_str().unwrap().to_owned();
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+/// The ones' complement sum of `data`, folded.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame from the guest to the gateway's MAC: a TCP SYN from the guest to
+/// `dst:port`.
+fn syn_frame(link: &VmLink, tap_mac: [u8; 6], dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    let src = link.guest;
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&40000u16.to_be_bytes());
+    tcp.extend_from_slice(&port.to_be_bytes());
+    tcp.extend_from_slice(&1u32.to_be_bytes()); // seq
+    tcp.extend_from_slice(&0u32.to_be_bytes()); // ack
+    tcp.extend_from_slice(&[0x50, 0x02]); // 20-byte header, SYN
+    tcp.extend_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&tap_mac);
+    frame.extend_from_slice(&link.mac());
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+/// Attaches to `tap0` (in the calling thread's namespace) as the VMM does and writes `frame`.
+fn write_to_tap(frame: &[u8]) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    // SAFETY: ifreq is a plain C struct for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"tap0\0") {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: `tun` is an open /dev/net/tun descriptor and `req` a valid, NUL-terminated
+    // ifreq that outlives the call, which is what TUNSETIFF reads.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &req) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    tun.write_all(frame).unwrap();
+}
