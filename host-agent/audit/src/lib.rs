@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -240,19 +240,25 @@ pub struct ChainHead {
     pub hash: [u8; 32],
 }
 
-/// How many records and `fdatasync`s a log has done since it was opened.
+/// How many records and `fdatasync`s a log has done since it was opened, and how long they
+/// took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AuditStats {
     /// Records written, synced and acknowledged.
     pub records: u64,
     /// Batches written and synced (one `fdatasync` each).
     pub syncs: u64,
+    /// The time the writer spent writing and syncing those batches: divided by `syncs`, the
+    /// mean time a batch took to reach the disk, which every record of it waited for.
+    pub sync_time: Duration,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     records: AtomicU64,
     syncs: AtomicU64,
+    /// Nanoseconds spent in the writes and syncs of acknowledged batches.
+    sync_nanos: AtomicU64,
     /// The last acknowledged record (`None` while the log is empty).
     head: std::sync::Mutex<Option<ChainHead>>,
 }
@@ -457,6 +463,7 @@ impl AuditLog {
         AuditStats {
             records: self.counters.records.load(Ordering::Relaxed),
             syncs: self.counters.syncs.load(Ordering::Relaxed),
+            sync_time: Duration::from_nanos(self.counters.sync_nanos.load(Ordering::Relaxed)),
         }
     }
 
@@ -538,8 +545,11 @@ impl Writer {
         if written.is_empty() {
             return;
         }
+        let started = Instant::now();
         match self.write_and_sync(&bytes) {
             Ok(()) => {
+                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.counters.sync_nanos.fetch_add(took, Ordering::Relaxed);
                 self.len += bytes.len() as u64;
                 self.next_seq += written.len() as u64;
                 self.hash = hash;
