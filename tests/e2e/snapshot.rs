@@ -173,3 +173,104 @@ fn a_restored_agent_counts_on_from_where_its_snapshot_was_taken() {
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
 }
+
+/// The agent: opens an MCP session through the sidecar's endpoint, then calls `read_file` in
+/// it every two seconds, printing `MCP-OK` or `MCP-FAIL` for each answer.
+const MCP_CALLER: &str = r#"
+H='Content-Type: application/json'
+U=http://127.0.0.1:8931/mcp
+INIT='{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"sh","version":"0"}}}'
+until wget -q -S -O /tmp/init.json --header "$H" --post-data "$INIT" $U 2>/tmp/headers; do sleep 1; done
+SID=$(grep -i 'mcp-session-id' /tmp/headers | sed 's/.*: *//' | tr -d '\r ')
+wget -q -O /dev/null --header "$H" --header "Mcp-Session-Id: $SID" --post-data '{"jsonrpc":"2.0","method":"notifications/initialized"}' $U
+i=0
+while true; do
+  i=$((i+1))
+  if wget -q -O /tmp/r --header "$H" --header "Mcp-Session-Id: $SID" --post-data "{\"jsonrpc\":\"2.0\",\"id\":$i,\"method\":\"tools/call\",\"params\":{\"name\":\"read_file\",\"arguments\":{\"path\":\"/data/r.txt\"}}}" $U \
+     && grep -q '"result"' /tmp/r; then echo "MCP-OK $i"; else echo "MCP-FAIL $i"; fi
+  sleep 2
+done
+"#;
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn an_open_mcp_session_goes_on_after_a_restore() {
+    let d = daemon();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let python = std::env::var("NANOCLAW_MCP_PYTHON").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/nanoclaw/mcp-venv/bin/python3",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let peer_log = dir.path().join("peer.ndjson");
+    let profile = [
+        nanoclaw_tests::profiles::header(
+            "e2e-restore",
+            "worker",
+            "enforce",
+            std::path::Path::new(&python),
+            &peer_log,
+        ),
+        nanoclaw_tests::profiles::read_file("/data/"),
+    ]
+    .concat();
+    let profile_path = dir.path().join("profile.toml");
+    std::fs::write(&profile_path, profile).expect("write the profile");
+    let profile_arg = profile_path.to_string_lossy().into_owned();
+    let out = nanoclaw(
+        &d,
+        &[
+            "run",
+            "-d",
+            "--profile",
+            &profile_arg,
+            "--",
+            "/bin/sh",
+            "-c",
+            MCP_CALLER,
+        ],
+        CLI_TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    let oks = |vm: &str| -> Vec<String> {
+        logs(&d, vm)
+            .lines()
+            .filter(|l| l.starts_with("MCP-"))
+            .map(str::to_owned)
+            .collect()
+    };
+    d.wait_for(&id, AGENT, "calling tools", |_| {
+        oks(&id).iter().any(|l| l.starts_with("MCP-OK"))
+    })
+    .expect("the agent's MCP session works");
+    let out = nanoclaw(&d, &["snapshot", &id, "mcp"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = nanoclaw(&d, &["stop", &id], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = nanoclaw(&d, &["restore", "mcp", "-d"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let restored = text(&out.stdout).trim().to_owned();
+    // The call in flight at the snapshot may fail; the session's next ones go through the new
+    // VM's own gateway.
+    d.wait_for(&restored, AGENT, "calling tools after the restore", |_| {
+        oks(&restored)
+            .iter()
+            .filter(|l| l.starts_with("MCP-OK"))
+            .count()
+            >= 2
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nrestored: {:?}", oks(&restored)));
+    let lines = oks(&restored);
+    eprintln!("mcp restore e2e: the restored agent's calls in the same session: {lines:?}");
+    assert!(
+        lines.iter().filter(|l| l.starts_with("MCP-FAIL")).count() <= 1,
+        "{lines:?}"
+    );
+    let out = nanoclaw(&d, &["stop", &restored], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = nanoclaw(&d, &["snapshot", "rm", "mcp"], CLI_TIMEOUT);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
