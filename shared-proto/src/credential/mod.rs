@@ -43,6 +43,8 @@
 //!   [`session_prologue`], the [`Validate`] trait and [`encode_message`] / [`decode_message`].
 //! - `record.rs`: records on a byte stream ([`RecordDecoder`], [`encode_record`]).
 //! - `noise.rs`: the handshakes and transport of every channel ([`noise`]).
+//! - `data.rs`: the bulk messages (`Body`, link `Data`) encoded and read without a general CBOR
+//!   pass, byte for byte as [`encode_message`] writes them ([`data`]).
 //! - `pairing.rs`: pairing codes ([`pairing_code`], [`pairing_psk`]) and [`PairingOffer`].
 //! - `link.rs`: the link messages ([`HostToDevice`], [`DeviceToHost`]), the tokenizer
 //!   hand-off ([`TokenizeSpec`], [`IssuedToken`]), tokenization reports and approval answers.
@@ -55,6 +57,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 mod checks;
+pub mod data;
 mod link;
 pub mod noise;
 mod pairing;
