@@ -150,7 +150,7 @@ impl<S: Read + Write> DeviceSession<S> {
         write_record(&mut stream, &first)?;
         let mut records = RecordReader::new();
         let answer = records.next(&mut stream)?;
-        noise::read_handshake(&mut hs, &answer).map_err(ProxyError::Noise)?;
+        noise::read_handshake(&mut hs, answer).map_err(ProxyError::Noise)?;
         let transport = hs.into_transport_mode().map_err(ProxyError::Noise)?;
         let now = std::time::Instant::now();
         Ok(Self {
