@@ -718,13 +718,23 @@ impl Device {
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(to_host.clone());
         let writer_transport = Arc::clone(&transport);
         let writer = tokio::spawn(async move {
+            let (mut plain, mut sealed) = (Vec::new(), Vec::new());
             while let Some(msg) = outgoing.recv().await {
-                let sealed = {
-                    let plain = credential::encode_message(&msg)?;
+                plain.clear();
+                match &msg {
+                    // The bulk of the link: encoded straight from the session's record.
+                    DeviceToHost::Data { session, bytes } => {
+                        credential::data::encode_link_data(*session, bytes, &mut plain);
+                    }
+                    other => plain = credential::encode_message(other)?,
+                }
+                sealed.clear();
+                {
                     let mut t = writer_transport.lock().unwrap_or_else(|p| p.into_inner());
-                    noise::seal(&mut t, &plain)?
-                };
-                noise::write_record(&mut write, &sealed).await?;
+                    noise::seal_record(&mut t, &plain, &mut sealed)?;
+                }
+                write.write_all(&sealed).await.map_err(NoiseError::Io)?;
+                write.flush().await.map_err(NoiseError::Io)?;
             }
             Ok::<(), NoiseError>(())
         });

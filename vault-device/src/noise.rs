@@ -6,7 +6,7 @@ use shared_proto::credential::{self, RECORD_PREFIX, RecordDecoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use shared_proto::credential::noise::{
-    link_initiator, open, pair_initiator, seal, session_responder,
+    link_initiator, open, open_in, pair_initiator, seal, seal_record, session_responder,
 };
 
 /// How much is read from a stream at once: a record of the largest size.

@@ -11,7 +11,8 @@
 use snow::{Builder, HandshakeState, TransportState};
 
 use super::{
-    LINK_PROLOGUE, MAX_NOISE_MESSAGE, NOISE_LINK, NOISE_PAIR, NOISE_SESSION, PAIR_PROLOGUE,
+    LINK_PROLOGUE, MAX_NOISE_MESSAGE, NOISE_LINK, NOISE_PAIR, NOISE_SESSION, NOISE_TAG,
+    PAIR_PROLOGUE, RECORD_PREFIX,
 };
 
 fn builder(pattern: &str) -> Result<Builder<'static>, snow::Error> {
@@ -106,6 +107,47 @@ pub fn open(t: &mut TransportState, message: &[u8]) -> Result<Vec<u8>, snow::Err
     Ok(buf)
 }
 
+/// Encrypts one plaintext and appends it to `out` as a record (length prefix, then the
+/// transport message), sealing straight into `out` rather than through a scratch message.
+pub fn seal_record(
+    t: &mut TransportState,
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), snow::Error> {
+    let len = plaintext.len() + NOISE_TAG;
+    let Ok(prefix) = u16::try_from(len) else {
+        return Err(snow::Error::Input);
+    };
+    let at = out.len();
+    out.extend_from_slice(&prefix.to_be_bytes());
+    out.resize(at + RECORD_PREFIX + len, 0);
+    match t.write_message(plaintext, &mut out[at + RECORD_PREFIX..]) {
+        Ok(n) if n == len => Ok(()),
+        Ok(_) => {
+            out.truncate(at);
+            Err(snow::Error::Input)
+        }
+        Err(e) => {
+            out.truncate(at);
+            Err(e)
+        }
+    }
+}
+
+/// Decrypts one transport message into `scratch`, which is kept between calls so that a
+/// stream of messages reuses one buffer; returns the plaintext, borrowed from it.
+pub fn open_in<'a>(
+    t: &mut TransportState,
+    message: &[u8],
+    scratch: &'a mut Vec<u8>,
+) -> Result<&'a [u8], snow::Error> {
+    if scratch.len() < message.len() {
+        scratch.resize(message.len(), 0);
+    }
+    let n = t.read_message(message, scratch)?;
+    Ok(&scratch[..n])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +199,40 @@ mod tests {
         let mut i = session_initiator(&sidecar, &device_pub, &prologue).unwrap();
         read_handshake(&mut r, &write_handshake(&mut i, &[]).unwrap()).unwrap();
         assert_eq!(r.get_remote_static(), Some(&sidecar_pub[..]));
+    }
+
+    #[test]
+    fn records_sealed_in_place_open_with_a_kept_buffer() {
+        let (device, device_pub) = key(1);
+        let (host, host_pub) = key(2);
+        let mut i = link_initiator(&device, &host_pub).unwrap();
+        let mut r = link_responder(&host, &device_pub).unwrap();
+        read_handshake(&mut r, &write_handshake(&mut i, &[]).unwrap()).unwrap();
+        read_handshake(&mut i, &write_handshake(&mut r, &[]).unwrap()).unwrap();
+        let (mut i, mut r) = (
+            i.into_transport_mode().unwrap(),
+            r.into_transport_mode().unwrap(),
+        );
+        let big = vec![5u8; MAX_NOISE_MESSAGE - NOISE_TAG];
+        let mut stream = b"x".to_vec();
+        seal_record(&mut i, b"first", &mut stream).unwrap();
+        seal_record(&mut i, &big, &mut stream).unwrap();
+        // One byte too many for a Noise message: refused, and nothing is appended.
+        let before = stream.len();
+        assert!(seal_record(&mut i, &[0; MAX_NOISE_MESSAGE - NOISE_TAG + 1], &mut stream).is_err());
+        assert_eq!(stream.len(), before);
+        let mut records = crate::credential::RecordDecoder::new();
+        records.push(&stream[1..]);
+        let mut scratch = Vec::new();
+        let first = records.next_record().unwrap().unwrap().to_vec();
+        assert_eq!(open_in(&mut r, &first, &mut scratch).unwrap(), b"first");
+        let second = records.next_record().unwrap().unwrap().to_vec();
+        assert_eq!(open_in(&mut r, &second, &mut scratch).unwrap(), &big[..]);
+        // A forged message fails, the buffer kept.
+        let mut forged = Vec::new();
+        seal_record(&mut i, b"third", &mut forged).unwrap();
+        forged[4] ^= 1;
+        assert!(open_in(&mut r, &forged[RECORD_PREFIX..], &mut scratch).is_err());
     }
 
     #[test]

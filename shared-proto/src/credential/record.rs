@@ -73,6 +73,26 @@ impl RecordDecoder {
     ///
     /// After an error the stream is out of step and the caller should drop the connection.
     pub fn decode_next(&mut self) -> Result<Option<Vec<u8>>, CredentialError> {
+        Ok(self.next_record()?.map(<[u8]>::to_vec))
+    }
+
+    /// Whether a whole record is buffered (so that [`Self::next_record`] answers it); an error
+    /// as soon as a length prefix over the cap is seen.
+    pub fn has_record(&self) -> Result<bool, CredentialError> {
+        let rest = &self.buf[self.start..];
+        let Some(prefix) = rest.first_chunk::<RECORD_PREFIX>() else {
+            return Ok(false);
+        };
+        let len = usize::from(u16::from_be_bytes(*prefix));
+        if len > self.max {
+            return Err(CredentialError::RecordTooLarge(len));
+        }
+        Ok(rest.len() >= RECORD_PREFIX + len)
+    }
+
+    /// Like [`Self::decode_next`], but borrows the record's body from the decoder's buffer
+    /// instead of copying it out (valid until the next call on the decoder).
+    pub fn next_record(&mut self) -> Result<Option<&[u8]>, CredentialError> {
         let rest = &self.buf[self.start..];
         let Some(prefix) = rest.first_chunk::<RECORD_PREFIX>() else {
             self.compact();
@@ -82,13 +102,13 @@ impl RecordDecoder {
         if len > self.max {
             return Err(CredentialError::RecordTooLarge(len));
         }
-        let Some(body) = rest[RECORD_PREFIX..].get(..len) else {
+        if rest.len() < RECORD_PREFIX + len {
             self.compact();
             return Ok(None);
-        };
-        let body = body.to_vec();
-        self.start += RECORD_PREFIX + len;
-        Ok(Some(body))
+        }
+        let at = self.start + RECORD_PREFIX;
+        self.start = at + len;
+        Ok(Some(&self.buf[at..at + len]))
     }
 
     fn compact(&mut self) {
@@ -112,10 +132,13 @@ mod tests {
         let mut d = RecordDecoder::new();
         d.push(&out[..3]);
         assert_eq!(d.decode_next().unwrap(), None);
+        assert!(!d.has_record().unwrap());
         assert_eq!(d.pending(), 3);
         d.push(&out[3..]);
+        assert!(d.has_record().unwrap());
         assert_eq!(d.decode_next().unwrap().as_deref(), Some(&b"hello"[..]));
-        assert_eq!(d.decode_next().unwrap().as_deref(), Some(&b""[..]));
+        assert_eq!(d.next_record().unwrap(), Some(&b""[..]));
+        assert!(!d.has_record().unwrap());
         assert_eq!(d.decode_next().unwrap(), None);
         assert_eq!(d.pending(), 0);
         assert!(matches!(
@@ -134,6 +157,10 @@ mod tests {
 
         let mut d = RecordDecoder::with_max(16);
         d.push(&17u16.to_be_bytes());
+        assert!(matches!(
+            d.has_record(),
+            Err(CredentialError::RecordTooLarge(17))
+        ));
         assert!(matches!(
             d.decode_next(),
             Err(CredentialError::RecordTooLarge(17))

@@ -196,10 +196,18 @@ impl Session {
     /// Sends `bytes` as `Body` messages of at most [`credential::MAX_CHUNK`] each (nothing
     /// when empty), encoded straight from the slice.
     async fn send_body(&mut self, bytes: &[u8]) -> Result<(), NoiseError> {
+        let mut plain = Vec::with_capacity(credential::MAX_CHUNK + 16);
         for piece in bytes.chunks(credential::MAX_CHUNK) {
-            let plain = credential::encode_message(&BodyRef::Body(piece))?;
-            let sealed = noise::seal(&mut self.transport, &plain)?;
-            send_record(&self.out, &sealed).await?;
+            plain.clear();
+            credential::data::encode_body(piece, &mut plain);
+            // Sealed straight into the record that goes to the link.
+            let mut record =
+                Vec::with_capacity(plain.len() + RECORD_PREFIX + credential::NOISE_TAG);
+            noise::seal_record(&mut self.transport, &plain, &mut record)?;
+            self.out
+                .send(record)
+                .await
+                .map_err(|_| NoiseError::Closed)?;
         }
         Ok(())
     }
@@ -212,14 +220,6 @@ impl Session {
         self.answered = false;
         complete
     }
-}
-
-/// [`DeviceToSidecar::Body`] borrowing its bytes: it encodes to exactly the same CBOR (an
-/// externally tagged variant named `Body` holding a byte string), without copying a body
-/// chunk into a message first.
-#[derive(serde::Serialize)]
-enum BodyRef<'a> {
-    Body(#[serde(with = "serde_bytes")] &'a [u8]),
 }
 
 /// Sends `body` to the sidecar as one record.

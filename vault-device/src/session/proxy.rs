@@ -282,14 +282,7 @@ async fn relay_unchanged(
     session
         .send(&DeviceToSidecar::Head { status, headers })
         .await?;
-    stream_body(
-        session,
-        body,
-        redactor,
-        |c| Ok(c.to_vec()),
-        || Ok(Vec::new()),
-    )
-    .await
+    stream_body(session, body, redactor, Ok, || Ok(Vec::new())).await
 }
 
 /// Step 5 for a tokenizing VM: the answer tokenized on its way to the agent, by body type
@@ -423,7 +416,7 @@ async fn relay_lines<C: SessionContext>(
         session,
         response,
         redactor,
-        |c| lines_of().push(&mut tokenize::lock(vm), c),
+        |c| lines_of().push(&mut tokenize::lock(vm), &c),
         || lines_of().finish(&mut tokenize::lock(vm)),
     )
     .await;
@@ -453,7 +446,7 @@ async fn stream_body(
     session: &mut Session,
     response: reqwest::Response,
     redactor: &mut Redactor,
-    mut filter: impl FnMut(&[u8]) -> Result<Vec<u8>, BodyError>,
+    mut filter: impl FnMut(Vec<u8>) -> Result<Vec<u8>, BodyError>,
     finish: impl FnOnce() -> Result<Vec<u8>, BodyError>,
 ) -> Result<(), NoiseError> {
     let mut stream = response.bytes_stream();
@@ -479,7 +472,7 @@ async fn stream_body(
                 break;
             }
         }
-        let out = filter(&redactor.push(&pending));
+        let out = filter(redactor.push(&pending));
         pending.clear();
         let out = match out {
             Ok(out) => out,
@@ -492,7 +485,7 @@ async fn stream_body(
         };
         session.send_body(&out).await?;
     }
-    let last = filter(&redactor.finish()).and_then(|mut out| {
+    let last = filter(redactor.finish()).and_then(|mut out| {
         out.extend(finish()?);
         Ok(out)
     });

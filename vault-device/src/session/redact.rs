@@ -71,9 +71,15 @@ impl Redactor {
         if self.secret.is_empty() {
             return chunk.to_vec();
         }
-        let mut buf = Zeroizing::new(std::mem::take(&mut *self.held));
-        buf.extend_from_slice(chunk);
-        let (mut out, n) = replace_all(&buf, &self.secret);
+        // Only a held-back tail needs joining to the chunk; without one the chunk is scanned
+        // where it is.
+        let (mut out, n) = if self.held.is_empty() {
+            replace_all(chunk, &self.secret)
+        } else {
+            let mut buf = Zeroizing::new(std::mem::take(&mut *self.held));
+            buf.extend_from_slice(chunk);
+            replace_all(&buf, &self.secret)
+        };
         self.redacted += n;
         // A copy not yet complete is a tail of `out` that starts the secret; the longest such
         // tail holds every shorter one.

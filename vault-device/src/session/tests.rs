@@ -468,14 +468,3 @@ async fn a_seal_needs_a_grant_that_allows_the_fallback() {
     }
     s.ended().await.unwrap();
 }
-
-#[test]
-fn a_borrowed_body_encodes_as_the_message_does() {
-    for len in [0, 1, 23, 24, 255, 256, credential::MAX_CHUNK] {
-        let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
-        assert_eq!(
-            credential::encode_message(&BodyRef::Body(&bytes)).unwrap(),
-            credential::encode_message(&DeviceToSidecar::Body(bytes.clone())).unwrap()
-        );
-    }
-}

@@ -42,6 +42,10 @@ pub struct DeviceSession<S> {
     request_sent: bool,
     /// The current exchange's answer was read to its last message.
     answer_read: bool,
+    /// Plaintext: the last message opened, or the next one to seal (kept between messages).
+    plain: Vec<u8>,
+    /// The next record to write (kept between messages).
+    sealed: Vec<u8>,
 }
 
 impl<S> std::fmt::Debug for DeviceSession<S> {
@@ -100,11 +104,8 @@ impl RecordReader {
         }
     }
 
-    fn next<S: Read>(&mut self, stream: &mut S) -> Result<Vec<u8>, ProxyError> {
-        loop {
-            if let Some(record) = self.decoder.decode_next().map_err(ProxyError::Wire)? {
-                return Ok(record);
-            }
+    fn next<S: Read>(&mut self, stream: &mut S) -> Result<&[u8], ProxyError> {
+        while !self.decoder.has_record().map_err(ProxyError::Wire)? {
             match stream.read(&mut self.scratch) {
                 Ok(n) if n > 0 => self.decoder.push(&self.scratch[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -114,6 +115,10 @@ impl RecordReader {
                 _ => return Err(ProxyError::Protocol("the session ended mid-record")),
             }
         }
+        self.decoder
+            .next_record()
+            .map_err(ProxyError::Wire)?
+            .ok_or(ProxyError::Protocol("no whole record"))
     }
 }
 
@@ -145,7 +150,7 @@ impl<S: Read + Write> DeviceSession<S> {
         write_record(&mut stream, &first)?;
         let mut records = RecordReader::new();
         let answer = records.next(&mut stream)?;
-        noise::read_handshake(&mut hs, &answer).map_err(ProxyError::Noise)?;
+        noise::read_handshake(&mut hs, answer).map_err(ProxyError::Noise)?;
         let transport = hs.into_transport_mode().map_err(ProxyError::Noise)?;
         let now = std::time::Instant::now();
         Ok(Self {
@@ -158,6 +163,8 @@ impl<S: Read + Write> DeviceSession<S> {
             exchanges: 0,
             request_sent: false,
             answer_read: false,
+            plain: Vec::new(),
+            sealed: Vec::new(),
         })
     }
 
@@ -196,25 +203,68 @@ impl<S: Read + Write> DeviceSession<S> {
     /// Sends one message.
     pub fn send(&mut self, msg: &SidecarToDevice) -> Result<(), ProxyError> {
         let plain = credential::encode_message(msg).map_err(ProxyError::Wire)?;
-        let sealed = noise::seal(&mut self.transport, &plain).map_err(ProxyError::Noise)?;
-        write_record(&mut self.stream, &sealed)?;
+        self.send_plain(&plain)?;
         if matches!(msg, SidecarToDevice::End | SidecarToDevice::Seal { .. }) {
             self.request_sent = true;
         }
         Ok(())
     }
 
+    /// Sends `bytes` as one `Body` message (at most [`credential::MAX_CHUNK`] bytes), encoded
+    /// straight from the slice.
+    pub fn send_body(&mut self, bytes: &[u8]) -> Result<(), ProxyError> {
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.clear();
+        credential::data::encode_body(bytes, &mut plain);
+        let sent = self.send_plain(&plain);
+        self.plain = plain;
+        sent
+    }
+
+    /// Seals `plain` into one record and writes it.
+    fn send_plain(&mut self, plain: &[u8]) -> Result<(), ProxyError> {
+        self.sealed.clear();
+        noise::seal_record(&mut self.transport, plain, &mut self.sealed)
+            .map_err(ProxyError::Noise)?;
+        self.stream
+            .write_all(&self.sealed)
+            .map_err(ProxyError::Relay)?;
+        self.stream.flush().map_err(ProxyError::Relay)
+    }
+
     /// Receives one message.
     pub fn recv(&mut self) -> Result<DeviceToSidecar, ProxyError> {
+        Ok(match self.recv_borrowed()? {
+            Received::Body(bytes) => DeviceToSidecar::Body(bytes.to_vec()),
+            Received::Message(msg) => msg,
+        })
+    }
+
+    /// Receives one message, a `Body` borrowed from the session's buffer rather than copied
+    /// out (the bulk of an answer goes to the agent from where it was decrypted).
+    pub fn recv_borrowed(&mut self) -> Result<Received<'_>, ProxyError> {
         let record = self.records.next(&mut self.stream)?;
-        let plain = noise::open(&mut self.transport, &record).map_err(ProxyError::Noise)?;
-        let msg = credential::decode_message(&plain).map_err(ProxyError::Wire)?;
+        let plain = noise::open_in(&mut self.transport, record, &mut self.plain)
+            .map_err(ProxyError::Noise)?;
+        if let Some(bytes) = credential::data::body_bytes(plain) {
+            return Ok(Received::Body(bytes));
+        }
+        let msg = credential::decode_message(plain).map_err(ProxyError::Wire)?;
         if matches!(
             msg,
             DeviceToSidecar::End | DeviceToSidecar::Refused { .. } | DeviceToSidecar::Sealed { .. }
         ) {
             self.answer_read = true;
         }
-        Ok(msg)
+        Ok(Received::Message(msg))
     }
+}
+
+/// A message from the device as [`DeviceSession::recv_borrowed`] gives it.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A `Body`, its bytes borrowed.
+    Body(&'a [u8]),
+    /// Any other message.
+    Message(DeviceToSidecar),
 }

@@ -57,7 +57,7 @@ use shared_proto::credential::{
     DeviceToSidecar, HeaderLine, MAX_CHUNK, ProxyRequest, ProxyTarget, SidecarToDevice,
 };
 
-use channel::DeviceSession;
+use channel::{DeviceSession, Received};
 use pool::{RelayStream, SessionPool};
 
 pub use crate::identity::IdentityCell;
@@ -566,18 +566,18 @@ fn exchange<S: Read + Write>(
     writer.write_all(&out).map_err(ProxyError::Agent)?;
     let mut chunk = Vec::with_capacity(MAX_CHUNK + 16);
     loop {
-        match session.recv()? {
-            DeviceToSidecar::Body(bytes) => {
+        match session.recv_borrowed()? {
+            Received::Body(bytes) => {
                 if bodyless || bytes.is_empty() {
                     continue;
                 }
                 chunk.clear();
                 chunk.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
-                chunk.extend_from_slice(&bytes);
+                chunk.extend_from_slice(bytes);
                 chunk.extend_from_slice(b"\r\n");
                 writer.write_all(&chunk).map_err(ProxyError::Agent)?;
             }
-            DeviceToSidecar::End => {
+            Received::Message(DeviceToSidecar::End) => {
                 if !bodyless {
                     writer.write_all(b"0\r\n\r\n").map_err(ProxyError::Agent)?;
                 }
@@ -599,7 +599,7 @@ fn send_request<S: Read + Write>(
 ) -> Result<(), ProxyError> {
     session.send(&SidecarToDevice::Request(request.head))?;
     for chunk in request.body.chunks(MAX_CHUNK) {
-        session.send(&SidecarToDevice::Body(chunk.to_vec()))?;
+        session.send_body(chunk)?;
     }
     session.send(&SidecarToDevice::End)
 }

@@ -177,27 +177,41 @@ impl Relay {
         tracing::info!(generation, "device link up");
         let writer_transport = Arc::clone(&transport);
         let writer = tokio::spawn(async move {
+            let (mut plain, mut sealed) = (Vec::new(), Vec::new());
             while let Some(msg) = outgoing.recv().await {
-                let sealed = {
-                    let plain = credential::encode_message(&msg)?;
-                    let mut t = lock_transport(&writer_transport);
-                    noise::seal(&mut t, &plain)?
-                };
-                write_record(&mut write, &sealed).await?;
+                plain.clear();
+                match &msg {
+                    // The bulk of the link: encoded straight from the relayed bytes.
+                    HostToDevice::Data { session, bytes } => {
+                        credential::data::encode_link_data(*session, bytes, &mut plain);
+                    }
+                    other => plain = credential::encode_message(other)?,
+                }
+                sealed.clear();
+                noise::seal_record(&mut lock_transport(&writer_transport), &plain, &mut sealed)?;
+                write.write_all(&sealed).await.map_err(RelayError::Io)?;
             }
             Ok::<(), RelayError>(())
         });
+        let mut opened = Vec::new();
         let result = loop {
-            let record = match read.next().await {
+            let record = match read.next_borrowed().await {
                 Ok(r) => r,
                 Err(RelayError::Closed) => break Ok(()),
                 Err(e) => break Err(e),
             };
             let msg = {
                 let mut t = lock_transport(&transport);
-                noise::open(&mut t, &record)
+                noise::open_in(&mut t, record, &mut opened)
                     .map_err(RelayError::from)
-                    .and_then(|p| Ok(credential::decode_message::<DeviceToHost>(&p)?))
+                    .and_then(|p| match credential::data::link_data(p) {
+                        // The bulk of the link, read without a general CBOR pass.
+                        Some((session, bytes)) => Ok(DeviceToHost::Data {
+                            session,
+                            bytes: bytes.to_vec(),
+                        }),
+                        None => Ok(credential::decode_message::<DeviceToHost>(p)?),
+                    })
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -347,15 +361,18 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
 
     /// The next record; [`RelayError::Closed`] when the stream ends or fails.
     pub(super) async fn next(&mut self) -> Result<Vec<u8>, RelayError> {
-        loop {
-            if let Some(record) = self.decoder.decode_next()? {
-                return Ok(record);
-            }
+        Ok(self.next_borrowed().await?.to_vec())
+    }
+
+    /// The next record, borrowed from the reader's buffer until the next call.
+    pub(super) async fn next_borrowed(&mut self) -> Result<&[u8], RelayError> {
+        while !self.decoder.has_record()? {
             match self.inner.read(&mut self.scratch).await {
                 Ok(n) if n > 0 => self.decoder.push(&self.scratch[..n]),
                 _ => return Err(RelayError::Closed),
             }
         }
+        self.decoder.next_record()?.ok_or(RelayError::Closed)
     }
 }
 
