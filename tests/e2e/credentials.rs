@@ -300,14 +300,28 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
             .collect()
     };
     let within = Duration::from_secs(120);
-    wait_for("the parent's granted call", within, || {
+    // Polls once a second; on a timeout, says what each VM printed and what the peers logged.
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + within;
+        while !done() {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\nparent: {}\n{}",
+                    nanoclaw(&["logs", &parent]),
+                    logs()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    };
+    wait("the parent's granted call", &|| {
         lines(&parent).iter().any(|l| l == "CALL-OK")
     });
     let copy = nanoclaw(&["fork", &parent, "-n", "1"]).trim().to_owned();
     assert!(!copy.is_empty() && copy != parent, "{copy:?}");
     // The first line may come from a call in flight at the freeze; the ones after are the
     // copy's own.
-    wait_for("the copy's calls", within, || lines(&copy).len() >= 3);
+    wait("the copy's calls", &|| lines(&copy).len() >= 3);
     let refused = lines(&copy);
     assert!(
         refused[1..].iter().all(|l| l == "CALL-FAIL"),
@@ -315,17 +329,16 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
         logs()
     );
     let parent_ok = lines(&parent).iter().filter(|l| *l == "CALL-OK").count();
-    wait_for("the parent calling on after the fork", within, || {
+    wait("the parent calling on after the fork", &|| {
         lines(&parent).iter().filter(|l| *l == "CALL-OK").count() > parent_ok
     });
     run(vd().args([
         "grant", "svc", "--host", &api, "--vm", &copy, "--ttl", "600",
     ]));
     let before = lines(&copy).len();
-    wait_for("the copy's granted call", within, || {
-        lines(&copy)[before.min(lines(&copy).len())..]
-            .iter()
-            .any(|l| l == "CALL-OK")
+    wait("the copy's granted call", &|| {
+        let now = lines(&copy);
+        now[before.min(now.len())..].iter().any(|l| l == "CALL-OK")
     });
     // The device's sessions: the parent's and the copy's come with different boot keys.
     let device_log = std::fs::read_to_string(p.join("device.log")).unwrap_or_default();

@@ -157,6 +157,10 @@ pub struct VmRecord {
     /// agent (see `super::warm`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub template: bool,
+    /// A `Thaw` that found no control connection: sent when the sidecar connects again, so
+    /// a guest frozen for a snapshot never stays frozen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub thaw_pending: bool,
     /// How many times this VM's guest took a new identity on the daemon's request.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reidentified: u32,
@@ -222,6 +226,7 @@ impl VmRecord {
             net: None,
             reidentify: None,
             template: false,
+            thaw_pending: false,
             reidentified: 0,
         }
     }

@@ -899,6 +899,12 @@ impl Vm {
             }
         } else {
             self.attach_credentials(boot_id, ephemeral_public_key);
+            let thaw = lock(&self.record).thaw_pending
+                && self.update(|r| std::mem::take(&mut r.thaw_pending));
+            if thaw && write_msg(&mut stream, &HostToGuest::Thaw).await.is_err() {
+                self.update(|r| r.thaw_pending = true);
+                return;
+            }
         }
 
         // This connection becomes the current one; a previous one is dropped.
@@ -1082,9 +1088,12 @@ impl Vm {
             .map_err(|_| FreezeError::NoAnswer(FREEZE_TIMEOUT))
     }
 
-    /// Lets what [`Vm::freeze`] stopped go on (best effort: a guest that is gone needs none).
+    /// Lets what [`Vm::freeze`] stopped go on. Without a control connection to send it on, it
+    /// is kept and sent when the sidecar connects again.
     pub fn thaw(&self) {
-        let _ = self.send_to_guest(HostToGuest::Thaw);
+        if !self.send_to_guest(HostToGuest::Thaw) {
+            self.update(|r| r.thaw_pending = true);
+        }
     }
 
     /// Whether a sidecar is connected on the control channel.
