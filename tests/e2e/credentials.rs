@@ -283,7 +283,7 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
     };
     let calls = format!(
         "while true; do \
-           if busybox wget -q -T 5 -O /dev/null http://127.0.0.1:{GUEST_PROXY_PORT}/svc/hello; \
+           if busybox wget -q -O /dev/null http://127.0.0.1:{GUEST_PROXY_PORT}/svc/hello; \
            then echo CALL-OK; else echo CALL-FAIL; fi; sleep 3; done"
     );
     let parent = nanoclaw(&["run", "-d", "--", "/bin/sh", "-c", &calls])
