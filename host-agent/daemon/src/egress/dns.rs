@@ -33,7 +33,7 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hickory_proto::ProtoError;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -257,17 +257,9 @@ impl Resolver {
     /// fails for a reason other than a lack of descriptors or memory.
     pub async fn serve_tcp(&self, listener: TcpListener) -> Result<(), DnsError> {
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) if transient(&e) => {
-                    self.guest_log(
-                        |s| tracing::warn!(suppressed = s, error = %e, "egress dns: accept failed"),
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Err(e) => return Err(DnsError::Accept(e)),
-            };
+            let stream = super::accept(&listener, &self.inner.log, "dns")
+                .await
+                .map_err(DnsError::Accept)?;
             let Ok(permit) = self.inner.tcp_sessions.clone().try_acquire_owned() else {
                 bump(&self.inner.counts.dropped);
                 continue;
@@ -508,15 +500,7 @@ impl Resolver {
     }
 
     fn guest_log(&self, line: impl FnOnce(u64)) {
-        let admitted = self
-            .inner
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(Instant::now());
-        if let Some(suppressed) = admitted {
-            line(suppressed);
-        }
+        super::guest_log(&self.inner.log, line);
     }
 }
 

@@ -112,6 +112,42 @@ pub enum EgressEvent {
 /// channel is full, and counted.
 pub type EventSender = tokio::sync::mpsc::Sender<EgressEvent>;
 
+/// Runs `line` (a log line a guest can trigger) within `budget`, with the count of the lines
+/// the budget left out before it.
+fn guest_log(
+    budget: &std::sync::Mutex<shared_proto::ratelimit::LogBudget>,
+    line: impl FnOnce(u64),
+) {
+    let admitted = budget
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .admit(std::time::Instant::now());
+    if let Some(suppressed) = admitted {
+        line(suppressed);
+    }
+}
+
+/// The next connection accepted from `listener`. A [`transient`] failure is logged (within
+/// `budget`, naming `part`) and retried after a short pause; any other is the answer.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    budget: &std::sync::Mutex<shared_proto::ratelimit::LogBudget>,
+    part: &'static str,
+) -> std::io::Result<tokio::net::TcpStream> {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return Ok(stream),
+            Err(e) if transient(&e) => {
+                guest_log(budget, |s| {
+                    tracing::warn!(suppressed = s, error = %e, part, "egress: accept failed");
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Errors after which a server loop carries on: an ICMP error from an earlier UDP reply, a
 /// connection that went away before it was accepted, or a lack of descriptors or memory.
 fn transient(e: &std::io::Error) -> bool {

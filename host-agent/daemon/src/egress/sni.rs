@@ -23,7 +23,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shared_proto::ratelimit::LogBudget;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,7 +34,7 @@ use tokio::time::timeout;
 use super::client_hello::{self, HelloError, MAX_HELLO_BYTES};
 use super::rules::EgressPolicy;
 use super::table::GrantTable;
-use super::{EgressEvent, EventSender, transient};
+use super::{EgressEvent, EventSender};
 
 /// How long the guest has to send its whole ClientHello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -235,17 +235,9 @@ impl SniGate {
     /// than a connection that went away or a lack of descriptors or memory.
     pub async fn serve(&self, listener: TcpListener) -> Result<(), SniError> {
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) if transient(&e) => {
-                    self.guest_log(
-                        |s| tracing::warn!(suppressed = s, error = %e, "egress sni: accept failed"),
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Err(e) => return Err(SniError::Accept(e)),
-            };
+            let stream = super::accept(&listener, &self.inner.log, "sni")
+                .await
+                .map_err(SniError::Accept)?;
             self.inner
                 .counts
                 .connections
@@ -369,15 +361,7 @@ impl SniGate {
     }
 
     fn guest_log(&self, line: impl FnOnce(u64)) {
-        let admitted = self
-            .inner
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(Instant::now());
-        if let Some(suppressed) = admitted {
-            line(suppressed);
-        }
+        super::guest_log(&self.inner.log, line);
     }
 }
 
