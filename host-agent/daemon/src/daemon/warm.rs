@@ -11,8 +11,8 @@
 //!
 //! # Starting from one
 //!
-//! A `run --image` that matches a template, and copies nothing in at creation, is
-//! [`Daemon::warm_start`]ed: its VM gets a copy of the template's memory, state and writable
+//! A `run --image` that matches a template, and copies nothing in at creation, starts warm
+//! (`Daemon::warm_start`): its VM gets a copy of the template's memory, state and writable
 //! disk (an empty file system that the template's guest had not mounted) and a VMM started with
 //! `--restore`. Like every restored guest, it takes a new identity (fresh kernel entropy, boot
 //! id and boot key, see `state::Reidentify`) before it is admitted; then it is sent its agent,

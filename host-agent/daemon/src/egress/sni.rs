@@ -6,7 +6,7 @@
 //! 1. asks for the original destination ([`OriginalDst`]; in production `SO_ORIGINAL_DST`,
 //!    [`SoOriginalDst`]);
 //! 2. reads the ClientHello, at most [`MAX_HELLO_BYTES`] within [`HELLO_TIMEOUT`], and parses
-//!    it strictly ([`client_hello`](super::client_hello));
+//!    it strictly ([`client_hello`]);
 //! 3. checks the name against the [`EgressPolicy`] for the destination's port and against the
 //!    [`GrantTable`] for the destination's address;
 //! 4. connects to the destination (within [`CONNECT_TIMEOUT`]), replays the bytes read and
