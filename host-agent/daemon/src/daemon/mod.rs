@@ -818,6 +818,7 @@ impl Daemon {
                 agent_sent,
                 agent_pid,
                 frozen,
+                guest: Some(self.launch.guest_fingerprint()),
             })
         }
         .await;

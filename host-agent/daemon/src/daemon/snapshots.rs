@@ -162,6 +162,10 @@ pub struct SnapshotMeta {
     /// A VM snapshotted while paused was not frozen.
     #[serde(default)]
     pub frozen: bool,
+    /// The daemon's guest kernel and initramfs when it was taken
+    /// (`VmmLaunch::guest_fingerprint`): a warm template of another guest is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
 }
 
 /// Checks a snapshot name: 1 to [`MAX_SNAPSHOT_NAME`] of `A-Z a-z 0-9 . _ -`, not starting

@@ -135,6 +135,26 @@ pub struct VmmLaunch {
     pub jail: Option<super::jail::JailSettings>,
 }
 
+impl VmmLaunch {
+    /// The guest it boots, as the kernel's and initramfs's paths, lengths and modification
+    /// times: what a warm template records, so that one made of another guest is not used.
+    pub fn guest_fingerprint(&self) -> String {
+        [&self.kernel, &self.initrd]
+            .iter()
+            .map(|path| {
+                let meta = std::fs::metadata(path).ok();
+                let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+                let modified = meta
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("{}:{len}:{modified}", path.display())
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+}
+
 /// What the sidecar is told of the VM's link: its address, the gateway (also its resolver) and
 /// the MAC of the device to configure.
 pub fn guest_network(link: &crate::net::addr::VmLink) -> shared_proto::message::GuestNetwork {

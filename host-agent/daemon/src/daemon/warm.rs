@@ -7,7 +7,9 @@
 //! sent an agent (`VmRecord::template`), waits for its sidecar's hello, snapshots it under
 //! [`template_name`] and removes the VM. The name holds the image's digest, the guest's memory
 //! and vCPUs and the writable disk's size, so a rebuilt image or another size never finds a
-//! template made for something else; warming again replaces the template.
+//! template made for something else; warming again replaces the template. The template also
+//! records the guest kernel and initramfs it booted (`SnapshotMeta::guest`): after they change
+//! (an upgrade), runs boot cold until the image is warmed again.
 //!
 //! # Starting from one
 //!
@@ -173,6 +175,11 @@ impl Daemon {
         let Ok(meta) = self.snapshots.meta(&name) else {
             return Ok(None);
         };
+        if meta.guest.as_deref() != Some(self.launch.guest_fingerprint().as_str()) {
+            // Made of another guest kernel or initramfs (an upgrade): not this daemon's guest.
+            tracing::info!(snapshot = %name, "warm template of another guest; booting");
+            return Ok(None);
+        }
         self.limits
             .admit(&self.lock_vms(), parent)
             .map_err(DaemonError::Limit)?;
