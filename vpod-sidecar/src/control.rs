@@ -584,18 +584,7 @@ mod tests {
             (end, rec)
         });
         let mut d = FrameDecoder::<GuestToHost>::new();
-        let mut next = |h: &mut UnixStream| loop {
-            if let Some(m) = d.decode_next().unwrap() {
-                return m;
-            }
-            let mut buf = [0u8; 4096];
-            let n = match h.read(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                read => read.unwrap(),
-            };
-            assert_ne!(n, 0, "the guest closed early");
-            d.push(&buf[..n]);
-        };
+        let mut next = |h: &mut UnixStream| next_msg(h, &mut d);
         assert_eq!(next(&mut h), hello());
         let script = frames(&[
             ack(),
