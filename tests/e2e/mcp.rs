@@ -157,5 +157,9 @@ fn an_agent_calls_tools_through_the_sidecar_and_sees_only_surrogates() {
         .output_within(CLI_TIMEOUT)
         .expect("nanoclaw logs");
     let logs = String::from_utf8_lossy(&logs.stdout);
-    assert!(logs.contains("child-ran"), "child logs: {logs} {info}");
+    assert!(
+        logs.contains("child-ran"),
+        "child logs: {logs} {info}\n{}",
+        d.records()
+    );
 }
