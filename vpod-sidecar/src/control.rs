@@ -325,8 +325,11 @@ fn write_frames<S: ControlStream>(mut stream: S, outbox: &Outbox, generation: u6
 
 /// Connects and runs sessions until one ends with a shutdown, a reject or the agent's end.
 /// Between attempts it sleeps for `backoff`'s next delay; the backoff starts over after each
-/// acknowledged hello. Every session opens with the same `hello` (so the same boot id), until
-/// a `Reidentify` gives a new one: then it reconnects at once with that.
+/// acknowledged hello, and the first attempt after a session the host had acknowledged goes at
+/// once (a restore's transport reset, a daemon restart: the host is most likely back already,
+/// and a restored VM is not ready until it is heard from). Every session opens with the same
+/// `hello` (so the same boot id), until a `Reidentify` gives a new one: then it reconnects at
+/// once with that.
 pub fn run<S, C>(
     mut connect: C,
     hello: &GuestToHost,
@@ -340,11 +343,13 @@ where
 {
     let mut hello = hello.clone();
     loop {
+        let mut acked = false;
         let result = connect().map_err(ControlError::Connect).and_then(|stream| {
             let mut session = Session::new(&hello);
             let result = session.run(stream, outbox, host);
             if session.acked() {
                 backoff.reset();
+                acked = true;
             }
             result
         });
@@ -358,6 +363,9 @@ where
             Err(e) => {
                 if backoff.worth_logging() {
                     tracing::warn!(attempts = backoff.attempts(), error = %ErrorChain(&e), "control");
+                }
+                if acked {
+                    continue;
                 }
             }
         }
