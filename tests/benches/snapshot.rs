@@ -219,10 +219,6 @@ fn bench(d: &Daemon, rounds: usize) -> Result<()> {
         secs(restored.saturating_sub(answered))
     );
     cli(d, &["snapshot", "rm", "bench"])?;
-    if std::env::var_os("NANOCLAW_TRACE_RESTORE").is_some() {
-        println!("{}", d.records());
-        return Ok(());
-    }
 
     // 4. Warm and cold `run --image`.
     nanoclaw_tests::oci::import_test_image(d, "bench-image", CLI_TIMEOUT * 4)?;
