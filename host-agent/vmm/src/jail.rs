@@ -102,9 +102,6 @@ pub enum JailError {
     /// uid or gid 0 would not drop anything.
     #[error("the jail's uid and gid must not be 0")]
     RootIds,
-    /// A jailed VMM restores only a snapshot inside its VM folder (the jail's root).
-    #[error("the snapshot to restore, {0:?}, must be inside the VM folder to be seen in the jail")]
-    SnapshotOutsideJail(PathBuf),
     /// A path given to the VMM cannot be made absolute.
     #[error("cannot make {what} {path:?} an absolute path")]
     Relative {
@@ -198,11 +195,8 @@ impl JailedPaths {
     pub fn apply(&self, config: &mut crate::VmConfig) {
         config.kernel = self.kernel.clone();
         config.initrd = self.initrd.clone();
-        if let Some(restore) = &mut config.restore
-            && let Ok(inside) = restore.dir.strip_prefix(&self.root)
-        {
-            restore.dir = Path::new("/").join(inside);
-        }
+        // A snapshot's files were opened before the jail (`HostDevices::open`); its folder
+        // keeps its host path, which only logs and errors name.
         for (disk, path) in config.disks.iter_mut().zip(&self.disks) {
             disk.path = path.clone();
         }
@@ -228,9 +222,6 @@ fn absolutize(config: &mut crate::VmConfig) -> Result<(), JailError> {
     abs("the VM folder", &mut config.vm_dir)?;
     if let Some(restore) = &mut config.restore {
         abs("the snapshot", &mut restore.dir)?;
-        if !restore.dir.starts_with(&config.vm_dir) {
-            return Err(JailError::SnapshotOutsideJail(restore.dir.clone()));
-        }
     } else {
         abs("the kernel", &mut config.kernel)?;
         abs("the initramfs", &mut config.initrd)?;
@@ -339,7 +330,7 @@ fn build_tree(
     )
     .map_err(step("restrict the jail folder's mount", root))?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    // A restored VM reads no kernel; its snapshot is already inside the VM folder.
+    // A restored VM reads no kernel, and its snapshot's files are already open.
     if config.restore.is_none() {
         bind_file(&config.kernel, &inside(&paths.kernel), true)?;
         bind_file(&config.initrd, &inside(&paths.initrd), true)?;
@@ -780,24 +771,17 @@ mod tests {
     }
 
     #[test]
-    fn a_restored_vm_finds_its_snapshot_inside_the_jail() {
+    fn a_restored_vm_names_its_snapshot_by_its_host_path() {
+        // The files are opened before the jail, so the snapshot may lie anywhere (the
+        // daemon's store) and nothing of it is bound into the jail.
         let mut c = config(
             Path::new("/state/vms/a/vmm"),
-            Some(Path::new("/state/vms/a/vmm/s1")),
+            Some(Path::new("/state/snapshots/s1")),
         );
         absolutize(&mut c).unwrap();
         JailedPaths::of(&c).apply(&mut c);
-        assert_eq!(c.restore.unwrap().dir, PathBuf::from("/s1"));
+        assert_eq!(c.restore.unwrap().dir, PathBuf::from("/state/snapshots/s1"));
         assert_eq!(c.vm_dir, PathBuf::from("/"));
-
-        let mut c = config(
-            Path::new("/state/vms/a/vmm"),
-            Some(Path::new("/state/vms/b/vmm/s1")),
-        );
-        assert!(matches!(
-            absolutize(&mut c),
-            Err(JailError::SnapshotOutsideJail(_))
-        ));
     }
 
     #[test]

@@ -352,9 +352,6 @@ pub enum ConfigError {
     /// The VM directory exists but is not a directory.
     #[error("vm-dir {0} is not a directory")]
     VmDirNotDirectory(PathBuf),
-    /// The snapshot to restore is not a directory.
-    #[error("snapshot {0} is not a directory")]
-    SnapshotNotDirectory(PathBuf),
     /// The console cap is zero.
     #[error("console cap must be at least 1 byte")]
     ConsoleCap,
@@ -400,11 +397,8 @@ impl VmConfig {
                 max: max_cid,
             });
         }
-        if let Some(restore) = &self.restore
-            && !restore.dir.is_dir()
-        {
-            return Err(ConfigError::SnapshotNotDirectory(restore.dir.clone()));
-        }
+        // A snapshot to restore is checked where its files are opened, before the jail
+        // (`HostDevices::open`): inside the jail its host path is not there to look at.
         let boot_files = [("kernel", &self.kernel), ("initrd", &self.initrd)];
         let boot_files = if self.restore.is_some() {
             &boot_files[..0]
@@ -530,6 +524,34 @@ mod tests {
             net: None,
             restore: None,
         }
+    }
+
+    #[test]
+    fn a_snapshots_files_are_opened_before_the_vm_is_built_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("snap");
+        std::fs::create_dir(&snap).unwrap();
+        std::fs::write(snap.join(snapshot::STATE_FILE), b"state").unwrap();
+        let mut config = config(dir.path());
+        config.restore = Some(snapshot::RestoreConfig {
+            dir: snap.clone(),
+            paused: false,
+            without_devices: false,
+        });
+        let err = HostDevices::open(&config).unwrap_err();
+        let text = error_chain(&err);
+        assert!(
+            text.contains("read the memory file") && text.contains("memory.bin"),
+            "{text}"
+        );
+        std::fs::write(snap.join(snapshot::MEMORY_FILE), b"memory").unwrap();
+        let host = HostDevices::open(&config).unwrap();
+        let files = host.snapshot.expect("the snapshot's files");
+        assert_eq!(files.dir, snap);
+        // Read-only: a jailed VMM cannot write through them.
+        use std::io::Write;
+        assert!((&files.memory).write_all(b"x").is_err());
+        assert!((&files.state).write_all(b"x").is_err());
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub enum VmmError {
     /// The config has a network device but no TAP was opened for it.
     #[error("the network device's TAP was not opened before the VM was built")]
     TapNotOpened,
+    /// The config restores a snapshot but its files were not opened before the VM was built.
+    #[error("the snapshot's files were not opened before the VM was built")]
+    SnapshotNotOpened,
     /// Attaching the network device failed.
     #[error("attach the network device")]
     Net(#[source] VirtioError),
@@ -174,15 +177,19 @@ pub enum VmmError {
 }
 
 /// Host devices the VMM opens before it enters its jail, while it still sees the host's device
-/// nodes and the network namespace it was started in: today the network device's TAP.
+/// nodes, the host's files and the network namespace it was started in: the network device's
+/// TAP, and the snapshot to restore.
 #[derive(Debug, Default)]
 pub struct HostDevices {
     /// The TAP of [`VmConfig::net`], attached.
     pub tap: Option<Tap>,
+    /// The files of [`VmConfig::restore`]'s snapshot, open read-only.
+    pub snapshot: Option<snapshot::SnapshotFiles>,
 }
 
 impl HostDevices {
-    /// Opens what `config` needs: attaches to its TAP by name (see [`Tap::open`]).
+    /// Opens what `config` needs: attaches to its TAP by name (see [`Tap::open`]) and opens
+    /// the snapshot's files (see [`snapshot::SnapshotFiles`]).
     pub fn open(config: &VmConfig) -> Result<Self, VmmError> {
         let tap = config
             .net
@@ -190,7 +197,12 @@ impl HostDevices {
             .map(|net| Tap::open(&net.tap))
             .transpose()
             .map_err(VmmError::OpenTap)?;
-        Ok(Self { tap })
+        let snapshot = config
+            .restore
+            .as_ref()
+            .map(|r| snapshot::SnapshotFiles::open(&r.dir).map_err(|e| restore_err(config, e)))
+            .transpose()?;
+        Ok(Self { tap, snapshot })
     }
 }
 
@@ -284,7 +296,7 @@ impl Vmm {
     /// [`Vmm::run`] takes the matching receiver.
     pub fn new(
         config: &VmConfig,
-        host: HostDevices,
+        mut host_files: HostDevices,
         process_start: Instant,
         events: Sender<VmEvent>,
     ) -> Result<Self, VmmError> {
@@ -326,15 +338,25 @@ impl Vmm {
         };
         // A snapshot to restore is read and checked before anything is built from it.
         let restored = match (&config.restore, &snapshot_host) {
-            (Some(restore), Some(host)) => Some(
-                snapshot::open_for_restore(restore, host)
-                    .map_err(|source| restore_err(config, source))?,
-            ),
+            (Some(restore), Some(host)) => {
+                let files = host_files
+                    .snapshot
+                    .take()
+                    .ok_or(VmmError::SnapshotNotOpened)?;
+                let state = snapshot::open_for_restore(restore, &files, host)
+                    .map_err(|source| restore_err(config, source))?;
+                Some((files, state))
+            }
             _ => None,
         };
 
         let mem_size = config.memory_bytes();
-        let mem = memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?;
+        // A restored guest's RAM is its snapshot's memory file, mapped copy-on-write.
+        let mem = match &restored {
+            Some((files, state)) => snapshot::map_memory(files, state, mem_size)
+                .map_err(|source| restore_err(config, source))?,
+            None => memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?,
+        };
         memory::register_guest_memory(&vm, &mem).map_err(VmmError::Memory)?;
 
         let vcpus = (0..config.vcpus)
@@ -368,14 +390,14 @@ impl Vmm {
             }),
         );
         let serial = match &restored {
-            Some(state) => SerialDevice::with_state(serial_irq, sink, &state.devices.serial)
+            Some((_, state)) => SerialDevice::with_state(serial_irq, sink, &state.devices.serial)
                 .map_err(|e| {
-                    let source = snapshot::SnapshotError::DeviceState {
-                        device: "serial port",
-                        detail: e.to_string(),
-                    };
-                    restore_err(config, source)
-                })?,
+                let source = snapshot::SnapshotError::DeviceState {
+                    device: "serial port",
+                    detail: e.to_string(),
+                };
+                restore_err(config, source)
+            })?,
             None => SerialDevice::new(serial_irq, sink),
         };
         let serial = Arc::new(Mutex::new(serial));
@@ -385,7 +407,7 @@ impl Vmm {
         let mut i8042 = I8042::new(Box::new(move || {
             let _ = reset_events.send(VmEvent::Reset);
         }));
-        if let Some(state) = &restored {
+        if let Some((_, state)) = &restored {
             i8042.set_state(&state.devices.i8042).map_err(|e| {
                 let source = snapshot::SnapshotError::DeviceState {
                     device: "i8042",
@@ -486,7 +508,7 @@ impl Vmm {
 
         // The network device, in the slot kept for it past the last disk. Its argument comes
         // after the disks', so it changes no disk's name.
-        let net = match (&config.net, host.tap) {
+        let net = match (&config.net, host_files.tap) {
             (None, _) => None,
             (Some(_), None) => return Err(VmmError::TapNotOpened),
             (Some(net), Some(tap)) => {
@@ -522,9 +544,9 @@ impl Vmm {
         // With `restore` set, a failed probe has already returned its error.
         let start_paused = if let Some(restore) = &config.restore
             && let Some(host) = snapshot_host.as_deref()
-            && let Some(state) = &restored
+            && let Some((_, state)) = &restored
         {
-            snapshot::restore_vm(restore, state, &vm, &vcpus, &mem, host)
+            snapshot::restore_vm(state, &vm, &vcpus, host)
                 .map_err(|source| restore_err(config, source))?;
             // The devices after the irqchip, so that an interrupt a device raises again is not
             // overwritten by the saved irqchip state; paused first if the VM starts paused.
@@ -540,6 +562,7 @@ impl Vmm {
                 memory_mib = config.memory_mib,
                 vcpus = config.vcpus,
                 paused = restore.paused,
+                since_start_ms = process_start.elapsed().as_millis(),
                 "VM restored from a snapshot"
             );
             restore.paused

@@ -51,7 +51,7 @@ fn main() {
             the_remote_api_needs_a_token_whose_scope_covers_the_route,
             the_python_sdk_drives_the_remote_api,
             snapshots_are_taken_paused_stored_listed_and_removed,
-            a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder,
+            a_restore_starts_a_new_vm_from_the_stored_snapshot_without_a_copy,
             a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm,
             a_fork_makes_n_vms_within_the_vm_cap,
             an_image_template_serves_warm_runs_of_its_size_only,
@@ -99,17 +99,22 @@ fn fake_vmm(args: &[String]) {
 }
 
 /// The fake VMM of a restore: `vmm --restore DIR --vm-dir VMDIR ...`. It checks that DIR is
-/// inside its own folder, reads the fake snapshot there ([`fake_vmm::restore`] refuses a
+/// the snapshot's folder in the daemon's store (`<state>/snapshots/`, beside `<state>/vms/`),
+/// which the daemon does not copy, reads the fake snapshot there ([`fake_vmm::restore`] refuses a
 /// damaged one as the VMM does), serves its control socket, and goes on as the saved guest:
 /// its sidecar reconnects with the saved boot id (the daemon must not start the agent again),
 /// prints `restored`, and runs until a `Shutdown`.
 fn fake_restored_vmm(args: &[String]) {
     let vm_dir = fake_vmm::vm_dir(args);
     let dir = std::path::PathBuf::from(&args[1]);
-    if !dir.starts_with(&vm_dir) {
+    let store = vm_dir
+        .ancestors()
+        .nth(3)
+        .map(|state| state.join("snapshots"));
+    if dir.parent() != store.as_deref() {
         fake_vmm::fail(
             &vm_dir,
-            &format!("--restore {} is outside the VM folder", dir.display()),
+            &format!("--restore {} is not in the snapshot store", dir.display()),
         );
     }
     let boot_id = fake_vmm::restore(&dir);
@@ -954,10 +959,11 @@ fn snapshots_are_taken_paused_stored_listed_and_removed() {
     assert_eq!(left, vec![made_up]);
 }
 
-/// A restore makes a new VM whose VMM is started with `--restore` on a copy inside its own
-/// folder (0600; the fake VMM checks the folder and the files' checksum), the saved guest's
-/// sidecar reconnects without the agent being started again, and its output flows.
-fn a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder() {
+/// A restore makes a new VM whose VMM is started with `--restore` on the snapshot's folder in
+/// the store, which stays the daemon's (0700 and 0600) and is not copied (the fake VMM checks
+/// the files' checksum), the saved guest's sidecar reconnects without the agent being started
+/// again, and its output flows.
+fn a_restore_starts_a_new_vm_from_the_stored_snapshot_without_a_copy() {
     let d = daemon();
     let id = start_pausable(&d);
     assert!(d.cli(&["snapshot", &id, "s1"]).status.success());
@@ -982,12 +988,16 @@ fn a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder() {
         inspect.contains("restored from:  snapshot s1\n"),
         "{inspect}"
     );
-    let copy = Path::new(&info.vm_dir).join("vmm/restore");
+    let stored = d.state_dir().join("snapshots/s1");
     let me = nix::unistd::geteuid().as_raw();
-    assert_eq!(mode_and_owner(&copy), (0o700, me));
+    assert_eq!(mode_and_owner(&stored), (0o700, me));
     for file in ["state.bin", "memory.bin"] {
-        assert_eq!(mode_and_owner(&copy.join(file)), (0o600, me), "{file}");
+        assert_eq!(mode_and_owner(&stored.join(file)), (0o600, me), "{file}");
     }
+    assert!(
+        !Path::new(&info.vm_dir).join("vmm/restore").exists(),
+        "a copy of the snapshot was made"
+    );
     let pid = info.vmm_pid.unwrap();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
@@ -995,7 +1005,7 @@ fn a_restore_starts_a_new_vm_from_a_copy_in_its_own_folder() {
         .iter()
         .position(|a| *a == b"--restore")
         .expect("--restore");
-    assert_eq!(args[at + 1], copy.as_os_str().as_encoded_bytes());
+    assert_eq!(args[at + 1], stored.as_os_str().as_encoded_bytes());
     assert!(!args.contains(&&b"--kernel"[..]));
     wait_for(
         "the restored guest's output",
@@ -1133,7 +1143,7 @@ fn a_fork_makes_n_vms_within_the_vm_cap() {
         3,
         "the parent and its copies share a boot id: {boots:?}"
     );
-    // Each has its own copy; the snapshot itself is gone.
+    // Each copy read the snapshot as it was restored; the snapshot itself is gone.
     assert!(snapshots(&d).is_empty());
     assert!(!d.vm(&id).paused);
     for vm in made.iter().chain([&id]) {

@@ -828,7 +828,8 @@ impl Daemon {
     }
 
     /// Makes `n` new VMs from VM `id`: a snapshot of it (paused around it), `n` restores of
-    /// that snapshot, and the snapshot removed (each VM has its own copy). All `n` count
+    /// that snapshot, and the snapshot removed (each restore has read it by the time it
+    /// answers). All `n` count
     /// against `--max-vms`, checked first; when a restore fails, the VMs made before it are
     /// stopped and removed. The guest is frozen for the snapshot (see [`Daemon::snapshot`])
     /// and each copy takes a new identity before its processes run again
@@ -886,8 +887,9 @@ impl Daemon {
         Ok(made)
     }
 
-    /// Starts a new VM from snapshot `name`: a copy of its files in the new VM's folder,
-    /// given to its uid, and a VMM started with `--restore` on it. Answers once the VMM
+    /// Starts a new VM from snapshot `name`: a VMM started with `--restore` on the stored
+    /// folder, which it opens before its jail and reads (only a writable disk is copied, into
+    /// the new VM's folder). Answers once the VMM
     /// serves its control socket (it has restored the guest); a VMM that refuses the snapshot
     /// leaves nothing behind, and its error is the answer's.
     pub async fn restore(
@@ -895,6 +897,7 @@ impl Daemon {
         name: &str,
         paused: bool,
     ) -> Result<Arc<Vm>, RestoreError> {
+        let asked = std::time::Instant::now();
         let meta = self.snapshots.meta(name)?;
         self.limits
             .admit(&self.lock_vms(), None)
@@ -909,19 +912,21 @@ impl Daemon {
             .into());
         }
         let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(DaemonError::State)?;
-        let copy = dir.join(state::VMM_DIR).join("restore");
         let image = meta.image.clone().map(|mut i| {
             i.scratch = dir.join(images::SCRATCH_DISK_FILE);
             i
         });
         let disk_to = image.as_ref().map(|i| i.scratch.clone());
-        if let Err(e) = self
+        let snapshot_dir = match self
             .snapshots
-            .copy_out(name, &meta, &copy, disk_to.as_deref())
+            .prepare_restore(name, &meta, disk_to.as_deref())
         {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
+            Ok(found) => found,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
         let mut record = VmRecord::new(id.clone(), meta.spec.clone(), state::now_unix_ms());
         record.image = image;
         record.boot_id = meta.boot_id.clone();
@@ -935,9 +940,10 @@ impl Daemon {
         record.reidentify = Some(state::Reidentify::default());
         record.restore = Some(state::Restore {
             snapshot: name.to_owned(),
-            dir: copy,
+            dir: snapshot_dir,
             paused,
         });
+        let prepared_ms = asked.elapsed().as_millis();
         let (vm, mut child) = match self.start(id.clone(), dir.clone(), record, None) {
             Ok(started) => started,
             Err(e) => {
@@ -951,7 +957,7 @@ impl Daemon {
         let ready = loop {
             tokio::select! {
                 status = child.wait() => break Err(status.ok()),
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
             let op = vmm_control::Op::State;
             if vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op)
@@ -968,12 +974,27 @@ impl Daemon {
         match ready {
             Ok(()) => {
                 tokio::spawn(Arc::clone(&vm).watch_child(child));
-                tracing::info!(vm = %vm.id, snapshot = name, "VM restored");
+                tracing::info!(
+                    vm = %vm.id,
+                    snapshot = name,
+                    prepared_ms,
+                    ms = asked.elapsed().as_millis(),
+                    "VM restored"
+                );
                 Ok(vm)
             }
             Err(status) => {
                 vm.finish(status).await;
-                let why = vmm_log_tail(&vm.dir);
+                let mut why = vmm_log_tail(&vm.dir);
+                // A VMM killed by a signal wrote no error of its own: say how it ended.
+                if let Some(exit) = vm.info().vmm_exit
+                    && let Some(signal) = exit.signal
+                {
+                    why = format!(
+                        "the VMM was killed by signal {signal} ({}); its log ends: {why}",
+                        exit.reason
+                    );
+                }
                 self.lock_vms().remove(&vm.id);
                 let _ = std::fs::remove_dir_all(&vm.dir);
                 tracing::warn!(snapshot = name, error = %why, "restore refused by the VMM");

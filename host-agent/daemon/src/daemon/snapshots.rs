@@ -16,9 +16,12 @@
 //! - `scratch.img`, a copy of the VM's writable disk, for VMs with an image;
 //! - [`META_FILE`]: what the snapshot was taken of ([`SnapshotMeta`]).
 //!
-//! A restore copies the files (sparse: holes stay holes) into the new VM's own folder and gives
-//! them to that VM's jail uid; the stored files stay root's, so no VM can change them, and no
-//! two VMs share a file.
+//! A restore leaves the VMM's two files where they are: the new VM's VMM opens them read-only
+//! while it is still root, before it enters its jail (`nanoclaw-vmm --restore DIR`), and maps
+//! the memory file copy-on-write as the guest's RAM. The stored files stay root's and 0600, so
+//! no VM can change them, and a restore costs no copy of guest memory. A stored file is never
+//! changed in place (a VM may map it): deleting a snapshot unlinks it. Only the writable disk is copied (sparse: holes stay holes)
+//! into the new VM's own folder, since each VM writes to its own.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -311,16 +314,17 @@ impl Store {
         std::fs::remove_dir_all(&dir).map_err(io("delete", &dir))
     }
 
-    /// Checks that snapshot `name` is whole and of this daemon's format, and copies its files
-    /// into `to` (made, mode 0700): the VMM's two files, and [`DISK_FILE`] as `disk_to` when the
-    /// snapshot has one. The copies are the caller's to give to the VM's uid.
-    pub fn copy_out(
+    /// Checks that snapshot `name` is whole and of this daemon's format, and copies its
+    /// [`DISK_FILE`] to `disk_to` when asked (a restored VM writes to its disk, so each has a
+    /// copy of its own). Returns the snapshot's folder, which the VMM restores from where it
+    /// lies: it opens the two files read-only before it enters its jail, so they are neither
+    /// copied nor given to the VM's uid.
+    pub fn prepare_restore(
         &self,
         name: &str,
         meta: &SnapshotMeta,
-        to: &Path,
         disk_to: Option<&Path>,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<PathBuf, SnapshotError> {
         let dir = self.path(name)?;
         let found = format_version(name, &dir.join(STATE_FILE))?;
         if found != FORMAT_VERSION || meta.format_version != FORMAT_VERSION {
@@ -330,17 +334,13 @@ impl Store {
                 supported: FORMAT_VERSION,
             });
         }
-        for file in [MEMORY_FILE] {
+        for file in [STATE_FILE, MEMORY_FILE] {
             if !dir.join(file).is_file() {
                 return Err(SnapshotError::Missing {
                     name: name.to_owned(),
                     file,
                 });
             }
-        }
-        make_dir(to)?;
-        for file in [STATE_FILE, MEMORY_FILE] {
-            copy_sparse(&dir.join(file), &to.join(file))?;
         }
         if let Some(disk_to) = disk_to {
             let disk = dir.join(DISK_FILE);
@@ -352,7 +352,7 @@ impl Store {
             }
             copy_sparse(&disk, disk_to)?;
         }
-        Ok(())
+        Ok(dir)
     }
 }
 
@@ -501,11 +501,6 @@ pub fn copy_sparse(from: &Path, to: &Path) -> Result<u64, SnapshotError> {
     }
     dst.sync_all().map_err(io("sync", to))?;
     Ok(len)
-}
-
-/// Gives `path` to `uid` (and its gid), not following a link.
-pub fn give_to(path: &Path, uid: u32) -> Result<(), SnapshotError> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(uid)).map_err(io("chown", path))
 }
 
 #[cfg(test)]

@@ -183,12 +183,12 @@ pub struct Reidentify {
     pub sent_to: Option<String>,
 }
 
-/// Where a restored VM's VMM finds its snapshot: a copy in its own folder.
+/// Where a restored VM's VMM finds its snapshot: the snapshot's folder in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Restore {
     /// The snapshot's name in the store.
     pub snapshot: String,
-    /// The copy's folder, inside the VMM's folder (`--restore`).
+    /// The snapshot's folder (`--restore`), which the VMM reads before it enters its jail.
     pub dir: PathBuf,
     /// Whether the vCPUs start paused (`--restore-paused`).
     pub paused: bool,

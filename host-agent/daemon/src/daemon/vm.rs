@@ -674,19 +674,8 @@ impl Vm {
                 jail_args.extend(["--jail-cgroup".into(), cg.clone().into_os_string()]);
             }
             self.update(|r| r.jail_cgroups = cgroups);
-            if let Some(restore) = &restore {
-                // The copy is this VM's alone: its VMM reads it as its own uid.
-                for path in [
-                    restore.dir.clone(),
-                    restore.dir.join(super::snapshots::STATE_FILE),
-                    restore.dir.join(super::snapshots::MEMORY_FILE),
-                ] {
-                    super::snapshots::give_to(&path, uid).map_err(|e| VmError::Open {
-                        path: path.clone(),
-                        source: std::io::Error::other(error_chain(&e)),
-                    })?;
-                }
-            }
+            // A snapshot to restore stays the daemon's: the VMM opens its files read-only
+            // before it drops to `uid` (see `snapshots::Snapshots::prepare_restore`).
         }
         let mut cmd = tokio::process::Command::new(&launch.bin);
         if let Some(image) = &image {

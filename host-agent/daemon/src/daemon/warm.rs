@@ -187,13 +187,13 @@ impl Daemon {
         let made = images::resolve(&self.images, spec.clone(), &dir).and_then(|(spec, image)| {
             // The writable disk is the template's: the one its guest knows.
             std::fs::remove_file(&image.scratch).map_err(|e| e.to_string())?;
-            let copy = dir.join(state::VMM_DIR).join("restore");
-            self.snapshots
-                .copy_out(&name, &meta, &copy, Some(&image.scratch))
+            let found = self
+                .snapshots
+                .prepare_restore(&name, &meta, Some(&image.scratch))
                 .map_err(|e| crate::error_chain(&e))?;
-            Ok((spec, image, copy))
+            Ok((spec, image, found))
         });
-        let (spec, image, copy) = match made {
+        let (spec, image, snapshot_dir) = match made {
             Ok(made) => made,
             Err(why) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -208,7 +208,7 @@ impl Daemon {
         record.reidentify = Some(state::Reidentify::default());
         record.restore = Some(state::Restore {
             snapshot: name.clone(),
-            dir: copy,
+            dir: snapshot_dir,
             paused: false,
         });
         let (vm, child) = self.start(id, dir, record, parent)?;

@@ -163,8 +163,15 @@ pub fn write_file<T: Serialize>(path: &Path, value: &T) -> Result<(), SnapshotEr
 /// Reads and checks the state file at `path`. The file's length is checked before any of it
 /// is read, so no allocation is larger than a header plus [`MAX_STATE_BODY`].
 pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, SnapshotError> {
+    let file = File::open(path)
+        .map_err(|source| SnapshotError::io("read the state file", path, source))?;
+    read_from(&file, path)
+}
+
+/// Reads and checks the state file open as `file` (`path` names it in errors), from its
+/// start; bounded as [`read_file`] is.
+pub fn read_from<T: DeserializeOwned>(file: &File, path: &Path) -> Result<T, SnapshotError> {
     let io = |source| SnapshotError::io("read the state file", path, source);
-    let file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     let max = HEADER_LEN as u64 + MAX_STATE_BODY;
     if len > max {
@@ -175,6 +182,7 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, SnapshotError> {
     }
     let mut bytes = Vec::with_capacity(len as usize);
     // `take` bounds the read even if the file grows after the length was read.
+    // From the file's start: it was opened for this one read.
     file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
     decode(&bytes)
 }

@@ -8,10 +8,12 @@
 //! zero pages cost nothing either.
 //!
 //! Reading is the mirror: only the file's data segments are read (`lseek` with `SEEK_DATA` and
-//! `SEEK_HOLE`; a file system without them is read whole), in chunks, into fresh (zero-filled,
-//! untouched) anonymous guest memory, and only the pages that hold a non-zero byte are copied
-//! in, so the restored VM's resident memory and the time a restore takes grow with what the
-//! guest had touched, not with its size.
+//! `SEEK_HOLE`; a file system without them is read whole), in chunks, straight into fresh
+//! (zero-filled, untouched) anonymous guest memory with `pread`, so the restored VM's resident
+//! memory and the time a restore takes grow with what the guest had touched, not with its
+//! size. The data segments are the runs of non-zero pages the writer wrote (on a file system
+//! whose blocks are larger than a page, a segment may also hold a few zero pages, which are
+//! then read in too). No bounce buffer and no scan: a restore reads each byte once.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -19,7 +21,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
 };
 
 use super::SnapshotError;
@@ -68,7 +71,11 @@ impl MemoryState {
 
     /// Checks that `mem` has exactly this layout and that the file length adds up.
     pub fn check_matches(&self, mem: &GuestMemoryMmap<()>) -> Result<(), SnapshotError> {
-        let ours = Self::of(mem);
+        self.check_layout(&Self::of(mem))
+    }
+
+    /// Checks that `ours` (a VM's layout) is exactly this one and that the file length adds up.
+    pub fn check_layout(&self, ours: &Self) -> Result<(), SnapshotError> {
         if self.file_len != self.total() {
             return Err(SnapshotError::MemoryLayout(format!(
                 "the state says the memory file holds {} bytes but its regions add up to {}",
@@ -161,10 +168,76 @@ pub fn read_memory(
     state: &MemoryState,
     mem: &GuestMemoryMmap<()>,
 ) -> Result<(), SnapshotError> {
+    let file = File::open(path)
+        .map_err(|source| SnapshotError::io("read the memory file", path, source))?;
+    read_memory_from(&file, path, state, mem)
+}
+
+/// [`read_memory`] from the memory file open as `file` (`path` names it in errors).
+pub fn read_memory_from(
+    file: &File,
+    path: &Path,
+    state: &MemoryState,
+    mem: &GuestMemoryMmap<()>,
+) -> Result<(), SnapshotError> {
     state.check_matches(mem)?;
+    check_file_len(file, path, state)?;
     let io = |source| SnapshotError::io("read the memory file", path, source);
-    let file = File::open(path).map_err(io)?;
-    let found = file.metadata().map_err(io)?.len();
+    let found = state.file_len;
+    let mut file_off = 0u64;
+    for region in &state.regions {
+        let base = GuestAddress(region.guest_addr);
+        let region_end = file_off + region.len;
+        let mut pos = file_off;
+        while pos < region_end {
+            let Some((data_start, data_end)) = data_segment(file, pos, found).map_err(io)? else {
+                break;
+            };
+            let start = data_start.max(pos);
+            let end = data_end.min(region_end);
+            if start >= end {
+                break;
+            }
+            let mut off = start;
+            while off < end {
+                let n = (end - off).min(CHUNK as u64) as usize;
+                let guest_off = off - file_off;
+                let slice = mem
+                    .get_slice(base.unchecked_add(guest_off), n)
+                    .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+                let guard = slice.ptr_guard_mut();
+                // SAFETY: `get_slice` checked that these `n` bytes are guest memory this process
+                // maps, inside one region. The VM is being built: no vCPU has run and no device
+                // thread has its queues yet, so nothing else reads or writes these bytes while
+                // `chunk` lives (it ends with this loop step).
+                let chunk = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), n) };
+                file.read_exact_at(chunk, off).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        // The file shrank after its length was checked.
+                        SnapshotError::MemoryFileTruncated {
+                            expected: state.file_len,
+                            found: off,
+                        }
+                    } else {
+                        io(e)
+                    }
+                })?;
+                off += n as u64;
+            }
+            pos = end;
+        }
+        file_off = region_end;
+    }
+    Ok(())
+}
+
+/// Checks that the memory file open as `file` (`path` names it in errors) is exactly as long
+/// as `state` says.
+fn check_file_len(file: &File, path: &Path, state: &MemoryState) -> Result<(), SnapshotError> {
+    let found = file
+        .metadata()
+        .map_err(|source| SnapshotError::io("read the memory file", path, source))?
+        .len();
     if found < state.file_len {
         return Err(SnapshotError::MemoryFileTruncated {
             expected: state.file_len,
@@ -177,48 +250,52 @@ pub fn read_memory(
             found,
         });
     }
-    let mut buf = vec![0u8; CHUNK];
-    let mut file_off = 0u64;
-    for region in &state.regions {
-        let base = GuestAddress(region.guest_addr);
-        let region_end = file_off + region.len;
-        let mut pos = file_off;
-        while pos < region_end {
-            let Some((data_start, data_end)) = data_segment(&file, pos, found).map_err(io)? else {
-                break;
-            };
-            let start = data_start.max(pos);
-            let end = data_end.min(region_end);
-            if start >= end {
-                break;
-            }
-            let mut off = start;
-            while off < end {
-                let n = (end - off).min(CHUNK as u64) as usize;
-                let chunk = &mut buf[..n];
-                file.read_exact_at(chunk, off).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        // The file shrank after its length was checked.
-                        SnapshotError::MemoryFileTruncated {
-                            expected: state.file_len,
-                            found: off,
-                        }
-                    } else {
-                        io(e)
-                    }
-                })?;
-                let guest_off = off - file_off;
-                for (a, b) in nonzero_runs(chunk) {
-                    mem.write_slice(&chunk[a..b], base.unchecked_add(guest_off + a as u64))
-                        .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
-                }
-                off += n as u64;
-            }
-            pos = end;
-        }
-        file_off = region_end;
-    }
     Ok(())
+}
+
+/// Guest RAM of the layout `ranges` (a VM's, from [`crate::layout::ram_regions`]) mapped from
+/// the memory file open as `file` (`path` names it in errors), copy-on-write: each region is a
+/// `MAP_PRIVATE` mapping of its part of the file, so nothing is read now. A page comes from
+/// the page cache when the guest (or a device) first touches it, a hole reads as zeros, and a
+/// write makes the page the VM's own; the file is never written. This is how a restore gets
+/// ready in milliseconds whatever the guest had touched.
+///
+/// The file must stay as long as it is while the VM runs (a page past a shortened end would
+/// fault the VMM): the daemon's store never changes a stored file, and an unlinked file lives
+/// on while it is mapped. The layout and the file's length are checked first.
+pub fn map_memory_file(
+    file: &File,
+    path: &Path,
+    state: &MemoryState,
+    ranges: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap<()>, SnapshotError> {
+    let regions: Vec<RegionState> = ranges
+        .iter()
+        .map(|&(addr, len)| RegionState {
+            guest_addr: addr.raw_value(),
+            len: len as u64,
+        })
+        .collect();
+    let file_len = regions.iter().map(|r| r.len).sum();
+    state.check_layout(&MemoryState { regions, file_len })?;
+    check_file_len(file, path, state)?;
+    let io = |source| SnapshotError::io("map the memory file", path, source);
+    let mut mapped = Vec::with_capacity(ranges.len());
+    let mut file_off = 0u64;
+    for &(addr, len) in ranges {
+        let region = vm_memory::mmap::MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .with_file_offset(FileOffset::new(file.try_clone().map_err(io)?, file_off))
+            .build()
+            .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+        mapped.push(
+            GuestRegionMmap::new(region, addr)
+                .ok_or_else(|| SnapshotError::GuestMemory(format!("region at {addr:?}")))?,
+        );
+        file_off += len as u64;
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
 }
 
 /// The data segment `[start, end)` of `file` (of length `len`) at or after `pos`, `None` when
@@ -327,6 +404,62 @@ mod tests {
 
     /// Without holes (as on a file system that has no SEEK_DATA) the whole file is one data
     /// segment and reads back all the same.
+    #[test]
+    fn a_mapped_memory_file_is_the_guests_ram_copy_on_write_and_the_file_never_changes() {
+        let mem = guest(64);
+        let touched: Vec<u8> = (0..256u32 << 10).map(|i| (i % 253) as u8 | 1).collect();
+        mem.write_slice(&touched, GuestAddress(0x40_0000)).unwrap();
+        mem.write_obj(0x1234_5678_u64, GuestAddress((64 << 20) - 8))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        write_memory(&path, &mem).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let state = MemoryState::of(&mem);
+        let file = File::open(&path).unwrap();
+        let ranges = crate::layout::ram_regions(64 << 20);
+
+        let mapped = map_memory_file(&file, &path, &state, &ranges).unwrap();
+        let mut back = vec![0u8; touched.len()];
+        mapped
+            .read_slice(&mut back, GuestAddress(0x40_0000))
+            .unwrap();
+        assert_eq!(back, touched);
+        assert_eq!(
+            mapped
+                .read_obj::<u64>(GuestAddress((64 << 20) - 8))
+                .unwrap(),
+            0x1234_5678
+        );
+        assert_eq!(mapped.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 0);
+        // Writes, over data and over a hole, are the mapping's own.
+        mapped.write_obj(7u64, GuestAddress(0x40_0000)).unwrap();
+        mapped.write_obj(9u64, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(mapped.read_obj::<u64>(GuestAddress(0x40_0000)).unwrap(), 7);
+        // A second mapping of the same file (another copy) sees the file, not the first's
+        // writes, and the file is as it was written.
+        let other = map_memory_file(&file, &path, &state, &ranges).unwrap();
+        assert_eq!(other.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 0);
+        other
+            .read_slice(&mut back, GuestAddress(0x40_0000))
+            .unwrap();
+        assert_eq!(back, touched);
+        drop((mapped, other));
+        assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+
+        // A file of the wrong length, or a VM of another size, is refused before any mapping.
+        let short = dir.path().join("short.bin");
+        std::fs::write(&short, &before[..1 << 20]).unwrap();
+        assert!(matches!(
+            map_memory_file(&File::open(&short).unwrap(), &short, &state, &ranges),
+            Err(SnapshotError::MemoryFileTruncated { .. })
+        ));
+        assert!(matches!(
+            map_memory_file(&file, &path, &state, &crate::layout::ram_regions(128 << 20)),
+            Err(SnapshotError::MemorySizeMismatch { .. })
+        ));
+    }
+
     #[test]
     fn a_file_without_holes_reads_back_too() {
         let mem = guest(64);
