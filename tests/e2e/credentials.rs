@@ -7,9 +7,10 @@
 //! `openssl` that only the device trusts) that answers 401 without the right bearer token. The
 //! agent is busybox `wget` against `http://127.0.0.1:<GUEST_PROXY_PORT>/svc/hello`.
 //!
-//! Then a fork: an agent calling in a loop, granted by VM id, is forked; its copy's calls are
-//! refused (the grant names the parent), the parent's go on, and once the copy has a grant of
-//! its own its calls pass. The device's log shows the two VMs' sessions with different keys.
+//! Then a fork: an agent calling in a loop, granted by VM id, is forked into three copies. Each
+//! copy's calls are refused (the grant names the parent) while the parent's go on; once one
+//! copy has a grant of its own, its calls pass and its siblings' are still refused. The
+//! device's log names four different sidecar keys: the parent's and each copy's.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -250,11 +251,26 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
         .args(["run", "--", "/bin/sh", "-c", &script])
         .output_within(RUN_TIMEOUT);
     let logs = || {
-        format!(
+        let mut out = format!(
             "daemon log:\n{}\ndevice log:\n{}",
             std::fs::read_to_string(p.join("daemon.log")).unwrap_or_default(),
             std::fs::read_to_string(p.join("device.log")).unwrap_or_default()
-        )
+        );
+        // Each VM's console and VMM log.
+        let mut dirs: Vec<_> = std::fs::read_dir(state.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            for file in ["vmm/console.log", "vmm.log"] {
+                let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                out += &format!("\n{} {file}:\n{text}", dir.display());
+            }
+        }
+        out
     };
     let out = out.unwrap_or_else(|e| panic!("nanoclaw run: {e:#}\n{}", logs()));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -317,55 +333,88 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
     wait("the parent's granted call", &|| {
         lines(&parent).iter().any(|l| l == "CALL-OK")
     });
-    let copy = nanoclaw(&["fork", &parent, "-n", "1"]).trim().to_owned();
-    assert!(!copy.is_empty() && copy != parent, "{copy:?}");
-    // The first line may come from a call in flight at the freeze; the ones after are the
+    let copies: Vec<String> = nanoclaw(&["fork", &parent, "-n", "3"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(copies.len(), 3, "{copies:?}");
+    assert!(!copies.contains(&parent), "{copies:?}");
+    // The first line may come from a call in flight at the freeze; the ones after are each
     // copy's own.
-    wait("the copy's calls", &|| lines(&copy).len() >= 3);
-    let refused = lines(&copy);
-    assert!(
-        refused[1..].iter().all(|l| l == "CALL-FAIL"),
-        "a grant to the parent served its copy: {refused:?}\n{}",
-        logs()
-    );
+    let mut refused = Vec::new();
+    for copy in &copies {
+        wait("a copy's calls", &|| lines(copy).len() >= 3);
+        let got = lines(copy);
+        assert!(
+            got[1..].iter().all(|l| l == "CALL-FAIL"),
+            "a grant to the parent served its copy {copy}: {got:?}\n{}",
+            logs()
+        );
+        refused.push(got.len() - 1);
+    }
     let parent_ok = lines(&parent).iter().filter(|l| *l == "CALL-OK").count();
     wait("the parent calling on after the fork", &|| {
         lines(&parent).iter().filter(|l| *l == "CALL-OK").count() > parent_ok
     });
+    // A grant to one copy serves that copy, and not its siblings.
+    let (granted, siblings) = (&copies[0], &copies[1..]);
     run(vd().args([
-        "grant", "svc", "--host", &api, "--vm", &copy, "--ttl", "600",
+        "grant", "svc", "--host", &api, "--vm", granted, "--ttl", "600",
     ]));
-    let before = lines(&copy).len();
-    wait("the copy's granted call", &|| {
-        let now = lines(&copy);
+    let before = lines(granted).len();
+    let siblings_before: Vec<usize> = siblings.iter().map(|c| lines(c).len()).collect();
+    wait("the granted copy's call", &|| {
+        let now = lines(granted);
         now[before.min(now.len())..].iter().any(|l| l == "CALL-OK")
     });
-    // The device's sessions: the parent's and the copy's come with different boot keys.
+    for (sibling, from) in siblings.iter().zip(&siblings_before) {
+        wait("a sibling's call after the grant", &|| {
+            lines(sibling).len() > *from
+        });
+        let got = lines(sibling);
+        assert!(
+            got[*from..].iter().all(|l| l == "CALL-FAIL"),
+            "a grant to copy {granted} served its sibling {sibling}: {got:?}"
+        );
+    }
+    // The device saw four boot keys: the parent's and each copy's (from its session, call
+    // and refusal lines, which all name the sidecar's key).
     let device_log = std::fs::read_to_string(p.join("device.log")).unwrap_or_default();
-    let key_of = |vm: &str| -> Vec<String> {
-        device_log
+    let keys_of = |vm: &str| -> Vec<String> {
+        let mut keys: Vec<String> = device_log
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|l| l["fields"]["message"] == "session" && l["fields"]["vm"] == vm)
+            .filter(|l| l["fields"]["vm"] == vm)
             .filter_map(|l| l["fields"]["sidecar"].as_str().map(str::to_owned))
-            .collect()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
     };
-    let (parent_keys, copy_keys) = (key_of(&parent), key_of(&copy));
+    let parent_keys = keys_of(&parent);
+    let copy_keys: Vec<Vec<String>> = copies.iter().map(|c| keys_of(c)).collect();
     assert!(
-        !parent_keys.is_empty() && !copy_keys.is_empty(),
-        "no session lines for {parent} and {copy}:\n{}",
+        !parent_keys.is_empty() && copy_keys.iter().all(|k| !k.is_empty()),
+        "no device lines naming the keys of {parent} and {copies:?}:\n{}",
         logs()
     );
-    assert!(
-        copy_keys.iter().all(|k| !parent_keys.contains(k)),
-        "the copy reused its parent's key: {parent_keys:?} {copy_keys:?}"
+    let mut all: Vec<&String> = parent_keys
+        .iter()
+        .chain(copy_keys.iter().flatten())
+        .collect();
+    let seen = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        seen,
+        "two VMs shared a key: parent {parent_keys:?}, copies {copy_keys:?}"
     );
     eprintln!(
-        "fork credentials e2e: parent {parent} key {parent_keys:?}, copy {copy} key {copy_keys:?}; \
-         the parent's grant refused the copy {} times",
-        refused.len() - 1
+        "fork credentials e2e: parent {parent} key {parent_keys:?}, copies {copies:?} keys \
+         {copy_keys:?}; the parent's grant refused the copies {refused:?} times"
     );
-    for vm in [&copy, &parent] {
+    for vm in copies.iter().chain([&parent]) {
         nanoclaw(&["stop", vm]);
     }
 }

@@ -118,6 +118,7 @@ fn a_restored_agent_counts_on_from_where_its_snapshot_was_taken() {
         restore_answered.as_secs_f64()
     );
 
+    damaged_copies_are_refused(&d, "counter");
     let out = nanoclaw(&d, &["snapshot", "rm", "counter"], CLI_TIMEOUT);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
@@ -172,6 +173,70 @@ fn a_restored_agent_counts_on_from_where_its_snapshot_was_taken() {
         let out = nanoclaw(&d, &["stop", vm], CLI_TIMEOUT);
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
+}
+
+/// Three damaged copies of snapshot `name`, made in the daemon's store, are refused with clear
+/// errors, and no VM is left listed or on disk: a truncated memory file and a state file with
+/// one byte of its body changed (refused by the real VMM, in its own words), and a state file
+/// of another format version (refused by the daemon before any VMM starts).
+fn damaged_copies_are_refused(d: &nanoclaw_tests::Daemon, name: &str) {
+    let store = d.state_dir().join("snapshots");
+    for copy in ["truncated", "tampered", "future"] {
+        let out = std::process::Command::new("cp")
+            .args(["-a", "--sparse=always"])
+            .arg(store.join(name))
+            .arg(store.join(copy))
+            .output()
+            .expect("cp");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.join("truncated/memory.bin"))
+        .expect("the memory file");
+    let len = memory.metadata().expect("metadata").len();
+    memory.set_len(len / 2).expect("truncate");
+    let state = store.join("tampered/state.bin");
+    let mut bytes = std::fs::read(&state).expect("the state file");
+    let at = bytes.len() - 7;
+    bytes[at] ^= 0x40;
+    std::fs::write(&state, bytes).expect("write the state file");
+    // The header: 8 bytes of magic, then the format version (little-endian u32).
+    let state = store.join("future/state.bin");
+    let mut bytes = std::fs::read(&state).expect("the state file");
+    bytes[8..12].copy_from_slice(&999u32.to_le_bytes());
+    std::fs::write(&state, bytes).expect("write the state file");
+
+    let vms = || std::fs::read_dir(d.state_dir().join("vms")).map_or(0, |r| r.count());
+    let listed = || {
+        let out = text(&nanoclaw(d, &["ps", "--json"], CLI_TIMEOUT).stdout);
+        let vms: Vec<serde_json::Value> = serde_json::from_str(&out).expect("ps --json");
+        let mut ids: Vec<String> = vms.iter().map(|v| v["id"].to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let (vms_before, listed_before) = (vms(), listed());
+    for (copy, expected) in [
+        ("truncated", "snapshot memory file is truncated"),
+        (
+            "tampered",
+            "snapshot state checksum mismatch: the state file is damaged",
+        ),
+        ("future", "is of format version 999"),
+    ] {
+        let out = nanoclaw(d, &["restore", copy, "-d"], CLI_TIMEOUT);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "restoring {copy} succeeded");
+        assert!(err.contains(expected), "restoring {copy}: {err}");
+        let out = nanoclaw(d, &["snapshot", "rm", copy], CLI_TIMEOUT);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert_eq!(vms(), vms_before, "a refused restore left a VM folder");
+    assert_eq!(
+        listed(),
+        listed_before,
+        "a refused restore left a VM listed"
+    );
 }
 
 /// The agent: opens an MCP session through the sidecar's endpoint, then calls `read_file` in
