@@ -251,26 +251,12 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
         .args(["run", "--", "/bin/sh", "-c", &script])
         .output_within(RUN_TIMEOUT);
     let logs = || {
-        let mut out = format!(
-            "daemon log:\n{}\ndevice log:\n{}",
+        format!(
+            "daemon log:\n{}\ndevice log:\n{}{}",
             std::fs::read_to_string(p.join("daemon.log")).unwrap_or_default(),
-            std::fs::read_to_string(p.join("device.log")).unwrap_or_default()
-        );
-        // Each VM's console and VMM log.
-        let mut dirs: Vec<_> = std::fs::read_dir(state.join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        dirs.sort();
-        for dir in dirs {
-            for file in ["vmm/console.log", "vmm.log"] {
-                let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-                out += &format!("\n{} {file}:\n{text}", dir.display());
-            }
-        }
-        out
+            std::fs::read_to_string(p.join("device.log")).unwrap_or_default(),
+            nanoclaw_tests::daemon::vm_records(&state)
+        )
     };
     let out = out.unwrap_or_else(|e| panic!("nanoclaw run: {e:#}\n{}", logs()));
     let stdout = String::from_utf8_lossy(&out.stdout);

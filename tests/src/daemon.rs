@@ -195,21 +195,11 @@ impl Daemon {
 
     /// What a failure shows: the daemon's log, then each VM's console and VMM log.
     pub fn records(&self) -> String {
-        let mut out = format!("daemon log:\n{}", self.log());
-        let mut dirs: Vec<_> = std::fs::read_dir(self.state_dir().join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        dirs.sort();
-        for dir in dirs {
-            for file in ["vmm/console.log", "vmm.log"] {
-                let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-                out += &format!("\n{} {file}:\n{text}", dir.display());
-            }
-        }
-        out
+        format!(
+            "daemon log:\n{}{}",
+            self.log(),
+            vm_records(&self.state_dir())
+        )
     }
 
     /// The daemon process's pid, while this harness holds it.
@@ -444,4 +434,24 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// Each VM's console and VMM log under the daemon state folder `state_dir`, in VM-id order,
+/// each under a heading line: what a failing test shows of its guests.
+pub fn vm_records(state_dir: &Path) -> String {
+    let mut dirs: Vec<_> = std::fs::read_dir(state_dir.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    let mut out = String::new();
+    for dir in dirs {
+        for file in ["vmm/console.log", "vmm.log"] {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            out += &format!("\n{} {file}:\n{text}", dir.display());
+        }
+    }
+    out
 }

@@ -168,19 +168,9 @@ pub fn read_memory(
     state: &MemoryState,
     mem: &GuestMemoryMmap<()>,
 ) -> Result<(), SnapshotError> {
-    let file = File::open(path)
-        .map_err(|source| SnapshotError::io("read the memory file", path, source))?;
-    read_memory_from(&file, path, state, mem)
-}
-
-/// [`read_memory`] from the memory file open as `file` (`path` names it in errors).
-pub fn read_memory_from(
-    file: &File,
-    path: &Path,
-    state: &MemoryState,
-    mem: &GuestMemoryMmap<()>,
-) -> Result<(), SnapshotError> {
     state.check_matches(mem)?;
+    let file = &File::open(path)
+        .map_err(|source| SnapshotError::io("read the memory file", path, source))?;
     check_file_len(file, path, state)?;
     let io = |source| SnapshotError::io("read the memory file", path, source);
     let found = state.file_len;

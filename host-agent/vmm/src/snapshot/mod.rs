@@ -610,8 +610,10 @@ impl SnapshotFiles {
 }
 
 /// Restores `state` (read from `dir`) into a fresh VM: `vm` made with the in-kernel irqchip and
-/// PIT, `mem` fresh and registered, `vcpus` created and not yet run. Everything but the clock:
-/// call [`VmState::restore_clock`] just before the vCPUs start.
+/// PIT, `mem` fresh and registered, `vcpus` created and not yet run; the memory file is read
+/// into `mem` ([`memory::read_memory`]). Everything but the clock: call
+/// [`VmState::restore_clock`] just before the vCPUs start. (The VMM itself maps the memory
+/// file instead: [`map_memory`], then [`restore_vm`].)
 pub fn restore(
     dir: &Path,
     state: &SnapshotState,
@@ -620,26 +622,9 @@ pub fn restore(
     mem: &GuestMemoryMmap<()>,
     host: &HostSupport,
 ) -> Result<(), SnapshotError> {
-    restore_from(&SnapshotFiles::open(dir)?, state, vm, vcpus, mem, host)
-}
-
-/// [`restore`] from the snapshot open as `files`, reading its memory into `mem`.
-pub fn restore_from(
-    files: &SnapshotFiles,
-    state: &SnapshotState,
-    vm: &VmFd,
-    vcpus: &[VcpuFd],
-    mem: &GuestMemoryMmap<()>,
-    host: &HostSupport,
-) -> Result<(), SnapshotError> {
     check_vcpu_count(state, vcpus)?;
     state.validate(host)?;
-    memory::read_memory_from(
-        &files.memory,
-        &files.dir.join(MEMORY_FILE),
-        &state.memory,
-        mem,
-    )?;
+    memory::read_memory(&dir.join(MEMORY_FILE), &state.memory, mem)?;
     restore_cpus(state, vm, vcpus, host)
 }
 
