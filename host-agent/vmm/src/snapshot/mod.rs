@@ -88,10 +88,10 @@
 //! restored VM never depends on the snapshot file staying unchanged under it. The price is
 //! reading the file's data once at restore (we measured 0.9 to 2 s for the 40 MiB of data of a
 //! 256 MiB guest in our nested test machines, most of a restore there). Mapping the file
-//! `MAP_PRIVATE` instead, as Firecracker does, makes a restore cost nothing up front. We built
-//! and measured it (restore ÷ cold boot 0.10), but the one CI run with it lost its nested test
-//! VM three times, to kernel stack overflows in a vCPU thread's page-fault path, in the
-//! restore-heavy tests; it waits until that is understood.
+//! `MAP_PRIVATE` instead, as Firecracker does, makes a restore cost nothing up front; we built
+//! and measured it (restore ÷ cold boot 0.10 against 0.3 to 0.5), but under our emulated test
+//! machines its deeper page-fault path crashed the outer VM's kernel too often to ship it
+//! untested on real hardware.
 //!
 //! After the clock, the virtio devices, which were built as for a new VM: each transport is
 //! checked against its saved state (same device type, offered features, config space and
