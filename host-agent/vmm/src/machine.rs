@@ -351,7 +351,12 @@ impl Vmm {
         };
 
         let mem_size = config.memory_bytes();
-        let mem = memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?;
+        // A restored guest's RAM is its snapshot's memory file, mapped copy-on-write.
+        let mem = match &restored {
+            Some((files, state)) => snapshot::map_memory(files, state, mem_size)
+                .map_err(|source| restore_err(config, source))?,
+            None => memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?,
+        };
         memory::register_guest_memory(&vm, &mem).map_err(VmmError::Memory)?;
 
         let vcpus = (0..config.vcpus)
@@ -539,9 +544,9 @@ impl Vmm {
         // With `restore` set, a failed probe has already returned its error.
         let start_paused = if let Some(restore) = &config.restore
             && let Some(host) = snapshot_host.as_deref()
-            && let Some((files, state)) = &restored
+            && let Some((_, state)) = &restored
         {
-            snapshot::restore_vm(files, state, &vm, &vcpus, &mem, host)
+            snapshot::restore_vm(state, &vm, &vcpus, host)
                 .map_err(|source| restore_err(config, source))?;
             // The devices after the irqchip, so that an interrupt a device raises again is not
             // overwritten by the saved irqchip state; paused first if the VM starts paused.

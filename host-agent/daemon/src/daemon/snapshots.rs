@@ -17,9 +17,10 @@
 //! - [`META_FILE`]: what the snapshot was taken of ([`SnapshotMeta`]).
 //!
 //! A restore leaves the VMM's two files where they are: the new VM's VMM opens them read-only
-//! while it is still root, before it enters its jail (`nanoclaw-vmm --restore DIR`), and reads
-//! them once. The stored files stay root's and 0600, so no VM can change them, and a restore
-//! costs no copy of the snapshot. Only the writable disk is copied (sparse: holes stay holes)
+//! while it is still root, before it enters its jail (`nanoclaw-vmm --restore DIR`), and maps
+//! the memory file copy-on-write as the guest's RAM. The stored files stay root's and 0600, so
+//! no VM can change them, and a restore costs no copy of guest memory. A stored file is never
+//! changed in place (a VM may map it): deleting a snapshot unlinks it. Only the writable disk is copied (sparse: holes stay holes)
 //! into the new VM's own folder, since each VM writes to its own.
 
 use std::fs::File;

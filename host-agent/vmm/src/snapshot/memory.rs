@@ -21,7 +21,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
 };
 
 use super::SnapshotError;
@@ -167,20 +168,9 @@ pub fn read_memory(
     state: &MemoryState,
     mem: &GuestMemoryMmap<()>,
 ) -> Result<(), SnapshotError> {
-    let file = File::open(path)
-        .map_err(|source| SnapshotError::io("read the memory file", path, source))?;
-    read_memory_from(&file, path, state, mem)
-}
-
-/// [`read_memory`] from the memory file open as `file` (`path` names it in errors): what the
-/// VMM does, with the file it opened before its jail.
-pub fn read_memory_from(
-    file: &File,
-    path: &Path,
-    state: &MemoryState,
-    mem: &GuestMemoryMmap<()>,
-) -> Result<(), SnapshotError> {
     state.check_matches(mem)?;
+    let file = &File::open(path)
+        .map_err(|source| SnapshotError::io("read the memory file", path, source))?;
     check_file_len(file, path, state)?;
     let io = |source| SnapshotError::io("read the memory file", path, source);
     let found = state.file_len;
@@ -251,6 +241,51 @@ fn check_file_len(file: &File, path: &Path, state: &MemoryState) -> Result<(), S
         });
     }
     Ok(())
+}
+
+/// Guest RAM of the layout `ranges` (a VM's, from [`crate::layout::ram_regions`]) mapped from
+/// the memory file open as `file` (`path` names it in errors), copy-on-write: each region is a
+/// `MAP_PRIVATE` mapping of its part of the file, so nothing is read now. A page comes from
+/// the page cache when the guest (or a device) first touches it, a hole reads as zeros, and a
+/// write makes the page the VM's own; the file is never written. This is how a restore gets
+/// ready in milliseconds whatever the guest had touched.
+///
+/// The file must stay as long as it is while the VM runs (a page past a shortened end would
+/// fault the VMM): the daemon's store never changes a stored file, and an unlinked file lives
+/// on while it is mapped. The layout and the file's length are checked first.
+pub fn map_memory_file(
+    file: &File,
+    path: &Path,
+    state: &MemoryState,
+    ranges: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap<()>, SnapshotError> {
+    let regions: Vec<RegionState> = ranges
+        .iter()
+        .map(|&(addr, len)| RegionState {
+            guest_addr: addr.raw_value(),
+            len: len as u64,
+        })
+        .collect();
+    let file_len = regions.iter().map(|r| r.len).sum();
+    state.check_layout(&MemoryState { regions, file_len })?;
+    check_file_len(file, path, state)?;
+    let io = |source| SnapshotError::io("map the memory file", path, source);
+    let mut mapped = Vec::with_capacity(ranges.len());
+    let mut file_off = 0u64;
+    for &(addr, len) in ranges {
+        let region = vm_memory::mmap::MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .with_file_offset(FileOffset::new(file.try_clone().map_err(io)?, file_off))
+            .build()
+            .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+        mapped.push(
+            GuestRegionMmap::new(region, addr)
+                .ok_or_else(|| SnapshotError::GuestMemory(format!("region at {addr:?}")))?,
+        );
+        file_off += len as u64;
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
 }
 
 /// The data segment `[start, end)` of `file` (of length `len`) at or after `pos`, `None` when
@@ -359,6 +394,62 @@ mod tests {
 
     /// Without holes (as on a file system that has no SEEK_DATA) the whole file is one data
     /// segment and reads back all the same.
+    #[test]
+    fn a_mapped_memory_file_is_the_guests_ram_copy_on_write_and_the_file_never_changes() {
+        let mem = guest(64);
+        let touched: Vec<u8> = (0..256u32 << 10).map(|i| (i % 253) as u8 | 1).collect();
+        mem.write_slice(&touched, GuestAddress(0x40_0000)).unwrap();
+        mem.write_obj(0x1234_5678_u64, GuestAddress((64 << 20) - 8))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        write_memory(&path, &mem).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let state = MemoryState::of(&mem);
+        let file = File::open(&path).unwrap();
+        let ranges = crate::layout::ram_regions(64 << 20);
+
+        let mapped = map_memory_file(&file, &path, &state, &ranges).unwrap();
+        let mut back = vec![0u8; touched.len()];
+        mapped
+            .read_slice(&mut back, GuestAddress(0x40_0000))
+            .unwrap();
+        assert_eq!(back, touched);
+        assert_eq!(
+            mapped
+                .read_obj::<u64>(GuestAddress((64 << 20) - 8))
+                .unwrap(),
+            0x1234_5678
+        );
+        assert_eq!(mapped.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 0);
+        // Writes, over data and over a hole, are the mapping's own.
+        mapped.write_obj(7u64, GuestAddress(0x40_0000)).unwrap();
+        mapped.write_obj(9u64, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(mapped.read_obj::<u64>(GuestAddress(0x40_0000)).unwrap(), 7);
+        // A second mapping of the same file (another copy) sees the file, not the first's
+        // writes, and the file is as it was written.
+        let other = map_memory_file(&file, &path, &state, &ranges).unwrap();
+        assert_eq!(other.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 0);
+        other
+            .read_slice(&mut back, GuestAddress(0x40_0000))
+            .unwrap();
+        assert_eq!(back, touched);
+        drop((mapped, other));
+        assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+
+        // A file of the wrong length, or a VM of another size, is refused before any mapping.
+        let short = dir.path().join("short.bin");
+        std::fs::write(&short, &before[..1 << 20]).unwrap();
+        assert!(matches!(
+            map_memory_file(&File::open(&short).unwrap(), &short, &state, &ranges),
+            Err(SnapshotError::MemoryFileTruncated { .. })
+        ));
+        assert!(matches!(
+            map_memory_file(&file, &path, &state, &crate::layout::ram_regions(128 << 20)),
+            Err(SnapshotError::MemorySizeMismatch { .. })
+        ));
+    }
+
     #[test]
     fn a_file_without_holes_reads_back_too() {
         let mem = guest(64);

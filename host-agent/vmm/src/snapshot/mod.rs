@@ -82,16 +82,22 @@
 //! jailed VMM holds only read-only descriptors of the two files (it cannot change a snapshot
 //! that other VMs restore too).
 //!
-//! Memory is restored by reading the file's data into fresh anonymous guest memory, with
-//! `pread64` straight into the guest's pages ([`memory::read_memory_from`]): only pages with
-//! data are touched, so the VM's resident memory grows with what the guest had used, and the
-//! restored VM never depends on the snapshot file staying unchanged under it. The price is
-//! reading the file's data once at restore (we measured 0.9 to 2 s for the 40 MiB of data of a
-//! 256 MiB guest in our nested test machines, most of a restore there). Mapping the file
-//! `MAP_PRIVATE` instead, as Firecracker does, makes a restore cost nothing up front; we built
-//! and measured it (restore ÷ cold boot 0.10 against 0.3 to 0.5), but under our emulated test
-//! machines its deeper page-fault path crashed the outer VM's kernel too often to ship it
-//! untested on real hardware.
+//! Memory is not read at all: the guest's RAM is the memory file mapped `MAP_PRIVATE`
+//! ([`map_memory`], before the VM's memory slots are registered), so a restore costs the same
+//! whatever the guest had touched, and a page is read from the page cache only when the guest
+//! or a device first touches it. A write makes the page the VM's own (copy-on-write); the file
+//! is never written, and copies restored from one snapshot share its unwritten pages. (We
+//! measured reading the 40 MiB of data of a 256 MiB guest into anonymous memory at 0.9 to 2 s
+//! in our nested test machines, most of a restore; mapping it takes nothing.) What the
+//! mapping asks of the file:
+//! - it must keep its length while the VM runs, since a page past a shortened end would fault
+//!   the VMM. The daemon's store never changes a stored file, and deleting a snapshot only
+//!   unlinks it: a mapped file lives on until the last VM that maps it ends;
+//! - on tmpfs, a hole that the guest touches becomes an allocated (zero) page of the file, as
+//!   tmpfs has no other page cache; on a disk file system it stays a hole.
+//!
+//! [`restore`] and [`memory::read_memory`], which read the file into fresh anonymous memory
+//! with `pread64`, remain for callers that build their own memory (the unit tests).
 //!
 //! After the clock, the virtio devices, which were built as for a new VM: each transport is
 //! checked against its saved state (same device type, offered features, config space and
@@ -606,8 +612,8 @@ impl SnapshotFiles {
 /// Restores `state` (read from `dir`) into a fresh VM: `vm` made with the in-kernel irqchip and
 /// PIT, `mem` fresh and registered, `vcpus` created and not yet run; the memory file is read
 /// into `mem` ([`memory::read_memory`]). Everything but the clock: call
-/// [`VmState::restore_clock`] just before the vCPUs start. (The VMM itself reads from the
-/// files it opened before its jail: [`restore_vm`].)
+/// [`VmState::restore_clock`] just before the vCPUs start. (The VMM itself maps the memory
+/// file instead: [`map_memory`], then [`restore_vm`].)
 pub fn restore(
     dir: &Path,
     state: &SnapshotState,
@@ -676,6 +682,21 @@ pub fn open_for_restore(
     Ok(state)
 }
 
+/// Guest RAM of `mem_size` bytes mapped copy-on-write from the snapshot open as `files` (see
+/// [`memory::map_memory_file`]): nothing of it is read before the guest touches it.
+pub fn map_memory(
+    files: &SnapshotFiles,
+    state: &SnapshotState,
+    mem_size: u64,
+) -> Result<GuestMemoryMmap<()>, SnapshotError> {
+    memory::map_memory_file(
+        &files.memory,
+        &files.dir.join(MEMORY_FILE),
+        &state.memory,
+        &crate::layout::ram_regions(mem_size),
+    )
+}
+
 /// Restores the virtio devices' state from `state` into the VM's freshly built `devices`
 /// (nothing for a state without it, restored only when asked: see [`open_for_restore`]). Call
 /// it after [`restore_vm`] and before the vCPUs start.
@@ -691,24 +712,14 @@ pub fn restore_virtio(
     }
 }
 
-/// Restores `state` (from [`open_for_restore`]) into a fresh VM, its memory read from
-/// `files` into `mem` (fresh and registered), the clock included: call it last before the
-/// vCPUs start.
+/// Restores `state` (from [`open_for_restore`]) into a fresh VM whose memory was mapped from
+/// the snapshot ([`map_memory`]), the clock included: call it last before the vCPUs start.
 pub fn restore_vm(
-    files: &SnapshotFiles,
     state: &SnapshotState,
     vm: &VmFd,
     vcpus: &[VcpuFd],
-    mem: &GuestMemoryMmap<()>,
     host: &HostSupport,
 ) -> Result<(), SnapshotError> {
-    check_vcpu_count(state, vcpus)?;
-    memory::read_memory_from(
-        &files.memory,
-        &files.dir.join(MEMORY_FILE),
-        &state.memory,
-        mem,
-    )?;
     restore_cpus(state, vm, vcpus, host)?;
     state.vm.restore_clock(vm)
 }
