@@ -252,10 +252,10 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
         .output_within(RUN_TIMEOUT);
     let logs = || {
         format!(
-            "daemon log:\n{}\ndevice log:\n{}{}",
+            "{}\ndaemon log:\n{}\ndevice log:\n{}",
+            nanoclaw_tests::daemon::vm_records(&state),
             std::fs::read_to_string(p.join("daemon.log")).unwrap_or_default(),
-            std::fs::read_to_string(p.join("device.log")).unwrap_or_default(),
-            nanoclaw_tests::daemon::vm_records(&state)
+            std::fs::read_to_string(p.join("device.log")).unwrap_or_default()
         )
     };
     let out = out.unwrap_or_else(|e| panic!("nanoclaw run: {e:#}\n{}", logs()));

@@ -193,12 +193,13 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
-    /// What a failure shows: the daemon's log, then each VM's console and VMM log.
+    /// What a failure shows: each VM's console and VMM log (failed VMs first, see
+    /// [`vm_records`]), then the daemon's log.
     pub fn records(&self) -> String {
         format!(
-            "daemon log:\n{}{}",
-            self.log(),
-            vm_records(&self.state_dir())
+            "{}\ndaemon log:\n{}",
+            vm_records(&self.state_dir()),
+            self.log()
         )
     }
 
@@ -436,21 +437,41 @@ impl Drop for Daemon {
     }
 }
 
-/// Each VM's console and VMM log under the daemon state folder `state_dir`, in VM-id order,
-/// each under a heading line: what a failing test shows of its guests.
+/// Each VM's console and VMM log under the daemon state folder `state_dir`: what a failing
+/// test shows of its guests. VMs whose record says `failed` come first, then the rest in id
+/// order, and each file shows only its last lines, so that a CI log that keeps only the head and
+/// the tail of a failure still shows why a guest ended.
 pub fn vm_records(state_dir: &Path) -> String {
-    let mut dirs: Vec<_> = std::fs::read_dir(state_dir.join("vms"))
+    const CONSOLE_LINES: usize = 60;
+    const VMM_LINES: usize = 20;
+    let mut vms: Vec<(bool, PathBuf)> = std::fs::read_dir(state_dir.join("vms"))
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path())
+        .map(|e| {
+            let dir = e.path();
+            let failed = std::fs::read(dir.join("vm.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                .is_some_and(|r| r["status"] == "failed");
+            (!failed, dir)
+        })
         .collect();
-    dirs.sort();
+    vms.sort();
     let mut out = String::new();
-    for dir in dirs {
-        for file in ["vmm/console.log", "vmm.log"] {
+    for (not_failed, dir) in vms {
+        let mark = if not_failed { "" } else { " (failed)" };
+        for (file, keep) in [("vmm/console.log", CONSOLE_LINES), ("vmm.log", VMM_LINES)] {
             let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-            out += &format!("\n{} {file}:\n{text}", dir.display());
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(keep);
+            out += &format!(
+                "\n{}{mark} {file} (last {} of {} lines):\n{}\n",
+                dir.display(),
+                lines.len() - from,
+                lines.len(),
+                lines[from..].join("\n")
+            );
         }
     }
     out
