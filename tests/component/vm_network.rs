@@ -3,13 +3,21 @@
 //! and routes, the firewall with its set and counters, a frame the "guest" writes into the TAP
 //! being refused and counted, and a removal that leaves nothing behind.
 //!
-//! The test re-runs itself under `unshare --net`, so the host's own links, routes, forwarding
+//! A second test starts a VM's resolver for real (`VmEgress`, over a small upstream DNS server
+//! of its own) and asks it from inside the VM's namespace: an allowed name's address is in the
+//! firewall's set before the answer arrives, and a refused name is REFUSED and audited.
+//!
+//! Each test re-runs itself under `unshare --net`, so the host's own links, routes, forwarding
 //! setting and nftables are never touched: there, the test's namespace plays the host's.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use host_agent::egress::VmEgress;
+use host_agent::egress::service::SNI_PORT;
 use host_agent::net::addr::{OverlayPrefix, allocate};
 use host_agent::net::netns::{self, VmNetns};
 use host_agent::net::{addr::VmLink, firewall};
@@ -51,8 +59,9 @@ fn ns_json(ns: &VmNetns, program: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out).unwrap()
 }
 
-#[test]
-fn a_vm_network_is_built_filtered_counted_and_removed() {
+/// Runs `body` in a copy of this test process under `unshare --net` (root, ip, nft and
+/// unshare needed; skipped without them): `name` is the test's full name.
+fn in_own_netns(name: &str, body: fn()) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: a VM's network namespace needs root");
         return;
@@ -65,12 +74,7 @@ fn a_vm_network_is_built_filtered_counted_and_removed() {
         let out = Command::new("unshare")
             .arg("--net")
             .arg(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "vm_network::a_vm_network_is_built_filtered_counted_and_removed",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
             .env(INNER, "1")
             .output()
             .unwrap();
@@ -83,7 +87,159 @@ fn a_vm_network_is_built_filtered_counted_and_removed() {
         assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
         return;
     }
-    inner();
+    body();
+}
+
+#[test]
+fn a_vm_network_is_built_filtered_counted_and_removed() {
+    in_own_netns(
+        "vm_network::a_vm_network_is_built_filtered_counted_and_removed",
+        inner,
+    );
+}
+
+#[test]
+fn the_resolver_opens_the_firewall_before_it_answers_and_audits_a_refusal() {
+    in_own_netns(
+        "vm_network::the_resolver_opens_the_firewall_before_it_answers_and_audits_a_refusal",
+        resolver_inner,
+    );
+}
+
+/// A raw `A` query for `name` with id `id`.
+fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::new();
+    for v in [id, 0x0100, 1, 0, 0, 0] {
+        q.extend_from_slice(&v.to_be_bytes());
+    }
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// An upstream DNS server on `socket` (blocking, in the test's namespace): `A` for
+/// `allowed.test` is 192.0.2.80, anything else NXDOMAIN.
+fn upstream_dns(socket: std::net::UdpSocket) {
+    let mut buf = [0u8; 1500];
+    while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+        let q = &buf[..n];
+        let Some(end) = q[12..].iter().position(|b| *b == 0).map(|p| 12 + p + 5) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(&q[13..end - 5]).to_lowercase();
+        let known = name.contains("allowed");
+        let mut r = q[..2].to_vec();
+        r.extend_from_slice(&(if known { 0x8180u16 } else { 0x8183 }).to_be_bytes());
+        r.extend_from_slice(&[0, 1, 0, u8::from(known), 0, 0, 0, 0]);
+        r.extend_from_slice(&q[12..end]);
+        if known {
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 80]);
+        }
+        let _ = socket.send_to(&r, peer);
+    }
+}
+
+fn resolver_inner() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(netns::NETNS_FILE);
+    let prefix: OverlayPrefix = "10.252.0.0/24".parse().unwrap();
+    let link = allocate(&prefix, &[].into()).unwrap();
+    let id = "0de1e7ee";
+    let ns = VmNetns::create(&path).unwrap();
+    let _guard = Teardown(&path, id);
+    netns::setup(&ns, id, &link, 1_000_778).unwrap();
+    firewall::install(&ns, &link, &prefix, Some(SNI_PORT)).unwrap();
+
+    // The upstream server listens on the test namespace's loopback, which starts down.
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    assert!(up.success());
+    let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || upstream_dns(upstream));
+    let audit = Arc::new(nanoclaw_audit::AuditLog::open(dir.path().join("audit.log")).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let egress = rt
+        .block_on(async {
+            VmEgress::start(
+                id,
+                ns.clone(),
+                &link,
+                &["allowed.test:443".to_owned()],
+                upstream_addr,
+                Some(Arc::clone(&audit)),
+            )
+        })
+        .unwrap();
+    // The "guest": a socket inside the VM's namespace, asking the gateway.
+    let gateway = link.gateway;
+    let ask = move |id: u16, name: &'static str| {
+        ns.run_in(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.send_to(&a_query(id, name), (gateway, 53)).unwrap();
+            let mut buf = [0u8; 1500];
+            let n = s.recv(&mut buf).unwrap();
+            buf[..n].to_vec()
+        })
+        .unwrap()
+    };
+    let answer = ask(1, "allowed.test");
+    assert_eq!(answer[3] & 0x0f, 0, "NOERROR: {answer:?}");
+    assert_eq!(&answer[answer.len() - 4..], &[192, 0, 2, 80], "{answer:?}");
+    // The address was in the firewall's set before the answer left.
+    let set = netns_set(&link, &path);
+    assert!(
+        set.contains("192.0.2.80") && set.contains("443"),
+        "the answer came before the grant: {set}"
+    );
+    let refused = ask(2, "other.test");
+    assert_eq!(refused[3] & 0x0f, 5, "REFUSED: {refused:?}");
+    assert!(!netns_set(&link, &path).contains("192.0.2.81"));
+    let counters = egress.counters();
+    assert_eq!(
+        (counters.dns.granted, counters.dns.refused),
+        (1, 1),
+        "{counters:?}"
+    );
+    // The refusal is in the audit log, naming the VM and the name.
+    let mut denial = None;
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap_or_default();
+        denial = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["record"]["kind"] == "egress_denied");
+        if denial.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let denial = denial.expect("an egress_denied record");
+    let data = &denial["record"]["data"];
+    assert_eq!(
+        (data["vm"].as_str(), data["name"].as_str()),
+        (Some(id), Some("other.test")),
+        "{denial}"
+    );
+    drop(egress);
+    drop(rt);
+}
+
+/// The VM's `allowed` set, as `nft -j` prints it.
+fn netns_set(_link: &VmLink, path: &std::path::Path) -> String {
+    let ns = VmNetns::at(path);
+    ns_json(
+        &ns,
+        "nft",
+        &["-j", "list", "set", "inet", "nanoclaw", "allowed"],
+    )
+    .to_string()
 }
 
 fn inner() {

@@ -206,6 +206,52 @@ pub struct CreateVm {
     /// writable disk, owned as the tar says; at most [`MAX_COPY_IN_BYTES`] of tar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_in_tar: Option<String>,
+    /// Host ports forwarded to the agent (`nanoclaw run -p`), at most [`MAX_PORT_FORWARDS`].
+    /// A VM with any gets a network device even when its profile allows no egress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortForward>,
+}
+
+/// The most host ports one VM may have forwarded.
+pub const MAX_PORT_FORWARDS: usize = 16;
+
+/// A host port forwarded to a port of the agent's VM: connections to `host_addr:host_port` on
+/// the host reach `guest_port` on the guest's address. The daemon listens; the guest sees
+/// connections from its gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortForward {
+    /// The host address to listen on; loopback unless asked otherwise.
+    #[serde(default = "default_forward_addr")]
+    pub host_addr: String,
+    /// The host port (1 to 65535).
+    pub host_port: u16,
+    /// The guest port (1 to 65535).
+    pub guest_port: u16,
+}
+
+fn default_forward_addr() -> String {
+    "127.0.0.1".to_owned()
+}
+
+impl std::str::FromStr for PortForward {
+    type Err = String;
+
+    /// `[ADDR:]HOSTPORT:GUESTPORT`, as `nanoclaw run -p` takes it (an IPv6 `ADDR` in brackets).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{}` is not [ADDR:]HOSTPORT:GUESTPORT", s.escape_debug());
+        let (rest, guest) = s.rsplit_once(':').ok_or_else(bad)?;
+        let (addr, host) = match rest.rsplit_once(':') {
+            Some((a, h)) => (a.trim_start_matches('[').trim_end_matches(']'), h),
+            None => ("127.0.0.1", rest),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+        addr.parse::<std::net::IpAddr>().map_err(|_| bad())?;
+        Ok(Self {
+            host_addr: addr.to_owned(),
+            host_port: port(host)?,
+            guest_port: port(guest)?,
+        })
+    }
 }
 
 /// What `PUT /v1/vms/{id}/files` copied.
@@ -260,6 +306,7 @@ impl CreateVm {
             disk_size_mib: DEFAULT_DISK_MIB,
             user: None,
             copy_in_tar: None,
+            ports: Vec::new(),
         }
     }
 }
@@ -430,6 +477,25 @@ pub struct VmInfo {
     /// Whether the restored guest still has to take a new identity.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reidentify_pending: bool,
+    /// The VM's network, when its profile allows egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<VmNetworkInfo>,
+}
+
+/// A networked VM's addresses, its allowlist and what its egress enforcement counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmNetworkInfo {
+    /// The guest's address.
+    pub address: String,
+    /// Its gateway and resolver.
+    pub gateway: String,
+    /// The profile's `[network] egress` entries.
+    pub egress: Vec<String>,
+    /// Counters by name: the resolver's (`dns_*`), the SNI check's (`sni_*`), and, in
+    /// `GET /v1/vms/{id}`, the firewall's refusals in packets (`firewall_deny_*`). Empty
+    /// once the VM has ended.
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// The longest snapshot name.
@@ -586,6 +652,34 @@ mod tests {
         assert_eq!(req, CreateVm::new("/bin/true", vec![]));
         assert_eq!(req.uid, 1000);
         assert_eq!(req.cwd, "/");
+    }
+
+    #[test]
+    fn port_forwards_parse_with_loopback_by_default() {
+        let p: PortForward = "8080:80".parse().unwrap();
+        assert_eq!(
+            (p.host_addr.as_str(), p.host_port, p.guest_port),
+            ("127.0.0.1", 8080, 80)
+        );
+        let p: PortForward = "0.0.0.0:8443:443".parse().unwrap();
+        assert_eq!(p.host_addr, "0.0.0.0");
+        let p: PortForward = "[::1]:9000:9".parse().unwrap();
+        assert_eq!(p.host_addr, "::1");
+        for bad in [
+            "80",
+            "0:80",
+            "8080:0",
+            "x:1:2",
+            "8080:70000",
+            "1.2.3.4:5",
+            "",
+        ] {
+            assert!(bad.parse::<PortForward>().is_err(), "{bad}");
+        }
+        let json: CreateVm =
+            serde_json::from_str(r#"{"command":"/a","ports":[{"host_port":1,"guest_port":2}]}"#)
+                .unwrap();
+        assert_eq!(json.ports[0].host_addr, "127.0.0.1");
     }
 
     #[test]

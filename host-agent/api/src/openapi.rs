@@ -15,8 +15,8 @@ use utoipa::OpenApi;
 use crate::{
     AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
     CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
-    PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
-    TokenScope, VmInfo, VmStatus, VmmExit, WarmImage,
+    PendingApproval, PortForward, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream,
+    TokenInfo, TokenScope, VmInfo, VmNetworkInfo, VmStatus, VmmExit, WarmImage,
 };
 
 /// The description as JSON text (pretty, with a final newline).
@@ -46,8 +46,8 @@ pub fn json() -> String {
     components(schemas(
         AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
         CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
-        PendingApproval, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream, TokenInfo,
-        TokenScope, VmInfo, VmStatus, VmmExit, WarmImage,
+        PendingApproval, PortForward, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream,
+        TokenInfo, TokenScope, VmInfo, VmNetworkInfo, VmStatus, VmmExit, WarmImage,
     )),
     tags(
         (name = "vms", description = "Agents and their microVMs"),

@@ -287,6 +287,15 @@ pub struct RunArgs {
     /// Copy a host file or folder into the VM before it boots (repeatable, with an image).
     #[arg(long, value_name = "HOSTPATH:GUESTPATH", requires = "image")]
     pub copy: Vec<copy_in::Copy>,
+    /// Forward a host port to the agent: `[ADDR:]HOSTPORT:GUESTPORT`, on loopback unless ADDR
+    /// says otherwise (repeatable). The VM gets a network device for it, even when its
+    /// profile allows no egress.
+    #[arg(
+        long = "publish",
+        short = 'p',
+        value_name = "[ADDR:]HOSTPORT:GUESTPORT"
+    )]
+    pub publish: Vec<api::PortForward>,
     /// Print the VM id and return at once instead of relaying the output.
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -433,6 +442,7 @@ async fn run_agent(client: &Client, args: RunArgs) -> Result<u8, CliError> {
     };
     spec.image = args.image;
     spec.user = args.user;
+    spec.ports = args.publish;
     if let Some(mib) = args.disk_size {
         spec.disk_size_mib = mib;
     }
@@ -669,6 +679,36 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
             .map(|s| format!("restored from:  snapshot {s}\n"))
             .unwrap_or_default()
         + &device_counters_text(vm.vmm_exit.as_ref())
+        + &network_text(vm)
+}
+
+/// For `inspect`: a networked VM's addresses, allowlist and nonzero egress counters.
+fn network_text(vm: &VmInfo) -> String {
+    let Some(net) = &vm.network else {
+        return String::new();
+    };
+    let mut text = format!(
+        "network:        {} via {}\negress:         {}\n",
+        net.address,
+        net.gateway,
+        net.egress.join(", ")
+    );
+    for p in &vm.spec.ports {
+        text += &format!(
+            "port:           {}:{} -> guest port {}\n",
+            p.host_addr, p.host_port, p.guest_port
+        );
+    }
+    let counts: Vec<String> = net
+        .counters
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    if !counts.is_empty() {
+        text += &format!("egress counts:  {}\n", counts.join(", "));
+    }
+    text
 }
 
 /// For `inspect`: the VM that spawned this one, if one did.

@@ -271,6 +271,11 @@ pub struct ServeArgs {
     /// `docs/security/network.md`). It must not overlap a network the host reaches.
     #[arg(long, default_value = crate::net::addr::OverlayPrefix::DEFAULT, value_name = "A.B.C.D/LEN")]
     pub overlay_prefix: crate::net::addr::OverlayPrefix,
+    /// The DNS server the VMs' resolvers ask, as `ADDR:PORT` (queries for names a VM's profile
+    /// allows go here from the daemon's own namespace). Default: the first `nameserver` of
+    /// `/etc/resolv.conf`, port 53.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub egress_dns: Option<std::net::SocketAddr>,
     /// The parent of each VM's cgroup, relative to each cgroup hierarchy's root.
     #[arg(long, default_value = "nanoclaw")]
     pub cgroup_parent: String,
@@ -472,6 +477,10 @@ pub struct Daemon {
     launch: VmmLaunch,
     /// Where networked VMs' addresses come from (`--overlay-prefix`).
     overlay: crate::net::addr::OverlayPrefix,
+    /// The DNS server networked VMs' resolvers forward to (`--egress-dns`).
+    egress_dns: std::net::SocketAddr,
+    /// The audit log, for egress denials.
+    audit: Arc<nanoclaw_audit::AuditLog>,
     stop_grace: Duration,
     output_cap: u64,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
@@ -1047,10 +1056,15 @@ impl Daemon {
             .map_err(vm::NetworkError::Netns)
             .and_then(|ns| {
                 netns::setup(&ns, &vm.id, &link, uid).map_err(vm::NetworkError::Netns)?;
-                // No SNI check listens yet: port 443 goes by the `allowed` set alone.
-                firewall::install(&ns, &link, &self.overlay, None)
-                    .map_err(vm::NetworkError::Firewall)?;
-                firewall::install_host(&self.overlay).map_err(vm::NetworkError::Firewall)
+                firewall::install(
+                    &ns,
+                    &link,
+                    &self.overlay,
+                    Some(crate::egress::service::SNI_PORT),
+                )
+                .map_err(vm::NetworkError::Firewall)?;
+                firewall::install_host(&self.overlay).map_err(vm::NetworkError::Firewall)?;
+                self.start_egress(vm, ns, &link)
             });
         if let Err(e) = made {
             if let Err(undo) = netns::teardown(&path, &vm.id) {
@@ -1059,6 +1073,44 @@ impl Daemon {
             return Err(vm::VmError::Network(e));
         }
         tracing::info!(vm = %vm.id, guest = %link.guest, "VM network ready");
+        Ok(())
+    }
+
+    /// Starts the resolver and the SNI check of a networked VM in its namespace `ns`, and its
+    /// forwarded host ports, and stops them all when the VM ends.
+    fn start_egress(
+        &self,
+        vm: &Arc<Vm>,
+        ns: crate::net::netns::VmNetns,
+        link: &crate::net::addr::VmLink,
+    ) -> Result<(), vm::NetworkError> {
+        let spec = vm.info().spec;
+        let egress = spec
+            .profile
+            .as_deref()
+            .and_then(|text| crate::policy::Profile::from_toml(text).ok())
+            .map(|p| p.network.egress)
+            .unwrap_or_default();
+        let bound = crate::net::forward::bind(&spec.ports).map_err(vm::NetworkError::Forward)?;
+        let running = crate::egress::VmEgress::start(
+            &vm.id,
+            ns.clone(),
+            link,
+            &egress,
+            self.egress_dns,
+            Some(Arc::clone(&self.audit)),
+        )
+        .map_err(vm::NetworkError::Egress)?;
+        let forwards = crate::net::forward::serve(&vm.id, ns, link.guest, bound)
+            .map_err(vm::NetworkError::ForwardServe)?;
+        vm.set_egress(Some(running));
+        vm.set_forwards(Some(forwards));
+        let (vm, mut ended) = (Arc::clone(vm), vm.ended());
+        tokio::spawn(async move {
+            let _ = ended.wait_for(|e| *e).await;
+            vm.set_egress(None);
+            vm.set_forwards(None);
+        });
         Ok(())
     }
 
@@ -1098,6 +1150,11 @@ impl Daemon {
             tracing::info!(vm = %vm.id, "re-attached to a running VMM");
             vm.reattach_vmm_log();
             self.start_mcp(&vm);
+            if let (Some(ns), Some(link)) = (vm.netns(), vm.network())
+                && let Err(e) = self.start_egress(&vm, ns, &link)
+            {
+                tracing::error!(vm = %vm.id, error = %error_chain(&e), "egress: the VM has no resolver now");
+            }
             tokio::spawn(Arc::clone(&vm).accept_control(listener));
             tokio::spawn(Arc::clone(&vm).watch_adopted());
             if vm.status() == api::VmStatus::Stopping {
@@ -1117,13 +1174,16 @@ impl Daemon {
     }
 }
 
-/// Whether `spec`'s profile gives its VM a network (`[network] egress`). A profile that does not
-/// load gives none (its gateway refuses it too).
+/// Whether `spec` gives its VM a network: its profile allows egress (`[network] egress`; a
+/// profile that does not load gives none, and its gateway refuses it too), or it forwards host
+/// ports to the agent.
 fn wants_network(spec: &CreateVm) -> bool {
-    spec.profile
-        .as_deref()
-        .and_then(|text| crate::policy::Profile::from_toml(text).ok())
-        .is_some_and(|p| !p.network.is_empty())
+    !spec.ports.is_empty()
+        || spec
+            .profile
+            .as_deref()
+            .and_then(|text| crate::policy::Profile::from_toml(text).ok())
+            .is_some_and(|p| !p.network.is_empty())
 }
 
 /// Reads `KEY=VALUE` lines (shell syntax, optional quotes) of a guest-image manifest.
@@ -1404,6 +1464,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             jail,
         },
         overlay: args.overlay_prefix,
+        egress_dns: match args.egress_dns {
+            Some(addr) => addr,
+            None => crate::egress::service::system_dns(Path::new("/etc/resolv.conf")),
+        },
+        audit: Arc::clone(&audit),
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         output_cap: args.output_cap_bytes,
         vms: Mutex::new(HashMap::new()),

@@ -111,6 +111,30 @@ pub(crate) fn validate(spec: &CreateVm) -> Result<(), String> {
     if spec.command.is_empty() && spec.image.is_none() {
         return Err("command is empty".into());
     }
+    if spec.ports.len() > nanoclaw_api::MAX_PORT_FORWARDS {
+        return Err(format!(
+            "at most {} forwarded ports",
+            nanoclaw_api::MAX_PORT_FORWARDS
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in &spec.ports {
+        let addr: std::net::IpAddr = p.host_addr.parse().map_err(|_| {
+            format!(
+                "port forward host_addr {:?} is not an IP address",
+                p.host_addr
+            )
+        })?;
+        if p.host_port == 0 || p.guest_port == 0 {
+            return Err("forwarded ports must be 1 to 65535".into());
+        }
+        if !seen.insert((addr, p.host_port)) {
+            return Err(format!(
+                "host port {addr}:{} is forwarded twice",
+                p.host_port
+            ));
+        }
+    }
     if spec.image.is_some() && !(16..=nanoclaw_api::MAX_DISK_MIB).contains(&spec.disk_size_mib) {
         return Err(format!(
             "disk_size_mib must be 16 to {}",
@@ -195,7 +219,19 @@ async fn inspect(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
 ) -> Result<Json<VmInfo>, Failure> {
-    Ok(Json(find(&daemon, &id)?.info()))
+    let vm = find(&daemon, &id)?;
+    let mut info = vm.info();
+    // A running networked VM: its firewall's refusals too (one `nft` run in its namespace).
+    if let (Some(net), Some(ns), false) =
+        (info.network.as_mut(), vm.netns(), info.status.is_terminal())
+        && let Ok(Ok(counters)) =
+            tokio::task::spawn_blocking(move || crate::net::firewall::counters(&ns)).await
+    {
+        for (name, c) in counters {
+            net.counters.insert(format!("firewall_{name}"), c.packets);
+        }
+    }
+    Ok(Json(info))
 }
 
 async fn remove(

@@ -120,6 +120,15 @@ pub enum NetworkError {
     /// The firewall could not be loaded.
     #[error("the firewall")]
     Firewall(#[source] crate::net::firewall::FirewallError),
+    /// The resolver or the SNI check could not start.
+    #[error("the egress enforcement")]
+    Egress(#[source] crate::egress::service::EgressStartError),
+    /// A forwarded host port could not be opened.
+    #[error("a forwarded port")]
+    Forward(#[source] crate::net::forward::ForwardError),
+    /// The forwarded ports could not be served.
+    #[error("serving the forwarded ports")]
+    ForwardServe(#[source] std::io::Error),
 }
 
 /// How to start a VMM.
@@ -229,6 +238,10 @@ pub struct Vm {
     credential_listener: Mutex<Option<crate::relay::VmRelay>>,
     /// The agent's tokenizer, shared by its MCP gateway and (for the device) the relay.
     tokens: Mutex<Option<Arc<crate::agent_tokens::AgentTokens>>>,
+    /// A networked VM's resolver and SNI check, while it runs.
+    egress: Mutex<Option<crate::egress::VmEgress>>,
+    /// A networked VM's forwarded host ports, while it runs.
+    forwards: Mutex<Option<crate::net::forward::PortForwards>>,
     /// The task copying the VMM's output into `vmm.log` ([`super::vmm_log`]).
     vmm_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Held across a pause or resume, so that the record says what the VMM last answered.
@@ -336,6 +349,8 @@ impl Vm {
             relay: Mutex::new(None),
             credential_listener: Mutex::new(None),
             tokens: Mutex::new(None),
+            egress: Mutex::new(None),
+            forwards: Mutex::new(None),
             vmm_log: Mutex::new(None),
             pausing: tokio::sync::Mutex::new(()),
             spawned_at: Mutex::new(None),
@@ -346,6 +361,21 @@ impl Vm {
     /// The API view of this VM.
     pub fn info(&self) -> VmInfo {
         let r = lock(&self.record).clone();
+        let network = r.net.map(|link| api::VmNetworkInfo {
+            address: link.guest.to_string(),
+            gateway: link.gateway.to_string(),
+            egress: r
+                .spec
+                .profile
+                .as_deref()
+                .and_then(|text| crate::policy::Profile::from_toml(text).ok())
+                .map(|p| p.network.egress)
+                .unwrap_or_default(),
+            counters: self
+                .egress_counters()
+                .map(|c| c.by_name())
+                .unwrap_or_default(),
+        });
         VmInfo {
             id: r.id,
             status: r.status,
@@ -368,6 +398,7 @@ impl Vm {
             restored_from: r.restore.map(|r| r.snapshot),
             boot_id: r.boot_id,
             reidentify_pending: r.reidentify.is_some(),
+            network,
         }
     }
 
@@ -587,6 +618,25 @@ impl Vm {
     /// Gives this VM its agent's tokenizer (before the VMM starts).
     pub fn set_tokens(&self, tokens: Option<Arc<crate::agent_tokens::AgentTokens>>) {
         *lock(&self.tokens) = tokens;
+    }
+
+    /// Keeps (or, with `None`, stops) this VM's resolver and SNI check.
+    pub fn set_egress(&self, egress: Option<crate::egress::VmEgress>) {
+        let old = std::mem::replace(&mut *lock(&self.egress), egress);
+        drop(old);
+    }
+
+    /// Keeps (or, with `None`, closes) this VM's forwarded host ports.
+    pub fn set_forwards(&self, forwards: Option<crate::net::forward::PortForwards>) {
+        let old = std::mem::replace(&mut *lock(&self.forwards), forwards);
+        drop(old);
+    }
+
+    /// The counters of this VM's resolver and SNI check, while they run.
+    pub fn egress_counters(&self) -> Option<crate::egress::EgressCounters> {
+        lock(&self.egress)
+            .as_ref()
+            .map(crate::egress::VmEgress::counters)
     }
 
     /// Binds this VM's credential proxy listener for the admitted boot, once.

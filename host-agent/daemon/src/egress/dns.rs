@@ -106,7 +106,7 @@ pub enum UpstreamError {
 }
 
 /// The resolver's figures so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ResolverCounters {
     /// Requests received (UDP datagrams and TCP messages).
     pub queries: u64,
@@ -130,6 +130,8 @@ pub struct ResolverCounters {
     pub non_public: u64,
     /// Events dropped because the event channel was full.
     pub events_dropped: u64,
+    /// Addresses left out because the firewall could not be opened to them in time.
+    pub apply_failures: u64,
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +147,7 @@ struct Counts {
     upstream_failures: AtomicU64,
     non_public: AtomicU64,
     events_dropped: AtomicU64,
+    apply_failures: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -157,7 +160,6 @@ enum Transport {
     Tcp,
 }
 
-#[derive(Debug)]
 struct Inner {
     policy: Arc<EgressPolicy>,
     upstream: SocketAddr,
@@ -167,7 +169,32 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     tcp_sessions: Arc<Semaphore>,
     log: Mutex<LogBudget>,
+    apply: Option<ApplyGrant>,
 }
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("policy", &self.policy)
+            .field("upstream", &self.upstream)
+            .field("counts", &self.counts)
+            .field("apply", &self.apply.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What makes an address reachable before the guest hears of it: the daemon's part, which adds
+/// `addr . port` for each of `ports` to the VM's nftables set with timeout `ttl`. It answers
+/// whether that worked; an address it could not apply within [`APPLY_TIMEOUT`] is left out of
+/// the answer, so the guest never learns an address its firewall would refuse.
+pub type ApplyGrant = Arc<
+    dyn Fn(Ipv4Addr, Vec<u16>, Duration) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How long applying one grant ([`ApplyGrant`]) may take before its address is left out.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One VM's resolver; clones share everything.
 #[derive(Debug, Clone)]
@@ -179,6 +206,26 @@ impl Resolver {
     /// A resolver for `policy` that forwards allowed `A` queries to `upstream` and reports to
     /// `events`.
     pub fn new(policy: Arc<EgressPolicy>, upstream: SocketAddr, events: EventSender) -> Self {
+        Self::build(policy, upstream, events, None)
+    }
+
+    /// [`new`](Self::new), and each address is applied with `apply` (and so reachable) before
+    /// the answer that gives it out is sent.
+    pub fn with_apply(
+        policy: Arc<EgressPolicy>,
+        upstream: SocketAddr,
+        events: EventSender,
+        apply: ApplyGrant,
+    ) -> Self {
+        Self::build(policy, upstream, events, Some(apply))
+    }
+
+    fn build(
+        policy: Arc<EgressPolicy>,
+        upstream: SocketAddr,
+        events: EventSender,
+        apply: Option<ApplyGrant>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 policy,
@@ -189,6 +236,7 @@ impl Resolver {
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
                 tcp_sessions: Arc::new(Semaphore::new(MAX_TCP_SESSIONS)),
                 log: Mutex::new(LogBudget::new()),
+                apply,
             }),
         }
     }
@@ -214,6 +262,7 @@ impl Resolver {
             upstream_failures: get(&c.upstream_failures),
             non_public: get(&c.non_public),
             events_dropped: get(&c.events_dropped),
+            apply_failures: get(&c.apply_failures),
         }
     }
 
@@ -442,6 +491,16 @@ impl Resolver {
             ) {
                 bump(&counts.events_dropped);
                 self.guest_log(|s| tracing::warn!(suppressed = s, name = %name, %addr, "egress dns: event queue full or closed, address left out"));
+                continue;
+            }
+            if let Some(apply) = &self.inner.apply
+                && !matches!(
+                    timeout(APPLY_TIMEOUT, apply(*addr, ports.clone(), ttl)).await,
+                    Ok(true)
+                )
+            {
+                bump(&counts.apply_failures);
+                self.guest_log(|s| tracing::warn!(suppressed = s, name = %name, %addr, "egress dns: the address could not be let through the firewall, left out"));
                 continue;
             }
             bump(&counts.granted);

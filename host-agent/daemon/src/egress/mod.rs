@@ -15,7 +15,7 @@
 //!    reports each address it hands out as an [`EgressEvent::Granted`]. It never hands out a
 //!    non-public address (loopback, private, link-local, ...): an allowed name that resolves to
 //!    one, by mistake or by DNS rebinding, must not open the host's own networks to the guest.
-//! 2. **nftables sets** (built elsewhere in the daemon from those events) let the guest open
+//! 2. **nftables sets** (filled by [`service`] before each answer leaves) let the guest open
 //!    connections only to addresses the resolver handed out, on the rule's ports, until the
 //!    grant expires. This stops connections to addresses the guest made up or learnt some other
 //!    way.
@@ -43,10 +43,13 @@
 //! - [`table`]: the [`GrantTable`] of addresses handed out, `addr -> names` with expiry.
 //! - [`client_hello`]: a strict TLS ClientHello parser that finds the SNI.
 //! - [`sni`]: the [`SniGate`] and its [`SniCounters`].
+//! - [`service`]: the running pair for one VM ([`VmEgress`]): its sockets in the VM's
+//!   namespace, the grants applied to its firewall, and its denials in the audit log.
 
 pub mod client_hello;
 pub mod dns;
 pub mod rules;
+pub mod service;
 pub mod sni;
 pub mod table;
 
@@ -58,6 +61,7 @@ use std::time::Duration;
 
 pub use dns::{Resolver, ResolverCounters};
 pub use rules::{EgressPolicy, EgressRule, HostPattern, RuleError};
+pub use service::{EgressCounters, VmEgress};
 pub use sni::{OriginalDst, SniCounters, SniGate, SoOriginalDst};
 pub use table::GrantTable;
 

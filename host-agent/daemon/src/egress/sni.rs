@@ -139,7 +139,7 @@ impl OriginalDst for SoOriginalDst {
 }
 
 /// The gate's figures so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SniCounters {
     /// Connections accepted.
     pub connections: u64,

@@ -5,12 +5,14 @@
 //! - [`netns`]: its own network namespace, kept by a bind mount in its folder, holding the TAP
 //!   its VMM attaches to and a veth to the host;
 //! - [`firewall`]: the nftables rules inside that namespace (default deny, a set of allowed
-//!   destinations the resolver fills) and the host's masquerade for the prefix.
+//!   destinations the resolver fills) and the host's masquerade for the prefix;
+//! - [`forward`]: host ports forwarded to the guest (`nanoclaw run -p`).
 //!
 //! `docs/security/network.md` says what is enforced where.
 
 pub mod addr;
 pub mod firewall;
+pub mod forward;
 pub mod netns;
 
 use std::io::Write;

@@ -1,0 +1,431 @@
+//! One networked VM's egress enforcement, running: the resolver ([`super::dns`]) and the SNI
+//! check ([`super::sni`]) on the VM's gateway address inside its network namespace, and the
+//! daemon's side of what they report.
+//!
+//! [`VmEgress::start`] binds three sockets inside the namespace, on the gateway address (the
+//! guest's default route and its `resolv.conf` nameserver): UDP and TCP port 53 for the
+//! resolver, and TCP [`SNI_PORT`], where the namespace's firewall redirects the guest's
+//! port-443 connections ([`crate::net::firewall::vm_ruleset`]). It then serves them on the
+//! daemon's runtime. What goes upstream (the resolver's queries, the SNI check's spliced
+//! connections) leaves from the daemon's own namespace, so it never crosses the VM's rules.
+//!
+//! - **Grants.** Each address the resolver gives out is added to the namespace's `allowed` set,
+//!   on the ports the rules allow for the name, before the answer goes out
+//!   ([`super::dns::ApplyGrant`], [`crate::net::firewall::allow_all`]). So the guest never
+//!   learns an address that its first packet to would be refused.
+//! - **Denials.** A name no rule allows, and a port-443 connection the SNI check resets, each
+//!   become an `egress_denied` record in the audit log: the VM, the name or address, the port,
+//!   and the rule or reason. A guest can cause these as fast as it likes, so each VM has an
+//!   audit budget ([`AUDIT_BURST`] records, then one per [`AUDIT_REFILL`]); the next record
+//!   admitted carries how many were left out (`suppressed`). Refusals in the kernel (a raw
+//!   address, the metadata address, another port) are counted by the firewall's named
+//!   counters, which `nanoclaw inspect` shows beside the resolver's and the SNI check's.
+//! - **Life.** Dropping the [`VmEgress`] stops its servers; the sockets close with them. The
+//!   daemon drops it when the VM ends, and starts a new one when it re-attaches to a running
+//!   VM after a restart (the `allowed` set then still holds the earlier grants).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nanoclaw_audit::AuditLog;
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use super::dns::ApplyGrant;
+use super::{
+    EgressEvent, EgressPolicy, Resolver, ResolverCounters, RuleError, SniCounters, SniGate,
+};
+use crate::daemon::ratelimit::TokenBucket;
+use crate::net::addr::VmLink;
+use crate::net::firewall;
+use crate::net::netns::{NetnsError, VmNetns};
+
+/// The SNI check's port on the gateway, inside the VM's namespace.
+pub const SNI_PORT: u16 = 4443;
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
+/// Denial records a VM may cause at once.
+pub const AUDIT_BURST: u32 = 64;
+/// How often one more denial record is allowed after the burst.
+pub const AUDIT_REFILL: Duration = Duration::from_secs(1);
+/// Events waiting for the daemon at most (grants wait for room; the rest are dropped).
+const EVENT_QUEUE: usize = 256;
+
+/// Why a VM's egress enforcement could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressStartError {
+    /// The profile's `egress` entries do not parse.
+    #[error("the VM's egress rules")]
+    Rules(#[source] RuleError),
+    /// The VM's namespace could not be entered.
+    #[error("the VM's network namespace")]
+    Netns(#[source] NetnsError),
+    /// A socket could not be bound on the gateway address.
+    #[error("cannot bind {what} on {addr} in the VM's namespace")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddrV4,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The counters `nanoclaw inspect` shows of a networked VM (the firewall's are read separately,
+/// see [`firewall::counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EgressCounters {
+    /// The resolver's.
+    pub dns: ResolverCounters,
+    /// The SNI check's.
+    pub sni: SniCounters,
+    /// Denial records left out of the audit log by the VM's budget.
+    pub audit_suppressed: u64,
+}
+
+impl EgressCounters {
+    /// The counters by name, as `nanoclaw inspect` shows them (`dns_*`, `sni_*`).
+    pub fn by_name(&self) -> std::collections::BTreeMap<String, u64> {
+        let (d, s) = (&self.dns, &self.sni);
+        [
+            ("dns_queries", d.queries),
+            ("dns_forwarded", d.forwarded),
+            ("dns_granted", d.granted),
+            ("dns_refused", d.refused),
+            ("dns_aaaa_empty", d.aaaa_empty),
+            ("dns_malformed", d.malformed),
+            ("dns_dropped", d.dropped),
+            ("dns_upstream_failures", d.upstream_failures),
+            ("dns_non_public", d.non_public),
+            ("dns_apply_failures", d.apply_failures),
+            ("sni_connections", s.connections),
+            ("sni_allowed", s.allowed),
+            ("sni_refused", s.refused),
+            ("audit_suppressed", self.audit_suppressed),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+/// One VM's running egress enforcement (see the module doc).
+#[derive(Debug)]
+pub struct VmEgress {
+    resolver: Resolver,
+    gate: SniGate,
+    audit_suppressed: Arc<Mutex<(TokenBucket, u64, u64)>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for VmEgress {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl VmEgress {
+    /// Starts VM `vm`'s resolver and SNI check in `ns` on `link`'s gateway, for the profile's
+    /// `egress` entries, forwarding allowed queries to `upstream` and recording denials in
+    /// `audit`. Must run inside the daemon's Tokio runtime.
+    pub fn start(
+        vm: &str,
+        ns: VmNetns,
+        link: &VmLink,
+        egress: &[String],
+        upstream: SocketAddr,
+        audit: Option<Arc<AuditLog>>,
+    ) -> Result<Self, EgressStartError> {
+        let policy = Arc::new(EgressPolicy::parse(egress).map_err(EgressStartError::Rules)?);
+        let gw = link.gateway;
+        let bound = ns
+            .run_in(move || bind_all(gw))
+            .map_err(EgressStartError::Netns)??;
+        let (udp, dns_tcp, sni) = on_runtime(gw, bound)?;
+        let (events, mut received) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        let apply_ns = ns.clone();
+        let apply: ApplyGrant = Arc::new(move |addr: Ipv4Addr, ports: Vec<u16>, ttl: Duration| {
+            let ns = apply_ns.clone();
+            Box::pin(async move {
+                let dests: Vec<(Ipv4Addr, u16)> = ports.iter().map(|p| (addr, *p)).collect();
+                let ttl = ttl.min(firewall::MAX_TTL);
+                let done =
+                    tokio::task::spawn_blocking(move || firewall::allow_all(&ns, &dests, ttl))
+                        .await;
+                match done {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %crate::error_chain(&e), %addr, "egress: cannot open the firewall to a granted address");
+                        false
+                    }
+                    Err(_) => false,
+                }
+            })
+        });
+        let resolver = Resolver::with_apply(Arc::clone(&policy), upstream, events.clone(), apply);
+        let gate = SniGate::new(policy, resolver.table(), events);
+        let audit_suppressed = Arc::new(Mutex::new((
+            TokenBucket::new(AUDIT_BURST, AUDIT_REFILL),
+            0u64,
+            0u64,
+        )));
+        let mut tasks = Vec::new();
+        let vm_id = vm.to_owned();
+        let r = resolver.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = r.serve_udp(udp).await {
+                tracing::warn!(error = %crate::error_chain(&e), "egress: the resolver (UDP) stopped");
+            }
+        }));
+        let r = resolver.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = r.serve_tcp(dns_tcp).await {
+                tracing::warn!(error = %crate::error_chain(&e), "egress: the resolver (TCP) stopped");
+            }
+        }));
+        let g = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = g.serve(sni).await {
+                tracing::warn!(error = %crate::error_chain(&e), "egress: the SNI check stopped");
+            }
+        }));
+        let budget = Arc::clone(&audit_suppressed);
+        tasks.push(tokio::spawn(async move {
+            while let Some(event) = received.recv().await {
+                if let Some(record) = denial_record(&vm_id, &event) {
+                    audit_denial(audit.as_deref(), &budget, record).await;
+                }
+            }
+        }));
+        tracing::info!(vm, gateway = %gw, sni_port = SNI_PORT, "egress enforcement started");
+        Ok(Self {
+            resolver,
+            gate,
+            audit_suppressed,
+            tasks,
+        })
+    }
+
+    /// The resolver's and the SNI check's counters so far.
+    pub fn counters(&self) -> EgressCounters {
+        let suppressed = lock(&self.audit_suppressed).2;
+        EgressCounters {
+            dns: self.resolver.counters(),
+            sni: self.gate.counters(),
+            audit_suppressed: suppressed,
+        }
+    }
+}
+
+/// The DNS server the host itself uses: the first `nameserver` line of `resolv_conf`, port 53.
+/// Without one (no file, or no such line), `127.0.0.1:53`, with a warning: queries then fail
+/// (SERVFAIL) until `--egress-dns` names a server.
+pub fn system_dns(resolv_conf: &std::path::Path) -> SocketAddr {
+    let found = std::fs::read_to_string(resolv_conf)
+        .ok()
+        .and_then(|text| first_nameserver(&text));
+    found.unwrap_or_else(|| {
+        let fallback = SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PORT));
+        tracing::warn!(file = %resolv_conf.display(), %fallback, "egress: no nameserver found; give one with --egress-dns");
+        fallback
+    })
+}
+
+fn first_nameserver(text: &str) -> Option<SocketAddr> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next())
+            .flatten()
+            .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, DNS_PORT))
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Bound = (
+    std::net::UdpSocket,
+    std::net::TcpListener,
+    std::net::TcpListener,
+);
+
+/// Binds the three sockets on `gw`, non-blocking (run on a thread inside the VM's namespace,
+/// which has no Tokio runtime: the caller makes the Tokio types).
+fn bind_all(gw: Ipv4Addr) -> Result<Bound, EgressStartError> {
+    let bind_err = |what, port| {
+        move |source| EgressStartError::Bind {
+            what,
+            addr: SocketAddrV4::new(gw, port),
+            source,
+        }
+    };
+    let udp = std::net::UdpSocket::bind((gw, DNS_PORT)).map_err(bind_err("DNS (UDP)", DNS_PORT))?;
+    udp.set_nonblocking(true)
+        .map_err(bind_err("DNS (UDP)", DNS_PORT))?;
+    let tcp =
+        std::net::TcpListener::bind((gw, DNS_PORT)).map_err(bind_err("DNS (TCP)", DNS_PORT))?;
+    tcp.set_nonblocking(true)
+        .map_err(bind_err("DNS (TCP)", DNS_PORT))?;
+    let sni =
+        std::net::TcpListener::bind((gw, SNI_PORT)).map_err(bind_err("the SNI check", SNI_PORT))?;
+    sni.set_nonblocking(true)
+        .map_err(bind_err("the SNI check", SNI_PORT))?;
+    Ok((udp, tcp, sni))
+}
+
+/// The Tokio types of [`bind_all`]'s sockets (on the runtime).
+fn on_runtime(
+    gw: Ipv4Addr,
+    (udp, tcp, sni): Bound,
+) -> Result<
+    (
+        tokio::net::UdpSocket,
+        tokio::net::TcpListener,
+        tokio::net::TcpListener,
+    ),
+    EgressStartError,
+> {
+    let err = |what, port| {
+        move |source| EgressStartError::Bind {
+            what,
+            addr: SocketAddrV4::new(gw, port),
+            source,
+        }
+    };
+    Ok((
+        tokio::net::UdpSocket::from_std(udp).map_err(err("DNS (UDP)", DNS_PORT))?,
+        tokio::net::TcpListener::from_std(tcp).map_err(err("DNS (TCP)", DNS_PORT))?,
+        tokio::net::TcpListener::from_std(sni).map_err(err("the SNI check", SNI_PORT))?,
+    ))
+}
+
+/// The audit record of a denial event (`None` for a grant or an allowed connection).
+fn denial_record(vm: &str, event: &EgressEvent) -> Option<serde_json::Value> {
+    match event {
+        EgressEvent::Refused { name, rule } => Some(json!({
+            "vm": vm,
+            "by": "dns",
+            "name": name,
+            "rule": rule,
+        })),
+        EgressEvent::ConnectionRefused {
+            sni,
+            addr,
+            port,
+            reason,
+        } => Some(json!({
+            "vm": vm,
+            "by": "sni",
+            "name": sni,
+            "addr": addr.map(|a| a.to_string()),
+            "port": port,
+            "rule": reason,
+        })),
+        EgressEvent::Granted { .. } | EgressEvent::Connected { .. } => None,
+    }
+}
+
+/// Appends `record` as `egress_denied` within the VM's budget (`budget`: the bucket, the
+/// count left out since the last admitted record, the count left out in all).
+async fn audit_denial(
+    audit: Option<&AuditLog>,
+    budget: &Mutex<(TokenBucket, u64, u64)>,
+    mut record: serde_json::Value,
+) {
+    let suppressed = {
+        let mut b = lock(budget);
+        if b.0.take(Instant::now()).is_err() {
+            b.1 += 1;
+            b.2 += 1;
+            return;
+        }
+        std::mem::take(&mut b.1)
+    };
+    record["suppressed"] = json!(suppressed);
+    let Some(audit) = audit else {
+        tracing::info!(%record, "egress denied");
+        return;
+    };
+    if let Err(e) = audit.submit("egress_denied", record).await {
+        tracing::warn!(error = %e, "egress: cannot record a denial");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_system_resolver_is_the_first_nameserver_line() {
+        let text = "# generated\nsearch example\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n";
+        assert_eq!(
+            first_nameserver(text),
+            Some("192.0.2.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            first_nameserver("nameserver ::1\n"),
+            Some("[::1]:53".parse().unwrap())
+        );
+        assert_eq!(
+            first_nameserver("nameserver bogus\noptions ndots:1\n"),
+            None
+        );
+        let none = std::path::Path::new("/nonexistent/resolv.conf");
+        assert_eq!(system_dns(none), "127.0.0.1:53".parse().unwrap());
+    }
+
+    #[test]
+    fn refusals_become_records_and_grants_do_not() {
+        let refused = EgressEvent::Refused {
+            name: "other.test".into(),
+            rule: "other.test not in egress allowlist".into(),
+        };
+        let r = denial_record("vm1", &refused).unwrap();
+        assert_eq!(r["by"], "dns");
+        assert_eq!(r["name"], "other.test");
+        let reset = EgressEvent::ConnectionRefused {
+            sni: "no SNI".into(),
+            addr: Some(Ipv4Addr::new(198, 51, 100, 2)),
+            port: 443,
+            reason: "no server name".into(),
+        };
+        let r = denial_record("vm1", &reset).unwrap();
+        assert_eq!(
+            (r["addr"].as_str(), r["port"].as_u64()),
+            (Some("198.51.100.2"), Some(443))
+        );
+        let granted = EgressEvent::Granted {
+            name: "pkgs.test".into(),
+            addr: Ipv4Addr::new(198, 51, 100, 2),
+            ports: vec![443],
+            ttl: Duration::from_secs(60),
+        };
+        assert!(denial_record("vm1", &granted).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_denials_is_cut_to_the_budget_and_the_next_record_says_how_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(dir.path().join("audit.log")).unwrap();
+        let budget = Mutex::new((TokenBucket::new(3, Duration::from_secs(3600)), 0, 0));
+        for i in 0..10 {
+            audit_denial(Some(&audit), &budget, json!({ "n": i })).await;
+        }
+        assert_eq!(audit.stats().records, 3);
+        assert_eq!(lock(&budget).2, 7);
+        // A fresh token: the next admitted record carries the seven left out.
+        lock(&budget).0 = TokenBucket::new(1, Duration::from_secs(3600));
+        audit_denial(Some(&audit), &budget, json!({ "n": 10 })).await;
+        let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["record"]["data"]["suppressed"], 7, "{last}");
+    }
+}
