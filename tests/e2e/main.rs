@@ -8,6 +8,7 @@ mod agent;
 mod approval;
 mod cp;
 mod credentials;
+mod egress;
 mod image;
 mod kvm_selftest;
 mod mcp;

@@ -38,6 +38,17 @@ fn run(cmd: &mut Command) -> Result<()> {
 impl ClientNetns {
     /// Makes the namespace and its link to the host; `tag` names the veth ends.
     pub fn create(tag: &str) -> Result<Self> {
+        Self::create_with(tag, HOST_ADDR, CLIENT_ADDR, 30)
+    }
+
+    /// [`create`](Self::create) with other addresses: `host` for the host's end and `client`
+    /// for the namespace's, on a `/prefix_len`.
+    pub fn create_with(
+        tag: &str,
+        host: Ipv4Addr,
+        client: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<Self> {
         let (host_if, client_if) = (format!("nch-{tag}"), format!("ncc-{tag}"));
         // Ends left by an earlier run that died go first.
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
@@ -74,12 +85,12 @@ impl ClientNetns {
         run(Command::new("ip").args([
             "addr",
             "add",
-            &format!("{HOST_ADDR}/30"),
+            &format!("{host}/{prefix_len}"),
             "dev",
             &ns.host_if,
         ]))?;
         run(Command::new("ip").args(["link", "set", &ns.host_if, "up"]))?;
-        let client_addr = format!("{CLIENT_ADDR}/30");
+        let client_addr = format!("{client}/{prefix_len}");
         for args in [
             &["addr", "add", &client_addr, "dev", &client_if][..],
             &["link", "set", &client_if, "up"],
