@@ -313,6 +313,23 @@ fn inner() {
         Err(firewall::FirewallError::BadTtl(_))
     ));
 
+    // A peer's address: added twice, then removed twice, without an error either time.
+    let peer = Ipv4Addr::new(10, 251, 0, 10);
+    let peers = |ns: &VmNetns| {
+        ns_json(
+            ns,
+            "nft",
+            &["-j", "list", "set", "inet", "nanoclaw", "peers"],
+        )
+        .to_string()
+    };
+    firewall::set_peer(&ns, peer, true).unwrap();
+    firewall::set_peer(&ns, peer, true).unwrap();
+    assert!(peers(&ns).contains("10.251.0.10"));
+    firewall::set_peer(&ns, peer, false).unwrap();
+    firewall::set_peer(&ns, peer, false).unwrap();
+    assert!(!peers(&ns).contains("10.251.0.10"));
+
     // The counters read back, all of them, at zero.
     let before = firewall::counters(&ns).unwrap();
     for name in firewall::COUNTERS {

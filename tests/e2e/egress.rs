@@ -2,8 +2,9 @@
 //! `pkgs.test:443`, installs a package with pip from an HTTPS index on a test host, and every
 //! other way out is refused within 2 s: another name, the allowed address on port 80, a raw
 //! address, domain fronting (the allowed address with another server name), DNS at another
-//! server, the metadata address, the host's own address and the gateway's other ports; nor can
-//! a second VM with the same profile reach the first. A host port forwarded with `-p` reaches
+//! server, the metadata address, the host's own address and the gateway's other ports. Another
+//! VM reaches the first only when both profiles name each other (`[network] peers`); one with
+//! the first one's own profile is refused. A host port forwarded with `-p` reaches
 //! the agent's own server. The audit log names the refused name and
 //! the reset connections, and `nanoclaw inspect` shows the firewall's counts. A VM whose
 //! profile allows nothing has no network device.
@@ -91,7 +92,8 @@ fn an_agent_installs_from_an_allowed_index_and_every_other_way_out_is_refused() 
     let profile = w.join("net.toml");
     std::fs::write(
         &profile,
-        "name = \"e2e-net\"\ntier = \"worker\"\n\n[network]\negress = [\"pkgs.test:443\"]\n",
+        "name = \"e2e-net\"\ntier = \"worker\"\n\n[network]\negress = [\"pkgs.test:443\"]\n\
+         peers = [\"e2e-peer\"]\n",
     )
     .unwrap();
     let agent = std::fs::read_to_string(workspace_root().join("tests/peers/egress_agent.py"))
@@ -222,32 +224,60 @@ fn an_agent_installs_from_an_allowed_index_and_every_other_way_out_is_refused() 
             "inspect shows no {counter}:\n{inspect}"
         );
     }
-    // Another VM with the same profile cannot reach the first one (other VMs are never
-    // allowed): its connection to the first one's address is reset at once.
+    // Other VMs: one whose profile and the first one's name each other reaches its port 8080;
+    // one with the first one's own profile (which does not name itself) is reset at once.
     let first = d.vm(&id).network.expect("the first VM's network").address;
-    let probe = format!(
-        "import socket, time\nt = time.monotonic()\ntry:\n    \
-         socket.create_connection(('{first}', 22), timeout=5)\n    print('NEIGHBOUR OPEN')\n\
-         except OSError as e:\n    print(f'NEIGHBOUR REFUSED {{time.monotonic() - t:.2f}} {{e}}')\n"
-    );
-    let out = d
-        .nanoclaw(&[
-            "run",
-            "--image",
-            "agent-python",
-            "--profile",
-            &profile_arg,
-            "--",
-            "python3",
-            "-c",
-            &probe,
-        ])
-        .output_within(nanoclaw_tests::RUN_TIMEOUT)
-        .expect("nanoclaw run");
-    let neighbour = text(&out.stdout);
+    let probe = r#"
+import socket, time
+t = time.monotonic()
+try:
+    s = socket.create_connection(("FIRST", 8080), timeout=5)
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    got = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    print("NEIGHBOUR OPEN", got.split(b"\r\n\r\n")[-1])
+except OSError as e:
+    print(f"NEIGHBOUR REFUSED {time.monotonic() - t:.2f} {e}")
+"#
+    .replace("FIRST", &first);
+    let peer_profile = w.join("peer.toml");
+    std::fs::write(
+        &peer_profile,
+        "name = \"e2e-peer\"\ntier = \"worker\"\n\n[network]\npeers = [\"e2e-net\"]\n",
+    )
+    .unwrap();
+    let peer_arg = peer_profile.to_string_lossy().into_owned();
+    let neighbour = |profile: &str| {
+        let out = d
+            .nanoclaw(&[
+                "run",
+                "--image",
+                "agent-python",
+                "--profile",
+                profile,
+                "--",
+                "python3",
+                "-c",
+                &probe,
+            ])
+            .output_within(nanoclaw_tests::RUN_TIMEOUT)
+            .expect("nanoclaw run");
+        text(&out.stdout)
+    };
+    let peer = neighbour(&peer_arg);
     assert!(
-        neighbour.contains("NEIGHBOUR REFUSED"),
-        "a VM reached another: {neighbour}\n{}",
+        peer.contains("NEIGHBOUR OPEN") && peer.contains("inbound to the agent from"),
+        "a peer named both ways did not reach the first VM: {peer}\n{}",
+        d.records()
+    );
+    let stranger = neighbour(&profile_arg);
+    assert!(
+        stranger.contains("NEIGHBOUR REFUSED"),
+        "a VM reached another that does not name it: {stranger}\n{}",
         d.records()
     );
     d.cli(&["stop", &id]);

@@ -483,7 +483,8 @@ pub struct Daemon {
     audit: Arc<nanoclaw_audit::AuditLog>,
     stop_grace: Duration,
     output_cap: u64,
-    vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Shared with the tasks that act when a VM ends.
+    vms: Arc<Mutex<HashMap<String, Arc<Vm>>>>,
     approvals: Option<crate::approval::passkey::PasskeyApprover>,
     relay: Option<Arc<crate::relay::Relay>>,
     images: nanoclaw_image::ImageStore,
@@ -1105,13 +1106,90 @@ impl Daemon {
             .map_err(vm::NetworkError::ForwardServe)?;
         vm.set_egress(Some(running));
         vm.set_forwards(Some(forwards));
+        self.link_peers(vm);
         let (vm, mut ended) = (Arc::clone(vm), vm.ended());
+        let daemon_vms = self.networked_peers_of(&vm.id);
         tokio::spawn(async move {
             let _ = ended.wait_for(|e| *e).await;
             vm.set_egress(None);
             vm.set_forwards(None);
+            // Its address leaves every other VM's `peers` set (a later VM may get it).
+            if let Some(link) = vm.network() {
+                let others = daemon_vms();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for (id, ns) in others {
+                        if let Err(e) = crate::net::firewall::set_peer(&ns, link.guest, false) {
+                            tracing::warn!(vm = %id, error = %error_chain(&e), "peers: cannot remove an ended VM");
+                        }
+                    }
+                })
+                .await;
+            }
         });
         Ok(())
+    }
+
+    /// A VM's profile name and `[network] peers`, when it is networked and running.
+    fn peer_profile(vm: &Vm) -> Option<(String, Vec<String>)> {
+        if vm.status().is_terminal() {
+            return None;
+        }
+        vm.network()?;
+        let profile = crate::policy::Profile::from_toml(vm.info().spec.profile.as_deref()?).ok()?;
+        Some((profile.name, profile.network.peers))
+    }
+
+    /// Opens the way between `vm` and each running networked VM whose profile and `vm`'s name
+    /// each other (`[network] peers`), both ways: each gets the other's guest address in its
+    /// `peers` set. Anything else between VMs stays refused.
+    fn link_peers(&self, vm: &Arc<Vm>) {
+        let (Some((name, peers)), Some(link), Some(ns)) =
+            (Self::peer_profile(vm), vm.network(), vm.netns())
+        else {
+            return;
+        };
+        if peers.is_empty() {
+            return;
+        }
+        for other in self.list() {
+            if other.id == vm.id {
+                continue;
+            }
+            let (Some((other_name, other_peers)), Some(other_link), Some(other_ns)) =
+                (Self::peer_profile(&other), other.network(), other.netns())
+            else {
+                continue;
+            };
+            if !(peers.contains(&other_name) && other_peers.contains(&name)) {
+                continue;
+            }
+            let both = crate::net::firewall::set_peer(&ns, other_link.guest, true)
+                .and_then(|()| crate::net::firewall::set_peer(&other_ns, link.guest, true));
+            match both {
+                Ok(()) => tracing::info!(vm = %vm.id, peer = %other.id, "peers linked"),
+                Err(e) => {
+                    tracing::warn!(vm = %vm.id, peer = %other.id, error = %error_chain(&e), "peers: cannot link")
+                }
+            }
+        }
+    }
+
+    /// A function that lists, when called, every other running networked VM's id and
+    /// namespace (for the end of VM `id`).
+    fn networked_peers_of(
+        &self,
+        id: &str,
+    ) -> impl Fn() -> Vec<(String, crate::net::netns::VmNetns)> + Send + 'static {
+        let id = id.to_owned();
+        let vms = Arc::clone(&self.vms);
+        move || {
+            vms.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|v| v.id != id && !v.status().is_terminal())
+                .filter_map(|v| v.netns().map(|ns| (v.id.clone(), ns)))
+                .collect()
+        }
     }
 
     /// Loads every VM under the state directory, re-attaching live ones and concluding dead
@@ -1471,7 +1549,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         audit: Arc::clone(&audit),
         stop_grace: Duration::from_secs(args.stop_grace_secs),
         output_cap: args.output_cap_bytes,
-        vms: Mutex::new(HashMap::new()),
+        vms: Arc::new(Mutex::new(HashMap::new())),
         relay,
         limits: Limits {
             max_vms: args.max_vms,

@@ -10,10 +10,11 @@
 //! - **forward**, from `tap0`: replies to established connections pass; then, whatever the
 //!   `allowed` set says, a source other than the guest's address (so nothing un-masqueraded
 //!   leaves), IPv6, loopback (`127.0.0.0/8`), link-local and metadata
-//!   (`169.254.0.0/16`), the host's own addresses and the overlay prefix (other VMs) are
-//!   refused; then members of `allowed` (`ipv4_addr . inet_service`, each with its own timeout,
-//!   added by [`allow`]) pass, TCP or UDP; everything else is refused. Traffic *to* `tap0` passes
-//!   only as replies.
+//!   (`169.254.0.0/16`), the host's own addresses and the overlay prefix (other VMs, but the
+//!   members of `peers`) are refused; then members of `allowed` (`ipv4_addr . inet_service`,
+//!   each with its own timeout, added by [`allow`]) pass, TCP or UDP; everything else is
+//!   refused. Traffic *to* `tap0` passes only as replies, or from a member of `peers`
+//!   ([`set_peer`]).
 //! - **input**, from `tap0`: only DNS (UDP and TCP 53) from the guest's address to the gateway
 //!   address, and replies.
 //! - with an SNI port ([`vm_ruleset`]): **prerouting** redirects the guest's TCP 443 to that
@@ -43,6 +44,9 @@ use super::netns::{HOST_VETH_PREFIX, TAP_NAME, VmNetns};
 pub const TABLE: &str = "nanoclaw";
 /// The set of destinations the resolver allows.
 pub const ALLOWED_SET: &str = "allowed";
+/// The set of other VMs' guest addresses this VM may reach and be reached by (both profiles
+/// name each other).
+pub const PEERS_SET: &str = "peers";
 /// The longest timeout an element of [`ALLOWED_SET`] may get.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -113,6 +117,7 @@ pub fn vm_ruleset(
         out,
         "  set {ALLOWED_SET} {{\n    type ipv4_addr . inet_service\n    flags timeout\n  }}"
     );
+    let _ = writeln!(out, "  set {PEERS_SET} {{\n    type ipv4_addr\n  }}");
     let _ = writeln!(
         out,
         "  set host_addrs {{\n    type ipv4_addr\n    flags interval"
@@ -143,6 +148,7 @@ pub fn vm_ruleset(
         out,
         "    oifname \"{tap}\" ct state established,related accept"
     );
+    let _ = writeln!(out, "    oifname \"{tap}\" ip saddr @{PEERS_SET} accept");
     reject(&mut out, &format!("oifname \"{tap}\""), "deny_inbound");
     reject(
         &mut out,
@@ -169,6 +175,7 @@ pub fn vm_ruleset(
         &format!("iifname \"{tap}\" ip daddr @host_addrs"),
         "deny_host",
     );
+    let _ = writeln!(out, "    iifname \"{tap}\" ip daddr @{PEERS_SET} accept");
     reject(
         &mut out,
         &format!("iifname \"{tap}\" ip daddr {prefix}"),
@@ -331,6 +338,18 @@ pub fn allow_all(
     nft(Some(ns), &["-f", "-"], Some(&cmds)).map(drop)
 }
 
+/// Lets the VM of `ns` reach, and be reached by, the guest at `addr` (another VM whose profile
+/// and this one's name each other), or (`add` false) no longer.
+pub fn set_peer(ns: &VmNetns, addr: Ipv4Addr, add: bool) -> Result<(), FirewallError> {
+    let set = format!("inet {TABLE} {PEERS_SET}");
+    // Adding what is there, or deleting what is not, must not fail: add first either way.
+    let mut cmds = format!("add element {set} {{ {addr} }}\n");
+    if !add {
+        cmds.push_str(&format!("delete element {set} {{ {addr} }}\n"));
+    }
+    nft(Some(ns), &["-f", "-"], Some(&cmds)).map(drop)
+}
+
 /// One named counter's totals.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counter {
@@ -468,6 +487,22 @@ mod tests {
         // The set holds address . port with timeouts, matched on TCP and UDP.
         assert!(text.contains("type ipv4_addr . inet_service\n    flags timeout"));
         assert!(text.contains("meta l4proto { tcp, udp } ip daddr . th dport @allowed accept"));
+    }
+
+    #[test]
+    fn peers_pass_after_the_host_and_before_the_overlay_refusal_both_ways() {
+        let text = ruleset();
+        let at = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("`{needle}` missing"))
+        };
+        let out = at("iifname \"tap0\" ip daddr @peers accept");
+        assert!(at("ip daddr @host_addrs") < out);
+        assert!(at("ip daddr 169.254.0.0/16") < out);
+        assert!(out < at("ip daddr 10.200.0.0/16"));
+        let inbound = at("oifname \"tap0\" ip saddr @peers accept");
+        assert!(inbound < at("name \"deny_inbound\""));
+        assert!(text.contains("set peers {\n    type ipv4_addr\n  }"));
     }
 
     #[test]

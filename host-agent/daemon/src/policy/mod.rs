@@ -242,6 +242,13 @@ impl AccessPolicy {
                 ));
             }
         }
+        for peer in &child.network.peers {
+            if !parent.network.peers.contains(peer) {
+                out.push(format!(
+                    "peer `{peer}` is not the parent's: the child could reach its VMs"
+                ));
+            }
+        }
         for (name, spec) in &child.servers {
             if parent.servers.get(name) != Some(spec) {
                 out.push(format!("server `{name}` is not the parent's"));

@@ -125,18 +125,24 @@ pub const MAX_EGRESS: usize = 64;
 /// Each entry is `HOST:PORT`: `HOST` a DNS name, or `*.` and a DNS name for any name below it
 /// (not the name itself); `PORT` 1 to 65535. The strings are kept as written; the resolver
 /// matches names against them and the host's firewall admits only the addresses it resolved.
+///
+/// `peers` names other profiles: two running VMs may reach each other (any TCP or UDP port,
+/// both ways) only when each one's profile names the other's. Other VMs are never reachable.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     /// The destinations, `HOST:PORT`.
     #[serde(default)]
     pub egress: Vec<String>,
+    /// The profiles whose VMs this VM may reach, and be reached by, when they name it too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
 }
 
 impl NetworkSpec {
     /// Whether the VM gets no network at all.
     pub fn is_empty(&self) -> bool {
-        self.egress.is_empty()
+        self.egress.is_empty() && self.peers.is_empty()
     }
 
     /// The entries, parsed (each was checked when the profile loaded).
@@ -391,6 +397,14 @@ impl Profile {
             return Err(PolicyError::Egress(EgressError::TooMany));
         }
         self.network.destinations().map_err(PolicyError::Egress)?;
+        if self.network.peers.len() > MAX_EGRESS {
+            return bad(format!(
+                "`[network] peers` names more than {MAX_EGRESS} profiles"
+            ));
+        }
+        for peer in &self.network.peers {
+            check_name("a `[network] peers` entry", peer)?;
+        }
         let max = shared_proto::credential::MAX_LLM_HOSTS;
         if self.llm_hosts.len() + self.restore_hosts.len() > max {
             return bad(format!(

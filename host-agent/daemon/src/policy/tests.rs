@@ -359,6 +359,27 @@ fn a_spawned_worker_gets_no_egress_its_parent_lacks() {
 }
 
 #[test]
+fn a_spawned_worker_names_no_peer_its_parent_lacks_and_peers_are_names() {
+    let mut parent = example("orchestrator.toml").profile().clone();
+    parent.network.peers = vec!["cache".into()];
+    let parent = AccessPolicy::new(parent).expect("compiles");
+    let mut child = Profile::from_toml("name = \"w\"\ntier = \"worker\"\n").unwrap();
+    assert!(child.network.is_empty());
+    child.network.peers = vec!["cache".into()];
+    assert!(!child.network.is_empty(), "peers alone give a network");
+    assert_eq!(parent.spawn_excess(&child), Vec::<String>::new());
+    child.network.peers.push("db".into());
+    let excess = parent.spawn_excess(&child);
+    assert!(
+        excess.len() == 1 && excess[0].contains("peer `db`"),
+        "{excess:?}"
+    );
+    let bad =
+        Profile::from_toml("name = \"w\"\ntier = \"worker\"\n[network]\npeers = [\"no spaces\"]\n");
+    assert!(bad.is_err(), "{bad:?}");
+}
+
+#[test]
 fn a_profile_survives_a_toml_round_trip() {
     // How a spawned agent's profile travels to the daemon's create path.
     for name in ["worker.toml", "orchestrator.toml"] {
