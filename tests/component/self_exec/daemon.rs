@@ -1146,6 +1146,37 @@ fn a_fork_makes_n_vms_within_the_vm_cap() {
     // Each copy read the snapshot as it was restored; the snapshot itself is gone.
     assert!(snapshots(&d).is_empty());
     assert!(!d.vm(&id).paused);
+    // The audit log says where the copies came from: the snapshot, each restore, the fork.
+    let audit = std::fs::read_to_string(d.state_dir().join(nanoclaw_api::AUDIT_FILE))
+        .expect("the audit log");
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|r| r["record"].clone())
+        .collect();
+    let of = |kind: &str| -> Vec<&serde_json::Value> {
+        records
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .map(|r| &r["data"])
+            .collect()
+    };
+    let taken = of("vm_snapshot");
+    assert!(
+        taken.len() == 1 && taken[0]["vm"] == id.as_str() && taken[0]["frozen"] == true,
+        "{taken:?}"
+    );
+    let restored = of("vm_restore");
+    assert_eq!(restored.len(), 2, "{restored:?}");
+    for r in &restored {
+        assert_eq!(r["source_vm"], id.as_str(), "{r}");
+        assert!(made.iter().any(|m| r["vm"] == m.as_str()), "{r}");
+    }
+    let forked = of("vm_fork");
+    assert!(
+        forked.len() == 1 && forked[0]["copies"].as_array().is_some_and(|c| c.len() == 2),
+        "{forked:?}"
+    );
     for vm in made.iter().chain([&id]) {
         assert!(d.cli(&["stop", vm]).status.success());
     }

@@ -782,12 +782,25 @@ impl Daemon {
             vm.thaw();
         }
         match taken {
-            Ok(meta) => self
-                .snapshots
-                .commit(&staging, &name, &meta)
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_dir_all(&staging);
-                }),
+            Ok(meta) => {
+                let info = self
+                    .snapshots
+                    .commit(&staging, &name, &meta)
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_dir_all(&staging);
+                    })?;
+                self.audit_lifecycle(
+                    "vm_snapshot",
+                    serde_json::json!({
+                        "vm": id,
+                        "snapshot": name,
+                        "frozen": frozen,
+                        "memory_data_bytes": meta.memory_data_bytes,
+                    }),
+                )
+                .await;
+                Ok(info)
+            }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&staging);
                 Err(e)
@@ -894,7 +907,19 @@ impl Daemon {
             return Err(e.into());
         }
         tracing::info!(vm = %id, n, "VM forked");
+        let copies: Vec<&str> = made.iter().map(|vm| vm.id.as_str()).collect();
+        self.audit_lifecycle("vm_fork", serde_json::json!({ "vm": id, "copies": copies }))
+            .await;
         Ok(made)
+    }
+
+    /// Records a snapshot, restore or fork in the audit log: snapshots hold guest memory, and
+    /// the user must be able to see where copies of an agent came from. The action has
+    /// happened; a record that cannot be written is logged.
+    async fn audit_lifecycle(&self, kind: &str, data: serde_json::Value) {
+        if let Err(e) = self.audit.submit(kind, data).await {
+            tracing::error!(kind, error = %error_chain(&e), "cannot record in the audit log");
+        }
     }
 
     /// Starts a new VM from snapshot `name`: a VMM started with `--restore` on the stored
@@ -991,6 +1016,11 @@ impl Daemon {
                     ms = asked.elapsed().as_millis(),
                     "VM restored"
                 );
+                self.audit_lifecycle(
+                    "vm_restore",
+                    serde_json::json!({ "vm": vm.id, "snapshot": name, "source_vm": meta.source_vm }),
+                )
+                .await;
                 Ok(vm)
             }
             Err(status) => {
