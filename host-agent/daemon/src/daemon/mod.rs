@@ -1095,7 +1095,7 @@ impl Daemon {
                 )
                 .map_err(vm::NetworkError::Firewall)?;
                 firewall::install_host(&self.overlay).map_err(vm::NetworkError::Firewall)?;
-                self.start_egress(vm, ns, &link)
+                self.start_network_services(vm, ns, &link)
             });
         if let Err(e) = made {
             if let Err(undo) = netns::teardown(&path, &vm.id) {
@@ -1107,9 +1107,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// Starts the resolver and the SNI check of a networked VM in its namespace `ns`, and its
-    /// forwarded host ports, and stops them all when the VM ends.
-    fn start_egress(
+    /// Starts the resolver and the SNI check of a networked VM in its namespace `ns`, its
+    /// forwarded host ports and its peers (see [`Self::link_peers`]), and stops them all when
+    /// the VM ends.
+    fn start_network_services(
         &self,
         vm: &Arc<Vm>,
         ns: crate::net::netns::VmNetns,
@@ -1138,14 +1139,14 @@ impl Daemon {
         vm.set_forwards(Some(forwards));
         self.link_peers(vm);
         let (vm, mut ended) = (Arc::clone(vm), vm.ended());
-        let daemon_vms = self.networked_peers_of(&vm.id);
+        let others_of = self.networked_peers_of(&vm.id);
         tokio::spawn(async move {
             let _ = ended.wait_for(|e| *e).await;
             vm.set_egress(None);
             vm.set_forwards(None);
             // Its address leaves every other VM's `peers` set (a later VM may get it).
             if let Some(link) = vm.network() {
-                let others = daemon_vms();
+                let others = others_of();
                 let _ = tokio::task::spawn_blocking(move || {
                     for (id, ns) in others {
                         if let Err(e) = crate::net::firewall::set_peer(&ns, link.guest, false) {
@@ -1259,9 +1260,9 @@ impl Daemon {
             vm.reattach_vmm_log();
             self.start_mcp(&vm);
             if let (Some(ns), Some(link)) = (vm.netns(), vm.network())
-                && let Err(e) = self.start_egress(&vm, ns, &link)
+                && let Err(e) = self.start_network_services(&vm, ns, &link)
             {
-                tracing::error!(vm = %vm.id, error = %error_chain(&e), "egress: the VM has no resolver now");
+                tracing::error!(vm = %vm.id, error = %error_chain(&e), "network: the VM has no resolver, SNI check or forwarded ports now");
             }
             tokio::spawn(Arc::clone(&vm).accept_control(listener));
             tokio::spawn(Arc::clone(&vm).watch_adopted());

@@ -12,7 +12,9 @@
 //! - **Grants.** Each address the resolver gives out is added to the namespace's `allowed` set,
 //!   on the ports the rules allow for the name, before the answer goes out
 //!   ([`super::dns::ApplyGrant`], [`crate::net::firewall::allow_all`]). So the guest never
-//!   learns an address that its first packet to would be refused.
+//!   learns an address that its first packet to would be refused. A grant is written for
+//!   twice the answer's time to live and not again while one is left ([`Applied`]), so
+//!   repeated answers cost no `nft` run.
 //! - **Denials.** A name no rule allows, and a port-443 connection the SNI check resets, each
 //!   become an `egress_denied` record in the audit log: the VM, the name or address, the port,
 //!   and the rule or reason. A guest can cause these as fast as it likes, so each VM has an
@@ -149,18 +151,32 @@ impl VmEgress {
         let (udp, dns_tcp, sni) = on_runtime(gw, bound)?;
         let (events, mut received) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let apply_ns = ns.clone();
+        // A guest can ask again and again: a failing `nft` is logged within a budget.
+        let apply_log = Arc::new(Mutex::new(shared_proto::ratelimit::LogBudget::new()));
+        let applied = Arc::new(Mutex::new(Applied::default()));
         let apply: ApplyGrant = Arc::new(move |addr: Ipv4Addr, ports: Vec<u16>, ttl: Duration| {
             let ns = apply_ns.clone();
+            let log = Arc::clone(&apply_log);
+            let applied = Arc::clone(&applied);
             Box::pin(async move {
+                if lock(&applied).fresh(addr, &ports, ttl, Instant::now()) {
+                    return true;
+                }
+                // Written for twice the answer's time to live (see `Applied`).
+                let ttl = (ttl * 2).min(firewall::MAX_TTL);
                 let dests: Vec<(Ipv4Addr, u16)> = ports.iter().map(|p| (addr, *p)).collect();
-                let ttl = ttl.min(firewall::MAX_TTL);
                 let done =
                     tokio::task::spawn_blocking(move || firewall::allow_all(&ns, &dests, ttl))
                         .await;
                 match done {
-                    Ok(Ok(())) => true,
+                    Ok(Ok(())) => {
+                        lock(&applied).record(addr, ports, ttl, Instant::now());
+                        true
+                    }
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %crate::error_chain(&e), %addr, "egress: cannot open the firewall to a granted address");
+                        if let Some(suppressed) = lock(&log).admit(Instant::now()) {
+                            tracing::warn!(error = %crate::error_chain(&e), %addr, suppressed, "egress: cannot open the firewall to a granted address");
+                        }
                         false
                     }
                     Err(_) => false,
@@ -245,6 +261,35 @@ fn first_nameserver(text: &str) -> Option<SocketAddr> {
             .and_then(|a| a.parse::<std::net::IpAddr>().ok())
             .map(|ip| SocketAddr::new(ip, DNS_PORT))
     })
+}
+
+/// The grants last written to the firewall, with when each runs out, so that an answer the
+/// guest asks for again and again does not run `nft` each time. A grant is written for twice
+/// the answer's time to live, and not written again while at least one time to live is left of
+/// it: every answer given meanwhile is covered for as long as the guest may cache it. At most
+/// [`APPLIED_MAX`] are remembered; past that the memory starts over (and grants are written
+/// again).
+#[derive(Debug, Default)]
+struct Applied(std::collections::HashMap<(Ipv4Addr, Vec<u16>), Instant>);
+
+/// Grants [`Applied`] remembers at most.
+const APPLIED_MAX: usize = 4096;
+
+impl Applied {
+    /// Whether an answer with `ttl` for `addr` on `ports` is covered by what was written.
+    fn fresh(&self, addr: Ipv4Addr, ports: &[u16], ttl: Duration, now: Instant) -> bool {
+        self.0
+            .get(&(addr, ports.to_vec()))
+            .is_some_and(|until| *until >= now + ttl)
+    }
+
+    /// Notes that `addr` on `ports` was written with timeout `written` at `now`.
+    fn record(&mut self, addr: Ipv4Addr, ports: Vec<u16>, written: Duration, now: Instant) {
+        if self.0.len() >= APPLIED_MAX {
+            self.0.clear();
+        }
+        self.0.insert((addr, ports), now + written);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -362,6 +407,27 @@ async fn audit_denial(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grant_is_written_again_only_when_an_answer_could_outlive_it() {
+        let mut a = Applied::default();
+        let (addr, now, ttl) = (
+            Ipv4Addr::new(198, 51, 100, 2),
+            Instant::now(),
+            Duration::from_secs(60),
+        );
+        assert!(!a.fresh(addr, &[443], ttl, now));
+        // Written for twice the time to live: answers within the first one are covered.
+        a.record(addr, vec![443], ttl * 2, now);
+        assert!(a.fresh(addr, &[443], ttl, now + Duration::from_secs(59)));
+        assert!(!a.fresh(addr, &[443], ttl, now + Duration::from_secs(61)));
+        // Other ports are another grant.
+        assert!(!a.fresh(addr, &[443, 8443], ttl, now));
+        for i in 0..APPLIED_MAX as u32 {
+            a.record(Ipv4Addr::from(i), vec![1], ttl, now);
+        }
+        assert!(a.0.len() <= APPLIED_MAX);
+    }
 
     #[test]
     fn the_system_resolver_is_the_first_nameserver_line() {
