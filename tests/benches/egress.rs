@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use host_agent::egress::{EgressPolicy, Resolver, SniGate};
+use nanoclaw_tests::dns::{a_query, serve_upstream};
 
 const NAME: &str = "allowed.test";
 /// A documentation address: public in the resolver's eyes.
@@ -34,44 +35,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn a_query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = Vec::new();
-    for v in [id, 0x0100, 1, 0, 0, 0] {
-        q.extend_from_slice(&v.to_be_bytes());
-    }
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
-/// An upstream DNS server: `A` for [`NAME`] is [`ANSWER`], anything else NXDOMAIN.
-fn upstream_dns(socket: UdpSocket) {
-    let mut buf = [0u8; 1500];
-    while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-        let q = &buf[..n];
-        let Some(end) = q
-            .get(12..)
-            .and_then(|t| t.iter().position(|b| *b == 0))
-            .map(|p| 12 + p + 5)
-        else {
-            continue;
-        };
-        if end > q.len() {
-            continue;
-        }
-        let mut r = q[..2].to_vec();
-        r.extend_from_slice(&0x8180u16.to_be_bytes());
-        r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]);
-        r.extend_from_slice(&q[12..end]);
-        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-        r.extend_from_slice(&ANSWER);
-        let _ = socket.send_to(&r, peer);
-    }
 }
 
 /// Asks `server` for [`NAME`] `rounds` times; each answer must carry [`ANSWER`].
@@ -176,7 +139,11 @@ fn main() {
     // DNS, direct and through the resolver.
     let upstream = UdpSocket::bind("127.0.0.1:0").unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
-    std::thread::spawn(move || upstream_dns(upstream));
+    std::thread::spawn(move || {
+        serve_upstream(upstream, |name| {
+            (name == NAME).then_some(Ipv4Addr::from(ANSWER))
+        })
+    });
     let resolver = Resolver::new(Arc::clone(&policy), upstream_addr, events.clone());
     let socket = rt
         .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))

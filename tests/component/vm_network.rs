@@ -106,42 +106,6 @@ fn the_resolver_opens_the_firewall_before_it_answers_and_audits_a_refusal() {
     );
 }
 
-/// A raw `A` query for `name` with id `id`.
-fn a_query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = Vec::new();
-    for v in [id, 0x0100, 1, 0, 0, 0] {
-        q.extend_from_slice(&v.to_be_bytes());
-    }
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
-/// An upstream DNS server on `socket` (blocking, in the test's namespace): `A` for
-/// `allowed.test` is 192.0.2.80, anything else NXDOMAIN.
-fn upstream_dns(socket: std::net::UdpSocket) {
-    let mut buf = [0u8; 1500];
-    while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-        let q = &buf[..n];
-        let Some(end) = q[12..].iter().position(|b| *b == 0).map(|p| 12 + p + 5) else {
-            continue;
-        };
-        let name = String::from_utf8_lossy(&q[13..end - 5]).to_lowercase();
-        let known = name.contains("allowed");
-        let mut r = q[..2].to_vec();
-        r.extend_from_slice(&(if known { 0x8180u16 } else { 0x8183 }).to_be_bytes());
-        r.extend_from_slice(&[0, 1, 0, u8::from(known), 0, 0, 0, 0]);
-        r.extend_from_slice(&q[12..end]);
-        if known {
-            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 80]);
-        }
-        let _ = socket.send_to(&r, peer);
-    }
-}
-
 fn resolver_inner() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(netns::NETNS_FILE);
@@ -161,7 +125,12 @@ fn resolver_inner() {
     assert!(up.success());
     let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
-    std::thread::spawn(move || upstream_dns(upstream));
+    // `A` for allowed.test is 192.0.2.80; anything else NXDOMAIN.
+    std::thread::spawn(move || {
+        nanoclaw_tests::dns::serve_upstream(upstream, |name| {
+            (name == "allowed.test").then_some(Ipv4Addr::new(192, 0, 2, 80))
+        })
+    });
     let audit = Arc::new(nanoclaw_audit::AuditLog::open(dir.path().join("audit.log")).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let egress = rt
@@ -182,7 +151,8 @@ fn resolver_inner() {
         ns.run_in(move || {
             let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.send_to(&a_query(id, name), (gateway, 53)).unwrap();
+            s.send_to(&nanoclaw_tests::dns::a_query(id, name), (gateway, 53))
+                .unwrap();
             let mut buf = [0u8; 1500];
             let n = s.recv(&mut buf).unwrap();
             buf[..n].to_vec()

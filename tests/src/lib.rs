@@ -26,6 +26,7 @@
 //! - [`browser`]: headless Chromium over the DevTools Protocol, with a virtual authenticator.
 //! - [`peers`]: the Python MCP peers (`tests/peers/`) and the Python that runs them;
 //!   [`profiles`]: access profiles over the Python upstream.
+//! - [`dns`]: a small DNS upstream and raw queries, for the egress resolver's tests.
 //! - [`netns`]: a client's own network namespace, linked to the host's by a veth pair.
 //! - [`oci`]: small OCI image layouts built by the test (layers, whiteouts, a process config).
 //! - [`sdk`]: the Python SDK's test suite (`sdk/python/tests`), run against a daemon's remote
@@ -35,6 +36,7 @@ pub mod authenticator;
 pub mod browser;
 pub mod credential;
 pub mod daemon;
+pub mod dns;
 pub mod fake_vmm;
 pub mod http;
 pub mod netns;
