@@ -1117,10 +1117,7 @@ impl Daemon {
         link: &crate::net::addr::VmLink,
     ) -> Result<(), vm::NetworkError> {
         let spec = vm.info().spec;
-        let egress = spec
-            .profile
-            .as_deref()
-            .and_then(|text| crate::policy::Profile::from_toml(text).ok())
+        let egress = vm::profile_of(&spec)
             .map(|p| p.network.egress)
             .unwrap_or_default();
         let bound = crate::net::forward::bind(&spec.ports).map_err(vm::NetworkError::Forward)?;
@@ -1166,7 +1163,7 @@ impl Daemon {
             return None;
         }
         vm.network()?;
-        let profile = crate::policy::Profile::from_toml(vm.info().spec.profile.as_deref()?).ok()?;
+        let profile = vm::profile_of(&vm.info().spec)?;
         Some((profile.name, profile.network.peers))
     }
 
@@ -1287,12 +1284,7 @@ impl Daemon {
 /// profile that does not load gives none, and its gateway refuses it too), or it forwards host
 /// ports to the agent.
 fn wants_network(spec: &CreateVm) -> bool {
-    !spec.ports.is_empty()
-        || spec
-            .profile
-            .as_deref()
-            .and_then(|text| crate::policy::Profile::from_toml(text).ok())
-            .is_some_and(|p| !p.network.is_empty())
+    !spec.ports.is_empty() || vm::profile_of(spec).is_some_and(|p| !p.network.is_empty())
 }
 
 /// Reads `KEY=VALUE` lines (shell syntax, optional quotes) of a guest-image manifest.

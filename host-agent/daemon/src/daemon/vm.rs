@@ -131,6 +131,12 @@ pub enum NetworkError {
     ForwardServe(#[source] std::io::Error),
 }
 
+/// The access profile of a create request, when it has one that loads (one that does not is
+/// refused by the VM's gateway, and gives the VM nothing).
+pub fn profile_of(spec: &api::CreateVm) -> Option<crate::policy::Profile> {
+    crate::policy::Profile::from_toml(spec.profile.as_deref()?).ok()
+}
+
 /// How to start a VMM.
 #[derive(Debug, Clone)]
 pub struct VmmLaunch {
@@ -364,11 +370,7 @@ impl Vm {
         let network = r.net.map(|link| api::VmNetworkInfo {
             address: link.guest.to_string(),
             gateway: link.gateway.to_string(),
-            egress: r
-                .spec
-                .profile
-                .as_deref()
-                .and_then(|text| crate::policy::Profile::from_toml(text).ok())
+            egress: profile_of(&r.spec)
                 .map(|p| p.network.egress)
                 .unwrap_or_default(),
             counters: self
