@@ -13,7 +13,7 @@
 //!   on the ports the rules allow for the name, before the answer goes out
 //!   ([`super::dns::ApplyGrant`], [`crate::net::firewall::allow_all`]). So the guest never
 //!   learns an address that its first packet to would be refused. A grant is written for
-//!   twice the answer's time to live and not again while one is left ([`Applied`]), so
+//!   twice the answer's time to live and not again while one is left (`Applied`), so
 //!   repeated answers cost no `nft` run.
 //! - **Denials.** A name no rule allows, and a port-443 connection the SNI check resets, each
 //!   become an `egress_denied` record in the audit log: the VM, the name or address, the port,
