@@ -117,8 +117,9 @@ pub enum EgressEvent {
 pub type EventSender = tokio::sync::mpsc::Sender<EgressEvent>;
 
 /// Runs `line` (a log line a guest can trigger) within `budget`, with the count of the lines
-/// the budget left out before it.
-fn guest_log(
+/// the budget left out before it. Shared with the daemon's other guest-facing network parts
+/// (`crate::net::forward`).
+pub(crate) fn guest_log(
     budget: &std::sync::Mutex<shared_proto::ratelimit::LogBudget>,
     line: impl FnOnce(u64),
 ) {

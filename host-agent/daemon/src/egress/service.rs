@@ -174,9 +174,9 @@ impl VmEgress {
                         true
                     }
                     Ok(Err(e)) => {
-                        if let Some(suppressed) = lock(&log).admit(Instant::now()) {
+                        super::guest_log(&log, |suppressed| {
                             tracing::warn!(error = %crate::error_chain(&e), %addr, suppressed, "egress: cannot open the firewall to a granted address");
-                        }
+                        });
                         false
                     }
                     Err(_) => false,

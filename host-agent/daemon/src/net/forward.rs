@@ -149,13 +149,9 @@ async fn relay(mut client: TcpStream, ns: &VmNetns, target: SocketAddr) -> std::
 }
 
 fn log(budget: &Mutex<LogBudget>, vm: &str, what: &'static str, e: &std::io::Error) {
-    let admitted = budget
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .admit(std::time::Instant::now());
-    if let Some(suppressed) = admitted {
+    crate::egress::guest_log(budget, |suppressed| {
         tracing::warn!(vm, what, error = %e, suppressed, "port forward");
-    }
+    });
 }
 
 #[cfg(test)]
