@@ -5,7 +5,10 @@
 //!
 //! A second test starts a VM's resolver for real (`VmEgress`, over a small upstream DNS server
 //! of its own) and asks it from inside the VM's namespace: an allowed name's address is in the
-//! firewall's set before the answer arrives, and a refused name is REFUSED and audited.
+//! firewall's set before the answer arrives, and a refused name is REFUSED and audited. Then
+//! the daemon "restarts": a new `VmEgress` over the same VM folder lets a port-443 connection
+//! to the address resolved before through the SNI check without a new query (and one without
+//! the folder resets it).
 //!
 //! Each test re-runs itself under `unshare --net`, so the host's own links, routes, forwarding
 //! setting and nftables are never touched: there, the test's namespace plays the host's.
@@ -142,9 +145,11 @@ fn resolver_inner() {
                 &["allowed.test:443".to_owned()],
                 upstream_addr,
                 Some(Arc::clone(&audit)),
+                Some(dir.path()),
             )
         })
         .unwrap();
+    let ns_for_sni = ns.clone();
     // The "guest": a socket inside the VM's namespace, asking the gateway.
     let gateway = link.gateway;
     let ask = move |id: u16, name: &'static str| {
@@ -197,8 +202,199 @@ fn resolver_inner() {
         (Some(id), Some("other.test")),
         "{denial}"
     );
+
+    // A daemon restart: the grant made above is in the VM's folder, and a new VmEgress over
+    // the same folder lets a port-443 connection to that address through without a new query.
+    let saved = dir
+        .path()
+        .join(host_agent::egress::saved::SAVED_GRANTS_FILE);
+    for _ in 0..100 {
+        if std::fs::read_to_string(&saved).is_ok_and(|t| t.contains("allowed.test")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&saved).unwrap_or_default();
+    assert!(
+        text.contains("allowed.test") && text.contains("192.0.2.80"),
+        "{text}"
+    );
     drop(egress);
+    sni_after_restart(&rt, &ns_for_sni, &link, id, dir.path(), upstream_addr);
     drop(rt);
+}
+
+/// Starts a VmEgress for `id` once its predecessor's sockets are free.
+fn restart_egress(
+    rt: &tokio::runtime::Runtime,
+    ns: &VmNetns,
+    link: &VmLink,
+    id: &str,
+    state: Option<&std::path::Path>,
+    upstream: std::net::SocketAddr,
+) -> VmEgress {
+    let mut last = None;
+    for _ in 0..100 {
+        let started = rt.block_on(async {
+            VmEgress::start(
+                id,
+                ns.clone(),
+                link,
+                &["allowed.test:443".to_owned()],
+                upstream,
+                None,
+                state,
+            )
+        });
+        match started {
+            Ok(e) => return e,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("cannot start the egress again: {last:?}");
+}
+
+/// The "guest" (a socket in the VM's namespace, sent to the SNI check the way the firewall
+/// sends the TAP's port-443 connections) connects to 192.0.2.80:443 with a ClientHello for
+/// allowed.test. Without the saved grants the connection is reset; with them it reaches the
+/// server (which the test's namespace holds on its loopback), and no query was made.
+fn sni_after_restart(
+    rt: &tokio::runtime::Runtime,
+    ns: &VmNetns,
+    link: &VmLink,
+    id: &str,
+    state: &std::path::Path,
+    upstream: std::net::SocketAddr,
+) {
+    let dest = Ipv4Addr::new(192, 0, 2, 80);
+    let up = Command::new("ip")
+        .args(["addr", "add", "192.0.2.80/32", "dev", "lo"])
+        .status()
+        .unwrap();
+    assert!(up.success());
+    let server = std::net::TcpListener::bind((dest, 443)).unwrap();
+    let (got_tx, got) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in server.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 5];
+            use std::io::Read;
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            if conn.read_exact(&mut buf).is_ok() {
+                let _ = got_tx.send(buf);
+            }
+        }
+    });
+    // Locally made connections skip prerouting: the same redirect, on output, for the test.
+    let gw = link.gateway;
+    let rules = format!(
+        "add chain inet nanoclaw test_out {{ type nat hook output priority -100; policy accept; }}\n\
+         add rule inet nanoclaw test_out ip daddr {dest} tcp dport 443 dnat ip to {gw}:{SNI_PORT}\n"
+    );
+    let (mut nft, _keep) = ns.command("nft").unwrap();
+    let mut child = nft
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    let hello = client_hello("allowed.test");
+    let connect = || {
+        let hello = hello.clone();
+        ns.run_in(move || {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from((dest, 443)),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            s.write_all(&hello).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 1];
+            use std::io::Read;
+            // Reset (refused), or held open by the server, which answers nothing.
+            let _ = s.read(&mut buf);
+        })
+        .unwrap();
+    };
+
+    // The control: a VmEgress without the saved grants resets the connection.
+    let fresh = restart_egress(rt, ns, link, id, None, upstream);
+    connect();
+    let c = fresh.counters();
+    assert_eq!((c.sni.allowed, c.sni.refused), (0, 1), "{c:?}");
+    assert!(got.try_recv().is_err(), "the server was reached");
+    drop(fresh);
+
+    // Over the same folder: admitted, with no query asked.
+    let restarted = restart_egress(rt, ns, link, id, Some(state), upstream);
+    std::thread::spawn(connect_in_background(ns.clone(), dest, hello));
+    let first = got
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the restarted SNI check let the connection through");
+    assert_eq!(first[0], 0x16, "a TLS handshake record: {first:?}");
+    // The gate counts the connection right after it has replayed the hello.
+    let mut c = restarted.counters();
+    for _ in 0..100 {
+        if c.sni.allowed > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        c = restarted.counters();
+    }
+    assert_eq!(
+        (c.sni.allowed, c.sni.refused, c.dns.queries),
+        (1, 0, 0),
+        "{c:?}"
+    );
+    drop(restarted);
+}
+
+/// Connects as [`sni_after_restart`]'s guest does and keeps the connection until the server
+/// has read from it (the server never answers, so a blocking read would wait its timeout).
+fn connect_in_background(
+    ns: VmNetns,
+    dest: Ipv4Addr,
+    hello: Vec<u8>,
+) -> impl FnOnce() + Send + 'static {
+    move || {
+        let _ = ns.run_in(move || {
+            use std::io::Write;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from((dest, 443)),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            s.write_all(&hello).unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+        });
+    }
+}
+
+/// A ClientHello for `name`, as rustls sends it.
+fn client_hello(name: &'static str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name.try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
 }
 
 /// The VM's `allowed` set, as `nft -j` prints it.

@@ -1128,6 +1128,7 @@ impl Daemon {
             &egress,
             self.egress_dns,
             Some(Arc::clone(&self.audit)),
+            Some(&vm.dir),
         )
         .map_err(vm::NetworkError::Egress)?;
         let forwards = crate::net::forward::serve(&vm.id, ns, link.guest, bound)

@@ -41,6 +41,7 @@
 //! - [`rules`]: the `egress` entries parsed into an [`EgressPolicy`].
 //! - [`dns`]: the [`Resolver`] and its [`ResolverCounters`].
 //! - [`table`]: the [`GrantTable`] of addresses handed out, `addr -> names` with expiry.
+//! - [`saved`]: the table's copy in the VM's state folder, read back after a daemon restart.
 //! - [`client_hello`]: a strict TLS ClientHello parser that finds the SNI.
 //! - [`sni`]: the [`SniGate`] and its [`SniCounters`].
 //! - [`service`]: the running pair for one VM ([`VmEgress`]): its sockets in the VM's
@@ -49,6 +50,7 @@
 pub mod client_hello;
 pub mod dns;
 pub mod rules;
+pub mod saved;
 pub mod service;
 pub mod sni;
 pub mod table;

@@ -25,16 +25,24 @@
 //! - **Life.** Dropping the [`VmEgress`] stops its servers; the sockets close with them. The
 //!   daemon drops it when the VM ends, and starts a new one when it re-attaches to a running
 //!   VM after a restart (the `allowed` set then still holds the earlier grants).
+//! - **Grants across a restart.** With a state folder, the SNI check's table of addresses
+//!   given out is kept in a file there ([`super::saved`]): written when the table gains a
+//!   grant (at most once per [`SAVE_GAP`]) and every [`SAVE_EVERY`] if a grant was only
+//!   lengthened, and read back when a new [`VmEgress`] starts over the same folder. So a
+//!   restarted daemon does not reset connections to addresses the guest resolved before.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nanoclaw_audit::AuditLog;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::dns::ApplyGrant;
+use super::saved::SavedGrants;
+use super::table::GrantTable;
 use super::{
     EgressEvent, EgressPolicy, Resolver, ResolverCounters, RuleError, SniCounters, SniGate,
 };
@@ -53,6 +61,10 @@ pub const AUDIT_BURST: u32 = 64;
 pub const AUDIT_REFILL: Duration = Duration::from_secs(1);
 /// Events waiting for the daemon at most (grants wait for room; the rest are dropped).
 const EVENT_QUEUE: usize = 256;
+/// The shortest time between two writes of the saved grants.
+pub const SAVE_GAP: Duration = Duration::from_secs(1);
+/// How often the saved grants are written when grants were only lengthened.
+pub const SAVE_EVERY: Duration = Duration::from_secs(300);
 
 /// Why a VM's egress enforcement could not start.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +146,9 @@ impl Drop for VmEgress {
 impl VmEgress {
     /// Starts VM `vm`'s resolver and SNI check in `ns` on `link`'s gateway, for the profile's
     /// `egress` entries, forwarding allowed queries to `upstream` and recording denials in
-    /// `audit`. Must run inside the daemon's Tokio runtime.
+    /// `audit`. With `state_dir` (the VM's folder), the grants saved there by an earlier
+    /// [`VmEgress`] are restored, and this one's are saved there. Must run inside the daemon's
+    /// Tokio runtime.
     pub fn start(
         vm: &str,
         ns: VmNetns,
@@ -142,6 +156,7 @@ impl VmEgress {
         egress: &[String],
         upstream: SocketAddr,
         audit: Option<Arc<AuditLog>>,
+        state_dir: Option<&Path>,
     ) -> Result<Self, EgressStartError> {
         let policy = Arc::new(EgressPolicy::parse(egress).map_err(EgressStartError::Rules)?);
         let gw = link.gateway;
@@ -191,6 +206,19 @@ impl VmEgress {
             0u64,
         )));
         let mut tasks = Vec::new();
+        if let Some(dir) = state_dir {
+            let saved = SavedGrants::in_dir(dir);
+            let table = resolver.table();
+            let restored = saved.restore(&table, Instant::now(), SystemTime::now());
+            if restored > 0 {
+                tracing::info!(
+                    vm,
+                    restored,
+                    "egress: grants from before the restart restored"
+                );
+            }
+            tasks.push(tokio::spawn(keep_saved(table, saved)));
+        }
         let vm_id = vm.to_owned();
         let r = resolver.clone();
         tasks.push(tokio::spawn(async move {
@@ -235,6 +263,40 @@ impl VmEgress {
             sni: self.gate.counters(),
             audit_suppressed: suppressed,
         }
+    }
+}
+
+/// Writes `table` to `saved` whenever it gains a grant (at most once per [`SAVE_GAP`]) and
+/// every [`SAVE_EVERY`] when it changed otherwise; runs until aborted. A failed write is
+/// logged within a budget (the guest decides how often the table gains) and tried again at the
+/// next turn.
+async fn keep_saved(table: GrantTable, saved: SavedGrants) {
+    let log = Mutex::new(shared_proto::ratelimit::LogBudget::new());
+    loop {
+        tokio::select! {
+            () = table.gained() => {}
+            () = tokio::time::sleep(SAVE_EVERY) => {}
+        }
+        if table.take_dirty() {
+            let entries = table.entries_at(Instant::now());
+            let file = saved.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                file.write(&entries, Instant::now(), SystemTime::now())
+            })
+            .await;
+            let failed = match written {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(crate::error_chain(&e)),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(error) = failed {
+                table.mark_dirty();
+                super::guest_log(&log, |suppressed| {
+                    tracing::warn!(%error, suppressed, "egress: cannot save the grants");
+                });
+            }
+        }
+        tokio::time::sleep(SAVE_GAP).await;
     }
 }
 

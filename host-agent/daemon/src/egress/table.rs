@@ -5,11 +5,18 @@
 //! full, expired entries are purged first; a grant that still does not fit is not recorded and
 //! [`GrantTable::grant`] says so, so the resolver leaves that address out of its answer rather
 //! than hand out an address the SNI check would refuse.
+//!
+//! The table notes when it changes ([`GrantTable::gained`], [`GrantTable::take_dirty`]), so
+//! that the daemon can keep a copy in the VM's state folder ([`super::saved`]) and a restarted
+//! daemon does not refuse connections to addresses handed out before it stopped.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 /// The shortest grant: short upstream TTLs are raised to it so a connection can follow the
 /// answer.
@@ -30,6 +37,27 @@ pub fn clamp_ttl(secs: u32) -> Duration {
 #[derive(Debug, Clone, Default)]
 pub struct GrantTable {
     inner: Arc<Mutex<HashMap<Ipv4Addr, HashMap<String, Instant>>>>,
+    changes: Arc<Changes>,
+}
+
+/// What the table tells whoever keeps a copy of it.
+#[derive(Debug, Default)]
+struct Changes {
+    /// A grant was added or lengthened since the last [`GrantTable::take_dirty`].
+    dirty: AtomicBool,
+    /// Woken when a new `(addr, name)` pair is added.
+    gained: Notify,
+}
+
+/// One grant, as [`GrantTable::entries_at`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The address given out.
+    pub addr: Ipv4Addr,
+    /// The name it was given out for (normalized).
+    pub name: String,
+    /// When the grant runs out.
+    pub until: Instant,
 }
 
 impl GrantTable {
@@ -62,8 +90,29 @@ impl GrantTable {
                 return false;
             }
         }
-        let exp = names.entry(name.to_owned()).or_insert(until);
-        *exp = (*exp).max(until);
+        let (gained, lengthened) = match names.get_mut(name) {
+            Some(exp) if *exp > now => {
+                let later = until > *exp;
+                *exp = (*exp).max(until);
+                (false, later)
+            }
+            // An expired grant given again counts as a new one.
+            Some(exp) => {
+                *exp = until;
+                (true, true)
+            }
+            None => {
+                names.insert(name.to_owned(), until);
+                (true, true)
+            }
+        };
+        drop(map);
+        if lengthened {
+            self.changes.dirty.store(true, Ordering::Release);
+        }
+        if gained {
+            self.changes.gained.notify_one();
+        }
         true
     }
 
@@ -89,6 +138,40 @@ impl GrantTable {
     /// Drops every expired grant.
     pub fn purge_at(&self, now: Instant) {
         purge(&mut self.lock(), now);
+    }
+
+    /// Every grant that has not expired at `now`.
+    pub fn entries_at(&self, now: Instant) -> Vec<Grant> {
+        let map = self.lock();
+        let mut out = Vec::new();
+        for (addr, names) in map.iter() {
+            for (name, until) in names {
+                if *until > now {
+                    out.push(Grant {
+                        addr: *addr,
+                        name: name.clone(),
+                        until: *until,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until a new `(addr, name)` pair is added (at once if one was added since the last
+    /// wait ended). One waiter at a time.
+    pub async fn gained(&self) {
+        self.changes.gained.notified().await;
+    }
+
+    /// Whether a grant was added or lengthened since the last call (and clears that).
+    pub fn take_dirty(&self) -> bool {
+        self.changes.dirty.swap(false, Ordering::AcqRel)
+    }
+
+    /// Notes the table as changed again (a copy could not be written; the next try writes it).
+    pub fn mark_dirty(&self) {
+        self.changes.dirty.store(true, Ordering::Release);
     }
 
     /// Addresses held (expired ones included until a purge).
@@ -157,5 +240,40 @@ mod tests {
         }
         assert!(!t.grant_at(A, "one-more.test", MIN_TTL, now));
         assert!(t.grant_at(A, "n0.test", MIN_TTL, now));
+    }
+
+    #[tokio::test]
+    async fn a_new_grant_wakes_the_keeper_and_a_longer_one_only_marks_the_table() {
+        let t = GrantTable::new();
+        let now = Instant::now();
+        assert!(!t.take_dirty());
+        assert!(t.grant_at(A, "pypi.org", MIN_TTL, now));
+        assert!(t.take_dirty());
+        assert!(!t.take_dirty());
+        // The gain left a wake-up behind.
+        tokio::time::timeout(Duration::from_secs(1), t.gained())
+            .await
+            .expect("woken by the new grant");
+        // The same grant again, no longer: nothing changed.
+        assert!(t.grant_at(A, "pypi.org", MIN_TTL, now));
+        assert!(!t.take_dirty());
+        // Lengthened: marked, but no wake-up.
+        assert!(t.grant_at(A, "pypi.org", MAX_TTL, now));
+        assert!(t.take_dirty());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), t.gained())
+                .await
+                .is_err()
+        );
+        let entries = t.entries_at(now);
+        assert_eq!(
+            entries,
+            vec![Grant {
+                addr: A,
+                name: "pypi.org".into(),
+                until: now + MAX_TTL
+            }]
+        );
+        assert!(t.entries_at(now + MAX_TTL).is_empty());
     }
 }
