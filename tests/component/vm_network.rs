@@ -8,7 +8,9 @@
 //! firewall's set before the answer arrives, and a refused name is REFUSED and audited. Then
 //! the daemon "restarts": a new `VmEgress` over the same VM folder lets a port-443 connection
 //! to the address resolved before through the SNI check without a new query (and one without
-//! the folder resets it).
+//! the folder resets it). A SYN the "guest" writes into the TAP towards the metadata address
+//! is refused by the firewall, counted, and audited (`by: firewall`, rule `deny_metadata`,
+//! port 80) through the kernel's NFLOG.
 //!
 //! Each test re-runs itself under `unshare --net`, so the host's own links, routes, forwarding
 //! setting and nftables are never touched: there, the test's namespace plays the host's.
@@ -203,6 +205,42 @@ fn resolver_inner() {
         "{denial}"
     );
 
+    // The kernel's refusals are audited too: a SYN the "guest" writes into the TAP towards
+    // the metadata address becomes a record naming the rule, the address and the port.
+    let frame = syn_frame(
+        &link,
+        tap_mac(&ns_for_sni),
+        Ipv4Addr::new(169, 254, 169, 254),
+        80,
+    );
+    ns_for_sni.run_in(|| write_to_tap(&frame)).unwrap();
+    let firewall = wait_for_record(&dir.path().join("audit.log"), |d| d["by"] == "firewall");
+    let data = &firewall["record"]["data"];
+    assert_eq!(
+        (
+            data["vm"].as_str(),
+            data["rule"].as_str(),
+            data["addr"].as_str(),
+            data["src"].as_str(),
+            data["proto"].as_str(),
+            data["port"].as_u64(),
+        ),
+        (
+            Some(id),
+            Some("deny_metadata"),
+            Some("169.254.169.254"),
+            Some(link.guest.to_string().as_str()),
+            Some("tcp"),
+            Some(80)
+        ),
+        "{firewall}"
+    );
+    // The counter still counts it.
+    assert_eq!(
+        firewall::counters(&ns_for_sni).unwrap()["deny_metadata"].packets,
+        1
+    );
+
     // A daemon restart: the grant made above is in the VM's folder, and a new VmEgress over
     // the same folder lets a port-443 connection to that address through without a new query.
     let saved = dir
@@ -222,6 +260,27 @@ fn resolver_inner() {
     drop(egress);
     sni_after_restart(&rt, &ns_for_sni, &link, id, dir.path(), upstream_addr);
     drop(rt);
+}
+
+/// The first `egress_denied` record in the audit log at `path` whose data `matches`, waited
+/// for up to 5 s.
+fn wait_for_record(
+    path: &std::path::Path,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["record"]["kind"] == "egress_denied" && matches(&r["record"]["data"]));
+        if let Some(r) = found {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    panic!("no such egress_denied record in:\n{text}");
 }
 
 /// Starts a VmEgress for `id` once its predecessor's sockets are free.

@@ -44,11 +44,15 @@
 //! - [`saved`]: the table's copy in the VM's state folder, read back after a daemon restart.
 //! - [`client_hello`]: a strict TLS ClientHello parser that finds the SNI.
 //! - [`sni`]: the [`SniGate`] and its [`SniCounters`].
+//! - [`nflog`]: the kernel's NFLOG messages read into firewall refusals (no I/O).
+//! - [`firewall_log`]: the NFLOG socket in the VM's namespace that [`service`] reads.
 //! - [`service`]: the running pair for one VM ([`VmEgress`]): its sockets in the VM's
 //!   namespace, the grants applied to its firewall, and its denials in the audit log.
 
 pub mod client_hello;
 pub mod dns;
+pub mod firewall_log;
+pub mod nflog;
 pub mod rules;
 pub mod saved;
 pub mod service;

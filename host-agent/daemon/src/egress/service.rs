@@ -20,8 +20,12 @@
 //!   and the rule or reason. A guest can cause these as fast as it likes, so each VM has an
 //!   audit budget ([`AUDIT_BURST`] records, then one per [`AUDIT_REFILL`]); the next record
 //!   admitted carries how many were left out (`suppressed`). Refusals in the kernel (a raw
-//!   address, the metadata address, another port) are counted by the firewall's named
-//!   counters, which `nanoclaw inspect` shows beside the resolver's and the SNI check's.
+//!   address, the metadata address, the host, another port, inbound) are counted by the
+//!   firewall's named counters, which `nanoclaw inspect` shows beside the resolver's and the
+//!   SNI check's, and logged to NFLOG within a kernel rate limit; the daemon reads that log
+//!   in the VM's namespace ([`super::firewall_log`]) into `egress_denied` records with
+//!   `by = "firewall"`, within the same audit budget. Without NFLOG (an older kernel) the VM
+//!   keeps its counters only, with one warning.
 //! - **Life.** Dropping the [`VmEgress`] stops its servers; the sockets close with them. The
 //!   daemon drops it when the VM ends, and starts a new one when it re-attaches to a running
 //!   VM after a restart (the `allowed` set then still holds the earlier grants).
@@ -41,6 +45,8 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::dns::ApplyGrant;
+use super::firewall_log::{FirewallLog, Received};
+use super::nflog::FirewallDenial;
 use super::saved::SavedGrants;
 use super::table::GrantTable;
 use super::{
@@ -98,6 +104,8 @@ pub struct EgressCounters {
     pub sni: SniCounters,
     /// Denial records left out of the audit log by the VM's budget.
     pub audit_suppressed: u64,
+    /// Times the kernel dropped firewall log messages the daemon had no room for.
+    pub firewall_log_overruns: u64,
 }
 
 impl EgressCounters {
@@ -119,6 +127,7 @@ impl EgressCounters {
             ("sni_allowed", s.allowed),
             ("sni_refused", s.refused),
             ("audit_suppressed", self.audit_suppressed),
+            ("firewall_log_overruns", self.firewall_log_overruns),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -132,6 +141,7 @@ pub struct VmEgress {
     resolver: Resolver,
     gate: SniGate,
     audit_suppressed: Arc<Mutex<(TokenBucket, u64, u64)>>,
+    log_overruns: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -219,6 +229,19 @@ impl VmEgress {
             }
             tasks.push(tokio::spawn(keep_saved(table, saved)));
         }
+        let log_overruns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        match FirewallLog::open(&ns) {
+            Ok(log) => tasks.push(tokio::spawn(read_firewall_log(
+                vm.to_owned(),
+                log,
+                audit.clone(),
+                Arc::clone(&audit_suppressed),
+                Arc::clone(&log_overruns),
+            ))),
+            Err(e) => {
+                tracing::warn!(vm, error = %crate::error_chain(&e), "egress: the firewall's refusals are counted but not audited one by one");
+            }
+        }
         let vm_id = vm.to_owned();
         let r = resolver.clone();
         tasks.push(tokio::spawn(async move {
@@ -251,6 +274,7 @@ impl VmEgress {
             resolver,
             gate,
             audit_suppressed,
+            log_overruns,
             tasks,
         })
     }
@@ -262,6 +286,7 @@ impl VmEgress {
             dns: self.resolver.counters(),
             sni: self.gate.counters(),
             audit_suppressed: suppressed,
+            firewall_log_overruns: self.log_overruns.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -298,6 +323,68 @@ async fn keep_saved(table: GrantTable, saved: SavedGrants) {
         }
         tokio::time::sleep(SAVE_GAP).await;
     }
+}
+
+/// Reads VM `vm`'s firewall log until it fails or the VM's egress stops: each refusal becomes
+/// an `egress_denied` record within the VM's audit `budget`. Messages that do not parse and
+/// the kernel's overruns are counted, and logged within a budget (a guest decides how often
+/// packets are refused).
+async fn read_firewall_log(
+    vm: String,
+    log: FirewallLog,
+    audit: Option<Arc<AuditLog>>,
+    budget: Arc<Mutex<(TokenBucket, u64, u64)>>,
+    overruns: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let lines = Mutex::new(shared_proto::ratelimit::LogBudget::new());
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match log.next(&mut buf).await {
+            Ok(Received::Messages(messages)) => {
+                let (found, bad) = super::firewall_log::denials(messages);
+                if bad > 0 {
+                    super::guest_log(&lines, |suppressed| {
+                        tracing::warn!(
+                            vm,
+                            bad,
+                            suppressed,
+                            "egress: firewall log messages that do not parse"
+                        );
+                    });
+                }
+                for denial in &found {
+                    audit_denial(audit.as_deref(), &budget, firewall_record(&vm, denial)).await;
+                }
+            }
+            Ok(Received::Overrun) => {
+                overruns.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                super::guest_log(&lines, |suppressed| {
+                    tracing::warn!(
+                        vm,
+                        suppressed,
+                        "egress: the firewall's log overran; those refusals are counted only"
+                    );
+                });
+            }
+            Err(e) => {
+                tracing::warn!(vm, error = %crate::error_chain(&e), "egress: the firewall's log stopped; refusals are counted only");
+                return;
+            }
+        }
+    }
+}
+
+/// The audit record of a refusal the firewall logged.
+fn firewall_record(vm: &str, d: &FirewallDenial) -> serde_json::Value {
+    json!({
+        "vm": vm,
+        "by": "firewall",
+        "rule": d.rule,
+        "addr": d.dst.to_string(),
+        "src": d.src.to_string(),
+        "proto": d.proto_name(),
+        "port": d.port,
+    })
 }
 
 /// The DNS server the host itself uses: the first `nameserver` line of `resolv_conf`, port 53.
@@ -537,6 +624,23 @@ mod tests {
             ttl: Duration::from_secs(60),
         };
         assert!(denial_record("vm1", &granted).is_none());
+    }
+
+    #[test]
+    fn a_firewall_refusal_becomes_a_record_naming_rule_address_protocol_and_port() {
+        let d = FirewallDenial {
+            rule: "deny_metadata".into(),
+            src: Ipv4Addr::new(10, 200, 0, 2).into(),
+            dst: Ipv4Addr::new(169, 254, 169, 254).into(),
+            proto: 6,
+            port: Some(80),
+        };
+        let r = firewall_record("vm1", &d);
+        assert_eq!(
+            r,
+            json!({"vm": "vm1", "by": "firewall", "rule": "deny_metadata", "addr": "169.254.169.254",
+                   "src": "10.200.0.2", "proto": "tcp", "port": 80})
+        );
     }
 
     #[tokio::test]

@@ -23,7 +23,10 @@
 //!
 //! Every refusal is a reject, never a silent drop: TCP gets a reset, the rest ICMP
 //! administratively-prohibited. Every refusal rule counts into a named counter, which
-//! [`counters`] reads back (`nft -j list counters`).
+//! [`counters`] reads back (`nft -j list counters`), and is preceded by a rule with the same
+//! match that logs the packet to NFLOG group [`LOG_GROUP`] with the counter's name as the
+//! prefix, within one rate limit per VM ([`LOG_LIMIT`]); the daemon reads that group
+//! (`crate::egress::firewall_log`) into the audit log.
 //!
 //! On the host, table `ip nanoclaw`: the overlay prefix is masqueraded on its way out of any
 //! interface but the VMs' veths, and nothing from a VM's veth reaches the host itself (input
@@ -80,9 +83,28 @@ pub enum FirewallError {
     BadTtl(Duration),
 }
 
-/// A refusal of whatever matched `what`: TCP gets a reset, the rest ICMP administratively
+/// The NFLOG group the VM's refusals are logged to (groups belong to a namespace, so every
+/// VM uses the same number).
+pub const LOG_GROUP: u16 = 15;
+/// The named limit all of a VM's log rules share: refusals logged at most, the rest only
+/// counted.
+pub const LOG_LIMIT: &str = "denials_logged";
+/// [`LOG_LIMIT`]'s rate, as nft writes it.
+pub const LOG_RATE: &str = "rate 10/second burst 64 packets";
+
+/// A refusal of whatever matched `what`: logged to [`LOG_GROUP`] with `counter` as the prefix
+/// (when `log`, within [`LOG_LIMIT`]), then TCP gets a reset, the rest ICMP administratively
 /// prohibited; both count into `counter`.
-fn reject(out: &mut String, what: &str, counter: &str) {
+///
+/// The log is a rule of its own before the two rejects, not a statement in them: a `limit`
+/// that is over its rate ends its rule, which would skip the reject too.
+fn reject(out: &mut String, what: &str, counter: &str, log: bool) {
+    if log {
+        let _ = writeln!(
+            out,
+            "    {what} limit name \"{LOG_LIMIT}\" log prefix \"{counter}\" group {LOG_GROUP}"
+        );
+    }
     let _ = writeln!(
         out,
         "    {what} meta l4proto tcp counter name \"{counter}\" reject with tcp reset"
@@ -99,12 +121,37 @@ fn reject(out: &mut String, what: &str, counter: &str) {
 /// gateway, where the SNI check listens (it reads the original destination and splices only
 /// allowed names to addresses the resolver gave out); input admits exactly those redirected
 /// connections, not a direct one to that port.
+///
+/// Each refusal is also logged to [`LOG_GROUP`] (see the module doc);
+/// [`vm_ruleset_counted_only`] is the same without the logs, for a kernel without
+/// `nfnetlink_log`.
 pub fn vm_ruleset(
     link: &VmLink,
     prefix: &OverlayPrefix,
     host_addrs: &[Ipv4Addr],
     sni_port: Option<u16>,
 ) -> String {
+    ruleset(link, prefix, host_addrs, sni_port, true)
+}
+
+/// [`vm_ruleset`] whose refusals are counted but not logged.
+pub fn vm_ruleset_counted_only(
+    link: &VmLink,
+    prefix: &OverlayPrefix,
+    host_addrs: &[Ipv4Addr],
+    sni_port: Option<u16>,
+) -> String {
+    ruleset(link, prefix, host_addrs, sni_port, false)
+}
+
+fn ruleset(
+    link: &VmLink,
+    prefix: &OverlayPrefix,
+    host_addrs: &[Ipv4Addr],
+    sni_port: Option<u16>,
+    log: bool,
+) -> String {
+    let reject = |out: &mut String, what: &str, counter: &str| reject(out, what, counter, log);
     let tap = TAP_NAME;
     let mut out = String::new();
     let _ = writeln!(out, "add table inet {TABLE}");
@@ -112,6 +159,9 @@ pub fn vm_ruleset(
     let _ = writeln!(out, "table inet {TABLE} {{");
     for c in COUNTERS {
         let _ = writeln!(out, "  counter {c} {{ }}");
+    }
+    if log {
+        let _ = writeln!(out, "  limit {LOG_LIMIT} {{ {LOG_RATE} }}");
     }
     let _ = writeln!(
         out,
@@ -277,7 +327,8 @@ pub fn host_addresses() -> Result<Vec<Ipv4Addr>, FirewallError> {
 
 /// Loads the VM's ruleset into its namespace ([`vm_ruleset`], with the host's addresses now).
 /// Loading it again (with an `sni_port` once the SNI check listens) replaces it, but empties
-/// the `allowed` set.
+/// the `allowed` set. A kernel that refuses the log rules (no `nfnetlink_log`) gets
+/// [`vm_ruleset_counted_only`], with a warning: its refusals are counted, not logged.
 pub fn install(
     ns: &VmNetns,
     link: &VmLink,
@@ -285,12 +336,25 @@ pub fn install(
     sni_port: Option<u16>,
 ) -> Result<(), FirewallError> {
     let host = host_addresses()?;
-    nft(
+    let logged = nft(
         Some(ns),
         &["-f", "-"],
         Some(&vm_ruleset(link, prefix, &host, sni_port)),
-    )
-    .map(drop)
+    );
+    match logged {
+        Ok(_) => Ok(()),
+        Err(FirewallError::Nft(e)) => {
+            let counted = nft(
+                Some(ns),
+                &["-f", "-"],
+                Some(&vm_ruleset_counted_only(link, prefix, &host, sni_port)),
+            )?;
+            drop(counted);
+            tracing::warn!(error = %crate::error_chain(&e), "firewall: the kernel refused the log rules; refusals are counted but not audited one by one");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Loads the host's table ([`host_ruleset`]); loading it again replaces it.
@@ -461,6 +525,53 @@ mod tests {
             assert_eq!(lines.len(), 2, "{c}");
             assert!(lines[0].ends_with("tcp reset") && lines[1].ends_with("admin-prohibited"));
         }
+    }
+
+    #[test]
+    fn every_refusal_is_logged_first_with_its_rule_name_within_one_limit() {
+        let text = ruleset();
+        assert!(text.contains(&format!("  limit {LOG_LIMIT} {{ {LOG_RATE} }}\n")));
+        let lines = rules(&text);
+        let mut logged = std::collections::BTreeSet::new();
+        for (i, rule) in lines.iter().enumerate() {
+            if rule.contains("reject with icmpx") {
+                // The second reject of a pair follows the first.
+                assert!(lines[i - 1].ends_with("reject with tcp reset"), "{rule}");
+            }
+            let Some((what, counted)) = rule.split_once(" meta l4proto tcp counter name \"") else {
+                continue;
+            };
+            // The first reject of a pair: the log sits right before it, with the same match.
+            let name = counted.split('"').next().unwrap();
+            assert_eq!(
+                lines[i - 1],
+                format!(
+                    "{what} limit name \"{LOG_LIMIT}\" log prefix \"{name}\" group {LOG_GROUP}"
+                ),
+                "the log before {rule}"
+            );
+            logged.insert(name);
+        }
+        assert_eq!(logged.len(), COUNTERS.len(), "{logged:?}");
+        // Every log rule is one of those, and none ends its rule with a verdict.
+        let logs: Vec<&&str> = lines.iter().filter(|r| r.contains(" log ")).collect();
+        assert_eq!(logs.len(), COUNTERS.len());
+        assert!(
+            logs.iter()
+                .all(|r| r.ends_with(&format!("group {LOG_GROUP}")))
+        );
+
+        // Without the logs: the same rules otherwise.
+        let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
+        let counted =
+            vm_ruleset_counted_only(&link(), &prefix, &[Ipv4Addr::new(192, 0, 2, 7)], None);
+        assert!(!counted.contains(" log ") && !counted.contains("limit"));
+        let stripped: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|r| !r.contains(" log ") && !r.starts_with("limit "))
+            .collect();
+        assert_eq!(stripped, rules(&counted));
     }
 
     #[test]
