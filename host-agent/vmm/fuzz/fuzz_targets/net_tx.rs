@@ -4,7 +4,7 @@
 //! must hand the backend only frames of 14 to 65550 bytes.
 //!
 //! Input layout (everything optional; missing bytes read as zero):
-//! - 1 byte of switches: bit 0 the backend refuses every frame.
+//! - 1 byte of switches: bit 0 the backend refuses every frame; bit 1 negotiates `EVENT_IDX`.
 //! - 1 byte: number of descriptors (mod 17), then 16 bytes per descriptor
 //!   (addr u64, len u32, flags u16, next u16, little endian). Addresses and lengths with the
 //!   top bit clear are folded into the data area so most of them land in guest memory; with it
@@ -32,6 +32,8 @@ use rings::{Input, Rings, write_hostile_queue};
 
 /// `VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC`.
 const FEATURES: u64 = (1 << 32) | (1 << 5);
+/// `VIRTIO_RING_F_EVENT_IDX`.
+const EVENT_IDX: u64 = 1 << 29;
 
 fuzz_target!(|data: &[u8]| {
     let (mem, queues, [_, tx]) = net::machine();
@@ -53,7 +55,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let metrics = Arc::new(NetMetrics::default());
     let mut dev = NetDevice::new(backend, NoIrq, metrics.clone());
-    dev.activate(mem.clone(), FEATURES, queues).unwrap();
+    let features = FEATURES | if switches & 2 != 0 { EVENT_IDX } else { 0 };
+    dev.activate(mem.clone(), features, queues).unwrap();
     // At most QSIZE chains are available, so one pass serves them all; a second finds none.
     assert!(!dev.process_tx());
     assert!(!dev.process_tx());

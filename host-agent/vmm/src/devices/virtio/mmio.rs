@@ -41,6 +41,10 @@ pub const MMIO_VENDOR_ID: u32 = 0x574c_434e;
 pub const MMIO_WINDOW_LEN: u64 = 0x1000;
 /// `VIRTIO_F_VERSION_1`: the device is modern.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`: each side says, in the rings, at which index it next wants to be
+/// notified (virtio spec 1.2 §2.7.10), so the driver kicks and the device interrupts once per
+/// batch rather than once per buffer.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Register offsets, virtio spec 1.2 table 4.1.
 pub mod regs {

@@ -27,7 +27,7 @@ use super::{
     RX_QUEUE, TX_QUEUE,
 };
 use crate::devices::virtio::RateLimitedLog;
-use crate::devices::virtio::mmio::{ActivateError, INT_VRING, Interrupt};
+use crate::devices::virtio::mmio::{ActivateError, INT_VRING, Interrupt, VIRTIO_RING_F_EVENT_IDX};
 
 /// Limits for the log lines a guest can trigger, one per kind, per device (so tests can count
 /// what got through).
@@ -101,7 +101,7 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
     pub fn activate(
         &mut self,
         mem: GuestMemoryMmap<()>,
-        _acked_features: u64,
+        acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
         let got = queues.len();
@@ -112,10 +112,13 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
             });
         };
         const { assert!(RX_QUEUE == 0 && TX_QUEUE == 1) };
-        self.active = Some(Active {
-            mem,
-            queues: [rx, tx],
-        });
+        let mut queues = [rx, tx];
+        if acked_features & VIRTIO_RING_F_EVENT_IDX != 0 {
+            for q in &mut queues {
+                q.set_event_idx(true);
+            }
+        }
+        self.active = Some(Active { mem, queues });
         Ok(())
     }
 
@@ -187,8 +190,12 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
             if served == MAX_CHAINS_PER_PASS {
                 break true;
             }
-            let Some(chain) = next_chain(tx, mem, metrics, &logs.queue) else {
-                break false;
+            let chain = match next_chain(tx, mem, metrics, &logs.queue) {
+                Next::Chain(chain) => chain,
+                // Drained: ask for the next kick; a chain that came meanwhile is served in the
+                // next pass.
+                Next::Empty => break rearm(tx, mem, metrics, &logs.queue),
+                Next::Unusable => break false,
             };
             served += 1;
             let head = chain.head_index();
@@ -282,8 +289,12 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
                     }
                 },
             };
-            let Some(chain) = next_chain(rx, mem, metrics, &logs.queue) else {
-                break RxState::WaitingForBuffers;
+            let chain = match next_chain(rx, mem, metrics, &logs.queue) {
+                Next::Chain(chain) => chain,
+                // No buffer: ask for the kick that brings one, and look again in the next pass
+                // if one came meanwhile.
+                Next::Empty if rearm(rx, mem, metrics, &logs.queue) => break RxState::More,
+                Next::Empty | Next::Unusable => break RxState::WaitingForBuffers,
             };
             served += 1;
             let head = chain.head_index();
@@ -318,29 +329,59 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
     }
 }
 
-/// The next available chain of `queue`, or `None` when there is none or the queue is unusable
-/// (counted and logged at a bounded rate).
+/// What the available ring holds next.
+enum Next<'m> {
+    Chain(virtio_queue::DescriptorChain<&'m GuestMemoryMmap<()>>),
+    /// The guest has published nothing more.
+    Empty,
+    /// The ring is unusable (a bogus available index): counted and logged at a bounded rate.
+    Unusable,
+}
+
 fn next_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap<()>,
     metrics: &NetMetrics,
     log: &RateLimitedLog,
-) -> Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap<()>>> {
+) -> Next<'m> {
     match queue.iter(mem) {
-        Ok(mut avail) => avail.next(),
+        Ok(mut avail) => avail.next().map_or(Next::Empty, Next::Chain),
         Err(e) => {
             NetMetrics::inc(&metrics.queue_errors);
             if log.allow() {
                 tracing::warn!(error = %e, "net: unusable queue");
             }
-            None
+            Next::Unusable
         }
     }
 }
 
-/// Puts `head` in the used ring with `len`; returns whether it went in. It fails only for a
-/// head index outside the queue (the transport checked the ring): there is no descriptor to
-/// give back, so the caller goes on with the next chain.
+/// After a queue ran dry: with `EVENT_IDX`, tells the guest to notify at the next buffer it
+/// publishes (the available-event index is where the device stopped); without it, there is
+/// nothing to re-enable. Returns whether a buffer came in the meantime, so the caller looks
+/// again instead of waiting for a kick that will not come. An unwritable ring counts as
+/// nothing new (the next kick or frame tries again).
+fn rearm(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    metrics: &NetMetrics,
+    log: &RateLimitedLog,
+) -> bool {
+    if !queue.event_idx_enabled() {
+        return false;
+    }
+    match queue.enable_notification(mem) {
+        Ok(more) => more,
+        Err(e) => {
+            NetMetrics::inc(&metrics.queue_errors);
+            if log.allow() {
+                tracing::warn!(error = %e, "net: cannot re-enable notifications");
+            }
+            false
+        }
+    }
+}
+
 fn complete(
     queue: &mut Queue,
     mem: &GuestMemoryMmap<()>,

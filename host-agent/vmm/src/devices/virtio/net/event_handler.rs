@@ -22,7 +22,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::RxState;
 use super::{NUM_QUEUES, NetBackend, NetDevice, NetError, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, defs};
-use crate::devices::virtio::mmio::{ActivateError, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::mmio::{
+    ActivateError, IrqTrigger, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+};
 use crate::devices::virtio::worker_link::{
     ControlLink, Quiesce, WorkerControl, WorkerLink, read_config_bytes,
 };
@@ -82,7 +84,7 @@ impl VirtioDevice for NetFrontend {
     }
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | defs::VIRTIO_NET_F_MAC
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | defs::VIRTIO_NET_F_MAC
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

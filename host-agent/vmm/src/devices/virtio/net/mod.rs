@@ -1,10 +1,20 @@
 //! virtio-net (virtio spec 1.2 §5.1) backed by a host TAP device.
 //!
 //! One receive queue (index 0) and one transmit queue (index 1), no control queue. The device
-//! offers `VIRTIO_F_VERSION_1` and `VIRTIO_NET_F_MAC` and nothing else: no checksum or
-//! segmentation offloads, no mergeable receive buffers, no event index, no indirect
+//! offers `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC` and `VIRTIO_RING_F_EVENT_IDX` and nothing
+//! else: no checksum or segmentation offloads, no mergeable receive buffers, no indirect
 //! descriptors, no link status, no MTU. The config space holds the VM's MAC address (six bytes,
 //! read-only); every later field reads as zero.
+//!
+//! # Notifications
+//! With `EVENT_IDX` (which Linux always takes) the guest kicks a queue only when it publishes
+//! the buffer the device asked about, and the device interrupts only when the used index passes
+//! the guest's `used_event`. So a stream of frames costs a kick and an interrupt per batch, not
+//! per frame: under nested virtualization each is a VM exit through two hypervisors. The device
+//! asks for the next kick (writes `avail_event`) whenever a queue runs dry, then looks once
+//! more, so a buffer published in between is not left waiting for a kick that will not come. A
+//! queue that is unusable (a bogus available index) ends the pass without asking: the device
+//! never spins on a ring it cannot read.
 //!
 //! # The virtio-net header
 //! With `VERSION_1` every frame in either queue is preceded by a 12-byte `virtio_net_hdr_v1`

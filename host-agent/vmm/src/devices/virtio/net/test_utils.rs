@@ -183,6 +183,18 @@ impl QueueDriver {
             .unwrap();
     }
 
+    /// With `EVENT_IDX`: the driver asks for an interrupt once the used index passes `at`.
+    pub fn set_used_event(&self, at: u16) {
+        let addr = self.avail.unchecked_add(4 + 2 * u64::from(QSIZE));
+        self.mem.write_obj(at, addr).unwrap();
+    }
+
+    /// With `EVENT_IDX`: the available index at which the device asked to be notified next.
+    pub fn avail_event(&self) -> u16 {
+        let addr = self.used.unchecked_add(4 + 8 * u64::from(QSIZE));
+        self.mem.read_obj(addr).unwrap()
+    }
+
     /// New used entries: (head index, used length).
     pub fn take_used(&mut self) -> Vec<(u16, u32)> {
         let idx: u16 = self.mem.read_obj(self.used.unchecked_add(2)).unwrap();
@@ -297,6 +309,11 @@ pub struct Harness {
 impl Harness {
     /// An activated device on fresh queues.
     pub fn new() -> Self {
+        Self::with_features(VIRTIO_F_VERSION_1)
+    }
+
+    /// An activated device on fresh queues, with `features` negotiated.
+    pub fn with_features(features: u64) -> Self {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let metrics = Arc::new(NetMetrics::default());
@@ -304,7 +321,7 @@ impl Harness {
         let backend = MemBackend::default();
         let mut dev = NetDevice::new(backend.clone(), CountingIrq(irqs.clone()), metrics.clone());
         let (drv, queues) = NetDriver::new(mem.clone());
-        dev.activate(mem, VIRTIO_F_VERSION_1, queues).unwrap();
+        dev.activate(mem, features, queues).unwrap();
         Self {
             drv,
             dev,

@@ -14,7 +14,7 @@ use super::{
     MAX_CHAIN_DESCRIPTORS, MAX_CHAINS_PER_PASS, MAX_FRAME_LEN, NetFrontend, VNET_HDR_LEN, defs,
 };
 use crate::devices::virtio::RateLimitedLog;
-use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice};
 
 #[test]
 fn spec_numbers_match_virtio_bindings() {
@@ -38,9 +38,16 @@ fn the_front_end_offers_version_1_and_the_mac_and_nothing_else() {
     let mut f = NetFrontend::new([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], tx, wake);
     assert_eq!(f.device_type(), 1);
     assert_eq!(f.queue_max_sizes(), &[256, 256]);
-    // No offloads (0..=4, 7..=17), no MRG_RXBUF (15), STATUS (16), CTRL_VQ (17), MQ (22), MTU
-    // (3), INDIRECT_DESC (28), EVENT_IDX (29).
-    assert_eq!(f.device_features(), VIRTIO_F_VERSION_1 | (1 << 5));
+    // EVENT_IDX (29), and no offloads (0..=4, 7..=17), no MRG_RXBUF (15), STATUS (16), CTRL_VQ
+    // (17), MQ (22), MTU (3), INDIRECT_DESC (28).
+    assert_eq!(
+        f.device_features(),
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | (1 << 5)
+    );
+    assert_eq!(
+        VIRTIO_RING_F_EVENT_IDX,
+        1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX
+    );
     let mut cfg = [0x55u8; 10];
     f.read_config(0, &mut cfg);
     assert_eq!(cfg, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0, 0, 0, 0]);
@@ -842,4 +849,71 @@ mod tap {
         }
         std::thread::spawn(in_fresh_netns).join().unwrap();
     }
+}
+
+#[test]
+fn with_event_idx_the_device_asks_for_the_next_kick_where_it_stopped() {
+    let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+    for seed in 0..3 {
+        h.drv.send(&frame(60, seed));
+    }
+    assert_eq!(h.run_tx().len(), 3);
+    // The guest kicks again only for the buffer after the third.
+    assert_eq!(h.drv.tx.avail_event(), 3);
+
+    // Receive: with no buffer posted, a frame waits and the device asks for the next buffer's
+    // kick at the index where it stopped.
+    h.backend.push(frame(60, 9));
+    assert_eq!(h.dev.process_rx(), RxState::WaitingForBuffers);
+    assert_eq!(h.drv.rx.avail_event(), 0);
+    let (_, descs) = h.drv.post_rx(&[2048]);
+    assert_eq!(h.dev.process_rx(), RxState::Idle);
+    assert_eq!(h.drv.rx.take_used().len(), 1);
+    assert_eq!(
+        h.drv.read_rx(&descs, VNET_HDR_LEN + 60)[VNET_HDR_LEN..],
+        frame(60, 9)
+    );
+}
+
+#[test]
+fn without_event_idx_the_rings_event_fields_are_left_alone() {
+    let mut h = Harness::new();
+    h.drv.send(&frame(60, 1));
+    assert_eq!(h.run_tx().len(), 1);
+    assert_eq!(h.drv.tx.avail_event(), 0);
+    assert_eq!(h.irqs.load(Ordering::SeqCst), 1, "one interrupt per pass");
+}
+
+#[test]
+fn with_event_idx_interrupts_wait_for_the_drivers_used_event() {
+    let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+    // The driver wants an interrupt once the fourth buffer (used index 3 passed) is used.
+    h.drv.tx.set_used_event(3);
+    for round in 0..3u8 {
+        h.drv.send(&frame(60, round));
+        assert_eq!(h.run_tx().len(), 1);
+    }
+    assert_eq!(
+        h.irqs.load(Ordering::SeqCst),
+        0,
+        "no interrupt before the used event"
+    );
+    h.drv.send(&frame(60, 3));
+    assert_eq!(h.run_tx().len(), 1);
+    assert_eq!(h.irqs.load(Ordering::SeqCst), 1);
+    assert_eq!(h.backend.sent().len(), 4);
+}
+
+#[test]
+fn a_bogus_available_index_with_event_idx_does_not_keep_the_device_busy() {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+    let (_, avail, _) = h.drv.tx.ring_addrs();
+    // An available index far past the queue size.
+    h.drv
+        .mem
+        .write_obj(1000u16, GuestAddress(avail + 2))
+        .unwrap();
+    assert!(!h.dev.process_tx(), "an unusable ring ends the pass");
+    assert!(h.get(|m| &m.queue_errors) >= 1);
 }
