@@ -1,0 +1,230 @@
+"""Inner half of scripts/bench-net: runs where KVM can boot Linux (normally inside L1).
+
+Measures guest<->host TCP throughput through a virtio-net device on a TAP, for our VMM and for
+QEMU microvm's virtio-net (`virtio-net-device`, userspace backend, `vhost=off`) on a TAP of its
+own, booting the same kernel and initramfs with the same guest tools. Rounds are interleaved
+(ours, QEMU, QEMU without offloads, ours, ...) so that a slow patch of the machine hits them
+alike; each VMM's figures are the medians over the rounds.
+
+QEMU is run twice per round:
+- as it ships (`qemu`): it negotiates checksum and segmentation offloads and mergeable receive
+  buffers with the guest, so the guest hands it 64 KiB TCP segments;
+- with those features off (`qemu-nooffload`): the same feature set as ours (MAC only, 1500-byte
+  frames), which separates what the device costs from what the missing offloads cost.
+
+One boot per VMM per round. The guest (a busybox init, see scripts/bench-net) configures eth0
+from its command line, listens on TCP port 5002, and prints a ready marker. The host then:
+1. host->guest: connects to the guest's port 5002, sends `--mib` MiB and shuts its side. The
+   guest's `nc` exits at the end of the stream and the guest then connects back to the host's
+   port 5001: the time from the host's connect to that accept is the transfer time;
+2. guest->host: the guest pipes `--mib` MiB from /dev/zero into `nc` to the host's port 5001;
+   the time from the accept to the end of the stream is the transfer time.
+Then the guest resets, and the VMM exits.
+"""
+
+import argparse
+import os
+import select
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+
+MARKER = b"NANOCLAW-NET-READY"
+CMDLINE = "quiet reboot=t panic=-1 random.trust_cpu=on"
+MEM_MIB = 256
+TIMEOUT = 300.0
+H2G_PORT = 5002
+G2H_PORT = 5001
+CHUNK = 256 * 1024
+
+
+def ours(args, kernel, vm_dir, tap, mac, extra):
+    return [args.vmm, "--kernel", kernel, "--initrd", args.initrd,
+            "--vm-dir", vm_dir, "--memory-mib", str(MEM_MIB), "--vcpus", "1",
+            "--console", "-", "--net", f"tap={tap},mac={mac}",
+            "--cmdline-extra", (CMDLINE + " " + extra).strip()]
+
+
+def qemu_with(offloads):
+    off = "" if offloads else (
+        ",csum=off,guest_csum=off,gso=off,guest_tso4=off,guest_tso6=off,guest_ecn=off,"
+        "guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,mrg_rxbuf=off")
+
+    def build(args, kernel, _vm_dir, tap, mac, extra):
+        return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+                "-accel", "kvm", "-cpu", "host", "-m", str(MEM_MIB), "-smp", "1",
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-serial", "stdio", "-kernel", kernel, "-initrd", args.initrd,
+                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
+                "-device", f"virtio-net-device,netdev=n0,mac={mac}{off}",
+                "-append", ("console=ttyS0 " + CMDLINE + " " + extra).strip()]
+    return build
+
+
+def sh(*cmd):
+    subprocess.run(cmd, check=True)
+
+
+def make_tap(name, host_ip):
+    subprocess.run(["ip", "link", "del", name], stderr=subprocess.DEVNULL)
+    sh("ip", "tuntap", "add", "dev", name, "mode", "tap")
+    sh("ip", "addr", "add", f"{host_ip}/24", "dev", name)
+    sh("ip", "link", "set", name, "up")
+
+
+class Guest:
+    """A VMM process whose console is read until the ready marker."""
+
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.console = b""
+
+    def _read(self, left):
+        r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
+        if not r:
+            return True
+        chunk = os.read(self.proc.stdout.fileno(), 65536)
+        if not chunk:
+            return False
+        self.console = (self.console + chunk)[-65536:]
+        return True
+
+    def wait_ready(self, deadline):
+        while MARKER not in self.console:
+            if time.monotonic() > deadline or not self._read(deadline - time.monotonic()):
+                self.fail("no ready marker")
+
+    def wait_exit(self, deadline):
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if not self._read(min(1.0, deadline - time.monotonic())):
+                break
+        try:
+            return self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.fail("did not exit after the transfers")
+
+    def fail(self, why):
+        self.proc.kill()
+        self.proc.wait()
+        tail = self.console.decode(errors="replace").splitlines()[-30:]
+        raise RuntimeError(f"{why}; console tail:\n  " + "\n  ".join(tail))
+
+
+def connect_retry(addr, deadline):
+    deadline = min(deadline, time.monotonic() + 60)
+    while True:
+        try:
+            return socket.create_connection(addr, timeout=5)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def one_round(args, kernel, build, tap, host_ip, guest_ip, mac):
+    """Returns (host->guest MB/s, guest->host MB/s) for one boot."""
+    total = args.mib * 1024 * 1024
+    with tempfile.TemporaryDirectory() as d, socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host_ip, G2H_PORT))
+        listener.listen(1)
+        extra = f"nanoclaw.net={guest_ip},{host_ip},{args.mib}"
+        guest = Guest(build(args, kernel, d, tap, mac, extra))
+        deadline = time.monotonic() + TIMEOUT
+        guest.wait_ready(deadline)
+
+        # host -> guest
+        buf = b"\0" * CHUNK
+        t0 = time.monotonic()
+        try:
+            s = connect_retry((guest_ip, H2G_PORT), deadline)
+        except OSError as e:
+            guest.fail(f"cannot reach the guest's port {H2G_PORT}: {e}")
+        with s:
+            s.settimeout(TIMEOUT)
+            sent = 0
+            while sent < total:
+                n = s.send(buf[: min(CHUNK, total - sent)])
+                sent += n
+            s.shutdown(socket.SHUT_WR)
+            listener.settimeout(max(1.0, deadline - time.monotonic()))
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                guest.fail("the guest never connected back after host->guest")
+            h2g = time.monotonic() - t0
+
+        # guest -> host
+        with conn:
+            conn.settimeout(max(1.0, deadline - time.monotonic()))
+            got = 0
+            t1 = time.monotonic()
+            while True:
+                chunk = conn.recv(CHUNK)
+                if not chunk:
+                    break
+                got += len(chunk)
+            g2h = time.monotonic() - t1
+        if got != total:
+            guest.fail(f"guest->host carried {got} bytes, not {total}")
+        guest.wait_exit(deadline)
+    if args.verbose:
+        text = guest.console.decode(errors="replace")
+        if "NANOCLAW-NET-STATS" in text:
+            stats = text.split("NANOCLAW-NET-STATS", 1)[1].split("NANOCLAW-NET-END", 1)[0]
+            keep = [l for l in stats.splitlines()
+                    if l.startswith(("Tcp:", "Ip:")) or "eth0" in l or "virtio" in l]
+            print("    guest: " + "\n    guest: ".join(keep))
+        host = subprocess.run(["ip", "-s", "link", "show", tap], capture_output=True, text=True)
+        print("    host:  " + "\n    host:  ".join(host.stdout.splitlines()), flush=True)
+    mb = total / 1e6
+    return mb / h2g, mb / g2h
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--mib", type=int, default=64)
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--vmm", required=True)
+    p.add_argument("--kernel", required=True)
+    p.add_argument("--initrd", required=True)
+    args = p.parse_args()
+
+    vmms = [("ours", ours, "nbt0", "10.77.0"),
+            ("qemu", qemu_with(True), "nbt1", "10.77.1"),
+            ("qemu-nooffload", qemu_with(False), "nbt2", "10.77.2")]
+    for _, _, tap, net in vmms:
+        make_tap(tap, f"{net}.1")
+    print(f"bench-net: {args.runs} interleaved rounds of {args.mib} MiB each way, {MEM_MIB} MiB "
+          "guest, 1 vCPU; QEMU microvm virtio-net-device, vhost=off", flush=True)
+    figures = {name: ([], []) for name, *_ in vmms}
+    try:
+        for r in range(args.runs + 1):  # round 0 warms up (page cache, first VM) and is dropped
+            for name, build, tap, net in vmms:
+                h2g, g2h = one_round(args, args.kernel, build, tap, f"{net}.1", f"{net}.2",
+                                     "02:00:00:00:00:07")
+                tag = "warm-up" if r == 0 else f"round {r}"
+                print(f"  {tag:8} {name:15} host->guest {h2g:7.1f} MB/s   "
+                      f"guest->host {g2h:7.1f} MB/s", flush=True)
+                if r:
+                    figures[name][0].append(h2g)
+                    figures[name][1].append(g2h)
+    finally:
+        for _, _, tap, _ in vmms:
+            subprocess.run(["ip", "link", "del", tap], stderr=subprocess.DEVNULL)
+    med = {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in figures.items()}
+    print("medians:")
+    for n, (a, b) in med.items():
+        print(f"  {n:15} host->guest {a:7.1f} MB/s   guest->host {b:7.1f} MB/s")
+    print("ratios ours/QEMU (target >= 0.8):")
+    for q in ("qemu", "qemu-nooffload"):
+        print(f"  ours/{q:15} host->guest {med['ours'][0] / med[q][0]:.2f}   "
+              f"guest->host {med['ours'][1] / med[q][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
