@@ -408,6 +408,64 @@ fn records_queued_during_a_sync_form_one_batch_and_a_bad_one_fails_alone() {
     assert_eq!(verify(&path).unwrap().records, 10);
 }
 
+/// Many async callers: their records share one batch, stay unacknowledged while that batch is
+/// written but not yet synced, and are chained in the order they were queued.
+#[test]
+fn async_callers_are_answered_only_after_their_batch_is_synced() {
+    const CALLERS: u64 = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.ndjson");
+    // Holds the first sync (so the callers' records queue up behind it), then the second one,
+    // the callers' batch, after its write: `at_second` says when it is held there.
+    let (at_second_tx, at_second) = mpsc::channel();
+    let (release_second, release_second_rx) = mpsc::channel::<()>();
+    let (hook, entered, release) = hold_first_sync(move |stage, n, _| {
+        if stage == Stage::Sync && n == 2 {
+            at_second_tx.send(()).unwrap();
+            release_second_rx.recv().unwrap();
+        }
+        Ok(())
+    });
+    let log = Arc::new(open_hooked(&path, hook));
+    let held = first_record_held(&log, &entered);
+    let mut pending: Vec<Pending> = (0..CALLERS)
+        .map(|i| log.submit("policy_decision", json!({ "caller": i })))
+        .collect();
+    release.send(()).unwrap();
+    assert_eq!(held.join().unwrap().unwrap(), 0);
+    at_second.recv().unwrap();
+    // The whole batch is in the file, written but not synced: nobody is answered yet.
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(written.lines().count() as u64, 1 + CALLERS);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for (i, p) in pending.iter_mut().enumerate() {
+        assert!(
+            std::pin::Pin::new(p).poll(&mut cx).is_pending(),
+            "caller {i} was answered before its record was synced"
+        );
+    }
+    release_second.send(()).unwrap();
+    let seqs: Vec<u64> = block_on(async {
+        let mut seqs = Vec::new();
+        for p in pending {
+            seqs.push(p.await.unwrap());
+        }
+        seqs
+    });
+    assert_eq!(
+        seqs,
+        (1..=CALLERS).collect::<Vec<_>>(),
+        "queue order, no gap"
+    );
+    let stats = log.stats();
+    assert_eq!((stats.records, stats.syncs), (1 + CALLERS, 2));
+    assert_eq!(verify(&path).unwrap().records, 1 + CALLERS);
+    let stored = tail(&path, usize::MAX).unwrap();
+    for (i, s) in stored.iter().skip(1).enumerate() {
+        assert_eq!(s.record.data, json!({ "caller": i }));
+    }
+}
+
 /// A failed sync fails every record of its batch; the file is cut back, and the next record
 /// takes the first failed seq, so the chain has no gap and holds nothing unacknowledged.
 #[test]
