@@ -140,7 +140,7 @@ impl Gateway {
                 ));
             }
         };
-        let Value::Object(msg) = msg else {
+        let Value::Object(mut msg) = msg else {
             let what = if msg.is_array() {
                 "batches are not supported"
             } else {
@@ -152,6 +152,9 @@ impl Gateway {
             let id = msg.get("id").cloned().unwrap_or(Value::Null);
             return Some(error(id, INVALID_REQUEST, "`jsonrpc` must be \"2.0\""));
         }
+        // Taken, not copied: the rest of the message is read only by reference, and a
+        // `tools/call`'s arguments can be large.
+        let mut params = msg.remove("params").unwrap_or(Value::Null);
         let Some(method) = msg.get("method") else {
             // A response (to nothing: this endpoint sends no requests) is dropped.
             return None;
@@ -202,7 +205,6 @@ impl Gateway {
             ));
         }
         session.seen_ids.insert(id_key);
-        let params = msg.get("params").cloned().unwrap_or(Value::Null);
         match method {
             "initialize" => {
                 session.initialized = true;
@@ -230,6 +232,7 @@ impl Gateway {
             )),
             "tools/list" => Some(result(id, json!({"tools": self.tools}))),
             "tools/call" => {
+                let args = params.get_mut("arguments").map(Value::take);
                 let Some(name) = params.get("name").and_then(Value::as_str) else {
                     return Some(error(
                         id,
@@ -237,9 +240,9 @@ impl Gateway {
                         "tools/call needs a string `name`",
                     ));
                 };
-                let args = match params.get("arguments") {
+                let args = match args {
                     None | Some(Value::Null) => Map::new(),
-                    Some(Value::Object(m)) => m.clone(),
+                    Some(Value::Object(m)) => m,
                     Some(_) => {
                         return Some(error(
                             id,

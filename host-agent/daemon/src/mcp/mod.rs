@@ -347,17 +347,19 @@ impl Gateway {
             .profile()
             .tool(name)
             .is_some_and(|t| t.restore);
+        // The arguments as the agent sent them are needed only for their digest (taken above):
+        // the call goes on with the restored ones, or with these, moved rather than copied.
         let real = match self.mode {
             Some(Mode::Enforce) if restores => {
-                let value = Value::Object(args.clone());
+                let value = Value::Object(args);
                 let (restored, report) = self.with_tokenizer(|t| t.detokenize_json(&value))?;
                 self.record_tokenize(name, "arguments", report).await?;
-                match restored {
-                    Value::Object(m) => m,
-                    _ => args.clone(),
+                match (restored, value) {
+                    (Value::Object(m), _) | (_, Value::Object(m)) => m,
+                    _ => Map::new(),
                 }
             }
-            _ => args.clone(),
+            _ => args,
         };
         let policy = &self.config.policy;
         let decision = policy
