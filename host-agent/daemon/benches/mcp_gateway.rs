@@ -22,6 +22,15 @@
 //! audit line gives the mean time of one batch's write and `fdatasync`: every call waits for two
 //! records (its decision before the upstream call, its result's tokenization before the answer),
 //! so about two to three of those are in the gateway's added latency however fast the rest is.
+//!
+//! The CPU lines give, per call and per path, the CPU time of this process's threads (the
+//! client, and for the gateway path the gateway and its audit writer) and of the upstream, and
+//! how long each waited for a CPU (`/proc/<pid>/task/*/schedstat`). They explain the figure at
+//! 32: the Python upstream handles one call at a time, so at 32 concurrent calls both paths
+//! queue behind it, and on a machine with few cores whatever CPU the gateway spends per call
+//! (its audit writer's write and `fdatasync` included: on a virtual disk each sync costs CPU
+//! in the guest's kernel and in device notifications) is taken from the upstream and shows up
+//! about 32 times over in the median, divided by the cores free to run it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,6 +124,57 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(gateway_latency(&python, (n / 20).max(50)))
+}
+
+/// CPU time run and time spent waiting for a CPU (run queue) of the threads of one process,
+/// from `/proc/<pid>/task/*/schedstat` (live threads only).
+#[derive(Debug, Clone, Copy, Default)]
+struct Sched {
+    run: Duration,
+    wait: Duration,
+}
+
+impl Sched {
+    fn of(pid: &str) -> Sched {
+        let mut total = Sched::default();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return total;
+        };
+        for task in tasks.flatten() {
+            let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                continue;
+            };
+            let mut f = text
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            total.run += Duration::from_nanos(f.next().unwrap_or(0));
+            total.wait += Duration::from_nanos(f.next().unwrap_or(0));
+        }
+        total
+    }
+
+    /// This process, and the sum of its child processes (the upstreams).
+    fn now() -> (Sched, Sched) {
+        let me = std::process::id().to_string();
+        let mut children = Sched::default();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let name = p.file_name().to_string_lossy().into_owned();
+                let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+                    continue;
+                };
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1));
+                if ppid == Some(me.as_str()) {
+                    let s = Sched::of(&name);
+                    children.run += s.run;
+                    children.wait += s.wait;
+                }
+            }
+        }
+        (Sched::of("self"), children)
+    }
 }
 
 /// The concurrency levels the gateway's added latency is measured at.
@@ -269,15 +329,43 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
         let mut records = 0;
         let mut syncs = 0;
         let mut sync_time = Duration::ZERO;
+        // Per path: wall time of its rounds, this process's threads, the upstream's.
+        let mut acct = [(Duration::ZERO, Sched::default(), Sched::default()); 2];
+        let mut account = |i: usize, t: Instant, (s0, c0): (Sched, Sched)| {
+            let (s1, c1) = Sched::now();
+            acct[i].0 += t.elapsed();
+            acct[i].1.run += s1.run - s0.run;
+            acct[i].1.wait += s1.wait - s0.wait;
+            acct[i].2.run += c1.run - c0.run;
+            acct[i].2.wait += c1.wait - c0.wait;
+        };
         for round in 0..ROUNDS {
+            let (t, s) = (Instant::now(), Sched::now());
             direct.extend(measure(peers.clone(), per_round, direct_call.clone()).await?);
+            account(0, t, s);
             let before = audit.stats();
             let first = 1 + (round + 1) * stride;
+            let (t, s) = (Instant::now(), Sched::now());
             through.extend(measure(conns.clone(), per_round, with_ids(first)).await?);
+            account(1, t, s);
             let after = audit.stats();
             records += after.records - before.records;
             syncs += after.syncs - before.syncs;
             sync_time += after.sync_time - before.sync_time;
+        }
+        let ncalls = direct.len() as f64;
+        let per_call = |d: Duration| d.as_secs_f64() * 1e6 / ncalls;
+        let mut cpu_lines = Vec::new();
+        for (label, (wall, me, up)) in ["direct", "gateway"].iter().zip(acct) {
+            cpu_lines.push(format!(
+                "    CPU per call, {label:<8}      this process {:>6.1} µs (waited for a CPU \
+                 {:>6.1} µs), upstream {:>6.1} µs (waited {:>6.1} µs); upstream busy {:>3.0}%",
+                per_call(me.run),
+                per_call(me.wait),
+                per_call(up.run),
+                per_call(up.wait),
+                up.run.as_secs_f64() * 100.0 / wall.as_secs_f64().max(1e-9),
+            ));
         }
         let (direct_p50, direct_p99) = percentiles(direct);
         let (gw_p50, gw_p99) = percentiles(through);
@@ -309,6 +397,9 @@ async fn gateway_latency(python: &Path, calls: usize) -> anyhow::Result<()> {
              {:.3} ms each (mean)",
             ms(sync_time) / syncs.max(1) as f64
         );
+        for line in cpu_lines {
+            println!("{line}");
+        }
     }
     println!(
         "  (added = policy + tokenize + the audit records' fdatasync + the JSON-RPC hop; {})",
