@@ -5,8 +5,8 @@
 //! server, the metadata address, the host's own address and the gateway's other ports. Another
 //! VM reaches the first only when both profiles name each other (`[network] peers`); one with
 //! the first one's own profile is refused. A host port forwarded with `-p` reaches
-//! the agent's own server. The audit log names the refused name and
-//! the reset connections, and `nanoclaw inspect` shows the firewall's counts. A VM whose
+//! the agent's own server. The audit log names the refused name, the reset connections and
+//! the firewall's refusals (rule, address, port), and `nanoclaw inspect` shows the firewall's counts. A VM whose
 //! profile allows nothing has no network device.
 //!
 //! The "internet" is one host in a network namespace the test makes
@@ -306,6 +306,23 @@ except OSError as e:
     assert!(
         named("sni", "no SNI"),
         "no reset of the raw-address attempt in {denials:#?}"
+    );
+    // The kernel's refusals, each with its rule, address and port (through NFLOG).
+    let refused = |rule: &str, addr: Option<&str>, port: Option<u64>| {
+        denials.iter().any(|d| {
+            d["by"] == "firewall"
+                && d["rule"] == rule
+                && addr.is_none_or(|a| d["addr"] == a)
+                && port.is_none_or(|p| d["port"] == p)
+        })
+    };
+    assert!(
+        refused("deny_metadata", Some("169.254.169.254"), None),
+        "no firewall record of the metadata attempt in {denials:#?}"
+    );
+    assert!(
+        refused("deny_other", Some(&INTERNET.to_string()), Some(80)),
+        "no firewall record of the port-80 attempt in {denials:#?}"
     );
 
     // A profile that allows nothing: no network device at all (the kernel's own virtual
