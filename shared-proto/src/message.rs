@@ -59,10 +59,6 @@ pub enum GuestToHost {
 /// A message from the host to the sidecar (guest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "RunAgent is sent once per boot; boxing it would change every match for no gain"
-)]
 pub enum HostToGuest {
     /// The host accepts the sidecar's `Hello`.
     HelloAck {
@@ -111,12 +107,19 @@ pub enum HostToGuest {
     Thaw,
     /// This guest is a clone of a snapshot (a fork or a warm start): mix `entropy` into the
     /// kernel's pool and reseed its CRNG, draw a new boot id and boot key, drop every session
-    /// made with the old key, let frozen processes go on, then reconnect with a new `Hello`.
+    /// made with the old key, move its network to `network` when given, let frozen processes
+    /// go on, then reconnect with a new `Hello`.
     Reidentify {
         /// Fresh random bytes from the host, [`REIDENTIFY_ENTROPY_MIN`] to
         /// [`REIDENTIFY_ENTROPY_MAX`] of them; any other length is answered with `Error`.
         #[serde(with = "serde_bytes")]
         entropy: Vec<u8>,
+        /// The clone's own link, when the VM is networked: each clone gets an address, a
+        /// gateway and a resolver of its own, and the interface the snapshot's guest configured
+        /// is moved to them before its processes go on. Absent (and in older hosts' frames):
+        /// the network stays as it was.
+        #[serde(default)]
+        network: Option<GuestNetwork>,
     },
 }
 
@@ -251,6 +254,18 @@ pub(crate) mod tests {
         "\\PC{0,16}"
     }
 
+    fn network() -> impl Strategy<Value = GuestNetwork> {
+        (any::<u32>(), any::<u8>(), any::<u32>(), any::<[u8; 6]>()).prop_map(
+            |(address, prefix_len, gateway, mac)| GuestNetwork {
+                address: address.into(),
+                prefix_len,
+                gateway: gateway.into(),
+                dns: gateway.into(),
+                mac,
+            },
+        )
+    }
+
     pub(crate) fn any_guest_to_host() -> impl Strategy<Value = GuestToHost> {
         let status = prop_oneof![
             any::<i32>().prop_map(ExitStatus::Exit),
@@ -295,17 +310,7 @@ pub(crate) mod tests {
                 }
             })),
             proptest::option::of(text()),
-            proptest::option::of(
-                (any::<u32>(), any::<u8>(), any::<u32>(), any::<[u8; 6]>()).prop_map(
-                    |(address, prefix_len, gateway, mac)| GuestNetwork {
-                        address: address.into(),
-                        prefix_len,
-                        gateway: gateway.into(),
-                        dns: gateway.into(),
-                        mac,
-                    },
-                ),
-            ),
+            proptest::option::of(network()),
         )
             .prop_map(
                 |(command, args, env, cwd, uid, gid, mcp, root, user, network)| AgentSpec {
@@ -336,7 +341,8 @@ pub(crate) mod tests {
             Just(HostToGuest::Shutdown),
             Just(HostToGuest::Freeze),
             Just(HostToGuest::Thaw),
-            bytes().prop_map(|entropy| HostToGuest::Reidentify { entropy }),
+            (bytes(), proptest::option::of(network()))
+                .prop_map(|(entropy, network)| HostToGuest::Reidentify { entropy, network }),
         ]
     }
 
@@ -363,6 +369,11 @@ pub(crate) mod tests {
     #[serde(tag = "type", rename_all = "snake_case")]
     enum OldHostToGuest {
         RunAgent(OldAgentSpec),
+        /// Before networked clones: no `network`.
+        Reidentify {
+            #[serde(with = "serde_bytes")]
+            entropy: Vec<u8>,
+        },
     }
 
     #[derive(Serialize)]
@@ -396,6 +407,22 @@ pub(crate) mod tests {
         assert_eq!(spec.root, None);
         assert_eq!(spec.user, None);
         assert_eq!(spec.network, None);
+    }
+
+    #[test]
+    fn an_older_hosts_reidentify_decodes_without_a_network() {
+        let old = OldHostToGuest::Reidentify {
+            entropy: vec![7; 32],
+        };
+        let frame = encode_frame(&old).unwrap();
+        let (back, _) = decode_frame::<HostToGuest>(&frame).unwrap().unwrap();
+        assert_eq!(
+            back,
+            HostToGuest::Reidentify {
+                entropy: vec![7; 32],
+                network: None
+            }
+        );
     }
 
     #[test]

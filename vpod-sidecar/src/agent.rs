@@ -584,7 +584,11 @@ mod tests {
             Err("no freeze in this test".into())
         }
         fn thaw(&mut self) {}
-        fn reidentify(&mut self, _entropy: &[u8]) -> Result<GuestToHost, String> {
+        fn reidentify(
+            &mut self,
+            _entropy: &[u8],
+            _network: Option<&shared_proto::message::GuestNetwork>,
+        ) -> Result<GuestToHost, String> {
             Err("no new identity in this test".into())
         }
     }

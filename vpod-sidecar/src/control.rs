@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use shared_proto::frame::{FrameDecoder, FrameError, encode_frame};
 use shared_proto::handshake::{HandshakeError, check_hello_answer};
-use shared_proto::message::{AgentSpec, GuestToHost, HostToGuest};
+use shared_proto::message::{AgentSpec, GuestNetwork, GuestToHost, HostToGuest};
 
 use crate::outbox::Outbox;
 use crate::{ControlStream, ErrorChain};
@@ -142,8 +142,13 @@ pub trait HostRequests {
     /// `Thaw`: lets what `freeze` stopped go on.
     fn thaw(&mut self);
     /// `Reidentify`: reseeds with `entropy` and takes a new identity (see
-    /// [`crate::identity`]), then thaws; the new identity's `Hello`, or a short reason.
-    fn reidentify(&mut self, entropy: &[u8]) -> Result<GuestToHost, String>;
+    /// [`crate::identity`]), moves the network to `network` when given, then thaws; the new
+    /// identity's `Hello`, or a short reason.
+    fn reidentify(
+        &mut self,
+        entropy: &[u8],
+        network: Option<&GuestNetwork>,
+    ) -> Result<GuestToHost, String>;
 }
 
 /// How long the sidecar waits, after writing the final frame and half-closing, for the host
@@ -262,10 +267,12 @@ fn handle(msg: HostToGuest, outbox: &Outbox, host: &mut dyn HostRequests) -> Opt
             Err(reason) => reply_error(outbox, format!("freeze: {reason}")),
         },
         HostToGuest::Thaw => host.thaw(),
-        HostToGuest::Reidentify { entropy } => match host.reidentify(&entropy) {
-            Ok(hello) => return Some(SessionEnd::Reidentified(Box::new(hello))),
-            Err(reason) => reply_error(outbox, format!("reidentify: {reason}")),
-        },
+        HostToGuest::Reidentify { entropy, network } => {
+            match host.reidentify(&entropy, network.as_ref()) {
+                Ok(hello) => return Some(SessionEnd::Reidentified(Box::new(hello))),
+                Err(reason) => reply_error(outbox, format!("reidentify: {reason}")),
+            }
+        }
     }
     None
 }
@@ -452,8 +459,18 @@ mod tests {
         fn thaw(&mut self) {
             self.lifecycle.push("thaw".into());
         }
-        fn reidentify(&mut self, entropy: &[u8]) -> Result<GuestToHost, String> {
-            self.lifecycle.push(format!("reidentify {}", entropy.len()));
+        fn reidentify(
+            &mut self,
+            entropy: &[u8],
+            network: Option<&GuestNetwork>,
+        ) -> Result<GuestToHost, String> {
+            self.lifecycle.push(format!(
+                "reidentify {}{}",
+                entropy.len(),
+                network
+                    .map(|n| format!(" at {}", n.address))
+                    .unwrap_or_default()
+            ));
             if entropy.is_empty() {
                 return Err("no entropy".into());
             }
@@ -480,7 +497,11 @@ mod tests {
             Err("not here".into())
         }
         fn thaw(&mut self) {}
-        fn reidentify(&mut self, _entropy: &[u8]) -> Result<GuestToHost, String> {
+        fn reidentify(
+            &mut self,
+            _entropy: &[u8],
+            _network: Option<&GuestNetwork>,
+        ) -> Result<GuestToHost, String> {
             Err("not here".into())
         }
     }
@@ -699,8 +720,11 @@ mod tests {
         assert_eq!(next_msg(&mut h, &mut d), hello());
         h.write_all(&frames(&[ack(), HostToGuest::Freeze])).unwrap();
         assert_eq!(next_msg(&mut h, &mut d), GuestToHost::Frozen);
-        h.write_all(&frames(&[HostToGuest::Reidentify { entropy: vec![] }]))
-            .unwrap();
+        h.write_all(&frames(&[HostToGuest::Reidentify {
+            entropy: vec![],
+            network: None,
+        }]))
+        .unwrap();
         let refused = next_msg(&mut h, &mut d);
         assert!(
             matches!(&refused, GuestToHost::Error { message } if message.contains("reidentify: no entropy")),
@@ -708,6 +732,13 @@ mod tests {
         );
         h.write_all(&frames(&[HostToGuest::Reidentify {
             entropy: vec![9; 32],
+            network: Some(GuestNetwork {
+                address: std::net::Ipv4Addr::new(10, 200, 0, 6),
+                prefix_len: 30,
+                gateway: std::net::Ipv4Addr::new(10, 200, 0, 5),
+                dns: std::net::Ipv4Addr::new(10, 200, 0, 5),
+                mac: [2, 0, 0, 0, 0, 9],
+            }),
         }]))
         .unwrap();
         // Session 2 opens at once with the new identity's hello.
@@ -725,7 +756,12 @@ mod tests {
         assert_eq!(end, SessionEnd::Shutdown);
         assert_eq!(
             rec.lifecycle,
-            ["freeze", "reidentify 0", "reidentify 32", "thaw"]
+            [
+                "freeze",
+                "reidentify 0",
+                "reidentify 32 at 10.200.0.6",
+                "thaw"
+            ]
         );
     }
 

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
-use shared_proto::message::{AgentSpec, GuestToHost};
+use shared_proto::message::{AgentSpec, GuestNetwork, GuestToHost};
 use shared_proto::ports::{CONTROL_PORT, ECHO_PORT, FILES_PORT, HOST_CID};
 use tracing::Level;
 use vpod_sidecar::ErrorChain;
@@ -156,6 +156,21 @@ struct Guest {
     frozen: bool,
 }
 
+impl Guest {
+    /// Moves the interface to `net` and points the agent's resolver (in its image root, or the
+    /// sidecar's own `/etc` for an initramfs agent) at the new gateway.
+    fn move_network(&self, net: &GuestNetwork) -> Result<(), String> {
+        vpod_sidecar::net::reconfigure(net).map_err(|e| ErrorChain(&e).to_string())?;
+        match self.runner.published_root().get() {
+            Some(root) => vpod_sidecar::rootfs::RootDir::open(&root.path)
+                .and_then(|dir| vpod_sidecar::rootfs::write_resolv_conf(&dir, net.dns))
+                .map_err(|e| format!("the agent's /etc/resolv.conf: {e}")),
+            None => vpod_sidecar::net::write_own_resolv_conf(net.dns)
+                .map_err(|e| ErrorChain(&e).to_string()),
+        }
+    }
+}
+
 impl HostRequests for Guest {
     fn echo_connect(&mut self, port: u32) -> Result<(), String> {
         let stream =
@@ -200,13 +215,24 @@ impl HostRequests for Guest {
         }
     }
 
-    fn reidentify(&mut self, entropy: &[u8]) -> Result<GuestToHost, String> {
+    fn reidentify(
+        &mut self,
+        entropy: &[u8],
+        network: Option<&GuestNetwork>,
+    ) -> Result<GuestToHost, String> {
         if !self.pid1 {
             return Err("the sidecar is not the guest's init".into());
         }
         let hello = identity::reidentify(&self.identity, entropy)
             .map_err(|e| ErrorChain(&e).to_string())?;
         tracing::info!("reseeded from the host; new boot identity");
+        // The clone's own link, before its processes go on. A failure leaves the clone without
+        // a working network (the host's firewall is unaffected), and says so on the console.
+        if let Some(net) = network
+            && let Err(e) = self.move_network(net)
+        {
+            tracing::error!(error = %e, "cannot move the network to the clone's link");
+        }
         // Only now may the clone's processes run again.
         self.thaw();
         Ok(hello)

@@ -136,8 +136,39 @@ fn ifreq(iface: &str) -> libc::ifreq {
 /// Configures the interface with `net.mac`: address, netmask, up, default route via the
 /// gateway. Returns its name.
 pub fn configure(net: &GuestNetwork) -> Result<String, NetError> {
-    let mask = netmask(net.prefix_len)?;
     let iface = find_interface(Path::new(SYS_CLASS_NET), &net.mac)?;
+    configure_interface(&iface, net, false)?;
+    remember(&iface);
+    Ok(iface)
+}
+
+/// The interface [`configure`] set up at boot, for [`reconfigure`].
+static CONFIGURED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn remember(iface: &str) {
+    *CONFIGURED.lock().unwrap_or_else(|p| p.into_inner()) = Some(iface.to_owned());
+}
+
+/// Moves a clone's network to `net` (see `HostToGuest::Reidentify`): the interface configured
+/// at boot (it still has the snapshot's MAC; found by `net.mac` when none was) is taken down,
+/// which drops its routes and its neighbours, is given `net.mac`, then configured as at boot.
+/// Connections the agent had keep the old address and fail; new ones use the new one.
+pub fn reconfigure(net: &GuestNetwork) -> Result<String, NetError> {
+    let known = CONFIGURED.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let iface = match known {
+        Some(iface) => iface,
+        None => find_interface(Path::new(SYS_CLASS_NET), &net.mac)?,
+    };
+    configure_interface(&iface, net, true)?;
+    remember(&iface);
+    Ok(iface)
+}
+
+/// Gives `iface` the address, netmask and default route of `net` and brings it up. With
+/// `restart`, takes it down first (the kernel then drops its routes) and sets its MAC.
+fn configure_interface(iface: &str, net: &GuestNetwork, restart: bool) -> Result<(), NetError> {
+    let iface = iface.to_owned();
+    let mask = netmask(net.prefix_len)?;
     let sock: OwnedFd = socket::socket(
         AddressFamily::Inet,
         SockType::Datagram,
@@ -154,6 +185,31 @@ pub fn configure(net: &GuestNetwork) -> Result<String, NetError> {
             source,
         }
     };
+    if restart {
+        let mut req = ifreq(&iface);
+        // SAFETY: `fd` is an open socket; `req` is a valid, NUL-terminated ifreq that
+        // SIOCGIFFLAGS fills in; it outlives the call.
+        Errno::result(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) })
+            .map_err(fail("read the flags"))?;
+        // SAFETY: SIOCGIFFLAGS just filled the `ifru_flags` member of the union.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = flags & !(libc::IFF_UP as libc::c_short);
+        // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+        Errno::result(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) })
+            .map_err(fail("take down"))?;
+        let mut req = ifreq(&iface);
+        let mut hw = libc::sockaddr {
+            sa_family: libc::ARPHRD_ETHER,
+            sa_data: [0; 14],
+        };
+        for (d, b) in hw.sa_data.iter_mut().zip(net.mac) {
+            *d = b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = hw;
+        // SAFETY: as above, with the hardware-address member that SIOCSIFHWADDR reads.
+        Errno::result(unsafe { libc::ioctl(fd, libc::SIOCSIFHWADDR, &req) })
+            .map_err(fail("set the MAC address"))?;
+    }
     let mut req = ifreq(&iface);
     req.ifr_ifru.ifru_addr = sockaddr(net.address);
     // SAFETY: `fd` is an open socket; `req` is a valid, NUL-terminated ifreq whose address
@@ -197,7 +253,7 @@ pub fn configure(net: &GuestNetwork) -> Result<String, NetError> {
     Errno::result(unsafe { libc::ioctl(fd, libc::SIOCADDRT, &mut route) })
         .map_err(fail("add the default route"))?;
     tracing::info!(%iface, address = %net.address, gateway = %net.gateway, "network configured");
-    Ok(iface)
+    Ok(())
 }
 
 /// Writes the sidecar's own `/etc/resolv.conf` (for an agent that runs in the initramfs).

@@ -145,7 +145,7 @@ fn fake_restored_vmm(args: &[String]) {
 fn reidentify(vm_dir: &Path, old: [u8; 16]) -> [u8; 16] {
     let mut conn = ControlConn::open(vm_dir, old, BOOT_KEY);
     match conn.recv(Duration::from_secs(10)) {
-        Some(HostToGuest::Reidentify { entropy }) if entropy.len() >= 32 => {
+        Some(HostToGuest::Reidentify { entropy, .. }) if entropy.len() >= 32 => {
             let mut fresh = [0u8; 16];
             fresh.copy_from_slice(&entropy[..16]);
             fresh

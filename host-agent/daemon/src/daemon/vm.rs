@@ -949,7 +949,10 @@ impl Vm {
             // until it closes this connection and says hello again with its new identity.
             let mut entropy = vec![0u8; REIDENTIFY_ENTROPY];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut entropy);
-            if write_msg(&mut stream, &HostToGuest::Reidentify { entropy })
+            // A networked clone has a link of its own (a new address, gateway and MAC): the
+            // guest moves its interface there before its processes go on.
+            let network = self.network().as_ref().map(guest_network);
+            if write_msg(&mut stream, &HostToGuest::Reidentify { entropy, network })
                 .await
                 .is_err()
             {
