@@ -194,6 +194,12 @@ pub trait VirtioDevice: Send {
     fn device_features(&self) -> u64;
     /// Reads the device config space at `offset` (relative to 0x100). Bytes past the end read 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Whether a snapshot's config space (`saved`) fits this device's (`current`, read the
+    /// same way) on restore. By default they must be equal: another CID or a disk of another
+    /// size is another machine.
+    fn config_matches(&self, saved: &[u8], current: &[u8]) -> bool {
+        saved == current
+    }
     /// Writes the device config space. Devices with a read-only config ignore this.
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Hands the validated queues to the device, after the driver set `DRIVER_OK`.
@@ -501,7 +507,7 @@ impl MmioTransport {
         }
         let mut config = vec![0u8; CONFIG_SNAPSHOT_LEN];
         self.device.read_config(0, &mut config);
-        if saved.config != config {
+        if !self.device.config_matches(&saved.config, &config) {
             return Err(VirtioStateError::Config);
         }
         let max: Vec<u16> = self.queues.iter().map(|q| q.max_size).collect();

@@ -91,6 +91,12 @@ impl VirtioDevice for NetFrontend {
         read_config_bytes(&self.config, offset, data);
     }
 
+    /// The MAC may differ: a restored copy has a link of its own, whose MAC the daemon gives
+    /// this device, and tells the guest to take (`Reidentify`). Everything after it must match.
+    fn config_matches(&self, saved: &[u8], current: &[u8]) -> bool {
+        saved.len() == current.len() && saved.get(6..) == current.get(6..)
+    }
+
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // The MAC is writable only by legacy drivers (without VERSION_1), which are refused.
     }

@@ -917,3 +917,18 @@ fn a_bogus_available_index_with_event_idx_does_not_keep_the_device_busy() {
     assert!(!h.dev.process_tx(), "an unusable ring ends the pass");
     assert!(h.get(|m| &m.queue_errors) >= 1);
 }
+
+#[test]
+fn a_restore_may_bring_another_mac_but_nothing_else_may_differ() {
+    let (tx, _rx) = std::sync::mpsc::channel();
+    let wake = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let f = NetFrontend::new([2, 0, 0, 0, 0, 7], tx, wake);
+    let mut current = [0u8; 16];
+    f.read_config(0, &mut current);
+    let mut saved = current;
+    saved[..6].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+    assert!(f.config_matches(&saved, &current));
+    saved[8] = 1;
+    assert!(!f.config_matches(&saved, &current));
+    assert!(!f.config_matches(&saved[..15], &current));
+}
