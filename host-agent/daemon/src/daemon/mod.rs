@@ -888,7 +888,7 @@ impl Daemon {
         let mut made: Vec<Arc<Vm>> = Vec::new();
         let mut failure = None;
         for _ in 0..n {
-            match self.restore(&name, false).await {
+            match self.restore_copy(&name, false, RestoreKind::Fork).await {
                 Ok(vm) => made.push(vm),
                 Err(e) => {
                     failure = Some(e);
@@ -932,6 +932,18 @@ impl Daemon {
         name: &str,
         paused: bool,
     ) -> Result<Arc<Vm>, RestoreError> {
+        self.restore_copy(name, paused, RestoreKind::Restore).await
+    }
+
+    /// [`Self::restore`], for a restore or one copy of a fork. A fork's copies forward no host
+    /// ports: the parent still holds them, and a port has one listener. A restore keeps the
+    /// snapshot's, and fails with the port's error when one is taken.
+    async fn restore_copy(
+        self: &Arc<Self>,
+        name: &str,
+        paused: bool,
+        kind: RestoreKind,
+    ) -> Result<Arc<Vm>, RestoreError> {
         let asked = std::time::Instant::now();
         let meta = self.snapshots.meta(name)?;
         self.limits
@@ -962,7 +974,11 @@ impl Daemon {
                 return Err(e.into());
             }
         };
-        let mut record = VmRecord::new(id.clone(), meta.spec.clone(), state::now_unix_ms());
+        let mut spec = meta.spec.clone();
+        if kind == RestoreKind::Fork {
+            spec.ports.clear();
+        }
+        let mut record = VmRecord::new(id.clone(), spec, state::now_unix_ms());
         record.image = image;
         record.boot_id = meta.boot_id.clone();
         record.agent_sent = meta.agent_sent;
@@ -1673,6 +1689,13 @@ pub fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
     // VM tasks may still be waiting on sockets; do not wait for them.
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+/// What a restored VM is: a restore of a snapshot, or one copy of a fork.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestoreKind {
+    Restore,
+    Fork,
 }
 
 #[cfg(test)]
