@@ -4,7 +4,8 @@
 //! address, domain fronting (the allowed address with another server name), DNS at another
 //! server, the metadata address, the host's own address and the gateway's other ports. Another
 //! VM reaches the first only when both profiles name each other (`[network] peers`); one with
-//! the first one's own profile is refused. A host port forwarded with `-p` reaches
+//! the first one's own profile is refused. A fork of the agent gets an address of its own,
+//! where a peer reaches it. A host port forwarded with `-p` reaches
 //! the agent's own server. The audit log names the refused name, the reset connections and
 //! the firewall's refusals (rule, address, port), and `nanoclaw inspect` shows the firewall's counts. A VM whose
 //! profile allows nothing has no network device.
@@ -242,8 +243,7 @@ try:
     print("NEIGHBOUR OPEN", got.split(b"\r\n\r\n")[-1])
 except OSError as e:
     print(f"NEIGHBOUR REFUSED {time.monotonic() - t:.2f} {e}")
-"#
-    .replace("FIRST", &first);
+"#;
     let peer_profile = w.join("peer.toml");
     std::fs::write(
         &peer_profile,
@@ -251,7 +251,8 @@ except OSError as e:
     )
     .unwrap();
     let peer_arg = peer_profile.to_string_lossy().into_owned();
-    let neighbour = |profile: &str| {
+    let neighbour = |profile: &str, at: &str| {
+        let probe = probe.replace("FIRST", at);
         let out = d
             .nanoclaw(&[
                 "run",
@@ -268,18 +269,37 @@ except OSError as e:
             .expect("nanoclaw run");
         text(&out.stdout)
     };
-    let peer = neighbour(&peer_arg);
+    let peer = neighbour(&peer_arg, &first);
     assert!(
         peer.contains("NEIGHBOUR OPEN") && peer.contains("inbound to the agent from"),
         "a peer named both ways did not reach the first VM: {peer}\n{}",
         d.records()
     );
-    let stranger = neighbour(&profile_arg);
+    let stranger = neighbour(&profile_arg, &first);
     assert!(
         stranger.contains("NEIGHBOUR REFUSED"),
         "a VM reached another that does not name it: {stranger}\n{}",
         d.records()
     );
+    // A copy (a fork) gets a link of its own, and its sidecar moves the guest's interface there
+    // before the agent goes on: a peer reaches the copy's server at the copy's address.
+    let out = d.cli(&["fork", &id, "-n", "1"]);
+    assert!(
+        out.status.success(),
+        "fork: {}\n{}",
+        text(&out.stderr),
+        d.records()
+    );
+    let copy = text(&out.stdout).trim().to_owned();
+    let copy_addr = d.vm(&copy).network.expect("the copy's network").address;
+    assert_ne!(copy_addr, first, "the copy kept its parent's address");
+    let reached = neighbour(&peer_arg, &copy_addr);
+    assert!(
+        reached.contains("NEIGHBOUR OPEN") && reached.contains("inbound to the agent from"),
+        "a peer did not reach the forked copy at its own address: {reached}\n{}",
+        d.records()
+    );
+    d.cli(&["stop", &copy]);
     d.cli(&["stop", &id]);
     let audit =
         std::fs::read_to_string(d.state_dir().join(nanoclaw_api::AUDIT_FILE)).unwrap_or_default();
