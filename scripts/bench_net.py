@@ -24,11 +24,11 @@ Then the guest resets, and the VMM exits.
 
 import argparse
 import os
-import select
 import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 
 MARKER = b"NANOCLAW-NET-READY"
@@ -38,6 +38,7 @@ TIMEOUT = 300.0
 H2G_PORT = 5002
 G2H_PORT = 5001
 CHUNK = 256 * 1024
+STALL = 30.0
 
 
 def ours(args, kernel, vm_dir, tap, mac, extra):
@@ -75,42 +76,61 @@ def make_tap(name, host_ip):
 
 
 class Guest:
-    """A VMM process whose console is read until the ready marker."""
+    """A VMM process whose console a thread reads all along (a console nobody reads would fill
+    its pipe and stop the guest at its next write)."""
 
-    def __init__(self, cmd):
+    def __init__(self, cmd, vm_dir):
+        self.vm_dir = vm_dir
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         self.console = b""
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read_all, daemon=True)
+        self.reader.start()
 
-    def _read(self, left):
-        r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
-        if not r:
-            return True
-        chunk = os.read(self.proc.stdout.fileno(), 65536)
-        if not chunk:
-            return False
-        self.console = (self.console + chunk)[-65536:]
-        return True
+    def _read_all(self):
+        fd = self.proc.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            with self.lock:
+                self.console = (self.console + chunk)[-262144:]
+
+    def text(self):
+        with self.lock:
+            return self.console.decode(errors="replace")
 
     def wait_ready(self, deadline):
-        while MARKER not in self.console:
-            if time.monotonic() > deadline or not self._read(deadline - time.monotonic()):
+        while MARKER.decode() not in self.text():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.fail("no ready marker")
+            time.sleep(0.02)
 
     def wait_exit(self, deadline):
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            if not self._read(min(1.0, deadline - time.monotonic())):
-                break
         try:
-            return self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            code = self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.fail("did not exit after the transfers")
+        self.reader.join(timeout=10)
+        return code
 
     def fail(self, why):
-        self.proc.kill()
-        self.proc.wait()
-        tail = self.console.decode(errors="replace").splitlines()[-30:]
-        raise RuntimeError(f"{why}; console tail:\n  " + "\n  ".join(tail))
+        # SIGTERM first: our VMM then writes exit.json, with the device's counters.
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=10)
+        tail = self.text().splitlines()[-40:]
+        exit_json = os.path.join(self.vm_dir, "exit.json")
+        counters = ""
+        if os.path.exists(exit_json):
+            with open(exit_json) as f:
+                counters = "\nexit.json: " + f.read()
+        raise RuntimeError(f"{why}; console tail:\n  " + "\n  ".join(tail) + counters)
 
 
 def connect_retry(addr, deadline):
@@ -132,7 +152,9 @@ def one_round(args, kernel, build, tap, host_ip, guest_ip, mac):
         listener.bind((host_ip, G2H_PORT))
         listener.listen(1)
         extra = f"nanoclaw.net={guest_ip},{host_ip},{args.mib}"
-        guest = Guest(build(args, kernel, d, tap, mac, extra))
+        if args.verbose:
+            extra += " nanoclaw.net_verbose"
+        guest = Guest(build(args, kernel, d, tap, mac, extra), d)
         deadline = time.monotonic() + TIMEOUT
         guest.wait_ready(deadline)
 
@@ -159,20 +181,26 @@ def one_round(args, kernel, build, tap, host_ip, guest_ip, mac):
 
         # guest -> host
         with conn:
-            conn.settimeout(max(1.0, deadline - time.monotonic()))
+            # A stream that stops for STALL seconds has stalled: fail with the guest's view.
+            conn.settimeout(STALL)
             got = 0
             t1 = time.monotonic()
             while True:
-                chunk = conn.recv(CHUNK)
+                try:
+                    chunk = conn.recv(CHUNK)
+                except socket.timeout:
+                    guest.fail(f"guest->host stalled after {got} bytes")
                 if not chunk:
                     break
                 got += len(chunk)
+                if time.monotonic() > deadline:
+                    guest.fail(f"guest->host still running at the deadline, {got} bytes")
             g2h = time.monotonic() - t1
         if got != total:
             guest.fail(f"guest->host carried {got} bytes, not {total}")
         guest.wait_exit(deadline)
     if args.verbose:
-        text = guest.console.decode(errors="replace")
+        text = guest.text()
         if "NANOCLAW-NET-STATS" in text:
             stats = text.split("NANOCLAW-NET-STATS", 1)[1].split("NANOCLAW-NET-END", 1)[0]
             keep = [l for l in stats.splitlines()
@@ -189,6 +217,9 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--only", help="one VMM: ours, qemu or qemu-nooffload")
+    p.add_argument("--keep-going", action="store_true",
+                   help="count a boot that fails and go on, instead of stopping")
     p.add_argument("--vmm", required=True)
     p.add_argument("--kernel", required=True)
     p.add_argument("--initrd", required=True)
@@ -197,16 +228,31 @@ def main():
     vmms = [("ours", ours, "nbt0", "10.77.0"),
             ("qemu", qemu_with(True), "nbt1", "10.77.1"),
             ("qemu-nooffload", qemu_with(False), "nbt2", "10.77.2")]
+    if args.only:
+        vmms = [v for v in vmms if v[0] == args.only]
+        if not vmms:
+            p.error(f"--only: no VMM named {args.only}")
     for _, _, tap, net in vmms:
         make_tap(tap, f"{net}.1")
     print(f"bench-net: {args.runs} interleaved rounds of {args.mib} MiB each way, {MEM_MIB} MiB "
           "guest, 1 vCPU; QEMU microvm virtio-net-device, vhost=off", flush=True)
     figures = {name: ([], []) for name, *_ in vmms}
+    failed = {name: 0 for name, *_ in vmms}
     try:
         for r in range(args.runs + 1):  # round 0 warms up (page cache, first VM) and is dropped
             for name, build, tap, net in vmms:
-                h2g, g2h = one_round(args, args.kernel, build, tap, f"{net}.1", f"{net}.2",
-                                     "02:00:00:00:00:07")
+                try:
+                    h2g, g2h = one_round(args, args.kernel, build, tap, f"{net}.1",
+                                         f"{net}.2", "02:00:00:00:00:07")
+                except RuntimeError as e:
+                    if not args.keep_going:
+                        raise
+                    failed[name] += 1
+                    print(f"  {name}: boot failed: {str(e).splitlines()[0]}", flush=True)
+                    tail = [l for l in str(e).splitlines() if "KVM_EXIT" in l or "exit.json" in l]
+                    for line in tail:
+                        print(f"    {line[:300]}", flush=True)
+                    continue
                 tag = "warm-up" if r == 0 else f"round {r}"
                 print(f"  {tag:8} {name:15} host->guest {h2g:7.1f} MB/s   "
                       f"guest->host {g2h:7.1f} MB/s", flush=True)
@@ -216,15 +262,21 @@ def main():
     finally:
         for _, _, tap, _ in vmms:
             subprocess.run(["ip", "link", "del", tap], stderr=subprocess.DEVNULL)
-    med = {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in figures.items()}
+    for n, count in failed.items():
+        if count:
+            print(f"{n}: {count} boot(s) failed (left out of the medians)")
+    med = {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in figures.items() if a}
+    if len(med) < len(figures):
+        print("no figures for: " + ", ".join(n for n in figures if n not in med))
+        return 1
     print("medians:")
     for n, (a, b) in med.items():
         print(f"  {n:15} host->guest {a:7.1f} MB/s   guest->host {b:7.1f} MB/s")
     print("ratios ours/QEMU (target >= 0.8):")
-    for q in ("qemu", "qemu-nooffload"):
+    for q in [q for q in ("qemu", "qemu-nooffload") if q in med and "ours" in med]:
         print(f"  ours/{q:15} host->guest {med['ours'][0] / med[q][0]:.2f}   "
               f"guest->host {med['ours'][1] / med[q][1]:.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
