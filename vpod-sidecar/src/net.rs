@@ -164,6 +164,28 @@ pub fn reconfigure(net: &GuestNetwork) -> Result<String, NetError> {
     Ok(iface)
 }
 
+/// Reads `iface`'s flags and writes back `change(flags)`. On failure, what failed: reading
+/// the flags, or `set_what`.
+fn change_flags(
+    fd: std::os::fd::RawFd,
+    iface: &str,
+    set_what: &'static str,
+    change: impl FnOnce(libc::c_short) -> libc::c_short,
+) -> Result<(), (&'static str, Errno)> {
+    let mut req = ifreq(iface);
+    // SAFETY: `fd` is an open socket; `req` is a valid, NUL-terminated ifreq that
+    // SIOCGIFFLAGS fills in; it outlives the call.
+    Errno::result(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) })
+        .map_err(|e| ("read the flags", e))?;
+    // SAFETY: SIOCGIFFLAGS just filled the `ifru_flags` member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = change(flags);
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    Errno::result(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) })
+        .map_err(|e| (set_what, e))?;
+    Ok(())
+}
+
 /// Gives `iface` the address, netmask and default route of `net` and brings it up. With
 /// `restart`, takes it down first (the kernel then drops its routes) and sets its MAC.
 fn configure_interface(iface: &str, net: &GuestNetwork, restart: bool) -> Result<(), NetError> {
@@ -186,17 +208,10 @@ fn configure_interface(iface: &str, net: &GuestNetwork, restart: bool) -> Result
         }
     };
     if restart {
-        let mut req = ifreq(&iface);
-        // SAFETY: `fd` is an open socket; `req` is a valid, NUL-terminated ifreq that
-        // SIOCGIFFLAGS fills in; it outlives the call.
-        Errno::result(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) })
-            .map_err(fail("read the flags"))?;
-        // SAFETY: SIOCGIFFLAGS just filled the `ifru_flags` member of the union.
-        let flags = unsafe { req.ifr_ifru.ifru_flags };
-        req.ifr_ifru.ifru_flags = flags & !(libc::IFF_UP as libc::c_short);
-        // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
-        Errno::result(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) })
-            .map_err(fail("take down"))?;
+        change_flags(fd, &iface, "take down", |f| {
+            f & !(libc::IFF_UP as libc::c_short)
+        })
+        .map_err(|(what, e)| fail(what)(e))?;
         let mut req = ifreq(&iface);
         let mut hw = libc::sockaddr {
             sa_family: libc::ARPHRD_ETHER,
@@ -221,16 +236,10 @@ fn configure_interface(iface: &str, net: &GuestNetwork, restart: bool) -> Result
     // SAFETY: as above, with the netmask member that SIOCSIFNETMASK reads.
     Errno::result(unsafe { libc::ioctl(fd, libc::SIOCSIFNETMASK, &req) })
         .map_err(fail("set the netmask"))?;
-    let mut req = ifreq(&iface);
-    // SAFETY: as above; SIOCGIFFLAGS fills in the flags member.
-    Errno::result(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) })
-        .map_err(fail("read the flags"))?;
-    // SAFETY: SIOCGIFFLAGS just filled the `ifru_flags` member of the union.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
-    Errno::result(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) })
-        .map_err(fail("bring up"))?;
+    change_flags(fd, &iface, "bring up", |f| {
+        f | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short
+    })
+    .map_err(|(what, e)| fail(what)(e))?;
     let mut dev: Vec<libc::c_char> = iface.bytes().map(|b| b as libc::c_char).collect();
     dev.push(0);
     let mut route = RtEntry {
