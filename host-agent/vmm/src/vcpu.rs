@@ -377,6 +377,7 @@ impl VcpuRunner {
                 // the i8042 device reports itself, so this is a guest that crashed hard.
                 tracing::warn!(
                     cpu,
+                    state = %self.fault_state(),
                     "KVM_EXIT_SHUTDOWN: the guest triple-faulted; ending it as a reset"
                 );
                 Step::End(VmEvent::Reset)
@@ -415,6 +416,52 @@ impl VcpuRunner {
                 detail: format!("KVM_RUN failed: {e}"),
             }),
         }
+    }
+
+    /// The registers that say where and how a guest crashed (read once, as the VM ends), for
+    /// the triple-fault warning: the instruction and stack pointers, the control registers, the
+    /// descriptor tables and any exception KVM still holds.
+    fn fault_state(&self) -> String {
+        let regs = match self.vcpu.get_regs() {
+            Ok(r) => r,
+            Err(e) => return format!("registers unreadable: {e}"),
+        };
+        let mut out = format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rdi={:#x}",
+            regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rdi
+        );
+        if let Ok(s) = self.vcpu.get_sregs() {
+            out.push_str(&format!(
+                " cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} ss={:#x} \
+                 idt={:#x}/{:#x} gdt={:#x}/{:#x} tr={:#x}@{:#x}",
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.ss.selector,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit,
+                s.tr.selector,
+                s.tr.base
+            ));
+        }
+        if let Ok(ev) = self.vcpu.get_vcpu_events() {
+            out.push_str(&format!(
+                " exception={}/{}/{:#x} interrupt={}/{} nmi={}/{}",
+                ev.exception.injected,
+                ev.exception.nr,
+                ev.exception.error_code,
+                ev.interrupt.injected,
+                ev.interrupt.nr,
+                ev.nmi.injected,
+                ev.nmi.pending
+            ));
+        }
+        out
     }
 
     fn internal_suberror(&mut self) -> u32 {
