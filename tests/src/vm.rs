@@ -109,6 +109,31 @@ pub struct TestVm {
     started: Instant,
 }
 
+/// With `NANOCLAW_PIN_VMM_CPUS` set (as `scripts/nested-run` sets it in a software-emulated
+/// L1), the `--cpus` list for the next VM: one CPU in turn for a one-vCPU VM, every CPU for a
+/// larger one. The daemon hands its VMMs CPUs the same way (`--pin-vmm-cpus`).
+fn pinned_cpus(vcpus: u8) -> Option<String> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let on = std::env::var("NANOCLAW_PIN_VMM_CPUS")
+        .is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false" | "no" | "off"));
+    if !on {
+        return None;
+    }
+    let n = std::thread::available_parallelism().map_or(1, usize::from);
+    if usize::from(vcpus) >= n {
+        return Some(format!("0-{}", n - 1));
+    }
+    let start = NEXT.fetch_add(usize::from(vcpus), std::sync::atomic::Ordering::Relaxed);
+    let mut cpus: Vec<usize> = (0..usize::from(vcpus)).map(|i| (start + i) % n).collect();
+    cpus.sort_unstable();
+    Some(
+        cpus.iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
 impl TestVm {
     /// Boots a VM as `spec` says. Returns once the VMM process is running.
     pub fn boot(spec: &VmSpec) -> Result<Self> {
@@ -135,6 +160,9 @@ impl TestVm {
             .stdin(Stdio::null());
         if let Some(extra) = &spec.cmdline_extra {
             cmd.args(["--cmdline-extra", extra]);
+        }
+        if let Some(cpus) = pinned_cpus(spec.vcpus) {
+            cmd.args(["--cpus", &cpus]);
         }
         cmd.args(&spec.vmm_args);
         let child = cmd

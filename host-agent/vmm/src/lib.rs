@@ -25,9 +25,11 @@
 //! - [`snapshot`]: saving a paused VM's vCPUs, irqchip, clock and memory, and restoring them.
 //! - [`seccomp`]: the per-thread syscall allowlists and the `SIGSYS` handler that reports a
 //!   forbidden call.
+//! - [`affinity`]: `--cpus`, the host CPUs every VMM thread is kept on.
 //! - [`log_limit`]: per-site rate limiting of every log line, the dependencies' included.
 //! - [`machine`]: [`Vmm`], which puts the parts together.
 
+pub mod affinity;
 pub mod boot;
 pub mod console;
 pub mod control;

@@ -60,6 +60,10 @@ struct VmmArgs {
     /// (unicast, e.g. 02:00:00:00:00:01).
     #[arg(long, value_name = "tap=NAME,mac=MAC")]
     net: Option<NetConfig>,
+    /// Keep every VMM thread on these host CPUs (`0`, `0-3`, `0,2`): set before any thread
+    /// starts, and not changeable afterwards (see the `affinity` module).
+    #[arg(long, value_name = "LIST")]
+    cpus: Option<vmm::affinity::CpuList>,
     /// Run jailed as this uid (needs root to start; see the `jail` module). With `--jail-gid`.
     #[arg(long, requires = "jail_gid")]
     jail_uid: Option<u32>,
@@ -176,6 +180,13 @@ fn main() -> ExitCode {
         .with(RateLimited::new(lines))
         .init();
 
+    // Before any thread starts, so that every one inherits the mask.
+    if let Some(cpus) = args.cpus.take()
+        && let Err(e) = cpus.apply()
+    {
+        let _ = writeln!(std::io::stderr(), "nanoclaw-vmm: error: {e}");
+        return ExitCode::from(vmm::exit::SETUP_ERROR_EXIT_CODE as u8);
+    }
     let jail = args.jail();
     let probes = std::mem::take(&mut args.jail_probes);
     let mut config = args.into_config();
@@ -310,6 +321,16 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn the_cpus_option_takes_a_kernel_cpu_list() {
+        let args = parse(&["--cpus", "0,2-3"]).unwrap();
+        assert_eq!(args.cpus.unwrap().cpus(), &[0, 2, 3]);
+        assert!(parse(&[]).unwrap().cpus.is_none());
+        let err = parse(&["--cpus", "3-1"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("below its start"), "{err}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod files;
 pub mod gateways;
 pub mod images;
 pub mod jail;
+pub mod pinning;
 pub mod ratelimit;
 pub mod routes;
 pub mod snapshots;
@@ -75,6 +76,9 @@ pub enum DaemonError {
     /// The jail's settings are unusable.
     #[error("jail")]
     Jail(#[source] jail::JailError),
+    /// `--pin-vmm-cpus` found no CPU to hand out.
+    #[error("--pin-vmm-cpus")]
+    Pin(#[source] pinning::PinError),
     /// Neither `--kernel`/`--initrd` nor `--guest-manifest` was given.
     #[error("no guest image: pass --kernel and --initrd, or --guest-manifest")]
     NoGuestImage,
@@ -261,6 +265,10 @@ pub struct ServeArgs {
     /// does where the host allows user namespaces, `on` refuses to start otherwise.
     #[arg(long, value_enum, default_value_t = jail::UserNsMode::Auto)]
     pub jail_userns: jail::UserNsMode,
+    /// Keep each VMM on host CPUs of its own, as many as it has vCPUs, handed out in turn
+    /// from the daemon's own CPUs (see `daemon::pinning`). Off by default.
+    #[arg(long, env = "NANOCLAW_PIN_VMM_CPUS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub pin_vmm_cpus: bool,
     /// The first uid (and gid) given to a jailed VMM; each running VM has its own.
     #[arg(long, default_value_t = 1_000_000_000)]
     pub jail_uid_base: u32,
@@ -1470,6 +1478,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             .with_file_name(VMM_BIN_NAME),
     };
     raise_open_file_limit();
+    let pin = if args.pin_vmm_cpus {
+        let pinner = pinning::CpuPinner::from_own_affinity().map_err(DaemonError::Pin)?;
+        tracing::info!("each VMM is kept on host CPUs of its own (--pin-vmm-cpus)");
+        Some(Arc::new(pinner))
+    } else {
+        None
+    };
     let jail = jail::JailSettings::new(
         args.jail,
         args.jail_uid_base,
@@ -1580,6 +1595,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             kernel,
             initrd,
             jail,
+            pin,
         },
         overlay: args.overlay_prefix,
         egress_dns: match args.egress_dns {
@@ -1737,6 +1753,23 @@ mod tests {
         assert!(
             Cli::try_parse_from(base.iter().chain(&["--overlay-prefix", "10.0.0.1/16"])).is_err()
         );
+    }
+
+    #[test]
+    fn pinning_is_off_unless_asked_for() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let base = ["host-agent", "--kernel", "k", "--initrd", "i"];
+        // The environment may ask for it (scripts/nested-run does); the flag always does.
+        let cli = Cli::try_parse_from(base.iter().chain(&["--pin-vmm-cpus"])).unwrap();
+        assert!(cli.serve.pin_vmm_cpus);
+        if std::env::var_os("NANOCLAW_PIN_VMM_CPUS").is_none() {
+            assert!(!Cli::try_parse_from(base).unwrap().serve.pin_vmm_cpus);
+        }
     }
 
     /// VMs as the daemon lists them: `(id, status, parent, detached)`.

@@ -148,6 +148,8 @@ pub struct VmmLaunch {
     pub initrd: PathBuf,
     /// The jail's settings, when VMMs are jailed.
     pub jail: Option<super::jail::JailSettings>,
+    /// Who hands each VMM its host CPUs, with `--pin-vmm-cpus`.
+    pub pin: Option<Arc<super::pinning::CpuPinner>>,
 }
 
 impl VmmLaunch {
@@ -759,6 +761,9 @@ impl Vm {
                 crate::net::netns::TAP_NAME,
                 link.mac_string()
             ));
+        }
+        if let Some(pin) = &launch.pin {
+            cmd.arg("--cpus").arg(pin.next_list(spec.vcpus));
         }
         cmd.arg("--vm-dir")
             .arg(&self.vmm_dir)
@@ -1652,16 +1657,25 @@ printf '%s\\n' \"$@\" > {}\n",
             )
             .unwrap();
             std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // The networked one is also pinned.
+            let pin =
+                net.map(|_| Arc::new(super::super::pinning::CpuPinner::new(vec![5]).unwrap()));
             let launch = VmmLaunch {
                 bin,
                 kernel: "k".into(),
                 initrd: "i".into(),
                 jail: None,
+                pin,
             };
             let child = vm.spawn_vmm(&launch).unwrap();
             Arc::clone(&vm).watch_child(child).await;
             let args = std::fs::read_to_string(&out).unwrap();
             let args: Vec<&str> = args.lines().collect();
+            let cpus_at = args.iter().position(|a| *a == "--cpus");
+            match net {
+                None => assert_eq!(cpus_at, None, "{args:?}"),
+                Some(_) => assert_eq!(cpus_at.map(|at| args[at + 1]), Some("5"), "{args:?}"),
+            }
             let net_at = args.iter().position(|a| *a == "--net");
             match net {
                 None => assert_eq!(net_at, None, "{args:?}"),
@@ -1687,6 +1701,7 @@ printf '%s\\n' \"$@\" > {}\n",
             kernel: "k".into(),
             initrd: "i".into(),
             jail: None,
+            pin: None,
         };
         let child = vm.spawn_vmm(&launch).unwrap();
         Arc::clone(&vm).watch_child(child).await;
