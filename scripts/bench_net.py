@@ -24,6 +24,7 @@ Then the guest resets, and the VMM exits.
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -41,11 +42,16 @@ CHUNK = 256 * 1024
 STALL = 30.0
 
 
+# In a software-emulated L1 (scripts/nested-run sets NANOCLAW_PIN_VMM_CPUS=1) both VMMs are
+# kept on L1 CPU 0: unpinned, nested guests there die under this load (see scripts/nested-run).
+PIN = os.environ.get("NANOCLAW_PIN_VMM_CPUS", "") not in ("", "0", "false", "no", "off")
+
+
 def ours(args, kernel, vm_dir, tap, mac, extra):
     return [args.vmm, "--kernel", kernel, "--initrd", args.initrd,
             "--vm-dir", vm_dir, "--memory-mib", str(MEM_MIB), "--vcpus", "1",
             "--console", "-", "--net", f"tap={tap},mac={mac}",
-            "--cmdline-extra", (CMDLINE + " " + extra).strip()]
+            "--cmdline-extra", (CMDLINE + " " + extra).strip()] + (["--cpus", "0"] if PIN else [])
 
 
 def qemu_with(offloads):
@@ -54,7 +60,9 @@ def qemu_with(offloads):
         "guest_ufo=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off,mrg_rxbuf=off")
 
     def build(args, kernel, _vm_dir, tap, mac, extra):
-        return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+        pin = ["taskset", "-c", "0"] if PIN else []
+        return pin + [
+                "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
                 "-accel", "kvm", "-cpu", "host", "-m", str(MEM_MIB), "-smp", "1",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-serial", "stdio", "-kernel", kernel, "-initrd", args.initrd,
@@ -116,6 +124,9 @@ class Guest:
         return code
 
     def fail(self, why):
+        # What KVM does for the stuck guest (a halted vCPU waiting for an interrupt, or one that
+        # keeps exiting), before it is stopped.
+        trace = kvm_trace(2.0) if self.proc.poll() is None else ""
         # SIGTERM first: our VMM then writes exit.json, with the device's counters.
         self.proc.terminate()
         try:
@@ -130,7 +141,35 @@ class Guest:
         if os.path.exists(exit_json):
             with open(exit_json) as f:
                 counters = "\nexit.json: " + f.read()
-        raise RuntimeError(f"{why}; console tail:\n  " + "\n  ".join(tail) + counters)
+        raise RuntimeError(f"{why}; console tail:\n  " + "\n  ".join(tail) + counters + trace)
+
+
+def kvm_trace(seconds):
+    """KVM's tracepoints for `seconds`: how often each fired, and the last few. Empty when the
+    kernel has no tracefs (or this is not root)."""
+    root = "/sys/kernel/tracing"
+    try:
+        if not os.path.exists(os.path.join(root, "events")):
+            subprocess.run(["mount", "-t", "tracefs", "tracefs", root], capture_output=True)
+        with open(os.path.join(root, "trace"), "w") as f:
+            f.write("")
+        with open(os.path.join(root, "events/kvm/enable"), "w") as f:
+            f.write("1")
+        time.sleep(seconds)
+        with open(os.path.join(root, "events/kvm/enable"), "w") as f:
+            f.write("0")
+        with open(os.path.join(root, "trace")) as f:
+            lines = [l for l in f.read().splitlines() if not l.startswith("#")]
+    except OSError as e:
+        return f"\nkvm trace: unavailable ({e})"
+    counts = {}
+    for l in lines:
+        m = re.search(r"\s(kvm_[a-z_0-9]+):", l)
+        if m:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"\nkvm trace over {seconds:.0f} s: {len(lines)} events ({summary or 'none'})\n  "
+            + "\n  ".join(lines[-40:]))
 
 
 def connect_retry(addr, deadline):
@@ -235,7 +274,8 @@ def main():
     for _, _, tap, net in vmms:
         make_tap(tap, f"{net}.1")
     print(f"bench-net: {args.runs} interleaved rounds of {args.mib} MiB each way, {MEM_MIB} MiB "
-          "guest, 1 vCPU; QEMU microvm virtio-net-device, vhost=off", flush=True)
+          "guest, 1 vCPU; QEMU microvm virtio-net-device, vhost=off"
+          + ("; each VMM kept on CPU 0" if PIN else ""), flush=True)
     figures = {name: ([], []) for name, *_ in vmms}
     failed = {name: 0 for name, *_ in vmms}
     try:
@@ -249,9 +289,13 @@ def main():
                         raise
                     failed[name] += 1
                     print(f"  {name}: boot failed: {str(e).splitlines()[0]}", flush=True)
-                    tail = [l for l in str(e).splitlines() if "KVM_EXIT" in l or "exit.json" in l]
+                    text = str(e)
+                    tail = [l for l in text.splitlines() if "KVM_EXIT" in l or "exit.json" in l]
                     for line in tail:
                         print(f"    {line[:300]}", flush=True)
+                    if "kvm trace" in text:
+                        print("    " + text[text.index("kvm trace"):].replace("\n", "\n    "),
+                              flush=True)
                     continue
                 tag = "warm-up" if r == 0 else f"round {r}"
                 print(f"  {tag:8} {name:15} host->guest {h2g:7.1f} MB/s   "
