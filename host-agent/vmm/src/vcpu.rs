@@ -421,12 +421,22 @@ impl VcpuRunner {
     /// The registers that say where and how a guest crashed (read once, as the VM ends), for
     /// the triple-fault warning: the instruction and stack pointers, the control registers, the
     /// descriptor tables and any exception KVM still holds.
+    ///
+    /// On Intel, KVM leaves the registers as they were at the fault. On AMD it resets the vCPU
+    /// as it reports the shutdown, so they read as the reset state (`rip=0xfff0`, `cs=0xf000`);
+    /// the warning says so, and only the last exception's vector and error code are left.
     fn fault_state(&self) -> String {
         let regs = match self.vcpu.get_regs() {
             Ok(r) => r,
             Err(e) => return format!("registers unreadable: {e}"),
         };
-        let mut out = format!(
+        let reset =
+            regs.rip == 0xfff0 && self.vcpu.get_sregs().is_ok_and(|s| s.cs.selector == 0xf000);
+        let mut out = String::new();
+        if reset {
+            out.push_str("(registers already reset by KVM) ");
+        }
+        out += &format!(
             "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rdi={:#x}",
             regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rdi
         );
