@@ -168,8 +168,15 @@ def kvm_trace(seconds):
         if m:
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    # The last line of each kind (exit reasons, fault addresses and injected vectors show
+    # there), then the last lines in order.
+    last = {}
+    for l in lines:
+        m = re.search(r"\s(kvm_[a-z_0-9]+):", l)
+        if m:
+            last[m.group(1)] = l.strip()
     return (f"\nkvm trace over {seconds:.0f} s: {len(lines)} events ({summary or 'none'})\n  "
-            + "\n  ".join(lines[-40:]))
+            + "\n  ".join(last.values()) + "\n  last lines:\n  " + "\n  ".join(lines[-20:]))
 
 
 def connect_retry(addr, deadline):
