@@ -33,11 +33,7 @@ import threading
 import time
 
 MARKER = b"NANOCLAW-NET-READY"
-# mitigations=off, for both VMMs' guests: in a software-emulated L1, a guest whose kernel keeps
-# its speculation mitigations on dies under this load now and then, whatever its VMM (with ours,
-# 7 of 9 boots; with them off, 0 of 6). See docs/design.md, "Tests: tiers, and why end-to-end
-# runs nested".
-CMDLINE = "quiet reboot=t panic=-1 random.trust_cpu=on mitigations=off"
+CMDLINE = "quiet reboot=t panic=-1 random.trust_cpu=on"
 MEM_MIB = 256
 TIMEOUT = 300.0
 H2G_PORT = 5002
@@ -46,7 +42,8 @@ CHUNK = 256 * 1024
 STALL = 30.0
 
 
-# With NANOCLAW_PIN_VMM_CPUS=1 both VMMs are kept on CPU 0 (the host side runs where it likes).
+# With NANOCLAW_PIN_VMM_CPUS=1 (scripts/bench-net's default) both VMMs are kept on CPU 0; the
+# host side runs where it likes.
 PIN = os.environ.get("NANOCLAW_PIN_VMM_CPUS", "") not in ("", "0", "false", "no", "off")
 
 
@@ -284,7 +281,7 @@ def main():
     for _, _, tap, net in vmms:
         make_tap(tap, f"{net}.1")
     print(f"bench-net: {args.runs} interleaved rounds of {args.mib} MiB each way, {MEM_MIB} MiB "
-          "guest, 1 vCPU, mitigations=off; QEMU microvm virtio-net-device, vhost=off"
+          "guest, 1 vCPU; QEMU microvm virtio-net-device, vhost=off"
           + ("; each VMM kept on CPU 0" if PIN else ""), flush=True)
     figures = {name: ([], []) for name, *_ in vmms}
     failed = {name: 0 for name, *_ in vmms}

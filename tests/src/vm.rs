@@ -109,8 +109,8 @@ pub struct TestVm {
     started: Instant,
 }
 
-/// With `NANOCLAW_PIN_VMM_CPUS` set (as `scripts/nested-run` sets it in a software-emulated
-/// L1), the `--cpus` list for the next VM: one CPU in turn for a one-vCPU VM, every CPU for a
+/// With `NANOCLAW_PIN_VMM_CPUS` set (for instance `NANOCLAW_PIN_VMM_CPUS=1 scripts/e2e`, which
+/// passes it into L1), the `--cpus` list for the next VM: one CPU in turn for a one-vCPU VM, every CPU for a
 /// larger one. The daemon hands its VMMs CPUs the same way (`--pin-vmm-cpus`).
 fn pinned_cpus(vcpus: u8) -> Option<String> {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

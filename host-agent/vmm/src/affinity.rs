@@ -7,9 +7,9 @@
 //!
 //! Why an operator pins: a VM kept on its own cores has no noisy neighbour in the cache and no
 //! cross-core wake-ups between its vCPU and its device threads. Our nested test machines need
-//! it more: under a software-emulated (TCG) L1, a running L2 vCPU thread that is kicked from, or
-//! moved to, another L1 CPU sometimes crashes the L2 guest or L1's own kernel
-//! (`docs/design.md`, "Tests: tiers, and why end-to-end runs nested").
+//! it more: under a software-emulated (TCG) L1, guests of a VMM free to move between L1's CPUs
+//! crash far more often under load than those of a pinned one (`docs/design.md`, "Tests: tiers,
+//! and why end-to-end runs nested").
 //!
 //! The list syntax is the kernel's (`cpuset(7)`): `0`, `0-3`, `0,2,4-5`.
 

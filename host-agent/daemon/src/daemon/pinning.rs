@@ -6,10 +6,10 @@
 //! which VMs have ended, so after many starts and stops two busy VMs can share a CPU while
 //! another idles; an operator who needs more places VMs with cgroup cpusets instead.
 //!
-//! Off by default. It is on in our nested test machine (`NANOCLAW_PIN_VMM_CPUS=1`, which
-//! `scripts/nested-run` sets in a software-emulated L1), where a vCPU thread that moves between
-//! L1 CPUs, or is kicked from another one, now and then crashes its guest or L1 itself (see
-//! `docs/design.md`, "Tests: tiers, and why end-to-end runs nested").
+//! Off by default. Our software-emulated test machine (L1) is where it was first needed: there,
+//! guests of VMMs free to move between L1's CPUs crash far more often under load (see
+//! `docs/design.md`, "Tests: tiers, and why end-to-end runs nested"), and `scripts/bench-net`
+//! sets `NANOCLAW_PIN_VMM_CPUS=1`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
