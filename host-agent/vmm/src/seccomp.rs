@@ -869,6 +869,8 @@ mod tests {
             }
             assert!(!has(TEST_FORBIDDEN_SYSCALL), "{}", kind.name());
             assert!(!has(Sysno::execve), "{}", kind.name());
+            // `--cpus` holds: no thread may move itself (or another) to other CPUs.
+            assert!(!has(Sysno::sched_setaffinity), "{}", kind.name());
             // Sorted by name, each call once.
             let names: Vec<_> = list.iter().map(|a| a.sysno.name()).collect();
             let mut sorted = names.clone();
