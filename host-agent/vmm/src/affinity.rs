@@ -89,24 +89,26 @@ impl FromStr for CpuList {
             }
             Ok(n)
         };
-        let mut cpus = Vec::new();
+        // A mark per CPU: however long the list, or however often it repeats a range, the set
+        // stays this size.
+        let mut chosen = [false; MAX_CPUS];
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            match item.split_once('-') {
-                Some((low, high)) => {
-                    let (low, high) = (number(item, low)?, number(item, high)?);
-                    if high < low {
-                        return Err(AffinityError::Backwards(item.to_string()));
-                    }
-                    cpus.extend(low..=high);
+            let (low, high) = match item.split_once('-') {
+                Some((low, high)) => (number(item, low)?, number(item, high)?),
+                None => {
+                    let cpu = number(item, item)?;
+                    (cpu, cpu)
                 }
-                None => cpus.push(number(item, item)?),
+            };
+            if high < low {
+                return Err(AffinityError::Backwards(item.to_string()));
             }
+            chosen[low..=high].fill(true);
         }
+        let cpus: Vec<usize> = (0..MAX_CPUS).filter(|&c| chosen[c]).collect();
         if cpus.is_empty() {
             return Err(AffinityError::Empty);
         }
-        cpus.sort_unstable();
-        cpus.dedup();
         Ok(CpuList(cpus))
     }
 }
