@@ -261,7 +261,14 @@ async fn python_agent_sees_permitted_tools_and_surrogates_and_denials_name_rules
         "{seen}"
     );
     assert!(!seen.contains(CARD) && !seen.contains(EMAIL), "{seen}");
-    assert!(!out[1].to_string().contains("4111 1111"), "{}", out[1]);
+    // Nowhere in the answer (its structured copy included) is a real value. A surrogate keeps
+    // the card's issuer prefix and may, by chance, repeat more of its digits.
+    let whole = out[1].to_string();
+    assert!(
+        !whole.contains(CARD) && !whole.contains(EMAIL),
+        "{}",
+        out[1]
+    );
     // Denials are MCP errors naming the rule.
     assert_eq!(out[2]["error"]["code"], DENIED);
     let m = out[2]["error"]["message"].as_str().unwrap();
