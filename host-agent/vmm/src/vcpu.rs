@@ -430,8 +430,8 @@ impl VcpuRunner {
             Ok(r) => r,
             Err(e) => return format!("registers unreadable: {e}"),
         };
-        let reset =
-            regs.rip == 0xfff0 && self.vcpu.get_sregs().is_ok_and(|s| s.cs.selector == 0xf000);
+        let sregs = self.vcpu.get_sregs().ok();
+        let reset = regs.rip == 0xfff0 && sregs.is_some_and(|s| s.cs.selector == 0xf000);
         let mut out = String::new();
         if reset {
             out.push_str("(registers already reset by KVM) ");
@@ -440,7 +440,7 @@ impl VcpuRunner {
             "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rdi={:#x}",
             regs.rip, regs.rsp, regs.rflags, regs.rax, regs.rdi
         );
-        if let Ok(s) = self.vcpu.get_sregs() {
+        if let Some(s) = sregs {
             out.push_str(&format!(
                 " cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} ss={:#x} \
                  idt={:#x}/{:#x} gdt={:#x}/{:#x} tr={:#x}@{:#x}",
