@@ -110,28 +110,20 @@ pub struct TestVm {
 }
 
 /// With `NANOCLAW_PIN_VMM_CPUS` set (for instance `NANOCLAW_PIN_VMM_CPUS=1 scripts/e2e`, which
-/// passes it into L1), the `--cpus` list for the next VM: one CPU in turn for a one-vCPU VM, every CPU for a
-/// larger one. The daemon hands its VMMs CPUs the same way (`--pin-vmm-cpus`).
+/// passes it into L1), the `--cpus` list for the next VM, handed out in turn by the daemon's own
+/// pinner (`--pin-vmm-cpus`), so test VMs and the daemon's VMs are placed alike.
 fn pinned_cpus(vcpus: u8) -> Option<String> {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static PINNER: std::sync::OnceLock<Option<host_agent::daemon::pinning::CpuPinner>> =
+        std::sync::OnceLock::new();
     let on = std::env::var("NANOCLAW_PIN_VMM_CPUS")
         .is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false" | "no" | "off"));
     if !on {
         return None;
     }
-    let n = std::thread::available_parallelism().map_or(1, usize::from);
-    if usize::from(vcpus) >= n {
-        return Some(format!("0-{}", n - 1));
-    }
-    let start = NEXT.fetch_add(usize::from(vcpus), std::sync::atomic::Ordering::Relaxed);
-    let mut cpus: Vec<usize> = (0..usize::from(vcpus)).map(|i| (start + i) % n).collect();
-    cpus.sort_unstable();
-    Some(
-        cpus.iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-    )
+    PINNER
+        .get_or_init(|| host_agent::daemon::pinning::CpuPinner::from_own_affinity().ok())
+        .as_ref()
+        .map(|pinner| pinner.next_list(vcpus))
 }
 
 impl TestVm {
