@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 
 use nanoclaw_vmm::devices::virtio::mmio::Interrupt;
-use nanoclaw_vmm::devices::virtio::net::{MAX_FRAME_LEN, MIN_FRAME_LEN, NetBackend};
+use nanoclaw_vmm::devices::virtio::net::header::{F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
+use nanoclaw_vmm::devices::virtio::net::{MAX_FRAME_LEN, MIN_FRAME_LEN, NetBackend, VNET_HDR_LEN};
 use virtio_queue::Queue;
 use virtio_queue::QueueT;
 use virtio_queue::mock::MockSplitQueue;
@@ -31,8 +32,9 @@ impl Interrupt for NoIrq {
     fn trigger(&self, _kind: u32) {}
 }
 
-/// A backend in memory: frames for the guest, and the lengths of the frames it sent (each
-/// checked against the device's bounds as it arrives).
+/// A backend in memory: packets (header and frame) for the guest, and the lengths of the frames
+/// it sent (each checked against the device's bounds, and its header against what the device
+/// lets through, as it arrives).
 #[derive(Default)]
 pub struct MemBackend {
     pub incoming: VecDeque<Vec<u8>>,
@@ -42,22 +44,34 @@ pub struct MemBackend {
 }
 
 impl NetBackend for MemBackend {
-    fn recv_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn recv_packet(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.recv_calls += 1;
-        let Some(frame) = self.incoming.pop_front() else {
+        let Some(packet) = self.incoming.pop_front() else {
             return Err(std::io::ErrorKind::WouldBlock.into());
         };
-        let n = frame.len().min(buf.len());
-        buf[..n].copy_from_slice(&frame[..n]);
+        let n = packet.len().min(buf.len());
+        buf[..n].copy_from_slice(&packet[..n]);
         Ok(n)
     }
 
-    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send_packet(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        let (header, frame) = packet
+            .split_first_chunk::<VNET_HDR_LEN>()
+            .expect("a packet starts with its header");
         assert!(
             (MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&frame.len()),
             "frame of {} bytes reached the backend",
             frame.len()
         );
+        // Only what header::check_tx lets through: NEEDS_CSUM at most, TCP segmentation at
+        // most, the checksum inside the frame, num_buffers zero.
+        assert_eq!(header[0] & !F_NEEDS_CSUM, 0, "flags {:#x}", header[0]);
+        assert!([GSO_NONE, GSO_TCPV4, GSO_TCPV6].contains(&header[1]));
+        let at = |i: usize| usize::from(u16::from_le_bytes([header[i], header[i + 1]]));
+        if header[0] & F_NEEDS_CSUM != 0 {
+            assert!(at(6) + at(8) + 2 <= frame.len());
+        }
+        assert_eq!(at(10), 0);
         if self.fail_sends {
             return Err(std::io::ErrorKind::WouldBlock.into());
         }

@@ -1,11 +1,15 @@
 //! Fuzzes the network device's receive path: a hostile guest controls the receive queue's
-//! descriptor table and available ring, and the host side sends frames of any length. The
-//! device must never panic or hang, must write no more than the header and the frame into a
-//! chain, must keep at most one frame of its own, and must return every chain it takes.
+//! descriptor table and available ring, and the host side sends packets of any length and
+//! header. The device must never panic or hang, must write no more than the header and the
+//! frame into the chains, must keep at most one packet of its own, and must return every chain
+//! it takes.
 //!
 //! Input layout (everything optional; missing bytes read as zero):
-//! - 1 byte: number of host frames (mod 9), then 3 bytes per frame: its length (little endian,
-//!   mod 70000, so some are over the 65550-byte limit).
+//! - 1 byte of switches: bit 0 negotiates mergeable receive buffers, bit 1 the receive offloads
+//!   (`GUEST_CSUM`, `GUEST_TSO4`, `GUEST_TSO6`), bit 2 `EVENT_IDX`.
+//! - 1 byte: number of host packets (mod 9), then 5 bytes per packet: the frame's length (3
+//!   bytes, little endian, mod 70000, so some are over the 65550-byte limit), then the header's
+//!   `flags` and `gso_type`.
 //! - 1 byte: number of descriptors (mod 17), then 16 bytes per descriptor
 //!   (addr u64, len u32, flags u16, next u16, little endian); addresses and lengths as in
 //!   `net_tx`.
@@ -30,15 +34,32 @@ use rings::{Input, Rings, le, write_hostile_queue};
 
 /// `VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC`.
 const FEATURES: u64 = (1 << 32) | (1 << 5);
+/// `VIRTIO_NET_F_MRG_RXBUF`.
+const MRG_RXBUF: u64 = 1 << 15;
+/// `VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6`.
+const GUEST_OFFLOADS: u64 = (1 << 1) | (1 << 7) | (1 << 8);
+/// `VIRTIO_RING_F_EVENT_IDX`.
+const EVENT_IDX: u64 = 1 << 29;
 
 fuzz_target!(|data: &[u8]| {
     let (mem, queues, [rx, _]) = net::machine();
     let mut input = Input(data);
+    let switches = input.byte();
+    let mergeable = switches & 1 != 0;
+    let features = FEATURES
+        | if mergeable { MRG_RXBUF } else { 0 }
+        | if switches & 2 != 0 { GUEST_OFFLOADS } else { 0 }
+        | if switches & 4 != 0 { EVENT_IDX } else { 0 };
     let mut backend = MemBackend::default();
     let n_frames = input.byte() % 9;
     for i in 0..n_frames {
         let len = u32::from_le_bytes(le::<4>(&input.take(3))) % 70_000;
-        backend.incoming.push_back(vec![i; len as usize]);
+        let head = input.take(2);
+        let mut packet = vec![i; VNET_HDR_LEN + len as usize];
+        packet[..VNET_HDR_LEN].fill(0);
+        packet[0] = head.first().copied().unwrap_or(0);
+        packet[1] = head.get(1).copied().unwrap_or(0);
+        backend.incoming.push_back(packet);
     }
     let rings = Rings {
         desc_table: rx.desc_table,
@@ -52,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
 
     let metrics = Arc::new(NetMetrics::default());
     let mut dev = NetDevice::new(backend, NoIrq, metrics.clone());
-    dev.activate(mem.clone(), FEATURES, queues).unwrap();
+    dev.activate(mem.clone(), features, queues).unwrap();
     // At most QSIZE chains and 8 frames: one pass ends the work, and a second takes no frame
     // from the backend when one waits for buffers.
     let first = dev.process_rx();
@@ -67,25 +88,38 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let get = |c: &std::sync::atomic::AtomicU64| NetMetrics::get(c);
-    let taken = get(&metrics.rx_frames) + get(&metrics.rx_no_room) + get(&metrics.rx_malformed);
-    assert!(taken <= u64::from(n_avail));
-    let bad_heads = heads[..taken.min(u64::from(QSIZE)) as usize]
-        .iter()
-        .filter(|&&h| h >= QSIZE)
-        .count() as u64;
     let (used_idx, entries) = net::used_entries(&mem, rx.used);
-    assert_eq!(u64::from(used_idx) + bad_heads, taken);
-    for &(_, len) in &entries {
-        assert!(
-            len == 0
-                || (len as usize > VNET_HDR_LEN && len as usize <= VNET_HDR_LEN + MAX_FRAME_LEN),
-            "used length {len}"
-        );
+    assert!(u64::from(used_idx) <= u64::from(n_avail));
+    if !mergeable {
+        // One chain per packet, or per refused chain.
+        let taken = get(&metrics.rx_frames) + get(&metrics.rx_no_room) + get(&metrics.rx_malformed);
+        assert!(taken <= u64::from(n_avail));
+        let bad_heads = heads[..taken.min(u64::from(QSIZE)) as usize]
+            .iter()
+            .filter(|&&h| h >= QSIZE)
+            .count() as u64;
+        assert_eq!(u64::from(used_idx) + bad_heads, taken);
     }
-    // Frames delivered, dropped, or waiting: never more than the host sent.
+    for &(_, len) in &entries {
+        if mergeable {
+            assert!(
+                len as usize <= VNET_HDR_LEN + MAX_FRAME_LEN,
+                "used length {len}"
+            );
+        } else {
+            assert!(
+                len == 0
+                    || (len as usize > VNET_HDR_LEN
+                        && len as usize <= VNET_HDR_LEN + MAX_FRAME_LEN),
+                "used length {len}"
+            );
+        }
+    }
+    // Packets delivered, dropped, or waiting: never more than the host sent.
     let handled = get(&metrics.rx_frames)
         + get(&metrics.rx_no_room)
         + get(&metrics.rx_oversized)
+        + get(&metrics.rx_bad_header)
         + u64::from(dev.rx_pending().is_some());
     assert!(handled <= u64::from(n_frames));
 });

@@ -4,7 +4,9 @@
 //! must hand the backend only frames of 14 to 65550 bytes.
 //!
 //! Input layout (everything optional; missing bytes read as zero):
-//! - 1 byte of switches: bit 0 the backend refuses every frame; bit 1 negotiates `EVENT_IDX`.
+//! - 1 byte of switches: bit 0 the backend refuses every frame; bit 1 negotiates `EVENT_IDX`;
+//!   bit 2 negotiates the transmit offloads (`CSUM`, `HOST_TSO4`, `HOST_TSO6`), so that the
+//!   guest's headers are checked against them.
 //! - 1 byte: number of descriptors (mod 17), then 16 bytes per descriptor
 //!   (addr u64, len u32, flags u16, next u16, little endian). Addresses and lengths with the
 //!   top bit clear are folded into the data area so most of them land in guest memory; with it
@@ -34,6 +36,8 @@ use rings::{Input, Rings, write_hostile_queue};
 const FEATURES: u64 = (1 << 32) | (1 << 5);
 /// `VIRTIO_RING_F_EVENT_IDX`.
 const EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6`.
+const HOST_OFFLOADS: u64 = (1 << 0) | (1 << 11) | (1 << 12);
 
 fuzz_target!(|data: &[u8]| {
     let (mem, queues, [_, tx]) = net::machine();
@@ -55,7 +59,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let metrics = Arc::new(NetMetrics::default());
     let mut dev = NetDevice::new(backend, NoIrq, metrics.clone());
-    let features = FEATURES | if switches & 2 != 0 { EVENT_IDX } else { 0 };
+    let features = FEATURES
+        | if switches & 2 != 0 { EVENT_IDX } else { 0 }
+        | if switches & 4 != 0 { HOST_OFFLOADS } else { 0 };
     dev.activate(mem.clone(), features, queues).unwrap();
     // At most QSIZE chains are available, so one pass serves them all; a second finds none.
     assert!(!dev.process_tx());
@@ -67,6 +73,7 @@ fuzz_target!(|data: &[u8]| {
     let taken = get(&metrics.tx_frames)
         + get(&metrics.tx_malformed)
         + get(&metrics.tx_oversized)
+        + get(&metrics.tx_bad_header)
         + get(&metrics.tx_backend_errors);
     assert!(taken <= u64::from(n_avail));
     let bad_heads = heads[..taken.min(u64::from(QSIZE)) as usize]

@@ -1,9 +1,11 @@
-//! One descriptor chain read as a transmit frame ([`read_tx_frame`]) or filled with a received
-//! frame ([`write_rx_frame`]).
+//! One descriptor chain read as a transmit packet ([`read_tx_packet`]), or filled with a received
+//! packet ([`write_rx_packet`]) or with its next part, for a packet spread over several chains
+//! ([`write_rx_part`]).
 //!
 //! A transmit chain is a stream of device-readable bytes: the 12-byte virtio-net header, then
 //! the frame, split across descriptors in any way (`VERSION_1` implies `ANY_LAYOUT`). A receive
-//! chain is a stream of device-writable bytes the header and frame are written into. Every
+//! chain is a stream of device-writable bytes the header and frame (or a part of them) are
+//! written into. Every
 //! descriptor is checked for its direction and against guest memory before a byte moves, the
 //! lengths are summed in 64 bits, and nothing is allocated: the frame goes through the caller's
 //! fixed buffer.
@@ -99,9 +101,11 @@ where
     Ok(total)
 }
 
-/// Reads the frame of a transmit chain, without its virtio-net header, into `buf` (at least
-/// [`MAX_FRAME_LEN`] bytes) and returns its length. `descs` is scratch space.
-pub fn read_tx_frame<M>(
+/// Copies a transmit chain (the 12-byte virtio-net header, then the frame) into `buf` (at least
+/// [`VNET_HDR_LEN`] + [`MAX_FRAME_LEN`] bytes) and returns its length, header included. The
+/// header is not read here: the caller checks it ([`super::header::check_tx`]). `descs` is
+/// scratch space.
+pub fn read_tx_packet<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap<()>,
     descs: &mut Vec<Descriptor>,
@@ -117,68 +121,123 @@ where
         return Err(ChainError::TooShort(total));
     }
     let frame_len = total - hdr;
-    if frame_len > MAX_FRAME_LEN as u64 || frame_len > buf.len() as u64 {
+    if frame_len > MAX_FRAME_LEN as u64 || total > buf.len() as u64 {
         return Err(ChainError::Oversized(frame_len));
     }
-    // Both bounded by MAX_FRAME_LEN + 12 now.
-    let mut skip = VNET_HDR_LEN;
+    // Bounded by MAX_FRAME_LEN + 12 now.
     let mut at = 0usize;
     for d in descs.iter() {
-        let len = d.len() as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = len - skip;
-        let addr = GuestAddress(d.addr().0 + skip as u64);
-        mem.read_slice(&mut buf[at..at + n], addr)
+        let n = d.len() as usize;
+        mem.read_slice(&mut buf[at..at + n], d.addr())
             .map_err(ChainError::Memory)?;
         at += n;
-        skip = 0;
     }
     Ok(at)
 }
 
-/// Writes a virtio-net header (all zero but `num_buffers` = 1) and `frame` into a receive
-/// chain; returns the used length (header and frame). `descs` is scratch space.
-pub fn write_rx_frame<M>(
+/// Writes `packet` (a virtio-net header the caller built, then the frame) into a receive chain
+/// that must hold all of it; returns the used length. `descs` is scratch space.
+pub fn write_rx_packet<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap<()>,
     descs: &mut Vec<Descriptor>,
-    frame: &[u8],
+    packet: &[u8],
 ) -> Result<u32, ChainError>
 where
     M: Deref,
     M::Target: GuestMemory,
 {
     let have = collect(chain, mem, descs, true)?;
-    let need = (VNET_HDR_LEN + frame.len()) as u64;
+    let need = packet.len() as u64;
     if have < need {
         return Err(ChainError::NoRoom { need, have });
     }
-    let mut header = [0u8; VNET_HDR_LEN];
-    header[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&1u16.to_le_bytes());
-    let mut parts = [&header[..], frame];
-    let mut part = 0;
-    for d in descs.iter() {
-        let mut room = d.len() as usize;
-        let mut addr = d.addr();
-        while room > 0 && part < parts.len() {
-            let src = parts[part];
-            let n = src.len().min(room);
-            mem.write_slice(&src[..n], addr)
-                .map_err(ChainError::Memory)?;
-            parts[part] = &src[n..];
-            if parts[part].is_empty() {
-                part += 1;
-            }
-            room -= n;
-            addr = GuestAddress(addr.0 + n as u64);
+    write_into(descs, mem, packet)?;
+    // need <= 12 + MAX_FRAME_LEN.
+    Ok(need as u32)
+}
+
+/// Where a merged packet's `num_buffers` field lies in guest memory: its two bytes, which may
+/// fall in two descriptors.
+pub type NumBuffersAt = [GuestAddress; 2];
+
+/// Writes as much of `bytes` as a receive chain holds, for a packet spread over several chains
+/// (mergeable receive buffers); returns the bytes written. The first chain of a packet
+/// (`first`) must hold the whole virtio-net header, and then the place of its `num_buffers`
+/// field is returned too, to be set once the packet's chain count is known. `descs` is scratch
+/// space.
+pub fn write_rx_part<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap<()>,
+    descs: &mut Vec<Descriptor>,
+    bytes: &[u8],
+    first: bool,
+) -> Result<(u32, Option<NumBuffersAt>), ChainError>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let have = collect(chain, mem, descs, true)?;
+    if first && have < VNET_HDR_LEN as u64 {
+        return Err(ChainError::NoRoom {
+            need: VNET_HDR_LEN as u64,
+            have,
+        });
+    }
+    let n = bytes.len().min(usize::try_from(have).unwrap_or(usize::MAX));
+    write_into(descs, mem, &bytes[..n])?;
+    let at = if first {
+        match (
+            stream_addr(descs, NUM_BUFFERS_OFFSET),
+            stream_addr(descs, NUM_BUFFERS_OFFSET + 1),
+        ) {
+            (Some(lo), Some(hi)) => Some([lo, hi]),
+            _ => None,
         }
-        if part == parts.len() {
+    } else {
+        None
+    };
+    // n <= bytes.len() <= 12 + MAX_FRAME_LEN.
+    Ok((n as u32, at))
+}
+
+/// Sets a merged packet's `num_buffers` at the place [`write_rx_part`] returned.
+pub fn set_num_buffers(
+    mem: &GuestMemoryMmap<()>,
+    at: NumBuffersAt,
+    num_buffers: u16,
+) -> Result<(), ChainError> {
+    let [lo, hi] = num_buffers.to_le_bytes();
+    mem.write_slice(&[lo], at[0]).map_err(ChainError::Memory)?;
+    mem.write_slice(&[hi], at[1]).map_err(ChainError::Memory)
+}
+
+/// The guest address of byte `offset` of the chain's byte stream.
+fn stream_addr(descs: &[Descriptor], mut offset: usize) -> Option<GuestAddress> {
+    for d in descs {
+        let len = d.len() as usize;
+        if offset < len {
+            return Some(GuestAddress(d.addr().0 + offset as u64));
+        }
+        offset -= len;
+    }
+    None
+}
+
+/// Writes `bytes` into the checked descriptors `descs`, in order, as far as they hold.
+fn write_into(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap<()>,
+    mut bytes: &[u8],
+) -> Result<(), ChainError> {
+    for d in descs {
+        if bytes.is_empty() {
             break;
         }
+        let n = bytes.len().min(d.len() as usize);
+        mem.write_slice(&bytes[..n], d.addr())
+            .map_err(ChainError::Memory)?;
+        bytes = &bytes[n..];
     }
-    // need <= 12 + MAX_FRAME_LEN + 1.
-    Ok(need as u32)
+    Ok(())
 }

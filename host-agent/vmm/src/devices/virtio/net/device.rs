@@ -1,12 +1,27 @@
 //! The virtio-net device: moves frames between the two queues and a [`NetBackend`].
 //!
-//! [`NetDevice::process_tx`] takes transmit chains, has [`chain::read_tx_frame`] copy each frame
-//! into a fixed buffer, hands it to the backend and completes the chain (used length 0: the
-//! device writes nothing into a transmit buffer). [`NetDevice::process_rx`] reads frames from
-//! the backend into a second fixed buffer and writes each into the next receive chain. A frame
-//! read while the guest has no receive buffer stays in that buffer (the *pending* frame) and the
-//! device reads nothing more from the backend until the guest adds buffers: at most one frame is
-//! held, and a guest that posts none makes the thread sleep, not spin.
+//! [`NetDevice::process_tx`] takes transmit chains, has [`chain::read_tx_packet`] copy each
+//! packet into a fixed buffer, checks and rebuilds its header ([`header::check_tx`]), hands it to
+//! the backend and completes the chain (used length 0: the device writes nothing into a transmit
+//! buffer). [`NetDevice::process_rx`] reads packets from the backend into a second fixed buffer,
+//! checks their header against what the guest negotiated ([`header::check_rx`]) and writes each
+//! into the next receive chain, or, with mergeable receive buffers, over as many chains as it
+//! takes. A packet read while the guest has too few receive buffers stays in that buffer (the
+//! *pending* packet) and the device reads nothing more from the backend until the guest adds
+//! buffers: at most one packet is held, and a guest that posts none makes the thread sleep, not
+//! spin.
+//!
+//! # A packet over several chains (`VIRTIO_NET_F_MRG_RXBUF`)
+//! The chains of one packet must reach the guest's used ring at once: a driver that found the
+//! first (whose header says how many follow) before the rest would drop the packet. So the
+//! device writes the packet into the chains first, then every used element, and publishes the
+//! used index once, after them (`virtio-queue`'s `add_used` publishes the index with each
+//! element, so the elements but the last are written here and the last through `add_used`).
+//! For the same reason the receive queue's interrupts are decided here ([`rx_needs_interrupt`],
+//! the `EVENT_IDX` rule of the spec) rather than by `virtio-queue`, which counts only the
+//! elements it added itself. When the guest runs out of buffers in the middle of a packet, the
+//! chains taken for it are given back (the available index steps back) and the packet waits.
+//! A packet that would need more chains than the queue holds can never fit and is dropped.
 //!
 //! The queues are walked with `QueueOwnedT::iter` rather than `pop_descriptor_chain`, which logs
 //! through the `log` crate each time the guest publishes a bogus available index; here that is
@@ -15,16 +30,19 @@
 //! Generic over the backend and the [`Interrupt`], so tests and the fuzzer run it on mock queues
 //! with no threads, no KVM and no TAP.
 
+use std::num::Wrapping;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::chain::{self, ChainError};
+use super::chain::{self, ChainError, NumBuffersAt};
+use super::header::{self, Offloads};
 use super::{
     MAX_CHAIN_DESCRIPTORS, MAX_CHAINS_PER_PASS, MAX_FRAME_LEN, NUM_QUEUES, NetBackend, NetMetrics,
-    RX_QUEUE, TX_QUEUE,
+    QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN, defs,
 };
 use crate::devices::virtio::RateLimitedLog;
 use crate::devices::virtio::mmio::{ActivateError, INT_VRING, Interrupt, VIRTIO_RING_F_EVENT_IDX};
@@ -43,6 +61,14 @@ struct Active {
     mem: GuestMemoryMmap<()>,
     /// Receive, then transmit ([`RX_QUEUE`], [`TX_QUEUE`]).
     queues: [Queue; NUM_QUEUES],
+    /// What the guest may leave to the device on transmit.
+    tx_offloads: Offloads,
+    /// What the guest takes on receive.
+    rx_offloads: Offloads,
+    /// Whether a received packet may span several chains (`VIRTIO_NET_F_MRG_RXBUF`).
+    mergeable: bool,
+    /// The receive queue's used index when its interrupt was last decided.
+    rx_signalled: Wrapping<u16>,
 }
 
 /// What one receive pass ended on.
@@ -62,12 +88,15 @@ pub struct NetDevice<B, I> {
     interrupt: I,
     metrics: Arc<NetMetrics>,
     active: Option<Active>,
-    /// The transmit frame being copied out of guest memory.
+    /// The transmit packet (header and frame) being copied out of guest memory.
     tx_buf: Vec<u8>,
-    /// The received frame; its first `rx_pending` bytes are a frame waiting for a guest buffer.
+    /// The received packet; its first `rx_pending` bytes are a packet (header and frame)
+    /// waiting for guest buffers, its header already checked.
     rx_buf: Vec<u8>,
     rx_pending: Option<usize>,
     descs: Vec<Descriptor>,
+    /// The chains (head, used length) a merged packet took so far.
+    merged: Vec<(u16, u32)>,
     logs: LogLimits,
 }
 
@@ -88,11 +117,12 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
             interrupt,
             metrics,
             active: None,
-            tx_buf: vec![0; MAX_FRAME_LEN],
-            // One byte more than the largest frame: a read that fills it was oversized.
-            rx_buf: vec![0; MAX_FRAME_LEN + 1],
+            tx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
+            // One byte more than the largest packet: a read that fills it was oversized.
+            rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN + 1],
             rx_pending: None,
             descs: Vec::with_capacity(MAX_CHAIN_DESCRIPTORS + 1),
+            merged: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             logs: LogLimits::default(),
         }
     }
@@ -118,7 +148,15 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
                 q.set_event_idx(true);
             }
         }
-        self.active = Some(Active { mem, queues });
+        let rx_signalled = Wrapping(queues[RX_QUEUE].next_used());
+        self.active = Some(Active {
+            mem,
+            queues,
+            tx_offloads: Offloads::host(acked_features),
+            rx_offloads: Offloads::guest(acked_features),
+            mergeable: acked_features & defs::VIRTIO_NET_F_MRG_RXBUF != 0,
+            rx_signalled,
+        });
         Ok(())
     }
 
@@ -139,7 +177,7 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
         self.active.is_some()
     }
 
-    /// The length of the received frame waiting for a guest buffer, if any.
+    /// The length of the received packet (header and frame) waiting for guest buffers, if any.
     pub fn rx_pending(&self) -> Option<usize> {
         self.rx_pending
     }
@@ -180,6 +218,8 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
         let Some(Active {
             mem,
             queues: [_, tx],
+            tx_offloads,
+            ..
         }) = active.as_mut()
         else {
             return false;
@@ -199,19 +239,36 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
             };
             served += 1;
             let head = chain.head_index();
-            match chain::read_tx_frame(chain, mem, descs, tx_buf) {
-                Ok(len) => match backend.send_frame(&tx_buf[..len]) {
-                    Ok(()) => {
-                        NetMetrics::inc(&metrics.tx_frames);
-                        NetMetrics::add(&metrics.tx_bytes, len as u64);
-                    }
-                    Err(e) => {
-                        NetMetrics::inc(&metrics.tx_backend_errors);
-                        if logs.backend.allow() {
-                            tracing::warn!(error = %e, len, "net: backend refused a frame; dropped");
+            match chain::read_tx_packet(chain, mem, descs, tx_buf) {
+                Ok(len) => {
+                    let frame_len = len - VNET_HDR_LEN;
+                    let (hdr, _) = tx_buf
+                        .split_first_chunk_mut::<VNET_HDR_LEN>()
+                        .expect("read_tx_packet returns at least the header and a minimal frame");
+                    match header::check_tx(hdr, frame_len, *tx_offloads) {
+                        Ok(checked) => {
+                            *hdr = checked;
+                            match backend.send_packet(&tx_buf[..len]) {
+                                Ok(()) => {
+                                    NetMetrics::inc(&metrics.tx_frames);
+                                    NetMetrics::add(&metrics.tx_bytes, frame_len as u64);
+                                }
+                                Err(e) => {
+                                    NetMetrics::inc(&metrics.tx_backend_errors);
+                                    if logs.backend.allow() {
+                                        tracing::warn!(error = %e, len = frame_len, "net: backend refused a frame; dropped");
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            NetMetrics::inc(&metrics.tx_bad_header);
+                            if logs.tx_dropped.allow() {
+                                tracing::warn!(error = %e, "net: dropping a transmit packet for its header");
+                            }
                         }
                     }
-                },
+                }
                 Err(e) => {
                     let counter = match e {
                         ChainError::Oversized(_) => &metrics.tx_oversized,
@@ -231,7 +288,7 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
         more
     }
 
-    /// Moves frames from the backend into the guest's receive buffers, at most
+    /// Moves packets from the backend into the guest's receive buffers, at most
     /// [`MAX_CHAINS_PER_PASS`] chains' worth. See [`RxState`] for what the result asks of the
     /// caller.
     pub fn process_rx(&mut self) -> RxState {
@@ -243,12 +300,17 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
             rx_buf,
             rx_pending,
             descs,
+            merged,
             logs,
             ..
         } = self;
         let Some(Active {
             mem,
             queues: [rx, _],
+            rx_offloads,
+            mergeable,
+            rx_signalled,
+            ..
         }) = active.as_mut()
         else {
             return RxState::Idle;
@@ -256,21 +318,32 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
         let mut used_any = false;
         let mut served = 0;
         let state = loop {
-            if served == MAX_CHAINS_PER_PASS {
+            if served >= MAX_CHAINS_PER_PASS {
                 break RxState::More;
             }
             let len = match *rx_pending {
                 Some(len) => len,
-                None => match backend.recv_frame(rx_buf) {
-                    Ok(len) if len == 0 || len > MAX_FRAME_LEN => {
+                None => match backend.recv_packet(rx_buf) {
+                    Ok(len) if len <= VNET_HDR_LEN || len > VNET_HDR_LEN + MAX_FRAME_LEN => {
                         served += 1;
                         NetMetrics::inc(&metrics.rx_oversized);
                         if logs.rx_dropped.allow() {
-                            tracing::warn!(len, "net: dropping an empty or oversized host frame");
+                            tracing::warn!(len, "net: dropping an empty or oversized host packet");
                         }
                         continue;
                     }
                     Ok(len) => {
+                        served += 1;
+                        let (hdr, _) = rx_buf
+                            .split_first_chunk_mut::<VNET_HDR_LEN>()
+                            .expect("the packet is longer than its header");
+                        if let Err(e) = header::check_rx(hdr, len - VNET_HDR_LEN, *rx_offloads, 1) {
+                            NetMetrics::inc(&metrics.rx_bad_header);
+                            if logs.rx_dropped.allow() {
+                                tracing::warn!(error = %e, "net: dropping a host packet the guest did not negotiate");
+                            }
+                            continue;
+                        }
                         *rx_pending = Some(len);
                         len
                     }
@@ -289,44 +362,284 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
                     }
                 },
             };
-            let chain = match next_chain(rx, mem, metrics, &logs.queue) {
-                Next::Chain(chain) => chain,
-                // No buffer: ask for the kick that brings one, and look again in the next pass
-                // if one came meanwhile.
-                Next::Empty if rearm(rx, mem, metrics, &logs.queue) => break RxState::More,
-                Next::Empty | Next::Unusable => break RxState::WaitingForBuffers,
+            let packet = &rx_buf[..len];
+            let outcome = if *mergeable {
+                receive_merged(rx, mem, descs, merged, packet, metrics, logs)
+            } else {
+                receive_single(rx, mem, descs, packet, metrics, logs)
             };
-            served += 1;
-            let head = chain.head_index();
-            let used_len = match chain::write_rx_frame(chain, mem, descs, &rx_buf[..len]) {
-                Ok(used) => {
+            match outcome {
+                Received::Done { chains } => {
+                    served += chains;
+                    used_any = true;
                     *rx_pending = None;
-                    NetMetrics::inc(&metrics.rx_frames);
-                    NetMetrics::add(&metrics.rx_bytes, len as u64);
-                    used
                 }
-                Err(e) => {
-                    if let ChainError::NoRoom { .. } = e {
-                        // The buffer is sound but too small: the frame goes.
-                        *rx_pending = None;
-                        NetMetrics::inc(&metrics.rx_no_room);
-                    } else {
-                        // The chain is unusable: the frame waits for the next one.
-                        NetMetrics::inc(&metrics.rx_malformed);
-                    }
-                    if logs.rx_dropped.allow() {
-                        tracing::warn!(error = %e, "net: receive chain refused");
-                    }
-                    0
+                Received::Dropped { chains } => {
+                    served += chains;
+                    used_any |= chains > 0;
+                    *rx_pending = None;
                 }
-            };
-            used_any |= complete(rx, mem, head, used_len, metrics, &logs.queue);
+                Received::Refused => {
+                    // A malformed chain came back unused; the packet waits for the next one.
+                    served += 1;
+                    used_any = true;
+                }
+                Received::NoBuffers { more } if more => continue,
+                Received::NoBuffers { .. } => break RxState::WaitingForBuffers,
+            }
         };
         if used_any {
-            notify(rx, mem, interrupt, &logs.queue);
+            rx_notify(rx, mem, rx_signalled, interrupt, &logs.queue);
         }
         state
     }
+}
+
+/// How one received packet went.
+enum Received {
+    /// Delivered, over `chains` chains.
+    Done { chains: usize },
+    /// Dropped for want of room (counted); `chains` chains came back unused.
+    Dropped { chains: usize },
+    /// A malformed chain came back unused (counted); the packet is still to be delivered.
+    Refused,
+    /// Too few buffers: the chains taken were given back. `more`: buffers came meanwhile, so
+    /// try again now rather than wait for a kick.
+    NoBuffers { more: bool },
+}
+
+/// One packet into one chain (no mergeable buffers): a chain too small drops the packet.
+fn receive_single(
+    rx: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    descs: &mut Vec<Descriptor>,
+    packet: &[u8],
+    metrics: &NetMetrics,
+    logs: &LogLimits,
+) -> Received {
+    let chain = match next_chain(rx, mem, metrics, &logs.queue) {
+        Next::Chain(chain) => chain,
+        Next::Empty => {
+            return Received::NoBuffers {
+                more: rearm(rx, mem, metrics, &logs.queue),
+            };
+        }
+        Next::Unusable => return Received::NoBuffers { more: false },
+    };
+    let head = chain.head_index();
+    let (used, outcome) = match chain::write_rx_packet(chain, mem, descs, packet) {
+        Ok(used) => {
+            NetMetrics::inc(&metrics.rx_frames);
+            NetMetrics::add(&metrics.rx_bytes, (packet.len() - VNET_HDR_LEN) as u64);
+            (used, Received::Done { chains: 1 })
+        }
+        Err(e) => {
+            let outcome = if let ChainError::NoRoom { .. } = e {
+                // The buffer is sound but too small: the packet goes.
+                NetMetrics::inc(&metrics.rx_no_room);
+                Received::Dropped { chains: 1 }
+            } else {
+                NetMetrics::inc(&metrics.rx_malformed);
+                Received::Refused
+            };
+            if logs.rx_dropped.allow() {
+                tracing::warn!(error = %e, "net: receive chain refused");
+            }
+            (0, outcome)
+        }
+    };
+    complete(rx, mem, head, used, metrics, &logs.queue);
+    outcome
+}
+
+/// One packet over as many chains as it takes (mergeable buffers); see the module doc.
+fn receive_merged(
+    rx: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    descs: &mut Vec<Descriptor>,
+    merged: &mut Vec<(u16, u32)>,
+    packet: &[u8],
+    metrics: &NetMetrics,
+    logs: &LogLimits,
+) -> Received {
+    merged.clear();
+    let mut rest = packet;
+    let mut num_buffers_at: Option<NumBuffersAt> = None;
+    while !rest.is_empty() {
+        if merged.len() == usize::from(rx.size()) {
+            // Every buffer the queue can hold, and the packet still does not fit.
+            NetMetrics::inc(&metrics.rx_no_room);
+            if logs.rx_dropped.allow() {
+                tracing::warn!(
+                    len = packet.len(),
+                    "net: a packet larger than every receive buffer together; dropped"
+                );
+            }
+            return drop_taken(rx, mem, merged, metrics, logs);
+        }
+        let chain = match next_chain(rx, mem, metrics, &logs.queue) {
+            Next::Chain(chain) => chain,
+            Next::Empty => {
+                // Ask to be kicked past the chains taken, then give them back.
+                let more = rearm(rx, mem, metrics, &logs.queue);
+                if more {
+                    continue;
+                }
+                for _ in 0..merged.len() {
+                    rx.go_to_previous_position();
+                }
+                return Received::NoBuffers { more: false };
+            }
+            Next::Unusable => {
+                for _ in 0..merged.len() {
+                    rx.go_to_previous_position();
+                }
+                return Received::NoBuffers { more: false };
+            }
+        };
+        let head = chain.head_index();
+        let first = merged.is_empty();
+        match chain::write_rx_part(chain, mem, descs, rest, first) {
+            Ok((n, at)) => {
+                if first {
+                    num_buffers_at = at;
+                }
+                merged.push((head, n));
+                rest = &rest[n as usize..];
+            }
+            Err(e) => {
+                merged.push((head, 0));
+                NetMetrics::inc(&metrics.rx_malformed);
+                if logs.rx_dropped.allow() {
+                    tracing::warn!(error = %e, "net: receive chain refused");
+                }
+                if first {
+                    // Nothing of the packet was written: return the chain, keep the packet.
+                    publish(rx, mem, merged, metrics, &logs.queue);
+                    return Received::Refused;
+                }
+                // The packet is cut: every chain it took comes back unused.
+                return drop_taken(rx, mem, merged, metrics, logs);
+            }
+        }
+    }
+    let count = merged.len();
+    let Some(at) = num_buffers_at else {
+        // A first chain of at least the header's size always has the field's place.
+        NetMetrics::inc(&metrics.rx_malformed);
+        return drop_taken(rx, mem, merged, metrics, logs);
+    };
+    // count <= queue size <= 32768.
+    if let Err(e) = chain::set_num_buffers(mem, at, count as u16) {
+        NetMetrics::inc(&metrics.rx_malformed);
+        if logs.rx_dropped.allow() {
+            tracing::warn!(error = %e, "net: cannot set num_buffers");
+        }
+        return drop_taken(rx, mem, merged, metrics, logs);
+    }
+    publish(rx, mem, merged, metrics, &logs.queue);
+    NetMetrics::inc(&metrics.rx_frames);
+    NetMetrics::add(&metrics.rx_bytes, (packet.len() - VNET_HDR_LEN) as u64);
+    Received::Done { chains: count }
+}
+
+/// Returns every chain a dropped packet took, unused.
+fn drop_taken(
+    rx: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    merged: &mut [(u16, u32)],
+    metrics: &NetMetrics,
+    logs: &LogLimits,
+) -> Received {
+    for (_, len) in merged.iter_mut() {
+        *len = 0;
+    }
+    publish(rx, mem, merged, metrics, &logs.queue);
+    Received::Dropped {
+        chains: merged.len(),
+    }
+}
+
+/// Puts `elems` (head, used length) on the used ring and publishes the used index once, after
+/// all of them (see the module doc).
+fn publish(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    elems: &[(u16, u32)],
+    metrics: &NetMetrics,
+    log: &RateLimitedLog,
+) {
+    let Some(((last_head, last_len), rest)) = elems.split_last() else {
+        return;
+    };
+    let start = queue.next_used();
+    let size = queue.size();
+    let mut next = Wrapping(start);
+    for &(head, len) in rest {
+        // The used ring's element `i` is at 4 + 8 * i (after `flags` and `idx`).
+        let at = queue.used_ring() + 4 + 8 * u64::from(next.0 % size);
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        if let Err(e) = mem.write_slice(&elem, GuestAddress(at)) {
+            NetMetrics::inc(&metrics.queue_errors);
+            if log.allow() {
+                tracing::warn!(error = %e, "net: cannot write a used element");
+            }
+            // Publish nothing of this packet: the guest sees the index where it was.
+            queue.set_next_used(start);
+            return;
+        }
+        next += 1;
+    }
+    queue.set_next_used(next.0);
+    // Writes the last element and then, with release ordering, the index past all of them.
+    if !complete(queue, mem, *last_head, *last_len, metrics, log) {
+        queue.set_next_used(start);
+    }
+}
+
+/// Interrupts the guest for the receive queue's new used entries unless it asked not to be
+/// (with `EVENT_IDX`: unless its `used_event` lies before them), and remembers where it decided.
+fn rx_notify(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    signalled: &mut Wrapping<u16>,
+    interrupt: &impl Interrupt,
+    log: &RateLimitedLog,
+) {
+    let new = Wrapping(queue.next_used());
+    let old = std::mem::replace(signalled, new);
+    // The used elements and index are written before `used_event` is read.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let fire = if queue.event_idx_enabled() {
+        // `used_event` follows the available ring: flags, idx, then one u16 per entry.
+        let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
+        match mem.load::<u16>(GuestAddress(at), Ordering::Acquire) {
+            Ok(used_event) => rx_needs_interrupt(Wrapping(u16::from_le(used_event)), new, old),
+            Err(e) => {
+                if log.allow() {
+                    tracing::warn!(error = %e, "net: cannot read used_event");
+                }
+                true
+            }
+        }
+    } else {
+        true
+    };
+    if fire {
+        interrupt.trigger(INT_VRING);
+    }
+}
+
+/// The spec's `vring_need_event`: whether the driver's `used_event` lies in the used entries
+/// added since `old` (up to `new`).
+pub fn rx_needs_interrupt(
+    used_event: Wrapping<u16>,
+    new: Wrapping<u16>,
+    old: Wrapping<u16>,
+) -> bool {
+    new - used_event - Wrapping(1) < new - old
 }
 
 /// What the available ring holds next.

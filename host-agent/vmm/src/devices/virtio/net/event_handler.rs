@@ -84,7 +84,11 @@ impl VirtioDevice for NetFrontend {
     }
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | defs::VIRTIO_NET_F_MAC
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | defs::VIRTIO_NET_F_MAC
+            | defs::VIRTIO_NET_F_MRG_RXBUF
+            | defs::OFFLOADS
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

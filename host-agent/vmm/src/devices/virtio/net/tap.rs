@@ -7,10 +7,15 @@
 //! open descriptor is all the VMM keeps, and it stays bound to the TAP's namespace. (The jail's
 //! supervisor, forked after the open, holds a copy it never uses until it exits with the VMM.)
 //!
-//! The descriptor is opened `O_NONBLOCK`, with `IFF_TAP | IFF_NO_PI` and **without**
-//! `IFF_VNET_HDR`: each `read` is one Ethernet frame, each `write` sends one, and the host
-//! kernel never sees a virtio-net header (the device strips and adds those itself; see the
-//! [module doc](super)). [`Tap::open`] refuses a name with no interface behind it instead of
+//! The descriptor is opened `O_NONBLOCK`, with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, a header
+//! size of 12 bytes (`TUNSETVNETHDRSZ`, the size of `virtio_net_hdr_v1`) and the offloads
+//! `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6` (`TUNSETOFFLOAD`): each `read` is one packet, a
+//! virtio-net header and a frame of up to 64 KiB whose checksum or segmentation the header may
+//! leave to the guest, and each `write` sends one such packet. The offloads are set here, before
+//! the jail, because the device thread may make no `ioctl`; a guest that did not negotiate them
+//! gets no packet that needs them (the device drops those: see [`super::header`]). The device
+//! checks and rebuilds every header a guest writes before this descriptor sees it.
+//! [`Tap::open`] refuses a name with no interface behind it instead of
 //! letting `TUNSETIFF` create one; a name that is some other kind of interface, or a TAP that is
 //! already attached or not ours to attach to, is refused by the kernel.
 
@@ -20,7 +25,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::{NetBackend, NetError};
+use super::{NetBackend, NetError, VNET_HDR_LEN};
 
 /// The TUN/TAP control device.
 pub const TUN_DEVICE: &str = "/dev/net/tun";
@@ -55,12 +60,37 @@ impl Tap {
         for (dst, &src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
             *dst = src as libc::c_char;
         }
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads (and may update) one `ifreq`, which `req` is; `file` is an
         // open /dev/net/tun descriptor.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
         if rc != 0 {
             return Err(NetError::Attach {
+                name: name.to_owned(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one `int`, which `hdr_len` is, and `file` is the TAP.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        if rc != 0 {
+            return Err(NetError::Offloads {
+                name: name.to_owned(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        // SAFETY: TUNSETOFFLOAD takes its flags by value and touches no memory of ours.
+        let rc = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(offloads),
+            )
+        };
+        if rc != 0 {
+            return Err(NetError::Offloads {
                 name: name.to_owned(),
                 source: std::io::Error::last_os_error(),
             });
@@ -84,16 +114,16 @@ impl AsRawFd for Tap {
 }
 
 impl NetBackend for Tap {
-    fn recv_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn recv_packet(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.file.read(buf)
     }
 
-    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        let n = self.file.write(frame)?;
-        if n != frame.len() {
+    fn send_packet(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        let n = self.file.write(packet)?;
+        if n != packet.len() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::WriteZero,
-                format!("TAP took {n} of {} bytes", frame.len()),
+                format!("TAP took {n} of {} bytes", packet.len()),
             ));
         }
         Ok(())

@@ -37,10 +37,12 @@ pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 /// What the in-memory backend holds; shared with the test through [`MemBackend::state`].
 #[derive(Debug, Default)]
 pub struct MemBackendState {
-    /// Frames the host side has for the guest, oldest first.
+    /// Packets (header and frame) the host side has for the guest, oldest first.
     pub incoming: Mutex<VecDeque<Vec<u8>>>,
-    /// Frames the guest sent, in order.
+    /// Frames the guest sent, in order, without their header.
     pub sent: Mutex<Vec<Vec<u8>>>,
+    /// The headers the device handed on with them.
+    pub sent_headers: Mutex<Vec<[u8; VNET_HDR_LEN]>>,
     /// Calls to `recv_frame`.
     pub recv_calls: AtomicU64,
     /// Sends fail with this errno while set.
@@ -56,13 +58,23 @@ impl MemBackend {
         &self.0
     }
 
-    /// Queues a frame for the guest.
+    /// Queues a frame for the guest, with an all-zero header.
     pub fn push(&self, frame: Vec<u8>) {
-        self.0.incoming.lock().unwrap().push_back(frame);
+        self.push_with_header([0; VNET_HDR_LEN], &frame);
+    }
+
+    /// Queues a frame for the guest, with `header`.
+    pub fn push_with_header(&self, header: [u8; VNET_HDR_LEN], frame: &[u8]) {
+        let packet = [&header[..], frame].concat();
+        self.0.incoming.lock().unwrap().push_back(packet);
     }
 
     pub fn sent(&self) -> Vec<Vec<u8>> {
         self.0.sent.lock().unwrap().clone()
+    }
+
+    pub fn sent_headers(&self) -> Vec<[u8; VNET_HDR_LEN]> {
+        self.0.sent_headers.lock().unwrap().clone()
     }
 
     pub fn waiting(&self) -> usize {
@@ -75,21 +87,25 @@ impl MemBackend {
 }
 
 impl NetBackend for MemBackend {
-    fn recv_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn recv_packet(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.0.recv_calls.fetch_add(1, Ordering::SeqCst);
-        let Some(frame) = self.0.incoming.lock().unwrap().pop_front() else {
+        let Some(packet) = self.0.incoming.lock().unwrap().pop_front() else {
             return Err(std::io::ErrorKind::WouldBlock.into());
         };
-        // Like a TAP: a frame longer than the buffer is cut to it.
-        let n = frame.len().min(buf.len());
-        buf[..n].copy_from_slice(&frame[..n]);
+        // Like a TAP: a packet longer than the buffer is cut to it.
+        let n = packet.len().min(buf.len());
+        buf[..n].copy_from_slice(&packet[..n]);
         Ok(n)
     }
 
-    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send_packet(&mut self, packet: &[u8]) -> std::io::Result<()> {
         if let Some(errno) = *self.0.fail_sends.lock().unwrap() {
             return Err(std::io::Error::from_raw_os_error(errno));
         }
+        let (header, frame) = packet
+            .split_first_chunk::<VNET_HDR_LEN>()
+            .expect("the device sends a header");
+        self.0.sent_headers.lock().unwrap().push(*header);
         self.0.sent.lock().unwrap().push(frame.to_vec());
         Ok(())
     }
@@ -253,7 +269,21 @@ impl NetDriver {
     /// Queues `frame` for transmission behind a zero header, split into descriptors of the
     /// given sizes (their sum must be `12 + frame.len()`); returns the head.
     pub fn send_split(&mut self, frame: &[u8], sizes: &[usize]) -> u16 {
-        let mut bytes = vec![0u8; VNET_HDR_LEN];
+        self.send_split_with_header([0; VNET_HDR_LEN], frame, sizes)
+    }
+
+    /// Queues `frame` for transmission behind `header`, in one descriptor; returns the head.
+    pub fn send_with_header(&mut self, header: [u8; VNET_HDR_LEN], frame: &[u8]) -> u16 {
+        self.send_split_with_header(header, frame, &[VNET_HDR_LEN + frame.len()])
+    }
+
+    fn send_split_with_header(
+        &mut self,
+        header: [u8; VNET_HDR_LEN],
+        frame: &[u8],
+        sizes: &[usize],
+    ) -> u16 {
+        let mut bytes = header.to_vec();
         bytes.extend_from_slice(frame);
         assert_eq!(sizes.iter().sum::<usize>(), bytes.len());
         let mut descs = Vec::new();

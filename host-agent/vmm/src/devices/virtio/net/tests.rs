@@ -32,18 +32,40 @@ fn spec_numbers_match_virtio_bindings() {
 }
 
 #[test]
-fn the_front_end_offers_version_1_and_the_mac_and_nothing_else() {
+fn the_front_end_offers_version_1_the_mac_the_tcp_offloads_and_mergeable_buffers() {
     let (tx, _rx) = std::sync::mpsc::channel();
     let wake = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());
     let mut f = NetFrontend::new([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], tx, wake);
     assert_eq!(f.device_type(), 1);
     assert_eq!(f.queue_max_sizes(), &[256, 256]);
-    // EVENT_IDX (29), and no offloads (0..=4, 7..=17), no MRG_RXBUF (15), STATUS (16), CTRL_VQ
-    // (17), MQ (22), MTU (3), INDIRECT_DESC (28).
+    // EVENT_IDX (29), CSUM (0), GUEST_CSUM (1), GUEST_TSO4/6 (7, 8), HOST_TSO4/6 (11, 12),
+    // MRG_RXBUF (15); no ECN or UFO (9, 10, 13, 14), STATUS (16), CTRL_VQ (17), MQ (22), MTU
+    // (3), INDIRECT_DESC (28).
     assert_eq!(
         f.device_features(),
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | (1 << 5)
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | (1 << 5)
+            | (1 << 0)
+            | (1 << 1)
+            | (1 << 7)
+            | (1 << 8)
+            | (1 << 11)
+            | (1 << 12)
+            | (1 << 15)
     );
+    use virtio_bindings::virtio_net as n;
+    for (ours, theirs) in [
+        (defs::VIRTIO_NET_F_CSUM, n::VIRTIO_NET_F_CSUM),
+        (defs::VIRTIO_NET_F_GUEST_CSUM, n::VIRTIO_NET_F_GUEST_CSUM),
+        (defs::VIRTIO_NET_F_GUEST_TSO4, n::VIRTIO_NET_F_GUEST_TSO4),
+        (defs::VIRTIO_NET_F_GUEST_TSO6, n::VIRTIO_NET_F_GUEST_TSO6),
+        (defs::VIRTIO_NET_F_HOST_TSO4, n::VIRTIO_NET_F_HOST_TSO4),
+        (defs::VIRTIO_NET_F_HOST_TSO6, n::VIRTIO_NET_F_HOST_TSO6),
+        (defs::VIRTIO_NET_F_MRG_RXBUF, n::VIRTIO_NET_F_MRG_RXBUF),
+    ] {
+        assert_eq!(ours, 1 << theirs);
+    }
     assert_eq!(
         VIRTIO_RING_F_EVENT_IDX,
         1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX
@@ -277,7 +299,8 @@ fn rx_without_buffers_keeps_one_frame_pending_and_reads_no_more() {
     }
     // No receive buffer: one frame is taken from the backend and waits.
     assert_eq!(h.dev.process_rx(), RxState::WaitingForBuffers);
-    assert_eq!(h.dev.rx_pending(), Some(200));
+    // The pending packet: the header and the frame.
+    assert_eq!(h.dev.rx_pending(), Some(212));
     assert_eq!(h.backend.waiting(), 2);
     let calls = h.backend.recv_calls();
     // Asked again (a spurious wake-up), it reads nothing more and still waits.
@@ -336,7 +359,7 @@ fn bad_rx_chains_are_skipped_and_the_frame_waits_for_a_good_one() {
         vec![(readable, 0), (outside, 0), (looped, 0), (long, 0)]
     );
     assert_eq!(h.get(|m| &m.rx_malformed), 4);
-    assert_eq!(h.dev.rx_pending(), Some(300));
+    assert_eq!(h.dev.rx_pending(), Some(312));
 
     let (head, descs) = h.drv.post_rx(&[1024]);
     assert_eq!(h.dev.process_rx(), RxState::Idle);
@@ -432,11 +455,11 @@ mod thread {
     }
 
     impl NetBackend for DgramBackend {
-        fn recv_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        fn recv_packet(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             std::io::Read::read(&mut self.0, buf)
         }
-        fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
-            std::io::Write::write(&mut self.0, frame).map(drop)
+        fn send_packet(&mut self, packet: &[u8]) -> std::io::Result<()> {
+            std::io::Write::write(&mut self.0, packet).map(drop)
         }
     }
 
@@ -530,8 +553,10 @@ mod thread {
         t.read(regs::CONFIG, &mut cfg);
         assert_eq!(cfg, mac);
 
-        // A frame from the host before the driver is up waits in the socket.
-        host.send(&frame(80, 1)).unwrap();
+        // A frame from the host before the driver is up waits in the socket (each datagram a
+        // packet: a virtio-net header, then the frame, as the TAP gives them).
+        host.send(&[&[0u8; VNET_HDR_LEN][..], &frame(80, 1)].concat())
+            .unwrap();
 
         // Driver initialisation: VERSION_1 and MAC.
         let (mut drv, _) = NetDriver::new(mem.clone());
@@ -568,7 +593,8 @@ mod thread {
         w(&mut t, regs::QUEUE_NOTIFY, 1);
         let mut buf = vec![0u8; 4096];
         let n = host.recv(&mut buf).unwrap();
-        assert_eq!(buf[..n], f[..]);
+        assert_eq!(buf[..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
+        assert_eq!(buf[VNET_HDR_LEN..n], f[..]);
         wait_for("the transmit chain back", || {
             let used = drv.tx.take_used();
             (!used.is_empty()).then_some(used)
@@ -590,7 +616,8 @@ mod thread {
 
         // A frame sent while a buffer is posted arrives without a notify.
         let (head, descs) = drv.post_rx(&[2048]);
-        host.send(&frame(500, 3)).unwrap();
+        host.send(&[&[0u8; VNET_HDR_LEN][..], &frame(500, 3)].concat())
+            .unwrap();
         let used = wait_for("a live frame", || {
             let used = drv.rx.take_used();
             (!used.is_empty()).then_some(used)
@@ -606,7 +633,8 @@ mod thread {
         drv.send(&f);
         w(&mut t, regs::QUEUE_NOTIFY, 1);
         let (head, descs) = drv.post_rx(&[2048]);
-        host.send(&frame(200, 6)).unwrap();
+        host.send(&[&[0u8; VNET_HDR_LEN][..], &frame(200, 6)].concat())
+            .unwrap();
         w(&mut t, regs::QUEUE_NOTIFY, 0);
         std::thread::sleep(Duration::from_millis(150));
         assert!(
@@ -629,7 +657,8 @@ mod thread {
         host.set_nonblocking(false).unwrap();
         t.resume().unwrap();
         let n = host.recv(&mut buf).unwrap();
-        assert_eq!(buf[..n], f[..]);
+        assert_eq!(buf[..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
+        assert_eq!(buf[VNET_HDR_LEN..n], f[..]);
         wait_for("the transmit chain after the resume", || {
             let used = drv.tx.take_used();
             (!used.is_empty()).then_some(used)
@@ -651,7 +680,10 @@ mod thread {
         assert_eq!(NetMetrics::get(&metrics.tx_frames), 2);
         assert_eq!(NetMetrics::get(&metrics.rx_frames), 3);
         // The thread dropped its end: the host's sends now fail.
-        assert!(host.send(&frame(60, 4)).is_err());
+        assert!(
+            host.send(&[&[0u8; VNET_HDR_LEN][..], &frame(60, 4)].concat())
+                .is_err()
+        );
     }
 
     #[test]
@@ -685,7 +717,7 @@ mod tap {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::time::{Duration, Instant};
 
-    use super::super::{NetBackend, NetError, Tap};
+    use super::super::{NetBackend, NetError, Tap, VNET_HDR_LEN};
     use super::frame;
 
     const TAP_NAME: &str = "nc-test-tap0";
@@ -786,7 +818,8 @@ mod tap {
 
         // Guest to host: what the device writes to the TAP comes out of the interface.
         let out = frame(600, 1);
-        tap.send_frame(&out).unwrap();
+        tap.send_packet(&[&[0u8; VNET_HDR_LEN][..], &out].concat())
+            .unwrap();
         let mut buf = vec![0u8; 70_000];
         let got = loop {
             // SAFETY: `buf` is writable for its length.
@@ -814,8 +847,11 @@ mod tap {
         );
         let deadline = Instant::now() + Duration::from_secs(5);
         let got = loop {
-            match tap.recv_frame(&mut buf) {
-                Ok(n) if is_ours(&buf[..n]) => break buf[..n].to_vec(),
+            match tap.recv_packet(&mut buf) {
+                // Each packet is a virtio-net header, then the frame.
+                Ok(n) if n > VNET_HDR_LEN && is_ours(&buf[VNET_HDR_LEN..n]) => {
+                    break buf[VNET_HDR_LEN..n].to_vec();
+                }
                 // Router solicitations and the like.
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -828,7 +864,7 @@ mod tap {
         assert_eq!(got, inbound);
         // The TAP is non-blocking: with nothing left it says so instead of waiting.
         loop {
-            match tap.recv_frame(&mut buf) {
+            match tap.recv_packet(&mut buf) {
                 Ok(_) => continue,
                 Err(e) => {
                     assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
@@ -931,4 +967,256 @@ fn a_restore_may_bring_another_mac_but_nothing_else_may_differ() {
     saved[8] = 1;
     assert!(!f.config_matches(&saved, &current));
     assert!(!f.config_matches(&saved[..15], &current));
+}
+
+/// Offloads and mergeable receive buffers.
+mod offloads {
+    use std::num::Wrapping;
+
+    use super::super::defs;
+    use super::super::device::{RxState, rx_needs_interrupt};
+    use super::super::header::{F_DATA_VALID, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHeader};
+    use super::super::test_utils::{Harness, frame};
+    use super::super::{QUEUE_SIZE, VNET_HDR_LEN};
+    use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+
+    const HOST: u64 =
+        defs::VIRTIO_NET_F_CSUM | defs::VIRTIO_NET_F_HOST_TSO4 | defs::VIRTIO_NET_F_HOST_TSO6;
+    const GUEST: u64 = defs::VIRTIO_NET_F_GUEST_CSUM
+        | defs::VIRTIO_NET_F_GUEST_TSO4
+        | defs::VIRTIO_NET_F_GUEST_TSO6;
+    const MRG: u64 = defs::VIRTIO_NET_F_MRG_RXBUF;
+
+    fn hdr(flags: u8, gso_type: u8, hdr_len: u16, gso_size: u16, start: u16, off: u16) -> [u8; 12] {
+        VnetHeader {
+            flags,
+            gso_type,
+            hdr_len,
+            gso_size,
+            csum_start: start,
+            csum_offset: off,
+        }
+        .to_bytes(0)
+    }
+
+    fn num_buffers(packet: &[u8]) -> u16 {
+        u16::from_le_bytes([packet[10], packet[11]])
+    }
+
+    #[test]
+    fn a_tso_packet_reaches_the_backend_with_its_checked_header_only_when_negotiated() {
+        let tso = hdr(F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16);
+        let big = frame(60_000, 1);
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | HOST);
+        // num_buffers written by a guest is not handed on.
+        let mut with_junk = tso;
+        with_junk[10] = 0x77;
+        let a = h.drv.send_with_header(with_junk, &big);
+        assert_eq!(h.run_tx(), vec![(a, 0)]);
+        assert_eq!(h.backend.sent(), vec![big.clone()]);
+        assert_eq!(h.backend.sent_headers(), vec![tso]);
+
+        // Without the features the same packet is dropped, counted, and its chain comes back.
+        let mut h = Harness::new();
+        let a = h.drv.send_with_header(tso, &big);
+        let b = h
+            .drv
+            .send_with_header(hdr(F_NEEDS_CSUM, 0, 0, 0, 34, 16), &frame(100, 2));
+        let c = h.drv.send(&frame(100, 3));
+        assert_eq!(h.run_tx(), vec![(a, 0), (b, 0), (c, 0)]);
+        assert_eq!(h.backend.sent(), vec![frame(100, 3)]);
+        assert_eq!(h.get(|m| &m.tx_bad_header), 2);
+        assert_eq!(h.get(|m| &m.tx_frames), 1);
+    }
+
+    #[test]
+    fn hostile_transmit_headers_are_dropped_and_counted_and_the_queue_goes_on() {
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | HOST);
+        let f = frame(200, 4);
+        let bad = [
+            hdr(F_DATA_VALID, 0, 0, 0, 0, 0),
+            hdr(F_NEEDS_CSUM, 0, 0, 0, 199, 0),
+            hdr(F_NEEDS_CSUM, 3, 54, 1448, 34, 6),
+            hdr(F_NEEDS_CSUM, GSO_TCPV4 | 0x80, 54, 1448, 34, 16),
+            hdr(F_NEEDS_CSUM, GSO_TCPV6, 54, 0, 34, 16),
+            hdr(0, GSO_TCPV4, 54, 1448, 0, 0),
+            hdr(F_NEEDS_CSUM, GSO_TCPV4, 201, 1448, 34, 16),
+            [0xff; 12],
+        ];
+        for b in bad {
+            h.drv.send_with_header(b, &f);
+        }
+        h.drv.send(&f);
+        assert_eq!(h.run_tx().len(), bad.len() + 1);
+        assert_eq!(h.get(|m| &m.tx_bad_header), bad.len() as u64);
+        assert_eq!(h.backend.sent(), vec![f]);
+        assert!(h.dev.log_lines_passed() <= 10);
+    }
+
+    #[test]
+    fn a_received_packet_spreads_over_mergeable_buffers_and_appears_at_once() {
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | GUEST | MRG);
+        let f = frame(5000, 5);
+        let gso = hdr(F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16);
+        h.backend.push_with_header(gso, &f);
+        let posted: Vec<_> = (0..5).map(|_| h.drv.post_rx(&[1536])).collect();
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        // 5012 bytes: three full buffers and 404 bytes of a fourth; the fifth is left.
+        let used = h.drv.rx.take_used();
+        let want: Vec<_> = posted[..4]
+            .iter()
+            .zip([1536, 1536, 1536, 404])
+            .map(|((head, _), len)| (*head, len))
+            .collect();
+        assert_eq!(used, want);
+        let mut got = Vec::new();
+        for ((_, descs), (_, len)) in posted.iter().zip(&used) {
+            got.extend(h.drv.read_rx(descs, *len as usize));
+        }
+        assert_eq!(num_buffers(&got), 4);
+        let mut expect_hdr = gso;
+        expect_hdr[10..].copy_from_slice(&4u16.to_le_bytes());
+        assert_eq!(got[..VNET_HDR_LEN], expect_hdr);
+        assert_eq!(got[VNET_HDR_LEN..], f[..]);
+        assert_eq!(h.get(|m| &m.rx_frames), 1);
+        assert_eq!(h.dev.rx_pending(), None);
+    }
+
+    #[test]
+    fn too_few_mergeable_buffers_are_given_back_and_the_packet_waits() {
+        let mut h =
+            Harness::with_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | GUEST | MRG);
+        let f = frame(4000, 6);
+        h.backend.push(f.clone());
+        let first: Vec<_> = (0..2).map(|_| h.drv.post_rx(&[1536])).collect();
+        assert_eq!(h.dev.process_rx(), RxState::WaitingForBuffers);
+        // Nothing is published, and the device asks for the kick after the two it saw.
+        assert!(h.drv.rx.take_used().is_empty());
+        assert_eq!(h.drv.rx.avail_event(), 2);
+        assert_eq!(h.dev.rx_pending(), Some(VNET_HDR_LEN + 4000));
+        let third = h.drv.post_rx(&[1536]);
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        let used = h.drv.rx.take_used();
+        assert_eq!(
+            used,
+            vec![(first[0].0, 1536), (first[1].0, 1536), (third.0, 940)]
+        );
+        let mut got = Vec::new();
+        for (descs, len) in [(&first[0].1, 1536), (&first[1].1, 1536), (&third.1, 940)] {
+            got.extend(h.drv.read_rx(descs, len));
+        }
+        assert_eq!(num_buffers(&got), 3);
+        assert_eq!(got[VNET_HDR_LEN..], f[..]);
+    }
+
+    #[test]
+    fn a_packet_larger_than_every_buffer_together_is_dropped_not_waited_for() {
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | GUEST | MRG);
+        h.backend.push(frame(20_000, 7));
+        h.backend.push(frame(60, 8));
+        // The whole ring, in buffers of 64 bytes: 16 KiB.
+        let posted: Vec<_> = (0..QUEUE_SIZE).map(|_| h.drv.post_rx(&[64])).collect();
+        // The drop used a whole pass's worth of chains: the next pass finds no buffer.
+        assert_eq!(h.dev.process_rx(), RxState::More);
+        assert_eq!(h.dev.process_rx(), RxState::WaitingForBuffers);
+        let used = h.drv.rx.take_used();
+        assert_eq!(used.len(), usize::from(QUEUE_SIZE));
+        assert!(used.iter().all(|&(_, len)| len == 0));
+        assert_eq!(used[0].0, posted[0].0);
+        assert_eq!(h.get(|m| &m.rx_no_room), 1);
+        // The next packet waits for buffers the guest gets back.
+        assert_eq!(h.dev.rx_pending(), Some(VNET_HDR_LEN + 60));
+        let (head, descs) = h.drv.post_rx(&[1536]);
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.drv.rx.take_used(), vec![(head, 72)]);
+        assert_eq!(h.drv.read_rx(&descs, 72)[VNET_HDR_LEN..], frame(60, 8)[..]);
+    }
+
+    #[test]
+    fn a_first_mergeable_buffer_too_small_for_the_header_comes_back_unused() {
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | GUEST | MRG);
+        h.backend.push(frame(100, 9));
+        let small = h.drv.post_rx(&[8]);
+        let good = h.drv.post_rx(&[1536]);
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.drv.rx.take_used(), vec![(small.0, 0), (good.0, 112)]);
+        assert_eq!(h.get(|m| &m.rx_malformed), 1);
+        let got = h.drv.read_rx(&good.1, 112);
+        assert_eq!(num_buffers(&got), 1);
+        assert_eq!(got[VNET_HDR_LEN..], frame(100, 9)[..]);
+    }
+
+    #[test]
+    fn received_offloads_the_guest_did_not_take_are_refused_or_cleared() {
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | MRG);
+        h.backend.push_with_header(
+            hdr(F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16),
+            &frame(3000, 1),
+        );
+        h.backend
+            .push_with_header(hdr(F_NEEDS_CSUM, 0, 0, 0, 34, 16), &frame(100, 2));
+        h.backend
+            .push_with_header(hdr(F_DATA_VALID, 0, 0, 0, 0, 0), &frame(100, 3));
+        let (head, descs) = h.drv.post_rx(&[1536]);
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.drv.rx.take_used(), vec![(head, 112)]);
+        let got = h.drv.read_rx(&descs, 112);
+        // DATA_VALID cleared: the guest checks the sum itself.
+        assert_eq!(got[0], 0);
+        assert_eq!(got[VNET_HDR_LEN..], frame(100, 3)[..]);
+        assert_eq!(h.get(|m| &m.rx_bad_header), 2);
+    }
+
+    #[test]
+    fn without_mergeable_buffers_a_packet_needs_one_chain_that_holds_it() {
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | GUEST);
+        h.backend.push(frame(3000, 1));
+        h.backend.push(frame(1000, 2));
+        let small = h.drv.post_rx(&[1536]);
+        let big = h.drv.post_rx(&[1536, 1536, 1536]);
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.drv.rx.take_used(), vec![(small.0, 0), (big.0, 1012)]);
+        assert_eq!(h.get(|m| &m.rx_no_room), 1);
+        let got = h.drv.read_rx(&big.1, 1012);
+        assert_eq!(num_buffers(&got), 1);
+    }
+
+    #[test]
+    fn the_receive_interrupt_follows_used_event_across_a_merged_packet() {
+        let mut h =
+            Harness::with_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | GUEST | MRG);
+        // The driver wants an interrupt once entry 1 is used: inside the first packet's three.
+        h.drv.rx.set_used_event(1);
+        for _ in 0..6 {
+            h.drv.post_rx(&[1536]);
+        }
+        h.backend.push(frame(4000, 1));
+        let irqs = h.irqs.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.drv.rx.take_used().len(), 3);
+        assert_eq!(h.irqs.load(std::sync::atomic::Ordering::SeqCst), irqs + 1);
+        // It has not moved used_event: the next packet raises none.
+        h.backend.push(frame(100, 2));
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.drv.rx.take_used().len(), 1);
+        assert_eq!(h.irqs.load(std::sync::atomic::Ordering::SeqCst), irqs + 1);
+        // Now it asks for the next one.
+        h.drv.rx.set_used_event(4);
+        h.backend.push(frame(100, 3));
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.irqs.load(std::sync::atomic::Ordering::SeqCst), irqs + 2);
+    }
+
+    #[test]
+    fn need_event_is_the_specs_rule_across_the_wrap() {
+        let w = Wrapping;
+        // Entries old..new = 5..8 are new: used_event 5, 6, 7 ask for one; 8 and 4 do not.
+        for (event, want) in [(5, true), (6, true), (7, true), (8, false), (4, false)] {
+            assert_eq!(rx_needs_interrupt(w(event), w(8), w(5)), want, "{event}");
+        }
+        // Across the u16 wrap.
+        assert!(rx_needs_interrupt(w(u16::MAX), w(2), w(65534)));
+        assert!(rx_needs_interrupt(w(1), w(2), w(65534)));
+        assert!(!rx_needs_interrupt(w(2), w(2), w(65534)));
+    }
 }
