@@ -165,8 +165,8 @@ pub struct SnapshotMeta {
     /// A VM snapshotted while paused was not frozen.
     #[serde(default)]
     pub frozen: bool,
-    /// The daemon's guest kernel and initramfs when it was taken
-    /// (`VmmLaunch::guest_fingerprint`): a warm template of another guest is not used.
+    /// The daemon's VMM, guest kernel and initramfs when it was taken
+    /// (`VmmLaunch::guest_fingerprint`): a warm template of another machine is not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<String>,
 }

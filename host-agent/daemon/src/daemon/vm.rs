@@ -153,10 +153,11 @@ pub struct VmmLaunch {
 }
 
 impl VmmLaunch {
-    /// The guest it boots, as the kernel's and initramfs's paths, lengths and modification
-    /// times: what a warm template records, so that one made of another guest is not used.
+    /// The machine it makes, as the VMM's, the kernel's and the initramfs's paths, lengths and
+    /// modification times: what a warm template records, so that one made of another guest, or
+    /// by another VMM (whose devices may offer other features), is not used.
     pub fn guest_fingerprint(&self) -> String {
-        [&self.kernel, &self.initrd]
+        [&self.bin, &self.kernel, &self.initrd]
             .iter()
             .map(|path| {
                 let meta = std::fs::metadata(path).ok();

@@ -8,8 +8,8 @@
 //! [`template_name`] and removes the VM. The name holds the image's digest, the guest's memory
 //! and vCPUs and the writable disk's size, so a rebuilt image or another size never finds a
 //! template made for something else; warming again replaces the template. The template also
-//! records the guest kernel and initramfs it booted (`SnapshotMeta::guest`): after they change
-//! (an upgrade), runs boot cold until the image is warmed again.
+//! records the VMM, guest kernel and initramfs it booted with (`SnapshotMeta::guest`): after
+//! one of them changes (an upgrade), runs boot cold until the image is warmed again.
 //!
 //! # Starting from one
 //!
@@ -176,7 +176,7 @@ impl Daemon {
             return Ok(None);
         };
         if meta.guest.as_deref() != Some(self.launch.guest_fingerprint().as_str()) {
-            // Made of another guest kernel or initramfs (an upgrade): not this daemon's guest.
+            // Made by another VMM, or of another guest kernel or initramfs (an upgrade).
             tracing::info!(snapshot = %name, "warm template of another guest; booting");
             return Ok(None);
         }
