@@ -561,7 +561,8 @@ fn drop_taken(
 }
 
 /// Puts `elems` (head, used length) on the used ring and publishes the used index once, after
-/// all of them (see the module doc).
+/// all of them (see the module doc). A head outside the queue names no descriptor to give
+/// back: it is left out (and counted), as `add_used` would refuse it.
 fn publish(
     queue: &mut Queue,
     mem: &GuestMemoryMmap<()>,
@@ -569,13 +570,21 @@ fn publish(
     metrics: &NetMetrics,
     log: &RateLimitedLog,
 ) {
-    let Some(((last_head, last_len), rest)) = elems.split_last() else {
+    let size = queue.size();
+    let valid = |e: &&(u16, u32)| e.0 < size;
+    let count = elems.iter().filter(valid).count();
+    if count < elems.len() {
+        NetMetrics::add(&metrics.queue_errors, (elems.len() - count) as u64);
+        if log.allow() {
+            tracing::warn!("net: receive chain head outside the queue");
+        }
+    }
+    let Some(&(last_head, last_len)) = elems.iter().rev().find(valid) else {
         return;
     };
     let start = queue.next_used();
-    let size = queue.size();
     let mut next = Wrapping(start);
-    for &(head, len) in rest {
+    for &(head, len) in elems.iter().filter(valid).take(count - 1) {
         // The used ring's element `i` is at 4 + 8 * i (after `flags` and `idx`).
         let at = queue.used_ring() + 4 + 8 * u64::from(next.0 % size);
         let mut elem = [0u8; 8];
@@ -594,7 +603,7 @@ fn publish(
     }
     queue.set_next_used(next.0);
     // Writes the last element and then, with release ordering, the index past all of them.
-    if !complete(queue, mem, *last_head, *last_len, metrics, log) {
+    if !complete(queue, mem, last_head, last_len, metrics, log) {
         queue.set_next_used(start);
     }
 }

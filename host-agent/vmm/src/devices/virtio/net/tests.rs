@@ -1147,6 +1147,23 @@ mod offloads {
     }
 
     #[test]
+    fn a_bad_chain_in_the_middle_of_a_merged_packet_drops_it_and_gives_back_what_it_took() {
+        let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | GUEST | MRG);
+        h.backend.push(frame(2000, 1));
+        h.backend.push(frame(100, 2));
+        let a = h.drv.post_rx(&[1536]);
+        // A head outside the queue: it names no descriptor, and nothing is given back for it.
+        h.drv.rx.add_raw(300, &[]);
+        let c = h.drv.post_rx(&[1536]);
+        assert_eq!(h.dev.process_rx(), RxState::Idle);
+        assert_eq!(h.drv.rx.take_used(), vec![(a.0, 0), (c.0, 112)]);
+        assert_eq!(h.get(|m| &m.rx_malformed), 1);
+        assert_eq!(h.get(|m| &m.queue_errors), 1);
+        assert_eq!(h.get(|m| &m.rx_frames), 1);
+        assert_eq!(h.drv.read_rx(&c.1, 112)[VNET_HDR_LEN..], frame(100, 2)[..]);
+    }
+
+    #[test]
     fn received_offloads_the_guest_did_not_take_are_refused_or_cleared() {
         let mut h = Harness::with_features(VIRTIO_F_VERSION_1 | MRG);
         h.backend.push_with_header(
