@@ -68,6 +68,8 @@ def start(args, vm_dir, index):
     """Starts guest `index` jailed; returns (Popen, guest-used KiB, seconds to ready)."""
     uid = str(JAIL_UID + index)
     cmd = ours(args, args.vmlinux, vm_dir) + ["--jail-uid", uid, "--jail-gid", uid]
+    if args.cpus:
+        cmd += ["--cpus", args.cpus]
     began = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
@@ -97,6 +99,7 @@ def main():
     p.add_argument("--vmm", required=True)
     p.add_argument("--vmlinux", required=True)
     p.add_argument("--initrd", required=True)
+    p.add_argument("--cpus", help="pin every VMM to these host CPUs (nanoclaw-vmm --cpus)")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench-density: the jail needs root")
@@ -104,7 +107,7 @@ def main():
     total_kib = meminfo("MemTotal")
     print(f"bench-density: idle guests of {MEM_MIB} MiB, 1 vCPU, jailed, ELF vmlinux; host "
           f"MemTotal {total_kib // 1024} MiB; stop at {args.max} guests or MemAvailable < "
-          f"{FLOOR_KIB // 1024} MiB", flush=True)
+          f"{FLOOR_KIB // 1024} MiB; VMMs on CPUs {args.cpus or 'any'}", flush=True)
     guests = []  # (Popen, guest-used KiB)
     stop_reason = f"reached MAX ({args.max})"
     with tempfile.TemporaryDirectory() as d:
