@@ -90,9 +90,9 @@ def boot_once(cmd):
     return ready, done, code
 
 
-def rss_excluding_guest_kib(pid):
-    """Sum of Rss over all mappings of `pid` except the guest-memory mapping(s)."""
-    total = 0
+def split_rss_kib(pid):
+    """(RSS of the guest-memory mapping(s), RSS of every other mapping) of `pid`, in KiB."""
+    guest = other = 0
     size_kib = None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
@@ -102,9 +102,15 @@ def rss_excluding_guest_kib(pid):
                 size_kib = int(line.split()[1])
             elif line.startswith("Rss:"):
                 if size_kib is not None and size_kib >= MEM_MIB * 1024:
-                    continue  # guest memory
-                total += int(line.split()[1])
-    return total
+                    guest += int(line.split()[1])
+                else:
+                    other += int(line.split()[1])
+    return guest, other
+
+
+def rss_excluding_guest_kib(pid):
+    """Sum of Rss over all mappings of `pid` except the guest-memory mapping(s)."""
+    return split_rss_kib(pid)[1]
 
 
 def hold(cmd):

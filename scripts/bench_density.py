@@ -16,7 +16,8 @@ import subprocess
 import tempfile
 import time
 
-from bench_boot import MEM_MIB, ours
+from bench_boot import MEM_MIB, ours, split_rss_kib
+from bench_jail import children, vm_rss
 
 READY = b"NANOCLAW-BENCH-READY"
 MEM_LINE = re.compile(rb"NANOCLAW-BENCH-MEM total=(\d+) free=(\d+)")
@@ -31,37 +32,6 @@ def meminfo(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
-
-
-def vm_rss(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-
-
-def children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def split_rss_kib(pid):
-    """(RSS of the guest-RAM mapping, RSS of everything else) of `pid`, in KiB."""
-    guest = other = 0
-    size_kib = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                size_kib = None
-            elif line.startswith("Size:"):
-                size_kib = int(line.split()[1])
-            elif line.startswith("Rss:"):
-                if size_kib is not None and size_kib >= MEM_MIB * 1024:
-                    guest += int(line.split()[1])
-                else:
-                    other += int(line.split()[1])
-    return guest, other
 
 
 def start(args, vm_dir, index):

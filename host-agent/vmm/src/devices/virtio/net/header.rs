@@ -251,22 +251,32 @@ pub fn check_rx(
     Ok(())
 }
 
+/// A header's bytes from its fields, `num_buffers` zero (for tests).
+#[cfg(test)]
+pub(crate) fn test_header(
+    flags: u8,
+    gso_type: u8,
+    hdr_len: u16,
+    gso_size: u16,
+    csum_start: u16,
+    csum_offset: u16,
+) -> [u8; VNET_HDR_LEN] {
+    VnetHeader {
+        flags,
+        gso_type,
+        hdr_len,
+        gso_size,
+        csum_start,
+        csum_offset,
+    }
+    .to_bytes(0)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_header as hdr;
     use super::*;
     use crate::devices::virtio::net::defs;
-
-    fn hdr(flags: u8, gso_type: u8, hdr_len: u16, gso_size: u16, start: u16, off: u16) -> [u8; 12] {
-        VnetHeader {
-            flags,
-            gso_type,
-            hdr_len,
-            gso_size,
-            csum_start: start,
-            csum_offset: off,
-        }
-        .to_bytes(0x5a5a)
-    }
 
     const ALL: Offloads = Offloads {
         csum: true,

@@ -975,7 +975,9 @@ mod offloads {
 
     use super::super::defs;
     use super::super::device::{RxState, rx_needs_interrupt};
-    use super::super::header::{F_DATA_VALID, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHeader};
+    use super::super::header::{
+        F_DATA_VALID, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, test_header as hdr,
+    };
     use super::super::test_utils::{Harness, frame};
     use super::super::{QUEUE_SIZE, VNET_HDR_LEN};
     use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
@@ -986,18 +988,6 @@ mod offloads {
         | defs::VIRTIO_NET_F_GUEST_TSO4
         | defs::VIRTIO_NET_F_GUEST_TSO6;
     const MRG: u64 = defs::VIRTIO_NET_F_MRG_RXBUF;
-
-    fn hdr(flags: u8, gso_type: u8, hdr_len: u16, gso_size: u16, start: u16, off: u16) -> [u8; 12] {
-        VnetHeader {
-            flags,
-            gso_type,
-            hdr_len,
-            gso_size,
-            csum_start: start,
-            csum_offset: off,
-        }
-        .to_bytes(0)
-    }
 
     fn num_buffers(packet: &[u8]) -> u16 {
         u16::from_le_bytes([packet[10], packet[11]])
