@@ -59,11 +59,24 @@ def firecracker(args, kernel, vm_dir, extra=""):
     return [args.firecracker, "--no-api", "--config-file", path, "--level", "Error"]
 
 
-def boot_once(cmd):
-    """Returns (seconds to marker, seconds to exit, exit code)."""
+TIMELINE = re.compile(rb"nanoclaw-vmm: boot_timeline_ms ((?:\w+=[0-9.]+ ?)+)")
+
+
+def timeline_of(stderr):
+    """Our VMM's boot timeline (stage -> ms since its start) from its stderr, or None."""
+    m = TIMELINE.search(stderr or b"")
+    if not m:
+        return None
+    return {k.decode(): float(v) for k, v in (kv.split(b"=") for kv in m.group(1).split())}
+
+
+def boot_once(cmd, timeline=None):
+    """Returns (seconds to marker, seconds to exit, exit code). With `timeline` (a list), our
+    VMM's boot timeline is appended to it, with `ready` (the marker) in the same units."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE if timeline is not None
+                            else subprocess.DEVNULL)
     seen = b""
     ready = None
     fd = proc.stdout.fileno()
@@ -87,6 +100,11 @@ def boot_once(cmd):
     done = time.monotonic() - start
     if ready is None:
         raise RuntimeError(f"{cmd[0]} exited ({code}) without the ready marker")
+    if timeline is not None:
+        t = timeline_of(proc.stderr.read())
+        if t is not None:
+            t["ready"] = ready * 1000
+            timeline.append(t)
     return ready, done, code
 
 
@@ -163,13 +181,15 @@ def main():
             vmms.append(("firecracker", firecracker))
         readies = {v: [] for v, _ in vmms}
         exits = {v: [] for v, _ in vmms}
+        timelines = []
         for vname, build in vmms:  # one warm-up boot each (page cache, first KVM VM)
             with tempfile.TemporaryDirectory() as d:
                 boot_once(build(args, kernel, d))
         for _ in range(args.runs):
             for vname, build in vmms:
                 with tempfile.TemporaryDirectory() as d:
-                    ready, done, _code = boot_once(build(args, kernel, d))
+                    ready, done, _code = boot_once(build(args, kernel, d),
+                                                   timelines if vname == "ours" else None)
                 readies[vname].append(ready)
                 exits[vname].append(done)
         for vname, _ in vmms:
@@ -178,6 +198,14 @@ def main():
             print(f"  {kname:8} {vname:13} start->ready median {results[(kname, vname)][0]*1000:7.0f} ms"
                   f"   start->exit median {results[(kname, vname)][1]*1000:7.0f} ms"
                   f"   (ready min {min(r)*1000:.0f} max {max(r)*1000:.0f})", flush=True)
+        if timelines:
+            stages = [k for k in timelines[0] if all(k in t for t in timelines)]
+            print(f"  {kname:8} ours, timeline (median ms since the VMM started): " + "  ".join(
+                f"{k} {statistics.median(t[k] for t in timelines):.1f}" for k in stages))
+            guest = statistics.median(t["ready"] - t["first_run"] for t in timelines)
+            host = statistics.median(t["first_run"] for t in timelines)
+            print(f"  {kname:8} ours, before the first instruction {host:.1f} ms, the guest's own "
+                  f"{guest:.1f} ms", flush=True)
     print("ratios ours/QEMU microvm (target <= 0.8):")
     for kname in ("bzImage", "vmlinux"):
         o, q = results[(kname, "ours")], results[(kname, "qemu-microvm")]

@@ -43,6 +43,7 @@ pub mod memory;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
+pub mod timeline;
 pub mod vcpu;
 pub mod x86_64;
 

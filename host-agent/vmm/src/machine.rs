@@ -34,6 +34,7 @@ use super::layout::{
 };
 use super::seccomp::{self, ThreadKind};
 use super::snapshot::{self, HostSupport};
+use super::timeline::BootTimeline;
 use super::vcpu::{RunGate, VcpuError, VcpuRunner};
 use super::x86_64::mptable::{self, MptableError};
 use super::x86_64::regs::{self, RegsError};
@@ -231,6 +232,8 @@ pub struct Vmm {
     vm_dir: std::path::PathBuf,
     /// Whether the vCPUs start parked (`--restore-paused`).
     start_paused: bool,
+    /// The boot timeline so far, for vCPU 0 to report at its first run.
+    timeline: Option<BootTimeline>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryMmap<()>,
@@ -317,6 +320,7 @@ impl Vmm {
 
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         check_capabilities(&kvm)?;
+        let mut timeline = BootTimeline::new(process_start);
         let vm = kvm.create_vm().map_err(VmmError::CreateVm)?;
         vm.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(VmmError::SetTssAddress)?;
@@ -328,6 +332,7 @@ impl Vmm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(VmmError::CreatePit)?;
+        timeline.mark("vm");
         let snapshot_host = match HostSupport::probe(&kvm, &vm) {
             Ok(host) => Some(Arc::new(host)),
             Err(e) if config.restore.is_none() => {
@@ -358,6 +363,7 @@ impl Vmm {
             None => memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?,
         };
         memory::register_guest_memory(&vm, &mem).map_err(VmmError::Memory)?;
+        timeline.mark("memory");
 
         let vcpus = (0..config.vcpus)
             .map(|i| {
@@ -541,6 +547,7 @@ impl Vmm {
             }
         };
 
+        timeline.mark("devices");
         // With `restore` set, a failed probe has already returned its error.
         let start_paused = if let Some(restore) = &config.restore
             && let Some(host) = snapshot_host.as_deref()
@@ -565,6 +572,7 @@ impl Vmm {
                 since_start_ms = process_start.elapsed().as_millis(),
                 "VM restored from a snapshot"
             );
+            timeline.mark("restored");
             restore.paused
         } else {
             // The guest image and boot structures.
@@ -598,6 +606,7 @@ impl Vmm {
                 cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
                 "VM built"
             );
+            timeline.mark("loaded");
             false
         };
 
@@ -617,6 +626,7 @@ impl Vmm {
             virtio,
             vm_dir: config.vm_dir.clone(),
             start_paused,
+            timeline: Some(timeline),
             vm: Arc::new(vm),
             _kvm: kvm,
             mem,
@@ -648,6 +658,11 @@ impl Vmm {
                 mem: self.mem.clone(),
                 gate: gate.clone(),
                 commands: Some(commands_rx),
+                timeline: if index == 0 {
+                    self.timeline.take()
+                } else {
+                    None
+                },
             };
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))

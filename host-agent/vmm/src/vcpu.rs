@@ -299,6 +299,8 @@ pub struct VcpuRunner {
     pub gate: Arc<RunGate>,
     /// Work for the vCPU's own thread while it is parked (saving its state for a snapshot).
     pub commands: Option<Receiver<VcpuCommand>>,
+    /// The boot timeline, reported just before the first `KVM_RUN` (vCPU 0 only).
+    pub timeline: Option<crate::timeline::BootTimeline>,
 }
 
 impl VcpuRunner {
@@ -327,6 +329,9 @@ impl VcpuRunner {
                     tracing::debug!(cpu = self.index, error = %e, "KVM_KVMCLOCK_CTRL failed");
                 }
                 continue;
+            }
+            if let Some(timeline) = self.timeline.take() {
+                timeline.report_first_run();
             }
             match self.step(&mut unhandled) {
                 Step::Continue => {}

@@ -140,6 +140,7 @@ fn start(t: TestVm) -> Running {
         mem: t.mem.clone(),
         gate: gate.clone(),
         commands: Some(commands_rx),
+        timeline: None,
     };
     let thread = std::thread::spawn(move || {
         // Keep the events receiver alive for the thread's life.
