@@ -5,10 +5,9 @@
 //! A transmit chain is a stream of device-readable bytes: the 12-byte virtio-net header, then
 //! the frame, split across descriptors in any way (`VERSION_1` implies `ANY_LAYOUT`). A receive
 //! chain is a stream of device-writable bytes the header and frame (or a part of them) are
-//! written into. Every
-//! descriptor is checked for its direction and against guest memory before a byte moves, the
-//! lengths are summed in 64 bits, and nothing is allocated: the frame goes through the caller's
-//! fixed buffer.
+//! written into. Every descriptor is checked for its direction and against guest memory before
+//! a byte moves, the lengths are summed in 64 bits, and nothing is allocated: the frame goes
+//! through the caller's fixed buffer.
 
 use std::ops::Deref;
 
