@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -171,6 +172,16 @@ def main():
     p.add_argument("--initrd", required=True)
     p.add_argument("--firecracker", help="a Firecracker binary, built outside this repository")
     args = p.parse_args()
+    # Each VMM binary runs from local storage, as QEMU's does: ours and Firecracker's are given
+    # as paths in the repository's folder, which L1 reads from the host over its shared folder,
+    # page by page at each start. Copied once to L1's own /tmp, they load from its page cache.
+    local = tempfile.mkdtemp(prefix="bench-boot-bin-")
+    for attr in ("vmm", "firecracker"):
+        path = getattr(args, attr)
+        if path:
+            copy = os.path.join(local, f"{attr}-{os.path.basename(path)}")
+            shutil.copy2(path, copy)
+            setattr(args, attr, copy)
 
     print(f"bench-boot: {args.runs} interleaved rounds, {MEM_MIB} MiB, 1 vCPU, cmdline '{CMDLINE}'"
           f"{'' if args.firecracker else ' (no --firecracker given: ours and QEMU only)'}", flush=True)
