@@ -479,18 +479,12 @@ fn receive_merged(
         }
         let chain = match next_chain(rx, mem, metrics, &logs.queue) {
             Next::Chain(chain) => chain,
-            Next::Empty => {
-                // Ask to be kicked past the chains taken, then give them back.
-                let more = rearm(rx, mem, metrics, &logs.queue);
-                if more {
+            // Out of buffers: ask to be kicked past the chains taken (unless the ring is
+            // unusable), then give them back.
+            next @ (Next::Empty | Next::Unusable) => {
+                if matches!(next, Next::Empty) && rearm(rx, mem, metrics, &logs.queue) {
                     continue;
                 }
-                for _ in 0..merged.len() {
-                    rx.go_to_previous_position();
-                }
-                return Received::NoBuffers { more: false };
-            }
-            Next::Unusable => {
                 for _ in 0..merged.len() {
                     rx.go_to_previous_position();
                 }
