@@ -5,6 +5,7 @@
 //! `vmlinux` is entered at its ELF entry point (`startup_64`, a physical address), skipping
 //! decompression; its PVH note is ignored. Both get the same zero page.
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::path::Path;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, load_cmdline};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestUsize};
+use vm_memory::{Bytes, GuestAddress, GuestUsize};
 
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, E820Entry, HIMEM_START, ZERO_PAGE_START, low_ram_end,
@@ -143,7 +144,7 @@ pub struct LoadedKernel {
 }
 
 /// Loads the kernel at `path` into `mem`.
-pub fn load_kernel(mem: &GuestMemoryMmap<()>, path: &Path) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(mem: &GuestRam, path: &Path) -> Result<LoadedKernel, BootError> {
     let name = path.display().to_string();
     let read_err = |source| BootError::ReadKernel {
         path: name.clone(),
@@ -218,7 +219,7 @@ pub fn initrd_placement(
 
 /// Copies the initramfs at `path` as high as the kernel allows. Returns its address and size.
 pub fn load_initrd(
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     path: &Path,
     mem_size: u64,
     kernel: &LoadedKernel,
@@ -267,7 +268,7 @@ pub fn build_cmdline(device_args: &[String], extra: Option<&str>) -> Result<Cmdl
 }
 
 /// Copies `cmdline` to its fixed address. Returns its size including the terminating NUL.
-pub fn write_cmdline(mem: &GuestMemoryMmap<()>, cmdline: &Cmdline) -> Result<u32, BootError> {
+pub fn write_cmdline(mem: &GuestRam, cmdline: &Cmdline) -> Result<u32, BootError> {
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::WriteCmdline)?;
     let len = cmdline
         .as_cstring()
@@ -316,7 +317,7 @@ pub fn build_boot_params(
 }
 
 /// Writes the zero page.
-pub fn write_boot_params(mem: &GuestMemoryMmap<()>, params: &boot_params) -> Result<(), BootError> {
+pub fn write_boot_params(mem: &GuestRam, params: &boot_params) -> Result<(), BootError> {
     mem.write_obj(*params, GuestAddress(ZERO_PAGE_START))
         .map_err(BootError::WriteZeroPage)
 }

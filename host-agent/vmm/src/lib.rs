@@ -40,6 +40,7 @@ pub mod layout;
 pub mod log_limit;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;

@@ -4,6 +4,7 @@
 //! PIT come before any vCPU; memory slots before the kernel is loaded; the irqchip before irqfds
 //! and before each vCPU's LAPIC is written.
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::Killable;
 
@@ -236,7 +236,7 @@ pub struct Vmm {
     timeline: Option<BootTimeline>,
     vm: Arc<VmFd>,
     _kvm: Kvm,
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
 }
 
 impl std::fmt::Debug for Vmm {

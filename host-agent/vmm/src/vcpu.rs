@@ -16,6 +16,7 @@
 //! time [`RunGate::notify`] wakes it (or at the latest after its periodic re-check): that is how
 //! a snapshot reads each vCPU's state on the vCPU's own thread, outside `KVM_RUN`.
 
+use crate::memory::GuestRam;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -25,7 +26,6 @@ use kvm_bindings::{
     CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
 
 use super::devices::bus::Bus;
 use super::exit::VmEvent;
@@ -294,7 +294,7 @@ pub struct VcpuRunner {
     /// Where the VM's end is reported.
     pub events: Sender<VmEvent>,
     /// Guest memory, held so the mappings outlive the vCPU.
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestRam,
     /// Where the vCPU parks while the VM is paused.
     pub gate: Arc<RunGate>,
     /// Work for the vCPU's own thread while it is parked (saving its state for a snapshot).

@@ -17,6 +17,7 @@
 //! Needs `/dev/kvm`; without it, or where the host's KVM refuses an ioctl, the test says which
 //! and stops there.
 
+use nanoclaw_vmm::memory::GuestRam;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -62,7 +63,7 @@ fn ring(q: usize) -> (u64, u64, u64) {
 }
 
 /// The rings of a vsock driver that set the device up and offered one event buffer.
-fn write_vsock_rings(mem: &vm_memory::GuestMemoryMmap<()>) {
+fn write_vsock_rings(mem: &GuestRam) {
     let (desc, avail, _) = ring(EVQ);
     // Descriptor 0: the 8-byte buffer, device-writable (VRING_DESC_F_WRITE).
     mem.write_obj(EVENT_BUF, GuestAddress(desc)).unwrap();

@@ -1,6 +1,7 @@
 //! What the network device's fuzz targets share: guest memory with a receive and a transmit
 //! queue, a backend in memory, and an interrupt line that does nothing.
 
+use nanoclaw_vmm::memory::GuestRam;
 use std::collections::VecDeque;
 
 use nanoclaw_vmm::devices::virtio::mmio::Interrupt;
@@ -9,7 +10,7 @@ use nanoclaw_vmm::devices::virtio::net::{MAX_FRAME_LEN, MIN_FRAME_LEN, NetBacken
 use virtio_queue::Queue;
 use virtio_queue::QueueT;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory: the two queues' rings, then the data area.
 pub const MEM_SIZE: usize = 0x4_0000;
@@ -88,8 +89,8 @@ pub struct QueueRings {
 }
 
 /// Fresh guest memory, the receive and transmit queues (in that order) and their rings.
-pub fn machine() -> (GuestMemoryMmap<()>, Vec<Queue>, [QueueRings; 2]) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+pub fn machine() -> (GuestRam, Vec<Queue>, [QueueRings; 2]) {
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut queues = Vec::new();
     let rings = QUEUE_BASE.map(|base| {
         let mock = MockSplitQueue::create(&mem, GuestAddress(base), QSIZE);
@@ -108,7 +109,7 @@ pub fn machine() -> (GuestMemoryMmap<()>, Vec<Queue>, [QueueRings; 2]) {
 }
 
 /// The used ring's entries so far: (index, length) of each, and the used index.
-pub fn used_entries(mem: &GuestMemoryMmap<()>, used: GuestAddress) -> (u16, Vec<(u32, u32)>) {
+pub fn used_entries(mem: &GuestRam, used: GuestAddress) -> (u16, Vec<(u32, u32)>) {
     let idx: u16 = mem.read_obj(GuestAddress(used.0 + 2)).unwrap();
     let entries = (0..u64::from(idx.min(QSIZE)))
         .map(|i| {

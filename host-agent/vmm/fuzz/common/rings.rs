@@ -7,7 +7,8 @@
 //! Keeping it a plain file rather than a `fuzzing` feature of the crate keeps fuzz-only code
 //! out of `nanoclaw-vmm` itself.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use nanoclaw_vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 /// The fuzzer's bytes, read front to back; missing bytes read as zero.
 pub struct Input<'a>(pub &'a [u8]);
@@ -61,11 +62,7 @@ pub struct Rings {
 ///
 /// Returns the number of available-ring entries and the head in each available-ring slot
 /// (zero where none was written).
-pub fn write_hostile_queue(
-    mem: &GuestMemoryMmap<()>,
-    input: &mut Input<'_>,
-    r: &Rings,
-) -> (u8, Vec<u16>) {
+pub fn write_hostile_queue(mem: &GuestRam, input: &mut Input<'_>, r: &Rings) -> (u8, Vec<u16>) {
     let n_desc = usize::from(input.byte() % (r.qsize as u8 + 1));
     for i in 0..n_desc {
         let raw = le::<16>(&input.take(16));

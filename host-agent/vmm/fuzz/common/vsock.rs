@@ -4,6 +4,7 @@
 //!
 //! Included like `rings.rs` (`#[path = "../common/vsock.rs"] mod vsock;`; see there why).
 
+use nanoclaw_vmm::memory::GuestRam;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -13,7 +14,7 @@ use nanoclaw_vmm::devices::virtio::vsock::unix::port_listener_path;
 use nanoclaw_vmm::devices::virtio::vsock::{VsockDevice, VsockMetrics, VsockMuxer};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 pub const MEM_SIZE: usize = 0x4_0000;
 pub const QSIZE: u16 = 16;
@@ -35,7 +36,7 @@ impl Interrupt for NoIrq {
 /// Guest memory and the device's queues (rx, tx, event), with where the tx and rx queues'
 /// descriptor tables and available rings are.
 pub struct Machine {
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestRam,
     pub queues: Vec<Queue>,
     /// (descriptor table, available ring) of the tx queue.
     pub tx: (GuestAddress, GuestAddress),
@@ -44,7 +45,7 @@ pub struct Machine {
 }
 
 pub fn machine() -> Machine {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut queues: Vec<Queue> = Vec::new();
     let mut tx = (GuestAddress(0), GuestAddress(0));
     let mut rx = (GuestAddress(0), GuestAddress(0));
@@ -90,7 +91,7 @@ pub fn sock_path(name: &str, host_port: u32) -> &'static (PathBuf, UnixListener)
 /// The device on the real backend (listening under `uds_path`), activated on `mem` and
 /// `queues`.
 pub fn device(
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     queues: Vec<Queue>,
     uds_path: &Path,
 ) -> VsockDevice<VsockMuxer, NoIrq> {

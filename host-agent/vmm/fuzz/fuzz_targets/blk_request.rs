@@ -16,6 +16,7 @@
 
 #![no_main]
 
+use nanoclaw_vmm::memory::GuestRam;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use nanoclaw_vmm::devices::virtio::block::{BlockDevice, BlockMetrics, DiskBacken
 use nanoclaw_vmm::devices::virtio::mmio::Interrupt;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 // The input reader and the hostile-queue writer, shared with the other fuzz target.
 #[path = "../common/rings.rs"]
@@ -92,7 +93,7 @@ impl DiskBackend for MemDisk {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mock = MockSplitQueue::create(&mem, GuestAddress(QUEUE_BASE), QSIZE);
     let (desc_table, avail) = (mock.desc_table_addr(), mock.avail_addr());
     // The mock's used ring overlaps the upper half of its available ring (virtio-queue 0.18

@@ -23,13 +23,14 @@
 
 #![no_main]
 
+use nanoclaw_vmm::memory::GuestRam;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use nanoclaw_vmm::devices::virtio::vsock::{VsockBackend, VsockHeader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 // The input reader and the hostile-queue writer, and the vsock setup, shared with the other
 // fuzz targets.
@@ -66,7 +67,7 @@ struct TxQueue {
 
 impl TxQueue {
     /// Posts a header-only packet from the guest to the host.
-    fn post(&mut self, mem: &GuestMemoryMmap<()>, src_port: u32, dst_port: u32, op: u16) {
+    fn post(&mut self, mem: &GuestRam, src_port: u32, dst_port: u32, op: u16) {
         let i = self.next;
         assert!(
             i < QSIZE,

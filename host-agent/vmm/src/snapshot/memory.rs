@@ -15,14 +15,15 @@
 //! whose blocks are larger than a page, a segment may also hold a few zero pages, which are
 //! then read in too). No bounce buffer and no scan: a restore reads each byte once.
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 use super::SnapshotError;
@@ -52,7 +53,7 @@ pub struct MemoryState {
 
 impl MemoryState {
     /// The layout of `mem`.
-    pub fn of(mem: &GuestMemoryMmap<()>) -> Self {
+    pub fn of(mem: &GuestRam) -> Self {
         let regions: Vec<RegionState> = mem
             .iter()
             .map(|r| RegionState {
@@ -70,7 +71,7 @@ impl MemoryState {
     }
 
     /// Checks that `mem` has exactly this layout and that the file length adds up.
-    pub fn check_matches(&self, mem: &GuestMemoryMmap<()>) -> Result<(), SnapshotError> {
+    pub fn check_matches(&self, mem: &GuestRam) -> Result<(), SnapshotError> {
         self.check_layout(&Self::of(mem))
     }
 
@@ -100,7 +101,7 @@ impl MemoryState {
 }
 
 /// Byte runs `[start, end)` of `chunk`, in whole pages, whose pages hold a non-zero byte.
-fn nonzero_runs(chunk: &[u8]) -> Vec<(usize, usize)> {
+pub(crate) fn nonzero_runs(chunk: &[u8]) -> Vec<(usize, usize)> {
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, page) in chunk.chunks(PAGE).enumerate() {
         if page.iter().all(|&b| b == 0) {
@@ -126,10 +127,7 @@ pub struct MemoryWritten {
 }
 
 /// Writes guest memory `mem` to a new file at `path` (mode 0600), sparse, and syncs it.
-pub fn write_memory(
-    path: &Path,
-    mem: &GuestMemoryMmap<()>,
-) -> Result<MemoryWritten, SnapshotError> {
+pub fn write_memory(path: &Path, mem: &GuestRam) -> Result<MemoryWritten, SnapshotError> {
     let io = |source| SnapshotError::io("write the memory file", path, source);
     let file = super::create_private(path).map_err(io)?;
     let mut buf = vec![0u8; CHUNK];
@@ -163,11 +161,7 @@ pub fn write_memory(
 
 /// Reads the memory file at `path` into `mem`, which must be fresh (all zero) and laid out as
 /// `state` says. The file must be exactly `state.file_len` bytes long.
-pub fn read_memory(
-    path: &Path,
-    state: &MemoryState,
-    mem: &GuestMemoryMmap<()>,
-) -> Result<(), SnapshotError> {
+pub fn read_memory(path: &Path, state: &MemoryState, mem: &GuestRam) -> Result<(), SnapshotError> {
     state.check_matches(mem)?;
     let file = &File::open(path)
         .map_err(|source| SnapshotError::io("read the memory file", path, source))?;
@@ -258,7 +252,7 @@ pub fn map_memory_file(
     path: &Path,
     state: &MemoryState,
     ranges: &[(GuestAddress, usize)],
-) -> Result<GuestMemoryMmap<()>, SnapshotError> {
+) -> Result<GuestRam, SnapshotError> {
     let regions: Vec<RegionState> = ranges
         .iter()
         .map(|&(addr, len)| RegionState {
@@ -273,19 +267,22 @@ pub fn map_memory_file(
     let mut mapped = Vec::with_capacity(ranges.len());
     let mut file_off = 0u64;
     for &(addr, len) in ranges {
-        let region = vm_memory::mmap::MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
-            .with_file_offset(FileOffset::new(file.try_clone().map_err(io)?, file_off))
-            .build()
-            .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
+        let region = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+            len,
+            <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(len),
+        )
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+        .with_file_offset(FileOffset::new(file.try_clone().map_err(io)?, file_off))
+        .build()
+        .map_err(|e| SnapshotError::GuestMemory(e.to_string()))?;
         mapped.push(
             GuestRegionMmap::new(region, addr)
                 .ok_or_else(|| SnapshotError::GuestMemory(format!("region at {addr:?}")))?,
         );
         file_off += len as u64;
     }
-    GuestMemoryMmap::from_regions(mapped).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
+    GuestRam::from_regions(mapped).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
 }
 
 /// The data segment `[start, end)` of `file` (of length `len`) at or after `pos`, `None` when
@@ -316,7 +313,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    fn guest(mib: u64) -> GuestMemoryMmap<()> {
+    fn guest(mib: u64) -> GuestRam {
         crate::memory::create_guest_memory(mib << 20).unwrap()
     }
 

@@ -137,6 +137,7 @@ pub mod cpu;
 pub mod format;
 pub mod memory;
 
+use crate::memory::GuestRam;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -150,7 +151,6 @@ use crate::devices::i8042::{I8042, I8042State};
 use crate::devices::serial::UartState;
 use crate::devices::virtio::state::{QuiesceError, VirtioDeviceState, VirtioStateError};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 pub use cpu::{HostSupport, VcpuState, VmState};
 pub use memory::{MemoryState, MemoryWritten};
@@ -477,7 +477,7 @@ pub struct SnapshotSource {
     /// The VM file (irqchip, PIT, clock).
     pub vm: Arc<VmFd>,
     /// Guest memory.
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestRam,
     /// One command channel per vCPU thread, in index order.
     pub vcpus: Vec<Sender<VcpuCommand>>,
     /// What the host supports.
@@ -523,6 +523,28 @@ pub fn take(
         .mode(0o700)
         .create(dir)
         .map_err(|e| SnapshotError::io("create the snapshot folder", dir, e))?;
+    let state = capture(source, parked, wake, timeout)?;
+    let written = memory::write_memory(&dir.join(MEMORY_FILE), &source.mem)?;
+    format::write_file(&dir.join(STATE_FILE), &state)?;
+    Ok(SnapshotSummary {
+        vcpus: state.vcpus.len(),
+        memory_bytes: written.file_len,
+        memory_data_bytes: written.data_bytes,
+    })
+}
+
+/// Reads the state of a paused VM, everything but its memory's contents: each vCPU's, saved by
+/// its own parked thread, the VM-wide state and the devices'. What [`take`] writes to the state
+/// file, and what a live migration sends once the VM is stopped.
+pub fn capture(
+    source: &SnapshotSource,
+    parked: bool,
+    wake: &dyn Fn(),
+    timeout: Duration,
+) -> Result<SnapshotState, SnapshotError> {
+    if !parked {
+        return Err(SnapshotError::NotPaused);
+    }
     let mut replies = Vec::with_capacity(source.vcpus.len());
     for (cpu, commands) in (0u8..).zip(&source.vcpus) {
         let (reply, answer) = channel();
@@ -550,19 +572,12 @@ pub fn take(
     }
     let vm = VmState::capture(&source.vm)?;
     let devices = (source.devices)()?;
-    let written = memory::write_memory(&dir.join(MEMORY_FILE), &source.mem)?;
-    let state = SnapshotState {
+    Ok(SnapshotState {
         vmm_version: env!("CARGO_PKG_VERSION").to_owned(),
         memory: MemoryState::of(&source.mem),
         vcpus,
         vm,
         devices,
-    };
-    format::write_file(&dir.join(STATE_FILE), &state)?;
-    Ok(SnapshotSummary {
-        vcpus: state.vcpus.len(),
-        memory_bytes: written.file_len,
-        memory_data_bytes: written.data_bytes,
     })
 }
 
@@ -619,7 +634,7 @@ pub fn restore(
     state: &SnapshotState,
     vm: &VmFd,
     vcpus: &[VcpuFd],
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     host: &HostSupport,
 ) -> Result<(), SnapshotError> {
     check_vcpu_count(state, vcpus)?;
@@ -688,7 +703,7 @@ pub fn map_memory(
     files: &SnapshotFiles,
     state: &SnapshotState,
     mem_size: u64,
-) -> Result<GuestMemoryMmap<()>, SnapshotError> {
+) -> Result<GuestRam, SnapshotError> {
     memory::map_memory_file(
         &files.memory,
         &files.dir.join(MEMORY_FILE),
@@ -725,4 +740,4 @@ pub fn restore_vm(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -5,6 +5,7 @@
 //! nested paravirtual KVM may), the test says which and stops there: it reports, it does not
 //! pretend.
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::control::{self, Kicker, Request};
@@ -22,30 +23,30 @@ use crate::seccomp::ThreadKind;
 use crate::vcpu::{RunGate, VcpuRunner};
 
 /// Where the guest's code is loaded (real mode, CS = 0).
-const CODE: u64 = 0x1000;
+pub(crate) const CODE: u64 = 0x1000;
 /// The guest's memory counter (a dword at DS:0x500, DS = 0).
-const COUNTER: u64 = 0x500;
+pub(crate) const COUNTER: u64 = 0x500;
 /// `inc dword [0x500]; inc ebx; jmp short back to the start`.
 const GUEST_LOOP: [u8; 9] = [0x66, 0xff, 0x06, 0x00, 0x05, 0x66, 0x43, 0xeb, 0xf7];
-const MEM_BYTES: u64 = 64 << 20;
+pub(crate) const MEM_BYTES: u64 = 64 << 20;
 
 /// Installs the VMM's filter of `kind` on this thread (without the VMM's SIGSYS handler: a
 /// call the filter lacks kills the test process with "Bad system call").
-fn confine_for_test(kind: ThreadKind) {
+pub(crate) fn confine_for_test(kind: ThreadKind) {
     let bpf = crate::seccomp::compile(kind).unwrap();
     seccompiler::apply_filter(&bpf).unwrap();
 }
 
 /// Why the test could not go on: a missing `/dev/kvm` or an ioctl the host refuses.
-struct Unsupported(String);
+pub(crate) struct Unsupported(pub(crate) String);
 
-fn refused(what: &str, e: impl std::fmt::Display) -> Unsupported {
+pub(crate) fn refused(what: &str, e: impl std::fmt::Display) -> Unsupported {
     Unsupported(format!("{what} refused by this host's KVM: {e}"))
 }
 
 /// An error from this module: an ioctl the host refuses ends the test with a report; any
 /// other error fails it.
-fn host_or_fail<T>(r: Result<T, SnapshotError>) -> Result<T, Unsupported> {
+pub(crate) fn host_or_fail<T>(r: Result<T, SnapshotError>) -> Result<T, Unsupported> {
     match r {
         Ok(v) => Ok(v),
         Err(SnapshotError::Kvm { ioctl, cpu, source }) => Err(Unsupported(format!(
@@ -55,16 +56,16 @@ fn host_or_fail<T>(r: Result<T, SnapshotError>) -> Result<T, Unsupported> {
     }
 }
 
-struct TestVm {
-    kvm: Kvm,
-    vm: Arc<VmFd>,
-    vcpu: VcpuFd,
-    mem: GuestMemoryMmap<()>,
-    host: Arc<HostSupport>,
+pub(crate) struct TestVm {
+    pub(crate) kvm: Kvm,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) mem: GuestRam,
+    pub(crate) host: Arc<HostSupport>,
 }
 
 /// A VM like the VMM's (TSS, identity map, irqchip, PIT, RAM, one vCPU with the host's CPUID).
-fn build_vm() -> Result<TestVm, Unsupported> {
+pub(crate) fn build_vm() -> Result<TestVm, Unsupported> {
     let kvm = Kvm::new().map_err(|e| Unsupported(format!("cannot open /dev/kvm: {e}")))?;
     let vm = kvm.create_vm().map_err(|e| refused("KVM_CREATE_VM", e))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
@@ -100,8 +101,13 @@ fn build_vm() -> Result<TestVm, Unsupported> {
 }
 
 /// Loads the counting loop and points the vCPU at it, in real mode.
-fn load_guest(t: &TestVm) {
-    t.mem.write_slice(&GUEST_LOOP, GuestAddress(CODE)).unwrap();
+pub(crate) fn load_guest(t: &TestVm) {
+    load_program(t, &GUEST_LOOP);
+}
+
+/// Loads real-mode `code` at [`CODE`] and points the vCPU at it, with EBX zero.
+pub(crate) fn load_program(t: &TestVm, code: &[u8]) {
+    t.mem.write_slice(code, GuestAddress(CODE)).unwrap();
     let mut sregs = t.vcpu.get_sregs().unwrap();
     for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
         seg.base = 0;
@@ -116,15 +122,15 @@ fn load_guest(t: &TestVm) {
 }
 
 /// A running vCPU thread, its gate, and what it takes to pause, snapshot and stop it.
-struct Running {
-    gate: Arc<RunGate>,
-    stop: Arc<AtomicBool>,
-    kicker: Arc<Kicker>,
-    thread: std::thread::JoinHandle<()>,
-    source: SnapshotSource,
+pub(crate) struct Running {
+    pub(crate) gate: Arc<RunGate>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) kicker: Arc<Kicker>,
+    pub(crate) thread: std::thread::JoinHandle<()>,
+    pub(crate) source: SnapshotSource,
 }
 
-fn start(t: TestVm) -> Running {
+pub(crate) fn start(t: TestVm) -> Running {
     crate::signals::install_kick_handler().unwrap();
     let gate = Arc::new(RunGate::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -169,7 +175,7 @@ fn start(t: TestVm) -> Running {
 }
 
 impl Running {
-    fn pause(&self) {
+    pub(crate) fn pause(&self) {
         let answer = control::handle(
             Request::Pause,
             &self.gate,
@@ -190,7 +196,7 @@ impl Running {
         );
     }
 
-    fn resume(&self) {
+    pub(crate) fn resume(&self) {
         self.gate.open();
     }
 
@@ -230,11 +236,11 @@ impl Running {
         .unwrap()
     }
 
-    fn counter(&self) -> u32 {
+    pub(crate) fn counter(&self) -> u32 {
         self.source.mem.read_obj(GuestAddress(COUNTER)).unwrap()
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         self.stop.store(true, Ordering::Release);
         self.kicker.kick_all();
         self.gate.open();
@@ -248,7 +254,7 @@ impl Running {
 }
 
 /// Waits until the guest's counter passes `min`.
-fn wait_for_count(r: &Running, min: u32) {
+pub(crate) fn wait_for_count(r: &Running, min: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while r.counter() <= min {
         assert!(Instant::now() < deadline, "the guest does not count");
@@ -257,7 +263,7 @@ fn wait_for_count(r: &Running, min: u32) {
 }
 
 /// The counter in memory and EBX move one instruction apart: equal, or memory one ahead.
-fn assert_in_step(memory: u32, rbx: u64) {
+pub(crate) fn assert_in_step(memory: u32, rbx: u64) {
     let ebx = rbx as u32;
     assert!(
         memory == ebx || memory == ebx.wrapping_add(1),

@@ -8,7 +8,8 @@
 //! interrupt entry per IOAPIC pin (ISA IRQ *n* to pin *n*) and the two local interrupts
 //! (LINT0 = ExtINT, LINT1 = NMI).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{APIC_DEFAULT_BASE, BASE_MEM_END, EBDA_START, IOAPIC_DEFAULT_BASE, MAX_GSI};
 
@@ -172,7 +173,7 @@ pub fn build(cpu_count: u8, base: u64) -> Result<Vec<u8>, MptableError> {
 }
 
 /// Builds the MP table for `cpu_count` vCPUs and writes it at the start of the EBDA.
-pub fn setup_mptable(mem: &GuestMemoryMmap, cpu_count: u8) -> Result<(), MptableError> {
+pub fn setup_mptable(mem: &GuestRam, cpu_count: u8) -> Result<(), MptableError> {
     let bytes = build(cpu_count, EBDA_START)?;
     mem.write_slice(&bytes, GuestAddress(EBDA_START))
         .map_err(MptableError::Write)

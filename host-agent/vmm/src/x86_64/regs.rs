@@ -1,8 +1,9 @@
 //! Register state for the Linux 64-bit boot protocol: identity-mapped page tables, long mode in
 //! the special registers, the entry point and zero page in the general registers, and a sane FPU.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{BOOT_CS, BOOT_DS, BOOT_TSS, boot_gdt, segment_from_gdt};
 use crate::layout::{
@@ -46,7 +47,7 @@ pub fn identity_page_table_entries() -> Vec<(u64, u64)> {
 }
 
 /// Writes the boot GDT, an empty IDT and the identity page tables into guest memory.
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
+pub fn write_boot_tables(mem: &GuestRam) -> Result<(), RegsError> {
     for (i, entry) in boot_gdt().iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + i as u64 * 8))
             .map_err(RegsError::WriteDescriptorTables)?;
@@ -112,12 +113,10 @@ pub fn boot_fpu() -> kvm_fpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
 
     #[test]
     fn page_tables_identity_map_the_first_gib() {
-        let mem: GuestMemoryMmap<()> =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem: GuestRam = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, 0xa003);

@@ -17,11 +17,12 @@
 //! saved state as strictly as a driver's setup and hands an activated device its queues again
 //! ([`VirtioDevice::activate_restored`]). See [`super::state`].
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::RateLimitedLog;
@@ -205,7 +206,7 @@ pub trait VirtioDevice: Send {
     /// Hands the validated queues to the device, after the driver set `DRIVER_OK`.
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
@@ -216,7 +217,7 @@ pub trait VirtioDevice: Send {
     /// guest here. By default, the same as [`VirtioDevice::activate`].
     fn activate_restored(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
@@ -281,7 +282,7 @@ impl QueueRegs {
 
     /// Builds a queue from the registers, checking size, alignment and that every ring lies in
     /// guest memory. `None` means the driver's configuration is invalid.
-    fn to_queue(&self, mem: &GuestMemoryMmap<()>) -> Option<Queue> {
+    fn to_queue(&self, mem: &GuestRam) -> Option<Queue> {
         let mut q = Queue::new(self.max_size).ok()?;
         q.try_set_size(self.size).ok()?;
         q.try_set_desc_table_address(GuestAddress(self.desc)).ok()?;
@@ -311,7 +312,7 @@ static BAD_ACCESS: RateLimitedLog = RateLimitedLog::new();
 /// The virtio-mmio v2 transport for one device.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     interrupt: IrqTrigger,
     queue_evts: Vec<Arc<EventFd>>,
     queues: Vec<QueueRegs>,
@@ -339,7 +340,7 @@ impl std::fmt::Debug for MmioTransport {
 impl MmioTransport {
     /// Wraps `device`. Creates one notification `EventFd` per queue.
     pub fn new(
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         device: Box<dyn VirtioDevice>,
         interrupt: IrqTrigger,
     ) -> std::io::Result<Self> {
@@ -818,7 +819,7 @@ mod tests {
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
         fn activate(
             &mut self,
-            _mem: GuestMemoryMmap<()>,
+            _mem: GuestRam,
             acked: u64,
             queues: Vec<Queue>,
         ) -> Result<(), ActivateError> {
@@ -835,7 +836,7 @@ mod tests {
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Log>>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
         let dev = Dummy {
             log: log.clone(),

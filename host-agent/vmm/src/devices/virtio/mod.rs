@@ -41,6 +41,7 @@ pub mod state;
 pub mod vsock;
 pub mod worker_link;
 
+use crate::memory::GuestRam;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -48,7 +49,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::block::{BlockDevice, BlockError, BlockFrontend, BlockWorker, DiskFile, DiskInfo};
@@ -319,7 +319,7 @@ impl Drop for VsockHandle {
 /// the device thread. The VMM must already have created the in-kernel irqchip.
 pub fn attach_vsock(
     vm: &VmFd,
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     mmio_bus: &mut Bus,
     slot: MmioSlot,
     cfg: VsockConfig,
@@ -339,7 +339,7 @@ pub fn attach_vsock(
 /// installs the seccomp filter of `kind` before it runs the body. Returns the transport, the
 /// stop eventfd and the thread.
 fn spawn_device_thread<C, F, R>(
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     thread_name: String,
     kind: ThreadKind,
     frontend: impl FnOnce(Sender<C>, Arc<EventFd>) -> F,
@@ -414,7 +414,7 @@ fn wire_transport(
 /// listener and spawns the device thread. The caller puts the transport on a bus and wires its
 /// interrupt and queue eventfds (tests drive it directly).
 pub fn spawn_vsock(
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     slot: MmioSlot,
     cfg: VsockConfig,
     hooks: VsockHooks,
@@ -542,7 +542,7 @@ impl Drop for BlockHandle {
 /// already have created the in-kernel irqchip.
 pub fn attach_block(
     vm: &VmFd,
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     mmio_bus: &mut Bus,
     slot: MmioSlot,
     cfg: BlockConfig,
@@ -558,7 +558,7 @@ pub fn attach_block(
 /// and spawns the device thread. The caller puts the transport on a bus and wires its interrupt
 /// and queue eventfd (tests drive it directly).
 pub fn spawn_block(
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     slot: MmioSlot,
     cfg: BlockConfig,
     thread_name: String,
@@ -687,7 +687,7 @@ impl Drop for NetHandle {
 /// (`net-dev`). The VMM must already have created the in-kernel irqchip.
 pub fn attach_net<B>(
     vm: &VmFd,
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     mmio_bus: &mut Bus,
     slot: MmioSlot,
     mac: [u8; 6],
@@ -706,7 +706,7 @@ where
 /// device thread. The caller puts the transport on a bus and wires its interrupt and queue
 /// eventfds (tests drive it directly).
 pub fn spawn_net<B>(
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     slot: MmioSlot,
     mac: [u8; 6],
     backend: B,
@@ -845,7 +845,7 @@ mod tests {
     #[test]
     fn block_device_thread_serves_a_driver_through_the_transport() {
         use super::block::test_utils::{BlockDriver, QSIZE};
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scratch.img");
         let contents: Vec<u8> = (0..64 * 512).map(|i| (i % 253) as u8).collect();
@@ -933,7 +933,7 @@ mod tests {
 
     #[test]
     fn block_setup_refuses_bad_files_and_ids() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("odd.img");
         std::fs::write(&path, [0u8; 700]).unwrap();
@@ -971,8 +971,7 @@ mod tests {
 
     #[test]
     fn device_thread_serves_a_driver_through_the_transport() {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let uds_path = dir.path().join("vsock.sock");
         let fired = Arc::new(AtomicU32::new(0));

@@ -1,11 +1,12 @@
 //! Pausing device threads, and saving and restoring virtio transports, on real device threads
 //! driven through the MMIO registers by a fake guest driver.
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::block::test_utils::{BlockDriver, QSIZE as BLK_QSIZE};
 use super::mmio::{INT_VRING, status};
@@ -23,11 +24,11 @@ fn w(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(off, &v.to_le_bytes());
 }
 
-fn memory() -> GuestMemoryMmap<()> {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+fn memory() -> GuestRam {
+    GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
 }
 
-fn vsock(mem: &GuestMemoryMmap<()>, dir: &std::path::Path) -> (MmioTransport, VsockHandle) {
+fn vsock(mem: &GuestRam, dir: &std::path::Path) -> (MmioTransport, VsockHandle) {
     let slot = MmioSlot {
         base: 0xd000_0000,
         len: 0x1000,
@@ -138,10 +139,7 @@ fn a_paused_block_thread_leaves_the_rings_alone_until_resumed() {
     handle.stop();
 }
 
-fn block_up(
-    mem: &GuestMemoryMmap<()>,
-    dir: &std::path::Path,
-) -> (MmioTransport, BlockHandle, BlockDriver) {
+fn block_up(mem: &GuestRam, dir: &std::path::Path) -> (MmioTransport, BlockHandle, BlockDriver) {
     let path = dir.join("disk.img");
     if !path.exists() {
         std::fs::write(&path, vec![7u8; 8 * 512]).unwrap();

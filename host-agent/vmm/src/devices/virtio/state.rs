@@ -16,9 +16,10 @@
 //! only offered features may be acknowledged. A queue that is not ready is inert, so its
 //! registers are taken as the driver left them.
 
+use crate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 /// How many bytes of a device's config space a snapshot keeps (every device here has fewer;
 /// bytes past a device's config read as zero).
@@ -65,11 +66,7 @@ impl QueueSnapshot {
     }
 
     /// Checks a ready queue against guest memory and builds it, positions included.
-    pub fn to_queue(
-        &self,
-        index: usize,
-        mem: &GuestMemoryMmap<()>,
-    ) -> Result<Queue, VirtioStateError> {
+    pub fn to_queue(&self, index: usize, mem: &GuestRam) -> Result<Queue, VirtioStateError> {
         let bad = |what: &'static str| VirtioStateError::BadQueue { queue: index, what };
         if !self.ready {
             return Err(bad("is not ready"));

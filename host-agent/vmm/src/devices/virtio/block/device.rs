@@ -11,10 +11,10 @@
 //! Generic over the [`DiskBackend`] and the [`Interrupt`], so tests and the fuzzer run it on a
 //! mock queue with no threads, no KVM and no file.
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::defs::{self, MAX_CHAINS_PER_PASS};
 use super::request::{self, Completion, RequestBuffers, RequestError, RequestType};
@@ -33,7 +33,7 @@ struct LogLimits {
 }
 
 struct Active {
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     queue: Queue,
     write_through: bool,
 }
@@ -77,7 +77,7 @@ impl<D: DiskBackend, I: Interrupt> BlockDevice<D, I> {
     /// completes.
     pub fn activate(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {

@@ -7,11 +7,11 @@
 //! ([`WorkerControl::Pause`]) it drains its eventfds but walks no queue; every request is
 //! finished within a pass, so a paused worker has no I/O in flight.
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,7 +28,7 @@ pub enum BlockCommand {
     /// The driver set `DRIVER_OK`: here are the validated queue and the negotiated features.
     Activate {
         /// Guest memory.
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         /// The features the driver acknowledged.
         acked_features: u64,
         /// The request queue.
@@ -105,7 +105,7 @@ impl VirtioDevice for BlockFrontend {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {

@@ -18,11 +18,12 @@
 //! Data moves through a bounce buffer of fixed size, so no guest-chosen length is ever
 //! allocated, and the range checks use checked arithmetic.
 
+use crate::memory::GuestRam;
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::defs::{self, MAX_CHAIN_DESCRIPTORS, MAX_REQUEST_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
 use super::{DiskBackend, DiskInfo};
@@ -183,7 +184,7 @@ struct ChainLayout<'a> {
 /// An error here means the chain has no usable status byte.
 fn split_chain<'a, M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     descs: &'a mut Vec<Descriptor>,
 ) -> Result<ChainLayout<'a>, (Option<GuestAddress>, RequestError)>
 where
@@ -233,7 +234,7 @@ impl<'a> Request<'a> {
     /// and the disk. Nothing is read from or written to the disk.
     fn parse(
         layout: &ChainLayout<'a>,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestRam,
         info: &DiskInfo,
     ) -> Result<Self, (Option<RequestType>, RequestError)> {
         let header = layout.header;
@@ -305,7 +306,7 @@ impl<'a> Request<'a> {
     /// failure part way through an `IN`, the bytes already written still count.
     fn execute<D: DiskBackend>(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestRam,
         disk: &D,
         info: &DiskInfo,
         bounce: &mut [u8],
@@ -355,7 +356,7 @@ impl<'a> Request<'a> {
 
     fn read<D: DiskBackend>(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestRam,
         disk: &D,
         bounce: &mut [u8],
     ) -> (u64, Result<(), RequestError>) {
@@ -372,7 +373,7 @@ impl<'a> Request<'a> {
 
     fn write<D: DiskBackend>(
         &self,
-        mem: &GuestMemoryMmap<()>,
+        mem: &GuestRam,
         disk: &D,
         bounce: &mut [u8],
     ) -> Result<(), RequestError> {
@@ -384,7 +385,7 @@ impl<'a> Request<'a> {
     }
 
     /// Writes the id, zero-padded to 20 bytes, into as much of the data as there is room for.
-    fn get_id(&self, mem: &GuestMemoryMmap<()>, id: &[u8]) -> (u64, Result<(), RequestError>) {
+    fn get_id(&self, mem: &GuestRam, id: &[u8]) -> (u64, Result<(), RequestError>) {
         let mut answer = [0u8; defs::ID_BYTES];
         let n = id.len().min(answer.len());
         answer[..n].copy_from_slice(&id[..n]);
@@ -412,7 +413,7 @@ impl<'a> Request<'a> {
 /// negotiate `VIRTIO_BLK_F_FLUSH` and so will never flush).
 pub fn process_chain<M, D>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     disk: &D,
     info: &DiskInfo,
     buffers: &mut RequestBuffers,

@@ -3,6 +3,7 @@
 //!
 //! [`DiskFile`]: super::DiskFile
 
+use crate::memory::GuestRam;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +12,7 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::defs;
 use super::{BlockDevice, BlockMetrics, DiskBackend, DiskInfo};
@@ -128,7 +129,7 @@ pub struct Posted {
 
 /// A fake guest driver: owns one queue's rings and the buffers it posts.
 pub struct BlockDriver {
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestRam,
     qsize: u16,
     desc: GuestAddress,
     avail: GuestAddress,
@@ -140,7 +141,7 @@ pub struct BlockDriver {
 
 impl BlockDriver {
     /// Lays out a queue of `qsize` at guest address 0; returns the driver and the queue.
-    pub fn new(mem: GuestMemoryMmap<()>, qsize: u16) -> (Self, Queue) {
+    pub fn new(mem: GuestRam, qsize: u16) -> (Self, Queue) {
         let mock = MockSplitQueue::create(&mem, GuestAddress(0), qsize);
         let used = GuestAddress(USED_OFFSET);
         mem.write_slice(&[0u8; 4], used).unwrap();
@@ -342,8 +343,7 @@ impl<D: DiskBackend> Harness<D> {
     }
 
     pub fn with(disk: D, info: DiskInfo, qsize: u16, acked_features: u64) -> Self {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let metrics = Arc::new(BlockMetrics::default());
         let irqs = Arc::new(AtomicU32::new(0));
         let mut dev = BlockDevice::new(disk, info, CountingIrq(irqs.clone()), metrics.clone());

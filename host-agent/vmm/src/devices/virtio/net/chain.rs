@@ -9,11 +9,12 @@
 //! a byte moves, the lengths are summed in 64 bits, and nothing is allocated: the frame goes
 //! through the caller's fixed buffer.
 
+use crate::memory::GuestRam;
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::defs::NUM_BUFFERS_OFFSET;
 use super::{MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN};
@@ -62,7 +63,7 @@ pub enum ChainError {
 /// length.
 fn collect<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     descs: &mut Vec<Descriptor>,
     device_writes: bool,
 ) -> Result<u64, ChainError>
@@ -106,7 +107,7 @@ where
 /// scratch space.
 pub fn read_tx_packet<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     descs: &mut Vec<Descriptor>,
     buf: &mut [u8],
 ) -> Result<usize, ChainError>
@@ -138,7 +139,7 @@ where
 /// that must hold all of it; returns the used length. `descs` is scratch space.
 pub fn write_rx_packet<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     descs: &mut Vec<Descriptor>,
     packet: &[u8],
 ) -> Result<u32, ChainError>
@@ -167,7 +168,7 @@ pub type NumBuffersAt = [GuestAddress; 2];
 /// space.
 pub fn write_rx_part<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     descs: &mut Vec<Descriptor>,
     bytes: &[u8],
     first: bool,
@@ -202,7 +203,7 @@ where
 
 /// Sets a merged packet's `num_buffers` at the place [`write_rx_part`] returned.
 pub fn set_num_buffers(
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     at: NumBuffersAt,
     num_buffers: u16,
 ) -> Result<(), ChainError> {
@@ -224,11 +225,7 @@ fn stream_addr(descs: &[Descriptor], mut offset: usize) -> Option<GuestAddress> 
 }
 
 /// Writes `bytes` into the checked descriptors `descs`, in order, as far as they hold.
-fn write_into(
-    descs: &[Descriptor],
-    mem: &GuestMemoryMmap<()>,
-    mut bytes: &[u8],
-) -> Result<(), ChainError> {
+fn write_into(descs: &[Descriptor], mem: &GuestRam, mut bytes: &[u8]) -> Result<(), ChainError> {
     for d in descs {
         if bytes.is_empty() {
             break;

@@ -30,13 +30,14 @@
 //! Generic over the backend and the [`Interrupt`], so tests and the fuzzer run it on mock queues
 //! with no threads, no KVM and no TAP.
 
+use crate::memory::GuestRam;
 use std::num::Wrapping;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{self, ChainError, NumBuffersAt};
 use super::header::{self, Offloads};
@@ -58,7 +59,7 @@ struct LogLimits {
 }
 
 struct Active {
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     /// Receive, then transmit ([`RX_QUEUE`], [`TX_QUEUE`]).
     queues: [Queue; NUM_QUEUES],
     /// What the guest may leave to the device on transmit.
@@ -130,7 +131,7 @@ impl<B: NetBackend, I: Interrupt> NetDevice<B, I> {
     /// Takes the receive and transmit queues the driver set up.
     pub fn activate(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
@@ -411,7 +412,7 @@ enum Received {
 /// One packet into one chain (no mergeable buffers): a chain too small drops the packet.
 fn receive_single(
     rx: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     descs: &mut Vec<Descriptor>,
     packet: &[u8],
     metrics: &NetMetrics,
@@ -455,7 +456,7 @@ fn receive_single(
 /// One packet over as many chains as it takes (mergeable buffers); see the module doc.
 fn receive_merged(
     rx: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     descs: &mut Vec<Descriptor>,
     merged: &mut Vec<(u16, u32)>,
     packet: &[u8],
@@ -540,7 +541,7 @@ fn receive_merged(
 /// Returns every chain a dropped packet took, unused.
 fn drop_taken(
     rx: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     merged: &mut [(u16, u32)],
     metrics: &NetMetrics,
     logs: &LogLimits,
@@ -559,7 +560,7 @@ fn drop_taken(
 /// back: it is left out (and counted), as `add_used` would refuse it.
 fn publish(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     elems: &[(u16, u32)],
     metrics: &NetMetrics,
     log: &RateLimitedLog,
@@ -606,7 +607,7 @@ fn publish(
 /// (with `EVENT_IDX`: unless its `used_event` lies before them), and remembers where it decided.
 fn rx_notify(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     signalled: &mut Wrapping<u16>,
     interrupt: &impl Interrupt,
     log: &RateLimitedLog,
@@ -647,7 +648,7 @@ pub fn rx_needs_interrupt(
 
 /// What the available ring holds next.
 enum Next<'m> {
-    Chain(virtio_queue::DescriptorChain<&'m GuestMemoryMmap<()>>),
+    Chain(virtio_queue::DescriptorChain<&'m GuestRam>),
     /// The guest has published nothing more.
     Empty,
     /// The ring is unusable (a bogus available index): counted and logged at a bounded rate.
@@ -656,7 +657,7 @@ enum Next<'m> {
 
 fn next_chain<'m>(
     queue: &mut Queue,
-    mem: &'m GuestMemoryMmap<()>,
+    mem: &'m GuestRam,
     metrics: &NetMetrics,
     log: &RateLimitedLog,
 ) -> Next<'m> {
@@ -677,12 +678,7 @@ fn next_chain<'m>(
 /// nothing to re-enable. Returns whether a buffer came in the meantime, so the caller looks
 /// again instead of waiting for a kick that will not come. An unwritable ring counts as
 /// nothing new (the next kick or frame tries again).
-fn rearm(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
-    metrics: &NetMetrics,
-    log: &RateLimitedLog,
-) -> bool {
+fn rearm(queue: &mut Queue, mem: &GuestRam, metrics: &NetMetrics, log: &RateLimitedLog) -> bool {
     if !queue.event_idx_enabled() {
         return false;
     }
@@ -700,7 +696,7 @@ fn rearm(
 
 fn complete(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestRam,
     head: u16,
     len: u32,
     metrics: &NetMetrics,
@@ -719,12 +715,7 @@ fn complete(
 }
 
 /// Interrupts the guest for new used entries unless it asked not to be.
-fn notify(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap<()>,
-    interrupt: &impl Interrupt,
-    log: &RateLimitedLog,
-) {
+fn notify(queue: &mut Queue, mem: &GuestRam, interrupt: &impl Interrupt, log: &RateLimitedLog) {
     match queue.needs_notification(mem) {
         Ok(true) => interrupt.trigger(INT_VRING),
         Ok(false) => {}

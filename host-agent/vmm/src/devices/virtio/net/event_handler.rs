@@ -11,12 +11,12 @@
 //! want of a receive buffer is not part of a snapshot: a restored VM has lost it, as a network
 //! may lose any frame.
 
+use crate::memory::GuestRam;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -35,7 +35,7 @@ pub enum NetCommand {
     /// The driver set `DRIVER_OK`: here are the validated queues and the negotiated features.
     Activate {
         /// Guest memory.
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         /// The features the driver acknowledged.
         acked_features: u64,
         /// The receive and transmit queues.
@@ -107,7 +107,7 @@ impl VirtioDevice for NetFrontend {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {

@@ -1,6 +1,7 @@
 //! Test helpers: a network device on two mock virtqueues, driven by a fake guest driver, over an
 //! in-memory backend that records what it was sent and fails on demand.
 
+use crate::memory::GuestRam;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::{NetBackend, NetDevice, NetMetrics, VNET_HDR_LEN};
 use crate::devices::virtio::mmio::VIRTIO_F_VERSION_1;
@@ -127,7 +128,7 @@ pub fn frame(len: usize, seed: u8) -> Vec<u8> {
 
 /// A fake guest driver for one queue: owns its rings.
 pub struct QueueDriver {
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     desc: GuestAddress,
     avail: GuestAddress,
     used: GuestAddress,
@@ -137,7 +138,7 @@ pub struct QueueDriver {
 
 impl QueueDriver {
     /// Lays out a queue of [`QSIZE`] at `base`; returns the driver and the queue.
-    fn new(mem: GuestMemoryMmap<()>, base: u64) -> (Self, Queue) {
+    fn new(mem: GuestRam, base: u64) -> (Self, Queue) {
         let mock = MockSplitQueue::create(&mem, GuestAddress(base), QSIZE);
         let used = GuestAddress(base + USED_OFFSET);
         mem.write_slice(&[0u8; 4], used).unwrap();
@@ -229,7 +230,7 @@ impl QueueDriver {
 
 /// A fake guest: both queues and a bump allocator for buffers.
 pub struct NetDriver {
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestRam,
     pub rx: QueueDriver,
     pub tx: QueueDriver,
     buf_next: u64,
@@ -237,7 +238,7 @@ pub struct NetDriver {
 
 impl NetDriver {
     /// The driver and its two queues, receive first.
-    pub fn new(mem: GuestMemoryMmap<()>) -> (Self, Vec<Queue>) {
+    pub fn new(mem: GuestRam) -> (Self, Vec<Queue>) {
         let (rx, rxq) = QueueDriver::new(mem.clone(), QUEUE_BASE[0]);
         let (tx, txq) = QueueDriver::new(mem.clone(), QUEUE_BASE[1]);
         let drv = Self {
@@ -344,8 +345,7 @@ impl Harness {
 
     /// An activated device on fresh queues, with `features` negotiated.
     pub fn with_features(features: u64) -> Self {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let metrics = Arc::new(NetMetrics::default());
         let irqs = Arc::new(AtomicU32::new(0));
         let backend = MemBackend::default();

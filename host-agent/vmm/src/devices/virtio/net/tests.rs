@@ -2,6 +2,7 @@
 //! thread through the transport over a datagram socket pair, and (as root) a real TAP in a
 //! network namespace of its own.
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -435,7 +436,7 @@ mod thread {
     use std::os::unix::net::UnixDatagram;
     use std::time::{Duration, Instant};
 
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
 
     use super::super::NetBackend;
     use super::super::test_utils::{NetDriver, QSIZE};
@@ -532,8 +533,7 @@ mod thread {
     }
 
     fn drive_the_device_thread() {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let (ours, host) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -688,7 +688,7 @@ mod thread {
 
     #[test]
     fn setup_refuses_a_bad_slot_or_mac() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let slot = MmioSlot {
             base: 0xd000_9000,
             len: 0x1000,

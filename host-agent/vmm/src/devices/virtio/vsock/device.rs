@@ -9,11 +9,12 @@
 //! It is generic over the backend and over the [`Interrupt`], so tests and the fuzzer run it
 //! against a mock queue with no threads and no KVM.
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::defs::{self, EVQ, MAX_PKT_PAYLOAD, RXQ, TXQ};
 use super::{VsockBackend, VsockHeader, VsockMetrics};
@@ -26,7 +27,7 @@ static BAD_CID_LOG: RateLimitedLog = RateLimitedLog::new();
 static QUEUE_ERROR_LOG: RateLimitedLog = RateLimitedLog::new();
 
 struct Active {
-    mem: GuestMemoryMmap<()>,
+    mem: GuestRam,
     queues: Vec<Queue>,
 }
 
@@ -66,11 +67,7 @@ impl<B: VsockBackend, I: Interrupt> VsockDevice<B, I> {
     }
 
     /// Takes the queues (rx, tx, event, in that order) the driver set up.
-    pub fn activate(
-        &mut self,
-        mem: GuestMemoryMmap<()>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
+    pub fn activate(&mut self, mem: GuestRam, queues: Vec<Queue>) -> Result<(), ActivateError> {
         if queues.len() != defs::NUM_QUEUES {
             return Err(ActivateError::QueueCount {
                 expected: defs::NUM_QUEUES,
@@ -88,7 +85,7 @@ impl<B: VsockBackend, I: Interrupt> VsockDevice<B, I> {
     /// driver resets its sockets and reads the guest CID again.
     pub fn activate_restored(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
         self.activate(mem, queues)?;
@@ -314,7 +311,7 @@ impl<B: VsockBackend, I: Interrupt> VsockDevice<B, I> {
         self.active.as_ref().is_some_and(|a| a.queues[EVQ].ready())
     }
 
-    fn notify(queue: &mut Queue, mem: &GuestMemoryMmap<()>, interrupt: &I) {
+    fn notify(queue: &mut Queue, mem: &GuestRam, interrupt: &I) {
         match queue.needs_notification(mem) {
             Ok(true) => interrupt.trigger(INT_VRING),
             Ok(false) => {}

@@ -10,12 +10,12 @@
 //! first pass after the resume serves whatever was notified meanwhile. Each pass delivers a
 //! pending transport-reset event (after a restore) before it walks tx and rx.
 
+use crate::memory::GuestRam;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,7 +32,7 @@ pub enum WorkerCommand {
     /// The driver set `DRIVER_OK`: here are the validated queues.
     Activate {
         /// Guest memory.
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         /// rx, tx and event queues.
         queues: Vec<Queue>,
         /// The queues come from a snapshot: the connections are gone, so the guest gets
@@ -96,7 +96,7 @@ impl VirtioDevice for VsockFrontend {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         _acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
@@ -109,7 +109,7 @@ impl VirtioDevice for VsockFrontend {
 
     fn activate_restored(
         &mut self,
-        mem: GuestMemoryMmap<()>,
+        mem: GuestRam,
         _acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {

@@ -5,6 +5,7 @@
 //! memory and a guest cannot change a field after it was checked.
 
 use virtio_vsock::packet::VsockPacket;
+use vm_memory::bitmap::BitmapSlice;
 
 use super::defs;
 
@@ -73,7 +74,7 @@ impl VsockHeader {
     }
 
     /// Copies the header out of a parsed packet.
-    pub fn from_packet(pkt: &VsockPacket<'_, ()>) -> Self {
+    pub fn from_packet<B: BitmapSlice>(pkt: &VsockPacket<'_, B>) -> Self {
         Self {
             src_cid: pkt.src_cid(),
             dst_cid: pkt.dst_cid(),
@@ -89,7 +90,7 @@ impl VsockHeader {
     }
 
     /// Writes every field into the packet's header in guest memory.
-    pub fn write_to(&self, pkt: &mut VsockPacket<'_, ()>) {
+    pub fn write_to<B: BitmapSlice>(&self, pkt: &mut VsockPacket<'_, B>) {
         pkt.set_src_cid(self.src_cid)
             .set_dst_cid(self.dst_cid)
             .set_src_port(self.src_port)

@@ -1,6 +1,7 @@
 //! Test helpers: a vsock device on mock virtqueues, played by a fake guest driver, with the
 //! hybrid backend on real Unix sockets in a temporary directory.
 
+use crate::memory::GuestRam;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Address;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::defs::{self, RXQ, TXQ};
 use super::unix::FirstConnectHook;
@@ -51,7 +52,7 @@ pub struct RxPkt {
 
 /// A fake guest driver: owns the rings of the three queues and the buffers it posts.
 pub struct GuestDriver {
-    pub mem: GuestMemoryMmap<()>,
+    pub mem: GuestRam,
     /// (descriptor table, available ring, used ring) of each queue.
     rings: [(GuestAddress, GuestAddress, GuestAddress); 3],
     next_desc: [u16; 3],
@@ -86,7 +87,7 @@ impl std::ops::DerefMut for Harness {
 
 impl GuestDriver {
     /// Lays out the three queues' rings in `mem`; returns the driver and the matching queues.
-    pub fn new(mem: GuestMemoryMmap<()>) -> (Self, Vec<Queue>) {
+    pub fn new(mem: GuestRam) -> (Self, Vec<Queue>) {
         // The mock zeroes its rings when created, so build each once and keep the addresses.
         // Its used ring is placed `QSIZE` bytes (not `2 * QSIZE`) after the available ring's
         // entries, overlapping their upper half (virtio-queue 0.18 `SplitQueueRing::end`
@@ -259,8 +260,7 @@ impl Harness {
     }
 
     pub fn with_hook(hook: Option<FirstConnectHook>) -> Self {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(VsockMetrics::default());
         let muxer = VsockMuxer::new(
