@@ -9,11 +9,20 @@
 //! | `{"op":"resume"}` | `{"ok":true,"state":"running"}` |
 //! | `{"op":"state"}` | `{"ok":true,"state":"running"\|"paused"}` |
 //! | `{"op":"snapshot","dir":"NAME"}` | `{"ok":true,"state":"paused","snapshot":{...}}` once written |
+//! | `{"op":"migrate","socket":"NAME","downtime_ms":N,"max_rounds":N}` | progress lines `{"progress":{...}}`, one per round, then `{"ok":true\|false,"state":...,"migration":{"outcome":"moved"\|"kept"\|"unknown",...}}` |
 //!
 //! A snapshot ([`crate::snapshot`]) needs a paused VM and is refused otherwise; `NAME` is a
 //! relative path of plain names (no `..`), made as a new folder (mode 0700) inside the VM's
 //! folder, whose parent must exist. The VM stays paused afterwards. The answer says how many
 //! vCPUs were saved, how long the memory file is and how many bytes of it hold data.
+//!
+//! A migration ([`crate::migration`]) connects to the Unix socket `NAME` in the VM's folder,
+//! which the daemon listens on and relays to the target host, and sends the VM over it while
+//! it runs. `moved`: the target runs the VM, and this VMM refuses every request but `state`
+//! from then on (the daemon ends it). `kept`: the VM runs on here (or stays paused if it was).
+//! `unknown`: the state went out and no answer came back, so the VM stays paused here until
+//! the daemon learns from the target's host which copy runs. Closing the socket cancels a
+//! migration that has not sent the state yet.
 //!
 //! Anything else gets `{"ok":false,"error":"..."}`. Pausing and resuming are idempotent. A
 //! paused VM still ends on SIGTERM (a parked vCPU re-checks the stop flag).
@@ -39,6 +48,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::state::QuiesceError;
+use crate::migration;
 use crate::seccomp::{self, ThreadKind};
 use crate::signals;
 use crate::snapshot;
@@ -72,6 +82,87 @@ pub enum Request {
         /// The folder, relative to the VM's folder (see [`snapshot::folder_name`]).
         dir: String,
     },
+    /// Live-migrate the VM to the VMM at the other end of the Unix socket `socket` inside the
+    /// VM's folder (see [`crate::migration`]).
+    Migrate {
+        /// The socket's name, relative to the VM's folder (plain names only).
+        socket: String,
+        /// The downtime target in milliseconds (default 300).
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+        /// The most rounds after the first (default 30).
+        #[serde(default)]
+        max_rounds: Option<u32>,
+    },
+}
+
+/// How a migration ended, for the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationOutcome {
+    /// The target runs the VM; this copy never runs again.
+    Moved,
+    /// The target does not run it; this copy runs on (or stays paused if it was).
+    Kept,
+    /// The state was sent and no answer came: the target may run it. This copy stays paused;
+    /// ask the target's host before resuming it.
+    Unknown,
+}
+
+/// One pre-copy round, in a progress line and in the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoundInfo {
+    /// 0 for the full copy.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// How long it took, in milliseconds.
+    pub ms: f64,
+    /// Its rate, MB/s.
+    pub mb_per_s: f64,
+    /// Pages written meanwhile.
+    pub dirty: u64,
+    /// How long sending those would take at this rate, in milliseconds.
+    pub expected_downtime_ms: f64,
+}
+
+impl From<&migration::Round> for RoundInfo {
+    fn from(r: &migration::Round) -> Self {
+        Self {
+            round: r.round,
+            pages: r.pages,
+            ms: r.elapsed.as_secs_f64() * 1e3,
+            mb_per_s: r.bytes_per_second() / 1e6,
+            dirty: r.dirty,
+            expected_downtime_ms: r.expected_downtime.as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// What a migration did, in its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// How it ended.
+    pub outcome: MigrationOutcome,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The pre-copy rounds (empty when it failed).
+    #[serde(default)]
+    pub rounds: Vec<RoundInfo>,
+    /// Pages sent with the VM stopped.
+    #[serde(default)]
+    pub final_pages: u64,
+    /// From the stop to the target's answer, in milliseconds.
+    #[serde(default)]
+    pub downtime_ms: f64,
+}
+
+/// A progress line sent on the control connection during a migration, before the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The round that just ended.
+    pub progress: RoundInfo,
 }
 
 /// What a snapshot wrote, in its answer.
@@ -107,7 +198,7 @@ pub enum RunState {
 }
 
 /// The answer to a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Answer {
     /// A snapshot was written; the VM's state now.
@@ -118,6 +209,15 @@ pub enum Answer {
         state: RunState,
         /// What was written.
         snapshot: SnapshotInfo,
+    },
+    /// A migration ended: `ok` when the VM moved.
+    Migration {
+        /// Whether the VM moved.
+        ok: bool,
+        /// This copy's state now.
+        state: RunState,
+        /// What happened.
+        migration: MigrationInfo,
     },
     /// Done; the VM's state now.
     Ok {
@@ -243,11 +343,12 @@ fn serve(
     snapshots: Option<&SnapshotContext>,
 ) {
     let mut failures = 0u32;
+    let mut moved = false;
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 failures = 0;
-                serve_one(stream, gate, kicker, devices, snapshots);
+                serve_one(stream, gate, kicker, devices, snapshots, &mut moved);
             }
             Err(e) => {
                 failures += 1;
@@ -267,6 +368,7 @@ fn serve_one(
     kicker: &Kicker,
     devices: &dyn DeviceQuiesce,
     snapshots: Option<&SnapshotContext>,
+    moved: &mut bool,
 ) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let mut line = Vec::new();
@@ -274,6 +376,9 @@ fn serve_one(
     let answer = match reader.read_until(b'\n', &mut line) {
         Ok(_) if line.len() as u64 > MAX_REQUEST => Answer::err("request too long"),
         Ok(_) => match serde_json::from_slice::<Request>(&line) {
+            // A VM that moved to another host stays stopped here, whatever is asked.
+            Ok(Request::State) if *moved => Answer::ok(RunState::Paused),
+            Ok(_) if *moved => Answer::err("the VM has moved to another host"),
             Ok(Request::Snapshot { dir }) => handle_snapshot(
                 &dir,
                 gate,
@@ -283,6 +388,37 @@ fn serve_one(
                 snapshots,
                 SNAPSHOT_VCPU_TIMEOUT,
             ),
+            Ok(Request::Migrate {
+                socket,
+                downtime_ms,
+                max_rounds,
+            }) => {
+                let answer = handle_migrate(
+                    &MigrateRequest {
+                        socket: &socket,
+                        downtime_ms,
+                        max_rounds,
+                    },
+                    gate,
+                    kicker.count(),
+                    &mut || kicker.kick_all(),
+                    devices,
+                    snapshots,
+                    &mut |round| {
+                        let line = Progress {
+                            progress: round.into(),
+                        };
+                        let mut out = serde_json::to_vec(&line).unwrap_or_default();
+                        out.push(b'\n');
+                        // A client that stopped reading loses its progress lines, not the
+                        // migration.
+                        let _ = (&stream).write_all(&out);
+                    },
+                    SNAPSHOT_VCPU_TIMEOUT,
+                );
+                *moved = matches!(answer, Answer::Migration { ok: true, .. });
+                answer
+            }
             Ok(request) => handle(
                 request,
                 gate,
@@ -325,6 +461,7 @@ pub fn handle(
             Answer::ok(RunState::Running)
         }
         Request::Snapshot { .. } => Answer::err("snapshots are not available here"),
+        Request::Migrate { .. } => Answer::err("migration is not available here"),
         Request::Pause => {
             if vcpus == 0 {
                 return Answer::err("the VM is stopping");
@@ -410,6 +547,154 @@ pub fn handle_snapshot(
             let error = crate::error_chain(&e);
             tracing::warn!(dir, %error, "snapshot failed");
             Answer::err(format!("snapshot failed: {error}"))
+        }
+    }
+}
+
+/// A `migrate` request's arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrateRequest<'a> {
+    /// The link's socket, a plain name inside the VM's folder.
+    pub socket: &'a str,
+    /// The downtime target, in milliseconds.
+    pub downtime_ms: Option<u64>,
+    /// The most rounds after the first.
+    pub max_rounds: Option<u32>,
+}
+
+/// How long the migration link may stall (a write the target does not take, its answer)
+/// before the migration fails.
+pub const MIGRATION_LINK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most pre-copy rounds a request may ask for.
+pub const MAX_MIGRATION_ROUNDS: u32 = 1000;
+
+/// Live-migrates the VM of `vcpus` vCPU threads to the VMM at the other end of the socket the
+/// request names ([`crate::migration::send`]); `progress` hears of each round. The VM is
+/// stopped for the switch-over (paused as a `pause` pauses it). When the target does not run
+/// it, a VM that was running runs on; when it does, this copy stays stopped for good. When the
+/// outcome is unknown (the state was sent and no answer came), it stays paused.
+#[allow(clippy::too_many_arguments)]
+pub fn handle_migrate(
+    request: &MigrateRequest<'_>,
+    gate: &RunGate,
+    vcpus: usize,
+    kick: &mut dyn FnMut() -> bool,
+    devices: &dyn DeviceQuiesce,
+    snapshots: Option<&SnapshotContext>,
+    progress: &mut dyn FnMut(&migration::Round),
+    timeout: Duration,
+) -> Answer {
+    let Some(ctx) = snapshots else {
+        return Answer::err("migration is not available: this VMM could not probe KVM for it");
+    };
+    if vcpus == 0 {
+        return Answer::err("the VM is stopping");
+    }
+    let name = match snapshot::folder_name(request.socket) {
+        Ok(name) => name,
+        Err(_) => {
+            return Answer::err(format!(
+                "bad migration socket name {:?}: a plain name inside the VM's folder",
+                request.socket
+            ));
+        }
+    };
+    let mut link = match UnixStream::connect(ctx.vm_dir.join(name)) {
+        Ok(link) => link,
+        Err(e) => {
+            return Answer::err(format!(
+                "connect to the migration socket {}: {e}",
+                request.socket
+            ));
+        }
+    };
+    let _ = link.set_write_timeout(Some(MIGRATION_LINK_TIMEOUT));
+    let _ = link.set_read_timeout(Some(MIGRATION_LINK_TIMEOUT));
+    let defaults = migration::SendConfig::default();
+    let config = migration::SendConfig {
+        downtime: request
+            .downtime_ms
+            .map_or(defaults.downtime, Duration::from_millis),
+        max_rounds: request
+            .max_rounds
+            .unwrap_or(defaults.max_rounds)
+            .min(MAX_MIGRATION_ROUNDS),
+    };
+    let was_paused = gate.is_closed();
+    let mut stop = || -> Result<bool, String> {
+        if !gate.is_closed() {
+            match handle(Request::Pause, gate, vcpus, &mut *kick, devices, timeout) {
+                Answer::Err { error, .. } => return Err(error),
+                _ => return Ok(true),
+            }
+        }
+        // Paused already: make sure every vCPU is parked and no device writes guest memory.
+        let parked = gate.wait_parked(vcpus, KICK_INTERVAL, Instant::now() + timeout, || {
+            kick();
+        });
+        devices.pause().map_err(|e| e.to_string())?;
+        Ok(parked)
+    };
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let result = migration::send(
+        &mut link,
+        &ctx.source,
+        &config,
+        &mut stop,
+        &|| gate.notify(),
+        &never,
+        progress,
+        timeout,
+    );
+    match result {
+        Ok(summary) => {
+            tracing::info!(
+                rounds = summary.rounds.len(),
+                final_pages = summary.final_pages,
+                downtime_ms = summary.downtime.as_secs_f64() * 1e3,
+                total_ms = started.elapsed().as_secs_f64() * 1e3,
+                "VM migrated: the target runs it"
+            );
+            Answer::Migration {
+                ok: true,
+                state: RunState::Paused,
+                migration: MigrationInfo {
+                    outcome: MigrationOutcome::Moved,
+                    error: None,
+                    rounds: summary.rounds.iter().map(RoundInfo::from).collect(),
+                    final_pages: summary.final_pages,
+                    downtime_ms: summary.downtime.as_secs_f64() * 1e3,
+                },
+            }
+        }
+        Err(e) => {
+            let error = crate::error_chain(&e);
+            let (outcome, state) = if !e.source_may_resume() {
+                tracing::error!(%error, "migration outcome unknown: the VM stays paused");
+                (MigrationOutcome::Unknown, RunState::Paused)
+            } else if was_paused {
+                tracing::warn!(%error, "migration failed: the VM stays here, paused");
+                (MigrationOutcome::Kept, RunState::Paused)
+            } else {
+                tracing::warn!(%error, "migration failed: the VM runs on here");
+                if gate.is_closed() {
+                    devices.resume();
+                    gate.open();
+                }
+                (MigrationOutcome::Kept, RunState::Running)
+            };
+            Answer::Migration {
+                ok: false,
+                state,
+                migration: MigrationInfo {
+                    outcome,
+                    error: Some(error),
+                    rounds: Vec::new(),
+                    final_pages: 0,
+                    downtime_ms: 0.0,
+                },
+            }
         }
     }
 }

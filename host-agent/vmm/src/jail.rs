@@ -222,6 +222,8 @@ fn absolutize(config: &mut crate::VmConfig) -> Result<(), JailError> {
     abs("the VM folder", &mut config.vm_dir)?;
     if let Some(restore) = &mut config.restore {
         abs("the snapshot", &mut restore.dir)?;
+    } else if let Some(socket) = &mut config.migrate_from {
+        abs("the migration socket", socket)?;
     } else {
         abs("the kernel", &mut config.kernel)?;
         abs("the initramfs", &mut config.initrd)?;
@@ -330,8 +332,9 @@ fn build_tree(
     )
     .map_err(step("restrict the jail folder's mount", root))?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    // A restored VM reads no kernel, and its snapshot's files are already open.
-    if config.restore.is_none() {
+    // A restored or migrating VM reads no kernel, and its snapshot's files or its migration
+    // link are already open.
+    if config.restore.is_none() && config.migrate_from.is_none() {
         bind_file(&config.kernel, &inside(&paths.kernel), true)?;
         bind_file(&config.initrd, &inside(&paths.initrd), true)?;
     }
@@ -767,6 +770,7 @@ mod tests {
                 paused: false,
                 without_devices: false,
             }),
+            migrate_from: None,
         }
     }
 

@@ -314,11 +314,18 @@ pub struct VmConfig {
     pub net: Option<NetConfig>,
     /// Start from this snapshot instead of booting the kernel (which is then not read).
     pub restore: Option<snapshot::RestoreConfig>,
+    /// Start from a VM migrating in from another VMM instead of booting the kernel: the Unix
+    /// socket to connect to (before the jail) and receive its memory and state from (see
+    /// [`migration`]).
+    pub migrate_from: Option<PathBuf>,
 }
 
 /// Invalid [`VmConfig`] values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// A VM starts from a snapshot or from a migration, not both.
+    #[error("a VM starts from a snapshot or from a migration, not both")]
+    RestoreAndMigration,
     /// The vCPU count is out of range.
     #[error("vcpus must be between 1 and {max}, got {got}")]
     Vcpus {
@@ -404,7 +411,10 @@ impl VmConfig {
         // A snapshot to restore is checked where its files are opened, before the jail
         // (`HostDevices::open`): inside the jail its host path is not there to look at.
         let boot_files = [("kernel", &self.kernel), ("initrd", &self.initrd)];
-        let boot_files = if self.restore.is_some() {
+        if self.restore.is_some() && self.migrate_from.is_some() {
+            return Err(ConfigError::RestoreAndMigration);
+        }
+        let boot_files = if self.restore.is_some() || self.migrate_from.is_some() {
             &boot_files[..0]
         } else {
             &boot_files[..]
@@ -527,6 +537,7 @@ mod tests {
             disks: Vec::new(),
             net: None,
             restore: None,
+            migrate_from: None,
         }
     }
 

@@ -166,6 +166,21 @@ pub enum VmmError {
     /// Writing `exit.json` failed.
     #[error("write {EXIT_RECORD_NAME}")]
     WriteExitRecord(#[source] std::io::Error),
+    /// Connecting to the migration socket failed.
+    #[error("connect to the migration socket {path}")]
+    MigrationLink {
+        /// The socket.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config migrates a VM in but its link was not opened before the VM was built.
+    #[error("the migration link was not opened before the VM was built")]
+    MigrationNotOpened,
+    /// Receiving a migrating VM failed.
+    #[error("receive the migrating VM")]
+    Migration(#[source] crate::migration::MigrationError),
     /// Restoring the snapshot failed.
     #[error("restore the snapshot in {path}")]
     Restore {
@@ -186,6 +201,8 @@ pub struct HostDevices {
     pub tap: Option<Tap>,
     /// The files of [`VmConfig::restore`]'s snapshot, open read-only.
     pub snapshot: Option<snapshot::SnapshotFiles>,
+    /// The link of [`VmConfig::migrate_from`], connected.
+    pub migration: Option<std::os::unix::net::UnixStream>,
 }
 
 impl HostDevices {
@@ -203,7 +220,57 @@ impl HostDevices {
             .as_ref()
             .map(|r| snapshot::SnapshotFiles::open(&r.dir).map_err(|e| restore_err(config, e)))
             .transpose()?;
-        Ok(Self { tap, snapshot })
+        let migration = config
+            .migrate_from
+            .as_ref()
+            .map(|path| {
+                let link = std::os::unix::net::UnixStream::connect(path)?;
+                // A source that stalls ends the migration instead of holding this VMM.
+                link.set_read_timeout(Some(crate::control::MIGRATION_LINK_TIMEOUT))?;
+                link.set_write_timeout(Some(crate::control::MIGRATION_LINK_TIMEOUT))?;
+                Ok(link)
+            })
+            .transpose()
+            .map_err(|source| VmmError::MigrationLink {
+                path: config
+                    .migrate_from
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                source,
+            })?;
+        Ok(Self {
+            tap,
+            snapshot,
+            migration,
+        })
+    }
+}
+
+/// The target's answer to a migration's source, owed once the VM is received: `Resumed` when
+/// the VM is about to run ([`MigrationAnswer::resumed`]), a refusal when this VMM fails before
+/// that (dropped unanswered, on any error path), so that the source knows it may run the VM
+/// again.
+struct MigrationAnswer(Option<std::os::unix::net::UnixStream>);
+
+impl MigrationAnswer {
+    fn resumed(mut self) {
+        if let Some(mut link) = self.0.take()
+            && let Err(e) = crate::migration::answer(&mut link, Ok(()))
+        {
+            // The VM runs here either way: the source, without an answer, stays paused until
+            // its daemon learns from this host that the VM runs here.
+            tracing::error!(error = %crate::error_chain(&e), "the migration's source did not take the answer");
+        }
+    }
+}
+
+impl Drop for MigrationAnswer {
+    fn drop(&mut self) {
+        if let Some(mut link) = self.0.take() {
+            let why = "the target VMM failed to build the VM (its log says why)";
+            let _ = crate::migration::answer(&mut link, Err(&why));
+        }
     }
 }
 
@@ -232,6 +299,8 @@ pub struct Vmm {
     vm_dir: std::path::PathBuf,
     /// Whether the vCPUs start parked (`--restore-paused`).
     start_paused: bool,
+    /// A migrating VM's link, to answer the source once the VM is about to run.
+    migration_answer: Option<MigrationAnswer>,
     /// The boot timeline so far, for vCPU 0 to report at its first run.
     timeline: Option<BootTimeline>,
     vm: Arc<VmFd>,
@@ -335,6 +404,9 @@ impl Vmm {
         timeline.mark("vm");
         let snapshot_host = match HostSupport::probe(&kvm, &vm) {
             Ok(host) => Some(Arc::new(host)),
+            Err(e) if config.migrate_from.is_some() => {
+                return Err(VmmError::Migration(e.into()));
+            }
             Err(e) if config.restore.is_none() => {
                 tracing::warn!(error = %crate::error_chain(&e), "snapshots are unavailable");
                 None
@@ -342,7 +414,7 @@ impl Vmm {
             Err(source) => return Err(restore_err(config, source)),
         };
         // A snapshot to restore is read and checked before anything is built from it.
-        let restored = match (&config.restore, &snapshot_host) {
+        let mut restored = match (&config.restore, &snapshot_host) {
             (Some(restore), Some(host)) => {
                 let files = host_files
                     .snapshot
@@ -350,7 +422,7 @@ impl Vmm {
                     .ok_or(VmmError::SnapshotNotOpened)?;
                 let state = snapshot::open_for_restore(restore, &files, host)
                     .map_err(|source| restore_err(config, source))?;
-                Some((files, state))
+                Some((Some(files), state))
             }
             _ => None,
         };
@@ -358,12 +430,38 @@ impl Vmm {
         let mem_size = config.memory_bytes();
         // A restored guest's RAM is its snapshot's memory file, mapped copy-on-write.
         let mem = match &restored {
-            Some((files, state)) => snapshot::map_memory(files, state, mem_size)
+            Some((Some(files), state)) => snapshot::map_memory(files, state, mem_size)
                 .map_err(|source| restore_err(config, source))?,
-            None => memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?,
+            _ => memory::create_guest_memory(mem_size).map_err(VmmError::Memory)?,
         };
         memory::register_guest_memory(&vm, &mem).map_err(VmmError::Memory)?;
         timeline.mark("memory");
+        // A migrating VM's memory and state come over its link, into the fresh memory; from
+        // here, any failure answers the source with a refusal (see `MigrationAnswer`).
+        let migration_answer = match (&config.migrate_from, &snapshot_host) {
+            (Some(_), Some(host)) => {
+                let mut link = host_files
+                    .migration
+                    .take()
+                    .ok_or(VmmError::MigrationNotOpened)?;
+                let received = match crate::migration::receive(&mut link, &mem, host) {
+                    Ok(received) => received,
+                    Err(e) => {
+                        let _ = crate::migration::answer(&mut link, Err(&e));
+                        return Err(VmmError::Migration(e));
+                    }
+                };
+                tracing::info!(
+                    pages = received.pages,
+                    since_start_ms = process_start.elapsed().as_millis(),
+                    "migrating VM received"
+                );
+                restored = Some((None, received.state));
+                timeline.mark("received");
+                Some(MigrationAnswer(Some(link)))
+            }
+            _ => None,
+        };
 
         let vcpus = (0..config.vcpus)
             .map(|i| {
@@ -548,16 +646,16 @@ impl Vmm {
         };
 
         timeline.mark("devices");
-        // With `restore` set, a failed probe has already returned its error.
-        let start_paused = if let Some(restore) = &config.restore
-            && let Some(host) = snapshot_host.as_deref()
+        // With `restore` or `migrate_from` set, a failed probe has already returned its error.
+        let start_paused = if let Some(host) = snapshot_host.as_deref()
             && let Some((_, state)) = &restored
         {
+            let paused = config.restore.as_ref().is_some_and(|r| r.paused);
             snapshot::restore_vm(state, &vm, &vcpus, host)
                 .map_err(|source| restore_err(config, source))?;
             // The devices after the irqchip, so that an interrupt a device raises again is not
             // overwritten by the saved irqchip state; paused first if the VM starts paused.
-            if restore.paused {
+            if paused {
                 virtio
                     .pause()
                     .map_err(|e| restore_err(config, snapshot::SnapshotError::Quiesce(e)))?;
@@ -565,15 +663,18 @@ impl Vmm {
             snapshot::restore_virtio(state, &virtio)
                 .map_err(|source| restore_err(config, source))?;
             tracing::info!(
-                snapshot = %restore.dir.display(),
+                from = %config
+                    .restore
+                    .as_ref()
+                    .map_or_else(|| "a migration".to_owned(), |r| r.dir.display().to_string()),
                 memory_mib = config.memory_mib,
                 vcpus = config.vcpus,
-                paused = restore.paused,
+                paused,
                 since_start_ms = process_start.elapsed().as_millis(),
-                "VM restored from a snapshot"
+                "VM restored"
             );
             timeline.mark("restored");
-            restore.paused
+            paused
         } else {
             // The guest image and boot structures.
             let kernel = boot::load_kernel(&mem, &config.kernel).map_err(VmmError::Boot)?;
@@ -626,6 +727,7 @@ impl Vmm {
             virtio,
             vm_dir: config.vm_dir.clone(),
             start_paused,
+            migration_answer,
             timeline: Some(timeline),
             vm: Arc::new(vm),
             _kvm: kvm,
@@ -638,6 +740,11 @@ impl Vmm {
     pub fn run(mut self, events: Receiver<VmEvent>) -> ExitReport {
         let stop = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(RunGate::default());
+        // A migrated VM: the source learns its VM runs here, just before it does. Had anything
+        // failed before this point, the answer would have been a refusal.
+        if let Some(answer) = self.migration_answer.take() {
+            answer.resumed();
+        }
         if self.start_paused {
             // The vCPUs park before their first KVM_RUN.
             gate.close();

@@ -24,10 +24,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[command(name = "nanoclaw-vmm", version)]
 struct VmmArgs {
     /// Guest kernel: a bzImage or an ELF vmlinux.
-    #[arg(long, required_unless_present_any = ["print_seccomp", "restore"])]
+    #[arg(long, required_unless_present_any = ["print_seccomp", "restore", "migrate_from"])]
     kernel: Option<PathBuf>,
     /// Guest initramfs.
-    #[arg(long, required_unless_present_any = ["print_seccomp", "restore"])]
+    #[arg(long, required_unless_present_any = ["print_seccomp", "restore", "migrate_from"])]
     initrd: Option<PathBuf>,
     /// The VM's directory (vsock.sock, exit.json, console.log by default). Created if missing.
     #[arg(long, required_unless_present = "print_seccomp")]
@@ -98,6 +98,11 @@ struct VmmArgs {
     /// set up its virtio devices.
     #[arg(long, requires = "restore", conflicts_with_all = ["kernel", "initrd"])]
     restore_without_devices: bool,
+    /// Start from a VM migrating in from another VMM instead of booting a kernel: connect to
+    /// this Unix socket (before the jail), receive the VM's memory and state, restore it, answer,
+    /// and run it. --memory-mib and --vcpus must match the source's.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["kernel", "initrd", "restore"])]
+    migrate_from: Option<PathBuf>,
     /// Print every seccomp filter (each thread kind's allowed syscalls and their argument
     /// conditions) and exit; needs no other argument.
     #[arg(long)]
@@ -146,6 +151,7 @@ impl VmmArgs {
                 paused: self.restore_paused,
                 without_devices: self.restore_without_devices,
             }),
+            migrate_from: self.migrate_from,
         }
     }
 }
@@ -370,6 +376,22 @@ mod tests {
         assert!(parse(&["--restore", "s"]).is_err());
         assert!(parse(&["--restore-paused"]).is_err());
         assert!(parse(&[]).unwrap().into_config().restore.is_none());
+    }
+
+    #[test]
+    fn migrate_from_replaces_the_kernel_and_initrd_and_a_restore() {
+        let base = [
+            "nanoclaw-vmm",
+            "--vm-dir",
+            "d",
+            "--migrate-from",
+            "d/in.sock",
+        ];
+        let config = VmmArgs::try_parse_from(base).unwrap().into_config();
+        assert_eq!(config.migrate_from, Some(PathBuf::from("d/in.sock")));
+        assert!(config.restore.is_none());
+        assert!(VmmArgs::try_parse_from(base.iter().chain(&["--restore", "r"])).is_err());
+        assert!(parse(&["--migrate-from", "s"]).is_err());
     }
 
     #[test]

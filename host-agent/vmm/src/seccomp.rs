@@ -250,9 +250,17 @@ impl ThreadKind {
                         Check::eq(1, SOL_SOCKET, "SOL_SOCKET"),
                         Check::eq(2, SO_RCVTIMEO, "SO_RCVTIMEO"),
                     ]],
-                ),
+                )
+                .or([
+                    Check::eq(1, SOL_SOCKET, "SOL_SOCKET"),
+                    Check::eq(2, SO_SNDTIMEO, "SO_SNDTIMEO"),
+                ]),
                 Allowed::any(recvfrom),
                 Allowed::any(close),
+                // A migration's link: a Unix socket in the VM folder, connected to (its
+                // timeouts are the setsockopt above; its pages go out with `write`).
+                Allowed::when(socket, [[Check::eq(0, AF_UNIX, "AF_UNIX")]]),
+                Allowed::any(connect),
                 // Kicking the vCPUs into the pause: pthread_kill is getpid + tgkill.
                 Allowed::any(getpid),
                 Allowed::any(tgkill),
@@ -315,6 +323,10 @@ const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
 const fn kvm_ior<T>(nr: u64) -> u64 {
     kvm_ioc(2, nr, std::mem::size_of::<T>())
 }
+/// `_IOW(KVMIO, nr, T)`.
+const fn kvm_iow<T>(nr: u64) -> u64 {
+    kvm_ioc(1, nr, std::mem::size_of::<T>())
+}
 /// `_IOWR(KVMIO, nr, T)`.
 const fn kvm_iowr<T>(nr: u64) -> u64 {
     kvm_ioc(3, nr, std::mem::size_of::<T>())
@@ -340,16 +352,25 @@ const VCPU_SNAPSHOT_IOCTLS: [(u64, &str); 12] = {
 };
 
 /// What the control thread reads of the VM for a snapshot (crate::snapshot::cpu::VmState).
-const VM_SNAPSHOT_IOCTLS: [(u64, &str); 3] = {
+const VM_SNAPSHOT_IOCTLS: [(u64, &str); 5] = {
     use kvm_bindings::*;
     [
         (kvm_iowr::<kvm_irqchip>(0x62), "KVM_GET_IRQCHIP"),
         (kvm_ior::<kvm_clock_data>(0x7c), "KVM_GET_CLOCK"),
         (kvm_ior::<kvm_pit_state2>(0x9f), "KVM_GET_PIT2"),
+        // A live migration (crate::migration) turns dirty-page logging on and off for the VM's
+        // memory slots (each registered again, at the same place, with other flags) and reads
+        // the log.
+        (
+            kvm_iow::<kvm_userspace_memory_region>(0x46),
+            "KVM_SET_USER_MEMORY_REGION",
+        ),
+        (kvm_iow::<kvm_dirty_log>(0x42), "KVM_GET_DIRTY_LOG"),
     ]
 };
 const SOL_SOCKET: u64 = libc::SOL_SOCKET as u64;
 const SO_RCVTIMEO: u64 = libc::SO_RCVTIMEO as u64;
+const SO_SNDTIMEO: u64 = libc::SO_SNDTIMEO as u64;
 const FIONBIO: u64 = libc::FIONBIO;
 const AF_UNIX: u64 = libc::AF_UNIX as u64;
 const LOCK_UN: u64 = libc::LOCK_UN as u64;
@@ -829,6 +850,8 @@ mod tests {
             ("KVM_GET_IRQCHIP", 0xc208_ae62),
             ("KVM_GET_CLOCK", 0x8030_ae7c),
             ("KVM_GET_PIT2", 0x8070_ae9f),
+            ("KVM_SET_USER_MEMORY_REGION", 0x4020_ae46),
+            ("KVM_GET_DIRTY_LOG", 0x4010_ae42),
         ];
         let ours: Vec<(&str, u64)> = VCPU_SNAPSHOT_IOCTLS
             .iter()

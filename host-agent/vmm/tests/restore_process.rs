@@ -444,3 +444,195 @@ fn control_ready(vm_dir: &Path) -> Option<()> {
     UnixStream::connect(vm_dir.join("control.sock")).ok()?;
     Some(())
 }
+
+/// Waits for a connection on `listener` for at most `within`, failing if `vmm` exits first.
+fn accept_within(
+    listener: &std::os::unix::net::UnixListener,
+    vmm: &mut Vmm,
+    within: Duration,
+) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return stream;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        if let Some(status) = vmm.0.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(vmm.0.stderr.as_mut().unwrap(), &mut err);
+            panic!("the VMM exited with {status}: {err}");
+        }
+        assert!(Instant::now() < deadline, "no connection within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then ends `to`'s writing side: one direction of
+/// the relay a daemon runs between a migration's two VMMs.
+fn relay(mut from: UnixStream, to: UnixStream) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let copied = std::io::copy(&mut from, &mut &to).unwrap_or(0);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+        copied
+    })
+}
+
+#[test]
+fn a_running_vm_migrates_into_another_vmm_process_and_runs_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source_dir, target_dir) = (tmp.path().join("source"), tmp.path().join("target"));
+    std::fs::create_dir(&source_dir).unwrap();
+    std::fs::create_dir(&target_dir).unwrap();
+    let snap = source_dir.join("saved");
+    let saved = match make_snapshot(&snap) {
+        Ok(saved) => saved,
+        Err(why) => {
+            eprintln!("SKIPPED a_running_vm_migrates_into_another_vmm_process_and_runs_on: {why}");
+            return;
+        }
+    };
+    let spawn = |vm_dir: &Path, from: [&std::ffi::OsStr; 2]| {
+        Vmm(Command::new(env!("CARGO_BIN_EXE_nanoclaw-vmm"))
+            .arg("--vm-dir")
+            .arg(vm_dir)
+            .args([
+                "--memory-mib",
+                &MEM_MIB.to_string(),
+                "--vcpus",
+                &VCPUS.to_string(),
+            ])
+            .args(from)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap())
+    };
+    // The source: the saved VM restored, running.
+    let mut source = spawn(&source_dir, ["--restore".as_ref(), snap.as_os_str()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while control_ready(&source_dir).is_none() {
+        assert!(
+            source.0.try_wait().unwrap().is_none(),
+            "the source VMM exited"
+        );
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        control(&source_dir, r#"{"op":"state"}"#)["state"],
+        "running"
+    );
+
+    // The daemon's part, played by the test: a socket the target connects to at its start, one
+    // in the source's folder for the source's link, and a relay between them.
+    let inbound = tmp.path().join("inbound.sock");
+    let to_target = std::os::unix::net::UnixListener::bind(&inbound).unwrap();
+    let from_source =
+        std::os::unix::net::UnixListener::bind(source_dir.join("migrate.sock")).unwrap();
+    let mut target = spawn(
+        &target_dir,
+        ["--migrate-from".as_ref(), inbound.as_os_str()],
+    );
+    let target_link = accept_within(&to_target, &mut target, Duration::from_secs(20));
+
+    let request = {
+        let source_dir = source_dir.clone();
+        std::thread::spawn(move || {
+            let mut stream = UnixStream::connect(source_dir.join("control.sock")).unwrap();
+            stream
+                .write_all(b"{\"op\":\"migrate\",\"socket\":\"migrate.sock\",\"downtime_ms\":50}\n")
+                .unwrap();
+            let mut lines = Vec::new();
+            for line in BufReader::new(stream).lines() {
+                let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                let last = line.get("progress").is_none();
+                lines.push(line);
+                if last {
+                    break;
+                }
+            }
+            lines
+        })
+    };
+    let source_link = accept_within(&from_source, &mut source, Duration::from_secs(20));
+    let up = relay(
+        source_link.try_clone().unwrap(),
+        target_link.try_clone().unwrap(),
+    );
+    let down = relay(target_link, source_link);
+    let mut lines = request.join().unwrap();
+    let answer = lines.pop().unwrap();
+    let (sent, answered) = (up.join().unwrap(), down.join().unwrap());
+
+    // Moved: the source says so, keeps the VM stopped, and refuses to run it again.
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["state"], "paused", "{answer}");
+    let migration = &answer["migration"];
+    assert_eq!(migration["outcome"], "moved", "{answer}");
+    let rounds = migration["rounds"].as_array().unwrap();
+    assert!(!rounds.is_empty(), "{answer}");
+    assert_eq!(lines.len(), rounds.len(), "one progress line per round");
+    assert_eq!(lines[0]["progress"], rounds[0]);
+    // Round 0 sent the guest's code and counters, and the vsock rings; the stream carried
+    // them all, and the answer came back (5 bytes: a tag and a length, no payload).
+    assert!(rounds[0]["pages"].as_u64().unwrap() >= 3, "{answer}");
+    assert!(sent > 3 * 4096, "{sent} bytes sent");
+    assert_eq!(answered, 5, "the target's answer");
+    let refused = control(&source_dir, r#"{"op":"resume"}"#);
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("moved"),
+        "{refused}"
+    );
+    assert_eq!(control(&source_dir, r#"{"op":"state"}"#)["state"], "paused");
+
+    // The target runs the VM on: its counters are past the saved ones and in step.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while control_ready(&target_dir).is_none() {
+        assert!(
+            target.0.try_wait().unwrap().is_none(),
+            "the target VMM exited"
+        );
+        assert!(Instant::now() < deadline, "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        control(&target_dir, r#"{"op":"state"}"#)["state"],
+        "running"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(control(&target_dir, r#"{"op":"pause"}"#)["state"], "paused");
+    let snap = control(&target_dir, r#"{"op":"snapshot","dir":"moved"}"#);
+    assert_eq!(snap["ok"], true, "{snap}");
+    let (moved, _) = read_back(&target_dir, "moved");
+    for (cpu, (&(counter, rbx, _), &(saved_counter, _))) in (0..VCPUS).zip(moved.iter().zip(&saved))
+    {
+        assert!(
+            counter > saved_counter,
+            "vCPU {cpu}: {saved_counter} -> {counter}"
+        );
+        assert!(
+            counter == rbx as u32 || counter == rbx as u32 + 1,
+            "vCPU {cpu}: counters out of step: {counter} and {rbx}"
+        );
+    }
+
+    // Both end on SIGTERM with exit code 13: no forbidden syscall on either side.
+    for (name, vmm) in [("source", &mut source), ("target", &mut target)] {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped (Vmm's drop reaps it).
+        unsafe { libc::kill(vmm.0.id() as i32, libc::SIGTERM) };
+        let status = vmm.0.wait().unwrap();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(vmm.0.stderr.as_mut().unwrap(), &mut err);
+        assert_eq!(status.code(), Some(13), "{name}: {err}");
+    }
+    eprintln!(
+        "migrated process: counts {saved:?} -> {moved:?}, {} rounds, {sent} bytes",
+        rounds.len()
+    );
+}
