@@ -27,6 +27,8 @@
 //! - [`egress`]: one VM's egress enforcers: the allowlist rules, the resolver that hands out
 //!   only allowed names' addresses, and the TLS SNI check on its port-443 connections.
 //! - [`metrics`]: `GET /metrics`, the daemon's figures in the Prometheus text format.
+//! - [`migration`]: live migration between hosts: so far the authenticated link between two
+//!   daemons and the relay of a VMM's migration stream over it.
 //! - [`remote`]: the remote API: the same routes over TLS, behind scoped bearer tokens.
 //! - [`relay`]: the credential relay: pairing with the user's device, the device's outbound
 //!   Noise link, and the per-VM `vsock.sock_<CREDENTIAL_PROXY_PORT>` listeners whose sidecar
@@ -38,6 +40,7 @@ pub mod daemon;
 pub mod egress;
 pub mod mcp;
 pub mod metrics;
+pub mod migration;
 pub mod net;
 pub mod notify;
 pub mod policy;
