@@ -12,6 +12,7 @@ mod egress;
 mod image;
 mod kvm_selftest;
 mod mcp;
+mod migrate;
 mod pause;
 mod real_agent;
 mod sdk;

@@ -54,7 +54,9 @@ pub use daemon::{Daemon, DaemonOptions};
 pub use process::{
     CLI_TIMEOUT, OutputWithin, RUN_TIMEOUT, free_port, processes_mentioning, text, wait_for,
 };
-pub use vm::{Control, GuestImage, Kernel, TestVm, VmExit, VmSpec, echo_round_trip, pattern};
+pub use vm::{
+    Control, GuestImage, Kernel, Migration, TestVm, VmExit, VmSpec, echo_round_trip, pattern,
+};
 pub use workspace::{
     built_bin, host_agent_bin, nanoclaw, nanoclaw_at, nanoclaw_bin, vault_device_bin, vmm_bin,
     workspace_root,

@@ -89,6 +89,19 @@ impl Default for VmSpec {
     }
 }
 
+/// What [`TestVm::migrate_to`] saw.
+#[derive(Debug)]
+pub struct Migration {
+    /// One line per pre-copy round, as the source VMM sent them.
+    pub progress: Vec<serde_json::Value>,
+    /// The source VMM's answer (`ok`, `state`, `migration`).
+    pub answer: serde_json::Value,
+    /// Bytes relayed from the source to the target.
+    pub bytes: u64,
+    /// From the request to the answer.
+    pub elapsed: Duration,
+}
+
 /// How the VMM process ended.
 #[derive(Debug)]
 pub struct VmExit {
@@ -166,6 +179,138 @@ impl TestVm {
             control,
             started: Instant::now(),
         })
+    }
+
+    /// Starts a VMM that takes a VM migrating in (`--migrate-from`): it connects to a socket
+    /// in its own folder, which [`TestVm::migrate_to`] relays to the source. `spec` gives the
+    /// memory and vCPUs, which must be the source's. Returns once the VMM process runs and has
+    /// connected.
+    pub fn migrate_in(spec: &VmSpec) -> Result<(Self, UnixStream)> {
+        let dir = tempfile::Builder::new().prefix("ncvm-").tempdir()?;
+        let control = UnixListener::bind(dir.path().join(format!("vsock.sock_{CONTROL_PORT}")))
+            .context("bind the control listener")?;
+        control.set_nonblocking(true)?;
+        let inbound_path = dir.path().join("inbound.sock");
+        let inbound = UnixListener::bind(&inbound_path).context("bind the inbound socket")?;
+        let mut cmd = Command::new(vmm_bin());
+        cmd.arg("--migrate-from")
+            .arg(&inbound_path)
+            .arg("--vm-dir")
+            .arg(dir.path())
+            .args(["--vcpus", &spec.vcpus.to_string()])
+            .args(["--memory-mib", &spec.memory_mib.to_string()])
+            .arg("--console")
+            .arg(dir.path().join("console.log"))
+            .stdin(Stdio::null());
+        if let Some(cpus) = pinned_cpus(spec.vcpus) {
+            cmd.args(["--cpus", &cpus]);
+        }
+        cmd.args(&spec.vmm_args);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", vmm_bin().display()))?;
+        let mut vm = Self {
+            child: Some(child),
+            dir,
+            control,
+            started: Instant::now(),
+        };
+        let link = vm.accept_from_vmm(&inbound, Duration::from_secs(60))?;
+        Ok((vm, link))
+    }
+
+    /// Accepts the VMM's connection on `listener`, failing if the VMM exits first.
+    fn accept_from_vmm(
+        &mut self,
+        listener: &UnixListener,
+        timeout: Duration,
+    ) -> Result<UnixStream> {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(status) = self.vmm_exited() {
+                bail!("the VMM exited ({status}) before it connected");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the VMM did not connect within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Live-migrates this VM into the VMM of [`TestVm::migrate_in`], whose link is
+    /// `target_link`, playing the daemons' part: a socket in this VM's folder for the source
+    /// VMM's link, a relay between the two links, and the control socket's `migrate` request
+    /// with `downtime_ms`. Returns the request's progress lines and its answer.
+    pub fn migrate_to(
+        &mut self,
+        target_link: UnixStream,
+        downtime_ms: u64,
+        timeout: Duration,
+    ) -> Result<Migration> {
+        let listener = UnixListener::bind(self.dir.path().join("migrate.sock"))?;
+        let mut control = UnixStream::connect(self.dir.path().join("control.sock"))
+            .context("connect to the VMM's control socket")?;
+        control.set_read_timeout(Some(timeout))?;
+        writeln!(
+            control,
+            r#"{{"op":"migrate","socket":"migrate.sock","downtime_ms":{downtime_ms}}}"#
+        )?;
+        let started = Instant::now();
+        let source_link = self.accept_from_vmm(&listener, timeout)?;
+        let relay = |mut from: UnixStream, to: UnixStream| {
+            std::thread::spawn(move || {
+                let n = std::io::copy(&mut from, &mut &to).unwrap_or(0);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                n
+            })
+        };
+        let up = relay(source_link.try_clone()?, target_link.try_clone()?);
+        let down = relay(target_link, source_link);
+        let mut progress = Vec::new();
+        let mut lines = BufReader::new(control).lines();
+        let answer = loop {
+            let line = lines
+                .next()
+                .context("the control socket closed before the migration's answer")?
+                .context("read the migration's answer")?;
+            let value: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("parse {line:?}"))?;
+            if value.get("progress").is_some() {
+                progress.push(value["progress"].clone());
+            } else {
+                break value;
+            }
+        };
+        let elapsed = started.elapsed();
+        let bytes = up.join().unwrap_or(0);
+        let _ = down.join();
+        Ok(Migration {
+            progress,
+            answer,
+            bytes,
+            elapsed,
+        })
+    }
+
+    /// One request on the VMM's control socket (`{"op":...}`), and its answer.
+    pub fn vmm_control(&self, request: &str) -> Result<serde_json::Value> {
+        let mut stream = UnixStream::connect(self.dir.path().join("control.sock"))
+            .context("connect to the VMM's control socket")?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        writeln!(stream, "{request}")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        serde_json::from_str(&line).with_context(|| format!("parse {line:?}"))
     }
 
     /// The VM directory (holds `vsock.sock`, the console log and `exit.json`).
