@@ -144,18 +144,35 @@ impl TestVm {
     pub fn boot(spec: &VmSpec) -> Result<Self> {
         let image = GuestImage::from_env()?;
         let dir = tempfile::Builder::new().prefix("ncvm-").tempdir()?;
-        let control = UnixListener::bind(dir.path().join(format!("vsock.sock_{CONTROL_PORT}")))
-            .context("bind the control listener")?;
-        control.set_nonblocking(true)?;
         let kernel = match spec.kernel {
             Kernel::BzImage => &image.bzimage,
             Kernel::Vmlinux => &image.vmlinux,
         };
+        let mut first: Vec<std::ffi::OsString> = vec![
+            "--kernel".into(),
+            kernel.into(),
+            "--initrd".into(),
+            image.initramfs.clone().into(),
+        ];
+        if let Some(extra) = &spec.cmdline_extra {
+            first.extend(["--cmdline-extra".into(), extra.into()]);
+        }
+        Self::spawn(spec, dir, first)
+    }
+
+    /// Spawns the VMM for a VM in `dir` with `first` (what it starts from) and what every test
+    /// VM has: the sidecar's control listener, its folder, vCPUs, memory, console file, pinning
+    /// and `spec`'s own arguments.
+    fn spawn(
+        spec: &VmSpec,
+        dir: tempfile::TempDir,
+        first: Vec<std::ffi::OsString>,
+    ) -> Result<Self> {
+        let control = UnixListener::bind(dir.path().join(format!("vsock.sock_{CONTROL_PORT}")))
+            .context("bind the control listener")?;
+        control.set_nonblocking(true)?;
         let mut cmd = Command::new(vmm_bin());
-        cmd.arg("--kernel")
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(&image.initramfs)
+        cmd.args(first)
             .arg("--vm-dir")
             .arg(dir.path())
             .args(["--vcpus", &spec.vcpus.to_string()])
@@ -163,9 +180,6 @@ impl TestVm {
             .arg("--console")
             .arg(dir.path().join("console.log"))
             .stdin(Stdio::null());
-        if let Some(extra) = &spec.cmdline_extra {
-            cmd.args(["--cmdline-extra", extra]);
-        }
         if let Some(cpus) = pinned_cpus(spec.vcpus) {
             cmd.args(["--cpus", &cpus]);
         }
@@ -187,34 +201,10 @@ impl TestVm {
     /// connected.
     pub fn migrate_in(spec: &VmSpec) -> Result<(Self, UnixStream)> {
         let dir = tempfile::Builder::new().prefix("ncvm-").tempdir()?;
-        let control = UnixListener::bind(dir.path().join(format!("vsock.sock_{CONTROL_PORT}")))
-            .context("bind the control listener")?;
-        control.set_nonblocking(true)?;
         let inbound_path = dir.path().join("inbound.sock");
         let inbound = UnixListener::bind(&inbound_path).context("bind the inbound socket")?;
-        let mut cmd = Command::new(vmm_bin());
-        cmd.arg("--migrate-from")
-            .arg(&inbound_path)
-            .arg("--vm-dir")
-            .arg(dir.path())
-            .args(["--vcpus", &spec.vcpus.to_string()])
-            .args(["--memory-mib", &spec.memory_mib.to_string()])
-            .arg("--console")
-            .arg(dir.path().join("console.log"))
-            .stdin(Stdio::null());
-        if let Some(cpus) = pinned_cpus(spec.vcpus) {
-            cmd.args(["--cpus", &cpus]);
-        }
-        cmd.args(&spec.vmm_args);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {}", vmm_bin().display()))?;
-        let mut vm = Self {
-            child: Some(child),
-            dir,
-            control,
-            started: Instant::now(),
-        };
+        let first = vec!["--migrate-from".into(), inbound_path.into_os_string()];
+        let mut vm = Self::spawn(spec, dir, first)?;
         let link = vm.accept_from_vmm(&inbound, Duration::from_secs(60))?;
         Ok((vm, link))
     }

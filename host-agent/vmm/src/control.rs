@@ -641,11 +641,13 @@ pub fn handle_migrate(
         &mut link,
         &ctx.source,
         &config,
-        &mut stop,
-        &|| gate.notify(),
-        &never,
-        progress,
-        timeout,
+        &mut migration::SendHooks {
+            stop: &mut stop,
+            wake: &|| gate.notify(),
+            cancel: &never,
+            progress,
+            state_timeout: timeout,
+        },
     );
     match result {
         Ok(summary) => {

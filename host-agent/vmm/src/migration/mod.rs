@@ -164,22 +164,39 @@ pub struct SendSummary {
     pub state_bytes: usize,
 }
 
-/// Live-migrates the running VM of `source` over `link`. `stop` stops the VM for the
-/// switch-over and says whether every vCPU is parked; `wake` wakes parked vCPU threads to save
-/// their state (as for [`crate::snapshot::take`]); `cancel` is checked between batches;
-/// `progress` hears of each round. On success the target runs the VM: the caller must end the
-/// source without resuming it. On failure, see [`SendError::source_may_resume`]. Either way
-/// dirty-page logging is off again when it returns.
-#[allow(clippy::too_many_arguments)]
+/// What the caller gives [`send`] besides the link, the VM and the config.
+pub struct SendHooks<'a> {
+    /// Stops the VM for the switch-over (vCPUs parked, device threads paused) and says
+    /// whether every vCPU is parked.
+    pub stop: &'a mut dyn FnMut() -> Result<bool, String>,
+    /// Wakes parked vCPU threads to save their state (as for [`crate::snapshot::take`]).
+    pub wake: &'a dyn Fn(),
+    /// Checked between batches: set, the send fails with [`MigrationError::Cancelled`].
+    pub cancel: &'a AtomicBool,
+    /// Hears of each round as it ends.
+    pub progress: &'a mut dyn FnMut(&Round),
+    /// How long each vCPU has to save its state.
+    pub state_timeout: Duration,
+}
+
+impl std::fmt::Debug for SendHooks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendHooks")
+            .field("cancel", &self.cancel)
+            .field("state_timeout", &self.state_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Live-migrates the running VM of `source` over `link`, calling `hooks` to stop the VM, wake
+/// its vCPUs, check for a cancel and report progress. On success the target runs the VM: the
+/// caller must end the source without resuming it. On failure, see
+/// [`SendError::source_may_resume`]. Either way dirty-page logging is off again when it returns.
 pub fn send<L: Read + Write>(
     link: &mut L,
     source: &SnapshotSource,
     config: &SendConfig,
-    stop: &mut dyn FnMut() -> Result<bool, String>,
-    wake: &dyn Fn(),
-    cancel: &AtomicBool,
-    progress: &mut dyn FnMut(&Round),
-    state_timeout: Duration,
+    hooks: &mut SendHooks<'_>,
 ) -> Result<SendSummary, SendError> {
     let before = |error: MigrationError| SendError {
         phase: Phase::BeforeSwitch,
@@ -189,16 +206,7 @@ pub fn send<L: Read + Write>(
     stream::write_layout(link, &MemoryState::of(&source.mem)).map_err(|e| before(e.into()))?;
     set_dirty_logging(&source.vm, &source.mem, true).map_err(|e| before(e.into()))?;
     DirtyPages::clear_device_log(&source.mem);
-    let result = precopy_and_switch(
-        link,
-        source,
-        config,
-        stop,
-        wake,
-        cancel,
-        progress,
-        state_timeout,
-    );
+    let result = precopy_and_switch(link, source, config, hooks);
     if result.as_ref().is_err_and(SendError::source_may_resume) {
         // The source runs on: stop paying for the log. (On success or an unknown outcome the
         // source never runs again, so it does not matter.)
@@ -209,21 +217,17 @@ pub fn send<L: Read + Write>(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 fn precopy_and_switch<L: Read + Write>(
     link: &mut L,
     source: &SnapshotSource,
     config: &SendConfig,
-    stop: &mut dyn FnMut() -> Result<bool, String>,
-    wake: &dyn Fn(),
-    cancel: &AtomicBool,
-    progress: &mut dyn FnMut(&Round),
-    state_timeout: Duration,
+    hooks: &mut SendHooks<'_>,
 ) -> Result<SendSummary, SendError> {
     let before = |error: MigrationError| SendError {
         phase: Phase::BeforeSwitch,
         error,
     };
+    let cancel = hooks.cancel;
     let mut buf = vec![0u8; stream::MAX_PAGES_PER_RECORD * PAGE];
     let mut rounds = Vec::new();
 
@@ -232,7 +236,7 @@ fn precopy_and_switch<L: Read + Write>(
     let pages = send_nonzero(link, &source.mem, &mut buf, cancel).map_err(before)?;
     let mut dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(|e| before(e.into()))?;
     let mut round = finish_round(0, pages, started, &dirty);
-    progress(&round);
+    (hooks.progress)(&round);
     rounds.push(round);
 
     // Further rounds, until what is left fits the downtime target.
@@ -241,7 +245,7 @@ fn precopy_and_switch<L: Read + Write>(
         let pages = send_dirty(link, &source.mem, &dirty, &mut buf, cancel).map_err(before)?;
         dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(|e| before(e.into()))?;
         round = finish_round(round.round + 1, pages, started, &dirty);
-        progress(&round);
+        (hooks.progress)(&round);
         rounds.push(round);
     }
     if cancel.load(Ordering::Acquire) {
@@ -250,8 +254,8 @@ fn precopy_and_switch<L: Read + Write>(
 
     // Switch-over: stop, capture, the last pages, the state.
     let stopped = Instant::now();
-    let parked = stop().map_err(|e| before(MigrationError::Stop(e)))?;
-    let state = crate::snapshot::capture(source, parked, wake, state_timeout)
+    let parked = (hooks.stop)().map_err(|e| before(MigrationError::Stop(e)))?;
+    let state = crate::snapshot::capture(source, parked, hooks.wake, hooks.state_timeout)
         .map_err(|e| before(e.into()))?;
     let last = DirtyPages::collect(&source.vm, &source.mem).map_err(|e| before(e.into()))?;
     let never = AtomicBool::new(false);

@@ -87,19 +87,21 @@ fn send_from(
         link,
         &running.source,
         config,
-        &mut stop,
-        &|| running.gate.notify(),
-        cancel,
-        &mut |r: &Round| {
-            // A device writes guest memory while the copy runs.
-            mem.write_obj(
-                0xfeed_0000 + r.round,
-                GuestAddress(DEVICE_WRITES + u64::from(r.round) * 4096),
-            )
-            .unwrap();
-            rounds.push(*r);
+        &mut SendHooks {
+            stop: &mut stop,
+            wake: &|| running.gate.notify(),
+            cancel,
+            progress: &mut |r: &Round| {
+                // A device writes guest memory while the copy runs.
+                mem.write_obj(
+                    0xfeed_0000 + r.round,
+                    GuestAddress(DEVICE_WRITES + u64::from(r.round) * 4096),
+                )
+                .unwrap();
+                rounds.push(*r);
+            },
+            state_timeout: Duration::from_secs(5),
         },
-        Duration::from_secs(5),
     )
 }
 

@@ -226,6 +226,15 @@ async fn read_record<S: AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>, LinkErr
     Ok(message)
 }
 
+/// Runs a handshake to its end within [`HANDSHAKE_TIMEOUT`].
+async fn within_deadline(
+    run: impl Future<Output = Result<(TransportState, [u8; 32]), LinkError>>,
+) -> Result<(TransportState, [u8; 32]), LinkError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+}
+
 fn remote_key(hs: &HandshakeState) -> Result<[u8; 32], LinkError> {
     hs.get_remote_static()
         .and_then(|k| k.try_into().ok())
@@ -273,9 +282,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
         write_record(&mut stream, &buf[..n]).await?;
         Ok((hs.into_transport_mode()?, peer))
     };
-    let (noise, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
-        .await
-        .map_err(|_| LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+    let (noise, peer) = within_deadline(run).await?;
     Ok(Link {
         stream,
         noise,
@@ -305,9 +312,7 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Ok((hs.into_transport_mode()?, peer))
     };
-    let (noise, peer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
-        .await
-        .map_err(|_| LinkError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+    let (noise, peer) = within_deadline(run).await?;
     Ok(Link {
         stream,
         noise,
