@@ -198,13 +198,9 @@ pub fn send<L: Read + Write>(
     config: &SendConfig,
     hooks: &mut SendHooks<'_>,
 ) -> Result<SendSummary, SendError> {
-    let before = |error: MigrationError| SendError {
-        phase: Phase::BeforeSwitch,
-        error,
-    };
-    stream::write_preamble(link).map_err(|e| before(e.into()))?;
-    stream::write_layout(link, &MemoryState::of(&source.mem)).map_err(|e| before(e.into()))?;
-    set_dirty_logging(&source.vm, &source.mem, true).map_err(|e| before(e.into()))?;
+    stream::write_preamble(link).map_err(before_switch)?;
+    stream::write_layout(link, &MemoryState::of(&source.mem)).map_err(before_switch)?;
+    set_dirty_logging(&source.vm, &source.mem, true).map_err(before_switch)?;
     DirtyPages::clear_device_log(&source.mem);
     let result = precopy_and_switch(link, source, config, hooks);
     if result.as_ref().is_err_and(SendError::source_may_resume) {
@@ -223,18 +219,14 @@ fn precopy_and_switch<L: Read + Write>(
     config: &SendConfig,
     hooks: &mut SendHooks<'_>,
 ) -> Result<SendSummary, SendError> {
-    let before = |error: MigrationError| SendError {
-        phase: Phase::BeforeSwitch,
-        error,
-    };
     let cancel = hooks.cancel;
     let mut buf = vec![0u8; stream::MAX_PAGES_PER_RECORD * PAGE];
     let mut rounds = Vec::new();
 
     // Round 0: every non-zero page.
     let started = Instant::now();
-    let pages = send_nonzero(link, &source.mem, &mut buf, cancel).map_err(before)?;
-    let mut dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(|e| before(e.into()))?;
+    let pages = send_nonzero(link, &source.mem, &mut buf, cancel).map_err(before_switch)?;
+    let mut dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(before_switch)?;
     let mut round = finish_round(0, pages, started, &dirty);
     (hooks.progress)(&round);
     rounds.push(round);
@@ -242,29 +234,30 @@ fn precopy_and_switch<L: Read + Write>(
     // Further rounds, until what is left fits the downtime target.
     while round.expected_downtime > config.downtime && round.round < config.max_rounds {
         let started = Instant::now();
-        let pages = send_dirty(link, &source.mem, &dirty, &mut buf, cancel).map_err(before)?;
-        dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(|e| before(e.into()))?;
+        let pages =
+            send_dirty(link, &source.mem, &dirty, &mut buf, cancel).map_err(before_switch)?;
+        dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(before_switch)?;
         round = finish_round(round.round + 1, pages, started, &dirty);
         (hooks.progress)(&round);
         rounds.push(round);
     }
     if cancel.load(Ordering::Acquire) {
-        return Err(before(MigrationError::Cancelled));
+        return Err(before_switch(MigrationError::Cancelled));
     }
 
     // Switch-over: stop, capture, the last pages, the state.
     let stopped = Instant::now();
-    let parked = (hooks.stop)().map_err(|e| before(MigrationError::Stop(e)))?;
+    let parked = (hooks.stop)().map_err(|e| before_switch(MigrationError::Stop(e)))?;
     let state = crate::snapshot::capture(source, parked, hooks.wake, hooks.state_timeout)
-        .map_err(|e| before(e.into()))?;
-    let last = DirtyPages::collect(&source.vm, &source.mem).map_err(|e| before(e.into()))?;
+        .map_err(before_switch)?;
+    let last = DirtyPages::collect(&source.vm, &source.mem).map_err(before_switch)?;
     let never = AtomicBool::new(false);
     let mut final_pages =
-        send_dirty(link, &source.mem, &dirty, &mut buf, &never).map_err(before)?;
-    final_pages += send_dirty(link, &source.mem, &last, &mut buf, &never).map_err(before)?;
-    let state_file = crate::snapshot::format::encode(&state).map_err(|e| before(e.into()))?;
-    stream::write_state(link, &state_file).map_err(|e| before(e.into()))?;
-    stream::write_done(link).map_err(|e| before(e.into()))?;
+        send_dirty(link, &source.mem, &dirty, &mut buf, &never).map_err(before_switch)?;
+    final_pages += send_dirty(link, &source.mem, &last, &mut buf, &never).map_err(before_switch)?;
+    let state_file = crate::snapshot::format::encode(&state).map_err(before_switch)?;
+    stream::write_state(link, &state_file).map_err(before_switch)?;
+    stream::write_done(link).map_err(before_switch)?;
 
     // From here the target may run the VM.
     let mut scratch = Vec::new();
@@ -291,6 +284,14 @@ fn precopy_and_switch<L: Read + Write>(
             phase: Phase::AwaitingAnswer,
             error: e.into(),
         }),
+    }
+}
+
+/// A failure before the state was sent whole: the source may resume.
+fn before_switch(error: impl Into<MigrationError>) -> SendError {
+    SendError {
+        phase: Phase::BeforeSwitch,
+        error: error.into(),
     }
 }
 
