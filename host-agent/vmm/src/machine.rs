@@ -883,13 +883,13 @@ impl Vmm {
 }
 
 fn restore_err(config: &VmConfig, source: snapshot::SnapshotError) -> VmmError {
-    VmmError::Restore {
-        path: config
-            .restore
-            .as_ref()
-            .map(|r| r.dir.display().to_string())
-            .unwrap_or_default(),
-        source,
+    match &config.restore {
+        Some(r) => VmmError::Restore {
+            path: r.dir.display().to_string(),
+            source,
+        },
+        // A migrated VM is restored from the state its link brought.
+        None => VmmError::Migration(source.into()),
     }
 }
 
