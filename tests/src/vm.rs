@@ -89,6 +89,26 @@ impl Default for VmSpec {
     }
 }
 
+/// Accepts the next connection on `listener`, polling every 20 ms; between polls `waiting`
+/// may end the wait with its error (a deadline passed, a VMM that exited).
+fn accept_polling(
+    listener: &UnixListener,
+    mut waiting: impl FnMut() -> Result<()>,
+) -> Result<UnixStream> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => waiting()?,
+            Err(e) => return Err(e.into()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// What [`TestVm::migrate_to`] saw.
 #[derive(Debug)]
 pub struct Migration {
@@ -215,17 +235,8 @@ impl TestVm {
         listener: &UnixListener,
         timeout: Duration,
     ) -> Result<UnixStream> {
-        listener.set_nonblocking(true)?;
         let deadline = Instant::now() + timeout;
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false)?;
-                    return Ok(stream);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
+        accept_polling(listener, || {
             if let Some(status) = self.vmm_exited() {
                 bail!("the VMM exited ({status}) before it connected");
             }
@@ -233,8 +244,8 @@ impl TestVm {
                 Instant::now() < deadline,
                 "the VMM did not connect within {timeout:?}"
             );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            Ok(())
+        })
     }
 
     /// Live-migrates this VM into the VMM of [`TestVm::migrate_in`], whose link is
@@ -423,25 +434,15 @@ impl TestVm {
 
     /// Accepts the next connection on `listener` (from [`TestVm::listen`]) within `timeout`.
     pub fn accept_within(&self, listener: &UnixListener, timeout: Duration) -> Result<UnixStream> {
-        listener.set_nonblocking(true)?;
         let deadline = Instant::now() + timeout;
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false)?;
-                    return Ok(stream);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    ensure!(
-                        Instant::now() < deadline,
-                        "no connection within {timeout:?}; console:\n{}",
-                        self.console()
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        accept_polling(listener, || {
+            ensure!(
+                Instant::now() < deadline,
+                "no connection within {timeout:?}; console:\n{}",
+                self.console()
+            );
+            Ok(())
+        })
     }
 
     /// Waits for the VMM process to exit and collects its report.
