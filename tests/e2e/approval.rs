@@ -292,7 +292,7 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
         &d,
         &mut agent,
         std::slice::from_ref(&first_id),
-        Duration::from_secs(600),
+        Duration::from_secs(240),
     )
     .expect("the second request");
     assert_eq!(
@@ -312,8 +312,9 @@ fn a_destructive_call_runs_only_after_a_passkey_approval_and_a_denied_one_never_
     let denied = rt.block_on(decide(&mut cdp, &second, "nanoclawDeny()"));
     assert_eq!(denied.expect("deny"), json!("denied"));
 
-    // 4. The agent saw the first call's result and the second's denial.
-    let deadline = Instant::now() + Duration::from_secs(600);
+    // 4. The agent saw the first call's result and the second's denial. Past the agent's start
+    // (up to minutes under emulation), each step takes seconds: 240 s bounds a stuck one.
+    let deadline = Instant::now() + Duration::from_secs(240);
     let status = loop {
         if let Some(status) = agent.child.try_wait().expect("wait for nanoclaw run") {
             break status;

@@ -168,16 +168,30 @@ pub async fn launch(bin: &str, timeout: Duration) -> Result<(Browser, Cdp)> {
         .with_context(|| format!("cannot start {bin}"))?;
     let stderr = child.stderr.take().context("no stderr")?;
     let mut lines = BufReader::new(stderr).lines();
-    let ws_url = tokio::time::timeout(timeout, async {
+    // What Chromium said before it listens (or instead), for the error if it never does.
+    let mut said: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let listening = tokio::time::timeout(timeout, async {
         while let Some(line) = lines.next_line().await? {
             if let Some(url) = line.strip_prefix("DevTools listening on ") {
                 return Ok(url.trim().to_owned());
             }
+            if said.len() == 20 {
+                said.pop_front();
+            }
+            said.push_back(line);
         }
-        bail!("chromium exited before listening")
+        let status = child.wait().await?;
+        bail!("chromium exited before listening ({status})")
     })
-    .await
-    .context("chromium did not start")??;
+    .await;
+    let said = said.into_iter().collect::<Vec<_>>().join("\n");
+    let ws_url = match listening {
+        Ok(Ok(url)) => url,
+        Ok(Err(e)) => bail!("{e}; its last lines on stderr:\n{said}"),
+        Err(_) => {
+            bail!("chromium did not start within {timeout:?}; its last lines on stderr:\n{said}")
+        }
+    };
     // Keep draining its stderr so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await?;
