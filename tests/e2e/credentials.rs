@@ -7,10 +7,13 @@
 //! `openssl` that only the device trusts) that answers 401 without the right bearer token. The
 //! agent is busybox `wget` against `http://127.0.0.1:<GUEST_PROXY_PORT>/svc/hello`.
 //!
-//! Then a fork: an agent calling in a loop, granted by VM id, is forked into three copies. Each
+//! Then a fork: an agent calling in a loop, granted by VM id, is forked into two copies. Each
 //! copy's calls are refused (the grant names the parent) while the parent's go on; once one
-//! copy has a grant of its own, its calls pass and its siblings' are still refused. The
-//! device's log names four different sidecar keys: the parent's and each copy's.
+//! copy has a grant of its own, its calls pass and its sibling's are still refused. The
+//! device's log names three different sidecar keys: the parent's and each copy's. Two copies,
+//! not three: three VMs at a time, beside the device and the HTTPS server, is what this test
+//! needs, and the emulated L1 of our CI faulted in this test more than in any other when it ran
+//! four (a copy triple-faulting, then L1's own kernel dying).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -319,11 +322,11 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
     wait("the parent's granted call", &|| {
         lines(&parent).iter().any(|l| l == "CALL-OK")
     });
-    let copies: Vec<String> = nanoclaw(&["fork", &parent, "-n", "3"])
+    let copies: Vec<String> = nanoclaw(&["fork", &parent, "-n", "2"])
         .lines()
         .map(str::to_owned)
         .collect();
-    assert_eq!(copies.len(), 3, "{copies:?}");
+    assert_eq!(copies.len(), 2, "{copies:?}");
     assert!(!copies.contains(&parent), "{copies:?}");
     // The first line may come from a call in flight at the freeze; the ones after are each
     // copy's own.
@@ -342,7 +345,7 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
     wait("the parent calling on after the fork", &|| {
         lines(&parent).iter().filter(|l| *l == "CALL-OK").count() > parent_ok
     });
-    // A grant to one copy serves that copy, and not its siblings.
+    // A grant to one copy serves that copy, and not its sibling.
     let (granted, siblings) = (&copies[0], &copies[1..]);
     run(vd().args([
         "grant", "svc", "--host", &api, "--vm", granted, "--ttl", "600",
@@ -363,7 +366,7 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
             "a grant to copy {granted} served its sibling {sibling}: {got:?}"
         );
     }
-    // The device saw four boot keys: the parent's and each copy's (from its session, call
+    // The device saw three boot keys: the parent's and each copy's (from its session, call
     // and refusal lines, which all name the sidecar's key).
     let device_log = std::fs::read_to_string(p.join("device.log")).unwrap_or_default();
     let keys_of = |vm: &str| -> Vec<String> {
