@@ -14,6 +14,8 @@
 //! | `POST /v1/vms/{id}/resume` | | [`VmInfo`] once the vCPUs run again; `409` unless the VMM runs; `502` when the VMM refused |
 //! | `POST /v1/vms/{id}/snapshot` | [`CreateSnapshot`] | `201` and [`SnapshotInfo`]: the VM's memory and state saved under the daemon's state folder (a running VM is paused around it); `409` unless the VMM runs or when the name is taken; `502` when the VMM refused |
 //! | `POST /v1/vms/{id}/fork` | [`ForkVm`] | `201` and `[`[`VmInfo`]`, ...]`: `n` new VMs restored from one snapshot of the VM (then removed); `400` unless `n` is 1 to 8; `429` when `n` more would pass `--max-vms`; otherwise as the snapshot and restore routes |
+//! | `POST /v1/vms/{id}/migrate` | [`MigrateVm`] | newline-delimited [`MigrationEvent`]s, the last one `Ended`; `404` if there is no such VM, `409` unless it runs or when it migrates already, `400` when the host is not a pinned migration peer or the VM cannot move yet |
+//! | `DELETE /v1/vms/{id}/migrate` | | `204`: the VM's migration is cancelled (the VM runs on here) unless its state has gone out; `409` when none runs |
 //! | `GET /v1/snapshots` | | `[`[`SnapshotInfo`]`, ...]`, oldest first |
 //! | `DELETE /v1/snapshots/{name}` | | `204`; `404` if there is none |
 //! | `POST /v1/snapshots/{name}/restore` | [`RestoreSnapshot`] | `201` and the new VM's [`VmInfo`] once its VMM has restored the snapshot; `404` if there is none; `422` when the snapshot is damaged, of another format or the VMM refused it; `429` at `--max-vms` |
@@ -329,6 +331,9 @@ pub enum VmStatus {
     Failed,
     /// The VMM vanished without a recorded exit while the daemon was not watching it.
     Lost,
+    /// The VM moved to another host by a live migration ([`VmInfo::migrated_to`]); this
+    /// host's copy has ended for good.
+    Migrated,
 }
 
 impl VmStatus {
@@ -336,7 +341,7 @@ impl VmStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Exited | Self::Stopped | Self::Failed | Self::Lost
+            Self::Exited | Self::Stopped | Self::Failed | Self::Lost | Self::Migrated
         )
     }
 
@@ -350,6 +355,7 @@ impl VmStatus {
             Self::Stopped => "stopped",
             Self::Failed => "failed",
             Self::Lost => "lost",
+            Self::Migrated => "migrated",
         }
     }
 }
@@ -480,6 +486,93 @@ pub struct VmInfo {
     /// The VM's network, when its profile allows egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetworkInfo>,
+    /// Where a live migration took the VM (status `migrated`), or may have (a migration whose
+    /// outcome is unknown: the VM stays paused here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_to: Option<MigratedTo>,
+    /// Where the VM came from, when a live migration brought it to this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_from: Option<MigratedTo>,
+}
+
+/// The other end of a live migration: a host and the VM's id there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MigratedTo {
+    /// The host: the address dialled (on the source), or the peer's migration key, hex (on the
+    /// target).
+    pub host: String,
+    /// The VM's id on that host.
+    pub vm: String,
+    /// `moved` (the copy there runs) or `unknown` (the state went out and no answer came).
+    pub outcome: MigrationOutcome,
+}
+
+/// `POST /v1/vms/{id}/migrate`'s body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MigrateVm {
+    /// The target host's migration address, `HOST:PORT`, as pinned with `--migration-peer`.
+    pub to: String,
+    /// The downtime target in milliseconds (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// The most pre-copy rounds after the first (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+}
+
+/// How a live migration ended, for the source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationOutcome {
+    /// The target runs the VM; the source's copy has ended.
+    Moved,
+    /// The VM stays here (running, or paused if it was): the migration failed or was
+    /// cancelled before the switch-over.
+    #[default]
+    Kept,
+    /// The state went out and no answer came: the VM stays paused here until the target's
+    /// host says which copy runs.
+    Unknown,
+}
+
+/// One line of `POST /v1/vms/{id}/migrate`'s stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum MigrationEvent {
+    /// The target host accepted the VM and started a VMM to receive it.
+    Accepted {
+        /// The VM's id on the target host.
+        target_vm: String,
+    },
+    /// A pre-copy round ended, while the VM ran.
+    Round {
+        /// 0 for the full copy.
+        round: u32,
+        /// Pages sent.
+        pages: u64,
+        /// Its rate, MB/s.
+        mb_per_s: f64,
+        /// Pages written meanwhile, for the next round.
+        dirty: u64,
+        /// How long sending those would take at this rate, in milliseconds.
+        expected_downtime_ms: f64,
+    },
+    /// The migration ended; the last line.
+    Ended {
+        /// Which copy runs.
+        outcome: MigrationOutcome,
+        /// The VM's id on the target host, once it accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_vm: Option<String>,
+        /// How long the VM was stopped, in milliseconds (`moved` only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<f64>,
+        /// The whole migration, in milliseconds.
+        total_ms: f64,
+        /// Why it did not move.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// A networked VM's addresses, its allowlist and what its egress enforcement counted.

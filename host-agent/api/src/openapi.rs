@@ -14,9 +14,10 @@ use utoipa::OpenApi;
 
 use crate::{
     AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
-    CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
-    PendingApproval, PortForward, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream,
-    TokenInfo, TokenScope, VmInfo, VmNetworkInfo, VmStatus, VmmExit, WarmImage,
+    CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage, MigrateVm,
+    MigratedTo, MigrationEvent, MigrationOutcome, PendingApproval, PortForward, RegistrationLink,
+    RestoreSnapshot, SnapshotInfo, Stream, TokenInfo, TokenScope, VmInfo, VmNetworkInfo, VmStatus,
+    VmmExit, WarmImage,
 };
 
 /// The description as JSON text (pretty, with a final newline).
@@ -36,7 +37,7 @@ pub fn json() -> String {
     ),
     paths(
         create_vm, list_vms, inspect_vm, remove_vm, stop_vm, detach_vm, pause_vm, resume_vm,
-        snapshot_vm, fork_vm, warm_image, list_snapshots, remove_snapshot, restore_snapshot,
+        snapshot_vm, fork_vm, migrate_vm, cancel_migration, warm_image, list_snapshots, remove_snapshot, restore_snapshot,
         vm_events, vm_console, put_files, get_files,
         list_images, inspect_image, remove_image, import_image, build_image,
         list_approvals, registration_link,
@@ -46,7 +47,7 @@ pub fn json() -> String {
     components(schemas(
         AgentExit, ApiError, BuildImage, BuildProgress, CreateSnapshot, CreateToken, CreateVm,
         CreatedToken, DiskCounters, Event, EventRecord, FilesCopied, ForkVm, ImportImage,
-        PendingApproval, PortForward, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream,
+        MigrateVm, MigratedTo, MigrationEvent, MigrationOutcome, PendingApproval, PortForward, RegistrationLink, RestoreSnapshot, SnapshotInfo, Stream,
         TokenInfo, TokenScope, VmInfo, VmNetworkInfo, VmStatus, VmmExit, WarmImage,
     )),
     tags(
@@ -177,6 +178,36 @@ fn snapshot_vm() {}
     ))]
 #[allow(dead_code)]
 fn fork_vm() {}
+
+/// Live-migrates a running VM to another host: this daemon dials the target's daemon (a
+/// pinned migration peer, over an authenticated and encrypted link), which starts a VMM to
+/// receive it; memory is copied while the VM runs, and the VM stops only for the last pages and
+/// its state. The stream says when the target accepted, each round, and how it ended: `moved`
+/// (the VM runs there and has ended here), `kept` (it runs on here) or `unknown` (it stays
+/// paused here until the target's host says which copy runs).
+#[utoipa::path(post, path = "/v1/vms/{id}/migrate", tag = "vms",
+    params(("id" = String, Path, description = "The VM id")),
+    request_body = MigrateVm,
+    responses(
+        (status = 200, description = "Newline-delimited events, the last one `ended`", body = [MigrationEvent], content_type = "application/x-ndjson"),
+        (status = 400, description = "The host is not a pinned peer, or the VM cannot move yet", body = ApiError),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 409, description = "The VM does not run, or migrates already", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn migrate_vm() {}
+
+/// Cancels the VM's live migration: the VM runs on here, unless its state has already gone
+/// out (then the migration ends as it ends).
+#[utoipa::path(delete, path = "/v1/vms/{id}/migrate", tag = "vms",
+    params(("id" = String, Path, description = "The VM id")),
+    responses(
+        (status = 204, description = "Cancelled"),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 409, description = "No migration of it runs", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn cancel_migration() {}
 
 /// Takes (or replaces) the image's warm template: a snapshot of a VM of the image booted up to
 /// its sidecar's hello, with no agent. A later VM of this image at exactly this size, with no

@@ -164,6 +164,16 @@ pub struct VmRecord {
     /// How many times this VM's guest took a new identity on the daemon's request.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reidentified: u32,
+    /// The local socket this VM's VMM receives a live migration on (`--migrate-from`), when it
+    /// was made by one (see `crate::migration`): the VMM boots no kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate_in: Option<PathBuf>,
+    /// Where a live migration took this VM, or may have (outcome `unknown`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_to: Option<nanoclaw_api::MigratedTo>,
+    /// Where a live migration brought this VM from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_from: Option<nanoclaw_api::MigratedTo>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -228,6 +238,9 @@ impl VmRecord {
             template: false,
             thaw_pending: false,
             reidentified: 0,
+            migrate_in: None,
+            migrated_to: None,
+            migrated_from: None,
         }
     }
 

@@ -404,6 +404,8 @@ impl Vm {
             boot_id: r.boot_id,
             reidentify_pending: r.reidentify.is_some(),
             network,
+            migrated_to: r.migrated_to,
+            migrated_from: r.migrated_from,
         }
     }
 
