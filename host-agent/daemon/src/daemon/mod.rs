@@ -35,6 +35,7 @@ pub mod files;
 pub mod gateways;
 pub mod images;
 pub mod jail;
+pub mod migrate;
 pub mod pinning;
 pub mod ratelimit;
 pub mod routes;
@@ -64,6 +65,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A `--migration-peer` does not parse.
+    #[error(transparent)]
+    MigrationPeer(#[from] crate::migration::BadPeer),
+    /// Live migration's identity or listener could not be set up.
+    #[error("live migration")]
+    Migration(#[source] crate::migration::link::LinkError),
     /// `--socket-group` names no group.
     #[error("--socket-group: no group named {0:?}")]
     NoSuchGroup(String),
@@ -302,6 +309,15 @@ pub struct ServeArgs {
     /// Once its burst is used, an orchestrator VM may spawn one agent per this many seconds.
     #[arg(long, default_value_t = 5)]
     pub spawn_interval_secs: u64,
+    /// Receive live migrations from the pinned peers on this TCP address (`HOST:PORT`). Off
+    /// unless given.
+    #[arg(long, value_name = "ADDR", requires = "migration_peers")]
+    pub migration_listen: Option<std::net::SocketAddr>,
+    /// Another host's daemon that VMs migrate to and from: its migration address and its
+    /// migration key (`host-agent migration-key` on that host), as `HOST:PORT=KEY`; repeatable.
+    /// VMs move only between pinned peers.
+    #[arg(long = "migration-peer", value_name = "HOST:PORT=KEY")]
+    pub migration_peers: Vec<String>,
 }
 
 /// The daemon's limits on how many VMs there are and how fast orchestrators spawn them.
@@ -501,6 +517,12 @@ pub struct Daemon {
     spawn_pace: Mutex<HashMap<String, ratelimit::TokenBucket>>,
     /// The remote API's bearer tokens (hashed).
     tokens: Arc<crate::remote::tokens::TokenStore>,
+    /// Live migration's identity and pinned peers, when it is on.
+    migration: Option<Arc<migrate::MigrationSetup>>,
+    /// The migrations under way from this host.
+    migrating: migrate::Running,
+    /// The budget of log lines about refused migration callers.
+    migration_log_budget: Mutex<ratelimit::LogBudget>,
 }
 
 impl Daemon {
@@ -1308,7 +1330,7 @@ impl Daemon {
 /// Whether `spec` gives its VM a network: its profile allows egress (`[network] egress`; a
 /// profile that does not load gives none, and its gateway refuses it too), or it forwards host
 /// ports to the agent.
-fn wants_network(spec: &CreateVm) -> bool {
+pub(crate) fn wants_network(spec: &CreateVm) -> bool {
     !spec.ports.is_empty() || vm::profile_of(spec).is_some_and(|p| !p.network.is_empty())
 }
 
@@ -1584,6 +1606,30 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     // Kept for the last checkpoint at shutdown.
     let checkpoint_relay = relay.clone().filter(|_| args.audit_checkpoint_secs > 0);
     let snapshots = snapshots::Store::open(&args.state_dir).map_err(DaemonError::Snapshots)?;
+    let migration = if args.migration_peers.is_empty() {
+        None
+    } else {
+        let peers = crate::migration::Peers::parse(&args.migration_peers)
+            .map_err(DaemonError::MigrationPeer)?;
+        let identity = crate::migration::link::Identity::open(&args.state_dir)
+            .map_err(DaemonError::Migration)?;
+        tracing::info!(key = %hex::encode(identity.public()), peers = args.migration_peers.len(),
+            "live migration on: this host's migration key");
+        Some(Arc::new(migrate::MigrationSetup { identity, peers }))
+    };
+    let migration_listener = match args.migration_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| {
+                    DaemonError::Migration(crate::migration::link::LinkError::Io {
+                        what: "listen for migrations",
+                        source,
+                    })
+                })?,
+        ),
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
         snapshots,
         images,
@@ -1615,11 +1661,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         },
         spawn_pace: Mutex::new(HashMap::new()),
         tokens,
+        migration,
+        migrating: Default::default(),
+        migration_log_budget: Mutex::new(ratelimit::LogBudget::new()),
     });
     daemon
         .mcp
         .set_spawner(Arc::new(gateways::DaemonSpawner::new(&daemon)));
     daemon.recover();
+    if let Some(listener) = migration_listener {
+        let local = listener.local_addr().ok();
+        tracing::info!(?local, "receiving live migrations from the pinned peers");
+        tokio::spawn(migrate::serve_migrations(Arc::clone(&daemon), listener));
+    }
     let listener = bind_api_socket(&args.socket, args.socket_group.as_deref())?;
     tracing::info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(),
         vms = daemon.lock_vms().len(), "daemon listening");

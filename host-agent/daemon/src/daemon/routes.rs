@@ -58,6 +58,10 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
         .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/snapshot", post(snapshot))
         .route("/v1/vms/{id}/fork", post(fork))
+        .route(
+            "/v1/vms/{id}/migrate",
+            post(migrate).delete(cancel_migration),
+        )
         .route("/v1/snapshots", get(list_snapshots))
         .route(
             "/v1/snapshots/{name}",
@@ -458,6 +462,53 @@ async fn fork(
         Ok(Err(e @ ForkError::Paused(_))) => Err(Failure(StatusCode::CONFLICT, error_chain(&e))),
         Ok(Err(ForkError::Restore(e))) => Err(restore_failure(e)),
         Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// Starts a live migration and streams its events (see `super::migrate`). The migration goes
+/// on if the client goes away; its outcome is in the VM's record.
+async fn migrate(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    body: Result<Json<nanoclaw_api::MigrateVm>, JsonRejection>,
+) -> Result<Response, Failure> {
+    use super::migrate::MigrateError;
+    let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let mut events = daemon.start_migration(&id, req).map_err(|e| {
+        let status = match e {
+            MigrateError::NoVm(_) => StatusCode::NOT_FOUND,
+            MigrateError::Conflict { .. } => StatusCode::CONFLICT,
+            MigrateError::Bad(_) => StatusCode::BAD_REQUEST,
+        };
+        Failure(status, error_chain(&e))
+    })?;
+    let (tx, rx) = mpsc::channel(EVENT_STREAM_QUEUE);
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let Ok(mut line) = serde_json::to_vec(&event) else {
+                continue;
+            };
+            line.push(b'\n');
+            // A client that went away misses the rest; the migration goes on.
+            let _ = tx.send(Ok(line.into())).await;
+        }
+    });
+    Ok(streaming("application/x-ndjson", rx))
+}
+
+/// Cancels a VM's live migration.
+async fn cancel_migration(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
+    find(&daemon, &id)?;
+    if daemon.cancel_migration(&id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Failure(
+            StatusCode::CONFLICT,
+            format!("VM {id} is not migrating"),
+        ))
     }
 }
 

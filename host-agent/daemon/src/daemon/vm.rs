@@ -693,13 +693,14 @@ impl Vm {
             path: self.dir.join(super::vmm_log::VMM_PIPE_FILE),
             source,
         })?;
-        let (spec, image, restore, net) = {
+        let (spec, image, restore, net, migrate_in) = {
             let record = lock(&self.record);
             (
                 record.spec.clone(),
                 record.image.clone(),
                 record.restore.clone(),
                 record.net,
+                record.migrate_in.clone(),
             )
         };
         // The jail's arguments go last: a VMM's first argument is --kernel or --disk.
@@ -742,15 +743,20 @@ impl Vm {
                 .arg("--disk")
                 .arg(disk_arg(&image.scratch, ",id=scratch"));
         }
-        match &restore {
+        match (&restore, &migrate_in) {
+            // A migration in reads no kernel either: the guest comes over the socket, which the
+            // VMM connects to before it enters its jail.
+            (_, Some(socket)) => {
+                cmd.arg("--migrate-from").arg(socket);
+            }
             // A restore reads no kernel: the guest is in the snapshot.
-            Some(restore) => {
+            (Some(restore), None) => {
                 cmd.arg("--restore").arg(&restore.dir);
                 if restore.paused {
                     cmd.arg("--restore-paused");
                 }
             }
-            None => {
+            (None, None) => {
                 cmd.arg("--kernel")
                     .arg(&launch.kernel)
                     .arg("--initrd")
@@ -1240,7 +1246,13 @@ impl Vm {
         let cgroups = std::mem::take(&mut lock(&self.record).jail_cgroups);
         cgroup::remove(&cgroups);
         let status = self.update(|r| {
-            r.status = if r.stop_requested {
+            let moved = r
+                .migrated_to
+                .as_ref()
+                .is_some_and(|m| m.outcome == api::MigrationOutcome::Moved);
+            r.status = if moved {
+                VmStatus::Migrated
+            } else if r.stop_requested {
                 VmStatus::Stopped
             } else if lost {
                 VmStatus::Lost
@@ -1296,6 +1308,37 @@ impl Vm {
             self.signal_vmm(signal);
         }
         let _ = tokio::time::timeout(grace, wait_ended(&mut ended)).await;
+    }
+
+    /// Ends this copy of a VM that now runs on another host (`to`): records where it went, then
+    /// ends the VMM (which refuses to run the VM again) with SIGTERM, and SIGKILL after
+    /// `grace`. The guest is not asked to shut down: it runs on, there.
+    pub async fn end_migrated(&self, to: api::MigratedTo, grace: Duration) {
+        self.update(|r| r.migrated_to = Some(to));
+        let mut ended = self.ended();
+        for signal in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGKILL] {
+            self.signal_vmm(signal);
+            if tokio::time::timeout(grace, wait_ended(&mut ended))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Records whether the vCPUs are paused, as the VMM said after a migration that failed.
+    pub fn set_paused_flag(&self, paused: bool) {
+        self.update(|r| r.paused = paused);
+    }
+
+    /// Records a migration whose outcome is unknown: the VM stays paused here, and its record
+    /// says where it may run.
+    pub fn migration_unknown(&self, to: api::MigratedTo) {
+        self.update(|r| {
+            r.migrated_to = Some(to);
+            r.paused = true;
+        });
     }
 
     /// Signals the VMM, if the recorded process is still the same one.

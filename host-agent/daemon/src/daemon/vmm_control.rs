@@ -128,6 +128,127 @@ pub async fn snapshot(
     }
 }
 
+/// How long a migrating VMM may say nothing (between two progress lines, or before its
+/// answer): longer than the VMM's own stall limit on the link (60 s), so the VMM, which knows
+/// which copy runs, always speaks first.
+pub const MIGRATE_IDLE_TIMEOUT: Duration = Duration::from_secs(150);
+/// The longest line of a migration's exchange (an answer lists every round).
+pub const MAX_MIGRATE_LINE: u64 = 1 << 20;
+
+/// One pre-copy round, as the VMM reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct MigrationRound {
+    /// 0 for the full copy.
+    pub round: u32,
+    /// Pages sent.
+    pub pages: u64,
+    /// Its rate, MB/s.
+    pub mb_per_s: f64,
+    /// Pages written meanwhile.
+    pub dirty: u64,
+    /// How long sending those would take, in milliseconds.
+    pub expected_downtime_ms: f64,
+}
+
+/// How the VMM says a migration ended.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MigrationEnd {
+    /// `moved`, `kept` or `unknown`.
+    pub outcome: nanoclaw_api::MigrationOutcome,
+    /// Why it did not move.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The rounds (when it moved).
+    #[serde(default)]
+    pub rounds: Vec<MigrationRound>,
+    /// How long the VM was stopped, in milliseconds (when it moved).
+    #[serde(default)]
+    pub downtime_ms: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MigrateLine {
+    Progress { progress: MigrationRound },
+    Answer { migration: MigrationEnd },
+}
+
+/// Asks the VMM whose folder is `vmm_dir` to live-migrate its VM into the Unix socket `socket`
+/// (a plain name inside that folder, which the caller listens on); `progress` hears of each
+/// round. Answers how it ended, and whether the VM is now paused. Each line must come within
+/// [`MIGRATE_IDLE_TIMEOUT`] of the last.
+pub async fn migrate(
+    vmm_dir: &Path,
+    vmm_uid: Option<u32>,
+    socket: &str,
+    downtime_ms: Option<u64>,
+    max_rounds: Option<u32>,
+    progress: &mut (dyn FnMut(MigrationRound) + Send),
+) -> Result<(MigrationEnd, bool), VmmControlError> {
+    let mut request = serde_json::json!({"op": "migrate", "socket": socket});
+    if let Some(ms) = downtime_ms {
+        request["downtime_ms"] = ms.into();
+    }
+    if let Some(n) = max_rounds {
+        request["max_rounds"] = n.into();
+    }
+    let mut request =
+        serde_json::to_vec(&request).map_err(|e| VmmControlError::BadAnswer(e.to_string()))?;
+    request.push(b'\n');
+    let stream = tokio::time::timeout(MIGRATE_IDLE_TIMEOUT, connect(vmm_dir, vmm_uid))
+        .await
+        .map_err(|_| VmmControlError::Timeout(MIGRATE_IDLE_TIMEOUT))??;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(&request)
+        .await
+        .map_err(VmmControlError::Connect)?;
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let mut capped = (&mut reader).take(MAX_MIGRATE_LINE);
+        let read = capped.read_until(b'\n', &mut line);
+        tokio::time::timeout(MIGRATE_IDLE_TIMEOUT, read)
+            .await
+            .map_err(|_| VmmControlError::Timeout(MIGRATE_IDLE_TIMEOUT))?
+            .map_err(VmmControlError::Connect)?;
+        let shown = || String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+        match serde_json::from_slice::<MigrateLine>(&line) {
+            Ok(MigrateLine::Progress { progress: round }) => progress(round),
+            Ok(MigrateLine::Answer { migration }) => {
+                // `ok` is false unless it moved; `state` says where the VM is either way.
+                let answer: Answer = serde_json::from_slice(&line)
+                    .map_err(|_| VmmControlError::BadAnswer(shown()))?;
+                let paused = match answer.state.as_deref() {
+                    Some("paused") => true,
+                    Some("running") => false,
+                    _ => return Err(VmmControlError::BadAnswer(shown())),
+                };
+                return Ok((migration, paused));
+            }
+            Err(_) => {
+                // A plain refusal (a bad request, a VMM that cannot migrate).
+                parse(&line)?;
+                return Err(VmmControlError::BadAnswer(shown()));
+            }
+        }
+    }
+}
+
+/// Connects to the control socket and checks the peer is the VM's uid.
+async fn connect(vmm_dir: &Path, vmm_uid: Option<u32>) -> Result<UnixStream, VmmControlError> {
+    let stream = UnixStream::connect(vmm_dir.join(SOCKET))
+        .await
+        .map_err(VmmControlError::Connect)?;
+    if let Some(expected) = vmm_uid {
+        let peer = stream.peer_cred().map_err(VmmControlError::Connect)?.uid();
+        if peer != expected {
+            return Err(VmmControlError::NotTheVmm { expected, peer });
+        }
+    }
+    Ok(stream)
+}
+
 /// Sends `request` and reads one answer line, within `timeout`.
 async fn exchange(
     vmm_dir: &Path,
@@ -136,15 +257,7 @@ async fn exchange(
     timeout: Duration,
 ) -> Result<Vec<u8>, VmmControlError> {
     let exchange = async {
-        let stream = UnixStream::connect(vmm_dir.join(SOCKET))
-            .await
-            .map_err(VmmControlError::Connect)?;
-        if let Some(expected) = vmm_uid {
-            let peer = stream.peer_cred().map_err(VmmControlError::Connect)?.uid();
-            if peer != expected {
-                return Err(VmmControlError::NotTheVmm { expected, peer });
-            }
-        }
+        let stream = connect(vmm_dir, vmm_uid).await?;
         let (read, mut write) = stream.into_split();
         write
             .write_all(request)
@@ -178,6 +291,7 @@ fn parse(line: &[u8]) -> Result<(bool, Option<SnapshotWritten>), VmmControlError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nanoclaw_api::MigrationOutcome;
 
     #[test]
     fn answers_are_read_strictly() {
@@ -210,6 +324,104 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// Serves one control connection that answers `lines` to a `migrate` request.
+    async fn answering(dir: &Path, lines: &[&str]) -> tokio::task::JoinHandle<()> {
+        let lines: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        let listener = tokio::net::UnixListener::bind(dir.join(SOCKET)).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (read, mut write) = s.into_split();
+            let mut request = String::new();
+            BufReader::new(read).read_line(&mut request).await.unwrap();
+            let request: serde_json::Value = serde_json::from_str(&request).unwrap();
+            assert_eq!(request["op"], "migrate");
+            assert_eq!(request["socket"], "migrate.sock");
+            assert_eq!(request["downtime_ms"], 300);
+            for line in &lines {
+                write.write_all(line.as_bytes()).await.unwrap();
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_migration_reports_its_rounds_then_how_it_ended() {
+        let progress = r#"{"progress":{"round":0,"pages":10,"ms":1.0,"mb_per_s":40.9,"dirty":2,"expected_downtime_ms":0.2}}
+"#;
+        // The lines served, the outcome and whether paused (none: an error), the rounds seen.
+        type Case<'a> = (&'a [&'a str], Option<(MigrationOutcome, bool)>, usize);
+        let cases: [Case; 4] = [
+            (
+                &[
+                    progress,
+                    progress,
+                    "{\"ok\":true,\"state\":\"paused\",\"migration\":{\"outcome\":\"moved\",\"rounds\":[],\"final_pages\":1,\"downtime_ms\":3.5}}\n",
+                ],
+                Some((MigrationOutcome::Moved, true)),
+                2,
+            ),
+            (
+                &[
+                    progress,
+                    "{\"ok\":false,\"state\":\"running\",\"migration\":{\"outcome\":\"kept\",\"error\":\"cut\",\"rounds\":[],\"final_pages\":0,\"downtime_ms\":0.0}}\n",
+                ],
+                Some((MigrationOutcome::Kept, false)),
+                1,
+            ),
+            (
+                &[
+                    "{\"ok\":false,\"state\":\"paused\",\"migration\":{\"outcome\":\"unknown\",\"error\":\"no answer\",\"rounds\":[],\"final_pages\":0,\"downtime_ms\":0.0}}\n",
+                ],
+                Some((MigrationOutcome::Unknown, true)),
+                0,
+            ),
+            // A plain refusal, and then a VMM that hangs up mid-way: errors, not outcomes.
+            (
+                &["{\"ok\":false,\"error\":\"bad migration socket name\"}\n"],
+                None,
+                0,
+            ),
+        ];
+        for (lines, want, rounds) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let server = answering(dir.path(), lines).await;
+            let mut seen = 0;
+            let got = migrate(
+                dir.path(),
+                None,
+                "migrate.sock",
+                Some(300),
+                None,
+                &mut |r| {
+                    assert_eq!(r.pages, 10);
+                    seen += 1;
+                },
+            )
+            .await;
+            server.await.unwrap();
+            assert_eq!(seen, rounds);
+            match (got, want) {
+                (Ok((end, paused)), Some((outcome, want_paused))) => {
+                    assert_eq!((end.outcome, paused), (outcome, want_paused));
+                }
+                (Err(VmmControlError::Refused(e)), None) => assert!(e.contains("bad migration")),
+                (got, want) => panic!("{got:?} against {want:?}"),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let server = answering(dir.path(), &[progress]).await;
+        let got = migrate(
+            dir.path(),
+            None,
+            "migrate.sock",
+            Some(300),
+            None,
+            &mut |_| {},
+        )
+        .await;
+        server.await.unwrap();
+        assert!(matches!(got, Err(VmmControlError::BadAnswer(_))), "{got:?}");
     }
 
     #[tokio::test]

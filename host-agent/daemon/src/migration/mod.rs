@@ -1,9 +1,210 @@
-//! Live migration, the daemon's part: carrying a running VM's migration stream from this host
-//! to another (the VMM's part, the stream itself, is `nanoclaw_vmm::migration`).
+//! Live migration, the daemon's part: carrying a running VM from this host to another (the
+//! VMM's part, the memory and state stream itself, is `nanoclaw_vmm::migration`).
 //!
-//! Built so far: [`link`], the mutually authenticated, encrypted link between two hosts'
-//! daemons, and the relay of a VMM's stream over it. Not built yet: the offer and answer
-//! between the daemons, starting the target VMM with `--migrate-from`, `nanoclaw migrate`, and
-//! moving the VM's address and credential link; nothing in the daemon starts a migration yet.
+//! # Who does what
+//! 1. **The offer.** `POST /v1/vms/{id}/migrate` (`nanoclaw migrate ID --to HOST:PORT`) asks
+//!    the source daemon, which dials the target's daemon over a [`link`] (Noise XX, both
+//!    daemons' keys pinned by configuration: [`Peers`]) and sends an [`Offer`]: the VM's
+//!    creation request and what the daemon knows of its guest (boot id, agent started).
+//! 2. **The answer.** The target checks the offer as it checks a create request, makes the
+//!    VM's folder and record, listens on a local socket in it and starts a VMM with
+//!    `--migrate-from` on that socket, then answers [`Reply::Accepted`] with the VM's id there;
+//!    or [`Reply::Refused`] with a reason, and nothing is left.
+//! 3. **The copy.** The source daemon listens on a socket in its VMM's folder, asks its VMM to
+//!    migrate into it (the control socket's `migrate`, whose progress lines go back to the
+//!    client), and both daemons relay the two sockets over the link, both ways, without
+//!    reading the stream. A cancel closes the source's socket: before the VM's state has gone
+//!    out, the VM runs on here and the target's VMM, cut off, exits.
+//! 4. **One copy.** The source VMM's answer says which copy runs. `moved`: the target's VMM
+//!    restored the VM and answered before it ran it; the source daemon ends its VMM and keeps
+//!    the record as `migrated`, with where it went. `kept`: nothing moved. `unknown`: the state
+//!    went out and no answer came back; the source VM stays paused, its record says so, and
+//!    only the operator, who can ask the target's host, resumes or removes it. No failure
+//!    leaves two running copies.
+//!
+//! # What does not move yet
+//! A VM with a network (its overlay address would have to follow it) or with an image's
+//! writable disk (the disk would have to be copied, with its own dirty log) is refused before
+//! anything starts, as are a paused VM and a VM tied to a parent or to children. The guest's
+//! credential link to the device is not carried over: the device knows the VM's boot key from
+//! the source host only. See `docs/design.md` ("Planned", live migration).
 
 pub mod link;
+
+use std::collections::HashMap;
+
+use nanoclaw_api::{CreateVm, VmStatus};
+use serde::{Deserialize, Serialize};
+
+/// The offer's format.
+pub const OFFER_VERSION: u32 = 1;
+
+/// What the source offers the target: enough to list and run the VM there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Offer {
+    /// [`OFFER_VERSION`].
+    pub version: u32,
+    /// The VM's id on the source host.
+    pub source_vm: String,
+    /// Its creation request (memory and vCPUs must match for the VMM's stream to fit).
+    pub spec: CreateVm,
+    /// Its guest's boot id: the sidecar says hello again with it on the target.
+    pub boot_id: Option<String>,
+    /// Whether the agent was sent (it is never sent twice).
+    pub agent_sent: bool,
+    /// The agent's pid in the guest.
+    pub agent_pid: Option<u32>,
+    /// `starting` or `running`.
+    pub status: VmStatus,
+}
+
+/// The target's answer to an [`Offer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "reply", deny_unknown_fields)]
+pub enum Reply {
+    /// A VMM waits for the stream; `vm` is the VM's id on the target host.
+    Accepted {
+        /// The id.
+        vm: String,
+    },
+    /// Nothing started, and why.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why an offer is not acceptable as sent (checked before anything is made).
+pub fn check_offer(offer: &Offer) -> Result<(), String> {
+    if offer.version != OFFER_VERSION {
+        return Err(format!(
+            "offer version {} is not {OFFER_VERSION}",
+            offer.version
+        ));
+    }
+    if offer.source_vm.is_empty() || offer.source_vm.len() > 64 {
+        return Err("the source VM's id is empty or too long".to_owned());
+    }
+    if !matches!(offer.status, VmStatus::Starting | VmStatus::Running) {
+        return Err(format!(
+            "a VM that is {} does not migrate",
+            offer.status.as_str()
+        ));
+    }
+    if let Some(b) = &offer.boot_id
+        && (b.len() != 32 || !b.bytes().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err("the boot id is not 32 hex digits".to_owned());
+    }
+    if offer.spec.image.is_some() {
+        return Err("a VM with an image's writable disk does not migrate yet".to_owned());
+    }
+    if crate::daemon::wants_network(&offer.spec) {
+        return Err("a VM with a network does not migrate yet".to_owned());
+    }
+    Ok(())
+}
+
+/// The hosts this daemon migrates with: each one's address and pinned key
+/// (`--migration-peer ADDR=KEY`).
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    by_addr: HashMap<String, [u8; 32]>,
+}
+
+/// A `--migration-peer` that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("--migration-peer {0:?}: want HOST:PORT=KEY, KEY being 64 hex digits")]
+pub struct BadPeer(pub String);
+
+impl Peers {
+    /// Parses `HOST:PORT=KEY` flags.
+    pub fn parse(flags: &[String]) -> Result<Self, BadPeer> {
+        let mut by_addr = HashMap::new();
+        for flag in flags {
+            let (addr, key) = flag
+                .rsplit_once('=')
+                .filter(|(a, _)| a.contains(':'))
+                .ok_or_else(|| BadPeer(flag.clone()))?;
+            let key = link::parse_key(key).ok_or_else(|| BadPeer(flag.clone()))?;
+            by_addr.insert(addr.trim().to_owned(), key);
+        }
+        Ok(Self { by_addr })
+    }
+
+    /// The key pinned for `addr`.
+    pub fn key_of(&self, addr: &str) -> Option<[u8; 32]> {
+        self.by_addr.get(addr).copied()
+    }
+
+    /// Every pinned key (a caller must show one of them).
+    pub fn keys(&self) -> Vec<[u8; 32]> {
+        self.by_addr.values().copied().collect()
+    }
+
+    /// Whether none is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.by_addr.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer() -> Offer {
+        Offer {
+            version: OFFER_VERSION,
+            source_vm: "vm-1".to_owned(),
+            spec: serde_json::from_value(serde_json::json!({"command": "/bin/sleep"})).unwrap(),
+            boot_id: Some("00112233445566778899aabbccddeeff".to_owned()),
+            agent_sent: true,
+            agent_pid: Some(7),
+            status: VmStatus::Running,
+        }
+    }
+
+    #[test]
+    fn an_offer_round_trips_and_a_good_one_passes() {
+        let o = offer();
+        let text = serde_json::to_vec(&o).unwrap();
+        assert_eq!(serde_json::from_slice::<Offer>(&text).unwrap(), o);
+        assert_eq!(check_offer(&o), Ok(()));
+    }
+
+    #[test]
+    fn bad_offers_are_refused_with_a_reason() {
+        type Spoil = Box<dyn Fn(&mut Offer)>;
+        let cases: Vec<(Spoil, &str)> = vec![
+            (Box::new(|o| o.version = 2), "version 2"),
+            (Box::new(|o| o.source_vm.clear()), "id is empty"),
+            (Box::new(|o| o.status = VmStatus::Stopped), "stopped"),
+            (Box::new(|o| o.boot_id = Some("zz".into())), "boot id"),
+        ];
+        for (spoil, says) in cases {
+            let mut o = offer();
+            spoil(&mut o);
+            let why = check_offer(&o).unwrap_err();
+            assert!(why.contains(says), "{why}");
+        }
+        let mut text = serde_json::to_value(offer()).unwrap();
+        text["extra"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<Offer>(text).is_err());
+    }
+
+    #[test]
+    fn peers_parse_and_refuse_what_is_not_an_address_and_a_key() {
+        let key = "ab".repeat(32);
+        let peers = Peers::parse(&[format!("10.0.0.2:7420={key}")]).unwrap();
+        assert_eq!(peers.key_of("10.0.0.2:7420"), Some([0xab; 32]));
+        assert_eq!(peers.key_of("10.0.0.3:7420"), None);
+        for bad in [
+            "10.0.0.2:7420".to_owned(),
+            format!("host={key}"),
+            "10.0.0.2:7420=abcd".to_owned(),
+        ] {
+            assert!(Peers::parse(std::slice::from_ref(&bad)).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! Live migration between two daemons, both ends: the source's `POST /v1/vms/{id}/migrate`
+//! ([`Daemon::start_migration`]) and the target's listener ([`serve_migrations`]). What each
+//! step does and why is in [`crate::migration`]; the link is [`crate::migration::link`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nanoclaw_api::{MigrateVm, MigratedTo, MigrationEvent, MigrationOutcome, VmStatus};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Notify, mpsc};
+
+use super::state::{self, VmRecord};
+use super::vm::Vm;
+use super::{Daemon, vmm_control};
+use crate::error_chain;
+use crate::migration::link::{self, Identity, Link, LinkError};
+use crate::migration::{Offer, Peers, Reply};
+
+/// The socket in the source VMM's folder that its VMM sends the VM into.
+pub const OUT_SOCKET: &str = "migrate.sock";
+/// The socket in the target VM's folder that its VMM receives the VM from.
+pub const IN_SOCKET: &str = "migrate-in.sock";
+/// How long the peer's offer or reply, and a VMM's connect to its socket, may take.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a target VMM may take, once the stream has ended, to serve its control socket.
+pub const TARGET_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most migrations a daemon receives at once; a further caller is turned away.
+pub const MAX_INCOMING: usize = 4;
+
+/// This daemon's migration setup (`--migration-listen`, `--migration-peer`).
+#[derive(Debug)]
+pub struct MigrationSetup {
+    /// Its identity, `<state>/migration/host.key`.
+    pub identity: Identity,
+    /// The pinned peers.
+    pub peers: Peers,
+}
+
+/// Why a migration cannot start (the answer's status says which kind).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// No such VM.
+    #[error("no VM {0}")]
+    NoVm(String),
+    /// The VM is not in a state to move, or moves already.
+    #[error("VM {id} {why}")]
+    Conflict {
+        /// The VM.
+        id: String,
+        /// Why.
+        why: String,
+    },
+    /// The request cannot be served as asked.
+    #[error("{0}")]
+    Bad(String),
+}
+
+/// The migrations under way on this host as a source, by VM id: each one's cancel.
+pub type Running = std::sync::Mutex<std::collections::HashMap<String, Arc<Notify>>>;
+
+impl Daemon {
+    /// Checks that VM `id` may move to `req.to` and starts its migration on a task, whose events
+    /// (the last one `Ended`) go to the returned receiver. Errors come before anything starts.
+    pub fn start_migration(
+        self: &Arc<Self>,
+        id: &str,
+        req: MigrateVm,
+    ) -> Result<mpsc::Receiver<MigrationEvent>, MigrateError> {
+        let setup = self.migration.clone().ok_or_else(|| {
+            MigrateError::Bad(
+                "live migration is off on this host (start the daemon with --migration-peer)"
+                    .to_owned(),
+            )
+        })?;
+        let pinned = setup.peers.key_of(&req.to).ok_or_else(|| {
+            MigrateError::Bad(format!(
+                "{} is not a pinned migration peer of this host (--migration-peer {}=KEY)",
+                req.to, req.to
+            ))
+        })?;
+        let vm = self
+            .get(id)
+            .ok_or_else(|| MigrateError::NoVm(id.to_owned()))?;
+        let conflict = |why: &str| MigrateError::Conflict {
+            id: id.to_owned(),
+            why: why.to_owned(),
+        };
+        let offer = self.offer_of(&vm).map_err(|why| conflict(&why))?;
+        crate::migration::check_offer(&offer).map_err(MigrateError::Bad)?;
+        let cancel = Arc::new(Notify::new());
+        {
+            let mut running = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(id) {
+                return Err(conflict("is migrating already"));
+            }
+            running.insert(id.to_owned(), Arc::clone(&cancel));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let daemon = Arc::clone(self);
+        tokio::spawn(async move {
+            let ended = daemon
+                .migrate_out(&vm, &req, pinned, offer, &setup.identity, &tx, &cancel)
+                .await;
+            daemon
+                .migrating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&vm.id);
+            let _ = tx.send(ended).await;
+        });
+        Ok(rx)
+    }
+
+    /// Cancels VM `id`'s migration; false when none runs.
+    pub fn cancel_migration(&self, id: &str) -> bool {
+        let running = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+        match running.get(id) {
+            Some(cancel) => {
+                cancel.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What the target is offered for `vm`, or why it cannot move.
+    fn offer_of(&self, vm: &Arc<Vm>) -> Result<Offer, String> {
+        let info = vm.info();
+        if !matches!(info.status, VmStatus::Starting | VmStatus::Running) || !vm.vmm_alive() {
+            return Err(format!(
+                "is {}: only a running VM migrates",
+                info.status.as_str()
+            ));
+        }
+        if info.paused {
+            return Err("is paused: resume it first".to_owned());
+        }
+        if info.reidentify_pending {
+            return Err("is taking a new identity after a restore; try again".to_owned());
+        }
+        if info.migrated_to.is_some() {
+            return Err("has a migration of unknown outcome: ask the target host".to_owned());
+        }
+        if let Some(parent) = vm.attached_parent() {
+            return Err(format!("stops with its parent {parent}: detach it first"));
+        }
+        let children = self
+            .lock_vms()
+            .values()
+            .filter(|v| !v.status().is_terminal())
+            .filter(|v| v.attached_parent().as_deref() == Some(vm.id.as_str()))
+            .count();
+        if children > 0 {
+            return Err(format!(
+                "has {children} attached children: detach them first"
+            ));
+        }
+        let (boot_id, agent_sent, agent_pid) = vm.guest_facts();
+        Ok(Offer {
+            version: crate::migration::OFFER_VERSION,
+            source_vm: vm.id.clone(),
+            spec: info.spec,
+            boot_id,
+            agent_sent,
+            agent_pid,
+            status: info.status,
+        })
+    }
+
+    /// The source's side, to its end: the offer, the copy, and what the VMM says ran where.
+    #[allow(clippy::too_many_arguments)]
+    async fn migrate_out(
+        &self,
+        vm: &Arc<Vm>,
+        req: &MigrateVm,
+        pinned: [u8; 32],
+        offer: Offer,
+        identity: &Identity,
+        events: &mpsc::Sender<MigrationEvent>,
+        cancel: &Notify,
+    ) -> MigrationEvent {
+        let started = Instant::now();
+        let kept = |error: String, target_vm: Option<String>| MigrationEvent::Ended {
+            outcome: MigrationOutcome::Kept,
+            target_vm,
+            downtime_ms: None,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            error: Some(error),
+        };
+        // The offer and its answer; a cancel here just drops the link.
+        let dialled = async {
+            let mut link = link::connect(&req.to, identity, &pinned).await?;
+            let text = serde_json::to_vec(&offer).map_err(|_| LinkError::BadRecord(0))?;
+            link.send(&text).await?;
+            let reply = tokio::time::timeout(STEP_TIMEOUT, link.recv())
+                .await
+                .map_err(|_| LinkError::HandshakeTimeout(STEP_TIMEOUT))??;
+            Ok::<_, LinkError>((link, reply))
+        };
+        let (link, reply) = tokio::select! {
+            r = dialled => match r {
+                Ok(ok) => ok,
+                Err(e) => return kept(format!("{}: {}", req.to, error_chain(&e)), None),
+            },
+            () = cancel.notified() => return kept("cancelled".to_owned(), None),
+        };
+        let target_vm = match serde_json::from_slice::<Reply>(&reply) {
+            Ok(Reply::Accepted { vm }) if is_vm_id(&vm) => vm,
+            Ok(Reply::Refused { reason }) => {
+                let reason: String = reason.chars().take(300).collect();
+                return kept(format!("{} refused the VM: {reason}", req.to), None);
+            }
+            _ => return kept(format!("{} answered the offer with nonsense", req.to), None),
+        };
+        let _ = events
+            .send(MigrationEvent::Accepted {
+                target_vm: target_vm.clone(),
+            })
+            .await;
+        tracing::info!(vm = %vm.id, to = %req.to, target_vm, "migration accepted; copying");
+
+        // The copy: the VMM sends into our socket, which is relayed to the target.
+        let socket = vm.vmm_dir.join(OUT_SOCKET);
+        let listener = match bind_for(&socket, vm.jail_uid()) {
+            Ok(l) => l,
+            Err(e) => {
+                return kept(
+                    format!("listen on {}: {e}", socket.display()),
+                    Some(target_vm),
+                );
+            }
+        };
+        let relay = tokio::spawn(relay_from(listener, link));
+        let abort = relay.abort_handle();
+        let mut forward = |round: vmm_control::MigrationRound| {
+            let _ = events.try_send(MigrationEvent::Round {
+                round: round.round,
+                pages: round.pages,
+                mb_per_s: round.mb_per_s,
+                dirty: round.dirty,
+                expected_downtime_ms: round.expected_downtime_ms,
+            });
+        };
+        let asked = vmm_control::migrate(
+            &vm.vmm_dir,
+            vm.jail_uid(),
+            OUT_SOCKET,
+            req.downtime_ms,
+            req.max_rounds,
+            &mut forward,
+        );
+        // A cancel cuts the relay: a VMM that has not sent the state yet runs on, and says so.
+        tokio::pin!(asked);
+        let answered = tokio::select! {
+            a = &mut asked => a,
+            () = cancel.notified() => {
+                tracing::info!(vm = %vm.id, "migration cancelled");
+                abort.abort();
+                asked.await
+            }
+        };
+        abort.abort();
+        let relayed = relay.await;
+        let _ = std::fs::remove_file(&socket);
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        let relay_error = match relayed {
+            Ok(Err(e)) => Some(error_chain(&e)),
+            _ => None,
+        };
+        let to = |outcome| MigratedTo {
+            host: req.to.clone(),
+            vm: target_vm.clone(),
+            outcome,
+        };
+        match answered {
+            Ok((end, paused)) => match end.outcome {
+                MigrationOutcome::Moved => {
+                    tracing::info!(vm = %vm.id, to = %req.to, target_vm, downtime_ms = end.downtime_ms,
+                        total_ms, "VM migrated: it runs on the target");
+                    self.audit_lifecycle(
+                        "vm_migrate_out",
+                        serde_json::json!({"vm": vm.id, "to": req.to, "target_vm": target_vm,
+                            "downtime_ms": end.downtime_ms}),
+                    )
+                    .await;
+                    vm.end_migrated(to(MigrationOutcome::Moved), self.stop_grace)
+                        .await;
+                    MigrationEvent::Ended {
+                        outcome: MigrationOutcome::Moved,
+                        target_vm: Some(target_vm),
+                        downtime_ms: Some(end.downtime_ms),
+                        total_ms,
+                        error: None,
+                    }
+                }
+                MigrationOutcome::Kept => {
+                    vm.set_paused_flag(paused);
+                    let mut error = end.error.unwrap_or_else(|| "the VMM kept the VM".into());
+                    if let Some(relay) = relay_error {
+                        error = format!("{error} (the link: {relay})");
+                    }
+                    tracing::warn!(vm = %vm.id, to = %req.to, %error, "migration failed; the VM stays here");
+                    kept(error, Some(target_vm))
+                }
+                MigrationOutcome::Unknown => {
+                    let error = end.error.unwrap_or_default();
+                    tracing::error!(vm = %vm.id, to = %req.to, target_vm, %error,
+                        "migration outcome unknown: the VM stays paused here; ask the target host");
+                    vm.migration_unknown(to(MigrationOutcome::Unknown));
+                    MigrationEvent::Ended {
+                        outcome: MigrationOutcome::Unknown,
+                        target_vm: Some(target_vm),
+                        downtime_ms: None,
+                        total_ms,
+                        error: Some(error),
+                    }
+                }
+            },
+            Err(e) => {
+                // The VMM did not say how it ended. If it runs on, the VM is here; if it is
+                // paused or gone, it may be there.
+                let error = format!("the VMM: {}", error_chain(&e));
+                let op = vmm_control::Op::State;
+                match vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op).await {
+                    Ok(false) => kept(error, Some(target_vm)),
+                    _ => {
+                        tracing::error!(vm = %vm.id, %error, "migration outcome unknown");
+                        vm.migration_unknown(to(MigrationOutcome::Unknown));
+                        MigrationEvent::Ended {
+                            outcome: MigrationOutcome::Unknown,
+                            target_vm: Some(target_vm),
+                            downtime_ms: None,
+                            total_ms,
+                            error: Some(error),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The target's side of one caller: the handshake, the offer, the VM made and its VMM
+    /// started, the copy relayed, and the VM kept only if its VMM then runs it.
+    async fn migrate_in(self: &Arc<Self>, stream: tokio::net::TcpStream, setup: &MigrationSetup) {
+        let peer_addr = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut link = match link::respond(stream, &setup.identity, &setup.peers.keys()).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.note_refused_peer(&peer_addr, &error_chain(&e));
+                return;
+            }
+        };
+        let peer = hex::encode(link.peer());
+        let offer = match tokio::time::timeout(STEP_TIMEOUT, link.recv()).await {
+            Ok(Ok(text)) => serde_json::from_slice::<Offer>(&text)
+                .map_err(|e| format!("the offer does not parse: {e}")),
+            Ok(Err(e)) => Err(error_chain(&e)),
+            Err(_) => Err(format!("no offer within {STEP_TIMEOUT:?}")),
+        };
+        let made = offer.and_then(|offer| {
+            crate::migration::check_offer(&offer)?;
+            super::routes::validate(&offer.spec)?;
+            self.make_incoming(&offer, &peer).map(|made| (made, offer))
+        });
+        let ((vm, child, listener), offer) = match made {
+            Ok(made) => made,
+            Err(reason) => {
+                tracing::warn!(peer, %reason, "migration offer refused");
+                let reply = serde_json::to_vec(&Reply::Refused { reason }).unwrap_or_default();
+                let _ = link.send(&reply).await;
+                return;
+            }
+        };
+        let accepted =
+            serde_json::to_vec(&Reply::Accepted { vm: vm.id.clone() }).unwrap_or_default();
+        let relayed = match link.send(&accepted).await {
+            Ok(()) => relay_from(listener, link).await,
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(vm.dir.join(IN_SOCKET));
+        // Whatever the relay says, the VMM knows whether it restored the VM: it serves its
+        // control socket once it has, and exits when it has not.
+        let ready = wait_served(&vm, child).await;
+        match ready {
+            Ok(child) => {
+                tokio::spawn(Arc::clone(&vm).watch_child(child));
+                tracing::info!(vm = %vm.id, source_vm = %offer.source_vm, peer, "VM migrated in");
+                self.audit_lifecycle(
+                    "vm_migrate_in",
+                    serde_json::json!({"vm": vm.id, "source_vm": offer.source_vm, "from": peer}),
+                )
+                .await;
+            }
+            Err(status) => {
+                vm.finish(status).await;
+                let why = super::vmm_log_tail(&vm.dir);
+                tracing::warn!(vm = %vm.id, peer, relay = ?relayed.err().map(|e| error_chain(&e)),
+                    vmm = %why, "migration in failed; the VM is removed here");
+                self.lock_vms().remove(&vm.id);
+                let _ = std::fs::remove_dir_all(&vm.dir);
+            }
+        }
+    }
+
+    /// Makes the incoming VM's folder and record, listens on its socket and starts its VMM.
+    fn make_incoming(
+        self: &Arc<Self>,
+        offer: &Offer,
+        peer: &str,
+    ) -> Result<(Arc<Vm>, tokio::process::Child, UnixListener), String> {
+        let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(|e| error_chain(&e))?;
+        let socket = dir.join(IN_SOCKET);
+        let listener = match bind_for(&socket, None) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("listen on {}: {e}", socket.display()));
+            }
+        };
+        let mut record = VmRecord::new(id.clone(), offer.spec.clone(), state::now_unix_ms());
+        record.status = offer.status;
+        record.boot_id = offer.boot_id.clone();
+        record.agent_sent = offer.agent_sent;
+        record.agent_pid = offer.agent_pid;
+        record.migrate_in = Some(socket);
+        record.migrated_from = Some(MigratedTo {
+            host: peer.to_owned(),
+            vm: offer.source_vm.clone(),
+            outcome: MigrationOutcome::Moved,
+        });
+        match self.start(id.clone(), dir.clone(), record, None) {
+            Ok((vm, child)) => Ok((vm, child, listener)),
+            Err(e) => {
+                self.lock_vms().remove(&id);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(error_chain(&e))
+            }
+        }
+    }
+
+    /// Logs a caller turned away, within a budget: anyone who reaches the port can try.
+    fn note_refused_peer(&self, peer_addr: &str, why: &str) {
+        crate::egress::guest_log(&self.migration_log_budget, |suppressed| {
+            tracing::warn!(
+                peer = peer_addr,
+                error = why,
+                suppressed,
+                "migration caller refused"
+            );
+        });
+    }
+}
+
+/// Waits until the VMM serves its control socket (it has restored the VM), or has exited.
+async fn wait_served(
+    vm: &Vm,
+    mut child: tokio::process::Child,
+) -> Result<tokio::process::Child, Option<std::process::ExitStatus>> {
+    let deadline = tokio::time::Instant::now() + TARGET_READY_TIMEOUT;
+    loop {
+        tokio::select! {
+            status = child.wait() => return Err(status.ok()),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        let op = vmm_control::Op::State;
+        if vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op)
+            .await
+            .is_ok()
+        {
+            return Ok(child);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(child.wait().await.ok());
+        }
+    }
+}
+
+/// Listens on `path` (a stale socket there removed first), for the VMM of `uid` to connect.
+fn bind_for(path: &Path, uid: Option<u32>) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+    }
+    Ok(listener)
+}
+
+/// Takes the VMM's one connection on `listener` (within [`STEP_TIMEOUT`]) and relays it over
+/// `link` until both ends have finished.
+async fn relay_from(listener: UnixListener, link: Link) -> Result<link::Relayed, LinkError> {
+    let (conn, _) = tokio::time::timeout(STEP_TIMEOUT, listener.accept())
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout(STEP_TIMEOUT))?
+        .map_err(|source| LinkError::Io {
+            what: "accept the VMM's connection",
+            source,
+        })?;
+    drop(listener);
+    link.relay(conn).await
+}
+
+/// Accepts migration callers on `listener` for as long as the daemon runs, at most
+/// [`MAX_INCOMING`] at once.
+pub async fn serve_migrations(daemon: Arc<Daemon>, listener: TcpListener) {
+    let Some(setup) = daemon.migration.clone() else {
+        return;
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INCOMING));
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "migration listener");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            daemon.note_refused_peer(&addr.to_string(), "too many migrations at once");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (daemon, setup) = (Arc::clone(&daemon), Arc::clone(&setup));
+        tokio::spawn(async move {
+            daemon.migrate_in(stream, &setup).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Whether `id` looks like a VM id this daemon makes (eight lowercase hex digits): a peer's
+/// answer is shown to the user and kept in the record.
+fn is_vm_id(id: &str) -> bool {
+    id.len() == 8 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
