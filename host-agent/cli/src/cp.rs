@@ -644,9 +644,14 @@ mod tests {
         let writer = std::thread::spawn(move || rewrite(tar.as_slice(), pipe_w, owner));
         let mut tree = RootTree::new(staging.path(), MAX_ENTRIES, 0);
         let unpacked = tree.apply_layer(pipe_r).map(drop);
-        let rewritten = writer.join().unwrap();
-        rewritten?;
-        unpacked.map_err(CpError::Unpack)?;
+        // As `copy_out` does: when the unpacking stops early, the re-write's write fails with
+        // a broken pipe (if it had not written everything yet), and the unpacking says why.
+        match (writer.join().unwrap(), unpacked) {
+            (Err(e @ (CpError::Cut(_) | CpError::Unsupported { .. })), _) => return Err(e),
+            (_, Err(e)) => return Err(CpError::Unpack(e)),
+            (Err(e), Ok(())) => return Err(e),
+            (Ok(_), Ok(())) => {}
+        }
         tree.finish().map_err(CpError::Unpack)?;
         move_into(staging.path(), dst)
     }

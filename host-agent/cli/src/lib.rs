@@ -9,6 +9,8 @@
 //! - `snapshot ID [NAME]` saves a VM (memory and state) in the daemon's state folder;
 //!   `snapshot ls|rm` list and delete snapshots; `restore NAME` starts a new VM from one and
 //!   relays its output as `run` does; `fork ID -n N` makes N VMs from one snapshot.
+//! - `migrate ID --to HOST:PORT` moves a running VM to another host's daemon by live migration
+//!   and prints its progress, one line per event; Ctrl-C cancels it.
 //! - `approvals` lists pending approval requests; approving needs the passkey, on the page.
 //! - `audit verify|tail` read the audit log file itself.
 //! - `image` builds, imports, lists and removes images, and takes their warm templates;
@@ -18,7 +20,8 @@
 //!   (a dry run of monitor mode; no daemon needed).
 //!
 //! Exit codes of `nanoclaw` itself: 0 success, 1 an error, 125 `run` could not give an agent
-//! exit status (the VM failed, was lost or stopped before the agent started).
+//! exit status (the VM failed, was lost or stopped before the agent started). `migrate` exits
+//! by the outcome: 0 moved, 1 kept here (or an error), 3 unknown (the VM stays paused here).
 //!
 //! # Layout
 //! - [`client`]: the HTTP/1.1 client over the Unix socket.
@@ -27,6 +30,7 @@
 //! - [`image`]: `nanoclaw image build|import|ls|inspect|rm`.
 //! - [`token`]: `nanoclaw token create|ls|rm`, the remote API's bearer tokens.
 //! - [`snapshot`]: `nanoclaw snapshot ID [NAME]`, `snapshot ls|rm`, `restore NAME`.
+//! - [`migrate`]: `nanoclaw migrate ID --to HOST:PORT`, a live migration followed to its end.
 //! - [`copy_in`]: `nanoclaw run --copy HOSTPATH:GUESTPATH`.
 //! - [`cp`]: `nanoclaw cp SRC DST`.
 //! - [`tokenize`]: `nanoclaw tokenize scan [--jsonl] [FILE]`.
@@ -37,6 +41,7 @@ pub mod client;
 pub mod copy_in;
 pub mod cp;
 pub mod image;
+pub mod migrate;
 pub mod snapshot;
 pub mod token;
 pub mod tokenize;
@@ -122,6 +127,9 @@ pub enum CliError {
     /// `nanoclaw tokenize scan` failed.
     #[error(transparent)]
     Scan(#[from] tokenize::ScanError),
+    /// `nanoclaw migrate` could not follow the migration to its outcome.
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
     /// An image build failed.
     #[error("image build failed: {0}")]
     ImageBuild(String),
@@ -218,6 +226,12 @@ pub enum Command {
         #[arg(short = 'n', default_value_t = 1)]
         n: u32,
     },
+    /// Move a running VM to another host's daemon by live migration (exits 0 moved, 1 kept, 3
+    /// unknown).
+    ///
+    /// Prints one line per event: the target's VM, each pre-copy round, the outcome. Ctrl-C
+    /// asks the daemon to cancel and waits for the outcome (a second Ctrl-C leaves at once).
+    Migrate(migrate::MigrateArgs),
     /// Forget an ended VM and delete its state.
     Rm {
         /// The VM id.
@@ -403,6 +417,7 @@ pub async fn run(cli: Cli) -> Result<u8, CliError> {
             print_out(&ids)?;
             Ok(0)
         }
+        Command::Migrate(args) => migrate::run(&client, args).await,
         Command::Cp(args) => cp::run(&client, args).await,
         Command::Tokenize(command) => tokenize::run(command),
         Command::Inspect { id, json } => {
@@ -629,10 +644,10 @@ async fn ps(client: &Client, json: bool) -> Result<(), CliError> {
     print_out(&text)
 }
 
-/// A VM's status as `ps` and `inspect` show it: `paused` for a running VM whose vCPUs are
-/// paused.
+/// A VM's status as `ps` and `inspect` show it: `paused` for a VM whose vCPUs are paused and
+/// that has not ended (a VM that migrated away keeps its last pause flag, but its status wins).
 fn status_text(vm: &VmInfo) -> &'static str {
-    if vm.paused {
+    if vm.paused && !vm.status.is_terminal() {
         "paused"
     } else {
         vm.status.as_str()
@@ -673,6 +688,7 @@ fn inspect_text(vm: &VmInfo, json: bool) -> String {
         vm.vmm_log_dropped_bytes,
         vm.vm_dir,
     ) + &parent_text(vm)
+        + &migrate::inspect_text(vm.migrated_to.as_ref(), vm.migrated_from.as_ref())
         + &vm
             .restored_from
             .as_ref()
@@ -853,6 +869,31 @@ mod tests {
              disk nanoclaw-image (ro): reads=12\n\
              disk evil\\u{1b}[2J (rw): (all zero)\n"
         );
+    }
+
+    fn vm_info(status: &str, paused: bool) -> VmInfo {
+        serde_json::from_value(serde_json::json!({
+            "id": "abc", "status": status, "spec": {"command": "/bin/agent"},
+            "created_unix_ms": 0, "control_connected": false, "control_reconnects": 0,
+            "guest_protocol_errors": 0, "output_dropped_bytes": 0, "vm_dir": "/d",
+            "paused": paused,
+            "migrated_to": {"host": "10.0.0.2:7070", "vm": "f00d", "outcome": "moved"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_migrated_vm_shows_its_status_and_where_it_went() {
+        let vm = vm_info("migrated", true);
+        assert_eq!(status_text(&vm), "migrated");
+        assert_eq!(status_text(&vm_info("running", true)), "paused");
+        let text = inspect_text(&vm, false);
+        assert!(text.contains("status:         migrated\n"), "{text}");
+        assert!(
+            text.contains("migrated to:    10.0.0.2:7070 as f00d (moved)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("migrated from:"), "{text}");
     }
 
     #[test]
