@@ -1,25 +1,34 @@
-"""The SDK's parts that need no daemon: tar safety, errors, settings, the create request."""
+"""The SDK's parts that need no daemon: tar safety, errors, settings, the create request, and
+the migration stream (over a stand-in transport)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import tarfile
 import unittest
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from typing import Any
 from unittest import mock
 
 from nanoclaw import (
+    AsyncSandbox,
     AuthError,
     Conflict,
     Event,
+    MigrationEvent,
     NanoclawError,
     NotFound,
     PermissionDenied,
+    Sandbox,
     ServerError,
+    VmInfo,
 )
-from nanoclaw._common import create_body, write_to
+from nanoclaw._common import create_body, migrate_body, write_to
+from nanoclaw.types import migration_event
 from nanoclaw._config import resolve
 from nanoclaw._tar import one_file, read_one_file, split_guest_path
 from nanoclaw.errors import error_for
@@ -151,6 +160,132 @@ class DefaultOutputTest(unittest.TestCase):
         with redirect_stderr(text):
             write_to("stderr")(b"caf\xc3\xa9 \xff\n")
         self.assertEqual(text.getvalue(), "caf\u00e9 \ufffd\n")
+
+
+ACCEPTED = b'{"event":"accepted","target_vm":"f00d"}'
+ROUND = (b'{"event":"round","round":0,"pages":100,"mb_per_s":800.0,"dirty":3,'
+         b'"expected_downtime_ms":0.1}')
+MOVED = b'{"event":"ended","outcome":"moved","target_vm":"f00d","downtime_ms":41.2,"total_ms":2310.0}'
+SETTINGS: dict[str, Any] = {"url": "https://example.test:8443", "token": "nct_x"}
+
+
+class StandIn:
+    """What the daemon is asked (method, target, body) and the body lines it answers, shared by
+    the stand-in transports that :meth:`patched` puts in the SDK's place."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+        self.requests: list[tuple[str, str, bytes | None]] = []
+
+    @contextmanager
+    def patched(self) -> Iterator[None]:
+        """Puts the stand-ins in place of the blocking and the asyncio transports."""
+        stand_in = self
+
+        class Response:
+            def lines(self) -> Iterator[bytes]:
+                yield from stand_in.lines
+
+        class AsyncResponse:
+            async def lines(self) -> AsyncIterator[bytes]:
+                for line in stand_in.lines:
+                    yield line
+
+            async def close(self) -> None:
+                pass
+
+        class Transport:
+            def __init__(self, settings: object) -> None:
+                pass
+
+            @contextmanager
+            def open(self, method: str, target: str, body: bytes | None = None,
+                     content_type: str | None = None, stream: bool = False) -> Iterator[Response]:
+                stand_in.requests.append((method, target, body))
+                yield Response()
+
+            def call(self, method: str, target: str, body: bytes | None = None,
+                     content_type: str | None = None) -> bytes:
+                stand_in.requests.append((method, target, body))
+                return b""
+
+        class AsyncTransport:
+            def __init__(self, settings: object) -> None:
+                pass
+
+            async def open(self, method: str, target: str, body: bytes | None = None,
+                           content_type: str | None = None) -> AsyncResponse:
+                stand_in.requests.append((method, target, body))
+                return AsyncResponse()
+
+            async def call(self, method: str, target: str, body: bytes | None = None,
+                           content_type: str | None = None) -> bytes:
+                stand_in.requests.append((method, target, body))
+                return b""
+
+        with mock.patch("nanoclaw.sandbox.Transport", Transport), \
+                mock.patch("nanoclaw.asandbox.AsyncTransport", AsyncTransport):
+            yield
+
+
+class MigrationTest(unittest.TestCase):
+    def test_the_request_is_the_apis_migrate_vm(self) -> None:
+        self.assertEqual(json.loads(migrate_body("10.0.0.2:7070", None, None)),
+                         {"to": "10.0.0.2:7070"})
+        self.assertEqual(json.loads(migrate_body("h:1", 50, 5)),
+                         {"to": "h:1", "downtime_ms": 50, "max_rounds": 5})
+
+    def test_migration_lines_are_checked(self) -> None:
+        self.assertEqual(migration_event(ACCEPTED), {"event": "accepted", "target_vm": "f00d"})
+        for bad in (b"{", b"[]", b'{"target_vm":"f00d"}', b'{"event":"ended","total_ms":1}'):
+            with self.assertRaises(NanoclawError):
+                migration_event(bad)
+
+    def test_a_migrated_vm_has_ended(self) -> None:
+        info = VmInfo.from_json({"id": "abc", "status": "migrated", "created_unix_ms": 1,
+                                 "migrated_to": {"host": "h:1", "vm": "f00d",
+                                                 "outcome": "moved"}})
+        self.assertTrue(info.ended)
+        self.assertEqual(info.raw["migrated_to"]["vm"], "f00d")
+
+    def _sync(self, lines: list[bytes], **kwargs: Any) -> tuple[list[MigrationEvent], StandIn]:
+        stand_in = StandIn(lines)
+        with stand_in.patched():
+            events = list(Sandbox.migrate("abc", "10.0.0.2:7070", **kwargs, **SETTINGS))
+        return events, stand_in
+
+    def test_migrate_yields_the_events_up_to_ended(self) -> None:
+        events, stand_in = self._sync([ACCEPTED, ROUND, MOVED, b'{"event":"after the end"}'],
+                                      downtime_ms=50)
+        self.assertEqual([e["event"] for e in events], ["accepted", "round", "ended"])
+        self.assertEqual((events[-1]["outcome"], events[-1]["downtime_ms"]), ("moved", 41.2))
+        ((method, target, body),) = stand_in.requests
+        self.assertEqual((method, target), ("POST", "/v1/vms/abc/migrate"))
+        assert body is not None
+        self.assertEqual(json.loads(body), {"to": "10.0.0.2:7070", "downtime_ms": 50})
+
+    def test_a_stream_cut_before_ended_is_an_error(self) -> None:
+        with self.assertRaisesRegex(NanoclawError, "without an outcome"):
+            self._sync([ACCEPTED, ROUND])
+
+    def test_cancel_is_a_delete_of_the_migration(self) -> None:
+        stand_in = StandIn([])
+        with stand_in.patched():
+            Sandbox.cancel_migration("abc", **SETTINGS)
+            asyncio.run(AsyncSandbox.cancel_migration("abc", **SETTINGS))
+        self.assertEqual(stand_in.requests, [("DELETE", "/v1/vms/abc/migrate", None)] * 2)
+
+    def test_the_async_twin_yields_the_same_and_fails_the_same(self) -> None:
+        async def collect(lines: list[bytes]) -> list[MigrationEvent]:
+            stand_in = StandIn(lines)
+            with stand_in.patched():
+                return [e async for e in AsyncSandbox.migrate("abc", "h:1", None, 5,
+                                                              **SETTINGS)]
+
+        events = asyncio.run(collect([ACCEPTED, MOVED, ROUND]))
+        self.assertEqual([e["event"] for e in events], ["accepted", "ended"])
+        with self.assertRaisesRegex(NanoclawError, "without an outcome"):
+            asyncio.run(collect([ACCEPTED]))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from .errors import (
     ServerError,
 )
 from .sandbox import Files, Sandbox
-from .types import AgentExit, Event, FilesCopied, SnapshotInfo, VmInfo
+from .types import AgentExit, Event, FilesCopied, MigrationEvent, SnapshotInfo, VmInfo
 
 __all__ = [
     "AgentExit",
@@ -26,6 +26,7 @@ __all__ = [
     "Event",
     "Files",
     "FilesCopied",
+    "MigrationEvent",
     "NanoclawError",
     "NotFound",
     "PermissionDenied",

@@ -116,6 +116,25 @@ def restore_body(paused: bool) -> bytes:
     return json.dumps({"paused": paused}).encode()
 
 
+def migrate_body(to: str, downtime_ms: int | None, max_rounds: int | None) -> bytes:
+    """The JSON of ``POST /v1/vms/{id}/migrate`` (``MigrateVm``); the daemon fills what is not
+    given (a 300 ms downtime target, 30 rounds)."""
+    body: dict[str, Any] = {"to": to}
+    if downtime_ms is not None:
+        body["downtime_ms"] = downtime_ms
+    if max_rounds is not None:
+        body["max_rounds"] = max_rounds
+    return json.dumps(body).encode()
+
+
+def migration_cut(vm_id: str) -> NanoclawError:
+    """The error of a migration stream that ended before its ``ended`` line."""
+    return NanoclawError(
+        f"the daemon's stream of VM {vm_id}'s migration ended without an outcome: "
+        "its record (migrated_to, status) says where the VM is"
+    )
+
+
 def events_target(vm_id: str, follow: bool) -> str:
     return target(vm_path(vm_id, "events"), {"follow": "true" if follow else "false"})
 

@@ -14,7 +14,16 @@ from ._ahttp import AsyncTransport
 from ._config import Settings, resolve
 from ._tar import one_file, read_one_file, split_guest_path
 from .errors import NanoclawError, NotFound
-from .types import Event, FilesCopied, SnapshotInfo, StreamName, VmInfo, parse_json
+from .types import (
+    Event,
+    FilesCopied,
+    MigrationEvent,
+    SnapshotInfo,
+    StreamName,
+    VmInfo,
+    migration_event,
+    parse_json,
+)
 
 #: Receives each chunk of the agent's output, as it comes: a function or a coroutine function.
 AsyncOutputCallback = Callable[[bytes], Union[Awaitable[object], object]]
@@ -296,6 +305,52 @@ class AsyncSandbox:
         """Deletes snapshot ``name``'s files (``404`` if there is none)."""
         settings = resolve(url, token, ca_file, verify, timeout)
         await AsyncTransport(settings).call("DELETE", c.snapshot_path(name))
+
+    @staticmethod
+    async def migrate(
+        vm_id: str,
+        to: str,
+        downtime_ms: int | None = None,
+        max_rounds: int | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[MigrationEvent, None]:
+        """Moves the running VM ``vm_id`` to another host's daemon by live migration, and
+        yields its events as they come, ``ended`` last (see
+        :meth:`nanoclaw.Sandbox.migrate`). Needs an ``admin`` token."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        body = c.migrate_body(to, downtime_ms, max_rounds)
+        resp = await AsyncTransport(settings).open(
+            "POST", c.vm_path(vm_id, "migrate"), body, c.JSON
+        )
+        try:
+            async for line in resp.lines():
+                event = migration_event(line)
+                yield event
+                if event["event"] == "ended":
+                    return
+        finally:
+            await resp.close()
+        raise c.migration_cut(vm_id)
+
+    @staticmethod
+    async def cancel_migration(
+        vm_id: str,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Cancels VM ``vm_id``'s live migration (see
+        :meth:`nanoclaw.Sandbox.cancel_migration`)."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        await AsyncTransport(settings).call("DELETE", c.vm_path(vm_id, "migrate"))
 
     async def kill(self) -> VmInfo:
         """Stops the VM and answers its record once the VMM has ended."""

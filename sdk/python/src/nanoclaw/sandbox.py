@@ -12,7 +12,16 @@ from ._config import Settings, resolve
 from ._http import Transport
 from ._tar import one_file, read_one_file, split_guest_path
 from .errors import NanoclawError, NotFound
-from .types import Event, FilesCopied, SnapshotInfo, StreamName, VmInfo, parse_json
+from .types import (
+    Event,
+    FilesCopied,
+    MigrationEvent,
+    SnapshotInfo,
+    StreamName,
+    VmInfo,
+    migration_event,
+    parse_json,
+)
 
 #: Receives each chunk of the agent's output, as it comes.
 OutputCallback = Callable[[bytes], object]
@@ -307,6 +316,61 @@ class Sandbox:
         """Deletes snapshot ``name``'s files (``404`` if there is none)."""
         settings = resolve(url, token, ca_file, verify, timeout)
         Transport(settings).call("DELETE", c.snapshot_path(name))
+
+    @staticmethod
+    def migrate(
+        vm_id: str,
+        to: str,
+        downtime_ms: int | None = None,
+        max_rounds: int | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> Generator[MigrationEvent, None, None]:
+        """Moves the running VM ``vm_id`` to another host's daemon by live migration, and
+        yields its events as they come (see :data:`nanoclaw.types.MigrationEvent`): ``accepted``,
+        one ``round`` per pre-copy round, and ``ended``, the last, whose ``outcome`` says which
+        copy runs (``moved``: the target's; ``kept``: this one; ``unknown``: the state went out
+        and no answer came, and the VM stays paused here until the target's host says).
+
+        ``to`` is the target's migration address, ``HOST:PORT``, pinned on the daemon as a
+        migration peer; ``downtime_ms`` and ``max_rounds`` default to the daemon's (300 ms, 30).
+        The request goes when the first event is asked for. ``404`` without such a VM, ``409``
+        unless it runs or when it migrates already, ``400`` when the host is not a pinned peer.
+        A stream that ends before ``ended`` raises :class:`NanoclawError`. Closing the generator
+        only stops reading: the migration goes on (:meth:`cancel_migration` stops it). Needs an
+        ``admin`` token."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        body = c.migrate_body(to, downtime_ms, max_rounds)
+        with Transport(settings).open(
+            "POST", c.vm_path(vm_id, "migrate"), body, c.JSON, stream=True
+        ) as resp:
+            for line in resp.lines():
+                event = migration_event(line)
+                yield event
+                if event["event"] == "ended":
+                    return
+        raise c.migration_cut(vm_id)
+
+    @staticmethod
+    def cancel_migration(
+        vm_id: str,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Cancels VM ``vm_id``'s live migration: the VM runs on here, unless its state has
+        gone out already; the migration's ``ended`` event says which. ``409``
+        (:class:`Conflict`) when none runs, ``404`` without such a VM. Needs an ``admin``
+        token."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        Transport(settings).call("DELETE", c.vm_path(vm_id, "migrate"))
 
     def kill(self) -> VmInfo:
         """Stops the VM (its agent gets SIGTERM, then the VMM is ended) and answers its

@@ -13,10 +13,20 @@ from typing import Any, Literal
 
 from .errors import NanoclawError
 
-#: A VM's life, as the daemon names it. ``exited``, ``stopped``, ``failed`` and ``lost`` are
-#: final.
-VmStatus = Literal["starting", "running", "stopping", "exited", "stopped", "failed", "lost"]
-FINAL_STATUSES = frozenset({"exited", "stopped", "failed", "lost"})
+#: A VM's life, as the daemon names it. ``exited``, ``stopped``, ``failed``, ``lost`` and
+#: ``migrated`` (moved to another host by a live migration: ``raw["migrated_to"]`` says where)
+#: are final.
+VmStatus = Literal[
+    "starting", "running", "stopping", "exited", "stopped", "failed", "lost", "migrated"
+]
+FINAL_STATUSES = frozenset({"exited", "stopped", "failed", "lost", "migrated"})
+
+#: One line of a live migration's stream (``POST /v1/vms/{id}/migrate``), the daemon's JSON
+#: object as it is. Its ``event`` is ``accepted`` (``target_vm``: the VM's id on the target
+#: host), ``round`` (``round``, 0 for the full copy; ``pages``; ``mb_per_s``; ``dirty``;
+#: ``expected_downtime_ms``) or ``ended``, the last (``outcome``: ``moved``, ``kept`` or
+#: ``unknown``; ``total_ms``; and when known ``target_vm``, ``downtime_ms`` and ``error``).
+MigrationEvent = dict[str, Any]
 
 StreamName = Literal["stdout", "stderr"]
 
@@ -210,3 +220,14 @@ class FilesCopied:
             if isinstance(n, int) and isinstance(entries, int):
                 return cls(n, entries)
         raise _bad("copy answer", value)
+
+
+def migration_event(line: bytes) -> MigrationEvent:
+    """One line of a migration stream, checked: an object with a string ``event``, and an
+    ``ended`` one with a string ``outcome``."""
+    value = parse_json(line, "migration event")
+    if not isinstance(value, dict) or not isinstance(value.get("event"), str):
+        raise _bad("migration event", value)
+    if value["event"] == "ended" and not isinstance(value.get("outcome"), str):
+        raise _bad("migration event", value)
+    return value
