@@ -15,6 +15,7 @@
 //! | `POST /v1/vms/{id}/snapshot` | [`CreateSnapshot`] | `201` and [`SnapshotInfo`]: the VM's memory and state saved under the daemon's state folder (a running VM is paused around it); `409` unless the VMM runs or when the name is taken; `502` when the VMM refused |
 //! | `POST /v1/vms/{id}/fork` | [`ForkVm`] | `201` and `[`[`VmInfo`]`, ...]`: `n` new VMs restored from one snapshot of the VM (then removed); `400` unless `n` is 1 to 8; `429` when `n` more would pass `--max-vms`; otherwise as the snapshot and restore routes |
 //! | `POST /v1/vms/{id}/migrate` | [`MigrateVm`] | newline-delimited [`MigrationEvent`]s, the last one `Ended`; `404` if there is no such VM, `409` unless it runs or when it migrates already, `400` when the host is not a pinned migration peer or the VM cannot move yet |
+//! | `POST /v1/vms/{id}/migrate/resolve` | | [`VmInfo`] once a migration of unknown outcome is settled by asking the target host: `migrated` when a copy runs or ran there, running again here when none does; `409` when the VM has no such migration; `502` when the target cannot be asked |
 //! | `DELETE /v1/vms/{id}/migrate` | | `204`: the VM's migration is cancelled (the VM runs on here) unless its state has gone out; `409` when none runs |
 //! | `GET /v1/snapshots` | | `[`[`SnapshotInfo`]`, ...]`, oldest first |
 //! | `DELETE /v1/snapshots/{name}` | | `204`; `404` if there is none |

@@ -37,7 +37,7 @@ pub fn json() -> String {
     ),
     paths(
         create_vm, list_vms, inspect_vm, remove_vm, stop_vm, detach_vm, pause_vm, resume_vm,
-        snapshot_vm, fork_vm, migrate_vm, cancel_migration, warm_image, list_snapshots, remove_snapshot, restore_snapshot,
+        snapshot_vm, fork_vm, migrate_vm, cancel_migration, resolve_migration, warm_image, list_snapshots, remove_snapshot, restore_snapshot,
         vm_events, vm_console, put_files, get_files,
         list_images, inspect_image, remove_image, import_image, build_image,
         list_approvals, registration_link,
@@ -208,6 +208,20 @@ fn migrate_vm() {}
     ))]
 #[allow(dead_code)]
 fn cancel_migration() {}
+
+/// Settles a migration whose outcome is unknown (the VM's state went out and no answer came):
+/// this host asks the target's over the migration link. A copy there that runs or ran ends
+/// this one (`migrated`); no copy there lets this one run again.
+#[utoipa::path(post, path = "/v1/vms/{id}/migrate/resolve", tag = "vms",
+    params(("id" = String, Path, description = "The VM id")),
+    responses(
+        (status = 200, description = "The VM as it now is", body = VmInfo),
+        (status = 404, description = "No such VM", body = ApiError),
+        (status = 409, description = "The VM has no migration of unknown outcome", body = ApiError),
+        (status = 502, description = "The target host could not be asked", body = ApiError),
+    ))]
+#[allow(dead_code)]
+fn resolve_migration() {}
 
 /// Takes (or replaces) the image's warm template: a snapshot of a VM of the image booted up to
 /// its sidecar's hello, with no agent. A later VM of this image at exactly this size, with no

@@ -67,8 +67,14 @@ pub struct MigrateArgs {
     /// The VM to move (it must be running).
     pub id: String,
     /// The target host's migration address, as pinned on this daemon with `--migration-peer`.
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer_addr)]
-    pub to: String,
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer_addr,
+          required_unless_present = "resolve", conflicts_with = "resolve")]
+    pub to: Option<String>,
+    /// Settle a migration whose outcome was unknown: ask the target host whether its copy runs.
+    /// If it runs (or ran) there, this host's copy ends (`migrated`); if there is none, the VM
+    /// runs here again.
+    #[arg(long)]
+    pub resolve: bool,
     /// The downtime target in milliseconds: pre-copy rounds go on until the rest can be sent
     /// within it (default: the daemon's, 300).
     #[arg(long, value_name = "MS")]
@@ -85,7 +91,7 @@ impl MigrateArgs {
     /// The request body.
     fn request(&self) -> MigrateVm {
         MigrateVm {
-            to: self.to.clone(),
+            to: self.to.clone().unwrap_or_default(),
             downtime_ms: self.downtime_ms,
             max_rounds: self.max_rounds,
         }
@@ -219,6 +225,9 @@ impl Transcript {
 
 /// Runs `nanoclaw migrate`: starts the migration and follows it to its outcome, on stdout.
 pub async fn run(client: &Client, args: MigrateArgs) -> Result<u8, CliError> {
+    if args.resolve {
+        return resolve(client, &args.id).await;
+    }
     // Catch Ctrl-C from before the request, so that one during it still cancels.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(CliError::Signal)?;
@@ -231,6 +240,35 @@ pub async fn run(client: &Client, args: MigrateArgs) -> Result<u8, CliError> {
         }
     });
     follow(client, &args, &mut std::io::stdout(), &mut interrupts).await
+}
+
+/// `nanoclaw migrate ID --resolve`: asks the daemon to settle a migration of unknown outcome,
+/// and says where the VM runs now.
+async fn resolve(client: &Client, id: &str) -> Result<u8, CliError> {
+    let vm: nanoclaw_api::VmInfo = client
+        .json::<(), _>(Method::POST, &format!("/v1/vms/{id}/migrate/resolve"), None)
+        .await?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(resolved_text(&vm).as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(CliError::Write)?;
+    Ok(MOVED_EXIT)
+}
+
+/// What `--resolve` prints for the VM as the daemon answered it.
+fn resolved_text(vm: &nanoclaw_api::VmInfo) -> String {
+    match &vm.migrated_to {
+        Some(m) if vm.status == nanoclaw_api::VmStatus::Migrated => format!(
+            "{} migrated: it runs on {} as {}; this host's copy has ended\n",
+            vm.id.escape_debug(),
+            m.host.escape_debug(),
+            m.vm.escape_debug()
+        ),
+        _ => format!(
+            "{} runs here again: the target holds no copy of it\n",
+            vm.id.escape_debug()
+        ),
+    }
 }
 
 /// Sends the migration request and follows its stream to the `ended` line, writing the lines
@@ -247,7 +285,7 @@ async fn follow(
         .send(Method::POST, &format!("/v1/vms/{id}/migrate"), Some(body))
         .await?;
     let mut lines = Lines::new(resp.into_body());
-    let mut transcript = Transcript::new(&args.to);
+    let mut transcript = Transcript::new(args.to.as_deref().unwrap_or_default());
     let mut cancelling: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let line = tokio::select! {
@@ -320,6 +358,29 @@ mod tests {
     use clap::Parser;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    #[test]
+    fn resolve_says_where_the_vm_runs_now() {
+        let vm = |status: &str| -> nanoclaw_api::VmInfo {
+            serde_json::from_value(serde_json::json!({
+                "id": "abc", "status": status, "spec": {"command": "/bin/agent"},
+                "created_unix_ms": 0, "control_connected": false, "control_reconnects": 0,
+                "guest_protocol_errors": 0, "output_dropped_bytes": 0, "vm_dir": "/d",
+                "migrated_to": {"host": "10.0.0.2:7070", "vm": "f00d", "outcome": "moved"},
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            resolved_text(&vm("migrated")),
+            "abc migrated: it runs on 10.0.0.2:7070 as f00d; this host's copy has ended\n"
+        );
+        let mut here = vm("running");
+        here.migrated_to = None;
+        assert_eq!(
+            resolved_text(&here),
+            "abc runs here again: the target holds no copy of it\n"
+        );
+    }
+
     fn parse(args: &[&str]) -> Result<MigrateArgs, clap::Error> {
         let cli = Cli::try_parse_from(["nanoclaw", "migrate"].iter().chain(args))?;
         let Command::Migrate(args) = cli.command else {
@@ -344,13 +405,17 @@ mod tests {
         assert_eq!(
             (
                 a.id.as_str(),
-                a.to.as_str(),
+                a.to.as_deref().unwrap_or_default(),
                 a.downtime_ms,
                 a.max_rounds,
                 a.json
             ),
             ("abc", "10.0.0.2:7070", Some(50), Some(5), true)
         );
+        let r = parse(&["abc", "--resolve"]).unwrap();
+        assert!(r.resolve && r.to.is_none());
+        assert!(parse(&["abc"]).is_err(), "--to or --resolve is needed");
+        assert!(parse(&["abc", "--resolve", "--to", "h:1"]).is_err());
         let a = parse(&["abc", "--to", "[fd00::2]:7070"]).unwrap();
         assert_eq!((a.downtime_ms, a.max_rounds, a.json), (None, None, false));
         // Unset targets are left to the daemon: the body holds only what was given.
@@ -565,7 +630,8 @@ mod tests {
     fn args(json: bool) -> MigrateArgs {
         MigrateArgs {
             id: "abc".into(),
-            to: "10.0.0.2:7070".into(),
+            to: Some("10.0.0.2:7070".into()),
+            resolve: false,
             downtime_ms: Some(50),
             max_rounds: None,
             json,

@@ -15,7 +15,7 @@ use super::vm::Vm;
 use super::{Daemon, vmm_control};
 use crate::error_chain;
 use crate::migration::link::{self, Identity, Link, LinkError};
-use crate::migration::{Offer, Peers, Reply};
+use crate::migration::{CopyState, Offer, Peers, Reply, Request};
 
 /// The socket in the source VMM's folder that its VMM sends the VM into.
 pub const OUT_SOCKET: &str = "migrate.sock";
@@ -54,6 +54,9 @@ pub enum MigrateError {
     /// The request cannot be served as asked.
     #[error("{0}")]
     Bad(String),
+    /// The target host could not be asked, or the VMM not resumed.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// The migrations under way on this host as a source, by VM id: each one's cancel.
@@ -191,7 +194,8 @@ impl Daemon {
         // The offer and its answer; a cancel here just drops the link.
         let dialled = async {
             let mut link = link::connect(&req.to, identity, &pinned).await?;
-            let text = serde_json::to_vec(&offer).map_err(|_| LinkError::BadRecord(0))?;
+            let text = serde_json::to_vec(&Request::Offer(Box::new(offer)))
+                .map_err(|_| LinkError::BadRecord(0))?;
             link.send(&text).await?;
             let reply = tokio::time::timeout(STEP_TIMEOUT, link.recv())
                 .await
@@ -355,11 +359,31 @@ impl Daemon {
             }
         };
         let peer = hex::encode(link.peer());
-        let offer = match tokio::time::timeout(STEP_TIMEOUT, link.recv()).await {
-            Ok(Ok(text)) => serde_json::from_slice::<Offer>(&text)
-                .map_err(|e| format!("the offer does not parse: {e}")),
+        let request = match tokio::time::timeout(STEP_TIMEOUT, link.recv()).await {
+            Ok(Ok(text)) => serde_json::from_slice::<Request>(&text)
+                .map_err(|e| format!("the request does not parse: {e}")),
             Ok(Err(e)) => Err(error_chain(&e)),
-            Err(_) => Err(format!("no offer within {STEP_TIMEOUT:?}")),
+            Err(_) => Err(format!("no request within {STEP_TIMEOUT:?}")),
+        };
+        let offer = match request {
+            Ok(Request::Offer(offer)) => Ok(*offer),
+            Ok(Request::Ask {
+                source_vm,
+                target_vm,
+            }) => {
+                let state = self.copy_state(&peer, &source_vm, &target_vm);
+                tracing::info!(
+                    peer,
+                    source_vm,
+                    target_vm,
+                    ?state,
+                    "asked about a migrated VM"
+                );
+                let reply = serde_json::to_vec(&Reply::Copy { state }).unwrap_or_default();
+                let _ = link.send(&reply).await;
+                return;
+            }
+            Err(e) => Err(e),
         };
         let made = offer.and_then(|offer| {
             crate::migration::check_offer(&offer)?;
@@ -404,6 +428,96 @@ impl Daemon {
                 let _ = std::fs::remove_dir_all(&vm.dir);
             }
         }
+    }
+
+    /// Where the VM `source_vm` of host `peer` is, if it came here as `target_vm`.
+    fn copy_state(&self, peer: &str, source_vm: &str, target_vm: &str) -> CopyState {
+        let Some(vm) = self.get(target_vm) else {
+            return CopyState::None;
+        };
+        let came = vm
+            .info()
+            .migrated_from
+            .is_some_and(|m| m.host == peer && m.vm == source_vm);
+        match (came, vm.status().is_terminal()) {
+            (false, _) => CopyState::None,
+            (true, false) => CopyState::Running,
+            (true, true) => CopyState::Ended,
+        }
+    }
+
+    /// Settles a migration of VM `id` whose outcome is unknown by asking the target host: a
+    /// copy there that runs or ran ends this one (`migrated`); none there lets this one run
+    /// again. Answers the VM as it now is.
+    pub async fn resolve_migration(&self, id: &str) -> Result<nanoclaw_api::VmInfo, MigrateError> {
+        let vm = self
+            .get(id)
+            .ok_or_else(|| MigrateError::NoVm(id.to_owned()))?;
+        let to = vm
+            .info()
+            .migrated_to
+            .filter(|m| m.outcome == MigrationOutcome::Unknown && !vm.status().is_terminal())
+            .ok_or_else(|| MigrateError::Conflict {
+                id: id.to_owned(),
+                why: "has no migration of unknown outcome".to_owned(),
+            })?;
+        let setup = self
+            .migration
+            .clone()
+            .ok_or_else(|| MigrateError::Bad("live migration is off on this host".to_owned()))?;
+        let pinned = setup.peers.key_of(&to.host).ok_or_else(|| {
+            MigrateError::Bad(format!("{} is no longer a pinned migration peer", to.host))
+        })?;
+        let asked = async {
+            let mut link = link::connect(&to.host, &setup.identity, &pinned).await?;
+            let ask = Request::Ask {
+                source_vm: id.to_owned(),
+                target_vm: to.vm.clone(),
+            };
+            link.send(&serde_json::to_vec(&ask).map_err(|_| LinkError::BadRecord(0))?)
+                .await?;
+            tokio::time::timeout(STEP_TIMEOUT, link.recv())
+                .await
+                .map_err(|_| LinkError::HandshakeTimeout(STEP_TIMEOUT))?
+        };
+        let reply = asked
+            .await
+            .map_err(|e| MigrateError::Unreachable(format!("{}: {}", to.host, error_chain(&e))))?;
+        match serde_json::from_slice::<Reply>(&reply) {
+            Ok(Reply::Copy {
+                state: state @ (CopyState::Running | CopyState::Ended),
+            }) => {
+                tracing::info!(vm = id, to = %to.host, target_vm = %to.vm, ?state,
+                    "migration resolved: the VM moved");
+                self.audit_lifecycle(
+                    "vm_migrate_out",
+                    serde_json::json!({"vm": id, "to": to.host, "target_vm": to.vm,
+                        "resolved": true}),
+                )
+                .await;
+                let moved = MigratedTo {
+                    outcome: MigrationOutcome::Moved,
+                    ..to
+                };
+                vm.end_migrated(moved, self.stop_grace).await;
+            }
+            Ok(Reply::Copy {
+                state: CopyState::None,
+            }) => {
+                vm.set_paused(false).await.map_err(|e| {
+                    MigrateError::Unreachable(format!("resume the VM here: {}", error_chain(&e)))
+                })?;
+                vm.clear_migration();
+                tracing::info!(vm = id, to = %to.host, "migration resolved: no copy there; the VM runs here again");
+            }
+            _ => {
+                return Err(MigrateError::Unreachable(format!(
+                    "{} answered with nonsense",
+                    to.host
+                )));
+            }
+        }
+        Ok(vm.info())
     }
 
     /// Makes the incoming VM's folder and record, listens on its socket and starts its VMM.

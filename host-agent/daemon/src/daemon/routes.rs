@@ -62,6 +62,7 @@ pub fn router(daemon: Arc<Daemon>) -> axum::Router {
             "/v1/vms/{id}/migrate",
             post(migrate).delete(cancel_migration),
         )
+        .route("/v1/vms/{id}/migrate/resolve", post(resolve_migration))
         .route("/v1/snapshots", get(list_snapshots))
         .route(
             "/v1/snapshots/{name}",
@@ -479,6 +480,7 @@ async fn migrate(
             MigrateError::NoVm(_) => StatusCode::NOT_FOUND,
             MigrateError::Conflict { .. } => StatusCode::CONFLICT,
             MigrateError::Bad(_) => StatusCode::BAD_REQUEST,
+            MigrateError::Unreachable(_) => StatusCode::BAD_GATEWAY,
         };
         Failure(status, error_chain(&e))
     })?;
@@ -494,6 +496,28 @@ async fn migrate(
         }
     });
     Ok(streaming("application/x-ndjson", rx))
+}
+
+/// Settles a migration whose outcome is unknown by asking the target host.
+async fn resolve_migration(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<VmInfo>, Failure> {
+    use super::migrate::MigrateError;
+    let task = tokio::spawn(async move { daemon.resolve_migration(&id).await });
+    match task.await {
+        Ok(Ok(info)) => Ok(Json(info)),
+        Ok(Err(e)) => {
+            let status = match e {
+                MigrateError::NoVm(_) => StatusCode::NOT_FOUND,
+                MigrateError::Conflict { .. } => StatusCode::CONFLICT,
+                MigrateError::Bad(_) => StatusCode::BAD_REQUEST,
+                MigrateError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            };
+            Err(Failure(status, error_chain(&e)))
+        }
+        Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
 }
 
 /// Cancels a VM's live migration.

@@ -1341,6 +1341,11 @@ impl Vm {
         });
     }
 
+    /// Forgets a migration of unknown outcome, once the target said it holds no copy.
+    pub fn clear_migration(&self) {
+        self.update(|r| r.migrated_to = None);
+    }
+
     /// Signals the VMM, if the recorded process is still the same one.
     fn signal_vmm(&self, signal: nix::sys::signal::Signal) {
         let pid = lock(&self.record).vmm_pid;

@@ -19,8 +19,9 @@
 //!    restored the VM and answered before it ran it; the source daemon ends its VMM and keeps
 //!    the record as `migrated`, with where it went. `kept`: nothing moved. `unknown`: the state
 //!    went out and no answer came back; the source VM stays paused, its record says so, and
-//!    only the operator, who can ask the target's host, resumes or removes it. No failure
-//!    leaves two running copies.
+//!    `nanoclaw migrate ID --resolve` asks the target over the link ([`Request::Ask`]): a copy
+//!    there that runs or ran ends this one as `migrated`; no copy there resumes this one. No
+//!    failure leaves two running copies.
 //!
 //! # What does not move yet
 //! A VM with a network (its overlay address would have to follow it) or with an image's
@@ -59,7 +60,36 @@ pub struct Offer {
     pub status: VmStatus,
 }
 
-/// The target's answer to an [`Offer`].
+/// What a source daemon asks of a target, first thing on a link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Take this VM.
+    Offer(Box<Offer>),
+    /// Does the copy of `source_vm` that came here as `target_vm` run? Asked after a migration
+    /// whose outcome the source does not know; answered [`Reply::Copy`], and only to the host
+    /// the VM came from.
+    Ask {
+        /// The VM's id on the asking host.
+        source_vm: String,
+        /// Its id here.
+        target_vm: String,
+    },
+}
+
+/// Where a migrated VM's copy is, on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    /// It runs (or is paused) here: the source's copy must never run again.
+    Running,
+    /// It ran here and has ended: the source's copy must not run either.
+    Ended,
+    /// There is no such VM from that host here: the copy never ran, and the source's may.
+    None,
+}
+
+/// The target's answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "reply", deny_unknown_fields)]
 pub enum Reply {
@@ -72,6 +102,11 @@ pub enum Reply {
     Refused {
         /// Why.
         reason: String,
+    },
+    /// The answer to [`Request::Ask`].
+    Copy {
+        /// Where the copy is.
+        state: CopyState,
     },
 }
 
@@ -167,10 +202,20 @@ mod tests {
 
     #[test]
     fn an_offer_round_trips_and_a_good_one_passes() {
-        let o = offer();
+        let o = Request::Offer(Box::new(offer()));
         let text = serde_json::to_vec(&o).unwrap();
-        assert_eq!(serde_json::from_slice::<Offer>(&text).unwrap(), o);
-        assert_eq!(check_offer(&o), Ok(()));
+        assert_eq!(serde_json::from_slice::<Request>(&text).unwrap(), o);
+        assert_eq!(check_offer(&offer()), Ok(()));
+        let ask: Request =
+            serde_json::from_str(r#"{"ask":{"source_vm":"a","target_vm":"b"}}"#).unwrap();
+        assert!(matches!(ask, Request::Ask { .. }));
+        let copy: Reply = serde_json::from_str(r#"{"reply":"copy","state":"none"}"#).unwrap();
+        assert_eq!(
+            copy,
+            Reply::Copy {
+                state: CopyState::None
+            }
+        );
     }
 
     #[test]

@@ -351,6 +351,11 @@ mod tests {
             (Method::POST, "/v1/vms/abc/fork", TokenScope::Run),
             (Method::POST, "/v1/vms/abc/migrate", TokenScope::Admin),
             (Method::DELETE, "/v1/vms/abc/migrate", TokenScope::Admin),
+            (
+                Method::POST,
+                "/v1/vms/abc/migrate/resolve",
+                TokenScope::Admin,
+            ),
             (Method::GET, "/v1/snapshots", TokenScope::Read),
             (Method::POST, "/v1/snapshots/s/restore", TokenScope::Run),
             (Method::DELETE, "/v1/snapshots/s", TokenScope::Run),
