@@ -10,7 +10,8 @@
 //! `Noise_XX_25519_ChaChaPoly_BLAKE2s` with the prologue [`PROLOGUE`]. Both sides learn the
 //! other's static key inside the handshake and check it before anything else is read: the
 //! initiator wants exactly the key it pinned for the address it dialled ([`LinkError::WrongPeer`]);
-//! the responder wants one of its pinned keys ([`LinkError::UnknownPeer`]). XX rather than KK
+//! the responder wants one of its pinned keys ([`LinkError::UnknownPeer`]), and tells a caller
+//! it does not know so, as a refusal ([`super::Reply::Refused`]) in place of an answer. XX rather than KK
 //! because the responder does not know which host is calling until the handshake tells it. A
 //! handshake has [`HANDSHAKE_TIMEOUT`] to finish.
 //!
@@ -307,17 +308,30 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         let msg = read_record(&mut stream).await?;
         hs.read_message(&msg, &mut buf)?;
         let peer = remote_key(&hs)?;
-        if !pinned.contains(&peer) {
-            return Err(LinkError::UnknownPeer(hex::encode(peer)));
-        }
-        Ok((hs.into_transport_mode()?, peer))
+        let noise = hs.into_transport_mode()?;
+        Ok((noise, peer))
     };
     let (noise, peer) = within_deadline(run).await?;
-    Ok(Link {
+    let mut link = Link {
         stream,
         noise,
         peer,
-    })
+    };
+    if !pinned.contains(&peer) {
+        // Tell the caller why, over the session it just made (it learns only that its key is
+        // not pinned here), and read its first message so the refusal is not lost to a reset.
+        let why = format!(
+            "this host has not pinned the key {} (--migration-peer)",
+            hex::encode(peer)
+        );
+        let refusal =
+            serde_json::to_vec(&super::Reply::Refused { reason: why }).unwrap_or_default();
+        if link.send(&refusal).await.is_ok() {
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, link.recv_kind()).await;
+        }
+        return Err(LinkError::UnknownPeer(hex::encode(peer)));
+    }
+    Ok(link)
 }
 
 /// What [`Link::relay`] carried.

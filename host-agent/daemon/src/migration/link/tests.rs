@@ -49,16 +49,32 @@ async fn pinned_hosts_exchange_messages_both_ways() {
 }
 
 #[tokio::test]
-async fn an_unpinned_initiator_is_refused_and_learns_nothing() {
+async fn an_unpinned_initiator_is_refused_and_told_why() {
     let (a, b) = (identity(1), identity(2));
-    let (left, right) = pair(&a, b.public(), &b, vec![identity(3).public()]).await;
+    let (x, y) = duplex(1 << 20);
+    let caller = async {
+        // The caller's handshake ends well (XX tells the responder its key last); it sends its
+        // offer, and its answer is the refusal.
+        let mut left = initiate(x, &a, &b.public()).await.unwrap();
+        left.send(b"offer").await.unwrap();
+        let answer = left.recv().await.unwrap();
+        let after = left.recv().await;
+        (answer, after)
+    };
+    let pins = [identity(3).public()];
+    let ((answer, after), right) = tokio::join!(caller, respond(y, &b, &pins));
     match right {
         Err(LinkError::UnknownPeer(key)) => assert_eq!(key, hex::encode(a.public())),
         other => panic!("{other:?}"),
     }
-    // The initiator finished its half; the responder dropped the pipe, so its first read ends.
-    let mut left = left.unwrap();
-    assert!(matches!(left.recv().await, Err(LinkError::Closed)));
+    let reply: crate::migration::Reply = serde_json::from_slice(&answer).unwrap();
+    let crate::migration::Reply::Refused { reason } = reply else {
+        panic!("{reply:?}");
+    };
+    assert!(reason.contains("not pinned"), "{reason}");
+    assert!(reason.contains(&hex::encode(a.public())), "{reason}");
+    // Then the responder is gone.
+    assert!(matches!(after, Err(LinkError::Closed)), "{after:?}");
 }
 
 #[tokio::test]
