@@ -1,16 +1,21 @@
-//! Live migration of a running Linux guest from one `nanoclaw-vmm` process to another: the
-//! VMM's part of live migration ([`nanoclaw_vmm::migration`]), with the test playing the two
-//! daemons (a socket for each VMM's link and a relay between them).
+//! Live migration of a running Linux guest.
 //!
-//! The source boots the guest image and carries an echo; the target VMM starts with
-//! `--migrate-from`; the source's control socket migrates the VM while it runs. Then the guest
-//! runs on in the target: its sidecar, told by the vsock device that the transport was reset,
-//! says hello again on the target's side, and an echo goes through the target. The source
-//! stays stopped and refuses to run the VM again. The guest's reset ends the target with 0.
+//! - **Between two VMM processes** (the VMM's part, [`nanoclaw_vmm::migration`]), with the test
+//!   playing the two daemons (a socket for each VMM's link and a relay between them). The
+//!   source boots the guest image and carries an echo; the target VMM starts with
+//!   `--migrate-from`; the source's control socket migrates the VM while it runs. Then the guest
+//!   runs on in the target: its sidecar, told by the vsock device that the transport was
+//!   reset, says hello again on the target's side, and an echo goes through the target. The
+//!   source stays stopped and refuses to run the VM again. The guest's reset ends the target
+//!   with 0.
+//! - **Between two daemons** (`nanoclaw migrate`): a counting agent, jailed, moves from one
+//!   daemon to another over their pinned link on loopback, and counts on there: the same
+//!   process (no count repeated, none skipped), the same boot id, the source's copy ended.
 
 use std::time::Duration;
 
-use nanoclaw_tests::{Kernel, TestVm, VmSpec, echo_round_trip, pattern};
+use nanoclaw_tests::migration::PinnedHosts;
+use nanoclaw_tests::{DaemonOptions, GuestImage, Kernel, TestVm, VmSpec, echo_round_trip, pattern};
 use shared_proto::HostToGuest;
 use shared_proto::ports::ECHO_PORT;
 
@@ -99,4 +104,94 @@ fn a_running_guest_migrates_to_another_vmm_and_runs_on_there() {
         .wait_exit(Duration::from_secs(30))
         .expect("source VMM exit");
     assert_eq!(exit.code, Some(13), "{exit:?}");
+}
+
+/// The agent: counts once a second.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 1; done";
+
+/// Every `count N` of `log`, in order.
+fn counts(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("count ")?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
+    use super::agent::{AGENT, detach, logs, nanoclaw, text};
+    let image = GuestImage::from_env().expect("guest image");
+    let hosts = PinnedHosts::start(
+        || DaemonOptions::guest(&image.vmlinux, &image.initramfs),
+        true,
+    )
+    .expect("two daemons pinned to each other");
+    let (source, target) = (&hosts.source, &hosts.target);
+    let id = detach(source, &["/bin/sh", "-c", COUNTER]);
+    source
+        .wait_for(&id, AGENT, "counting", |_| {
+            counts(&logs(source, &id)).last().is_some_and(|n| *n >= 3)
+        })
+        .expect("the agent counts");
+    let before = source.inspect(&id).expect("inspect");
+
+    let out = nanoclaw(
+        source,
+        &["migrate", &id, "--to", &hosts.target_addr],
+        MIGRATE,
+    );
+    let shown = text(&out.stdout);
+    println!("nanoclaw migrate:\n{shown}");
+    assert!(
+        out.status.success(),
+        "{shown}\n{}\n{}",
+        text(&out.stderr),
+        hosts.records()
+    );
+    assert!(shown.contains("accepted: VM "), "{shown}");
+    assert!(shown.contains("round 0: "), "{shown}");
+    assert!(shown.contains("moved to "), "{shown}");
+
+    // The source's copy has ended, and says where the VM went.
+    let after = source.inspect(&id).expect("inspect");
+    assert_eq!(after["status"], "migrated", "{after}");
+    assert_eq!(after["migrated_to"]["host"], hosts.target_addr.as_str());
+    assert_eq!(after["migrated_to"]["outcome"], "moved");
+    let there = after["migrated_to"]["vm"]
+        .as_str()
+        .expect("the VM's id there")
+        .to_owned();
+    assert!(
+        source.vmm_processes().is_empty(),
+        "the source's VMM is gone"
+    );
+
+    // The target runs the same guest: its boot id, its agent, counting on.
+    let info = target.inspect(&there).expect("inspect on the target");
+    assert_eq!(info["status"], "running", "{info}");
+    assert_eq!(info["migrated_from"]["vm"], id.as_str(), "{info}");
+    assert_eq!(info["migrated_from"]["host"], hosts.source_key.as_str());
+    assert_eq!(info["boot_id"], before["boot_id"], "{info}");
+    let last_here = *counts(&logs(source, &id)).last().expect("counts here");
+    target
+        .wait_for(&there, AGENT, "counting on the target", |_| {
+            counts(&logs(target, &there))
+                .last()
+                .is_some_and(|n| *n >= last_here + 3)
+        })
+        .expect("the agent counts on, on the target");
+    let mut all = counts(&logs(source, &id));
+    all.extend(counts(&logs(target, &there)));
+    let expected: Vec<u64> = (1..=*all.last().unwrap()).collect();
+    assert_eq!(
+        all, expected,
+        "one process counted on: no count repeated or skipped across the move"
+    );
+
+    let out = nanoclaw(target, &["stop", &there], MIGRATE);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        target.vmm_processes().is_empty(),
+        "the target's VMM ended with its stop"
+    );
 }

@@ -242,6 +242,13 @@ impl Daemon {
         cmd
     }
 
+    /// Appends `args` to the `serve` arguments of the next [`Daemon::spawn`]: for a prepared
+    /// daemon whose arguments depend on its state directory (such as the migration keys made
+    /// in it, which the other daemon pins).
+    pub fn add_args<S: Into<String>>(&mut self, args: impl IntoIterator<Item = S>) {
+        self.options.args.extend(args.into_iter().map(Into::into));
+    }
+
     /// Starts (or restarts) the daemon process and waits until it has started.
     pub fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()

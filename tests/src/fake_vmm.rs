@@ -4,9 +4,10 @@
 //! `<vm-dir>/vsock.sock_<CONTROL_PORT>` as the sidecar would over vsock ([`ControlConn`]), speaks
 //! `shared-proto`, and finally writes `exit.json` ([`write_exit`]) as the VMM would.
 //!
-//! A fake VMM can also serve the VMM's control socket ([`serve_control`]: pause, resume, state
-//! and snapshots into fake snapshot folders) and restore such a folder ([`restore`], which
-//! refuses a damaged one as the VMM does).
+//! A fake VMM can also serve the VMM's control socket ([`serve_control`]: pause, resume, state,
+//! snapshots into fake snapshot folders, and live migrations over a fake stream), restore such a
+//! folder ([`restore`], which refuses a damaged one as the VMM does), and receive a migrating VM
+//! ([`migrate_in`]; the stream and what each [`MigrationMode`] acts out are in [`migration`]).
 //!
 //! What the fake guest then does (its agent) is the test's own; an agent with a profile can
 //! call its MCP tools over `<vm-dir>/vsock.sock_<MCP_PORT>` as the sidecar would forward them
@@ -15,11 +16,16 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use shared_proto::message::{GuestToHost, HostToGuest};
 use shared_proto::ports::{CONTROL_PORT, MCP_PORT};
 use shared_proto::{FrameDecoder, PROTOCOL_VERSION, encode_frame};
+
+pub mod migration;
+
+pub use migration::{MIGRATION_MODE_FILE, MigrationMode, migrate_in};
 
 /// How long the fake sidecar keeps trying to reach a daemon that is away.
 const RECONNECT_FOR: Duration = Duration::from_secs(30);
@@ -253,16 +259,31 @@ pub const FAKE_MEMORY_BYTES: u64 = 4 << 20;
 /// The file in the VM folder where the fake control socket notes each request's `op`.
 pub const CONTROL_OPS_FILE: &str = "control-ops.log";
 
+/// Whether a live migration has stopped this fake VMM's guest: during the switch-over, and for
+/// good once the VM moved or may have (the real guest's vCPUs stay parked).
+static MIGRATION_STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Returns once no live migration holds this fake VMM's guest stopped: a fake sidecar calls it
+/// before it acts on anything, since a stopped guest hears nothing. After the VM moved that is
+/// never: the daemon then ends this VMM.
+pub fn wait_while_migration_stopped() {
+    while MIGRATION_STOPPED.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Serves `<vm-dir>/control.sock` as the VMM does, on a thread: `pause`, `resume`, `state`,
-/// and `snapshot` (refused unless paused), which writes `memory.bin` (sparse, with data at
-/// 1 MiB) and then `state.bin`: the real magic, the real format version (2), `boot_id`, and the memory
-/// file's length and byte sum, which [`restore`] checks. Each request's `op` is appended to
-/// [`CONTROL_OPS_FILE`].
+/// `snapshot` (refused unless paused), which writes `memory.bin` (sparse, with data at
+/// 1 MiB) and then `state.bin`: the real magic, the real format version (2), `boot_id`, and the
+/// memory file's length and byte sum, which [`restore`] checks; and `migrate`
+/// ([`migration`]: progress lines, then the answer; after `moved` every request but `state` is
+/// refused). Each request's `op` is appended to [`CONTROL_OPS_FILE`].
 pub fn serve_control(vm_dir: &Path, boot_id: [u8; 16], paused: bool) {
     let listener = std::os::unix::net::UnixListener::bind(vm_dir.join("control.sock")).unwrap();
     let vm_dir = vm_dir.to_owned();
     std::thread::spawn(move || {
         let mut paused = paused;
+        let mut moved = false;
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
             let mut line = String::new();
@@ -280,12 +301,23 @@ pub fn serve_control(vm_dir: &Path, boot_id: [u8; 16], paused: bool) {
             writeln!(ops, "{op}").unwrap();
             let state = |p: bool| if p { "paused" } else { "running" };
             let answer = match op.as_str() {
+                "state" if moved => serde_json::json!({"ok": true, "state": "paused"}),
+                _ if moved => {
+                    serde_json::json!({"ok": false, "error": "the VM has moved to another host"})
+                }
+                "migrate" => {
+                    let mut progress = &stream;
+                    let sent = migration::send(&vm_dir, boot_id, &req, paused, &mut progress);
+                    (paused, moved) = (sent.paused, sent.moved);
+                    sent.answer
+                }
                 "pause" => {
                     paused = true;
                     serde_json::json!({"ok": true, "state": "paused"})
                 }
                 "resume" => {
                     paused = false;
+                    MIGRATION_STOPPED.store(false, Ordering::SeqCst);
                     serde_json::json!({"ok": true, "state": "running"})
                 }
                 "state" => serde_json::json!({"ok": true, "state": state(paused)}),

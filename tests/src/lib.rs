@@ -15,6 +15,8 @@
 //!   processes by command line.
 //! - [`daemon`]: the daemon harness ([`Daemon`], [`DaemonOptions`]): the `host-agent` binary
 //!   with real guests or none, or the test executable itself with a fake VMM.
+//! - [`api`]: the daemon's HTTP API on its Unix socket by hand, streamed answers read line by
+//!   line.
 //! - [`self_exec`]: test executables without libtest's harness that re-execute themselves as
 //!   the daemon, a fake VMM or another process of the test.
 //! - [`fake_vmm`]: the fake VMM and sidecar's control connection and exit report.
@@ -32,6 +34,7 @@
 //! - [`sdk`]: the Python SDK's test suite (`sdk/python/tests`), run against a daemon's remote
 //!   API.
 
+pub mod api;
 pub mod authenticator;
 pub mod browser;
 pub mod credential;
@@ -39,6 +42,7 @@ pub mod daemon;
 pub mod dns;
 pub mod fake_vmm;
 pub mod http;
+pub mod migration;
 pub mod netns;
 pub mod oci;
 pub mod peers;

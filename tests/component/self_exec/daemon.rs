@@ -8,9 +8,14 @@
 //!   connects to `<vm-dir>/vsock.sock_<CONTROL_PORT>`, speaks `shared-proto`, acts out the
 //!   agent named in `RunAgent` (see [`fake_agent`]), writes `exit.json` and exits;
 //! - `--restore ...`: a FAKE VMM restoring a fake snapshot (see [`fake_restored_vmm`]);
+//! - `--migrate-from ...`: a FAKE VMM receiving a live migration (see [`fake_migrated_vmm`]);
 //! - no role: run the tests below, each against its own daemon and state directory. They need
 //!   the `nanoclaw` binary built (`cargo build -p nanoclaw-cli`), and the last one the test
-//!   tier's Python (`scripts/setup --test`, or `NANOCLAW_MCP_PYTHON`).
+//!   tier's Python (`scripts/setup --test`, or `NANOCLAW_MCP_PYTHON`). The live migration's
+//!   tests ([`migration`]) run two daemons and need `host-agent` built too.
+
+#[path = "daemon/migration.rs"]
+mod migration;
 
 use std::io::Read;
 use std::path::Path;
@@ -28,12 +33,21 @@ use nanoclaw_tests::{
 use nix::sys::signal::Signal;
 use shared_proto::message::{AgentSpec, ExitStatus, GuestToHost, HostToGuest, OutputStream};
 
+use migration::{
+    a_cancel_mid_copy_keeps_the_vm_running_here,
+    a_running_vm_moves_to_the_pinned_host_and_runs_there,
+    a_target_that_dies_mid_copy_leaves_the_vm_running_here,
+    hosts_not_pinned_either_way_are_refused_and_nothing_starts,
+    without_the_targets_answer_the_vm_stays_paused_here_as_unknown,
+};
+
 fn main() {
     self_exec::main(
         &[
             SERVE,
             ("--kernel", fake_vmm),
             ("--restore", fake_restored_vmm),
+            ("--migrate-from", fake_migrated_vmm),
         ],
         nanoclaw_tests::tests![
             cli_says_when_the_daemon_is_not_running,
@@ -55,6 +69,11 @@ fn main() {
             a_damaged_or_incomplete_snapshot_is_refused_and_leaves_no_vm,
             a_fork_makes_n_vms_within_the_vm_cap,
             an_image_template_serves_warm_runs_of_its_size_only,
+            a_running_vm_moves_to_the_pinned_host_and_runs_there,
+            a_cancel_mid_copy_keeps_the_vm_running_here,
+            a_target_that_dies_mid_copy_leaves_the_vm_running_here,
+            without_the_targets_answer_the_vm_stays_paused_here_as_unknown,
+            hosts_not_pinned_either_way_are_refused_and_nothing_starts,
         ],
     );
 }
@@ -139,6 +158,33 @@ fn fake_restored_vmm(args: &[String]) {
     }
 }
 
+/// The fake VMM of a live migration's target: `vmm --migrate-from SOCKET --vm-dir VMDIR ...`,
+/// with no kernel. SOCKET must be in the target VM's own folder. It receives the fake stream
+/// ([`fake_vmm::migrate_in`], which checks it, serves the control socket and answers; a mode of
+/// the source's makes it fail instead), then goes on as the moved guest: its sidecar connects
+/// with the SAME boot id (the daemon must take it as that guest's reconnect and not start the
+/// agent again), prints `migrated`, and runs until a `Shutdown`.
+fn fake_migrated_vmm(args: &[String]) {
+    let vm_dir = fake_vmm::vm_dir(args);
+    let socket = std::path::PathBuf::from(&args[1]);
+    if let Some(bad) = args.iter().find(|a| *a == "--kernel" || *a == "--initrd") {
+        fake_vmm::fail(&vm_dir, &format!("a migration's target was given {bad}"));
+    }
+    if vm_dir.parent().is_none_or(|vm| !socket.starts_with(vm)) {
+        fake_vmm::fail(
+            &vm_dir,
+            &format!(
+                "--migrate-from {} is not in the VM's folder",
+                socket.display()
+            ),
+        );
+    }
+    let boot_id = fake_vmm::migrate_in(&socket, &vm_dir);
+    let mut conn = reconnect(&vm_dir, boot_id);
+    output(&mut conn, OutputStream::Stdout, "migrated\n");
+    wait_for_shutdown(&vm_dir, boot_id, conn);
+}
+
 /// A restored sidecar's first hello, with the snapshot's boot id: the daemon must answer it
 /// with `Reidentify` and nothing else before (no agent request). The new boot id is taken from
 /// the host's entropy, so that copies differ as the real sidecar's draws do.
@@ -191,8 +237,9 @@ fn output(conn: &mut ControlConn, stream: OutputStream, text: &str) {
 ///   (no hello), checking each is closed, then a hello with another boot id (refused), then
 ///   reconnects properly and behaves like the default;
 /// - `deaf`: starts, prints `deaf`, and ignores everything until killed;
-/// - `pausable`: serves the VMM's control socket ([`fake_vmm::serve_control`]: pause, resume,
-///   snapshots), then behaves like `wait`;
+/// - `pausable [MODE]`: serves the VMM's control socket ([`fake_vmm::serve_control`]: pause,
+///   resume, snapshots, migrations, acted out by the [`fake_vmm::MigrationMode`] MODE, `normal`
+///   by default), then behaves like `wait`;
 /// - `orchestrate N`: starts, calls `spawn_agent` N times over its MCP endpoint (a worker that
 ///   runs `wait`), prints each answer as one JSON line, then behaves like `wait`;
 /// - anything else: prints `hello ARGS ENV` on stdout and `to stderr` on stderr, exits 3.
@@ -204,6 +251,9 @@ fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn, spec: Age
             wait_for_shutdown(vm_dir, boot_id, conn);
         }
         "pausable" => {
+            if let Some(mode) = spec.args.first() {
+                std::fs::write(vm_dir.join(fake_vmm::MIGRATION_MODE_FILE), mode).unwrap();
+            }
             fake_vmm::serve_control(vm_dir, boot_id, false);
             conn.send(&GuestToHost::AgentStarted { pid: 11 });
             output(&mut conn, OutputStream::Stdout, "waiting\n");
@@ -255,10 +305,13 @@ fn fake_agent(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn, spec: Age
 }
 
 /// Runs until a `Shutdown` (the agent killed by signal 15), reconnecting whenever the daemon
-/// goes away.
+/// goes away. A guest that a live migration stopped hears nothing until it runs again, and
+/// after it moved never (the daemon then ends its VMM).
 fn wait_for_shutdown(vm_dir: &Path, boot_id: [u8; 16], mut conn: ControlConn) -> ! {
     loop {
-        match conn.recv(Duration::from_secs(3600)) {
+        let msg = conn.recv(Duration::from_secs(3600));
+        fake_vmm::wait_while_migration_stopped();
+        match msg {
             Some(HostToGuest::Shutdown) => shutdown(vm_dir, &mut conn),
             Some(HostToGuest::Freeze) => conn.send(&GuestToHost::Frozen),
             Some(_) => {}
