@@ -142,6 +142,14 @@ pub enum CliError {
     /// `--device-key` is not a device audit key.
     #[error("--device-key")]
     DeviceKey(#[source] nanoclaw_audit::CheckpointError),
+    /// The VM moved to another host while it was followed.
+    #[error(
+        "VM {id} moved to another host by a live migration; its agent runs on there (`nanoclaw inspect {id}` says where)"
+    )]
+    MovedAway {
+        /// The VM.
+        id: String,
+    },
     /// The VM ended without an agent exit status.
     #[error("VM {id} ended {status} without an agent exit status{detail}")]
     NoAgentExit {
@@ -582,6 +590,7 @@ async fn relay(
                 return match agent_exit {
                     Some(exit) => Ok(exit.shell_code()),
                     None if status == VmStatus::Stopped => Ok(130),
+                    None if status == VmStatus::Migrated => Err(CliError::MovedAway { id }),
                     None => Err(CliError::NoAgentExit {
                         id,
                         status: status.as_str(),

@@ -207,7 +207,7 @@ class StandIn:
             def call(self, method: str, target: str, body: bytes | None = None,
                      content_type: str | None = None) -> bytes:
                 stand_in.requests.append((method, target, body))
-                return b""
+                return b"".join(stand_in.lines)
 
         class AsyncTransport:
             def __init__(self, settings: object) -> None:
@@ -221,7 +221,7 @@ class StandIn:
             async def call(self, method: str, target: str, body: bytes | None = None,
                            content_type: str | None = None) -> bytes:
                 stand_in.requests.append((method, target, body))
-                return b""
+                return b"".join(stand_in.lines)
 
         with mock.patch("nanoclaw.sandbox.Transport", Transport), \
                 mock.patch("nanoclaw.asandbox.AsyncTransport", AsyncTransport):
@@ -274,6 +274,21 @@ class MigrationTest(unittest.TestCase):
             Sandbox.cancel_migration("abc", **SETTINGS)
             asyncio.run(AsyncSandbox.cancel_migration("abc", **SETTINGS))
         self.assertEqual(stand_in.requests, [("DELETE", "/v1/vms/abc/migrate", None)] * 2)
+
+    def test_resolve_posts_and_answers_the_vm_as_it_now_is(self) -> None:
+        record = json.dumps({
+            "id": "abc", "status": "migrated", "spec": {"command": "/bin/agent"},
+            "created_unix_ms": 0, "control_connected": False, "control_reconnects": 0,
+            "guest_protocol_errors": 0, "output_dropped_bytes": 0, "vm_dir": "/d",
+            "migrated_to": {"host": "10.0.0.2:7070", "vm": "f00d", "outcome": "moved"},
+        }).encode()
+        stand_in = StandIn([record])
+        with stand_in.patched():
+            info = Sandbox.resolve_migration("abc", **SETTINGS)
+            again = asyncio.run(AsyncSandbox.resolve_migration("abc", **SETTINGS))
+        self.assertEqual((info.status, again.status), ("migrated", "migrated"))
+        self.assertEqual(stand_in.requests,
+                         [("POST", "/v1/vms/abc/migrate/resolve", None)] * 2)
 
     def test_the_async_twin_yields_the_same_and_fails_the_same(self) -> None:
         async def collect(lines: list[bytes]) -> list[MigrationEvent]:

@@ -352,6 +352,24 @@ class AsyncSandbox:
         settings = resolve(url, token, ca_file, verify, timeout)
         await AsyncTransport(settings).call("DELETE", c.vm_path(vm_id, "migrate"))
 
+    @staticmethod
+    async def resolve_migration(
+        vm_id: str,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> VmInfo:
+        """Settles a migration of unknown outcome (see
+        :meth:`nanoclaw.Sandbox.resolve_migration`)."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        answer = await AsyncTransport(settings).call(
+            "POST", c.vm_path(vm_id, "migrate/resolve")
+        )
+        return VmInfo.from_json(parse_json(answer, "VM record"))
+
     async def kill(self) -> VmInfo:
         """Stops the VM and answers its record once the VMM has ended."""
         return await self._post("stop")

@@ -372,6 +372,25 @@ class Sandbox:
         settings = resolve(url, token, ca_file, verify, timeout)
         Transport(settings).call("DELETE", c.vm_path(vm_id, "migrate"))
 
+    @staticmethod
+    def resolve_migration(
+        vm_id: str,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: float | None = None,
+    ) -> VmInfo:
+        """Settles a migration of VM ``vm_id`` whose outcome was ``unknown``: the daemon asks
+        the target host. A copy there that runs or ran ends this one (status ``migrated``);
+        none there lets this one run again. Answers the VM's record as it now is. ``409``
+        (:class:`Conflict`) when it has no such migration, ``502`` when the target cannot be
+        asked. Needs an ``admin`` token."""
+        settings = resolve(url, token, ca_file, verify, timeout)
+        answer = Transport(settings).call("POST", c.vm_path(vm_id, "migrate/resolve"))
+        return VmInfo.from_json(parse_json(answer, "VM record"))
+
     def kill(self) -> VmInfo:
         """Stops the VM (its agent gets SIGTERM, then the VMM is ended) and answers its
         record once the VMM has ended."""
