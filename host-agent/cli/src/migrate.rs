@@ -690,22 +690,31 @@ mod tests {
         assert_eq!(String::from_utf8(out).unwrap(), MOVED_STREAM);
     }
 
-    #[tokio::test]
-    async fn a_stream_without_its_end_is_a_typed_error() {
+    /// What following a migration fails with when the daemon answers `status` and `body`.
+    async fn failure_of(status: &'static str, body: &'static str) -> CliError {
         let daemon = FakeDaemon::start(vec![Answer {
-            status: "200 OK",
-            body: "{\"event\":\"accepted\",\"target_vm\":\"f00d\"}\n",
+            status,
+            body,
             after: None,
         }]);
         let (_keep, mut interrupts) = tokio::sync::mpsc::unbounded_channel();
-        let err = follow(
+        follow(
             &daemon.client,
             &args(false),
             &mut Vec::new(),
             &mut interrupts,
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_its_end_is_a_typed_error() {
+        let err = failure_of(
+            "200 OK",
+            "{\"event\":\"accepted\",\"target_vm\":\"f00d\"}\n",
+        )
+        .await;
         assert!(
             matches!(&err, CliError::Migrate(MigrateError::Cut { id, source: None }) if id == "abc"),
             "{err:?}"
@@ -714,20 +723,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_before_the_stream_is_the_daemons_error() {
-        let daemon = FakeDaemon::start(vec![Answer {
-            status: "409 Conflict",
-            body: r#"{"error":"VM abc is not running"}"#,
-            after: None,
-        }]);
-        let (_keep, mut interrupts) = tokio::sync::mpsc::unbounded_channel();
-        let err = follow(
-            &daemon.client,
-            &args(false),
-            &mut Vec::new(),
-            &mut interrupts,
-        )
-        .await
-        .unwrap_err();
+        let err = failure_of("409 Conflict", r#"{"error":"VM abc is not running"}"#).await;
         assert!(
             matches!(&err, CliError::Client(ClientError::Api { status, message })
                 if status.as_u16() == 409 && message == "VM abc is not running"),

@@ -277,6 +277,19 @@ impl Daemon {
             vm: target_vm.clone(),
             outcome,
         };
+        // The state went out and no answer came: the VM stays paused here, recorded as such.
+        let unknown = |error: String| {
+            tracing::error!(vm = %vm.id, to = %req.to, target_vm, %error,
+                "migration outcome unknown: the VM stays paused here; ask the target host");
+            vm.migration_unknown(to(MigrationOutcome::Unknown));
+            MigrationEvent::Ended {
+                outcome: MigrationOutcome::Unknown,
+                target_vm: Some(target_vm.clone()),
+                downtime_ms: None,
+                total_ms,
+                error: Some(error),
+            }
+        };
         match answered {
             Ok((end, paused)) => match end.outcome {
                 MigrationOutcome::Moved => {
@@ -307,19 +320,7 @@ impl Daemon {
                     tracing::warn!(vm = %vm.id, to = %req.to, %error, "migration failed; the VM stays here");
                     kept(error, Some(target_vm))
                 }
-                MigrationOutcome::Unknown => {
-                    let error = end.error.unwrap_or_default();
-                    tracing::error!(vm = %vm.id, to = %req.to, target_vm, %error,
-                        "migration outcome unknown: the VM stays paused here; ask the target host");
-                    vm.migration_unknown(to(MigrationOutcome::Unknown));
-                    MigrationEvent::Ended {
-                        outcome: MigrationOutcome::Unknown,
-                        target_vm: Some(target_vm),
-                        downtime_ms: None,
-                        total_ms,
-                        error: Some(error),
-                    }
-                }
+                MigrationOutcome::Unknown => unknown(end.error.unwrap_or_default()),
             },
             Err(e) => {
                 // The VMM did not say how it ended. If it runs on, the VM is here; if it is
@@ -328,17 +329,7 @@ impl Daemon {
                 let op = vmm_control::Op::State;
                 match vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op).await {
                     Ok(false) => kept(error, Some(target_vm)),
-                    _ => {
-                        tracing::error!(vm = %vm.id, %error, "migration outcome unknown");
-                        vm.migration_unknown(to(MigrationOutcome::Unknown));
-                        MigrationEvent::Ended {
-                            outcome: MigrationOutcome::Unknown,
-                            target_vm: Some(target_vm),
-                            downtime_ms: None,
-                            total_ms,
-                            error: Some(error),
-                        }
-                    }
+                    _ => unknown(error),
                 }
             }
         }

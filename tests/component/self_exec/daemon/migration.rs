@@ -150,6 +150,17 @@ fn target_left_nothing_running(h: &Hosts) {
     );
 }
 
+/// Kills the target's VMMs and waits until it has no VM that has not ended.
+fn kill_target_vmms(h: &Hosts) {
+    for pid in h.target.vmm_processes() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    target_left_nothing_running(h);
+}
+
 /// The source VM runs on, not paused, with no record of a move, and its guest still answers: a
 /// stop ends its agent.
 fn runs_on_here(h: &Hosts, id: &str) {
@@ -388,25 +399,13 @@ pub(super) fn without_the_targets_answer_the_vm_stays_paused_here_as_unknown() {
 
     // Once the target's VMM is gone without running the VM, there is no copy there: the
     // source's runs again.
-    for pid in h.target.vmm_processes() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    target_left_nothing_running(&h);
+    kill_target_vmms(&h);
     let id = start_migratable(&h.source, MigrationMode::NoAnswer);
     let out = h
         .source
         .cli(&["migrate", &id, "--to", &h.target_addr, "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
-    for pid in h.target.vmm_processes() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    target_left_nothing_running(&h);
+    kill_target_vmms(&h);
     let out = h.source.cli(&["migrate", &id, "--resolve"]);
     assert!(
         out.status.success(),
