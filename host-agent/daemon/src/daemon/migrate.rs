@@ -399,7 +399,7 @@ impl Daemon {
         let _ = std::fs::remove_file(vm.dir.join(IN_SOCKET));
         // Whatever the relay says, the VMM knows whether it restored the VM: it serves its
         // control socket once it has, and exits when it has not.
-        let ready = wait_served(&vm, child).await;
+        let ready = super::vm::wait_served(&vm, child, TARGET_READY_TIMEOUT).await;
         match ready {
             Ok(child) => {
                 tokio::spawn(Arc::clone(&vm).watch_child(child));
@@ -411,12 +411,9 @@ impl Daemon {
                 .await;
             }
             Err(status) => {
-                vm.finish(status).await;
-                let why = super::vmm_log_tail(&vm.dir);
+                let why = self.discard_unserved(&vm, status).await;
                 tracing::warn!(vm = %vm.id, peer, relay = ?relayed.err().map(|e| error_chain(&e)),
                     vmm = %why, "migration in failed; the VM is removed here");
-                self.lock_vms().remove(&vm.id);
-                let _ = std::fs::remove_dir_all(&vm.dir);
             }
         }
     }
@@ -557,31 +554,6 @@ impl Daemon {
                 "migration caller refused"
             );
         });
-    }
-}
-
-/// Waits until the VMM serves its control socket (it has restored the VM), or has exited.
-async fn wait_served(
-    vm: &Vm,
-    mut child: tokio::process::Child,
-) -> Result<tokio::process::Child, Option<std::process::ExitStatus>> {
-    let deadline = tokio::time::Instant::now() + TARGET_READY_TIMEOUT;
-    loop {
-        tokio::select! {
-            status = child.wait() => return Err(status.ok()),
-            () = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-        let op = vmm_control::Op::State;
-        if vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op)
-            .await
-            .is_ok()
-        {
-            return Ok(child);
-        }
-        if tokio::time::Instant::now() > deadline {
-            let _ = child.start_kill();
-            return Err(child.wait().await.ok());
-        }
     }
 }
 

@@ -1025,7 +1025,7 @@ impl Daemon {
             paused,
         });
         let prepared_ms = asked.elapsed().as_millis();
-        let (vm, mut child) = match self.start(id.clone(), dir.clone(), record, None) {
+        let (vm, child) = match self.start(id.clone(), dir.clone(), record, None) {
             Ok(started) => started,
             Err(e) => {
                 // Nothing half-started is kept: a VMM that could not be spawned is forgotten.
@@ -1034,26 +1034,8 @@ impl Daemon {
                 return Err(e.into());
             }
         };
-        let deadline = tokio::time::Instant::now() + RESTORE_TIMEOUT;
-        let ready = loop {
-            tokio::select! {
-                status = child.wait() => break Err(status.ok()),
-                () = tokio::time::sleep(Duration::from_millis(10)) => {}
-            }
-            let op = vmm_control::Op::State;
-            if vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op)
-                .await
-                .is_ok()
-            {
-                break Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                let _ = child.start_kill();
-                break Err(child.wait().await.ok());
-            }
-        };
-        match ready {
-            Ok(()) => {
+        match vm::wait_served(&vm, child, RESTORE_TIMEOUT).await {
+            Ok(child) => {
                 tokio::spawn(Arc::clone(&vm).watch_child(child));
                 tracing::info!(
                     vm = %vm.id,
@@ -1070,23 +1052,31 @@ impl Daemon {
                 Ok(vm)
             }
             Err(status) => {
-                vm.finish(status).await;
-                let mut why = vmm_log_tail(&vm.dir);
-                // A VMM killed by a signal wrote no error of its own: say how it ended.
-                if let Some(exit) = vm.info().vmm_exit
-                    && let Some(signal) = exit.signal
-                {
-                    why = format!(
-                        "the VMM was killed by signal {signal} ({}); its log ends: {why}",
-                        exit.reason
-                    );
-                }
-                self.lock_vms().remove(&vm.id);
-                let _ = std::fs::remove_dir_all(&vm.dir);
+                let why = self.discard_unserved(&vm, status).await;
                 tracing::warn!(snapshot = name, error = %why, "restore refused by the VMM");
                 Err(RestoreError::Refused(why))
             }
         }
+    }
+
+    /// Forgets VM `vm`, whose VMM ended (`status`) before it served its control socket (a
+    /// restore or a migration it refused): records the end, deletes its folder, and answers
+    /// why, from the VMM's log.
+    async fn discard_unserved(&self, vm: &Vm, status: Option<std::process::ExitStatus>) -> String {
+        vm.finish(status).await;
+        let mut why = vmm_log_tail(&vm.dir);
+        // A VMM killed by a signal wrote no error of its own: say how it ended.
+        if let Some(exit) = vm.info().vmm_exit
+            && let Some(signal) = exit.signal
+        {
+            why = format!(
+                "the VMM was killed by signal {signal} ({}); its log ends: {why}",
+                exit.reason
+            );
+        }
+        self.lock_vms().remove(&vm.id);
+        let _ = std::fs::remove_dir_all(&vm.dir);
+        why
     }
 
     /// Starts the VM's MCP gateway when it was created with a profile. A failure is logged: the

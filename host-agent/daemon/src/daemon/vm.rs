@@ -1356,6 +1356,34 @@ impl Vm {
     }
 }
 
+/// Waits until the VMM of `vm` serves its control socket (it has restored the VM it was
+/// started to restore or receive), and gives its child back; or, when it exits first or
+/// `timeout` passes (then it is killed), how it ended.
+pub async fn wait_served(
+    vm: &Vm,
+    mut child: tokio::process::Child,
+    timeout: Duration,
+) -> Result<tokio::process::Child, Option<std::process::ExitStatus>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            status = child.wait() => return Err(status.ok()),
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+        let op = super::vmm_control::Op::State;
+        if super::vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op)
+            .await
+            .is_ok()
+        {
+            return Ok(child);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(child.wait().await.ok());
+        }
+    }
+}
+
 /// Returns once `ended` turns `true` (or its sender is gone).
 pub async fn wait_ended(ended: &mut watch::Receiver<bool>) {
     loop {
