@@ -473,17 +473,8 @@ async fn migrate(
     Path(id): Path<String>,
     body: Result<Json<nanoclaw_api::MigrateVm>, JsonRejection>,
 ) -> Result<Response, Failure> {
-    use super::migrate::MigrateError;
     let Json(req) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let mut events = daemon.start_migration(&id, req).map_err(|e| {
-        let status = match e {
-            MigrateError::NoVm(_) => StatusCode::NOT_FOUND,
-            MigrateError::Conflict { .. } => StatusCode::CONFLICT,
-            MigrateError::Bad(_) => StatusCode::BAD_REQUEST,
-            MigrateError::Unreachable(_) => StatusCode::BAD_GATEWAY,
-        };
-        Failure(status, error_chain(&e))
-    })?;
+    let mut events = daemon.start_migration(&id, req).map_err(migrate_failure)?;
     let (tx, rx) = mpsc::channel(EVENT_STREAM_QUEUE);
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
@@ -503,21 +494,24 @@ async fn resolve_migration(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
 ) -> Result<Json<VmInfo>, Failure> {
-    use super::migrate::MigrateError;
     let task = tokio::spawn(async move { daemon.resolve_migration(&id).await });
     match task.await {
         Ok(Ok(info)) => Ok(Json(info)),
-        Ok(Err(e)) => {
-            let status = match e {
-                MigrateError::NoVm(_) => StatusCode::NOT_FOUND,
-                MigrateError::Conflict { .. } => StatusCode::CONFLICT,
-                MigrateError::Bad(_) => StatusCode::BAD_REQUEST,
-                MigrateError::Unreachable(_) => StatusCode::BAD_GATEWAY,
-            };
-            Err(Failure(status, error_chain(&e)))
-        }
+        Ok(Err(e)) => Err(migrate_failure(e)),
         Err(e) => Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }
+}
+
+/// The status of a migration error.
+fn migrate_failure(e: super::migrate::MigrateError) -> Failure {
+    use super::migrate::MigrateError;
+    let status = match e {
+        MigrateError::NoVm(_) => StatusCode::NOT_FOUND,
+        MigrateError::Conflict { .. } => StatusCode::CONFLICT,
+        MigrateError::Bad(_) => StatusCode::BAD_REQUEST,
+        MigrateError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+    };
+    Failure(status, error_chain(&e))
 }
 
 /// Cancels a VM's live migration.
