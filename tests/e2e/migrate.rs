@@ -82,14 +82,14 @@ fn a_running_guest_migrates_to_another_vmm_and_runs_on_there() {
     let took = echo_round_trip(stream, &pattern(1 << 20, 2), IO).expect("echo on the target");
     println!("echo of 1 MiB each way through the target in {took:?}");
 
-    // The source keeps the VM stopped, for good.
+    // The source keeps the VM stopped, for good, and says it moved.
     let refused = source
         .vmm_control(r#"{"op":"resume"}"#)
         .expect("resume request");
     assert_eq!(refused["ok"], false, "{refused}");
     assert_eq!(
         source.vmm_control(r#"{"op":"state"}"#).expect("state")["state"],
-        "paused"
+        "moved"
     );
 
     control.send(&HostToGuest::Shutdown).expect("send Shutdown");

@@ -301,7 +301,7 @@ pub fn serve_control(vm_dir: &Path, boot_id: [u8; 16], paused: bool) {
             writeln!(ops, "{op}").unwrap();
             let state = |p: bool| if p { "paused" } else { "running" };
             let answer = match op.as_str() {
-                "state" if moved => serde_json::json!({"ok": true, "state": "paused"}),
+                "state" if moved => serde_json::json!({"ok": true, "state": "moved"}),
                 _ if moved => {
                     serde_json::json!({"ok": false, "error": "the VM has moved to another host"})
                 }

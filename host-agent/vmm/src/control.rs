@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | `{"op":"pause"}` | `{"ok":true,"state":"paused"}` once every vCPU is parked and every virtio device thread paused |
 //! | `{"op":"resume"}` | `{"ok":true,"state":"running"}` |
-//! | `{"op":"state"}` | `{"ok":true,"state":"running"\|"paused"}` |
+//! | `{"op":"state"}` | `{"ok":true,"state":"running"\|"paused"\|"moved"}` (`moved` once a live migration moved the VM away) |
 //! | `{"op":"snapshot","dir":"NAME"}` | `{"ok":true,"state":"paused","snapshot":{...}}` once written |
 //! | `{"op":"migrate","socket":"NAME","downtime_ms":N,"max_rounds":N}` | progress lines `{"progress":{...}}`, one per round, then `{"ok":true\|false,"state":...,"migration":{"outcome":"moved"\|"kept"\|"unknown",...}}` |
 //!
@@ -195,6 +195,8 @@ pub enum RunState {
     Running,
     /// Every vCPU is parked.
     Paused,
+    /// The VM moved to another host by a live migration: its vCPUs stay parked here for good.
+    Moved,
 }
 
 /// The answer to a request.
@@ -376,8 +378,9 @@ fn serve_one(
     let answer = match reader.read_until(b'\n', &mut line) {
         Ok(_) if line.len() as u64 > MAX_REQUEST => Answer::err("request too long"),
         Ok(_) => match serde_json::from_slice::<Request>(&line) {
-            // A VM that moved to another host stays stopped here, whatever is asked.
-            Ok(Request::State) if *moved => Answer::ok(RunState::Paused),
+            // A VM that moved to another host stays stopped here, whatever is asked; asked its
+            // state, it says so (a daemon that restarts mid-migration learns the outcome).
+            Ok(Request::State) if *moved => Answer::ok(RunState::Moved),
             Ok(_) if *moved => Answer::err("the VM has moved to another host"),
             Ok(Request::Snapshot { dir }) => handle_snapshot(
                 &dir,

@@ -36,6 +36,7 @@ use shared_proto::message::{AgentSpec, ExitStatus, GuestToHost, HostToGuest, Out
 use migration::{
     a_cancel_mid_copy_keeps_the_vm_running_here,
     a_running_vm_moves_to_the_pinned_host_and_runs_there,
+    a_source_daemon_killed_after_the_switch_over_records_the_move_on_restart,
     a_target_that_dies_mid_copy_leaves_the_vm_running_here,
     hosts_not_pinned_either_way_are_refused_and_nothing_starts,
     without_the_targets_answer_the_vm_stays_paused_here_as_unknown,
@@ -70,6 +71,7 @@ fn main() {
             a_fork_makes_n_vms_within_the_vm_cap,
             an_image_template_serves_warm_runs_of_its_size_only,
             a_running_vm_moves_to_the_pinned_host_and_runs_there,
+            a_source_daemon_killed_after_the_switch_over_records_the_move_on_restart,
             a_cancel_mid_copy_keeps_the_vm_running_here,
             a_target_that_dies_mid_copy_leaves_the_vm_running_here,
             without_the_targets_answer_the_vm_stays_paused_here_as_unknown,

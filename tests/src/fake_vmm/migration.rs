@@ -49,6 +49,10 @@ const SILENT_FOR: Duration = Duration::from_secs(60);
 const MAGIC: &str = "NCFAKEMIG1";
 /// A fake page.
 const PAGE: usize = 4096;
+/// The file a `late-answer` source writes in its folder once the target runs the VM.
+pub const SWITCHED_FILE: &str = "migration-switched";
+/// How long a `late-answer` source holds its `moved` answer.
+pub const LATE_ANSWER: Duration = Duration::from_secs(3);
 /// How far apart the rounds of a slow migration are.
 const SLOW_ROUND_GAP: Duration = Duration::from_millis(100);
 
@@ -64,6 +68,10 @@ pub enum MigrationMode {
     /// As normal; the target reads `DONE` and then holds the socket silent (60 s, then exits
     /// 1), so the source's outcome is `unknown`.
     NoAnswer,
+    /// As normal, but once the target runs the VM the source writes [`SWITCHED_FILE`] in its
+    /// folder and holds its `moved` answer for [`LATE_ANSWER`]: time for a test to kill the
+    /// source daemon between the switch-over and its record of it.
+    LateAnswer,
 }
 
 impl MigrationMode {
@@ -75,20 +83,27 @@ impl MigrationMode {
             Self::Slow => "slow",
             Self::TargetDies => "target-dies",
             Self::NoAnswer => "no-answer",
+            Self::LateAnswer => "late-answer",
         }
     }
 
     /// The mode `word` names.
     pub fn parse(word: &str) -> Option<Self> {
-        [Self::Normal, Self::Slow, Self::TargetDies, Self::NoAnswer]
-            .into_iter()
-            .find(|m| m.as_str() == word)
+        [
+            Self::Normal,
+            Self::Slow,
+            Self::TargetDies,
+            Self::NoAnswer,
+            Self::LateAnswer,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == word)
     }
 
     /// The pages of each pre-copy round.
     fn rounds(self) -> Vec<usize> {
         match self {
-            Self::Normal | Self::NoAnswer => vec![64, 16, 4],
+            Self::Normal | Self::NoAnswer | Self::LateAnswer => vec![64, 16, 4],
             Self::Slow | Self::TargetDies => vec![4; 50],
         }
     }
@@ -226,6 +241,10 @@ pub(super) fn send(
     let answer = answer.trim_end();
     if answer == "RESUMED" {
         let downtime_ms = stopped.elapsed().as_secs_f64() * 1e3;
+        if mode == MigrationMode::LateAnswer {
+            let _ = std::fs::write(vm_dir.join(SWITCHED_FILE), b"");
+            std::thread::sleep(LATE_ANSWER);
+        }
         eprintln!(
             "fake vmm: migrated in {:.0} ms: the target runs the VM",
             started.elapsed().as_secs_f64() * 1e3

@@ -237,6 +237,14 @@ impl Daemon {
         };
         let relay = tokio::spawn(relay_from(listener, link));
         let abort = relay.abort_handle();
+        let to = |outcome| MigratedTo {
+            host: req.to.clone(),
+            vm: target_vm.clone(),
+            outcome,
+        };
+        // From here the VMM may send the VM: a daemon that restarts before the outcome is
+        // recorded asks the VMM ([`Daemon::settle_interrupted`]).
+        vm.set_migrating(Some(to(MigrationOutcome::Unknown)));
         let mut forward = |round: vmm_control::MigrationRound| {
             let _ = events.try_send(MigrationEvent::Round {
                 round: round.round,
@@ -272,11 +280,6 @@ impl Daemon {
             Ok(Err(e)) => Some(error_chain(&e)),
             _ => None,
         };
-        let to = |outcome| MigratedTo {
-            host: req.to.clone(),
-            vm: target_vm.clone(),
-            outcome,
-        };
         // The state went out and no answer came: the VM stays paused here, recorded as such.
         let unknown = |error: String| {
             tracing::error!(vm = %vm.id, to = %req.to, target_vm, %error,
@@ -295,13 +298,7 @@ impl Daemon {
                 MigrationOutcome::Moved => {
                     tracing::info!(vm = %vm.id, to = %req.to, target_vm, downtime_ms = end.downtime_ms,
                         total_ms, "VM migrated: it runs on the target");
-                    self.audit_lifecycle(
-                        "vm_migrate_out",
-                        serde_json::json!({"vm": vm.id, "to": req.to, "target_vm": target_vm,
-                            "downtime_ms": end.downtime_ms}),
-                    )
-                    .await;
-                    vm.end_migrated(to(MigrationOutcome::Moved), self.stop_grace)
+                    self.end_moved(vm, to(MigrationOutcome::Moved), Some(end.downtime_ms))
                         .await;
                     MigrationEvent::Ended {
                         outcome: MigrationOutcome::Moved,
@@ -313,6 +310,7 @@ impl Daemon {
                 }
                 MigrationOutcome::Kept => {
                     vm.set_paused_flag(paused);
+                    vm.set_migrating(None);
                     let mut error = end.error.unwrap_or_else(|| "the VMM kept the VM".into());
                     if let Some(relay) = relay_error {
                         error = format!("{error} (the link: {relay})");
@@ -326,12 +324,57 @@ impl Daemon {
                 // The VMM did not say how it ended. If it runs on, the VM is here; if it is
                 // paused or gone, it may be there.
                 let error = format!("the VMM: {}", error_chain(&e));
-                let op = vmm_control::Op::State;
-                match vmm_control::request(&vm.vmm_dir, vm.jail_uid(), op).await {
-                    Ok(false) => kept(error, Some(target_vm)),
-                    _ => unknown(error),
+                match outcome_by_state(vm).await {
+                    MigrationOutcome::Kept => {
+                        vm.set_migrating(None);
+                        kept(error, Some(target_vm))
+                    }
+                    MigrationOutcome::Moved => {
+                        tracing::info!(vm = %vm.id, to = %req.to, target_vm, %error,
+                            "VM migrated (its VMM says so, without its answer): it runs on the target");
+                        self.end_moved(vm, to(MigrationOutcome::Moved), None).await;
+                        MigrationEvent::Ended {
+                            outcome: MigrationOutcome::Moved,
+                            target_vm: Some(target_vm),
+                            downtime_ms: None,
+                            total_ms,
+                            error: Some(error),
+                        }
+                    }
+                    MigrationOutcome::Unknown => unknown(error),
                 }
             }
+        }
+    }
+
+    /// Ends this host's copy of `vm`, which now runs on another host (`to`): the audit record,
+    /// then the record and the VMM ([`Vm::end_migrated`]).
+    async fn end_moved(&self, vm: &Vm, to: MigratedTo, downtime_ms: Option<f64>) {
+        self.audit_lifecycle(
+            "vm_migrate_out",
+            serde_json::json!({"vm": vm.id, "to": to.host, "target_vm": to.vm,
+                "downtime_ms": downtime_ms}),
+        )
+        .await;
+        vm.end_migrated(to, self.stop_grace).await;
+    }
+
+    /// Settles a migration out of `vm` (to `to`) that was under way when this daemon stopped,
+    /// found on its restart with the VMM still running: the VMM's state says how it ended
+    /// ([`outcome_by_state`]). Moved, this copy ends as `migrated`; running, the VM stays here;
+    /// paused or silent, the outcome is recorded as unknown, for `migrate --resolve`.
+    pub(super) async fn settle_interrupted(&self, vm: &Vm, to: MigratedTo) {
+        let outcome = outcome_by_state(vm).await;
+        tracing::warn!(vm = %vm.id, to = %to.host, target_vm = %to.vm, ?outcome,
+            "a migration out was under way when the daemon stopped; its VMM tells how it ended");
+        let to = MigratedTo { outcome, ..to };
+        match outcome {
+            MigrationOutcome::Moved => self.end_moved(vm, to, None).await,
+            MigrationOutcome::Kept => {
+                vm.set_paused_flag(false);
+                vm.set_migrating(None);
+            }
+            MigrationOutcome::Unknown => vm.migration_unknown(to),
         }
     }
 
@@ -554,6 +597,17 @@ impl Daemon {
                 "migration caller refused"
             );
         });
+    }
+}
+
+/// How a migration out of `vm` ended, by its VMM's state, when the VMM's answer is lost (it
+/// did not come, or this daemon restarted since): running, the VM is here (`kept`); `moved`,
+/// the target runs it; paused, or a VMM that does not answer, it may run there (`unknown`).
+async fn outcome_by_state(vm: &Vm) -> MigrationOutcome {
+    match vmm_control::state(&vm.vmm_dir, vm.jail_uid()).await {
+        Ok(vmm_control::RunState::Running) => MigrationOutcome::Kept,
+        Ok(vmm_control::RunState::Moved) => MigrationOutcome::Moved,
+        Ok(vmm_control::RunState::Paused) | Err(_) => MigrationOutcome::Unknown,
     }
 }
 

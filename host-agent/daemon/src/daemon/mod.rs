@@ -9,6 +9,8 @@
 //!   re-attaches every VM whose VMM still runs (same pid and start time): it re-binds the
 //!   control listener and waits for the sidecar to reconnect. A VM whose VMM vanished without
 //!   the daemon seeing it end becomes `failed` if the VMM left an `exit.json`, else `lost`.
+//!   A VM found in the middle of a live migration out asks its VMM how the migration ended
+//!   ([`Daemon::settle_interrupted`](migrate)): one that moved ends here as `migrated`.
 //! - One daemon per state directory: it holds an exclusive lock on `<state-dir>/daemon.lock`.
 //! - At most `--max-vms` VMs are unended at once. A VM an orchestrator spawned
 //!   ([`gateways::DaemonSpawner`]) records its parent; each parent has at most
@@ -1279,7 +1281,7 @@ impl Daemon {
         }
     }
 
-    fn recover_one(&self, dir: PathBuf) -> Result<(), DaemonError> {
+    fn recover_one(self: &Arc<Self>, dir: PathBuf) -> Result<(), DaemonError> {
         let record = VmRecord::load(&dir).map_err(DaemonError::State)?;
         let terminal = record.status.is_terminal();
         let vm = Vm::open(dir, record, self.output_cap).map_err(DaemonError::Vm)?;
@@ -1304,7 +1306,12 @@ impl Daemon {
                 let (vm, grace) = (Arc::clone(&vm), self.stop_grace);
                 tokio::spawn(async move { vm.stop(grace).await });
             }
+            if let Some(to) = vm.migrating_to() {
+                let (daemon, vm) = (Arc::clone(self), Arc::clone(&vm));
+                tokio::spawn(async move { daemon.settle_interrupted(&vm, to).await });
+            }
         } else {
+            vm.migration_lost_with_vmm();
             match state::read_vmm_exit(&vm.vmm_dir) {
                 Some(exit) => vm.conclude(Some(exit), false),
                 None => {

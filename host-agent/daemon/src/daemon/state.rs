@@ -174,6 +174,11 @@ pub struct VmRecord {
     /// Where a live migration brought this VM from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrated_from: Option<nanoclaw_api::MigratedTo>,
+    /// A live migration out whose copy began and whose outcome is not yet recorded: where the
+    /// VM is going. A daemon that restarts with it set asks the VMM how the migration ended
+    /// (see `migrate::settle_interrupted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating_to: Option<nanoclaw_api::MigratedTo>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -241,6 +246,7 @@ impl VmRecord {
             migrate_in: None,
             migrated_to: None,
             migrated_from: None,
+            migrating_to: None,
         }
     }
 

@@ -1314,7 +1314,10 @@ impl Vm {
     /// ends the VMM (which refuses to run the VM again) with SIGTERM, and SIGKILL after
     /// `grace`. The guest is not asked to shut down: it runs on, there.
     pub async fn end_migrated(&self, to: api::MigratedTo, grace: Duration) {
-        self.update(|r| r.migrated_to = Some(to));
+        self.update(|r| {
+            r.migrated_to = Some(to);
+            r.migrating_to = None;
+        });
         let mut ended = self.ended();
         for signal in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGKILL] {
             self.signal_vmm(signal);
@@ -1337,8 +1340,34 @@ impl Vm {
     pub fn migration_unknown(&self, to: api::MigratedTo) {
         self.update(|r| {
             r.migrated_to = Some(to);
+            r.migrating_to = None;
             r.paused = true;
         });
+    }
+
+    /// Records a migration out whose copy begins (`Some`: where to), or whose outcome has been
+    /// recorded (`None`).
+    pub fn set_migrating(&self, to: Option<api::MigratedTo>) {
+        self.update(|r| r.migrating_to = to);
+    }
+
+    /// Records, for a VM whose VMM ended while the daemon was away in the middle of a
+    /// migration out, where the migration may have taken it (outcome `unknown`).
+    pub fn migration_lost_with_vmm(&self) {
+        if lock(&self.record).migrating_to.is_none() {
+            return;
+        }
+        self.update(|r| {
+            r.migrated_to = r.migrating_to.take().map(|to| api::MigratedTo {
+                outcome: api::MigrationOutcome::Unknown,
+                ..to
+            });
+        });
+    }
+
+    /// Where a migration out whose outcome was never recorded was taking this VM.
+    pub fn migrating_to(&self) -> Option<api::MigratedTo> {
+        lock(&self.record).migrating_to.clone()
     }
 
     /// Forgets a migration of unknown outcome, once the target said it holds no copy.

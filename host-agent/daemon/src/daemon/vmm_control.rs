@@ -3,7 +3,8 @@
 //!
 //! The VMM serves one JSON line per connection and answers one (its `control` module is the
 //! other side): `{"op":"pause"|"resume"|"state"}` in, `{"ok":true,"state":"running"|"paused"}`
-//! or `{"ok":false,"error":"..."}` out; `{"op":"snapshot","dir":NAME}` in,
+//! (or `"moved"`, from a VMM whose VM a live migration moved away) or
+//! `{"ok":false,"error":"..."}` out; `{"op":"snapshot","dir":NAME}` in,
 //! `{"ok":true,"state":"paused","snapshot":{"dir":..,"vcpus":..,"memory_bytes":..,
 //! "memory_data_bytes":..}}` out once the folder `NAME` inside the VMM's folder is written. The VMM links none of the daemon's crates, so the
 //! few fields are written here again; the end-to-end pause test runs both sides.
@@ -46,6 +47,24 @@ impl Op {
             Op::Resume => b"{\"op\":\"resume\"}\n",
             Op::State => b"{\"op\":\"state\"}\n",
         }
+    }
+}
+
+/// Whether a VM's vCPUs run, as its VMM says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// They run.
+    Running,
+    /// Every one is parked.
+    Paused,
+    /// A live migration moved the VM to another host; they stay parked here for good.
+    Moved,
+}
+
+impl RunState {
+    /// Whether the vCPUs are parked.
+    pub fn paused(self) -> bool {
+        self != RunState::Running
     }
 }
 
@@ -106,7 +125,14 @@ pub async fn request(
     op: Op,
 ) -> Result<bool, VmmControlError> {
     let line = exchange(vmm_dir, vmm_uid, op.request(), EXCHANGE_TIMEOUT).await?;
-    parse(&line).map(|(paused, _)| paused)
+    parse(&line).map(|(state, _)| state.paused())
+}
+
+/// Asks the VMM whose folder is `vmm_dir` (jailed as `vmm_uid`) whether its vCPUs run, are
+/// parked, or stay parked because the VM moved to another host.
+pub async fn state(vmm_dir: &Path, vmm_uid: Option<u32>) -> Result<RunState, VmmControlError> {
+    let line = exchange(vmm_dir, vmm_uid, Op::State.request(), EXCHANGE_TIMEOUT).await?;
+    parse(&line).map(|(state, _)| state)
 }
 
 /// Asks the paused VMM whose folder is `vmm_dir` to save the VM into the new folder `dir`
@@ -275,14 +301,15 @@ async fn exchange(
         .map_err(|_| VmmControlError::Timeout(timeout))?
 }
 
-/// Reads the VMM's answer: whether the vCPUs are paused, and what a snapshot wrote.
-fn parse(line: &[u8]) -> Result<(bool, Option<SnapshotWritten>), VmmControlError> {
+/// Reads the VMM's answer: whether the vCPUs run, and what a snapshot wrote.
+fn parse(line: &[u8]) -> Result<(RunState, Option<SnapshotWritten>), VmmControlError> {
     let shown = || String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
     let answer: Answer =
         serde_json::from_slice(line).map_err(|_| VmmControlError::BadAnswer(shown()))?;
     match (answer.ok, answer.state.as_deref(), answer.error) {
-        (true, Some("paused"), _) => Ok((true, answer.snapshot)),
-        (true, Some("running"), _) => Ok((false, answer.snapshot)),
+        (true, Some("paused"), _) => Ok((RunState::Paused, answer.snapshot)),
+        (true, Some("running"), _) => Ok((RunState::Running, answer.snapshot)),
+        (true, Some("moved"), None) if answer.snapshot.is_none() => Ok((RunState::Moved, None)),
         (false, _, Some(error)) => Err(VmmControlError::Refused(error.chars().take(200).collect())),
         _ => Err(VmmControlError::BadAnswer(shown())),
     }
@@ -297,17 +324,23 @@ mod tests {
     fn answers_are_read_strictly() {
         assert_eq!(
             parse(br#"{"ok":true,"state":"paused"}"#).unwrap(),
-            (true, None)
+            (RunState::Paused, None)
         );
         assert_eq!(
             parse(br#"{"ok":true,"state":"running"}"#).unwrap(),
-            (false, None)
+            (RunState::Running, None)
         );
-        let (paused, written) = parse(
+        assert_eq!(
+            parse(br#"{"ok":true,"state":"moved"}"#).unwrap(),
+            (RunState::Moved, None)
+        );
+        assert!(RunState::Moved.paused() && RunState::Paused.paused());
+        assert!(!RunState::Running.paused());
+        let (state, written) = parse(
             br#"{"ok":true,"state":"paused","snapshot":{"dir":"s","vcpus":2,"memory_bytes":8,"memory_data_bytes":4}}"#,
         )
         .unwrap();
-        assert!(paused);
+        assert_eq!(state, RunState::Paused);
         assert_eq!(written.unwrap().memory_data_bytes, 4);
         assert!(matches!(
             parse(br#"{"ok":false,"error":"the VM is stopping"}"#),
@@ -317,6 +350,7 @@ mod tests {
             &b""[..],
             b"{}",
             br#"{"ok":true,"state":"sleeping"}"#,
+            br#"{"ok":true,"state":"moved","snapshot":{"dir":"s","vcpus":2,"memory_bytes":8,"memory_data_bytes":4}}"#,
             b"\xff",
         ] {
             assert!(

@@ -22,6 +22,11 @@
 //!    `nanoclaw migrate ID --resolve` asks the target over the link ([`Request::Ask`]): a copy
 //!    there that runs or ran ends this one as `migrated`; no copy there resumes this one. No
 //!    failure leaves two running copies.
+//! 5. **A source daemon that stops mid-migration** (killed, say, just after the switch-over)
+//!    has recorded where the VM was going before the copy began. On its restart it asks the
+//!    VMM, which outlives it: `moved` ends this copy as `migrated`; `running` keeps it; paused
+//!    records the outcome as unknown, for `--resolve`. A VMM that moved its VM refuses to run
+//!    it again whatever it is asked, so even a daemon that never comes back leaves one copy.
 //!
 //! # What does not move yet
 //! A VM with a network (its overlay address would have to follow it) or with an image's

@@ -289,6 +289,59 @@ pub(super) fn a_running_vm_moves_to_the_pinned_host_and_runs_there() {
     assert_eq!(info.agent_exit, Some(nanoclaw_api::AgentExit::Signal(15)));
 }
 
+/// The source daemon is killed after the switch-over, before it has recorded the move (its
+/// VMM holds its `moved` answer): the target runs the VM, the source's VMM refuses to run it
+/// again, and the source daemon, started again, asks its VMM how the migration ended and ends
+/// its copy as `migrated`, with where it went. One copy runs throughout.
+pub(super) fn a_source_daemon_killed_after_the_switch_over_records_the_move_on_restart() {
+    let mut h = hosts(true);
+    let id = start_migratable(&h.source, MigrationMode::LateAnswer);
+    let before = h.source.vm(&id);
+    let mut stream = migrate(&h, &id, serde_json::json!({"to": h.target_addr}));
+    let target_vm = match next_event(&mut stream) {
+        Some(MigrationEvent::Accepted { target_vm }) => target_vm,
+        other => panic!("not accepted first: {other:?}\n{}", h.records()),
+    };
+    let switched = Path::new(&before.vm_dir)
+        .join("vmm")
+        .join(fake_vmm::migration::SWITCHED_FILE);
+    wait_for("the switch-over", Duration::from_secs(20), || {
+        switched.exists()
+    });
+    h.source.kill().expect("kill the source daemon");
+    drop(stream);
+
+    // The target runs it; the source's VMM outlives its daemon and holds the VM stopped.
+    wait_status(&h.target, &target_vm, |i| {
+        i.status == VmStatus::Running && i.control_connected
+    });
+    let source_vmm = before.vmm_pid.expect("the source's VMM");
+    assert!(!gone(source_vmm), "the source's VMM ended with its daemon");
+
+    h.source.spawn().expect("start the source daemon again");
+    let info = wait_status(&h.source, &id, |i| i.status == VmStatus::Migrated);
+    assert_eq!(
+        info.migrated_to,
+        Some(MigratedTo {
+            host: h.target_addr.clone(),
+            vm: target_vm.clone(),
+            outcome: MigrationOutcome::Moved,
+        }),
+        "{info:?}\n{}",
+        h.records()
+    );
+    wait_for("the source's VMM to end", Duration::from_secs(20), || {
+        gone(source_vmm)
+    });
+    assert!(
+        h.source.log().contains("a migration out was under way"),
+        "{}",
+        h.source.log()
+    );
+    let listed = live_vms(&h.target);
+    assert!(listed.len() == 1 && listed[0].id == target_vm, "{listed:?}");
+}
+
 /// A cancel while the pages are being copied (after the first round) closes the source VMM's
 /// migration socket: the stream ends `kept`, the VM runs on here, not paused, and the target
 /// is left with no live VM. A second cancel finds none to cancel.
