@@ -4,16 +4,26 @@
 //! A bzImage is entered at its 64-bit entry (load address + 0x200) and decompresses itself. An ELF
 //! `vmlinux` is entered at its ELF entry point (`startup_64`, a physical address), skipping
 //! decompression; its PVH note is ignored. Both get the same zero page.
+//!
+//! # Faulting in before loading
+//! Guest RAM is a fresh anonymous mapping, so copying an image into it takes one page fault per
+//! 4 KiB page: 17 MB of `vmlinux` cost about 4,300 faults and 80 ms on a virtual machine, and
+//! four times that in nested emulation, against 4 ms for the copy itself. So the ranges about to
+//! be written (each `PT_LOAD` segment of an ELF kernel, a bzImage's protected-mode part, the
+//! initramfs) are first populated in one `madvise(MADV_POPULATE_WRITE)` each ([`prefault`]).
+//! These are pages the guest holds anyway; a kernel without that advice (before Linux 5.14)
+//! faults them in one by one, as before.
 
 use crate::memory::GuestRam;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, load_cmdline};
-use vm_memory::{Bytes, GuestAddress, GuestUsize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestUsize};
 
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, E820Entry, HIMEM_START, ZERO_PAGE_START, low_ram_end,
@@ -163,6 +173,9 @@ pub fn load_kernel(mem: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
     let himem = Some(GuestAddress(HIMEM_START));
     match format {
         KernelFormat::BzImage => {
+            if let Ok(meta) = file.metadata() {
+                prefault(mem, HIMEM_START, meta.len());
+            }
             let result = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
             let hdr = result
                 .setup_header
@@ -181,6 +194,9 @@ pub fn load_kernel(mem: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
             })
         }
         KernelFormat::Elf => {
+            for (addr, len) in elf_load_ranges(&file) {
+                prefault(mem, addr, len);
+            }
             let result = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
             Ok(LoadedKernel {
                 format,
@@ -189,6 +205,90 @@ pub fn load_kernel(mem: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
                 setup_header: None,
             })
         }
+    }
+}
+
+/// The most program headers [`elf_load_ranges`] reads (a kernel has a handful).
+const MAX_PHDRS: usize = 64;
+/// `PT_LOAD`.
+const PT_LOAD: u32 = 1;
+
+/// The guest ranges `(paddr, filesz)` that the `PT_LOAD` segments of the ELF64 image `file`
+/// will be copied to, read without moving the file's position; none for a file whose headers do
+/// not read (the loader then says what is wrong with it).
+pub fn elf_load_ranges(file: &File) -> Vec<(u64, u64)> {
+    let mut ehdr = [0u8; 64];
+    if file.read_exact_at(&mut ehdr, 0).is_err() {
+        return Vec::new();
+    }
+    let u64_at = |b: &[u8], at: usize| {
+        b.get(at..at + 8)
+            .and_then(|s| s.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    let u16_at = |b: &[u8], at: usize| {
+        b.get(at..at + 2)
+            .and_then(|s| s.try_into().ok())
+            .map_or(0, u16::from_le_bytes)
+    };
+    let (phoff, phentsize, phnum) = (
+        u64_at(&ehdr, 32),
+        usize::from(u16_at(&ehdr, 54)),
+        usize::from(u16_at(&ehdr, 56)),
+    );
+    if phentsize < 56 || phnum > MAX_PHDRS {
+        return Vec::new();
+    }
+    let mut table = vec![0u8; phentsize * phnum];
+    if file.read_exact_at(&mut table, phoff).is_err() {
+        return Vec::new();
+    }
+    table
+        .chunks_exact(phentsize)
+        .filter(|ph| ph.get(..4) == Some(PT_LOAD.to_le_bytes().as_slice()))
+        .map(|ph| (u64_at(ph, 24), u64_at(ph, 32)))
+        .filter(|&(_, len)| len > 0)
+        .collect()
+}
+
+/// Populates the guest pages of `[addr, addr + len)` for writing, in one call (see the module
+/// doc). Only an optimisation: a range outside guest RAM, or a kernel that refuses the advice,
+/// leaves the pages to be faulted in as they are written.
+pub fn prefault(mem: &GuestRam, addr: u64, len: u64) {
+    let Some(region) = mem.find_region(GuestAddress(addr)) else {
+        return;
+    };
+    let offset = addr - region.start_addr().0;
+    let Some(len) = usize::try_from(len.min(region.len() - offset))
+        .ok()
+        .filter(|&l| l > 0)
+    else {
+        return;
+    };
+    let Ok(host) = mem.get_host_address(GuestAddress(addr)) else {
+        return;
+    };
+    // madvise wants a page-aligned start.
+    let page = PAGE_SIZE as usize;
+    let misalign = host as usize % page;
+    // SAFETY: `[host - misalign, host + len)` lies inside one region of guest RAM, a mapping
+    // this process made and keeps for its whole life (the aligned start stays inside it, since
+    // regions start page-aligned). MADV_POPULATE_WRITE only faults pages in as if written
+    // (with no change to what they hold), so no memory Rust can see changes.
+    let rc = unsafe {
+        libc::madvise(
+            host.wrapping_sub(misalign).cast(),
+            len + misalign,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            addr = format_args!("{addr:#x}"),
+            len,
+            error = %std::io::Error::last_os_error(),
+            "cannot populate guest pages before loading; they fault in as written"
+        );
     }
 }
 
@@ -246,6 +346,7 @@ pub fn load_initrd(
     })?;
     let addr =
         initrd_placement(low_ram_end(mem_size), addr_max, size, kernel.end).ok_or(too_large)?;
+    prefault(mem, addr, size);
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(BootError::WriteInitrd)?;
     Ok((addr, size32))
@@ -326,6 +427,66 @@ pub fn write_boot_params(mem: &GuestRam, params: &boot_params) -> Result<(), Boo
 mod tests {
     use super::*;
     use crate::layout::e820_map;
+
+    /// An ELF64 header with program headers `phdrs` (type, paddr, filesz) at offset 64.
+    fn elf_with(phdrs: &[(u32, u64, u64)]) -> Vec<u8> {
+        let mut f = vec![0u8; 64];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[32..40].copy_from_slice(&64u64.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+        for &(kind, paddr, filesz) in phdrs {
+            let mut ph = [0u8; 56];
+            ph[..4].copy_from_slice(&kind.to_le_bytes());
+            ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+            ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+            f.extend_from_slice(&ph);
+        }
+        f
+    }
+
+    fn file_of(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn elf_load_ranges_are_the_load_segments_and_nothing_for_a_bad_header() {
+        let f = file_of(&elf_with(&[
+            (PT_LOAD, 0x100_0000, 0x20_0000),
+            (4, 0x900_0000, 0x1000),
+            (PT_LOAD, 0x140_0000, 0),
+            (PT_LOAD, 0x160_0000, 0x3000),
+        ]));
+        assert_eq!(
+            elf_load_ranges(&f),
+            [(0x100_0000, 0x20_0000), (0x160_0000, 0x3000)]
+        );
+        // A short file, a table past its end, too many headers, entries too small.
+        let mut cut = elf_with(&[(PT_LOAD, 0x100_0000, 0x1000)]);
+        cut.truncate(100);
+        let mut many = elf_with(&[]);
+        many[56..58].copy_from_slice(&(MAX_PHDRS as u16 + 1).to_le_bytes());
+        let mut small = elf_with(&[(PT_LOAD, 0x100_0000, 0x1000)]);
+        small[54..56].copy_from_slice(&8u16.to_le_bytes());
+        for bad in [&b"\x7fELF"[..], &cut, &many, &small] {
+            assert!(elf_load_ranges(&file_of(bad)).is_empty());
+        }
+    }
+
+    #[test]
+    fn prefault_keeps_what_memory_holds_and_ignores_ranges_outside_it() {
+        let mem = crate::memory::create_guest_memory(4 << 20).unwrap();
+        mem.write_slice(b"kept", GuestAddress(0x1_0003)).unwrap();
+        prefault(&mem, 0x1_0003, 0x2_0000);
+        prefault(&mem, 0, 64 << 20);
+        prefault(&mem, 1 << 40, 0x1000);
+        prefault(&mem, 0x2000, 0);
+        let mut back = [0u8; 4];
+        mem.read_slice(&mut back, GuestAddress(0x1_0003)).unwrap();
+        assert_eq!(&back, b"kept");
+    }
 
     #[test]
     fn cmdline_has_base_then_devices_then_extra() {
