@@ -589,7 +589,7 @@ fn a_running_vm_migrates_into_another_vmm_process_and_runs_on() {
         refused["error"].as_str().unwrap().contains("moved"),
         "{refused}"
     );
-    assert_eq!(control(&source_dir, r#"{"op":"state"}"#)["state"], "paused");
+    assert_eq!(control(&source_dir, r#"{"op":"state"}"#)["state"], "moved");
 
     // The target runs the VM on: its counters are past the saved ones and in step.
     let deadline = Instant::now() + Duration::from_secs(20);
