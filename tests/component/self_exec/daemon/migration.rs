@@ -182,6 +182,26 @@ fn gone(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
 }
 
+/// Waits until the source's VM `id` (as it was `before`) is `migrated`, recorded as moved to
+/// the target's `target_vm`, and its VMM has ended.
+fn ended_here_as_moved(h: &Hosts, id: &str, target_vm: &str, before: &VmInfo) {
+    let info = wait_status(&h.source, id, |i| i.status == VmStatus::Migrated);
+    assert_eq!(
+        info.migrated_to,
+        Some(MigratedTo {
+            host: h.target_addr.clone(),
+            vm: target_vm.to_owned(),
+            outcome: MigrationOutcome::Moved,
+        }),
+        "{info:?}\n{}",
+        h.records()
+    );
+    let source_vmm = before.vmm_pid.expect("the source's VMM");
+    wait_for("the source's VMM to end", Duration::from_secs(20), || {
+        gone(source_vmm)
+    });
+}
+
 /// A running VM migrates: the stream says `accepted`, a round per pre-copy round (`max_rounds`
 /// 1 stops the fake's three at two), and `ended` `moved`. The source's copy is `migrated`, with
 /// where it went, and its VMM ends; the target lists it running, with where it came from and
@@ -223,20 +243,7 @@ pub(super) fn a_running_vm_moves_to_the_pinned_host_and_runs_there() {
     }
 
     // The source's copy has ended for good.
-    let info = wait_status(&h.source, &id, |i| i.status == VmStatus::Migrated);
-    assert_eq!(
-        info.migrated_to,
-        Some(MigratedTo {
-            host: h.target_addr.clone(),
-            vm: target_vm.clone(),
-            outcome: MigrationOutcome::Moved,
-        }),
-        "{info:?}"
-    );
-    let source_vmm = before.vmm_pid.expect("the source's VMM");
-    wait_for("the source's VMM to end", Duration::from_secs(20), || {
-        gone(source_vmm)
-    });
+    ended_here_as_moved(&h, &id, &target_vm, &before);
     let ops = Path::new(&before.vm_dir)
         .join("vmm")
         .join(fake_vmm::CONTROL_OPS_FILE);
@@ -319,20 +326,7 @@ pub(super) fn a_source_daemon_killed_after_the_switch_over_records_the_move_on_r
     assert!(!gone(source_vmm), "the source's VMM ended with its daemon");
 
     h.source.spawn().expect("start the source daemon again");
-    let info = wait_status(&h.source, &id, |i| i.status == VmStatus::Migrated);
-    assert_eq!(
-        info.migrated_to,
-        Some(MigratedTo {
-            host: h.target_addr.clone(),
-            vm: target_vm.clone(),
-            outcome: MigrationOutcome::Moved,
-        }),
-        "{info:?}\n{}",
-        h.records()
-    );
-    wait_for("the source's VMM to end", Duration::from_secs(20), || {
-        gone(source_vmm)
-    });
+    ended_here_as_moved(&h, &id, &target_vm, &before);
     assert!(
         h.source.log().contains("a migration out was under way"),
         "{}",
