@@ -678,8 +678,10 @@ impl Vmm {
         } else {
             // The guest image and boot structures.
             let kernel = boot::load_kernel(&mem, &config.kernel).map_err(VmmError::Boot)?;
+            timeline.mark("kernel");
             let initrd = boot::load_initrd(&mem, &config.initrd, mem_size, &kernel)
                 .map_err(VmmError::Boot)?;
+            timeline.mark("initrd");
             let device_args: Vec<String> = std::iter::once(vsock.cmdline_arg())
                 .chain(disks.iter().map(BlockHandle::cmdline_arg))
                 .chain(net.iter().map(NetHandle::cmdline_arg))

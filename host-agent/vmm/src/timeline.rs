@@ -3,13 +3,14 @@
 //! `KVM_RUN`, as a log line and as one line on stderr that `scripts/bench-boot` reads:
 //!
 //! ```text
-//! nanoclaw-vmm: boot_timeline_ms vm=1.9 memory=2.3 devices=3.1 loaded=9.8 first_run=10.6
+//! nanoclaw-vmm: boot_timeline_ms vm=1.9 memory=2.3 devices=3.1 kernel=7.9 initrd=8.4 loaded=9.8 first_run=10.6
 //! ```
 //!
 //! The stages (see [`crate::machine::Vmm::new`]): `vm`, the VM made with its interrupt
 //! controllers (KVM starts the guest's clock here); `memory`, guest RAM mapped and registered;
-//! `devices`, the vCPUs and every device built; `loaded`, the kernel, initramfs, command line and
-//! boot tables written and the vCPUs set up (`restored` instead, for a restored VM); then
+//! `devices`, the vCPUs and every device built; `kernel`, the kernel image copied in; `initrd`,
+//! the initramfs copied in; `loaded`, the command line and boot tables written and the vCPUs set
+//! up (`restored` instead of those three, for a restored VM); then
 //! `first_run`. What follows `first_run` is the guest's own: a benchmark compares it with the
 //! guest's ready marker.
 
