@@ -36,12 +36,8 @@ use super::layout::{
 /// first `getrandom` (its boot key) waits for the kernel's jitter entropy, which took 5 s more
 /// per boot in nested emulation and minutes on a loaded host. (A virtio-rng device, which fork
 /// safety needs anyway, is the other way.)
-///
-/// `no_timer_check` skips the kernel's check that the timer interrupt arrives through the I/O
-/// APIC, a wait of ten ticks (about 100 ms of a nested boot). KVM's in-kernel PIT and I/O APIC
-/// route it correctly, and the check is for broken chipsets.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux \
-     i8042.nomux i8042.dumbkbd random.trust_cpu=on no_timer_check";
+     i8042.nomux i8042.dumbkbd random.trust_cpu=on";
 
 /// Offset of the 64-bit entry point from a bzImage's protected-mode load address.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;

@@ -36,7 +36,6 @@ use super::seccomp::{self, ThreadKind};
 use super::snapshot::{self, HostSupport};
 use super::timeline::BootTimeline;
 use super::vcpu::{RunGate, VcpuError, VcpuRunner};
-use super::x86_64::cpuid;
 use super::x86_64::mptable::{self, MptableError};
 use super::x86_64::regs::{self, RegsError};
 use super::{
@@ -470,13 +469,9 @@ impl Vmm {
                     .map_err(|e| VmmError::CreateVcpu(i, e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut supported_cpuid = kvm
+        let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::SupportedCpuid)?;
-        cpuid::offer_tsc_deadline(
-            supported_cpuid.as_mut_slice(),
-            kvm.check_extension(Cap::TscDeadlineTimer),
-        );
 
         // Legacy devices on the port-I/O bus.
         let mut pio = Bus::new();

@@ -8,8 +8,6 @@ use kvm_bindings::kvm_cpuid_entry2;
 
 /// Leaf 0x1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 0x1 ECX: the local APIC timer has a TSC-deadline mode.
-const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x1 EDX: HTT (more than one logical processor per package).
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// CLFLUSH line size in 8-byte units (64 bytes).
@@ -24,22 +22,6 @@ fn apic_id_bits(count: u32) -> u32 {
         0
     } else {
         u32::BITS - (count - 1).leading_zeros()
-    }
-}
-
-/// Offers the guest the local APIC timer's TSC-deadline mode when KVM emulates it
-/// (`KVM_CAP_TSC_DEADLINE_TIMER`; `KVM_GET_SUPPORTED_CPUID` leaves the bit to the VMM, since KVM,
-/// not the host CPU, provides it). A guest kernel that sees it uses the TSC-deadline timer and
-/// skips calibrating the APIC timer against the PIT. Without it, that calibration took about
-/// 140 ms of a nested boot and then failed ("APIC timer disabled due to verification failure"),
-/// leaving the guest on the emulated PIT for its timer ticks.
-pub fn offer_tsc_deadline(entries: &mut [kvm_cpuid_entry2], emulated: bool) {
-    for entry in entries.iter_mut().filter(|e| e.function == 0x1) {
-        if emulated {
-            entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
-        } else {
-            entry.ecx &= !LEAF1_ECX_TSC_DEADLINE;
-        }
     }
 }
 
@@ -124,22 +106,6 @@ mod tests {
             .iter()
             .find(|e| e.function == function && e.index == index)
             .unwrap()
-    }
-
-    #[test]
-    fn tsc_deadline_is_offered_only_when_kvm_emulates_it() {
-        let mut entries = vec![entry(0x1, 0), entry(0x7, 0)];
-        offer_tsc_deadline(&mut entries, true);
-        assert_ne!(find(&entries, 0x1, 0).ecx & LEAF1_ECX_TSC_DEADLINE, 0);
-        assert_eq!(
-            find(&entries, 0x1, 0).ecx & 1,
-            1,
-            "other feature bits are kept"
-        );
-        assert_eq!(find(&entries, 0x7, 0).ecx, 1, "other leaves are left alone");
-        offer_tsc_deadline(&mut entries, false);
-        assert_eq!(find(&entries, 0x1, 0).ecx & LEAF1_ECX_TSC_DEADLINE, 0);
-        assert_eq!(find(&entries, 0x1, 0).ecx & 1, 1);
     }
 
     #[test]
