@@ -244,7 +244,7 @@ impl Daemon {
         };
         // From here the VMM may send the VM: a daemon that restarts before the outcome is
         // recorded asks the VMM ([`Daemon::settle_interrupted`]).
-        vm.set_migrating(Some(to(MigrationOutcome::Unknown)));
+        vm.migration_begins(to(MigrationOutcome::Unknown));
         let mut forward = |round: vmm_control::MigrationRound| {
             let _ = events.try_send(MigrationEvent::Round {
                 round: round.round,
@@ -309,8 +309,7 @@ impl Daemon {
                     }
                 }
                 MigrationOutcome::Kept => {
-                    vm.set_paused_flag(paused);
-                    vm.set_migrating(None);
+                    vm.migration_kept(paused);
                     let mut error = end.error.unwrap_or_else(|| "the VMM kept the VM".into());
                     if let Some(relay) = relay_error {
                         error = format!("{error} (the link: {relay})");
@@ -326,7 +325,7 @@ impl Daemon {
                 let error = format!("the VMM: {}", error_chain(&e));
                 match outcome_by_state(vm).await {
                     MigrationOutcome::Kept => {
-                        vm.set_migrating(None);
+                        vm.migration_kept(false);
                         kept(error, Some(target_vm))
                     }
                     MigrationOutcome::Moved => {
@@ -370,10 +369,7 @@ impl Daemon {
         let to = MigratedTo { outcome, ..to };
         match outcome {
             MigrationOutcome::Moved => self.end_moved(vm, to, None).await,
-            MigrationOutcome::Kept => {
-                vm.set_paused_flag(false);
-                vm.set_migrating(None);
-            }
+            MigrationOutcome::Kept => vm.migration_kept(false),
             MigrationOutcome::Unknown => vm.migration_unknown(to),
         }
     }

@@ -1330,9 +1330,13 @@ impl Vm {
         }
     }
 
-    /// Records whether the vCPUs are paused, as the VMM said after a migration that failed.
-    pub fn set_paused_flag(&self, paused: bool) {
-        self.update(|r| r.paused = paused);
+    /// Records a migration out that left the VM here: whether its vCPUs are paused, as the VMM
+    /// said, and no migration under way (one record write).
+    pub fn migration_kept(&self, paused: bool) {
+        self.update(|r| {
+            r.paused = paused;
+            r.migrating_to = None;
+        });
     }
 
     /// Records a migration whose outcome is unknown: the VM stays paused here, and its record
@@ -1345,10 +1349,10 @@ impl Vm {
         });
     }
 
-    /// Records a migration out whose copy begins (`Some`: where to), or whose outcome has been
-    /// recorded (`None`).
-    pub fn set_migrating(&self, to: Option<api::MigratedTo>) {
-        self.update(|r| r.migrating_to = to);
+    /// Records a migration out whose copy begins, and where to; its outcome clears it
+    /// ([`Vm::end_migrated`], [`Vm::migration_unknown`], [`Vm::migration_kept`]).
+    pub fn migration_begins(&self, to: api::MigratedTo) {
+        self.update(|r| r.migrating_to = Some(to));
     }
 
     /// Records, for a VM whose VMM ended while the daemon was away in the middle of a
