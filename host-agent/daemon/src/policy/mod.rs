@@ -249,6 +249,13 @@ impl AccessPolicy {
                 ));
             }
         }
+        for port in &child.network.ingress {
+            if !parent.network.ingress.contains(port) {
+                out.push(format!(
+                    "ingress port {port} is not the parent's: clients could reach the child there"
+                ));
+            }
+        }
         for (name, spec) in &child.servers {
             if parent.servers.get(name) != Some(spec) {
                 out.push(format!("server `{name}` is not the parent's"));

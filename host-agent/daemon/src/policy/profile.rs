@@ -128,6 +128,11 @@ pub const MAX_EGRESS: usize = 64;
 ///
 /// `peers` names other profiles: two running VMs may reach each other (any TCP or UDP port,
 /// both ways) only when each one's profile names the other's. Other VMs are never reachable.
+///
+/// `ingress` lists TCP ports the agent serves to clients on the hosts' underlay (the network
+/// a daemon's `--underlay` names): those clients may open connections to the guest's overlay
+/// address on those ports, and the guest may answer them. Nobody else may. A daemon without an
+/// underlay refuses a profile with ingress ports, rather than start a VM nobody can reach.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
@@ -137,12 +142,15 @@ pub struct NetworkSpec {
     /// The profiles whose VMs this VM may reach, and be reached by, when they name it too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+    /// The TCP ports clients on the underlay may connect to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<u16>,
 }
 
 impl NetworkSpec {
     /// Whether the VM gets no network at all.
     pub fn is_empty(&self) -> bool {
-        self.egress.is_empty() && self.peers.is_empty()
+        self.egress.is_empty() && self.peers.is_empty() && self.ingress.is_empty()
     }
 
     /// The entries, parsed (each was checked when the profile loaded).
@@ -405,6 +413,14 @@ impl Profile {
         for peer in &self.network.peers {
             check_name("a `[network] peers` entry", peer)?;
         }
+        if self.network.ingress.len() > MAX_EGRESS {
+            return bad(format!(
+                "`[network] ingress` names more than {MAX_EGRESS} ports"
+            ));
+        }
+        if self.network.ingress.contains(&0) {
+            return bad("`[network] ingress`: a port must be 1 to 65535, not 0".to_owned());
+        }
         let max = shared_proto::credential::MAX_LLM_HOSTS;
         if self.llm_hosts.len() + self.restore_hosts.len() > max {
             return bad(format!(
@@ -573,6 +589,29 @@ mod egress_tests {
         assert!(matches!(
             Profile::from_toml("name = \"n\"\ntier = \"worker\"\n[network]\negres = []\n"),
             Err(PolicyError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn ingress_ports_are_a_network_and_bad_ones_are_refused() {
+        let with = |ports: &str| {
+            Profile::from_toml(&format!(
+                "name = \"n\"\ntier = \"worker\"\n[network]\ningress = [{ports}]\n"
+            ))
+        };
+        let p = with("7000, 8080").unwrap();
+        assert_eq!(p.network.ingress, [7000, 8080]);
+        assert!(
+            !p.network.is_empty(),
+            "ingress alone gives the VM a network"
+        );
+        for bad in ["0", "65536", "-1", "\"7000\""] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+        let many: Vec<String> = (1..=MAX_EGRESS as u16 + 1).map(|p| p.to_string()).collect();
+        assert!(matches!(
+            with(&many.join(",")),
+            Err(PolicyError::Invalid(_))
         ));
     }
 

@@ -312,6 +312,13 @@ args.path = { prefix = "/data/" }
     let child = Profile::from_toml(no_approval).unwrap();
     assert!(orch.spawn_excess(&child)[0].contains("approval"));
 
+    let mut listening = Profile::from_toml(narrower).unwrap();
+    listening.network.ingress = vec![7000];
+    assert!(
+        orch.spawn_excess(&listening)[0].contains("ingress port 7000"),
+        "a child may not open a port its parent does not"
+    );
+
     let mut weaker = Profile::from_toml(narrower).unwrap();
     weaker.tokenize = TokenizeMode::Off;
     assert!(orch.spawn_excess(&weaker)[0].contains("tokenize"));
