@@ -77,6 +77,16 @@ impl OverlayPrefix {
         1u32 << (32 - u32::from(self.len) - SLOT_SIZE.trailing_zeros())
     }
 
+    /// Whether `link` is exactly one of this prefix's slots: a migrated VM's addresses are
+    /// checked so before this host uses them.
+    pub fn has_link(&self, link: &VmLink) -> bool {
+        if !self.contains(link.guest) {
+            return false;
+        }
+        let offset = u32::from(link.guest) - u32::from(self.base);
+        offset % SLOT_SIZE == 2 && self.link(offset / SLOT_SIZE) == *link
+    }
+
     /// The addresses of slot `slot` (below [`Self::slots`]).
     fn link(&self, slot: u32) -> VmLink {
         let b = u32::from(self.base) + slot * SLOT_SIZE;
@@ -152,6 +162,14 @@ impl VmLink {
             .map(|b| format!("{b:02x}"))
             .collect::<Vec<_>>()
             .join(":")
+    }
+
+    /// The gateway's MAC address (`tap0`'s): `02:01`, then the four bytes of the gateway's
+    /// address. Derived, not random, so that a VM that migrates finds its gateway at the MAC
+    /// its guest has cached.
+    pub fn gateway_mac_string(&self) -> String {
+        let [a, b, c, d] = self.gateway.octets();
+        format!("02:01:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
     }
 
     /// The first address of the guest's /30 (`tap0`'s link), which the host routes to the
@@ -245,6 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn only_a_whole_slot_of_the_prefix_is_its_link() {
+        let p: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
+        assert!(p.has_link(&p.link(0)) && p.has_link(&p.link(8191)));
+        let other: OverlayPrefix = "10.201.0.0/16".parse().unwrap();
+        assert!(!p.has_link(&other.link(3)));
+        let mut shifted = p.link(3);
+        shifted.gateway = Ipv4Addr::new(10, 200, 0, 1);
+        assert!(!p.has_link(&shifted));
+        let mut odd = p.link(3);
+        odd.guest = Ipv4Addr::from(u32::from(odd.guest) + 1);
+        assert!(!p.has_link(&odd));
+    }
+
+    #[test]
     fn links_survive_the_record_round_trip() {
         let p: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
         let link = p.link(300);
@@ -259,6 +291,9 @@ mod tests {
 
     #[test]
     fn macs_are_local_unicast_and_follow_the_address() {
+        let gw = allocate(&"10.200.0.0/16".parse().unwrap(), &HashSet::new()).unwrap();
+        assert_eq!(gw.gateway_mac_string(), "02:01:0a:c8:00:01");
+        assert_ne!(gw.gateway_mac_string(), gw.mac_string());
         let p: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
         let a = p.link(0);
         assert_eq!(a.mac(), [0x02, 0x00, 10, 200, 0, 2]);

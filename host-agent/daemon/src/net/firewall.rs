@@ -14,7 +14,12 @@
 //!   members of `peers`) are refused; then members of `allowed` (`ipv4_addr . inet_service`,
 //!   each with its own timeout, added by [`allow`]) pass, TCP or UDP; everything else is
 //!   refused. Traffic *to* `tap0` passes only as replies, or from a member of `peers`
-//!   ([`set_peer`]).
+//!   ([`set_peer`]), or, for a profile with `[network] ingress` on a daemon with an underlay
+//!   ([`Ingress`]), as TCP from the underlay's networks to those ports. The guest's side of those
+//!   connections passes from those ports to those networks only, also when the connection has
+//!   no conntrack entry here: after a migration the first packet this namespace sees may be
+//!   the guest's (conntrack then picks the connection up mid-stream), so matching on
+//!   `ct state established` alone would reset every connection that moved.
 //! - **input**, from `tap0`: only DNS (UDP and TCP 53) from the guest's address to the gateway
 //!   address, and replies.
 //! - with an SNI port ([`vm_ruleset`]): **prerouting** redirects the guest's TCP 443 to that
@@ -29,7 +34,8 @@
 //! (`crate::egress::firewall_log`) into the audit log.
 //!
 //! On the host, table `ip nanoclaw`: the overlay prefix is masqueraded on its way out of any
-//! interface but the VMs' veths, and nothing from a VM's veth reaches the host itself (input
+//! interface but the VMs' veths (and, with an underlay, but to the underlay's own networks:
+//! a client there sees the guest's own address, which is what follows a migrated VM), and nothing from a VM's veth reaches the host itself (input
 //! from `nc-*` is refused but for replies), which covers host addresses added after a VM's
 //! rules were written.
 
@@ -42,6 +48,7 @@ use std::time::Duration;
 use super::ToolError;
 use super::addr::{OverlayPrefix, VmLink};
 use super::netns::{HOST_VETH_PREFIX, TAP_NAME, VmNetns};
+use super::underlay::Underlay;
 
 /// The table, in the VM's namespace (family `inet`) and on the host (family `ip`).
 pub const TABLE: &str = "nanoclaw";
@@ -81,6 +88,43 @@ pub enum FirewallError {
     /// A timeout of zero or over [`MAX_TTL`].
     #[error("an allowed destination's timeout must be 1 ms to {MAX_TTL:?}, not {0:?}")]
     BadTtl(Duration),
+}
+
+/// Who may open connections to a VM from outside the overlay: clients on the hosts' underlay,
+/// to the TCP ports of the VM's profile (`[network] ingress`). Empty when either is missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ingress {
+    /// The underlay's networks, `A.B.C.D/LEN` (from the interface's own addresses).
+    pub from: Vec<String>,
+    /// The TCP ports.
+    pub ports: Vec<u16>,
+}
+
+impl Ingress {
+    /// The ingress of a VM with `ports` on a daemon with `underlay`.
+    pub fn new(underlay: Option<&Underlay>, ports: &[u16]) -> Self {
+        match underlay {
+            Some(u) if !ports.is_empty() => Self {
+                from: u.networks(),
+                ports: ports.to_vec(),
+            },
+            _ => Self::default(),
+        }
+    }
+
+    /// Whether nothing may connect in.
+    pub fn is_empty(&self) -> bool {
+        self.from.is_empty() || self.ports.is_empty()
+    }
+
+    /// `{ a, b }` of the networks and of the ports, for nft.
+    fn sets(&self) -> (String, String) {
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        (
+            format!("{{ {} }}", self.from.join(", ")),
+            format!("{{ {} }}", ports.join(", ")),
+        )
+    }
 }
 
 /// The NFLOG group the VM's refusals are logged to (groups belong to a namespace, so every
@@ -130,8 +174,9 @@ pub fn vm_ruleset(
     prefix: &OverlayPrefix,
     host_addrs: &[Ipv4Addr],
     sni_port: Option<u16>,
+    ingress: &Ingress,
 ) -> String {
-    ruleset(link, prefix, host_addrs, sni_port, true)
+    ruleset(link, prefix, host_addrs, sni_port, ingress, true)
 }
 
 /// [`vm_ruleset`] whose refusals are counted but not logged.
@@ -140,8 +185,9 @@ pub fn vm_ruleset_counted_only(
     prefix: &OverlayPrefix,
     host_addrs: &[Ipv4Addr],
     sni_port: Option<u16>,
+    ingress: &Ingress,
 ) -> String {
-    ruleset(link, prefix, host_addrs, sni_port, false)
+    ruleset(link, prefix, host_addrs, sni_port, ingress, false)
 }
 
 fn ruleset(
@@ -149,6 +195,7 @@ fn ruleset(
     prefix: &OverlayPrefix,
     host_addrs: &[Ipv4Addr],
     sni_port: Option<u16>,
+    ingress: &Ingress,
     log: bool,
 ) -> String {
     let reject = |out: &mut String, what: &str, counter: &str| reject(out, what, counter, log);
@@ -199,6 +246,13 @@ fn ruleset(
         "    oifname \"{tap}\" ct state established,related accept"
     );
     let _ = writeln!(out, "    oifname \"{tap}\" ip saddr @{PEERS_SET} accept");
+    if !ingress.is_empty() {
+        let (from, ports) = ingress.sets();
+        let _ = writeln!(
+            out,
+            "    oifname \"{tap}\" ip saddr {from} tcp dport {ports} accept"
+        );
+    }
     reject(&mut out, &format!("oifname \"{tap}\""), "deny_inbound");
     reject(
         &mut out,
@@ -225,6 +279,13 @@ fn ruleset(
         &format!("iifname \"{tap}\" ip daddr @host_addrs"),
         "deny_host",
     );
+    if !ingress.is_empty() {
+        let (to, ports) = ingress.sets();
+        let _ = writeln!(
+            out,
+            "    iifname \"{tap}\" ip saddr {guest} ip daddr {to} tcp sport {ports} accept"
+        );
+    }
     let _ = writeln!(out, "    iifname \"{tap}\" ip daddr @{PEERS_SET} accept");
     reject(
         &mut out,
@@ -264,8 +325,15 @@ fn ruleset(
 }
 
 /// The host's table (see the module doc).
-pub fn host_ruleset(prefix: &OverlayPrefix) -> String {
+pub fn host_ruleset(prefix: &OverlayPrefix, underlay: Option<&Underlay>) -> String {
     let veths = format!("{HOST_VETH_PREFIX}*");
+    let unmasked = underlay.map_or(String::new(), |u| {
+        format!(
+            "    ip saddr {prefix} oifname \"{}\" ip daddr {{ {} }} accept\n",
+            u.iface(),
+            u.networks().join(", ")
+        )
+    });
     format!(
         "add table ip {TABLE}\n\
          delete table ip {TABLE}\n\
@@ -273,6 +341,7 @@ pub fn host_ruleset(prefix: &OverlayPrefix) -> String {
          \x20 counter deny_host_input {{ }}\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
+         {unmasked}\
          \x20   ip saddr {prefix} oifname != \"{veths}\" masquerade\n\
          \x20 }}\n\
          \x20 chain input {{\n\
@@ -334,12 +403,13 @@ pub fn install(
     link: &VmLink,
     prefix: &OverlayPrefix,
     sni_port: Option<u16>,
+    ingress: &Ingress,
 ) -> Result<(), FirewallError> {
     let host = host_addresses()?;
     let logged = nft(
         Some(ns),
         &["-f", "-"],
-        Some(&vm_ruleset(link, prefix, &host, sni_port)),
+        Some(&vm_ruleset(link, prefix, &host, sni_port, ingress)),
     );
     match logged {
         Ok(_) => Ok(()),
@@ -347,7 +417,9 @@ pub fn install(
             let counted = nft(
                 Some(ns),
                 &["-f", "-"],
-                Some(&vm_ruleset_counted_only(link, prefix, &host, sni_port)),
+                Some(&vm_ruleset_counted_only(
+                    link, prefix, &host, sni_port, ingress,
+                )),
             )?;
             drop(counted);
             tracing::warn!(error = %crate::error_chain(&e), "firewall: the kernel refused the log rules; refusals are counted but not audited one by one");
@@ -358,8 +430,11 @@ pub fn install(
 }
 
 /// Loads the host's table ([`host_ruleset`]); loading it again replaces it.
-pub fn install_host(prefix: &OverlayPrefix) -> Result<(), FirewallError> {
-    nft(None, &["-f", "-"], Some(&host_ruleset(prefix))).map(drop)
+pub fn install_host(
+    prefix: &OverlayPrefix,
+    underlay: Option<&Underlay>,
+) -> Result<(), FirewallError> {
+    nft(None, &["-f", "-"], Some(&host_ruleset(prefix, underlay))).map(drop)
 }
 
 /// The `nft` commands that (re)add `addr . port` to [`ALLOWED_SET`] with timeout `ttl`: added,
@@ -483,7 +558,13 @@ mod tests {
 
     fn ruleset() -> String {
         let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
-        vm_ruleset(&link(), &prefix, &[Ipv4Addr::new(192, 0, 2, 7)], None)
+        vm_ruleset(
+            &link(),
+            &prefix,
+            &[Ipv4Addr::new(192, 0, 2, 7)],
+            None,
+            &Ingress::default(),
+        )
     }
 
     fn rules(text: &str) -> Vec<&str> {
@@ -563,8 +644,13 @@ mod tests {
 
         // Without the logs: the same rules otherwise.
         let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
-        let counted =
-            vm_ruleset_counted_only(&link(), &prefix, &[Ipv4Addr::new(192, 0, 2, 7)], None);
+        let counted = vm_ruleset_counted_only(
+            &link(),
+            &prefix,
+            &[Ipv4Addr::new(192, 0, 2, 7)],
+            None,
+            &Ingress::default(),
+        );
         assert!(!counted.contains(" log ") && !counted.contains("limit"));
         let stripped: Vec<&str> = lines
             .iter()
@@ -598,6 +684,40 @@ mod tests {
         // The set holds address . port with timeouts, matched on TCP and UDP.
         assert!(text.contains("type ipv4_addr . inet_service\n    flags timeout"));
         assert!(text.contains("meta l4proto { tcp, udp } ip daddr . th dport @allowed accept"));
+    }
+
+    #[test]
+    fn ingress_admits_its_ports_from_the_underlay_only_and_answers_only_there() {
+        let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
+        let none = vm_ruleset(&link(), &prefix, &[], None, &Ingress::default());
+        assert!(!none.contains("sport") && !none.contains("dport { "));
+        // Ports without an underlay, or an underlay without ports: nothing opens.
+        assert!(Ingress::new(None, &[7000]).is_empty());
+        let ingress = Ingress {
+            from: vec!["192.0.2.0/24".into()],
+            ports: vec![7000, 7001],
+        };
+        let text = vm_ruleset(&link(), &prefix, &[], None, &ingress);
+        let at = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("`{needle}` missing in\n{text}"))
+        };
+        let inbound =
+            at("oifname \"tap0\" ip saddr { 192.0.2.0/24 } tcp dport { 7000, 7001 } accept");
+        assert!(inbound < at("name \"deny_inbound\""));
+        // The guest's answers: from those ports, to those networks, after the never-allowed.
+        let answers = at(
+            "iifname \"tap0\" ip saddr 10.200.0.2 ip daddr { 192.0.2.0/24 } tcp sport { 7000, 7001 } accept",
+        );
+        for never in [
+            "ip saddr != 10.200.0.2",
+            "ip daddr 127.0.0.0/8",
+            "ip daddr 169.254.0.0/16",
+            "ip daddr @host_addrs",
+        ] {
+            assert!(at(never) < answers, "{never} after the answers");
+        }
+        assert!(answers < at("name \"deny_other\""));
     }
 
     #[test]
@@ -637,7 +757,7 @@ mod tests {
     #[test]
     fn no_host_addresses_leave_an_empty_set_and_loading_twice_replaces() {
         let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
-        let text = vm_ruleset(&link(), &prefix, &[], None);
+        let text = vm_ruleset(&link(), &prefix, &[], None, &Ingress::default());
         assert!(!text.contains("elements"));
         let first: Vec<&str> = text.lines().take(3).collect();
         assert_eq!(
@@ -648,7 +768,7 @@ mod tests {
                 "table inet nanoclaw {"
             ]
         );
-        let host = host_ruleset(&prefix);
+        let host = host_ruleset(&prefix, None);
         assert!(host.contains("ip saddr 10.200.0.0/16 oifname != \"nc-*\" masquerade"));
         assert!(host.starts_with("add table ip nanoclaw\ndelete table ip nanoclaw\n"));
         assert!(!host.split_whitespace().any(|w| w == "drop"));
@@ -658,7 +778,7 @@ mod tests {
     fn the_sni_redirect_spares_the_never_allowed_and_input_takes_only_redirected() {
         let prefix: OverlayPrefix = "10.200.0.0/16".parse().unwrap();
         assert!(!ruleset().contains("redirect"));
-        let text = vm_ruleset(&link(), &prefix, &[], Some(8443));
+        let text = vm_ruleset(&link(), &prefix, &[], Some(8443), &Ingress::default());
         let redirect: Vec<&str> = rules(&text)
             .into_iter()
             .filter(|r| r.contains("redirect"))

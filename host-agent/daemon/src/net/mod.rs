@@ -6,7 +6,9 @@
 //!   its VMM attaches to and a veth to the host;
 //! - [`firewall`]: the nftables rules inside that namespace (default deny, a set of allowed
 //!   destinations the resolver fills) and the host's masquerade for the prefix;
-//! - [`forward`]: host ports forwarded to the guest (`nanoclaw run -p`).
+//! - [`forward`]: host ports forwarded to the guest (`nanoclaw run -p`);
+//! - [`underlay`]: the network the hosts share, where clients reach the VMs' addresses and a
+//!   migrated VM's address moves to its new host.
 //!
 //! `docs/security/network.md` says what is enforced where.
 
@@ -14,6 +16,7 @@ pub mod addr;
 pub mod firewall;
 pub mod forward;
 pub mod netns;
+pub mod underlay;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -15,7 +15,8 @@
 //! Inside the namespace ([`setup`]):
 //! - `tap0`: a persistent TAP (`IFF_TAP | IFF_NO_PI`) owned by the VM's jail uid and gid, so the
 //!   jailed VMM can attach to it after joining the namespace (`--jail-netns`), carrying the
-//!   gateway address;
+//!   gateway address and a MAC derived from it ([`VmLink::gateway_mac_string`]), the same on
+//!   every host a VM migrates to;
 //! - `up0`: the namespace's end of a veth whose other end, `nc-<id>`, is moved to the host's
 //!   namespace; the namespace's default route goes to the host's end;
 //! - IPv4 forwarding on, IPv6 off;
@@ -291,6 +292,13 @@ pub fn setup(ns: &VmNetns, id: &str, link: &VmLink, tap_uid: u32) -> Result<(), 
     ns.ip(&["link", "set", "lo", "up"])?;
     ns.ip(&[
         "tuntap", "add", "dev", TAP_NAME, "mode", "tap", "user", &uid, "group", &uid,
+    ])?;
+    ns.ip(&[
+        "link",
+        "set",
+        TAP_NAME,
+        "address",
+        &link.gateway_mac_string(),
     ])?;
     ns.ip(&["addr", "add", &cidr(link.gateway), "dev", TAP_NAME])?;
     ns.ip(&["link", "set", TAP_NAME, "up"])?;
