@@ -168,6 +168,7 @@ impl Daemon {
             agent_sent,
             agent_pid,
             status: info.status,
+            net: vm.network(),
         })
     }
 
@@ -431,29 +432,49 @@ impl Daemon {
         };
         let accepted =
             serde_json::to_vec(&Reply::Accepted { vm: vm.id.clone() }).unwrap_or_default();
-        let relayed = match link.send(&accepted).await {
-            Ok(()) => relay_from(listener, link).await,
-            Err(e) => Err(e),
+        // The relay runs beside the wait below, which needs nothing from it: whatever the
+        // relay says, the VMM knows whether it restored the VM. It serves its control socket
+        // once it has (its answer to the source already written), and exits when it has not.
+        let relay = match link.send(&accepted).await {
+            Ok(()) => tokio::spawn(relay_from(listener, link)),
+            Err(e) => tokio::spawn(async move { Err(e) }),
         };
-        let _ = std::fs::remove_file(vm.dir.join(IN_SOCKET));
-        // Whatever the relay says, the VMM knows whether it restored the VM: it serves its
-        // control socket once it has, and exits when it has not.
         let ready = super::vm::wait_served(&vm, child, TARGET_READY_TIMEOUT).await;
-        match ready {
+        let _ = std::fs::remove_file(vm.dir.join(IN_SOCKET));
+        let why = match ready {
             Ok(child) => {
                 tokio::spawn(Arc::clone(&vm).watch_child(child));
+                // Its copy runs here now: its address is answered for, and announced, here.
+                self.publish(&vm, true);
                 tracing::info!(vm = %vm.id, source_vm = %offer.source_vm, peer, "VM migrated in");
                 self.audit_lifecycle(
                     "vm_migrate_in",
                     serde_json::json!({"vm": vm.id, "source_vm": offer.source_vm, "from": peer}),
                 )
                 .await;
+                None
             }
-            Err(status) => {
-                let why = self.discard_unserved(&vm, status).await;
-                tracing::warn!(vm = %vm.id, peer, relay = ?relayed.err().map(|e| error_chain(&e)),
-                    vmm = %why, "migration in failed; the VM is removed here");
+            Err(status) => Some(self.discard_unserved(&vm, status).await),
+        };
+        // The relay ends when the source, having its VMM's answer, closes the link.
+        let abort = relay.abort_handle();
+        let relayed = match tokio::time::timeout(STEP_TIMEOUT, relay).await {
+            Ok(Ok(relayed)) => relayed.map(drop).map_err(|e| error_chain(&e)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                abort.abort();
+                Err(format!(
+                    "the link was still open {STEP_TIMEOUT:?} after the VMM's end of it"
+                ))
             }
+        };
+        match (why, relayed) {
+            (Some(why), relayed) => tracing::warn!(vm = %vm.id, peer, relay = ?relayed.err(),
+                vmm = %why, "migration in failed; the VM is removed here"),
+            (None, Err(e)) => {
+                tracing::info!(vm = %vm.id, peer, relay = %e, "migration link ended")
+            }
+            _ => {}
         }
     }
 
@@ -568,6 +589,7 @@ impl Daemon {
         record.agent_sent = offer.agent_sent;
         record.agent_pid = offer.agent_pid;
         record.migrate_in = Some(socket);
+        record.net = offer.net;
         record.migrated_from = Some(MigratedTo {
             host: peer.to_owned(),
             vm: offer.source_vm.clone(),

@@ -70,6 +70,9 @@ pub enum DaemonError {
     /// A `--migration-peer` does not parse.
     #[error(transparent)]
     MigrationPeer(#[from] crate::migration::BadPeer),
+    /// The `--underlay` interface cannot be used.
+    #[error("the underlay")]
+    Underlay(#[source] crate::net::underlay::UnderlayError),
     /// Live migration's identity or listener could not be set up.
     #[error("live migration")]
     Migration(#[source] crate::migration::link::LinkError),
@@ -293,6 +296,12 @@ pub struct ServeArgs {
     /// `/etc/resolv.conf`, port 53.
     #[arg(long, value_name = "ADDR:PORT")]
     pub egress_dns: Option<std::net::SocketAddr>,
+    /// The interface on the network this host shares with the other hosts and the agents'
+    /// clients (see `docs/security/network.md`, "The underlay"). The daemon answers ARP there
+    /// for its networked VMs' addresses, clients on its networks may reach the ports a
+    /// profile's `[network] ingress` opens, and a VM migrated here is announced there.
+    #[arg(long, value_name = "IFACE")]
+    pub underlay: Option<String>,
     /// The parent of each VM's cgroup, relative to each cgroup hierarchy's root.
     #[arg(long, default_value = "nanoclaw")]
     pub cgroup_parent: String,
@@ -505,6 +514,8 @@ pub struct Daemon {
     overlay: crate::net::addr::OverlayPrefix,
     /// The DNS server networked VMs' resolvers forward to (`--egress-dns`).
     egress_dns: std::net::SocketAddr,
+    /// The network shared with the other hosts and the clients (`--underlay`).
+    underlay: Option<Arc<crate::net::underlay::Underlay>>,
     /// The audit log, for egress denials.
     audit: Arc<nanoclaw_audit::AuditLog>,
     stop_grace: Duration,
@@ -734,7 +745,15 @@ impl Daemon {
             }
         }
         if wants_network(&record.spec) {
-            match self.allocate_link(&vms) {
+            let link = match record.net.filter(|_| record.migrate_in.is_some()) {
+                // A VM migrating in keeps its addresses, if they are free here.
+                Some(link) => self
+                    .check_network(&record.spec)
+                    .and_then(|()| self.check_link(&vms, &link))
+                    .map(|()| link),
+                None => self.allocate_link(&vms, &record.spec),
+            };
+            match link {
                 Ok(link) => record.net = Some(link),
                 Err(e) => {
                     drop(vms);
@@ -1101,16 +1120,47 @@ impl Daemon {
     fn allocate_link(
         &self,
         vms: &HashMap<String, Arc<Vm>>,
+        spec: &CreateVm,
     ) -> Result<crate::net::addr::VmLink, vm::NetworkError> {
-        if self.launch.jail.is_none() {
-            return Err(vm::NetworkError::NeedsJail);
-        }
+        self.check_network(spec)?;
         let in_use = vms
             .values()
             .filter_map(|v| v.network())
             .map(|link| link.guest)
             .collect();
         crate::net::addr::allocate(&self.overlay, &in_use).map_err(vm::NetworkError::Addr)
+    }
+
+    /// Whether this daemon can give `spec` the network it asks for: the jail, and an underlay
+    /// for ingress ports.
+    fn check_network(&self, spec: &CreateVm) -> Result<(), vm::NetworkError> {
+        if self.launch.jail.is_none() {
+            return Err(vm::NetworkError::NeedsJail);
+        }
+        let ingress = vm::profile_of(spec).is_some_and(|p| !p.network.ingress.is_empty());
+        if ingress && self.underlay.is_none() {
+            return Err(vm::NetworkError::NoUnderlay);
+        }
+        Ok(())
+    }
+
+    /// Checks the addresses a migrating VM brings (`link`) against this daemon's prefix and
+    /// the addresses of every VM it still lists (`vms`, held locked by the caller).
+    fn check_link(
+        &self,
+        vms: &HashMap<String, Arc<Vm>>,
+        link: &crate::net::addr::VmLink,
+    ) -> Result<(), vm::NetworkError> {
+        if !self.overlay.has_link(link) {
+            return Err(vm::NetworkError::NotOurs(link.guest, self.overlay));
+        }
+        if let Some(holder) = vms
+            .values()
+            .find(|v| v.network().is_some_and(|l| l.guest == link.guest))
+        {
+            return Err(vm::NetworkError::InUse(link.guest, holder.id.clone()));
+        }
+        Ok(())
     }
 
     /// Makes the network of a VM that has addresses: its namespace, links, firewall and the
@@ -1130,10 +1180,17 @@ impl Daemon {
                     &link,
                     &self.overlay,
                     Some(crate::egress::service::SNI_PORT),
+                    &self.ingress_of(vm),
                 )
                 .map_err(vm::NetworkError::Firewall)?;
-                firewall::install_host(&self.overlay).map_err(vm::NetworkError::Firewall)?;
-                self.start_network_services(vm, ns, &link)
+                firewall::install_host(&self.overlay, self.underlay.as_deref())
+                    .map_err(vm::NetworkError::Firewall)?;
+                self.start_network_services(vm, ns, &link)?;
+                // A VM migrating in is published once its copy runs (see `migrate_in`).
+                if !vm.migrating_in() {
+                    self.publish(vm, false);
+                }
+                Ok(())
             });
         if let Err(e) = made {
             if let Err(undo) = netns::teardown(&path, &vm.id) {
@@ -1143,6 +1200,41 @@ impl Daemon {
         }
         tracing::info!(vm = %vm.id, guest = %link.guest, "VM network ready");
         Ok(())
+    }
+
+    /// Who may connect to `vm` from the underlay.
+    fn ingress_of(&self, vm: &Vm) -> crate::net::firewall::Ingress {
+        let ports = vm::profile_of(&vm.info().spec)
+            .map(|p| p.network.ingress)
+            .unwrap_or_default();
+        crate::net::firewall::Ingress::new(self.underlay.as_deref(), &ports)
+    }
+
+    /// Answers ARP for `vm`'s address on the underlay, when there is one; with `announce`,
+    /// also tells the underlay's neighbours at once (three gratuitous ARPs over about 1.5 s,
+    /// the later ones for a neighbour that missed the first, or that heard the old host's
+    /// last answer after it). A failure is logged: the VM runs, unreachable from the underlay.
+    pub(crate) fn publish(&self, vm: &Vm, announce: bool) {
+        let (Some(underlay), Some(link)) = (self.underlay.clone(), vm.network()) else {
+            return;
+        };
+        if let Err(e) = underlay.publish(link.guest) {
+            tracing::warn!(vm = %vm.id, error = %error_chain(&e), "underlay: cannot publish the VM's address");
+            return;
+        }
+        if !announce {
+            return;
+        }
+        let id = vm.id.clone();
+        tokio::spawn(async move {
+            for pause in [0, 500, 1000] {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                if let Err(e) = underlay.announce(link.guest) {
+                    tracing::warn!(vm = %id, error = %error_chain(&e), "underlay: cannot announce the VM's address");
+                }
+            }
+            tracing::info!(vm = %id, guest = %link.guest, "underlay: address announced");
+        });
     }
 
     /// Starts the resolver and the SNI check of a networked VM in its namespace `ns`, its
@@ -1176,10 +1268,20 @@ impl Daemon {
         self.link_peers(vm);
         let (vm, mut ended) = (Arc::clone(vm), vm.ended());
         let others_of = self.networked_peers_of(&vm.id);
+        let underlay = self.underlay.clone();
         tokio::spawn(async move {
             let _ = ended.wait_for(|e| *e).await;
             vm.set_egress(None);
             vm.set_forwards(None);
+            if let (Some(underlay), Some(link)) = (underlay, vm.network()) {
+                let id = vm.id.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = underlay.withdraw(link.guest) {
+                        tracing::warn!(vm = %id, error = %error_chain(&e), "underlay: cannot withdraw an ended VM's address");
+                    }
+                })
+                .await;
+            }
             // Its address leaves every other VM's `peers` set (a later VM may get it).
             if let Some(link) = vm.network() {
                 let others = others_of();
@@ -1603,6 +1705,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     // Kept for the last checkpoint at shutdown.
     let checkpoint_relay = relay.clone().filter(|_| args.audit_checkpoint_secs > 0);
     let snapshots = snapshots::Store::open(&args.state_dir).map_err(DaemonError::Snapshots)?;
+    let underlay = match &args.underlay {
+        Some(iface) => Some(Arc::new(
+            crate::net::underlay::Underlay::open(iface).map_err(DaemonError::Underlay)?,
+        )),
+        None => None,
+    };
     let migration = if args.migration_peers.is_empty() {
         None
     } else {
@@ -1641,6 +1749,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             pin,
         },
         overlay: args.overlay_prefix,
+        underlay,
         egress_dns: match args.egress_dns {
             Some(addr) => addr,
             None => crate::egress::service::system_dns(Path::new("/etc/resolv.conf")),

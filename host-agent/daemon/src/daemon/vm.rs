@@ -129,6 +129,17 @@ pub enum NetworkError {
     /// The forwarded ports could not be served.
     #[error("serving the forwarded ports")]
     ForwardServe(#[source] std::io::Error),
+    /// The profile opens ingress ports, and this daemon has no underlay to open them on.
+    #[error(
+        "the profile's `[network] ingress` needs a daemon started with --underlay IFACE: no client could reach the VM"
+    )]
+    NoUnderlay,
+    /// A migrating VM's address is not one of this host's overlay prefix.
+    #[error("address {0} is not a VM's address in this host's overlay prefix {1}")]
+    NotOurs(std::net::Ipv4Addr, crate::net::addr::OverlayPrefix),
+    /// A migrating VM's address is held by a VM here.
+    #[error("address {0} is held here by VM {1}")]
+    InUse(std::net::Ipv4Addr, String),
 }
 
 /// The access profile of a create request, when it has one that loads (one that does not is
@@ -603,6 +614,11 @@ impl Vm {
     /// This VM's addresses, when its profile gives it a network.
     pub fn network(&self) -> Option<crate::net::addr::VmLink> {
         lock(&self.record).net
+    }
+
+    /// Whether this VM came, or is coming, by migration.
+    pub fn migrating_in(&self) -> bool {
+        lock(&self.record).migrate_in.is_some()
     }
 
     /// This VM's network namespace, when its profile gives it a network (the resolver binds

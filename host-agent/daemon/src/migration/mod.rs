@@ -28,10 +28,20 @@
 //!    records the outcome as unknown, for `--resolve`. A VMM that moved its VM refuses to run
 //!    it again whatever it is asked, so even a daemon that never comes back leaves one copy.
 //!
+//! # The address
+//! A networked VM keeps its overlay addresses ([`Offer::net`]): the target builds the VM's
+//! namespace, links and firewall for the same addresses (its gateway at the same MAC) before
+//! its VMM starts, and refuses the offer when they are not a slot of its own prefix or are
+//! held there. Once its copy runs, the target answers ARP for the guest's address on its
+//! underlay and announces it there; the source withdraws its answer when its copy ends
+//! (`crate::net::underlay`). A client's TCP connection to the guest goes on: the address,
+//! the guest's sockets and the firewall's admission of those connections all hold on the
+//! new host. What the guest had opened outward, through the source's masquerade, does not.
+//!
 //! # What does not move yet
-//! A VM with a network (its overlay address would have to follow it) or with an image's
-//! writable disk (the disk would have to be copied, with its own dirty log) is refused before
-//! anything starts, as are a paused VM and a VM tied to a parent or to children. The guest's
+//! A VM with an image's writable disk (the disk would have to be copied, with its own dirty
+//! log) is refused before anything starts, as are a paused VM and a VM tied to a parent or
+//! to children. The guest's
 //! credential link to the device is not carried over: the device knows the VM's boot key from
 //! the source host only. See `docs/design.md` ("Planned", live migration).
 
@@ -63,6 +73,10 @@ pub struct Offer {
     pub agent_pid: Option<u32>,
     /// `starting` or `running`.
     pub status: VmStatus,
+    /// A networked VM's addresses: they go with it (the target refuses them if they are not
+    /// a slot of its overlay prefix, or held there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::addr::VmLink>,
 }
 
 /// What a source daemon asks of a target, first thing on a link.
@@ -140,10 +154,14 @@ pub fn check_offer(offer: &Offer) -> Result<(), String> {
     if offer.spec.image.is_some() {
         return Err("a VM with an image's writable disk does not migrate yet".to_owned());
     }
-    if crate::daemon::wants_network(&offer.spec) {
-        return Err("a VM with a network does not migrate yet".to_owned());
+    match (
+        crate::daemon::wants_network(&offer.spec),
+        offer.net.is_some(),
+    ) {
+        (true, false) => Err("a networked VM is offered without its addresses".to_owned()),
+        (false, true) => Err("a VM without a network is offered with addresses".to_owned()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The hosts this daemon migrates with: each one's address and pinned key
@@ -202,6 +220,7 @@ mod tests {
             agent_sent: true,
             agent_pid: Some(7),
             status: VmStatus::Running,
+            net: None,
         }
     }
 
@@ -231,6 +250,22 @@ mod tests {
             (Box::new(|o| o.source_vm.clear()), "id is empty"),
             (Box::new(|o| o.status = VmStatus::Stopped), "stopped"),
             (Box::new(|o| o.boot_id = Some("zz".into())), "boot id"),
+            (
+                Box::new(|o| {
+                    o.net = Some(
+                        crate::net::addr::allocate(
+                            &crate::net::addr::OverlayPrefix::DEFAULT.parse().unwrap(),
+                            &Default::default(),
+                        )
+                        .unwrap(),
+                    )
+                }),
+                "offered with addresses",
+            ),
+            (
+                Box::new(|o| o.spec.ports = vec!["8080:80".parse().unwrap()]),
+                "without its addresses",
+            ),
         ];
         for (spoil, says) in cases {
             let mut o = offer();
