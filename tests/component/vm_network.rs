@@ -12,6 +12,12 @@
 //! is refused by the firewall, counted, and audited (`by: firewall`, rule `deny_metadata`,
 //! port 80) through the kernel's NFLOG.
 //!
+//! A third test plays a host on an underlay with a client beside it (a veth between the test's
+//! namespace and the client's): the daemon's underlay reads its interface, publishes a guest's
+//! address (the client's ARP for it is answered with the host's MAC), announces it (a
+//! gratuitous ARP overwrites what the client had cached) and withdraws it; a VM's firewall
+//! with ingress ports and the host's table with the underlay load into the kernel.
+//!
 //! Each test re-runs itself under `unshare --net`, so the host's own links, routes, forwarding
 //! setting and nftables are never touched: there, the test's namespace plays the host's.
 
@@ -111,6 +117,164 @@ fn the_resolver_opens_the_firewall_before_it_answers_and_audits_a_refusal() {
     );
 }
 
+#[test]
+fn the_underlay_answers_announces_and_withdraws_a_guest_address() {
+    in_own_netns(
+        "vm_network::the_underlay_answers_announces_and_withdraws_a_guest_address",
+        underlay_inner,
+    );
+}
+
+/// The client's neighbour entry for `addr`: its MAC, if it has one.
+fn client_neighbour(client: &VmNetns, addr: Ipv4Addr) -> Option<String> {
+    let entries = ns_json(client, "ip", &["-j", "neigh", "show", &addr.to_string()]);
+    entries[0]["lladdr"].as_str().map(str::to_owned)
+}
+
+fn underlay_inner() {
+    use host_agent::net::underlay::Underlay;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix: OverlayPrefix = "10.251.0.0/24".parse().unwrap();
+    let link = allocate(&prefix, &[].into()).unwrap();
+    let id = "0de1e7ee";
+    let path = dir.path().join(netns::NETNS_FILE);
+    let ns = VmNetns::create(&path).unwrap();
+    let _guard = Teardown(&path, id);
+    netns::setup(&ns, id, &link, 1_000_778).unwrap();
+    // The gateway's MAC is derived from its address: the same on every host.
+    let gw_mac = link.gateway_mac_string();
+    assert_eq!(tap_mac(&ns).map(|b| format!("{b:02x}")).join(":"), gw_mac);
+
+    // The client, on the underlay with the host: the overlay is on its link.
+    let client_path = dir.path().join("client");
+    let client = VmNetns::create(&client_path).unwrap();
+    let _client_guard = Teardown(&client_path, "c1e47");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("ip").args(["link", "add", "ulh", "type", "veth", "peer", "name", "ul0"]));
+    run(Command::new("ip")
+        .args(["link", "set", "ul0", "netns"])
+        .arg(&client_path));
+    run(Command::new("ip").args(["addr", "add", "192.0.2.1/24", "dev", "ulh"]));
+    run(Command::new("ip").args(["link", "set", "ulh", "up"]));
+    for args in [
+        &["addr", "add", "192.0.2.3/24", "dev", "ul0"][..],
+        &["link", "set", "ul0", "up"],
+        &["route", "add", "10.251.0.0/24", "dev", "ul0"],
+    ] {
+        in_ns(&client, "ip", args).unwrap();
+    }
+    let underlay = Underlay::open("ulh").unwrap();
+    assert_eq!(underlay.networks(), ["192.0.2.0/24"]);
+    let host_mac = host_ip_json(&["link", "show", "ulh"])[0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Published: the client's ARP for the guest is answered with the host's MAC.
+    underlay.publish(link.guest).unwrap();
+    let proxies = || {
+        String::from_utf8(
+            Command::new("ip")
+                .args(["neigh", "show", "proxy"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+    };
+    assert!(proxies().contains(&link.guest.to_string()), "{}", proxies());
+    let guest = std::net::SocketAddr::from((link.guest, 9));
+    let _ = client
+        .run_in(|| std::net::TcpStream::connect_timeout(&guest, Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(
+        client_neighbour(&client, link.guest).as_deref(),
+        Some(host_mac.as_str())
+    );
+
+    // Announced: a stale entry elsewhere is overwritten at once.
+    in_ns(
+        &client,
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &link.guest.to_string(),
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "ul0",
+            "nud",
+            "stale",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        client_neighbour(&client, link.guest).as_deref(),
+        Some("02:00:00:00:00:99")
+    );
+    underlay.announce(link.guest).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while client_neighbour(&client, link.guest).as_deref() != Some(host_mac.as_str()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the announcement did not reach the client: {:?}",
+            client_neighbour(&client, link.guest)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Withdrawn, twice: the second is no error.
+    underlay.withdraw(link.guest).unwrap();
+    underlay.withdraw(link.guest).unwrap();
+    assert!(
+        !proxies().contains(&link.guest.to_string()),
+        "{}",
+        proxies()
+    );
+
+    // The VM's ingress rules and the host's table with the underlay load as written.
+    let ingress = firewall::Ingress::new(Some(&underlay), &[7000]);
+    firewall::install(&ns, &link, &prefix, None, &ingress).unwrap();
+    firewall::install_host(&prefix, Some(&underlay)).unwrap();
+    let forward = String::from_utf8(
+        in_ns(
+            &ns,
+            "nft",
+            &["list", "chain", "inet", "nanoclaw", "forward"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        forward.contains("ip saddr 192.0.2.0/24 tcp dport 7000 accept"),
+        "{forward}"
+    );
+    assert!(
+        forward.contains("ip daddr 192.0.2.0/24 tcp sport 7000 accept"),
+        "{forward}"
+    );
+    let host = String::from_utf8(
+        Command::new("nft")
+            .args(["list", "chain", "ip", "nanoclaw", "postrouting"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        host.contains("oifname \"ulh\" ip daddr 192.0.2.0/24 accept"),
+        "{host}"
+    );
+}
+
 fn resolver_inner() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(netns::NETNS_FILE);
@@ -120,7 +284,7 @@ fn resolver_inner() {
     let ns = VmNetns::create(&path).unwrap();
     let _guard = Teardown(&path, id);
     netns::setup(&ns, id, &link, 1_000_778).unwrap();
-    firewall::install(&ns, &link, &prefix, Some(SNI_PORT)).unwrap();
+    firewall::install(&ns, &link, &prefix, Some(SNI_PORT), &Default::default()).unwrap();
 
     // The upstream server listens on the test namespace's loopback, which starts down.
     let up = Command::new("ip")
@@ -481,10 +645,10 @@ fn inner() {
     let _guard = Teardown(&path, id);
     assert!(VmNetns::is_mounted(&path));
     netns::setup(&ns, id, &link, uid).unwrap();
-    firewall::install(&ns, &link, &prefix, None).unwrap();
-    firewall::install_host(&prefix).unwrap();
+    firewall::install(&ns, &link, &prefix, None, &Default::default()).unwrap();
+    firewall::install_host(&prefix, None).unwrap();
     // Loading again replaces, never duplicates; nft takes the SNI redirect as written.
-    firewall::install(&ns, &link, &prefix, Some(8443)).unwrap();
+    firewall::install(&ns, &link, &prefix, Some(8443), &Default::default()).unwrap();
     let text = String::from_utf8(
         in_ns(
             &ns,
@@ -495,8 +659,8 @@ fn inner() {
     )
     .unwrap();
     assert!(text.contains("redirect to :8443"), "{text}");
-    firewall::install(&ns, &link, &prefix, None).unwrap();
-    firewall::install_host(&prefix).unwrap();
+    firewall::install(&ns, &link, &prefix, None, &Default::default()).unwrap();
+    firewall::install_host(&prefix, None).unwrap();
 
     check_links(&ns, &link, &veth, uid);
     check_ruleset(&ns);

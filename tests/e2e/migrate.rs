@@ -11,6 +11,11 @@
 //! - **Between two daemons** (`nanoclaw migrate`): a counting agent, jailed, moves from one
 //!   daemon to another over their pinned link on loopback, and counts on there: the same
 //!   process (no count repeated, none skipped), the same boot id, the source's copy ended.
+//! - **A networked agent and its client** (`nanoclaw migrate`, the overlay address following):
+//!   two daemons in two network namespaces, joined by an underlay (a bridge) with a client in
+//!   a third. The agent serves a counter on TCP to the client over its overlay address; it
+//!   migrates, and the client's one connection goes on with no count repeated or skipped. The
+//!   longest silence the client saw is printed.
 
 use std::time::Duration;
 
@@ -194,4 +199,235 @@ fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
         target.vmm_processes().is_empty(),
         "the target's VMM ended with its stop"
     );
+}
+
+/// The agent of the networked test: serves one client on TCP [`SERVED_PORT`], a line every
+/// 100 ms.
+const SERVER: &str = "exec /bin/busybox nc -l -p 7000 -e /bin/sh -c \
+    'i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 0.1; done'";
+const SERVED_PORT: u16 = 7000;
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn a_client_connection_to_a_networked_agent_survives_its_migration() {
+    use super::agent::{AGENT, nanoclaw, text};
+    use nanoclaw_tests::netns::{UNDERLAY_IF, Underlay};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    let image = GuestImage::from_env().expect("guest image");
+    let underlay = Underlay::create("mig", 3, "10.200.0.0/16").expect("the underlay");
+    let [a, b, client] = &underlay.members[..] else {
+        unreachable!("three members")
+    };
+    let on = |member: &nanoclaw_tests::netns::Member| {
+        DaemonOptions::guest(&image.vmlinux, &image.initramfs)
+            .in_netns(member.nsenter_arg())
+            .args(["--underlay", UNDERLAY_IF])
+    };
+    let hosts = PinnedHosts::start_at(
+        (on(a), format!("{}:7420", a.addr)),
+        (on(b), format!("{}:7420", b.addr)),
+        true,
+    )
+    .expect("two daemons on the underlay, pinned to each other");
+    let (source, target) = (&hosts.source, &hosts.target);
+
+    let profile = source.dir().join("serve.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "name = \"e2e-serve\"\ntier = \"worker\"\n\n[network]\ningress = [{SERVED_PORT}]\n"
+        ),
+    )
+    .expect("write the profile");
+    let profile = profile.to_string_lossy().into_owned();
+    let out = nanoclaw(
+        source,
+        &[
+            "run",
+            "--detach",
+            "--profile",
+            &profile,
+            "--",
+            "/bin/sh",
+            "-c",
+            SERVER,
+        ],
+        MIGRATE,
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        hosts.records()
+    );
+    let id = text(&out.stdout).trim().to_owned();
+    let info = source.inspect(&id).expect("inspect");
+    let guest: std::net::Ipv4Addr = info["network"]["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("the VM's address: {info}"));
+
+    // The client connects over the underlay, as soon as the agent listens.
+    let deadline = Instant::now() + AGENT;
+    let stream = loop {
+        let tried = client.connect((guest, SERVED_PORT).into(), Duration::from_secs(5));
+        match tried {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!(
+                "the client cannot reach the agent: {e:#}\n{}",
+                hosts.records()
+            ),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("read timeout");
+    // Every line the client reads, with when it came; the reader ends at the stream's end.
+    let lines: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
+    let ended: Arc<Mutex<Option<String>>> = Arc::default();
+    let reader = {
+        let (lines, ended) = (Arc::clone(&lines), Arc::clone(&ended));
+        std::thread::spawn(move || {
+            let why = read_counts(stream, &lines);
+            *ended.lock().unwrap() = Some(why.clone());
+            why
+        })
+    };
+    let count = || lines.lock().unwrap().last().map_or(0, |l| l.1);
+    let wait_count = |n: u64, what: &str, detail: &dyn Fn() -> String| {
+        let deadline = Instant::now() + AGENT;
+        while count() < n {
+            let gone = ended.lock().unwrap().clone();
+            assert!(
+                gone.is_none() && Instant::now() < deadline,
+                "{what}: the client's count stopped at {} ({gone:?})\n{}\nclient's neighbours: {}\n{}",
+                count(),
+                detail(),
+                text(
+                    &client
+                        .command("ip")
+                        .args(["neigh"])
+                        .output()
+                        .map(|o| o.stdout)
+                        .unwrap_or_default()
+                ),
+                hosts.records()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_count(10, "before the migration", &String::new);
+
+    let out = nanoclaw(
+        source,
+        &["migrate", &id, "--to", &hosts.target_addr],
+        MIGRATE,
+    );
+    let shown = text(&out.stdout);
+    println!("nanoclaw migrate:\n{shown}");
+    assert!(
+        out.status.success(),
+        "{shown}\n{}\n{}",
+        text(&out.stderr),
+        hosts.records()
+    );
+    let moved_at = count();
+    let after = source.inspect(&id).expect("inspect");
+    assert_eq!(after["status"], "migrated", "{after}");
+    let there = after["migrated_to"]["vm"]
+        .as_str()
+        .expect("the VM's id there")
+        .to_owned();
+    let info = target.inspect(&there).expect("inspect on the target");
+    assert_eq!(info["status"], "running", "{info}");
+    assert_eq!(
+        info["network"]["address"],
+        guest.to_string(),
+        "the address went with the VM"
+    );
+
+    // The same connection carries on, from the guest now on the target.
+    wait_count(moved_at + 30, "after the migration", &|| {
+        format!(
+            "the target's VM: {}",
+            target
+                .inspect(&there)
+                .map(|v| v["network"].to_string())
+                .unwrap_or_default()
+        )
+    });
+    let seen: Vec<(Instant, u64)> = lines.lock().unwrap().clone();
+    let counts: Vec<u64> = seen.iter().map(|l| l.1).collect();
+    let expected: Vec<u64> = (1..=*counts.last().unwrap()).collect();
+    assert_eq!(
+        counts, expected,
+        "one connection, one process: no count repeated or skipped across the move"
+    );
+    let silence = seen
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "client's longest silence across the migration: {} ms (the agent writes every 100 ms)",
+        silence.as_millis()
+    );
+
+    // The source answers for the address no more; the target does.
+    let proxies = |m: &nanoclaw_tests::netns::Member| {
+        let out = m
+            .command("ip")
+            .args(["neigh", "show", "proxy"])
+            .output()
+            .expect("ip neigh show proxy");
+        text(&out.stdout)
+    };
+    assert!(!proxies(a).contains(&guest.to_string()), "{}", proxies(a));
+    assert!(proxies(b).contains(&guest.to_string()), "{}", proxies(b));
+
+    let out = nanoclaw(target, &["stop", &there], MIGRATE);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ended = reader.join().expect("the reader");
+    println!("the client's connection: {ended}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxies(b).contains(&guest.to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the target still answers for a stopped VM: {}",
+            proxies(b)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Reads `count N` lines from `stream` into `lines`, each with when it came, until the stream
+/// ends or fails; says how it ended.
+fn read_counts(
+    stream: std::net::TcpStream,
+    lines: &std::sync::Mutex<Vec<(std::time::Instant, u64)>>,
+) -> String {
+    use std::io::BufRead;
+    let mut got = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match got.read_line(&mut line) {
+            Ok(0) => return "the agent closed the connection".to_owned(),
+            Ok(_) => match line
+                .trim()
+                .strip_prefix("count ")
+                .and_then(|n| n.parse().ok())
+            {
+                Some(n) => lines.lock().unwrap().push((std::time::Instant::now(), n)),
+                None => return format!("an odd line: {line:?}"),
+            },
+            Err(e) => return format!("reading: {e}"),
+        }
+    }
 }

@@ -40,6 +40,8 @@ pub struct DaemonOptions {
     rust_log: Option<String>,
     /// When the daemon counts as started.
     ready: Ready,
+    /// Run inside this network namespace (`nsenter`'s `--net=...` argument).
+    netns: Option<String>,
 }
 
 /// When a daemon counts as started.
@@ -64,6 +66,7 @@ impl DaemonOptions {
             stop_grace_secs: Some(5),
             args: Vec::new(),
             rust_log: None,
+            netns: None,
             ready: Ready::Cli(Duration::from_secs(120)),
         }
     }
@@ -78,6 +81,7 @@ impl DaemonOptions {
             stop_grace_secs: None,
             args: Vec::new(),
             rust_log: None,
+            netns: None,
             ready: Ready::Socket(Duration::from_secs(20)),
         }
     }
@@ -97,6 +101,7 @@ impl DaemonOptions {
             stop_grace_secs: None,
             args: vec!["--jail".into(), "off".into()],
             rust_log: None,
+            netns: None,
             ready: Ready::Socket(Duration::from_secs(20)),
         }
     }
@@ -116,6 +121,14 @@ impl DaemonOptions {
     /// Sets `--stop-grace-secs`.
     pub fn stop_grace_secs(mut self, secs: u32) -> Self {
         self.stop_grace_secs = Some(secs);
+        self
+    }
+
+    /// Runs the daemon inside a network namespace, entered by `nsenter NSENTER_ARG` (see
+    /// [`crate::netns::Member::nsenter_arg`]); nsenter execs the daemon, so its pid is the
+    /// daemon's.
+    pub fn in_netns(mut self, nsenter_arg: String) -> Self {
+        self.netns = Some(nsenter_arg);
         self
     }
 
@@ -219,7 +232,14 @@ impl Daemon {
                 self.dir.path().join("initrd"),
             ),
         };
-        let mut cmd = Command::new(&o.program);
+        let mut cmd = match &o.netns {
+            Some(net) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(net).arg("--").arg(&o.program);
+                cmd
+            }
+            None => Command::new(&o.program),
+        };
         cmd.arg("serve")
             .arg("--state-dir")
             .arg(self.state_dir())

@@ -37,11 +37,25 @@ impl PinnedHosts {
     /// target's key at its address; the target pins the source's key, or, unless
     /// `target_pins_source`, [`OTHER_KEY`].
     pub fn start(options: impl Fn() -> DaemonOptions, target_pins_source: bool) -> Result<Self> {
-        let mut source = options().prepare().context("prepare the source daemon")?;
-        let mut target = options().prepare().context("prepare the target daemon")?;
+        let (source_addr, target_addr) = two_loopback_addresses()?;
+        Self::start_at(
+            (options(), source_addr),
+            (options(), target_addr),
+            target_pins_source,
+        )
+    }
+
+    /// [`start`](Self::start) with each daemon's options and migration address (`ADDR:PORT`,
+    /// which it listens on and the other dials).
+    pub fn start_at(
+        (source, source_addr): (DaemonOptions, String),
+        (target, target_addr): (DaemonOptions, String),
+        target_pins_source: bool,
+    ) -> Result<Self> {
+        let mut source = source.prepare().context("prepare the source daemon")?;
+        let mut target = target.prepare().context("prepare the target daemon")?;
         let source_key = migration_key(&source.state_dir())?;
         let target_key = migration_key(&target.state_dir())?;
-        let (source_addr, target_addr) = two_loopback_addresses()?;
         source.add_args([
             "--migration-listen".to_owned(),
             source_addr.clone(),

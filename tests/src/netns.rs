@@ -52,24 +52,9 @@ impl ClientNetns {
         let (host_if, client_if) = (format!("nch-{tag}"), format!("ncc-{tag}"));
         // Ends left by an earlier run that died go first.
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
-        let holder = Command::new("unshare")
-            .args(["--net", "--", "sleep", "infinity"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("start the namespace's holder (unshare --net)")?;
+        let holder = holder()?;
         let ns = Self { holder, host_if };
         let pid = ns.holder.id().to_string();
-        let net = format!("/proc/{pid}/ns/net");
-        // unshare has made the namespace once its child runs: wait for that.
-        let own = std::fs::read_link("/proc/self/ns/net").context("this namespace")?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_link(&net).ok().is_none_or(|n| n == own) {
-            if std::time::Instant::now() > deadline {
-                bail!("the holder's network namespace did not appear");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
         run(Command::new("ip").args([
             "link",
             "add",
@@ -108,6 +93,170 @@ impl ClientNetns {
             .arg("--")
             .arg(program);
         cmd
+    }
+}
+
+/// A process holding a new network namespace, once that namespace exists.
+fn holder() -> Result<Child> {
+    let mut holder = Command::new("unshare")
+        .args(["--net", "--", "sleep", "infinity"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start the namespace's holder (unshare --net)")?;
+    let net = format!("/proc/{}/ns/net", holder.id());
+    // unshare has made the namespace once its child runs: wait for that.
+    let own = std::fs::read_link("/proc/self/ns/net").context("this namespace")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_link(&net).ok().is_none_or(|n| n == own) {
+        if std::time::Instant::now() > deadline {
+            let _ = holder.kill();
+            let _ = holder.wait();
+            bail!("the holder's network namespace did not appear");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(holder)
+}
+
+/// Network namespaces on one Ethernet segment (a bridge in the caller's namespace, a veth to
+/// each), each with an address of [`UNDERLAY_NET`] on its `ul0`: two "hosts" that share an
+/// underlay, and a client on it that routes the overlay prefix straight onto it, as
+/// `docs/security/network.md` ("The underlay") describes. Dropping it removes them all.
+#[derive(Debug)]
+pub struct Underlay {
+    bridge: String,
+    /// The members, in the order made.
+    pub members: Vec<Member>,
+}
+
+/// One namespace of an [`Underlay`].
+#[derive(Debug)]
+pub struct Member {
+    holder: Child,
+    host_if: String,
+    /// Its address on the underlay.
+    pub addr: Ipv4Addr,
+}
+
+/// The underlay's network, a /24.
+pub const UNDERLAY_NET: [u8; 3] = [10, 77, 0];
+/// The interface's name in each member.
+pub const UNDERLAY_IF: &str = "ul0";
+
+impl Underlay {
+    /// Makes `count` members (addresses `.1` up), the last one a client whose route to
+    /// `overlay` (`A.B.C.D/LEN`) is the underlay itself; `tag` names the links.
+    pub fn create(tag: &str, count: u8, overlay: &str) -> Result<Self> {
+        let bridge = format!("ncb-{tag}");
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]))?;
+        let mut underlay = Self {
+            bridge,
+            members: Vec::new(),
+        };
+        run(Command::new("ip").args(["link", "set", &underlay.bridge, "up"]))?;
+        for i in 1..=count {
+            let host_if = format!("ncu-{tag}{i}");
+            let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+            let [a, b, c] = UNDERLAY_NET;
+            let member = Member {
+                holder: holder()?,
+                host_if,
+                addr: Ipv4Addr::new(a, b, c, i),
+            };
+            let pid = member.holder.id().to_string();
+            run(Command::new("ip").args([
+                "link",
+                "add",
+                &member.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                UNDERLAY_IF,
+                "netns",
+                &pid,
+            ]))?;
+            run(Command::new("ip").args([
+                "link",
+                "set",
+                &member.host_if,
+                "master",
+                &underlay.bridge,
+                "up",
+            ]))?;
+            let cidr = format!("{}/24", member.addr);
+            for args in [
+                &["addr", "add", &cidr, "dev", UNDERLAY_IF][..],
+                &["link", "set", UNDERLAY_IF, "up"],
+                &["link", "set", "lo", "up"],
+            ] {
+                run(member.command("ip").args(args))?;
+            }
+            if i == count {
+                run(member
+                    .command("ip")
+                    .args(["route", "add", overlay, "dev", UNDERLAY_IF]))?;
+            }
+            underlay.members.push(member);
+        }
+        Ok(underlay)
+    }
+}
+
+impl Drop for Underlay {
+    fn drop(&mut self) {
+        self.members.clear();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+impl Member {
+    /// `program` run inside the namespace (`nsenter --net=... program`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(self.nsenter_arg()).arg("--").arg(program);
+        cmd
+    }
+
+    /// `--net=/proc/PID/ns/net`: nsenter's argument that enters the namespace.
+    pub fn nsenter_arg(&self) -> String {
+        format!("--net=/proc/{}/ns/net", self.holder.id())
+    }
+
+    /// A TCP connection to `addr` made from inside the namespace (the socket stays in it).
+    pub fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Result<std::net::TcpStream> {
+        let ns = std::fs::File::open(format!("/proc/{}/ns/net", self.holder.id()))
+            .context("open the namespace")?;
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on a descriptor this thread owns; it changes only this
+            // thread's network namespace, and the thread ends after the connect.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("join the namespace");
+            }
+            std::net::TcpStream::connect_timeout(&addr, timeout)
+                .with_context(|| format!("connect to {addr}"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
     }
 }
 
