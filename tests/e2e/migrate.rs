@@ -140,19 +140,7 @@ fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
         .expect("the agent counts");
     let before = source.inspect(&id).expect("inspect");
 
-    let out = nanoclaw(
-        source,
-        &["migrate", &id, "--to", &hosts.target_addr],
-        MIGRATE,
-    );
-    let shown = text(&out.stdout);
-    println!("nanoclaw migrate:\n{shown}");
-    assert!(
-        out.status.success(),
-        "{shown}\n{}\n{}",
-        text(&out.stderr),
-        hosts.records()
-    );
+    let shown = migrate_to_target(&hosts, &id);
     assert!(shown.contains("accepted: VM "), "{shown}");
     assert!(shown.contains("round 0: "), "{shown}");
     assert!(shown.contains("moved to "), "{shown}");
@@ -268,6 +256,11 @@ fn a_client_connection_to_a_networked_agent_survives_its_migration() {
         .as_str()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("the VM's address: {info}"));
+    assert_eq!(
+        info["network"]["ingress"],
+        serde_json::json!([SERVED_PORT]),
+        "{info}"
+    );
 
     // The client connects over the underlay, as soon as the agent listens.
     let deadline = Instant::now() + AGENT;
@@ -324,19 +317,8 @@ fn a_client_connection_to_a_networked_agent_survives_its_migration() {
     };
     wait_count(10, "before the migration", &String::new);
 
-    let out = nanoclaw(
-        source,
-        &["migrate", &id, "--to", &hosts.target_addr],
-        MIGRATE,
-    );
-    let shown = text(&out.stdout);
-    println!("nanoclaw migrate:\n{shown}");
-    assert!(
-        out.status.success(),
-        "{shown}\n{}\n{}",
-        text(&out.stderr),
-        hosts.records()
-    );
+    let shown = migrate_to_target(&hosts, &id);
+    assert!(shown.contains("moved to "), "{shown}");
     let moved_at = count();
     let after = source.inspect(&id).expect("inspect");
     assert_eq!(after["status"], "migrated", "{after}");
@@ -391,6 +373,15 @@ fn a_client_connection_to_a_networked_agent_survives_its_migration() {
     assert!(!proxies(a).contains(&guest.to_string()), "{}", proxies(a));
     assert!(proxies(b).contains(&guest.to_string()), "{}", proxies(b));
 
+    // The target's account of the move, for the log.
+    for line in target
+        .log()
+        .lines()
+        .filter(|l| l.contains("migrat") || l.contains("underlay"))
+    {
+        println!("target daemon: {line}");
+    }
+
     let out = nanoclaw(target, &["stop", &there], MIGRATE);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let ended = reader.join().expect("the reader");
@@ -430,4 +421,24 @@ fn read_counts(
             Err(e) => return format!("reading: {e}"),
         }
     }
+}
+
+/// `nanoclaw migrate ID --to TARGET` on the source of `hosts`, which must succeed; what it
+/// printed.
+fn migrate_to_target(hosts: &PinnedHosts, id: &str) -> String {
+    use super::agent::{nanoclaw, text};
+    let out = nanoclaw(
+        &hosts.source,
+        &["migrate", id, "--to", &hosts.target_addr],
+        MIGRATE,
+    );
+    let shown = text(&out.stdout);
+    println!("nanoclaw migrate:\n{shown}");
+    assert!(
+        out.status.success(),
+        "{shown}\n{}\n{}",
+        text(&out.stderr),
+        hosts.records()
+    );
+    shown
 }

@@ -22,8 +22,39 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 2);
 /// A client's network namespace (see the module doc).
 #[derive(Debug)]
 pub struct ClientNetns {
+    held: Held,
+}
+
+/// A namespace's holder process and the host's end of its veth: dropping it ends the
+/// holder (the namespace goes with it) and deletes that end, for a holder that would not die.
+#[derive(Debug)]
+struct Held {
     holder: Child,
     host_if: String,
+}
+
+impl Held {
+    /// `program` run inside the namespace (`nsenter --net=... program`).
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(self.nsenter_arg()).arg("--").arg(program);
+        cmd
+    }
+
+    /// `--net=/proc/PID/ns/net`.
+    fn nsenter_arg(&self) -> String {
+        format!("--net=/proc/{}/ns/net", self.holder.id())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -53,12 +84,14 @@ impl ClientNetns {
         // Ends left by an earlier run that died go first.
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
         let holder = holder()?;
-        let ns = Self { holder, host_if };
-        let pid = ns.holder.id().to_string();
+        let ns = Self {
+            held: Held { holder, host_if },
+        };
+        let pid = ns.held.holder.id().to_string();
         run(Command::new("ip").args([
             "link",
             "add",
-            &ns.host_if,
+            &ns.held.host_if,
             "type",
             "veth",
             "peer",
@@ -72,9 +105,9 @@ impl ClientNetns {
             "add",
             &format!("{host}/{prefix_len}"),
             "dev",
-            &ns.host_if,
+            &ns.held.host_if,
         ]))?;
-        run(Command::new("ip").args(["link", "set", &ns.host_if, "up"]))?;
+        run(Command::new("ip").args(["link", "set", &ns.held.host_if, "up"]))?;
         let client_addr = format!("{client}/{prefix_len}");
         for args in [
             &["addr", "add", &client_addr, "dev", &client_if][..],
@@ -88,11 +121,7 @@ impl ClientNetns {
 
     /// `program` run inside the namespace (`nsenter --net=... program`).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/proc/{}/ns/net", self.holder.id()))
-            .arg("--")
-            .arg(program);
-        cmd
+        self.held.command(program)
     }
 }
 
@@ -133,8 +162,7 @@ pub struct Underlay {
 /// One namespace of an [`Underlay`].
 #[derive(Debug)]
 pub struct Member {
-    holder: Child,
-    host_if: String,
+    held: Held,
     /// Its address on the underlay.
     pub addr: Ipv4Addr,
 }
@@ -161,15 +189,17 @@ impl Underlay {
             let _ = Command::new("ip").args(["link", "del", &host_if]).output();
             let [a, b, c] = UNDERLAY_NET;
             let member = Member {
-                holder: holder()?,
-                host_if,
+                held: Held {
+                    holder: holder()?,
+                    host_if,
+                },
                 addr: Ipv4Addr::new(a, b, c, i),
             };
-            let pid = member.holder.id().to_string();
+            let pid = member.held.holder.id().to_string();
             run(Command::new("ip").args([
                 "link",
                 "add",
-                &member.host_if,
+                &member.held.host_if,
                 "type",
                 "veth",
                 "peer",
@@ -181,7 +211,7 @@ impl Underlay {
             run(Command::new("ip").args([
                 "link",
                 "set",
-                &member.host_if,
+                &member.held.host_if,
                 "master",
                 &underlay.bridge,
                 "up",
@@ -217,14 +247,12 @@ impl Drop for Underlay {
 impl Member {
     /// `program` run inside the namespace (`nsenter --net=... program`).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(self.nsenter_arg()).arg("--").arg(program);
-        cmd
+        self.held.command(program)
     }
 
     /// `--net=/proc/PID/ns/net`: nsenter's argument that enters the namespace.
     pub fn nsenter_arg(&self) -> String {
-        format!("--net=/proc/{}/ns/net", self.holder.id())
+        self.held.nsenter_arg()
     }
 
     /// A TCP connection to `addr` made from inside the namespace (the socket stays in it).
@@ -233,7 +261,7 @@ impl Member {
         addr: std::net::SocketAddr,
         timeout: std::time::Duration,
     ) -> Result<std::net::TcpStream> {
-        let ns = std::fs::File::open(format!("/proc/{}/ns/net", self.holder.id()))
+        let ns = std::fs::File::open(format!("/proc/{}/ns/net", self.held.holder.id()))
             .context("open the namespace")?;
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
@@ -247,26 +275,5 @@ impl Member {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-    }
-}
-
-impl Drop for ClientNetns {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        // The pair goes with the namespace; this is for a holder that would not die.
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
     }
 }

@@ -585,6 +585,9 @@ pub struct VmNetworkInfo {
     pub gateway: String,
     /// The profile's `[network] egress` entries.
     pub egress: Vec<String>,
+    /// The profile's `[network] ingress` ports (open to the underlay's clients).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<u16>,
     /// Counters by name: the resolver's (`dns_*`), the SNI check's (`sni_*`), and, in
     /// `GET /v1/vms/{id}`, the firewall's refusals in packets (`firewall_deny_*`). Empty
     /// once the VM has ended.

@@ -137,8 +137,8 @@ pub enum NetworkError {
     /// A migrating VM's address is not one of this host's overlay prefix.
     #[error("address {0} is not a VM's address in this host's overlay prefix {1}")]
     NotOurs(std::net::Ipv4Addr, crate::net::addr::OverlayPrefix),
-    /// A migrating VM's address is held by a VM here.
-    #[error("address {0} is held here by VM {1}")]
+    /// A migrating VM's address is held by a VM here (an ended one holds it until removed).
+    #[error("address {0} is held here by VM {1} (an ended VM holds it until `nanoclaw rm`)")]
     InUse(std::net::Ipv4Addr, String),
 }
 
@@ -381,16 +381,18 @@ impl Vm {
     /// The API view of this VM.
     pub fn info(&self) -> VmInfo {
         let r = lock(&self.record).clone();
-        let network = r.net.map(|link| api::VmNetworkInfo {
-            address: link.guest.to_string(),
-            gateway: link.gateway.to_string(),
-            egress: profile_of(&r.spec)
-                .map(|p| p.network.egress)
-                .unwrap_or_default(),
-            counters: self
-                .egress_counters()
-                .map(|c| c.by_name())
-                .unwrap_or_default(),
+        let network = r.net.map(|link| {
+            let net = profile_of(&r.spec).map(|p| p.network).unwrap_or_default();
+            api::VmNetworkInfo {
+                address: link.guest.to_string(),
+                gateway: link.gateway.to_string(),
+                egress: net.egress,
+                ingress: net.ingress,
+                counters: self
+                    .egress_counters()
+                    .map(|c| c.by_name())
+                    .unwrap_or_default(),
+            }
         });
         VmInfo {
             id: r.id,
