@@ -1095,6 +1095,14 @@ impl Daemon {
                 exit.reason
             );
         }
+        // A networked VM's namespace, veth and route go first: the address is free again
+        // once the VM leaves the list, and a mounted namespace file would keep its folder.
+        if vm.network().is_some()
+            && let Err(e) =
+                crate::net::netns::teardown(&vm.dir.join(crate::net::netns::NETNS_FILE), &vm.id)
+        {
+            tracing::warn!(vm = %vm.id, error = %error_chain(&e), "cannot remove the network of a VM that never ran here");
+        }
         self.lock_vms().remove(&vm.id);
         let _ = std::fs::remove_dir_all(&vm.dir);
         why
