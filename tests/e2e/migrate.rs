@@ -281,6 +281,10 @@ fn a_client_connection_to_a_networked_agent_survives_its_migration() {
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("read timeout");
+    // The test's own hold on the connection, to end the reader when it is done.
+    let closer = stream
+        .try_clone()
+        .expect("a second handle on the connection");
     // Every line the client reads, with when it came; the reader ends at the stream's end.
     let lines: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
     let ended: Arc<Mutex<Option<String>>> = Arc::default();
@@ -382,10 +386,12 @@ fn a_client_connection_to_a_networked_agent_survives_its_migration() {
         println!("target daemon: {line}");
     }
 
-    let out = nanoclaw(target, &["stop", &there], MIGRATE);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The client hangs up (a stopped guest would leave the reader waiting out its timeout).
+    let _ = closer.shutdown(std::net::Shutdown::Both);
     let ended = reader.join().expect("the reader");
     println!("the client's connection: {ended}");
+    let out = nanoclaw(target, &["stop", &there], MIGRATE);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let deadline = Instant::now() + Duration::from_secs(30);
     while proxies(b).contains(&guest.to_string()) {
         assert!(
@@ -409,7 +415,7 @@ fn read_counts(
     loop {
         line.clear();
         match got.read_line(&mut line) {
-            Ok(0) => return "the agent closed the connection".to_owned(),
+            Ok(0) => return "the connection ended".to_owned(),
             Ok(_) => match line
                 .trim()
                 .strip_prefix("count ")
