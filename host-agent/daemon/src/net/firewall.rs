@@ -35,9 +35,9 @@
 //!
 //! On the host, table `ip nanoclaw`: the overlay prefix is masqueraded on its way out of any
 //! interface but the VMs' veths (and, with an underlay, but to the underlay's own networks:
-//! a client there sees the guest's own address, which is what follows a migrated VM), and nothing from a VM's veth reaches the host itself (input
-//! from `nc-*` is refused but for replies), which covers host addresses added after a VM's
-//! rules were written.
+//! a client there sees the guest's own address, which is what follows a migrated VM), and
+//! nothing from a VM's veth reaches the host itself (input from `nc-*` is refused but for
+//! replies), which covers host addresses added after a VM's rules were written.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
