@@ -116,6 +116,9 @@ pub struct RoundInfo {
     pub round: u32,
     /// Pages sent.
     pub pages: u64,
+    /// Writable disks' blocks sent (4 KiB each).
+    #[serde(default)]
+    pub blocks: u64,
     /// How long it took, in milliseconds.
     pub ms: f64,
     /// Its rate, MB/s.
@@ -131,6 +134,7 @@ impl From<&migration::Round> for RoundInfo {
         Self {
             round: r.round,
             pages: r.pages,
+            blocks: r.blocks,
             ms: r.elapsed.as_secs_f64() * 1e3,
             mb_per_s: r.bytes_per_second() / 1e6,
             dirty: r.dirty,
@@ -153,6 +157,9 @@ pub struct MigrationInfo {
     /// Pages sent with the VM stopped.
     #[serde(default)]
     pub final_pages: u64,
+    /// Writable disks' blocks sent with the VM stopped.
+    #[serde(default)]
+    pub final_blocks: u64,
     /// From the stop to the target's answer, in milliseconds.
     #[serde(default)]
     pub downtime_ms: f64,
@@ -657,6 +664,7 @@ pub fn handle_migrate(
             tracing::info!(
                 rounds = summary.rounds.len(),
                 final_pages = summary.final_pages,
+                final_blocks = summary.final_blocks,
                 downtime_ms = summary.downtime.as_secs_f64() * 1e3,
                 total_ms = started.elapsed().as_secs_f64() * 1e3,
                 "VM migrated: the target runs it"
@@ -669,6 +677,7 @@ pub fn handle_migrate(
                     error: None,
                     rounds: summary.rounds.iter().map(RoundInfo::from).collect(),
                     final_pages: summary.final_pages,
+                    final_blocks: summary.final_blocks,
                     downtime_ms: summary.downtime.as_secs_f64() * 1e3,
                 },
             }
@@ -697,6 +706,7 @@ pub fn handle_migrate(
                     error: Some(error),
                     rounds: Vec::new(),
                     final_pages: 0,
+                    final_blocks: 0,
                     downtime_ms: 0.0,
                 },
             }

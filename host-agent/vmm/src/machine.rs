@@ -444,15 +444,26 @@ impl Vmm {
                     .migration
                     .take()
                     .ok_or(VmmError::MigrationNotOpened)?;
-                let received = match crate::migration::receive(&mut link, &mem, host) {
+                // The writable disks, opened (and locked) only while their blocks come in;
+                // the block devices open them again below.
+                let disks = match target_disks(config) {
+                    Ok(disks) => disks,
+                    Err(e) => {
+                        let _ = crate::migration::answer(&mut link, Err(&e));
+                        return Err(e);
+                    }
+                };
+                let received = match crate::migration::receive(&mut link, &mem, &disks, host) {
                     Ok(received) => received,
                     Err(e) => {
                         let _ = crate::migration::answer(&mut link, Err(&e));
                         return Err(VmmError::Migration(e));
                     }
                 };
+                drop(disks);
                 tracing::info!(
                     pages = received.pages,
+                    blocks = received.blocks,
                     since_start_ms = process_start.elapsed().as_millis(),
                     "migrating VM received"
                 );
@@ -819,6 +830,11 @@ impl Vmm {
                     vcpus: commands,
                     host,
                     devices: save_devices,
+                    disks: self
+                        .disks
+                        .iter()
+                        .filter_map(BlockHandle::migration_disk)
+                        .collect(),
                 },
             });
         if let Some(listener) = self.control.take()
@@ -948,6 +964,35 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
             );
         }
     }
+}
+
+/// A migrating VM's writable disks on the target, in config order, for
+/// [`crate::migration::receive`] to fill.
+fn target_disks(config: &VmConfig) -> Result<Vec<crate::migration::TargetDisk>, VmmError> {
+    use crate::devices::virtio::block::{BlockError, DiskFile};
+    config
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(_, disk)| !disk.read_only)
+        .map(|(index, disk)| {
+            let err = |source| VmmError::Disk {
+                index,
+                path: disk.path.display().to_string(),
+                source: VirtioError::Block(source),
+            };
+            let file = DiskFile::open(&disk.path, false).map_err(err)?;
+            Ok(crate::migration::TargetDisk {
+                file: file.try_clone_file().map_err(|source| {
+                    err(BlockError::Duplicate {
+                        path: disk.path.clone(),
+                        source,
+                    })
+                })?,
+                bytes: file.sectors() * 512,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

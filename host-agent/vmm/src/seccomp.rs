@@ -261,6 +261,10 @@ impl ThreadKind {
                 // timeouts are the setsockopt above; its pages go out with `write`).
                 Allowed::when(socket, [[Check::eq(0, AF_UNIX, "AF_UNIX")]]),
                 Allowed::any(connect),
+                // ... and its writable disks, read through the descriptors the VMM opened at
+                // start (no open here): their extents found with lseek, their blocks read.
+                Allowed::any(lseek),
+                Allowed::any(pread64),
                 // Kicking the vCPUs into the pause: pthread_kill is getpid + tgkill.
                 Allowed::any(getpid),
                 Allowed::any(tgkill),

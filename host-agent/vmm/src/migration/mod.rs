@@ -25,9 +25,14 @@
 //!   target may be running. The source stays stopped and the caller must ask the target's host
 //!   out of band before it resumes anything. Resuming here would risk two copies.
 //!
+//! # Writable disks
+//! A VM's writable disks go in the same rounds as its memory, each by its own log of written
+//! blocks ([`disk`]): every non-zero block in round 0, the logged ones after, the last ones
+//! with the VM stopped. The pages and blocks left both count towards the downtime target.
+//!
 //! # The target ([`receive`])
-//! Fresh memory of the same layout, then pages written where they belong as they arrive, then
-//! the state (checked as a snapshot state file is: magic, version, checksum, counts). The
+//! Fresh memory of the same layout and all-zero writable disks of the same sizes, then pages
+//! and blocks written where they belong as they arrive, then the state (checked as a snapshot state file is: magic, version, checksum, counts). The
 //! caller restores it into its fresh VM ([`crate::snapshot::restore_vm`] and
 //! [`crate::snapshot::restore_virtio`]) and answers with [`answer`] before its vCPUs start.
 //!
@@ -37,6 +42,7 @@
 //! which hand each VMM its end as a local socket. [`stream`] describes the records.
 
 pub mod dirty;
+pub mod disk;
 pub mod stream;
 
 #[cfg(test)]
@@ -52,6 +58,7 @@ use crate::memory::{GuestRam, MemoryError, set_dirty_logging};
 use crate::snapshot::memory::{MemoryState, PAGE};
 use crate::snapshot::{SnapshotError, SnapshotSource, SnapshotState};
 pub use dirty::DirtyPages;
+pub use disk::{SourceDisk, TargetDisk};
 pub use stream::{Record, StreamError};
 
 /// Errors of a migration, on either side.
@@ -78,6 +85,25 @@ pub enum MigrationError {
     /// The target refused to run the VM.
     #[error("the target refused the VM: {0}")]
     Refused(String),
+    /// Reading or writing a writable disk failed.
+    #[error("{what}")]
+    Disk {
+        /// What was being done.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The two VMs' writable disks differ in number or size.
+    #[error(
+        "the writable disks differ: the source's are {source_sizes:?} bytes, the target's {target_sizes:?}"
+    )]
+    DiskLayout {
+        /// The source's sizes, in order.
+        source_sizes: Vec<u64>,
+        /// The target's.
+        target_sizes: Vec<u64>,
+    },
 }
 
 /// Where a send failed, which decides what the source may do next.
@@ -136,9 +162,11 @@ pub struct Round {
     pub round: u32,
     /// Pages sent.
     pub pages: u64,
+    /// Writable disks' blocks sent (4 KiB each, as pages are).
+    pub blocks: u64,
     /// How long it took.
     pub elapsed: Duration,
-    /// Pages written meanwhile, for the next round (the logs read at its end).
+    /// Pages and blocks written meanwhile, for the next round (the logs read at its end).
     pub dirty: u64,
     /// How long sending those would take at this round's rate.
     pub expected_downtime: Duration,
@@ -147,7 +175,7 @@ pub struct Round {
 impl Round {
     /// This round's rate, bytes per second.
     pub fn bytes_per_second(&self) -> f64 {
-        (self.pages * PAGE as u64) as f64 / self.elapsed.as_secs_f64().max(1e-6)
+        ((self.pages + self.blocks) * PAGE as u64) as f64 / self.elapsed.as_secs_f64().max(1e-6)
     }
 }
 
@@ -158,6 +186,8 @@ pub struct SendSummary {
     pub rounds: Vec<Round>,
     /// Pages sent with the VM stopped.
     pub final_pages: u64,
+    /// Disk blocks sent with the VM stopped.
+    pub final_blocks: u64,
     /// From the stop to the target's answer: the guest's downtime, less the target's start.
     pub downtime: Duration,
     /// The state record's length.
@@ -200,8 +230,13 @@ pub fn send<L: Read + Write>(
 ) -> Result<SendSummary, SendError> {
     stream::write_preamble(link).map_err(before_switch)?;
     stream::write_layout(link, &MemoryState::of(&source.mem)).map_err(before_switch)?;
+    let sizes: Vec<u64> = source.disks.iter().map(SourceDisk::bytes).collect();
+    stream::write_disks(link, &sizes).map_err(before_switch)?;
     set_dirty_logging(&source.vm, &source.mem, true).map_err(before_switch)?;
     DirtyPages::clear_device_log(&source.mem);
+    for disk in &source.disks {
+        disk.dirty.take();
+    }
     let result = precopy_and_switch(link, source, config, hooks);
     if result.as_ref().is_err_and(SendError::source_may_resume) {
         // The source runs on: stop paying for the log. (On success or an unknown outcome the
@@ -211,6 +246,41 @@ pub fn send<L: Read + Write>(
         }
     }
     result
+}
+
+/// What changed since the last look: guest pages and each writable disk's blocks.
+struct Dirty {
+    pages: DirtyPages,
+    disks: Vec<crate::devices::virtio::block::BlockSet>,
+}
+
+impl Dirty {
+    fn collect(source: &SnapshotSource) -> Result<Self, MigrationError> {
+        Ok(Self {
+            pages: DirtyPages::collect(&source.vm, &source.mem)?,
+            disks: source.disks.iter().map(|d| d.dirty.take()).collect(),
+        })
+    }
+
+    fn count(&self) -> u64 {
+        self.pages.count() + self.disks.iter().map(|d| d.count()).sum::<u64>()
+    }
+
+    /// Sends what it names; answers (pages, blocks).
+    fn send(
+        &self,
+        link: &mut impl Write,
+        source: &SnapshotSource,
+        buf: &mut [u8],
+        cancel: &AtomicBool,
+    ) -> Result<(u64, u64), MigrationError> {
+        let pages = send_dirty(link, &source.mem, &self.pages, buf, cancel)?;
+        let mut blocks = 0;
+        for (index, (disk, set)) in source.disks.iter().zip(&self.disks).enumerate() {
+            blocks += disk::send_dirty(link, index, disk, set, buf, cancel)?;
+        }
+        Ok((pages, blocks))
+    }
 }
 
 fn precopy_and_switch<L: Read + Write>(
@@ -223,21 +293,26 @@ fn precopy_and_switch<L: Read + Write>(
     let mut buf = vec![0u8; stream::MAX_PAGES_PER_RECORD * PAGE];
     let mut rounds = Vec::new();
 
-    // Round 0: every non-zero page.
+    // Round 0: every non-zero page and disk block.
     let started = Instant::now();
     let pages = send_nonzero(link, &source.mem, &mut buf, cancel).map_err(before_switch)?;
-    let mut dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(before_switch)?;
-    let mut round = finish_round(0, pages, started, &dirty);
+    let mut blocks = 0;
+    for (index, d) in source.disks.iter().enumerate() {
+        blocks += disk::send_nonzero(link, index, d, &mut buf, cancel).map_err(before_switch)?;
+    }
+    let mut dirty = Dirty::collect(source).map_err(before_switch)?;
+    let mut round = finish_round(0, (pages, blocks), started, &dirty);
     (hooks.progress)(&round);
     rounds.push(round);
 
     // Further rounds, until what is left fits the downtime target.
     while round.expected_downtime > config.downtime && round.round < config.max_rounds {
         let started = Instant::now();
-        let pages =
-            send_dirty(link, &source.mem, &dirty, &mut buf, cancel).map_err(before_switch)?;
-        dirty = DirtyPages::collect(&source.vm, &source.mem).map_err(before_switch)?;
-        round = finish_round(round.round + 1, pages, started, &dirty);
+        let sent = dirty
+            .send(link, source, &mut buf, cancel)
+            .map_err(before_switch)?;
+        dirty = Dirty::collect(source).map_err(before_switch)?;
+        round = finish_round(round.round + 1, sent, started, &dirty);
         (hooks.progress)(&round);
         rounds.push(round);
     }
@@ -245,16 +320,21 @@ fn precopy_and_switch<L: Read + Write>(
         return Err(before_switch(MigrationError::Cancelled));
     }
 
-    // Switch-over: stop, capture, the last pages, the state.
+    // Switch-over: stop, capture, the last pages and blocks, the state.
     let stopped = Instant::now();
     let parked = (hooks.stop)().map_err(|e| before_switch(MigrationError::Stop(e)))?;
     let state = crate::snapshot::capture(source, parked, hooks.wake, hooks.state_timeout)
         .map_err(before_switch)?;
-    let last = DirtyPages::collect(&source.vm, &source.mem).map_err(before_switch)?;
+    let last = Dirty::collect(source).map_err(before_switch)?;
     let never = AtomicBool::new(false);
-    let mut final_pages =
-        send_dirty(link, &source.mem, &dirty, &mut buf, &never).map_err(before_switch)?;
-    final_pages += send_dirty(link, &source.mem, &last, &mut buf, &never).map_err(before_switch)?;
+    let (mut final_pages, mut final_blocks) = dirty
+        .send(link, source, &mut buf, &never)
+        .map_err(before_switch)?;
+    let (pages, blocks) = last
+        .send(link, source, &mut buf, &never)
+        .map_err(before_switch)?;
+    final_pages += pages;
+    final_blocks += blocks;
     let state_file = crate::snapshot::format::encode(&state).map_err(before_switch)?;
     stream::write_state(link, &state_file).map_err(before_switch)?;
     stream::write_done(link).map_err(before_switch)?;
@@ -265,6 +345,7 @@ fn precopy_and_switch<L: Read + Write>(
         Ok(Record::Resumed) => Ok(SendSummary {
             rounds,
             final_pages,
+            final_blocks,
             downtime: stopped.elapsed(),
             state_bytes: state_file.len(),
         }),
@@ -295,11 +376,12 @@ fn before_switch(error: impl Into<MigrationError>) -> SendError {
     }
 }
 
-fn finish_round(round: u32, pages: u64, started: Instant, dirty: &DirtyPages) -> Round {
+fn finish_round(round: u32, (pages, blocks): (u64, u64), started: Instant, dirty: &Dirty) -> Round {
     let elapsed = started.elapsed();
     let mut r = Round {
         round,
         pages,
+        blocks,
         elapsed,
         dirty: dirty.count(),
         expected_downtime: Duration::ZERO,
@@ -307,7 +389,7 @@ fn finish_round(round: u32, pages: u64, started: Instant, dirty: &DirtyPages) ->
     // A round that sent nothing has no rate: assume the worst unless nothing is left.
     r.expected_downtime = if r.dirty == 0 {
         Duration::ZERO
-    } else if pages == 0 {
+    } else if pages + blocks == 0 {
         Duration::MAX
     } else {
         Duration::try_from_secs_f64((r.dirty * PAGE as u64) as f64 / r.bytes_per_second())
@@ -316,7 +398,7 @@ fn finish_round(round: u32, pages: u64, started: Instant, dirty: &DirtyPages) ->
     r
 }
 
-fn check_cancel(cancel: &AtomicBool) -> Result<(), MigrationError> {
+pub(crate) fn check_cancel(cancel: &AtomicBool) -> Result<(), MigrationError> {
     if cancel.load(Ordering::Acquire) {
         return Err(MigrationError::Cancelled);
     }
@@ -378,13 +460,17 @@ pub struct Received {
     pub state: SnapshotState,
     /// Page records taken (a page sent in several rounds counts each time).
     pub pages: u64,
+    /// Disk blocks taken, counted the same way.
+    pub blocks: u64,
 }
 
-/// Takes a migrating VM's memory into `mem` (fresh: all zero, not yet run) and returns its
-/// state. The caller restores the state, then calls [`answer`], then starts the vCPUs.
+/// Takes a migrating VM's memory into `mem` (fresh: all zero, not yet run) and its writable
+/// disks into `disks` (all zero, in the VM's order), and returns its state. The caller
+/// restores the state, then calls [`answer`], then starts the vCPUs.
 pub fn receive(
     link: &mut impl Read,
     mem: &GuestRam,
+    disks: &[TargetDisk],
     host: &crate::snapshot::cpu::HostSupport,
 ) -> Result<Received, MigrationError> {
     stream::read_preamble(link)?;
@@ -400,10 +486,25 @@ pub fn receive(
         }
     };
     layout.check_matches(mem).map_err(MigrationError::Layout)?;
-    let mut pages = 0u64;
+    match stream::read_record(link, None, &mut scratch, "the disks were due")? {
+        Record::Disks(sizes) => disk::check_sizes(&sizes, disks)?,
+        other => {
+            return Err(StreamError::Unexpected {
+                found: other.name(),
+                expected: "the disks",
+            }
+            .into());
+        }
+    }
+    let (mut pages, mut blocks) = (0u64, 0u64);
     let state = loop {
         match stream::read_record(link, Some(mem), &mut scratch, "pages or the state were due")? {
             Record::Pages { pages: n, .. } => pages += n as u64,
+            Record::Blocks { disk, offset, len } => {
+                let data = &scratch[stream::BLOCKS_HEADER..stream::BLOCKS_HEADER + len];
+                disk::write_blocks(disks, disk, offset, data)?;
+                blocks += (len as u64).div_ceil(PAGE as u64);
+            }
             Record::State(bytes) => {
                 let state: SnapshotState = crate::snapshot::format::decode(&bytes)?;
                 state
@@ -423,7 +524,14 @@ pub fn receive(
         }
     };
     match stream::read_record(link, None, &mut scratch, "the end of the stream was due")? {
-        Record::Done => Ok(Received { state, pages }),
+        Record::Done => {
+            disk::sync(disks)?;
+            Ok(Received {
+                state,
+                pages,
+                blocks,
+            })
+        }
         other => Err(StreamError::Unexpected {
             found: other.name(),
             expected: "the end of the stream",

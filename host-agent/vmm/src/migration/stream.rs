@@ -11,9 +11,11 @@
 //! | 4 | [`Record::Done`] | nothing: the source sent everything |
 //! | 5 | [`Record::Resumed`] | nothing: the target answers that its copy runs |
 //! | 6 | [`Record::Refused`] | UTF-8 text: the target answers that it will not run, and why |
+//! | 7 | [`Record::Disks`] | the sizes of the source's writable disks, in order (`u64` each) |
+//! | 8 | [`Record::Blocks`] | a disk's index (`u32`), a byte offset (`u64`), then the bytes (whole sectors) |
 //!
-//! The source sends `Layout`, any number of `Pages`, one `State`, `Done`; the target answers
-//! with `Resumed` or `Refused`. Anything else, in any other order, is refused with a
+//! The source sends `Layout`, `Disks`, any number of `Pages` and `Blocks`, one `State`, `Done`;
+//! the target answers with `Resumed` or `Refused`. Anything else, in any other order, is refused with a
 //! [`StreamError`] that says what.
 //!
 //! The stream is authenticated and encrypted below this layer (the daemons' link, see
@@ -34,8 +36,8 @@ use crate::snapshot::memory::{MemoryState, PAGE};
 
 /// The preamble's magic.
 pub const MAGIC: [u8; 8] = *b"NCLAWMIG";
-/// The stream's format version.
-pub const VERSION: u32 = 1;
+/// The stream's format version (2: the writable disks travel with the memory).
+pub const VERSION: u32 = 2;
 /// Most pages one [`Record::Pages`] carries (1 MiB).
 pub const MAX_PAGES_PER_RECORD: usize = 256;
 /// Longest layout record.
@@ -45,6 +47,12 @@ const MAX_STATE: usize =
     crate::snapshot::format::HEADER_LEN + crate::snapshot::format::MAX_STATE_BODY as usize;
 /// Longest refusal text.
 pub const MAX_REASON: usize = 4096;
+/// Most writable disks a stream carries.
+pub const MAX_DISKS: usize = 64;
+/// Most bytes one [`Record::Blocks`] carries (1 MiB).
+pub const MAX_BLOCK_BYTES: usize = MAX_PAGES_PER_RECORD * PAGE;
+/// A disk's sector: block records start and end on one.
+const SECTOR: u64 = 512;
 
 const TAG_LAYOUT: u8 = 1;
 const TAG_PAGES: u8 = 2;
@@ -52,6 +60,8 @@ const TAG_STATE: u8 = 3;
 const TAG_DONE: u8 = 4;
 const TAG_RESUMED: u8 = 5;
 const TAG_REFUSED: u8 = 6;
+const TAG_DISKS: u8 = 7;
+const TAG_BLOCKS: u8 = 8;
 
 /// A fault in the stream itself.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +126,31 @@ pub enum StreamError {
         /// Its data's length.
         len: usize,
     },
+    /// A block record whose offset or length is not whole sectors.
+    #[error("block record for disk {disk} at {offset:#x} of {len} bytes is not whole sectors")]
+    UnalignedBlocks {
+        /// The disk's index.
+        disk: usize,
+        /// The byte offset.
+        offset: u64,
+        /// The data's length.
+        len: usize,
+    },
+    /// A block record for no disk of the target, or past its end.
+    #[error(
+        "block record for disk {disk} at {offset:#x} of {len} bytes lies outside the target's disks"
+    )]
+    OutsideDisk {
+        /// The disk's index.
+        disk: usize,
+        /// The byte offset.
+        offset: u64,
+        /// The data's length.
+        len: usize,
+    },
+    /// A disks record that is not whole sizes.
+    #[error("the disks record of {0} bytes is not a list of sizes")]
+    BadDisks(usize),
     /// The layout record does not decode.
     #[error("the layout record does not decode: {0}")]
     BadLayout(String),
@@ -136,6 +171,17 @@ pub enum Record {
         /// How many pages.
         pages: usize,
     },
+    /// The sizes of the source's writable disks, in bytes, in order.
+    Disks(Vec<u64>),
+    /// A run of a disk's bytes; the bytes are the caller's `scratch` from [`BLOCKS_HEADER`] on.
+    Blocks {
+        /// The disk's index among the writable disks.
+        disk: usize,
+        /// Where they go, in bytes.
+        offset: u64,
+        /// How many bytes.
+        len: usize,
+    },
     /// The VM's state, a snapshot state file's bytes.
     State(Vec<u8>),
     /// The source sent everything.
@@ -152,6 +198,8 @@ impl Record {
         match self {
             Record::Layout(_) => "layout",
             Record::Pages { .. } => "pages",
+            Record::Disks(_) => "disks",
+            Record::Blocks { .. } => "blocks",
             Record::State(_) => "state",
             Record::Done => "done",
             Record::Resumed => "resumed",
@@ -215,6 +263,31 @@ pub fn write_pages(w: &mut impl Write, addr: u64, data: &[u8]) -> Result<(), Str
         .map_err(io("send pages"))
 }
 
+/// Writes the disks record: the sizes of the writable disks, in order.
+pub fn write_disks(w: &mut impl Write, sizes: &[u64]) -> Result<(), StreamError> {
+    let body: Vec<u8> = sizes.iter().flat_map(|s| s.to_le_bytes()).collect();
+    write_record(w, TAG_DISKS, &body)
+}
+
+/// Where a block record's bytes start in its payload: the disk's index and the offset.
+pub const BLOCKS_HEADER: usize = 12;
+
+/// Writes a block record: `data` (whole sectors, at most [`MAX_BLOCK_BYTES`]) at byte `offset`
+/// of writable disk `disk`.
+pub fn write_blocks(
+    w: &mut impl Write,
+    disk: usize,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), StreamError> {
+    debug_assert!(data.len().is_multiple_of(SECTOR as usize) && data.len() <= MAX_BLOCK_BYTES);
+    w.write_all(&header(TAG_BLOCKS, BLOCKS_HEADER + data.len()))
+        .and_then(|()| w.write_all(&(disk as u32).to_le_bytes()))
+        .and_then(|()| w.write_all(&offset.to_le_bytes()))
+        .and_then(|()| w.write_all(data))
+        .map_err(io("send disk blocks"))
+}
+
 /// Writes the state record: a snapshot state file's bytes.
 pub fn write_state(w: &mut impl Write, state_file: &[u8]) -> Result<(), StreamError> {
     write_record(w, TAG_STATE, state_file)
@@ -256,7 +329,8 @@ fn read_exact(r: &mut impl Read, buf: &mut [u8], closed: &'static str) -> Result
 }
 
 /// Reads one record. A page record's pages go straight into `mem` (which must hold them
-/// whole); `scratch` is reused between calls.
+/// whole); a block record's bytes are left in `scratch` (from [`BLOCKS_HEADER`] on), which is
+/// reused between calls.
 pub fn read_record(
     r: &mut impl Read,
     mem: Option<&GuestRam>,
@@ -273,6 +347,8 @@ pub fn read_record(
         TAG_DONE => ("done", 0),
         TAG_RESUMED => ("resumed", 0),
         TAG_REFUSED => ("refused", MAX_REASON),
+        TAG_DISKS => ("disks", MAX_DISKS * 8),
+        TAG_BLOCKS => ("blocks", BLOCKS_HEADER + MAX_BLOCK_BYTES),
         tag => return Err(StreamError::UnknownTag(tag)),
     };
     if len > max {
@@ -318,6 +394,45 @@ pub fn read_record(
             Record::Pages {
                 addr,
                 pages: data.len() / PAGE,
+            }
+        }
+        TAG_DISKS => {
+            if !len.is_multiple_of(8) {
+                return Err(StreamError::BadDisks(len));
+            }
+            Record::Disks(
+                scratch
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            )
+        }
+        TAG_BLOCKS => {
+            if len < BLOCKS_HEADER {
+                return Err(StreamError::UnalignedBlocks {
+                    disk: 0,
+                    offset: 0,
+                    len,
+                });
+            }
+            let disk =
+                u32::from_le_bytes([scratch[0], scratch[1], scratch[2], scratch[3]]) as usize;
+            let mut off = [0u8; 8];
+            off.copy_from_slice(&scratch[4..BLOCKS_HEADER]);
+            let offset = u64::from_le_bytes(off);
+            let data = len - BLOCKS_HEADER;
+            if data == 0 || !(data as u64).is_multiple_of(SECTOR) || !offset.is_multiple_of(SECTOR)
+            {
+                return Err(StreamError::UnalignedBlocks {
+                    disk,
+                    offset,
+                    len: data,
+                });
+            }
+            Record::Blocks {
+                disk,
+                offset,
+                len: data,
             }
         }
         TAG_STATE => Record::State(std::mem::take(scratch)),

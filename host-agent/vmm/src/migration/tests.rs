@@ -1,11 +1,12 @@
 //! Migration between two real KVM VMs in one process, over a socket pair: a real-mode guest
 //! that counts and writes across eight pages while its memory is copied, and a "device" that
-//! writes guest memory between rounds. Then the failures: cancel, a refusing target, a target
+//! writes guest memory and a writable disk between rounds. Then the failures: cancel, a refusing target, a target
 //! that hangs up without an answer, and hostile streams.
 //!
 //! The KVM tests need `/dev/kvm` and its dirty-page log; where the host's KVM refuses an ioctl
 //! they report which and stop (see [`crate::snapshot::tests`]).
 
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -36,6 +37,42 @@ const DIRTYING_LOOP: [u8; 24] = [
 
 /// Where the test's stand-in device writes, one page per round.
 const DEVICE_WRITES: u64 = 0x20_0000;
+/// Where it writes on the disk, one block per round.
+const DISK_WRITES: u64 = 0x4_0000;
+/// The test's writable disk: 1 MiB and a sector, so that its last block is short.
+const DISK_BYTES: u64 = (1 << 20) + 512;
+
+/// A writable disk for the source: a sparse file with data at its start, in its middle and
+/// in its last (short) block, and its log.
+fn source_disk(dir: &std::path::Path) -> SourceDisk {
+    let path = dir.join("source.disk");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(DISK_BYTES).unwrap();
+    file.write_all_at(b"superblock", 1024).unwrap();
+    file.write_all_at(&[7u8; 8192], 0x8_0000).unwrap();
+    file.write_all_at(b"tail", DISK_BYTES - 4).unwrap();
+    SourceDisk {
+        file: std::sync::Arc::new(file),
+        dirty: std::sync::Arc::new(crate::devices::virtio::block::DirtyBlocks::new(DISK_BYTES)),
+    }
+}
+
+/// The target's disk: all zero, `bytes` long.
+fn target_disk(dir: &std::path::Path, bytes: u64) -> TargetDisk {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.join("target.disk"))
+        .unwrap();
+    file.set_len(bytes).unwrap();
+    TargetDisk { file, bytes }
+}
 
 fn link() -> (UnixStream, UnixStream) {
     let (a, b) = UnixStream::pair().unwrap();
@@ -51,9 +88,10 @@ fn target(
     t: TestVm,
     mut link: UnixStream,
     refuse: Option<&'static str>,
+    disks: Vec<TargetDisk>,
 ) -> std::thread::JoinHandle<(TestVm, Result<Received, MigrationError>)> {
     std::thread::spawn(move || {
-        let received = receive(&mut link, &t.mem, &t.host);
+        let received = receive(&mut link, &t.mem, &disks, &t.host);
         let outcome = match (&received, refuse) {
             (Err(e), _) => Err(e.to_string()),
             (Ok(_), Some(why)) => Err(why.to_owned()),
@@ -92,12 +130,19 @@ fn send_from(
             wake: &|| running.gate.notify(),
             cancel,
             progress: &mut |r: &Round| {
-                // A device writes guest memory while the copy runs.
+                // A device writes guest memory, and the disk, while the copy runs.
                 mem.write_obj(
                     0xfeed_0000 + r.round,
                     GuestAddress(DEVICE_WRITES + u64::from(r.round) * 4096),
                 )
                 .unwrap();
+                for disk in &running.source.disks {
+                    let at = DISK_WRITES + u64::from(r.round) * 4096 + 100;
+                    disk.file
+                        .write_all_at(&(0xd15c_0000 + r.round).to_le_bytes(), at)
+                        .unwrap();
+                    disk.dirty.mark(at, 4);
+                }
                 rounds.push(*r);
             },
             state_timeout: Duration::from_secs(5),
@@ -118,10 +163,17 @@ fn same_memory(a: &GuestRam, b: &GuestRam) -> bool {
 fn migrate_a_counting_guest() -> Result<(), Unsupported> {
     let first = build_vm()?;
     load_program(&first, &DIRTYING_LOOP);
-    let running = start(first);
+    let mut running = start(first);
+    let dir = tempfile::tempdir().unwrap();
+    running.source.disks = vec![source_disk(dir.path())];
     wait_for_count(&running, 1000);
     let (mut source_end, target_end) = link();
-    let receiver = target(build_vm()?, target_end, None);
+    let receiver = target(
+        build_vm()?,
+        target_end,
+        None,
+        vec![target_disk(dir.path(), DISK_BYTES)],
+    );
 
     let config = SendConfig {
         downtime: Duration::from_millis(50),
@@ -176,6 +228,24 @@ fn migrate_a_counting_guest() -> Result<(), Unsupported> {
     assert_eq!(summary.rounds, rounds);
     assert!(summary.rounds[0].pages >= 9, "{summary:?}");
     assert!(received.pages >= summary.rounds[0].pages + summary.final_pages);
+    // The disk too: its data, its short last block and every round's write, and nothing from
+    // its holes (round 0 sent the three blocks that hold data, not the 257 of the file).
+    let disk = std::fs::read(dir.path().join("source.disk")).unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("target.disk")).unwrap(),
+        disk,
+        "the disks differ"
+    );
+    assert_eq!(
+        &disk[(DISK_WRITES + 100) as usize..][..4],
+        &0xd15c_0000u32.to_le_bytes()
+    );
+    assert_eq!(summary.rounds[0].blocks, 4, "{summary:?}");
+    assert_eq!(
+        received.blocks,
+        summary.rounds.iter().map(|r| r.blocks).sum::<u64>() + summary.final_blocks,
+        "{summary:?}"
+    );
     running.stop();
 
     // The target runs on from the source's count.
@@ -247,7 +317,7 @@ fn failures() -> Result<(), Unsupported> {
     let (running, e) = failed_send(true, |mut link| {
         let mem = crate::memory::create_guest_memory(MEM_BYTES).unwrap();
         let host = HostSupport::default();
-        assert!(receive(&mut link, &mem, &host).is_err());
+        assert!(receive(&mut link, &mem, &[], &host).is_err());
     })?;
     assert!(matches!(e.error, MigrationError::Cancelled), "{e}");
     assert_eq!(e.phase, Phase::BeforeSwitch);
@@ -259,7 +329,7 @@ fn failures() -> Result<(), Unsupported> {
     // Refused by the target after everything arrived: the source may resume, and does.
     let (running, e) = failed_send(false, |link| {
         let t = build_vm().map_err(|u| u.0).unwrap();
-        let (_, received) = target(t, link, Some("no room on this host"))
+        let (_, received) = target(t, link, Some("no room on this host"), Vec::new())
             .join()
             .unwrap();
         received.unwrap();
@@ -276,7 +346,7 @@ fn failures() -> Result<(), Unsupported> {
     // the source must not resume.
     let (running, e) = failed_send(false, |mut link| {
         let t = build_vm().map_err(|u| u.0).unwrap();
-        receive(&mut link, &t.mem, &t.host).unwrap();
+        receive(&mut link, &t.mem, &[], &t.host).unwrap();
     })?;
     assert_eq!(e.phase, Phase::AwaitingAnswer);
     assert!(!e.source_may_resume());
@@ -299,10 +369,17 @@ fn cancel_refusal_and_silence_leave_one_copy() {
 /// Receives `bytes` into a fresh 1 MiB guest.
 fn receive_bytes(bytes: &[u8]) -> Result<Received, MigrationError> {
     let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
-    receive(&mut &bytes[..], &mem, &HostSupport::default())
+    receive(&mut &bytes[..], &mem, &[], &HostSupport::default())
 }
 
+/// A stream's start: the preamble, the layout of `mem_bytes` of RAM and no writable disks.
 fn preamble_and_layout(mem_bytes: u64) -> Vec<u8> {
+    let mut out = preamble_and_layout_only(mem_bytes);
+    stream::write_disks(&mut out, &[]).unwrap();
+    out
+}
+
+fn preamble_and_layout_only(mem_bytes: u64) -> Vec<u8> {
     let mem = crate::memory::create_guest_memory(mem_bytes).unwrap();
     let mut out = Vec::new();
     stream::write_preamble(&mut out).unwrap();
@@ -421,5 +498,108 @@ fn a_refusal_is_cut_to_its_limit_at_a_character() {
             assert!(text.len() <= stream::MAX_REASON && text.chars().all(|c| c == 'é'));
         }
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn hostile_disk_records_are_refused_with_what_is_wrong() {
+    const BYTES: u64 = 8192;
+    let start = |sizes: &[u64]| {
+        let mut s = preamble_and_layout_only(1 << 20);
+        stream::write_disks(&mut s, sizes).unwrap();
+        s
+    };
+    let blocks = |disk: u32, offset: u64, n: usize| {
+        let mut p = disk.to_le_bytes().to_vec();
+        p.extend_from_slice(&offset.to_le_bytes());
+        p.resize(stream::BLOCKS_HEADER + n, 0xcd);
+        record(8, &p)
+    };
+    let good = |extra: &[u8]| [start(&[BYTES]), extra.to_vec()].concat();
+    let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
+        (
+            "no disks record",
+            [preamble_and_layout_only(1 << 20), blocks(0, 0, 512)].concat(),
+            |e| {
+                matches!(
+                    e,
+                    MigrationError::Stream(StreamError::Unexpected {
+                        found: "blocks",
+                        expected: "the disks"
+                    })
+                )
+            },
+        ),
+        ("other disks", start(&[4096]), |e| {
+            matches!(e, MigrationError::DiskLayout { .. })
+        }),
+        ("one disk too many", start(&[BYTES, BYTES]), |e| {
+            matches!(e, MigrationError::DiskLayout { .. })
+        }),
+        (
+            "a disks record of no whole size",
+            [preamble_and_layout_only(1 << 20), record(7, &[1, 2, 3])].concat(),
+            |e| matches!(e, MigrationError::Stream(StreamError::BadDisks(3))),
+        ),
+        ("blocks for no disk", good(&blocks(1, 0, 512)), |e| {
+            matches!(
+                e,
+                MigrationError::Stream(StreamError::OutsideDisk { disk: 1, .. })
+            )
+        }),
+        ("past the end", good(&blocks(0, BYTES - 512, 1024)), |e| {
+            matches!(e, MigrationError::Stream(StreamError::OutsideDisk { .. }))
+        }),
+        ("wraps", good(&blocks(0, u64::MAX - 511, 512)), |e| {
+            matches!(e, MigrationError::Stream(StreamError::OutsideDisk { .. }))
+        }),
+        ("unaligned offset", good(&blocks(0, 100, 512)), |e| {
+            matches!(
+                e,
+                MigrationError::Stream(StreamError::UnalignedBlocks { .. })
+            )
+        }),
+        ("part of a sector", good(&blocks(0, 0, 100)), |e| {
+            matches!(
+                e,
+                MigrationError::Stream(StreamError::UnalignedBlocks { .. })
+            )
+        }),
+        ("no header", good(&record(8, &[1, 2, 3])), |e| {
+            matches!(
+                e,
+                MigrationError::Stream(StreamError::UnalignedBlocks { .. })
+            )
+        }),
+        ("no end", good(&blocks(0, 512, 1024)), |e| {
+            matches!(e, MigrationError::Stream(StreamError::Closed(_)))
+        }),
+    ];
+    for (name, bytes, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = target_disk(dir.path(), BYTES);
+        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        match receive(&mut &bytes[..], &mem, &[disk], &HostSupport::default()) {
+            Ok(r) => panic!("{name}: accepted ({} blocks)", r.blocks),
+            Err(e) => assert!(expected(&e), "{name}: {}", crate::error_chain(&e)),
+        }
+        // Only whole, in-bounds records reached the disk: the last case's.
+        let written = std::fs::read(dir.path().join("target.disk")).unwrap();
+        assert_eq!(
+            written.len() as u64,
+            BYTES,
+            "{name}: the disk kept its size"
+        );
+        if name == "no end" {
+            assert!(written[512..1536].iter().all(|&b| b == 0xcd), "{name}");
+            assert!(
+                written[..512]
+                    .iter()
+                    .chain(&written[1536..])
+                    .all(|&b| b == 0)
+            );
+        } else {
+            assert!(written.iter().all(|&b| b == 0), "{name}: nothing written");
+        }
     }
 }

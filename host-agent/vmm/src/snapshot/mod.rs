@@ -484,6 +484,9 @@ pub struct SnapshotSource {
     pub host: Arc<HostSupport>,
     /// The emulated devices' state.
     pub devices: SaveDevices,
+    /// The writable disks, in order: a live migration copies them (a snapshot does not: a
+    /// restored copy gets disks of its own).
+    pub disks: Vec<crate::migration::SourceDisk>,
 }
 
 impl std::fmt::Debug for SnapshotSource {

@@ -170,6 +170,7 @@ pub(crate) fn start(t: TestVm) -> Running {
             vcpus: vec![commands_tx],
             host: t.host,
             devices: Arc::new(|| Ok(DeviceStates::power_on())),
+            disks: Vec::new(),
         },
     }
 }

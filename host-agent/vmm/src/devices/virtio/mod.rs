@@ -485,9 +485,17 @@ pub struct BlockHandle {
     metrics: Arc<BlockMetrics>,
     stop_evt: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
+    /// A writable disk's file and log, for a live migration.
+    migration: Option<crate::migration::SourceDisk>,
 }
 
 impl BlockHandle {
+    /// A writable disk's file and log of written blocks, as a live migration sends them
+    /// (`None` for a read-only disk).
+    pub fn migration_disk(&self) -> Option<crate::migration::SourceDisk> {
+        self.migration.clone()
+    }
+
     /// The transport on the MMIO bus (set by the attach function).
     pub fn transport(&self) -> Option<&SharedTransport> {
         self.transport.as_ref()
@@ -570,6 +578,18 @@ pub fn spawn_block(
         return Err(VirtioError::Block(BlockError::Id(cfg.id)));
     }
     let disk = DiskFile::open(&cfg.path, cfg.read_only).map_err(VirtioError::Block)?;
+    let migration = match disk.dirty_log() {
+        None => None,
+        Some(dirty) => Some(crate::migration::SourceDisk {
+            file: Arc::new(disk.try_clone_file().map_err(|source| {
+                VirtioError::Block(BlockError::Duplicate {
+                    path: cfg.path.clone(),
+                    source,
+                })
+            })?),
+            dirty,
+        }),
+    };
     let info = DiskInfo {
         sectors: disk.sectors(),
         read_only: cfg.read_only,
@@ -609,6 +629,7 @@ pub fn spawn_block(
         metrics,
         stop_evt,
         thread: Some(thread),
+        migration,
     };
     Ok((transport, handle))
 }

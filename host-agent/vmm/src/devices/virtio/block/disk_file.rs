@@ -11,10 +11,12 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg};
 
 use super::defs::SECTOR_SIZE;
+use super::dirty::DirtyBlocks;
 use super::{BlockError, DiskBackend};
 
 /// The backing file and its lock.
@@ -43,6 +45,8 @@ pub struct DiskFile {
     file: Locked,
     sectors: u64,
     read_only: bool,
+    /// A writable disk's log of written blocks.
+    dirty: Option<Arc<DirtyBlocks>>,
 }
 
 impl DiskFile {
@@ -98,7 +102,19 @@ impl DiskFile {
             file,
             sectors: len / SECTOR_SIZE,
             read_only,
+            dirty: (!read_only).then(|| Arc::new(DirtyBlocks::new(len))),
         })
+    }
+
+    /// A writable disk's log of the blocks the guest wrote (`None` for a read-only disk).
+    pub fn dirty_log(&self) -> Option<Arc<DirtyBlocks>> {
+        self.dirty.clone()
+    }
+
+    /// A second descriptor of the same open file (sharing its lock), for a migration to read
+    /// or write the disk beside the device.
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Capacity in 512-byte sectors.
@@ -118,7 +134,12 @@ impl DiskBackend for DiskFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        let written = self.file.write_all_at(buf, offset);
+        // Marked after the write, and even after a failed one (part of it may have landed).
+        if let Some(dirty) = &self.dirty {
+            dirty.mark(offset, buf.len() as u64);
+        }
+        written
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
@@ -141,6 +162,7 @@ mod tests {
         std::fs::write(&path, vec![7u8; 4096]).unwrap();
         let ro = DiskFile::open(&path, true).unwrap();
         assert_eq!((ro.sectors(), ro.read_only()), (8, true));
+        assert!(ro.dirty_log().is_none(), "a read-only disk keeps no log");
         // Read-only: the descriptor really cannot write.
         assert!(ro.file.write_at(b"x", 0).is_err());
         let mut buf = [0u8; 4];
@@ -156,7 +178,10 @@ mod tests {
         drop((ro, ro2));
 
         let rw = DiskFile::open(&path, false).unwrap();
+        let log = rw.dirty_log().expect("a writable disk logs its writes");
+        assert_eq!(log.take().count(), 0);
         rw.write_all_at(b"abc", 512).unwrap();
+        assert_eq!(log.take().runs(1 << 20), vec![(0, 4096)]);
         rw.sync_data().unwrap();
         assert!(matches!(
             DiskFile::open(&path, true),

@@ -14,6 +14,7 @@
 //!   interrupts the guest. Generic over the backend and the [`Interrupt`](super::mmio::Interrupt),
 //!   so tests and the fuzzer drive it on a mock queue.
 //! - [`disk_file`]: [`DiskFile`], the backend on a host file.
+//! - [`dirty`]: [`DirtyBlocks`], a writable disk's log of written blocks, for live migration.
 //! - [`event_handler`]: the device thread's epoll loop and the transport-facing front end.
 //!
 //! The guest is hostile: a malformed request is answered with an error status (or, with no
@@ -21,6 +22,7 @@
 //! it can trigger are rate-limited.
 
 pub mod device;
+pub mod dirty;
 pub mod disk_file;
 pub mod event_handler;
 pub mod request;
@@ -33,6 +35,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use device::BlockDevice;
+pub use dirty::{BlockSet, DirtyBlocks};
 pub use disk_file::DiskFile;
 pub use event_handler::{BlockFrontend, BlockWorker};
 
@@ -121,6 +124,15 @@ pub enum BlockError {
     /// Reading the backing file's metadata failed.
     #[error("cannot stat disk {path}")]
     Metadata {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A second descriptor of the backing file (for a live migration) could not be made.
+    #[error("cannot duplicate the descriptor of disk {path}")]
+    Duplicate {
         /// The file.
         path: PathBuf,
         /// The cause.
