@@ -8,9 +8,12 @@
 //!   reset, says hello again on the target's side, and an echo goes through the target. The
 //!   source stays stopped and refuses to run the VM again. The guest's reset ends the target
 //!   with 0.
-//! - **Between two daemons** (`nanoclaw migrate`): a counting agent, jailed, moves from one
-//!   daemon to another over their pinned link on loopback, and counts on there: the same
-//!   process (no count repeated, none skipped), the same boot id, the source's copy ended.
+//! - **Between two daemons** (`nanoclaw migrate`): a counting agent, jailed, in an imported
+//!   image, moves from one daemon to another over their pinned link on loopback, and counts
+//!   on there: the same process (no count repeated, none skipped), the same boot id, the
+//!   source's copy ended. It also appends each count to a file on its writable disk and syncs
+//!   it, so the disk is written while it is copied; once the VM is stopped on the target, the
+//!   target's disk holds every count, the ones written on the source included.
 //! - **A networked agent and its client** (`nanoclaw migrate`, the overlay address following):
 //!   two daemons in two network namespaces, joined by an underlay (a bridge) with a client in
 //!   a third. The agent serves a counter on TCP to the client over its overlay address; it
@@ -111,8 +114,10 @@ fn a_running_guest_migrates_to_another_vmm_and_runs_on_there() {
     assert_eq!(exit.code, Some(13), "{exit:?}");
 }
 
-/// The agent: counts once a second.
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 1; done";
+/// The agent: counts once a second, each count printed and also appended to a file
+/// on the writable disk and synced there.
+const DISK_COUNTER: &str = "i=0; while true; do i=$((i+1)); echo \"count $i\"; \
+    echo $i >> /data/counts; sync; sleep 1; done";
 
 /// Every `count N` of `log`, in order.
 fn counts(log: &str) -> Vec<u64> {
@@ -124,7 +129,8 @@ fn counts(log: &str) -> Vec<u64> {
 #[test]
 #[ignore = "e2e: run through scripts/e2e"]
 fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
-    use super::agent::{AGENT, detach, logs, nanoclaw, text};
+    use super::agent::{AGENT, logs, nanoclaw, text};
+    use nanoclaw_tests::oci::import_test_image;
     let image = GuestImage::from_env().expect("guest image");
     let hosts = PinnedHosts::start(
         || DaemonOptions::guest(&image.vmlinux, &image.initramfs),
@@ -132,7 +138,28 @@ fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
     )
     .expect("two daemons pinned to each other");
     let (source, target) = (&hosts.source, &hosts.target);
-    let id = detach(source, &["/bin/sh", "-c", COUNTER]);
+    // The same image on both hosts: the target refuses a VM whose image it lacks.
+    for d in [source, target] {
+        import_test_image(d, "migrating", MIGRATE).expect("import the test image");
+    }
+    let out = nanoclaw(
+        source,
+        &[
+            "run",
+            "--image",
+            "migrating",
+            "--disk-size",
+            "64M",
+            "--detach",
+            "--",
+            "/bin/sh",
+            "-c",
+            DISK_COUNTER,
+        ],
+        MIGRATE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
     source
         .wait_for(&id, AGENT, "counting", |_| {
             counts(&logs(source, &id)).last().is_some_and(|n| *n >= 3)
@@ -181,11 +208,39 @@ fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
         "one process counted on: no count repeated or skipped across the move"
     );
 
+    let last_there = *all.last().unwrap();
+
     let out = nanoclaw(target, &["stop", &there], MIGRATE);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         target.vmm_processes().is_empty(),
         "the target's VMM ended with its stop"
+    );
+
+    // The writable disk came along: read off the stopped VM's disk on the target, the file
+    // holds every count from the first, written on the source, to those written there.
+    let work = tempfile::tempdir().expect("a scratch folder");
+    let out = nanoclaw(
+        target,
+        &[
+            "cp",
+            &format!("{there}:/data/counts"),
+            work.path().to_str().unwrap(),
+        ],
+        MIGRATE,
+    );
+    assert!(out.status.success(), "cp: {}", text(&out.stderr));
+    let on_disk: Vec<u64> = std::fs::read_to_string(work.path().join("counts"))
+        .expect("the counts file")
+        .lines()
+        .map(|l| l.trim().parse().expect("a count"))
+        .collect();
+    let expected: Vec<u64> = (1..=on_disk.len() as u64).collect();
+    assert_eq!(on_disk, expected, "every count on the disk, in order");
+    assert!(
+        on_disk.len() as u64 + 2 >= last_there && on_disk.len() as u64 > last_here,
+        "the disk holds the counts up to the stop ({} of {last_there}, {last_here} before the move)",
+        on_disk.len()
     );
 }
 

@@ -279,6 +279,10 @@ fn default_disk() -> u64 {
     DEFAULT_DISK_MIB
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn default_cwd() -> String {
     "/".to_owned()
 }
@@ -551,9 +555,12 @@ pub enum MigrationEvent {
         round: u32,
         /// Pages sent.
         pages: u64,
+        /// Writable disks' blocks sent (4 KiB each), for a VM with an image.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        blocks: u64,
         /// Its rate, MB/s.
         mb_per_s: f64,
-        /// Pages written meanwhile, for the next round.
+        /// Pages and blocks written meanwhile, for the next round.
         dirty: u64,
         /// How long sending those would take at this rate, in milliseconds.
         expected_downtime_ms: f64,

@@ -176,12 +176,19 @@ impl Transcript {
             MigrationEvent::Round {
                 round,
                 pages,
+                blocks,
                 mb_per_s,
                 dirty,
                 expected_downtime_ms,
-            } => format!(
-                "round {round}: {pages} pages at {mb_per_s:.1} MB/s, {dirty} dirty, expected downtime {expected_downtime_ms:.1} ms"
-            ),
+            } => {
+                let blocks = match blocks {
+                    0 => String::new(),
+                    n => format!(" and {n} disk blocks"),
+                };
+                format!(
+                    "round {round}: {pages} pages{blocks} at {mb_per_s:.1} MB/s, {dirty} dirty, expected downtime {expected_downtime_ms:.1} ms"
+                )
+            }
             MigrationEvent::Ended {
                 outcome,
                 target_vm,
@@ -477,6 +484,14 @@ mod tests {
         assert_eq!(
             t.line(&round),
             "round 0: 12345 pages at 812.3 MB/s, 321 dirty, expected downtime 3.2 ms"
+        );
+        let with_disk: MigrationEvent = serde_json::from_str(
+            r#"{"event":"round","round":1,"pages":10,"blocks":7,"mb_per_s":1.0,"dirty":2,"expected_downtime_ms":0.5}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.line(&with_disk),
+            "round 1: 10 pages and 7 disk blocks at 1.0 MB/s, 2 dirty, expected downtime 0.5 ms"
         );
         let moved = ended(MigrationOutcome::Moved, None, Some(41.23), None);
         // The id from `accepted` when `ended` does not repeat it.

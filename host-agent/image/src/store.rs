@@ -403,6 +403,21 @@ impl ImageStore {
         }
     }
 
+    /// The read-only root disk of the stored image `digest` (the path [`ImageInfo::rootfs`]
+    /// gives), or `None` when no such image is stored, whatever it is named: a VM that
+    /// migrates in finds its image here by digest.
+    pub fn rootfs_of(&self, digest: &Digest) -> Result<Option<PathBuf>, StoreError> {
+        let dir = self.blob_dir(digest);
+        // A blob directory is renamed into place whole, its `meta.json` in it: that file says
+        // the image is stored, as for `tag_existing`.
+        let meta = dir.join(paths::META);
+        match fs::metadata(&meta) {
+            Ok(_) => Ok(Some(dir.join(paths::ROOTFS))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Read { path: meta, source }),
+        }
+    }
+
     fn point_name(&self, name: &ImageName, digest: &Digest) -> Result<(), StoreError> {
         let previous = match self.read_name(name) {
             Ok(d) => Some(d),
@@ -670,6 +685,24 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn rootfs_of_finds_a_stored_digest_under_any_name_and_nothing_else() {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(state.path()).unwrap();
+        let (staging, meta) = stage(&store, b"disk");
+        assert_eq!(store.rootfs_of(&meta.digest).unwrap(), None);
+        let info = store
+            .commit(&staging, &name("a"), &ImageConfig::default(), &meta)
+            .unwrap();
+        let rootfs = store.rootfs_of(&meta.digest).unwrap();
+        assert_eq!(rootfs.as_deref(), Some(info.rootfs.as_path()));
+        assert_eq!(fs::read(info.rootfs).unwrap(), b"disk");
+        assert_eq!(store.rootfs_of(&Digest::of(b"other")).unwrap(), None);
+        // Once no name holds it, the blob is gone and so is the answer.
+        store.remove("a").unwrap();
+        assert_eq!(store.rootfs_of(&meta.digest).unwrap(), None);
     }
 
     #[test]

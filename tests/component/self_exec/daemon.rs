@@ -38,6 +38,7 @@ use migration::{
     a_running_vm_moves_to_the_pinned_host_and_runs_there,
     a_source_daemon_killed_after_the_switch_over_records_the_move_on_restart,
     a_target_that_dies_mid_copy_leaves_the_vm_running_here,
+    an_image_vm_moves_only_to_a_host_holding_its_image,
     hosts_not_pinned_either_way_are_refused_and_nothing_starts,
     without_the_targets_answer_the_vm_stays_paused_here_as_unknown,
 };
@@ -76,6 +77,7 @@ fn main() {
             a_target_that_dies_mid_copy_leaves_the_vm_running_here,
             without_the_targets_answer_the_vm_stays_paused_here_as_unknown,
             hosts_not_pinned_either_way_are_refused_and_nothing_starts,
+            an_image_vm_moves_only_to_a_host_holding_its_image,
         ],
     );
 }

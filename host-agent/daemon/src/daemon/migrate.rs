@@ -2,7 +2,7 @@
 //! ([`Daemon::start_migration`]) and the target's listener ([`serve_migrations`]). What each
 //! step does and why is in [`crate::migration`]; the link is [`crate::migration::link`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,12 +10,13 @@ use nanoclaw_api::{MigrateVm, MigratedTo, MigrationEvent, MigrationOutcome, VmSt
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, mpsc};
 
+use super::images::{SCRATCH_DISK_FILE, VmImage};
 use super::state::{self, VmRecord};
 use super::vm::Vm;
 use super::{Daemon, vmm_control};
 use crate::error_chain;
 use crate::migration::link::{self, Identity, Link, LinkError};
-use crate::migration::{CopyState, Offer, Peers, Reply, Request};
+use crate::migration::{CopyState, Offer, OfferImage, Peers, Reply, Request};
 
 /// The socket in the source VMM's folder that its VMM sends the VM into.
 pub const OUT_SOCKET: &str = "migrate.sock";
@@ -160,6 +161,23 @@ impl Daemon {
             ));
         }
         let (boot_id, agent_sent, agent_pid) = vm.guest_facts();
+        let image = match vm.spec_and_image().1 {
+            None => None,
+            Some(image) => {
+                let disk = std::fs::metadata(&image.scratch).map_err(|e| {
+                    format!(
+                        "has a writable disk {} that cannot be read: {e}",
+                        image.scratch.display()
+                    )
+                })?;
+                Some(OfferImage {
+                    name: image.name,
+                    digest: image.digest,
+                    user: image.user,
+                    disk_bytes: disk.len(),
+                })
+            }
+        };
         Ok(Offer {
             version: crate::migration::OFFER_VERSION,
             source_vm: vm.id.clone(),
@@ -169,6 +187,7 @@ impl Daemon {
             agent_pid,
             status: info.status,
             net: vm.network(),
+            image,
         })
     }
 
@@ -250,6 +269,7 @@ impl Daemon {
             let _ = events.try_send(MigrationEvent::Round {
                 round: round.round,
                 pages: round.pages,
+                blocks: round.blocks,
                 mb_per_s: round.mb_per_s,
                 dirty: round.dirty,
                 expected_downtime_ms: round.expected_downtime_ms,
@@ -568,13 +588,30 @@ impl Daemon {
         Ok(vm.info())
     }
 
-    /// Makes the incoming VM's folder and record, listens on its socket and starts its VMM.
+    /// Makes the incoming VM's folder and record (with an image, its writable disk, blank),
+    /// listens on its socket and starts its VMM.
     fn make_incoming(
         self: &Arc<Self>,
         offer: &Offer,
         peer: &str,
     ) -> Result<(Arc<Vm>, tokio::process::Child, UnixListener), String> {
+        // The image is looked up before anything is made: a refusal leaves nothing.
+        let rootfs = offer
+            .image
+            .as_ref()
+            .map(|image| self.rootfs_for(image).map(|rootfs| (image, rootfs)))
+            .transpose()?;
         let (id, dir) = state::create_vm_dir(&self.vms_dir).map_err(|e| error_chain(&e))?;
+        let image = match rootfs {
+            None => None,
+            Some((offered, rootfs)) => match blank_disk_for(offered, rootfs, &dir) {
+                Ok(image) => Some(image),
+                Err(why) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(why);
+                }
+            },
+        };
         let socket = dir.join(IN_SOCKET);
         let listener = match bind_for(&socket, None) {
             Ok(l) => l,
@@ -584,6 +621,8 @@ impl Daemon {
             }
         };
         let mut record = VmRecord::new(id.clone(), offer.spec.clone(), state::now_unix_ms());
+        // The VMM gets the disks as a created VM's: the image's read-only, then the writable.
+        record.image = image;
         record.status = offer.status;
         record.boot_id = offer.boot_id.clone();
         record.agent_sent = offer.agent_sent;
@@ -605,6 +644,27 @@ impl Daemon {
         }
     }
 
+    /// The root disk of the offered image in this host's store, found by digest; or why the
+    /// offer is refused.
+    fn rootfs_for(&self, image: &OfferImage) -> Result<PathBuf, String> {
+        let digest: nanoclaw_image::Digest = image
+            .digest
+            .parse()
+            .map_err(|e| format!("the offered image {}: {}", image.name, error_chain(&e)))?;
+        match self.images.rootfs_of(&digest) {
+            Ok(Some(rootfs)) => Ok(rootfs),
+            Ok(None) => Err(format!(
+                "image {} ({digest}) is not on this host: import the same image here first",
+                image.name
+            )),
+            Err(e) => Err(format!(
+                "image {} ({digest}): {}",
+                image.name,
+                error_chain(&e)
+            )),
+        }
+    }
+
     /// Logs a caller turned away, within a budget: anyone who reaches the port can try.
     fn note_refused_peer(&self, peer_addr: &str, why: &str) {
         crate::egress::guest_log(&self.migration_log_budget, |suppressed| {
@@ -616,6 +676,29 @@ impl Daemon {
             );
         });
     }
+}
+
+/// Makes the incoming VM's writable disk in `dir` (its folder), as a sparse all-zero file of
+/// the source's length for the VMM to fill, and what its record keeps of the image
+/// (`rootfs`, this host's copy of it).
+fn blank_disk_for(image: &OfferImage, rootfs: PathBuf, dir: &Path) -> Result<VmImage, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let scratch = dir.join(SCRATCH_DISK_FILE);
+    // As `nanoclaw_image::create_scratch_disk` makes a created VM's, before its file system.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&scratch)
+        .and_then(|file| file.set_len(image.disk_bytes))
+        .map_err(|e| format!("make the writable disk {}: {e}", scratch.display()))?;
+    Ok(VmImage {
+        name: image.name.clone(),
+        digest: image.digest.clone(),
+        rootfs,
+        scratch,
+        user: image.user.clone(),
+    })
 }
 
 /// How a migration out of `vm` ended, by its VMM's state, when the VMM's answer is lost (it

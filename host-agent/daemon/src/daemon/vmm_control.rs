@@ -168,9 +168,12 @@ pub struct MigrationRound {
     pub round: u32,
     /// Pages sent.
     pub pages: u64,
+    /// Writable disks' blocks sent (4 KiB each).
+    #[serde(default)]
+    pub blocks: u64,
     /// Its rate, MB/s.
     pub mb_per_s: f64,
-    /// Pages written meanwhile.
+    /// Pages and blocks written meanwhile.
     pub dirty: u64,
     /// How long sending those would take, in milliseconds.
     pub expected_downtime_ms: f64,

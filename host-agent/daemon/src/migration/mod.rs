@@ -38,12 +38,18 @@
 //! the guest's sockets and the firewall's admission of those connections all hold on the
 //! new host. What the guest had opened outward, through the source's masquerade, does not.
 //!
+//! # The disks
+//! A VM created with an image ([`Offer::image`]) has the image's read-only root disk and a
+//! writable disk of its own. The target must hold the same image, by digest (under any
+//! name): it refuses the offer otherwise, and the user imports the image there first. The
+//! writable disk moves with the memory: the target daemon makes an all-zero file of the
+//! source's size, and the VMMs copy its blocks in the same rounds as the pages, with a dirty
+//! log of their own.
+//!
 //! # What does not move yet
-//! A VM with an image's writable disk (the disk would have to be copied, with its own dirty
-//! log) is refused before anything starts, as are a paused VM and a VM tied to a parent or
-//! to children. The guest's
-//! credential link to the device is not carried over: the device knows the VM's boot key from
-//! the source host only. See `docs/design.md` ("Planned", live migration).
+//! A paused VM and a VM tied to a parent or to children are refused before anything starts.
+//! The guest's credential link to the device is not carried over: the device knows the VM's
+//! boot key from the source host only. See `docs/design.md` ("Planned", live migration).
 
 pub mod link;
 
@@ -54,6 +60,8 @@ use serde::{Deserialize, Serialize};
 
 /// The offer's format.
 pub const OFFER_VERSION: u32 = 1;
+/// The writable disk's unit (a virtio-blk sector): its length is a whole number of these.
+const SECTOR: u64 = 512;
 
 /// What the source offers the target: enough to list and run the VM there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +85,26 @@ pub struct Offer {
     /// a slot of its overlay prefix, or held there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::addr::VmLink>,
+    /// A VM created with an image: which image, and its writable disk's size (the target
+    /// refuses an image it does not hold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<OfferImage>,
+}
+
+/// The image of a VM offered with one: the target attaches the same image's root disk and a
+/// writable disk of the same size, which the VMMs fill.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferImage {
+    /// The image's name on the source (kept in the target's record; the digest decides).
+    pub name: String,
+    /// Its digest, `sha256:<64 hex>`: the target must hold this image.
+    pub digest: String,
+    /// The user the sidecar resolves in the image, if any.
+    pub user: Option<String>,
+    /// The length of the source's writable disk, in bytes: the target's starts as an
+    /// all-zero file of exactly this length.
+    pub disk_bytes: u64,
 }
 
 /// What a source daemon asks of a target, first thing on a link.
@@ -151,8 +179,13 @@ pub fn check_offer(offer: &Offer) -> Result<(), String> {
     {
         return Err("the boot id is not 32 hex digits".to_owned());
     }
-    if offer.spec.image.is_some() {
-        return Err("a VM with an image's writable disk does not migrate yet".to_owned());
+    match (offer.spec.image.is_some(), &offer.image) {
+        (true, None) => return Err("a VM with an image is offered without its disk".to_owned()),
+        (false, Some(_)) => {
+            return Err("a VM without an image is offered with an image's disk".to_owned());
+        }
+        (true, Some(image)) => check_image(image)?,
+        (false, None) => {}
     }
     match (
         crate::daemon::wants_network(&offer.spec),
@@ -162,6 +195,29 @@ pub fn check_offer(offer: &Offer) -> Result<(), String> {
         (false, true) => Err("a VM without a network is offered with addresses".to_owned()),
         _ => Ok(()),
     }
+}
+
+/// Why an offered image is not acceptable: a name the store would not take, a digest that
+/// does not parse, a user with a NUL byte, or a writable disk of no size, of part of a sector,
+/// or larger than a created VM may ask for.
+fn check_image(image: &OfferImage) -> Result<(), String> {
+    nanoclaw_image::ImageName::new(&image.name).map_err(|e| format!("the offered image: {e}"))?;
+    image
+        .digest
+        .parse::<nanoclaw_image::Digest>()
+        .map_err(|e| format!("the offered image {}: {e}", image.name))?;
+    if image.user.as_deref().is_some_and(|u| u.contains('\0')) {
+        return Err("the offered image's user contains a NUL byte".to_owned());
+    }
+    let most = nanoclaw_api::MAX_DISK_MIB << 20;
+    if image.disk_bytes == 0 || !image.disk_bytes.is_multiple_of(SECTOR) || image.disk_bytes > most
+    {
+        return Err(format!(
+            "the offered writable disk of {} bytes is not a multiple of {SECTOR} from {SECTOR} to {most}",
+            image.disk_bytes
+        ));
+    }
+    Ok(())
 }
 
 /// The hosts this daemon migrates with: each one's address and pinned key
@@ -221,6 +277,79 @@ mod tests {
             agent_pid: Some(7),
             status: VmStatus::Running,
             net: None,
+            image: None,
+        }
+    }
+
+    /// [`offer`] of a VM created with image `app`, its writable disk 64 MiB.
+    fn image_offer() -> Offer {
+        let mut o = offer();
+        o.spec.image = Some("app".to_owned());
+        o.image = Some(OfferImage {
+            name: "app".to_owned(),
+            digest: nanoclaw_image::Digest::of(b"app").to_string(),
+            user: Some("agent".to_owned()),
+            disk_bytes: 64 << 20,
+        });
+        o
+    }
+
+    #[test]
+    fn an_image_offer_round_trips_and_passes() {
+        let o = image_offer();
+        let text = serde_json::to_value(&o).unwrap();
+        assert_eq!(serde_json::from_value::<Offer>(text.clone()).unwrap(), o);
+        assert_eq!(check_offer(&o), Ok(()));
+        // The largest disk a created VM may have passes too.
+        let mut big = image_offer();
+        if let Some(image) = &mut big.image {
+            image.disk_bytes = nanoclaw_api::MAX_DISK_MIB << 20;
+        }
+        assert_eq!(check_offer(&big), Ok(()));
+        // An offer without an image says nothing of one (an older target reads it as before).
+        let plain = serde_json::to_value(offer()).unwrap();
+        assert!(plain.get("image").is_none(), "{plain}");
+        let mut extra = text;
+        extra["image"]["extra"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<Offer>(extra).is_err());
+    }
+
+    #[test]
+    fn bad_image_offers_are_refused_with_a_reason() {
+        type Spoil = Box<dyn Fn(&mut Offer)>;
+        let image = |f: fn(&mut OfferImage)| -> Spoil {
+            Box::new(move |o: &mut Offer| {
+                if let Some(i) = &mut o.image {
+                    f(i);
+                }
+            })
+        };
+        let cases: Vec<(Spoil, &str)> = vec![
+            (Box::new(|o| o.image = None), "offered without its disk"),
+            (
+                Box::new(|o| o.spec.image = None),
+                "without an image is offered with",
+            ),
+            (image(|i| i.name = "../etc".into()), "image name"),
+            (image(|i| i.digest = "sha256:zz".into()), "64 lowercase hex"),
+            (image(|i| i.digest = "md5:00".into()), "not supported"),
+            (image(|i| i.digest = String::new()), "no algorithm"),
+            (image(|i| i.user = Some("a\0b".into())), "NUL"),
+            (image(|i| i.disk_bytes = 0), "0 bytes"),
+            (
+                image(|i| i.disk_bytes = (64 << 20) + 100),
+                "multiple of 512",
+            ),
+            (
+                image(|i| i.disk_bytes = (nanoclaw_api::MAX_DISK_MIB << 20) + 512),
+                "multiple of 512 from 512 to",
+            ),
+        ];
+        for (spoil, says) in cases {
+            let mut o = image_offer();
+            spoil(&mut o);
+            let why = check_offer(&o).unwrap_err();
+            assert!(why.contains(says), "{why} (want {says:?})");
         }
     }
 

@@ -6,7 +6,8 @@
 //! The fake VMMs carry a fake stream of their own over the daemons' link
 //! ([`nanoclaw_tests::fake_vmm::migration`]); the source VM's fake agent (`pausable MODE`) picks
 //! the [`MigrationMode`] both ends act out: a normal move, a slow copy to cancel, a target that
-//! dies mid-copy, a target that never answers.
+//! dies mid-copy, a target that never answers. A VM with an image moves only to a host that
+//! holds the same image, and gets a blank writable disk of the source's size there.
 
 use std::path::Path;
 use std::time::Duration;
@@ -474,6 +475,139 @@ pub(super) fn without_the_targets_answer_the_vm_stays_paused_here_as_unknown() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// A VM created with an image migrates only to a host that holds the same image (by digest,
+/// under any name). A target without it refuses the offer with a reason that says so: the
+/// stream ends `kept`, the target is left with no VM and no folder, and the VM runs on here.
+/// Once the same image is imported on the target, the move goes through: the target's record
+/// holds the image (its own copy of the root disk) and a writable disk in the VM's folder that
+/// is exactly as long as the source's and all zero (sparse: the fake VMMs copy no blocks), and
+/// its VMM gets both disks as a created VM's does: the image's read-only first.
+pub(super) fn an_image_vm_moves_only_to_a_host_holding_its_image() {
+    let h = hosts(true);
+    let import = |d: &Daemon, name: &str| {
+        nanoclaw_tests::oci::import_test_image(d, name, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("import {name}: {e:#}"))
+    };
+    import(&h.source, "mig-image");
+    let out = h.source.cli(&[
+        "run",
+        "-d",
+        "--image",
+        "mig-image",
+        "--disk-size",
+        "64",
+        "--",
+        "pausable",
+        MigrationMode::Normal.as_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    let before = wait_status(&h.source, &id, |i| {
+        i.status == VmStatus::Running && i.control_connected
+    });
+    let source_record = record_of(&before);
+    let source_disk = Path::new(&before.vm_dir).join("scratch.ext4");
+    let disk_bytes = std::fs::metadata(&source_disk)
+        .expect("the source's disk")
+        .len();
+    assert_eq!(disk_bytes, 64 << 20);
+
+    // The target does not hold the image: refused, nothing made there.
+    let events = events_to_end(&mut migrate(
+        &h,
+        &id,
+        serde_json::json!({"to": h.target_addr}),
+    ));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, MigrationEvent::Accepted { .. })),
+        "{events:?}"
+    );
+    let error = ended_with(&events, MigrationOutcome::Kept, &h).unwrap_or_default();
+    let digest = source_record["image"]["digest"]
+        .as_str()
+        .expect("the digest");
+    assert!(
+        error.contains(&format!("image mig-image ({digest}) is not on this host"))
+            && error.contains("import the same image here first"),
+        "{error}"
+    );
+    assert!(live_vms(&h.target).is_empty());
+    let folders = std::fs::read_dir(h.target.state_dir().join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(folders, 0, "the target made a VM folder");
+    let info = h.source.vm(&id);
+    assert!(
+        info.status == VmStatus::Running && !info.paused && info.migrated_to.is_none(),
+        "{info:?}\n{}",
+        h.records()
+    );
+
+    // The same image, under another name, on the target: the VM moves.
+    import(&h.target, "same-image");
+    let events = events_to_end(&mut migrate(
+        &h,
+        &id,
+        serde_json::json!({"to": h.target_addr}),
+    ));
+    let target_vm = accepted(&events, &h);
+    assert_eq!(ended_with(&events, MigrationOutcome::Moved, &h), None);
+    ended_here_as_moved(&h, &id, &target_vm, &before);
+    let moved = wait_status(&h.target, &target_vm, |i| {
+        i.status == VmStatus::Running && i.control_connected
+    });
+    assert_eq!(moved.spec.image.as_deref(), Some("mig-image"));
+    let image = &record_of(&moved)["image"];
+    let scratch = Path::new(&moved.vm_dir).join("scratch.ext4");
+    let rootfs = image["rootfs"].as_str().expect("the rootfs");
+    assert!(
+        image["name"] == "mig-image"
+            && image["digest"] == digest
+            && image["user"] == source_record["image"]["user"]
+            && image["scratch"] == scratch.to_str().unwrap()
+            && Path::new(rootfs).starts_with(h.target.state_dir())
+            && Path::new(rootfs).is_file(),
+        "{image}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let disk = std::fs::metadata(&scratch).expect("the target's disk");
+    assert_eq!(disk.len(), disk_bytes);
+    assert_eq!(disk.blocks(), 0, "the target's disk is not all zero");
+    let pid = moved.vmm_pid.expect("the target's VMM");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let disks: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--disk")
+        .map(|w| w[1].as_str())
+        .collect();
+    assert_eq!(
+        disks,
+        [
+            format!("{rootfs},ro,id=image"),
+            format!("{},id=scratch", scratch.display())
+        ],
+        "{args:?}"
+    );
+    assert!(args.iter().any(|a| a == "--migrate-from"), "{args:?}");
+
+    let stop = h.target.cli(&["stop", &target_vm]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+}
+
+/// The daemon's record of `vm` (`<vm-dir>/vm.json`), which holds what `inspect` does not show:
+/// the VM's image and disks.
+fn record_of(vm: &VmInfo) -> serde_json::Value {
+    let path = Path::new(&vm.vm_dir).join("vm.json");
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// A migration to a host the source has not pinned is refused before anything (400, naming
