@@ -34,6 +34,42 @@ struct Held {
 }
 
 impl Held {
+    /// A new namespace joined to this one by a veth pair: `host_if` here (one left by an
+    /// earlier run that died is deleted first), `inner_if` in the namespace.
+    fn linked(host_if: String, inner_if: &str) -> Result<Self> {
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        let held = Self {
+            holder: holder()?,
+            host_if,
+        };
+        let pid = held.holder.id().to_string();
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &held.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            inner_if,
+            "netns",
+            &pid,
+        ]))?;
+        Ok(held)
+    }
+
+    /// Gives `inner_if` the address `cidr` and brings it and the namespace's loopback up.
+    fn configure(&self, inner_if: &str, cidr: &str) -> Result<()> {
+        for args in [
+            &["addr", "add", cidr, "dev", inner_if][..],
+            &["link", "set", inner_if, "up"],
+            &["link", "set", "lo", "up"],
+        ] {
+            run(self.command("ip").args(args))?;
+        }
+        Ok(())
+    }
+
     /// `program` run inside the namespace (`nsenter --net=... program`).
     fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
@@ -80,26 +116,10 @@ impl ClientNetns {
         client: Ipv4Addr,
         prefix_len: u8,
     ) -> Result<Self> {
-        let (host_if, client_if) = (format!("nch-{tag}"), format!("ncc-{tag}"));
-        // Ends left by an earlier run that died go first.
-        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
-        let holder = holder()?;
+        let client_if = format!("ncc-{tag}");
         let ns = Self {
-            held: Held { holder, host_if },
+            held: Held::linked(format!("nch-{tag}"), &client_if)?,
         };
-        let pid = ns.held.holder.id().to_string();
-        run(Command::new("ip").args([
-            "link",
-            "add",
-            &ns.held.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &client_if,
-            "netns",
-            &pid,
-        ]))?;
         run(Command::new("ip").args([
             "addr",
             "add",
@@ -108,14 +128,8 @@ impl ClientNetns {
             &ns.held.host_if,
         ]))?;
         run(Command::new("ip").args(["link", "set", &ns.held.host_if, "up"]))?;
-        let client_addr = format!("{client}/{prefix_len}");
-        for args in [
-            &["addr", "add", &client_addr, "dev", &client_if][..],
-            &["link", "set", &client_if, "up"],
-            &["link", "set", "lo", "up"],
-        ] {
-            run(ns.command("ip").args(args))?;
-        }
+        ns.held
+            .configure(&client_if, &format!("{client}/{prefix_len}"))?;
         Ok(ns)
     }
 
@@ -185,29 +199,11 @@ impl Underlay {
         };
         run(Command::new("ip").args(["link", "set", &underlay.bridge, "up"]))?;
         for i in 1..=count {
-            let host_if = format!("ncu-{tag}{i}");
-            let _ = Command::new("ip").args(["link", "del", &host_if]).output();
             let [a, b, c] = UNDERLAY_NET;
             let member = Member {
-                held: Held {
-                    holder: holder()?,
-                    host_if,
-                },
+                held: Held::linked(format!("ncu-{tag}{i}"), UNDERLAY_IF)?,
                 addr: Ipv4Addr::new(a, b, c, i),
             };
-            let pid = member.held.holder.id().to_string();
-            run(Command::new("ip").args([
-                "link",
-                "add",
-                &member.held.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                UNDERLAY_IF,
-                "netns",
-                &pid,
-            ]))?;
             run(Command::new("ip").args([
                 "link",
                 "set",
@@ -216,14 +212,9 @@ impl Underlay {
                 &underlay.bridge,
                 "up",
             ]))?;
-            let cidr = format!("{}/24", member.addr);
-            for args in [
-                &["addr", "add", &cidr, "dev", UNDERLAY_IF][..],
-                &["link", "set", UNDERLAY_IF, "up"],
-                &["link", "set", "lo", "up"],
-            ] {
-                run(member.command("ip").args(args))?;
-            }
+            member
+                .held
+                .configure(UNDERLAY_IF, &format!("{}/24", member.addr))?;
             if i == count {
                 run(member
                     .command("ip")
