@@ -105,7 +105,7 @@ impl Ingress {
     pub fn new(underlay: Option<&Underlay>, ports: &[u16]) -> Self {
         match underlay {
             Some(u) if !ports.is_empty() => Self {
-                from: u.networks(),
+                from: u.networks().to_vec(),
                 ports: ports.to_vec(),
             },
             _ => Self::default(),
@@ -117,14 +117,16 @@ impl Ingress {
         self.from.is_empty() || self.ports.is_empty()
     }
 
-    /// `{ a, b }` of the networks and of the ports, for nft.
+    /// The networks and the ports as nft sets.
     fn sets(&self) -> (String, String) {
-        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
-        (
-            format!("{{ {} }}", self.from.join(", ")),
-            format!("{{ {} }}", ports.join(", ")),
-        )
+        (nft_set(&self.from), nft_set(&self.ports))
     }
+}
+
+/// `{ a, b }`: `items` as an anonymous nft set.
+fn nft_set<T: std::fmt::Display>(items: &[T]) -> String {
+    let items: Vec<String> = items.iter().map(T::to_string).collect();
+    format!("{{ {} }}", items.join(", "))
 }
 
 /// The NFLOG group the VM's refusals are logged to (groups belong to a namespace, so every
@@ -329,9 +331,9 @@ pub fn host_ruleset(prefix: &OverlayPrefix, underlay: Option<&Underlay>) -> Stri
     let veths = format!("{HOST_VETH_PREFIX}*");
     let unmasked = underlay.map_or(String::new(), |u| {
         format!(
-            "    ip saddr {prefix} oifname \"{}\" ip daddr {{ {} }} accept\n",
+            "    ip saddr {prefix} oifname \"{}\" ip daddr {} accept\n",
             u.iface(),
-            u.networks().join(", ")
+            nft_set(u.networks())
         )
     });
     format!(

@@ -62,8 +62,8 @@ pub struct Underlay {
     iface: String,
     ifindex: i32,
     mac: [u8; 6],
-    /// Its IPv4 addresses and their prefix lengths.
-    addrs: Vec<(Ipv4Addr, u8)>,
+    /// The networks of its IPv4 addresses, `A.B.C.D/LEN`, sorted, read once at open.
+    networks: Vec<String>,
 }
 
 /// One interface of `ip -j addr show`.
@@ -82,6 +82,20 @@ struct IpAddr {
     family: String,
     local: String,
     prefixlen: u8,
+}
+
+/// The networks of `addrs` (addresses and prefix lengths), `A.B.C.D/LEN`, sorted, each once.
+fn networks_of(addrs: &[(Ipv4Addr, u8)]) -> Vec<String> {
+    let mut nets: Vec<String> = addrs
+        .iter()
+        .map(|(addr, len)| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+            format!("{}/{len}", Ipv4Addr::from(u32::from(*addr) & mask))
+        })
+        .collect();
+    nets.sort();
+    nets.dedup();
+    nets
 }
 
 impl Underlay {
@@ -138,7 +152,7 @@ impl Underlay {
             iface: iface.to_owned(),
             ifindex: link.ifindex,
             mac,
-            addrs,
+            networks: networks_of(&addrs),
         })
     }
 
@@ -148,18 +162,8 @@ impl Underlay {
     }
 
     /// The networks on the interface, `A.B.C.D/LEN`: where clients may connect from.
-    pub fn networks(&self) -> Vec<String> {
-        let mut nets: Vec<String> = self
-            .addrs
-            .iter()
-            .map(|(addr, len)| {
-                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-                format!("{}/{len}", Ipv4Addr::from(u32::from(*addr) & mask))
-            })
-            .collect();
-        nets.sort();
-        nets.dedup();
-        nets
+    pub fn networks(&self) -> &[String] {
+        &self.networks
     }
 
     /// Answers ARP for `addr` on the underlay from now on.
