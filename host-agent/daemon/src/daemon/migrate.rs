@@ -455,10 +455,10 @@ impl Daemon {
         // The relay runs beside the wait below, which needs nothing from it: whatever the
         // relay says, the VMM knows whether it restored the VM. It serves its control socket
         // once it has (its answer to the source already written), and exits when it has not.
-        let relay = match link.send(&accepted).await {
-            Ok(()) => tokio::spawn(relay_from(listener, link)),
-            Err(e) => tokio::spawn(async move { Err(e) }),
-        };
+        let relay = link
+            .send(&accepted)
+            .await
+            .map(|()| tokio::spawn(relay_from(listener, link)));
         let ready = super::vm::wait_served(&vm, child, TARGET_READY_TIMEOUT).await;
         let _ = std::fs::remove_file(vm.dir.join(IN_SOCKET));
         let why = match ready {
@@ -477,15 +477,20 @@ impl Daemon {
             Err(status) => Some(self.discard_unserved(&vm, status).await),
         };
         // The relay ends when the source, having its VMM's answer, closes the link.
-        let abort = relay.abort_handle();
-        let relayed = match tokio::time::timeout(STEP_TIMEOUT, relay).await {
-            Ok(Ok(relayed)) => relayed.map(drop).map_err(|e| error_chain(&e)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => {
-                abort.abort();
-                Err(format!(
-                    "the link was still open {STEP_TIMEOUT:?} after the VMM's end of it"
-                ))
+        let relayed = match relay {
+            Err(e) => Err(error_chain(&e)),
+            Ok(relay) => {
+                let abort = relay.abort_handle();
+                match tokio::time::timeout(STEP_TIMEOUT, relay).await {
+                    Ok(Ok(relayed)) => relayed.map(drop).map_err(|e| error_chain(&e)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => {
+                        abort.abort();
+                        Err(format!(
+                            "the link was still open {STEP_TIMEOUT:?} after the VMM's end of it"
+                        ))
+                    }
+                }
             }
         };
         match (why, relayed) {
