@@ -22,6 +22,8 @@ from bench_boot import CMDLINE
 READY = b"NANOCLAW-BENCH-READY"
 TICK = b"NANOCLAW-TICK"
 MEM_MIB = 256
+DISK_MIB = 256
+DISK_RATE = 20
 TIMEOUT = 600.0
 TARGET_MS = 300.0
 
@@ -93,7 +95,24 @@ def vmm(args, vm_dir, extra):
                             stderr=subprocess.DEVNULL)
 
 
-def one(args, dirty):
+def blank(path):
+    """A sparse, all-zero disk file of DISK_MIB."""
+    with open(path, "wb") as f:
+        f.truncate(DISK_MIB << 20)
+
+
+def on_target(a, b):
+    """Whether every 1 MiB of disk file `a` that holds data is the same in `b`."""
+    with open(a, "rb") as x, open(b, "rb") as y:
+        while True:
+            p, q = x.read(1 << 20), y.read(1 << 20)
+            if not p:
+                return True
+            if p.count(0) != len(p) and p != q:
+                return False
+
+
+def one(args, dirty, disk=0):
     top = tempfile.mkdtemp(prefix="bench-migrate-")
     src_dir, dst_dir = os.path.join(top, "src"), os.path.join(top, "dst")
     os.mkdir(src_dir)
@@ -101,8 +120,15 @@ def one(args, dirty):
     procs = []
     try:
         extra = f"nanoclaw.dirty={dirty}" if dirty else ""
+        disks = {}
+        if disk:
+            extra += f" nanoclaw.disk={disk}"
+            for side, d in (("src", src_dir), ("dst", dst_dir)):
+                disks[side] = os.path.join(d, "disk.img")
+                blank(disks[side])
         src = vmm(args, src_dir, ["--kernel", args.vmlinux, "--initrd", args.initrd,
-                                  "--cmdline-extra", (CMDLINE + " " + extra).strip()])
+                                  "--cmdline-extra", (CMDLINE + " " + extra).strip()]
+                  + (["--disk", disks["src"] + ",id=scratch"] if disk else []))
         procs.append(src)
         src_console = Console(src)
         if not src_console.ready.wait(TIMEOUT):
@@ -112,7 +138,8 @@ def one(args, dirty):
         inbound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         inbound.bind(inbound_path)
         inbound.listen(1)
-        dst = vmm(args, dst_dir, ["--migrate-from", inbound_path])
+        dst = vmm(args, dst_dir, ["--migrate-from", inbound_path]
+                  + (["--disk", disks["dst"] + ",id=scratch"] if disk else []))
         procs.append(dst)
         dst_console = Console(dst)
         target_link = accept(inbound, dst, 60)
@@ -165,6 +192,15 @@ def one(args, dirty):
         seen_ms = (dst_console.ticks[0] - last_src) * 1e3
         m = answer["migration"]
         rounds = m["rounds"]
+        same = None
+        if disk:
+            # What the source wrote up to the switch must be on the target's disk. The target
+            # writes on, the same bytes at the next offsets, so the check is of every part of
+            # the source's disk that holds data (the few the target rewrote since are alike).
+            for p in procs:
+                p.kill()
+                p.wait()
+            same = on_target(disks["src"], disks["dst"])
         # Distinct pages written during each round, over the rounds' time.
         dirtied = sum(r["dirty"] for r in rounds) * 4096
         dirty_s = sum(r["ms"] for r in rounds) / 1e3
@@ -174,6 +210,8 @@ def one(args, dirty):
             "seen_ms": seen_ms,
             "rounds": len(rounds),
             "pages": sum(r["pages"] for r in rounds) + m["final_pages"],
+            "blocks": sum(r.get("blocks", 0) for r in rounds) + m.get("final_blocks", 0),
+            "same_disk": same,
             "final_pages": m["final_pages"],
             "first_mbps": rounds[0]["mb_per_s"],
             "dirty_mbps": dirtied / 1e6 / max(dirty_s, 1e-3),
@@ -199,11 +237,13 @@ def main():
     print(f"bench-migrate: {args.rounds} rounds per workload, {MEM_MIB} MiB, 1 vCPU, {where}, "
           f"downtime target {TARGET_MS:.0f} ms (Cloud Hypervisor's default)", flush=True)
     results = {}
-    for label, dirty in (("idle", 0), (f"asked {args.dirty} MB/s", args.dirty)):
+    workloads = (("idle", 0, 0), (f"asked {args.dirty} MB/s", args.dirty, 0),
+                 (f"disk {DISK_RATE} MB/s", 0, DISK_RATE))
+    for label, dirty, disk in workloads:
         runs = []
         for i in range(args.rounds):
             try:
-                r = one(args, dirty)
+                r = one(args, dirty, disk)
             except RuntimeError as e:
                 print(f"  {label} round {i + 1}: FAILED: {e}")
                 continue
@@ -211,7 +251,10 @@ def main():
                   f"{r['downtime_ms']:.0f} ms (seen {r['seen_ms']:.0f} ms), {r['rounds']} "
                   f"rounds, {r['pages']} pages ({r['final_pages']} stopped), round 0 at "
                   f"{r['first_mbps']:.0f} MB/s, guest dirtied {r['dirty_mbps']:.1f} MB/s, "
-                  f"{r['relayed_mb']:.1f} MB relayed", flush=True)
+                  f"{r['relayed_mb']:.1f} MB relayed"
+                  + (f", {r['blocks']} disk blocks, the source's data on the target's disk: "
+                     f"{'all' if r['same_disk'] else 'NOT ALL'}" if disk else ""),
+                  flush=True)
             runs.append(r)
         results[label] = runs
     print("medians:")
@@ -219,13 +262,15 @@ def main():
         if not runs:
             print(f"  {label:<16} no successful round")
             continue
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+               if k != "same_disk"}
         def verdict(ms):
             return "met" if ms <= TARGET_MS else "NOT met"
         print(f"  {label:<16} total {med['total_ms']:7.0f} ms   downtime {med['downtime_ms']:6.0f} ms"
               f" ({verdict(med['downtime_ms'])})   seen from outside {med['seen_ms']:6.0f} ms "
               f"({verdict(med['seen_ms'])})   rounds {med['rounds']:.0f}   "
-              f"the guest dirtied {med['dirty_mbps']:.1f} MB/s")
+              f"the guest dirtied {med['dirty_mbps']:.1f} MB/s"
+              + (f"   disk blocks {med['blocks']:.0f}" if med["blocks"] else ""))
 
 
 if __name__ == "__main__":
