@@ -31,10 +31,22 @@ pub(crate) fn nanoclaw(d: &Daemon, args: &[&str], timeout: Duration) -> Output {
 }
 
 pub(crate) fn detach(d: &Daemon, cmd: &[&str]) -> String {
-    let mut args = vec!["run", "--detach", "--"];
+    detach_with(d, &[], cmd)
+}
+
+/// Runs `cmd` detached in image `image`, on a 64 MiB writable disk; answers the VM's id.
+pub(crate) fn detach_in_image(d: &Daemon, image: &str, cmd: &[&str]) -> String {
+    detach_with(d, &["--image", image, "--disk-size", "64M"], cmd)
+}
+
+/// `nanoclaw run --detach RUN_ARGS -- CMD`; answers the VM's id.
+fn detach_with(d: &Daemon, run_args: &[&str], cmd: &[&str]) -> String {
+    let mut args = vec!["run", "--detach"];
+    args.extend_from_slice(run_args);
+    args.push("--");
     args.extend_from_slice(cmd);
     let out = nanoclaw(d, &args, RUN_TIMEOUT);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.status.success(), "run: {}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_owned();
     assert!(
         !id.is_empty() && !id.contains(char::is_whitespace),

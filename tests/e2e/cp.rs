@@ -149,24 +149,7 @@ fn files_go_in_and_out_of_a_vm_escapes_are_refused_and_a_stopped_vms_disk_is_rea
     let work = tempfile::tempdir().unwrap();
     import_test_image(&d, "cp-test", RUN_TIMEOUT).expect("import the test image");
 
-    let out = nanoclaw(
-        &d,
-        &[
-            "run",
-            "--image",
-            "cp-test",
-            "--disk-size",
-            "64M",
-            "--detach",
-            "--",
-            "/bin/sh",
-            "-c",
-            AGENT_SH,
-        ],
-        RUN_TIMEOUT,
-    );
-    assert!(out.status.success(), "run: {}", text(&out.stderr));
-    let id = text(&out.stdout).trim().to_owned();
+    let id = super::agent::detach_in_image(&d, "cp-test", &["/bin/sh", "-c", AGENT_SH]);
     d.wait_for(&id, AGENT, "running its agent", |i| {
         i["status"] == "running"
     })

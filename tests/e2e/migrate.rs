@@ -129,7 +129,7 @@ fn counts(log: &str) -> Vec<u64> {
 #[test]
 #[ignore = "e2e: run through scripts/e2e"]
 fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
-    use super::agent::{AGENT, logs, nanoclaw, text};
+    use super::agent::{AGENT, detach_in_image, logs, nanoclaw, text};
     use nanoclaw_tests::oci::import_test_image;
     let image = GuestImage::from_env().expect("guest image");
     let hosts = PinnedHosts::start(
@@ -142,24 +142,7 @@ fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
     for d in [source, target] {
         import_test_image(d, "migrating", MIGRATE).expect("import the test image");
     }
-    let out = nanoclaw(
-        source,
-        &[
-            "run",
-            "--image",
-            "migrating",
-            "--disk-size",
-            "64M",
-            "--detach",
-            "--",
-            "/bin/sh",
-            "-c",
-            DISK_COUNTER,
-        ],
-        MIGRATE,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let id = text(&out.stdout).trim().to_owned();
+    let id = detach_in_image(source, "migrating", &["/bin/sh", "-c", DISK_COUNTER]);
     source
         .wait_for(&id, AGENT, "counting", |_| {
             counts(&logs(source, &id)).last().is_some_and(|n| *n >= 3)
