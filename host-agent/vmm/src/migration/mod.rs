@@ -32,9 +32,10 @@
 //!
 //! # The target ([`receive`])
 //! Fresh memory of the same layout and all-zero writable disks of the same sizes, then pages
-//! and blocks written where they belong as they arrive, then the state (checked as a snapshot state file is: magic, version, checksum, counts). The
-//! caller restores it into its fresh VM ([`crate::snapshot::restore_vm`] and
-//! [`crate::snapshot::restore_virtio`]) and answers with [`answer`] before its vCPUs start.
+//! and blocks written where they belong as they arrive, then the state (checked as a snapshot
+//! state file is: magic, version, checksum, counts). The caller restores it into its fresh VM
+//! ([`crate::snapshot::restore_vm`] and [`crate::snapshot::restore_virtio`]) and answers with
+//! [`answer`] before its vCPUs start.
 //!
 //! # The link
 //! This module reads and writes any byte stream. The VMM is jailed and has no network: the

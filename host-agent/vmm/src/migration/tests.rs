@@ -1,7 +1,8 @@
 //! Migration between two real KVM VMs in one process, over a socket pair: a real-mode guest
 //! that counts and writes across eight pages while its memory is copied, and a "device" that
-//! writes guest memory and a writable disk between rounds. Then the failures: cancel, a refusing target, a target
-//! that hangs up without an answer, and hostile streams.
+//! writes guest memory and a writable disk between rounds. Then the failures: cancel, a
+//! refusing target, a target that hangs up without an answer, and hostile streams (hostile
+//! disk records too).
 //!
 //! The KVM tests need `/dev/kvm` and its dirty-page log; where the host's KVM refuses an ioctl
 //! they report which and stop (see [`crate::snapshot::tests`]).
