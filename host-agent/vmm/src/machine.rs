@@ -989,7 +989,7 @@ fn target_disks(config: &VmConfig) -> Result<Vec<crate::migration::TargetDisk>, 
                         source,
                     })
                 })?,
-                bytes: file.sectors() * 512,
+                bytes: file.capacity_bytes(),
             })
         })
         .collect()

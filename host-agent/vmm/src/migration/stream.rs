@@ -15,8 +15,8 @@
 //! | 8 | [`Record::Blocks`] | a disk's index (`u32`), a byte offset (`u64`), then the bytes (whole sectors) |
 //!
 //! The source sends `Layout`, `Disks`, any number of `Pages` and `Blocks`, one `State`, `Done`;
-//! the target answers with `Resumed` or `Refused`. Anything else, in any other order, is refused with a
-//! [`StreamError`] that says what.
+//! the target answers with `Resumed` or `Refused`. Anything else, in any other order, is
+//! refused with a [`StreamError`] that says what.
 //!
 //! The stream is authenticated and encrypted below this layer (the daemons' link, see
 //! [`super`]), so these checks are not a defence against a forger; they keep a damaged or

@@ -122,6 +122,11 @@ impl DiskFile {
         self.sectors
     }
 
+    /// Capacity in bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.sectors * SECTOR_SIZE
+    }
+
     /// Whether the file was opened read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
@@ -162,6 +167,7 @@ mod tests {
         std::fs::write(&path, vec![7u8; 4096]).unwrap();
         let ro = DiskFile::open(&path, true).unwrap();
         assert_eq!((ro.sectors(), ro.read_only()), (8, true));
+        assert_eq!(ro.capacity_bytes(), 4096);
         assert!(ro.dirty_log().is_none(), "a read-only disk keeps no log");
         // Read-only: the descriptor really cannot write.
         assert!(ro.file.write_at(b"x", 0).is_err());
