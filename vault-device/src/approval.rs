@@ -81,6 +81,7 @@ use shared_proto::approval::{
 use shared_proto::credential::APPROVAL_REQUEST_ARG;
 
 use crate::grant::Grant;
+use crate::moves::HostVm;
 use crate::vault::{VaultError, write_atomically};
 
 /// The longest a grant created by an approval lasts.
@@ -189,8 +190,11 @@ pub struct Ask {
     pub credential: String,
     /// The target authority.
     pub target_host: String,
-    /// The VM.
+    /// The VM as the host of the asking session names it: what the request shows and must
+    /// name.
     pub vm_id: String,
+    /// The session's origin ([`crate::moves`]): the VM (and host) the grant is for.
+    pub origin: HostVm,
 }
 
 /// The contents of the passkey file.
@@ -376,13 +380,15 @@ pub fn check_evidence(
 }
 
 /// The grant an approved `request` for `ask` leads to: call path only, until the approval's
-/// expiry capped at [`MAX_APPROVED_GRANT`] from `now_unix` (seconds).
+/// expiry capped at [`MAX_APPROVED_GRANT`] from `now_unix` (seconds), for the ask's origin
+/// (its host and VM).
 pub fn grant_for(ask: &Ask, request: &ApprovalRequest, now_unix: u64) -> Grant {
     let cap = now_unix.saturating_add(MAX_APPROVED_GRANT.as_secs());
     Grant {
         credential: ask.credential.clone(),
         host: ask.target_host.clone(),
-        vm: ask.vm_id.clone(),
+        vm: ask.origin.vm.clone(),
+        on: Some(ask.origin.host),
         // Rounded up: a request approved before its expiry gets a grant live now.
         expires_at: request.expires_unix_ms.div_ceil(1000).min(cap),
         fallback: false,
@@ -404,7 +410,7 @@ pub struct GrantRecord {
     pub approval_id: String,
     /// The device's request id (hex).
     pub request: String,
-    /// The grant.
+    /// The grant (its `on` names the host of its VM, the ask's origin).
     pub grant: Grant,
 }
 

@@ -1,21 +1,30 @@
-//! The running device: the open vault, the HTTPS client, pairing and the outbound link to the
-//! paired host.
+//! The running device: the open vault, the HTTPS client, pairing and the outbound links to the
+//! paired hosts.
 //!
-//! # The link
+//! # The links
 //!
-//! The device dials the host (so a phone behind NAT works), writes
-//! [`LINK_MODE_LINK`] and runs Noise KK as initiator
-//! with its identity key and the host key pinned at pairing: a host without that key, or a
-//! device the host has not paired, fails the handshake. Then one reader loop decodes
-//! `HostToDevice` messages and hands each session's bytes to its task ([`crate::session`]); one
-//! writer task encrypts the sessions' `DeviceToHost` messages in order. [`Device::serve`]
-//! redials with a capped backoff whenever the link drops.
+//! The device keeps one link per paired host. For each it dials the host (so a phone behind
+//! NAT works), writes [`LINK_MODE_LINK`] and runs Noise KK as initiator with its identity key
+//! and that host's key pinned at pairing: a host without that key, or a device the host has
+//! not paired, fails the handshake. Then one reader loop decodes `HostToDevice` messages and
+//! hands each session's bytes to its task ([`crate::session`]); one writer task encrypts the
+//! sessions' `DeviceToHost` messages in order. [`Device::serve`] redials each link with its own
+//! capped backoff whenever it drops, and looks at the vault's pairings every
+//! [`PAIRING_POLL`]: a pairing added while it serves (`vault-device pair`) gets its link within
+//! that time, and a link whose pairing is gone is not redialled.
+//!
+//! Links are known by their host's link key ([`Pairing::host_public_key`]). Everything a
+//! session triggers goes back on the link it came from: its `Data` and `Close`, its
+//! `Tokenized` reports, the `ApprovalNeeded` of its asks; a checkpoint is answered on the link
+//! that asked. An `Approval` answer counts only from the link its ask was sent on, and the asks
+//! waiting on a link fail when that link drops.
 //!
 //! # Pairing
 //!
 //! [`pair`] dials the host, writes `LINK_MODE_PAIR` and runs NNpsk0 with the PSK derived from
 //! the code the host showed; each side sends a `PairingOffer` with its static key inside the
-//! handshake, and the device pins the host's key in the vault.
+//! handshake, and the device adds the host's pinned key to the vault's pairings (in place of
+//! a pairing with the same key or address).
 //!
 //! # Approvals
 //!
@@ -26,9 +35,12 @@
 //!   ([`Device::page_pending`]) for its own approval page ([`crate::approval_page`]), which
 //!   approves ([`Device::page_approve`]) or denies ([`Device::page_deny`]) it; the host only
 //!   gets a notice (`ApprovalNeeded` with `on_device` set), best effort;
-//! - passkeys imported from the host: it sends the host `ApprovalNeeded` on the current link
-//!   and waits for the matching `Approval`. Asks still waiting when the link drops fail at
-//!   once.
+//! - passkeys imported from the host: it sends `ApprovalNeeded` on the link of the session that
+//!   asks and waits for the matching `Approval` on that link. Asks still waiting when that
+//!   link drops fail at once.
+//!
+//! The request names the VM as the asking host names it (that host shows it); the grant it
+//! leads to, and the limit of asks per VM, are for the session's origin (see Moves).
 //!
 //! Either way the evidence is checked by [`crate::approval::check_evidence`] before a grant is
 //! created. Approved grants live in memory (they last minutes) and are recorded in the grant
@@ -41,11 +53,29 @@
 //! (`CheckpointSigned`, or `CheckpointRefused` with the reason) goes back. A refusal is logged
 //! within a [`LogBudget`], since the host can send these at will.
 //!
+//! # Moves
+//!
+//! A VM that live-migrates keeps its sidecar's boot key and gets a new id on its new host. The
+//! source host sends `Moving` on its link before the switch-over; the device records the move
+//! in the vault if the target is another paired host, and answers `MoveNoted` (with the reason
+//! when it refuses, logged at debug only). A session `Open` then resolves to its origin
+//! ([`crate::moves::resolve`]): a session from the target for the new id, whose sidecar proves
+//! that boot key, gets the source VM's grants; one for the same id with another key does not.
+//! Once such a session has completed its handshake the move is marked arrived (and saved),
+//! and the source's sessions for that VM with that key are closed before they are served, so
+//! only one copy is served. The tokenizer settings stay those its current host announced.
+//!
+//! What the device trusts here: only a paired host can be named as the target; the source can
+//! hand over only what it could already do for that VM (its grants), bound to that boot key;
+//! the target cannot claim a VM unasked. See [`crate::moves`].
+//!
 //! # Reloading
 //!
-//! `vault-device grant` and `add` change the vault file while `serve` runs; [`Device::snapshot`]
-//! re-opens it when its modification time changed, so a new grant takes effect at the next
-//! request.
+//! `vault-device grant`, `add` and `pair` change the vault file while `serve` runs;
+//! [`Device::snapshot`] re-opens it when its modification time changed, so a new grant takes
+//! effect at the next request and a new pairing at the next [`PAIRING_POLL`]. Moves are
+//! written by `serve` itself, after re-reading a changed file (a CLI change made during that
+//! save, a few tens of milliseconds, can be lost).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -73,9 +103,10 @@ use crate::approval::{
 };
 use crate::checkpoint::{CheckpointLog, CheckpointLogError};
 use crate::grant::Grant;
+use crate::moves::{self, HostVm, Move, Resolution};
 use crate::noise::{self, NoiseError};
 use crate::session::{self, SessionContext, SessionPeer};
-use crate::vault::{Pairing, Vault, VaultData, VaultError};
+use crate::vault::{Pairing, Vault, VaultData, VaultError, host_label};
 
 /// Sessions one link may hold at once; an `Open` beyond it is closed at once.
 pub const MAX_SESSIONS: usize = 256;
@@ -100,6 +131,8 @@ pub const DEFAULT_APPROVAL_WAIT: Duration = Duration::from_secs(310);
 pub const CREDENTIAL_RULE: &str = "credential_without_grant";
 /// The longest pause between redials.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often [`Device::serve`] looks for pairings added or removed while it runs.
+pub const PAIRING_POLL: Duration = Duration::from_secs(5);
 
 /// Errors of the device.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +140,7 @@ pub enum DeviceError {
     /// The vault failed.
     #[error("vault")]
     Vault(#[from] VaultError),
-    /// The device is not paired with a host.
+    /// The device is not paired with a host (or no longer with the one asked for).
     #[error("not paired with a host; run `vault-device pair` first")]
     NotPaired,
     /// Dialling the host failed.
@@ -156,12 +189,52 @@ pub struct DeviceConfig {
 
 #[derive(Default)]
 struct Approvals {
-    /// Asks sent to the host and not yet answered.
-    pending: HashMap<[u8; 16], oneshot::Sender<ApprovalAnswer>>,
+    /// Asks sent to a host and not yet answered, by request id.
+    pending: HashMap<[u8; 16], HostAsk>,
     /// Asks shown on the device's own page, by approval id.
     on_page: HashMap<String, PageAsk>,
     /// Grants created by verified approvals.
     grants: Vec<Grant>,
+}
+
+/// An ask sent to a host: the link it went on (the only one its answer is taken from) and the
+/// waiting call.
+struct HostAsk {
+    link: [u8; 32],
+    answer: oneshot::Sender<ApprovalAnswer>,
+}
+
+/// What became of an `Approval` answer from a link.
+#[derive(Debug, PartialEq, Eq)]
+enum Answered {
+    /// It answered an ask sent on that link.
+    Delivered,
+    /// Its ask was sent on another host's link: ignored.
+    OtherLink,
+    /// No ask waits with that id (unknown, or already answered).
+    Unknown,
+}
+
+impl Approvals {
+    /// Hands `answer`, which came on the link `link`, to the ask `request` if that ask was sent
+    /// on that link.
+    fn answer(&mut self, link: &[u8; 32], request: [u8; 16], answer: ApprovalAnswer) -> Answered {
+        match self.pending.get(&request) {
+            None => Answered::Unknown,
+            Some(ask) if ask.link != *link => Answered::OtherLink,
+            Some(_) => {
+                if let Some(ask) = self.pending.remove(&request) {
+                    let _ = ask.answer.send(answer);
+                }
+                Answered::Delivered
+            }
+        }
+    }
+
+    /// Fails the asks sent on `link` (it dropped: they will get no answer).
+    fn link_down(&mut self, link: &[u8; 32]) {
+        self.pending.retain(|_, ask| ask.link != *link);
+    }
 }
 
 /// An ask waiting on the device's own approval page: the request the device built, exactly as
@@ -205,8 +278,8 @@ pub struct Device {
     config: DeviceConfig,
     cached: Mutex<Cached>,
     http: reqwest::Client,
-    /// The current link's outgoing queue.
-    link: Mutex<Option<mpsc::Sender<DeviceToHost>>>,
+    /// The outgoing queue of each link that is up, by its host's link key.
+    link: Mutex<HashMap<[u8; 32], mpsc::Sender<DeviceToHost>>>,
     approvals: Mutex<Approvals>,
     /// The relying party of the device's own approval page, while it is served.
     page: Mutex<Option<RelyingParty>>,
@@ -223,6 +296,8 @@ pub struct Device {
     checkpoints: Mutex<CheckpointLog>,
     /// Refused checkpoints logged (the host can send them at will).
     checkpoint_budget: Mutex<LogBudget>,
+    /// The budget of the log lines of moves (a host sends notices at will).
+    move_log: Mutex<LogBudget>,
 }
 
 impl std::fmt::Debug for Device {
@@ -277,7 +352,8 @@ impl Device {
                 modified: modified(&config.vault),
                 vault,
             }),
-            link: Mutex::new(None),
+            link: Mutex::new(HashMap::new()),
+            move_log: Mutex::new(LogBudget::new()),
             approvals: Mutex::new(Approvals::default()),
             page: Mutex::new(None),
             ask_log: Mutex::new(LogBudget::new()),
@@ -295,15 +371,57 @@ impl Device {
         self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The vault's contents, re-read if the file changed.
-    pub fn snapshot(&self) -> Result<VaultData, VaultError> {
+    /// The open vault, re-read first if the file changed.
+    fn current(&self) -> Result<MutexGuard<'_, Cached>, VaultError> {
         let mut cached = self.lock();
         let now = modified(&self.config.vault);
         if now != cached.modified {
             cached.vault = Vault::open(&self.config.vault, &self.config.passphrase)?;
             cached.modified = now;
         }
-        Ok(cached.vault.data.clone())
+        Ok(cached)
+    }
+
+    /// The vault's contents, re-read if the file changed.
+    pub fn snapshot(&self) -> Result<VaultData, VaultError> {
+        Ok(self.current()?.vault.data.clone())
+    }
+
+    /// Applies `change` to the current vault and saves it if `change` says it changed
+    /// anything; a failed save leaves the vault as it was. Answers whether it saved.
+    fn update_vault(
+        &self,
+        change: impl FnOnce(&mut VaultData) -> bool,
+    ) -> Result<bool, VaultError> {
+        let mut cached = self.current()?;
+        let mut data = cached.vault.data.clone();
+        if !change(&mut data) {
+            return Ok(false);
+        }
+        let before = std::mem::replace(&mut cached.vault.data, data);
+        if let Err(e) = cached.vault.save() {
+            cached.vault.data = before;
+            return Err(e);
+        }
+        cached.modified = modified(&self.config.vault);
+        Ok(true)
+    }
+
+    fn links(&self) -> MutexGuard<'_, HashMap<[u8; 32], mpsc::Sender<DeviceToHost>>> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The outgoing queue of the link to the host `host`, if it is up.
+    fn link_to(&self, host: &[u8; 32]) -> Option<mpsc::Sender<DeviceToHost>> {
+        self.links().get(host).cloned()
+    }
+
+    /// Whether a line about a move may be logged now (`Some(n)`: yes, `n` were suppressed).
+    fn move_log(&self) -> Option<u64> {
+        self.move_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now())
     }
 
     fn approvals(&self) -> MutexGuard<'_, Approvals> {
@@ -347,14 +465,17 @@ impl Device {
         self.page.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Asks the user to approve releasing `credential` to `target_host` for `vm_id`, on the
-    /// device's own page or through the host (see the module doc); on a verified approval
-    /// creates, records and answers the grant (see the module doc of [`crate::approval`]).
+    /// Asks the user to approve releasing `credential` to `target_host` for the VM `asker`
+    /// (a host's link key and its id for the VM), on the device's own page or through that
+    /// host's link (see the module doc); on a verified approval creates, records and answers
+    /// the grant, for `origin` (the asker itself, or the VM it was before it moved: see the
+    /// module doc of [`crate::approval`] and [`crate::moves`]).
     pub async fn request_approval(
         &self,
+        asker: &HostVm,
+        origin: &HostVm,
         credential: &str,
         target_host: &str,
-        vm_id: &str,
     ) -> Result<Grant, ApprovalCheckError> {
         let mut request = [0u8; 16];
         OsRng.fill_bytes(&mut request);
@@ -362,7 +483,8 @@ impl Device {
             request,
             credential: credential.to_owned(),
             target_host: target_host.to_owned(),
-            vm_id: vm_id.to_owned(),
+            vm_id: asker.vm.clone(),
+            origin: origin.clone(),
         };
         let store = {
             let path = self.passkey_file.lock().await;
@@ -370,29 +492,33 @@ impl Device {
         };
         if store.on_device {
             return match self.approval_page() {
-                Some(rp) if rp == store.relying_party() => self.ask_on_page(ask, &rp).await,
+                Some(rp) if rp == store.relying_party() => {
+                    self.ask_on_page(ask, &rp, &asker.host).await
+                }
                 _ => Err(ApprovalCheckError::PageNotServed(store.origin)),
             };
         }
-        self.ask_host(ask).await
+        self.ask_host(ask, asker.host).await
     }
 
-    /// The import mode: the host shows the request and sends back evidence.
-    async fn ask_host(&self, ask: Ask) -> Result<Grant, ApprovalCheckError> {
+    /// The import mode: the host on the link `host` shows the request and sends back
+    /// evidence on that link.
+    async fn ask_host(&self, ask: Ask, host: [u8; 32]) -> Result<Grant, ApprovalCheckError> {
         let request = ask.request;
-        let link = self
-            .link
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(ApprovalCheckError::LinkDown)?;
+        let link = self.link_to(&host).ok_or(ApprovalCheckError::LinkDown)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut a = self.approvals();
             if a.pending.len() + a.on_page.len() >= MAX_PENDING_ASKS {
                 return Err(ApprovalCheckError::TooMany(MAX_PENDING_ASKS));
             }
-            a.pending.insert(request, tx);
+            a.pending.insert(
+                request,
+                HostAsk {
+                    link: host,
+                    answer: tx,
+                },
+            );
         }
         let _guard = AskGuard {
             device: self,
@@ -429,8 +555,13 @@ impl Device {
     }
 
     /// The device mode: the device builds the request, shows it on its own page and waits for
-    /// the page's answer; the host only gets a notice.
-    async fn ask_on_page(&self, ask: Ask, rp: &RelyingParty) -> Result<Grant, ApprovalCheckError> {
+    /// the page's answer; the host on the link `host` only gets a notice.
+    async fn ask_on_page(
+        &self,
+        ask: Ask,
+        rp: &RelyingParty,
+        host: &[u8; 32],
+    ) -> Result<Grant, ApprovalCheckError> {
         let wait = self.config.approval_wait;
         let request = build_request(&ask, now_unix_ms(), wait);
         let canonical = request.encode().map_err(ApprovalCheckError::Build)?;
@@ -442,7 +573,7 @@ impl Device {
             if a.pending.len() + a.on_page.len() >= MAX_PENDING_ASKS {
                 return Err(ApprovalCheckError::TooMany(MAX_PENDING_ASKS));
             }
-            let of_vm = a.on_page.values().filter(|p| p.ask.vm_id == ask.vm_id);
+            let of_vm = a.on_page.values().filter(|p| p.ask.origin == ask.origin);
             if of_vm.count() >= MAX_PAGE_ASKS_PER_VM {
                 return Err(ApprovalCheckError::TooMany(MAX_PAGE_ASKS_PER_VM));
             }
@@ -462,8 +593,7 @@ impl Device {
             id: id.clone(),
         };
         // Best effort: the request waits on the device whether or not the host passes it on.
-        let link = self.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let noticed = link.is_some_and(|l| {
+        let noticed = self.link_to(host).is_some_and(|l| {
             l.try_send(DeviceToHost::ApprovalNeeded {
                 request: ask.request,
                 vm_id: ask.vm_id.clone(),
@@ -648,34 +778,168 @@ impl Device {
         &self.tokens
     }
 
-    /// Whether the link to the host is up.
+    /// Whether the link to any paired host is up.
     pub fn is_linked(&self) -> bool {
-        self.link
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        !self.links().is_empty()
     }
 
-    /// Sends the host a message on the current link without waiting (a report: dropped, and
-    /// logged, when the link is down or its queue is full).
-    pub fn notify_host(&self, msg: DeviceToHost) {
-        let link = self.link.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let sent = link.is_some_and(|l| l.try_send(msg).is_ok());
+    /// Whether the link to the host whose link key is `host` is up.
+    pub fn is_linked_to(&self, host: &[u8; 32]) -> bool {
+        self.links().contains_key(host)
+    }
+
+    /// Sends the host whose link key is `host` a message on its link without waiting (a
+    /// report: dropped, and logged, when that link is down or its queue is full).
+    pub fn notify_host(&self, host: &[u8; 32], msg: DeviceToHost) {
+        let sent = self.link_to(host).is_some_and(|l| l.try_send(msg).is_ok());
         if !sent {
             tracing::warn!("a report to the host was dropped (link down or busy)");
         }
     }
 
-    /// Keeps the link up: dials, serves until it drops, waits, dials again. Returns only when
-    /// the device is not paired.
+    /// Records the move `notice` (from the host of the link it came on), if it names another
+    /// paired host, and answers the host ([`crate::moves::note`]).
+    pub fn note_move(&self, notice: Move) -> DeviceToHost {
+        let vm_id = notice.from_vm.clone();
+        let to = notice.to_host;
+        let mut refused = None;
+        let saved = self.update_vault(|data| {
+            let paired = data.paired_hosts();
+            match moves::note(&mut data.moves, &paired, notice) {
+                Ok(()) => true,
+                Err(e) => {
+                    refused = Some(e);
+                    false
+                }
+            }
+        });
+        let refused = match (saved, refused) {
+            (_, Some(why)) => {
+                // The host can send these at will: not above debug.
+                tracing::debug!(vm = %vm_id, reason = %why, "a move notice refused");
+                Some(why.to_string())
+            }
+            (Ok(_), None) => {
+                if let Some(suppressed) = self.move_log() {
+                    let to = host_label(&self.lock().vault.data.pairings, &to);
+                    tracing::info!(vm = %vm_id, suppressed, "a VM moves to {to}: its sessions there will get its grants");
+                }
+                None
+            }
+            (Err(e), None) => {
+                if let Some(suppressed) = self.move_log() {
+                    tracing::warn!(vm = %vm_id, suppressed, error = %crate::ErrorChain(&e),
+                        "a move notice could not be recorded");
+                }
+                Some("the device could not record the move".to_owned())
+            }
+        };
+        DeviceToHost::MoveNoted { vm_id, refused }
+    }
+
+    /// What a session `Open` from the host `host` becomes: its peer, with its origin
+    /// ([`moves::resolve`]), or `None` when the VM moved from here to another host and arrived
+    /// there (or the vault cannot be read), so the session is closed before it is served.
+    fn session_peer(
+        &self,
+        host: [u8; 32],
+        vm_id: String,
+        boot_id: [u8; 16],
+        sidecar_public_key: [u8; 32],
+    ) -> Option<SessionPeer> {
+        let resolution = match self.current() {
+            Ok(cached) => {
+                let data = &cached.vault.data;
+                match moves::resolve(&data.moves, &host, &vm_id, &sidecar_public_key) {
+                    Resolution::Serve(origin) => Ok(origin),
+                    Resolution::Moved { to_host } => Err(host_label(&data.pairings, &to_host)),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(vm = %vm_id, error = %crate::ErrorChain(&e), "a session closed: the vault is unavailable");
+                return None;
+            }
+        };
+        match resolution {
+            Ok(origin) => Some(SessionPeer {
+                host,
+                vm_id,
+                boot_id,
+                sidecar_public_key,
+                origin,
+            }),
+            Err(to) => {
+                // The host opens sessions at will: not above debug.
+                tracing::debug!(vm = %vm_id, "a session closed: the VM moved to {to}");
+                None
+            }
+        }
+    }
+
+    /// After a session's handshake: marks the moves to its VM and boot key arrived, so that
+    /// the source's copy is no longer served.
+    fn arrived(&self, peer: &SessionPeer) {
+        let (host, vm, key) = (&peer.host, &peer.vm_id, &peer.sidecar_public_key);
+        match self.update_vault(|data| moves::mark_arrived(&mut data.moves, host, vm, key)) {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Some(suppressed) = self.move_log() {
+                    tracing::info!(vm = %vm, suppressed, "a moved VM arrived: its source's copy is no longer served");
+                }
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.move_log() {
+                    tracing::warn!(vm = %vm, suppressed, error = %crate::ErrorChain(&e),
+                        "a moved VM's arrival could not be recorded");
+                }
+            }
+        }
+    }
+
+    /// Keeps a link up to every paired host, each dialling, serving until it drops, waiting
+    /// and dialling again on its own ([`Device::keep_linked`]); picks up pairings added to the
+    /// vault every [`PAIRING_POLL`]. Returns only when the device is not paired with any host.
     pub async fn serve(self: Arc<Self>) -> Result<(), DeviceError> {
+        let mut links = tokio::task::JoinSet::new();
+        let mut running: Vec<[u8; 32]> = Vec::new();
+        loop {
+            match self.snapshot() {
+                Ok(data) => {
+                    for host in data.paired_hosts() {
+                        if !running.contains(&host) {
+                            running.push(host);
+                            links.spawn(Arc::clone(&self).keep_linked(host));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %crate::ErrorChain(&e), "vault"),
+            }
+            if running.is_empty() {
+                return Err(DeviceError::NotPaired);
+            }
+            tokio::select! {
+                Some(ended) = links.join_next() => {
+                    if let Ok(host) = ended {
+                        running.retain(|h| *h != host);
+                    }
+                }
+                () = tokio::time::sleep(PAIRING_POLL) => {}
+            }
+        }
+    }
+
+    /// Keeps the link to the host `host` up: dials, serves until it drops, waits, dials again.
+    /// Returns `host` once it is no longer paired.
+    pub async fn keep_linked(self: Arc<Self>, host: [u8; 32]) -> [u8; 32] {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match Arc::clone(&self).run_link().await {
-                Err(DeviceError::NotPaired) => return Err(DeviceError::NotPaired),
-                Err(e) => tracing::warn!(error = %crate::ErrorChain(&e), "link down"),
+            match Arc::clone(&self).run_link(host).await {
+                Err(DeviceError::NotPaired) => return host,
+                Err(e) => {
+                    tracing::warn!(host = %hex::encode(host), error = %crate::ErrorChain(&e), "link down")
+                }
                 Ok(()) => {
-                    tracing::info!("link closed by the host");
+                    tracing::info!(host = %hex::encode(host), "link closed by the host");
                     backoff = Duration::from_millis(200);
                 }
             }
@@ -684,9 +948,9 @@ impl Device {
         }
     }
 
-    /// Dials the paired host and serves the link until it ends.
-    pub async fn run_link(self: Arc<Self>) -> Result<(), DeviceError> {
-        let pairing = self.lock().vault.data.pairing.clone();
+    /// Dials the paired host whose link key is `host` and serves its link until it ends.
+    pub async fn run_link(self: Arc<Self>, host: [u8; 32]) -> Result<(), DeviceError> {
+        let pairing = self.current()?.vault.data.pairing(&host).cloned();
         let pairing = pairing.ok_or(DeviceError::NotPaired)?;
         let mut stream = TcpStream::connect(&pairing.address)
             .await
@@ -710,12 +974,12 @@ impl Device {
         let transport = Arc::new(Mutex::new(
             hs.into_transport_mode().map_err(NoiseError::from)?,
         ));
-        tracing::info!(host = %pairing.address, "link up");
+        tracing::info!(host = %pairing.host_name, address = %pairing.address, "link up");
 
         let (to_host, mut outgoing) = mpsc::channel::<DeviceToHost>(256);
         // First on the link: the host switches to it only after this (see `DeviceToHost::Ready`).
         let _ = to_host.send(DeviceToHost::Ready).await;
-        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(to_host.clone());
+        self.links().insert(host, to_host.clone());
         let writer_transport = Arc::clone(&transport);
         let writer = tokio::spawn(async move {
             let (mut plain, mut sealed) = (Vec::new(), Vec::new());
@@ -767,13 +1031,13 @@ impl Device {
                         let _ = to_host.send(DeviceToHost::Close { session }).await;
                         continue;
                     }
+                    let Some(peer) = self.session_peer(host, vm_id, boot_id, sidecar_public_key)
+                    else {
+                        let _ = to_host.send(DeviceToHost::Close { session }).await;
+                        continue;
+                    };
                     let (tx, rx) = mpsc::channel(SESSION_BACKLOG);
                     sessions.insert(session, tx);
-                    let peer = SessionPeer {
-                        vm_id,
-                        boot_id,
-                        sidecar_public_key,
-                    };
                     tokio::spawn(run_session(
                         Arc::clone(&self),
                         session,
@@ -794,7 +1058,7 @@ impl Device {
                     vm_id,
                     spec,
                     issued,
-                } => match self.tokens.apply(&vm_id, &spec, &issued) {
+                } => match self.tokens.apply(&host, &vm_id, &spec, &issued) {
                     Ok(adopted) => {
                         tracing::debug!(vm = %vm_id, adopted, enforce = spec.enforce, "tokenize settings");
                     }
@@ -817,23 +1081,49 @@ impl Device {
                     let _ = to_host.send(answer).await;
                 }
                 HostToDevice::Approval { request, answer } => {
-                    let waiter = self.approvals().pending.remove(&request);
-                    match waiter {
-                        Some(tx) => {
-                            let _ = tx.send(answer);
-                        }
-                        // The host can send these at will: not above debug.
-                        None => tracing::debug!(
+                    // The host can send these at will: not above debug.
+                    match self.approvals().answer(&host, request, answer) {
+                        Answered::Delivered => {}
+                        Answered::OtherLink => tracing::debug!(
+                            request = %hex::encode(request),
+                            "an approval answer from another host's link than its ask's: ignored"
+                        ),
+                        Answered::Unknown => tracing::debug!(
                             request = %hex::encode(request),
                             "an approval answer for no pending ask (unknown or already answered)"
                         ),
                     }
                 }
+                HostToDevice::Moving {
+                    vm_id,
+                    boot_key,
+                    to_host: target,
+                    to_vm,
+                } => {
+                    let notice = Move {
+                        from_host: host,
+                        from_vm: vm_id.clone(),
+                        boot_key,
+                        to_host: target,
+                        to_vm,
+                        arrived: false,
+                        at: now_unix_ms() / 1000,
+                    };
+                    // Saving the vault derives its key: off the runtime's threads.
+                    let device = Arc::clone(&self);
+                    let answer = tokio::task::spawn_blocking(move || device.note_move(notice))
+                        .await
+                        .unwrap_or_else(|_| DeviceToHost::MoveNoted {
+                            vm_id,
+                            refused: Some("the device failed to record the move".into()),
+                        });
+                    let _ = to_host.send(answer).await;
+                }
             }
         };
-        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.links().remove(&host);
         // Asks on this link will get no answer: their waiters fail now.
-        self.approvals().pending.clear();
+        self.approvals().link_down(&host);
         drop(to_host);
         drop(sessions);
         writer.abort();
@@ -892,11 +1182,17 @@ impl SessionContext for Device {
 
     fn request_approval(
         &self,
+        peer: &SessionPeer,
         credential: &str,
         target_host: &str,
-        vm_id: &str,
     ) -> impl std::future::Future<Output = Result<Grant, ApprovalCheckError>> + Send {
-        Device::request_approval(self, credential, target_host, vm_id)
+        let asker = HostVm::new(peer.host, peer.vm_id.clone());
+        let origin = peer.origin.clone();
+        async move { Device::request_approval(self, &asker, &origin, credential, target_host).await }
+    }
+
+    fn handshake_done(&self, peer: &SessionPeer) {
+        self.arrived(peer);
     }
 
     fn tokens(&self) -> &crate::tokenize::Registry {
@@ -907,8 +1203,8 @@ impl SessionContext for Device {
         Device::http(self)
     }
 
-    fn notify_host(&self, msg: DeviceToHost) {
-        Device::notify_host(self, msg)
+    fn notify_host(&self, host: &[u8; 32], msg: DeviceToHost) {
+        Device::notify_host(self, host, msg)
     }
 }
 
@@ -1014,7 +1310,9 @@ async fn run_session(
     let _ = to_host.send(DeviceToHost::Close { session }).await;
 }
 
-/// Pairs with the host at `address` using the `code` it shows, and pins its key in `vault`.
+/// Pairs with the host at `address` using the `code` it shows, and pins its key in `vault`:
+/// a new pairing, or in place of the one with the same key or address
+/// ([`VaultData::add_pairing`]).
 pub async fn pair(
     vault: &mut Vault,
     address: &str,
@@ -1046,7 +1344,7 @@ pub async fn pair(
         host_public_key: host.static_public_key,
         host_name: host.name,
     };
-    vault.data.pairing = Some(pairing.clone());
+    vault.data.add_pairing(pairing.clone());
     vault.save()?;
     Ok(pairing)
 }

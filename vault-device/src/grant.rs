@@ -1,14 +1,21 @@
 //! Grants: the device's standing permission to release one credential.
 //!
-//! A [`Grant`] names a credential, one target authority (`host` or `host:port`), one VM (or
-//! `*` for any VM of the paired host) and an expiry. Releasing a credential, either by making
-//! the call (primary path) or by sealing it (fallback path, only when the grant says
-//! `fallback`), needs a live grant that matches all of them; [`find_grant`] is that check.
+//! A [`Grant`] names a credential, one target authority (`host` or `host:port`), one paired
+//! host (by its link key: each host picks its own VM ids), one VM of that host (or `*` for any
+//! VM of that host only) and an expiry. Releasing a credential, either by making the call
+//! (primary path) or by sealing it (fallback path, only when the grant says `fallback`), needs
+//! a live grant that matches all of them for the session's origin ([`crate::moves`]: the VM it
+//! was before it moved, if it did); [`find_grant`] is that check. A grant from an older vault
+//! names no host and is for the first pairing ([`crate::vault`]); one that still names none
+//! matches nothing.
 //! Grants come from `vault-device grant` (kept in the vault: [`issue`], [`revoke`]) or from a
 //! passkey approval the device verified itself ([`crate::approval`]: kept in memory for
 //! minutes, call path only).
 
 use serde::{Deserialize, Serialize};
+
+use crate::moves::HostVm;
+use crate::vault::{Pairing, host_label};
 
 /// A permission to release `credential` for calls to `host` from `vm` until `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,8 +24,12 @@ pub struct Grant {
     pub credential: String,
     /// The authority the call goes to.
     pub host: String,
-    /// The VM id, or `*` for any.
+    /// The VM id, or `*` for any VM of the host [`Grant::on`].
     pub vm: String,
+    /// The link key of the host whose VM this is (`None` only in a grant read from an older
+    /// vault before any pairing: it matches nothing).
+    #[serde(default, with = "serde_bytes")]
+    pub on: Option<[u8; 32]>,
     /// Unix seconds.
     pub expires_at: u64,
     /// Whether the fallback path (sealing the secret into the guest) is allowed.
@@ -64,6 +75,8 @@ pub struct GrantRequest {
     pub host: String,
     /// The VM id, or [`ANY_VM`].
     pub vm: String,
+    /// The link key of the paired host the VM runs on.
+    pub on: [u8; 32],
     /// Seconds from now.
     pub ttl_secs: u64,
     /// Whether the fallback path is allowed too.
@@ -100,6 +113,7 @@ pub fn issue(
         credential: request.credential,
         host: request.host,
         vm: request.vm,
+        on: Some(request.on),
         expires_at: now.saturating_add(request.ttl_secs),
         fallback: request.fallback,
     };
@@ -113,12 +127,15 @@ pub fn revoke(grants: &mut Vec<Grant>, credential: &str) {
 }
 
 impl Grant {
-    /// The grant as `vault-device list` shows it at `now`:
-    /// `<credential> host <host> vm <vm> <N>s left|expired[ fallback]`.
-    pub fn describe(&self, now: u64) -> String {
+    /// The grant as `vault-device list` shows it at `now`, naming its host as `pairings` do
+    /// ([`host_label`]): `<credential> host <host> on <host> vm <vm> <N>s left|expired[ fallback]`.
+    pub fn describe(&self, now: u64, pairings: &[Pairing]) -> String {
         let left = self.expires_at.saturating_sub(now);
+        let on = self
+            .on
+            .map_or_else(|| "(no host)".to_owned(), |k| host_label(pairings, &k));
         format!(
-            "{} host {} vm {} {}{}",
+            "{} host {} on {on} vm {} {}{}",
             self.credential,
             self.host,
             self.vm,
@@ -132,19 +149,21 @@ impl Grant {
     }
 }
 
-/// The first live grant that allows releasing `credential` to `host` for `vm` at `now`.
+/// The first live grant that allows releasing `credential` to `host` for the VM `origin` at
+/// `now`: for the origin's host, and for its VM or any VM of that host.
 pub fn find_grant<'a>(
     grants: &'a [Grant],
     credential: &str,
     host: &str,
-    vm: &str,
+    origin: &HostVm,
     release: Release,
     now: u64,
 ) -> Option<&'a Grant> {
     grants.iter().find(|g| {
         g.credential == credential
             && g.host.eq_ignore_ascii_case(host)
-            && (g.vm == ANY_VM || g.vm == vm)
+            && g.on == Some(origin.host)
+            && (g.vm == ANY_VM || g.vm == origin.vm)
             && now < g.expires_at
             && (release == Release::Call || g.fallback)
     })
@@ -154,20 +173,28 @@ pub fn find_grant<'a>(
 mod tests {
     use super::*;
 
+    const A: [u8; 32] = [0xa; 32];
+    const B: [u8; 32] = [0xb; 32];
+
     fn g(vm: &str, fallback: bool) -> Grant {
         Grant {
             credential: "openai".into(),
             host: "api.openai.com".into(),
             vm: vm.into(),
+            on: Some(A),
             expires_at: 100,
             fallback,
         }
     }
 
+    fn on(host: [u8; 32], vm: &str) -> HostVm {
+        HostVm::new(host, vm)
+    }
+
     #[test]
     fn every_dimension_must_match() {
         let grants = [g("vm-1", false)];
-        let ok = |c, h, v, r, now| find_grant(&grants, c, h, v, r, now).is_some();
+        let ok = |c, h, v, r, now| find_grant(&grants, c, h, &on(A, v), r, now).is_some();
         assert!(ok("openai", "api.openai.com", "vm-1", Release::Call, 99));
         assert!(!ok("openai", "api.openai.com", "vm-1", Release::Call, 100));
         assert!(!ok("other", "api.openai.com", "vm-1", Release::Call, 1));
@@ -175,7 +202,38 @@ mod tests {
         assert!(!ok("openai", "api.openai.com", "vm-2", Release::Call, 1));
         assert!(!ok("openai", "api.openai.com", "vm-1", Release::Seal, 1));
         let any = [g(ANY_VM, true)];
-        assert!(find_grant(&any, "openai", "API.openai.com", "vm-9", Release::Seal, 1).is_some());
+        let found = |o: &HostVm| find_grant(&any, "openai", "API.openai.com", o, Release::Seal, 1);
+        assert!(found(&on(A, "vm-9")).is_some());
+    }
+
+    #[test]
+    fn a_grant_serves_the_vms_of_its_own_host_only() {
+        let grants = [g("vm-1", false)];
+        let found =
+            |o: &HostVm| find_grant(&grants, "openai", "api.openai.com", o, Release::Call, 1);
+        assert!(found(&on(A, "vm-1")).is_some());
+        // Host B picked the same id for a VM of its own.
+        assert!(found(&on(B, "vm-1")).is_none());
+        // `*` is any VM of that host, not of every host.
+        let any = [g(ANY_VM, false)];
+        let found = |o: &HostVm| find_grant(&any, "openai", "api.openai.com", o, Release::Call, 1);
+        assert!(found(&on(A, "vm-5")).is_some());
+        assert!(found(&on(B, "vm-5")).is_none());
+        // A grant that names no host matches none.
+        let mut unnamed = g(ANY_VM, false);
+        unnamed.on = None;
+        let none = [unnamed];
+        assert!(
+            find_grant(
+                &none,
+                "openai",
+                "api.openai.com",
+                &on(A, "v"),
+                Release::Call,
+                1
+            )
+            .is_none()
+        );
     }
 
     fn ask(credential: &str, host: &str) -> GrantRequest {
@@ -183,6 +241,7 @@ mod tests {
             credential: credential.into(),
             host: host.into(),
             vm: "vm-1".into(),
+            on: B,
             ttl_secs: 60,
             fallback: true,
         }
@@ -209,14 +268,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(new.expires_at, 260);
+        assert_eq!(new.on, Some(B));
         assert_eq!(grants, std::slice::from_ref(&new));
+        let pairings = [Pairing {
+            address: "b.example:7000".into(),
+            host_public_key: B,
+            host_name: "host-b".into(),
+        }];
         assert_eq!(
-            new.describe(200),
-            "openai host B.example:8443 vm vm-1 60s left fallback"
+            new.describe(200, &pairings),
+            "openai host B.example:8443 on host-b vm vm-1 60s left fallback"
         );
         assert_eq!(
-            g("vm-1", false).describe(100),
-            "openai host api.openai.com vm vm-1 expired"
+            g("vm-1", false).describe(100, &pairings),
+            format!(
+                "openai host api.openai.com on {} vm vm-1 expired",
+                hex::encode(A)
+            )
         );
         revoke(&mut grants, "openai");
         assert!(grants.is_empty());

@@ -96,10 +96,11 @@ pub enum TokenizeSetupError {
     Tokenizer(#[source] nanoclaw_tokenize::TokenizeError),
 }
 
-/// The tokenizers of the VMs the host has announced, by VM id.
+/// The tokenizers of the VMs the hosts have announced, by host (its link key) and VM id, as
+/// each host names its VMs (two hosts pick their ids independently).
 #[derive(Debug, Default)]
 pub struct Registry {
-    vms: Mutex<HashMap<String, Arc<Mutex<VmTokens>>>>,
+    vms: Mutex<HashMap<([u8; 32], String), Arc<Mutex<VmTokens>>>>,
 }
 
 /// Locks one VM's state.
@@ -117,19 +118,21 @@ fn kind_of(kind: TokenKind) -> Kind {
 }
 
 impl Registry {
-    /// Takes the host's settings for `vm_id` (a new tokenizer if the key or mode changed) and
-    /// adopts the surrogates it issued. Answers how many were adopted; one that does not check
+    /// Takes the settings of the host whose link key is `host` for its VM `vm_id` (a new
+    /// tokenizer if the key or mode changed) and adopts the surrogates it issued. Answers how many were adopted; one that does not check
     /// out ([`Tokenizer::adopt`]) is skipped and logged.
     pub fn apply(
         &self,
+        host: &[u8; 32],
         vm_id: &str,
         spec: &TokenizeSpec,
         issued: &[IssuedToken],
     ) -> Result<usize, TokenizeSetupError> {
         let digest: [u8; 32] = Sha256::digest(spec.key).into();
+        let id = (*host, vm_id.to_owned());
         let vm = {
             let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
-            let current = vms.get(vm_id).filter(|v| {
+            let current = vms.get(&id).filter(|v| {
                 let v = lock(v);
                 v.key_digest == digest && v.enforce == spec.enforce
             });
@@ -151,7 +154,7 @@ impl Registry {
                     let tokenizer =
                         Tokenizer::new(spec.key, mode).map_err(TokenizeSetupError::Tokenizer)?;
                     if vms.len() >= MAX_VMS
-                        && !vms.contains_key(vm_id)
+                        && !vms.contains_key(&id)
                         && let Some(old) = vms.keys().next().cloned()
                     {
                         vms.remove(&old);
@@ -163,7 +166,7 @@ impl Registry {
                         restore_hosts: spec.restore_hosts.clone(),
                         tokenizer,
                     }));
-                    vms.insert(vm_id.to_owned(), Arc::clone(&v));
+                    vms.insert(id, Arc::clone(&v));
                     v
                 }
             }
@@ -186,12 +189,12 @@ impl Registry {
         Ok(adopted)
     }
 
-    /// The VM's state, if the host announced it tokenizes.
-    pub fn get(&self, vm_id: &str) -> Option<Arc<Mutex<VmTokens>>> {
+    /// The state of the VM `vm_id` of the host `host`, if that host announced it tokenizes.
+    pub fn get(&self, host: &[u8; 32], vm_id: &str) -> Option<Arc<Mutex<VmTokens>>> {
         self.vms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(vm_id)
+            .get(&(*host, vm_id.to_owned()))
             .cloned()
     }
 }
@@ -452,6 +455,7 @@ mod tests {
 
     use super::*;
 
+    const HOST: [u8; 32] = [0xa; 32];
     const CARD: &str = "4111 1111 1111 1111";
     const EMAIL: &str = "jane.doe@example.com";
 
@@ -465,7 +469,7 @@ mod tests {
     }
 
     fn vm(reg: &Registry) -> Arc<Mutex<VmTokens>> {
-        reg.get("vm-1").expect("announced")
+        reg.get(&HOST, "vm-1").expect("announced")
     }
 
     #[test]
@@ -485,7 +489,7 @@ mod tests {
             })
             .collect();
         let reg = Registry::default();
-        assert_eq!(reg.apply("vm-1", &spec(true), &wire).unwrap(), 1);
+        assert_eq!(reg.apply(&HOST, "vm-1", &spec(true), &wire).unwrap(), 1);
         let vm = vm(&reg);
         let mut v = lock(&vm);
         // To a service: restored.
@@ -514,22 +518,22 @@ mod tests {
             prefix_len: 0,
             alphabet: 0,
         };
-        assert_eq!(reg.apply("vm-1", &spec(true), &[bad]).unwrap(), 0);
+        assert_eq!(reg.apply(&HOST, "vm-1", &spec(true), &[bad]).unwrap(), 0);
         let first = vm(&reg);
-        reg.apply("vm-1", &spec(true), &[]).unwrap();
+        reg.apply(&HOST, "vm-1", &spec(true), &[]).unwrap();
         assert!(Arc::ptr_eq(&first, &vm(&reg)), "same key: same tokenizer");
         let mut other = spec(true);
         other.key = [8; 32];
-        reg.apply("vm-1", &other, &[]).unwrap();
+        reg.apply(&HOST, "vm-1", &other, &[]).unwrap();
         assert!(!Arc::ptr_eq(&first, &vm(&reg)), "new key: new tokenizer");
-        reg.apply("vm-1", &spec(false), &[]).unwrap();
+        reg.apply(&HOST, "vm-1", &spec(false), &[]).unwrap();
         assert!(!lock(&vm(&reg)).enforce(), "new mode: new tokenizer");
     }
 
     #[test]
     fn monitor_counts_and_changes_nothing() {
         let reg = Registry::default();
-        reg.apply("vm-1", &spec(false), &[]).unwrap();
+        reg.apply(&HOST, "vm-1", &spec(false), &[]).unwrap();
         let vm = vm(&reg);
         let mut v = lock(&vm);
         let body = format!(r#"{{ "a": "{CARD}", "b": "{EMAIL}" }}"#);
@@ -541,7 +545,7 @@ mod tests {
     #[test]
     fn events_stream_a_line_at_a_time_and_json_data_is_walked() {
         let reg = Registry::default();
-        reg.apply("vm-1", &spec(true), &[]).unwrap();
+        reg.apply(&HOST, "vm-1", &spec(true), &[]).unwrap();
         let vm = vm(&reg);
         let mut v = lock(&vm);
         let mut lines = Lines::new(BodyType::EventStream, Way::Tokenize);
@@ -567,7 +571,7 @@ mod tests {
     #[test]
     fn bad_bodies_are_typed_errors_or_pass_unchanged() {
         let reg = Registry::default();
-        reg.apply("vm-1", &spec(true), &[]).unwrap();
+        reg.apply(&HOST, "vm-1", &spec(true), &[]).unwrap();
         let vm = vm(&reg);
         let mut v = lock(&vm);
         let huge = vec![b'a'; MAX_INPUT_BYTES + 1];
@@ -583,8 +587,8 @@ mod tests {
             Err(BodyError::LineTooLong { max: MAX_LINE })
         );
         // In monitor mode the same line, and everything after it, passes as it is.
-        reg.apply("vm-2", &spec(false), &[]).unwrap();
-        let monitor = reg.get("vm-2").unwrap();
+        reg.apply(&HOST, "vm-2", &spec(false), &[]).unwrap();
+        let monitor = reg.get(&HOST, "vm-2").unwrap();
         let mut m = lock(&monitor);
         let mut lines = Lines::new(BodyType::Text, Way::Tokenize);
         let first = format!("{CARD}\n");
@@ -659,7 +663,7 @@ mod tests {
             let mut points: Vec<usize> = cuts.iter().map(|i| i.index(body.len() + 1)).collect();
             points.sort_unstable();
             let reg = Registry::default();
-            reg.apply("vm-1", &spec(true), &[]).unwrap();
+            reg.apply(&HOST, "vm-1", &spec(true), &[]).unwrap();
             let vm = vm(&reg);
             let mut v = lock(&vm);
             let (expected, _) = whole(&mut v, BodyType::EventStream, Way::Tokenize, &body).unwrap();

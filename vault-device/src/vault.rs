@@ -22,7 +22,14 @@
 //! # What lives inside
 //!
 //! The device identity key (its static X25519 key in every Noise session), the credential
-//! [`Entry`]s, the [`Grant`]s and the [`Pairing`] with a host. Secrets are zeroed when dropped.
+//! [`Entry`]s, the [`Grant`]s, the [`Pairing`]s with hosts and the [`Move`]s of VMs between
+//! them. Secrets are zeroed when dropped.
+//!
+//! # Older vaults
+//!
+//! A vault written when the device paired with one host holds `pairing` instead of
+//! `pairings`, and grants that name no host. It opens as a one-pairing list, those grants are
+//! for that (the first) pairing, and the next save writes the new form.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -36,6 +43,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::grant::Grant;
+use crate::moves::Move;
 
 /// The file magic (its last byte is the format version).
 const MAGIC: &[u8; 8] = b"NCVAULT\x01";
@@ -239,16 +247,111 @@ pub fn inject(format: &str, secret: &[u8]) -> Zeroizing<Vec<u8>> {
     out
 }
 
-/// The host this device is paired with.
+/// A host this device is paired with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pairing {
     /// Where the device dials (`host:port`).
     pub address: String,
-    /// The host's static public key, pinned at pairing.
+    /// The host's static public key, pinned at pairing: its link key, which grants and moves
+    /// name it by.
     #[serde(with = "serde_bytes")]
     pub host_public_key: [u8; 32],
     /// The host's name from its offer.
     pub host_name: String,
+}
+
+impl Pairing {
+    /// `<name> at <address> key <hex>`, as `list` and errors show it.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} at {} key {}",
+            self.host_name,
+            self.address,
+            hex::encode(self.host_public_key)
+        )
+    }
+}
+
+/// Errors of naming a paired host (`vault-device grant --on`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChooseHostError {
+    /// No host is paired.
+    #[error("not paired with a host; run `vault-device pair` first")]
+    NotPaired,
+    /// Several hosts are paired and none was named.
+    #[error("several hosts are paired; name one with --on (name, address or key): {0}")]
+    Several(String),
+    /// No paired host has that name, address or key.
+    #[error("no paired host is named {asked:?} (paired: {hosts})")]
+    NoSuch {
+        /// What was asked for.
+        asked: String,
+        /// The paired hosts.
+        hosts: String,
+    },
+    /// Several paired hosts have that name.
+    #[error("several paired hosts match {asked:?}; name one by its address or key: {hosts}")]
+    Ambiguous {
+        /// What was asked for.
+        asked: String,
+        /// The matching hosts.
+        hosts: String,
+    },
+}
+
+/// The pairing `on` names, by its name, its address or its key in hex; without `on`, the only
+/// one. See [`ChooseHostError`] for the rest.
+pub fn choose_pairing<'a>(
+    pairings: &'a [Pairing],
+    on: Option<&str>,
+) -> Result<&'a Pairing, ChooseHostError> {
+    let list = |ps: &[&Pairing]| {
+        ps.iter()
+            .map(|p| p.describe())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let all: Vec<&Pairing> = pairings.iter().collect();
+    let Some(asked) = on else {
+        return match all.as_slice() {
+            [] => Err(ChooseHostError::NotPaired),
+            [one] => Ok(one),
+            many => Err(ChooseHostError::Several(list(many))),
+        };
+    };
+    if all.is_empty() {
+        return Err(ChooseHostError::NotPaired);
+    }
+    let key = hex::decode(asked).ok();
+    let found: Vec<&Pairing> = all
+        .iter()
+        .copied()
+        .filter(|p| {
+            p.host_name == asked
+                || p.address == asked
+                || key.as_deref() == Some(&p.host_public_key[..])
+        })
+        .collect();
+    match found.as_slice() {
+        [] => Err(ChooseHostError::NoSuch {
+            asked: asked.to_owned(),
+            hosts: list(&all),
+        }),
+        [one] => Ok(one),
+        many => Err(ChooseHostError::Ambiguous {
+            asked: asked.to_owned(),
+            hosts: list(many),
+        }),
+    }
+}
+
+/// How logs and `list` name the host whose link key is `key`: its name if it is paired, else
+/// its key in hex.
+pub fn host_label(pairings: &[Pairing], key: &[u8; 32]) -> String {
+    pairings
+        .iter()
+        .find(|p| p.host_public_key == *key)
+        .map_or_else(|| hex::encode(key), |p| p.host_name.clone())
 }
 
 /// Everything the vault holds.
@@ -260,8 +363,16 @@ pub struct VaultData {
     pub entries: Vec<Entry>,
     /// The grants.
     pub grants: Vec<Grant>,
-    /// The paired host, once paired.
-    pub pairing: Option<Pairing>,
+    /// The paired hosts, in the order they were first paired.
+    #[serde(default)]
+    pub pairings: Vec<Pairing>,
+    /// The single pairing of a vault written before several were possible: read, never
+    /// written ([`VaultData::pairings`] takes it when the vault opens).
+    #[serde(default, rename = "pairing", skip_serializing)]
+    legacy_pairing: Option<Pairing>,
+    /// The VMs that moved between paired hosts ([`crate::moves`]).
+    #[serde(default)]
+    pub moves: Vec<Move>,
 }
 
 impl std::fmt::Debug for VaultData {
@@ -269,8 +380,49 @@ impl std::fmt::Debug for VaultData {
         f.debug_struct("VaultData")
             .field("entries", &self.entries.len())
             .field("grants", &self.grants.len())
-            .field("pairing", &self.pairing)
+            .field("pairings", &self.pairings)
+            .field("moves", &self.moves.len())
             .finish_non_exhaustive()
+    }
+}
+
+impl VaultData {
+    /// Adds `pairing`, in place of any with the same host key or the same address (where the
+    /// first of them was, so the first pairing stays first).
+    pub fn add_pairing(&mut self, pairing: Pairing) {
+        let same = |p: &Pairing| {
+            p.host_public_key == pairing.host_public_key || p.address == pairing.address
+        };
+        let at = self.pairings.iter().position(same);
+        self.pairings.retain(|p| !same(p));
+        let at = at.unwrap_or(self.pairings.len()).min(self.pairings.len());
+        self.pairings.insert(at, pairing);
+        self.adopt_legacy();
+    }
+
+    /// The link keys of the paired hosts.
+    pub fn paired_hosts(&self) -> Vec<[u8; 32]> {
+        self.pairings.iter().map(|p| p.host_public_key).collect()
+    }
+
+    /// The pairing whose host has the link key `key`.
+    pub fn pairing(&self, key: &[u8; 32]) -> Option<&Pairing> {
+        self.pairings.iter().find(|p| p.host_public_key == *key)
+    }
+
+    /// Brings the contents of an older vault to the current form: its single pairing becomes
+    /// the list, and its grants that name no host are for the first pairing (never any host).
+    fn adopt_legacy(&mut self) {
+        if let Some(p) = self.legacy_pairing.take()
+            && self.pairings.is_empty()
+        {
+            self.pairings.push(p);
+        }
+        if let Some(first) = self.pairings.first().map(|p| p.host_public_key) {
+            for g in self.grants.iter_mut().filter(|g| g.on.is_none()) {
+                g.on = Some(first);
+            }
+        }
     }
 }
 
@@ -308,7 +460,9 @@ impl Vault {
                 identity: Secret::new(identity),
                 entries: Vec::new(),
                 grants: Vec::new(),
-                pairing: None,
+                pairings: Vec::new(),
+                legacy_pairing: None,
+                moves: Vec::new(),
             },
         };
         vault.save()?;
@@ -361,11 +515,12 @@ impl Vault {
                 )
                 .map_err(|_| VaultError::Corrupt(path.to_owned()))?,
         );
-        let data: VaultData =
+        let mut data: VaultData =
             ciborium::from_reader(&plaintext[..]).map_err(|source| VaultError::Malformed {
                 path: path.to_owned(),
                 source,
             })?;
+        data.adopt_legacy();
         Ok(Self {
             path: path.to_owned(),
             passphrase: Zeroizing::new(passphrase.to_vec()),

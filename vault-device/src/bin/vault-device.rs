@@ -20,7 +20,7 @@ use vault_device::approval_page::{self, ApprovalPage};
 use vault_device::checkpoint;
 use vault_device::device::{self, Device, DeviceConfig};
 use vault_device::grant::{self, GrantRequest};
-use vault_device::vault::{Entry, KdfParams, Secret, Vault};
+use vault_device::vault::{Entry, KdfParams, Secret, Vault, choose_pairing, host_label};
 use zeroize::Zeroizing;
 
 #[derive(Debug, Parser)]
@@ -70,18 +70,22 @@ enum Command {
         /// The credential name.
         name: String,
     },
-    /// List credentials (never their secrets), grants and the pairing.
+    /// List credentials (never their secrets), grants, the paired hosts and the moves.
     List,
-    /// Allow releasing a credential to a host for a VM until an expiry.
+    /// Allow releasing a credential to a host for a VM of a paired host until an expiry.
     Grant {
         /// The credential name.
         credential: String,
         /// The authority the call goes to (must be one of the credential's hosts).
         #[arg(long)]
         host: String,
-        /// The VM id, or `*` for any VM.
+        /// The VM id on that paired host, or `*` for any VM of that host.
         #[arg(long, default_value = "*")]
         vm: String,
+        /// The paired host the VM runs on: its name, its address or its key in hex (default:
+        /// the only paired host).
+        #[arg(long)]
+        on: Option<String>,
         /// Seconds from now.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
@@ -96,7 +100,8 @@ enum Command {
     },
     /// Print the device's identity public key (hex).
     Identity,
-    /// Pair with a host, using the code it shows.
+    /// Pair with a host, using the code it shows (added to the paired hosts, in place of one
+    /// with the same key or address).
     Pair {
         /// The host's device listener (`host:port`).
         #[arg(long)]
@@ -108,7 +113,8 @@ enum Command {
         #[arg(long, default_value = "vault-device")]
         name: String,
     },
-    /// Keep the link to the paired host up and answer sessions.
+    /// Keep a link to each paired host up and answer sessions (a host paired meanwhile is
+    /// linked within a few seconds).
     Serve {
         /// A PEM CA file trusted for upstream HTTPS (repeatable; no built-in roots).
         #[arg(long = "ca-file")]
@@ -245,19 +251,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             credential,
             host,
             vm,
+            on,
             ttl,
             fallback,
-        } => grant(
-            &path,
-            &pass,
-            GrantRequest {
-                credential,
-                host,
-                vm,
-                ttl_secs: ttl,
-                fallback,
-            },
-        ),
+        } => grant(&path, &pass, on.as_deref(), |on| GrantRequest {
+            credential,
+            host,
+            vm,
+            on,
+            ttl_secs: ttl,
+            fallback,
+        }),
         Command::Revoke { credential } => {
             let mut vault = Vault::open(&path, &pass)?;
             grant::revoke(&mut vault.data.grants, &credential);
@@ -344,17 +348,16 @@ fn add(
     Ok(())
 }
 
-/// `list`: the identity, the pairing, the credentials (never their secrets) and the grants.
+/// `list`: the identity, the pairings, the credentials (never their secrets), the grants and
+/// the moves.
 fn list(vault: &Vault) -> anyhow::Result<()> {
+    let data = &vault.data;
     println!("identity {}", hex::encode(vault.identity_public()));
-    match &vault.data.pairing {
-        Some(p) => println!(
-            "paired {} at {} key {}",
-            p.host_name,
-            p.address,
-            hex::encode(p.host_public_key)
-        ),
-        None => println!("not paired"),
+    if data.pairings.is_empty() {
+        println!("not paired");
+    }
+    for p in &data.pairings {
+        println!("paired {}", p.describe());
     }
     for e in &vault.data.entries {
         println!(
@@ -366,22 +369,41 @@ fn list(vault: &Vault) -> anyhow::Result<()> {
         );
     }
     let now = now();
-    for g in &vault.data.grants {
-        println!("grant {}", g.describe(now));
+    for g in &data.grants {
+        println!("grant {}", g.describe(now, &data.pairings));
+    }
+    for m in &data.moves {
+        println!(
+            "moved vm {} on {} to vm {} on {} key {}{}",
+            m.from_vm,
+            host_label(&data.pairings, &m.from_host),
+            m.to_vm,
+            host_label(&data.pairings, &m.to_host),
+            hex::encode(m.boot_key),
+            if m.arrived { " arrived" } else { "" }
+        );
     }
     Ok(())
 }
 
-/// `grant`: a grant under the rules of [`grant::issue`].
-fn grant(path: &Path, pass: &[u8], request: GrantRequest) -> anyhow::Result<()> {
+/// `grant`: a grant under the rules of [`grant::issue`], for a VM of the paired host `on`
+/// names ([`choose_pairing`]).
+fn grant(
+    path: &Path,
+    pass: &[u8],
+    on: Option<&str>,
+    request: impl FnOnce([u8; 32]) -> GrantRequest,
+) -> anyhow::Result<()> {
     let mut vault = Vault::open(path, pass)?;
+    let host = choose_pairing(&vault.data.pairings, on)?.clone();
+    let request = request(host.host_public_key);
     let hosts = vault.entry(&request.credential).map(|e| e.hosts.clone());
     let ttl = request.ttl_secs;
     let issued = grant::issue(&mut vault.data.grants, hosts.as_deref(), request, now())?;
     vault.save()?;
     println!(
-        "granted {} to {} for vm {} for {ttl}s",
-        issued.credential, issued.host, issued.vm
+        "granted {} to {} for vm {} on {} for {ttl}s",
+        issued.credential, issued.host, issued.vm, host.host_name
     );
     Ok(())
 }

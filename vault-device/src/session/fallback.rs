@@ -25,7 +25,7 @@ pub(super) fn seal<C: SessionContext>(
     };
     if ctx
         .tokens()
-        .get(&peer.vm_id)
+        .get(&peer.host, &peer.vm_id)
         .is_some_and(|vm| tokenize::lock(&vm).enforce())
     {
         tracing::info!(vm = %peer.vm_id, "seal refused: the VM's calls are tokenized");
@@ -35,7 +35,7 @@ pub(super) fn seal<C: SessionContext>(
              use the primary path",
         );
     }
-    let (entry, authority) = match resolve(&data, &peer.vm_id, target, Release::Seal) {
+    let (entry, authority) = match resolve(&data, &peer.origin, target, Release::Seal) {
         Ok((index, authority)) => (&data.entries[index], authority),
         Err(Refusal { status, reason, .. }) => {
             tracing::info!(vm = %peer.vm_id, ?target, "seal refused");

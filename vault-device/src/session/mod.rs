@@ -22,8 +22,9 @@
 //!   `HTTP_PROXY` mode names an authority, and the credential is the first entry that allows it
 //!   and has a live grant. The call goes out over HTTPS to exactly that authority, never
 //!   following redirects (a redirect could carry the header elsewhere).
-//! - A live grant for credential x authority x VM ([`crate::grant::find_grant`]): one from
-//!   the vault or one a verified approval created. Without one, on the primary path and when
+//! - A live grant for credential x authority x host x VM ([`crate::grant::find_grant`]) of the
+//!   session's origin ([`SessionPeer::origin`]: the VM before it moved here, see
+//!   [`crate::moves`]): one from the vault or one a verified approval created. Without one, on the primary path and when
 //!   a passkey is stored, the device asks the user through the host and holds the request
 //!   ([`SessionContext::request_approval`]: the device checks the host's evidence itself);
 //!   if that fails, or on the fallback path, the answer is `Refused` 403 with the reason and
@@ -70,6 +71,7 @@ use zeroize::Zeroizing;
 
 use crate::approval::ApprovalCheckError;
 use crate::grant::{Grant, Release, find_grant};
+use crate::moves::HostVm;
 use crate::noise::{self, NoiseError};
 use crate::tokenize::Registry;
 use crate::vault::{VaultData, VaultError};
@@ -82,15 +84,29 @@ pub const MAX_EXCHANGES: u64 = credential::MAX_SESSION_EXCHANGES;
 /// How long a sealed envelope is valid.
 pub const SEAL_TTL_SECS: u64 = 60;
 
-/// What the host announced about a sidecar in `Open`.
+/// What the host announced about a sidecar in `Open`, the link it came on, and the VM whose
+/// grants it gets.
 #[derive(Debug, Clone)]
 pub struct SessionPeer {
-    /// The VM id.
+    /// The link key of the host the session came from: everything the session triggers goes
+    /// back on that link.
+    pub host: [u8; 32],
+    /// The VM id, as that host names it (the tokenizer settings and reports use it).
     pub vm_id: String,
     /// The sidecar's boot id.
     pub boot_id: [u8; 16],
     /// The sidecar's boot public key.
     pub sidecar_public_key: [u8; 32],
+    /// The VM whose grants, approvals and limits apply ([`crate::moves::resolve`]): the VM
+    /// before it moved here, or `(host, vm_id)` itself.
+    pub origin: HostVm,
+}
+
+impl SessionPeer {
+    /// Whether the session's origin is another VM than the one announced (it moved here).
+    pub fn moved_here(&self) -> bool {
+        self.origin.host != self.host || self.origin.vm != self.vm_id
+    }
 }
 
 /// The channel of one session to the link writer: ciphertext records to send to the sidecar.
@@ -108,20 +124,25 @@ pub trait SessionContext: Send + Sync {
     fn approved_grants(&self, now_unix: u64) -> Vec<Grant>;
     /// Whether asking the user for an approval can succeed (a passkey is stored).
     fn can_ask(&self) -> bool;
-    /// Asks the user, through the host, to approve releasing `credential` to `target_host` for
-    /// `vm_id`; answers the grant a verified approval created.
+    /// Asks the user, on the device's page or through the host `peer` came from, to approve
+    /// releasing `credential` to `target_host` for `peer`'s origin; answers the grant a
+    /// verified approval created.
     fn request_approval(
         &self,
+        peer: &SessionPeer,
         credential: &str,
         target_host: &str,
-        vm_id: &str,
     ) -> impl Future<Output = Result<Grant, ApprovalCheckError>> + Send;
+    /// Called once the sidecar has proved its boot key (the handshake is done), before any
+    /// exchange: the device marks a move to this VM arrived ([`crate::moves::mark_arrived`]).
+    fn handshake_done(&self, peer: &SessionPeer);
     /// The tokenizers of the VMs the host announced.
     fn tokens(&self) -> &Registry;
     /// The HTTPS client for upstream calls.
     fn http(&self) -> &reqwest::Client;
-    /// Sends the host a report without waiting (dropped when the link is down or busy).
-    fn notify_host(&self, msg: DeviceToHost);
+    /// Sends the host whose link key is `host` a report without waiting (dropped when its link
+    /// is down or busy).
+    fn notify_host(&self, host: &[u8; 32], msg: DeviceToHost);
 }
 
 /// Reassembles records from the relayed byte runs.
@@ -255,6 +276,7 @@ pub async fn run<C: SessionContext>(
     let answer = credential::noise::write_handshake(&mut hs, &[])?;
     send_record(&out, &answer).await?;
     let transport = hs.into_transport_mode()?;
+    ctx.handshake_done(&peer);
     if let Some(suppressed) = proxy::admit_line(proxy::Line::Session) {
         // Which boot key a VM's sessions come from: a restored copy of a VM shows a new one.
         tracing::info!(vm = %peer.vm_id, sidecar = %proxy::key_id(&peer.sidecar_public_key), suppressed, "session");
@@ -326,11 +348,11 @@ fn refusal(status: u16, reason: String) -> Refusal {
     }
 }
 
-/// The credential (its index in `data.entries`) and authority a request resolves to, or the
-/// refusal.
+/// The credential (its index in `data.entries`) and authority a request from a session whose
+/// origin is `origin` resolves to, or the refusal.
 fn resolve(
     data: &VaultData,
-    vm: &str,
+    origin: &HostVm,
     target: &ProxyTarget,
     release: Release,
 ) -> Result<(usize, String), Refusal> {
@@ -343,7 +365,7 @@ fn resolve(
                 .position(|e| &e.name == name)
                 .ok_or_else(|| refusal(404, format!("no credential named {name:?}")))?;
             let authority = data.entries[index].hosts[0].clone();
-            if find_grant(&data.grants, name, &authority, vm, release, now).is_none() {
+            if find_grant(&data.grants, name, &authority, origin, release, now).is_none() {
                 return Err(Refusal {
                     status: 403,
                     reason: format!("no live grant for {name} to {authority}"),
@@ -366,7 +388,7 @@ fn resolve(
                 .into_iter()
                 .find(|&i| {
                     let name = &data.entries[i].name;
-                    find_grant(&data.grants, name, authority, vm, release, now).is_some()
+                    find_grant(&data.grants, name, authority, origin, release, now).is_some()
                 })
                 .map(|i| (i, authority.clone()))
                 .ok_or_else(|| Refusal {

@@ -66,7 +66,7 @@ pub(super) async fn proxy<C: SessionContext>(
         }
     };
     let entry = &data.entries[index];
-    let tokens = ctx.tokens().get(&peer.vm_id);
+    let tokens = ctx.tokens().get(&peer.host, &peer.vm_id);
     let body = match &tokens {
         Some(vm) => match tokenize_request(ctx, peer, vm, &authority, &head.headers, body) {
             Ok(body) => body,
@@ -181,7 +181,7 @@ async fn resolve_or_ask<C: SessionContext>(
     data: &VaultData,
     target: &ProxyTarget,
 ) -> Result<(usize, String), Refusal> {
-    let (reason, credential, authority) = match resolve(data, &peer.vm_id, target, Release::Call) {
+    let (reason, credential, authority) = match resolve(data, &peer.origin, target, Release::Call) {
         Err(Refusal {
             reason,
             ask: Some((credential, authority)),
@@ -189,10 +189,7 @@ async fn resolve_or_ask<C: SessionContext>(
         }) if ctx.can_ask() => (reason, credential, authority),
         resolved => return resolved,
     };
-    match ctx
-        .request_approval(&credential, &authority, &peer.vm_id)
-        .await
-    {
+    match ctx.request_approval(peer, &credential, &authority).await {
         Ok(grant) => match data.entries.iter().position(|e| e.name == grant.credential) {
             Some(index) => Ok((index, grant.host)),
             None => Err(refusal(404, format!("no credential named {credential:?}"))),
@@ -298,6 +295,7 @@ async fn relay_tokenized<C: SessionContext>(
 ) -> Result<(), NoiseError> {
     let report = Reporter {
         ctx,
+        host: &peer.host,
         vm_id: &peer.vm_id,
         authority,
         part: BodyPart::Response,
@@ -549,6 +547,8 @@ pub(super) fn admit_line(kind: Line) -> Option<u64> {
 /// there was nothing to say).
 struct Reporter<'a, C> {
     ctx: &'a C,
+    /// The link the report goes on (the session's).
+    host: &'a [u8; 32],
     vm_id: &'a str,
     authority: &'a str,
     part: BodyPart,
@@ -560,14 +560,17 @@ impl<C: SessionContext> Reporter<'_, C> {
         if report.total() == 0 && report.skipped == 0 && unscanned.is_none() {
             return;
         }
-        self.ctx.notify_host(DeviceToHost::Tokenized {
-            vm_id: self.vm_id.to_owned(),
-            target_host: self.authority.to_owned(),
-            part: self.part,
-            enforce: self.enforce,
-            counts: tokenize::counts(report),
-            unscanned,
-        });
+        self.ctx.notify_host(
+            self.host,
+            DeviceToHost::Tokenized {
+                vm_id: self.vm_id.to_owned(),
+                target_host: self.authority.to_owned(),
+                part: self.part,
+                enforce: self.enforce,
+                counts: tokenize::counts(report),
+                unscanned,
+            },
+        );
     }
 }
 
@@ -597,6 +600,7 @@ fn tokenize_request<C: SessionContext>(
     };
     let report = Reporter {
         ctx,
+        host: &peer.host,
         vm_id: &peer.vm_id,
         authority,
         part,

@@ -12,11 +12,16 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use super::*;
 use crate::approval::ApprovalCheckError;
+use crate::moves::HostVm;
 use crate::tokenize::Registry;
 use crate::vault::{Entry, KdfParams, Secret, Vault};
 
 const VM: &str = "vm-1";
 const SIDECAR_SECRET: [u8; 32] = [7; 32];
+/// The link key of the host the sessions come from.
+const HOST: [u8; 32] = [0xa; 32];
+/// Another paired host's link key.
+const OTHER_HOST: [u8; 32] = [0xb; 32];
 
 /// The device as a session sees it, with answers set by each test.
 struct Fake {
@@ -26,9 +31,12 @@ struct Fake {
     can_ask: bool,
     /// What `request_approval` answers (once).
     approval: Mutex<Option<Result<Grant, ApprovalCheckError>>>,
-    /// The asks made: credential, target host, VM.
-    asked: Mutex<Vec<(String, String, String)>>,
-    reports: Mutex<Vec<DeviceToHost>>,
+    /// The asks made: credential, target host, the asking session's origin.
+    asked: Mutex<Vec<(String, String, HostVm)>>,
+    /// The reports sent, with the link each went on.
+    reports: Mutex<Vec<([u8; 32], DeviceToHost)>>,
+    /// The sessions whose handshake completed.
+    handshakes: Mutex<Vec<SessionPeer>>,
     tokens: Registry,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -55,14 +63,14 @@ impl SessionContext for Fake {
 
     fn request_approval(
         &self,
+        peer: &SessionPeer,
         credential: &str,
         target_host: &str,
-        vm_id: &str,
     ) -> impl Future<Output = Result<Grant, ApprovalCheckError>> + Send {
         self.asked.lock().unwrap().push((
             credential.to_owned(),
             target_host.to_owned(),
-            vm_id.to_owned(),
+            peer.origin.clone(),
         ));
         let answer = self
             .approval
@@ -81,8 +89,12 @@ impl SessionContext for Fake {
         &self.http
     }
 
-    fn notify_host(&self, msg: DeviceToHost) {
-        self.reports.lock().unwrap().push(msg);
+    fn handshake_done(&self, peer: &SessionPeer) {
+        self.handshakes.lock().unwrap().push(peer.clone());
+    }
+
+    fn notify_host(&self, host: &[u8; 32], msg: DeviceToHost) {
+        self.reports.lock().unwrap().push((*host, msg));
     }
 }
 
@@ -115,6 +127,7 @@ fn fake(entries: Vec<Entry>, grants: Vec<Grant>) -> Fake {
         approval: Mutex::new(None),
         asked: Mutex::new(Vec::new()),
         reports: Mutex::new(Vec::new()),
+        handshakes: Mutex::new(Vec::new()),
         tokens: Registry::default(),
         http,
         _dir: dir,
@@ -136,8 +149,20 @@ fn grant(credential: &str, host: &str, fallback: bool) -> Grant {
         credential: credential.into(),
         host: host.into(),
         vm: VM.into(),
+        on: Some(HOST),
         expires_at: u64::MAX,
         fallback,
+    }
+}
+
+/// The peer of a session from `host` for `vm`, with the test sidecar's key and `origin`.
+fn peer_on(host: [u8; 32], vm: &str, origin: HostVm) -> SessionPeer {
+    SessionPeer {
+        host,
+        vm_id: vm.into(),
+        boot_id: [1; 16],
+        sidecar_public_key: public(SIDECAR_SECRET),
+        origin,
     }
 }
 
@@ -170,7 +195,12 @@ impl Sidecar {
     /// Runs a session against `ctx` and completes the handshake, the first record cut in two
     /// byte runs as the link may deliver it.
     async fn open(ctx: Arc<Fake>) -> Sidecar {
-        let (mut sidecar, mut hs) = Self::start(ctx, public(SIDECAR_SECRET));
+        Self::open_as(ctx, peer_on(HOST, VM, HostVm::new(HOST, VM))).await
+    }
+
+    /// As [`Sidecar::open`], for a session the device sees as `peer`.
+    async fn open_as(ctx: Arc<Fake>, peer: SessionPeer) -> Sidecar {
+        let (mut sidecar, mut hs) = Self::start_as(ctx, peer);
         let answer = sidecar.next_record().await.expect("the handshake answer");
         handshake::read_handshake(&mut hs, &answer).unwrap();
         sidecar.transport = Some(hs.into_transport_mode().unwrap());
@@ -180,12 +210,13 @@ impl Sidecar {
     /// Starts a session whose host announced `announced` as the sidecar's key, and sends the
     /// first handshake message.
     fn start(ctx: Arc<Fake>, announced: [u8; 32]) -> (Sidecar, snow::HandshakeState) {
-        let peer = SessionPeer {
-            vm_id: VM.into(),
-            boot_id: [1; 16],
-            sidecar_public_key: announced,
-        };
-        let prologue = session_prologue(VM, &peer.boot_id).unwrap();
+        let mut peer = peer_on(HOST, VM, HostVm::new(HOST, VM));
+        peer.sidecar_public_key = announced;
+        Self::start_as(ctx, peer)
+    }
+
+    fn start_as(ctx: Arc<Fake>, peer: SessionPeer) -> (Sidecar, snow::HandshakeState) {
+        let prologue = session_prologue(&peer.vm_id, &peer.boot_id).unwrap();
         let device = public(*ctx.identity);
         let (to_device, rx) = mpsc::channel(64);
         let (out, from_device) = mpsc::channel(64);
@@ -305,7 +336,7 @@ async fn a_failed_approval_refuses_the_call_with_its_reason() {
     s.ended().await.unwrap();
     assert_eq!(
         *ctx.asked.lock().unwrap(),
-        [("svc".into(), "api.test".into(), VM.into())]
+        [("svc".into(), "api.test".into(), HostVm::new(HOST, VM))]
     );
 }
 
@@ -423,8 +454,10 @@ async fn a_session_carries_exchanges_one_after_the_other_each_checked_on_its_own
 #[tokio::test]
 async fn a_sidecar_key_other_than_the_announced_one_ends_the_session() {
     let ctx = Arc::new(fake(vec![], vec![]));
-    let (s, _hs) = Sidecar::start(ctx, public([9; 32]));
+    let (s, _hs) = Sidecar::start(Arc::clone(&ctx), public([9; 32]));
     assert!(matches!(s.ended().await, Err(NoiseError::UnexpectedPeer)));
+    // Not a completed handshake: no move is marked arrived by it.
+    assert!(ctx.handshakes.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -467,4 +500,57 @@ async fn a_seal_needs_a_grant_that_allows_the_fallback() {
         other => panic!("expected Sealed, got {other:?}"),
     }
     s.ended().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_grant_on_one_host_does_not_serve_another_hosts_vm_of_the_same_id() {
+    let host = format!("api.test:{}", closed_port());
+    let ctx = Arc::new(fake(
+        vec![entry("svc", &host, b"k")],
+        vec![grant("svc", &host, false)],
+    ));
+    // Host B's own VM named `vm-1`: refused, and its ask would be for (B, vm-1).
+    let on_b = peer_on(OTHER_HOST, VM, HostVm::new(OTHER_HOST, VM));
+    let mut s = Sidecar::open_as(Arc::clone(&ctx), on_b).await;
+    assert_refused(&s.call(service("svc")).await, 403, "no live grant");
+    s.ended().await.unwrap();
+    // The same id on host A, which the grant names: it goes upstream.
+    let mut s = Sidecar::open(Arc::clone(&ctx)).await;
+    assert_refused(
+        &s.call(service("svc")).await,
+        502,
+        &format!("upstream {host} failed"),
+    );
+    s.ended().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_that_moved_here_gets_its_origins_grants_and_asks_for_it() {
+    let host = format!("api.test:{}", closed_port());
+    let mut ctx = fake(
+        vec![entry("svc", &host, b"k"), entry("other", "api.test", b"o")],
+        vec![grant("svc", &host, false)],
+    );
+    ctx.can_ask = true;
+    let ctx = Arc::new(ctx);
+    // From host B as `vm-9`, resolved (by the device) to host A's `vm-1`.
+    let moved = peer_on(OTHER_HOST, "vm-9", HostVm::new(HOST, VM));
+    let mut s = Sidecar::open_as(Arc::clone(&ctx), moved).await;
+    assert_refused(
+        &s.call(service("svc")).await,
+        502,
+        &format!("upstream {host} failed"),
+    );
+    // An ask is for the origin.
+    assert_refused(&s.call(service("other")).await, 403, "no live grant");
+    s.ended().await.unwrap();
+    assert_eq!(
+        *ctx.asked.lock().unwrap(),
+        [("other".into(), "api.test".into(), HostVm::new(HOST, VM))]
+    );
+    // The device heard of the completed handshake, with the peer as announced.
+    let done = ctx.handshakes.lock().unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].host, done[0].vm_id.as_str()), (OTHER_HOST, "vm-9"));
+    assert!(done[0].moved_here());
 }
