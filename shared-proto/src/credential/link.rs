@@ -73,6 +73,23 @@ pub enum HostToDevice {
         /// The host's clock (Unix seconds).
         unix_time: u64,
     },
+    /// The VM `vm_id` of this host, whose sidecar's boot key is `boot_key`, is about to move
+    /// to the paired host whose link key is `to_host`, where it will be `to_vm`. Sent by the
+    /// source before the switch-over; the device answers [`DeviceToHost::MoveNoted`]. The
+    /// device then serves sessions from `to_host` for `to_vm` with that boot key as this VM
+    /// (its grants), and once one has opened, no longer serves this host's copy.
+    Moving {
+        /// The VM's id on this host.
+        vm_id: String,
+        /// Its sidecar's boot key (memory moves whole, so the key goes with it).
+        #[serde(with = "serde_bytes")]
+        boot_key: [u8; 32],
+        /// The link key of the host it moves to (which the device must have paired).
+        #[serde(with = "serde_bytes")]
+        to_host: [u8; 32],
+        /// Its id there.
+        to_vm: String,
+    },
 }
 
 /// How the device tokenizes one agent's credential-path traffic: the same key and mode as the
@@ -252,6 +269,14 @@ pub enum DeviceToHost {
         #[serde(with = "serde_bytes")]
         signature: [u8; 64],
     },
+    /// The answer to [`HostToDevice::Moving`] of `vm_id`: `refused` is `None` when the device
+    /// will serve the VM on its new host, else why not (that host is not paired, ...).
+    MoveNoted {
+        /// As asked.
+        vm_id: String,
+        /// Why the device will not follow the VM, if it will not.
+        refused: Option<String>,
+    },
     /// The device refused to sign the checkpoint of `seq` (its seq went back, its time is far
     /// from the device's clock, ...).
     CheckpointRefused {
@@ -308,6 +333,10 @@ impl Validate for HostToDevice {
                 ApprovalAnswer::Refused { reason } => check_value(reason.as_bytes(), "reason"),
             },
             Self::Checkpoint { log, .. } => check_label(log),
+            Self::Moving { vm_id, to_vm, .. } => {
+                check_vm_id(vm_id)?;
+                check_vm_id(to_vm)
+            }
         }
     }
 }
@@ -342,6 +371,13 @@ impl Validate for DeviceToHost {
             }
             Self::CheckpointSigned { log, .. } => check_label(log),
             Self::CheckpointRefused { reason, .. } => check_name(reason, "reason"),
+            Self::MoveNoted { vm_id, refused } => {
+                check_vm_id(vm_id)?;
+                match refused {
+                    Some(why) => check_name(why, "refused"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }

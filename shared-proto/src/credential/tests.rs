@@ -360,3 +360,48 @@ fn checkpoint_messages_round_trip_and_bad_labels_are_refused() {
     let bytes = encode_message(&refused).unwrap();
     assert!(decode_message::<DeviceToHost>(&bytes).is_err());
 }
+
+#[test]
+fn move_messages_round_trip_and_bad_ids_are_refused() {
+    let notice = HostToDevice::Moving {
+        vm_id: "vm-1".into(),
+        boot_key: [7; 32],
+        to_host: [8; 32],
+        to_vm: "vm-9".into(),
+    };
+    let bytes = encode_message(&notice).unwrap();
+    assert_eq!(decode_message::<HostToDevice>(&bytes).unwrap(), notice);
+    for answer in [
+        DeviceToHost::MoveNoted {
+            vm_id: "vm-1".into(),
+            refused: None,
+        },
+        DeviceToHost::MoveNoted {
+            vm_id: "vm-1".into(),
+            refused: Some("that host is not paired".into()),
+        },
+    ] {
+        let bytes = encode_message(&answer).unwrap();
+        assert_eq!(decode_message::<DeviceToHost>(&bytes).unwrap(), answer);
+    }
+    // `*` names every VM of a host in a grant: neither end of a move may be it.
+    for (vm_id, to_vm) in [("*", "vm-9"), ("vm-1", "*"), ("", "vm-9"), ("vm-1", "a\nb")] {
+        let bad = HostToDevice::Moving {
+            vm_id: vm_id.into(),
+            boot_key: [7; 32],
+            to_host: [8; 32],
+            to_vm: to_vm.into(),
+        };
+        let bytes = encode_message(&bad).unwrap();
+        assert!(
+            decode_message::<HostToDevice>(&bytes).is_err(),
+            "{vm_id:?} {to_vm:?}"
+        );
+    }
+    let bad = DeviceToHost::MoveNoted {
+        vm_id: "vm-1".into(),
+        refused: Some("x".repeat(10_000)),
+    };
+    let bytes = encode_message(&bad).unwrap();
+    assert!(decode_message::<DeviceToHost>(&bytes).is_err());
+}
