@@ -549,6 +549,15 @@ pub enum MigrationEvent {
         /// The VM's id on the target host.
         target_vm: String,
     },
+    /// Whether the user's device follows the VM to the target, so that its credential calls
+    /// go on there (sent only for a VM with a credential link on the source).
+    Device {
+        /// The device said it will serve the VM on the target host.
+        follows: bool,
+        /// Why not, when it will not (no device linked, the target not paired with it, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// A pre-copy round ended, while the VM ran.
     Round {
         /// 0 for the full copy.

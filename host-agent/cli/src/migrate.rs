@@ -173,6 +173,16 @@ impl Transcript {
                 self.target_vm = Some(target_vm.clone());
                 format!("accepted: VM {} on {host}", target_vm.escape_debug())
             }
+            MigrationEvent::Device { follows: true, .. } => {
+                format!("device: follows the VM to {host} (its credential calls go on there)")
+            }
+            MigrationEvent::Device {
+                follows: false,
+                error,
+            } => format!(
+                "device: does not follow the VM ({}): its credential calls will fail on {host}",
+                error.as_deref().unwrap_or("no reason given").escape_debug()
+            ),
             MigrationEvent::Round {
                 round,
                 pages,
@@ -536,6 +546,22 @@ mod tests {
         assert_eq!(t.line(&accepted), "accepted: VM x\\u{1b}[2J on h:1");
         let kept = ended(MigrationOutcome::Kept, None, None, Some("bad\nline"));
         assert_eq!(t.line(&kept), "kept here: bad\\nline");
+        let refused = MigrationEvent::Device {
+            follows: false,
+            error: Some("the device refused: not\npaired".into()),
+        };
+        assert_eq!(
+            t.line(&refused),
+            "device: does not follow the VM (the device refused: not\\npaired): its credential calls will fail on h:1"
+        );
+        let follows = MigrationEvent::Device {
+            follows: true,
+            error: None,
+        };
+        assert_eq!(
+            t.line(&follows),
+            "device: follows the VM to h:1 (its credential calls go on there)"
+        );
     }
 
     #[test]

@@ -191,6 +191,42 @@ impl Daemon {
         })
     }
 
+    /// Tells the device where `vm` goes (as `target_vm`, on the host whose credential link key
+    /// is `link_key`, hex), before the copy: what became of it, for the client, or `None` when
+    /// the VM has no credential link here to carry.
+    async fn tell_device(
+        &self,
+        vm: &Vm,
+        target_vm: &str,
+        link_key: Option<&str>,
+    ) -> Option<MigrationEvent> {
+        let relay = self.relay.as_ref()?;
+        let boot_key = vm.credential_boot_key()?;
+        let target_key = link_key
+            .and_then(|k| hex::decode(k).ok())
+            .and_then(|k| <[u8; 32]>::try_from(k).ok());
+        let told = match target_key {
+            None => Err("the target host serves no device link".to_owned()),
+            Some(to_host) => relay
+                .tell_moving(&vm.id, boot_key, to_host, target_vm)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match &told {
+            Ok(()) => tracing::info!(vm = %vm.id, target_vm, "the device follows the VM"),
+            Err(why) => tracing::warn!(
+                vm = %vm.id,
+                target_vm,
+                why,
+                "the device does not follow the VM: its credential calls will fail on the target"
+            ),
+        }
+        Some(MigrationEvent::Device {
+            follows: told.is_ok(),
+            error: told.err(),
+        })
+    }
+
     /// The source's side, to its end: the offer, the copy, and what the VMM says ran where.
     #[allow(clippy::too_many_arguments)]
     async fn migrate_out(
@@ -229,8 +265,8 @@ impl Daemon {
             },
             () = cancel.notified() => return kept("cancelled".to_owned(), None),
         };
-        let target_vm = match serde_json::from_slice::<Reply>(&reply) {
-            Ok(Reply::Accepted { vm }) if is_vm_id(&vm) => vm,
+        let (target_vm, link_key) = match serde_json::from_slice::<Reply>(&reply) {
+            Ok(Reply::Accepted { vm, link_key }) if is_vm_id(&vm) => (vm, link_key),
             Ok(Reply::Refused { reason }) => {
                 let reason: String = reason.chars().take(300).collect();
                 return kept(format!("{} refused the VM: {reason}", req.to), None);
@@ -243,6 +279,9 @@ impl Daemon {
             })
             .await;
         tracing::info!(vm = %vm.id, to = %req.to, target_vm, "migration accepted; copying");
+        if let Some(event) = self.tell_device(vm, &target_vm, link_key.as_deref()).await {
+            let _ = events.send(event).await;
+        }
 
         // The copy: the VMM sends into our socket, which is relayed to the target.
         let socket = vm.vmm_dir.join(OUT_SOCKET);
@@ -450,8 +489,11 @@ impl Daemon {
                 return;
             }
         };
-        let accepted =
-            serde_json::to_vec(&Reply::Accepted { vm: vm.id.clone() }).unwrap_or_default();
+        let accepted = serde_json::to_vec(&Reply::Accepted {
+            vm: vm.id.clone(),
+            link_key: self.relay.as_ref().map(|r| hex::encode(r.public_key())),
+        })
+        .unwrap_or_default();
         // The relay runs beside the wait below, which needs nothing from it: whatever the
         // relay says, the VMM knows whether it restored the VM. It serves its control socket
         // once it has (its answer to the source already written), and exits when it has not.

@@ -664,6 +664,14 @@ impl Vm {
             .map(crate::egress::VmEgress::counters)
     }
 
+    /// The boot key of the sidecar whose credential sessions this host relays, once its
+    /// `Hello` was admitted (what the device is told when the VM moves).
+    pub fn credential_boot_key(&self) -> Option<[u8; 32]> {
+        lock(&self.credential_listener)
+            .as_ref()
+            .map(crate::relay::VmRelay::boot_key)
+    }
+
     /// Binds this VM's credential proxy listener for the admitted boot, once.
     fn attach_credentials(&self, boot_id: [u8; 16], sidecar_public_key: [u8; 32]) {
         let Some(relay) = lock(&self.relay).clone() else {

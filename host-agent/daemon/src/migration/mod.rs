@@ -46,10 +46,18 @@
 //! source's size, and the VMMs copy its blocks in the same rounds as the pages, with a dirty
 //! log of their own.
 //!
+//! # The credential link
+//! The VM's memory moves whole, so its sidecar keeps its boot key. Once the target has
+//! accepted the VM (its answer names its own credential link key), the source tells the
+//! device, over its own link, where the VM goes: its id here and there, the boot key and the
+//! target's link key (`crate::relay::Relay::tell_moving`). The device, paired with both hosts,
+//! then serves the target's sessions for that VM and that boot key under the VM's grants, and
+//! stops serving the source's copy once the target's first session has opened. The device
+//! follows a VM only to a host it has paired itself; a device that is not linked or refuses
+//! leaves the VM moving without it, and the migration's progress says so.
+//!
 //! # What does not move yet
 //! A paused VM and a VM tied to a parent or to children are refused before anything starts.
-//! The guest's credential link to the device is not carried over: the device knows the VM's
-//! boot key from the source host only. See `docs/design.md` ("Planned", live migration).
 
 pub mod link;
 
@@ -144,6 +152,10 @@ pub enum Reply {
     Accepted {
         /// The id.
         vm: String,
+        /// The target's credential link key (hex), when it serves a device link: the source
+        /// names it to the device, which follows the VM only to a host it paired itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        link_key: Option<String>,
     },
     /// Nothing started, and why.
     Refused {

@@ -249,6 +249,10 @@ impl Relay {
                     self.checkpoint_answered(answer);
                     continue;
                 }
+                answer @ DeviceToHost::MoveNoted { .. } => {
+                    self.move_noted(answer);
+                    continue;
+                }
             };
             let tx = {
                 let mut state = self.lock();
@@ -285,6 +289,7 @@ impl Relay {
                 drop(state);
                 // A checkpoint asked on this link gets no answer: its waiter fails now.
                 self.drop_checkpoint_waiter();
+                self.drop_move_waiters();
             }
         }
         tracing::info!(generation, "device link down");

@@ -76,11 +76,14 @@
 //!   requests waiting on the device ([`Relay::set_notifiers`]).
 //! - `reports.rs`: the device's tokenization reports, to the audit log ([`Relay::set_audit`]).
 //! - `checkpoints.rs`: the audit checkpoints the device signs ([`CheckpointPolicy`]).
+//! - `moves.rs`: telling the device that a VM moves to another host
+//!   ([`Relay::tell_moving`]), so that its credential sessions follow it.
 //! - `tests.rs`: the unit tests.
 
 mod approvals;
 mod checkpoints;
 mod link;
+mod moves;
 pub mod pairing;
 mod reports;
 mod sidecar;
@@ -101,6 +104,7 @@ use crate::approval::Approver;
 
 pub use checkpoints::{CHECKPOINT_WAIT, CheckpointFailure, CheckpointPolicy};
 pub(crate) use link::AcceptBackoff;
+pub use moves::{MOVE_NOTICE_WAIT, MoveNoticeFailure};
 pub use sidecar::{VmRelay, proxy_socket_path};
 
 /// Concurrent sidecar sessions per VM.
@@ -247,6 +251,8 @@ pub struct Relay {
     checkpoints: Mutex<checkpoints::Checkpoints>,
     /// Held by the one checkpoint ask in flight.
     checkpoint_turn: tokio::sync::Mutex<()>,
+    /// Move notices waiting for the device's answer.
+    moves: Mutex<moves::PendingMoves>,
 }
 
 impl std::fmt::Debug for Relay {

@@ -44,6 +44,7 @@ impl Relay {
             }
         })?;
         let relay = Arc::clone(self);
+        let boot_key = identity.sidecar_public_key;
         let identity = Arc::new(identity);
         let slots = Arc::new(Semaphore::new(MAX_SESSIONS_PER_VM));
         let cursor = Arc::new(tokio::sync::Mutex::new(TokenCursor::default()));
@@ -82,7 +83,11 @@ impl Relay {
                 });
             }
         });
-        Ok(VmRelay { task, path })
+        Ok(VmRelay {
+            task,
+            path,
+            boot_key,
+        })
     }
 
     async fn serve_sidecar(
@@ -255,6 +260,14 @@ impl Relay {
 pub struct VmRelay {
     task: JoinHandle<()>,
     path: PathBuf,
+    boot_key: [u8; 32],
+}
+
+impl VmRelay {
+    /// The boot key of the sidecar whose sessions this listener relays.
+    pub fn boot_key(&self) -> [u8; 32] {
+        self.boot_key
+    }
 }
 
 impl Drop for VmRelay {

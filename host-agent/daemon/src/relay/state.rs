@@ -97,6 +97,7 @@ impl Relay {
             notifiers: Mutex::new(Vec::new()),
             checkpoints: Mutex::default(),
             checkpoint_turn: tokio::sync::Mutex::new(()),
+            moves: Mutex::new(std::collections::HashMap::new()),
         });
         if relay.lock().device.is_none() {
             relay.new_code()?;

@@ -582,3 +582,85 @@ async fn the_relay_asks_at_once_when_linked_then_after_every_records() {
         .expect("a checkpoint after three records");
     task.abort();
 }
+
+#[tokio::test]
+async fn a_move_notice_carries_the_vm_and_gives_the_devices_answer() {
+    use shared_proto::credential::DeviceToHost;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = pinned_relay(dir.path());
+    assert!(matches!(
+        relay.tell_moving("vm-1", [1; 32], [2; 32], "vm-9").await,
+        Err(super::MoveNoticeFailure::NotLinked)
+    ));
+    let (addr, _task) = relay.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut device = FakeDevice::link(&relay, addr).await;
+
+    // Followed: the device gets what the source knows, and its answer ends the wait.
+    let answering = async {
+        let got = device.recv().await;
+        assert_eq!(
+            got,
+            HostToDevice::Moving {
+                vm_id: "vm-1".into(),
+                boot_key: [1; 32],
+                to_host: [2; 32],
+                to_vm: "vm-9".into(),
+            }
+        );
+        // An answer for another VM is nobody's: it changes nothing.
+        device
+            .send(&DeviceToHost::MoveNoted {
+                vm_id: "vm-2".into(),
+                refused: None,
+            })
+            .await;
+        device
+            .send(&DeviceToHost::MoveNoted {
+                vm_id: "vm-1".into(),
+                refused: None,
+            })
+            .await;
+    };
+    let (told, ()) = tokio::join!(
+        relay.tell_moving("vm-1", [1; 32], [2; 32], "vm-9"),
+        answering
+    );
+    told.unwrap();
+
+    // Refused: the device's reason comes back.
+    let answering = async {
+        let HostToDevice::Moving { vm_id, .. } = device.recv().await else {
+            panic!("not a move notice");
+        };
+        device
+            .send(&DeviceToHost::MoveNoted {
+                vm_id,
+                refused: Some("that host is not paired".into()),
+            })
+            .await;
+    };
+    let (told, ()) = tokio::join!(
+        relay.tell_moving("vm-1", [1; 32], [3; 32], "vm-9"),
+        answering
+    );
+    match told {
+        Err(super::MoveNoticeFailure::Refused(why)) => assert_eq!(why, "that host is not paired"),
+        other => panic!("{other:?}"),
+    }
+
+    // The link dropping mid-wait fails the notice at once, not at its timeout.
+    let dropping = async {
+        let _ = device.recv().await;
+        drop(device);
+    };
+    let started = std::time::Instant::now();
+    let (told, ()) = tokio::join!(
+        relay.tell_moving("vm-1", [1; 32], [2; 32], "vm-9"),
+        dropping
+    );
+    assert!(
+        matches!(told, Err(super::MoveNoticeFailure::LinkDown)),
+        "{told:?}"
+    );
+    assert!(started.elapsed() < super::MOVE_NOTICE_WAIT);
+}
