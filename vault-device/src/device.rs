@@ -1385,4 +1385,207 @@ mod tests {
         assert_eq!(deliver(&mut sessions, 7, vec![1]), Delivery::Dropped);
         assert!(sessions.is_empty());
     }
+
+    const A: [u8; 32] = [0xa; 32];
+    const B: [u8; 32] = [0xb; 32];
+    const C: [u8; 32] = [0xc; 32];
+    /// Paired with nobody.
+    const STRANGER: [u8; 32] = [0xd; 32];
+    const K: [u8; 32] = [7; 32];
+
+    fn pairing(name: &str, key: [u8; 32]) -> Pairing {
+        Pairing {
+            address: format!("{name}.test:7000"),
+            host_public_key: key,
+            host_name: name.into(),
+        }
+    }
+
+    /// A device whose vault is paired with hosts A, B and C (no link is dialled).
+    fn device() -> (tempfile::TempDir, Arc<Device>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault");
+        let mut vault =
+            Vault::create(&path, b"pw", crate::vault::KdfParams::FAST_FOR_TESTS).expect("a vault");
+        for (name, key) in [("host-a", A), ("host-b", B), ("host-c", C)] {
+            vault.data.add_pairing(pairing(name, key));
+        }
+        vault.save().unwrap();
+        let device = Device::open(DeviceConfig {
+            vault: path,
+            passphrase: Zeroizing::new(b"pw".to_vec()),
+            ca_files: Vec::new(),
+            resolve: Vec::new(),
+            approval_wait: Duration::from_secs(5),
+        })
+        .unwrap();
+        (dir, device)
+    }
+
+    fn notice(from_host: [u8; 32], from_vm: &str, to_host: [u8; 32], to_vm: &str) -> Move {
+        Move {
+            from_host,
+            from_vm: from_vm.into(),
+            boot_key: K,
+            to_host,
+            to_vm: to_vm.into(),
+            arrived: false,
+            at: 1,
+        }
+    }
+
+    #[track_caller]
+    fn noted(answer: DeviceToHost) -> Option<String> {
+        match answer {
+            DeviceToHost::MoveNoted { vm_id, refused } => {
+                assert_eq!(vm_id, "v1");
+                refused
+            }
+            other => panic!("expected MoveNoted, got {other:?}"),
+        }
+    }
+
+    fn open(device: &Device, host: [u8; 32], vm: &str, key: [u8; 32]) -> Option<SessionPeer> {
+        device.session_peer(host, vm.into(), [1; 16], key)
+    }
+
+    fn origin(device: &Device, host: [u8; 32], vm: &str, key: [u8; 32]) -> HostVm {
+        open(device, host, vm, key).expect("served").origin
+    }
+
+    #[test]
+    fn a_move_to_an_unpaired_host_or_to_the_sender_is_refused() {
+        let (_dir, device) = device();
+        let why = noted(device.note_move(notice(A, "v1", STRANGER, "v2"))).unwrap();
+        assert!(why.contains("not paired"), "{why}");
+        let why = noted(device.note_move(notice(A, "v1", A, "v2"))).unwrap();
+        assert!(why.contains("source"), "{why}");
+        assert!(device.snapshot().unwrap().moves.is_empty());
+        // Nothing resolves through a refused notice.
+        assert_eq!(
+            origin(&device, STRANGER, "v2", K),
+            HostVm::new(STRANGER, "v2")
+        );
+    }
+
+    #[test]
+    fn a_moved_vm_gets_its_grants_on_the_named_host_only_and_is_served_once() {
+        let (dir, device) = device();
+        assert_eq!(noted(device.note_move(notice(A, "v1", B, "v2"))), None);
+        // Recorded in the vault file.
+        let saved = Vault::open(&dir.path().join("vault"), b"pw").unwrap();
+        assert_eq!(saved.data.moves, [notice(A, "v1", B, "v2")]);
+        // The target, with the boot key: the source VM's grants.
+        let target = open(&device, B, "v2", K).unwrap();
+        assert_eq!(target.origin, HostVm::new(A, "v1"));
+        assert!(target.moved_here());
+        // Another key for that id, or a third paired host: themselves.
+        assert_eq!(origin(&device, B, "v2", [8; 32]), HostVm::new(B, "v2"));
+        assert_eq!(origin(&device, C, "v2", K), HostVm::new(C, "v2"));
+        // Until the VM arrives the source's copy is still served.
+        assert_eq!(origin(&device, A, "v1", K), HostVm::new(A, "v1"));
+        device.arrived(&target);
+        assert!(
+            open(&device, A, "v1", K).is_none(),
+            "only one copy is served"
+        );
+        assert_eq!(origin(&device, A, "v1", [8; 32]), HostVm::new(A, "v1"));
+        let saved = Vault::open(&dir.path().join("vault"), b"pw").unwrap();
+        assert!(saved.data.moves[0].arrived);
+        // It moves on from B to C: C's copy resolves to A's VM through both moves.
+        assert!(matches!(
+            device.note_move(notice(B, "v2", C, "v3")),
+            DeviceToHost::MoveNoted { refused: None, .. }
+        ));
+        assert_eq!(origin(&device, C, "v3", K), HostVm::new(A, "v1"));
+    }
+
+    /// Links to A and B as bare queues, as `run_link` registers them.
+    fn links(device: &Device) -> [mpsc::Receiver<DeviceToHost>; 2] {
+        [A, B].map(|host| {
+            let (tx, rx) = mpsc::channel(8);
+            device.links().insert(host, tx);
+            rx
+        })
+    }
+
+    #[tokio::test]
+    async fn an_ask_goes_on_its_sessions_link_and_only_that_link_answers_it() {
+        let (_dir, device) = device();
+        let [mut on_a, mut on_b] = links(&device);
+        assert!(device.is_linked() && device.is_linked_to(&A) && !device.is_linked_to(&C));
+        // A session from B for its `v2`, whose origin is A's `v1`.
+        let asker = HostVm::new(B, "v2");
+        let ask = {
+            let device = Arc::clone(&device);
+            tokio::spawn(async move {
+                let origin = HostVm::new(A, "v1");
+                device
+                    .request_approval(&asker, &origin, "svc", "api.test")
+                    .await
+            })
+        };
+        let request = match on_b.recv().await.unwrap() {
+            DeviceToHost::ApprovalNeeded { request, vm_id, .. } => {
+                assert_eq!(vm_id, "v2", "named as the asking host names it");
+                request
+            }
+            other => panic!("expected ApprovalNeeded, got {other:?}"),
+        };
+        assert!(on_a.try_recv().is_err(), "nothing on the other link");
+        let refused = |reason: &str| ApprovalAnswer::Refused {
+            reason: reason.into(),
+        };
+        // An answer from A's link is ignored; the one from B's counts.
+        let answer = |link, reason| device.approvals().answer(link, request, refused(reason));
+        assert_eq!(answer(&A, "from A"), Answered::OtherLink);
+        assert_eq!(answer(&B, "from B"), Answered::Delivered);
+        assert_eq!(answer(&B, "again"), Answered::Unknown);
+        match ask.await.unwrap() {
+            Err(ApprovalCheckError::Refused(reason)) => assert_eq!(reason, "from B"),
+            other => panic!("{other:?}"),
+        }
+        // Reports go on the link named.
+        device.notify_host(&A, DeviceToHost::Ready);
+        assert!(matches!(on_a.try_recv(), Ok(DeviceToHost::Ready)));
+        assert!(on_b.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn asks_fail_when_their_own_link_drops_only() {
+        let (_dir, device) = device();
+        let [mut on_a, mut on_b] = links(&device);
+        let ask = |host: [u8; 32]| {
+            let device = Arc::clone(&device);
+            tokio::spawn(async move {
+                let vm = HostVm::new(host, "v");
+                device.request_approval(&vm, &vm, "svc", "api.test").await
+            })
+        };
+        let from_a = ask(A);
+        let from_b = ask(B);
+        let (Some(_), Some(needed_b)) = (on_a.recv().await, on_b.recv().await) else {
+            panic!("both asks sent");
+        };
+        device.approvals().link_down(&A);
+        assert!(matches!(
+            from_a.await.unwrap(),
+            Err(ApprovalCheckError::LinkDown)
+        ));
+        // B's ask still waits, and its answer still counts.
+        let DeviceToHost::ApprovalNeeded { request, .. } = needed_b else {
+            panic!("expected ApprovalNeeded");
+        };
+        let answer = ApprovalAnswer::Refused {
+            reason: "no".into(),
+        };
+        assert_eq!(
+            device.approvals().answer(&B, request, answer),
+            Answered::Delivered
+        );
+        assert!(matches!(
+            from_b.await.unwrap(),
+            Err(ApprovalCheckError::Refused(_))
+        ));
+    }
 }

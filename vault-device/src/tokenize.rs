@@ -4,9 +4,10 @@
 //! HTTPS calls) reaches the host only as ciphertext. So the device does it, with the same
 //! agent key and mode the host uses for that agent's MCP traffic: the host sends them, and the
 //! surrogates it issued since it last did, in a `HostToDevice::Tokenize` over the paired Noise
-//! KK link before it opens a session for that VM ([`Registry::apply`]). Both sides therefore
-//! give the same surrogate for a value, and a surrogate the agent got from a tool is restored
-//! when it sends it to an API.
+//! KK link before it opens a session for that VM ([`Registry::apply`], kept by host and VM id as
+//! that host names it, also for a VM that moved there). Both sides therefore give the same
+//! surrogate for a value, and a surrogate the agent got from a tool is restored when it sends
+//! it to an API.
 //!
 //! - A request to one of the profile's `llm_hosts` has its body tokenized: the model sees
 //!   surrogates. A request to any other host has issued surrogates in its body restored: the
@@ -36,6 +37,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use nanoclaw_tokenize::{IssuedSurrogate, Kind, MAX_INPUT_BYTES, Mode, Report, Tokenizer};
 use sha2::{Digest, Sha256};
 use shared_proto::credential::{IssuedToken, TokenCounts, TokenKind, TokenizeSpec};
+
+use crate::moves::HostVm;
 
 /// The most VMs whose tokenizers the device keeps; past it an arbitrary one is dropped (its
 /// surrogates are then no longer restored: fails closed).
@@ -100,7 +103,7 @@ pub enum TokenizeSetupError {
 /// each host names its VMs (two hosts pick their ids independently).
 #[derive(Debug, Default)]
 pub struct Registry {
-    vms: Mutex<HashMap<([u8; 32], String), Arc<Mutex<VmTokens>>>>,
+    vms: Mutex<HashMap<HostVm, Arc<Mutex<VmTokens>>>>,
 }
 
 /// Locks one VM's state.
@@ -129,7 +132,7 @@ impl Registry {
         issued: &[IssuedToken],
     ) -> Result<usize, TokenizeSetupError> {
         let digest: [u8; 32] = Sha256::digest(spec.key).into();
-        let id = (*host, vm_id.to_owned());
+        let id = HostVm::new(*host, vm_id);
         let vm = {
             let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
             let current = vms.get(&id).filter(|v| {
@@ -194,7 +197,7 @@ impl Registry {
         self.vms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(*host, vm_id.to_owned()))
+            .get(&HostVm::new(*host, vm_id))
             .cloned()
     }
 }
@@ -470,6 +473,16 @@ mod tests {
 
     fn vm(reg: &Registry) -> Arc<Mutex<VmTokens>> {
         reg.get(&HOST, "vm-1").expect("announced")
+    }
+
+    #[test]
+    fn each_host_has_its_own_settings_for_a_vm_id() {
+        let reg = Registry::default();
+        reg.apply(&HOST, "vm-1", &spec(true), &[]).unwrap();
+        assert!(reg.get(&[0xb; 32], "vm-1").is_none());
+        reg.apply(&[0xb; 32], "vm-1", &spec(false), &[]).unwrap();
+        assert!(lock(&vm(&reg)).enforce());
+        assert!(!lock(&reg.get(&[0xb; 32], "vm-1").unwrap()).enforce());
     }
 
     #[test]

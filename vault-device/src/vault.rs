@@ -575,6 +575,11 @@ impl Vault {
 
     /// Seals the contents and replaces the file atomically (see the module doc).
     pub fn save(&self) -> Result<(), VaultError> {
+        self.seal(&self.data)
+    }
+
+    /// Seals `data` (the contents, or in tests an older form of them) into the vault's file.
+    fn seal<T: Serialize>(&self, data: &T) -> Result<(), VaultError> {
         let mut salt = [0u8; 16];
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut salt);
@@ -588,7 +593,7 @@ impl Vault {
         header.extend_from_slice(&nonce);
         let key = derive_key(&self.passphrase, &salt, self.params)?;
         let mut plaintext = Zeroizing::new(Vec::new());
-        ciborium::into_writer(&self.data, &mut *plaintext).map_err(VaultError::Encode)?;
+        ciborium::into_writer(data, &mut *plaintext).map_err(VaultError::Encode)?;
         let cipher = ChaCha20Poly1305::new(Key::from_slice(&key[..]));
         let ciphertext = cipher
             .encrypt(
@@ -776,5 +781,144 @@ mod tests {
             Vault::open(&path, b"pw"),
             Err(VaultError::BadParams(_))
         ));
+    }
+
+    fn pairing(name: &str, address: &str, key: u8) -> Pairing {
+        Pairing {
+            address: address.into(),
+            host_public_key: [key; 32],
+            host_name: name.into(),
+        }
+    }
+
+    /// A grant as vaults stored it before grants named their host.
+    #[derive(Serialize)]
+    struct OldGrant {
+        credential: String,
+        host: String,
+        vm: String,
+        expires_at: u64,
+        fallback: bool,
+    }
+
+    /// The contents as vaults stored them when the device paired with one host.
+    #[derive(Serialize)]
+    struct OldData {
+        identity: Secret,
+        entries: Vec<Entry>,
+        grants: Vec<OldGrant>,
+        pairing: Option<Pairing>,
+    }
+
+    #[test]
+    fn a_vault_with_one_pairing_opens_as_a_list_and_saves_in_the_new_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault");
+        let v = Vault::create(&path, b"pw", KdfParams::FAST_FOR_TESTS).unwrap();
+        let old = OldData {
+            identity: v.data.identity.clone(),
+            entries: vec![entry("openai")],
+            grants: vec![OldGrant {
+                credential: "openai".into(),
+                host: "api.example.com".into(),
+                vm: "*".into(),
+                expires_at: 100,
+                fallback: false,
+            }],
+            pairing: Some(pairing("host-a", "a:7000", 0xa)),
+        };
+        v.seal(&old).unwrap();
+        let mut v = Vault::open(&path, b"pw").unwrap();
+        assert_eq!(v.data.pairings, [pairing("host-a", "a:7000", 0xa)]);
+        // The old grant is for that (the first) pairing, never any host.
+        assert_eq!(v.data.grants[0].on, Some([0xa; 32]));
+        assert!(v.data.moves.is_empty());
+        v.data.add_pairing(pairing("host-b", "b:7000", 0xb));
+        v.save().unwrap();
+        let v = Vault::open(&path, b"pw").unwrap();
+        assert_eq!(v.data.pairings.len(), 2);
+        assert_eq!(v.data.grants[0].on, Some([0xa; 32]));
+        // What a save writes holds the new form only: `pairings`, no `pairing`.
+        let mut plain = Vec::new();
+        ciborium::into_writer(&v.data, &mut plain).unwrap();
+        let value: ciborium::Value = ciborium::from_reader(&plain[..]).unwrap();
+        let keys: Vec<String> = value
+            .as_map()
+            .unwrap()
+            .iter()
+            .filter_map(|(k, _)| k.as_text().map(str::to_owned))
+            .collect();
+        assert!(keys.contains(&"pairings".to_owned()));
+        assert!(!keys.contains(&"pairing".to_owned()));
+    }
+
+    #[test]
+    fn pairing_again_replaces_the_same_key_or_address_in_place() {
+        let mut data = Vault::create(
+            &tempfile::tempdir().unwrap().path().join("v"),
+            b"pw",
+            KdfParams::FAST_FOR_TESTS,
+        )
+        .unwrap()
+        .data;
+        data.add_pairing(pairing("a", "a:1", 1));
+        data.add_pairing(pairing("b", "b:1", 2));
+        // Same key, new address; then a new key at b's address.
+        data.add_pairing(pairing("a2", "a:2", 1));
+        data.add_pairing(pairing("b2", "b:1", 3));
+        assert_eq!(
+            data.pairings,
+            [pairing("a2", "a:2", 1), pairing("b2", "b:1", 3)]
+        );
+        // One that matches both (a's key, b2's address) takes the first's place.
+        data.add_pairing(pairing("c", "b:1", 1));
+        assert_eq!(data.pairings, [pairing("c", "b:1", 1)]);
+    }
+
+    #[test]
+    fn the_host_of_a_grant_is_named_by_name_address_or_key() {
+        let a = pairing("host-a", "a.example:7000", 0xa);
+        let b = pairing("host-b", "b.example:7000", 0xb);
+        assert_eq!(choose_pairing(&[], None), Err(ChooseHostError::NotPaired));
+        assert_eq!(
+            choose_pairing(&[], Some("host-a")),
+            Err(ChooseHostError::NotPaired)
+        );
+        // One host: the default.
+        assert_eq!(choose_pairing(std::slice::from_ref(&a), None), Ok(&a));
+        let both = [a.clone(), b.clone()];
+        match choose_pairing(&both, None) {
+            Err(e @ ChooseHostError::Several(_)) => {
+                let text = e.to_string();
+                assert!(text.contains("--on"), "{text}");
+                assert!(text.contains("host-a at a.example:7000") && text.contains("host-b"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(choose_pairing(&both, Some("host-b")), Ok(&b));
+        assert_eq!(choose_pairing(&both, Some("a.example:7000")), Ok(&a));
+        assert_eq!(choose_pairing(&both, Some(&hex::encode([0xb; 32]))), Ok(&b));
+        assert_eq!(
+            choose_pairing(&both, Some(&hex::encode([0xb; 32]).to_uppercase())),
+            Ok(&b)
+        );
+        assert!(matches!(
+            choose_pairing(&both, Some("host-c")),
+            Err(ChooseHostError::NoSuch { .. })
+        ));
+        // A short key prefix is not a key.
+        assert!(matches!(
+            choose_pairing(&both, Some("0b0b")),
+            Err(ChooseHostError::NoSuch { .. })
+        ));
+        let twin = pairing("host-a", "c.example:7000", 0xc);
+        let dup = [a.clone(), twin];
+        assert!(matches!(
+            choose_pairing(&dup, Some("host-a")),
+            Err(ChooseHostError::Ambiguous { .. })
+        ));
+        assert_eq!(choose_pairing(&dup, Some("a.example:7000")), Ok(&a));
+        assert_eq!(host_label(&dup, &[0xc; 32]), "host-a");
+        assert_eq!(host_label(&dup, &[0xd; 32]), hex::encode([0xd; 32]));
     }
 }
