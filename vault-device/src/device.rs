@@ -388,19 +388,21 @@ impl Device {
     }
 
     /// Applies `change` to the current vault and saves it if `change` says it changed
-    /// anything; a failed save leaves the vault as it was. Answers whether it saved.
+    /// anything (it must change nothing otherwise); after a failed save the vault is read
+    /// again, without the change. Answers whether it saved.
     fn update_vault(
         &self,
         change: impl FnOnce(&mut VaultData) -> bool,
     ) -> Result<bool, VaultError> {
         let mut cached = self.current()?;
-        let mut data = cached.vault.data.clone();
-        if !change(&mut data) {
+        if !change(&mut cached.vault.data) {
             return Ok(false);
         }
-        let before = std::mem::replace(&mut cached.vault.data, data);
         if let Err(e) = cached.vault.save() {
-            cached.vault.data = before;
+            if let Ok(vault) = Vault::open(&self.config.vault, &self.config.passphrase) {
+                cached.vault = vault;
+                cached.modified = modified(&self.config.vault);
+            }
             return Err(e);
         }
         cached.modified = modified(&self.config.vault);
@@ -898,30 +900,37 @@ impl Device {
 
     /// Keeps a link up to every paired host, each dialling, serving until it drops, waiting
     /// and dialling again on its own ([`Device::keep_linked`]); picks up pairings added to the
-    /// vault every [`PAIRING_POLL`]. Returns only when the device is not paired with any host.
+    /// vault every [`PAIRING_POLL`]. Returns only when the device is not paired with any host
+    /// (or its vault cannot be read when it starts).
     pub async fn serve(self: Arc<Self>) -> Result<(), DeviceError> {
+        // Each link's task, by its id, and the host it links to. Dropped with `serve`.
         let mut links = tokio::task::JoinSet::new();
-        let mut running: Vec<[u8; 32]> = Vec::new();
+        let mut running: HashMap<tokio::task::Id, [u8; 32]> = HashMap::new();
         loop {
             match self.snapshot() {
                 Ok(data) => {
                     for host in data.paired_hosts() {
-                        if !running.contains(&host) {
-                            running.push(host);
-                            links.spawn(Arc::clone(&self).keep_linked(host));
+                        if !running.values().any(|h| *h == host) {
+                            let task = links.spawn(Arc::clone(&self).keep_linked(host));
+                            running.insert(task.id(), host);
                         }
                     }
                 }
+                Err(e) if running.is_empty() => return Err(e.into()),
                 Err(e) => tracing::warn!(error = %crate::ErrorChain(&e), "vault"),
             }
             if running.is_empty() {
                 return Err(DeviceError::NotPaired);
             }
             tokio::select! {
-                Some(ended) = links.join_next() => {
-                    if let Ok(host) = ended {
-                        running.retain(|h| *h != host);
-                    }
+                Some(ended) = links.join_next_with_id() => {
+                    // No longer paired (or, unexpectedly, failed): taken up again at the next
+                    // look if it is still paired.
+                    let id = match ended {
+                        Ok((id, _)) => id,
+                        Err(e) => e.id(),
+                    };
+                    running.remove(&id);
                 }
                 () = tokio::time::sleep(PAIRING_POLL) => {}
             }
@@ -929,12 +938,12 @@ impl Device {
     }
 
     /// Keeps the link to the host `host` up: dials, serves until it drops, waits, dials again.
-    /// Returns `host` once it is no longer paired.
-    pub async fn keep_linked(self: Arc<Self>, host: [u8; 32]) -> [u8; 32] {
+    /// Returns once that host is no longer paired.
+    pub async fn keep_linked(self: Arc<Self>, host: [u8; 32]) {
         let mut backoff = Duration::from_millis(200);
         loop {
             match Arc::clone(&self).run_link(host).await {
-                Err(DeviceError::NotPaired) => return host,
+                Err(DeviceError::NotPaired) => return,
                 Err(e) => {
                     tracing::warn!(host = %hex::encode(host), error = %crate::ErrorChain(&e), "link down")
                 }
