@@ -17,7 +17,10 @@
 //!
 //! - The handshake: the prologue binds the VM id and boot id the host announced in `Open`, and
 //!   the sidecar's static key (learned in the handshake) must equal the boot key the host
-//!   relayed from the sidecar's `Hello`.
+//!   relayed from the sidecar's `Hello`. Only then is the device told the handshake is done
+//!   ([`SessionContext::handshake_done`]), which is what marks a moved VM arrived: the device
+//!   resolved the session's origin from that announced key ([`crate::moves`]), and the
+//!   sidecar has now proved it holds it.
 //! - The target: base-URL mode names a credential and goes to its first allowed host;
 //!   `HTTP_PROXY` mode names an authority, and the credential is the first entry that allows it
 //!   and has a live grant. The call goes out over HTTPS to exactly that authority, never
