@@ -14,7 +14,7 @@ use shared_proto::message::McpSummary;
 use tokio::sync::watch;
 
 use super::Daemon;
-use crate::agent_tokens::AgentTokens;
+use crate::agent_tokens::{AgentTokens, CarriedTokens};
 use crate::approval::Approver;
 use crate::mcp::{Gateway, GatewayConfig, McpError, SpawnError, Spawner};
 use crate::policy::{AccessPolicy, Profile};
@@ -59,7 +59,8 @@ impl VmGateways {
 
     /// Binds the VM's MCP listener now and serves it (after connecting the upstreams) until
     /// `ended` turns true; then closes the upstreams. Answers the agent's tokenizer (`None`
-    /// when the profile turns it off), which the daemon also gives the credential relay.
+    /// when the profile turns it off), which the daemon also gives the credential relay: a
+    /// fresh one, or the one `carried` from the agent's previous host (live migration).
     pub fn start(
         &self,
         vm_id: &str,
@@ -67,9 +68,10 @@ impl VmGateways {
         vmm_uid: Option<u32>,
         profile: &str,
         mut ended: watch::Receiver<bool>,
+        carried: Option<&CarriedTokens>,
     ) -> Result<Option<Arc<AgentTokens>>, McpError> {
         let policy = Arc::new(AccessPolicy::from_toml(profile).map_err(McpError::Profile)?);
-        let tokens = AgentTokens::for_profile(policy.profile())
+        let tokens = AgentTokens::for_profile_carrying(policy.profile(), carried)
             .map_err(McpError::Tokenizer)?
             .map(Arc::new);
         let audit = Arc::clone(&self.audit);

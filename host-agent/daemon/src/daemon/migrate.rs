@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nanoclaw_api::{MigrateVm, MigratedTo, MigrationEvent, MigrationOutcome, VmStatus};
+use shared_proto::credential::IssuedToken;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, mpsc};
 
@@ -14,6 +15,7 @@ use super::images::{SCRATCH_DISK_FILE, VmImage};
 use super::state::{self, VmRecord};
 use super::vm::Vm;
 use super::{Daemon, vmm_control};
+use crate::agent_tokens::CarriedTokens;
 use crate::error_chain;
 use crate::migration::link::{self, Identity, Link, LinkError};
 use crate::migration::{CopyState, Offer, OfferImage, Peers, Reply, Request};
@@ -188,6 +190,8 @@ impl Daemon {
             status: info.status,
             net: vm.network(),
             image,
+            // Filled as the offer goes out (`migrate_out`).
+            tokens: None,
         })
     }
 
@@ -234,12 +238,26 @@ impl Daemon {
         vm: &Arc<Vm>,
         req: &MigrateVm,
         pinned: [u8; 32],
-        offer: Offer,
+        mut offer: Offer,
         identity: &Identity,
         events: &mpsc::Sender<MigrationEvent>,
         cancel: &Notify,
     ) -> MigrationEvent {
         let started = Instant::now();
+        // The agent's tokenizer goes with the offer: its key, and what it issued so far in
+        // batches after it; what it issues during the copy follows once the VM has moved.
+        let carried = vm.tokens().map(|t| t.carried_since(0));
+        let (batches, token_seq) = match &carried {
+            Some((c, seq)) => (crate::migration::token_batches(&c.issued), *seq),
+            None => (Vec::new(), 0),
+        };
+        offer.tokens = carried
+            .as_ref()
+            .map(|(c, _)| crate::migration::OfferTokens {
+                key: hex::encode(*c.key),
+                batches: u32::try_from(batches.len()).unwrap_or(u32::MAX),
+            });
+        drop(carried);
         let kept = |error: String, target_vm: Option<String>| MigrationEvent::Ended {
             outcome: MigrationOutcome::Kept,
             target_vm,
@@ -253,6 +271,9 @@ impl Daemon {
             let text = serde_json::to_vec(&Request::Offer(Box::new(offer)))
                 .map_err(|_| LinkError::BadRecord(0))?;
             link.send(&text).await?;
+            for batch in &batches {
+                link.send(batch).await?;
+            }
             let reply = tokio::time::timeout(STEP_TIMEOUT, link.recv())
                 .await
                 .map_err(|_| LinkError::HandshakeTimeout(STEP_TIMEOUT))??;
@@ -358,6 +379,8 @@ impl Daemon {
                 MigrationOutcome::Moved => {
                     tracing::info!(vm = %vm.id, to = %req.to, target_vm, downtime_ms = end.downtime_ms,
                         total_ms, "VM migrated: it runs on the target");
+                    self.send_token_delta(vm, req, pinned, identity, &target_vm, token_seq)
+                        .await;
                     self.end_moved(vm, to(MigrationOutcome::Moved), Some(end.downtime_ms))
                         .await;
                     MigrationEvent::Ended {
@@ -391,6 +414,8 @@ impl Daemon {
                     MigrationOutcome::Moved => {
                         tracing::info!(vm = %vm.id, to = %req.to, target_vm, %error,
                             "VM migrated (its VMM says so, without its answer): it runs on the target");
+                        self.send_token_delta(vm, req, pinned, identity, &target_vm, token_seq)
+                            .await;
                         self.end_moved(vm, to(MigrationOutcome::Moved), None).await;
                         MigrationEvent::Ended {
                             outcome: MigrationOutcome::Moved,
@@ -403,6 +428,52 @@ impl Daemon {
                     MigrationOutcome::Unknown => unknown(error),
                 }
             }
+        }
+    }
+
+    /// Sends the target the surrogates `vm`'s tokenizer issued since `seq` (during the copy),
+    /// over a link of their own ([`Request::Tokens`]), so that the agent's newest surrogates
+    /// are restored there too. Best effort, within [`STEP_TIMEOUT`]: a failure is logged (those
+    /// surrogates then stay as they are on the target).
+    async fn send_token_delta(
+        &self,
+        vm: &Vm,
+        req: &MigrateVm,
+        pinned: [u8; 32],
+        identity: &Identity,
+        target_vm: &str,
+        seq: u64,
+    ) {
+        let Some(tokens) = vm.tokens() else {
+            return;
+        };
+        let batches = crate::migration::token_batches(&tokens.carried_since(seq).0.issued);
+        if batches.is_empty() {
+            return;
+        }
+        let sent = tokio::time::timeout(STEP_TIMEOUT, async {
+            let mut link = link::connect(&req.to, identity, &pinned).await?;
+            let request = Request::Tokens {
+                source_vm: vm.id.clone(),
+                target_vm: target_vm.to_owned(),
+                batches: u32::try_from(batches.len()).unwrap_or(u32::MAX),
+            };
+            let text = serde_json::to_vec(&request).map_err(|_| LinkError::BadRecord(0))?;
+            link.send(&text).await?;
+            for batch in &batches {
+                link.send(batch).await?;
+            }
+            // The target answers once it has them all.
+            link.recv().await.map(drop)
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => tracing::debug!(vm = %vm.id, batches = batches.len(),
+                "surrogates issued during the copy sent to the target"),
+            Ok(Err(e)) => tracing::warn!(vm = %vm.id, error = %error_chain(&e),
+                "surrogates issued during the copy did not reach the target"),
+            Err(_) => tracing::warn!(vm = %vm.id,
+                "surrogates issued during the copy did not reach the target in time"),
         }
     }
 
@@ -457,6 +528,15 @@ impl Daemon {
         };
         let offer = match request {
             Ok(Request::Offer(offer)) => Ok(*offer),
+            Ok(Request::Tokens {
+                source_vm,
+                target_vm,
+                batches,
+            }) => {
+                self.take_token_delta(&mut link, &peer, &source_vm, &target_vm, batches)
+                    .await;
+                return;
+            }
             Ok(Request::Ask {
                 source_vm,
                 target_vm,
@@ -475,10 +555,19 @@ impl Daemon {
             }
             Err(e) => Err(e),
         };
-        let made = offer.and_then(|offer| {
+        let offer = offer.and_then(|offer| {
             crate::migration::check_offer(&offer)?;
             super::routes::validate(&offer.spec)?;
-            self.make_incoming(&offer, &peer).map(|made| (made, offer))
+            Ok(offer)
+        });
+        let carried = match &offer {
+            Ok(o) => read_carried(&mut link, o).await,
+            Err(_) => Ok(None),
+        };
+        let made = offer.and_then(|offer| {
+            let carried = carried?;
+            self.make_incoming(&offer, &peer, carried)
+                .map(|made| (made, offer))
         });
         let ((vm, child, listener), offer) = match made {
             Ok(made) => made,
@@ -641,6 +730,7 @@ impl Daemon {
         self: &Arc<Self>,
         offer: &Offer,
         peer: &str,
+        carried: Option<CarriedTokens>,
     ) -> Result<(Arc<Vm>, tokio::process::Child, UnixListener), String> {
         // The image is looked up before anything is made: a refusal leaves nothing.
         let rootfs = offer
@@ -681,9 +771,14 @@ impl Daemon {
             vm: offer.source_vm.clone(),
             outcome: MigrationOutcome::Moved,
         });
+        // The gateway, started with the VM, takes the agent's tokenizer from here.
+        if let Some(carried) = carried {
+            self.carry_tokens(&id, carried);
+        }
         match self.start(id.clone(), dir.clone(), record, None) {
             Ok((vm, child)) => Ok((vm, child, listener)),
             Err(e) => {
+                self.take_carried_tokens(&id);
                 self.lock_vms().remove(&id);
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(error_chain(&e))
@@ -710,6 +805,63 @@ impl Daemon {
                 error_chain(&e)
             )),
         }
+    }
+
+    /// Takes the surrogates the source sent after the VM moved ([`Request::Tokens`]) into its
+    /// copy here, when `peer` is the host it came from; answers once all are read.
+    async fn take_token_delta(
+        &self,
+        link: &mut Link,
+        peer: &str,
+        source_vm: &str,
+        target_vm: &str,
+        batches: u32,
+    ) {
+        let tokens = self
+            .get(target_vm)
+            .filter(|vm| {
+                vm.info()
+                    .migrated_from
+                    .is_some_and(|m| m.host == peer && m.vm == source_vm)
+            })
+            .and_then(|vm| vm.tokens());
+        let Some(tokens) = tokens else {
+            tracing::debug!(
+                peer,
+                source_vm,
+                target_vm,
+                "surrogates for no VM that came from there"
+            );
+            return;
+        };
+        match read_batches(link, batches).await {
+            Ok(issued) => {
+                tokens.adopt(&issued);
+                tracing::info!(
+                    vm = target_vm,
+                    surrogates = issued.len(),
+                    "surrogates issued on the source during the copy taken"
+                );
+                let _ = link.send(b"{}").await;
+            }
+            Err(why) => self.note_refused_peer(peer, &why),
+        }
+    }
+
+    /// Keeps `carried` for the gateway of VM `id`, about to start.
+    fn carry_tokens(&self, id: &str, carried: CarriedTokens) {
+        self.carried_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), carried);
+    }
+
+    /// The tokenizer carried for VM `id`, once.
+    pub(super) fn take_carried_tokens(&self, id: &str) -> Option<CarriedTokens> {
+        self.carried_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
     }
 
     /// Logs a caller turned away, within a budget: anyone who reaches the port can try.
@@ -751,6 +903,33 @@ fn blank_disk_for(image: &OfferImage, rootfs: PathBuf, dir: &Path) -> Result<VmI
 /// How a migration out of `vm` ended, by its VMM's state, when the VMM's answer is lost (it
 /// did not come, or this daemon restarted since): running, the VM is here (`kept`); `moved`,
 /// the target runs it; paused, or a VMM that does not answer, it may run there (`unknown`).
+/// Reads the `batches` messages of surrogates that follow an offer or a [`Request::Tokens`].
+async fn read_batches(link: &mut Link, batches: u32) -> Result<Vec<IssuedToken>, String> {
+    if batches > crate::migration::MAX_TOKEN_BATCHES {
+        return Err(format!("{batches} batches of surrogates"));
+    }
+    let mut issued = Vec::new();
+    for _ in 0..batches {
+        let batch = match tokio::time::timeout(STEP_TIMEOUT, link.recv()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(error_chain(&e)),
+            Err(_) => return Err(format!("no batch of surrogates within {STEP_TIMEOUT:?}")),
+        };
+        crate::migration::read_token_batch(&batch, &mut issued)?;
+    }
+    Ok(issued)
+}
+
+/// The agent's tokenizer that follows `offer` on `link`, if it tokenizes.
+async fn read_carried(link: &mut Link, offer: &Offer) -> Result<Option<CarriedTokens>, String> {
+    let Some(tokens) = &offer.tokens else {
+        return Ok(None);
+    };
+    let key = tokens.key()?;
+    let issued = read_batches(link, tokens.batches).await?;
+    Ok(Some(CarriedTokens { key, issued }))
+}
+
 async fn outcome_by_state(vm: &Vm) -> MigrationOutcome {
     match vmm_control::state(&vm.vmm_dir, vm.jail_uid()).await {
         Ok(vmm_control::RunState::Running) => MigrationOutcome::Kept,

@@ -536,6 +536,8 @@ pub struct Daemon {
     migrating: migrate::Running,
     /// The budget of log lines about refused migration callers.
     migration_log_budget: Mutex<ratelimit::LogBudget>,
+    /// The tokenizers carried by VMs migrating in, for their gateways, by VM id.
+    carried_tokens: Mutex<HashMap<String, crate::agent_tokens::CarriedTokens>>,
 }
 
 impl Daemon {
@@ -1111,11 +1113,16 @@ impl Daemon {
     /// Starts the VM's MCP gateway when it was created with a profile. A failure is logged: the
     /// agent then finds no MCP endpoint (nothing runs unchecked).
     fn start_mcp(&self, vm: &Arc<Vm>) {
+        let carried = self.take_carried_tokens(&vm.id);
         if let Some(profile) = vm.info().spec.profile {
-            match self
-                .mcp
-                .start(&vm.id, &vm.vmm_dir, vm.jail_uid(), &profile, vm.ended())
-            {
+            match self.mcp.start(
+                &vm.id,
+                &vm.vmm_dir,
+                vm.jail_uid(),
+                &profile,
+                vm.ended(),
+                carried.as_ref(),
+            ) {
                 Ok(tokens) => vm.set_tokens(tokens),
                 Err(e) => tracing::error!(vm = %vm.id, error = %error_chain(&e), "mcp gateway"),
             }
@@ -1778,6 +1785,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         migration,
         migrating: Default::default(),
         migration_log_budget: Mutex::new(ratelimit::LogBudget::new()),
+        carried_tokens: Mutex::new(HashMap::new()),
     });
     daemon
         .mcp

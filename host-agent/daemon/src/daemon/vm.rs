@@ -640,6 +640,11 @@ impl Vm {
         *lock(&self.relay) = relay;
     }
 
+    /// This VM's agent's tokenizer, when its profile tokenizes.
+    pub fn tokens(&self) -> Option<Arc<crate::agent_tokens::AgentTokens>> {
+        lock(&self.tokens).clone()
+    }
+
     /// Gives this VM its agent's tokenizer (before the VMM starts).
     pub fn set_tokens(&self, tokens: Option<Arc<crate::agent_tokens::AgentTokens>>) {
         *lock(&self.tokens) = tokens;

@@ -65,6 +65,7 @@ use std::collections::HashMap;
 
 use nanoclaw_api::{CreateVm, VmStatus};
 use serde::{Deserialize, Serialize};
+use shared_proto::credential::{IssuedToken, MAX_SURROGATE_LEN};
 
 /// The offer's format.
 pub const OFFER_VERSION: u32 = 1;
@@ -97,6 +98,90 @@ pub struct Offer {
     /// refuses an image it does not hold).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<OfferImage>,
+    /// The agent's tokenizer, when its profile tokenizes: its key, and how many messages of
+    /// issued surrogates follow the offer ([`token_batches`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<OfferTokens>,
+}
+
+/// The agent's tokenizer as offered: the target's gateway and the device then give the same
+/// surrogates, and restore the ones the agent holds.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferTokens {
+    /// The agent's tokenization key, 64 hex digits (the link is encrypted, and the target
+    /// is a host the source pinned).
+    pub key: String,
+    /// Messages of issued surrogates that follow the offer, each a JSON array of
+    /// `IssuedToken`s (at most [`MAX_TOKEN_BATCHES`]).
+    pub batches: u32,
+}
+
+impl std::fmt::Debug for OfferTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OfferTokens")
+            .field("key", &"<redacted>")
+            .field("batches", &self.batches)
+            .finish()
+    }
+}
+
+impl OfferTokens {
+    /// The key, or why it is not one.
+    pub fn key(&self) -> Result<zeroize::Zeroizing<[u8; 32]>, String> {
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(&self.key, &mut key[..])
+            .map_err(|_| "the tokenizer key is not 64 hex digits".to_owned())?;
+        Ok(key)
+    }
+}
+
+/// The most messages of issued surrogates after an offer or in a [`Request::Tokens`]: enough
+/// for a tokenizer's whole memory (`nanoclaw_tokenize::MAX_ISSUED`) at the smallest batch.
+pub const MAX_TOKEN_BATCHES: u32 = 2048;
+/// The most JSON bytes of one batch: well inside one link message.
+const TOKEN_BATCH_BYTES: usize = 48 * 1024;
+
+/// `issued` cut into batches for the link: JSON arrays of at most [`TOKEN_BATCH_BYTES`] each
+/// (none when `issued` is empty).
+pub fn token_batches(issued: &[IssuedToken]) -> Vec<Vec<u8>> {
+    let mut batches = Vec::new();
+    let mut current: Vec<&IssuedToken> = Vec::new();
+    let mut bytes = 2;
+    for token in issued {
+        let len = serde_json::to_vec(token).map_or(0, |v| v.len()) + 1;
+        if !current.is_empty() && bytes + len > TOKEN_BATCH_BYTES {
+            batches.push(serde_json::to_vec(&current).unwrap_or_default());
+            current.clear();
+            bytes = 2;
+        }
+        current.push(token);
+        bytes += len;
+    }
+    if !current.is_empty() {
+        batches.push(serde_json::to_vec(&current).unwrap_or_default());
+    }
+    batches
+}
+
+/// Reads one batch of [`token_batches`] into `into`, checking each surrogate as the device
+/// link does (not empty, at most `MAX_SURROGATE_LEN` bytes, its clear prefix inside it) and
+/// the whole against `nanoclaw_tokenize::MAX_ISSUED`.
+pub fn read_token_batch(bytes: &[u8], into: &mut Vec<IssuedToken>) -> Result<(), String> {
+    let batch: Vec<IssuedToken> = serde_json::from_slice(bytes)
+        .map_err(|e| format!("a batch of surrogates does not parse: {e}"))?;
+    if into.len() + batch.len() > nanoclaw_tokenize::MAX_ISSUED {
+        return Err("more surrogates than a tokenizer remembers".to_owned());
+    }
+    if batch.iter().any(|i| {
+        i.surrogate.is_empty()
+            || i.surrogate.len() > MAX_SURROGATE_LEN
+            || usize::from(i.prefix_len) > i.surrogate.len()
+    }) {
+        return Err("a surrogate is empty, too long, or shorter than its prefix".to_owned());
+    }
+    into.extend(batch);
+    Ok(())
 }
 
 /// The image of a VM offered with one: the target attaches the same image's root disk and a
@@ -129,6 +214,17 @@ pub enum Request {
         source_vm: String,
         /// Its id here.
         target_vm: String,
+    },
+    /// Surrogates the agent's tokenizer issued on the source after the offer, sent once the
+    /// VM has moved; `batches` messages of [`token_batches`] follow. Taken only from the host
+    /// the VM came from, for its VM; answered with nothing.
+    Tokens {
+        /// The VM's id on the sending host.
+        source_vm: String,
+        /// Its id here.
+        target_vm: String,
+        /// Messages that follow (at most [`MAX_TOKEN_BATCHES`]).
+        batches: u32,
     },
 }
 
@@ -198,6 +294,15 @@ pub fn check_offer(offer: &Offer) -> Result<(), String> {
         }
         (true, Some(image)) => check_image(image)?,
         (false, None) => {}
+    }
+    if let Some(tokens) = &offer.tokens {
+        tokens.key()?;
+        if tokens.batches > MAX_TOKEN_BATCHES {
+            return Err(format!(
+                "{} batches of surrogates: at most {MAX_TOKEN_BATCHES}",
+                tokens.batches
+            ));
+        }
     }
     match (
         crate::daemon::wants_network(&offer.spec),
@@ -290,6 +395,7 @@ mod tests {
             status: VmStatus::Running,
             net: None,
             image: None,
+            tokens: None,
         }
     }
 
@@ -431,6 +537,68 @@ mod tests {
             "10.0.0.2:7420=abcd".to_owned(),
         ] {
             assert!(Peers::parse(std::slice::from_ref(&bad)).is_err(), "{bad}");
+        }
+    }
+
+    fn token(n: usize, len: usize) -> IssuedToken {
+        IssuedToken {
+            surrogate: format!("{n:0len$}"),
+            kind: shared_proto::credential::TokenKind::Email,
+            prefix_len: 0,
+            alphabet: 0,
+        }
+    }
+
+    #[test]
+    fn surrogates_cross_in_batches_that_fit_a_link_message_and_come_back_whole() {
+        let issued: Vec<IssuedToken> = (0..3000).map(|n| token(n, 150)).collect();
+        let batches = token_batches(&issued);
+        assert!(batches.len() > 1, "{}", batches.len());
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.len() <= TOKEN_BATCH_BYTES && b.len() < link::MAX_DATA)
+        );
+        let mut back = Vec::new();
+        for b in &batches {
+            read_token_batch(b, &mut back).unwrap();
+        }
+        assert_eq!(back, issued);
+        assert!(token_batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn bad_batches_and_bad_offered_keys_are_refused() {
+        let mut into = Vec::new();
+        for bad in [
+            &b"not json"[..],
+            br#"[{"surrogate":"","kind":"Email","prefix_len":0,"alphabet":0}]"#,
+            br#"[{"surrogate":"ab","kind":"ApiKey","prefix_len":3,"alphabet":0}]"#,
+        ] {
+            assert!(read_token_batch(bad, &mut into).is_err());
+        }
+        let long = token(1, MAX_SURROGATE_LEN + 1);
+        assert!(read_token_batch(&serde_json::to_vec(&[long]).unwrap(), &mut into).is_err());
+        assert!(into.is_empty(), "nothing of a refused batch is kept");
+
+        let mut o = offer();
+        o.tokens = Some(OfferTokens {
+            key: "ab".repeat(32),
+            batches: 3,
+        });
+        check_offer(&o).unwrap();
+        assert_eq!(*o.tokens.as_ref().unwrap().key().unwrap(), [0xab; 32]);
+        assert!(
+            !format!("{o:?}").contains(&"ab".repeat(32)),
+            "the key stays out of logs"
+        );
+        for (key, batches) in [
+            ("ab".repeat(31), 1),
+            ("zz".repeat(32), 1),
+            ("ab".repeat(32), MAX_TOKEN_BATCHES + 1),
+        ] {
+            o.tokens = Some(OfferTokens { key, batches });
+            assert!(check_offer(&o).is_err());
         }
     }
 }
