@@ -56,6 +56,14 @@
 //! follows a VM only to a host it has paired itself; a device that is not linked or refuses
 //! leaves the VM moving without it, and the migration's progress says so.
 //!
+//! # The tokenizer
+//! An agent whose profile tokenizes holds surrogates its tokenizer issued here. The offer
+//! carries the tokenizer's key ([`OfferTokens`]) and is followed by the surrogates issued so
+//! far ([`token_batches`]); the target's gateway starts with that key and adopts them. The
+//! ones issued while the copy ran follow once the VM has moved ([`Request::Tokens`], on a
+//! link of their own, best effort). The target's gateway and the device then give the same
+//! surrogates, and restore those the agent holds.
+//!
 //! # What does not move yet
 //! A paused VM and a VM tied to a parent or to children are refused before anything starts.
 
@@ -142,7 +150,7 @@ pub const MAX_TOKEN_BATCHES: u32 = 2048;
 /// The most JSON bytes of one batch: well inside one link message.
 const TOKEN_BATCH_BYTES: usize = 48 * 1024;
 
-/// `issued` cut into batches for the link: JSON arrays of at most [`TOKEN_BATCH_BYTES`] each
+/// `issued` cut into batches for the link: JSON arrays of at most 48 KiB each
 /// (none when `issued` is empty).
 pub fn token_batches(issued: &[IssuedToken]) -> Vec<Vec<u8>> {
     let mut batches = Vec::new();
