@@ -29,6 +29,7 @@ use shared_proto::approval::{ApprovalRequest, RelyingParty, RequestAction};
 use shared_proto::credential::APPROVAL_REQUEST_ARG;
 use vault_device::approval::{ApprovalCheckError, Ask, GrantRecord, PasskeyFile, check_evidence};
 use vault_device::device::{Device, DeviceConfig};
+use vault_device::moves::HostVm;
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
 use zeroize::Zeroizing;
 
@@ -472,6 +473,8 @@ fn each_forgery_has_its_typed_error() {
         credential: "svc".into(),
         target_host: "api.test:443".into(),
         vm_id: VM.into(),
+        // No host links here: any fixed link key names the VM's host.
+        origin: HostVm::new([9; 32], VM),
     };
     let subject = ApprovalSubject {
         agent: "a".into(),

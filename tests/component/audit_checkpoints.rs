@@ -215,6 +215,7 @@ async fn the_daemon_asks_the_linked_device_and_again_at_shutdown() {
     )
     .await
     .unwrap();
+    let host = vault.data.pairings[0].host_public_key;
     let device = Device::open(DeviceConfig {
         vault: vault_path.clone(),
         passphrase: Zeroizing::new(PASSPHRASE.to_vec()),
@@ -248,14 +249,14 @@ async fn the_daemon_asks_the_linked_device_and_again_at_shutdown() {
             "no record; daemon log:\n{}",
             daemon.log()
         );
-        device.notify_host(report());
+        device.notify_host(&host, report());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::task::block_in_place(|| wait_for(1, "no checkpoint while linked"));
 
     // One more record, then SIGTERM: the daemon anchors it before it goes.
     let before = nanoclaw_audit::verify(&audit).unwrap().records;
-    device.notify_host(report());
+    device.notify_host(&host, report());
     let deadline = Instant::now() + Duration::from_secs(30);
     while nanoclaw_audit::verify(&audit).unwrap().records == before {
         assert!(Instant::now() < deadline, "the report was not recorded");

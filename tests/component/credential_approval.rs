@@ -16,18 +16,19 @@ use shared_proto::approval::{RelyingParty, RequestAction};
 use vault_device::approval::{ApprovalCheckError, PasskeyFile};
 use vault_device::device::{Device, DeviceConfig};
 use vault_device::grant::Grant;
+use vault_device::moves::HostVm;
 use vault_device::vault::{Entry, KdfParams, Secret, Vault};
 use zeroize::Zeroizing;
 
 /// A vault with `svc` and no grants (in `dir`), paired with `daemon` at `device_port`, its device
-/// linked (in this process) and trusting `passkeys_json` for `origin`.
+/// linked (in this process) and trusting `passkeys_json` for `origin`; with the daemon's link key.
 async fn device(
     dir: &Path,
     daemon: &Daemon,
     device_port: u16,
     passkeys_json: &[u8],
     origin: &str,
-) -> Arc<Device> {
+) -> (Arc<Device>, [u8; 32]) {
     let vault_path = dir.join("device.vault");
     let mut vault = Vault::create(&vault_path, PASSPHRASE, KdfParams::FAST_FOR_TESTS).unwrap();
     vault
@@ -49,6 +50,7 @@ async fn device(
     )
     .await
     .unwrap();
+    let host = vault.data.pairings[0].host_public_key;
     let path = PasskeyFile::path_for(&vault_path);
     let mut store = PasskeyFile::default();
     let rp = RelyingParty {
@@ -66,14 +68,19 @@ async fn device(
     })
     .unwrap();
     tokio::spawn(Arc::clone(&device).serve());
-    device
+    (device, host)
 }
 
-/// Asks until the link is up, then waits for the answer.
-async fn ask(device: &Device) -> Result<Grant, ApprovalCheckError> {
+/// Asks (for `vm-7` on the host whose link key is `host`) until the link is up, then waits for
+/// the answer.
+async fn ask(device: &Device, host: [u8; 32]) -> Result<Grant, ApprovalCheckError> {
+    let vm = HostVm::new(host, "vm-7");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match device.request_approval("svc", "api.test:443", "vm-7").await {
+        match device
+            .request_approval(&vm, &vm, "svc", "api.test:443")
+            .await
+        {
             Err(ApprovalCheckError::LinkDown) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -108,10 +115,10 @@ async fn the_daemon_asks_its_passkey_approver_and_the_device_verifies() {
     let passkeys_json = serde_json::to_vec(&vec![auth.passkey()]).unwrap();
     std::fs::write(daemon.state_dir().join("passkeys.json"), &passkeys_json).unwrap();
     daemon.spawn().expect("start the daemon");
-    let device = device(dir.path(), &daemon, device_port, &passkeys_json, &origin).await;
+    let (device, host) = device(dir.path(), &daemon, device_port, &passkeys_json, &origin).await;
     let asked = tokio::spawn({
         let device = Arc::clone(&device);
-        async move { ask(&device).await }
+        async move { ask(&device, host).await }
     });
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -171,7 +178,7 @@ async fn without_approvals_the_device_is_told_requires_approval() {
         .start()
         .expect("start the daemon");
     let passkeys_json = serde_json::to_vec(&vec![SoftAuthenticator::new().passkey()]).unwrap();
-    let device = device(
+    let (device, host) = device(
         dir.path(),
         &daemon,
         device_port,
@@ -179,7 +186,7 @@ async fn without_approvals_the_device_is_told_requires_approval() {
         "http://localhost:1",
     )
     .await;
-    match ask(&device).await {
+    match ask(&device, host).await {
         Err(ApprovalCheckError::Refused(reason)) => {
             assert!(reason.starts_with("requires approval"), "{reason}")
         }

@@ -27,18 +27,24 @@ use vault_device::approval::{ApprovalCheckError, Ask, GrantRecord, PasskeyFile, 
 use vault_device::approval_page::{self, ApprovalPage, PageError};
 use vault_device::device::{Device, DeviceConfig, now_unix_ms};
 use vault_device::grant::Grant;
+use vault_device::moves::HostVm;
 use vault_device::vault::{KdfParams, Vault};
 use zeroize::Zeroizing;
 
 const CREDENTIAL: &str = "svc";
 const TARGET: &str = "api.test:443";
 const VM: &str = "vm-0001";
+/// The link key the asks name when the vault has no pairing (the device never links).
+const UNPAIRED_HOST: [u8; 32] = [7; 32];
 
 /// A device (no link, no credentials needed) with its approval page served on loopback.
 struct PageFixture {
     dir: tempfile::TempDir,
     vault: PathBuf,
     device: Arc<Device>,
+    /// The link key of the vault's pairing ([`UNPAIRED_HOST`] without one): the host of the
+    /// VMs that ask.
+    host: [u8; 32],
     page: ApprovalPage,
     addr: SocketAddr,
     origin: String,
@@ -66,6 +72,12 @@ async fn start_with(
         approval_wait,
     })
     .unwrap();
+    let host = device
+        .snapshot()
+        .unwrap()
+        .pairings
+        .first()
+        .map_or(UNPAIRED_HOST, |p| p.host_public_key);
     let (listener, rp) = approval_page::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -80,6 +92,7 @@ async fn start_with(
         dir,
         vault,
         device,
+        host,
         page,
         addr,
         origin: rp.origin,
@@ -88,6 +101,16 @@ async fn start_with(
 }
 
 impl PageFixture {
+    /// The VM `vm` on the fixture's host.
+    fn vm(&self, vm: &str) -> HostVm {
+        HostVm::new(self.host, vm)
+    }
+
+    /// Asks for the release of [`CREDENTIAL`] to [`TARGET`] for `vm` (which is its own origin).
+    async fn request(device: &Device, vm: HostVm) -> Result<Grant, ApprovalCheckError> {
+        device.request_approval(&vm, &vm, CREDENTIAL, TARGET).await
+    }
+
     /// A request to the page, from the page itself (`Origin` = its origin) unless `origin` says
     /// otherwise (`Some("")`: no `Origin` at all). Answers the status and the JSON body.
     async fn call(
@@ -158,8 +181,8 @@ impl PageFixture {
         Value,
     ) {
         let device = Arc::clone(&self.device);
-        let task =
-            tokio::spawn(async move { device.request_approval(CREDENTIAL, TARGET, VM).await });
+        let vm = self.vm(VM);
+        let task = tokio::spawn(async move { Self::request(&device, vm).await });
         for _ in 0..200 {
             let (status, list) = self.get("/api/approvals").await;
             assert_eq!(status, 200, "{list}");
@@ -313,6 +336,7 @@ async fn evidence_the_host_sends_is_refused_by_a_device_registered_store() {
         credential: CREDENTIAL.into(),
         target_host: TARGET.into(),
         vm_id: VM.into(),
+        origin: HostVm::new(UNPAIRED_HOST, VM),
     };
     let now = now_unix_ms();
     let request = ApprovalRequest {
@@ -501,11 +525,7 @@ async fn deny_refuses_the_ask_at_once() {
     // With the page no longer served, a device-registered store refuses to ask at once
     // (nobody could approve), instead of falling back to the host.
     f.device.set_approval_page(None);
-    let err = f
-        .device
-        .request_approval(CREDENTIAL, TARGET, VM)
-        .await
-        .unwrap_err();
+    let err = PageFixture::request(&f.device, f.vm(VM)).await.unwrap_err();
     assert!(
         matches!(err, ApprovalCheckError::PageNotServed(_)),
         "{err:?}"
@@ -519,8 +539,9 @@ async fn one_vm_cannot_hold_more_than_its_share_of_the_pages_asks() {
     let mut tasks = Vec::new();
     for _ in 0..vault_device::device::MAX_PAGE_ASKS_PER_VM {
         let device = Arc::clone(&f.device);
+        let vm = f.vm(VM);
         tasks.push(tokio::spawn(async move {
-            device.request_approval(CREDENTIAL, TARGET, VM).await
+            PageFixture::request(&device, vm).await
         }));
     }
     for _ in 0..200 {
@@ -534,15 +555,12 @@ async fn one_vm_cannot_hold_more_than_its_share_of_the_pages_asks() {
         tasks.len()
     );
     // One more from that VM is refused at once; another VM still gets through.
-    let err = f
-        .device
-        .request_approval(CREDENTIAL, TARGET, VM)
-        .await
-        .unwrap_err();
+    let err = PageFixture::request(&f.device, f.vm(VM)).await.unwrap_err();
     assert!(matches!(err, ApprovalCheckError::TooMany(_)), "{err:?}");
     let other = tokio::spawn({
         let device = Arc::clone(&f.device);
-        async move { device.request_approval(CREDENTIAL, TARGET, "vm-0002").await }
+        let vm = f.vm("vm-0002");
+        async move { PageFixture::request(&device, vm).await }
     });
     for _ in 0..200 {
         if f.get("/api/approvals").await.1.as_array().unwrap().len() == tasks.len() + 1 {

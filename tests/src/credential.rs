@@ -61,6 +61,8 @@ pub fn make_vault(dir: &Path, api: &str, other: &str, secret: &str) -> PathBuf {
         credential: "svc".into(),
         host: api.to_owned(),
         vm: VM.into(),
+        // Named by [`pair`], once the host is known.
+        on: None,
         expires_at: u64::MAX,
         fallback: true,
     });
@@ -68,7 +70,7 @@ pub fn make_vault(dir: &Path, api: &str, other: &str, secret: &str) -> PathBuf {
     path
 }
 
-/// Pairs the vault with the relay listening at `addr`, and waits (at most 10 s) until the relay
+/// Pairs the vault with the relay listening at `addr`, names it in the vault's grants, and waits (at most 10 s) until the relay
 /// has recorded the device: it does so just after it sends its last handshake message, so the
 /// device's side may finish first.
 pub async fn pair(vault: &Path, relay: &Relay, addr: SocketAddr) {
@@ -77,6 +79,11 @@ pub async fn pair(vault: &Path, relay: &Relay, addr: SocketAddr) {
     device::pair(&mut v, &addr.to_string(), &code, "test-phone")
         .await
         .unwrap();
+    // The vault's grants are for VMs of this host.
+    for grant in &mut v.data.grants {
+        grant.on.get_or_insert(relay.public_key());
+    }
+    v.save().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while relay.paired_device().is_none() {
         assert!(
