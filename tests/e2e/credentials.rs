@@ -27,7 +27,7 @@ use nanoclaw_tests::{
 use shared_proto::credential::GUEST_PROXY_PORT;
 
 /// Kills the processes it holds when dropped.
-struct Reaper(Vec<Child>);
+pub(crate) struct Reaper(pub(crate) Vec<Child>);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -38,7 +38,7 @@ impl Drop for Reaper {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
+pub(crate) fn run(cmd: &mut Command) -> String {
     let out = cmd.output_within(CLI_TIMEOUT).expect("run");
     assert!(
         out.status.success(),
@@ -133,6 +133,108 @@ print(srv.server_address[1], flush=True)
 srv.serve_forever()
 "#;
 
+/// The HTTPS server the agents call: it answers 200 "hello from upstream" to a request that
+/// carries `Authorization: Bearer <secret>`, and 401 to any other. Its certificate is for
+/// `api.test`, from a CA in the test's folder that only the device trusts.
+pub(crate) struct Upstream {
+    /// `api.test:<port>`: the credential's host.
+    pub(crate) api: String,
+    /// The secret the device injects.
+    pub(crate) secret: String,
+}
+
+impl Upstream {
+    /// Makes the certificates in `dir` and starts the server, which `reaper` ends.
+    pub(crate) fn start(dir: &Path, reaper: &mut Reaper) -> Self {
+        // L1's init leaves `lo` down; the daemon, the device and the server talk over loopback.
+        let _ = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        make_certs(dir);
+        let secret = format!("sk-e2e-{}", random_hex());
+        std::fs::write(dir.join("secret"), &secret).unwrap();
+        let mut server = Command::new("python3")
+            .arg("-c")
+            .arg(SERVER)
+            .arg(dir.join("leaf.pem"))
+            .arg(dir.join("leaf.key"))
+            .arg(dir.join("secret"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        reaper.0.push(server);
+        let https_port: u16 = line.trim().parse().expect("the server's port");
+        Self {
+            api: format!("api.test:{https_port}"),
+            secret,
+        }
+    }
+}
+
+/// The port of `api.test:<port>`.
+pub(crate) fn upstream_port(api: &str) -> String {
+    api.rsplit(':').next().unwrap_or_default().to_owned()
+}
+
+/// A `vault-device` command on the vault `<dir>/device.vault`, its passphrase set.
+pub(crate) fn vault_command(dir: &Path) -> impl Fn() -> Command {
+    let vault_bin = vault_device_bin();
+    let vault = dir.join("device.vault");
+    move || {
+        let mut c = Command::new(&vault_bin);
+        c.arg("--vault")
+            .arg(&vault)
+            .env("VAULT_DEVICE_PASSPHRASE", "e2e passphrase");
+        c
+    }
+}
+
+/// `init`s the vault of `vd` and `add`s the credential `svc`: `secret` as a bearer token, for
+/// `api` only.
+pub(crate) fn init_vault(vd: &impl Fn() -> Command, api: &str, secret: &str) {
+    run(vd().args(["init", "--kdf-memory-kib", "1024", "--kdf-iterations", "1"]));
+    let mut add = vd()
+        .args(["add", "svc", "--host", api, "--header", "Authorization"])
+        .args(["--format", "Bearer {}"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut add.stdin.take().unwrap(), secret.as_bytes()).unwrap();
+    assert!(add.wait().unwrap().success());
+}
+
+/// Starts `vault-device serve` (JSON log to `<dir>/device.log`), trusting the test CA and
+/// resolving `api.test` to the local server on `https_port`.
+pub(crate) fn serve_device(dir: &Path, vd: &impl Fn() -> Command, https_port: &str) -> Child {
+    vd().arg("serve")
+        .arg("--log-json")
+        .arg("--ca-file")
+        .arg(dir.join("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("api.test=127.0.0.1:{https_port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("device.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The daemon's pairing code, once it has written it to its state folder.
+pub(crate) fn pairing_code(state_dir: &Path) -> String {
+    let code_file = state_dir.join("relay/pairing-code");
+    wait_for("the pairing code", Duration::from_secs(120), || {
+        code_file.exists()
+    });
+    std::fs::read_to_string(&code_file)
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 fn random_hex() -> String {
     let mut bytes = [0u8; 24];
     std::fs::File::open("/dev/urandom")
@@ -145,33 +247,10 @@ fn random_hex() -> String {
 #[ignore = "e2e: run through scripts/e2e"]
 fn an_agent_in_a_microvm_calls_https_through_the_device() {
     let image = GuestImage::from_env().expect("guest image");
-    // L1's init leaves `lo` down; the daemon, the device and the server talk over loopback.
-    let _ = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status();
     let dir = tempfile::Builder::new().prefix("nce2e-").tempdir().unwrap();
     let p = dir.path();
-    make_certs(p);
-    let secret = format!("sk-e2e-{}", random_hex());
-    std::fs::write(p.join("secret"), &secret).unwrap();
     let mut reaper = Reaper(Vec::new());
-
-    let mut server = Command::new("python3")
-        .arg("-c")
-        .arg(SERVER)
-        .arg(p.join("leaf.pem"))
-        .arg(p.join("leaf.key"))
-        .arg(p.join("secret"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    reaper.0.push(server);
-    let https_port: u16 = line.trim().parse().expect("the server's port");
-    let api = format!("api.test:{https_port}");
+    let Upstream { api, secret, .. } = Upstream::start(p, &mut reaper);
 
     let device_port = free_port();
     let state = p.join("state");
@@ -195,32 +274,10 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
         .spawn()
         .expect("host-agent serve");
     reaper.0.push(daemon);
-    let code_file = state.join("relay/pairing-code");
-    wait_for("the pairing code", Duration::from_secs(120), || {
-        code_file.exists()
-    });
-    let code = std::fs::read_to_string(&code_file).unwrap();
+    let code = pairing_code(&state);
 
-    let vault_bin = vault_device_bin();
-    let vault = p.join("device.vault");
-    let vd = || {
-        let mut c = Command::new(&vault_bin);
-        c.arg("--vault")
-            .arg(&vault)
-            .env("VAULT_DEVICE_PASSPHRASE", "e2e passphrase");
-        c
-    };
-    run(vd().args(["init", "--kdf-memory-kib", "1024", "--kdf-iterations", "1"]));
-    let mut add = vd()
-        .args(["add", "svc", "--host", &api, "--header", "Authorization"])
-        .args(["--format", "Bearer {}"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut add.stdin.take().unwrap(), secret.as_bytes()).unwrap();
-    assert!(add.wait().unwrap().success());
-    run(vd().args(["grant", "svc", "--host", &api, "--vm", "*", "--ttl", "600"]));
+    let vd = vault_command(p);
+    init_vault(&vd, &api, &secret);
     run(vd()
         .args([
             "pair",
@@ -228,19 +285,10 @@ fn an_agent_in_a_microvm_calls_https_through_the_device() {
             &format!("127.0.0.1:{device_port}"),
             "--code",
         ])
-        .arg(code.trim()));
-    let device = vd()
-        .arg("serve")
-        .arg("--log-json")
-        .arg("--ca-file")
-        .arg(p.join("ca.pem"))
-        .arg("--resolve")
-        .arg(format!("api.test=127.0.0.1:{https_port}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(p.join("device.log")).unwrap())
-        .spawn()
-        .unwrap();
-    reaper.0.push(device);
+        .arg(&code));
+    // After the pairing: a grant names the paired host it is for (here the only one).
+    run(vd().args(["grant", "svc", "--host", &api, "--vm", "*", "--ttl", "600"]));
+    reaper.0.push(serve_device(p, &vd, &upstream_port(&api)));
 
     // The agent retries while the proxy starts and the device links up (503).
     let script = format!(

@@ -14,6 +14,10 @@
 //!   source's copy ended. It also appends each count to a file on its writable disk and syncs
 //!   it, so the disk is written while it is copied; once the VM is stopped on the target, the
 //!   target's disk holds every count, the ones written on the source included.
+//! - **The device following the agent** (`nanoclaw migrate` with a device paired with both
+//!   daemons): an agent calls an HTTPS server through the device every second, under a grant
+//!   that names the VM on the source host only. It migrates; the source tells the device, and
+//!   the agent's calls go on on the target, where the VM has another id.
 //! - **A networked agent and its client** (`nanoclaw migrate`, the overlay address following):
 //!   two daemons in two network namespaces, joined by an underlay (a bridge) with a client in
 //!   a third. The agent serves a counter on TCP to the client over its overlay address; it
@@ -224,6 +228,116 @@ fn a_counting_agent_moves_to_another_daemon_and_counts_on_there() {
         on_disk.len() as u64 + 2 >= last_there && on_disk.len() as u64 > last_here,
         "the disk holds the counts up to the stop ({} of {last_there}, {last_here} before the move)",
         on_disk.len()
+    );
+}
+
+/// The agent of the credential test: a call through the device every second, and a line
+/// saying how it went.
+fn calling_agent() -> String {
+    format!(
+        "while true; do \
+           if busybox wget -q -O /dev/null http://127.0.0.1:{}/svc/hello; \
+           then echo CALL-OK; else echo CALL-FAIL; fi; sleep 1; done",
+        shared_proto::credential::GUEST_PROXY_PORT
+    )
+}
+
+/// The `CALL-` lines of `log`.
+fn calls(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.starts_with("CALL-")).collect()
+}
+
+#[test]
+#[ignore = "e2e: run through scripts/e2e"]
+fn the_device_follows_a_moving_agent_and_its_credential_calls_go_on() {
+    use super::agent::{AGENT, detach, logs};
+    use super::credentials::{
+        Reaper, Upstream, init_vault, pairing_code, run, serve_device, upstream_port, vault_command,
+    };
+    let image = GuestImage::from_env().expect("guest image");
+    let dir = tempfile::Builder::new().prefix("nce2e-").tempdir().unwrap();
+    let p = dir.path();
+    let mut reaper = Reaper(Vec::new());
+    let upstream = Upstream::start(p, &mut reaper);
+    // Each daemon serves a device link on a port of its own.
+    let device_ports = [nanoclaw_tests::free_port(), nanoclaw_tests::free_port()];
+    let started = std::cell::Cell::new(0);
+    let hosts = PinnedHosts::start(
+        || {
+            let port = device_ports[started.replace(started.get() + 1).min(1)];
+            DaemonOptions::guest(&image.vmlinux, &image.initramfs)
+                .args(["--device-listen".to_owned(), format!("127.0.0.1:{port}")])
+        },
+        true,
+    )
+    .expect("two daemons pinned to each other");
+    let (source, target) = (&hosts.source, &hosts.target);
+
+    // One device, paired with both hosts.
+    let vd = vault_command(p);
+    init_vault(&vd, &upstream.api, &upstream.secret);
+    let addresses = device_ports.map(|port| format!("127.0.0.1:{port}"));
+    for (daemon, address) in [source, target].into_iter().zip(&addresses) {
+        let code = pairing_code(&daemon.state_dir());
+        run(vd().args(["pair", "--host", address, "--code", &code]));
+    }
+    reaper
+        .0
+        .push(serve_device(p, &vd, &upstream_port(&upstream.api)));
+
+    // The grant names the VM on the source host only: on the target, only the device's
+    // following the VM can serve its calls.
+    let id = detach(source, &["/bin/sh", "-c", &calling_agent()]);
+    run(vd().args([
+        "grant",
+        "svc",
+        "--host",
+        &upstream.api,
+        "--vm",
+        &id,
+        "--on",
+        &addresses[0],
+        "--ttl",
+        "600",
+    ]));
+    let device_log = || std::fs::read_to_string(p.join("device.log")).unwrap_or_default();
+    source
+        .wait_for(&id, AGENT, "a granted call on the source", |_| {
+            calls(&logs(source, &id)).contains(&"CALL-OK")
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\ndevice log:\n{}", device_log()));
+
+    let shown = migrate_to_target(&hosts, &id);
+    assert!(
+        shown.contains("device: follows the VM"),
+        "{shown}\ndevice log:\n{}",
+        device_log()
+    );
+    let there = source.inspect(&id).expect("inspect")["migrated_to"]["vm"]
+        .as_str()
+        .expect("the VM's id there")
+        .to_owned();
+    assert_ne!(there, id, "the target gave the VM an id of its own");
+    // On the target its calls go on, under the grant made for it on the source. A call in
+    // flight at the switch-over may fail; the ones after must not.
+    target
+        .wait_for(&there, AGENT, "two calls on the target", |_| {
+            let log = logs(target, &there);
+            let got = calls(&log);
+            got.len() >= 3 && got[got.len() - 2..] == ["CALL-OK", "CALL-OK"]
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}\ntarget log:\n{}\ndevice log:\n{}",
+                logs(target, &there),
+                device_log()
+            )
+        });
+    let source_calls = calls(&logs(source, &id)).len();
+    let target_log = logs(target, &there);
+    println!(
+        "credential calls: {source_calls} on the source, then on the target {:?}",
+        calls(&target_log)
     );
 }
 

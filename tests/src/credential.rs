@@ -70,9 +70,9 @@ pub fn make_vault(dir: &Path, api: &str, other: &str, secret: &str) -> PathBuf {
     path
 }
 
-/// Pairs the vault with the relay listening at `addr`, names it in the vault's grants, and waits (at most 10 s) until the relay
-/// has recorded the device: it does so just after it sends its last handshake message, so the
-/// device's side may finish first.
+/// Pairs the vault with the relay listening at `addr`, names that host in the vault's grants,
+/// and waits (at most 10 s) until the relay has recorded the device: it does so just after it
+/// sends its last handshake message, so the device's side may finish first.
 pub async fn pair(vault: &Path, relay: &Relay, addr: SocketAddr) {
     let mut v = Vault::open(vault, PASSPHRASE).unwrap();
     let code = relay.pairing_code().unwrap();
