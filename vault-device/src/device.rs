@@ -315,6 +315,10 @@ fn modified(path: &Path) -> Option<SystemTime> {
 impl Device {
     /// Opens the vault and builds the HTTPS client.
     pub fn open(config: DeviceConfig) -> Result<Arc<Self>, DeviceError> {
+        // The file's time before its contents: a change written after this is seen as one
+        // (and read at the next request). Taken after the read, a `grant` that lands between
+        // the two would be marked as read and never be.
+        let opened = modified(&config.vault);
         let vault = Vault::open(&config.vault, &config.passphrase)?;
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
@@ -349,7 +353,7 @@ impl Device {
             checkpoints: Mutex::new(checkpoints),
             checkpoint_budget: Mutex::new(LogBudget::new()),
             cached: Mutex::new(Cached {
-                modified: modified(&config.vault),
+                modified: opened,
                 vault,
             }),
             link: Mutex::new(HashMap::new()),
@@ -399,13 +403,16 @@ impl Device {
             return Ok(false);
         }
         if let Err(e) = cached.vault.save() {
+            let before = modified(&self.config.vault);
             if let Ok(vault) = Vault::open(&self.config.vault, &self.config.passphrase) {
                 cached.vault = vault;
-                cached.modified = modified(&self.config.vault);
+                cached.modified = before;
             }
             return Err(e);
         }
-        cached.modified = modified(&self.config.vault);
+        // Read back at the next request rather than marked as read: a `vault-device` command
+        // that wrote just after this save would otherwise never be seen.
+        cached.modified = None;
         Ok(true)
     }
 
@@ -1507,6 +1514,28 @@ mod tests {
             DeviceToHost::MoveNoted { refused: None, .. }
         ));
         assert_eq!(origin(&device, C, "v3", K), HostVm::new(A, "v1"));
+    }
+
+    #[test]
+    fn a_grant_written_by_the_cli_while_serving_is_seen_at_once() {
+        let (dir, device) = device();
+        let path = dir.path().join("vault");
+        // Read once, as a serving device does at its first session.
+        assert!(device.snapshot().unwrap().grants.is_empty());
+        for n in 0..20 {
+            let mut cli = Vault::open(&path, b"pw").unwrap();
+            cli.data.grants.push(Grant {
+                credential: "svc".into(),
+                host: "api.test:1".into(),
+                vm: format!("vm-{n}"),
+                on: Some(A),
+                expires_at: u64::MAX,
+                fallback: false,
+            });
+            cli.save().unwrap();
+            let seen = device.snapshot().unwrap();
+            assert_eq!(seen.grants.len(), n + 1, "write {n} not seen");
+        }
     }
 
     /// Links to A and B as bare queues, as `run_link` registers them.
