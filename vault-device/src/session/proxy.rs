@@ -60,7 +60,7 @@ pub(super) async fn proxy<C: SessionContext>(
         Ok(r) => r,
         Err(Refusal { status, reason, .. }) => {
             if let Some(suppressed) = admit_line(Line::Refused) {
-                tracing::info!(vm = %peer.vm_id, sidecar = %key_id(&peer.sidecar_public_key), target = ?head.target, suppressed, "refused");
+                tracing::info!(vm = %peer.vm_id, sidecar = %key_id(&peer.sidecar_public_key), target = ?head.target, status, reason = ?reason, suppressed, "refused");
             }
             return session.send(&refused(status, reason)).await;
         }
