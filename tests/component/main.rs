@@ -30,6 +30,7 @@ mod approval_daemon;
 mod approval_path;
 mod audit_checkpoints;
 mod credential_approval;
+mod device_follows;
 mod device_page;
 mod fallback_path;
 mod jail;
