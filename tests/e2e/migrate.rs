@@ -250,7 +250,7 @@ fn calls(log: &str) -> Vec<&str> {
 #[test]
 #[ignore = "e2e: run through scripts/e2e"]
 fn the_device_follows_a_moving_agent_and_its_credential_calls_go_on() {
-    use super::agent::{AGENT, detach, logs};
+    use super::agent::{AGENT, detach, logs, text};
     use super::credentials::{
         Reaper, Upstream, init_vault, pairing_code, run, serve_device, upstream_port, vault_command,
     };
@@ -300,7 +300,15 @@ fn the_device_follows_a_moving_agent_and_its_credential_calls_go_on() {
         "--ttl",
         "600",
     ]));
-    let device_log = || std::fs::read_to_string(p.join("device.log")).unwrap_or_default();
+    // On a failure: what the device logged, and what its vault holds.
+    let device_log = || {
+        let listed = vd().arg("list").output().map(|o| text(&o.stdout));
+        format!(
+            "{}\nvault-device list:\n{}",
+            std::fs::read_to_string(p.join("device.log")).unwrap_or_default(),
+            listed.unwrap_or_default()
+        )
+    };
     source
         .wait_for(&id, AGENT, "a granted call on the source", |_| {
             calls(&logs(source, &id)).contains(&"CALL-OK")
