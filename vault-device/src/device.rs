@@ -1116,15 +1116,12 @@ impl Device {
                     to_host: target,
                     to_vm,
                 } => {
-                    let notice = Move {
-                        from_host: host,
-                        from_vm: vm_id.clone(),
+                    let notice = Move::noticed(
+                        HostVm::new(host, vm_id.clone()),
                         boot_key,
-                        to_host: target,
-                        to_vm,
-                        arrived: false,
-                        at: now_unix_ms() / 1000,
-                    };
+                        HostVm::new(target, to_vm),
+                        now_unix_ms() / 1000,
+                    );
                     // Saving the vault derives its key: off the runtime's threads.
                     let device = Arc::clone(&self);
                     let answer = tokio::task::spawn_blocking(move || device.note_move(notice))
@@ -1439,15 +1436,12 @@ mod tests {
     }
 
     fn notice(from_host: [u8; 32], from_vm: &str, to_host: [u8; 32], to_vm: &str) -> Move {
-        Move {
-            from_host,
-            from_vm: from_vm.into(),
-            boot_key: K,
-            to_host,
-            to_vm: to_vm.into(),
-            arrived: false,
-            at: 1,
-        }
+        Move::noticed(
+            HostVm::new(from_host, from_vm),
+            K,
+            HostVm::new(to_host, to_vm),
+            1,
+        )
     }
 
     #[track_caller]

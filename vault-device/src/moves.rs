@@ -82,6 +82,22 @@ pub struct Move {
 }
 
 impl Move {
+    /// The move a notice from `from`'s host announces at `at` (Unix seconds): `from.vm`, with
+    /// boot key `boot_key`, going to `to`; not arrived yet.
+    pub fn noticed(from: HostVm, boot_key: [u8; 32], to: HostVm, at: u64) -> Self {
+        Self {
+            from_host: from.host,
+            from_vm: from.vm,
+            boot_key,
+            to_host: to.host,
+            to_vm: to.vm,
+            arrived: false,
+            at,
+        }
+    }
+}
+
+impl Move {
     fn is_from(&self, host: &[u8; 32], vm: &str, key: &[u8; 32]) -> bool {
         self.from_host == *host && self.from_vm == vm && self.boot_key == *key
     }
@@ -185,15 +201,12 @@ mod tests {
     const K: [u8; 32] = [7; 32];
 
     fn mv(from_host: [u8; 32], from_vm: &str, to_host: [u8; 32], to_vm: &str) -> Move {
-        Move {
-            from_host,
-            from_vm: from_vm.into(),
-            boot_key: K,
-            to_host,
-            to_vm: to_vm.into(),
-            arrived: false,
-            at: 1,
-        }
+        Move::noticed(
+            HostVm::new(from_host, from_vm),
+            K,
+            HostVm::new(to_host, to_vm),
+            1,
+        )
     }
 
     fn serve(host: [u8; 32], vm: &str) -> Resolution {
