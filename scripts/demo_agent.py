@@ -180,8 +180,9 @@ def demo(a, w: Path, bins: Path, procs: Processes) -> int:
     run([*vd, "init", "--kdf-memory-kib", "1024", "--kdf-iterations", "1"], env=env)
     run([*vd, "add", "openai", "--host", llm_host, "--header", "Authorization", "--format", "Bearer {}"],
         env=env, input=key)
-    run([*vd, "grant", "openai", "--host", llm_host, "--vm", "*", "--ttl", "600"], env=env)
     run([*vd, "pair", "--host", f"127.0.0.1:{device_port}", "--code", code_file.read_text().strip()], env=env)
+    # A grant names the paired host it is for: here the only one.
+    run([*vd, "grant", "openai", "--host", llm_host, "--vm", "*", "--ttl", "600"], env=env)
     procs.start([*vd, "serve", "--ca-file", str(w / "ca.pem"), "--resolve", f"api.test=127.0.0.1:{llm_port}"],
                 w / "device.log", env=env)
 
