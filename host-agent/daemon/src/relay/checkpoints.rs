@@ -113,12 +113,7 @@ impl Relay {
         let Some(head) = audit.head() else {
             return Ok(None);
         };
-        let tx = self
-            .lock()
-            .link
-            .as_ref()
-            .map(|l| l.tx.clone())
-            .ok_or(CheckpointFailure::NotLinked)?;
+        let tx = self.link_sender().ok_or(CheckpointFailure::NotLinked)?;
         let asked = Checkpoint {
             log: self.checkpoint_label(),
             seq: head.seq,

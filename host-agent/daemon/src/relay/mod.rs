@@ -274,6 +274,11 @@ impl Relay {
         self.public
     }
 
+    /// The outgoing queue of the device link, while one is up.
+    fn link_sender(&self) -> Option<mpsc::Sender<HostToDevice>> {
+        self.lock().link.as_ref().map(|l| l.tx.clone())
+    }
+
     /// The paired device, if any.
     pub fn paired_device(&self) -> Option<PairedDevice> {
         self.lock().device.as_ref().map(|(d, _)| d.clone())

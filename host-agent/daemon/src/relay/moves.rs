@@ -62,12 +62,7 @@ impl Relay {
         to_host: [u8; 32],
         to_vm: &str,
     ) -> Result<(), MoveNoticeFailure> {
-        let tx = self
-            .lock()
-            .link
-            .as_ref()
-            .map(|l| l.tx.clone())
-            .ok_or(MoveNoticeFailure::NotLinked)?;
+        let tx = self.link_sender().ok_or(MoveNoticeFailure::NotLinked)?;
         let (answer_tx, answer_rx) = oneshot::channel();
         {
             let mut pending = self.pending_moves();
