@@ -149,6 +149,16 @@ pub struct IssuedToken {
     pub alphabet: u8,
 }
 
+impl IssuedToken {
+    /// Whether it is one a tokenizer could have issued: not empty, at most
+    /// [`MAX_SURROGATE_LEN`] bytes, its clear prefix inside it.
+    pub fn is_well_formed(&self) -> bool {
+        !self.surrogate.is_empty()
+            && self.surrogate.len() <= MAX_SURROGATE_LEN
+            && usize::from(self.prefix_len) <= self.surrogate.len()
+    }
+}
+
 /// Which part of a proxied call a [`DeviceToHost::Tokenized`] report is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BodyPart {
@@ -316,11 +326,7 @@ impl Validate for HostToDevice {
                     check_authority(host)?;
                 }
                 if issued.len() > MAX_ISSUED_PER_MESSAGE
-                    || issued.iter().any(|i| {
-                        i.surrogate.is_empty()
-                            || i.surrogate.len() > MAX_SURROGATE_LEN
-                            || usize::from(i.prefix_len) > i.surrogate.len()
-                    })
+                    || !issued.iter().all(IssuedToken::is_well_formed)
                 {
                     return Err(CredentialError::InvalidField { field: "issued" });
                 }

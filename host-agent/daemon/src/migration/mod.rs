@@ -73,7 +73,7 @@ use std::collections::HashMap;
 
 use nanoclaw_api::{CreateVm, VmStatus};
 use serde::{Deserialize, Serialize};
-use shared_proto::credential::{IssuedToken, MAX_SURROGATE_LEN};
+use shared_proto::credential::IssuedToken;
 
 /// The offer's format.
 pub const OFFER_VERSION: u32 = 1;
@@ -181,11 +181,7 @@ pub fn read_token_batch(bytes: &[u8], into: &mut Vec<IssuedToken>) -> Result<(),
     if into.len() + batch.len() > nanoclaw_tokenize::MAX_ISSUED {
         return Err("more surrogates than a tokenizer remembers".to_owned());
     }
-    if batch.iter().any(|i| {
-        i.surrogate.is_empty()
-            || i.surrogate.len() > MAX_SURROGATE_LEN
-            || usize::from(i.prefix_len) > i.surrogate.len()
-    }) {
+    if !batch.iter().all(IssuedToken::is_well_formed) {
         return Err("a surrogate is empty, too long, or shorter than its prefix".to_owned());
     }
     into.extend(batch);
@@ -391,6 +387,7 @@ impl Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared_proto::credential::MAX_SURROGATE_LEN;
 
     fn offer() -> Offer {
         Offer {
