@@ -1,14 +1,17 @@
 """An upstream MCP server for Nanoclaw's gateway tests, built on the official Python `mcp` SDK.
 
 Tools: read_file (returns text holding a card number and an email), write_file (records what
-it received), delete_file (destructive), transfer (with an optional memo, recorded only when sent). Every call's arguments are appended, one JSON
-line each, to the file named by NANOCLAW_PEER_LOG (if set), so a test can see exactly what the
-upstream received.
+it received), delete_file (destructive), transfer (with an optional memo, recorded only when
+sent), exec_shell (no profile lists it), lookup (waits `wait_ms` before answering, as a call to
+a remote API does, without holding the server: the gateway benchmark's concurrent calls).
+Every call's arguments are appended, one JSON line each, to the file named by NANOCLAW_PEER_LOG
+(if set), so a test can see exactly what the upstream received.
 
   python3 mcp_upstream.py                  stdio
   python3 mcp_upstream.py --http PORT      streamable HTTP on 127.0.0.1:PORT at /mcp
 """
 
+import asyncio
 import json
 import os
 import sys
@@ -64,6 +67,14 @@ def exec_shell(command: str) -> str:
     """Run a shell command (no profile lists it)."""
     record("exec_shell", command=command)
     return "ran"
+
+
+@server.tool()
+async def lookup(key: str, wait_ms: int = 0) -> str:
+    """Look a key up in a remote service: waits wait_ms (at most 10 s), then answers."""
+    record("lookup", key=key, wait_ms=wait_ms)
+    await asyncio.sleep(min(max(wait_ms, 0), 10_000) / 1000)
+    return f"{key}: owned by {EMAIL}"
 
 
 if __name__ == "__main__":
