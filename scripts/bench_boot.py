@@ -4,7 +4,8 @@ For each kernel format, boots N rounds, each round one boot per VMM in turn (int
 slow patch of the machine hits them alike), and records, from process start, the time until the
 guest prints its ready marker on the console and the time until the process exits. The VMMs:
 ours, QEMU microvm, and Firecracker when given (`--firecracker PATH`; the ELF vmlinux only, the
-one format it boots). Then samples each VMM's RSS excluding the guest-memory mapping while a
+one format it boots), twice: as configured bare (no device at all) and with one vsock device, as
+ours always has one (the sidecar's only way to the host), so that the second is like for like. Then samples each VMM's RSS excluding the guest-memory mapping while a
 guest holds. Prints medians and the ratios.
 """
 
@@ -40,11 +41,11 @@ def qemu(args, kernel, _vm_dir, extra=""):
             "-append", ("console=ttyS0 " + CMDLINE + " " + extra).strip()]
 
 
-def firecracker(args, kernel, vm_dir, extra=""):
+def firecracker(args, kernel, vm_dir, extra="", vsock=False):
     """Firecracker without its API socket, from a config file in `vm_dir`. It stops on the
     guest's keyboard-controller reset, so its guest reboots with reboot=k. It logs at Info level
     so that its line once the vCPUs are started (FC_STARTED) splits its time as our timeline
-    splits ours."""
+    splits ours. With `vsock`, it gets one virtio-vsock device, as ours always has."""
     import json
     cmdline = CMDLINE.replace("reboot=t", "reboot=k")
     config = {
@@ -56,10 +57,16 @@ def firecracker(args, kernel, vm_dir, extra=""):
         "drives": [],
         "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB},
     }
+    if vsock:
+        config["vsock"] = {"guest_cid": 3, "uds_path": os.path.join(vm_dir, "v.sock")}
     path = os.path.join(vm_dir, "firecracker.json")
     with open(path, "w") as f:
         json.dump(config, f)
     return [args.firecracker, "--no-api", "--config-file", path, "--level", "Info"]
+
+
+def firecracker_vsock(args, kernel, vm_dir, extra=""):
+    return firecracker(args, kernel, vm_dir, extra, vsock=True)
 
 
 # Firecracker's log line once it has built the VM and started its vCPUs (on its stdout).
@@ -201,11 +208,11 @@ def main():
     for kname, kernel in (("bzImage", args.bzimage), ("vmlinux", args.vmlinux)):
         vmms = [("ours", ours), ("qemu-microvm", qemu)]
         if args.firecracker and kname == "vmlinux":
-            vmms.append(("firecracker", firecracker))
+            vmms += [("firecracker", firecracker), ("firecracker+vsock", firecracker_vsock)]
         readies = {v: [] for v, _ in vmms}
         exits = {v: [] for v, _ in vmms}
         timelines = []
-        fc_started = []
+        fc_started = {}
         for vname, build in vmms:  # one warm-up boot each (page cache, first KVM VM)
             with tempfile.TemporaryDirectory() as d:
                 boot_once(build(args, kernel, d))
@@ -214,13 +221,14 @@ def main():
                 with tempfile.TemporaryDirectory() as d:
                     ready, done, _code = boot_once(
                         build(args, kernel, d), timelines if vname == "ours" else None,
-                        fc_started if vname == "firecracker" else None)
+                        fc_started.setdefault(vname, []) if vname.startswith("firecracker")
+                        else None)
                 readies[vname].append(ready)
                 exits[vname].append(done)
         for vname, _ in vmms:
             r, e = readies[vname], exits[vname]
             results[(kname, vname)] = (statistics.median(r), statistics.median(e))
-            print(f"  {kname:8} {vname:13} start->ready median {results[(kname, vname)][0]*1000:7.0f} ms"
+            print(f"  {kname:8} {vname:17} start->ready median {results[(kname, vname)][0]*1000:7.0f} ms"
                   f"   start->exit median {results[(kname, vname)][1]*1000:7.0f} ms"
                   f"   (ready min {min(r)*1000:.0f} max {max(r)*1000:.0f})", flush=True)
         if timelines:
@@ -231,27 +239,33 @@ def main():
             host = statistics.median(t["first_run"] for t in timelines)
             print(f"  {kname:8} ours, before the first instruction {host:.1f} ms, the guest's own "
                   f"{guest:.1f} ms", flush=True)
-        if fc_started:
+        for vname, started in fc_started.items():
+            if not started:
+                continue
             # Read off Firecracker's stdout as it comes: its vCPUs run a little before.
-            host = statistics.median(fc_started) * 1000
-            guest = statistics.median(readies["firecracker"]) * 1000 - host
-            print(f"  {kname:8} firecracker, to its 'started' log line {host:.1f} ms (its vCPUs "
+            host = statistics.median(started) * 1000
+            guest = statistics.median(readies[vname]) * 1000 - host
+            print(f"  {kname:8} {vname}, to its 'started' log line {host:.1f} ms (its vCPUs "
                   f"run from just before), then to ready {guest:.1f} ms", flush=True)
     print("ratios ours/QEMU microvm (target <= 0.8):")
     for kname in ("bzImage", "vmlinux"):
         o, q = results[(kname, "ours")], results[(kname, "qemu-microvm")]
         print(f"  {kname:8} start->ready {o[0]/q[0]:.2f}   start->exit {o[1]/q[1]:.2f}")
     if args.firecracker:
-        o, f = results[("vmlinux", "ours")], results[("vmlinux", "firecracker")]
+        o = results[("vmlinux", "ours")]
         print("ratios ours/Firecracker (target <= 1.0, then 0.8):")
-        print(f"  vmlinux  start->ready {o[0]/f[0]:.2f}   start->exit {o[1]/f[1]:.2f}")
+        for vname, what in (("firecracker+vsock", "with one vsock device each (like for like)"),
+                            ("firecracker", "Firecracker bare, ours with its vsock device")):
+            f = results[("vmlinux", vname)]
+            print(f"  vmlinux  start->ready {o[0]/f[0]:.2f}   start->exit {o[1]/f[1]:.2f}   {what}")
     rss, total = sample_rss(args, args.vmlinux, ours)
     print(f"our VMM RSS excluding guest memory: {rss} KiB ({rss/1024:.2f} MiB; target <= 3 MiB); "
           f"total VmRSS {total} KiB")
     if args.firecracker:
-        frss, ftotal = sample_rss(args, args.vmlinux, firecracker)
-        print(f"Firecracker RSS excluding guest memory: {frss} KiB ({frss/1024:.2f} MiB); "
-              f"total VmRSS {ftotal} KiB; ours/Firecracker {rss/frss:.2f}")
+        for vname, build in (("Firecracker", firecracker), ("Firecracker+vsock", firecracker_vsock)):
+            frss, ftotal = sample_rss(args, args.vmlinux, build)
+            print(f"{vname} RSS excluding guest memory: {frss} KiB ({frss/1024:.2f} MiB); "
+                  f"total VmRSS {ftotal} KiB; ours/{vname} {rss/frss:.2f}")
 
 
 if __name__ == "__main__":
