@@ -4,9 +4,10 @@ For each kernel format, boots N rounds, each round one boot per VMM in turn (int
 slow patch of the machine hits them alike), and records, from process start, the time until the
 guest prints its ready marker on the console and the time until the process exits. The VMMs:
 ours, QEMU microvm, and Firecracker when given (`--firecracker PATH`; the ELF vmlinux only, the
-one format it boots), twice: as configured bare (no device at all) and with one vsock device, as
-ours always has one (the sidecar's only way to the host), so that the second is like for like. Then samples each VMM's RSS excluding the guest-memory mapping while a
-guest holds. Prints medians and the ratios.
+one format it boots), twice: bare (no device at all) and with one vsock device, as ours always
+has one (the sidecar's only way to the host), so that the second is like for like. Then samples
+each VMM's RSS excluding the guest-memory mapping while a guest holds. Prints medians and the
+ratios.
 """
 
 import argparse
