@@ -150,7 +150,9 @@ fn main() -> anyhow::Result<()> {
     let read_file = Case {
         tool: "read_file",
         args: obj(json!({"path": "/data/reports/q3.txt"})),
-        what: "read_file, answered at once: at 32 the upstream's one CPU is the bottleneck",
+        what: "read_file, answered at once (at 32 concurrent calls the upstream's one CPU is \
+               the bottleneck)"
+            .into(),
         calls: [calls, calls],
     };
     // A tool call that waits as a remote API does (100 ms): the 32 calls are in flight in the
@@ -160,7 +162,7 @@ fn main() -> anyhow::Result<()> {
     let lookup = Case {
         tool: "lookup",
         args: obj(json!({"key": "invoice-7", "wait_ms": LOOKUP_WAIT_MS})),
-        what: "lookup, answered after 100 ms as a remote API is",
+        what: format!("lookup, answered after {LOOKUP_WAIT_MS} ms as a remote API is"),
         calls: [60, (n / 10).max(320)],
     };
     println!("gateway, its audit log on this machine's disk (the daemon's case):");
@@ -186,7 +188,7 @@ fn main() -> anyhow::Result<()> {
 struct Case {
     tool: &'static str,
     args: Map<String, Value>,
-    what: &'static str,
+    what: String,
     calls: [usize; 2],
 }
 
@@ -348,7 +350,7 @@ async fn gateway_latency(python: &Path, case: &Case, log_dir: &Path) -> anyhow::
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "tools/call {} to the Python upstream (stdio), in {ROUNDS} alternating rounds:",
+        "tools/call to the Python upstream (stdio), in {ROUNDS} alternating rounds: {}",
         case.what
     );
     let mut met = true;
