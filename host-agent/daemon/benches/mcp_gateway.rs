@@ -32,9 +32,10 @@
 //! records (its decision before the upstream call, its result's tokenization before the answer),
 //! so about two to three of those are in the gateway's added latency however fast the rest is.
 //!
-//! The gateway is measured twice: with its audit log on the machine's disk, as the daemon
-//! keeps it, and again with the log in `/dev/shm`, where an `fdatasync` costs nothing. The
-//! difference is what the records' syncs cost; the second figure is the rest of the gateway.
+//! Both tools are called with the gateway's audit log on the machine's disk, as the daemon
+//! keeps it; `read_file` again with the log in `/dev/shm`, where an `fdatasync` costs nothing.
+//! The difference is what the records' syncs cost; the second figure is the rest of the
+//! gateway.
 //!
 //! Measured on a 2-core virtual machine, two whole runs (log on disk): `read_file` adds 0.64
 //! and 0.73 ms at 1 concurrent call (0.28 and 0.37 ms with the log in memory), and nothing
@@ -189,7 +190,7 @@ struct Case {
     tool: &'static str,
     args: Map<String, Value>,
     what: String,
-    calls: [usize; 2],
+    calls: [usize; LEVELS.len()],
 }
 
 /// How long the `lookup` tool waits before answering, in milliseconds.
