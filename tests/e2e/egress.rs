@@ -1,8 +1,9 @@
 //! Network egress end to end: an agent in the Debian image, whose profile allows only
 //! `pkgs.test:443`, installs a package with pip from an HTTPS index on a test host, and every
-//! other way out is refused within 2 s: another name, the allowed address on port 80, a raw
-//! address, domain fronting (the allowed address with another server name), DNS at another
-//! server, the metadata address, the host's own address and the gateway's other ports. Another
+//! other way out is refused by an answer (a reset, a refusal), never left to the agent's 5 s
+//! timeout: another name, the allowed address on port 80, a raw address, domain fronting (the
+//! allowed address with another server name), DNS at another server, the metadata address, the
+//! host's own address and the gateway's other ports. Another
 //! VM reaches the first only when both profiles name each other (`[network] peers`); one with
 //! the first one's own profile is refused. A fork of the agent gets an address of its own,
 //! where a peer reaches it. A host port forwarded with `-p` reaches
@@ -177,18 +178,19 @@ fn an_agent_installs_from_an_allowed_index_and_every_other_way_out_is_refused() 
         "gateway",
     ] {
         let l = line(&format!("TRY {attempt} "));
-        let mut words = l.split_whitespace().skip(2);
-        let secs: f64 = words
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(f64::MAX);
         assert_eq!(
-            words.next(),
+            l.split_whitespace().nth(3),
             Some("REFUSED"),
             "{attempt} went through: {l}\n{}",
             context(&logs)
         );
-        assert!(secs < 2.0, "{attempt} took {secs} s to fail: {l}");
+        // A refusal is an answer (a reset, a refused connection, a DNS error), not silence: a
+        // dropped packet would end in the agent's 5 s socket timeout. The attempt's seconds are
+        // not bounded: under emulation a refused TLS handshake alone has taken 2.1 s.
+        assert!(
+            !l.contains("TimeoutError") && !l.contains("timed out"),
+            "{attempt} was dropped, not refused (it waited out the timeout): {l}"
+        );
     }
     let host_seen = std::fs::read_to_string(&host_log).unwrap_or_default();
     assert!(
