@@ -453,6 +453,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            report_emulated_guest_fault(&self.state_dir());
+        }
         let _ = self.kill();
         for pid in self.vmm_processes() {
             // SAFETY: kill(2) with a pid read from /proc and SIGKILL has no memory-safety
@@ -462,6 +465,42 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// What a VMM logs when its guest triple-faults (`nanoclaw_vmm::vcpu`).
+const TRIPLE_FAULT: &str = "the guest triple-faulted";
+
+/// In the emulated L1 of `scripts/nested-run` (`NESTED_RUN_L1=1`), guests now and then
+/// triple-fault from faults of the emulation itself (docs/design.md, "Why end-to-end runs
+/// nested"). A failing test whose daemon saw one says so on stdout, in a line that
+/// `scripts/e2e` reads as a fault of the machine rather than of the test:
+/// `e2e-guest-fault: TEST-NAME VM-DIR`. Anywhere else, a triple fault is an ordinary failure.
+fn report_emulated_guest_fault(state_dir: &Path) {
+    if std::env::var_os("NESTED_RUN_L1").is_none_or(|v| v != "1") {
+        return;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_owned();
+    for vm in triple_faulted_vms(state_dir) {
+        println!("\ne2e-guest-fault: {test} {}", vm.display());
+    }
+}
+
+/// The VM folders under `state_dir` whose VMM logged a triple fault, in name order.
+fn triple_faulted_vms(state_dir: &Path) -> Vec<PathBuf> {
+    let mut vms: Vec<PathBuf> = std::fs::read_dir(state_dir.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|vm| {
+            std::fs::read_to_string(vm.join("vmm.log")).is_ok_and(|l| l.contains(TRIPLE_FAULT))
+        })
+        .collect();
+    vms.sort();
+    vms
 }
 
 /// Each VM's console and VMM log under the daemon state folder `state_dir`: what a failing
@@ -502,4 +541,46 @@ pub fn vm_records(state_dir: &Path) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_vms_whose_vmm_logged_a_triple_fault_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = dir.path().join("vms");
+        for (id, log) in [
+            (
+                "b",
+                "INFO VM built\nWARN KVM_EXIT_SHUTDOWN: the guest triple-faulted; ending it\n",
+            ),
+            (
+                "a",
+                "WARN KVM_EXIT_SHUTDOWN: the guest triple-faulted; ending it as a reset\n",
+            ),
+            ("c", "INFO VM ended; stopping reason=\"reset\"\n"),
+        ] {
+            std::fs::create_dir_all(vms.join(id)).unwrap();
+            std::fs::write(vms.join(id).join("vmm.log"), log).unwrap();
+        }
+        std::fs::create_dir_all(vms.join("d")).unwrap(); // no log yet
+        assert_eq!(
+            triple_faulted_vms(dir.path()),
+            vec![vms.join("a"), vms.join("b")]
+        );
+        assert!(triple_faulted_vms(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn the_triple_fault_words_are_the_vmms_own() {
+        let vcpu = crate::workspace_root().join("host-agent/vmm/src/vcpu.rs");
+        let source = std::fs::read_to_string(&vcpu).unwrap();
+        assert!(
+            source.contains(TRIPLE_FAULT),
+            "{} no longer logs {TRIPLE_FAULT:?}: scripts/e2e would miss guest faults",
+            vcpu.display()
+        );
+    }
 }
