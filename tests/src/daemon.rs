@@ -490,17 +490,22 @@ fn report_emulated_guest_fault(state_dir: &Path) {
 
 /// The VM folders under `state_dir` whose VMM logged a triple fault, in name order.
 fn triple_faulted_vms(state_dir: &Path) -> Vec<PathBuf> {
-    let mut vms: Vec<PathBuf> = std::fs::read_dir(state_dir.join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
+    let mut vms: Vec<PathBuf> = vm_dirs(state_dir)
         .filter(|vm| {
             std::fs::read_to_string(vm.join("vmm.log")).is_ok_and(|l| l.contains(TRIPLE_FAULT))
         })
         .collect();
     vms.sort();
     vms
+}
+
+/// Every VM's folder under the daemon state folder `state_dir` (none when it has no `vms/`).
+fn vm_dirs(state_dir: &Path) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(state_dir.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
 }
 
 /// Each VM's console and VMM log under the daemon state folder `state_dir`: what a failing
@@ -510,12 +515,8 @@ fn triple_faulted_vms(state_dir: &Path) -> Vec<PathBuf> {
 pub fn vm_records(state_dir: &Path) -> String {
     const CONSOLE_LINES: usize = 60;
     const VMM_LINES: usize = 20;
-    let mut vms: Vec<(bool, PathBuf)> = std::fs::read_dir(state_dir.join("vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| {
-            let dir = e.path();
+    let mut vms: Vec<(bool, PathBuf)> = vm_dirs(state_dir)
+        .map(|dir| {
             let failed = std::fs::read(dir.join("vm.json"))
                 .ok()
                 .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
