@@ -469,12 +469,17 @@ impl Drop for Daemon {
 
 /// What a VMM logs when its guest triple-faults (`nanoclaw_vmm::vcpu`).
 const TRIPLE_FAULT: &str = "the guest triple-faulted";
+/// What a guest's kernel prints on its console when a fault strikes while it delivers another
+/// (a double fault), just before it panics: seen in the emulated L1 on a running guest's first
+/// instruction of a system call, which no working machine faults on.
+const DOUBLE_FAULT: &str = "PANIC: double fault";
 
 /// In the emulated L1 of `scripts/nested-run` (`NESTED_RUN_L1=1`), guests now and then
-/// triple-fault from faults of the emulation itself (docs/design.md, "Why end-to-end runs
-/// nested"). A failing test whose daemon saw one says so on stdout, in a line that
-/// `scripts/e2e` reads as a fault of the machine rather than of the test:
-/// `e2e-guest-fault: TEST-NAME VM-DIR`. Anywhere else, a triple fault is an ordinary failure.
+/// triple-fault, or panic on a double fault, from faults of the emulation itself
+/// (docs/design.md, "Why end-to-end runs nested"). A failing test whose daemon saw one says so
+/// on stdout, in a line that `scripts/e2e` reads as a fault of the machine rather than of the
+/// test: `e2e-guest-fault: TEST-NAME VM-DIR`. Anywhere else, such a fault is an ordinary
+/// failure.
 fn report_emulated_guest_fault(state_dir: &Path) {
     if std::env::var_os("NESTED_RUN_L1").is_none_or(|v| v != "1") {
         return;
@@ -483,16 +488,21 @@ fn report_emulated_guest_fault(state_dir: &Path) {
         .name()
         .unwrap_or("unnamed")
         .to_owned();
-    for vm in triple_faulted_vms(state_dir) {
+    for vm in faulted_vms(state_dir) {
         println!("\ne2e-guest-fault: {test} {}", vm.display());
     }
 }
 
-/// The VM folders under `state_dir` whose VMM logged a triple fault, in name order.
-fn triple_faulted_vms(state_dir: &Path) -> Vec<PathBuf> {
+/// The VM folders under `state_dir` whose VMM logged a triple fault or whose guest's console
+/// shows a double-fault panic, in name order.
+fn faulted_vms(state_dir: &Path) -> Vec<PathBuf> {
+    let holds = |file: PathBuf, words: &str| {
+        std::fs::read_to_string(file).is_ok_and(|text| text.contains(words))
+    };
     let mut vms: Vec<PathBuf> = vm_dirs(state_dir)
         .filter(|vm| {
-            std::fs::read_to_string(vm.join("vmm.log")).is_ok_and(|l| l.contains(TRIPLE_FAULT))
+            holds(vm.join("vmm.log"), TRIPLE_FAULT)
+                || holds(vm.join("vmm").join("console.log"), DOUBLE_FAULT)
         })
         .collect();
     vms.sort();
@@ -549,7 +559,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_vms_whose_vmm_logged_a_triple_fault_are_named() {
+    fn only_vms_whose_guest_triple_faulted_or_double_fault_panicked_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let vms = dir.path().join("vms");
         for (id, log) in [
@@ -567,11 +577,21 @@ mod tests {
             std::fs::write(vms.join(id).join("vmm.log"), log).unwrap();
         }
         std::fs::create_dir_all(vms.join("d")).unwrap(); // no log yet
+        for (id, console) in [
+            (
+                "e",
+                "agent started\ntraps: PANIC: double fault, error_code: 0x0\nKernel panic\n",
+            ),
+            ("f", "Kernel panic - not syncing: Attempted to kill init!\n"),
+        ] {
+            std::fs::create_dir_all(vms.join(id).join("vmm")).unwrap();
+            std::fs::write(vms.join(id).join("vmm").join("console.log"), console).unwrap();
+        }
         assert_eq!(
-            triple_faulted_vms(dir.path()),
-            vec![vms.join("a"), vms.join("b")]
+            faulted_vms(dir.path()),
+            vec![vms.join("a"), vms.join("b"), vms.join("e")]
         );
-        assert!(triple_faulted_vms(&dir.path().join("missing")).is_empty());
+        assert!(faulted_vms(&dir.path().join("missing")).is_empty());
     }
 
     #[test]
