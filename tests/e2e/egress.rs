@@ -227,64 +227,8 @@ fn an_agent_installs_from_an_allowed_index_and_every_other_way_out_is_refused() 
             "inspect shows no {counter}:\n{inspect}"
         );
     }
-    // Other VMs: one whose profile and the first one's name each other reaches its port 8080;
-    // one with the first one's own profile (which does not name itself) is reset at once.
-    let first = d.vm(&id).network.expect("the first VM's network").address;
-    let probe = r#"
-import socket, time
-t = time.monotonic()
-try:
-    s = socket.create_connection(("FIRST", 8080), timeout=5)
-    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-    got = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        got += chunk
-    print("NEIGHBOUR OPEN", got.split(b"\r\n\r\n")[-1])
-except OSError as e:
-    print(f"NEIGHBOUR REFUSED {time.monotonic() - t:.2f} {e}")
-"#;
-    let peer_profile = w.join("peer.toml");
-    std::fs::write(
-        &peer_profile,
-        "name = \"e2e-peer\"\ntier = \"worker\"\n\n[network]\npeers = [\"e2e-net\"]\n",
-    )
-    .unwrap();
-    let peer_arg = peer_profile.to_string_lossy().into_owned();
-    let neighbour = |profile: &str, at: &str| {
-        let probe = probe.replace("FIRST", at);
-        let out = d
-            .nanoclaw(&[
-                "run",
-                "--image",
-                "agent-python",
-                "--profile",
-                profile,
-                "--",
-                "python3",
-                "-c",
-                &probe,
-            ])
-            .output_within(nanoclaw_tests::RUN_TIMEOUT)
-            .expect("nanoclaw run");
-        text(&out.stdout)
-    };
-    let peer = neighbour(&peer_arg, &first);
-    assert!(
-        peer.contains("NEIGHBOUR OPEN") && peer.contains("inbound to the agent from"),
-        "a peer named both ways did not reach the first VM: {peer}\n{}",
-        d.records()
-    );
-    let stranger = neighbour(&profile_arg, &first);
-    assert!(
-        stranger.contains("NEIGHBOUR REFUSED"),
-        "a VM reached another that does not name it: {stranger}\n{}",
-        d.records()
-    );
     // A copy (a fork) gets a link of its own, and its sidecar moves the guest's interface there
-    // before the agent goes on: a peer reaches the copy's server at the copy's address.
+    // before the agent goes on.
     let out = d.cli(&["fork", &id, "-n", "1"]);
     assert!(
         out.status.success(),
@@ -293,12 +237,67 @@ except OSError as e:
         d.records()
     );
     let copy = text(&out.stdout).trim().to_owned();
+    let first = d.vm(&id).network.expect("the first VM's network").address;
     let copy_addr = d.vm(&copy).network.expect("the copy's network").address;
     assert_ne!(copy_addr, first, "the copy kept its parent's address");
-    let reached = neighbour(&peer_arg, &copy_addr);
+    // Other VMs: one whose profile and the first one's name each other reaches port 8080 on
+    // the first VM and on its copy, each at its own address (one VM probes both, so that the
+    // test boots one VM fewer); one with the first one's own profile (which does not name
+    // itself) is reset at once.
+    let probe = r#"
+import socket, sys, time
+for at in sys.argv[1:]:
+    t = time.monotonic()
+    try:
+        s = socket.create_connection((at, 8080), timeout=5)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        print("NEIGHBOUR", at, "OPEN", got.split(b"\r\n\r\n")[-1])
+    except OSError as e:
+        print("NEIGHBOUR", at, f"REFUSED {time.monotonic() - t:.2f} {e}")
+"#;
+    let peer_profile = w.join("peer.toml");
+    std::fs::write(
+        &peer_profile,
+        "name = \"e2e-peer\"\ntier = \"worker\"\n\n[network]\npeers = [\"e2e-net\"]\n",
+    )
+    .unwrap();
+    let peer_arg = peer_profile.to_string_lossy().into_owned();
+    let neighbour = |profile: &str, at: &[&str]| {
+        let mut args = vec!["run", "--image", "agent-python", "--profile", profile];
+        args.extend(["--", "python3", "-c", probe]);
+        args.extend(at);
+        let out = d
+            .nanoclaw(&args)
+            .output_within(nanoclaw_tests::RUN_TIMEOUT)
+            .expect("nanoclaw run");
+        text(&out.stdout)
+    };
+    // The probe's answer about one address: its own line.
+    let about = |said: &str, at: &str| {
+        said.lines()
+            .find(|l| l.starts_with(&format!("NEIGHBOUR {at} ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let peer = neighbour(&peer_arg, &[&first, &copy_addr]);
+    for (whom, at) in [("the first VM", &first), ("the forked copy", &copy_addr)] {
+        let l = about(&peer, at);
+        assert!(
+            l.contains(" OPEN ") && l.contains("inbound to the agent from"),
+            "a peer named both ways did not reach {whom} at {at}: {peer}\n{}",
+            d.records()
+        );
+    }
+    let stranger = neighbour(&profile_arg, &[&first]);
     assert!(
-        reached.contains("NEIGHBOUR OPEN") && reached.contains("inbound to the agent from"),
-        "a peer did not reach the forked copy at its own address: {reached}\n{}",
+        about(&stranger, &first).contains(" REFUSED "),
+        "a VM reached another that does not name it: {stranger}\n{}",
         d.records()
     );
     d.cli(&["stop", &copy]);
