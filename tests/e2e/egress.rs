@@ -297,7 +297,7 @@ for at in sys.argv[1:]:
     let stranger = neighbour(&profile_arg, &[&first]);
     assert!(
         about(&stranger, &first).contains(" REFUSED "),
-        "a VM reached another that does not name it: {stranger}\n{}",
+        "a VM that the first does not name was not refused by it: {stranger}\n{}",
         d.records()
     );
     d.cli(&["stop", &copy]);

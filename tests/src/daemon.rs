@@ -473,6 +473,9 @@ const TRIPLE_FAULT: &str = "the guest triple-faulted";
 /// (a double fault), just before it panics: seen in the emulated L1 on a running guest's first
 /// instruction of a system call, which no working machine faults on.
 const DOUBLE_FAULT: &str = "PANIC: double fault";
+/// A VM's VMM log and its guest's console, under the VM's folder in the daemon's state.
+const VMM_LOG: &str = "vmm.log";
+const CONSOLE_LOG: &str = "vmm/console.log";
 
 /// In the emulated L1 of `scripts/nested-run` (`NESTED_RUN_L1=1`), guests now and then
 /// triple-fault, or panic on a double fault, from faults of the emulation itself
@@ -501,8 +504,7 @@ fn faulted_vms(state_dir: &Path) -> Vec<PathBuf> {
     };
     let mut vms: Vec<PathBuf> = vm_dirs(state_dir)
         .filter(|vm| {
-            holds(vm.join("vmm.log"), TRIPLE_FAULT)
-                || holds(vm.join("vmm").join("console.log"), DOUBLE_FAULT)
+            holds(vm.join(VMM_LOG), TRIPLE_FAULT) || holds(vm.join(CONSOLE_LOG), DOUBLE_FAULT)
         })
         .collect();
     vms.sort();
@@ -538,7 +540,7 @@ pub fn vm_records(state_dir: &Path) -> String {
     let mut out = String::new();
     for (not_failed, dir) in vms {
         let mark = if not_failed { "" } else { " (failed)" };
-        for (file, keep) in [("vmm/console.log", CONSOLE_LINES), ("vmm.log", VMM_LINES)] {
+        for (file, keep) in [(CONSOLE_LOG, CONSOLE_LINES), (VMM_LOG, VMM_LINES)] {
             let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let from = lines.len().saturating_sub(keep);
@@ -574,7 +576,7 @@ mod tests {
             ("c", "INFO VM ended; stopping reason=\"reset\"\n"),
         ] {
             std::fs::create_dir_all(vms.join(id)).unwrap();
-            std::fs::write(vms.join(id).join("vmm.log"), log).unwrap();
+            std::fs::write(vms.join(id).join(VMM_LOG), log).unwrap();
         }
         std::fs::create_dir_all(vms.join("d")).unwrap(); // no log yet
         for (id, console) in [
@@ -585,7 +587,7 @@ mod tests {
             ("f", "Kernel panic - not syncing: Attempted to kill init!\n"),
         ] {
             std::fs::create_dir_all(vms.join(id).join("vmm")).unwrap();
-            std::fs::write(vms.join(id).join("vmm").join("console.log"), console).unwrap();
+            std::fs::write(vms.join(id).join(CONSOLE_LOG), console).unwrap();
         }
         assert_eq!(
             faulted_vms(dir.path()),
