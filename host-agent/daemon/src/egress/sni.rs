@@ -36,8 +36,12 @@ use super::rules::EgressPolicy;
 use super::table::GrantTable;
 use super::{EgressEvent, EventSender};
 
-/// How long the guest has to send its whole ClientHello.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the guest has to send its whole ClientHello. Not 2 s: a real client can take that
+/// long between its connect and its hello when its machine is loaded (pip, in a slow guest,
+/// loads its CA bundle in between; at 2 s the gate reset its first connection to an allowed
+/// index, and only pip's retry saved the install). A silent connection holds one of this VM's
+/// own [`MAX_CONNECTIONS`] slots meanwhile, nothing of another VM's.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to the original destination may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections handled at once.

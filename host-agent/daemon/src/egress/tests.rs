@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::client_hello::{self, HelloError};
 use super::dns::EDE_BLOCKED;
+use super::sni::HELLO_TIMEOUT;
 use super::{EgressEvent, EgressPolicy, GrantTable, Resolver, SniGate};
 
 const SLOW: &str = "slow.example.com.";
@@ -645,11 +646,18 @@ async fn a_silent_guest_is_reset_after_the_hello_timeout() {
     let mut s = TcpStream::connect(g.addr).await.unwrap();
     s.write_all(&hello[..hello.len() / 2]).await.unwrap();
     let mut buf = [0u8; 1];
-    let err = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(HELLO_TIMEOUT + Duration::from_secs(5), s.read(&mut buf))
         .await
         .unwrap()
         .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    // Not before the timeout: a slow client gets all of it.
+    assert!(
+        started.elapsed() >= HELLO_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
     match g.events.recv().await.unwrap() {
         EgressEvent::ConnectionRefused { reason, .. } => {
             assert!(reason.contains("no complete ClientHello"), "{reason}")
